@@ -1,0 +1,51 @@
+"""pytest-bottle: real Linux microVMs as pytest fixtures.
+
+The core (this package minus ``plugin``) imports without pytest::
+
+    with pytest_bottle.launch(image="debian-bookworm") as b:
+        print(b.check_output("uname -r"))
+"""
+
+from __future__ import annotations
+
+from .bottle import Bottle
+from .errors import (
+    AgentError,
+    BootError,
+    BootTimeout,
+    BottleError,
+    ExecError,
+    ExecTimeout,
+    GuestOSError,
+    HostDependencyError,
+    ImageBuildError,
+    ImageNotFound,
+    PoolExhausted,
+    SpecError,
+    WaitTimeout,
+)
+from .launch import launch
+from .results import ExecResult
+from .spec import BottleSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentError",
+    "BootError",
+    "BootTimeout",
+    "Bottle",
+    "BottleError",
+    "BottleSpec",
+    "ExecError",
+    "ExecResult",
+    "ExecTimeout",
+    "GuestOSError",
+    "HostDependencyError",
+    "ImageBuildError",
+    "ImageNotFound",
+    "PoolExhausted",
+    "SpecError",
+    "WaitTimeout",
+    "launch",
+]

@@ -1,0 +1,418 @@
+"""The ``Bottle`` handle: what a test holds to drive its VM."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import posixpath
+import stat
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_exponential
+
+from .errors import AgentError, BottleError, ExecTimeout, SpecError, WaitTimeout
+from .guest.agent import CHUNK, DATA, EOF, STDERR, STDOUT
+from .guest.channel import AgentChannel
+from .net import pools
+from .results import Command, ExecResult, to_argv
+from .runstate import RunRecord
+from .vmm.machine import QemuMachine
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+# An agent that has not answered this long after a command's own timeout is gone.
+TIMEOUT_GRACE = 10.0
+
+
+def _guest_path(path: str, what: str = "guest path") -> str:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise SpecError(f"{what} must be absolute, not {path!r}")
+    return posixpath.normpath(path)
+
+
+class Bottle:
+    """A running VM.  Close it (or use it as a context manager) to release everything."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        image: str,
+        accel: str,
+        machine: QemuMachine,
+        channel: AgentChannel,
+        resources: ExitStack,
+        forwards: Mapping[int, tuple[str, int]] | None = None,
+        lan_ip: str | None = None,
+        ssh: Any = None,
+        record: RunRecord | None = None,
+    ) -> None:
+        self.name = name
+        self.image = image
+        self.accel = accel
+        self.lan_ip = lan_ip
+        self._machine = machine
+        self._channel = channel
+        self._resources = resources
+        self._forwards = dict(forwards or {})
+        self._ssh = ssh
+        self._record = record
+        self.kept = False
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self.history: collections.deque[tuple[str, int | None, float]] = collections.deque(maxlen=20)
+
+    # -- identity -----------------------------------------------------------
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"pid {self._machine.pid}"
+        return f"<Bottle {self.name} image={self.image} accel={self.accel} {state}>"
+
+    @property
+    def pid(self) -> int:
+        """PID of the QEMU process."""
+        return self._machine.pid
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def console_log(self) -> str:
+        """The serial console output so far."""
+        try:
+            return self._machine.console_log.read_text(errors="replace").replace("\r", "")
+        except OSError:
+            return ""
+
+    @property
+    def console_log_path(self) -> Path:
+        return self._machine.console_log
+
+    # -- commands -----------------------------------------------------------
+
+    def exec(
+        self,
+        cmd: Command,
+        *,
+        check: bool = False,
+        input: str | bytes | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+    ) -> ExecResult:
+        """Run ``cmd`` in the guest (a str through ``/bin/sh -c``, a list as argv).
+
+        ``env`` adds to a default environment (PATH, HOME, LANG=C.UTF-8).
+        A command still running after ``timeout`` seconds is killed with its
+        whole process group and ``ExecTimeout`` is raised; the bottle stays usable.
+        """
+        argv = to_argv(cmd)
+        if timeout is not None and not timeout > 0:
+            raise SpecError(f"timeout must be positive, not {timeout!r}")
+        if cwd is not None:
+            cwd = _guest_path(cwd, "cwd")
+        out: list[bytes] = []
+        err: list[bytes] = []
+
+        def sink(kind: int, data: bytes) -> None:
+            if kind == STDOUT:
+                out.append(data)
+            elif kind == STDERR:
+                err.append(data)
+
+        data = input.encode() if isinstance(input, str) else input
+        started = time.monotonic()
+        rid, call = self._channel.start(
+            "exec",
+            sink,
+            argv=argv,
+            env=dict(env or {}),
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            stdin=data is not None,
+        )
+        if data is not None:
+            self._channel.send_data(rid, (data[i : i + CHUNK] for i in range(0, len(data), CHUNK)))
+        try:
+            reply = self._channel.wait(call, None if timeout is None else timeout + TIMEOUT_GRACE, "exec")
+        except BaseException:
+            self.history.append((_show(cmd), None, time.monotonic() - started))
+            raise
+        if reply is None:
+            self.history.append((_show(cmd), None, time.monotonic() - started))
+            raise AgentError(f"bottle {self.name}: no answer {TIMEOUT_GRACE:g} s past the timeout of {cmd!r}")
+        stdout, stderr = b"".join(out), b"".join(err) + reply.get("stderr_text", "").encode()
+        duration = time.monotonic() - started
+        self.history.append((_show(cmd), reply["rc"], duration))
+        if reply.get("timed_out"):
+            raise ExecTimeout(
+                cmd, float(timeout or 0), stdout.decode(errors="replace"), stderr.decode(errors="replace")
+            )
+        result = ExecResult(cmd, int(reply["rc"]), stdout, stderr, duration)
+        return result.check() if check else result
+
+    def check_output(self, cmd: Command, **kw: Any) -> str:
+        """Stdout of ``cmd``; raises ``ExecError`` if it exits non-zero."""
+        kw["check"] = True
+        return self.exec(cmd, **kw).stdout
+
+    def wait_until_succeeds(self, cmd: Command, timeout: float = 60.0, **kw: Any) -> ExecResult:
+        """Run ``cmd`` until it exits 0 (with backoff); raise ``WaitTimeout`` after ``timeout`` s."""
+        last: list[ExecResult] = []
+
+        def attempt() -> bool:
+            r = self.exec(cmd, **kw)
+            last[:] = [r]
+            return r.ok
+
+        if self._poll(attempt, timeout):
+            return last[0]
+        detail = f"exit {last[0].returncode}: {(last[0].stderr or last[0].stdout).strip()[-300:]}" if last else ""
+        raise WaitTimeout(f"{cmd!r} succeeding in {self.name}", timeout, detail)
+
+    def wait_for_port(self, port: int, timeout: float = 60.0) -> None:
+        """Wait until something in the guest listens on TCP ``port``."""
+        if self._poll(lambda: port in self._channel.call("listening", timeout=30)["ports"], timeout):
+            return
+        raise WaitTimeout(f"a listener on TCP port {port} in {self.name}", timeout)
+
+    def _poll(self, attempt: Callable[[], bool], timeout: float) -> bool:
+        try:
+            for a in Retrying(
+                retry=retry_if_result(lambda ok: not ok),
+                stop=stop_after_delay(timeout),
+                wait=wait_exponential(multiplier=0.05, max=1.0),
+            ):
+                with a:
+                    ok = attempt()
+                if a.retry_state.outcome is not None and not a.retry_state.outcome.failed:
+                    a.retry_state.set_result(ok)
+        except RetryError:
+            return False
+        return True
+
+    # -- files --------------------------------------------------------------
+
+    def write_bytes(self, path: str, data: bytes, mode: int | None = None) -> None:
+        """Write ``data`` to guest ``path`` (parents created, replaced atomically)."""
+        path = _guest_path(path)
+        view = memoryview(data)
+        chunks = (bytes(view[i : i + CHUNK]) for i in range(0, len(view), CHUNK))
+        self._channel.call("write", path=path, mode=mode, data=chunks)
+
+    def write_text(self, path: str, text: str, mode: int | None = None, encoding: str = "utf-8") -> None:
+        self.write_bytes(path, text.encode(encoding), mode)
+
+    def read_bytes(self, path: str) -> bytes:
+        parts: list[bytes] = []
+        self._channel.call("read", path=_guest_path(path), sink=lambda k, d: parts.append(d) if k == DATA else None)
+        return b"".join(parts)
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return self.read_bytes(path).decode(encoding)
+
+    def put(self, src: PathLike, dst: str) -> None:
+        """Copy a local file or directory to guest ``dst``, keeping modes.
+
+        A directory's contents land in ``dst``; a file becomes ``dst`` (or
+        goes inside it when ``dst`` ends with ``/``).
+        """
+        src_path = Path(src)
+        dst = _guest_path(dst) + ("/" if dst.endswith("/") and dst != "/" else "")
+        st = src_path.stat()  # FileNotFoundError for a missing source, before anything is sent
+        if stat.S_ISDIR(st.st_mode):
+            rid, call = self._channel.start("untar", None, path=dst.rstrip("/") or "/")
+            writer = _FrameSink(self._channel, rid)
+            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                tar.add(str(src_path), arcname=".", filter=_root_owned)
+            writer.finish()
+            self._channel.wait(call, None, "put")
+            return
+        if dst.endswith("/"):
+            dst += src_path.name
+        with open(src_path, "rb") as f:
+            self._channel.call("write", path=dst, mode=stat.S_IMODE(st.st_mode), data=iter(lambda: f.read(CHUNK), b""))
+
+    def get(self, src: str, dst: PathLike) -> None:
+        """Copy a guest file or directory to local ``dst``, keeping modes."""
+        src = _guest_path(src)
+        dst_path = Path(dst)
+        info = self._channel.call("stat", path=src)
+        if info["is_dir"]:
+            dst_path.mkdir(parents=True, exist_ok=True)
+            reader = _FrameSource(self._channel)
+            _rid, call = self._channel.start("tar", reader.feed, path=src)
+            reader.done = call.done
+            try:
+                with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                    for member in tar:
+                        tar.extract(member, dst_path, **_EXTRACT)
+            except tarfile.ReadError:
+                pass  # the agent failed before sending anything: its reply says why
+            self._channel.wait(call, None, "get")
+            return
+        if dst_path.is_dir():
+            dst_path = dst_path / posixpath.basename(src)
+        dst_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst_path.with_name(f".{dst_path.name}.bottle-part")
+        try:
+            with open(tmp, "wb") as f:
+
+                def write(kind: int, data: bytes) -> None:
+                    if kind == DATA:
+                        f.write(data)
+
+                self._channel.call("read", path=src, sink=write)
+            tmp.chmod(stat.S_IMODE(info["mode"]))
+            os.replace(tmp, dst_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # -- network ------------------------------------------------------------
+
+    def address(self, guest_port: int) -> tuple[str, int]:
+        """Host-side (address, port) of a forwarded guest TCP port."""
+        try:
+            return self._forwards[int(guest_port)]
+        except KeyError:
+            raise BottleError(
+                f"guest port {guest_port} of {self.name} is not forwarded; forwarded ports: "
+                f"{sorted(self._forwards) or 'none'} (use forward=[{guest_port}])"
+            ) from None
+
+    # -- ssh (see ssh.py) ---------------------------------------------------
+
+    def _ssh_access(self) -> Any:
+        if self._ssh is None:
+            raise BottleError(f"bottle {self.name} has no SSH access")
+        return self._ssh
+
+    @property
+    def ssh_config(self) -> Path:
+        """An OpenSSH config file with a ``Host <name>`` entry for this bottle."""
+        return Path(self._ssh_access().config_path)
+
+    def ssh_argv(self, *args: str) -> list[str]:
+        """``ssh -F <config> <name> args...`` as an argv list."""
+        return list(self._ssh_access().argv(*args))
+
+    def ssh(self, cmd: Command, **kw: Any) -> ExecResult:
+        """Run ``cmd`` through real OpenSSH (not the agent)."""
+        return self._ssh_access().run(cmd, **kw)  # type: ignore[no-any-return]
+
+    # -- lifetime -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the VM and release everything it held.  Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._resources.close()
+
+    def keep(self) -> None:
+        """Leave the VM running past this process (``--bottle-keep``).
+
+        Its leases and run-state record pass to the QEMU process, so sweeps
+        leave it alone while it runs; ``bottle stop NAME`` ends it.
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.kept = True
+        pools.transfer(self.name, self._machine.pid, self._machine.started)
+        if self._record is not None:
+            self._record.owner_pid, self._record.owner_start = self._machine.pid, self._machine.started
+            self._record.extra["kept"] = True
+            self._record.save()
+        self._resources.pop_all()
+        self._channel.close()
+
+    def __enter__(self) -> Bottle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _show(cmd: Command) -> str:
+    return cmd if isinstance(cmd, str) else " ".join(map(str, cmd))
+
+
+def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
+class _FrameSink:
+    """A write-only file object that streams a tar archive as DATA frames."""
+
+    def __init__(self, channel: AgentChannel, rid: int) -> None:
+        self.channel = channel
+        self.rid = rid
+        self.buf = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.buf += data
+        if len(self.buf) >= CHUNK:
+            self.channel.send_data_frame(self.rid, bytes(self.buf))
+            self.buf.clear()
+        return len(data)
+
+    def finish(self) -> None:
+        if self.buf:
+            self.channel.send_data_frame(self.rid, bytes(self.buf))
+        self.channel.send_data(self.rid, ())
+
+
+_EXTRACT: dict[str, Any] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+
+
+class _FrameSource:
+    """A read-only file object over DATA frames arriving from the reader thread."""
+
+    def __init__(self, channel: AgentChannel) -> None:
+        self.channel = channel
+        self.done: threading.Event | None = None
+        self.cond = threading.Condition()
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.eof = False
+        self.buf = b""
+
+    def feed(self, kind: int, data: bytes) -> None:
+        with self.cond:
+            if kind == DATA:
+                self.chunks.append(data)
+            elif kind == EOF:
+                self.eof = True
+            self.cond.notify()
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self.buf) < n:
+            with self.cond:
+                while not self.chunks and not self.eof and not self._finished():
+                    self.cond.wait(0.2)
+                if not self.chunks:
+                    break
+                self.buf += self.chunks.popleft()
+        if n < 0:
+            n = len(self.buf)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _finished(self) -> bool:
+        # The reply (or the channel's death) comes after the last data frame.
+        return self.channel.closed.is_set() or (self.done is not None and self.done.is_set())

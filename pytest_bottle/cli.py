@@ -1,0 +1,224 @@
+"""The ``bottle`` command: doctor, image build|list|rm, seed list|rm, run, ps, stop, sweep."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import hostdeps
+from .errors import BottleError
+from .images import RECIPES, ensure_image, list_images, remove_image
+from .paths import default_cache_dir, state_dir, tree_size
+from .runstate import RunRecord
+from .seeds import list_seeds, remove_seeds
+from .spec import resolve
+from .sweep import SweepReport, stop_vm, sweep
+from .vmm import accel as accel_mod
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.0f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+def _age(t: float) -> str:
+    s = time.time() - t
+    return f"{s / 86400:.1f}d" if s > 86400 else f"{s / 3600:.1f}h" if s > 3600 else f"{s / 60:.0f}m"
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    ok = True
+    print("host programs:")
+    for program, package in hostdeps.PROVIDERS.items():
+        path = hostdeps.which(program)
+        ok &= path is not None or program in ("scp",)
+        print(f"  {'ok ' if path else 'MISSING'} {program:20} {path or f'apt-get install {package}'}")
+    print(f"qemu: {accel_mod.qemu_version() if hostdeps.which('qemu-system-x86_64') else 'not installed'}")
+    why = accel_mod.kvm_usable()
+    verdict = accel_mod.cached_verdict(args.cache_dir)
+    if why:
+        print(f"accelerator: tcg ({why})")
+    elif verdict:
+        print(f"accelerator: {verdict.accel} ({verdict.reason})")
+    else:
+        print("accelerator: /dev/kvm opens; not probed yet (the first bottle with accel=auto boots a KVM test VM)")
+    size = tree_size(args.cache_dir) if args.cache_dir.exists() else 0
+    print(f"cache: {args.cache_dir} ({_mb(size)})")
+    for image in list_images(args.cache_dir):
+        print(f"  image {image.name} {image.key} built {_age(image.created)} ago")
+    for seed in list_seeds(args.cache_dir):
+        kp = seed.manifest["key_parts"]
+        print(
+            f"  seed  {seed.path.name} ({kp['accel']}, {kp['memory_mb']}M, {kp['cpus']} cpu) "
+            f"{_mb(tree_size(seed.path))}, made in {seed.manifest.get('creation_seconds')}s"
+        )
+    records = RunRecord.load_all()
+    print(f"run state: {state_dir()} ({len(records)} VM record(s))")
+    return 0 if ok else 1
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    started = time.time()
+
+    def progress(stage: str, elapsed: float) -> None:
+        print(f"[{elapsed:6.1f}s] {stage}", flush=True)
+
+    image = ensure_image(args.name, args.cache_dir, rebuild_before=started if args.rebuild else None, progress=progress)
+    if args.rebuild:
+        remove_seeds(args.cache_dir, args.name)
+    m = image.manifest
+    print(f"{image.name} {image.key}: {image.path} (built in {m['build_seconds']}s, log {image.path / 'build.log'})")
+    return 0
+
+
+def cmd_image_list(args: argparse.Namespace) -> int:
+    images = {i.name: i for i in list_images(args.cache_dir)}
+    print(f"{'NAME':28} {'KEY':18} {'SIZE':>9} {'AGE':>6}  DESCRIPTION")
+    for name, recipe in sorted(RECIPES.items()):
+        image = images.pop(name, None)
+        current = image is not None and image.key == recipe.key()
+        size = _mb(tree_size(image.path)) if image else "-"
+        age = _age(image.created) if image else "-"
+        key = (image.key if image else recipe.key()) + ("" if current or not image else " (stale)")
+        print(f"{name:28} {key:18} {size:>9} {age:>6}  {recipe.description}{'' if image else ' (not built)'}")
+    for seed in list_seeds(args.cache_dir):
+        kp = seed.manifest["key_parts"]
+        print(
+            f"  seed of {kp['image']}: {kp['accel']} {kp['memory_mb']}M {kp['cpus']}cpu {kp['nics']}nic "
+            f"{_mb(tree_size(seed.path))} {_age(seed.manifest['created'])}"
+        )
+    return 0
+
+
+def cmd_image_rm(args: argparse.Namespace) -> int:
+    removed = remove_image(args.name, args.cache_dir) + remove_seeds(args.cache_dir, args.name)
+    for p in removed:
+        print(f"removed {p}")
+    if not removed:
+        print(f"{args.name}: nothing cached")
+    return 0
+
+
+def cmd_seed_rm(args: argparse.Namespace) -> int:
+    for p in remove_seeds(args.cache_dir, args.image):
+        print(f"removed {p}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .launch import start_bottle
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("bottle run: no command given (bottle run -- CMD...)", file=sys.stderr)
+        return 2
+    values = {
+        "image": args.image,
+        "memory": args.memory,
+        "cpus": args.cpus,
+        "network": args.network,
+        "boot": args.boot,
+        "accel": args.accel,
+        "cache_dir": args.cache_dir,
+    }
+    spec = resolve([("bottle run", values)])
+    with start_bottle(spec) as b:
+        r = b.exec(command[0] if len(command) == 1 else command, timeout=args.timeout)
+    sys.stdout.buffer.write(r.stdout_bytes)
+    sys.stderr.buffer.write(r.stderr_bytes)
+    return r.returncode
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    for rec in RunRecord.load_all():
+        state = "kept" if rec.extra.get("kept") else ("live" if rec.owner_alive() else "orphaned")
+        print(f"{rec.name:14} {state:9} qemu pid {rec.qemu_pid}  owner pid {rec.owner_pid}  {rec.run_dir}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    records = {r.name: r for r in RunRecord.load_all()}
+    status = 0
+    for name in args.names:
+        rec = records.get(name)
+        if rec is None:
+            print(f"bottle stop: no VM named {name!r} (see bottle ps)", file=sys.stderr)
+            status = 1
+            continue
+        report = SweepReport()
+        stop_vm(rec, report)
+        print(f"stopped {name}")
+    return status
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    report = sweep([args.cache_dir], include_kept=args.kept)
+    print(report.summary())
+    for item in report.vms + [str(p) for p in report.processes] + report.leases + report.paths:
+        print(f"  {item}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bottle", description="pytest-bottle: real Linux microVMs for tests")
+    p.add_argument("--cache-dir", type=Path, default=None, help="default: $XDG_CACHE_HOME/pytest-bottle")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="host dependencies, accelerator verdict, cache").set_defaults(fn=cmd_doctor)
+
+    image = sub.add_parser("image", help="build, list or remove images").add_subparsers(dest="sub", required=True)
+    b = image.add_parser("build", help="build an image (cached)")
+    b.add_argument("name")
+    b.add_argument("--rebuild", action="store_true", help="build again even if cached (and drop its seeds)")
+    b.set_defaults(fn=cmd_image_build)
+    image.add_parser("list", help="known images, what is built, and seeds").set_defaults(fn=cmd_image_list)
+    r = image.add_parser("rm", help="remove an image and its seeds from the cache")
+    r.add_argument("name")
+    r.set_defaults(fn=cmd_image_rm)
+
+    seed = sub.add_parser("seed", help="list or remove work seeds").add_subparsers(dest="sub", required=True)
+    seed.add_parser("list", help="seeds in the cache").set_defaults(fn=cmd_image_list)
+    sr = seed.add_parser("rm", help="remove seeds (of one image, or all)")
+    sr.add_argument("image", nargs="?")
+    sr.set_defaults(fn=cmd_seed_rm)
+
+    run = sub.add_parser("run", help="boot a bottle, run a command, print its output, exit with its code")
+    run.add_argument("--image", default=None)
+    run.add_argument("--memory", default=None)
+    run.add_argument("--cpus", default=None)
+    run.add_argument("--network", default=None, choices=["none", "nat"])
+    run.add_argument("--boot", default=None, choices=["snapshot", "cold"])
+    run.add_argument("--accel", default=None, choices=["auto", "kvm", "tcg"])
+    run.add_argument("--timeout", type=float, default=None, help="command timeout in seconds")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    run.set_defaults(fn=cmd_run)
+
+    sub.add_parser("ps", help="VMs with a run-state record on this host").set_defaults(fn=cmd_ps)
+    stop = sub.add_parser("stop", help="stop VMs by name (e.g. ones kept by --bottle-keep)")
+    stop.add_argument("names", nargs="+")
+    stop.set_defaults(fn=cmd_stop)
+    sw = sub.add_parser("sweep", help="remove leaked state of dead sessions")
+    sw.add_argument("--kept", action="store_true", help="also stop VMs kept by --bottle-keep")
+    sw.set_defaults(fn=cmd_sweep)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.cache_dir = (args.cache_dir or default_cache_dir()).absolute()
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.fn(args))
+    except BottleError as e:
+        print(f"bottle: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

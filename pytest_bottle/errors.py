@@ -1,0 +1,214 @@
+"""Every error pytest-bottle raises.  All are picklable: they cross xdist workers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class BottleError(Exception):
+    """Base class of all pytest-bottle errors."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild from the constructor's own arguments (see ``_args``).
+        return (_rebuild, (type(self), self._args()))
+
+    def _args(self) -> dict[str, Any]:
+        return {"message": self.message}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[BottleError], kwargs: dict[str, Any]) -> BottleError:
+    return cls(**kwargs)
+
+
+class HostDependencyError(BottleError):
+    """A program, device or permission the host lacks; names what provides it."""
+
+    def __init__(self, missing: str, package: str | None = None, hint: str = "") -> None:
+        self.missing = missing
+        self.package = package
+        self.hint = hint
+        msg = f"missing on this host: {missing}"
+        if package:
+            msg += f" (install the Debian package {package!r}: apt-get install {package})"
+        if hint:
+            msg += f"; {hint}"
+        super().__init__(msg)
+
+    def _args(self) -> dict[str, Any]:
+        return {"missing": self.missing, "package": self.package, "hint": self.hint}
+
+
+class ImageNotFound(BottleError, LookupError):
+    """No recipe by that name; ``known`` lists the names there are."""
+
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        self.name = name
+        self.known = list(known)
+        super().__init__(f"unknown image {name!r}; known images: {', '.join(self.known) or '(none)'}")
+
+    def _args(self) -> dict[str, Any]:
+        return {"name": self.name, "known": self.known}
+
+
+class ImageBuildError(BottleError):
+    """An image build failed; ``log_tail`` holds the end of its log."""
+
+    def __init__(self, name: str, reason: str, log_tail: str = "", log_path: str | None = None) -> None:
+        self.name = name
+        self.reason = reason
+        self.log_tail = log_tail
+        self.log_path = log_path
+        msg = f"building image {name!r} failed: {reason}"
+        if log_path:
+            msg += f" (full log: {log_path})"
+        if log_tail:
+            msg += "\n--- build log tail ---\n" + log_tail
+        super().__init__(msg)
+
+    def _args(self) -> dict[str, Any]:
+        return {"name": self.name, "reason": self.reason, "log_tail": self.log_tail, "log_path": self.log_path}
+
+
+class BootError(BottleError):
+    """The VM did not come up: QEMU exited, the kernel panicked, the agent broke."""
+
+    def __init__(self, reason: str, console_tail: str = "", name: str = "") -> None:
+        self.reason = reason
+        self.console_tail = console_tail
+        self.name = name
+        msg = f"bottle {name} failed to boot: {reason}" if name else f"bottle failed to boot: {reason}"
+        if console_tail:
+            msg += "\n--- console tail ---\n" + console_tail
+        super().__init__(msg)
+
+    def _args(self) -> dict[str, Any]:
+        return {"reason": self.reason, "console_tail": self.console_tail, "name": self.name}
+
+
+class BootTimeout(BootError, TimeoutError):
+    """The VM was not ready within its boot timeout."""
+
+
+class ExecError(BottleError):
+    """A command in the guest exited non-zero (from ``check=True`` / ``check_output``)."""
+
+    def __init__(self, args: Any, returncode: int, stdout: str = "", stderr: str = "") -> None:
+        self.cmd = args
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        msg = f"command {args!r} exited with {returncode}"
+        if stderr.strip():
+            msg += "\n--- stderr ---\n" + stderr[-2000:]
+        elif stdout.strip():
+            msg += "\n--- stdout ---\n" + stdout[-2000:]
+        super().__init__(msg)
+
+    def _args(self) -> dict[str, Any]:
+        return {"args": self.cmd, "returncode": self.returncode, "stdout": self.stdout, "stderr": self.stderr}
+
+
+class ExecTimeout(BottleError, TimeoutError):
+    """A command outlived its timeout; its process group was killed."""
+
+    def __init__(self, args: Any, timeout: float, stdout: str = "", stderr: str = "") -> None:
+        self.cmd = args
+        self.timeout = timeout
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(f"command {args!r} timed out after {timeout:g} s and was killed")
+
+    def _args(self) -> dict[str, Any]:
+        return {"args": self.cmd, "timeout": self.timeout, "stdout": self.stdout, "stderr": self.stderr}
+
+
+class AgentError(BottleError):
+    """The VM died or its agent channel broke."""
+
+
+class GuestOSError(BottleError, OSError):
+    """A file operation in the guest failed (missing path, permissions...)."""
+
+    def __init__(self, message: str, errno: int | None = None, path: str | None = None) -> None:
+        BottleError.__init__(self, message)
+        self.errno = errno
+        self.filename = path
+
+    def _args(self) -> dict[str, Any]:
+        return {"message": self.message, "errno": self.errno, "path": self.filename}
+
+
+class GuestFileNotFoundError(GuestOSError, FileNotFoundError):
+    """A guest path that does not exist."""
+
+
+class GuestPermissionError(GuestOSError, PermissionError):
+    """A guest path the agent may not read or write."""
+
+
+class GuestIsADirectoryError(GuestOSError, IsADirectoryError):
+    """A guest path that is a directory where a file was expected."""
+
+
+def guest_os_error(message: str, errno: int | None, path: str | None = None) -> GuestOSError:
+    """The most specific GuestOSError for ``errno``."""
+    import errno as E
+
+    cls = {
+        E.ENOENT: GuestFileNotFoundError,
+        E.EACCES: GuestPermissionError,
+        E.EPERM: GuestPermissionError,
+        E.EISDIR: GuestIsADirectoryError,
+    }.get(errno or 0, GuestOSError)
+    return cls(message, errno, path)
+
+
+class WaitTimeout(BottleError, TimeoutError):
+    """A polling helper (``wait_until_succeeds``, ``wait_for_port``) gave up."""
+
+    def __init__(self, what: str, timeout: float, last: str = "") -> None:
+        self.what = what
+        self.timeout = timeout
+        self.last = last
+        msg = f"{what} did not happen within {timeout:g} s"
+        if last:
+            msg += f"; last attempt: {last}"
+        super().__init__(msg)
+
+    def _args(self) -> dict[str, Any]:
+        return {"what": self.what, "timeout": self.timeout, "last": self.last}
+
+
+class PoolExhausted(BottleError):
+    """Every address, TAP name or MAC of a pool is leased to a live owner."""
+
+    def __init__(self, pool: str, size: int) -> None:
+        self.pool = pool
+        self.size = size
+        super().__init__(f"pool {pool!r} is exhausted: all {size} entries are leased to live owners")
+
+    def _args(self) -> dict[str, Any]:
+        return {"pool": self.pool, "size": self.size}
+
+
+class SpecError(BottleError, ValueError):
+    """An invalid bottle argument; ``source`` says where it came from."""
+
+    def __init__(self, message: str, source: str = "") -> None:
+        self.source = source
+        super().__init__(f"{source}: {message}" if source else message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.message}" if self.source else self.message
+
+    def _args(self) -> dict[str, Any]:
+        return {"message": self.message, "source": self.source}

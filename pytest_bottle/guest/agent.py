@@ -1,0 +1,507 @@
+"""The guest agent: runs inside the VM, stdlib only, speaks frames on a virtio-serial port.
+
+The host imports this module too, for the frame layout, so the two sides
+cannot drift apart.  Frames are ``kind (1 byte) | request id (4) | length (4)``
+followed by ``length`` payload bytes; control frames carry a small JSON
+object, data frames carry raw bytes (no base64 on the data path).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pwd
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+VERSION = 1
+PORT_NAME = "bottle.agent"
+HEADER = struct.Struct("!BII")
+CHUNK = 256 * 1024
+
+CALL, DATA, EOF, STDOUT, STDERR, REPLY, CANCEL, SYNC = range(1, 9)
+SYNC_MAGIC = b"\xb0pytest-bottle\x00\x01"
+SYNC_FRAME = HEADER.pack(SYNC, 0, len(SYNC_MAGIC)) + SYNC_MAGIC
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Output still trickling in after the command exited comes from processes it
+# left in the background; they keep the pipes open, so stop waiting this soon.
+BACKGROUND_GRACE = 0.05
+
+
+def frame(kind: int, rid: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, rid, len(payload)) + payload
+
+
+def jframe(kind: int, rid: int, obj: dict[str, Any]) -> bytes:
+    return frame(kind, rid, json.dumps(obj, separators=(",", ":")).encode())
+
+
+class Channel:
+    """The guest end: a virtio-serial port the host may connect to and leave."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.wlock = threading.Lock()
+        self.buf = bytearray()
+
+    def send(self, data: bytes) -> None:
+        with self.wlock:
+            view = memoryview(data)
+            while view:
+                try:
+                    n = os.write(self.fd, view)
+                except OSError as e:
+                    if e.errno in (errno.EAGAIN, errno.EINTR):
+                        time.sleep(0.001)
+                        continue
+                    raise
+                view = view[n:]
+
+    def _fill(self) -> None:
+        idle = 0.001
+        while True:
+            try:
+                chunk = os.read(self.fd, CHUNK)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EINTR):
+                    raise
+                chunk = b""
+            if chunk:
+                self.buf += chunk
+                return
+            # No host connected: the port reads as EOF at once.  Whatever was
+            # buffered belonged to the host that left; resynchronise on SYNC.
+            self.buf.clear()
+            time.sleep(idle)
+            idle = min(idle * 2, 0.05)
+
+    def recv(self) -> tuple[int, int, bytes]:
+        while True:
+            while len(self.buf) < HEADER.size:
+                self._fill()
+            kind, rid, size = HEADER.unpack_from(self.buf)
+            if kind == SYNC or not 1 <= kind <= SYNC:
+                pos = self.buf.find(SYNC_FRAME)
+                if pos < 0:
+                    del self.buf[: max(0, len(self.buf) - len(SYNC_FRAME))]
+                    self._fill()
+                    continue
+                del self.buf[: pos + len(SYNC_FRAME)]
+                return SYNC, 0, b""
+            while len(self.buf) < HEADER.size + size:
+                self._fill()
+            payload = bytes(self.buf[HEADER.size : HEADER.size + size])
+            del self.buf[: HEADER.size + size]
+            return kind, rid, payload
+
+
+class Inbox:
+    """Frames from the host for one request (stdin or file data)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.items: list[tuple[int, bytes]] = []
+
+    def put(self, kind: int, data: bytes) -> None:
+        with self.cond:
+            self.items.append((kind, data))
+            self.cond.notify()
+
+    def get(self) -> tuple[int, bytes]:
+        with self.cond:
+            while not self.items:
+                self.cond.wait()
+            return self.items.pop(0)
+
+    def chunks(self) -> Any:
+        while True:
+            kind, data = self.get()
+            if kind != DATA:
+                return
+            yield data
+
+
+class Agent:
+    def __init__(self, chan: Channel) -> None:
+        self.chan = chan
+        self.inboxes: dict[int, Inbox] = {}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.lock = threading.Lock()
+
+    def serve(self) -> None:
+        while True:
+            kind, rid, payload = self.chan.recv()
+            if kind == SYNC:
+                self.chan.send(SYNC_FRAME)
+            elif kind == CALL:
+                call = json.loads(payload)
+                inbox = Inbox()
+                with self.lock:
+                    self.inboxes[rid] = inbox
+                threading.Thread(target=self.run, args=(rid, call, inbox), daemon=True).start()
+            elif kind in (DATA, EOF):
+                with self.lock:
+                    box = self.inboxes.get(rid)
+                if box is not None:
+                    box.put(kind, payload)
+            elif kind == CANCEL:
+                with self.lock:
+                    proc = self.procs.get(rid)
+                if proc is not None:
+                    _killpg(proc.pid)
+
+    def run(self, rid: int, call: dict[str, Any], inbox: Inbox) -> None:
+        handler: Callable[[int, dict[str, Any], Inbox], dict[str, Any]] | None
+        handler = getattr(self, "op_" + str(call.get("op")), None)
+        try:
+            if handler is None:
+                raise ValueError(f"unknown operation {call.get('op')!r}")
+            reply = handler(rid, call, inbox)
+            reply["ok"] = True
+        except OSError as e:
+            reply = {"ok": False, "error": str(e), "errno": e.errno, "type": "OSError", "path": e.filename}
+        except Exception as e:  # reported to the host, never fatal to the agent
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "type": type(e).__name__}
+        finally:
+            with self.lock:
+                self.inboxes.pop(rid, None)
+        self.chan.send(jframe(REPLY, rid, reply))
+
+    # -- operations ---------------------------------------------------------
+
+    def op_hello(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+        return {"version": VERSION, "boot_id": boot_id, "uptime": time.clock_gettime(time.CLOCK_BOOTTIME)}
+
+    def op_setup(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+        """Give a (possibly cloned) machine its own identity and network."""
+        try:
+            from . import identity  # on the host, as part of the package
+        except ImportError:
+            import identity  # type: ignore[import-not-found,no-redef]  # in the guest, next to this file
+
+        return identity.setup(call)
+
+    def op_exec(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+        argv = [str(a) for a in call["argv"]]
+        env = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": "/root", "USER": "root", "LOGNAME": "root"}
+        kw: dict[str, Any] = {}
+        cwd = call.get("cwd")
+        user = call.get("user")
+        if user is not None:
+            pw = pwd.getpwnam(user) if not str(user).isdigit() else pwd.getpwuid(int(user))
+            kw.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=os.getgrouplist(pw.pw_name, pw.pw_gid))
+            env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+            cwd = cwd or pw.pw_dir
+        env.update(call.get("env") or {})
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if call.get("stdin") else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=cwd or "/root",
+                start_new_session=True,
+                **kw,
+            )
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+            if call.get("stdin"):
+                for _ in inbox.chunks():
+                    pass
+            where = e.filename if e.filename is not None else argv[0]
+            msg = "not found" if isinstance(e, FileNotFoundError) else e.strerror
+            if cwd and where == cwd:
+                msg = f"cannot change directory to {cwd}: {e.strerror}"
+                return {"rc": 2, "stderr_text": f"{msg}\n", "duration": 0.0, "timed_out": False}
+            rc = 127 if isinstance(e, FileNotFoundError) else 126
+            return {"rc": rc, "stderr_text": f"{argv[0]}: {msg}\n", "duration": 0.0, "timed_out": False}
+        with self.lock:
+            self.procs[rid] = proc
+        try:
+            if proc.stdin is not None:
+                threading.Thread(target=_feed, args=(proc.stdin, inbox), daemon=True).start()
+            timed_out = self._pump(rid, proc, call.get("timeout"))
+        finally:
+            with self.lock:
+                self.procs.pop(rid, None)
+        return {"rc": proc.returncode, "duration": time.monotonic() - started, "timed_out": timed_out}
+
+    def _pump(self, rid: int, proc: subprocess.Popen[bytes], timeout: float | None) -> bool:
+        assert proc.stdout is not None and proc.stderr is not None
+        kinds = {proc.stdout.fileno(): STDOUT, proc.stderr.fileno(): STDERR}
+        open_fds = set(kinds)
+        pidfd = os.pidfd_open(proc.pid)
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        timed_out = False
+        exited_at: float | None = None
+        try:
+            while open_fds:
+                now = time.monotonic()
+                if exited_at is not None:
+                    wait: float | None = max(0.0, exited_at + BACKGROUND_GRACE - now)
+                elif deadline is not None:
+                    wait = max(0.0, deadline - now)
+                else:
+                    wait = None
+                watch = list(open_fds) + ([pidfd] if exited_at is None else [])
+                ready, _, _ = select.select(watch, [], [], wait)
+                if not ready:
+                    if exited_at is not None:
+                        break
+                    timed_out = True
+                    _killpg(proc.pid)
+                    deadline = None
+                    continue
+                for fd in ready:
+                    if fd == pidfd:
+                        proc.wait()
+                        exited_at = time.monotonic()
+                        continue
+                    data = os.read(fd, CHUNK)
+                    if data:
+                        self.chan.send(frame(kinds[fd], rid, data))
+                        if exited_at is not None:
+                            exited_at = time.monotonic()
+                    else:
+                        open_fds.discard(fd)
+            if proc.returncode is None and timed_out:
+                proc.wait()
+            elif proc.returncode is None:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    proc.wait(remaining)
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    _killpg(proc.pid)
+                    proc.wait()
+        finally:
+            os.close(pidfd)
+            proc.stdout.close()
+            proc.stderr.close()
+        return timed_out
+
+    def op_write(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+        path = call["path"]
+        try:
+            os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+            tmp = f"{path}.bottle-{rid}.tmp"
+            with open(tmp, "wb") as f:
+                for chunk in inbox.chunks():
+                    f.write(chunk)
+                if call.get("mode") is not None:
+                    os.fchmod(f.fileno(), int(call["mode"]))
+            os.replace(tmp, path)
+        except BaseException:
+            for _ in inbox.chunks():
+                pass
+            if os.path.exists(f"{path}.bottle-{rid}.tmp"):
+                os.unlink(f"{path}.bottle-{rid}.tmp")
+            raise
+        return {"size": os.path.getsize(path)}
+
+    def op_read(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+        size = 0
+        with open(call["path"], "rb") as f:
+            while chunk := f.read(CHUNK):
+                size += len(chunk)
+                self.chan.send(frame(DATA, rid, chunk))
+        self.chan.send(frame(EOF, rid))
+        return {"size": size}
+
+    def op_stat(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+        st = os.stat(call["path"])
+        return {"mode": st.st_mode, "size": st.st_size, "is_dir": os.path.isdir(call["path"])}
+
+    def op_untar(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+        dst = call["path"]
+        os.makedirs(dst, exist_ok=True)
+        stream = _InboxReader(inbox)
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+                for member in tar:
+                    _check_member(member)
+                    tar.extract(member, dst, set_attrs=True, numeric_owner=True)
+        finally:
+            stream.drain()
+        return {}
+
+    def op_tar(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+        src = call["path"]
+        if not os.path.isdir(src):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", src)
+        out = _FrameWriter(self.chan, rid)
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            tar.add(src, arcname=".")
+        out.flush()
+        self.chan.send(frame(EOF, rid))
+        return {}
+
+    def op_listening(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+        """TCP ports something listens on (from /proc/net/tcp*, no tools needed)."""
+        ports = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(table) as f:
+                    for line in f.readlines()[1:]:
+                        cols = line.split()
+                        if cols[3] == "0A":
+                            ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+            except OSError:
+                continue
+        return {"ports": sorted(ports)}
+
+    def op_settle(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+        """Wait until boot is over and the machine is idle: what a snapshot should capture."""
+        deadline = time.monotonic() + float(call.get("timeout", 60))
+        state = ""
+        for argv in (["systemctl", "is-system-running", "--wait"], ["udevadm", "settle"]):
+            try:
+                left = max(1.0, deadline - time.monotonic())
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=left, check=False)
+                state = state or r.stdout.strip()
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        quiet = 0.0
+        while quiet < float(call.get("quiet", 1.0)) and time.monotonic() < deadline:
+            before = _cpu_times()
+            time.sleep(0.25)
+            after = _cpu_times()
+            busy = sum(after) - sum(before)
+            idle = (after[3] - before[3]) / busy if busy else 1.0
+            quiet = quiet + 0.25 if idle > 0.9 and not _has_process("udev-worker") else 0.0
+        return {"state": state, "quiet": quiet}
+
+    def op_quiesce(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+        """Make the memory image small before a snapshot: clean caches, compact."""
+        os.sync()
+        for knob, value in (("drop_caches", "3"), ("compact_memory", "1")):
+            with open(f"/proc/sys/vm/{knob}", "w") as f:
+                f.write(value)
+        return {}
+
+
+class _InboxReader:
+    """A file object over a request's DATA frames, for tarfile's stream mode."""
+
+    def __init__(self, inbox: Inbox) -> None:
+        self.inbox = inbox
+        self.buf = b""
+        self.done = False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self.done and (n < 0 or len(self.buf) < n):
+            kind, data = self.inbox.get()
+            if kind != DATA:
+                self.done = True
+            self.buf += data
+        if n < 0:
+            n = len(self.buf)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def drain(self) -> None:
+        while not self.done:
+            self.read(CHUNK)
+
+
+class _FrameWriter:
+    def __init__(self, chan: Channel, rid: int) -> None:
+        self.chan = chan
+        self.rid = rid
+        self.buf = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.buf += data
+        if len(self.buf) >= CHUNK:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self.buf:
+            self.chan.send(frame(DATA, self.rid, bytes(self.buf)))
+            self.buf.clear()
+
+
+def _check_member(member: tarfile.TarInfo) -> None:
+    name = os.path.normpath(member.name)
+    if name.startswith(("/", "..")) or (member.islnk() and os.path.normpath(member.linkname).startswith(("/", ".."))):
+        raise ValueError(f"unsafe path in archive: {member.name}")
+
+
+def _cpu_times() -> list[int]:
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def _has_process(comm: str) -> bool:
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if comm in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _feed(stdin: IO[bytes], inbox: Inbox) -> None:
+    try:
+        for chunk in inbox.chunks():
+            stdin.write(chunk)
+            stdin.flush()
+    except BrokenPipeError:
+        for _ in inbox.chunks():
+            pass
+    finally:
+        try:
+            stdin.close()
+        except BrokenPipeError:
+            pass
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def find_port(name: str = PORT_NAME, wait: float = 60.0) -> str:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            for entry in os.listdir("/sys/class/virtio-ports"):
+                with open(f"/sys/class/virtio-ports/{entry}/name") as f:
+                    if f.read().strip() == name:
+                        dev = f"/dev/{entry}"
+                        if os.path.exists(dev):
+                            return dev
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bottle-agent: no virtio port named {name}")
+        time.sleep(0.01)
+
+
+def main() -> None:
+    dev = find_port()
+    fd = os.open(dev, os.O_RDWR)
+    print(f"bottle-agent: serving on {dev}", file=sys.stderr, flush=True)
+    Agent(Channel(fd)).serve()
+
+
+if __name__ == "__main__":
+    main()

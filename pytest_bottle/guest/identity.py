@@ -1,0 +1,118 @@
+"""Guest side of the clone handshake: identity, entropy, clock and NICs (stdlib only).
+
+Snapshot clones wake up sharing their parent's RNG state, clock, machine-id,
+SSH host keys and MAC addresses.  The host sends fresh values right after a
+restore (and after a cold boot, so both paths are the same).  Everything here
+uses syscalls and ioctls, not subprocesses: it runs on the restore path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import os
+import socket
+import struct
+import subprocess
+import time
+from typing import Any
+
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
+SIOCSIFADDR, SIOCSIFNETMASK, SIOCSIFHWADDR = 0x8916, 0x891C, 0x8924
+IFF_UP = 0x1
+ARPHRD_ETHER = 1
+
+
+def setup(call: dict[str, Any]) -> dict[str, Any]:
+    if call.get("entropy"):
+        _add_entropy(bytes.fromhex(call["entropy"]))
+    if call.get("time_ns"):
+        time.clock_settime_ns(time.CLOCK_REALTIME, int(call["time_ns"]))
+    if call.get("hostname"):
+        _set_hostname(call["hostname"])
+    if call.get("machine_id"):
+        _write("/etc/machine-id", call["machine_id"] + "\n", 0o444)
+    if call.get("ssh_host_key"):
+        _set_ssh_host_key(call["ssh_host_key"]["private"], call["ssh_host_key"]["public"])
+    if call.get("authorized_keys"):
+        os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)
+        _write("/root/.ssh/authorized_keys", call["authorized_keys"], 0o600)
+    nics = {}
+    for nic in call.get("nics", []):
+        nics[nic["mac"]] = _configure_nic(nic)
+    return {"nics": nics}
+
+
+def _add_entropy(seed: bytes) -> None:
+    with open("/dev/urandom", "wb") as f:
+        req = struct.pack("ii", len(seed) * 8, len(seed)) + seed
+        fcntl.ioctl(f.fileno(), RNDADDENTROPY, req)
+        # Force the CRNG to reseed now, not at its next scheduled reseed.
+        fcntl.ioctl(f.fileno(), RNDRESEEDCRNG)
+
+
+def _set_hostname(name: str) -> None:
+    socket.sethostname(name)
+    _write("/etc/hostname", name + "\n", 0o644)
+    with open("/etc/hosts") as f:
+        lines = [ln for ln in f.read().splitlines() if not ln.startswith("127.0.1.1")]
+    lines.append(f"127.0.1.1\t{name}")
+    _write("/etc/hosts", "\n".join(lines) + "\n", 0o644)
+
+
+def _set_ssh_host_key(private: str, public: str) -> None:
+    for old in glob.glob("/etc/ssh/ssh_host_*_key*"):
+        os.unlink(old)
+    _write("/etc/ssh/ssh_host_ed25519_key", private, 0o600)
+    _write("/etc/ssh/ssh_host_ed25519_key.pub", public, 0o644)
+
+
+def _write(path: str, text: str, mode: int) -> None:
+    tmp = path + ".bottle-new"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _iface_by_mac(mac: str) -> str:
+    for path in glob.glob("/sys/class/net/*/address"):
+        with open(path) as f:
+            if f.read().strip().lower() == mac.lower():
+                return path.split("/")[4]
+    raise LookupError(f"no network interface with MAC {mac}")
+
+
+def _ifreq(name: str, payload: bytes = b"") -> bytes:
+    return struct.pack("16s", name.encode()) + payload.ljust(24, b"\0")
+
+
+def _sockaddr_in(ip: str) -> bytes:
+    return struct.pack("HH4s", socket.AF_INET, 0, socket.inet_aton(ip))
+
+
+def _configure_nic(nic: dict[str, Any]) -> str:
+    """Set a NIC's MAC and IPv4 address; the kernel adds the on-link route."""
+    name = _iface_by_mac(nic["match"])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        if nic["mac"].lower() != nic["match"].lower():
+            hw = bytes.fromhex(nic["mac"].replace(":", ""))
+            fcntl.ioctl(s.fileno(), SIOCSIFHWADDR, _ifreq(name, struct.pack("H6s", ARPHRD_ETHER, hw)))
+        if nic.get("ip"):
+            ip, _, plen = nic["ip"].partition("/")
+            mask = socket.inet_ntoa(struct.pack("!I", (0xFFFFFFFF << (32 - int(plen or 24))) & 0xFFFFFFFF))
+            fcntl.ioctl(s.fileno(), SIOCSIFADDR, _ifreq(name, _sockaddr_in(ip)))
+            fcntl.ioctl(s.fileno(), SIOCSIFNETMASK, _ifreq(name, _sockaddr_in(mask)))
+        flags = struct.unpack_from("H", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, _ifreq(name)), 16)[0]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, _ifreq(name, struct.pack("H", flags | IFF_UP)))
+    if nic.get("gateway") and not _has_default_route():
+        subprocess.run(["ip", "route", "replace", "default", "via", nic["gateway"], "dev", name], check=True)
+    return name
+
+
+def _has_default_route() -> bool:
+    with open("/proc/net/route") as f:
+        return any(line.split()[1] == "00000000" for line in f.readlines()[1:])

@@ -1,0 +1,18 @@
+"""Images: recipes as data, the mmdebstrap builder and the content-addressed cache."""
+
+from __future__ import annotations
+
+from .cache import Image, ensure_image, find_image, list_images, remove_image
+from .recipes import RECIPES, Recipe, get_recipe, register
+
+__all__ = [
+    "RECIPES",
+    "Image",
+    "Recipe",
+    "ensure_image",
+    "find_image",
+    "get_recipe",
+    "list_images",
+    "register",
+    "remove_image",
+]

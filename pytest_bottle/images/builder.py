@@ -1,0 +1,132 @@
+"""Build an image: mmdebstrap → directory → ``mkfs.ext4 -d`` → raw ext4 + kernel + initrd.
+
+Everything happens inside one mmdebstrap run (format ``null``) whose hooks lay
+the overlay in and write the artifacts out, so the same code path works as
+root and, through ``--mode=unshare``, as an ordinary user.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import ImageBuildError
+from ..hostdeps import require
+from .overlay import write_overlay, write_pre_overlay
+from .recipes import BUILDER_VERSION, Recipe
+from .sources import host_sources
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+
+CUSTOMIZE = """\
+set -eu
+root="$1"
+out={out}
+dpkg-query --admindir="$root/var/lib/dpkg" -W -f '${{Package}}\\t${{Version}}\\n' > "$out/packages.tsv"
+kver=$(ls "$root/boot" | sed -n 's/^vmlinuz-//p' | sort -V | tail -n 1)
+[ -n "$kver" ] || {{ echo "E: the image has no kernel in /boot" >&2; exit 1; }}
+cp "$root/boot/vmlinuz-$kver" "$out/vmlinuz"
+cp "$root/boot/initrd.img-$kver" "$out/initrd.img"
+echo "$kver" > "$out/kernel-version"
+# Host keys and machine-id are per bottle: handed out at the clone handshake.
+rm -f "$root"/etc/ssh/ssh_host_*
+: > "$root/etc/machine-id"
+echo "I: creating ext4 image"
+# mkfs.ext4 -d must not copy the /proc, /sys and /dev mmdebstrap mounted for
+# its hooks: unmount them in a private mount namespace.
+unshare --mount --propagation private sh -eu -c '
+  awk -v r="$1/" "index(\\$2, r) == 1 {{print \\$2}}" /proc/self/mounts | sort -r |
+    while read -r m; do umount -l "$m"; done
+  mkfs.ext4 -q -F -L bottle-root -d "$1" "$2" "$3"' sh "$root" "$out/rootfs.ext4" {size}
+"""
+
+TAIL_LINES = 40
+
+
+def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[str, object]:
+    """Build ``recipe`` into the empty directory ``out``; return its manifest."""
+    mmdebstrap = require("mmdebstrap", "build images")
+    require("mkfs.ext4", "build images")
+    started = time.monotonic()
+    work = out / ".work"
+    pre, overlay, tmp = work / "pre", work / "overlay", work / "tmp"
+    for d in (pre, overlay, tmp):
+        d.mkdir(parents=True)
+    write_pre_overlay(recipe, pre)
+    write_overlay(recipe, overlay)
+    (work / "customize.sh").write_text(CUSTOMIZE.format(out=_sh_quote(str(out)), size=recipe.disk_size))
+
+    mirrors: list[str] = []
+    if recipe.mirror:
+        mirrors = [recipe.mirror]
+    elif sources := host_sources(recipe.suite):
+        (work / "host.sources").write_text(sources)
+        mirrors = [str(work / "host.sources")]
+    argv = [
+        mmdebstrap,
+        f"--mode={'root' if os.geteuid() == 0 else 'unshare'}",
+        f"--variant={recipe.variant}",
+        f"--include={','.join(recipe.packages)}",
+        f"--setup-hook=sync-in {pre} /",
+        f"--customize-hook=sync-in {overlay} /",
+        f'--customize-hook=sh {work / "customize.sh"} "$1"',
+        recipe.suite,
+        "/dev/null",
+        *mirrors,
+    ]
+    log_path = out / "build.log"
+    env = dict(os.environ, TMPDIR=str(tmp), LC_ALL="C.UTF-8")
+    env.pop("DEBIAN_FRONTEND", None)
+    log.debug("building %s: %s", recipe.name, argv)
+    with open(log_path, "w") as logf:
+        logf.write("$ " + " ".join(argv) + "\n")
+        logf.flush()
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logf.write(line)
+            if progress and line.startswith("I: "):
+                progress(line[3:].strip(), time.monotonic() - started)
+        rc = proc.wait()
+    if rc != 0:
+        raise ImageBuildError(recipe.name, f"mmdebstrap exited with {rc}", _tail(log_path), str(log_path))
+    missing = [f for f in ("rootfs.ext4", "vmlinuz", "initrd.img") if not (out / f).is_file()]
+    if missing:
+        raise ImageBuildError(
+            recipe.name, f"the build produced no {', '.join(missing)}", _tail(log_path), str(log_path)
+        )
+
+    packages = dict(line.split("\t", 1) for line in (out / "packages.tsv").read_text().splitlines() if "\t" in line)
+    (out / "packages.tsv").unlink()
+    return {
+        "name": recipe.name,
+        "key": recipe.key(),
+        "builder_version": BUILDER_VERSION,
+        "recipe": json.loads(json.dumps(recipe.__dict__, default=list)),
+        "kernel_version": (out / "kernel-version").read_text().strip(),
+        "sizes": {f: (out / f).stat().st_size for f in ("rootfs.ext4", "vmlinuz", "initrd.img")},
+        "allocated_bytes": (out / "rootfs.ext4").stat().st_blocks * 512,
+        "build_seconds": round(time.monotonic() - started, 2),
+        "created": time.time(),
+        "packages": packages,
+    }
+
+
+def _tail(path: Path) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-TAIL_LINES:])
+    except OSError:
+        return ""
+
+
+def _sh_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"

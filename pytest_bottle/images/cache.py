@@ -1,0 +1,160 @@
+"""The content-addressed image cache: ``<cache>/images/<name>-<key>/``.
+
+An entry counts as built only once its directory has been renamed into
+place, and the rename happens after ``manifest.json`` is written inside it,
+so a killed build never leaves something a later run mistakes for an image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from ..errors import ImageBuildError
+from ..paths import remove_tree
+from . import builder
+from .recipes import RECIPES, Recipe, get_recipe
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built image in the cache."""
+
+    name: str
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / "rootfs.ext4"
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / "initrd.img"
+
+    @property
+    def created(self) -> float:
+        return float(self.manifest.get("created", 0.0))
+
+    @property
+    def recipe(self) -> Recipe:
+        return get_recipe(self.name)
+
+
+def images_dir(cache_dir: Path) -> Path:
+    return cache_dir / "images"
+
+
+def entry_dir(cache_dir: Path, recipe: Recipe) -> Path:
+    return images_dir(cache_dir) / f"{recipe.name}-{recipe.key()}"
+
+
+def _load(path: Path) -> Image | None:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not all((path / f).is_file() for f in ("rootfs.ext4", "vmlinuz", "initrd.img")):
+        return None
+    return Image(manifest["name"], manifest["key"], path, manifest)
+
+
+def find_image(name: str, cache_dir: Path) -> Image | None:
+    """The cached image for the current recipe of ``name``, or None.  No locking: fast."""
+    return _load(entry_dir(cache_dir, get_recipe(name)))
+
+
+def ensure_image(
+    name: str,
+    cache_dir: Path,
+    *,
+    rebuild_before: float | None = None,
+    progress: builder.Progress | None = None,
+) -> Image:
+    """Return the cached image, building it once across processes if needed.
+
+    ``rebuild_before``: an entry created before this time is rebuilt (how
+    ``--rebuild`` works under xdist: the first worker rebuilds, the others
+    then find an entry newer than the run's start and reuse it).
+    """
+    recipe = get_recipe(name)
+    final = entry_dir(cache_dir, recipe)
+    image = _load(final)
+    if image and (rebuild_before is None or image.created >= rebuild_before):
+        return image
+    lock_dir = cache_dir / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_dir / f"image-{final.name}.lock")):
+        image = _load(final)
+        if image and (rebuild_before is None or image.created >= rebuild_before):
+            return image  # another process built it while we waited
+        # Holding the lock, anything temporary for this entry is a dead build's.
+        for stale in images_dir(cache_dir).glob(f"{TMP_PREFIX}{final.name}-*"):
+            log.debug("removing stale build directory %s", stale)
+            remove_tree(stale)
+        tmp = images_dir(cache_dir) / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        try:
+            manifest = builder.build(recipe, tmp, progress)
+            remove_tree(tmp / ".work")
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            if final.exists():
+                trash = images_dir(cache_dir) / f"{TMP_PREFIX}{final.name}-old-{os.getpid()}"
+                os.rename(final, trash)
+                remove_tree(trash)
+            os.rename(tmp, final)
+        except BaseException as e:
+            _keep_failed_log(cache_dir, tmp, final.name)
+            remove_tree(tmp)
+            if isinstance(e, (ImageBuildError, KeyboardInterrupt, SystemExit)):
+                raise
+            raise ImageBuildError(name, f"{type(e).__name__}: {e}") from e
+        log.debug("built %s in %.1fs", final.name, manifest["build_seconds"])
+        loaded = _load(final)
+        assert loaded is not None
+        return loaded
+
+
+def _keep_failed_log(cache_dir: Path, tmp: Path, entry: str) -> None:
+    src = tmp / "build.log"
+    if src.is_file():
+        logs = cache_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        os.replace(src, logs / f"{entry}-failed-{int(time.time())}.log")
+
+
+def list_images(cache_dir: Path) -> list[Image]:
+    root = images_dir(cache_dir)
+    if not root.is_dir():
+        return []
+    found = [_load(p) for p in sorted(root.iterdir()) if not p.name.startswith(TMP_PREFIX)]
+    return [i for i in found if i is not None]
+
+
+def remove_image(name: str, cache_dir: Path) -> list[Path]:
+    """Remove every cached entry (any key) for ``name``; return what was removed."""
+    if name not in RECIPES and not any(i.name == name for i in list_images(cache_dir)):
+        get_recipe(name)  # raises ImageNotFound with the known names
+    removed = []
+    for image in list_images(cache_dir):
+        if image.name == name:
+            with FileLock(str(cache_dir / "locks" / f"image-{image.path.name}.lock")):
+                remove_tree(image.path)
+            removed.append(image.path)
+    return removed

@@ -1,0 +1,93 @@
+"""Files the builder lays over the bootstrapped root: agent, units, trimmed defaults."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .recipes import GUEST_DIR, GUEST_FILES, Recipe
+
+AGENT_DIR = "/usr/lib/pytest-bottle"
+
+AGENT_UNIT = f"""\
+[Unit]
+Description=pytest-bottle guest agent
+Documentation=https://pypi.org/project/pytest-bottle/
+# Early: the agent only needs the root file system and its virtio port.
+DefaultDependencies=no
+After=systemd-journald.socket
+Before=sysinit.target shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+ExecStart=/usr/bin/python3 -u -S {AGENT_DIR}/agent.py
+Restart=always
+RestartSec=0
+OOMScoreAdjust=-1000
+
+[Install]
+WantedBy=sysinit.target
+"""
+
+JOURNALD_CONF = """\
+[Journal]
+Storage=volatile
+RuntimeMaxUse=8M
+ForwardToConsole=no
+"""
+
+SSHD_CONF = """\
+HostKey /etc/ssh/ssh_host_ed25519_key
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UseDNS no
+"""
+
+
+def write_overlay(recipe: Recipe, root: Path) -> None:
+    """Populate ``root`` with the files copied into the image after bootstrap."""
+    agent_dir = root / AGENT_DIR.lstrip("/")
+    agent_dir.mkdir(parents=True)
+    for name in GUEST_FILES:
+        shutil.copyfile(GUEST_DIR / name, agent_dir / name)
+        (agent_dir / name).chmod(0o755 if name == "agent.py" else 0o644)
+
+    units = root / "etc/systemd/system"
+    _text(units / "bottle-agent.service", AGENT_UNIT)
+    _link(units / "sysinit.target.wants/bottle-agent.service", "/etc/systemd/system/bottle-agent.service")
+    for unit in recipe.masked_units:
+        _link(units / unit, "/dev/null")
+    if recipe.has_sshd:
+        # One "sshd -i" per connection (ssh@.service): no daemon resident in
+        # every snapshot, and each connection reads the bottle's own host key.
+        _link(units / "sockets.target.wants/ssh.socket", "/lib/systemd/system/ssh.socket")
+        _text(units / "ssh.socket.d/bottle.conf", "[Socket]\nAccept=yes\n")
+        _text(root / "etc/ssh/sshd_config.d/bottle.conf", SSHD_CONF)
+    _text(root / "etc/systemd/journald.conf.d/bottle.conf", JOURNALD_CONF)
+    _text(root / "etc/hostname", "bottle\n")
+    _text(root / "etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\tbottle\n::1\tlocalhost ip6-localhost\n")
+    _text(root / "etc/resolv.conf", "nameserver 10.0.2.3\n")
+    _text(root / "etc/fstab", "# root is mounted read-write by the kernel command line\n")
+    for guest_path, content in recipe.extra_files:
+        _text(root / guest_path.lstrip("/"), content)
+
+
+def write_pre_overlay(recipe: Recipe, root: Path) -> None:
+    """Files that must exist before packages install (the kernel's initrd config)."""
+    conf = root / "etc/initramfs-tools"
+    _text(conf / "modules", "".join(m + "\n" for m in recipe.initrd_modules))
+    # Only the listed modules: a small initrd loads faster on every cold boot.
+    _text(conf / "conf.d/bottle.conf", "MODULES=list\n")
+
+
+def _text(path: Path, content: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    path.chmod(0o644)
+
+
+def _link(path: Path, target: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, path)

@@ -1,0 +1,104 @@
+"""Images as data: a recipe names everything that goes into an image."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ImageNotFound
+
+# Bump when the builder's output changes for the same recipe.
+BUILDER_VERSION = 1
+
+GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
+GUEST_FILES = ("agent.py", "identity.py")
+
+VIRTIO_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng")
+
+# Units a throwaway test VM does not need: each one costs boot time and
+# resident memory, and resident memory is what a snapshot restore pays for.
+TRIMMED_UNITS = (
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+    "systemd-tmpfiles-clean.timer",
+    "getty@tty1.service",
+    "getty-static.service",
+    "serial-getty@ttyS0.service",
+    "systemd-timesyncd.service",
+    "systemd-update-utmp-runlevel.service",
+    "ssh.service",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named image.  Its cache key is a hash of every field plus the builder and agent."""
+
+    name: str
+    suite: str = "bookworm"
+    variant: str = "minbase"
+    packages: tuple[str, ...] = ()
+    initrd_modules: tuple[str, ...] = VIRTIO_MODULES
+    masked_units: tuple[str, ...] = TRIMMED_UNITS
+    disk_size: str = "2G"
+    mirror: str | None = None  # None: the host's apt sources for the suite
+    description: str = ""
+    extra_files: tuple[tuple[str, str], ...] = field(default=())  # (guest path, content)
+
+    @property
+    def has_sshd(self) -> bool:
+        return "openssh-server" in self.packages
+
+    def key(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
+        h.update(f"builder={BUILDER_VERSION}".encode())
+        for name in GUEST_FILES:
+            h.update(name.encode() + b"\0" + (GUEST_DIR / name).read_bytes())
+        return h.hexdigest()[:16]
+
+
+BASE_PACKAGES = (
+    "linux-image-cloud-amd64",
+    "systemd-sysv",
+    "python3",
+    "iproute2",
+    "ca-certificates",
+)
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+register(
+    Recipe(
+        name="debian-bookworm",
+        packages=BASE_PACKAGES + ("openssh-server",),
+        description="Debian 12 minbase, systemd, python3, OpenSSH server",
+    )
+)
+register(
+    Recipe(
+        name="debian-bookworm-minimal",
+        packages=BASE_PACKAGES,
+        description="Debian 12 minbase, systemd, python3; no SSH server",
+    )
+)
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ImageNotFound(name, sorted(RECIPES)) from None

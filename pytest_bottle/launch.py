@@ -1,0 +1,226 @@
+"""Assembling a bottle: image, accelerator, leases, seed or cold boot, clone handshake.
+
+Every resource is pushed on an ExitStack as soon as it exists, so a start
+that fails halfway releases exactly what it took, and ``Bottle.close``
+releases the rest in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from .boot import BootPlan, console_tail, start_machine
+from .bottle import Bottle
+from .errors import BootError
+from .images import Image, ensure_image
+from .net import pools
+from .net.lan import LanRegistry
+from .paths import remove_tree
+from .runstate import RunRecord
+from .seeds import SEED_MACS, USER_NET, SeedCorrupt, discard, ensure_seed
+from .spec import BottleSpec, resolve
+from .ssh import SshAccess, client_key, new_host_key
+from .vmm import accel as accel_mod
+from .vmm.qemu import Forward, Nic
+
+log = logging.getLogger(__name__)
+
+_verdicts: dict[tuple[str, Path], accel_mod.Verdict] = {}
+_helpers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bottle-launch")
+# QEMU's complaint when a memory state does not load: the seed is bad, not the request.
+_RESTORE_FAILURES = (
+    "load of migration failed",
+    "error while loading state",
+    "Unknown savevm section",
+    "Missing section footer",
+    "Failed to load",
+    "not a migration stream",
+)
+
+
+def launch(**kwargs: Any) -> Bottle:
+    """Start a bottle without pytest; use it as a context manager.
+
+    Takes the marker's keyword arguments plus ``accel`` and ``cache_dir``.
+    """
+    return start_bottle(resolve([("launch()", kwargs)]))
+
+
+def accel_for(requested: str, image: Image, cache_dir: Path) -> accel_mod.Verdict:
+    key = (requested, cache_dir)
+    if key not in _verdicts:
+        _verdicts[key] = accel_mod.decide(requested, cache_dir, lambda t: _probe_kvm(image, cache_dir, t))
+    return _verdicts[key]
+
+
+def _probe_kvm(image: Image, cache_dir: Path, timeout: float) -> str | None:
+    run_dir = cache_dir / "run" / f"kvm-probe-{os.getpid()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = BootPlan(image.kernel, image.initrd, image.rootfs, "raw", 512, 1, "kvm", (Nic("net0", SEED_MACS[0]),))
+    try:
+        machine, channel = start_machine(plan, run_dir, "kvm-probe", timeout)
+    except BootError as e:
+        return e.reason
+    finally:
+        remove_tree(run_dir)
+    machine.stop()
+    channel.close()
+    return None
+
+
+def new_name() -> str:
+    return f"btl-{secrets.token_hex(4)}"
+
+
+_library_lans = LanRegistry()
+
+
+def start_bottle(
+    spec: BottleSpec, *, rebuild_before: float | None = None, detached: bool = False, lans: LanRegistry | None = None
+) -> Bottle:
+    """Start a bottle for a resolved spec.  ``lans`` scopes LAN names (default: process-wide)."""
+    image = ensure_image(spec.image, spec.cache_dir, rebuild_before=rebuild_before)
+    verdict = accel_for(spec.accel, image, spec.cache_dir)
+    name = new_name()
+    stack = ExitStack()
+    try:
+        run_dir = spec.cache_dir / "run" / name
+        run_dir.mkdir(parents=True)
+        stack.callback(remove_tree, run_dir)
+        record = RunRecord.create(name, run_dir)
+        stack.callback(record.remove)
+        stack.callback(pools.release, name)
+        macs = pools.lease("mac", name, 2 if spec.lan else 1)
+
+        ssh_wanted = image.recipe.has_sshd
+        host_key: Future[tuple[str, str] | None] | None = None
+        if ssh_wanted:  # ssh-keygen runs while the VM boots
+            host_key = _helpers.submit(new_host_key, name)
+        ports = sorted(set(spec.forward) | ({22} if ssh_wanted else set()))
+        alias = pools.lease("loopback", name)[0] if ports else ""
+        forwards = {p: (alias, p) for p in ports}
+        user_nic = Nic(
+            "net0",
+            macs[0],
+            "user",
+            restrict=spec.network == "none",
+            forwards=tuple(Forward(alias, p, p) for p in ports),
+        )
+        nics: tuple[Nic, ...] = (user_nic,)
+        lan_ip, tap_fd = None, -1
+        if spec.lan:
+            registry = _library_lans if lans is None else lans
+            lan = registry.acquire(spec.lan)
+            stack.callback(registry.release, spec.lan)
+            tap_fd, tap, lan_ip = lan.attach(name)
+            tap_holder = _Fd(tap_fd)
+            stack.callback(tap_holder.close)
+            record.netns = f"net:[{lan.inode}]"
+            record.extra.update(tap=tap, lan=spec.lan)
+            nics += (Nic("net1", macs[1], "tap", tap_fd=tap_fd),)
+
+        machine, channel, match = _boot(spec, image, verdict.accel, nics, run_dir, name, rebuild_before, detached)
+        stack.callback(channel.close)
+        stack.callback(machine.stop)
+        if tap_fd >= 0:  # QEMU holds the TAP now: it disappears when QEMU does
+            tap_holder.close()
+        record.qemu_pid, record.qemu_start = machine.pid, machine.started
+        record.save()
+
+        key_pair = host_key.result() if host_key is not None else None
+        identity = client_key(spec.cache_dir) if key_pair else None
+        channel.call(
+            "setup",
+            timeout=60,
+            entropy=os.urandom(64).hex(),
+            time_ns=time.time_ns(),
+            hostname=name,
+            machine_id=uuid.uuid4().hex,
+            ssh_host_key={"private": key_pair[0], "public": key_pair[1]} if key_pair else None,
+            authorized_keys=identity.with_suffix(".pub").read_text() if identity else None,
+            nics=[dict(match=match[0], mac=macs[0], **USER_NET)]
+            + ([dict(match=match[1], mac=macs[1], ip=lan_ip)] if lan_ip else []),
+        )
+        if spec.boot == "cold":  # as settled as a snapshot clone: boot finished
+            channel.call("settle", timeout=spec.timeout, quiet=0)
+        ssh = None
+        if key_pair and identity:
+            ssh = SshAccess.create(name, alias, 22, identity, key_pair[1], run_dir)
+        return Bottle(
+            name=name,
+            image=image.name,
+            accel=verdict.accel,
+            machine=machine,
+            channel=channel,
+            resources=stack,
+            forwards=forwards,
+            ssh=ssh,
+            record=record,
+            lan_ip=lan_ip.split("/")[0] if lan_ip else None,
+        )
+    except BaseException:
+        stack.close()
+        raise
+
+
+class _Fd:
+    """Closes an fd once, however many times it is asked to."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _boot(
+    spec: BottleSpec,
+    image: Image,
+    accel: str,
+    nics: tuple[Nic, ...],
+    run_dir: Path,
+    name: str,
+    rebuild_before: float | None,
+    detached: bool,
+) -> tuple[Any, Any, tuple[str, ...]]:
+    """Restore from a seed (rebuilding a bad one once) or boot cold.
+
+    Returns the machine, its channel and the MACs the guest's NICs have now.
+    """
+    if spec.boot == "cold":
+        plan = BootPlan(image.kernel, image.initrd, image.rootfs, "raw", spec.memory_mb, spec.cpus, accel, nics)
+        machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached)
+        return machine, channel, tuple(n.mac for n in nics)
+    for attempt in (1, 2):
+        seed = ensure_seed(image, accel, spec.memory_mb, spec.cpus, len(nics), spec.cache_dir, rebuild_before)
+        plan = BootPlan(
+            image.kernel,
+            image.initrd,
+            seed.disk,
+            "qcow2",
+            spec.memory_mb,
+            spec.cpus,
+            accel,
+            nics,
+            incoming=seed.memory,
+            console_prefix=seed.console,
+        )
+        try:
+            machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached)
+            return machine, channel, SEED_MACS[: len(nics)]
+        except BootError as e:
+            if attempt == 2 or not any(s in e.reason for s in _RESTORE_FAILURES):
+                raise
+            discard(seed.path, f"restoring it failed: {e.reason.strip()[-300:]}")
+            (run_dir / "qemu.log").unlink(missing_ok=True)
+    raise SeedCorrupt("unreachable", console_tail(run_dir / "console.log"))

@@ -1,0 +1,321 @@
+"""pytest glue: options, the ``bottle`` marker, fixtures, report sections, the startup sweep.
+
+Everything else lives in the core (``manager``, ``launch``, ``spec``...),
+which imports without pytest.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from .bottle import Bottle
+from .errors import ImageNotFound, SpecError
+from .images import RECIPES, Image, ensure_image
+from .manager import BottleManager
+from .spec import BottleSpec, Layer, resolve
+from .sweep import sweep
+from .vmm import accel as accel_mod
+
+log = logging.getLogger(__name__)
+
+# option name → (metavar, help); each is --bottle-<name> and ini bottle_<name>.
+OPTIONS: dict[str, tuple[str, str]] = {
+    "image": ("NAME", "image for bottle fixtures (default: debian-bookworm)"),
+    "accel": ("auto|kvm|tcg", "accelerator; auto proves KVM with a real boot, else TCG (default: auto)"),
+    "cache-dir": ("PATH", "images, seeds and keys (default: $XDG_CACHE_HOME/pytest-bottle)"),
+    "memory": ("SIZE", "VM memory, e.g. 512M or 1G (default: 512M)"),
+    "cpus": ("N", "VM CPUs (default: 1)"),
+    "boot": ("snapshot|cold", "restore from a work seed, or boot from scratch (default: snapshot)"),
+    "timeout": ("SECONDS", "boot timeout of each VM (default: 300)"),
+}
+FLAGS: dict[str, str] = {
+    "rebuild": "rebuild images and seeds once at the start of this run",
+    "keep": "on failure keep the test's VMs running and print how to reach and stop them",
+}
+FIXTURES = {"bottle", "bottle_factory", "module_bottle", "session_bottle", "session_bottle_factory", "bottle_image"}
+MARKER_DOC = (
+    "bottle(image=, memory=, cpus=, network=, lan=, forward=, boot=, timeout=): "
+    "run this test with a fresh VM (pytest-bottle); see docs/reference.md"
+)
+CONSOLE_LINES = 50
+
+
+class InvalidBottleArgument(SpecError, pytest.UsageError):  # type: ignore[misc]
+    """A bad marker, factory, CLI or ini value (both a SpecError and a UsageError)."""
+
+
+class UnknownBottleImage(ImageNotFound, pytest.UsageError):  # type: ignore[misc]
+    """An unknown image name given to a marker, factory or option."""
+
+
+@dataclass
+class _State:
+    config: pytest.Config
+    cli: dict[str, Any]
+    ini: dict[str, Any]
+    run_start: float
+    rebuild: bool
+    keep: bool
+    manager: BottleManager
+
+    def spec(self, *first: Layer) -> BottleSpec:
+        """Marker / factory layers (``first``, restricted to per-bottle keys), then CLI and ini."""
+        return _resolve([*first, ("command line", self.cli), ("ini file", self.ini)], restricted=len(first))
+
+    @property
+    def rebuild_before(self) -> float | None:
+        return self.run_start if self.rebuild else None
+
+
+STATE = pytest.StashKey[_State]()
+REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def _resolve(layers: list[Layer], restricted: int = 0) -> BottleSpec:
+    try:
+        spec = resolve(layers, restricted=restricted)
+    except SpecError as e:
+        raise InvalidBottleArgument(e.message, e.source) from None
+    if spec.image not in RECIPES:
+        raise UnknownBottleImage(spec.image, sorted(RECIPES))
+    return spec
+
+
+def _state(config: pytest.Config) -> _State:
+    return config.stash[STATE]
+
+
+def _marker_layer(node: pytest.Item | pytest.Collector) -> list[Layer]:
+    marker = node.get_closest_marker("bottle")
+    if marker is None:
+        return []
+    where = f"@pytest.mark.bottle on {node.nodeid or node.name}"
+    if marker.args:
+        raise InvalidBottleArgument(f"takes keyword arguments only, got {marker.args!r}", where)
+    return [(where, marker.kwargs)]
+
+
+# -- options and configuration ------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("bottle", "pytest-bottle: real VMs as fixtures")
+    for name, (metavar, text) in OPTIONS.items():
+        dest = "bottle_" + name.replace("-", "_")
+        group.addoption(f"--bottle-{name}", dest=dest, metavar=metavar, default=None, help=text)
+        parser.addini(dest, text, default=None)
+    for name, text in FLAGS.items():
+        group.addoption(f"--bottle-{name}", dest=f"bottle_{name}", action="store_true", default=None, help=text)
+        parser.addini(f"bottle_{name}", text, type="bool", default=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_DOC)
+    keys = {name.replace("-", "_"): "bottle_" + name.replace("-", "_") for name in OPTIONS}
+    cli = {k: config.getoption(dest) for k, dest in keys.items()}
+    ini = {k: (config.getini(dest) or None) for k, dest in keys.items()}
+    _resolve([("command line", cli), ("ini file", ini)])  # fail fast on a bad option
+
+    def flag(name: str) -> bool:
+        value = config.getoption(f"bottle_{name}")
+        return bool(config.getini(f"bottle_{name}")) if value is None else bool(value)
+
+    worker = getattr(config, "workerinput", None)
+    run_start = float(worker["bottle_run_start"]) if worker and "bottle_run_start" in worker else time.time()
+    state = _State(
+        config,
+        cli,
+        ini,
+        run_start,
+        flag("rebuild"),
+        flag("keep"),
+        BottleManager(rebuild_before=run_start if flag("rebuild") else None, keep_failed=flag("keep")),
+    )
+    config.stash[STATE] = state
+    if state.keep:
+        config.pluginmanager.register(_KeptReporter(), "bottle-kept-reporter")
+    if worker is None:  # once per run, before the first bottle: the controller sweeps
+        spec = state.spec()
+        report = sweep([spec.cache_dir])
+        if report:
+            log.info("pytest-bottle startup sweep: %s", report.summary())
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    # Unwind like Ctrl-C, so fixture finalizers stop every VM.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist: workers share the controller's run start (``--bottle-rebuild`` once per run)."""
+    node.workerinput["bottle_run_start"] = _state(node.config).run_start
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if STATE in config.stash:
+        config.stash[STATE].manager.close_all()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    state = _state(config)
+    spec = state.spec()
+    verdict = accel_mod.cached_verdict(spec.cache_dir) if spec.accel == "auto" else None
+    if spec.accel != "auto":
+        accel = f"{spec.accel} (requested)"
+    elif verdict is not None:
+        accel = f"{verdict.accel} ({verdict.reason})"
+    elif (why := accel_mod.kvm_usable()) is not None:
+        accel = f"tcg ({why})"
+    else:
+        accel = "auto (KVM is probed by a test boot at the first bottle)"
+    return [f"bottle: image {spec.image}, accel {accel}, cache {spec.cache_dir}"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = _state(config)
+    for item in items:
+        layers = _marker_layer(item)
+        if layers:
+            state.spec(*layers)  # a bad marker stops the run before anything boots
+        elif FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker("bottle")
+
+
+# -- reports ------------------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    item.stash.setdefault(REPORTS, {})[report.when] = report
+    if report.failed and report.when in ("setup", "call"):
+        for b in _item_bottles(item):
+            tail = "\n".join(b.console_log.splitlines()[-CONSOLE_LINES:])
+            report.sections.append((f"bottle {b.name} console (last {CONSOLE_LINES} lines)", tail or "(empty)"))
+            cmds = "\n".join(f"[{'?' if rc is None else rc}] {d:.2f}s  {c}" for c, rc, d in b.history)
+            report.sections.append((f"bottle {b.name} last commands", cmds or "(none)"))
+    return report
+
+
+def _item_bottles(item: pytest.Item) -> list[Bottle]:
+    found: dict[int, Bottle] = {}
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, Bottle):
+            found[id(value)] = value
+    for b in _state(item.config).manager.bottles(item.nodeid):
+        found[id(b)] = b
+    return list(found.values())
+
+
+class _KeptReporter:
+    """Collects kept bottles from reports (xdist ships them from workers) and lists them."""
+
+    def __init__(self) -> None:
+        self.kept: list[str] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for key, value in report.user_properties:
+            if key == "bottle_kept" and str(value) not in self.kept:
+                self.kept.append(str(value))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.kept:
+            terminalreporter.section("bottles kept running (--bottle-keep)")
+            for text in self.kept:
+                terminalreporter.write_line(text)
+
+
+def _keep_message(b: Bottle) -> str:
+    lines = [f"{b.name}: QEMU pid {b.pid}, console log {b.console_log_path}"]
+    try:
+        lines.append(f"  reach it:  ssh -F {b.ssh_config} {b.name}")
+    except Exception:
+        lines.append("  (no SSH in this image: read its console log)")
+    lines.append(f"  stop it:   bottle stop {b.name}")
+    return "\n".join(lines)
+
+
+# -- fixtures -----------------------------------------------------------------
+
+
+@pytest.fixture
+def _bottle_group(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The test's bottles (fixture and factory) share a group: one teardown, one LAN scope."""
+    state = _state(request.config)
+    key = request.node.nodeid
+    yield key
+    reports = request.node.stash.get(REPORTS, {})
+    failed = any(r.failed for r in reports.values())
+    kept = state.manager.close_group(key, keep=state.keep and failed)
+    for b in kept:
+        request.node.user_properties.append(("bottle_kept", _keep_message(b)))
+
+
+@pytest.fixture
+def bottle(request: pytest.FixtureRequest, _bottle_group: str) -> Bottle:
+    """A fresh VM configured by the test's ``bottle`` marker."""
+    state = _state(request.config)
+    return state.manager.start(state.spec(*_marker_layer(request.node)), _bottle_group)
+
+
+@pytest.fixture
+def bottle_factory(request: pytest.FixtureRequest, _bottle_group: str) -> Callable[..., Bottle]:
+    """``bottle_factory(**kwargs) -> Bottle``; everything it made is torn down after the test."""
+    state = _state(request.config)
+    marker = _marker_layer(request.node)
+
+    def factory(**kwargs: Any) -> Bottle:
+        spec = state.spec(*marker, ("bottle_factory() arguments", kwargs))
+        return state.manager.start(spec, _bottle_group)
+
+    return factory
+
+
+@pytest.fixture(scope="module")
+def module_bottle(request: pytest.FixtureRequest) -> Iterator[Bottle]:
+    """One VM shared by the tests of a module (configured by the module's ``pytestmark``)."""
+    state = _state(request.config)
+    key = f"module:{request.node.nodeid}"
+    yield state.manager.start(state.spec(*_marker_layer(request.node)), key)
+    state.manager.close_group(key)
+
+
+@pytest.fixture(scope="session")
+def session_bottle(request: pytest.FixtureRequest) -> Iterator[Bottle]:
+    """One VM shared by the whole session (configured by options and ini)."""
+    state = _state(request.config)
+    yield state.manager.start(state.spec(), "session:bottle")
+    state.manager.close_group("session:bottle")
+
+
+@pytest.fixture(scope="session")
+def session_bottle_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Bottle]]:
+    """A factory whose VMs (and LANs) live until the end of the session."""
+    state = _state(request.config)
+
+    def factory(**kwargs: Any) -> Bottle:
+        return state.manager.start(state.spec(("session_bottle_factory() arguments", kwargs)), "session:factory")
+
+    yield factory
+    state.manager.close_group("session:factory")
+
+
+@pytest.fixture(scope="session")
+def bottle_image(request: pytest.FixtureRequest) -> Image:
+    """The built, cached image for ``--bottle-image`` (built once per run, even under xdist)."""
+    state = _state(request.config)
+    spec = state.spec()
+    return ensure_image(spec.image, spec.cache_dir, rebuild_before=state.rebuild_before)

@@ -1,0 +1,61 @@
+"""What a command in the guest returns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+from .errors import ExecError
+
+Command = Union[str, Sequence[str]]
+
+
+def to_argv(cmd: Command) -> list[str]:
+    """A str runs through ``/bin/sh -c``; a sequence is the argv itself."""
+    if isinstance(cmd, str):
+        return ["/bin/sh", "-c", cmd]
+    argv = [str(a) for a in cmd]
+    if not argv:
+        raise ValueError("empty command")
+    return argv
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """Exit code and output of one command.  ``stdout``/``stderr`` are decoded
+    as UTF-8 with replacement; the ``*_bytes`` fields keep the exact bytes."""
+
+    args: Command
+    returncode: int
+    stdout_bytes: bytes = field(repr=False, default=b"")
+    stderr_bytes: bytes = field(repr=False, default=b"")
+    duration: float = 0.0
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def check(self) -> ExecResult:
+        """Return self, or raise ``ExecError`` if the command failed."""
+        if self.returncode != 0:
+            raise ExecError(self.args, self.returncode, self.stdout, self.stderr)
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"ExecResult(args={self.args!r}, returncode={self.returncode}, "
+            f"stdout={_clip(self.stdout)!r}, stderr={_clip(self.stderr)!r}, duration={self.duration:.3f})"
+        )
+
+
+def _clip(s: str, n: int = 200) -> str:
+    return s if len(s) <= n else s[: n - 3] + "..."

@@ -1,0 +1,271 @@
+"""Work seeds: an image booted once to "agent ready", saved as disk + memory state.
+
+Every snapshot bottle is a qcow2 overlay on the seed's disk plus a restore of
+its memory state, which is why a fresh VM costs a fraction of a second.  A
+seed is keyed by everything the restore depends on (image, QEMU version,
+accelerator, CPU model, memory, cpus, device layout) and is verified against
+its manifest before use: a corrupt one is discarded and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .boot import BootPlan, start_machine
+from .errors import BootError
+from .images.cache import Image
+from .paths import remove_tree
+from .vmm.accel import qemu_version
+from .vmm.qemu import KERNEL_ARGS, Nic, cpu_model
+
+log = logging.getLogger(__name__)
+
+SEED_VERSION = 1
+SEED_BOOT_TIMEOUT = 600.0
+# The seed's NICs: clones restore with the same devices and then take their
+# own MACs through the handshake, matching these.
+SEED_MACS = ("52:54:00:b0:77:01", "52:54:00:b0:77:02")
+USER_NET = {"ip": "10.0.2.15/24", "gateway": "10.0.2.2"}
+TMP_PREFIX = ".tmp-"
+SEED_FILES = ("disk.qcow2", "memory.state")
+
+_verified: set[tuple[Any, ...]] = set()
+_verified_lock = threading.Lock()
+
+
+class SeedCorrupt(BootError):
+    pass
+
+
+@dataclass(frozen=True)
+class Seed:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.qcow2"
+
+    @property
+    def memory(self) -> Path:
+        return self.path / "memory.state"
+
+    @property
+    def console(self) -> Path:
+        return self.path / "console.log"
+
+    @property
+    def nic_count(self) -> int:
+        return int(self.manifest["key_parts"]["nics"])
+
+
+def seed_nics(count: int) -> tuple[Nic, ...]:
+    return tuple(Nic(f"net{i}", SEED_MACS[i]) for i in range(count))
+
+
+def key_parts(image: Image, accel: str, memory_mb: int, cpus: int, nics: int) -> dict[str, Any]:
+    parts: dict[str, Any] = {
+        "seed_version": SEED_VERSION,
+        "image": image.name,
+        "image_key": image.key,
+        "qemu": qemu_version(),
+        "accel": accel,
+        "cpu": cpu_model(accel),
+        "memory_mb": memory_mb,
+        "cpus": cpus,
+        "nics": nics,
+        "kernel_args": " ".join(KERNEL_ARGS),
+    }
+    if accel == "kvm":  # "-cpu host" state only restores on the same kind of CPU
+        parts["host_cpu"] = _host_cpu()
+    return parts
+
+
+def _host_cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def seeds_dir(cache_dir: Path) -> Path:
+    return cache_dir / "seeds"
+
+
+def seed_dir(cache_dir: Path, parts: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return seeds_dir(cache_dir) / f"{parts['image']}-{parts['memory_mb']}m{parts['cpus']}c{parts['nics']}n-{digest}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _signature(path: Path) -> tuple[Any, ...]:
+    out: list[Any] = [str(path)]
+    for f in ("disk.qcow2", "memory.state"):
+        st = (path / f).stat()
+        out += [st.st_size, st.st_mtime_ns, st.st_ino]
+    return tuple(out)
+
+
+def verify(seed: Seed) -> None:
+    """Raise SeedCorrupt if the files do not match the manifest.
+
+    Sizes are checked every time; checksums once per process per file
+    version (size, mtime, inode), since hashing costs more than a restore.
+    """
+    files = seed.manifest.get("files", {})
+    for name in ("disk.qcow2", "memory.state"):
+        want = files.get(name)
+        try:
+            size = (seed.path / name).stat().st_size
+        except OSError as e:
+            raise SeedCorrupt(f"seed {seed.path.name}: {name} is missing ({e.strerror})") from None
+        if not want or size != want["size"]:
+            raise SeedCorrupt(f"seed {seed.path.name}: {name} has {size} bytes, the manifest says {want}")
+    sig = _signature(seed.path)
+    with _verified_lock:
+        if sig in _verified:
+            return
+    for name in ("disk.qcow2", "memory.state"):
+        if _sha256(seed.path / name) != files[name]["sha256"]:
+            raise SeedCorrupt(f"seed {seed.path.name}: {name} does not match its checksum")
+    with _verified_lock:
+        _verified.add(sig)
+
+
+def _load(path: Path) -> Seed | None:
+    try:
+        return Seed(path, json.loads((path / "manifest.json").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def discard(seed_path: Path, reason: str) -> None:
+    warnings.warn(f"pytest-bottle: discarding seed {seed_path.name} and building it again: {reason}", stacklevel=2)
+    with FileLock(str(seed_path.parent / f"{seed_path.name}.lock")):
+        trash = seed_path.with_name(f"{TMP_PREFIX}{seed_path.name}-discard-{os.getpid()}")
+        try:
+            os.rename(seed_path, trash)
+        except FileNotFoundError:
+            return
+        remove_tree(trash)
+
+
+def ensure_seed(
+    image: Image, accel: str, memory_mb: int, cpus: int, nics: int, cache_dir: Path, rebuild_before: float | None = None
+) -> Seed:
+    parts = key_parts(image, accel, memory_mb, cpus, nics)
+    final = seed_dir(cache_dir, parts)
+    for _ in range(2):
+        seed = _load(final)
+        if seed is not None and (rebuild_before is None or seed.manifest["created"] >= rebuild_before):
+            try:
+                verify(seed)
+                return seed
+            except SeedCorrupt as e:
+                discard(final, str(e))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(final.parent / f"{final.name}.lock")):
+            seed = _load(final)
+            if seed is None or (rebuild_before is not None and seed.manifest["created"] < rebuild_before):
+                _create(image, accel, parts, final)
+    seed = _load(final)
+    assert seed is not None
+    verify(seed)
+    return seed
+
+
+def _create(image: Image, accel: str, parts: dict[str, Any], final: Path) -> None:
+    for stale in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
+        remove_tree(stale)
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}")
+    run = tmp / "run"
+    run.mkdir(parents=True)
+    started = time.monotonic()
+    try:
+        plan = BootPlan(
+            image.kernel,
+            image.initrd,
+            image.rootfs,
+            "raw",
+            parts["memory_mb"],
+            parts["cpus"],
+            accel,
+            seed_nics(parts["nics"]),
+        )
+        machine, channel = start_machine(plan, run, "seed", SEED_BOOT_TIMEOUT)
+        try:
+            boot_seconds = time.monotonic() - started
+            nic_setup = [dict(match=SEED_MACS[0], mac=SEED_MACS[0], **USER_NET)]
+            channel.call("setup", nics=nic_setup, hostname="bottle", timeout=60)
+            settle = channel.call("settle", timeout=120, quiet=1.0)
+            channel.call("quiesce", timeout=60)
+            machine.save_state(tmp / "memory.state")
+        finally:
+            machine.stop()
+            channel.close()
+        os.rename(run / "disk.qcow2", tmp / "disk.qcow2")
+        os.rename(run / "console.log", tmp / "console.log")
+        remove_tree(run)
+        files = {
+            n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in ("disk.qcow2", "memory.state")
+        }
+        manifest = {
+            "key_parts": parts,
+            "image_path": str(image.path),
+            "files": files,
+            "boot_seconds": round(boot_seconds, 2),
+            "creation_seconds": round(time.monotonic() - started, 2),
+            "guest_state": settle.get("state"),
+            "created": time.time(),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if final.exists():
+            trash = final.with_name(f"{TMP_PREFIX}{final.name}-old-{os.getpid()}")
+            os.rename(final, trash)
+            remove_tree(trash)
+        os.rename(tmp, final)
+        log.debug("seed %s created in %.1fs", final.name, manifest["creation_seconds"])
+    except BaseException:
+        remove_tree(tmp)
+        raise
+
+
+def list_seeds(cache_dir: Path) -> list[Seed]:
+    root = seeds_dir(cache_dir)
+    if not root.is_dir():
+        return []
+    found = [_load(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(TMP_PREFIX)]
+    return [s for s in found if s is not None]
+
+
+def remove_seeds(cache_dir: Path, image_name: str | None = None) -> list[Path]:
+    removed = []
+    for seed in list_seeds(cache_dir):
+        if image_name is None or seed.manifest["key_parts"]["image"] == image_name:
+            with FileLock(str(seed.path.parent / f"{seed.path.name}.lock")):
+                remove_tree(seed.path)
+            removed.append(seed.path)
+    return removed

@@ -1,0 +1,177 @@
+"""What a bottle should be, and the one function that decides it.
+
+Values come in layers, first match wins: marker → factory kwargs → CLI → ini
+→ default.  Every value is validated where it enters, and an error names the
+layer it came from (``@pytest.mark.bottle on tests/x.py::test_y``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError
+from .paths import default_cache_dir
+
+NETWORKS = ("none", "nat")
+BOOTS = ("snapshot", "cold")
+ACCELS = ("auto", "kvm", "tcg")
+MIN_MEMORY_MB = 128
+MAX_CPUS = 64
+_LAN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+@dataclass(frozen=True)
+class BottleSpec:
+    """A fully resolved, validated description of one bottle."""
+
+    image: str = "debian-bookworm"
+    memory_mb: int = 512
+    cpus: int = 1
+    network: str = "none"
+    lan: str | None = None
+    forward: tuple[int, ...] = ()
+    boot: str = "snapshot"
+    timeout: float = 300.0
+    accel: str = "auto"
+    cache_dir: Path = field(default_factory=default_cache_dir)
+
+
+def parse_memory(value: Any) -> int:
+    """A size in MiB: an int is MiB; a string may say K, M, G or T (``"1G"``, ``"512MiB"``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        mb = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        mb = int(float(m.group(1)) * _UNITS[m.group(2).upper()]) // (1 << 20)
+    else:
+        raise ValueError(f"not a size: {value!r} (use e.g. 512M or 1G)")
+    if mb < MIN_MEMORY_MB:
+        raise ValueError(f"{value!r} is too little memory: at least {MIN_MEMORY_MB}M is needed to boot")
+    return mb
+
+
+def _int_in(lo: int, hi: int, what: str) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{what} must be an integer, not {value!r}")
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"{what} must be an integer, not {value!r}") from None
+        if not lo <= n <= hi:
+            raise ValueError(f"{what} must be between {lo} and {hi}, not {n}")
+        return n
+
+    return parse
+
+
+def _choice(options: Sequence[str], what: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"{what} must be one of {', '.join(map(repr, options))}, not {value!r}")
+        return str(value)
+
+    return parse
+
+
+def _image(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"image must be a non-empty name, not {value!r}")
+    return value
+
+
+def _lan(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _LAN_RE.match(value):
+        raise ValueError(f"lan must be a name of letters, digits, '.', '_' or '-' (max 32), not {value!r}")
+    return value
+
+
+def _forward(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items: list[Any] = [v for v in re.split(r"[,\s]+", value) if v]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+    else:
+        raise ValueError(f"forward must be a port or a list of ports, not {value!r}")
+    port = _int_in(1, 65535, "a forwarded port")
+    ports = sorted({port(v) for v in items})
+    return tuple(ports)
+
+
+def _timeout(value: Any) -> float:
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"timeout must be a number of seconds, not {value!r}") from None
+    if isinstance(value, bool) or not t > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {value!r}")
+    return t
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(f"cache_dir must be a path, not {value!r}")
+    return Path(os.path.expanduser(str(value))).absolute()
+
+
+# key users write → (BottleSpec field, parser)
+PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "image": ("image", _image),
+    "memory": ("memory_mb", parse_memory),
+    "cpus": ("cpus", _int_in(1, MAX_CPUS, "cpus")),
+    "network": ("network", _choice(NETWORKS, "network")),
+    "lan": ("lan", _lan),
+    "forward": ("forward", _forward),
+    "boot": ("boot", _choice(BOOTS, "boot")),
+    "timeout": ("timeout", _timeout),
+    "accel": ("accel", _choice(ACCELS, "accel")),
+    "cache_dir": ("cache_dir", _path),
+}
+# Keys a marker or factory may set; accel and cache_dir are run-wide (CLI/ini/launch).
+BOTTLE_KEYS = ("image", "memory", "cpus", "network", "lan", "forward", "boot", "timeout")
+
+
+Layer = tuple[str, Mapping[str, Any]]
+
+
+def resolve(layers: Sequence[Layer], restricted: int = 0) -> BottleSpec:
+    """Merge ``layers`` (highest precedence first) into a validated spec.
+
+    Each layer is ``(where it came from, {key: value})``; a value of None in a
+    layer means "not set here".  The first ``restricted`` layers (markers,
+    factory arguments) may only set per-bottle keys: a marker does not choose
+    the cache directory.
+    """
+    for i, (source, values) in enumerate(layers):
+        keys = BOTTLE_KEYS if i < restricted else tuple(PARSERS)
+        for key in values:
+            if key not in keys:
+                raise SpecError(f"unknown argument {key!r}; valid arguments: {', '.join(keys)}", source)
+    kwargs: dict[str, Any] = {}
+    for key, (attr, parse) in PARSERS.items():
+        for source, values in layers:
+            if values.get(key) is not None:
+                try:
+                    kwargs[attr] = parse(values[key])
+                except ValueError as e:
+                    raise SpecError(f"bad {key}: {e}", source) from None
+                break
+    return BottleSpec(**kwargs)
+
+
+def spec_fields() -> list[str]:
+    return [f.name for f in fields(BottleSpec)]

@@ -1,0 +1,129 @@
+"""Real OpenSSH access to a bottle: a per-cache client key, per-bottle host keys, a config file.
+
+The host key is generated on the host and handed to the guest at the clone
+handshake, so the known_hosts entry is pinned from the first connection —
+no ``StrictHostKeyChecking=no``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .hostdeps import require, which
+from .results import Command, ExecResult
+
+CONFIG_TEMPLATE = """\
+Host {name}
+    HostName {host}
+    Port {port}
+    User root
+    IdentityFile {identity}
+    IdentitiesOnly yes
+    UserKnownHostsFile {known_hosts}
+    GlobalKnownHostsFile /dev/null
+    HostKeyAlias {name}
+    StrictHostKeyChecking yes
+    CheckHostIP no
+    BatchMode yes
+    PasswordAuthentication no
+    ConnectTimeout 30
+    LogLevel ERROR
+"""
+
+
+def client_key(cache_dir: Path) -> Path:
+    """The cache's ed25519 client key (mode 0600), created once."""
+    keys = cache_dir / "keys"
+    key = keys / "id_ed25519"
+    if key.is_file() and key.with_suffix(".pub").is_file():
+        return key
+    keys.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with FileLock(str(keys / ".lock")):
+        if not key.is_file():
+            tmp = keys / f".new-{os.getpid()}"
+            _keygen(tmp, "pytest-bottle")
+            os.replace(tmp.with_suffix(".pub"), key.with_suffix(".pub"))
+            os.replace(tmp, key)
+    key.chmod(0o600)
+    return key
+
+
+def new_host_key(comment: str) -> tuple[str, str] | None:
+    """A fresh ed25519 host key pair (private, public); None without ssh-keygen."""
+    if which("ssh-keygen") is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="bottle-hostkey-") as d:
+        path = Path(d) / "key"
+        _keygen(path, comment)
+        return path.read_text(), path.with_suffix(".pub").read_text()
+
+
+def _keygen(path: Path, comment: str) -> None:
+    subprocess.run(
+        [require("ssh-keygen", "make SSH keys"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+    )
+
+
+@dataclass(frozen=True)
+class SshAccess:
+    name: str
+    host: str
+    port: int
+    identity: Path
+    config_path: Path
+
+    @classmethod
+    def create(cls, name: str, host: str, port: int, identity: Path, host_public_key: str, run_dir: Path) -> SshAccess:
+        known = run_dir / "known_hosts"
+        keytype, keydata = host_public_key.split()[:2]
+        known.write_text(f"{name} {keytype} {keydata}\n")
+        config = run_dir / "ssh_config"
+        config.write_text(CONFIG_TEMPLATE.format(name=name, host=host, port=port, identity=identity, known_hosts=known))
+        return cls(name, host, port, identity, config)
+
+    def argv(self, *args: str) -> list[str]:
+        return [require("ssh", "reach bottles over SSH"), "-F", str(self.config_path), self.name, *args]
+
+    def run(
+        self,
+        cmd: Command,
+        *,
+        check: bool = False,
+        input: str | bytes | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        **kw: Any,
+    ) -> ExecResult:
+        if kw:
+            raise TypeError(f"ssh() does not take {', '.join(kw)}")
+        remote = cmd if isinstance(cmd, str) else " ".join(_sh_quote(str(a)) for a in cmd)
+        if env:
+            remote = " ".join(f"{k}={_sh_quote(v)}" for k, v in env.items()) + " " + remote
+        data = input.encode() if isinstance(input, str) else input
+        started = time.monotonic()
+        proc = subprocess.run(
+            self.argv("--", remote),
+            input=data,
+            capture_output=True,
+            timeout=timeout,
+            stdin=None if data is not None else subprocess.DEVNULL,
+            check=False,
+        )
+        result = ExecResult(cmd, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+        return result.check() if check else result
+
+
+def _sh_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"

@@ -1,0 +1,126 @@
+"""A running QEMU machine: its process, agent socket, QMP session and console."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import BootError
+from ..hostdeps import require
+from . import process
+from .qemu import MachineConfig, build_argv
+from .qmp import QMP
+
+log = logging.getLogger(__name__)
+
+
+class QemuMachine:
+    """One QEMU process.  The agent and QMP sockets are socketpairs handed to
+    QEMU as file descriptors: no paths to race on, and QEMU's death shows up
+    at once as EOF on our ends."""
+
+    backend = "qemu"
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], agent_sock: socket.socket, qmp: QMP, cfg: MachineConfig, run_dir: Path
+    ) -> None:
+        self.proc = proc
+        self.agent_sock = agent_sock
+        self.qmp = qmp
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.pid = proc.pid
+        self.started = process.start_time(proc.pid)
+
+    @classmethod
+    def start(
+        cls,
+        cfg: MachineConfig,
+        run_dir: Path,
+        incoming: Path | None = None,
+        name: str = "bottle",
+        detached: bool = False,
+    ) -> QemuMachine:
+        """Start QEMU for ``cfg`` (its fd fields are filled in here)."""
+        qemu = require(cfg.qemu, "run virtual machines")
+        agent_host, agent_qemu = socket.socketpair()
+        qmp_host, qmp_qemu = socket.socketpair()
+        child_fds = [agent_qemu.fileno(), qmp_qemu.fileno()] + [n.tap_fd for n in cfg.nics if n.tap_fd >= 0]
+        incoming_fd = None
+        try:
+            if incoming is not None:
+                incoming_fd = os.open(incoming, os.O_RDONLY)
+                child_fds.append(incoming_fd)
+            cfg = replace(
+                cfg, qemu=qemu, agent_fd=agent_qemu.fileno(), qmp_fd=qmp_qemu.fileno(), incoming_fd=incoming_fd
+            )
+            argv = build_argv(cfg)
+            (run_dir / "qemu.argv").write_text(shlex.join(argv) + "\n")
+            proc = process.spawn(
+                argv,
+                log_path=run_dir / "qemu.log",
+                pass_fds=child_fds,
+                env=dict(os.environ, TMPDIR=str(run_dir)),
+                die_with_parent=not detached,
+            )
+        except BaseException:
+            agent_host.close()
+            qmp_host.close()
+            raise
+        finally:
+            agent_qemu.close()
+            qmp_qemu.close()
+            if incoming_fd is not None:
+                os.close(incoming_fd)
+        return cls(proc, agent_host, QMP(qmp_host, name), cfg, run_dir)
+
+    @property
+    def console_log(self) -> Path:
+        return self.cfg.console_log
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def exit_reason(self) -> str:
+        rc = self.proc.poll()
+        if rc is None:
+            return ""
+        try:
+            out = (self.run_dir / "qemu.log").read_text(errors="replace").strip()
+        except OSError:
+            out = ""
+        return f"QEMU exited with {rc}" + (f": {out[-1500:]}" if out else "")
+
+    def save_state(self, path: Path, timeout: float = 120.0) -> None:
+        """Stop the guest and write its whole state (devices and RAM) to ``path``."""
+        self.qmp.cmd("stop")
+        self.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+        self.qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(path)))
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.qmp.cmd("query-migrate").get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled") or not self.alive():
+                raise BootError(f"saving the VM state failed ({status}): {self.exit_reason()}")
+            if time.monotonic() > deadline:
+                raise BootError(f"saving the VM state took longer than {timeout} s")
+            time.sleep(0.02)
+
+    def stop(self, grace: float = 2.0) -> None:
+        """QMP quit, then SIGTERM, then SIGKILL.  Idempotent."""
+        if self.alive():
+            try:
+                self.qmp.cmd("quit", timeout=1.0)
+                self.proc.wait(grace)
+            except Exception as e:  # QMP gone or slow: signals will do
+                log.debug("qmp quit of %s failed: %s", self.pid, e)
+        process.terminate(self.proc, grace)
+        self.qmp.close()
+        self.agent_sock.close()

@@ -1,0 +1,132 @@
+"""The QEMU command line, built from a plain description of the machine (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KERNEL_ARGS = (
+    "console=ttyS0",
+    "root=/dev/vda",
+    "rw",
+    # eth0 is eth0: the host addresses NICs by MAC anyway, but names stay stable.
+    "net.ifnames=0",
+    # Freed pages are zeroed, so a snapshot's memory state compresses to what is live.
+    "init_on_free=1",
+    # A panic reboots at once, and -no-reboot turns that into QEMU exiting.
+    "panic=-1",
+    "edd=off",
+    # microvm has no PCI bus; without this the kernel logs a "Fatal" that is not.
+    "pci=off",
+    # Kernel messages stay on the console (they are the failure report); systemd
+    # only reports failures there, since every byte through the UART costs under TCG.
+    "systemd.show_status=error",
+)
+
+
+@dataclass(frozen=True)
+class Forward:
+    host_ip: str
+    host_port: int
+    guest_port: int
+
+
+@dataclass(frozen=True)
+class Nic:
+    """One virtio-net device.  ``kind``: "user" (slirp, forwards) or "tap"."""
+
+    id: str
+    mac: str
+    kind: str = "user"
+    restrict: bool = True
+    forwards: tuple[Forward, ...] = ()
+    tap_fd: int = -1  # an open TAP, passed to QEMU (it may live in another netns)
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    kernel: Path
+    initrd: Path
+    disk: Path
+    console_log: Path
+    agent_fd: int
+    qmp_fd: int
+    memory_mb: int = 512
+    cpus: int = 1
+    accel: str = "tcg"
+    nics: tuple[Nic, ...] = ()
+    incoming_fd: int | None = None
+    extra_kernel_args: tuple[str, ...] = ()
+    qemu: str = "qemu-system-x86_64"
+    extra_args: tuple[str, ...] = field(default=())
+
+    @property
+    def kernel_cmdline(self) -> str:
+        return " ".join(KERNEL_ARGS + self.extra_kernel_args)
+
+
+def cpu_model(accel: str) -> str:
+    if accel == "kvm":
+        return "host"
+    # Everything TCG emulates, minus 5-level paging (longer page walks, slower
+    # boots) and nested virtualisation (the guest would load kvm modules for nothing).
+    return "max,la57=off,svm=off,vmx=off"
+
+
+def build_argv(cfg: MachineConfig) -> list[str]:
+    if cfg.memory_mb <= 0 or cfg.cpus <= 0:
+        raise ValueError("memory and cpus must be positive")
+    if cfg.accel == "kvm":
+        accel = ["-accel", "kvm"]
+    else:
+        # A smaller translation cache keeps an idle VM's host RSS down.
+        accel = ["-accel", "tcg,tb-size=64"]
+    cpu = cpu_model(cfg.accel)
+    argv = [
+        cfg.qemu,
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        "-M", "microvm,rtc=on",
+        *accel,
+        "-cpu", cpu,
+        "-m", f"{cfg.memory_mb}M",
+        "-smp", str(cfg.cpus),
+        "-kernel", str(cfg.kernel),
+        "-initrd", str(cfg.initrd),
+        "-append", cfg.kernel_cmdline,
+        "-chardev", f"file,id=console,path={_opt(cfg.console_log)},append=on",
+        "-serial", "chardev:console",
+        "-drive", f"id=root,file={_opt(cfg.disk)},format=qcow2,if=none,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-device,drive=root",
+        "-chardev", f"socket,id=agent,fd={cfg.agent_fd}",
+        "-device", "virtio-serial-device",
+        "-device", "virtserialport,chardev=agent,name=bottle.agent",
+        "-chardev", f"socket,id=qmp,fd={cfg.qmp_fd}",
+        "-mon", "chardev=qmp,mode=control",
+        "-device", "virtio-rng-device",
+        # A saved state then carries no "paused" run state: a restore starts
+        # running at once, with no QMP round trip on the hot path.
+        "-global", "migration.store-global-state=off",
+    ]  # fmt: skip
+    for nic in cfg.nics:
+        argv += ["-netdev", _netdev(nic), "-device", f"virtio-net-device,netdev={nic.id},mac={nic.mac}"]
+    if cfg.incoming_fd is not None:
+        argv += ["-incoming", f"fd:{cfg.incoming_fd}"]
+    return argv + list(cfg.extra_args)
+
+
+def _netdev(nic: Nic) -> str:
+    if nic.kind == "tap":
+        return f"tap,id={nic.id},fd={nic.tap_fd}"
+    if nic.kind != "user":
+        raise ValueError(f"unknown NIC kind {nic.kind!r}")
+    opts = [f"user,id={nic.id}", "net=10.0.2.0/24", f"restrict={'on' if nic.restrict else 'off'}"]
+    opts += [f"hostfwd=tcp:{f.host_ip}:{f.host_port}-:{f.guest_port}" for f in nic.forwards]
+    return ",".join(opts)
+
+
+def _opt(path: Path) -> str:
+    """Escape a path for a QEMU option value (commas are doubled)."""
+    return str(path).replace(",", ",,")

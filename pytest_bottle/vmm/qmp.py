@@ -1,0 +1,73 @@
+"""QMP through the ``qemu.qmp`` library, usable from any thread.
+
+All clients share one asyncio loop running in a daemon thread; calls hop onto
+it with ``run_coroutine_threadsafe`` and wait with a timeout, so a dead or
+wedged QEMU never blocks a caller forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from qemu.qmp import QMPClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _get_loop() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="bottle-qmp", daemon=True).start()
+        return _loop
+
+
+# qemu.qmp logs every message at DEBUG, and our users' -p logging would drown in it.
+logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+
+
+class QMP:
+    """A connected QMP session over an already connected socket."""
+
+    def __init__(self, sock: socket.socket, name: str, timeout: float = 10.0) -> None:
+        self.name = name
+        self.timeout = timeout
+        self._client = QMPClient(name)
+        self._sock = sock
+        self._connected = False
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        fut = asyncio.run_coroutine_threadsafe(coro, _get_loop())
+        try:
+            return fut.result(self.timeout if timeout is None else timeout)
+        except BaseException:
+            fut.cancel()
+            raise
+
+    def connect(self, timeout: float | None = None) -> None:
+        if not self._connected:
+            self._run(self._client.connect(self._sock), timeout)
+            self._connected = True
+
+    def cmd(self, command: str, timeout: float | None = None, **args: Any) -> Any:
+        self.connect(timeout)
+        return self._run(self._client.execute(command, args or None), timeout)
+
+    def close(self) -> None:
+        if self._connected:
+            try:
+                self._run(self._client.disconnect(), 2.0)
+            except Exception as e:  # QEMU may be gone already; nothing to release
+                log.debug("qmp %s disconnect: %s", self.name, e)
+            self._connected = False
+        self._sock.close()

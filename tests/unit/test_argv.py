@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_bottle.vmm.qemu import Forward, MachineConfig, Nic, build_argv, cpu_model
+
+
+def cfg(**kw: object) -> MachineConfig:
+    base: dict[str, object] = dict(kernel=Path("/i/vmlinuz"), initrd=Path("/i/initrd.img"), disk=Path("/r/disk.qcow2"),
+                                   console_log=Path("/r/console.log"), agent_fd=5, qmp_fd=6)
+    base.update(kw)
+    return MachineConfig(**base)  # type: ignore[arg-type]
+
+
+def opt(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_microvm_direct_kernel_boot() -> None:
+    argv = build_argv(cfg())
+    assert opt(argv, "-M") == ["microvm,rtc=on"]
+    assert opt(argv, "-kernel") == ["/i/vmlinuz"] and opt(argv, "-initrd") == ["/i/initrd.img"]
+    assert "root=/dev/vda" in opt(argv, "-append")[0] and "panic=-1" in opt(argv, "-append")[0]
+    assert "-no-reboot" in argv and "-nodefaults" in argv
+    assert "socket,id=agent,fd=5" in opt(argv, "-chardev")
+    assert "virtserialport,chardev=agent,name=bottle.agent" in opt(argv, "-device")
+    assert "chardev=qmp,mode=control" in opt(argv, "-mon")
+    assert any(d.startswith("file=/r/disk.qcow2,format=qcow2") or "file=/r/disk.qcow2" in d for d in opt(argv, "-drive"))
+
+
+def test_accelerators() -> None:
+    assert opt(build_argv(cfg(accel="kvm")), "-accel") == ["kvm"]
+    assert opt(build_argv(cfg(accel="kvm")), "-cpu") == ["host"]
+    tcg = build_argv(cfg(accel="tcg"))
+    assert opt(tcg, "-accel")[0].startswith("tcg") and opt(tcg, "-cpu") == [cpu_model("tcg")]
+
+
+def test_user_nic_with_forwards() -> None:
+    nic = Nic("net0", "52:54:b0:77:00:01", "user", restrict=True, forwards=(Forward("127.77.0.9", 22, 22),))
+    argv = build_argv(cfg(nics=(nic,)))
+    netdev = opt(argv, "-netdev")[0]
+    assert "restrict=on" in netdev and "hostfwd=tcp:127.77.0.9:22-:22" in netdev
+    assert "virtio-net-device,netdev=net0,mac=52:54:b0:77:00:01" in opt(argv, "-device")
+    nat = build_argv(cfg(nics=(Nic("net0", "52:54:b0:77:00:01", "user", restrict=False),)))
+    assert "restrict=off" in opt(nat, "-netdev")[0]
+
+
+def test_tap_nic_and_incoming() -> None:
+    argv = build_argv(cfg(nics=(Nic("net1", "52:54:b0:77:00:02", "tap", tap_fd=9),), incoming_fd=7))
+    assert opt(argv, "-netdev") == ["tap,id=net1,fd=9"]
+    assert opt(argv, "-incoming") == ["fd:7"]
+
+
+def test_commas_in_paths_are_escaped() -> None:
+    argv = build_argv(cfg(disk=Path("/r/a,b/disk.qcow2")))
+    assert any("file=/r/a,,b/disk.qcow2" in d for d in opt(argv, "-drive"))
+
+
+@pytest.mark.parametrize("kw", [{"memory_mb": 0}, {"cpus": 0}])
+def test_invalid_sizes(kw: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        build_argv(cfg(**kw))

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from pytest_bottle import errors as E
+
+CASES = [
+    E.BottleError("boom"),
+    E.HostDependencyError("mmdebstrap", "mmdebstrap", "needed to build images"),
+    E.ImageNotFound("nope", ["a", "b"]),
+    E.ImageBuildError("x", "mmdebstrap exited with 1", "E: bad\nE: worse", "/tmp/log"),
+    E.BootError("QEMU exited", "Kernel panic", "btl-1"),
+    E.BootTimeout("no answer", "tail", "btl-2"),
+    E.ExecError(["false"], 1, "out", "err"),
+    E.ExecTimeout("sleep 9", 1.0, "o", "e"),
+    E.AgentError("channel closed"),
+    E.GuestOSError("in the guest: nope", 2, "/x"),
+    E.guest_os_error("in the guest: missing", 2, "/y"),
+    E.PoolExhausted("loopback", 3),
+    E.SpecError("bad memory", "marker"),
+    E.WaitTimeout("port 80", 5.0, "exit 1"),
+]
+
+
+@pytest.mark.parametrize("err", CASES, ids=lambda e: type(e).__name__)
+def test_errors_pickle_roundtrip(err: E.BottleError) -> None:
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is type(err)
+    assert str(back) == str(err)
+    assert vars(back) == vars(err)
+
+
+def test_hierarchy() -> None:
+    assert issubclass(E.BootTimeout, TimeoutError) and issubclass(E.BootTimeout, E.BootError)
+    assert issubclass(E.ExecTimeout, TimeoutError)
+    assert isinstance(E.guest_os_error("m", 2), FileNotFoundError)
+    assert isinstance(E.guest_os_error("m", 13), PermissionError)
+    for cls in (E.HostDependencyError, E.ImageNotFound, E.ImageBuildError, E.BootError, E.ExecError, E.AgentError,
+                E.PoolExhausted):
+        assert issubclass(cls, E.BottleError)
+
+
+def test_messages_carry_the_facts() -> None:
+    assert "apt-get install qemu-utils" in str(E.HostDependencyError("qemu-img", "qemu-utils"))
+    assert "Kernel panic" in str(E.BootError("QEMU exited", "Kernel panic - not syncing"))
+    assert "E: worse" in str(E.ImageBuildError("x", "failed", "E: worse"))
+    e = E.ExecError(["ls", "/nope"], 2, "", "No such file")
+    assert e.returncode == 2 and "No such file" in str(e)

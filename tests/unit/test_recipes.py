@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pytest_bottle.errors import ImageNotFound
+from pytest_bottle.images.recipes import RECIPES, Recipe, get_recipe
+from pytest_bottle.images.sources import host_sources
+
+
+def test_same_recipe_same_key() -> None:
+    a = Recipe(name="x", packages=("python3", "iproute2"))
+    b = Recipe(name="x", packages=("python3", "iproute2"))
+    assert a.key() == b.key()
+    assert len(a.key()) == 16
+
+
+def test_changed_package_list_changes_key() -> None:
+    a = Recipe(name="x", packages=("python3",))
+    assert a.key() != dataclasses.replace(a, packages=("python3", "curl")).key()
+    assert a.key() != dataclasses.replace(a, suite="trixie").key()
+    assert a.key() != dataclasses.replace(a, disk_size="4G").key()
+
+
+def test_key_covers_the_agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pytest_bottle.images import recipes
+
+    r = Recipe(name="x")
+    before = r.key()
+    for name in recipes.GUEST_FILES:
+        (tmp_path / name).write_text((recipes.GUEST_DIR / name).read_text() + "\n# changed\n")
+    monkeypatch.setattr(recipes, "GUEST_DIR", tmp_path)
+    assert r.key() != before
+
+
+def test_unknown_image_lists_known_names() -> None:
+    with pytest.raises(ImageNotFound) as info:
+        get_recipe("windows-95")
+    assert info.value.known == sorted(RECIPES)
+    assert "debian-bookworm" in str(info.value)
+
+
+def test_default_recipe_contents() -> None:
+    r = get_recipe("debian-bookworm")
+    for pkg in ("linux-image-cloud-amd64", "systemd-sysv", "python3", "openssh-server", "iproute2", "ca-certificates"):
+        assert pkg in r.packages
+    for mod in ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_console", "virtio_net"):
+        assert mod in r.initrd_modules
+    assert r.has_sshd and not get_recipe("debian-bookworm-minimal").has_sshd
+
+
+def test_host_sources_picks_the_suite(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text(
+        "deb [signed-by=/k.gpg] http://mirror.example.org/debian bookworm main contrib\n"
+        "deb http://mirror.example.org/debian trixie main\n"
+    )
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(textwrap.dedent("""\
+        Types: deb
+        URIs: http://mirror.example.org/debian-security
+        Suites: bookworm-security
+        Components: main
+        Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+        Types: deb
+        URIs: https://vendor.example.com/apt
+        Suites: nodistro
+        Components: main
+        """))
+    text = host_sources("bookworm", tmp_path)
+    assert "Suites: bookworm\n" in text and "Signed-By: /k.gpg" in text
+    assert "bookworm-security" in text
+    assert "trixie" not in text and "vendor.example.com" not in text

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_bottle.errors import SpecError
+from pytest_bottle.spec import BottleSpec, parse_memory, resolve
+
+
+def test_defaults() -> None:
+    spec = resolve([])
+    assert spec == BottleSpec()
+    assert (spec.image, spec.memory_mb, spec.cpus, spec.network, spec.boot) == ("debian-bookworm", 512, 1, "none", "snapshot")
+
+
+@pytest.mark.parametrize(
+    ("value", "mb"),
+    [("512M", 512), ("1G", 1024), ("1g", 1024), ("2GiB", 2048), (768, 768), ("1.5G", 1536), ("262144K", 256)],
+)
+def test_memory_sizes(value: object, mb: int) -> None:
+    assert parse_memory(value) == mb
+
+
+@pytest.mark.parametrize("value", ["lots", "-1G", "0", 64, True, None, "12X"])
+def test_bad_memory(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_memory(value)
+
+
+def test_precedence_first_layer_wins() -> None:
+    spec = resolve(
+        [
+            ("marker", {"memory": "1G"}),
+            ("factory", {"memory": "2G", "cpus": 2}),
+            ("command line", {"cpus": "3", "image": None}),
+            ("ini file", {"image": "debian-bookworm-minimal", "cpus": "4"}),
+        ]
+    )
+    assert (spec.memory_mb, spec.cpus, spec.image) == (1024, 2, "debian-bookworm-minimal")
+
+
+def test_error_names_its_source() -> None:
+    with pytest.raises(SpecError) as info:
+        resolve([("@pytest.mark.bottle on tests/test_x.py::test_y", {"memory": "lots"})])
+    assert "tests/test_x.py::test_y" in str(info.value)
+    assert "memory" in str(info.value)
+    assert info.value.source == "@pytest.mark.bottle on tests/test_x.py::test_y"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("cpus", 0), ("cpus", "two"), ("network", "bridge"), ("boot", "warm"), ("timeout", -1), ("forward", [0]),
+     ("forward", "http"), ("lan", "bad name!"), ("accel", "hvf"), ("image", "")],
+)
+def test_bad_values(key: str, value: object) -> None:
+    with pytest.raises(SpecError, match=key):
+        resolve([("somewhere", {key: value})])
+
+
+def test_forward_forms() -> None:
+    assert resolve([("x", {"forward": 8080})]).forward == (8080,)
+    assert resolve([("x", {"forward": [8080, 22, 22]})]).forward == (22, 8080)
+    assert resolve([("x", {"forward": "22, 80"})]).forward == (22, 80)
+
+
+def test_restricted_layers_reject_run_wide_keys() -> None:
+    with pytest.raises(SpecError, match="cache_dir"):
+        resolve([("marker", {"cache_dir": "/tmp/x"})], restricted=1)
+    with pytest.raises(SpecError, match="unknown argument 'colour'"):
+        resolve([("factory", {"colour": "red"})], restricted=1)
+    spec = resolve([("marker", {}), ("command line", {"cache_dir": "/tmp/x"})], restricted=1)
+    assert spec.cache_dir == Path("/tmp/x")
+
+
+def test_spec_is_frozen() -> None:
+    spec = resolve([])
+    with pytest.raises(AttributeError):
+        spec.cpus = 2  # type: ignore[misc]
