@@ -37,6 +37,20 @@ RuntimeMaxUse=8M
 ForwardToConsole=no
 """
 
+# bookworm's openssh-server has no per-connection unit; this is the classic one.
+SSHD_AT_UNIT = """\
+[Unit]
+Description=OpenSSH per-connection server daemon
+After=auditd.service
+
+[Service]
+ExecStart=-/usr/sbin/sshd -i
+StandardInput=socket
+RuntimeDirectory=sshd
+RuntimeDirectoryMode=0755
+RuntimeDirectoryPreserve=yes
+"""
+
 SSHD_CONF = """\
 HostKey /etc/ssh/ssh_host_ed25519_key
 PermitRootLogin prohibit-password
@@ -64,6 +78,7 @@ def write_overlay(recipe: Recipe, root: Path) -> None:
         # every snapshot, and each connection reads the bottle's own host key.
         _link(units / "sockets.target.wants/ssh.socket", "/lib/systemd/system/ssh.socket")
         _text(units / "ssh.socket.d/bottle.conf", "[Socket]\nAccept=yes\n")
+        _text(units / "ssh@.service", SSHD_AT_UNIT)
         _text(root / "etc/ssh/sshd_config.d/bottle.conf", SSHD_CONF)
     _text(root / "etc/systemd/journald.conf.d/bottle.conf", JOURNALD_CONF)
     _text(root / "etc/hostname", "bottle\n")

@@ -15,6 +15,8 @@ BUILDER_VERSION = 1
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 GUEST_FILES = ("agent.py", "identity.py")
+# What the image is made of besides the recipe: the builder and the files it lays in.
+BUILD_SOURCES = (Path(__file__).with_name("builder.py"), Path(__file__).with_name("overlay.py"))
 
 VIRTIO_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng")
 
@@ -62,6 +64,8 @@ class Recipe:
         h.update(f"builder={BUILDER_VERSION}".encode())
         for name in GUEST_FILES:
             h.update(name.encode() + b"\0" + (GUEST_DIR / name).read_bytes())
+        for path in BUILD_SOURCES:
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
         return h.hexdigest()[:16]
 
 

@@ -104,6 +104,8 @@ def _probe(cache_dir: Path, probe: Callable[[float], str | None]) -> Verdict:
     started = time.monotonic()
     failure = probe(PROBE_TIMEOUT)
     took = time.monotonic() - started
+    if failure is not None:  # one line: it goes into headers and log lines
+        failure = " ".join(failure.split())[:300]
     if failure is None:
         verdict = Verdict("kvm", f"a KVM test boot succeeded in {took:.1f}s", True)
     else:

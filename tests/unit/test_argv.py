@@ -8,8 +8,14 @@ from pytest_bottle.vmm.qemu import Forward, MachineConfig, Nic, build_argv, cpu_
 
 
 def cfg(**kw: object) -> MachineConfig:
-    base: dict[str, object] = dict(kernel=Path("/i/vmlinuz"), initrd=Path("/i/initrd.img"), disk=Path("/r/disk.qcow2"),
-                                   console_log=Path("/r/console.log"), agent_fd=5, qmp_fd=6)
+    base: dict[str, object] = dict(
+        kernel=Path("/i/vmlinuz"),
+        initrd=Path("/i/initrd.img"),
+        disk=Path("/r/disk.qcow2"),
+        console_log=Path("/r/console.log"),
+        agent_fd=5,
+        qmp_fd=6,
+    )
     base.update(kw)
     return MachineConfig(**base)  # type: ignore[arg-type]
 
@@ -27,7 +33,9 @@ def test_microvm_direct_kernel_boot() -> None:
     assert "socket,id=agent,fd=5" in opt(argv, "-chardev")
     assert "virtserialport,chardev=agent,name=bottle.agent" in opt(argv, "-device")
     assert "chardev=qmp,mode=control" in opt(argv, "-mon")
-    assert any(d.startswith("file=/r/disk.qcow2,format=qcow2") or "file=/r/disk.qcow2" in d for d in opt(argv, "-drive"))
+    assert any(
+        d.startswith("file=/r/disk.qcow2,format=qcow2") or "file=/r/disk.qcow2" in d for d in opt(argv, "-drive")
+    )
 
 
 def test_accelerators() -> None:

@@ -37,8 +37,15 @@ def test_hierarchy() -> None:
     assert issubclass(E.ExecTimeout, TimeoutError)
     assert isinstance(E.guest_os_error("m", 2), FileNotFoundError)
     assert isinstance(E.guest_os_error("m", 13), PermissionError)
-    for cls in (E.HostDependencyError, E.ImageNotFound, E.ImageBuildError, E.BootError, E.ExecError, E.AgentError,
-                E.PoolExhausted):
+    for cls in (
+        E.HostDependencyError,
+        E.ImageNotFound,
+        E.ImageBuildError,
+        E.BootError,
+        E.ExecError,
+        E.AgentError,
+        E.PoolExhausted,
+    ):
         assert issubclass(cls, E.BottleError)
 
 

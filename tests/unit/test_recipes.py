@@ -58,7 +58,8 @@ def test_host_sources_picks_the_suite(tmp_path: Path) -> None:
         "deb [signed-by=/k.gpg] http://mirror.example.org/debian bookworm main contrib\n"
         "deb http://mirror.example.org/debian trixie main\n"
     )
-    (tmp_path / "sources.list.d" / "debian.sources").write_text(textwrap.dedent("""\
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        textwrap.dedent("""\
         Types: deb
         URIs: http://mirror.example.org/debian-security
         Suites: bookworm-security
@@ -69,7 +70,8 @@ def test_host_sources_picks_the_suite(tmp_path: Path) -> None:
         URIs: https://vendor.example.com/apt
         Suites: nodistro
         Components: main
-        """))
+        """)
+    )
     text = host_sources("bookworm", tmp_path)
     assert "Suites: bookworm\n" in text and "Signed-By: /k.gpg" in text
     assert "bookworm-security" in text

@@ -11,7 +11,13 @@ from pytest_bottle.spec import BottleSpec, parse_memory, resolve
 def test_defaults() -> None:
     spec = resolve([])
     assert spec == BottleSpec()
-    assert (spec.image, spec.memory_mb, spec.cpus, spec.network, spec.boot) == ("debian-bookworm", 512, 1, "none", "snapshot")
+    assert (spec.image, spec.memory_mb, spec.cpus, spec.network, spec.boot) == (
+        "debian-bookworm",
+        512,
+        1,
+        "none",
+        "snapshot",
+    )
 
 
 @pytest.mark.parametrize(
@@ -50,8 +56,18 @@ def test_error_names_its_source() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("cpus", 0), ("cpus", "two"), ("network", "bridge"), ("boot", "warm"), ("timeout", -1), ("forward", [0]),
-     ("forward", "http"), ("lan", "bad name!"), ("accel", "hvf"), ("image", "")],
+    [
+        ("cpus", 0),
+        ("cpus", "two"),
+        ("network", "bridge"),
+        ("boot", "warm"),
+        ("timeout", -1),
+        ("forward", [0]),
+        ("forward", "http"),
+        ("lan", "bad name!"),
+        ("accel", "hvf"),
+        ("image", ""),
+    ],
 )
 def test_bad_values(key: str, value: object) -> None:
     with pytest.raises(SpecError, match=key):

@@ -1,0 +1,204 @@
+"""The pytest face, through real pytest runs in subprocesses (pytester)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pytest_bottle.paths import default_cache_dir
+
+CACHE = str(default_cache_dir())
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    # pytester points HOME at a temp dir; keep the shared cache (built images).
+    return pytester.runpytest_subprocess(f"--bottle-cache-dir={CACHE}", "-p", "no:cacheprovider", *args)
+
+
+def test_marker_arguments_reach_the_vm(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.bottle(memory="768M", cpus=2, boot="cold")
+        def test_size(bottle):
+            kb = int(bottle.check_output("awk '/MemTotal/ {print $2}' /proc/meminfo"))
+            assert 600_000 < kb <= 768 * 1024
+            assert bottle.check_output("nproc").strip() == "2"
+    """)
+    result = run(pytester, "--strict-markers")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize(
+    ("source", "args", "expected"),
+    [
+        ('@pytest.mark.bottle(memory="lots")', (), r"@pytest\.mark\.bottle on test_bad\.py::test_it: bad memory"),
+        ("@pytest.mark.bottle(cpus=0)", (), r"test_bad\.py::test_it: bad cpus"),
+        ('@pytest.mark.bottle("debian")', (), r"keyword arguments only"),
+        ('@pytest.mark.bottle(colour="red")', (), r"unknown argument 'colour'"),
+        ('@pytest.mark.bottle(cache_dir="/tmp")', (), r"unknown argument 'cache_dir'"),
+        ('@pytest.mark.bottle(image="windows")', (), r"unknown image 'windows'; known images: debian-bookworm"),
+        ("", ("--bottle-cpus=0",), r"command line: bad cpus"),
+        ("", ("--bottle-memory=lots",), r"command line: bad memory"),
+        ("", ("--bottle-accel=hvf",), r"command line: bad accel"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(
+    pytester: pytest.Pytester, source: str, args: tuple[str, ...], expected: str
+) -> None:
+    pytester.makepyfile(
+        test_bad=f"""
+        import pytest
+
+        {source}
+        def test_it(bottle):
+            pass
+    """
+    )
+    result = run(pytester, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert re.search(expected, result.stderr.str()), result.stderr.str()
+    result.stdout.no_fnmatch_line("*passed*")
+
+
+def test_bad_ini_value_names_the_ini(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nbottle_memory = huge\n")
+    pytester.makepyfile("def test_x(): pass")
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "ini file: bad memory" in result.stderr.str()
+
+
+def test_factory_bad_argument_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+        from pytest_bottle import SpecError
+
+        def test_it(bottle_factory):
+            with pytest.raises(pytest.UsageError, match=r"bottle_factory\\(\\) arguments: bad memory"):
+                bottle_factory(memory="lots")
+            with pytest.raises(SpecError):
+                bottle_factory(network="wifi")
+    """)
+    run(pytester).assert_outcomes(passed=1)
+
+
+def test_scopes(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_a="""
+        def test_write(bottle):
+            bottle.write_text("/root/mark", "1")
+
+        def test_fresh(bottle):
+            assert bottle.exec("test -e /root/mark").returncode == 1
+
+        def test_module_1(module_bottle):
+            module_bottle.write_text("/root/shared", module_bottle.name)
+
+        def test_module_2(module_bottle):
+            assert module_bottle.read_text("/root/shared") == module_bottle.name
+    """,
+        test_b="""
+        def test_other_module(module_bottle):
+            assert module_bottle.exec("test -e /root/shared").returncode == 1
+
+        def test_session(session_bottle):
+            session_bottle.write_text("/root/s", "x")
+
+        def test_session_again(session_bottle):
+            assert session_bottle.read_text("/root/s") == "x"
+    """,
+    )
+    run(pytester, "-p", "no:randomly").assert_outcomes(passed=7)
+
+
+def test_failure_report_has_console_and_commands(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        def test_fails(bottle):
+            bottle.exec("echo preparing")
+            assert bottle.exec("exit 3").ok
+    """)
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*bottle btl-* console (last 50 lines)*",
+            "*bottle btl-* last commands*",
+            "*[[]0] *echo preparing*",
+            "*[[]3] *exit 3*",
+        ]
+    )
+
+
+def test_deselect_and_disable(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        def test_plain():
+            pass
+
+        def test_vm(bottle):
+            pass
+
+        def test_factory(bottle_factory):
+            pass
+    """)
+    result = run(pytester, "-m", "not bottle", "--strict-markers")
+    result.assert_outcomes(passed=1, deselected=2)
+    result = pytester.runpytest_subprocess("-p", "no:bottle", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=2)
+    result.stdout.fnmatch_lines(["*fixture 'bottle' not found*"])
+
+
+def test_report_header(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = run(pytester, "--bottle-image=debian-bookworm-minimal")
+    result.stdout.fnmatch_lines([f"bottle: image debian-bookworm-minimal, accel *, cache {CACHE}"])
+
+
+def test_bottle_image_fixture(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        def test_image(bottle_image):
+            assert bottle_image.name == "debian-bookworm"
+            assert bottle_image.rootfs.is_file() and bottle_image.kernel.is_file()
+    """)
+    run(pytester).assert_outcomes(passed=1)
+
+
+def test_xdist_two_workers(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.parametrize("i", range(6))
+        def test_vm(bottle, i):
+            assert bottle.check_output("hostname").strip() == bottle.name
+            bottle.write_text("/root/i", str(i))
+    """)
+    result = run(pytester, "-n", "2")
+    result.assert_outcomes(passed=6)
+
+
+def test_keep_leaves_a_failed_vm_running(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        def test_passes(bottle):
+            pass
+
+        def test_fails(bottle):
+            assert False
+    """)
+    result = run(pytester, "--bottle-keep")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*bottles kept running (--bottle-keep)*", "*reach it:  ssh -F * btl-*", "*stop it:   bottle stop btl-*"]
+    )
+    name = re.search(r"stop it:\s+bottle stop (btl-\w+)", result.stdout.str()).group(1)  # type: ignore[union-attr]
+    ps = subprocess.run([sys.executable, "-m", "pytest_bottle.cli", "ps"], capture_output=True, text=True)
+    assert re.search(rf"{name}\s+kept", ps.stdout), ps.stdout
+    config = re.search(r"ssh -F (\S+) " + name, result.stdout.str()).group(1)  # type: ignore[union-attr]
+    ssh = subprocess.run(["ssh", "-F", config, name, "hostname"], capture_output=True, text=True, timeout=60)
+    assert ssh.stdout.strip() == name, ssh.stderr
+    stop = subprocess.run([sys.executable, "-m", "pytest_bottle.cli", "stop", name], capture_output=True, text=True)
+    assert stop.returncode == 0, stop.stderr
+    ps = subprocess.run([sys.executable, "-m", "pytest_bottle.cli", "ps"], capture_output=True, text=True)
+    assert name not in ps.stdout
