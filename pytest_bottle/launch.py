@@ -46,6 +46,10 @@ _RESTORE_FAILURES = (
 )
 
 
+RESOLV_NAT = "nameserver 10.0.2.3\n"
+RESOLV_NONE = '# network="none": no DNS (lookups fail at once instead of timing out)\n'
+
+
 def launch(**kwargs: Any) -> Bottle:
     """Start a bottle without pytest; use it as a context manager.
 
@@ -146,6 +150,9 @@ def start_bottle(
             machine_id=uuid.uuid4().hex,
             ssh_host_key={"private": key_pair[0], "public": key_pair[1]} if key_pair else None,
             authorized_keys=identity.with_suffix(".pub").read_text() if identity else None,
+            # Without egress, a nameserver that never answers makes every lookup
+            # hang for seconds; no nameserver makes it fail at once.
+            resolv_conf=RESOLV_NAT if spec.network == "nat" else RESOLV_NONE,
             nics=[dict(match=match[0], mac=macs[0], **USER_NET)]
             + ([dict(match=match[1], mac=macs[1], ip=lan_ip)] if lan_ip else []),
         )

@@ -6,7 +6,9 @@ which imports without pytest.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -148,10 +150,15 @@ def pytest_configure(config: pytest.Config) -> None:
         if report:
             log.info("pytest-bottle startup sweep: %s", report.summary())
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, os.getpid()))
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
+def _on_sigterm(owner: int, signum: int, frame: object) -> None:
+    if os.getpid() != owner:
+        # A forked child (pyroute2's netns helper, a user's multiprocessing)
+        # inherits this handler; unwinding there would run *our* finalizers
+        # on copies of our VMs. Die the default way instead.
+        os._exit(128 + signum)
     # Unwind like Ctrl-C, so fixture finalizers stop every VM.
     raise KeyboardInterrupt(f"signal {signum}")
 

@@ -203,7 +203,7 @@ class Agent:
             pw = pwd.getpwnam(user) if not str(user).isdigit() else pwd.getpwuid(int(user))
             kw.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=os.getgrouplist(pw.pw_name, pw.pw_gid))
             env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
-            cwd = cwd or pw.pw_dir
+            cwd = cwd or (pw.pw_dir if os.path.isdir(pw.pw_dir) else "/")  # nobody's home does not exist
         env.update(call.get("env") or {})
         started = time.monotonic()
         try:

@@ -36,6 +36,8 @@ def setup(call: dict[str, Any]) -> dict[str, Any]:
         _write("/etc/machine-id", call["machine_id"] + "\n", 0o444)
     if call.get("ssh_host_key"):
         _set_ssh_host_key(call["ssh_host_key"]["private"], call["ssh_host_key"]["public"])
+    if call.get("resolv_conf") is not None:
+        _write_if_changed("/etc/resolv.conf", call["resolv_conf"], 0o644)
     if call.get("authorized_keys"):
         os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)
         _write("/root/.ssh/authorized_keys", call["authorized_keys"], 0o600)
@@ -76,6 +78,16 @@ def _write(path: str, text: str, mode: int) -> None:
         f.write(text)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+def _write_if_changed(path: str, text: str, mode: int) -> None:
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
+    _write(path, text, mode)
 
 
 def _iface_by_mac(mac: str) -> str:

@@ -38,6 +38,14 @@ echo "$kver" > "$out/kernel-version"
 # Host keys and machine-id are per bottle: handed out at the clone handshake.
 rm -f "$root"/etc/ssh/ssh_host_*
 : > "$root/etc/machine-id"
+# mmdebstrap undoes its build-time measures only after this hook; the image
+# is made here, so undo them now (services must start on install in a bottle).
+rm -f "$root/usr/sbin/policy-rc.d"
+if [ -e "$root/sbin/start-stop-daemon.REAL" ]; then
+  mv "$root/sbin/start-stop-daemon.REAL" "$root/sbin/start-stop-daemon"
+fi
+rm -rf "$root"/var/lib/apt/lists/*_* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb "$root"/tmp/*
+mv "$root/etc/apt/apt.conf.d/00mmdebstrap" "$out/00mmdebstrap"
 echo "I: creating ext4 image"
 # mkfs.ext4 -d must not copy the /proc, /sys and /dev mmdebstrap mounted for
 # its hooks: unmount them in a private mount namespace.
@@ -45,6 +53,7 @@ unshare --mount --propagation private sh -eu -c '
   awk -v r="$1/" "index(\\$2, r) == 1 {{print \\$2}}" /proc/self/mounts | sort -r |
     while read -r m; do umount -l "$m"; done
   mkfs.ext4 -q -F -L bottle-root -d "$1" "$2" "$3"' sh "$root" "$out/rootfs.ext4" {size}
+mv "$out/00mmdebstrap" "$root/etc/apt/apt.conf.d/00mmdebstrap"  # mmdebstrap removes it itself
 """
 
 TAIL_LINES = 40

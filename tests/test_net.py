@@ -1,0 +1,77 @@
+"""Forwards, egress modes, LANs (issue: networking, pools, sweeping)."""
+
+from __future__ import annotations
+
+import http.server
+import ipaddress
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from pytest_bottle import Bottle, BottleError
+
+
+@pytest.fixture
+def host_server() -> Iterator[int]:
+    """An HTTP server on all host addresses: what a guest with egress could reach as 10.0.2.2."""
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def _fetch(b: Bottle, url: str) -> int:
+    return b.exec(["python3", "-c", f"import urllib.request; urllib.request.urlopen({url!r}, timeout=5)"],
+                  timeout=60).returncode
+
+
+@pytest.mark.bottle(forward=[8080])
+def test_forward_publishes_a_guest_port_on_loopback(bottle: Bottle) -> None:
+    bottle.exec("mkdir -p /srv && echo hello > /srv/index.html")
+    bottle.exec("cd /srv && nohup python3 -m http.server 8080 >/dev/null 2>&1 &")
+    bottle.wait_for_port(8080, timeout=60)
+    host, port = bottle.address(8080)
+    assert port == 8080 and ipaddress.ip_address(host).is_loopback
+    assert urllib.request.urlopen(f"http://{host}:{port}/index.html", timeout=10).read() == b"hello\n"
+    # Bound to the leased loopback address only, not to every address.
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", 8080)) != 0 or host == "127.0.0.1"
+    with pytest.raises(BottleError, match="not forwarded"):
+        bottle.address(9999)
+
+
+def test_network_none_has_no_egress(bottle: Bottle, host_server: int) -> None:
+    assert _fetch(bottle, f"http://10.0.2.2:{host_server}/") != 0
+
+
+@pytest.mark.bottle(network="nat")
+def test_network_nat_reaches_out(bottle: Bottle, host_server: int) -> None:
+    assert _fetch(bottle, f"http://10.0.2.2:{host_server}/") == 0
+
+
+def test_two_bottles_on_a_lan_exchange_tcp(bottle_factory) -> None:  # type: ignore[no-untyped-def]
+    server, client, outsider = bottle_factory(lan="net"), bottle_factory(lan="net"), bottle_factory(lan="other")
+    server.exec("cd /tmp && echo from-server > hi.txt && nohup python3 -m http.server 7000 >/dev/null 2>&1 &")
+    server.wait_for_port(7000, timeout=60)
+    out = client.check_output(
+        ["python3", "-c", f"import urllib.request; print(urllib.request.urlopen('http://{server.lan_ip}:7000/hi.txt', "
+                          "timeout=10).read().decode(), end='')"], timeout=60)
+    assert out == "from-server\n"
+    # A bottle on another LAN of the same test is on another segment.
+    assert _fetch(outsider, f"http://{server.lan_ip}:7000/hi.txt") != 0
+
+
+def test_lan_devices_never_appear_in_the_host_namespace(bottle_factory) -> None:  # type: ignore[no-untyped-def]
+    from pyroute2 import IPRoute
+
+    before = set()
+    with IPRoute() as ipr:
+        before = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    a = bottle_factory(lan="x")
+    with IPRoute() as ipr:
+        after = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    assert after == before
+    assert a.lan_ip
