@@ -295,7 +295,10 @@ class Bottle:
 
     def _ssh_access(self) -> Any:
         if self._ssh is None:
-            raise BottleError(f"bottle {self.name} has no SSH access")
+            raise BottleError(
+                f"bottle {self.name} has no SSH access: image {self.image!r} has no SSH server "
+                "(use an image with openssh-server, e.g. debian-bookworm)"
+            )
         return self._ssh
 
     @property

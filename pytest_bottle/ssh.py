@@ -18,6 +18,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from .errors import ExecTimeout
 from .hostdeps import require, which
 from .results import Command, ExecResult
 
@@ -113,16 +114,23 @@ class SshAccess:
             remote = " ".join(f"{k}={_sh_quote(v)}" for k, v in env.items()) + " " + remote
         data = input.encode() if isinstance(input, str) else input
         started = time.monotonic()
-        proc = subprocess.run(
-            self.argv("--", remote),
-            input=data,
-            capture_output=True,
-            timeout=timeout,
-            stdin=None if data is not None else subprocess.DEVNULL,
-            check=False,
-        )
+        try:
+            proc = subprocess.run(
+                self.argv("--", remote),
+                input=data,
+                capture_output=True,
+                timeout=timeout,
+                stdin=None if data is not None else subprocess.DEVNULL,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise ExecTimeout(cmd, float(timeout or 0), _text(e.stdout), _text(e.stderr)) from None
         result = ExecResult(cmd, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
         return result.check() if check else result
+
+
+def _text(data: bytes | str | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
 def _sh_quote(s: str) -> str:

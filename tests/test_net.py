@@ -24,8 +24,9 @@ def host_server() -> Iterator[int]:
 
 
 def _fetch(b: Bottle, url: str) -> int:
-    return b.exec(["python3", "-c", f"import urllib.request; urllib.request.urlopen({url!r}, timeout=5)"],
-                  timeout=60).returncode
+    return b.exec(
+        ["python3", "-c", f"import urllib.request; urllib.request.urlopen({url!r}, timeout=5)"], timeout=60
+    ).returncode
 
 
 @pytest.mark.bottle(forward=[8080])
@@ -57,8 +58,14 @@ def test_two_bottles_on_a_lan_exchange_tcp(bottle_factory) -> None:  # type: ign
     server.exec("cd /tmp && echo from-server > hi.txt && nohup python3 -m http.server 7000 >/dev/null 2>&1 &")
     server.wait_for_port(7000, timeout=60)
     out = client.check_output(
-        ["python3", "-c", f"import urllib.request; print(urllib.request.urlopen('http://{server.lan_ip}:7000/hi.txt', "
-                          "timeout=10).read().decode(), end='')"], timeout=60)
+        [
+            "python3",
+            "-c",
+            f"import urllib.request; print(urllib.request.urlopen('http://{server.lan_ip}:7000/hi.txt', "
+            "timeout=10).read().decode(), end='')",
+        ],
+        timeout=60,
+    )
     assert out == "from-server\n"
     # A bottle on another LAN of the same test is on another segment.
     assert _fetch(outsider, f"http://{server.lan_ip}:7000/hi.txt") != 0

@@ -120,23 +120,28 @@ def ensure_image(
                 remove_tree(trash)
             os.rename(tmp, final)
         except BaseException as e:
-            _keep_failed_log(cache_dir, tmp, final.name)
+            kept_log = _keep_failed_log(cache_dir, tmp, final.name)
             remove_tree(tmp)
-            if isinstance(e, (ImageBuildError, KeyboardInterrupt, SystemExit)):
+            if isinstance(e, ImageBuildError):  # point at the log where it now lives
+                raise ImageBuildError(e.name, e.reason, e.log_tail, kept_log) from None
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
-            raise ImageBuildError(name, f"{type(e).__name__}: {e}") from e
+            raise ImageBuildError(name, f"{type(e).__name__}: {e}", "", kept_log) from e
         log.debug("built %s in %.1fs", final.name, manifest["build_seconds"])
         loaded = _load(final)
         assert loaded is not None
         return loaded
 
 
-def _keep_failed_log(cache_dir: Path, tmp: Path, entry: str) -> None:
+def _keep_failed_log(cache_dir: Path, tmp: Path, entry: str) -> str | None:
     src = tmp / "build.log"
-    if src.is_file():
-        logs = cache_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        os.replace(src, logs / f"{entry}-failed-{int(time.time())}.log")
+    if not src.is_file():
+        return None
+    logs = cache_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    dst = logs / f"{entry}-failed-{int(time.time())}.log"
+    os.replace(src, dst)
+    return str(dst)
 
 
 def list_images(cache_dir: Path) -> list[Image]:

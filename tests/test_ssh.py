@@ -1,0 +1,81 @@
+"""A bottle as a real SSH target: OpenSSH, scp, testinfra (issue: SSH access)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import pytest_bottle
+from pytest_bottle import Bottle, BottleError, HostDependencyError
+
+
+def test_ssh_runs_through_openssh(bottle: Bottle) -> None:
+    r = bottle.ssh("hostname; echo err >&2; exit 5")
+    assert (r.returncode, r.stdout, r.stderr) == (5, f"{bottle.name}\n", "err\n")
+    assert bottle.ssh(["printf", "%s|", "a b", "c"]).stdout == "a b|c|"
+    assert bottle.ssh("cat", input="piped").stdout == "piped"
+    # It really is sshd: the session has SSH_CONNECTION set.
+    assert bottle.ssh("echo $SSH_CONNECTION").stdout.split()[2] == "10.0.2.15"
+
+
+def test_ssh_config_pins_the_bottles_own_host_key(bottle: Bottle) -> None:
+    text = bottle.ssh_config.read_text()
+    host, port = bottle.address(22)
+    assert f"Host {bottle.name}\n" in text and f"HostName {host}\n" in text and f"Port {port}\n" in text
+    assert "StrictHostKeyChecking yes" in text and "StrictHostKeyChecking no" not in text
+    identity = Path(next(line.split()[1] for line in text.splitlines() if line.strip().startswith("IdentityFile")))
+    assert stat.S_IMODE(identity.stat().st_mode) == 0o600
+    known = Path(next(line.split()[1] for line in text.splitlines() if "UserKnownHostsFile" in line)).read_text()
+    guest_key = bottle.read_text("/etc/ssh/ssh_host_ed25519_key.pub").split()[1]
+    assert known.split()[0] == bottle.name and known.split()[2] == guest_key
+
+
+def test_openssh_and_scp_with_the_config_file(bottle: Bottle, tmp_path: Path) -> None:
+    cfg = str(bottle.ssh_config)
+    r = subprocess.run(["ssh", "-F", cfg, bottle.name, "id -un"], capture_output=True, text=True, timeout=60)
+    assert r.stdout == "root\n", r.stderr
+    src = tmp_path / "payload.txt"
+    src.write_text("over scp\n")
+    subprocess.run(["scp", "-q", "-F", cfg, str(src), f"{bottle.name}:/tmp/payload.txt"], check=True, timeout=60)
+    assert bottle.read_text("/tmp/payload.txt") == "over scp\n"
+    subprocess.run(
+        ["scp", "-q", "-F", cfg, f"{bottle.name}:/etc/hostname", str(tmp_path / "h")], check=True, timeout=60
+    )
+    assert (tmp_path / "h").read_text() == f"{bottle.name}\n"
+    assert subprocess.run(bottle.ssh_argv("true"), timeout=60).returncode == 0
+
+
+def test_testinfra_checks_package_file_service(bottle: Bottle) -> None:
+    testinfra = pytest.importorskip("testinfra")
+    bottle.write_text("/etc/motd.d/app", "managed\n", mode=0o640)
+    host = testinfra.get_host(f"ssh://{bottle.name}", ssh_config=str(bottle.ssh_config))
+    assert host.package("openssh-server").is_installed
+    assert host.package("no-such-package").is_installed is False
+    f = host.file("/etc/motd.d/app")
+    assert f.content_string == "managed\n" and f.mode == 0o640 and f.user == "root"
+    assert host.service("ssh.socket").is_running and host.service("ssh.socket").is_enabled
+    assert host.check_output("hostname") == bottle.name
+
+
+def test_ssh_is_refused_without_an_ssh_client(bottle: Bottle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(HostDependencyError, match="openssh-client"):
+        bottle.ssh("true")
+    with pytest.raises(HostDependencyError, match="openssh-client"):
+        bottle.ssh_argv("true")
+
+
+@pytest.mark.slow
+def test_ssh_on_an_image_without_sshd_names_the_image() -> None:
+    with pytest_bottle.launch(image="debian-bookworm-minimal") as b:
+        assert b.check_output("echo up") == "up\n"
+        for use in (lambda: b.ssh("true"), lambda: b.ssh_argv(), lambda: b.ssh_config):
+            with pytest.raises(BottleError, match="debian-bookworm-minimal.*no SSH server"):
+                use()
+        with pytest.raises(BottleError, match="not forwarded"):
+            b.address(22)
+    assert os.environ.get("PATH")
