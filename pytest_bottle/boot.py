@@ -16,6 +16,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_d
 from .errors import BootError, BootTimeout
 from .guest.channel import AgentChannel
 from .hostdeps import require
+from .vmm import clock
 from .vmm.machine import QemuMachine
 from .vmm.qemu import MachineConfig, Nic
 
@@ -38,6 +39,8 @@ class BootPlan:
     nics: tuple[Nic, ...]
     incoming: Path | None = None  # memory state to restore, None for a cold boot
     console_prefix: Path | None = None  # the seed's boot log: a clone's console starts with it
+    ram_file: Path | None = None  # file-backed guest RAM (seeds write it, clones map it privately)
+    ram_shared: bool = False
 
 
 def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -103,6 +106,9 @@ def start_machine(
         cpus=plan.cpus,
         accel=plan.accel,
         nics=plan.nics,
+        ram_file=plan.ram_file,
+        ram_shared=plan.ram_shared,
+        extra_kernel_args=clock.tcg_kernel_args() if plan.accel == "tcg" else (),
     )
     machine = QemuMachine.start(cfg, run_dir, incoming=plan.incoming, name=name, detached=detached)
     try:

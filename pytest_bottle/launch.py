@@ -141,7 +141,7 @@ def start_bottle(
 
         key_pair = host_key.result() if host_key is not None else None
         identity = client_key(spec.cache_dir) if key_pair else None
-        channel.call(
+        done = channel.call(
             "setup",
             timeout=60,
             entropy=os.urandom(64).hex(),
@@ -156,6 +156,7 @@ def start_bottle(
             nics=[dict(match=match[0], mac=macs[0], **USER_NET)]
             + ([dict(match=match[1], mac=macs[1], ip=lan_ip)] if lan_ip else []),
         )
+        log.debug("%s: clone handshake steps (ms): %s", name, done.get("took_ms"))
         if spec.boot == "cold":  # as settled as a snapshot clone: boot finished
             channel.call("settle", timeout=spec.timeout, quiet=0)
         ssh = None
@@ -221,6 +222,7 @@ def _boot(
             nics,
             incoming=seed.memory,
             console_prefix=seed.console,
+            ram_file=seed.ram,
         )
         try:
             machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import threading
 import time
 import warnings
@@ -33,13 +34,16 @@ from .vmm.qemu import KERNEL_ARGS, Nic, cpu_model
 log = logging.getLogger(__name__)
 
 SEED_VERSION = 1
-SEED_BOOT_TIMEOUT = 600.0
+SEED_BOOT_TIMEOUT = 300.0
 # The seed's NICs: clones restore with the same devices and then take their
 # own MACs through the handshake, matching these.
 SEED_MACS = ("52:54:00:b0:77:01", "52:54:00:b0:77:02")
 USER_NET = {"ip": "10.0.2.15/24", "gateway": "10.0.2.2"}
 TMP_PREFIX = ".tmp-"
-SEED_FILES = ("disk.qcow2", "memory.state")
+SEED_FILES = ("disk.qcow2", "memory.state", "memory.ram")
+CHUNK = 1 << 20
+ZERO_CHUNK = hashlib.sha256(bytes(CHUNK)).digest()
+STAMP = "verified.json"
 
 _verified: set[tuple[Any, ...]] = set()
 _verified_lock = threading.Lock()
@@ -60,7 +64,13 @@ class Seed:
 
     @property
     def memory(self) -> Path:
+        """Device state (small): what ``-incoming`` loads."""
         return self.path / "memory.state"
+
+    @property
+    def ram(self) -> Path:
+        """Guest RAM (sparse): clones map it copy-on-write."""
+        return self.path / "memory.ram"
 
     @property
     def console(self) -> Path:
@@ -113,30 +123,47 @@ def seed_dir(cache_dir: Path, parts: dict[str, Any]) -> Path:
     return seeds_dir(cache_dir) / f"{parts['image']}-{parts['memory_mb']}m{parts['cpus']}c{parts['nics']}n-{digest}"
 
 
-def _sha256(path: Path) -> str:
+def _digest(path: Path) -> str:
+    """sha256 over 1 MiB chunk digests, skipping holes.
+
+    A hole and a chunk of written zeros digest alike, so the result depends on
+    the content only, while a sparse 512 MB RAM file reads just its data.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        for pos in range(0, size, CHUNK):
+            try:
+                data_at = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole from here on
+                data_at = size
+            if data_at >= min(pos + CHUNK, size):
+                h.update(ZERO_CHUNK if size - pos >= CHUNK else hashlib.sha256(bytes(size - pos)).digest())
+                continue
+            f.seek(pos)
+            h.update(hashlib.sha256(f.read(CHUNK)).digest())
     return h.hexdigest()
 
 
-def _signature(path: Path) -> tuple[Any, ...]:
-    out: list[Any] = [str(path)]
-    for f in ("disk.qcow2", "memory.state"):
+def _signature(path: Path) -> list[Any]:
+    """What changes whenever a file is written (ctime cannot be set back)."""
+    out: list[Any] = []
+    for f in SEED_FILES:
         st = (path / f).stat()
-        out += [st.st_size, st.st_mtime_ns, st.st_ino]
-    return tuple(out)
+        out += [f, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return out
 
 
 def verify(seed: Seed) -> None:
     """Raise SeedCorrupt if the files do not match the manifest.
 
-    Sizes are checked every time; checksums once per process per file
-    version (size, mtime, inode), since hashing costs more than a restore.
+    Sizes are checked on every use.  Checksums are checked when the files
+    changed since they were last verified (a stamp of size, mtime, ctime and
+    inode in the seed directory), since hashing costs more than a restore.
     """
     files = seed.manifest.get("files", {})
-    for name in ("disk.qcow2", "memory.state"):
+    for name in SEED_FILES:
         want = files.get(name)
         try:
             size = (seed.path / name).stat().st_size
@@ -145,14 +172,30 @@ def verify(seed: Seed) -> None:
         if not want or size != want["size"]:
             raise SeedCorrupt(f"seed {seed.path.name}: {name} has {size} bytes, the manifest says {want}")
     sig = _signature(seed.path)
+    key = (str(seed.path), tuple(sig))
     with _verified_lock:
-        if sig in _verified:
+        if key in _verified:
             return
-    for name in ("disk.qcow2", "memory.state"):
-        if _sha256(seed.path / name) != files[name]["sha256"]:
-            raise SeedCorrupt(f"seed {seed.path.name}: {name} does not match its checksum")
+    try:
+        stamped = json.loads((seed.path / STAMP).read_text()) == sig
+    except (OSError, ValueError):
+        stamped = False
+    if not stamped:
+        for name in SEED_FILES:
+            if _digest(seed.path / name) != files[name]["sha256"]:
+                raise SeedCorrupt(f"seed {seed.path.name}: {name} does not match its checksum")
+        _write_stamp(seed.path, sig)
     with _verified_lock:
-        _verified.add(sig)
+        _verified.add(key)
+
+
+def _write_stamp(path: Path, sig: list[Any]) -> None:
+    tmp = path / f".{STAMP}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(sig))
+        os.replace(tmp, path / STAMP)
+    except OSError as e:  # a read-only cache still works, it just hashes again
+        log.debug("cannot stamp seed %s: %s", path.name, e)
 
 
 def _load(path: Path) -> Seed | None:
@@ -214,6 +257,8 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path) -> Non
             parts["cpus"],
             accel,
             seed_nics(parts["nics"]),
+            ram_file=tmp / "memory.ram",
+            ram_shared=True,
         )
         machine, channel = start_machine(plan, run, "seed", SEED_BOOT_TIMEOUT)
         try:
@@ -226,12 +271,11 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path) -> Non
         finally:
             machine.stop()
             channel.close()
+        _dig_holes(tmp / "memory.ram")
         os.rename(run / "disk.qcow2", tmp / "disk.qcow2")
         os.rename(run / "console.log", tmp / "console.log")
         remove_tree(run)
-        files = {
-            n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in ("disk.qcow2", "memory.state")
-        }
+        files = {n: {"size": (tmp / n).stat().st_size, "sha256": _digest(tmp / n)} for n in SEED_FILES}
         manifest = {
             "key_parts": parts,
             "image_path": str(image.path),
@@ -242,6 +286,7 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path) -> Non
             "created": time.time(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        _write_stamp(tmp, _signature(tmp))
         if final.exists():
             trash = final.with_name(f"{TMP_PREFIX}{final.name}-old-{os.getpid()}")
             os.rename(final, trash)
@@ -251,6 +296,19 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path) -> Non
     except BaseException:
         remove_tree(tmp)
         raise
+
+
+def _dig_holes(path: Path) -> None:
+    """Give the zero pages of a RAM file back to the file system.
+
+    The guest kernel zeroes all free memory at boot (init_on_free), so the
+    file is fully written; most of it is zeros that need not take disk space
+    or page cache.
+    """
+    try:
+        subprocess.run(["fallocate", "--dig-holes", str(path)], check=True, capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:  # only space is lost
+        log.debug("fallocate --dig-holes %s: %s", path, e)
 
 
 def list_seeds(cache_dir: Path) -> list[Seed]:

@@ -26,25 +26,43 @@ ARPHRD_ETHER = 1
 
 
 def setup(call: dict[str, Any]) -> dict[str, Any]:
+    """Apply what the host sent; report how long each step took (milliseconds)."""
+    took: dict[str, float] = {}
+    last = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        took[name] = round((now - last) * 1000, 2)
+        last = now
+
     if call.get("entropy"):
         _add_entropy(bytes.fromhex(call["entropy"]))
+        step("entropy")
     if call.get("time_ns"):
         time.clock_settime_ns(time.CLOCK_REALTIME, int(call["time_ns"]))
+        step("clock")
     if call.get("hostname"):
         _set_hostname(call["hostname"])
+        step("hostname")
     if call.get("machine_id"):
         _write("/etc/machine-id", call["machine_id"] + "\n", 0o444)
+        step("machine_id")
     if call.get("ssh_host_key"):
         _set_ssh_host_key(call["ssh_host_key"]["private"], call["ssh_host_key"]["public"])
+        step("ssh_host_key")
     if call.get("resolv_conf") is not None:
         _write_if_changed("/etc/resolv.conf", call["resolv_conf"], 0o644)
+        step("resolv_conf")
     if call.get("authorized_keys"):
         os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)
         _write("/root/.ssh/authorized_keys", call["authorized_keys"], 0o600)
+        step("authorized_keys")
     nics = {}
     for nic in call.get("nics", []):
         nics[nic["mac"]] = _configure_nic(nic)
-    return {"nics": nics}
+        step(f"nic {nic['mac']}")
+    return {"nics": nics, "took_ms": took}
 
 
 def _add_entropy(seed: bytes) -> None:

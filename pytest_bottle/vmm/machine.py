@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import BootError
 from ..hostdeps import require
 from . import process
-from .qemu import MachineConfig, build_argv
+from .qemu import IGNORE_SHARED, MachineConfig, build_argv, deferred_incoming
 from .qmp import QMP
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,15 @@ class QemuMachine:
             qmp_qemu.close()
             if incoming_fd is not None:
                 os.close(incoming_fd)
-        return cls(proc, agent_host, QMP(qmp_host, name), cfg, run_dir)
+        machine = cls(proc, agent_host, QMP(qmp_host, name), cfg, run_dir)
+        if deferred_incoming(cfg):
+            try:
+                machine.qmp.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+                machine.qmp.cmd("migrate-incoming", uri=f"fd:{cfg.incoming_fd}")
+            except BaseException:
+                machine.stop(grace=0.5)
+                raise
+        return machine
 
     @property
     def console_log(self) -> Path:
@@ -101,6 +109,8 @@ class QemuMachine:
         """Stop the guest and write its whole state (devices and RAM) to ``path``."""
         self.qmp.cmd("stop")
         self.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+        if self.cfg.ram_file is not None:  # RAM stays in its file; save the devices
+            self.qmp.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
         self.qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(path)))
         deadline = time.monotonic() + timeout
         while True:

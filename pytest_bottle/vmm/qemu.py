@@ -18,6 +18,9 @@ KERNEL_ARGS = (
     "edd=off",
     # microvm has no PCI bus; without this the kernel logs a "Fatal" that is not.
     "pci=off",
+    # Under TCG the guest TSC is the host's, so it is reliable; without this the
+    # clocksource watchdog drops it for jiffies whenever the host is busy.
+    "tsc=reliable",
     # Kernel messages stay on the console (they are the failure report); systemd
     # only reports failures there, since every byte through the UART costs under TCG.
     "systemd.show_status=error",
@@ -56,6 +59,10 @@ class MachineConfig:
     accel: str = "tcg"
     nics: tuple[Nic, ...] = ()
     incoming_fd: int | None = None
+    # Guest RAM in a file: a seed writes it (shared), a clone maps it
+    # copy-on-write (private), so a restore reads only the pages it touches.
+    ram_file: Path | None = None
+    ram_shared: bool = False
     extra_kernel_args: tuple[str, ...] = ()
     qemu: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = field(default=())
@@ -88,7 +95,7 @@ def build_argv(cfg: MachineConfig) -> list[str]:
         "-no-user-config",
         "-display", "none",
         "-no-reboot",
-        "-M", "microvm,rtc=on",
+        "-M", "microvm,rtc=on" + (",memory-backend=ram" if cfg.ram_file else ""),
         *accel,
         "-cpu", cpu,
         "-m", f"{cfg.memory_mb}M",
@@ -110,11 +117,25 @@ def build_argv(cfg: MachineConfig) -> list[str]:
         # running at once, with no QMP round trip on the hot path.
         "-global", "migration.store-global-state=off",
     ]  # fmt: skip
+    if cfg.ram_file is not None:
+        share = "on" if cfg.ram_shared else "off"
+        argv += [
+            "-object", f"memory-backend-file,id=ram,size={cfg.memory_mb}M,mem-path={_opt(cfg.ram_file)},share={share}",
+        ]  # fmt: skip
     for nic in cfg.nics:
         argv += ["-netdev", _netdev(nic), "-device", f"virtio-net-device,netdev={nic.id},mac={nic.mac}"]
     if cfg.incoming_fd is not None:
-        argv += ["-incoming", f"fd:{cfg.incoming_fd}"]
+        # With file-backed RAM the stream leaves RAM out (x-ignore-shared), a
+        # capability both ends must set before the stream is read: QMP does it.
+        argv += ["-incoming", "defer" if deferred_incoming(cfg) else f"fd:{cfg.incoming_fd}"]
     return argv + list(cfg.extra_args)
+
+
+def deferred_incoming(cfg: MachineConfig) -> bool:
+    return cfg.incoming_fd is not None and cfg.ram_file is not None
+
+
+IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
 
 
 def _netdev(nic: Nic) -> str:

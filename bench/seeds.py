@@ -1,0 +1,166 @@
+"""Work seeds: cold boot vs restore, suites of fresh bottles, memory, many VMs at once.
+
+    .venv/bin/python bench/seeds.py [--restores 20] [--cold 3] [--suite 50] [--big-suite 100]
+
+Everything runs against the default cache (image and seed are made first,
+outside the timings).  Targets (DESIGN §4, TCG on 2 cores): restore -> first
+exec p50 ≤ 0.25 s; cold/restore ≥ 15; 100 fresh-bottle tests under -n 2 ≤ 40 s;
+8 VMs at once with no failure; host RSS of an idle 512M bottle ≤ 200 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from _util import p50, pct, table, verdict
+
+import pytest_bottle
+from pytest_bottle.paths import default_cache_dir
+
+SUITE = """
+import pytest
+
+@pytest.mark.parametrize("i", range({n}))
+def test_fresh(bottle, i):
+    assert bottle.exec(["true"]).returncode == 0
+"""
+
+
+def first_exec(**kw: object) -> float:
+    started = time.perf_counter()
+    with pytest_bottle.launch(**kw) as b:
+        b.exec(["true"])
+        return time.perf_counter() - started
+
+
+def run_suite(n: int, workers: int) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "test_suite.py").write_text(SUITE.format(n=n))
+        argv = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--bottle-cache-dir={default_cache_dir()}",
+        ]
+        if workers:
+            argv += ["-n", str(workers)]
+        started = time.perf_counter()
+        r = subprocess.run(argv, cwd=d, capture_output=True, text=True)
+        took = time.perf_counter() - started
+        if r.returncode != 0:
+            raise SystemExit(f"suite failed:\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}")
+        return took
+
+
+def idle_rss() -> tuple[float, float]:
+    with pytest_bottle.launch() as b:
+        b.exec(["true"])
+        time.sleep(5)
+        mem = psutil.Process(b.pid).memory_full_info()
+        return mem.rss / 1e6, mem.pss / 1e6
+
+
+def many_at_once(n: int) -> tuple[float, int]:
+    errors: list[BaseException] = []
+    bottles: list[pytest_bottle.Bottle] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        try:
+            b = pytest_bottle.launch()
+            with lock:
+                bottles.append(b)
+            assert b.check_output("hostname").strip() == b.name
+        except BaseException as e:
+            errors.append(e)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - started
+    for b in bottles:
+        b.close()
+    for e in errors:
+        print(f"  failure: {type(e).__name__}: {e}")
+    return took, len(errors)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cold", type=int, default=3)
+    ap.add_argument("--restores", type=int, default=20)
+    ap.add_argument("--suite", type=int, default=50)
+    ap.add_argument("--big-suite", type=int, default=100)
+    ap.add_argument("--many", type=int, default=8)
+    args = ap.parse_args()
+
+    first_exec()  # image, accelerator verdict and seed exist before timing
+    cold = [first_exec(boot="cold") for _ in range(args.cold)]
+    restores = [first_exec() for _ in range(args.restores)]
+    ratio = p50(cold) / p50(restores)
+    table(
+        "fresh VM -> first exec",
+        ["path", "n", "p50 (s)", "p95 (s)", "target", "verdict"],
+        [
+            ["cold boot", len(cold), f"{p50(cold):.3f}", f"{pct(cold, 95):.3f}", "", ""],
+            [
+                "snapshot restore",
+                len(restores),
+                f"{p50(restores):.3f}",
+                f"{pct(restores, 95):.3f}",
+                "<= 0.25",
+                verdict(p50(restores), 0.25),
+            ],
+            ["cold / restore ratio", "", f"{ratio:.1f}x", "", ">= 15", verdict(ratio, 15, lower_is_better=False)],
+        ],
+    )
+
+    rss, pss = idle_rss()
+    many_s, failures = many_at_once(args.many)
+    table(
+        "resources",
+        ["measure", "value", "target", "verdict"],
+        [
+            ["host RSS of an idle 512M bottle (MB)", f"{rss:.0f}", "<= 200", verdict(rss, 200)],
+            ["  its PSS (MB)", f"{pss:.0f}", "", ""],
+            [f"{args.many} VMs at once: failures", failures, "0", verdict(failures, 0)],
+            [f"{args.many} VMs at once: all up and answering (s)", f"{many_s:.1f}", "", ""],
+        ],
+    )
+
+    rows = []
+    for n, workers in ((args.suite, 0), (args.suite, 2), (args.big_suite, 2)):
+        if n:
+            took = run_suite(n, workers)
+            target = "<= 40" if (n, workers) == (100, 2) else ""
+            rows.append(
+                [
+                    f"{n} tests, -n {workers}",
+                    f"{took:.1f}",
+                    f"{took / n:.2f}",
+                    target,
+                    verdict(took, 40) if target else "",
+                ]
+            )
+    table(
+        "suites of fresh-bottle tests (wall clock, includes pytest start)",
+        ["suite", "total (s)", "per test (s)", "target", "verdict"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
