@@ -170,9 +170,15 @@ class Bottle:
     def wait_until_succeeds(self, cmd: Command, timeout: float = 60.0, **kw: Any) -> ExecResult:
         """Run ``cmd`` until it exits 0 (with backoff); raise ``WaitTimeout`` after ``timeout`` s."""
         last: list[ExecResult] = []
+        deadline = time.monotonic() + timeout
 
         def attempt() -> bool:
-            r = self.exec(cmd, **kw)
+            # A hanging attempt must not outlive the wait itself.
+            left = max(0.5, deadline - time.monotonic())
+            try:
+                r = self.exec(cmd, **dict(kw, timeout=min(kw.get("timeout") or left, left)))
+            except ExecTimeout:
+                return False
             last[:] = [r]
             return r.ok
 
@@ -242,7 +248,14 @@ class Bottle:
         if dst.endswith("/"):
             dst += src_path.name
         with open(src_path, "rb") as f:
-            self._channel.call("write", path=dst, mode=stat.S_IMODE(st.st_mode), data=iter(lambda: f.read(CHUNK), b""))
+            # Like cp: onto an existing directory, the file goes inside it.
+            self._channel.call(
+                "write",
+                path=dst,
+                mode=stat.S_IMODE(st.st_mode),
+                into_dir=src_path.name,
+                data=iter(lambda: f.read(CHUNK), b""),
+            )
 
     def get(self, src: str, dst: PathLike) -> None:
         """Copy a guest file or directory to local ``dst``, keeping modes."""
@@ -294,6 +307,8 @@ class Bottle:
     # -- ssh (see ssh.py) ---------------------------------------------------
 
     def _ssh_access(self) -> Any:
+        if isinstance(self._ssh, BottleError):  # e.g. the host has no ssh-keygen
+            raise self._ssh
         if self._ssh is None:
             raise BottleError(
                 f"bottle {self.name} has no SSH access: image {self.image!r} has no SSH server "
@@ -381,7 +396,14 @@ class _FrameSink:
         self.channel.send_data(self.rid, ())
 
 
-_EXTRACT: dict[str, Any] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+def _keep_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "tar" filter refuses paths outside ``dest`` but also clears
+    setuid/setgid/sticky and group/other write bits; keep its checks, not that."""
+    checked = tarfile.tar_filter(member, dest)
+    return checked.replace(mode=member.mode, deep=False)
+
+
+_EXTRACT: dict[str, Any] = {"filter": _keep_modes} if hasattr(tarfile, "tar_filter") else {}
 
 
 class _FrameSource:

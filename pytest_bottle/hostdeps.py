@@ -15,6 +15,8 @@ PROVIDERS = {
     "scp": "openssh-client",
     "ssh-keygen": "openssh-client",
     "ip": "iproute2",
+    "unshare": "util-linux",
+    "fallocate": "util-linux",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +20,8 @@ from typing import Any
 
 from .boot import BootPlan, console_tail, start_machine
 from .bottle import Bottle
-from .errors import BootError
+from .errors import BootError, BottleError, HostDependencyError
+from .hostdeps import which
 from .images import Image, ensure_image
 from .net import pools
 from .net.lan import LanRegistry
@@ -108,15 +110,23 @@ def start_bottle(
         host_key: Future[tuple[str, str] | None] | None = None
         if ssh_wanted:  # ssh-keygen runs while the VM boots
             host_key = _helpers.submit(new_host_key, name)
+        identity = client_key(spec.cache_dir) if ssh_wanted and which("ssh-keygen") else None
+        # What every clone of this cache shares goes into the seed, not the handshake.
+        baked: dict[str, str | None] = {
+            "authorized_keys": identity.with_suffix(".pub").read_text() if identity else None,
+            # Without egress, a nameserver that never answers makes every lookup
+            # hang for seconds; no nameserver makes it fail at once.
+            "resolv_conf": RESOLV_NONE,
+        }
         ports = sorted(set(spec.forward) | ({22} if ssh_wanted else set()))
         alias = pools.lease("loopback", name)[0] if ports else ""
-        forwards = {p: (alias, p) for p in ports}
+        forwards = {p: (alias, _host_port(alias, p)) for p in ports}
         user_nic = Nic(
             "net0",
             macs[0],
             "user",
             restrict=spec.network == "none",
-            forwards=tuple(Forward(alias, p, p) for p in ports),
+            forwards=tuple(Forward(alias, hp, p) for p, (_, hp) in forwards.items()),
         )
         nics: tuple[Nic, ...] = (user_nic,)
         lan_ip, tap_fd = None, -1
@@ -131,7 +141,9 @@ def start_bottle(
             record.extra.update(tap=tap, lan=spec.lan)
             nics += (Nic("net1", macs[1], "tap", tap_fd=tap_fd),)
 
-        machine, channel, match = _boot(spec, image, verdict.accel, nics, run_dir, name, rebuild_before, detached)
+        machine, channel, match = _boot(
+            spec, image, verdict.accel, nics, run_dir, name, rebuild_before, detached, baked
+        )
         stack.callback(channel.close)
         stack.callback(machine.stop)
         if tap_fd >= 0:  # QEMU holds the TAP now: it disappears when QEMU does
@@ -140,7 +152,9 @@ def start_bottle(
         record.save()
 
         key_pair = host_key.result() if host_key is not None else None
-        identity = client_key(spec.cache_dir) if key_pair else None
+        per_boot = dict(baked) if spec.boot == "cold" else {}  # a clone has these from its seed
+        if spec.network == "nat":
+            per_boot["resolv_conf"] = RESOLV_NAT
         done = channel.call(
             "setup",
             timeout=60,
@@ -149,17 +163,16 @@ def start_bottle(
             hostname=name,
             machine_id=uuid.uuid4().hex,
             ssh_host_key={"private": key_pair[0], "public": key_pair[1]} if key_pair else None,
-            authorized_keys=identity.with_suffix(".pub").read_text() if identity else None,
-            # Without egress, a nameserver that never answers makes every lookup
-            # hang for seconds; no nameserver makes it fail at once.
-            resolv_conf=RESOLV_NAT if spec.network == "nat" else RESOLV_NONE,
+            **per_boot,
             nics=[dict(match=match[0], mac=macs[0], **USER_NET)]
             + ([dict(match=match[1], mac=macs[1], ip=lan_ip)] if lan_ip else []),
         )
         log.debug("%s: clone handshake steps (ms): %s", name, done.get("took_ms"))
         if spec.boot == "cold":  # as settled as a snapshot clone: boot finished
             channel.call("settle", timeout=spec.timeout, quiet=0)
-        ssh = None
+        ssh: SshAccess | BottleError | None = None
+        if ssh_wanted and not (key_pair and identity):
+            ssh = HostDependencyError("ssh-keygen", "openssh-client", "needed for SSH access to bottles")
         if key_pair and identity:
             ssh = SshAccess.create(name, alias, 22, identity, key_pair[1], run_dir)
         return Bottle(
@@ -177,6 +190,24 @@ def start_bottle(
     except BaseException:
         stack.close()
         raise
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024
+
+
+def _host_port(alias: str, guest_port: int) -> int:
+    """The guest's own port number, unless this user may not bind it (port 22
+    as non-root): then a free port on the bottle's own loopback address."""
+    if os.geteuid() == 0 or guest_port >= _unprivileged_port_start():
+        return guest_port
+    with socket.socket() as s:
+        s.bind((alias, 0))
+        return int(s.getsockname()[1])
 
 
 class _Fd:
@@ -200,6 +231,7 @@ def _boot(
     name: str,
     rebuild_before: float | None,
     detached: bool,
+    baked: dict[str, str | None],
 ) -> tuple[Any, Any, tuple[str, ...]]:
     """Restore from a seed (rebuilding a bad one once) or boot cold.
 
@@ -210,7 +242,7 @@ def _boot(
         machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached)
         return machine, channel, tuple(n.mac for n in nics)
     for attempt in (1, 2):
-        seed = ensure_seed(image, accel, spec.memory_mb, spec.cpus, len(nics), spec.cache_dir, rebuild_before)
+        seed = ensure_seed(image, accel, spec.memory_mb, spec.cpus, len(nics), spec.cache_dir, rebuild_before, baked)
         plan = BootPlan(
             image.kernel,
             image.initrd,

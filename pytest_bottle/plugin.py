@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -124,6 +125,8 @@ def pytest_configure(config: pytest.Config) -> None:
     keys = {name.replace("-", "_"): "bottle_" + name.replace("-", "_") for name in OPTIONS}
     cli = {k: config.getoption(dest) for k, dest in keys.items()}
     ini = {k: (config.getini(dest) or None) for k, dest in keys.items()}
+    if ini["cache_dir"] and config.inipath and not Path(str(ini["cache_dir"])).expanduser().is_absolute():
+        ini["cache_dir"] = str(config.inipath.parent / str(ini["cache_dir"]))  # relative to the ini file
     _resolve([("command line", cli), ("ini file", ini)])  # fail fast on a bad option
 
     def flag(name: str) -> bool:

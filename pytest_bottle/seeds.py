@@ -85,7 +85,9 @@ def seed_nics(count: int) -> tuple[Nic, ...]:
     return tuple(Nic(f"net{i}", SEED_MACS[i]) for i in range(count))
 
 
-def key_parts(image: Image, accel: str, memory_mb: int, cpus: int, nics: int) -> dict[str, Any]:
+def key_parts(
+    image: Image, accel: str, memory_mb: int, cpus: int, nics: int, baked: dict[str, str | None] | None = None
+) -> dict[str, Any]:
     parts: dict[str, Any] = {
         "seed_version": SEED_VERSION,
         "image": image.name,
@@ -97,6 +99,8 @@ def key_parts(image: Image, accel: str, memory_mb: int, cpus: int, nics: int) ->
         "cpus": cpus,
         "nics": nics,
         "kernel_args": " ".join(KERNEL_ARGS),
+        # Guest files every clone of this cache shares (authorized key, default resolv.conf).
+        "baked": hashlib.sha256(json.dumps(baked or {}, sort_keys=True).encode()).hexdigest()[:16],
     }
     if accel == "kvm":  # "-cpu host" state only restores on the same kind of CPU
         parts["host_cpu"] = _host_cpu()
@@ -217,9 +221,21 @@ def discard(seed_path: Path, reason: str) -> None:
 
 
 def ensure_seed(
-    image: Image, accel: str, memory_mb: int, cpus: int, nics: int, cache_dir: Path, rebuild_before: float | None = None
+    image: Image,
+    accel: str,
+    memory_mb: int,
+    cpus: int,
+    nics: int,
+    cache_dir: Path,
+    rebuild_before: float | None = None,
+    baked: dict[str, str | None] | None = None,
 ) -> Seed:
-    parts = key_parts(image, accel, memory_mb, cpus, nics)
+    """The verified seed for these parts, created (once, under a lock) if needed.
+
+    ``baked`` are setup values written into the seed itself, so that clones
+    need not write them again on the restore path.
+    """
+    parts = key_parts(image, accel, memory_mb, cpus, nics, baked)
     final = seed_dir(cache_dir, parts)
     for _ in range(2):
         seed = _load(final)
@@ -233,14 +249,14 @@ def ensure_seed(
         with FileLock(str(final.parent / f"{final.name}.lock")):
             seed = _load(final)
             if seed is None or (rebuild_before is not None and seed.manifest["created"] < rebuild_before):
-                _create(image, accel, parts, final)
+                _create(image, accel, parts, final, baked or {})
     seed = _load(final)
     assert seed is not None
     verify(seed)
     return seed
 
 
-def _create(image: Image, accel: str, parts: dict[str, Any], final: Path) -> None:
+def _create(image: Image, accel: str, parts: dict[str, Any], final: Path, baked: dict[str, str | None]) -> None:
     for stale in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
         remove_tree(stale)
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}")
@@ -264,7 +280,8 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path) -> Non
         try:
             boot_seconds = time.monotonic() - started
             nic_setup = [dict(match=SEED_MACS[0], mac=SEED_MACS[0], **USER_NET)]
-            channel.call("setup", nics=nic_setup, hostname="bottle", timeout=60)
+            args: dict[str, Any] = dict(baked, nics=nic_setup, hostname="bottle")
+            channel.call("setup", timeout=60, **args)
             settle = channel.call("settle", timeout=120, quiet=1.0)
             channel.call("quiesce", timeout=60)
             machine.save_state(tmp / "memory.state")

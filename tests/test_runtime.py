@@ -194,3 +194,50 @@ def test_invalid_arguments_fail_before_anything_boots() -> None:
         pytest_bottle.launch(image="no-such-image")
     assert time.monotonic() - started < 2
     assert _qemu_children() <= before
+
+
+def test_file_semantics_like_cp(module_bottle: Bottle, tmp_path: Path) -> None:
+    # Replacing a file keeps its mode and owner unless a mode is given.
+    module_bottle.exec("printf old > /tmp/kept && chmod 600 /tmp/kept && chown nobody /tmp/kept")
+    module_bottle.write_text("/tmp/kept", "new")
+    assert module_bottle.check_output("stat -c '%a %U' /tmp/kept") == "600 nobody\n"
+    module_bottle.write_text("/tmp/kept", "newer", mode=0o644)
+    assert module_bottle.check_output("stat -c '%a' /tmp/kept") == "644\n"
+    # A file put onto an existing directory goes inside it.
+    src = tmp_path / "tool.sh"
+    src.write_text("echo tool\n")
+    module_bottle.exec("mkdir -p /opt/tools")
+    module_bottle.put(src, "/opt/tools")
+    assert module_bottle.read_text("/opt/tools/tool.sh") == "echo tool\n"
+    # get of a directory keeps special mode bits.
+    module_bottle.exec("mkdir -p /srv/modes && touch /srv/modes/suid && chmod 4755 /srv/modes/suid "
+                       "&& touch /srv/modes/shared && chmod 0666 /srv/modes/shared")
+    module_bottle.get("/srv/modes", tmp_path / "modes")
+    assert (tmp_path / "modes" / "suid").stat().st_mode & 0o7777 == 0o4755
+    assert (tmp_path / "modes" / "shared").stat().st_mode & 0o777 == 0o666
+
+
+def test_unknown_user_is_a_clear_error(module_bottle: Bottle) -> None:
+    with pytest.raises(SpecError, match="no such user in the guest: 'nobody-here'"):
+        module_bottle.exec("true", user="nobody-here")
+
+
+def test_wait_until_succeeds_does_not_hang_on_a_hanging_command(module_bottle: Bottle) -> None:
+    started = time.monotonic()
+    with pytest.raises(pytest_bottle.WaitTimeout):
+        module_bottle.wait_until_succeeds("sleep 600", timeout=2)
+    assert time.monotonic() - started < 10
+
+
+def test_privileged_ports_map_to_free_ports_for_non_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    launch_mod = sys.modules["pytest_bottle.launch"]  # the package's `launch` attribute is the function
+
+    monkeypatch.setattr(launch_mod.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(launch_mod, "_unprivileged_port_start", lambda: 1024)
+    port = launch_mod._host_port("127.77.255.1", 22)
+    assert port >= 1024
+    assert launch_mod._host_port("127.77.255.1", 8080) == 8080
+    monkeypatch.setattr(launch_mod.os, "geteuid", lambda: 0)
+    assert launch_mod._host_port("127.77.255.1", 22) == 22

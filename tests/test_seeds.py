@@ -66,12 +66,11 @@ def seeded_cache(private_cache: Path) -> Path:
 
 def _default_seed_name() -> str:
     from pytest_bottle.images import ensure_image
-    from pytest_bottle.seeds import key_parts, seed_dir
-    from pytest_bottle.vmm.accel import cached_verdict
 
-    verdict = cached_verdict(default_cache_dir())
-    image = ensure_image("debian-bookworm", default_cache_dir())
-    return seed_dir(default_cache_dir(), key_parts(image, verdict.accel if verdict else "tcg", 512, 1, 1)).name
+    key = ensure_image("debian-bookworm", default_cache_dir()).key
+    (seed,) = [s for s in list_seeds(default_cache_dir()) if s.manifest["key_parts"]["image_key"] == key
+               and (s.manifest["key_parts"]["memory_mb"], s.manifest["key_parts"]["cpus"], s.manifest["key_parts"]["nics"]) == (512, 1, 1)]
+    return seed.path.name
 
 
 def _damage(path: Path, how: str) -> None:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pwd
-import select
-import signal
+import queue
+import stat
 import struct
 import subprocess
 import sys
@@ -23,6 +22,12 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+try:  # on the host, as part of the package
+    from . import execute, identity
+except ImportError:  # in the guest, files side by side
+    import execute  # type: ignore[import-not-found,no-redef]
+    import identity  # type: ignore[import-not-found,no-redef]
+
 VERSION = 1
 PORT_NAME = "bottle.agent"
 HEADER = struct.Struct("!BII")
@@ -31,11 +36,6 @@ CHUNK = 256 * 1024
 CALL, DATA, EOF, STDOUT, STDERR, REPLY, CANCEL, SYNC = range(1, 9)
 SYNC_MAGIC = b"\xb0pytest-bottle\x00\x01"
 SYNC_FRAME = HEADER.pack(SYNC, 0, len(SYNC_MAGIC)) + SYNC_MAGIC
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Output still trickling in after the command exited comes from processes it
-# left in the background; they keep the pipes open, so stop waiting this soon.
-BACKGROUND_GRACE = 0.05
 
 
 def frame(kind: int, rid: int, payload: bytes = b"") -> bytes:
@@ -135,8 +135,10 @@ class Agent:
     def __init__(self, chan: Channel) -> None:
         self.chan = chan
         self.inboxes: dict[int, Inbox] = {}
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.procs: dict[int, execute.Child] = {}
         self.lock = threading.Lock()
+        self.jobs: queue.SimpleQueue[tuple[int, dict[str, Any], Inbox]] = queue.SimpleQueue()
+        self.idle = 0
 
     def serve(self) -> None:
         while True:
@@ -148,7 +150,12 @@ class Agent:
                 inbox = Inbox()
                 with self.lock:
                     self.inboxes[rid] = inbox
-                threading.Thread(target=self.run, args=(rid, call, inbox), daemon=True).start()
+                    spare = self.idle > 0
+                    if spare:
+                        self.idle -= 1
+                if not spare:  # every worker is busy (a long exec): add one
+                    threading.Thread(target=self.work, daemon=True).start()
+                self.jobs.put((rid, call, inbox))
             elif kind in (DATA, EOF):
                 with self.lock:
                     box = self.inboxes.get(rid)
@@ -158,7 +165,14 @@ class Agent:
                 with self.lock:
                     proc = self.procs.get(rid)
                 if proc is not None:
-                    _killpg(proc.pid)
+                    proc.kill()
+
+    def work(self) -> None:
+        """A worker thread: threads are kept, since starting one costs under emulation."""
+        while True:
+            self.run(*self.jobs.get())
+            with self.lock:
+                self.idle += 1
 
     def run(self, rid: int, call: dict[str, Any], inbox: Inbox) -> None:
         handler: Callable[[int, dict[str, Any], Inbox], dict[str, Any]] | None
@@ -186,131 +200,68 @@ class Agent:
 
     def op_setup(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
         """Give a (possibly cloned) machine its own identity and network."""
-        try:
-            from . import identity  # on the host, as part of the package
-        except ImportError:
-            import identity  # type: ignore[import-not-found,no-redef]  # in the guest, next to this file
-
         return identity.setup(call)
 
     def op_exec(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
-        argv = [str(a) for a in call["argv"]]
-        env = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": "/root", "USER": "root", "LOGNAME": "root"}
-        kw: dict[str, Any] = {}
-        cwd = call.get("cwd")
-        user = call.get("user")
-        if user is not None:
-            pw = pwd.getpwnam(user) if not str(user).isdigit() else pwd.getpwuid(int(user))
-            kw.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=os.getgrouplist(pw.pw_name, pw.pw_gid))
-            env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
-            cwd = cwd or (pw.pw_dir if os.path.isdir(pw.pw_dir) else "/")  # nobody's home does not exist
-        env.update(call.get("env") or {})
         started = time.monotonic()
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE if call.get("stdin") else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                cwd=cwd or "/root",
-                start_new_session=True,
-                **kw,
+            child = execute.spawn(
+                [str(a) for a in call["argv"]],
+                call.get("env") or {},
+                call.get("cwd"),
+                call.get("user"),
+                bool(call.get("stdin")),
             )
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+        except execute.SpawnFailed as e:
             if call.get("stdin"):
                 for _ in inbox.chunks():
                     pass
-            where = e.filename if e.filename is not None else argv[0]
-            msg = "not found" if isinstance(e, FileNotFoundError) else e.strerror
-            if cwd and where == cwd:
-                msg = f"cannot change directory to {cwd}: {e.strerror}"
-                return {"rc": 2, "stderr_text": f"{msg}\n", "duration": 0.0, "timed_out": False}
-            rc = 127 if isinstance(e, FileNotFoundError) else 126
-            return {"rc": rc, "stderr_text": f"{argv[0]}: {msg}\n", "duration": 0.0, "timed_out": False}
+            return {"rc": e.rc, "stderr_text": e.message, "duration": 0.0, "timed_out": False}
         with self.lock:
-            self.procs[rid] = proc
+            self.procs[rid] = child
         try:
-            if proc.stdin is not None:
-                threading.Thread(target=_feed, args=(proc.stdin, inbox), daemon=True).start()
-            timed_out = self._pump(rid, proc, call.get("timeout"))
+            if child.stdin is not None:
+                threading.Thread(target=_feed, args=(child.stdin, inbox), daemon=True).start()
+            kinds = {1: STDOUT, 2: STDERR}
+            timed_out = execute.pump(
+                child, lambda k, data: self.chan.send(frame(kinds[k], rid, data)), call.get("timeout")
+            )
         finally:
             with self.lock:
                 self.procs.pop(rid, None)
-        return {"rc": proc.returncode, "duration": time.monotonic() - started, "timed_out": timed_out}
-
-    def _pump(self, rid: int, proc: subprocess.Popen[bytes], timeout: float | None) -> bool:
-        assert proc.stdout is not None and proc.stderr is not None
-        kinds = {proc.stdout.fileno(): STDOUT, proc.stderr.fileno(): STDERR}
-        open_fds = set(kinds)
-        pidfd = os.pidfd_open(proc.pid)
-        deadline = None if timeout is None else time.monotonic() + float(timeout)
-        timed_out = False
-        exited_at: float | None = None
-        try:
-            while open_fds:
-                now = time.monotonic()
-                if exited_at is not None:
-                    wait: float | None = max(0.0, exited_at + BACKGROUND_GRACE - now)
-                elif deadline is not None:
-                    wait = max(0.0, deadline - now)
-                else:
-                    wait = None
-                watch = list(open_fds) + ([pidfd] if exited_at is None else [])
-                ready, _, _ = select.select(watch, [], [], wait)
-                if not ready:
-                    if exited_at is not None:
-                        break
-                    timed_out = True
-                    _killpg(proc.pid)
-                    deadline = None
-                    continue
-                for fd in ready:
-                    if fd == pidfd:
-                        proc.wait()
-                        exited_at = time.monotonic()
-                        continue
-                    data = os.read(fd, CHUNK)
-                    if data:
-                        self.chan.send(frame(kinds[fd], rid, data))
-                        if exited_at is not None:
-                            exited_at = time.monotonic()
-                    else:
-                        open_fds.discard(fd)
-            if proc.returncode is None and timed_out:
-                proc.wait()
-            elif proc.returncode is None:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    proc.wait(remaining)
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                    _killpg(proc.pid)
-                    proc.wait()
-        finally:
-            os.close(pidfd)
-            proc.stdout.close()
-            proc.stderr.close()
-        return timed_out
+        return {"rc": child.returncode, "duration": time.monotonic() - started, "timed_out": timed_out}
 
     def op_write(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+        """Write a file atomically; a file it replaces keeps its mode and owner
+        unless a mode is given; ``into_dir`` names the file if ``path`` is a directory."""
         path = call["path"]
+        if call.get("into_dir") and os.path.isdir(path):
+            path = os.path.join(path, call["into_dir"])
+        tmp = f"{path}.bottle-{rid}.tmp"
+        drained = False
         try:
             os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
-            tmp = f"{path}.bottle-{rid}.tmp"
+            old = os.stat(path) if os.path.isfile(path) else None
             with open(tmp, "wb") as f:
                 for chunk in inbox.chunks():
                     f.write(chunk)
-                if call.get("mode") is not None:
-                    os.fchmod(f.fileno(), int(call["mode"]))
+                drained = True
+                mode = call.get("mode")
+                if mode is None and old is not None:
+                    mode = stat.S_IMODE(old.st_mode)
+                if mode is not None:
+                    os.fchmod(f.fileno(), int(mode))
+                if old is not None:
+                    os.fchown(f.fileno(), old.st_uid, old.st_gid)
             os.replace(tmp, path)
         except BaseException:
-            for _ in inbox.chunks():
-                pass
-            if os.path.exists(f"{path}.bottle-{rid}.tmp"):
-                os.unlink(f"{path}.bottle-{rid}.tmp")
+            if not drained:
+                for _ in inbox.chunks():
+                    pass
+            if os.path.exists(tmp):
+                os.unlink(tmp)
             raise
-        return {"size": os.path.getsize(path)}
+        return {"size": os.path.getsize(path), "path": path}
 
     def op_read(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
         size = 0
@@ -472,13 +423,6 @@ def _feed(stdin: IO[bytes], inbox: Inbox) -> None:
             pass
 
 
-def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def find_port(name: str = PORT_NAME, wait: float = 60.0) -> str:
     deadline = time.monotonic() + wait
     while True:
@@ -497,6 +441,7 @@ def find_port(name: str = PORT_NAME, wait: float = 60.0) -> str:
 
 
 def main() -> None:
+    os.chdir(execute.HOME)  # commands run here unless told otherwise: no chdir per spawn
     dev = find_port()
     fd = os.open(dev, os.O_RDWR)
     print(f"bottle-agent: serving on {dev}", file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..errors import AgentError, guest_os_error
+from ..errors import AgentError, SpecError, guest_os_error
 from .agent import CALL, CANCEL, DATA, EOF, HEADER, REPLY, SYNC, SYNC_FRAME, frame
 
 log = logging.getLogger(__name__)
@@ -162,4 +162,6 @@ def _guest_error(reply: dict[str, Any], op: str) -> Exception:
     msg = str(reply.get("error", "unknown error"))
     if reply.get("type") == "OSError" or reply.get("errno") is not None:
         return guest_os_error(f"in the guest: {msg}", reply.get("errno"), reply.get("path"))
+    if reply.get("type") == "ValueError":  # a bad argument the guest could not honour (e.g. user=)
+        return SpecError(msg.removeprefix("ValueError: "), f"{op}()")
     return AgentError(f"agent error during {op}: {msg}")

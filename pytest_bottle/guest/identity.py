@@ -20,7 +20,7 @@ from typing import Any
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
-SIOCSIFADDR, SIOCSIFNETMASK, SIOCSIFHWADDR = 0x8916, 0x891C, 0x8924
+SIOCGIFADDR, SIOCSIFADDR, SIOCSIFNETMASK, SIOCSIFHWADDR = 0x8915, 0x8916, 0x891C, 0x8924
 IFF_UP = 0x1
 ARPHRD_ETHER = 1
 
@@ -74,12 +74,9 @@ def _add_entropy(seed: bytes) -> None:
 
 
 def _set_hostname(name: str) -> None:
+    # The name resolves through nss-myhostname: /etc/hosts need not change.
     socket.sethostname(name)
     _write("/etc/hostname", name + "\n", 0o644)
-    with open("/etc/hosts") as f:
-        lines = [ln for ln in f.read().splitlines() if not ln.startswith("127.0.1.1")]
-    lines.append(f"127.0.1.1\t{name}")
-    _write("/etc/hosts", "\n".join(lines) + "\n", 0o644)
 
 
 def _set_ssh_host_key(private: str, public: str) -> None:
@@ -90,12 +87,14 @@ def _set_ssh_host_key(private: str, public: str) -> None:
 
 
 def _write(path: str, text: str, mode: int) -> None:
-    tmp = path + ".bottle-new"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    # In place, not write-and-rename: nothing reads these mid-handshake, and
+    # every metadata operation costs on the restore path.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _write_if_changed(path: str, text: str, mode: int) -> None:
@@ -131,7 +130,7 @@ def _configure_nic(nic: dict[str, Any]) -> str:
         if nic["mac"].lower() != nic["match"].lower():
             hw = bytes.fromhex(nic["mac"].replace(":", ""))
             fcntl.ioctl(s.fileno(), SIOCSIFHWADDR, _ifreq(name, struct.pack("H6s", ARPHRD_ETHER, hw)))
-        if nic.get("ip"):
+        if nic.get("ip") and _ipv4(s, name) != nic["ip"].partition("/")[0]:  # a clone has its seed's already
             ip, _, plen = nic["ip"].partition("/")
             mask = socket.inet_ntoa(struct.pack("!I", (0xFFFFFFFF << (32 - int(plen or 24))) & 0xFFFFFFFF))
             fcntl.ioctl(s.fileno(), SIOCSIFADDR, _ifreq(name, _sockaddr_in(ip)))
@@ -143,6 +142,13 @@ def _configure_nic(nic: dict[str, Any]) -> str:
     if nic.get("gateway") and not _has_default_route():
         subprocess.run(["ip", "route", "replace", "default", "via", nic["gateway"], "dev", name], check=True)
     return name
+
+
+def _ipv4(s: socket.socket, name: str) -> str | None:
+    try:
+        return socket.inet_ntoa(fcntl.ioctl(s.fileno(), SIOCGIFADDR, _ifreq(name))[20:24])
+    except OSError:  # no address yet
+        return None
 
 
 def _gratuitous_arp(name: str, mac: str, ip: str) -> None:

@@ -63,6 +63,7 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
     """Build ``recipe`` into the empty directory ``out``; return its manifest."""
     mmdebstrap = require("mmdebstrap", "build images")
     require("mkfs.ext4", "build images")
+    require("unshare", "build images")
     started = time.monotonic()
     work = out / ".work"
     pre, overlay, tmp = work / "pre", work / "overlay", work / "tmp"
