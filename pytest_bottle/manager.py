@@ -3,12 +3,20 @@
 The plugin asks the manager for bottles on behalf of a group and closes the
 group when its scope ends.  Groups are also what LAN names are scoped to:
 ``lan="x"`` in two bottles of the same group means the same L2 segment.
+
+Pre-start: while a test runs, the manager restores the next bottle of the
+same spec in the background (and runs one command in it, so the guest's
+exec path is already translated).  The next test that asks for that spec
+gets a fresh, never-used VM at once.  A test asking for another spec gets
+its own, and the spare for the old spec is thrown away.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .bottle import Bottle
@@ -27,11 +35,14 @@ class Group:
 
 
 class BottleManager:
-    def __init__(self, *, rebuild_before: float | None = None, keep_failed: bool = False) -> None:
+    def __init__(self, *, rebuild_before: float | None = None, keep_failed: bool = False, prestart: int = 0) -> None:
         self.rebuild_before = rebuild_before
         self.keep_failed = keep_failed
+        self.prestart = prestart
         self._groups: dict[str, Group] = {}
         self._lock = threading.Lock()
+        self._spares: collections.deque[tuple[BottleSpec, Future[Bottle]]] = collections.deque()
+        self._pool: ThreadPoolExecutor | None = None
 
     def group(self, key: str) -> Group:
         with self._lock:
@@ -39,9 +50,55 @@ class BottleManager:
 
     def start(self, spec: BottleSpec, group_key: str) -> Bottle:
         group = self.group(group_key)
-        bottle = start_bottle(spec, rebuild_before=self.rebuild_before, detached=self.keep_failed, lans=group.lans)
+        bottle = self._take_spare(spec) if self._prestartable(spec) else None
+        if bottle is None:
+            bottle = start_bottle(spec, rebuild_before=self.rebuild_before, detached=self.keep_failed, lans=group.lans)
         group.bottles.append(bottle)
+        if self._prestartable(spec):
+            self._refill(spec)
         return bottle
+
+    # -- spares -------------------------------------------------------------
+
+    def _prestartable(self, spec: BottleSpec) -> bool:
+        # LAN membership belongs to a test's group; kept VMs must be detached.
+        return self.prestart > 0 and spec.lan is None and not self.keep_failed
+
+    def _take_spare(self, spec: BottleSpec) -> Bottle | None:
+        with self._lock:
+            if self._spares and self._spares[0][0] != spec:
+                stale, self._spares = list(self._spares), collections.deque()
+            else:
+                stale = []
+            future = self._spares.popleft()[1] if self._spares else None
+        for _, old in stale:
+            old.add_done_callback(_close_result)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except Exception as e:  # start one in the foreground: its error then belongs to the test
+            log.debug("pre-started bottle failed, starting one now: %s", e)
+            return None
+
+    def _refill(self, spec: BottleSpec) -> None:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bottle-prestart")
+            while len(self._spares) < self.prestart:
+                self._spares.append((spec, self._pool.submit(self._prepare, spec)))
+
+    def _prepare(self, spec: BottleSpec) -> Bottle:
+        bottle = start_bottle(spec, rebuild_before=self.rebuild_before)
+        try:
+            bottle.exec(["true"])
+        except BaseException:
+            bottle.close()
+            raise
+        bottle.history.clear()
+        return bottle
+
+    # -- teardown -----------------------------------------------------------
 
     def bottles(self, group_key: str) -> list[Bottle]:
         with self._lock:
@@ -72,8 +129,22 @@ class BottleManager:
         return kept
 
     def close_all(self) -> None:
+        with self._lock:
+            spares, self._spares = list(self._spares), collections.deque()
+        for _, future in spares:
+            try:
+                future.result().close()
+            except Exception as e:
+                log.debug("closing a pre-started bottle: %s", e)
         for key in list(self._groups):
             try:
                 self.close_group(key)
             except Exception as e:
                 log.warning("closing bottles of %s failed: %s", key, e)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _close_result(future: Future[Bottle]) -> None:
+    if future.exception() is None:
+        future.result().close()

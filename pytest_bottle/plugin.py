@@ -43,6 +43,10 @@ FLAGS: dict[str, str] = {
     "rebuild": "rebuild images and seeds once at the start of this run",
     "keep": "on failure keep the test's VMs running and print how to reach and stop them",
 }
+PRESTART_HELP = (
+    "bottles of the current spec to restore ahead in the background, so the next test gets one at once "
+    "(default: 1; 0 turns it off)"
+)
 FIXTURES = {"bottle", "bottle_factory", "module_bottle", "session_bottle", "session_bottle_factory", "bottle_image"}
 MARKER_DOC = (
     "bottle(image=, memory=, cpus=, network=, lan=, forward=, boot=, timeout=): "
@@ -118,6 +122,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for name, text in FLAGS.items():
         group.addoption(f"--bottle-{name}", dest=f"bottle_{name}", action="store_true", default=None, help=text)
         parser.addini(f"bottle_{name}", text, type="bool", default=False)
+    group.addoption("--bottle-prestart", dest="bottle_prestart", metavar="N", default=None, help=PRESTART_HELP)
+    parser.addini("bottle_prestart", PRESTART_HELP, default=None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -133,6 +139,8 @@ def pytest_configure(config: pytest.Config) -> None:
         value = config.getoption(f"bottle_{name}")
         return bool(config.getini(f"bottle_{name}")) if value is None else bool(value)
 
+    prestart = _prestart(config)
+
     worker = getattr(config, "workerinput", None)
     run_start = float(worker["bottle_run_start"]) if worker and "bottle_run_start" in worker else time.time()
     state = _State(
@@ -142,7 +150,9 @@ def pytest_configure(config: pytest.Config) -> None:
         run_start,
         flag("rebuild"),
         flag("keep"),
-        BottleManager(rebuild_before=run_start if flag("rebuild") else None, keep_failed=flag("keep")),
+        BottleManager(
+            rebuild_before=run_start if flag("rebuild") else None, keep_failed=flag("keep"), prestart=prestart
+        ),
     )
     config.stash[STATE] = state
     if state.keep:
@@ -154,6 +164,19 @@ def pytest_configure(config: pytest.Config) -> None:
             log.info("pytest-bottle startup sweep: %s", report.summary())
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, os.getpid()))
+
+
+def _prestart(config: pytest.Config) -> int:
+    for source, value in (
+        ("command line", config.getoption("bottle_prestart")),
+        ("ini file", config.getini("bottle_prestart") or None),
+    ):
+        if value is None:
+            continue
+        if not str(value).isdigit() or not 0 <= int(value) <= 8:
+            raise InvalidBottleArgument(f"bad prestart: must be an integer from 0 to 8, not {value!r}", source)
+        return int(value)
+    return 1
 
 
 def _on_sigterm(owner: int, signum: int, frame: object) -> None:

@@ -202,3 +202,27 @@ def test_keep_leaves_a_failed_vm_running(pytester: pytest.Pytester) -> None:
     assert stop.returncode == 0, stop.stderr
     ps = subprocess.run([sys.executable, "-m", "pytest_bottle.cli", "ps"], capture_output=True, text=True)
     assert name not in ps.stdout
+
+
+def test_prestart_hands_out_fresh_bottles_and_leaves_none(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+        from pathlib import Path
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_vm(bottle, i):
+            assert bottle.exec("test -e /root/used").returncode == 1  # never used before
+            bottle.write_text("/root/used", str(i))
+            with open("names.txt", "a") as f:
+                f.write(bottle.name + "\\n")
+            Path("pid.txt").write_text(str(__import__("os").getpid()))
+    """)
+    run(pytester, "--bottle-prestart=1").assert_outcomes(passed=4)
+    names = (pytester.path / "names.txt").read_text().split()
+    assert len(set(names)) == 4
+    from pytest_bottle.runstate import RunRecord
+
+    pid = int((pytester.path / "pid.txt").read_text())
+    assert not [r.name for r in RunRecord.load_all() if r.owner_pid == pid], "the spare bottle was left behind"
+    result = run(pytester, "--bottle-prestart=many")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "command line: bad prestart" in result.stderr.str()
