@@ -25,11 +25,13 @@ import pytest_bottle
 from pytest_bottle.paths import default_cache_dir
 
 SUITE = """
+import time
 import pytest
 
 @pytest.mark.parametrize("i", range({n}))
 def test_fresh(bottle, i):
     assert bottle.exec(["true"]).returncode == 0
+    time.sleep({sleep})
 """
 
 
@@ -40,9 +42,9 @@ def first_exec(**kw: object) -> float:
         return time.perf_counter() - started
 
 
-def run_suite(n: int, workers: int) -> float:
+def run_suite(n: int, workers: int, sleep: float = 0.0, prestart: int = 1) -> float:
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "test_suite.py").write_text(SUITE.format(n=n))
+        (Path(d) / "test_suite.py").write_text(SUITE.format(n=n, sleep=sleep))
         argv = [
             sys.executable,
             "-m",
@@ -52,6 +54,7 @@ def run_suite(n: int, workers: int) -> float:
             "no:cacheprovider",
             f"--bottle-cache-dir={default_cache_dir()}",
         ]
+        argv.append(f"--bottle-prestart={prestart}")
         if workers:
             argv += ["-n", str(workers)]
         started = time.perf_counter()
@@ -160,6 +163,17 @@ def main() -> None:
         ["suite", "total (s)", "per test (s)", "target", "verdict"],
         rows,
     )
+
+    # Tests that do something (here: sleep 1 s) leave time to restore the next
+    # bottle in the background; the overhead is what a test pays beyond its body.
+    n, body = 10, 1.0
+    over = {p: (run_suite(n, 0, body, prestart=p) - n * body) / n for p in (0, 1)}
+    table(
+        f"per-test bottle overhead, {n} tests of {body:g} s each, -n 0 (includes pytest start / {n})",
+        ["prestart", "overhead per test (s)"],
+        [[p, f"{o:.3f}"] for p, o in over.items()],
+    )
+    print(f"  ratio without / with pre-start: {over[0] / max(over[1], 1e-3):.1f}x")
 
 
 if __name__ == "__main__":

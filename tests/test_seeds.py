@@ -61,6 +61,8 @@ def seeded_cache(private_cache: Path) -> Path:
     (seed,) = [s for s in list_seeds(default_cache_dir()) if s.path.name == _default_seed_name()]
     (private_cache / "seeds").mkdir()
     subprocess.run(["cp", "-a", "--sparse=always", str(seed.path), str(private_cache / "seeds")], check=True)
+    # The seed carries the cache's client key: the copy needs the same key to match.
+    subprocess.run(["cp", "-a", str(default_cache_dir() / "keys"), str(private_cache)], check=True)
     return private_cache
 
 

@@ -16,11 +16,13 @@ import stat
 import struct
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tarfile
 
 try:  # on the host, as part of the package
     from . import execute, identity
@@ -279,6 +281,8 @@ class Agent:
     def op_untar(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
         dst = call["path"]
         os.makedirs(dst, exist_ok=True)
+        import tarfile  # only here: the import costs seconds of an emulated boot
+
         stream = _InboxReader(inbox)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
@@ -293,6 +297,8 @@ class Agent:
         src = call["path"]
         if not os.path.isdir(src):
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory", src)
+        import tarfile
+
         out = _FrameWriter(self.chan, rid)
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
             tar.add(src, arcname=".")

@@ -36,6 +36,19 @@ TRIMMED_UNITS = (
     "systemd-timesyncd.service",
     "systemd-update-utmp-runlevel.service",
     "ssh.service",
+    # Modules these load on boot autoload on first use anyway (kmod-static-nodes
+    # stays, so /dev/loop-control, /dev/fuse... exist to trigger that).
+    "modprobe@configfs.service",
+    "modprobe@dm_mod.service",
+    "modprobe@efi_pstore.service",
+    "modprobe@fuse.service",
+    "modprobe@loop.service",
+    "modprobe@drm.service",
+    "sys-kernel-config.mount",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "dev-hugepages.mount",
+    "systemd-pstore.service",
 )
 
 
