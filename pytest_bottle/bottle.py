@@ -7,7 +7,6 @@ import logging
 import os
 import posixpath
 import stat
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -18,11 +17,12 @@ from typing import Any
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_exponential
 
 from .errors import AgentError, BottleError, ExecTimeout, SpecError, WaitTimeout
-from .guest.agent import CHUNK, DATA, EOF, STDERR, STDOUT
 from .guest.channel import AgentChannel
+from .guest.frames import CHUNK, DATA, STDERR, STDOUT
 from .net import pools
 from .results import Command, ExecResult, to_argv
 from .runstate import RunRecord
+from .transfer import receive_tree, send_tree
 from .vmm.machine import QemuMachine
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class Bottle:
             # A hanging attempt must not outlive the wait itself.
             left = max(0.5, deadline - time.monotonic())
             try:
-                r = self.exec(cmd, **dict(kw, timeout=min(kw.get("timeout") or left, left)))
+                r = self.exec(cmd, timeout=left, **kw)
             except ExecTimeout:
                 return False
             last[:] = [r]
@@ -238,12 +238,7 @@ class Bottle:
         dst = _guest_path(dst) + ("/" if dst.endswith("/") and dst != "/" else "")
         st = src_path.stat()  # FileNotFoundError for a missing source, before anything is sent
         if stat.S_ISDIR(st.st_mode):
-            rid, call = self._channel.start("untar", None, path=dst.rstrip("/") or "/")
-            writer = _FrameSink(self._channel, rid)
-            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-                tar.add(str(src_path), arcname=".", filter=_root_owned)
-            writer.finish()
-            self._channel.wait(call, None, "put")
+            send_tree(self._channel, src_path, dst.rstrip("/") or "/")
             return
         if dst.endswith("/"):
             dst += src_path.name
@@ -263,17 +258,7 @@ class Bottle:
         dst_path = Path(dst)
         info = self._channel.call("stat", path=src)
         if info["is_dir"]:
-            dst_path.mkdir(parents=True, exist_ok=True)
-            reader = _FrameSource(self._channel)
-            _rid, call = self._channel.start("tar", reader.feed, path=src)
-            reader.done = call.done
-            try:
-                with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                    for member in tar:
-                        tar.extract(member, dst_path, **_EXTRACT)
-            except tarfile.ReadError:
-                pass  # the agent failed before sending anything: its reply says why
-            self._channel.wait(call, None, "get")
+            receive_tree(self._channel, src, dst_path)
             return
         if dst_path.is_dir():
             dst_path = dst_path / posixpath.basename(src)
@@ -367,77 +352,3 @@ class Bottle:
 
 def _show(cmd: Command) -> str:
     return cmd if isinstance(cmd, str) else " ".join(map(str, cmd))
-
-
-def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    return info
-
-
-class _FrameSink:
-    """A write-only file object that streams a tar archive as DATA frames."""
-
-    def __init__(self, channel: AgentChannel, rid: int) -> None:
-        self.channel = channel
-        self.rid = rid
-        self.buf = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.buf += data
-        if len(self.buf) >= CHUNK:
-            self.channel.send_data_frame(self.rid, bytes(self.buf))
-            self.buf.clear()
-        return len(data)
-
-    def finish(self) -> None:
-        if self.buf:
-            self.channel.send_data_frame(self.rid, bytes(self.buf))
-        self.channel.send_data(self.rid, ())
-
-
-def _keep_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's "tar" filter refuses paths outside ``dest`` but also clears
-    setuid/setgid/sticky and group/other write bits; keep its checks, not that."""
-    checked = tarfile.tar_filter(member, dest)
-    return checked.replace(mode=member.mode, deep=False)
-
-
-_EXTRACT: dict[str, Any] = {"filter": _keep_modes} if hasattr(tarfile, "tar_filter") else {}
-
-
-class _FrameSource:
-    """A read-only file object over DATA frames arriving from the reader thread."""
-
-    def __init__(self, channel: AgentChannel) -> None:
-        self.channel = channel
-        self.done: threading.Event | None = None
-        self.cond = threading.Condition()
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.eof = False
-        self.buf = b""
-
-    def feed(self, kind: int, data: bytes) -> None:
-        with self.cond:
-            if kind == DATA:
-                self.chunks.append(data)
-            elif kind == EOF:
-                self.eof = True
-            self.cond.notify()
-
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self.buf) < n:
-            with self.cond:
-                while not self.chunks and not self.eof and not self._finished():
-                    self.cond.wait(0.2)
-                if not self.chunks:
-                    break
-                self.buf += self.chunks.popleft()
-        if n < 0:
-            n = len(self.buf)
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def _finished(self) -> bool:
-        # The reply (or the channel's death) comes after the last data frame.
-        return self.channel.closed.is_set() or (self.done is not None and self.done.is_set())

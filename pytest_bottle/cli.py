@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import hostdeps
 from .errors import BottleError
-from .images import RECIPES, ensure_image, list_images, remove_image
+from .images import RECIPES, ensure_image, list_images, prune_images, remove_image
 from .paths import default_cache_dir, state_dir, tree_size
 from .runstate import RunRecord
 from .seeds import list_seeds, remove_seeds
@@ -28,12 +28,16 @@ def _age(t: float) -> str:
     return f"{s / 86400:.1f}d" if s > 86400 else f"{s / 3600:.1f}h" if s > 3600 else f"{s / 60:.0f}m"
 
 
+# Without these nothing works; the rest only matters for SSH, LANs or disk space.
+REQUIRED = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4", "unshare")
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     ok = True
     print("host programs:")
     for program, package in hostdeps.PROVIDERS.items():
         path = hostdeps.which(program)
-        ok &= path is not None or program in ("scp",)
+        ok &= path is not None or program not in REQUIRED
         print(f"  {'ok ' if path else 'MISSING'} {program:20} {path or f'apt-get install {package}'}")
     print(f"qemu: {accel_mod.qemu_version() if hostdeps.which('qemu-system-x86_64') else 'not installed'}")
     why = accel_mod.kvm_usable()
@@ -98,6 +102,16 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
         print(f"removed {p}")
     if not removed:
         print(f"{args.name}: nothing cached")
+    return 0
+
+
+def cmd_image_prune(args: argparse.Namespace) -> int:
+    removed = prune_images(args.cache_dir)
+    current = {image.key for image in list_images(args.cache_dir)}
+    removed += remove_seeds(args.cache_dir, keep_image_keys=current)
+    for p in removed:
+        print(f"removed {p}")
+    print(f"pruned {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}")
     return 0
 
 
@@ -176,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rebuild", action="store_true", help="build again even if cached (and drop its seeds)")
     b.set_defaults(fn=cmd_image_build)
     image.add_parser("list", help="known images, what is built, and seeds").set_defaults(fn=cmd_image_list)
+    image.add_parser("prune", help="remove images of old recipes and seeds of images no longer cached").set_defaults(
+        fn=cmd_image_prune
+    )
     r = image.add_parser("rm", help="remove an image and its seeds from the cache")
     r.add_argument("name")
     r.set_defaults(fn=cmd_image_rm)

@@ -174,7 +174,7 @@ def start_bottle(
         if ssh_wanted and not (key_pair and identity):
             ssh = HostDependencyError("ssh-keygen", "openssh-client", "needed for SSH access to bottles")
         if key_pair and identity:
-            ssh = SshAccess.create(name, alias, 22, identity, key_pair[1], run_dir)
+            ssh = SshAccess.create(name, alias, forwards[22][1], identity, key_pair[1], run_dir)
         return Bottle(
             name=name,
             image=image.name,

@@ -48,13 +48,16 @@ class BottleManager:
         with self._lock:
             return self._groups.setdefault(key, Group(key))
 
-    def start(self, spec: BottleSpec, group_key: str) -> Bottle:
+    def start(self, spec: BottleSpec, group_key: str, spare: bool = True) -> Bottle:
+        """A bottle for ``group_key``; ``spare``: keep one of this spec ready for the
+        next call (worth it for per-test bottles, not for a module's or the session's)."""
         group = self.group(group_key)
-        bottle = self._take_spare(spec) if self._prestartable(spec) else None
+        spare = spare and self._prestartable(spec)
+        bottle = self._take_spare(spec) if spare else None
         if bottle is None:
             bottle = start_bottle(spec, rebuild_before=self.rebuild_before, detached=self.keep_failed, lans=group.lans)
         group.bottles.append(bottle)
-        if self._prestartable(spec):
+        if spare:
             self._refill(spec)
         return bottle
 

@@ -275,8 +275,8 @@ def _keep_message(b: Bottle) -> str:
     lines = [f"{b.name}: QEMU pid {b.pid}, console log {b.console_log_path}"]
     try:
         lines.append(f"  reach it:  ssh -F {b.ssh_config} {b.name}")
-    except Exception:
-        lines.append("  (no SSH in this image: read its console log)")
+    except Exception as e:
+        lines.append(f"  (no SSH: {e}; read its console log)")
     lines.append(f"  stop it:   bottle stop {b.name}")
     return "\n".join(lines)
 
@@ -322,7 +322,7 @@ def module_bottle(request: pytest.FixtureRequest) -> Iterator[Bottle]:
     """One VM shared by the tests of a module (configured by the module's ``pytestmark``)."""
     state = _state(request.config)
     key = f"module:{request.node.nodeid}"
-    yield state.manager.start(state.spec(*_marker_layer(request.node)), key)
+    yield state.manager.start(state.spec(*_marker_layer(request.node)), key, spare=False)
     state.manager.close_group(key)
 
 
@@ -330,7 +330,7 @@ def module_bottle(request: pytest.FixtureRequest) -> Iterator[Bottle]:
 def session_bottle(request: pytest.FixtureRequest) -> Iterator[Bottle]:
     """One VM shared by the whole session (configured by options and ini)."""
     state = _state(request.config)
-    yield state.manager.start(state.spec(), "session:bottle")
+    yield state.manager.start(state.spec(), "session:bottle", spare=False)
     state.manager.close_group("session:bottle")
 
 
@@ -340,7 +340,8 @@ def session_bottle_factory(request: pytest.FixtureRequest) -> Iterator[Callable[
     state = _state(request.config)
 
     def factory(**kwargs: Any) -> Bottle:
-        return state.manager.start(state.spec(("session_bottle_factory() arguments", kwargs)), "session:factory")
+        spec = state.spec(("session_bottle_factory() arguments", kwargs))
+        return state.manager.start(spec, "session:factory", spare=False)
 
     yield factory
     state.manager.close_group("session:factory")

@@ -33,7 +33,7 @@ from .vmm.qemu import KERNEL_ARGS, Nic, cpu_model
 
 log = logging.getLogger(__name__)
 
-SEED_VERSION = 1
+SEED_VERSION = 2  # 2: guest RAM in its own file
 SEED_BOOT_TIMEOUT = 300.0
 # The seed's NICs: clones restore with the same devices and then take their
 # own MACs through the handshake, matching these.
@@ -336,11 +336,18 @@ def list_seeds(cache_dir: Path) -> list[Seed]:
     return [s for s in found if s is not None]
 
 
-def remove_seeds(cache_dir: Path, image_name: str | None = None) -> list[Path]:
+def remove_seeds(cache_dir: Path, image_name: str | None = None, keep_image_keys: set[str] | None = None) -> list[Path]:
+    """Remove the seeds of ``image_name`` (all images if None), except those
+    made from an image key in ``keep_image_keys``."""
     removed = []
     for seed in list_seeds(cache_dir):
-        if image_name is None or seed.manifest["key_parts"]["image"] == image_name:
-            with FileLock(str(seed.path.parent / f"{seed.path.name}.lock")):
-                remove_tree(seed.path)
-            removed.append(seed.path)
+        parts = seed.manifest["key_parts"]
+        if image_name is not None and parts["image"] != image_name:
+            continue
+        if keep_image_keys is not None and parts["image_key"] in keep_image_keys:
+            continue
+        with FileLock(str(seed.path.parent / f"{seed.path.name}.lock")):
+            remove_tree(seed.path)
+            (seed.path.parent / f"{seed.path.name}.lock").unlink(missing_ok=True)
+        removed.append(seed.path)
     return removed

@@ -232,6 +232,15 @@ def test_file_semantics_like_cp(module_bottle: Bottle, tmp_path: Path) -> None:
 def test_unknown_user_is_a_clear_error(module_bottle: Bottle) -> None:
     with pytest.raises(SpecError, match="no such user in the guest: 'nobody-here'"):
         module_bottle.exec("true", user="nobody-here")
+    with pytest.raises(SpecError, match="no such user in the guest: 54321"):
+        module_bottle.exec("true", user=54321)
+    assert module_bottle.check_output("id -u", user=65534) == "65534\n"
+
+
+def test_write_goes_through_a_symlink(module_bottle: Bottle) -> None:
+    module_bottle.exec("echo old > /tmp/target && ln -sf /tmp/target /tmp/link")
+    module_bottle.write_text("/tmp/link", "new\n")
+    assert module_bottle.check_output("readlink /tmp/link; cat /tmp/target") == "/tmp/target\nnew\n"
 
 
 def test_wait_until_succeeds_does_not_hang_on_a_hanging_command(module_bottle: Bottle) -> None:

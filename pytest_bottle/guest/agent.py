@@ -1,9 +1,8 @@
-"""The guest agent: runs inside the VM, stdlib only, speaks frames on a virtio-serial port.
+"""The guest agent: runs inside the VM, stdlib only, serves calls on a virtio-serial port.
 
-The host imports this module too, for the frame layout, so the two sides
-cannot drift apart.  Frames are ``kind (1 byte) | request id (4) | length (4)``
-followed by ``length`` payload bytes; control frames carry a small JSON
-object, data frames carry raw bytes (no base64 on the data path).
+Each call runs in a worker thread; replies and output go back as frames
+(see ``frames``).  The host imports the sibling modules as part of the
+package; in the guest they lie side by side in /usr/lib/pytest-bottle.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import json
 import os
 import queue
 import stat
-import struct
 import subprocess
 import sys
 import threading
@@ -26,111 +24,49 @@ if TYPE_CHECKING:
 
 try:  # on the host, as part of the package
     from . import execute, identity
+    from .frames import (
+        CALL,
+        CANCEL,
+        CHUNK,
+        DATA,
+        EOF,
+        PORT_NAME,
+        REPLY,
+        STDERR,
+        STDOUT,
+        SYNC,
+        SYNC_FRAME,
+        VERSION,
+        Channel,
+        FrameWriter,
+        Inbox,
+        InboxReader,
+        frame,
+        jframe,
+    )  # fmt: skip
 except ImportError:  # in the guest, files side by side
     import execute  # type: ignore[import-not-found,no-redef]
     import identity  # type: ignore[import-not-found,no-redef]
-
-VERSION = 1
-PORT_NAME = "bottle.agent"
-HEADER = struct.Struct("!BII")
-CHUNK = 256 * 1024
-
-CALL, DATA, EOF, STDOUT, STDERR, REPLY, CANCEL, SYNC = range(1, 9)
-SYNC_MAGIC = b"\xb0pytest-bottle\x00\x01"
-SYNC_FRAME = HEADER.pack(SYNC, 0, len(SYNC_MAGIC)) + SYNC_MAGIC
-
-
-def frame(kind: int, rid: int, payload: bytes = b"") -> bytes:
-    return HEADER.pack(kind, rid, len(payload)) + payload
-
-
-def jframe(kind: int, rid: int, obj: dict[str, Any]) -> bytes:
-    return frame(kind, rid, json.dumps(obj, separators=(",", ":")).encode())
-
-
-class Channel:
-    """The guest end: a virtio-serial port the host may connect to and leave."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.wlock = threading.Lock()
-        self.buf = bytearray()
-
-    def send(self, data: bytes) -> None:
-        with self.wlock:
-            view = memoryview(data)
-            while view:
-                try:
-                    n = os.write(self.fd, view)
-                except OSError as e:
-                    if e.errno in (errno.EAGAIN, errno.EINTR):
-                        time.sleep(0.001)
-                        continue
-                    raise
-                view = view[n:]
-
-    def _fill(self) -> None:
-        idle = 0.001
-        while True:
-            try:
-                chunk = os.read(self.fd, CHUNK)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EINTR):
-                    raise
-                chunk = b""
-            if chunk:
-                self.buf += chunk
-                return
-            # No host connected: the port reads as EOF at once.  Whatever was
-            # buffered belonged to the host that left; resynchronise on SYNC.
-            self.buf.clear()
-            time.sleep(idle)
-            idle = min(idle * 2, 0.05)
-
-    def recv(self) -> tuple[int, int, bytes]:
-        while True:
-            while len(self.buf) < HEADER.size:
-                self._fill()
-            kind, rid, size = HEADER.unpack_from(self.buf)
-            if kind == SYNC or not 1 <= kind <= SYNC:
-                pos = self.buf.find(SYNC_FRAME)
-                if pos < 0:
-                    del self.buf[: max(0, len(self.buf) - len(SYNC_FRAME))]
-                    self._fill()
-                    continue
-                del self.buf[: pos + len(SYNC_FRAME)]
-                return SYNC, 0, b""
-            while len(self.buf) < HEADER.size + size:
-                self._fill()
-            payload = bytes(self.buf[HEADER.size : HEADER.size + size])
-            del self.buf[: HEADER.size + size]
-            return kind, rid, payload
-
-
-class Inbox:
-    """Frames from the host for one request (stdin or file data)."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.items: list[tuple[int, bytes]] = []
-
-    def put(self, kind: int, data: bytes) -> None:
-        with self.cond:
-            self.items.append((kind, data))
-            self.cond.notify()
-
-    def get(self) -> tuple[int, bytes]:
-        with self.cond:
-            while not self.items:
-                self.cond.wait()
-            return self.items.pop(0)
-
-    def chunks(self) -> Any:
-        while True:
-            kind, data = self.get()
-            if kind != DATA:
-                return
-            yield data
+    from frames import (  # type: ignore[import-not-found,no-redef]
+        CALL,
+        CANCEL,
+        CHUNK,
+        DATA,
+        EOF,
+        PORT_NAME,
+        REPLY,
+        STDERR,
+        STDOUT,
+        SYNC,
+        SYNC_FRAME,
+        VERSION,
+        Channel,
+        FrameWriter,
+        Inbox,
+        InboxReader,
+        frame,
+        jframe,
+    )  # fmt: skip
 
 
 class Agent:
@@ -181,7 +117,7 @@ class Agent:
         handler = getattr(self, "op_" + str(call.get("op")), None)
         try:
             if handler is None:
-                raise ValueError(f"unknown operation {call.get('op')!r}")
+                raise RuntimeError(f"unknown operation {call.get('op')!r}")
             reply = handler(rid, call, inbox)
             reply["ok"] = True
         except OSError as e:
@@ -236,7 +172,7 @@ class Agent:
     def op_write(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
         """Write a file atomically; a file it replaces keeps its mode and owner
         unless a mode is given; ``into_dir`` names the file if ``path`` is a directory."""
-        path = call["path"]
+        path = os.path.realpath(call["path"])  # through a symlink, like a shell redirect
         if call.get("into_dir") and os.path.isdir(path):
             path = os.path.join(path, call["into_dir"])
         tmp = f"{path}.bottle-{rid}.tmp"
@@ -283,7 +219,7 @@ class Agent:
         os.makedirs(dst, exist_ok=True)
         import tarfile  # only here: the import costs seconds of an emulated boot
 
-        stream = _InboxReader(inbox)
+        stream = InboxReader(inbox)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
                 for member in tar:
@@ -299,7 +235,7 @@ class Agent:
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory", src)
         import tarfile
 
-        out = _FrameWriter(self.chan, rid)
+        out = FrameWriter(lambda data: self.chan.send(frame(DATA, rid, data)))
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
             tar.add(src, arcname=".")
         out.flush()
@@ -348,48 +284,6 @@ class Agent:
             with open(f"/proc/sys/vm/{knob}", "w") as f:
                 f.write(value)
         return {}
-
-
-class _InboxReader:
-    """A file object over a request's DATA frames, for tarfile's stream mode."""
-
-    def __init__(self, inbox: Inbox) -> None:
-        self.inbox = inbox
-        self.buf = b""
-        self.done = False
-
-    def read(self, n: int = -1) -> bytes:
-        while not self.done and (n < 0 or len(self.buf) < n):
-            kind, data = self.inbox.get()
-            if kind != DATA:
-                self.done = True
-            self.buf += data
-        if n < 0:
-            n = len(self.buf)
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def drain(self) -> None:
-        while not self.done:
-            self.read(CHUNK)
-
-
-class _FrameWriter:
-    def __init__(self, chan: Channel, rid: int) -> None:
-        self.chan = chan
-        self.rid = rid
-        self.buf = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.buf += data
-        if len(self.buf) >= CHUNK:
-            self.flush()
-        return len(data)
-
-    def flush(self) -> None:
-        if self.buf:
-            self.chan.send(frame(DATA, self.rid, bytes(self.buf)))
-            self.buf.clear()
 
 
 def _check_member(member: tarfile.TarInfo) -> None:

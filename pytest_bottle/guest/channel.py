@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import AgentError, SpecError, guest_os_error
-from .agent import CALL, CANCEL, DATA, EOF, HEADER, REPLY, SYNC, SYNC_FRAME, frame
+from .frames import CALL, CANCEL, DATA, EOF, HEADER, REPLY, SYNC, SYNC_FRAME, frame
 
 log = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ def spawn(argv: list[str], env_add: dict[str, str], cwd: str | None, user: str |
     env = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": HOME, "USER": "root", "LOGNAME": "root"}
     ids: dict[str, Any] = {}
     if user is not None:
-        pw = pwd.getpwuid(int(user)) if str(user).isdigit() else _getpwnam(str(user))
+        pw = _getpw(user)
         ids = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid)}
         env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
         cwd = cwd or (pw.pw_dir if os.path.isdir(pw.pw_dir) else "/")  # nobody's home does not exist
@@ -81,11 +81,11 @@ def spawn(argv: list[str], env_add: dict[str, str], cwd: str | None, user: str |
         raise SpawnFailed(126, f"{argv[0]}: {e.strerror}\n") from None
 
 
-def _getpwnam(name: str) -> pwd.struct_passwd:
+def _getpw(user: str | int) -> pwd.struct_passwd:
     try:
-        return pwd.getpwnam(name)
+        return pwd.getpwuid(int(user)) if str(user).isdigit() else pwd.getpwnam(str(user))
     except KeyError:
-        raise ValueError(f"no such user in the guest: {name!r}") from None
+        raise ValueError(f"no such user in the guest: {user!r}") from None
 
 
 def _posix_spawn(argv: list[str], env: dict[str, str], stdin: bool) -> Child:

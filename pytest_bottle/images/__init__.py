@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .cache import Image, ensure_image, find_image, list_images, remove_image
+from .cache import Image, ensure_image, find_image, list_images, prune_images, remove_image
 from .recipes import RECIPES, Recipe, get_recipe, register
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "find_image",
     "get_recipe",
     "list_images",
+    "prune_images",
     "register",
     "remove_image",
 ]

@@ -152,6 +152,18 @@ def list_images(cache_dir: Path) -> list[Image]:
     return [i for i in found if i is not None]
 
 
+def prune_images(cache_dir: Path) -> list[Path]:
+    """Remove cached entries that no current recipe would build (old keys, unknown names)."""
+    current = {f"{r.name}-{r.key()}" for r in RECIPES.values()}
+    removed = []
+    for image in list_images(cache_dir):
+        if image.path.name not in current:
+            with FileLock(str(cache_dir / "locks" / f"image-{image.path.name}.lock")):
+                remove_tree(image.path)
+            removed.append(image.path)
+    return removed
+
+
 def remove_image(name: str, cache_dir: Path) -> list[Path]:
     """Remove every cached entry (any key) for ``name``; return what was removed."""
     if name not in RECIPES and not any(i.name == name for i in list_images(cache_dir)):

@@ -16,7 +16,6 @@ import subprocess
 
 log = logging.getLogger(__name__)
 
-_DMESG = re.compile(r"tsc: (?:Refined TSC clocksource calibration|Detected): (\d+\.\d+) MHz")
 _DETECTED = re.compile(r"tsc: (?:Refined TSC clocksource calibration: |Detected )(\d+\.\d+) MHz")
 
 
@@ -52,5 +51,8 @@ def host_tsc_khz() -> int | None:
 
 
 def tcg_kernel_args() -> tuple[str, ...]:
+    # Under TCG the guest TSC is the host's, so it is reliable; without
+    # tsc=reliable the clocksource watchdog drops it for jiffies whenever the
+    # host is busy.
     khz = host_tsc_khz()
-    return (f"tsc_early_khz={khz}",) if khz else ()
+    return ("tsc=reliable",) + ((f"tsc_early_khz={khz}",) if khz else ())

@@ -18,9 +18,6 @@ KERNEL_ARGS = (
     "edd=off",
     # microvm has no PCI bus; without this the kernel logs a "Fatal" that is not.
     "pci=off",
-    # Under TCG the guest TSC is the host's, so it is reliable; without this the
-    # clocksource watchdog drops it for jiffies whenever the host is busy.
-    "tsc=reliable",
     # Kernel messages stay on the console (they are the failure report); systemd
     # only reports failures there, since every byte through the UART costs under TCG.
     "systemd.show_status=error",

@@ -7,7 +7,7 @@ import os
 import threading
 
 from pytest_bottle.guest import agent
-from pytest_bottle.guest.agent import CALL, DATA, HEADER, REPLY, STDOUT, SYNC, SYNC_FRAME, Channel, frame, jframe
+from pytest_bottle.guest.frames import CALL, DATA, HEADER, REPLY, STDOUT, SYNC, SYNC_FRAME, Channel, frame, jframe
 
 
 def test_frame_layout() -> None:

@@ -1,0 +1,103 @@
+"""Directory trees to and from the guest, as tar streams over the agent channel."""
+
+from __future__ import annotations
+
+import collections
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from .errors import BottleError
+from .guest.channel import AgentChannel
+from .guest.frames import DATA, EOF, FrameWriter
+
+
+def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:
+    """Copy the contents of local directory ``src`` into guest directory ``dst``."""
+    rid, call = channel.start("untar", None, path=dst)
+    writer = FrameWriter(lambda data: channel.send_data_frame(rid, data))
+    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+        tar.add(str(src), arcname=".", filter=_root_owned)
+    writer.flush()
+    channel.send_data(rid, ())
+    channel.wait(call, None, "put")
+
+
+def receive_tree(channel: AgentChannel, src: str, dst: Path) -> None:
+    """Copy the contents of guest directory ``src`` into local directory ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    reader = _FrameSource(channel)
+    _rid, call = channel.start("tar", reader.feed, path=src)
+    reader.done = call.done
+    refused: Exception | None = None
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+            for member in tar:
+                # numeric_owner: guest uids, not host users of the same name
+                tar.extract(member, dst, numeric_owner=True, **_EXTRACT)
+    except tarfile.ReadError:
+        pass  # the agent failed before sending anything: its reply says why
+    except tarfile.FilterError as e:  # a member pointing outside dst
+        refused = e
+        reader.drain()
+    channel.wait(call, None, "get")
+    if refused is not None:
+        raise BottleError(f"refused to copy {src}: {refused}") from refused
+
+
+def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
+def _keep_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "tar" filter refuses paths outside ``dest`` but also clears
+    setuid/setgid/sticky and group/other write bits; keep its checks, not that."""
+    checked = tarfile.tar_filter(member, dest)
+    return checked.replace(mode=member.mode, deep=False)
+
+
+_EXTRACT: dict[str, Any] = {"filter": _keep_modes} if hasattr(tarfile, "tar_filter") else {}
+
+
+class _FrameSource:
+    """A read-only file object over DATA frames arriving from the reader thread."""
+
+    def __init__(self, channel: AgentChannel) -> None:
+        self.channel = channel
+        self.done: threading.Event | None = None
+        self.cond = threading.Condition()
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.eof = False
+        self.buf = b""
+
+    def feed(self, kind: int, data: bytes) -> None:
+        with self.cond:
+            if kind == DATA:
+                self.chunks.append(data)
+            elif kind == EOF:
+                self.eof = True
+            self.cond.notify()
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self.buf) < n:
+            with self.cond:
+                while not self.chunks and not self.eof and not self._finished():
+                    self.cond.wait(0.2)
+                if not self.chunks:
+                    break
+                self.buf += self.chunks.popleft()
+        if n < 0:
+            n = len(self.buf)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def _finished(self) -> bool:
+        # The reply (or the channel's death) comes after the last data frame.
+        return self.channel.closed.is_set() or (self.done is not None and self.done.is_set())
