@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,11 +89,21 @@ def make_overlay(backing: Path, fmt: str, dst: Path) -> None:
 
 
 def start_machine(
-    plan: BootPlan, run_dir: Path, name: str, timeout: float, detached: bool = False
+    plan: BootPlan,
+    run_dir: Path,
+    name: str,
+    timeout: float,
+    detached: bool = False,
+    on_spawn: Callable[[QemuMachine], None] | None = None,
 ) -> tuple[QemuMachine, AgentChannel]:
     """Start QEMU per ``plan`` and wait until the agent answers; clean up on any failure."""
     disk = run_dir / "disk.qcow2"
-    make_overlay(plan.backing, plan.backing_format, disk)
+    try:
+        make_overlay(plan.backing, plan.backing_format, disk)
+    except subprocess.CalledProcessError as e:
+        raise BootError(
+            f"qemu-img could not create the disk overlay: {e.stderr.decode(errors='replace').strip()}", name=name
+        ) from None
     if plan.console_prefix is not None and plan.console_prefix.is_file():
         shutil.copyfile(plan.console_prefix, run_dir / "console.log")
     cfg = MachineConfig(
@@ -112,6 +123,8 @@ def start_machine(
     )
     machine = QemuMachine.start(cfg, run_dir, incoming=plan.incoming, name=name, detached=detached)
     try:
+        if on_spawn is not None:  # e.g. record the pid before a boot that may outlive us
+            on_spawn(machine)
         channel = AgentChannel(machine.agent_sock, name)
         wait_ready(machine, channel, timeout, name)
     except BaseException:

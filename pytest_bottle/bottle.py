@@ -85,6 +85,10 @@ class Bottle:
     def closed(self) -> bool:
         return self._closed
 
+    def alive(self) -> bool:
+        """True while the VM runs and its agent channel is open."""
+        return not self._closed and self._machine.alive() and not self._channel.closed.is_set()
+
     @property
     def console_log(self) -> str:
         """The serial console output so far."""
@@ -117,8 +121,8 @@ class Bottle:
         whole process group and ``ExecTimeout`` is raised; the bottle stays usable.
         """
         argv = to_argv(cmd)
-        if timeout is not None and not timeout > 0:
-            raise SpecError(f"timeout must be positive, not {timeout!r}")
+        if timeout is not None and not 0 < timeout < 1e9:  # also rejects inf and nan
+            raise SpecError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
         if cwd is not None:
             cwd = _guest_path(cwd, "cwd")
         out: list[bytes] = []

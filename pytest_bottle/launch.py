@@ -13,6 +13,7 @@ import secrets
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 from .boot import BootPlan, console_tail, start_machine
 from .bottle import Bottle
 from .errors import BootError, BottleError, HostDependencyError
+from .guest.channel import AgentChannel
 from .hostdeps import which
 from .images import Image, ensure_image
 from .net import pools
@@ -31,6 +33,7 @@ from .seeds import SEED_MACS, USER_NET, SeedCorrupt, discard, ensure_seed
 from .spec import BottleSpec, resolve
 from .ssh import SshAccess, client_key, new_host_key
 from .vmm import accel as accel_mod
+from .vmm.machine import QemuMachine
 from .vmm.qemu import Forward, Nic
 
 log = logging.getLogger(__name__)
@@ -141,18 +144,22 @@ def start_bottle(
             record.extra.update(tap=tap, lan=spec.lan)
             nics += (Nic("net1", macs[1], "tap", tap_fd=tap_fd),)
 
+        def on_spawn(m: QemuMachine) -> None:
+            # Recorded before the boot: a detached QEMU (--bottle-keep) has no
+            # parent-death signal, so a sweep must be able to find it.
+            record.qemu_pid, record.qemu_start = m.pid, m.started
+            record.save()
+
         machine, channel, match = _boot(
-            spec, image, verdict.accel, nics, run_dir, name, rebuild_before, detached, baked
+            spec, image, verdict.accel, nics, run_dir, name, rebuild_before, detached, baked, on_spawn
         )
         stack.callback(channel.close)
         stack.callback(machine.stop)
         if tap_fd >= 0:  # QEMU holds the TAP now: it disappears when QEMU does
             tap_holder.close()
-        record.qemu_pid, record.qemu_start = machine.pid, machine.started
-        record.save()
 
         key_pair = host_key.result() if host_key is not None else None
-        per_boot = dict(baked) if spec.boot == "cold" else {}  # a clone has these from its seed
+        per_boot: dict[str, Any] = dict(baked) if spec.boot == "cold" else {}  # a clone has these from its seed
         if spec.network == "nat":
             per_boot["resolv_conf"] = RESOLV_NAT
         done = channel.call(
@@ -201,10 +208,18 @@ def _unprivileged_port_start() -> int:
 
 
 def _host_port(alias: str, guest_port: int) -> int:
-    """The guest's own port number, unless this user may not bind it (port 22
-    as non-root): then a free port on the bottle's own loopback address."""
+    """The guest's own port number on the bottle's loopback address, unless it
+    cannot be had there: a port below ip_unprivileged_port_start as non-root,
+    or one a host service holds on all addresses (sshd on 0.0.0.0:22).  Then a
+    free port on that address; ``address()`` says which."""
     if os.geteuid() == 0 or guest_port >= _unprivileged_port_start():
-        return guest_port
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as QEMU binds it
+            try:
+                s.bind((alias, guest_port))
+                return guest_port
+            except OSError:
+                pass
     with socket.socket() as s:
         s.bind((alias, 0))
         return int(s.getsockname()[1])
@@ -232,14 +247,15 @@ def _boot(
     rebuild_before: float | None,
     detached: bool,
     baked: dict[str, str | None],
-) -> tuple[Any, Any, tuple[str, ...]]:
+    on_spawn: Callable[[QemuMachine], None],
+) -> tuple[QemuMachine, AgentChannel, tuple[str, ...]]:
     """Restore from a seed (rebuilding a bad one once) or boot cold.
 
     Returns the machine, its channel and the MACs the guest's NICs have now.
     """
     if spec.boot == "cold":
         plan = BootPlan(image.kernel, image.initrd, image.rootfs, "raw", spec.memory_mb, spec.cpus, accel, nics)
-        machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached)
+        machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached, on_spawn)
         return machine, channel, tuple(n.mac for n in nics)
     for attempt in (1, 2):
         seed = ensure_seed(image, accel, spec.memory_mb, spec.cpus, len(nics), spec.cache_dir, rebuild_before, baked)
@@ -257,11 +273,11 @@ def _boot(
             ram_file=seed.ram,
         )
         try:
-            machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached)
+            machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached, on_spawn)
             return machine, channel, SEED_MACS[: len(nics)]
         except BootError as e:
             if attempt == 2 or not any(s in e.reason for s in _RESTORE_FAILURES):
                 raise
-            discard(seed.path, f"restoring it failed: {e.reason.strip()[-300:]}")
+            discard(seed.path, f"restoring it failed: {e.reason.strip()[-300:]}", seed.manifest.get("created"))
             (run_dir / "qemu.log").unlink(missing_ok=True)
     raise SeedCorrupt("unreachable", console_tail(run_dir / "console.log"))

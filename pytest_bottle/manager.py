@@ -79,10 +79,14 @@ class BottleManager:
         if future is None:
             return None
         try:
-            return future.result()
+            bottle = future.result()
         except Exception as e:  # start one in the foreground: its error then belongs to the test
             log.debug("pre-started bottle failed, starting one now: %s", e)
             return None
+        if not bottle.alive():  # died while it waited (OOM killer, someone's kill)
+            bottle.close()
+            return None
+        return bottle
 
     def _refill(self, spec: BottleSpec) -> None:
         with self._lock:

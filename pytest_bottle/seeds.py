@@ -82,7 +82,10 @@ class Seed:
 
 
 def seed_nics(count: int) -> tuple[Nic, ...]:
-    return tuple(Nic(f"net{i}", SEED_MACS[i]) for i in range(count))
+    """The user-mode NIC every bottle has, then LAN NICs on a stateless hub port:
+    a clone puts a TAP there, and a second slirp would leave saved state
+    (newer QEMUs number slirp instances) that the clone has no device for."""
+    return (Nic("net0", SEED_MACS[0]),) + tuple(Nic(f"net{i}", SEED_MACS[i], "hubport") for i in range(1, count))
 
 
 def key_parts(
@@ -92,6 +95,8 @@ def key_parts(
         "seed_version": SEED_VERSION,
         "image": image.name,
         "image_key": image.key,
+        # A rebuild puts a new rootfs at the same path: seeds on the old one must not match.
+        "image_built": image.manifest.get("created"),
         "qemu": qemu_version(),
         "accel": accel,
         "cpu": cpu_model(accel),
@@ -204,20 +209,29 @@ def _write_stamp(path: Path, sig: list[Any]) -> None:
 
 def _load(path: Path) -> Seed | None:
     try:
-        return Seed(path, json.loads((path / "manifest.json").read_text()))
-    except (OSError, ValueError):
-        return None
+        seed = Seed(path, json.loads((path / "manifest.json").read_text()))
+        seed.manifest["files"], seed.manifest["key_parts"], seed.manifest["created"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not there, or not a manifest we wrote: rebuilt under the lock
+    return seed
 
 
-def discard(seed_path: Path, reason: str) -> None:
-    warnings.warn(f"pytest-bottle: discarding seed {seed_path.name} and building it again: {reason}", stacklevel=2)
+def discard(seed_path: Path, reason: str, created: float | None = None) -> None:
+    """Remove a bad seed (only the one found bad: another process may have
+    rebuilt it meanwhile), then warn once."""
     with FileLock(str(seed_path.parent / f"{seed_path.name}.lock")):
-        trash = seed_path.with_name(f"{TMP_PREFIX}{seed_path.name}-discard-{os.getpid()}")
-        try:
-            os.rename(seed_path, trash)
-        except FileNotFoundError:
+        current = _load(seed_path)
+        if current is None or (created is not None and current.manifest.get("created") != created):
             return
+        trash = seed_path.with_name(f"{TMP_PREFIX}{seed_path.name}-discard-{os.getpid()}")
+        os.rename(seed_path, trash)
         remove_tree(trash)
+    message = f"pytest-bottle: discarded seed {seed_path.name}, it will be built again: {reason}"
+    log.warning("%s", message)
+    with warnings.catch_warnings():
+        # A self-healing cache is not an error, even under -W error.
+        warnings.simplefilter("default")
+        warnings.warn(message, stacklevel=3)
 
 
 def ensure_seed(
@@ -244,7 +258,7 @@ def ensure_seed(
                 verify(seed)
                 return seed
             except SeedCorrupt as e:
-                discard(final, str(e))
+                discard(final, str(e), seed.manifest.get("created"))
         final.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(final.parent / f"{final.name}.lock")):
             seed = _load(final)

@@ -117,8 +117,8 @@ def _timeout(value: Any) -> float:
         t = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"timeout must be a number of seconds, not {value!r}") from None
-    if isinstance(value, bool) or not t > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, not {value!r}")
+    if isinstance(value, bool) or not 0 < t < 1e9:  # also rejects inf and nan
+        raise ValueError(f"timeout must be a positive, finite number of seconds, not {value!r}")
     return t
 
 

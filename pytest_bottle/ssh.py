@@ -18,7 +18,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from .errors import ExecTimeout
+from .errors import BottleError, ExecTimeout
 from .hostdeps import require, which
 from .results import Command, ExecResult
 
@@ -69,12 +69,10 @@ def new_host_key(comment: str) -> tuple[str, str] | None:
 
 
 def _keygen(path: Path, comment: str) -> None:
-    subprocess.run(
-        [require("ssh-keygen", "make SSH keys"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-        check=True,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-    )
+    argv = [require("ssh-keygen", "make SSH keys"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise BottleError(f"ssh-keygen failed ({r.returncode}): {r.stderr.strip()}")
 
 
 @dataclass(frozen=True)

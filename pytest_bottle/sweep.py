@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from .net import pools
 from .paths import remove_tree
 from .runstate import RunRecord
@@ -95,9 +97,23 @@ def _sweep_cache(cache_dir: Path, live: set[str], report: SweepReport) -> None:
             continue
         for d in root.glob(".tmp-*"):
             pid = _pid_suffix(d.name)
-            if pid is not None and not _pid_alive(pid):
+            if pid is not None and not _pid_alive(pid) and not _lock_held(cache_dir, sub, d.name):
                 remove_tree(d)
                 report.paths.append(str(d))
+
+
+def _lock_held(cache_dir: Path, sub: str, tmp_name: str) -> bool:
+    """Whether a builder holds the entry's lock (its pid may live in another
+    pid namespace, so a dead-looking pid is not enough)."""
+    entry = tmp_name.removeprefix(".tmp-").rsplit("-", 1)[0].removesuffix("-old").removesuffix("-discard")
+    lock = cache_dir / "locks" / f"image-{entry}.lock" if sub == "images" else cache_dir / sub / f"{entry}.lock"
+    if not lock.exists():
+        return False
+    try:
+        with FileLock(str(lock), timeout=0):
+            return False
+    except Timeout:
+        return True
 
 
 def _pid_suffix(name: str) -> int | None:

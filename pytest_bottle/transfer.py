@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import os
 import tarfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,15 @@ def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:
     """Copy the contents of local directory ``src`` into guest directory ``dst``."""
     rid, call = channel.start("untar", None, path=dst)
     writer = FrameWriter(lambda data: channel.send_data_frame(rid, data))
-    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-        tar.add(str(src), arcname=".", filter=_root_owned)
-    writer.flush()
-    channel.send_data(rid, ())
+
+    def stream() -> Iterator[bytes]:
+        # A symlink to a directory copies the directory, like cp -r src/. dst
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            tar.add(os.path.realpath(src), arcname=".", filter=_root_owned)
+        writer.flush()
+        yield b""
+
+    channel.send_data(rid, stream())  # a local failure (an unreadable file) aborts the call
     channel.wait(call, None, "put")
 
 

@@ -82,3 +82,18 @@ def test_lan_devices_never_appear_in_the_host_namespace(bottle_factory) -> None:
         after = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
     assert after == before
     assert a.lan_ip
+
+
+def test_a_host_wildcard_listener_does_not_stop_the_bottle() -> None:
+    import pytest_bottle
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest_bottle.launch(forward=[port]) as b:
+            host, host_port = b.address(port)
+            assert host_port != port  # the port was not free on the bottle's address
+            b.exec(f"cd /tmp && nohup python3 -m http.server {port} >/dev/null 2>&1 &")
+            b.wait_for_port(port, timeout=60)
+            assert urllib.request.urlopen(f"http://{host}:{host_port}/", timeout=10).status == 200

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -262,3 +264,74 @@ def test_privileged_ports_map_to_free_ports_for_non_root(monkeypatch: pytest.Mon
     assert launch_mod._host_port("127.77.255.1", 8080) == 8080
     monkeypatch.setattr(launch_mod.os, "geteuid", lambda: 0)
     assert launch_mod._host_port("127.77.255.1", 22) == 22
+
+
+def test_put_and_get_follow_a_symlinked_directory(module_bottle: Bottle, tmp_path: Path) -> None:
+    (tmp_path / "release-1").mkdir()
+    (tmp_path / "release-1" / "app.txt").write_text("v1\n")
+    (tmp_path / "current").symlink_to("release-1")
+    module_bottle.put(tmp_path / "current", "/opt/linked")
+    assert module_bottle.read_text("/opt/linked/app.txt") == "v1\n"
+    module_bottle.exec("ln -sfn /opt/linked /opt/current")
+    module_bottle.get("/opt/current", tmp_path / "back")
+    assert (tmp_path / "back" / "app.txt").read_text() == "v1\n"
+
+
+def test_a_failing_local_sink_fails_only_that_call(module_bottle: Bottle, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        module_bottle.exec("head -c 3000000 /dev/urandom > /tmp/big.bin")
+        with pytest.raises(OSError) as info:
+            module_bottle.get("/tmp/big.bin", small / "big.bin")
+        assert info.value.errno == errno.ENOSPC
+        assert not list(small.iterdir())  # no partial file left
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert module_bottle.check_output("echo still fine") == "still fine\n"
+
+
+def test_an_aborted_upload_leaves_nothing_and_the_bottle_works(module_bottle: Bottle) -> None:
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b"first part\n"
+        raise RuntimeError("the source broke")
+
+    with pytest.raises(RuntimeError, match="the source broke"):
+        module_bottle._channel.call("write", path="/tmp/aborted.txt", data=chunks())
+    module_bottle.wait_until_succeeds("test ! -e /tmp/aborted.txt && ! ls /tmp/aborted.txt.bottle-* 2>/dev/null",
+                                      timeout=10)
+    assert module_bottle.check_output("echo ok") == "ok\n"
+
+
+def test_timeout_holds_against_chatty_background_output(module_bottle: Bottle) -> None:
+    started = time.monotonic()
+    r = module_bottle.exec("(while true; do echo tick; sleep 0.01; done) & echo started", timeout=30)
+    assert time.monotonic() - started < 5 and r.stdout.startswith("started")
+    module_bottle.exec("pkill -f 'echo tick' 2>/dev/null; kill $(jobs -p) 2>/dev/null; true")
+    module_bottle.exec(["python3", "-c", KILL_TICKERS])
+
+
+KILL_TICKERS = """
+import glob, os, signal
+for path in glob.glob("/proc/[0-9]*/cmdline"):
+    try:
+        if b"echo tick" in open(path, "rb").read():
+            os.kill(int(path.split("/")[2]), signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+def test_stdin_left_unread_does_not_leak_agent_threads(module_bottle: Bottle) -> None:
+    def agent_threads() -> int:
+        pid = module_bottle.check_output("systemctl show -p MainPID --value bottle-agent").strip()
+        return int(module_bottle.check_output(f"grep Threads /proc/{pid}/status").split()[1])
+
+    module_bottle.exec("head -c1", input=b"x" * 2_000_000)
+    before = agent_threads()
+    for _ in range(5):
+        assert module_bottle.exec("head -c1", input=b"x" * 2_000_000).stdout == "x"
+    assert agent_threads() <= before + 1

@@ -95,7 +95,7 @@ def _damage(path: Path, how: str) -> None:
 def test_corrupt_seed_is_discarded_and_rebuilt(seeded_cache: Path, victim: str, how: str) -> None:
     (seed,) = list_seeds(seeded_cache)
     _damage(seed.path / victim, how)
-    with pytest.warns(UserWarning, match="discarding seed"):
+    with pytest.warns(UserWarning, match="discarded seed"):
         with pytest_bottle.launch(cache_dir=seeded_cache) as b:
             assert b.check_output("echo again") == "again\n"
     (rebuilt,) = list_seeds(seeded_cache)

@@ -37,6 +37,7 @@ try:  # on the host, as part of the package
         SYNC,
         SYNC_FRAME,
         VERSION,
+        Aborted,
         Channel,
         FrameWriter,
         Inbox,
@@ -60,6 +61,7 @@ except ImportError:  # in the guest, files side by side
         SYNC,
         SYNC_FRAME,
         VERSION,
+        Aborted,
         Channel,
         FrameWriter,
         Inbox,
@@ -102,8 +104,11 @@ class Agent:
             elif kind == CANCEL:
                 with self.lock:
                     proc = self.procs.get(rid)
+                    box = self.inboxes.get(rid)
                 if proc is not None:
                     proc.kill()
+                elif box is not None:  # an upload the host gave up on
+                    box.put(CANCEL, b"")
 
     def work(self) -> None:
         """A worker thread: threads are kept, since starting one costs under emulation."""
@@ -152,8 +157,7 @@ class Agent:
             )
         except execute.SpawnFailed as e:
             if call.get("stdin"):
-                for _ in inbox.chunks():
-                    pass
+                inbox.drain()
             return {"rc": e.rc, "stderr_text": e.message, "duration": 0.0, "timed_out": False}
         with self.lock:
             self.procs[rid] = child
@@ -167,6 +171,9 @@ class Agent:
         finally:
             with self.lock:
                 self.procs.pop(rid, None)
+            # The command is done: stdin frames still on their way are moot, and
+            # the feeder thread must not wait for them.
+            inbox.put(EOF, b"")
         return {"rc": child.returncode, "duration": time.monotonic() - started, "timed_out": timed_out}
 
     def op_write(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
@@ -176,14 +183,12 @@ class Agent:
         if call.get("into_dir") and os.path.isdir(path):
             path = os.path.join(path, call["into_dir"])
         tmp = f"{path}.bottle-{rid}.tmp"
-        drained = False
         try:
             os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
             old = os.stat(path) if os.path.isfile(path) else None
             with open(tmp, "wb") as f:
                 for chunk in inbox.chunks():
                     f.write(chunk)
-                drained = True
                 mode = call.get("mode")
                 if mode is None and old is not None:
                     mode = stat.S_IMODE(old.st_mode)
@@ -193,9 +198,7 @@ class Agent:
                     os.fchown(f.fileno(), old.st_uid, old.st_gid)
             os.replace(tmp, path)
         except BaseException:
-            if not drained:
-                for _ in inbox.chunks():
-                    pass
+            inbox.drain()
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
@@ -230,7 +233,7 @@ class Agent:
         return {}
 
     def op_tar(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
-        src = call["path"]
+        src = os.path.realpath(call["path"])  # a symlink to a directory copies the directory
         if not os.path.isdir(src):
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory", src)
         import tarfile
@@ -313,9 +316,8 @@ def _feed(stdin: IO[bytes], inbox: Inbox) -> None:
         for chunk in inbox.chunks():
             stdin.write(chunk)
             stdin.flush()
-    except BrokenPipeError:
-        for _ in inbox.chunks():
-            pass
+    except (BrokenPipeError, Aborted):
+        inbox.drain()
     finally:
         try:
             stdin.close()

@@ -23,12 +23,13 @@ Sink = Callable[[int, bytes], None]
 
 
 class _Call:
-    __slots__ = ("done", "reply", "sink")
+    __slots__ = ("done", "error", "reply", "sink")
 
     def __init__(self, sink: Sink | None) -> None:
         self.done = threading.Event()
         self.reply: dict[str, Any] | None = None
         self.sink = sink
+        self.error: BaseException | None = None  # the sink's own failure (a full local disk...)
 
 
 class AgentChannel:
@@ -38,6 +39,7 @@ class AgentChannel:
         self.synced = threading.Event()
         self.closed = threading.Event()
         self.death = ""
+        self.broken = ""
         self._wlock = threading.Lock()
         self._lock = threading.Lock()
         self._calls: dict[int, _Call] = {}
@@ -48,11 +50,20 @@ class AgentChannel:
     # -- plumbing -----------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
-        try:
-            with self._wlock:
+        with self._wlock:
+            if self.broken:
+                raise AgentError(f"agent channel of {self.name} is unusable: {self.broken}")
+            try:
                 self.sock.sendall(data)
-        except OSError as e:
-            raise AgentError(f"agent channel of {self.name} broke: {e}") from None
+            except OSError as e:
+                raise AgentError(f"agent channel of {self.name} broke: {e}") from None
+            except BaseException as e:
+                # Interrupted mid-frame (a signal, a test timeout): the agent would
+                # read the next frame from the middle of this one. Give up on the
+                # channel rather than let later calls hang.
+                self.broken = f"a write was interrupted ({type(e).__name__})"
+                self.sock.shutdown(socket.SHUT_RDWR)
+                raise
 
     def send_sync(self) -> None:
         self._send(SYNC_FRAME)
@@ -83,16 +94,19 @@ class AgentChannel:
                     with self._lock:
                         self._calls.pop(rid, None)
                     call.done.set()
-                elif call.sink is not None:
-                    call.sink(kind, payload)
+                elif call.sink is not None and call.error is None:
+                    try:
+                        call.sink(kind, payload)
+                    except Exception as e:  # the call fails, the channel goes on
+                        call.error = e
         except (EOFError, OSError) as e:
             self.death = "the VM closed the agent channel" if isinstance(e, EOFError) else str(e)
         except Exception as e:  # a broken frame: the channel cannot be trusted any more
             self.death = f"protocol error: {type(e).__name__}: {e}"
             log.debug("agent channel %s: %s", self.name, self.death)
         finally:
-            self.closed.set()
             with self._lock:
+                self.closed.set()
                 calls, self._calls = list(self._calls.values()), {}
             for call in calls:
                 call.done.set()
@@ -100,10 +114,10 @@ class AgentChannel:
     # -- calls --------------------------------------------------------------
 
     def start(self, op: str, sink: Sink | None = None, **args: Any) -> tuple[int, _Call]:
-        if self.closed.is_set():
-            raise AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
         call = _Call(sink)
-        with self._lock:
+        with self._lock:  # the reader closes under this lock: no call slips past its final sweep
+            if self.closed.is_set():
+                raise AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
             rid = self._next_id
             self._next_id += 1
             self._calls[rid] = call
@@ -114,9 +128,18 @@ class AgentChannel:
         self._send(frame(DATA, rid, chunk))
 
     def send_data(self, rid: int, chunks: Iterable[bytes]) -> None:
-        for chunk in chunks:
-            if chunk:
-                self._send(frame(DATA, rid, chunk))
+        """Stream ``chunks`` then EOF; if producing them fails, tell the agent to
+        abort the call (it drops what it wrote) and re-raise."""
+        try:
+            for chunk in chunks:
+                if chunk:
+                    self._send(frame(DATA, rid, chunk))
+        except AgentError:
+            raise
+        except BaseException:
+            if not self.broken:
+                self._send(frame(CANCEL, rid))
+            raise
         self._send(frame(EOF, rid))
 
     def cancel(self, rid: int) -> None:
@@ -126,6 +149,8 @@ class AgentChannel:
         """The call's reply, None on timeout; raises AgentError if the channel died."""
         if not call.done.wait(timeout):
             return None
+        if call.error is not None:
+            raise call.error
         if call.reply is None:
             raise AgentError(f"bottle {self.name}: {self.death or 'agent channel closed'} during {op or 'a call'}")
         if not call.reply.get("ok"):

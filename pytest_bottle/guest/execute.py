@@ -22,8 +22,10 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOME = "/root"
 CHUNK = 256 * 1024
 # Output still trickling in after the command exited comes from processes it
-# left in the background; they keep the pipes open, so stop waiting this soon.
+# left in the background; they keep the pipes open, so stop waiting this soon
+# after the last of it, and this long after the exit at most.
 BACKGROUND_GRACE = 0.05
+BACKGROUND_CAP = 1.0
 
 
 class Child:
@@ -137,11 +139,12 @@ def pump(child: Child, emit: Callable[[int, bytes], None], timeout: float | None
     deadline = None if timeout is None else time.monotonic() + float(timeout)
     timed_out = False
     exited_at: float | None = None
+    exit_time = 0.0
     try:
         while open_fds:
             now = time.monotonic()
             if exited_at is not None:
-                wait: float | None = max(0.0, exited_at + BACKGROUND_GRACE - now)
+                wait: float | None = max(0.0, min(exited_at + BACKGROUND_GRACE, exit_time + BACKGROUND_CAP) - now)
             elif deadline is not None:
                 wait = max(0.0, deadline - now)
             else:
@@ -157,7 +160,7 @@ def pump(child: Child, emit: Callable[[int, bytes], None], timeout: float | None
             for fd in ready:
                 if fd == pidfd:
                     child.reap()
-                    exited_at = time.monotonic()
+                    exited_at = exit_time = time.monotonic()
                     continue
                 data = os.read(fd, CHUNK)
                 if data:

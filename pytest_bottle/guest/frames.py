@@ -94,12 +94,21 @@ class Channel:
             return kind, rid, payload
 
 
+class Aborted(ConnectionAbortedError):
+    """The host gave up on a transfer (CANCEL): whatever was written must go."""
+
+
 class Inbox:
-    """Frames from the host for one request (stdin or file data)."""
+    """Frames from the host for one request (stdin or file data).
+
+    ``ended`` turns true once EOF or CANCEL has been taken out: nothing more
+    will come, so nobody must wait for it.
+    """
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.items: list[tuple[int, bytes]] = []
+        self.ended = False
 
     def put(self, kind: int, data: bytes) -> None:
         with self.cond:
@@ -110,14 +119,24 @@ class Inbox:
         with self.cond:
             while not self.items:
                 self.cond.wait()
-            return self.items.pop(0)
+            kind, data = self.items.pop(0)
+            if kind != DATA:
+                self.ended = True
+            return kind, data
 
     def chunks(self) -> Iterator[bytes]:
+        """DATA payloads up to EOF; raises Aborted on CANCEL."""
         while True:
             kind, data = self.get()
+            if kind == CANCEL:
+                raise Aborted("the host aborted the transfer")
             if kind != DATA:
                 return
             yield data
+
+    def drain(self) -> None:
+        while not self.ended:
+            self.get()
 
 
 class InboxReader:
@@ -131,6 +150,9 @@ class InboxReader:
     def read(self, n: int = -1) -> bytes:
         while not self.done and (n < 0 or len(self.buf) < n):
             kind, data = self.inbox.get()
+            if kind == CANCEL:
+                self.done = True
+                raise Aborted("the host aborted the transfer")
             if kind != DATA:
                 self.done = True
             self.buf += data
@@ -140,8 +162,8 @@ class InboxReader:
         return out
 
     def drain(self) -> None:
-        while not self.done:
-            self.read(CHUNK)
+        self.inbox.drain()
+        self.done = True
 
 
 class FrameWriter:

@@ -7,9 +7,11 @@ root and, through ``--mode=unshare``, as an ordinary user.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from ..errors import ImageBuildError
 from ..hostdeps import require
+from ..vmm.process import die_with_parent
 from .overlay import write_overlay, write_pre_overlay
 from .recipes import BUILDER_VERSION, Recipe
 from .sources import host_sources
@@ -101,13 +104,29 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
         logf.write("$ " + " ".join(argv) + "\n")
         logf.flush()
         proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            text=True,
+            # SIGTERM, not SIGKILL: mmdebstrap then unmounts what it mounted.
+            preexec_fn=functools.partial(die_with_parent, signal.SIGTERM),
         )
         assert proc.stdout is not None
-        for line in proc.stdout:
-            logf.write(line)
-            if progress and line.startswith("I: "):
-                progress(line[3:].strip(), time.monotonic() - started)
+        try:
+            for line in proc.stdout:
+                logf.write(line)
+                if progress and line.startswith("I: "):
+                    progress(line[3:].strip(), time.monotonic() - started)
+        except BaseException:  # interrupted: stop the build before its directory goes
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
         rc = proc.wait()
     if rc != 0:
         raise ImageBuildError(recipe.name, f"mmdebstrap exited with {rc}", _tail(log_path), str(log_path))

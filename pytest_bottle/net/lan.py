@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..errors import HostDependencyError
+from ..errors import BottleError, HostDependencyError
 from . import pools
 
 log = logging.getLogger(__name__)
@@ -85,15 +85,21 @@ class Lan:
         self._lock = threading.Lock()
         self._ns_fd = _new_netns()
         self.inode = os.fstat(self._ns_fd).st_ino
+        ipr = None
         try:
-            self._ipr = IPRoute(netns=f"/proc/{os.getpid()}/fd/{self._ns_fd}", flags=0)
-            self._ipr.link("set", index=self._ipr.link_lookup(ifname="lo")[0], state="up")
-            self._ipr.link("add", ifname=BRIDGE, kind="bridge")
-            self._br = self._ipr.link_lookup(ifname=BRIDGE)[0]
-            self._ipr.link("set", index=self._br, state="up")
-        except BaseException:
+            ipr = IPRoute(netns=f"/proc/{os.getpid()}/fd/{self._ns_fd}", flags=0)
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            ipr.link("add", ifname=BRIDGE, kind="bridge")
+            self._br = ipr.link_lookup(ifname=BRIDGE)[0]
+            ipr.link("set", index=self._br, state="up")
+        except BaseException as e:
+            if ipr is not None:
+                ipr.close()
             os.close(self._ns_fd)
+            if isinstance(e, Exception) and not isinstance(e, BottleError):
+                raise BottleError(f"setting up LAN {name!r} failed: {type(e).__name__}: {e}") from e
             raise
+        self._ipr = ipr
 
     def attach(self, holder: str) -> tuple[int, str, str]:
         """A TAP on the bridge for ``holder``: (fd for QEMU, TAP name, LAN IP with prefix)."""

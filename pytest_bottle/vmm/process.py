@@ -29,11 +29,16 @@ _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
 
 
-def _die_with_parent() -> None:
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """In a child between fork and exec: get ``sig`` when the forking thread dies."""
+    _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     # The parent may already be gone between fork and prctl.
     if os.getppid() == 1:
         os._exit(1)
+
+
+def _die_with_parent_kill() -> None:
+    die_with_parent(signal.SIGKILL)
 
 
 def _detach() -> None:
@@ -67,7 +72,7 @@ def spawn(
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 pass_fds=tuple(pass_fds),
-                preexec_fn=_die_with_parent if die_with_parent else _detach,
+                preexec_fn=_die_with_parent_kill if die_with_parent else _detach,
                 env=env,
                 cwd=cwd,
             )

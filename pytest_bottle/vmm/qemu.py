@@ -138,6 +138,8 @@ IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
 def _netdev(nic: Nic) -> str:
     if nic.kind == "tap":
         return f"tap,id={nic.id},fd={nic.tap_fd}"
+    if nic.kind == "hubport":  # a NIC with nothing behind it
+        return f"hubport,id={nic.id},hubid=0"
     if nic.kind != "user":
         raise ValueError(f"unknown NIC kind {nic.kind!r}")
     opts = [f"user,id={nic.id}", "net=10.0.2.0/24", f"restrict={'on' if nic.restrict else 'off'}"]

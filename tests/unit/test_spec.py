@@ -62,6 +62,8 @@ def test_error_names_its_source() -> None:
         ("network", "bridge"),
         ("boot", "warm"),
         ("timeout", -1),
+        ("timeout", float("inf")),
+        ("timeout", "nan"),
         ("forward", [0]),
         ("forward", "http"),
         ("lan", "bad name!"),
