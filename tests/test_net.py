@@ -97,3 +97,33 @@ def test_a_host_wildcard_listener_does_not_stop_the_bottle() -> None:
             b.exec(f"cd /tmp && nohup python3 -m http.server {port} >/dev/null 2>&1 &")
             b.wait_for_port(port, timeout=60)
             assert urllib.request.urlopen(f"http://{host}:{host_port}/", timeout=10).status == 200
+
+
+def test_warm_tap_pool_hands_out_ready_taps() -> None:
+    import os
+    import time
+
+    from pytest_bottle.net import pools
+    from pytest_bottle.net.lan import Lan
+
+    lan = Lan("warm")
+    try:
+        fd1, tap1, ip1 = lan.attach("holder-a")
+        deadline = time.monotonic() + 10
+        while not lan._warm and time.monotonic() < deadline:  # refilled in the background
+            time.sleep(0.01)
+        warm_tap = lan._warm[0][1]
+        fd2, tap2, ip2 = lan.attach("holder-b")
+        assert tap2 == warm_tap and tap1 != tap2 and ip1 != ip2
+        leases = pools.snapshot()
+        assert leases["tap"][tap2]["holder"] == "holder-b" and leases["tap"][tap1]["holder"] == "holder-a"
+        for fd in (fd1, fd2):
+            os.close(fd)
+    finally:
+        lan.close()
+        pools.release("holder-a")
+        pools.release("holder-b")
+    deadline = time.monotonic() + 10
+    while any(o.get("holder") == f"lan-{lan.id}" for o in pools.snapshot().get("tap", {}).values()):
+        assert time.monotonic() < deadline, "warm TAP leases outlived their LAN"
+        time.sleep(0.05)

@@ -32,6 +32,7 @@ TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 BRIDGE = "br0"
 LAN_PREFIX = 16  # LAN addresses come from 10.77.0.0/16, unique host-wide
+WARM_TAPS = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -83,6 +84,7 @@ class Lan:
         self.name = name
         self.id = secrets.token_hex(3)
         self._lock = threading.Lock()
+        self._warm: list[tuple[int, str]] = []  # TAPs on the bridge, ready to hand out
         self._ns_fd = _new_netns()
         self.inode = os.fstat(self._ns_fd).st_ino
         ipr = None
@@ -102,9 +104,29 @@ class Lan:
         self._ipr = ipr
 
     def attach(self, holder: str) -> tuple[int, str, str]:
-        """A TAP on the bridge for ``holder``: (fd for QEMU, TAP name, LAN IP with prefix)."""
-        tap = pools.lease("tap", holder)[0]
+        """A TAP on the bridge for ``holder``: (fd for QEMU, TAP name, LAN IP with prefix).
+
+        Takes a warm TAP when there is one, and makes the next one in the
+        background: the second and later bottles of a LAN skip the setns,
+        the ioctl and the netlink round trips.
+        """
         ip = pools.lease("lan", holder)[0]
+        with self._lock:
+            warm = self._warm.pop() if self._warm else None
+        if warm is not None:
+            fd, tap = warm
+            pools.reassign("tap", tap, holder)
+        else:
+            try:
+                fd, tap = self._new_tap(holder)
+            except BaseException:
+                pools.release_value("lan", ip)
+                raise
+        threading.Thread(target=self._refill, name="bottle-tap-pool", daemon=True).start()
+        return fd, tap, f"{ip}/{LAN_PREFIX}"
+
+    def _new_tap(self, holder: str) -> tuple[int, str]:
+        tap = pools.lease("tap", holder)[0]
         ns_fd = self._ns_fd
 
         def create() -> int:
@@ -117,25 +139,50 @@ class Lan:
                 raise
             return fd
 
-        fd = _in_thread(create)
+        try:
+            fd = _in_thread(create)
+        except BaseException:
+            pools.release_value("tap", tap)
+            raise
         try:
             with self._lock:
                 idx = self._ipr.link_lookup(ifname=tap)[0]
                 self._ipr.link("set", index=idx, master=self._br, state="up")
         except BaseException:
             os.close(fd)
+            pools.release_value("tap", tap)
             raise
-        return fd, tap, f"{ip}/{LAN_PREFIX}"
+        return fd, tap
+
+    def _refill(self) -> None:
+        with self._lock:
+            if self._ns_fd < 0 or len(self._warm) >= WARM_TAPS:
+                return
+        try:
+            fd, tap = self._new_tap(f"lan-{self.id}")
+        except Exception as e:  # only a warm spare is lost; attach makes its own
+            log.debug("warming a TAP for LAN %s: %s", self.name, e)
+            return
+        with self._lock:
+            if self._ns_fd >= 0:
+                self._warm.append((fd, tap))
+                return
+        os.close(fd)
+        pools.release_value("tap", tap)
 
     def close(self) -> None:
         with self._lock:
             if self._ns_fd < 0:
                 return
+            warm, self._warm = self._warm, []
             try:
                 self._ipr.close()
             finally:
                 os.close(self._ns_fd)
                 self._ns_fd = -1
+        for fd, tap in warm:
+            os.close(fd)
+            pools.release_value("tap", tap)
 
 
 class LanRegistry:

@@ -96,6 +96,18 @@ def release(holder: str) -> None:
                 del leases[value]
 
 
+def reassign(pool: str, value: str, holder: str) -> None:
+    """Hand one leased value to another holder of this process (a warm TAP to its bottle)."""
+    pid, started = owner_identity()
+    with _locked() as state:
+        state.setdefault(pool, {})[value] = {"pid": pid, "start": started, "holder": holder}
+
+
+def release_value(pool: str, value: str) -> None:
+    with _locked() as state:
+        state.get(pool, {}).pop(value, None)
+
+
 def transfer(holder: str, pid: int, started: float | None) -> None:
     """Hand ``holder``'s leases to another process (a kept VM's QEMU outlives us)."""
     with _locked() as state:
