@@ -21,6 +21,7 @@ def host_server() -> Iterator[int]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1]
     server.shutdown()
+    server.server_close()
 
 
 def _fetch(b: Bottle, url: str) -> int:

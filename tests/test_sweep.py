@@ -63,7 +63,7 @@ def test_concurrent_processes_never_share_a_lease(private_state: Path) -> None:
         pools.lease("loopback", "late", 1, size=60)
     assert info.value.pool == "loopback" and "live owners" in str(info.value)
     for p in procs:
-        p.wait()
+        p.communicate()
     # Their owners are dead now: the same values can be leased again.
     again = pools.lease("loopback", "late", 60, size=60)
     assert sorted(again) == sorted(values)
@@ -75,7 +75,7 @@ def test_release_and_dead_owner_reclaim(private_state: Path) -> None:
     pools.release("vm-a")
     assert "vm-a" not in json.dumps(pools.snapshot())
     (p,) = _leasers(1, 3, 100, 0)
-    p.wait()
+    p.communicate()
     reclaimed = pools.reclaim_dead()
     assert len(reclaimed) == 3 and {h for _, _, h in reclaimed} == {"holder0"}
 
