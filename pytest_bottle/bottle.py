@@ -346,6 +346,7 @@ class Bottle:
             self._record.save()
         self._resources.pop_all()
         self._channel.close()
+        self._machine.qmp.close()  # our end only: the VM runs on
 
     def __enter__(self) -> Bottle:
         return self
