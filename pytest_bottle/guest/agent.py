@@ -23,71 +23,30 @@ if TYPE_CHECKING:
     import tarfile
 
 try:  # on the host, as part of the package
-    from . import execute, identity
-    from .frames import (
-        CALL,
-        CANCEL,
-        CHUNK,
-        DATA,
-        EOF,
-        PORT_NAME,
-        REPLY,
-        STDERR,
-        STDOUT,
-        SYNC,
-        SYNC_FRAME,
-        VERSION,
-        Aborted,
-        Channel,
-        FrameWriter,
-        Inbox,
-        InboxReader,
-        frame,
-        jframe,
-    )  # fmt: skip
+    from . import execute, frames, identity
 except ImportError:  # in the guest, files side by side
     import execute  # type: ignore[import-not-found,no-redef]
+    import frames  # type: ignore[import-not-found,no-redef]
     import identity  # type: ignore[import-not-found,no-redef]
-    from frames import (  # type: ignore[import-not-found,no-redef]
-        CALL,
-        CANCEL,
-        CHUNK,
-        DATA,
-        EOF,
-        PORT_NAME,
-        REPLY,
-        STDERR,
-        STDOUT,
-        SYNC,
-        SYNC_FRAME,
-        VERSION,
-        Aborted,
-        Channel,
-        FrameWriter,
-        Inbox,
-        InboxReader,
-        frame,
-        jframe,
-    )  # fmt: skip
 
 
 class Agent:
-    def __init__(self, chan: Channel) -> None:
+    def __init__(self, chan: frames.Channel) -> None:
         self.chan = chan
-        self.inboxes: dict[int, Inbox] = {}
+        self.inboxes: dict[int, frames.Inbox] = {}
         self.procs: dict[int, execute.Child] = {}
         self.lock = threading.Lock()
-        self.jobs: queue.SimpleQueue[tuple[int, dict[str, Any], Inbox]] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[tuple[int, dict[str, Any], frames.Inbox]] = queue.SimpleQueue()
         self.idle = 0
 
     def serve(self) -> None:
         while True:
             kind, rid, payload = self.chan.recv()
-            if kind == SYNC:
-                self.chan.send(SYNC_FRAME)
-            elif kind == CALL:
+            if kind == frames.SYNC:
+                self.chan.send(frames.SYNC_FRAME)
+            elif kind == frames.CALL:
                 call = json.loads(payload)
-                inbox = Inbox()
+                inbox = frames.Inbox()
                 with self.lock:
                     self.inboxes[rid] = inbox
                     spare = self.idle > 0
@@ -96,19 +55,19 @@ class Agent:
                 if not spare:  # every worker is busy (a long exec): add one
                     threading.Thread(target=self.work, daemon=True).start()
                 self.jobs.put((rid, call, inbox))
-            elif kind in (DATA, EOF):
+            elif kind in (frames.DATA, frames.EOF):
                 with self.lock:
                     box = self.inboxes.get(rid)
                 if box is not None:
                     box.put(kind, payload)
-            elif kind == CANCEL:
+            elif kind == frames.CANCEL:
                 with self.lock:
                     proc = self.procs.get(rid)
                     box = self.inboxes.get(rid)
                 if proc is not None:
                     proc.kill()
                 elif box is not None:  # an upload the host gave up on
-                    box.put(CANCEL, b"")
+                    box.put(frames.CANCEL, b"")
 
     def work(self) -> None:
         """A worker thread: threads are kept, since starting one costs under emulation."""
@@ -117,8 +76,8 @@ class Agent:
             with self.lock:
                 self.idle += 1
 
-    def run(self, rid: int, call: dict[str, Any], inbox: Inbox) -> None:
-        handler: Callable[[int, dict[str, Any], Inbox], dict[str, Any]] | None
+    def run(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> None:
+        handler: Callable[[int, dict[str, Any], frames.Inbox], dict[str, Any]] | None
         handler = getattr(self, "op_" + str(call.get("op")), None)
         try:
             if handler is None:
@@ -132,20 +91,20 @@ class Agent:
         finally:
             with self.lock:
                 self.inboxes.pop(rid, None)
-        self.chan.send(jframe(REPLY, rid, reply))
+        self.chan.send(frames.jframe(frames.REPLY, rid, reply))
 
     # -- operations ---------------------------------------------------------
 
-    def op_hello(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+    def op_hello(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot_id = f.read().strip()
-        return {"version": VERSION, "boot_id": boot_id, "uptime": time.clock_gettime(time.CLOCK_BOOTTIME)}
+        return {"version": frames.VERSION, "boot_id": boot_id, "uptime": time.clock_gettime(time.CLOCK_BOOTTIME)}
 
-    def op_setup(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+    def op_setup(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         """Give a (possibly cloned) machine its own identity and network."""
         return identity.setup(call)
 
-    def op_exec(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+    def op_exec(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         started = time.monotonic()
         try:
             child = execute.spawn(
@@ -164,19 +123,19 @@ class Agent:
         try:
             if child.stdin is not None:
                 threading.Thread(target=_feed, args=(child.stdin, inbox), daemon=True).start()
-            kinds = {1: STDOUT, 2: STDERR}
+            kinds = {1: frames.STDOUT, 2: frames.STDERR}
             timed_out = execute.pump(
-                child, lambda k, data: self.chan.send(frame(kinds[k], rid, data)), call.get("timeout")
+                child, lambda k, data: self.chan.send(frames.frame(kinds[k], rid, data)), call.get("timeout")
             )
         finally:
             with self.lock:
                 self.procs.pop(rid, None)
             # The command is done: stdin frames still on their way are moot, and
             # the feeder thread must not wait for them.
-            inbox.put(EOF, b"")
+            inbox.put(frames.EOF, b"")
         return {"rc": child.returncode, "duration": time.monotonic() - started, "timed_out": timed_out}
 
-    def op_write(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+    def op_write(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         """Write a file atomically; a file it replaces keeps its mode and owner
         unless a mode is given; ``into_dir`` names the file if ``path`` is a directory."""
         path = os.path.realpath(call["path"])  # through a symlink, like a shell redirect
@@ -204,25 +163,25 @@ class Agent:
             raise
         return {"size": os.path.getsize(path), "path": path}
 
-    def op_read(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+    def op_read(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         size = 0
         with open(call["path"], "rb") as f:
-            while chunk := f.read(CHUNK):
+            while chunk := f.read(frames.CHUNK):
                 size += len(chunk)
-                self.chan.send(frame(DATA, rid, chunk))
-        self.chan.send(frame(EOF, rid))
+                self.chan.send(frames.frame(frames.DATA, rid, chunk))
+        self.chan.send(frames.frame(frames.EOF, rid))
         return {"size": size}
 
-    def op_stat(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+    def op_stat(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         st = os.stat(call["path"])
         return {"mode": st.st_mode, "size": st.st_size, "is_dir": os.path.isdir(call["path"])}
 
-    def op_untar(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+    def op_untar(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         dst = call["path"]
         os.makedirs(dst, exist_ok=True)
         import tarfile  # only here: the import costs seconds of an emulated boot
 
-        stream = InboxReader(inbox)
+        stream = frames.InboxReader(inbox)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
                 for member in tar:
@@ -232,20 +191,20 @@ class Agent:
             stream.drain()
         return {}
 
-    def op_tar(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+    def op_tar(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         src = os.path.realpath(call["path"])  # a symlink to a directory copies the directory
         if not os.path.isdir(src):
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory", src)
         import tarfile
 
-        out = FrameWriter(lambda data: self.chan.send(frame(DATA, rid, data)))
+        out = frames.FrameWriter(lambda data: self.chan.send(frames.frame(frames.DATA, rid, data)))
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
             tar.add(src, arcname=".")
         out.flush()
-        self.chan.send(frame(EOF, rid))
+        self.chan.send(frames.frame(frames.EOF, rid))
         return {}
 
-    def op_listening(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+    def op_listening(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         """TCP ports something listens on (from /proc/net/tcp*, no tools needed)."""
         ports = set()
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -259,7 +218,7 @@ class Agent:
                 continue
         return {"ports": sorted(ports)}
 
-    def op_settle(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+    def op_settle(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         """Wait until boot is over and the machine is idle: what a snapshot should capture."""
         deadline = time.monotonic() + float(call.get("timeout", 60))
         state = ""
@@ -280,7 +239,7 @@ class Agent:
             quiet = quiet + 0.25 if idle > 0.9 and not _has_process("udev-worker") else 0.0
         return {"state": state, "quiet": quiet}
 
-    def op_quiesce(self, rid: int, call: dict[str, Any], inbox: Inbox) -> dict[str, Any]:
+    def op_quiesce(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         """Make the memory image small before a snapshot: clean caches, compact."""
         os.sync()
         for knob, value in (("drop_caches", "3"), ("compact_memory", "1")):
@@ -311,12 +270,12 @@ def _has_process(comm: str) -> bool:
     return False
 
 
-def _feed(stdin: IO[bytes], inbox: Inbox) -> None:
+def _feed(stdin: IO[bytes], inbox: frames.Inbox) -> None:
     try:
         for chunk in inbox.chunks():
             stdin.write(chunk)
             stdin.flush()
-    except (BrokenPipeError, Aborted):
+    except (BrokenPipeError, frames.Aborted):
         inbox.drain()
     finally:
         try:
@@ -325,7 +284,7 @@ def _feed(stdin: IO[bytes], inbox: Inbox) -> None:
             pass
 
 
-def find_port(name: str = PORT_NAME, wait: float = 60.0) -> str:
+def find_port(name: str = frames.PORT_NAME, wait: float = 60.0) -> str:
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -347,7 +306,7 @@ def main() -> None:
     dev = find_port()
     fd = os.open(dev, os.O_RDWR)
     print(f"bottle-agent: serving on {dev}", file=sys.stderr, flush=True)
-    Agent(Channel(fd)).serve()
+    Agent(frames.Channel(fd)).serve()
 
 
 if __name__ == "__main__":
