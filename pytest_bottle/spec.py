@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +171,3 @@ def resolve(layers: Sequence[Layer], restricted: int = 0) -> BottleSpec:
                     raise SpecError(f"bad {key}: {e}", source) from None
                 break
     return BottleSpec(**kwargs)
-
-
-def spec_fields() -> list[str]:
-    return [f.name for f in fields(BottleSpec)]

@@ -71,7 +71,7 @@ class AgentChannel:
     def _read_exact(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            chunk = self.sock.recv(max(n - len(buf), 65536) if n - len(buf) > 65536 else n - len(buf))
+            chunk = self.sock.recv(n - len(buf))
             if not chunk:
                 raise EOFError
             buf += chunk
@@ -138,7 +138,7 @@ class AgentChannel:
             raise
         except BaseException:
             if not self.broken:
-                self._send(frame(CANCEL, rid))
+                self.cancel(rid)
             raise
         self._send(frame(EOF, rid))
 

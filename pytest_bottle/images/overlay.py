@@ -13,7 +13,6 @@ AGENT_DIR = "/usr/lib/pytest-bottle"
 AGENT_UNIT = f"""\
 [Unit]
 Description=pytest-bottle guest agent
-Documentation=https://pypi.org/project/pytest-bottle/
 # Early: the agent only needs the root file system and its virtio port.
 DefaultDependencies=no
 After=systemd-journald.socket
