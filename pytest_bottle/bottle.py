@@ -54,6 +54,7 @@ class Bottle:
         lan_ip: str | None = None,
         ssh: Any = None,
         record: RunRecord | None = None,
+        announce: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.image = image
@@ -65,6 +66,10 @@ class Bottle:
         self._forwards = dict(forwards or {})
         self._ssh = ssh
         self._record = record
+        # The user NIC's gratuitous ARP, left out of the restore path: only a
+        # forwarded connection needs QEMU's network to know the clone's MAC.
+        self._announce: dict[str, Any] | None = dict(announce) if announce else None
+        self._announce_lock = threading.Lock()
         self.kept = False
         self._closed = False
         self._close_lock = threading.Lock()
@@ -286,12 +291,24 @@ class Bottle:
     def address(self, guest_port: int) -> tuple[str, int]:
         """Host-side (address, port) of a forwarded guest TCP port."""
         try:
-            return self._forwards[int(guest_port)]
+            where = self._forwards[int(guest_port)]
         except KeyError:
             raise BottleError(
                 f"guest port {guest_port} of {self.name} is not forwarded; forwarded ports: "
                 f"{sorted(self._forwards) or 'none'} (use forward=[{guest_port}])"
             ) from None
+        self._announce_nic()
+        return where
+
+    def _announce_nic(self) -> None:
+        with self._announce_lock:  # a second caller must not connect before it is done
+            if self._announce is None:
+                return
+            try:
+                self._channel.call("announce", timeout=30, **self._announce)
+            except BottleError as e:  # a dead or hung guest fails the connection itself, clearly
+                log.debug("%s: announcing its MAC failed: %s", self.name, e)
+            self._announce = None
 
     # -- ssh (see ssh.py) ---------------------------------------------------
 
@@ -303,6 +320,7 @@ class Bottle:
                 f"bottle {self.name} has no SSH access: image {self.image!r} has no SSH server "
                 "(use an image with openssh-server, e.g. debian-bookworm)"
             )
+        self._announce_nic()
         return self._ssh
 
     @property

@@ -150,7 +150,7 @@ def start_bottle(
             record.qemu_pid, record.qemu_start = m.pid, m.started
             record.save()
 
-        machine, channel, match = _boot(
+        machine, channel, found = _boot(
             spec, image, verdict.accel, nics, run_dir, name, rebuild_before, detached, baked, on_spawn
         )
         stack.callback(channel.close)
@@ -162,6 +162,12 @@ def start_bottle(
         per_boot: dict[str, Any] = dict(baked) if spec.boot == "cold" else {}  # a clone has these from its seed
         if spec.network == "nat":
             per_boot["resolv_conf"] = RESOLV_NAT
+        # Without egress only forwarded connections reach the user NIC: they
+        # announce it on first use (Bottle.address), off the restore path.
+        lazy_arp = spec.network == "none"
+        # A clone has its seed's default route already: checking costs.
+        user_net = USER_NET if spec.boot == "cold" else {"ip": USER_NET["ip"]}
+        handshake = time.perf_counter()
         done = channel.call(
             "setup",
             timeout=60,
@@ -171,10 +177,11 @@ def start_bottle(
             machine_id=uuid.uuid4().hex,
             ssh_host_key={"private": key_pair[0], "public": key_pair[1]} if key_pair else None,
             **per_boot,
-            nics=[dict(match=match[0], mac=macs[0], **USER_NET)]
-            + ([dict(match=match[1], mac=macs[1], ip=lan_ip)] if lan_ip else []),
+            nics=[dict(found[0], mac=macs[0], announce=not lazy_arp, **user_net)]
+            + ([dict(found[1], mac=macs[1], ip=lan_ip)] if lan_ip else []),
         )
-        log.debug("%s: clone handshake steps (ms): %s", name, done.get("took_ms"))
+        announce = dict(name=done["nics"][macs[0]], mac=macs[0], ip=USER_NET["ip"]) if lazy_arp else None
+        log.debug("%s: clone handshake took %.1f ms", name, (time.perf_counter() - handshake) * 1000)
         if spec.boot == "cold":  # as settled as a snapshot clone: boot finished
             channel.call("settle", timeout=spec.timeout, quiet=0)
         ssh: SshAccess | BottleError | None = None
@@ -193,6 +200,7 @@ def start_bottle(
             ssh=ssh,
             record=record,
             lan_ip=lan_ip.split("/")[0] if lan_ip else None,
+            announce=announce,
         )
     except BaseException:
         stack.close()
@@ -248,15 +256,16 @@ def _boot(
     detached: bool,
     baked: dict[str, str | None],
     on_spawn: Callable[[QemuMachine], None],
-) -> tuple[QemuMachine, AgentChannel, tuple[str, ...]]:
+) -> tuple[QemuMachine, AgentChannel, tuple[dict[str, str], ...]]:
     """Restore from a seed (rebuilding a bad one once) or boot cold.
 
-    Returns the machine, its channel and the MACs the guest's NICs have now.
+    Returns the machine, its channel and how the guest's NICs are found now
+    (their MAC, and their name when known).
     """
     if spec.boot == "cold":
         plan = BootPlan(image.kernel, image.initrd, image.rootfs, "raw", spec.memory_mb, spec.cpus, accel, nics)
         machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached, on_spawn)
-        return machine, channel, tuple(n.mac for n in nics)
+        return machine, channel, tuple({"match": n.mac} for n in nics)
     for attempt in (1, 2):
         seed = ensure_seed(image, accel, spec.memory_mb, spec.cpus, len(nics), spec.cache_dir, rebuild_before, baked)
         plan = BootPlan(
@@ -274,7 +283,8 @@ def _boot(
         )
         try:
             machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached, on_spawn)
-            return machine, channel, SEED_MACS[: len(nics)]
+            names = zip(SEED_MACS, seed.nic_names, strict=False)
+            return machine, channel, tuple({"match": m, "name": n} for m, n in names)
         except BootError as e:
             if attempt == 2 or not any(s in e.reason for s in _RESTORE_FAILURES):
                 raise

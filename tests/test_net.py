@@ -45,6 +45,34 @@ def test_forward_publishes_a_guest_port_on_loopback(bottle: Bottle) -> None:
         bottle.address(9999)
 
 
+CAPTURE_ARP = """
+import socket
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # outgoing: ETH_P_ALL only
+s.bind(("eth0", 0))
+open("/tmp/capture.ready", "w").close()
+s.settimeout(120)
+while True:
+    frame, addr = s.recvfrom(2048)
+    if addr[2] == socket.PACKET_OUTGOING and frame[12:14] == bytes.fromhex("0806"):
+        open("/tmp/arp.hex", "w").write(frame.hex())
+        break
+"""
+
+
+@pytest.mark.bottle(forward=[8080])
+def test_asking_for_a_forward_announces_the_clones_mac(bottle: Bottle) -> None:
+    # QEMU's fresh user network learns the clone's MAC from this ARP; without
+    # it the first forwarded connection stalls.  It is sent on first use.
+    bottle.write_text("/tmp/capture.py", CAPTURE_ARP)
+    bottle.exec("nohup python3 /tmp/capture.py >/dev/null 2>&1 &")
+    bottle.wait_until_succeeds("test -e /tmp/capture.ready", timeout=60)
+    mac = bottle.read_text("/sys/class/net/eth0/address").strip()
+    bottle.address(8080)
+    frame = bytes.fromhex(bottle.wait_until_succeeds("cat /tmp/arp.hex", timeout=30).stdout)
+    assert frame[22:28] == bytes.fromhex(mac.replace(":", ""))  # the ARP sender's MAC
+    assert socket.inet_ntoa(frame[28:32]) == "10.0.2.15"
+
+
 def test_network_none_has_no_egress(bottle: Bottle, host_server: int) -> None:
     assert _fetch(bottle, f"http://10.0.2.2:{host_server}/") != 0
 

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOME = "/root"
-CHUNK = 256 * 1024
+PIPE_CHUNK = 64 * 1024  # a pipe holds 64 KiB: no read returns more
 # Output still trickling in after the command exited comes from processes it
 # left in the background; they keep the pipes open, so stop waiting this soon
 # after the last of it, and this long after the exit at most.
@@ -91,7 +91,15 @@ def _getpw(user: str | int) -> pwd.struct_passwd:
 
 
 def _posix_spawn(argv: list[str], env: dict[str, str], stdin: bool) -> Child:
-    path = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH", DEFAULT_PATH))
+    spawn = os.posix_spawn
+    if "/" in argv[0]:
+        path: str | None = argv[0]
+    elif env.get("PATH") == os.environ.get("PATH"):
+        # libc searches the agent's own PATH: no Python-level search (with an
+        # exception per miss) on the path every first command takes.
+        path, spawn = argv[0], os.posix_spawnp
+    else:
+        path = shutil.which(argv[0], path=env.get("PATH", DEFAULT_PATH))
     if path is None:
         raise FileNotFoundError(2, "not found", argv[0])
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -99,7 +107,7 @@ def _posix_spawn(argv: list[str], env: dict[str, str], stdin: bool) -> Child:
     in_r, in_w = os.pipe2(os.O_CLOEXEC) if stdin else (os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), -1)
     try:
         actions = [(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
-        pid = os.posix_spawn(path, argv, env, file_actions=actions, setsid=True)
+        pid = spawn(path, argv, env, file_actions=actions, setsid=True)
     except BaseException:
         for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
             if fd >= 0:
@@ -134,6 +142,8 @@ def pump(child: Child, emit: Callable[[int, bytes], None], timeout: float | None
     """Forward output as ``emit(fd_kind, data)`` (1 stdout, 2 stderr) until the
     command and its pipes are done; kill its group on timeout.  Returns timed_out."""
     kinds = {child.stdout: 1, child.stderr: 2}
+    buf = bytearray(PIPE_CHUNK)  # reused: see frames.Channel
+    view = memoryview(buf)
     open_fds = set(kinds)
     pidfd = os.pidfd_open(child.pid)
     deadline = None if timeout is None else time.monotonic() + float(timeout)
@@ -162,9 +172,9 @@ def pump(child: Child, emit: Callable[[int, bytes], None], timeout: float | None
                     child.reap()
                     exited_at = exit_time = time.monotonic()
                     continue
-                data = os.read(fd, CHUNK)
-                if data:
-                    emit(kinds[fd], data)
+                n = os.readv(fd, [buf])
+                if n:
+                    emit(kinds[fd], bytes(view[:n]))
                     if exited_at is not None:
                         exited_at = time.monotonic()
                 else:

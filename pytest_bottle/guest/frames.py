@@ -42,6 +42,10 @@ class Channel:
         self.fd = fd
         self.wlock = threading.Lock()
         self.buf = bytearray()
+        # One read buffer for good: os.read() allocates (and under glibc, maps
+        # and remaps) a fresh buffer per call, kernel work TCG pays for.
+        self.rbuf = bytearray(CHUNK)
+        self.rview = memoryview(self.rbuf)
 
     def send(self, data: bytes) -> None:
         with self.wlock:
@@ -60,13 +64,13 @@ class Channel:
         idle = 0.001
         while True:
             try:
-                chunk = os.read(self.fd, CHUNK)
+                n = os.readv(self.fd, [self.rbuf])
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EINTR):
                     raise
-                chunk = b""
-            if chunk:
-                self.buf += chunk
+                n = 0
+            if n:
+                self.buf += self.rview[:n]
                 return
             # No host connected: the port reads as EOF at once.  Whatever was
             # buffered belonged to the host that left; resynchronise on SYNC.

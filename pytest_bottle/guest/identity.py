@@ -26,51 +26,38 @@ ARPHRD_ETHER = 1
 
 
 def setup(call: dict[str, Any]) -> dict[str, Any]:
-    """Apply what the host sent; report how long each step took (milliseconds)."""
-    took: dict[str, float] = {}
-    last = time.perf_counter()
-
-    def step(name: str) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        took[name] = round((now - last) * 1000, 2)
-        last = now
-
+    """Apply what the host sent."""
     if call.get("entropy"):
         _add_entropy(bytes.fromhex(call["entropy"]))
-        step("entropy")
     if call.get("time_ns"):
         time.clock_settime_ns(time.CLOCK_REALTIME, int(call["time_ns"]))
-        step("clock")
     if call.get("hostname"):
         _set_hostname(call["hostname"])
-        step("hostname")
     if call.get("machine_id"):
         _write("/etc/machine-id", call["machine_id"] + "\n", 0o444)
-        step("machine_id")
     if call.get("ssh_host_key"):
         _set_ssh_host_key(call["ssh_host_key"]["private"], call["ssh_host_key"]["public"])
-        step("ssh_host_key")
     if call.get("resolv_conf") is not None:
         _write_if_changed("/etc/resolv.conf", call["resolv_conf"], 0o644)
-        step("resolv_conf")
     if call.get("authorized_keys"):
         os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)
         _write("/root/.ssh/authorized_keys", call["authorized_keys"], 0o600)
-        step("authorized_keys")
     nics = {}
     for nic in call.get("nics", []):
         nics[nic["mac"]] = _configure_nic(nic)
-        step(f"nic {nic['mac']}")
-    return {"nics": nics, "took_ms": took}
+    if call.get("list_nics"):  # a seed records its interfaces' names for its clones
+        nics.update(_ifaces())
+    return {"nics": nics}
 
 
 def _add_entropy(seed: bytes) -> None:
-    with open("/dev/urandom", "wb") as f:
-        req = struct.pack("ii", len(seed) * 8, len(seed)) + seed
-        fcntl.ioctl(f.fileno(), RNDADDENTROPY, req)
+    fd = os.open("/dev/urandom", os.O_WRONLY)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
         # Force the CRNG to reseed now, not at its next scheduled reseed.
-        fcntl.ioctl(f.fileno(), RNDRESEEDCRNG)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
 
 
 def _set_hostname(name: str) -> None:
@@ -80,19 +67,24 @@ def _set_hostname(name: str) -> None:
 
 
 def _set_ssh_host_key(private: str, public: str) -> None:
-    for old in glob.glob("/etc/ssh/ssh_host_*_key*"):
-        os.unlink(old)
+    # The image has no other host keys and sshd_config names only this one.
     _write("/etc/ssh/ssh_host_ed25519_key", private, 0o600)
     _write("/etc/ssh/ssh_host_ed25519_key.pub", public, 0o644)
 
 
 def _write(path: str, text: str, mode: int) -> None:
-    # In place, not write-and-rename: nothing reads these mid-handshake, and
-    # every metadata operation costs on the restore path.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Overwrite in place: no truncate, rename, new inode or chmod unless needed.
+
+    Nothing reads these files mid-handshake, and every file system path the
+    restore takes is code TCG must translate afresh in each clone; the seed
+    holds files of the same sizes, so a clone's write is a plain overwrite."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, mode)  # the mode applies to a new file only
     try:
-        os.fchmod(fd, mode)
-        os.write(fd, text.encode())
+        size = os.lseek(fd, 0, os.SEEK_END)
+        os.pwrite(fd, data, 0)
+        if size > len(data):
+            os.ftruncate(fd, len(data))
     finally:
         os.close(fd)
 
@@ -107,12 +99,20 @@ def _write_if_changed(path: str, text: str, mode: int) -> None:
     _write(path, text, mode)
 
 
-def _iface_by_mac(mac: str) -> str:
+def _ifaces() -> dict[str, str]:
+    """MAC -> interface name."""
+    found = {}
     for path in glob.glob("/sys/class/net/*/address"):
         with open(path) as f:
-            if f.read().strip().lower() == mac.lower():
-                return path.split("/")[4]
-    raise LookupError(f"no network interface with MAC {mac}")
+            found[f.read().strip().lower()] = path.split("/")[4]
+    return found
+
+
+def _iface_by_mac(mac: str) -> str:
+    try:
+        return _ifaces()[mac.lower()]
+    except KeyError:
+        raise LookupError(f"no network interface with MAC {mac}") from None
 
 
 def _ifreq(name: str, payload: bytes = b"") -> bytes:
@@ -124,31 +124,50 @@ def _sockaddr_in(ip: str) -> bytes:
 
 
 def _configure_nic(nic: dict[str, Any]) -> str:
-    """Set a NIC's MAC and IPv4 address; the kernel adds the on-link route."""
-    name = _iface_by_mac(nic["match"])
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        if nic["mac"].lower() != nic["match"].lower():
-            hw = bytes.fromhex(nic["mac"].replace(":", ""))
-            fcntl.ioctl(s.fileno(), SIOCSIFHWADDR, _ifreq(name, struct.pack("H6s", ARPHRD_ETHER, hw)))
-        if nic.get("ip") and _ipv4(s, name) != nic["ip"].partition("/")[0]:  # a clone has its seed's already
-            ip, _, plen = nic["ip"].partition("/")
-            mask = socket.inet_ntoa(struct.pack("!I", (0xFFFFFFFF << (32 - int(plen or 24))) & 0xFFFFFFFF))
-            fcntl.ioctl(s.fileno(), SIOCSIFADDR, _ifreq(name, _sockaddr_in(ip)))
-            fcntl.ioctl(s.fileno(), SIOCSIFNETMASK, _ifreq(name, _sockaddr_in(mask)))
-        flags = struct.unpack_from("H", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, _ifreq(name)), 16)[0]
-        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, _ifreq(name, struct.pack("H", flags | IFF_UP)))
-    if nic.get("ip"):
+    """Set a NIC's MAC and IPv4 address; the kernel adds the on-link route.
+
+    A clone is told its NICs' names (the seed's); a cold boot looks them up."""
+    name = nic.get("name") or _iface_by_mac(nic["match"])
+    s = _ioctl_socket()
+    if nic["mac"].lower() != nic["match"].lower():
+        hw = bytes.fromhex(nic["mac"].replace(":", ""))
+        fcntl.ioctl(s, SIOCSIFHWADDR, _ifreq(name, struct.pack("H6s", ARPHRD_ETHER, hw)))
+    if nic.get("ip") and _ipv4(s, name) != nic["ip"].partition("/")[0]:  # a clone has its seed's already
+        ip, _, plen = nic["ip"].partition("/")
+        mask = socket.inet_ntoa(struct.pack("!I", (0xFFFFFFFF << (32 - int(plen or 24))) & 0xFFFFFFFF))
+        fcntl.ioctl(s, SIOCSIFADDR, _ifreq(name, _sockaddr_in(ip)))
+        fcntl.ioctl(s, SIOCSIFNETMASK, _ifreq(name, _sockaddr_in(mask)))
+    flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(name)), 16)[0]
+    if not flags & IFF_UP:
+        fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq(name, struct.pack("H", flags | IFF_UP)))
+    if nic.get("ip") and nic.get("announce", True):
         _gratuitous_arp(name, nic["mac"], nic["ip"].partition("/")[0])
     if nic.get("gateway") and not _has_default_route():
         subprocess.run(["ip", "route", "replace", "default", "via", nic["gateway"], "dev", name], check=True)
     return name
 
 
-def _ipv4(s: socket.socket, name: str) -> str | None:
+_sock: list[socket.socket] = []
+
+
+def _ioctl_socket() -> int:
+    """A socket for interface ioctls, kept open: a clone inherits its seed's."""
+    if not _sock:
+        _sock.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    return _sock[0].fileno()
+
+
+def _ipv4(s: int, name: str) -> str | None:
     try:
-        return socket.inet_ntoa(fcntl.ioctl(s.fileno(), SIOCGIFADDR, _ifreq(name))[20:24])
+        return socket.inet_ntoa(fcntl.ioctl(s, SIOCGIFADDR, _ifreq(name))[20:24])
     except OSError:  # no address yet
         return None
+
+
+def announce(call: dict[str, Any]) -> dict[str, Any]:
+    """The gratuitous ARP a setup left for later (``announce: false``)."""
+    _gratuitous_arp(call["name"], call["mac"], call["ip"].partition("/")[0])
+    return {}
 
 
 def _gratuitous_arp(name: str, mac: str, ip: str) -> None:
