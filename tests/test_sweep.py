@@ -181,12 +181,13 @@ def test_kill_9_then_next_run_leaves_nothing(tmp_path: Path) -> None:
 
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    _trivial_run(tmp_path)  # its startup sweep cleans up after the killed run
-
+    # QEMU goes by itself (parent-death signal), before any sweep.
     deadline = time.time() + 10
     while any(psutil.pid_exists(p) for p in qemu_pids) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(psutil.pid_exists(p) for p in qemu_pids), "QEMU outlived its killed owner"
+
+    _trivial_run(tmp_path)  # its startup sweep cleans up after the killed run
     assert not {r.name for r in RunRecord.load_all()} & set(names)
     assert not any(Path(r.run_dir).exists() for r in records.values()), "run dirs (overlays) left"
     leased = json.dumps(pools.snapshot())

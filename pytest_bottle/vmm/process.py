@@ -10,11 +10,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,6 @@ def _die_with_parent_kill() -> None:
     die_with_parent(signal.SIGKILL)
 
 
-def _detach() -> None:
-    os.setsid()
-
-
 def spawn(
     argv: Sequence[str],
     *,
@@ -64,15 +61,28 @@ def spawn(
         if _spawner is None:
             _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bottle-spawner")
 
+    argv = list(argv)
+    preexec: Callable[[], None] | None = None
+    if die_with_parent:
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            # Python code between fork and exec (preexec_fn) forces a full fork
+            # of this process: ~6 ms against ~0.2 ms for the vfork Popen does
+            # otherwise.  setpriv (util-linux) sets the signal, then execs.
+            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+        else:
+            preexec = _die_with_parent_kill
+
     def start() -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as out:
             return subprocess.Popen(
-                list(argv),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 pass_fds=tuple(pass_fds),
-                preexec_fn=_die_with_parent_kill if die_with_parent else _detach,
+                preexec_fn=preexec,
+                start_new_session=not die_with_parent,
                 env=env,
                 cwd=cwd,
             )

@@ -98,7 +98,10 @@ def build_argv(cfg: MachineConfig) -> list[str]:
         "-m", f"{cfg.memory_mb}M",
         "-smp", str(cfg.cpus),
         "-kernel", str(cfg.kernel),
-        "-initrd", str(cfg.initrd),
+        # A restored guest booted long ago: its initrd would only be read into
+        # QEMU's memory (fw_cfg, not migrated) for nothing.  The kernel stays,
+        # since it brings the option ROM whose RAM block the saved state has.
+        *(["-initrd", str(cfg.initrd)] if cfg.incoming_fd is None else []),
         "-append", cfg.kernel_cmdline,
         "-chardev", f"file,id=console,path={_opt(cfg.console_log)},append=on",
         "-serial", "chardev:console",
@@ -120,7 +123,11 @@ def build_argv(cfg: MachineConfig) -> list[str]:
             "-object", f"memory-backend-file,id=ram,size={cfg.memory_mb}M,mem-path={_opt(cfg.ram_file)},share={share}",
         ]  # fmt: skip
     for nic in cfg.nics:
-        argv += ["-netdev", _netdev(nic), "-device", f"virtio-net-device,netdev={nic.id},mac={nic.mac}"]
+        # No guest announce: after every restore the guest would send ARPs and
+        # IPv6 reports with its seed's MAC, work on the restore path; the clone
+        # handshake announces the clone's own MAC instead.
+        device = f"virtio-net-device,netdev={nic.id},mac={nic.mac},guest_announce=off"
+        argv += ["-netdev", _netdev(nic), "-device", device]
     if cfg.incoming_fd is not None:
         # With file-backed RAM the stream leaves RAM out (x-ignore-shared), a
         # capability both ends must set before the stream is read: QMP does it.

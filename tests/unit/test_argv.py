@@ -50,7 +50,7 @@ def test_user_nic_with_forwards() -> None:
     argv = build_argv(cfg(nics=(nic,)))
     netdev = opt(argv, "-netdev")[0]
     assert "restrict=on" in netdev and "hostfwd=tcp:127.77.0.9:22-:22" in netdev
-    assert "virtio-net-device,netdev=net0,mac=52:54:b0:77:00:01" in opt(argv, "-device")
+    assert "virtio-net-device,netdev=net0,mac=52:54:b0:77:00:01,guest_announce=off" in opt(argv, "-device")
     nat = build_argv(cfg(nics=(Nic("net0", "52:54:b0:77:00:01", "user", restrict=False),)))
     assert "restrict=off" in opt(nat, "-netdev")[0]
 
@@ -59,6 +59,9 @@ def test_tap_nic_and_incoming() -> None:
     argv = build_argv(cfg(nics=(Nic("net1", "52:54:b0:77:00:02", "tap", tap_fd=9),), incoming_fd=7))
     assert opt(argv, "-netdev") == ["tap,id=net1,fd=9"]
     assert opt(argv, "-incoming") == ["fd:7"]
+    # A restore needs the kernel (its option ROM is in the saved state), not the initrd.
+    assert opt(argv, "-kernel") == ["/i/vmlinuz"] and "-initrd" not in argv
+    assert "guest_announce=off" in opt(argv, "-device")[-1]
 
 
 def test_commas_in_paths_are_escaped() -> None:
