@@ -352,6 +352,8 @@ class Bottle:
         Its leases and run-state record pass to the QEMU process, so sweeps
         leave it alone while it runs; ``bottle stop NAME`` ends it.
         """
+        if not self._closed:  # whoever reaches it next (ssh -F ...) must not stall
+            self._announce_nic()
         with self._close_lock:
             if self._closed:
                 return

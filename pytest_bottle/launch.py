@@ -283,8 +283,9 @@ def _boot(
         )
         try:
             machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached, on_spawn)
-            names = zip(SEED_MACS, seed.nic_names, strict=False)
-            return machine, channel, tuple({"match": m, "name": n} for m, n in names)
+            names = seed.nic_names
+            found = ({"match": m} | ({"name": names[i]} if i < len(names) else {}) for i, m in enumerate(SEED_MACS))
+            return machine, channel, tuple(found)[: len(nics)]
         except BootError as e:
             if attempt == 2 or not any(s in e.reason for s in _RESTORE_FAILURES):
                 raise

@@ -89,8 +89,8 @@ class Seed:
 
     @property
     def nic_names(self) -> tuple[str, ...]:
-        """The guest's interface names, in device order."""
-        return tuple(self.manifest["nic_names"])
+        """The guest's interface names, in device order (none known: empty)."""
+        return tuple(self.manifest.get("nic_names") or ())
 
 
 def seed_nics(count: int) -> tuple[Nic, ...]:
@@ -222,7 +222,7 @@ def _write_stamp(path: Path, sig: list[Any]) -> None:
 def _load(path: Path) -> Seed | None:
     try:
         seed = Seed(path, json.loads((path / "manifest.json").read_text()))
-        seed.manifest["files"], seed.manifest["key_parts"], seed.manifest["created"], seed.manifest["nic_names"]
+        seed.manifest["files"], seed.manifest["key_parts"], seed.manifest["created"]
     except (OSError, ValueError, KeyError, TypeError):
         return None  # not there, or not a manifest we wrote: rebuilt under the lock
     return seed

@@ -89,5 +89,7 @@ def test_cli_doctor_image_list_sweep() -> None:
     assert _cli("image", "rm", "windows").returncode == 1
     prune = _cli("image", "prune")  # only what no current recipe would build
     assert prune.returncode == 0 and "pruned" in prune.stdout
-    assert "debian-bookworm " in _cli("image", "list").stdout and ensure_image("debian-bookworm", CACHE).rootfs.is_file()
+    assert (
+        "debian-bookworm " in _cli("image", "list").stdout and ensure_image("debian-bookworm", CACHE).rootfs.is_file()
+    )
     assert _cli("sweep").returncode == 0

@@ -224,8 +224,10 @@ def test_file_semantics_like_cp(module_bottle: Bottle, tmp_path: Path) -> None:
     module_bottle.put(src, "/opt/tools")
     assert module_bottle.read_text("/opt/tools/tool.sh") == "echo tool\n"
     # get of a directory keeps special mode bits.
-    module_bottle.exec("mkdir -p /srv/modes && touch /srv/modes/suid && chmod 4755 /srv/modes/suid "
-                       "&& touch /srv/modes/shared && chmod 0666 /srv/modes/shared")
+    module_bottle.exec(
+        "mkdir -p /srv/modes && touch /srv/modes/suid && chmod 4755 /srv/modes/suid "
+        "&& touch /srv/modes/shared && chmod 0666 /srv/modes/shared"
+    )
     module_bottle.get("/srv/modes", tmp_path / "modes")
     assert (tmp_path / "modes" / "suid").stat().st_mode & 0o7777 == 0o4755
     assert (tmp_path / "modes" / "shared").stat().st_mode & 0o777 == 0o666
@@ -301,8 +303,9 @@ def test_an_aborted_upload_leaves_nothing_and_the_bottle_works(module_bottle: Bo
 
     with pytest.raises(RuntimeError, match="the source broke"):
         module_bottle._channel.call("write", path="/tmp/aborted.txt", data=chunks())
-    module_bottle.wait_until_succeeds("test ! -e /tmp/aborted.txt && ! ls /tmp/aborted.txt.bottle-* 2>/dev/null",
-                                      timeout=10)
+    module_bottle.wait_until_succeeds(
+        "test ! -e /tmp/aborted.txt && ! ls /tmp/aborted.txt.bottle-* 2>/dev/null", timeout=10
+    )
     assert module_bottle.check_output("echo ok") == "ok\n"
 
 

@@ -12,7 +12,8 @@ import pytest
 import pytest_bottle
 from pytest_bottle import Bottle
 from pytest_bottle.paths import default_cache_dir
-from pytest_bottle.seeds import list_seeds
+from pytest_bottle.seeds import SEED_VERSION, list_seeds
+from pytest_bottle.vmm.qemu import KERNEL_ARGS
 
 
 def _identity(b: Bottle) -> dict[str, str]:
@@ -69,10 +70,18 @@ def seeded_cache(private_cache: Path) -> Path:
 def _default_seed_name() -> str:
     from pytest_bottle.images import ensure_image
 
-    key = ensure_image("debian-bookworm", default_cache_dir()).key
-    (seed,) = [s for s in list_seeds(default_cache_dir()) if s.manifest["key_parts"]["image_key"] == key
-               and (s.manifest["key_parts"]["memory_mb"], s.manifest["key_parts"]["cpus"], s.manifest["key_parts"]["nics"]) == (512, 1, 1)]
-    return seed.path.name
+    image = ensure_image("debian-bookworm", default_cache_dir())
+    wanted = {
+        "image_key": image.key,
+        "image_built": image.manifest.get("created"),
+        "seed_version": SEED_VERSION,
+        "kernel_args": " ".join(KERNEL_ARGS),
+        "memory_mb": 512,
+        "cpus": 1,
+        "nics": 1,
+    }
+    seeds = [s for s in list_seeds(default_cache_dir()) if wanted.items() <= s.manifest["key_parts"].items()]
+    return max(seeds, key=lambda s: s.manifest["created"]).path.name
 
 
 def _damage(path: Path, how: str) -> None:
@@ -91,7 +100,9 @@ def _damage(path: Path, how: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("victim", "how"), [("memory.state", "truncate"), ("memory.ram", "flip"), ("disk.qcow2", "flip")])
+@pytest.mark.parametrize(
+    ("victim", "how"), [("memory.state", "truncate"), ("memory.ram", "flip"), ("disk.qcow2", "flip")]
+)
 def test_corrupt_seed_is_discarded_and_rebuilt(seeded_cache: Path, victim: str, how: str) -> None:
     (seed,) = list_seeds(seeded_cache)
     _damage(seed.path / victim, how)

@@ -248,12 +248,18 @@ class Agent:
         ``warm`` directories are read into the cache first: a clone's first
         command then starts without touching the disk."""
         for directory in call.get("warm") or ():
-            for entry in os.scandir(directory):
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:  # an image without it
+                continue
+            for entry in entries:
                 try:
+                    if not entry.is_file():  # a FIFO would block
+                        continue
                     with open(entry.path, "rb") as f:
                         while f.read(1 << 20):
                             pass
-                except OSError:  # a dangling link, a special file
+                except OSError:  # a dangling link, an unreadable file
                     continue
         os.sync()
         return {}

@@ -8,6 +8,7 @@ uses syscalls and ioctls, not subprocesses: it runs on the restore path.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import os
@@ -44,7 +45,12 @@ def setup(call: dict[str, Any]) -> dict[str, Any]:
         _write("/root/.ssh/authorized_keys", call["authorized_keys"], 0o600)
     nics = {}
     for nic in call.get("nics", []):
-        nics[nic["mac"]] = _configure_nic(nic)
+        try:
+            nics[nic["mac"]] = _configure_nic(nic)
+        except OSError as e:  # the seed's name for it was wrong after all
+            if e.errno != errno.ENODEV or not nic.get("name"):
+                raise
+            nics[nic["mac"]] = _configure_nic(dict(nic, name=None))
     if call.get("list_nics"):  # a seed records its interfaces' names for its clones
         nics.update(_ifaces())
     return {"nics": nics}

@@ -8,6 +8,7 @@ a short-lived worker thread whose exit would kill the VM.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import shutil
@@ -64,11 +65,13 @@ def spawn(
     argv = list(argv)
     preexec: Callable[[], None] | None = None
     if die_with_parent:
-        setpriv = shutil.which("setpriv")
+        setpriv = _setpriv()
         if setpriv:
             # Python code between fork and exec (preexec_fn) forces a full fork
             # of this process: ~6 ms against ~0.2 ms for the vfork Popen does
             # otherwise.  setpriv (util-linux) sets the signal, then execs.
+            # (Unlike die_with_parent(), it cannot see a parent that died in
+            # the microseconds before; the run record's sweep covers that.)
             argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         else:
             preexec = _die_with_parent_kill
@@ -88,6 +91,19 @@ def spawn(
             )
 
     return _spawner.submit(start).result()
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    """setpriv if it knows --pdeathsig (util-linux 2.33 and later), else None."""
+    path = shutil.which("setpriv")
+    if path is None:
+        return None
+    try:
+        r = subprocess.run([path, "--pdeathsig", "KILL", "--", "true"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if r.returncode == 0 else None
 
 
 def start_time(pid: int) -> float | None:
