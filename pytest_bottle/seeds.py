@@ -30,7 +30,7 @@ from .images.cache import Image
 from .paths import remove_tree
 from .ssh import new_host_key
 from .vmm.accel import qemu_version
-from .vmm.qemu import KERNEL_ARGS, Nic, cpu_model
+from .vmm.qemu import Nic, cpu_model, kernel_args
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def key_parts(
         "memory_mb": memory_mb,
         "cpus": cpus,
         "nics": nics,
-        "kernel_args": " ".join(KERNEL_ARGS),
+        "kernel_args": " ".join(kernel_args(accel)),
         # Guest files every clone of this cache shares (authorized key, default resolv.conf).
         "baked": hashlib.sha256(json.dumps(baked or {}, sort_keys=True).encode()).hexdigest()[:16],
     }

@@ -35,6 +35,20 @@ def test_exec_shell_string_and_argv(module_bottle: Bottle) -> None:
         module_bottle.exec("exit 1", check=True)
 
 
+def test_guest_aslr_is_off_under_tcg_only_and_can_be_turned_back_on(module_bottle: Bottle) -> None:
+    # TCG translates code per virtual address: with ASLR every process's libc is new code.
+    expected = "0" if module_bottle.accel == "tcg" else "2"
+    assert module_bottle.check_output("cat /proc/sys/kernel/randomize_va_space").strip() == expected
+    maps = "grep -m1 libc.so /proc/self/maps | cut -d- -f1"
+    same = module_bottle.check_output(maps) == module_bottle.check_output(maps)
+    assert same == (module_bottle.accel == "tcg")
+    module_bottle.exec("sysctl -qw kernel.randomize_va_space=2", check=True)
+    try:
+        assert module_bottle.check_output(maps) != module_bottle.check_output(maps)
+    finally:
+        module_bottle.exec(f"sysctl -qw kernel.randomize_va_space={expected}", check=True)
+
+
 def test_missing_program_is_a_result_not_an_exception(module_bottle: Bottle) -> None:
     r = module_bottle.exec(["/no/such/program", "x"])
     assert r.returncode == 127 and "not found" in r.stderr

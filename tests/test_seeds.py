@@ -13,7 +13,7 @@ import pytest_bottle
 from pytest_bottle import Bottle
 from pytest_bottle.paths import default_cache_dir
 from pytest_bottle.seeds import SEED_VERSION, list_seeds
-from pytest_bottle.vmm.qemu import KERNEL_ARGS
+from pytest_bottle.vmm.qemu import kernel_args
 
 
 def _identity(b: Bottle) -> dict[str, str]:
@@ -58,8 +58,9 @@ def test_snapshot_and_cold_boot_give_the_same_machine(bottle_factory) -> None:  
 @pytest.fixture
 def seeded_cache(private_cache: Path) -> Path:
     """A private cache holding a copy of the default seed (copying beats a 25 s boot)."""
-    pytest_bottle.launch().close()  # the main cache has its default seed now
-    (seed,) = [s for s in list_seeds(default_cache_dir()) if s.path.name == _default_seed_name()]
+    with pytest_bottle.launch() as b:  # the main cache has its default seed now
+        accel = b.accel
+    (seed,) = [s for s in list_seeds(default_cache_dir()) if s.path.name == _default_seed_name(accel)]
     (private_cache / "seeds").mkdir()
     subprocess.run(["cp", "-a", "--sparse=always", str(seed.path), str(private_cache / "seeds")], check=True)
     # The seed carries the cache's client key: the copy needs the same key to match.
@@ -67,7 +68,7 @@ def seeded_cache(private_cache: Path) -> Path:
     return private_cache
 
 
-def _default_seed_name() -> str:
+def _default_seed_name(accel: str) -> str:
     from pytest_bottle.images import ensure_image
 
     image = ensure_image("debian-bookworm", default_cache_dir())
@@ -75,7 +76,7 @@ def _default_seed_name() -> str:
         "image_key": image.key,
         "image_built": image.manifest.get("created"),
         "seed_version": SEED_VERSION,
-        "kernel_args": " ".join(KERNEL_ARGS),
+        "kernel_args": " ".join(kernel_args(accel)),
         "memory_mb": 512,
         "cpus": 1,
         "nics": 1,

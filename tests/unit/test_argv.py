@@ -73,3 +73,10 @@ def test_commas_in_paths_are_escaped() -> None:
 def test_invalid_sizes(kw: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         build_argv(cfg(**kw))
+
+
+def test_aslr_is_off_only_under_tcg() -> None:
+    tcg = build_argv(cfg(accel="tcg", extra_kernel_args=("tsc=reliable",)))
+    kvm = build_argv(cfg(accel="kvm"))
+    assert opt(tcg, "-append")[0].split()[-2:] == ["norandmaps", "tsc=reliable"]
+    assert "norandmaps" not in opt(kvm, "-append")[0] and "root=/dev/vda" in opt(kvm, "-append")[0]
