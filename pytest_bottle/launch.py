@@ -283,9 +283,10 @@ def _boot(
         )
         try:
             machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached, on_spawn)
-            names = seed.nic_names
-            found = ({"match": m} | ({"name": names[i]} if i < len(names) else {}) for i, m in enumerate(SEED_MACS))
-            return machine, channel, tuple(found)[: len(nics)]
+            found = [{"match": mac} for mac in SEED_MACS[: len(nics)]]
+            for nic, name in zip(found, seed.nic_names, strict=False):  # an older seed knows none
+                nic["name"] = name
+            return machine, channel, tuple(found)
         except BootError as e:
             if attempt == 2 or not any(s in e.reason for s in _RESTORE_FAILURES):
                 raise
