@@ -164,16 +164,21 @@ def cmd_stop(args: argparse.Namespace) -> int:
             status = 1
             continue
         report = SweepReport()
-        stop_vm(rec, report)
-        print(f"stopped {name}")
+        if stop_vm(rec, report):
+            print(f"stopped {name}")
+        else:
+            print(f"bottle stop: {name}: {'; '.join(report.skipped)}", file=sys.stderr)
+            status = 1
     return status
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     report = sweep([args.cache_dir], include_kept=args.kept)
-    print(report.summary())
+    print(report.summary(details=False))
     for item in report.vms + [str(p) for p in report.processes] + report.leases + report.paths:
         print(f"  {item}")
+    for item in report.skipped:
+        print(f"  left {item}")
     return 0
 
 

@@ -212,3 +212,32 @@ class SpecError(BottleError, ValueError):
 
     def _args(self) -> dict[str, Any]:
         return {"message": self.message, "source": self.source}
+
+
+class UnsafeDirectory(BottleError):
+    """A state or cache directory another user could control: wrong owner, a symlink, or open to others."""
+
+    def __init__(self, path: str, reason: str, hint: str = "") -> None:
+        self.path = path
+        self.reason = reason
+        self.hint = hint
+        msg = f"refusing to use {path}: {reason}"
+        if hint:
+            msg += f"; {hint}"
+        super().__init__(msg)
+
+    def _args(self) -> dict[str, Any]:
+        return {"path": self.path, "reason": self.reason, "hint": self.hint}
+
+
+class LockTimeout(BottleError, TimeoutError):
+    """A lock on shared run state was not free within its bound; ``holder`` says who has it."""
+
+    def __init__(self, lock: str, timeout: float, holder: str = "") -> None:
+        self.lock = lock
+        self.timeout = timeout
+        self.holder = holder
+        super().__init__(f"lock {lock} not acquired within {timeout:g} s; held by {holder or 'an unknown process'}")
+
+    def _args(self) -> dict[str, Any]:
+        return {"lock": self.lock, "timeout": self.timeout, "holder": self.holder}

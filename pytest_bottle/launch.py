@@ -28,7 +28,7 @@ from .images import Image, ensure_image
 from .net import pools
 from .net.lan import LanRegistry
 from .paths import remove_tree
-from .runstate import RunRecord
+from .runstate import RunRecord, create_run_dir
 from .seeds import SEED_MACS, USER_NET, SeedCorrupt, discard, ensure_seed
 from .spec import BottleSpec, resolve
 from .ssh import SshAccess, client_key, new_host_key
@@ -101,8 +101,7 @@ def start_bottle(
     name = new_name()
     stack = ExitStack()
     try:
-        run_dir = spec.cache_dir / "run" / name
-        run_dir.mkdir(parents=True)
+        run_dir = create_run_dir(spec.cache_dir / "run" / name)
         stack.callback(remove_tree, run_dir)
         record = RunRecord.create(name, run_dir)
         stack.callback(record.remove)

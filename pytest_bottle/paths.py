@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import stat
 import subprocess
+import tempfile
 from pathlib import Path
+
+from .errors import UnsafeDirectory
+
+log = logging.getLogger(__name__)
+
+_OTHERS = stat.S_IRWXG | stat.S_IRWXO
 
 
 def default_cache_dir() -> Path:
@@ -17,18 +26,101 @@ def state_dir() -> Path:
     """Run state shared by every pytest run on this host (leases, VM records).
 
     Host-wide, not per cache: loopback aliases and TAP names are host-wide
-    resources, whichever cache a run uses.
+    resources, whichever cache a run uses.  Whatever its source, it must be
+    a real directory of this user with mode 0700 (``UnsafeDirectory`` if not):
+    another user who could write into it could make our sweep kill our VMs.
     """
     if env := os.environ.get("BOTTLE_STATE_DIR"):
-        path = Path(env)
+        path, source = Path(env), "BOTTLE_STATE_DIR"
     elif os.geteuid() == 0:
-        path = Path("/run/pytest-bottle")
+        path, source = Path("/run/pytest-bottle"), "the state directory of root"
     elif xdg := os.environ.get("XDG_RUNTIME_DIR"):
-        path = Path(xdg) / "pytest-bottle"
+        path, source = Path(xdg) / "pytest-bottle", "$XDG_RUNTIME_DIR/pytest-bottle"
     else:
-        path = Path(f"/tmp/pytest-bottle-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A fixed name in a shared directory: anyone may have made it first.
+        path, source = Path(f"/tmp/pytest-bottle-{os.getuid()}"), "the fallback without XDG_RUNTIME_DIR"
+    hint = (
+        f"this is {source}; if you made it, `chmod 700 {path}`, otherwise remove it (as its owner or root) "
+        "or point XDG_RUNTIME_DIR or BOTTLE_STATE_DIR at a directory of your own"
+    )
+    return private_dir(path, hint=hint)
+
+
+def cache_root(path: Path) -> Path:
+    """Make sure the cache root is this user's alone, creating it if needed.
+
+    The cache holds memory states, disks with SSH host keys and the client
+    key.  A symlink is followed (a cache moved to a bigger disk); a root that
+    others may only read and enter (the mode older versions made) is set to
+    0700; one others may write into, or of another owner, is refused.
+    """
+    return private_dir(path, follow_symlink=True, fix_readable=True, hint=f"pass a cache dir of your own or fix {path}")
+
+
+def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool = False, hint: str = "") -> Path:
+    """``path`` as a directory only this user can reach, created 0700 if missing.
+
+    Refuses (``UnsafeDirectory``) a symlink (unless ``follow_symlink``), a
+    directory of another owner, one whose mode lets others in (unless
+    ``fix_readable`` and others may not write), and one under a directory
+    that someone else could rename it out of.
+    """
+    path = Path(os.path.abspath(path))
+    _check_ancestors(path, hint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # whatever the umask
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) and follow_symlink:
+        real = Path(os.path.realpath(path))
+        _check_ancestors(real, hint)
+        st = os.lstat(real)
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise UnsafeDirectory(str(path), f"it is {kind}", hint)
+    if st.st_uid != os.geteuid():
+        raise UnsafeDirectory(str(path), f"it belongs to uid {st.st_uid}, not to uid {os.geteuid()}", hint)
+    if st.st_mode & _OTHERS:
+        mode = stat.S_IMODE(st.st_mode)
+        if not fix_readable or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeDirectory(str(path), f"its mode {mode:04o} lets other users in (want 0700)", hint)
+        log.info("making %s private (mode %04o -> 0700)", path, mode)
+        os.chmod(path, 0o700)
     return path
+
+
+def _check_ancestors(path: Path, hint: str) -> None:
+    """Every directory above ``path`` must be root's or ours, and not open to
+    everyone for writing unless sticky (like /tmp)."""
+    euid = os.geteuid()
+    for anc in path.parents:
+        try:
+            st = os.stat(anc)
+        except FileNotFoundError:
+            continue  # created below, by us
+        if st.st_uid not in (0, euid):
+            raise UnsafeDirectory(str(path), f"the directory above it, {anc}, belongs to uid {st.st_uid}", hint)
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            raise UnsafeDirectory(str(path), f"the directory above it, {anc}, is writable by everyone", hint)
+
+
+def write_private(path: Path, data: str) -> None:
+    """Replace ``path`` atomically with ``data``, mode 0600.
+
+    The temporary file gets a fresh unpredictable name (O_EXCL), so a symlink
+    planted at a fixed name cannot redirect the write.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "w") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def remove_tree(path: Path) -> None:

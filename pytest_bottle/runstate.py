@@ -1,8 +1,13 @@
 """Run-state records: what each live VM holds, so a dead owner's leftovers can be found.
 
-``<state>/vms/<name>.json`` names the owner (pid + start time), the QEMU
-process (pid + start time), the VM's files and network resources.  The owner
-removes it on close; ``sweep`` removes records whose owner is dead.
+``<state>/vms/<name>.json`` names the owner (pid + start identity), the QEMU
+process (pid + start identity), the VM's files and network resources.  The
+owner removes it on close; ``sweep`` removes records whose owner is dead.
+
+Each run directory in a cache carries its own ``owner.json`` marker with the
+same owner and QEMU identities: several state directories (root and a user,
+with and without ``XDG_RUNTIME_DIR``) may share one cache, and a sweep must
+only remove a run directory whose marker proves it dead.
 """
 
 from __future__ import annotations
@@ -14,37 +19,45 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .paths import state_dir
-from .vmm.process import is_same_process, start_time
+from .paths import state_dir, write_private
+from .vmm.process import Identity, boot_id, is_alive, start_time
 
 log = logging.getLogger(__name__)
 
-_SELF_START: float | None = None
+MARKER = "owner.json"
+_SELF_START: str | None = None
 
 
-def owner_identity() -> tuple[int, float | None]:
-    """This process as an owner: pid plus start time (pid reuse cannot fool it)."""
+def owner_identity() -> tuple[int, str | None]:
+    """This process as an owner: pid plus kernel start time (pid reuse cannot fool it)."""
     global _SELF_START
     if _SELF_START is None:
         _SELF_START = start_time(os.getpid())
     return os.getpid(), _SELF_START
 
 
+def pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 @dataclass
 class RunRecord:
     name: str
     owner_pid: int
-    owner_start: float | None
+    owner_start: Identity
     run_dir: str
     qemu_pid: int | None = None
-    qemu_start: float | None = None
+    qemu_start: Identity = None
     netns: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
     def records_dir() -> Path:
         d = state_dir() / "vms"
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, exist_ok=True)
         return d
 
     @property
@@ -59,15 +72,16 @@ class RunRecord:
         return rec
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps(asdict(self)))
+        run_dir = Path(self.run_dir)
+        if (run_dir / MARKER).is_file():  # the owner may have passed to QEMU (--bottle-keep)
+            write_marker(run_dir, self.owner_pid, self.owner_start, self.qemu_pid, self.qemu_start)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
     def owner_alive(self) -> bool:
-        return is_same_process(self.owner_pid, self.owner_start)
+        return is_alive(self.owner_pid, self.owner_start)
 
     @classmethod
     def load_all(cls) -> list[RunRecord]:
@@ -78,3 +92,52 @@ class RunRecord:
             except (OSError, ValueError, TypeError) as e:
                 log.debug("unreadable run record %s: %s", p, e)
         return out
+
+
+def create_run_dir(run_dir: Path) -> Path:
+    """A new run directory (mode 0700), marked with this process as its owner."""
+    run_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.mkdir(run_dir, 0o700)
+    write_marker(run_dir, *owner_identity())
+    return run_dir
+
+
+def write_marker(
+    run_dir: Path, pid: int, started: Identity, qemu_pid: int | None = None, qemu_start: Identity = None
+) -> None:
+    marker = {
+        "uid": os.geteuid(),
+        "pid": pid,
+        "start": started,
+        "qemu_pid": qemu_pid,
+        "qemu_start": qemu_start,
+        "boot_id": boot_id(),
+        "pid_ns": pid_namespace(),
+        "state_dir": os.environ.get("BOTTLE_STATE_DIR", ""),
+    }
+    write_private(run_dir / MARKER, json.dumps(marker))
+
+
+def run_dir_owner(run_dir: Path) -> tuple[bool, str] | None:
+    """(dead, why) from a run directory's marker, or None if it has none.
+
+    Dead only when provable: the owner and its QEMU are both gone (or the
+    marker is from an earlier boot).  A marker from another pid namespace
+    cannot prove anything about its pids, so it counts as alive.
+    """
+    try:
+        m = json.loads((run_dir / MARKER).read_text())
+        pid, started = int(m["pid"]), m["start"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        return False, f"unreadable owner marker ({e})"
+    if m.get("boot_id") != boot_id():
+        return True, "owner ran in an earlier boot"
+    if m.get("pid_ns") and m["pid_ns"] != pid_namespace():
+        return False, f"owner pid {pid} is in another pid namespace ({m['pid_ns']})"
+    if is_alive(pid, started):
+        return False, f"owner pid {pid} is alive"
+    if m.get("qemu_pid") and is_alive(int(m["qemu_pid"]), m.get("qemu_start")):
+        return False, f"QEMU pid {m['qemu_pid']} is alive"
+    return True, f"owner pid {pid} is gone"

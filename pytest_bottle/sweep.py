@@ -1,7 +1,11 @@
 """Removing what dead runs left behind, and nothing that a live run still uses.
 
-Ownership is always pid + process start time, so a reused pid never makes a
-dead run look alive (or a live one look dead).
+Ownership is always pid + the kernel's start time + boot id, so a reused pid
+never makes a dead run look alive (or a live one look dead).  A run directory
+goes only when its own owner marker proves its owner dead: several state
+directories may share one cache, so "no record in mine" proves nothing.
+What the sweep may not touch (another user's process, a file it cannot
+remove, a lock that stays held) is left and reported, never raised.
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .errors import LockTimeout
 from .net import pools
-from .paths import remove_tree
-from .runstate import RunRecord
+from .paths import cache_root, remove_tree
+from .runstate import RunRecord, run_dir_owner
 from .vmm.process import kill_pid
 
 log = logging.getLogger(__name__)
 
-# A run directory without a record may belong to a start in progress.
+# A run directory without an owner marker may belong to a start in progress.
 ORPHAN_AGE = 120.0
 
 
@@ -31,30 +36,53 @@ class SweepReport:
     processes: list[int] = field(default_factory=list)
     leases: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.vms or self.processes or self.leases or self.paths)
+        return bool(self.vms or self.processes or self.leases or self.paths or self.skipped)
 
-    def summary(self) -> str:
+    def summary(self, details: bool = True) -> str:
+        """Counts, and (with ``details``) what was left and why."""
         if not self:
             return "nothing to sweep"
-        return (
+        text = (
             f"swept {len(self.vms)} VM record(s), {len(self.processes)} process(es), "
             f"{len(self.leases)} lease(s), {len(self.paths)} path(s)"
         )
+        if self.skipped:
+            text += f"; left {len(self.skipped)} it may not touch"
+            text += (": " + "; ".join(self.skipped)) if details else ""
+        return text
+
+    def skip(self, what: str, why: str) -> None:
+        self.skipped.append(f"{what}: {why}")
+        log.warning("sweep left %s: %s", what, why)
 
 
-def stop_vm(record: RunRecord, report: SweepReport) -> None:
-    """End one VM's QEMU and remove everything its record names."""
-    if record.qemu_pid and kill_pid(record.qemu_pid, record.qemu_start):
-        report.processes.append(record.qemu_pid)
+def stop_vm(record: RunRecord, report: SweepReport) -> bool:
+    """End one VM's QEMU and remove everything its record names.
+
+    If its QEMU may not be ended (another user's), nothing is removed: the
+    files and leases are still in use.  Returns whether it was stopped.
+    """
+    if record.qemu_pid:
+        try:
+            if kill_pid(record.qemu_pid, record.qemu_start):
+                report.processes.append(record.qemu_pid)
+        except PermissionError as e:
+            report.skip(f"VM {record.name} (QEMU pid {record.qemu_pid})", f"may not signal it: {e.strerror}")
+            return False
     run_dir = Path(record.run_dir)
-    if run_dir.exists():
-        remove_tree(run_dir)
-        report.paths.append(str(run_dir))
-    pools.release(record.name)
+    if run_dir.exists() and not _remove(run_dir, report):
+        return False
+    try:
+        pools.release(record.name)
+    except LockTimeout as e:
+        report.skip(f"leases of {record.name}", str(e))
+        return False
     record.remove()
     report.vms.append(record.name)
+    return True
 
 
 def sweep(cache_dirs: list[Path] | None = None, include_kept: bool = False) -> SweepReport:
@@ -67,29 +95,24 @@ def sweep(cache_dirs: list[Path] | None = None, include_kept: bool = False) -> S
             live_names.add(record.name)
             continue
         log.debug("sweeping %s (owner %s dead, kept=%s)", record.name, record.owner_pid, kept)
-        stop_vm(record, report)
-    report.leases += [f"{pool} {value} ({holder})" for pool, value, holder in pools.reclaim_dead()]
+        if not stop_vm(record, report):
+            live_names.add(record.name)
+    try:
+        report.leases += [f"{pool} {value} ({holder})" for pool, value, holder in pools.reclaim_dead()]
+    except LockTimeout as e:
+        report.skip("leases of dead owners", str(e))
     for cache_dir in cache_dirs or []:
-        _sweep_cache(cache_dir, live_names, report)
+        if cache_dir.exists():
+            _sweep_cache(cache_root(cache_dir), live_names, report)
     return report
 
 
 def _sweep_cache(cache_dir: Path, live: set[str], report: SweepReport) -> None:
-    now = time.time()
     run = cache_dir / "run"
     if run.is_dir():
         for d in run.iterdir():
-            if d.name in live:
-                continue
-            pid = _pid_suffix(d.name) if d.name.startswith("kvm-probe-") else None
-            dead_owner = pid is not None and not _pid_alive(pid)
-            try:
-                old = now - d.stat().st_mtime > ORPHAN_AGE
-            except FileNotFoundError:
-                continue
-            if dead_owner or (pid is None and old and not (RunRecord.records_dir() / f"{d.name}.json").exists()):
-                remove_tree(d)
-                report.paths.append(str(d))
+            if d.name not in live:
+                _sweep_run_dir(d, report)
     # Half-built images and seeds of dead builders (a live builder holds its lock).
     for sub in ("images", "seeds"):
         root = cache_dir / sub
@@ -98,8 +121,61 @@ def _sweep_cache(cache_dir: Path, live: set[str], report: SweepReport) -> None:
         for d in root.glob(".tmp-*"):
             pid = _pid_suffix(d.name)
             if pid is not None and not _pid_alive(pid) and not _lock_held(cache_dir, sub, d.name):
-                remove_tree(d)
-                report.paths.append(str(d))
+                _remove(d, report)
+
+
+def _sweep_run_dir(d: Path, report: SweepReport) -> None:
+    try:
+        st = d.lstat()
+    except FileNotFoundError:
+        return
+    if st.st_uid != os.geteuid():
+        report.skip(str(d), f"belongs to uid {st.st_uid}")
+        return
+    if d.name.startswith("kvm-probe-"):
+        pid = _pid_suffix(d.name)
+        if pid is not None and not _pid_alive(pid):
+            _remove(d, report)
+        return
+    verdict = run_dir_owner(d)
+    if verdict is not None:
+        dead, why = verdict
+        log.debug("run dir %s: %s", d, why)
+        if dead:
+            _remove(d, report)
+        return
+    # No marker: made by an older version.  Old enough, and no process has a file open in it.
+    if time.time() - st.st_mtime > ORPHAN_AGE:
+        users = _pids_using(d)
+        if users:
+            report.skip(str(d), f"has no owner marker and is in use by pid {', '.join(map(str, users))}")
+        else:
+            _remove(d, report)
+
+
+def _pids_using(d: Path) -> list[int]:
+    """Processes (that we may inspect) with a file under ``d`` open or as cwd."""
+    prefix = str(d.resolve()) + "/"
+    users = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink(f"/proc/{pid}/cwd")] + [
+                os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
+            ]
+        except OSError:
+            continue
+        if any((link + "/").startswith(prefix) for link in links):
+            users.append(int(pid))
+    return users
+
+
+def _remove(path: Path, report: SweepReport) -> bool:
+    remove_tree(path)
+    if path.exists() or path.is_symlink():
+        report.skip(str(path), "could not remove it (permissions?)")
+        return False
+    report.paths.append(str(path))
+    return True
 
 
 def _lock_held(cache_dir: Path, sub: str, tmp_name: str) -> bool:

@@ -19,6 +19,7 @@ from pytest_bottle.net import pools
 from pytest_bottle.paths import default_cache_dir
 from pytest_bottle.runstate import RunRecord
 from pytest_bottle.sweep import sweep
+from pytest_bottle.vmm.process import boot_id
 
 CACHE = str(default_cache_dir())
 LEASER = textwrap.dedent("""
@@ -84,7 +85,8 @@ def test_pid_reuse_does_not_make_a_dead_owner_alive(private_state: Path, tmp_pat
     # Same pid as a live process, different start time: that owner is dead.
     run_dir = tmp_path / "btl-reused"
     run_dir.mkdir()
-    rec = RunRecord(name="btl-reused", owner_pid=os.getpid(), owner_start=12345.0, run_dir=str(run_dir))
+    reused = f"12345@{boot_id()}"
+    rec = RunRecord(name="btl-reused", owner_pid=os.getpid(), owner_start=reused, run_dir=str(run_dir))
     rec.save()
     live_dir = tmp_path / "btl-live"
     live_dir.mkdir()

@@ -18,7 +18,7 @@ from typing import Any
 from filelock import FileLock
 
 from ..errors import ImageBuildError
-from ..paths import remove_tree
+from ..paths import cache_root, remove_tree
 from . import builder
 from .recipes import RECIPES, Recipe, get_recipe
 
@@ -94,7 +94,7 @@ def ensure_image(
     then find an entry newer than the run's start and reuse it).
     """
     recipe = get_recipe(name)
-    final = entry_dir(cache_dir, recipe)
+    final = entry_dir(cache_root(cache_dir), recipe)
     image = _load(final)
     if image and (rebuild_before is None or image.created >= rebuild_before):
         return image

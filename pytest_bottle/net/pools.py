@@ -13,16 +13,21 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from ..errors import PoolExhausted
-from ..paths import state_dir
+from ..errors import LockTimeout, PoolExhausted
+from ..paths import state_dir, write_private
 from ..runstate import owner_identity
-from ..vmm.process import is_same_process
+from ..vmm.process import Identity, is_alive
 
 log = logging.getLogger(__name__)
+
+# Nobody holds the lease lock for more than a JSON read and write: a wait this
+# long means a stuck or hostile holder, and saying who beats hanging forever.
+LOCK_TIMEOUT = 60.0
 
 # pool name → (size, index → value)
 POOLS: dict[str, tuple[int, Callable[[int], str]]] = {
@@ -38,20 +43,52 @@ POOLS: dict[str, tuple[int, Callable[[int], str]]] = {
 
 @contextmanager
 def _locked() -> Iterator[dict[str, Any]]:
-    path = state_dir() / "leases.json"
-    with FileLock(str(state_dir() / "leases.lock")):
+    state = state_dir()
+    path = state / "leases.json"
+    lock_path = state / "leases.lock"
+    try:
+        lock = FileLock(str(lock_path), timeout=LOCK_TIMEOUT, mode=0o600).acquire()
+    except Timeout:
+        raise LockTimeout(str(lock_path), LOCK_TIMEOUT, lock_holder(lock_path)) from None
+    with lock:
         try:
-            state = json.loads(path.read_text())
+            leases = json.loads(path.read_text())
         except (OSError, ValueError):
-            state = {}
-        yield state
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path)
+            leases = {}
+        yield leases
+        write_private(path, json.dumps(leases))
+
+
+def lock_holder(lock_path: Path) -> str:
+    """Who holds an flock on ``lock_path``, from /proc/locks: pid and command line."""
+    try:
+        st = os.stat(lock_path)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    dev = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    holders = []
+    for line in lines:
+        fields = line.split()
+        if "FLOCK" in fields and "->" not in fields and dev in fields:
+            pid = fields[fields.index(dev) - 1]
+            holders.append(f"pid {pid} ({_cmdline(pid)})")
+    return ", ".join(holders)
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+        owner = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return "not visible here"
+    return f"uid {owner}: " + raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200]
 
 
 def _alive(lease: dict[str, Any]) -> bool:
-    return is_same_process(lease["pid"], lease.get("start"))
+    return is_alive(lease["pid"], lease.get("start"))
 
 
 def lease(pool: str, holder: str, count: int = 1, size: int | None = None) -> list[str]:
@@ -108,7 +145,7 @@ def release_value(pool: str, value: str) -> None:
         state.get(pool, {}).pop(value, None)
 
 
-def transfer(holder: str, pid: int, started: float | None) -> None:
+def transfer(holder: str, pid: int, started: Identity) -> None:
     """Hand ``holder``'s leases to another process (a kept VM's QEMU outlives us)."""
     with _locked() as state:
         for pool, leases in state.items():

@@ -21,8 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
@@ -77,7 +75,10 @@ def spawn(
             preexec = _die_with_parent_kill
 
     def start() -> subprocess.Popen[bytes]:
-        with open(log_path, "ab") as out:
+        # The child's files (memory state, console, overlays) are the user's
+        # alone: a clone's disk holds its SSH host key.
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "ab") as out:
             return subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -88,6 +89,7 @@ def spawn(
                 start_new_session=not die_with_parent,
                 env=env,
                 cwd=cwd,
+                umask=0o077,
             )
 
     return _spawner.submit(start).result()
@@ -106,17 +108,58 @@ def _setpriv() -> str | None:
     return path if r.returncode == 0 else None
 
 
-def start_time(pid: int) -> float | None:
-    """The process's start time, to tell it from a later process with the same pid."""
+# A process is known by its pid, the kernel's start time in clock ticks since
+# boot and the boot id: "<ticks>@<boot id>".  Unlike a wall-clock start time
+# (psutil's create_time, derived from the boot time in wall-clock terms), it
+# does not move when the clock is stepped.  A float (records written before
+# this format) or None is an identity that cannot be proven.
+Identity = str | float | None
+
+
+@functools.cache
+def boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def parse_stat(text: str) -> tuple[str, int]:
+    """(state, start time in clock ticks) from a /proc/PID/stat line.
+
+    The command name (field 2) may hold spaces and parentheses, so the fields
+    are counted from its last ')'; start time is field 22.
+    """
+    rest = text[text.rindex(")") + 2 :].split()
+    return rest[0], int(rest[19])
+
+
+def start_time(pid: int) -> str | None:
+    """The identity of a running process, or None if there is no such process."""
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        with open(f"/proc/{pid}/stat") as f:
+            state, ticks = parse_stat(f.read())
+    except (OSError, ValueError, IndexError):
         return None
+    if state in ("Z", "X"):  # exited, only its exit status is left
+        return None
+    return f"{ticks}@{boot_id()}"
 
 
-def is_same_process(pid: int, started: float | None) -> bool:
-    now = start_time(pid)
-    return now is not None and (started is None or abs(now - started) < 0.5)
+def is_same_process(pid: int, started: Identity) -> bool:
+    """Whether ``pid`` is provably the process ``started`` identifies (safe to signal)."""
+    return isinstance(started, str) and start_time(pid) == started
+
+
+def is_alive(pid: int, started: Identity) -> bool:
+    """Whether the process may still be alive: False only when it is provably gone.
+
+    An identity of another boot is gone whatever runs under that pid now; an
+    old wall-clock identity (float) or None counts as alive while the pid exists.
+    """
+    if isinstance(started, str):
+        if started.rpartition("@")[2] != boot_id():
+            return False
+        return start_time(pid) == started
+    return start_time(pid) is not None
 
 
 def terminate(proc: subprocess.Popen[Any], grace: float = 2.0) -> int | None:
@@ -131,8 +174,12 @@ def terminate(proc: subprocess.Popen[Any], grace: float = 2.0) -> int | None:
         return proc.wait()
 
 
-def kill_pid(pid: int, started: float | None, grace: float = 2.0) -> bool:
-    """End a process we may not have forked (a dead run's QEMU), checking identity first."""
+def kill_pid(pid: int, started: Identity, grace: float = 2.0) -> bool:
+    """End a process we may not have forked (a dead run's QEMU), checking identity first.
+
+    Returns whether it was ours to end (False: gone already, or its identity
+    cannot be proven).  Raises PermissionError for another user's process.
+    """
     if not is_same_process(pid, started):
         return False
     try:
