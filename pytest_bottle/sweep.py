@@ -22,7 +22,7 @@ from .errors import LockTimeout
 from .net import pools
 from .paths import cache_root, remove_tree
 from .runstate import RunRecord, run_dir_owner
-from .vmm.process import kill_pid
+from .vmm.process import is_alive, is_same_process, kill_pid
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,15 @@ def stop_vm(record: RunRecord, report: SweepReport) -> bool:
     files and leases are still in use.  Returns whether it was stopped.
     """
     if record.qemu_pid:
+        what = f"VM {record.name} (QEMU pid {record.qemu_pid})"
+        if not is_same_process(record.qemu_pid, record.qemu_start) and is_alive(record.qemu_pid, record.qemu_start):
+            report.skip(what, "its pid is in use and the record (of an older version) cannot prove it is that QEMU")
+            return False
         try:
             if kill_pid(record.qemu_pid, record.qemu_start):
                 report.processes.append(record.qemu_pid)
         except PermissionError as e:
-            report.skip(f"VM {record.name} (QEMU pid {record.qemu_pid})", f"may not signal it: {e.strerror}")
+            report.skip(what, f"may not signal it: {e.strerror}")
             return False
     run_dir = Path(record.run_dir)
     if run_dir.exists() and not _remove(run_dir, report):
@@ -159,13 +163,17 @@ def _pids_using(d: Path) -> list[int]:
     users = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            links = [os.readlink(f"/proc/{pid}/cwd")] + [
-                os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
-            ]
-        except OSError:
+            fds = [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:  # gone, or another user's
             continue
-        if any((link + "/").startswith(prefix) for link in links):
-            users.append(int(pid))
+        for link in (f"/proc/{pid}/cwd", *fds):
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if (target + "/").startswith(prefix):
+                users.append(int(pid))
+                break
     return users
 
 

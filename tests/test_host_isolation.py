@@ -1,0 +1,440 @@
+"""Other users on the same host (issue 11): real second uids, real locks, real processes.
+
+Another uid is reached with ``setpriv --reuid``: 65534 (``nobody``) and
+64999, a uid without an account (the kernel needs none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+import pytest_bottle
+from pytest_bottle.paths import default_cache_dir, remove_tree, state_dir
+from pytest_bottle.runstate import RunRecord
+from pytest_bottle.sweep import sweep
+from pytest_bottle.vmm import process
+
+NOBODY = 65534
+OTHER = 64999
+CACHE = default_cache_dir()
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+
+
+def as_uid(uid: int, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as ``uid`` with exactly ``env`` (no XDG_RUNTIME_DIR unless given)."""
+    base = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
+    if "PYTHONPATH" in os.environ:
+        base["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+def start_as(uid: int, argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv])
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def chown_tree(path: Path, uid: int) -> None:
+    for p in [path, *path.rglob("*")]:
+        os.lchown(p, uid, uid)
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    """A directory of ``nobody`` that other uids cannot enter (a user's home)."""
+    d = Path(tempfile.mkdtemp(prefix="bottle-iso-", dir="/tmp"))
+    os.chown(d, NOBODY, NOBODY)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+
+
+TRIVIAL = "def test_nothing():\n    pass\n"
+
+
+def _pytest_as(uid: int, home: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    (home / "test_trivial.py").write_text(TRIVIAL)
+    os.chown(home / "test_trivial.py", uid, uid)
+    argv = [sys.executable, "-m", "pytest", "test_trivial.py", "-p", "no:cacheprovider", "-q"]
+    return as_uid(uid, argv, env, cwd=home)
+
+
+# --- 6. a state dir planted by another user -----------------------------------------------------------------------
+
+PLANT = textwrap.dedent("""
+    import os, sys
+    root, record, target = sys.argv[1:]
+    for d in (root, root + "/vms"):
+        os.mkdir(d)
+        os.chmod(d, 0o777)
+    with open(root + "/vms/btl-planted.json", "w") as f:
+        f.write(record)
+    os.symlink(target, root + "/leases.tmp")
+    os.symlink(target, root + "/vms/btl-planted.tmp")
+""")
+
+
+@pytest.fixture
+def victim_fallback() -> Iterator[Path]:
+    """``nobody``'s state dir when XDG_RUNTIME_DIR is unset: a fixed name in /tmp."""
+    path = Path(f"/tmp/pytest-bottle-{NOBODY}")
+    remove_tree(path)
+    yield path
+    remove_tree(path)
+
+
+@needs_root
+@pytest.mark.parametrize("entry", ["cli", "pytest"])
+def test_state_dir_planted_by_another_user_is_refused(home: Path, victim_fallback: Path, entry: str) -> None:
+    victim_vm = home / "precious"  # a directory of the victim that the planted record names
+    victim_vm.mkdir()
+    notes = home / "notes.txt"  # a file of the victim that a planted symlink points at
+    notes.write_text("mine\n")
+    chown_tree(home, NOBODY)
+    sleeper = start_as(NOBODY, ["sleep", "300"])  # a process of the victim, named as the planted VM's QEMU
+    try:
+        time.sleep(0.2)
+        record = {
+            "name": "btl-planted",
+            "owner_pid": dead_pid(),
+            "owner_start": None,
+            "run_dir": str(victim_vm),
+            "qemu_pid": sleeper.pid,
+            "qemu_start": process.start_time(sleeper.pid),
+        }
+        r = as_uid(OTHER, [sys.executable, "-c", PLANT, str(victim_fallback), json.dumps(record), str(notes)], {})
+        assert r.returncode == 0, r.stderr
+        env = {"XDG_CACHE_HOME": str(home / "cache")}
+        if entry == "cli":
+            r = as_uid(NOBODY, [sys.executable, "-m", "pytest_bottle.cli", "sweep"], env)
+        else:
+            r = _pytest_as(NOBODY, home, env)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0, out
+        assert "UnsafeDirectory" in out and f"belongs to uid {OTHER}" in out, out
+        assert str(victim_fallback) in out and "XDG_RUNTIME_DIR" in out, out
+        assert sleeper.poll() is None, "the victim's process was killed"
+        assert victim_vm.is_dir(), "the victim's directory was removed"
+        assert notes.read_text() == "mine\n", "a planted symlink redirected the victim's write"
+    finally:
+        _kill(sleeper)
+
+
+@needs_root
+def test_state_dir_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_bottle.errors import UnsafeDirectory
+
+    own = tmp_path / "own"
+    own.mkdir(mode=0o700)
+    cases: dict[str, tuple[Path, str]] = {}
+    link = tmp_path / "link"
+    link.symlink_to(own)
+    cases["symlink"] = (link, "it is a symlink")
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    wide.chmod(0o755)
+    cases["mode"] = (wide, "its mode 0755 lets other users in")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, OTHER, OTHER)
+    cases["owner"] = (theirs, f"it belongs to uid {OTHER}")
+    open_parent = tmp_path / "open"
+    open_parent.mkdir()
+    open_parent.chmod(0o777)
+    cases["ancestor"] = (open_parent / "state", "is writable by everyone")
+    for why, (path, reason) in cases.items():
+        monkeypatch.setenv("BOTTLE_STATE_DIR", str(path))
+        with pytest.raises(UnsafeDirectory) as info:
+            state_dir()
+        assert reason in str(info.value) and info.value.path == str(path), why
+    # Missing: created 0700 whatever the umask.
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "new" / "state"))
+    old = os.umask(0)
+    try:
+        made = state_dir()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+
+
+@needs_root
+def test_cache_root_checks(tmp_path: Path) -> None:
+    from pytest_bottle.errors import UnsafeDirectory
+    from pytest_bottle.paths import cache_root
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    legacy.chmod(0o755)  # what older versions made: fixed, not refused
+    assert cache_root(legacy) == legacy and stat.S_IMODE(legacy.stat().st_mode) == 0o700
+    moved = tmp_path / "link"
+    moved.symlink_to(legacy)  # a cache moved to another disk
+    assert cache_root(moved) == moved
+    writable = tmp_path / "writable"
+    writable.mkdir()
+    writable.chmod(0o777)
+    with pytest.raises(UnsafeDirectory, match="0777"):
+        cache_root(writable)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, OTHER, OTHER)
+    with pytest.raises(UnsafeDirectory, match=f"uid {OTHER}"):
+        cache_root(theirs)
+
+
+# --- 2. bounded lock waits ----------------------------------------------------------------------------------------
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from filelock import FileLock
+    lock = FileLock(sys.argv[1])
+    lock.acquire()
+    print("held", flush=True)
+    time.sleep(300)
+""")
+WAIT = textwrap.dedent("""
+    import sys, time
+    from pytest_bottle.net import pools
+    pools.LOCK_TIMEOUT = float(sys.argv[1])
+    t = time.monotonic()
+    try:
+        pools.lease("mac", "waiter")
+    except Exception as e:
+        print(f"{time.monotonic() - t:.2f} {type(e).__name__}: {e}")
+""")
+
+
+def test_lease_lock_wait_is_bounded_and_names_the_holder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state"))
+    lock = state_dir() / "leases.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        r = subprocess.run([sys.executable, "-c", WAIT, "2"], capture_output=True, text=True, timeout=60)
+        elapsed, _, message = r.stdout.partition(" ")
+        assert elapsed, r.stdout + r.stderr
+        assert 2.0 <= float(elapsed) < 30, r.stdout + r.stderr
+        assert message.startswith("LockTimeout: "), message
+        assert str(lock) in message and f"pid {holder.pid} (uid {os.getuid()}: " in message and "time.sleep" in message
+    finally:
+        holder.kill()
+        holder.wait()
+    from pytest_bottle.net import pools
+
+    assert pools.lease("mac", "after")  # free again once the holder is gone
+
+
+# --- 3. process identity ------------------------------------------------------------------------------------------
+
+CHECK_ID = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, "/root/idt")
+    import process_mod as p
+    pid = int(sys.argv[2])
+    if sys.argv[1] == "record":
+        print(json.dumps(p.start_time(pid)))
+    else:
+        print(p.is_same_process(pid, json.loads(sys.argv[3])))
+""")
+
+
+def test_identity_survives_a_clock_step(bottle: pytest_bottle.Bottle) -> None:
+    """Inside a bottle, where the clock may be stepped: one process records a
+    live process's identity, the clock jumps an hour, a fresh process checks it."""
+    bottle.put(Path(process.__file__), "/root/idt/process_mod.py")
+    bottle.put(Path(psutil.__file__).parent, "/root/idt/psutil")  # the previous identity used psutil
+    bottle.write_text("/root/idt/check.py", CHECK_ID)
+    pid = bottle.check_output("setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!").strip()
+    recorded = bottle.check_output(["python3", "/root/idt/check.py", "record", pid]).strip()
+    assert recorded != "null"
+    bottle.check_output("date -s @$(( $(date +%s) + 3600 ))")
+    assert bottle.check_output(["python3", "/root/idt/check.py", "check", pid, recorded]).strip() == "True"
+
+
+@pytest.fixture
+def private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state"))
+    return state_dir()
+
+
+def test_old_record_with_shifted_wall_clock_start_is_alive(private_state: Path, tmp_path: Path) -> None:
+    owner = subprocess.Popen(["sleep", "300"])
+    try:
+        run_dir = tmp_path / "btl-old"
+        run_dir.mkdir()
+        # What psutil reported after the clock was stepped by 2 s.
+        shifted = psutil.Process(owner.pid).create_time() + 2.0
+        RunRecord(name="btl-old", owner_pid=owner.pid, owner_start=shifted, run_dir=str(run_dir)).save()
+        report = sweep()
+        assert "btl-old" not in report.vms and run_dir.is_dir()
+        assert [r.name for r in RunRecord.load_all()] == ["btl-old"]
+    finally:
+        _kill(owner)
+
+
+def test_old_record_never_kills_an_unproven_pid(private_state: Path, tmp_path: Path) -> None:
+    qemu = subprocess.Popen(["sleep", "300"])  # lives under the pid an old record names, start as float
+    try:
+        run_dir = tmp_path / "btl-old-qemu"
+        run_dir.mkdir()
+        start = psutil.Process(qemu.pid).create_time()
+        RunRecord("btl-old-qemu", dead_pid(), start - 5, str(run_dir), qemu_pid=qemu.pid, qemu_start=start).save()
+        report = sweep()
+        assert qemu.poll() is None and run_dir.is_dir() and "btl-old-qemu" not in report.vms
+        assert any(f"QEMU pid {qemu.pid}" in s and "cannot prove" in s for s in report.skipped), report
+    finally:
+        _kill(qemu)
+
+
+# --- 4. run dirs marked with their owner --------------------------------------------------------------------------
+
+MAKE_RUN_DIR = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from pytest_bottle.runstate import create_run_dir
+    create_run_dir(Path(sys.argv[1]))
+    print("made", flush=True)
+    time.sleep(float(sys.argv[2]))
+""")
+
+
+def test_run_dirs_go_only_when_their_marker_proves_them_dead(private_state: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    run = cache / "run"
+    subprocess.run([sys.executable, "-c", MAKE_RUN_DIR, str(run / "btl-dead"), "0"], check=True, capture_output=True)
+    live = subprocess.Popen([sys.executable, "-c", MAKE_RUN_DIR, str(run / "btl-live"), "300"], stdout=subprocess.PIPE)
+    try:
+        assert live.stdout is not None and live.stdout.readline() == b"made\n"
+        unmarked_busy = run / "btl-unmarked-busy"
+        unmarked_busy.mkdir()
+        busy = open(unmarked_busy / "disk.qcow2", "w")  # held open, as QEMU holds its disk
+        (run / "btl-unmarked-young").mkdir()
+        (run / "btl-unmarked-old").mkdir()
+        long_ago = time.time() - 600
+        for name in ("btl-live", "btl-unmarked-busy", "btl-unmarked-old"):
+            os.utime(run / name, (long_ago, long_ago))
+        report = sweep([cache])
+        busy.close()
+        left = {d.name for d in run.iterdir()}
+        assert left == {"btl-live", "btl-unmarked-busy", "btl-unmarked-young"}, report
+        assert any("btl-unmarked-busy" in s and str(os.getpid()) in s for s in report.skipped), report
+        assert stat.S_IMODE((run / "btl-live").stat().st_mode) == 0o700
+    finally:
+        _kill(live)
+
+
+def test_live_bottle_survives_a_sweep_from_another_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state-a"))
+    with pytest_bottle.launch(cache_dir=CACHE) as b:
+        run_dir = b.ssh_config.parent
+        kept = [run_dir / n for n in ("ssh_config", "known_hosts", "console.log", "disk.qcow2")]
+        assert all(p.is_file() for p in kept)
+        long_ago = time.time() - 600  # the bottle has lived longer than ORPHAN_AGE
+        os.utime(run_dir, (long_ago, long_ago))
+        (tmp_path / "test_trivial.py").write_text(TRIVIAL)
+        env = dict(os.environ, BOTTLE_STATE_DIR=str(tmp_path / "state-b"))
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "test_trivial.py",
+                f"--bottle-cache-dir={CACHE}",
+                "-p",
+                "no:cacheprovider",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert all(p.is_file() for p in kept), f"{run_dir} lost files to a sweep of another state dir"
+        assert b.ssh("echo still-here").stdout == "still-here\n"
+
+
+# --- 5. what a sweep may not touch --------------------------------------------------------------------------------
+
+
+@needs_root
+@pytest.mark.parametrize("entry", ["cli", "pytest"])
+def test_sweep_skips_another_users_process(home: Path, entry: str) -> None:
+    state = home / "state"
+    (state / "vms").mkdir(parents=True, mode=0o700)
+    state.chmod(0o700)
+    run_dir = home / "cache" / "run" / "btl-theirs"
+    run_dir.mkdir(parents=True)
+    (home / "cache").chmod(0o700)
+    theirs = start_as(OTHER, ["sleep", "300"])  # an orphaned QEMU of another user, as far as the record says
+    try:
+        time.sleep(0.2)
+        record = RunRecord(
+            "btl-theirs", dead_pid(), None, str(run_dir), qemu_pid=theirs.pid, qemu_start=process.start_time(theirs.pid)
+        )
+        (state / "vms" / "btl-theirs.json").write_text(json.dumps(record.__dict__))
+        chown_tree(home, NOBODY)
+        env = {"BOTTLE_STATE_DIR": str(state), "XDG_CACHE_HOME": str(home)}
+        if entry == "cli":
+            r = as_uid(
+                NOBODY, [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={home / 'cache'}", "sweep"], env
+            )
+            assert f"left VM btl-theirs (QEMU pid {theirs.pid}): may not signal it" in r.stdout, r.stdout + r.stderr
+        else:
+            r = _pytest_as(NOBODY, home, env)
+            assert "1 passed" in r.stdout, r.stdout + r.stderr
+            assert "sweep left VM btl-theirs" in r.stdout + r.stderr
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert theirs.poll() is None and run_dir.is_dir() and (state / "vms" / "btl-theirs.json").is_file()
+    finally:
+        _kill(theirs)
+
+
+# --- 1. the cache is private --------------------------------------------------------------------------------------
+
+
+@needs_root
+def test_cache_is_private_to_its_user() -> None:
+    if os.stat(CACHE.parent).st_mode & stat.S_IXOTH == 0:
+        pytest.skip(f"{CACHE.parent} is closed to others anyway")
+    if CACHE.is_dir():
+        CACHE.chmod(0o755)  # the mode older versions left
+    with pytest_bottle.launch(cache_dir=CACHE) as b:
+        run_dir = b.ssh_config.parent
+        assert stat.S_IMODE(CACHE.stat().st_mode) == 0o700
+        seeds = sorted(CACHE.glob("seeds/*/memory.ram"))
+        assert seeds
+        secrets = [seeds[0], run_dir / "disk.qcow2", run_dir / "console.log", CACHE / "keys" / "id_ed25519"]
+        for path in secrets:
+            r = as_uid(NOBODY, [sys.executable, "-c", f"open({str(path)!r}, 'rb').read(1)"], {})
+            assert r.returncode != 0 and "PermissionError" in r.stderr, f"uid {NOBODY} could read {path}"
+        for path in (run_dir / "qemu.log", *seeds):  # files QEMU itself made are the user's alone too
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
