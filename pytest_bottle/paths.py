@@ -77,7 +77,10 @@ def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool 
     if stat.S_ISLNK(st.st_mode) and follow_symlink:
         real = Path(os.path.realpath(path))
         _check_ancestors(real, hint)
-        st = os.lstat(real)
+        try:
+            st = os.lstat(real)
+        except FileNotFoundError:
+            raise UnsafeDirectory(str(path), f"it is a symlink to {real}, which does not exist", hint) from None
     if not stat.S_ISDIR(st.st_mode):
         kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
         raise UnsafeDirectory(str(path), f"it is {kind}", hint)

@@ -53,6 +53,9 @@ class RunRecord:
     qemu_start: Identity = None
     netns: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Older versions cannot read this record (an unknown field), so they skip
+    # it instead of failing on an identity they do not understand.
+    format: int = 2
 
     @staticmethod
     def records_dir() -> Path:

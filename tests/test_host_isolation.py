@@ -429,12 +429,12 @@ def test_cache_is_private_to_its_user() -> None:
         CACHE.chmod(0o755)  # the mode older versions left
     with pytest_bottle.launch(cache_dir=CACHE) as b:
         run_dir = b.ssh_config.parent
-        assert stat.S_IMODE(CACHE.stat().st_mode) == 0o700
         seeds = sorted(CACHE.glob("seeds/*/memory.ram"))
         assert seeds
         secrets = [seeds[0], run_dir / "disk.qcow2", run_dir / "console.log", CACHE / "keys" / "id_ed25519"]
         for path in secrets:
             r = as_uid(NOBODY, [sys.executable, "-c", f"open({str(path)!r}, 'rb').read(1)"], {})
             assert r.returncode != 0 and "PermissionError" in r.stderr, f"uid {NOBODY} could read {path}"
+        assert stat.S_IMODE(CACHE.stat().st_mode) == 0o700
         for path in (run_dir / "qemu.log", *seeds):  # files QEMU itself made are the user's alone too
             assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path

@@ -2,7 +2,7 @@
 
 One JSON state file under a filelock, shared by every xdist worker and every
 concurrent pytest run on the host.  Each lease carries its owner's pid and
-process start time; a lease whose owner is dead is free to take again.
+process start identity; a lease whose owner is dead is free to take again.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from filelock import FileLock, Timeout
 from ..errors import LockTimeout, PoolExhausted
 from ..paths import state_dir, write_private
 from ..runstate import owner_identity
-from ..vmm.process import Identity, is_alive
+from ..vmm.process import Identity, is_alive, wall_start
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,12 @@ def _cmdline(pid: str) -> str:
 
 
 def _alive(lease: dict[str, Any]) -> bool:
-    return is_alive(lease["pid"], lease.get("start"))
+    return is_alive(lease["pid"], lease.get("id", lease.get("start")))
+
+
+def _owner(pid: int, started: Identity, holder: str) -> dict[str, Any]:
+    # "start" is what older versions read (a wall-clock time); "id" is ours.
+    return {"pid": pid, "start": wall_start(pid), "id": started, "holder": holder}
 
 
 def lease(pool: str, holder: str, count: int = 1, size: int | None = None) -> list[str]:
@@ -98,7 +103,7 @@ def lease(pool: str, holder: str, count: int = 1, size: int | None = None) -> li
     """
     psize, value_of = POOLS[pool]
     size = min(size or psize, psize)
-    pid, started = owner_identity()
+    entry = _owner(*owner_identity(), holder)
     with _locked() as state:
         leases: dict[str, dict[str, Any]] = state.setdefault(pool, {})
         for value, owner in list(leases.items()):
@@ -113,7 +118,7 @@ def lease(pool: str, holder: str, count: int = 1, size: int | None = None) -> li
             value = value_of(idx)
             if value in leases:
                 continue
-            leases[value] = {"pid": pid, "start": started, "holder": holder}
+            leases[value] = dict(entry)
             got.append(value)
             if len(got) == count:
                 state["cursor"][pool] = (idx + 1) % size
@@ -135,9 +140,9 @@ def release(holder: str) -> None:
 
 def reassign(pool: str, value: str, holder: str) -> None:
     """Hand one leased value to another holder of this process (a warm TAP to its bottle)."""
-    pid, started = owner_identity()
+    entry = _owner(*owner_identity(), holder)
     with _locked() as state:
-        state.setdefault(pool, {})[value] = {"pid": pid, "start": started, "holder": holder}
+        state.setdefault(pool, {})[value] = entry
 
 
 def release_value(pool: str, value: str) -> None:
@@ -153,7 +158,7 @@ def transfer(holder: str, pid: int, started: Identity) -> None:
                 continue
             for owner in leases.values():
                 if owner.get("holder") == holder:
-                    owner.update(pid=pid, start=started)
+                    owner.update(_owner(pid, started, holder))
 
 
 def reclaim_dead() -> list[tuple[str, str, str]]:

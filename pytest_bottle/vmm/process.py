@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
@@ -142,6 +144,15 @@ def start_time(pid: int) -> str | None:
     if state in ("Z", "X"):  # exited, only its exit status is left
         return None
     return f"{ticks}@{boot_id()}"
+
+
+def wall_start(pid: int) -> float | None:
+    """The wall-clock start time older versions identified processes by (kept
+    in leases so that they can still read a state directory we share)."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
 
 
 def is_same_process(pid: int, started: Identity) -> bool:
