@@ -401,19 +401,28 @@ def test_sweep_skips_another_users_process(home: Path, entry: str) -> None:
             "btl-theirs", dead_pid(), None, str(run_dir), qemu_pid=theirs.pid, qemu_start=process.start_time(theirs.pid)
         )
         (state / "vms" / "btl-theirs.json").write_text(json.dumps(record.__dict__))
+        # A dead owner's run dir inside a directory of another user: it may not be removed.
+        stuck = home / "shared" / "btl-stuck"
+        stuck.mkdir(parents=True)
+        (stuck / "disk.qcow2").write_text("x")
+        stuck_record = RunRecord("btl-stuck", dead_pid(), None, str(stuck))
+        (state / "vms" / "btl-stuck.json").write_text(json.dumps(stuck_record.__dict__))
         chown_tree(home, NOBODY)
+        chown_tree(home / "shared", OTHER)
         env = {"BOTTLE_STATE_DIR": str(state), "XDG_CACHE_HOME": str(home)}
         if entry == "cli":
             r = as_uid(
                 NOBODY, [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={home / 'cache'}", "sweep"], env
             )
             assert f"left VM btl-theirs (QEMU pid {theirs.pid}): may not signal it" in r.stdout, r.stdout + r.stderr
+            assert f"left {stuck}: could not remove it" in r.stdout, r.stdout
         else:
             r = _pytest_as(NOBODY, home, env)
             assert "1 passed" in r.stdout, r.stdout + r.stderr
             assert "sweep left VM btl-theirs" in r.stdout + r.stderr
         assert r.returncode == 0, r.stdout + r.stderr
         assert theirs.poll() is None and run_dir.is_dir() and (state / "vms" / "btl-theirs.json").is_file()
+        assert (stuck / "disk.qcow2").is_file() and (state / "vms" / "btl-stuck.json").is_file()
     finally:
         _kill(theirs)
 
