@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from filelock import FileLock
 
 import pytest_bottle
 from pytest_bottle.paths import default_cache_dir, remove_tree, state_dir
@@ -107,9 +108,10 @@ PLANT = textwrap.dedent("""
 def victim_fallback() -> Iterator[Path]:
     """``nobody``'s state dir when XDG_RUNTIME_DIR is unset: a fixed name in /tmp."""
     path = Path(f"/tmp/pytest-bottle-{NOBODY}")
-    remove_tree(path)
-    yield path
-    remove_tree(path)
+    with FileLock(f"/tmp/.pytest-bottle-{NOBODY}-test.lock"):  # one fixed name: one test at a time (xdist)
+        remove_tree(path)
+        yield path
+        remove_tree(path)
 
 
 @needs_root
