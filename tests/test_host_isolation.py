@@ -449,3 +449,18 @@ def test_cache_is_private_to_its_user() -> None:
         assert stat.S_IMODE(CACHE.stat().st_mode) == 0o700
         for path in (run_dir / "qemu.log", *seeds):  # files QEMU itself made are the user's alone too
             assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+
+def test_run_dir_marker_of_an_earlier_boot_or_another_pid_namespace(private_state: Path, tmp_path: Path) -> None:
+    from pytest_bottle.runstate import MARKER, create_run_dir
+
+    run = tmp_path / "cache" / "run"
+    for name, change in (
+        ("btl-old-boot", {"boot_id": "00000000-0000-0000-0000-000000000000"}),  # our live pid, but another boot
+        ("btl-other-ns", {"pid_ns": "pid:[1]", "pid": dead_pid()}),  # a pid we cannot judge from here
+    ):
+        d = create_run_dir(run / name)
+        marker = json.loads((d / MARKER).read_text())
+        (d / MARKER).write_text(json.dumps({**marker, **change}))
+    report = sweep([tmp_path / "cache"])
+    assert {d.name for d in run.iterdir()} == {"btl-other-ns"}, report
