@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from pytest_bottle import Bottle
-from pytest_bottle.errors import UnsafeTransfer
+from pytest_bottle.errors import GuestOSError, UnsafeTransfer
 from pytest_bottle.guest import agent
 from pytest_bottle.guest.channel import AgentChannel
 from pytest_bottle.guest.frames import CALL, CANCEL, CHUNK, DATA, EOF, HEADER, REPLY, Channel, frame, jframe
@@ -457,3 +457,23 @@ def test_put_into_a_real_guest_never_writes_through_a_link(module_bottle: Bottle
     assert module_bottle.check_output("ls -A /root/outside; stat -c %F /opt/p/link; cat /opt/p/link/f") == (
         "directory\nnew\n"
     )
+
+
+def test_agent_tar_stops_when_the_host_cancels(local_agent: AgentChannel, tmp_path: Path) -> None:
+    """A refused get() asks the guest to stop: the real agent's tar honours CANCEL."""
+    with open(tmp_path / "big", "wb") as f:
+        f.truncate(64 << 20)
+    got = 0
+
+    def sink(kind: int, data: bytes) -> None:
+        nonlocal got
+        if kind == DATA:
+            if not got:
+                local_agent.cancel(rid)
+            got += len(data)
+
+    rid, call = local_agent.start("tar", sink, path=str(tmp_path))
+    with pytest.raises(GuestOSError, match="the host stopped reading"):
+        local_agent.wait(call, 60, "get")
+    assert 0 < got < 16 << 20
+    assert local_agent.call("hello", timeout=10)["version"]
