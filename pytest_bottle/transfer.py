@@ -50,7 +50,7 @@ def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:
     reply = channel.wait(call, None, "put") or {}
     refused = reply.get("refused")
     if isinstance(refused, dict):
-        raise UnsafeTransfer(str(refused.get("path", "")), str(refused.get("reason", "")), "put")
+        raise UnsafeTransfer(str(refused.get("path", ""))[:4096], str(refused.get("reason", ""))[:4096], "put")
 
 
 def fetch(channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
