@@ -75,11 +75,19 @@ class Stream:
     """Headers and data of a ustar/pax stream, every size checked before it is read."""
 
     def __init__(self, read: Read, policy: Policy) -> None:
-        self.read = read
+        self.source = read
+        self.buf = memoryview(b"")  # read in large pieces: a slice per header is cheap, a read is not
         self.policy = policy
         self.members = 0
         self.total = 0
         self.skip = 0  # data of the previous member not consumed
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; b"" only at the end of the stream."""
+        if not self.buf:
+            self.buf = memoryview(self.source(COPY_CHUNK))
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return bytes(out)
 
     def exact(self, n: int, name: bytes = b"") -> bytes:
         parts, left = [], n
@@ -171,8 +179,10 @@ def _check_header(block: bytes) -> None:
         raise Refused("", "not a ustar or pax archive")
     want = _number(block[148:156])
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
-    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b & 0x80)
-    if want not in (unsigned, signed):
+    if want == unsigned:
+        return
+    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b & 0x80)  # old tars
+    if want != signed:
         raise Refused("", "a header with a bad checksum")
 
 
@@ -253,6 +263,7 @@ class Extractor:
         self.dirs: list[tuple[tuple[bytes, ...], int, float]] = []  # modes set last, deepest first
         self.cached: tuple[tuple[bytes, ...], int] | None = None  # the last parent walked
         self.serial = 0
+        self.prefix = b".bottle-%d-%s-" % (os.getpid(), os.urandom(4).hex().encode())
 
     def close(self) -> None:
         if self.cached is not None:
@@ -270,8 +281,9 @@ class Extractor:
         return fd
 
     def temp(self) -> bytes:
+        """A fresh name (created with O_EXCL or symlink(), never reused)."""
         self.serial += 1
-        return b".bottle-%d-%d-%s.part" % (os.getpid(), self.serial, os.urandom(4).hex().encode())
+        return b"%s%d.part" % (self.prefix, self.serial)
 
     def place(self, member: Member, pfd: int, tmp: bytes, last: bytes) -> None:
         try:
