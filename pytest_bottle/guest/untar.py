@@ -242,15 +242,15 @@ def _link_stays_inside(name: bytes, parts: tuple[bytes, ...], target: bytes) -> 
     following links) no higher than the destination, and the rest only descends.
     A '..' after a name is refused, since that name may itself be a symlink."""
     if target.startswith(b"/"):
-        raise Refused(show(name), f"a symlink to an absolute path ({show(target)})")
+        raise Refused(show(name), f"a symlink to an absolute path ({show(target)!r})")
     comps = [c for c in target.split(b"/") if c not in (b"", b".")]
     ups = 0
     while ups < len(comps) and comps[ups] == b"..":
         ups += 1
     if b".." in comps[ups:]:
-        raise Refused(show(name), f"a symlink whose target has '..' after a name ({show(target)})")
+        raise Refused(show(name), f"a symlink whose target has '..' after a name ({show(target)!r})")
     if ups > len(parts) - 1:
-        raise Refused(show(name), f"a symlink pointing outside the destination ({show(target)})")
+        raise Refused(show(name), f"a symlink pointing outside the destination ({show(target)!r})")
 
 
 class Extractor:
@@ -359,6 +359,8 @@ class Extractor:
             raise Refused(show(member.name), f"a hard link to {show(member.linkname)!r}, which is gone") from None
         try:
             os.link(target[-1], tmp, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise Refused(show(member.name), f"a hard link to {show(member.linkname)!r}, which is gone") from None
         finally:
             os.close(tfd)
         st = os.stat(tmp, dir_fd=pfd, follow_symlinks=False)
