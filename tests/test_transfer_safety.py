@@ -290,6 +290,25 @@ def test_huge_sizes_are_refused_before_reading(guest: HostileGuest, tmp_path: Pa
     refused(guest, tmp_path, host_file, archive(pax.tobuf(tarfile.GNU_FORMAT)), "extended header")
 
 
+@pytest.mark.parametrize(
+    ("name", "match"), [("a/" * 2100 + "f", "overlong"), ("d/" + "n" * 300, "longer than 255"), ("a\0b", "malformed")]
+)
+def test_name_bounds(guest: HostileGuest, tmp_path: Path, host_file: Path, name: str, match: str) -> None:
+    refused(guest, tmp_path, host_file, archive(_with_pax_path(name)), match)
+
+
+def _with_pax_path(name: str) -> bytes:
+    """A pax header naming the next member verbatim, as a hostile guest would."""
+    records = f"path={name}\n".encode()
+    size = len(records) + 1
+    while len(f"{size} ".encode()) + len(records) != size:
+        size = len(f"{size} ".encode()) + len(records)
+    data = f"{size} ".encode() + records
+    head = tarfile.TarInfo("././@PaxHeader")
+    head.type, head.size = tarfile.XHDTYPE, len(data)
+    return head.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512) + member("x")
+
+
 def test_member_and_byte_limits(guest: HostileGuest, tmp_path: Path) -> None:
     serve_tree(guest, archive(*(member(f"f{i}", data=b"x") for i in range(20))))
     with pytest.raises(UnsafeTransfer, match="more than the limit of 10 members"):
