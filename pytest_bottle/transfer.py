@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import BottleError, UnsafeTransfer
 from .guest import untar
-from .guest.channel import AgentChannel, _Call
+from .guest.channel import AgentChannel
 from .guest.frames import CHUNK, DATA, EOF, FrameWriter
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,12 @@ def receive_tree(channel: AgentChannel, src: str, dst: Path, policy: untar.Polic
         finally:
             source.discard()  # whatever else comes is dropped: the channel goes on
     except untar.Refused as e:
-        _give_up(channel, rid, call)
+        _give_up(channel, rid, call.done)
         if e.reason == untar.TRUNCATED and call.reply is not None and not call.reply.get("ok"):
             channel.wait(call, 0, "get")  # the guest failed mid-way: its reason, not ours
         raise UnsafeTransfer(e.path, e.reason) from None
     except BaseException:
-        _give_up(channel, rid, call)
+        _give_up(channel, rid, call.done)
         raise
     channel.wait(call, None, "get")
 
@@ -123,7 +123,7 @@ def receive_file(channel: AgentChannel, src: str, dst: Path, mode: int, policy: 
         while not call.done.wait(0.2) and not failed.is_set():
             pass
         if failed.is_set():
-            _give_up(channel, rid, call)
+            _give_up(channel, rid, call.done)
             raise errors[0]
         channel.wait(call, 0, "get")
         os.fchmod(fd, mode & policy.mode_mask)
@@ -136,16 +136,16 @@ def receive_file(channel: AgentChannel, src: str, dst: Path, mode: int, policy: 
         Path(tmp).unlink(missing_ok=True)
 
 
-def _give_up(channel: AgentChannel, rid: int, call: _Call) -> None:
+def _give_up(channel: AgentChannel, rid: int, done: threading.Event) -> None:
     """Ask the guest to stop, and wait a little for its reply so the call ends
     cleanly; the reader thread drops anything more it sends for ``rid``."""
-    if call.done.is_set():
+    if done.is_set():
         return
     try:
         channel.cancel(rid)
     except BottleError:
         return  # the channel is gone: nothing to stop
-    if not call.done.wait(REFUSAL_GRACE):
+    if not done.wait(REFUSAL_GRACE):
         log.debug("bottle %s: no reply to a refused transfer within %s s", channel.name, REFUSAL_GRACE)
 
 
