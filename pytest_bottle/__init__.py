@@ -22,6 +22,7 @@ from .errors import (
     ImageNotFound,
     PoolExhausted,
     SpecError,
+    UnsafeTransfer,
     WaitTimeout,
 )
 from .launch import launch
@@ -46,6 +47,7 @@ __all__ = [
     "ImageNotFound",
     "PoolExhausted",
     "SpecError",
+    "UnsafeTransfer",
     "WaitTimeout",
     "launch",
 ]

@@ -22,7 +22,7 @@ from .guest.frames import CHUNK, DATA, STDERR, STDOUT
 from .net import pools
 from .results import Command, ExecResult, to_argv
 from .runstate import RunRecord
-from .transfer import receive_tree, send_tree
+from .transfer import fetch, send_tree
 from .vmm.machine import QemuMachine
 
 log = logging.getLogger(__name__)
@@ -262,29 +262,10 @@ class Bottle:
             )
 
     def get(self, src: str, dst: PathLike) -> None:
-        """Copy a guest file or directory to local ``dst``, keeping modes."""
-        src = _guest_path(src)
-        dst_path = Path(dst)
-        info = self._channel.call("stat", path=src)
-        if info["is_dir"]:
-            receive_tree(self._channel, src, dst_path)
-            return
-        if dst_path.is_dir():
-            dst_path = dst_path / posixpath.basename(src)
-        dst_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst_path.with_name(f".{dst_path.name}.bottle-part")
-        try:
-            with open(tmp, "wb") as f:
-
-                def write(kind: int, data: bytes) -> None:
-                    if kind == DATA:
-                        f.write(data)
-
-                self._channel.call("read", path=src, sink=write)
-            tmp.chmod(stat.S_IMODE(info["mode"]))
-            os.replace(tmp, dst_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        """Copy a guest file or directory to local ``dst``: files, directories and
+        symlinks staying inside ``dst`` only, modes without set-id bits, never
+        chowned (see ``transfer``); anything else raises ``UnsafeTransfer``."""
+        fetch(self._channel, _guest_path(src), Path(dst))
 
     # -- network ------------------------------------------------------------
 

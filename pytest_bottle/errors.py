@@ -171,6 +171,20 @@ def guest_os_error(message: str, errno: int | None, path: str | None = None) -> 
     return cls(message, errno, path)
 
 
+class UnsafeTransfer(BottleError):
+    """``get()`` or ``put()`` refused what the other side sent: a path outside the
+    destination, a device, a link leading out, more than the limits allow."""
+
+    def __init__(self, path: str, reason: str, op: str = "get") -> None:
+        self.path = path
+        self.reason = reason
+        self.op = op
+        super().__init__(f"{op}() refused {path!r}: {reason}" if path else f"{op}() refused the transfer: {reason}")
+
+    def _args(self) -> dict[str, Any]:
+        return {"path": self.path, "reason": self.reason, "op": self.op}
+
+
 class WaitTimeout(BottleError, TimeoutError):
     """A polling helper (``wait_until_succeeds``, ``wait_for_port``) gave up."""
 

@@ -1,18 +1,37 @@
-"""Directory trees to and from the guest, as tar streams over the agent channel."""
+"""Files and directory trees to and from the guest, over the agent channel.
+
+Everything the guest sends is checked and bounded here: a directory arrives
+as a tar stream that ``guest.untar`` extracts under the ``GET`` policy (no
+``tarfile`` extraction, whose filters older Pythons lack), a file arrives in
+a temporary file capped at the policy's byte limit, and neither is ever held
+whole in memory.
+"""
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
+import posixpath
+import stat
 import tarfile
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from .errors import BottleError
+from .errors import BottleError, UnsafeTransfer
+from .guest import untar
 from .guest.channel import AgentChannel
-from .guest.frames import DATA, EOF, FrameWriter
+from .guest.frames import CHUNK, DATA, EOF, FrameWriter
+
+log = logging.getLogger(__name__)
+
+# How long a refused transfer waits for the guest's reply before giving up on it
+# (the reader thread drops the rest of the stream either way).
+REFUSAL_GRACE = 10.0
+# Bytes of a directory stream buffered before the channel's reader waits for us.
+BUFFERED = 4 * CHUNK
 
 
 def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:
@@ -28,29 +47,106 @@ def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:
         yield b""
 
     channel.send_data(rid, stream())  # a local failure (an unreadable file) aborts the call
-    channel.wait(call, None, "put")
+    reply = channel.wait(call, None, "put") or {}
+    refused = reply.get("refused")
+    if isinstance(refused, dict):
+        raise UnsafeTransfer(str(refused.get("path", ""))[:4096], str(refused.get("reason", ""))[:4096], "put")
 
 
-def receive_tree(channel: AgentChannel, src: str, dst: Path) -> None:
+def fetch(channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
+    """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``."""
+    info = channel.call("stat", path=src)
+    mode, is_dir = info.get("mode"), info.get("is_dir")
+    if type(mode) is not int or type(is_dir) is not bool:
+        raise UnsafeTransfer(src, f"a malformed stat reply from the guest: {str(info)[:200]}")
+    if is_dir:
+        receive_tree(channel, src, dst, policy)
+    elif stat.S_ISREG(mode):
+        receive_file(channel, src, dst, mode, policy)
+    else:
+        raise UnsafeTransfer(src, "not a regular file or a directory: only those are copied")
+
+
+def receive_tree(channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
     """Copy the contents of guest directory ``src`` into local directory ``dst``."""
     dst.mkdir(parents=True, exist_ok=True)
-    reader = _FrameSource(channel)
-    _rid, call = channel.start("tar", reader.feed, path=src)
-    reader.done = call.done
-    refused: Exception | None = None
+    source = _FrameSource(channel)
+    rid, call = channel.start("tar", source.feed, path=src)
+    source.done = call.done
     try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-            for member in tar:
-                # numeric_owner: guest uids, not host users of the same name
-                tar.extract(member, dst, numeric_owner=True, **_EXTRACT)
-    except tarfile.ReadError:
-        pass  # the agent failed before sending anything: its reply says why
-    except tarfile.FilterError as e:  # a member pointing outside dst
-        refused = e
-        reader.drain()
+        try:
+            untar.extract(source.read, os.fspath(dst), policy)
+        finally:
+            source.discard()  # whatever else comes is dropped: the channel goes on
+    except untar.Refused as e:
+        _give_up(channel, rid, call.done)
+        if e.reason == untar.TRUNCATED and call.reply is not None and not call.reply.get("ok"):
+            channel.wait(call, 0, "get")  # the guest failed mid-way: its reason, not ours
+        raise UnsafeTransfer(e.path, e.reason) from None
+    except BaseException:
+        _give_up(channel, rid, call.done)
+        raise
     channel.wait(call, None, "get")
-    if refused is not None:
-        raise BottleError(f"refused to copy {src}: {refused}") from refused
+
+
+def receive_file(channel: AgentChannel, src: str, dst: Path, mode: int, policy: untar.Policy = untar.GET) -> None:
+    """Copy guest file ``src`` to ``dst`` (inside it if it is a directory), its
+    mode masked by the policy; never written through a link, never more than
+    the policy's byte limit."""
+    if dst.is_dir():
+        dst = dst / posixpath.basename(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp: O_EXCL | O_NOFOLLOW under a fresh name, so no planted link is followed
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name[:200]}.", suffix=".bottle-part", dir=dst.parent)
+    received = 0
+    failed = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(kind: int, data: bytes) -> None:
+        nonlocal received
+        if kind != DATA:
+            return
+        try:
+            received += len(data)
+            if received > policy.max_bytes:
+                raise UnsafeTransfer(src, f"the guest sent more than the limit of {policy.max_bytes} bytes")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException as e:
+            errors.append(e)
+            failed.set()  # a full disk, or too much: no need to hear the rest
+            raise
+
+    try:
+        rid, call = channel.start("read", write, path=src)
+        while not call.done.wait(0.2) and not failed.is_set():
+            pass
+        if failed.is_set():
+            _give_up(channel, rid, call.done)
+            raise errors[0]
+        channel.wait(call, 0, "get")
+        os.fchmod(fd, mode & policy.mode_mask)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, dst)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _give_up(channel: AgentChannel, rid: int, done: threading.Event) -> None:
+    """Ask the guest to stop, and wait a little for its reply so the call ends
+    cleanly; the reader thread drops anything more it sends for ``rid``."""
+    if done.is_set():
+        return
+    try:
+        channel.cancel(rid)
+    except BottleError:
+        return  # the channel is gone: nothing to stop
+    if not done.wait(REFUSAL_GRACE):
+        log.debug("bottle %s: no reply to a refused transfer within %s s", channel.name, REFUSAL_GRACE)
 
 
 def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -59,51 +155,57 @@ def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def _keep_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's "tar" filter refuses paths outside ``dest`` but also clears
-    setuid/setgid/sticky and group/other write bits; keep its checks, not that."""
-    checked = tarfile.tar_filter(member, dest)
-    return checked.replace(mode=member.mode, deep=False)
-
-
-_EXTRACT: dict[str, Any] = {"filter": _keep_modes} if hasattr(tarfile, "tar_filter") else {}
-
-
 class _FrameSource:
-    """A read-only file object over DATA frames arriving from the reader thread."""
+    """A read-only stream over DATA frames arriving from the reader thread.
+
+    At most ``BUFFERED`` bytes wait here: past that the reader thread waits for
+    the extraction (a guest cannot fill host memory), until ``discard()``.
+    """
 
     def __init__(self, channel: AgentChannel) -> None:
         self.channel = channel
         self.done: threading.Event | None = None
         self.cond = threading.Condition()
-        self.chunks: collections.deque[bytes] = collections.deque()
+        self.chunks: collections.deque[memoryview] = collections.deque()
+        self.buffered = 0
         self.eof = False
-        self.buf = b""
+        self.dropping = False
 
     def feed(self, kind: int, data: bytes) -> None:
         with self.cond:
             if kind == DATA:
-                self.chunks.append(data)
+                while self.buffered >= BUFFERED and not self.dropping:
+                    self.cond.wait()
+                if not self.dropping:
+                    self.chunks.append(memoryview(data))
+                    self.buffered += len(data)
             elif kind == EOF:
                 self.eof = True
-            self.cond.notify()
+            self.cond.notify_all()
 
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self.buf) < n:
-            with self.cond:
-                while not self.chunks and not self.eof and not self._finished():
-                    self.cond.wait(0.2)
-                if not self.chunks:
-                    break
-                self.buf += self.chunks.popleft()
-        if n < 0:
-            n = len(self.buf)
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; b"" once the stream has ended."""
+        with self.cond:
+            while not self.chunks:
+                if self.eof or self.dropping or self._finished():
+                    return b""
+                self.cond.wait(0.2)
+            head = self.chunks[0]
+            out = head[:n]
+            if len(head) > n:
+                self.chunks[0] = head[n:]
+            else:
+                self.chunks.popleft()
+            self.buffered -= len(out)
+            self.cond.notify_all()
+            return bytes(out)
 
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
+    def discard(self) -> None:
+        with self.cond:
+            self.dropping = True
+            self.chunks.clear()
+            self.buffered = 0
+            self.cond.notify_all()
 
     def _finished(self) -> bool:
         # The reply (or the channel's death) comes after the last data frame.

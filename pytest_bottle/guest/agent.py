@@ -17,10 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import tarfile
+from typing import IO, Any
 
 try:  # on the host, as part of the package
     from . import execute, frames, identity
@@ -179,16 +176,21 @@ class Agent:
         return {"mode": st.st_mode, "size": st.st_size, "is_dir": os.path.isdir(call["path"])}
 
     def op_untar(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
+        """Extract the host's tar stream into ``path`` under the PUT policy: modes
+        as given, owned by root (the agent's own), and nothing written through a
+        symlink, whether the stream or an earlier put left it there."""
+        try:  # only here: every import costs time in an emulated boot
+            from . import untar
+        except ImportError:
+            import untar  # type: ignore[import-not-found,no-redef]
+
         dst = call["path"]
         os.makedirs(dst, exist_ok=True)
-        import tarfile  # only here: the import costs seconds of an emulated boot
-
         stream = frames.InboxReader(inbox)
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-                for member in tar:
-                    _check_member(member)
-                    tar.extract(member, dst, set_attrs=True, numeric_owner=True)
+            untar.extract(stream.read, dst, untar.PUT)
+        except untar.Refused as e:  # a reply, not an error: the host raises UnsafeTransfer
+            return {"refused": {"path": e.path, "reason": e.reason}}
         finally:
             stream.drain()
         return {}
@@ -199,7 +201,12 @@ class Agent:
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory", src)
         import tarfile
 
-        out = frames.FrameWriter(lambda data: self.chan.send(frames.frame(frames.DATA, rid, data)))
+        def emit(data: bytes) -> None:
+            if _cancelled(inbox):  # the host refused what it got so far: stop
+                raise frames.Aborted("the host stopped reading the archive")
+            self.chan.send(frames.frame(frames.DATA, rid, data))
+
+        out = frames.FrameWriter(emit)
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
             tar.add(src, arcname=".")
         out.flush()
@@ -265,10 +272,9 @@ class Agent:
         return {}
 
 
-def _check_member(member: tarfile.TarInfo) -> None:
-    name = os.path.normpath(member.name)
-    if name.startswith(("/", "..")) or (member.islnk() and os.path.normpath(member.linkname).startswith(("/", ".."))):
-        raise ValueError(f"unsafe path in archive: {member.name}")
+def _cancelled(inbox: frames.Inbox) -> bool:
+    with inbox.cond:
+        return any(kind == frames.CANCEL for kind, _ in inbox.items)
 
 
 def _cpu_times() -> list[int]:

@@ -21,6 +21,7 @@ CASES = [
     E.PoolExhausted("loopback", 3),
     E.SpecError("bad memory", "marker"),
     E.WaitTimeout("port 80", 5.0, "exit 1"),
+    E.UnsafeTransfer("../x", "a member name with '..'", "get"),
 ]
 
 

@@ -1,0 +1,509 @@
+"""get() and put() against hostile input.
+
+The hostile-guest tests put a peer on a socketpair that speaks the real frame
+format and answers ``stat``/``tar``/``read`` with crafted frames, exactly what
+a guest whose agent was replaced could send; the host side is the real
+``AgentChannel`` and the real ``transfer.fetch`` that ``Bottle.get`` calls.
+The put tests run the real agent's ``untar`` (in-process, on a socketpair) and
+a real bottle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import tarfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_bottle import Bottle
+from pytest_bottle.errors import GuestOSError, UnsafeTransfer
+from pytest_bottle.guest import agent
+from pytest_bottle.guest.channel import AgentChannel
+from pytest_bottle.guest.frames import CALL, CANCEL, CHUNK, DATA, EOF, HEADER, REPLY, Channel, frame, jframe
+from pytest_bottle.guest.untar import GET
+from pytest_bottle.transfer import fetch, send_tree
+
+Answer = Callable[[int, dict[str, object]], bytes]
+
+
+class HostileGuest:
+    """The guest end of a socketpair, answering each operation with canned frames."""
+
+    def __init__(self) -> None:
+        host, self.peer = socket.socketpair()
+        self.channel = AgentChannel(host, "hostile")
+        self.answers: dict[str, Answer] = {"hello": lambda rid, call: reply(rid, version=1)}
+        self.cancelled: list[int] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.peer.recv(n - len(buf))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return buf
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                kind, rid, size = HEADER.unpack(self._recv(HEADER.size))
+                payload = self._recv(size) if size else b""
+                if kind == CALL:
+                    call = json.loads(payload)
+                    self.peer.sendall(self.answers[call["op"]](rid, call))
+                elif kind == CANCEL:
+                    self.cancelled.append(rid)
+        except (EOFError, OSError):
+            pass
+
+    def still_answers(self) -> bool:
+        return bool(self.channel.call("hello", timeout=10)["version"] == 1)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.peer.close()
+
+
+def reply(rid: int, **fields: object) -> bytes:
+    return jframe(REPLY, rid, dict(fields, ok=True))
+
+
+def stream(rid: int, data: bytes) -> bytes:
+    """What the agent sends for ``tar`` and ``read``: DATA frames, EOF, the reply."""
+    out = [frame(DATA, rid, data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)]
+    return b"".join(out) + frame(EOF, rid) + reply(rid)
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **attrs: object) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    out = info.tobuf(tarfile.PAX_FORMAT)
+    return out + data + bytes(-len(data) % 512) if kind == tarfile.REGTYPE else out
+
+
+def archive(*members: bytes) -> bytes:
+    return member(".", tarfile.DIRTYPE) + b"".join(members) + bytes(1024)
+
+
+@pytest.fixture
+def guest() -> Iterator[HostileGuest]:
+    g = HostileGuest()
+    yield g
+    g.close()
+
+
+@pytest.fixture
+def host_file(tmp_path: Path) -> Path:
+    """A host file outside every destination that no get() may touch."""
+    path = tmp_path / "host.txt"
+    path.write_text("host data\n")
+    path.chmod(0o640)
+    return path
+
+
+def serve_tree(guest: HostileGuest, tar: bytes) -> None:
+    guest.answers["stat"] = lambda rid, call: reply(rid, mode=0o40755, size=4096, is_dir=True)
+    guest.answers["tar"] = lambda rid, call: stream(rid, tar)
+
+
+def serve_file(guest: HostileGuest, data: bytes, mode: int = 0o100644) -> None:
+    guest.answers["stat"] = lambda rid, call: reply(rid, mode=mode, size=len(data), is_dir=False)
+    guest.answers["read"] = lambda rid, call: stream(rid, data)
+
+
+def outside(tmp_path: Path, dst: Path) -> set[Path]:
+    """Everything under ``tmp_path`` that is not inside ``dst``."""
+    return {p for p in tmp_path.rglob("*") if dst not in p.parents and p != dst}
+
+
+def refused(guest: HostileGuest, tmp_path: Path, host_file: Path, tar: bytes, match: str) -> Path:
+    """get() of ``tar`` raises UnsafeTransfer, leaves the host file and everything
+    outside the destination as they were, and the channel still answers."""
+    dst = tmp_path / "dst"
+    before = outside(tmp_path, dst)
+    serve_tree(guest, tar)
+    with pytest.raises(UnsafeTransfer, match=match) as info:
+        fetch(guest.channel, "/srv", dst)
+    assert info.value.op == "get" and info.value.reason
+    assert host_file.read_text() == "host data\n" and stat.S_IMODE(host_file.stat().st_mode) == 0o640
+    assert outside(tmp_path, dst) == before
+    assert not [p for p in dst.rglob("*") if ".bottle-" in p.name]  # no temporary file left
+    assert guest.still_answers()
+    return dst
+
+
+# -- hostile guest: paths ----------------------------------------------------
+
+
+def test_dotdot_member_is_refused(guest: HostileGuest, tmp_path: Path, host_file: Path) -> None:
+    tar = archive(member("ok.txt", data=b"ok"), member("../host.txt", data=b"pwned"), member("../new.txt"))
+    dst = refused(guest, tmp_path, host_file, tar, r"'\.\./host\.txt'.*'\.\.'")
+    assert (dst / "ok.txt").read_bytes() == b"ok"  # what came before the refused member stays
+    assert not (tmp_path / "new.txt").exists()
+
+
+def test_absolute_member_is_refused(guest: HostileGuest, tmp_path: Path, host_file: Path) -> None:
+    refused(guest, tmp_path, host_file, archive(member(str(host_file), data=b"pwned")), "absolute")
+    refused(guest, tmp_path, host_file, archive(member(str(tmp_path / "abs.txt"), data=b"x")), "absolute")
+    assert not (tmp_path / "abs.txt").exists()
+
+
+@pytest.mark.parametrize("link", ["absolute", "relative"])
+def test_hardlink_to_a_host_file_then_a_same_named_member(
+    guest: HostileGuest, tmp_path: Path, host_file: Path, link: str
+) -> None:
+    target = str(host_file) if link == "absolute" else "../host.txt"
+    tar = archive(member("victim", tarfile.LNKTYPE, linkname=target), member("victim", data=b"pwned\n"))
+    refused(guest, tmp_path, host_file, tar, "hard link")
+
+
+def test_no_tarfile_filter_is_needed(
+    guest: HostileGuest, tmp_path: Path, host_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian 12's own python3.11 has no extraction filters: the policy does not depend on them."""
+    for name in ("data_filter", "tar_filter", "fully_trusted_filter"):
+        monkeypatch.delattr(tarfile, name, raising=False)
+    tar = archive(member("victim", tarfile.LNKTYPE, linkname=str(host_file)), member("victim", data=b"pwned\n"))
+    refused(guest, tmp_path, host_file, tar, "hard link")
+    refused(guest, tmp_path, host_file, archive(member("../x", data=b"x")), "'..'")
+
+
+def test_a_hardlink_already_in_dst_is_replaced_not_written_through(
+    guest: HostileGuest, tmp_path: Path, host_file: Path
+) -> None:
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    os.link(host_file, dst / "data")  # left by the user, or by an earlier get
+    serve_tree(guest, archive(member("data", data=b"from the guest\n")))
+    fetch(guest.channel, "/srv", dst)
+    assert (dst / "data").read_text() == "from the guest\n"
+    assert host_file.read_text() == "host data\n"
+
+
+def test_hardlink_to_an_earlier_member_is_kept(guest: HostileGuest, tmp_path: Path) -> None:
+    tar = archive(member("a", data=b"shared"), member("b", tarfile.LNKTYPE, linkname="./a"))
+    serve_tree(guest, tar)
+    fetch(guest.channel, "/srv", tmp_path / "dst")
+    a, b = (tmp_path / "dst" / "a").stat(), (tmp_path / "dst" / "b").stat()
+    assert (a.st_ino, (tmp_path / "dst" / "b").read_bytes()) == (b.st_ino, b"shared")
+
+
+# -- hostile guest: symlinks -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("links", "match"),
+    [
+        ([("out", "..")], "outside the destination"),
+        ([("out", "/")], "absolute"),
+        ([("d/", ""), ("d/up", ".."), ("d/out", "up/..")], "after a name"),
+        ([("out", "../dst/../..")], "after a name"),
+    ],
+)
+def test_symlink_leading_out_is_refused(
+    guest: HostileGuest, tmp_path: Path, host_file: Path, links: list[tuple[str, str]], match: str
+) -> None:
+    members = [
+        member(n, tarfile.DIRTYPE) if n.endswith("/") else member(n, tarfile.SYMTYPE, linkname=t) for n, t in links
+    ]
+    dst = refused(guest, tmp_path, host_file, archive(*members, member("out/host.txt", data=b"pwned")), match)
+    assert not (dst / "out").is_symlink()
+
+
+def test_no_member_is_written_through_a_symlink(guest: HostileGuest, tmp_path: Path, host_file: Path) -> None:
+    """A symlink inside dst is fine, but nothing is ever written through one:
+    neither one from the same stream nor one already in dst."""
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "planted").symlink_to(tmp_path)  # pointing out, as a user may have left it
+    tar = archive(member("planted/host.txt", data=b"pwned"))
+    refused(guest, tmp_path, host_file, tar, "'planted' on its path is a symlink")
+    tar = archive(member("sub", tarfile.DIRTYPE), member("here", tarfile.SYMTYPE, linkname="sub"), member("here/f"))
+    refused(guest, tmp_path, host_file, tar, "'here' on its path is a symlink")
+    assert not (dst / "sub" / "f").exists()
+
+
+def test_inside_symlinks_are_kept(guest: HostileGuest, tmp_path: Path) -> None:
+    tar = archive(
+        member("lib", tarfile.DIRTYPE),
+        member("lib/libx.so.1", data=b"elf"),
+        member("lib/libx.so", tarfile.SYMTYPE, linkname="libx.so.1"),
+        member("bin", tarfile.DIRTYPE),
+        member("bin/x", tarfile.SYMTYPE, linkname="../lib/libx.so"),
+    )
+    serve_tree(guest, tar)
+    fetch(guest.channel, "/srv", tmp_path / "dst")
+    assert (tmp_path / "dst" / "bin" / "x").read_bytes() == b"elf"
+    assert os.readlink(tmp_path / "dst" / "bin" / "x") == "../lib/libx.so"
+
+
+# -- hostile guest: modes, owners, special files, sizes ---------------------
+
+
+def test_modes_lose_set_id_bits_and_owners_are_ours(guest: HostileGuest, tmp_path: Path) -> None:
+    tar = archive(
+        member("suid", data=b"#!/bin/sh\n", mode=0o6755, uid=1234, gid=1234),
+        member("open", data=b"x", mode=0o777),
+        member("sticky", tarfile.DIRTYPE, mode=0o3777, uid=1234),
+        member("ro", tarfile.DIRTYPE, mode=0o555),
+        member("ro/inner", data=b"y", mode=0o400),
+    )
+    serve_tree(guest, tar)
+    dst = tmp_path / "dst"
+    fetch(guest.channel, "/srv", dst)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in dst.rglob("*")}
+    assert modes == {"suid": 0o755, "open": 0o777, "sticky": 0o777, "ro": 0o555, "inner": 0o400}
+    assert {p.stat().st_uid for p in dst.rglob("*")} == {os.geteuid()}
+    (dst / "ro").chmod(0o755)  # let pytest clean up
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [(tarfile.CHRTYPE, "character device"), (tarfile.BLKTYPE, "block device"), (tarfile.FIFOTYPE, "fifo")],
+)
+def test_special_files_are_refused(
+    guest: HostileGuest, tmp_path: Path, host_file: Path, kind: bytes, what: str
+) -> None:
+    tar = archive(member("node", kind, devmajor=1, devminor=3, mode=0o666))
+    dst = refused(guest, tmp_path, host_file, tar, what)
+    assert not os.path.lexists(dst / "node")
+
+
+def test_huge_sizes_are_refused_before_reading(guest: HostileGuest, tmp_path: Path, host_file: Path) -> None:
+    huge = tarfile.TarInfo("huge")
+    huge.size = 1 << 50
+    refused(guest, tmp_path, host_file, archive(huge.tobuf(tarfile.PAX_FORMAT)), "limit of")
+    pax = tarfile.TarInfo("x")
+    pax.type, pax.size = tarfile.XHDTYPE, 1 << 40
+    refused(guest, tmp_path, host_file, archive(pax.tobuf(tarfile.GNU_FORMAT)), "extended header")
+
+
+@pytest.mark.parametrize(
+    ("name", "match"), [("a/" * 2100 + "f", "overlong"), ("d/" + "n" * 300, "longer than 255"), ("a\0b", "malformed")]
+)
+def test_name_bounds(guest: HostileGuest, tmp_path: Path, host_file: Path, name: str, match: str) -> None:
+    refused(guest, tmp_path, host_file, archive(_with_pax_path(name)), match)
+
+
+def _with_pax_path(name: str) -> bytes:
+    """A pax header naming the next member verbatim, as a hostile guest would."""
+    records = f"path={name}\n".encode()
+    size = len(records) + 1
+    while len(f"{size} ".encode()) + len(records) != size:
+        size = len(f"{size} ".encode()) + len(records)
+    data = f"{size} ".encode() + records
+    head = tarfile.TarInfo("././@PaxHeader")
+    head.type, head.size = tarfile.XHDTYPE, len(data)
+    return head.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512) + member("x")
+
+
+def test_member_and_byte_limits(guest: HostileGuest, tmp_path: Path) -> None:
+    serve_tree(guest, archive(*(member(f"f{i}", data=b"x") for i in range(20))))
+    with pytest.raises(UnsafeTransfer, match="more than the limit of 10 members"):
+        fetch(guest.channel, "/srv", tmp_path / "a", GET._replace(max_members=10))
+    serve_tree(guest, archive(member("big", data=bytes(3 << 20))))
+    with pytest.raises(UnsafeTransfer, match="more than the limit of 1048576 bytes"):
+        fetch(guest.channel, "/srv", tmp_path / "b", GET._replace(max_bytes=1 << 20))
+    assert not (tmp_path / "b" / "big").exists()
+    assert guest.still_answers()
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [b"not a tar at all" * 64, archive(member("ok"))[:700], member("x", data=b"abc")[:512].replace(b"ustar", b"xxxxx")],
+    ids=["garbage", "truncated", "bad-magic"],
+)
+def test_malformed_streams_are_refused(guest: HostileGuest, tmp_path: Path, host_file: Path, junk: bytes) -> None:
+    refused(guest, tmp_path, host_file, junk, ".")
+
+
+# -- hostile guest: single files ---------------------------------------------
+
+
+def test_single_file_mode_is_masked(guest: HostileGuest, tmp_path: Path) -> None:
+    serve_file(guest, b"#!/bin/sh\n", mode=0o106777)
+    fetch(guest.channel, "/usr/bin/x", tmp_path / "x")
+    assert stat.S_IMODE((tmp_path / "x").stat().st_mode) == 0o777
+
+
+def test_single_file_replaces_a_link_at_dst(guest: HostileGuest, tmp_path: Path, host_file: Path) -> None:
+    (tmp_path / "dst").symlink_to(host_file)
+    os.link(host_file, tmp_path / "hard")
+    serve_file(guest, b"guest\n")
+    fetch(guest.channel, "/f", tmp_path / "dst")
+    fetch(guest.channel, "/f", tmp_path / "hard")
+    assert host_file.read_text() == "host data\n"
+    assert (tmp_path / "dst").read_text() == (tmp_path / "hard").read_text() == "guest\n"
+
+
+@pytest.mark.parametrize("mode", [0o020666, 0o010644, 0o140777])
+def test_single_special_file_is_refused(guest: HostileGuest, tmp_path: Path, mode: int) -> None:
+    serve_file(guest, b"", mode=mode)
+    with pytest.raises(UnsafeTransfer, match="not a regular file"):
+        fetch(guest.channel, "/dev/x", tmp_path / "x")
+    assert not list(tmp_path.iterdir())
+
+
+def test_single_file_over_the_limit_is_refused(guest: HostileGuest, tmp_path: Path) -> None:
+    serve_file(guest, bytes(3 << 20), mode=0o100644)  # stat may say anything: the bytes count
+    guest.answers["stat"] = lambda rid, call: reply(rid, mode=0o100644, size=10, is_dir=False)
+    with pytest.raises(UnsafeTransfer, match="more than the limit"):
+        fetch(guest.channel, "/f", tmp_path / "f", GET._replace(max_bytes=1 << 20))
+    assert not list(tmp_path.iterdir())  # no partial file
+    assert guest.still_answers()
+
+
+@pytest.mark.parametrize("info", [{"mode": "0755", "is_dir": False}, {"mode": 0o644}, {"is_dir": 1, "mode": 1}])
+def test_malformed_stat_reply_is_refused(guest: HostileGuest, tmp_path: Path, info: dict[str, object]) -> None:
+    guest.answers["stat"] = lambda rid, call: reply(rid, **info)
+    with pytest.raises(UnsafeTransfer, match="malformed stat reply"):
+        fetch(guest.channel, "/f", tmp_path / "f")
+    assert not list(tmp_path.iterdir())
+
+
+def test_refused_errors_pickle() -> None:
+    import pickle
+
+    err = UnsafeTransfer("../x", "a member name with '..'", "get")
+    back = pickle.loads(pickle.dumps(err))
+    assert (type(back), vars(back), str(back)) == (UnsafeTransfer, vars(err), str(err))
+
+
+# -- put: the real agent's untar, in-process ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_agent() -> Iterator[AgentChannel]:
+    """The real guest agent serving on a socketpair in this process."""
+    host, peer = socket.socketpair()
+    threading.Thread(target=agent.Agent(Channel(peer.fileno())).serve, daemon=True).start()
+    channel = AgentChannel(host, "local-agent")
+    yield channel
+    _keep.extend([host, peer])  # the agent thread keeps reading its fd: do not close it under it
+
+
+_keep: list[object] = []
+
+
+def untar_call(channel: AgentChannel, dst: Path, tar: bytes) -> dict[str, object]:
+    return channel.call("untar", path=str(dst), data=[tar], timeout=30)
+
+
+def test_agent_untar_never_writes_through_a_symlink(local_agent: AgentChannel, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    dst = tmp_path / "dst"
+    tar = archive(member("link", tarfile.SYMTYPE, linkname=str(victim)), member("link/passwd", data=b"pwned"))
+    got = untar_call(local_agent, dst, tar)
+    assert got["refused"] == {
+        "path": "link/passwd",
+        "reason": "'link' on its path is a symlink or not a directory",
+    }
+    assert not list(victim.iterdir())
+    assert os.readlink(dst / "link") == str(victim)  # put keeps links as they are
+    for name in ("../up", "/abs"):
+        assert untar_call(local_agent, dst, archive(member(name, data=b"x")))["refused"]
+    assert not (tmp_path / "up").exists() and not Path("/abs").exists()
+
+
+def test_put_replaces_a_symlink_left_by_an_earlier_put(local_agent: AgentChannel, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    first, second, dst = tmp_path / "first", tmp_path / "second", tmp_path / "dst"
+    first.mkdir()
+    (first / "link").symlink_to(victim)
+    (second / "link").mkdir(parents=True)
+    (second / "link" / "passwd").write_text("new\n")
+    (second / "suid").write_text("x")
+    (second / "suid").chmod(0o4755)
+    send_tree(local_agent, first, str(dst))
+    send_tree(local_agent, second, str(dst))
+    assert not list(victim.iterdir())
+    assert (dst / "link" / "passwd").read_text() == "new\n" and not (dst / "link").is_symlink()
+    assert stat.S_IMODE((dst / "suid").stat().st_mode) == 0o4755  # put keeps modes
+
+
+def test_put_of_a_fifo_is_refused_by_name(local_agent: AgentChannel, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    os.mkfifo(src / "pipe")
+    with pytest.raises(UnsafeTransfer, match=r"put\(\) refused '\./pipe': a fifo"):
+        send_tree(local_agent, src, str(tmp_path / "dst"))
+    assert local_agent.call("hello", timeout=10)["version"]
+
+
+# -- real bottle -----------------------------------------------------------------
+
+
+def test_get_from_a_real_guest(module_bottle: Bottle, tmp_path: Path) -> None:
+    module_bottle.check_output(
+        "set -e; rm -rf /srv/t; mkdir -p /srv/t/sg; cd /srv/t; printf '#!/bin/sh\\n' > suid; chown 1234:1234 suid;"
+        "chmod 4755 suid; printf x > open; chmod 0777 open; chmod 2775 sg; ln -s suid rel"
+    )
+    module_bottle.get("/srv/t", tmp_path / "t")
+    got = {p.name: stat.S_IMODE(p.lstat().st_mode) for p in (tmp_path / "t").iterdir() if not p.is_symlink()}
+    assert got == {"suid": 0o755, "open": 0o777, "sg": 0o775}
+    assert (tmp_path / "t" / "suid").stat().st_uid == os.geteuid()
+    assert os.readlink(tmp_path / "t" / "rel") == "suid"
+    module_bottle.get("/srv/t/suid", tmp_path / "one")
+    assert stat.S_IMODE((tmp_path / "one").stat().st_mode) == 0o755
+
+
+def test_get_refuses_devices_and_links_out_from_a_real_guest(module_bottle: Bottle, tmp_path: Path) -> None:
+    module_bottle.check_output("rm -rf /srv/dev /srv/abs; mkdir -p /srv/dev /srv/abs; mknod /srv/dev/null c 1 3")
+    module_bottle.check_output("ln -s /etc/passwd /srv/abs/passwd")
+    with pytest.raises(UnsafeTransfer, match="character device"):
+        module_bottle.get("/srv/dev", tmp_path / "dev")
+    assert not os.path.lexists(tmp_path / "dev" / "null")
+    with pytest.raises(UnsafeTransfer, match="absolute"):
+        module_bottle.get("/srv/abs", tmp_path / "abs")
+    with pytest.raises(UnsafeTransfer, match="not a regular file"):
+        module_bottle.get("/dev/zero", tmp_path / "zero")
+    assert not (tmp_path / "zero").exists()
+    assert module_bottle.check_output("echo still here") == "still here\n"
+
+
+def test_put_into_a_real_guest_never_writes_through_a_link(module_bottle: Bottle, tmp_path: Path) -> None:
+    module_bottle.check_output("rm -rf /opt/p /root/outside; mkdir -p /root/outside")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    (first / "link").symlink_to("/root/outside")
+    (second / "link").mkdir(parents=True)
+    (second / "link" / "f").write_text("new\n")
+    module_bottle.put(first, "/opt/p")
+    module_bottle.put(second, "/opt/p")
+    assert module_bottle.check_output("ls -A /root/outside; stat -c %F /opt/p/link; cat /opt/p/link/f") == (
+        "directory\nnew\n"
+    )
+
+
+def test_agent_tar_stops_when_the_host_cancels(local_agent: AgentChannel, tmp_path: Path) -> None:
+    """A refused get() asks the guest to stop: the real agent's tar honours CANCEL."""
+    with open(tmp_path / "big", "wb") as f:
+        f.truncate(64 << 20)
+    got = 0
+
+    def sink(kind: int, data: bytes) -> None:
+        nonlocal got
+        if kind == DATA:
+            if not got:
+                local_agent.cancel(rid)
+            got += len(data)
+
+    rid, call = local_agent.start("tar", sink, path=str(tmp_path))
+    with pytest.raises(GuestOSError, match="the host stopped reading"):
+        local_agent.wait(call, 60, "get")
+    assert 0 < got < 16 << 20
+    assert local_agent.call("hello", timeout=10)["version"]
