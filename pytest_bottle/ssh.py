@@ -89,7 +89,11 @@ class SshAccess:
         keytype, keydata = host_public_key.split()[:2]
         known.write_text(f"{name} {keytype} {keydata}\n")
         config = run_dir / "ssh_config"
-        config.write_text(CONFIG_TEMPLATE.format(name=name, host=host, port=port, identity=identity, known_hosts=known))
+        config.write_text(
+            CONFIG_TEMPLATE.format(
+                name=name, host=host, port=port, identity=config_path_value(identity), known_hosts=config_path_value(known)
+            )
+        )
         return cls(name, host, port, identity, config)
 
     def argv(self, *args: str) -> list[str]:
@@ -125,6 +129,16 @@ class SshAccess:
             raise ExecTimeout(cmd, float(timeout or 0), _text(e.stdout), _text(e.stderr)) from None
         result = ExecResult(cmd, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
         return result.check() if check else result
+
+
+def config_path_value(path: Path) -> str:
+    """A path as an ssh_config value: double-quoted (spaces), with ``"`` and
+    ``\\`` escaped and ``%`` doubled (IdentityFile and UserKnownHostsFile
+    expand %-tokens)."""
+    text = str(path)
+    if "\n" in text:
+        raise BottleError(f"a path with a newline cannot go into an ssh_config: {text!r}")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
 
 
 def _text(data: bytes | str | None) -> str:

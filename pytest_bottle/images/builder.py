@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -89,9 +90,10 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
         f"--mode={'root' if os.geteuid() == 0 else 'unshare'}",
         f"--variant={recipe.variant}",
         f"--include={','.join(recipe.packages)}",
-        f"--setup-hook=sync-in {pre} /",
-        f"--customize-hook=sync-in {overlay} /",
-        f'--customize-hook=sh {work / "customize.sh"} "$1"',
+        # mmdebstrap splits these like a shell: paths are quoted (a cache dir may have spaces).
+        f"--setup-hook=sync-in {shlex.quote(str(pre))} /",
+        f"--customize-hook=sync-in {shlex.quote(str(overlay))} /",
+        f'--customize-hook=sh {shlex.quote(str(work / "customize.sh"))} "$1"',
         recipe.suite,
         "/dev/null",
         *mirrors,
