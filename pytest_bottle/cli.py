@@ -196,9 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rebuild", action="store_true", help="build again even if cached (and drop its seeds)")
     b.set_defaults(fn=cmd_image_build)
     image.add_parser("list", help="known images, what is built, and seeds").set_defaults(fn=cmd_image_list)
-    image.add_parser("prune", help="remove old images, stale seeds and old failed-build logs; print what was freed").set_defaults(
-        fn=cmd_image_prune
-    )
+    prune_help = "remove old images, stale seeds and old failed-build logs; print what was freed"
+    image.add_parser("prune", help=prune_help).set_defaults(fn=cmd_image_prune)
     r = image.add_parser("rm", help="remove an image and its seeds from the cache")
     r.add_argument("name")
     r.set_defaults(fn=cmd_image_rm)

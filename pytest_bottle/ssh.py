@@ -89,11 +89,9 @@ class SshAccess:
         keytype, keydata = host_public_key.split()[:2]
         known.write_text(f"{name} {keytype} {keydata}\n")
         config = run_dir / "ssh_config"
-        config.write_text(
-            CONFIG_TEMPLATE.format(
-                name=name, host=host, port=port, identity=config_path_value(identity), known_hosts=config_path_value(known)
-            )
-        )
+        identity_value, known_value = config_path_value(identity), config_path_value(known)
+        text = CONFIG_TEMPLATE.format(name=name, host=host, port=port, identity=identity_value, known_hosts=known_value)
+        config.write_text(text)
         return cls(name, host, port, identity, config)
 
     def argv(self, *args: str) -> list[str]:
