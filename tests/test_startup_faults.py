@@ -19,13 +19,14 @@ import psutil
 import pytest
 
 import pytest_bottle
-from pytest_bottle import BootError, BottleError
-from pytest_bottle.boot import BootPlan, run_probe
+from pytest_bottle import BootError, BottleError, boot, seeds
+from pytest_bottle.boot import BootPlan
+from pytest_bottle.images import cache as image_cache
 from pytest_bottle.images import ensure_image
-from pytest_bottle.images.cache import KEEP_FAILED_LOGS, entry_dir
+from pytest_bottle.images.cache import entry_dir
 from pytest_bottle.images.recipes import get_recipe
 from pytest_bottle.paths import default_cache_dir
-from pytest_bottle.seeds import SEED_VERSION, Seed, in_use, list_seeds
+from pytest_bottle.seeds import SEED_VERSION, Seed, list_seeds
 from pytest_bottle.vmm import accel
 from pytest_bottle.vmm.qemu import Nic
 
@@ -211,13 +212,13 @@ def test_image_prune_removes_stale_seeds_and_logs_and_reports_bytes(seeded: Path
     logs = seeded / "logs"
     logs.mkdir()
     entry = entry_dir(CACHE, get_recipe("debian-bookworm")).name
-    for i in range(KEEP_FAILED_LOGS + 3):
+    for i in range(image_cache.KEEP_FAILED_LOGS + 3):
         (logs / f"{entry}-failed-{i}.log").write_text("E: boom\n")
         os.utime(logs / f"{entry}-failed-{i}.log", (1000 + i, 1000 + i))
     (logs / "gone-recipe-0123-failed-1.log").write_text("E: old\n")
 
     busy = Seed(stale["in-use"], json.loads((stale["in-use"] / "manifest.json").read_text()))
-    with in_use(busy):  # a clone is starting from it
+    with seeds.in_use(busy):  # a clone is starting from it
         r = subprocess.run(
             [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={seeded}", "image", "prune"],
             capture_output=True,
@@ -230,7 +231,7 @@ def test_image_prune_removes_stale_seeds_and_logs_and_reports_bytes(seeded: Path
         assert f"removed {stale[label]} (" in r.stdout
     assert stale["in-use"].exists() and current.path.exists()
     kept_logs = sorted(p.name for p in logs.iterdir())
-    assert kept_logs == sorted(f"{entry}-failed-{i}.log" for i in range(3, KEEP_FAILED_LOGS + 3))
+    assert kept_logs == sorted(f"{entry}-failed-{i}.log" for i in range(3, image_cache.KEEP_FAILED_LOGS + 3))
     last = r.stdout.strip().splitlines()[-1]
     freed = re.fullmatch(r"pruned 7 entries, freed ([\d.]+) (MB|GB)", last)
     assert freed, r.stdout
@@ -292,7 +293,7 @@ def test_a_probe_that_timed_out_on_a_busy_host_is_retried_next_run(
     def probe(timeout: float) -> accel.ProbeResult:  # a real boot, starved of CPU
         run_dir = tmp_path / f"probe-{len(probes)}"
         run_dir.mkdir()
-        probes.append(run_probe(_plan(), run_dir, 4.0))
+        probes.append(boot.run_probe(_plan(), run_dir, 4.0))
         return probes[-1]
 
     monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "run-1")
@@ -314,7 +315,7 @@ def test_a_probe_where_qemu_exits_is_cached(tmp_path: Path, monkeypatch: pytest.
     def probe(timeout: float) -> accel.ProbeResult:
         run_dir = tmp_path / f"probe-{len(probes)}"
         run_dir.mkdir()
-        probes.append(run_probe(_plan(kernel=tmp_path / "no-such-kernel"), run_dir, timeout))
+        probes.append(boot.run_probe(_plan(kernel=tmp_path / "no-such-kernel"), run_dir, timeout))
         return probes[-1]
 
     monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "run-1")
