@@ -55,11 +55,18 @@ mv "$root/etc/apt/apt.conf.d/00mmdebstrap" "$out/00mmdebstrap"
 echo "I: creating ext4 image"
 # mkfs.ext4 -d must not copy the /proc, /sys and /dev mmdebstrap mounted for
 # its hooks: unmount them in a private mount namespace.
-unshare --mount --propagation private sh -eu -c '
-  awk -v r="$1/" "index(\\$2, r) == 1 {{print \\$2}}" /proc/self/mounts | sort -r |
-    while read -r m; do umount -l "$m"; done
-  mkfs.ext4 -q -F -L bottle-root -d "$1" "$2" "$3"' sh "$root" "$out/rootfs.ext4" {size}
+unshare --mount --propagation private sh {mkfs} "$root" "$out/rootfs.ext4" {size}
 mv "$out/00mmdebstrap" "$root/etc/apt/apt.conf.d/00mmdebstrap"  # mmdebstrap removes it itself
+"""
+
+# Run by CUSTOMIZE in its own mount namespace: $1 root, $2 image file, $3 size.
+MKFS = r"""set -eu
+# /proc/self/mounts writes a space or tab in a path as \040 or \011 (a cache
+# dir may have spaces): compare escaped, unescape for umount.
+R=$(printf '%s/' "$1" | sed -e 's/ /\\040/g' -e 's/\t/\\011/g') \
+  awk 'index($2, ENVIRON["R"]) == 1 {print $2}' /proc/self/mounts | sort -r |
+  while read -r m; do umount -l "$(printf '%b' "$m")"; done
+mkfs.ext4 -q -F -L bottle-root -d "$1" "$2" "$3"
 """
 
 TAIL_LINES = 40
@@ -77,7 +84,9 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
         d.mkdir(parents=True)
     write_pre_overlay(recipe, pre)
     write_overlay(recipe, overlay)
-    (work / "customize.sh").write_text(CUSTOMIZE.format(out=_sh_quote(str(out)), size=recipe.disk_size))
+    (work / "mkfs.sh").write_text(MKFS)
+    customize = CUSTOMIZE.format(out=_sh_quote(str(out)), mkfs=_sh_quote(str(work / "mkfs.sh")), size=recipe.disk_size)
+    (work / "customize.sh").write_text(customize)
 
     mirrors: list[str] = []
     if recipe.mirror:
