@@ -21,7 +21,6 @@ import pytest
 import pytest_bottle
 from pytest_bottle import BootError, BottleError, boot, seeds
 from pytest_bottle.boot import BootPlan
-from pytest_bottle.images import cache as image_cache
 from pytest_bottle.images import ensure_image
 from pytest_bottle.images.cache import entry_dir
 from pytest_bottle.images.recipes import get_recipe
@@ -194,6 +193,9 @@ def test_a_moved_cache_uses_only_its_new_location(tmp_path: Path) -> None:
 # -- pruning ------------------------------------------------------------------
 
 
+KEEP_LOGS = 5  # documented: the newest 5 failed-build logs per image entry
+
+
 def test_image_prune_removes_stale_seeds_and_logs_and_reports_bytes(seeded: Path) -> None:
     (current,) = list_seeds(seeded)
     stale = {}
@@ -212,7 +214,7 @@ def test_image_prune_removes_stale_seeds_and_logs_and_reports_bytes(seeded: Path
     logs = seeded / "logs"
     logs.mkdir()
     entry = entry_dir(CACHE, get_recipe("debian-bookworm")).name
-    for i in range(image_cache.KEEP_FAILED_LOGS + 3):
+    for i in range(KEEP_LOGS + 3):
         (logs / f"{entry}-failed-{i}.log").write_text("E: boom\n")
         os.utime(logs / f"{entry}-failed-{i}.log", (1000 + i, 1000 + i))
     (logs / "gone-recipe-0123-failed-1.log").write_text("E: old\n")
@@ -231,7 +233,7 @@ def test_image_prune_removes_stale_seeds_and_logs_and_reports_bytes(seeded: Path
         assert f"removed {stale[label]} (" in r.stdout
     assert stale["in-use"].exists() and current.path.exists()
     kept_logs = sorted(p.name for p in logs.iterdir())
-    assert kept_logs == sorted(f"{entry}-failed-{i}.log" for i in range(3, image_cache.KEEP_FAILED_LOGS + 3))
+    assert kept_logs == sorted(f"{entry}-failed-{i}.log" for i in range(3, KEEP_LOGS + 3))
     last = r.stdout.strip().splitlines()[-1]
     freed = re.fullmatch(r"pruned 7 entries, freed ([\d.]+) (MB|GB)", last)
     assert freed, r.stdout
