@@ -250,8 +250,11 @@ def in_use(seed: Seed) -> Iterator[None]:
     fd = os.open(lock_path(seed.path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while it is created or discarded
-        if not seed.memory.exists():  # pruned or discarded while we waited
-            raise SeedCorrupt(f"seed {seed.path.name} was removed before its clone could start")
+        # Pruned or discarded while we waited?  (A missing memory.ram would
+        # even be created, empty, by QEMU.)
+        missing = [f for f in SEED_FILES if not (seed.path / f).exists()]
+        if missing:
+            raise SeedCorrupt(f"seed {seed.path.name} lost {', '.join(missing)} before its clone could start")
         yield
     finally:
         os.close(fd)
