@@ -43,9 +43,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"  {'ok ' if path else 'MISSING'} {program:20} {path or f'apt-get install {package}'}")
     print(f"qemu: {accel_mod.qemu_version() if hostdeps.which('qemu-system-x86_64') else 'not installed'}")
     why = accel_mod.kvm_usable()
-    verdict = accel_mod.cached_verdict(args.cache_dir)
+    stored = accel_mod.stored_verdict(args.cache_dir)
+    verdict = stored[0] if stored else None
     if why:
         print(f"accelerator: tcg ({why})")
+    elif verdict and not verdict.definite:
+        print(f"accelerator: tcg for the last run ({verdict.reason}); the next run probes KVM again")
     elif verdict:
         print(f"accelerator: {verdict.accel} ({verdict.reason})")
     else:

@@ -122,21 +122,27 @@ def _verdict_file(cache_dir: Path) -> Path:
     return cache_dir / "accel.json"
 
 
-def cached_verdict(cache_dir: Path) -> Verdict | None:
-    """The stored verdict for this host: a definite one, or an inconclusive one of this run."""
+def stored_verdict(cache_dir: Path) -> tuple[Verdict, str] | None:
+    """The last probe's verdict for this host and the run that made it, or None."""
     try:
         data = json.loads(_verdict_file(cache_dir).read_text())
-    except (OSError, ValueError):
+        if data.get("host") != host_id():
+            return None
+        definite = data.get("definite", True) is not False
+        return Verdict(str(data["accel"]), str(data["reason"]), True, definite), str(data.get("run"))
+    except (OSError, ValueError, KeyError, AttributeError):
         return None
-    if not isinstance(data, dict) or data.get("host") != host_id():
+
+
+def cached_verdict(cache_dir: Path) -> Verdict | None:
+    """The stored verdict for this host: a definite one, or an inconclusive one of this run."""
+    stored = stored_verdict(cache_dir)
+    if stored is None:
         return None
-    definite = data.get("definite", True) is not False
-    if not definite and data.get("run") != run_id():
+    verdict, run = stored
+    if not verdict.definite and run != run_id():
         return None  # inconclusive last time: probe again
-    try:
-        return Verdict(str(data["accel"]), str(data["reason"]), True, definite)
-    except KeyError:
-        return None
+    return verdict
 
 
 Probe = Callable[[float], "str | ProbeResult | None"]
