@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,13 @@ def test_seed_removed_after_its_check_is_rebuilt_once(
         return seed
 
     monkeypatch.setattr(launch_mod, "ensure_seed", racing)
-    with pytest_bottle.launch(cache_dir=seeded) as b:
-        assert b.check_output("echo rebuilt") == "rebuilt\n"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest_bottle.launch(cache_dir=seeded) as b:
+            assert b.check_output("echo rebuilt") == "rebuilt\n"
+    discarded = [w for w in caught if "discarded seed" in str(w.message)]
+    # A seed still there is discarded with a warning; one already gone is just rebuilt.
+    assert len(discarded) == (0 if victim == "the whole seed" else 1), [str(w.message) for w in caught]
     assert len(seen) == 2
     (rebuilt,) = list_seeds(seeded)
     assert rebuilt.path == original.path and rebuilt.manifest["created"] > original.manifest["created"]
