@@ -31,8 +31,8 @@ from .net import pools
 from .net.lan import LanRegistry
 from .paths import remove_tree
 from .runstate import RunRecord
+from .seed_gc import in_use as seed_in_use
 from .seeds import SEED_MACS, USER_NET, Seed, SeedCorrupt, discard, ensure_seed, verify
-from .seeds import in_use as seed_in_use
 from .spec import BottleSpec, resolve
 from .ssh import SshAccess, client_key, new_host_key
 from .vmm import accel as accel_mod

@@ -11,15 +11,18 @@ unlinked files for the processes that have them open or mapped.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .images.cache import Image
-from .paths import tree_size
-from .seeds import SEED_VERSION, Seed, list_seeds, try_remove
+from .paths import remove_tree, tree_size
+from .seeds import SEED_FILES, SEED_VERSION, TMP_PREFIX, Seed, SeedCorrupt, list_seeds, lock_path
 from .vmm.accel import qemu_version
 from .vmm.qemu import kernel_args
 
@@ -84,3 +87,48 @@ def prune_seeds(cache_dir: Path, images: Mapping[str, Image], only: str | None =
         else:
             log.debug("seed %s is stale (%s) but in use: left for later", seed.path.name, why)
     return removed
+
+
+@contextlib.contextmanager
+def in_use(seed: Seed) -> Iterator[None]:
+    """Hold ``seed`` against pruning while a clone starts from it.
+
+    Once QEMU has opened and mapped the files, removing them is harmless
+    (Linux keeps an unlinked file for whoever has it open); before that it
+    is not, so a pruner skips a seed whose lock it cannot take at once.
+    """
+    fd = os.open(lock_path(seed.path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while it is created or discarded
+        # Pruned or discarded while we waited?  (A missing memory.ram would
+        # even be created, empty, by QEMU.)
+        missing = [f for f in SEED_FILES if not (seed.path / f).exists()]
+        if missing:
+            raise SeedCorrupt(f"seed {seed.path.name} lost {', '.join(missing)} before its clone could start")
+        yield
+    finally:
+        os.close(fd)
+
+
+def try_remove(seed_path: Path) -> bool:
+    """Remove a seed unless someone holds its lock; True if it went."""
+    lock = lock_path(seed_path)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a clone is starting from it, or it is being made
+        trash = seed_path.with_name(f"{TMP_PREFIX}{seed_path.name}-prune-{os.getpid()}")
+        try:
+            os.rename(seed_path, trash)
+        except FileNotFoundError:
+            return False
+        remove_tree(trash)
+        lock.unlink(missing_ok=True)  # no key produces this seed again
+        return True
+    finally:
+        os.close(fd)
