@@ -8,6 +8,7 @@ no ``StrictHostKeyChecking=no``.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -130,13 +131,17 @@ class SshAccess:
 
 
 def config_path_value(path: Path) -> str:
-    """A path as an ssh_config value: double-quoted (spaces), with ``"`` and
-    ``\\`` escaped and ``%`` doubled (IdentityFile and UserKnownHostsFile
-    expand %-tokens)."""
+    """A path as an ssh_config value: ``%`` doubled (IdentityFile and
+    UserKnownHostsFile expand %-tokens); double-quoted, with ``"`` and ``\\``
+    escaped, only when it needs it (spaces), so that simple paths stay plain
+    for tools that read the file themselves."""
     text = str(path)
     if "\n" in text:
         raise BottleError(f"a path with a newline cannot go into an ssh_config: {text!r}")
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
+    text = text.replace("%", "%%")
+    if not re.search(r'[\s"\\#\']', text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _text(data: bytes | str | None) -> str:

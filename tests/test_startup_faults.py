@@ -384,3 +384,22 @@ def test_a_cache_dir_with_spaces_builds_boots_and_serves_ssh(tmp_path: Path) -> 
         r = subprocess.run(b.ssh_argv("cat", "/etc/hostname"), capture_output=True, text=True, timeout=60)
         assert (r.returncode, r.stdout) == (0, f"{b.name}\n"), r.stderr
     assert not _qemu_children()
+
+
+def test_ssh_config_names_paths_with_spaces_quotes_and_percent(tmp_path: Path) -> None:
+    """What OpenSSH itself reads from the generated file (``ssh -G``)."""
+    from pytest_bottle.ssh import SshAccess
+
+    odd = tmp_path / 'a dir "with" 100% \\odd'
+    odd.mkdir()
+    identity = odd / "id key"
+    identity.write_text("")
+    access = SshAccess.create("btl-0dd", "127.0.0.1", 2222, identity, "ssh-ed25519 AAAAC3Nz", odd)
+    r = subprocess.run(
+        ["ssh", "-G", "-F", str(access.config_path), "btl-0dd"], capture_output=True, text=True, timeout=30, check=True
+    )
+    seen = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+    assert seen["userknownhostsfile"] == str(odd / "known_hosts")
+    # ssh -G prints IdentityFile before %-expansion: %% stands for %.
+    assert seen["identityfile"].replace("%%", "%") == str(identity)
+    assert (seen["hostname"], seen["port"]) == ("127.0.0.1", "2222")
