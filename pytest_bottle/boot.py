@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -17,13 +18,12 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_d
 from .errors import BootError, BootTimeout
 from .guest.channel import AgentChannel
 from .hostdeps import require
-from .vmm import clock
-from .vmm.machine import QemuMachine
+from .vmm import accel, clock
+from .vmm.accel import ProbeResult
+from .vmm.machine import QemuMachine, console_tail
 from .vmm.qemu import MachineConfig, Nic
 
 log = logging.getLogger(__name__)
-
-CONSOLE_TAIL_LINES = 60
 
 
 @dataclass(frozen=True)
@@ -44,47 +44,50 @@ class BootPlan:
     ram_shared: bool = False
 
 
-def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+def backing_name(backing: Path, overlay_dir: Path) -> str:
+    """How an overlay in ``overlay_dir`` names ``backing``: a relative path.
+
+    QEMU resolves a relative backing name against the overlay's own
+    directory, so a cache moved or restored elsewhere as a whole keeps
+    working and never reaches back to its old location.  The plain relative
+    path keeps symlinks inside the cache (they move with it); if a symlink
+    below the common directory makes it point elsewhere, the relative path
+    between the resolved locations is used instead.
+    """
+    rel = os.path.relpath(backing, overlay_dir)
+    if os.path.samefile(overlay_dir / rel, backing):
+        return rel
+    return os.path.relpath(os.path.realpath(backing), os.path.realpath(overlay_dir))
 
 
 def make_overlay(backing: Path, fmt: str, dst: Path) -> None:
-    """A fresh qcow2 overlay on ``backing``.
+    """A fresh qcow2 overlay on ``backing``, naming it relative to ``dst``.
 
-    An empty overlay's bytes depend only on its backing file, so one
-    ``qemu-img create`` per backing file makes a template that later
-    overlays copy (a file copy is far cheaper than a process).
+    An empty overlay's bytes depend only on its backing name, so one
+    ``qemu-img create`` per (backing file, relative name) makes a template
+    that later overlays copy (a file copy is far cheaper than a process).
+    The template is only ever copied: QEMU never opens it where it lies.
     """
-    template = backing.parent / f".overlay-{backing.name}.qcow2"
+    rel = backing_name(backing, dst.parent)
+    digest = hashlib.sha256(rel.encode()).hexdigest()[:12]
+    template = backing.parent / f".overlay-{backing.name}-{digest}.qcow2"
     if not template.is_file():
         with FileLock(str(template) + ".lock"):
             if not template.is_file():
+                # Created next to dst, where the relative name resolves.
+                fresh = dst.with_name(f".{dst.name}.{os.getpid()}.new")
+                argv = [require("qemu-img", "create disk overlays"), "create", "-q", "-f", "qcow2"]
+                subprocess.run([*argv, "-F", fmt, "-b", rel, str(fresh)], check=True, capture_output=True)
                 tmp = template.with_name(template.name + f".{os.getpid()}.tmp")
-                subprocess.run(
-                    [
-                        require("qemu-img", "create disk overlays"),
-                        "create",
-                        "-q",
-                        "-f",
-                        "qcow2",
-                        "-F",
-                        fmt,
-                        "-b",
-                        str(backing),
-                        str(tmp),
-                    ],
-                    check=True,
-                    capture_output=True,
-                )
+                _copy(fresh, tmp)
                 os.replace(tmp, template)
-    with open(template, "rb") as src, open(dst, "wb") as out:
+                os.replace(fresh, dst)
+                return
+    _copy(template, dst)
+
+
+def _copy(src_path: Path, dst_path: Path) -> None:
+    with open(src_path, "rb") as src, open(dst_path, "wb") as out:
         os.sendfile(out.fileno(), src.fileno(), 0, os.fstat(src.fileno()).st_size)
 
 
@@ -95,8 +98,12 @@ def start_machine(
     timeout: float,
     detached: bool = False,
     on_spawn: Callable[[QemuMachine], None] | None = None,
+    on_fail: Callable[[QemuMachine], None] | None = None,
 ) -> tuple[QemuMachine, AgentChannel]:
-    """Start QEMU per ``plan`` and wait until the agent answers; clean up on any failure."""
+    """Start QEMU per ``plan`` and wait until the agent answers; clean up on any failure.
+
+    ``on_fail`` sees the machine after a failed wait, before it is stopped.
+    """
     disk = run_dir / "disk.qcow2"
     try:
         make_overlay(plan.backing, plan.backing_format, disk)
@@ -104,8 +111,13 @@ def start_machine(
         raise BootError(
             f"qemu-img could not create the disk overlay: {e.stderr.decode(errors='replace').strip()}", name=name
         ) from None
-    if plan.console_prefix is not None and plan.console_prefix.is_file():
-        shutil.copyfile(plan.console_prefix, run_dir / "console.log")
+    except OSError as e:  # the backing file (a seed's or image's disk) is gone
+        raise BootError(f"cannot create the disk overlay on {plan.backing}: {e.strerror}", name=name) from None
+    if plan.console_prefix is not None:
+        try:
+            shutil.copyfile(plan.console_prefix, run_dir / "console.log")
+        except FileNotFoundError:  # an older seed has none, or it went: QEMU will say
+            pass
     cfg = MachineConfig(
         kernel=plan.kernel,
         initrd=plan.initrd,
@@ -128,9 +140,31 @@ def start_machine(
         channel = AgentChannel(machine.agent_sock, name)
         wait_ready(machine, channel, timeout, name)
     except BaseException:
-        machine.stop(grace=0.5)
+        try:
+            if on_fail is not None:
+                on_fail(machine)
+        finally:
+            machine.stop(grace=0.5)
         raise
     return machine, channel
+
+
+def run_probe(plan: BootPlan, run_dir: Path, timeout: float) -> ProbeResult:
+    """Boot ``plan`` once, time-boxed, and say what that proves (see ``vmm.accel``)."""
+    waited: list[float | None] = [None]
+
+    def measure(machine: QemuMachine) -> None:
+        waited[0] = accel.runqueue_wait(machine.pid)
+
+    try:
+        machine, channel = start_machine(plan, run_dir, "probe", timeout, on_fail=measure)
+    except BootTimeout as e:
+        return accel.timed_out(e.reason, timeout, waited[0], os.getloadavg()[0], os.cpu_count() or 1)
+    except BootError as e:  # QEMU exited (refused, aborted, the kernel panicked)
+        return accel.ProbeResult(False, e.reason, definite=True)
+    machine.stop()
+    channel.close()
+    return accel.ProbeResult(True)
 
 
 class _NotReady(Exception):

@@ -331,8 +331,16 @@ class Bottle:
         """Leave the VM running past this process (``--bottle-keep``).
 
         Its leases and run-state record pass to the QEMU process, so sweeps
-        leave it alone while it runs; ``bottle stop NAME`` ends it.
+        leave it alone while it runs; ``bottle stop NAME`` ends it.  Only a
+        bottle started detached (``launch(detached=True)``, ``--bottle-keep``)
+        can be kept: any other QEMU dies with this process, so keeping it
+        raises ``BottleError`` and leaves the bottle as it was.
         """
+        if not self._closed and not self._machine.detached:
+            raise BottleError(
+                f"bottle {self.name} cannot be kept: its QEMU ends with this process "
+                "(start it with launch(detached=True) to keep it)"
+            )
         if not self._closed:  # whoever reaches it next (ssh -F ...) must not stall
             self._announce_nic()
         with self._close_lock:

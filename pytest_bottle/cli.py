@@ -11,8 +11,10 @@ from pathlib import Path
 from . import hostdeps
 from .errors import BottleError
 from .images import RECIPES, ensure_image, list_images, prune_images, remove_image
+from .images.cache import prune_logs
 from .paths import default_cache_dir, state_dir, tree_size
 from .runstate import RunRecord
+from .seed_gc import prune_seeds
 from .seeds import list_seeds, remove_seeds
 from .spec import resolve
 from .sweep import SweepReport, stop_vm, sweep
@@ -41,9 +43,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"  {'ok ' if path else 'MISSING'} {program:20} {path or f'apt-get install {package}'}")
     print(f"qemu: {accel_mod.qemu_version() if hostdeps.which('qemu-system-x86_64') else 'not installed'}")
     why = accel_mod.kvm_usable()
-    verdict = accel_mod.cached_verdict(args.cache_dir)
+    stored = accel_mod.stored_verdict(args.cache_dir)
+    verdict = stored[0] if stored else None
     if why:
         print(f"accelerator: tcg ({why})")
+    elif verdict and not verdict.definite:
+        print(f"accelerator: tcg for the last run ({verdict.reason}); the next run probes KVM again")
     elif verdict:
         print(f"accelerator: {verdict.accel} ({verdict.reason})")
     else:
@@ -106,12 +111,16 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_image_prune(args: argparse.Namespace) -> int:
-    removed = prune_images(args.cache_dir)
-    current = {image.key for image in list_images(args.cache_dir)}
-    removed += remove_seeds(args.cache_dir, keep_image_keys=current)
-    for p in removed:
-        print(f"removed {p}")
-    print(f"pruned {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}")
+    cache = args.cache_dir
+    sizes = {i.path: tree_size(i.path) for i in list_images(cache)}
+    rows = [(p, sizes.get(p, 0), "image of an old recipe") for p in prune_images(cache)]
+    current = {i.name: i for i in list_images(cache)}  # what is left is current
+    rows += [(r.path, r.size, r.why) for r in prune_seeds(cache, current)]
+    rows += [(p, size, "old failed-build log") for p, size in prune_logs(cache)]
+    for path, size, why in rows:
+        print(f"removed {path} ({_mb(size)}): {why}")
+    freed = sum(size for _, size, _ in rows)
+    print(f"pruned {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}, freed {_mb(freed)}")
     return 0
 
 
@@ -195,9 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rebuild", action="store_true", help="build again even if cached (and drop its seeds)")
     b.set_defaults(fn=cmd_image_build)
     image.add_parser("list", help="known images, what is built, and seeds").set_defaults(fn=cmd_image_list)
-    image.add_parser("prune", help="remove images of old recipes and seeds of images no longer cached").set_defaults(
-        fn=cmd_image_prune
-    )
+    prune_help = "remove old images, stale seeds and old failed-build logs; print what was freed"
+    image.add_parser("prune", help=prune_help).set_defaults(fn=cmd_image_prune)
     r = image.add_parser("rm", help="remove an image and its seeds from the cache")
     r.add_argument("name")
     r.set_defaults(fn=cmd_image_rm)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -16,12 +17,13 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .boot import BootPlan, console_tail, start_machine
+from .boot import BootPlan, run_probe, start_machine
 from .bottle import Bottle
-from .errors import BootError, BottleError, HostDependencyError
+from .errors import BootError, BottleError, HostDependencyError, SpecError
 from .guest.channel import AgentChannel
 from .hostdeps import which
 from .images import Image, ensure_image
@@ -29,7 +31,8 @@ from .net import pools
 from .net.lan import LanRegistry
 from .paths import remove_tree
 from .runstate import RunRecord, create_run_dir
-from .seeds import SEED_MACS, USER_NET, SeedCorrupt, discard, ensure_seed
+from .seed_gc import in_use as seed_in_use
+from .seeds import SEED_MACS, USER_NET, Seed, SeedCorrupt, discard, ensure_seed, verify
 from .spec import BottleSpec, resolve
 from .ssh import SshAccess, client_key, new_host_key
 from .vmm import accel as accel_mod
@@ -49,18 +52,25 @@ _RESTORE_FAILURES = (
     "Failed to load",
     "not a migration stream",
 )
-
+# QEMU's complaint when a host port of a forward cannot be bound (taken since we checked).
+_FORWARD_FAILURE = "Could not set up host forwarding rule"
+_FORWARD_PORT = r"host forwarding rule 'tcp:[^']*?:(\d+)-"
+PORT_ATTEMPTS = 3
 
 RESOLV_NAT = "nameserver 10.0.2.3\n"
 RESOLV_NONE = '# network="none": no DNS (lookups fail at once instead of timing out)\n'
 
 
-def launch(**kwargs: Any) -> Bottle:
+def launch(*, detached: bool = False, **kwargs: Any) -> Bottle:
     """Start a bottle without pytest; use it as a context manager.
 
     Takes the marker's keyword arguments plus ``accel`` and ``cache_dir``.
+    ``detached=True`` starts QEMU so that it can outlive this process, which
+    ``Bottle.keep()`` needs; otherwise QEMU dies with the process.
     """
-    return start_bottle(resolve([("launch()", kwargs)]))
+    if not isinstance(detached, bool):
+        raise SpecError(f"detached must be True or False, not {detached!r}", "launch()")
+    return start_bottle(resolve([("launch()", kwargs)]), detached=detached)
 
 
 def accel_for(requested: str, image: Image, cache_dir: Path) -> accel_mod.Verdict:
@@ -70,19 +80,14 @@ def accel_for(requested: str, image: Image, cache_dir: Path) -> accel_mod.Verdic
     return _verdicts[key]
 
 
-def _probe_kvm(image: Image, cache_dir: Path, timeout: float) -> str | None:
+def _probe_kvm(image: Image, cache_dir: Path, timeout: float) -> accel_mod.ProbeResult:
     run_dir = cache_dir / "run" / f"kvm-probe-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = BootPlan(image.kernel, image.initrd, image.rootfs, "raw", 512, 1, "kvm", (Nic("net0", SEED_MACS[0]),))
     try:
-        machine, channel = start_machine(plan, run_dir, "kvm-probe", timeout)
-    except BootError as e:
-        return e.reason
+        return run_probe(plan, run_dir, timeout)
     finally:
         remove_tree(run_dir)
-    machine.stop()
-    channel.close()
-    return None
 
 
 def new_name() -> str:
@@ -122,15 +127,7 @@ def start_bottle(
         }
         ports = sorted(set(spec.forward) | ({22} if ssh_wanted else set()))
         alias = pools.lease("loopback", name)[0] if ports else ""
-        forwards = {p: (alias, _host_port(alias, p)) for p in ports}
-        user_nic = Nic(
-            "net0",
-            macs[0],
-            "user",
-            restrict=spec.network == "none",
-            forwards=tuple(Forward(alias, hp, p) for p, (_, hp) in forwards.items()),
-        )
-        nics: tuple[Nic, ...] = (user_nic,)
+        lan_nics: tuple[Nic, ...] = ()
         lan_ip, tap_fd = None, -1
         if spec.lan:
             registry = _library_lans if lans is None else lans
@@ -141,7 +138,7 @@ def start_bottle(
             stack.callback(tap_holder.close)
             record.netns = f"net:[{lan.inode}]"
             record.extra.update(tap=tap, lan=spec.lan)
-            nics += (Nic("net1", macs[1], "tap", tap_fd=tap_fd),)
+            lan_nics = (Nic("net1", macs[1], "tap", tap_fd=tap_fd),)
 
         def on_spawn(m: QemuMachine) -> None:
             # Recorded before the boot: a detached QEMU (--bottle-keep) has no
@@ -149,9 +146,8 @@ def start_bottle(
             record.qemu_pid, record.qemu_start = m.pid, m.started
             record.save()
 
-        machine, channel, found = _boot(
-            spec, image, verdict.accel, nics, run_dir, name, rebuild_before, detached, baked, on_spawn
-        )
+        start = _Start(spec, image, verdict.accel, run_dir, name, rebuild_before, detached, baked, on_spawn)
+        machine, channel, found, forwards = _boot_forwarding(start, macs[0], alias, ports, lan_nics)
         stack.callback(channel.close)
         stack.callback(machine.stop)
         if tap_fd >= 0:  # QEMU holds the TAP now: it disappears when QEMU does
@@ -214,12 +210,13 @@ def _unprivileged_port_start() -> int:
         return 1024
 
 
-def _host_port(alias: str, guest_port: int) -> int:
+def _host_port(alias: str, guest_port: int, avoid: frozenset[int] = frozenset()) -> int:
     """The guest's own port number on the bottle's loopback address, unless it
     cannot be had there: a port below ip_unprivileged_port_start as non-root,
-    or one a host service holds on all addresses (sshd on 0.0.0.0:22).  Then a
-    free port on that address; ``address()`` says which."""
-    if os.geteuid() == 0 or guest_port >= _unprivileged_port_start():
+    one a host service holds on all addresses (sshd on 0.0.0.0:22), or one
+    in ``avoid`` (taken after an earlier check).  Then a free port on that
+    address; ``address()`` says which."""
+    if guest_port not in avoid and (os.geteuid() == 0 or guest_port >= _unprivileged_port_start()):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as QEMU binds it
             try:
@@ -244,29 +241,70 @@ class _Fd:
             os.close(fd)
 
 
-def _boot(
-    spec: BottleSpec,
-    image: Image,
-    accel: str,
-    nics: tuple[Nic, ...],
-    run_dir: Path,
-    name: str,
-    rebuild_before: float | None,
-    detached: bool,
-    baked: dict[str, str | None],
-    on_spawn: Callable[[QemuMachine], None],
-) -> tuple[QemuMachine, AgentChannel, tuple[dict[str, str], ...]]:
-    """Restore from a seed (rebuilding a bad one once) or boot cold.
+@dataclass(frozen=True)
+class _Start:
+    """What every attempt at starting one bottle's machine shares."""
+
+    spec: BottleSpec
+    image: Image
+    accel: str
+    run_dir: Path
+    name: str
+    rebuild_before: float | None
+    detached: bool
+    baked: dict[str, str | None]
+    on_spawn: Callable[[QemuMachine], None]
+
+
+def _boot_forwarding(
+    start: _Start, mac: str, alias: str, ports: list[int], lan_nics: tuple[Nic, ...]
+) -> tuple[QemuMachine, AgentChannel, tuple[dict[str, str], ...], dict[int, tuple[str, int]]]:
+    """``_boot`` with the forwarded ports; a port taken between ``_host_port``'s
+    check and QEMU's bind (QEMU then exits) is picked again, a bounded number of times."""
+    taken: set[int] = set()
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        forwards = {p: (alias, _host_port(alias, p, frozenset(taken))) for p in ports}
+        user_nic = Nic(
+            "net0",
+            mac,
+            "user",
+            restrict=start.spec.network == "none",
+            forwards=tuple(Forward(alias, hp, p) for p, (_, hp) in forwards.items()),
+        )
+        try:
+            machine, channel, found = _boot(start, (user_nic, *lan_nics))
+            return machine, channel, found, forwards
+        except BootError as e:
+            if _FORWARD_FAILURE not in e.reason or attempt == PORT_ATTEMPTS:
+                raise
+            lost = {int(p) for p in re.findall(_FORWARD_PORT, e.reason)} or {hp for _, hp in forwards.values()}
+            log.info("%s: host port(s) %s taken before QEMU could bind them; picking again", start.name, lost)
+            taken |= lost
+            _reset_run_dir(start.run_dir)
+    raise AssertionError("unreachable")
+
+
+def _reset_run_dir(run_dir: Path) -> None:
+    """Forget a failed attempt: its log would be read as the next one's."""
+    for f in ("qemu.log", "qemu.argv", "console.log", "disk.qcow2"):
+        (run_dir / f).unlink(missing_ok=True)
+
+
+def _boot(start: _Start, nics: tuple[Nic, ...]) -> tuple[QemuMachine, AgentChannel, tuple[dict[str, str], ...]]:
+    """Restore from a seed (rebuilding a bad or vanished one once) or boot cold.
 
     Returns the machine, its channel and how the guest's NICs are found now
     (their MAC, and their name when known).
     """
+    spec, image = start.spec, start.image
     if spec.boot == "cold":
-        plan = BootPlan(image.kernel, image.initrd, image.rootfs, "raw", spec.memory_mb, spec.cpus, accel, nics)
-        machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached, on_spawn)
+        plan = BootPlan(image.kernel, image.initrd, image.rootfs, "raw", spec.memory_mb, spec.cpus, start.accel, nics)
+        machine, channel = start_machine(plan, start.run_dir, start.name, spec.timeout, start.detached, start.on_spawn)
         return machine, channel, tuple({"match": n.mac} for n in nics)
     for attempt in (1, 2):
-        seed = ensure_seed(image, accel, spec.memory_mb, spec.cpus, len(nics), spec.cache_dir, rebuild_before, baked)
+        seed = ensure_seed(
+            image, start.accel, spec.memory_mb, spec.cpus, len(nics), spec.cache_dir, start.rebuild_before, start.baked
+        )
         plan = BootPlan(
             image.kernel,
             image.initrd,
@@ -274,21 +312,36 @@ def _boot(
             "qcow2",
             spec.memory_mb,
             spec.cpus,
-            accel,
+            start.accel,
             nics,
             incoming=seed.memory,
             console_prefix=seed.console,
             ram_file=seed.ram,
         )
         try:
-            machine, channel = start_machine(plan, run_dir, name, spec.timeout, detached, on_spawn)
+            with seed_in_use(seed):  # no pruner removes it before QEMU has its files open
+                machine, channel = start_machine(
+                    plan, start.run_dir, start.name, spec.timeout, start.detached, start.on_spawn
+                )
             found = [{"match": mac} for mac in SEED_MACS[: len(nics)]]
-            for nic, name in zip(found, seed.nic_names, strict=False):  # an older seed knows none
-                nic["name"] = name
+            for nic, nic_name in zip(found, seed.nic_names, strict=False):  # an older seed knows none
+                nic["name"] = nic_name
             return machine, channel, tuple(found)
         except BootError as e:
-            if attempt == 2 or not any(s in e.reason for s in _RESTORE_FAILURES):
+            fault = _seed_fault(seed, e)
+            if attempt == 2 or fault is None:
                 raise
-            discard(seed.path, f"restoring it failed: {e.reason.strip()[-300:]}", seed.manifest.get("created"))
-            (run_dir / "qemu.log").unlink(missing_ok=True)
-    raise SeedCorrupt("unreachable", console_tail(run_dir / "console.log"))
+            discard(seed.path, fault, seed.manifest.get("created"))
+            _reset_run_dir(start.run_dir)
+    raise AssertionError("unreachable")
+
+
+def _seed_fault(seed: Seed, error: BootError) -> str | None:
+    """Why a failed restore is the seed's fault (its files went or do not load), or None."""
+    if any(s in error.reason for s in _RESTORE_FAILURES):
+        return f"restoring it failed: {error.reason.strip()[-300:]}"
+    try:
+        verify(seed)
+    except SeedCorrupt as e:  # removed or changed since it was verified
+        return f"{e.reason} (while a clone started from it)"
+    return None

@@ -34,7 +34,9 @@ from .vmm.qemu import Nic, cpu_model, kernel_args
 
 log = logging.getLogger(__name__)
 
-SEED_VERSION = 3  # 2: guest RAM in its own file; 3: caches kept and warmed, identity placeholders, no announce
+# 2: guest RAM in its own file; 3: caches kept and warmed, identity placeholders, no announce;
+# 4: the disk names its image by a relative path (a moved cache keeps working)
+SEED_VERSION = 4
 SEED_BOOT_TIMEOUT = 300.0
 # The seed's NICs: clones restore with the same devices and then take their
 # own MACs through the handshake, matching these.
@@ -228,10 +230,16 @@ def _load(path: Path) -> Seed | None:
     return seed
 
 
+def lock_path(seed_path: Path) -> Path:
+    """The seed's lock: held exclusively to create, discard or prune it, and
+    shared by every clone while its QEMU opens the seed's files."""
+    return seed_path.parent / f"{seed_path.name}.lock"
+
+
 def discard(seed_path: Path, reason: str, created: float | None = None) -> None:
     """Remove a bad seed (only the one found bad: another process may have
     rebuilt it meanwhile), then warn once."""
-    with FileLock(str(seed_path.parent / f"{seed_path.name}.lock")):
+    with FileLock(str(lock_path(seed_path))):
         current = _load(seed_path)
         if current is None or (created is not None and current.manifest.get("created") != created):
             return
@@ -272,10 +280,13 @@ def ensure_seed(
             except SeedCorrupt as e:
                 discard(final, str(e), seed.manifest.get("created"))
         final.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(final.parent / f"{final.name}.lock")):
+        with FileLock(str(lock_path(final))):
             seed = _load(final)
             if seed is None or (rebuild_before is not None and seed.manifest["created"] < rebuild_before):
                 _create(image, accel, parts, final, baked or {})
+                from .seed_gc import prune_seeds  # it builds on this module
+
+                prune_seeds(cache_dir, {image.name: image}, only=image.name)
     seed = _load(final)
     assert seed is not None
     verify(seed)
@@ -286,8 +297,9 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path, baked:
     for stale in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
         remove_tree(stale)
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}")
-    run = tmp / "run"
-    run.mkdir(parents=True)
+    # The machine runs in the seed's own directory: its disk then names the
+    # image relative to where it stays (tmp is renamed, at the same depth).
+    tmp.mkdir(parents=True)
     started = time.monotonic()
     try:
         plan = BootPlan(
@@ -302,7 +314,7 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path, baked:
             ram_file=tmp / "memory.ram",
             ram_shared=True,
         )
-        machine, channel = start_machine(plan, run, "seed", SEED_BOOT_TIMEOUT)
+        machine, channel = start_machine(plan, tmp, "seed", SEED_BOOT_TIMEOUT)
         try:
             boot_seconds = time.monotonic() - started
             nic_setup = [dict(match=SEED_MACS[0], mac=SEED_MACS[0], **USER_NET)]
@@ -327,9 +339,8 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path, baked:
             machine.stop()
             channel.close()
         _dig_holes(tmp / "memory.ram")
-        os.rename(run / "disk.qcow2", tmp / "disk.qcow2")
-        os.rename(run / "console.log", tmp / "console.log")
-        remove_tree(run)
+        for scratch in ("qemu.log", "qemu.argv"):
+            (tmp / scratch).unlink(missing_ok=True)
         files = {n: {"size": (tmp / n).stat().st_size, "sha256": _digest(tmp / n)} for n in SEED_FILES}
         manifest = {
             "key_parts": parts,

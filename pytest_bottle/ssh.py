@@ -8,6 +8,7 @@ no ``StrictHostKeyChecking=no``.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -89,7 +90,9 @@ class SshAccess:
         keytype, keydata = host_public_key.split()[:2]
         known.write_text(f"{name} {keytype} {keydata}\n")
         config = run_dir / "ssh_config"
-        config.write_text(CONFIG_TEMPLATE.format(name=name, host=host, port=port, identity=identity, known_hosts=known))
+        identity_value, known_value = config_path_value(identity), config_path_value(known)
+        text = CONFIG_TEMPLATE.format(name=name, host=host, port=port, identity=identity_value, known_hosts=known_value)
+        config.write_text(text)
         return cls(name, host, port, identity, config)
 
     def argv(self, *args: str) -> list[str]:
@@ -125,6 +128,20 @@ class SshAccess:
             raise ExecTimeout(cmd, float(timeout or 0), _text(e.stdout), _text(e.stderr)) from None
         result = ExecResult(cmd, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
         return result.check() if check else result
+
+
+def config_path_value(path: Path) -> str:
+    """A path as an ssh_config value: ``%`` doubled (IdentityFile and
+    UserKnownHostsFile expand %-tokens); double-quoted, with ``"`` and ``\\``
+    escaped, only when it needs it (spaces), so that simple paths stay plain
+    for tools that read the file themselves."""
+    text = str(path)
+    if "\n" in text:
+        raise BottleError(f"a path with a newline cannot go into an ssh_config: {text!r}")
+    text = text.replace("%", "%%")
+    if not re.search(r'[\s"\\#\']', text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _text(data: bytes | str | None) -> str:

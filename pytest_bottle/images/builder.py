@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -54,11 +55,18 @@ mv "$root/etc/apt/apt.conf.d/00mmdebstrap" "$out/00mmdebstrap"
 echo "I: creating ext4 image"
 # mkfs.ext4 -d must not copy the /proc, /sys and /dev mmdebstrap mounted for
 # its hooks: unmount them in a private mount namespace.
-unshare --mount --propagation private sh -eu -c '
-  awk -v r="$1/" "index(\\$2, r) == 1 {{print \\$2}}" /proc/self/mounts | sort -r |
-    while read -r m; do umount -l "$m"; done
-  mkfs.ext4 -q -F -L bottle-root -d "$1" "$2" "$3"' sh "$root" "$out/rootfs.ext4" {size}
+unshare --mount --propagation private sh {mkfs} "$root" "$out/rootfs.ext4" {size}
 mv "$out/00mmdebstrap" "$root/etc/apt/apt.conf.d/00mmdebstrap"  # mmdebstrap removes it itself
+"""
+
+# Run by CUSTOMIZE in its own mount namespace: $1 root, $2 image file, $3 size.
+MKFS = r"""set -eu
+# /proc/self/mounts writes a space or tab in a path as \040 or \011 (a cache
+# dir may have spaces): compare escaped, unescape for umount.
+R=$(printf '%s/' "$1" | sed -e 's/ /\\040/g' -e 's/\t/\\011/g') \
+  awk 'index($2, ENVIRON["R"]) == 1 {print $2}' /proc/self/mounts | sort -r |
+  while read -r m; do umount -l "$(printf '%b' "$m")"; done
+mkfs.ext4 -q -F -L bottle-root -d "$1" "$2" "$3"
 """
 
 TAIL_LINES = 40
@@ -76,7 +84,9 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
         d.mkdir(parents=True)
     write_pre_overlay(recipe, pre)
     write_overlay(recipe, overlay)
-    (work / "customize.sh").write_text(CUSTOMIZE.format(out=_sh_quote(str(out)), size=recipe.disk_size))
+    (work / "mkfs.sh").write_text(MKFS)
+    customize = CUSTOMIZE.format(out=_sh_quote(str(out)), mkfs=_sh_quote(str(work / "mkfs.sh")), size=recipe.disk_size)
+    (work / "customize.sh").write_text(customize)
 
     mirrors: list[str] = []
     if recipe.mirror:
@@ -89,9 +99,10 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
         f"--mode={'root' if os.geteuid() == 0 else 'unshare'}",
         f"--variant={recipe.variant}",
         f"--include={','.join(recipe.packages)}",
-        f"--setup-hook=sync-in {pre} /",
-        f"--customize-hook=sync-in {overlay} /",
-        f'--customize-hook=sh {work / "customize.sh"} "$1"',
+        # mmdebstrap splits these like a shell: paths are quoted (a cache dir may have spaces).
+        f"--setup-hook=sync-in {shlex.quote(str(pre))} /",
+        f"--customize-hook=sync-in {shlex.quote(str(overlay))} /",
+        f'--customize-hook=sh {shlex.quote(str(work / "customize.sh"))} "$1"',
         recipe.suite,
         "/dev/null",
         *mirrors,

@@ -25,6 +25,7 @@ from .recipes import RECIPES, Recipe, get_recipe
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
+KEEP_FAILED_LOGS = 5  # per image entry: enough to compare, not a pile
 
 
 @dataclass(frozen=True)
@@ -139,9 +140,37 @@ def _keep_failed_log(cache_dir: Path, tmp: Path, entry: str) -> str | None:
         return None
     logs = cache_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    dst = logs / f"{entry}-failed-{int(time.time())}.log"
+    dst = logs / f"{entry}-failed-{time.time_ns()}.log"
     os.replace(src, dst)
+    prune_logs(cache_dir, entry)
     return str(dst)
+
+
+def prune_logs(cache_dir: Path, entry: str | None = None, keep: int = KEEP_FAILED_LOGS) -> list[tuple[Path, int]]:
+    """Keep the newest ``keep`` failed-build logs per image entry (of ``entry``,
+    or of all); logs of entries no current recipe builds go.  Returns what
+    was removed, with sizes."""
+    logs = cache_dir / "logs"
+    if not logs.is_dir():
+        return []
+    current = {f"{r.name}-{r.key()}" for r in RECIPES.values()}
+    groups: dict[str, list[tuple[float, Path, int]]] = {}
+    for path in logs.glob("*-failed-*.log"):
+        name = path.name.rsplit("-failed-", 1)[0]
+        if entry is not None and name != entry:
+            continue
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        groups.setdefault(name, []).append((st.st_mtime, path, st.st_size))
+    removed = []
+    for name, found in groups.items():
+        found.sort(reverse=True)
+        for _, path, size in found[keep if name in current else 0 :]:
+            path.unlink(missing_ok=True)
+            removed.append((path, size))
+    return removed
 
 
 def list_images(cache_dir: Path) -> list[Image]:

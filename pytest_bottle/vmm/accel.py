@@ -1,8 +1,12 @@
 """Choosing the accelerator: KVM only when a real, time-boxed boot proves it works.
 
 Opening /dev/kvm proves nothing: on nested (PVM-backed) hosts it opens, and a
-stock kernel then hangs right after "Probing EDD".  The verdict is cached per
-host and QEMU version, so the probe runs once.
+stock kernel then hangs right after "Probing EDD" (or QEMU aborts).  A
+definite verdict is cached per host and QEMU version, so the probe runs once:
+success, QEMU exiting (KVM refused, an assertion, a kernel panic), or a
+timeout while QEMU had the CPU it wanted.  A timeout while QEMU waited for a
+CPU (a busy host) proves nothing: that run uses TCG and the next run probes
+again.
 """
 
 from __future__ import annotations
@@ -22,10 +26,16 @@ from filelock import FileLock
 
 from ..errors import HostDependencyError
 from ..hostdeps import require
+from . import process
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 20.0
+
+
+# A timed-out probe is inconclusive when QEMU's threads spent at least this
+# share of the window runnable but waiting for a CPU.
+STARVED_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,55 @@ class Verdict:
     accel: str  # "kvm" or "tcg"
     reason: str
     probed: bool = False
+    definite: bool = True
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What a KVM test boot showed: ``ok``, or a failure that is ``definite``
+    (cached) or inconclusive (this run only)."""
+
+    ok: bool
+    reason: str = ""
+    definite: bool = True
+
+
+def runqueue_wait(pid: int) -> float | None:
+    """Seconds the threads of ``pid`` spent runnable but not running (schedstat), or None."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        for tid in tasks:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
+
+
+def timed_out(reason: str, window: float, waited: float | None, load: float, cpus: int) -> ProbeResult:
+    """Classify a probe that timed out (pure).
+
+    ``waited``: QEMU's run-queue wait over the window (None where schedstat is
+    missing: then the 1-minute load average against the CPU count decides).
+    """
+    if waited is not None:
+        starved = waited >= STARVED_SHARE * window
+        why = f"QEMU waited {waited:.1f}s of {window:g}s for a CPU"
+    else:
+        starved = load > cpus
+        why = f"load average {load:.1f} on {cpus} CPU(s)"
+    if starved:
+        return ProbeResult(False, f"inconclusive: {reason} while the host was busy ({why})", definite=False)
+    return ProbeResult(False, f"{reason} ({why})", definite=True)
+
+
+def run_id() -> str:
+    """This test run: every xdist worker of one run shares it, the next run differs."""
+    if xdist := os.environ.get("PYTEST_XDIST_TESTRUNUID"):
+        return f"xdist {xdist}"
+    started = process.start_time(os.getpid())
+    return f"pid {os.getpid()} {started}"
 
 
 @functools.cache
@@ -63,22 +122,40 @@ def _verdict_file(cache_dir: Path) -> Path:
     return cache_dir / "accel.json"
 
 
-def cached_verdict(cache_dir: Path) -> Verdict | None:
+def stored_verdict(cache_dir: Path) -> tuple[Verdict, str] | None:
+    """The last probe's verdict for this host and the run that made it, or None."""
     try:
         data = json.loads(_verdict_file(cache_dir).read_text())
-    except (OSError, ValueError):
+        if data.get("host") != host_id():
+            return None
+        definite = data.get("definite", True) is not False
+        return Verdict(str(data["accel"]), str(data["reason"]), True, definite), str(data.get("run"))
+    except (OSError, ValueError, KeyError, AttributeError):
         return None
-    if data.get("host") != host_id():
-        return None
-    return Verdict(data["accel"], data["reason"], True)
 
 
-def decide(requested: str, cache_dir: Path, probe: Callable[[float], str | None]) -> Verdict:
+def cached_verdict(cache_dir: Path) -> Verdict | None:
+    """The stored verdict for this host: a definite one, or an inconclusive one of this run."""
+    stored = stored_verdict(cache_dir)
+    if stored is None:
+        return None
+    verdict, run = stored
+    if not verdict.definite and run != run_id():
+        return None  # inconclusive last time: probe again
+    return verdict
+
+
+Probe = Callable[[float], "str | ProbeResult | None"]
+
+
+def decide(requested: str, cache_dir: Path, probe: Probe) -> Verdict:
     """Resolve ``auto``/``kvm``/``tcg`` to ``kvm`` or ``tcg``.
 
-    ``probe(timeout)`` boots a real guest with KVM and returns None on
-    success or a reason for failure.  It runs at most once per host and QEMU
-    version (under a lock, so xdist workers do not all probe).
+    ``probe(timeout)`` boots a real guest with KVM and returns None (or an
+    ok ProbeResult) on success, else a reason (a definite failure) or a
+    ProbeResult.  A definite verdict is stored per host and QEMU version; an
+    inconclusive one only for this run.  The probe runs under a lock, so
+    xdist workers do not all probe.
     """
     if requested == "tcg":
         return Verdict("tcg", "requested")
@@ -100,18 +177,25 @@ def decide(requested: str, cache_dir: Path, probe: Callable[[float], str | None]
     return Verdict("tcg", why_not)
 
 
-def _probe(cache_dir: Path, probe: Callable[[float], str | None]) -> Verdict:
+def _probe(cache_dir: Path, probe: Probe) -> Verdict:
     started = time.monotonic()
-    failure = probe(PROBE_TIMEOUT)
+    raw = probe(PROBE_TIMEOUT)
     took = time.monotonic() - started
-    if failure is not None:  # one line: it goes into headers and log lines
-        failure = " ".join(failure.split())[:300]
-    if failure is None:
+    result = raw if isinstance(raw, ProbeResult) else ProbeResult(raw is None, raw or "")
+    if result.ok:
         verdict = Verdict("kvm", f"a KVM test boot succeeded in {took:.1f}s", True)
     else:
-        verdict = Verdict("tcg", f"KVM is present but a test boot failed: {failure}", True)
-    data = {"host": host_id(), "accel": verdict.accel, "reason": verdict.reason, "when": time.time()}
-    tmp = _verdict_file(cache_dir).with_suffix(".tmp")
+        failure = " ".join(result.reason.split())[:300]  # one line: it goes into headers and log lines
+        verdict = Verdict("tcg", f"KVM is present but a test boot failed: {failure}", True, result.definite)
+    data = {
+        "host": host_id(),
+        "accel": verdict.accel,
+        "reason": verdict.reason,
+        "when": time.time(),
+        "definite": verdict.definite,
+        "run": run_id(),
+    }
+    tmp = _verdict_file(cache_dir).with_name(f"accel.json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, _verdict_file(cache_dir))
     return verdict

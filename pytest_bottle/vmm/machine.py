@@ -11,13 +11,27 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..errors import BootError
+from ..errors import BootError, BootTimeout
 from ..hostdeps import require
 from . import process
 from .qemu import IGNORE_SHARED, MachineConfig, build_argv, deferred_incoming
 from .qmp import QMP
 
 log = logging.getLogger(__name__)
+
+CONSOLE_TAIL_LINES = 60
+
+
+def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a console log (empty if there is none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
 
 
 class QemuMachine:
@@ -37,6 +51,8 @@ class QemuMachine:
         self.run_dir = run_dir
         self.pid = proc.pid
         self.started = process.start_time(proc.pid)
+        # Without the parent-death signal: it may outlive us (Bottle.keep).
+        self.detached = False
 
     @classmethod
     def start(
@@ -55,7 +71,10 @@ class QemuMachine:
         incoming_fd = None
         try:
             if incoming is not None:
-                incoming_fd = os.open(incoming, os.O_RDONLY)
+                try:
+                    incoming_fd = os.open(incoming, os.O_RDONLY)
+                except OSError as e:  # e.g. a seed removed since it was verified
+                    raise BootError(f"cannot open the saved state {incoming}: {e.strerror}", name=name) from None
                 child_fds.append(incoming_fd)
             cfg = replace(
                 cfg, qemu=qemu, agent_fd=agent_qemu.fileno(), qmp_fd=qmp_qemu.fileno(), incoming_fd=incoming_fd
@@ -79,14 +98,36 @@ class QemuMachine:
             if incoming_fd is not None:
                 os.close(incoming_fd)
         machine = cls(proc, agent_host, QMP(qmp_host, name), cfg, run_dir)
+        machine.detached = detached
         if deferred_incoming(cfg):
             try:
                 machine.qmp.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
                 machine.qmp.cmd("migrate-incoming", uri=f"fd:{cfg.incoming_fd}")
+            except Exception as e:
+                raise machine.start_failed(e, name) from None
             except BaseException:
                 machine.stop(grace=0.5)
                 raise
         return machine
+
+    def start_failed(self, error: Exception, name: str) -> BootError:
+        """Stop the machine and say why it did not start, in QEMU's words.
+
+        A QEMU that exits during start-up (a forwarded port taken, a backing
+        file missing) shows up on the QMP side as a refused or broken
+        connection: its own log, not that, is the reason.
+        """
+        try:
+            self.proc.wait(2.0)  # EOF on QMP usually means QEMU is exiting
+        except subprocess.TimeoutExpired:
+            pass
+        reason = self.exit_reason()
+        alive = not reason
+        self.stop(grace=0.5)
+        tail = console_tail(self.console_log)
+        if alive and isinstance(error, TimeoutError):
+            return BootTimeout(f"QEMU did not answer QMP in time ({type(error).__name__})", tail, name)
+        return BootError(reason or f"QMP failed during start-up: {type(error).__name__}: {error}", tail, name)
 
     @property
     def console_log(self) -> Path:
