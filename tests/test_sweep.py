@@ -271,11 +271,17 @@ def test_kill_9_then_next_run_leaves_nothing(tmp_path: Path, holders: list[subpr
 def test_sweep_leaves_a_live_run_alone(tmp_path: Path, holders: list[subprocess.Popen[bytes]]) -> None:
     proc, info = _start_holder(tmp_path, "live", holders)
     names = json.loads(info.read_text())
+    records = {r.name: r for r in RunRecord.load_all() if r.name in names}
     _trivial_run(tmp_path)  # another run starts and sweeps
     r = subprocess.run(
         [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={CACHE}", "sweep"], capture_output=True, text=True
     )
-    assert r.returncode == 0 and not any(n in r.stdout for n in names), r.stdout
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Everything of the live run is still there (the sweep's output names no VMs).
+    assert set(names) <= {r.name for r in RunRecord.load_all()}
+    assert all(Path(rec.run_dir).is_dir() and psutil.pid_exists(rec.qemu_pid or 0) for rec in records.values())
+    leased = json.dumps(pools.snapshot())
+    assert all(n in leased for n in names), "a live run's leases were reclaimed"
     Path(str(info) + ".go").touch()
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, out
