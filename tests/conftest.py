@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +30,23 @@ def warm_cache() -> Path:
     with pytest_bottle.launch() as b:
         b.check_output(["true"])
     return cache
+
+
+@pytest.fixture(scope="session")
+def warm_seed(warm_cache: Path) -> Callable[..., None]:
+    """``warm_seed(**launch_kwargs)``: make sure the seed for that spec exists
+    (e.g. ``lan=`` bottles need a seed with two NICs) before a timed window,
+    such as a child run that must have its bottles up within a deadline."""
+    done: set[str] = set()
+
+    def warm(**kwargs: Any) -> None:
+        key = repr(sorted(kwargs.items()))
+        if key not in done:
+            with pytest_bottle.launch(**kwargs) as b:
+                b.check_output(["true"])
+            done.add(key)
+
+    return warm
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +76,6 @@ def stop_kept() -> Iterator[list[str]]:
     if the test fails, since no sweep removes a kept VM by itself."""
     names: list[str] = []
     yield names
-    import sys
-
     for name in names:
         subprocess.run(
             [sys.executable, "-m", "pytest_bottle.cli", "stop", name], capture_output=True, text=True, timeout=120

@@ -89,7 +89,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_run_prints_and_exits_with_the_code() -> None:
+def test_cli_run_prints_and_exits_with_the_code(warm_cache: Path) -> None:
     r = _cli("run", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (r.returncode, r.stdout, r.stderr.splitlines()[-1]) == (7, "out\n", "err")
 

@@ -116,7 +116,8 @@ def test_background_process_does_not_hold_exec(module_bottle: Bottle) -> None:
     started = time.monotonic()
     r = module_bottle.exec(f"sleep {mark} & echo $!")
     assert time.monotonic() - started < 5
-    assert _count(module_bottle, mark) == 1  # it is still running after exec returned
+    # Still running after exec returned (polled: the fork may not have exec'd sleep yet).
+    module_bottle.wait_until_succeeds(["python3", "-c", COUNT + "sys.exit(n != 1)", mark], timeout=10)
     module_bottle.check_output(["kill", r.stdout.strip()])
 
 
@@ -403,7 +404,7 @@ def test_background_chatter_neither_holds_exec_nor_stretches_a_timeout(module_bo
     started = time.monotonic()
     r = module_bottle.exec(f"sh -c '{ticker}' {mark} & echo started", timeout=30)
     assert time.monotonic() - started < 5 and r.stdout.startswith("started")
-    assert _count(module_bottle, mark) == 1
+    module_bottle.wait_until_succeeds(["python3", "-c", COUNT + "sys.exit(n != 1)", mark], timeout=10)
     module_bottle.exec(["python3", "-c", KILL_BY_ARG, mark], check=True)
     module_bottle.wait_until_succeeds(["python3", "-c", COUNT + "sys.exit(n)", mark], timeout=10)
     # A command that outlives its timeout while chatter floods its output still

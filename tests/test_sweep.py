@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -144,6 +144,13 @@ def holders() -> Iterator[list[subprocess.Popen[bytes]]]:
         subprocess.run([sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={CACHE}", "sweep"], check=False)
 
 
+@pytest.fixture
+def holder_seeds(warm_seed: Callable[..., None]) -> None:
+    """The seeds the holder's bottles restore from (one NIC, and two for a LAN
+    member): made before its deadline."""
+    warm_seed(lan="warm")
+
+
 def _start_holder(
     tmp_path: Path, tag: str, holders: list[subprocess.Popen[bytes]]
 ) -> tuple[subprocess.Popen[bytes], Path]:
@@ -241,6 +248,7 @@ def _cookies(ns: str) -> set[int | None]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("holder_seeds")
 def test_kill_9_then_next_run_leaves_nothing(tmp_path: Path, holders: list[subprocess.Popen[bytes]]) -> None:
     proc, info = _start_holder(tmp_path, "killed", holders)
     names = json.loads(info.read_text())
@@ -268,6 +276,7 @@ def test_kill_9_then_next_run_leaves_nothing(tmp_path: Path, holders: list[subpr
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("holder_seeds")
 def test_sweep_leaves_a_live_run_alone(tmp_path: Path, holders: list[subprocess.Popen[bytes]]) -> None:
     proc, info = _start_holder(tmp_path, "live", holders)
     names = json.loads(info.read_text())
