@@ -9,6 +9,11 @@ same spec in the background (and runs one command in it, so the guest's
 exec path is already translated).  The next test that asks for that spec
 gets a fresh, never-used VM at once.  A test asking for another spec gets
 its own, and the spare for the old spec is thrown away.
+
+``BottleManager.stats`` counts what became of spares ("spare_used",
+"spare_failed", "spare_dead", "spare_discarded"): a failing spare falls back to
+a foreground start silently, so the suite reads these to prove pre-start
+works.  Diagnostics only, not part of the public contract.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class BottleManager:
         self._lock = threading.Lock()
         self._spares: collections.deque[tuple[BottleSpec, Future[Bottle]]] = collections.deque()
         self._pool: ThreadPoolExecutor | None = None
+        self.stats: collections.Counter[str] = collections.Counter()
 
     def group(self, key: str) -> Group:
         with self._lock:
@@ -54,7 +60,10 @@ class BottleManager:
         group = self.group(group_key)
         spare = spare and self._prestartable(spec)
         bottle = self._take_spare(spec) if spare else None
-        if bottle is None:
+        if bottle is not None:
+            self.stats["spare_used"] += 1
+            log.debug("%s: a pre-started spare", bottle.name)
+        else:
             bottle = start_bottle(spec, rebuild_before=self.rebuild_before, detached=self.keep_failed, lans=group.lans)
         group.bottles.append(bottle)
         if spare:
@@ -76,14 +85,17 @@ class BottleManager:
             future = self._spares.popleft()[1] if self._spares else None
         for _, old in stale:
             old.add_done_callback(_close_result)
+            self.stats["spare_discarded"] += 1
         if future is None:
             return None
         try:
             bottle = future.result()
         except Exception as e:  # start one in the foreground: its error then belongs to the test
             log.debug("pre-started bottle failed, starting one now: %s", e)
+            self.stats["spare_failed"] += 1
             return None
         if not bottle.alive():  # died while it waited (OOM killer, someone's kill)
+            self.stats["spare_dead"] += 1
             bottle.close()
             return None
         return bottle

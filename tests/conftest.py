@@ -1,29 +1,82 @@
-"""Shared helpers for the integration tests."""
+"""Shared fixtures for the integration tests."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import pytest_bottle
+from pytest_bottle.images import Image, ensure_image
 from pytest_bottle.paths import default_cache_dir
 
 
+@pytest.fixture(scope="session")
+def warm_cache() -> Path:
+    """The default cache with the default image, the accelerator verdict and
+    the default work seed in place.
+
+    Tests with a time bound request it, so a build, a KVM probe or a seed boot
+    (minutes on a fresh machine) never falls inside their timed window.
+    Cheap when warm (one restore per worker); builds are locked across xdist workers.
+    """
+    cache = default_cache_dir()
+    with pytest_bottle.launch() as b:
+        b.check_output(["true"])
+    return cache
+
+
+@pytest.fixture(scope="session")
+def warm_seed(warm_cache: Path) -> Callable[..., None]:
+    """``warm_seed(**launch_kwargs)``: make sure the seed for that spec exists
+    (e.g. ``lan=`` bottles need a seed with two NICs) before a timed window,
+    such as a child run that must have its bottles up within a deadline."""
+    done: set[str] = set()
+
+    def warm(**kwargs: Any) -> None:
+        key = repr(sorted(kwargs.items()))
+        if key not in done:
+            with pytest_bottle.launch(**kwargs) as b:
+                b.check_output(["true"])
+            done.add(key)
+
+    return warm
+
+
+@pytest.fixture(scope="session")
+def default_image(warm_cache: Path) -> Image:
+    return ensure_image("debian-bookworm", warm_cache)
+
+
 @pytest.fixture
-def private_cache(tmp_path: Path) -> Path:
+def private_cache(tmp_path: Path, warm_cache: Path) -> Path:
     """A cache dir of its own (seeds, keys, run dirs) that shares the built images.
 
     Images are expensive (about 40 s) and read-only once built, so they are
     linked in; everything a test may corrupt or rebuild is private.
     """
-    main = default_cache_dir()
     cache = tmp_path / "cache"
     cache.mkdir()
-    (main / "images").mkdir(parents=True, exist_ok=True)
-    os.symlink(main / "images", cache / "images")
+    os.symlink(warm_cache / "images", cache / "images")
     for name in ("accel.json",):
-        if (main / name).exists():
-            shutil.copy(main / name, cache / name)
+        if (warm_cache / name).exists():
+            shutil.copy(warm_cache / name, cache / name)
     return cache
+
+
+@pytest.fixture
+def stop_kept() -> Iterator[list[str]]:
+    """Names of bottles a test kept (``--bottle-keep``): stopped afterwards even
+    if the test fails, since no sweep removes a kept VM by itself."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        subprocess.run(
+            [sys.executable, "-m", "pytest_bottle.cli", "stop", name], capture_output=True, text=True, timeout=120
+        )

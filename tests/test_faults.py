@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from harness import processes_mentioning
 
 import pytest_bottle
 from pytest_bottle import BootError, BootTimeout, HostDependencyError
 from pytest_bottle.boot import BootPlan, start_machine
-from pytest_bottle.images import ensure_image
+from pytest_bottle.images import Image, ensure_image
 from pytest_bottle.paths import default_cache_dir
 from pytest_bottle.vmm import accel
 from pytest_bottle.vmm.qemu import Nic
@@ -21,47 +22,62 @@ from pytest_bottle.vmm.qemu import Nic
 CACHE = default_cache_dir()
 
 
-def _plan(tmp_path: Path, initrd: Path | None = None) -> BootPlan:
-    image = ensure_image("debian-bookworm", CACHE)
+def _plan(image: Image, initrd: Path | None = None) -> BootPlan:
     return BootPlan(
         image.kernel, initrd or image.initrd, image.rootfs, "raw", 512, 1, "tcg", (Nic("net0", "52:54:00:b0:77:01"),)
     )
 
 
-def _qemu_children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True) if p.name() == "qemu-system-x86_64"}
-
-
-def test_kernel_panic_is_a_boot_error_with_the_console_tail(tmp_path: Path) -> None:
+# The plans are made before the clock starts: the image is built by then (warm_cache).
+def test_kernel_panic_is_a_boot_error_with_the_console_tail(tmp_path: Path, default_image: Image) -> None:
     garbage = tmp_path / "initrd.img"
     garbage.write_bytes(b"not an initramfs" * 1000)
+    plan = _plan(default_image, garbage)
     started = time.monotonic()
     with pytest.raises(BootError) as info:
-        start_machine(_plan(tmp_path, garbage), tmp_path, "panics", timeout=120)
+        start_machine(plan, tmp_path, "panics", timeout=120)
     assert time.monotonic() - started < 60
     assert "Kernel panic" in info.value.console_tail
     assert "QEMU exited" in info.value.reason and "Kernel panic" in str(info.value)
-    assert not _qemu_children()
+    assert not processes_mentioning(str(tmp_path))
 
 
-def test_not_ready_in_time_is_a_boot_timeout(tmp_path: Path) -> None:
+def test_not_ready_in_time_is_a_boot_timeout(tmp_path: Path, default_image: Image) -> None:
+    plan = _plan(default_image)
     started = time.monotonic()
     with pytest.raises(BootTimeout) as info:
-        start_machine(_plan(tmp_path), tmp_path, "slow", timeout=1.0)
+        start_machine(plan, tmp_path, "slow", timeout=1.0)
     assert isinstance(info.value, TimeoutError) and time.monotonic() - started < 10
     assert "within 1 s" in str(info.value)
-    assert not _qemu_children()
+    assert not processes_mentioning(str(tmp_path))
 
 
-def test_kvm_requested_where_it_cannot_boot_fails_fast() -> None:
-    verdict = accel.cached_verdict(CACHE)
-    if accel.kvm_usable() is None and verdict is not None and verdict.accel == "kvm":
-        pytest.skip("KVM really works on this host")
+def test_kvm_requested_after_a_failed_probe_is_refused_at_once(private_cache: Path) -> None:
+    # The verdict a failed probe leaves (for this host and QEMU): any host can take this path.
+    (private_cache / "accel.json").write_text(
+        json.dumps({"host": accel.host_id(), "accel": "tcg", "reason": "KVM is present but a test boot failed: x"})
+    )
     started = time.monotonic()
     with pytest.raises(HostDependencyError, match="KVM"):
-        pytest_bottle.launch(accel="kvm")
+        pytest_bottle.launch(accel="kvm", cache_dir=private_cache).close()  # close: a VM it wrongly started
+    assert time.monotonic() - started < 10
+    assert not processes_mentioning(str(private_cache))
+
+
+def test_kvm_requested_where_it_cannot_boot_fails_fast(private_cache: Path) -> None:
+    verdict = accel.cached_verdict(CACHE)  # decided by warm_cache, before any clock
+    assert verdict is not None or accel.kvm_usable() is not None
+    if verdict is not None and verdict.accel == "kvm":
+        pytest.skip(f"KVM really works on this host ({verdict.reason}): nothing to refuse")
+    (private_cache / "accel.json").unlink(missing_ok=True)  # so the real probe runs again, timed
+    started = time.monotonic()
+    with pytest.raises(HostDependencyError, match="KVM"):
+        pytest_bottle.launch(accel="kvm", cache_dir=private_cache).close()
     assert time.monotonic() - started < accel.PROBE_TIMEOUT + 15
-    assert not _qemu_children()
+    assert not processes_mentioning(str(private_cache))
+    if accel.kvm_usable() is None:  # the failed probe is remembered
+        again = accel.cached_verdict(private_cache)
+        assert again is not None and again.accel == "tcg" and "test boot failed" in again.reason
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -73,12 +89,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_run_prints_and_exits_with_the_code() -> None:
+def test_cli_run_prints_and_exits_with_the_code(warm_cache: Path) -> None:
     r = _cli("run", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (r.returncode, r.stdout, r.stderr.splitlines()[-1]) == (7, "out\n", "err")
 
 
-def test_cli_doctor_image_list_sweep() -> None:
+def test_cli_doctor_image_list_sweep(warm_cache: Path) -> None:
     doctor = _cli("doctor")
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "accelerator:" in doctor.stdout and str(CACHE) in doctor.stdout and "qemu-img" in doctor.stdout

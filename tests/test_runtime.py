@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
+import secrets
 import signal
 import subprocess
 import threading
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from harness import processes_mentioning, run_isolated
 
 import pytest_bottle
 from pytest_bottle import AgentError, Bottle, ExecError, ExecTimeout, SpecError
@@ -74,36 +75,49 @@ def test_bytes_that_are_not_utf8_survive(module_bottle: Bottle) -> None:
 
 
 COUNT = """
-import glob, sys
+import os, sys
 n = 0
-for path in glob.glob("/proc/[0-9]*/stat"):
-    try:
-        comm, rest = open(path).read().rsplit(") ", 1)
-    except OSError:
+for pid in os.listdir("/proc"):
+    if not pid.isdigit() or int(pid) == os.getpid():
         continue
-    n += comm.endswith("(" + sys.argv[1]) and rest[0] != "Z"  # zombies are dead, merely unreaped
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")[:-1]
+        state = open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1][0]
+    except (OSError, IndexError):
+        continue
+    n += sys.argv[1].encode() in argv and state != "Z"  # zombies are dead, merely unreaped
 print(n)
 """
 
 
-def _count(bottle: Bottle, comm: str) -> int:
-    return int(bottle.check_output(["python3", "-c", COUNT, comm]))
+def _count(bottle: Bottle, arg: str) -> int:
+    """Live guest processes with ``arg`` as one of their arguments: a marker only
+    this test uses, so other tests' leftovers (this bottle is shared) never count."""
+    return int(bottle.check_output(["python3", "-c", COUNT, arg]))
+
+
+def _marker() -> str:
+    return f"{300 + secrets.randbelow(10**6) / 10**6:.6f}"  # a sleep argument nothing else uses
 
 
 def test_timeout_kills_the_process_group_and_bottle_stays_usable(module_bottle: Bottle) -> None:
+    a, b = _marker(), _marker()
     started = time.monotonic()
     with pytest.raises(ExecTimeout) as info:
-        module_bottle.exec("sleep 300 & sleep 301; echo never", timeout=1)
+        module_bottle.exec(f"sleep {a} & sleep {b}; echo never", timeout=1)
     assert time.monotonic() - started < 10
     assert isinstance(info.value, TimeoutError) and info.value.timeout == 1
-    assert _count(module_bottle, "sleep") == 0
+    assert _count(module_bottle, a) == 0 and _count(module_bottle, b) == 0
     assert module_bottle.check_output("echo still here") == "still here\n"
 
 
 def test_background_process_does_not_hold_exec(module_bottle: Bottle) -> None:
+    mark = _marker()
     started = time.monotonic()
-    r = module_bottle.exec("sleep 30 & echo $!")
+    r = module_bottle.exec(f"sleep {mark} & echo $!")
     assert time.monotonic() - started < 5
+    # Still running after exec returned (polled: the fork may not have exec'd sleep yet).
+    module_bottle.wait_until_succeeds(["python3", "-c", COUNT + "sys.exit(n != 1)", mark], timeout=10)
     module_bottle.check_output(["kill", r.stdout.strip()])
 
 
@@ -173,11 +187,24 @@ def test_console_log_has_the_boot(module_bottle: Bottle) -> None:
     assert "Linux version" in module_bottle.console_log
 
 
+# Each command waits until all five have started: serialised execs cannot pass.
+RENDEZVOUS = """
+mkdir -p {d} && touch {d}/$1
+i=0
+while [ "$(ls {d} | wc -l)" -lt 5 ]; do
+    i=$((i+1)); [ $i -gt 300 ] && exit 9
+    sleep 0.1
+done
+echo $1
+"""
+
+
 def test_concurrent_execs_from_threads(module_bottle: Bottle) -> None:
     results: dict[int, str] = {}
+    script = RENDEZVOUS.format(d=f"/tmp/rendezvous-{secrets.token_hex(4)}")
 
     def run(i: int) -> None:
-        results[i] = module_bottle.check_output(f"sleep 0.{i}; echo {i}")
+        results[i] = module_bottle.check_output(["sh", "-c", script, "sh", str(i)], timeout=60)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
     for t in threads:
@@ -208,20 +235,17 @@ def test_close_is_idempotent_and_leaves_nothing(bottle: Bottle) -> None:
     assert bottle.closed
 
 
-def _qemu_children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True) if p.name() == "qemu-system-x86_64"}
-
-
-def test_invalid_arguments_fail_before_anything_boots() -> None:
-    before = _qemu_children()
+def test_invalid_arguments_fail_before_anything_boots(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"  # a VM or a build would name it: see the check below
     started = time.monotonic()
     for kwargs in ({"memory": -1}, {"cpus": 0}, {"memory": "lots"}, {"network": "wifi"}, {"bogus": 1}):
         with pytest.raises(SpecError):
-            pytest_bottle.launch(**kwargs)
+            pytest_bottle.launch(cache_dir=cache, **kwargs).close()
     with pytest.raises(pytest_bottle.ImageNotFound):
-        pytest_bottle.launch(image="no-such-image")
+        pytest_bottle.launch(image="no-such-image", cache_dir=cache).close()
     assert time.monotonic() - started < 2
-    assert _qemu_children() <= before
+    assert not processes_mentioning(str(cache)) and not processes_mentioning(str(cache), "mmdebstrap")
+    assert not (cache / "run").exists() and not (cache / "images").exists()
 
 
 def test_file_semantics_like_cp(module_bottle: Bottle, tmp_path: Path) -> None:
@@ -268,18 +292,41 @@ def test_wait_until_succeeds_does_not_hang_on_a_hanging_command(module_bottle: B
     assert time.monotonic() - started < 10
 
 
-def test_privileged_ports_map_to_free_ports_for_non_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
+PORTS = """
+import os, socket, sys
+import pytest_bottle
+launch = sys.modules["pytest_bottle.launch"]  # the package's `launch` attribute is the function
+alias = "127.77.255.1"
 
-    launch_mod = sys.modules["pytest_bottle.launch"]  # the package's `launch` attribute is the function
+def free(lo, hi):
+    for port in range(lo, hi):
+        try:
+            for host in ("0.0.0.0", alias):  # nothing on any address, nor on the alias
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise SystemExit("no free port in %d..%d" % (lo, hi))
 
-    monkeypatch.setattr(launch_mod.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(launch_mod, "_unprivileged_port_start", lambda: 1024)
-    port = launch_mod._host_port("127.77.255.1", 22)
-    assert port >= 1024
-    assert launch_mod._host_port("127.77.255.1", 8080) == 8080
-    monkeypatch.setattr(launch_mod.os, "geteuid", lambda: 0)
-    assert launch_mod._host_port("127.77.255.1", 22) == 22
+real_root = os.geteuid() == 0
+high = free(20000, 30000)
+os.geteuid = lambda: 1000  # this process only: nothing else runs in it
+launch._unprivileged_port_start = lambda: 1024
+low = launch._host_port(alias, 22)
+assert low >= 1024, low
+assert launch._host_port(alias, high) == high
+if real_root:  # binding a low port needs it
+    os.geteuid = lambda: 0
+    privileged = free(600, 1000)
+    assert launch._host_port(alias, privileged) == privileged
+print("ok")
+"""
+
+
+def test_privileged_ports_map_to_free_ports_for_non_root() -> None:
+    # Patching geteuid is process-wide: done in a process where no pre-start thread runs.
+    assert run_isolated(PORTS).stdout == "ok\n"
 
 
 def test_put_and_get_follow_a_symlinked_directory(module_bottle: Bottle, tmp_path: Path) -> None:
@@ -293,21 +340,38 @@ def test_put_and_get_follow_a_symlinked_directory(module_bottle: Bottle, tmp_pat
     assert (tmp_path / "back" / "app.txt").read_text() == "v1\n"
 
 
-def test_a_failing_local_sink_fails_only_that_call(module_bottle: Bottle, tmp_path: Path) -> None:
+SINK = """
+import errno, subprocess, sys
+from pathlib import Path
+import pytest_bottle
+small = Path(sys.argv[1])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+with pytest_bottle.launch() as b:
+    b.exec("head -c 3000000 /dev/urandom > /tmp/big.bin", check=True)
+    try:
+        b.get("/tmp/big.bin", small / "big.bin")
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    else:
+        raise AssertionError("a get into a full filesystem succeeded")
+    assert not list(small.iterdir()), list(small.iterdir())  # no partial file left
+    assert b.check_output("echo still fine") == "still fine\\n"
+print("ok")
+"""
+
+
+def test_a_failing_local_sink_fails_only_that_call(tmp_path: Path, warm_cache: Path) -> None:
+    # A 1 MB tmpfs in a mount namespace of its own: nothing stays mounted if this
+    # dies; as non-root a user namespace grants the mount.
+    prefix = ["unshare", "--mount", "--propagation", "private"]
     if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
+        prefix.insert(1, "--map-root-user")
+        if subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+            pytest.skip("needs root or unprivileged user namespaces to mount a small tmpfs")
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
-    try:
-        module_bottle.exec("head -c 3000000 /dev/urandom > /tmp/big.bin")
-        with pytest.raises(OSError) as info:
-            module_bottle.get("/tmp/big.bin", small / "big.bin")
-        assert info.value.errno == errno.ENOSPC
-        assert not list(small.iterdir())  # no partial file left
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
-    assert module_bottle.check_output("echo still fine") == "still fine\n"
+    assert run_isolated(SINK, str(small), prefix=tuple(prefix)).stdout == "ok\n"
+    assert not list(small.iterdir())
 
 
 def test_an_aborted_upload_leaves_nothing_and_the_bottle_works(module_bottle: Bottle) -> None:
@@ -323,23 +387,34 @@ def test_an_aborted_upload_leaves_nothing_and_the_bottle_works(module_bottle: Bo
     assert module_bottle.check_output("echo ok") == "ok\n"
 
 
-def test_timeout_holds_against_chatty_background_output(module_bottle: Bottle) -> None:
-    started = time.monotonic()
-    r = module_bottle.exec("(while true; do echo tick; sleep 0.01; done) & echo started", timeout=30)
-    assert time.monotonic() - started < 5 and r.stdout.startswith("started")
-    module_bottle.exec("pkill -f 'echo tick' 2>/dev/null; kill $(jobs -p) 2>/dev/null; true")
-    module_bottle.exec(["python3", "-c", KILL_TICKERS])
-
-
-KILL_TICKERS = """
-import glob, os, signal
-for path in glob.glob("/proc/[0-9]*/cmdline"):
+KILL_BY_ARG = """
+import os, signal, sys
+for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
-        if b"echo tick" in open(path, "rb").read():
-            os.kill(int(path.split("/")[2]), signal.SIGKILL)
+        if sys.argv[1].encode() in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0") and int(pid) != os.getpid():
+            os.kill(int(pid), signal.SIGKILL)
     except OSError:
         pass
 """
+
+
+def test_background_chatter_neither_holds_exec_nor_stretches_a_timeout(module_bottle: Bottle) -> None:
+    ticker = "while true; do echo tick; sleep 0.01; done"
+    mark = f"ticker-{secrets.token_hex(4)}"  # the ticker's $0: only this test's tickers have it
+    started = time.monotonic()
+    r = module_bottle.exec(f"sh -c '{ticker}' {mark} & echo started", timeout=30)
+    assert time.monotonic() - started < 5 and r.stdout.startswith("started")
+    module_bottle.wait_until_succeeds(["python3", "-c", COUNT + "sys.exit(n != 1)", mark], timeout=10)
+    module_bottle.exec(["python3", "-c", KILL_BY_ARG, mark], check=True)
+    module_bottle.wait_until_succeeds(["python3", "-c", COUNT + "sys.exit(n)", mark], timeout=10)
+    # A command that outlives its timeout while chatter floods its output still
+    # ends on time, and its whole process group (the ticker too) goes with it.
+    mark = f"ticker-{secrets.token_hex(4)}"
+    started = time.monotonic()
+    with pytest.raises(ExecTimeout):
+        module_bottle.exec(f"sh -c '{ticker}' {mark} & sleep {_marker()}", timeout=2)
+    assert time.monotonic() - started < 10
+    assert _count(module_bottle, mark) == 0
 
 
 def test_stdin_left_unread_does_not_leak_agent_threads(module_bottle: Bottle) -> None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+from harness import run_isolated
 
 import pytest_bottle
-from pytest_bottle import Bottle, BottleError, HostDependencyError
+from pytest_bottle import Bottle, BottleError
 
 
 def test_ssh_runs_through_openssh(bottle: Bottle) -> None:
@@ -61,12 +61,27 @@ def test_testinfra_checks_package_file_service(bottle: Bottle) -> None:
     assert host.check_output("hostname") == bottle.name
 
 
-def test_ssh_is_refused_without_an_ssh_client(bottle: Bottle, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(HostDependencyError, match="openssh-client"):
-        bottle.ssh("true")
-    with pytest.raises(HostDependencyError, match="openssh-client"):
-        bottle.ssh_argv("true")
+NO_CLIENT = """
+import os
+import pytest_bottle
+from pytest_bottle import HostDependencyError
+with pytest_bottle.launch() as b:
+    os.environ["PATH"] = "/nonexistent"  # after the start: ssh-keygen made the keys
+    for use in (lambda: b.ssh("true"), lambda: b.ssh_argv("true")):
+        try:
+            use()
+        except HostDependencyError as e:
+            assert "openssh-client" in str(e), e
+        else:
+            raise AssertionError("ssh without a client did not fail")
+    assert b.check_output("echo up") == "up\\n"
+print("ok")
+"""
+
+
+def test_ssh_is_refused_without_an_ssh_client(warm_cache: Path) -> None:
+    # PATH is process-wide: emptied only in a process where no pre-start thread runs.
+    assert run_isolated(NO_CLIENT).stdout == "ok\n"
 
 
 @pytest.mark.slow
@@ -78,4 +93,3 @@ def test_ssh_on_an_image_without_sshd_names_the_image() -> None:
                 use()
         with pytest.raises(BottleError, match="not forwarded"):
             b.address(22)
-    assert os.environ.get("PATH")

@@ -2,46 +2,52 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
-import time
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from harness import kill_group, run_isolated, wait_until
 
 from pytest_bottle.errors import PoolExhausted
 from pytest_bottle.net import pools
-from pytest_bottle.paths import default_cache_dir
+from pytest_bottle.paths import default_cache_dir, state_dir
 from pytest_bottle.runstate import RunRecord
 from pytest_bottle.sweep import sweep
 from pytest_bottle.vmm.process import boot_id
 
 CACHE = str(default_cache_dir())
 LEASER = textwrap.dedent("""
-    import json, sys, time
+    import json, sys
     from pytest_bottle.net import pools
     got = pools.lease("loopback", sys.argv[1], int(sys.argv[2]), size=int(sys.argv[3]))
     print(json.dumps(got), flush=True)
-    time.sleep(float(sys.argv[4]))
+    sys.stdin.read()  # hold the lease until the test closes our stdin
 """)
 
 
-@pytest.fixture
-def private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    state = tmp_path / "state"
-    monkeypatch.setenv("BOTTLE_STATE_DIR", str(state))
-    return state
+def _isolated(body: str, state: Path) -> None:
+    """Run ``test_sweep.<body>()`` with its own BOTTLE_STATE_DIR, in a process of
+    its own: changing it here would also move a spare the pre-start thread is
+    starting right now."""
+    run_isolated(f"import test_sweep; test_sweep.{body}()", env={"BOTTLE_STATE_DIR": str(state)})
 
 
-def _leasers(n: int, count: int, size: int, hold: float) -> list[subprocess.Popen[str]]:
+def _leasers(n: int, count: int, size: int) -> list[subprocess.Popen[str]]:
     return [
         subprocess.Popen(
-            [sys.executable, "-c", LEASER, f"holder{i}", str(count), str(size), str(hold)],
+            [sys.executable, "-c", LEASER, f"holder{i}", str(count), str(size)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -50,45 +56,61 @@ def _leasers(n: int, count: int, size: int, hold: float) -> list[subprocess.Pope
     ]
 
 
-def test_concurrent_processes_never_share_a_lease(private_state: Path) -> None:
-    procs = _leasers(6, 10, 60, 3.0)
-    results = []
-    for p in procs:
-        out = p.stdout.readline()  # type: ignore[union-attr]
-        assert out, p.stderr.read()  # type: ignore[union-attr]
-        results.append(json.loads(out))
-    values = [v for r in results for v in r]
-    assert len(values) == 60 and len(set(values)) == 60
-    # The pool is full while they live: one more is refused with a clear error.
-    with pytest.raises(PoolExhausted) as info:
-        pools.lease("loopback", "late", 1, size=60)
-    assert info.value.pool == "loopback" and "live owners" in str(info.value)
-    for p in procs:
-        p.communicate()
+def test_concurrent_processes_never_share_a_lease(tmp_path: Path) -> None:
+    _isolated("_concurrent_leases", tmp_path / "state")
+
+
+def _concurrent_leases() -> None:
+    procs = _leasers(6, 10, 60)
+    try:
+        results = []
+        for p in procs:
+            out = p.stdout.readline()  # type: ignore[union-attr]
+            assert out, p.stderr.read()  # type: ignore[union-attr]
+            results.append(json.loads(out))
+        values = [v for r in results for v in r]
+        assert len(values) == 60 and len(set(values)) == 60, values
+        # The pool is full while they live: one more is refused with a clear error.
+        with pytest.raises(PoolExhausted) as info:
+            pools.lease("loopback", "late", 1, size=60)
+        assert info.value.pool == "loopback" and "live owners" in str(info.value)
+    finally:
+        for p in procs:
+            p.communicate()  # closes stdin: they let go and exit
     # Their owners are dead now: the same values can be leased again.
     again = pools.lease("loopback", "late", 60, size=60)
     assert sorted(again) == sorted(values)
 
 
-def test_release_and_dead_owner_reclaim(private_state: Path) -> None:
+def test_release_and_dead_owner_reclaim(tmp_path: Path) -> None:
+    _isolated("_release_and_reclaim", tmp_path / "state")
+
+
+def _release_and_reclaim() -> None:
     mine = pools.lease("mac", "vm-a", 2)
     assert len(set(mine)) == 2
     pools.release("vm-a")
     assert "vm-a" not in json.dumps(pools.snapshot())
-    (p,) = _leasers(1, 3, 100, 0)
+    (p,) = _leasers(1, 3, 100)
+    assert p.stdout.readline()  # type: ignore[union-attr]
     p.communicate()
     reclaimed = pools.reclaim_dead()
-    assert len(reclaimed) == 3 and {h for _, _, h in reclaimed} == {"holder0"}
+    assert len(reclaimed) == 3 and {h for _, _, h in reclaimed} == {"holder0"}, reclaimed
 
 
-def test_pid_reuse_does_not_make_a_dead_owner_alive(private_state: Path, tmp_path: Path) -> None:
+def test_pid_reuse_does_not_make_a_dead_owner_alive(tmp_path: Path) -> None:
+    _isolated("_pid_reuse", tmp_path / "state")
+
+
+def _pid_reuse() -> None:
     # Same pid as a live process, different start time: that owner is dead.
-    run_dir = tmp_path / "btl-reused"
+    base = state_dir()
+    run_dir = base / "btl-reused"
     run_dir.mkdir()
     reused = f"12345@{boot_id()}"
     rec = RunRecord(name="btl-reused", owner_pid=os.getpid(), owner_start=reused, run_dir=str(run_dir))
     rec.save()
-    live_dir = tmp_path / "btl-live"
+    live_dir = base / "btl-live"
     live_dir.mkdir()
     RunRecord.create("btl-live", live_dir)
     report = sweep()
@@ -104,7 +126,7 @@ def test_hold(bottle_factory):
     bottles = [bottle_factory(forward=[8080]), bottle_factory(lan="l"), bottle_factory(lan="l")]
     Path(os.environ["INFO"]).write_text(json.dumps([b.name for b in bottles]))
     go = Path(os.environ["INFO"] + ".go")
-    deadline = time.time() + 600
+    deadline = time.time() + 300
     while not go.exists() and time.time() < deadline:
         time.sleep(0.2)
     for b in bottles:
@@ -112,7 +134,28 @@ def test_hold(bottle_factory):
 """
 
 
-def _start_holder(tmp_path: Path, tag: str) -> tuple[subprocess.Popen[bytes], Path]:
+@pytest.fixture
+def holders() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """pytest runs holding three VMs: killed when the test ends, passed or not,
+    and what they leave swept (their VMs die with them; records and leases stay)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    if any(p.poll() is None for p in procs):
+        for proc in procs:
+            kill_group(proc)
+        subprocess.run([sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={CACHE}", "sweep"], check=False)
+
+
+@pytest.fixture
+def holder_seeds(warm_seed: Callable[..., None]) -> None:
+    """The seeds the holder's bottles restore from (one NIC, and two for a LAN
+    member): made before its deadline."""
+    warm_seed(lan="warm")
+
+
+def _start_holder(
+    tmp_path: Path, tag: str, holders: list[subprocess.Popen[bytes]]
+) -> tuple[subprocess.Popen[bytes], Path]:
     test = tmp_path / f"test_hold_{tag}.py"
     test.write_text(HOLDER)
     info = tmp_path / f"info_{tag}.json"
@@ -122,12 +165,15 @@ def _start_holder(tmp_path: Path, tag: str) -> tuple[subprocess.Popen[bytes], Pa
         env=dict(os.environ, INFO=str(info)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    deadline = time.time() + 300
-    while not info.exists():
+    holders.append(proc)
+
+    def ready() -> bool:
         assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
-        assert time.time() < deadline
-        time.sleep(0.2)
+        return info.exists() and bool(info.read_text())
+
+    wait_until(ready, 300, "the holder run started its three bottles", interval=0.2)
     return proc, info
 
 
@@ -151,8 +197,10 @@ def _trivial_run(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def _net_inodes() -> set[str]:
-    seen = set()
+def _netns_refs() -> dict[str, list[str]]:
+    """Every network namespace some process references (as its own or by an
+    open fd): ``net:[inode]`` → the /proc paths that reach it."""
+    seen: dict[str, list[str]] = {}
     for pid in psutil.pids():
         for path in [f"/proc/{pid}/ns/net"] + [f"/proc/{pid}/fd/{fd}" for fd in _fds(pid)]:
             try:
@@ -160,7 +208,7 @@ def _net_inodes() -> set[str]:
             except OSError:
                 continue
             if target.startswith("net:["):
-                seen.add(target)
+                seen.setdefault(target, []).append(path)
     return seen
 
 
@@ -171,41 +219,80 @@ def _fds(pid: int) -> list[str]:
         return []
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET, SO_NETNS_COOKIE = 0x40000000, 71
+
+
+def _netns_cookie(path: str) -> int | None:
+    """The namespace's cookie: unlike its inode number, never reused (Linux 5.14+)."""
+    box: list[int | None] = [None]
+
+    def enter() -> None:  # in a thread of its own: the switch dies with it
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) == 0:
+                with socket.socket() as s:
+                    box[0] = struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=enter)
+    t.start()
+    t.join()
+    return box[0]
+
+
+def _cookies(ns: str) -> set[int | None]:
+    return {_netns_cookie(path) for path in _netns_refs().get(ns, [])}
+
+
 @pytest.mark.slow
-def test_kill_9_then_next_run_leaves_nothing(tmp_path: Path) -> None:
-    proc, info = _start_holder(tmp_path, "killed")
+@pytest.mark.usefixtures("holder_seeds")
+def test_kill_9_then_next_run_leaves_nothing(tmp_path: Path, holders: list[subprocess.Popen[bytes]]) -> None:
+    proc, info = _start_holder(tmp_path, "killed", holders)
     names = json.loads(info.read_text())
     records = {r.name: r for r in RunRecord.load_all() if r.name in names}
     assert set(records) == set(names)
     qemu_pids = [r.qemu_pid for r in records.values()]
     netns = {r.netns for r in records.values() if r.netns}
-    assert len(netns) == 1 and netns <= _net_inodes()
+    assert len(netns) == 1
+    (ns,) = netns
+    cookie = _cookies(ns) - {None}
+    assert len(cookie) == 1, "the LAN's namespace is not reachable while its run lives"
 
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     # QEMU goes by itself (parent-death signal), before any sweep.
-    deadline = time.time() + 10
-    while any(psutil.pid_exists(p) for p in qemu_pids) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not any(psutil.pid_exists(p) for p in qemu_pids), "QEMU outlived its killed owner"
+    wait_until(lambda: not any(psutil.pid_exists(p) for p in qemu_pids), 10, "QEMU dies with its killed owner")
 
     _trivial_run(tmp_path)  # its startup sweep cleans up after the killed run
     assert not {r.name for r in RunRecord.load_all()} & set(names)
     assert not any(Path(r.run_dir).exists() for r in records.values()), "run dirs (overlays) left"
     leased = json.dumps(pools.snapshot())
     assert not any(n in leased for n in names), "leases left"
-    assert not netns & _net_inodes(), "the LAN's network namespace is still referenced"
+    # The inode number may already name a new namespace: the cookie tells them apart.
+    assert not cookie & _cookies(ns), "the LAN's network namespace is still referenced"
 
 
 @pytest.mark.slow
-def test_sweep_leaves_a_live_run_alone(tmp_path: Path) -> None:
-    proc, info = _start_holder(tmp_path, "live")
+@pytest.mark.usefixtures("holder_seeds")
+def test_sweep_leaves_a_live_run_alone(tmp_path: Path, holders: list[subprocess.Popen[bytes]]) -> None:
+    proc, info = _start_holder(tmp_path, "live", holders)
     names = json.loads(info.read_text())
+    records = {r.name: r for r in RunRecord.load_all() if r.name in names}
     _trivial_run(tmp_path)  # another run starts and sweeps
     r = subprocess.run(
         [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={CACHE}", "sweep"], capture_output=True, text=True
     )
-    assert r.returncode == 0 and not any(n in r.stdout for n in names), r.stdout
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Everything of the live run is still there (the sweep's output names no VMs).
+    assert set(names) <= {r.name for r in RunRecord.load_all()}
+    assert all(Path(rec.run_dir).is_dir() and psutil.pid_exists(rec.qemu_pid or 0) for rec in records.values())
+    leased = json.dumps(pools.snapshot())
+    assert all(n in leased for n in names), "a live run's leases were reclaimed"
     Path(str(info) + ".go").touch()
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, out

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -25,15 +27,25 @@ def test_changed_package_list_changes_key() -> None:
     assert a.key() != dataclasses.replace(a, disk_size="4G").key()
 
 
-def test_key_covers_the_agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from pytest_bottle.images import recipes
+KEY_WITH_CHANGED_AGENT = """
+import sys
+from pathlib import Path
+from pytest_bottle.images import recipes
+tmp = Path(sys.argv[1])
+for name in recipes.GUEST_FILES:
+    (tmp / name).write_text((recipes.GUEST_DIR / name).read_text() + "\\n# changed\\n")
+recipes.GUEST_DIR = tmp
+print(recipes.Recipe(name="x").key())
+"""
 
-    r = Recipe(name="x")
-    before = r.key()
-    for name in recipes.GUEST_FILES:
-        (tmp_path / name).write_text((recipes.GUEST_DIR / name).read_text() + "\n# changed\n")
-    monkeypatch.setattr(recipes, "GUEST_DIR", tmp_path)
-    assert r.key() != before
+
+def test_key_covers_the_agent(tmp_path: Path) -> None:
+    # Patching GUEST_DIR here would change every image key in this process,
+    # under a pre-start thread that may be looking one up: a process of its own.
+    r = subprocess.run(
+        [sys.executable, "-c", KEY_WITH_CHANGED_AGENT, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert len(r.stdout.strip()) == 16 and r.stdout.strip() != Recipe(name="x").key()
 
 
 def test_unknown_image_lists_known_names() -> None:

@@ -1,0 +1,85 @@
+"""Helpers the integration tests share: polling, process ownership, isolated runs.
+
+Tests run in random order, under xdist, next to the manager's pre-start thread
+(which may be starting a spare bottle at any moment).  So a test counts only
+processes it can prove it started (by a path or marker in their command line),
+polls instead of sleeping, and makes process-wide changes (``PATH``,
+``BOTTLE_STATE_DIR``, rlimits, mounts) only in a process of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+
+T = TypeVar("T")
+TESTS_DIR = Path(__file__).resolve().parent
+QEMU = "qemu-system-x86_64"
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(interval)
+
+
+def processes_mentioning(marker: str, name: str = QEMU) -> list[psutil.Process]:
+    """Live processes called ``name`` whose command line mentions ``marker``
+    (a test's own tmp_path or cache): what *this test* started, whoever the parent."""
+    found = []
+    for p in psutil.process_iter(["name", "cmdline", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE or p.info["name"] != name:
+                continue
+            if any(marker in arg for arg in p.info["cmdline"] or ()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def run_isolated(
+    code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c code`` in a process of its own (tests/ importable) and
+    require exit code 0; returns the completed process for its output."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), full_env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [*prefix, sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, f"isolated run failed ({proc.returncode}):\n{out}\n{err}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    """Kill a child started with ``start_new_session=True`` and all it started."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
