@@ -77,6 +77,13 @@ def test_cli_beats_ini(bottle):
     assert result.ret == pytest.ExitCode.USAGE_ERROR and "ini file: bad boot" in result.stderr.str()
 
 
+PID = """
+import os
+from pathlib import Path
+
+def pytest_configure(config):
+    Path("pid.txt").write_text(str(os.getpid()))
+"""
 TIMEOUT_TESTS = """
 import pytest
 
@@ -94,13 +101,15 @@ def test_factory_beats_cli_and_ini(bottle_factory):
 
 def test_timeout_option_ini_twin_and_their_precedence(pytester: pytest.Pytester, built: Path) -> None:
     pytester.makepyfile(test_timeout=TIMEOUT_TESTS)
+    pytester.makeconftest(PID)
     for ini, cli in (("0.01", ()), ("300", ("--bottle-timeout=0.01",))):
         pytester.makeini(f"[pytest]\nbottle_timeout = {ini}\n")
         result = run(pytester, "--bottle-prestart=0", *cli)
         result.assert_outcomes(passed=2, errors=1)
         result.stdout.fnmatch_lines(["*ERROR at setup of test_default*", "*BootTimeout*within 0.01 s*"])
-    # No bottle of theirs is left behind by a boot that timed out.
-    assert not [r for r in RunRecord.load_all() if str(pytester.path) in r.run_dir]
+        # No bottle of the run is left behind, the one that timed out included.
+        pid = int((pytester.path / "pid.txt").read_text())
+        assert not [r.name for r in RunRecord.load_all() if r.owner_pid == pid]
 
 
 SPARES = """
