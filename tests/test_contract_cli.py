@@ -105,7 +105,6 @@ def test_image_rm_removes_every_key_and_the_seeds(seed: Seed, private_cache: Pat
     seeds = private_cache / "seeds"
     my_seed = _link_copy(seed.path, seeds / seed.path.name)
     other_seed = _link_copy(seed.path, seeds / "debian-bookworm-minimal-copy", image="debian-bookworm-minimal")
-    assert "(stale)" not in cli("image", "list", cache=private_cache).stdout.split("\n")[1]
     r = cli("image", "rm", "debian-bookworm", cache=private_cache)
     assert r.returncode == 0, r.stderr
     assert set(r.stdout.splitlines()) == {f"removed {p}" for p in (current, stale, my_seed)}
@@ -114,6 +113,21 @@ def test_image_rm_removes_every_key_and_the_seeds(seed: Seed, private_cache: Pat
     again = cli("image", "rm", "debian-bookworm", cache=private_cache)
     assert again.returncode == 0 and again.stdout == "debian-bookworm: nothing cached\n"
     assert real.rootfs.is_file()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cli.cmd_image_list keeps, per name, whichever cached entry sorts last: a leftover entry "
+    "of an old key hides the current one, which is then listed as '(stale)'",
+)
+def test_image_list_shows_the_current_entry_beside_a_stale_one(private_cache: Path) -> None:
+    real = ensure_image("debian-bookworm", CACHE)
+    images = private_cache / "images"
+    _link_copy(real.path, images / real.path.name)
+    _link_copy(real.path, images / "debian-bookworm-ffffffffffffffff", key="ffffffffffffffff")
+    listing = cli("image", "list", cache=private_cache).stdout.splitlines()
+    (line,) = [row for row in listing if row.startswith("debian-bookworm ")]
+    assert line.split()[1] == real.key and "(stale)" not in line, line
 
 
 OFFLINE = 'Recipe(name="contract-offline", packages=("python3",), mirror="http://127.0.0.1:9/debian")'
@@ -240,19 +254,42 @@ def test_ctrl_c_stops_the_bottle_and_gives_130(seed: Seed) -> None:
     assert record.name not in {r.name for r in RunRecord.load_all()}
 
 
-def test_stop_unknown_name_and_sweep_kept() -> None:
-    a = pytest_bottle.launch()
-    a.keep()
-    assert a.kept and a.closed
-    r = cli("stop", "btl-00000000", a.name)
-    assert r.returncode == 1 and "no VM named 'btl-00000000'" in r.stderr
-    assert r.stdout == f"stopped {a.name}\n" and _gone(a.pid)  # the known one is stopped anyway
-    b = pytest_bottle.launch()
-    b.keep()
-    assert re.search(rf"^{b.name}\s+kept\s", cli("ps").stdout, re.M)
-    plain = cli("sweep")
-    assert plain.returncode == 0 and b.name not in plain.stdout and not _gone(b.pid)
-    kept = cli("sweep", "--kept")
-    assert kept.returncode == 0 and f"  {b.name}\n" in kept.stdout, kept.stdout
-    assert _gone(b.pid) and b.name not in {r.name for r in RunRecord.load_all()}
-    assert not b.console_log_path.parent.exists()
+@pytest.fixture
+def isolated(seed: Seed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A run-state directory and a cache of this test's own, so that `sweep --kept`
+    cannot touch another test's kept VM (or run directory). The seed is copied."""
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state"))
+    cache = tmp_path / "cache"
+    (cache / "seeds").mkdir(parents=True)
+    (cache / "images").symlink_to(CACHE / "images")
+    for name in ("accel.json", "keys"):
+        if (CACHE / name).exists():
+            subprocess.run(["cp", "-a", str(CACHE / name), str(cache)], check=True)
+    subprocess.run(["cp", "-a", "--sparse=always", str(seed.path), str(cache / "seeds")], check=True)
+    return cache
+
+
+def test_stop_unknown_name_and_sweep_kept(isolated: Path) -> None:
+    names: list[str] = []
+    try:
+        a = pytest_bottle.launch(cache_dir=isolated)
+        names.append(a.name)
+        a.keep()
+        assert a.kept and a.closed
+        r = cli("stop", "btl-00000000", a.name, cache=isolated)
+        assert r.returncode == 1 and "no VM named 'btl-00000000'" in r.stderr
+        assert r.stdout == f"stopped {a.name}\n" and _gone(a.pid)  # the known one is stopped anyway
+        b = pytest_bottle.launch(cache_dir=isolated)
+        names.append(b.name)
+        b.keep()
+        assert re.search(rf"^{b.name}\s+kept\s", cli("ps").stdout, re.M)
+        plain = cli("sweep", cache=isolated)
+        assert plain.returncode == 0 and b.name not in plain.stdout and not _gone(b.pid)
+        kept = cli("sweep", "--kept", cache=isolated)
+        assert kept.returncode == 0 and f"  {b.name}\n" in kept.stdout, kept.stdout
+        assert _gone(b.pid) and b.name not in {r.name for r in RunRecord.load_all()}
+        assert not b.console_log_path.parent.exists()
+    finally:  # a failure must not leave a kept VM running
+        left = {r.name for r in RunRecord.load_all()} & set(names)
+        if left:
+            cli("stop", *left, cache=isolated)
