@@ -52,16 +52,25 @@ def seed() -> Seed:
 
 
 def _link_copy(src: Path, dst: Path, **manifest_changes: object) -> Path:
-    """A copy of a cache entry made of hard links (cheap), with its own manifest."""
+    """A copy of an image entry made of hard links (cheap), with its own manifest."""
     shutil.copytree(src, dst, copy_function=os.link)
-    manifest = json.loads((src / "manifest.json").read_text())
-    for key, value in manifest_changes.items():
-        if key == "image":
-            manifest["key_parts"]["image"] = value
-        else:
-            manifest[key] = value
+    manifest = dict(json.loads((src / "manifest.json").read_text()), **manifest_changes)
     (dst / "manifest.json").unlink()  # never write through the link into the original
     (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def _seed_entry(seed: Seed, dst: Path, image: str | None = None) -> Path:
+    """A seed entry as the cache lists it: the real seed's manifest (its image
+    renamed if asked) beside empty files. Linking the real files would change
+    their ctime, and with it the original's verification stamp."""
+    dst.mkdir(parents=True)
+    manifest = dict(seed.manifest)
+    if image is not None:
+        manifest["key_parts"] = dict(manifest["key_parts"], image=image)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("disk.qcow2", "memory.state", "memory.ram", "console.log"):
+        (dst / name).write_bytes(b"")
     return dst
 
 
@@ -81,8 +90,8 @@ def _strip_ages(text: str) -> str:
 
 def test_seed_list_and_rm(seed: Seed, private_cache: Path) -> None:
     seeds = private_cache / "seeds"
-    mine = _link_copy(seed.path, seeds / seed.path.name)
-    other = _link_copy(seed.path, seeds / "debian-bookworm-minimal-copy", image="debian-bookworm-minimal")
+    mine = _seed_entry(seed, seeds / seed.path.name)
+    other = _seed_entry(seed, seeds / "debian-bookworm-minimal-copy", image="debian-bookworm-minimal")
     listing = cli("seed", "list", cache=private_cache)
     assert listing.returncode == 0, listing.stderr
     assert _strip_ages(listing.stdout) == _strip_ages(cli("image", "list", cache=private_cache).stdout)
@@ -93,7 +102,7 @@ def test_seed_list_and_rm(seed: Seed, private_cache: Path) -> None:
     assert "seed of debian-bookworm:" in cli("seed", "list", cache=private_cache).stdout
     assert cli("seed", "rm", cache=private_cache).stdout == f"removed {mine}\n"
     assert "seed of" not in cli("seed", "list", cache=private_cache).stdout
-    assert seed.disk.is_file()  # the copies were links: the original seed is intact
+    assert seed.path in [s.path for s in list_seeds(CACHE)]  # the real one is untouched
 
 
 def test_image_rm_removes_every_key_and_the_seeds(seed: Seed, private_cache: Path) -> None:
@@ -103,8 +112,8 @@ def test_image_rm_removes_every_key_and_the_seeds(seed: Seed, private_cache: Pat
     stale = _link_copy(real.path, images / "debian-bookworm-0123456789abcdef", key="0123456789abcdef")
     other = _link_copy(real.path, images / "debian-bookworm-minimal-0123456789abcdef", name="debian-bookworm-minimal")
     seeds = private_cache / "seeds"
-    my_seed = _link_copy(seed.path, seeds / seed.path.name)
-    other_seed = _link_copy(seed.path, seeds / "debian-bookworm-minimal-copy", image="debian-bookworm-minimal")
+    my_seed = _seed_entry(seed, seeds / seed.path.name)
+    other_seed = _seed_entry(seed, seeds / "debian-bookworm-minimal-copy", image="debian-bookworm-minimal")
     r = cli("image", "rm", "debian-bookworm", cache=private_cache)
     assert r.returncode == 0, r.stderr
     assert set(r.stdout.splitlines()) == {f"removed {p}" for p in (current, stale, my_seed)}
