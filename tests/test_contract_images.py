@@ -115,8 +115,13 @@ def own_cache(tmp_path: Path) -> Path:
     return cache
 
 
-def _qemu_children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True) if p.name() == "qemu-system-x86_64"}
+def _qemus_using(cache: Path) -> list[int]:
+    """QEMU processes of this cache (not, say, a spare bottle pre-started for another test)."""
+    found = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] == "qemu-system-x86_64" and str(cache) in " ".join(p.info["cmdline"] or ()):
+            found.append(p.pid)
+    return found
 
 
 @pytest.mark.slow
@@ -134,7 +139,6 @@ def test_a_seed_whose_state_cannot_be_saved_is_a_boot_error(own_cache: Path) -> 
 
     blocker = threading.Thread(target=block_the_state_file, daemon=True)
     blocker.start()
-    before = _qemu_children()
     try:
         with pytest.raises(BootError) as info:
             pytest_bottle.launch(cache_dir=own_cache)
@@ -144,6 +148,6 @@ def test_a_seed_whose_state_cannot_be_saved_is_a_boot_error(own_cache: Path) -> 
     assert "saving the VM state failed" in info.value.reason, info.value
     # Nothing is left: no seed (whole or half), no QEMU, no run directory or record.
     assert list(seeds.iterdir()) == [p for p in seeds.iterdir() if p.suffix == ".lock"]
-    assert _qemu_children() <= before
+    assert not _qemus_using(own_cache)
     assert not list((own_cache / "run").iterdir())
     assert not [r for r in RunRecord.load_all() if r.run_dir.startswith(str(own_cache))]
