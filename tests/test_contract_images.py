@@ -1,4 +1,5 @@
-"""Image builds under xdist, `Recipe` fields, and a seed whose save fails (issue 12).
+"""Image builds under xdist and by `bottle image build --rebuild`, `Recipe` fields,
+and a seed whose save fails (issue 12).
 
 The build here is real but small: a recipe of just a kernel and python3
 (about 20 s), in a cache of the test's own.
@@ -10,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -63,7 +65,7 @@ def _debugfs(image: Path, cmd: str) -> str:
 
 
 @pytest.mark.slow
-def test_one_image_build_per_run_under_xdist_with_the_recipes_fields(pytester: pytest.Pytester) -> None:
+def test_one_image_build_per_run_under_xdist_recipe_fields_and_cli_rebuild(pytester: pytest.Pytester) -> None:
     mirror = _host_mirror()
     if mirror is None:
         pytest.skip("the host's apt sources name no bookworm mirror")
@@ -101,6 +103,35 @@ def test_one_image_build_per_run_under_xdist_with_the_recipes_fields(pytester: p
     for unit in ("getty@tty1.service", "contract-nothing.service"):
         assert 'Fast link dest: "/dev/null"' in _debugfs(rootfs, f"stat /etc/systemd/system/{unit}"), unit
     assert "systemd-timesyncd.service" not in units and "ssh.service" not in units
+    _cli_rebuild_builds_again_and_drops_its_seeds(cache, mirror, Path(path), created)
+
+
+def _seed_entry(path: Path, image: str) -> None:
+    """A seed of ``image`` as the cache lists it (manifest only: nothing boots from it here)."""
+    path.mkdir(parents=True)
+    parts = {"image": image, "image_key": "0" * 16, "accel": "tcg", "memory_mb": 512, "cpus": 1, "nics": 1}
+    (path / "manifest.json").write_text(json.dumps({"key_parts": parts, "files": {}, "created": time.time()}))
+
+
+def _cli_rebuild_builds_again_and_drops_its_seeds(cache: Path, mirror: str, path: Path, created: float) -> None:
+    """``bottle image build NAME --rebuild`` on the entry the run built: a real second build."""
+    _seed_entry(cache / "seeds" / "tiny-seed", "contract-tiny")
+    _seed_entry(cache / "seeds" / "other-seed", "debian-bookworm")
+    script = (
+        TINY.format(mirror=mirror) + "import sys\nfrom pytest_bottle.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = [sys.executable, "-c", script, f"--cache-dir={cache}", "image", "build", "contract-tiny", "--rebuild"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert all(re.match(r"\[ *\d+\.\ds\] \S", line) for line in lines[:-1]) and len(lines) > 5, lines
+    assert re.fullmatch(
+        rf"contract-tiny \w{{16}}: {re.escape(str(path))} \(built in [\d.]+s, log {re.escape(str(path))}/build\.log\)",
+        lines[-1],
+    )
+    assert json.loads((path / "manifest.json").read_text())["created"] > created  # built again, in place
+    assert not (cache / "seeds" / "tiny-seed").exists()  # its seeds are gone...
+    assert (cache / "seeds" / "other-seed").is_dir()  # ...and only its own
 
 
 @pytest.fixture
