@@ -79,7 +79,8 @@ def test_the_recipes_masked_units_are_masked(module_bottle: Bottle) -> None:
 
 def test_empty_argv_and_bad_timeouts_are_refused_before_anything_runs(module_bottle: Bottle) -> None:
     before = len(module_bottle.history), list(module_bottle.history)[-1:]
-    for empty in ([], ()):
+    empties: tuple[list[str], tuple[str, ...]] = ([], ())
+    for empty in empties:
         with pytest.raises(ValueError, match="empty"):
             module_bottle.exec(empty)
     for bad in (0, -1, 0.0, float("nan")):

@@ -22,7 +22,7 @@ import pytest_bottle
 from pytest_bottle.images import Recipe, ensure_image
 from pytest_bottle.paths import default_cache_dir
 from pytest_bottle.runstate import RunRecord
-from pytest_bottle.seeds import Seed, list_seeds
+from pytest_bottle.seeds import SEED_VERSION, Seed, list_seeds
 from pytest_bottle.vmm import accel
 
 CACHE = default_cache_dir()
@@ -47,7 +47,16 @@ def seed() -> Seed:
     with pytest_bottle.launch() as b:
         b.exec("true")
     image = ensure_image("debian-bookworm", CACHE)
-    seeds = [s for s in list_seeds(CACHE) if s.manifest["key_parts"]["image_key"] == image.key]
+    wanted = {
+        "image_key": image.key,
+        "image_built": image.manifest.get("created"),
+        "seed_version": SEED_VERSION,
+        "accel": b.accel,
+        "memory_mb": 512,
+        "cpus": 1,
+        "nics": 1,  # what launch() restores from; a LAN bottle's seed has 2
+    }
+    seeds = [s for s in list_seeds(CACHE) if wanted.items() <= s.manifest["key_parts"].items()]
     return max(seeds, key=lambda s: s.manifest["created"])
 
 
@@ -278,7 +287,7 @@ def isolated(seed: Seed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     return cache
 
 
-def test_stop_unknown_name_and_sweep_kept(isolated: Path) -> None:
+def test_stop_unknown_name_and_sweep_kept(isolated: Path, seed: Seed) -> None:
     names: list[str] = []
     try:
         a = pytest_bottle.launch(cache_dir=isolated)
@@ -298,6 +307,7 @@ def test_stop_unknown_name_and_sweep_kept(isolated: Path) -> None:
         assert kept.returncode == 0 and f"  {b.name}\n" in kept.stdout, kept.stdout
         assert _gone(b.pid) and b.name not in {r.name for r in RunRecord.load_all()}
         assert not b.console_log_path.parent.exists()
+        assert [s.manifest for s in list_seeds(isolated)] == [seed.manifest]  # both restored from the copy
     finally:  # a failure must not leave a kept VM running
         left = {r.name for r in RunRecord.load_all()} & set(names)
         if left:
