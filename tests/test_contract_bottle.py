@@ -1,0 +1,263 @@
+"""The `Bottle` contract of docs/reference.md, edge by edge (issue 12: contract with no test).
+
+Every check here only reads the guest or writes under a path of its own, so
+the tests share one bottle per module (and per xdist worker) in any order.
+"""
+
+from __future__ import annotations
+
+import errno
+import pickle
+import re
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pytest_bottle import Bottle, ExecError, ExecTimeout, SpecError
+from pytest_bottle.errors import GuestIsADirectoryError, GuestOSError, GuestPermissionError
+from pytest_bottle.images import get_recipe
+
+# module_bottle follows the module's marker: a fixed image, whatever the run's default.
+pytestmark = pytest.mark.bottle(image="debian-bookworm")
+
+
+def _scratch(bottle: Bottle) -> str:
+    """A guest directory no other test (or earlier run of this one) touched."""
+    path = f"/tmp/contract-{uuid.uuid4().hex[:12]}"
+    bottle.check_output(["mkdir", "-p", path])
+    return path
+
+
+# -- identity and history -----------------------------------------------------
+
+
+def test_identity_members(module_bottle: Bottle) -> None:
+    b = module_bottle
+    assert re.fullmatch(r"btl-[0-9a-f]{8}", b.name)
+    assert b.image == "debian-bookworm"
+    assert b.accel in ("kvm", "tcg")
+    assert b.lan_ip is None  # no lan= in the marker
+    assert b.kept is False and b.closed is False
+    assert psutil.Process(b.pid).name() == "qemu-system-x86_64"
+    assert b.check_output("hostname").strip() == b.name
+
+
+def test_history_keeps_the_last_20_commands(module_bottle: Bottle) -> None:
+    b = module_bottle
+    for i in range(22):
+        b.exec(["echo", f"n{i}"])
+    b.exec(["printf", "%s", "a b"])
+    b.exec("exit 3")
+    assert len(b.history) == 20 and b.history.maxlen == 20
+    entries = list(b.history)
+    assert [c for c, _, _ in entries[:2]] == ["echo n4", "echo n5"]  # the oldest 4 fell off
+    (c1, rc1, d1), (c2, rc2, d2) = entries[-2:]
+    assert (c1, rc1) == ("printf %s a b", 0) and (c2, rc2) == ("exit 3", 3)
+    assert 0 < d1 < 30 and 0 < d2 < 30
+
+
+def test_a_timed_out_command_is_recorded_with_the_kill_status(module_bottle: Bottle) -> None:
+    with pytest.raises(ExecTimeout):
+        module_bottle.exec("sleep 30", timeout=0.5)
+    cmd, rc, seconds = module_bottle.history[-1]
+    assert (cmd, rc) == ("sleep 30", -9) and 0.5 <= seconds < 15
+
+
+def test_the_recipes_masked_units_are_masked(module_bottle: Bottle) -> None:
+    units = get_recipe(module_bottle.image).masked_units
+    assert "getty@tty1.service" in units and "ssh.service" in units
+    state = module_bottle.exec(["systemctl", "is-enabled", *units]).stdout.split()
+    assert state == ["masked"] * len(units)
+    assert module_bottle.check_output(["systemctl", "is-enabled", "ssh.socket"]) == "enabled\n"
+
+
+# -- exec edge cases ----------------------------------------------------------
+
+
+def test_empty_argv_and_bad_timeouts_are_refused_before_anything_runs(module_bottle: Bottle) -> None:
+    before = len(module_bottle.history), list(module_bottle.history)[-1:]
+    empties: tuple[list[str], tuple[str, ...]] = ([], ())
+    for empty in empties:
+        with pytest.raises(ValueError, match="empty"):
+            module_bottle.exec(empty)
+    for bad in (0, -1, 0.0, float("nan")):
+        with pytest.raises(SpecError, match="timeout"):
+            module_bottle.exec("true", timeout=bad)
+    with pytest.raises(SpecError, match="cwd must be absolute"):
+        module_bottle.exec("pwd", cwd="tmp")
+    assert (len(module_bottle.history), list(module_bottle.history)[-1:]) == before  # nothing was sent
+
+
+def test_missing_cwd_is_exit_code_2_with_a_message(module_bottle: Bottle) -> None:
+    r = module_bottle.exec("pwd", cwd="/no/such/dir")
+    assert r.returncode == 2 and "/no/such/dir" in r.stderr and r.stdout == ""
+    r = module_bottle.exec(["pwd"], cwd="/no/such/dir", user="nobody")
+    assert r.returncode == 2 and "/no/such/dir" in r.stderr
+
+
+def test_not_executable_is_126(module_bottle: Bottle) -> None:
+    d = _scratch(module_bottle)
+    module_bottle.write_text(f"{d}/script", "#!/bin/sh\necho ran\n", mode=0o644)
+    r = module_bottle.exec([f"{d}/script"])
+    assert r.returncode == 126 and "script" in r.stderr and "ran" not in r.stdout
+    r = module_bottle.exec([d])  # a directory is not a program either
+    assert r.returncode == 126
+    module_bottle.exec(["chmod", "755", f"{d}/script"], check=True)
+    assert module_bottle.check_output([f"{d}/script"]) == "ran\n"
+
+
+ENV = 'echo "$HOME|$USER|$LOGNAME|$LANG|$PATH"; pwd'
+
+
+def test_default_environment_and_home_per_user(module_bottle: Bottle) -> None:
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert module_bottle.check_output(ENV).splitlines() == [f"/root|root|root|C.UTF-8|{path}", "/root"]
+    # nobody's home (/nonexistent) does not exist: the command starts in /.
+    assert module_bottle.check_output(ENV, user="nobody").splitlines() == [
+        f"/nonexistent|nobody|nobody|C.UTF-8|{path}",
+        "/",
+    ]
+    # env adds to the defaults or overrides them.
+    out = module_bottle.check_output(ENV + '; echo "$EXTRA"', env={"LANG": "C", "HOME": "/srv", "EXTRA": "x y"})
+    assert out.splitlines() == [f"/srv|root|root|C|{path}", "/root", "x y"]
+
+
+def test_user_gets_uid_gid_groups_home(module_bottle: Bottle) -> None:
+    b = module_bottle
+    b.exec(
+        "id ctester >/dev/null 2>&1 || useradd --create-home --groups adm,audio --shell /bin/sh ctester",
+        check=True,
+    )
+    want = b.check_output("echo $(id -u ctester) $(id -g ctester) $(getent group adm audio | cut -d: -f3)").split()
+    uid, gid, adm, audio = want
+    for user in ("ctester", int(uid)):
+        out = b.check_output('id -u; id -g; id -G; echo "$HOME $USER $LOGNAME"; pwd', user=user).splitlines()
+        assert out[0] == uid and out[1] == gid
+        assert {gid, adm, audio} == set(out[2].split())
+        assert out[3:] == ["/home/ctester ctester ctester", "/home/ctester"]
+    # root's own supplementary groups do not leak into another user's command.
+    assert b.check_output("id -G", user="nobody").split() == [b.check_output("id -g nobody").strip()]
+
+
+# -- files --------------------------------------------------------------------
+
+
+def test_text_encoding(module_bottle: Bottle) -> None:
+    d = _scratch(module_bottle)
+    module_bottle.write_text(f"{d}/latin", "café\n", encoding="latin-1")
+    assert module_bottle.read_bytes(f"{d}/latin") == b"caf\xe9\n"
+    assert module_bottle.read_text(f"{d}/latin", encoding="latin-1") == "café\n"
+    with pytest.raises(UnicodeDecodeError):
+        module_bottle.read_text(f"{d}/latin")  # utf-8 by default
+    module_bottle.write_text(f"{d}/utf8", "café\n")
+    assert module_bottle.read_bytes(f"{d}/utf8") == "café\n".encode()
+
+
+def test_guest_permission_errors(module_bottle: Bottle) -> None:
+    # Write-only for everyone, root included: procfs checks the mode bits itself.
+    with pytest.raises(GuestPermissionError) as info:
+        module_bottle.read_bytes("/proc/sys/vm/drop_caches")
+    err = info.value
+    assert isinstance(err, PermissionError) and isinstance(err, GuestOSError)
+    assert err.errno == errno.EACCES and err.filename == "/proc/sys/vm/drop_caches"
+    assert isinstance(pickle.loads(pickle.dumps(err)), GuestPermissionError)
+    d = _scratch(module_bottle)
+    module_bottle.exec(["chattr", "+i", d], check=True)  # immutable: even root cannot add a file
+    try:
+        with pytest.raises(GuestPermissionError) as info:
+            module_bottle.write_text(f"{d}/new.txt", "x")
+        assert info.value.errno == errno.EPERM
+    finally:
+        module_bottle.exec(["chattr", "-i", d], check=True)
+    assert module_bottle.check_output(["ls", "-A", d]) == ""  # no half-written file
+
+
+def test_guest_is_a_directory_errors(module_bottle: Bottle) -> None:
+    d = _scratch(module_bottle)
+    with pytest.raises(GuestIsADirectoryError) as info:
+        module_bottle.read_bytes(d)
+    assert isinstance(info.value, IsADirectoryError) and info.value.errno == errno.EISDIR
+    with pytest.raises(IsADirectoryError):
+        module_bottle.read_text(d)
+    with pytest.raises(GuestIsADirectoryError):
+        module_bottle.write_bytes(d, b"not over a directory")
+    assert module_bottle.exec(["test", "-d", d]).ok
+    parent, base = d.rsplit("/", 1)
+    assert base + "\n" == module_bottle.check_output(f"ls -A {parent} | grep -F {base}")  # no temp file beside it
+
+
+def test_put_into_a_trailing_slash_directory(module_bottle: Bottle, tmp_path: Path) -> None:
+    src = tmp_path / "tool.sh"
+    src.write_text("echo tool\n")
+    src.chmod(0o750)
+    d = _scratch(module_bottle)
+    module_bottle.put(src, f"{d}/new/sub/")  # created, and the file goes inside
+    assert module_bottle.check_output(["stat", "-c", "%a %U %F", f"{d}/new/sub/tool.sh"]) == "750 root regular file\n"
+    assert module_bottle.read_text(f"{d}/new/sub/tool.sh") == "echo tool\n"
+    module_bottle.put(src, f"{d}/plain")  # no slash, no directory there: the file becomes dst
+    assert module_bottle.read_text(f"{d}/plain") == "echo tool\n"
+
+
+def test_get_into_an_existing_local_directory(module_bottle: Bottle, tmp_path: Path) -> None:
+    d = _scratch(module_bottle)
+    module_bottle.write_text(f"{d}/report.txt", "content\n", mode=0o640)
+    (tmp_path / "out").mkdir()
+    module_bottle.get(f"{d}/report.txt", tmp_path / "out")
+    got = tmp_path / "out" / "report.txt"
+    assert got.read_text() == "content\n" and got.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.txt"]  # no temporary file left
+
+
+# -- errors -------------------------------------------------------------------
+
+
+def test_exec_error_message_keeps_the_last_2000_characters(module_bottle: Bottle) -> None:
+    noisy = "import sys; sys.{0}.write('x' * 3000 + 'y' * 2000); sys.exit(5)"
+    with pytest.raises(ExecError) as info:
+        module_bottle.exec(["python3", "-c", noisy.format("stderr")], check=True)
+    e = info.value
+    assert e.returncode == 5 and len(e.stderr) == 5000 and e.stdout == ""
+    assert str(e).split("--- stderr ---\n", 1)[1] == "y" * 2000
+    # Without stderr the message ends with stdout instead.
+    with pytest.raises(ExecError) as info:
+        module_bottle.check_output(["python3", "-c", noisy.format("stdout")])
+    assert str(info.value).split("--- stdout ---\n", 1)[1] == "y" * 2000
+    assert "x" not in str(info.value).split("\n", 1)[1]
+
+
+# -- ssh() ----------------------------------------------------------------------
+
+
+def test_ssh_options(module_bottle: Bottle) -> None:
+    b = module_bottle
+    before = list(b.history)
+    # Prepended as assignments: the command's environment has them (not the calling shell's expansions).
+    env = {"FOO": "a b", "BAR": "it's"}
+    assert b.ssh("printenv FOO BAR", env=env).stdout == "a b\nit's\n"
+    assert b.ssh(["sh", "-c", 'echo "$FOO|$BAR"'], env=env).stdout == "a b|it's\n"
+    with pytest.raises(ExecError) as info:
+        b.ssh("echo bad >&2; exit 3", check=True)
+    assert info.value.returncode == 3 and info.value.stderr == "bad\n"
+    started = time.monotonic()
+    with pytest.raises(ExecTimeout) as timeout:
+        b.ssh("sleep 60", timeout=2)
+    assert isinstance(timeout.value, TimeoutError) and time.monotonic() - started < 15
+    for kw in ({"cwd": "/"}, {"user": "nobody"}, {"bogus": 1}):
+        with pytest.raises(TypeError):
+            b.ssh("true", **kw)
+    assert list(b.history) == before  # ssh() goes around the agent and its history
+    b.exec("pkill -x sleep || true")
+
+
+def test_ssh_failure_of_ssh_itself_is_255(module_bottle: Bottle) -> None:
+    b = module_bottle
+    b.exec(["systemctl", "stop", "ssh.socket"], check=True)  # nothing listens: connection refused
+    try:
+        r = b.ssh("echo never")
+        assert r.returncode == 255 and r.stdout == "" and r.stderr
+    finally:
+        b.exec(["systemctl", "start", "ssh.socket"], check=True)
+    assert b.ssh("echo back").stdout == "back\n"
