@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
+from harness import processes_mentioning
 
 import pytest_bottle
 from pytest_bottle import BootError, BottleError, boot, seed_gc
@@ -32,10 +33,6 @@ from pytest_bottle.vmm.qemu import Nic
 
 CACHE = default_cache_dir()
 launch_mod = sys.modules["pytest_bottle.launch"]  # the package's `launch` attribute is the function
-
-
-def _qemu_children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True) if p.name() == "qemu-system-x86_64"}
 
 
 def _current_seed() -> Seed:
@@ -112,7 +109,7 @@ def test_port_taken_between_check_and_bind_is_picked_again(seeded: Path, monkeyp
     finally:
         for s in held:
             s.close()
-    assert not _qemu_children()
+    assert not processes_mentioning(str(seeded))
 
 
 @pytest.mark.slow
@@ -154,7 +151,7 @@ def test_seed_removed_after_its_check_is_rebuilt_once(
     (rebuilt,) = list_seeds(seeded)
     assert rebuilt.path == original.path and rebuilt.manifest["created"] > original.manifest["created"]
     assert not stale.exists()
-    assert not _qemu_children()
+    assert not processes_mentioning(str(seeded))
 
 
 def test_image_removed_under_a_seed_is_a_boot_error_with_qemus_reason(
@@ -173,7 +170,7 @@ def test_image_removed_under_a_seed_is_a_boot_error_with_qemus_reason(
         pytest_bottle.launch(cache_dir=cache)
     assert "QEMU exited" in info.value.reason and "rootfs.ext4" in info.value.reason
     assert "No such file" in info.value.reason
-    assert not _qemu_children()
+    assert not processes_mentioning(str(cache))
     assert not list((cache / "run").iterdir())
     assert len(list_seeds(cache)) == 1  # the seed was not at fault
 
@@ -313,7 +310,7 @@ def test_a_probe_that_timed_out_on_a_busy_host_is_retried_next_run(
     monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "run-2")
     accel.decide("auto", tmp_path, probe)
     assert len(probes) == 2
-    assert not _qemu_children()
+    assert not processes_mentioning(str(tmp_path))
 
 
 @pytest.mark.skipif(accel.kvm_usable() is not None, reason="decide() probes only where /dev/kvm opens")
@@ -342,7 +339,7 @@ def test_keep_on_an_attached_launch_bottle_raises_and_leaves_it_usable(seeded: P
         with pytest.raises(BottleError, match="cannot be kept"):
             b.keep()
         assert not b.kept and b.check_output("echo still") == "still\n"
-    assert not _qemu_children()
+    assert not processes_mentioning(str(seeded))
 
 
 def test_a_kept_detached_launch_bottle_outlives_its_process(seeded: Path) -> None:
@@ -383,7 +380,7 @@ def test_a_cache_dir_with_spaces_builds_boots_and_serves_ssh(tmp_path: Path) -> 
         assert b.ssh("echo via-ssh", timeout=60).stdout == "via-ssh\n"
         r = subprocess.run(b.ssh_argv("cat", "/etc/hostname"), capture_output=True, text=True, timeout=60)
         assert (r.returncode, r.stdout) == (0, f"{b.name}\n"), r.stderr
-    assert not _qemu_children()
+    assert not processes_mentioning(str(cache))
 
 
 def test_ssh_config_names_paths_with_spaces_quotes_and_percent(tmp_path: Path) -> None:
