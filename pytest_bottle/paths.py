@@ -15,6 +15,7 @@ from .errors import UnsafeDirectory
 log = logging.getLogger(__name__)
 
 _OTHERS = stat.S_IRWXG | stat.S_IRWXO
+_warned: set[Path] = set()
 
 
 def default_cache_dir() -> Path:
@@ -63,7 +64,9 @@ def _fallback_state_dir() -> Path:
         return private_dir(tmp, hint=hint)  # ours (or free): a mode to fix is the user's to fix
     state_home = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     home = Path(state_home) / "pytest-bottle"
-    log.warning("%s belongs to uid %d, not to us: using %s for run state", tmp, st.st_uid, home)
+    if tmp not in _warned:  # state_dir() runs at every lease: say it once
+        _warned.add(tmp)
+        log.warning("%s belongs to uid %d, not to us: using %s for run state", tmp, st.st_uid, home)
     hint = f"{tmp} belongs to uid {st.st_uid}, so this is the state dir in your home; set BOTTLE_STATE_DIR"
     try:
         return private_dir(home, hint=hint)

@@ -208,6 +208,19 @@ def test_tmp_fallback_without_a_usable_home_is_a_clear_error(victim_fallback: Pa
 
 
 @needs_root
+def test_tmp_fallback_warns_once(home: Path, victim_fallback: Path) -> None:
+    r = as_uid(OTHER, [sys.executable, "-c", f"import os; os.mkdir({str(victim_fallback)!r}, 0o700)"], {})
+    assert r.returncode == 0, r.stderr
+    code = "import logging; logging.basicConfig(); from pytest_bottle.paths import state_dir; " + (
+        "print({state_dir() for _ in range(3)})"
+    )
+    r = as_uid(NOBODY, [sys.executable, "-c", code], {"HOME": str(home)})
+    own = home / ".local" / "state" / "pytest-bottle"
+    assert r.returncode == 0 and r.stdout == f"{{PosixPath('{own}')}}\n", r.stdout + r.stderr
+    assert r.stderr.count(f"{victim_fallback} belongs to uid {OTHER}, not to us: using {own}") == 1, r.stderr
+
+
+@needs_root
 def test_state_dir_under_another_users_symlink_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In a sticky dir anyone may plant a symlink; one of another uid above the
     state dir is refused even when it points at a directory of root."""
