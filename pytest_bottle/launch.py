@@ -23,7 +23,7 @@ from typing import Any
 
 from .boot import BootPlan, run_probe, start_machine
 from .bottle import Bottle
-from .errors import BootError, BottleError, HostDependencyError, SpecError
+from .errors import BootError, BottleError, HostDependencyError, LockTimeout, SpecError
 from .guest.channel import AgentChannel
 from .hostdeps import which
 from .images import Image, ensure_image
@@ -97,6 +97,16 @@ def new_name() -> str:
 _library_lans = LanRegistry()
 
 
+def _release_leases(name: str) -> None:
+    """Release a failed start's leases without hiding why it failed: a lease
+    lock that stays held only leaves them until this process ends (then they
+    are a dead owner's, free to take), so it is logged, not raised."""
+    try:
+        pools.release(name)
+    except LockTimeout as e:
+        log.warning("could not release the leases of %s: %s", name, e)
+
+
 def start_bottle(
     spec: BottleSpec, *, rebuild_before: float | None = None, detached: bool = False, lans: LanRegistry | None = None
 ) -> Bottle:
@@ -110,7 +120,7 @@ def start_bottle(
         stack.callback(remove_tree, run_dir)
         record = RunRecord.create(name, run_dir)
         stack.callback(record.remove)
-        stack.callback(pools.release, name)
+        stack.callback(_release_leases, name)
         macs = pools.lease("mac", name, 2 if spec.lan else 1)
 
         ssh_wanted = image.recipe.has_sshd

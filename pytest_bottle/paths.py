@@ -15,6 +15,7 @@ from .errors import UnsafeDirectory
 log = logging.getLogger(__name__)
 
 _OTHERS = stat.S_IRWXG | stat.S_IRWXO
+_warned: set[Path] = set()
 
 
 def default_cache_dir() -> Path:
@@ -29,6 +30,9 @@ def state_dir() -> Path:
     resources, whichever cache a run uses.  Whatever its source, it must be
     a real directory of this user with mode 0700 (``UnsafeDirectory`` if not):
     another user who could write into it could make our sweep kill our VMs.
+    A place the user chose (``BOTTLE_STATE_DIR``, ``XDG_RUNTIME_DIR``) is
+    refused loudly; the fixed name in /tmp, which anyone may take first, is
+    given up for a directory under the user's home when someone else has it.
     """
     if env := os.environ.get("BOTTLE_STATE_DIR"):
         path, source = Path(env), "BOTTLE_STATE_DIR"
@@ -37,13 +41,37 @@ def state_dir() -> Path:
     elif xdg := os.environ.get("XDG_RUNTIME_DIR"):
         path, source = Path(xdg) / "pytest-bottle", "$XDG_RUNTIME_DIR/pytest-bottle"
     else:
-        # A fixed name in a shared directory: anyone may have made it first.
-        path, source = Path(f"/tmp/pytest-bottle-{os.getuid()}"), "the fallback without XDG_RUNTIME_DIR"
+        return _fallback_state_dir()
     hint = (
         f"this is {source}; if you made it, `chmod 700 {path}`, otherwise remove it (as its owner or root) "
         "or point XDG_RUNTIME_DIR or BOTTLE_STATE_DIR at a directory of your own"
     )
     return private_dir(path, hint=hint)
+
+
+def _fallback_state_dir() -> Path:
+    """Without XDG_RUNTIME_DIR: /tmp/pytest-bottle-UID, or, if another user
+    has taken that name, $XDG_STATE_HOME/pytest-bottle (~/.local/state)."""
+    tmp = Path(f"/tmp/pytest-bottle-{os.getuid()}")
+    hint = f"this is the fallback without XDG_RUNTIME_DIR; `chmod 700 {tmp}` or set XDG_RUNTIME_DIR or BOTTLE_STATE_DIR"
+    try:
+        st = os.lstat(tmp)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise UnsafeDirectory(str(tmp), f"it cannot be inspected ({e.strerror})", hint) from None
+    if st is None or st.st_uid == os.geteuid():
+        return private_dir(tmp, hint=hint)  # ours (or free): a mode to fix is the user's to fix
+    state_home = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    home = Path(state_home) / "pytest-bottle"
+    if tmp not in _warned:  # state_dir() runs at every lease: say it once
+        _warned.add(tmp)
+        log.warning("%s belongs to uid %d, not to us: using %s for run state", tmp, st.st_uid, home)
+    hint = f"{tmp} belongs to uid {st.st_uid}, so this is the state dir in your home; set BOTTLE_STATE_DIR"
+    try:
+        return private_dir(home, hint=hint)
+    except OSError as e:
+        raise UnsafeDirectory(str(home), f"it cannot be made ({e.strerror})", hint) from None
 
 
 def cache_root(path: Path) -> Path:
@@ -97,17 +125,24 @@ def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool 
 
 def _check_ancestors(path: Path, hint: str) -> None:
     """Every directory above ``path`` must be root's or ours, and not open to
-    everyone for writing unless sticky (like /tmp)."""
+    everyone for writing unless sticky (like /tmp).  A symlink among them
+    must be root's or ours too (in a sticky dir anyone may plant one), and
+    what it leads to is checked the same way."""
     euid = os.geteuid()
+    linked = False
     for anc in path.parents:
         try:
-            st = os.stat(anc)
+            st = os.lstat(anc)
         except FileNotFoundError:
             continue  # created below, by us
         if st.st_uid not in (0, euid):
             raise UnsafeDirectory(str(path), f"the directory above it, {anc}, belongs to uid {st.st_uid}", hint)
-        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        if stat.S_ISLNK(st.st_mode):
+            linked = True  # a link's own mode means nothing
+        elif st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
             raise UnsafeDirectory(str(path), f"the directory above it, {anc}, is writable by everyone", hint)
+    if linked:  # the resolved parent and everything above it, links gone
+        _check_ancestors(Path(os.path.realpath(path.parent)) / path.name, hint)
 
 
 def write_private(path: Path, data: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from .bottle import Bottle
-from .errors import ImageNotFound, SpecError
+from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
 from .images import RECIPES, Image, ensure_image
 from .manager import BottleManager
 from .spec import BottleSpec, Layer, resolve
@@ -57,6 +57,15 @@ CONSOLE_LINES = 50
 
 class InvalidBottleArgument(SpecError, pytest.UsageError):  # type: ignore[misc]
     """A bad marker, factory, CLI or ini value (both a SpecError and a UsageError)."""
+
+
+class UnsafeBottleDirectory(UnsafeDirectory, pytest.UsageError):  # type: ignore[misc]
+    """An unsafe state or cache directory met at start-up (both errors: a usage
+    error, not a traceback)."""
+
+
+class BottleLockTimeout(LockTimeout, pytest.UsageError):  # type: ignore[misc]
+    """A run-state lock that stayed held at start-up (both errors)."""
 
 
 class UnknownBottleImage(ImageNotFound, pytest.UsageError):  # type: ignore[misc]
@@ -159,7 +168,12 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_KeptReporter(), "bottle-kept-reporter")
     if worker is None:  # once per run, before the first bottle: the controller sweeps
         spec = state.spec()
-        report = sweep([spec.cache_dir])
+        try:
+            report = sweep([spec.cache_dir])
+        except UnsafeDirectory as e:
+            raise UnsafeBottleDirectory(**e._args()) from None
+        except LockTimeout as e:
+            raise BottleLockTimeout(**e._args()) from None
         if report:
             log.info("pytest-bottle startup sweep: %s", report.summary())
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:

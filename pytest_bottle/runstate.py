@@ -20,27 +20,22 @@ from pathlib import Path
 from typing import Any
 
 from .paths import state_dir, write_private
-from .vmm.process import Identity, boot_id, is_alive, start_time
+from .vmm.process import Identity, boot_id, foreign, is_alive, machine_id, pid_namespace, start_time
 
 log = logging.getLogger(__name__)
 
 MARKER = "owner.json"
-_SELF_START: str | None = None
+# (pid, identity) of this process: keyed by pid, as a forked child inherits it.
+_SELF: tuple[int, str | None] | None = None
 
 
 def owner_identity() -> tuple[int, str | None]:
     """This process as an owner: pid plus kernel start time (pid reuse cannot fool it)."""
-    global _SELF_START
-    if _SELF_START is None:
-        _SELF_START = start_time(os.getpid())
-    return os.getpid(), _SELF_START
-
-
-def pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
+    global _SELF
+    pid = os.getpid()
+    if _SELF is None or _SELF[0] != pid:
+        _SELF = (pid, start_time(pid))
+    return _SELF
 
 
 @dataclass
@@ -53,6 +48,10 @@ class RunRecord:
     qemu_start: Identity = None
     netns: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where the pids above mean something: a state dir may be shared across
+    # pid namespaces (containers) or machines (an NFS home).
+    machine: str = field(default_factory=machine_id)
+    pid_ns: str = field(default_factory=pid_namespace)
     # Older versions cannot read this record (an unknown field), so they skip
     # it instead of failing on an identity they do not understand.
     format: int = 2
@@ -83,15 +82,20 @@ class RunRecord:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
+    def foreign(self) -> str | None:
+        """Why this record's pids cannot be judged here (so it counts as alive), or None."""
+        return foreign(self.machine, self.pid_ns)
+
     def owner_alive(self) -> bool:
-        return is_alive(self.owner_pid, self.owner_start)
+        return bool(self.foreign()) or is_alive(self.owner_pid, self.owner_start)
 
     @classmethod
     def load_all(cls) -> list[RunRecord]:
         out = []
         for p in sorted(cls.records_dir().glob("*.json")):
             try:
-                out.append(cls(**json.loads(p.read_text())))
+                # Records written before machine and pid_ns were stored are this host's.
+                out.append(cls(**{"machine": "", "pid_ns": "", **json.loads(p.read_text())}))
             except (OSError, ValueError, TypeError) as e:
                 log.debug("unreadable run record %s: %s", p, e)
         return out
@@ -115,6 +119,7 @@ def write_marker(
         "qemu_pid": qemu_pid,
         "qemu_start": qemu_start,
         "boot_id": boot_id(),
+        "machine": machine_id(),
         "pid_ns": pid_namespace(),
         "state_dir": os.environ.get("BOTTLE_STATE_DIR", ""),
     }
@@ -125,8 +130,10 @@ def run_dir_owner(run_dir: Path) -> tuple[bool, str] | None:
     """(dead, why) from a run directory's marker, or None if it has none.
 
     Dead only when provable: the owner and its QEMU are both gone (or the
-    marker is from an earlier boot).  A marker from another pid namespace
-    cannot prove anything about its pids, so it counts as alive.
+    marker is from an earlier boot of this machine).  A marker from another
+    machine (a cache on an NFS home) or pid namespace cannot prove anything
+    about its pids, so it counts as alive; so does one that does not say
+    which machine wrote it and is of another boot.
     """
     try:
         m = json.loads((run_dir / MARKER).read_text())
@@ -135,10 +142,12 @@ def run_dir_owner(run_dir: Path) -> tuple[bool, str] | None:
         return None
     except (OSError, ValueError, TypeError, KeyError) as e:
         return False, f"unreadable owner marker ({e})"
+    if why := foreign(m.get("machine"), m.get("pid_ns")):
+        return False, f"owner pid {pid}: {why}"
     if m.get("boot_id") != boot_id():
+        if not m.get("machine"):
+            return False, "owner ran in another boot, perhaps of another machine"
         return True, "owner ran in an earlier boot"
-    if m.get("pid_ns") and m["pid_ns"] != pid_namespace():
-        return False, f"owner pid {pid} is in another pid namespace ({m['pid_ns']})"
     if is_alive(pid, started):
         return False, f"owner pid {pid} is alive"
     if m.get("qemu_pid") and is_alive(int(m["qemu_pid"]), m.get("qemu_start")):

@@ -27,6 +27,7 @@ from filelock import FileLock
 from .boot import BootPlan, start_machine
 from .errors import BootError
 from .images.cache import Image
+from .locks import reporting_lock
 from .paths import remove_tree
 from .ssh import new_host_key
 from .vmm.accel import qemu_version
@@ -280,7 +281,7 @@ def ensure_seed(
             except SeedCorrupt as e:
                 discard(final, str(e), seed.manifest.get("created"))
         final.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(lock_path(final))):
+        with reporting_lock(lock_path(final), f"the seed {final.name}"):
             seed = _load(final)
             if seed is None or (rebuild_before is not None and seed.manifest["created"] < rebuild_before):
                 _create(image, accel, parts, final, baked or {})

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from .errors import BottleError, ExecTimeout
 from .hostdeps import require, which
+from .locks import reporting_lock
 from .results import Command, ExecResult
 
 CONFIG_TEMPLATE = """\
@@ -49,7 +48,7 @@ def client_key(cache_dir: Path) -> Path:
     if key.is_file() and key.with_suffix(".pub").is_file():
         return key
     keys.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with FileLock(str(keys / ".lock")):
+    with reporting_lock(keys / ".lock", "the client key"):
         if not key.is_file():
             tmp = keys / f".new-{os.getpid()}"
             _keygen(tmp, "pytest-bottle")

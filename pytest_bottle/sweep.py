@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # A run directory without an owner marker may belong to a start in progress.
 ORPHAN_AGE = 120.0
+QEMU_EXIT_WAIT = 5.0
 
 
 @dataclass
@@ -62,20 +63,16 @@ class SweepReport:
 def stop_vm(record: RunRecord, report: SweepReport) -> bool:
     """End one VM's QEMU and remove everything its record names.
 
-    If its QEMU may not be ended (another user's), nothing is removed: the
-    files and leases are still in use.  Returns whether it was stopped.
+    Its files, leases and record go only once its QEMU is provably dead: not
+    when the QEMU may not be ended (another user's), when its identity cannot
+    be proven, or when the record's pids belong to another pid namespace or
+    machine.  Returns whether it was stopped.
     """
-    if record.qemu_pid:
-        what = f"VM {record.name} (QEMU pid {record.qemu_pid})"
-        if not is_same_process(record.qemu_pid, record.qemu_start) and is_alive(record.qemu_pid, record.qemu_start):
-            report.skip(what, "its pid is in use and the record (of an older version) cannot prove it is that QEMU")
-            return False
-        try:
-            if kill_pid(record.qemu_pid, record.qemu_start):
-                report.processes.append(record.qemu_pid)
-        except PermissionError as e:
-            report.skip(what, f"may not signal it: {e.strerror}")
-            return False
+    if why := record.foreign():
+        report.skip(f"VM {record.name}", f"{why}: its pids cannot be judged from here")
+        return False
+    if record.qemu_pid and not _end_qemu(record, report):
+        return False
     run_dir = Path(record.run_dir)
     if run_dir.exists() and not _remove(run_dir, report):
         return False
@@ -86,6 +83,28 @@ def stop_vm(record: RunRecord, report: SweepReport) -> bool:
         return False
     record.remove()
     report.vms.append(record.name)
+    return True
+
+
+def _end_qemu(record: RunRecord, report: SweepReport) -> bool:
+    """Whether the record's QEMU is dead now (ended here, or gone already)."""
+    assert record.qemu_pid is not None
+    what = f"VM {record.name} (QEMU pid {record.qemu_pid})"
+    if not is_same_process(record.qemu_pid, record.qemu_start) and is_alive(record.qemu_pid, record.qemu_start):
+        report.skip(what, "its pid is in use and the record (of an older version) cannot prove it is that QEMU")
+        return False
+    try:
+        if kill_pid(record.qemu_pid, record.qemu_start):
+            report.processes.append(record.qemu_pid)
+    except PermissionError as e:
+        report.skip(what, f"may not signal it: {e.strerror}")
+        return False
+    deadline = time.monotonic() + QEMU_EXIT_WAIT  # SIGKILL is not instant (a process in D state)
+    while is_alive(record.qemu_pid, record.qemu_start):
+        if time.monotonic() > deadline:
+            report.skip(what, f"still alive {QEMU_EXIT_WAIT:.0f} s after SIGKILL")
+            return False
+        time.sleep(0.05)
     return True
 
 

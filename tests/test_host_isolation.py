@@ -114,41 +114,136 @@ def victim_fallback() -> Iterator[Path]:
         remove_tree(path)
 
 
-@needs_root
-@pytest.mark.parametrize("entry", ["cli", "pytest"])
-def test_state_dir_planted_by_another_user_is_refused(home: Path, victim_fallback: Path, entry: str) -> None:
+def _plant_victim_state(home: Path, planted: Path) -> tuple[Path, Path, subprocess.Popen[bytes]]:
+    """Another uid plants ``planted`` as a state dir with a record naming a
+    directory and a process of the victim (``nobody``), and symlinks at the
+    names a victim's write would use.  Returns (victim dir, victim file, process)."""
     victim_vm = home / "precious"  # a directory of the victim that the planted record names
     victim_vm.mkdir()
     notes = home / "notes.txt"  # a file of the victim that a planted symlink points at
     notes.write_text("mine\n")
     chown_tree(home, NOBODY)
     sleeper = start_as(NOBODY, ["sleep", "300"])  # a process of the victim, named as the planted VM's QEMU
+    time.sleep(0.2)
+    record = {
+        "name": "btl-planted",
+        "owner_pid": dead_pid(),
+        "owner_start": None,
+        "run_dir": str(victim_vm),
+        "qemu_pid": sleeper.pid,
+        "qemu_start": process.start_time(sleeper.pid),
+    }
+    r = as_uid(OTHER, [sys.executable, "-c", PLANT, str(planted), json.dumps(record), str(notes)], {})
+    assert r.returncode == 0, r.stderr
+    return victim_vm, notes, sleeper
+
+
+def _victim_run(entry: str, home: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    if entry == "cli":
+        return as_uid(NOBODY, [sys.executable, "-m", "pytest_bottle.cli", "sweep"], env)
+    return _pytest_as(NOBODY, home, env)
+
+
+@needs_root
+@pytest.mark.parametrize("entry", ["cli", "pytest"])
+def test_tmp_fallback_planted_by_another_user_is_left_for_home(home: Path, victim_fallback: Path, entry: str) -> None:
+    """Without XDG_RUNTIME_DIR, another user's /tmp/pytest-bottle-UID neither
+    stops the victim's runs nor steers them: they use a dir in the victim's home."""
+    victim_vm, notes, sleeper = _plant_victim_state(home, victim_fallback)
     try:
-        time.sleep(0.2)
-        record = {
-            "name": "btl-planted",
-            "owner_pid": dead_pid(),
-            "owner_start": None,
-            "run_dir": str(victim_vm),
-            "qemu_pid": sleeper.pid,
-            "qemu_start": process.start_time(sleeper.pid),
-        }
-        r = as_uid(OTHER, [sys.executable, "-c", PLANT, str(victim_fallback), json.dumps(record), str(notes)], {})
-        assert r.returncode == 0, r.stderr
-        env = {"XDG_CACHE_HOME": str(home / "cache")}
-        if entry == "cli":
-            r = as_uid(NOBODY, [sys.executable, "-m", "pytest_bottle.cli", "sweep"], env)
-        else:
-            r = _pytest_as(NOBODY, home, env)
+        env = {"XDG_CACHE_HOME": str(home / "cache"), "HOME": str(home)}
+        r = _victim_run(entry, home, env)
         out = r.stdout + r.stderr
-        assert r.returncode != 0, out
-        assert "UnsafeDirectory" in out and f"belongs to uid {OTHER}" in out, out
-        assert str(victim_fallback) in out and "XDG_RUNTIME_DIR" in out, out
+        assert r.returncode == 0, out
+        assert "INTERNALERROR" not in out, out
+        own = home / ".local" / "state" / "pytest-bottle"
+        st = own.lstat()
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == NOBODY and stat.S_IMODE(st.st_mode) == 0o700
+        assert (own / "vms").is_dir(), "the victim's run did not use the state dir in its home"
         assert sleeper.poll() is None, "the victim's process was killed"
         assert victim_vm.is_dir(), "the victim's directory was removed"
         assert notes.read_text() == "mine\n", "a planted symlink redirected the victim's write"
+        assert {p.name for p in victim_fallback.rglob("*")} == {
+            "vms",
+            "btl-planted.json",
+            "leases.tmp",
+            "btl-planted.tmp",
+        }
     finally:
         _kill(sleeper)
+
+
+@needs_root
+@pytest.mark.parametrize("entry", ["cli", "pytest"])
+def test_state_dir_the_user_named_is_refused_when_planted(home: Path, entry: str) -> None:
+    """A state dir the user chose (XDG_RUNTIME_DIR here) is never silently
+    replaced: refused loudly, as a usage error under pytest, not a traceback."""
+    runtime = Path(tempfile.mkdtemp(prefix="bottle-iso-rt-", dir="/tmp"))
+    os.chown(runtime, NOBODY, NOBODY)
+    runtime.chmod(0o1777)  # sticky and open, so OTHER can plant the name in it first
+    planted = runtime / "pytest-bottle"
+    victim_vm, notes, sleeper = _plant_victim_state(home, planted)
+    try:
+        env = {"XDG_CACHE_HOME": str(home / "cache"), "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
+        r = _victim_run(entry, home, env)
+        out = r.stdout + r.stderr
+        assert r.returncode == 4 if entry == "pytest" else r.returncode != 0, out
+        assert f"refusing to use {planted}: it belongs to uid {OTHER}" in out and "XDG_RUNTIME_DIR" in out, out
+        assert "INTERNALERROR" not in out, out
+        assert not (home / ".local").exists(), "fell back silently from a state dir the user chose"
+        assert sleeper.poll() is None and victim_vm.is_dir() and notes.read_text() == "mine\n"
+    finally:
+        _kill(sleeper)
+        remove_tree(runtime)
+
+
+@needs_root
+def test_tmp_fallback_without_a_usable_home_is_a_clear_error(victim_fallback: Path) -> None:
+    r = as_uid(OTHER, [sys.executable, "-c", f"import os; os.mkdir({str(victim_fallback)!r}, 0o700)"], {})
+    assert r.returncode == 0, r.stderr
+    code = "from pytest_bottle.paths import state_dir; state_dir()"
+    r = as_uid(NOBODY, [sys.executable, "-c", code], {"HOME": "/nonexistent"})
+    assert r.returncode != 0 and "UnsafeDirectory: refusing to use /nonexistent/.local/state/pytest-bottle" in r.stderr
+    assert f"{victim_fallback} belongs to uid {OTHER}" in r.stderr, r.stderr
+
+
+@needs_root
+def test_tmp_fallback_warns_once(home: Path, victim_fallback: Path) -> None:
+    r = as_uid(OTHER, [sys.executable, "-c", f"import os; os.mkdir({str(victim_fallback)!r}, 0o700)"], {})
+    assert r.returncode == 0, r.stderr
+    code = "import logging; logging.basicConfig(); from pytest_bottle.paths import state_dir; " + (
+        "print({state_dir() for _ in range(3)})"
+    )
+    r = as_uid(NOBODY, [sys.executable, "-c", code], {"HOME": str(home)})
+    own = home / ".local" / "state" / "pytest-bottle"
+    assert r.returncode == 0 and r.stdout == f"{{PosixPath('{own}')}}\n", r.stdout + r.stderr
+    assert r.stderr.count(f"{victim_fallback} belongs to uid {OTHER}, not to us: using {own}") == 1, r.stderr
+
+
+@needs_root
+def test_state_dir_under_another_users_symlink_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a sticky dir anyone may plant a symlink; one of another uid above the
+    state dir is refused even when it points at a directory of root."""
+    from pytest_bottle.errors import UnsafeDirectory
+
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    link = Path(tempfile.mkdtemp(prefix="bottle-iso-link-", dir="/tmp"))
+    link.rmdir()
+    link.symlink_to(target)
+    os.lchown(link, OTHER, OTHER)
+    try:
+        monkeypatch.setenv("BOTTLE_STATE_DIR", str(link / "state"))
+        with pytest.raises(UnsafeDirectory, match=f"the directory above it, {link}, belongs to uid {OTHER}"):
+            state_dir()
+        assert not (target / "state").exists()
+        os.lchown(link, 0, 0)  # root's own link (like /var/run): followed, and its target checked
+        assert state_dir() == link / "state" and (target / "state").is_dir()
+        target.chmod(0o777)
+        with pytest.raises(UnsafeDirectory, match=f"{target}, is writable by everyone"):
+            state_dir()
+    finally:
+        link.unlink()
 
 
 @needs_root

@@ -18,6 +18,7 @@ from typing import Any
 from filelock import FileLock
 
 from ..errors import ImageBuildError
+from ..locks import reporting_lock
 from ..paths import cache_root, remove_tree
 from . import builder
 from .recipes import RECIPES, Recipe, get_recipe
@@ -101,7 +102,7 @@ def ensure_image(
         return image
     lock_dir = cache_dir / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_dir / f"image-{final.name}.lock")):
+    with reporting_lock(lock_dir / f"image-{final.name}.lock", f"the build of image {name}"):
         image = _load(final)
         if image and (rebuild_before is None or image.created >= rebuild_before):
             return image  # another process built it while we waited

@@ -10,18 +10,17 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
 from ..errors import LockTimeout, PoolExhausted
+from ..locks import lock_holder
 from ..paths import state_dir, write_private
 from ..runstate import owner_identity
-from ..vmm.process import Identity, is_alive, wall_start
+from ..vmm.process import Identity, foreign, is_alive, machine_id, pid_namespace, wall_start
 
 log = logging.getLogger(__name__)
 
@@ -59,41 +58,24 @@ def _locked() -> Iterator[dict[str, Any]]:
         write_private(path, json.dumps(leases))
 
 
-def lock_holder(lock_path: Path) -> str:
-    """Who holds an flock on ``lock_path``, from /proc/locks: pid and command line."""
-    try:
-        st = os.stat(lock_path)
-        with open("/proc/locks") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return ""
-    dev = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-    holders = []
-    for line in lines:
-        fields = line.split()
-        if "FLOCK" in fields and "->" not in fields and dev in fields:
-            pid = fields[fields.index(dev) - 1]
-            holders.append(f"pid {pid} ({_cmdline(pid)})")
-    return ", ".join(holders)
-
-
-def _cmdline(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-        owner = os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return "not visible here"
-    return f"uid {owner}: " + raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200]
-
-
 def _alive(lease: dict[str, Any]) -> bool:
+    # An owner on another machine or in another pid namespace cannot be judged
+    # by its pid here: its leases stay until a sweep where it ran frees them.
+    if foreign(lease.get("machine"), lease.get("pid_ns")):
+        return True
     return is_alive(lease["pid"], lease.get("id", lease.get("start")))
 
 
 def _owner(pid: int, started: Identity, holder: str) -> dict[str, Any]:
     # "start" is what older versions read (a wall-clock time); "id" is ours.
-    return {"pid": pid, "start": wall_start(pid), "id": started, "holder": holder}
+    return {
+        "pid": pid,
+        "start": wall_start(pid),
+        "id": started,
+        "holder": holder,
+        "machine": machine_id(),
+        "pid_ns": pid_namespace(),
+    }
 
 
 def lease(pool: str, holder: str, count: int = 1, size: int | None = None) -> list[str]:

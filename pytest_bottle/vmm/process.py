@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -124,20 +125,57 @@ def boot_id() -> str:
         return f.read().strip()
 
 
-def parse_stat(text: str) -> tuple[str, int]:
+@functools.cache
+def machine_id() -> str:
+    """This host, for state that several hosts may share (a cache on an NFS home).
+
+    A boot id only tells boots of one machine apart: another host's boot id
+    differs from ours while its processes are alive.
+    """
+    try:
+        with open("/etc/machine-id") as f:
+            if ident := f.read().strip():
+                return ident
+    except OSError:
+        pass
+    return f"host:{socket.gethostname()}"
+
+
+def pid_namespace() -> str:
+    """This process's pid namespace ("pid:[inode]"); its pids mean nothing elsewhere."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def foreign(machine: str | None, pid_ns: str | None) -> str | None:
+    """Why pids recorded on ``machine`` in ``pid_ns`` cannot be judged from here, or None.
+
+    Empty values (state written before these were recorded) count as ours.
+    """
+    if machine and machine != machine_id():
+        return f"it is from another machine ({machine})"
+    if pid_ns and pid_ns != pid_namespace():
+        return f"it is from another pid namespace ({pid_ns})"
+    return None
+
+
+def parse_stat(raw: bytes) -> tuple[str, int]:
     """(state, start time in clock ticks) from a /proc/PID/stat line.
 
-    The command name (field 2) may hold spaces and parentheses, so the fields
-    are counted from its last ')'; start time is field 22.
+    The command name (field 2) may hold spaces, parentheses and bytes that
+    are not UTF-8 (a name cut mid-character), so the line stays bytes and the
+    fields are counted from its last ')'; start time is field 22.
     """
-    rest = text[text.rindex(")") + 2 :].split()
-    return rest[0], int(rest[19])
+    rest = raw[raw.rindex(b")") + 2 :].split()
+    return rest[0].decode("ascii"), int(rest[19])
 
 
 def start_time(pid: int) -> str | None:
     """The identity of a running process, or None if there is no such process."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat", "rb") as f:
             state, ticks = parse_stat(f.read())
     except (OSError, ValueError, IndexError):
         return None

@@ -13,13 +13,13 @@ from pytest_bottle.vmm import process
 
 @pytest.mark.parametrize(
     ("comm", "state"),
-    [("python3", "S"), ("a b) c (d", "R"), (")", "Z"), ("", "S")],
+    [(b"python3", "S"), (b"a b) c (d", "R"), (b")", "Z"), (b"", "S"), (b"py) t\xc3", "S"), (b"\xff\xfe) (", "D")],
 )
-def test_parse_stat_counts_fields_after_the_last_paren(comm: str, state: str) -> None:
+def test_parse_stat_counts_fields_after_the_last_paren(comm: bytes, state: str) -> None:
     # Fields 3..52 of a real line, with start time (field 22) set to 987654321.
     fields = [state] + [str(n) for n in range(4, 53)]
     fields[22 - 3] = "987654321"
-    line = f"4242 ({comm}) " + " ".join(fields) + "\n"
+    line = b"4242 (" + comm + b") " + " ".join(fields).encode() + b"\n"
     assert process.parse_stat(line) == (state, 987654321)
 
 
