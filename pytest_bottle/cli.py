@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import hostdeps
 from .errors import BottleError
-from .images import RECIPES, ensure_image, list_images, prune_images, remove_image
+from .images import RECIPES, Image, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
 from .paths import default_cache_dir, state_dir, tree_size
 from .runstate import RunRecord
@@ -83,15 +83,22 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def cmd_image_list(args: argparse.Namespace) -> int:
-    images = {i.name: i for i in list_images(args.cache_dir)}
+    cached: dict[str, list[Image]] = {}
+    for i in list_images(args.cache_dir):
+        cached.setdefault(i.name, []).append(i)
     print(f"{'NAME':28} {'KEY':18} {'SIZE':>9} {'AGE':>6}  DESCRIPTION")
     for name, recipe in sorted(RECIPES.items()):
-        image = images.pop(name, None)
-        current = image is not None and image.key == recipe.key()
+        entries = cached.pop(name, [])
+        # The entry of the current key is the image; any other is a leftover for ``prune``.
+        current = next((i for i in entries if i.key == recipe.key()), None)
+        image = current or max(entries, key=lambda i: i.created, default=None)
         size = _mb(tree_size(image.path)) if image else "-"
         age = _age(image.created) if image else "-"
         key = (image.key if image else recipe.key()) + ("" if current or not image else " (stale)")
         print(f"{name:28} {key:18} {size:>9} {age:>6}  {recipe.description}{'' if image else ' (not built)'}")
+        for old in entries:
+            if old is not image:
+                print(f"  stale entry {old.key} {_mb(tree_size(old.path))} {_age(old.created)} (bottle image prune)")
     for seed in list_seeds(args.cache_dir):
         kp = seed.manifest["key_parts"]
         print(

@@ -133,11 +133,6 @@ def test_image_rm_removes_every_key_and_the_seeds(seed: Seed, private_cache: Pat
     assert real.rootfs.is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.cmd_image_list keeps, per name, whichever cached entry sorts last: a leftover entry "
-    "of an old key hides the current one, which is then listed as '(stale)'",
-)
 def test_image_list_shows_the_current_entry_beside_a_stale_one(private_cache: Path) -> None:
     real = ensure_image("debian-bookworm", CACHE)
     images = private_cache / "images"
@@ -146,6 +141,7 @@ def test_image_list_shows_the_current_entry_beside_a_stale_one(private_cache: Pa
     listing = cli("image", "list", cache=private_cache).stdout.splitlines()
     (line,) = [row for row in listing if row.startswith("debian-bookworm ")]
     assert line.split()[1] == real.key and "(stale)" not in line, line
+    assert any(row.split()[:3] == ["stale", "entry", "ffffffffffffffff"] for row in listing), listing
 
 
 OFFLINE = 'Recipe(name="contract-offline", packages=("python3",), mirror="http://127.0.0.1:9/debian")'
