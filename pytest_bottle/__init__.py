@@ -11,6 +11,7 @@ from __future__ import annotations
 from .bottle import Bottle
 from .errors import (
     AgentError,
+    AgentTimeout,
     BootError,
     BootTimeout,
     BottleError,
@@ -20,6 +21,7 @@ from .errors import (
     HostDependencyError,
     ImageBuildError,
     ImageNotFound,
+    OutputLimit,
     PoolExhausted,
     SpecError,
     WaitTimeout,
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgentError",
+    "AgentTimeout",
     "BootError",
     "BootTimeout",
     "Bottle",
@@ -44,6 +47,7 @@ __all__ = [
     "HostDependencyError",
     "ImageBuildError",
     "ImageNotFound",
+    "OutputLimit",
     "PoolExhausted",
     "SpecError",
     "WaitTimeout",

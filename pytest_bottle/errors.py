@@ -212,3 +212,11 @@ class SpecError(BottleError, ValueError):
 
     def _args(self) -> dict[str, Any]:
         return {"message": self.message, "source": self.source}
+
+
+class AgentTimeout(AgentError, TimeoutError):
+    """A call to the agent (a file transfer, a query) did not finish within its timeout."""
+
+
+class OutputLimit(BottleError):
+    """The guest sent more than a call may hold in memory (see docs: limits)."""

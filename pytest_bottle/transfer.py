@@ -35,8 +35,7 @@ def receive_tree(channel: AgentChannel, src: str, dst: Path) -> None:
     """Copy the contents of guest directory ``src`` into local directory ``dst``."""
     dst.mkdir(parents=True, exist_ok=True)
     reader = _FrameSource(channel)
-    _rid, call = channel.start("tar", reader.feed, path=src)
-    reader.done = call.done
+    call = reader.start("tar", path=src)
     refused: Exception | None = None
     try:
         with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
@@ -70,15 +69,28 @@ _EXTRACT: dict[str, Any] = {"filter": _keep_modes} if hasattr(tarfile, "tar_filt
 
 
 class _FrameSource:
-    """A read-only file object over DATA frames arriving from the reader thread."""
+    """A read-only file object over DATA frames arriving from the reader thread.
+
+    Flow control: the reader thread only queues; credit goes back to the agent
+    as ``read`` takes bytes out, so at most a window (``frames.WINDOW``) waits
+    here however slow the consumer (tar extraction, a local disk) is.
+    """
 
     def __init__(self, channel: AgentChannel) -> None:
         self.channel = channel
         self.done: threading.Event | None = None
+        self.call: Any = None
+        self.rid = 0
         self.cond = threading.Condition()
         self.chunks: collections.deque[bytes] = collections.deque()
         self.eof = False
         self.buf = b""
+
+    def start(self, op: str, **args: Any) -> Any:
+        """Start the call that feeds this source; the consumer grants the credit."""
+        self.rid, self.call = self.channel.start(op, self.feed, auto_credit=False, **args)
+        self.done = self.call.done
+        return self.call
 
     def feed(self, kind: int, data: bytes) -> None:
         with self.cond:
@@ -91,11 +103,19 @@ class _FrameSource:
     def read(self, n: int = -1) -> bytes:
         while n < 0 or len(self.buf) < n:
             with self.cond:
-                while not self.chunks and not self.eof and not self._finished():
+                if not self.chunks and not self.eof and not self._finished():
                     self.cond.wait(0.2)
-                if not self.chunks:
+                chunk = self.chunks.popleft() if self.chunks else None
+                over = chunk is None and (self.eof or self._finished())
+            if chunk is None:
+                if over:
                     break
-                self.buf += self.chunks.popleft()
+                if self.call is not None:  # a deadline, a dead agent (never while holding cond)
+                    self.channel.check(self.call, "get")
+                continue
+            self.buf += chunk
+            if self.call is not None:
+                self.channel.grant(self.rid, len(chunk))
         if n < 0:
             n = len(self.buf)
         out, self.buf = self.buf[:n], self.buf[n:]
