@@ -8,6 +8,7 @@ real bottles and act inside them as root.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -15,7 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_bottle import AgentError, AgentTimeout, SpecError
+from pytest_bottle import AgentError, AgentTimeout, Bottle, SpecError
+from pytest_bottle import bottle as bottle_mod
 from pytest_bottle.guest.channel import AgentChannel
 from pytest_bottle.guest.frames import (
     CALL,
@@ -196,7 +198,8 @@ def test_credit_lets_the_host_send_on(guest: Guest) -> None:
         guest.send(frame(CREDIT, rid, COUNT.pack(len(payload))))
     guest.reply(rid, size=size, path="/x")
     t.join(10)
-    assert guest.data == size and out.get("value", {}).get("size") == size, out  # type: ignore[union-attr]
+    value = out.get("value")
+    assert guest.data == size and isinstance(value, dict) and value["size"] == size, out
 
 
 def test_the_host_grants_credit_for_output_as_it_takes_it(guest: Guest) -> None:
@@ -295,3 +298,108 @@ def test_an_idle_channel_sends_nothing(guest: Guest) -> None:
 def test_arguments_past_the_frame_limit_are_refused_before_sending(guest: Guest) -> None:
     with pytest.raises(SpecError, match="limit"):
         guest.chan.call("exec", argv=["echo", "x" * MAX_PAYLOAD], timeout=5)
+
+
+# -- real bottles ---------------------------------------------------------------
+
+
+def _agent_pid(bottle: Bottle) -> int:
+    return int(bottle.check_output("systemctl show -p MainPID --value bottle-agent", timeout=30))
+
+
+def test_killing_the_agent_fails_pending_calls_at_once_and_the_bottle_recovers(bottle: Bottle) -> None:
+    old = _agent_pid(bottle)
+    long, long_out = _in_thread(lambda: bottle.exec("sleep 600"))  # no timeout: only the restart ends it
+    bottle.wait_until_succeeds("pgrep -x sleep", timeout=30)
+    killer, kill_out = _in_thread(lambda: bottle.exec("kill -9 $PPID"))  # $PPID: the agent
+    killer.join(30)
+    long.join(5)
+    assert not killer.is_alive() and not long.is_alive(), "a call hangs on a restarted agent"
+    for out in (kill_out, long_out):
+        err = out.get("error")
+        assert isinstance(err, AgentError) and "restarted" in str(err), out
+    assert bottle.exec("echo back").stdout == "back\n"  # re-synced with the new agent
+    assert _agent_pid(bottle) != old
+    assert bottle.exec("pgrep -x sleep").returncode == 1  # the lost command went with its agent
+
+
+def test_kill_9_minus_1_leaves_a_usable_bottle(bottle: Bottle) -> None:
+    # Every process but PID 1 (and the caller) dies; systemd restarts the agent.
+    t, out = _in_thread(lambda: bottle.exec("kill -9 -1; sleep 1"))
+    t.join(60)
+    assert not t.is_alive(), "exec hangs after kill -9 -1"
+    assert isinstance(out.get("error"), AgentError) and "restarted" in str(out["error"]), out
+    assert bottle.exec(["true"]).ok
+    bottle.write_text("/tmp/after", "ok\n")
+    assert bottle.read_text("/tmp/after") == "ok\n"
+
+
+def test_a_stopped_agent_fails_calls_clearly_instead_of_hanging(bottle: Bottle) -> None:
+    bottle._channel.dead_after = 5.0  # the default (30 s) with less waiting
+    t, out = _in_thread(lambda: bottle.exec("kill -STOP $PPID"))  # no timeout
+    t.join(60)
+    assert not t.is_alive(), "exec hangs on a stopped agent"
+    err = out.get("error")
+    assert isinstance(err, AgentError) and "has not answered" in str(err), out
+    started = time.monotonic()
+    with pytest.raises(AgentError):  # later calls say so too, in bounded time
+        bottle.read_bytes("/etc/hostname", timeout=3)
+    assert time.monotonic() - started < 10
+
+
+def test_a_large_input_to_a_slow_reader_is_not_held_by_the_agent(bottle: Bottle) -> None:
+    pid = _agent_pid(bottle)
+
+    def rss() -> int:
+        return int(bottle.check_output(f"awk '/VmRSS/ {{print $2}}' /proc/{pid}/status", timeout=30)) * 1024
+
+    before = rss()
+    data = b"x" * (64 << 20)
+    t, out = _in_thread(lambda: bottle.exec("sleep 8; wc -c", input=data, timeout=300))
+    time.sleep(5)  # the host pushes what it may meanwhile
+    during = rss()
+    t.join(300)
+    assert out.get("value") is not None, out
+    assert out["value"].stdout.strip() == str(len(data))  # type: ignore[attr-defined]
+    assert during - before < 8 << 20, f"the agent grew by {(during - before) >> 20} MiB"
+
+
+def test_exec_output_past_the_cap_is_truncated_with_a_marker(bottle: Bottle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bottle_mod, "EXEC_OUTPUT_CAP", 1 << 20)
+    r = bottle.exec("head -c 3000000 /dev/zero | tr '\\0' a; echo done >&2", timeout=120)
+    assert r.returncode == 0 and r.stderr == "done\n"  # the command ran to its end
+    assert r.stdout.startswith("a" * (1 << 20) + "\n[pytest-bottle: output truncated: ")
+    assert f"{3000000 - (1 << 20)} bytes past the first {1 << 20} dropped" in r.stdout
+    assert len(r.stdout) < (1 << 20) + 200
+
+
+def test_file_calls_time_out_and_the_bottle_goes_on(bottle: Bottle, tmp_path: object) -> None:
+    bottle.exec("mkfifo /tmp/fifo", check=True)  # opening it for reading blocks: a call that never ends
+    for call in (
+        lambda: bottle.read_bytes("/tmp/fifo", timeout=2),
+        lambda: bottle.read_text("/tmp/fifo", timeout=2),
+        lambda: bottle.get("/tmp/fifo", os.path.join(str(tmp_path), "f"), timeout=2),
+    ):
+        started = time.monotonic()
+        with pytest.raises(AgentTimeout):
+            call()
+        assert time.monotonic() - started < 10
+    assert not os.listdir(str(tmp_path))  # no half-written file
+    assert bottle.exec("echo still").stdout == "still\n"
+    with pytest.raises(SpecError):
+        bottle.write_bytes("/tmp/x", b"", timeout=0)
+    bottle.write_bytes("/tmp/x", b"1", timeout=30)
+    bottle.write_text("/tmp/y", "2", timeout=None)
+    assert bottle.read_text("/tmp/x", timeout=30) + bottle.read_text("/tmp/y") == "12"
+
+
+def test_concurrent_calls_share_the_channel_fairly(bottle: Bottle) -> None:
+    """A flood of output from one command does not hold up a small call beside it."""
+    t, out = _in_thread(lambda: bottle.exec("head -c 20000000 /dev/zero", timeout=300))
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert bottle.exec("echo small").stdout == "small\n"
+    small = time.monotonic() - started
+    t.join(300)
+    assert len(out["value"].stdout) == 20000000  # type: ignore[attr-defined]
+    assert small < 5, f"a small exec took {small:.1f} s beside a flood"

@@ -192,8 +192,10 @@ class AgentChannel:
                 self._credit.notify_all()
             call.done.set()
             return
-        call.unacked += len(payload)
-        if call.unacked > WINDOW:  # the guest ignores flow control: this call cannot be trusted
+        with self._lock:  # a consumer thread may be crediting (``grant``)
+            call.unacked += len(payload)
+            over = call.unacked > WINDOW
+        if over:  # the guest ignores flow control: this call cannot be trusted
             self._fail(rid, call, AgentError(f"bottle {self.name}: the agent sent beyond its window"))
             return
         if call.sink is not None and call.error is None:
@@ -211,14 +213,16 @@ class AgentChannel:
         call.done.set()
 
     def _owe(self, rid: int, call: _Call, n: int) -> None:
-        call.owed += n
-        if call.owed >= CREDIT_STEP and not call.done.is_set():
+        with self._lock:
+            call.owed += n
+            if call.owed < CREDIT_STEP or call.done.is_set():
+                return
             owed, call.owed = call.owed, 0
             call.unacked -= owed
-            try:
-                self._send(frames.credit_frame(rid, owed))
-            except AgentError:
-                pass
+        try:
+            self._send(frames.credit_frame(rid, owed))
+        except AgentError:
+            pass
 
     def grant(self, rid: int, n: int) -> None:
         """The consumer of a call started with ``auto_credit=False`` took ``n`` bytes out."""
@@ -332,8 +336,8 @@ class AgentChannel:
         """The call's reply, None on timeout; raises AgentError if the channel
         died, the agent restarted or stopped answering."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if deadline is None and self._thread_deadline() is not None:
-            while not call.done.wait(min(self.idle, max(0.0, self._thread_deadline() or 0.0) - time.monotonic())):
+        if deadline is None and self._thread_deadline() is not None:  # inside ``with deadline()``
+            while not call.done.wait(self.idle / 4):
                 self.check(call, op)
         while not call.done.wait(self.idle if deadline is None else min(self.idle, deadline - time.monotonic())):
             if deadline is not None and time.monotonic() >= deadline:

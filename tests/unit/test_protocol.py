@@ -168,7 +168,12 @@ def test_agent_waits_for_credit_before_sending_more() -> None:
     r, w = os.pipe()
     a = agent.Agent(Channel(guest.fileno()))
     threading.Thread(target=a.serve, daemon=True).start()
-    threading.Thread(target=lambda: (os.write(w, b"q" * (3 * WINDOW)), os.close(w)), daemon=True).start()
+
+    def fill() -> None:
+        os.write(w, b"q" * (3 * WINDOW))
+        os.close(w)
+
+    threading.Thread(target=fill, daemon=True).start()
     host.sendall(SYNC_FRAME + jframe(CALL, 1, {"op": "read", "path": f"/proc/self/fd/{r}"}))
     got: list[tuple[int, int, bytes]] = []
     buf = b""
