@@ -72,7 +72,7 @@ class _FrameSource:
     """A read-only file object over DATA frames arriving from the reader thread.
 
     Flow control: the reader thread only queues; credit goes back to the agent
-    as ``read`` takes bytes out, so at most a window (``frames.WINDOW``) waits
+    as ``read`` takes bytes out, so at most a window (``frames.HOST_WINDOW``) waits
     here however slow the consumer (tar extraction, a local disk) is.
     """
 

@@ -29,6 +29,7 @@ from pytest_bottle.guest.frames import (
     EOF,
     HEADER,
     HELLO,
+    HOST_WINDOW,
     MAX_PAYLOAD,
     PING,
     REPLY,
@@ -206,8 +207,8 @@ def test_the_host_grants_credit_for_output_as_it_takes_it(guest: Guest) -> None:
     got: list[bytes] = []
     t, out = _in_thread(lambda: guest.chan.call("exec", sink=lambda k, d: got.append(d), timeout=30))
     rid, _ = guest.expect(CALL)
-    credit, sent = WINDOW, 0
-    while sent < 4 * WINDOW:  # a well-behaved agent: never past its credit
+    credit, sent = HOST_WINDOW, 0
+    while sent < 4 * HOST_WINDOW:  # a well-behaved agent: never past its credit
         while credit < CHUNK:
             kind, _, payload = guest.recv()
             if kind == CREDIT:
@@ -217,13 +218,13 @@ def test_the_host_grants_credit_for_output_as_it_takes_it(guest: Guest) -> None:
         sent += CHUNK
     guest.reply(rid, rc=0, timed_out=False)
     t.join(10)
-    assert "value" in out and sum(map(len, got)) == 4 * WINDOW, out
+    assert "value" in out and sum(map(len, got)) == 4 * HOST_WINDOW, out
 
 
 def test_a_guest_ignoring_the_window_fails_its_call_not_the_channel(guest: Guest) -> None:
     rid, call = guest.chan.start("tar", lambda k, d: None, auto_credit=False, path="/")
     guest.expect(CALL)
-    for _ in range(WINDOW // CHUNK + 1):
+    for _ in range(HOST_WINDOW // CHUNK + 1):
         guest.send(frame(DATA, rid, b"f" * CHUNK))
     with pytest.raises(AgentError, match="beyond its window"):
         guest.chan.wait(call, 10, "get")

@@ -23,7 +23,22 @@ from typing import Any
 
 from ..errors import AgentError, AgentTimeout, SpecError, guest_os_error
 from . import frames
-from .frames import CALL, CANCEL, CHUNK, CREDIT, CREDIT_STEP, DATA, EOF, HEADER, HELLO, PING, REPLY, WINDOW, frame
+from .frames import (
+    CALL,
+    CANCEL,
+    CHUNK,
+    CREDIT,
+    DATA,
+    EOF,
+    HEADER,
+    HELLO,
+    HOST_CREDIT_STEP,
+    HOST_WINDOW,
+    PING,
+    REPLY,
+    WINDOW,
+    frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +209,7 @@ class AgentChannel:
             return
         with self._lock:  # a consumer thread may be crediting (``grant``)
             call.unacked += len(payload)
-            over = call.unacked > WINDOW
+            over = call.unacked > HOST_WINDOW
         if over:  # the guest ignores flow control: this call cannot be trusted
             self._fail(rid, call, AgentError(f"bottle {self.name}: the agent sent beyond its window"))
             return
@@ -215,7 +230,7 @@ class AgentChannel:
     def _owe(self, rid: int, call: _Call, n: int) -> None:
         with self._lock:
             call.owed += n
-            if call.owed < CREDIT_STEP or call.done.is_set():
+            if call.owed < HOST_CREDIT_STEP or call.done.is_set():
                 return
             owed, call.owed = call.owed, 0
             call.unacked -= owed

@@ -8,9 +8,11 @@ module too, so the two sides cannot drift apart.
 Limits, checked by both ends before a payload is read: no frame is longer
 than ``MAX_PAYLOAD``, a stream frame (DATA, STDOUT, STDERR) no longer than
 ``CHUNK``.  Streams are flow-controlled per request and direction: a sender
-may have at most ``WINDOW`` bytes its peer has not consumed yet; the
-consumer returns credit in CREDIT frames (a 4-byte count) once it has taken
-``CREDIT_STEP`` bytes out, so a small stream never costs a CREDIT frame.
+may have at most a window of bytes its peer has not consumed yet
+(``WINDOW`` towards the guest, whose memory is small; ``HOST_WINDOW``
+towards the host); the consumer returns credit in CREDIT frames (a 4-byte
+count) once it has taken a quarter of the window out, so a small stream
+never costs a CREDIT frame and a large one few.
 
 A starting agent sends HELLO unsolicited (``SYNC_MAGIC`` + a random
 instance id) and answers every SYNC and PING with it: the host learns that
@@ -35,8 +37,10 @@ PORT_NAME = "bottle.agent"
 HEADER = struct.Struct("!BII")
 CHUNK = 256 * 1024
 MAX_PAYLOAD = 4 * 1024 * 1024  # a CALL carries argv and env: room for what execve takes
-WINDOW = 4 * CHUNK
+WINDOW = 4 * CHUNK  # host -> guest: stdin, uploads
+HOST_WINDOW = 16 * CHUNK  # guest -> host: output, downloads (fewer stalls, fewer CREDIT frames)
 CREDIT_STEP = WINDOW // 4
+HOST_CREDIT_STEP = HOST_WINDOW // 4
 COUNT = struct.Struct("!I")
 
 CALL, DATA, EOF, STDOUT, STDERR, REPLY, CANCEL, SYNC, HELLO, PING, CREDIT = range(1, 12)
@@ -186,7 +190,7 @@ class Windows:
 
     def open(self, rid: int) -> None:
         with self.cond:
-            self.avail[rid] = WINDOW
+            self.avail[rid] = HOST_WINDOW
 
     def close(self, rid: int) -> None:
         with self.cond:

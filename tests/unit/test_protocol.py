@@ -18,6 +18,7 @@ from pytest_bottle.guest.frames import (
     DATA,
     HEADER,
     HELLO,
+    HOST_WINDOW,
     MAX_PAYLOAD,
     REPLY,
     STDOUT,
@@ -50,7 +51,7 @@ def test_limits() -> None:
     assert limit(DATA) == limit(STDOUT) == CHUNK
     assert limit(CREDIT) == 4 and limit(HELLO) == len(SYNC_MAGIC) + 16
     assert limit(CALL) == limit(REPLY) == MAX_PAYLOAD < 2**32 - 1
-    assert WINDOW >= CHUNK
+    assert HOST_WINDOW >= WINDOW >= CHUNK
 
 
 def test_channel_resyncs_after_garbage() -> None:
@@ -98,7 +99,7 @@ def test_frame_writer_emits_at_most_a_chunk() -> None:
 def test_windows_block_until_credit_and_abort_wakes() -> None:
     win = Windows()
     win.open(1)
-    win.take(1, WINDOW)  # the whole initial window
+    win.take(1, HOST_WINDOW)  # the whole initial window
     taken = threading.Event()
 
     def take() -> None:
@@ -111,7 +112,7 @@ def test_windows_block_until_credit_and_abort_wakes() -> None:
     win.give(1, 10)
     assert taken.wait(5)
     win.open(2)
-    win.take(2, WINDOW)
+    win.take(2, HOST_WINDOW)
     errors: list[BaseException] = []
 
     def take_aborted() -> None:
@@ -170,7 +171,7 @@ def test_agent_waits_for_credit_before_sending_more() -> None:
     threading.Thread(target=a.serve, daemon=True).start()
 
     def fill() -> None:
-        os.write(w, b"q" * (3 * WINDOW))
+        os.write(w, b"q" * (3 * HOST_WINDOW))
         os.close(w)
 
     threading.Thread(target=fill, daemon=True).start()
@@ -191,11 +192,11 @@ def test_agent_waits_for_credit_before_sending_more() -> None:
         got.append((kind, rid, buf[HEADER.size : HEADER.size + size]))
         buf = buf[HEADER.size + size :]
     sent = sum(len(p) for k, _, p in got if k == DATA)
-    assert sent == WINDOW  # no more than the window, and all of it
+    assert sent == HOST_WINDOW  # no more than the window, and all of it
     host.settimeout(20)
-    host.sendall(credit_frame(1, 2 * WINDOW))
+    host.sendall(credit_frame(1, 2 * HOST_WINDOW))
     rest = _frames(host, REPLY)
-    assert sent + sum(len(p) for k, _, p in rest if k == DATA) == 3 * WINDOW
+    assert sent + sum(len(p) for k, _, p in rest if k == DATA) == 3 * HOST_WINDOW
     assert json.loads(next(p for k, _, p in rest if k == REPLY))["ok"]
     _alive.extend([host, guest, r])
 
