@@ -198,14 +198,17 @@ class Bottle:
         if reply is None:
             self.history.append((_show(cmd), None, time.monotonic() - started))
             raise AgentError(f"bottle {self.name}: no answer {TIMEOUT_GRACE:g} s past the timeout of {cmd!r}")
+        rc = reply.get("rc")
+        if type(rc) is not int:  # a bool is no exit code either
+            raise AgentError(f"bottle {self.name}: the agent's reply to exec has no exit code: {reply!r:.200}")
         stdout, stderr = out.value(), err.value() + str(reply.get("stderr_text", ""))[:4096].encode()
         duration = time.monotonic() - started
-        self.history.append((_show(cmd), reply["rc"], duration))
+        self.history.append((_show(cmd), rc, duration))
         if reply.get("timed_out"):
             raise ExecTimeout(
                 cmd, float(timeout or 0), stdout.decode(errors="replace"), stderr.decode(errors="replace")
             )
-        result = ExecResult(cmd, int(reply["rc"]), stdout, stderr, duration)
+        result = ExecResult(cmd, rc, stdout, stderr, duration)
         return result.check() if check else result
 
     def check_output(self, cmd: Command, **kw: Any) -> str:

@@ -404,3 +404,11 @@ def test_concurrent_calls_share_the_channel_fairly(bottle: Bottle) -> None:
     t.join(300)
     assert len(out["value"].stdout) == 20000000  # type: ignore[attr-defined]
     assert small < 5, f"a small exec took {small:.1f} s beside a flood"
+
+
+def test_a_reply_that_is_not_an_object_is_a_protocol_error(guest: Guest) -> None:
+    t, out = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
+    rid, _ = guest.expect(CALL)
+    guest.send(frame(REPLY, rid, b"[1, 2]"))
+    t.join(10)
+    assert isinstance(out.get("error"), AgentError) and "not a JSON object" in str(out["error"]), out

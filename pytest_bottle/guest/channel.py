@@ -201,7 +201,10 @@ class AgentChannel:
         if call is None:  # a call we gave up on, or a guest making things up
             return
         if kind == REPLY:
-            call.reply = json.loads(payload)
+            reply = json.loads(payload)
+            if not isinstance(reply, dict):
+                raise _ProtocolError(f"a REPLY that is not a JSON object: {payload[:80]!r}")
+            call.reply = reply
             with self._lock:
                 self._calls.pop(rid, None)
                 self._credit.notify_all()
