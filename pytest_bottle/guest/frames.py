@@ -9,8 +9,7 @@ Limits, checked by both ends before a payload is read: no frame is longer
 than ``MAX_PAYLOAD``, a stream frame (DATA, STDOUT, STDERR) no longer than
 ``CHUNK``.  Streams are flow-controlled per request and direction: a sender
 may have at most a window of bytes its peer has not consumed yet
-(``WINDOW`` towards the guest, whose memory is small; ``HOST_WINDOW``
-towards the host); the consumer returns credit in CREDIT frames (a 4-byte
+(``WINDOW`` towards the guest, ``HOST_WINDOW`` towards the host); the consumer returns credit in CREDIT frames (a 4-byte
 count) once it has taken a quarter of the window out, so a small stream
 never costs a CREDIT frame and a large one few.
 
@@ -37,8 +36,10 @@ PORT_NAME = "bottle.agent"
 HEADER = struct.Struct("!BII")
 CHUNK = 256 * 1024
 MAX_PAYLOAD = 4 * 1024 * 1024  # a CALL carries argv and env: room for what execve takes
-WINDOW = 4 * CHUNK  # host -> guest: stdin, uploads
-HOST_WINDOW = 16 * CHUNK  # guest -> host: output, downloads (fewer stalls, fewer CREDIT frames)
+# 4 MiB each way: measured under TCG, 1 MiB stalled uploads and stdin (~25% slower
+# than no flow control); 4 MiB is on par.  Guest memory per upload stays bounded.
+WINDOW = 16 * CHUNK  # host -> guest: stdin, uploads
+HOST_WINDOW = 16 * CHUNK  # guest -> host: output, downloads
 CREDIT_STEP = WINDOW // 4
 HOST_CREDIT_STEP = HOST_WINDOW // 4
 COUNT = struct.Struct("!I")
