@@ -54,12 +54,22 @@ def test_limits() -> None:
     assert HOST_WINDOW >= WINDOW >= CHUNK
 
 
+def _recv(chan: Channel) -> tuple[int, int, bytes]:
+    """chan.recv() with a timeout: a channel waiting for bytes that never come fails the test."""
+    got: list[tuple[int, int, bytes]] = []
+    t = threading.Thread(target=lambda: got.append(chan.recv()), daemon=True)
+    t.start()
+    t.join(5)
+    assert got, "recv() is still waiting"
+    return got[0]
+
+
 def test_channel_resyncs_after_garbage() -> None:
     r, w = os.pipe()
     chan = Channel(r)
     os.write(w, b"stale half frame from a host that left" + SYNC_FRAME + frame(DATA, 1, b"x"))
-    assert chan.recv()[0] == SYNC
-    assert chan.recv() == (DATA, 1, b"x")
+    assert _recv(chan)[0] == SYNC
+    assert _recv(chan) == (DATA, 1, b"x")
     os.close(w)
     os.close(r)
 
@@ -69,8 +79,8 @@ def test_channel_drops_whole_frames_before_the_first_sync() -> None:
     r, w = os.pipe()
     chan = Channel(r)
     os.write(w, jframe(CALL, 1, {"op": "exec", "argv": ["reboot"]}) + SYNC_FRAME + frame(DATA, 2, b"y"))
-    assert chan.recv()[0] == SYNC
-    assert chan.recv() == (DATA, 2, b"y")
+    assert _recv(chan)[0] == SYNC
+    assert _recv(chan) == (DATA, 2, b"y")
     os.close(w)
     os.close(r)
 
@@ -79,9 +89,9 @@ def test_channel_treats_an_oversized_length_as_garbage() -> None:
     r, w = os.pipe()
     chan = Channel(r)
     os.write(w, SYNC_FRAME + HEADER.pack(DATA, 1, CHUNK + 1) + b"z" * 64 + SYNC_FRAME + frame(DATA, 3, b"ok"))
-    assert chan.recv()[0] == SYNC
-    assert chan.recv()[0] == SYNC  # the oversized frame is skipped up to the next SYNC
-    assert chan.recv() == (DATA, 3, b"ok")
+    assert _recv(chan)[0] == SYNC
+    assert _recv(chan)[0] == SYNC  # the oversized frame is skipped up to the next SYNC
+    assert _recv(chan) == (DATA, 3, b"ok")
     os.close(w)
     os.close(r)
 
