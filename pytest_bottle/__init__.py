@@ -11,6 +11,7 @@ from __future__ import annotations
 from .bottle import Bottle
 from .errors import (
     AgentError,
+    AgentTimeout,
     BootError,
     BootTimeout,
     BottleError,
@@ -21,6 +22,7 @@ from .errors import (
     ImageBuildError,
     ImageNotFound,
     LockTimeout,
+    OutputLimit,
     PoolExhausted,
     SpecError,
     UnsafeDirectory,
@@ -35,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgentError",
+    "AgentTimeout",
     "BootError",
     "BootTimeout",
     "Bottle",
@@ -48,6 +51,7 @@ __all__ = [
     "ImageBuildError",
     "ImageNotFound",
     "LockTimeout",
+    "OutputLimit",
     "PoolExhausted",
     "SpecError",
     "UnsafeDirectory",

@@ -16,7 +16,7 @@ from typing import Any
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_exponential
 
-from .errors import AgentError, BottleError, ExecTimeout, SpecError, WaitTimeout
+from .errors import AgentError, BottleError, ExecTimeout, OutputLimit, SpecError, WaitTimeout
 from .guest.channel import AgentChannel
 from .guest.frames import CHUNK, DATA, STDERR, STDOUT
 from .net import pools
@@ -30,6 +30,45 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 # An agent that has not answered this long after a command's own timeout is gone.
 TIMEOUT_GRACE = 10.0
+# Default timeout of each file call (read/write/put/get), seconds; None waits as
+# long as the agent answers (a dead agent still fails the call, see channel.py).
+FILE_TIMEOUT = 300.0
+# Bytes of each exec output stream kept in memory; the rest is read and dropped.
+EXEC_OUTPUT_CAP = 64 * 1024 * 1024
+# The most read_bytes/read_text hold in memory (use get() for more).
+READ_CAP = 1024 * 1024 * 1024
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not 0 < timeout < 1e9:  # also rejects inf and nan
+        raise SpecError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+
+
+class _Capped:
+    """One exec output stream: kept up to ``EXEC_OUTPUT_CAP``, the rest counted and dropped."""
+
+    __slots__ = ("cap", "dropped", "parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.dropped = 0
+        self.cap = EXEC_OUTPUT_CAP
+
+    def add(self, data: bytes) -> None:
+        room = self.cap - self.size
+        if len(data) > room:
+            self.dropped += len(data) - max(room, 0)
+            data = data[: max(room, 0)]
+        self.parts.append(data)
+        self.size += len(data)
+
+    def value(self) -> bytes:
+        out = b"".join(self.parts)
+        if self.dropped:
+            note = f"\n[pytest-bottle: output truncated: {self.dropped} bytes past the first {self.cap} dropped]\n"
+            out += note.encode()
+        return out
 
 
 def _guest_path(path: str, what: str = "guest path") -> str:
@@ -126,18 +165,16 @@ class Bottle:
         whole process group and ``ExecTimeout`` is raised; the bottle stays usable.
         """
         argv = to_argv(cmd)
-        if timeout is not None and not 0 < timeout < 1e9:  # also rejects inf and nan
-            raise SpecError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+        _check_timeout(timeout)
         if cwd is not None:
             cwd = _guest_path(cwd, "cwd")
-        out: list[bytes] = []
-        err: list[bytes] = []
+        out, err = _Capped(), _Capped()
 
         def sink(kind: int, data: bytes) -> None:
             if kind == STDOUT:
-                out.append(data)
+                out.add(data)
             elif kind == STDERR:
-                err.append(data)
+                err.add(data)
 
         data = input.encode() if isinstance(input, str) else input
         started = time.monotonic()
@@ -151,9 +188,9 @@ class Bottle:
             timeout=timeout,
             stdin=data is not None,
         )
-        if data is not None:
-            self._channel.send_data(rid, (data[i : i + CHUNK] for i in range(0, len(data), CHUNK)))
         try:
+            if data is not None:  # as fast as the command reads it (a window at a time); stops at its end
+                self._channel.send_data(rid, (data[i : i + CHUNK] for i in range(0, len(data), CHUNK)))
             reply = self._channel.wait(call, None if timeout is None else timeout + TIMEOUT_GRACE, "exec")
         except BaseException:
             self.history.append((_show(cmd), None, time.monotonic() - started))
@@ -161,14 +198,17 @@ class Bottle:
         if reply is None:
             self.history.append((_show(cmd), None, time.monotonic() - started))
             raise AgentError(f"bottle {self.name}: no answer {TIMEOUT_GRACE:g} s past the timeout of {cmd!r}")
-        stdout, stderr = b"".join(out), b"".join(err) + reply.get("stderr_text", "").encode()
+        rc = reply.get("rc")
+        if type(rc) is not int:  # a bool is no exit code either
+            raise AgentError(f"bottle {self.name}: the agent's reply to exec has no exit code: {reply!r:.200}")
+        stdout, stderr = out.value(), err.value() + str(reply.get("stderr_text", ""))[:4096].encode()
         duration = time.monotonic() - started
-        self.history.append((_show(cmd), reply["rc"], duration))
+        self.history.append((_show(cmd), rc, duration))
         if reply.get("timed_out"):
             raise ExecTimeout(
                 cmd, float(timeout or 0), stdout.decode(errors="replace"), stderr.decode(errors="replace")
             )
-        result = ExecResult(cmd, int(reply["rc"]), stdout, stderr, duration)
+        result = ExecResult(cmd, rc, stdout, stderr, duration)
         return result.check() if check else result
 
     def check_output(self, cmd: Command, **kw: Any) -> str:
@@ -219,35 +259,66 @@ class Bottle:
 
     # -- files --------------------------------------------------------------
 
-    def write_bytes(self, path: str, data: bytes, mode: int | None = None) -> None:
-        """Write ``data`` to guest ``path`` (parents created, replaced atomically)."""
+    def write_bytes(
+        self, path: str, data: bytes, mode: int | None = None, *, timeout: float | None = FILE_TIMEOUT
+    ) -> None:
+        """Write ``data`` to guest ``path`` (parents created, replaced atomically).
+
+        ``timeout`` (seconds, default ``FILE_TIMEOUT``; None: no deadline) bounds
+        the whole call; past it ``AgentTimeout`` is raised and nothing is written."""
         path = _guest_path(path)
+        _check_timeout(timeout)
         view = memoryview(data)
         chunks = (bytes(view[i : i + CHUNK]) for i in range(0, len(view), CHUNK))
-        self._channel.call("write", path=path, mode=mode, data=chunks)
+        self._channel.call("write", path=path, mode=mode, data=chunks, timeout=timeout)
 
-    def write_text(self, path: str, text: str, mode: int | None = None, encoding: str = "utf-8") -> None:
-        self.write_bytes(path, text.encode(encoding), mode)
+    def write_text(
+        self,
+        path: str,
+        text: str,
+        mode: int | None = None,
+        encoding: str = "utf-8",
+        *,
+        timeout: float | None = FILE_TIMEOUT,
+    ) -> None:
+        self.write_bytes(path, text.encode(encoding), mode, timeout=timeout)
 
-    def read_bytes(self, path: str) -> bytes:
+    def read_bytes(self, path: str, *, timeout: float | None = FILE_TIMEOUT) -> bytes:
+        """The contents of guest ``path``; at most ``READ_CAP`` bytes (``OutputLimit``
+        past it: use ``get`` for more); ``AgentTimeout`` after ``timeout`` s."""
+        path = _guest_path(path)
+        _check_timeout(timeout)
         parts: list[bytes] = []
-        self._channel.call("read", path=_guest_path(path), sink=lambda k, d: parts.append(d) if k == DATA else None)
+        size = 0
+
+        def sink(kind: int, data: bytes) -> None:
+            nonlocal size
+            if kind == DATA:
+                size += len(data)
+                if size > READ_CAP:
+                    raise OutputLimit(f"{path} in {self.name} is larger than {READ_CAP} bytes: use get()")
+                parts.append(data)
+
+        self._channel.call("read", path=path, sink=sink, timeout=timeout)
         return b"".join(parts)
 
-    def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return self.read_bytes(path).decode(encoding)
+    def read_text(self, path: str, encoding: str = "utf-8", *, timeout: float | None = FILE_TIMEOUT) -> str:
+        return self.read_bytes(path, timeout=timeout).decode(encoding)
 
-    def put(self, src: PathLike, dst: str) -> None:
+    def put(self, src: PathLike, dst: str, *, timeout: float | None = FILE_TIMEOUT) -> None:
         """Copy a local file or directory to guest ``dst``, keeping modes.
 
         A directory's contents land in ``dst``; a file becomes ``dst`` (or
-        goes inside it when ``dst`` ends with ``/``).
+        goes inside it when ``dst`` ends with ``/``).  ``AgentTimeout`` after
+        ``timeout`` seconds.
         """
+        _check_timeout(timeout)
         src_path = Path(src)
         dst = _guest_path(dst) + ("/" if dst.endswith("/") and dst != "/" else "")
         st = src_path.stat()  # FileNotFoundError for a missing source, before anything is sent
         if stat.S_ISDIR(st.st_mode):
-            send_tree(self._channel, src_path, dst.rstrip("/") or "/")
+            with self._channel.deadline(timeout):
+                send_tree(self._channel, src_path, dst.rstrip("/") or "/")
             return
         if dst.endswith("/"):
             dst += src_path.name
@@ -259,13 +330,17 @@ class Bottle:
                 mode=stat.S_IMODE(st.st_mode),
                 into_dir=src_path.name,
                 data=iter(lambda: f.read(CHUNK), b""),
+                timeout=timeout,
             )
 
-    def get(self, src: str, dst: PathLike) -> None:
+    def get(self, src: str, dst: PathLike, *, timeout: float | None = FILE_TIMEOUT) -> None:
         """Copy a guest file or directory to local ``dst``: files, directories and
         symlinks staying inside ``dst`` only, modes without set-id bits, never
-        chowned (see ``transfer``); anything else raises ``UnsafeTransfer``."""
-        fetch(self._channel, _guest_path(src), Path(dst))
+        chowned (see ``transfer``); anything else raises ``UnsafeTransfer``.
+        Streams to disk (a window at a time); ``AgentTimeout`` after ``timeout`` s."""
+        _check_timeout(timeout)
+        with self._channel.deadline(timeout):
+            fetch(self._channel, _guest_path(src), Path(dst))
 
     # -- network ------------------------------------------------------------
 

@@ -255,3 +255,11 @@ class LockTimeout(BottleError, TimeoutError):
 
     def _args(self) -> dict[str, Any]:
         return {"lock": self.lock, "timeout": self.timeout, "holder": self.holder}
+
+
+class AgentTimeout(AgentError, TimeoutError):
+    """A call to the agent (a file transfer, a query) did not finish within its timeout."""
+
+
+class OutputLimit(BottleError):
+    """The guest sent more than a call may hold in memory (see docs: limits)."""

@@ -19,19 +19,18 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import BottleError, UnsafeTransfer
 from .guest import untar
 from .guest.channel import AgentChannel
-from .guest.frames import CHUNK, DATA, EOF, FrameWriter
+from .guest.frames import DATA, EOF, FrameWriter
 
 log = logging.getLogger(__name__)
 
 # How long a refused transfer waits for the guest's reply before giving up on it
 # (the reader thread drops the rest of the stream either way).
 REFUSAL_GRACE = 10.0
-# Bytes of a directory stream buffered before the channel's reader waits for us.
-BUFFERED = 4 * CHUNK
 
 
 def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:
@@ -71,8 +70,7 @@ def receive_tree(channel: AgentChannel, src: str, dst: Path, policy: untar.Polic
     """Copy the contents of guest directory ``src`` into local directory ``dst``."""
     dst.mkdir(parents=True, exist_ok=True)
     source = _FrameSource(channel)
-    rid, call = channel.start("tar", source.feed, path=src)
-    source.done = call.done
+    rid, call = source.start("tar", path=src)
     try:
         try:
             untar.extract(source.read, os.fspath(dst), policy)
@@ -121,7 +119,7 @@ def receive_file(channel: AgentChannel, src: str, dst: Path, mode: int, policy: 
     try:
         rid, call = channel.start("read", write, path=src)
         while not call.done.wait(0.2) and not failed.is_set():
-            pass
+            channel.check(call, "get")  # a deadline, a dead agent
         if failed.is_set():
             _give_up(channel, rid, call.done)
             raise errors[0]
@@ -158,24 +156,32 @@ def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
 class _FrameSource:
     """A read-only stream over DATA frames arriving from the reader thread.
 
-    At most ``BUFFERED`` bytes wait here: past that the reader thread waits for
-    the extraction (a guest cannot fill host memory), until ``discard()``.
+    Flow control: the reader thread only queues; credit goes back to the agent
+    as ``read`` takes bytes out, so at most a window (``frames.HOST_WINDOW``)
+    waits here however slow the consumer (the extraction, a local disk) is,
+    and the reader never waits for us.
     """
 
     def __init__(self, channel: AgentChannel) -> None:
         self.channel = channel
         self.done: threading.Event | None = None
+        self.call: Any = None
+        self.rid = 0
         self.cond = threading.Condition()
         self.chunks: collections.deque[memoryview] = collections.deque()
         self.buffered = 0
         self.eof = False
         self.dropping = False
 
+    def start(self, op: str, **args: Any) -> tuple[int, Any]:
+        """Start the call that feeds this source; the consumer grants the credit."""
+        self.rid, self.call = self.channel.start(op, self.feed, auto_credit=False, **args)
+        self.done = self.call.done
+        return self.rid, self.call
+
     def feed(self, kind: int, data: bytes) -> None:
         with self.cond:
             if kind == DATA:
-                while self.buffered >= BUFFERED and not self.dropping:
-                    self.cond.wait()
                 if not self.dropping:
                     self.chunks.append(memoryview(data))
                     self.buffered += len(data)
@@ -185,20 +191,26 @@ class _FrameSource:
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; b"" once the stream has ended."""
-        with self.cond:
-            while not self.chunks:
+        while True:
+            with self.cond:
+                if not self.chunks and not (self.eof or self.dropping or self._finished()):
+                    self.cond.wait(0.2)
+                if self.chunks:
+                    head = self.chunks[0]
+                    out = head[:n]
+                    if len(head) > n:
+                        self.chunks[0] = head[n:]
+                    else:
+                        self.chunks.popleft()
+                    self.buffered -= len(out)
+                    break
                 if self.eof or self.dropping or self._finished():
                     return b""
-                self.cond.wait(0.2)
-            head = self.chunks[0]
-            out = head[:n]
-            if len(head) > n:
-                self.chunks[0] = head[n:]
-            else:
-                self.chunks.popleft()
-            self.buffered -= len(out)
-            self.cond.notify_all()
-            return bytes(out)
+            if self.call is not None:  # a deadline, a dead agent (never while holding cond)
+                self.channel.check(self.call, "get")
+        if self.call is not None:
+            self.channel.grant(self.rid, len(out))
+        return bytes(out)
 
     def discard(self) -> None:
         with self.cond:

@@ -8,6 +8,7 @@ package; in the guest they lie side by side in /usr/lib/pytest-bottle.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import queue
@@ -32,18 +33,24 @@ class Agent:
         self.chan = chan
         self.inboxes: dict[int, frames.Inbox] = {}
         self.procs: dict[int, execute.Child] = {}
+        self.windows = frames.Windows()
         self.lock = threading.Lock()
         self.jobs: queue.SimpleQueue[tuple[int, dict[str, Any], frames.Inbox]] = queue.SimpleQueue()
         self.idle = 0
+        # A new id per start: the host tells a restarted agent from a live one.
+        self.hello = frames.frame(frames.HELLO, 0, frames.SYNC_MAGIC + os.urandom(frames.INSTANCE_SIZE))
 
     def serve(self) -> None:
+        """Read frames and hand them on; never blocks on anything but the port
+        (see ``Channel.post``), so the host can always send."""
+        chan = self.chan
+        chan.post(self.hello)  # unsolicited: a host still connected learns we restarted
         while True:
-            kind, rid, payload = self.chan.recv()
-            if kind == frames.SYNC:
-                self.chan.send(frames.SYNC_FRAME)
-            elif kind == frames.CALL:
+            kind, rid, payload = chan.recv()
+            if kind == frames.CALL:
                 call = json.loads(payload)
-                inbox = frames.Inbox()
+                inbox = frames.Inbox(functools.partial(self.grant, rid))
+                self.windows.open(rid)
                 with self.lock:
                     self.inboxes[rid] = inbox
                     spare = self.idle > 0
@@ -57,14 +64,46 @@ class Agent:
                     box = self.inboxes.get(rid)
                 if box is not None:
                     box.put(kind, payload)
+            elif kind == frames.CREDIT:
+                if len(payload) == frames.COUNT.size:
+                    self.windows.give(rid, frames.COUNT.unpack(payload)[0])
+            elif kind == frames.PING:
+                chan.post(self.hello)
+            elif kind == frames.SYNC:
+                self.reset()
+                chan.post(self.hello)
             elif kind == frames.CANCEL:
-                with self.lock:
-                    proc = self.procs.get(rid)
-                    box = self.inboxes.get(rid)
-                if proc is not None:
-                    proc.kill()
-                elif box is not None:  # an upload the host gave up on
-                    box.put(frames.CANCEL, b"")
+                self.cancel(rid)
+
+    def cancel(self, rid: int) -> None:
+        with self.lock:
+            proc = self.procs.get(rid)
+            box = self.inboxes.get(rid)
+        if proc is not None:  # its output still flows (the host grants it): the reply tells the code
+            proc.kill()
+            return
+        self.windows.abort(rid)  # a download the host gave up on
+        if box is not None:  # an upload the host gave up on
+            box.put(frames.CANCEL, b"")
+
+    def reset(self) -> None:
+        """A new host session: streams of the last one will never be read or finished."""
+        self.windows.abort()
+        with self.lock:
+            boxes = list(self.inboxes.values())
+        for box in boxes:
+            box.put(frames.CANCEL, b"")
+
+    def grant(self, rid: int, n: int) -> None:
+        try:
+            self.chan.send(frames.credit_frame(rid, n))
+        except OSError:
+            pass
+
+    def emit(self, rid: int, kind: int, data: bytes) -> None:
+        """Send stream data once the host has room for it (``frames.Windows``)."""
+        self.windows.take(rid, len(data))
+        self.chan.send(frames.frame(kind, rid, data))
 
     def work(self) -> None:
         """A worker thread: threads are kept, since starting one costs under emulation."""
@@ -88,6 +127,7 @@ class Agent:
         finally:
             with self.lock:
                 self.inboxes.pop(rid, None)
+            self.windows.close(rid)
         self.chan.send(frames.jframe(frames.REPLY, rid, reply))
 
     # -- operations ---------------------------------------------------------
@@ -113,9 +153,7 @@ class Agent:
                 call.get("user"),
                 bool(call.get("stdin")),
             )
-        except execute.SpawnFailed as e:
-            if call.get("stdin"):
-                inbox.drain()
+        except execute.SpawnFailed as e:  # stdin still coming stops at the reply
             return {"rc": e.rc, "stderr_text": e.message, "timed_out": False}
         with self.lock:
             self.procs[rid] = child
@@ -123,9 +161,11 @@ class Agent:
             if child.stdin is not None:
                 threading.Thread(target=_feed, args=(child.stdin, inbox), daemon=True).start()
             kinds = {1: frames.STDOUT, 2: frames.STDERR}
-            timed_out = execute.pump(
-                child, lambda k, data: self.chan.send(frames.frame(kinds[k], rid, data)), call.get("timeout")
-            )
+            timed_out = execute.pump(child, lambda k, data: self.emit(rid, kinds[k], data), call.get("timeout"))
+        except BaseException:  # the host left or gave up: nobody reads this command any more
+            child.kill()
+            child.reap()
+            raise
         finally:
             with self.lock:
                 self.procs.pop(rid, None)
@@ -155,8 +195,7 @@ class Agent:
                 if old is not None:
                     os.fchown(f.fileno(), old.st_uid, old.st_gid)
             os.replace(tmp, path)
-        except BaseException:
-            inbox.drain()
+        except BaseException:  # data still coming stops at the reply
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
@@ -167,7 +206,7 @@ class Agent:
         with open(call["path"], "rb") as f:
             while chunk := f.read(frames.CHUNK):
                 size += len(chunk)
-                self.chan.send(frames.frame(frames.DATA, rid, chunk))
+                self.emit(rid, frames.DATA, chunk)
         self.chan.send(frames.frame(frames.EOF, rid))
         return {"size": size}
 
@@ -204,7 +243,7 @@ class Agent:
         def emit(data: bytes) -> None:
             if _cancelled(inbox):  # the host refused what it got so far: stop
                 raise frames.Aborted("the host stopped reading the archive")
-            self.chan.send(frames.frame(frames.DATA, rid, data))
+            self.emit(rid, frames.DATA, data)
 
         out = frames.FrameWriter(emit)
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
@@ -294,12 +333,14 @@ def _has_process(comm: str) -> bool:
 
 
 def _feed(stdin: IO[bytes], inbox: frames.Inbox) -> None:
+    # On a closed pipe, stop taking: no credit goes back, so the host sends
+    # at most a window more, and stops at the reply.
     try:
         for chunk in inbox.chunks():
             stdin.write(chunk)
             stdin.flush()
     except (BrokenPipeError, frames.Aborted):
-        inbox.drain()
+        pass
     finally:
         try:
             stdin.close()

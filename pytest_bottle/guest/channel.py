@@ -1,49 +1,98 @@
 """Host end of the agent channel: a socket to QEMU's virtio-serial port.
 
 One reader thread demultiplexes frames by request id, so several threads may
-run commands in the same bottle at once.  When the socket closes (QEMU died)
-every waiting call fails at once with ``AgentError``.
+run commands in the same bottle at once.  Whatever the guest sends is
+checked before it is believed (``frames.limit``, the windows): the guest is
+not trusted.  The reader never waits for a consumer, and calls never wait
+for a dead agent: a HELLO with a new instance id (the agent restarted) fails
+every pending call at once, and a call that has heard nothing for
+``idle`` seconds pings the agent and gives up ``dead_after`` seconds later.
+When the socket closes (QEMU died) every waiting call fails at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ..errors import AgentError, SpecError, guest_os_error
-from .frames import CALL, CANCEL, DATA, EOF, HEADER, REPLY, SYNC, SYNC_FRAME, frame
+from ..errors import AgentError, AgentTimeout, SpecError, guest_os_error
+from . import frames
+from .frames import (
+    CALL,
+    CANCEL,
+    CHUNK,
+    CREDIT,
+    DATA,
+    EOF,
+    HEADER,
+    HELLO,
+    HOST_CREDIT_STEP,
+    HOST_WINDOW,
+    PING,
+    REPLY,
+    WINDOW,
+    frame,
+)
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[int, bytes], None]
+# Kinds a guest may send; anything else is a protocol error.
+GUEST_KINDS = frozenset({DATA, EOF, frames.STDOUT, frames.STDERR, REPLY, HELLO, CREDIT})
+IDLE = 2.0  # silence after which a waiting call pings the agent
+DEAD_AFTER = 30.0  # an agent that has not answered a ping this long is gone
+SEND_TIMEOUT = 60.0  # a guest that reads nothing of a frame this long is gone
+
+
+class _CallOver(Exception):
+    """The call ended (replied, lost) while data for it was still to be sent."""
 
 
 class _Call:
-    __slots__ = ("done", "error", "reply", "sink")
+    __slots__ = ("auto", "done", "error", "lost", "owed", "reply", "rid", "sink", "unacked", "window")
 
-    def __init__(self, sink: Sink | None) -> None:
+    def __init__(self, rid: int, sink: Sink | None, auto: bool) -> None:
+        self.rid = rid
         self.done = threading.Event()
         self.reply: dict[str, Any] | None = None
         self.sink = sink
         self.error: BaseException | None = None  # the sink's own failure (a full local disk...)
+        self.lost = ""  # why the call failed without a reply (the agent restarted...)
+        self.auto = auto  # credit goes back as the sink returns, not from the consumer
+        self.owed = 0  # consumed stream bytes not yet credited back
+        self.unacked = 0  # stream bytes received and not yet credited back
+        self.window = WINDOW  # bytes we may still send the agent for this call
 
 
 class AgentChannel:
-    def __init__(self, sock: socket.socket, name: str = "bottle") -> None:
+    def __init__(
+        self, sock: socket.socket, name: str = "bottle", idle: float = IDLE, dead_after: float = DEAD_AFTER
+    ) -> None:
         self.sock = sock
         self.name = name
+        self.idle = idle
+        self.dead_after = dead_after
         self.synced = threading.Event()
         self.closed = threading.Event()
         self.death = ""
         self.broken = ""
+        self.instance: bytes | None = None
+        self.restarts = 0
         self._wlock = threading.Lock()
         self._lock = threading.Lock()
+        self._credit = threading.Condition(self._lock)
         self._calls: dict[int, _Call] = {}
         self._next_id = 1
+        self._last_rx = time.monotonic()
+        self._ping_at = 0.0
+        self._tls = threading.local()
+        sock.settimeout(SEND_TIMEOUT)  # bounds sendall; the reader just reads on
         self._reader = threading.Thread(target=self._read_loop, name=f"bottle-agent-{name}", daemon=True)
         self._reader.start()
 
@@ -55,23 +104,29 @@ class AgentChannel:
                 raise AgentError(f"agent channel of {self.name} is unusable: {self.broken}")
             try:
                 self.sock.sendall(data)
-            except OSError as e:
-                raise AgentError(f"agent channel of {self.name} broke: {e}") from None
             except BaseException as e:
-                # Interrupted mid-frame (a signal, a test timeout): the agent would
-                # read the next frame from the middle of this one. Give up on the
-                # channel rather than let later calls hang.
-                self.broken = f"a write was interrupted ({type(e).__name__})"
-                self.sock.shutdown(socket.SHUT_RDWR)
+                # Cut mid-frame (a signal, a test timeout, a guest that stopped
+                # reading): the agent would read the next frame from the middle
+                # of this one.  Give up on the channel rather than let later calls hang.
+                self.broken = f"a write failed or was interrupted ({type(e).__name__}: {e})"
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                if isinstance(e, OSError):
+                    raise AgentError(f"agent channel of {self.name} broke: {self.broken}") from None
                 raise
 
     def send_sync(self) -> None:
-        self._send(SYNC_FRAME)
+        self._send(frames.SYNC_FRAME)
 
     def _read_exact(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
+            try:
+                chunk = self.sock.recv(min(n - len(buf), CHUNK))  # never reserve what a header claims
+            except TimeoutError:
+                continue
             if not chunk:
                 raise EOFError
             buf += chunk
@@ -81,24 +136,18 @@ class AgentChannel:
         try:
             while True:
                 kind, rid, size = HEADER.unpack(self._read_exact(HEADER.size))
+                if kind not in GUEST_KINDS:
+                    raise _ProtocolError(f"unknown frame kind {kind}")
+                if size > frames.limit(kind):
+                    raise _ProtocolError(f"a {frames.NAMES[kind]} frame of {size} bytes (limit {frames.limit(kind)})")
                 payload = self._read_exact(size) if size else b""
-                if kind == SYNC:
-                    self.synced.set()
-                    continue
-                with self._lock:
-                    call = self._calls.get(rid)
-                if call is None:
-                    continue
-                if kind == REPLY:
-                    call.reply = json.loads(payload)
-                    with self._lock:
-                        self._calls.pop(rid, None)
-                    call.done.set()
-                elif call.sink is not None and call.error is None:
-                    try:
-                        call.sink(kind, payload)
-                    except Exception as e:  # the call fails, the channel goes on
-                        call.error = e
+                self._last_rx = time.monotonic()
+                if kind == HELLO:
+                    self._hello(payload)
+                elif kind == CREDIT:
+                    self._got_credit(rid, frames.COUNT.unpack(payload)[0] if size == frames.COUNT.size else 0)
+                else:
+                    self._dispatch(kind, rid, payload)
         except (EOFError, OSError) as e:
             self.death = "the VM closed the agent channel" if isinstance(e, EOFError) else str(e)
         except Exception as e:  # a broken frame: the channel cannot be trusted any more
@@ -108,32 +157,188 @@ class AgentChannel:
             with self._lock:
                 self.closed.set()
                 calls, self._calls = list(self._calls.values()), {}
+                self._credit.notify_all()
             for call in calls:
                 call.done.set()
 
+    def _hello(self, payload: bytes) -> None:
+        if len(payload) != frames.HELLO_SIZE or not payload.startswith(frames.SYNC_MAGIC):
+            raise _ProtocolError("a HELLO frame without the agent's magic (a different protocol version?)")
+        instance = payload[len(frames.SYNC_MAGIC) :]
+        if self.instance is not None and instance != self.instance:
+            self._restarted()
+        self.instance = instance
+        self.synced.set()
+
+    def _restarted(self) -> None:
+        """The agent restarted: whatever it was doing is gone.  Fail every call
+        and resync in one step, so no CALL slips between (the new agent drops
+        all it reads before a SYNC)."""
+        with self._wlock, self._lock:
+            calls, self._calls = list(self._calls.values()), {}
+            self.restarts += 1
+            self._credit.notify_all()
+            if not self.broken:
+                try:
+                    self.sock.sendall(frames.SYNC_FRAME)
+                except OSError as e:
+                    self.broken = f"resync after an agent restart failed: {e}"
+        log.debug("agent channel %s: the guest agent restarted, %d call(s) lost", self.name, len(calls))
+        for call in calls:
+            call.lost = f"the guest agent restarted; {len(calls)} call(s) lost"
+            call.done.set()
+
+    def _got_credit(self, rid: int, n: int) -> None:
+        with self._lock:
+            call = self._calls.get(rid)
+            if call is not None:
+                call.window = min(call.window + n, WINDOW)  # a guest cannot talk us past the window
+                self._credit.notify_all()
+
+    def _dispatch(self, kind: int, rid: int, payload: bytes) -> None:
+        with self._lock:
+            call = self._calls.get(rid)
+        if call is None:  # a call we gave up on, or a guest making things up
+            return
+        if kind == REPLY:
+            reply = json.loads(payload)
+            if not isinstance(reply, dict):
+                raise _ProtocolError(f"a REPLY that is not a JSON object: {payload[:80]!r}")
+            call.reply = reply
+            with self._lock:
+                self._calls.pop(rid, None)
+                self._credit.notify_all()
+            call.done.set()
+            return
+        with self._lock:  # a consumer thread may be crediting (``grant``)
+            call.unacked += len(payload)
+            over = call.unacked > HOST_WINDOW
+        if over:  # the guest ignores flow control: this call cannot be trusted
+            self._fail(rid, call, AgentError(f"bottle {self.name}: the agent sent beyond its window"))
+            return
+        if call.sink is not None and call.error is None:
+            try:
+                call.sink(kind, payload)
+            except Exception as e:  # the call fails, the channel goes on
+                call.error = e
+                self._cancel_quietly(rid)
+        if call.auto:
+            self._owe(rid, call, len(payload))
+
+    def _fail(self, rid: int, call: _Call, error: BaseException) -> None:
+        call.error = error
+        self.forget(rid)
+        call.done.set()
+
+    def _owe(self, rid: int, call: _Call, n: int) -> None:
+        with self._lock:
+            call.owed += n
+            if call.owed < HOST_CREDIT_STEP or call.done.is_set():
+                return
+            owed, call.owed = call.owed, 0
+            call.unacked -= owed
+        try:
+            self._send(frames.credit_frame(rid, owed))
+        except AgentError:
+            pass
+
+    def grant(self, rid: int, n: int) -> None:
+        """The consumer of a call started with ``auto_credit=False`` took ``n`` bytes out."""
+        with self._lock:
+            call = self._calls.get(rid)
+        if call is not None:
+            self._owe(rid, call, n)
+
     # -- calls --------------------------------------------------------------
 
-    def start(self, op: str, sink: Sink | None = None, **args: Any) -> tuple[int, _Call]:
-        call = _Call(sink)
+    def start(self, op: str, sink: Sink | None = None, *, auto_credit: bool = True, **args: Any) -> tuple[int, _Call]:
+        """Send a CALL.  With ``auto_credit`` the agent may send more as soon as
+        ``sink`` returned; otherwise the consumer calls ``grant`` as it reads."""
+        payload = json.dumps(dict(args, op=op)).encode()
+        if len(payload) > frames.MAX_PAYLOAD:
+            raise SpecError(f"the arguments of {op} are {len(payload)} bytes; the limit is {frames.MAX_PAYLOAD}")
         with self._lock:  # the reader closes under this lock: no call slips past its final sweep
             if self.closed.is_set():
                 raise AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
             rid = self._next_id
             self._next_id += 1
-            self._calls[rid] = call
-        self._send(frame(CALL, rid, json.dumps(dict(args, op=op)).encode()))
+            call = self._calls[rid] = _Call(rid, sink, auto_credit)
+        self._send(frame(CALL, rid, payload))
         return rid, call
 
-    def send_data_frame(self, rid: int, chunk: bytes) -> None:
-        self._send(frame(DATA, rid, chunk))
+    @contextlib.contextmanager
+    def deadline(self, timeout: float | None) -> Iterator[None]:
+        """Calls this thread makes inside raise AgentTimeout after ``timeout`` s
+        (for helpers that take no timeout themselves: tree transfers)."""
+        old = getattr(self._tls, "deadline", None)
+        self._tls.deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            yield
+        finally:
+            self._tls.deadline = old
 
-    def send_data(self, rid: int, chunks: Iterable[bytes]) -> None:
-        """Stream ``chunks`` then EOF; if producing them fails, tell the agent to
-        abort the call (it drops what it wrote) and re-raise."""
+    def _thread_deadline(self) -> float | None:
+        return getattr(self._tls, "deadline", None)
+
+    def check(self, call: _Call, op: str = "") -> None:
+        """For a thread waiting on a call's data: raise if the thread's deadline
+        passed (the call is cancelled) or the agent stopped answering."""
+        deadline = self._thread_deadline()
+        if deadline is not None and time.monotonic() >= deadline:
+            self.forget(call.rid)
+            raise AgentTimeout(f"bottle {self.name}: {op or 'a call'} did not finish in time")
+        self._check_alive(op)
+
+    def _check_alive(self, op: str) -> None:
+        """Called by a waiting thread: ping an agent that has been silent a while,
+        raise AgentError if it has not answered in ``dead_after`` seconds."""
+        now = time.monotonic()
+        if now - self._last_rx < self.idle:
+            return
+        if self._ping_at <= self._last_rx:
+            self._ping_at = now
+            self._send(frame(PING, 0))
+        elif now - self._ping_at > self.dead_after:
+            raise AgentError(
+                f"bottle {self.name}: the guest agent has not answered for {now - self._last_rx:.0f} s "
+                f"(during {op or 'a call'}); it is hung or gone"
+            )
+
+    def send_data_frame(self, rid: int, chunk: bytes, deadline: float | None = None) -> None:
+        """Send ``chunk`` as DATA once the agent has room for it (raises _CallOver
+        if the call ended meanwhile, AgentTimeout at ``deadline``)."""
+        deadline = deadline if deadline is not None else self._thread_deadline()
+        for i in range(0, len(chunk), CHUNK):
+            piece = chunk[i : i + CHUNK]
+            with self._lock:
+                while True:
+                    call = self._calls.get(rid)
+                    if call is None:
+                        raise _CallOver
+                    if call.window >= len(piece):
+                        call.window -= len(piece)
+                        break
+                    wait = self.idle if deadline is None else min(self.idle, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise AgentTimeout(f"bottle {self.name}: the agent took no more data before the deadline")
+                    if not self._credit.wait(wait):
+                        self._lock.release()
+                        try:
+                            self._check_alive("a transfer")
+                        finally:
+                            self._lock.acquire()
+            self._send(frame(DATA, rid, piece))
+
+    def send_data(self, rid: int, chunks: Iterable[bytes], deadline: float | None = None) -> None:
+        """Stream ``chunks`` then EOF, within the agent's window; stop quietly if
+        the call ended; if producing them fails, tell the agent to abort the call
+        (it drops what it wrote) and re-raise."""
         try:
             for chunk in chunks:
                 if chunk:
-                    self._send(frame(DATA, rid, chunk))
+                    self.send_data_frame(rid, chunk, deadline)
+        except _CallOver:
+            return
         except AgentError:
             raise
         except BaseException:
@@ -146,16 +351,39 @@ class AgentChannel:
         self._send(frame(CANCEL, rid))
 
     def wait(self, call: _Call, timeout: float | None = None, op: str = "") -> dict[str, Any] | None:
-        """The call's reply, None on timeout; raises AgentError if the channel died."""
-        if not call.done.wait(timeout):
-            return None
+        """The call's reply, None on timeout; raises AgentError if the channel
+        died, the agent restarted or stopped answering."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is None and self._thread_deadline() is not None:  # inside ``with deadline()``
+            while not call.done.wait(self.idle / 4):
+                self.check(call, op)
+        while not call.done.wait(self.idle if deadline is None else min(self.idle, deadline - time.monotonic())):
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            self._check_alive(op)
         if call.error is not None:
             raise call.error
         if call.reply is None:
-            raise AgentError(f"bottle {self.name}: {self.death or 'agent channel closed'} during {op or 'a call'}")
+            raise AgentError(
+                f"bottle {self.name}: {call.lost or self.death or 'agent channel closed'} during {op or 'a call'}"
+            )
         if not call.reply.get("ok"):
             raise _guest_error(call.reply, op)
         return call.reply
+
+    def forget(self, rid: int) -> None:
+        """Give up on a call: cancel it, and drop whatever still comes for it."""
+        with self._lock:
+            self._calls.pop(rid, None)
+            self._credit.notify_all()
+        self._cancel_quietly(rid)
+
+    def _cancel_quietly(self, rid: int) -> None:
+        if not self.broken and not self.closed.is_set():
+            try:
+                self.cancel(rid)
+            except AgentError:
+                pass
 
     def call(
         self,
@@ -166,12 +394,20 @@ class AgentChannel:
         timeout: float | None = None,
         **args: Any,
     ) -> dict[str, Any]:
+        """One call, its data sent and its reply awaited within ``timeout`` seconds
+        (AgentTimeout; the call is cancelled)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         rid, call = self.start(op, sink, **args)
-        if data is not None:
-            self.send_data(rid, data)
-        reply = self.wait(call, timeout, op)
+        try:
+            if data is not None:
+                self.send_data(rid, data, deadline)
+            reply = self.wait(call, None if deadline is None else max(0.0, deadline - time.monotonic()), op)
+        except AgentTimeout:
+            self.forget(rid)
+            raise
         if reply is None:
-            raise AgentError(f"bottle {self.name}: the agent did not answer {op!r} within {timeout} s")
+            self.forget(rid)
+            raise AgentTimeout(f"bottle {self.name}: the agent did not finish {op!r} within {timeout:g} s")
         return reply
 
     def close(self) -> None:
@@ -181,6 +417,10 @@ class AgentChannel:
             pass
         self.sock.close()
         self._reader.join(timeout=2)
+
+
+class _ProtocolError(Exception):
+    pass
 
 
 def _guest_error(reply: dict[str, Any], op: str) -> Exception:

@@ -1,0 +1,414 @@
+"""The agent channel (issue 11): a restarted or dead agent never hangs the host,
+and nothing the guest sends is believed unchecked or held without bound.
+
+Hostile-guest tests put a fake guest on a socketpair that speaks the real
+frame format (``frames``) to the real host ``AgentChannel``; the rest run
+real bottles and act inside them as root.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pytest_bottle import AgentError, AgentTimeout, Bottle, SpecError
+from pytest_bottle import bottle as bottle_mod
+from pytest_bottle.guest.channel import AgentChannel
+from pytest_bottle.guest.frames import (
+    CALL,
+    CANCEL,
+    CHUNK,
+    COUNT,
+    CREDIT,
+    DATA,
+    EOF,
+    HEADER,
+    HELLO,
+    HOST_WINDOW,
+    MAX_PAYLOAD,
+    PING,
+    REPLY,
+    STDOUT,
+    SYNC,
+    SYNC_MAGIC,
+    WINDOW,
+    frame,
+    jframe,
+)
+
+A, B = b"A" * 16, b"B" * 16
+
+
+class Guest:
+    """A fake guest agent: reads the host's frames (always with a timeout) and
+    sends whatever a test tells it to."""
+
+    def __init__(self, idle: float = 0.2, dead_after: float = 1.0) -> None:
+        host, self.sock = socket.socketpair()
+        self.sock.settimeout(10)
+        self.chan = AgentChannel(host, "hostile", idle=idle, dead_after=dead_after)
+        self.buf = b""
+        self.data = 0  # DATA payload bytes received
+        self.pings = 0
+        self.answer_pings = True
+        self.seen: list[int] = []  # kinds of every frame received
+
+    def hello(self, instance: bytes = A) -> None:
+        self.send(frame(HELLO, 0, SYNC_MAGIC + instance))
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, timeout: float = 10) -> tuple[int, int, bytes]:
+        self.sock.settimeout(timeout)
+        while True:
+            if len(self.buf) >= HEADER.size:
+                kind, rid, size = HEADER.unpack(self.buf[: HEADER.size])
+                if len(self.buf) >= HEADER.size + size:
+                    payload = self.buf[HEADER.size : HEADER.size + size]
+                    self.buf = self.buf[HEADER.size + size :]
+                    self.seen.append(kind)
+                    if kind == DATA:
+                        self.data += size
+                    if kind == PING:
+                        self.pings += 1
+                        if self.answer_pings:
+                            self.hello()
+                        continue
+                    return kind, rid, payload
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+
+    def expect(self, kind: int, timeout: float = 10) -> tuple[int, bytes]:
+        deadline = time.monotonic() + timeout
+        while True:
+            k, rid, payload = self.recv(max(0.01, deadline - time.monotonic()))
+            if k == kind:
+                return rid, payload
+
+    def reply(self, rid: int, **fields: object) -> None:
+        self.send(jframe(REPLY, rid, dict(fields, ok=True)))
+
+    def close(self) -> None:
+        self.chan.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def guest() -> Iterator[Guest]:
+    g = Guest()
+    g.hello()
+    yield g
+    g.close()
+
+
+def _in_thread(fn: object) -> tuple[threading.Thread, dict[str, object]]:
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            out["value"] = fn()  # type: ignore[operator]
+        except BaseException as e:
+            out["error"] = e
+        out["seconds"] = time.monotonic() - started
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+# -- a hostile guest on a socketpair -----------------------------------------
+
+
+def test_an_oversized_frame_length_is_a_protocol_error_not_an_allocation() -> None:
+    g = Guest()  # the channel's defaults
+    g.hello()
+    t, out = _in_thread(lambda: g.chan.call("stat", path="/", timeout=30))
+    rid, _ = g.expect(CALL)
+    g.send(HEADER.pack(REPLY, rid, 0xFFFFFFFF) + b"{}")
+    t.join(10)
+    assert not t.is_alive()
+    err = out["error"]
+    assert isinstance(err, AgentError) and "protocol error" in str(err) and "limit" in str(err), err
+    assert g.chan.closed.is_set()
+    with pytest.raises(AgentError, match="protocol error"):
+        g.chan.call("stat", path="/", timeout=5)
+    g.close()
+
+
+def test_a_data_frame_longer_than_a_chunk_is_refused(guest: Guest) -> None:
+    t, out = _in_thread(lambda: guest.chan.call("read", path="/x", sink=lambda k, d: None, timeout=30))
+    rid, _ = guest.expect(CALL)
+    guest.send(HEADER.pack(DATA, rid, CHUNK + 1))
+    t.join(10)
+    assert isinstance(out.get("error"), AgentError) and "DATA frame" in str(out["error"])
+
+
+def test_garbage_closes_the_channel_with_a_clear_reason(guest: Guest) -> None:
+    t, out = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
+    guest.expect(CALL)
+    guest.send(b"\xee" * 64)
+    t.join(10)
+    assert isinstance(out.get("error"), AgentError) and "unknown frame kind" in str(out["error"])
+
+
+def test_a_flood_for_unknown_requests_does_not_stop_a_real_call(guest: Guest) -> None:
+    t, out = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
+    rid, _ = guest.expect(CALL)
+    junk = frame(STDOUT, rid + 100, b"x" * CHUNK) + jframe(REPLY, rid + 101, {"ok": True})
+    for _ in range(200):  # 50 MiB nobody asked for
+        guest.send(junk)
+    guest.reply(rid, mode=0o755, size=0, is_dir=True)
+    t.join(30)
+    assert out.get("value") == {"mode": 0o755, "size": 0, "is_dir": True, "ok": True}, out
+
+
+def test_a_guest_that_grants_no_credit_gets_one_window_and_a_timeout(guest: Guest) -> None:
+    data = [b"d" * CHUNK] * 40  # 10 MiB
+    t, out = _in_thread(lambda: guest.chan.call("write", path="/x", data=iter(data), timeout=2))
+    guest.expect(CALL)
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        try:
+            guest.recv(0.2)
+        except TimeoutError:
+            pass
+    t.join(10)
+    assert isinstance(out.get("error"), AgentTimeout), out
+    assert guest.data == WINDOW  # all it may send without credit, and no more
+    assert CANCEL in guest.seen  # the call is cancelled
+
+
+def test_credit_lets_the_host_send_on(guest: Guest) -> None:
+    size = 3 * WINDOW + 5
+    t, out = _in_thread(lambda: guest.chan.call("write", path="/x", data=iter([b"e" * size]), timeout=30))
+    rid, _ = guest.expect(CALL)
+    while True:
+        kind, _, payload = guest.recv()
+        assert kind in (DATA, EOF)
+        if kind == EOF:
+            break
+        guest.send(frame(CREDIT, rid, COUNT.pack(len(payload))))
+    guest.reply(rid, size=size, path="/x")
+    t.join(10)
+    value = out.get("value")
+    assert guest.data == size and isinstance(value, dict) and value["size"] == size, out
+
+
+def test_the_host_grants_credit_for_output_as_it_takes_it(guest: Guest) -> None:
+    got: list[bytes] = []
+    t, out = _in_thread(lambda: guest.chan.call("exec", sink=lambda k, d: got.append(d), timeout=30))
+    rid, _ = guest.expect(CALL)
+    credit, sent = HOST_WINDOW, 0
+    while sent < 4 * HOST_WINDOW:  # a well-behaved agent: never past its credit
+        while credit < CHUNK:
+            kind, _, payload = guest.recv()
+            if kind == CREDIT:
+                credit += COUNT.unpack(payload)[0]
+        guest.send(frame(STDOUT, rid, b"o" * CHUNK))
+        credit -= CHUNK
+        sent += CHUNK
+    guest.reply(rid, rc=0, timed_out=False)
+    t.join(10)
+    assert "value" in out and sum(map(len, got)) == 4 * HOST_WINDOW, out
+
+
+def test_a_guest_ignoring_the_window_fails_its_call_not_the_channel(guest: Guest) -> None:
+    rid, call = guest.chan.start("tar", lambda k, d: None, auto_credit=False, path="/")
+    guest.expect(CALL)
+    for _ in range(HOST_WINDOW // CHUNK + 1):
+        guest.send(frame(DATA, rid, b"f" * CHUNK))
+    with pytest.raises(AgentError, match="beyond its window"):
+        guest.chan.wait(call, 10, "get")
+    t, out = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
+    while True:  # the host cancelled the flood; the next call is served
+        kind, r, _ = guest.recv()
+        if kind == CALL:
+            break
+    guest.reply(r, is_dir=True, mode=0, size=0)
+    t.join(10)
+    assert "value" in out, out
+
+
+def test_a_restarted_agent_fails_pending_calls_at_once_and_later_calls_work(guest: Guest) -> None:
+    t, out = _in_thread(lambda: guest.chan.call("exec", argv=["sleep", "600"]))  # no timeout
+    guest.expect(CALL)
+    guest.hello(B)  # what a freshly started agent says first
+    t.join(5)
+    err = out.get("error")
+    assert isinstance(err, AgentError) and "restarted" in str(err) and "1 call(s) lost" in str(err), out
+    assert float(out["seconds"]) < 2  # type: ignore[arg-type]
+    guest.expect(SYNC)  # the host resynchronises the new agent
+    assert guest.chan.restarts == 1
+    t, out = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
+    rid, _ = guest.expect(CALL)
+    guest.reply(rid, is_dir=True, mode=0, size=0)
+    t.join(10)
+    assert "value" in out, out
+
+
+def test_a_silent_agent_fails_a_call_without_timeout() -> None:
+    g = Guest(idle=0.2, dead_after=1.0)
+    g.hello()
+    g.answer_pings = False
+    t, out = _in_thread(lambda: g.chan.call("exec", argv=["sleep", "600"]))
+    g.expect(CALL)
+    deadline = time.monotonic() + 5
+    while t.is_alive() and time.monotonic() < deadline:
+        try:
+            g.recv(0.1)
+        except TimeoutError:
+            pass
+    t.join(1)
+    err = out.get("error")
+    assert isinstance(err, AgentError) and "has not answered" in str(err), out
+    assert g.pings >= 1 and 1.0 <= float(out["seconds"]) < 4  # type: ignore[arg-type]
+    g.close()
+
+
+def test_a_live_agent_with_a_long_call_is_pinged_not_failed(guest: Guest) -> None:
+    t, out = _in_thread(lambda: guest.chan.call("exec", argv=["sleep", "3"]))
+    rid, _ = guest.expect(CALL)
+    deadline = time.monotonic() + 3  # 15 x idle, 3 x dead_after: it answers every ping
+    while time.monotonic() < deadline:
+        try:
+            guest.recv(0.1)
+        except TimeoutError:
+            pass
+    assert t.is_alive() and guest.pings >= 3
+    guest.reply(rid, rc=0, timed_out=False)
+    t.join(5)
+    assert "value" in out, out
+
+
+def test_an_idle_channel_sends_nothing(guest: Guest) -> None:
+    time.sleep(1.0)  # 5 x idle with no call pending
+    with pytest.raises(TimeoutError):
+        guest.recv(0.2)
+    assert guest.pings == 0
+
+
+def test_arguments_past_the_frame_limit_are_refused_before_sending(guest: Guest) -> None:
+    with pytest.raises(SpecError, match="limit"):
+        guest.chan.call("exec", argv=["echo", "x" * MAX_PAYLOAD], timeout=5)
+
+
+# -- real bottles ---------------------------------------------------------------
+
+
+def _agent_pid(bottle: Bottle) -> int:
+    return int(bottle.check_output("systemctl show -p MainPID --value bottle-agent", timeout=30))
+
+
+def test_killing_the_agent_fails_pending_calls_at_once_and_the_bottle_recovers(bottle: Bottle) -> None:
+    old = _agent_pid(bottle)
+    long, long_out = _in_thread(lambda: bottle.exec("sleep 600"))  # no timeout: only the restart ends it
+    bottle.wait_until_succeeds("pgrep -x sleep", timeout=30)
+    killer, kill_out = _in_thread(lambda: bottle.exec("kill -9 $PPID"))  # $PPID: the agent
+    killer.join(30)
+    long.join(5)
+    assert not killer.is_alive() and not long.is_alive(), "a call hangs on a restarted agent"
+    for out in (kill_out, long_out):
+        err = out.get("error")
+        assert isinstance(err, AgentError) and "restarted" in str(err), out
+    assert bottle.exec("echo back").stdout == "back\n"  # re-synced with the new agent
+    assert _agent_pid(bottle) != old
+    assert bottle.exec("pgrep -x sleep").returncode == 1  # the lost command went with its agent
+
+
+def test_kill_9_minus_1_leaves_a_usable_bottle(bottle: Bottle) -> None:
+    # Every process but PID 1 (and the caller) dies; systemd restarts the agent.
+    t, out = _in_thread(lambda: bottle.exec("kill -9 -1; sleep 1"))
+    t.join(60)
+    assert not t.is_alive(), "exec hangs after kill -9 -1"
+    assert isinstance(out.get("error"), AgentError) and "restarted" in str(out["error"]), out
+    assert bottle.exec(["true"]).ok
+    bottle.write_text("/tmp/after", "ok\n")
+    assert bottle.read_text("/tmp/after") == "ok\n"
+
+
+def test_a_stopped_agent_fails_calls_clearly_instead_of_hanging(bottle: Bottle) -> None:
+    bottle._channel.dead_after = 5.0  # the default (30 s) with less waiting
+    t, out = _in_thread(lambda: bottle.exec("kill -STOP $PPID"))  # no timeout
+    t.join(60)
+    assert not t.is_alive(), "exec hangs on a stopped agent"
+    err = out.get("error")
+    assert isinstance(err, AgentError) and "has not answered" in str(err), out
+    started = time.monotonic()
+    with pytest.raises(AgentError):  # later calls say so too, in bounded time
+        bottle.read_bytes("/etc/hostname", timeout=3)
+    assert time.monotonic() - started < 10
+
+
+def test_a_large_input_to_a_slow_reader_is_not_held_by_the_agent(bottle: Bottle) -> None:
+    pid = _agent_pid(bottle)
+
+    def rss() -> int:
+        return int(bottle.check_output(f"awk '/VmRSS/ {{print $2}}' /proc/{pid}/status", timeout=30)) * 1024
+
+    before = rss()
+    data = b"x" * (64 << 20)
+    t, out = _in_thread(lambda: bottle.exec("sleep 8; wc -c", input=data, timeout=300))
+    time.sleep(5)  # the host pushes what it may meanwhile
+    during = rss()
+    t.join(300)
+    assert out.get("value") is not None, out
+    assert out["value"].stdout.strip() == str(len(data))  # type: ignore[attr-defined]
+    assert during - before < 8 << 20, f"the agent grew by {(during - before) >> 20} MiB"
+
+
+def test_exec_output_past_the_cap_is_truncated_with_a_marker(bottle: Bottle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bottle_mod, "EXEC_OUTPUT_CAP", 1 << 20)
+    r = bottle.exec("head -c 3000000 /dev/zero | tr '\\0' a; echo done >&2", timeout=120)
+    assert r.returncode == 0 and r.stderr == "done\n"  # the command ran to its end
+    assert r.stdout.startswith("a" * (1 << 20) + "\n[pytest-bottle: output truncated: ")
+    assert f"{3000000 - (1 << 20)} bytes past the first {1 << 20} dropped" in r.stdout
+    assert len(r.stdout) < (1 << 20) + 200
+
+
+def test_file_calls_time_out_and_the_bottle_goes_on(bottle: Bottle, tmp_path: object) -> None:
+    bottle.exec("mkfifo /tmp/fifo", check=True)  # opening it for reading blocks: a call that never ends
+    for call in (
+        lambda: bottle.read_bytes("/tmp/fifo", timeout=2),
+        lambda: bottle.read_text("/tmp/fifo", timeout=2),
+        lambda: bottle.get("/tmp/fifo", os.path.join(str(tmp_path), "f"), timeout=2),
+    ):
+        started = time.monotonic()
+        with pytest.raises(AgentTimeout):
+            call()
+        assert time.monotonic() - started < 10
+    assert not os.listdir(str(tmp_path))  # no half-written file
+    assert bottle.exec("echo still").stdout == "still\n"
+    with pytest.raises(SpecError):
+        bottle.write_bytes("/tmp/x", b"", timeout=0)
+    bottle.write_bytes("/tmp/x", b"1", timeout=30)
+    bottle.write_text("/tmp/y", "2", timeout=None)
+    assert bottle.read_text("/tmp/x", timeout=30) + bottle.read_text("/tmp/y") == "12"
+
+
+def test_concurrent_calls_share_the_channel_fairly(bottle: Bottle) -> None:
+    """A flood of output from one command does not hold up a small call beside it."""
+    t, out = _in_thread(lambda: bottle.exec("head -c 20000000 /dev/zero", timeout=300))
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert bottle.exec("echo small").stdout == "small\n"
+    small = time.monotonic() - started
+    t.join(300)
+    assert len(out["value"].stdout) == 20000000  # type: ignore[attr-defined]
+    assert small < 5, f"a small exec took {small:.1f} s beside a flood"
+
+
+def test_a_reply_that_is_not_an_object_is_a_protocol_error(guest: Guest) -> None:
+    t, out = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
+    rid, _ = guest.expect(CALL)
+    guest.send(frame(REPLY, rid, b"[1, 2]"))
+    t.join(10)
+    assert isinstance(out.get("error"), AgentError) and "not a JSON object" in str(out["error"]), out
