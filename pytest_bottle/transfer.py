@@ -17,10 +17,11 @@ import stat
 import tarfile
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import BottleError, UnsafeTransfer
+from .errors import AgentError, BottleError, UnsafeTransfer
 from .guest import untar
 from .guest.channel import AgentChannel
 from .guest.frames import CHUNK, DATA, EOF, FrameWriter
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 REFUSAL_GRACE = 10.0
 # Bytes of a directory stream buffered before the channel's reader waits for us.
 BUFFERED = 4 * CHUNK
+# Members a partial get() names in its error (the rest are counted).
+SHOWN_SKIPS = untar.SHOWN_SKIPS
 
 
 def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:
@@ -53,29 +56,37 @@ def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:
         raise UnsafeTransfer(str(refused.get("path", ""))[:4096], str(refused.get("reason", ""))[:4096], "put")
 
 
-def fetch(channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
-    """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``."""
+def fetch(
+    channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET, idle: float | None = None
+) -> None:
+    """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``;
+    ``AgentError`` if the guest sends nothing for ``idle`` seconds."""
     info = channel.call("stat", path=src)
     mode, is_dir = info.get("mode"), info.get("is_dir")
     if type(mode) is not int or type(is_dir) is not bool:
         raise UnsafeTransfer(src, f"a malformed stat reply from the guest: {str(info)[:200]}")
     if is_dir:
-        receive_tree(channel, src, dst, policy)
+        receive_tree(channel, src, dst, policy, idle)
     elif stat.S_ISREG(mode):
-        receive_file(channel, src, dst, mode, policy)
+        receive_file(channel, src, dst, mode, policy, idle)
     else:
         raise UnsafeTransfer(src, "not a regular file or a directory: only those are copied")
 
 
-def receive_tree(channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
-    """Copy the contents of guest directory ``src`` into local directory ``dst``."""
+def receive_tree(
+    channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET, idle: float | None = None
+) -> None:
+    """Copy the contents of guest directory ``src`` into local directory ``dst``.
+
+    Links leading out, devices and fifos are skipped, not written: the rest is
+    copied, then ``UnsafeTransfer`` names what was skipped."""
     dst.mkdir(parents=True, exist_ok=True)
-    source = _FrameSource(channel)
+    source = _FrameSource(channel, idle)
     rid, call = channel.start("tar", source.feed, path=src)
     source.done = call.done
     try:
         try:
-            untar.extract(source.read, os.fspath(dst), policy)
+            count, skipped = untar.extract(source.read, os.fspath(dst), policy)
         finally:
             source.discard()  # whatever else comes is dropped: the channel goes on
     except untar.Refused as e:
@@ -83,13 +94,29 @@ def receive_tree(channel: AgentChannel, src: str, dst: Path, policy: untar.Polic
         if e.reason == untar.TRUNCATED and call.reply is not None and not call.reply.get("ok"):
             channel.wait(call, 0, "get")  # the guest failed mid-way: its reason, not ours
         raise UnsafeTransfer(e.path, e.reason) from None
-    except BaseException:
-        _give_up(channel, rid, call.done)
+    except BaseException as e:
+        _give_up(channel, rid, call.done, _grace(e))
         raise
     channel.wait(call, None, "get")
+    if count:
+        raise _partial(count, skipped)
 
 
-def receive_file(channel: AgentChannel, src: str, dst: Path, mode: int, policy: untar.Policy = untar.GET) -> None:
+def _partial(count: int, skipped: list[untar.Refused]) -> UnsafeTransfer:
+    shown = "; ".join(f"{e.path!r}: {e.reason}" for e in skipped)
+    more = f"; and {count - len(skipped)} more" if count > len(skipped) else ""
+    reason = f"{count} member(s) not copied, the rest was: {shown}{more}"
+    return UnsafeTransfer(skipped[0].path, reason, "get", skipped=tuple(e.path for e in skipped))
+
+
+def receive_file(
+    channel: AgentChannel,
+    src: str,
+    dst: Path,
+    mode: int,
+    policy: untar.Policy = untar.GET,
+    idle: float | None = None,
+) -> None:
     """Copy guest file ``src`` to ``dst`` (inside it if it is a directory), its
     mode masked by the policy; never written through a link, never more than
     the policy's byte limit."""
@@ -101,11 +128,24 @@ def receive_file(channel: AgentChannel, src: str, dst: Path, mode: int, policy: 
     received = 0
     failed = threading.Event()
     errors: list[BaseException] = []
+    # The channel's reader thread calls write() until the guest's reply, even
+    # after we gave up: it must never write to the fd once it is closed (and
+    # its number maybe reused).
+    lock = threading.Lock()
+    closed = False
+    last = time.monotonic()
 
     def write(kind: int, data: bytes) -> None:
-        nonlocal received
+        nonlocal last
+        last = time.monotonic()
         if kind != DATA:
             return
+        with lock:
+            if not closed:
+                _write(data)
+
+    def _write(data: bytes) -> None:
+        nonlocal received
         try:
             received += len(data)
             if received > policy.max_bytes:
@@ -118,25 +158,41 @@ def receive_file(channel: AgentChannel, src: str, dst: Path, mode: int, policy: 
             failed.set()  # a full disk, or too much: no need to hear the rest
             raise
 
+    def shut() -> None:
+        nonlocal closed
+        with lock:  # the sink writes under this lock: after it, never again
+            if not closed:
+                closed = True
+                os.close(fd)
+
     try:
         rid, call = channel.start("read", write, path=src)
-        while not call.done.wait(0.2) and not failed.is_set():
-            pass
-        if failed.is_set():
-            _give_up(channel, rid, call.done)
-            raise errors[0]
+        try:
+            while not call.done.wait(0.2) and not failed.is_set():
+                if idle is not None and time.monotonic() - last > idle:
+                    raise AgentError(f"bottle {channel.name}: the guest sent nothing for {idle} s during get")
+            if failed.is_set():
+                raise errors[0]
+        except BaseException as e:  # a refusal, an interrupt, a test timeout: the guest may still be sending
+            shut()
+            _give_up(channel, rid, call.done, _grace(e))
+            raise
         channel.wait(call, 0, "get")
         os.fchmod(fd, mode & policy.mode_mask)
-        os.close(fd)
-        fd = -1
+        shut()
         os.replace(tmp, dst)
     finally:
-        if fd >= 0:
-            os.close(fd)
+        shut()
         Path(tmp).unlink(missing_ok=True)
 
 
-def _give_up(channel: AgentChannel, rid: int, done: threading.Event) -> None:
+def _grace(e: BaseException) -> float:
+    """How long to wait for the guest's reply after ``e``: not at all when the
+    guest went silent or the caller is interrupted (the sinks drop the rest)."""
+    return REFUSAL_GRACE if isinstance(e, Exception) and not isinstance(e, AgentError) else 0
+
+
+def _give_up(channel: AgentChannel, rid: int, done: threading.Event, grace: float = REFUSAL_GRACE) -> None:
     """Ask the guest to stop, and wait a little for its reply so the call ends
     cleanly; the reader thread drops anything more it sends for ``rid``."""
     if done.is_set():
@@ -145,8 +201,8 @@ def _give_up(channel: AgentChannel, rid: int, done: threading.Event) -> None:
         channel.cancel(rid)
     except BottleError:
         return  # the channel is gone: nothing to stop
-    if not done.wait(REFUSAL_GRACE):
-        log.debug("bottle %s: no reply to a refused transfer within %s s", channel.name, REFUSAL_GRACE)
+    if grace and not done.wait(grace):
+        log.debug("bottle %s: no reply to a refused transfer within %s s", channel.name, grace)
 
 
 def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -162,8 +218,9 @@ class _FrameSource:
     the extraction (a guest cannot fill host memory), until ``discard()``.
     """
 
-    def __init__(self, channel: AgentChannel) -> None:
+    def __init__(self, channel: AgentChannel, idle: float | None = None) -> None:
         self.channel = channel
+        self.idle = idle  # AgentError when nothing arrives for this long
         self.done: threading.Event | None = None
         self.cond = threading.Condition()
         self.chunks: collections.deque[memoryview] = collections.deque()
@@ -185,10 +242,13 @@ class _FrameSource:
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; b"" once the stream has ended."""
+        since = time.monotonic()
         with self.cond:
             while not self.chunks:
                 if self.eof or self.dropping or self._finished():
                     return b""
+                if self.idle is not None and time.monotonic() - since > self.idle:
+                    raise AgentError(f"bottle {self.channel.name}: the guest sent nothing for {self.idle} s during get")
                 self.cond.wait(0.2)
             head = self.chunks[0]
             out = head[:n]
