@@ -263,8 +263,10 @@ class Bottle:
 
     def get(self, src: str, dst: PathLike) -> None:
         """Copy a guest file or directory to local ``dst``: files, directories and
-        symlinks staying inside ``dst`` only, modes without set-id bits, never
-        chowned (see ``transfer``); anything else raises ``UnsafeTransfer``."""
+        symlinks staying inside ``dst`` only, modes masked with 0o755, never
+        chowned (see ``transfer``). Links leading out, devices and fifos are
+        skipped and the rest copied, then ``UnsafeTransfer`` names them
+        (``skipped``); anything else refused stops at once with ``UnsafeTransfer``."""
         fetch(self._channel, _guest_path(src), Path(dst))
 
     # -- network ------------------------------------------------------------

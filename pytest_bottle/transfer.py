@@ -4,7 +4,8 @@ Everything the guest sends is checked and bounded here: a directory arrives
 as a tar stream that ``guest.untar`` extracts under the ``GET`` policy (no
 ``tarfile`` extraction, whose filters older Pythons lack), a file arrives in
 a temporary file capped at the policy's byte limit, and neither is ever held
-whole in memory.
+whole in memory.  ``idle`` (seconds, None for no limit) turns a guest that
+goes silent mid-transfer into an ``AgentError``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 REFUSAL_GRACE = 10.0
 # Bytes of a directory stream buffered before the channel's reader waits for us.
 BUFFERED = 4 * CHUNK
-# Members a partial get() names in its error (the rest are counted).
-SHOWN_SKIPS = untar.SHOWN_SKIPS
 
 
 def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:

@@ -647,6 +647,22 @@ def test_get_refuses_devices_and_links_out_from_a_real_guest(module_bottle: Bott
     assert module_bottle.check_output("echo still here") == "still here\n"
 
 
+def test_put_into_a_real_guest_follows_merged_usr(module_bottle: Bottle, tmp_path: Path) -> None:
+    """debian-bookworm has /lib -> usr/lib: an overlay's lib/ lands in /usr/lib,
+    and put(..., "/") changes neither the link nor the modes of / and /usr/lib."""
+    before = module_bottle.check_output("readlink /lib; stat -c %a / /usr/lib")
+    src = tmp_path / "overlay"
+    (src / "lib" / "systemd" / "bottle-put-test").mkdir(parents=True)
+    (src / "lib" / "systemd" / "bottle-put-test" / "f").write_text("new\n")
+    (src / "lib").chmod(0o700)
+    src.chmod(0o700)
+    module_bottle.put(src, "/")
+    assert module_bottle.check_output("readlink /lib; stat -c %a / /usr/lib") == before
+    assert before.startswith("usr/lib\n")
+    assert module_bottle.read_text("/usr/lib/systemd/bottle-put-test/f") == "new\n"
+    module_bottle.check_output("rm -r /usr/lib/systemd/bottle-put-test")
+
+
 def test_agent_tar_stops_when_the_host_cancels(local_agent: AgentChannel, tmp_path: Path) -> None:
     """A refused get() asks the guest to stop: the real agent's tar honours CANCEL."""
     with open(tmp_path / "big", "wb") as f:
