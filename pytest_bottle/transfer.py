@@ -124,65 +124,66 @@ def receive_file(
     dst.parent.mkdir(parents=True, exist_ok=True)
     # mkstemp: O_EXCL | O_NOFOLLOW under a fresh name, so no planted link is followed
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name[:200]}.", suffix=".bottle-part", dir=dst.parent)
-    received = 0
-    failed = threading.Event()
-    errors: list[BaseException] = []
-    # The channel's reader thread calls write() until the guest's reply, even
-    # after we gave up: it must never write to the fd once it is closed (and
-    # its number maybe reused).
-    lock = threading.Lock()
-    closed = False
-    last = time.monotonic()
-
-    def write(kind: int, data: bytes) -> None:
-        nonlocal last
-        last = time.monotonic()
-        if kind != DATA:
-            return
-        with lock:
-            if not closed:
-                _write(data)
-
-    def _write(data: bytes) -> None:
-        nonlocal received
-        try:
-            received += len(data)
-            if received > policy.max_bytes:
-                raise UnsafeTransfer(src, f"the guest sent more than the limit of {policy.max_bytes} bytes")
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        except BaseException as e:
-            errors.append(e)
-            failed.set()  # a full disk, or too much: no need to hear the rest
-            raise
-
-    def shut() -> None:
-        nonlocal closed
-        with lock:  # the sink writes under this lock: after it, never again
-            if not closed:
-                closed = True
-                os.close(fd)
-
+    sink = _FileSink(fd, src, policy.max_bytes)
     try:
-        rid, call = channel.start("read", write, path=src)
+        rid, call = channel.start("read", sink.write, path=src)
         try:
-            while not call.done.wait(0.2) and not failed.is_set():
-                if idle is not None and time.monotonic() - last > idle:
+            while not call.done.wait(0.2) and not sink.failed.is_set():
+                if idle is not None and time.monotonic() - sink.last > idle:
                     raise AgentError(f"bottle {channel.name}: the guest sent nothing for {idle} s during get")
-            if failed.is_set():
-                raise errors[0]
+            if sink.failed.is_set():
+                raise sink.errors[0]
         except BaseException as e:  # a refusal, an interrupt, a test timeout: the guest may still be sending
-            shut()
+            sink.shut()
             _give_up(channel, rid, call.done, _grace(e))
             raise
         channel.wait(call, 0, "get")
         os.fchmod(fd, mode & policy.mode_mask)
-        shut()
+        sink.shut()
         os.replace(tmp, dst)
     finally:
-        shut()
+        sink.shut()
         Path(tmp).unlink(missing_ok=True)
+
+
+class _FileSink:
+    """Writes a file's DATA frames to ``fd``.  The channel's reader thread calls
+    ``write`` until the guest's reply, even after we gave up: once ``shut``
+    it never touches the fd again, whose number a later open() may reuse."""
+
+    def __init__(self, fd: int, src: str, limit: int) -> None:
+        self.fd, self.src, self.limit = fd, src, limit
+        self.lock = threading.Lock()
+        self.closed = False
+        self.received = 0
+        self.last = time.monotonic()  # when the guest last sent something
+        self.failed = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def write(self, kind: int, data: bytes) -> None:
+        self.last = time.monotonic()
+        if kind != DATA:
+            return
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                self.received += len(data)
+                if self.received > self.limit:
+                    raise UnsafeTransfer(self.src, f"the guest sent more than the limit of {self.limit} bytes")
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+            except BaseException as e:
+                self.errors.append(e)
+                self.failed.set()  # a full disk, or too much: no need to hear the rest
+                raise
+
+    def shut(self) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                os.close(self.fd)
 
 
 def _grace(e: BaseException) -> float:
