@@ -635,12 +635,15 @@ def test_get_from_a_real_guest(module_bottle: Bottle, tmp_path: Path) -> None:
 
 def test_get_refuses_devices_and_links_out_from_a_real_guest(module_bottle: Bottle, tmp_path: Path) -> None:
     module_bottle.check_output("rm -rf /srv/dev /srv/abs; mkdir -p /srv/dev /srv/abs; mknod /srv/dev/null c 1 3")
-    module_bottle.check_output("ln -s /etc/passwd /srv/abs/passwd")
+    module_bottle.check_output("ln -s /etc/passwd /srv/abs/passwd; echo kept > /srv/abs/kept")
     with pytest.raises(UnsafeTransfer, match="character device"):
         module_bottle.get("/srv/dev", tmp_path / "dev")
     assert not os.path.lexists(tmp_path / "dev" / "null")
-    with pytest.raises(UnsafeTransfer, match="absolute"):
+    with pytest.raises(UnsafeTransfer, match="absolute") as info:
         module_bottle.get("/srv/abs", tmp_path / "abs")
+    assert info.value.skipped == ("./passwd",)  # names as in the archive
+    assert (tmp_path / "abs" / "kept").read_text() == "kept\n"  # the rest was copied
+    assert not os.path.lexists(tmp_path / "abs" / "passwd")
     with pytest.raises(UnsafeTransfer, match="not a regular file"):
         module_bottle.get("/dev/zero", tmp_path / "zero")
     assert not (tmp_path / "zero").exists()
