@@ -60,7 +60,7 @@ def fetch(
 ) -> None:
     """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``;
     ``AgentError`` if the guest sends nothing for ``idle`` seconds."""
-    info = channel.call("stat", path=src)
+    info = channel.call("stat", path=src, timeout=idle)
     mode, is_dir = info.get("mode"), info.get("is_dir")
     if type(mode) is not int or type(is_dir) is not bool:
         raise UnsafeTransfer(src, f"a malformed stat reply from the guest: {str(info)[:200]}")
@@ -96,7 +96,9 @@ def receive_tree(
     except BaseException as e:
         _give_up(channel, rid, call.done, _grace(e))
         raise
-    channel.wait(call, None, "get")
+    if channel.wait(call, idle, "get") is None:  # all data came, the reply does not
+        _give_up(channel, rid, call.done, 0)
+        raise AgentError(f"bottle {channel.name}: the guest sent nothing for {idle} s during get")
     if count:
         raise _partial(count, skipped)
 

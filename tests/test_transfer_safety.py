@@ -15,9 +15,11 @@ import os
 import socket
 import stat
 import tarfile
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -495,6 +497,16 @@ def _stall(guest: HostileGuest, op: str, data: bytes, rids: list[int]) -> None:
     guest.answers[op] = answer
 
 
+def test_a_guest_that_never_replies_is_an_agent_error(guest: HostileGuest, tmp_path: Path) -> None:
+    serve_tree(guest, b"")
+    guest.answers["tar"] = lambda rid, call: stream(rid, archive(member("f")))[: -len(reply(rid))]
+    with pytest.raises(AgentError, match="sent nothing for 0.5 s"):
+        fetch(guest.channel, "/x", tmp_path / "x", idle=0.5)
+    guest.answers["stat"] = lambda rid, call: b""
+    with pytest.raises(AgentError, match="did not answer 'stat' within 0.5 s"):
+        fetch(guest.channel, "/x", tmp_path / "x", idle=0.5)
+
+
 @pytest.mark.parametrize("is_dir", [True, False], ids=["tree", "file"])
 def test_a_silent_guest_is_an_agent_error(guest: HostileGuest, tmp_path: Path, is_dir: bool) -> None:
     guest.answers["stat"] = lambda rid, call: reply(rid, mode=0o40755 if is_dir else 0o100644, size=1, is_dir=is_dir)
@@ -507,7 +519,9 @@ def test_a_silent_guest_is_an_agent_error(guest: HostileGuest, tmp_path: Path, i
     assert not [p for p in tmp_path.rglob("*") if "bottle" in p.name]
 
 
-def test_an_interrupted_file_get_never_writes_to_a_reused_fd(guest: HostileGuest, tmp_path: Path) -> None:
+def test_an_interrupted_file_get_never_writes_to_a_reused_fd(
+    guest: HostileGuest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Interrupted (a signal, a test timeout) while the guest still sends: the
     channel keeps calling the call's sink, which must not write to the closed
     fd, whose number the next open() reuses."""
@@ -522,6 +536,15 @@ def test_an_interrupted_file_get_never_writes_to_a_reused_fd(guest: HostileGuest
     guest.answers["stat"] = lambda rid, call: reply(rid, mode=0o100644, size=1, is_dir=False)
     rids: list[int] = []
     _stall(guest, "read", b"first", rids)
+    fds: list[int] = []
+
+    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, name = real_mkstemp(*args, **kwargs)
+        fds.append(fd)
+        return fd, name
+
+    real_mkstemp = tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)  # only to learn the fd's number
     old = signal.signal(signal.SIGALRM, interrupt)
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.5)
@@ -531,6 +554,7 @@ def test_an_interrupted_file_get_never_writes_to_a_reused_fd(guest: HostileGuest
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     with open(tmp_path / "later", "wb") as later:
+        assert later.fileno() == fds[0]  # the number is reused at once
         guest.peer.sendall(frame(DATA, rids[0], b"late guest data"))
         assert guest.still_answers()  # frames are handled in order: the DATA frame was
         later.write(b"mine")
