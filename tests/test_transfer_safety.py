@@ -695,15 +695,20 @@ def test_agent_tar_stops_when_the_host_cancels(local_agent: AgentChannel, tmp_pa
     with open(tmp_path / "big", "wb") as f:
         f.truncate(64 << 20)
     got = 0
+    started: list[int] = []
+    ready = threading.Event()
 
     def sink(kind: int, data: bytes) -> None:
         nonlocal got
         if kind == DATA:
             if not got:
-                local_agent.cancel(rid)
+                ready.wait(10)  # the first frame may come before start() returns
+                local_agent.cancel(started[0])
             got += len(data)
 
     rid, call = local_agent.start("tar", sink, path=str(tmp_path))
+    started.append(rid)
+    ready.set()
     with pytest.raises(GuestOSError, match="the host stopped reading"):
         local_agent.wait(call, 60, "get")
     assert 0 < got < 16 << 20

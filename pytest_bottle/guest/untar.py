@@ -74,9 +74,9 @@ class Extractor:
             limit = self.policy.max_tracked
             raise ts.Refused(show(name), f"the archive's names take more than the limit of {limit} bytes to track")
 
-    def step(self, fd: int, prefix: tuple[bytes, ...], name: bytes, create: bool) -> int:
-        """A new descriptor of directory ``prefix[-1]`` inside ``fd``."""
-        part = prefix[-1]
+    def step(self, fd: int, path: tuple[bytes, ...], i: int, name: bytes, create: bool) -> int:
+        """A new descriptor of directory ``path[i]`` inside ``fd`` (``path[:i]``)."""
+        part = path[i]
         try:
             return os.open(part, DIR_FLAGS, dir_fd=fd)
         except FileNotFoundError:
@@ -87,7 +87,7 @@ class Extractor:
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise  # EACCES, EMFILE...: not what the path is made of
-        if self.policy.trusted and b"/".join(prefix) not in self.links:
+        if self.policy.trusted and b"/".join(path[: i + 1]) not in self.links:
             try:  # the guest's own link to a directory (/lib -> usr/lib): followed, like cp and tar
                 return os.open(part, FOLLOW_DIR, dir_fd=fd)
             except OSError:
@@ -99,7 +99,7 @@ class Extractor:
         fd = os.dup(self.root)
         try:
             for i in range(len(path)):
-                nfd = self.step(fd, path[: i + 1], name, create)
+                nfd = self.step(fd, path, i, name, create)
                 os.close(fd)
                 fd = nfd
         except BaseException:
@@ -119,7 +119,7 @@ class Extractor:
         del self.chain[keep:]
         fd = self.chain[-1][1] if self.chain else self.root
         for i in range(keep, len(path)):
-            fd = self.step(fd, path[: i + 1], name, create=True)
+            fd = self.step(fd, path, i, name, create=True)
             self.chain.append((path[i], fd))
         return fd
 
