@@ -335,8 +335,10 @@ class Bottle:
 
     def get(self, src: str, dst: PathLike, *, timeout: float | None = FILE_TIMEOUT) -> None:
         """Copy a guest file or directory to local ``dst``: files, directories and
-        symlinks staying inside ``dst`` only, modes without set-id bits, never
-        chowned (see ``transfer``); anything else raises ``UnsafeTransfer``.
+        symlinks staying inside ``dst`` only, modes masked with 0o755, never
+        chowned (see ``transfer``). Links leading out, devices and fifos are
+        skipped and the rest copied, then ``UnsafeTransfer`` names them
+        (``skipped``); anything else refused stops at once with ``UnsafeTransfer``.
         Streams to disk (a window at a time); ``AgentTimeout`` after ``timeout`` s."""
         _check_timeout(timeout)
         with self._channel.deadline(timeout):

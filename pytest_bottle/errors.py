@@ -175,14 +175,15 @@ class UnsafeTransfer(BottleError):
     """``get()`` or ``put()`` refused what the other side sent: a path outside the
     destination, a device, a link leading out, more than the limits allow."""
 
-    def __init__(self, path: str, reason: str, op: str = "get") -> None:
+    def __init__(self, path: str, reason: str, op: str = "get", skipped: tuple[str, ...] = ()) -> None:
         self.path = path
         self.reason = reason
         self.op = op
+        self.skipped = skipped  # get(): members not copied while the rest was (at most 20 named)
         super().__init__(f"{op}() refused {path!r}: {reason}" if path else f"{op}() refused the transfer: {reason}")
 
     def _args(self) -> dict[str, Any]:
-        return {"path": self.path, "reason": self.reason, "op": self.op}
+        return {"path": self.path, "reason": self.reason, "op": self.op, "skipped": self.skipped}
 
 
 class WaitTimeout(BottleError, TimeoutError):

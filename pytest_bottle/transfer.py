@@ -4,7 +4,8 @@ Everything the guest sends is checked and bounded here: a directory arrives
 as a tar stream that ``guest.untar`` extracts under the ``GET`` policy (no
 ``tarfile`` extraction, whose filters older Pythons lack), a file arrives in
 a temporary file capped at the policy's byte limit, and neither is ever held
-whole in memory.
+whole in memory.  ``idle`` (seconds, None for no limit) turns a guest that
+goes silent mid-transfer into an ``AgentError``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import stat
 import tarfile
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import BottleError, UnsafeTransfer
+from .errors import AgentError, BottleError, UnsafeTransfer
 from .guest import untar
 from .guest.channel import AgentChannel
 from .guest.frames import DATA, EOF, FrameWriter
@@ -52,28 +54,36 @@ def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:
         raise UnsafeTransfer(str(refused.get("path", ""))[:4096], str(refused.get("reason", ""))[:4096], "put")
 
 
-def fetch(channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
-    """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``."""
-    info = channel.call("stat", path=src)
+def fetch(
+    channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET, idle: float | None = None
+) -> None:
+    """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``;
+    ``AgentError`` if the guest sends nothing for ``idle`` seconds."""
+    info = channel.call("stat", path=src, timeout=idle)
     mode, is_dir = info.get("mode"), info.get("is_dir")
     if type(mode) is not int or type(is_dir) is not bool:
         raise UnsafeTransfer(src, f"a malformed stat reply from the guest: {str(info)[:200]}")
     if is_dir:
-        receive_tree(channel, src, dst, policy)
+        receive_tree(channel, src, dst, policy, idle)
     elif stat.S_ISREG(mode):
-        receive_file(channel, src, dst, mode, policy)
+        receive_file(channel, src, dst, mode, policy, idle)
     else:
         raise UnsafeTransfer(src, "not a regular file or a directory: only those are copied")
 
 
-def receive_tree(channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
-    """Copy the contents of guest directory ``src`` into local directory ``dst``."""
+def receive_tree(
+    channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET, idle: float | None = None
+) -> None:
+    """Copy the contents of guest directory ``src`` into local directory ``dst``.
+
+    Links leading out, devices and fifos are skipped, not written: the rest is
+    copied, then ``UnsafeTransfer`` names what was skipped."""
     dst.mkdir(parents=True, exist_ok=True)
-    source = _FrameSource(channel)
+    source = _FrameSource(channel, idle)
     rid, call = source.start("tar", path=src)
     try:
         try:
-            untar.extract(source.read, os.fspath(dst), policy)
+            count, skipped = untar.extract(source.read, os.fspath(dst), policy)
         finally:
             source.discard()  # whatever else comes is dropped: the channel goes on
     except untar.Refused as e:
@@ -81,13 +91,31 @@ def receive_tree(channel: AgentChannel, src: str, dst: Path, policy: untar.Polic
         if e.reason == untar.TRUNCATED and call.reply is not None and not call.reply.get("ok"):
             channel.wait(call, 0, "get")  # the guest failed mid-way: its reason, not ours
         raise UnsafeTransfer(e.path, e.reason) from None
-    except BaseException:
-        _give_up(channel, rid, call.done)
+    except BaseException as e:
+        _give_up(channel, rid, call.done, _grace(e))
         raise
-    channel.wait(call, None, "get")
+    if channel.wait(call, idle, "get") is None:  # all data came, the reply does not
+        _give_up(channel, rid, call.done, 0)
+        raise AgentError(f"bottle {channel.name}: the guest sent nothing for {idle} s during get")
+    if count:
+        raise _partial(count, skipped)
 
 
-def receive_file(channel: AgentChannel, src: str, dst: Path, mode: int, policy: untar.Policy = untar.GET) -> None:
+def _partial(count: int, skipped: list[untar.Refused]) -> UnsafeTransfer:
+    shown = "; ".join(f"{e.path!r}: {e.reason}" for e in skipped)
+    more = f"; and {count - len(skipped)} more" if count > len(skipped) else ""
+    reason = f"{count} member(s) not copied, the rest was: {shown}{more}"
+    return UnsafeTransfer(skipped[0].path, reason, "get", skipped=tuple(e.path for e in skipped))
+
+
+def receive_file(
+    channel: AgentChannel,
+    src: str,
+    dst: Path,
+    mode: int,
+    policy: untar.Policy = untar.GET,
+    idle: float | None = None,
+) -> None:
     """Copy guest file ``src`` to ``dst`` (inside it if it is a directory), its
     mode masked by the policy; never written through a link, never more than
     the policy's byte limit."""
@@ -96,45 +124,76 @@ def receive_file(channel: AgentChannel, src: str, dst: Path, mode: int, policy: 
     dst.parent.mkdir(parents=True, exist_ok=True)
     # mkstemp: O_EXCL | O_NOFOLLOW under a fresh name, so no planted link is followed
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name[:200]}.", suffix=".bottle-part", dir=dst.parent)
-    received = 0
-    failed = threading.Event()
-    errors: list[BaseException] = []
-
-    def write(kind: int, data: bytes) -> None:
-        nonlocal received
-        if kind != DATA:
-            return
-        try:
-            received += len(data)
-            if received > policy.max_bytes:
-                raise UnsafeTransfer(src, f"the guest sent more than the limit of {policy.max_bytes} bytes")
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        except BaseException as e:
-            errors.append(e)
-            failed.set()  # a full disk, or too much: no need to hear the rest
-            raise
-
+    sink = _FileSink(fd, src, policy.max_bytes)
     try:
-        rid, call = channel.start("read", write, path=src)
-        while not call.done.wait(0.2) and not failed.is_set():
-            channel.check(call, "get")  # a deadline, a dead agent
-        if failed.is_set():
-            _give_up(channel, rid, call.done)
-            raise errors[0]
+        rid, call = channel.start("read", sink.write, path=src)
+        try:
+            while not call.done.wait(0.2) and not sink.failed.is_set():
+                if idle is not None and time.monotonic() - sink.last > idle:
+                    raise AgentError(f"bottle {channel.name}: the guest sent nothing for {idle} s during get")
+                channel.check(call, "get")  # a deadline, a dead agent
+            if sink.failed.is_set():
+                raise sink.errors[0]
+        except BaseException as e:  # a refusal, an interrupt, a test timeout: the guest may still be sending
+            sink.shut()
+            _give_up(channel, rid, call.done, _grace(e))
+            raise
         channel.wait(call, 0, "get")
         os.fchmod(fd, mode & policy.mode_mask)
-        os.close(fd)
-        fd = -1
+        sink.shut()
         os.replace(tmp, dst)
     finally:
-        if fd >= 0:
-            os.close(fd)
+        sink.shut()
         Path(tmp).unlink(missing_ok=True)
 
 
-def _give_up(channel: AgentChannel, rid: int, done: threading.Event) -> None:
+class _FileSink:
+    """Writes a file's DATA frames to ``fd``.  The channel's reader thread calls
+    ``write`` until the guest's reply, even after we gave up: once ``shut``
+    it never touches the fd again, whose number a later open() may reuse."""
+
+    def __init__(self, fd: int, src: str, limit: int) -> None:
+        self.fd, self.src, self.limit = fd, src, limit
+        self.lock = threading.Lock()
+        self.closed = False
+        self.received = 0
+        self.last = time.monotonic()  # when the guest last sent something
+        self.failed = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def write(self, kind: int, data: bytes) -> None:
+        self.last = time.monotonic()
+        if kind != DATA:
+            return
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                self.received += len(data)
+                if self.received > self.limit:
+                    raise UnsafeTransfer(self.src, f"the guest sent more than the limit of {self.limit} bytes")
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+            except BaseException as e:
+                self.errors.append(e)
+                self.failed.set()  # a full disk, or too much: no need to hear the rest
+                raise
+
+    def shut(self) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                os.close(self.fd)
+
+
+def _grace(e: BaseException) -> float:
+    """How long to wait for the guest's reply after ``e``: not at all when the
+    guest went silent or the caller is interrupted (the sinks drop the rest)."""
+    return REFUSAL_GRACE if isinstance(e, Exception) and not isinstance(e, AgentError) else 0
+
+
+def _give_up(channel: AgentChannel, rid: int, done: threading.Event, grace: float = REFUSAL_GRACE) -> None:
     """Ask the guest to stop, and wait a little for its reply so the call ends
     cleanly; the reader thread drops anything more it sends for ``rid``."""
     if done.is_set():
@@ -143,8 +202,8 @@ def _give_up(channel: AgentChannel, rid: int, done: threading.Event) -> None:
         channel.cancel(rid)
     except BottleError:
         return  # the channel is gone: nothing to stop
-    if not done.wait(REFUSAL_GRACE):
-        log.debug("bottle %s: no reply to a refused transfer within %s s", channel.name, REFUSAL_GRACE)
+    if grace and not done.wait(grace):
+        log.debug("bottle %s: no reply to a refused transfer within %s s", channel.name, grace)
 
 
 def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -162,8 +221,9 @@ class _FrameSource:
     and the reader never waits for us.
     """
 
-    def __init__(self, channel: AgentChannel) -> None:
+    def __init__(self, channel: AgentChannel, idle: float | None = None) -> None:
         self.channel = channel
+        self.idle = idle  # AgentError when nothing arrives for this long
         self.done: threading.Event | None = None
         self.call: Any = None
         self.rid = 0
@@ -191,6 +251,7 @@ class _FrameSource:
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; b"" once the stream has ended."""
+        since = time.monotonic()
         while True:
             with self.cond:
                 if not self.chunks and not (self.eof or self.dropping or self._finished()):
@@ -206,6 +267,8 @@ class _FrameSource:
                     break
                 if self.eof or self.dropping or self._finished():
                     return b""
+            if self.idle is not None and time.monotonic() - since > self.idle:
+                raise AgentError(f"bottle {self.channel.name}: the guest sent nothing for {self.idle} s during get")
             if self.call is not None:  # a deadline, a dead agent (never while holding cond)
                 self.channel.check(self.call, "get")
         if self.call is not None:

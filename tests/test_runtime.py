@@ -261,14 +261,14 @@ def test_file_semantics_like_cp(module_bottle: Bottle, tmp_path: Path) -> None:
     module_bottle.exec("mkdir -p /opt/tools")
     module_bottle.put(src, "/opt/tools")
     assert module_bottle.read_text("/opt/tools/tool.sh") == "echo tool\n"
-    # get of a directory keeps permission bits, never set-id bits (see test_transfer_safety).
+    # get of a directory keeps permission bits, never set-id or group/other-write bits (see test_transfer_safety).
     module_bottle.exec(
         "mkdir -p /srv/modes && touch /srv/modes/suid && chmod 4755 /srv/modes/suid "
         "&& touch /srv/modes/shared && chmod 0666 /srv/modes/shared"
     )
     module_bottle.get("/srv/modes", tmp_path / "modes")
     assert (tmp_path / "modes" / "suid").stat().st_mode & 0o7777 == 0o755
-    assert (tmp_path / "modes" / "shared").stat().st_mode & 0o777 == 0o666
+    assert (tmp_path / "modes" / "shared").stat().st_mode & 0o777 == 0o644
 
 
 def test_unknown_user_is_a_clear_error(module_bottle: Bottle) -> None:

@@ -216,18 +216,20 @@ class Agent:
 
     def op_untar(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         """Extract the host's tar stream into ``path`` under the PUT policy: modes
-        as given, owned by root (the agent's own), and nothing written through a
-        symlink, whether the stream or an earlier put left it there."""
+        as given (directories that were there keep theirs), owned by root (the
+        agent's own), the guest's own links to directories followed like cp and
+        tar do (merged /usr), never a link the stream itself made."""
         try:  # only here: every import costs time in an emulated boot
             from . import untar
         except ImportError:
             import untar  # type: ignore[import-not-found,no-redef]
 
         dst = call["path"]
+        made = not os.path.isdir(dst)  # only a directory made here takes the archive root's mode
         os.makedirs(dst, exist_ok=True)
         stream = frames.InboxReader(inbox)
         try:
-            untar.extract(stream.read, dst, untar.PUT)
+            untar.extract(stream.read, dst, untar.PUT, own_root=made)
         except untar.Refused as e:  # a reply, not an error: the host raises UnsafeTransfer
             return {"refused": {"path": e.path, "reason": e.reason}}
         finally:
