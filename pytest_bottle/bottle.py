@@ -16,13 +16,13 @@ from typing import Any
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_exponential
 
-from .errors import AgentError, BottleError, ExecTimeout, OutputLimit, SpecError, WaitTimeout
+from .errors import AgentError, BottleError, ExecTimeout, SpecError, WaitTimeout
 from .guest.channel import AgentChannel
-from .guest.frames import CHUNK, DATA, STDERR, STDOUT
+from .guest.frames import CHUNK, STDERR, STDOUT
 from .net import pools
-from .results import Command, ExecResult, to_argv
+from .results import CappedOutput, Command, ExecResult, to_argv
 from .runstate import RunRecord
-from .transfer import fetch, send_tree
+from .transfer import fetch, read_all, send_tree
 from .vmm.machine import QemuMachine
 
 log = logging.getLogger(__name__)
@@ -42,33 +42,6 @@ READ_CAP = 1024 * 1024 * 1024
 def _check_timeout(timeout: float | None) -> None:
     if timeout is not None and not 0 < timeout < 1e9:  # also rejects inf and nan
         raise SpecError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
-
-
-class _Capped:
-    """One exec output stream: kept up to ``EXEC_OUTPUT_CAP``, the rest counted and dropped."""
-
-    __slots__ = ("cap", "dropped", "parts", "size")
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.dropped = 0
-        self.cap = EXEC_OUTPUT_CAP
-
-    def add(self, data: bytes) -> None:
-        room = self.cap - self.size
-        if len(data) > room:
-            self.dropped += len(data) - max(room, 0)
-            data = data[: max(room, 0)]
-        self.parts.append(data)
-        self.size += len(data)
-
-    def value(self) -> bytes:
-        out = b"".join(self.parts)
-        if self.dropped:
-            note = f"\n[pytest-bottle: output truncated: {self.dropped} bytes past the first {self.cap} dropped]\n"
-            out += note.encode()
-        return out
 
 
 def _guest_path(path: str, what: str = "guest path") -> str:
@@ -168,7 +141,7 @@ class Bottle:
         _check_timeout(timeout)
         if cwd is not None:
             cwd = _guest_path(cwd, "cwd")
-        out, err = _Capped(), _Capped()
+        out, err = CappedOutput(EXEC_OUTPUT_CAP), CappedOutput(EXEC_OUTPUT_CAP)
 
         def sink(kind: int, data: bytes) -> None:
             if kind == STDOUT:
@@ -288,19 +261,7 @@ class Bottle:
         past it: use ``get`` for more); ``AgentTimeout`` after ``timeout`` s."""
         path = _guest_path(path)
         _check_timeout(timeout)
-        parts: list[bytes] = []
-        size = 0
-
-        def sink(kind: int, data: bytes) -> None:
-            nonlocal size
-            if kind == DATA:
-                size += len(data)
-                if size > READ_CAP:
-                    raise OutputLimit(f"{path} in {self.name} is larger than {READ_CAP} bytes: use get()")
-                parts.append(data)
-
-        self._channel.call("read", path=path, sink=sink, timeout=timeout)
-        return b"".join(parts)
+        return read_all(self._channel, path, READ_CAP, timeout)
 
     def read_text(self, path: str, encoding: str = "utf-8", *, timeout: float | None = FILE_TIMEOUT) -> str:
         return self.read_bytes(path, timeout=timeout).decode(encoding)

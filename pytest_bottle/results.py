@@ -59,3 +59,30 @@ class ExecResult:
 
 def _clip(s: str, n: int = 200) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
+
+
+class CappedOutput:
+    """One output stream kept up to ``cap`` bytes; the rest is counted and dropped."""
+
+    __slots__ = ("cap", "dropped", "parts", "size")
+
+    def __init__(self, cap: int) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.dropped = 0
+        self.cap = cap
+
+    def add(self, data: bytes) -> None:
+        room = self.cap - self.size
+        if len(data) > room:
+            self.dropped += len(data) - max(room, 0)
+            data = data[: max(room, 0)]
+        self.parts.append(data)
+        self.size += len(data)
+
+    def value(self) -> bytes:
+        out = b"".join(self.parts)
+        if self.dropped:
+            note = f"\n[pytest-bottle: output truncated: {self.dropped} bytes past the first {self.cap} dropped]\n"
+            out += note.encode()
+        return out

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import AgentError, BottleError, UnsafeTransfer
+from .errors import AgentError, BottleError, OutputLimit, UnsafeTransfer
 from .guest import untar
 from .guest.channel import AgentChannel
 from .guest.frames import DATA, EOF, FrameWriter
@@ -285,3 +285,20 @@ class _FrameSource:
     def _finished(self) -> bool:
         # The reply (or the channel's death) comes after the last data frame.
         return self.channel.closed.is_set() or (self.done is not None and self.done.is_set())
+
+
+def read_all(channel: AgentChannel, path: str, cap: int, timeout: float | None) -> bytes:
+    """``Bottle.read_bytes``: the whole of guest file ``path``, at most ``cap`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+
+    def sink(kind: int, data: bytes) -> None:
+        nonlocal size
+        if kind == DATA:
+            size += len(data)
+            if size > cap:
+                raise OutputLimit(f"{path} in {channel.name} is larger than {cap} bytes: use get()")
+            parts.append(data)
+
+    channel.call("read", path=path, sink=sink, timeout=timeout)
+    return b"".join(parts)
