@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 import pytest_bottle
-from pytest_bottle import BootError, BottleError, boot, seed_gc
+from pytest_bottle import BootError, BottleError, boot, seed_store
 from pytest_bottle.boot import BootPlan
 from pytest_bottle.images import ensure_image
 from pytest_bottle.images.cache import entry_dir
@@ -226,7 +226,7 @@ def test_image_prune_removes_stale_seeds_and_logs_and_reports_bytes(seeded: Path
     (logs / "gone-recipe-0123-failed-1.log").write_text("E: old\n")
 
     busy = Seed(stale["in-use"], json.loads((stale["in-use"] / "manifest.json").read_text()))
-    with seed_gc.in_use(busy):  # a clone is starting from it
+    with seed_store.in_use(busy):  # a clone is starting from it
         r = subprocess.run(
             [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={seeded}", "image", "prune"],
             capture_output=True,
