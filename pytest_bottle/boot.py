@@ -18,6 +18,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_d
 from .errors import BootError, BootTimeout
 from .guest.channel import AgentChannel
 from .hostdeps import require
+from .paths import write_private
 from .vmm import accel, clock
 from .vmm.accel import ProbeResult
 from .vmm.machine import QemuMachine, console_tail
@@ -78,9 +79,7 @@ def make_overlay(backing: Path, fmt: str, dst: Path) -> None:
                 fresh = dst.with_name(f".{dst.name}.{os.getpid()}.new")
                 argv = [require("qemu-img", "create disk overlays"), "create", "-q", "-f", "qcow2"]
                 subprocess.run([*argv, "-F", fmt, "-b", rel, str(fresh)], check=True, capture_output=True)
-                tmp = template.with_name(template.name + f".{os.getpid()}.tmp")
-                _copy(fresh, tmp)
-                os.replace(tmp, template)
+                write_private(template, fresh.read_bytes())
                 os.replace(fresh, dst)
                 return
     _copy(template, dst)

@@ -26,6 +26,7 @@ from filelock import FileLock
 
 from ..errors import HostDependencyError
 from ..hostdeps import require
+from ..paths import write_private
 from . import process
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,5 @@ def _probe(cache_dir: Path, probe: Probe) -> Verdict:
         "definite": verdict.definite,
         "run": run_id(),
     }
-    tmp = _verdict_file(cache_dir).with_name(f"accel.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, _verdict_file(cache_dir))
+    write_private(_verdict_file(cache_dir), json.dumps(data))
     return verdict
