@@ -25,7 +25,7 @@ from pytest_bottle.boot import BootPlan
 from pytest_bottle.images import ensure_image
 from pytest_bottle.images.cache import entry_dir
 from pytest_bottle.images.recipes import get_recipe
-from pytest_bottle.paths import default_cache_dir
+from pytest_bottle.paths import default_cache_dir, remove_tree, unescape_mount_field
 from pytest_bottle.seeds import SEED_VERSION, Seed, list_seeds
 from pytest_bottle.vmm import accel
 from pytest_bottle.vmm.qemu import Nic
@@ -403,3 +403,26 @@ def test_ssh_config_names_paths_with_spaces_quotes_and_percent(tmp_path: Path) -
     # ssh -G prints IdentityFile before %-expansion: %% stands for %.
     assert seen["identityfile"].replace("%%", "%") == str(identity)
     assert (seen["hostname"], seen["port"]) == ("127.0.0.1", "2222")
+
+
+def _mount_points() -> set[str]:
+    with open("/proc/self/mounts") as f:
+        return {unescape_mount_field(line.split()[1]) for line in f}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a file system needs root")
+def test_remove_tree_unmounts_what_a_killed_build_left_under_a_path_with_spaces(tmp_path: Path) -> None:
+    """A killed mmdebstrap leaves its /proc, /sys, /dev mounts in the build
+    root; the cache dir has spaces, which /proc/self/mounts writes as \\040."""
+    entry = tmp_path / "a cache" / ".tmp-debian 1234"
+    mnt = entry / "root" / "dev pts"
+    mnt.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "bottle-test", str(mnt)], check=True)
+    try:
+        (mnt / "file").write_text("in the mount\n")
+        remove_tree(entry)
+        assert str(mnt) not in _mount_points()
+        assert not entry.exists()
+    finally:
+        if str(mnt) in _mount_points():
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
