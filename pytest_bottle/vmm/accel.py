@@ -43,7 +43,7 @@ PROBE_TIMEOUT = 20.0
 STARVED_SHARE = 0.25
 # QEMU's own words for KVM failing under it: "failed to initialize kvm",
 # "KVM internal error", "kvm run failed", or an assertion before its abort().
-KVM_FAULT = re.compile(r"\bkvm\b|Assertion .* failed", re.IGNORECASE)
+KVM_FAULT = re.compile(r"\bkvm\b|failed to set MSR|Assertion .* failed", re.IGNORECASE)
 GUEST_PANIC = re.compile(r"Kernel panic - not syncing")
 
 

@@ -19,6 +19,7 @@ HOST_SIDE = "qemu-system-x86_64: cannot set up guest memory 'ram': Cannot alloca
     [
         (1, KVM_REFUSED, "", True),  # QEMU's own exit, naming KVM
         (-signal.SIGABRT, KVM_ASSERT, "", True),  # QEMU's own abort()
+        (-signal.SIGABRT, "qemu-system-x86_64: error: failed to set MSR 0x38d to 0x0\n", "", True),
         (0, "", PANIC, True),  # the guest panicked (panic=-1, -no-reboot: QEMU exits 0)
         (-signal.SIGKILL, "", PANIC, True),  # the panic is on the console, whoever killed QEMU later
         (1, HOST_SIDE, "", False),  # a host-side fault in QEMU's words, not about KVM
