@@ -144,42 +144,7 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path, baked:
     tmp.mkdir(parents=True)
     started = time.monotonic()
     try:
-        plan = BootPlan(
-            image.kernel,
-            image.initrd,
-            image.rootfs,
-            "raw",
-            parts["memory_mb"],
-            parts["cpus"],
-            accel,
-            seed_nics(parts["nics"]),
-            ram_file=tmp / "memory.ram",
-            ram_shared=True,
-        )
-        machine, channel = start_machine(plan, tmp, "seed", SEED_BOOT_TIMEOUT)
-        try:
-            boot_seconds = time.monotonic() - started
-            nic_setup = [dict(match=SEED_MACS[0], mac=SEED_MACS[0], **USER_NET)]
-            # Every step a clone's handshake takes, so that the code it runs is
-            # in the seed's page cache.
-            args: dict[str, Any] = dict(
-                baked,
-                nics=nic_setup,
-                entropy=os.urandom(64).hex(),
-                time_ns=time.time_ns(),
-                hostname=SEED_HOSTNAME,
-                machine_id="0" * 32,
-                list_nics=True,
-            )
-            if image.recipe.has_sshd and (key := new_host_key(SEED_HOSTNAME)):
-                args["ssh_host_key"] = {"private": key[0], "public": key[1]}
-            named = channel.call("setup", timeout=60, **args)["nics"]
-            settle = channel.call("settle", timeout=120, quiet=1.0)
-            channel.call("quiesce", timeout=300, warm=WARM_DIRS)
-            machine.save_state(tmp / "memory.state")
-        finally:
-            machine.stop()
-            channel.close()
+        boot_seconds, settle, named = _boot_and_save(image, accel, parts, tmp, baked)
         _dig_holes(tmp / "memory.ram")
         for scratch in ("qemu.log", "qemu.argv"):
             (tmp / scratch).unlink(missing_ok=True)
@@ -188,7 +153,7 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path, baked:
             "key_parts": parts,
             "image_path": str(image.path),
             "files": files,
-            "boot_seconds": round(boot_seconds, 2),
+            "boot_seconds": round(boot_seconds - started, 2),
             "creation_seconds": round(time.monotonic() - started, 2),
             "guest_state": settle.get("state"),
             "nic_names": [named[n.mac.lower()] for n in seed_nics(parts["nics"])],
@@ -202,6 +167,51 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path, baked:
     except BaseException:
         remove_tree(tmp)
         raise
+
+
+def _boot_and_save(
+    image: Image, accel: str, parts: dict[str, Any], tmp: Path, baked: dict[str, str | None]
+) -> tuple[float, dict[str, Any], dict[str, str]]:
+    """Boot the seed machine in ``tmp``, set it up as a clone would be and save
+    its state; returns when it was ready (monotonic), the settle result and
+    the guest's NIC names by MAC."""
+    plan = BootPlan(
+        image.kernel,
+        image.initrd,
+        image.rootfs,
+        "raw",
+        parts["memory_mb"],
+        parts["cpus"],
+        accel,
+        seed_nics(parts["nics"]),
+        ram_file=tmp / "memory.ram",
+        ram_shared=True,
+    )
+    machine, channel = start_machine(plan, tmp, "seed", SEED_BOOT_TIMEOUT)
+    try:
+        ready = time.monotonic()
+        nic_setup = [dict(match=SEED_MACS[0], mac=SEED_MACS[0], **USER_NET)]
+        # Every step a clone's handshake takes, so that the code it runs is
+        # in the seed's page cache.
+        args: dict[str, Any] = dict(
+            baked,
+            nics=nic_setup,
+            entropy=os.urandom(64).hex(),
+            time_ns=time.time_ns(),
+            hostname=SEED_HOSTNAME,
+            machine_id="0" * 32,
+            list_nics=True,
+        )
+        if image.recipe.has_sshd and (key := new_host_key(SEED_HOSTNAME)):
+            args["ssh_host_key"] = {"private": key[0], "public": key[1]}
+        named: dict[str, str] = channel.call("setup", timeout=60, **args)["nics"]
+        settle: dict[str, Any] = channel.call("settle", timeout=120, quiet=1.0)
+        channel.call("quiesce", timeout=300, warm=WARM_DIRS)
+        machine.save_state(tmp / "memory.state")
+    finally:
+        machine.stop()
+        channel.close()
+    return ready, settle, named
 
 
 def _dig_holes(path: Path) -> None:
