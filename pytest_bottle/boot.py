@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -18,6 +19,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_d
 from .errors import BootError, BootTimeout
 from .guest.channel import AgentChannel
 from .hostdeps import require
+from .paths import write_private
 from .vmm import accel, clock
 from .vmm.accel import ProbeResult
 from .vmm.machine import QemuMachine, console_tail
@@ -78,9 +80,7 @@ def make_overlay(backing: Path, fmt: str, dst: Path) -> None:
                 fresh = dst.with_name(f".{dst.name}.{os.getpid()}.new")
                 argv = [require("qemu-img", "create disk overlays"), "create", "-q", "-f", "qcow2"]
                 subprocess.run([*argv, "-F", fmt, "-b", rel, str(fresh)], check=True, capture_output=True)
-                tmp = template.with_name(template.name + f".{os.getpid()}.tmp")
-                _copy(fresh, tmp)
-                os.replace(tmp, template)
+                write_private(template, fresh.read_bytes())
                 os.replace(fresh, dst)
                 return
     _copy(template, dst)
@@ -151,17 +151,25 @@ def start_machine(
 
 def run_probe(plan: BootPlan, run_dir: Path, timeout: float) -> ProbeResult:
     """Boot ``plan`` once, time-boxed, and say what that proves (see ``vmm.accel``)."""
-    waited: list[float | None] = [None]
+    seen: dict[str, Any] = {}
 
-    def measure(machine: QemuMachine) -> None:
-        waited[0] = accel.runqueue_wait(machine.pid)
+    def measure(machine: QemuMachine) -> None:  # after a failed wait, before the stop
+        seen.update(waited=accel.runqueue_wait(machine.pid), returncode=machine.proc.poll())
+        try:
+            seen["log"] = (run_dir / "qemu.log").read_text(errors="replace")
+        except OSError:
+            seen["log"] = ""
 
     try:
         machine, channel = start_machine(plan, run_dir, "probe", timeout, on_fail=measure)
     except BootTimeout as e:
-        return accel.timed_out(e.reason, timeout, waited[0], os.getloadavg()[0], os.cpu_count() or 1)
-    except BootError as e:  # QEMU exited (refused, aborted, the kernel panicked)
-        return accel.ProbeResult(False, e.reason, definite=True)
+        return accel.timed_out(e.reason, timeout, seen.get("waited"), os.getloadavg()[0], os.cpu_count() or 1)
+    except BootError as e:
+        if not seen:  # no QEMU got that far: the overlay or saved state (a host-side fault)
+            return accel.inconclusive(e.reason, "a host-side fault")
+        return accel.exited(e.reason, seen["returncode"], seen["log"], e.console_tail)
+    except OSError as e:  # QEMU could not even be spawned (memory, file descriptors)
+        return accel.inconclusive(f"cannot start QEMU: {e}", "a host-side fault")
     machine.stop()
     channel.close()
     return accel.ProbeResult(True)

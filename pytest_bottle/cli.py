@@ -14,8 +14,8 @@ from .images import RECIPES, Image, ensure_image, list_images, prune_images, rem
 from .images.cache import prune_logs
 from .paths import default_cache_dir, state_dir, tree_size
 from .runstate import RunRecord
-from .seed_gc import prune_seeds
-from .seeds import list_seeds, remove_seeds
+from .seed_gc import prune_seeds, remove_seeds
+from .seed_store import list_seeds
 from .spec import resolve
 from .sweep import SweepReport, stop_vm, sweep
 from .vmm import accel as accel_mod

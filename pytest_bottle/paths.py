@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -145,7 +146,7 @@ def _check_ancestors(path: Path, hint: str) -> None:
         _check_ancestors(Path(os.path.realpath(path.parent)) / path.name, hint)
 
 
-def write_private(path: Path, data: str) -> None:
+def write_private(path: Path, data: str | bytes) -> None:
     """Replace ``path`` atomically with ``data``, mode 0600.
 
     The temporary file gets a fresh unpredictable name (O_EXCL), so a symlink
@@ -153,7 +154,7 @@ def write_private(path: Path, data: str) -> None:
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(fd, "w") as f:
+        with open(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -168,7 +169,7 @@ def remove_tree(path: Path) -> None:
     prefix = str(path.resolve()) + "/"
     try:
         with open("/proc/self/mounts") as f:
-            mounts = [line.split()[1] for line in f]
+            mounts = [unescape_mount_field(line.split()[1]) for line in f]
     except OSError:
         mounts = []
     for mnt in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
@@ -177,6 +178,12 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def unescape_mount_field(field: str) -> str:
+    """A path as /proc/self/mounts writes it, back as it is: the kernel
+    escapes space, tab, newline and backslash as octal (``\\040``...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
 def tree_size(path: Path) -> int:

@@ -11,18 +11,16 @@ unlinked files for the processes that have them open or mapped.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .images.cache import Image
-from .paths import remove_tree, tree_size
-from .seeds import SEED_FILES, SEED_VERSION, TMP_PREFIX, Seed, SeedCorrupt, list_seeds, lock_path
+from .paths import tree_size
+from .seed_store import SEED_VERSION, Seed, entry_lock, list_seeds, remove_entry
+from .seed_store import in_use as in_use  # where launch takes it from
 from .vmm.accel import qemu_version
 from .vmm.qemu import kernel_args
 
@@ -81,7 +79,7 @@ def prune_seeds(cache_dir: Path, images: Mapping[str, Image], only: str | None =
     removed = []
     for seed, why in stale_seeds(cache_dir, images, only):
         size = tree_size(seed.path)
-        if try_remove(seed.path):
+        if _try_remove(seed.path):
             log.info("pytest-bottle: removed seed %s (%s)", seed.path.name, why)
             removed.append(Removed(seed.path, size, why))
         else:
@@ -89,46 +87,29 @@ def prune_seeds(cache_dir: Path, images: Mapping[str, Image], only: str | None =
     return removed
 
 
-@contextlib.contextmanager
-def in_use(seed: Seed) -> Iterator[None]:
-    """Hold ``seed`` against pruning while a clone starts from it.
-
-    Once QEMU has opened and mapped the files, removing them is harmless
-    (Linux keeps an unlinked file for whoever has it open); before that it
-    is not, so a pruner skips a seed whose lock it cannot take at once.
-    """
-    fd = os.open(lock_path(seed.path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while it is created or discarded
-        # Pruned or discarded while we waited?  (A missing memory.ram would
-        # even be created, empty, by QEMU.)
-        missing = [f for f in SEED_FILES if not (seed.path / f).exists()]
-        if missing:
-            raise SeedCorrupt(f"seed {seed.path.name} lost {', '.join(missing)} before its clone could start")
-        yield
-    finally:
-        os.close(fd)
-
-
-def try_remove(seed_path: Path) -> bool:
+def _try_remove(seed_path: Path) -> bool:
     """Remove a seed unless someone holds its lock; True if it went."""
-    lock = lock_path(seed_path)
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError:
+        with entry_lock(seed_path, wait=False) as held:
+            # Not held: a clone is starting from it, or it is being made.
+            return held and remove_entry(seed_path, "prune", forget=True)
+    except OSError as e:  # e.g. a read-only cache: pruning is only housekeeping
+        log.debug("cannot prune seed %s: %s", seed_path.name, e)
         return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # a clone is starting from it, or it is being made
-        trash = seed_path.with_name(f"{TMP_PREFIX}{seed_path.name}-prune-{os.getpid()}")
-        try:
-            os.rename(seed_path, trash)
-        except FileNotFoundError:
-            return False
-        remove_tree(trash)
-        lock.unlink(missing_ok=True)  # no key produces this seed again
-        return True
-    finally:
-        os.close(fd)
+
+
+def remove_seeds(cache_dir: Path, image_name: str | None = None, keep_image_keys: set[str] | None = None) -> list[Path]:
+    """Remove the seeds of ``image_name`` (all images if None), except those
+    made from an image key in ``keep_image_keys``; waits for clones starting
+    from them."""
+    removed = []
+    for seed in list_seeds(cache_dir):
+        parts = seed.manifest["key_parts"]
+        if image_name is not None and parts["image"] != image_name:
+            continue
+        if keep_image_keys is not None and parts["image_key"] in keep_image_keys:
+            continue
+        with entry_lock(seed.path):
+            remove_entry(seed.path, "discard", forget=True)
+        removed.append(seed.path)
+    return removed

@@ -7,8 +7,8 @@ no ``StrictHostKeyChecking=no``.
 
 from __future__ import annotations
 
-import os
 import re
+import shlex
 import subprocess
 import tempfile
 import time
@@ -20,6 +20,7 @@ from typing import Any
 from .errors import BottleError, ExecTimeout
 from .hostdeps import require, which
 from .locks import reporting_lock
+from .paths import write_private
 from .results import Command, ExecResult
 
 CONFIG_TEMPLATE = """\
@@ -50,10 +51,9 @@ def client_key(cache_dir: Path) -> Path:
     keys.mkdir(parents=True, exist_ok=True, mode=0o700)
     with reporting_lock(keys / ".lock", "the client key"):
         if not key.is_file():
-            tmp = keys / f".new-{os.getpid()}"
-            _keygen(tmp, "pytest-bottle")
-            os.replace(tmp.with_suffix(".pub"), key.with_suffix(".pub"))
-            os.replace(tmp, key)
+            private, public = _key_pair("pytest-bottle")
+            write_private(key.with_suffix(".pub"), public)
+            write_private(key, private)
     key.chmod(0o600)
     return key
 
@@ -62,17 +62,18 @@ def new_host_key(comment: str) -> tuple[str, str] | None:
     """A fresh ed25519 host key pair (private, public); None without ssh-keygen."""
     if which("ssh-keygen") is None:
         return None
-    with tempfile.TemporaryDirectory(prefix="bottle-hostkey-") as d:
+    return _key_pair(comment)
+
+
+def _key_pair(comment: str) -> tuple[str, str]:
+    """A fresh ed25519 key pair (private, public) from ssh-keygen."""
+    with tempfile.TemporaryDirectory(prefix="bottle-key-") as d:
         path = Path(d) / "key"
-        _keygen(path, comment)
+        argv = [require("ssh-keygen", "make SSH keys"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise BottleError(f"ssh-keygen failed ({r.returncode}): {r.stderr.strip()}")
         return path.read_text(), path.with_suffix(".pub").read_text()
-
-
-def _keygen(path: Path, comment: str) -> None:
-    argv = [require("ssh-keygen", "make SSH keys"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise BottleError(f"ssh-keygen failed ({r.returncode}): {r.stderr.strip()}")
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,7 @@ class SshAccess:
     ) -> ExecResult:
         if kw:
             raise TypeError(f"ssh() does not take {', '.join(kw)}")
-        remote = cmd if isinstance(cmd, str) else " ".join(_sh_quote(str(a)) for a in cmd)
-        if env:
-            remote = " ".join(f"{k}={_sh_quote(v)}" for k, v in env.items()) + " " + remote
+        remote = remote_command(cmd, env)
         data = input.encode() if isinstance(input, str) else input
         started = time.monotonic()
         try:
@@ -147,5 +146,17 @@ def _text(data: bytes | str | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
-def _sh_quote(s: str) -> str:
-    return "'" + s.replace("'", "'\\''") + "'"
+def remote_command(cmd: Command, env: Mapping[str, str] | None = None) -> str:
+    """The line the remote shell runs: a string as it is, a list quoted word
+    by word.  The first word is quoted even where it need not be: bare,
+    ``A=b`` would be an assignment and ``if`` a keyword, not a program."""
+    if isinstance(cmd, str):
+        remote = cmd
+    else:
+        words = [shlex.quote(str(a)) for a in cmd]
+        if words and words[0] == str(cmd[0]):
+            words[0] = f"'{words[0]}'"  # shlex left it bare, so it holds no quote
+        remote = " ".join(words)
+    if env:
+        remote = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + remote
+    return remote

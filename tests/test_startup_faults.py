@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -21,12 +23,12 @@ import pytest
 from harness import processes_mentioning
 
 import pytest_bottle
-from pytest_bottle import BootError, BottleError, boot, seed_gc
+from pytest_bottle import BootError, BottleError, boot, seed_store
 from pytest_bottle.boot import BootPlan
 from pytest_bottle.images import ensure_image
 from pytest_bottle.images.cache import entry_dir
 from pytest_bottle.images.recipes import get_recipe
-from pytest_bottle.paths import default_cache_dir
+from pytest_bottle.paths import default_cache_dir, remove_tree, unescape_mount_field
 from pytest_bottle.seeds import SEED_VERSION, Seed, list_seeds
 from pytest_bottle.vmm import accel
 from pytest_bottle.vmm.qemu import Nic
@@ -223,7 +225,7 @@ def test_image_prune_removes_stale_seeds_and_logs_and_reports_bytes(seeded: Path
     (logs / "gone-recipe-0123-failed-1.log").write_text("E: old\n")
 
     busy = Seed(stale["in-use"], json.loads((stale["in-use"] / "manifest.json").read_text()))
-    with seed_gc.in_use(busy):  # a clone is starting from it
+    with seed_store.in_use(busy):  # a clone is starting from it
         r = subprocess.run(
             [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={seeded}", "image", "prune"],
             capture_output=True,
@@ -282,11 +284,10 @@ def one_busy_cpu() -> Iterator[None]:
             h.wait()
 
 
-def _plan(kernel: Path | None = None) -> BootPlan:
+def _plan(**changes: Any) -> BootPlan:
     image = ensure_image("debian-bookworm", CACHE)
-    return BootPlan(
-        kernel or image.kernel, image.initrd, image.rootfs, "raw", 512, 1, "tcg", (Nic("net0", "52:54:00:b0:77:01"),)
-    )
+    plan = BootPlan(image.kernel, image.initrd, image.rootfs, "raw", 512, 1, "tcg", (Nic("net0", "52:54:00:b0:77:01"),))
+    return dataclasses.replace(plan, **changes)
 
 
 @pytest.mark.skipif(accel.kvm_usable() is not None, reason="decide() probes only where /dev/kvm opens")
@@ -313,22 +314,76 @@ def test_a_probe_that_timed_out_on_a_busy_host_is_retried_next_run(
     assert not processes_mentioning(str(tmp_path))
 
 
-@pytest.mark.skipif(accel.kvm_usable() is not None, reason="decide() probes only where /dev/kvm opens")
-def test_a_probe_where_qemu_exits_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _decide_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **changes: Any) -> list[accel.ProbeResult]:
+    """decide() in two runs, with a real probe boot of ``_plan(**changes)``."""
     probes: list[accel.ProbeResult] = []
 
     def probe(timeout: float) -> accel.ProbeResult:
         run_dir = tmp_path / f"probe-{len(probes)}"
         run_dir.mkdir()
-        probes.append(boot.run_probe(_plan(kernel=tmp_path / "no-such-kernel"), run_dir, timeout))
+        probes.append(boot.run_probe(_plan(**changes), run_dir, 60.0))
         return probes[-1]
 
-    monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "run-1")
-    verdict = accel.decide("auto", tmp_path, probe)
-    assert verdict.accel == "tcg" and "QEMU exited" in verdict.reason and probes[0].definite
-    monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "run-2")
-    assert accel.decide("auto", tmp_path, probe).reason == verdict.reason
-    assert len(probes) == 1
+    for run in ("run-1", "run-2"):
+        monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", run)
+        verdict = accel.decide("auto", tmp_path, probe)
+        assert verdict.accel == "tcg" and probes[-1].reason in verdict.reason
+    assert not processes_mentioning(str(tmp_path))
+    return probes
+
+
+@pytest.mark.skipif(accel.kvm_usable() is not None, reason="decide() probes only where /dev/kvm opens")
+def test_a_probe_where_the_guest_kernel_panics_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty-initrd"
+    empty.write_bytes(b"")  # no initramfs: the kernel cannot mount its root and panics
+    probes = _decide_twice(tmp_path, monkeypatch, initrd=empty)
+    assert len(probes) == 1 and probes[0].definite
+    assert "Kernel panic - not syncing" in probes[0].reason
+
+
+@pytest.mark.skipif(accel.kvm_usable() is not None, reason="decide() probes only where /dev/kvm opens")
+def test_a_probe_where_qemu_exits_for_a_host_side_reason_is_retried_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probes = _decide_twice(tmp_path, monkeypatch, kernel=tmp_path / "no-such-kernel")
+    assert len(probes) == 2 and not any(p.definite for p in probes)
+    assert "QEMU exited with 1" in probes[0].reason and "no-such-kernel" in probes[0].reason
+
+
+def test_a_probe_that_cannot_make_its_disk_is_inconclusive(tmp_path: Path) -> None:
+    """A host-side fault before QEMU starts (an image gone, a full disk)."""
+    run_dir = tmp_path / "probe"
+    run_dir.mkdir()
+    result = boot.run_probe(_plan(backing=tmp_path / "no-such-rootfs.ext4"), run_dir, 60.0)
+    assert (result.ok, result.definite) == (False, False)
+    assert "cannot create the disk overlay" in result.reason and "inconclusive" in result.reason
+    assert not processes_mentioning(str(tmp_path))
+
+
+def test_a_probe_whose_qemu_is_killed_by_a_signal_is_inconclusive(tmp_path: Path) -> None:
+    """The OOM killer's SIGKILL says nothing about KVM."""
+    run_dir = tmp_path / "probe"
+    run_dir.mkdir()
+    killed: list[int] = []
+
+    def oom_killer() -> None:
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:
+            for p in processes_mentioning(str(run_dir)):  # only this probe's QEMU, never a spare
+                os.kill(p.pid, signal.SIGKILL)
+                killed.append(p.pid)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=oom_killer)
+    thread.start()
+    try:
+        result = boot.run_probe(_plan(), run_dir, 60.0)
+    finally:
+        thread.join()
+    assert killed
+    assert (result.ok, result.definite) == (False, False), result
+    assert "SIGKILL" in result.reason
+    assert not processes_mentioning(str(tmp_path))
 
 
 # -- keep() on launch() -------------------------------------------------------
@@ -400,3 +455,26 @@ def test_ssh_config_names_paths_with_spaces_quotes_and_percent(tmp_path: Path) -
     # ssh -G prints IdentityFile before %-expansion: %% stands for %.
     assert seen["identityfile"].replace("%%", "%") == str(identity)
     assert (seen["hostname"], seen["port"]) == ("127.0.0.1", "2222")
+
+
+def _mount_points() -> set[str]:
+    with open("/proc/self/mounts") as f:
+        return {unescape_mount_field(line.split()[1]) for line in f}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a file system needs root")
+def test_remove_tree_unmounts_what_a_killed_build_left_under_a_path_with_spaces(tmp_path: Path) -> None:
+    """A killed mmdebstrap leaves its /proc, /sys, /dev mounts in the build
+    root; the cache dir has spaces, which /proc/self/mounts writes as \\040."""
+    entry = tmp_path / "a cache" / ".tmp-debian 1234"
+    mnt = entry / "root" / "dev pts"
+    mnt.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "bottle-test", str(mnt)], check=True)
+    try:
+        (mnt / "file").write_text("in the mount\n")
+        remove_tree(entry)
+        assert str(mnt) not in _mount_points()
+        assert not entry.exists()
+    finally:
+        if str(mnt) in _mount_points():
+            subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -85,7 +85,9 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
     write_pre_overlay(recipe, pre)
     write_overlay(recipe, overlay)
     (work / "mkfs.sh").write_text(MKFS)
-    customize = CUSTOMIZE.format(out=_sh_quote(str(out)), mkfs=_sh_quote(str(work / "mkfs.sh")), size=recipe.disk_size)
+    customize = CUSTOMIZE.format(
+        out=shlex.quote(str(out)), mkfs=shlex.quote(str(work / "mkfs.sh")), size=recipe.disk_size
+    )
     (work / "customize.sh").write_text(customize)
 
     mirrors: list[str] = []
@@ -168,7 +170,3 @@ def _tail(path: Path) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-TAIL_LINES:])
     except OSError:
         return ""
-
-
-def _sh_quote(s: str) -> str:
-    return "'" + s.replace("'", "'\\''") + "'"

@@ -3,10 +3,12 @@
 Opening /dev/kvm proves nothing: on nested (PVM-backed) hosts it opens, and a
 stock kernel then hangs right after "Probing EDD" (or QEMU aborts).  A
 definite verdict is cached per host and QEMU version, so the probe runs once:
-success, QEMU exiting (KVM refused, an assertion, a kernel panic), or a
-timeout while QEMU had the CPU it wanted.  A timeout while QEMU waited for a
-CPU (a busy host) proves nothing: that run uses TCG and the next run probes
-again.
+success, a failure in QEMU's or the guest's own words (QEMU exiting with a
+KVM error or an assertion, a kernel panic on the console), or a timeout while
+QEMU had the CPU it wanted.  Everything else proves nothing about KVM: a
+timeout while QEMU waited for a CPU (a busy host), QEMU killed by a signal
+(the OOM killer), a host-side fault (no disk space, a missing image file).
+That run uses TCG and the next run probes again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 import logging
 import os
 import platform
+import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -26,6 +30,7 @@ from filelock import FileLock
 
 from ..errors import HostDependencyError
 from ..hostdeps import require
+from ..paths import write_private
 from . import process
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,10 @@ PROBE_TIMEOUT = 20.0
 # A timed-out probe is inconclusive when QEMU's threads spent at least this
 # share of the window runnable but waiting for a CPU.
 STARVED_SHARE = 0.25
+# QEMU's own words for KVM failing under it: "failed to initialize kvm",
+# "KVM internal error", "kvm run failed", or an assertion before its abort().
+KVM_FAULT = re.compile(r"\bkvm\b|failed to set MSR|Assertion .* failed", re.IGNORECASE)
+GUEST_PANIC = re.compile(r"Kernel panic - not syncing")
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,34 @@ def timed_out(reason: str, window: float, waited: float | None, load: float, cpu
     if starved:
         return ProbeResult(False, f"inconclusive: {reason} while the host was busy ({why})", definite=False)
     return ProbeResult(False, f"{reason} ({why})", definite=True)
+
+
+def exited(reason: str, returncode: int | None, qemu_log: str, console: str) -> ProbeResult:
+    """Classify a probe whose QEMU failed before the agent answered (pure).
+
+    ``returncode``: QEMU's (negative: the signal that ended it; None: it had
+    not exited).  Definite only when the guest panicked, or QEMU ended by
+    itself (an exit status, or its own abort) saying KVM failed.
+    """
+    if panic := GUEST_PANIC.search(console):
+        line = console[panic.start() :].splitlines()[0].strip()
+        return ProbeResult(False, f"the guest kernel panicked ({line}); {reason}", definite=True)
+    if returncode is None:
+        return inconclusive(reason, "QEMU had not exited")
+    if returncode < 0 and -returncode != signal.SIGABRT:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return inconclusive(reason, f"QEMU was killed by {name}")
+    if KVM_FAULT.search(qemu_log):
+        return ProbeResult(False, reason, definite=True)
+    return inconclusive(reason, "QEMU did not name KVM as the cause")
+
+
+def inconclusive(reason: str, why: str) -> ProbeResult:
+    """A failure that says nothing about KVM: this run uses TCG, the next probes again."""
+    return ProbeResult(False, f"inconclusive: {reason} ({why})", definite=False)
 
 
 def run_id() -> str:
@@ -195,7 +232,5 @@ def _probe(cache_dir: Path, probe: Probe) -> Verdict:
         "definite": verdict.definite,
         "run": run_id(),
     }
-    tmp = _verdict_file(cache_dir).with_name(f"accel.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, _verdict_file(cache_dir))
+    write_private(_verdict_file(cache_dir), json.dumps(data))
     return verdict

@@ -1,0 +1,62 @@
+"""Pure text helpers: remote shell quoting (checked by a real sh) and
+/proc/self/mounts unescaping."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pytest_bottle.paths import unescape_mount_field
+from pytest_bottle.ssh import remote_command
+
+SHOW_ARGV = [sys.executable, "-c", "import os, sys; print(repr((sys.argv[1:], os.environ.get('K'))))"]
+
+
+def _sh(line: str) -> subprocess.CompletedProcess[str]:
+    """What a remote login shell does with the line ssh sends: ``sh -c``."""
+    return subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_a_list_reaches_the_remote_program_word_for_word() -> None:
+    args = ["a b", "it's", "", "~", "~/x", "$HOME", "`id`", "A=b", "*", "x\ny", "plain-word_1.2:3,4@5%+/="]
+    r = _sh(remote_command([*SHOW_ARGV, *args], env={"K": "v w'~$HOME"}))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == repr((args, "v w'~$HOME")) + "\n"
+
+
+@pytest.mark.parametrize("first", ["A=b", "if", "while", "fi", "!"])
+def test_the_first_word_is_always_a_program_name(first: str) -> None:
+    """Bare, ``A=b`` would be an assignment and ``if`` a keyword."""
+    line = remote_command([first])
+    assert line.startswith("'"), line
+    r = _sh(line)
+    assert r.returncode == 127, (line, r.returncode, r.stderr)  # "not found", not a syntax error
+
+
+def test_a_string_is_the_remote_command_as_it_is() -> None:
+    assert remote_command("echo $HOME | wc -c") == "echo $HOME | wc -c"
+    assert _sh(remote_command("printenv K", env={"K": "a b"})).stdout == "a b\n"
+
+
+@pytest.mark.parametrize(
+    ("field", "path"),
+    [
+        ("/plain/path", "/plain/path"),
+        ("/cache\\040dir/with\\040spaces", "/cache dir/with spaces"),
+        ("/tab\\011and\\012newline", "/tab\tand\nnewline"),
+        ("/back\\134slash", "/back\\slash"),
+        ("/not\\08octal\\x", "/not\\08octal\\x"),
+    ],
+)
+def test_mount_fields_are_unescaped(field: str, path: str) -> None:
+    assert unescape_mount_field(field) == path
+
+
+def test_unescaping_undoes_what_the_kernel_writes() -> None:
+    """The kernel's mangle(): space, tab, newline and backslash as 3-digit octal."""
+    odd = "/a dir\twith\\ all\nof them"
+    escaped = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in odd)
+    assert "\\" not in escaped.replace("\\040", "").replace("\\011", "").replace("\\012", "").replace("\\134", "")
+    assert unescape_mount_field(escaped) == odd
