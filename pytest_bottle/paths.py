@@ -187,12 +187,20 @@ def unescape_mount_field(field: str) -> str:
 
 
 def tree_size(path: Path) -> int:
-    """Bytes actually allocated (sparse files count for what they hold)."""
-    total = 0
-    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        try:
-            st = p.lstat()
-        except FileNotFoundError:
-            continue
-        total += st.st_blocks * 512
+    """Bytes actually allocated (sparse files count for what they hold).
+
+    Mounts below ``path`` (a build in progress has /proc and /dev mounted in
+    its root) are not entered, and what vanishes or cannot be read meanwhile
+    is not counted."""
+    try:
+        total = path.lstat().st_blocks * 512
+    except OSError:
+        return 0
+    for root, dirs, files in os.walk(path, onerror=lambda e: None):
+        dirs[:] = [d for d in dirs if not os.path.ismount(os.path.join(root, d))]
+        for name in dirs + files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                continue
     return total

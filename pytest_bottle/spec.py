@@ -125,7 +125,7 @@ def _timeout(value: Any) -> float:
 def _path(value: Any) -> Path:
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise ValueError(f"cache_dir must be a path, not {value!r}")
-    return Path(os.path.expanduser(str(value))).absolute()
+    return Path(os.path.abspath(os.path.expanduser(str(value))))  # "sub/../x" as x, like a shell
 
 
 # key users write → (BottleSpec field, parser)

@@ -286,14 +286,14 @@ def isolated(seed: Seed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
 def test_stop_unknown_name_and_sweep_kept(isolated: Path, seed: Seed) -> None:
     names: list[str] = []
     try:
-        a = pytest_bottle.launch(cache_dir=isolated)
+        a = pytest_bottle.launch(cache_dir=isolated, detached=True)  # keep() needs a QEMU that may outlive us
         names.append(a.name)
         a.keep()
         assert a.kept and a.closed
         r = cli("stop", "btl-00000000", a.name, cache=isolated)
         assert r.returncode == 1 and "no VM named 'btl-00000000'" in r.stderr
         assert r.stdout == f"stopped {a.name}\n" and _gone(a.pid)  # the known one is stopped anyway
-        b = pytest_bottle.launch(cache_dir=isolated)
+        b = pytest_bottle.launch(cache_dir=isolated, detached=True)
         names.append(b.name)
         b.keep()
         assert re.search(rf"^{b.name}\s+kept\s", cli("ps").stdout, re.M)

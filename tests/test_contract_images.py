@@ -163,8 +163,8 @@ def test_a_seed_whose_state_cannot_be_saved_is_a_boot_error(own_cache: Path) -> 
     def block_the_state_file() -> None:
         # Once the seed's QEMU runs, put a directory where its memory state goes.
         while not stop.is_set():
-            for argv in seeds.glob(".tmp-*/run/qemu.argv"):
-                (argv.parent.parent / "memory.state").mkdir()
+            for argv in seeds.glob(".tmp-*/qemu.argv"):  # the seed's machine runs in its own dir
+                (argv.parent / "memory.state").mkdir()
                 return
             time.sleep(0.05)
 

@@ -28,7 +28,7 @@ from pytest_bottle.boot import BootPlan
 from pytest_bottle.images import ensure_image
 from pytest_bottle.images.cache import entry_dir
 from pytest_bottle.images.recipes import get_recipe
-from pytest_bottle.paths import default_cache_dir, remove_tree, unescape_mount_field
+from pytest_bottle.paths import default_cache_dir, remove_tree, tree_size, unescape_mount_field
 from pytest_bottle.seeds import SEED_VERSION, Seed, list_seeds
 from pytest_bottle.vmm import accel
 from pytest_bottle.vmm.qemu import Nic
@@ -478,3 +478,21 @@ def test_remove_tree_unmounts_what_a_killed_build_left_under_a_path_with_spaces(
     finally:
         if str(mnt) in _mount_points():
             subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a file system needs root")
+def test_tree_size_does_not_enter_a_builds_mounts(tmp_path: Path) -> None:
+    """``bottle doctor`` sizes the cache while a build in it has /proc mounted
+    in its root: walking into it failed with EINVAL (a task's ``net``).
+    A mount below the cache is not entered (a tmpfs with data shows it)."""
+    build_root = tmp_path / "images" / ".tmp-x-1" / "root"
+    (build_root / "proc").mkdir(parents=True)
+    (build_root / "etc").mkdir()
+    (build_root / "etc" / "hostname").write_bytes(b"x" * 8192)
+    subprocess.run(["mount", "-t", "tmpfs", "bottle-test", str(build_root / "proc")], check=True)
+    try:
+        (build_root / "proc" / "big").write_bytes(os.urandom(8 << 20))
+        size = tree_size(tmp_path)
+        assert 8192 <= size < 1 << 20  # the file counted, nothing of the mount
+    finally:
+        subprocess.run(["umount", "-l", str(build_root / "proc")], check=False)
