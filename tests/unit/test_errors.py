@@ -22,6 +22,11 @@ CASES = [
     E.SpecError("bad memory", "marker"),
     E.WaitTimeout("port 80", 5.0, "exit 1"),
     E.UnsafeTransfer("../x", "a member name with '..'", "get"),
+    E.UnsafeTransfer("./dev/x", "a device", "get", ("./dev/x", "./etc/localtime")),
+    E.UnsafeDirectory("/tmp/pytest-bottle-1000", "owned by uid 1001", "set XDG_RUNTIME_DIR"),
+    E.LockTimeout("/run/pytest-bottle/leases.lock", 60.0, "pid 42 (uid 0): python3 -m pytest"),
+    E.AgentTimeout("bottle btl-1: get did not finish in time"),
+    E.OutputLimit("/x in btl-1 is larger than 1073741824 bytes: use get()"),
 ]
 
 
@@ -36,6 +41,8 @@ def test_errors_pickle_roundtrip(err: E.BottleError) -> None:
 def test_hierarchy() -> None:
     assert issubclass(E.BootTimeout, TimeoutError) and issubclass(E.BootTimeout, E.BootError)
     assert issubclass(E.ExecTimeout, TimeoutError)
+    assert issubclass(E.AgentTimeout, TimeoutError) and issubclass(E.AgentTimeout, E.AgentError)
+    assert issubclass(E.LockTimeout, TimeoutError)
     assert isinstance(E.guest_os_error("m", 2), FileNotFoundError)
     assert isinstance(E.guest_os_error("m", 13), PermissionError)
     for cls in (
