@@ -4,8 +4,8 @@ Everything the guest sends is checked and bounded here: a directory arrives
 as a tar stream that ``guest.untar`` extracts under the ``GET`` policy (no
 ``tarfile`` extraction, whose filters older Pythons lack), a file arrives in
 a temporary file capped at the policy's byte limit, and neither is ever held
-whole in memory.  ``idle`` (seconds, None for no limit) turns a guest that
-goes silent mid-transfer into an ``AgentError``.
+whole in memory.  A guest that goes silent mid-transfer is the channel's to
+notice (its liveness pings and the caller's deadline), as for any call.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import stat
 import tarfile
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,32 +53,27 @@ def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:
         raise UnsafeTransfer(str(refused.get("path", ""))[:4096], str(refused.get("reason", ""))[:4096], "put")
 
 
-def fetch(
-    channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET, idle: float | None = None
-) -> None:
-    """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``;
-    ``AgentError`` if the guest sends nothing for ``idle`` seconds."""
-    info = channel.call("stat", path=src, timeout=idle)
+def fetch(channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
+    """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``."""
+    info = channel.call("stat", path=src)
     mode, is_dir = info.get("mode"), info.get("is_dir")
     if type(mode) is not int or type(is_dir) is not bool:
         raise UnsafeTransfer(src, f"a malformed stat reply from the guest: {str(info)[:200]}")
     if is_dir:
-        receive_tree(channel, src, dst, policy, idle)
+        receive_tree(channel, src, dst, policy)
     elif stat.S_ISREG(mode):
-        receive_file(channel, src, dst, mode, policy, idle)
+        receive_file(channel, src, dst, mode, policy)
     else:
         raise UnsafeTransfer(src, "not a regular file or a directory: only those are copied")
 
 
-def receive_tree(
-    channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET, idle: float | None = None
-) -> None:
+def receive_tree(channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
     """Copy the contents of guest directory ``src`` into local directory ``dst``.
 
     Links leading out, devices and fifos are skipped, not written: the rest is
     copied, then ``UnsafeTransfer`` names what was skipped."""
     dst.mkdir(parents=True, exist_ok=True)
-    source = _FrameSource(channel, idle)
+    source = _FrameSource(channel)
     rid, call = source.start("tar", path=src)
     try:
         try:
@@ -94,9 +88,7 @@ def receive_tree(
     except BaseException as e:
         _give_up(channel, rid, call.done, _grace(e))
         raise
-    if channel.wait(call, idle, "get") is None:  # all data came, the reply does not
-        _give_up(channel, rid, call.done, 0)
-        raise AgentError(f"bottle {channel.name}: the guest sent nothing for {idle} s during get")
+    channel.wait(call, None, "get")
     if count:
         raise _partial(count, skipped)
 
@@ -114,7 +106,6 @@ def receive_file(
     dst: Path,
     mode: int,
     policy: untar.Policy = untar.GET,
-    idle: float | None = None,
 ) -> None:
     """Copy guest file ``src`` to ``dst`` (inside it if it is a directory), its
     mode masked by the policy; never written through a link, never more than
@@ -129,8 +120,6 @@ def receive_file(
         rid, call = channel.start("read", sink.write, path=src)
         try:
             while not call.done.wait(0.2) and not sink.failed.is_set():
-                if idle is not None and time.monotonic() - sink.last > idle:
-                    raise AgentError(f"bottle {channel.name}: the guest sent nothing for {idle} s during get")
                 channel.check(call, "get")  # a deadline, a dead agent
             if sink.failed.is_set():
                 raise sink.errors[0]
@@ -157,12 +146,10 @@ class _FileSink:
         self.lock = threading.Lock()
         self.closed = False
         self.received = 0
-        self.last = time.monotonic()  # when the guest last sent something
         self.failed = threading.Event()
         self.errors: list[BaseException] = []
 
     def write(self, kind: int, data: bytes) -> None:
-        self.last = time.monotonic()
         if kind != DATA:
             return
         with self.lock:
@@ -221,9 +208,8 @@ class _FrameSource:
     and the reader never waits for us.
     """
 
-    def __init__(self, channel: AgentChannel, idle: float | None = None) -> None:
+    def __init__(self, channel: AgentChannel) -> None:
         self.channel = channel
-        self.idle = idle  # AgentError when nothing arrives for this long
         self.done: threading.Event | None = None
         self.call: Any = None
         self.rid = 0
@@ -251,7 +237,6 @@ class _FrameSource:
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; b"" once the stream has ended."""
-        since = time.monotonic()
         while True:
             with self.cond:
                 if not self.chunks and not (self.eof or self.dropping or self._finished()):
@@ -267,8 +252,6 @@ class _FrameSource:
                     break
                 if self.eof or self.dropping or self._finished():
                     return b""
-            if self.idle is not None and time.monotonic() - since > self.idle:
-                raise AgentError(f"bottle {self.channel.name}: the guest sent nothing for {self.idle} s during get")
             if self.call is not None:  # a deadline, a dead agent (never while holding cond)
                 self.channel.check(self.call, "get")
         if self.call is not None:
