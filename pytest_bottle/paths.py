@@ -24,7 +24,39 @@ def default_cache_dir() -> Path:
     return Path(base) / "pytest-bottle"
 
 
+# Environment and euid -> (state dir, st_dev, st_ino) once fully checked.
+_STATE: dict[tuple[str | int | None, ...], tuple[Path, int, int]] = {}
+
+
 def state_dir() -> Path:
+    """The checked state directory (see ``_state_dir``).  Each bottle asks
+    several times (records, leases): once fully checked, one ``lstat`` shows
+    it is still the same private directory of ours; anything else is checked
+    in full again."""
+    env = os.environ
+    key = tuple(env.get(k) for k in ("BOTTLE_STATE_DIR", "XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME")) + (os.geteuid(),)
+    hit = _STATE.get(key)
+    if hit is not None:
+        path, dev, ino = hit
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if (
+            st is not None
+            and (st.st_dev, st.st_ino) == (dev, ino)
+            and stat.S_ISDIR(st.st_mode)
+            and st.st_uid == os.geteuid()
+            and not st.st_mode & _OTHERS
+        ):
+            return path
+    path = _state_dir()
+    st = os.lstat(path)
+    _STATE[key] = (path, st.st_dev, st.st_ino)
+    return path
+
+
+def _state_dir() -> Path:
     """Run state shared by every pytest run on this host (leases, VM records).
 
     Host-wide, not per cache: loopback aliases and TAP names are host-wide
@@ -65,7 +97,7 @@ def _fallback_state_dir() -> Path:
         return private_dir(tmp, hint=hint)  # ours (or free): a mode to fix is the user's to fix
     state_home = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     home = Path(state_home) / "pytest-bottle"
-    if tmp not in _warned:  # state_dir() runs at every lease: say it once
+    if tmp not in _warned:  # say it once per process, whatever asks again
         _warned.add(tmp)
         log.warning("%s belongs to uid %d, not to us: using %s for run state", tmp, st.st_uid, home)
     hint = f"{tmp} belongs to uid {st.st_uid}, so this is the state dir in your home; set BOTTLE_STATE_DIR"

@@ -70,11 +70,14 @@ class RunRecord:
     def create(cls, name: str, run_dir: Path) -> RunRecord:
         pid, started = owner_identity()
         rec = cls(name=name, owner_pid=pid, owner_start=started, run_dir=str(run_dir))
-        rec.save()
+        rec._write()  # the run dir's marker (create_run_dir) already says the same
         return rec
 
-    def save(self) -> None:
+    def _write(self) -> None:
         write_private(self.path, json.dumps(asdict(self)))
+
+    def save(self) -> None:
+        self._write()
         run_dir = Path(self.run_dir)
         if (run_dir / MARKER).is_file():  # the owner may have passed to QEMU (--bottle-keep)
             write_marker(run_dir, self.owner_pid, self.owner_start, self.qemu_pid, self.qemu_start)

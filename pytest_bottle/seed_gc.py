@@ -98,16 +98,13 @@ def _try_remove(seed_path: Path) -> bool:
         return False
 
 
-def remove_seeds(cache_dir: Path, image_name: str | None = None, keep_image_keys: set[str] | None = None) -> list[Path]:
-    """Remove the seeds of ``image_name`` (all images if None), except those
-    made from an image key in ``keep_image_keys``; waits for clones starting
-    from them."""
+def remove_seeds(cache_dir: Path, image_name: str | None = None) -> list[Path]:
+    """Remove the seeds of ``image_name`` (all images if None); waits for
+    clones starting from them."""
     removed = []
     for seed in list_seeds(cache_dir):
         parts = seed.manifest["key_parts"]
         if image_name is not None and parts["image"] != image_name:
-            continue
-        if keep_image_keys is not None and parts["image_key"] in keep_image_keys:
             continue
         with entry_lock(seed.path):
             remove_entry(seed.path, "discard", forget=True)

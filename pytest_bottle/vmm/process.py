@@ -141,12 +141,19 @@ def machine_id() -> str:
     return f"host:{socket.gethostname()}"
 
 
+_NS: tuple[int, str] | None = None  # (pid, namespace): read once per process, forks included
+
+
 def pid_namespace() -> str:
     """This process's pid namespace ("pid:[inode]"); its pids mean nothing elsewhere."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
+    global _NS
+    pid = os.getpid()
+    if _NS is None or _NS[0] != pid:
+        try:
+            _NS = (pid, os.readlink("/proc/self/ns/pid"))
+        except OSError:
+            _NS = (pid, "")
+    return _NS[1]
 
 
 def foreign(machine: str | None, pid_ns: str | None) -> str | None:
@@ -184,13 +191,22 @@ def start_time(pid: int) -> str | None:
     return f"{ticks}@{boot_id()}"
 
 
+_WALL: tuple[int, float | None] | None = None  # this process's own wall_start, asked at every lease
+
+
 def wall_start(pid: int) -> float | None:
     """The wall-clock start time older versions identified processes by (kept
     in leases so that they can still read a state directory we share)."""
+    global _WALL
+    if _WALL is not None and _WALL[0] == pid == os.getpid():
+        return _WALL[1]
     try:
-        return float(psutil.Process(pid).create_time())
+        started: float | None = float(psutil.Process(pid).create_time())
     except psutil.Error:
-        return None
+        started = None
+    if pid == os.getpid():
+        _WALL = (pid, started)
+    return started
 
 
 def is_same_process(pid: int, started: Identity) -> bool:
