@@ -24,39 +24,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "pytest-bottle"
 
 
-# Environment and euid -> (state dir, st_dev, st_ino) once fully checked.
-_STATE: dict[tuple[str | int | None, ...], tuple[Path, int, int]] = {}
-
-
 def state_dir() -> Path:
-    """The checked state directory (see ``_state_dir``).  Each bottle asks
-    several times (records, leases): once fully checked, one ``lstat`` shows
-    it is still the same private directory of ours; anything else is checked
-    in full again."""
-    env = os.environ
-    key = tuple(env.get(k) for k in ("BOTTLE_STATE_DIR", "XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME")) + (os.geteuid(),)
-    hit = _STATE.get(key)
-    if hit is not None:
-        path, dev, ino = hit
-        try:
-            st = os.lstat(path)
-        except OSError:
-            st = None
-        if (
-            st is not None
-            and (st.st_dev, st.st_ino) == (dev, ino)
-            and stat.S_ISDIR(st.st_mode)
-            and st.st_uid == os.geteuid()
-            and not st.st_mode & _OTHERS
-        ):
-            return path
-    path = _state_dir()
-    st = os.lstat(path)
-    _STATE[key] = (path, st.st_dev, st.st_ino)
-    return path
-
-
-def _state_dir() -> Path:
     """Run state shared by every pytest run on this host (leases, VM records).
 
     Host-wide, not per cache: loopback aliases and TAP names are host-wide
