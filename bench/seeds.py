@@ -22,7 +22,7 @@ import psutil
 from _util import p50, pct, table, verdict
 
 import pytest_bottle
-from pytest_bottle.paths import default_cache_dir
+from pytest_bottle.host.paths import default_cache_dir
 
 SUITE = """
 import time

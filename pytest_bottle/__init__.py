@@ -29,7 +29,7 @@ from .errors import (
     UnsafeTransfer,
     WaitTimeout,
 )
-from .launch import launch
+from .lifecycle.launch import launch
 from .results import ExecResult
 from .spec import BottleSpec
 

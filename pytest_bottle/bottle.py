@@ -16,13 +16,13 @@ from typing import Any
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_exponential
 
+from .agent.channel import AgentChannel
+from .agent.transfer import fetch, read_all, send_tree
 from .errors import AgentError, BottleError, ExecTimeout, SpecError, WaitTimeout
-from .guest.channel import AgentChannel
 from .guest.frames import CHUNK, STDERR, STDOUT
+from .host.runstate import RunRecord
 from .net import pools
 from .results import CappedOutput, Command, ExecResult, to_argv
-from .runstate import RunRecord
-from .transfer import fetch, read_all, send_tree
 from .vmm.machine import QemuMachine
 
 log = logging.getLogger(__name__)

@@ -8,16 +8,16 @@ import sys
 import time
 from pathlib import Path
 
-from . import hostdeps
 from .errors import BottleError
+from .host import deps as hostdeps
+from .host.paths import default_cache_dir, state_dir, tree_size
+from .host.runstate import RunRecord
+from .host.sweep import SweepReport, stop_vm, sweep
 from .images import RECIPES, Image, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
-from .paths import default_cache_dir, state_dir, tree_size
-from .runstate import RunRecord
-from .seed_gc import prune_seeds, remove_seeds
-from .seed_store import list_seeds
 from .spec import resolve
-from .sweep import SweepReport, stop_vm, sweep
+from .store.gc import prune_seeds, remove_seeds
+from .store.saved import list_seeds
 from .vmm import accel as accel_mod
 
 
@@ -138,7 +138,7 @@ def cmd_seed_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .launch import start_bottle
+    from .lifecycle.launch import start_bottle
 
     command = list(args.command)
     if command and command[0] == "--":

@@ -21,10 +21,10 @@ import pytest
 
 from .bottle import Bottle
 from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
+from .host.sweep import sweep
 from .images import RECIPES, Image, ensure_image
-from .manager import BottleManager
+from .lifecycle.manager import BottleManager
 from .spec import BottleSpec, Layer, resolve
-from .sweep import sweep
 from .vmm import accel as accel_mod
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpecError
-from .paths import default_cache_dir
+from .host.paths import default_cache_dir
 
 NETWORKS = ("none", "nat")
 BOOTS = ("snapshot", "cold")

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BottleError, ExecTimeout
-from .hostdeps import require, which
-from .locks import reporting_lock
-from .paths import write_private
+from .host.deps import require, which
+from .host.locks import reporting_lock
+from .host.paths import write_private
 from .results import Command, ExecResult
 
 CONFIG_TEMPLATE = """\

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 import pytest_bottle
+from pytest_bottle.host.paths import default_cache_dir
 from pytest_bottle.images import Image, ensure_image
-from pytest_bottle.paths import default_cache_dir
 
 
 @pytest.fixture(scope="session")

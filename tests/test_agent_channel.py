@@ -18,7 +18,7 @@ import pytest
 
 from pytest_bottle import AgentError, AgentTimeout, Bottle, SpecError, UnsafeTransfer
 from pytest_bottle import bottle as bottle_mod
-from pytest_bottle.guest.channel import AgentChannel
+from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.guest.frames import (
     CALL,
     CANCEL,

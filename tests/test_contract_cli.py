@@ -19,10 +19,10 @@ import psutil
 import pytest
 
 import pytest_bottle
+from pytest_bottle.host.paths import default_cache_dir
+from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.images import Recipe, ensure_image
-from pytest_bottle.paths import default_cache_dir
-from pytest_bottle.runstate import RunRecord
-from pytest_bottle.seeds import SEED_VERSION, Seed, list_seeds
+from pytest_bottle.store.seeds import SEED_VERSION, Seed, list_seeds
 from pytest_bottle.vmm import accel
 
 CACHE = default_cache_dir()

@@ -21,10 +21,10 @@ import pytest
 
 import pytest_bottle
 from pytest_bottle import BootError
+from pytest_bottle.host.paths import default_cache_dir
+from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.images import ensure_image
 from pytest_bottle.images.sources import host_sources
-from pytest_bottle.paths import default_cache_dir
-from pytest_bottle.runstate import RunRecord
 
 CACHE = default_cache_dir()
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pytest_bottle.host.paths import default_cache_dir
+from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.images import Recipe, ensure_image
 from pytest_bottle.net import pools
-from pytest_bottle.paths import default_cache_dir
-from pytest_bottle.runstate import RunRecord
 
 CACHE = default_cache_dir()
 QUIET = ("-p", "no:cacheprovider", "-p", "no:randomly")
@@ -115,7 +115,7 @@ def test_timeout_option_ini_twin_and_their_precedence(pytester: pytest.Pytester,
 SPARES = """
 import os, time
 from pathlib import Path
-from pytest_bottle.runstate import RunRecord
+from pytest_bottle.host.runstate import RunRecord
 
 def test_count_my_bottles(bottle):
     deadline = time.monotonic() + float(os.environ["CONTRACT_WAIT"])

@@ -13,9 +13,9 @@ from harness import processes_mentioning
 
 import pytest_bottle
 from pytest_bottle import BootError, BootTimeout, HostDependencyError
-from pytest_bottle.boot import BootPlan, start_machine
+from pytest_bottle.host.paths import default_cache_dir
 from pytest_bottle.images import Image, ensure_image
-from pytest_bottle.paths import default_cache_dir
+from pytest_bottle.lifecycle.boot import BootPlan, start_machine
 from pytest_bottle.vmm import accel
 from pytest_bottle.vmm.qemu import Nic
 

@@ -23,9 +23,9 @@ import pytest
 from filelock import FileLock
 
 import pytest_bottle
-from pytest_bottle.paths import default_cache_dir, remove_tree, state_dir
-from pytest_bottle.runstate import RunRecord
-from pytest_bottle.sweep import sweep
+from pytest_bottle.host.paths import default_cache_dir, remove_tree, state_dir
+from pytest_bottle.host.runstate import RunRecord
+from pytest_bottle.host.sweep import sweep
 from pytest_bottle.vmm import process
 
 NOBODY = 65534
@@ -201,7 +201,7 @@ def test_state_dir_the_user_named_is_refused_when_planted(home: Path, entry: str
 def test_tmp_fallback_without_a_usable_home_is_a_clear_error(victim_fallback: Path) -> None:
     r = as_uid(OTHER, [sys.executable, "-c", f"import os; os.mkdir({str(victim_fallback)!r}, 0o700)"], {})
     assert r.returncode == 0, r.stderr
-    code = "from pytest_bottle.paths import state_dir; state_dir()"
+    code = "from pytest_bottle.host.paths import state_dir; state_dir()"
     r = as_uid(NOBODY, [sys.executable, "-c", code], {"HOME": "/nonexistent"})
     assert r.returncode != 0 and "UnsafeDirectory: refusing to use /nonexistent/.local/state/pytest-bottle" in r.stderr
     assert f"{victim_fallback} belongs to uid {OTHER}" in r.stderr, r.stderr
@@ -211,7 +211,7 @@ def test_tmp_fallback_without_a_usable_home_is_a_clear_error(victim_fallback: Pa
 def test_tmp_fallback_warns_once(home: Path, victim_fallback: Path) -> None:
     r = as_uid(OTHER, [sys.executable, "-c", f"import os; os.mkdir({str(victim_fallback)!r}, 0o700)"], {})
     assert r.returncode == 0, r.stderr
-    code = "import logging; logging.basicConfig(); from pytest_bottle.paths import state_dir; " + (
+    code = "import logging; logging.basicConfig(); from pytest_bottle.host.paths import state_dir; " + (
         "print({state_dir() for _ in range(3)})"
     )
     r = as_uid(NOBODY, [sys.executable, "-c", code], {"HOME": str(home)})
@@ -286,7 +286,7 @@ def test_state_dir_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 @needs_root
 def test_cache_root_checks(tmp_path: Path) -> None:
     from pytest_bottle.errors import UnsafeDirectory
-    from pytest_bottle.paths import cache_root
+    from pytest_bottle.host.paths import cache_root
 
     legacy = tmp_path / "legacy"
     legacy.mkdir()
@@ -416,7 +416,7 @@ def test_old_record_never_kills_an_unproven_pid(private_state: Path, tmp_path: P
 MAKE_RUN_DIR = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from pytest_bottle.runstate import create_run_dir
+    from pytest_bottle.host.runstate import create_run_dir
     create_run_dir(Path(sys.argv[1]))
     print("made", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -547,7 +547,7 @@ def test_cache_is_private_to_its_user() -> None:
 
 
 def test_run_dir_marker_of_an_earlier_boot_or_another_pid_namespace(private_state: Path, tmp_path: Path) -> None:
-    from pytest_bottle.runstate import MARKER, create_run_dir
+    from pytest_bottle.host.runstate import MARKER, create_run_dir
 
     run = tmp_path / "cache" / "run"
     for name, change in (

@@ -23,10 +23,10 @@ import pytest
 from filelock import FileLock
 
 import pytest_bottle
+from pytest_bottle.host.paths import state_dir
+from pytest_bottle.host.runstate import MARKER, RunRecord, create_run_dir
+from pytest_bottle.host.sweep import SweepReport, stop_vm, sweep
 from pytest_bottle.net import pools
-from pytest_bottle.paths import state_dir
-from pytest_bottle.runstate import MARKER, RunRecord, create_run_dir
-from pytest_bottle.sweep import SweepReport, stop_vm, sweep
 from pytest_bottle.vmm import process
 
 OTHER_BOOT = "11111111-1111-1111-1111-111111111111"
@@ -56,7 +56,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 RENAMED_OWNER = textwrap.dedent("""
     import ctypes, sys, time
     from pathlib import Path
-    from pytest_bottle.runstate import RunRecord, create_run_dir
+    from pytest_bottle.host.runstate import RunRecord, create_run_dir
     ctypes.CDLL(None).prctl(15, b"py) t\\xc3", 0, 0, 0)
     run_dir = create_run_dir(Path(sys.argv[1]))
     RunRecord.create("btl-renamed", run_dir)
@@ -88,7 +88,7 @@ def test_owner_with_a_name_that_is_not_utf8_is_alive(private_state: Path, tmp_pa
 FORKED_OWNER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from pytest_bottle.runstate import RunRecord, create_run_dir, owner_identity
+    from pytest_bottle.host.runstate import RunRecord, create_run_dir, owner_identity
     owner_identity()  # the parent knows itself before it forks
     if os.fork() == 0:
         run_dir = create_run_dir(Path(sys.argv[1]))
@@ -123,7 +123,7 @@ IN_NAMESPACE = textwrap.dedent("""
     import os, subprocess, sys, time
     from pathlib import Path
     from pytest_bottle.net import pools
-    from pytest_bottle.runstate import RunRecord, create_run_dir
+    from pytest_bottle.host.runstate import RunRecord, create_run_dir
     from pytest_bottle.vmm.process import start_time
     run_dir = create_run_dir(Path(sys.argv[1]))
     record = RunRecord.create("btl-in-ns", run_dir)
@@ -226,7 +226,7 @@ def test_a_held_lease_lock_does_not_hide_why_a_start_failed(tmp_path: Path, monk
     """QEMU is killed during the boot while another process holds the lease
     lock: the start fails with its boot error, and the leases it could not
     release are logged (not raised over it)."""
-    from pytest_bottle.paths import default_cache_dir
+    from pytest_bottle.host.paths import default_cache_dir
 
     cache = default_cache_dir()
     with pytest_bottle.launch(cache_dir=cache):
@@ -305,13 +305,13 @@ HOLD = textwrap.dedent("""
 
 
 def test_a_long_wait_for_a_build_lock_names_the_holder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from pytest_bottle.locks import reporting_lock
+    from pytest_bottle.host.locks import reporting_lock
 
     lock = tmp_path / "image-x.lock"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock), "1.5"], stdout=subprocess.PIPE, text=True)
     try:
         assert _wait_line(holder) == "held\n"
-        caplog.set_level(logging.WARNING, logger="pytest_bottle.locks")
+        caplog.set_level(logging.WARNING, logger="pytest_bottle.host.locks")
         t = time.monotonic()
         with reporting_lock(lock, "the build of image x", every=0.3):
             waited = time.monotonic() - t

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from harness import kill_group, processes_mentioning, run_isolated, wait_until
 
+from pytest_bottle.host.paths import default_cache_dir
 from pytest_bottle.images import ensure_image, find_image, get_recipe
-from pytest_bottle.paths import default_cache_dir
 
 BROKEN = 'Recipe(name="broken", packages=("linux-image-cloud-amd64", "no-such-package-bottle-test"))'
 SCRIPT = textwrap.dedent("""
@@ -109,7 +109,7 @@ def test_missing_host_tool_names_its_package(tmp_path: Path) -> None:
     # PATH is process-wide: changed only in a process of its own (no pre-start thread there).
     code = (
         "import os; os.environ['PATH'] = '/nonexistent'\n"
-        "from pytest_bottle.hostdeps import require\n"
+        "from pytest_bottle.host.deps import require\n"
         "from pytest_bottle.errors import HostDependencyError\n"
         "try:\n    require('qemu-img')\nexcept HostDependencyError as e:\n    print(e)"
     )

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pytest_bottle.paths import default_cache_dir
+from pytest_bottle.host.paths import default_cache_dir
 
 CACHE = str(default_cache_dir())
 
@@ -216,7 +216,7 @@ import json, os
 from pathlib import Path
 import psutil, pytest
 from pytest_bottle.plugin import STATE
-from pytest_bottle.runstate import RunRecord
+from pytest_bottle.host.runstate import RunRecord
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):

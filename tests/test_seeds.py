@@ -11,8 +11,8 @@ import pytest
 
 import pytest_bottle
 from pytest_bottle import Bottle
-from pytest_bottle.paths import default_cache_dir
-from pytest_bottle.seeds import SEED_VERSION, list_seeds
+from pytest_bottle.host.paths import default_cache_dir
+from pytest_bottle.store.seeds import SEED_VERSION, list_seeds
 from pytest_bottle.vmm.qemu import kernel_args
 
 

@@ -24,17 +24,17 @@ from harness import processes_mentioning
 
 import pytest_bottle
 from pytest_bottle import BootError, BottleError, boot, seed_store
-from pytest_bottle.boot import BootPlan
+from pytest_bottle.host.paths import default_cache_dir, remove_tree, tree_size, unescape_mount_field
 from pytest_bottle.images import ensure_image
 from pytest_bottle.images.cache import entry_dir
 from pytest_bottle.images.recipes import get_recipe
-from pytest_bottle.paths import default_cache_dir, remove_tree, tree_size, unescape_mount_field
-from pytest_bottle.seeds import SEED_VERSION, Seed, list_seeds
+from pytest_bottle.lifecycle.boot import BootPlan
+from pytest_bottle.store.seeds import SEED_VERSION, Seed, list_seeds
 from pytest_bottle.vmm import accel
 from pytest_bottle.vmm.qemu import Nic
 
 CACHE = default_cache_dir()
-launch_mod = sys.modules["pytest_bottle.launch"]  # the package's `launch` attribute is the function
+launch_mod = sys.modules["pytest_bottle.lifecycle.launch"]  # the package's `launch` attribute is the function
 
 
 def _current_seed() -> Seed:

@@ -20,10 +20,10 @@ import pytest
 from harness import kill_group, run_isolated, wait_until
 
 from pytest_bottle.errors import PoolExhausted
+from pytest_bottle.host.paths import default_cache_dir, state_dir
+from pytest_bottle.host.runstate import RunRecord
+from pytest_bottle.host.sweep import sweep
 from pytest_bottle.net import pools
-from pytest_bottle.paths import default_cache_dir, state_dir
-from pytest_bottle.runstate import RunRecord
-from pytest_bottle.sweep import sweep
 from pytest_bottle.vmm.process import boot_id
 
 CACHE = str(default_cache_dir())

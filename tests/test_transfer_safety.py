@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 
 from pytest_bottle import Bottle
+from pytest_bottle.agent.channel import AgentChannel
+from pytest_bottle.agent.transfer import fetch, send_tree
 from pytest_bottle.errors import AgentError, GuestOSError, UnsafeTransfer
 from pytest_bottle.guest import agent
-from pytest_bottle.guest.channel import AgentChannel
 from pytest_bottle.guest.frames import CALL, CANCEL, CHUNK, DATA, EOF, HEADER, REPLY, Channel, frame, jframe
 from pytest_bottle.guest.untar import GET
-from pytest_bottle.transfer import fetch, send_tree
 
 Answer = Callable[[int, dict[str, object]], bytes]
 

@@ -1,7 +1,7 @@
 """Build an image: mmdebstrap → directory → ``mkfs.ext4 -d`` → raw ext4 + kernel + initrd.
 
 Everything happens inside one mmdebstrap run (format ``null``) whose hooks lay
-the overlay in and write the artifacts out, so the same code path works as
+the guest files in and write the artifacts out, so the same code path works as
 root and, through ``--mode=unshare``, as an ordinary user.
 """
 
@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ImageBuildError
-from ..hostdeps import require
+from ..host.deps import require
 from ..vmm.process import die_with_parent
-from .overlay import write_overlay, write_pre_overlay
+from .guest_files import write_early_files, write_guest_files
 from .recipes import BUILDER_VERSION, Recipe
 from .sources import host_sources
 
@@ -79,11 +79,11 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
     require("unshare", "build images")
     started = time.monotonic()
     work = out / ".work"
-    pre, overlay, tmp = work / "pre", work / "overlay", work / "tmp"
-    for d in (pre, overlay, tmp):
+    pre, files, tmp = work / "pre", work / "files", work / "tmp"
+    for d in (pre, files, tmp):
         d.mkdir(parents=True)
-    write_pre_overlay(recipe, pre)
-    write_overlay(recipe, overlay)
+    write_early_files(recipe, pre)
+    write_guest_files(recipe, files)
     (work / "mkfs.sh").write_text(MKFS)
     customize = CUSTOMIZE.format(
         out=shlex.quote(str(out)), mkfs=shlex.quote(str(work / "mkfs.sh")), size=recipe.disk_size
@@ -103,7 +103,7 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
         f"--include={','.join(recipe.packages)}",
         # mmdebstrap splits these like a shell: paths are quoted (a cache dir may have spaces).
         f"--setup-hook=sync-in {shlex.quote(str(pre))} /",
-        f"--customize-hook=sync-in {shlex.quote(str(overlay))} /",
+        f"--customize-hook=sync-in {shlex.quote(str(files))} /",
         f'--customize-hook=sh {shlex.quote(str(work / "customize.sh"))} "$1"',
         recipe.suite,
         "/dev/null",

@@ -18,8 +18,8 @@ from typing import Any
 from filelock import FileLock
 
 from ..errors import ImageBuildError
-from ..locks import reporting_lock
-from ..paths import cache_root, remove_tree
+from ..host.locks import reporting_lock
+from ..host.paths import cache_root, remove_tree
 from . import builder
 from .recipes import RECIPES, Recipe, get_recipe
 

@@ -17,9 +17,9 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from ..errors import LockTimeout, PoolExhausted
-from ..locks import lock_holder
-from ..paths import state_dir, write_private
-from ..runstate import owner_identity
+from ..host.locks import lock_holder
+from ..host.paths import state_dir, write_private
+from ..host.runstate import owner_identity
 from ..vmm.process import Identity, foreign, is_alive, machine_id, pid_namespace, wall_start
 
 log = logging.getLogger(__name__)

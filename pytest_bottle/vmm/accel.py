@@ -29,8 +29,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from ..errors import HostDependencyError
-from ..hostdeps import require
-from ..paths import write_private
+from ..host.deps import require
+from ..host.paths import write_private
 from . import process
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import BootError, BootTimeout
-from ..hostdeps import require
+from ..host.deps import require
 from . import process
 from .qemu import IGNORE_SHARED, MachineConfig, build_argv, deferred_incoming
 from .qmp import QMP

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pytest_bottle.paths import unescape_mount_field
+from pytest_bottle.host.paths import unescape_mount_field
 from pytest_bottle.ssh import remote_command
 
 SHOW_ARGV = [sys.executable, "-c", "import os, sys; print(repr((sys.argv[1:], os.environ.get('K'))))"]

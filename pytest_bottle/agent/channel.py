@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..errors import AgentError, AgentTimeout, SpecError, guest_os_error
-from . import frames
-from .frames import (
+from ..guest import frames
+from ..guest.frames import (
     CALL,
     CANCEL,
     CHUNK,

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..vmm.process import Identity, boot_id, foreign, is_alive, machine_id, pid_namespace, start_time
 from .paths import state_dir, write_private
-from .vmm.process import Identity, boot_id, foreign, is_alive, machine_id, pid_namespace, start_time
 
 log = logging.getLogger(__name__)
 

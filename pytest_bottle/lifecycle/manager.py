@@ -24,10 +24,10 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .bottle import Bottle
+from ..bottle import Bottle
+from ..net.lan import LanRegistry
+from ..spec import BottleSpec
 from .launch import start_bottle
-from .net.lan import LanRegistry
-from .spec import BottleSpec
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from .errors import HostDependencyError
+from ..errors import HostDependencyError
 
 PROVIDERS = {
     "qemu-system-x86_64": "qemu-system-x86",

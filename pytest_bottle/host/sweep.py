@@ -18,11 +18,11 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import LockTimeout
-from .net import pools
+from ..errors import LockTimeout
+from ..net import pools
+from ..vmm.process import is_alive, is_same_process, kill_pid
 from .paths import cache_root, remove_tree
 from .runstate import RunRecord, run_dir_owner
-from .vmm.process import is_alive, is_same_process, kill_pid
 
 log = logging.getLogger(__name__)
 

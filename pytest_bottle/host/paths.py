@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .errors import UnsafeDirectory
+from ..errors import UnsafeDirectory
 
 log = logging.getLogger(__name__)
 

@@ -21,23 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..agent.channel import AgentChannel
+from ..bottle import Bottle
+from ..errors import BootError, BottleError, HostDependencyError, LockTimeout, SpecError
+from ..host.deps import which
+from ..host.paths import remove_tree
+from ..host.runstate import RunRecord, create_run_dir
+from ..images import Image, ensure_image
+from ..net import pools
+from ..net.lan import LanRegistry
+from ..spec import BottleSpec, resolve
+from ..ssh import SshAccess, client_key, new_host_key
+from ..store.gc import in_use as seed_in_use
+from ..store.seeds import SEED_MACS, USER_NET, Seed, SeedCorrupt, discard, ensure_seed, verify
+from ..vmm import accel as accel_mod
+from ..vmm.machine import QemuMachine
+from ..vmm.qemu import Forward, Nic
 from .boot import BootPlan, run_probe, start_machine
-from .bottle import Bottle
-from .errors import BootError, BottleError, HostDependencyError, LockTimeout, SpecError
-from .guest.channel import AgentChannel
-from .hostdeps import which
-from .images import Image, ensure_image
-from .net import pools
-from .net.lan import LanRegistry
-from .paths import remove_tree
-from .runstate import RunRecord, create_run_dir
-from .seed_gc import in_use as seed_in_use
-from .seeds import SEED_MACS, USER_NET, Seed, SeedCorrupt, discard, ensure_seed, verify
-from .spec import BottleSpec, resolve
-from .ssh import SshAccess, client_key, new_host_key
-from .vmm import accel as accel_mod
-from .vmm.machine import QemuMachine
-from .vmm.qemu import Forward, Nic
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import AgentError, BottleError, OutputLimit, UnsafeTransfer
-from .guest import untar
-from .guest.channel import AgentChannel
-from .guest.frames import DATA, EOF, FrameWriter
+from ..errors import AgentError, BottleError, OutputLimit, UnsafeTransfer
+from ..guest import untar
+from ..guest.frames import DATA, EOF, FrameWriter
+from .channel import AgentChannel
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .images.cache import Image
-from .paths import tree_size
-from .seed_store import SEED_VERSION, Seed, entry_lock, list_seeds, remove_entry
-from .seed_store import in_use as in_use  # where launch takes it from
-from .vmm.accel import qemu_version
-from .vmm.qemu import kernel_args
+from ..host.paths import tree_size
+from ..images.cache import Image
+from ..vmm.accel import qemu_version
+from ..vmm.qemu import kernel_args
+from .saved import SEED_VERSION, Seed, entry_lock, list_seeds, remove_entry
+from .saved import in_use as in_use  # where launch takes it from
 
 log = logging.getLogger(__name__)
 

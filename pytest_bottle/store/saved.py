@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BootError
-from .paths import remove_tree, write_private
+from ..errors import BootError
+from ..host.paths import remove_tree, write_private
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from typing import Any
 from filelock import FileLock
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from .errors import BootError, BootTimeout
-from .guest.channel import AgentChannel
-from .hostdeps import require
-from .paths import write_private
-from .vmm import accel, clock
-from .vmm.accel import ProbeResult
-from .vmm.machine import QemuMachine, console_tail
-from .vmm.qemu import MachineConfig, Nic
+from ..agent.channel import AgentChannel
+from ..errors import BootError, BootTimeout
+from ..host.deps import require
+from ..host.paths import write_private
+from ..vmm import accel, clock
+from ..vmm.accel import ProbeResult
+from ..vmm.machine import QemuMachine, console_tail
+from ..vmm.qemu import MachineConfig, Nic
 
 log = logging.getLogger(__name__)
 

@@ -19,21 +19,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .boot import BootPlan, start_machine
-from .images.cache import Image
-from .locks import reporting_lock
-from .paths import remove_tree
-from .seed_gc import prune_seeds
-from .seed_store import SEED_FILES, TMP_PREFIX, digest, load, lock_path, remove_entry, seeds_dir, signature, write_stamp
-from .seed_store import SEED_VERSION as SEED_VERSION  # re-exported: the public names of seeds
-from .seed_store import Seed as Seed
-from .seed_store import SeedCorrupt as SeedCorrupt
-from .seed_store import discard as discard
-from .seed_store import list_seeds as list_seeds
-from .seed_store import verify as verify
-from .ssh import new_host_key
-from .vmm.accel import qemu_version
-from .vmm.qemu import Nic, cpu_model, kernel_args
+from ..host.locks import reporting_lock
+from ..host.paths import remove_tree
+from ..images.cache import Image
+from ..lifecycle.boot import BootPlan, start_machine
+from ..ssh import new_host_key
+from ..vmm.accel import qemu_version
+from ..vmm.qemu import Nic, cpu_model, kernel_args
+from .gc import prune_seeds
+from .saved import SEED_FILES, TMP_PREFIX, digest, load, lock_path, remove_entry, seeds_dir, signature, write_stamp
+from .saved import SEED_VERSION as SEED_VERSION  # re-exported: the public names of seeds
+from .saved import Seed as Seed
+from .saved import SeedCorrupt as SeedCorrupt
+from .saved import discard as discard
+from .saved import list_seeds as list_seeds
+from .saved import verify as verify
 
 log = logging.getLogger(__name__)
 

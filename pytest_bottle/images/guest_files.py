@@ -63,7 +63,7 @@ UseDNS no
 """
 
 
-def write_overlay(recipe: Recipe, root: Path) -> None:
+def write_guest_files(recipe: Recipe, root: Path) -> None:
     """Populate ``root`` with the files copied into the image after bootstrap."""
     agent_dir = root / AGENT_DIR.lstrip("/")
     agent_dir.mkdir(parents=True)
@@ -92,7 +92,7 @@ def write_overlay(recipe: Recipe, root: Path) -> None:
         _text(root / guest_path.lstrip("/"), content)
 
 
-def write_pre_overlay(recipe: Recipe, root: Path) -> None:
+def write_early_files(recipe: Recipe, root: Path) -> None:
     """Files that must exist before packages install (the kernel's initrd config)."""
     conf = root / "etc/initramfs-tools"
     _text(conf / "modules", "".join(m + "\n" for m in recipe.initrd_modules))
