@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -160,6 +161,11 @@ def write_private(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, obj: object) -> None:
+    """``obj`` as compact JSON, written as ``write_private`` writes."""
+    write_private(path, json.dumps(obj))
 
 
 def remove_tree(path: Path) -> None:

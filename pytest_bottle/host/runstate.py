@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..vmm.process import Identity, boot_id, foreign, is_alive, machine_id, pid_namespace, start_time
-from .paths import state_dir, write_private
+from .paths import state_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class RunRecord:
         return rec
 
     def _write(self) -> None:
-        write_private(self.path, json.dumps(asdict(self)))
+        write_json(self.path, asdict(self))
 
     def save(self) -> None:
         self._write()
@@ -126,7 +126,7 @@ def write_marker(
         "pid_ns": pid_namespace(),
         "state_dir": os.environ.get("BOTTLE_STATE_DIR", ""),
     }
-    write_private(run_dir / MARKER, json.dumps(marker))
+    write_json(run_dir / MARKER, marker)
 
 
 def run_dir_owner(run_dir: Path) -> tuple[bool, str] | None:

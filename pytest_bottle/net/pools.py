@@ -18,7 +18,7 @@ from filelock import FileLock, Timeout
 
 from ..errors import LockTimeout, PoolExhausted
 from ..host.locks import lock_holder
-from ..host.paths import state_dir, write_private
+from ..host.paths import state_dir, write_json
 from ..host.runstate import owner_identity
 from ..vmm.process import Identity, foreign, is_alive, machine_id, pid_namespace, wall_start
 
@@ -55,7 +55,7 @@ def _locked() -> Iterator[dict[str, Any]]:
         except (OSError, ValueError):
             leases = {}
         yield leases
-        write_private(path, json.dumps(leases))
+        write_json(path, leases)
 
 
 def _alive(lease: dict[str, Any]) -> bool:

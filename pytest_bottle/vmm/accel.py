@@ -30,7 +30,7 @@ from filelock import FileLock
 
 from ..errors import HostDependencyError
 from ..host.deps import require
-from ..host.paths import write_private
+from ..host.paths import write_json
 from . import process
 
 log = logging.getLogger(__name__)
@@ -232,5 +232,5 @@ def _probe(cache_dir: Path, probe: Probe) -> Verdict:
         "definite": verdict.definite,
         "run": run_id(),
     }
-    write_private(_verdict_file(cache_dir), json.dumps(data))
+    write_json(_verdict_file(cache_dir), data)
     return verdict
