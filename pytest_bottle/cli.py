@@ -17,7 +17,7 @@ from .images import RECIPES, Image, ensure_image, list_images, prune_images, rem
 from .images.cache import prune_logs
 from .spec import resolve
 from .store.gc import prune_seeds, remove_seeds
-from .store.saved import list_seeds
+from .store.seeds import list_seeds
 from .vmm import accel as accel_mod
 
 

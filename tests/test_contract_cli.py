@@ -22,7 +22,8 @@ import pytest_bottle
 from pytest_bottle.host.paths import default_cache_dir
 from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.images import Recipe, ensure_image
-from pytest_bottle.store.seeds import SEED_VERSION, Seed, list_seeds
+from pytest_bottle.store.saved import SavedState
+from pytest_bottle.store.seeds import SEED_VERSION, list_seeds
 from pytest_bottle.vmm import accel
 
 CACHE = default_cache_dir()
@@ -42,7 +43,7 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def seed() -> Seed:
+def seed() -> SavedState:
     """A real work seed of the default image (made by starting a bottle)."""
     with pytest_bottle.launch() as b:
         b.exec("true")
@@ -69,7 +70,7 @@ def _link_copy(src: Path, dst: Path, **manifest_changes: object) -> Path:
     return dst
 
 
-def _seed_entry(seed: Seed, dst: Path, image: str | None = None) -> Path:
+def _seed_entry(seed: SavedState, dst: Path, image: str | None = None) -> Path:
     """A seed entry as the cache lists it: the real seed's manifest (its image
     renamed if asked) beside empty files. Linking the real files would change
     their ctime, and with it the original's verification stamp."""
@@ -97,7 +98,7 @@ def _strip_ages(text: str) -> str:
     return re.sub(r"\b\d+(\.\d+)?[mhd]\b", "AGE", text)
 
 
-def test_seed_list_and_rm(seed: Seed, private_cache: Path) -> None:
+def test_seed_list_and_rm(seed: SavedState, private_cache: Path) -> None:
     seeds = private_cache / "seeds"
     mine = _seed_entry(seed, seeds / seed.path.name)
     other = _seed_entry(seed, seeds / "debian-bookworm-minimal-copy", image="debian-bookworm-minimal")
@@ -114,7 +115,7 @@ def test_seed_list_and_rm(seed: Seed, private_cache: Path) -> None:
     assert seed.path in [s.path for s in list_seeds(CACHE)]  # the real one is untouched
 
 
-def test_image_rm_removes_every_key_and_the_seeds(seed: Seed, private_cache: Path) -> None:
+def test_image_rm_removes_every_key_and_the_seeds(seed: SavedState, private_cache: Path) -> None:
     real = ensure_image("debian-bookworm", CACHE)
     images = private_cache / "images"
     current = _link_copy(real.path, images / real.path.name)
@@ -213,7 +214,7 @@ def test_run_boot_memory_cpus_network_options(private_cache: Path, host_server: 
     assert list_seeds(private_cache) == []  # booted cold: no seed was made
 
 
-def test_run_command_forms_exit_codes_and_verbose(seed: Seed) -> None:
+def test_run_command_forms_exit_codes_and_verbose(seed: SavedState) -> None:
     r = cli("run", "--accel", "tcg", "--", "echo $((6*7)); exit 4")  # one argument: through /bin/sh -c
     assert (r.returncode, r.stdout, r.stderr) == (4, "42\n", "")
     r = cli("-v", "run", "--accel", "tcg", "--", "cat", "/proc/sys/kernel/randomize_va_space")
@@ -241,7 +242,7 @@ def test_run_command_forms_exit_codes_and_verbose(seed: Seed) -> None:
         )
 
 
-def test_ctrl_c_stops_the_bottle_and_gives_130(seed: Seed) -> None:
+def test_ctrl_c_stops_the_bottle_and_gives_130(seed: SavedState) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={CACHE}", "run", "--", "sleep", "120"],
         stdout=subprocess.PIPE,
@@ -269,7 +270,7 @@ def test_ctrl_c_stops_the_bottle_and_gives_130(seed: Seed) -> None:
 
 
 @pytest.fixture
-def isolated(seed: Seed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated(seed: SavedState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A run-state directory and a cache of this test's own, so that `sweep --kept`
     cannot touch another test's kept VM (or run directory). The seed is copied."""
     monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state"))
@@ -283,7 +284,7 @@ def isolated(seed: Seed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     return cache
 
 
-def test_stop_unknown_name_and_sweep_kept(isolated: Path, seed: Seed) -> None:
+def test_stop_unknown_name_and_sweep_kept(isolated: Path, seed: SavedState) -> None:
     names: list[str] = []
     try:
         a = pytest_bottle.launch(cache_dir=isolated, detached=True)  # keep() needs a QEMU that may outlive us

@@ -23,13 +23,16 @@ import pytest
 from harness import processes_mentioning
 
 import pytest_bottle
-from pytest_bottle import BootError, BottleError, boot, seed_store
+from pytest_bottle import BootError, BottleError
 from pytest_bottle.host.paths import default_cache_dir, remove_tree, tree_size, unescape_mount_field
 from pytest_bottle.images import ensure_image
 from pytest_bottle.images.cache import entry_dir
 from pytest_bottle.images.recipes import get_recipe
+from pytest_bottle.lifecycle import boot
 from pytest_bottle.lifecycle.boot import BootPlan
-from pytest_bottle.store.seeds import SEED_VERSION, Seed, list_seeds
+from pytest_bottle.store import saved
+from pytest_bottle.store.saved import SavedState
+from pytest_bottle.store.seeds import SEED_VERSION, list_seeds
 from pytest_bottle.vmm import accel
 from pytest_bottle.vmm.qemu import Nic
 
@@ -37,7 +40,7 @@ CACHE = default_cache_dir()
 launch_mod = sys.modules["pytest_bottle.lifecycle.launch"]  # the package's `launch` attribute is the function
 
 
-def _current_seed() -> Seed:
+def _current_seed() -> SavedState:
     """The main cache's seed for a default bottle, made by this code."""
     with pytest_bottle.launch():
         pass
@@ -122,7 +125,7 @@ def test_seed_removed_after_its_check_is_rebuilt_once(
     """A seed that goes between ``ensure_seed``'s check and QEMU opening it
     (a concurrent discard or prune) takes the discard-and-rebuild path."""
     real = launch_mod.ensure_seed
-    seen: list[Seed] = []
+    seen: list[SavedState] = []
     (original,) = list_seeds(seeded)
     # A seed of an older format: creating the new one prunes it.
     stale = seeded / "seeds" / (original.path.name[:-16] + "0" * 16)
@@ -131,8 +134,8 @@ def test_seed_removed_after_its_check_is_rebuilt_once(
     manifest["key_parts"]["seed_version"] = SEED_VERSION - 1
     (stale / "manifest.json").write_text(json.dumps(manifest))
 
-    def racing(*args: Any, **kwargs: Any) -> Seed:
-        seed: Seed = real(*args, **kwargs)
+    def racing(*args: Any, **kwargs: Any) -> SavedState:
+        seed: SavedState = real(*args, **kwargs)
         seen.append(seed)
         if len(seen) == 1:
             if victim == "the whole seed":
@@ -162,8 +165,8 @@ def test_image_removed_under_a_seed_is_a_boot_error_with_qemus_reason(
     cache = _own_cache(tmp_path / "cache", with_image=True)
     real = launch_mod.ensure_seed
 
-    def racing(*args: Any, **kwargs: Any) -> Seed:
-        seed: Seed = real(*args, **kwargs)
+    def racing(*args: Any, **kwargs: Any) -> SavedState:
+        seed: SavedState = real(*args, **kwargs)
         (cache / "images" / entry_dir(CACHE, get_recipe("debian-bookworm")).name / "rootfs.ext4").unlink()
         return seed
 
@@ -224,8 +227,8 @@ def test_image_prune_removes_stale_seeds_and_logs_and_reports_bytes(seeded: Path
         os.utime(logs / f"{entry}-failed-{i}.log", (1000 + i, 1000 + i))
     (logs / "gone-recipe-0123-failed-1.log").write_text("E: old\n")
 
-    busy = Seed(stale["in-use"], json.loads((stale["in-use"] / "manifest.json").read_text()))
-    with seed_store.in_use(busy):  # a clone is starting from it
+    busy = SavedState(stale["in-use"], json.loads((stale["in-use"] / "manifest.json").read_text()))
+    with saved.in_use(busy):  # a clone is starting from it
         r = subprocess.run(
             [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={seeded}", "image", "prune"],
             capture_output=True,

@@ -20,6 +20,7 @@ from filelock import FileLock, Timeout
 
 from ..errors import LockTimeout
 from ..net import pools
+from ..store import entries
 from ..vmm.process import is_alive, is_same_process, kill_pid
 from .paths import cache_root, remove_tree
 from .runstate import RunRecord, run_dir_owner
@@ -141,7 +142,7 @@ def _sweep_cache(cache_dir: Path, live: set[str], report: SweepReport) -> None:
         root = cache_dir / sub
         if not root.is_dir():
             continue
-        for d in root.glob(".tmp-*"):
+        for d in root.glob(f"{entries.TMP_PREFIX}*"):
             pid = _pid_suffix(d.name)
             if pid is not None and not _pid_alive(pid) and not _lock_held(cache_dir, sub, d.name):
                 _remove(d, report)
@@ -208,7 +209,7 @@ def _remove(path: Path, report: SweepReport) -> bool:
 def _lock_held(cache_dir: Path, sub: str, tmp_name: str) -> bool:
     """Whether a builder holds the entry's lock (its pid may live in another
     pid namespace, so a dead-looking pid is not enough)."""
-    entry = tmp_name.removeprefix(".tmp-").rsplit("-", 1)[0].removesuffix("-old").removesuffix("-discard")
+    entry = entries.entry_of(tmp_name)
     lock = cache_dir / "locks" / f"image-{entry}.lock" if sub == "images" else cache_dir / sub / f"{entry}.lock"
     if not lock.exists():
         return False

@@ -1,8 +1,9 @@
 """The content-addressed image cache: ``<cache>/images/<name>-<key>/``.
 
 An entry counts as built only once its directory has been renamed into
-place, and the rename happens after ``manifest.json`` is written inside it,
-so a killed build never leaves something a later run mistakes for an image.
+place (``store.entries``), and the rename happens after ``manifest.json`` is
+written inside it, so a killed build never leaves something a later run
+mistakes for an image.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from filelock import FileLock
 from ..errors import ImageBuildError
 from ..host.locks import reporting_lock
 from ..host.paths import cache_root, remove_tree
+from ..store import entries
 from . import builder
 from .recipes import RECIPES, Recipe, get_recipe
 
 log = logging.getLogger(__name__)
 
-TMP_PREFIX = ".tmp-"
 KEEP_FAILED_LOGS = 5  # per image entry: enough to compare, not a pile
 
 
@@ -67,6 +68,11 @@ def entry_dir(cache_dir: Path, recipe: Recipe) -> Path:
     return images_dir(cache_dir) / f"{recipe.name}-{recipe.key()}"
 
 
+def _lock_path(cache_dir: Path, entry: str) -> Path:
+    """Held to build, replace or remove the entry ``entry``."""
+    return cache_dir / "locks" / f"image-{entry}.lock"
+
+
 def _load(path: Path) -> Image | None:
     try:
         manifest = json.loads((path / "manifest.json").read_text())
@@ -100,35 +106,25 @@ def ensure_image(
     image = _load(final)
     if image and (rebuild_before is None or image.created >= rebuild_before):
         return image
-    lock_dir = cache_dir / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with reporting_lock(lock_dir / f"image-{final.name}.lock", f"the build of image {name}"):
+    lock = _lock_path(cache_dir, final.name)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with reporting_lock(lock, f"the build of image {name}"):
         image = _load(final)
         if image and (rebuild_before is None or image.created >= rebuild_before):
             return image  # another process built it while we waited
-        # Holding the lock, anything temporary for this entry is a dead build's.
-        for stale in images_dir(cache_dir).glob(f"{TMP_PREFIX}{final.name}-*"):
-            log.debug("removing stale build directory %s", stale)
-            remove_tree(stale)
-        tmp = images_dir(cache_dir) / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-        tmp.mkdir(parents=True)
-        try:
-            manifest = builder.build(recipe, tmp, progress)
-            remove_tree(tmp / ".work")
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            if final.exists():
-                trash = images_dir(cache_dir) / f"{TMP_PREFIX}{final.name}-old-{os.getpid()}"
-                os.rename(final, trash)
-                remove_tree(trash)
-            os.rename(tmp, final)
-        except BaseException as e:
-            kept_log = _keep_failed_log(cache_dir, tmp, final.name)
-            remove_tree(tmp)
-            if isinstance(e, ImageBuildError):  # point at the log where it now lives
-                raise ImageBuildError(e.name, e.reason, e.log_tail, kept_log) from None
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            raise ImageBuildError(name, f"{type(e).__name__}: {e}", "", kept_log) from e
+        with entries.building(final) as tmp:  # stale ones of dead builds go first: we hold the lock
+            try:
+                manifest = builder.build(recipe, tmp, progress)
+                remove_tree(tmp / ".work")
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+                entries.commit(tmp, final)
+            except BaseException as e:
+                kept_log = _keep_failed_log(cache_dir, tmp, final.name)
+                if isinstance(e, ImageBuildError):  # point at the log where it now lives
+                    raise ImageBuildError(e.name, e.reason, e.log_tail, kept_log) from None
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                raise ImageBuildError(name, f"{type(e).__name__}: {e}", "", kept_log) from e
         log.debug("built %s in %.1fs", final.name, manifest["build_seconds"])
         loaded = _load(final)
         assert loaded is not None
@@ -175,10 +171,7 @@ def prune_logs(cache_dir: Path, entry: str | None = None, keep: int = KEEP_FAILE
 
 
 def list_images(cache_dir: Path) -> list[Image]:
-    root = images_dir(cache_dir)
-    if not root.is_dir():
-        return []
-    found = [_load(p) for p in sorted(root.iterdir()) if not p.name.startswith(TMP_PREFIX)]
+    found = [_load(p) for p in entries.list_entries(images_dir(cache_dir))]
     return [i for i in found if i is not None]
 
 
@@ -188,8 +181,8 @@ def prune_images(cache_dir: Path) -> list[Path]:
     removed = []
     for image in list_images(cache_dir):
         if image.path.name not in current:
-            with FileLock(str(cache_dir / "locks" / f"image-{image.path.name}.lock")):
-                remove_tree(image.path)
+            with FileLock(str(_lock_path(cache_dir, image.path.name))):
+                entries.remove(image.path, "rm")
             removed.append(image.path)
     return removed
 
@@ -201,7 +194,7 @@ def remove_image(name: str, cache_dir: Path) -> list[Path]:
     removed = []
     for image in list_images(cache_dir):
         if image.name == name:
-            with FileLock(str(cache_dir / "locks" / f"image-{image.path.name}.lock")):
-                remove_tree(image.path)
+            with FileLock(str(_lock_path(cache_dir, image.path.name))):
+                entries.remove(image.path, "rm")
             removed.append(image.path)
     return removed

@@ -32,8 +32,8 @@ from ..net import pools
 from ..net.lan import LanRegistry
 from ..spec import BottleSpec, resolve
 from ..ssh import SshAccess, client_key, new_host_key
-from ..store.gc import in_use as seed_in_use
-from ..store.seeds import SEED_MACS, USER_NET, Seed, SeedCorrupt, discard, ensure_seed, verify
+from ..store.saved import SavedState, StateCorrupt, discard, in_use, verify
+from ..store.seeds import SEED_MACS, USER_NET, ensure_seed
 from ..vmm import accel as accel_mod
 from ..vmm.machine import QemuMachine
 from ..vmm.qemu import Forward, Nic
@@ -329,7 +329,7 @@ def _boot(start: _Start, nics: tuple[Nic, ...]) -> tuple[QemuMachine, AgentChann
             ram_file=seed.ram,
         )
         try:
-            with seed_in_use(seed):  # no pruner removes it before QEMU has its files open
+            with in_use(seed):  # no pruner removes it before QEMU has its files open
                 machine, channel = start_machine(
                     plan, start.run_dir, start.name, spec.timeout, start.detached, start.on_spawn
                 )
@@ -341,17 +341,17 @@ def _boot(start: _Start, nics: tuple[Nic, ...]) -> tuple[QemuMachine, AgentChann
             fault = _seed_fault(seed, e)
             if attempt == 2 or fault is None:
                 raise
-            discard(seed.path, fault, seed.manifest.get("created"))
+            discard(seed, fault)
             _reset_run_dir(start.run_dir)
     raise AssertionError("unreachable")
 
 
-def _seed_fault(seed: Seed, error: BootError) -> str | None:
+def _seed_fault(seed: SavedState, error: BootError) -> str | None:
     """Why a failed restore is the seed's fault (its files went or do not load), or None."""
     if any(s in error.reason for s in _RESTORE_FAILURES):
         return f"restoring it failed: {error.reason.strip()[-300:]}"
     try:
         verify(seed)
-    except SeedCorrupt as e:  # removed or changed since it was verified
+    except StateCorrupt as e:  # removed or changed since it was verified
         return f"{e.reason} (while a clone started from it)"
     return None

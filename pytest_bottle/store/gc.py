@@ -21,8 +21,7 @@ from ..host.paths import tree_size
 from ..images.cache import Image
 from ..vmm.accel import qemu_version
 from ..vmm.qemu import kernel_args
-from .saved import SEED_VERSION, Seed, entry_lock, list_seeds, remove_entry
-from .saved import in_use as in_use  # where launch takes it from
+from .saved import SEED_VERSION, SavedState, entry_lock, list_seeds, load, remove_entry
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +33,10 @@ class Removed:
     why: str
 
 
-def outdated(parts: Mapping[str, Any], image: Image | None) -> str | None:
-    """Why a seed with these key parts can no longer be produced, or None."""
+def outdated(state: SavedState, image: Image | None) -> str | None:
+    """Why a seed can no longer be produced, or None (``image`` is the current
+    build of the image it rests on)."""
+    parts, base = state.manifest["key_parts"], state.rests_on
     if parts.get("seed_version") != SEED_VERSION:
         return f"seed format {parts.get('seed_version')} (now {SEED_VERSION})"
     if image is None:
@@ -46,30 +47,34 @@ def outdated(parts: Mapping[str, Any], image: Image | None) -> str | None:
         return f"made by {parts.get('qemu')}"
     if parts.get("kernel_args") != " ".join(kernel_args(str(parts.get("accel")))):
         return "made with an older kernel command line"
+    if base.parent is not None:
+        parent = load(state.path / base.parent)
+        if parent is None or parent.manifest.get("created") != base.parent_created:
+            return f"the state it was taken from ({base.parent}) is gone or was made again"
     return None
 
 
-def stale_seeds(cache_dir: Path, images: Mapping[str, Image], only: str | None = None) -> list[tuple[Seed, str]]:
+def stale_seeds(cache_dir: Path, images: Mapping[str, Image], only: str | None = None) -> list[tuple[SavedState, str]]:
     """Seeds of image ``only`` (all if None) that no current key produces.
 
     ``images`` maps names to the current cached build.  Of the seeds left
     with the same shape (image, accelerator, memory, cpus, NICs), only the
     newest is current: the others were made with other shared files.
     """
-    stale: list[tuple[Seed, str]] = []
-    shapes: dict[tuple[Any, ...], list[Seed]] = {}
+    stale: list[tuple[SavedState, str]] = []
+    shapes: dict[tuple[Any, ...], list[SavedState]] = {}
     for seed in list_seeds(cache_dir):
         parts = seed.manifest["key_parts"]
         if only is not None and parts.get("image") != only:
             continue
-        why = outdated(parts, images.get(str(parts.get("image"))))
+        why = outdated(seed, images.get(str(parts.get("image"))))
         if why is not None:
             stale.append((seed, why))
             continue
         shape = tuple(parts.get(k) for k in ("image", "accel", "memory_mb", "cpus", "nics"))
         shapes.setdefault(shape, []).append(seed)
     for group in shapes.values():
-        group.sort(key=lambda s: float(s.manifest["created"]), reverse=True)
+        group.sort(key=lambda s: s.created, reverse=True)
         stale += [(seed, f"superseded by {group[0].path.name}") for seed in group[1:]]
     return stale
 

@@ -1,4 +1,5 @@
-"""Work seeds: an image booted once to "agent ready", saved as disk + memory state.
+"""Work seeds: an image booted once to "agent ready", saved as disk + memory state
+(a ``saved.SavedState`` whose capture is a fresh boot of the image).
 
 Every snapshot bottle is a qcow2 overlay on the seed's disk plus a restore of
 its memory state, which is why a fresh VM costs a fraction of a second.  A
@@ -14,26 +15,22 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from ..agent.channel import AgentChannel
 from ..host.locks import reporting_lock
-from ..host.paths import remove_tree
 from ..images.cache import Image
 from ..lifecycle.boot import BootPlan, start_machine
 from ..ssh import new_host_key
 from ..vmm.accel import qemu_version
+from ..vmm.machine import QemuMachine
 from ..vmm.qemu import Nic, cpu_model, kernel_args
 from .gc import prune_seeds
-from .saved import SEED_FILES, TMP_PREFIX, digest, load, lock_path, remove_entry, seeds_dir, signature, write_stamp
 from .saved import SEED_VERSION as SEED_VERSION  # re-exported: the public names of seeds
-from .saved import Seed as Seed
-from .saved import SeedCorrupt as SeedCorrupt
-from .saved import discard as discard
+from .saved import RestsOn, SavedState, StateCorrupt, create, discard, load, lock_path, seeds_dir, verify
 from .saved import list_seeds as list_seeds
-from .saved import verify as verify
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +103,7 @@ def ensure_seed(
     cache_dir: Path,
     rebuild_before: float | None = None,
     baked: dict[str, str | None] | None = None,
-) -> Seed:
+) -> SavedState:
     """The verified seed for these parts, created (once, under a lock) if needed.
 
     ``baked`` are setup values written into the seed itself, so that clones
@@ -116,16 +113,16 @@ def ensure_seed(
     final = seed_dir(cache_dir, parts)
     for _ in range(2):
         seed = load(final)
-        if seed is not None and (rebuild_before is None or seed.manifest["created"] >= rebuild_before):
+        if seed is not None and (rebuild_before is None or seed.created >= rebuild_before):
             try:
                 verify(seed)
                 return seed
-            except SeedCorrupt as e:
-                discard(final, str(e), seed.manifest.get("created"))
+            except StateCorrupt as e:
+                discard(seed, str(e))
         final.parent.mkdir(parents=True, exist_ok=True)
         with reporting_lock(lock_path(final), f"the seed {final.name}"):
             seed = load(final)
-            if seed is None or (rebuild_before is not None and seed.manifest["created"] < rebuild_before):
+            if seed is None or (rebuild_before is not None and seed.created < rebuild_before):
                 _create(image, accel, parts, final, baked or {})
                 prune_seeds(cache_dir, {image.name: image}, only=image.name)
     seed = load(final)
@@ -135,45 +132,26 @@ def ensure_seed(
 
 
 def _create(image: Image, accel: str, parts: dict[str, Any], final: Path, baked: dict[str, str | None]) -> None:
-    for stale in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
-        remove_tree(stale)
-    tmp = final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}")
-    # The machine runs in the seed's own directory: its disk then names the
-    # image relative to where it stays (tmp is renamed, at the same depth).
-    tmp.mkdir(parents=True)
-    started = time.monotonic()
-    try:
-        boot_seconds, settle, named = _boot_and_save(image, accel, parts, tmp, baked)
-        _dig_holes(tmp / "memory.ram")
-        for scratch in ("qemu.log", "qemu.argv"):
-            (tmp / scratch).unlink(missing_ok=True)
-        files = {n: {"size": (tmp / n).stat().st_size, "sha256": digest(tmp / n)} for n in SEED_FILES}
-        manifest = {
-            "key_parts": parts,
+    """Make the seed (``ensure_seed`` holds its lock).  The machine runs in
+    the seed's own tmp directory, so its disk names the image relative to
+    where it stays."""
+
+    def capture(tmp: Path) -> dict[str, Any]:
+        started = time.monotonic()
+        ready, settle, named = _boot_and_save(image, accel, parts, tmp, baked)
+        return {
+            "kind": "seed",
             "image_path": str(image.path),
-            "files": files,
-            "boot_seconds": round(boot_seconds - started, 2),
-            "creation_seconds": round(time.monotonic() - started, 2),
+            "boot_seconds": round(ready - started, 2),
             "guest_state": settle.get("state"),
             "nic_names": [named[n.mac.lower()] for n in seed_nics(parts["nics"])],
-            "created": time.time(),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        write_stamp(tmp, signature(tmp))
-        remove_entry(final, "old")  # under the lock ensure_seed holds
-        os.rename(tmp, final)
-        log.debug("seed %s created in %.1fs", final.name, manifest["creation_seconds"])
-    except BaseException:
-        remove_tree(tmp)
-        raise
+
+    create(final, capture, parts, RestsOn.image_layer(image.rootfs, final))
 
 
-def _boot_and_save(
-    image: Image, accel: str, parts: dict[str, Any], tmp: Path, baked: dict[str, str | None]
-) -> tuple[float, dict[str, Any], dict[str, str]]:
-    """Boot the seed machine in ``tmp``, set it up as a clone would be and save
-    its state; returns when it was ready (monotonic), the settle result and
-    the guest's NIC names by MAC."""
+def _boot_fresh(image: Image, accel: str, parts: dict[str, Any], tmp: Path) -> tuple[QemuMachine, AgentChannel]:
+    """Boot the image cold with the seed's devices, its disk and RAM files in ``tmp``."""
     plan = BootPlan(
         image.kernel,
         image.initrd,
@@ -186,7 +164,16 @@ def _boot_and_save(
         ram_file=tmp / "memory.ram",
         ram_shared=True,
     )
-    machine, channel = start_machine(plan, tmp, "seed", SEED_BOOT_TIMEOUT)
+    return start_machine(plan, tmp, "seed", SEED_BOOT_TIMEOUT)
+
+
+def _boot_and_save(
+    image: Image, accel: str, parts: dict[str, Any], tmp: Path, baked: dict[str, str | None]
+) -> tuple[float, dict[str, Any], dict[str, str]]:
+    """Boot the seed machine in ``tmp``, set it up as a clone would be and save
+    its state; returns when it was ready (monotonic), the settle result and
+    the guest's NIC names by MAC."""
+    machine, channel = _boot_fresh(image, accel, parts, tmp)
     try:
         ready = time.monotonic()
         nic_setup = [dict(match=SEED_MACS[0], mac=SEED_MACS[0], **USER_NET)]
@@ -211,16 +198,3 @@ def _boot_and_save(
         machine.stop()
         channel.close()
     return ready, settle, named
-
-
-def _dig_holes(path: Path) -> None:
-    """Give the zero pages of a RAM file back to the file system.
-
-    The guest kernel zeroes all free memory at boot (init_on_free), so the
-    file is fully written; most of it is zeros that need not take disk space
-    or page cache.
-    """
-    try:
-        subprocess.run(["fallocate", "--dig-holes", str(path)], check=True, capture_output=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as e:  # only space is lost
-        log.debug("fallocate --dig-holes %s: %s", path, e)
