@@ -6,7 +6,9 @@ leave a full seed (150-160 MB) behind.  When a seed is created, the stale
 seeds of its image go; ``bottle image prune`` applies the same rule to all.
 A seed some clone is starting from (its lock is held shared) is skipped; one
 that running clones were restored from is safe to remove, since Linux keeps
-unlinked files for the processes that have them open or mapped.
+unlinked files for the processes that have them open or mapped.  Removal
+is ``saved.remove_entry`` (the entries' put-aside-then-delete) under the
+state's lock, as everywhere else.
 """
 
 from __future__ import annotations

@@ -92,6 +92,8 @@ class RestsOn:
 
 @dataclass(frozen=True)
 class SavedState:
+    """A published saved state: its entry directory and manifest (see the module doc)."""
+
     path: Path
     manifest: dict[str, Any]
 
