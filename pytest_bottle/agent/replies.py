@@ -49,7 +49,7 @@ class SetupReply:
     and with ``list_nics`` every interface (by lower-case MAC)."""
 
     nics: dict[str, str]
-    name: str = ""
+    bottle: str = ""  # whose reply, for errors
 
     @classmethod
     def parse(cls, reply: Mapping[str, Any], name: str) -> SetupReply:
@@ -62,7 +62,7 @@ class SetupReply:
         try:
             return self.nics[mac]
         except KeyError:
-            raise AgentError(f"bottle {self.name}: the agent's reply to setup names no NIC with MAC {mac}") from None
+            raise AgentError(f"bottle {self.bottle}: the agent's reply to setup names no NIC with MAC {mac}") from None
 
 
 @dataclass(frozen=True)

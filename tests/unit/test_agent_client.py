@@ -45,6 +45,13 @@ class FakeChannel:
         self.calls.append((op, args))
         return self.reply
 
+    def start(self, op: str, sink: object, **args: Any) -> tuple[int, None]:
+        self.calls.append((op, args))
+        return 1, None
+
+    def wait(self, call: None, timeout: float | None, op: str) -> None:
+        return None  # nothing came in time
+
 
 def client(reply: dict[str, Any]) -> AgentClient:
     return AgentClient(FakeChannel(reply))  # type: ignore[arg-type]
@@ -113,6 +120,13 @@ def test_an_exec_reply_keeps_a_short_spawn_note() -> None:
     got = ExecReply.parse({"rc": 127, "stderr_text": "x" * 10_000, "timed_out": False}, b"out", b"err", "x")
     assert (got.rc, got.timed_out, got.stdout) == (127, False, b"out")
     assert got.stderr == b"err" + b"x" * 4096
+
+
+def test_an_exec_unanswered_past_its_timeout_is_an_agent_error() -> None:
+    with pytest.raises(AgentError, match=r"^bottle fake: no answer 10 s past the timeout of 'sleep 9'$"):
+        client({}).exec(
+            ["sleep", "9"], env={}, cwd=None, user=None, timeout=1, stdin=None, cap=1, grace=10, label="sleep 9"
+        )
 
 
 @pytest.mark.parametrize("info", [{"mode": "0755", "is_dir": False}, {"mode": 0o644}, {"is_dir": 1, "mode": 1}])
