@@ -144,18 +144,11 @@ class Bottle:
             cwd = _guest_path(cwd, "cwd")
         stdin = input.encode() if isinstance(input, str) else input
         started = time.monotonic()
+        run = self._agent.exec(  # raises before anything is sent: no history then
+            argv, env=env or {}, cwd=cwd, user=user, timeout=timeout, stdin=stdin, cap=EXEC_OUTPUT_CAP
+        )
         try:
-            reply = self._agent.exec(
-                argv,
-                env=env or {},
-                cwd=cwd,
-                user=user,
-                timeout=timeout,
-                stdin=stdin,
-                cap=EXEC_OUTPUT_CAP,
-                grace=TIMEOUT_GRACE,
-                label=cmd,
-            )
+            reply = run.finish(TIMEOUT_GRACE, cmd)
         except BaseException:
             self.history.append((_show(cmd), None, time.monotonic() - started))
             raise

@@ -76,31 +76,14 @@ class AgentClient:
         timeout: float | None,
         stdin: bytes | None,
         cap: int,
-        grace: float,
-        label: object,
-    ) -> ExecReply:
-        """Run ``argv`` to its end, keeping ``cap`` bytes of each output stream.
-
-        The agent kills the command at ``timeout`` (``ExecReply.timed_out``); an
-        agent still silent ``grace`` s later is given up on (``AgentError``
-        naming ``label``)."""
-        out, err = CappedOutput(cap), CappedOutput(cap)
-
-        def sink(kind: int, data: bytes) -> None:
-            if kind == STDOUT:
-                out.add(data)
-            elif kind == STDERR:
-                err.add(data)
-
-        rid, call = self.channel.start(
-            "exec", sink, argv=argv, env=dict(env), cwd=cwd, user=user, timeout=timeout, stdin=stdin is not None
+    ) -> ExecRun:
+        """Start ``argv``, keeping ``cap`` bytes of each output stream; the agent
+        kills it at ``timeout``.  Raises before anything is sent if it cannot start."""
+        run = ExecRun(self, stdin, timeout, cap)
+        run.rid, run.call = self.channel.start(
+            "exec", run.sink, argv=argv, env=dict(env), cwd=cwd, user=user, timeout=timeout, stdin=stdin is not None
         )
-        if stdin is not None:  # as fast as the command reads it (a window at a time); stops at its end
-            self.channel.send_data(rid, _chunks(stdin))
-        reply = self.channel.wait(call, None if timeout is None else timeout + grace, "exec")
-        if reply is None:
-            raise AgentError(f"bottle {self.name}: no answer {grace:g} s past the timeout of {label!r}")
-        return ExecReply.parse(reply, out.value(), err.value(), self.name)
+        return run
 
     def listening(self, *, timeout: float | None = 30) -> ListeningReply:
         """The TCP ports something in the guest listens on."""
@@ -153,6 +136,34 @@ class AgentClient:
 
     def untar_reply(self, call: Call, op: str) -> UntarReply:
         return UntarReply.parse(self.channel.wait(call, None, op) or {})
+
+
+class ExecRun:
+    """A command started by ``AgentClient.exec``: its output as it comes, then its end."""
+
+    def __init__(self, client: AgentClient, stdin: bytes | None, timeout: float | None, cap: int) -> None:
+        self.client, self.stdin, self.timeout = client, stdin, timeout
+        self.out, self.err = CappedOutput(cap), CappedOutput(cap)
+        self.rid = 0
+        self.call: Call | None = None
+
+    def sink(self, kind: int, data: bytes) -> None:
+        if kind == STDOUT:
+            self.out.add(data)
+        elif kind == STDERR:
+            self.err.add(data)
+
+    def finish(self, grace: float, label: object) -> ExecReply:
+        """Feed stdin, wait for the end; an agent still silent ``grace`` s past
+        the timeout is given up on (``AgentError`` naming ``label``)."""
+        channel, name = self.client.channel, self.client.name
+        assert self.call is not None
+        if self.stdin is not None:  # as fast as the command reads it (a window at a time); stops at its end
+            channel.send_data(self.rid, _chunks(self.stdin))
+        reply = channel.wait(self.call, None if self.timeout is None else self.timeout + grace, "exec")
+        if reply is None:
+            raise AgentError(f"bottle {name}: no answer {grace:g} s past the timeout of {label!r}")
+        return ExecReply.parse(reply, self.out.value(), self.err.value(), name)
 
 
 def _chunks(data: bytes | IO[bytes] | Iterable[bytes]) -> Iterable[bytes]:

@@ -45,11 +45,11 @@ class FakeChannel:
         self.calls.append((op, args))
         return self.reply
 
-    def start(self, op: str, sink: object, **args: Any) -> tuple[int, None]:
+    def start(self, op: str, sink: object, **args: Any) -> tuple[int, object]:
         self.calls.append((op, args))
-        return 1, None
+        return 1, object()
 
-    def wait(self, call: None, timeout: float | None, op: str) -> None:
+    def wait(self, call: object, timeout: float | None, op: str) -> None:
         return None  # nothing came in time
 
 
@@ -124,9 +124,7 @@ def test_an_exec_reply_keeps_a_short_spawn_note() -> None:
 
 def test_an_exec_unanswered_past_its_timeout_is_an_agent_error() -> None:
     with pytest.raises(AgentError, match=r"^bottle fake: no answer 10 s past the timeout of 'sleep 9'$"):
-        client({}).exec(
-            ["sleep", "9"], env={}, cwd=None, user=None, timeout=1, stdin=None, cap=1, grace=10, label="sleep 9"
-        )
+        client({}).exec(["sleep", "9"], env={}, cwd=None, user=None, timeout=1, stdin=None, cap=1).finish(10, "sleep 9")
 
 
 @pytest.mark.parametrize("info", [{"mode": "0755", "is_dir": False}, {"mode": 0o644}, {"is_dir": 1, "mode": 1}])
@@ -236,12 +234,12 @@ def test_write_stat_and_read(local: AgentClient, tmp_path: Path) -> None:
 
 def test_exec_collects_output(local: AgentClient) -> None:
     argv = ["/bin/sh", "-c", "cat; echo err >&2; exit 3"]
-    common: dict[str, Any] = dict(env={}, cwd="/", user=None, cap=4, grace=5, label="cat")
-    got = local.exec(argv, timeout=30, stdin=b"input", **common)
+    common: dict[str, Any] = dict(env={}, cwd="/", user=None, cap=4)
+    got = local.exec(argv, timeout=30, stdin=b"input", **common).finish(5, "cat")
     assert (got.rc, got.timed_out, got.stdout) == (3, False, b"inpu" + got.stdout[4:])
     assert got.stdout.startswith(b"inpu\n[pytest-bottle: output truncated: 1 bytes")
     assert got.stderr == b"err\n"
-    slow = local.exec(["sleep", "10"], timeout=0.5, stdin=None, **common)
+    slow = local.exec(["sleep", "10"], timeout=0.5, stdin=None, **common).finish(5, "sleep")
     assert slow.timed_out
 
 
