@@ -17,12 +17,12 @@ from typing import Any
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_exponential
 
 from .agent.channel import AgentChannel
+from .agent.client import AgentClient
 from .agent.transfer import fetch, read_all, send_tree
-from .errors import AgentError, BottleError, ExecTimeout, SpecError, WaitTimeout
-from .guest.frames import CHUNK, STDERR, STDOUT
+from .errors import BottleError, ExecTimeout, SpecError, WaitTimeout
 from .host.runstate import RunRecord
 from .net import pools
-from .results import CappedOutput, Command, ExecResult, to_argv
+from .results import Command, ExecResult, to_argv
 from .vmm.machine import QemuMachine
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class Bottle:
         self.lan_ip = lan_ip
         self._machine = machine
         self._channel = channel
+        self._agent = AgentClient(channel)
         self._resources = resources
         self._forwards = dict(forwards or {})
         self._ssh = ssh
@@ -141,47 +142,23 @@ class Bottle:
         _check_timeout(timeout)
         if cwd is not None:
             cwd = _guest_path(cwd, "cwd")
-        out, err = CappedOutput(EXEC_OUTPUT_CAP), CappedOutput(EXEC_OUTPUT_CAP)
-
-        def sink(kind: int, data: bytes) -> None:
-            if kind == STDOUT:
-                out.add(data)
-            elif kind == STDERR:
-                err.add(data)
-
-        data = input.encode() if isinstance(input, str) else input
+        stdin = input.encode() if isinstance(input, str) else input
         started = time.monotonic()
-        rid, call = self._channel.start(
-            "exec",
-            sink,
-            argv=argv,
-            env=dict(env or {}),
-            cwd=cwd,
-            user=user,
-            timeout=timeout,
-            stdin=data is not None,
+        run = self._agent.exec(  # raises before anything is sent: no history then
+            argv, env=env or {}, cwd=cwd, user=user, timeout=timeout, stdin=stdin, cap=EXEC_OUTPUT_CAP
         )
         try:
-            if data is not None:  # as fast as the command reads it (a window at a time); stops at its end
-                self._channel.send_data(rid, (data[i : i + CHUNK] for i in range(0, len(data), CHUNK)))
-            reply = self._channel.wait(call, None if timeout is None else timeout + TIMEOUT_GRACE, "exec")
+            reply = run.finish(TIMEOUT_GRACE, cmd)
         except BaseException:
             self.history.append((_show(cmd), None, time.monotonic() - started))
             raise
-        if reply is None:
-            self.history.append((_show(cmd), None, time.monotonic() - started))
-            raise AgentError(f"bottle {self.name}: no answer {TIMEOUT_GRACE:g} s past the timeout of {cmd!r}")
-        rc = reply.get("rc")
-        if type(rc) is not int:  # a bool is no exit code either
-            raise AgentError(f"bottle {self.name}: the agent's reply to exec has no exit code: {reply!r:.200}")
-        stdout, stderr = out.value(), err.value() + str(reply.get("stderr_text", ""))[:4096].encode()
         duration = time.monotonic() - started
-        self.history.append((_show(cmd), rc, duration))
-        if reply.get("timed_out"):
+        self.history.append((_show(cmd), reply.rc, duration))
+        if reply.timed_out:
             raise ExecTimeout(
-                cmd, float(timeout or 0), stdout.decode(errors="replace"), stderr.decode(errors="replace")
+                cmd, float(timeout or 0), reply.stdout.decode(errors="replace"), reply.stderr.decode(errors="replace")
             )
-        result = ExecResult(cmd, rc, stdout, stderr, duration)
+        result = ExecResult(cmd, reply.rc, reply.stdout, reply.stderr, duration)
         return result.check() if check else result
 
     def check_output(self, cmd: Command, **kw: Any) -> str:
@@ -211,7 +188,7 @@ class Bottle:
 
     def wait_for_port(self, port: int, timeout: float = 60.0) -> None:
         """Wait until something in the guest listens on TCP ``port``."""
-        if self._poll(lambda: port in self._channel.call("listening", timeout=30)["ports"], timeout):
+        if self._poll(lambda: port in self._agent.listening(timeout=30).ports, timeout):
             return
         raise WaitTimeout(f"a listener on TCP port {port} in {self.name}", timeout)
 
@@ -241,9 +218,7 @@ class Bottle:
         the whole call; past it ``AgentTimeout`` is raised and nothing is written."""
         path = _guest_path(path)
         _check_timeout(timeout)
-        view = memoryview(data)
-        chunks = (bytes(view[i : i + CHUNK]) for i in range(0, len(view), CHUNK))
-        self._channel.call("write", path=path, mode=mode, data=chunks, timeout=timeout)
+        self._agent.write(path, data, mode=mode, timeout=timeout)
 
     def write_text(
         self,
@@ -261,7 +236,7 @@ class Bottle:
         past it: use ``get`` for more); ``AgentTimeout`` after ``timeout`` s."""
         path = _guest_path(path)
         _check_timeout(timeout)
-        return read_all(self._channel, path, READ_CAP, timeout)
+        return read_all(self._agent, path, READ_CAP, timeout)
 
     def read_text(self, path: str, encoding: str = "utf-8", *, timeout: float | None = FILE_TIMEOUT) -> str:
         return self.read_bytes(path, timeout=timeout).decode(encoding)
@@ -278,21 +253,14 @@ class Bottle:
         dst = _guest_path(dst) + ("/" if dst.endswith("/") and dst != "/" else "")
         st = src_path.stat()  # FileNotFoundError for a missing source, before anything is sent
         if stat.S_ISDIR(st.st_mode):
-            with self._channel.deadline(timeout):
-                send_tree(self._channel, src_path, dst.rstrip("/") or "/")
+            with self._agent.deadline(timeout):
+                send_tree(self._agent, src_path, dst.rstrip("/") or "/")
             return
         if dst.endswith("/"):
             dst += src_path.name
         with open(src_path, "rb") as f:
             # Like cp: onto an existing directory, the file goes inside it.
-            self._channel.call(
-                "write",
-                path=dst,
-                mode=stat.S_IMODE(st.st_mode),
-                into_dir=src_path.name,
-                data=iter(lambda: f.read(CHUNK), b""),
-                timeout=timeout,
-            )
+            self._agent.write(dst, f, mode=stat.S_IMODE(st.st_mode), into_dir=src_path.name, timeout=timeout)
 
     def get(self, src: str, dst: PathLike, *, timeout: float | None = FILE_TIMEOUT) -> None:
         """Copy a guest file or directory to local ``dst``: files, directories and
@@ -302,8 +270,8 @@ class Bottle:
         (``skipped``); anything else refused stops at once with ``UnsafeTransfer``.
         Streams to disk (a window at a time); ``AgentTimeout`` after ``timeout`` s."""
         _check_timeout(timeout)
-        with self._channel.deadline(timeout):
-            fetch(self._channel, _guest_path(src), Path(dst))
+        with self._agent.deadline(timeout):
+            fetch(self._agent, _guest_path(src), Path(dst))
 
     # -- network ------------------------------------------------------------
 
@@ -324,7 +292,7 @@ class Bottle:
             if self._announce is None:
                 return
             try:
-                self._channel.call("announce", timeout=30, **self._announce)
+                self._agent.announce(**self._announce, timeout=30)
             except BottleError as e:  # a dead or hung guest fails the connection itself, clearly
                 log.debug("%s: announcing its MAC failed: %s", self.name, e)
             self._announce = None

@@ -18,10 +18,10 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..errors import AgentError, AgentTimeout, SpecError, guest_os_error
+from ..errors import AgentError, AgentTimeout, SpecError
 from ..guest import frames
 from ..guest.frames import (
     CALL,
@@ -39,35 +39,15 @@ from ..guest.frames import (
     WINDOW,
     frame,
 )
+from .calls import Call, CallOver, ProtocolError, Sink, guest_error
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[int, bytes], None]
 # Kinds a guest may send; anything else is a protocol error.
 GUEST_KINDS = frozenset({DATA, EOF, frames.STDOUT, frames.STDERR, REPLY, HELLO, CREDIT})
 IDLE = 2.0  # silence after which a waiting call pings the agent
 DEAD_AFTER = 30.0  # an agent that has not answered a ping this long is gone
 SEND_TIMEOUT = 60.0  # a guest that reads nothing of a frame this long is gone
-
-
-class _CallOver(Exception):
-    """The call ended (replied, lost) while data for it was still to be sent."""
-
-
-class _Call:
-    __slots__ = ("auto", "done", "error", "lost", "owed", "reply", "rid", "sink", "unacked", "window")
-
-    def __init__(self, rid: int, sink: Sink | None, auto: bool) -> None:
-        self.rid = rid
-        self.done = threading.Event()
-        self.reply: dict[str, Any] | None = None
-        self.sink = sink
-        self.error: BaseException | None = None  # the sink's own failure (a full local disk...)
-        self.lost = ""  # why the call failed without a reply (the agent restarted...)
-        self.auto = auto  # credit goes back as the sink returns, not from the consumer
-        self.owed = 0  # consumed stream bytes not yet credited back
-        self.unacked = 0  # stream bytes received and not yet credited back
-        self.window = WINDOW  # bytes we may still send the agent for this call
 
 
 class AgentChannel:
@@ -87,7 +67,7 @@ class AgentChannel:
         self._wlock = threading.Lock()
         self._lock = threading.Lock()
         self._credit = threading.Condition(self._lock)
-        self._calls: dict[int, _Call] = {}
+        self._calls: dict[int, Call] = {}
         self._next_id = 1
         self._last_rx = time.monotonic()
         self._ping_at = 0.0
@@ -137,9 +117,9 @@ class AgentChannel:
             while True:
                 kind, rid, size = HEADER.unpack(self._read_exact(HEADER.size))
                 if kind not in GUEST_KINDS:
-                    raise _ProtocolError(f"unknown frame kind {kind}")
+                    raise ProtocolError(f"unknown frame kind {kind}")
                 if size > frames.limit(kind):
-                    raise _ProtocolError(f"a {frames.NAMES[kind]} frame of {size} bytes (limit {frames.limit(kind)})")
+                    raise ProtocolError(f"a {frames.NAMES[kind]} frame of {size} bytes (limit {frames.limit(kind)})")
                 payload = self._read_exact(size) if size else b""
                 self._last_rx = time.monotonic()
                 if kind == HELLO:
@@ -163,7 +143,7 @@ class AgentChannel:
 
     def _hello(self, payload: bytes) -> None:
         if len(payload) != frames.HELLO_SIZE or not payload.startswith(frames.SYNC_MAGIC):
-            raise _ProtocolError("a HELLO frame without the agent's magic (a different protocol version?)")
+            raise ProtocolError("a HELLO frame without the agent's magic (a different protocol version?)")
         instance = payload[len(frames.SYNC_MAGIC) :]
         if self.instance is not None and instance != self.instance:
             self._restarted()
@@ -203,7 +183,7 @@ class AgentChannel:
         if kind == REPLY:
             reply = json.loads(payload)
             if not isinstance(reply, dict):
-                raise _ProtocolError(f"a REPLY that is not a JSON object: {payload[:80]!r}")
+                raise ProtocolError(f"a REPLY that is not a JSON object: {payload[:80]!r}")
             call.reply = reply
             with self._lock:
                 self._calls.pop(rid, None)
@@ -225,12 +205,12 @@ class AgentChannel:
         if call.auto:
             self._owe(rid, call, len(payload))
 
-    def _fail(self, rid: int, call: _Call, error: BaseException) -> None:
+    def _fail(self, rid: int, call: Call, error: BaseException) -> None:
         call.error = error
         self.forget(rid)
         call.done.set()
 
-    def _owe(self, rid: int, call: _Call, n: int) -> None:
+    def _owe(self, rid: int, call: Call, n: int) -> None:
         with self._lock:
             call.owed += n
             if call.owed < HOST_CREDIT_STEP or call.done.is_set():
@@ -251,7 +231,7 @@ class AgentChannel:
 
     # -- calls --------------------------------------------------------------
 
-    def start(self, op: str, sink: Sink | None = None, *, auto_credit: bool = True, **args: Any) -> tuple[int, _Call]:
+    def start(self, op: str, sink: Sink | None = None, *, auto_credit: bool = True, **args: Any) -> tuple[int, Call]:
         """Send a CALL.  With ``auto_credit`` the agent may send more as soon as
         ``sink`` returned; otherwise the consumer calls ``grant`` as it reads."""
         payload = json.dumps(dict(args, op=op)).encode()
@@ -262,7 +242,7 @@ class AgentChannel:
                 raise AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
             rid = self._next_id
             self._next_id += 1
-            call = self._calls[rid] = _Call(rid, sink, auto_credit)
+            call = self._calls[rid] = Call(rid, sink, auto_credit)
         self._send(frame(CALL, rid, payload))
         return rid, call
 
@@ -280,7 +260,7 @@ class AgentChannel:
     def _thread_deadline(self) -> float | None:
         return getattr(self._tls, "deadline", None)
 
-    def check(self, call: _Call, op: str = "") -> None:
+    def check(self, call: Call, op: str = "") -> None:
         """For a thread waiting on a call's data: raise if the thread's deadline
         passed (the call is cancelled) or the agent stopped answering."""
         deadline = self._thread_deadline()
@@ -305,7 +285,7 @@ class AgentChannel:
             )
 
     def send_data_frame(self, rid: int, chunk: bytes, deadline: float | None = None) -> None:
-        """Send ``chunk`` as DATA once the agent has room for it (raises _CallOver
+        """Send ``chunk`` as DATA once the agent has room for it (raises CallOver
         if the call ended meanwhile, AgentTimeout at ``deadline``)."""
         deadline = deadline if deadline is not None else self._thread_deadline()
         for i in range(0, len(chunk), CHUNK):
@@ -314,7 +294,7 @@ class AgentChannel:
                 while True:
                     call = self._calls.get(rid)
                     if call is None:
-                        raise _CallOver
+                        raise CallOver
                     if call.window >= len(piece):
                         call.window -= len(piece)
                         break
@@ -337,7 +317,7 @@ class AgentChannel:
             for chunk in chunks:
                 if chunk:
                     self.send_data_frame(rid, chunk, deadline)
-        except _CallOver:
+        except CallOver:
             return
         except AgentError:
             raise
@@ -350,7 +330,7 @@ class AgentChannel:
     def cancel(self, rid: int) -> None:
         self._send(frame(CANCEL, rid))
 
-    def wait(self, call: _Call, timeout: float | None = None, op: str = "") -> dict[str, Any] | None:
+    def wait(self, call: Call, timeout: float | None = None, op: str = "") -> dict[str, Any] | None:
         """The call's reply, None on timeout; raises AgentError if the channel
         died, the agent restarted or stopped answering."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -368,7 +348,7 @@ class AgentChannel:
                 f"bottle {self.name}: {call.lost or self.death or 'agent channel closed'} during {op or 'a call'}"
             )
         if not call.reply.get("ok"):
-            raise _guest_error(call.reply, op)
+            raise guest_error(call.reply, op)
         return call.reply
 
     def forget(self, rid: int) -> None:
@@ -417,16 +397,3 @@ class AgentChannel:
             pass
         self.sock.close()
         self._reader.join(timeout=2)
-
-
-class _ProtocolError(Exception):
-    pass
-
-
-def _guest_error(reply: dict[str, Any], op: str) -> Exception:
-    msg = str(reply.get("error", "unknown error"))
-    if reply.get("type") == "OSError" or reply.get("errno") is not None:
-        return guest_os_error(f"in the guest: {msg}", reply.get("errno"), reply.get("path"))
-    if reply.get("type") == "ValueError":  # a bad argument the guest could not honour (e.g. user=)
-        return SpecError(msg.removeprefix("ValueError: "), f"{op}()")
-    return AgentError(f"agent error during {op}: {msg}")

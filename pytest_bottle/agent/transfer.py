@@ -20,12 +20,13 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from ..errors import AgentError, BottleError, OutputLimit, UnsafeTransfer
 from ..guest import untar
 from ..guest.frames import DATA, EOF, FrameWriter
+from .calls import Call
 from .channel import AgentChannel
+from .client import AgentClient
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,14 @@ log = logging.getLogger(__name__)
 REFUSAL_GRACE = 10.0
 
 
-def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:
+Agent = AgentClient | AgentChannel  # tools and tests may hold a bare channel
+
+
+def send_tree(agent: Agent, src: Path, dst: str) -> None:
     """Copy the contents of local directory ``src`` into guest directory ``dst``."""
-    rid, call = channel.start("untar", None, path=dst)
+    client = AgentClient.of(agent)
+    channel = client.channel
+    rid, call = client.start_untar(dst)
     writer = FrameWriter(lambda data: channel.send_data_frame(rid, data))
 
     def stream() -> Iterator[bytes]:
@@ -47,34 +53,33 @@ def send_tree(channel: AgentChannel, src: Path, dst: str) -> None:
         yield b""
 
     channel.send_data(rid, stream())  # a local failure (an unreadable file) aborts the call
-    reply = channel.wait(call, None, "put") or {}
-    refused = reply.get("refused")
-    if isinstance(refused, dict):
-        raise UnsafeTransfer(str(refused.get("path", ""))[:4096], str(refused.get("reason", ""))[:4096], "put")
+    refused = client.untar_reply(call, "put").refused
+    if refused is not None:
+        raise UnsafeTransfer(*refused, "put")
 
 
-def fetch(channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
+def fetch(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
     """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``."""
-    info = channel.call("stat", path=src)
-    mode, is_dir = info.get("mode"), info.get("is_dir")
-    if type(mode) is not int or type(is_dir) is not bool:
-        raise UnsafeTransfer(src, f"a malformed stat reply from the guest: {str(info)[:200]}")
-    if is_dir:
-        receive_tree(channel, src, dst, policy)
-    elif stat.S_ISREG(mode):
-        receive_file(channel, src, dst, mode, policy)
+    client = AgentClient.of(agent)
+    info = client.stat(src)
+    if info.is_dir:
+        receive_tree(client, src, dst, policy)
+    elif stat.S_ISREG(info.mode):
+        receive_file(client, src, dst, info.mode, policy)
     else:
         raise UnsafeTransfer(src, "not a regular file or a directory: only those are copied")
 
 
-def receive_tree(channel: AgentChannel, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
+def receive_tree(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
     """Copy the contents of guest directory ``src`` into local directory ``dst``.
 
     Links leading out, devices and fifos are skipped, not written: the rest is
     copied, then ``UnsafeTransfer`` names what was skipped."""
+    client = AgentClient.of(agent)
+    channel = client.channel
     dst.mkdir(parents=True, exist_ok=True)
-    source = _FrameSource(channel)
-    rid, call = source.start("tar", path=src)
+    source = _FrameSource(client)
+    rid, call = source.start(src)
     try:
         try:
             count, skipped = untar.extract(source.read, os.fspath(dst), policy)
@@ -101,7 +106,7 @@ def _partial(count: int, skipped: list[untar.Refused]) -> UnsafeTransfer:
 
 
 def receive_file(
-    channel: AgentChannel,
+    agent: Agent,
     src: str,
     dst: Path,
     mode: int,
@@ -110,6 +115,8 @@ def receive_file(
     """Copy guest file ``src`` to ``dst`` (inside it if it is a directory), its
     mode masked by the policy; never written through a link, never more than
     the policy's byte limit."""
+    client = AgentClient.of(agent)
+    channel = client.channel
     if dst.is_dir():
         dst = dst / posixpath.basename(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +124,7 @@ def receive_file(
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name[:200]}.", suffix=".bottle-part", dir=dst.parent)
     sink = _FileSink(fd, src, policy.max_bytes)
     try:
-        rid, call = channel.start("read", sink.write, path=src)
+        rid, call = client.start_read(src, sink.write)
         try:
             while not call.done.wait(0.2) and not sink.failed.is_set():
                 channel.check(call, "get")  # a deadline, a dead agent
@@ -208,10 +215,11 @@ class _FrameSource:
     and the reader never waits for us.
     """
 
-    def __init__(self, channel: AgentChannel) -> None:
-        self.channel = channel
+    def __init__(self, client: AgentClient) -> None:
+        self.client = client
+        self.channel = client.channel
         self.done: threading.Event | None = None
-        self.call: Any = None
+        self.call: Call | None = None
         self.rid = 0
         self.cond = threading.Condition()
         self.chunks: collections.deque[memoryview] = collections.deque()
@@ -219,11 +227,11 @@ class _FrameSource:
         self.eof = False
         self.dropping = False
 
-    def start(self, op: str, **args: Any) -> tuple[int, Any]:
-        """Start the call that feeds this source; the consumer grants the credit."""
-        self.rid, self.call = self.channel.start(op, self.feed, auto_credit=False, **args)
-        self.done = self.call.done
-        return self.rid, self.call
+    def start(self, path: str) -> tuple[int, Call]:
+        """Start the tar stream that feeds this source; the consumer grants the credit."""
+        self.rid, call = self.client.start_tar(path, self.feed)
+        self.call, self.done = call, call.done
+        return self.rid, call
 
     def feed(self, kind: int, data: bytes) -> None:
         with self.cond:
@@ -270,8 +278,9 @@ class _FrameSource:
         return self.channel.closed.is_set() or (self.done is not None and self.done.is_set())
 
 
-def read_all(channel: AgentChannel, path: str, cap: int, timeout: float | None) -> bytes:
+def read_all(agent: Agent, path: str, cap: int, timeout: float | None) -> bytes:
     """``Bottle.read_bytes``: the whole of guest file ``path``, at most ``cap`` bytes."""
+    client = AgentClient.of(agent)
     parts: list[bytes] = []
     size = 0
 
@@ -280,8 +289,8 @@ def read_all(channel: AgentChannel, path: str, cap: int, timeout: float | None) 
         if kind == DATA:
             size += len(data)
             if size > cap:
-                raise OutputLimit(f"{path} in {channel.name} is larger than {cap} bytes: use get()")
+                raise OutputLimit(f"{path} in {client.name} is larger than {cap} bytes: use get()")
             parts.append(data)
 
-    channel.call("read", path=path, sink=sink, timeout=timeout)
+    client.read(path, sink, timeout=timeout)
     return b"".join(parts)

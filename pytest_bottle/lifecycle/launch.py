@@ -13,7 +13,6 @@ import re
 import secrets
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..agent.channel import AgentChannel
+from ..agent.client import AgentClient
+from ..agent.handshake import Handshake, NicSetup
 from ..bottle import Bottle
 from ..errors import BootError, BottleError, HostDependencyError, LockTimeout, SpecError
 from ..host.deps import which
@@ -173,22 +174,15 @@ def start_bottle(
         # A clone has its seed's default route already: checking costs.
         user_net = USER_NET if spec.boot == "cold" else {"ip": USER_NET["ip"]}
         handshake = time.perf_counter()
-        done = channel.call(
-            "setup",
-            timeout=60,
-            entropy=os.urandom(64).hex(),
-            time_ns=time.time_ns(),
-            hostname=name,
-            machine_id=uuid.uuid4().hex,
-            ssh_host_key={"private": key_pair[0], "public": key_pair[1]} if key_pair else None,
-            **per_boot,
-            nics=[dict(found[0], mac=macs[0], announce=not lazy_arp, **user_net)]
-            + ([dict(found[1], mac=macs[1], ip=lan_ip)] if lan_ip else []),
-        )
-        announce = dict(name=done["nics"][macs[0]], mac=macs[0], ip=USER_NET["ip"]) if lazy_arp else None
+        agent = AgentClient(channel)
+        nics = [NicSetup(macs[0], found[0]["match"], found[0].get("name"), announce=not lazy_arp, **user_net)]
+        if lan_ip:
+            nics.append(NicSetup(macs[1], found[1]["match"], found[1].get("name"), ip=lan_ip))
+        done = agent.setup(Handshake.fresh(name, nics, ssh_host_key=key_pair, baked=per_boot), timeout=60)
+        announce = dict(name=done.nic_name(macs[0]), mac=macs[0], ip=USER_NET["ip"]) if lazy_arp else None
         log.debug("%s: clone handshake took %.1f ms", name, (time.perf_counter() - handshake) * 1000)
         if spec.boot == "cold":  # as settled as a snapshot clone: boot finished
-            channel.call("settle", timeout=spec.timeout, quiet=0)
+            agent.settle(timeout=spec.timeout, quiet=0)
         ssh: SshAccess | BottleError | None = None
         if ssh_wanted and not (key_pair and identity):
             ssh = HostDependencyError("ssh-keygen", "openssh-client", "needed for SSH access to bottles")

@@ -13,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
 from ..agent.channel import AgentChannel
+from ..agent.client import AgentClient
+from ..agent.handshake import Handshake, NicSetup
+from ..agent.replies import SettleReply
 from ..host.locks import reporting_lock
 from ..images.cache import Image
 from ..lifecycle.boot import BootPlan, start_machine
@@ -143,7 +145,7 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path, baked:
             "kind": "seed",
             "image_path": str(image.path),
             "boot_seconds": round(ready - started, 2),
-            "guest_state": settle.get("state"),
+            "guest_state": settle.state,
             "nic_names": [named[n.mac.lower()] for n in seed_nics(parts["nics"])],
         }
 
@@ -169,30 +171,22 @@ def _boot_fresh(image: Image, accel: str, parts: dict[str, Any], tmp: Path) -> t
 
 def _boot_and_save(
     image: Image, accel: str, parts: dict[str, Any], tmp: Path, baked: dict[str, str | None]
-) -> tuple[float, dict[str, Any], dict[str, str]]:
+) -> tuple[float, SettleReply, dict[str, str]]:
     """Boot the seed machine in ``tmp``, set it up as a clone would be and save
     its state; returns when it was ready (monotonic), the settle result and
     the guest's NIC names by MAC."""
     machine, channel = _boot_fresh(image, accel, parts, tmp)
     try:
         ready = time.monotonic()
-        nic_setup = [dict(match=SEED_MACS[0], mac=SEED_MACS[0], **USER_NET)]
+        agent = AgentClient(channel)
+        nics = [NicSetup(SEED_MACS[0], SEED_MACS[0], ip=USER_NET["ip"], gateway=USER_NET["gateway"])]
+        key = new_host_key(SEED_HOSTNAME) if image.recipe.has_sshd else None
         # Every step a clone's handshake takes, so that the code it runs is
         # in the seed's page cache.
-        args: dict[str, Any] = dict(
-            baked,
-            nics=nic_setup,
-            entropy=os.urandom(64).hex(),
-            time_ns=time.time_ns(),
-            hostname=SEED_HOSTNAME,
-            machine_id="0" * 32,
-            list_nics=True,
-        )
-        if image.recipe.has_sshd and (key := new_host_key(SEED_HOSTNAME)):
-            args["ssh_host_key"] = {"private": key[0], "public": key[1]}
-        named: dict[str, str] = channel.call("setup", timeout=60, **args)["nics"]
-        settle: dict[str, Any] = channel.call("settle", timeout=120, quiet=1.0)
-        channel.call("quiesce", timeout=300, warm=WARM_DIRS)
+        shake = Handshake.fresh(SEED_HOSTNAME, nics, machine_id="0" * 32, ssh_host_key=key, baked=baked, list_nics=True)
+        named = agent.setup(shake, timeout=60).nics
+        settle = agent.settle(timeout=120, quiet=1.0)
+        agent.quiesce(warm=WARM_DIRS, timeout=300)
         machine.save_state(tmp / "memory.state")
     finally:
         machine.stop()

@@ -1,0 +1,52 @@
+"""One call's bookkeeping on the host, and how a guest's failure reply becomes
+a host error: the parts of the channel that know nothing of the socket."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import AgentError, SpecError, guest_os_error
+from ..guest.frames import WINDOW
+
+Sink = Callable[[int, bytes], None]
+
+
+class CallOver(Exception):
+    """The call ended (replied, lost) while data for it was still to be sent."""
+
+
+class ProtocolError(Exception):
+    """A frame no agent of ours sends: the channel cannot be trusted any more."""
+
+
+class Call:
+    """A call in flight: its reply (or why it has none) and its flow-control state."""
+
+    __slots__ = ("auto", "done", "error", "lost", "owed", "reply", "rid", "sink", "unacked", "window")
+
+    def __init__(self, rid: int, sink: Sink | None, auto: bool) -> None:
+        self.rid = rid
+        self.done = threading.Event()
+        self.reply: dict[str, Any] | None = None
+        self.sink = sink
+        self.error: BaseException | None = None  # the sink's own failure (a full local disk...)
+        self.lost = ""  # why the call failed without a reply (the agent restarted...)
+        self.auto = auto  # credit goes back as the sink returns, not from the consumer
+        self.owed = 0  # consumed stream bytes not yet credited back
+        self.unacked = 0  # stream bytes received and not yet credited back
+        self.window = WINDOW  # bytes we may still send the agent for this call
+
+
+def guest_error(reply: dict[str, Any], op: str) -> Exception:
+    """The host error for a reply with ``ok`` false."""
+    msg = str(reply.get("error", "unknown error"))
+    if reply.get("type") == "OSError" or reply.get("errno") is not None:
+        errno, path = reply.get("errno"), reply.get("path")  # a hostile guest may send anything
+        return guest_os_error(
+            f"in the guest: {msg}", errno if type(errno) is int else None, path if isinstance(path, str) else None
+        )
+    if reply.get("type") == "ValueError":  # a bad argument the guest could not honour (e.g. user=)
+        return SpecError(msg.removeprefix("ValueError: "), f"{op}()")
+    return AgentError(f"agent error during {op}: {msg}")

@@ -1,0 +1,176 @@
+"""The host's typed client of the guest agent: one method per operation.
+
+Operation names and reply fields live here and in ``replies``, nowhere else on
+the host.  Errors are the channel's (``AgentError`` for a dead, hung or
+restarted agent, ``AgentTimeout`` past a timeout, the guest's own failures
+mapped by ``calls.guest_error``) plus ``AgentError`` for a malformed reply.
+The streaming operations (``tar``, ``read`` into a sink, ``untar``) hand back
+the call for ``transfer``, which bounds and credits what flows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from typing import IO, Any
+
+from ..errors import AgentError
+from ..guest.frames import CHUNK, STDERR, STDOUT
+from ..results import CappedOutput
+from .calls import Call, Sink
+from .channel import AgentChannel
+from .handshake import Handshake
+from .replies import (
+    ExecReply,
+    HelloReply,
+    ListeningReply,
+    ReadReply,
+    SettleReply,
+    SetupReply,
+    StatReply,
+    UntarReply,
+    WriteReply,
+)
+
+
+class AgentClient:
+    """The agent of one machine, over its channel (which it does not own)."""
+
+    def __init__(self, channel: AgentChannel) -> None:
+        self.channel = channel
+
+    @classmethod
+    def of(cls, agent: AgentClient | AgentChannel) -> AgentClient:
+        return agent if isinstance(agent, AgentClient) else cls(agent)
+
+    @property
+    def name(self) -> str:
+        return self.channel.name
+
+    def deadline(self, timeout: float | None) -> contextlib.AbstractContextManager[None]:
+        """Calls this thread makes inside raise ``AgentTimeout`` after ``timeout`` s."""
+        return self.channel.deadline(timeout)
+
+    # -- identity -----------------------------------------------------------
+
+    def hello(self, *, timeout: float | None = None) -> HelloReply:
+        return HelloReply.parse(self.channel.call("hello", timeout=timeout), self.name)
+
+    def setup(self, handshake: Handshake, *, timeout: float | None) -> SetupReply:
+        """Give the machine its own identity and NICs (the clone handshake)."""
+        return SetupReply.parse(self.channel.call("setup", timeout=timeout, **handshake.to_call()), self.name)
+
+    def announce(self, name: str, mac: str, ip: str, *, timeout: float | None = 30) -> None:
+        """The gratuitous ARP a handshake left for later (``NicSetup.announce``)."""
+        self.channel.call("announce", timeout=timeout, name=name, mac=mac, ip=ip)
+
+    # -- commands -----------------------------------------------------------
+
+    def exec(
+        self,
+        argv: list[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str | None,
+        user: str | int | None,
+        timeout: float | None,
+        stdin: bytes | None,
+        cap: int,
+    ) -> ExecRun:
+        """Start ``argv``, keeping ``cap`` bytes of each output stream; the agent
+        kills it at ``timeout``.  Raises before anything is sent if it cannot start."""
+        run = ExecRun(self, stdin, timeout, cap)
+        run.rid, run.call = self.channel.start(
+            "exec", run.sink, argv=argv, env=dict(env), cwd=cwd, user=user, timeout=timeout, stdin=stdin is not None
+        )
+        return run
+
+    def listening(self, *, timeout: float | None = 30) -> ListeningReply:
+        """The TCP ports something in the guest listens on."""
+        return ListeningReply.parse(self.channel.call("listening", timeout=timeout), self.name)
+
+    def settle(self, *, timeout: float | None, quiet: float) -> SettleReply:
+        """Wait until boot is over and the machine has been idle ``quiet`` s."""
+        return SettleReply.parse(self.channel.call("settle", timeout=timeout, quiet=quiet), self.name)
+
+    def quiesce(self, *, warm: Iterable[str] = (), timeout: float | None) -> None:
+        """Sync the disk for a snapshot, ``warm`` directories read into the cache first."""
+        self.channel.call("quiesce", timeout=timeout, warm=list(warm))
+
+    # -- files --------------------------------------------------------------
+
+    def write(
+        self,
+        path: str,
+        data: bytes | IO[bytes] | Iterable[bytes],
+        *,
+        mode: int | None = None,
+        into_dir: str | None = None,
+        timeout: float | None,
+    ) -> WriteReply:
+        """Write ``data`` (bytes, a file open for reading, or chunks) to ``path``
+        atomically; ``into_dir`` names the file if ``path`` is a directory."""
+        args: dict[str, Any] = {"into_dir": into_dir} if into_dir is not None else {}
+        reply = self.channel.call("write", path=path, mode=mode, data=_chunks(data), timeout=timeout, **args)
+        return WriteReply.parse(reply, self.name)
+
+    def read(self, path: str, sink: Sink, *, timeout: float | None) -> ReadReply:
+        """Stream ``path`` into ``sink`` (DATA frames, then EOF)."""
+        return ReadReply.parse(self.channel.call("read", path=path, sink=sink, timeout=timeout), self.name)
+
+    def stat(self, path: str) -> StatReply:
+        """A malformed reply is ``UnsafeTransfer``: nothing is copied on its word."""
+        return StatReply.parse(self.channel.call("stat", path=path), path)
+
+    def start_read(self, path: str, sink: Sink) -> tuple[int, Call]:
+        """Start streaming ``path`` into ``sink``; credit goes back as it returns."""
+        return self.channel.start("read", sink, path=path)
+
+    def start_tar(self, path: str, sink: Sink) -> tuple[int, Call]:
+        """Start a tar stream of directory ``path``; the consumer grants the credit."""
+        return self.channel.start("tar", sink, auto_credit=False, path=path)
+
+    def start_untar(self, path: str) -> tuple[int, Call]:
+        """Start extracting a tar stream (``send_data``) into directory ``path``."""
+        return self.channel.start("untar", None, path=path)
+
+    def untar_reply(self, call: Call, op: str) -> UntarReply:
+        return UntarReply.parse(self.channel.wait(call, None, op) or {})
+
+
+class ExecRun:
+    """A command started by ``AgentClient.exec``: its output as it comes, then its end."""
+
+    def __init__(self, client: AgentClient, stdin: bytes | None, timeout: float | None, cap: int) -> None:
+        self.client, self.stdin, self.timeout = client, stdin, timeout
+        self.out, self.err = CappedOutput(cap), CappedOutput(cap)
+        self.rid = 0
+        self.call: Call | None = None
+
+    def sink(self, kind: int, data: bytes) -> None:
+        if kind == STDOUT:
+            self.out.add(data)
+        elif kind == STDERR:
+            self.err.add(data)
+
+    def finish(self, grace: float, label: object) -> ExecReply:
+        """Feed stdin, wait for the end; an agent still silent ``grace`` s past
+        the timeout is given up on (``AgentError`` naming ``label``)."""
+        channel, name = self.client.channel, self.client.name
+        assert self.call is not None
+        if self.stdin is not None:  # as fast as the command reads it (a window at a time); stops at its end
+            channel.send_data(self.rid, _chunks(self.stdin))
+        reply = channel.wait(self.call, None if self.timeout is None else self.timeout + grace, "exec")
+        if reply is None:
+            raise AgentError(f"bottle {name}: no answer {grace:g} s past the timeout of {label!r}")
+        return ExecReply.parse(reply, self.out.value(), self.err.value(), name)
+
+
+def _chunks(data: bytes | IO[bytes] | Iterable[bytes]) -> Iterable[bytes]:
+    if isinstance(data, bytes | bytearray | memoryview):
+        view = memoryview(data)
+        return (bytes(view[i : i + CHUNK]) for i in range(0, len(view), CHUNK))
+    if hasattr(data, "read"):
+        f: IO[bytes] = data  # type: ignore[assignment]
+        return iter(lambda: f.read(CHUNK), b"")
+    return data

@@ -1,0 +1,153 @@
+"""Typed replies of the agent's operations, checked field by field.
+
+The guest is not trusted: a reply missing a field or holding the wrong type
+is an ``AgentError`` naming the operation, never a ``KeyError`` or
+``TypeError`` from deep inside the host.  Fields only shown to people (an
+error text, the stderr of a failed spawn) are taken as text and cut short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..errors import AgentError, UnsafeTransfer
+
+T = TypeVar("T")
+# The most of a guest-sent text kept (a spawn failure's stderr, a refusal).
+TEXT_CAP = 4096
+
+
+def field(reply: Mapping[str, Any], key: str, kind: type[T], op: str, name: str) -> T:
+    """``reply[key]`` if it is a ``kind`` (a bool is no int here); else AgentError."""
+    value = reply.get(key)
+    if type(value) is not kind and not (kind is float and type(value) is int):
+        shown = "missing" if key not in reply else f"{type(value).__name__} {value!r:.80}"
+        raise AgentError(f"bottle {name}: the agent's reply to {op} has a bad {key!r} ({shown})")
+    return value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class HelloReply:
+    version: int
+    boot_id: str
+    uptime: float
+
+    @classmethod
+    def parse(cls, reply: Mapping[str, Any], name: str) -> HelloReply:
+        return cls(
+            field(reply, "version", int, "hello", name),
+            field(reply, "boot_id", str, "hello", name),
+            float(field(reply, "uptime", float, "hello", name)),
+        )
+
+
+@dataclass(frozen=True)
+class SetupReply:
+    """The guest's interface names by MAC: the NICs set up (by the MAC sent),
+    and with ``list_nics`` every interface (by lower-case MAC)."""
+
+    nics: dict[str, str]
+    bottle: str = ""  # whose reply, for errors
+
+    @classmethod
+    def parse(cls, reply: Mapping[str, Any], name: str) -> SetupReply:
+        nics = field(reply, "nics", dict, "setup", name)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in nics.items()):
+            raise AgentError(f"bottle {name}: the agent's reply to setup names NICs oddly: {nics!r:.200}")
+        return cls(dict(nics), name)
+
+    def nic_name(self, mac: str) -> str:
+        try:
+            return self.nics[mac]
+        except KeyError:
+            raise AgentError(f"bottle {self.bottle}: the agent's reply to setup names no NIC with MAC {mac}") from None
+
+
+@dataclass(frozen=True)
+class ExecReply:
+    """A finished command: its exit code, whether its timeout killed it, and
+    its output (stderr ends with the agent's own note when the spawn failed)."""
+
+    rc: int
+    timed_out: bool
+    stdout: bytes
+    stderr: bytes
+
+    @classmethod
+    def parse(cls, reply: Mapping[str, Any], stdout: bytes, stderr: bytes, name: str) -> ExecReply:
+        rc = reply.get("rc")
+        if type(rc) is not int:  # a bool is no exit code either
+            raise AgentError(f"bottle {name}: the agent's reply to exec has no exit code: {reply!r:.200}")
+        note = str(reply.get("stderr_text", ""))[:TEXT_CAP].encode()
+        return cls(rc, bool(reply.get("timed_out")), stdout, stderr + note)
+
+
+@dataclass(frozen=True)
+class WriteReply:
+    size: int
+    path: str  # where it went: through a link, into a directory
+
+    @classmethod
+    def parse(cls, reply: Mapping[str, Any], name: str) -> WriteReply:
+        return cls(field(reply, "size", int, "write", name), field(reply, "path", str, "write", name))
+
+
+@dataclass(frozen=True)
+class ReadReply:
+    size: int
+
+    @classmethod
+    def parse(cls, reply: Mapping[str, Any], name: str) -> ReadReply:
+        return cls(field(reply, "size", int, "read", name))
+
+
+@dataclass(frozen=True)
+class StatReply:
+    mode: int
+    is_dir: bool
+
+    @classmethod
+    def parse(cls, reply: Mapping[str, Any], path: str) -> StatReply:
+        """A malformed reply refuses the transfer it was asked for (``UnsafeTransfer``)."""
+        mode, is_dir = reply.get("mode"), reply.get("is_dir")
+        if type(mode) is not int or type(is_dir) is not bool:
+            raise UnsafeTransfer(path, f"a malformed stat reply from the guest: {str(reply)[:200]}")
+        return cls(mode, is_dir)
+
+
+@dataclass(frozen=True)
+class UntarReply:
+    """What the guest refused to extract (it stopped there), if anything."""
+
+    refused: tuple[str, str] | None  # (path, reason)
+
+    @classmethod
+    def parse(cls, reply: Mapping[str, Any]) -> UntarReply:
+        refused = reply.get("refused")
+        if not isinstance(refused, dict):
+            return cls(None)
+        return cls((str(refused.get("path", ""))[:TEXT_CAP], str(refused.get("reason", ""))[:TEXT_CAP]))
+
+
+@dataclass(frozen=True)
+class ListeningReply:
+    ports: frozenset[int]
+
+    @classmethod
+    def parse(cls, reply: Mapping[str, Any], name: str) -> ListeningReply:
+        ports = field(reply, "ports", list, "listening", name)
+        if not all(type(p) is int for p in ports):
+            raise AgentError(f"bottle {name}: the agent's reply to listening has bad ports: {ports!r:.200}")
+        return cls(frozenset(ports))
+
+
+@dataclass(frozen=True)
+class SettleReply:
+    state: str  # systemd's, "" without systemd
+    quiet: float  # seconds the machine was idle at the end
+
+    @classmethod
+    def parse(cls, reply: Mapping[str, Any], name: str) -> SettleReply:
+        return cls(field(reply, "state", str, "settle", name), float(field(reply, "quiet", float, "settle", name)))

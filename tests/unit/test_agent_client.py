@@ -1,0 +1,249 @@
+"""The typed agent client: its replies are checked field by field (a hostile
+guest gets AgentError, never KeyError/TypeError), the handshake is what the
+guest's ``identity.setup`` reads, and each operation works against the real
+agent serving in this process (no VM)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_bottle.agent.calls import guest_error
+from pytest_bottle.agent.channel import AgentChannel
+from pytest_bottle.agent.client import AgentClient
+from pytest_bottle.agent.handshake import Handshake, NicSetup
+from pytest_bottle.agent.replies import (
+    ExecReply,
+    HelloReply,
+    ReadReply,
+    SettleReply,
+    SetupReply,
+    StatReply,
+    UntarReply,
+    WriteReply,
+)
+from pytest_bottle.errors import AgentError, GuestFileNotFoundError, GuestOSError, SpecError, UnsafeTransfer
+from pytest_bottle.guest import agent
+from pytest_bottle.guest.frames import VERSION, Channel
+
+
+class FakeChannel:
+    """Answers every call with a canned reply (what a hostile guest may send)."""
+
+    name = "fake"
+
+    def __init__(self, reply: dict[str, Any]) -> None:
+        self.reply = reply
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        self.calls.append((op, args))
+        return self.reply
+
+    def start(self, op: str, sink: object, **args: Any) -> tuple[int, object]:
+        self.calls.append((op, args))
+        return 1, object()
+
+    def wait(self, call: object, timeout: float | None, op: str) -> None:
+        return None  # nothing came in time
+
+
+def client(reply: dict[str, Any]) -> AgentClient:
+    return AgentClient(FakeChannel(reply))  # type: ignore[arg-type]
+
+
+# -- replies from a hostile guest ---------------------------------------------
+
+
+@pytest.mark.parametrize("nics", [None, [], "eth0", {"52:54:00:00:00:01": 1}, {1: "eth0"}])
+def test_a_bad_setup_reply_is_an_agent_error(nics: object) -> None:
+    reply = {} if nics is None else {"nics": nics}
+    with pytest.raises(AgentError, match="reply to setup"):
+        client(reply).setup(Handshake.fresh("btl-1", []), timeout=5)
+
+
+def test_a_setup_reply_without_the_nic_asked_for_is_an_agent_error() -> None:
+    done = client({"nics": {"52:54:00:00:00:01": "eth0"}}).setup(Handshake.fresh("btl-1", []), timeout=5)
+    assert done.nic_name("52:54:00:00:00:01") == "eth0"
+    with pytest.raises(AgentError, match="no NIC with MAC 52:54:00:00:00:02"):
+        done.nic_name("52:54:00:00:00:02")
+
+
+@pytest.mark.parametrize("ports", [None, "22", [22, "80"], [True], {"22": 1}])
+def test_a_bad_listening_reply_is_an_agent_error(ports: object) -> None:
+    reply = {} if ports is None else {"ports": ports}
+    with pytest.raises(AgentError, match="reply to listening"):
+        client(reply).listening()
+
+
+def test_listening_ports() -> None:
+    assert client({"ports": [22, 80]}).listening().ports == frozenset({22, 80})
+
+
+@pytest.mark.parametrize(
+    ("reply", "parse"),
+    [
+        ({"version": "1", "boot_id": "b", "uptime": 1.0}, lambda r: HelloReply.parse(r, "x")),
+        ({"version": 1, "boot_id": "b"}, lambda r: HelloReply.parse(r, "x")),
+        ({"state": None, "quiet": 1.0}, lambda r: SettleReply.parse(r, "x")),
+        ({"state": "running", "quiet": "1"}, lambda r: SettleReply.parse(r, "x")),
+        ({"size": "3", "path": "/x"}, lambda r: WriteReply.parse(r, "x")),
+        ({"size": 3}, lambda r: WriteReply.parse(r, "x")),
+        ({"size": True}, lambda r: ReadReply.parse(r, "x")),
+        ({}, lambda r: ReadReply.parse(r, "x")),
+    ],
+)
+def test_bad_fields_are_agent_errors(reply: dict[str, Any], parse: Any) -> None:
+    with pytest.raises(AgentError, match="has a bad"):
+        parse(reply)
+
+
+def test_good_replies_parse() -> None:
+    assert HelloReply.parse({"version": 1, "boot_id": "b", "uptime": 3}, "x") == HelloReply(1, "b", 3.0)
+    assert SettleReply.parse({"state": "running", "quiet": 1}, "x") == SettleReply("running", 1.0)
+    assert WriteReply.parse({"size": 3, "path": "/x"}, "x") == WriteReply(3, "/x")
+    assert SetupReply.parse({"nics": {}}, "x").nics == {}
+
+
+@pytest.mark.parametrize("rc", [None, "0", True, 1.0])
+def test_an_exec_reply_without_an_exit_code_is_an_agent_error(rc: object) -> None:
+    with pytest.raises(AgentError, match="reply to exec has no exit code"):
+        ExecReply.parse({"rc": rc}, b"", b"", "x")
+
+
+def test_an_exec_reply_keeps_a_short_spawn_note() -> None:
+    got = ExecReply.parse({"rc": 127, "stderr_text": "x" * 10_000, "timed_out": False}, b"out", b"err", "x")
+    assert (got.rc, got.timed_out, got.stdout) == (127, False, b"out")
+    assert got.stderr == b"err" + b"x" * 4096
+
+
+def test_an_exec_unanswered_past_its_timeout_is_an_agent_error() -> None:
+    with pytest.raises(AgentError, match=r"^bottle fake: no answer 10 s past the timeout of 'sleep 9'$"):
+        client({}).exec(["sleep", "9"], env={}, cwd=None, user=None, timeout=1, stdin=None, cap=1).finish(10, "sleep 9")
+
+
+@pytest.mark.parametrize("info", [{"mode": "0755", "is_dir": False}, {"mode": 0o644}, {"is_dir": 1, "mode": 1}])
+def test_a_bad_stat_reply_refuses_the_transfer(info: dict[str, Any]) -> None:
+    with pytest.raises(UnsafeTransfer, match="malformed stat reply"):
+        StatReply.parse(info, "/f")
+
+
+def test_untar_refusals() -> None:
+    assert UntarReply.parse({}).refused is None
+    assert UntarReply.parse({"refused": "x"}).refused is None
+    assert UntarReply.parse({"refused": {"path": 1, "reason": "r" * 5000}}).refused == ("1", "r" * 4096)
+
+
+@pytest.mark.parametrize("errno", [[1], {"a": 1}, "2", 2.5])
+def test_a_failure_reply_with_a_bad_errno_is_still_a_guest_os_error(errno: object) -> None:
+    err = guest_error({"ok": False, "error": "boom", "errno": errno, "path": ["x"]}, "read")
+    assert type(err) is GuestOSError and (err.errno, err.filename) == (None, None)
+
+
+def test_failure_replies_map_to_host_errors() -> None:
+    err = guest_error({"ok": False, "error": "gone", "errno": 2, "type": "OSError", "path": "/x"}, "read")
+    assert isinstance(err, GuestFileNotFoundError) and err.filename == "/x"
+    assert isinstance(guest_error({"error": "ValueError: no user", "type": "ValueError"}, "exec"), SpecError)
+    assert str(guest_error({"error": "RuntimeError: x"}, "tar")) == "agent error during tar: RuntimeError: x"
+
+
+# -- the handshake -------------------------------------------------------------
+
+
+def test_a_fresh_handshake_is_new_each_time() -> None:
+    a, b = Handshake.fresh("btl-1", []), Handshake.fresh("btl-1", [])
+    assert a.entropy != b.entropy and a.machine_id != b.machine_id and len(a.entropy) == 64
+    assert len(a.machine_id) == 32 and b.time_ns >= a.time_ns
+    assert Handshake.fresh("seed", [], machine_id="0" * 32).machine_id == "0" * 32
+
+
+def test_the_handshake_on_the_wire() -> None:
+    user = NicSetup("52:54:00:00:00:01", "52:54:00:b0:77:01", "ens3", ip="10.0.2.15/24", announce=False)
+    lan = NicSetup("52:54:00:00:00:02", "52:54:00:b0:77:02", ip="192.168.7.2/24", gateway=None)
+    shake = Handshake.fresh(
+        "btl-1", [user, lan], ssh_host_key=("priv", "pub"), baked={"resolv_conf": "", "authorized_keys": None}
+    )
+    call = shake.to_call()
+    assert call == {
+        "entropy": shake.entropy.hex(),
+        "time_ns": shake.time_ns,
+        "hostname": "btl-1",
+        "machine_id": shake.machine_id,
+        "ssh_host_key": {"private": "priv", "public": "pub"},
+        "resolv_conf": "",  # an empty one is still written
+        "nics": [
+            {
+                "match": "52:54:00:b0:77:01",
+                "mac": "52:54:00:00:00:01",
+                "name": "ens3",
+                "ip": "10.0.2.15/24",
+                "announce": False,
+            },
+            {"match": "52:54:00:b0:77:02", "mac": "52:54:00:00:00:02", "ip": "192.168.7.2/24"},
+        ],
+    }
+    assert Handshake.fresh("s", [], list_nics=True).to_call()["list_nics"] is True
+
+
+def test_unknown_baked_values_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown handshake values"):
+        Handshake.fresh("btl-1", [], baked={"hostname": "x"})
+
+
+def test_setup_sends_the_handshake() -> None:
+    fake = FakeChannel({"nics": {"m": "eth0"}})
+    shake = Handshake.fresh("btl-1", [NicSetup("m", "m")])
+    AgentClient(fake).setup(shake, timeout=7)  # type: ignore[arg-type]
+    assert fake.calls == [("setup", dict(shake.to_call(), timeout=7))]
+
+
+# -- against the real agent, in this process ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[AgentClient]:
+    host, peer = socket.socketpair()
+    threading.Thread(target=agent.Agent(Channel(peer.fileno())).serve, daemon=True).start()
+    channel = AgentChannel(host, "local-agent")
+    channel.send_sync()
+    assert channel.synced.wait(10), "the in-process agent did not answer SYNC"
+    yield AgentClient(channel)
+    _keep.extend([host, peer])  # the agent thread keeps reading its fd
+
+
+_keep: list[object] = []
+
+
+def test_write_stat_and_read(local: AgentClient, tmp_path: Path) -> None:
+    target = tmp_path / "d" / "f"
+    done = local.write(str(target), b"x" * 300_000, mode=0o640, timeout=30)
+    assert done == WriteReply(300_000, str(target))
+    info = local.stat(str(target))
+    assert (info.mode & 0o777, info.is_dir) == (0o640, False)
+    got: list[bytes] = []
+    assert local.read(str(target), lambda kind, data: got.append(data), timeout=30).size == 300_000
+    assert b"".join(got) == b"x" * 300_000
+    with open(target, "rb") as f:
+        assert local.write(str(tmp_path), f, into_dir="copy", timeout=30).path == str(tmp_path / "copy")
+
+
+def test_exec_collects_output(local: AgentClient) -> None:
+    argv = ["/bin/sh", "-c", "cat; echo err >&2; exit 3"]
+    common: dict[str, Any] = dict(env={}, cwd="/", user=None, cap=4)
+    got = local.exec(argv, timeout=30, stdin=b"input", **common).finish(5, "cat")
+    assert (got.rc, got.timed_out, got.stdout) == (3, False, b"inpu" + got.stdout[4:])
+    assert got.stdout.startswith(b"inpu\n[pytest-bottle: output truncated: 1 bytes")
+    assert got.stderr == b"err\n"
+    slow = local.exec(["sleep", "10"], timeout=0.5, stdin=None, **common).finish(5, "sleep")
+    assert slow.timed_out
+
+
+def test_a_missing_file_is_the_guests_error(local: AgentClient, tmp_path: Path) -> None:
+    with pytest.raises(GuestFileNotFoundError):
+        local.stat(str(tmp_path / "nothing"))
+    assert local.hello(timeout=10).version == VERSION
