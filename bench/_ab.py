@@ -90,11 +90,11 @@ def run(args: argparse.Namespace) -> None:
         sides = {"old": old, "new": REPO}
         print(f"old: {args.old} ({sha.stdout.strip()}), a worktree in {old}\nnew: the working tree {REPO}")
         print("Making each side's image and seed before any timing (the image key hashes the builder's source,")
-        print("so the sides may use different images; a missing one is built now, ~4 min on TCG):")
+        print("so the sides may use different images; a missing one is built now, ~4 min on TCG):", flush=True)
         for name, tree in sides.items():
             started = time.perf_counter()
             ready = measure(tree, quiet=False)
-            print(f"  {name}: ready in {time.perf_counter() - started:.0f} s, imports {ready['module']}")
+            print(f"  {name}: ready in {time.perf_counter() - started:.0f} s, imports {ready['module']}", flush=True)
         runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
         for i in range(args.rounds):
             # Each pair alternates which side goes first, so a steady drift of the machine cancels out.
