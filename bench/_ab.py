@@ -6,6 +6,11 @@ PYTHONPATH is that side's tree, so each imports its own ``pytest_bottle`` (the
 child uses only ``pytest_bottle.launch``, which every version has).  Machines
 drift by ~30% over minutes (DESIGN §3): trust the per-pair ratios, not the
 absolute numbers.
+
+The old side has its own cache, kept for the next run: a seed made by one side
+counts as stale to the other (its image key or seed format differs), so in one
+cache each side's seed creation would remove the other's and every process
+would make a seed again.
 """
 
 from __future__ import annotations
@@ -58,13 +63,15 @@ def worktree(ref: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def measure(tree: Path, restores: int = 0, execs: int = 0, cold: int = 0, quiet: bool = True) -> dict[str, Any]:
-    """Run the child with ``tree``'s pytest_bottle; return its one JSON line of numbers.
+def measure(
+    tree: Path, extra_env: dict[str, str], restores: int = 0, execs: int = 0, cold: int = 0, quiet: bool = True
+) -> dict[str, Any]:
+    """Run the child with ``tree``'s pytest_bottle and ``extra_env``; return its one JSON line of numbers.
 
     Its stderr (notices, the same in every run) shows only when not ``quiet`` or when it fails.
     """
     argv = [sys.executable, __file__, "--child", str(restores), str(execs), str(cold)]
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    env = dict(os.environ, **extra_env, PYTHONPATH=str(tree))
     stderr = subprocess.PIPE if quiet else None
     proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
@@ -87,19 +94,22 @@ def run(args: argparse.Namespace) -> None:
     counts = {"restores": args.ab_restores, "execs": args.ab_execs, "cold": args.ab_cold}
     with worktree(args.old) as old:
         sha = subprocess.run(["git", "-C", str(old), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        sides = {"old": old, "new": REPO}
-        print(f"old: {args.old} ({sha.stdout.strip()}), a worktree in {old}\nnew: the working tree {REPO}")
+        old_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pytest-bottle-bench-old"
+        old_cache.mkdir(mode=0o700, exist_ok=True)
+        sides = {"old": (old, {"XDG_CACHE_HOME": str(old_cache)}), "new": (REPO, {})}
+        print(f"old: {args.old} ({sha.stdout.strip()}), a worktree in {old}, cache in {old_cache} (kept)")
+        print(f"new: the working tree {REPO}, the default cache")
         print("Making each side's image and seed before any timing (the image key hashes the builder's source,")
         print("so the sides may use different images; a missing one is built now, ~4 min on TCG):", flush=True)
-        for name, tree in sides.items():
+        for name, (tree, env) in sides.items():
             started = time.perf_counter()
-            ready = measure(tree, quiet=False)
+            ready = measure(tree, env, quiet=False)
             print(f"  {name}: ready in {time.perf_counter() - started:.0f} s, imports {ready['module']}", flush=True)
         runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
         for i in range(args.rounds):
             # Each pair alternates which side goes first, so a steady drift of the machine cancels out.
             for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
-                runs[name].append(measure(sides[name], **counts))
+                runs[name].append(measure(*sides[name], **counts))
             print(f"  round {i + 1}/{args.rounds} done", flush=True)
     report(runs)
 
