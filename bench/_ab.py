@@ -91,27 +91,35 @@ def measure(
 
 def run(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM too removes the worktree
-    counts = {"restores": args.ab_restores, "execs": args.ab_execs, "cold": args.ab_cold}
-    with worktree(args.old) as old:
-        sha = subprocess.run(["git", "-C", str(old), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        old_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pytest-bottle-bench-old"
-        old_cache.mkdir(mode=0o700, exist_ok=True)
-        sides = {"old": (old, {"XDG_CACHE_HOME": str(old_cache)}), "new": (REPO, {})}
-        print(f"old: {args.old} ({sha.stdout.strip()}), a worktree in {old}, cache in {old_cache} (kept)")
-        print(f"new: the working tree {REPO}, the default cache")
-        print("Making each side's image and seed before any timing (the image key hashes the builder's source,")
-        print("so the sides may use different images; a missing one is built now, ~4 min on TCG):", flush=True)
-        for name, (tree, env) in sides.items():
-            started = time.perf_counter()
-            ready = measure(tree, env, quiet=False)
-            print(f"  {name}: ready in {time.perf_counter() - started:.0f} s, imports {ready['module']}", flush=True)
-        runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
-        for i in range(args.rounds):
-            # Each pair alternates which side goes first, so a steady drift of the machine cancels out.
-            for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
-                runs[name].append(measure(*sides[name], **counts))
-            print(f"  round {i + 1}/{args.rounds} done", flush=True)
+    try:
+        with worktree(args.old) as old:
+            runs = alternate(args, old)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; the old side's worktree is removed") from None
     report(runs)
+
+
+def alternate(args: argparse.Namespace, old: Path) -> dict[str, list[dict[str, Any]]]:
+    counts = {"restores": args.ab_restores, "execs": args.ab_execs, "cold": args.ab_cold}
+    sha = subprocess.run(["git", "-C", str(old), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    old_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pytest-bottle-bench-old"
+    old_cache.mkdir(mode=0o700, exist_ok=True)
+    sides = {"old": (old, {"XDG_CACHE_HOME": str(old_cache)}), "new": (REPO, {})}
+    print(f"old: {args.old} ({sha.stdout.strip()}), a worktree in {old}, cache in {old_cache} (kept)")
+    print(f"new: the working tree {REPO}, the default cache")
+    print("Making each side's image and seed before any timing (the image key hashes the builder's source,")
+    print("so the sides may use different images; a missing one is built now, ~4 min on TCG):", flush=True)
+    for name, (tree, env) in sides.items():
+        started = time.perf_counter()
+        ready = measure(tree, env, quiet=False)
+        print(f"  {name}: ready in {time.perf_counter() - started:.0f} s, imports {ready['module']}", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
+    for i in range(args.rounds):
+        # Each pair alternates which side goes first, so a steady drift of the machine cancels out.
+        for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
+            runs[name].append(measure(*sides[name], **counts))
+        print(f"  round {i + 1}/{args.rounds} done", flush=True)
+    return runs
 
 
 def report(runs: dict[str, list[dict[str, Any]]]) -> None:
