@@ -1,6 +1,7 @@
 """Runtime: cold boot to first exec, exec round trip, file transfer throughput.
 
     .venv/bin/python bench/boot.py [--boots 5] [--execs 100] [--mb 100]
+    .venv/bin/python bench/boot.py --old main [--rounds 5] [--ab-cold 1]   # old vs new (see _ab.py)
 
 Uses the default cache (the image is built first if needed).  Target (DESIGN
 §4): exec of `true` p50 ≤ 20 ms.
@@ -12,11 +13,39 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import _ab
 from _util import p50, pct, table, verdict
 
 import pytest_bottle
+
+
+def round_trips_ms(n: int, call: Callable[[], object]) -> list[float]:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def transfer_seconds(b: pytest_bottle.Bottle, mb: int) -> tuple[float, float]:
+    """Seconds to put, then get back, ``mb`` MB of random bytes."""
+    with tempfile.TemporaryDirectory() as d:
+        src, back = Path(d) / "big.bin", Path(d) / "back.bin"
+        with open(src, "wb") as f:
+            for _ in range(mb):
+                f.write(os.urandom(1 << 20))
+        t = time.perf_counter()
+        b.put(src, "/var/tmp/big.bin")
+        put_s = time.perf_counter() - t
+        t = time.perf_counter()
+        b.get("/var/tmp/big.bin", back)
+        get_s = time.perf_counter() - t
+        assert back.read_bytes() == src.read_bytes()
+    return put_s, get_s
 
 
 def main() -> None:
@@ -24,7 +53,11 @@ def main() -> None:
     ap.add_argument("--boots", type=int, default=5)
     ap.add_argument("--execs", type=int, default=100)
     ap.add_argument("--mb", type=int, default=100)
+    _ab.add_arguments(ap)
     args = ap.parse_args()
+    if args.old:
+        _ab.run(args)
+        return
 
     pytest_bottle.launch(boot="cold").close()  # build image / probe accelerator outside the timings
 
@@ -34,32 +67,13 @@ def main() -> None:
         with pytest_bottle.launch(boot="cold") as b:
             b.exec(["true"])
             cold.append(time.perf_counter() - started)
-            accel = b.accel
 
     with pytest_bottle.launch() as b:
         b.exec(["true"])  # warm the guest's path through the agent
-        execs = []
-        for _ in range(args.execs):
-            t = time.perf_counter()
-            b.exec(["true"])
-            execs.append((time.perf_counter() - t) * 1000)
-        shell = []
-        for _ in range(args.execs // 4):
-            t = time.perf_counter()
-            b.exec("true")
-            shell.append((time.perf_counter() - t) * 1000)
-        with tempfile.TemporaryDirectory() as d:
-            src = Path(d) / "big.bin"
-            with open(src, "wb") as f:
-                for _ in range(args.mb):
-                    f.write(os.urandom(1 << 20))
-            t = time.perf_counter()
-            b.put(src, "/var/tmp/big.bin")
-            put_s = time.perf_counter() - t
-            t = time.perf_counter()
-            b.get("/var/tmp/big.bin", Path(d) / "back.bin")
-            get_s = time.perf_counter() - t
-            assert (Path(d) / "back.bin").read_bytes() == src.read_bytes()
+        accel = b.accel
+        execs = round_trips_ms(args.execs, lambda: b.exec(["true"]))
+        shell = round_trips_ms(args.execs // 4, lambda: b.exec("true"))
+        put_s, get_s = transfer_seconds(b, args.mb)
 
     table(
         f"runtime (accel {accel})",

@@ -1,6 +1,7 @@
 """Work seeds: cold boot vs restore, suites of fresh bottles, memory, many VMs at once.
 
     .venv/bin/python bench/seeds.py [--restores 20] [--cold 3] [--suite 50] [--big-suite 100]
+    .venv/bin/python bench/seeds.py --old main [--rounds 5]   # old vs new, alternating (see _ab.py)
 
 Everything runs against the default cache (image and seed are made first,
 outside the timings).  Targets (DESIGN §4, TCG on 2 cores): restore -> first
@@ -18,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import _ab
 import psutil
 from _util import p50, pct, table, verdict
 
@@ -101,18 +103,10 @@ def many_at_once(n: int) -> tuple[float, int]:
     return took, len(errors)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cold", type=int, default=3)
-    ap.add_argument("--restores", type=int, default=20)
-    ap.add_argument("--suite", type=int, default=50)
-    ap.add_argument("--big-suite", type=int, default=100)
-    ap.add_argument("--many", type=int, default=8)
-    args = ap.parse_args()
-
+def fresh_vm(n_cold: int, n_restores: int) -> None:
     first_exec()  # image, accelerator verdict and seed exist before timing
-    cold = [first_exec(boot="cold") for _ in range(args.cold)]
-    restores = [first_exec() for _ in range(args.restores)]
+    cold = [first_exec(boot="cold") for _ in range(n_cold)]
+    restores = [first_exec() for _ in range(n_restores)]
     ratio = p50(cold) / p50(restores)
     table(
         "fresh VM -> first exec",
@@ -131,29 +125,33 @@ def main() -> None:
         ],
     )
 
+
+def resources(n_many: int) -> None:
     rss, pss = idle_rss()
-    many_s, failures = many_at_once(args.many)
+    many_s, failures = many_at_once(n_many)
     table(
         "resources",
         ["measure", "value", "target", "verdict"],
         [
             ["host RSS of an idle 512M bottle (MB)", f"{rss:.0f}", "<= 200", verdict(rss, 200)],
             ["  its PSS (MB)", f"{pss:.0f}", "", ""],
-            [f"{args.many} VMs at once: failures", failures, "0", verdict(failures, 0)],
-            [f"{args.many} VMs at once: all up and answering (s)", f"{many_s:.1f}", "", ""],
+            [f"{n_many} VMs at once: failures", failures, "0", verdict(failures, 0)],
+            [f"{n_many} VMs at once: all up and answering (s)", f"{many_s:.1f}", "", ""],
         ],
     )
 
+
+def suites(n: int, n_big: int) -> None:
     rows = []
-    for n, workers in ((args.suite, 0), (args.suite, 2), (args.big_suite, 2)):
-        if n:
-            took = run_suite(n, workers)
-            target = "<= 40" if (n, workers) == (100, 2) else ""
+    for tests, workers in ((n, 0), (n, 2), (n_big, 2)):
+        if tests:
+            took = run_suite(tests, workers)
+            target = "<= 40" if (tests, workers) == (100, 2) else ""
             rows.append(
                 [
-                    f"{n} tests, -n {workers}",
+                    f"{tests} tests, -n {workers}",
                     f"{took:.1f}",
-                    f"{took / n:.2f}",
+                    f"{took / tests:.2f}",
                     target,
                     verdict(took, 40) if target else "",
                 ]
@@ -164,6 +162,8 @@ def main() -> None:
         rows,
     )
 
+
+def prestart_overhead() -> None:
     # Tests that do something (here: sleep 1 s) leave time to restore the next
     # bottle in the background; the overhead is what a test pays beyond its body.
     n, body = 10, 1.0
@@ -174,6 +174,24 @@ def main() -> None:
         [[p, f"{o:.3f}"] for p, o in over.items()],
     )
     print(f"  ratio without / with pre-start: {over[0] / max(over[1], 1e-3):.1f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cold", type=int, default=3)
+    ap.add_argument("--restores", type=int, default=20)
+    ap.add_argument("--suite", type=int, default=50)
+    ap.add_argument("--big-suite", type=int, default=100)
+    ap.add_argument("--many", type=int, default=8)
+    _ab.add_arguments(ap)
+    args = ap.parse_args()
+    if args.old:
+        _ab.run(args)
+        return
+    fresh_vm(args.cold, args.restores)
+    resources(args.many)
+    suites(args.suite, args.big_suite)
+    prestart_overhead()
 
 
 if __name__ == "__main__":

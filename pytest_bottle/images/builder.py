@@ -78,6 +78,22 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
     require("mkfs.ext4", "build images")
     require("unshare", "build images")
     started = time.monotonic()
+    argv = _mmdebstrap_argv(mmdebstrap, recipe, _prepare_work(recipe, out))
+    log_path = out / "build.log"
+    log.debug("building %s: %s", recipe.name, argv)
+    rc = _run_logged(argv, out / ".work" / "tmp", log_path, progress, started)
+    if rc != 0:
+        raise ImageBuildError(recipe.name, f"mmdebstrap exited with {rc}", _tail(log_path), str(log_path))
+    missing = [f for f in ("rootfs.ext4", "vmlinuz", "initrd.img") if not (out / f).is_file()]
+    if missing:
+        raise ImageBuildError(
+            recipe.name, f"the build produced no {', '.join(missing)}", _tail(log_path), str(log_path)
+        )
+    return _manifest(recipe, out, started)
+
+
+def _prepare_work(recipe: Recipe, out: Path) -> Path:
+    """Lay out ``out/.work``: the files the hooks copy in, and the scripts they run."""
     work = out / ".work"
     pre, files, tmp = work / "pre", work / "files", work / "tmp"
     for d in (pre, files, tmp):
@@ -89,30 +105,35 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
         out=shlex.quote(str(out)), mkfs=shlex.quote(str(work / "mkfs.sh")), size=recipe.disk_size
     )
     (work / "customize.sh").write_text(customize)
+    return work
 
+
+def _mmdebstrap_argv(mmdebstrap: str, recipe: Recipe, work: Path) -> list[str]:
     mirrors: list[str] = []
     if recipe.mirror:
         mirrors = [recipe.mirror]
     elif sources := host_sources(recipe.suite):
         (work / "host.sources").write_text(sources)
         mirrors = [str(work / "host.sources")]
-    argv = [
+    return [
         mmdebstrap,
         f"--mode={'root' if os.geteuid() == 0 else 'unshare'}",
         f"--variant={recipe.variant}",
         f"--include={','.join(recipe.packages)}",
         # mmdebstrap splits these like a shell: paths are quoted (a cache dir may have spaces).
-        f"--setup-hook=sync-in {shlex.quote(str(pre))} /",
-        f"--customize-hook=sync-in {shlex.quote(str(files))} /",
+        f"--setup-hook=sync-in {shlex.quote(str(work / 'pre'))} /",
+        f"--customize-hook=sync-in {shlex.quote(str(work / 'files'))} /",
         f'--customize-hook=sh {shlex.quote(str(work / "customize.sh"))} "$1"',
         recipe.suite,
         "/dev/null",
         *mirrors,
     ]
-    log_path = out / "build.log"
+
+
+def _run_logged(argv: list[str], tmp: Path, log_path: Path, progress: Progress | None, started: float) -> int:
+    """Run mmdebstrap with its output in ``log_path`` and its "I:" lines as progress; its exit code."""
     env = dict(os.environ, TMPDIR=str(tmp), LC_ALL="C.UTF-8")
     env.pop("DEBIAN_FRONTEND", None)
-    log.debug("building %s: %s", recipe.name, argv)
     with open(log_path, "w") as logf:
         logf.write("$ " + " ".join(argv) + "\n")
         logf.flush()
@@ -140,15 +161,10 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
                 proc.kill()
                 proc.wait()
             raise
-        rc = proc.wait()
-    if rc != 0:
-        raise ImageBuildError(recipe.name, f"mmdebstrap exited with {rc}", _tail(log_path), str(log_path))
-    missing = [f for f in ("rootfs.ext4", "vmlinuz", "initrd.img") if not (out / f).is_file()]
-    if missing:
-        raise ImageBuildError(
-            recipe.name, f"the build produced no {', '.join(missing)}", _tail(log_path), str(log_path)
-        )
+        return proc.wait()
 
+
+def _manifest(recipe: Recipe, out: Path, started: float) -> dict[str, object]:
     packages = dict(line.split("\t", 1) for line in (out / "packages.tsv").read_text().splitlines() if "\t" in line)
     (out / "packages.tsv").unlink()
     return {
