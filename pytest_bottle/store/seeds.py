@@ -22,10 +22,10 @@ from typing import Any
 from ..host.locks import reporting_lock
 from ..host.paths import remove_tree
 from ..images.cache import Image
-from ..lifecycle.boot import BootPlan, start_machine
+from ..lifecycle.boot import start_machine
 from ..ssh import new_host_key
 from ..vmm.accel import qemu_version
-from ..vmm.qemu import Nic, cpu_model, kernel_args
+from ..vmm.qemu import MachineConfig, Nic, cpu_model, kernel_args
 from .gc import prune_seeds
 from .saved import SEED_FILES, TMP_PREFIX, digest, load, lock_path, remove_entry, seeds_dir, signature, write_stamp
 from .saved import SEED_VERSION as SEED_VERSION  # re-exported: the public names of seeds
@@ -174,19 +174,17 @@ def _boot_and_save(
     """Boot the seed machine in ``tmp``, set it up as a clone would be and save
     its state; returns when it was ready (monotonic), the settle result and
     the guest's NIC names by MAC."""
-    plan = BootPlan(
-        image.kernel,
-        image.initrd,
-        image.rootfs,
-        "raw",
-        parts["memory_mb"],
-        parts["cpus"],
-        accel,
-        seed_nics(parts["nics"]),
-        ram_file=tmp / "memory.ram",
-        ram_shared=True,
+    cfg = MachineConfig(
+        kernel=image.kernel,
+        initrd=image.initrd,
+        disk=image.rootfs,
+        memory_mb=parts["memory_mb"],
+        cpus=parts["cpus"],
+        accel="kvm" if accel == "kvm" else "tcg",
+        nics=seed_nics(parts["nics"]),
+        save_ram=tmp / "memory.ram",
     )
-    machine, channel = start_machine(plan, tmp, "seed", SEED_BOOT_TIMEOUT)
+    machine, channel = start_machine(cfg, tmp, "seed", SEED_BOOT_TIMEOUT)
     try:
         ready = time.monotonic()
         nic_setup = [dict(match=SEED_MACS[0], mac=SEED_MACS[0], **USER_NET)]
