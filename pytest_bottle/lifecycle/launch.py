@@ -64,10 +64,7 @@ def start_bottle(
     plan = make_plan(spec, image, accel_for(spec.accel, image, spec.cache_dir).accel, new_name())
     keys = handshake.Keys.start(plan)
     baked = keys.baked()
-    lans = _library_lans if lans is None else lans
-    res = Resources.take(
-        plan.name, spec.cache_dir, nics=plan.nic_count, loopback=bool(plan.ports), lan=spec.lan, lans=lans
-    )
+    res = Resources.take(plan, _library_lans if lans is None else lans)
     try:
         boot = _Boot(plan, res, rebuild_before, detached, baked)
         machine, channel, found = res.with_host_ports(plan.ports, boot.start)

@@ -27,7 +27,7 @@ from ..net import pools
 from ..net.lan import LanRegistry
 from ..vmm.backend import Machine
 from ..vmm.machine import CONSOLE, DISK
-from .plan import LAN_NIC, Forwards
+from .plan import LAN_NIC, Forwards, Plan
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,21 +53,20 @@ class Resources:
         self._stack = ExitStack()
 
     @classmethod
-    def take(
-        cls, name: str, cache_dir: Path, *, nics: int, loopback: bool, lan: str | None, lans: LanRegistry
-    ) -> Resources:
-        """A run directory and record, ``nics`` MACs, a loopback address if
-        ``loopback`` and a TAP on ``lan``; on failure nothing stays taken."""
+    def take(cls, plan: Plan, lans: LanRegistry) -> Resources:
+        """A run directory and record, a MAC per NIC, a loopback address if
+        anything is forwarded and a TAP on the LAN; on failure nothing stays taken."""
+        name, lan = plan.name, plan.spec.lan
         res = cls(name)
         stack = res._stack
         try:
-            res.run_dir = create_run_dir(cache_dir / "run" / name)
+            res.run_dir = create_run_dir(plan.spec.cache_dir / "run" / name)
             stack.callback(remove_tree, res.run_dir)
             record = res.record = RunRecord.create(name, res.run_dir)
             stack.callback(record.remove)
             stack.callback(_release_leases, name)
-            res.macs = tuple(pools.lease("mac", name, nics))
-            if loopback:
+            res.macs = tuple(pools.lease("mac", name, plan.nic_count))
+            if plan.ports:
                 res.alias = pools.lease("loopback", name)[0]
             if lan:
                 net = lans.acquire(lan)
