@@ -19,8 +19,7 @@ from ..errors import BootError, BootTimeout
 from ..host.deps import require
 from ..host.paths import write_private
 from ..vmm import backend
-from ..vmm.backend import Machine
-from ..vmm.machine import CONSOLE, DISK, console_tail
+from ..vmm.backend import CONSOLE, DISK, Machine, console_tail
 from ..vmm.qemu import DiskFormat, MachineConfig
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,7 @@ from ..host.paths import remove_tree
 from ..host.runstate import RunRecord, create_run_dir
 from ..net import pools
 from ..net.lan import LanRegistry
-from ..vmm.backend import Machine
-from ..vmm.machine import CONSOLE, DISK
+from ..vmm.backend import CONSOLE, DISK, Machine
 from .plan import LAN_NIC, Forwards, Plan
 
 log = logging.getLogger(__name__)

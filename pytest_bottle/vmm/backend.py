@@ -13,7 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
+from .machine import CONSOLE as CONSOLE  # the run directory's layout, the same for every backend
+from .machine import DISK as DISK
 from .machine import QemuMachine
+from .machine import console_tail as console_tail
 from .process import Identity
 from .qemu import MachineConfig
 
