@@ -10,9 +10,8 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_exponential
 
@@ -20,10 +19,12 @@ from .agent.channel import AgentChannel
 from .agent.client import AgentClient
 from .agent.transfer import fetch, read_all, send_tree
 from .errors import BottleError, ExecTimeout, SpecError, WaitTimeout
-from .host.runstate import RunRecord
-from .net import pools
 from .results import Command, ExecResult, to_argv
-from .vmm.machine import QemuMachine
+from .ssh import SshAccess
+from .vmm.backend import Machine
+
+if TYPE_CHECKING:  # the launch pipeline makes bottles, and imports this module
+    from .lifecycle.resources import Resources
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +60,25 @@ class Bottle:
         name: str,
         image: str,
         accel: str,
-        machine: QemuMachine,
+        machine: Machine,
         channel: AgentChannel,
-        resources: ExitStack,
-        forwards: Mapping[int, tuple[str, int]] | None = None,
-        lan_ip: str | None = None,
-        ssh: Any = None,
-        record: RunRecord | None = None,
+        resources: Resources,
+        ssh: SshAccess | BottleError | None = None,
         announce: Mapping[str, str] | None = None,
     ) -> None:
+        """``resources`` owns the machine, the channel and everything else the
+        bottle holds on the host: closing the bottle closes it."""
         self.name = name
         self.image = image
         self.accel = accel
-        self.lan_ip = lan_ip
+        # The bottle's own address on its LAN, without the prefix length.
+        self.lan_ip = resources.lan_ip.split("/")[0] if resources.lan_ip else None
         self._machine = machine
         self._channel = channel
         self._agent = AgentClient(channel)
         self._resources = resources
-        self._forwards = dict(forwards or {})
+        self._forwards = dict(resources.forwards)
         self._ssh = ssh
-        self._record = record
         # The user NIC's gratuitous ARP, left out of the restore path: only a
         # forwarded connection needs QEMU's network to know the clone's MAC.
         self._announce: dict[str, Any] | None = dict(announce) if announce else None
@@ -299,7 +299,7 @@ class Bottle:
 
     # -- ssh (see ssh.py) ---------------------------------------------------
 
-    def _ssh_access(self) -> Any:
+    def _ssh_access(self) -> SshAccess:
         if isinstance(self._ssh, BottleError):  # e.g. the host has no ssh-keygen
             raise self._ssh
         if self._ssh is None:
@@ -321,7 +321,7 @@ class Bottle:
 
     def ssh(self, cmd: Command, **kw: Any) -> ExecResult:
         """Run ``cmd`` through real OpenSSH (not the agent)."""
-        return self._ssh_access().run(cmd, **kw)  # type: ignore[no-any-return]
+        return self._ssh_access().run(cmd, **kw)
 
     # -- lifetime -----------------------------------------------------------
 
@@ -354,14 +354,9 @@ class Bottle:
                 return
             self._closed = True
             self.kept = True
-        pools.transfer(self.name, self._machine.pid, self._machine.started)
-        if self._record is not None:
-            self._record.owner_pid, self._record.owner_start = self._machine.pid, self._machine.started
-            self._record.extra["kept"] = True
-            self._record.save()
-        self._resources.pop_all()
+        self._resources.hand_over(self._machine)
         self._channel.close()
-        self._machine.qmp.close()  # our end only: the VM runs on
+        self._machine.disconnect()  # our end only: the VM runs on
 
     def __enter__(self) -> Bottle:
         return self

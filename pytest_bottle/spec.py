@@ -12,18 +12,22 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from .errors import SpecError
 from .host.paths import default_cache_dir
 
-NETWORKS = ("none", "nat")
-BOOTS = ("snapshot", "cold")
-ACCELS = ("auto", "kvm", "tcg")
+Network = Literal["none", "nat"]
+BootMode = Literal["snapshot", "cold"]
+AccelRequest = Literal["auto", "kvm", "tcg"]
+NETWORKS: tuple[Network, ...] = ("none", "nat")
+BOOTS: tuple[BootMode, ...] = ("snapshot", "cold")
+ACCELS: tuple[AccelRequest, ...] = ("auto", "kvm", "tcg")
 MIN_MEMORY_MB = 128
 MAX_CPUS = 64
 _LAN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+T = TypeVar("T")
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -34,12 +38,12 @@ class BottleSpec:
     image: str = "debian-bookworm"
     memory_mb: int = 512
     cpus: int = 1
-    network: str = "none"
+    network: Network = "none"
     lan: str | None = None
     forward: tuple[int, ...] = ()
-    boot: str = "snapshot"
+    boot: BootMode = "snapshot"
     timeout: float = 300.0
-    accel: str = "auto"
+    accel: AccelRequest = "auto"
     cache_dir: Path = field(default_factory=default_cache_dir)
 
 
@@ -73,11 +77,11 @@ def _int_in(lo: int, hi: int, what: str) -> Callable[[Any], int]:
     return parse
 
 
-def _choice(options: Sequence[str], what: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
+def _choice(options: tuple[T, ...], what: str) -> Callable[[Any], T]:
+    def parse(value: Any) -> T:
         if value not in options:
             raise ValueError(f"{what} must be one of {', '.join(map(repr, options))}, not {value!r}")
-        return str(value)
+        return options[options.index(value)]
 
     return parse
 

@@ -15,16 +15,16 @@ import pytest_bottle
 from pytest_bottle import BootError, BootTimeout, HostDependencyError
 from pytest_bottle.host.paths import default_cache_dir
 from pytest_bottle.images import Image, ensure_image
-from pytest_bottle.lifecycle.boot import BootPlan, start_machine
+from pytest_bottle.lifecycle.boot import start_machine
 from pytest_bottle.vmm import accel
-from pytest_bottle.vmm.qemu import Nic
+from pytest_bottle.vmm.qemu import MachineConfig, Nic
 
 CACHE = default_cache_dir()
 
 
-def _plan(image: Image, initrd: Path | None = None) -> BootPlan:
-    return BootPlan(
-        image.kernel, initrd or image.initrd, image.rootfs, "raw", 512, 1, "tcg", (Nic("net0", "52:54:00:b0:77:01"),)
+def _plan(image: Image, initrd: Path | None = None) -> MachineConfig:
+    return MachineConfig(
+        image.kernel, initrd or image.initrd, image.rootfs, 512, 1, "tcg", (Nic("net0", "52:54:00:b0:77:01"),)
     )
 
 

@@ -295,7 +295,7 @@ def test_wait_until_succeeds_does_not_hang_on_a_hanging_command(module_bottle: B
 PORTS = """
 import os, socket, sys
 import pytest_bottle
-launch = sys.modules["pytest_bottle.lifecycle.launch"]  # the package's `launch` attribute is the function
+launch = sys.modules["pytest_bottle.lifecycle.resources"]  # host ports are picked there
 alias = "127.77.255.1"
 
 def free(lo, hi):

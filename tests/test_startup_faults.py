@@ -28,16 +28,16 @@ from pytest_bottle.host.paths import default_cache_dir, remove_tree, tree_size, 
 from pytest_bottle.images import ensure_image
 from pytest_bottle.images.cache import entry_dir
 from pytest_bottle.images.recipes import get_recipe
-from pytest_bottle.lifecycle import boot
-from pytest_bottle.lifecycle.boot import BootPlan
+from pytest_bottle.lifecycle.probe import run_probe
 from pytest_bottle.store import saved
 from pytest_bottle.store.saved import SavedState
 from pytest_bottle.store.seeds import SEED_VERSION, list_seeds
 from pytest_bottle.vmm import accel
-from pytest_bottle.vmm.qemu import Nic
+from pytest_bottle.vmm.qemu import MachineConfig, Nic
 
 CACHE = default_cache_dir()
 launch_mod = sys.modules["pytest_bottle.lifecycle.launch"]  # the package's `launch` attribute is the function
+resources_mod = sys.modules["pytest_bottle.lifecycle.resources"]
 
 
 def _current_seed() -> SavedState:
@@ -89,7 +89,7 @@ def seeded(tmp_path: Path) -> Path:
 def test_port_taken_between_check_and_bind_is_picked_again(seeded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another program binds the bottle's SSH port right after ``_host_port``
     found it free: QEMU's hostfwd then cannot bind it and exits."""
-    real = launch_mod._host_port
+    real = resources_mod._host_port
     held: list[socket.socket] = []
     calls: list[tuple[int, int]] = []
 
@@ -103,7 +103,7 @@ def test_port_taken_between_check_and_bind_is_picked_again(seeded: Path, monkeyp
             held.append(s)
         return host_port
 
-    monkeypatch.setattr(launch_mod, "_host_port", racing)
+    monkeypatch.setattr(resources_mod, "_host_port", racing)
     try:
         with pytest_bottle.launch(cache_dir=seeded) as b:
             taken = held[0].getsockname()
@@ -287,9 +287,9 @@ def one_busy_cpu() -> Iterator[None]:
             h.wait()
 
 
-def _plan(**changes: Any) -> BootPlan:
+def _plan(**changes: Any) -> MachineConfig:
     image = ensure_image("debian-bookworm", CACHE)
-    plan = BootPlan(image.kernel, image.initrd, image.rootfs, "raw", 512, 1, "tcg", (Nic("net0", "52:54:00:b0:77:01"),))
+    plan = MachineConfig(image.kernel, image.initrd, image.rootfs, 512, 1, "tcg", (Nic("net0", "52:54:00:b0:77:01"),))
     return dataclasses.replace(plan, **changes)
 
 
@@ -302,7 +302,7 @@ def test_a_probe_that_timed_out_on_a_busy_host_is_retried_next_run(
     def probe(timeout: float) -> accel.ProbeResult:  # a real boot, starved of CPU
         run_dir = tmp_path / f"probe-{len(probes)}"
         run_dir.mkdir()
-        probes.append(boot.run_probe(_plan(), run_dir, 4.0))
+        probes.append(run_probe(_plan(), run_dir, 4.0))
         return probes[-1]
 
     monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "run-1")
@@ -324,7 +324,7 @@ def _decide_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **changes: An
     def probe(timeout: float) -> accel.ProbeResult:
         run_dir = tmp_path / f"probe-{len(probes)}"
         run_dir.mkdir()
-        probes.append(boot.run_probe(_plan(**changes), run_dir, 60.0))
+        probes.append(run_probe(_plan(**changes), run_dir, 60.0))
         return probes[-1]
 
     for run in ("run-1", "run-2"):
@@ -357,7 +357,7 @@ def test_a_probe_that_cannot_make_its_disk_is_inconclusive(tmp_path: Path) -> No
     """A host-side fault before QEMU starts (an image gone, a full disk)."""
     run_dir = tmp_path / "probe"
     run_dir.mkdir()
-    result = boot.run_probe(_plan(backing=tmp_path / "no-such-rootfs.ext4"), run_dir, 60.0)
+    result = run_probe(_plan(disk=tmp_path / "no-such-rootfs.ext4"), run_dir, 60.0)
     assert (result.ok, result.definite) == (False, False)
     assert "cannot create the disk overlay" in result.reason and "inconclusive" in result.reason
     assert not processes_mentioning(str(tmp_path))
@@ -380,7 +380,7 @@ def test_a_probe_whose_qemu_is_killed_by_a_signal_is_inconclusive(tmp_path: Path
     thread = threading.Thread(target=oom_killer)
     thread.start()
     try:
-        result = boot.run_probe(_plan(), run_dir, 60.0)
+        result = run_probe(_plan(), run_dir, 60.0)
     finally:
         thread.join()
     assert killed

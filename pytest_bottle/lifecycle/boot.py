@@ -8,10 +8,8 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 from filelock import FileLock
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -20,30 +18,11 @@ from ..agent.channel import AgentChannel
 from ..errors import BootError, BootTimeout
 from ..host.deps import require
 from ..host.paths import write_private
-from ..vmm import accel, clock
-from ..vmm.accel import ProbeResult
-from ..vmm.machine import QemuMachine, console_tail
-from ..vmm.qemu import MachineConfig, Nic
+from ..vmm import backend
+from ..vmm.backend import CONSOLE, DISK, Machine, console_tail
+from ..vmm.qemu import DiskFormat, MachineConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BootPlan:
-    """Everything that decides how a machine starts."""
-
-    kernel: Path
-    initrd: Path
-    backing: Path  # the disk the overlay sits on: image rootfs (raw) or seed disk (qcow2)
-    backing_format: str
-    memory_mb: int
-    cpus: int
-    accel: str
-    nics: tuple[Nic, ...]
-    incoming: Path | None = None  # memory state to restore, None for a cold boot
-    console_prefix: Path | None = None  # the seed's boot log: a clone's console starts with it
-    ram_file: Path | None = None  # file-backed guest RAM (seeds write it, clones map it privately)
-    ram_shared: bool = False
 
 
 def backing_name(backing: Path, overlay_dir: Path) -> str:
@@ -62,7 +41,7 @@ def backing_name(backing: Path, overlay_dir: Path) -> str:
     return os.path.relpath(os.path.realpath(backing), os.path.realpath(overlay_dir))
 
 
-def make_overlay(backing: Path, fmt: str, dst: Path) -> None:
+def make_overlay(backing: Path, fmt: DiskFormat, dst: Path) -> None:
     """A fresh qcow2 overlay on ``backing``, naming it relative to ``dst``.
 
     An empty overlay's bytes depend only on its backing name, so one
@@ -92,48 +71,22 @@ def _copy(src_path: Path, dst_path: Path) -> None:
 
 
 def start_machine(
-    plan: BootPlan,
+    cfg: MachineConfig,
     run_dir: Path,
     name: str,
     timeout: float,
     detached: bool = False,
-    on_spawn: Callable[[QemuMachine], None] | None = None,
-    on_fail: Callable[[QemuMachine], None] | None = None,
-) -> tuple[QemuMachine, AgentChannel]:
-    """Start QEMU per ``plan`` and wait until the agent answers; clean up on any failure.
+    on_spawn: Callable[[Machine], None] | None = None,
+    on_fail: Callable[[Machine], None] | None = None,
+    tap_fds: Mapping[str, int] | None = None,
+) -> tuple[Machine, AgentChannel]:
+    """Start the machine ``cfg`` describes in ``run_dir`` and wait until its
+    agent answers; clean up on any failure.
 
     ``on_fail`` sees the machine after a failed wait, before it is stopped.
     """
-    disk = run_dir / "disk.qcow2"
-    try:
-        make_overlay(plan.backing, plan.backing_format, disk)
-    except subprocess.CalledProcessError as e:
-        raise BootError(
-            f"qemu-img could not create the disk overlay: {e.stderr.decode(errors='replace').strip()}", name=name
-        ) from None
-    except OSError as e:  # the backing file (a seed's or image's disk) is gone
-        raise BootError(f"cannot create the disk overlay on {plan.backing}: {e.strerror}", name=name) from None
-    if plan.console_prefix is not None:
-        try:
-            shutil.copyfile(plan.console_prefix, run_dir / "console.log")
-        except FileNotFoundError:  # an older seed has none, or it went: QEMU will say
-            pass
-    cfg = MachineConfig(
-        kernel=plan.kernel,
-        initrd=plan.initrd,
-        disk=disk,
-        console_log=run_dir / "console.log",
-        agent_fd=-1,
-        qmp_fd=-1,
-        memory_mb=plan.memory_mb,
-        cpus=plan.cpus,
-        accel=plan.accel,
-        nics=plan.nics,
-        ram_file=plan.ram_file,
-        ram_shared=plan.ram_shared,
-        extra_kernel_args=clock.tcg_kernel_args() if plan.accel == "tcg" else (),
-    )
-    machine = QemuMachine.start(cfg, run_dir, incoming=plan.incoming, name=name, detached=detached)
+    prepare_run_dir(cfg, run_dir, name)
+    machine = backend.start(cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds)
     try:
         if on_spawn is not None:  # e.g. record the pid before a boot that may outlive us
             on_spawn(machine)
@@ -149,37 +102,29 @@ def start_machine(
     return machine, channel
 
 
-def run_probe(plan: BootPlan, run_dir: Path, timeout: float) -> ProbeResult:
-    """Boot ``plan`` once, time-boxed, and say what that proves (see ``vmm.accel``)."""
-    seen: dict[str, Any] = {}
-
-    def measure(machine: QemuMachine) -> None:  # after a failed wait, before the stop
-        seen.update(waited=accel.runqueue_wait(machine.pid), returncode=machine.proc.poll())
-        try:
-            seen["log"] = (run_dir / "qemu.log").read_text(errors="replace")
-        except OSError:
-            seen["log"] = ""
-
+def prepare_run_dir(cfg: MachineConfig, run_dir: Path, name: str) -> None:
+    """The machine's overlay disk, and its console log so far for a restore."""
+    backing, fmt = cfg.backing
     try:
-        machine, channel = start_machine(plan, run_dir, "probe", timeout, on_fail=measure)
-    except BootTimeout as e:
-        return accel.timed_out(e.reason, timeout, seen.get("waited"), os.getloadavg()[0], os.cpu_count() or 1)
-    except BootError as e:
-        if not seen:  # no QEMU got that far: the overlay or saved state (a host-side fault)
-            return accel.inconclusive(e.reason, "a host-side fault")
-        return accel.exited(e.reason, seen["returncode"], seen["log"], e.console_tail)
-    except OSError as e:  # QEMU could not even be spawned (memory, file descriptors)
-        return accel.inconclusive(f"cannot start QEMU: {e}", "a host-side fault")
-    machine.stop()
-    channel.close()
-    return accel.ProbeResult(True)
+        make_overlay(backing, fmt, run_dir / DISK)
+    except subprocess.CalledProcessError as e:
+        raise BootError(
+            f"qemu-img could not create the disk overlay: {e.stderr.decode(errors='replace').strip()}", name=name
+        ) from None
+    except OSError as e:  # the backing file (a seed's or image's disk) is gone
+        raise BootError(f"cannot create the disk overlay on {backing}: {e.strerror}", name=name) from None
+    if cfg.restore is not None and cfg.restore.console is not None:
+        try:
+            shutil.copyfile(cfg.restore.console, run_dir / CONSOLE)
+        except FileNotFoundError:  # an older seed has none, or it went: QEMU will say
+            pass
 
 
 class _NotReady(Exception):
     pass
 
 
-def wait_ready(machine: QemuMachine, channel: AgentChannel, timeout: float, name: str = "") -> float:
+def wait_ready(machine: Machine, channel: AgentChannel, timeout: float, name: str = "") -> float:
     """Poll (with backoff) until the agent answers the sync handshake."""
     started = time.monotonic()
     channel.send_sync()
@@ -193,10 +138,7 @@ def wait_ready(machine: QemuMachine, channel: AgentChannel, timeout: float, name
         if not machine.alive():
             raise BootError(machine.exit_reason() or "QEMU exited", console_tail(machine.console_log), name)
         if channel.closed.is_set():
-            try:
-                machine.proc.wait(1.0)  # EOF usually means QEMU is exiting: report why
-            except subprocess.TimeoutExpired:
-                pass
+            machine.wait(1.0)  # EOF usually means QEMU is exiting: report why
             reason = machine.exit_reason() or f"agent channel closed: {channel.death}"
             raise BootError(reason, console_tail(machine.console_log), name)
         raise _NotReady

@@ -18,17 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..agent.channel import AgentChannel
 from ..agent.client import AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..agent.replies import SettleReply
 from ..host.locks import reporting_lock
 from ..images.cache import Image
-from ..lifecycle.boot import BootPlan, start_machine
+from ..lifecycle.boot import start_machine
 from ..ssh import new_host_key
 from ..vmm.accel import qemu_version
-from ..vmm.machine import QemuMachine
-from ..vmm.qemu import Nic, cpu_model, kernel_args
+from ..vmm.qemu import MachineConfig, Nic, cpu_model, kernel_args
 from .gc import prune_seeds
 from .saved import SEED_VERSION as SEED_VERSION  # re-exported: the public names of seeds
 from .saved import RestsOn, SavedState, StateCorrupt, create, discard, load, lock_path, seeds_dir, verify
@@ -152,30 +150,23 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path, baked:
     create(final, capture, parts, RestsOn.image_layer(image.rootfs, final))
 
 
-def _boot_fresh(image: Image, accel: str, parts: dict[str, Any], tmp: Path) -> tuple[QemuMachine, AgentChannel]:
-    """Boot the image cold with the seed's devices, its disk and RAM files in ``tmp``."""
-    plan = BootPlan(
-        image.kernel,
-        image.initrd,
-        image.rootfs,
-        "raw",
-        parts["memory_mb"],
-        parts["cpus"],
-        accel,
-        seed_nics(parts["nics"]),
-        ram_file=tmp / "memory.ram",
-        ram_shared=True,
-    )
-    return start_machine(plan, tmp, "seed", SEED_BOOT_TIMEOUT)
-
-
 def _boot_and_save(
     image: Image, accel: str, parts: dict[str, Any], tmp: Path, baked: dict[str, str | None]
 ) -> tuple[float, SettleReply, dict[str, str]]:
     """Boot the seed machine in ``tmp``, set it up as a clone would be and save
     its state; returns when it was ready (monotonic), the settle result and
     the guest's NIC names by MAC."""
-    machine, channel = _boot_fresh(image, accel, parts, tmp)
+    cfg = MachineConfig(
+        kernel=image.kernel,
+        initrd=image.initrd,
+        disk=image.rootfs,
+        memory_mb=parts["memory_mb"],
+        cpus=parts["cpus"],
+        accel="kvm" if accel == "kvm" else "tcg",
+        nics=seed_nics(parts["nics"]),
+        save_ram=tmp / "memory.ram",
+    )
+    machine, channel = start_machine(cfg, tmp, "seed", SEED_BOOT_TIMEOUT)
     try:
         ready = time.monotonic()
         agent = AgentClient(channel)

@@ -32,6 +32,7 @@ from ..errors import HostDependencyError
 from ..host.deps import require
 from ..host.paths import write_json
 from . import process
+from .qemu import Accel
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ GUEST_PANIC = re.compile(r"Kernel panic - not syncing")
 
 @dataclass(frozen=True)
 class Verdict:
-    accel: str  # "kvm" or "tcg"
+    accel: Accel
     reason: str
     probed: bool = False
     definite: bool = True
@@ -166,7 +167,8 @@ def stored_verdict(cache_dir: Path) -> tuple[Verdict, str] | None:
         if data.get("host") != host_id():
             return None
         definite = data.get("definite", True) is not False
-        return Verdict(str(data["accel"]), str(data["reason"]), True, definite), str(data.get("run"))
+        accel: Accel = "kvm" if data["accel"] == "kvm" else "tcg"
+        return Verdict(accel, str(data["reason"]), True, definite), str(data.get("run"))
     except (OSError, ValueError, KeyError, AttributeError):
         return None
 
@@ -182,6 +184,7 @@ def cached_verdict(cache_dir: Path) -> Verdict | None:
     return verdict
 
 
+# Boots a real guest with KVM, time-boxed (lifecycle.probe): accel.py only judges.
 Probe = Callable[[float], "str | ProbeResult | None"]
 
 

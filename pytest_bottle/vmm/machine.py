@@ -8,18 +8,21 @@ import shlex
 import socket
 import subprocess
 import time
-from dataclasses import replace
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import BootError, BootTimeout
 from ..host.deps import require
-from . import process
-from .qemu import IGNORE_SHARED, MachineConfig, build_argv, deferred_incoming
+from . import clock, process
+from .qemu import IGNORE_SHARED, MachineConfig, Runtime, build_argv, deferred_incoming
 from .qmp import QMP
 
 log = logging.getLogger(__name__)
 
 CONSOLE_TAIL_LINES = 60
+# A machine's files in its run directory.
+DISK = "disk.qcow2"
+CONSOLE = "console.log"
 
 
 def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -34,6 +37,16 @@ def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(text.replace("\r", "").splitlines()[-lines:])
 
 
+def _open_state(cfg: MachineConfig, name: str) -> int | None:
+    """An fd on the saved state ``cfg`` restores, or None for a cold boot."""
+    if cfg.restore is None:
+        return None
+    try:
+        return os.open(cfg.restore.state, os.O_RDONLY)
+    except OSError as e:  # e.g. a seed removed since it was verified
+        raise BootError(f"cannot open the saved state {cfg.restore.state}: {e.strerror}", name=name) from None
+
+
 class QemuMachine:
     """One QEMU process.  The agent and QMP sockets are socketpairs handed to
     QEMU as file descriptors: no paths to race on, and QEMU's death shows up
@@ -42,44 +55,61 @@ class QemuMachine:
     backend = "qemu"
 
     def __init__(
-        self, proc: subprocess.Popen[bytes], agent_sock: socket.socket, qmp: QMP, cfg: MachineConfig, run_dir: Path
+        self,
+        proc: subprocess.Popen[bytes],
+        agent_sock: socket.socket,
+        qmp: QMP,
+        cfg: MachineConfig,
+        runtime: Runtime,
+        run_dir: Path,
+        detached: bool = False,
     ) -> None:
         self.proc = proc
         self.agent_sock = agent_sock
         self.qmp = qmp
         self.cfg = cfg
+        self.runtime = runtime
         self.run_dir = run_dir
         self.pid = proc.pid
         self.started = process.start_time(proc.pid)
         # Without the parent-death signal: it may outlive us (Bottle.keep).
-        self.detached = False
+        self.detached = detached
 
     @classmethod
     def start(
         cls,
         cfg: MachineConfig,
         run_dir: Path,
-        incoming: Path | None = None,
+        *,
         name: str = "bottle",
         detached: bool = False,
+        tap_fds: Mapping[str, int] | None = None,
     ) -> QemuMachine:
-        """Start QEMU for ``cfg`` (its fd fields are filled in here)."""
+        """Start QEMU for ``cfg`` on the overlay ``run_dir/disk.qcow2`` (made by the caller).
+
+        ``tap_fds``: an open TAP per "tap" NIC id, passed to QEMU (it may live in another netns).
+        """
         qemu = require(cfg.qemu, "run virtual machines")
         agent_host, agent_qemu = socket.socketpair()
         qmp_host, qmp_qemu = socket.socketpair()
-        child_fds = [agent_qemu.fileno(), qmp_qemu.fileno()] + [n.tap_fd for n in cfg.nics if n.tap_fd >= 0]
+        taps = dict(tap_fds or {})
+        child_fds = [agent_qemu.fileno(), qmp_qemu.fileno(), *taps.values()]
         incoming_fd = None
         try:
-            if incoming is not None:
-                try:
-                    incoming_fd = os.open(incoming, os.O_RDONLY)
-                except OSError as e:  # e.g. a seed removed since it was verified
-                    raise BootError(f"cannot open the saved state {incoming}: {e.strerror}", name=name) from None
+            incoming_fd = _open_state(cfg, name)
+            if incoming_fd is not None:
                 child_fds.append(incoming_fd)
-            cfg = replace(
-                cfg, qemu=qemu, agent_fd=agent_qemu.fileno(), qmp_fd=qmp_qemu.fileno(), incoming_fd=incoming_fd
+            rt = Runtime(
+                disk=run_dir / DISK,
+                console_log=run_dir / CONSOLE,
+                agent_fd=agent_qemu.fileno(),
+                qmp_fd=qmp_qemu.fileno(),
+                incoming_fd=incoming_fd,
+                tap_fds=taps,
+                clock_args=clock.tcg_kernel_args() if cfg.accel == "tcg" else (),
             )
-            argv = build_argv(cfg)
+            argv = build_argv(cfg, rt)
+            argv[0] = qemu  # as found on PATH
             (run_dir / "qemu.argv").write_text(shlex.join(argv) + "\n")
             proc = process.spawn(
                 argv,
@@ -97,18 +127,21 @@ class QemuMachine:
             qmp_qemu.close()
             if incoming_fd is not None:
                 os.close(incoming_fd)
-        machine = cls(proc, agent_host, QMP(qmp_host, name), cfg, run_dir)
-        machine.detached = detached
-        if deferred_incoming(cfg):
-            try:
-                machine.qmp.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
-                machine.qmp.cmd("migrate-incoming", uri=f"fd:{cfg.incoming_fd}")
-            except Exception as e:
-                raise machine.start_failed(e, name) from None
-            except BaseException:
-                machine.stop(grace=0.5)
-                raise
+        machine = cls(proc, agent_host, QMP(qmp_host, name), cfg, rt, run_dir, detached)
+        if deferred_incoming(cfg, rt):
+            machine._load_deferred(name)
         return machine
+
+    def _load_deferred(self, name: str) -> None:
+        """Load a saved state whose RAM stays in its file (see ``build_argv``)."""
+        try:
+            self.qmp.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+            self.qmp.cmd("migrate-incoming", uri=f"fd:{self.runtime.incoming_fd}")
+        except Exception as e:
+            raise self.start_failed(e, name) from None
+        except BaseException:
+            self.stop(grace=0.5)
+            raise
 
     def start_failed(self, error: Exception, name: str) -> BootError:
         """Stop the machine and say why it did not start, in QEMU's words.
@@ -131,10 +164,20 @@ class QemuMachine:
 
     @property
     def console_log(self) -> Path:
-        return self.cfg.console_log
+        return self.runtime.console_log
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float) -> int | None:
+        """QEMU's exit code, or None if it still runs after ``timeout`` seconds."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def exit_reason(self) -> str:
         rc = self.proc.poll()
@@ -175,3 +218,7 @@ class QemuMachine:
         process.terminate(self.proc, grace)
         self.qmp.close()
         self.agent_sock.close()
+
+    def disconnect(self) -> None:
+        """Let go of the machine and leave it running (a kept bottle): our QMP end only."""
+        self.qmp.close()

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+Accel = Literal["kvm", "tcg"]
+# "hubport": a NIC with nothing behind it (a seed's LAN slot, where a clone puts a TAP).
+NicKind = Literal["user", "tap", "hubport"]
+DiskFormat = Literal["raw", "qcow2"]
 
 KERNEL_ARGS = (
     "console=ttyS0",
@@ -44,40 +51,78 @@ class Forward:
 
 @dataclass(frozen=True)
 class Nic:
-    """One virtio-net device.  ``kind``: "user" (slirp, forwards) or "tap"."""
+    """One virtio-net device: "user" (slirp, forwards), "tap" (its fd comes with the start) or "hubport"."""
 
     id: str
     mac: str
-    kind: str = "user"
+    kind: NicKind = "user"
     restrict: bool = True
     forwards: tuple[Forward, ...] = ()
-    tap_fd: int = -1  # an open TAP, passed to QEMU (it may live in another netns)
+
+
+@dataclass(frozen=True)
+class Restore:
+    """A saved machine state to resume instead of booting."""
+
+    state: Path  # device state: what -incoming loads
+    disk: Path  # the saved disk (qcow2) the machine's overlay sits on
+    # Guest RAM in its own file, mapped copy-on-write: a restore reads only the pages it touches.
+    ram: Path | None = None
+    console: Path | None = None  # the console so far: the machine's console log starts with it
 
 
 @dataclass(frozen=True)
 class MachineConfig:
+    """One machine, from plan to argv.  What only exists once it starts (its
+    run directory's files, the fds QEMU inherits) is a separate ``Runtime``."""
+
     kernel: Path
     initrd: Path
-    disk: Path
-    console_log: Path
-    agent_fd: int
-    qmp_fd: int
+    disk: Path  # the image's root file system (raw), under the overlay of a cold boot
     memory_mb: int = 512
     cpus: int = 1
-    accel: str = "tcg"
+    accel: Accel = "tcg"
     nics: tuple[Nic, ...] = ()
-    incoming_fd: int | None = None
-    # Guest RAM in a file: a seed writes it (shared), a clone maps it
-    # copy-on-write (private), so a restore reads only the pages it touches.
-    ram_file: Path | None = None
-    ram_shared: bool = False
+    restore: Restore | None = None
+    # Guest RAM written through to this file (a seed being made: its clones map it).
+    save_ram: Path | None = None
     extra_kernel_args: tuple[str, ...] = ()
     qemu: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = field(default=())
 
     @property
-    def kernel_cmdline(self) -> str:
-        return " ".join(kernel_args(self.accel) + self.extra_kernel_args)
+    def backing(self) -> tuple[Path, DiskFormat]:
+        """The disk the machine's overlay sits on, and its format."""
+        if self.restore is not None:
+            return self.restore.disk, "qcow2"
+        return self.disk, "raw"
+
+    @property
+    def ram_file(self) -> tuple[Path, bool] | None:
+        """The file guest RAM lives in and whether writes reach it (shared), or None."""
+        if self.save_ram is not None:
+            return self.save_ram, True
+        if self.restore is not None and self.restore.ram is not None:
+            return self.restore.ram, False
+        return None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What one start of a machine adds to its config: files in its run
+    directory, the fds QEMU inherits and what the host's clock tells the guest."""
+
+    disk: Path  # the machine's own overlay
+    console_log: Path
+    agent_fd: int
+    qmp_fd: int
+    incoming_fd: int | None = None  # the saved state being restored
+    tap_fds: Mapping[str, int] = field(default_factory=dict)  # by NIC id
+    clock_args: tuple[str, ...] = ()  # kernel arguments (vmm.clock)
+
+
+def kernel_cmdline(cfg: MachineConfig, rt: Runtime) -> str:
+    return " ".join(kernel_args(cfg.accel) + cfg.extra_kernel_args + rt.clock_args)
 
 
 def cpu_model(accel: str) -> str:
@@ -88,7 +133,7 @@ def cpu_model(accel: str) -> str:
     return "max,la57=off,svm=off,vmx=off"
 
 
-def build_argv(cfg: MachineConfig) -> list[str]:
+def build_argv(cfg: MachineConfig, rt: Runtime) -> list[str]:
     if cfg.memory_mb <= 0 or cfg.cpus <= 0:
         raise ValueError("memory and cpus must be positive")
     if cfg.accel == "kvm":
@@ -112,16 +157,16 @@ def build_argv(cfg: MachineConfig) -> list[str]:
         # A restored guest booted long ago: its initrd would only be read into
         # QEMU's memory (fw_cfg, not migrated) for nothing.  The kernel stays,
         # since it brings the option ROM whose RAM block the saved state has.
-        *(["-initrd", str(cfg.initrd)] if cfg.incoming_fd is None else []),
-        "-append", cfg.kernel_cmdline,
-        "-chardev", f"file,id=console,path={_opt(cfg.console_log)},append=on",
+        *(["-initrd", str(cfg.initrd)] if rt.incoming_fd is None else []),
+        "-append", kernel_cmdline(cfg, rt),
+        "-chardev", f"file,id=console,path={_opt(rt.console_log)},append=on",
         "-serial", "chardev:console",
-        "-drive", f"id=root,file={_opt(cfg.disk)},format=qcow2,if=none,cache=unsafe,discard=unmap",
+        "-drive", f"id=root,file={_opt(rt.disk)},format=qcow2,if=none,cache=unsafe,discard=unmap",
         "-device", "virtio-blk-device,drive=root",
-        "-chardev", f"socket,id=agent,fd={cfg.agent_fd}",
+        "-chardev", f"socket,id=agent,fd={rt.agent_fd}",
         "-device", "virtio-serial-device",
         "-device", "virtserialport,chardev=agent,name=bottle.agent",
-        "-chardev", f"socket,id=qmp,fd={cfg.qmp_fd}",
+        "-chardev", f"socket,id=qmp,fd={rt.qmp_fd}",
         "-mon", "chardev=qmp,mode=control",
         "-device", "virtio-rng-device",
         # A saved state then carries no "paused" run state: a restore starts
@@ -129,33 +174,34 @@ def build_argv(cfg: MachineConfig) -> list[str]:
         "-global", "migration.store-global-state=off",
     ]  # fmt: skip
     if cfg.ram_file is not None:
-        share = "on" if cfg.ram_shared else "off"
+        ram, shared = cfg.ram_file
+        share = "on" if shared else "off"
         argv += [
-            "-object", f"memory-backend-file,id=ram,size={cfg.memory_mb}M,mem-path={_opt(cfg.ram_file)},share={share}",
+            "-object", f"memory-backend-file,id=ram,size={cfg.memory_mb}M,mem-path={_opt(ram)},share={share}",
         ]  # fmt: skip
     for nic in cfg.nics:
         # No guest announce: after every restore the guest would send ARPs and
         # IPv6 reports with its seed's MAC, work on the restore path; the clone
         # handshake announces the clone's own MAC instead.
         device = f"virtio-net-device,netdev={nic.id},mac={nic.mac},guest_announce=off"
-        argv += ["-netdev", _netdev(nic), "-device", device]
-    if cfg.incoming_fd is not None:
+        argv += ["-netdev", _netdev(nic, rt), "-device", device]
+    if rt.incoming_fd is not None:
         # With file-backed RAM the stream leaves RAM out (x-ignore-shared), a
         # capability both ends must set before the stream is read: QMP does it.
-        argv += ["-incoming", "defer" if deferred_incoming(cfg) else f"fd:{cfg.incoming_fd}"]
+        argv += ["-incoming", "defer" if deferred_incoming(cfg, rt) else f"fd:{rt.incoming_fd}"]
     return argv + list(cfg.extra_args)
 
 
-def deferred_incoming(cfg: MachineConfig) -> bool:
-    return cfg.incoming_fd is not None and cfg.ram_file is not None
+def deferred_incoming(cfg: MachineConfig, rt: Runtime) -> bool:
+    return rt.incoming_fd is not None and cfg.ram_file is not None
 
 
 IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
 
 
-def _netdev(nic: Nic) -> str:
+def _netdev(nic: Nic, rt: Runtime) -> str:
     if nic.kind == "tap":
-        return f"tap,id={nic.id},fd={nic.tap_fd}"
+        return f"tap,id={nic.id},fd={rt.tap_fds[nic.id]}"
     if nic.kind == "hubport":  # a NIC with nothing behind it
         return f"hubport,id={nic.id},hubid=0"
     if nic.kind != "user":

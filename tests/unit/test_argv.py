@@ -1,23 +1,22 @@
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from pytest_bottle.vmm.qemu import Forward, MachineConfig, Nic, build_argv, cpu_model
+from pytest_bottle.vmm.qemu import Forward, MachineConfig, Nic, Runtime, build_argv, cpu_model
+
+RUNTIME = {f.name for f in fields(Runtime)}
 
 
-def cfg(**kw: object) -> MachineConfig:
-    base: dict[str, object] = dict(
-        kernel=Path("/i/vmlinuz"),
-        initrd=Path("/i/initrd.img"),
-        disk=Path("/r/disk.qcow2"),
-        console_log=Path("/r/console.log"),
-        agent_fd=5,
-        qmp_fd=6,
-    )
-    base.update(kw)
-    return MachineConfig(**base)  # type: ignore[arg-type]
+def build(**kw: object) -> list[str]:
+    """argv for a default machine, ``kw`` changing its config or its runtime (``disk``: the overlay)."""
+    base: dict[str, object] = dict(kernel=Path("/i/vmlinuz"), initrd=Path("/i/initrd.img"), disk=Path("/i/rootfs"))
+    rt: dict[str, object] = dict(disk=Path("/r/disk.qcow2"), console_log=Path("/r/console.log"), agent_fd=5, qmp_fd=6)
+    for key, value in kw.items():
+        (rt if key in RUNTIME else base)[key] = value
+    return build_argv(MachineConfig(**base), Runtime(**rt))  # type: ignore[arg-type]
 
 
 def opt(argv: list[str], flag: str) -> list[str]:
@@ -25,7 +24,7 @@ def opt(argv: list[str], flag: str) -> list[str]:
 
 
 def test_microvm_direct_kernel_boot() -> None:
-    argv = build_argv(cfg())
+    argv = build()
     assert opt(argv, "-M") == ["microvm,rtc=on"]
     assert opt(argv, "-kernel") == ["/i/vmlinuz"] and opt(argv, "-initrd") == ["/i/initrd.img"]
     assert "root=/dev/vda" in opt(argv, "-append")[0] and "panic=-1" in opt(argv, "-append")[0]
@@ -39,24 +38,24 @@ def test_microvm_direct_kernel_boot() -> None:
 
 
 def test_accelerators() -> None:
-    assert opt(build_argv(cfg(accel="kvm")), "-accel") == ["kvm"]
-    assert opt(build_argv(cfg(accel="kvm")), "-cpu") == ["host"]
-    tcg = build_argv(cfg(accel="tcg"))
+    assert opt(build(accel="kvm"), "-accel") == ["kvm"]
+    assert opt(build(accel="kvm"), "-cpu") == ["host"]
+    tcg = build(accel="tcg")
     assert opt(tcg, "-accel")[0].startswith("tcg") and opt(tcg, "-cpu") == [cpu_model("tcg")]
 
 
 def test_user_nic_with_forwards() -> None:
     nic = Nic("net0", "52:54:b0:77:00:01", "user", restrict=True, forwards=(Forward("127.77.0.9", 22, 22),))
-    argv = build_argv(cfg(nics=(nic,)))
+    argv = build(nics=(nic,))
     netdev = opt(argv, "-netdev")[0]
     assert "restrict=on" in netdev and "hostfwd=tcp:127.77.0.9:22-:22" in netdev
     assert "virtio-net-device,netdev=net0,mac=52:54:b0:77:00:01,guest_announce=off" in opt(argv, "-device")
-    nat = build_argv(cfg(nics=(Nic("net0", "52:54:b0:77:00:01", "user", restrict=False),)))
+    nat = build(nics=(Nic("net0", "52:54:b0:77:00:01", "user", restrict=False),))
     assert "restrict=off" in opt(nat, "-netdev")[0]
 
 
 def test_tap_nic_and_incoming() -> None:
-    argv = build_argv(cfg(nics=(Nic("net1", "52:54:b0:77:00:02", "tap", tap_fd=9),), incoming_fd=7))
+    argv = build(nics=(Nic("net1", "52:54:b0:77:00:02", "tap"),), tap_fds={"net1": 9}, incoming_fd=7)
     assert opt(argv, "-netdev") == ["tap,id=net1,fd=9"]
     assert opt(argv, "-incoming") == ["fd:7"]
     # A restore needs the kernel (its option ROM is in the saved state), not the initrd.
@@ -65,18 +64,18 @@ def test_tap_nic_and_incoming() -> None:
 
 
 def test_commas_in_paths_are_escaped() -> None:
-    argv = build_argv(cfg(disk=Path("/r/a,b/disk.qcow2")))
+    argv = build(disk=Path("/r/a,b/disk.qcow2"))
     assert any("file=/r/a,,b/disk.qcow2" in d for d in opt(argv, "-drive"))
 
 
 @pytest.mark.parametrize("kw", [{"memory_mb": 0}, {"cpus": 0}])
 def test_invalid_sizes(kw: dict[str, int]) -> None:
     with pytest.raises(ValueError):
-        build_argv(cfg(**kw))
+        build(**kw)
 
 
 def test_aslr_is_off_only_under_tcg() -> None:
-    tcg = build_argv(cfg(accel="tcg", extra_kernel_args=("tsc=reliable",)))
-    kvm = build_argv(cfg(accel="kvm"))
+    tcg = build(accel="tcg", extra_kernel_args=("tsc=reliable",))
+    kvm = build(accel="kvm")
     assert opt(tcg, "-append")[0].split()[-2:] == ["norandmaps", "tsc=reliable"]
     assert "norandmaps" not in opt(kvm, "-append")[0] and "root=/dev/vda" in opt(kvm, "-append")[0]

@@ -1,0 +1,85 @@
+"""What the rest of the package needs from a virtual machine monitor.
+
+QEMU (``machine.QemuMachine``) is the one backend today.  Another (Firecracker,
+Cloud Hypervisor on KVM hosts) would take the same ``MachineConfig``, give
+the agent a stream socket and satisfy ``Machine``; lifecycle code only uses
+these members.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from .machine import CONSOLE as CONSOLE  # the run directory's layout, the same for every backend
+from .machine import DISK as DISK
+from .machine import QemuMachine
+from .machine import console_tail as console_tail
+from .process import Identity
+from .qemu import MachineConfig
+
+
+class Machine(Protocol):
+    """A started machine, owned by whoever started it."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def started(self) -> Identity:
+        """The process's start identity (see ``process.start_time``)."""
+        ...
+
+    @property
+    def detached(self) -> bool:
+        """Whether it may outlive this process (no parent-death signal)."""
+        ...
+
+    @property
+    def console_log(self) -> Path: ...
+
+    @property
+    def agent_sock(self) -> socket.socket:
+        """Our end of the guest agent's stream."""
+        ...
+
+    def alive(self) -> bool: ...
+
+    def poll(self) -> int | None:
+        """The exit code, or None while it runs."""
+        ...
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code, or None if it still runs after ``timeout`` seconds."""
+        ...
+
+    def exit_reason(self) -> str:
+        """Why it exited, in the monitor's own words; empty while it runs."""
+        ...
+
+    def save_state(self, path: Path, timeout: float = 120.0) -> None:
+        """Stop the guest and write its state to ``path`` (what ``Restore.state`` loads)."""
+        ...
+
+    def stop(self, grace: float = 2.0) -> None:
+        """End it and release our ends of its channels.  Idempotent."""
+        ...
+
+    def disconnect(self) -> None:
+        """Release our control connection and leave it running (a kept bottle)."""
+        ...
+
+
+def start(
+    cfg: MachineConfig,
+    run_dir: Path,
+    *,
+    name: str = "bottle",
+    detached: bool = False,
+    tap_fds: Mapping[str, int] | None = None,
+) -> Machine:
+    """Start the machine ``cfg`` describes, its files in ``run_dir`` (the overlay
+    ``machine.DISK`` already made there); ``tap_fds``: an open TAP per "tap" NIC id."""
+    return QemuMachine.start(cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds)
