@@ -81,7 +81,7 @@ class Bottle:
         self._ssh = ssh
         # The user NIC's gratuitous ARP, left out of the restore path: only a
         # forwarded connection needs QEMU's network to know the clone's MAC.
-        self._announce: dict[str, Any] | None = dict(announce) if announce else None
+        self._announce: dict[str, str] | None = dict(announce) if announce else None
         self._announce_lock = threading.Lock()
         self.kept = False
         self._closed = False
@@ -218,7 +218,8 @@ class Bottle:
         the whole call; past it ``AgentTimeout`` is raised and nothing is written."""
         path = _guest_path(path)
         _check_timeout(timeout)
-        self._agent.write(path, data, mode=mode, timeout=timeout)
+        # memoryview: a non-buffer is refused here, before a call is sent; any buffer is taken
+        self._agent.write(path, memoryview(data), mode=mode, timeout=timeout)
 
     def write_text(
         self,

@@ -6,6 +6,7 @@ the tests share one bottle per module (and per xdist worker) in any order.
 
 from __future__ import annotations
 
+import array
 import errno
 import pickle
 import re
@@ -187,6 +188,16 @@ def test_guest_is_a_directory_errors(module_bottle: Bottle) -> None:
     assert module_bottle.exec(["test", "-d", d]).ok
     parent, base = d.rsplit("/", 1)
     assert base + "\n" == module_bottle.check_output(f"ls -A {parent} | grep -F {base}")  # no temp file beside it
+
+
+def test_write_bytes_takes_any_buffer_and_refuses_text_before_sending(module_bottle: Bottle) -> None:
+    module_bottle.write_bytes("/tmp/buffer", array.array("B", b"abc"))
+    assert module_bottle.read_bytes("/tmp/buffer") == b"abc"
+    with pytest.raises(TypeError):
+        module_bottle.write_bytes("/tmp/text", "abc")  # type: ignore[arg-type]
+    # Refused on the host: nothing reached the guest, and the channel still serves.
+    assert module_bottle.exec(["test", "-e", "/tmp/text"]).returncode == 1
+    assert module_bottle.read_bytes("/tmp/buffer") == b"abc"
 
 
 def test_put_into_a_trailing_slash_directory(module_bottle: Bottle, tmp_path: Path) -> None:

@@ -19,8 +19,10 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ..errors import LockTimeout
+from ..images.cache import lock_path as image_lock
 from ..net import pools
 from ..store import entries
+from ..store.saved import lock_path as state_lock
 from ..vmm.process import is_alive, is_same_process, kill_pid
 from .paths import cache_root, remove_tree
 from .runstate import RunRecord, run_dir_owner
@@ -210,7 +212,7 @@ def _lock_held(cache_dir: Path, sub: str, tmp_name: str) -> bool:
     """Whether a builder holds the entry's lock (its pid may live in another
     pid namespace, so a dead-looking pid is not enough)."""
     entry = entries.entry_of(tmp_name)
-    lock = cache_dir / "locks" / f"image-{entry}.lock" if sub == "images" else cache_dir / sub / f"{entry}.lock"
+    lock = image_lock(cache_dir, entry) if sub == "images" else state_lock(cache_dir / sub / entry)
     if not lock.exists():
         return False
     try:

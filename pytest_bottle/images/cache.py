@@ -68,7 +68,7 @@ def entry_dir(cache_dir: Path, recipe: Recipe) -> Path:
     return images_dir(cache_dir) / f"{recipe.name}-{recipe.key()}"
 
 
-def _lock_path(cache_dir: Path, entry: str) -> Path:
+def lock_path(cache_dir: Path, entry: str) -> Path:
     """Held to build, replace or remove the entry ``entry``."""
     return cache_dir / "locks" / f"image-{entry}.lock"
 
@@ -106,7 +106,7 @@ def ensure_image(
     image = _load(final)
     if image and (rebuild_before is None or image.created >= rebuild_before):
         return image
-    lock = _lock_path(cache_dir, final.name)
+    lock = lock_path(cache_dir, final.name)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with reporting_lock(lock, f"the build of image {name}"):
         image = _load(final)
@@ -181,7 +181,7 @@ def prune_images(cache_dir: Path) -> list[Path]:
     removed = []
     for image in list_images(cache_dir):
         if image.path.name not in current:
-            with FileLock(str(_lock_path(cache_dir, image.path.name))):
+            with FileLock(str(lock_path(cache_dir, image.path.name))):
                 entries.remove(image.path, "rm")
             removed.append(image.path)
     return removed
@@ -194,7 +194,7 @@ def remove_image(name: str, cache_dir: Path) -> list[Path]:
     removed = []
     for image in list_images(cache_dir):
         if image.name == name:
-            with FileLock(str(_lock_path(cache_dir, image.path.name))):
+            with FileLock(str(lock_path(cache_dir, image.path.name))):
                 entries.remove(image.path, "rm")
             removed.append(image.path)
     return removed

@@ -49,6 +49,9 @@ def outdated(state: SavedState, image: Image | None) -> str | None:
         return f"made by {parts.get('qemu')}"
     if parts.get("kernel_args") != " ".join(kernel_args(str(parts.get("accel")))):
         return "made with an older kernel command line"
+    for backing in base.disk_chain:
+        if not (state.path / backing).exists():
+            return f"its disk rests on {backing}, which is gone"
     if base.parent is not None:
         parent = load(state.path / base.parent)
         if parent is None or parent.manifest.get("created") != base.parent_created:

@@ -201,6 +201,8 @@ IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
 
 def _netdev(nic: Nic, rt: Runtime) -> str:
     if nic.kind == "tap":
+        if nic.id not in rt.tap_fds:
+            raise ValueError(f"tap NIC {nic.id} has no TAP fd")
         return f"tap,id={nic.id},fd={rt.tap_fds[nic.id]}"
     if nic.kind == "hubport":  # a NIC with nothing behind it
         return f"hubport,id={nic.id},hubid=0"

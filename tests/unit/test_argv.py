@@ -63,6 +63,11 @@ def test_tap_nic_and_incoming() -> None:
     assert "guest_announce=off" in opt(argv, "-device")[-1]
 
 
+def test_a_tap_nic_without_its_fd_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="net1"):
+        build(nics=(Nic("net1", "52:54:b0:77:00:02", "tap"),))
+
+
 def test_commas_in_paths_are_escaped() -> None:
     argv = build(disk=Path("/r/a,b/disk.qcow2"))
     assert any("file=/r/a,,b/disk.qcow2" in d for d in opt(argv, "-drive"))
