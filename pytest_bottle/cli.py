@@ -13,7 +13,7 @@ from .host import deps as hostdeps
 from .host.paths import default_cache_dir, state_dir, tree_size
 from .host.runstate import RunRecord
 from .host.sweep import SweepReport, stop_vm, sweep
-from .images import RECIPES, Image, ensure_image, list_images, prune_images, remove_image
+from .images import RECIPES, BuiltImage, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
 from .spec import resolve
 from .store.gc import prune_seeds, remove_seeds
@@ -83,7 +83,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def cmd_image_list(args: argparse.Namespace) -> int:
-    cached: dict[str, list[Image]] = {}
+    cached: dict[str, list[BuiltImage]] = {}
     for i in list_images(args.cache_dir):
         cached.setdefault(i.name, []).append(i)
     print(f"{'NAME':28} {'KEY':18} {'SIZE':>9} {'AGE':>6}  DESCRIPTION")

@@ -22,7 +22,7 @@ import pytest
 from .bottle import Bottle
 from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
 from .host.sweep import sweep
-from .images import RECIPES, Image, ensure_image
+from .images import RECIPES, BuiltImage, ensure_image
 from .lifecycle.manager import BottleManager
 from .spec import BottleSpec, Layer, resolve
 from .vmm import accel as accel_mod
@@ -362,7 +362,7 @@ def session_bottle_factory(request: pytest.FixtureRequest) -> Iterator[Callable[
 
 
 @pytest.fixture(scope="session")
-def bottle_image(request: pytest.FixtureRequest) -> Image:
+def bottle_image(request: pytest.FixtureRequest) -> BuiltImage:
     """The built, cached image for ``--bottle-image`` (built once per run, even under xdist)."""
     state = _state(request.config)
     spec = state.spec()

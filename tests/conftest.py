@@ -14,7 +14,7 @@ import pytest
 
 import pytest_bottle
 from pytest_bottle.host.paths import default_cache_dir
-from pytest_bottle.images import Image, ensure_image
+from pytest_bottle.images import BuiltImage, ensure_image
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,7 @@ def warm_seed(warm_cache: Path) -> Callable[..., None]:
 
 
 @pytest.fixture(scope="session")
-def default_image(warm_cache: Path) -> Image:
+def default_image(warm_cache: Path) -> BuiltImage:
     return ensure_image("debian-bookworm", warm_cache)
 
 

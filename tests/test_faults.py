@@ -14,7 +14,7 @@ from harness import processes_mentioning
 import pytest_bottle
 from pytest_bottle import BootError, BootTimeout, HostDependencyError
 from pytest_bottle.host.paths import default_cache_dir
-from pytest_bottle.images import Image, ensure_image
+from pytest_bottle.images import BuiltImage, ensure_image
 from pytest_bottle.lifecycle.boot import start_machine
 from pytest_bottle.vmm import accel
 from pytest_bottle.vmm.qemu import MachineConfig, Nic
@@ -22,14 +22,14 @@ from pytest_bottle.vmm.qemu import MachineConfig, Nic
 CACHE = default_cache_dir()
 
 
-def _plan(image: Image, initrd: Path | None = None) -> MachineConfig:
+def _plan(image: BuiltImage, initrd: Path | None = None) -> MachineConfig:
     return MachineConfig(
         image.kernel, initrd or image.initrd, image.rootfs, 512, 1, "tcg", (Nic("net0", "52:54:00:b0:77:01"),)
     )
 
 
 # The plans are made before the clock starts: the image is built by then (warm_cache).
-def test_kernel_panic_is_a_boot_error_with_the_console_tail(tmp_path: Path, default_image: Image) -> None:
+def test_kernel_panic_is_a_boot_error_with_the_console_tail(tmp_path: Path, default_image: BuiltImage) -> None:
     garbage = tmp_path / "initrd.img"
     garbage.write_bytes(b"not an initramfs" * 1000)
     plan = _plan(default_image, garbage)
@@ -42,7 +42,7 @@ def test_kernel_panic_is_a_boot_error_with_the_console_tail(tmp_path: Path, defa
     assert not processes_mentioning(str(tmp_path))
 
 
-def test_not_ready_in_time_is_a_boot_timeout(tmp_path: Path, default_image: Image) -> None:
+def test_not_ready_in_time_is_a_boot_timeout(tmp_path: Path, default_image: BuiltImage) -> None:
     plan = _plan(default_image)
     started = time.monotonic()
     with pytest.raises(BootTimeout) as info:

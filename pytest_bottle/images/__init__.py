@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .cache import Image, ensure_image, find_image, list_images, prune_images, remove_image
+from .cache import BuiltImage, ensure_image, find_image, list_images, prune_images, remove_image
 from .recipes import RECIPES, Recipe, get_recipe, register
 
 __all__ = [
     "RECIPES",
-    "Image",
+    "BuiltImage",
     "Recipe",
     "ensure_image",
     "find_image",

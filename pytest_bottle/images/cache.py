@@ -31,7 +31,7 @@ KEEP_FAILED_LOGS = 5  # per image entry: enough to compare, not a pile
 
 
 @dataclass(frozen=True)
-class Image:
+class BuiltImage:
     """A built image in the cache."""
 
     name: str
@@ -73,17 +73,17 @@ def lock_path(cache_dir: Path, entry: str) -> Path:
     return cache_dir / "locks" / f"image-{entry}.lock"
 
 
-def _load(path: Path) -> Image | None:
+def _load(path: Path) -> BuiltImage | None:
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
     if not all((path / f).is_file() for f in ("rootfs.ext4", "vmlinuz", "initrd.img")):
         return None
-    return Image(manifest["name"], manifest["key"], path, manifest)
+    return BuiltImage(manifest["name"], manifest["key"], path, manifest)
 
 
-def find_image(name: str, cache_dir: Path) -> Image | None:
+def find_image(name: str, cache_dir: Path) -> BuiltImage | None:
     """The cached image for the current recipe of ``name``, or None.  No locking: fast."""
     return _load(entry_dir(cache_dir, get_recipe(name)))
 
@@ -94,7 +94,7 @@ def ensure_image(
     *,
     rebuild_before: float | None = None,
     progress: builder.Progress | None = None,
-) -> Image:
+) -> BuiltImage:
     """Return the cached image, building it once across processes if needed.
 
     ``rebuild_before``: an entry created before this time is rebuilt (how
@@ -170,7 +170,7 @@ def prune_logs(cache_dir: Path, entry: str | None = None, keep: int = KEEP_FAILE
     return removed
 
 
-def list_images(cache_dir: Path) -> list[Image]:
+def list_images(cache_dir: Path) -> list[BuiltImage]:
     found = [_load(p) for p in entries.list_entries(images_dir(cache_dir))]
     return [i for i in found if i is not None]
 

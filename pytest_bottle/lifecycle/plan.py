@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from ..images import Image
+from ..images import BuiltImage
 from ..spec import BottleSpec
 from ..vmm.qemu import Accel, Forward, MachineConfig, Nic, Restore
 
@@ -47,7 +47,7 @@ class Plan:
 
     name: str
     spec: BottleSpec
-    image: Image
+    image: BuiltImage
     accel: Accel
     ssh: bool  # the image has an SSH server: port 22 is forwarded and keys are made
     ports: tuple[int, ...]  # guest TCP ports published on the host, sorted
@@ -83,7 +83,7 @@ class Plan:
         )
 
 
-def make_plan(spec: BottleSpec, image: Image, accel: Accel, name: str) -> Plan:
+def make_plan(spec: BottleSpec, image: BuiltImage, accel: Accel, name: str) -> Plan:
     ssh = image.recipe.has_sshd
     ports = tuple(sorted(set(spec.forward) | ({SSH_PORT} if ssh else set())))
     return Plan(name=name, spec=spec, image=image, accel=accel, ssh=ssh, ports=ports)

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import BootError, BootTimeout
 from ..host.paths import remove_tree
-from ..images import Image
+from ..images import BuiltImage
 from ..spec import AccelRequest
 from ..vmm import accel
 from ..vmm.accel import ProbeResult, Verdict
@@ -24,7 +24,7 @@ PROBE_MAC = "52:54:00:b0:77:01"
 _verdicts: dict[tuple[str, Path], Verdict] = {}
 
 
-def accel_for(requested: AccelRequest, image: Image, cache_dir: Path) -> Verdict:
+def accel_for(requested: AccelRequest, image: BuiltImage, cache_dir: Path) -> Verdict:
     """The accelerator for bottles of this run: ``requested``, or for ``auto`` what a probe proved."""
     key = (requested, cache_dir)
     if key not in _verdicts:
@@ -32,13 +32,13 @@ def accel_for(requested: AccelRequest, image: Image, cache_dir: Path) -> Verdict
     return _verdicts[key]
 
 
-def probe_machine(image: Image) -> MachineConfig:
+def probe_machine(image: BuiltImage) -> MachineConfig:
     return MachineConfig(
         kernel=image.kernel, initrd=image.initrd, disk=image.rootfs, accel="kvm", nics=(Nic("net0", PROBE_MAC),)
     )
 
 
-def probe_kvm(image: Image, cache_dir: Path, timeout: float) -> ProbeResult:
+def probe_kvm(image: BuiltImage, cache_dir: Path, timeout: float) -> ProbeResult:
     """Boot ``image`` once under KVM in a scratch run directory."""
     run_dir = cache_dir / "run" / f"kvm-probe-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..host.paths import tree_size
-from ..images.cache import Image
+from ..images.cache import BuiltImage
 from ..vmm.accel import qemu_version
 from ..vmm.qemu import kernel_args
 from .saved import SEED_VERSION, SavedState, entry_lock, list_seeds, load, remove_entry
@@ -35,7 +35,7 @@ class Removed:
     why: str
 
 
-def outdated(state: SavedState, image: Image | None) -> str | None:
+def outdated(state: SavedState, image: BuiltImage | None) -> str | None:
     """Why a seed can no longer be produced, or None (``image`` is the current
     build of the image it rests on)."""
     parts, base = state.manifest["key_parts"], state.rests_on
@@ -59,7 +59,9 @@ def outdated(state: SavedState, image: Image | None) -> str | None:
     return None
 
 
-def stale_seeds(cache_dir: Path, images: Mapping[str, Image], only: str | None = None) -> list[tuple[SavedState, str]]:
+def stale_seeds(
+    cache_dir: Path, images: Mapping[str, BuiltImage], only: str | None = None
+) -> list[tuple[SavedState, str]]:
     """Seeds of image ``only`` (all if None) that no current key produces.
 
     ``images`` maps names to the current cached build.  Of the seeds left
@@ -84,7 +86,7 @@ def stale_seeds(cache_dir: Path, images: Mapping[str, Image], only: str | None =
     return stale
 
 
-def prune_seeds(cache_dir: Path, images: Mapping[str, Image], only: str | None = None) -> list[Removed]:
+def prune_seeds(cache_dir: Path, images: Mapping[str, BuiltImage], only: str | None = None) -> list[Removed]:
     """Remove stale seeds (see ``stale_seeds``), skipping any in use."""
     removed = []
     for seed, why in stale_seeds(cache_dir, images, only):

@@ -22,7 +22,7 @@ from ..agent.client import AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..agent.replies import SettleReply
 from ..host.locks import reporting_lock
-from ..images.cache import Image
+from ..images.cache import BuiltImage
 from ..lifecycle.boot import start_machine
 from ..ssh import new_host_key
 from ..vmm.accel import qemu_version
@@ -55,7 +55,7 @@ def seed_nics(count: int) -> tuple[Nic, ...]:
 
 
 def key_parts(
-    image: Image, accel: str, memory_mb: int, cpus: int, nics: int, baked: dict[str, str | None] | None = None
+    image: BuiltImage, accel: str, memory_mb: int, cpus: int, nics: int, baked: dict[str, str | None] | None = None
 ) -> dict[str, Any]:
     parts: dict[str, Any] = {
         "seed_version": SEED_VERSION,
@@ -95,7 +95,7 @@ def seed_dir(cache_dir: Path, parts: dict[str, Any]) -> Path:
 
 
 def ensure_seed(
-    image: Image,
+    image: BuiltImage,
     accel: str,
     memory_mb: int,
     cpus: int,
@@ -131,7 +131,7 @@ def ensure_seed(
     return seed
 
 
-def _create(image: Image, accel: str, parts: dict[str, Any], final: Path, baked: dict[str, str | None]) -> None:
+def _create(image: BuiltImage, accel: str, parts: dict[str, Any], final: Path, baked: dict[str, str | None]) -> None:
     """Make the seed (``ensure_seed`` holds its lock).  The machine runs in
     the seed's own tmp directory, so its disk names the image relative to
     where it stays."""
@@ -151,7 +151,7 @@ def _create(image: Image, accel: str, parts: dict[str, Any], final: Path, baked:
 
 
 def _boot_and_save(
-    image: Image, accel: str, parts: dict[str, Any], tmp: Path, baked: dict[str, str | None]
+    image: BuiltImage, accel: str, parts: dict[str, Any], tmp: Path, baked: dict[str, str | None]
 ) -> tuple[float, SettleReply, dict[str, str]]:
     """Boot the seed machine in ``tmp``, set it up as a clone would be and save
     its state; returns when it was ready (monotonic), the settle result and

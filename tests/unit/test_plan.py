@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from pytest_bottle.images import Image
+from pytest_bottle.images import BuiltImage
 from pytest_bottle.lifecycle.plan import LAN_NIC, USER_NIC, make_plan, restore_from
 from pytest_bottle.spec import BottleSpec
 from pytest_bottle.vmm.qemu import Forward, MachineConfig, Restore, Runtime, build_argv
 
 MACS = ("52:54:b0:77:00:01", "52:54:b0:77:00:02")
-IMAGE = Image("debian-bookworm", "k", Path("/c/images/bookworm"), {})
-MINIMAL = Image("debian-bookworm-minimal", "k", Path("/c/images/minimal"), {})
+IMAGE = BuiltImage("debian-bookworm", "k", Path("/c/images/bookworm"), {})
+MINIMAL = BuiltImage("debian-bookworm-minimal", "k", Path("/c/images/minimal"), {})
 
 
 @dataclass(frozen=True)
