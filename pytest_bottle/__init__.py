@@ -29,6 +29,7 @@ from .errors import (
     UnsafeTransfer,
     WaitTimeout,
 )
+from .images.image import Image
 from .lifecycle.launch import launch
 from .results import ExecResult
 from .spec import BottleSpec
@@ -48,6 +49,7 @@ __all__ = [
     "ExecTimeout",
     "GuestOSError",
     "HostDependencyError",
+    "Image",
     "ImageBuildError",
     "ImageNotFound",
     "LockTimeout",

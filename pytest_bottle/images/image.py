@@ -1,0 +1,286 @@
+"""Derived images as values: a start image plus steps, keyed by what they put in.
+
+``Image("debian-bookworm").install("nginx-light").run("systemctl enable nginx")``
+is a frozen, hashable value; every step returns a new ``Image``.  Mistakes in
+a step (a missing copy source, a bad mode, a relative guest path, a name that
+is not a Debian package) raise ``SpecError`` when the step is made, and an
+unknown start name raises ``ImageNotFound``: never at boot.
+
+Decisions users see:
+
+- A relative ``src`` of ``.copy`` is resolved against the directory of the
+  Python file that called ``.copy()`` (a conftest.py can say
+  ``.copy("site", "/srv/site")``); from an interactive session, against the
+  current directory.
+- A symlink given as ``src`` is followed; symlinks inside a copied directory
+  are copied as symlinks, and their target text (not what they point at) is
+  part of the key.
+- The key hashes the parent's key, the steps and the bytes and modes of every
+  copied file, not the host path they were read from: the same tree copied
+  from another checkout is the same image.
+- An unnamed image shows as ``<parent>+<first 12 characters of its key>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from ..errors import ImageNotFound, SpecError
+from .recipes import RECIPES
+
+# Bump when the derived builder's output changes for the same steps.
+DERIVED_VERSION = 1
+
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
+# Images named by ``Image.named`` (recipes live in ``recipes.RECIPES``).
+NAMED: dict[str, Image] = {}
+
+
+@dataclass(frozen=True)
+class Install:
+    packages: tuple[str, ...]
+    kind: Literal["install"] = "install"
+
+    def describe(self) -> str:
+        return "apt-get install " + " ".join(self.packages)
+
+    def key_data(self) -> object:
+        return {"install": list(self.packages)}
+
+
+@dataclass(frozen=True)
+class Copy:
+    src: Path = field(compare=False)  # where it was read: not part of what the image is
+    dst: str
+    digest: str  # of the bytes, modes and link targets under src
+    kind: Literal["copy"] = "copy"
+
+    def describe(self) -> str:
+        return f"copy {self.src} -> {self.dst}"
+
+    def key_data(self) -> object:
+        return {"copy": self.dst, "digest": self.digest}
+
+
+@dataclass(frozen=True)
+class Write:
+    path: str
+    data: bytes
+    mode: int | None
+    kind: Literal["write"] = "write"
+
+    def describe(self) -> str:
+        mode = f" (mode {self.mode:o})" if self.mode is not None else ""
+        return f"write {self.path}{mode}"
+
+    def key_data(self) -> object:
+        return {"write": self.path, "sha256": hashlib.sha256(self.data).hexdigest(), "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class Run:
+    command: str
+    env: tuple[tuple[str, str], ...] = ()
+    timeout: float | None = None
+    kind: Literal["run"] = "run"
+
+    def describe(self) -> str:
+        return f"run {self.command}"
+
+    def key_data(self) -> object:
+        # The timeout changes nothing in the result: not part of the key.
+        return {"run": self.command, "env": [list(kv) for kv in self.env]}
+
+
+Step = Install | Copy | Write | Run
+
+
+@dataclass(frozen=True)
+class Image:
+    """A derived image: ``start`` (a registered image name or another
+    ``Image``) with ``steps`` applied in order; ``name`` once ``.named()``."""
+
+    start: str | Image
+    steps: tuple[Step, ...] = ()
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.start, str):
+            if self.start not in RECIPES and self.start not in NAMED:
+                raise ImageNotFound(self.start, known_names())
+        elif not isinstance(self.start, Image):
+            raise SpecError(f"an Image starts from an image name or another Image, not {self.start!r}")
+
+    # -- steps --------------------------------------------------------------
+
+    def install(self, *packages: str) -> Image:
+        """Install Debian packages of the image's suite (apt-get, no recommends)."""
+        if not packages:
+            raise SpecError("install() needs at least one package name")
+        for p in packages:
+            if not isinstance(p, str) or not _PACKAGE_RE.match(p):
+                raise SpecError(f"install(): {p!r} is not a Debian package name")
+        return self._then(Install(tuple(packages)))
+
+    def copy(self, src: str | os.PathLike[str], dst: str) -> Image:
+        """Copy a host file or directory (its contents) to guest ``dst``, modes
+        kept.  A relative ``src`` is relative to the calling file's directory."""
+        path = Path(src)
+        if not path.is_absolute():
+            path = _caller_dir() / path
+        if not path.exists():
+            raise SpecError(f"copy(): the source {str(path)!r} does not exist")
+        return self._then(Copy(path, _guest_path(dst, "copy"), tree_digest(path)))
+
+    def write(self, path: str, content: str | bytes, mode: int | None = None) -> Image:
+        """Write ``content`` (str as UTF-8, or bytes) to guest ``path``."""
+        if isinstance(content, str):
+            data = content.encode()
+        elif isinstance(content, (bytes, bytearray, memoryview)):
+            data = bytes(content)
+        else:
+            raise SpecError(f"write(): content must be str or bytes, not {type(content).__name__}")
+        if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777):
+            raise SpecError(f"write(): mode must be an int from 0 to 0o7777, not {mode!r}")
+        return self._then(Write(_guest_path(path, "write"), data, mode))
+
+    def run(self, command: str, *, env: Mapping[str, str] | None = None, timeout: float | None = None) -> Image:
+        """Run ``command`` with ``/bin/sh -c`` as root; a non-zero exit fails the build."""
+        if not isinstance(command, str) or not command.strip():
+            raise SpecError(f"run(): the command must be a non-empty str, not {command!r}")
+        pairs = tuple(sorted((env or {}).items()))
+        if not all(isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in pairs):
+            raise SpecError(f"run(): env must map names to str values, not {env!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise SpecError(f"run(): timeout must be a positive number of seconds, not {timeout!r}")
+        return self._then(Run(command, pairs, None if timeout is None else float(timeout)))
+
+    def named(self, name: str) -> Image:
+        """This image under ``name``, registered so ``--bottle-image name`` finds it."""
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise SpecError(f"named(): {name!r} is not a valid image name (letters, digits, '.', '_', '+', '-')")
+        if name in RECIPES:
+            raise SpecError(f"named(): {name!r} is the name of a built-in image")
+        image = replace(self, name=name)
+        known = NAMED.get(name)
+        if known is not None and known.key != image.key:
+            raise SpecError(f"named(): another image is already named {name!r} (with other steps)")
+        NAMED.setdefault(name, image)
+        return NAMED[name]
+
+    def _then(self, step: Step) -> Image:
+        # A step on a named image derives from it; the new one has no name yet.
+        if self.name is not None:
+            return Image(self, (step,))
+        return Image(self.start, (*self.steps, step))
+
+    # -- identity -----------------------------------------------------------
+
+    @property
+    def parent(self) -> str | Image:
+        """What the steps run on: a recipe name, or an image (resolved from a name)."""
+        if isinstance(self.start, str) and self.start in NAMED:
+            return NAMED[self.start]
+        return self.start
+
+    @cached_property
+    def key(self) -> str:
+        parent = self.parent
+        parent_key = RECIPES[parent].key() if isinstance(parent, str) else parent.key
+        if not self.steps:
+            return parent_key  # an alias: the same image
+        h = hashlib.sha256(f"derived={DERIVED_VERSION}\0parent={parent_key}\0".encode())
+        h.update(json.dumps([s.key_data() for s in self.steps], sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    @property
+    def display_name(self) -> str:
+        """``name``, else ``<parent>+<key12>`` (an alias shows as its parent)."""
+        if self.name is not None:
+            return self.name
+        parent = self.parent
+        parent_name = parent if isinstance(parent, str) else parent.display_name
+        return f"{parent_name}+{self.key[:12]}" if self.steps else parent_name
+
+    def resolved(self) -> str | Image:
+        """The recipe name or the image with steps this one is (aliases followed)."""
+        image: str | Image = self
+        while isinstance(image, Image) and not image.steps:
+            image = image.parent
+        return image
+
+    def root(self) -> str:
+        """The recipe at the bottom of the chain: its kernel boots this image."""
+        parent = self.parent
+        return parent if isinstance(parent, str) else parent.root()
+
+    def __repr__(self) -> str:
+        return f"Image({self.display_name!r}, steps={len(self.steps)})"
+
+
+def known_names() -> list[str]:
+    return sorted(set(RECIPES) | set(NAMED))
+
+
+def lookup(name: str) -> str | Image:
+    """A registered name: the recipe's name, or the named image."""
+    if name in RECIPES:
+        return name
+    if name in NAMED:
+        return NAMED[name]
+    raise ImageNotFound(name, known_names())
+
+
+def _guest_path(path: object, what: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise SpecError(f"{what}(): the guest path must be an absolute str path, not {path!r}")
+    return path
+
+
+def _caller_dir() -> Path:
+    """The directory of the file that called the public step method."""
+    frame = sys._getframe(2)  # _caller_dir <- Image.copy <- the caller
+    filename = frame.f_code.co_filename
+    if filename.startswith("<") or not os.path.isfile(filename):
+        return Path.cwd()
+    return Path(filename).resolve().parent
+
+
+def tree_digest(path: Path) -> str:
+    """Hash of what ``.copy`` sends: each entry's relative path, mode and
+    bytes (or link target), directories walked in sorted order."""
+    h = hashlib.sha256()
+    top = Path(os.path.realpath(path))
+    for rel, st, content in _walk(top, ""):
+        h.update(f"{rel}\0{st.st_mode:o}\0{len(content)}\0".encode())
+        h.update(content)
+    return h.hexdigest()[:32]
+
+
+def _walk(path: Path, rel: str) -> Iterable[tuple[str, os.stat_result, bytes]]:
+    try:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            yield rel, st, os.readlink(path).encode()
+        elif stat.S_ISDIR(st.st_mode):
+            yield rel, st, b""
+            for child in sorted(os.listdir(path)):
+                yield from _walk(path / child, f"{rel}/{child}")
+        elif stat.S_ISREG(st.st_mode):
+            yield rel, st, path.read_bytes()
+        else:
+            raise SpecError(f"copy(): {str(path)!r} is not a file, directory or symlink")
+    except OSError as e:
+        raise SpecError(f"copy(): cannot read {str(path)!r}: {e.strerror}") from None

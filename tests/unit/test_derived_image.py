@@ -1,0 +1,155 @@
+"""The derived-image value: immutability, keys, relative sources, construction errors (no VM)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_bottle import Image, ImageNotFound, SpecError
+from pytest_bottle.images import get_recipe
+from pytest_bottle.images import image as image_mod
+
+BASE = Image("debian-bookworm")
+
+
+@pytest.fixture(autouse=True)
+def _clean_registry() -> Iterator[None]:
+    saved = dict(image_mod.NAMED)
+    yield
+    image_mod.NAMED.clear()
+    image_mod.NAMED.update(saved)
+
+
+def _tree(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("a\n")
+    (root / "sub" / "run.sh").write_text("#!/bin/sh\n")
+    (root / "sub" / "run.sh").chmod(0o755)
+    return root
+
+
+def test_steps_return_new_values_and_images_are_frozen_and_hashable() -> None:
+    a = BASE.install("curl")
+    b = a.run("true")
+    assert a.steps != b.steps and len(b.steps) == 2 and BASE.steps == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.start = "x"  # type: ignore[misc]
+    assert {a, BASE.install("curl")} == {a}
+    assert hash(a) == hash(BASE.install("curl"))
+
+
+def test_key_is_stable_and_depends_on_step_order_and_parent() -> None:
+    one = BASE.install("curl").run("true")
+    assert one.key == BASE.install("curl").run("true").key
+    assert one.key != BASE.run("true").install("curl").key
+    assert one.key != Image("debian-bookworm-minimal").install("curl").run("true").key
+    assert Image(BASE).key == BASE.key == get_recipe("debian-bookworm").key()  # aliases key as their parent
+    assert BASE.install("curl").key != BASE.key
+
+
+def test_key_follows_copied_bytes_and_modes_and_not_the_host_path(tmp_path: Path) -> None:
+    src = _tree(tmp_path / "site")
+    before = BASE.copy(src, "/srv/site")
+    assert before.key == BASE.copy(src, "/srv/site").key
+    (src / "a.txt").write_text("b\n")
+    after_bytes = BASE.copy(src, "/srv/site")
+    assert after_bytes.key != before.key
+    (src / "sub" / "run.sh").chmod(0o700)
+    after_mode = BASE.copy(src, "/srv/site")
+    assert after_mode.key != after_bytes.key
+    other = _tree(tmp_path / "elsewhere")
+    (other / "a.txt").write_text("b\n")
+    (other / "sub" / "run.sh").chmod(0o700)
+    os.utime(other / "a.txt", (0, 0))  # times are not content
+    assert BASE.copy(other, "/srv/site").key == after_mode.key
+
+
+def test_a_child_key_follows_its_parent_and_a_sibling_does_not(tmp_path: Path) -> None:
+    f = tmp_path / "conf"
+    f.write_text("1")
+    parent = BASE.copy(f, "/etc/conf")
+    child, sibling = parent.run("true"), BASE.run("true")
+    f.write_text("2")
+    parent2 = BASE.copy(f, "/etc/conf")
+    assert parent2.run("true").key != child.key
+    assert BASE.run("true").key == sibling.key
+
+
+def test_symlinks_inside_a_copied_tree_count_by_their_target_text(tmp_path: Path) -> None:
+    src = _tree(tmp_path / "t")
+    (src / "link").symlink_to("a.txt")
+    k1 = BASE.copy(src, "/x").key
+    (src / "link").unlink()
+    (src / "link").symlink_to("sub/run.sh")
+    assert BASE.copy(src, "/x").key != k1
+
+
+def test_a_relative_copy_source_is_relative_to_the_calling_file(tmp_path: Path) -> None:
+    here = Path(__file__).resolve().parent
+    img = BASE.copy("test_derived_image.py", "/x")
+    step = img.steps[0]
+    assert isinstance(step, image_mod.Copy) and step.src == here / "test_derived_image.py"
+
+
+def test_write_takes_str_or_bytes_and_a_mode() -> None:
+    w = BASE.write("/etc/a", "x=1\n").steps[0]
+    assert isinstance(w, image_mod.Write) and w.data == b"x=1\n" and w.mode is None
+    assert BASE.write("/etc/a", b"\x00", mode=0o600).key != BASE.write("/etc/a", b"\x00", mode=0o644).key
+
+
+def test_named_registers_and_names_resolve_as_a_start() -> None:
+    web = BASE.install("nginx-light").named("web-test")
+    assert web.display_name == "web-test" and image_mod.lookup("web-test") is web
+    assert BASE.install("nginx-light").named("web-test") is web  # the same steps again: fine
+    child = Image("web-test").run("true")
+    assert child.parent is web and child.key == web.run("true").key
+    assert child.display_name == f"web-test+{child.key[:12]}"
+    assert child.root() == "debian-bookworm"
+
+
+def test_unnamed_images_show_parent_and_key() -> None:
+    img = BASE.run("true")
+    assert img.display_name == f"debian-bookworm+{img.key[:12]}"
+    assert BASE.display_name == "debian-bookworm" and BASE.resolved() == "debian-bookworm"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: BASE.install(),
+        lambda: BASE.install("Nginx"),
+        lambda: BASE.install("nginx; rm -rf /"),
+        lambda: BASE.install(""),
+        lambda: BASE.copy("/nonexistent/pytest-bottle-src", "/x"),
+        lambda: BASE.copy(__file__, "relative/dst"),
+        lambda: BASE.write("etc/a", "x"),
+        lambda: BASE.write("/etc/a", "x", mode=0o10000),
+        lambda: BASE.write("/etc/a", "x", mode=True),
+        lambda: BASE.write("/etc/a", "x", mode="644"),  # type: ignore[arg-type]
+        lambda: BASE.write("/etc/a", 3),  # type: ignore[arg-type]
+        lambda: BASE.run(""),
+        lambda: BASE.run("true", timeout=0),
+        lambda: BASE.run("true", env={"A=B": "c"}),
+        lambda: BASE.named("debian-bookworm"),
+        lambda: BASE.named("bad name"),
+    ],
+)
+def test_bad_steps_raise_spec_error_at_construction(make: object) -> None:
+    with pytest.raises(SpecError):
+        make()  # type: ignore[operator]
+
+
+def test_a_name_clash_with_other_steps_is_an_error() -> None:
+    BASE.run("true").named("clash-test")
+    with pytest.raises(SpecError, match="already named 'clash-test'"):
+        BASE.run("false").named("clash-test")
+
+
+def test_an_unknown_start_lists_known_names() -> None:
+    with pytest.raises(ImageNotFound) as e:
+        Image("no-such-image")
+    assert "debian-bookworm" in e.value.known
