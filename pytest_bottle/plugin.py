@@ -22,7 +22,8 @@ import pytest
 from .bottle import Bottle
 from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
 from .host.sweep import sweep
-from .images import RECIPES, BuiltImage, ensure_image
+from .images import BuiltImage, Image, ensure_image
+from .images.image import known_names
 from .lifecycle.manager import BottleManager
 from .spec import BottleSpec, Layer, resolve
 from .vmm import accel as accel_mod
@@ -100,8 +101,8 @@ def _resolve(layers: list[Layer], restricted: int = 0) -> BottleSpec:
         spec = resolve(layers, restricted=restricted)
     except SpecError as e:
         raise InvalidBottleArgument(e.message, e.source) from None
-    if spec.image not in RECIPES:
-        raise UnknownBottleImage(spec.image, sorted(RECIPES))
+    if isinstance(spec.image, str) and spec.image not in known_names():
+        raise UnknownBottleImage(spec.image, known_names())
     return spec
 
 
@@ -135,8 +136,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("bottle_prestart", PRESTART_HELP, default=None)
 
 
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def _register_images(config: pytest.Config) -> None:
+    """Images plugins and conftests return from ``pytest_bottle_images``: named, so options find them."""
+    for provided in config.hook.pytest_bottle_images():
+        for image in provided or ():
+            if not isinstance(image, Image) or image.name is None:
+                raise InvalidBottleArgument(
+                    f"must return named Images (Image(...).named(NAME)), got {image!r}", "pytest_bottle_images()"
+                )
+            try:
+                image.named(image.name)  # registers it (again: the same steps are fine)
+            except SpecError as e:
+                raise InvalidBottleArgument(e.message, "pytest_bottle_images()") from None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_DOC)
+    _register_images(config)
     keys = {name.replace("-", "_"): "bottle_" + name.replace("-", "_") for name in OPTIONS}
     cli = {k: config.getoption(dest) for k, dest in keys.items()}
     ini = {k: (config.getini(dest) or None) for k, dest in keys.items()}

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 from .errors import SpecError
 from .host.paths import default_cache_dir
+from .images.image import Image
 
 Network = Literal["none", "nat"]
 BootMode = Literal["snapshot", "cold"]
@@ -35,7 +36,7 @@ _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 class BottleSpec:
     """A fully resolved, validated description of one bottle."""
 
-    image: str = "debian-bookworm"
+    image: str | Image = "debian-bookworm"  # a registered name, or a derived image
     memory_mb: int = 512
     cpus: int = 1
     network: Network = "none"
@@ -86,9 +87,11 @@ def _choice(options: tuple[T, ...], what: str) -> Callable[[Any], T]:
     return parse
 
 
-def _image(value: Any) -> str:
+def _image(value: Any) -> str | Image:
+    if isinstance(value, Image):
+        return value
     if not isinstance(value, str) or not value:
-        raise ValueError(f"image must be a non-empty name, not {value!r}")
+        raise ValueError(f"image must be a non-empty name or an Image, not {value!r}")
     return value
 
 

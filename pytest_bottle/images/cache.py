@@ -22,7 +22,9 @@ from ..errors import ImageBuildError
 from ..host.locks import reporting_lock
 from ..host.paths import cache_root, remove_tree
 from ..store import entries
+from ..vmm.qemu import DiskFormat
 from . import builder
+from .image import Image, lookup
 from .recipes import RECIPES, Recipe, get_recipe
 
 log = logging.getLogger(__name__)
@@ -32,24 +34,48 @@ KEEP_FAILED_LOGS = 5  # per image entry: enough to compare, not a pile
 
 @dataclass(frozen=True)
 class BuiltImage:
-    """A built image in the cache."""
+    """A built image in the cache: a recipe's (raw root file system, kernel,
+    initrd) or a derived image's (a qcow2 layer on its ``parent``'s disk,
+    booted with the kernel and initrd of the recipe image at the bottom)."""
 
     name: str
     key: str
     path: Path
     manifest: dict[str, Any]
+    parent: BuiltImage | None = None
+
+    @property
+    def root(self) -> BuiltImage | None:
+        """The recipe image at the bottom of a derived image's chain (None for a recipe image)."""
+        if self.parent is None:
+            return None
+        return self.parent.root or self.parent
+
+    @property
+    def disk_chain(self) -> tuple[Path, ...]:
+        """The disk and every file under it, nearest first."""
+        return (self.disk, *(self.parent.disk_chain if self.parent is not None else ()))
 
     @property
     def rootfs(self) -> Path:
         return self.path / "rootfs.ext4"
 
     @property
+    def disk(self) -> Path:
+        """What a machine of this image boots on (under its own overlay)."""
+        return self.path / "disk.qcow2" if self.root is not None else self.rootfs
+
+    @property
+    def disk_format(self) -> DiskFormat:
+        return "qcow2" if self.root is not None else "raw"
+
+    @property
     def kernel(self) -> Path:
-        return self.path / "vmlinuz"
+        return self.root.kernel if self.root is not None else self.path / "vmlinuz"
 
     @property
     def initrd(self) -> Path:
-        return self.path / "initrd.img"
+        return self.root.initrd if self.root is not None else self.path / "initrd.img"
 
     @property
     def created(self) -> float:
@@ -57,7 +83,8 @@ class BuiltImage:
 
     @property
     def recipe(self) -> Recipe:
-        return get_recipe(self.name)
+        """The recipe at the bottom of the chain (what sshd and the suite come from)."""
+        return self.root.recipe if self.root is not None else get_recipe(self.name)
 
 
 def images_dir(cache_dir: Path) -> Path:
@@ -89,29 +116,38 @@ def find_image(name: str, cache_dir: Path) -> BuiltImage | None:
 
 
 def ensure_image(
-    name: str,
+    image: str | Image,
     cache_dir: Path,
     *,
     rebuild_before: float | None = None,
     progress: builder.Progress | None = None,
 ) -> BuiltImage:
-    """Return the cached image, building it once across processes if needed.
+    """Return the cached image (a registered name or an ``Image``), building
+    it once across processes if needed; a derived image's parents first.
 
     ``rebuild_before``: an entry created before this time is rebuilt (how
     ``--rebuild`` works under xdist: the first worker rebuilds, the others
     then find an entry newer than the run's start and reuse it).
     """
+    target = lookup(image) if isinstance(image, str) else image
+    if isinstance(target, Image):
+        target = target.resolved()
+    if isinstance(target, Image):
+        from .derived import ensure_derived  # derived builds on this module
+
+        return ensure_derived(target, cache_dir, rebuild_before=rebuild_before, progress=progress)
+    name = target
     recipe = get_recipe(name)
     final = entry_dir(cache_root(cache_dir), recipe)
-    image = _load(final)
-    if image and (rebuild_before is None or image.created >= rebuild_before):
-        return image
+    built = _load(final)
+    if built and (rebuild_before is None or built.created >= rebuild_before):
+        return built
     lock = lock_path(cache_dir, final.name)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with reporting_lock(lock, f"the build of image {name}"):
-        image = _load(final)
-        if image and (rebuild_before is None or image.created >= rebuild_before):
-            return image  # another process built it while we waited
+        built = _load(final)
+        if built and (rebuild_before is None or built.created >= rebuild_before):
+            return built  # another process built it while we waited
         with entries.building(final) as tmp:  # stale ones of dead builds go first: we hold the lock
             try:
                 manifest = builder.build(recipe, tmp, progress)

@@ -75,7 +75,8 @@ class Plan:
         return MachineConfig(
             kernel=self.image.kernel,
             initrd=self.image.initrd,
-            disk=self.image.rootfs,
+            disk=self.image.disk,
+            disk_format=self.image.disk_format,
             memory_mb=self.spec.memory_mb,
             cpus=self.spec.cpus,
             accel=self.accel,

@@ -34,7 +34,12 @@ def accel_for(requested: AccelRequest, image: BuiltImage, cache_dir: Path) -> Ve
 
 def probe_machine(image: BuiltImage) -> MachineConfig:
     return MachineConfig(
-        kernel=image.kernel, initrd=image.initrd, disk=image.rootfs, accel="kvm", nics=(Nic("net0", PROBE_MAC),)
+        kernel=image.kernel,
+        initrd=image.initrd,
+        disk=image.disk,
+        disk_format=image.disk_format,
+        accel="kvm",
+        nics=(Nic("net0", PROBE_MAC),),
     )
 
 

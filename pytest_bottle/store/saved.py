@@ -40,7 +40,7 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -78,9 +78,10 @@ class RestsOn:
     parent_created: float | None = None
 
     @classmethod
-    def image_layer(cls, rootfs: Path, entry: Path) -> RestsOn:
-        """A state whose disk is one layer on an image's rootfs."""
-        return cls((os.path.relpath(rootfs, entry),))
+    def image_layer(cls, disks: Sequence[Path], entry: Path) -> RestsOn:
+        """A state whose disk is one layer on an image's disk (``disks``: it and
+        what it rests on, nearest first)."""
+        return cls(tuple(os.path.relpath(d, entry) for d in disks))
 
     @classmethod
     def on_state(cls, parent: SavedState, entry: Path) -> RestsOn:

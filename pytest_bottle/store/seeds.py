@@ -147,7 +147,7 @@ def _create(image: BuiltImage, accel: str, parts: dict[str, Any], final: Path, b
             "nic_names": [named[n.mac.lower()] for n in seed_nics(parts["nics"])],
         }
 
-    create(final, capture, parts, RestsOn.image_layer(image.rootfs, final))
+    create(final, capture, parts, RestsOn.image_layer(image.disk_chain, final))
 
 
 def _boot_and_save(
@@ -159,7 +159,8 @@ def _boot_and_save(
     cfg = MachineConfig(
         kernel=image.kernel,
         initrd=image.initrd,
-        disk=image.rootfs,
+        disk=image.disk,
+        disk_format=image.disk_format,
         memory_mb=parts["memory_mb"],
         cpus=parts["cpus"],
         accel="kvm" if accel == "kvm" else "tcg",

@@ -78,7 +78,8 @@ class MachineConfig:
 
     kernel: Path
     initrd: Path
-    disk: Path  # the image's root file system (raw), under the overlay of a cold boot
+    disk: Path  # the image's disk (its root file system), under the overlay of a cold boot
+    disk_format: DiskFormat = "raw"  # "qcow2" for a derived image's layer
     memory_mb: int = 512
     cpus: int = 1
     accel: Accel = "tcg"
@@ -95,7 +96,7 @@ class MachineConfig:
         """The disk the machine's overlay sits on, and its format."""
         if self.restore is not None:
             return self.restore.disk, "qcow2"
-        return self.disk, "raw"
+        return self.disk, self.disk_format
 
     @property
     def ram_file(self) -> tuple[Path, bool] | None:

@@ -200,7 +200,7 @@ def _capture(tmp: Path) -> dict[str, object]:
 def _make(root: Path, name: str = "deb-512m1c1n-0123") -> SavedState:
     final = root / name
     final.parent.mkdir(parents=True, exist_ok=True)
-    rests_on = RestsOn.image_layer(root.parent / "images" / "deb" / "rootfs.ext4", final)
+    rests_on = RestsOn.image_layer([root.parent / "images" / "deb" / "rootfs.ext4"], final)
     return saved.create(final, _capture, {"image": "deb", "nics": 1}, rests_on)
 
 

@@ -1,0 +1,137 @@
+"""The cache of derived images: ``<cache>/images/derived-<key>/``.
+
+An entry holds ``disk.qcow2``, a layer whose backing file is the parent's
+disk named by a relative path (so the cache moves as a whole), and
+``manifest.json``.  It is built in a ``.tmp-`` directory next to it (same
+depth: the relative backing name stays right) and published by one rename,
+under the same entry lock as recipe images, so one process builds a key and
+the others wait and then use it.  A layer records when its parent was built:
+a rebuilt parent makes it stale, and it is built again on the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImageBuildError
+from ..host.locks import reporting_lock
+from ..host.paths import cache_root
+from ..store import entries
+from . import builder
+from .cache import BuiltImage, ensure_image, images_dir, lock_path
+from .image import Image
+from .provision import provision
+
+log = logging.getLogger(__name__)
+
+KEEP_FAILED_LOGS = 5
+
+
+def entry_dir(cache_dir: Path, image: Image) -> Path:
+    return images_dir(cache_dir) / f"derived-{image.key}"
+
+
+def load(path: Path, image: Image, parent: BuiltImage) -> BuiltImage | None:
+    """The published entry at ``path`` if it is whole and rests on ``parent`` as built now."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (path / "disk.qcow2").is_file() or manifest.get("parent_created") != parent.created:
+        return None
+    return BuiltImage(image.display_name, image.key, path, manifest, parent)
+
+
+def ensure_derived(
+    image: Image,
+    cache_dir: Path,
+    *,
+    rebuild_before: float | None = None,
+    progress: builder.Progress | None = None,
+) -> BuiltImage:
+    """The built ``image`` (an image with steps), its parents first; built
+    once across processes if missing, stale or older than ``rebuild_before``."""
+    cache_dir = cache_root(cache_dir)
+    parent = ensure_image(image.parent, cache_dir, rebuild_before=rebuild_before, progress=progress)
+    final = entry_dir(cache_dir, image)
+
+    def usable(found: BuiltImage | None) -> bool:
+        return found is not None and (rebuild_before is None or found.created >= rebuild_before)
+
+    built = load(final, image, parent)
+    if usable(built):
+        assert built is not None
+        return built
+    lock = lock_path(cache_dir, final.name)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with reporting_lock(lock, f"the build of image {image.display_name}"):
+        built = load(final, image, parent)
+        if usable(built):
+            assert built is not None
+            return built  # another process built it while we waited
+        _build(image, parent, cache_dir, final, progress)
+    built = load(final, image, parent)
+    assert built is not None
+    return built
+
+
+def _build(image: Image, parent: BuiltImage, cache_dir: Path, final: Path, progress: builder.Progress | None) -> None:
+    """Build into a tmp entry and publish it (the caller holds the lock);
+    on failure nothing is published and the build log is kept."""
+    started = time.monotonic()
+    with entries.building(final) as tmp:
+        try:
+            provision(image, parent, cache_dir, tmp, progress)
+            manifest = _manifest(image, parent, tmp, started)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            entries.commit(tmp, final)
+        except BaseException as e:
+            kept = _keep_failed_log(cache_dir, tmp, final.name)
+            if isinstance(e, ImageBuildError):
+                raise ImageBuildError(e.name, e.reason, e.log_tail, kept) from None
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise ImageBuildError(image.display_name, f"{type(e).__name__}: {e}", "", kept) from e
+    log.debug("built %s (%s) in %.1fs", image.display_name, final.name, time.monotonic() - started)
+
+
+def _manifest(image: Image, parent: BuiltImage, tmp: Path, started: float) -> dict[str, Any]:
+    chain = [image.key]
+    node: BuiltImage | None = parent
+    while node is not None:
+        chain.append(node.key)
+        node = node.parent
+    disk = tmp / "disk.qcow2"
+    return {
+        "kind": "derived",
+        "name": image.display_name,
+        "key": image.key,
+        "parent": parent.name,
+        "parent_key": parent.key,
+        "parent_created": parent.created,
+        "root": (parent.root or parent).name,
+        "steps": [s.describe() for s in image.steps],
+        "chain": chain,
+        "allocated_bytes": disk.stat().st_blocks * 512,
+        "build_seconds": round(time.monotonic() - started, 2),
+        "created": time.time(),
+    }
+
+
+def _keep_failed_log(cache_dir: Path, tmp: Path, entry: str) -> str | None:
+    src = tmp / "build.log"
+    if not src.is_file():
+        return None
+    logs = cache_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    dst = logs / f"{entry}-failed-{time.time_ns()}.log"
+    os.replace(src, dst)
+    old = sorted(logs.glob(f"{entry}-failed-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in old[KEEP_FAILED_LOGS:]:
+        path.unlink(missing_ok=True)
+    return str(dst)

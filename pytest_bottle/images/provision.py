@@ -1,0 +1,222 @@
+"""Running a derived image's steps: boot the parent's disk with egress, run
+each step through the agent, clean up, power off.
+
+The machine runs inside the tmp entry directory, so the overlay it writes
+(``disk.qcow2``) is the new layer and names its backing by a relative path.
+During the build the guest has egress (user networking, not restricted)
+and a nameserver; what the build machine's identity left on the disk
+(hostname, machine-id, resolv.conf, SSH host keys) is put back or removed
+before it powers off, since every bottle gets its own at its handshake.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from ..agent.client import AgentClient
+from ..agent.handshake import Handshake, NicSetup
+from ..agent.transfer import send_tree
+from ..errors import ImageBuildError
+from ..host.deps import which
+from ..lifecycle.boot import start_machine
+from ..vmm.backend import Machine, console_tail
+from ..vmm.qemu import MachineConfig, Nic
+from . import builder
+from .cache import BuiltImage
+from .image import Copy, Image, Install, Run, Step, Write
+
+log = logging.getLogger(__name__)
+
+BUILD_MEMORY_MB = 1024
+BOOT_TIMEOUT = 300.0
+STEP_TIMEOUT = 3600.0  # a step with no timeout of its own
+OUTPUT_CAP = 1 << 20
+TAIL_LINES = 40
+MAC = "52:54:00:b0:77:10"
+NET = {"ip": "10.0.2.15/24", "gateway": "10.0.2.2"}
+RESOLV_BUILD = "nameserver 10.0.2.3\n"
+IDENTITY = ("hostname", "resolv.conf", "machine-id")
+SAVED = "/run/bottle-build"
+
+# Saved before the handshake writes the build machine's identity, put back after the steps.
+SAVE_IDENTITY = f"mkdir -p {SAVED} && for f in {' '.join(IDENTITY)}; do cp -a /etc/$f {SAVED}/ 2>/dev/null || :; done"
+CLEANUP = f"""set -u
+apt-get clean
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /tmp/* /var/tmp/*
+rm -f /etc/ssh/ssh_host_*
+for f in {" ".join(IDENTITY)}; do
+  if [ -e {SAVED}/$f ] || [ -L {SAVED}/$f ]; then rm -f /etc/$f; cp -a {SAVED}/$f /etc/$f; fi
+done
+sync
+fstrim -v / || true
+sync
+"""
+
+Log = Callable[[str], None]
+
+
+def provision(
+    image: Image, parent: BuiltImage, cache_dir: Path, tmp: Path, progress: builder.Progress | None = None
+) -> None:
+    """Leave in ``tmp`` the layer ``disk.qcow2``: ``parent`` with ``image``'s steps applied."""
+    from ..lifecycle.probe import accel_for  # probe imports images: not at module level
+
+    started = time.monotonic()
+    root = parent.root or parent
+    accel = accel_for("auto", root, cache_dir).accel
+    cfg = MachineConfig(
+        kernel=root.kernel,
+        initrd=root.initrd,
+        disk=parent.disk,
+        disk_format=parent.disk_format,
+        memory_mb=BUILD_MEMORY_MB,
+        accel="kvm" if accel == "kvm" else "tcg",
+        nics=(Nic("net0", MAC, "user", restrict=False),),
+    )
+    name = f"build-{image.key[:12]}"
+    with open(tmp / "build.log", "w") as logf:
+
+        def note(line: str) -> None:
+            logf.write(line + "\n")
+            logf.flush()
+            if progress is not None:
+                progress(line, time.monotonic() - started)
+
+        note(f"building {image.display_name} on {parent.name} ({len(image.steps)} steps)")
+        machine, channel = start_machine(cfg, tmp, name, BOOT_TIMEOUT)
+        try:
+            agent = AgentClient(channel)
+            _shell(agent, SAVE_IDENTITY, logf, "save identity", 60)
+            nics = [NicSetup(MAC, MAC, ip=NET["ip"], gateway=NET["gateway"])]
+            agent.setup(Handshake.fresh(name, nics, baked={"resolv_conf": RESOLV_BUILD}), timeout=60)
+            agent.settle(timeout=BOOT_TIMEOUT, quiet=0)
+            _run_steps(image, agent, logf, note)
+            note("cleaning up: apt caches and lists, temporary files, fstrim")
+            _shell(agent, CLEANUP, logf, "clean up", 600)
+            _power_off(agent, machine, logf)
+        except ImageBuildError as e:
+            logf.write("\n--- console ---\n" + console_tail(machine.console_log) + "\n")
+            raise ImageBuildError(e.name if e.name else image.display_name, e.reason, e.log_tail) from None
+        finally:
+            machine.stop()
+            channel.close()
+    for leftover in tmp.iterdir():  # the machine's run files: only the layer and the log stay
+        if leftover.name not in ("disk.qcow2", "build.log") and (leftover.is_file() or leftover.is_socket()):
+            leftover.unlink()
+    (tmp / "build.log").unlink()
+
+
+def _run_steps(image: Image, agent: AgentClient, logf: IO[str], note: Log) -> None:
+    updated = False
+    count = len(image.steps)
+    for index, step in enumerate(image.steps, 1):
+        note(f"step {index}/{count}: {step.describe()}")
+        try:
+            if isinstance(step, Install) and not updated:
+                _shell(agent, f"apt-get {_apt_options()} update", logf, "apt-get update", 900)
+                updated = True
+            _step(agent, step, logf)
+        except _StepFailed as e:
+            raise ImageBuildError(
+                image.display_name,
+                f"step {index}/{count} ({step.describe()}) exited with {e.rc}",
+                _tail(e.output),
+            ) from None
+
+
+class _StepFailed(Exception):
+    def __init__(self, rc: int, output: str) -> None:
+        super().__init__(rc, output)
+        self.rc, self.output = rc, output
+
+
+def _step(agent: AgentClient, step: Step, logf: IO[str]) -> None:
+    if isinstance(step, Install):
+        packages = " ".join(shlex.quote(p) for p in step.packages)
+        command = f"apt-get {_apt_options()} install -y --no-install-recommends {packages}"
+        _shell(agent, command, logf, step.describe(), STEP_TIMEOUT)
+    elif isinstance(step, Run):
+        _shell(agent, step.command, logf, step.describe(), step.timeout or STEP_TIMEOUT, dict(step.env))
+    elif isinstance(step, Write):
+        _mkdir_parent(agent, step.path, logf)
+        agent.write(step.path, step.data, mode=step.mode, timeout=120)
+    elif isinstance(step, Copy):
+        _copy(agent, step, logf)
+
+
+def _copy(agent: AgentClient, step: Copy, logf: IO[str]) -> None:
+    st = step.src.stat()
+    if stat.S_ISDIR(st.st_mode):
+        _shell(agent, f"mkdir -p {shlex.quote(step.dst)}", logf, "mkdir", 60)
+        with agent.deadline(STEP_TIMEOUT):
+            send_tree(agent, step.src, step.dst)
+        return
+    _mkdir_parent(agent, step.dst, logf)
+    with open(step.src, "rb") as f:
+        agent.write(step.dst, f, mode=stat.S_IMODE(st.st_mode), into_dir=step.src.name, timeout=STEP_TIMEOUT)
+
+
+def _mkdir_parent(agent: AgentClient, path: str, logf: IO[str]) -> None:
+    parent = path.rstrip("/").rsplit("/", 1)[0] or "/"
+    _shell(agent, f"mkdir -p {shlex.quote(parent)}", logf, "mkdir", 60)
+
+
+def _shell(
+    agent: AgentClient, command: str, logf: IO[str], what: str, timeout: float, env: dict[str, str] | None = None
+) -> None:
+    """Run ``command`` as root with ``/bin/sh -c``; its output goes to the log; ``_StepFailed`` if it fails."""
+    logf.write(f"$ {command}\n")
+    run_env = {"DEBIAN_FRONTEND": "noninteractive", **(env or {})}
+    run = agent.exec(
+        ["/bin/sh", "-c", command], env=run_env, cwd="/", user=None, timeout=timeout, stdin=None, cap=OUTPUT_CAP
+    )
+    reply = run.finish(5.0, what)
+    output = reply.stdout.decode(errors="replace") + reply.stderr.decode(errors="replace")
+    logf.write(output + ("" if output.endswith("\n") or not output else "\n"))
+    rc = -1 if reply.timed_out else reply.rc
+    logf.write(f"[exit {rc}{' (timed out)' if reply.timed_out else ''}]\n")
+    logf.flush()
+    if rc != 0:
+        raise _StepFailed(rc, output + (f"\n(killed after {timeout:g} s)" if reply.timed_out else ""))
+
+
+def _power_off(agent: AgentClient, machine: Machine, logf: IO[str]) -> None:
+    """A clean shutdown: the file system unmounted, QEMU exits (-no-reboot)."""
+    logf.write("powering off\n")
+    agent.exec(
+        ["/bin/sh", "-c", "(sleep 0.2; systemctl poweroff) >/dev/null 2>&1 &"],
+        env={},
+        cwd="/",
+        user=None,
+        timeout=30,
+        stdin=None,
+        cap=OUTPUT_CAP,
+    ).finish(5.0, "poweroff")
+    if machine.wait(BOOT_TIMEOUT) is None:
+        raise ImageBuildError("", "the build machine did not power off", console_tail(machine.console_log))
+
+
+def _apt_options() -> str:
+    """The host's apt says archives may be past their Valid-Until (a snapshot
+    archive): the guest, which uses the host's sources, needs the same."""
+    apt_config = which("apt-config")
+    if apt_config is None:
+        return ""
+    try:
+        out = subprocess.run(
+            [apt_config, "shell", "V", "Acquire::Check-Valid-Until"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return "-o Acquire::Check-Valid-Until=false" if "false" in out.lower() else ""
+
+
+def _tail(text: str) -> str:
+    return "\n".join(text.splitlines()[-TAIL_LINES:])
