@@ -1,0 +1,114 @@
+"""Derived images for real: built once per session (each build is a minute or
+two under TCG), then bottles of them, a derived image of a derived image, a
+failing step, and a cache hit."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+import pytest_bottle
+from pytest_bottle import Image, ImageBuildError
+from pytest_bottle.images import BuiltImage, ensure_image
+from pytest_bottle.images.derived import entry_dir
+from pytest_bottle.store.saved import list_seeds
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("site")
+    (root / "bin").mkdir()
+    (root / "index.html").write_text("<h1>hello from a derived image</h1>\n")
+    (root / "bin" / "tool").write_text("#!/bin/sh\necho tool ran\n")
+    (root / "bin" / "tool").chmod(0o750)
+    (root / "secret").write_text("s\n")
+    (root / "secret").chmod(0o600)
+    return root
+
+
+@pytest.fixture(scope="module")
+def web(site: Path) -> Image:
+    return (
+        Image("debian-bookworm")
+        .install("nginx-light")
+        .copy(site, "/var/www/html")
+        .write("/etc/app.conf", "x=1\n", mode=0o640)
+        .run("systemctl enable nginx")
+    )
+
+
+@pytest.fixture(scope="module")
+def web_built(web: Image, warm_cache: Path) -> BuiltImage:
+    return ensure_image(web, warm_cache)
+
+
+@pytest.fixture(scope="module")
+def child(web: Image) -> Image:
+    return web.write("/etc/child", b"child\n").run("echo derived > /etc/derived-marker")
+
+
+def test_a_bottle_of_a_derived_image_has_its_package_running(
+    web: Image, web_built: BuiltImage, warm_cache: Path
+) -> None:
+    with pytest_bottle.launch(image=web) as b:
+        assert b.image == web.display_name == web_built.name
+        assert b.check_output("systemctl is-active nginx").strip() == "active"
+        assert "hello from a derived image" in b.check_output(
+            "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1/').read().decode())\""
+        )
+        # restored from the image's own work seed, not booted cold
+        seeds = [s for s in list_seeds(warm_cache) if s.manifest["key_parts"]["image_key"] == web_built.key]
+        assert seeds and all(s.manifest["key_parts"]["image"] == web.display_name for s in seeds)
+        assert b.exec("ls /var/lib/apt/lists | grep -v -e '^lock$' -e '^partial$' -e '^auxfiles$'").stdout == ""
+
+
+def test_write_and_copy_land_with_their_modes(web: Image, web_built: BuiltImage) -> None:
+    with pytest_bottle.launch(image=web) as b:
+        assert b.check_output("stat -c '%a %U' /etc/app.conf /var/www/html/bin/tool /var/www/html/secret").split("\n")[
+            :3
+        ] == ["640 root", "750 root", "600 root"]
+        assert b.read_text("/etc/app.conf") == "x=1\n"
+        assert b.check_output("/var/www/html/bin/tool") == "tool ran\n"
+
+
+def test_the_layer_rests_on_the_parent_and_is_small(web_built: BuiltImage) -> None:
+    assert web_built.disk_format == "qcow2" and web_built.disk.name == "disk.qcow2"
+    assert web_built.root is not None and web_built.kernel == web_built.root.kernel
+    assert web_built.manifest["parent"] == "debian-bookworm"
+    assert web_built.manifest["steps"][0] == "apt-get install nginx-light"
+    assert web_built.disk.stat().st_blocks * 512 < web_built.root.rootfs.stat().st_blocks * 512 / 2
+
+
+def test_a_derived_image_of_a_derived_image(child: Image, web_built: BuiltImage, warm_cache: Path) -> None:
+    built = ensure_image(child, warm_cache)
+    assert built.parent is not None and built.parent.key == web_built.key
+    assert built.manifest["chain"][:2] == [child.key, web_built.key]
+    with pytest_bottle.launch(image=child) as b:
+        assert b.check_output("cat /etc/child /etc/derived-marker") == "child\nderived\n"
+        assert b.check_output("systemctl is-active nginx").strip() == "active"
+
+
+def test_a_cache_hit_does_not_rebuild(web: Image, web_built: BuiltImage, warm_cache: Path) -> None:
+    started = time.monotonic()
+    again = ensure_image(web, warm_cache)
+    elapsed = time.monotonic() - started
+    assert again.created == web_built.created and again.path == web_built.path
+    assert elapsed < 5  # no boot happened (a build is a minute or more)
+
+
+def test_a_failing_step_names_it_and_caches_nothing(warm_cache: Path) -> None:
+    bad = Image("debian-bookworm-minimal").write("/etc/x", "x").run("echo failing-output; exit 3")
+    final = entry_dir(warm_cache, bad)
+    for attempt in range(2):  # the second attempt builds again: nothing was kept
+        with pytest.raises(ImageBuildError) as e:
+            ensure_image(bad, warm_cache)
+        err = e.value
+        assert "step 2/2 (run echo failing-output; exit 3) exited with 3" in str(err), attempt
+        assert "failing-output" in err.log_tail
+        assert err.log_path is not None and Path(err.log_path).is_file()
+        assert not final.exists()
+        assert not list(final.parent.glob(f".tmp-{final.name}-*"))

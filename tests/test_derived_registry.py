@@ -1,0 +1,61 @@
+"""Named derived images reach ``--bottle-image`` and the ini setting, from a
+root conftest.py or the ``pytest_bottle_images`` hook (child pytest runs; no VM)."""
+
+from __future__ import annotations
+
+import pytest
+
+CONFTEST_NAMED = """
+from pytest_bottle import Image
+Image("debian-bookworm").install("curl").named("with-curl")
+"""
+
+CONFTEST_HOOK = """
+from pytest_bottle import Image
+
+def pytest_bottle_images():
+    return [Image("debian-bookworm").run("true").named("from-hook")]
+"""
+
+CHECK = """
+from pytest_bottle.images.image import NAMED
+
+def test_spec(request):
+    from pytest_bottle.plugin import _state
+    spec = _state(request.config).spec()
+    assert spec.image == {name!r} and {name!r} in NAMED
+    assert NAMED[{name!r}].parent == "debian-bookworm"
+"""
+
+
+@pytest.mark.parametrize(
+    ("conftest", "name"), [(CONFTEST_NAMED, "with-curl"), (CONFTEST_HOOK, "from-hook")], ids=["named", "hook"]
+)
+def test_a_named_image_works_with_the_option_and_the_ini_setting(
+    pytester: pytest.Pytester, conftest: str, name: str
+) -> None:
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(test_it=CHECK.format(name=name))
+    pytester.runpytest_subprocess("-p", "no:randomly", f"--bottle-image={name}").assert_outcomes(passed=1)
+    pytester.makeini(f"[pytest]\nbottle_image = {name}\n")
+    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=1)
+
+
+def test_an_unknown_name_lists_the_named_images(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST_HOOK)
+    pytester.makepyfile(test_it="def test_x(): pass\n")
+    result = pytester.runpytest_subprocess("--bottle-image=nope")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*unknown image 'nope'*from-hook*"])
+
+
+def test_the_hook_must_return_named_images(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        "from pytest_bottle import Image\n"
+        "def pytest_bottle_images():\n"
+        "    return [Image('debian-bookworm').run('true')]\n"
+    )
+    pytester.makepyfile(test_it="def test_x(): pass\n")
+    result = pytester.runpytest_subprocess()
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*pytest_bottle_images()*must return named Images*"])
