@@ -15,6 +15,7 @@ from .host.runstate import RunRecord
 from .host.sweep import SweepReport, stop_vm, sweep
 from .images import RECIPES, BuiltImage, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
+from .images.derived import list_derived, prune_derived
 from .spec import resolve
 from .store.gc import prune_seeds, remove_seeds
 from .store.seeds import list_seeds
@@ -57,6 +58,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"cache: {args.cache_dir} ({_mb(size)})")
     for image in list_images(args.cache_dir):
         print(f"  image {image.name} {image.key} built {_age(image.created)} ago")
+    derived = list_derived(args.cache_dir)
+    if derived:
+        print(f"\n{'DERIVED IMAGE':40} {'PARENT':28} {'SIZE':>9} {'USED':>6}  STEPS")
+    for d in derived:
+        m = d.manifest
+        label = f"{m.get('name')} ({d.key[:12]})" if not str(m.get("name", "")).endswith(d.key[:12]) else m.get("name")
+        steps = len(m.get("steps", []))
+        print(f"{label!s:40} {m.get('parent')!s:28} {_mb(d.size):>9} {_age(d.last_used):>6}  {steps}")
     for seed in list_seeds(args.cache_dir):
         kp = seed.manifest["key_parts"]
         print(
@@ -99,6 +108,14 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         for old in entries:
             if old is not image:
                 print(f"  stale entry {old.key} {_mb(tree_size(old.path))} {_age(old.created)} (bottle image prune)")
+    derived = list_derived(args.cache_dir)
+    if derived:
+        print(f"\n{'DERIVED IMAGE':40} {'PARENT':28} {'SIZE':>9} {'USED':>6}  STEPS")
+    for d in derived:
+        m = d.manifest
+        label = f"{m.get('name')} ({d.key[:12]})" if not str(m.get("name", "")).endswith(d.key[:12]) else m.get("name")
+        steps = len(m.get("steps", []))
+        print(f"{label!s:40} {m.get('parent')!s:28} {_mb(d.size):>9} {_age(d.last_used):>6}  {steps}")
     for seed in list_seeds(args.cache_dir):
         kp = seed.manifest["key_parts"]
         print(
@@ -121,7 +138,14 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
     cache = args.cache_dir
     sizes = {i.path: tree_size(i.path) for i in list_images(cache)}
     rows = [(p, sizes.get(p, 0), "image of an old recipe") for p in prune_images(cache)]
+    if args.older_than is not None:
+        rows += prune_derived(cache, args.older_than)
     current = {i.name: i for i in list_images(cache)}  # what is left is current
+    layers = {d.key: d for d in list_derived(cache)}
+    for seed in list_seeds(cache):  # seeds of derived images still cached are current too
+        kp = seed.manifest["key_parts"]
+        if (layer := layers.get(kp.get("image_key"))) is not None:
+            current[kp["image"]] = BuiltImage(kp["image"], layer.key, layer.path, layer.manifest)
     rows += [(r.path, r.size, r.why) for r in prune_seeds(cache, current)]
     rows += [(p, size, "old failed-build log") for p, size in prune_logs(cache)]
     for path, size, why in rows:
@@ -212,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_image_build)
     image.add_parser("list", help="known images, what is built, and seeds").set_defaults(fn=cmd_image_list)
     prune_help = "remove old images, stale seeds and old failed-build logs; print what was freed"
-    image.add_parser("prune", help=prune_help).set_defaults(fn=cmd_image_prune)
+    pr = image.add_parser("prune", help=prune_help)
+    pr.add_argument(
+        "--older-than", type=float, metavar="DAYS", help="also remove derived images (and their seeds) unused for DAYS"
+    )
+    pr.set_defaults(fn=cmd_image_prune)
     r = image.add_parser("rm", help="remove an image and its seeds from the cache")
     r.add_argument("name")
     r.set_defaults(fn=cmd_image_rm)

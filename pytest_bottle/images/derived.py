@@ -15,13 +15,17 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from ..errors import ImageBuildError
 from ..host.locks import reporting_lock
-from ..host.paths import cache_root
+from ..host.paths import cache_root, tree_size
 from ..store import entries
+from ..store.gc import remove_seeds
 from . import builder
 from .cache import BuiltImage, ensure_image, images_dir, lock_path
 from .image import Image
@@ -30,6 +34,7 @@ from .provision import provision
 log = logging.getLogger(__name__)
 
 KEEP_FAILED_LOGS = 5
+USED_STAMP = "last-used"
 
 
 def entry_dir(cache_dir: Path, image: Image) -> Path:
@@ -66,7 +71,7 @@ def ensure_derived(
     built = load(final, image, parent)
     if usable(built):
         assert built is not None
-        return built
+        return _used(built)
     lock = lock_path(cache_dir, final.name)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with reporting_lock(lock, f"the build of image {image.display_name}"):
@@ -77,6 +82,15 @@ def ensure_derived(
         _build(image, parent, cache_dir, final, progress)
     built = load(final, image, parent)
     assert built is not None
+    return _used(built)
+
+
+def _used(built: BuiltImage) -> BuiltImage:
+    """Stamp the entry as used now (what ``prune --older-than`` goes by)."""
+    try:
+        (built.path / USED_STAMP).touch()
+    except OSError:  # a read-only cache: the stamp is only housekeeping
+        pass
     return built
 
 
@@ -135,3 +149,55 @@ def _keep_failed_log(cache_dir: Path, tmp: Path, entry: str) -> str | None:
     for path in old[KEEP_FAILED_LOGS:]:
         path.unlink(missing_ok=True)
     return str(dst)
+
+
+@dataclass(frozen=True)
+class DerivedEntry:
+    """A derived image in the cache, as ``bottle image list`` shows it."""
+
+    path: Path
+    manifest: dict[str, Any]
+    size: int
+    last_used: float
+
+    @property
+    def key(self) -> str:
+        return str(self.manifest.get("key", ""))
+
+
+def list_derived(cache_dir: Path) -> list[DerivedEntry]:
+    found = []
+    for path in entries.list_entries(images_dir(cache_dir)):
+        if not path.name.startswith("derived-"):
+            continue
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        try:
+            used = (path / USED_STAMP).stat().st_mtime
+        except OSError:
+            used = float(manifest.get("created", 0.0))
+        found.append(DerivedEntry(path, manifest, tree_size(path), used))
+    return found
+
+
+def prune_derived(cache_dir: Path, older_than_days: float = 0.0) -> list[tuple[Path, int, str]]:
+    """Remove derived images not used for ``older_than_days`` (with their
+    seeds), unless a kept derived image rests on them; returns what went."""
+    found = list_derived(cache_dir)
+    cutoff = time.time() - older_than_days * 86400
+    keep = {e.key for e in found if e.last_used >= cutoff}
+    for e in found:  # what a kept layer rests on stays too
+        if e.key in keep:
+            keep.update(str(k) for k in e.manifest.get("chain", []))
+    removed = []
+    for e in found:
+        if e.key in keep:
+            continue
+        with FileLock(str(lock_path(cache_dir, e.path.name))):
+            entries.remove(e.path, "prune")
+        why = f"derived image {e.manifest.get('name')} not used for {(time.time() - e.last_used) / 86400:.1f} days"
+        removed.append((e.path, e.size, why))
+        removed += [(p, 0, f"seed of {why}") for p in remove_seeds(cache_dir, image_key=e.key)]
+    return removed

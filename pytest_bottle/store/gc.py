@@ -110,13 +110,15 @@ def _try_remove(seed_path: Path) -> bool:
         return False
 
 
-def remove_seeds(cache_dir: Path, image_name: str | None = None) -> list[Path]:
-    """Remove the seeds of ``image_name`` (all images if None); waits for
-    clones starting from them."""
+def remove_seeds(cache_dir: Path, image_name: str | None = None, image_key: str | None = None) -> list[Path]:
+    """Remove the seeds of ``image_name`` (all images if None), or of the
+    image build ``image_key``; waits for clones starting from them."""
     removed = []
     for seed in list_seeds(cache_dir):
         parts = seed.manifest["key_parts"]
         if image_name is not None and parts["image"] != image_name:
+            continue
+        if image_key is not None and parts.get("image_key") != image_key:
             continue
         with entry_lock(seed.path):
             remove_entry(seed.path, "discard", forget=True)
