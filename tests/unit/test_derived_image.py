@@ -153,3 +153,13 @@ def test_an_unknown_start_lists_known_names() -> None:
     with pytest.raises(ImageNotFound) as e:
         Image("no-such-image")
     assert "debian-bookworm" in e.value.known
+
+
+def test_a_spec_takes_an_image_or_a_name() -> None:
+    from pytest_bottle.spec import resolve
+
+    img = BASE.install("curl")
+    assert resolve([("marker", {"image": img})], restricted=1).image is img
+    assert resolve([("marker", {"image": "debian-bookworm"})], restricted=1).image == "debian-bookworm"
+    with pytest.raises(SpecError, match="name or an Image"):
+        resolve([("marker", {"image": 3})], restricted=1)

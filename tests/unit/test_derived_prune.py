@@ -1,0 +1,48 @@
+"""``bottle image list``/``prune --older-than`` over derived entries (fake entries, no VM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_bottle.cli import main
+from pytest_bottle.images.derived import USED_STAMP, list_derived, prune_derived
+
+
+def _entry(cache: Path, key: str, chain: list[str], used_days_ago: float) -> Path:
+    path = cache / "images" / f"derived-{key}"
+    path.mkdir(parents=True)
+    manifest = {"name": f"debian-bookworm+{key}", "key": key, "parent": "debian-bookworm", "chain": chain}
+    (path / "manifest.json").write_text(json.dumps({**manifest, "steps": ["run true"], "created": 0.0}))
+    (path / "disk.qcow2").write_bytes(b"x" * 4096)
+    stamp = path / USED_STAMP
+    stamp.touch()
+    t = time.time() - used_days_ago * 86400
+    os.utime(stamp, (t, t))
+    return path
+
+
+def test_prune_removes_unused_layers_but_keeps_what_a_used_one_rests_on(tmp_path: Path) -> None:
+    old_parent = _entry(tmp_path, "aaaa", ["aaaa", "base"], 10)
+    child = _entry(tmp_path, "bbbb", ["bbbb", "aaaa", "base"], 0)
+    unused = _entry(tmp_path, "cccc", ["cccc", "base"], 10)
+    assert {e.key for e in list_derived(tmp_path)} == {"aaaa", "bbbb", "cccc"}
+    removed = prune_derived(tmp_path, 1)
+    assert [p for p, _, _ in removed] == [unused]
+    assert old_parent.is_dir() and child.is_dir() and not unused.exists()
+    assert "not used for 10.0 days" in removed[0][2]
+
+
+def test_the_cli_lists_and_prunes_derived_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _entry(tmp_path, "dddd", ["dddd", "base"], 3)
+    assert main(["--cache-dir", str(tmp_path), "image", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "DERIVED IMAGE" in out and "debian-bookworm+dddd" in out and "3.0d" in out
+    assert main(["--cache-dir", str(tmp_path), "image", "prune", "--older-than", "5"]) == 0
+    assert (tmp_path / "images" / "derived-dddd").is_dir()
+    assert main(["--cache-dir", str(tmp_path), "image", "prune", "--older-than", "2"]) == 0
+    assert not (tmp_path / "images" / "derived-dddd").exists()
