@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import os
+import runpy
 import sys
 import time
 from pathlib import Path
 
-from .errors import BottleError
+from .errors import BottleError, SpecError
 from .host import deps as hostdeps
 from .host.paths import default_cache_dir, state_dir, tree_size
 from .host.runstate import RunRecord
 from .host.sweep import SweepReport, stop_vm, sweep
-from .images import RECIPES, BuiltImage, ensure_image, list_images, prune_images, remove_image
+from .images import RECIPES, BuiltImage, Image, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
 from .images.derived import list_derived, prune_derived
 from .spec import resolve
@@ -58,14 +61,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"cache: {args.cache_dir} ({_mb(size)})")
     for image in list_images(args.cache_dir):
         print(f"  image {image.name} {image.key} built {_age(image.created)} ago")
-    derived = list_derived(args.cache_dir)
-    if derived:
-        print(f"\n{'DERIVED IMAGE':40} {'PARENT':28} {'SIZE':>9} {'USED':>6}  STEPS")
-    for d in derived:
-        m = d.manifest
-        label = f"{m.get('name')} ({d.key[:12]})" if not str(m.get("name", "")).endswith(d.key[:12]) else m.get("name")
-        steps = len(m.get("steps", []))
-        print(f"{label!s:40} {m.get('parent')!s:28} {_mb(d.size):>9} {_age(d.last_used):>6}  {steps}")
     for seed in list_seeds(args.cache_dir):
         kp = seed.manifest["key_parts"]
         print(
@@ -77,8 +72,26 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _load_images(source: str) -> None:
+    """Run a Python file (``path.py``) or import a module (``pkg.images``)
+    that defines images: what it names with ``.named()``, and what its
+    ``pytest_bottle_images()`` returns, become buildable by name."""
+    if source.endswith(".py") or os.sep in source:
+        namespace = runpy.run_path(source, run_name="__bottle_images__")
+    else:
+        sys.path.insert(0, os.getcwd())
+        namespace = vars(importlib.import_module(source))
+    hook = namespace.get("pytest_bottle_images")
+    for image in (hook() or ()) if callable(hook) else ():
+        if not isinstance(image, Image) or image.name is None:
+            raise SpecError(f"pytest_bottle_images() in {source} must return named Images, got {image!r}")
+        image.named(image.name)
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     started = time.time()
+    if args.source:
+        _load_images(args.source)
 
     def progress(stage: str, elapsed: float) -> None:
         print(f"[{elapsed:6.1f}s] {stage}", flush=True)
@@ -231,7 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     image = sub.add_parser("image", help="build, list or remove images").add_subparsers(dest="sub", required=True)
     b = image.add_parser("build", help="build an image (cached)")
-    b.add_argument("name")
+    b.add_argument("name", help="a built-in image, or one named in --from")
+    b.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE|MODULE",
+        help="a Python file or module defining images (Image(...).named(NAME), or pytest_bottle_images())",
+    )
     b.add_argument("--rebuild", action="store_true", help="build again even if cached (and drop its seeds)")
     b.set_defaults(fn=cmd_image_build)
     image.add_parser("list", help="known images, what is built, and seeds").set_defaults(fn=cmd_image_list)

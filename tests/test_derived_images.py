@@ -48,7 +48,7 @@ def web_built(web: Image, warm_cache: Path) -> BuiltImage:
 
 @pytest.fixture(scope="module")
 def child(web: Image) -> Image:
-    return web.write("/etc/child", b"child\n").run("echo derived > /etc/derived-marker")
+    return Image(web).write("/etc/child", b"child\n").run("echo derived > /etc/derived-marker")  # a layer on web
 
 
 def test_a_bottle_of_a_derived_image_has_its_package_running(

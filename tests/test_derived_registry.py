@@ -3,7 +3,13 @@ root conftest.py or the ``pytest_bottle_images`` hook (child pytest runs; no VM)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from pytest_bottle.cli import main
+from pytest_bottle.images import BuiltImage
+from pytest_bottle.images.image import NAMED
 
 CONFTEST_NAMED = """
 from pytest_bottle import Image
@@ -59,3 +65,22 @@ def test_the_hook_must_return_named_images(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess()
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*pytest_bottle_images()*must return named Images*"])
+
+
+def test_bottle_image_build_takes_images_from_a_file(
+    tmp_path: Path, default_image: BuiltImage, capsys: pytest.CaptureFixture[str]
+) -> None:
+    defs = tmp_path / "images.py"
+    defs.write_text(
+        "from pytest_bottle import Image\n"
+        "def pytest_bottle_images():\n"
+        "    return [Image('debian-bookworm').named('cli-alias')]\n"
+    )
+    saved = dict(NAMED)
+    try:
+        assert main(["image", "build", "cli-alias", "--from", str(defs)]) == 0
+        assert NAMED["cli-alias"].resolved() == "debian-bookworm"
+        assert default_image.key in capsys.readouterr().out  # an alias builds as what it names
+    finally:
+        NAMED.clear()
+        NAMED.update(saved)

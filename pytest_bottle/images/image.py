@@ -18,6 +18,10 @@ Decisions users see:
 - The key hashes the parent's key, the steps and the bytes and modes of every
   copied file, not the host path they were read from: the same tree copied
   from another checkout is the same image.
+- Layers: the steps chained on one image make one layer, built in one boot.
+  ``Image(other)`` (or a step on a ``.named()`` image) starts a new layer on
+  ``other``'s built disk, so ``other`` is built once and reused; plain
+  ``other.run(...)`` instead makes one flat image with all the steps.
 - An unnamed image shows as ``<parent>+<first 12 characters of its key>``.
 """
 

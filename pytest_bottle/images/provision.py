@@ -110,7 +110,6 @@ def provision(
     for leftover in tmp.iterdir():  # the machine's run files: only the layer and the log stay
         if leftover.name not in ("disk.qcow2", "build.log") and (leftover.is_file() or leftover.is_socket()):
             leftover.unlink()
-    (tmp / "build.log").unlink()
 
 
 def _run_steps(image: Image, agent: AgentClient, logf: IO[str], note: Log) -> None:
