@@ -79,7 +79,6 @@ class MachineConfig:
     kernel: Path
     initrd: Path
     disk: Path  # the image's disk (its root file system), under the overlay of a cold boot
-    disk_format: DiskFormat = "raw"  # "qcow2" for a derived image's layer
     memory_mb: int = 512
     cpus: int = 1
     accel: Accel = "tcg"
@@ -90,6 +89,7 @@ class MachineConfig:
     extra_kernel_args: tuple[str, ...] = ()
     qemu: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = field(default=())
+    disk_format: DiskFormat = "raw"  # of ``disk``: "qcow2" for a derived image's layer (last: positional calls)
 
     @property
     def backing(self) -> tuple[Path, DiskFormat]:
