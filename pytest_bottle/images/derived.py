@@ -26,6 +26,7 @@ from ..host.locks import reporting_lock
 from ..host.paths import cache_root, tree_size
 from ..store import entries
 from ..store.gc import remove_seeds
+from ..store.saved import list_seeds
 from . import builder
 from .cache import BuiltImage, ensure_image, images_dir, lock_path
 from .image import Image
@@ -199,5 +200,6 @@ def prune_derived(cache_dir: Path, older_than_days: float = 0.0) -> list[tuple[P
             entries.remove(e.path, "prune")
         why = f"derived image {e.manifest.get('name')} not used for {(time.time() - e.last_used) / 86400:.1f} days"
         removed.append((e.path, e.size, why))
-        removed += [(p, 0, f"seed of {why}") for p in remove_seeds(cache_dir, image_key=e.key)]
+        sizes = {s.path: tree_size(s.path) for s in list_seeds(cache_dir)}
+        removed += [(p, sizes.get(p, 0), f"seed of {why}") for p in remove_seeds(cache_dir, image_key=e.key)]
     return removed
