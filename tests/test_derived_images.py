@@ -112,3 +112,31 @@ def test_a_failing_step_names_it_and_caches_nothing(warm_cache: Path) -> None:
         assert err.log_path is not None and Path(err.log_path).is_file()
         assert not final.exists()
         assert not list(final.parent.glob(f".tmp-{final.name}-*"))
+
+
+CHILD_CONFTEST = """
+from pytest_bottle import Image
+Image("debian-bookworm-minimal").write("/etc/marker", "m\\n", mode=0o604).named("marked")
+"""
+
+CHILD_TESTS = """
+import pytest
+from pytest_bottle.images.image import NAMED
+
+@pytest.mark.bottle(image=NAMED["marked"])
+def test_marker(bottle):
+    assert bottle.image == "marked" and bottle.read_text("/etc/marker") == "m\\n"
+
+def test_option(bottle):
+    assert bottle.image == "marked"
+    assert bottle.check_output("stat -c %a /etc/marker") == "604\\n"
+"""
+
+
+def test_a_named_image_in_a_marker_and_by_option(pytester: pytest.Pytester, warm_cache: Path) -> None:
+    pytester.makeconftest(CHILD_CONFTEST)
+    pytester.makepyfile(test_child=CHILD_TESTS)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:randomly", "--bottle-image=marked", f"--bottle-cache-dir={warm_cache}"
+    )
+    result.assert_outcomes(passed=2)
