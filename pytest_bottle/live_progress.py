@@ -36,6 +36,7 @@ class LiveProgress:
         self.terminal: TerminalSink | None = None
         self.file: FileSink | None = None
         self.tail: Tail | None = None
+        self._width_after = 0
         worker = getattr(config, "workerinput", None)
         sink: progress.Sink = progress.stderr_sink
         if worker is not None:
@@ -53,12 +54,18 @@ class LiveProgress:
         self.reporter = reporter
 
     def _end_open_line(self) -> bool:
-        """Whether pytest's terminal is mid-line; it then starts a new one for its next word."""
+        """Whether pytest's terminal is mid-line (a path and its dots, xdist's
+        dots): our line then starts on a new one."""
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
-        if tr is None or getattr(tr, "currentfspath", None) is None:
+        if tr is None:
             return False
-        tr.currentfspath = None
-        return True
+        # The reporter does not see our lines: it still counts the width of
+        # the line it left, which tells whether it wrote since our last one.
+        width = int(getattr(getattr(tr, "_tw", None), "width_of_current_line", 0))
+        open_line = getattr(tr, "currentfspath", None) is not None or width not in (0, self._width_after)
+        tr.currentfspath = None  # its next word goes on a new line, under its path again
+        self._width_after = width
+        return open_line
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
