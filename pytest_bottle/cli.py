@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args.cache_dir = (args.cache_dir or default_cache_dir()).absolute()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     if args.fn is not cmd_run:  # progress goes with the stage lines on stdout; run's stdout is the guest's
-        progress.install(progress.Reporter(progress.stdout_sink))
+        progress.install(progress.Reporter(progress.cli_sink))
     try:
         return int(args.fn(args))
     except BottleError as e:

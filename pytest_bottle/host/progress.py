@@ -62,16 +62,19 @@ class Event:
 def format_event(e: Event) -> str:
     """The line shown for ``e``: ``pytest-bottle [  12s] building image X: ...``."""
     origin = f"[{e.origin}] " if e.origin else ""
-    head = f"{origin}{PREFIX} [{e.elapsed:4.0f}s] {e.what}"
+    return f"{origin}{PREFIX} [{e.elapsed:4.0f}s] {_body(e)}"
+
+
+def _body(e: Event) -> str:
     if e.kind == "start":
-        return f"{head}: {e.why}" if e.why else head
+        return f"{e.what}: {e.why}" if e.why else e.what
     if e.kind == "stage":
-        return f"{head}: {e.stage}"
+        return f"{e.what}: {e.stage}"
     if e.kind == "heartbeat":
-        return f"{head}: still running" + (f" ({e.stage})" if e.stage else "")
+        return f"{e.what}: still running" + (f" ({e.stage})" if e.stage else "")
     if e.kind == "end":
-        return f"{head}: done in {e.elapsed:.1f}s"
-    return f"{head}: failed after {e.elapsed:.1f}s" + (f" ({e.stage})" if e.stage else "")
+        return f"{e.what}: done in {e.elapsed:.1f}s"
+    return f"{e.what}: failed after {e.elapsed:.1f}s" + (f" ({e.stage})" if e.stage else "")
 
 
 Sink = Callable[[Event], None]
@@ -82,9 +85,10 @@ def stderr_sink(e: Event) -> None:
     print(format_event(e), file=sys.stderr, flush=True)
 
 
-def stdout_sink(e: Event) -> None:
-    """The ``bottle`` command's, next to the image builder's stage lines."""
-    print(format_event(e), file=sys.stdout, flush=True)
+def cli_sink(e: Event) -> None:
+    """The ``bottle`` command's: on stdout in the form of the image builder's
+    stage lines there, ``[  12.3s] ...``."""
+    print(f"[{e.elapsed:6.1f}s] {_body(e)}", file=sys.stdout, flush=True)
 
 
 class Task:
