@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import BottleError, SpecError
 from .host import deps as hostdeps
+from .host import progress
 from .host.paths import default_cache_dir, state_dir, tree_size
 from .host.runstate import RunRecord
 from .host.sweep import SweepReport, stop_vm, sweep
@@ -295,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.cache_dir = (args.cache_dir or default_cache_dir()).absolute()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    if args.fn is not cmd_run:  # progress goes with the stage lines on stdout; run's stdout is the guest's
+        progress.install(progress.Reporter(progress.cli_sink))
     try:
         return int(args.fn(args))
     except BottleError as e:

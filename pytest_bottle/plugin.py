@@ -25,6 +25,7 @@ from .host.sweep import sweep
 from .images import BuiltImage, Image, ensure_image
 from .images.image import known_names
 from .lifecycle.manager import BottleManager
+from .live_progress import LiveProgress
 from .spec import BottleSpec, Layer, resolve
 from .vmm import accel as accel_mod
 
@@ -93,6 +94,7 @@ class _State:
 
 
 STATE = pytest.StashKey[_State]()
+PROGRESS = pytest.StashKey[LiveProgress]()
 REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
 
@@ -159,6 +161,8 @@ def _register_images(config: pytest.Config) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_DOC)
     _register_images(config)
+    config.stash[PROGRESS] = live = LiveProgress(config)
+    config.pluginmanager.register(live, "bottle-progress")
     keys = {name.replace("-", "_"): "bottle_" + name.replace("-", "_") for name in OPTIONS}
     cli = {k: config.getoption(dest) for k, dest in keys.items()}
     ini = {k: (config.getini(dest) or None) for k, dest in keys.items()}
@@ -234,6 +238,8 @@ def pytest_configure_node(node: Any) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if STATE in config.stash:
         config.stash[STATE].manager.close_all()
+    if PROGRESS in config.stash:
+        config.stash[PROGRESS].close()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -21,6 +21,7 @@ from filelock import FileLock
 from ..errors import ImageBuildError
 from ..host.locks import reporting_lock
 from ..host.paths import cache_root, remove_tree
+from ..host.progress import task
 from ..store import entries
 from ..vmm.qemu import DiskFormat
 from . import builder
@@ -148,9 +149,11 @@ def ensure_image(
         built = _load(final)
         if built and (rebuild_before is None or built.created >= rebuild_before):
             return built  # another process built it while we waited
+        why = _why_build(name, final, built)
         with entries.building(final) as tmp:  # stale ones of dead builds go first: we hold the lock
             try:
-                manifest = builder.build(recipe, tmp, progress)
+                with task(f"building image {name} (key {recipe.key()})", why) as t:
+                    manifest = builder.build(recipe, tmp, t.relay(progress))
                 remove_tree(tmp / ".work")
                 (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
                 entries.commit(tmp, final)
@@ -165,6 +168,18 @@ def ensure_image(
         loaded = _load(final)
         assert loaded is not None
         return loaded
+
+
+def _why_build(name: str, final: Path, found: BuiltImage | None) -> str:
+    """Why the entry ``final`` is being built, for the progress line."""
+    if found is not None:
+        return "rebuild requested"
+    others = (
+        p for p in final.parent.glob(f"{name}-*") if p != final and p.is_dir() and "-" not in p.name[len(name) + 1 :]
+    )
+    if any(others):
+        return "outdated: its recipe or the builder changed; first build of this version (minutes)"
+    return "not cached yet; the first build takes minutes"
 
 
 def _keep_failed_log(cache_dir: Path, tmp: Path, entry: str) -> str | None:

@@ -24,6 +24,7 @@ from filelock import FileLock
 from ..errors import ImageBuildError
 from ..host.locks import reporting_lock
 from ..host.paths import cache_root, tree_size
+from ..host.progress import task
 from ..store import entries
 from ..store.gc import remove_seeds
 from ..store.saved import list_seeds
@@ -76,11 +77,17 @@ def ensure_derived(
     lock = lock_path(cache_dir, final.name)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with reporting_lock(lock, f"the build of image {image.display_name}"):
-        built = load(final, image, parent)
-        if usable(built):
-            assert built is not None
-            return built  # another process built it while we waited
-        _build(image, parent, cache_dir, final, progress)
+        found = load(final, image, parent)
+        if usable(found):
+            assert found is not None
+            return found  # another process built it while we waited
+        why = (
+            "rebuild requested"
+            if found is not None
+            else "not cached yet (about a minute per step that installs packages)"
+        )
+        with task(f"building image {image.display_name} on {parent.name} ({len(image.steps)} steps)", why) as t:
+            _build(image, parent, cache_dir, final, t.relay(progress))
     built = load(final, image, parent)
     assert built is not None
     return _used(built)

@@ -22,6 +22,7 @@ from ..agent.client import AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..agent.replies import SettleReply
 from ..host.locks import reporting_lock
+from ..host.progress import task
 from ..images.cache import BuiltImage
 from ..lifecycle.boot import start_machine
 from ..ssh import new_host_key
@@ -111,6 +112,7 @@ def ensure_seed(
     """
     parts = key_parts(image, accel, memory_mb, cpus, nics, baked)
     final = seed_dir(cache_dir, parts)
+    why = ""
     for _ in range(2):
         seed = load(final)
         if seed is not None and (rebuild_before is None or seed.created >= rebuild_before):
@@ -119,16 +121,28 @@ def ensure_seed(
                 return seed
             except StateCorrupt as e:
                 discard(seed, str(e))
+                why = f"the last one was corrupt ({e.reason})"
         final.parent.mkdir(parents=True, exist_ok=True)
         with reporting_lock(lock_path(final), f"the seed {final.name}"):
             seed = load(final)
             if seed is None or (rebuild_before is not None and seed.created < rebuild_before):
-                _create(image, accel, parts, final, baked or {})
+                what = f"making the work seed of image {image.name} ({memory_mb}M, {cpus} cpu, {nics} nic)"
+                with task(what, why or _why_seed(final, seed)):
+                    _create(image, accel, parts, final, baked or {})
                 prune_seeds(cache_dir, {image.name: image}, only=image.name)
     seed = load(final)
     assert seed is not None
     verify(seed)
     return seed
+
+
+def _why_seed(final: Path, found: SavedState | None) -> str:
+    """Why the seed ``final`` is being made, for the progress line."""
+    if found is not None:
+        return "rebuild requested"
+    if any(p != final and p.is_dir() for p in final.parent.glob(final.name.rsplit("-", 1)[0] + "-*")):
+        return "outdated: the image, QEMU or the machine changed; booting it once (about a minute)"
+    return "none yet; booting the image once so every bottle restores in a fraction of a second (about a minute)"
 
 
 def _create(image: BuiltImage, accel: str, parts: dict[str, Any], final: Path, baked: dict[str, str | None]) -> None:

@@ -1,0 +1,100 @@
+"""Progress of first-use work under pytest: a new user never watches a silent minute.
+
+Each test runs pytest in a subprocess against a cache of its own that shares
+the built images but has no seed, so the child's first bottle makes one
+(about a minute under TCG) and must say so while the test waits, through
+pytest's capture, and under xdist through the controller.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import kill_group
+
+from pytest_bottle.host.paths import default_cache_dir, state_dir
+from pytest_bottle.host.progress import INTERVAL_ENV
+from pytest_bottle.images import ensure_image
+
+HEARTBEAT = 2.0  # seconds; a seed takes far longer, so heartbeats must show
+SEED_LINE = r"pytest-bottle \[\s*\d+s\] making the work seed of image debian-bookworm \(512M, 1 cpu, 1 nic\)"
+
+# The fast test's dot is on the terminal before the seed's lines: they still start a line.
+TEST_FILE = """
+def test_fast():
+    pass
+
+def test_first_bottle(bottle):
+    assert bottle.exec("true").ok
+"""
+
+
+@pytest.fixture
+def seedless_cache(tmp_path: Path) -> Path:
+    """A cache with the built images (linked in) and the accelerator verdict, but no seed."""
+    shared = default_cache_dir()
+    ensure_image("debian-bookworm", shared)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.symlink(shared / "images", cache / "images")
+    if (shared / "accel.json").exists():
+        shutil.copy(shared / "accel.json", cache / "accel.json")
+    return cache
+
+
+def run_child(tmp_path: Path, cache: Path, *args: str) -> tuple[int, str, int]:
+    """Run pytest on TEST_FILE; returns its exit code, its output (stdout and
+    stderr interleaved, as a terminal shows them) and its pid."""
+    (tmp_path / "test_first.py").write_text(TEST_FILE)
+    env = dict(os.environ, **{INTERVAL_ENV: str(HEARTBEAT)})
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    argv += [f"--bottle-cache-dir={cache}", "--rootdir", str(tmp_path), *args, "test_first.py"]
+    proc = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=540)
+    finally:
+        kill_group(proc)
+    return proc.returncode, out, proc.pid
+
+
+def check_seed_progress(out: str, prefix: str = "") -> None:
+    start = rf"^{prefix}{SEED_LINE}: none yet"
+    assert re.search(start, out, re.M), f"no start line for the seed:\n{out}"
+    assert re.search(rf"^{prefix}{SEED_LINE}: still running", out, re.M), f"no heartbeat:\n{out}"
+    assert re.search(rf"^{prefix}{SEED_LINE}: done in \d+\.\ds$", out, re.M), f"no end line:\n{out}"
+
+
+def test_seed_progress_shows_through_capture(tmp_path: Path, seedless_cache: Path) -> None:
+    rc, out, _ = run_child(tmp_path, seedless_cache)
+    assert rc == 0, out
+    check_seed_progress(out)
+    # The lines come while the test waits, before its result.
+    assert out.index("making the work seed") < out.index("2 passed")
+
+
+def test_seed_progress_under_xdist_comes_through_the_controller(tmp_path: Path, seedless_cache: Path) -> None:
+    rc, out, pid = run_child(tmp_path, seedless_cache, "-n", "2")
+    assert rc == 0, out
+    check_seed_progress(out, prefix=r"\[gw\d\] ")
+    assert not list((state_dir() / "progress").glob(f"{pid}-*")), "the controller left its progress file"
+
+
+def test_quiet_run_without_bottle_tests_shows_nothing(tmp_path: Path, seedless_cache: Path) -> None:
+    rc, out, _ = run_child(tmp_path, seedless_cache, "-q", "-m", "not bottle", "-n", "2")
+    assert rc == 0, out  # the bottle test deselected
+    assert "pytest-bottle [" not in out
+    assert not (seedless_cache / "seeds").exists() or not any((seedless_cache / "seeds").iterdir())

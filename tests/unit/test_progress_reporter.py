@@ -1,0 +1,131 @@
+"""The progress reporter's lines and heartbeats, on a fake clock (pure logic)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_bottle.host import progress
+from pytest_bottle.host.progress import Event, Reporter, format_event
+from pytest_bottle.host.progress_sinks import FileSink, Tail
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(stages: bool = True) -> tuple[Reporter, Clock, list[Event]]:
+    clock, seen = Clock(), []
+    reporter = Reporter(seen.append, interval=10.0, stages=stages, clock=clock)
+    reporter._ensure_thread = lambda: None  # type: ignore[method-assign]  # ticks are driven by hand
+    return reporter, clock, seen
+
+
+def test_a_task_reports_start_stages_heartbeats_and_end() -> None:
+    reporter, clock, seen = make()
+    with reporter.task("building image x (key k)", "not cached yet") as t:
+        clock.now += 3
+        t.stage("downloading")
+        clock.now += 9
+        reporter.tick()  # 9 s since the stage line: not yet
+        clock.now += 1
+        reporter.tick()  # 10 s of quiet: a heartbeat naming the stage
+        clock.now += 5
+        reporter.tick()
+        clock.now += 20
+    assert [(e.kind, e.elapsed, e.stage) for e in seen] == [
+        ("start", 0.0, ""),
+        ("stage", 3.0, "downloading"),
+        ("heartbeat", 13.0, "downloading"),
+        ("end", 38.0, "downloading"),
+    ]
+    assert [format_event(e) for e in seen] == [
+        "pytest-bottle [   0s] building image x (key k): not cached yet",
+        "pytest-bottle [   3s] building image x (key k): downloading",
+        "pytest-bottle [  13s] building image x (key k): still running (downloading)",
+        "pytest-bottle [  38s] building image x (key k): done in 38.0s",
+    ]
+
+
+def test_quiet_hides_stages_but_never_the_heartbeat() -> None:
+    reporter, clock, seen = make(stages=False)
+    with reporter.task("making the work seed of image x", "none yet") as t:
+        for _ in range(6):  # a stage every 5 s: shown ones would keep the task "not quiet"
+            clock.now += 5
+            t.stage("step")
+            reporter.tick()
+    assert [e.kind for e in seen] == ["start", "heartbeat", "heartbeat", "heartbeat", "end"]
+
+
+def test_a_failure_is_reported_and_raised() -> None:
+    reporter, clock, seen = make()
+    with pytest.raises(RuntimeError), reporter.task("building image x") as t:
+        t.stage("E: broken")
+        clock.now += 2
+        raise RuntimeError("boom")
+    assert format_event(seen[-1]) == "pytest-bottle [   2s] building image x: failed after 2.0s (E: broken)"
+
+
+def test_relay_shows_stages_only_when_nobody_else_does() -> None:
+    reporter, _, seen = make()
+    got: list[tuple[str, float]] = []
+    with reporter.task("a") as t:
+        t.relay()("I: one", 1.0)
+        t.relay(lambda s, e: got.append((s, e)))("I: two", 2.0)
+        assert t.last_stage == "I: two"
+    assert [e.stage for e in seen if e.kind == "stage"] == ["I: one"]
+    assert got == [("I: two", 2.0)]
+
+
+def test_a_failing_sink_does_not_break_the_work() -> None:
+    def sink(e: Event) -> None:
+        raise OSError("terminal gone")
+
+    with Reporter(sink, interval=10.0).task("a") as t:
+        t.stage("b")
+
+
+def test_the_heartbeat_thread_runs_while_a_task_does() -> None:
+    seen: list[Event] = []
+    reporter = Reporter(seen.append, interval=0.2)
+    previous = progress.install(reporter)
+    try:
+        with progress.task("a", "b"):
+            time.sleep(1.0)
+    finally:
+        progress.install(previous)
+        reporter.close()
+    assert sum(e.kind == "heartbeat" for e in seen) >= 2
+
+
+def test_worker_events_cross_a_file_to_the_controller(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"")
+    shown: list[Event] = []
+    done = threading.Event()
+
+    def show(e: Event) -> None:
+        shown.append(e)
+        if e.kind == "end":
+            done.set()
+
+    tail = Tail(path, show, poll=0.05)
+    sink = FileSink(path, "gw1")
+    with Reporter(sink, interval=10.0).task("making the work seed of image x", "none yet") as t:
+        t.stage("booting")
+    sink.close()
+    assert done.wait(10)
+    tail.stop()
+    assert not path.exists()
+    first = format_event(shown[0])
+    assert first == "[gw1] pytest-bottle [   0s] making the work seed of image x: none yet"
+    assert [e.kind for e in shown] == ["start", "stage", "end"]
+    json.dumps(shown[0].to_dict())  # plain values
