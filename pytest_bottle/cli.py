@@ -19,7 +19,7 @@ from .host.runstate import RunRecord
 from .host.sweep import SweepReport, stop_vm, sweep
 from .images import RECIPES, BuiltImage, Image, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
-from .images.derived import list_derived, prune_derived
+from .images.derived import list_derived, prune_derived, remove_derived
 from .spec import resolve
 from .store.gc import prune_seeds, remove_seeds
 from .store.seeds import list_seeds
@@ -140,7 +140,9 @@ def cmd_image_list(args: argparse.Namespace) -> int:
 
 
 def cmd_image_rm(args: argparse.Namespace) -> int:
-    removed = remove_image(args.name, args.cache_dir) + remove_seeds(args.cache_dir, args.name)
+    removed = remove_derived(args.cache_dir, args.name)  # a derived image's name or key, then a recipe's
+    if not removed:
+        removed = remove_image(args.name, args.cache_dir) + remove_seeds(args.cache_dir, args.name)
     for p in removed:
         print(f"removed {p}")
     if not removed:

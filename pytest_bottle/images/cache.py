@@ -215,7 +215,9 @@ def prune_logs(cache_dir: Path, entry: str | None = None, keep: int = KEEP_FAILE
     removed = []
     for name, found in groups.items():
         found.sort(reverse=True)
-        for _, path, size in found[keep if name in current else 0 :]:
+        # A derived image's key is not known here: its failed builds keep their newest logs too.
+        kept = keep if name in current or name.startswith("derived-") else 0
+        for _, path, size in found[kept:]:
             path.unlink(missing_ok=True)
             removed.append((path, size))
     return removed

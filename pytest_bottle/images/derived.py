@@ -210,3 +210,23 @@ def prune_derived(cache_dir: Path, older_than_days: float = 0.0) -> list[tuple[P
         sizes = {s.path: tree_size(s.path) for s in list_seeds(cache_dir)}
         removed += [(p, sizes.get(p, 0), f"seed of {why}") for p in remove_seeds(cache_dir, image_key=e.key)]
     return removed
+
+
+def remove_derived(cache_dir: Path, name: str) -> list[Path]:
+    """Remove the derived images called ``name`` (their ``.named()`` or shown
+    name, ``derived-KEY`` or a key prefix of 8+ characters), the layers that
+    rest on them and the seeds of all of those; returns what went."""
+    found = list_derived(cache_dir)
+
+    def matches(e: DerivedEntry) -> bool:
+        return name in (e.manifest.get("name"), e.path.name) or (len(name) >= 8 and e.key.startswith(name))
+
+    gone = {e.key for e in found if matches(e)}
+    gone |= {e.key for e in found if gone & {str(k) for k in e.manifest.get("chain", [])}}
+    removed: list[Path] = []
+    for e in found:
+        if e.key in gone:
+            with FileLock(str(lock_path(cache_dir, e.path.name))):
+                entries.remove(e.path, "rm")
+            removed += [e.path, *remove_seeds(cache_dir, image_key=e.key)]
+    return removed

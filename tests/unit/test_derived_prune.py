@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pytest_bottle.cli import main
-from pytest_bottle.images.derived import USED_STAMP, list_derived, prune_derived
+from pytest_bottle.images.derived import USED_STAMP, list_derived, prune_derived, remove_derived
 
 
 def _entry(cache: Path, key: str, chain: list[str], used_days_ago: float) -> Path:
@@ -46,3 +46,16 @@ def test_the_cli_lists_and_prunes_derived_images(tmp_path: Path, capsys: pytest.
     assert (tmp_path / "images" / "derived-dddd").is_dir()
     assert main(["--cache-dir", str(tmp_path), "image", "prune", "--older-than", "2"]) == 0
     assert not (tmp_path / "images" / "derived-dddd").exists()
+
+
+def test_rm_takes_a_derived_name_or_key_and_removes_what_rests_on_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parent = _entry(tmp_path, "eeee1111eeee", ["eeee1111eeee", "base"], 0)
+    child = _entry(tmp_path, "ffff2222ffff", ["ffff2222ffff", "eeee1111eeee", "base"], 0)
+    other = _entry(tmp_path, "9999aaaa9999", ["9999aaaa9999", "base"], 0)
+    assert remove_derived(tmp_path, "eeee") == []  # too short to be a key
+    assert main(["--cache-dir", str(tmp_path), "image", "rm", "debian-bookworm+eeee1111eeee"]) == 0
+    assert not parent.exists() and not child.exists() and other.is_dir()
+    assert f"removed {parent}" in capsys.readouterr().out
+    assert remove_derived(tmp_path, "9999aaaa") == [other] and not other.exists()
