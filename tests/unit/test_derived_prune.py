@@ -59,3 +59,19 @@ def test_rm_takes_a_derived_name_or_key_and_removes_what_rests_on_it(
     assert not parent.exists() and not child.exists() and other.is_dir()
     assert f"removed {parent}" in capsys.readouterr().out
     assert remove_derived(tmp_path, "9999aaaa") == [other] and not other.exists()
+
+
+def test_prune_keeps_the_newest_failed_build_logs_of_derived_images(tmp_path: Path) -> None:
+    from pytest_bottle.images.cache import KEEP_FAILED_LOGS, prune_logs
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    made = []
+    for i in range(KEEP_FAILED_LOGS + 2):
+        log = logs / f"derived-abcd1234-failed-{i}.log"
+        log.write_text("step 1/1 failed\n")
+        os.utime(log, (1000.0 + i, 1000.0 + i))
+        made.append(log)
+    removed = [p for p, _ in prune_logs(tmp_path)]
+    assert sorted(removed) == sorted(made[:2])  # the oldest go, the newest stay
+    assert all(p.exists() for p in made[2:])
