@@ -4,7 +4,10 @@ failing step, and a cache hit."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -112,6 +115,30 @@ def test_a_failing_step_names_it_and_caches_nothing(warm_cache: Path) -> None:
         assert err.log_path is not None and Path(err.log_path).is_file()
         assert not final.exists()
         assert not list(final.parent.glob(f".tmp-{final.name}-*"))
+
+
+RACER = """
+import sys
+from pytest_bottle import Image
+from pytest_bottle.images import ensure_image
+built = ensure_image(Image("debian-bookworm-minimal").write("/etc/race", sys.argv[2]), sys.argv[1])
+print(built.path, built.created)
+"""
+
+
+def test_two_processes_wanting_a_new_image_build_it_once(warm_cache: Path) -> None:
+    """Both get the same entry; without the cross-process lock each would build
+    and the second commit would replace the first (another ``created``)."""
+    token = uuid.uuid4().hex
+    racers = [
+        subprocess.Popen([sys.executable, "-c", RACER, str(warm_cache), token], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [r.communicate(timeout=600)[0].split() for r in racers]
+    assert all(r.returncode == 0 for r in racers), outs
+    assert outs[0] == outs[1] and len(outs[0]) == 2, outs
+    entry = Path(outs[0][0])
+    assert [p.name for p in entry.parent.glob(f"*{entry.name}*")] == [entry.name]  # no tmp entry left
 
 
 CHILD_CONFTEST = """
