@@ -243,8 +243,13 @@ def test_run_command_forms_exit_codes_and_verbose(seed: SavedState) -> None:
 
 
 def test_ctrl_c_stops_the_bottle_and_gives_130(seed: SavedState) -> None:
+    # As from a terminal: SIGINT raises KeyboardInterrupt.  A run started in the
+    # background of a shell without job control inherits SIGINT ignored, and so
+    # would the CLI (Python leaves an ignored SIGINT ignored).
+    at_a_terminal = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    at_a_terminal += "runpy.run_module('pytest_bottle.cli', run_name='__main__')"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={CACHE}", "run", "--", "sleep", "120"],
+        [sys.executable, "-c", at_a_terminal, f"--cache-dir={CACHE}", "run", "--", "sleep", "120"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
