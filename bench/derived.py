@@ -72,16 +72,20 @@ def main() -> None:
         base.append(first_exec(BASE))
         web.append(first_exec(WEB))
     ratios = [w / b for b, w in zip(base, web, strict=True)]
-    ratio = p50(web) / p50(base)
+    ratio, ratio95 = p50(web) / p50(base), pct(web, 95) / pct(base, 95)
     table(
         f"launch -> first exec, {args.pairs} alternating pairs",
         ["image", "p50 s", "p95 s"],
         [
             [BASE, f"{p50(base):.3f}", f"{pct(base, 95):.3f}"],
             [f"{WEB.display_name} (nginx)", f"{p50(web):.3f}", f"{pct(web, 95):.3f}"],
-            ["ratio p50 (target ≤ 1.5x)", f"{ratio:.2f}x {verdict(ratio, 1.5)}", ""],
-            ["ratio per pair p50 / max", f"{p50(ratios):.2f}x", f"{max(ratios):.2f}x"],
+            ["derived / base (target ≤ 1.5x)", f"{ratio:.2f}x {verdict(ratio, 1.5)}", f"{ratio95:.2f}x"],
         ],
+    )
+    table(
+        "derived / base, per pair",
+        ["", "p50", "p95", "max"],
+        [["ratio", f"{p50(ratios):.2f}x", f"{pct(ratios, 95):.2f}x", f"{max(ratios):.2f}x"]],
     )
 
     layer, rootfs = allocated(web_built.disk), allocated(base_built.rootfs)
