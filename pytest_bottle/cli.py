@@ -18,7 +18,7 @@ from .host.runstate import RunRecord
 from .host.sweep import SweepReport, stop_vm, sweep
 from .images import RECIPES, BuiltImage, Image, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
-from .images.derived import list_derived, prune_derived
+from .images.derived import list_derived, prune_derived, remove_derived
 from .spec import resolve
 from .store.gc import prune_seeds, remove_seeds
 from .store.seeds import list_seeds
@@ -139,7 +139,10 @@ def cmd_image_list(args: argparse.Namespace) -> int:
 
 
 def cmd_image_rm(args: argparse.Namespace) -> int:
-    removed = remove_image(args.name, args.cache_dir) + remove_seeds(args.cache_dir, args.name)
+    removed = remove_derived(args.cache_dir, args.name)
+    if not removed or args.name in RECIPES:
+        removed += remove_image(args.name, args.cache_dir)
+    removed += remove_seeds(args.cache_dir, args.name)
     for p in removed:
         print(f"removed {p}")
     if not removed:
@@ -260,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--older-than", type=float, metavar="DAYS", help="also remove derived images (and their seeds) unused for DAYS"
     )
     pr.set_defaults(fn=cmd_image_prune)
-    r = image.add_parser("rm", help="remove an image and its seeds from the cache")
+    r = image.add_parser("rm", help="remove an image (a derived one with the layers on it) and its seeds")
     r.add_argument("name")
     r.set_defaults(fn=cmd_image_rm)
 

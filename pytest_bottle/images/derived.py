@@ -203,3 +203,19 @@ def prune_derived(cache_dir: Path, older_than_days: float = 0.0) -> list[tuple[P
         sizes = {s.path: tree_size(s.path) for s in list_seeds(cache_dir)}
         removed += [(p, sizes.get(p, 0), f"seed of {why}") for p in remove_seeds(cache_dir, image_key=e.key)]
     return removed
+
+
+def remove_derived(cache_dir: Path, name: str) -> list[Path]:
+    """Remove the derived images shown as ``name`` (any key), the layers on
+    them (their backing file would be gone) and the seeds of all of them."""
+    found = list_derived(cache_dir)
+    doomed = {e.key for e in found if e.manifest.get("name") == name}
+    removed: list[Path] = []
+    for e in found:
+        if not doomed & {str(k) for k in e.manifest.get("chain", [e.key])}:
+            continue
+        with FileLock(str(lock_path(cache_dir, e.path.name))):
+            entries.remove(e.path, "rm")
+        removed.append(e.path)
+        removed += remove_seeds(cache_dir, image_key=e.key)
+    return removed

@@ -46,3 +46,14 @@ def test_the_cli_lists_and_prunes_derived_images(tmp_path: Path, capsys: pytest.
     assert (tmp_path / "images" / "derived-dddd").is_dir()
     assert main(["--cache-dir", str(tmp_path), "image", "prune", "--older-than", "2"]) == 0
     assert not (tmp_path / "images" / "derived-dddd").exists()
+
+
+def test_rm_removes_a_derived_image_and_the_layers_on_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parent = _entry(tmp_path, "eeee", ["eeee", "base"], 0)
+    child = _entry(tmp_path, "ffff", ["ffff", "eeee", "base"], 0)
+    other = _entry(tmp_path, "gggg", ["gggg", "base"], 0)
+    assert main(["--cache-dir", str(tmp_path), "image", "rm", "debian-bookworm+eeee"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {parent}" in out and f"removed {child}" in out
+    assert not parent.exists() and not child.exists() and other.is_dir()
+    assert main(["--cache-dir", str(tmp_path), "image", "rm", "debian-bookworm+eeee"]) == 1  # unknown now
