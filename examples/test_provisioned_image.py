@@ -24,18 +24,13 @@ GREETER = Image("debian-bookworm").copy("scripts", "/opt/provision").run("/opt/p
 
 pytestmark = pytest.mark.bottle(image=GREETER)
 
+FETCH = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/').read().decode(), end='')"
+
 
 def test_the_service_it_set_up_is_running(bottle: Bottle) -> None:
     assert bottle.check_output(["systemctl", "is-active", "greeter"]).strip() == "active"
     bottle.wait_for_port(8080, timeout=30)
-    page = bottle.check_output(
-        [
-            "python3",
-            "-c",
-            "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/').read().decode(), end='')",
-        ]
-    )
-    assert page == "hello from greeter\n"
+    assert bottle.check_output(["python3", "-c", FETCH]) == "hello from greeter\n"
 
 
 def test_user_and_config_are_in_place(bottle: Bottle) -> None:
