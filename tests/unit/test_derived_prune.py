@@ -75,3 +75,14 @@ def test_prune_keeps_the_newest_failed_build_logs_of_derived_images(tmp_path: Pa
     removed = [p for p, _ in prune_logs(tmp_path)]
     assert sorted(removed) == sorted(made[:2])  # the oldest go, the newest stay
     assert all(p.exists() for p in made[2:])
+
+
+def test_rm_removes_a_derived_image_and_the_layers_on_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parent = _entry(tmp_path, "eeee", ["eeee", "base"], 0)
+    child = _entry(tmp_path, "ffff", ["ffff", "eeee", "base"], 0)
+    other = _entry(tmp_path, "gggg", ["gggg", "base"], 0)
+    assert main(["--cache-dir", str(tmp_path), "image", "rm", "debian-bookworm+eeee"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {parent}" in out and f"removed {child}" in out
+    assert not parent.exists() and not child.exists() and other.is_dir()
+    assert main(["--cache-dir", str(tmp_path), "image", "rm", "debian-bookworm+eeee"]) == 1  # unknown now
