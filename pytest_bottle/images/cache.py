@@ -158,7 +158,7 @@ def ensure_image(
                 (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
                 entries.commit(tmp, final)
             except BaseException as e:
-                kept_log = _keep_failed_log(cache_dir, tmp, final.name)
+                kept_log = keep_failed_log(cache_dir, tmp, final.name)
                 if isinstance(e, ImageBuildError):  # point at the log where it now lives
                     raise ImageBuildError(e.name, e.reason, e.log_tail, kept_log) from None
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
@@ -182,7 +182,8 @@ def _why_build(name: str, final: Path, found: BuiltImage | None) -> str:
     return "not cached yet; the first build takes minutes"
 
 
-def _keep_failed_log(cache_dir: Path, tmp: Path, entry: str) -> str | None:
+def keep_failed_log(cache_dir: Path, tmp: Path, entry: str) -> str | None:
+    """Move a failed build's log out of its tmp entry into ``logs/`` (the newest few per entry stay)."""
     src = tmp / "build.log"
     if not src.is_file():
         return None

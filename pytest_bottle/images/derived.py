@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from ..store import entries
 from ..store.gc import remove_seeds
 from ..store.saved import list_seeds
 from . import builder
-from .cache import BuiltImage, ensure_image, images_dir, lock_path
+from .cache import BuiltImage, ensure_image, images_dir, keep_failed_log, lock_path
 from .image import Image
 from .provision import provision
 
@@ -113,7 +112,7 @@ def _build(image: Image, parent: BuiltImage, cache_dir: Path, final: Path, progr
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
             entries.commit(tmp, final)
         except BaseException as e:
-            kept = _keep_failed_log(cache_dir, tmp, final.name)
+            kept = keep_failed_log(cache_dir, tmp, final.name)
             if isinstance(e, ImageBuildError):
                 raise ImageBuildError(e.name, e.reason, e.log_tail, kept) from None
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
@@ -143,20 +142,6 @@ def _manifest(image: Image, parent: BuiltImage, tmp: Path, started: float) -> di
         "build_seconds": round(time.monotonic() - started, 2),
         "created": time.time(),
     }
-
-
-def _keep_failed_log(cache_dir: Path, tmp: Path, entry: str) -> str | None:
-    src = tmp / "build.log"
-    if not src.is_file():
-        return None
-    logs = cache_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    dst = logs / f"{entry}-failed-{time.time_ns()}.log"
-    os.replace(src, dst)
-    old = sorted(logs.glob(f"{entry}-failed-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in old[KEEP_FAILED_LOGS:]:
-        path.unlink(missing_ok=True)
-    return str(dst)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from pytest_bottle.images import BuiltImage
 from pytest_bottle.lifecycle.plan import LAN_NIC, USER_NIC, make_plan, restore_from
 from pytest_bottle.spec import BottleSpec
+from pytest_bottle.store.saved import SavedState
 from pytest_bottle.vmm.qemu import Forward, MachineConfig, Restore, Runtime, build_argv
 
 MACS = ("52:54:b0:77:00:01", "52:54:b0:77:00:02")
@@ -18,25 +18,8 @@ IMAGE = BuiltImage("debian-bookworm", "k", Path("/c/images/bookworm"), {})
 MINIMAL = BuiltImage("debian-bookworm-minimal", "k", Path("/c/images/minimal"), {})
 
 
-@dataclass(frozen=True)
-class Saved:
-    path: Path
-
-    @property
-    def disk(self) -> Path:
-        return self.path / "disk.qcow2"
-
-    @property
-    def memory(self) -> Path:
-        return self.path / "memory.state"
-
-    @property
-    def ram(self) -> Path:
-        return self.path / "memory.ram"
-
-    @property
-    def console(self) -> Path:
-        return self.path / "console.log"
+def Saved(path: Path) -> SavedState:
+    return SavedState(path, {})
 
 
 def runtime(**kw: object) -> Runtime:
