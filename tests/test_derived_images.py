@@ -117,6 +117,20 @@ def test_a_failing_step_names_it_and_caches_nothing(warm_cache: Path) -> None:
         assert not list(final.parent.glob(f".tmp-{final.name}-*"))
 
 
+def test_a_copy_source_changed_after_the_image_was_made_is_refused_before_any_boot(
+    tmp_path: Path, warm_cache: Path
+) -> None:
+    src = tmp_path / "app.conf"
+    src.write_text("one\n")
+    image = Image("debian-bookworm").copy(src, "/etc/app.conf")
+    src.write_text("two\n")  # the key hashed "one"
+    started = time.monotonic()
+    with pytest.raises(ImageBuildError, match="the source changed after the Image was made"):
+        ensure_image(image, warm_cache)
+    assert time.monotonic() - started < 20  # refused before a machine booted
+    assert not entry_dir(warm_cache, image).exists()
+
+
 RACER = """
 import sys
 from pytest_bottle import Image

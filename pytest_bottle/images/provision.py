@@ -30,7 +30,7 @@ from ..vmm.backend import Machine, console_tail
 from ..vmm.qemu import MachineConfig, Nic
 from . import builder
 from .cache import BuiltImage
-from .image import Copy, Image, Install, Run, Step, Write
+from .image import Copy, Image, Install, Run, Step, Write, tree_digest
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def provision(
     """Leave in ``tmp`` the layer ``disk.qcow2``: ``parent`` with ``image``'s steps applied."""
     from ..lifecycle.probe import accel_for  # probe imports images: not at module level
 
+    _check_sources(image)
     started = time.monotonic()
     root = parent.root or parent
     accel = accel_for("auto", root, cache_dir).accel
@@ -110,6 +111,18 @@ def provision(
     for leftover in tmp.iterdir():  # the machine's run files: only the layer and the log stay
         if leftover.name not in ("disk.qcow2", "build.log") and (leftover.is_file() or leftover.is_socket()):
             leftover.unlink()
+
+
+def _check_sources(image: Image) -> None:
+    """What a ``.copy`` sends must be what its key hashed when the Image was
+    made: else the layer would be cached under a key that does not describe it."""
+    for index, step in enumerate(image.steps, 1):
+        if isinstance(step, Copy) and tree_digest(step.src) != step.digest:
+            raise ImageBuildError(
+                image.display_name,
+                f"step {index}/{len(image.steps)} ({step.describe()}): the source changed after the Image was made; "
+                "make the Image again (its key then covers what is copied)",
+            )
 
 
 def _run_steps(image: Image, agent: AgentClient, logf: IO[str], note: Log) -> None:
