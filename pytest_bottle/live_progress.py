@@ -40,8 +40,11 @@ class LiveProgress:
         worker = getattr(config, "workerinput", None)
         sink: progress.Sink = progress.stderr_sink
         if worker is not None:
-            if worker.get(WORKER_KEY):
-                sink = self.file = FileSink(Path(worker[WORKER_KEY]), str(worker.get("workerid", "worker")))
+            try:  # a worker on another host cannot reach the controller's file: stderr then
+                if worker.get(WORKER_KEY):
+                    sink = self.file = FileSink(Path(worker[WORKER_KEY]), str(worker.get("workerid", "worker")))
+            except OSError:
+                pass
         else:
             try:  # capture is suspended during configure: this is the terminal
                 self.terminal = TerminalSink(sys.stdout.fileno(), self._end_open_line)

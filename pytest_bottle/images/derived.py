@@ -87,8 +87,9 @@ def ensure_derived(
         )
         with task(f"building image {image.display_name} on {parent.name} ({len(image.steps)} steps)", why) as t:
             _build(image, parent, cache_dir, final, t.relay(progress))
-    built = load(final, image, parent)
-    assert built is not None
+        built = load(final, image, parent)  # under the lock: no rm or prune in between
+    if built is None:
+        raise ImageBuildError(image.display_name, "the built entry did not load (removed or unreadable)")
     return _used(built)
 
 

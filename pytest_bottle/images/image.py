@@ -267,13 +267,28 @@ def tree_digest(path: Path) -> str:
     bytes (or link target), directories walked in sorted order."""
     h = hashlib.sha256()
     top = Path(os.path.realpath(path))
-    for rel, st, content in _walk(top, ""):
-        h.update(f"{rel}\0{st.st_mode:o}\0{len(content)}\0".encode())
-        h.update(content)
+    if not top.is_dir():  # a file lands as dst/<its name> when dst is a directory
+        h.update(f"name\0{top.name}\0".encode())
+    for rel, st, entry in _walk(top, ""):
+        if isinstance(entry, Path):  # a regular file: read in chunks, not whole
+            h.update(f"{rel}\0{st.st_mode:o}\0{st.st_size}\0".encode())
+            _hash_file(h, entry)
+        else:
+            h.update(f"{rel}\0{st.st_mode:o}\0{len(entry)}\0".encode())
+            h.update(entry)
     return h.hexdigest()[:32]
 
 
-def _walk(path: Path, rel: str) -> Iterable[tuple[str, os.stat_result, bytes]]:
+def _hash_file(h: hashlib._Hash, path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        raise SpecError(f"copy(): cannot read {str(path)!r}: {e.strerror}") from None
+
+
+def _walk(path: Path, rel: str) -> Iterable[tuple[str, os.stat_result, bytes | Path]]:
     try:
         st = path.lstat()
         if stat.S_ISLNK(st.st_mode):
@@ -283,7 +298,7 @@ def _walk(path: Path, rel: str) -> Iterable[tuple[str, os.stat_result, bytes]]:
             for child in sorted(os.listdir(path)):
                 yield from _walk(path / child, f"{rel}/{child}")
         elif stat.S_ISREG(st.st_mode):
-            yield rel, st, path.read_bytes()
+            yield rel, st, path
         else:
             raise SpecError(f"copy(): {str(path)!r} is not a file, directory or symlink")
     except OSError as e:

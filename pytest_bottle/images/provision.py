@@ -23,7 +23,7 @@ from typing import IO
 from ..agent.client import AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..agent.transfer import send_tree
-from ..errors import ImageBuildError
+from ..errors import BottleError, ImageBuildError
 from ..host.deps import which
 from ..lifecycle.boot import start_machine
 from ..vmm.backend import Machine, console_tail
@@ -99,6 +99,7 @@ def provision(
             agent.setup(Handshake.fresh(name, nics, baked={"resolv_conf": RESOLV_BUILD}), timeout=60)
             agent.settle(timeout=BOOT_TIMEOUT, quiet=0)
             _run_steps(image, agent, logf, note)
+            _check_sources(image)  # again: a source edited while the steps ran would not match the key
             note("cleaning up: apt caches and lists, temporary files, fstrim")
             _shell(agent, CLEANUP, logf, "clean up", 600)
             _power_off(agent, machine, logf)
@@ -140,6 +141,12 @@ def _run_steps(image: Image, agent: AgentClient, logf: IO[str], note: Log) -> No
                 image.display_name,
                 f"step {index}/{count} ({step.describe()}) exited with {e.rc}",
                 _tail(e.output),
+            ) from None
+        except ImageBuildError:
+            raise
+        except BottleError as e:  # a write or copy refused, an agent timeout: still name the step
+            raise ImageBuildError(
+                image.display_name, f"step {index}/{count} ({step.describe()}) failed: {type(e).__name__}: {e}"
             ) from None
 
 

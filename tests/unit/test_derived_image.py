@@ -68,6 +68,15 @@ def test_key_follows_copied_bytes_and_modes_and_not_the_host_path(tmp_path: Path
     assert BASE.copy(other, "/srv/site").key == after_mode.key
 
 
+def test_a_single_files_name_is_in_the_key_it_names_the_file_in_a_directory_dst(tmp_path: Path) -> None:
+    (tmp_path / "a.conf").write_text("same\n")
+    (tmp_path / "b.conf").write_text("same\n")
+    a, b = BASE.copy(tmp_path / "a.conf", "/etc/app/"), BASE.copy(tmp_path / "b.conf", "/etc/app/")
+    assert a.key != b.key and a != b
+    (tmp_path / "big").write_bytes(bytes(3 << 20))  # hashed in chunks, same as whole
+    assert BASE.copy(tmp_path / "big", "/x").key == BASE.copy(tmp_path / "big", "/x").key
+
+
 def test_a_child_key_follows_its_parent_and_a_sibling_does_not(tmp_path: Path) -> None:
     f = tmp_path / "conf"
     f.write_text("1")
