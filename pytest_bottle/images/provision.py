@@ -11,6 +11,7 @@ before it powers off, since every bottle gets its own at its handshake.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shlex
 import stat
@@ -222,6 +223,7 @@ def _power_off(agent: AgentClient, machine: Machine, logf: IO[str]) -> None:
         raise ImageBuildError("", "the build machine did not power off", console_tail(machine.console_log))
 
 
+@functools.cache
 def _apt_options() -> str:
     """The host's apt says archives may be past their Valid-Until (a snapshot
     archive): the guest, which uses the host's sources, needs the same."""
