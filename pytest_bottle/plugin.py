@@ -1,4 +1,4 @@
-"""pytest glue: options, the ``bottle`` marker, fixtures, report sections, the startup sweep.
+"""pytest glue: options, the ``bottle`` marker, fixtures, the startup sweep (report sections: ``reports``).
 
 Everything else lives in the core (``manager``, ``launch``, ``spec``...),
 which imports without pytest.
@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from .images import BuiltImage, Image, ensure_image
 from .images.image import known_names
 from .lifecycle.manager import BottleManager
 from .live_progress import LiveProgress
+from .reports import BottleReports, failed, keep_message
 from .spec import BottleSpec, Layer, resolve
 from .vmm import accel as accel_mod
 
@@ -54,7 +55,6 @@ MARKER_DOC = (
     "bottle(image=, memory=, cpus=, network=, lan=, forward=, boot=, timeout=): "
     "run this test with a fresh VM (pytest-bottle); see docs/reference.md"
 )
-CONSOLE_LINES = 50
 
 
 class InvalidBottleArgument(SpecError, pytest.UsageError):  # type: ignore[misc]
@@ -95,7 +95,6 @@ class _State:
 
 STATE = pytest.StashKey[_State]()
 PROGRESS = pytest.StashKey[LiveProgress]()
-REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
 
 def _resolve(layers: list[Layer], restricted: int = 0) -> BottleSpec:
@@ -190,8 +189,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ),
     )
     config.stash[STATE] = state
-    if state.keep:
-        config.pluginmanager.register(_KeptReporter(), "bottle-kept-reporter")
+    config.pluginmanager.register(BottleReports(state.manager, state.keep), "bottle-reports")
     if worker is None:  # once per run, before the first bottle: the controller sweeps
         spec = state.spec()
         try:
@@ -267,62 +265,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker("bottle")
 
 
-# -- reports ------------------------------------------------------------------
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report = yield
-    item.stash.setdefault(REPORTS, {})[report.when] = report
-    if report.failed and report.when in ("setup", "call"):
-        for b in _item_bottles(item):
-            tail = "\n".join(b.console_log.splitlines()[-CONSOLE_LINES:])
-            report.sections.append((f"bottle {b.name} console (last {CONSOLE_LINES} lines)", tail or "(empty)"))
-            cmds = "\n".join(f"[{'?' if rc is None else rc}] {d:.2f}s  {c}" for c, rc, d in b.history)
-            report.sections.append((f"bottle {b.name} last commands", cmds or "(none)"))
-    return report
-
-
-def _item_bottles(item: pytest.Item) -> list[Bottle]:
-    found: dict[int, Bottle] = {}
-    for value in getattr(item, "funcargs", {}).values():
-        if isinstance(value, Bottle):
-            found[id(value)] = value
-    for b in _state(item.config).manager.bottles(item.nodeid):
-        found[id(b)] = b
-    return list(found.values())
-
-
-class _KeptReporter:
-    """Collects kept bottles from reports (xdist ships them from workers) and lists them."""
-
-    def __init__(self) -> None:
-        self.kept: list[str] = []
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        for key, value in report.user_properties:
-            if key == "bottle_kept" and str(value) not in self.kept:
-                self.kept.append(str(value))
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self.kept:
-            terminalreporter.section("bottles kept running (--bottle-keep)")
-            for text in self.kept:
-                terminalreporter.write_line(text)
-
-
-def _keep_message(b: Bottle) -> str:
-    lines = [f"{b.name}: QEMU pid {b.pid}, console log {b.console_log_path}"]
-    try:
-        lines.append(f"  reach it:  ssh -F {b.ssh_config} {b.name}")
-    except Exception as e:
-        lines.append(f"  (no SSH: {e}; read its console log)")
-    lines.append(f"  stop it:   bottle stop {b.name}")
-    return "\n".join(lines)
-
-
 # -- fixtures -----------------------------------------------------------------
 
 
@@ -332,11 +274,9 @@ def _bottle_group(request: pytest.FixtureRequest) -> Iterator[str]:
     state = _state(request.config)
     key = request.node.nodeid
     yield key
-    reports = request.node.stash.get(REPORTS, {})
-    failed = any(r.failed for r in reports.values())
-    kept = state.manager.close_group(key, keep=state.keep and failed)
+    kept = state.manager.close_group(key, keep=state.keep and failed(request.node))
     for b in kept:
-        request.node.user_properties.append(("bottle_kept", _keep_message(b)))
+        request.node.user_properties.append(("bottle_kept", keep_message(b)))
 
 
 @pytest.fixture

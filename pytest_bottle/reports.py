@@ -1,0 +1,74 @@
+"""pytest glue for reports: a failed test's bottle sections, and the list of
+bottles kept by ``--bottle-keep`` (registered by ``plugin.pytest_configure``)."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+from .bottle import Bottle
+from .lifecycle.manager import BottleManager
+
+CONSOLE_LINES = 50
+REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def failed(item: pytest.Item) -> bool:
+    """Whether any phase of ``item`` reported so far has failed."""
+    return any(r.failed for r in item.stash.get(REPORTS, {}).values())
+
+
+class BottleReports:
+    """Adds a failed test's console tail and last commands, per bottle, and
+    lists the bottles kept running (xdist ships them from workers)."""
+
+    def __init__(self, manager: BottleManager, keep: bool) -> None:
+        self.manager = manager
+        self.keep = keep
+        self.kept: list[str] = []
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        item.stash.setdefault(REPORTS, {})[report.when] = report
+        if report.failed and report.when in ("setup", "call"):
+            for b in self.item_bottles(item):
+                tail = "\n".join(b.console_log.splitlines()[-CONSOLE_LINES:])
+                report.sections.append((f"bottle {b.name} console (last {CONSOLE_LINES} lines)", tail or "(empty)"))
+                cmds = "\n".join(f"[{'?' if rc is None else rc}] {d:.2f}s  {c}" for c, rc, d in b.history)
+                report.sections.append((f"bottle {b.name} last commands", cmds or "(none)"))
+        return report
+
+    def item_bottles(self, item: pytest.Item) -> list[Bottle]:
+        found: dict[int, Bottle] = {}
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, Bottle):
+                found[id(value)] = value
+        for b in self.manager.bottles(item.nodeid):
+            found[id(b)] = b
+        return list(found.values())
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for key, value in report.user_properties:
+            if key == "bottle_kept" and str(value) not in self.kept:
+                self.kept.append(str(value))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.kept:
+            terminalreporter.section("bottles kept running (--bottle-keep)")
+            for text in self.kept:
+                terminalreporter.write_line(text)
+
+
+def keep_message(b: Bottle) -> str:
+    lines = [f"{b.name}: QEMU pid {b.pid}, console log {b.console_log_path}"]
+    try:
+        lines.append(f"  reach it:  ssh -F {b.ssh_config} {b.name}")
+    except Exception as e:
+        lines.append(f"  (no SSH: {e}; read its console log)")
+    lines.append(f"  stop it:   bottle stop {b.name}")
+    return "\n".join(lines)
