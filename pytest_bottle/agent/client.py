@@ -109,10 +109,12 @@ class AgentClient:
         reply = self.channel.call("signal", target=rid, signal=signal, group=group, timeout=timeout)
         return reply.get("sent") is True
 
-    def start_pty(self, argv: list[str] | None, *, term: str, rows: int, cols: int) -> tuple[int, Call]:
+    def start_pty(
+        self, argv: list[str] | None, *, term: str, rows: int, cols: int, sink: Sink | None = None
+    ) -> tuple[int, Call]:
         """Start ``argv`` (the login shell if None) on a new pseudo-terminal; send
-        its keystrokes with ``send_data_frame``, get its output as STDOUT."""
-        return self.channel.start("pty", None, argv=argv, term=term, rows=rows, cols=cols)
+        its keystrokes with ``send_data_frame``; ``sink`` gets its output as STDOUT."""
+        return self.channel.start("pty", sink, argv=argv, term=term, rows=rows, cols=cols)
 
     def resize(self, rid: int, rows: int, cols: int, *, timeout: float | None = 30) -> None:
         self.channel.call("resize", target=rid, rows=rows, cols=cols, timeout=timeout)

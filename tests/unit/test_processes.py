@@ -4,8 +4,11 @@ this host, so they are harmless ones), plus a hostile fake guest."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import select
+import signal
 import socket
 import threading
 import time
@@ -13,13 +16,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from pytest_bottle import cli
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.agent.streams import OutputTail
 from pytest_bottle.errors import AgentError, ExecTimeout, OutputTimeout, ProcessTimeout, WaitTimeout
 from pytest_bottle.guest import agent
 from pytest_bottle.guest.frames import HELLO, REPLY, STARTED, STDOUT, SYNC_MAGIC, Channel, frame, jframe
+from pytest_bottle.guest.terminal import set_size
 from pytest_bottle.process import GuestProcess, ProcessEntry, describe_history
+from pytest_bottle.shell import run_shell
 
 _keep: list[object] = []
 
@@ -318,3 +324,46 @@ def test_a_bad_exit_reply_is_an_agent_error() -> None:
     assert p.pid == 42
     with pytest.raises(AgentError, match="no exit code"):
         p.wait(5)
+
+
+# -- bottle shell's terminal side --------------------------------------------------------
+
+
+def test_run_shell_drives_a_guest_terminal_from_a_local_one(local: AgentClient) -> None:
+    """``run_shell`` between a local pty (the user's terminal) and the agent's:
+    raw keystrokes go through, the window size is passed on at start and on SIGWINCH."""
+    master, slave = os.openpty()
+    set_size(master, 30, 90)
+    seen = bytearray()
+
+    def user() -> None:
+        def expect(text: bytes) -> None:
+            deadline = time.monotonic() + 10
+            while text not in seen and time.monotonic() < deadline:
+                if select.select([master], [], [], 0.1)[0]:
+                    seen.extend(os.read(master, 4096))
+            assert text in seen, (text, bytes(seen))
+
+        expect(b"# ")  # the prompt: typing before run_shell made the terminal raw is flushed
+        os.write(master, b"stty size\r")
+        expect(b"30 90")
+        set_size(master, 50, 132)
+        os.kill(os.getpid(), signal.SIGWINCH)  # what the kernel sends a terminal's foreground group
+        time.sleep(0.3)
+        os.write(master, b"stty size\r")
+        expect(b"50 132")
+        os.write(master, b"exit 7\r")
+
+    helper = threading.Thread(target=user)
+    helper.start()
+    try:
+        assert run_shell(local, ["/bin/sh", "-i"], stdin=slave, stdout=slave) == 7
+    finally:
+        helper.join(20)
+        os.close(master)
+        os.close(slave)
+
+
+def test_bottle_shell_of_an_unknown_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["shell", "btl-nosuchbottle"]) == 1
+    assert "no kept bottle named 'btl-nosuchbottle'" in capsys.readouterr().err
