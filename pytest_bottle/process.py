@@ -11,6 +11,7 @@ process counts as killed (``returncode`` -9): no method hangs afterwards.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
@@ -144,13 +145,17 @@ class GuestProcess:
     @property
     def stdout(self) -> str:
         """Standard output so far (its last ``PROCESS_OUTPUT_CAP`` bytes)."""
-        with self._cond:
-            return self._out.text()
+        return self._text(self._out)
 
     @property
     def stderr(self) -> str:
-        with self._cond:
-            return self._err.text()
+        return self._text(self._err)
+
+    def _text(self, tail: OutputTail) -> str:
+        with self._cond:  # a snapshot: decoding happens without the reader thread waiting
+            copy = OutputTail(tail.cap)
+            copy.parts, copy.size, copy.dropped = collections.deque(tail.parts), tail.size, tail.dropped
+        return copy.text()
 
     def state(self) -> str:
         """``running``, ``exited N``, ``killed by SIGX`` or ``lost (...)``: for reports."""
@@ -205,21 +210,22 @@ class GuestProcess:
         deadline = time.monotonic() + timeout
         seen = -1
         while True:
-            with self._cond:
+            ended = self._call is not None and self._call.done.is_set()  # before the output: none is missed
+            with self._cond:  # a snapshot only: the reader thread must not wait for a search
                 total = sum(t.total for t in chosen)
-                if total != seen:
-                    seen = total
-                    for tail in chosen:
-                        m = regex.search(tail.value().decode("utf-8", "replace"))
-                        if m:
-                            return m
-                ended = self._call is not None and self._call.done.is_set()
-                left = deadline - time.monotonic()
-                if not ended and left > 0:
+                parts = [list(t.parts) for t in chosen] if total != seen else []
+            for kept in parts:
+                m = regex.search(b"".join(kept).decode("utf-8", "replace"))
+                if m:
+                    return m
+            seen = total
+            left = deadline - time.monotonic()
+            if ended or left <= 0:
+                rc = self.poll() if ended else None
+                raise OutputTimeout(regex.pattern, timeout, self.stdout, self.stderr, rc)
+            with self._cond:
+                if sum(t.total for t in chosen) == seen:
                     self._cond.wait(min(left, 0.05))  # also notices the end
-                    continue
-            rc = self.poll() if ended else None
-            raise OutputTimeout(regex.pattern, timeout, self.stdout, self.stderr, rc)
 
     # -- signals --------------------------------------------------------------
 

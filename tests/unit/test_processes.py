@@ -56,8 +56,8 @@ def run(local: AgentClient, cmd: str, **kw: object) -> tuple[int, bytes, bytes]:
 
 def test_spawn_returns_once_it_runs_and_wait_gives_the_result(local: AgentClient) -> None:
     started = time.monotonic()
-    p = GuestProcess.start(local, "sleep 0.3; echo out; echo err >&2; exit 4")
-    assert time.monotonic() - started < 0.3 and p.poll() is None and p.returncode is None
+    p = GuestProcess.start(local, "sleep 1.5; echo out; echo err >&2; exit 4")
+    assert time.monotonic() - started < 1.5 and p.poll() is None and p.returncode is None
     assert isinstance(p.pid, int) and p.pid > 0
     r = p.wait(timeout=10)
     assert (r.returncode, r.stdout, r.stderr) == (4, "out\n", "err\n")
@@ -238,7 +238,7 @@ def test_a_flooding_process_does_not_starve_other_calls(local: AgentClient) -> N
             started = time.monotonic()
             assert run(local, "echo hi")[1] == b"hi\n"
             lat.append(time.monotonic() - started)
-        assert sorted(lat)[5] < 0.5, lat
+        assert sorted(lat)[5] < 1.0, lat  # a loaded 2-core host: generous
         assert p._out.total > 1_000_000  # it did flood meanwhile
 
 
