@@ -26,6 +26,7 @@ import signal
 import socket
 import struct
 import termios
+import threading
 import tty
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -110,7 +111,8 @@ def run_shell(agent: AgentClient, argv: list[str] | None = None, stdin: int = 0,
         argv, term=os.environ.get("TERM", "vt100"), rows=rows, cols=cols, sink=lambda k, d: _show(stdout, k, d)
     )
     resized: queue.SimpleQueue[int] = queue.SimpleQueue()
-    old_winch = signal.signal(signal.SIGWINCH, lambda *_: resized.put(1))
+    main = threading.current_thread() is threading.main_thread()  # only it may handle signals
+    old_winch = signal.signal(signal.SIGWINCH, lambda *_: resized.put(1)) if main else None
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     try:
         if saved is not None:
@@ -132,7 +134,8 @@ def run_shell(agent: AgentClient, argv: list[str] | None = None, stdin: int = 0,
     finally:
         if saved is not None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
-        signal.signal(signal.SIGWINCH, old_winch)
+        if main:
+            signal.signal(signal.SIGWINCH, old_winch)
     rc = reply.get("rc")
     return rc if type(rc) is int and 0 <= rc < 256 else 128 + abs(rc) if type(rc) is int else 1
 

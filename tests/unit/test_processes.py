@@ -8,11 +8,14 @@ import os
 import pickle
 import re
 import select
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -367,3 +370,50 @@ def test_run_shell_drives_a_guest_terminal_from_a_local_one(local: AgentClient) 
 def test_bottle_shell_of_an_unknown_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["shell", "btl-nosuchbottle"]) == 1
     assert "no kept bottle named 'btl-nosuchbottle'" in capsys.readouterr().err
+
+
+# -- the guest side on the Pythons of the images ----------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["3.11", "3.13"])  # bookworm's and trixie's python3
+def test_the_guest_side_runs_on_the_images_pythons(version: str) -> None:
+    """The guest files, side by side as in the image, under another interpreter:
+    spawn, streamed output and the pty operation."""
+    python = _python(version)
+    if python is None:
+        pytest.skip(f"no python{version} on this host")
+    host, peer = socket.socketpair()
+    guest = Path(agent.__file__).parent
+    code = f"import sys; sys.path.insert(0, {str(guest)!r}); import agent, frames; agent.Agent(frames.Channel({peer.fileno()})).serve()"
+    child = subprocess.Popen([python, "-c", code], pass_fds=[peer.fileno()])
+    try:
+        channel = AgentChannel(host, f"python{version}")
+        channel.send_sync()
+        assert channel.synced.wait(10)
+        client = AgentClient(channel)
+        p = GuestProcess.start(client, "echo hi; sleep 30")
+        p.wait_for_output("hi", 10)
+        assert p.terminate().wait(10).returncode == -15
+        texts: list[str] = []
+        assert (
+            run(client, r"printf 'caf\303'; sleep 0.2; printf '\251'", on_output=lambda s, t: texts.append(t))[0] == 0
+        )
+        assert "".join(texts) == "café"
+        out = bytearray()
+        rid, call = client.start_pty(["/bin/sh", "-i"], term="xterm", rows=11, cols=77, sink=lambda k, d: out.extend(d))
+        channel.send_data_frame(rid, b"stty size; exit 2\n")
+        assert channel.wait(call, 10, "pty") == {"rc": 2, "ok": True} and b"11 77" in out
+        channel.close()
+    finally:
+        child.kill()
+        child.wait()
+        peer.close()
+
+
+def _python(version: str) -> str | None:
+    """An interpreter of ``version`` that runs (a pyenv shim may not, outside its versions)."""
+    found = sorted(str(p) for p in Path.home().glob(f".pyenv/versions/{version}*/bin/python{version}"))
+    for python in [shutil.which(f"python{version}"), *found]:
+        if python and subprocess.run([python, "-c", ""], capture_output=True).returncode == 0:
+            return python
+    return None
