@@ -117,6 +117,20 @@ def test_processes_end_with_their_bottle_and_nothing_hangs(bottle_factory: Calla
     assert time.monotonic() - started < 5
 
 
+def test_an_agent_restart_or_a_killed_vm_ends_processes_without_a_hang(bottle_factory: Callable[..., Bottle]) -> None:
+    b = bottle_factory()
+    p = b.spawn(["sh", "-c", "echo up; exec sleep 600"])
+    p.wait_for_output("up", 30)
+    b.spawn("kill -9 $PPID")  # its parent: the agent, which systemd restarts (its cgroup killed)
+    assert p.wait(60).returncode == -9 and "restarted" in p.state()
+    assert b.exec("pgrep -x sleep").returncode == 1  # the process went with its agent
+    q = b.spawn("sleep 600")
+    os.kill(b.pid, signal.SIGKILL)  # the VM dies under it
+    started = time.monotonic()
+    assert q.wait(30).returncode == -9 and q.state().startswith("lost")
+    assert time.monotonic() - started < 10
+
+
 def test_the_failure_report_lists_spawned_processes(pytester: pytest.Pytester) -> None:
     from pytest_bottle.host.paths import default_cache_dir
 
