@@ -10,15 +10,27 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from pytest_bottle.agent.channel import AgentChannel
-from pytest_bottle.agent.client import AgentClient
+from pytest_bottle.agent.client import AgentClient, ExecRun
 from pytest_bottle.agent.streams import OutputTail
 from pytest_bottle.errors import AgentError, ExecTimeout, OutputTimeout, ProcessTimeout, WaitTimeout
 from pytest_bottle.guest import agent
-from pytest_bottle.guest.frames import HELLO, REPLY, STARTED, STDOUT, SYNC_MAGIC, Channel, frame, jframe
+from pytest_bottle.guest.frames import (
+    CHUNK,
+    HELLO,
+    HOST_WINDOW,
+    REPLY,
+    STARTED,
+    STDOUT,
+    SYNC_MAGIC,
+    Channel,
+    frame,
+    jframe,
+)
 from pytest_bottle.process import GuestProcess, ProcessEntry, describe_history
 
 _keep: list[object] = []
@@ -288,3 +300,28 @@ def test_a_bad_exit_reply_is_an_agent_error() -> None:
     assert p.pid == 42
     with pytest.raises(AgentError, match="no exit code"):
         p.wait(5)
+
+
+def test_a_guest_ignoring_the_window_fails_an_on_output_exec() -> None:
+    """The callback holds the credit back; a guest that sends on regardless is
+    refused (AgentError), and the exec ends instead of growing a queue."""
+    fake = Fake()
+
+    def guest() -> None:
+        time.sleep(0.2)
+        chunk = frame(STDOUT, 1, b"x" * CHUNK)
+        for _ in range(HOST_WINDOW // CHUNK + 1):
+            fake.sock.sendall(chunk)
+
+    threading.Thread(target=guest, daemon=True).start()
+    runs: list[ExecRun] = []
+
+    def hold(stream: str, text: str) -> None:  # no credit back until the call failed
+        call = runs[0].call
+        assert call is not None
+        call.done.wait(10)
+
+    common: dict[str, Any] = dict(env={}, cwd=None, user=None, timeout=None, stdin=None, cap=1 << 20)
+    runs.append(fake.client().exec(["x"], on_output=hold, **common))
+    with pytest.raises(AgentError, match="beyond its window"):
+        runs[0].finish(5, "x")
