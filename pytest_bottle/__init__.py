@@ -23,7 +23,9 @@ from .errors import (
     ImageNotFound,
     LockTimeout,
     OutputLimit,
+    OutputTimeout,
     PoolExhausted,
+    ProcessTimeout,
     SpecError,
     UnsafeDirectory,
     UnsafeTransfer,
@@ -31,6 +33,7 @@ from .errors import (
 )
 from .images.image import Image
 from .lifecycle.launch import launch
+from .process import GuestProcess
 from .results import ExecResult
 from .spec import BottleSpec
 
@@ -48,13 +51,16 @@ __all__ = [
     "ExecResult",
     "ExecTimeout",
     "GuestOSError",
+    "GuestProcess",
     "HostDependencyError",
     "Image",
     "ImageBuildError",
     "ImageNotFound",
     "LockTimeout",
     "OutputLimit",
+    "OutputTimeout",
     "PoolExhausted",
+    "ProcessTimeout",
     "SpecError",
     "UnsafeDirectory",
     "UnsafeTransfer",

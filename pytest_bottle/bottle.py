@@ -17,8 +17,10 @@ from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wa
 
 from .agent.channel import AgentChannel
 from .agent.client import AgentClient
+from .agent.streams import OnOutput
 from .agent.transfer import fetch, read_all, send_tree
 from .errors import BottleError, ExecTimeout, SpecError, WaitTimeout
+from .process import GuestProcess, ProcessEntry
 from .results import Command, ExecResult, to_argv
 from .ssh import SshAccess
 from .vmm.backend import Machine
@@ -131,12 +133,15 @@ class Bottle:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | int | None = None,
+        on_output: OnOutput | None = None,
     ) -> ExecResult:
         """Run ``cmd`` in the guest (a str through ``/bin/sh -c``, a list as argv).
 
         ``env`` adds to a default environment (PATH, HOME, LANG=C.UTF-8).
         A command still running after ``timeout`` seconds is killed with its
         whole process group and ``ExecTimeout`` is raised; the bottle stays usable.
+        ``on_output(stream, text)`` sees the output as it comes, on this thread
+        (see ``agent.streams``); an exception from it kills the command and propagates.
         """
         argv = to_argv(cmd)
         _check_timeout(timeout)
@@ -145,8 +150,9 @@ class Bottle:
         stdin = input.encode() if isinstance(input, str) else input
         started = time.monotonic()
         run = self._agent.exec(  # raises before anything is sent: no history then
-            argv, env=env or {}, cwd=cwd, user=user, timeout=timeout, stdin=stdin, cap=EXEC_OUTPUT_CAP
-        )
+            argv, env=env or {}, cwd=cwd, user=user, timeout=timeout, stdin=stdin, cap=EXEC_OUTPUT_CAP,
+            on_output=on_output,
+        )  # fmt: skip
         try:
             reply = run.finish(TIMEOUT_GRACE, cmd)
         except BaseException:
@@ -160,6 +166,22 @@ class Bottle:
             )
         result = ExecResult(cmd, reply.rc, reply.stdout, reply.stderr, duration)
         return result.check() if check else result
+
+    def spawn(
+        self,
+        cmd: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+        input: str | bytes | None = None,
+    ) -> GuestProcess:
+        """Start ``cmd`` and return as soon as it runs (see ``process.GuestProcess``)."""
+        cwd = None if cwd is None else _guest_path(cwd, "cwd")
+        stdin = input.encode() if isinstance(input, str) else input
+        proc = GuestProcess.start(self._agent, cmd, env=env, cwd=cwd, user=user, input=stdin)
+        self.history.append(ProcessEntry(_show(cmd), proc))
+        return proc
 
     def check_output(self, cmd: Command, **kw: Any) -> str:
         """Stdout of ``cmd``; raises ``ExecError`` if it exits non-zero."""

@@ -1,4 +1,4 @@
-"""The ``bottle`` command: doctor, image build|list|rm, seed list|rm, run, ps, stop, sweep."""
+"""The ``bottle`` command: doctor, image build|list|rm, seed list|rm, run, shell, ps, stop, sweep."""
 
 from __future__ import annotations
 
@@ -203,6 +203,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return r.returncode
 
 
+def cmd_shell(args: argparse.Namespace) -> int:
+    from .shell import open_target, run_shell
+
+    command = list(args.command)[1:] if args.command[:1] == ["--"] else list(args.command)
+    with open_target(args.name, args.cache_dir) as agent:
+        return run_shell(agent, command or None)
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
     for rec in RunRecord.load_all():
         state = "kept" if rec.extra.get("kept") else ("live" if rec.owner_alive() else "orphaned")
@@ -284,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("command", nargs=argparse.REMAINDER)
     run.set_defaults(fn=cmd_run)
 
+    sh = sub.add_parser("shell", help="an interactive shell (a terminal in the guest) in a kept bottle")
+    sh.add_argument("name", help="a kept bottle (bottle ps)")
+    sh.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... instead of root's login shell")
+    sh.set_defaults(fn=cmd_shell)
     sub.add_parser("ps", help="VMs with a run-state record on this host").set_defaults(fn=cmd_ps)
     stop = sub.add_parser("stop", help="stop VMs by name (e.g. ones kept by --bottle-keep)")
     stop.add_argument("names", nargs="+")

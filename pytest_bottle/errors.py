@@ -264,3 +264,38 @@ class AgentTimeout(AgentError, TimeoutError):
 
 class OutputLimit(BottleError):
     """The guest sent more than a call may hold in memory (see docs: limits)."""
+
+
+class ProcessTimeout(ExecTimeout):
+    """``GuestProcess.wait(timeout)`` gave up; unlike ``exec``, the process keeps running."""
+
+    def __init__(self, args: Any, timeout: float, stdout: str = "", stderr: str = "") -> None:
+        super().__init__(args, timeout, stdout, stderr)
+        self.message = f"process {args!r} still runs after {timeout:g} s"
+
+
+class OutputTimeout(WaitTimeout):
+    """``GuestProcess.wait_for_output`` gave up: the text did not show within its
+    timeout, or the process ended without it (``returncode`` set).  ``stdout``
+    and ``stderr`` hold what was seen."""
+
+    def __init__(
+        self, pattern: str, timeout: float, stdout: str = "", stderr: str = "", returncode: int | None = None
+    ) -> None:
+        self.pattern = pattern
+        self.stdout = stdout
+        self.stderr = stderr
+        self.returncode = returncode
+        ended = f"; the process ended ({returncode}) first" if returncode is not None else ""
+        seen = f"stdout: {stdout[-1000:]!r}; stderr: {stderr[-1000:]!r}"
+        super().__init__(f"output matching {pattern!r}", timeout, "")
+        self.message += f"{ended}; {seen}"
+
+    def _args(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "timeout": self.timeout,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "returncode": self.returncode,
+        }

@@ -10,6 +10,7 @@ import pytest
 
 from .bottle import Bottle
 from .lifecycle.manager import BottleManager
+from .process import describe_history
 
 CONSOLE_LINES = 50
 REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
@@ -39,7 +40,7 @@ class BottleReports:
             for b in self.item_bottles(item):
                 tail = "\n".join(b.console_log.splitlines()[-CONSOLE_LINES:])
                 report.sections.append((f"bottle {b.name} console (last {CONSOLE_LINES} lines)", tail or "(empty)"))
-                cmds = "\n".join(f"[{'?' if rc is None else rc}] {d:.2f}s  {c}" for c, rc, d in b.history)
+                cmds = describe_history(b.history)
                 report.sections.append((f"bottle {b.name} last commands", cmds or "(none)"))
         return report
 
@@ -70,5 +71,6 @@ def keep_message(b: Bottle) -> str:
         lines.append(f"  reach it:  ssh -F {b.ssh_config} {b.name}")
     except Exception as e:
         lines.append(f"  (no SSH: {e}; read its console log)")
+    lines.append(f"  a shell:   bottle shell {b.name}")
     lines.append(f"  stop it:   bottle stop {b.name}")
     return "\n".join(lines)

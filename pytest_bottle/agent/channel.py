@@ -44,7 +44,7 @@ from .calls import Call, CallOver, ProtocolError, Sink, guest_error
 log = logging.getLogger(__name__)
 
 # Kinds a guest may send; anything else is a protocol error.
-GUEST_KINDS = frozenset({DATA, EOF, frames.STDOUT, frames.STDERR, REPLY, HELLO, CREDIT})
+GUEST_KINDS = frozenset({DATA, EOF, frames.STDOUT, frames.STDERR, frames.STARTED, REPLY, HELLO, CREDIT})
 IDLE = 2.0  # silence after which a waiting call pings the agent
 DEAD_AFTER = 30.0  # an agent that has not answered a ping this long is gone
 SEND_TIMEOUT = 60.0  # a guest that reads nothing of a frame this long is gone

@@ -11,6 +11,8 @@ the call for ``transfer``, which bounds and credits what flows.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
@@ -31,6 +33,7 @@ from .replies import (
     UntarReply,
     WriteReply,
 )
+from .streams import OnOutput, OutputFeed
 
 
 class AgentClient:
@@ -76,14 +79,45 @@ class AgentClient:
         timeout: float | None,
         stdin: bytes | None,
         cap: int,
+        on_output: OnOutput | None = None,
     ) -> ExecRun:
         """Start ``argv``, keeping ``cap`` bytes of each output stream; the agent
-        kills it at ``timeout``.  Raises before anything is sent if it cannot start."""
-        run = ExecRun(self, stdin, timeout, cap)
+        kills it at ``timeout``.  Raises before anything is sent if it cannot start.
+        ``on_output`` gets the text as it comes (``streams.OutputFeed``)."""
+        run = ExecRun(self, stdin, timeout, cap, on_output)
         run.rid, run.call = self.channel.start(
-            "exec", run.sink, argv=argv, env=dict(env), cwd=cwd, user=user, timeout=timeout, stdin=stdin is not None
-        )
+            "exec", run.sink, auto_credit=on_output is None, argv=argv, env=dict(env), cwd=cwd, user=user,
+            timeout=timeout, stdin=stdin is not None,
+        )  # fmt: skip
+        if run.feed is not None:
+            run.feed.watch(run.call)
         return run
+
+    def spawn(
+        self, argv: list[str], sink: Sink, *, env: Mapping[str, str], cwd: str | None, user: str | int | None,
+        stdin: bool,
+    ) -> tuple[int, Call]:  # fmt: skip
+        """Start ``argv`` with no timeout; ``sink`` gets a STARTED frame (its pid)
+        once it runs, then its output.  The reply comes when it ends."""
+        return self.channel.start(
+            "exec", sink, argv=argv, env=dict(env), cwd=cwd, user=user, timeout=None, stdin=stdin, notify=True
+        )
+
+    def signal(self, rid: int, signal: int, *, group: bool, timeout: float | None = 30) -> bool:
+        """Send ``signal`` to the command of call ``rid`` (``group``: its process
+        group); false if it is over."""
+        reply = self.channel.call("signal", target=rid, signal=signal, group=group, timeout=timeout)
+        return reply.get("sent") is True
+
+    def start_pty(
+        self, argv: list[str] | None, *, term: str, rows: int, cols: int, sink: Sink | None = None
+    ) -> tuple[int, Call]:
+        """Start ``argv`` (the login shell if None) on a new pseudo-terminal; send
+        its keystrokes with ``send_data_frame``; ``sink`` gets its output as STDOUT."""
+        return self.channel.start("pty", sink, argv=argv, term=term, rows=rows, cols=cols)
+
+    def resize(self, rid: int, rows: int, cols: int, *, timeout: float | None = 30) -> None:
+        self.channel.call("resize", target=rid, rows=rows, cols=cols, timeout=timeout)
 
     def listening(self, *, timeout: float | None = 30) -> ListeningReply:
         """The TCP ports something in the guest listens on."""
@@ -141,9 +175,12 @@ class AgentClient:
 class ExecRun:
     """A command started by ``AgentClient.exec``: its output as it comes, then its end."""
 
-    def __init__(self, client: AgentClient, stdin: bytes | None, timeout: float | None, cap: int) -> None:
+    def __init__(
+        self, client: AgentClient, stdin: bytes | None, timeout: float | None, cap: int, on_output: OnOutput | None
+    ) -> None:
         self.client, self.stdin, self.timeout = client, stdin, timeout
         self.out, self.err = CappedOutput(cap), CappedOutput(cap)
+        self.feed = OutputFeed(on_output) if on_output is not None else None
         self.rid = 0
         self.call: Call | None = None
 
@@ -152,18 +189,44 @@ class ExecRun:
             self.out.add(data)
         elif kind == STDERR:
             self.err.add(data)
+        if self.feed is not None:
+            self.feed.sink(kind, data)
 
     def finish(self, grace: float, label: object) -> ExecReply:
         """Feed stdin, wait for the end; an agent still silent ``grace`` s past
         the timeout is given up on (``AgentError`` naming ``label``)."""
         channel, name = self.client.channel, self.client.name
         assert self.call is not None
+        if self.feed is not None:
+            return self._finish_feeding(grace, label)
         if self.stdin is not None:  # as fast as the command reads it (a window at a time); stops at its end
             channel.send_data(self.rid, _chunks(self.stdin))
         reply = channel.wait(self.call, None if self.timeout is None else self.timeout + grace, "exec")
         if reply is None:
             raise AgentError(f"bottle {name}: no answer {grace:g} s past the timeout of {label!r}")
         return ExecReply.parse(reply, self.out.value(), self.err.value(), name)
+
+    def _finish_feeding(self, grace: float, label: object) -> ExecReply:
+        """``finish`` with ``on_output``: this thread runs the callback, so stdin
+        goes from another (the command may write before it reads it all)."""
+        channel, call, feed = self.client.channel, self.call, self.feed
+        assert call is not None and feed is not None
+        if self.stdin is not None:
+            feeder = threading.Thread(target=_send_quietly, args=(channel, self.rid, self.stdin), daemon=True)
+            feeder.start()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout + grace
+        feed.run(channel, self.rid, call, deadline, label)
+        reply = channel.wait(call, 0, "exec")
+        if reply is None:  # cannot be: the feed ran until the call was done
+            raise AgentError(f"bottle {self.client.name}: exec of {label!r} ended without a reply")
+        return ExecReply.parse(reply, self.out.value(), self.err.value(), self.client.name)
+
+
+def _send_quietly(channel: AgentChannel, rid: int, data: bytes) -> None:
+    try:
+        channel.send_data(rid, _chunks(data))
+    except AgentError:  # the channel broke: the call itself reports it
+        pass
 
 
 def _chunks(data: bytes | IO[bytes] | Iterable[bytes]) -> Iterable[bytes]:

@@ -21,18 +21,20 @@ from collections.abc import Callable
 from typing import IO, Any
 
 try:  # on the host, as part of the package
-    from . import execute, frames, identity
+    from . import execute, frames, identity, terminal
 except ImportError:  # in the guest, files side by side
     import execute  # type: ignore[import-not-found,no-redef]
     import frames  # type: ignore[import-not-found,no-redef]
     import identity  # type: ignore[import-not-found,no-redef]
+    import terminal  # type: ignore[import-not-found,no-redef]
 
 
-class Agent:
+class Agent(terminal.ProcessOps):
     def __init__(self, chan: frames.Channel) -> None:
         self.chan = chan
         self.inboxes: dict[int, frames.Inbox] = {}
         self.procs: dict[int, execute.Child] = {}
+        self.ptys: dict[int, int] = {}  # request id -> pty master (terminal.ProcessOps)
         self.windows = frames.Windows()
         self.lock = threading.Lock()
         self.jobs: queue.SimpleQueue[tuple[int, dict[str, Any], frames.Inbox]] = queue.SimpleQueue()
@@ -158,6 +160,8 @@ class Agent:
         with self.lock:
             self.procs[rid] = child
         try:
+            if call.get("notify"):  # spawn(): the host returns once it runs
+                self.emit(rid, frames.STARTED, b'{"pid":%d}' % child.pid)
             if child.stdin is not None:
                 threading.Thread(target=_feed, args=(child.stdin, inbox), daemon=True).start()
             kinds = {1: frames.STDOUT, 2: frames.STDERR}

@@ -44,11 +44,14 @@ CREDIT_STEP = WINDOW // 4
 HOST_CREDIT_STEP = HOST_WINDOW // 4
 COUNT = struct.Struct("!I")
 
-CALL, DATA, EOF, STDOUT, STDERR, REPLY, CANCEL, SYNC, HELLO, PING, CREDIT = range(1, 12)
+CALL, DATA, EOF, STDOUT, STDERR, REPLY, CANCEL, SYNC, HELLO, PING, CREDIT, STARTED = range(1, 13)
 NAMES = {
     CALL: "CALL", DATA: "DATA", EOF: "EOF", STDOUT: "STDOUT", STDERR: "STDERR", REPLY: "REPLY",
-    CANCEL: "CANCEL", SYNC: "SYNC", HELLO: "HELLO", PING: "PING", CREDIT: "CREDIT",
+    CANCEL: "CANCEL", SYNC: "SYNC", HELLO: "HELLO", PING: "PING", CREDIT: "CREDIT", STARTED: "STARTED",
 }  # fmt: skip
+# STARTED: a spawned command runs (JSON ``{"pid": N}``), before any of its
+# output; it counts against the request's window like output does.
+STARTED_LIMIT = 256
 STREAMS = (DATA, STDOUT, STDERR)
 SYNC_MAGIC = b"\xb0pytest-bottle\x00\x02"
 SYNC_FRAME = HEADER.pack(SYNC, 0, len(SYNC_MAGIC)) + SYNC_MAGIC
@@ -76,6 +79,8 @@ def limit(kind: int) -> int:
         return COUNT.size
     if kind == HELLO:
         return HELLO_SIZE
+    if kind == STARTED:
+        return STARTED_LIMIT
     if kind in (EOF, CANCEL, PING):
         return 0
     return MAX_PAYLOAD

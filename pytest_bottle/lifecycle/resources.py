@@ -135,8 +135,30 @@ class Resources:
         if self.record is not None:
             self.record.owner_pid, self.record.owner_start = machine.pid, machine.started
             self.record.extra["kept"] = True
+            self.record.extra["agent_socket"] = _expose_agent(machine, self.run_dir)
             self.record.save()
         self._stack.pop_all()
+
+
+# Where a kept machine serves its agent (``bottle shell``), in its run
+# directory (mode 0700: only this user may connect).
+AGENT_SOCKET = "agent.sock"
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+def _expose_agent(machine: Machine, run_dir: Path) -> str | None:
+    """The socket path a kept machine's agent answers on, or None (logged):
+    keeping the machine must not fail for want of a shell."""
+    path = run_dir / AGENT_SOCKET
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        log.warning("%s: its run directory's path is too long for a Unix socket; no `bottle shell`", run_dir)
+        return None
+    try:
+        machine.expose_agent(path)
+    except Exception as e:  # an old QEMU without chardev-change, QMP gone
+        log.warning("%s: cannot serve its agent on %s: %s", run_dir.name, path, e)
+        return None
+    return str(path)
 
 
 def _release_leases(name: str) -> None:

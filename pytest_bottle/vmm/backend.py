@@ -67,6 +67,10 @@ class Machine(Protocol):
         """End it and release our ends of its channels.  Idempotent."""
         ...
 
+    def expose_agent(self, path: Path) -> None:
+        """Serve the agent's stream on a Unix socket at ``path`` (one client at a time)."""
+        ...
+
     def disconnect(self) -> None:
         """Release our control connection and leave it running (a kept bottle)."""
         ...

@@ -219,6 +219,15 @@ class QemuMachine:
         self.qmp.close()
         self.agent_sock.close()
 
+    def expose_agent(self, path: Path) -> None:
+        """Move the agent's chardev from our socketpair to a Unix socket at
+        ``path`` that QEMU listens on: one client at a time (QEMU serves one
+        connection per socket chardev), for a kept machine (``bottle shell``).
+        Our end of the socketpair sees EOF; the guest agent resyncs with the next client."""
+        unix = {"type": "unix", "data": {"path": str(path)}}
+        backend = {"type": "socket", "data": {"addr": unix, "server": True, "wait": False}}
+        self.qmp.cmd("chardev-change", id="agent", backend=backend)
+
     def disconnect(self) -> None:
         """Let go of the machine and leave it running (a kept bottle): our QMP end only."""
         self.qmp.close()

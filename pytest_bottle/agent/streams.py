@@ -1,0 +1,130 @@
+"""Command output as it arrives: a bounded tail per stream (spawned processes)
+and the feed behind ``exec(on_output=...)``.
+
+The channel's reader thread only stores or queues what comes (it must never
+run user code: a slow callback there would stall every call to the bottle).
+The feed hands the text to the callback on the caller's own thread and
+returns the credit only then, so a callback slower than the command's
+output pauses the command (its pipe fills) and nothing else.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from ..errors import AgentError
+from ..guest.frames import STDERR, STDOUT
+from .calls import Call
+from .channel import AgentChannel
+
+OnOutput = Callable[[str, str], None]
+STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
+
+
+class OutputTail:
+    """The last ``cap`` bytes of one stream; what falls off the front is counted."""
+
+    __slots__ = ("cap", "dropped", "parts", "size")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.parts: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.dropped = 0
+
+    @property
+    def total(self) -> int:
+        """Bytes received so far, kept or not."""
+        return self.size + self.dropped
+
+    def add(self, data: bytes) -> None:
+        self.parts.append(data)
+        self.size += len(data)
+        while self.size > self.cap:  # whole chunks fall off: no copying of the rest
+            over = self.size - self.cap
+            first = self.parts[0]
+            if len(first) <= over:
+                self.parts.popleft()
+                cut = len(first)
+            else:
+                self.parts[0] = first[over:]
+                cut = over
+            self.size -= cut
+            self.dropped += cut
+
+    def value(self) -> bytes:
+        return b"".join(self.parts)
+
+    def text(self) -> str:
+        """The kept bytes as text, after a note of what was dropped, if anything."""
+        body = self.value().decode("utf-8", "replace")
+        if not self.dropped:
+            return body
+        return f"[pytest-bottle: {self.dropped} earlier bytes dropped, the last {self.cap} kept]\n{body}"
+
+
+class _Wake(threading.Event):
+    """A call's ``done`` that also wakes the feed's queue."""
+
+    def __init__(self, wake: queue.SimpleQueue[tuple[int, bytes] | None]) -> None:
+        super().__init__()
+        self.wake = wake
+
+    def set(self) -> None:
+        super().set()
+        self.wake.put(None)
+
+
+class OutputFeed:
+    """Calls ``fn(stream, text)`` for a call's output, in order per stream,
+    decoded without splitting a multi-byte character (an incremental UTF-8
+    decoder per stream, invalid bytes replaced)."""
+
+    def __init__(self, fn: OnOutput) -> None:
+        self.fn = fn
+        self.items: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self.decoders = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in STREAM_NAMES}
+
+    def sink(self, kind: int, data: bytes) -> None:
+        """On the reader thread: queue only."""
+        if kind in STREAM_NAMES:
+            self.items.put((kind, data))
+
+    def watch(self, call: Call) -> None:
+        """Wake the feed when ``call`` ends (right after ``channel.start``)."""
+        before, call.done = call.done, _Wake(self.items)
+        if before.is_set():  # it ended before the swap
+            call.done.set()
+
+    def run(self, channel: AgentChannel, rid: int, call: Call, deadline: float | None, label: object) -> None:
+        """On the caller's thread, until the call ends.  An exception from ``fn``
+        cancels the call (the agent kills the command's process group) and propagates."""
+        while True:
+            try:
+                item = self.items.get(timeout=channel.idle)
+            except queue.Empty:
+                if deadline is not None and time.monotonic() > deadline:
+                    channel.forget(rid)
+                    raise AgentError(f"bottle {channel.name}: no answer past the timeout of {label!r}") from None
+                channel.check(call, "exec")
+                continue
+            if item is None:
+                break
+            kind, data = item
+            try:
+                self._deliver(kind, self.decoders[kind].decode(data))
+            except BaseException:
+                channel.forget(rid)
+                raise
+            channel.grant(rid, len(data))
+        for kind, decoder in self.decoders.items():
+            self._deliver(kind, decoder.decode(b"", final=True))
+
+    def _deliver(self, kind: int, text: str) -> None:
+        if text:
+            self.fn(STREAM_NAMES[kind], text)

@@ -1,0 +1,154 @@
+"""The agent's process operations besides ``exec``: signals, and a shell on a
+pseudo-terminal (guest side, stdlib only).
+
+``op_pty`` runs a command as the session leader of a new pty, so it gets a
+controlling terminal: Ctrl-C (a 0x03 byte in its input) becomes SIGINT for
+the foreground job, job control works, and ``op_resize`` sets the window size
+(the kernel sends SIGWINCH).  The host streams keystrokes as DATA and gets
+the terminal's output as STDOUT, both flow-controlled like ``exec``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import pwd
+import select
+import struct
+import subprocess
+import termios
+import threading
+from collections.abc import Callable
+from typing import Any
+
+try:  # on the host, as part of the package
+    from . import execute, frames
+except ImportError:  # in the guest, files side by side
+    import execute  # type: ignore[import-not-found,no-redef]
+    import frames  # type: ignore[import-not-found,no-redef]
+
+READ_SIZE = 64 * 1024
+EXIT_GRACE = 0.2  # output still read after the command exited, seconds
+
+
+def set_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _controlling_tty() -> None:  # in the child, after setsid: fd 0 is the pty
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def login_shell() -> list[str]:
+    shell = pwd.getpwuid(0).pw_shell or "/bin/sh"
+    return [shell if os.path.exists(shell) else "/bin/sh", "-l"]
+
+
+class ProcessOps:
+    """Mixed into ``agent.Agent``: uses its ``lock``, ``procs`` and ``emit``."""
+
+    lock: threading.Lock
+    procs: dict[int, execute.Child]
+    ptys: dict[int, int]
+    emit: Callable[[int, int, bytes], None]
+
+    def op_signal(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
+        """Signal a running command of this session (``target``: its request id);
+        ``group``: its whole process group.  ``sent`` is false once it is over."""
+        with self.lock:
+            child = self.procs.get(int(call["target"]))
+        if child is None or child.returncode is not None:
+            return {"sent": False}
+        try:
+            if call.get("group"):
+                os.killpg(child.pid, int(call["signal"]))
+            else:
+                os.kill(child.pid, int(call["signal"]))
+        except ProcessLookupError:
+            return {"sent": False}
+        return {"sent": True}
+
+    def op_resize(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
+        with self.lock:
+            fd = self.ptys.get(int(call["target"]))
+        if fd is not None:
+            set_size(fd, int(call["rows"]), int(call["cols"]))
+        return {"resized": fd is not None}
+
+    def op_pty(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
+        argv = [str(a) for a in call.get("argv") or login_shell()]
+        env = {"PATH": execute.DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": execute.HOME, "USER": "root"}
+        env.update(LOGNAME="root", TERM=str(call.get("term") or "vt100"), SHELL=argv[0])
+        master, slave = os.openpty()
+        try:
+            set_size(master, int(call.get("rows") or 24), int(call.get("cols") or 80))
+            proc = subprocess.Popen(
+                argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=execute.HOME,
+                start_new_session=True, preexec_fn=_controlling_tty,
+            )  # fmt: skip
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        child = execute.Child(proc.pid, None, -1, -1)
+        proc.returncode = 0  # reaped here (Child.reap), not by Popen
+        with self.lock:
+            self.procs[rid], self.ptys[rid] = child, master
+        # Its own fd: the terminal may close here while it still writes.
+        threading.Thread(target=_type_in, args=(os.dup(master), inbox), daemon=True).start()
+        try:
+            _pump(master, child.pid, lambda data: self.emit(rid, frames.STDOUT, data))
+        except BaseException:  # the host left: nobody sees this terminal any more
+            child.kill()
+            raise
+        finally:
+            with self.lock:
+                self.procs.pop(rid, None)
+                self.ptys.pop(rid, None)
+            child.reap()
+            inbox.put(frames.EOF, b"")
+            os.close(master)
+        return {"rc": child.returncode}
+
+
+def _pump(master: int, pid: int, emit: Callable[[bytes], None]) -> None:
+    """The terminal's output until every holder of its other end closed it
+    (EIO), or shortly after the command exited (a background job it left may
+    hold the terminal for good)."""
+    pidfd = os.pidfd_open(pid)
+    exited = False
+    try:
+        while True:
+            ready, _, _ = select.select([master] + ([] if exited else [pidfd]), [], [], EXIT_GRACE if exited else None)
+            if not ready:
+                return
+            if pidfd in ready:
+                exited = True
+                continue
+            try:
+                data = os.read(master, READ_SIZE)
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                if e.errno == errno.EIO:
+                    return
+                raise
+            if not data:
+                return
+            emit(data)
+    finally:
+        os.close(pidfd)
+
+
+def _type_in(fd: int, inbox: frames.Inbox) -> None:
+    try:
+        for chunk in inbox.chunks():
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+    except (OSError, frames.Aborted):
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,303 @@
+"""``GuestProcess``: a command running in the guest while the test goes on
+(``Bottle.spawn``).
+
+It is one long agent call (an ``exec`` without a timeout that announces its
+pid): output arrives on the channel's reader thread into a bounded tail per
+stream, the reply is the exit.  Nothing here polls the guest: ``poll`` looks
+at the call, signals are small calls of their own.  When the bottle ends
+(closed, its VM killed, its agent restarted) the call ends with it, and the
+process counts as killed (``returncode`` -9): no method hangs afterwards.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .agent.calls import Call
+from .agent.client import AgentClient
+from .agent.replies import ExecReply
+from .agent.streams import OutputTail
+from .errors import AgentError, BottleError, ExecTimeout, OutputTimeout, ProcessTimeout
+from .guest.frames import STARTED, STDERR, STDOUT
+from .results import Command, ExecResult, to_argv
+
+log = logging.getLogger(__name__)
+
+# Bytes of each output stream a process keeps: the last 16 MiB; what falls off
+# the front is counted and noted at the start of ``stdout``/``stderr``.
+PROCESS_OUTPUT_CAP = 16 * 1024 * 1024
+LOST = -signal.SIGKILL  # the code of a process whose bottle ended under it
+KILL_WAIT = 10.0  # how long leaving the ``with`` block waits for the killed process
+
+
+class GuestProcess:
+    """A command started by ``Bottle.spawn``; see the module doc."""
+
+    def __init__(self, agent: AgentClient, cmd: Command, cap: int = PROCESS_OUTPUT_CAP) -> None:
+        self.args = cmd
+        self.pid: int | None = None  # None if it never started (see ``returncode``)
+        self._agent = agent
+        self._out, self._err = OutputTail(cap), OutputTail(cap)
+        self._cond = threading.Condition()
+        self._started = threading.Event()
+        self._rid = 0
+        self._call: Call | None = None
+        self._begun = time.monotonic()
+        self._result: ExecResult | None = None
+        self._killed = False
+        self.lost = ""  # why the process is gone without an exit code (the bottle ended)
+
+    @classmethod
+    def start(
+        cls,
+        agent: AgentClient,
+        cmd: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+        input: bytes | None = None,
+    ) -> GuestProcess:
+        """Start ``cmd`` and return once it runs (or failed to start: then it has
+        already exited, 127 for a missing program, like ``exec``)."""
+        proc = cls(agent, cmd)
+        proc._rid, proc._call = agent.spawn(
+            to_argv(cmd), proc._sink, env=env or {}, cwd=cwd, user=user, stdin=input is not None
+        )
+        if input is not None:
+            threading.Thread(target=proc._feed, args=(input,), daemon=True, name=f"bottle-stdin-{proc._rid}").start()
+        call, channel = proc._call, agent.channel
+        while not proc._started.wait(channel.idle / 4) and not call.done.is_set() and call.error is None:
+            channel.check(call, "spawn")
+        if call.error is not None:  # what the guest sent was refused
+            channel.forget(proc._rid)
+            raise call.error
+        if not proc._started.is_set():  # a failure to start is an exit (127...); errors raise here
+            channel.wait(call, 0, "spawn")
+            proc._finish()
+        return proc
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._agent.channel.send_data(self._rid, (data[i : i + 65536] for i in range(0, len(data), 65536)))
+        except BottleError as e:  # the call itself reports a broken channel
+            log.debug("stdin of %r: %s", self.args, e)
+
+    def _sink(self, kind: int, data: bytes) -> None:
+        """On the channel's reader thread: store, never block."""
+        if kind == STARTED:
+            pid = _parse_pid(data)
+            if pid is None:
+                raise AgentError(f"bottle {self._agent.name}: a malformed STARTED frame: {data[:80]!r}")
+            self.pid = pid
+            self._started.set()
+            return
+        tail = {STDOUT: self._out, STDERR: self._err}.get(kind)
+        if tail is not None:
+            with self._cond:
+                tail.add(data)
+                self._cond.notify_all()
+
+    # -- state ----------------------------------------------------------------
+
+    def poll(self) -> int | None:
+        """The exit code (negative: killed by that signal), or None while it runs."""
+        if self._result is None:
+            assert self._call is not None
+            if not self._call.done.is_set():
+                return None
+            self._finish()
+        assert self._result is not None
+        return self._result.returncode
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
+
+    def _finish(self) -> None:
+        call = self._call
+        assert call is not None
+        reply: ExecReply | None = None
+        if call.error is not None:  # what the guest sent was refused (a bad frame, past its window)
+            raise call.error
+        if call.reply is None:
+            self.lost = call.lost or self._agent.channel.death or "the bottle was closed"
+        elif not call.reply.get("ok"):
+            self.lost = f"the agent failed it: {str(call.reply.get('error'))[:200]}"
+        else:
+            reply = ExecReply.parse(call.reply, b"", b"", self._agent.name)  # AgentError for a bad one
+        if reply is not None and reply.stderr:  # the agent's note of a failed start
+            with self._cond:
+                self._err.add(reply.stderr)
+        rc = LOST if reply is None else reply.rc
+        with self._cond:
+            out, err = self._out.value(), self._err.value()
+        self._result = ExecResult(self.args, rc, out, err, time.monotonic() - self._begun)
+
+    @property
+    def stdout(self) -> str:
+        """Standard output so far (its last ``PROCESS_OUTPUT_CAP`` bytes)."""
+        return self._text(self._out)
+
+    @property
+    def stderr(self) -> str:
+        return self._text(self._err)
+
+    def _text(self, tail: OutputTail) -> str:
+        with self._cond:  # a snapshot: decoding happens without the reader thread waiting
+            copy = OutputTail(tail.cap)
+            copy.parts, copy.size, copy.dropped = collections.deque(tail.parts), tail.size, tail.dropped
+        return copy.text()
+
+    def state(self) -> str:
+        """``running``, ``exited N``, ``killed by SIGX`` or ``lost (...)``: for reports."""
+        rc = self.poll()
+        if rc is None:
+            return "running"
+        if self.lost:
+            return f"lost ({self.lost})"
+        if rc < 0:
+            try:
+                return f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                return f"killed by signal {-rc}"
+        return f"exited {rc}"
+
+    def __repr__(self) -> str:
+        return f"<GuestProcess pid={self.pid} {self.state()} {self.args!r}>"
+
+    # -- waiting --------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> ExecResult:
+        """Wait for the end; ``ProcessTimeout`` (an ``ExecTimeout``) if it still
+        runs after ``timeout`` seconds; it keeps running then."""
+        assert self._call is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        channel = self._agent.channel
+        while self.poll() is None:
+            left = channel.idle if deadline is None else min(channel.idle, deadline - time.monotonic())
+            if left <= 0:
+                raise ProcessTimeout(self.args, float(timeout or 0), self.stdout, self.stderr)
+            if not self._call.done.wait(left):
+                try:
+                    channel.check(self._call, "wait")
+                except AgentError:
+                    if not channel.closed.is_set():
+                        raise  # a hung agent: nothing will come
+        assert self._result is not None
+        return self._result
+
+    def wait_for_output(
+        self, pattern: str | re.Pattern[str], timeout: float = 60.0, *, stream: str | None = None
+    ) -> re.Match[str]:
+        """Wait until ``pattern`` (a plain string, or a compiled regex) shows in
+        stdout or stderr (or only ``stream``); return the match.  Raises
+        ``OutputTimeout`` (a ``WaitTimeout``) with the output seen, after
+        ``timeout`` s or at once when the process ends without it."""
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        tails = {"stdout": self._out, "stderr": self._err}
+        if stream is not None and stream not in tails:
+            raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
+        chosen = [tails[stream]] if stream else list(tails.values())
+        deadline = time.monotonic() + timeout
+        seen = -1
+        while True:
+            ended = self._call is not None and self._call.done.is_set()  # before the output: none is missed
+            with self._cond:  # a snapshot only: the reader thread must not wait for a search
+                total = sum(t.total for t in chosen)
+                parts = [list(t.parts) for t in chosen] if total != seen else []
+            for kept in parts:
+                m = regex.search(b"".join(kept).decode("utf-8", "replace"))
+                if m:
+                    return m
+            seen = total
+            left = deadline - time.monotonic()
+            if ended or left <= 0:
+                rc = self.poll() if ended else None
+                raise OutputTimeout(regex.pattern, timeout, self.stdout, self.stderr, rc)
+            with self._cond:
+                if sum(t.total for t in chosen) == seen:
+                    self._cond.wait(min(left, 0.05))  # also notices the end
+
+    # -- signals --------------------------------------------------------------
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the process itself (nothing once it ended)."""
+        self._signal(sig, group=False)
+
+    def terminate(self) -> GuestProcess:
+        """SIGTERM to its whole process group; returns self (``p.terminate().wait()``)."""
+        self._signal(signal.SIGTERM, group=True)
+        return self
+
+    def kill(self) -> GuestProcess:
+        """SIGKILL to its whole process group; returns self."""
+        self._signal(signal.SIGKILL, group=True)
+        return self
+
+    def _signal(self, sig: int, group: bool) -> None:
+        if self.poll() is not None or self._agent.channel.closed.is_set():
+            return
+        try:
+            self._agent.signal(self._rid, int(sig), group=group)
+        except AgentError:
+            if not self._agent.channel.closed.is_set():
+                raise
+
+    def __enter__(self) -> GuestProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.poll() is None:
+            self.kill()
+            try:
+                self.wait(KILL_WAIT)
+            except (ExecTimeout, AgentError) as e:
+                log.debug("%r did not end after SIGKILL: %s", self, e)
+
+
+def _parse_pid(data: bytes) -> int | None:
+    try:
+        obj: Any = json.loads(data)
+    except ValueError:
+        return None
+    pid = obj.get("pid") if isinstance(obj, dict) else None
+    return pid if type(pid) is int and pid > 0 else None
+
+
+class ProcessEntry(tuple[str, int | None, float]):
+    """A history entry for a spawned process: ``(cmd, None, 0.0)`` like a command
+    that has not finished, plus the process, whose state the report shows."""
+
+    process: GuestProcess
+
+    def __new__(cls, cmd: str, process: GuestProcess) -> ProcessEntry:
+        entry = super().__new__(cls, (cmd, None, 0.0))
+        entry.process = process
+        return entry
+
+
+def describe_history(entries: Iterable[tuple[str, int | None, float]]) -> str:
+    """The "last commands" report section: exec'd commands with their exit code
+    and duration, spawned processes with their state now."""
+    lines = []
+    for entry in entries:
+        cmd, rc, seconds = entry
+        if isinstance(entry, ProcessEntry):
+            p = entry.process
+            try:
+                state = p.state()
+            except BottleError as e:
+                state = f"unknown ({type(e).__name__})"
+            lines.append(f"[spawn] pid {p.pid}, {state}  {cmd}")
+        else:
+            lines.append(f"[{'?' if rc is None else rc}] {seconds:.2f}s  {cmd}")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""``bottle shell NAME``: an interactive shell on a pseudo-terminal in the guest.
+
+The guest side is the agent's ``pty`` operation (``guest/terminal.py``): a
+real controlling terminal, so Ctrl-C, job control and full-screen programs
+work.  Here the local terminal goes raw, keystrokes stream to the guest as
+they are typed, its output to stdout, and a window-size change (SIGWINCH)
+is passed on.
+
+Targets: a name is looked up by each function in ``TARGETS`` in turn; the
+first that knows it yields an ``AgentClient`` for the session.  Built in:
+a kept bottle (``--bottle-keep``, ``Bottle.keep``), whose QEMU serves its
+agent on a Unix socket in its run directory.  QEMU serves one connection at a
+time, so one shell at a time per kept bottle: a second is refused (a lock
+next to the socket) instead of waiting unseen.  A saved snapshot can be a
+target by adding a function that starts a fork of it and yields its agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import queue
+import select
+import signal
+import socket
+import struct
+import termios
+import threading
+import tty
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from .agent.channel import AgentChannel
+from .agent.client import AgentClient
+from .errors import BottleError
+from .guest.frames import STDOUT
+from .host.runstate import RunRecord
+
+Target = Callable[[str, Path], "AbstractContextManager[AgentClient] | None"]
+CONNECT_TIMEOUT = 10.0  # for the agent of a kept bottle to answer
+
+
+def kept_bottle(name: str, cache_dir: Path) -> AbstractContextManager[AgentClient] | None:
+    """The agent of the kept bottle ``name``, or None if there is no VM record of that name."""
+    record = next((r for r in RunRecord.load_all() if r.name == name), None)
+    if record is None:
+        return None
+    return _attach(record)
+
+
+@contextlib.contextmanager
+def _attach(record: RunRecord) -> Iterator[AgentClient]:
+    path = record.extra.get("agent_socket")
+    if not record.extra.get("kept"):
+        raise BottleError(
+            f"bottle {record.name} belongs to a running session (pid {record.owner_pid}), which holds its agent; "
+            "only kept bottles (--bottle-keep) can be reached by `bottle shell`"
+        )
+    if not isinstance(path, str):
+        raise BottleError(f"kept bottle {record.name} serves no agent socket (see its record in `bottle ps`)")
+    with open(Path(path).with_name("agent.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BottleError(f"another `bottle shell` is attached to {record.name}; one at a time") from None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError as e:
+            sock.close()
+            raise BottleError(f"cannot reach the agent of {record.name} at {path}: {e.strerror or e}") from None
+        channel = AgentChannel(sock, record.name)
+        try:
+            channel.send_sync()
+            if not channel.synced.wait(CONNECT_TIMEOUT):
+                raise BottleError(f"the agent of {record.name} did not answer within {CONNECT_TIMEOUT:g} s")
+            yield AgentClient(channel)
+        finally:
+            channel.close()
+
+
+TARGETS: list[Target] = [kept_bottle]
+
+
+@contextlib.contextmanager
+def open_target(name: str, cache_dir: Path) -> Iterator[AgentClient]:
+    for target in TARGETS:
+        found = target(name, cache_dir)
+        if found is not None:
+            with found as agent:
+                yield agent
+            return
+    raise BottleError(f"no kept bottle named {name!r} (see `bottle ps`; keep one with --bottle-keep)")
+
+
+def window_size(fd: int) -> tuple[int, int]:
+    try:
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+    except OSError:
+        return 24, 80
+    return (rows or 24), (cols or 80)
+
+
+def run_shell(agent: AgentClient, argv: list[str] | None = None, stdin: int = 0, stdout: int = 1) -> int:
+    """Run the shell until it exits; returns its exit code."""
+    channel = agent.channel
+    rows, cols = window_size(stdin if os.isatty(stdin) else stdout)
+    rid, call = agent.start_pty(
+        argv, term=os.environ.get("TERM", "vt100"), rows=rows, cols=cols, sink=lambda k, d: _show(stdout, k, d)
+    )
+    resized: queue.SimpleQueue[int] = queue.SimpleQueue()
+    main = threading.current_thread() is threading.main_thread()  # only it may handle signals
+    old_winch = signal.signal(signal.SIGWINCH, lambda *_: resized.put(1)) if main else None
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    try:
+        if saved is not None:
+            tty.setraw(stdin)
+        typing = True
+        while not call.done.is_set():
+            ready, _, _ = select.select([stdin] if typing else [], [], [], 0.1)
+            if ready:
+                data = os.read(stdin, 4096)
+                if data:
+                    channel.send_data_frame(rid, data)
+                else:
+                    typing = False  # our input ended: the shell goes on until it exits
+            while not resized.empty():
+                resized.get()
+                agent.resize(rid, *window_size(stdin if saved is not None else stdout))
+            channel.check(call, "shell")
+        reply = channel.wait(call, 0, "shell") or {}
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        if main:
+            signal.signal(signal.SIGWINCH, old_winch)
+    rc = reply.get("rc")
+    return rc if type(rc) is int and 0 <= rc < 256 else 128 + abs(rc) if type(rc) is int else 1
+
+
+def _show(fd: int, kind: int, data: bytes) -> None:
+    if kind == STDOUT:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]

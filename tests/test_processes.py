@@ -1,0 +1,249 @@
+"""Processes in a real guest (issue 17): spawn, streamed exec output, flow
+control, processes ending with their bottle, the failure report, and
+``bottle shell`` driven through a real terminal (a pty of this test)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+import pytest_bottle
+from pytest_bottle import Bottle, GuestProcess, OutputTimeout, ProcessTimeout
+from pytest_bottle.guest.terminal import set_size
+
+
+def test_a_server_spawned_waited_for_reached_and_terminated(module_bottle: Bottle) -> None:
+    b = module_bottle
+    started = time.monotonic()
+    p = b.spawn(["python3", "-u", "-m", "http.server", "8000", "--bind", "127.0.0.1"], cwd="/etc")
+    assert isinstance(p, GuestProcess) and p.pid and p.poll() is None
+    assert time.monotonic() - started < 5  # returned once running, not at the end
+    p.wait_for_output(re.compile(r"Serving HTTP on \S+ port 8000"), timeout=60)
+    assert "debian_version" in b.check_output(
+        "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/').read().decode())\""
+    )
+    p.wait_for_output('"GET / HTTP/1.1" 200', timeout=30, stream="stderr")  # its access log
+    with pytest.raises(ProcessTimeout):
+        p.wait(timeout=0.5)
+    r = p.terminate().wait(timeout=30)
+    assert r.returncode == -signal.SIGTERM and "Serving HTTP" in r.stdout
+    assert p.state() == "killed by SIGTERM"
+
+
+def test_many_processes_kill_takes_the_group_and_input_arrives(module_bottle: Bottle) -> None:
+    b = module_bottle
+    group = b.spawn("sleep 300 & sleep 300 & echo started; wait")
+    group.wait_for_output("started", 30)
+    others = [b.spawn(["sh", "-c", f"read x; echo $x-{i}"], input=f"in{i}\n") for i in range(5)]
+    assert [p.wait(60).stdout for p in others] == [f"in{i}-{i}\n" for i in range(5)]
+    pgid = group.pid
+    assert b.check_output(f"pgrep -g {pgid} | wc -l").strip() == "3"
+    assert group.kill().wait(30).returncode == -signal.SIGKILL
+    b.wait_until_succeeds(f"! pgrep -g {pgid}", timeout=10)  # the whole group is gone (init reaps the rest)
+    with pytest.raises(OutputTimeout, match="ended"):
+        b.spawn("exit 2").wait_for_output("never", 30)
+
+
+def test_exec_on_output_streams_as_it_comes(module_bottle: Bottle) -> None:
+    got: list[tuple[float, str, str]] = []
+    started = time.monotonic()
+    r = module_bottle.exec(
+        r"printf 'caf\303'; sleep 1; printf '\251\n'; echo warn >&2; sleep 1; echo done",
+        on_output=lambda stream, text: got.append((time.monotonic() - started, stream, text)),
+    )
+    assert r.ok and r.stdout == "café\ndone\n" and r.stderr == "warn\n"
+    assert "".join(t for _, s, t in got if s == "stdout") == "café\ndone\n"
+    assert [t for _, s, t in got if s == "stderr"] == ["warn\n"]
+    first = got[0]
+    assert first[2] == "caf" and first[0] < r.duration - 1.5  # it came before the end, the split é held back
+
+
+def test_an_exception_in_on_output_kills_the_command(module_bottle: Bottle) -> None:
+    def stop(stream: str, text: str) -> None:
+        if "ready" in text:
+            raise RuntimeError("seen enough")
+
+    with pytest.raises(RuntimeError, match="seen enough"):
+        module_bottle.exec("touch /tmp/on-output-mark; echo ready; sleep 5; rm /tmp/on-output-mark", on_output=stop)
+    time.sleep(6)
+    assert module_bottle.exec("test -e /tmp/on-output-mark").ok  # killed before it could remove it
+    assert module_bottle.history[-2][1] is None
+
+
+def test_a_flood_does_not_starve_other_calls(module_bottle: Bottle) -> None:
+    """``yes`` writes as fast as it can into its bounded tail; exec calls to the
+    same bottle are still answered promptly (TCG: generous bounds)."""
+    b = module_bottle
+    quiet = _exec_times(b, 10)
+    with b.spawn(["yes", "flood"]) as flood:
+        flood.wait_for_output("flood", 30)
+        busy = _exec_times(b, 10)
+        assert flood.poll() is None and len(flood.stdout) > 0
+    assert _p50(busy) < max(1.0, 20 * _p50(quiet)), (quiet, busy)
+
+
+def _exec_times(b: Bottle, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.monotonic()
+        assert b.exec(["true"]).ok
+        out.append(time.monotonic() - t)
+    return out
+
+
+def _p50(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def test_processes_end_with_their_bottle_and_nothing_hangs(bottle_factory: Callable[..., Bottle]) -> None:
+    b = bottle_factory()
+    p = b.spawn("sleep 600")
+    q = b.spawn(["sh", "-c", "echo hi; sleep 600"])
+    q.wait_for_output("hi", 30)
+    b.close()
+    started = time.monotonic()
+    assert p.poll() == -9 and q.wait(30).returncode == -9 and q.stdout == "hi\n"
+    assert p.state().startswith("lost") and p.kill() is p
+    assert time.monotonic() - started < 5
+
+
+def test_an_agent_restart_or_a_killed_vm_ends_processes_without_a_hang(bottle_factory: Callable[..., Bottle]) -> None:
+    b = bottle_factory()
+    p = b.spawn(["sh", "-c", "echo up; exec sleep 600"])
+    p.wait_for_output("up", 30)
+    b.spawn("kill -9 $PPID")  # its parent: the agent, which systemd restarts (its cgroup killed)
+    assert p.wait(60).returncode == -9 and "restarted" in p.state()
+    assert b.exec("pgrep -x sleep").returncode == 1  # the process went with its agent
+    q = b.spawn("sleep 600")
+    os.kill(b.pid, signal.SIGKILL)  # the VM dies under it
+    started = time.monotonic()
+    assert q.wait(30).returncode == -9 and q.state().startswith("lost")
+    assert time.monotonic() - started < 10
+
+
+def test_the_failure_report_lists_spawned_processes(pytester: pytest.Pytester) -> None:
+    from pytest_bottle.host.paths import default_cache_dir
+
+    pytester.makepyfile("""
+        def test_fails(bottle):
+            bottle.exec("echo preparing")
+            bottle.spawn("sleep 600")
+            done = bottle.spawn("exit 4")
+            done.wait(30)
+            bottle.spawn("sleep 600").kill().wait(30)
+            assert False
+    """)
+    result = pytester.runpytest_subprocess(f"--bottle-cache-dir={default_cache_dir()}", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*bottle btl-* last commands*",
+            "[[]0] *s  echo preparing",
+            "[[]spawn] pid *, running  sleep 600",
+            "[[]spawn] pid *, exited 4  exit 4",
+            "[[]spawn] pid *, killed by SIGKILL  sleep 600",
+        ]
+    )
+
+
+# -- bottle shell, through a real terminal ------------------------------------------------
+
+
+class Terminal:
+    """``bottle shell NAME`` on a pty of this test: what a user's terminal is."""
+
+    def __init__(self, *args: str, rows: int = 30, cols: int = 100) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the bottle CLI on the pty's other end
+            os.execv(sys.executable, [sys.executable, "-m", "pytest_bottle.cli", "shell", *args])
+        set_size(self.fd, rows, cols)
+        self.seen = bytearray()
+
+    def type(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def expect(self, pattern: str, timeout: float = 60) -> re.Match[bytes]:
+        regex = re.compile(pattern.encode())
+        deadline = time.monotonic() + timeout
+        while not (m := regex.search(self.seen)):
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {pattern!r} in {bytes(self.seen[-2000:])!r}"
+            if select.select([self.fd], [], [], min(left, 0.5))[0]:
+                try:
+                    self.seen += os.read(self.fd, 65536)
+                except OSError as e:  # EIO: the child exited
+                    assert e.errno == errno.EIO
+                    time.sleep(0.1)
+        del self.seen[: m.end()]
+        return m
+
+    def resize(self, rows: int, cols: int) -> None:
+        set_size(self.fd, rows, cols)  # the kernel sends SIGWINCH to the pty's foreground group
+
+    def exit_code(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            if select.select([self.fd], [], [], 0.2)[0]:
+                try:
+                    self.seen += os.read(self.fd, 65536)
+                except OSError:
+                    pass
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError(f"bottle shell did not exit: {bytes(self.seen[-2000:])!r}")
+
+
+def test_bottle_shell_in_a_kept_bottle(stop_kept: list[str]) -> None:
+    b = pytest_bottle.launch(detached=True)
+    stop_kept.append(b.name)
+    b.exec("echo 'PS1=\"shell-prompt\\$ \"' >> /root/.bashrc").check()
+    b.keep()
+    term = Terminal(b.name)
+    term.expect(r"shell-prompt[#$] ")
+    term.type("stty size; echo $TERM; hostname\r")
+    term.expect(rf"30 100\r\n\S+\r\n{b.name}\r\n")
+    term.resize(45, 132)
+    time.sleep(1)  # the SIGWINCH reaches the guest
+    term.type("stty size\r")
+    term.expect(r"45 132\r\n")
+    term.type("sleep 300\r")
+    time.sleep(2)
+    term.type("\x03")  # Ctrl-C interrupts the guest's sleep, not the shell
+    term.expect(r"shell-prompt[#$] ")
+    term.type("echo rc=$?\r")
+    term.expect(r"rc=130")
+    term.type("sleep 200 &\r")
+    term.expect(r"\[1\] \d+")
+    term.type("jobs\r")
+    term.expect(r"\[1\]\+\s+Running\s+sleep 200 &")
+    second = subprocess.run(
+        [sys.executable, "-m", "pytest_bottle.cli", "shell", b.name], capture_output=True, text=True, timeout=60
+    )
+    assert second.returncode == 1 and "another `bottle shell` is attached" in second.stderr
+    term.type("exit 3\r")
+    assert term.exit_code() == 3
+    again = subprocess.run(  # the agent is reachable again once the first shell left
+        [sys.executable, "-m", "pytest_bottle.cli", "shell", b.name, "--", "cat", "/etc/hostname"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert again.returncode == 0 and again.stdout.strip() == b.name
+
+
+def test_bottle_shell_refuses_a_bottle_that_is_not_kept(module_bottle: Bottle) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest_bottle.cli", "shell", module_bottle.name], capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "only kept bottles" in r.stderr

@@ -1,0 +1,327 @@
+"""Spawned processes, streamed output and the pty operation (issue 17),
+against the real agent serving in this process (no VM: the commands run on
+this host, so they are harmless ones), plus a hostile fake guest."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pytest_bottle.agent.channel import AgentChannel
+from pytest_bottle.agent.client import AgentClient, ExecRun
+from pytest_bottle.agent.streams import OutputTail
+from pytest_bottle.errors import AgentError, ExecTimeout, OutputTimeout, ProcessTimeout, WaitTimeout
+from pytest_bottle.guest import agent
+from pytest_bottle.guest.frames import (
+    CHUNK,
+    HELLO,
+    HOST_WINDOW,
+    REPLY,
+    STARTED,
+    STDOUT,
+    SYNC_MAGIC,
+    Channel,
+    frame,
+    jframe,
+)
+from pytest_bottle.process import GuestProcess, ProcessEntry, describe_history
+
+_keep: list[object] = []
+
+
+def serve() -> tuple[AgentClient, socket.socket]:
+    host, peer = socket.socketpair()
+    threading.Thread(target=agent.Agent(Channel(peer.fileno())).serve, daemon=True).start()
+    channel = AgentChannel(host, "local-agent")
+    channel.send_sync()
+    assert channel.synced.wait(10), "the in-process agent did not answer SYNC"
+    _keep.extend([host, peer])  # the agent thread keeps reading its fd
+    return AgentClient(channel), host
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[AgentClient]:
+    yield serve()[0]
+
+
+def run(local: AgentClient, cmd: str, **kw: object) -> tuple[int, bytes, bytes]:
+    r = local.exec(["/bin/sh", "-c", cmd], env={}, cwd=None, user=None, timeout=30, stdin=None, cap=1 << 20, **kw)  # type: ignore[arg-type]
+    got = r.finish(5, cmd)
+    return got.rc, got.stdout, got.stderr
+
+
+# -- GuestProcess ------------------------------------------------------------------
+
+
+def test_spawn_returns_once_it_runs_and_wait_gives_the_result(local: AgentClient) -> None:
+    started = time.monotonic()
+    p = GuestProcess.start(local, "sleep 1.5; echo out; echo err >&2; exit 4")
+    assert time.monotonic() - started < 1.5 and p.poll() is None and p.returncode is None
+    assert isinstance(p.pid, int) and p.pid > 0
+    r = p.wait(timeout=10)
+    assert (r.returncode, r.stdout, r.stderr) == (4, "out\n", "err\n")
+    assert p.poll() == 4 and p.state() == "exited 4" and p.stdout == "out\n"
+
+
+def test_wait_past_its_timeout_leaves_it_running_then_terminate_ends_the_group(local: AgentClient) -> None:
+    p = GuestProcess.start(local, ["sh", "-c", "sleep 30 & echo $!; sleep 30"])
+    child = int(p.wait_for_output(re.compile(r"(\d+)\n"), 10).group(1))
+    with pytest.raises(ProcessTimeout, match="still runs after 0.2 s") as e:
+        p.wait(timeout=0.2)
+    assert isinstance(e.value, ExecTimeout) and p.poll() is None
+    assert pickle.loads(pickle.dumps(e.value)).message == e.value.message
+    assert p.terminate().wait(timeout=10).returncode == -15 and p.state() == "killed by SIGTERM"
+    assert _gone(child), "terminate() left a child of the group running"
+
+
+def _gone(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_send_signal_reaches_the_process_only_and_kill_is_sigkill(local: AgentClient) -> None:
+    p = GuestProcess.start(local, ["sh", "-c", "trap 'echo got-usr1' USR1; while :; do sleep 0.05; done"])
+    time.sleep(0.2)  # the trap is set
+    p.send_signal(10)
+    p.wait_for_output("got-usr1", 10)
+    assert p.kill().wait(10).returncode == -9
+    p.kill()  # after the end: nothing, no error
+    p.send_signal(15)
+
+
+def test_wait_for_output_on_either_stream_with_a_regex(local: AgentClient) -> None:
+    with GuestProcess.start(local, "echo starting; sleep 0.2; echo 'listening on port 8123' >&2; sleep 30") as p:
+        m = p.wait_for_output(re.compile(r"port (\d+)"), 10)
+        assert m.group(1) == "8123"
+        assert p.wait_for_output("starting", 1, stream="stdout").group(0) == "starting"
+        with pytest.raises(OutputTimeout) as e:
+            p.wait_for_output("port", 0.3, stream="stdout")
+        assert isinstance(e.value, WaitTimeout) and isinstance(e.value, TimeoutError)
+        assert e.value.stdout == "starting\n" and e.value.returncode is None
+        assert "listening on port" in e.value.stderr
+        assert pickle.loads(pickle.dumps(e.value)).stderr == e.value.stderr
+        with pytest.raises(ValueError, match="stream must be"):
+            p.wait_for_output("x", 1, stream="both")
+    assert p.poll() == -9  # the with block killed it
+
+
+def test_wait_for_output_gives_up_at_once_when_the_process_ends_without_it(local: AgentClient) -> None:
+    p = GuestProcess.start(local, "echo nope; exit 3")
+    started = time.monotonic()
+    with pytest.raises(OutputTimeout, match=r"ended \(3\) first") as e:
+        p.wait_for_output("ready", 30)
+    assert time.monotonic() - started < 5 and e.value.returncode == 3 and e.value.stdout == "nope\n"
+
+
+def test_input_and_a_missing_program(local: AgentClient) -> None:
+    p = GuestProcess.start(local, ["cat"], input=b"fed\n")
+    assert p.wait(10).stdout == "fed\n"
+    missing = GuestProcess.start(local, ["/no/such/program"])
+    assert missing.pid is None and missing.poll() == 127 and "not found" in missing.stderr
+
+
+def test_many_processes_at_once(local: AgentClient) -> None:
+    procs = [GuestProcess.start(local, f"sleep 0.3; echo {i}") for i in range(8)]
+    assert [p.wait(10).stdout for p in procs] == [f"{i}\n" for i in range(8)]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the agent's end breaks
+def test_a_closed_channel_ends_its_processes_and_nothing_hangs() -> None:
+    client, _host = serve()
+    p = GuestProcess.start(client, "sleep 30")
+    q = GuestProcess.start(client, "sleep 30")
+    client.channel.close()
+    started = time.monotonic()
+    assert p.wait(5).returncode == -9 and q.poll() == -9
+    assert p.state().startswith("lost (") and p.kill() is p
+    with pytest.raises(OutputTimeout):
+        q.wait_for_output("x", 5)
+    with pytest.raises(AgentError):
+        GuestProcess.start(client, "true")
+    assert time.monotonic() - started < 5
+
+
+def test_output_kept_is_the_tail_with_a_note() -> None:
+    tail = OutputTail(10)
+    for piece in (b"abcd", b"efgh", b"ijkl", b"mn"):
+        tail.add(piece)
+    assert (tail.value(), tail.dropped, tail.total) == (b"efghijklmn", 4, 14)
+    assert tail.text() == "[pytest-bottle: 4 earlier bytes dropped, the last 10 kept]\nefghijklmn"
+    tail.add(b"x" * 25)
+    assert tail.value() == b"x" * 10 and tail.size == 10 and tail.dropped == 29
+
+
+def test_a_processs_output_is_bounded(local: AgentClient) -> None:
+    p = GuestProcess(local, "head -c 3000000 /dev/zero", cap=1 << 20)
+    p._rid, p._call = local.spawn(
+        ["head", "-c", "3000000", "/dev/zero"], p._sink, env={}, cwd=None, user=None, stdin=False
+    )
+    r = p.wait(20)
+    assert len(r.stdout_bytes) == 1 << 20 and p._out.dropped == 3000000 - (1 << 20)
+    assert p.stdout.startswith("[pytest-bottle: 1951424 earlier bytes dropped")
+
+
+def test_history_shows_processes_with_their_state(local: AgentClient) -> None:
+    p = GuestProcess.start(local, "sleep 30")
+    entries = [("true", 0, 0.01), ProcessEntry("sleep 30", p)]
+    cmd, rc, seconds = entries[1]  # still a (cmd, rc, duration) tuple
+    assert (cmd, rc, seconds) == ("sleep 30", None, 0.0)
+    assert describe_history(entries) == f"[0] 0.01s  true\n[spawn] pid {p.pid}, running  sleep 30"
+    p.kill().wait(10)
+    assert describe_history(entries[1:]) == f"[spawn] pid {p.pid}, killed by SIGKILL  sleep 30"
+
+
+# -- exec(on_output=...) ------------------------------------------------------------
+
+
+def test_on_output_gets_text_in_order_without_splitting_a_character(local: AgentClient) -> None:
+    got: list[tuple[str, str]] = []
+    cmd = r"printf 'a\303'; sleep 0.2; printf '\251b\n'; echo e1 >&2; sleep 0.1; echo e2 >&2; printf '\377'"
+    rc, out, err = run(local, cmd, on_output=lambda s, t: got.append((s, t)))
+    assert rc == 0 and out == b"a\xc3\xa9b\n\xff" and err == b"e1\ne2\n"
+    assert "".join(t for s, t in got if s == "stdout") == "aéb\n\ufffd"
+    assert "".join(t for s, t in got if s == "stderr") == "e1\ne2\n"
+    assert not any("\ufffd" in t for s, t in got[:2])  # the split character was held back, not replaced
+
+
+def test_an_exception_in_on_output_kills_the_command_and_propagates(local: AgentClient, tmp_path: object) -> None:
+    def boom(stream: str, text: str) -> None:
+        raise KeyError("stop")
+
+    started = time.monotonic()
+    with pytest.raises(KeyError, match="stop"):
+        run(local, "echo go; sleep 20; echo never", on_output=boom)
+    assert time.monotonic() - started < 5
+    assert run(local, "echo still-usable")[1] == b"still-usable\n"
+
+
+def test_a_slow_on_output_pauses_its_command_and_nothing_else(local: AgentClient) -> None:
+    """Flow control: the callback sleeps; the command's output stops at the
+    window, other calls to the agent are answered at once meanwhile."""
+    seen = [0]
+    done = threading.Event()
+
+    def slow(stream: str, text: str) -> None:
+        seen[0] += len(text)
+        if not done.is_set():
+            time.sleep(0.05)
+
+    t = threading.Thread(target=run, args=(local, "head -c 20000000 /dev/zero"), kwargs={"on_output": slow})
+    t.start()
+    time.sleep(0.5)
+    lat = []
+    for _ in range(10):
+        started = time.monotonic()
+        assert run(local, "echo hi")[1] == b"hi\n"
+        lat.append(time.monotonic() - started)
+    assert max(lat) < 1.0, lat
+    assert seen[0] < 12_000_000  # still paused by its window: far from all of it
+    done.set()
+    t.join(120)
+    assert seen[0] == 20_000_000
+
+
+def test_a_flooding_process_does_not_starve_other_calls(local: AgentClient) -> None:
+    with GuestProcess.start(local, ["yes"]) as p:
+        p.wait_for_output("y", 10)
+        lat = []
+        for _ in range(10):
+            started = time.monotonic()
+            assert run(local, "echo hi")[1] == b"hi\n"
+            lat.append(time.monotonic() - started)
+        assert sorted(lat)[5] < 1.0, lat  # a loaded 2-core host: generous
+        assert p._out.total > 1_000_000  # it did flood meanwhile
+
+
+# -- a hostile guest --------------------------------------------------------------------
+
+
+class Fake:
+    def __init__(self) -> None:
+        host, self.sock = socket.socketpair()
+        self.sock.settimeout(10)
+        self.chan = AgentChannel(host, "hostile", idle=0.2, dead_after=1.0)
+        self.sock.sendall(frame(HELLO, 0, SYNC_MAGIC + b"A" * 16))
+        assert self.chan.synced.wait(5)
+
+    def client(self) -> AgentClient:
+        return AgentClient(self.chan)
+
+
+@pytest.mark.parametrize("payload", [b"nonsense", b'{"pid": "1"}', b'{"pid": -1}', b"[1]", b'{"pid": true}'])
+def test_a_malformed_started_frame_is_an_agent_error(payload: bytes) -> None:
+    fake = Fake()
+    threading.Timer(0.2, lambda: fake.sock.sendall(frame(STARTED, 1, payload))).start()
+    with pytest.raises(AgentError, match="malformed STARTED"):
+        GuestProcess.start(fake.client(), "x")
+
+
+def test_an_oversized_started_frame_breaks_the_channel_not_the_host() -> None:
+    fake = Fake()
+    threading.Timer(0.2, lambda: fake.sock.sendall(frame(STARTED, 1, b" " * 300))).start()
+    with pytest.raises(AgentError, match="STARTED frame of 300 bytes"):
+        GuestProcess.start(fake.client(), "x")
+
+
+def test_a_silent_guest_fails_spawn_and_wait_instead_of_hanging() -> None:
+    fake = Fake()
+    started = time.monotonic()
+    with pytest.raises(AgentError, match="has not answered"):
+        GuestProcess.start(fake.client(), "x")
+    assert time.monotonic() - started < 10
+
+
+def test_a_bad_exit_reply_is_an_agent_error() -> None:
+    fake = Fake()
+
+    def guest() -> None:
+        time.sleep(0.2)
+        fake.sock.sendall(frame(STARTED, 1, b'{"pid":42}') + frame(STDOUT, 1, b"x"))
+        time.sleep(0.2)
+        fake.sock.sendall(jframe(REPLY, 1, {"ok": True, "rc": "0"}))
+
+    threading.Thread(target=guest, daemon=True).start()
+    p = GuestProcess.start(fake.client(), "x")
+    assert p.pid == 42
+    with pytest.raises(AgentError, match="no exit code"):
+        p.wait(5)
+
+
+def test_a_guest_ignoring_the_window_fails_an_on_output_exec() -> None:
+    """The callback holds the credit back; a guest that sends on regardless is
+    refused (AgentError), and the exec ends instead of growing a queue."""
+    fake = Fake()
+
+    def guest() -> None:
+        time.sleep(0.2)
+        chunk = frame(STDOUT, 1, b"x" * CHUNK)
+        for _ in range(HOST_WINDOW // CHUNK + 1):
+            fake.sock.sendall(chunk)
+
+    threading.Thread(target=guest, daemon=True).start()
+    runs: list[ExecRun] = []
+
+    def hold(stream: str, text: str) -> None:  # no credit back until the call failed
+        call = runs[0].call
+        assert call is not None
+        call.done.wait(10)
+
+    common: dict[str, Any] = dict(env={}, cwd=None, user=None, timeout=None, stdin=None, cap=1 << 20)
+    runs.append(fake.client().exec(["x"], on_output=hold, **common))
+    with pytest.raises(AgentError, match="beyond its window"):
+        runs[0].finish(5, "x")

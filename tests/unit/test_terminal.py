@@ -1,0 +1,165 @@
+"""The agent's pty operation, ``bottle shell``'s terminal side, and the guest
+files under the images' Pythons, against the agent served in this process."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_bottle import cli
+from pytest_bottle.agent.channel import AgentChannel
+from pytest_bottle.agent.client import AgentClient
+from pytest_bottle.guest import agent
+from pytest_bottle.guest.frames import Channel
+from pytest_bottle.guest.terminal import set_size
+from pytest_bottle.process import GuestProcess
+from pytest_bottle.shell import run_shell
+
+_keep: list[object] = []
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[AgentClient]:
+    host, peer = socket.socketpair()
+    threading.Thread(target=agent.Agent(Channel(peer.fileno())).serve, daemon=True).start()
+    channel = AgentChannel(host, "local-agent")
+    channel.send_sync()
+    assert channel.synced.wait(10), "the in-process agent did not answer SYNC"
+    _keep.extend([host, peer])  # the agent thread keeps reading its fd
+    yield AgentClient(channel)
+
+
+def run(client: AgentClient, cmd: str, **kw: object) -> tuple[int, bytes, bytes]:
+    r = client.exec(["/bin/sh", "-c", cmd], env={}, cwd=None, user=None, timeout=30, stdin=None, cap=1 << 20, **kw)  # type: ignore[arg-type]
+    got = r.finish(5, cmd)
+    return got.rc, got.stdout, got.stderr
+
+
+# -- the pty operation ----------------------------------------------------------------
+
+
+def test_pty_has_a_terminal_its_size_and_resizes(local: AgentClient) -> None:
+    out = bytearray()
+    rid, call = local.channel.start(
+        "pty", lambda k, d: out.extend(d), argv=["/bin/sh", "-i"], term="xterm", rows=33, cols=101
+    )
+    local.channel.send_data_frame(rid, b"stty size; tty; echo T=$TERM\n")
+    _until(lambda: b"33 101" in out and b"T=xterm" in out)
+    assert b"/dev/pts/" in out
+    local.resize(rid, 40, 120)
+    local.channel.send_data_frame(rid, b"stty size\n")
+    _until(lambda: b"40 120" in out)
+    local.channel.send_data_frame(rid, b"sleep 30\n")
+    time.sleep(0.3)
+    local.channel.send_data_frame(rid, b"\x03")  # Ctrl-C: SIGINT to the foreground job, not the shell
+    local.channel.send_data_frame(rid, b"echo after-$?\n")
+    _until(lambda: b"after-130" in out)
+    local.channel.send_data_frame(rid, b"exit 5\n")
+    assert local.channel.wait(call, 10, "pty") == {"rc": 5, "ok": True}
+
+
+def _until(cond: object, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# -- bottle shell's terminal side --------------------------------------------------------
+
+
+def test_run_shell_drives_a_guest_terminal_from_a_local_one(local: AgentClient) -> None:
+    """``run_shell`` between a local pty (the user's terminal) and the agent's:
+    raw keystrokes go through, the window size is passed on at start and on SIGWINCH."""
+    master, slave = os.openpty()
+    set_size(master, 30, 90)
+    seen = bytearray()
+
+    def user() -> None:
+        def expect(text: bytes) -> None:
+            deadline = time.monotonic() + 10
+            while text not in seen and time.monotonic() < deadline:
+                if select.select([master], [], [], 0.1)[0]:
+                    seen.extend(os.read(master, 4096))
+            assert text in seen, (text, bytes(seen))
+
+        expect(b"# ")  # the prompt: typing before run_shell made the terminal raw is flushed
+        os.write(master, b"stty size\r")
+        expect(b"30 90")
+        set_size(master, 50, 132)
+        os.kill(os.getpid(), signal.SIGWINCH)  # what the kernel sends a terminal's foreground group
+        time.sleep(0.3)
+        os.write(master, b"stty size\r")
+        expect(b"50 132")
+        os.write(master, b"exit 7\r")
+
+    helper = threading.Thread(target=user)
+    helper.start()
+    try:
+        assert run_shell(local, ["/bin/sh", "-i"], stdin=slave, stdout=slave) == 7
+    finally:
+        helper.join(20)
+        os.close(master)
+        os.close(slave)
+
+
+def test_bottle_shell_of_an_unknown_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["shell", "btl-nosuchbottle"]) == 1
+    assert "no kept bottle named 'btl-nosuchbottle'" in capsys.readouterr().err
+
+
+# -- the guest side on the Pythons of the images ----------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["3.11", "3.13"])  # bookworm's and trixie's python3
+def test_the_guest_side_runs_on_the_images_pythons(version: str) -> None:
+    """The guest files, side by side as in the image, under another interpreter:
+    spawn, streamed output and the pty operation."""
+    python = _python(version)
+    if python is None:
+        pytest.skip(f"no python{version} on this host")
+    host, peer = socket.socketpair()
+    guest = Path(agent.__file__).parent
+    code = f"import sys; sys.path.insert(0, {str(guest)!r}); import agent, frames; agent.Agent(frames.Channel({peer.fileno()})).serve()"
+    child = subprocess.Popen([python, "-c", code], pass_fds=[peer.fileno()])
+    try:
+        channel = AgentChannel(host, f"python{version}")
+        channel.send_sync()
+        assert channel.synced.wait(10)
+        client = AgentClient(channel)
+        p = GuestProcess.start(client, "echo hi; sleep 30")
+        p.wait_for_output("hi", 10)
+        assert p.terminate().wait(10).returncode == -15
+        texts: list[str] = []
+        assert (
+            run(client, r"printf 'caf\303'; sleep 0.2; printf '\251'", on_output=lambda s, t: texts.append(t))[0] == 0
+        )
+        assert "".join(texts) == "café"
+        out = bytearray()
+        rid, call = client.start_pty(["/bin/sh", "-i"], term="xterm", rows=11, cols=77, sink=lambda k, d: out.extend(d))
+        channel.send_data_frame(rid, b"stty size; exit 2\n")
+        assert channel.wait(call, 10, "pty") == {"rc": 2, "ok": True} and b"11 77" in out
+        channel.close()
+    finally:
+        child.kill()
+        child.wait()
+        peer.close()
+
+
+def _python(version: str) -> str | None:
+    """An interpreter of ``version`` that runs (a pyenv shim may not, outside its versions)."""
+    found = sorted(str(p) for p in Path.home().glob(f".pyenv/versions/{version}*/bin/python{version}"))
+    for python in [shutil.which(f"python{version}"), *found]:
+        if python and subprocess.run([python, "-c", ""], capture_output=True).returncode == 0:
+            return python
+    return None
