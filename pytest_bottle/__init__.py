@@ -24,6 +24,8 @@ from .errors import (
     LockTimeout,
     OutputLimit,
     PoolExhausted,
+    SnapshotError,
+    SnapshotGone,
     SpecError,
     UnsafeDirectory,
     UnsafeTransfer,
@@ -32,6 +34,7 @@ from .errors import (
 from .images.image import Image
 from .lifecycle.launch import launch
 from .results import ExecResult
+from .snapshot import Snapshot
 from .spec import BottleSpec
 
 __version__ = "0.1.0"
@@ -55,6 +58,9 @@ __all__ = [
     "LockTimeout",
     "OutputLimit",
     "PoolExhausted",
+    "Snapshot",
+    "SnapshotError",
+    "SnapshotGone",
     "SpecError",
     "UnsafeDirectory",
     "UnsafeTransfer",
