@@ -8,10 +8,11 @@ backing names resolve the same from each).  Its capture:
    (``-S -incoming defer``), its RAM a shared file in the new entry;
 2. pauses the source, puts a fresh qcow2 overlay on top of its disk
    (``blockdev-snapshot``: the old top is frozen, the source writes on the
-   new one), streams its whole state through a FIFO into the receiver, and
-   resumes it: the source pauses for about as long as its RAM takes to copy;
-3. lets the receiver save its device state (RAM stays in ``memory.ram``,
-   exactly as a seed's does), then ends it;
+   new one), writes its whole state (RAM included) to a file in the entry,
+   and resumes it: the source pauses for as long as its RAM takes to write
+   (about 0.2 s for 512M under TCG);
+3. has the receiver load that file (its RAM lands in ``memory.ram``) and
+   save its device state, exactly as a seed's is saved, then ends it;
 4. takes the frozen disk as the entry's ``disk.qcow2``: a hard link when it
    is one layer on the seed's disk (the first snapshot of a bottle restored
    from a seed: nothing is copied), else the source's private layers
@@ -134,8 +135,9 @@ class _Paused:
 def _capture_machine(src: Source, tmp: Path) -> _Paused:
     """Steps 1-3 of the module doc: ``memory.state`` and ``memory.ram`` in ``tmp``."""
     machine = src.machine
-    fifo = tmp / "stream.fifo"
-    os.mkfifo(fifo, 0o600)
+    # A file, not a pipe to the receiver: the source runs on as soon as its
+    # state is written, not once another QEMU has taken it in.
+    stream = tmp / "stream"
     helper_dir = tmp / "receiver"
     helper_dir.mkdir(mode=0o700)
     size = machine.disk_size()
@@ -147,22 +149,20 @@ def _capture_machine(src: Source, tmp: Path) -> _Paused:
     _qemu_img("create", "-q", "-f", "qcow2", str(helper_dir / DISK), str(size))
     receiver = QemuMachine.start(_receiver_config(machine.cfg, tmp), helper_dir, name=f"{src.name}-receiver")
     try:
-        receiver.receive_state(fifo)
         started = time.monotonic()
         machine.pause()
         try:
             frozen = machine.freeze_disk(overlay)
-            machine.stream_state(fifo, SNAPSHOT_TIMEOUT)
+            machine.stream_state(stream, SNAPSHOT_TIMEOUT)
         finally:
-            _unblock(fifo)
             machine.resume()
             seconds = time.monotonic() - started
+        receiver.receive_state(stream)
         receiver.wait_received(SNAPSHOT_TIMEOUT)
         receiver.save_state(tmp / "memory.state", SNAPSHOT_TIMEOUT)
     finally:
         receiver.stop(grace=0.5)
-        _unblock(fifo)
-        fifo.unlink(missing_ok=True)
+        stream.unlink(missing_ok=True)
         remove_tree(helper_dir)
     return _Paused(frozen, seconds)
 
@@ -199,16 +199,6 @@ def _qemu_img(*args: str) -> str:
     except subprocess.CalledProcessError as e:
         raise BootError(f"qemu-img {args[0]} failed: {e.stderr.strip()[-500:]}") from None
     return r.stdout
-
-
-def _unblock(fifo: Path) -> None:
-    """Release a ``cat`` left waiting on the FIFO (its peer failed): it then sees
-    EOF or EPIPE and its migration fails instead of hanging."""
-    for flags in (os.O_RDONLY | os.O_NONBLOCK, os.O_WRONLY | os.O_NONBLOCK):
-        try:
-            os.close(os.open(fifo, flags))
-        except OSError:  # no peer waiting, or the FIFO is gone
-            pass
 
 
 # -- finding and removing ------------------------------------------------------
