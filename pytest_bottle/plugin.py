@@ -134,8 +134,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(f"--bottle-{name}", dest=dest, metavar=metavar, default=None, help=text)
         parser.addini(dest, text, default=None)
     for name, text in FLAGS.items():
-        group.addoption(f"--bottle-{name}", dest=f"bottle_{name}", action="store_true", default=None, help=text)
-        parser.addini(f"bottle_{name}", text, type="bool", default=False)
+        dest = "bottle_" + name.replace("-", "_")
+        group.addoption(f"--bottle-{name}", dest=dest, action="store_true", default=None, help=text)
+        parser.addini(dest, text, type="bool", default=False)
     group.addoption("--bottle-prestart", dest="bottle_prestart", metavar="N", default=None, help=PRESTART_HELP)
     parser.addini("bottle_prestart", PRESTART_HELP, default=None)
 

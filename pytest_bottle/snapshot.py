@@ -103,7 +103,9 @@ class Snapshot:
         try:
             verify(state)
         except StateCorrupt as e:
-            raise SnapshotError(self.name, f"it is corrupt: {e.reason}") from None
+            raise SnapshotError(
+                self.name, "it is corrupt: " + e.reason.removeprefix(f"snapshot {self.name}: ")
+            ) from None
         return state
 
     def remove(self) -> None:
