@@ -7,6 +7,7 @@ service-like loop, so every fork checks that state came along.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,3 +156,43 @@ def test_kill_9_during_a_snapshot_leaves_nothing_after_a_sweep(warm_cache: Path)
     assert not Path(first).exists()
     assert not (warm_cache / "run" / name).exists()
     assert not [p for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or ())]
+
+
+FAILING = """
+def test_broken(bottle):
+    bottle.write_text("/root/clue", "the clue")
+    assert False, "look inside"
+
+def test_fine(bottle):
+    assert bottle.exec("true").ok
+"""
+
+
+def bottle_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={default_cache_dir()}", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+
+def test_save_failed_under_xdist_prints_how_to_open_it(pytester: pytest.Pytester, warm_cache: Path) -> None:
+    pytester.makepyfile(test_fail=FAILING)
+    result = pytester.runpytest_subprocess(
+        f"--bottle-cache-dir={warm_cache}", "-p", "no:cacheprovider", "-n", "2", "--bottle-save-failed"
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    assert "bottles saved as snapshots (--bottle-save-failed)" in out
+    found = re.search(r"run --snapshot (test_broken-btl-[0-9a-f]{8}) -- CMD", out)
+    assert found, out
+    name = found.group(1)
+    assert f"shell {name}" in out and f"snapshot rm {name}" in out
+    assert out.count("run --snapshot") == 1, "only the failed test's bottle is saved"
+    try:
+        assert (warm_cache / "snapshots" / name).is_dir(), "a saved snapshot outlives its session"
+        r = bottle_cli("run", "--snapshot", name, "--", "cat", "/root/clue")
+        assert (r.returncode, r.stdout) == (0, "the clue"), r.stderr
+        listed = bottle_cli("snapshot", "list").stdout
+        assert re.search(rf"^{name}\s+kept\s+debian-bookworm", listed, re.M), listed
+    finally:
+        assert bottle_cli("snapshot", "rm", name).returncode == 0
+    gone = bottle_cli("run", "--snapshot", name, "--", "true")
+    assert gone.returncode == 1 and f"SnapshotGone: snapshot {name}: no such snapshot" in gone.stderr
