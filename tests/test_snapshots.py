@@ -80,9 +80,14 @@ def test_forks_have_their_own_identity(
     assert ids[0]["hostname"] == module_bottle.name
 
 
-def test_fork_takes_forward_and_timeout_only(prepared: Snapshot, bottle_factory: Callable[..., Bottle]) -> None:
+def test_fork_takes_forward_and_timeout_only(
+    prepared: Snapshot, bottle_factory: Callable[..., Bottle], session_bottle_factory: Callable[..., Bottle]
+) -> None:
     with pytest.raises(SpecError, match=r"bottle_factory\(\) arguments: memory= cannot be given to a fork"):
         bottle_factory(snapshot=prepared, memory="1G")
+    with pytest.raises(SpecError, match=r"session_bottle_factory\(\) arguments: network= cannot be given"):
+        session_bottle_factory(snapshot=prepared, network="nat")
+    assert session_bottle_factory(snapshot=prepared, timeout=120).read_text("/root/state") == "prepared\n"
     with pytest.raises(SpecError, match=r"launch\(\): image= cannot be given"):
         pytest_bottle.launch(snapshot=prepared, image="debian-bookworm")
     with prepared.start(forward=[8080], timeout=60) as fork:
@@ -109,7 +114,10 @@ def test_snapshot_outlives_its_source_and_remove_is_named(bottle_factory: Callab
 
 def test_corrupt_snapshot_is_named(prepared: Snapshot, bottle_factory: Callable[..., Bottle]) -> None:
     fork = bottle_factory(snapshot=prepared)
-    with fork.snapshot() as snap:  # a snapshot of a fork: its own layer on the seed
+    fork.write_text("/root/second", "of the fork")
+    with fork.snapshot() as snap:  # a snapshot of a fork: its layers collapsed into one on the seed
+        with snap.start() as grandchild:
+            assert grandchild.read_text("/root/state") + grandchild.read_text("/root/second") == "prepared\nof the fork"
         with open(snap.path / "memory.state", "r+b") as f:
             f.seek(4096)
             byte = f.read(1)

@@ -102,7 +102,8 @@ def take(src: Source, final: Path, *, kept: bool) -> SavedState:
         if not kept:  # before anything big is written: a crash from here on is swept
             write_marker(tmp, *owner_identity())
         started = time.monotonic()
-        paused = _capture_machine(src, tmp)
+        with src.machine.snapshot_lock:
+            paused = _capture_machine(src, tmp)
         _take_disk(src.machine, paused.frozen, seed, tmp)
         with contextlib.suppress(OSError):
             shutil.copyfile(src.machine.console_log, tmp / "console.log")
@@ -157,9 +158,11 @@ def _capture_machine(src: Source, tmp: Path) -> _Paused:
         finally:
             machine.resume()
             seconds = time.monotonic() - started
+        loading = time.monotonic()
         receiver.receive_state(stream)
         receiver.wait_received(SNAPSHOT_TIMEOUT)
         receiver.save_state(tmp / "memory.state", SNAPSHOT_TIMEOUT)
+        log.debug("%s: paused %.2fs, receiver loaded and saved in %.2fs", src.name, seconds, time.monotonic() - loading)
     finally:
         receiver.stop(grace=0.5)
         stream.unlink(missing_ok=True)

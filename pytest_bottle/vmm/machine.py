@@ -7,6 +7,7 @@ import os
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,6 +77,7 @@ class QemuMachine:
         # Without the parent-death signal: it may outlive us (Bottle.keep).
         self.detached = detached
         self.top_disk = runtime.disk  # the qcow2 it writes to (a snapshot puts a new one on top)
+        self.snapshot_lock = threading.Lock()  # one snapshot at a time: each is a QMP conversation
 
     @classmethod
     def start(
