@@ -100,6 +100,7 @@ class Snapshot:
         state = None if self._removed else load(self.path)
         if state is None:
             raise SnapshotGone(self.name, "it was removed (remove(), the end of its session, or bottle snapshot rm)")
+        snapshots.seed_of(state)  # SnapshotError if its seed was pruned: the disk would have no base
         try:
             verify(state)
         except StateCorrupt as e:

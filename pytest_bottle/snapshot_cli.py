@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .errors import SpecError
+from .errors import SnapshotError, SpecError
 from .host.paths import tree_size
 from .host.runstate import MARKER, run_dir_owner
 from .snapshot import resolve_saved_snapshot
@@ -31,6 +31,10 @@ def run_snapshot(args: argparse.Namespace, command: list[str]) -> int:
 
 
 def _state_of(s: SavedState) -> str:
+    try:
+        snapshots.seed_of(s)
+    except SnapshotError:
+        return "stale"  # its seed was pruned (a new QEMU or image): it cannot be forked
     if snapshots.is_kept(s):
         return "kept"
     verdict = run_dir_owner(s.path) if (s.path / MARKER).exists() else None
@@ -64,14 +68,14 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Kept snapshots older than --older-than days (default: all of them), and
-    those of dead sessions; a live session's snapshots stay."""
+    """Kept snapshots older than --older-than days (default: all of them), those
+    of dead sessions and those whose seed is gone; a live session's stay."""
     limit = time.time() - (args.older_than or 0.0) * 86400
     freed = 0
     count = 0
     for s in snapshots.list_snapshots(args.cache_dir):
         state = _state_of(s)
-        if state == "orphaned" or (state == "kept" and s.created <= limit):
+        if state in ("orphaned", "stale") or (state == "kept" and s.created <= limit):
             size = tree_size(s.path)
             if snapshots.remove(s.path):
                 print(f"removed {s.path} ({size / 1e6:.0f} MB): {state}")
@@ -88,6 +92,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     rm = cmds.add_parser("rm", help="remove snapshots by name")
     rm.add_argument("names", nargs="+")
     rm.set_defaults(fn=cmd_rm)
-    pr = cmds.add_parser("prune", help="remove kept snapshots (all, or those older than DAYS) and orphaned ones")
+    pr = cmds.add_parser("prune", help="remove kept snapshots (all, or older than DAYS), orphaned and stale ones")
     pr.add_argument("--older-than", type=float, metavar="DAYS", default=None)
     pr.set_defaults(fn=cmd_prune)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+from pathlib import Path
 
 import pytest
 
 from pytest_bottle.errors import SnapshotError, SnapshotGone, SpecError
 from pytest_bottle.snapshot import check_fork_args, saved_name
-from pytest_bottle.store.snapshots import check_name
+from pytest_bottle.store.saved import load
+from pytest_bottle.store.snapshots import check_name, seed_of
 
 
 def test_fork_takes_forward_and_timeout() -> None:
@@ -45,3 +48,15 @@ def test_snapshot_errors_pickle() -> None:
         back = pickle.loads(pickle.dumps(e))
         assert type(back) is type(e) and str(back) == str(e) == f"snapshot {e.snapshot}: {e.reason}"
     assert isinstance(SnapshotGone("s", "r"), LookupError)
+
+
+def test_a_snapshot_finds_its_seed_by_a_relative_path(tmp_path: Path) -> None:
+    seed_dir, snap_dir = tmp_path / "seeds" / "s1", tmp_path / "snapshots" / "x"
+    for d, extra in ((seed_dir, {}), (snap_dir, {"kind": "snapshot", "rests_on": {"parent": "../../seeds/s1"}})):
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"files": {}, "key_parts": {}, "created": 1.0, **extra}))
+    snap = load(snap_dir)
+    assert snap is not None and seed_of(snap).path == seed_dir
+    (seed_dir / "manifest.json").unlink()  # pruned
+    with pytest.raises(SnapshotError, match="x: the seed it was taken from is gone"):
+        seed_of(snap)
