@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -65,6 +66,16 @@ def test_forks_are_independent_of_each_other_and_of_the_source(
     assert module_bottle.read_text("/root/state") == "prepared\n"
     b.check_output("rm /root/state")
     assert a.read_text("/root/state") == "a\n"
+
+
+def test_concurrent_forks_of_one_snapshot(prepared: Snapshot) -> None:
+    def fork_and_read(_: int) -> str:
+        with prepared.start() as b:
+            return b.read_text("/root/state") + b.name
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(fork_and_read, range(3)))
+    assert all(r.startswith("prepared\nbtl-") for r in results) and len(set(results)) == 3
 
 
 def test_forks_have_their_own_identity(
