@@ -170,6 +170,8 @@ def _sweep_snapshot_locks(root: Path, report: SweepReport) -> None:
         return
     for lock in root.glob("*.lock"):
         entry = lock.with_suffix("")
+        if not lock.is_file() or lock.is_symlink():
+            continue
         if entry.exists() or any(root.glob(f"{entries.TMP_PREFIX}{entry.name}-*")):
             continue
         with entries.flock(lock, wait=False) as free:

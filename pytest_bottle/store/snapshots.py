@@ -65,8 +65,10 @@ def snapshots_dir(cache_dir: Path) -> Path:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or entries.is_tmp(Path(name)):
-        raise SnapshotError(str(name), "a snapshot name is letters, digits, '.', '_' or '-' (at most 100)")
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name.startswith(".") or name.endswith(".lock"):
+        raise SnapshotError(
+            str(name), "a snapshot name is letters, digits, '.', '_' or '-' (at most 100), not ending in .lock"
+        )
     return name
 
 

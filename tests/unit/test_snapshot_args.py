@@ -38,7 +38,7 @@ def test_saved_names_are_valid_snapshot_names() -> None:
     assert name == "test_it_a_b_c-btl-0123abcd"
     assert check_name(name) == name
     assert check_name(saved_name("x::[[[", "btl-1")) == "test-btl-1"
-    for bad in ("", ".tmp-x", "../x", "a/b", "x" * 101):
+    for bad in ("", ".tmp-x", "../x", "a/b", "x" * 101, "x.lock"):
         with pytest.raises(SnapshotError):
             check_name(bad)
 
