@@ -10,7 +10,7 @@ backing names resolve the same from each).  Its capture:
    (``blockdev-snapshot``: the old top is frozen, the source writes on the
    new one), writes its whole state (RAM included) to a file in the entry,
    and resumes it: the source pauses for as long as its RAM takes to write
-   (about 0.2 s for 512M under TCG);
+   (0.2-0.4 s for 512M under TCG);
 3. has the receiver load that file (its RAM lands in ``memory.ram``) and
    save its device state, exactly as a seed's is saved, then ends it;
 4. takes the frozen disk as the entry's ``disk.qcow2``: a hard link when it
@@ -50,7 +50,7 @@ from ..host.runstate import MARKER, owner_identity, write_marker
 from ..vmm.machine import DISK, QemuMachine
 from ..vmm.qemu import MachineConfig
 from . import entries
-from .saved import RestsOn, SavedState, create, entry_lock, load, remove_entry
+from .saved import RestsOn, SavedState, create, entry_lock, load, lock_path, remove_entry
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +120,15 @@ def take(src: Source, final: Path, *, kept: bool) -> SavedState:
             "capture_seconds": round(time.monotonic() - started, 3),
         }
 
-    with entry_lock(final):
-        try:
-            state = create(final, capture, src.restored.manifest["key_parts"], RestsOn.on_state(seed, final))
-        except (BootError, OSError, subprocess.SubprocessError) as e:
-            reason = e.reason if isinstance(e, BootError) else str(e)
-            raise SnapshotError(final.name, f"taking it from bottle {src.name} failed: {reason}") from None
-    return state
+    try:
+        with entry_lock(final):
+            return create(final, capture, src.restored.manifest["key_parts"], RestsOn.on_state(seed, final))
+    except (BootError, OSError, subprocess.SubprocessError) as e:
+        reason = e.reason if isinstance(e, BootError) else str(e)
+        raise SnapshotError(final.name, f"taking it from bottle {src.name} failed: {reason}") from None
+    finally:
+        if not final.exists():  # failed: nothing will use the name again
+            lock_path(final).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
