@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -215,3 +216,17 @@ def test_save_failed_under_xdist_prints_how_to_open_it(pytester: pytest.Pytester
         assert bottle_cli("snapshot", "rm", name).returncode == 0
     gone = bottle_cli("run", "--snapshot", name, "--", "true")
     assert gone.returncode == 1 and f"SnapshotGone: snapshot {name}: no such snapshot" in gone.stderr
+
+
+def test_a_nat_bottle_forks_with_egress(bottle_factory: Callable[..., Bottle]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        source = bottle_factory(network="nat")
+        with source.snapshot() as snap, snap.start() as fork:
+            assert "10.0.2.3" in fork.read_text("/etc/resolv.conf")
+            # 10.0.2.2 is the host's loopback, reachable only with egress (network="nat").
+            connect = f"import socket; socket.create_connection(('10.0.2.2', {port}), timeout=10).sendall(b'hi')"
+            fork.check_output(["python3", "-c", connect])
+            conn, _ = server.accept()
+            with conn:
+                assert conn.recv(2) == b"hi"
