@@ -10,7 +10,7 @@ backing names resolve the same from each).  Its capture:
    (``blockdev-snapshot``: the old top is frozen, the source writes on the
    new one), writes its whole state (RAM included) to a file in the entry,
    and resumes it: the source pauses for as long as its RAM takes to write
-   (0.2-0.4 s for 512M under TCG);
+   (0.2-0.5 s for 512M under TCG);
 3. has the receiver load that file (its RAM lands in ``memory.ram``) and
    save its device state, exactly as a seed's is saved, then ends it;
 4. takes the frozen disk as the entry's ``disk.qcow2``: a hard link when it
