@@ -26,6 +26,8 @@ from .errors import (
     OutputTimeout,
     PoolExhausted,
     ProcessTimeout,
+    SnapshotError,
+    SnapshotGone,
     SpecError,
     UnsafeDirectory,
     UnsafeTransfer,
@@ -35,6 +37,7 @@ from .images.image import Image
 from .lifecycle.launch import launch
 from .process import GuestProcess
 from .results import ExecResult
+from .snapshot import Snapshot
 from .spec import BottleSpec
 
 __version__ = "0.1.0"
@@ -61,6 +64,9 @@ __all__ = [
     "OutputTimeout",
     "PoolExhausted",
     "ProcessTimeout",
+    "Snapshot",
+    "SnapshotError",
+    "SnapshotGone",
     "SpecError",
     "UnsafeDirectory",
     "UnsafeTransfer",

@@ -27,6 +27,7 @@ from .vmm.backend import Machine
 
 if TYPE_CHECKING:  # the launch pipeline makes bottles, and imports this module
     from .lifecycle.resources import Resources
+    from .snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +381,15 @@ class Bottle:
         self._resources.hand_over(self._machine)
         self._channel.close()
         self._machine.disconnect()  # our end only: the VM runs on
+
+    def snapshot(self) -> Snapshot:
+        """Save this running bottle's memory and disk as a ``Snapshot`` to fork
+        (``bottle_factory(snapshot=s)``, ``s.start()``); the bottle pauses
+        briefly, then runs on as itself.  ``SnapshotError`` if it cannot be
+        taken (a bottle on a ``lan=``, one booted cold)."""
+        from .snapshot import take_snapshot
+
+        return take_snapshot(self, self._machine, self._resources)
 
     def __enter__(self) -> Bottle:
         return self

@@ -1,4 +1,5 @@
-"""The ``bottle`` command: doctor, image build|list|rm, seed list|rm, run, shell, ps, stop, sweep."""
+"""The ``bottle`` command: doctor, image build|list|rm, seed list|rm, snapshot list|rm|prune,
+run, shell, ps, stop, sweep."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import snapshot_cli
 from .errors import BottleError, SpecError
 from .host import deps as hostdeps
 from .host import progress
@@ -186,6 +188,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         print("bottle run: no command given (bottle run -- CMD...)", file=sys.stderr)
         return 2
+    if args.snapshot:
+        from .snapshot_cli import run_snapshot
+
+        return run_snapshot(args, command)
     values = {
         "image": args.image,
         "memory": args.memory,
@@ -289,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--boot", default=None, choices=["snapshot", "cold"])
     run.add_argument("--accel", default=None, choices=["auto", "kvm", "tcg"])
     run.add_argument("--timeout", type=float, default=None, help="command timeout in seconds")
+    run.add_argument(
+        "--snapshot", metavar="NAME", default=None, help="run in a fork of this snapshot (bottle snapshot list)"
+    )
     run.add_argument("command", nargs=argparse.REMAINDER)
     run.set_defaults(fn=cmd_run)
 
@@ -296,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("name", help="a kept bottle (bottle ps)")
     sh.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... instead of root's login shell")
     sh.set_defaults(fn=cmd_shell)
+    snapshot_cli.add_parser(sub)
     sub.add_parser("ps", help="VMs with a run-state record on this host").set_defaults(fn=cmd_ps)
     stop = sub.add_parser("stop", help="stop VMs by name (e.g. ones kept by --bottle-keep)")
     stop.add_argument("names", nargs="+")

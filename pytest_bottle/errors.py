@@ -299,3 +299,20 @@ class OutputTimeout(WaitTimeout):
             "stderr": self.stderr,
             "returncode": self.returncode,
         }
+
+
+class SnapshotError(BottleError):
+    """A snapshot could not be taken or forked (see ``reason``): a bottle that
+    cannot be snapshotted, a failed capture, a corrupt snapshot."""
+
+    def __init__(self, snapshot: str, reason: str) -> None:
+        self.snapshot = snapshot
+        self.reason = reason
+        super().__init__(f"snapshot {snapshot}: {reason}")
+
+    def _args(self) -> dict[str, Any]:
+        return {"snapshot": self.snapshot, "reason": self.reason}
+
+
+class SnapshotGone(SnapshotError, LookupError):
+    """The snapshot was removed (``remove()``, its session ended, ``bottle snapshot rm``) or never existed."""

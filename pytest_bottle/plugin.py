@@ -27,6 +27,8 @@ from .images.image import known_names
 from .lifecycle.manager import BottleManager
 from .live_progress import LiveProgress
 from .reports import BottleReports, failed, keep_message
+from .save_failed import SaveFailed
+from .snapshot import Snapshot, check_fork_args
 from .spec import BottleSpec, Layer, resolve
 from .vmm import accel as accel_mod
 
@@ -45,6 +47,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
 FLAGS: dict[str, str] = {
     "rebuild": "rebuild images and seeds once at the start of this run",
     "keep": "on failure keep the test's VMs running and print how to reach and stop them",
+    "save-failed": "on failure save a snapshot of each of the test's VMs in the cache and print how to open it",
 }
 PRESTART_HELP = (
     "bottles of the current spec to restore ahead in the background, so the next test gets one at once "
@@ -131,8 +134,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(f"--bottle-{name}", dest=dest, metavar=metavar, default=None, help=text)
         parser.addini(dest, text, default=None)
     for name, text in FLAGS.items():
-        group.addoption(f"--bottle-{name}", dest=f"bottle_{name}", action="store_true", default=None, help=text)
-        parser.addini(f"bottle_{name}", text, type="bool", default=False)
+        dest = "bottle_" + name.replace("-", "_")
+        group.addoption(f"--bottle-{name}", dest=dest, action="store_true", default=None, help=text)
+        parser.addini(dest, text, type="bool", default=False)
     group.addoption("--bottle-prestart", dest="bottle_prestart", metavar="N", default=None, help=PRESTART_HELP)
     parser.addini("bottle_prestart", PRESTART_HELP, default=None)
 
@@ -190,6 +194,8 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.stash[STATE] = state
     config.pluginmanager.register(BottleReports(state.manager, state.keep), "bottle-reports")
+    if flag("save_failed"):
+        config.pluginmanager.register(SaveFailed(state.manager), "bottle-save-failed")
     if worker is None:  # once per run, before the first bottle: the controller sweeps
         spec = state.spec()
         try:
@@ -293,10 +299,26 @@ def bottle_factory(request: pytest.FixtureRequest, _bottle_group: str) -> Callab
     marker = _marker_layer(request.node)
 
     def factory(**kwargs: Any) -> Bottle:
+        if kwargs.get("snapshot") is not None:
+            return _fork(state, kwargs, "bottle_factory() arguments", _bottle_group)
+        kwargs.pop("snapshot", None)
         spec = state.spec(*marker, ("bottle_factory() arguments", kwargs))
         return state.manager.start(spec, _bottle_group)
 
     return factory
+
+
+def _fork(state: _State, kwargs: dict[str, Any], source: str, group: str) -> Bottle:
+    """A fork of ``kwargs["snapshot"]``: the other arguments may only be forward= and timeout=."""
+    rest = dict(kwargs)
+    snap = rest.pop("snapshot")
+    try:
+        if not isinstance(snap, Snapshot):
+            raise SpecError(f"snapshot must be a Snapshot (from bottle.snapshot()), not {snap!r}", source)
+        overrides = check_fork_args(rest, source)
+    except SpecError as e:
+        raise InvalidBottleArgument(e.message, e.source) from None
+    return state.manager.fork(snap, overrides, group)
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +344,9 @@ def session_bottle_factory(request: pytest.FixtureRequest) -> Iterator[Callable[
     state = _state(request.config)
 
     def factory(**kwargs: Any) -> Bottle:
+        if kwargs.get("snapshot") is not None:
+            return _fork(state, kwargs, "session_bottle_factory() arguments", "session:factory")
+        kwargs.pop("snapshot", None)
         spec = state.spec(("session_bottle_factory() arguments", kwargs))
         return state.manager.start(spec, "session:factory", spare=False)
 

@@ -139,8 +139,9 @@ def _sweep_cache(cache_dir: Path, live: set[str], report: SweepReport) -> None:
         for d in run.iterdir():
             if d.name not in live:
                 _sweep_run_dir(d, report)
-    # Half-built images and seeds of dead builders (a live builder holds its lock).
-    for sub in ("images", "seeds"):
+    _sweep_snapshots(cache_dir / "snapshots", report)
+    # Half-built images, seeds and snapshots of dead builders (a live builder holds its lock).
+    for sub in ("images", "seeds", "snapshots"):
         root = cache_dir / sub
         if not root.is_dir():
             continue
@@ -148,6 +149,35 @@ def _sweep_cache(cache_dir: Path, live: set[str], report: SweepReport) -> None:
             pid = _pid_suffix(d.name)
             if pid is not None and not _pid_alive(pid) and not _lock_held(cache_dir, sub, d.name):
                 _remove(d, report)
+    _sweep_snapshot_locks(cache_dir / "snapshots", report)
+
+
+def _sweep_snapshots(root: Path, report: SweepReport) -> None:
+    """Snapshots of sessions that died (their owner marker says so); kept ones
+    (--bottle-save-failed) have no owner and stay."""
+    for d in entries.list_entries(root):
+        verdict = run_dir_owner(d)
+        if verdict is None or not verdict[0]:
+            continue
+        with entries.flock(state_lock(d), wait=False) as free:
+            if free and _remove(d, report):  # a fork opening it holds the lock shared
+                state_lock(d).unlink(missing_ok=True)
+
+
+def _sweep_snapshot_locks(root: Path, report: SweepReport) -> None:
+    """The lock files of snapshots that are gone (a snapshot's name is never made again)."""
+    if not root.is_dir():
+        return
+    for lock in root.glob("*.lock"):
+        entry = lock.with_suffix("")
+        if not lock.is_file() or lock.is_symlink():
+            continue
+        if entry.exists() or any(root.glob(f"{entries.TMP_PREFIX}{entry.name}-*")):
+            continue
+        with entries.flock(lock, wait=False) as free:
+            if free:
+                lock.unlink(missing_ok=True)
+                report.paths.append(str(lock))
 
 
 def _sweep_run_dir(d: Path, report: SweepReport) -> None:

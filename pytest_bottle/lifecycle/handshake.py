@@ -64,8 +64,10 @@ def found_cold(macs: tuple[str, ...]) -> tuple[Found, ...]:
 
 
 def found_restored(state: SavedState, nics: int) -> tuple[Found, ...]:
-    """A restored guest's NICs: its seed's MACs, and their names when the seed knows them."""
-    found = [{"match": mac} for mac in SEED_MACS[:nics]]
+    """A restored guest's NICs: its seed's MACs (a snapshot's: its source's), and
+    their names when the state knows them."""
+    macs = state.manifest.get("guest_macs") or SEED_MACS
+    found = [{"match": str(mac)} for mac in macs[:nics]]
     for nic, nic_name in zip(found, state.nic_names, strict=False):  # an older seed knows none
         nic["name"] = nic_name
     return tuple(found)

@@ -9,8 +9,8 @@ from typing import Any
 from ..agent.channel import AgentChannel
 from ..agent.client import AgentClient
 from ..bottle import Bottle
-from ..errors import BootError, SpecError
-from ..images import ensure_image
+from ..errors import BootError, SnapshotError, SpecError
+from ..images import BuiltImage, ensure_image
 from ..net.lan import LanRegistry
 from ..spec import BottleSpec, resolve
 from ..store.saved import SavedState, StateCorrupt, discard, in_use, verify
@@ -41,15 +41,23 @@ _library_lans = LanRegistry()
 Started = tuple[Machine, AgentChannel, tuple[Found, ...]]
 
 
-def launch(*, detached: bool = False, **kwargs: Any) -> Bottle:
+def launch(*, detached: bool = False, snapshot: Any = None, **kwargs: Any) -> Bottle:
     """Start a bottle without pytest; use it as a context manager.
 
     Takes the marker's keyword arguments plus ``accel`` and ``cache_dir``.
     ``detached=True`` starts QEMU so that it can outlive this process, which
     ``Bottle.keep()`` needs; otherwise QEMU dies with the process.
+    ``snapshot=s`` starts a fork of the ``Snapshot`` s (then only ``forward``
+    and ``timeout`` may be given).
     """
     if not isinstance(detached, bool):
         raise SpecError(f"detached must be True or False, not {detached!r}", "launch()")
+    if snapshot is not None:
+        from ..snapshot import Snapshot, check_fork_args
+
+        if not isinstance(snapshot, Snapshot):
+            raise SpecError(f"snapshot must be a Snapshot (from Bottle.snapshot()), not {snapshot!r}", "launch()")
+        return snapshot.fork(check_fork_args(kwargs, "launch()"), detached=detached)
     return start_bottle(resolve([("launch()", kwargs)]), detached=detached)
 
 
@@ -58,16 +66,26 @@ def new_name() -> str:
 
 
 def start_bottle(
-    spec: BottleSpec, *, rebuild_before: float | None = None, detached: bool = False, lans: LanRegistry | None = None
+    spec: BottleSpec,
+    *,
+    rebuild_before: float | None = None,
+    detached: bool = False,
+    lans: LanRegistry | None = None,
+    fork_of: tuple[BuiltImage, SavedState] | None = None,
 ) -> Bottle:
-    """Start a bottle for a resolved spec.  ``lans`` scopes LAN names (default: process-wide)."""
-    image = ensure_image(spec.image, spec.cache_dir, rebuild_before=rebuild_before)
-    plan = make_plan(spec, image, accel_for(spec.accel, image, spec.cache_dir).accel, new_name())
+    """Start a bottle for a resolved spec.  ``lans`` scopes LAN names (default: process-wide).
+    ``fork_of``: the image and the snapshot to restore instead of a seed."""
+    if fork_of is None:
+        image = ensure_image(spec.image, spec.cache_dir, rebuild_before=rebuild_before)
+        accel = accel_for(spec.accel, image, spec.cache_dir).accel
+    else:
+        image, accel = fork_of[0], fork_of[1].manifest["key_parts"]["accel"]
+    plan = make_plan(spec, image, accel, new_name())
     keys = handshake.Keys.start(plan)
     baked = keys.baked()
     res = Resources.take(plan, _library_lans if lans is None else lans)
     try:
-        boot = _Boot(plan, res, rebuild_before, detached, baked)
+        boot = _Boot(plan, res, rebuild_before, detached, baked, fork_of[1] if fork_of else None)
         machine, channel, found = res.with_host_ports(plan.ports, boot.start)
         res.adopt(machine, channel)
         done = handshake.clone_setup(AgentClient(channel), plan, res, found, keys, baked)
@@ -91,10 +109,17 @@ class _Boot:
     vanished seed once) or a cold boot, with the host ports of this attempt."""
 
     def __init__(
-        self, plan: Plan, res: Resources, rebuild_before: float | None, detached: bool, baked: dict[str, str | None]
+        self,
+        plan: Plan,
+        res: Resources,
+        rebuild_before: float | None,
+        detached: bool,
+        baked: dict[str, str | None],
+        snapshot: SavedState | None = None,
     ) -> None:
         self.plan, self.res = plan, res
         self.rebuild_before, self.detached, self.baked = rebuild_before, detached, baked
+        self.snapshot = snapshot
 
     def start(self, forwards: Forwards) -> Started:
         """Returns the machine, its channel and how the guest's NICs are found now."""
@@ -102,11 +127,14 @@ class _Boot:
         if not self.plan.restores:
             machine, channel = self._run(cfg)
             return machine, channel, handshake.found_cold(self.res.macs)
+        if self.snapshot is not None:
+            return self._fork(cfg, self.snapshot)
         for attempt in (1, 2):
             state = self._seed()
             try:
                 with in_use(state):  # no pruner removes it before QEMU has its files open
                     machine, channel = self._run(restore_from(cfg, state))
+                self.res.restored = state
                 return machine, channel, handshake.found_restored(state, len(cfg.nics))
             except BootError as e:
                 fault = _seed_fault(state, e)
@@ -115,6 +143,21 @@ class _Boot:
                 discard(state, fault)
                 self.res.reset_run_dir()
         raise AssertionError("unreachable")
+
+    def _fork(self, cfg: MachineConfig, state: SavedState) -> Started:
+        """Restore a snapshot: as a seed, but a bad one is not made again, it is an error."""
+        try:
+            with in_use(state):
+                machine, channel = self._run(restore_from(cfg, state))
+        except StateCorrupt as e:
+            raise SnapshotError(state.path.name, e.reason) from None
+        except BootError as e:
+            fault = _seed_fault(state, e)
+            if fault is None:
+                raise
+            raise SnapshotError(state.path.name, fault) from None
+        self.res.restored = state
+        return machine, channel, handshake.found_restored(state, len(cfg.nics))
 
     def _seed(self) -> SavedState:
         plan = self.plan

@@ -23,9 +23,11 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..bottle import Bottle
 from ..net.lan import LanRegistry
+from ..snapshot import Snapshot, remove_session_snapshots
 from ..spec import BottleSpec
 from .launch import start_bottle
 
@@ -68,6 +70,13 @@ class BottleManager:
         group.bottles.append(bottle)
         if spare:
             self._refill(spec)
+        return bottle
+
+    def fork(self, snapshot: Snapshot, overrides: dict[str, Any], group_key: str) -> Bottle:
+        """A fork of ``snapshot`` for ``group_key`` (``overrides``: checked fork arguments)."""
+        group = self.group(group_key)
+        bottle = snapshot.fork(overrides, detached=self.keep_failed, lans=group.lans)
+        group.bottles.append(bottle)
         return bottle
 
     # -- spares -------------------------------------------------------------
@@ -162,6 +171,7 @@ class BottleManager:
                 log.warning("closing bottles of %s failed: %s", key, e)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        remove_session_snapshots()  # after the forks: none is still opening their files
 
 
 def _close_result(future: Future[Bottle]) -> None:

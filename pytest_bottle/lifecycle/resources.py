@@ -25,6 +25,7 @@ from ..host.paths import remove_tree
 from ..host.runstate import RunRecord, create_run_dir
 from ..net import pools
 from ..net.lan import LanRegistry
+from ..store.saved import SavedState
 from ..vmm.backend import CONSOLE, DISK, Machine
 from .plan import LAN_NIC, Forwards, Plan
 
@@ -40,8 +41,10 @@ PORT_ATTEMPTS = 3
 class Resources:
     """What one bottle holds; ``take`` it, then ``close`` or ``hand_over``."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, plan: Plan | None = None) -> None:
         self.name = name
+        self.plan = plan
+        self.restored: SavedState | None = None  # the seed or snapshot its machine resumed (None: cold boot)
         self.run_dir = Path()
         self.record: RunRecord | None = None
         self.macs: tuple[str, ...] = ()
@@ -56,7 +59,7 @@ class Resources:
         """A run directory and record, a MAC per NIC, a loopback address if
         anything is forwarded and a TAP on the LAN; on failure nothing stays taken."""
         name, lan = plan.name, plan.spec.lan
-        res = cls(name)
+        res = cls(name, plan)
         stack = res._stack
         try:
             res.run_dir = create_run_dir(plan.spec.cache_dir / "run" / name)

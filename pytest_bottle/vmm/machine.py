@@ -7,9 +7,11 @@ import os
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import BootError, BootTimeout
 from ..host.deps import require
@@ -74,6 +76,8 @@ class QemuMachine:
         self.started = process.start_time(proc.pid)
         # Without the parent-death signal: it may outlive us (Bottle.keep).
         self.detached = detached
+        self.top_disk = runtime.disk  # the qcow2 it writes to (a snapshot puts a new one on top)
+        self.snapshot_lock = threading.Lock()  # one snapshot at a time: each is a QMP conversation
 
     @classmethod
     def start(
@@ -205,6 +209,74 @@ class QemuMachine:
                 raise BootError(f"saving the VM state failed ({status}): {self.exit_reason()}")
             if time.monotonic() > deadline:
                 raise BootError(f"saving the VM state took longer than {timeout} s")
+            time.sleep(0.02)
+
+    # -- live snapshots (see store/snapshots.py) ----------------------------
+
+    def pause(self) -> None:
+        self.qmp.cmd("stop")
+
+    def resume(self) -> None:
+        """Run on after ``pause`` (also after a completed ``stream_state``, which
+        handed the disks over: ``cont`` takes them back)."""
+        self.qmp.cmd("cont")
+
+    def freeze_disk(self, overlay: Path) -> Path:
+        """Write on ``overlay`` from now on (a qcow2 already made on the current
+        top disk); returns the old top, which nothing writes any more."""
+        node = f"top-{overlay.stem}"
+        args: dict[str, Any] = {
+            "driver": "qcow2",
+            "node-name": node,
+            "discard": "unmap",
+            "cache": {"direct": False, "no-flush": True},  # as the -drive's cache=unsafe
+            "file": {"driver": "file", "filename": str(overlay)},
+            "backing": None,  # it is put on top by blockdev-snapshot
+        }
+        self.qmp.cmd("blockdev-add", **args)
+        self.qmp.cmd("blockdev-snapshot", node="root", overlay=node)
+        old, self.top_disk = self.top_disk, overlay
+        return old
+
+    def disk_size(self) -> int:
+        """The guest disk's virtual size in bytes."""
+        for dev in self.qmp.cmd("query-block"):
+            if dev.get("device") == "root":
+                return int(dev["inserted"]["image"]["virtual-size"])
+        raise BootError("QEMU has no disk named root", name=self.qmp.name)
+
+    def stream_state(self, path: Path, timeout: float = 120.0) -> None:
+        """Write the paused guest's whole state, RAM included, to ``path`` (a FIFO
+        another QEMU reads: see ``receive_state``)."""
+        self.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}])
+        self.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+        self.qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(path)))
+        self._wait_migration("sending the VM state", timeout)
+
+    def receive_state(self, path: Path) -> None:
+        """Start loading a state from ``path`` (started with ``-incoming defer -S``)."""
+        self.qmp.cmd("migrate-incoming", uri="exec:cat " + shlex.quote(str(path)))
+
+    def wait_received(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.qmp.cmd("query-status").get("status") == "inmigrate":
+            if not self.alive():
+                raise BootError(f"loading the VM state failed: {self.exit_reason()}")
+            if time.monotonic() > deadline:
+                raise BootError(f"loading the VM state took longer than {timeout} s")
+            time.sleep(0.02)
+
+    def _wait_migration(self, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.qmp.cmd("query-migrate").get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled") or not self.alive():
+                raise BootError(f"{what} failed ({status}): {self.exit_reason()}")
+            if time.monotonic() > deadline:
+                self.qmp.cmd("migrate_cancel")
+                raise BootError(f"{what} took longer than {timeout} s")
             time.sleep(0.02)
 
     def stop(self, grace: float = 2.0) -> None:

@@ -27,6 +27,8 @@ CASES = [
     E.LockTimeout("/run/pytest-bottle/leases.lock", 60.0, "pid 42 (uid 0): python3 -m pytest"),
     E.AgentTimeout("bottle btl-1: get did not finish in time"),
     E.OutputLimit("/x in btl-1 is larger than 1073741824 bytes: use get()"),
+    E.SnapshotError("btl-1-abc", "it is corrupt: memory.state does not match its checksum"),
+    E.SnapshotGone("btl-1-abc", "it was removed"),
 ]
 
 

@@ -1,0 +1,233 @@
+"""``Snapshot``: the saved state of a live bottle, and its forks.
+
+``Bottle.snapshot()`` makes one (the mechanics are ``store/snapshots``); a
+fork (``s.start()``, ``launch(snapshot=s)``, ``bottle_factory(snapshot=s)``)
+restores it as a clone restores a seed and gets its own identity through the
+clone handshake.  A snapshot lives until ``remove()`` or the end of the
+process (the session) that made it; ``--bottle-save-failed`` makes *kept*
+ones, which stay in the cache until ``bottle snapshot rm`` or ``prune``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import secrets
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import SnapshotError, SnapshotGone, SpecError
+from .images import BuiltImage
+from .images.cache import find_image
+from .spec import BottleSpec, resolve
+from .store import snapshots
+from .store.saved import SavedState, StateCorrupt, load, verify
+from .vmm.machine import QemuMachine
+
+if TYPE_CHECKING:
+    from .bottle import Bottle
+    from .lifecycle.resources import Resources
+    from .net.lan import LanRegistry
+    from .vmm.backend import Machine
+
+log = logging.getLogger(__name__)
+
+# What a fork may choose; everything else is the snapshot's.
+FORK_KEYS = ("forward", "timeout")
+
+
+def check_fork_args(kwargs: dict[str, Any], source: str) -> dict[str, Any]:
+    """The fork arguments in ``kwargs`` (``forward``, ``timeout``), checked; any
+    other argument is a ``SpecError`` naming it."""
+    for key in kwargs:
+        if key not in FORK_KEYS:
+            raise SpecError(
+                f"{key}= cannot be given to a fork of a snapshot: it comes from the snapshot "
+                f"(a fork takes only {', '.join(k + '=' for k in FORK_KEYS)})",
+                source,
+            )
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    parsed = resolve([(source, given)], restricted=1)  # parses and names bad values
+    out: dict[str, Any] = {}
+    if "forward" in given:
+        out["forward"] = parsed.forward
+    if "timeout" in given:
+        out["timeout"] = parsed.timeout
+    return out
+
+
+class Snapshot:
+    """A saved state of a running bottle: fork it with ``start()`` (or
+    ``bottle_factory(snapshot=...)``, ``launch(snapshot=...)``).  A context
+    manager: leaving it removes the snapshot."""
+
+    def __init__(self, state: SavedState, spec: BottleSpec, image: BuiltImage) -> None:
+        self.name = state.path.name
+        self.path = state.path
+        self.spec = spec  # the source's; a fork may change forward and timeout
+        self.image = image
+        self.kept = bool(state.manifest.get("kept"))
+        self.source = str(state.manifest.get("source", ""))
+        self.created = state.created
+        self.pause_seconds = float(state.manifest.get("pause_seconds", 0.0))
+        self._removed = False
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else ("kept" if self.kept else "live")
+        return f"<Snapshot {self.name} of {self.source} image={self.image.name} {state}>"
+
+    @property
+    def removed(self) -> bool:
+        return self._removed or not self.path.is_dir()
+
+    def start(self, **kwargs: Any) -> Bottle:
+        """A new fork; only ``forward=`` and ``timeout=`` may be given."""
+        return self.fork(check_fork_args(kwargs, "Snapshot.start()"))
+
+    def fork(self, overrides: dict[str, Any], *, detached: bool = False, lans: LanRegistry | None = None) -> Bottle:
+        """A fork with checked ``overrides`` (see ``check_fork_args``)."""
+        from .lifecycle.launch import start_bottle
+
+        state = self._state()
+        spec = replace(self.spec, **overrides)
+        return start_bottle(spec, detached=detached, lans=lans, fork_of=(self.image, state))
+
+    def _state(self) -> SavedState:
+        state = None if self._removed else load(self.path)
+        if state is None:
+            raise SnapshotGone(self.name, "it was removed (remove(), the end of its session, or bottle snapshot rm)")
+        snapshots.seed_of(state)  # SnapshotError if its seed was pruned: the disk would have no base
+        try:
+            verify(state)
+        except StateCorrupt as e:
+            raise SnapshotError(
+                self.name, "it is corrupt: " + e.reason.removeprefix(f"snapshot {self.name}: ")
+            ) from None
+        return state
+
+    def remove(self) -> None:
+        """Remove it now (waiting for forks that are opening its files).  Idempotent.
+        Running forks are not affected."""
+        _live.pop(self.name, None)
+        self._removed = True
+        snapshots.remove(self.path)
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+# -- taking them ---------------------------------------------------------------
+
+_live: dict[str, Snapshot] = {}  # this process's (session's) snapshots, removed at its end
+_live_lock = threading.Lock()
+
+
+def take_snapshot(
+    bottle: Bottle, machine: Machine, res: Resources, *, name: str | None = None, kept: bool = False
+) -> Snapshot:
+    """Snapshot a running bottle (``Bottle.snapshot``); ``kept``: no owner, it outlives the session."""
+    plan = res.plan
+    why = _refusal(bottle, machine, res)
+    if why or plan is None or res.restored is None or not isinstance(machine, QemuMachine):
+        raise SnapshotError(name or bottle.name, f"bottle {bottle.name} cannot be snapshotted: {why}")
+    spec = plan.spec
+    name = snapshots.check_name(name or f"{bottle.name}-{secrets.token_hex(3)}")
+    src = snapshots.Source(
+        name=bottle.name,
+        machine=machine,
+        run_dir=res.run_dir,
+        restored=res.restored,
+        macs=res.macs,
+        extra={"spec": _spec_fields(spec), "image_name": plan.image.name, "image_key": plan.image.key},
+    )
+    state = snapshots.take(src, snapshots.snapshots_dir(spec.cache_dir) / name, kept=kept)
+    snap = Snapshot(state, spec, plan.image)
+    if not kept:
+        with _live_lock:
+            _live[snap.name] = snap
+    log.debug("%s: snapshot %s taken (paused %.2fs)", bottle.name, snap.name, snap.pause_seconds)
+    return snap
+
+
+def _refusal(bottle: Bottle, machine: Machine, res: Resources) -> str:
+    if not bottle.alive():
+        return "it is not running"
+    if res.plan is not None and res.plan.spec.lan:
+        return (
+            f"it is on lan={res.plan.spec.lan!r}, and a fork would have to join that LAN with "
+            "the same addresses (take the snapshot before joining, or start forks without a LAN)"
+        )
+    if res.restored is None:
+        return "it was booted cold (boot='cold'); snapshots are of bottles restored from a seed (the default)"
+    if not isinstance(machine, QemuMachine):
+        return f"its backend ({type(machine).__name__}) cannot take snapshots"
+    return ""
+
+
+def _spec_fields(spec: BottleSpec) -> dict[str, Any]:
+    return {
+        "image": spec.image if isinstance(spec.image, str) else None,
+        "memory_mb": spec.memory_mb,
+        "cpus": spec.cpus,
+        "network": spec.network,
+        "forward": list(spec.forward),
+        "timeout": spec.timeout,
+    }
+
+
+def remove_session_snapshots() -> None:
+    """Remove every snapshot this process made (the end of its session)."""
+    with _live_lock:
+        live = list(_live.values())
+    for snap in live:
+        if os.getpid() != _owner_pid:
+            return  # a forked child: the snapshots are its parent's
+        try:
+            snap.remove()
+        except Exception as e:  # the others still go; the sweep takes what is left
+            log.warning("removing snapshot %s failed: %s", snap.name, e)
+
+
+_owner_pid = os.getpid()
+atexit.register(remove_session_snapshots)
+
+
+# -- kept snapshots (--bottle-save-failed, the CLI) ----------------------------
+
+
+def saved_name(nodeid: str, bottle_name: str) -> str:
+    """A kept snapshot's name: the test's name and the bottle's."""
+    test = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid.rsplit("::", 1)[-1]).strip("_.-")[:60] or "test"
+    return f"{test}-{bottle_name}"
+
+
+def resolve_saved_snapshot(cache_dir: Path, name: str) -> Snapshot:
+    """The snapshot ``name`` in ``cache_dir`` (kept or live), ready to fork, or ``SnapshotGone``."""
+    snapshots.check_name(name)
+    state = load(cache_dir / "snapshots" / name)
+    if state is None or state.kind != "snapshot":
+        raise SnapshotGone(name, f"no such snapshot in {cache_dir} (see bottle snapshot list)")
+    m = state.manifest
+    if not m.get("spec", {}).get("image"):
+        raise SnapshotError(name, "it is of a derived image: only snapshots of named recipe images open from the CLI")
+    image = find_image(str(m.get("image_name")), cache_dir)
+    if image is None or image.key != m.get("image_key"):
+        raise SnapshotError(name, f"its image {m.get('image_name')} ({m.get('image_key')}) is no longer in the cache")
+    f = m["spec"]
+    spec = BottleSpec(
+        image=f["image"],
+        memory_mb=int(f["memory_mb"]),
+        cpus=int(f["cpus"]),
+        network=f["network"],
+        forward=tuple(int(p) for p in f.get("forward", ())),
+        timeout=float(f["timeout"]),
+        cache_dir=cache_dir,
+    )
+    return Snapshot(state, spec, image)

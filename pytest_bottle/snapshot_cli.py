@@ -1,0 +1,97 @@
+"""The ``bottle snapshot`` commands (list, rm, prune) and ``bottle run --snapshot``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import SnapshotError, SpecError
+from .host.paths import tree_size
+from .host.runstate import MARKER, run_dir_owner
+from .snapshot import resolve_saved_snapshot
+from .store import snapshots
+from .store.saved import SavedState
+
+# bottle run options that a snapshot decides
+_FIXED = ("image", "memory", "cpus", "network", "boot", "accel")
+
+
+def run_snapshot(args: argparse.Namespace, command: list[str]) -> int:
+    """``bottle run --snapshot NAME -- CMD``: CMD in a fresh fork of a saved snapshot."""
+    given = [f"--{k}" for k in _FIXED if getattr(args, k, None) is not None]
+    if given:
+        raise SpecError(f"{', '.join(given)} cannot be given with --snapshot: the snapshot decides", "bottle run")
+    snap = resolve_saved_snapshot(args.cache_dir, args.snapshot)
+    with snap.start() as b:
+        r = b.exec(command[0] if len(command) == 1 else command, timeout=args.timeout)
+    sys.stdout.buffer.write(r.stdout_bytes)
+    sys.stderr.buffer.write(r.stderr_bytes)
+    return r.returncode
+
+
+def _state_of(s: SavedState) -> str:
+    try:
+        snapshots.seed_of(s)
+    except SnapshotError:
+        return "stale"  # its seed was pruned (a new QEMU or image): it cannot be forked
+    if snapshots.is_kept(s):
+        return "kept"
+    verdict = run_dir_owner(s.path) if (s.path / MARKER).exists() else None
+    return "orphaned" if verdict and verdict[0] else "session"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    found = snapshots.list_snapshots(args.cache_dir)
+    print(f"{'NAME':50} {'STATE':9} {'IMAGE':20} {'SIZE':>8} {'AGE':>6}")
+    for s in found:
+        m = s.manifest
+        size = f"{tree_size(s.path) / 1e6:.0f} MB"
+        age = f"{(time.time() - s.created) / 3600:.1f}h"
+        print(f"{s.path.name:50} {_state_of(s):9} {m.get('image_name')!s:20} {size:>8} {age:>6}")
+    if not found:
+        print("(no snapshots)")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    status = 0
+    for name in args.names:
+        snapshots.check_name(name)
+        path = args.cache_dir / "snapshots" / name
+        if path.is_dir() and snapshots.remove(path):
+            print(f"removed {path}")
+        else:
+            print(f"bottle snapshot rm: no snapshot named {name!r} (see bottle snapshot list)", file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Kept snapshots older than --older-than days (default: all of them), those
+    of dead sessions and those whose seed is gone; a live session's stay."""
+    limit = time.time() - (args.older_than or 0.0) * 86400
+    freed = 0
+    count = 0
+    for s in snapshots.list_snapshots(args.cache_dir):
+        state = _state_of(s)
+        if state in ("orphaned", "stale") or (state == "kept" and s.created <= limit):
+            size = tree_size(s.path)
+            if snapshots.remove(s.path):
+                print(f"removed {s.path} ({size / 1e6:.0f} MB): {state}")
+                freed += size
+                count += 1
+    print(f"pruned {count} snapshot(s), freed {freed / 1e6:.0f} MB")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    snap = sub.add_parser("snapshot", help="list or remove snapshots (kept by --bottle-save-failed)")
+    cmds = snap.add_subparsers(dest="sub", required=True)
+    cmds.add_parser("list", help="snapshots in the cache").set_defaults(fn=cmd_list)
+    rm = cmds.add_parser("rm", help="remove snapshots by name")
+    rm.add_argument("names", nargs="+")
+    rm.set_defaults(fn=cmd_rm)
+    pr = cmds.add_parser("prune", help="remove kept snapshots (all, or older than DAYS), orphaned and stale ones")
+    pr.add_argument("--older-than", type=float, metavar="DAYS", default=None)
+    pr.set_defaults(fn=cmd_prune)

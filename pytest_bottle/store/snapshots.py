@@ -1,0 +1,227 @@
+"""Snapshots of a live bottle: saved states (``saved``) taken from a running machine.
+
+A snapshot is a ``saved.create`` entry under ``<cache>/snapshots/<name>``
+(two levels down, like seeds and run directories, so a disk's relative
+backing names resolve the same from each).  Its capture:
+
+1. starts a *receiver*: a second QEMU of the same machine, paused
+   (``-S -incoming defer``), its RAM a shared file in the new entry;
+2. pauses the source, puts a fresh qcow2 overlay on top of its disk
+   (``blockdev-snapshot``: the old top is frozen, the source writes on the
+   new one), writes its whole state (RAM included) to a file in the entry,
+   and resumes it: the source pauses for as long as its RAM takes to write
+   (0.2-0.5 s for 512M under TCG);
+3. has the receiver load that file (its RAM lands in ``memory.ram``) and
+   save its device state, exactly as a seed's is saved, then ends it;
+4. takes the frozen disk as the entry's ``disk.qcow2``: a hard link when it
+   is one layer on the seed's disk (the first snapshot of a bottle restored
+   from a seed: nothing is copied), else the source's private layers
+   collapsed into one layer on the seed (``qemu-img convert -B``), so that
+   no snapshot depends on another.
+
+``key_parts`` are the seed's (a fork needs the same machine) and
+``RestsOn.on_state(seed, entry)`` names the seed.  A fork is a seed restore
+of this entry (``lifecycle/launch``).
+
+Ownership: an entry made for a session carries ``owner.json`` (pid and start
+time, as run directories do); its session removes it at its end, and the
+sweep removes one whose owner is dead.  A *kept* entry (``--bottle-save-failed``)
+has no owner: it stays until ``bottle snapshot rm`` or ``prune``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import BootError, SnapshotError
+from ..host.deps import require
+from ..host.paths import remove_tree
+from ..host.runstate import MARKER, owner_identity, write_marker
+from ..vmm.machine import DISK, QemuMachine
+from ..vmm.qemu import MachineConfig
+from . import entries
+from .saved import RestsOn, SavedState, create, entry_lock, load, lock_path, remove_entry
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_TIMEOUT = 300.0
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def snapshots_dir(cache_dir: Path) -> Path:
+    d = cache_dir / "snapshots"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return d
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name.startswith(".") or name.endswith(".lock"):
+        raise SnapshotError(
+            str(name), "a snapshot name is letters, digits, '.', '_' or '-' (at most 100), not ending in .lock"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a snapshot needs of a running bottle (``Bottle.snapshot`` gathers it)."""
+
+    name: str
+    machine: QemuMachine
+    run_dir: Path
+    restored: SavedState  # the state it was restored from: a seed or a snapshot
+    macs: tuple[str, ...]  # the guest's MACs now (the handshake set them)
+    extra: dict[str, Any]  # manifest fields of the caller's (what a fork must know)
+
+
+def seed_of(state: SavedState) -> SavedState:
+    """The seed at the bottom of a state (itself for a seed)."""
+    if state.kind != "snapshot":
+        return state
+    parent = state.rests_on.parent
+    seed = load(Path(os.path.normpath(state.path / parent))) if parent else None
+    if seed is None:
+        raise SnapshotError(state.path.name, "the seed it was taken from is gone (pruned or rebuilt)")
+    return seed
+
+
+def take(src: Source, final: Path, *, kept: bool) -> SavedState:
+    """Snapshot ``src`` into the new entry ``final`` (see the module doc)."""
+    seed = seed_of(src.restored)
+    final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def capture(tmp: Path) -> dict[str, Any]:
+        if not kept:  # before anything big is written: a crash from here on is swept
+            write_marker(tmp, *owner_identity())
+        started = time.monotonic()
+        with src.machine.snapshot_lock:
+            paused = _capture_machine(src, tmp)
+        _take_disk(src.machine, paused.frozen, seed, tmp)
+        with contextlib.suppress(OSError):
+            shutil.copyfile(src.machine.console_log, tmp / "console.log")
+        return {
+            **src.extra,
+            "kind": "snapshot",
+            "source": src.name,
+            "kept": kept,
+            "guest_macs": list(src.macs),
+            "nic_names": list(src.restored.nic_names),
+            "pause_seconds": round(paused.seconds, 3),
+            "capture_seconds": round(time.monotonic() - started, 3),
+        }
+
+    try:
+        with entry_lock(final):
+            return create(final, capture, src.restored.manifest["key_parts"], RestsOn.on_state(seed, final))
+    except (BootError, OSError, subprocess.SubprocessError) as e:
+        reason = e.reason if isinstance(e, BootError) else str(e)
+        raise SnapshotError(final.name, f"taking it from bottle {src.name} failed: {reason}") from None
+    finally:
+        if not final.exists():  # failed: nothing will use the name again
+            lock_path(final).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class _Paused:
+    frozen: Path  # the source's disk as it was, no longer written
+    seconds: float  # how long the source was paused
+
+
+def _capture_machine(src: Source, tmp: Path) -> _Paused:
+    """Steps 1-3 of the module doc: ``memory.state`` and ``memory.ram`` in ``tmp``."""
+    machine = src.machine
+    # A file, not a pipe to the receiver: the source runs on as soon as its
+    # state is written, not once another QEMU has taken it in.
+    stream = tmp / "stream"
+    helper_dir = tmp / "receiver"
+    helper_dir.mkdir(mode=0o700)
+    size = machine.disk_size()
+    top = machine.top_disk
+    overlay = top.with_name(f"disk-{time.time_ns()}.qcow2")
+    _qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", top.name, "-u", str(overlay), str(size))
+    # The receiver never runs: its disk only has to exist (on the source's top it
+    # would conflict with the source's write lock).
+    _qemu_img("create", "-q", "-f", "qcow2", str(helper_dir / DISK), str(size))
+    receiver = QemuMachine.start(_receiver_config(machine.cfg, tmp), helper_dir, name=f"{src.name}-receiver")
+    try:
+        started = time.monotonic()
+        machine.pause()
+        try:
+            frozen = machine.freeze_disk(overlay)
+            machine.stream_state(stream, SNAPSHOT_TIMEOUT)
+        finally:
+            machine.resume()
+            seconds = time.monotonic() - started
+        loading = time.monotonic()
+        receiver.receive_state(stream)
+        receiver.wait_received(SNAPSHOT_TIMEOUT)
+        receiver.save_state(tmp / "memory.state", SNAPSHOT_TIMEOUT)
+        log.debug("%s: paused %.2fs, receiver loaded and saved in %.2fs", src.name, seconds, time.monotonic() - loading)
+    finally:
+        receiver.stop(grace=0.5)
+        stream.unlink(missing_ok=True)
+        remove_tree(helper_dir)
+    return _Paused(frozen, seconds)
+
+
+def _receiver_config(cfg: MachineConfig, tmp: Path) -> MachineConfig:
+    """The source's machine, paused, waiting for a state, its RAM written through
+    to the entry's ``memory.ram`` (as a seed's is); no host ports, no TAP."""
+    nics = tuple(replace(n, forwards=()) if n.kind == "user" else replace(n, kind="hubport") for n in cfg.nics)
+    return replace(cfg, restore=None, save_ram=tmp / "memory.ram", nics=nics, extra_args=("-S", "-incoming", "defer"))
+
+
+def _take_disk(machine: QemuMachine, frozen: Path, seed: SavedState, tmp: Path) -> None:
+    """``tmp/disk.qcow2``: one layer on ``seed``'s disk (see the module doc, step 4)."""
+    backing = _backing(frozen)
+    seed_rel = os.path.relpath(seed.disk, tmp)
+    if backing is not None and os.path.exists(backing) and os.path.samefile(backing, seed.disk):
+        os.link(frozen, tmp / "disk.qcow2")
+        return
+    out = tmp / "disk.qcow2"
+    _qemu_img("convert", "-U", "-O", "qcow2", "-F", "qcow2", "-B", str(seed.disk), str(frozen), str(out))
+    _qemu_img("rebase", "-u", "-F", "qcow2", "-b", seed_rel, str(out))
+
+
+def _backing(disk: Path) -> Path | None:
+    out = _qemu_img("info", "-U", "--output=json", str(disk))
+    name = json.loads(out).get("backing-filename")
+    return Path(os.path.normpath(disk.parent / name)) if name else None
+
+
+def _qemu_img(*args: str) -> str:
+    argv = [require("qemu-img", "take snapshots"), *args]
+    try:
+        r = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=SNAPSHOT_TIMEOUT)
+    except subprocess.CalledProcessError as e:
+        raise BootError(f"qemu-img {args[0]} failed: {e.stderr.strip()[-500:]}") from None
+    return r.stdout
+
+
+# -- finding and removing ------------------------------------------------------
+
+
+def list_snapshots(cache_dir: Path) -> list[SavedState]:
+    root = cache_dir / "snapshots"
+    found = [load(p) for p in entries.list_entries(root)]
+    return [s for s in found if s is not None and s.kind == "snapshot"]
+
+
+def is_kept(state: SavedState) -> bool:
+    return bool(state.manifest.get("kept")) and not (state.path / MARKER).exists()
+
+
+def remove(path: Path) -> bool:
+    """Remove a snapshot entry (waiting for forks that are opening its files)."""
+    with entry_lock(path):
+        return remove_entry(path, "rm", forget=True)

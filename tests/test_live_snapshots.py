@@ -1,0 +1,232 @@
+"""Snapshots of a live bottle and their forks (real VMs).
+
+One module snapshot is shared: it holds a file, a running process and a
+service-like loop, so every fork checks that state came along.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+from harness import TESTS_DIR, processes_mentioning, wait_until
+
+import pytest_bottle
+from pytest_bottle import Bottle, Snapshot, SnapshotError, SnapshotGone, SpecError
+from pytest_bottle.host.paths import default_cache_dir
+from pytest_bottle.host.sweep import sweep
+
+TICKER = "while true; do date +%s%N >> /root/ticks; sleep 0.2; done"
+
+
+@pytest.fixture(scope="module")
+def prepared(module_bottle: Bottle) -> Snapshot:
+    module_bottle.write_text("/root/state", "prepared\n")
+    module_bottle.check_output(f"nohup sh -c '{TICKER}' >/dev/null 2>&1 & echo $! > /root/ticker.pid")
+    module_bottle.wait_until_succeeds("test -s /root/ticks", timeout=30)
+    return module_bottle.snapshot()
+
+
+def identity(b: Bottle) -> dict[str, str]:
+    out = b.check_output(
+        "hostname; cat /etc/machine-id; cat /sys/class/net/eth0/address; "
+        "cat /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+    ).split("\n")
+    return dict(zip(["hostname", "machine_id", "mac", "host_key", "random"], out, strict=False))
+
+
+def test_files_and_processes_survive_into_a_fork(prepared: Snapshot, bottle_factory: Callable[..., Bottle]) -> None:
+    fork = bottle_factory(snapshot=prepared)
+    assert fork.read_text("/root/state") == "prepared\n"
+    pid = fork.read_text("/root/ticker.pid").strip()
+    assert fork.exec(["kill", "-0", pid]).ok, "the process running at the snapshot runs in the fork"
+    before = len(fork.read_text("/root/ticks").split())
+    fork.wait_until_succeeds(f"test $(wc -l < /root/ticks) -gt {before + 2}", timeout=30)
+    # The clock is the host's now, not the snapshot's.
+    assert abs(float(fork.check_output("date +%s.%N")) - time.time()) < 10
+
+
+def test_forks_are_independent_of_each_other_and_of_the_source(
+    prepared: Snapshot, module_bottle: Bottle, bottle_factory: Callable[..., Bottle]
+) -> None:
+    a, b = bottle_factory(snapshot=prepared), bottle_factory(snapshot=prepared)
+    a.write_text("/root/state", "a\n")
+    module_bottle.write_text("/root/source-only", "x")
+    assert b.read_text("/root/state") == "prepared\n"
+    assert a.exec("test -e /root/source-only").returncode == 1
+    assert module_bottle.read_text("/root/state") == "prepared\n"
+    b.check_output("rm /root/state")
+    assert a.read_text("/root/state") == "a\n"
+
+
+def test_concurrent_forks_of_one_snapshot(prepared: Snapshot) -> None:
+    def fork_and_read(_: int) -> str:
+        with prepared.start() as b:
+            return b.read_text("/root/state") + b.name
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(fork_and_read, range(3)))
+    assert all(r.startswith("prepared\nbtl-") for r in results) and len(set(results)) == 3
+
+
+def test_forks_have_their_own_identity(
+    prepared: Snapshot, module_bottle: Bottle, bottle_factory: Callable[..., Bottle]
+) -> None:
+    forks = [bottle_factory(snapshot=prepared) for _ in range(2)]
+    ids = [identity(b) for b in [module_bottle, *forks]]
+    for key in ("hostname", "machine_id", "mac", "host_key", "random"):
+        values = [i[key] for i in ids]
+        assert len(set(values)) == 3, f"{key} is shared: {values}"
+    assert ids[1]["hostname"] == forks[0].name
+    # The source kept its own identity through the snapshot.
+    assert ids[0]["hostname"] == module_bottle.name
+
+
+def test_fork_takes_forward_and_timeout_only(
+    prepared: Snapshot, bottle_factory: Callable[..., Bottle], session_bottle_factory: Callable[..., Bottle]
+) -> None:
+    with pytest.raises(SpecError, match=r"bottle_factory\(\) arguments: memory= cannot be given to a fork"):
+        bottle_factory(snapshot=prepared, memory="1G")
+    with pytest.raises(SpecError, match=r"session_bottle_factory\(\) arguments: network= cannot be given"):
+        session_bottle_factory(snapshot=prepared, network="nat")
+    assert session_bottle_factory(snapshot=prepared, timeout=120).read_text("/root/state") == "prepared\n"
+    with pytest.raises(SpecError, match=r"launch\(\): image= cannot be given"):
+        pytest_bottle.launch(snapshot=prepared, image="debian-bookworm")
+    with prepared.start(forward=[8080], timeout=60) as fork:
+        fork.check_output("nohup python3 -m http.server 8080 >/dev/null 2>&1 &")
+        fork.wait_for_port(8080)
+        host, port = fork.address(8080)
+        assert port > 0 and host.startswith("127.")
+
+
+def test_snapshot_outlives_its_source_and_remove_is_named(bottle_factory: Callable[..., Bottle]) -> None:
+    source = bottle_factory()
+    source.write_text("/root/mark", "kept")
+    snap = source.snapshot()
+    source.close()
+    with snap.start() as fork:
+        assert fork.read_text("/root/mark") == "kept"
+    snap.remove()
+    assert snap.removed and not snap.path.exists()
+    with pytest.raises(SnapshotGone, match="removed"):
+        snap.start()
+    with pytest.raises(SnapshotGone):
+        bottle_factory(snapshot=snap)
+
+
+def test_corrupt_snapshot_is_named(prepared: Snapshot, bottle_factory: Callable[..., Bottle]) -> None:
+    fork = bottle_factory(snapshot=prepared)
+    fork.write_text("/root/second", "of the fork")
+    with fork.snapshot() as snap:  # a snapshot of a fork: its layers collapsed into one on the seed
+        with snap.start() as grandchild:
+            assert grandchild.read_text("/root/state") + grandchild.read_text("/root/second") == "prepared\nof the fork"
+        with open(snap.path / "memory.state", "r+b") as f:
+            f.seek(4096)
+            byte = f.read(1)
+            f.seek(4096)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(SnapshotError, match="corrupt: memory.state does not match its checksum"):
+            snap.start()
+    assert not snap.path.exists(), "leaving the with block removes it"
+
+
+def test_lan_bottle_snapshot_is_refused(bottle_factory: Callable[..., Bottle]) -> None:
+    b = bottle_factory(lan="snapnet")
+    with pytest.raises(SnapshotError, match="lan='snapnet'"):
+        b.snapshot()
+    assert b.exec("true").ok, "the bottle runs on"
+    assert not list(Path(default_cache_dir(), "snapshots").glob(f"*{b.name}*"))
+
+
+KILLED = """
+import pytest_bottle
+b = pytest_bottle.launch()
+print(b.name, b.snapshot().path, flush=True)
+b.snapshot()
+"""
+
+
+def test_kill_9_during_a_snapshot_leaves_nothing_after_a_sweep(warm_cache: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(TESTS_DIR))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        name, first = proc.stdout.readline().split()
+        root = warm_cache / "snapshots"
+        # Killed while the second snapshot's receiver is up.
+        wait_until(lambda: list(root.glob(f".tmp-{name}-*/receiver")), 120, "the second snapshot under way")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_until(lambda: not processes_mentioning(name), 10, "QEMU (source and receiver) die with their owner")
+    report = sweep([warm_cache])
+    left = [p for p in root.iterdir() if name in p.name]
+    assert left == [], f"left after the sweep: {left} ({report.summary()})"
+    assert not Path(first).exists()
+    assert not (warm_cache / "run" / name).exists()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or ())]
+
+
+FAILING = """
+def test_broken(bottle):
+    bottle.write_text("/root/clue", "the clue")
+    assert False, "look inside"
+
+def test_fine(bottle):
+    assert bottle.exec("true").ok
+"""
+
+
+def bottle_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={default_cache_dir()}", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+
+def test_save_failed_under_xdist_prints_how_to_open_it(pytester: pytest.Pytester, warm_cache: Path) -> None:
+    pytester.makepyfile(test_fail=FAILING)
+    result = pytester.runpytest_subprocess(
+        f"--bottle-cache-dir={warm_cache}", "-p", "no:cacheprovider", "-n", "2", "--bottle-save-failed"
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    assert "bottles saved as snapshots (--bottle-save-failed)" in out
+    found = re.search(r"run --snapshot (test_broken-btl-[0-9a-f]{8}) -- CMD", out)
+    assert found, out
+    name = found.group(1)
+    assert f"shell {name}" in out and f"snapshot rm {name}" in out
+    assert out.count("run --snapshot") == 1, "only the failed test's bottle is saved"
+    try:
+        assert (warm_cache / "snapshots" / name).is_dir(), "a saved snapshot outlives its session"
+        r = bottle_cli("run", "--snapshot", name, "--", "cat", "/root/clue")
+        assert (r.returncode, r.stdout) == (0, "the clue"), r.stderr
+        listed = bottle_cli("snapshot", "list").stdout
+        assert re.search(rf"^{name}\s+kept\s+debian-bookworm", listed, re.M), listed
+    finally:
+        assert bottle_cli("snapshot", "rm", name).returncode == 0
+    gone = bottle_cli("run", "--snapshot", name, "--", "true")
+    assert gone.returncode == 1 and f"SnapshotGone: snapshot {name}: no such snapshot" in gone.stderr
+
+
+def test_a_nat_bottle_forks_with_egress(bottle_factory: Callable[..., Bottle]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        source = bottle_factory(network="nat")
+        with source.snapshot() as snap, snap.start() as fork:
+            assert "10.0.2.3" in fork.read_text("/etc/resolv.conf")
+            # 10.0.2.2 is the host's loopback, reachable only with egress (network="nat").
+            connect = f"import socket; socket.create_connection(('10.0.2.2', {port}), timeout=10).sendall(b'hi')"
+            fork.check_output(["python3", "-c", connect])
+            conn, _ = server.accept()
+            with conn:
+                assert conn.recv(2) == b"hi"

@@ -1,0 +1,62 @@
+"""Pure logic of snapshots: which fork arguments are allowed, names, errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+
+from pytest_bottle.errors import SnapshotError, SnapshotGone, SpecError
+from pytest_bottle.snapshot import check_fork_args, saved_name
+from pytest_bottle.store.saved import load
+from pytest_bottle.store.snapshots import check_name, seed_of
+
+
+def test_fork_takes_forward_and_timeout() -> None:
+    assert check_fork_args({}, "s") == {}
+    assert check_fork_args({"forward": "80, 22", "timeout": "30"}, "s") == {"forward": (22, 80), "timeout": 30.0}
+    assert check_fork_args({"forward": None}, "s") == {}  # None: not given, as everywhere
+
+
+@pytest.mark.parametrize("key", ["image", "memory", "cpus", "network", "lan", "boot", "accel", "cache_dir", "colour"])
+def test_any_other_fork_argument_is_named(key: str) -> None:
+    with pytest.raises(SpecError, match=rf"^where: {key}= cannot be given to a fork of a snapshot"):
+        check_fork_args({key: "x"}, "where")
+
+
+def test_bad_fork_values_are_named() -> None:
+    with pytest.raises(SpecError, match="where: bad timeout"):
+        check_fork_args({"timeout": -1}, "where")
+    with pytest.raises(SpecError, match="where: bad forward"):
+        check_fork_args({"forward": [70000]}, "where")
+
+
+def test_saved_names_are_valid_snapshot_names() -> None:
+    name = saved_name("tests/test_x.py::test_it[a/b c]", "btl-0123abcd")
+    assert name == "test_it_a_b_c-btl-0123abcd"
+    assert check_name(name) == name
+    assert check_name(saved_name("x::[[[", "btl-1")) == "test-btl-1"
+    for bad in ("", ".tmp-x", "../x", "a/b", "x" * 101, "x.lock"):
+        with pytest.raises(SnapshotError):
+            check_name(bad)
+
+
+def test_snapshot_errors_pickle() -> None:
+    for e in (SnapshotError("s1", "it is corrupt"), SnapshotGone("s2", "removed")):
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and str(back) == str(e) == f"snapshot {e.snapshot}: {e.reason}"
+    assert isinstance(SnapshotGone("s", "r"), LookupError)
+
+
+def test_a_snapshot_finds_its_seed_by_a_relative_path(tmp_path: Path) -> None:
+    seed_dir, snap_dir = tmp_path / "seeds" / "s1", tmp_path / "snapshots" / "x"
+    for d, extra in ((seed_dir, {}), (snap_dir, {"kind": "snapshot", "rests_on": {"parent": "../../seeds/s1"}})):
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"files": {}, "key_parts": {}, "created": 1.0, **extra}))
+    snap = load(snap_dir)
+    assert snap is not None and seed_of(snap).path == seed_dir
+    (seed_dir / "manifest.json").unlink()  # pruned
+    with pytest.raises(SnapshotError, match="x: the seed it was taken from is gone"):
+        seed_of(snap)
