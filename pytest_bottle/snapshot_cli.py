@@ -12,6 +12,7 @@ from .host.runstate import MARKER, run_dir_owner
 from .snapshot import resolve_saved_snapshot
 from .store import snapshots
 from .store.saved import SavedState
+from .vmm.accel import qemu_version
 
 # bottle run options that a snapshot decides
 _FIXED = ("image", "memory", "cpus", "network", "boot", "accel")
@@ -32,9 +33,11 @@ def run_snapshot(args: argparse.Namespace, command: list[str]) -> int:
 
 def _state_of(s: SavedState) -> str:
     try:
-        snapshots.seed_of(s)
+        seed = snapshots.seed_of(s)
     except SnapshotError:
-        return "stale"  # its seed was pruned (a new QEMU or image): it cannot be forked
+        return "stale"  # its seed is gone or changed under it: it cannot be forked
+    if seed.manifest["key_parts"].get("qemu") != qemu_version():
+        return "stale"  # made by another QEMU: its state would not load
     if snapshots.is_kept(s):
         return "kept"
     verdict = run_dir_owner(s.path) if (s.path / MARKER).exists() else None

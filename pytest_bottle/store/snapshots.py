@@ -85,14 +85,35 @@ class Source:
 
 
 def seed_of(state: SavedState) -> SavedState:
-    """The seed at the bottom of a state (itself for a seed)."""
+    """The seed at the bottom of a state (itself for a seed); ``SnapshotError``
+    when that seed can no longer be its disk's base: gone, made again, or its
+    image rebuilt under it."""
     if state.kind != "snapshot":
         return state
-    parent = state.rests_on.parent
-    seed = load(Path(os.path.normpath(state.path / parent))) if parent else None
+    base = state.rests_on
+    seed = load(Path(os.path.normpath(state.path / base.parent))) if base.parent else None
     if seed is None:
         raise SnapshotError(state.path.name, "the seed it was taken from is gone (pruned or rebuilt)")
+    if base.parent_created is not None and seed.created != base.parent_created:
+        raise SnapshotError(state.path.name, "the seed it was taken from was made again (--bottle-rebuild)")
+    if why := _base_changed(seed):
+        raise SnapshotError(state.path.name, f"the seed it was taken from {why}")
     return seed
+
+
+def _base_changed(seed: SavedState) -> str:
+    """Why the image disk under ``seed`` is not the one it was made on (or "")."""
+    chain = seed.rests_on.disk_chain
+    if not chain:
+        return ""
+    image_disk = Path(os.path.normpath(seed.path / chain[0]))
+    try:
+        built = json.loads((image_disk.parent / "manifest.json").read_text()).get("created")
+    except (OSError, ValueError, AttributeError):
+        return f"rests on the image disk {image_disk.name}, which is gone"
+    if built != seed.manifest["key_parts"].get("image_built"):
+        return "rests on an image that was rebuilt since (--bottle-rebuild)"
+    return ""
 
 
 def take(src: Source, final: Path, *, kept: bool) -> SavedState:

@@ -1,0 +1,62 @@
+"""Snapshots in the cache without a VM: fake seed and snapshot entries
+(manifests only) for pruning, the sweep and ``bottle snapshot``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_bottle.errors import SnapshotError
+from pytest_bottle.store.gc import prune_seeds, seeds_under_snapshots
+from pytest_bottle.store.saved import load
+from pytest_bottle.store.snapshots import seed_of
+
+
+def entry(path: Path, **manifest: Any) -> Path:
+    path.mkdir(parents=True)
+    base = {"files": {}, "key_parts": {"image": "img", "seed_version": 0}, "created": 1.0}
+    (path / "manifest.json").write_text(json.dumps({**base, **manifest}))
+    return path
+
+
+def snapshot_on(cache: Path, name: str, seed: Path, created: float = 1.0, **extra: Any) -> Path:
+    rests = {"parent": os.path.relpath(seed, cache / "snapshots" / name), "parent_created": created}
+    return entry(cache / "snapshots" / name, kind="snapshot", rests_on=rests, **extra)
+
+
+def test_a_seed_under_a_snapshot_is_not_pruned_until_the_snapshot_goes(tmp_path: Path) -> None:
+    held, free = entry(tmp_path / "seeds" / "img-a"), entry(tmp_path / "seeds" / "img-b")
+    snap = snapshot_on(tmp_path, "kept-one", held)
+    assert seeds_under_snapshots(tmp_path) == {held: "kept-one"}
+    removed = prune_seeds(tmp_path, {})  # both stale: their image is gone
+    assert [r.path for r in removed] == [free]
+    assert held.is_dir() and not free.exists()
+    seed = load(snap)
+    assert seed is not None
+    (snap / "manifest.json").unlink()  # the snapshot removed: a later prune frees the seed
+    os.rmdir(snap)
+    assert [r.path for r in prune_seeds(tmp_path, {})] == [held]
+
+
+def test_a_seed_made_again_or_an_image_rebuilt_under_it_is_named(tmp_path: Path) -> None:
+    image = tmp_path / "images" / "img-key"
+    image.mkdir(parents=True)
+    (image / "manifest.json").write_text(json.dumps({"created": 5.0}))
+    chain = {"disk_chain": [os.path.relpath(image / "rootfs.ext4", tmp_path / "seeds" / "s")]}
+    seed = entry(tmp_path / "seeds" / "s", created=2.0, rests_on=chain, key_parts={"image_built": 5.0})
+    ok, again = snapshot_on(tmp_path, "ok", seed, 2.0), snapshot_on(tmp_path, "again", seed, 1.0)
+    state = load(ok)
+    assert state is not None and seed_of(state).path == seed
+    state = load(again)
+    assert state is not None
+    with pytest.raises(SnapshotError, match="again: the seed it was taken from was made again"):
+        seed_of(state)
+    (image / "manifest.json").write_text(json.dumps({"created": 6.0}))  # rebuilt
+    state = load(ok)
+    assert state is not None
+    with pytest.raises(SnapshotError, match="ok: the seed it was taken from rests on an image that was rebuilt"):
+        seed_of(state)
