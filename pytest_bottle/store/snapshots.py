@@ -50,7 +50,7 @@ from ..host.runstate import MARKER, owner_identity, write_marker
 from ..vmm.machine import DISK, QemuMachine
 from ..vmm.qemu import MachineConfig
 from . import entries
-from .saved import RestsOn, SavedState, create, entry_lock, load, lock_path, remove_entry
+from .saved import RestsOn, SavedState, create, entry_lock, in_use, load, lock_path, remove_entry
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ def take(src: Source, final: Path, *, kept: bool) -> SavedState:
         }
 
     try:
-        with entry_lock(final):
+        # The seed held against pruning: its disk is read (step 4) and becomes the entry's base.
+        with in_use(seed), entry_lock(final):
             return create(final, capture, src.restored.manifest["key_parts"], RestsOn.on_state(seed, final))
     except (BootError, OSError, subprocess.SubprocessError) as e:
         reason = e.reason if isinstance(e, BootError) else str(e)

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from pytest_bottle.errors import SnapshotError
+from pytest_bottle.errors import SnapshotError, SnapshotGone
+from pytest_bottle.lifecycle import launch
 from pytest_bottle.store.gc import prune_seeds, seeds_under_snapshots
-from pytest_bottle.store.saved import load
+from pytest_bottle.store.saved import STATE_FILES, entry_lock, load
 from pytest_bottle.store.snapshots import seed_of
 
 
@@ -60,3 +61,44 @@ def test_a_seed_made_again_or_an_image_rebuilt_under_it_is_named(tmp_path: Path)
     assert state is not None
     with pytest.raises(SnapshotError, match="ok: the seed it was taken from rests on an image that was rebuilt"):
         seed_of(state)
+
+
+def with_files(path: Path) -> Path:
+    for f in STATE_FILES:
+        (path / f).write_bytes(b"x")
+    return path
+
+
+class Held(Exception):
+    pass
+
+
+def test_a_fork_holds_the_seed_and_the_snapshot_while_qemu_opens_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed = with_files(entry(tmp_path / "seeds" / "s"))
+    snap = with_files(snapshot_on(tmp_path, "snap", seed))
+    state = load(snap)
+    assert state is not None
+    boot = launch._Boot.__new__(launch._Boot)
+    monkeypatch.setattr(launch, "restore_from", lambda cfg, st: cfg)
+
+    def run(cfg: object) -> None:
+        for held in (seed, snap):  # a pruner's try: both are held shared
+            with entry_lock(held, wait=False) as free:
+                assert not free, f"{held.name} is not held while QEMU opens it"
+        raise Held
+
+    monkeypatch.setattr(boot, "_run", run)
+    with pytest.raises(Held):
+        boot._fork(object(), state)  # type: ignore[arg-type]
+
+
+def test_a_snapshot_removed_while_a_fork_starts_is_gone(tmp_path: Path) -> None:
+    seed = with_files(entry(tmp_path / "seeds" / "s"))
+    snap = snapshot_on(tmp_path, "snap", seed)  # its files removed: what a fork that waited finds
+    state = load(snap)
+    assert state is not None
+    boot = launch._Boot.__new__(launch._Boot)
+    with pytest.raises(SnapshotGone, match="snap: it was removed while a fork started"):
+        boot._fork(object(), state)  # type: ignore[arg-type]
