@@ -140,6 +140,21 @@ def test_corrupt_snapshot_is_named(prepared: Snapshot, bottle_factory: Callable[
     assert not snap.path.exists(), "leaving the with block removes it"
 
 
+def test_a_snapshot_of_a_fork_has_every_layer_even_after_its_parent_is_removed(
+    bottle_factory: Callable[..., Bottle],
+) -> None:
+    source = bottle_factory()
+    source.check_output("echo from-the-source > /root/a && sync")
+    parent = source.snapshot()
+    fork = bottle_factory(snapshot=parent)
+    fork.check_output("echo from-the-fork > /root/b && sync")
+    parent.remove()  # the fork runs on: its QEMU keeps the parent's layer open
+    with fork.snapshot() as child, child.start() as grandchild:
+        # From the disk, not from the page cache the RAM state brought along.
+        grandchild.check_output("sync && echo 3 > /proc/sys/vm/drop_caches")
+        assert grandchild.check_output("cat /root/a /root/b") == "from-the-source\nfrom-the-fork\n"
+
+
 def test_lan_bottle_snapshot_is_refused(bottle_factory: Callable[..., Bottle]) -> None:
     b = bottle_factory(lan="snapnet")
     with pytest.raises(SnapshotError, match="lan='snapnet'"):

@@ -15,9 +15,11 @@ backing names resolve the same from each).  Its capture:
    save its device state, exactly as a seed's is saved, then ends it;
 4. takes the frozen disk as the entry's ``disk.qcow2``: a hard link when it
    is one layer on the seed's disk (the first snapshot of a bottle restored
-   from a seed: nothing is copied), else the source's private layers
-   collapsed into one layer on the seed (``qemu-img convert -B``), so that
-   no snapshot depends on another.
+   from a seed: nothing is copied), else a copy of it safely rebased onto
+   the seed (``qemu-img rebase``: what the layers in between hold is copied
+   in), so that no snapshot depends on another.  The layers in between are
+   read by path; the one of a snapshot that was removed since the source
+   forked from it is read through the source QEMU, which keeps it open.
 
 ``key_parts`` are the seed's (a fork needs the same machine) and
 ``RestsOn.on_state(seed, entry)`` names the seed.  A fork is a seed restore
@@ -127,7 +129,7 @@ def take(src: Source, final: Path, *, kept: bool) -> SavedState:
         started = time.monotonic()
         with src.machine.snapshot_lock:
             paused = _capture_machine(src, tmp)
-        _take_disk(src.machine, paused.frozen, seed, tmp)
+        _take_disk(src.machine, paused.frozen, seed, src.restored, tmp)
         with contextlib.suppress(OSError):
             shutil.copyfile(src.machine.console_log, tmp / "console.log")
         return {
@@ -203,16 +205,71 @@ def _receiver_config(cfg: MachineConfig, tmp: Path) -> MachineConfig:
     return replace(cfg, restore=None, save_ram=tmp / "memory.ram", nics=nics, extra_args=("-S", "-incoming", "defer"))
 
 
-def _take_disk(machine: QemuMachine, frozen: Path, seed: SavedState, tmp: Path) -> None:
+def _take_disk(machine: QemuMachine, frozen: Path, seed: SavedState, restored: SavedState, tmp: Path) -> None:
     """``tmp/disk.qcow2``: one layer on ``seed``'s disk (see the module doc, step 4)."""
-    backing = _backing(frozen)
-    seed_rel = os.path.relpath(seed.disk, tmp)
-    if backing is not None and os.path.exists(backing) and os.path.samefile(backing, seed.disk):
-        os.link(frozen, tmp / "disk.qcow2")
-        return
     out = tmp / "disk.qcow2"
-    _qemu_img("convert", "-U", "-O", "qcow2", "-F", "qcow2", "-B", str(seed.disk), str(frozen), str(out))
-    _qemu_img("rebase", "-u", "-F", "qcow2", "-b", seed_rel, str(out))
+    if _same_file(_backing(frozen), seed.disk):
+        try:
+            os.link(frozen, out)
+        except OSError as e:  # another file system, or links not allowed: copy instead
+            log.debug("cannot link %s: %s", frozen, e)
+        else:
+            # Its backing name is relative: it must name the seed from here as from the run directory.
+            if _same_file(_backing(out), seed.disk):
+                return
+            out.unlink()
+    # A copy of the top layer, then a safe rebase onto the seed: every cluster
+    # that the layers between them hold is copied in.  (``qemu-img convert -B``
+    # would copy the top layer only.)
+    shutil.copyfile(frozen, out)
+    top = {"driver": "qcow2", "file": {"driver": "file", "filename": str(out)}}
+    top["backing"] = _chain_below(machine, frozen, seed, restored)
+    _qemu_img("rebase", "-U", "-F", "qcow2", "-b", str(seed.disk), "json:" + json.dumps(top))
+    _qemu_img("rebase", "-u", "-F", "qcow2", "-b", os.path.relpath(seed.disk, tmp), str(out))
+
+
+def _chain_below(machine: QemuMachine, frozen: Path, seed: SavedState, restored: SavedState) -> dict[str, Any]:
+    """The layers under ``frozen`` down to the seed's disk, each named (a QEMU
+    block node spec).  The snapshot a fork came from may have been removed
+    since: its layer is read through the source QEMU, which still has it open."""
+    layers: list[str] = []
+    path = _backing(frozen)
+    while not _same_file(path, seed.disk):
+        if path is None or len(layers) > 100:
+            raise BootError(f"the disk of bottle {machine.qmp.name} does not rest on the seed {seed.path.name}")
+        if not path.exists():
+            layers.append(_held_open(machine, path, restored))
+            break  # a removed layer is a snapshot's, and a snapshot rests on the seed
+        layers.append(str(path))
+        path = _backing(path)
+    node: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": str(seed.disk)}}
+    for layer in reversed(layers):
+        node = {"driver": "qcow2", "file": {"driver": "file", "filename": layer}, "backing": node}
+    return node
+
+
+def _held_open(machine: QemuMachine, path: Path, restored: SavedState) -> str:
+    """A ``/proc`` path to the removed layer ``path`` that QEMU still has open."""
+    entry = path.parent.name
+    size = restored.manifest["files"]["disk.qcow2"]["size"] if restored.path.name == entry else None
+    fds = Path(f"/proc/{machine.pid}/fd")
+    with contextlib.suppress(OSError):
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                target = Path(os.readlink(fd).removesuffix(" (deleted)"))
+                aside = entries.is_tmp(target.parent) and entries.entry_of(target.parent.name) == entry
+                named = target.name == path.name and (target.parent.name == entry or aside)
+                if named and size in (None, fd.stat().st_size):
+                    return str(fd)
+    why = f"it was removed, and bottle {machine.qmp.name}, a fork of it, no longer has its disk open"
+    raise SnapshotError(entry, why)
+
+
+def _same_file(a: Path | None, b: Path) -> bool:
+    try:
+        return a is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _backing(disk: Path) -> Path | None:
