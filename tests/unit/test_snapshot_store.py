@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 
 from pytest_bottle.errors import SnapshotError, SnapshotGone
 from pytest_bottle.lifecycle import launch
+from pytest_bottle.store import snapshots
 from pytest_bottle.store.gc import prune_seeds, seeds_under_snapshots
 from pytest_bottle.store.saved import STATE_FILES, entry_lock, load
 from pytest_bottle.store.snapshots import seed_of
@@ -102,3 +105,25 @@ def test_a_snapshot_removed_while_a_fork_starts_is_gone(tmp_path: Path) -> None:
     boot = launch._Boot.__new__(launch._Boot)
     with pytest.raises(SnapshotGone, match="snap: it was removed while a fork started"):
         boot._fork(object(), state)  # type: ignore[arg-type]
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+def test_the_disk_is_linked_only_when_its_backing_name_finds_the_seed_from_the_entry(tmp_path: Path) -> None:
+    seed = entry(tmp_path / "seeds" / "s")
+    qemu_img("create", "-q", "-f", "qcow2", str(seed / "disk.qcow2"), "16M")
+    state = load(seed)
+    assert state is not None
+    for depth, linked in ((("run", "b1"), True), (("run", "deeper", "b2"), False)):
+        frozen = tmp_path.joinpath(*depth, "disk.qcow2")
+        frozen.parent.mkdir(parents=True)
+        rel = os.path.relpath(seed / "disk.qcow2", frozen.parent)
+        qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", rel, str(frozen), "16M")
+        out = tmp_path / "snapshots" / f".tmp-{depth[-1]}"
+        out.mkdir(parents=True)
+        snapshots._take_disk(None, frozen, state, state, out)  # type: ignore[arg-type]
+        assert os.path.samefile(out / "disk.qcow2", frozen) == linked
+        assert snapshots._same_file(snapshots._backing(out / "disk.qcow2"), seed / "disk.qcow2")
