@@ -365,9 +365,13 @@ class Bottle:
         (``bottle_factory(snapshot=s)``, ``s.start()``); the bottle pauses
         briefly, then runs on as itself.  ``SnapshotError`` if it cannot be
         taken (a bottle on a ``lan=``, one booted cold)."""
+        return self._snapshot()
+
+    def _snapshot(self, saved_for: str | None = None) -> Snapshot:
+        """``snapshot()``; ``saved_for``: a kept one for that failed test (``--bottle-save-failed``)."""
         from .snapshot import take_snapshot
 
-        return take_snapshot(self, self._machine, self._resources)
+        return take_snapshot(self, self._machine, self._resources, saved_for=saved_for)
 
     def __enter__(self) -> Bottle:
         return self

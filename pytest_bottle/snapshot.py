@@ -11,6 +11,7 @@ ones, which stay in the cache until ``bottle snapshot rm`` or ``prune``.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ from .images import BuiltImage
 from .images.cache import find_image
 from .spec import BottleSpec, resolve
 from .store import snapshots
-from .store.saved import SavedState, StateCorrupt, load, verify
+from .store.saved import SavedState, StateCorrupt, load, lock_path, verify
 from .vmm.machine import QemuMachine
 
 if TYPE_CHECKING:
@@ -129,16 +130,22 @@ _live: dict[str, Snapshot] = {}  # this process's (session's) snapshots, removed
 _live_lock = threading.Lock()
 
 
-def take_snapshot(
-    bottle: Bottle, machine: Machine, res: Resources, *, name: str | None = None, kept: bool = False
-) -> Snapshot:
-    """Snapshot a running bottle (``Bottle.snapshot``); ``kept``: no owner, it outlives the session."""
+def take_snapshot(bottle: Bottle, machine: Machine, res: Resources, *, saved_for: str | None = None) -> Snapshot:
+    """Snapshot a running bottle (``Bottle.snapshot``).  ``saved_for``: the node
+    id of a failed test; the snapshot is then kept (no owner, it outlives the
+    session) under a name made of it (``free_saved_name``)."""
     plan = res.plan
     why = _refusal(bottle, machine, res)
     if why or plan is None or res.restored is None or not isinstance(machine, QemuMachine):
-        raise SnapshotError(name or bottle.name, f"bottle {bottle.name} cannot be snapshotted: {why}")
+        why = why or "it was not started by this process"
+        raise SnapshotError(bottle.name, f"bottle {bottle.name} cannot be snapshotted: {why}")
     spec = plan.spec
-    name = snapshots.check_name(name or f"{bottle.name}-{secrets.token_hex(3)}")
+    kept = saved_for is not None
+    if saved_for is not None:
+        name = free_saved_name(spec.cache_dir, saved_for, bottle.name)
+    else:
+        name = f"{bottle.name}-{secrets.token_hex(3)}"
+    snapshots.check_name(name)
     src = snapshots.Source(
         name=bottle.name,
         machine=machine,
@@ -203,9 +210,22 @@ atexit.register(remove_session_snapshots)
 
 
 def saved_name(nodeid: str, bottle_name: str) -> str:
-    """A kept snapshot's name: the test's name and the bottle's."""
+    """A kept snapshot's name: the test's name, a short hash of its whole node
+    id (two tests of one name in other files or classes differ) and the bottle's."""
     test = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid.rsplit("::", 1)[-1]).strip("_.-")[:60] or "test"
-    return f"{test}-{bottle_name}"
+    return f"{test}-{hashlib.sha256(nodeid.encode()).hexdigest()[:6]}-{bottle_name}"
+
+
+def free_saved_name(cache_dir: Path, nodeid: str, bottle_name: str) -> str:
+    """``saved_name``, with a numbered suffix if a snapshot of that name exists
+    (the same test failing again on a session bottle)."""
+    base = saved_name(nodeid, bottle_name)
+    root = cache_dir / "snapshots"
+    name, n = base, 1
+    while (root / name).exists() or lock_path(root / name).exists():
+        n += 1
+        name = f"{base}.{n}"
+    return name
 
 
 def resolve_saved_snapshot(cache_dir: Path, name: str) -> Snapshot:

@@ -216,7 +216,7 @@ def test_save_failed_under_xdist_prints_how_to_open_it(pytester: pytest.Pytester
     result.assert_outcomes(passed=1, failed=1)
     out = result.stdout.str()
     assert "bottles saved as snapshots (--bottle-save-failed)" in out
-    found = re.search(r"run --snapshot (test_broken-btl-[0-9a-f]{8}) -- CMD", out)
+    found = re.search(r"run --snapshot (test_broken-[0-9a-f]{6}-btl-[0-9a-f]{8}) -- CMD", out)
     assert found, out
     name = found.group(1)
     assert f"shell {name}" in out and f"snapshot rm {name}" in out

@@ -66,10 +66,21 @@ def snapshots_dir(cache_dir: Path) -> Path:
     return d
 
 
+# Endings of the names of entries put aside (``entries.entry_of`` strips them).
+_RESERVED_ENDINGS = (".lock", "-rm", "-old", "-prune", "-discard")
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name.startswith(".") or name.endswith(".lock"):
+    if (
+        not isinstance(name, str)
+        or not _NAME_RE.match(name)
+        or name.startswith(".")
+        or name.endswith(_RESERVED_ENDINGS)
+    ):
         raise SnapshotError(
-            str(name), "a snapshot name is letters, digits, '.', '_' or '-' (at most 100), not ending in .lock"
+            str(name),
+            "a snapshot name is letters, digits, '.', '_' or '-' (at most 100), "
+            f"not ending in {', '.join(_RESERVED_ENDINGS)}",
         )
     return name
 
@@ -146,6 +157,8 @@ def take(src: Source, final: Path, *, kept: bool) -> SavedState:
     try:
         # The seed held against pruning: its disk is read (step 4) and becomes the entry's base.
         with in_use(seed), entry_lock(final):
+            if final.exists():  # never replaced: its forks and its owner would lose it
+                raise SnapshotError(final.name, "a snapshot of that name exists")
             return create(final, capture, src.restored.manifest["key_parts"], RestsOn.on_state(seed, final))
     except (BootError, OSError, subprocess.SubprocessError) as e:
         reason = e.reason if isinstance(e, BootError) else str(e)
