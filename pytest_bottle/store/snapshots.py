@@ -45,6 +45,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import QMPError
+
 from ..errors import BootError, SnapshotError
 from ..host.deps import require
 from ..host.paths import remove_tree
@@ -160,8 +162,8 @@ def take(src: Source, final: Path, *, kept: bool) -> SavedState:
             if final.exists():  # never replaced: its forks and its owner would lose it
                 raise SnapshotError(final.name, "a snapshot of that name exists")
             return create(final, capture, src.restored.manifest["key_parts"], RestsOn.on_state(seed, final))
-    except (BootError, OSError, subprocess.SubprocessError) as e:
-        reason = e.reason if isinstance(e, BootError) else str(e)
+    except (BootError, OSError, subprocess.SubprocessError, QMPError, TimeoutError, EOFError) as e:
+        reason = e.reason if isinstance(e, BootError) else f"{type(e).__name__}: {e}"
         raise SnapshotError(final.name, f"taking it from bottle {src.name} failed: {reason}") from None
     finally:
         if not final.exists():  # failed: nothing will use the name again
@@ -197,7 +199,7 @@ def _capture_machine(src: Source, tmp: Path) -> _Paused:
             frozen = machine.freeze_disk(overlay)
             machine.stream_state(stream, SNAPSHOT_TIMEOUT)
         finally:
-            machine.resume()
+            _resume(machine, src.name)
             seconds = time.monotonic() - started
         loading = time.monotonic()
         receiver.receive_state(stream)
@@ -209,6 +211,17 @@ def _capture_machine(src: Source, tmp: Path) -> _Paused:
         stream.unlink(missing_ok=True)
         remove_tree(helper_dir)
     return _Paused(frozen, seconds)
+
+
+def _resume(machine: QemuMachine, name: str) -> None:
+    """Run the source on, whatever happened while it was paused; a source that
+    cannot run on is stopped (a bottle left paused would only time out later)."""
+    try:
+        machine.resume()
+    except (BootError, QMPError, OSError, TimeoutError, EOFError) as e:
+        reason = e.reason if isinstance(e, BootError) else f"{type(e).__name__}: {e}"
+        machine.stop(grace=0.5)
+        raise BootError(f"bottle {name} could not run on after the pause ({reason}); it was stopped") from None
 
 
 def _receiver_config(cfg: MachineConfig, tmp: Path) -> MachineConfig:

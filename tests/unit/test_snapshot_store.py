@@ -7,17 +7,20 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import QMPError
 
-from pytest_bottle.errors import SnapshotError, SnapshotGone
+from pytest_bottle.errors import BootError, SnapshotError, SnapshotGone
 from pytest_bottle.lifecycle import launch
 from pytest_bottle.store import snapshots
 from pytest_bottle.store.gc import prune_seeds, seeds_under_snapshots
 from pytest_bottle.store.saved import STATE_FILES, entry_lock, load
 from pytest_bottle.store.snapshots import seed_of
+from pytest_bottle.vmm.machine import QemuMachine
 
 
 def entry(path: Path, **manifest: Any) -> Path:
@@ -127,3 +130,61 @@ def test_the_disk_is_linked_only_when_its_backing_name_finds_the_seed_from_the_e
         snapshots._take_disk(None, frozen, state, state, out)  # type: ignore[arg-type]
         assert os.path.samefile(out / "disk.qcow2", frozen) == linked
         assert snapshots._same_file(snapshots._backing(out / "disk.qcow2"), seed / "disk.qcow2")
+
+
+class FakeQMP:
+    """Answers QMP commands from a script: a list of replies per command."""
+
+    name = "btl-fake"
+
+    def __init__(self, **replies: list[Any]) -> None:
+        self.replies = replies
+        self.sent: list[str] = []
+
+    def cmd(self, command: str, timeout: float | None = None, **args: Any) -> Any:
+        self.sent.append(command)
+        answers = self.replies.get(command.replace("-", "_"), [{}])
+        reply = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+
+def fake_machine(qmp: FakeQMP) -> QemuMachine:
+    m = QemuMachine.__new__(QemuMachine)
+    m.qmp = qmp  # type: ignore[assignment]
+    m.stop = lambda grace=2.0: qmp.sent.append("stopped")  # type: ignore[method-assign]
+    return m
+
+
+def test_after_a_failed_pause_the_source_waits_for_the_state_cancels_it_and_runs_on() -> None:
+    qmp = FakeQMP(
+        query_migrate=[{"status": "active"}, {"status": "cancelling"}, {"status": "cancelled"}],
+        query_status=[{"status": "running"}],
+    )
+    fake_machine(qmp).resume()
+    assert qmp.sent == ["query-migrate", "migrate_cancel", "query-migrate", "query-migrate", "cont", "query-status"]
+
+
+def test_a_source_that_does_not_run_on_is_stopped_and_named() -> None:
+    qmp = FakeQMP(query_migrate=[{"status": "completed"}], query_status=[{"status": "paused"}])
+    with pytest.raises(
+        BootError, match=r"bottle b1 could not run on after the pause \(.*status paused\)\); it was stopped"
+    ):
+        snapshots._resume(fake_machine(qmp), "b1")
+    assert qmp.sent[-1] == "stopped"
+
+
+def test_a_qmp_error_during_a_snapshot_is_a_snapshot_error(tmp_path: Path) -> None:
+    seed = with_files(entry(tmp_path / "seeds" / "s"))
+    state = load(seed)
+    assert state is not None
+    qmp = FakeQMP(query_block=[QMPError("the device went away")])
+    m = fake_machine(qmp)
+    m.snapshot_lock = threading.Lock()
+    m.top_disk = tmp_path / "run" / "b1" / "disk.qcow2"
+    src = snapshots.Source("b1", m, tmp_path / "run" / "b1", state, (), {})
+    final = tmp_path / "snapshots" / "snap1"
+    with pytest.raises(SnapshotError, match="snap1: taking it from bottle b1 failed: QMPError: the device went away"):
+        snapshots.take(src, final, kept=False)
+    assert list((tmp_path / "snapshots").iterdir()) == []
