@@ -41,6 +41,8 @@ def _state_of(s: SavedState) -> str:
     if snapshots.is_kept(s):
         return "kept"
     verdict = run_dir_owner(s.path) if (s.path / MARKER).exists() else None
+    if verdict and not verdict[0] and verdict[1].startswith("unreadable"):
+        return "unknown"  # its owner marker is damaged: only bottle snapshot rm removes it
     return "orphaned" if verdict and verdict[0] else "session"
 
 
@@ -60,7 +62,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     status = 0
     for name in args.names:
-        snapshots.check_name(name)
+        try:
+            snapshots.check_name(name)
+        except SnapshotError as e:  # the other names are still removed
+            print(f"bottle snapshot rm: {e}", file=sys.stderr)
+            status = 1
+            continue
         path = args.cache_dir / "snapshots" / name
         if path.is_dir() and snapshots.remove(path):
             print(f"removed {path}")

@@ -8,18 +8,24 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from qemu.qmp import QMPError
 
+from pytest_bottle import snapshot_cli
+from pytest_bottle.cli import main
 from pytest_bottle.errors import BootError, SnapshotError, SnapshotGone
+from pytest_bottle.host.runstate import MARKER, owner_identity, write_marker
+from pytest_bottle.host.sweep import SweepReport, _sweep_snapshots
 from pytest_bottle.lifecycle import launch
 from pytest_bottle.store import snapshots
 from pytest_bottle.store.gc import prune_seeds, seeds_under_snapshots
-from pytest_bottle.store.saved import STATE_FILES, entry_lock, load
+from pytest_bottle.store.saved import STATE_FILES, entry_lock, load, lock_path
 from pytest_bottle.store.snapshots import seed_of
+from pytest_bottle.vmm.accel import qemu_version
 from pytest_bottle.vmm.machine import QemuMachine
 
 
@@ -188,3 +194,76 @@ def test_a_qmp_error_during_a_snapshot_is_a_snapshot_error(tmp_path: Path) -> No
     with pytest.raises(SnapshotError, match="snap1: taking it from bottle b1 failed: QMPError: the device went away"):
         snapshots.take(src, final, kept=False)
     assert list((tmp_path / "snapshots").iterdir()) == []
+
+
+def owned(path: Path, pid: int | None = None, text: str | None = None) -> Path:
+    """An owner marker in ``path``: this process's, a dead one's (``pid``) or unreadable (``text``)."""
+    write_marker(path, *owner_identity())
+    if pid is not None:
+        marker = json.loads((path / MARKER).read_text())
+        (path / MARKER).write_text(json.dumps({**marker, "pid": pid}))
+    if text is not None:
+        (path / MARKER).write_text(text)
+    return path
+
+
+DEAD_PID = 4_000_000  # above pid_max: never alive
+
+
+def cache_with_every_state(cache: Path) -> dict[str, Path]:
+    seed = entry(cache / "seeds" / "s", key_parts={"qemu": qemu_version(), "image": "img"})
+    gone = cache / "seeds" / "gone"
+    snaps = {
+        "kept": snapshot_on(cache, "kept", seed, kept=True),
+        "session": owned(snapshot_on(cache, "session", seed)),
+        "orphaned": owned(snapshot_on(cache, "orphaned", seed), pid=DEAD_PID),
+        "unknown": owned(snapshot_on(cache, "unknown", seed), text="{not json"),
+        "stale": snapshot_on(cache, "stale", gone, kept=True),
+    }
+    for p in snaps.values():
+        lock_path(p).touch()
+    return snaps
+
+
+def test_snapshot_states_and_what_the_sweep_removes(tmp_path: Path) -> None:
+    snaps = cache_with_every_state(tmp_path)
+    for want, path in snaps.items():
+        state = load(path)
+        assert state is not None and snapshot_cli._state_of(state) == want
+    report = SweepReport()
+    _sweep_snapshots(tmp_path / "snapshots", report)
+    assert report.paths == [str(snaps["orphaned"])]
+    assert not snaps["orphaned"].exists() and not lock_path(snaps["orphaned"]).exists()
+    assert not list((tmp_path / "snapshots").glob(".tmp-*")), "put aside and deleted"
+    assert [s.split(":")[0] for s in report.skipped] == [str(snaps["unknown"])]
+    assert all(snaps[k].is_dir() for k in ("kept", "session", "unknown", "stale"))
+
+
+def test_the_sweep_leaves_an_orphaned_snapshot_a_fork_is_opening(tmp_path: Path) -> None:
+    snaps = cache_with_every_state(tmp_path)
+    with entry_lock(snaps["orphaned"], shared=True):
+        report = SweepReport()
+        _sweep_snapshots(tmp_path / "snapshots", report)
+    assert report.paths == [] and snaps["orphaned"].is_dir()
+
+
+def test_prune_removes_orphaned_stale_and_kept_but_not_a_live_sessions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    snaps = cache_with_every_state(tmp_path)
+    seed = tmp_path / "seeds" / "s"
+    snaps["new-kept"] = snapshot_on(tmp_path, "new-kept", seed, kept=True)
+    manifest = json.loads((snaps["new-kept"] / "manifest.json").read_text())
+    (snaps["new-kept"] / "manifest.json").write_text(json.dumps({**manifest, "created": time.time()}))
+    assert main(["--cache-dir", str(tmp_path), "snapshot", "prune", "--older-than", "1"]) == 0
+    assert {k for k, p in snaps.items() if p.exists()} == {"new-kept", "session", "unknown"}
+    out = capsys.readouterr().out
+    assert "orphaned" in out and "stale" in out and "pruned 3 snapshot(s)" in out
+
+
+def test_rm_reports_each_bad_name_and_removes_the_others(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    snaps = cache_with_every_state(tmp_path)
+    assert main(["--cache-dir", str(tmp_path), "snapshot", "rm", "../x", "kept", "nope", "stale"]) == 1
+    err = capsys.readouterr().err
+    assert "snapshot ../x: a snapshot name is" in err and "no snapshot named 'nope'" in err
+    assert not snaps["kept"].exists() and not snaps["stale"].exists()
