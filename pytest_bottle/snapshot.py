@@ -75,6 +75,7 @@ class Snapshot:
         self.source = str(state.manifest.get("source", ""))
         self.created = state.created
         self.pause_seconds = float(state.manifest.get("pause_seconds", 0.0))
+        self.owner_pid = os.getpid()  # the process that removes it (not a forked child)
         self._removed = False
 
     def __repr__(self) -> str:
@@ -113,7 +114,9 @@ class Snapshot:
     def remove(self) -> None:
         """Remove it now (waiting for forks that are opening its files).  Idempotent.
         Running forks are not affected."""
-        _live.pop(self.name, None)
+        with _live_lock:
+            for scope in _scopes:
+                scope.pop(self.name, None)
         self._removed = True
         snapshots.remove(self.path)
 
@@ -126,8 +129,32 @@ class Snapshot:
 
 # -- taking them ---------------------------------------------------------------
 
-_live: dict[str, Snapshot] = {}  # this process's (session's) snapshots, removed at its end
+# The snapshots made while each session runs (innermost last: a pytester
+# session inside a test is a scope of its own; the first one is the process's,
+# for snapshots made outside any session).  Each snapshot is removed at the end
+# of its scope by the process that made it (``owner_pid``).
+_scopes: list[dict[str, Snapshot]] = [{}]
 _live_lock = threading.Lock()
+
+
+def open_snapshot_scope() -> dict[str, Snapshot]:
+    """Snapshots made from now on belong to a new scope (a session's), until it is closed."""
+    scope: dict[str, Snapshot] = {}
+    with _live_lock:
+        _scopes.append(scope)
+    return scope
+
+
+def close_snapshot_scope(scope: dict[str, Snapshot]) -> None:
+    """Remove the scope's snapshots that this process made; later ones go to the enclosing scope."""
+    with _live_lock:
+        for i in range(len(_scopes) - 1, 0, -1):  # by identity: two empty scopes are equal
+            if _scopes[i] is scope:
+                del _scopes[i]
+                break
+        live = list(scope.values())
+        scope.clear()
+    _remove_own(live)
 
 
 def take_snapshot(bottle: Bottle, machine: Machine, res: Resources, *, saved_for: str | None = None) -> Snapshot:
@@ -158,7 +185,7 @@ def take_snapshot(bottle: Bottle, machine: Machine, res: Resources, *, saved_for
     snap = Snapshot(state, spec, plan.image)
     if not kept:
         with _live_lock:
-            _live[snap.name] = snap
+            _scopes[-1][snap.name] = snap
     log.debug("%s: snapshot %s taken (paused %.2fs)", bottle.name, snap.name, snap.pause_seconds)
     return snap
 
@@ -190,19 +217,24 @@ def _spec_fields(spec: BottleSpec) -> dict[str, Any]:
 
 
 def remove_session_snapshots() -> None:
-    """Remove every snapshot this process made (the end of its session)."""
+    """Remove every snapshot this process made that is still there (its exit)."""
     with _live_lock:
-        live = list(_live.values())
+        live = [snap for scope in _scopes for snap in scope.values()]
+        for scope in _scopes:
+            scope.clear()
+    _remove_own(live)
+
+
+def _remove_own(live: list[Snapshot]) -> None:
     for snap in live:
-        if os.getpid() != _owner_pid:
-            return  # a forked child: the snapshots are its parent's
+        if snap.owner_pid != os.getpid():
+            continue  # a forked child's copy of its parent's list: the parent removes them
         try:
             snap.remove()
         except Exception as e:  # the others still go; the sweep takes what is left
             log.warning("removing snapshot %s failed: %s", snap.name, e)
 
 
-_owner_pid = os.getpid()
 atexit.register(remove_session_snapshots)
 
 

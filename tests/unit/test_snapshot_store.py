@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPError
 
-from pytest_bottle import snapshot_cli
+from pytest_bottle import snapshot, snapshot_cli
 from pytest_bottle.cli import main
 from pytest_bottle.errors import BootError, SnapshotError, SnapshotGone
 from pytest_bottle.host.runstate import MARKER, owner_identity, write_marker
 from pytest_bottle.host.sweep import SweepReport, _sweep_snapshots
 from pytest_bottle.lifecycle import launch
+from pytest_bottle.snapshot import Snapshot, close_snapshot_scope, open_snapshot_scope
 from pytest_bottle.store import snapshots
 from pytest_bottle.store.gc import prune_seeds, seeds_under_snapshots
 from pytest_bottle.store.saved import STATE_FILES, entry_lock, load, lock_path
@@ -267,3 +268,27 @@ def test_rm_reports_each_bad_name_and_removes_the_others(tmp_path: Path, capsys:
     err = capsys.readouterr().err
     assert "snapshot ../x: a snapshot name is" in err and "no snapshot named 'nope'" in err
     assert not snaps["kept"].exists() and not snaps["stale"].exists()
+
+
+def fake_snapshot(cache: Path, name: str, owner_pid: int | None = None) -> Snapshot:
+    snap = Snapshot.__new__(Snapshot)
+    snap.name, snap.path, snap._removed = name, entry(cache / "snapshots" / name), False
+    snap.owner_pid = os.getpid() if owner_pid is None else owner_pid
+    return snap
+
+
+def test_a_session_inside_a_session_removes_only_its_own_snapshots(tmp_path: Path) -> None:
+    outer = open_snapshot_scope()
+    try:
+        mine = fake_snapshot(tmp_path, "outer")
+        snapshot._scopes[-1][mine.name] = mine  # as take_snapshot registers it
+        inner = open_snapshot_scope()  # a pytester session in a test of the outer one
+        theirs = fake_snapshot(tmp_path, "inner")
+        childs = fake_snapshot(tmp_path, "child", owner_pid=DEAD_PID)  # made by a forked child
+        snapshot._scopes[-1].update({theirs.name: theirs, childs.name: childs})
+        close_snapshot_scope(inner)
+        assert not theirs.path.exists() and mine.path.is_dir() and childs.path.is_dir()
+        assert snapshot._scopes[-1] is outer
+    finally:
+        close_snapshot_scope(outer)
+    assert not mine.path.exists()
