@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import SnapshotError, SnapshotGone, SpecError
 from .images import BuiltImage
-from .images.cache import find_image
+from .images.cache import find_image, images_dir
 from .spec import BottleSpec, resolve
 from .store import snapshots
 from .store.saved import SavedState, StateCorrupt, load, lock_path, verify
@@ -267,14 +268,12 @@ def resolve_saved_snapshot(cache_dir: Path, name: str) -> Snapshot:
     if state is None or state.kind != "snapshot":
         raise SnapshotGone(name, f"no such snapshot in {cache_dir} (see bottle snapshot list)")
     m = state.manifest
-    if not m.get("spec", {}).get("image"):
-        raise SnapshotError(name, "it is of a derived image: only snapshots of named recipe images open from the CLI")
-    image = find_image(str(m.get("image_name")), cache_dir)
-    if image is None or image.key != m.get("image_key"):
+    f = m.get("spec", {})
+    image = _image_of(cache_dir, f.get("image"), str(m.get("image_name")), str(m.get("image_key")))
+    if image is None:
         raise SnapshotError(name, f"its image {m.get('image_name')} ({m.get('image_key')}) is no longer in the cache")
-    f = m["spec"]
     spec = BottleSpec(
-        image=f["image"],
+        image=f["image"] or image.name,  # a derived image: only its name (a fork builds nothing)
         memory_mb=int(f["memory_mb"]),
         cpus=int(f["cpus"]),
         network=f["network"],
@@ -283,3 +282,32 @@ def resolve_saved_snapshot(cache_dir: Path, name: str) -> Snapshot:
         cache_dir=cache_dir,
     )
     return Snapshot(state, spec, image)
+
+
+def _image_of(cache_dir: Path, recipe: str | None, name: str, key: str) -> BuiltImage | None:
+    """A snapshot's image as cached now: a recipe image by name, a derived one
+    by its key (``images/derived-<key>``, on its parents as they are built now)."""
+    try:
+        image = find_image(recipe, cache_dir) if recipe else _derived(cache_dir, key)
+    except Exception as e:  # e.g. a recipe this version no longer has
+        log.debug("image %s of a snapshot: %s", name, e)
+        return None
+    return image if image is not None and image.key == key else None
+
+
+def _derived(cache_dir: Path, key: str, depth: int = 0) -> BuiltImage | None:
+    path = images_dir(cache_dir) / f"derived-{key}"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    parent_key = str(manifest.get("parent_key"))
+    if (images_dir(cache_dir) / f"derived-{parent_key}").is_dir():
+        parent = _derived(cache_dir, parent_key, depth + 1) if depth < 50 else None
+    else:
+        parent = find_image(str(manifest.get("parent")), cache_dir)
+    if parent is None or parent.key != parent_key or manifest.get("parent_created") != parent.created:
+        return None  # its parent was rebuilt or removed: this layer rests on what is gone
+    if not (path / "disk.qcow2").is_file():
+        return None
+    return BuiltImage(str(manifest["name"]), key, path, manifest, parent)

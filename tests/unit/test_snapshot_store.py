@@ -20,8 +20,10 @@ from pytest_bottle.cli import main
 from pytest_bottle.errors import BootError, SnapshotError, SnapshotGone
 from pytest_bottle.host.runstate import MARKER, owner_identity, write_marker
 from pytest_bottle.host.sweep import SweepReport, _sweep_snapshots
+from pytest_bottle.images.cache import entry_dir as cache_entry_dir
+from pytest_bottle.images.recipes import get_recipe
 from pytest_bottle.lifecycle import launch
-from pytest_bottle.snapshot import Snapshot, close_snapshot_scope, open_snapshot_scope
+from pytest_bottle.snapshot import Snapshot, close_snapshot_scope, open_snapshot_scope, resolve_saved_snapshot
 from pytest_bottle.store import snapshots
 from pytest_bottle.store.gc import prune_seeds, seeds_under_snapshots
 from pytest_bottle.store.saved import STATE_FILES, entry_lock, load, lock_path
@@ -292,3 +294,30 @@ def test_a_session_inside_a_session_removes_only_its_own_snapshots(tmp_path: Pat
     finally:
         close_snapshot_scope(outer)
     assert not mine.path.exists()
+
+
+def test_a_saved_snapshot_of_a_derived_image_opens_by_its_key(tmp_path: Path) -> None:
+    base = cache_entry_dir(tmp_path, get_recipe("debian-bookworm"))
+    base.mkdir(parents=True)
+    for f in ("rootfs.ext4", "vmlinuz", "initrd.img"):
+        (base / f).touch()
+    base_key = get_recipe("debian-bookworm").key()
+    (base / "manifest.json").write_text(json.dumps({"name": "debian-bookworm", "key": base_key, "created": 3.0}))
+    parent = ("debian-bookworm", base_key, 3.0)
+    for key in ("k1", "k2"):
+        d = tmp_path / "images" / f"derived-{key}"
+        d.mkdir()
+        (d / "disk.qcow2").touch()
+        m = {"name": f"debian-bookworm+{key}", "key": key, "parent": parent[0], "parent_key": parent[1]}
+        (d / "manifest.json").write_text(json.dumps({**m, "parent_created": parent[2], "created": 4.0}))
+        parent = (m["name"], key, 4.0)
+    spec = {"image": None, "memory_mb": 512, "cpus": 1, "network": "none", "forward": [], "timeout": 60}
+    seed = entry(tmp_path / "seeds" / "s")
+    snapshot_on(tmp_path, "saved", seed, spec=spec, image_name="debian-bookworm+k2", image_key="k2")
+    snap = resolve_saved_snapshot(tmp_path, "saved")
+    assert snap.image.key == "k2" and snap.image.root is not None and snap.image.root.key == base_key
+    assert snap.spec.image == "debian-bookworm+k2" and snap.image.kernel == base / "vmlinuz"
+    m1 = json.loads((tmp_path / "images" / "derived-k1" / "manifest.json").read_text())
+    (tmp_path / "images" / "derived-k1" / "manifest.json").write_text(json.dumps({**m1, "created": 5.0}))
+    with pytest.raises(SnapshotError, match=r"saved: its image debian-bookworm\+k2 \(k2\) is no longer in the cache"):
+        resolve_saved_snapshot(tmp_path, "saved")
