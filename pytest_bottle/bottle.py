@@ -361,14 +361,11 @@ class Bottle:
         self._machine.disconnect()  # our end only: the VM runs on
 
     def snapshot(self) -> Snapshot:
-        """Save this running bottle's memory and disk as a ``Snapshot`` to fork
-        (``bottle_factory(snapshot=s)``, ``s.start()``); the bottle pauses
-        briefly, then runs on as itself.  ``SnapshotError`` if it cannot be
-        taken (a bottle on a ``lan=``, one booted cold)."""
+        """Save this running bottle as a ``Snapshot`` to fork (``bottle_factory(snapshot=s)``, ``s.start()``);
+        it pauses briefly, then runs on as itself.  ``SnapshotError`` if it cannot (``lan=``, booted cold)."""
         return self._snapshot()
 
-    def _snapshot(self, saved_for: str | None = None) -> Snapshot:
-        """``snapshot()``; ``saved_for``: a kept one for that failed test (``--bottle-save-failed``)."""
+    def _snapshot(self, saved_for: str | None = None) -> Snapshot:  # saved_for: see take_snapshot
         from .snapshot import take_snapshot
 
         return take_snapshot(self, self._machine, self._resources, saved_for=saved_for)
