@@ -383,13 +383,14 @@ class Bottle:
         self._machine.disconnect()  # our end only: the VM runs on
 
     def snapshot(self) -> Snapshot:
-        """Save this running bottle's memory and disk as a ``Snapshot`` to fork
-        (``bottle_factory(snapshot=s)``, ``s.start()``); the bottle pauses
-        briefly, then runs on as itself.  ``SnapshotError`` if it cannot be
-        taken (a bottle on a ``lan=``, one booted cold)."""
+        """Save this running bottle as a ``Snapshot`` to fork (``bottle_factory(snapshot=s)``, ``s.start()``);
+        it pauses briefly, then runs on as itself.  ``SnapshotError`` if it cannot (``lan=``, booted cold)."""
+        return self._snapshot()
+
+    def _snapshot(self, saved_for: str | None = None) -> Snapshot:  # saved_for: see take_snapshot
         from .snapshot import take_snapshot
 
-        return take_snapshot(self, self._machine, self._resources)
+        return take_snapshot(self, self._machine, self._resources, saved_for=saved_for)
 
     def __enter__(self) -> Bottle:
         return self

@@ -14,7 +14,7 @@ import pytest
 from .bottle import Bottle
 from .host.paths import default_cache_dir, tree_size
 from .lifecycle.manager import BottleManager
-from .snapshot import Snapshot, saved_name
+from .snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,8 @@ def _bottles(item: pytest.Item, manager: BottleManager) -> list[Bottle]:
 
 
 def _save(b: Bottle, nodeid: str) -> str:
-    from .snapshot import take_snapshot
-
     try:
-        snap = take_snapshot(b, b._machine, b._resources, name=saved_name(nodeid, b.name), kept=True)
+        snap = b._snapshot(saved_for=nodeid)
     except Exception as e:  # the report must go on: say why this one was not saved
         log.warning("--bottle-save-failed: %s", e)
         return f"{b.name} ({nodeid}): not saved: {e}"

@@ -11,6 +11,8 @@ ones, which stay in the cache until ``bottle snapshot rm`` or ``prune``.
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import logging
 import os
 import re
@@ -22,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import SnapshotError, SnapshotGone, SpecError
 from .images import BuiltImage
-from .images.cache import find_image
+from .images.cache import find_image, images_dir
 from .spec import BottleSpec, resolve
 from .store import snapshots
-from .store.saved import SavedState, StateCorrupt, load, verify
+from .store.saved import SavedState, StateCorrupt, load, lock_path, verify
 from .vmm.machine import QemuMachine
 
 if TYPE_CHECKING:
@@ -74,6 +76,7 @@ class Snapshot:
         self.source = str(state.manifest.get("source", ""))
         self.created = state.created
         self.pause_seconds = float(state.manifest.get("pause_seconds", 0.0))
+        self.owner_pid = os.getpid()  # the process that removes it (not a forked child)
         self._removed = False
 
     def __repr__(self) -> str:
@@ -112,7 +115,9 @@ class Snapshot:
     def remove(self) -> None:
         """Remove it now (waiting for forks that are opening its files).  Idempotent.
         Running forks are not affected."""
-        _live.pop(self.name, None)
+        with _live_lock:
+            for scope in _scopes:
+                scope.pop(self.name, None)
         self._removed = True
         snapshots.remove(self.path)
 
@@ -125,20 +130,50 @@ class Snapshot:
 
 # -- taking them ---------------------------------------------------------------
 
-_live: dict[str, Snapshot] = {}  # this process's (session's) snapshots, removed at its end
+# The snapshots made while each session runs (innermost last: a pytester
+# session inside a test is a scope of its own; the first one is the process's,
+# for snapshots made outside any session).  Each snapshot is removed at the end
+# of its scope by the process that made it (``owner_pid``).
+_scopes: list[dict[str, Snapshot]] = [{}]
 _live_lock = threading.Lock()
 
 
-def take_snapshot(
-    bottle: Bottle, machine: Machine, res: Resources, *, name: str | None = None, kept: bool = False
-) -> Snapshot:
-    """Snapshot a running bottle (``Bottle.snapshot``); ``kept``: no owner, it outlives the session."""
+def open_snapshot_scope() -> dict[str, Snapshot]:
+    """Snapshots made from now on belong to a new scope (a session's), until it is closed."""
+    scope: dict[str, Snapshot] = {}
+    with _live_lock:
+        _scopes.append(scope)
+    return scope
+
+
+def close_snapshot_scope(scope: dict[str, Snapshot]) -> None:
+    """Remove the scope's snapshots that this process made; later ones go to the enclosing scope."""
+    with _live_lock:
+        for i in range(len(_scopes) - 1, 0, -1):  # by identity: two empty scopes are equal
+            if _scopes[i] is scope:
+                del _scopes[i]
+                break
+        live = list(scope.values())
+        scope.clear()
+    _remove_own(live)
+
+
+def take_snapshot(bottle: Bottle, machine: Machine, res: Resources, *, saved_for: str | None = None) -> Snapshot:
+    """Snapshot a running bottle (``Bottle.snapshot``).  ``saved_for``: the node
+    id of a failed test; the snapshot is then kept (no owner, it outlives the
+    session) under a name made of it (``free_saved_name``)."""
     plan = res.plan
     why = _refusal(bottle, machine, res)
     if why or plan is None or res.restored is None or not isinstance(machine, QemuMachine):
-        raise SnapshotError(name or bottle.name, f"bottle {bottle.name} cannot be snapshotted: {why}")
+        why = why or "it was not started by this process"
+        raise SnapshotError(bottle.name, f"bottle {bottle.name} cannot be snapshotted: {why}")
     spec = plan.spec
-    name = snapshots.check_name(name or f"{bottle.name}-{secrets.token_hex(3)}")
+    kept = saved_for is not None
+    if saved_for is not None:
+        name = free_saved_name(spec.cache_dir, saved_for, bottle.name)
+    else:
+        name = f"{bottle.name}-{secrets.token_hex(3)}"
+    snapshots.check_name(name)
     src = snapshots.Source(
         name=bottle.name,
         machine=machine,
@@ -151,7 +186,7 @@ def take_snapshot(
     snap = Snapshot(state, spec, plan.image)
     if not kept:
         with _live_lock:
-            _live[snap.name] = snap
+            _scopes[-1][snap.name] = snap
     log.debug("%s: snapshot %s taken (paused %.2fs)", bottle.name, snap.name, snap.pause_seconds)
     return snap
 
@@ -183,19 +218,24 @@ def _spec_fields(spec: BottleSpec) -> dict[str, Any]:
 
 
 def remove_session_snapshots() -> None:
-    """Remove every snapshot this process made (the end of its session)."""
+    """Remove every snapshot this process made that is still there (its exit)."""
     with _live_lock:
-        live = list(_live.values())
+        live = [snap for scope in _scopes for snap in scope.values()]
+        for scope in _scopes:
+            scope.clear()
+    _remove_own(live)
+
+
+def _remove_own(live: list[Snapshot]) -> None:
     for snap in live:
-        if os.getpid() != _owner_pid:
-            return  # a forked child: the snapshots are its parent's
+        if snap.owner_pid != os.getpid():
+            continue  # a forked child's copy of its parent's list: the parent removes them
         try:
             snap.remove()
         except Exception as e:  # the others still go; the sweep takes what is left
             log.warning("removing snapshot %s failed: %s", snap.name, e)
 
 
-_owner_pid = os.getpid()
 atexit.register(remove_session_snapshots)
 
 
@@ -203,9 +243,22 @@ atexit.register(remove_session_snapshots)
 
 
 def saved_name(nodeid: str, bottle_name: str) -> str:
-    """A kept snapshot's name: the test's name and the bottle's."""
+    """A kept snapshot's name: the test's name, a short hash of its whole node
+    id (two tests of one name in other files or classes differ) and the bottle's."""
     test = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid.rsplit("::", 1)[-1]).strip("_.-")[:60] or "test"
-    return f"{test}-{bottle_name}"
+    return f"{test}-{hashlib.sha256(nodeid.encode()).hexdigest()[:6]}-{bottle_name}"
+
+
+def free_saved_name(cache_dir: Path, nodeid: str, bottle_name: str) -> str:
+    """``saved_name``, with a numbered suffix if a snapshot of that name exists
+    (the same test failing again on a session bottle)."""
+    base = saved_name(nodeid, bottle_name)
+    root = cache_dir / "snapshots"
+    name, n = base, 1
+    while (root / name).exists() or lock_path(root / name).exists():
+        n += 1
+        name = f"{base}.{n}"
+    return name
 
 
 def resolve_saved_snapshot(cache_dir: Path, name: str) -> Snapshot:
@@ -215,14 +268,12 @@ def resolve_saved_snapshot(cache_dir: Path, name: str) -> Snapshot:
     if state is None or state.kind != "snapshot":
         raise SnapshotGone(name, f"no such snapshot in {cache_dir} (see bottle snapshot list)")
     m = state.manifest
-    if not m.get("spec", {}).get("image"):
-        raise SnapshotError(name, "it is of a derived image: only snapshots of named recipe images open from the CLI")
-    image = find_image(str(m.get("image_name")), cache_dir)
-    if image is None or image.key != m.get("image_key"):
+    f = m.get("spec", {})
+    image = _image_of(cache_dir, f.get("image"), str(m.get("image_name")), str(m.get("image_key")))
+    if image is None:
         raise SnapshotError(name, f"its image {m.get('image_name')} ({m.get('image_key')}) is no longer in the cache")
-    f = m["spec"]
     spec = BottleSpec(
-        image=f["image"],
+        image=f["image"] or image.name,  # a derived image: only its name (a fork builds nothing)
         memory_mb=int(f["memory_mb"]),
         cpus=int(f["cpus"]),
         network=f["network"],
@@ -231,3 +282,32 @@ def resolve_saved_snapshot(cache_dir: Path, name: str) -> Snapshot:
         cache_dir=cache_dir,
     )
     return Snapshot(state, spec, image)
+
+
+def _image_of(cache_dir: Path, recipe: str | None, name: str, key: str) -> BuiltImage | None:
+    """A snapshot's image as cached now: a recipe image by name, a derived one
+    by its key (``images/derived-<key>``, on its parents as they are built now)."""
+    try:
+        image = find_image(recipe, cache_dir) if recipe else _derived(cache_dir, key)
+    except Exception as e:  # e.g. a recipe this version no longer has
+        log.debug("image %s of a snapshot: %s", name, e)
+        return None
+    return image if image is not None and image.key == key else None
+
+
+def _derived(cache_dir: Path, key: str, depth: int = 0) -> BuiltImage | None:
+    path = images_dir(cache_dir) / f"derived-{key}"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    parent_key = str(manifest.get("parent_key"))
+    if (images_dir(cache_dir) / f"derived-{parent_key}").is_dir():
+        parent = _derived(cache_dir, parent_key, depth + 1) if depth < 50 else None
+    else:
+        parent = find_image(str(manifest.get("parent")), cache_dir)
+    if parent is None or parent.key != parent_key or manifest.get("parent_created") != parent.created:
+        return None  # its parent was rebuilt or removed: this layer rests on what is gone
+    if not (path / "disk.qcow2").is_file():
+        return None
+    return BuiltImage(str(manifest["name"]), key, path, manifest, parent)

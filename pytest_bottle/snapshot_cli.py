@@ -12,6 +12,7 @@ from .host.runstate import MARKER, run_dir_owner
 from .snapshot import resolve_saved_snapshot
 from .store import snapshots
 from .store.saved import SavedState
+from .vmm.accel import qemu_version
 
 # bottle run options that a snapshot decides
 _FIXED = ("image", "memory", "cpus", "network", "boot", "accel")
@@ -32,12 +33,16 @@ def run_snapshot(args: argparse.Namespace, command: list[str]) -> int:
 
 def _state_of(s: SavedState) -> str:
     try:
-        snapshots.seed_of(s)
+        seed = snapshots.seed_of(s)
     except SnapshotError:
-        return "stale"  # its seed was pruned (a new QEMU or image): it cannot be forked
+        return "stale"  # its seed is gone or changed under it: it cannot be forked
+    if seed.manifest["key_parts"].get("qemu") != qemu_version():
+        return "stale"  # made by another QEMU: its state would not load
     if snapshots.is_kept(s):
         return "kept"
     verdict = run_dir_owner(s.path) if (s.path / MARKER).exists() else None
+    if verdict and not verdict[0] and verdict[1].startswith("unreadable"):
+        return "unknown"  # its owner marker is damaged: only bottle snapshot rm removes it
     return "orphaned" if verdict and verdict[0] else "session"
 
 
@@ -57,7 +62,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     status = 0
     for name in args.names:
-        snapshots.check_name(name)
+        try:
+            snapshots.check_name(name)
+        except SnapshotError as e:  # the other names are still removed
+            print(f"bottle snapshot rm: {e}", file=sys.stderr)
+            status = 1
+            continue
         path = args.cache_dir / "snapshots" / name
         if path.is_dir() and snapshots.remove(path):
             print(f"removed {path}")

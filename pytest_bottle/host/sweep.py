@@ -23,6 +23,7 @@ from ..images.cache import lock_path as image_lock
 from ..net import pools
 from ..store import entries
 from ..store.saved import lock_path as state_lock
+from ..store.saved import remove_entry
 from ..vmm.process import is_alive, is_same_process, kill_pid
 from .paths import cache_root, remove_tree
 from .runstate import RunRecord, run_dir_owner
@@ -154,14 +155,23 @@ def _sweep_cache(cache_dir: Path, live: set[str], report: SweepReport) -> None:
 
 def _sweep_snapshots(root: Path, report: SweepReport) -> None:
     """Snapshots of sessions that died (their owner marker says so); kept ones
-    (--bottle-save-failed) have no owner and stay."""
+    (--bottle-save-failed) have no owner and stay.  One is put aside before it
+    is deleted, as every entry is, and only when no fork holds its lock."""
     for d in entries.list_entries(root):
         verdict = run_dir_owner(d)
-        if verdict is None or not verdict[0]:
+        if verdict is None:
             continue
-        with entries.flock(state_lock(d), wait=False) as free:
-            if free and _remove(d, report):  # a fork opening it holds the lock shared
-                state_lock(d).unlink(missing_ok=True)
+        dead, why = verdict
+        if not dead:
+            if why.startswith("unreadable"):  # its owner cannot be told: a person decides
+                report.skip(str(d), f"{why}; bottle snapshot rm removes it")
+            continue
+        try:
+            with entries.flock(state_lock(d), wait=False) as free:
+                if free and remove_entry(d, "rm", forget=True):  # a fork opening it holds the lock shared
+                    report.paths.append(str(d))
+        except OSError as e:
+            report.skip(str(d), f"could not remove it: {e.strerror or e}")
 
 
 def _sweep_snapshot_locks(root: Path, report: SweepReport) -> None:

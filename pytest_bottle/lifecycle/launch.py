@@ -9,12 +9,13 @@ from typing import Any
 from ..agent.channel import AgentChannel
 from ..agent.client import AgentClient
 from ..bottle import Bottle
-from ..errors import BootError, SnapshotError, SpecError
+from ..errors import BootError, SnapshotError, SnapshotGone, SpecError
 from ..images import BuiltImage, ensure_image
 from ..net.lan import LanRegistry
 from ..spec import BottleSpec, resolve
 from ..store.saved import SavedState, StateCorrupt, discard, in_use, verify
 from ..store.seeds import ensure_seed
+from ..store.snapshots import seed_of
 from ..vmm.backend import Machine
 from ..vmm.qemu import MachineConfig
 from . import handshake
@@ -147,9 +148,12 @@ class _Boot:
     def _fork(self, cfg: MachineConfig, state: SavedState) -> Started:
         """Restore a snapshot: as a seed, but a bad one is not made again, it is an error."""
         try:
-            with in_use(state):
+            # Its disk rests on the seed's: no pruner may take either before QEMU has them open.
+            with in_use(seed_of(state)), in_use(state):
                 machine, channel = self._run(restore_from(cfg, state))
         except StateCorrupt as e:
+            if " lost " in e.reason:  # removed while this fork waited for its lock
+                raise SnapshotGone(state.path.name, f"it was removed while a fork started ({e.reason})") from None
             raise SnapshotError(state.path.name, e.reason) from None
         except BootError as e:
             fault = _seed_fault(state, e)

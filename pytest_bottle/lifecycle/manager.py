@@ -27,7 +27,7 @@ from typing import Any
 
 from ..bottle import Bottle
 from ..net.lan import LanRegistry
-from ..snapshot import Snapshot, remove_session_snapshots
+from ..snapshot import Snapshot, close_snapshot_scope, open_snapshot_scope
 from ..spec import BottleSpec
 from .launch import start_bottle
 
@@ -44,6 +44,7 @@ class Group:
 class BottleManager:
     def __init__(self, *, rebuild_before: float | None = None, keep_failed: bool = False, prestart: int = 0) -> None:
         self.rebuild_before = rebuild_before
+        self.snapshots = open_snapshot_scope()  # this session's: removed by close_all
         self.keep_failed = keep_failed
         self.prestart = prestart
         self._groups: dict[str, Group] = {}
@@ -171,7 +172,7 @@ class BottleManager:
                 log.warning("closing bottles of %s failed: %s", key, e)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        remove_session_snapshots()  # after the forks: none is still opening their files
+        close_snapshot_scope(self.snapshots)  # after the forks: none is still opening their files
 
 
 def _close_result(future: Future[Bottle]) -> None:

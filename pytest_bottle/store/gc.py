@@ -6,7 +6,13 @@ leave a full seed (150-160 MB) behind.  When a seed is created, the stale
 seeds of its image go; ``bottle image prune`` applies the same rule to all.
 A seed some clone is starting from (its lock is held shared) is skipped; one
 that running clones were restored from is safe to remove, since Linux keeps
-unlinked files for the processes that have them open or mapped.  Removal
+unlinked files for the processes that have them open or mapped.  A seed that
+a snapshot under ``<cache>/snapshots`` rests on (its manifest names it as its
+parent) is kept, whatever the snapshot's state (a live session's, a kept one,
+an orphaned or stale one): its disk is the snapshot's base, and without it
+the snapshot cannot be forked.  Once ``Snapshot.remove()``, the end of the
+session, the sweep or ``bottle snapshot rm``/``prune`` has removed the last
+such snapshot, the next prune frees the seed.  Removal
 is ``saved.remove_entry`` (the entries' put-aside-then-delete) under the
 state's lock, as everywhere else.
 """
@@ -14,6 +20,7 @@ state's lock, as everywhere else.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +30,7 @@ from ..host.paths import tree_size
 from ..images.cache import BuiltImage
 from ..vmm.accel import qemu_version
 from ..vmm.qemu import kernel_args
+from . import entries
 from .saved import SEED_VERSION, SavedState, entry_lock, list_seeds, load, remove_entry
 
 log = logging.getLogger(__name__)
@@ -87,9 +95,14 @@ def stale_seeds(
 
 
 def prune_seeds(cache_dir: Path, images: Mapping[str, BuiltImage], only: str | None = None) -> list[Removed]:
-    """Remove stale seeds (see ``stale_seeds``), skipping any in use."""
+    """Remove stale seeds (see ``stale_seeds``), skipping any in use or under a snapshot."""
     removed = []
+    held = seeds_under_snapshots(cache_dir)
     for seed, why in stale_seeds(cache_dir, images, only):
+        holder = held.get(Path(os.path.normpath(seed.path)))
+        if holder is not None:
+            log.debug("seed %s is stale (%s) but snapshot %s rests on it: kept", seed.path.name, why, holder)
+            continue
         size = tree_size(seed.path)
         if _try_remove(seed.path):
             log.info("pytest-bottle: removed seed %s (%s)", seed.path.name, why)
@@ -97,6 +110,17 @@ def prune_seeds(cache_dir: Path, images: Mapping[str, BuiltImage], only: str | N
         else:
             log.debug("seed %s is stale (%s) but in use: left for later", seed.path.name, why)
     return removed
+
+
+def seeds_under_snapshots(cache_dir: Path) -> dict[Path, str]:
+    """The seeds that snapshots in ``cache_dir`` rest on, each with one such snapshot's name."""
+    held: dict[Path, str] = {}
+    for d in entries.list_entries(cache_dir / "snapshots"):
+        state = load(d)
+        parent = state.rests_on.parent if state is not None else None
+        if parent:
+            held.setdefault(Path(os.path.normpath(d / parent)), d.name)
+    return held
 
 
 def _try_remove(seed_path: Path) -> bool:

@@ -15,9 +15,11 @@ backing names resolve the same from each).  Its capture:
    save its device state, exactly as a seed's is saved, then ends it;
 4. takes the frozen disk as the entry's ``disk.qcow2``: a hard link when it
    is one layer on the seed's disk (the first snapshot of a bottle restored
-   from a seed: nothing is copied), else the source's private layers
-   collapsed into one layer on the seed (``qemu-img convert -B``), so that
-   no snapshot depends on another.
+   from a seed: nothing is copied), else a copy of it safely rebased onto
+   the seed (``qemu-img rebase``: what the layers in between hold is copied
+   in), so that no snapshot depends on another.  The layers in between are
+   read by path; the one of a snapshot that was removed since the source
+   forked from it is read through the source QEMU, which keeps it open.
 
 ``key_parts`` are the seed's (a fork needs the same machine) and
 ``RestsOn.on_state(seed, entry)`` names the seed.  A fork is a seed restore
@@ -43,6 +45,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import QMPError
+
 from ..errors import BootError, SnapshotError
 from ..host.deps import require
 from ..host.paths import remove_tree
@@ -50,7 +54,7 @@ from ..host.runstate import MARKER, owner_identity, write_marker
 from ..vmm.machine import DISK, QemuMachine
 from ..vmm.qemu import MachineConfig
 from . import entries
-from .saved import RestsOn, SavedState, create, entry_lock, load, lock_path, remove_entry
+from .saved import RestsOn, SavedState, create, entry_lock, in_use, load, lock_path, remove_entry
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +68,21 @@ def snapshots_dir(cache_dir: Path) -> Path:
     return d
 
 
+# Endings of the names of entries put aside (``entries.entry_of`` strips them).
+_RESERVED_ENDINGS = (".lock", "-rm", "-old", "-prune", "-discard")
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name.startswith(".") or name.endswith(".lock"):
+    if (
+        not isinstance(name, str)
+        or not _NAME_RE.match(name)
+        or name.startswith(".")
+        or name.endswith(_RESERVED_ENDINGS)
+    ):
         raise SnapshotError(
-            str(name), "a snapshot name is letters, digits, '.', '_' or '-' (at most 100), not ending in .lock"
+            str(name),
+            "a snapshot name is letters, digits, '.', '_' or '-' (at most 100), "
+            f"not ending in {', '.join(_RESERVED_ENDINGS)}",
         )
     return name
 
@@ -85,14 +100,35 @@ class Source:
 
 
 def seed_of(state: SavedState) -> SavedState:
-    """The seed at the bottom of a state (itself for a seed)."""
+    """The seed at the bottom of a state (itself for a seed); ``SnapshotError``
+    when that seed can no longer be its disk's base: gone, made again, or its
+    image rebuilt under it."""
     if state.kind != "snapshot":
         return state
-    parent = state.rests_on.parent
-    seed = load(Path(os.path.normpath(state.path / parent))) if parent else None
+    base = state.rests_on
+    seed = load(Path(os.path.normpath(state.path / base.parent))) if base.parent else None
     if seed is None:
         raise SnapshotError(state.path.name, "the seed it was taken from is gone (pruned or rebuilt)")
+    if base.parent_created is not None and seed.created != base.parent_created:
+        raise SnapshotError(state.path.name, "the seed it was taken from was made again (--bottle-rebuild)")
+    if why := _base_changed(seed):
+        raise SnapshotError(state.path.name, f"the seed it was taken from {why}")
     return seed
+
+
+def _base_changed(seed: SavedState) -> str:
+    """Why the image disk under ``seed`` is not the one it was made on (or "")."""
+    chain = seed.rests_on.disk_chain
+    if not chain:
+        return ""
+    image_disk = Path(os.path.normpath(seed.path / chain[0]))
+    try:
+        built = json.loads((image_disk.parent / "manifest.json").read_text()).get("created")
+    except (OSError, ValueError, AttributeError):
+        return f"rests on the image disk {image_disk.name}, which is gone"
+    if built != seed.manifest["key_parts"].get("image_built"):
+        return "rests on an image that was rebuilt since (--bottle-rebuild)"
+    return ""
 
 
 def take(src: Source, final: Path, *, kept: bool) -> SavedState:
@@ -106,7 +142,7 @@ def take(src: Source, final: Path, *, kept: bool) -> SavedState:
         started = time.monotonic()
         with src.machine.snapshot_lock:
             paused = _capture_machine(src, tmp)
-        _take_disk(src.machine, paused.frozen, seed, tmp)
+        _take_disk(src.machine, paused.frozen, seed, src.restored, tmp)
         with contextlib.suppress(OSError):
             shutil.copyfile(src.machine.console_log, tmp / "console.log")
         return {
@@ -121,10 +157,13 @@ def take(src: Source, final: Path, *, kept: bool) -> SavedState:
         }
 
     try:
-        with entry_lock(final):
+        # The seed held against pruning: its disk is read (step 4) and becomes the entry's base.
+        with in_use(seed), entry_lock(final):
+            if final.exists():  # never replaced: its forks and its owner would lose it
+                raise SnapshotError(final.name, "a snapshot of that name exists")
             return create(final, capture, src.restored.manifest["key_parts"], RestsOn.on_state(seed, final))
-    except (BootError, OSError, subprocess.SubprocessError) as e:
-        reason = e.reason if isinstance(e, BootError) else str(e)
+    except (BootError, OSError, subprocess.SubprocessError, QMPError, TimeoutError, EOFError) as e:
+        reason = e.reason if isinstance(e, BootError) else f"{type(e).__name__}: {e}"
         raise SnapshotError(final.name, f"taking it from bottle {src.name} failed: {reason}") from None
     finally:
         if not final.exists():  # failed: nothing will use the name again
@@ -160,7 +199,7 @@ def _capture_machine(src: Source, tmp: Path) -> _Paused:
             frozen = machine.freeze_disk(overlay)
             machine.stream_state(stream, SNAPSHOT_TIMEOUT)
         finally:
-            machine.resume()
+            _resume(machine, src.name)
             seconds = time.monotonic() - started
         loading = time.monotonic()
         receiver.receive_state(stream)
@@ -174,6 +213,17 @@ def _capture_machine(src: Source, tmp: Path) -> _Paused:
     return _Paused(frozen, seconds)
 
 
+def _resume(machine: QemuMachine, name: str) -> None:
+    """Run the source on, whatever happened while it was paused; a source that
+    cannot run on is stopped (a bottle left paused would only time out later)."""
+    try:
+        machine.resume()
+    except (BootError, QMPError, OSError, TimeoutError, EOFError) as e:
+        reason = e.reason if isinstance(e, BootError) else f"{type(e).__name__}: {e}"
+        machine.stop(grace=0.5)
+        raise BootError(f"bottle {name} could not run on after the pause ({reason}); it was stopped") from None
+
+
 def _receiver_config(cfg: MachineConfig, tmp: Path) -> MachineConfig:
     """The source's machine, paused, waiting for a state, its RAM written through
     to the entry's ``memory.ram`` (as a seed's is); no host ports, no TAP."""
@@ -181,16 +231,71 @@ def _receiver_config(cfg: MachineConfig, tmp: Path) -> MachineConfig:
     return replace(cfg, restore=None, save_ram=tmp / "memory.ram", nics=nics, extra_args=("-S", "-incoming", "defer"))
 
 
-def _take_disk(machine: QemuMachine, frozen: Path, seed: SavedState, tmp: Path) -> None:
+def _take_disk(machine: QemuMachine, frozen: Path, seed: SavedState, restored: SavedState, tmp: Path) -> None:
     """``tmp/disk.qcow2``: one layer on ``seed``'s disk (see the module doc, step 4)."""
-    backing = _backing(frozen)
-    seed_rel = os.path.relpath(seed.disk, tmp)
-    if backing is not None and os.path.exists(backing) and os.path.samefile(backing, seed.disk):
-        os.link(frozen, tmp / "disk.qcow2")
-        return
     out = tmp / "disk.qcow2"
-    _qemu_img("convert", "-U", "-O", "qcow2", "-F", "qcow2", "-B", str(seed.disk), str(frozen), str(out))
-    _qemu_img("rebase", "-u", "-F", "qcow2", "-b", seed_rel, str(out))
+    if _same_file(_backing(frozen), seed.disk):
+        try:
+            os.link(frozen, out)
+        except OSError as e:  # another file system, or links not allowed: copy instead
+            log.debug("cannot link %s: %s", frozen, e)
+        else:
+            # Its backing name is relative: it must name the seed from here as from the run directory.
+            if _same_file(_backing(out), seed.disk):
+                return
+            out.unlink()
+    # A copy of the top layer, then a safe rebase onto the seed: every cluster
+    # that the layers between them hold is copied in.  (``qemu-img convert -B``
+    # would copy the top layer only.)
+    shutil.copyfile(frozen, out)
+    top = {"driver": "qcow2", "file": {"driver": "file", "filename": str(out)}}
+    top["backing"] = _chain_below(machine, frozen, seed, restored)
+    _qemu_img("rebase", "-U", "-F", "qcow2", "-b", str(seed.disk), "json:" + json.dumps(top))
+    _qemu_img("rebase", "-u", "-F", "qcow2", "-b", os.path.relpath(seed.disk, tmp), str(out))
+
+
+def _chain_below(machine: QemuMachine, frozen: Path, seed: SavedState, restored: SavedState) -> dict[str, Any]:
+    """The layers under ``frozen`` down to the seed's disk, each named (a QEMU
+    block node spec).  The snapshot a fork came from may have been removed
+    since: its layer is read through the source QEMU, which still has it open."""
+    layers: list[str] = []
+    path = _backing(frozen)
+    while not _same_file(path, seed.disk):
+        if path is None or len(layers) > 100:
+            raise BootError(f"the disk of bottle {machine.qmp.name} does not rest on the seed {seed.path.name}")
+        if not path.exists():
+            layers.append(_held_open(machine, path, restored))
+            break  # a removed layer is a snapshot's, and a snapshot rests on the seed
+        layers.append(str(path))
+        path = _backing(path)
+    node: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": str(seed.disk)}}
+    for layer in reversed(layers):
+        node = {"driver": "qcow2", "file": {"driver": "file", "filename": layer}, "backing": node}
+    return node
+
+
+def _held_open(machine: QemuMachine, path: Path, restored: SavedState) -> str:
+    """A ``/proc`` path to the removed layer ``path`` that QEMU still has open."""
+    entry = path.parent.name
+    size = restored.manifest["files"]["disk.qcow2"]["size"] if restored.path.name == entry else None
+    fds = Path(f"/proc/{machine.pid}/fd")
+    with contextlib.suppress(OSError):
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                target = Path(os.readlink(fd).removesuffix(" (deleted)"))
+                aside = entries.is_tmp(target.parent) and entries.entry_of(target.parent.name) == entry
+                named = target.name == path.name and (target.parent.name == entry or aside)
+                if named and size in (None, fd.stat().st_size):
+                    return str(fd)
+    why = f"it was removed, and bottle {machine.qmp.name}, a fork of it, no longer has its disk open"
+    raise SnapshotError(entry, why)
+
+
+def _same_file(a: Path | None, b: Path) -> bool:
+    try:
+        return a is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _backing(disk: Path) -> Path | None:

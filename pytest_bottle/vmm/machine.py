@@ -25,6 +25,8 @@ CONSOLE_TAIL_LINES = 60
 # A machine's files in its run directory.
 DISK = "disk.qcow2"
 CONSOLE = "console.log"
+# query-migrate statuses after which nothing more happens (None: no migration yet).
+_MIGRATION_ENDED = (None, "none", "completed", "failed", "cancelled")
 
 
 def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -216,10 +218,26 @@ class QemuMachine:
     def pause(self) -> None:
         self.qmp.cmd("stop")
 
-    def resume(self) -> None:
-        """Run on after ``pause`` (also after a completed ``stream_state``, which
-        handed the disks over: ``cont`` takes them back)."""
+    def resume(self, timeout: float = 30.0) -> None:
+        """Run on after ``pause`` (also after ``stream_state``, which handed the
+        disks over: ``cont`` takes them back).  A state still being written
+        (a failed or timed-out snapshot) is cancelled and waited for first;
+        ``BootError`` if the guest does not run afterwards."""
+        deadline = time.monotonic() + timeout
+        cancelled = False
+        while (status := self.qmp.cmd("query-migrate").get("status")) not in _MIGRATION_ENDED:
+            if not cancelled:
+                self.qmp.cmd("migrate_cancel")
+                cancelled = True
+            if time.monotonic() > deadline:
+                raise BootError(
+                    f"writing its state did not end in {timeout:.0f} s (status {status})", name=self.qmp.name
+                )
+            time.sleep(0.02)
         self.qmp.cmd("cont")
+        status = self.qmp.cmd("query-status").get("status")
+        if status != "running":
+            raise BootError(f"it does not run on after a snapshot (status {status})", name=self.qmp.name)
 
     def freeze_disk(self, overlay: Path) -> Path:
         """Write on ``overlay`` from now on (a qcow2 already made on the current

@@ -245,3 +245,18 @@ def test_a_state_on_a_state_records_its_chain_relative(tmp_path: Path) -> None:
         str(seed.disk),
         str(tmp_path / "images" / "deb" / "rootfs.ext4"),
     ]
+
+
+def test_a_link_count_change_hashes_only_that_file_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _make(tmp_path / "seeds")
+    os.link(state.disk, tmp_path / "source-layer")  # as a snapshot's disk is its source's frozen layer
+    (tmp_path / "source-layer").unlink()  # the source closed: the disk's ctime changed
+    hashed: list[str] = []
+    real = saved.digest
+    monkeypatch.setattr(saved, "digest", lambda p: hashed.append(p.name) or real(p))
+    saved.verify(state)
+    assert hashed == ["disk.qcow2"]
+    with open(state.disk, "r+b") as f:  # a real change is still found
+        f.write(b"X")
+    with pytest.raises(StateCorrupt, match="disk.qcow2 does not match"):
+        saved.verify(state)

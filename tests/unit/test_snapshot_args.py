@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
 
 from pytest_bottle.errors import SnapshotError, SnapshotGone, SpecError
-from pytest_bottle.snapshot import check_fork_args, saved_name
+from pytest_bottle.snapshot import check_fork_args, free_saved_name, saved_name
 from pytest_bottle.store.saved import load
 from pytest_bottle.store.snapshots import check_name, seed_of
 
@@ -35,10 +36,10 @@ def test_bad_fork_values_are_named() -> None:
 
 def test_saved_names_are_valid_snapshot_names() -> None:
     name = saved_name("tests/test_x.py::test_it[a/b c]", "btl-0123abcd")
-    assert name == "test_it_a_b_c-btl-0123abcd"
+    assert re.fullmatch(r"test_it_a_b_c-[0-9a-f]{6}-btl-0123abcd", name)
     assert check_name(name) == name
-    assert check_name(saved_name("x::[[[", "btl-1")) == "test-btl-1"
-    for bad in ("", ".tmp-x", "../x", "a/b", "x" * 101, "x.lock"):
+    assert re.fullmatch(r"test-[0-9a-f]{6}-btl-1", check_name(saved_name("x::[[[", "btl-1")))
+    for bad in ("", ".tmp-x", "../x", "a/b", "x" * 101, "x.lock", "x-rm", "x-old", "x-prune", "x-discard"):
         with pytest.raises(SnapshotError):
             check_name(bad)
 
@@ -60,3 +61,13 @@ def test_a_snapshot_finds_its_seed_by_a_relative_path(tmp_path: Path) -> None:
     (seed_dir / "manifest.json").unlink()  # pruned
     with pytest.raises(SnapshotError, match="x: the seed it was taken from is gone"):
         seed_of(snap)
+
+
+def test_saved_names_of_two_tests_of_one_name_differ_and_never_replace_one(tmp_path: Path) -> None:
+    a = saved_name("a/test_x.py::TestA::test_it[a/b]", "btl-1")
+    b = saved_name("b/test_x.py::TestB::test_it[a_b]", "btl-1")
+    assert a != b and a.startswith("test_it_a_b-") and b.startswith("test_it_a_b-")
+    assert free_saved_name(tmp_path, "a/test_x.py::TestA::test_it[a/b]", "btl-1") == a
+    (tmp_path / "snapshots" / a).mkdir(parents=True)  # the same test failed before on this bottle
+    again = free_saved_name(tmp_path, "a/test_x.py::TestA::test_it[a/b]", "btl-1")
+    assert again == f"{a}.2" and check_name(again) == again
