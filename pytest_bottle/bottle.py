@@ -372,6 +372,7 @@ class Bottle:
             )
         if not self._closed:  # whoever reaches it next (ssh -F ...) must not stall
             self._announce_nic()
+            self._end_processes()
         with self._close_lock:
             if self._closed:
                 return
@@ -380,6 +381,14 @@ class Bottle:
         self._resources.hand_over(self._machine)
         self._channel.close()
         self._machine.disconnect()  # our end only: the VM runs on
+
+    def _end_processes(self) -> None:
+        """Before a keep: the test's processes end, as with ``close()`` (with
+        nobody reading it, a chatty one would hang on its full pipe)."""
+        try:
+            self._agent.end_processes(timeout=10)
+        except BottleError as e:
+            log.warning("bottle %s: could not end its processes before keeping it: %s", self.name, e)
 
     def __enter__(self) -> Bottle:
         return self

@@ -244,8 +244,12 @@ class GuestProcess:
         return self
 
     def _signal(self, sig: int, group: bool) -> None:
-        if self.poll() is not None or self._agent.channel.closed.is_set():
+        # A group outlives its leader while members remain (``sleep 30 & exit 0``):
+        # the guest still signals it after the end; the process alone, not.
+        if self.pid is None or (not group and self.poll() is not None) or self._agent.channel.closed.is_set():
             return
+        if group and self.poll() is not None and self.lost:
+            return  # its bottle or agent session is gone, and the group with it
         try:
             self._agent.signal(self._rid, int(sig), group=group)
         except AgentError:
@@ -256,8 +260,9 @@ class GuestProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Kill its whole group, even when the process itself already ended."""
+        self.kill()
         if self.poll() is None:
-            self.kill()
             try:
                 self.wait(KILL_WAIT)
             except (ExecTimeout, AgentError) as e:

@@ -94,6 +94,44 @@ def _gone(pid: int, within: float = 5.0) -> bool:
     return False
 
 
+def test_kill_reaches_the_group_after_its_leader_exited(local: AgentClient) -> None:
+    p = GuestProcess.start(local, "sleep 30 & echo $!; exit 0")
+    assert p.wait(10).returncode == 0
+    child = int(p.stdout)
+    assert not _gone(child, 0.3), "the background sleep should still run"
+    p.kill()
+    assert _gone(child), "kill() after the leader's exit left its group running"
+
+
+def test_leaving_the_with_block_kills_the_group_of_an_ended_process(local: AgentClient) -> None:
+    with GuestProcess.start(local, "sleep 30 & echo $!; exit 0") as p:
+        p.wait(10)
+        child = int(p.stdout)
+    assert _gone(child), "__exit__ left the group of an ended process running"
+
+
+def test_end_processes_kills_what_the_session_started(local: AgentClient) -> None:
+    client, _host = serve()
+    p = GuestProcess.start(client, "sleep 30")
+    q = GuestProcess.start(client, "sleep 30 & echo $!; exit 0")
+    q.wait(10)
+    assert client.end_processes() >= 2
+    assert p.wait(5).returncode == -9 and _gone(int(q.stdout))
+    assert run(client, "echo on")[1] == b"on\n"  # the session goes on
+
+
+def test_a_new_host_session_kills_the_last_ones_processes() -> None:
+    client, _host = serve()
+    p = GuestProcess.start(client, "sleep 30 & echo $!; sleep 30")
+    child = int(p.wait_for_output(re.compile(r"(\d+)\n"), 10).group(1))
+    leader = p.pid
+    assert leader is not None
+    client.channel.synced.clear()
+    client.channel.send_sync()  # what `bottle shell` sends on connecting
+    assert client.channel.synced.wait(10)
+    assert _gone(leader) and _gone(child)
+
+
 def test_send_signal_reaches_the_process_only_and_kill_is_sigkill(local: AgentClient) -> None:
     p = GuestProcess.start(local, ["sh", "-c", "trap 'echo got-usr1' USR1; while :; do sleep 0.05; done"])
     time.sleep(0.2)  # the trap is set
