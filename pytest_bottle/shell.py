@@ -117,15 +117,18 @@ def run_shell(agent: AgentClient, argv: list[str] | None = None, stdin: int = 0,
     try:
         if saved is not None:
             tty.setraw(stdin)
-        typing = True
+        typing, last = True, b"\n"
         while not call.done.is_set():
             ready, _, _ = select.select([stdin] if typing else [], [], [], 0.1)
             if ready:
                 data = os.read(stdin, 4096)
                 if data:
                     channel.send_data_frame(rid, data)
+                    last = data[-1:]
                 else:
                     typing = False  # our input ended: the shell goes on until it exits
+                    if saved is None:  # piped input: the guest's reader sees its end too
+                        channel.send_data_frame(rid, _eof_keys(last))
             while not resized.empty():
                 resized.get()
                 agent.resize(rid, *window_size(stdin if saved is not None else stdout))
@@ -138,6 +141,12 @@ def run_shell(agent: AgentClient, argv: list[str] | None = None, stdin: int = 0,
             signal.signal(signal.SIGWINCH, old_winch)
     rc = reply.get("rc")
     return rc if type(rc) is int and 0 <= rc < 256 else 128 + abs(rc) if type(rc) is int else 1
+
+
+def _eof_keys(last: bytes) -> bytes:
+    """What a terminal user types for end of input: VEOF (Ctrl-D) at the start
+    of a line; a half-typed line takes one more (the first only sends the line)."""
+    return b"\x04" if last == b"\n" else b"\x04\x04"
 
 
 def _show(fd: int, kind: int, data: bytes) -> None:

@@ -113,6 +113,24 @@ def test_run_shell_drives_a_guest_terminal_from_a_local_one(local: AgentClient) 
         os.close(slave)
 
 
+@pytest.mark.parametrize("text", [b"hello\n", b"no newline"])
+def test_run_shell_with_piped_input_ends_when_the_input_does(local: AgentClient, text: bytes) -> None:
+    r, w = os.pipe()
+    os.write(w, text)
+    os.close(w)
+    out_r, out_w = os.pipe()
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(run_shell(local, ["cat"], stdin=r, stdout=out_w)), daemon=True)
+    t.start()
+    t.join(15)
+    os.close(out_w)
+    seen = os.read(out_r, 65536)
+    os.close(r)
+    os.close(out_r)
+    assert got == [0], ("run_shell did not end after its input did", seen)
+    assert text.strip() in seen
+
+
 def test_bottle_shell_of_an_unknown_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["shell", "btl-nosuchbottle"]) == 1
     assert "no kept bottle named 'btl-nosuchbottle'" in capsys.readouterr().err
