@@ -131,6 +131,45 @@ def test_run_shell_with_piped_input_ends_when_the_input_does(local: AgentClient,
     assert text.strip() in seen
 
 
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_a_hung_up_shell_ends_its_guest_shell(local: AgentClient, sig: int) -> None:
+    """The local terminal closed (SIGHUP) or `bottle shell` told to stop: the
+    shell in the guest is killed, not left on its pty."""
+    r, w = os.pipe()  # input that never ends
+    out_r, out_w = os.pipe()
+    pids: list[int] = []
+
+    def hang_up() -> None:
+        seen = b""
+        while b"\n" not in seen:
+            seen += os.read(out_r, 100)
+        pids.append(int(seen.split()[0]))
+        os.kill(os.getpid(), sig)
+
+    before = signal.getsignal(sig)
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        assert run_shell(local, ["sh", "-c", "echo $$; exec sleep 30"], stdin=r, stdout=out_w) == 128 + sig
+    finally:
+        for fd in (r, w, out_r, out_w):
+            os.close(fd)
+    assert signal.getsignal(sig) == before  # the handler was put back
+    assert _gone(pids[0]), "the guest's shell outlived its terminal"
+
+
+def _gone(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def test_bottle_shell_of_an_unknown_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["shell", "btl-nosuchbottle"]) == 1
     assert "no kept bottle named 'btl-nosuchbottle'" in capsys.readouterr().err
