@@ -76,7 +76,8 @@ def _attach(record: RunRecord) -> Iterator[AgentClient]:
         try:
             channel.send_sync()
             if not channel.synced.wait(CONNECT_TIMEOUT):
-                raise BottleError(f"the agent of {record.name} did not answer within {CONNECT_TIMEOUT:g} s")
+                why = f": {channel.death}" if channel.death else ""
+                raise BottleError(f"the agent of {record.name} did not answer within {CONNECT_TIMEOUT:g} s{why}")
             yield AgentClient(channel)
         finally:
             channel.close()

@@ -3,6 +3,7 @@ files under the images' Pythons, against the agent served in this process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -17,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from pytest_bottle import cli
+from pytest_bottle.agent import resync
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.guest import agent
-from pytest_bottle.guest.frames import Channel
+from pytest_bottle.guest.frames import CHUNK, HELLO, REPLY, STDOUT, SYNC_MAGIC, Channel, frame, jframe
 from pytest_bottle.guest.terminal import set_size
 from pytest_bottle.process import GuestProcess
 from pytest_bottle.shell import run_shell
@@ -168,6 +170,41 @@ def _gone(pid: int, within: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def test_a_fresh_connection_skips_a_former_sessions_half_frame() -> None:
+    """What the agent was sending the last `bottle shell` may be cut mid-frame;
+    the next connection starts at the agent's HELLO."""
+    host, guest = socket.socketpair()
+    half = frame(STDOUT, 7, b"x" * 100_000)[:40_000]
+    guest.sendall(half + frame(HELLO, 0, SYNC_MAGIC + b"B" * 16))
+    channel = AgentChannel(host, "resync")
+    try:
+        assert channel.synced.wait(5) and channel.instance == b"B" * 16
+        rid, call = channel.start("ping")
+        guest.sendall(jframe(REPLY, rid, {"ok": True, "pong": 1}))
+        assert channel.wait(call, 5, "ping") == {"ok": True, "pong": 1}
+    finally:
+        channel.close()
+        guest.close()
+
+
+def test_a_connection_without_a_hello_gives_up_with_a_named_error() -> None:
+    chunks = iter([b"\0" * 1000] * 5)
+    with pytest.raises(resync.NoHello, match="no HELLO from the agent"):
+        resync.skip_to_hello(lambda: next(chunks), limit=3000)
+    host, guest = socket.socketpair()
+    channel = AgentChannel(host, "garbage")
+    junk = b"\xff" * (resync.RESYNC_LIMIT + 2 * CHUNK)
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            guest.sendall(junk)
+
+    threading.Thread(target=send, daemon=True).start()
+    assert channel.closed.wait(10) and "no HELLO" in channel.death
+    channel.close()
+    guest.close()
 
 
 def test_bottle_shell_of_an_unknown_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
