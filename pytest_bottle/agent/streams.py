@@ -89,6 +89,7 @@ class OutputFeed:
         self.fn = fn
         self.items: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
         self.decoders = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in STREAM_NAMES}
+        self.before = threading.Event()  # the call's own ``done``, replaced by ``watch``
 
     def sink(self, kind: int, data: bytes) -> None:
         """On the reader thread: queue only."""
@@ -97,20 +98,27 @@ class OutputFeed:
 
     def watch(self, call: Call) -> None:
         """Wake the feed when ``call`` ends (right after ``channel.start``)."""
-        before, call.done = call.done, _Wake(self.items)
-        if before.is_set():  # it ended before the swap
+        self.before, call.done = call.done, _Wake(self.items)
+        if self.before.is_set():  # it ended before the swap
             call.done.set()
 
     def run(self, channel: AgentChannel, rid: int, call: Call, deadline: float | None, label: object) -> None:
         """On the caller's thread, until the call ends.  An exception from ``fn``
-        cancels the call (the agent kills the command's process group) and propagates."""
+        cancels the call (the agent kills the command's process group) and propagates.
+        ``deadline`` holds even while output keeps coming (a guest ignoring the timeout)."""
         while True:
-            try:
-                item = self.items.get(timeout=channel.idle)
-            except queue.Empty:
-                if deadline is not None and time.monotonic() > deadline:
+            wait = channel.idle
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
                     channel.forget(rid)
-                    raise AgentError(f"bottle {channel.name}: no answer past the timeout of {label!r}") from None
+                    raise AgentError(f"bottle {channel.name}: no answer past the timeout of {label!r}")
+            try:
+                item = self.items.get(timeout=wait)
+            except queue.Empty:
+                # The reader may have set the old event just as ``watch`` swapped it.
+                if call.done.is_set() or self.before.is_set():
+                    break
                 channel.check(call, "exec")
                 continue
             if item is None:

@@ -363,3 +363,28 @@ def test_a_guest_ignoring_the_window_fails_an_on_output_exec() -> None:
     runs.append(fake.client().exec(["x"], on_output=hold, **common))
     with pytest.raises(AgentError, match="beyond its window"):
         runs[0].finish(5, "x")
+
+
+def test_an_on_output_exec_gives_up_at_its_timeout_while_output_keeps_coming() -> None:
+    """A guest that ignores the timeout but keeps talking: the host's deadline
+    (timeout + grace) still holds."""
+    fake = Fake()
+    stop = threading.Event()
+
+    def guest() -> None:
+        for _ in range(100):  # 10 s at most
+            if stop.wait(0.1):
+                return
+            fake.sock.sendall(frame(STDOUT, 1, b"tick\n"))
+
+    threading.Thread(target=guest, daemon=True).start()
+    got: list[str] = []
+    common: dict[str, Any] = dict(env={}, cwd=None, user=None, stdin=None, cap=1 << 20)
+    run = fake.client().exec(["x"], timeout=0.5, on_output=lambda s, t: got.append(t), **common)
+    started = time.monotonic()
+    try:
+        with pytest.raises(AgentError, match="past the timeout"):
+            run.finish(0.5, "x")
+    finally:
+        stop.set()
+    assert time.monotonic() - started < 2.5 and got
