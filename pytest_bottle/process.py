@@ -18,6 +18,7 @@ import re
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -138,8 +139,11 @@ class GuestProcess:
             with self._cond:
                 self._err.add(reply.stderr)
         rc = LOST if reply is None else reply.rc
-        with self._cond:
-            out, err = self._out.value(), self._err.value()
+        with self._cond:  # the call is over: nothing is added any more
+            parts = self._out.snapshot(), self._err.snapshot()
+        out, err = b"".join(parts[0]), b"".join(parts[1])
+        with self._cond:  # one copy of the output, shared with the result
+            self._out.parts, self._err.parts = collections.deque([out]), collections.deque([err])
         self._result = ExecResult(self.args, rc, out, err, time.monotonic() - self._begun)
 
     @property
@@ -153,9 +157,10 @@ class GuestProcess:
 
     def _text(self, tail: OutputTail) -> str:
         with self._cond:  # a snapshot: decoding happens without the reader thread waiting
-            copy = OutputTail(tail.cap)
-            copy.parts, copy.size, copy.dropped = collections.deque(tail.parts), tail.size, tail.dropped
-        return copy.text()
+            parts, dropped = tail.snapshot(), tail.dropped
+        copy = OutputTail(tail.cap)
+        copy.dropped = dropped
+        return copy.note(b"".join(parts).decode("utf-8", "replace"))
 
     def state(self) -> str:
         """``running``, ``exited N``, ``killed by SIGX`` or ``lost (...)``: for reports."""
@@ -213,7 +218,7 @@ class GuestProcess:
             ended = self._call is not None and self._call.done.is_set()  # before the output: none is missed
             with self._cond:  # a snapshot only: the reader thread must not wait for a search
                 total = sum(t.total for t in chosen)
-                parts = [list(t.parts) for t in chosen] if total != seen else []
+                parts = [t.snapshot() for t in chosen] if total != seen else []
             for kept in parts:
                 m = regex.search(b"".join(kept).decode("utf-8", "replace"))
                 if m:
@@ -280,14 +285,24 @@ def _parse_pid(data: bytes) -> int | None:
 
 class ProcessEntry(tuple[str, int | None, float]):
     """A history entry for a spawned process: ``(cmd, None, 0.0)`` like a command
-    that has not finished, plus the process, whose state the report shows."""
+    that has not finished, plus the process, whose state the report shows.
 
-    process: GuestProcess
+    The process is held weakly: the history must not keep the output of ended
+    processes (up to twice ``PROCESS_OUTPUT_CAP``) alive.  A running one is
+    held by its call on the channel, so the report always sees those."""
+
+    pid: int | None
+    _ref: weakref.ref[GuestProcess]
 
     def __new__(cls, cmd: str, process: GuestProcess) -> ProcessEntry:
         entry = super().__new__(cls, (cmd, None, 0.0))
-        entry.process = process
+        entry.pid, entry._ref = process.pid, weakref.ref(process)
         return entry
+
+    @property
+    def process(self) -> GuestProcess | None:
+        """The process, or None once the test dropped it after its end."""
+        return self._ref()
 
 
 def describe_history(entries: Iterable[tuple[str, int | None, float]]) -> str:
@@ -299,10 +314,10 @@ def describe_history(entries: Iterable[tuple[str, int | None, float]]) -> str:
         if isinstance(entry, ProcessEntry):
             p = entry.process
             try:
-                state = p.state()
+                state = "ended (no longer referenced)" if p is None else p.state()
             except BottleError as e:
                 state = f"unknown ({type(e).__name__})"
-            lines.append(f"[spawn] pid {p.pid}, {state}  {cmd}")
+            lines.append(f"[spawn] pid {entry.pid}, {state}  {cmd}")
         else:
             lines.append(f"[{'?' if rc is None else rc}] {seconds:.2f}s  {cmd}")
     return "\n".join(lines)

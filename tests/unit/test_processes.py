@@ -4,11 +4,13 @@ this host, so they are harmless ones), plus a hostile fake guest."""
 
 from __future__ import annotations
 
+import gc
 import pickle
 import re
 import socket
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient, ExecRun
-from pytest_bottle.agent.streams import OutputTail
+from pytest_bottle.agent.streams import PART, OutputTail
 from pytest_bottle.errors import AgentError, ExecTimeout, OutputTimeout, ProcessTimeout, WaitTimeout
 from pytest_bottle.guest import agent
 from pytest_bottle.guest.frames import (
@@ -204,6 +206,24 @@ def test_output_kept_is_the_tail_with_a_note() -> None:
     assert tail.value() == b"x" * 10 and tail.size == 10 and tail.dropped == 29
 
 
+def test_tiny_chunks_cost_their_bytes_not_an_object_each() -> None:
+    tracemalloc.start()
+    try:
+        tail = OutputTail(1 << 30)
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(200_000):
+            tail.add(b"y\n")
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert tail.size == 400_000 and len(tail.parts) <= 400_000 // PART + 1
+    assert grown < 2 * 400_000, grown  # one bytes object per chunk: ~25 times the payload
+    assert tail.value() == b"y\n" * 200_000
+    snap = tail.snapshot()
+    tail.add(b"more")
+    assert b"".join(snap) == b"y\n" * 200_000  # a snapshot does not change with the tail
+
+
 def test_a_processs_output_is_bounded(local: AgentClient) -> None:
     p = GuestProcess(local, "head -c 3000000 /dev/zero", cap=1 << 20)
     p._rid, p._call = local.spawn(
@@ -222,6 +242,10 @@ def test_history_shows_processes_with_their_state(local: AgentClient) -> None:
     assert describe_history(entries) == f"[0] 0.01s  true\n[spawn] pid {p.pid}, running  sleep 30"
     p.kill().wait(10)
     assert describe_history(entries[1:]) == f"[spawn] pid {p.pid}, killed by SIGKILL  sleep 30"
+    pid = p.pid
+    del p
+    gc.collect()  # the history does not keep an ended process (and its output) alive
+    assert describe_history(entries[1:]) == f"[spawn] pid {pid}, ended (no longer referenced)  sleep 30"
 
 
 # -- exec(on_output=...) ------------------------------------------------------------
