@@ -76,11 +76,14 @@ class GuestProcess:
         if input is not None:
             threading.Thread(target=proc._feed, args=(input,), daemon=True, name=f"bottle-stdin-{proc._rid}").start()
         call, channel = proc._call, agent.channel
-        while not proc._started.wait(channel.idle / 4) and not call.done.is_set() and call.error is None:
-            channel.check(call, "spawn")
-        if call.error is not None:  # what the guest sent was refused
+        try:
+            while not proc._started.wait(channel.idle / 4) and not call.done.is_set() and call.error is None:
+                channel.check(call, "spawn")
+            if call.error is not None:  # what the guest sent was refused
+                raise call.error
+        except BaseException:  # nobody will hold this process: the agent kills it
             channel.forget(proc._rid)
-            raise call.error
+            raise
         if not proc._started.is_set():  # a failure to start is an exit (127...); errors raise here
             channel.wait(call, 0, "spawn")
             proc._finish()

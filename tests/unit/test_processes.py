@@ -4,6 +4,7 @@ this host, so they are harmless ones), plus a hostile fake guest."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import pickle
 import re
@@ -22,7 +23,9 @@ from pytest_bottle.agent.streams import PART, OutputTail
 from pytest_bottle.errors import AgentError, ExecTimeout, OutputTimeout, ProcessTimeout, WaitTimeout
 from pytest_bottle.guest import agent
 from pytest_bottle.guest.frames import (
+    CANCEL,
     CHUNK,
+    HEADER,
     HELLO,
     HOST_WINDOW,
     REPLY,
@@ -346,6 +349,22 @@ def test_a_silent_guest_fails_spawn_and_wait_instead_of_hanging() -> None:
     with pytest.raises(AgentError, match="has not answered"):
         GuestProcess.start(fake.client(), "x")
     assert time.monotonic() - started < 10
+    assert (CANCEL, 1) in _frames_from_host(fake), "the spawn given up on was not cancelled"
+
+
+def _frames_from_host(fake: Fake) -> list[tuple[int, int]]:
+    """(kind, rid) of what the host sent the fake guest so far."""
+    fake.sock.settimeout(0.5)
+    data = b""
+    with contextlib.suppress(TimeoutError):
+        while chunk := fake.sock.recv(65536):
+            data += chunk
+    got = []
+    while len(data) >= HEADER.size:
+        kind, rid, size = HEADER.unpack_from(data)
+        got.append((kind, rid))
+        data = data[HEADER.size + size :]
+    return got
 
 
 def test_a_bad_exit_reply_is_an_agent_error() -> None:
@@ -412,3 +431,14 @@ def test_an_on_output_exec_gives_up_at_its_timeout_while_output_keeps_coming() -
     finally:
         stop.set()
     assert time.monotonic() - started < 2.5 and got
+
+
+def test_a_guest_silent_after_started_fails_wait_instead_of_hanging() -> None:
+    fake = Fake()
+    threading.Timer(0.2, lambda: fake.sock.sendall(frame(STARTED, 1, b'{"pid":42}'))).start()
+    p = GuestProcess.start(fake.client(), "x")
+    assert p.pid == 42 and p.poll() is None
+    started = time.monotonic()
+    with pytest.raises(AgentError, match="has not answered"):
+        p.wait()
+    assert time.monotonic() - started < 10
