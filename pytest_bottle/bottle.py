@@ -382,6 +382,13 @@ class Bottle:
         self._channel.close()
         self._machine.disconnect()  # our end only: the VM runs on
 
+    @property
+    def agent_socket(self) -> str | None:
+        """Where a kept bottle serves its agent (``bottle shell``); None if not kept or not served."""
+        record = self._resources.record
+        path = record.extra.get("agent_socket") if record is not None and self.kept else None
+        return path if isinstance(path, str) else None
+
     def _end_processes(self) -> None:
         """Before a keep: the test's processes end, as with ``close()`` (with
         nobody reading it, a chatty one would hang on its full pipe)."""

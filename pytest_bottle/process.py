@@ -230,7 +230,8 @@ class GuestProcess:
             left = deadline - time.monotonic()
             if ended or left <= 0:
                 rc = self.poll() if ended else None
-                raise OutputTimeout(regex.pattern, timeout, self.stdout, self.stderr, rc)
+                shown = pattern if isinstance(pattern, str) else pattern.pattern  # as given, not escaped
+                raise OutputTimeout(shown, timeout, self.stdout, self.stderr, rc)
             with self._cond:
                 if sum(t.total for t in chosen) == seen:
                     self._cond.wait(min(left, 0.05))  # also notices the end

@@ -61,7 +61,11 @@ def _attach(record: RunRecord) -> Iterator[AgentClient]:
         )
     if not isinstance(path, str):
         raise BottleError(f"kept bottle {record.name} serves no agent socket (see its record in `bottle ps`)")
-    with open(Path(path).with_name("agent.lock"), "a") as lock:
+    try:
+        lock = open(Path(path).with_name("agent.lock"), "a")
+    except OSError as e:  # its run directory went away (the VM was stopped meanwhile)
+        raise BottleError(f"kept bottle {record.name} is gone: {e.strerror or e} ({path})") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

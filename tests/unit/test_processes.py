@@ -167,7 +167,8 @@ def test_wait_for_output_gives_up_at_once_when_the_process_ends_without_it(local
     p = GuestProcess.start(local, "echo nope; exit 3")
     started = time.monotonic()
     with pytest.raises(OutputTimeout, match=r"ended \(3\) first") as e:
-        p.wait_for_output("ready", 30)
+        p.wait_for_output("ready now", 30)
+    assert e.value.pattern == "ready now" and "'ready now'" in e.value.message  # as given, not re.escape'd
     assert time.monotonic() - started < 5 and e.value.returncode == 3 and e.value.stdout == "nope\n"
 
 

@@ -21,11 +21,13 @@ from pytest_bottle import cli
 from pytest_bottle.agent import resync
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient
+from pytest_bottle.errors import BottleError
 from pytest_bottle.guest import agent
 from pytest_bottle.guest.frames import CHUNK, HELLO, REPLY, STDOUT, SYNC_MAGIC, Channel, frame, jframe
 from pytest_bottle.guest.terminal import set_size
+from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.process import GuestProcess
-from pytest_bottle.shell import run_shell
+from pytest_bottle.shell import _attach, run_shell
 
 _keep: list[object] = []
 
@@ -146,6 +148,8 @@ def test_a_hung_up_shell_ends_its_guest_shell(local: AgentClient, sig: int) -> N
         while b"\n" not in seen:
             seen += os.read(out_r, 100)
         pids.append(int(seen.split()[0]))
+        while signal.getsignal(sig) is before:  # run_shell's handler is in place
+            time.sleep(0.01)
         os.kill(os.getpid(), sig)
 
     before = signal.getsignal(sig)
@@ -205,6 +209,13 @@ def test_a_connection_without_a_hello_gives_up_with_a_named_error() -> None:
     assert channel.closed.wait(10) and "no HELLO" in channel.death
     channel.close()
     guest.close()
+
+
+def test_a_kept_bottle_whose_run_directory_vanished_is_a_named_error(tmp_path: Path) -> None:
+    gone = tmp_path / "run-gone"
+    record = RunRecord("btl-gone", 1, None, str(gone), extra={"kept": True, "agent_socket": str(gone / "agent.sock")})
+    with pytest.raises(BottleError, match="kept bottle btl-gone is gone"), _attach(record):
+        pass
 
 
 def test_bottle_shell_of_an_unknown_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
