@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # the front is counted and noted at the start of ``stdout``/``stderr``.
 PROCESS_OUTPUT_CAP = 16 * 1024 * 1024
 LOST = -signal.SIGKILL  # the code of a process whose bottle ended under it
+SEARCH_RATE = 20  # wait_for_output looks at new output at most this often a second
+SEARCH_OVERLAP = 64 * 1024  # output searched again with the new: a match across two looks
 KILL_WAIT = 10.0  # how long leaving the ``with`` block waits for the killed process
 
 
@@ -216,24 +218,27 @@ class GuestProcess:
             raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
         chosen = [tails[stream]] if stream else list(tails.values())
         deadline = time.monotonic() + timeout
-        seen = -1
+        searched = [0] * len(chosen)  # stream offsets searched up to
         while True:
             ended = self._call is not None and self._call.done.is_set()  # before the output: none is missed
+            looked = time.monotonic()
             with self._cond:  # a snapshot only: the reader thread must not wait for a search
-                total = sum(t.total for t in chosen)
-                parts = [t.snapshot() for t in chosen] if total != seen else []
-            for kept in parts:
-                m = regex.search(b"".join(kept).decode("utf-8", "replace"))
-                if m:
-                    return m
-            seen = total
+                snaps = [(t.snapshot(), t.dropped, t.total) for t in chosen]
+            for i, (parts, start, total) in enumerate(snaps):
+                if total != searched[i]:
+                    m = regex.search(_unsearched(parts, start, searched[i]))
+                    if m:
+                        return m
+                    searched[i] = total
             left = deadline - time.monotonic()
             if ended or left <= 0:
                 rc = self.poll() if ended else None
                 shown = pattern if isinstance(pattern, str) else pattern.pattern  # as given, not escaped
                 raise OutputTimeout(shown, timeout, self.stdout, self.stderr, rc)
+            # At most SEARCH_RATE looks a second: a chatty process wakes us per chunk.
+            time.sleep(max(0.0, min(left, looked + 1 / SEARCH_RATE - time.monotonic())))
             with self._cond:
-                if sum(t.total for t in chosen) == seen:
+                if [t.total for t in chosen] == searched:
                     self._cond.wait(min(left, 0.05))  # also notices the end
 
     # -- signals --------------------------------------------------------------
@@ -276,6 +281,26 @@ class GuestProcess:
                 self.wait(KILL_WAIT)
             except (ExecTimeout, AgentError) as e:
                 log.debug("%r did not end after SIGKILL: %s", self, e)
+
+
+def _unsearched(parts: list[bytes], start: int, searched: int) -> str:
+    """The text of a tail snapshot (``parts``, from stream offset ``start``)
+    not searched yet, after up to ``SEARCH_OVERLAP`` bytes searched before
+    (from a line start in them, if any): a match that spans two looks is
+    found, and ``^`` in a MULTILINE pattern still means a line start."""
+    begin = max(start, searched - SEARCH_OVERLAP)
+    skip, kept = begin - start, []
+    for part in parts:
+        if skip >= len(part):
+            skip -= len(part)
+            continue
+        kept.append(part[skip:] if skip else part)
+        skip = 0
+    data = b"".join(kept)
+    if begin > start:
+        line = data.find(b"\n", 0, searched - begin)
+        data = data[line + 1 :] if line >= 0 else data
+    return data.decode("utf-8", "replace")
 
 
 def _parse_pid(data: bytes) -> int | None:

@@ -163,6 +163,27 @@ def test_wait_for_output_on_either_stream_with_a_regex(local: AgentClient) -> No
     assert p.poll() == -9  # the with block killed it
 
 
+def test_wait_for_output_finds_a_match_that_spans_two_looks(local: AgentClient) -> None:
+    with GuestProcess.start(
+        local, "printf 'key='; sleep 0.3; printf 'value\\nnext'; sleep 0.3; echo ' line'; sleep 30"
+    ) as p:
+        m = p.wait_for_output(re.compile(r"key=(\w+)\nnext line"), 10)
+        assert m.group(1) == "value"
+
+
+def test_wait_for_output_on_a_chatty_process_costs_little_cpu(local: AgentClient) -> None:
+    """A big tail, then a line every 10 ms: each look searches the new lines,
+    not the whole tail again, and looks are limited to ~20 a second."""
+    cmd = "head -c 8000000 /dev/zero; while :; do echo tick; sleep 0.01; done"
+    with GuestProcess.start(local, cmd) as p:
+        p.wait_for_output("tick", 10)
+        started = time.thread_time()
+        with pytest.raises(OutputTimeout):
+            p.wait_for_output("never", 2)
+        used = time.thread_time() - started
+    assert used < 0.3, used
+
+
 def test_wait_for_output_gives_up_at_once_when_the_process_ends_without_it(local: AgentClient) -> None:
     p = GuestProcess.start(local, "echo nope; exit 3")
     started = time.monotonic()
