@@ -89,7 +89,8 @@ def test_a_flood_does_not_starve_other_calls(module_bottle: Bottle) -> None:
         flood.wait_for_output("flood", 30)
         busy = _exec_times(b, 10)
         assert flood.poll() is None and len(flood.stdout) > 0
-    assert _p50(busy) < max(1.0, 20 * _p50(quiet)), (quiet, busy)
+    # Measured here (2 loaded cores, TCG): busy p50 1.2-3.1x quiet (13-44 ms).
+    assert _p50(busy) < 5 * _p50(quiet) + 0.1, (quiet, busy)
 
 
 def _exec_times(b: Bottle, n: int) -> list[float]:
