@@ -19,7 +19,7 @@ import pytest
 
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient, ExecRun
-from pytest_bottle.agent.streams import PART, OutputTail
+from pytest_bottle.agent.streams import PART, OutputFeed, OutputTail
 from pytest_bottle.errors import AgentError, ExecTimeout, OutputTimeout, ProcessTimeout, WaitTimeout
 from pytest_bottle.guest import agent
 from pytest_bottle.guest.frames import (
@@ -470,3 +470,16 @@ def test_a_guest_silent_after_started_fails_wait_instead_of_hanging() -> None:
     with pytest.raises(AgentError, match="has not answered"):
         p.wait()
     assert time.monotonic() - started < 10
+
+
+def test_the_feed_ends_when_the_call_ended_just_as_it_was_watched() -> None:
+    """The reader may set the call's first ``done`` event right after ``watch``
+    swapped it: the feed still ends (at its next idle look), not at a ping timeout."""
+    fake = Fake()
+    feed = OutputFeed(lambda s, t: None)
+    rid, call = fake.chan.start("exec", feed.sink, auto_credit=False)
+    feed.watch(call)
+    feed.before.set()  # what a reader holding the old event does
+    started = time.monotonic()
+    feed.run(fake.chan, rid, call, None, "x")
+    assert time.monotonic() - started < 1.0
