@@ -63,8 +63,9 @@ def test_pty_has_a_terminal_its_size_and_resizes(local: AgentClient) -> None:
     local.resize(rid, 40, 120)
     local.channel.send_data_frame(rid, b"stty size\n")
     _until(lambda: b"40 120" in out)
-    local.channel.send_data_frame(rid, b"sleep 30\n")
-    time.sleep(0.3)
+    local.channel.send_data_frame(rid, b"echo sle''eping; sleep 30\n")
+    _until(lambda: b"sleeping\r\n" in out)  # the echo of what was typed does not match
+    time.sleep(0.5)  # a loaded host: sleep runs, the Ctrl-C is not the shell's
     local.channel.send_data_frame(rid, b"\x03")  # Ctrl-C: SIGINT to the foreground job, not the shell
     local.channel.send_data_frame(rid, b"echo after-$?\n")
     _until(lambda: b"after-130" in out)
