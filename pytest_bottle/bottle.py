@@ -372,7 +372,10 @@ class Bottle:
             )
         if not self._closed:  # whoever reaches it next (ssh -F ...) must not stall
             self._announce_nic()
-            self._end_processes()
+            try:  # the test's processes end as with close(): unread, a chatty one would hang on its full pipe
+                self._agent.end_processes(timeout=10)
+            except BottleError as e:
+                log.warning("bottle %s: could not end its processes before keeping it: %s", self.name, e)
         with self._close_lock:
             if self._closed:
                 return
@@ -388,14 +391,6 @@ class Bottle:
         record = self._resources.record
         path = record.extra.get("agent_socket") if record is not None and self.kept else None
         return path if isinstance(path, str) else None
-
-    def _end_processes(self) -> None:
-        """Before a keep: the test's processes end, as with ``close()`` (with
-        nobody reading it, a chatty one would hang on its full pipe)."""
-        try:
-            self._agent.end_processes(timeout=10)
-        except BottleError as e:
-            log.warning("bottle %s: could not end its processes before keeping it: %s", self.name, e)
 
     def __enter__(self) -> Bottle:
         return self
