@@ -53,6 +53,16 @@ def run(client: AgentClient, cmd: str, **kw: object) -> tuple[int, bytes, bytes]
 
 
 def test_pty_has_a_terminal_its_size_and_resizes(local: AgentClient) -> None:
+    """Also when this process ignores SIGINT (started in the background of a
+    shell): the terminal's shell starts with the signals at their defaults."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _pty_session(local)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _pty_session(local: AgentClient) -> None:
     out = bytearray()
     rid, call = local.channel.start(
         "pty", lambda k, d: out.extend(d), argv=["/bin/sh", "-i"], term="xterm", rows=33, cols=101
@@ -69,6 +79,8 @@ def test_pty_has_a_terminal_its_size_and_resizes(local: AgentClient) -> None:
     local.channel.send_data_frame(rid, b"\x03")  # Ctrl-C: SIGINT to the foreground job, not the shell
     local.channel.send_data_frame(rid, b"echo after-$?\n")
     _until(lambda: b"after-130" in out)
+    local.channel.send_data_frame(rid, b"(yes; echo yes-rc-$? >&2) | head -1 >/dev/null\n")
+    _until(lambda: b"yes-rc-141" in out)  # killed by SIGPIPE (128 + 13), not ignoring it
     local.channel.send_data_frame(rid, b"exit 5\n")
     assert local.channel.wait(call, 10, "pty") == {"rc": 5, "ok": True}
 
