@@ -373,6 +373,10 @@ class Bottle:
             )
         if not self._closed:  # whoever reaches it next (ssh -F ...) must not stall
             self._announce_nic()
+            try:  # the test's processes end as with close(): unread, a chatty one would hang on its full pipe
+                self._agent.end_processes(timeout=10)
+            except BottleError as e:
+                log.warning("bottle %s: could not end its processes before keeping it: %s", self.name, e)
         with self._close_lock:
             if self._closed:
                 return
@@ -391,6 +395,13 @@ class Bottle:
         from .snapshot import take_snapshot
 
         return take_snapshot(self, self._machine, self._resources, saved_for=saved_for)
+
+    @property
+    def agent_socket(self) -> str | None:
+        """Where a kept bottle serves its agent (``bottle shell``); None if not kept or not served."""
+        record = self._resources.record
+        path = record.extra.get("agent_socket") if record is not None and self.kept else None
+        return path if isinstance(path, str) else None
 
     def __enter__(self) -> Bottle:
         return self

@@ -18,6 +18,7 @@ import re
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 # the front is counted and noted at the start of ``stdout``/``stderr``.
 PROCESS_OUTPUT_CAP = 16 * 1024 * 1024
 LOST = -signal.SIGKILL  # the code of a process whose bottle ended under it
+SEARCH_RATE = 20  # wait_for_output looks at new output at most this often a second
+SEARCH_OVERLAP = 64 * 1024  # output searched again with the new: a match across two looks
 KILL_WAIT = 10.0  # how long leaving the ``with`` block waits for the killed process
 
 
@@ -75,11 +78,14 @@ class GuestProcess:
         if input is not None:
             threading.Thread(target=proc._feed, args=(input,), daemon=True, name=f"bottle-stdin-{proc._rid}").start()
         call, channel = proc._call, agent.channel
-        while not proc._started.wait(channel.idle / 4) and not call.done.is_set() and call.error is None:
-            channel.check(call, "spawn")
-        if call.error is not None:  # what the guest sent was refused
+        try:
+            while not proc._started.wait(channel.idle / 4) and not call.done.is_set() and call.error is None:
+                channel.check(call, "spawn")
+            if call.error is not None:  # what the guest sent was refused
+                raise call.error
+        except BaseException:  # nobody will hold this process: the agent kills it
             channel.forget(proc._rid)
-            raise call.error
+            raise
         if not proc._started.is_set():  # a failure to start is an exit (127...); errors raise here
             channel.wait(call, 0, "spawn")
             proc._finish()
@@ -138,8 +144,11 @@ class GuestProcess:
             with self._cond:
                 self._err.add(reply.stderr)
         rc = LOST if reply is None else reply.rc
-        with self._cond:
-            out, err = self._out.value(), self._err.value()
+        with self._cond:  # the call is over: nothing is added any more
+            parts = self._out.snapshot(), self._err.snapshot()
+        out, err = b"".join(parts[0]), b"".join(parts[1])
+        with self._cond:  # one copy of the output, shared with the result
+            self._out.parts, self._err.parts = collections.deque([out]), collections.deque([err])
         self._result = ExecResult(self.args, rc, out, err, time.monotonic() - self._begun)
 
     @property
@@ -153,9 +162,10 @@ class GuestProcess:
 
     def _text(self, tail: OutputTail) -> str:
         with self._cond:  # a snapshot: decoding happens without the reader thread waiting
-            copy = OutputTail(tail.cap)
-            copy.parts, copy.size, copy.dropped = collections.deque(tail.parts), tail.size, tail.dropped
-        return copy.text()
+            parts, dropped = tail.snapshot(), tail.dropped
+        copy = OutputTail(tail.cap)
+        copy.dropped = dropped
+        return copy.note(b"".join(parts).decode("utf-8", "replace"))
 
     def state(self) -> str:
         """``running``, ``exited N``, ``killed by SIGX`` or ``lost (...)``: for reports."""
@@ -208,23 +218,27 @@ class GuestProcess:
             raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
         chosen = [tails[stream]] if stream else list(tails.values())
         deadline = time.monotonic() + timeout
-        seen = -1
+        searched = [0] * len(chosen)  # stream offsets searched up to
         while True:
             ended = self._call is not None and self._call.done.is_set()  # before the output: none is missed
+            looked = time.monotonic()
             with self._cond:  # a snapshot only: the reader thread must not wait for a search
-                total = sum(t.total for t in chosen)
-                parts = [list(t.parts) for t in chosen] if total != seen else []
-            for kept in parts:
-                m = regex.search(b"".join(kept).decode("utf-8", "replace"))
-                if m:
-                    return m
-            seen = total
+                snaps = [(t.snapshot(), t.dropped, t.total) for t in chosen]
+            for i, (parts, start, total) in enumerate(snaps):
+                if total != searched[i]:
+                    m = regex.search(_unsearched(parts, start, searched[i]))
+                    if m:
+                        return m
+                    searched[i] = total
             left = deadline - time.monotonic()
             if ended or left <= 0:
                 rc = self.poll() if ended else None
-                raise OutputTimeout(regex.pattern, timeout, self.stdout, self.stderr, rc)
+                shown = pattern if isinstance(pattern, str) else pattern.pattern  # as given, not escaped
+                raise OutputTimeout(shown, timeout, self.stdout, self.stderr, rc)
+            # At most SEARCH_RATE looks a second: a chatty process wakes us per chunk.
+            time.sleep(max(0.0, min(left, looked + 1 / SEARCH_RATE - time.monotonic())))
             with self._cond:
-                if sum(t.total for t in chosen) == seen:
+                if [t.total for t in chosen] == searched:
                     self._cond.wait(min(left, 0.05))  # also notices the end
 
     # -- signals --------------------------------------------------------------
@@ -244,8 +258,12 @@ class GuestProcess:
         return self
 
     def _signal(self, sig: int, group: bool) -> None:
-        if self.poll() is not None or self._agent.channel.closed.is_set():
+        # A group outlives its leader while members remain (``sleep 30 & exit 0``):
+        # the guest still signals it after the end; the process alone, not.
+        if self.pid is None or (not group and self.poll() is not None) or self._agent.channel.closed.is_set():
             return
+        if group and self.poll() is not None and self.lost:
+            return  # its bottle or agent session is gone, and the group with it
         try:
             self._agent.signal(self._rid, int(sig), group=group)
         except AgentError:
@@ -256,12 +274,33 @@ class GuestProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Kill its whole group, even when the process itself already ended."""
+        self.kill()
         if self.poll() is None:
-            self.kill()
             try:
                 self.wait(KILL_WAIT)
             except (ExecTimeout, AgentError) as e:
                 log.debug("%r did not end after SIGKILL: %s", self, e)
+
+
+def _unsearched(parts: list[bytes], start: int, searched: int) -> str:
+    """The text of a tail snapshot (``parts``, from stream offset ``start``)
+    not searched yet, after up to ``SEARCH_OVERLAP`` bytes searched before
+    (from a line start in them, if any): a match that spans two looks is
+    found, and ``^`` in a MULTILINE pattern still means a line start."""
+    begin = max(start, searched - SEARCH_OVERLAP)
+    skip, kept = begin - start, []
+    for part in parts:
+        if skip >= len(part):
+            skip -= len(part)
+            continue
+        kept.append(part[skip:] if skip else part)
+        skip = 0
+    data = b"".join(kept)
+    if begin > start:
+        line = data.find(b"\n", 0, searched - begin)
+        data = data[line + 1 :] if line >= 0 else data
+    return data.decode("utf-8", "replace")
 
 
 def _parse_pid(data: bytes) -> int | None:
@@ -275,14 +314,24 @@ def _parse_pid(data: bytes) -> int | None:
 
 class ProcessEntry(tuple[str, int | None, float]):
     """A history entry for a spawned process: ``(cmd, None, 0.0)`` like a command
-    that has not finished, plus the process, whose state the report shows."""
+    that has not finished, plus the process, whose state the report shows.
 
-    process: GuestProcess
+    The process is held weakly: the history must not keep the output of ended
+    processes (up to twice ``PROCESS_OUTPUT_CAP``) alive.  A running one is
+    held by its call on the channel, so the report always sees those."""
+
+    pid: int | None
+    _ref: weakref.ref[GuestProcess]
 
     def __new__(cls, cmd: str, process: GuestProcess) -> ProcessEntry:
         entry = super().__new__(cls, (cmd, None, 0.0))
-        entry.process = process
+        entry.pid, entry._ref = process.pid, weakref.ref(process)
         return entry
+
+    @property
+    def process(self) -> GuestProcess | None:
+        """The process, or None once the test dropped it after its end."""
+        return self._ref()
 
 
 def describe_history(entries: Iterable[tuple[str, int | None, float]]) -> str:
@@ -294,10 +343,10 @@ def describe_history(entries: Iterable[tuple[str, int | None, float]]) -> str:
         if isinstance(entry, ProcessEntry):
             p = entry.process
             try:
-                state = p.state()
+                state = "ended (no longer referenced)" if p is None else p.state()
             except BottleError as e:
                 state = f"unknown ({type(e).__name__})"
-            lines.append(f"[spawn] pid {p.pid}, {state}  {cmd}")
+            lines.append(f"[spawn] pid {entry.pid}, {state}  {cmd}")
         else:
             lines.append(f"[{'?' if rc is None else rc}] {seconds:.2f}s  {cmd}")
     return "\n".join(lines)

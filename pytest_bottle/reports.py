@@ -71,6 +71,7 @@ def keep_message(b: Bottle) -> str:
         lines.append(f"  reach it:  ssh -F {b.ssh_config} {b.name}")
     except Exception as e:
         lines.append(f"  (no SSH: {e}; read its console log)")
-    lines.append(f"  a shell:   bottle shell {b.name}")
+    if b.agent_socket is not None:  # exposing its agent at keep time may have failed
+        lines.append(f"  a shell:   bottle shell {b.name}")
     lines.append(f"  stop it:   bottle stop {b.name}")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+from .agent.calls import Call
 from .agent.channel import AgentChannel
 from .agent.client import AgentClient
 from .errors import BottleError
@@ -60,7 +61,11 @@ def _attach(record: RunRecord) -> Iterator[AgentClient]:
         )
     if not isinstance(path, str):
         raise BottleError(f"kept bottle {record.name} serves no agent socket (see its record in `bottle ps`)")
-    with open(Path(path).with_name("agent.lock"), "a") as lock:
+    try:
+        lock = open(Path(path).with_name("agent.lock"), "a")
+    except OSError as e:  # its run directory went away (the VM was stopped meanwhile)
+        raise BottleError(f"kept bottle {record.name} is gone: {e.strerror or e} ({path})") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -75,7 +80,8 @@ def _attach(record: RunRecord) -> Iterator[AgentClient]:
         try:
             channel.send_sync()
             if not channel.synced.wait(CONNECT_TIMEOUT):
-                raise BottleError(f"the agent of {record.name} did not answer within {CONNECT_TIMEOUT:g} s")
+                why = f": {channel.death}" if channel.death else ""
+                raise BottleError(f"the agent of {record.name} did not answer within {CONNECT_TIMEOUT:g} s{why}")
             yield AgentClient(channel)
         finally:
             channel.close()
@@ -103,8 +109,21 @@ def window_size(fd: int) -> tuple[int, int]:
     return (rows or 24), (cols or 80)
 
 
+class _HungUp(Exception):
+    """The local terminal went away (SIGHUP) or we were told to stop (SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _hang_up(signum: int, frame: object) -> None:
+    raise _HungUp(signum)
+
+
 def run_shell(agent: AgentClient, argv: list[str] | None = None, stdin: int = 0, stdout: int = 1) -> int:
-    """Run the shell until it exits; returns its exit code."""
+    """Run the shell until it exits; returns its exit code (128 + N if this
+    side got SIGHUP or SIGTERM: the guest's shell is killed then, not left behind)."""
     channel = agent.channel
     rows, cols = window_size(stdin if os.isatty(stdin) else stdout)
     rid, call = agent.start_pty(
@@ -112,32 +131,55 @@ def run_shell(agent: AgentClient, argv: list[str] | None = None, stdin: int = 0,
     )
     resized: queue.SimpleQueue[int] = queue.SimpleQueue()
     main = threading.current_thread() is threading.main_thread()  # only it may handle signals
-    old_winch = signal.signal(signal.SIGWINCH, lambda *_: resized.put(1)) if main else None
+    handlers = {signal.SIGWINCH: lambda *_: resized.put(1), signal.SIGHUP: _hang_up, signal.SIGTERM: _hang_up}
+    old = {sig: signal.signal(sig, fn) for sig, fn in handlers.items()} if main else {}
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     try:
         if saved is not None:
             tty.setraw(stdin)
-        typing = True
-        while not call.done.is_set():
-            ready, _, _ = select.select([stdin] if typing else [], [], [], 0.1)
-            if ready:
-                data = os.read(stdin, 4096)
-                if data:
-                    channel.send_data_frame(rid, data)
-                else:
-                    typing = False  # our input ended: the shell goes on until it exits
-            while not resized.empty():
-                resized.get()
-                agent.resize(rid, *window_size(stdin if saved is not None else stdout))
-            channel.check(call, "shell")
+        _relay(agent, rid, call, stdin, stdout, saved is not None, resized)
         reply = channel.wait(call, 0, "shell") or {}
+    except _HungUp as e:
+        return 128 + e.signum
     finally:
+        if not call.done.is_set():  # the agent kills the shell (its pty call) on the cancel
+            channel.forget(rid)
         if saved is not None:
-            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
-        if main:
-            signal.signal(signal.SIGWINCH, old_winch)
+            with contextlib.suppress(termios.error):  # a terminal that hung up
+                termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     rc = reply.get("rc")
     return rc if type(rc) is int and 0 <= rc < 256 else 128 + abs(rc) if type(rc) is int else 1
+
+
+def _relay(
+    agent: AgentClient, rid: int, call: Call, stdin: int, stdout: int, tty_in: bool, resized: queue.SimpleQueue[int]
+) -> None:
+    """Keystrokes to the guest, window sizes on SIGWINCH, until the call ends."""
+    channel = agent.channel
+    typing, last = True, b"\n"
+    while not call.done.is_set():
+        ready, _, _ = select.select([stdin] if typing else [], [], [], 0.1)
+        if ready:
+            data = os.read(stdin, 4096)
+            if data:
+                channel.send_data_frame(rid, data)
+                last = data[-1:]
+            else:
+                typing = False  # our input ended: the shell goes on until it exits
+                if not tty_in:  # piped input: the guest's reader sees its end too
+                    channel.send_data_frame(rid, _eof_keys(last))
+        while not resized.empty():
+            resized.get()
+            agent.resize(rid, *window_size(stdin if tty_in else stdout))
+        channel.check(call, "shell")
+
+
+def _eof_keys(last: bytes) -> bytes:
+    """What a terminal user types for end of input: VEOF (Ctrl-D) at the start
+    of a line; a half-typed line takes one more (the first only sends the line)."""
+    return b"\x04" if last == b"\n" else b"\x04\x04"
 
 
 def _show(fd: int, kind: int, data: bytes) -> None:

@@ -89,7 +89,8 @@ def test_a_flood_does_not_starve_other_calls(module_bottle: Bottle) -> None:
         flood.wait_for_output("flood", 30)
         busy = _exec_times(b, 10)
         assert flood.poll() is None and len(flood.stdout) > 0
-    assert _p50(busy) < max(1.0, 20 * _p50(quiet)), (quiet, busy)
+    # Measured here (2 loaded cores, TCG): busy p50 1.2-3.1x quiet (13-44 ms).
+    assert _p50(busy) < 5 * _p50(quiet) + 0.1, (quiet, busy)
 
 
 def _exec_times(b: Bottle, n: int) -> list[float]:
@@ -240,6 +241,27 @@ def test_bottle_shell_in_a_kept_bottle(stop_kept: list[str]) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert again.returncode == 0 and again.stdout.strip() == b.name
+
+
+def test_keep_ends_the_tests_processes(stop_kept: list[str]) -> None:
+    """A kept bottle's processes end at keep(), as the reference says, not when
+    a `bottle shell` connects later (nobody reads their output meanwhile)."""
+    b = pytest_bottle.launch(detached=True)
+    stop_kept.append(b.name)
+    ticker = b.spawn("while :; do date +%s > /tmp/ticker; sleep 0.2; done")
+    left = b.spawn("sleep 600 & exit 0")  # ended, but its group did not
+    left.wait(30)
+    b.wait_until_succeeds("test -s /tmp/ticker", timeout=30)
+    b.keep()
+    time.sleep(4)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest_bottle.cli", "shell", b.name, "--",
+         "sh", "-c", "echo age=$(( $(date +%s) - $(cat /tmp/ticker) )); pgrep -x sleep || echo no-sleep"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0 and "no-sleep" in r.stdout, r
+    age = int(re.search(r"age=(\d+)", r.stdout).group(1))  # type: ignore[union-attr]
+    assert age >= 3 and ticker.poll() == -9, r.stdout  # it stopped at keep(), seconds before the shell
 
 
 def test_bottle_shell_refuses_a_bottle_that_is_not_kept(module_bottle: Bottle) -> None:

@@ -39,6 +39,7 @@ from ..guest.frames import (
     WINDOW,
     frame,
 )
+from . import resync
 from .calls import Call, CallOver, ProtocolError, Sink, guest_error
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class AgentChannel:
         self._last_rx = time.monotonic()
         self._ping_at = 0.0
         self._tls = threading.local()
+        self._pending = bytearray()
         sock.settimeout(SEND_TIMEOUT)  # bounds sendall; the reader just reads on
         self._reader = threading.Thread(target=self._read_loop, name=f"bottle-agent-{name}", daemon=True)
         self._reader.start()
@@ -102,6 +104,9 @@ class AgentChannel:
 
     def _read_exact(self, n: int) -> bytes:
         buf = bytearray()
+        if self._pending:  # read past the first HELLO
+            buf += self._pending[:n]
+            del self._pending[:n]
         while len(buf) < n:
             try:
                 chunk = self.sock.recv(min(n - len(buf), CHUNK))  # never reserve what a header claims
@@ -114,6 +119,10 @@ class AgentChannel:
 
     def _read_loop(self) -> None:
         try:
+            hello, rest = resync.skip_to_hello(resync.receiver(self.sock))  # past a former session's half frame
+            self._pending = bytearray(rest)
+            self._last_rx = time.monotonic()
+            self._hello(hello)
             while True:
                 kind, rid, size = HEADER.unpack(self._read_exact(HEADER.size))
                 if kind not in GUEST_KINDS:

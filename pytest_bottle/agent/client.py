@@ -109,6 +109,12 @@ class AgentClient:
         reply = self.channel.call("signal", target=rid, signal=signal, group=group, timeout=timeout)
         return reply.get("sent") is True
 
+    def end_processes(self, *, timeout: float | None = 10) -> int:
+        """Kill every command, shell and spawned process group this session
+        started (``Bottle.keep``); how many were signalled."""
+        killed = self.channel.call("end", timeout=timeout).get("killed")
+        return killed if type(killed) is int else 0
+
     def start_pty(
         self, argv: list[str] | None, *, term: str, rows: int, cols: int, sink: Sink | None = None
     ) -> tuple[int, Call]:

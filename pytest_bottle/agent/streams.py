@@ -26,14 +26,22 @@ OnOutput = Callable[[str, str], None]
 STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
 
 
+PART = 64 * 1024  # small chunks are gathered into parts of up to this size
+
+
 class OutputTail:
-    """The last ``cap`` bytes of one stream; what falls off the front is counted."""
+    """The last ``cap`` bytes of one stream; what falls off the front is counted.
+
+    Chunks under ``PART`` bytes are appended to the last part (a bytearray)
+    instead of being kept one object each: a stream of tiny writes costs its
+    bytes, not ~50 bytes of object per write.  Only the last part is ever
+    changed in place; a part is frozen to bytes once another follows it."""
 
     __slots__ = ("cap", "dropped", "parts", "size")
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.parts: collections.deque[bytes] = collections.deque()
+        self.parts: collections.deque[bytes | bytearray] = collections.deque()
         self.size = 0
         self.dropped = 0
 
@@ -43,26 +51,43 @@ class OutputTail:
         return self.size + self.dropped
 
     def add(self, data: bytes) -> None:
-        self.parts.append(data)
+        parts = self.parts
+        last = parts[-1] if parts else None
+        if type(last) is bytearray and len(last) + len(data) <= PART:
+            last += data
+        else:
+            if type(last) is bytearray:
+                parts[-1] = bytes(last)
+            parts.append(bytearray(data) if len(data) < PART else data)
         self.size += len(data)
-        while self.size > self.cap:  # whole chunks fall off: no copying of the rest
+        while self.size > self.cap:  # whole parts fall off: no copying of the rest
             over = self.size - self.cap
-            first = self.parts[0]
+            first = parts[0]
             if len(first) <= over:
-                self.parts.popleft()
+                parts.popleft()
                 cut = len(first)
             else:
-                self.parts[0] = first[over:]
+                parts[0] = first[over:]  # a new object: a snapshot holding the old one stays valid
                 cut = over
             self.size -= cut
             self.dropped += cut
+
+    def snapshot(self) -> list[bytes]:
+        """The parts as they are now (under the owner's lock): only the last may
+        change later, so only it is copied (at most ``PART`` bytes)."""
+        parts = list(self.parts)
+        if parts and type(parts[-1]) is bytearray:
+            parts[-1] = bytes(parts[-1])
+        return parts  # type: ignore[return-value]
 
     def value(self) -> bytes:
         return b"".join(self.parts)
 
     def text(self) -> str:
         """The kept bytes as text, after a note of what was dropped, if anything."""
-        body = self.value().decode("utf-8", "replace")
+        return self.note(self.value().decode("utf-8", "replace"))
+
+    def note(self, body: str) -> str:
         if not self.dropped:
             return body
         return f"[pytest-bottle: {self.dropped} earlier bytes dropped, the last {self.cap} kept]\n{body}"
@@ -89,6 +114,7 @@ class OutputFeed:
         self.fn = fn
         self.items: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
         self.decoders = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in STREAM_NAMES}
+        self.before = threading.Event()  # the call's own ``done``, replaced by ``watch``
 
     def sink(self, kind: int, data: bytes) -> None:
         """On the reader thread: queue only."""
@@ -97,20 +123,27 @@ class OutputFeed:
 
     def watch(self, call: Call) -> None:
         """Wake the feed when ``call`` ends (right after ``channel.start``)."""
-        before, call.done = call.done, _Wake(self.items)
-        if before.is_set():  # it ended before the swap
+        self.before, call.done = call.done, _Wake(self.items)
+        if self.before.is_set():  # it ended before the swap
             call.done.set()
 
     def run(self, channel: AgentChannel, rid: int, call: Call, deadline: float | None, label: object) -> None:
         """On the caller's thread, until the call ends.  An exception from ``fn``
-        cancels the call (the agent kills the command's process group) and propagates."""
+        cancels the call (the agent kills the command's process group) and propagates.
+        ``deadline`` holds even while output keeps coming (a guest ignoring the timeout)."""
         while True:
-            try:
-                item = self.items.get(timeout=channel.idle)
-            except queue.Empty:
-                if deadline is not None and time.monotonic() > deadline:
+            wait = channel.idle
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
                     channel.forget(rid)
-                    raise AgentError(f"bottle {channel.name}: no answer past the timeout of {label!r}") from None
+                    raise AgentError(f"bottle {channel.name}: no answer past the timeout of {label!r}")
+            try:
+                item = self.items.get(timeout=wait)
+            except queue.Empty:
+                # The reader may have set the old event just as ``watch`` swapped it.
+                if call.done.is_set() or self.before.is_set():
+                    break
                 channel.check(call, "exec")
                 continue
             if item is None:

@@ -35,6 +35,7 @@ class Agent(terminal.ProcessOps):
         self.inboxes: dict[int, frames.Inbox] = {}
         self.procs: dict[int, execute.Child] = {}
         self.ptys: dict[int, int] = {}  # request id -> pty master (terminal.ProcessOps)
+        self.groups: dict[int, execute.Child] = {}  # spawned (notify) commands, kept past their end
         self.windows = frames.Windows()
         self.lock = threading.Lock()
         self.jobs: queue.SimpleQueue[tuple[int, dict[str, Any], frames.Inbox]] = queue.SimpleQueue()
@@ -89,8 +90,10 @@ class Agent(terminal.ProcessOps):
             box.put(frames.CANCEL, b"")
 
     def reset(self) -> None:
-        """A new host session: streams of the last one will never be read or finished."""
+        """A new host session: streams of the last one will never be read or
+        finished, and nobody will see or end its commands and shells: kill them."""
         self.windows.abort()
+        self.end_all()
         with self.lock:
             boxes = list(self.inboxes.values())
         for box in boxes:
@@ -159,6 +162,8 @@ class Agent(terminal.ProcessOps):
             return {"rc": e.rc, "stderr_text": e.message, "timed_out": False}
         with self.lock:
             self.procs[rid] = child
+            if call.get("notify"):  # spawn(): its group can be signalled after the leader's end
+                self.keep_group(rid, child)
         try:
             if call.get("notify"):  # spawn(): the host returns once it runs
                 self.emit(rid, frames.STARTED, b'{"pid":%d}' % child.pid)

@@ -14,6 +14,7 @@ import select
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import IO, Any
@@ -29,7 +30,11 @@ BACKGROUND_CAP = 1.0
 
 
 class Child:
-    """A spawned command: pid, our ends of its pipes, its exit code once reaped."""
+    """A spawned command: pid, our ends of its pipes, its exit code once reaped.
+
+    Reaping and signalling hold ``lock``: a signal never reaches a pid the
+    kernel gave to another process after ours was reaped.  Its group (its pid:
+    every command leads a session) outlives it while members remain."""
 
     def __init__(self, pid: int, stdin: IO[bytes] | None, stdout: int, stderr: int) -> None:
         self.pid = pid
@@ -37,19 +42,34 @@ class Child:
         self.stdout = stdout
         self.stderr = stderr
         self.returncode: int | None = None
+        self.lock = threading.Lock()
 
     def reap(self, block: bool = True) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+        if self.returncode is None and block:
+            try:  # wait for the exit without reaping, so not under the lock
+                os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                pass
+        with self.lock:
+            if self.returncode is None:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
+    def signal(self, sig: int, group: bool) -> bool:
+        """Signal the command (not once reaped) or its group (while it has members)."""
+        with self.lock:
+            if self.returncode is not None and not group:
+                return False
+            try:
+                (os.killpg if group else os.kill)(self.pid, sig)
+            except ProcessLookupError:
+                return False
+        return True
+
     def kill(self) -> None:
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self.signal(signal.SIGKILL, group=True)
 
 
 class SpawnFailed(Exception):
@@ -169,7 +189,7 @@ def pump(child: Child, emit: Callable[[int, bytes], None], timeout: float | None
                 continue
             for fd in ready:
                 if fd == pidfd:
-                    child.reap()
+                    child.reap(block=False)  # it exited: no wait
                     exited_at = exit_time = time.monotonic()
                     continue
                 n = os.readv(fd, [buf])

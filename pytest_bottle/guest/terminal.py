@@ -15,8 +15,8 @@ import fcntl
 import os
 import pwd
 import select
+import signal
 import struct
-import subprocess
 import termios
 import threading
 from collections.abc import Callable
@@ -29,6 +29,7 @@ except ImportError:  # in the guest, files side by side
     import frames  # type: ignore[import-not-found,no-redef]
 
 READ_SIZE = 64 * 1024
+MAX_GROUPS = 256  # spawned groups remembered before the empty ones are pruned
 EXIT_GRACE = 0.2  # output still read after the command exited, seconds
 
 
@@ -36,8 +37,18 @@ def set_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _controlling_tty() -> None:  # in the child, after setsid: fd 0 is the pty
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+# The command starts as a new session's leader (posix_spawn's setsid, no
+# Python code in the child of this multi-threaded agent); a session leader
+# that opens a terminal without O_NOCTTY gets it as its controlling terminal,
+# so the shell opens the pty again by name, then execs the command.
+# A terminal's shell starts with these at their defaults whatever the agent
+# has (Python ignores SIGPIPE; an agent started in the background of a shell
+# ignores SIGINT and SIGQUIT, and an ignored signal stays ignored across exec).
+DEFAULT_SIGNALS = (
+    signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGHUP, signal.SIGTERM,
+    signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
+)  # fmt: skip
+CTTY_WRAPPER = 'exec 0<>"$0" 1>&0 2>&0 && cd "$HOME" 2>/dev/null; exec "$@"'
 
 
 def login_shell() -> list[str]:
@@ -51,23 +62,47 @@ class ProcessOps:
     lock: threading.Lock
     procs: dict[int, execute.Child]
     ptys: dict[int, int]
+    groups: dict[int, execute.Child]
     emit: Callable[[int, int, bytes], None]
 
     def op_signal(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
-        """Signal a running command of this session (``target``: its request id);
-        ``group``: its whole process group.  ``sent`` is false once it is over."""
+        """Signal a command of this session (``target``: its request id);
+        ``group``: its whole process group, which a spawned command's keeps
+        while members remain after its own exit.  ``sent`` is false once it is over."""
+        target, group = int(call["target"]), bool(call.get("group"))
         with self.lock:
-            child = self.procs.get(int(call["target"]))
-        if child is None or child.returncode is not None:
+            child = self.procs.get(target) or self.groups.get(target)
+        if child is None:
             return {"sent": False}
-        try:
-            if call.get("group"):
-                os.killpg(child.pid, int(call["signal"]))
-            else:
-                os.kill(child.pid, int(call["signal"]))
-        except ProcessLookupError:
-            return {"sent": False}
-        return {"sent": True}
+        sent = child.signal(int(call["signal"]), group)  # under the lock that reaps it
+        if not sent and child.returncode is not None:
+            with self.lock:
+                self.groups.pop(target, None)
+        return {"sent": sent}
+
+    def op_end(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
+        """Kill every command, shell and spawned group of this session (a kept
+        bottle: nobody will read their output any more)."""
+        return {"killed": self.end_all(but=rid)}
+
+    def end_all(self, but: int = 0) -> int:
+        with self.lock:
+            children = [c for r, c in self.procs.items() if r != but] + list(self.groups.values())
+            self.groups.clear()
+        return sum(child.signal(signal.SIGKILL, group=True) for child in children)
+
+    def keep_group(self, rid: int, child: execute.Child) -> None:
+        """Under ``lock``: remember a spawned command's group.  Its pid handed
+        out again means the old group is empty; past ``MAX_GROUPS``, empty
+        groups are dropped."""
+        if self.groups:
+            for stale in [r for r, c in self.groups.items() if c.pid == child.pid]:
+                del self.groups[stale]
+        if len(self.groups) >= MAX_GROUPS:
+            for r, c in list(self.groups.items()):
+                if c.returncode is not None and not c.signal(0, group=True):
+                    del self.groups[r]
+        self.groups[rid] = child
 
     def op_resize(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         with self.lock:
@@ -83,17 +118,17 @@ class ProcessOps:
         master, slave = os.openpty()
         try:
             set_size(master, int(call.get("rows") or 24), int(call.get("cols") or 80))
-            proc = subprocess.Popen(
-                argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=execute.HOME,
-                start_new_session=True, preexec_fn=_controlling_tty,
-            )  # fmt: skip
+            actions = [(os.POSIX_SPAWN_DUP2, slave, fd) for fd in (0, 1, 2)]
+            wrapped = ["/bin/sh", "-c", CTTY_WRAPPER, os.ttyname(slave), *argv]
+            pid = os.posix_spawn(
+                "/bin/sh", wrapped, env, file_actions=actions, setsid=True, setsigdef=DEFAULT_SIGNALS, setsigmask=()
+            )
         except BaseException:
             os.close(master)
             raise
         finally:
             os.close(slave)
-        child = execute.Child(proc.pid, None, -1, -1)
-        proc.returncode = 0  # reaped here (Child.reap), not by Popen
+        child = execute.Child(pid, None, -1, -1)
         with self.lock:
             self.procs[rid], self.ptys[rid] = child, master
         # Its own fd: the terminal may close here while it still writes.

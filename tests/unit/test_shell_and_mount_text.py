@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from pytest_bottle.host.paths import unescape_mount_field
+from pytest_bottle.reports import keep_message
 from pytest_bottle.ssh import remote_command
 
 SHOW_ARGV = [sys.executable, "-c", "import os, sys; print(repr((sys.argv[1:], os.environ.get('K'))))"]
@@ -60,3 +62,10 @@ def test_unescaping_undoes_what_the_kernel_writes() -> None:
     escaped = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in odd)
     assert "\\" not in escaped.replace("\\040", "").replace("\\011", "").replace("\\012", "").replace("\\134", "")
     assert unescape_mount_field(escaped) == odd
+
+
+@pytest.mark.parametrize("socket", ["/run/x/agent.sock", None])
+def test_the_keep_message_offers_a_shell_only_if_the_agent_is_served(socket: str | None) -> None:
+    kept = SimpleNamespace(name="btl-1", pid=7, console_log_path="c.log", ssh_config="ssh.cfg", agent_socket=socket)
+    text = keep_message(kept)  # type: ignore[arg-type]
+    assert ("bottle shell btl-1" in text) == (socket is not None) and "bottle stop btl-1" in text

@@ -3,6 +3,7 @@ files under the images' Pythons, against the agent served in this process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -17,13 +18,16 @@ from pathlib import Path
 import pytest
 
 from pytest_bottle import cli
+from pytest_bottle.agent import resync
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient
+from pytest_bottle.errors import BottleError
 from pytest_bottle.guest import agent
-from pytest_bottle.guest.frames import Channel
+from pytest_bottle.guest.frames import CHUNK, HELLO, REPLY, STDOUT, SYNC_MAGIC, Channel, frame, jframe
 from pytest_bottle.guest.terminal import set_size
+from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.process import GuestProcess
-from pytest_bottle.shell import run_shell
+from pytest_bottle.shell import _attach, run_shell
 
 _keep: list[object] = []
 
@@ -49,6 +53,16 @@ def run(client: AgentClient, cmd: str, **kw: object) -> tuple[int, bytes, bytes]
 
 
 def test_pty_has_a_terminal_its_size_and_resizes(local: AgentClient) -> None:
+    """Also when this process ignores SIGINT (started in the background of a
+    shell): the terminal's shell starts with the signals at their defaults."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _pty_session(local)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _pty_session(local: AgentClient) -> None:
     out = bytearray()
     rid, call = local.channel.start(
         "pty", lambda k, d: out.extend(d), argv=["/bin/sh", "-i"], term="xterm", rows=33, cols=101
@@ -59,11 +73,14 @@ def test_pty_has_a_terminal_its_size_and_resizes(local: AgentClient) -> None:
     local.resize(rid, 40, 120)
     local.channel.send_data_frame(rid, b"stty size\n")
     _until(lambda: b"40 120" in out)
-    local.channel.send_data_frame(rid, b"sleep 30\n")
-    time.sleep(0.3)
+    local.channel.send_data_frame(rid, b"echo sle''eping; sleep 30\n")
+    _until(lambda: b"sleeping\r\n" in out)  # the echo of what was typed does not match
+    time.sleep(0.5)  # a loaded host: sleep runs, the Ctrl-C is not the shell's
     local.channel.send_data_frame(rid, b"\x03")  # Ctrl-C: SIGINT to the foreground job, not the shell
     local.channel.send_data_frame(rid, b"echo after-$?\n")
     _until(lambda: b"after-130" in out)
+    local.channel.send_data_frame(rid, b"(yes; echo yes-rc-$? >&2) | head -1 >/dev/null\n")
+    _until(lambda: b"yes-rc-141" in out)  # killed by SIGPIPE (128 + 13), not ignoring it
     local.channel.send_data_frame(rid, b"exit 5\n")
     assert local.channel.wait(call, 10, "pty") == {"rc": 5, "ok": True}
 
@@ -111,6 +128,107 @@ def test_run_shell_drives_a_guest_terminal_from_a_local_one(local: AgentClient) 
         helper.join(20)
         os.close(master)
         os.close(slave)
+
+
+@pytest.mark.parametrize("text", [b"hello\n", b"no newline"])
+def test_run_shell_with_piped_input_ends_when_the_input_does(local: AgentClient, text: bytes) -> None:
+    r, w = os.pipe()
+    os.write(w, text)
+    os.close(w)
+    out_r, out_w = os.pipe()
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(run_shell(local, ["cat"], stdin=r, stdout=out_w)), daemon=True)
+    t.start()
+    t.join(15)
+    os.close(out_w)
+    seen = os.read(out_r, 65536)
+    os.close(r)
+    os.close(out_r)
+    assert got == [0], ("run_shell did not end after its input did", seen)
+    assert text.strip() in seen
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_a_hung_up_shell_ends_its_guest_shell(local: AgentClient, sig: int) -> None:
+    """The local terminal closed (SIGHUP) or `bottle shell` told to stop: the
+    shell in the guest is killed, not left on its pty."""
+    r, w = os.pipe()  # input that never ends
+    out_r, out_w = os.pipe()
+    pids: list[int] = []
+
+    def hang_up() -> None:
+        seen = b""
+        while b"\n" not in seen:
+            seen += os.read(out_r, 100)
+        pids.append(int(seen.split()[0]))
+        while signal.getsignal(sig) is before:  # run_shell's handler is in place
+            time.sleep(0.01)
+        os.kill(os.getpid(), sig)
+
+    before = signal.getsignal(sig)
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        assert run_shell(local, ["sh", "-c", "echo $$; exec sleep 30"], stdin=r, stdout=out_w) == 128 + sig
+    finally:
+        for fd in (r, w, out_r, out_w):
+            os.close(fd)
+    assert signal.getsignal(sig) == before  # the handler was put back
+    assert _gone(pids[0]), "the guest's shell outlived its terminal"
+
+
+def _gone(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_fresh_connection_skips_a_former_sessions_half_frame() -> None:
+    """What the agent was sending the last `bottle shell` may be cut mid-frame;
+    the next connection starts at the agent's HELLO."""
+    host, guest = socket.socketpair()
+    half = frame(STDOUT, 7, b"x" * 100_000)[:40_000]
+    guest.sendall(half + frame(HELLO, 0, SYNC_MAGIC + b"B" * 16))
+    channel = AgentChannel(host, "resync")
+    try:
+        assert channel.synced.wait(5) and channel.instance == b"B" * 16
+        rid, call = channel.start("ping")
+        guest.sendall(jframe(REPLY, rid, {"ok": True, "pong": 1}))
+        assert channel.wait(call, 5, "ping") == {"ok": True, "pong": 1}
+    finally:
+        channel.close()
+        guest.close()
+
+
+def test_a_connection_without_a_hello_gives_up_with_a_named_error() -> None:
+    chunks = iter([b"\0" * 1000] * 5)
+    with pytest.raises(resync.NoHello, match="no HELLO from the agent"):
+        resync.skip_to_hello(lambda: next(chunks), limit=3000)
+    host, guest = socket.socketpair()
+    channel = AgentChannel(host, "garbage")
+    junk = b"\xff" * (resync.RESYNC_LIMIT + 2 * CHUNK)
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            guest.sendall(junk)
+
+    threading.Thread(target=send, daemon=True).start()
+    assert channel.closed.wait(10) and "no HELLO" in channel.death
+    channel.close()
+    guest.close()
+
+
+def test_a_kept_bottle_whose_run_directory_vanished_is_a_named_error(tmp_path: Path) -> None:
+    gone = tmp_path / "run-gone"
+    record = RunRecord("btl-gone", 1, None, str(gone), extra={"kept": True, "agent_socket": str(gone / "agent.sock")})
+    with pytest.raises(BottleError, match="kept bottle btl-gone is gone"), _attach(record):
+        pass
 
 
 def test_bottle_shell_of_an_unknown_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
