@@ -11,8 +11,9 @@ first that knows it yields an ``AgentClient`` for the session.  Built in:
 a kept bottle (``--bottle-keep``, ``Bottle.keep``), whose QEMU serves its
 agent on a Unix socket in its run directory.  QEMU serves one connection at a
 time, so one shell at a time per kept bottle: a second is refused (a lock
-next to the socket) instead of waiting unseen.  A saved snapshot can be a
-target by adding a function that starts a fork of it and yields its agent.
+next to the socket) instead of waiting unseen.  Then a saved snapshot: the
+shell runs in a fresh fork of it, closed when the shell ends (the snapshot
+does not change, so any number of shells may open it at once).
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ import tty
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .agent.calls import Call
 from .agent.channel import AgentChannel
 from .agent.client import AgentClient
-from .errors import BottleError
+from .errors import BottleError, SnapshotGone
 from .guest.frames import STDOUT
 from .host.runstate import RunRecord
+
+if TYPE_CHECKING:
+    from .snapshot import Snapshot
 
 Target = Callable[[str, Path], "AbstractContextManager[AgentClient] | None"]
 CONNECT_TIMEOUT = 10.0  # for the agent of a kept bottle to answer
@@ -87,7 +92,25 @@ def _attach(record: RunRecord) -> Iterator[AgentClient]:
             channel.close()
 
 
-TARGETS: list[Target] = [kept_bottle]
+def saved_snapshot(name: str, cache_dir: Path) -> AbstractContextManager[AgentClient] | None:
+    """A fresh fork of the snapshot ``name`` (``--bottle-save-failed``, ``bottle snapshot list``),
+    closed when the shell ends; None if there is no snapshot of that name."""
+    from .snapshot import resolve_saved_snapshot
+
+    try:
+        snapshot = resolve_saved_snapshot(cache_dir, name)
+    except SnapshotGone:
+        return None
+    return _fork_agent(snapshot)
+
+
+@contextlib.contextmanager
+def _fork_agent(snapshot: Snapshot) -> Iterator[AgentClient]:
+    with snapshot.start() as fork:
+        yield fork._agent
+
+
+TARGETS: list[Target] = [kept_bottle, saved_snapshot]
 
 
 @contextlib.contextmanager
@@ -98,7 +121,10 @@ def open_target(name: str, cache_dir: Path) -> Iterator[AgentClient]:
             with found as agent:
                 yield agent
             return
-    raise BottleError(f"no kept bottle named {name!r} (see `bottle ps`; keep one with --bottle-keep)")
+    raise BottleError(
+        f"no kept bottle or saved snapshot named {name!r} "
+        "(see `bottle ps` and `bottle snapshot list`; keep one with --bottle-keep or --bottle-save-failed)"
+    )
 
 
 def window_size(fd: int) -> tuple[int, int]:
