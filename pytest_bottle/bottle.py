@@ -9,11 +9,9 @@ import posixpath
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_exponential
 
 from .agent.channel import AgentChannel
 from .agent.client import AgentClient
@@ -22,6 +20,7 @@ from .agent.transfer import fetch, read_all, send_tree
 from .errors import BottleError, ExecTimeout, SpecError, WaitTimeout
 from .process import GuestProcess, ProcessEntry
 from .results import Command, ExecResult, to_argv
+from .retry import poll
 from .ssh import SshAccess
 from .vmm.backend import Machine
 
@@ -204,31 +203,16 @@ class Bottle:
             last[:] = [r]
             return r.ok
 
-        if self._poll(attempt, timeout):
+        if poll(attempt, timeout):
             return last[0]
         detail = f"exit {last[0].returncode}: {(last[0].stderr or last[0].stdout).strip()[-300:]}" if last else ""
         raise WaitTimeout(f"{cmd!r} succeeding in {self.name}", timeout, detail)
 
     def wait_for_port(self, port: int, timeout: float = 60.0) -> None:
         """Wait until something in the guest listens on TCP ``port``."""
-        if self._poll(lambda: port in self._agent.listening(timeout=30).ports, timeout):
+        if poll(lambda: port in self._agent.listening(timeout=30).ports, timeout):
             return
         raise WaitTimeout(f"a listener on TCP port {port} in {self.name}", timeout)
-
-    def _poll(self, attempt: Callable[[], bool], timeout: float) -> bool:
-        try:
-            for a in Retrying(
-                retry=retry_if_result(lambda ok: not ok),
-                stop=stop_after_delay(timeout),
-                wait=wait_exponential(multiplier=0.05, max=1.0),
-            ):
-                with a:
-                    ok = attempt()
-                if a.retry_state.outcome is not None and not a.retry_state.outcome.failed:
-                    a.retry_state.set_result(ok)
-        except RetryError:
-            return False
-        return True
 
     # -- files --------------------------------------------------------------
 

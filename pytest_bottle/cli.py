@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("command", nargs=argparse.REMAINDER)
     run.set_defaults(fn=cmd_run)
 
-    sh = sub.add_parser("shell", help="an interactive shell (a terminal in the guest) in a kept bottle or a saved snapshot")
+    sh = sub.add_parser("shell", help="an interactive shell (a terminal in the guest) in a kept bottle or a snapshot")
     sh.add_argument("name", help="a kept bottle (bottle ps) or a saved snapshot (bottle snapshot list)")
     sh.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... instead of root's login shell")
     sh.set_defaults(fn=cmd_shell)

@@ -73,7 +73,6 @@ class AgentChannel:
         self._last_rx = time.monotonic()
         self._ping_at = 0.0
         self._tls = threading.local()
-        self._pending = bytearray()
         sock.settimeout(SEND_TIMEOUT)  # bounds sendall; the reader just reads on
         self._reader = threading.Thread(target=self._read_loop, name=f"bottle-agent-{name}", daemon=True)
         self._reader.start()
@@ -102,34 +101,19 @@ class AgentChannel:
     def send_sync(self) -> None:
         self._send(frames.SYNC_FRAME)
 
-    def _read_exact(self, n: int) -> bytes:
-        buf = bytearray()
-        if self._pending:  # read past the first HELLO
-            buf += self._pending[:n]
-            del self._pending[:n]
-        while len(buf) < n:
-            try:
-                chunk = self.sock.recv(min(n - len(buf), CHUNK))  # never reserve what a header claims
-            except TimeoutError:
-                continue
-            if not chunk:
-                raise EOFError
-            buf += chunk
-        return bytes(buf)
-
     def _read_loop(self) -> None:
         try:
             hello, rest = resync.skip_to_hello(resync.receiver(self.sock))  # past a former session's half frame
-            self._pending = bytearray(rest)
+            read_exact = resync.exact_reader(self.sock, rest)
             self._last_rx = time.monotonic()
             self._hello(hello)
             while True:
-                kind, rid, size = HEADER.unpack(self._read_exact(HEADER.size))
+                kind, rid, size = HEADER.unpack(read_exact(HEADER.size))
                 if kind not in GUEST_KINDS:
                     raise ProtocolError(f"unknown frame kind {kind}")
                 if size > frames.limit(kind):
                     raise ProtocolError(f"a {frames.NAMES[kind]} frame of {size} bytes (limit {frames.limit(kind)})")
-                payload = self._read_exact(size) if size else b""
+                payload = read_exact(size) if size else b""
                 self._last_rx = time.monotonic()
                 if kind == HELLO:
                     self._hello(payload)

@@ -62,3 +62,26 @@ def skip_to_hello(recv: Callable[[], bytes], limit: int = RESYNC_LIMIT) -> tuple
             raise EOFError
         buf += chunk
     return buf[at + frames.HEADER.size : end], buf[end:]
+
+
+def exact_reader(sock: socket.socket, pending: bytes) -> Callable[[int], bytes]:
+    """``read(n)``: exactly ``n`` bytes, first from ``pending`` (read past the
+    HELLO), then from ``sock``; EOFError at the end."""
+    rest = bytearray(pending)
+
+    def read(n: int) -> bytes:
+        buf = bytearray()
+        if rest:
+            buf += rest[:n]
+            del rest[:n]
+        while len(buf) < n:
+            try:
+                chunk = sock.recv(min(n - len(buf), frames.CHUNK))  # never reserve what a header claims
+            except TimeoutError:  # the socket's timeout bounds sends; reads wait on
+                continue
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return bytes(buf)
+
+    return read

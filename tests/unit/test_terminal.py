@@ -233,7 +233,7 @@ def test_a_kept_bottle_whose_run_directory_vanished_is_a_named_error(tmp_path: P
 
 def test_bottle_shell_of_an_unknown_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["shell", "btl-nosuchbottle"]) == 1
-    assert "no kept bottle named 'btl-nosuchbottle'" in capsys.readouterr().err
+    assert "no kept bottle or saved snapshot named 'btl-nosuchbottle'" in capsys.readouterr().err
 
 
 # -- the guest side on the Pythons of the images ----------------------------------------------
