@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # option name → (metavar, help); each is --bottle-<name> and ini bottle_<name>.
 OPTIONS: dict[str, tuple[str, str]] = {
-    "image": ("NAME", "image for bottle fixtures (default: debian-bookworm)"),
+    "image": ("NAME[,...]", "image for bottle fixtures; a list: each test once per image (default: debian-bookworm)"),
     "accel": ("auto|kvm|tcg", "accelerator; auto proves KVM with a real boot, else TCG (default: auto)"),
     "cache-dir": ("PATH", "images, seeds and keys (default: $XDG_CACHE_HOME/pytest-bottle)"),
     "memory": ("SIZE", "VM memory, e.g. 512M or 1G (default: 512M)"),
