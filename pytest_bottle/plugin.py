@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from . import matrix
 from .bottle import Bottle
 from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
 from .host.sweep import sweep
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # option name → (metavar, help); each is --bottle-<name> and ini bottle_<name>.
 OPTIONS: dict[str, tuple[str, str]] = {
-    "image": ("NAME", "image for bottle fixtures (default: debian-bookworm)"),
+    "image": ("NAME[,...]", "image for bottle fixtures; a list: each test once per image (default: debian-bookworm)"),
     "accel": ("auto|kvm|tcg", "accelerator; auto proves KVM with a real boot, else TCG (default: auto)"),
     "cache-dir": ("PATH", "images, seeds and keys (default: $XDG_CACHE_HOME/pytest-bottle)"),
     "memory": ("SIZE", "VM memory, e.g. 512M or 1G (default: 512M)"),
@@ -87,9 +88,11 @@ class _State:
     keep: bool
     manager: BottleManager
 
-    def spec(self, *first: Layer) -> BottleSpec:
-        """Marker / factory layers (``first``, restricted to per-bottle keys), then CLI and ini."""
-        return _resolve([*first, ("command line", self.cli), ("ini file", self.ini)], restricted=len(first))
+    def spec(self, *first: Layer, image: str | None = None) -> BottleSpec:
+        """Marker / factory layers (``first``, restricted to per-bottle keys), then CLI and ini;
+        ``image``: the test's image in the matrix, in place of the command line's list."""
+        cli = self.cli if image is None else {**self.cli, "image": image}
+        return _resolve([*first, ("command line", cli), ("ini file", self.ini)], restricted=len(first))
 
     @property
     def rebuild_before(self) -> float | None:
@@ -171,6 +174,13 @@ def pytest_configure(config: pytest.Config) -> None:
     ini = {k: (config.getini(dest) or None) for k, dest in keys.items()}
     if ini["cache_dir"] and config.inipath and not Path(str(ini["cache_dir"])).expanduser().is_absolute():
         ini["cache_dir"] = str(config.inipath.parent / str(ini["cache_dir"]))  # relative to the ini file
+    try:  # an image list: kept for the matrix, its first image stays in cli/ini
+        matrix.configure(config, cli, ini)
+    except ImageNotFound as e:
+        raise UnknownBottleImage(e.name, e.known) from None
+    except SpecError as e:
+        raise InvalidBottleArgument(e.message, e.source) from None
+    config.pluginmanager.register(matrix, "bottle-matrix")
     _resolve([("command line", cli), ("ini file", ini)])  # fail fast on a bad option
 
     def flag(name: str) -> bool:
@@ -258,7 +268,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         accel = f"tcg ({why})"
     else:
         accel = "auto (KVM is probed by a test boot at the first bottle)"
-    return [f"bottle: image {spec.image}, accel {accel}, cache {spec.cache_dir}"]
+    images = matrix.images(config, str(spec.image))
+    return [f"bottle: image{'s' * (len(images) > 1)} {', '.join(images)}, accel {accel}, cache {spec.cache_dir}"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -275,7 +286,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def _bottle_group(request: pytest.FixtureRequest) -> Iterator[str]:
+def _bottle_group(request: pytest.FixtureRequest, _bottle_matrix_image: str | None) -> Iterator[str]:
     """The test's bottles (fixture and factory) share a group: one teardown, one LAN scope."""
     state = _state(request.config)
     key = request.node.nodeid
@@ -286,14 +297,17 @@ def _bottle_group(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.fixture
-def bottle(request: pytest.FixtureRequest, _bottle_group: str) -> Bottle:
+def bottle(request: pytest.FixtureRequest, _bottle_group: str, _bottle_matrix_image: str | None) -> Bottle:
     """A fresh VM configured by the test's ``bottle`` marker."""
     state = _state(request.config)
-    return state.manager.start(state.spec(*_marker_layer(request.node)), _bottle_group)
+    spec = state.spec(*_marker_layer(request.node), image=_bottle_matrix_image)
+    return state.manager.start(spec, _bottle_group)
 
 
 @pytest.fixture
-def bottle_factory(request: pytest.FixtureRequest, _bottle_group: str) -> Callable[..., Bottle]:
+def bottle_factory(
+    request: pytest.FixtureRequest, _bottle_group: str, _bottle_matrix_image: str | None
+) -> Callable[..., Bottle]:
     """``bottle_factory(**kwargs) -> Bottle``; everything it made is torn down after the test."""
     state = _state(request.config)
     marker = _marker_layer(request.node)
@@ -302,7 +316,7 @@ def bottle_factory(request: pytest.FixtureRequest, _bottle_group: str) -> Callab
         if kwargs.get("snapshot") is not None:
             return _fork(state, kwargs, "bottle_factory() arguments", _bottle_group)
         kwargs.pop("snapshot", None)
-        spec = state.spec(*marker, ("bottle_factory() arguments", kwargs))
+        spec = state.spec(*marker, ("bottle_factory() arguments", kwargs), image=_bottle_matrix_image)
         return state.manager.start(spec, _bottle_group)
 
     return factory
@@ -322,41 +336,47 @@ def _fork(state: _State, kwargs: dict[str, Any], source: str, group: str) -> Bot
 
 
 @pytest.fixture(scope="module")
-def module_bottle(request: pytest.FixtureRequest) -> Iterator[Bottle]:
-    """One VM shared by the tests of a module (configured by the module's ``pytestmark``)."""
+def module_bottle(request: pytest.FixtureRequest, _bottle_matrix_image: str | None) -> Iterator[Bottle]:
+    """One VM shared by the tests of a module (configured by the module's ``pytestmark``); one per image."""
     state = _state(request.config)
-    key = f"module:{request.node.nodeid}"
-    yield state.manager.start(state.spec(*_marker_layer(request.node)), key, spare=False)
+    key = f"module:{request.node.nodeid}" + (f"[{_bottle_matrix_image}]" if _bottle_matrix_image else "")
+    spec = state.spec(*_marker_layer(request.node), image=_bottle_matrix_image)
+    yield state.manager.start(spec, key, spare=False)
     state.manager.close_group(key)
 
 
 @pytest.fixture(scope="session")
-def session_bottle(request: pytest.FixtureRequest) -> Iterator[Bottle]:
-    """One VM shared by the whole session (configured by options and ini)."""
+def session_bottle(request: pytest.FixtureRequest, _bottle_matrix_image: str | None) -> Iterator[Bottle]:
+    """One VM shared by the whole session (configured by options and ini); one per image."""
     state = _state(request.config)
-    yield state.manager.start(state.spec(), "session:bottle", spare=False)
-    state.manager.close_group("session:bottle")
+    key = "session:bottle" + (f"[{_bottle_matrix_image}]" if _bottle_matrix_image else "")
+    yield state.manager.start(state.spec(image=_bottle_matrix_image), key, spare=False)
+    state.manager.close_group(key)
 
 
 @pytest.fixture(scope="session")
-def session_bottle_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Bottle]]:
-    """A factory whose VMs (and LANs) live until the end of the session."""
+def session_bottle_factory(
+    request: pytest.FixtureRequest, _bottle_matrix_image: str | None
+) -> Iterator[Callable[..., Bottle]]:
+    """A factory whose VMs (and LANs) live until the end of the session (one factory per image)."""
     state = _state(request.config)
+    key = "session:factory" + (f"[{_bottle_matrix_image}]" if _bottle_matrix_image else "")
 
     def factory(**kwargs: Any) -> Bottle:
         if kwargs.get("snapshot") is not None:
-            return _fork(state, kwargs, "session_bottle_factory() arguments", "session:factory")
+            return _fork(state, kwargs, "session_bottle_factory() arguments", key)
         kwargs.pop("snapshot", None)
-        spec = state.spec(("session_bottle_factory() arguments", kwargs))
-        return state.manager.start(spec, "session:factory", spare=False)
+        spec = state.spec(("session_bottle_factory() arguments", kwargs), image=_bottle_matrix_image)
+        return state.manager.start(spec, key, spare=False)
 
     yield factory
-    state.manager.close_group("session:factory")
+    state.manager.close_group(key)
 
 
 @pytest.fixture(scope="session")
-def bottle_image(request: pytest.FixtureRequest) -> BuiltImage:
-    """The built, cached image for ``--bottle-image`` (built once per run, even under xdist)."""
+def bottle_image(request: pytest.FixtureRequest, _bottle_matrix_image: str | None) -> BuiltImage:
+    """The built, cached image for ``--bottle-image`` (built once per run, even under xdist);
+    in a matrix, the image of the test's parameter."""
     state = _state(request.config)
-    spec = state.spec()
+    spec = state.spec(image=_bottle_matrix_image)
     return ensure_image(spec.image, spec.cache_dir, rebuild_before=state.rebuild_before)

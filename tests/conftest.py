@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import pytest_bottle
+from pytest_bottle import matrix
 from pytest_bottle.host.paths import default_cache_dir
 from pytest_bottle.images import BuiltImage, ensure_image
 
@@ -80,3 +81,18 @@ def stop_kept() -> Iterator[list[str]]:
         subprocess.run(
             [sys.executable, "-m", "pytest_bottle.cli", "stop", name], capture_output=True, text=True, timeout=120
         )
+
+
+# Runtime tests that do not depend on the release: they run on both Debian
+# releases (ids end in [debian-bookworm] / [debian-trixie]) unless the run
+# names its own image or list (--bottle-image, ini bottle_image).
+BOTH_RELEASES = ("debian-bookworm", "debian-trixie")
+RELEASE_MODULES = {"test_runtime.py", "test_ssh.py", "test_net.py", "test_seeds.py", "test_agent_channel.py"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    config = metafunc.config
+    if metafunc.definition.path.name in RELEASE_MODULES and not (
+        config.getoption("bottle_image") or config.getini("bottle_image")
+    ):
+        matrix.parametrize(metafunc, BOTH_RELEASES)

@@ -40,7 +40,8 @@ RuntimeMaxUse=8M
 ForwardToConsole=no
 """
 
-# bookworm's openssh-server has no per-connection unit; this is the classic one.
+# ssh.socket (Accept=yes below) starts ssh@.service per connection: bookworm's
+# openssh-server has no such unit, trixie's names its own sshd@.service.
 SSHD_AT_UNIT = """\
 [Unit]
 Description=OpenSSH per-connection server daemon
@@ -76,6 +77,9 @@ def write_guest_files(recipe: Recipe, root: Path) -> None:
     _link(units / "sysinit.target.wants/bottle-agent.service", "/etc/systemd/system/bottle-agent.service")
     for unit in recipe.masked_units:
         _link(units / unit, "/dev/null")
+    # systemd >= 256 (trixie) would add SSH sockets on AF_VSOCK (which fails:
+    # a bottle has no vsock) and AF_UNIX; SSH goes through the forwarded port.
+    _link(root / "etc/systemd/system-generators/systemd-ssh-generator", "/dev/null")
     if recipe.has_sshd:
         # One "sshd -i" per connection (ssh@.service): no daemon resident in
         # every snapshot, and each connection reads the bottle's own host key.

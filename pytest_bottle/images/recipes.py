@@ -115,6 +115,24 @@ register(
         description="Debian 12 minbase, systemd, python3; no SSH server",
     )
 )
+# Debian 13.  The host's apt sources may list only older suites: then the
+# builder passes no mirror and mmdebstrap picks its own default.
+register(
+    Recipe(
+        name="debian-trixie",
+        suite="trixie",
+        packages=BASE_PACKAGES + ("openssh-server",),
+        description="Debian 13 minbase, systemd, python3, OpenSSH server",
+    )
+)
+register(
+    Recipe(
+        name="debian-trixie-minimal",
+        suite="trixie",
+        packages=BASE_PACKAGES,
+        description="Debian 13 minbase, systemd, python3; no SSH server",
+    )
+)
 
 
 def get_recipe(name: str) -> Recipe:

@@ -88,3 +88,31 @@ def test_host_sources_picks_the_suite(tmp_path: Path) -> None:
     assert "Suites: bookworm\n" in text and "Signed-By: /k.gpg" in text
     assert "bookworm-security" in text
     assert "trixie" not in text and "vendor.example.com" not in text
+
+
+@pytest.mark.parametrize("name", ["debian-trixie", "debian-trixie-minimal"])
+def test_trixie_recipes_are_their_bookworm_twins_on_debian_13(name: str) -> None:
+    trixie, twin = get_recipe(name), get_recipe(name.replace("trixie", "bookworm"))
+    assert trixie.suite == "trixie" and twin.suite == "bookworm"
+    assert trixie.packages == twin.packages and trixie.masked_units == twin.masked_units
+    assert trixie.initrd_modules == twin.initrd_modules and trixie.mirror is None
+    assert trixie.has_sshd == twin.has_sshd == (not name.endswith("-minimal"))
+    assert "Debian 13" in trixie.description and trixie.key() != twin.key()
+
+
+@pytest.mark.parametrize(
+    ("host", "tail"),
+    [
+        ("", " trixie /dev/null"),  # the host lists no trixie: mmdebstrap picks its own mirror
+        ("Types: deb\nURIs: http://mirror.example.org/debian\nSuites: trixie\n", "/host.sources"),
+    ],
+)
+def test_a_suite_the_host_does_not_list_leaves_the_mirror_to_mmdebstrap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str, tail: str
+) -> None:
+    from pytest_bottle.images import builder
+
+    monkeypatch.setattr(builder, "host_sources", lambda suite: host if suite == "trixie" else "")
+    argv = builder._mmdebstrap_argv("mmdebstrap", get_recipe("debian-trixie"), tmp_path)
+    assert " ".join(argv).endswith(tail), argv
+    assert argv[argv.index("trixie") : argv.index("trixie") + 2] == ["trixie", "/dev/null"]

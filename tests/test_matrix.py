@@ -1,0 +1,174 @@
+"""The image matrix: ``--bottle-image a,b`` runs bottle tests once per image (issue 16)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pytest_bottle.host.paths import default_cache_dir
+
+CACHE = str(default_cache_dir())
+BOTH = "--bottle-image=debian-bookworm,debian-trixie"
+
+TESTS = """
+import pytest
+
+def test_plain():
+    pass
+
+def test_vm(bottle):
+    pass
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_param(bottle_factory, n):
+    pass
+
+@pytest.mark.bottle(image="debian-trixie-minimal")
+def test_pinned(bottle):
+    pass
+
+def test_module(module_bottle):
+    pass
+"""
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(f"--bottle-cache-dir={CACHE}", "-p", "no:cacheprovider", *args)
+
+
+def collected(result: pytest.RunResult) -> list[str]:
+    return sorted(line.split("::", 1)[1] for line in result.outlines if "::" in line)
+
+
+def test_a_list_runs_each_bottle_test_once_per_image(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_m=TESTS)
+    result = run(pytester, "--collect-only", "-q", "-p", "no:randomly", BOTH)
+    assert collected(result) == sorted(
+        [
+            "test_plain",
+            "test_vm[debian-bookworm]",
+            "test_vm[debian-trixie]",
+            "test_param[1-debian-bookworm]",
+            "test_param[1-debian-trixie]",
+            "test_param[2-debian-bookworm]",
+            "test_param[2-debian-trixie]",
+            "test_pinned",  # its marker names an image: once, on that image
+            "test_module[debian-bookworm]",
+            "test_module[debian-trixie]",
+        ]
+    ), result.stdout.str()
+    # One image's tests together: its seed stays warm and the spare matches the next test.
+    order = [line for line in result.outlines if "trixie]" in line or "bookworm]" in line]
+    firsts = [i for i, line in enumerate(order) if "trixie]" in line]
+    assert firsts == list(range(firsts[0], len(order))), order
+
+
+def test_one_image_keeps_the_ids(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_m=TESTS)
+    result = run(pytester, "--collect-only", "-q", "--bottle-image=debian-trixie")
+    assert "[debian" not in result.stdout.str()
+    assert len(collected(result)) == 6
+
+
+def test_ini_list_whitespace_or_commas_and_the_header(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_m=TESTS)
+    pytester.makeini("[pytest]\nbottle_image =\n    debian-trixie\n    debian-bookworm-minimal,debian-bookworm\n")
+    result = run(pytester, "--collect-only", "-q")
+    ids = collected(result)
+    assert {"test_vm[debian-trixie]", "test_vm[debian-bookworm-minimal]", "test_vm[debian-bookworm]"} <= set(ids)
+    result = run(pytester, "-m", "not bottle")
+    result.stdout.fnmatch_lines(
+        ["bottle: images debian-trixie, debian-bookworm-minimal, debian-bookworm, accel *, cache *"]
+    )
+    result.assert_outcomes(passed=1, deselected=13)
+    # The command line's list (or name) replaces the ini's.
+    result = run(pytester, "--collect-only", "-q", "--bottle-image=debian-bookworm")
+    assert "[debian" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("debian-bookworm,debian-tixie", r"unknown image 'debian-tixie'; known images: .*debian-trixie"),
+        ("debian-bookworm,,debian-trixie", r"command line: bad image list .*: entry 2 is empty"),
+        ("debian-trixie,", r"command line: bad image list .*: entry 2 is empty"),
+        ("debian-trixie debian-bookworm,debian-trixie", r"'debian-trixie' is listed twice"),
+    ],
+)
+def test_bad_lists_are_usage_errors_naming_the_entry(pytester: pytest.Pytester, value: str, expected: str) -> None:
+    pytester.makepyfile(test_m="def test_vm(bottle): pass")
+    result = run(pytester, f"--bottle-image={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert re.search(expected, result.stderr.str()), result.stderr.str()
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_bad_ini_list_names_the_ini(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_m="def test_vm(bottle): pass")
+    pytester.makeini("[pytest]\nbottle_image = debian-trixie,\n")
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "ini file: bad image list 'debian-trixie,': entry 2 is empty" in result.stderr.str()
+
+
+MATRIX_RUN = """
+import pytest
+
+CODENAME = "grep -o 'VERSION_CODENAME=.*' /etc/os-release"
+SESSION = {}
+
+def release(b):
+    return b.check_output(CODENAME).strip().split("=")[1]
+
+def image_of(request):
+    return request.node.callspec.params["_bottle_matrix_image"]
+
+def test_bottle(bottle, bottle_image, request):
+    assert bottle.image == image_of(request) == bottle_image.name
+    assert release(bottle) == image_of(request).split("-")[1]
+
+def test_factory_default_and_override(bottle_factory, request):
+    assert bottle_factory().image == image_of(request)
+    assert bottle_factory(image="debian-bookworm-minimal").image == "debian-bookworm-minimal"
+
+def test_module_1(module_bottle, request):
+    assert release(module_bottle) == image_of(request).split("-")[1]
+    module_bottle.write_text("/root/shared", image_of(request))
+
+def test_module_2(module_bottle, request):
+    assert module_bottle.read_text("/root/shared") == image_of(request)
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_session(session_bottle, request, n):
+    assert session_bottle.image == image_of(request)
+    assert SESSION.setdefault(image_of(request), session_bottle.name) == session_bottle.name
+    assert len(set(SESSION.values())) == len(SESSION)  # one per image
+
+@pytest.mark.bottle(image="debian-trixie")
+def test_pinned(bottle, request):
+    assert not hasattr(request.node, "callspec") and release(bottle) == "trixie"
+"""
+
+
+@pytest.mark.slow
+def test_fixtures_follow_the_image_of_their_parameter(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_m=MATRIX_RUN)
+    result = run(pytester, "-p", "no:randomly", "-v", BOTH)
+    result.assert_outcomes(passed=13)
+    result.stdout.fnmatch_lines_random(["*test_session[[]2-debian-trixie] PASSED*", "*test_pinned PASSED*"])
+
+
+@pytest.mark.slow
+def test_matrix_under_xdist(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_m="""
+        import pytest
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_vm(bottle, i):
+            assert bottle.check_output("hostname").strip() == bottle.name
+    """
+    )
+    result = run(pytester, "-n", "2", BOTH)
+    result.assert_outcomes(passed=6)

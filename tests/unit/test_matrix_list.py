@@ -1,0 +1,51 @@
+"""The image list of ``--bottle-image`` / ini ``bottle_image`` (pure parsing)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from pytest_bottle.errors import ImageNotFound, SpecError
+from pytest_bottle.matrix import parse_images
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "debian-bookworm,debian-trixie",
+        "debian-bookworm, debian-trixie",
+        "debian-bookworm debian-trixie",
+        "\n  debian-bookworm\n  debian-trixie\n",
+    ],
+)
+def test_commas_or_whitespace_separate_entries(value: str) -> None:
+    assert parse_images(value, "command line") == ("debian-bookworm", "debian-trixie")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("debian-bookworm,,debian-trixie", "entry 2 is empty"),
+        (",debian-trixie", "entry 1 is empty"),
+        ("debian-trixie, ", "entry 2 is empty"),
+        ("debian-trixie,debian-trixie", "'debian-trixie' is listed twice"),
+        ("debian-trixie debian-bookworm debian-trixie", "'debian-trixie' is listed twice"),
+    ],
+)
+def test_bad_entries_are_named_with_the_layer(value: str, message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_images(value, "ini file")
+    assert info.value.source == "ini file" and message in str(info.value)
+    assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
+
+
+def test_an_unknown_entry_is_named_and_the_known_listed() -> None:
+    with pytest.raises(ImageNotFound) as info:
+        parse_images("debian-trixie,debian-sid", "command line")
+    assert info.value.name == "debian-sid" and "debian-trixie" in info.value.known
+
+
+def test_not_a_string_is_refused() -> None:
+    with pytest.raises(SpecError, match="a name or a list of names"):
+        parse_images(["debian-trixie"], "command line")
