@@ -54,6 +54,7 @@ class Agent(terminal.ProcessOps):
             kind, rid, payload = chan.recv()
             if kind == frames.CALL:
                 call = json.loads(payload)
+                call["_session"] = self.session  # see op_exec
                 inbox = frames.Inbox(functools.partial(self.grant, rid))
                 self.windows.open(rid)
                 with self.lock:
@@ -179,14 +180,22 @@ class Agent(terminal.ProcessOps):
         kinds, link = {1: frames.STDOUT, 2: frames.STDERR}, None
         out: Callable[[int, bytes], None] = lambda k, data: self.emit(rid, kinds[k], data)  # noqa: E731
         with self.lock:
-            self.procs[rid] = child
+            # A new host came while it started: the reset missed it, so end it
+            # (or detach it) here.
+            stale = call.get("_session") != self.session
+            if not stale:
+                self.procs[rid] = child
             if call.get("notify"):  # spawn(): its group can be signalled after the leader's end
-                self.keep_group(rid, child)
-                link = self.links[rid] = terminal.Link(rid)
+                link = terminal.Link(rid, detached=stale)
+                if not stale:
+                    self.keep_group(rid, child)
+                    self.links[rid] = link
                 out = functools.partial(self.forward, link, kinds)
+        if stale and link is None:
+            child.kill()
         try:
-            if call.get("notify"):  # spawn(): the host returns once it runs
-                self.emit(rid, frames.STARTED, b'{"pid":%d}' % child.pid)
+            if link is not None:  # spawn(): the host returns once it runs
+                self.forward(link, {0: frames.STARTED}, 0, b'{"pid":%d}' % child.pid)
             if child.stdin is not None:
                 threading.Thread(target=_feed, args=(child.stdin, inbox), daemon=True).start()
             timed_out = execute.pump(child, out, call.get("timeout"))

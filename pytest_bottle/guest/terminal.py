@@ -61,10 +61,10 @@ class Link:
     ``cut`` (a new session), its output is read and dropped: it never blocks
     on a full pipe, and no frame of its old request id reaches the new host."""
 
-    def __init__(self, rid: int) -> None:
+    def __init__(self, rid: int, detached: bool = False) -> None:
         self.rid = rid
         self.lock = threading.Lock()
-        self.detached = False
+        self.detached = detached
 
     def cut(self) -> None:
         with self.lock:  # waits out a send under way (the session's windows are aborted first)
@@ -81,6 +81,7 @@ class ProcessOps:
     emit: Callable[[int, int, bytes], None]
     chan: frames.Channel
     windows: frames.Windows
+    session: int
 
     def forward(self, link: Link, kinds: dict[int, int], fd_kind: int, data: bytes) -> None:
         """A spawned command's output: to its host, or nowhere once detached."""
@@ -158,7 +159,11 @@ class ProcessOps:
             os.close(slave)
         child = execute.Child(pid, None, -1, -1)
         with self.lock:
-            self.procs[rid], self.ptys[rid] = child, master
+            stale = call.get("_session") != self.session  # see agent.op_exec
+            if not stale:
+                self.procs[rid], self.ptys[rid] = child, master
+        if stale:
+            child.kill()
         # Its own fd: the terminal may close here while it still writes.
         threading.Thread(target=_type_in, args=(os.dup(master), inbox), daemon=True).start()
         try:

@@ -159,6 +159,9 @@ def test_a_new_host_session_detaches_spawned_processes_and_ends_execs_and_shells
     threading.Thread(target=old_exec, daemon=True).start()
     client.start_pty(["/bin/sh", "-c", f"echo $$ > {tmp_path}/pty; exec sleep 30"], term="vt100", rows=24, cols=80)
     execed, shell = int(_wait_for(tmp_path / "exec")), int(_wait_for(tmp_path / "pty"))
+    deadline = time.monotonic() + 10
+    while not any(k == STARTED for k, _ in got) and time.monotonic() < deadline:  # spawn() does not wait for it
+        time.sleep(0.02)
     leader = json.loads(next(d for k, d in got if k == STARTED))["pid"]
     assert not closed.exists()  # its stdin is still the host's
     client.channel.synced.clear()
@@ -169,10 +172,12 @@ def test_a_new_host_session_detaches_spawned_processes_and_ends_execs_and_shells
         assert _gone(execed) and _gone(shell)
         _wait_for(closed)
         child = int(_wait_for(tmp_path / "child"))
-        before = int(_wait_for(count))
-        time.sleep(1.0)
         # Far more than a pipe and the host's window: its output is read and dropped.
-        assert int(_wait_for(count)) - before > (HOST_WINDOW + 65536) // 65536 + 4
+        goal = int(_wait_for(count)) + (HOST_WINDOW + 65536) // 65536 + 4
+        deadline = time.monotonic() + 30
+        while int(_wait_for(count)) <= goal:
+            assert time.monotonic() < deadline, f"it stopped at {_wait_for(count)} (goal {goal})"
+            time.sleep(0.05)
         assert not _gone(leader, 0.2) and not _gone(child, 0.2)
         assert len(got) == frames_seen, got[frames_seen:][:3]
     finally:
