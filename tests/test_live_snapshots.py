@@ -306,3 +306,25 @@ def test_a_sessions_snapshots_are_gone_after_it(pytester: pytest.Pytester, warm_
     path = Path(found.group(1))
     assert path.parent == warm_cache / "snapshots"
     assert not path.exists() and not Path(f"{path}.lock").exists()
+
+
+def test_a_spawned_process_runs_on_detached_in_a_fork_and_attached_in_the_source(
+    bottle_factory: Callable[..., Bottle],
+) -> None:
+    """A fork's new host detaches the source's spawned processes: they run on,
+    their output (far more than a pipe and the window) read and dropped."""
+    src = bottle_factory()
+    loop = "n=0; while :; do n=$((n+1)); echo $n > /root/n; head -c 131072 /dev/zero; echo tick $n; sleep 0.2; done"
+    p = src.spawn(["sh", "-c", loop])
+    p.wait_for_output("tick 2\n", 60)
+    fork = bottle_factory(snapshot=src.snapshot())
+    assert fork.exec(["kill", "-0", str(p.pid)]).ok, "the spawned process runs in the fork"
+    before = int(fork.read_text("/root/n"))
+    # More output than a pipe and the host's window (4 MiB): the agent drains it.
+    fork.wait_until_succeeds(f"test $(cat /root/n) -gt {before + 40}", timeout=90)
+    fork.check_output(f"kill {p.pid}")  # no handle in the fork: plain kill ends it
+    fork.wait_until_succeeds(f"! kill -0 {p.pid} 2>/dev/null", timeout=30)
+    # In the source it is still the test's, output and all.
+    now = int(src.read_text("/root/n"))
+    p.wait_for_output(f"tick {now + 2}\n", 60)
+    assert p.kill().wait(30).returncode == -9

@@ -36,9 +36,11 @@ class Agent(terminal.ProcessOps):
         self.procs: dict[int, execute.Child] = {}
         self.ptys: dict[int, int] = {}  # request id -> pty master (terminal.ProcessOps)
         self.groups: dict[int, execute.Child] = {}  # spawned (notify) commands, kept past their end
+        self.links: dict[int, terminal.Link] = {}  # running spawned commands' ties to this session
+        self.session = 0  # one more per SYNC: a call of an older session sends nothing back
         self.windows = frames.Windows()
         self.lock = threading.Lock()
-        self.jobs: queue.SimpleQueue[tuple[int, dict[str, Any], frames.Inbox]] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[tuple[int, dict[str, Any], frames.Inbox, int]] = queue.SimpleQueue()
         self.idle = 0
         # A new id per start: the host tells a restarted agent from a live one.
         self.hello = frames.frame(frames.HELLO, 0, frames.SYNC_MAGIC + os.urandom(frames.INSTANCE_SIZE))
@@ -52,6 +54,7 @@ class Agent(terminal.ProcessOps):
             kind, rid, payload = chan.recv()
             if kind == frames.CALL:
                 call = json.loads(payload)
+                call["_session"] = self.session  # see op_exec
                 inbox = frames.Inbox(functools.partial(self.grant, rid))
                 self.windows.open(rid)
                 with self.lock:
@@ -61,7 +64,7 @@ class Agent(terminal.ProcessOps):
                         self.idle -= 1
                 if not spare:  # every worker is busy (a long exec): add one
                     threading.Thread(target=self.work, daemon=True).start()
-                self.jobs.put((rid, call, inbox))
+                self.jobs.put((rid, call, inbox, self.session))
             elif kind in (frames.DATA, frames.EOF):
                 with self.lock:
                     box = self.inboxes.get(rid)
@@ -91,12 +94,23 @@ class Agent(terminal.ProcessOps):
 
     def reset(self) -> None:
         """A new host session: streams of the last one will never be read or
-        finished, and nobody will see or end its commands and shells: kill them."""
+        finished.  Its spawned commands (services, DESIGN §1 "Snapshots": a
+        fork's new host comes through here) run on detached; its ``exec``
+        commands and shells, whose callers are gone, are killed.  Its request
+        ids mean nothing now: the new host numbers its calls afresh."""
         self.windows.abort()
-        self.end_all()
         with self.lock:
+            self.session += 1
             boxes = list(self.inboxes.values())
-        for box in boxes:
+            self.inboxes.clear()
+            self.groups.clear()  # spawned groups live on, no longer the host's to signal
+            links, self.links = list(self.links.values()), {}
+            for link in links:
+                self.procs.pop(link.rid, None)
+        for link in links:
+            link.cut()
+        self.end_all()
+        for box in boxes:  # stdin of a detached command closes here too
             box.put(frames.CANCEL, b"")
 
     def grant(self, rid: int, n: int) -> None:
@@ -117,7 +131,7 @@ class Agent(terminal.ProcessOps):
             with self.lock:
                 self.idle += 1
 
-    def run(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> None:
+    def run(self, rid: int, call: dict[str, Any], inbox: frames.Inbox, session: int) -> None:
         handler: Callable[[int, dict[str, Any], frames.Inbox], dict[str, Any]] | None
         handler = getattr(self, "op_" + str(call.get("op")), None)
         try:
@@ -130,10 +144,13 @@ class Agent(terminal.ProcessOps):
         except Exception as e:  # reported to the host, never fatal to the agent
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "type": type(e).__name__}
         finally:
-            with self.lock:
-                self.inboxes.pop(rid, None)
-            self.windows.close(rid)
-        self.chan.send(frames.jframe(frames.REPLY, rid, reply))
+            current = session == self.session  # else its id may be the new host's: touch nothing
+            if current:
+                with self.lock:
+                    self.inboxes.pop(rid, None)
+                self.windows.close(rid)
+        if current:
+            self.chan.send(frames.jframe(frames.REPLY, rid, reply))
 
     # -- operations ---------------------------------------------------------
 
@@ -160,24 +177,38 @@ class Agent(terminal.ProcessOps):
             )
         except execute.SpawnFailed as e:  # stdin still coming stops at the reply
             return {"rc": e.rc, "stderr_text": e.message, "timed_out": False}
+        kinds, link = {1: frames.STDOUT, 2: frames.STDERR}, None
+        out: Callable[[int, bytes], None] = lambda k, data: self.emit(rid, kinds[k], data)  # noqa: E731
         with self.lock:
-            self.procs[rid] = child
+            # A new host came while it started: the reset missed it, so end it
+            # (or detach it) here.
+            stale = call.get("_session") != self.session
+            if not stale:
+                self.procs[rid] = child
             if call.get("notify"):  # spawn(): its group can be signalled after the leader's end
-                self.keep_group(rid, child)
+                link = terminal.Link(rid, detached=stale)
+                if not stale:
+                    self.keep_group(rid, child)
+                    self.links[rid] = link
+                out = functools.partial(self.forward, link, kinds)
+        if stale and link is None:
+            child.kill()
         try:
-            if call.get("notify"):  # spawn(): the host returns once it runs
-                self.emit(rid, frames.STARTED, b'{"pid":%d}' % child.pid)
+            if link is not None:  # spawn(): the host returns once it runs
+                self.forward(link, {0: frames.STARTED}, 0, b'{"pid":%d}' % child.pid)
             if child.stdin is not None:
                 threading.Thread(target=_feed, args=(child.stdin, inbox), daemon=True).start()
-            kinds = {1: frames.STDOUT, 2: frames.STDERR}
-            timed_out = execute.pump(child, lambda k, data: self.emit(rid, kinds[k], data), call.get("timeout"))
+            timed_out = execute.pump(child, out, call.get("timeout"))
         except BaseException:  # the host left or gave up: nobody reads this command any more
             child.kill()
             child.reap()
             raise
         finally:
             with self.lock:
-                self.procs.pop(rid, None)
+                if self.procs.get(rid) is child:  # not a new session's call of the same id
+                    del self.procs[rid]
+                if link is not None and self.links.get(rid) is link:
+                    del self.links[rid]
             # The command is done: stdin frames still on their way are moot, and
             # the feeder thread must not wait for them.
             inbox.put(frames.EOF, b"")

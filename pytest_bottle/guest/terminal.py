@@ -56,14 +56,43 @@ def login_shell() -> list[str]:
     return [shell if os.path.exists(shell) else "/bin/sh", "-l"]
 
 
+class Link:
+    """A spawned command's tie to the host session that started it.  Once
+    ``cut`` (a new session), its output is read and dropped: it never blocks
+    on a full pipe, and no frame of its old request id reaches the new host."""
+
+    def __init__(self, rid: int, detached: bool = False) -> None:
+        self.rid = rid
+        self.lock = threading.Lock()
+        self.detached = detached
+
+    def cut(self) -> None:
+        with self.lock:  # waits out a send under way (the session's windows are aborted first)
+            self.detached = True
+
+
 class ProcessOps:
-    """Mixed into ``agent.Agent``: uses its ``lock``, ``procs`` and ``emit``."""
+    """Mixed into ``agent.Agent``: uses its ``lock``, ``procs``, ``emit``, ``chan``, ``windows``."""
 
     lock: threading.Lock
     procs: dict[int, execute.Child]
     ptys: dict[int, int]
     groups: dict[int, execute.Child]
     emit: Callable[[int, int, bytes], None]
+    chan: frames.Channel
+    windows: frames.Windows
+    session: int
+
+    def forward(self, link: Link, kinds: dict[int, int], fd_kind: int, data: bytes) -> None:
+        """A spawned command's output: to its host, or nowhere once detached."""
+        with link.lock:
+            if link.detached:
+                return
+            try:
+                self.windows.take(link.rid, len(data))
+            except frames.Aborted:  # a new session is cutting this link
+                return
+            self.chan.send(frames.frame(kinds[fd_kind], link.rid, data))
 
     def op_signal(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         """Signal a command of this session (``target``: its request id);
@@ -130,7 +159,11 @@ class ProcessOps:
             os.close(slave)
         child = execute.Child(pid, None, -1, -1)
         with self.lock:
-            self.procs[rid], self.ptys[rid] = child, master
+            stale = call.get("_session") != self.session  # see agent.op_exec
+            if not stale:
+                self.procs[rid], self.ptys[rid] = child, master
+        if stale:
+            child.kill()
         # Its own fd: the terminal may close here while it still writes.
         threading.Thread(target=_type_in, args=(os.dup(master), inbox), daemon=True).start()
         try:
@@ -140,8 +173,9 @@ class ProcessOps:
             raise
         finally:
             with self.lock:
-                self.procs.pop(rid, None)
-                self.ptys.pop(rid, None)
+                if self.procs.get(rid) is child:  # not a new session's call of the same id
+                    del self.procs[rid]
+                    del self.ptys[rid]
             child.reap()
             inbox.put(frames.EOF, b"")
             os.close(master)

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
+import os
 import pickle
 import re
+import signal
 import socket
 import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -125,16 +129,60 @@ def test_end_processes_kills_what_the_session_started(local: AgentClient) -> Non
     assert run(client, "echo on")[1] == b"on\n"  # the session goes on
 
 
-def test_a_new_host_session_kills_the_last_ones_processes() -> None:
+def _wait_for(path: Path, within: float = 10.0) -> str:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if text := path.read_text().strip():
+                return text
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never written")
+
+
+def test_a_new_host_session_detaches_spawned_processes_and_ends_execs_and_shells(tmp_path: Path) -> None:
+    """What a fork's new host (or `bottle shell`) finds: the spawned commands
+    of the last session run on, their output drained and dropped, their stdin
+    closed, no frame of theirs sent; its execs in flight and its shells end."""
     client, _host = serve()
-    p = GuestProcess.start(client, "sleep 30 & echo $!; sleep 30")
-    child = int(p.wait_for_output(re.compile(r"(\d+)\n"), 10).group(1))
-    leader = p.pid
-    assert leader is not None
+    count, closed = tmp_path / "count", tmp_path / "stdin-closed"
+    chatty = f"n=0; while :; do n=$((n+1)); echo $n > {count}.t; mv {count}.t {count}; head -c 65536 /dev/zero; done"
+    got: list[tuple[int, bytes]] = []
+    client.spawn(
+        ["/bin/sh", "-c", f"cat >/dev/null; echo yes > {closed}; sleep 30 & echo $! > {tmp_path}/child; {chatty}"],
+        lambda kind, data: got.append((kind, data)), env={}, cwd=None, user=None, stdin=True,
+    )  # fmt: skip
+
+    def old_exec() -> None:
+        with contextlib.suppress(Exception):  # its caller's session is over: whatever it gets
+            run(client, f"echo $$ > {tmp_path}/exec; exec sleep 30")
+
+    threading.Thread(target=old_exec, daemon=True).start()
+    client.start_pty(["/bin/sh", "-c", f"echo $$ > {tmp_path}/pty; exec sleep 30"], term="vt100", rows=24, cols=80)
+    execed, shell = int(_wait_for(tmp_path / "exec")), int(_wait_for(tmp_path / "pty"))
+    deadline = time.monotonic() + 10
+    while not any(k == STARTED for k, _ in got) and time.monotonic() < deadline:  # spawn() does not wait for it
+        time.sleep(0.02)
+    leader = json.loads(next(d for k, d in got if k == STARTED))["pid"]
+    assert not closed.exists()  # its stdin is still the host's
     client.channel.synced.clear()
-    client.channel.send_sync()  # what `bottle shell` sends on connecting
+    client.channel.send_sync()  # what a fork's host and `bottle shell` send on connecting
     assert client.channel.synced.wait(10)
-    assert _gone(leader) and _gone(child)
+    frames_seen = len(got)
+    try:
+        assert _gone(execed) and _gone(shell)
+        _wait_for(closed)
+        child = int(_wait_for(tmp_path / "child"))
+        # Far more than a pipe and the host's window: its output is read and dropped.
+        goal = int(_wait_for(count)) + (HOST_WINDOW + 65536) // 65536 + 4
+        deadline = time.monotonic() + 30
+        while int(_wait_for(count)) <= goal:
+            assert time.monotonic() < deadline, f"it stopped at {_wait_for(count)} (goal {goal})"
+            time.sleep(0.05)
+        assert not _gone(leader, 0.2) and not _gone(child, 0.2)
+        assert len(got) == frames_seen, got[frames_seen:][:3]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader, signal.SIGKILL)
 
 
 def test_send_signal_reaches_the_process_only_and_kill_is_sigkill(local: AgentClient) -> None:
