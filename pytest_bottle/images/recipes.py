@@ -14,7 +14,16 @@ from ..errors import ImageNotFound
 BUILDER_VERSION = 1
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
-GUEST_FILES = ("agent.py", "frames.py", "identity.py", "execute.py", "tarstream.py", "untar.py", "terminal.py")
+GUEST_FILES = (
+    "agent.py",
+    "frames.py",
+    "identity.py",
+    "execute.py",
+    "tarstream.py",
+    "untar.py",
+    "terminal.py",
+    "system.py",
+)
 # What the image is made of besides the recipe: the builder and the files it lays in.
 BUILD_SOURCES = (Path(__file__).with_name("builder.py"), Path(__file__).with_name("guest_files.py"))
 
