@@ -28,7 +28,21 @@ from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.transfer import fetch, send_tree
 from pytest_bottle.errors import AgentError, GuestOSError, UnsafeTransfer
 from pytest_bottle.guest import agent
-from pytest_bottle.guest.frames import CALL, CANCEL, CHUNK, DATA, EOF, HEADER, REPLY, Channel, frame, jframe
+from pytest_bottle.guest.frames import (
+    CALL,
+    CANCEL,
+    CHUNK,
+    DATA,
+    EOF,
+    HEADER,
+    HELLO,
+    INSTANCE_SIZE,
+    REPLY,
+    SYNC_MAGIC,
+    Channel,
+    frame,
+    jframe,
+)
 from pytest_bottle.guest.untar import GET
 
 Answer = Callable[[int, dict[str, object]], bytes]
@@ -42,6 +56,7 @@ class HostileGuest:
         self.channel = AgentChannel(host, "hostile", **liveness)  # it never answers a PING
         self.answers: dict[str, Answer] = {"hello": lambda rid, call: reply(rid, version=1)}
         self.cancelled: list[int] = []
+        self.peer.sendall(frame(HELLO, 0, SYNC_MAGIC + os.urandom(INSTANCE_SIZE)))  # what a starting agent says first
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _recv(self, n: int) -> bytes:
