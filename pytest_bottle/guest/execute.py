@@ -110,16 +110,6 @@ def _getpw(user: str | int) -> pwd.struct_passwd:
         raise ValueError(f"no such user in the guest: {user!r}") from None
 
 
-# Signals a command starts with at their defaults, whatever the agent has:
-# Python ignores SIGPIPE (``yes | head`` would end in "Broken pipe" errors),
-# an agent started in a shell's background ignores SIGINT and SIGQUIT, and an
-# ignored signal stays ignored across exec (subprocess restores some; posix_spawn none).
-DEFAULT_SIGNALS = (
-    signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGTERM,
-    signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
-)  # fmt: skip
-
-
 def _posix_spawn(argv: list[str], env: dict[str, str], stdin: bool) -> Child:
     spawn = os.posix_spawn
     if "/" in argv[0]:
@@ -137,7 +127,7 @@ def _posix_spawn(argv: list[str], env: dict[str, str], stdin: bool) -> Child:
     in_r, in_w = os.pipe2(os.O_CLOEXEC) if stdin else (os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), -1)
     try:
         actions = [(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
-        pid = spawn(path, argv, env, file_actions=actions, setsid=True, setsigdef=DEFAULT_SIGNALS)
+        pid = spawn(path, argv, env, file_actions=actions, setsid=True)
     except BaseException:
         for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
             if fd >= 0:

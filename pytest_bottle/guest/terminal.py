@@ -41,8 +41,13 @@ def set_size(fd: int, rows: int, cols: int) -> None:
 # Python code in the child of this multi-threaded agent); a session leader
 # that opens a terminal without O_NOCTTY gets it as its controlling terminal,
 # so the shell opens the pty again by name, then execs the command.
-# A terminal's shell starts with signals at their defaults, as commands do.
-DEFAULT_SIGNALS = execute.DEFAULT_SIGNALS
+# A terminal's shell starts with these at their defaults whatever the agent
+# has (Python ignores SIGPIPE; an agent started in the background of a shell
+# ignores SIGINT and SIGQUIT, and an ignored signal stays ignored across exec).
+DEFAULT_SIGNALS = (
+    signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGHUP, signal.SIGTERM,
+    signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
+)  # fmt: skip
 CTTY_WRAPPER = 'exec 0<>"$0" 1>&0 2>&0 && cd "$HOME" 2>/dev/null; exec "$@"'
 
 
