@@ -229,8 +229,9 @@ def test_fine(bottle):
 """
 
 
-def bottle_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={default_cache_dir()}", *args]
+def bottle_cli(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # The cache is named, never derived here: pytester points HOME at its own directory.
+    argv = [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={cache}", *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=300)
 
 
@@ -249,10 +250,10 @@ def test_save_failed_under_xdist_prints_how_to_open_it(pytester: pytest.Pytester
     assert out.count("run --snapshot") == 1, "only the failed test's bottle is saved"
     try:
         assert (warm_cache / "snapshots" / name).is_dir(), "a saved snapshot outlives its session"
-        r = bottle_cli("run", "--snapshot", name, "--", "cat", "/root/clue")
+        r = bottle_cli(warm_cache, "run", "--snapshot", name, "--", "cat", "/root/clue")
         assert (r.returncode, r.stdout) == (0, "the clue"), r.stderr
         # The shell runs in a fork of its own: a terminal in the guest, the saved state, a new identity.
-        argv = [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={default_cache_dir()}", "shell", name]
+        argv = [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={warm_cache}", "shell", name]
         sh = subprocess.run(
             [*argv, "--", "sh", "-c", "tty; cat /root/clue; echo; exit 7"],
             input="",
@@ -261,11 +262,11 @@ def test_save_failed_under_xdist_prints_how_to_open_it(pytester: pytest.Pytester
             timeout=300,
         )
         assert sh.returncode == 7 and "/dev/pts/" in sh.stdout and "the clue" in sh.stdout, (sh.stdout, sh.stderr)
-        listed = bottle_cli("snapshot", "list").stdout
+        listed = bottle_cli(warm_cache, "snapshot", "list").stdout
         assert re.search(rf"^{name}\s+kept\s+debian-bookworm", listed, re.M), listed
     finally:
-        assert bottle_cli("snapshot", "rm", name).returncode == 0
-    gone = bottle_cli("run", "--snapshot", name, "--", "true")
+        assert bottle_cli(warm_cache, "snapshot", "rm", name).returncode == 0
+    gone = bottle_cli(warm_cache, "run", "--snapshot", name, "--", "true")
     assert gone.returncode == 1 and f"SnapshotGone: snapshot {name}: no such snapshot" in gone.stderr
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -132,9 +133,7 @@ def test_an_agent_restart_or_a_killed_vm_ends_processes_without_a_hang(bottle_fa
     assert time.monotonic() - started < 10
 
 
-def test_the_failure_report_lists_spawned_processes(pytester: pytest.Pytester) -> None:
-    from pytest_bottle.host.paths import default_cache_dir
-
+def test_the_failure_report_lists_spawned_processes(pytester: pytest.Pytester, warm_cache: Path) -> None:
     pytester.makepyfile("""
         def test_fails(bottle):
             bottle.exec("echo preparing")
@@ -144,7 +143,7 @@ def test_the_failure_report_lists_spawned_processes(pytester: pytest.Pytester) -
             bottle.spawn("sleep 600").kill().wait(30)
             assert False
     """)
-    result = pytester.runpytest_subprocess(f"--bottle-cache-dir={default_cache_dir()}", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess(f"--bottle-cache-dir={warm_cache}", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [

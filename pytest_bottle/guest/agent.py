@@ -150,7 +150,10 @@ class Agent(terminal.ProcessOps, system.SystemOps):
                     self.inboxes.pop(rid, None)
                 self.windows.close(rid)
         if current:
-            self.chan.send(frames.jframe(frames.REPLY, rid, reply))
+            try:
+                self.chan.send(frames.jframe(frames.REPLY, rid, reply))
+            except OSError:  # the host left: this worker stays for the next session
+                pass
 
     # -- operations ---------------------------------------------------------
 
