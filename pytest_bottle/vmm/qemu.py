@@ -120,6 +120,9 @@ class Runtime:
     incoming_fd: int | None = None  # the saved state being restored
     tap_fds: Mapping[str, int] = field(default_factory=dict)  # by NIC id
     clock_args: tuple[str, ...] = ()  # kernel arguments (vmm.clock)
+    # The file given as -kernel instead of cfg.kernel: a restore's is only the
+    # kernel's boot header (machine.boot_header_of).
+    kernel: Path | None = None
 
 
 def kernel_cmdline(cfg: MachineConfig, rt: Runtime) -> str:
@@ -154,10 +157,11 @@ def build_argv(cfg: MachineConfig, rt: Runtime) -> list[str]:
         "-cpu", cpu,
         "-m", f"{cfg.memory_mb}M",
         "-smp", str(cfg.cpus),
-        "-kernel", str(cfg.kernel),
+        "-kernel", str(rt.kernel or cfg.kernel),
         # A restored guest booted long ago: its initrd would only be read into
-        # QEMU's memory (fw_cfg, not migrated) for nothing.  The kernel stays,
-        # since it brings the option ROM whose RAM block the saved state has.
+        # QEMU's memory (fw_cfg, not migrated) for nothing.  A kernel is still
+        # needed (it brings the option ROM whose RAM block the saved state
+        # has), but only its boot header (rt.kernel).
         *(["-initrd", str(cfg.initrd)] if rt.incoming_fd is None else []),
         "-append", kernel_cmdline(cfg, rt),
         "-chardev", f"file,id=console,path={_opt(rt.console_log)},append=on",

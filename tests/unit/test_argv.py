@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_bottle.vmm.machine import boot_header_of
 from pytest_bottle.vmm.qemu import Forward, MachineConfig, Nic, Runtime, build_argv, cpu_model
 
 RUNTIME = {f.name for f in fields(Runtime)}
@@ -61,6 +62,17 @@ def test_tap_nic_and_incoming() -> None:
     # A restore needs the kernel (its option ROM is in the saved state), not the initrd.
     assert opt(argv, "-kernel") == ["/i/vmlinuz"] and "-initrd" not in argv
     assert "guest_announce=off" in opt(argv, "-device")[-1]
+    # ... and of the kernel only its boot header, when the runtime names one.
+    assert opt(build(incoming_fd=7, kernel=Path("/r/kernel.hdr")), "-kernel") == ["/r/kernel.hdr"]
+
+
+def test_boot_header_is_the_setup_sectors(tmp_path: Path) -> None:
+    image = bytearray(64 * 1024)
+    image[0x1F1] = 3  # setup sectors after the boot sector
+    image[0x202:0x206] = b"HdrS"
+    (tmp_path / "vmlinuz").write_bytes(bytes(image))
+    out = boot_header_of(tmp_path / "vmlinuz", tmp_path / "kernel.hdr")
+    assert out.read_bytes() == bytes(image[: 4 * 512])
 
 
 def test_a_tap_nic_without_its_fd_is_refused_by_name() -> None:
