@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ MEASURES = {  # key in the child's JSON -> row label
     "exec_ms": "exec ['true'] in a running bottle (ms)",
     "cold": "cold boot -> first exec (s)",
 }
+# Also in the child's JSON when asked for: "blocks" (translated blocks from restore to the
+# first answered `true`, one per launch of the default image), "restore:IMAGE" and
+# "blocks:IMAGE" for other images, "rss_mb" and "pss_mb" (one idle bottle per process).
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -64,13 +68,26 @@ def worktree(ref: str) -> Iterator[Path]:
 
 
 def measure(
-    tree: Path, extra_env: dict[str, str], restores: int = 0, execs: int = 0, cold: int = 0, quiet: bool = True
+    tree: Path,
+    extra_env: dict[str, str],
+    restores: int = 0,
+    execs: int = 0,
+    cold: int = 0,
+    quiet: bool = True,
+    *,
+    images: Sequence[str] = (),
+    blocks: bool = False,
+    idle: float = 0.0,
 ) -> dict[str, Any]:
     """Run the child with ``tree``'s pytest_bottle and ``extra_env``; return its one JSON line of numbers.
 
+    ``images``: other images than the default, each launched once first and then
+    ``restores`` times; ``blocks``: count translated blocks in every launch;
+    ``idle``: seconds a bottle idles after its first `true` before its host RSS is read.
     Its stderr (notices, the same in every run) shows only when not ``quiet`` or when it fails.
     """
-    argv = [sys.executable, __file__, "--child", str(restores), str(execs), str(cold)]
+    spec = {"restores": restores, "execs": execs, "cold": cold, "images": list(images), "blocks": blocks, "idle": idle}
+    argv = [sys.executable, __file__, "--child", json.dumps(spec)]
     env = dict(os.environ, **extra_env, PYTHONPATH=str(tree))
     stderr = subprocess.PIPE if quiet else None
     proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
@@ -89,18 +106,23 @@ def measure(
     return result
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, measures: dict[str, str] = MEASURES, **extra: Any) -> dict[str, list[dict[str, Any]]]:
+    """Alternate old and new, print the tables of ``measures`` and return every process's numbers.
+
+    ``extra``: more keyword arguments of ``measure`` (``images``, ``blocks``, ``idle``).
+    """
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM too removes the worktree
     try:
         with worktree(args.old) as old:
-            runs = alternate(args, old)
+            runs = alternate(args, old, extra)
     except KeyboardInterrupt:
         raise SystemExit("interrupted; the old side's worktree is removed") from None
-    report(runs)
+    report(runs, measures)
+    return runs
 
 
-def alternate(args: argparse.Namespace, old: Path) -> dict[str, list[dict[str, Any]]]:
-    counts = {"restores": args.ab_restores, "execs": args.ab_execs, "cold": args.ab_cold}
+def alternate(args: argparse.Namespace, old: Path, extra: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    counts = {"restores": args.ab_restores, "execs": args.ab_execs, "cold": args.ab_cold, **extra}
     sha = subprocess.run(["git", "-C", str(old), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     old_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pytest-bottle-bench-old"
     old_cache.mkdir(mode=0o700, exist_ok=True)
@@ -111,7 +133,7 @@ def alternate(args: argparse.Namespace, old: Path) -> dict[str, list[dict[str, A
     print("so the sides may use different images; a missing one is built now, ~4 min on TCG):", flush=True)
     for name, (tree, env) in sides.items():
         started = time.perf_counter()
-        ready = measure(tree, env, quiet=False)
+        ready = measure(tree, env, quiet=False, images=extra.get("images", ()))
         print(f"  {name}: ready in {time.perf_counter() - started:.0f} s, imports {ready['module']}", flush=True)
     runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
     for i in range(args.rounds):
@@ -122,43 +144,81 @@ def alternate(args: argparse.Namespace, old: Path) -> dict[str, list[dict[str, A
     return runs
 
 
-def report(runs: dict[str, list[dict[str, Any]]]) -> None:
-    def samples(name: str, key: str) -> list[list[float]]:
-        return [r[key] for r in runs[name]]
+def samples(runs: dict[str, list[dict[str, Any]]], side: str, key: str) -> list[float]:
+    """All of one side's values of ``key``, over its processes."""
+    return [v for r in runs[side] for v in r.get(key, [])]
 
+
+def pair_ratios(runs: dict[str, list[dict[str, Any]]], key: str) -> list[float]:
+    """new p50 / old p50 of ``key`` for each pair of processes, sorted."""
+    pairs = zip(runs["old"], runs["new"], strict=True)
+    return sorted(p50(n[key]) / p50(o[key]) for o, n in pairs if o.get(key) and n.get(key))
+
+
+def _num(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3f}"
+
+
+def report(runs: dict[str, list[dict[str, Any]]], measures: dict[str, str] = MEASURES) -> None:
     rows: list[list[object]] = []
     ratios: list[list[object]] = []
-    for key, label in MEASURES.items():
-        old, new = samples("old", key), samples("new", key)
-        if not any(old):
+    for key, label in measures.items():
+        if not samples(runs, "old", key) or not samples(runs, "new", key):
             continue
-        for name, per_run in (("old", old), ("new", new)):
-            flat = [v for run in per_run for v in run]
-            rows.append([label if name == "old" else "", name, len(flat), f"{p50(flat):.3f}", f"{pct(flat, 95):.3f}"])
-        pairs = sorted(p50(n) / p50(o) for o, n in zip(old, new, strict=True))
+        for name in ("old", "new"):
+            flat = samples(runs, name, key)
+            rows.append([label if name == "old" else "", name, len(flat), _num(p50(flat)), _num(pct(flat, 95))])
+        pairs = pair_ratios(runs, key)
         ratios.append([label, len(pairs), f"{p50(pairs):.3f}", f"{pairs[0]:.3f}", f"{pairs[-1]:.3f}"])
     table("old vs new, alternating", ["measure", "side", "n", "p50", "p95"], rows)
-    table("new / old per pair (< 1: new is faster)", ["measure", "pairs", "median", "min", "max"], ratios)
+    table("new / old per pair (< 1: new is faster or smaller)", ["measure", "pairs", "median", "min", "max"], ratios)
 
 
-def child(restores: int, execs: int, cold: int) -> None:
-    """Runs with one side's tree on PYTHONPATH; prints one JSON line."""
+def tb_count(bottle: Any) -> int:
+    """QEMU's translated blocks so far in ``bottle``'s process (``info jit``)."""
+    text = bottle._machine.qmp.cmd("human-monitor-command", **{"command-line": "info jit"})
+    found = re.search(r"TB count\s+(\d+)", text)
+    if not found:
+        raise SystemExit(f"no TB count in `info jit`:\n{text}")
+    return int(found.group(1))
+
+
+def child(spec: dict[str, Any]) -> None:
+    """Runs with one side's tree on PYTHONPATH; prints one JSON line.
+
+    Uses only what every version has: ``launch``, ``exec``, ``pid`` and the machine's QMP.
+    """
     import pytest_bottle
 
-    def first_exec(**kw: object) -> float:
-        started = time.perf_counter()
-        with pytest_bottle.launch(**kw) as b:
-            b.exec(["true"])
-            return time.perf_counter() - started
+    out: dict[str, Any] = {"module": pytest_bottle.__file__}
 
-    out: dict[str, object] = {"module": pytest_bottle.__file__, "first": [first_exec()]}
-    out["restore"] = [first_exec() for _ in range(restores)]
-    out["cold"] = [first_exec(boot="cold") for _ in range(cold)]
+    def first_exec(image: str = "", **kw: object) -> float:
+        started = time.perf_counter()
+        with pytest_bottle.launch(**({"image": image} if image else {}), **kw) as b:
+            b.exec(["true"])
+            took = time.perf_counter() - started
+            if spec["blocks"] and not kw:
+                out.setdefault(f"blocks:{image}" if image else "blocks", []).append(tb_count(b))
+            return took
+
+    out["first"] = [first_exec()]
+    for image in spec["images"]:
+        first_exec(image)  # its image and seed are made first, as the default one's are above
+    out["restore"] = [first_exec() for _ in range(spec["restores"])]
+    for image in spec["images"]:
+        out[f"restore:{image}"] = [first_exec(image) for _ in range(spec["restores"])]
+    out["cold"] = [first_exec(boot="cold") for _ in range(spec["cold"])]
     exec_ms = []
-    if execs:
+    if spec["execs"] or spec["idle"]:
         with pytest_bottle.launch() as b:
             b.exec(["true"])
-            for _ in range(execs):
+            if spec["idle"]:
+                import psutil
+
+                time.sleep(spec["idle"])
+                mem = psutil.Process(b.pid).memory_full_info()
+                out["rss_mb"], out["pss_mb"] = [mem.rss / 1e6], [mem.pss / 1e6]
+            for _ in range(spec["execs"]):
                 t = time.perf_counter()
                 b.exec(["true"])
                 exec_ms.append((time.perf_counter() - t) * 1000)
@@ -167,4 +227,4 @@ def child(restores: int, execs: int, cold: int) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    child(*(int(a) for a in sys.argv[2:5]))
+    child(json.loads(sys.argv[2]))

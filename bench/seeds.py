@@ -75,16 +75,25 @@ def idle_rss() -> tuple[float, float]:
         return mem.rss / 1e6, mem.pss / 1e6
 
 
-def many_at_once(n: int) -> tuple[float, int]:
+def many_at_once(n: int) -> tuple[float, int, list[float]]:
+    """``n`` threads each launch a bottle at once, run `true` in it and check its hostname.
+
+    Returns the seconds until all answered, the failures, and each bottle's launch -> first exec.
+    """
     errors: list[BaseException] = []
     bottles: list[pytest_bottle.Bottle] = []
+    firsts: list[float] = []
     lock = threading.Lock()
 
     def one() -> None:
         try:
+            started = time.perf_counter()
             b = pytest_bottle.launch()
             with lock:
                 bottles.append(b)
+            assert b.exec(["true"]).returncode == 0
+            with lock:
+                firsts.append(time.perf_counter() - started)
             assert b.check_output("hostname").strip() == b.name
         except BaseException as e:
             errors.append(e)
@@ -100,7 +109,7 @@ def many_at_once(n: int) -> tuple[float, int]:
         b.close()
     for e in errors:
         print(f"  failure: {type(e).__name__}: {e}")
-    return took, len(errors)
+    return took, len(errors), firsts
 
 
 def fresh_vm(n_cold: int, n_restores: int) -> None:
@@ -128,7 +137,7 @@ def fresh_vm(n_cold: int, n_restores: int) -> None:
 
 def resources(n_many: int) -> None:
     rss, pss = idle_rss()
-    many_s, failures = many_at_once(n_many)
+    many_s, failures, _ = many_at_once(n_many)
     table(
         "resources",
         ["measure", "value", "target", "verdict"],
