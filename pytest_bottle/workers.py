@@ -10,7 +10,7 @@ worker starts), so its local workers never sweep again.
 
 At the end each worker sends its host (name, id) and how many bottles it
 started in ``workeroutput``; the controller prints one line in the terminal
-summary, for distributed runs only:
+summary, for distributed runs that started bottles only:
 ``bottles ran on: hostA (gw1: 3; the controller's host), hostB (gw0: 2)``.
 """
 
@@ -49,8 +49,8 @@ class RunHosts:
         self.workers.append(WorkerHost(name, host, int(out.get("bottle_count", 0)) if host else 0))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self.workers:
-            terminalreporter.write_line(summary_line(self.workers, self.host))
+        if line := summary_line(self.workers, self.host):
+            terminalreporter.write_line(line)
 
     # -- worker ---------------------------------------------------------------
 

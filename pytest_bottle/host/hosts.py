@@ -138,18 +138,18 @@ class WorkerHost:
     bottles: int = 0
 
 
-def summary_line(workers: list[WorkerHost], controller: HostIdentity | None) -> str:
+def summary_line(workers: list[WorkerHost], controller: HostIdentity | None) -> str | None:
     """``bottles ran on: hostA (gw0: 3, gw1: 2; the controller's host), hostB (gw2: 4)``
     (bottles started per worker): the hosts
     whose workers started bottles; a worker that went down without a word
-    (killed, crashed) is listed as ``unknown``.  The id is shown only where
+    (killed, crashed) is listed as ``unknown``; None if no worker started a bottle.  The id is shown only where
     two hosts share a name; the controller's host is marked."""
     by_host: dict[HostIdentity | None, list[WorkerHost]] = {}
     for w in sorted(workers, key=lambda w: _worker_order(w.worker)):
         if w.host is None or w.bottles:
             by_host.setdefault(w.host, []).append(w)
-    if not by_host:
-        return "bottles ran on: no host (no worker started a bottle)"
+    if not by_host:  # no bottles in this run: nothing to say
+        return None
     names = [h.name for h in by_host if h is not None]
     parts = []
     for host, ws in by_host.items():
