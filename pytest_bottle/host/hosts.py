@@ -27,7 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .locks import reporting_lock
+from filelock import FileLock, Timeout
+
+from ..errors import LockTimeout
+from .locks import lock_holder
 from .paths import state_dir, write_json
 from .sweep import SweepReport, sweep
 
@@ -38,6 +41,8 @@ RUNS_FILE = "host-runs.json"
 RUNS_LOCK = "host-runs.lock"
 # Runs remembered per host: enough for concurrent runs, small to read.
 KEEP_RUNS = 64
+# A sweep ends dead VMs (up to 5 s each to die): a wait this long means a stuck holder.
+LOCK_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,15 @@ def start_run_on_host(run_id: str, cache_dir: Path, by: str, start: float | None
     run ``run_id`` did already; return the run's start on this host.
 
     ``start``: the start to record if this process sweeps (the controller's
-    own); a worker records the time it swept."""
+    own); a worker records the time it swept.  Raises ``LockTimeout`` if
+    another process holds this host's sweep lock for ``LOCK_TIMEOUT``."""
     state = state_dir()
-    with reporting_lock(state / RUNS_LOCK, "the startup sweep of this host"):
+    lock = state / RUNS_LOCK
+    try:
+        held = FileLock(str(lock), timeout=LOCK_TIMEOUT, mode=0o600).acquire()
+    except Timeout:
+        raise LockTimeout(str(lock), LOCK_TIMEOUT, lock_holder(lock)) from None
+    with held:
         runs = _load_runs(state / RUNS_FILE)
         if (known := runs.get(run_id)) is not None:
             return HostStart(float(known["start"]), str(known.get("by", "?")), None)
