@@ -1,4 +1,5 @@
-"""pytest glue: options, the ``bottle`` marker, fixtures, the startup sweep (report sections: ``reports``).
+"""pytest glue: options, the ``bottle`` marker, fixtures, the startup sweep (report sections: ``reports``;
+the sweep per host and the hosts that ran bottles: ``workers``).
 
 Everything else lives in the core (``manager``, ``launch``, ``spec``...),
 which imports without pytest.
@@ -11,7 +12,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
-from . import matrix
+from . import matrix, workers
 from .bottle import Bottle
 from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
-from .host.sweep import sweep
 from .images import BuiltImage, Image, ensure_image
 from .images.image import known_names
 from .lifecycle.manager import BottleManager
@@ -181,7 +180,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except SpecError as e:
         raise InvalidBottleArgument(e.message, e.source) from None
     config.pluginmanager.register(matrix, "bottle-matrix")
-    _resolve([("command line", cli), ("ini file", ini)])  # fail fast on a bad option
+    first = _resolve([("command line", cli), ("ini file", ini)])  # fail fast on a bad option
 
     def flag(name: str) -> bool:
         value = config.getoption(f"bottle_{name}")
@@ -189,8 +188,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
     prestart = _prestart(config)
 
-    worker = getattr(config, "workerinput", None)
-    run_start = float(worker["bottle_run_start"]) if worker and "bottle_run_start" in worker else time.time()
+    try:  # once per run and host, before the first bottle: sweep this host (see workers.py)
+        run_start = workers.start(config, first.cache_dir, lambda: config.stash[STATE].manager.handed_out)
+    except UnsafeDirectory as e:
+        raise UnsafeBottleDirectory(**e._args()) from None
+    except LockTimeout as e:
+        raise BottleLockTimeout(**e._args()) from None
     state = _State(
         config,
         cli,
@@ -206,16 +209,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(BottleReports(state.manager, state.keep), "bottle-reports")
     if flag("save_failed"):
         config.pluginmanager.register(SaveFailed(state.manager), "bottle-save-failed")
-    if worker is None:  # once per run, before the first bottle: the controller sweeps
-        spec = state.spec()
-        try:
-            report = sweep([spec.cache_dir])
-        except UnsafeDirectory as e:
-            raise UnsafeBottleDirectory(**e._args()) from None
-        except LockTimeout as e:
-            raise BottleLockTimeout(**e._args()) from None
-        if report:
-            log.info("pytest-bottle startup sweep: %s", report.summary())
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, os.getpid()))
 
@@ -241,12 +234,6 @@ def _on_sigterm(owner: int, signum: int, frame: object) -> None:
         os._exit(128 + signum)
     # Unwind like Ctrl-C, so fixture finalizers stop every VM.
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node: Any) -> None:
-    """xdist: workers share the controller's run start (``--bottle-rebuild`` once per run)."""
-    node.workerinput["bottle_run_start"] = _state(node.config).run_start
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

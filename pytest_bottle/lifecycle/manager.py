@@ -13,7 +13,8 @@ its own, and the spare for the old spec is thrown away.
 ``BottleManager.stats`` counts what became of spares ("spare_used",
 "spare_failed", "spare_dead", "spare_discarded"): a failing spare falls back to
 a foreground start silently, so the suite reads these to prove pre-start
-works.  Diagnostics only, not part of the public contract.
+works.  Diagnostics only, not part of the public contract.  ``handed_out``
+counts the bottles given to tests (the report of which hosts ran bottles).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class BottleManager:
         self._spares: collections.deque[tuple[BottleSpec, Future[Bottle]]] = collections.deque()
         self._pool: ThreadPoolExecutor | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+        self.handed_out = 0
 
     def group(self, key: str) -> Group:
         with self._lock:
@@ -69,6 +71,7 @@ class BottleManager:
         else:
             bottle = start_bottle(spec, rebuild_before=self.rebuild_before, detached=self.keep_failed, lans=group.lans)
         group.bottles.append(bottle)
+        self.handed_out += 1
         if spare:
             self._refill(spec)
         return bottle
@@ -78,6 +81,7 @@ class BottleManager:
         group = self.group(group_key)
         bottle = snapshot.fork(overrides, detached=self.keep_failed, lans=group.lans)
         group.bottles.append(bottle)
+        self.handed_out += 1
         return bottle
 
     # -- spares -------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""pytest glue for runs over several hosts (xdist workers elsewhere, ``--tx ssh=``):
+each host's startup sweep and run start, and the line saying which hosts ran
+bottles (registered by ``plugin.pytest_configure``; the logic is ``host.hosts``).
+
+The controller makes a run id and sends it to every worker (``workerinput``).
+Each process then calls ``start_run_on_host`` with it: the first of the run on
+a host sweeps that host, the others find the run recorded there.  The
+controller goes first on its own host (``pytest_configure`` runs before any
+worker starts), so its local workers never sweep again.
+
+At the end each worker sends its host (name, id) and how many bottles it
+started in ``workeroutput``; the controller prints one line in the terminal
+summary, for distributed runs that started bottles only:
+``bottles ran on: hostA (gw1: 3; the controller's host), hostB (gw0: 2)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .host.hosts import HostIdentity, WorkerHost, host_identity, new_run_id, start_run_on_host, summary_line
+
+
+class RunHosts:
+    def __init__(self, config: pytest.Config, run_id: str, host: HostIdentity, handed_out: Callable[[], int]) -> None:
+        self.config = config
+        self.run_id = run_id
+        self.host = host
+        self.handed_out = handed_out
+        self.workers: list[WorkerHost] = []
+
+    # -- controller -----------------------------------------------------------
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["bottle_run_id"] = self.run_id
+        node.workerinput["bottle_controller_host"] = self.host.as_dict()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        out = getattr(node, "workeroutput", None) or {}
+        name = str(getattr(getattr(node, "gateway", None), "id", "?"))
+        host = HostIdentity.from_dict(out.get("bottle_host"))
+        self.workers.append(WorkerHost(name, host, int(out.get("bottle_count", 0)) if host else 0))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if line := summary_line(self.workers, self.host):
+            terminalreporter.write_line(line)
+
+    # -- worker ---------------------------------------------------------------
+
+    def pytest_sessionfinish(self) -> None:
+        out = getattr(self.config, "workeroutput", None)
+        if out is not None:
+            out["bottle_host"] = self.host.as_dict()
+            out["bottle_count"] = self.handed_out()
+
+
+def start(config: pytest.Config, cache_dir: Path, handed_out: Callable[[], int]) -> float:
+    """Sweep this host once for the run (if no process of the run did yet) and
+    return the run's start by this host's clock; registers the hooks above.
+
+    Raises what the sweep raises (``UnsafeDirectory``, ``LockTimeout``)."""
+    worker = getattr(config, "workerinput", None)
+    if worker is None:
+        run_id, by, begun = new_run_id(), "controller", time.time()
+    else:  # a worker of a controller without this plugin's hooks sweeps as if alone
+        run_id, by, begun = str(worker.get("bottle_run_id") or new_run_id()), str(worker["workerid"]), None
+    found = start_run_on_host(run_id, cache_dir, by, begun)
+    config.pluginmanager.register(RunHosts(config, run_id, host_identity(), handed_out), "bottle-hosts")
+    return found.start
