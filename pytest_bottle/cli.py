@@ -1,4 +1,4 @@
-"""The ``bottle`` command: doctor, image build|list|rm, seed list|rm, snapshot list|rm|prune,
+"""The ``bottle`` command: doctor, image build|list|rm|prune|export|import|key, seed list|rm, snapshot list|rm|prune,
 run, shell, ps, stop, sweep."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import snapshot_cli
+from . import snapshot_cli, transfer_cli
 from .errors import BottleError, SpecError
 from .host import deps as hostdeps
 from .host import progress
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = image.add_parser("rm", help="remove an image and its seeds from the cache")
     r.add_argument("name")
     r.set_defaults(fn=cmd_image_rm)
+    transfer_cli.add_parsers(image, _load_images)
 
     seed = sub.add_parser("seed", help="list or remove work seeds").add_subparsers(dest="sub", required=True)
     seed.add_parser("list", help="seeds in the cache").set_defaults(fn=cmd_image_list)
