@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from pytest_bottle.images import archive
 from pytest_bottle.images.archive import ImageRef, Member
 from pytest_bottle.images.image import check_pull_template
 from pytest_bottle.images.pull import expand
-from pytest_bottle.images.transfer import import_file
+from pytest_bottle.images.transfer import export, import_file
 
 KEY = "0123456789abcdef"
 REF = ImageRef(f"debian-bookworm-{KEY}", "recipe", "debian-bookworm", KEY)
@@ -206,3 +207,56 @@ def test_pull_templates() -> None:
             check_pull_template(bad)
     assert expand("http://h/{name}/{key}.tgz", "debian-bookworm+abc", KEY) == f"http://h/debian-bookworm+abc/{KEY}.tgz"
     assert expand("http://h/{name}", "a b", KEY) == "http://h/a%20b"
+
+
+def _fake_cache(root: Path, backing: str | None = None) -> str:
+    """A cache with a fake recipe image and a derived layer on it (a real
+    qcow2 naming ``backing``, by default its parent's rootfs); returns the layer's entry."""
+    base = root / "images" / REF.entry
+    base.mkdir(parents=True)
+    for name, data in FILES.items():
+        (base / name).write_bytes(data)
+    layer_key = "fedcba9876543210"
+    layer = root / "images" / f"derived-{layer_key}"
+    layer.mkdir()
+    backing = backing or f"../{REF.entry}/rootfs.ext4"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b", backing, str(layer / "disk.qcow2"), "4M"],
+        check=True,
+        cwd=layer,
+    )
+    manifest = {
+        "kind": "derived",
+        "name": "web",
+        "key": layer_key,
+        "parent": "debian-bookworm",
+        "parent_key": KEY,
+        "parent_created": 1.5,
+        "created": 2.5,
+    }
+    (layer / "manifest.json").write_text(json.dumps(manifest))
+    return layer.name
+
+
+def test_a_derived_image_travels_with_its_parent(tmp_path: Path) -> None:
+    entry = _fake_cache(tmp_path / "a")
+    refs, _ = export("web", tmp_path / "web.tar.gz", tmp_path / "a")
+    assert [r.entry for r in refs] == [REF.entry, entry]
+    done = import_file(tmp_path / "web.tar.gz", tmp_path / "b")
+    assert [(d.ref.entry, d.action) for d in done] == [(REF.entry, "imported"), (entry, "imported")]
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(tmp_path / "b" / "images" / entry / "disk.qcow2")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(info.stdout)["backing-filename"] == f"../{REF.entry}/rootfs.ext4"
+
+
+@pytest.mark.parametrize("backing", ["/etc/hostname", f"../../../{REF.entry}/rootfs.ext4"])
+def test_a_layer_resting_on_anything_but_its_parent_is_refused(tmp_path: Path, backing: str) -> None:
+    _fake_cache(tmp_path / "a", backing)
+    export("web", tmp_path / "web.tar.gz", tmp_path / "a")
+    with pytest.raises(ImageImportError, match="must be a layer on"):
+        import_file(tmp_path / "web.tar.gz", tmp_path / "b")
+    _nothing_left(tmp_path / "b")
