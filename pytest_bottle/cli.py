@@ -1,4 +1,4 @@
-"""The ``bottle`` command: doctor, image build|list|rm, seed list|rm, snapshot list|rm|prune,
+"""The ``bottle`` command: doctor, image build|list|rm|prune|export|import|key, seed list|rm, snapshot list|rm|prune,
 run, shell, ps, stop, sweep."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import snapshot_cli
+from . import snapshot_cli, transfer_cli
 from .errors import BottleError, SpecError
 from .host import deps as hostdeps
 from .host import progress
@@ -22,6 +22,7 @@ from .host.sweep import SweepReport, stop_vm, sweep
 from .images import RECIPES, BuiltImage, Image, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
 from .images.derived import list_derived, prune_derived, remove_derived
+from .images.image import check_pull_template
 from .spec import resolve
 from .store.gc import prune_seeds, remove_seeds
 from .store.seeds import list_seeds
@@ -99,12 +100,20 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     def progress(stage: str, elapsed: float) -> None:
         print(f"[{elapsed:6.1f}s] {stage}", flush=True)
 
-    image = ensure_image(args.name, args.cache_dir, rebuild_before=started if args.rebuild else None, progress=progress)
+    rebuild_before = started if args.rebuild else None
+    image = ensure_image(args.name, args.cache_dir, rebuild_before=rebuild_before, progress=progress, pull=args.pull)
     if args.rebuild:
         remove_seeds(args.cache_dir, args.name)
     m = image.manifest
     print(f"{image.name} {image.key}: {image.path} (built in {m['build_seconds']}s, log {image.path / 'build.log'})")
     return 0
+
+
+def _pull_url(value: str) -> str:
+    try:
+        return check_pull_template(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_image_list(args: argparse.Namespace) -> int:
@@ -269,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a Python file or module defining images (Image(...).named(NAME), or pytest_bottle_images())",
     )
     b.add_argument("--rebuild", action="store_true", help="build again even if cached (and drop its seeds)")
+    b.add_argument("--pull", metavar="URL", type=_pull_url, help="pull it from this URL ({name}, {key}) if not cached")
     b.set_defaults(fn=cmd_image_build)
     image.add_parser("list", help="known images, what is built, and seeds").set_defaults(fn=cmd_image_list)
     prune_help = "remove old images, stale seeds and old failed-build logs; print what was freed"
@@ -280,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = image.add_parser("rm", help="remove an image and its seeds from the cache")
     r.add_argument("name")
     r.set_defaults(fn=cmd_image_rm)
+    transfer_cli.add_parsers(image, _load_images)
 
     seed = sub.add_parser("seed", help="list or remove work seeds").add_subparsers(dest="sub", required=True)
     seed.add_parser("list", help="seeds in the cache").set_defaults(fn=cmd_image_list)

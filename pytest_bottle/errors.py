@@ -316,3 +316,16 @@ class SnapshotError(BottleError):
 
 class SnapshotGone(SnapshotError, LookupError):
     """The snapshot was removed (``remove()``, its session ended, ``bottle snapshot rm``) or never existed."""
+
+
+class ImageImportError(BottleError):
+    """An image export file (or URL) that was refused: damaged, tampered with,
+    unsafe, or not the image wanted.  Nothing of it is left in the cache."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"cannot import {source}: {reason}")
+
+    def _args(self) -> dict[str, Any]:
+        return {"source": self.source, "reason": self.reason}

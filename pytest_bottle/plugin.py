@@ -43,6 +43,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "cpus": ("N", "VM CPUs (default: 1)"),
     "boot": ("snapshot|cold", "restore from a work seed, or boot from scratch (default: snapshot)"),
     "timeout": ("SECONDS", "boot timeout of each VM (default: 300)"),
+    "image-pull": (
+        "URL",
+        "where to pull a missing image from before building it: a URL or path with {name} and {key}, "
+        "of a 'bottle image export' file (default: none, build)",
+    ),
 }
 FLAGS: dict[str, str] = {
     "rebuild": "rebuild images and seeds once at the start of this run",
@@ -173,6 +178,9 @@ def pytest_configure(config: pytest.Config) -> None:
     ini = {k: (config.getini(dest) or None) for k, dest in keys.items()}
     if ini["cache_dir"] and config.inipath and not Path(str(ini["cache_dir"])).expanduser().is_absolute():
         ini["cache_dir"] = str(config.inipath.parent / str(ini["cache_dir"]))  # relative to the ini file
+    pull = ini["image_pull"]
+    if pull and config.inipath and "://" not in str(pull) and not Path(str(pull)).expanduser().is_absolute():
+        ini["image_pull"] = str(config.inipath.parent / str(pull))  # a path: relative to the ini file too
     try:  # an image list: kept for the matrix, its first image stays in cli/ini
         matrix.configure(config, cli, ini)
     except ImageNotFound as e:
@@ -366,4 +374,4 @@ def bottle_image(request: pytest.FixtureRequest, _bottle_matrix_image: str | Non
     in a matrix, the image of the test's parameter."""
     state = _state(request.config)
     spec = state.spec(image=_bottle_matrix_image)
-    return ensure_image(spec.image, spec.cache_dir, rebuild_before=state.rebuild_before)
+    return ensure_image(spec.image, spec.cache_dir, rebuild_before=state.rebuild_before, pull=spec.image_pull)

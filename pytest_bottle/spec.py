@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 from .errors import SpecError
 from .host.paths import default_cache_dir
-from .images.image import Image
+from .images.image import Image, check_pull_template
 
 Network = Literal["none", "nat"]
 BootMode = Literal["snapshot", "cold"]
@@ -46,6 +46,7 @@ class BottleSpec:
     timeout: float = 300.0
     accel: AccelRequest = "auto"
     cache_dir: Path = field(default_factory=default_cache_dir)
+    image_pull: str | None = None  # URL template of published images, tried before a build
 
 
 def parse_memory(value: Any) -> int:
@@ -147,8 +148,9 @@ PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "timeout": ("timeout", _timeout),
     "accel": ("accel", _choice(ACCELS, "accel")),
     "cache_dir": ("cache_dir", _path),
+    "image_pull": ("image_pull", check_pull_template),
 }
-# Keys a marker or factory may set; accel and cache_dir are run-wide (CLI/ini/launch).
+# Keys a marker or factory may set; accel, cache_dir and image_pull are run-wide (CLI/ini/launch).
 BOTTLE_KEYS = ("image", "memory", "cpus", "network", "lan", "forward", "boot", "timeout")
 
 

@@ -122,9 +122,13 @@ def ensure_image(
     *,
     rebuild_before: float | None = None,
     progress: builder.Progress | None = None,
+    pull: str | None = None,
 ) -> BuiltImage:
     """Return the cached image (a registered name or an ``Image``), building
     it once across processes if needed; a derived image's parents first.
+
+    ``pull``: a URL template (``images.pull``) to fetch a missing image from
+    before building it; a recipe's or ``Image``'s own ``pull_url`` comes first.
 
     ``rebuild_before``: an entry created before this time is rebuilt (how
     ``--rebuild`` works under xdist: the first worker rebuilds, the others
@@ -136,20 +140,27 @@ def ensure_image(
     if isinstance(target, Image):
         from .derived import ensure_derived  # derived builds on this module
 
-        return ensure_derived(target, cache_dir, rebuild_before=rebuild_before, progress=progress)
+        return ensure_derived(target, cache_dir, rebuild_before=rebuild_before, progress=progress, pull=pull)
     name = target
     recipe = get_recipe(name)
     final = entry_dir(cache_root(cache_dir), recipe)
     built = _load(final)
     if built and (rebuild_before is None or built.created >= rebuild_before):
         return built
+    pulled = ""
+    if (recipe.pull_url or pull) and built is None and rebuild_before is None:
+        from .pull import pull_missing  # pull builds on this module
+
+        pulled = pull_missing(str(recipe.pull_url or pull), name, recipe.key(), cache_dir, lambda: bool(_load(final)))
+        if not pulled and (built := _load(final)) is not None:
+            return built
     lock = lock_path(cache_dir, final.name)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with reporting_lock(lock, f"the build of image {name}"):
         built = _load(final)
         if built and (rebuild_before is None or built.created >= rebuild_before):
             return built  # another process built it while we waited
-        why = _why_build(name, final, built)
+        why = _why_build(name, final, built) + (f" ({pulled})" if pulled else "")
         with entries.building(final) as tmp:  # stale ones of dead builds go first: we hold the lock
             try:
                 with task(f"building image {name} (key {recipe.key()})", why) as t:

@@ -59,12 +59,20 @@ def ensure_derived(
     *,
     rebuild_before: float | None = None,
     progress: builder.Progress | None = None,
+    pull: str | None = None,
 ) -> BuiltImage:
     """The built ``image`` (an image with steps), its parents first; built
-    once across processes if missing, stale or older than ``rebuild_before``."""
+    once across processes if missing, stale or older than ``rebuild_before``.
+    ``pull``: see ``cache.ensure_image`` (a published export brings the parents too)."""
     cache_dir = cache_root(cache_dir)
-    parent = ensure_image(image.parent, cache_dir, rebuild_before=rebuild_before, progress=progress)
     final = entry_dir(cache_dir, image)
+    template = image.pull_url or pull
+    pulled = ""
+    if template and rebuild_before is None and not (final / "manifest.json").is_file():
+        from .pull import pull_missing
+
+        pulled = pull_missing(template, image.display_name, image.key, cache_dir, (final / "manifest.json").is_file)
+    parent = ensure_image(image.parent, cache_dir, rebuild_before=rebuild_before, progress=progress, pull=pull)
 
     def usable(found: BuiltImage | None) -> bool:
         return found is not None and (rebuild_before is None or found.created >= rebuild_before)
@@ -84,7 +92,7 @@ def ensure_derived(
             "rebuild requested"
             if found is not None
             else "not cached yet (about a minute per step that installs packages)"
-        )
+        ) + (f" ({pulled})" if pulled else "")
         with task(f"building image {image.display_name} on {parent.name} ({len(image.steps)} steps)", why) as t:
             _build(image, parent, cache_dir, final, t.relay(progress))
         built = load(final, image, parent)  # under the lock: no rm or prune in between

@@ -119,6 +119,7 @@ class Image:
     start: str | Image
     steps: tuple[Step, ...] = ()
     name: str | None = None
+    pull_url: str | None = field(default=None, compare=False)  # see pull_from(); not part of the key
 
     def __post_init__(self) -> None:
         if isinstance(self.start, str):
@@ -184,6 +185,19 @@ class Image:
         NAMED.setdefault(name, image)
         return NAMED[name]
 
+    def pull_from(self, url: str) -> Image:
+        """This image, pulled from ``url`` when it is not cached, before it is
+        built: an ``http(s)://`` or ``file://`` URL or a path of a ``bottle
+        image export`` file, ``{name}`` and ``{key}`` filled in.  A file that
+        does not hold this image's key is not used (it is built instead)."""
+        try:
+            image = replace(self, pull_url=check_pull_template(url))
+        except ValueError as e:
+            raise SpecError(f"pull_from(): {e}") from None
+        if self.name is not None and NAMED.get(self.name) is not None and NAMED[self.name].key == self.key:
+            NAMED[self.name] = image
+        return image
+
     def _then(self, step: Step) -> Image:
         # A step on a named image derives from it; the new one has no name yet.
         if self.name is not None:
@@ -232,6 +246,20 @@ class Image:
 
     def __repr__(self) -> str:
         return f"Image({self.display_name!r}, steps={len(self.steps)})"
+
+
+def check_pull_template(value: object) -> str:
+    """A pull template: an http(s):// or file:// URL or a path, with only
+    the placeholders ``{name}`` and ``{key}``."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"a pull URL must be a non-empty str, not {value!r}")
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme not in ("http", "https", "file", ""):
+        raise ValueError(f"a pull URL must be http(s)://, file:// or a path, not {value!r}")
+    unknown = sorted(set(re.findall(r"\{([^}]*)\}", value)) - {"name", "key"})
+    if unknown:
+        raise ValueError(f"a pull URL knows the placeholders {{name}} and {{key}}, not {unknown}")
+    return value
 
 
 def known_names() -> list[str]:

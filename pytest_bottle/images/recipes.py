@@ -75,6 +75,8 @@ class Recipe:
     mirror: str | None = None  # None: the host's apt sources for the suite
     description: str = ""
     extra_files: tuple[tuple[str, str], ...] = field(default=())  # (guest path, content)
+    # Where a missing build may be pulled from (``images.pull``); not part of the key.
+    pull_url: str | None = field(default=None, compare=False)
 
     @property
     def has_sshd(self) -> bool:
@@ -82,7 +84,9 @@ class Recipe:
 
     def key(self) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
+        fields = dataclasses.asdict(self)
+        fields.pop("pull_url")  # where a build may come from changes nothing in it
+        h.update(json.dumps(fields, sort_keys=True).encode())
         h.update(f"builder={BUILDER_VERSION}".encode())
         for name in GUEST_FILES:
             h.update(name.encode() + b"\0" + (GUEST_DIR / name).read_bytes())

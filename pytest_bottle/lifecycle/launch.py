@@ -77,7 +77,7 @@ def start_bottle(
     """Start a bottle for a resolved spec.  ``lans`` scopes LAN names (default: process-wide).
     ``fork_of``: the image and the snapshot to restore instead of a seed."""
     if fork_of is None:
-        image = ensure_image(spec.image, spec.cache_dir, rebuild_before=rebuild_before)
+        image = ensure_image(spec.image, spec.cache_dir, rebuild_before=rebuild_before, pull=spec.image_pull)
         accel = accel_for(spec.accel, image, spec.cache_dir).accel
     else:
         image, accel = fork_of[0], fork_of[1].manifest["key_parts"]["accel"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -155,7 +156,7 @@ def _create(image: BuiltImage, accel: str, parts: dict[str, Any], final: Path, b
         ready, settle, named = _boot_and_save(image, accel, parts, tmp, baked)
         return {
             "kind": "seed",
-            "image_path": str(image.path),
+            "image_path": os.path.relpath(image.path, final),  # relative: the cache may move
             "boot_seconds": round(ready - started, 2),
             "guest_state": settle.state,
             "nic_names": [named[n.mac.lower()] for n in seed_nics(parts["nics"])],

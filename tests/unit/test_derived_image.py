@@ -172,3 +172,13 @@ def test_a_spec_takes_an_image_or_a_name() -> None:
     assert resolve([("marker", {"image": "debian-bookworm"})], restricted=1).image == "debian-bookworm"
     with pytest.raises(SpecError, match="name or an Image"):
         resolve([("marker", {"image": 3})], restricted=1)
+
+
+def test_pull_from_is_not_part_of_the_key_nor_inherited() -> None:
+    base = Image("debian-bookworm").install("curl")
+    pulled = base.pull_from("https://h/{name}-{key}.tar.gz")
+    assert pulled.key == base.key and pulled == base and pulled.pull_url
+    assert pulled.install("jq").pull_url is None
+    assert get_recipe("debian-bookworm").pull_url is None
+    with pytest.raises(SpecError, match="pull_from"):
+        base.pull_from("gopher://h/x")

@@ -29,6 +29,7 @@ CASES = [
     E.OutputLimit("/x in btl-1 is larger than 1073741824 bytes: use get()"),
     E.SnapshotError("btl-1-abc", "it is corrupt: memory.state does not match its checksum"),
     E.SnapshotGone("btl-1-abc", "it was removed"),
+    E.ImageImportError("http://127.0.0.1:1/x.tar.gz", "member images/x/rootfs.ext4 does not match its sha256"),
 ]
 
 

@@ -95,3 +95,15 @@ def test_spec_is_frozen() -> None:
     spec = resolve([])
     with pytest.raises(AttributeError):
         spec.cpus = 2  # type: ignore[misc]
+
+
+def test_image_pull_is_run_wide_and_checked() -> None:
+    url = "https://images.example.org/{name}-{key}.tar.gz"
+    assert resolve([("command line", {"image_pull": url})]).image_pull == url
+    assert resolve([]).image_pull is None
+    with pytest.raises(SpecError, match="ini file"):
+        resolve([("ini file", {"image_pull": "ftp://h/{key}"})])
+    with pytest.raises(SpecError, match="placeholders"):
+        resolve([("ini file", {"image_pull": "https://h/{version}"})])
+    with pytest.raises(SpecError, match="unknown argument"):
+        resolve([("@pytest.mark.bottle", {"image_pull": url})], restricted=1)
