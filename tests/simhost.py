@@ -134,24 +134,26 @@ class SimHost:
     def close(self) -> None:
         """Kill sshd and everything below it (workers, QEMU), then remove the
         namespace and the veth pair (the pair goes with its end in the namespace)."""
-        if self.sshd is not None:
-            procs = [*self.descendants()]
-            try:
-                procs.append(psutil.Process(self.sshd.pid))
-            except psutil.NoSuchProcess:
-                pass
-            for p in procs:
+        try:
+            if self.sshd is not None:
+                procs = [*self.descendants()]
                 try:
-                    p.kill()
+                    procs.append(psutil.Process(self.sshd.pid))
                 except psutil.NoSuchProcess:
                     pass
-            psutil.wait_procs(procs, timeout=10)
-            self.sshd.wait(timeout=10)
-        if self._made_netns:
-            subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, timeout=30)
-            self._made_netns = False
-        if self.link_exists():
-            subprocess.run(["ip", "link", "del", self.veth[0]], capture_output=True, timeout=30)
+                for p in procs:
+                    try:
+                        p.kill()
+                    except psutil.NoSuchProcess:
+                        pass
+                psutil.wait_procs(procs, timeout=10)
+                self.sshd.wait(timeout=10)
+        finally:  # the namespace and the link go even if a process would not
+            if self._made_netns:
+                subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, timeout=30)
+                self._made_netns = False
+            if self.link_exists():
+                subprocess.run(["ip", "link", "del", self.veth[0]], capture_output=True, timeout=30)
 
     def link_exists(self) -> bool:
         r = subprocess.run(["ip", "link", "show", self.veth[0]], capture_output=True, timeout=30)

@@ -153,8 +153,9 @@ def summary_line(workers: list[WorkerHost], controller: HostIdentity | None) -> 
     """``bottles ran on: hostA (gw0: 3, gw1: 2; the controller's host), hostB (gw2: 4)``
     (bottles started per worker): the hosts
     whose workers started bottles; a worker that went down without a word
-    (killed, crashed) is listed as ``unknown``; None if no worker started a bottle.  The id is shown only where
-    two hosts share a name; the controller's host is marked."""
+    (killed, crashed) is listed as ``unknown``, since it may have started
+    some; None if no worker started a bottle and none went down.  The id is
+    shown only where two hosts share a name; the controller's host is marked."""
     by_host: dict[HostIdentity | None, list[WorkerHost]] = {}
     for w in sorted(workers, key=lambda w: _worker_order(w.worker)):
         if w.host is None or w.bottles:

@@ -61,13 +61,16 @@ def boot_header_of(kernel: Path, out: Path) -> Path:
     bottle's RSS, for a guest that booted long ago.  It still needs a kernel
     for the option ROM whose RAM block the saved state has; the header alone
     passes QEMU's checks and brings the same ROM."""
-    with open(kernel, "rb") as f:
-        head = f.read(0x1F2)
-        if len(head) < 0x1F2:
-            raise BootError(f"{kernel} is not a bzImage")
-        sectors = head[0x1F1] or 4
-        data = head + f.read((sectors + 1) * 512 - len(head))
-    out.write_bytes(data)
+    try:
+        with open(kernel, "rb") as f:
+            head = f.read(0x206)
+            if len(head) < 0x206 or head[0x202:0x206] != b"HdrS":
+                raise BootError(f"{kernel} is not a bzImage (no boot header)")
+            sectors = head[0x1F1] or 4
+            data = head + f.read((sectors + 1) * 512 - len(head))
+        out.write_bytes(data)
+    except OSError as e:  # the image went (removed, pruned) or cannot be read
+        raise BootError(f"cannot read the kernel {kernel}: {e.strerror}") from None
     return out
 
 

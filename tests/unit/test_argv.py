@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_bottle.errors import BootError
 from pytest_bottle.vmm.machine import boot_header_of
 from pytest_bottle.vmm.qemu import Forward, MachineConfig, Nic, Runtime, build_argv, cpu_model
 
@@ -73,6 +74,15 @@ def test_boot_header_is_the_setup_sectors(tmp_path: Path) -> None:
     (tmp_path / "vmlinuz").write_bytes(bytes(image))
     out = boot_header_of(tmp_path / "vmlinuz", tmp_path / "kernel.hdr")
     assert out.read_bytes() == bytes(image[: 4 * 512])
+
+
+def test_a_missing_or_foreign_kernel_is_a_boot_error(tmp_path: Path) -> None:
+    with pytest.raises(BootError, match="cannot read the kernel"):
+        boot_header_of(tmp_path / "gone", tmp_path / "kernel.hdr")
+    (tmp_path / "not-a-bzimage").write_bytes(bytes(4096))
+    with pytest.raises(BootError, match="not a bzImage"):
+        boot_header_of(tmp_path / "not-a-bzimage", tmp_path / "kernel.hdr")
+    assert not (tmp_path / "kernel.hdr").exists()
 
 
 def test_a_tap_nic_without_its_fd_is_refused_by_name() -> None:
