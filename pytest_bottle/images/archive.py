@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -34,7 +35,14 @@ MANIFEST = "bottle-export.json"
 MAX_MANIFEST = 1 << 20
 MAX_MEMBERS = 64
 MAX_MEMBER_BYTES = 64 << 30  # a raw rootfs is a few GB; nothing we write is near this
+MAX_TOTAL_BYTES = 64 << 30  # all members together
 CHUNK = 1 << 20
+# The largest single read tarfile may make of the decompressed stream: member
+# data is read in CHUNKs (through a small buffer), headers in 512-byte blocks.
+# A pax or GNU long-name header body is read in one go: this bounds it.
+MAX_READ = CHUNK + (64 << 10)
+MAX_PAX = 64 << 10  # the pax headers of one member, all together
+MIN_FREE = 256 << 20  # an import stops before it leaves less free space than this
 _ZEROS = bytes(CHUNK)
 # What an image entry may hold (recipe image / derived layer); the first ones are required.
 RECIPE_FILES = ("manifest.json", "rootfs.ext4", "vmlinuz", "initrd.img", "kernel-version", "build.log")
@@ -124,6 +132,8 @@ def parse_manifest(raw: bytes) -> tuple[list[ImageRef], list[Member]]:
     names = [x.name for x in members]
     if len(set(names)) != len(names):
         raise ImageImportError(bad, "the manifest lists a member twice")
+    if sum(x.size for x in members) > MAX_TOTAL_BYTES:
+        raise ImageImportError(bad, f"its members add up to more than {MAX_TOTAL_BYTES >> 30} GiB")
     for ref in images:
         missing = [f for f in REQUIRED[ref.kind] if f"images/{ref.entry}/{f}" not in names]
         if missing:
@@ -147,6 +157,8 @@ def _image(d: Any, below: str | None) -> ImageRef:
         raise ImageImportError(bad, f"image {name!r}: a chain is one recipe image, then derived ones ({kind!r})")
     if not isinstance(name, str) or not _ENTRY_RE.match(name) or not isinstance(key, str) or not _KEY_RE.match(key):
         raise ImageImportError(bad, f"image entry with a bad name or key: {name!r} {key!r}")
+    if kind == "recipe" and name.startswith("derived"):
+        raise ImageImportError(bad, f"a recipe image may not be named {name!r} (derived images' entries are)")
     entry = entry_name(kind, name, key)
     if d.get("entry") != entry or d.get("parent") != below:
         raise ImageImportError(bad, f"image {name}: entry {d.get('entry')!r} on {d.get('parent')!r} is not {entry}")
@@ -224,14 +236,73 @@ class _BytesReader:
         return out
 
 
-def unpack(path: Path, dest: Path, progress: Progress) -> tuple[list[ImageRef], list[Member]]:
+class _Bounded:
+    """The decompressed export for ``tarfile``: refuses any read larger than
+    ``MAX_READ`` (a huge pax or long-name header) and any backward seek."""
+
+    def __init__(self, f: gzip.GzipFile) -> None:
+        self.f = f
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > MAX_READ:
+            raise ImageImportError("the export", f"a tar header or read of {n} bytes (more than {MAX_READ})")
+        return self.f.read(n)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or pos < self.f.tell():
+            raise ImageImportError("the export", "its members are not in order (a backward seek)")
+        return self.f.seek(pos)
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:
+        raise io.UnsupportedOperation("write")
+
+    def close(self) -> None:
+        pass
+
+
+def check_space(dest: Path, need: int = 0) -> None:
+    """Refuse to go on if ``dest``'s file system would keep less than ``MIN_FREE`` free."""
+    st = os.statvfs(dest)
+    free = st.f_bavail * st.f_frsize
+    if free < need + MIN_FREE:
+        raise ImageImportError("the export", f"only {free >> 20} MiB free in {dest}; the import needs more")
+
+
+def unpack(
+    path: Path, dest: Path, progress: Progress, sha256: str | None = None
+) -> tuple[list[ImageRef], list[Member]]:
     """Read the export at ``path`` into ``dest`` (an empty private directory),
-    checking everything; returns what its manifest lists."""
+    checking everything; returns what its manifest lists.  ``sha256``: the
+    whole file must have it (hashed from the same open file as it is read)."""
+    check_space(dest)
     try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
-            return _unpack(tar, dest, progress)
+        with open(path, "rb") as f:
+            raw = _Hashing(f)
+            with gzip.GzipFile(fileobj=raw, mode="rb") as gz, tarfile.TarFile(fileobj=_Bounded(gz), mode="r") as tar:
+                got = _unpack(tar, dest, progress)
+            while raw.read(CHUNK):
+                pass
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise ImageImportError("the export", f"damaged or truncated ({type(e).__name__}: {e})") from None
+    if sha256 is not None and raw.h.hexdigest() != sha256.lower():
+        raise ImageImportError("the export", f"its sha256 is {raw.h.hexdigest()}, not {sha256}")
+    return got
+
+
+def _check_header(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    pax = sum(len(k) + len(v) for k, v in info.pax_headers.items())
+    if pax > MAX_PAX or len(info.name) > 512 or info.sparse is not None:
+        raise ImageImportError("the export", "a member with an oversized or sparse tar header")
+    return info
 
 
 def _unpack(tar: tarfile.TarFile, dest: Path, progress: Progress) -> tuple[list[ImageRef], list[Member]]:
@@ -253,8 +324,9 @@ def _unpack(tar: tarfile.TarFile, dest: Path, progress: Progress) -> tuple[list[
             raise ImageImportError("the export", f"member {got.name}: {got.size} bytes, listed {want.size}")
         progress(f"{want.name} ({want.size / 1e6:.0f} MB)")
         target = dest / want.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest = _write_sparse(tar, got, target)
+        for d in reversed(target.relative_to(dest).parents[:-1]):
+            (dest / d).mkdir(mode=0o700, exist_ok=True)
+        digest = _write_sparse(tar, got, target, dest)
         if digest != want.sha256:
             raise ImageImportError("the export", f"member {want.name} does not match its sha256 (tampered or damaged)")
     extra = next(members, None)
@@ -265,7 +337,7 @@ def _unpack(tar: tarfile.TarFile, dest: Path, progress: Progress) -> tuple[list[
 
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     while (info := tar.next()) is not None:
-        yield info
+        yield _check_header(info)
 
 
 def _read_all(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
@@ -277,15 +349,15 @@ def _read_all(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
     return data
 
 
-def _write_sparse(tar: tarfile.TarFile, info: tarfile.TarInfo, target: Path) -> str:
-    """Copy a member to a new file of ours (no links followed), leaving holes
-    for zero chunks; returns its sha256."""
+def _write_sparse(tar: tarfile.TarFile, info: tarfile.TarInfo, target: Path, dest: Path) -> str:
+    """Copy a member to a new private file of ours (no links followed),
+    leaving holes for zero chunks and keeping ``MIN_FREE``; returns its sha256."""
     src = tar.extractfile(info)
     assert src is not None
     h = hashlib.sha256()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as out:
-        left = info.size
+        left, written = info.size, 0
         while left:
             chunk = src.read(min(CHUNK, left))
             if not chunk:
@@ -296,5 +368,9 @@ def _write_sparse(tar: tarfile.TarFile, info: tarfile.TarInfo, target: Path) -> 
                 out.seek(len(chunk), os.SEEK_CUR)
             else:
                 out.write(chunk)
+                written += len(chunk)
+                if written >= 256 * CHUNK:
+                    check_space(dest)
+                    written = 0
         out.truncate(info.size)
     return h.hexdigest()

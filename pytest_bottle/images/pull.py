@@ -17,7 +17,6 @@ is logged and shown with the build's progress.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
@@ -121,31 +120,19 @@ def import_source(
     max_bytes: int = MAX_DOWNLOAD,
 ) -> list[Imported]:
     """Import an export from a path or URL (see ``transfer.import_file``);
-    ``sha256``: the whole file must have this checksum."""
+    ``sha256``: the whole file must have this checksum (checked on the bytes
+    unpacked, from the same open file: a local file swapped meanwhile fails)."""
     cache_dir = cache_root(cache_dir)
     scheme = urllib.parse.urlsplit(source).scheme
     if scheme not in ("http", "https"):
         path = _local(source)
         if not path.is_file():
             raise ImageImportError(source, "no such file")
-        _check_sha(path, sha256, source)
-        return import_file(path, cache_dir, source=source, want_key=want_key, replace=replace)
+        return import_file(path, cache_dir, source=source, want_key=want_key, replace=replace, sha256=sha256)
     with _scratch(cache_dir, "download") as work:
         path = work / "export.tar.gz"
         download(source, path, max_bytes=max_bytes)
-        _check_sha(path, sha256, source)
-        return import_file(path, cache_dir, source=source, want_key=want_key, replace=replace)
-
-
-def _check_sha(path: Path, sha256: str | None, source: str) -> None:
-    if sha256 is None:
-        return
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    if h.hexdigest() != sha256.lower():
-        raise ImageImportError(source, f"its sha256 is {h.hexdigest()}, not {sha256}")
+        return import_file(path, cache_dir, source=source, want_key=want_key, replace=replace, sha256=sha256)
 
 
 def pull_missing(template: str, name: str, key: str, cache_dir: Path, present: Callable[[], bool]) -> str:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,11 +123,13 @@ def export(name: str, out: Path, cache_dir: Path) -> tuple[list[ImageRef], str]:
     manifest = archive.make_manifest(
         refs, [m for m, _ in files], {"image": refs[-1].to_dict(), "exported": time.time()}
     )
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    tmp = Path(name)
     try:
         with task(f"exporting image {refs[-1].name}", f"{len(refs)} image(s) to {out}") as t:
-            with open(tmp, "wb") as stream:
+            with os.fdopen(fd, "wb") as stream:
                 sha = archive.write_archive(stream, manifest, files, t.stage)
+        tmp.chmod(0o644)  # as a plain open would have made it (mkstemp: 0o600)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -133,12 +137,19 @@ def export(name: str, out: Path, cache_dir: Path) -> tuple[list[ImageRef], str]:
 
 
 def import_file(
-    path: Path, cache_dir: Path, *, source: str | None = None, want_key: str | None = None, replace: bool = True
+    path: Path,
+    cache_dir: Path,
+    *,
+    source: str | None = None,
+    want_key: str | None = None,
+    replace: bool = True,
+    sha256: str | None = None,
 ) -> list[Imported]:
     """Check the export at ``path`` whole, then publish its images in ``cache_dir``.
 
     ``want_key``: the top image must have this key.  ``replace``: an entry
     of the same key from another build is replaced (else the import is refused).
+    ``sha256``: the whole file must have it (hashed as it is unpacked).
     Raises ``ImageImportError`` (nothing published) when anything is off.
     """
     cache_dir = cache_root(cache_dir)
@@ -153,7 +164,7 @@ def import_file(
             work.mkdir(parents=True, mode=0o700)
             with task("checking the image export", source) as t:
                 try:
-                    refs, _ = archive.unpack(path, work, t.stage)
+                    refs, _ = archive.unpack(path, work, t.stage, sha256)
                     _check_images(refs, work / "images")
                 except ImageImportError as e:
                     raise ImageImportError(source, e.reason) from None
@@ -166,34 +177,63 @@ def import_file(
 
 
 def _check_images(refs: list[ImageRef], unpacked: Path) -> None:
-    """Each image's own manifest agrees with the export's, and a derived
-    disk names exactly its parent's disk as its backing file (nothing else on
-    the host), with no external data file."""
-    created: dict[str, Any] = {}
+    """Each image's own manifest agrees with the export's; a recipe image's
+    disk is raw (as qemu-img probes it: not a qcow2 naming a host file); a
+    derived disk is a qcow2 naming exactly its parent's disk, in its format,
+    as its backing file (nothing else on the host), with no external data file."""
+    seen: dict[str, dict[str, Any]] = {}
     for ref in refs:
         m = _manifest(unpacked / ref.entry)
         if m.get("name") != ref.name or m.get("key") != ref.key:
             raise ImageImportError("the export", f"{ref.entry}: its manifest names {m.get('name')!r} {m.get('key')!r}")
-        created[ref.entry] = m.get("created")
+        if not _finite(m.get("created")):
+            raise ImageImportError("the export", f"{ref.entry}: its manifest's created is not a time")
+        seen[ref.entry] = m
         if ref.kind == "recipe":
+            if m.get("kind", "recipe") != "recipe":
+                raise ImageImportError("the export", f"{ref.entry} is listed as a recipe image, not {m.get('kind')!r}")
+            info = _qemu_img_info(unpacked / ref.entry / "rootfs.ext4", None)
+            if info.get("format") != "raw":
+                raise ImageImportError(
+                    "the export", f"{ref.entry}/rootfs.ext4 is a {info.get('format')!r} image, not raw"
+                )
             continue
         assert ref.parent is not None
-        if m.get("kind") != "derived" or m.get("parent_created") != created[ref.parent]:
+        parent = seen[ref.parent]
+        below_chain = parent.get("chain") if parent.get("kind") == "derived" else [parent.get("key")]
+        if (
+            m.get("kind") != "derived"
+            or not _finite(m.get("parent_created"))
+            or m.get("parent_created") != parent.get("created")
+            or m.get("parent_key") != parent.get("key")
+            or not isinstance(below_chain, list)
+            or m.get("chain") != [ref.key, *below_chain]
+        ):
             raise ImageImportError("the export", f"{ref.entry} was not built on the {ref.parent} it carries")
-        below = "disk.qcow2" if ref.parent.startswith("derived-") else "rootfs.ext4"
-        info = _qemu_img_info(unpacked / ref.entry / "disk.qcow2")
+        on_derived = ref.parent.startswith("derived-")
+        below, fmt = ("disk.qcow2", "qcow2") if on_derived else ("rootfs.ext4", "raw")
+        info = _qemu_img_info(unpacked / ref.entry / "disk.qcow2", "qcow2")
         want = f"../{ref.parent}/{below}"
         if info.get("format") != "qcow2" or info.get("backing-filename") != want:
             raise ImageImportError(
                 "the export", f"{ref.entry}/disk.qcow2 must be a layer on {want}, not {info.get('backing-filename')!r}"
             )
         data = (info.get("format-specific") or {}).get("data") or {}
-        if data.get("data-file") or info.get("backing-filename-format") not in (None, "raw", "qcow2"):
-            raise ImageImportError("the export", f"{ref.entry}/disk.qcow2 names other files")
+        if data.get("data-file") or info.get("backing-filename-format") != fmt:
+            raise ImageImportError(
+                "the export",
+                f"{ref.entry}/disk.qcow2 names other files or its backing's format wrong",
+            )
 
 
-def _qemu_img_info(path: Path) -> dict[str, Any]:
-    argv = [require("qemu-img", "check imported disks"), "info", "--output=json", "-U", str(path)]
+def _finite(x: object) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def _qemu_img_info(path: Path, fmt: str | None) -> dict[str, Any]:
+    """``qemu-img info`` of ``path`` read as ``fmt`` (``None``: as qemu-img probes it)."""
+    argv = [require("qemu-img", "check imported disks"), "info", "--output=json", "-U"]
+    argv += ["-f", fmt, str(path)] if fmt else [str(path)]
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ, "LC_ALL": "C"})
         info = json.loads(r.stdout) if r.returncode == 0 else None
@@ -221,6 +261,8 @@ def _publish(refs: list[ImageRef], unpacked: Path, cache_dir: Path, source: str,
             if old and old.get("key") == ref.key and old.get("created") == _manifest(new).get("created"):
                 done.append(Imported(ref, "kept"))
                 continue
+            if old and not replace:  # built here since the check above: keep it, publish nothing on it
+                raise ImageImportError(source, f"the cache holds another build of {ref.entry} (made meanwhile)")
             entries.clean_stale(final)
             entries.commit(new, final)  # same file system: one rename (the old entry put aside)
             done.append(Imported(ref, "replaced" if old else "imported"))

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
+import os
+import stat
 import subprocess
 import tarfile
+import tracemalloc
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pytest_bottle import ImageImportError
-from pytest_bottle.images import archive
+from pytest_bottle.images import archive, pull, transfer
 from pytest_bottle.images.archive import ImageRef, Member
 from pytest_bottle.images.image import check_pull_template
 from pytest_bottle.images.pull import expand
@@ -209,19 +215,25 @@ def test_pull_templates() -> None:
     assert expand("http://h/{name}", "a b", KEY) == "http://h/a%20b"
 
 
-def _fake_cache(root: Path, backing: str | None = None) -> str:
+def _fake_cache(root: Path, backing: str | None = None, fmt: str = "raw", rootfs_on: str | None = None) -> str:
     """A cache with a fake recipe image and a derived layer on it (a real
-    qcow2 naming ``backing``, by default its parent's rootfs); returns the layer's entry."""
+    qcow2 naming ``backing`` in format ``fmt``, by default its parent's
+    rootfs); ``rootfs_on``: the recipe's rootfs.ext4 is instead a qcow2 on
+    that host file.  Returns the layer's entry."""
     base = root / "images" / REF.entry
     base.mkdir(parents=True)
     for name, data in FILES.items():
         (base / name).write_bytes(data)
+    if rootfs_on is not None:
+        (base / "rootfs.ext4").unlink()
+        argv = ["qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b", rootfs_on]
+        subprocess.run([*argv, str(base / "rootfs.ext4"), "4M"], check=True)
     layer_key = "fedcba9876543210"
     layer = root / "images" / f"derived-{layer_key}"
     layer.mkdir()
     backing = backing or f"../{REF.entry}/rootfs.ext4"
     subprocess.run(
-        ["qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b", backing, str(layer / "disk.qcow2"), "4M"],
+        ["qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", fmt, "-b", backing, str(layer / "disk.qcow2"), "4M"],
         check=True,
         cwd=layer,
     )
@@ -233,6 +245,7 @@ def _fake_cache(root: Path, backing: str | None = None) -> str:
         "parent_key": KEY,
         "parent_created": 1.5,
         "created": 2.5,
+        "chain": [layer_key, KEY],
     }
     (layer / "manifest.json").write_text(json.dumps(manifest))
     return layer.name
@@ -260,3 +273,157 @@ def test_a_layer_resting_on_anything_but_its_parent_is_refused(tmp_path: Path, b
     with pytest.raises(ImageImportError, match="must be a layer on"):
         import_file(tmp_path / "web.tar.gz", tmp_path / "b")
     _nothing_left(tmp_path / "b")
+
+
+def test_a_recipe_disk_that_is_a_qcow2_on_a_host_file_is_refused(tmp_path: Path) -> None:
+    """rootfs.ext4 a qcow2 on /etc/hostname, the layer on it naming it qcow2: refused."""
+    _fake_cache(tmp_path / "a", fmt="qcow2", rootfs_on="/etc/hostname")
+    export("web", tmp_path / "web.tar.gz", tmp_path / "a")
+    with pytest.raises(ImageImportError, match="not raw"):
+        import_file(tmp_path / "web.tar.gz", tmp_path / "b")
+    _nothing_left(tmp_path / "b")
+
+
+def test_a_layer_naming_its_raw_parent_as_qcow2_is_refused(tmp_path: Path) -> None:
+    _fake_cache(tmp_path / "a", fmt="qcow2")
+    export("web", tmp_path / "web.tar.gz", tmp_path / "a")
+    with pytest.raises(ImageImportError, match="format"):
+        import_file(tmp_path / "web.tar.gz", tmp_path / "b")
+    _nothing_left(tmp_path / "b")
+
+
+def _bomb(path: Path, kind: bytes, size: int) -> None:
+    """A small gzip whose first tar header is a pax header (or GNU long name)
+    claiming ``size`` bytes of body, all zeros."""
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = kind, size
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)
+    out = [z.compress(info.tobuf(tarfile.USTAR_FORMAT))]
+    for _ in range(size >> 20):
+        out.append(z.compress(bytes(1 << 20)))
+    out.append(z.flush())
+    path.write_bytes(b"".join(out))
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME])
+def test_a_huge_tar_header_is_refused_without_reading_it(tmp_path: Path, kind: bytes) -> None:
+    bomb = tmp_path / "bomb.tar.gz"
+    _bomb(bomb, kind, 64 << 20)
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageImportError) as e:
+            import_file(bomb, tmp_path / "cache")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak  # the 64 MiB body was never read
+    assert "tar header" in e.value.reason
+    _nothing_left(tmp_path / "cache")
+
+
+def test_sha256_is_checked_on_the_bytes_unpacked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local file swapped for another valid export after it was opened for
+    the checksum: the import must still be refused."""
+    good = tmp_path / "x.tar.gz"
+    write_export(good, tmp_path)
+    sha = archive.file_sha256(good)
+    other = tmp_path / "other.tar.gz"
+    (tmp_path / "o").mkdir()
+    write_export(other, tmp_path / "o", dict(FILES, vmlinuz=b"another kernel"))
+    real = pull.import_file
+
+    def swapped(path: Path, *args: Any, **kw: Any) -> Any:
+        os.replace(other, path)  # after any check of the old bytes, before the import opens it
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(pull, "import_file", swapped)
+    with pytest.raises(ImageImportError, match="sha256"):
+        pull.import_source(str(good), tmp_path / "cache", sha256=sha)
+    _nothing_left(tmp_path / "cache")
+    monkeypatch.undo()
+    write_export(good, tmp_path)
+    assert [d.action for d in pull.import_source(str(good), tmp_path / "cache", sha256=sha.upper())] == ["imported"]
+
+
+def test_no_replace_rechecks_under_the_entry_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another build of the entry committed after the first check but before
+    the entry lock: a pull (replace=False) keeps it and publishes nothing."""
+    export_file = tmp_path / "x.tar.gz"
+    write_export(export_file, tmp_path)
+    cache = tmp_path / "cache"
+    final = cache / "images" / REF.entry
+    theirs = json.dumps({"name": REF.name, "key": KEY, "created": 9.5})
+    real = transfer.reporting_lock
+
+    @contextlib.contextmanager
+    def racing(lock: Path, what: str) -> Iterator[None]:
+        if lock.name.endswith(REF.entry) or REF.entry in lock.name:
+            final.mkdir(parents=True, exist_ok=True)
+            (final / "manifest.json").write_text(theirs)
+        with real(lock, what):
+            yield
+
+    monkeypatch.setattr(transfer, "reporting_lock", racing)
+    with pytest.raises(ImageImportError, match="another build"):
+        import_file(export_file, cache, replace=False)
+    assert (final / "manifest.json").read_text() == theirs
+    assert sorted(p.name for p in (cache / "images").iterdir()) == [REF.entry]
+
+
+def test_imported_files_are_private(tmp_path: Path) -> None:
+    export_file = tmp_path / "x.tar.gz"
+    write_export(export_file, tmp_path)
+    import_file(export_file, tmp_path / "cache")
+    entry = tmp_path / "cache" / "images" / REF.entry
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in entry.iterdir()} == {0o600}
+
+
+def test_too_little_free_space_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    export_file = tmp_path / "x.tar.gz"
+    write_export(export_file, tmp_path)
+    monkeypatch.setattr(archive, "MIN_FREE", 1 << 62)
+    with pytest.raises(ImageImportError, match="free"):
+        import_file(export_file, tmp_path / "cache")
+    _nothing_left(tmp_path / "cache")
+
+
+def test_members_adding_up_to_too_much_are_refused() -> None:
+    big = [
+        {"name": f"images/{REF.entry}/{f}", "size": 40 << 30, "sha256": "0" * 64} for f in archive.REQUIRED["recipe"]
+    ]
+    with pytest.raises(ImageImportError, match="add up"):
+        archive.parse_manifest(json.dumps(_manifest(members=big)).encode())
+
+
+def test_a_recipe_image_named_like_a_derived_one_is_refused() -> None:
+    ref = archive.entry_name("recipe", "derived", KEY)
+    images = [dict(REF.to_dict(), name="derived", entry=ref)]
+    with pytest.raises(ImageImportError, match="may not be named"):
+        archive.parse_manifest(json.dumps(_manifest(images=images)).encode())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"created": "yesterday"}, {"created": float("nan")}, {"chain": ["fedcba9876543210"]}, {"parent_created": None}],
+)
+def test_a_layer_manifest_that_does_not_add_up_is_refused(tmp_path: Path, change: dict[str, Any]) -> None:
+    entry = _fake_cache(tmp_path / "a")
+    path = tmp_path / "a" / "images" / entry / "manifest.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **change)))
+    export("web", tmp_path / "web.tar.gz", tmp_path / "a")
+    with pytest.raises(ImageImportError, match="created|built on"):
+        import_file(tmp_path / "web.tar.gz", tmp_path / "b")
+    _nothing_left(tmp_path / "b")
+
+
+def test_export_does_not_follow_a_planted_temp_name(tmp_path: Path) -> None:
+    _fake_cache(tmp_path / "a")
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    out = tmp_path / "web.tar.gz"
+    (tmp_path / f".{out.name}.tmp-{os.getpid()}").symlink_to(victim)
+    export("web", out, tmp_path / "a")
+    assert victim.read_text() == "precious"
+    assert [d.ref.entry for d in import_file(out, tmp_path / "b")][-1].startswith("derived-")
