@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .agent.calls import Call
@@ -57,6 +57,7 @@ class GuestProcess:
         self._result: ExecResult | None = None
         self._killed = False
         self.lost = ""  # why the process is gone without an exit code (the bottle ended)
+        self._on_end: Callable[[str], None] | None = None  # told the final state (the report's entry)
 
     @classmethod
     def start(
@@ -128,6 +129,10 @@ class GuestProcess:
     def returncode(self) -> int | None:
         return self.poll()
 
+    def ended_seen(self) -> bool:
+        """Whether its end has been seen (by ``poll``, ``wait``...)."""
+        return self._result is not None
+
     def _finish(self) -> None:
         call = self._call
         assert call is not None
@@ -150,6 +155,8 @@ class GuestProcess:
         with self._cond:  # one copy of the output, shared with the result
             self._out.parts, self._err.parts = collections.deque([out]), collections.deque([err])
         self._result = ExecResult(self.args, rc, out, err, time.monotonic() - self._begun)
+        if self._on_end is not None:
+            self._on_end(self.state())
 
     @property
     def stdout(self) -> str:
@@ -322,11 +329,18 @@ class ProcessEntry(tuple[str, int | None, float]):
 
     pid: int | None
     _ref: weakref.ref[GuestProcess]
+    final: str | None
 
     def __new__(cls, cmd: str, process: GuestProcess) -> ProcessEntry:
         entry = super().__new__(cls, (cmd, None, 0.0))
         entry.pid, entry._ref = process.pid, weakref.ref(process)
+        # Its end, once seen: the report still shows it after the test drops the process.
+        entry.final = process.state() if process.ended_seen() else None
+        process._on_end = entry._ended
         return entry
+
+    def _ended(self, state: str) -> None:
+        self.final = state
 
     @property
     def process(self) -> GuestProcess | None:
@@ -343,7 +357,7 @@ def describe_history(entries: Iterable[tuple[str, int | None, float]]) -> str:
         if isinstance(entry, ProcessEntry):
             p = entry.process
             try:
-                state = "ended (no longer referenced)" if p is None else p.state()
+                state = (entry.final or "ended (no longer referenced)") if p is None else p.state()
             except BottleError as e:
                 state = f"unknown ({type(e).__name__})"
             lines.append(f"[spawn] pid {entry.pid}, {state}  {cmd}")
