@@ -85,7 +85,10 @@ def test_loop_mounted_ext4_image(bottle: Bottle) -> None:
     assert bottle.check_output(["losetup", "-nO", "BACK-FILE", source]).strip() == img
     bottle.write_text(f"{mnt}/hello.txt", "persisted on ext4\n")
     bottle.check_output(["umount", mnt])
-    assert bottle.check_output(["losetup", "-j", img]) == ""  # the loop device was released
+    # The loop device is released: the kernel does that asynchronously after
+    # the unmount (autoclear), so give it a moment rather than look at once.
+    released = f'for i in $(seq 50); do [ -z "$(losetup -j {img})" ] && exit 0; sleep 0.1; done; exit 1'
+    assert bottle.exec(released).ok, bottle.check_output(["losetup", "-j", img])
 
     # Mounted again, read-only: the data survived, writes are refused.
     bottle.check_output(["mount", "-o", "loop,ro", img, mnt])
