@@ -83,3 +83,17 @@ def kill_group(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
         except ProcessLookupError:
             pass
     proc.wait()
+
+
+def gone(pid: int, within: float = 5.0) -> bool:
+    """Whether process ``pid`` is gone or a zombie within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False

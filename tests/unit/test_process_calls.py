@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import gone as _gone
 
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient, ExecRun
@@ -88,19 +89,6 @@ def test_wait_past_its_timeout_leaves_it_running_then_terminate_ends_the_group(l
     assert pickle.loads(pickle.dumps(e.value)).message == e.value.message
     assert p.terminate().wait(timeout=10).returncode == -15 and p.state() == "killed by SIGTERM"
     assert _gone(child), "terminate() left a child of the group running"
-
-
-def _gone(pid: int, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(") ")[1].startswith("Z"):
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_kill_reaches_the_group_after_its_leader_exited(local: AgentClient) -> None:

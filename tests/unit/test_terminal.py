@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import gone as _gone
 
 from pytest_bottle import cli
 from pytest_bottle.agent import resync
@@ -174,19 +175,6 @@ def test_a_hung_up_shell_ends_its_guest_shell(local: AgentClient, sig: int) -> N
             os.close(fd)
     assert signal.getsignal(sig) == before  # the handler was put back
     assert _gone(pids[0]), "the guest's shell outlived its terminal"
-
-
-def _gone(pid: int, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(") ")[1].startswith("Z"):
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_a_fresh_connection_skips_a_former_sessions_half_frame() -> None:
