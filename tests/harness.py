@@ -93,7 +93,7 @@ def gone(pid: int, within: float = 5.0) -> bool:
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().split(") ")[1].startswith("Z"):
                     return True
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # reaped between the open and the read: ESRCH
             return True
         time.sleep(0.02)
     return False
