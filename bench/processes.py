@@ -80,7 +80,7 @@ def main() -> None:
         with b.spawn(["yes", "flood"]) as flood:
             flood.wait_for_output("flood", timeout=60)
             busy = exec_times(b, args.execs)
-            flooded = len(flood.stdout_bytes) if hasattr(flood, "stdout_bytes") else len(flood.stdout)
+            flooded = len(flood.stdout)
     rows = [
         ["spawn -> first output line (s)", len(spawns), f"{p50(spawns):.3f}", f"{pct(spawns, 95):.3f}", ""],
         [f"stdout via on_output, {args.mb} MB (MB/s)", len(streamed), f"{p50(streamed):.1f}", "", ""],

@@ -18,7 +18,7 @@ from .agent.client import AgentClient
 from .agent.streams import OnOutput
 from .agent.transfer import fetch, read_all, send_tree
 from .errors import BottleError, ExecTimeout, SpecError, WaitTimeout
-from .process import GuestProcess, ProcessEntry
+from .process import CommandHistory, GuestProcess, ProcessEntry
 from .results import Command, ExecResult, to_argv
 from .retry import poll
 from .ssh import SshAccess
@@ -88,7 +88,7 @@ class Bottle:
         self.kept = False
         self._closed = False
         self._close_lock = threading.Lock()
-        self.history: collections.deque[tuple[str, int | None, float]] = collections.deque(maxlen=20)
+        self.history: collections.deque[tuple[str, int | None, float]] = CommandHistory()
 
     # -- identity -----------------------------------------------------------
 

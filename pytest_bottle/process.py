@@ -347,6 +347,32 @@ class ProcessEntry(tuple[str, int | None, float]):
         """The process, or None once the test dropped it after its end."""
         return self._ref()
 
+    def running(self) -> bool:
+        """Not ended as far as the host has seen (a running one is referenced by its call)."""
+        return self.final is None and self._ref() is not None
+
+
+HISTORY_LEN = 20
+
+
+class CommandHistory(collections.deque[tuple[str, int | None, float]]):
+    """A bottle's last ``HISTORY_LEN`` commands, oldest first.
+
+    A spawned process that is still running stays past that (the report must
+    show a server a test started long ago): the entry that makes room is the
+    oldest one that is not such a process.  So it holds ``HISTORY_LEN``
+    entries, more only while more than that many spawned processes run."""
+
+    def append(self, entry: tuple[str, int | None, float]) -> None:
+        super().append(entry)
+        if len(self) <= HISTORY_LEN:
+            return
+        for i in range(len(self) - 1):  # never the entry just added
+            old = self[i]
+            if not (isinstance(old, ProcessEntry) and old.running()):
+                del self[i]
+                return
+
 
 def describe_history(entries: Iterable[tuple[str, int | None, float]]) -> str:
     """The "last commands" report section: exec'd commands with their exit code

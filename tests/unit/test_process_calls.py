@@ -41,7 +41,7 @@ from pytest_bottle.guest.frames import (
     frame,
     jframe,
 )
-from pytest_bottle.process import GuestProcess, ProcessEntry, describe_history
+from pytest_bottle.process import HISTORY_LEN, CommandHistory, GuestProcess, ProcessEntry, describe_history
 
 _keep: list[object] = []
 
@@ -310,6 +310,27 @@ def test_history_shows_processes_with_their_state(local: AgentClient) -> None:
     assert isinstance(entry, ProcessEntry) and entry.process is None
     # ...yet the report shows how it ended, whenever the test dropped it
     assert describe_history(entries[1:]) == f"[spawn] pid {pid}, killed by SIGKILL  sleep 30"
+
+
+def test_a_running_process_stays_in_the_history_past_its_length(local: AgentClient) -> None:
+    history = CommandHistory()
+    server = GuestProcess.start(local, "sleep 30")
+    history.append(ProcessEntry("sleep 30", server))
+    ended = GuestProcess.start(local, "true")
+    ended.wait(10)
+    history.append(ProcessEntry("true", ended))
+    for i in range(HISTORY_LEN + 5):
+        history.append((f"cmd {i}", 0, 0.01))
+    shown = describe_history(history).splitlines()
+    # the server a test started long ago is still in the report; the ended one made room
+    assert shown[0] == f"[spawn] pid {server.pid}, running  sleep 30"
+    assert len(shown) == HISTORY_LEN and shown[1] == "[0] 0.01s  cmd 6"
+    assert shown[-1] == f"[0] 0.01s  cmd {HISTORY_LEN + 4}"
+    assert not any("true" in line for line in shown)
+    server.kill().wait(10)
+    history.append(("next", 0, 0.01))  # once it ended, it is the oldest and goes
+    shown = describe_history(history).splitlines()
+    assert len(shown) == HISTORY_LEN and shown[0] == "[0] 0.01s  cmd 6" and shown[-1] == "[0] 0.01s  next"
 
 
 # -- exec(on_output=...) ------------------------------------------------------------
