@@ -31,7 +31,7 @@ def missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network and mount namespaces, sshd)"
     if not os.access(SSHD, os.X_OK):
-        return f"{SSHD} is missing (openssh-server; scripts/bootstrap installs it)"
+        return f"{SSHD} is missing (openssh-server; scripts/bootstrap --test-deps installs it)"
     for tool in ("ip", "unshare", "ssh", "ssh-keygen"):
         if shutil.which(tool) is None:
             return f"{tool} is missing"
