@@ -226,16 +226,7 @@ class QemuMachine:
         if self.cfg.ram_file is not None:  # RAM stays in its file; save the devices
             self.qmp.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
         self.qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(path)))
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.qmp.cmd("query-migrate").get("status")
-            if status == "completed":
-                return
-            if status in ("failed", "cancelled") or not self.alive():
-                raise BootError(f"saving the VM state failed ({status}): {self.exit_reason()}")
-            if time.monotonic() > deadline:
-                raise BootError(f"saving the VM state took longer than {timeout} s")
-            time.sleep(0.02)
+        self._wait_migration("saving the VM state", timeout)
 
     # -- live snapshots (see store/snapshots.py) ----------------------------
 
