@@ -95,6 +95,10 @@ def test_forks_have_their_own_identity(
         values = [i[key] for i in ids]
         assert len(set(values)) == 3, f"{key} is shared: {values}"
     assert ids[1]["hostname"] == forks[0].name
+    # Real OpenSSH with StrictHostKeyChecking, pinned to the fork's new key: its sshd serves that key.
+    assert ids[1]["host_key"] in (forks[0].ssh_config.parent / "known_hosts").read_text()
+    r = forks[0].ssh("hostname")
+    assert (r.returncode, r.stdout) == (0, forks[0].name + "\n"), r.stderr
     # The source kept its own identity through the snapshot.
     assert ids[0]["hostname"] == module_bottle.name
 
