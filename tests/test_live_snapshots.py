@@ -95,6 +95,10 @@ def test_forks_have_their_own_identity(
         values = [i[key] for i in ids]
         assert len(set(values)) == 3, f"{key} is shared: {values}"
     assert ids[1]["hostname"] == forks[0].name
+    # Real OpenSSH with StrictHostKeyChecking, pinned to the fork's new key: its sshd serves that key.
+    assert ids[1]["host_key"] in (forks[0].ssh_config.parent / "known_hosts").read_text()
+    r = forks[0].ssh("hostname")
+    assert (r.returncode, r.stdout) == (0, forks[0].name + "\n"), r.stderr
     # The source kept its own identity through the snapshot.
     assert ids[0]["hostname"] == module_bottle.name
 
@@ -307,6 +311,42 @@ def test_a_sessions_snapshots_are_gone_after_it(pytester: pytest.Pytester, warm_
     path = Path(found.group(1))
     assert path.parent == warm_cache / "snapshots"
     assert not path.exists() and not Path(f"{path}.lock").exists()
+
+
+XDIST_FORKS = """
+import os
+from pathlib import Path
+
+import pytest
+
+@pytest.fixture(scope="module")
+def snap(module_bottle):
+    module_bottle.write_text("/root/state", "prepared\\n")
+    s = module_bottle.snapshot()
+    # Each worker records its own: the source's name (a snapshot's name starts with it) and path.
+    Path(__file__).with_name(f"snapshot-{os.getpid()}").write_text(f"{module_bottle.name} {s.path}")
+    return s
+
+@pytest.mark.parametrize("i", range(6))
+def test_fork(snap, module_bottle, bottle_factory, i):
+    fork = bottle_factory(snapshot=snap)
+    assert fork.name != module_bottle.name
+    assert fork.read_text("/root/state") == "prepared\\n"
+    assert fork.exec("test -e /root/mine").returncode == 1, "another test's fork wrote here"
+    fork.write_text("/root/mine", str(i))
+"""
+
+
+def test_module_snapshot_forked_under_xdist_is_gone_after_it(pytester: pytest.Pytester, warm_cache: Path) -> None:
+    pytester.makepyfile(test_xdist_forks=XDIST_FORKS)
+    result = pytester.runpytest_subprocess(f"--bottle-cache-dir={warm_cache}", "-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=6)
+    taken = [p.read_text().split() for p in pytester.path.glob("snapshot-*")]
+    assert 1 <= len(taken) <= 2, taken  # one per worker that ran a test
+    root = warm_cache / "snapshots"
+    for source, path in taken:
+        assert Path(path).parent == root and Path(path).name.startswith(source + "-")
+        assert not [p.name for p in root.iterdir() if p.name.startswith((source, f".tmp-{source}"))]
 
 
 def test_a_spawned_process_runs_on_detached_in_a_fork_and_attached_in_the_source(

@@ -16,13 +16,17 @@ This module creates (``create``), verifies, loads, lists, guards
 - A **work seed** (``seeds``) is a state made from a freshly booted image:
   its capture boots the image with the machine's files in the new entry,
   runs the clone steps, and saves; ``rests_on`` names the image.
-- A **snapshot of a live bottle** will be ``create`` with a capture that
-  stops the bottle, saves its memory into the entry, and moves its current
-  qcow2 overlay there (the bottle running on in a fresh overlay on top);
-  its ``key_parts`` are its seed's (a fork needs the same machine), and
-  ``RestsOn.on_state(seed, entry)`` records the seed and the chain seed
-  disk -> image rootfs.  Forks restore it as clones restore a seed; it is
-  removed with ``remove_entry`` at the end of its session.
+- A **snapshot of a live bottle** (``snapshots``) is ``create`` with a
+  capture that pauses the bottle, puts a fresh overlay on top of its disk
+  (the bottle runs on in it), writes its memory into the entry and resumes
+  it; the frozen disk becomes the entry's ``disk.qcow2`` (a hard link when
+  it is one layer on the seed's disk, else a copy of its layers collapsed
+  into one on the seed's).  Its ``key_parts`` are its seed's (a fork needs
+  the same machine), and ``RestsOn.on_state(seed, entry)`` records the seed
+  and the chain seed disk -> image rootfs.  Forks restore it as clones
+  restore a seed.  ``remove_entry`` removes it at ``Snapshot.remove()`` or
+  the end of its session (the sweep, when that session died); a kept one
+  (``--bottle-save-failed``) stays until ``bottle snapshot rm`` or prune.
 - A **derived image's seed** is a work seed whose image is the derived
   image (a disk layer on its parent's): ``seeds.ensure_seed`` unchanged;
   ``key_parts`` name the derived image's key and build, and its disk chain
