@@ -90,7 +90,8 @@ def test_ini_list_whitespace_or_commas_and_the_header(pytester: pytest.Pytester)
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("debian-bookworm,debian-tixie", r"unknown image 'debian-tixie'; known images: .*debian-trixie"),
+        ("debian-bookworm,debian-tixie", r"command line: unknown image 'debian-tixie'; known images: .*debian-trixie"),
+        ("debian-tixie", r"command line: unknown image 'debian-tixie'; known images: .*debian-trixie"),
         ("debian-bookworm,,debian-trixie", r"command line: bad image list .*: entry 2 is empty"),
         ("debian-trixie,", r"command line: bad image list .*: entry 2 is empty"),
         ("debian-trixie debian-bookworm,debian-trixie", r"'debian-trixie' is listed twice"),
@@ -104,12 +105,21 @@ def test_bad_lists_are_usage_errors_naming_the_entry(pytester: pytest.Pytester, 
     assert "Traceback" not in result.stderr.str()
 
 
-def test_bad_ini_list_names_the_ini(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("debian-trixie,", "ini file: bad image list 'debian-trixie,': entry 2 is empty"),
+        ("debian-trixie,debian-tixie", "ini file: unknown image 'debian-tixie'; known images: "),
+        ("debian-bookworm debian-tixie", "ini file: unknown image 'debian-tixie'; known images: "),
+        ("debian-tixie", "ini file: unknown image 'debian-tixie'; known images: "),
+    ],
+)
+def test_bad_ini_list_names_the_ini(pytester: pytest.Pytester, value: str, expected: str) -> None:
     pytester.makepyfile(test_m="def test_vm(bottle): pass")
-    pytester.makeini("[pytest]\nbottle_image = debian-trixie,\n")
+    pytester.makeini(f"[pytest]\nbottle_image = {value}\n")
     result = run(pytester)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "ini file: bad image list 'debian-trixie,': entry 2 is empty" in result.stderr.str()
+    assert expected in result.stderr.str(), result.stderr.str()
 
 
 MATRIX_RUN = """
