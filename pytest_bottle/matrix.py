@@ -29,7 +29,6 @@ from .errors import ImageNotFound, SpecError
 from .images.image import known_names
 
 FIXTURE = "_bottle_matrix_image"
-DEFAULT = "debian-bookworm"
 IMAGES = pytest.StashKey[tuple[str, ...]]()
 # Set on a test's definition once it is parametrized by image, so the plugin's
 # matrix and a conftest's own (``parametrize``) never both apply.
