@@ -71,6 +71,24 @@ def test_one_image_keeps_the_ids(pytester: pytest.Pytester) -> None:
     assert len(collected(result)) == 6
 
 
+@pytest.mark.parametrize(
+    ("expression", "images"),
+    [
+        ("debian-trixie", {"debian-trixie", "debian-trixie-minimal"}),  # a substring: the minimal twin too
+        ("debian-trixie and not minimal", {"debian-trixie"}),
+        ("debian-trixie]", {"debian-trixie"}),  # the image ends the id
+    ],
+)
+def test_k_selects_one_image(pytester: pytest.Pytester, expression: str, images: set[str]) -> None:
+    # The expressions docs/reference.md and docs/howto.md give for "this image's tests only".
+    pytester.makepyfile(test_m=TESTS)
+    matrix = "--bottle-image=debian-bookworm,debian-trixie,debian-trixie-minimal"
+    result = run(pytester, "--collect-only", "-q", matrix, "-k", expression)
+    ids = collected(result)
+    assert {re.sub(r".*\[(\d-)?(.+)\]$", r"\2", i) for i in ids} == images, ids
+    assert len(ids) == 4 * len(images), ids  # test_vm, test_param x2, test_module per image
+
+
 def test_ini_list_whitespace_or_commas_and_the_header(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_m=TESTS)
     pytester.makeini("[pytest]\nbottle_image =\n    debian-trixie\n    debian-bookworm-minimal,debian-bookworm\n")
