@@ -194,9 +194,18 @@ def test_matrix_under_xdist(pytester: pytest.Pytester) -> None:
         import pytest
 
         @pytest.mark.parametrize("i", range(3))
-        def test_vm(bottle, i):
+        def test_vm(bottle, i, request):
             assert bottle.check_output("hostname").strip() == bottle.name
+            # The release that booted is the one in the id (bookworm is 12, trixie 13).
+            image = request.node.callspec.params["_bottle_matrix_image"]
+            version = bottle.check_output(". /etc/os-release && echo $VERSION_ID").strip()
+            assert (image, version) in {("debian-bookworm", "12"), ("debian-trixie", "13")}
+            print(f"BOOTED {request.node.name} {version}")
     """
     )
-    result = run(pytester, "-n", "2", BOTH)
+    result = run(pytester, "-n", "2", "-rA", BOTH)
     result.assert_outcomes(passed=6)
+    booted = sorted(line.split("BOOTED ", 1)[1] for line in result.outlines if line.startswith("BOOTED "))
+    assert booted == sorted(
+        [f"test_vm[{i}-debian-bookworm] 12" for i in range(3)] + [f"test_vm[{i}-debian-trixie] 13" for i in range(3)]
+    ), result.stdout.str()
