@@ -29,7 +29,6 @@ from .errors import ImageNotFound, SpecError
 from .images.image import known_names
 
 FIXTURE = "_bottle_matrix_image"
-DEFAULT = "debian-bookworm"
 IMAGES = pytest.StashKey[tuple[str, ...]]()
 # Set on a test's definition once it is parametrized by image, so the plugin's
 # matrix and a conftest's own (``parametrize``) never both apply.
@@ -40,7 +39,8 @@ def parse_images(value: object, source: str) -> tuple[str, ...]:
     """``"a,b"``, ``"a b"`` or ``"a\\nb"`` → ``("a", "b")``; each entry checked.
 
     ``SpecError`` for an empty entry or a repeated one, ``ImageNotFound`` for a
-    name no recipe or ``.named()`` image has; both name the entry.
+    name no recipe or ``.named()`` image has; both name the entry, and the
+    caller passes ``source`` on to the usage error it raises.
     """
     if not isinstance(value, str):
         raise SpecError(f"bad image: must be a name or a list of names, not {value!r}", source)

@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,18 @@ class BottleLockTimeout(LockTimeout, pytest.UsageError):  # type: ignore[misc]
 
 
 class UnknownBottleImage(ImageNotFound, pytest.UsageError):  # type: ignore[misc]
-    """An unknown image name given to a marker, factory or option."""
+    """An unknown image name given to a marker, factory or option; ``source``
+    names where it came from (as ``SpecError`` does), e.g. ``ini file``."""
+
+    def __init__(self, name: str, known: Sequence[str], source: str = "") -> None:
+        super().__init__(name, known)
+        self.source = source
+        if source:
+            self.message = f"{source}: {self.message}"
+            self.args = (self.message,)
+
+    def _args(self) -> dict[str, Any]:
+        return {**super()._args(), "source": self.source}
 
 
 @dataclass
@@ -113,8 +124,13 @@ def _resolve(layers: list[Layer], restricted: int = 0) -> BottleSpec:
     except SpecError as e:
         raise InvalidBottleArgument(e.message, e.source) from None
     if isinstance(spec.image, str) and spec.image not in known_names():
-        raise UnknownBottleImage(spec.image, known_names())
+        raise UnknownBottleImage(spec.image, known_names(), _image_source(layers))
     return spec
+
+
+def _image_source(layers: list[Layer]) -> str:
+    """Where the image came from: the first layer that sets one (as ``resolve`` reads them)."""
+    return next((where for where, layer in layers if layer.get("image") is not None), "")
 
 
 def _state(config: pytest.Config) -> _State:
@@ -183,8 +199,8 @@ def pytest_configure(config: pytest.Config) -> None:
         ini["image_pull"] = str(config.inipath.parent / str(pull))  # a path: relative to the ini file too
     try:  # an image list: kept for the matrix, its first image stays in cli/ini
         matrix.configure(config, cli, ini)
-    except ImageNotFound as e:
-        raise UnknownBottleImage(e.name, e.known) from None
+    except ImageNotFound as e:  # cli/ini are unchanged when it fails
+        raise UnknownBottleImage(e.name, e.known, _image_source([("command line", cli), ("ini file", ini)])) from None
     except SpecError as e:
         raise InvalidBottleArgument(e.message, e.source) from None
     config.pluginmanager.register(matrix, "bottle-matrix")

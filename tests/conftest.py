@@ -88,11 +88,17 @@ def stop_kept() -> Iterator[list[str]]:
 # names its own image or list (--bottle-image, ini bottle_image).
 BOTH_RELEASES = ("debian-bookworm", "debian-trixie")
 RELEASE_MODULES = {"test_runtime.py", "test_ssh.py", "test_net.py", "test_seeds.py", "test_agent_channel.py"}
+# One representative test of modules that stay on one release (the whole
+# module on both would cost minutes): each checks the release it ran on.
+RELEASE_TESTS = {
+    "test_processes.py::test_many_processes_kill_takes_the_group_and_input_arrives",
+    "test_live_snapshots.py::test_forks_have_their_own_identity",
+}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     config = metafunc.config
-    if metafunc.definition.path.name in RELEASE_MODULES and not (
-        config.getoption("bottle_image") or config.getini("bottle_image")
-    ):
+    name = metafunc.definition.path.name
+    chosen = name in RELEASE_MODULES or f"{name}::{metafunc.function.__name__}" in RELEASE_TESTS
+    if chosen and not (config.getoption("bottle_image") or config.getini("bottle_image")):
         matrix.parametrize(metafunc, BOTH_RELEASES)

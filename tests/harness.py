@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import psutil
+import pytest
+
+from pytest_bottle import Bottle, matrix
 
 T = TypeVar("T")
 TESTS_DIR = Path(__file__).resolve().parent
@@ -97,3 +100,19 @@ def gone(pid: int, within: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+# /etc/os-release's VERSION_ID of each release the suite runs on.
+VERSION_IDS = {"debian-bookworm": "12", "debian-trixie": "13"}
+
+
+def version_id(b: Bottle) -> str:
+    return b.check_output(". /etc/os-release && echo $VERSION_ID").strip()
+
+
+def check_release(b: Bottle, request: pytest.FixtureRequest) -> None:
+    """``b`` runs the release its test's id names (its matrix parameter), so a
+    test put on both releases cannot pass by running one of them twice."""
+    image = getattr(getattr(request.node, "callspec", None), "params", {}).get(matrix.FIXTURE)
+    if image in VERSION_IDS:
+        assert version_id(b) == VERSION_IDS[image], f"{b.name} is not {image}"

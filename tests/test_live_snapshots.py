@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import TESTS_DIR, processes_mentioning, wait_until
+from harness import TESTS_DIR, check_release, processes_mentioning, wait_until
 
 import pytest_bottle
 from pytest_bottle import Bottle, Snapshot, SnapshotError, SnapshotGone, SpecError
@@ -87,9 +87,13 @@ def test_concurrent_forks_of_one_snapshot(prepared: Snapshot) -> None:
 
 
 def test_forks_have_their_own_identity(
-    prepared: Snapshot, module_bottle: Bottle, bottle_factory: Callable[..., Bottle]
+    prepared: Snapshot, module_bottle: Bottle, bottle_factory: Callable[..., Bottle], request: pytest.FixtureRequest
 ) -> None:
+    # On both releases (conftest's RELEASE_TESTS): trixie's forks get new identities too.
     forks = [bottle_factory(snapshot=prepared) for _ in range(2)]
+    for fork in forks:
+        check_release(fork, request)
+        assert fork.read_text("/root/state") == "prepared\n"  # the snapshot's state came along
     ids = [identity(b) for b in [module_bottle, *forks]]
     for key in ("hostname", "machine_id", "mac", "host_key", "random"):
         values = [i[key] for i in ids]

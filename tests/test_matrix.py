@@ -71,6 +71,24 @@ def test_one_image_keeps_the_ids(pytester: pytest.Pytester) -> None:
     assert len(collected(result)) == 6
 
 
+@pytest.mark.parametrize(
+    ("expression", "images"),
+    [
+        ("debian-trixie", {"debian-trixie", "debian-trixie-minimal"}),  # a substring: the minimal twin too
+        ("debian-trixie and not minimal", {"debian-trixie"}),
+        ("debian-trixie]", {"debian-trixie"}),  # the image ends the id
+    ],
+)
+def test_k_selects_one_image(pytester: pytest.Pytester, expression: str, images: set[str]) -> None:
+    # The expressions docs/reference.md and docs/howto.md give for "this image's tests only".
+    pytester.makepyfile(test_m=TESTS)
+    matrix = "--bottle-image=debian-bookworm,debian-trixie,debian-trixie-minimal"
+    result = run(pytester, "--collect-only", "-q", matrix, "-k", expression)
+    ids = collected(result)
+    assert {re.sub(r".*\[(\d-)?(.+)\]$", r"\2", i) for i in ids} == images, ids
+    assert len(ids) == 4 * len(images), ids  # test_vm, test_param x2, test_module per image
+
+
 def test_ini_list_whitespace_or_commas_and_the_header(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_m=TESTS)
     pytester.makeini("[pytest]\nbottle_image =\n    debian-trixie\n    debian-bookworm-minimal,debian-bookworm\n")
@@ -90,7 +108,8 @@ def test_ini_list_whitespace_or_commas_and_the_header(pytester: pytest.Pytester)
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("debian-bookworm,debian-tixie", r"unknown image 'debian-tixie'; known images: .*debian-trixie"),
+        ("debian-bookworm,debian-tixie", r"command line: unknown image 'debian-tixie'; known images: .*debian-trixie"),
+        ("debian-tixie", r"command line: unknown image 'debian-tixie'; known images: .*debian-trixie"),
         ("debian-bookworm,,debian-trixie", r"command line: bad image list .*: entry 2 is empty"),
         ("debian-trixie,", r"command line: bad image list .*: entry 2 is empty"),
         ("debian-trixie debian-bookworm,debian-trixie", r"'debian-trixie' is listed twice"),
@@ -104,12 +123,21 @@ def test_bad_lists_are_usage_errors_naming_the_entry(pytester: pytest.Pytester, 
     assert "Traceback" not in result.stderr.str()
 
 
-def test_bad_ini_list_names_the_ini(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("debian-trixie,", "ini file: bad image list 'debian-trixie,': entry 2 is empty"),
+        ("debian-trixie,debian-tixie", "ini file: unknown image 'debian-tixie'; known images: "),
+        ("debian-bookworm debian-tixie", "ini file: unknown image 'debian-tixie'; known images: "),
+        ("debian-tixie", "ini file: unknown image 'debian-tixie'; known images: "),
+    ],
+)
+def test_bad_ini_list_names_the_ini(pytester: pytest.Pytester, value: str, expected: str) -> None:
     pytester.makepyfile(test_m="def test_vm(bottle): pass")
-    pytester.makeini("[pytest]\nbottle_image = debian-trixie,\n")
+    pytester.makeini(f"[pytest]\nbottle_image = {value}\n")
     result = run(pytester)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "ini file: bad image list 'debian-trixie,': entry 2 is empty" in result.stderr.str()
+    assert expected in result.stderr.str(), result.stderr.str()
 
 
 MATRIX_RUN = """
@@ -166,9 +194,18 @@ def test_matrix_under_xdist(pytester: pytest.Pytester) -> None:
         import pytest
 
         @pytest.mark.parametrize("i", range(3))
-        def test_vm(bottle, i):
+        def test_vm(bottle, i, request):
             assert bottle.check_output("hostname").strip() == bottle.name
+            # The release that booted is the one in the id (bookworm is 12, trixie 13).
+            image = request.node.callspec.params["_bottle_matrix_image"]
+            version = bottle.check_output(". /etc/os-release && echo $VERSION_ID").strip()
+            assert (image, version) in {("debian-bookworm", "12"), ("debian-trixie", "13")}
+            print(f"BOOTED {request.node.name} {version}")
     """
     )
-    result = run(pytester, "-n", "2", BOTH)
+    result = run(pytester, "-n", "2", "-rA", BOTH)
     result.assert_outcomes(passed=6)
+    booted = sorted(line.split("BOOTED ", 1)[1] for line in result.outlines if line.startswith("BOOTED "))
+    assert booted == sorted(
+        [f"test_vm[{i}-debian-bookworm] 12" for i in range(3)] + [f"test_vm[{i}-debian-trixie] 13" for i in range(3)]
+    ), result.stdout.str()

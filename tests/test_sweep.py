@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import kill_group, run_isolated, wait_until
+from harness import VERSION_IDS, kill_group, run_isolated, wait_until
 
 from pytest_bottle.errors import PoolExhausted
 from pytest_bottle.host.paths import default_cache_dir, state_dir
@@ -124,6 +124,8 @@ from pathlib import Path
 
 def test_hold(bottle_factory):
     bottles = [bottle_factory(forward=[8080]), bottle_factory(lan="l"), bottle_factory(lan="l")]
+    for b in bottles:  # the release the test asked for (--bottle-image)
+        assert b.check_output(". /etc/os-release && echo $VERSION_ID").strip() == os.environ["VERSION_ID"]
     Path(os.environ["INFO"]).write_text(json.dumps([b.name for b in bottles]))
     go = Path(os.environ["INFO"] + ".go")
     deadline = time.time() + 300
@@ -147,22 +149,32 @@ def holders() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 @pytest.fixture
-def holder_seeds(warm_seed: Callable[..., None]) -> None:
+def image() -> str:
+    """The holder's image; a test parametrized over ``image`` replaces it."""
+    return "debian-bookworm"
+
+
+@pytest.fixture
+def holder_seeds(warm_seed: Callable[..., None], image: str) -> None:
     """The seeds the holder's bottles restore from (one NIC, and two for a LAN
     member): made before its deadline."""
-    warm_seed(lan="warm")
+    warm_seed(image=image)
+    warm_seed(image=image, lan="warm")
 
 
 def _start_holder(
-    tmp_path: Path, tag: str, holders: list[subprocess.Popen[bytes]]
+    tmp_path: Path, tag: str, holders: list[subprocess.Popen[bytes]], image: str = "debian-bookworm"
 ) -> tuple[subprocess.Popen[bytes], Path]:
     test = tmp_path / f"test_hold_{tag}.py"
     test.write_text(HOLDER)
     info = tmp_path / f"info_{tag}.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", str(test), f"--bottle-cache-dir={CACHE}", "-p", "no:cacheprovider", "-q"],
+        [
+            *(sys.executable, "-m", "pytest", str(test), f"--bottle-cache-dir={CACHE}", f"--bottle-image={image}"),
+            *("-p", "no:cacheprovider", "-q"),
+        ],
         cwd=tmp_path,
-        env=dict(os.environ, INFO=str(info)),
+        env=dict(os.environ, INFO=str(info), VERSION_ID=VERSION_IDS[image]),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -251,8 +263,11 @@ def _cookies(ns: str) -> set[int | None]:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("holder_seeds")
-def test_kill_9_then_next_run_leaves_nothing(tmp_path: Path, holders: list[subprocess.Popen[bytes]]) -> None:
-    proc, info = _start_holder(tmp_path, "killed", holders)
+@pytest.mark.parametrize("image", ["debian-bookworm", "debian-trixie"])  # the holder checks its release
+def test_kill_9_then_next_run_leaves_nothing(
+    tmp_path: Path, holders: list[subprocess.Popen[bytes]], image: str
+) -> None:
+    proc, info = _start_holder(tmp_path, "killed", holders, image)
     names = json.loads(info.read_text())
     records = {r.name: r for r in RunRecord.load_all() if r.name in names}
     assert set(records) == set(names)

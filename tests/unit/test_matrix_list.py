@@ -8,6 +8,7 @@ import pytest
 
 from pytest_bottle.errors import ImageNotFound, SpecError
 from pytest_bottle.matrix import parse_images
+from pytest_bottle.plugin import UnknownBottleImage
 
 
 @pytest.mark.parametrize(
@@ -49,3 +50,13 @@ def test_an_unknown_entry_is_named_and_the_known_listed() -> None:
 def test_not_a_string_is_refused() -> None:
     with pytest.raises(SpecError, match="a name or a list of names"):
         parse_images(["debian-trixie"], "command line")
+
+
+def test_the_usage_error_names_the_layer_and_survives_pickling() -> None:
+    # What the plugin raises for an unknown entry: an ImageNotFound (name, known) and a usage error with its source.
+    err = UnknownBottleImage("debian-sid", ["debian-trixie"], "ini file")
+    assert isinstance(err, ImageNotFound) and isinstance(err, pytest.UsageError)
+    assert str(err) == "ini file: unknown image 'debian-sid'; known images: debian-trixie"
+    back = pickle.loads(pickle.dumps(err))
+    assert (type(back), vars(back), str(back)) == (UnknownBottleImage, vars(err), str(err))
+    assert str(UnknownBottleImage("x", [])) == "unknown image 'x'; known images: (none)"
