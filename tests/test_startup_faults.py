@@ -24,7 +24,8 @@ from harness import processes_mentioning
 
 import pytest_bottle
 from pytest_bottle import BootError, BottleError
-from pytest_bottle.host.paths import default_cache_dir, remove_tree, tree_size, unescape_mount_field
+from pytest_bottle.host.mounts import unescape_mount_field
+from pytest_bottle.host.paths import default_cache_dir, remove_tree, tree_size
 from pytest_bottle.images import ensure_image
 from pytest_bottle.images.cache import entry_dir
 from pytest_bottle.images.recipes import get_recipe

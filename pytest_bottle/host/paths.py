@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import shutil
 import stat
-import subprocess
 import tempfile
 from pathlib import Path
 
 from ..errors import UnsafeDirectory
+from .mounts import detach_under, remove_within
 
 log = logging.getLogger(__name__)
 
@@ -168,28 +166,27 @@ def write_json(path: Path, obj: object) -> None:
     write_private(path, json.dumps(obj))
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a directory even if a killed mmdebstrap left mounts inside it."""
-    if not path.exists() and not path.is_symlink():
-        return
-    prefix = str(path.resolve()) + "/"
+def remove_tree(path: Path) -> list[str]:
+    """Remove a file or a directory tree, even one a killed mmdebstrap left
+    mounts in: those are detached first (deepest first), and the delete never
+    descends into a mount point, so what one could not detach (or one made
+    meanwhile) is left whole, with the directories above it.  Returns the
+    mount points left; ``path`` then remains."""
     try:
-        with open("/proc/self/mounts") as f:
-            mounts = [unescape_mount_field(line.split()[1]) for line in f]
-    except OSError:
-        mounts = []
-    for mnt in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mnt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return []
+    if not stat.S_ISDIR(st.st_mode):
         path.unlink(missing_ok=True)
-
-
-def unescape_mount_field(field: str) -> str:
-    """A path as /proc/self/mounts writes it, back as it is: the kernel
-    escapes space, tab, newline and backslash as octal (``\\040``...)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+        return []
+    detach_under(path)
+    left = remove_within(path)
+    if left:  # mounted while we walked: once more, then it is the caller's to report
+        detach_under(path)
+        left = remove_within(path)
+    if left:
+        log.warning("could not remove %s: mounts under it could not be detached: %s", path, ", ".join(left))
+    return left
 
 
 def tree_size(path: Path) -> int:

@@ -240,7 +240,9 @@ def _pids_using(d: Path) -> list[int]:
 
 
 def _remove(path: Path, report: SweepReport) -> bool:
-    remove_tree(path)
+    if left := remove_tree(path):
+        report.skip(str(path), f"mounts under it could not be detached: {', '.join(left)}")
+        return False
     if path.exists() or path.is_symlink():
         report.skip(str(path), "could not remove it (permissions?)")
         return False

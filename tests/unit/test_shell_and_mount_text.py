@@ -1,5 +1,5 @@
-"""Pure text helpers: remote shell quoting (checked by a real sh) and
-/proc/self/mounts unescaping."""
+"""Pure text helpers: remote shell quoting (checked by a real sh), and
+/proc/self/mountinfo unescaping and the order mounts are detached in."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pytest_bottle.host.paths import unescape_mount_field
+from pytest_bottle.host.mounts import below, parse_mount_points, unescape_mount_field
 from pytest_bottle.reports import keep_message
 from pytest_bottle.ssh import remote_command
 
@@ -62,6 +62,39 @@ def test_unescaping_undoes_what_the_kernel_writes() -> None:
     escaped = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in odd)
     assert "\\" not in escaped.replace("\\040", "").replace("\\011", "").replace("\\012", "").replace("\\134", "")
     assert unescape_mount_field(escaped) == odd
+
+
+MOUNTINFO = """\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+43 27 0:39 / /c\\040dir/.tmp-x-1/r/dev/pts rw,nosuid - devpts none rw,mode=620
+44 27 0:27 / /c\\040dir/.tmp-x-1/r/dev/shm rw,relatime - tmpfs tmpfs rw
+45 27 0:22 / /c\\040dir/.tmp-x-1/r/sys ro,nosuid - sysfs sys rw
+46 27 0:40 / /c\\040dir/.tmp-x-1/r/proc ro,relatime - proc proc ro
+47 46 0:41 / /c\\040dir/.tmp-x-1/r/proc/sys/fs/binfmt_misc rw - binfmt_misc binfmt_misc rw
+48 45 0:42 / /c\\040dir/.tmp-x-1/r/sys rw - tmpfs tmpfs rw
+49 27 0:43 / /c\\040dir/.tmp-x-10/r/proc rw - proc proc rw
+50 27 0:44 / /c\\040dir/.tmp-x-1 rw - tmpfs tmpfs rw
+51 27 0:45 / /back\\134slash\\011tab rw - tmpfs tmpfs rw
+"""
+
+
+def test_mountinfo_mount_points_are_read_unescaped() -> None:
+    points = parse_mount_points(MOUNTINFO)
+    assert points[0] == "/" and points[1] == "/c dir/.tmp-x-1/r/dev/pts"
+    assert points[-1] == "/back\\slash\ttab" and len(points) == 10
+
+
+def test_mounts_below_a_path_come_deepest_first_once_per_mount() -> None:
+    """Children before their parents (a parent detached first would take the
+    children's paths away); a point with two mounts on it comes twice (each
+    detach by path takes the top one).  Neither the path itself nor a
+    sibling sharing its prefix (-10) counts."""
+    r = "/c dir/.tmp-x-1/r"
+    order = below(parse_mount_points(MOUNTINFO), "/c dir/.tmp-x-1/")
+    assert order[:3] == [f"{r}/proc/sys/fs/binfmt_misc", f"{r}/dev/shm", f"{r}/dev/pts"]
+    assert sorted(order[3:]) == [f"{r}/proc", f"{r}/sys", f"{r}/sys"]
+    assert below(parse_mount_points(MOUNTINFO), "/c dir/.tmp-x-1") == order
+    assert below(parse_mount_points(MOUNTINFO), "/c dir/.tmp-x") == []
 
 
 @pytest.mark.parametrize("socket", ["/run/x/agent.sock", None])
