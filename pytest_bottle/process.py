@@ -361,17 +361,31 @@ class CommandHistory(collections.deque[tuple[str, int | None, float]]):
     A spawned process that is still running stays past that (the report must
     show a server a test started long ago): the entry that makes room is the
     oldest one that is not such a process.  So it holds ``HISTORY_LEN``
-    entries, more only while more than that many spawned processes run."""
+    entries, more only while more than that many spawned processes run.
+    Commands run from several threads: changes take a lock (readers copy it
+    with ``list()``, one C call under the GIL)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
 
     def append(self, entry: tuple[str, int | None, float]) -> None:
-        super().append(entry)
-        if len(self) <= HISTORY_LEN:
-            return
-        for i in range(len(self) - 1):  # never the entry just added
-            old = self[i]
-            if not (isinstance(old, ProcessEntry) and old.running()):
+        with self._lock:
+            super().append(entry)
+            excess = len(self) - HISTORY_LEN
+            drop: list[int] = []
+            for i in range(len(self) - 1):  # never the entry just added
+                if len(drop) >= excess:
+                    break
+                old = self[i]
+                if not (isinstance(old, ProcessEntry) and old.running()):
+                    drop.append(i)
+            for i in reversed(drop):
                 del self[i]
-                return
+
+    def clear(self) -> None:
+        with self._lock:
+            super().clear()
 
 
 def describe_history(entries: Iterable[tuple[str, int | None, float]]) -> str:

@@ -40,7 +40,7 @@ class BottleReports:
             for b in self.item_bottles(item):
                 tail = "\n".join(b.console_log.splitlines()[-CONSOLE_LINES:])
                 report.sections.append((f"bottle {b.name} console (last {CONSOLE_LINES} lines)", tail or "(empty)"))
-                cmds = describe_history(b.history)
+                cmds = describe_history(list(b.history))  # a copy: commands may run on meanwhile
                 report.sections.append((f"bottle {b.name} last commands", cmds or "(none)"))
         return report
 

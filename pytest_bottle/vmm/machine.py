@@ -308,7 +308,10 @@ class QemuMachine:
             if status in ("failed", "cancelled") or not self.alive():
                 raise BootError(f"{what} failed ({status}): {self.exit_reason()}")
             if time.monotonic() > deadline:
-                self.qmp.cmd("migrate_cancel")
+                try:
+                    self.qmp.cmd("migrate_cancel")
+                except Exception as e:  # the timeout is the error to report
+                    log.debug("migrate_cancel after a timeout failed: %s", e)
                 raise BootError(f"{what} took longer than {timeout} s")
             time.sleep(0.02)
 
