@@ -9,8 +9,10 @@ removing that directory must detach them, and never delete through one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -39,10 +41,11 @@ SWEEP = textwrap.dedent("""
 
 
 def _mounts_under(path: Path) -> list[str]:
-    """Mount points below ``path``, read here without the code under test
-    (the kernel's octal escapes are what ``unicode_escape`` undoes)."""
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4].encode().decode("unicode_escape") for line in f]
+    """Mount points below ``path``, read here without the code under test:
+    lines end at \\n only (a \\r in a name is kept), fields at a space."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        fields = [line.split(b" ")[4] for line in f.read().split(b"\n") if line]
+    points = [os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), p)) for p in fields]
     return [p for p in points if p.startswith(f"{path}/")]
 
 
@@ -103,9 +106,9 @@ def _kill_build_once_mounted(cache: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("cleanup", ["sweep", pytest.param("next-build", marks=pytest.mark.slow)])
-def test_a_killed_builds_mounts_are_detached_and_the_next_build_succeeds(
-    unmount_after: Path, shm_canary: Path, cleanup: str
-) -> None:
+def test_a_killed_builds_mounts_are_detached(unmount_after: Path, shm_canary: Path, cleanup: str) -> None:
+    """The sweep (default run) or the next build (slow: a whole build) removes
+    what a killed build left, mounts and all, through neither of them."""
     cache = unmount_after / "a cache"  # a space: /proc/self/mountinfo writes it as \040
     left = _kill_build_once_mounted(cache)
     assert left and all("/.tmp-" in p and "/.work/tmp/mmdebstrap." in p for p in left), left
@@ -115,18 +118,25 @@ def test_a_killed_builds_mounts_are_detached_and_the_next_build_succeeds(
         out = run_isolated(SWEEP, str(cache), env={"BOTTLE_STATE_DIR": str(unmount_after / "state")}).stdout
         report = json.loads(out)
         assert report["paths"] == [str(p) for p in stale] and report["skipped"] == [], report
-        assert not _mounts_under(cache) and not any(p.exists() for p in stale)
-    built = Path(run_isolated(BUILD, IMAGE, str(cache)).stdout.strip())
-    assert (built / "rootfs.ext4").is_file() and (built / "manifest.json").is_file()
+        assert not any(p.exists() for p in stale)
+    else:
+        built = Path(run_isolated(BUILD, IMAGE, str(cache)).stdout.strip())
+        assert (built / "rootfs.ext4").is_file() and (built / "manifest.json").is_file()
+        assert [p.name for p in (cache / "images").iterdir()] == [built.name]
     assert not _mounts_under(cache)
-    assert [p.name for p in (cache / "images").iterdir()] == [built.name]
     assert shm_canary.read_text() == "the host's\n"  # nothing was deleted through the /dev/shm bind
+
+
+def _user_namespaces() -> bool:
+    return subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode == 0
 
 
 def test_a_mount_that_cannot_be_detached_is_not_descended_into(unmount_after: Path) -> None:
     """In a user namespace the mounts inherited from the host are locked, so
     detaching fails (EINVAL): the removal must stop at the mount, not delete
     the bound directory's files (a plain rmtree deleted the canary)."""
+    if not _user_namespaces():
+        pytest.skip("user namespaces are disabled here (unshare -Urm fails)")
     outside, tree = unmount_after / "outside", unmount_after / "tree"
     (outside).mkdir()
     (outside / "canary").write_text("keep\n")
@@ -146,20 +156,55 @@ def test_a_mount_that_cannot_be_detached_is_not_descended_into(unmount_after: Pa
     assert (outside / "canary").read_text() == "keep\n"
 
 
-@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "st_dev-and-mountinfo"])
+@pytest.fixture(params=["openat2", "mount-id"])
+def walker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The walker's way to see a mount point: openat2's RESOLVE_NO_XDEV, or
+    (where openat2 is missing) the mount ids of parent and child.  Gives the
+    list of openat2 calls made, to check the first way was really taken."""
+    calls: list[int] = []
+    if request.param == "openat2":
+        monkeypatch.setattr(mounts, "_openat2_works", None)
+        real = mounts._openat2
+
+        def counted(fd: int, name: str, flags: int, resolve: int) -> int:
+            calls.append(resolve)
+            return real(fd, name, flags, resolve)
+
+        monkeypatch.setattr(mounts, "_openat2", counted)
+        if not _openat2_here():
+            pytest.skip("openat2 is not available here (old kernel or a seccomp filter)")
+    else:
+        monkeypatch.setattr(mounts, "_openat2_works", False)
+        monkeypatch.setattr(mounts, "_openat2_usable", lambda fd: False)
+        monkeypatch.setattr(mounts, "_openat2", None)  # any call would fail the test
+    return calls
+
+
+def _openat2_here() -> bool:
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return mounts._openat2_usable(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_openat2_used(walker: list[int], request: pytest.FixtureRequest) -> None:
+    if request.node.callspec.params["walker"] == "openat2":
+        assert walker and all(r & mounts.RESOLVE_NO_SYMLINKS for r in walker), walker
+
+
 def test_the_walker_stops_at_every_kind_of_mount_point(
-    unmount_after: Path, openat2: bool, monkeypatch: pytest.MonkeyPatch
+    unmount_after: Path, walker: list[int], request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A tmpfs (another st_dev) and a bind of a directory of the same file
-    system (same st_dev: ``os.path.ismount`` says no) are both left whole
-    by ``remove_within``, which detaches nothing itself."""
-    monkeypatch.setattr(mounts, "_openat2_works", None if openat2 else False)
-    if not openat2:
-        monkeypatch.setattr(mounts, "_openat2_usable", lambda fd: False)
+    system (same st_dev: ``os.path.ismount`` says no), the latter at a name
+    with a \r (which ended the line for splitlines()) and missing from the
+    mount table read before the walk (as a mount made meanwhile is), are
+    both left whole by ``remove_within``, which detaches nothing itself."""
     outside, tree = unmount_after / "outside", unmount_after / "tree with space"
     outside.mkdir()
     (outside / "canary").write_text("keep\n")
-    tmpfs, bind = tree / "a" / "tmpfs", tree / "b" / "c" / "bind"
+    tmpfs, bind = tree / "a" / "tmpfs", tree / "b" / "c" / "bi\rnd"
     for d in (tmpfs, bind, tree / "plain" / "deep"):
         d.mkdir(parents=True)
     (tree / "plain" / "deep" / "file").write_text("x\n")
@@ -168,7 +213,91 @@ def test_the_walker_stops_at_every_kind_of_mount_point(
     (tmpfs / "inside").write_text("in the tmpfs\n")
     _mount("--bind", str(outside), str(bind))
     assert not os.path.ismount(bind)
+    monkeypatch.setattr(mounts, "mounts_under", lambda path: [])
     assert sorted(mounts.remove_within(tree)) == sorted([str(tmpfs), str(bind)])
     assert (outside / "canary").read_text() == "keep\n" and (tmpfs / "inside").is_file()
     assert not (tree / "plain").exists() and not (tree / "a" / "link").is_symlink() and Path("/dev/shm").is_dir()
     assert sorted(_mounts_under(tree)) == sorted([str(tmpfs), str(bind)])
+    _check_openat2_used(walker, request)
+
+
+def test_a_tree_that_is_itself_a_mount_point_is_not_entered(
+    unmount_after: Path, walker: list[int], request: pytest.FixtureRequest
+) -> None:
+    """A bind of an outside directory onto the tree itself: nothing in it is
+    deleted (the walk opened the tree and landed on the top mount), and the
+    tree is named as left behind."""
+    outside, tree = unmount_after / "outside", unmount_after / "tree"
+    for d in (outside, tree):
+        d.mkdir()
+    (outside / "canary").write_text("keep\n")
+    _mount("--bind", str(outside), str(tree))
+    assert remove_tree(tree) == [str(tree)]
+    assert (outside / "canary").read_text() == "keep\n" and (tree / "canary").is_file()
+    _check_openat2_used(walker, request)
+
+
+def test_a_mount_at_a_name_with_a_carriage_return_is_detached(unmount_after: Path) -> None:
+    """The kernel escapes only space, tab, newline and backslash: a \r (or a
+    \x0b, \x1c, U+2028...) stays raw in its mountinfo line."""
+    outside, tree = unmount_after / "outside", unmount_after / "tree"
+    outside.mkdir()
+    (outside / "canary").write_text("keep\n")
+    odd = tree / "a\rb\x0bc\x1cd\u2028e"
+    odd.mkdir(parents=True)
+    _mount("--bind", str(outside), str(odd))
+    assert _mounts_under(tree) == [str(odd)]
+    assert mounts.mounts_under(tree) == [str(odd)]
+    assert remove_tree(tree) == [] and not tree.exists() and not _mounts_under(unmount_after)
+    assert (outside / "canary").read_text() == "keep\n"
+
+
+def test_mounts_hidden_under_other_mounts_are_all_detached(unmount_after: Path) -> None:
+    """Three mounts each hiding the one below it (c under b under a): a
+    detach by path reaches a hidden one only once those above went, so the
+    detaching goes on while it frees some (one retry left b and c)."""
+    tree = unmount_after / "tree"
+    c = tree / "a" / "b" / "c"
+    c.mkdir(parents=True)
+    for point in (c, c.parent, c.parent.parent):
+        _mount("-t", "tmpfs", "bottle-test", str(point))
+    assert len(_mounts_under(tree)) == 3
+    assert remove_tree(tree) == [] and not tree.exists() and not _mounts_under(unmount_after)
+
+
+def test_a_symlink_on_the_way_to_a_mount_point_is_not_followed(unmount_after: Path) -> None:
+    """The mount listed at tree/a/m, and tree/a then a symlink to a
+    directory with a mount of its own at m: the detach must not reach it
+    (UMOUNT_NOFOLLOW guards only the last component)."""
+    if not _openat2_here():
+        pytest.skip("without openat2 a detach by path follows symlinks before the last component")
+    tree, elsewhere = unmount_after / "tree", unmount_after / "elsewhere"
+    (tree / "a").mkdir(parents=True)
+    (elsewhere / "m").mkdir(parents=True)
+    _mount("-t", "tmpfs", "bottle-test", str(elsewhere / "m"))
+    (tree / "a").rmdir()
+    (tree / "a").symlink_to(elsewhere)
+    root = os.open(tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        assert mounts.detach(root, "a/m", str(tree / "a" / "m")) == errno.ELOOP
+    finally:
+        os.close(root)
+    assert _mounts_under(elsewhere) == [str(elsewhere / "m")]
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_removed(tmp_path: Path) -> None:
+    """1200 levels: a recursive walk raised RecursionError out of remove_tree."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    os.mkdir("deep", dir_fd=fd)
+    for _ in range(1200):
+        child = os.open("deep" if _ == 0 else "d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+        os.mkdir("d", dir_fd=fd)
+    with open("f", "w", opener=lambda name, flags: os.open(name, flags, dir_fd=fd)) as f:
+        f.write("x\n")
+    os.close(fd)
+    try:
+        assert remove_tree(tmp_path / "deep") == [] and not (tmp_path / "deep").exists()
+    finally:  # left there, it would crash pytest's own (recursive) cleanup of old tmp dirs
+        subprocess.run(["rm", "-rf", str(tmp_path / "deep")], check=True)

@@ -170,8 +170,9 @@ def remove_tree(path: Path) -> list[str]:
     """Remove a file or a directory tree, even one a killed mmdebstrap left
     mounts in: those are detached first (deepest first), and the delete never
     descends into a mount point, so what one could not detach (or one made
-    meanwhile) is left whole, with the directories above it.  Returns the
-    mount points left; ``path`` then remains."""
+    meanwhile) is left whole, with the directories above it; so is ``path``
+    if it is a mount point itself.  Returns the mount points left; ``path``
+    then remains."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -179,7 +180,7 @@ def remove_tree(path: Path) -> list[str]:
     if not stat.S_ISDIR(st.st_mode):
         path.unlink(missing_ok=True)
         return []
-    detach_under(path)
+    detach_under(path)  # what it could not detach, the walk below meets and reports
     left = remove_within(path)
     if left:  # mounted while we walked: once more, then it is the caller's to report
         detach_under(path)

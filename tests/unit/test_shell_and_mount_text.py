@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -64,7 +65,7 @@ def test_unescaping_undoes_what_the_kernel_writes() -> None:
     assert unescape_mount_field(escaped) == odd
 
 
-MOUNTINFO = """\
+MOUNTINFO = b"""\
 27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
 43 27 0:39 / /c\\040dir/.tmp-x-1/r/dev/pts rw,nosuid - devpts none rw,mode=620
 44 27 0:27 / /c\\040dir/.tmp-x-1/r/dev/shm rw,relatime - tmpfs tmpfs rw
@@ -75,13 +76,23 @@ MOUNTINFO = """\
 49 27 0:43 / /c\\040dir/.tmp-x-10/r/proc rw - proc proc rw
 50 27 0:44 / /c\\040dir/.tmp-x-1 rw - tmpfs tmpfs rw
 51 27 0:45 / /back\\134slash\\011tab rw - tmpfs tmpfs rw
+52 27 0:46 / /odd\rcr\x0bvt\x0cff\x1cfs\x1dgs\x1ers\xc2\x85nel\xe2\x80\xa8ls\xe2\x80\xa9ps\xffraw rw - tmpfs t rw
 """
 
 
 def test_mountinfo_mount_points_are_read_unescaped() -> None:
     points = parse_mount_points(MOUNTINFO)
     assert points[0] == "/" and points[1] == "/c dir/.tmp-x-1/r/dev/pts"
-    assert points[-1] == "/back\\slash\ttab" and len(points) == 10
+    assert points[-2] == "/back\\slash\ttab" and len(points) == 11
+
+
+def test_mountinfo_lines_end_at_a_newline_only() -> None:
+    """The kernel leaves all but space, tab, newline and backslash raw: a
+    \\r, \\x0b, \\x0c, \\x1c-\\x1e, U+0085, U+2028/9 (all line ends to
+    ``splitlines``) or a byte that is not UTF-8 is part of the name."""
+    odd = "/odd\rcr\x0bvt\x0cff\x1cfs\x1dgs\x1ers\x85nel\u2028ls\u2029ps" + os.fsdecode(b"\xffraw")
+    assert parse_mount_points(MOUNTINFO)[-1] == odd
+    assert os.fsencode(odd).endswith(b"\xffraw")
 
 
 def test_mounts_below_a_path_come_deepest_first_once_per_mount() -> None:
