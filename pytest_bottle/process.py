@@ -356,32 +356,26 @@ HISTORY_LEN = 20
 
 
 class CommandHistory(collections.deque[tuple[str, int | None, float]]):
-    """A bottle's last ``HISTORY_LEN`` commands, oldest first.
+    """A bottle's last ``HISTORY_LEN`` commands, oldest first (a deque of that ``maxlen``).
 
-    A spawned process that is still running stays past that (the report must
+    A spawned process that is still running keeps its place (the report must
     show a server a test started long ago): the entry that makes room is the
-    oldest one that is not such a process.  So it holds ``HISTORY_LEN``
-    entries, more only while more than that many spawned processes run.
+    oldest one that is not such a process, unless every entry is one.
     Commands run from several threads: changes take a lock (readers copy it
     with ``list()``, one C call under the GIL)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(maxlen=HISTORY_LEN)
         self._lock = threading.Lock()
 
     def append(self, entry: tuple[str, int | None, float]) -> None:
         with self._lock:
-            super().append(entry)
-            excess = len(self) - HISTORY_LEN
-            drop: list[int] = []
-            for i in range(len(self) - 1):  # never the entry just added
-                if len(drop) >= excess:
-                    break
-                old = self[i]
-                if not (isinstance(old, ProcessEntry) and old.running()):
-                    drop.append(i)
-            for i in reversed(drop):
-                del self[i]
+            if len(self) == self.maxlen:
+                for i, old in enumerate(self):
+                    if not (isinstance(old, ProcessEntry) and old.running()):
+                        del self[i]
+                        break
+            super().append(entry)  # full of running processes: the oldest goes
 
     def clear(self) -> None:
         with self._lock:

@@ -528,7 +528,8 @@ def test_sweep_skips_another_users_process(home: Path, entry: str) -> None:
 
 
 @needs_root
-def test_cache_is_private_to_its_user() -> None:
+def test_cache_is_private_to_its_user(warm_cache: Path) -> None:
+    # warm_cache: run first from an empty cache, ~/.cache did not exist yet to stat
     if os.stat(CACHE.parent).st_mode & stat.S_IXOTH == 0:
         pytest.skip(f"{CACHE.parent} is closed to others anyway")
     if CACHE.is_dir():

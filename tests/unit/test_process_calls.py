@@ -333,17 +333,19 @@ def test_a_running_process_stays_in_the_history_past_its_length(local: AgentClie
     assert len(shown) == HISTORY_LEN and shown[0] == "[0] 0.01s  cmd 6" and shown[-1] == "[0] 0.01s  next"
 
 
-def test_the_history_shrinks_back_once_many_spawned_processes_ended(local: AgentClient) -> None:
+def test_the_history_never_grows_past_its_length(local: AgentClient) -> None:
     history = CommandHistory()
-    procs = [GuestProcess.start(local, "sleep 30") for _ in range(HISTORY_LEN + 5)]
-    for p in procs:
-        history.append(ProcessEntry("sleep 30", p))
-    history.append(("true", 0, 0.01))
-    assert len(history) == HISTORY_LEN + 6  # all running: none may go
-    for p in procs:
-        p.kill().wait(10)
-    history.append(("next", 0, 0.01))
-    assert len(history) == HISTORY_LEN and list(history)[-2:] == [("true", 0, 0.01), ("next", 0, 0.01)]
+    procs = [GuestProcess.start(local, "sleep 30") for _ in range(HISTORY_LEN + 2)]
+    try:
+        for i, p in enumerate(procs):
+            history.append(ProcessEntry(f"sleep {i}", p))
+        history.append(("true", 0, 0.01))
+        assert history.maxlen == HISTORY_LEN and len(history) == HISTORY_LEN
+        # full of running processes: the oldest of them went, the newest stay
+        assert [c for c, _, _ in history][-2:] == [f"sleep {HISTORY_LEN + 1}", "true"]
+    finally:
+        for p in procs:
+            p.kill().wait(10)
 
 
 # -- exec(on_output=...) ------------------------------------------------------------
