@@ -137,6 +137,12 @@ class AgentClient:
         """Sync the disk for a snapshot, ``warm`` directories read into the cache first."""
         self.channel.call("quiesce", timeout=timeout, warm=list(warm))
 
+    def park(self, *, timeout: float | None) -> str | None:
+        """Let the agent's compiled core serve the port from now on, for a seed's
+        snapshot (``guest.handoff``): None once it does, else why not."""
+        reply = self.channel.call("park", timeout=timeout)
+        return None if reply.get("parked") is True else str(reply.get("why") or "not parked")
+
     # -- files --------------------------------------------------------------
 
     def write(

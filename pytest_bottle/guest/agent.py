@@ -20,10 +20,11 @@ from collections.abc import Callable
 from typing import IO, Any
 
 try:  # on the host, as part of the package
-    from . import execute, frames, identity, system, terminal
+    from . import execute, frames, handoff, identity, system, terminal
 except ImportError:  # in the guest, files side by side
     import execute  # type: ignore[import-not-found,no-redef]
     import frames  # type: ignore[import-not-found,no-redef]
+    import handoff  # type: ignore[import-not-found,no-redef]
     import identity  # type: ignore[import-not-found,no-redef]
     import system  # type: ignore[import-not-found,no-redef]
     import terminal  # type: ignore[import-not-found,no-redef]
@@ -43,7 +44,8 @@ class Agent(terminal.ProcessOps, system.SystemOps):
         self.jobs: queue.SimpleQueue[tuple[int, dict[str, Any], frames.Inbox, int]] = queue.SimpleQueue()
         self.idle = 0
         # A new id per start: the host tells a restarted agent from a live one.
-        self.hello = frames.frame(frames.HELLO, 0, frames.SYNC_MAGIC + os.urandom(frames.INSTANCE_SIZE))
+        self.instance = os.urandom(frames.INSTANCE_SIZE)
+        self.hello = frames.frame(frames.HELLO, 0, frames.SYNC_MAGIC + self.instance)
 
     def serve(self) -> None:
         """Read frames and hand them on; never blocks on anything but the port
@@ -53,18 +55,11 @@ class Agent(terminal.ProcessOps, system.SystemOps):
         while True:
             kind, rid, payload = chan.recv()
             if kind == frames.CALL:
-                call = json.loads(payload)
-                call["_session"] = self.session  # see op_exec
-                inbox = frames.Inbox(functools.partial(self.grant, rid))
-                self.windows.open(rid)
-                with self.lock:
-                    self.inboxes[rid] = inbox
-                    spare = self.idle > 0
-                    if spare:
-                        self.idle -= 1
-                if not spare:  # every worker is busy (a long exec): add one
-                    threading.Thread(target=self.work, daemon=True).start()
-                self.jobs.put((rid, call, inbox, self.session))
+                call = {k: v for k, v in json.loads(payload).items() if not k.startswith("_")}
+                if call.get("op") == "park":  # here: the reading thread is what parks
+                    self.park(rid)
+                else:
+                    self.submit(rid, call)
             elif kind in (frames.DATA, frames.EOF):
                 with self.lock:
                     box = self.inboxes.get(rid)
@@ -80,6 +75,54 @@ class Agent(terminal.ProcessOps, system.SystemOps):
                 chan.post(self.hello)
             elif kind == frames.CANCEL:
                 self.cancel(rid)
+
+    def submit(self, rid: int, call: dict[str, Any], credit: int = frames.HOST_WINDOW) -> None:
+        call["_session"] = self.session  # see op_exec
+        inbox = frames.Inbox(functools.partial(self.grant, rid))
+        self.windows.open(rid, credit)
+        with self.lock:
+            self.inboxes[rid] = inbox
+            spare = self.idle > 0
+            if spare:
+                self.idle -= 1
+        if not spare:  # every worker is busy (a long exec): add one
+            threading.Thread(target=self.work, daemon=True).start()
+        self.jobs.put((rid, call, inbox, self.session))
+
+    def park(self, rid: int) -> None:
+        """Serve through the compiled core until it hands back (``handoff``)."""
+        chan = self.chan
+        with self.lock:
+            busy = self.inboxes or self.procs or self.groups or self.ptys
+        why = "calls or commands still running" if busy else None
+        if why is None and not handoff.available():
+            why = "no compiled core in this image"
+        parked = None
+        if why is None:
+            try:
+                parked = handoff.Parked(chan.fd, self.instance)
+            except OSError as e:
+                why = f"the core did not start: {e}"
+        if parked is None:
+            chan.post(frames.jframe(frames.REPLY, rid, {"parked": False, "why": why, "ok": True}))
+            return
+        with chan.wlock:  # none of ours writes while the core has the port
+            chan._write(frames.jframe(frames.REPLY, rid, {"parked": True, "ok": True}))
+            parked.go(chan.synced, bytes(chan.buf))
+            chan.buf.clear()
+            back = parked.wait()
+        if back is None:  # it died: a host still there must learn its calls are lost
+            self.instance = os.urandom(frames.INSTANCE_SIZE)
+            self.hello = frames.frame(frames.HELLO, 0, frames.SYNC_MAGIC + self.instance)
+            chan.synced = False
+            chan.post(self.hello)
+            return
+        chan.synced = bool(back.meta.get("synced"))
+        chan.buf[:] = back.unread
+        self.session += int(back.meta.get("syncs", 0))
+        for rid, call, credit in back.calls():  # the commands it still runs: ours now
+            self.submit(rid, call, credit)
+        back.close()
 
     def cancel(self, rid: int) -> None:
         with self.lock:
@@ -170,16 +213,18 @@ class Agent(terminal.ProcessOps, system.SystemOps):
         return identity.announce(call)
 
     def op_exec(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
-        try:
-            child = execute.spawn(
-                [str(a) for a in call["argv"]],
-                call.get("env") or {},
-                call.get("cwd"),
-                call.get("user"),
-                bool(call.get("stdin")),
-            )
-        except execute.SpawnFailed as e:  # stdin still coming stops at the reply
-            return {"rc": e.rc, "stderr_text": e.message, "timed_out": False}
+        child = call.get("_child")  # one the core started (``park``)
+        if not isinstance(child, execute.Child):
+            try:
+                child = execute.spawn(
+                    [str(a) for a in call["argv"]],
+                    call.get("env") or {},
+                    call.get("cwd"),
+                    call.get("user"),
+                    bool(call.get("stdin")),
+                )
+            except execute.SpawnFailed as e:  # stdin still coming stops at the reply
+                return {"rc": e.rc, "stderr_text": e.message, "timed_out": False}
         kinds, link = {1: frames.STDOUT, 2: frames.STDERR}, None
         out: Callable[[int, bytes], None] = lambda k, data: self.emit(rid, kinds[k], data)  # noqa: E731
         with self.lock:
@@ -201,7 +246,7 @@ class Agent(terminal.ProcessOps, system.SystemOps):
                 self.forward(link, {0: frames.STARTED}, 0, b'{"pid":%d}' % child.pid)
             if child.stdin is not None:
                 threading.Thread(target=_feed, args=(child.stdin, inbox), daemon=True).start()
-            timed_out = execute.pump(child, out, call.get("timeout"))
+            timed_out = execute.pump(child, out, call.get("timeout")) or bool(call.get("_timed_out"))
         except BaseException:  # the host left or gave up: nobody reads this command any more
             child.kill()
             child.reap()

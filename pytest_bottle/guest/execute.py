@@ -164,7 +164,7 @@ def pump(child: Child, emit: Callable[[int, bytes], None], timeout: float | None
     kinds = {child.stdout: 1, child.stderr: 2}
     buf = bytearray(PIPE_CHUNK)  # reused: see frames.Channel
     view = memoryview(buf)
-    open_fds = set(kinds)
+    open_fds = {fd for fd in kinds if fd >= 0}  # -1: closed before the core handed it over
     pidfd = os.pidfd_open(child.pid)
     deadline = None if timeout is None else time.monotonic() + float(timeout)
     timed_out = False
@@ -199,12 +199,13 @@ def pump(child: Child, emit: Callable[[int, bytes], None], timeout: float | None
                         exited_at = time.monotonic()
                 else:
                     open_fds.discard(fd)
+                    os.close(fd)
         if child.returncode is None:
             timed_out = _wait_until(child, deadline) or timed_out
     finally:
         os.close(pidfd)
-        os.close(child.stdout)
-        os.close(child.stderr)
+        for fd in open_fds:
+            os.close(fd)
     return timed_out
 
 

@@ -194,9 +194,9 @@ class Windows:
         self.cond = threading.Condition()
         self.avail: dict[int, int] = {}
 
-    def open(self, rid: int) -> None:
+    def open(self, rid: int, avail: int = HOST_WINDOW) -> None:
         with self.cond:
-            self.avail[rid] = HOST_WINDOW
+            self.avail[rid] = avail
 
     def close(self, rid: int) -> None:
         with self.cond:

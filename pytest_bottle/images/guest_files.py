@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
-from .recipes import GUEST_DIR, GUEST_FILES, Recipe
+from .recipes import CORE_NAME, GUEST_DIR, GUEST_FILES, Recipe, core_sources
+
+log = logging.getLogger(__name__)
 
 AGENT_DIR = "/usr/lib/pytest-bottle"
 
@@ -71,6 +75,7 @@ def write_guest_files(recipe: Recipe, root: Path) -> None:
     for name in GUEST_FILES:
         shutil.copyfile(GUEST_DIR / name, agent_dir / name)
         (agent_dir / name).chmod(0o755 if name == "agent.py" else 0o644)
+    build_core(agent_dir / CORE_NAME)
 
     units = root / "etc/systemd/system"
     _text(units / "bottle-agent.service", AGENT_UNIT)
@@ -94,6 +99,24 @@ def write_guest_files(recipe: Recipe, root: Path) -> None:
     _text(root / "etc/fstab", "# root is mounted read-write by the kernel command line\n")
     for guest_path, content in recipe.extra_files:
         _text(root / guest_path.lstrip("/"), content)
+
+
+def build_core(dest: Path) -> bool:
+    """Compile the agent's core, static (any guest libc); without a C compiler
+    and a static libc the image has none, and its clones wake the Python agent."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.warning("no C compiler (cc): images get no compiled agent core, and restores are slower")
+        return False
+    argv = [cc, "-O2", "-static", "-o", str(dest), *map(str, core_sources())]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-5:]
+        log.warning("the agent's core did not compile (a static libc: libc6-dev): %s", " | ".join(tail))
+        dest.unlink(missing_ok=True)
+        return False
+    dest.chmod(0o755)
+    return True
 
 
 def write_early_files(recipe: Recipe, root: Path) -> None:

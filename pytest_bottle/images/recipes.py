@@ -23,7 +23,11 @@ GUEST_FILES = (
     "untar.py",
     "terminal.py",
     "system.py",
+    "handoff.py",
 )
+# The agent's compiled core (``guest/handoff``): built into each image from these.
+CORE_DIR = GUEST_DIR / "core"
+CORE_NAME = "bottle-agent-core"
 # What the image is made of besides the recipe: the builder and the files it lays in.
 BUILD_SOURCES = (Path(__file__).with_name("builder.py"), Path(__file__).with_name("guest_files.py"))
 
@@ -90,6 +94,8 @@ class Recipe:
         h.update(f"builder={BUILDER_VERSION}".encode())
         for name in GUEST_FILES:
             h.update(name.encode() + b"\0" + (GUEST_DIR / name).read_bytes())
+        for path in core_sources():
+            h.update(b"core/" + path.name.encode() + b"\0" + path.read_bytes())
         for path in BUILD_SOURCES:
             h.update(path.name.encode() + b"\0" + path.read_bytes())
         return h.hexdigest()[:16]
@@ -153,3 +159,7 @@ def get_recipe(name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise ImageNotFound(name, sorted(RECIPES)) from None
+
+
+def core_sources() -> list[Path]:
+    return sorted(p for p in CORE_DIR.iterdir() if p.suffix in (".c", ".h"))

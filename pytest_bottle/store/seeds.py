@@ -194,6 +194,10 @@ def _boot_and_save(
         named = agent.setup(shake, timeout=60).nics
         settle = agent.settle(timeout=120, quiet=1.0)
         agent.quiesce(warm=WARM_DIRS, timeout=300)
+        # Last: a clone's restore path then runs no Python (guest.handoff).
+        why = agent.park(timeout=60)
+        if why is not None:
+            log.warning("seed of %s: the agent's compiled core does not serve its clones: %s", image.name, why)
         machine.save_state(tmp / "memory.state")
     finally:
         machine.stop()

@@ -1,0 +1,58 @@
+"""The agent's compiled core serves a clone's restore path, then hands the
+port back to the Python agent with the commands it runs (issue 18)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pytest_bottle import Bottle, ExecTimeout
+
+CORE = "bottle-agent-co"  # /proc/PID/comm keeps 15 characters of "bottle-agent-core"
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: images have no compiled core")
+
+
+def _server(b: Bottle) -> str:
+    """Who started this command: the agent's core or its Python side."""
+    return b.check_output("cat /proc/$PPID/comm").strip()
+
+
+def test_a_clone_is_served_by_the_core_until_a_call_it_does_not_serve(bottle_factory) -> None:  # type: ignore[no-untyped-def]
+    b = bottle_factory()
+    assert _server(b) == CORE
+    assert b.exec("echo out; echo err >&2; exit 3").stdout == "out\n"
+    assert b.exec(["no-such-command"]).returncode == 127
+    assert _server(b) == CORE  # none of those woke the Python agent
+    b.write_text("/tmp/handed-back", "yes")  # a call only the Python agent serves
+    assert _server(b) == "python3"
+    assert b.read_text("/tmp/handed-back") == "yes"
+    assert b.exec("hostname").stdout.strip() == b.name
+
+
+def test_commands_running_at_the_handback_finish_under_the_python_agent(bottle_factory) -> None:  # type: ignore[no-untyped-def]
+    b = bottle_factory()
+    with ThreadPoolExecutor(2) as pool:
+        # Its parent before and after: the core, then (the core gone) the agent.
+        slow = pool.submit(b.exec, "cat /proc/$PPID/comm; sleep 4; cat /proc/$PPID/comm; echo done >&2; exit 7")
+        cut = pool.submit(b.exec, "sleep 60", timeout=6)
+        time.sleep(2)
+        b.write_text("/tmp/handed-back", "yes")  # while both run
+        result = slow.result(timeout=120)
+        assert (result.returncode, result.stdout, result.stderr) == (7, f"{CORE}\npython3\n", "done\n")
+        started = time.monotonic()
+        with pytest.raises(ExecTimeout):  # its deadline went along with it
+            cut.result(timeout=120)
+        assert time.monotonic() - started < 10
+    assert _server(b) == "python3"
+
+
+def test_a_big_output_through_the_core_is_whole_and_in_order(bottle_factory) -> None:  # type: ignore[no-untyped-def]
+    b = bottle_factory()
+    # 15 MiB: nearly four times the window, so it only finishes if credit flows back.
+    out = b.exec("seq 1 2000000", timeout=300).stdout
+    assert out.splitlines() == [str(i) for i in range(1, 2000001)]
+    assert _server(b) == CORE
