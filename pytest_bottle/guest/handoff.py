@@ -29,6 +29,7 @@ CORE = "/usr/lib/pytest-bottle/bottle-agent-core"
 GO = struct.Struct("=II")  # synced, number of bytes read from the port but not consumed
 LENGTH = struct.Struct("=I")
 PR_SET_CHILD_SUBREAPER = 36
+MAX_FDS = 253  # SCM_MAX_FD: the core hands back at most 100 commands, 2 fds each
 MAX_META = 1 << 20  # the handback's JSON: a few lines per command still running
 MAX_LEFTOVER = 64 << 20  # unconsumed port bytes: bounded by frame limits and windows
 
@@ -82,7 +83,7 @@ class Parked:
         return back
 
     def _receive(self) -> Handback | None:
-        data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 64)
+        data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, MAX_FDS)
         back = Handback(fds)
         try:
             buf = bytearray(data)

@@ -1,0 +1,170 @@
+"""The Python agent parked behind its compiled core, on this host (issue 18).
+
+The real agent runs in a child process on a socket pair standing in for its
+virtio port, with the real core compiled from ``guest/core``; the host side
+is the real ``AgentChannel``.  Commands run on this host: only harmless ones.
+``setup`` is never sent here (it would rename this host); the VM tests cover it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from pytest_bottle.agent.channel import AgentChannel
+from pytest_bottle.agent.client import AgentClient
+from pytest_bottle.agent.replies import ExecReply
+from pytest_bottle.images.guest_files import build_core
+from pytest_bottle.images.recipes import GUEST_DIR
+
+CORE_COMM = "bottle-agent-co"
+SERVE = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import agent, execute, frames, handoff
+handoff.CORE = sys.argv[2]
+os.chdir(execute.HOME)
+os.environ["PATH"] = execute.DEFAULT_PATH
+agent.Agent(frames.Channel(3)).serve()
+"""
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler on this host")
+    path = tmp_path_factory.mktemp("core") / "bottle-agent-core"
+    assert build_core(path), "the core did not compile (see the warning logged)"
+    return path
+
+
+class Agent:
+    """The real Python agent in a child process, and the host's client of it."""
+
+    def __init__(self, core: Path) -> None:
+        host, port = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE, str(GUEST_DIR), str(core)],
+            pass_fds=[port.fileno()],
+            preexec_fn=lambda: os.dup2(port.fileno(), 3),
+            start_new_session=True,
+        )
+        port.close()
+        self.channel = AgentChannel(host, "local-agent")
+        self.channel.send_sync()
+        assert self.channel.synced.wait(20), "the agent did not answer SYNC"
+        self.client = AgentClient(self.channel)
+
+    def run(self, argv: list[str], timeout: float | None = 30, env: dict[str, str] | None = None) -> ExecReply:
+        r = self.client.exec(argv, env=env or {}, cwd=None, user=None, timeout=timeout, stdin=None, cap=64 << 20)
+        return r.finish(10, argv)
+
+    def server(self) -> str:
+        return self.run(["sh", "-c", "cat /proc/$PPID/comm"]).stdout.decode().strip()
+
+    def close(self) -> None:
+        self.channel.close()
+        os.killpg(self.proc.pid, signal.SIGKILL)  # the agent, its core and their commands
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def parked(core: Path) -> Iterator[Agent]:
+    a = Agent(core)
+    try:
+        assert a.client.park(timeout=30) is None
+        yield a
+    finally:
+        a.close()
+
+
+@pytest.fixture
+def python_agent(core: Path) -> Iterator[Agent]:
+    a = Agent(core)
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+CASES = [
+    ["true"],
+    ["sh", "-c", "echo out; echo err >&2; exit 3"],
+    ["env"],
+    ["no-such-command-here"],
+    ["/etc"],  # a directory: 126
+    ["/etc/hostname"],  # not executable: 126
+    ["sh", "-c", "kill -TERM $$"],
+    ["sh", "-c", "sleep 5 & echo left-in-background"],  # returns without waiting for it
+    ["sh", "-c", "head -c 9000000 /dev/zero | tr '\\0' x; echo; seq 3 >&2"],
+]
+
+
+def _same(r: ExecReply) -> tuple[int, bool, bytes, bytes]:
+    return r.rc, r.timed_out, r.stdout, r.stderr
+
+
+def test_the_core_answers_as_the_python_agent_does(parked: Agent, python_agent: Agent) -> None:
+    assert parked.server() == CORE_COMM and python_agent.server() == "python3"
+    for argv in CASES:
+        env = {"EXTRA": "1", "HOME": "/elsewhere"} if argv == ["env"] else {}
+        assert _same(parked.run(argv, env=env)) == _same(python_agent.run(argv, env=env)), argv
+    assert parked.server() == CORE_COMM  # none of these woke the Python agent
+
+
+def test_a_timeout_and_a_cancel_through_the_core(parked: Agent) -> None:
+    started = time.monotonic()
+    r = parked.run(["sleep", "30"], timeout=1)
+    assert (r.timed_out, r.rc) == (True, -9) and time.monotonic() - started < 5
+    run = parked.client.exec(["sleep", "30"], env={}, cwd=None, user=None, timeout=None, stdin=None, cap=1024)
+    time.sleep(0.3)
+    assert run.rid
+    parked.channel.cancel(run.rid)
+    assert run.finish(10, "sleep").rc == -9
+    assert parked.server() == CORE_COMM
+
+
+def test_the_handback_keeps_running_commands_and_their_deadlines(parked: Agent, tmp_path: Path) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(parked.run, ["sh", "-c", "cat /proc/$PPID/comm; sleep 2; cat /proc/$PPID/comm; exit 5"])
+        cut = pool.submit(parked.run, ["sleep", "30"], 3)
+        time.sleep(1)
+        parked.client.write(str(tmp_path / "f"), b"handed back", mode=None, timeout=30)  # the core cannot
+        r = slow.result(60)
+        assert (r.rc, r.stdout.decode()) == (5, f"{CORE_COMM}\npython3\n")
+        started = time.monotonic()
+        c = cut.result(60)
+        assert c.timed_out and time.monotonic() - started < 4
+    assert (tmp_path / "f").read_bytes() == b"handed back"
+    assert parked.server() == "python3"
+
+
+def test_a_dead_core_gives_the_port_back_as_a_restart(parked: Agent) -> None:
+    pid = int(parked.run(["sh", "-c", "echo $PPID"]).stdout)
+    restarts = parked.channel.restarts
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while parked.channel.restarts == restarts and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert parked.channel.restarts == restarts + 1  # a new HELLO instance: calls in flight are lost
+    assert parked.server() == "python3"
+
+
+def test_an_agent_with_calls_running_does_not_park(python_agent: Agent) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(python_agent.run, ["sleep", "2"])
+        time.sleep(0.5)
+        assert python_agent.client.park(timeout=30) == "calls or commands still running"
+        assert busy.result(30).rc == 0
+    assert python_agent.client.park(timeout=30) is None
+    assert python_agent.server() == CORE_COMM
