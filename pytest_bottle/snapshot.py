@@ -182,6 +182,11 @@ def take_snapshot(bottle: Bottle, machine: Machine, res: Resources, *, saved_for
         macs=res.macs,
         extra={"spec": _spec_fields(spec), "image_name": plan.image.name, "image_key": plan.image.key},
     )
+    # Its forks wake with the agent's compiled core serving them, as clones of
+    # a seed do, unless it runs commands now (then the Python agent serves).
+    why_not = bottle._agent.park(timeout=30)
+    if why_not is not None:
+        log.debug("%s: the agent is not parked for snapshot %s: %s", bottle.name, name, why_not)
     state = snapshots.take(src, snapshots.snapshots_dir(spec.cache_dir) / name, kept=kept)
     snap = Snapshot(state, spec, plan.image)
     if not kept:
