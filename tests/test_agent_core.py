@@ -616,3 +616,95 @@ def test_the_python_agent_gone_ends_the_core(start: Callable[..., Core]) -> None
 def test_a_bad_instance_is_refused(start: Callable[..., Core]) -> None:
     c = start(instance=b"")
     assert c.proc.wait(10) == 2
+
+
+# (payload, the core serves it) — the core reads what json.loads reads; what it
+# hands back instead, the Python agent decides about.
+JSON_CASES = [
+    (b'{"op":"hello"}', True),
+    (
+        b' \t\r\n{ "op" : "hello" , "x" : [1, -0, 0.5e-3, 1E+2, true, false, null, NaN, -Infinity, {"a":{}}, []] } \n',
+        True,
+    ),
+    (b'{"op":"hel\\u006Co"}', True),
+    (b'{"op":"hello","s":"\\ud83d\\ude00 \\u00e9 \\" \\\\ \\/ \\b\\f\\n\\r\\t"}', True),
+    (b'{"op":"hello","s":"\xc3\xa9\xf0\x9f\x98\x80"}', True),
+    (b'{"op":"hello","n":1e5,"m":-12.5E-3}', True),
+    (b'{"op":"hello",}', False),
+    (b'{"op":"hello","n":01}', False),
+    (b'{"op":"hello","n":1.}', False),
+    (b'{"op":"hello","n":.5}', False),
+    (b'{"op":"hello","n":-}', False),
+    (b'{"op":"hello","n":1e}', False),
+    (b'{"op":"hello","n":Infinityx}', False),
+    (b'{"op":"hello","t":tru}', False),
+    (b'{"op":"hello","s":"\t"}', False),
+    (b'{"op":"hello","s":"\\x"}', False),
+    (b'{"op":"hello","s":"\\u12"}', False),
+    (b'{"op":"hello","s":"\xc0\xaf"}', False),
+    (b"{'op':'hello'}", False),
+    (b'{"op":"hello"}}', False),
+    (b'{"op":"hello"', False),
+    (b"", False),
+]
+
+
+@pytest.mark.parametrize(("payload", "served"), JSON_CASES)
+def test_json_is_read_as_python_reads_it(core: Core, payload: bytes, served: bool) -> None:
+    try:
+        python_reads = isinstance(json.loads(payload), dict)
+    except ValueError:
+        python_reads = False
+    assert python_reads == served  # the cases themselves are right
+    data = frames.frame(CALL, 3, payload)
+    core.send(data)
+    if served:
+        kind, rid, got = core.recv()
+        assert (kind, rid, json.loads(got)["ok"]) == (REPLY, 3, True)
+    else:
+        assert core.handback()[1] == data
+        assert core.ack() == 0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"op":"hello","s":"\xed\xa0\x80"}',  # json.loads decodes with surrogatepass
+        b'{"op":"hello","s":"\\udc80"}',
+        b'{"op":"hello","s":1,"s":2}',
+    ],
+)
+def test_json_python_would_read_oddly_is_handed_back(core: Core, payload: bytes) -> None:
+    json.loads(payload)
+    data = frames.frame(CALL, 3, payload)
+    core.send(data)
+    assert core.handback()[1] == data
+    assert core.ack() == 0
+
+
+def test_json_nesting_is_bounded(core: Core) -> None:
+    deep = b'{"op":"hello","x":' + b"[" * 60 + b"]" * 60 + b"}"
+    core.send(frames.frame(CALL, 1, deep))
+    assert core.recv()[:2] == (REPLY, 1)
+    deeper = frames.frame(CALL, 2, b'{"op":"hello","x":' + b"[" * 100 + b"]" * 100 + b"}")
+    core.send(deeper)  # the Python agent takes what goes that deep
+    assert core.handback()[1] == deeper
+    assert core.ack() == 0
+
+
+def test_a_host_gone_mid_output_kills_the_exec(core: Core) -> None:
+    core.call(1, {"op": "exec", "argv": ["sh", "-c", "echo $$; exec seq 1 1000000000"]})
+    pid = int(core.recv()[2])
+    core.port.close()  # the core is stuck writing a window's worth of output
+    deadline = time.monotonic() + 5
+    while not dead(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert dead(pid)
+    assert core.proc.poll() is None  # the core itself stays for the next host
+
+
+def test_the_python_agent_gone_before_the_ack(core: Core) -> None:
+    core.call(1, {"op": "write", "path": "/nonexistent"})
+    core.handback()
+    core.agent.close()
+    assert core.proc.wait(10) == 1

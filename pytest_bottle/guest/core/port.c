@@ -51,7 +51,11 @@ int port_read(void) {
         return (int)n;
     }
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) return -1;
-    if (n < 0) say("bottle-agent-core: reading the port failed; taken as no host");
+    static bool told;
+    if (n < 0 && !told) { /* once: it may fail again at every backoff */
+        told = true;
+        say("bottle-agent-core: reading the port failed; taken as no host");
+    }
     ih = it = 0;
     port_gen++;
     synced = false;
