@@ -37,7 +37,10 @@ def test_commands_running_at_the_handback_finish_under_the_python_agent(bottle_f
     b = bottle_factory()
     with ThreadPoolExecutor(2) as pool:
         # Its parent before and after: the core, then (the core gone) the agent.
-        slow = pool.submit(b.exec, "cat /proc/$PPID/comm; sleep 4; cat /proc/$PPID/comm; echo done >&2; exit 7")
+        slow = pool.submit(
+            b.exec,
+            "cat /proc/$PPID/comm; sleep 4; cat /proc/$(cut -d' ' -f4 /proc/$$/stat)/comm; echo done >&2; exit 7",
+        )
         cut = pool.submit(b.exec, "sleep 60", timeout=6)
         time.sleep(2)
         b.write_text("/tmp/handed-back", "yes")  # while both run

@@ -12,8 +12,10 @@ the core's parent and a child subreaper while the core exits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import struct
 import threading
@@ -29,7 +31,7 @@ CORE = "/usr/lib/pytest-bottle/bottle-agent-core"
 GO = struct.Struct("=II")  # synced, number of bytes read from the port but not consumed
 LENGTH = struct.Struct("=I")
 PR_SET_CHILD_SUBREAPER = 36
-MAX_FDS = 253  # SCM_MAX_FD: the core hands back at most 100 commands, 2 fds each
+MAX_FDS = 253  # SCM_MAX_FD: per message
 MAX_META = 1 << 20  # the handback's JSON: a few lines per command still running
 MAX_LEFTOVER = 64 << 20  # unconsumed port bytes: bounded by frame limits and windows
 
@@ -77,33 +79,36 @@ class Parked:
                 os.waitpid(self.pid, 0)
             finally:
                 self.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-        else:
+        else:  # it may wait for our answer: end it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
         self.sock.close()
         return back
 
     def _receive(self) -> Handback | None:
-        data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, MAX_FDS)
-        back = Handback(fds)
+        back, buf = Handback([]), bytearray()
         try:
-            buf = bytearray(data)
-            meta = self._until(buf, LENGTH.size)
-            size = LENGTH.unpack_from(meta)[0]
+            size = LENGTH.unpack_from(self._until(back, buf, LENGTH.size))[0]
             if size > MAX_META:
                 raise ValueError("handback too long")
-            back.meta = json.loads(bytes(self._until(buf, LENGTH.size + size)[LENGTH.size :]))
+            end = LENGTH.size + size
+            back.meta = json.loads(bytes(self._until(back, buf, end)[LENGTH.size : end]))
             left = int(back.meta["bytes"])
             if not 0 <= left <= MAX_LEFTOVER:
                 raise ValueError("handback too long")
-            back.unread = bytes(self._until(buf, LENGTH.size + size + left)[LENGTH.size + size :])
+            back.unread = bytes(self._until(back, buf, end + left)[end : end + left])
         except BaseException:
             back.close()
             raise
         return back
 
-    def _until(self, buf: bytearray, n: int) -> bytearray:
+    def _until(self, back: Handback, buf: bytearray, n: int) -> bytearray:
+        """Read until ``buf`` holds ``n`` bytes; the pipes of many commands
+        come in several messages (SCM_RIGHTS takes 253 descriptors at most)."""
         while len(buf) < n:
-            more = self.sock.recv(max(n - len(buf), 1 << 16))
+            more, fds, _, _ = socket.recv_fds(self.sock, max(n - len(buf), 1 << 16), MAX_FDS)
+            back.fds += fds
             if not more:
                 raise ValueError("the core's handback ended early")
             buf += more

@@ -138,5 +138,6 @@ struct err {
 int set_oserr(struct err *e, int no, const char *path);
 int nic_configure(jdoc *d, jnode *nic, bool by_mac, char name[32], struct err *er);
 int nic_check(jdoc *d, jnode *nic);
+int op_announce(uint32_t rid, jdoc *d, jnode *call); /* 1 served, 0 hand back */
 
 #endif

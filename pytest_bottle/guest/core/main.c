@@ -157,6 +157,7 @@ static int on_call(uint32_t rid, const unsigned char *payload, size_t n) {
         jnode *call = &d.v[0], *op = jget(&d, call, "op");
         if (op && op->t == J_STR && !strcmp(op->s, "hello")) done = op_hello(rid);
         else if (op && op->t == J_STR && !strcmp(op->s, "exec")) done = op_exec(rid, &d, call);
+        else if (op && op->t == J_STR && !strcmp(op->s, "announce")) done = op_announce(rid, &d, call);
         else if (op && op->t == J_STR && !strcmp(op->s, "setup") && setup_check(&d, call)) {
             op_setup(rid, &d, call);
             done = 1;

@@ -315,3 +315,27 @@ int nic_configure(jdoc *d, jnode *nic, bool by_mac, char name[32], struct err *e
     }
     return 0;
 }
+
+/* identity.announce: the gratuitous ARP a setup left for later (the first
+ * forwarded connection of a bottle without egress).  1 served, 0 hand back. */
+int op_announce(uint32_t rid, jdoc *d, jnode *call) {
+    static const char *const keys[] = {"op", "name", "mac", "ip", NULL};
+    jnode *name = jget(d, call, "name"), *mac = jget(d, call, "mac"), *ip = jget(d, call, "ip");
+    unsigned char hw[6];
+    char addr[64];
+    struct in_addr in;
+    int plen;
+    if (!jonly_keys(d, call, keys)) return 0;
+    if (!name || name->t != J_STR || !ascii_printable(name) || name->n >= IFNAMSIZ) return 0;
+    if (!mac || mac->t != J_STR || parse_mac(mac->s, hw)) return 0;
+    if (!ip || ip->t != J_STR || !ascii_printable(ip) || parse_ip(ip->s, addr, &in, &plen)) return 0;
+    struct err er = {0};
+    if (gratuitous_arp(name->s, hw, in, &er)) {
+        send_oserror(rid, er.no, er.path);
+    } else {
+        buf_t b = {0};
+        send_reply(rid, &b);
+        b_free(&b);
+    }
+    return 1;
+}
