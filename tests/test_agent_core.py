@@ -91,6 +91,7 @@ class Core:
     # -- the Python agent's side
     def go(self, synced: bool = False, leftover: bytes = b"") -> None:
         self.agent.sendall(GO.pack(int(synced), len(leftover)) + leftover)
+        assert self.agent.recv(1) == b"R", "the core did not say it was ready"
 
     def handback(self) -> tuple[dict[str, Any], bytes, list[int]]:
         fds = array.array("i")

@@ -108,9 +108,13 @@ class Agent(terminal.ProcessOps, system.SystemOps):
             chan.post(frames.jframe(frames.REPLY, rid, {"parked": False, "why": why, "ok": True}))
             return
         with chan.wlock:  # none of ours writes while the core has the port
+            ready = parked.go(chan.synced, bytes(chan.buf))
+            reply = {"parked": ready, "why": None if ready else "the core did not start", "ok": True}
             with contextlib.suppress(OSError):  # the host left: the core waits for the next
-                chan._write(frames.jframe(frames.REPLY, rid, {"parked": True, "ok": True}))
-            parked.go(chan.synced, bytes(chan.buf))
+                chan._write(frames.jframe(frames.REPLY, rid, reply))
+            if not ready:
+                parked.abandon()
+                return
             chan.buf.clear()
             back = parked.wait()
         if back is None:  # it died: a host still there must learn its calls are lost

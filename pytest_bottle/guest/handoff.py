@@ -19,6 +19,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 try:  # on the host, as part of the package
@@ -32,6 +33,7 @@ GO = struct.Struct("=II")  # synced, number of bytes read from the port but not 
 LENGTH = struct.Struct("=I")
 PR_SET_CHILD_SUBREAPER = 36
 MAX_FDS = 253  # SCM_MAX_FD: per message
+READY_TIMEOUT = 10.0
 MAX_META = 1 << 20  # the handback's JSON: a few lines per command still running
 MAX_LEFTOVER = 64 << 20  # unconsumed port bytes: bounded by frame limits and windows
 
@@ -58,12 +60,20 @@ class Parked:
             theirs.close()
         self.sock = ours
 
-    def go(self, synced: bool, unread: bytes) -> None:
-        """Let the core read the port: after our last write to it."""
+    def go(self, synced: bool, unread: bytes) -> bool:
+        """Let the core read the port, and wait until it waits for the host:
+        a snapshot must not catch it starting (each clone would finish that)."""
         try:
             self.sock.sendall(GO.pack(int(synced), len(unread)) + unread)
-        except OSError:  # it died already: ``wait`` reaps it
-            pass
+            self.sock.settimeout(READY_TIMEOUT)
+            ready = self.sock.recv(1) == b"R"
+            self.sock.settimeout(None)
+        except OSError:  # it died (``wait`` reaps it), or hangs
+            return False
+        deadline = time.monotonic() + READY_TIMEOUT
+        while ready and _state(self.pid) not in ("S", "") and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return ready
 
     def wait(self) -> Handback | None:
         """The core's handback (None if it died without one: it is reaped either way)."""
@@ -80,11 +90,15 @@ class Parked:
             finally:
                 self.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
         else:  # it may wait for our answer: end it
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
+            self.abandon()
         self.sock.close()
         return back
+
+    def abandon(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        self.sock.close()
 
     def _receive(self) -> Handback | None:
         back, buf = Handback([]), bytearray()
@@ -153,6 +167,15 @@ def _discard(child: execute.Child) -> None:
             os.close(fd)
     child.kill()
     child.reap()
+
+
+def _state(pid: int) -> str:
+    """The process's state letter (S: asleep in poll()), "" once gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
 
 
 def _dup_high(fd: int) -> int:

@@ -246,6 +246,9 @@ static void start(int argc, char **argv) {
     if (read_full(AGENT_FD, ib, go.nbytes)) gone();
     it = go.nbytes;
     synced = go.synced != 0;
+    /* Ready: the Python agent answers `park` only now, so that a seed's
+     * snapshot never holds a core still starting (its clones would finish it). */
+    if (send_full(AGENT_FD, "R", 1)) gone();
 }
 
 int main(int argc, char **argv) {
