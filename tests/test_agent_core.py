@@ -44,7 +44,7 @@ from pytest_bottle.guest.frames import (
 
 SOURCES = Path(frames.__file__).parent / "core"
 INSTANCE = bytes(range(16))
-GO = struct.Struct("=II")
+GO = struct.Struct("=III")  # synced, leftover bytes, the park request id (0: none)
 FIRST = 100  # the core's ends go here before they move to 3 and 4: never 3 or 4 themselves
 # Puts the core's ends at fd 3 and 4, then becomes the core.
 WRAP = "import os, sys; a, b = int(sys.argv[1]), int(sys.argv[2]); os.dup2(a, 3); os.dup2(b, 4); os.close(a); os.close(b); os.execv(sys.argv[3], sys.argv[3:])"
@@ -90,8 +90,7 @@ class Core:
 
     # -- the Python agent's side
     def go(self, synced: bool = False, leftover: bytes = b"") -> None:
-        self.agent.sendall(GO.pack(int(synced), len(leftover)) + leftover)
-        assert self.agent.recv(1) == b"R", "the core did not say it was ready"
+        self.agent.sendall(GO.pack(int(synced), len(leftover), 0) + leftover)
 
     def handback(self) -> tuple[dict[str, Any], bytes, list[int]]:
         fds = array.array("i")

@@ -7,7 +7,6 @@ package; in the guest they lie side by side in /usr/lib/pytest-bottle.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import json
@@ -108,13 +107,7 @@ class Agent(terminal.ProcessOps, system.SystemOps):
             chan.post(frames.jframe(frames.REPLY, rid, {"parked": False, "why": why, "ok": True}))
             return
         with chan.wlock:  # none of ours writes while the core has the port
-            ready = parked.go(chan.synced, bytes(chan.buf))
-            reply = {"parked": ready, "why": None if ready else "the core did not start", "ok": True}
-            with contextlib.suppress(OSError):  # the host left: the core waits for the next
-                chan._write(frames.jframe(frames.REPLY, rid, reply))
-            if not ready:
-                parked.abandon()
-                return
+            parked.go(chan.synced, bytes(chan.buf), rid)  # it answers ``park``
             chan.buf.clear()
             back = parked.wait()
         if back is None:  # it died: a host still there must learn its calls are lost

@@ -19,7 +19,6 @@ import signal
 import socket
 import struct
 import threading
-import time
 from typing import Any
 
 try:  # on the host, as part of the package
@@ -29,11 +28,12 @@ except ImportError:  # in the guest, files side by side
     import frames  # type: ignore[import-not-found,no-redef]
 
 CORE = "/usr/lib/pytest-bottle/bottle-agent-core"
-GO = struct.Struct("=II")  # synced, number of bytes read from the port but not consumed
+# synced, the number of bytes read from the port but not consumed, the request id of
+# ``park``: the core answers it once this agent sleeps in its read of the socket.
+GO = struct.Struct("=III")
 LENGTH = struct.Struct("=I")
 PR_SET_CHILD_SUBREAPER = 36
 MAX_FDS = 253  # SCM_MAX_FD: per message
-READY_TIMEOUT = 10.0
 MAX_META = 1 << 20  # the handback's JSON: a few lines per command still running
 MAX_LEFTOVER = 64 << 20  # unconsumed port bytes: bounded by frame limits and windows
 
@@ -60,20 +60,12 @@ class Parked:
             theirs.close()
         self.sock = ours
 
-    def go(self, synced: bool, unread: bytes) -> bool:
-        """Let the core read the port, and wait until it waits for the host:
-        a snapshot must not catch it starting (each clone would finish that)."""
+    def go(self, synced: bool, unread: bytes, rid: int) -> None:
+        """Let the core read the port and answer ``park`` (request ``rid``)."""
         try:
-            self.sock.sendall(GO.pack(int(synced), len(unread)) + unread)
-            self.sock.settimeout(READY_TIMEOUT)
-            ready = self.sock.recv(1) == b"R"
-            self.sock.settimeout(None)
-        except OSError:  # it died (``wait`` reaps it), or hangs
-            return False
-        deadline = time.monotonic() + READY_TIMEOUT
-        while ready and _state(self.pid) not in ("S", "") and time.monotonic() < deadline:
-            time.sleep(0.001)
-        return ready
+            self.sock.sendall(GO.pack(int(synced), len(unread), rid) + unread)
+        except OSError:  # it died already: ``wait`` reaps it
+            pass
 
     def wait(self) -> Handback | None:
         """The core's handback (None if it died without one: it is reaped either way)."""
@@ -167,15 +159,6 @@ def _discard(child: execute.Child) -> None:
             os.close(fd)
     child.kill()
     child.reap()
-
-
-def _state(pid: int) -> str:
-    """The process's state letter (S: asleep in poll()), "" once gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return ""
 
 
 def _dup_high(fd: int) -> int:

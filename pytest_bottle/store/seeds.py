@@ -22,6 +22,7 @@ from typing import Any
 from ..agent.client import AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..agent.replies import SettleReply
+from ..errors import AgentError, AgentTimeout
 from ..host.locks import reporting_lock
 from ..host.progress import task
 from ..images.cache import BuiltImage
@@ -195,7 +196,12 @@ def _boot_and_save(
         settle = agent.settle(timeout=120, quiet=1.0)
         agent.quiesce(warm=WARM_DIRS, timeout=300)
         # Last: a clone's restore path then runs no Python (guest.handoff).
-        why = agent.park(timeout=60)
+        try:
+            why = agent.park(timeout=60)
+        except AgentTimeout:  # the core holds the port and does not answer: no seed of that
+            raise
+        except AgentError as e:  # it died: the Python agent serves on, as after a restart
+            why = str(e)
         if why is not None:
             log.warning("seed of %s: the agent's compiled core does not serve its clones: %s", image.name, why)
         machine.save_state(tmp / "memory.state")

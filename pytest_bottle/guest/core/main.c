@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 static const unsigned char SYNC_MAGIC[MAGIC_LEN] = "\xb0pytest-bottle\x00\x02";
@@ -213,6 +214,26 @@ static int hexval(int c) {
     return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
 }
 
+/* Answer `park` once the Python agent sleeps in its read of our socket: a
+ * seed's snapshot follows the answer at once, and whatever either of us had
+ * still to run then, every clone would run (and translate) again. */
+static void parked(uint32_t rid) {
+    char path[64], wchan[64];
+    snprintf(path, sizeof path, "/proc/%d/wchan", (int)getppid());
+    for (int i = 0; i < 5000; i++) {
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        ssize_t n = fd < 0 ? -1 : read(fd, wchan, sizeof wchan - 1);
+        if (fd >= 0) close(fd);
+        if (n > 0 && (wchan[n] = 0, strstr(wchan, "unix_stream_read"))) break;
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+    buf_t b = {0};
+    b_str(&b, "\"parked\":true");
+    send_reply(rid, &b);
+    b_free(&b);
+}
+
 static void start(int argc, char **argv) {
     if (argc != 2 || strlen(argv[1]) != 32) {
         say("usage: bottle-agent-core <instance: 32 hex digits>  (fd 3: port, fd 4: the Python agent)");
@@ -240,15 +261,13 @@ static void start(int argc, char **argv) {
     if (setenv("PATH", DEFAULT_PATH, 1)) oom(); /* what posix_spawnp searches */
     port_init();
     struct {
-        uint32_t synced, nbytes;
+        uint32_t synced, nbytes, park_rid;
     } go;
     if (read_full(AGENT_FD, &go, sizeof go) || go.nbytes > INBUF_CAP - CHUNK) gone();
     if (read_full(AGENT_FD, ib, go.nbytes)) gone();
     it = go.nbytes;
     synced = go.synced != 0;
-    /* Ready: the Python agent answers `park` only now, so that a seed's
-     * snapshot never holds a core still starting (its clones would finish it). */
-    if (send_full(AGENT_FD, "R", 1)) gone();
+    if (go.park_rid) parked(go.park_rid);
 }
 
 int main(int argc, char **argv) {
