@@ -43,6 +43,7 @@ class Agent(terminal.ProcessOps, system.SystemOps):
         self.lock = threading.Lock()
         self.jobs: queue.SimpleQueue[tuple[int, dict[str, Any], frames.Inbox, int]] = queue.SimpleQueue()
         self.idle = 0
+        self.active = 0  # calls submitted and not answered yet (``park`` waits for none)
         # A new id per start: the host tells a restarted agent from a live one.
         self.instance = os.urandom(frames.INSTANCE_SIZE)
         self.hello = frames.frame(frames.HELLO, 0, frames.SYNC_MAGIC + self.instance)
@@ -82,6 +83,7 @@ class Agent(terminal.ProcessOps, system.SystemOps):
         self.windows.open(rid, credit)
         with self.lock:
             self.inboxes[rid] = inbox
+            self.active += 1
             spare = self.idle > 0
             if spare:
                 self.idle -= 1
@@ -93,7 +95,7 @@ class Agent(terminal.ProcessOps, system.SystemOps):
         """Serve through the compiled core until it hands back (``handoff``)."""
         chan = self.chan
         with self.lock:
-            busy = self.inboxes or self.procs or self.groups or self.ptys
+            busy = self.active or self.procs or self.groups or self.ptys
         why = "calls or commands still running" if busy else None
         if why is None and not handoff.available():
             why = "no compiled core in this image"
@@ -101,7 +103,7 @@ class Agent(terminal.ProcessOps, system.SystemOps):
         if why is None:
             try:
                 parked = handoff.Parked(chan.fd, self.instance)
-            except OSError as e:
+            except Exception as e:  # reported: the reading thread must go on
                 why = f"the core did not start: {e}"
         if parked is None:
             chan.post(frames.jframe(frames.REPLY, rid, {"parked": False, "why": why, "ok": True}))
@@ -191,11 +193,14 @@ class Agent(terminal.ProcessOps, system.SystemOps):
                 with self.lock:
                     self.inboxes.pop(rid, None)
                 self.windows.close(rid)
-        if current:
-            try:
+        try:
+            if current:
                 self.chan.send(frames.jframe(frames.REPLY, rid, reply))
-            except OSError:  # the host left: this worker stays for the next session
-                pass
+        except OSError:  # the host left: this worker stays for the next session
+            pass
+        finally:
+            with self.lock:
+                self.active -= 1
 
     # -- operations ---------------------------------------------------------
 

@@ -71,13 +71,14 @@ class Parked:
         """The core's handback (None if it died without one: it is reaped either way)."""
         try:
             back = self._receive()
-        except (OSError, ValueError):
+        except (OSError, ValueError, LookupError, TypeError):  # a handback we cannot read: none
             back = None
         if back is not None:
             # Its running commands come to us, not to PID 1, when it exits.
             self.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
             try:
-                self.sock.sendall(b"\x01")
+                with contextlib.suppress(OSError):  # it died after all: its exit is ours to reap
+                    self.sock.sendall(b"\x01")
                 os.waitpid(self.pid, 0)
             finally:
                 self.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)

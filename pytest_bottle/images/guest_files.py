@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -105,10 +106,13 @@ def build_core(dest: Path) -> bool:
     """Compile the agent's core, static (any guest libc); without a C compiler
     and a static libc the image has none, and its clones wake the Python agent."""
     cc = shutil.which("cc") or shutil.which("gcc")
+    if platform.machine() != "x86_64":  # the host's compiler would build for another machine
+        log.warning("not an x86_64 host: images get no compiled agent core, and restores are slower")
+        return False
     if cc is None:
         log.warning("no C compiler (cc): images get no compiled agent core, and restores are slower")
         return False
-    argv = [cc, "-O2", "-static", "-o", str(dest), *map(str, core_sources())]
+    argv = [cc, "-O2", "-static", "-o", str(dest), *(str(p) for p in core_sources() if p.suffix == ".c")]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-5:]

@@ -18,6 +18,7 @@
 
 enum { CALL = 1, DATA, FEOF, STDOUT_K, STDERR_K, REPLY, CANCEL, SYNC, HELLO, PING, CREDIT, STARTED };
 #define HDR 9
+#define CORE_CALL_MAX (256 * 1024) /* a longer CALL goes to the Python agent */
 #define CHUNK (256 * 1024)
 #define MAX_PAYLOAD (4 * 1024 * 1024)
 #define HOST_WINDOW (16 * CHUNK)

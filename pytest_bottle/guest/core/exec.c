@@ -37,7 +37,7 @@ static bool simple(jdoc *d, jnode *call) {
     jnode *timeout = jget(d, call, "timeout");
     if (!jonly_keys(d, call, EXEC_KEYS) || !jnullish(jget(d, call, "user"))) return false;
     if (!is_false(jget(d, call, "stdin")) || !is_false(jget(d, call, "notify"))) return false;
-    if (!jnullish(cwd) && !(cwd->t == J_STR && !strcmp(cwd->s, HOME))) return false;
+    if (!jnullish(cwd) && !(cwd->t == J_STR && !cwd->has_nul && !strcmp(cwd->s, HOME))) return false;
     /* NaN, infinite or huge: select() in pump would raise, not time out */
     if (!jnullish(timeout) && (timeout->t != J_NUM || !isfinite(strtod(timeout->s, NULL)) ||
                                fabs(strtod(timeout->s, NULL)) >= 1e9))

@@ -154,8 +154,11 @@ static void on_sync(void) {
 static int on_call(uint32_t rid, const unsigned char *payload, size_t n) {
     jdoc d;
     int done = 0;
-    if (json_parse(&d, payload, n) == 0) {
+    /* A node per JSON value: a call this big (a huge argv) goes to Python,
+     * whose objects are smaller than ours. */
+    if (n <= CORE_CALL_MAX && json_parse(&d, payload, n) == 0) {
         jnode *call = &d.v[0], *op = jget(&d, call, "op");
+        if (op && op->t == J_STR && op->has_nul) op = NULL; /* "hello\0x" is no op of ours */
         if (op && op->t == J_STR && !strcmp(op->s, "hello")) done = op_hello(rid);
         else if (op && op->t == J_STR && !strcmp(op->s, "exec")) done = op_exec(rid, &d, call);
         else if (op && op->t == J_STR && !strcmp(op->s, "announce")) done = op_announce(rid, &d, call);

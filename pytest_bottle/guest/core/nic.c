@@ -90,7 +90,7 @@ int nic_check(jdoc *d, jnode *nic) {
     if (nic->t != J_OBJ) return 0;
     jnode *mac = jget(d, nic, "mac"), *match = jget(d, nic, "match"), *name = jget(d, nic, "name");
     jnode *ip = jget(d, nic, "ip"), *gw = jget(d, nic, "gateway"), *ann = jget(d, nic, "announce");
-    if (!mac || mac->t != J_STR || parse_mac(mac->s, hw)) return 0;
+    if (!mac || mac->t != J_STR || mac->has_nul || parse_mac(mac->s, hw)) return 0;
     if (!match || match->t != J_STR || !ascii_printable(match)) return 0; /* str.lower() is Unicode */
     if (!jnullish(name) && (name->t != J_STR || !ascii_printable(name) || name->n >= IFNAMSIZ)) return 0;
     if (!jnullish(ip) && (ip->t != J_STR || !ascii_printable(ip) || (ip->n && parse_ip(ip->s, addr, &in, &plen))))
@@ -327,7 +327,7 @@ int op_announce(uint32_t rid, jdoc *d, jnode *call) {
     int plen;
     if (!jonly_keys(d, call, keys)) return 0;
     if (!name || name->t != J_STR || !ascii_printable(name) || name->n >= IFNAMSIZ) return 0;
-    if (!mac || mac->t != J_STR || parse_mac(mac->s, hw)) return 0;
+    if (!mac || mac->t != J_STR || mac->has_nul || parse_mac(mac->s, hw)) return 0;
     if (!ip || ip->t != J_STR || !ascii_printable(ip) || parse_ip(ip->s, addr, &in, &plen)) return 0;
     struct err er = {0};
     if (gratuitous_arp(name->s, hw, in, &er)) {
