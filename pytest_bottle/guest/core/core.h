@@ -45,6 +45,7 @@ void b_str(buf_t *b, const char *s);
 void b_int(buf_t *b, long long v);
 void b_jstr(buf_t *b, const char *s, size_t n); /* json.dumps (ensure_ascii) */
 void b_free(buf_t *b);
+int hexval(int c); /* a hex digit's value, -1 if none */
 double mono(void);
 void say(const char *msg); /* one line to stderr (the journal) */
 

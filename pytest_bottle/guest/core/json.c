@@ -37,10 +37,9 @@ static int node(struct parser *ps) {
 static int hex4(const unsigned char *p, unsigned *out) {
     unsigned v = 0;
     for (int i = 0; i < 4; i++) {
-        unsigned c = p[i];
-        if (c >= '0' && c <= '9') v = v << 4 | (c - '0');
-        else if ((c | 32) >= 'a' && (c | 32) <= 'f') v = v << 4 | ((c | 32) - 'a' + 10);
-        else return -1;
+        int h = hexval(p[i]);
+        if (h < 0) return -1;
+        v = v << 4 | (unsigned)h;
     }
     *out = v;
     return 0;

@@ -211,12 +211,6 @@ static void serve_frames(void) {
     if (ih == it) ih = it = 0;
 }
 
-static int hexval(int c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    c |= 32;
-    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-}
-
 /* Answer `park` once the Python agent sleeps in its read of our socket: a
  * seed's snapshot follows the answer at once, and whatever either of us had
  * still to run then, every clone would run (and translate) again. */

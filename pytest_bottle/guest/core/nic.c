@@ -37,12 +37,6 @@ static bool ascii_printable(jnode *v) {
     return true;
 }
 
-static int hexval(int c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    c |= 32;
-    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-}
-
 /* bytes.fromhex(mac.replace(":", "")): 6 bytes, else the ARP frame differs. */
 static int parse_mac(const char *s, unsigned char hw[6]) {
     int n = 0, half = -1;

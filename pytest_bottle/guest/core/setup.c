@@ -32,12 +32,6 @@ int set_oserr(struct err *e, int no, const char *path) {
     return -1;
 }
 
-static int hexval(int c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    c |= 32;
-    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-}
-
 static bool str_or_null(jnode *v) { return jnullish(v) || v->t == J_STR; }
 
 static bool valid_utf8(const unsigned char *p, size_t n) {

@@ -99,6 +99,12 @@ void b_jstr(buf_t *b, const char *s, size_t n) {
     b_put(b, "\"", 1);
 }
 
+int hexval(int c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    c |= 32;
+    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
 double mono(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts); /* cannot fail for this clock */
