@@ -141,7 +141,8 @@ class AgentClient:
         """Let the agent's compiled core serve the port from now on, for a seed's
         snapshot (``guest.handoff``): None once it does, else why not."""
         reply = self.channel.call("park", timeout=timeout)
-        return None if reply.get("parked") is True else str(reply.get("why") or "not parked")
+        # The guest's words go into a log: a line of them at most.
+        return None if reply.get("parked") is True else str(reply.get("why") or "not parked")[:200]
 
     # -- files --------------------------------------------------------------
 
