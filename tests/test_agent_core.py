@@ -708,3 +708,76 @@ def test_the_python_agent_gone_before_the_ack(core: Core) -> None:
     core.handback()
     core.agent.close()
     assert core.proc.wait(10) == 1
+
+
+# -- pure helpers (a harness linked with util.c and json.c) -------------------
+
+
+@pytest.fixture(scope="session")
+def helpers(core_bin: Path) -> Callable[[list[str]], list[str]]:
+    out = core_bin.parent / "helpers"
+    cmd = ["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out)]
+    cmd += [str(Path(__file__).parent / "core" / "helpers.c"), str(SOURCES / "util.c"), str(SOURCES / "json.c")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0 and not res.stderr, res.stderr
+
+    def ask(queries: list[str]) -> list[str]:
+        done = subprocess.run([out], input="".join(q + "\n" for q in queries), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    return ask
+
+
+INT64 = [0, 1, -1, 42, 2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 10**19, 10**30, -(10**30)]
+
+
+def test_time_ns_is_read_as_an_int64_or_handed_back(helpers: Callable[[list[str]], list[str]]) -> None:
+    got = helpers([f"i64 {n}" for n in INT64] + ["i64 -", "i64 1x", "i64 1.5"])
+    want = [str(n) if -(2**63) <= n < 2**63 else "no" for n in INT64] + ["no", "no", "no"]
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0",
+        "-0",
+        "7",
+        "-3",
+        "100000000000000000000",
+        "0.0",
+        "-0.0",
+        "0.5",
+        "1e-400",
+        "0e7",
+        "1e3",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+    ],
+)
+def test_a_number_is_true_as_python_reads_it(helpers: Callable[[list[str]], list[str]], text: str) -> None:
+    want = "1" if json.loads(text) else "0"
+    assert helpers(['truthy {"v": ' + text + "}"]) == [want]
+
+
+ADDRESSES = ["10.0.2.15", "0.0.0.0", "255.255.255.255", "192.168.100.1", "1.2.3.4"]
+NOT_PLAIN = [
+    "010.0.2.15",
+    "10.0.2",
+    "10.0.2.15.1",
+    "256.0.0.1",
+    "10.0.2.15 ",
+    "0x7f.0.0.1",
+    "1..2.3",
+    "",
+    "1.2.3.4/24",
+    "1.2.3.1000",
+]
+
+
+def test_plain_addresses_are_read_without_inet_aton(helpers: Callable[[list[str]], list[str]]) -> None:
+    got = helpers([f"ip {a}" for a in ADDRESSES + NOT_PLAIN])
+    # each plain one as written, and formatted as inet_ntop does (the harness prints inet_ntoa's too)
+    assert got == [f"{socket.inet_ntoa(socket.inet_aton(a))} {a}" for a in ADDRESSES] + ["no"] * len(NOT_PLAIN)

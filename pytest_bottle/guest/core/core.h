@@ -46,6 +46,13 @@ void b_int(buf_t *b, long long v);
 void b_jstr(buf_t *b, const char *s, size_t n); /* json.dumps (ensure_ascii) */
 void b_free(buf_t *b);
 int hexval(int c); /* a hex digit's value, -1 if none */
+/* A JSON integer literal as int64; false beyond its range.  (Not strtoll:
+ * each libc routine a clone runs first is code QEMU translates anew.) */
+bool parse_i64(const char *s, long long *out);
+struct in_addr;
+void ipv4_text(struct in_addr in, char out[16]); /* inet_ntop's dotted decimal */
+/* Plain "a.b.c.d" without inet_aton; false for any other of its forms. */
+bool dotted_quad(const char *s, struct in_addr *in);
 double mono(void);
 void say(const char *msg); /* one line to stderr (the journal) */
 
@@ -127,6 +134,7 @@ void py_repr(buf_t *b, const char *s); /* Python's repr() of an ASCII str */
 
 /* ------------------------------------------------------------ setup.c / nic.c */
 int setup_check(jdoc *d, jnode *call); /* 1 the core can run it, 0 hand back */
+void setup_preopen(void); /* before a snapshot: what every clone's setup opens */
 void op_setup(uint32_t rid, jdoc *d, jnode *call);
 
 /* An error of a setup step, reported like the Python agent's Agent.run. */
@@ -140,6 +148,7 @@ struct err {
 int set_oserr(struct err *e, int no, const char *path);
 int nic_configure(jdoc *d, jnode *nic, bool by_mac, char name[32], struct err *er);
 int nic_check(jdoc *d, jnode *nic);
+void nic_preopen(void);
 int op_announce(uint32_t rid, jdoc *d, jnode *call); /* 1 served, 0 hand back */
 
 #endif

@@ -288,7 +288,13 @@ bool jtruthy(jnode *v) {
     if (!v) return false;
     switch (v->t) {
     case J_BOOL: return v->b;
-    case J_NUM: return strtod(v->s, NULL) != 0 || !strcmp(v->s, "NaN");
+    case J_NUM:
+        if (v->is_int) { /* an integer is zero when every digit is */
+            for (const char *p = v->s; *p; p++)
+                if (*p >= '1' && *p <= '9') return true;
+            return false;
+        }
+        return strtod(v->s, NULL) != 0 || !strcmp(v->s, "NaN");
     case J_STR: return v->n > 0;
     case J_ARR:
     case J_OBJ: return v->nkids > 0;

@@ -257,6 +257,7 @@ static void start(int argc, char **argv) {
     if (chdir(HOME)) say("bottle-agent-core: cannot chdir to /root");
     if (setenv("PATH", DEFAULT_PATH, 1)) oom(); /* what posix_spawnp searches */
     port_init();
+    setup_preopen();
     struct {
         uint32_t synced, nbytes, park_rid;
     } go;

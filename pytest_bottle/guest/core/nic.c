@@ -24,6 +24,10 @@
 extern char **environ;
 static int ioctl_sock = -1; /* kept open: a clone inherits its seed's */
 
+void nic_preopen(void) {
+    if (ioctl_sock < 0) ioctl_sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+}
+
 static const char *const SIGNAMES[32] = {
     NULL,      "SIGHUP",  "SIGINT",    "SIGQUIT", "SIGILL",    "SIGTRAP", "SIGABRT", "SIGBUS",
     "SIGFPE",  "SIGKILL", "SIGUSR1",   "SIGSEGV", "SIGUSR2",   "SIGPIPE", "SIGALRM", "SIGTERM",
@@ -61,7 +65,7 @@ static int parse_ip(const char *ip, char addr[64], struct in_addr *in, int *plen
     if (n >= 64) return -1;
     memcpy(addr, ip, n);
     addr[n] = 0;
-    if (!inet_aton(addr, in)) return -1;
+    if (!dotted_quad(addr, in) && !inet_aton(addr, in)) return -1;
     *plen = 24;
     if (slash && slash[1]) {
         const char *p = slash + 1;
@@ -265,7 +269,11 @@ int nic_configure(jdoc *d, jnode *nic, bool by_mac, char name[32], struct err *e
     int plen = 24;
     bool has_ip = jtruthy(ip);
     er->type = NULL;
-    if (!by_mac && jtruthy(given)) snprintf(name, 32, "%s", given->s);
+    if (!by_mac && jtruthy(given)) { /* snprintf(name, 32, "%s", ...) without vfprintf */
+        size_t n = strnlen(given->s, 31);
+        memcpy(name, given->s, n);
+        name[n] = 0;
+    }
     else if (iface_by_mac(match->s, name, er)) return -1;
     if (ioctl_sock < 0 && (ioctl_sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0)) < 0)
         return set_oserr(er, errno, NULL);
@@ -282,7 +290,7 @@ int nic_configure(jdoc *d, jnode *nic, bool by_mac, char name[32], struct err *e
         ifreq_for(&ifr, name);
         /* no address yet reads as an error: then it differs */
         if (ioctl(ioctl_sock, SIOCGIFADDR, &ifr) == 0)
-            inet_ntop(AF_INET, &((struct sockaddr_in *)(void *)&ifr.ifr_addr)->sin_addr, cur, sizeof cur);
+            ipv4_text(((struct sockaddr_in *)(void *)&ifr.ifr_addr)->sin_addr, cur);
         if (strcmp(cur, addr)) { /* a clone has its seed's already */
             ifreq_for(&ifr, name);
             sockaddr_for(&ifr.ifr_addr, in);

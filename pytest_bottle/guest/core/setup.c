@@ -107,10 +107,8 @@ int setup_check(jdoc *d, jnode *call) {
     v = jget(d, call, "time_ns");
     if (!jnullish(v)) {
         if (v->t != J_NUM || !v->is_int) return 0;
-        errno = 0;
-        char *end;
-        strtoll(v->s, &end, 10);
-        if (errno || *end) return 0; /* beyond int64: Python raises OverflowError */
+        long long t;
+        if (!parse_i64(v->s, &t)) return 0; /* beyond int64: Python raises OverflowError */
     }
     v = jget(d, call, "hostname");
     if (!str_or_null(v) || (v && v->t == J_STR && v->has_nul)) return 0;
@@ -171,6 +169,14 @@ static int write_if_changed(const char *path, jnode *text, mode_t mode, struct e
     return same ? 0 : write_file(path, text->s, text->n, "", mode, er);
 }
 
+/* Opened before the snapshot, so that no clone opens it again. */
+static int urandom_fd = -1;
+
+void setup_preopen(void) {
+    urandom_fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    nic_preopen();
+}
+
 static int add_entropy(jnode *hex, struct err *er) {
     size_t n = hex->n / 2;
     struct rand_pool_info *info = calloc(1, sizeof *info + n);
@@ -180,22 +186,25 @@ static int add_entropy(jnode *hex, struct err *er) {
         p[i] = (unsigned char)(hexval((unsigned char)hex->s[2 * i]) << 4 | hexval((unsigned char)hex->s[2 * i + 1]));
     info->entropy_count = (int)n * 8;
     info->buf_size = (int)n;
-    int fd, rc = 0;
-    do fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
-    while (fd < 0 && errno == EINTR);
+    int fd = urandom_fd, rc = 0;
     if (fd < 0) {
-        free(info);
-        return set_oserr(er, errno, "/dev/urandom");
+        do fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+        while (fd < 0 && errno == EINTR);
+        if (fd < 0) {
+            free(info);
+            return set_oserr(er, errno, "/dev/urandom");
+        }
     }
     /* reseed now, not at the CRNG's next scheduled reseed */
     if (ioctl(fd, RNDADDENTROPY, info) || ioctl(fd, RNDRESEEDCRNG, 0)) rc = set_oserr(er, errno, NULL);
-    close(fd);
+    if (fd != urandom_fd) close(fd);
     free(info);
     return rc;
 }
 
 static int set_time(jnode *v, struct err *er) {
-    long long t = strtoll(v->s, NULL, 10);
+    long long t = 0;
+    parse_i64(v->s, &t); /* setup_check took it */
     struct timespec ts = {.tv_sec = t / 1000000000LL, .tv_nsec = t % 1000000000LL};
     if (ts.tv_nsec < 0) { /* _PyTime_AsTimespec floors */
         ts.tv_nsec += 1000000000L;

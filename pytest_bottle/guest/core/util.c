@@ -1,6 +1,9 @@
 /* Output buffers, JSON string output exactly as Python's json.dumps writes it. */
 #include "core.h"
 
+#include <limits.h>
+#include <netinet/in.h>
+
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -103,6 +106,50 @@ int hexval(int c) {
     if (c >= '0' && c <= '9') return c - '0';
     c |= 32;
     return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+bool parse_i64(const char *s, long long *out) {
+    bool neg = *s == '-';
+    unsigned long long v = 0, max = neg ? (unsigned long long)LLONG_MAX + 1 : (unsigned long long)LLONG_MAX;
+    s += neg;
+    if (!*s) return false;
+    for (; *s; s++) {
+        if (*s < '0' || *s > '9') return false;
+        unsigned d = (unsigned)(*s - '0');
+        if (v > (max - d) / 10) return false;
+        v = v * 10 + d;
+    }
+    *out = neg ? (long long)(0 - v) : (long long)v;
+    return true;
+}
+
+/* inet_ntop(AF_INET): dotted decimal, no leading zeros. */
+void ipv4_text(struct in_addr in, char out[16]) {
+    const unsigned char *b = (const unsigned char *)&in.s_addr;
+    char *p = out;
+    for (int i = 0; i < 4; i++) {
+        unsigned v = b[i];
+        if (i) *p++ = '.';
+        if (v >= 100) *p++ = (char)('0' + v / 100);
+        if (v >= 10) *p++ = (char)('0' + v / 10 % 10);
+        *p++ = (char)('0' + v % 10);
+    }
+    *p = 0;
+}
+
+/* Plain "a.b.c.d" (what the host sends) without inet_aton; anything else goes to inet_aton. */
+bool dotted_quad(const char *s, struct in_addr *in) {
+    unsigned char b[4];
+    for (int i = 0; i < 4; i++) {
+        unsigned v = 0, digits = 0;
+        if (*s == '0' && s[1] >= '0' && s[1] <= '9') return false; /* octal to inet_aton */
+        for (; *s >= '0' && *s <= '9' && digits < 4; s++, digits++) v = v * 10 + (unsigned)(*s - '0');
+        if (!digits || v > 255 || *s != (i < 3 ? '.' : '\0')) return false;
+        b[i] = (unsigned char)v;
+        s += i < 3;
+    }
+    memcpy(&in->s_addr, b, 4);
+    return true;
 }
 
 double mono(void) {
