@@ -42,6 +42,19 @@ agent.Agent(frames.Channel(int(sys.argv[3]))).serve()
 """
 
 
+# Widens the moment between a worker sending its reply and counting its call done.
+LAG = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import frames
+_send = frames.Channel.send
+def _lagging(self, data):
+    _send(self, data)
+    time.sleep({lag})
+frames.Channel.send = _lagging
+"""
+
+
 @pytest.fixture(scope="module")
 def core(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("cc") is None:
@@ -54,10 +67,11 @@ def core(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Agent:
     """The real Python agent in a child process, and the host's client of it."""
 
-    def __init__(self, core: Path) -> None:
+    def __init__(self, core: Path, lag: float = 0.0) -> None:
         host, port = socket.socketpair()
+        serve = SERVE if not lag else LAG.format(lag=lag) + SERVE
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE, str(GUEST_DIR), str(core), str(port.fileno())],
+            [sys.executable, "-c", serve, str(GUEST_DIR), str(core), str(port.fileno())],
             pass_fds=[port.fileno()],
             start_new_session=True,
         )
@@ -173,3 +187,16 @@ def test_an_agent_with_calls_running_does_not_park(python_agent: Agent) -> None:
         assert busy.result(30).rc == 0
     assert python_agent.client.park(timeout=30) is None
     assert python_agent.server() == CORE_COMM
+
+
+def test_a_park_sent_on_the_last_reply_is_not_refused(core: Path) -> None:
+    """The host sends ``park`` as soon as the call before it is answered; the
+    worker that answered counts its call done a moment later (here 0.3 s):
+    a seed must still park (it once got "calls or commands still running")."""
+    a = Agent(core, lag=0.3)
+    try:
+        a.client.hello(timeout=30)
+        assert a.client.park(timeout=30) is None
+        assert a.server() == CORE_COMM
+    finally:
+        a.close()

@@ -29,6 +29,9 @@ except ImportError:  # in the guest, files side by side
     import system  # type: ignore[import-not-found,no-redef]
     import terminal  # type: ignore[import-not-found,no-redef]
 
+# How long ``park`` waits for calls whose replies have gone out to be counted done.
+PARK_GRACE = 1.0
+
 
 class Agent(terminal.ProcessOps, system.SystemOps):
     def __init__(self, chan: frames.Channel) -> None:
@@ -94,9 +97,16 @@ class Agent(terminal.ProcessOps, system.SystemOps):
     def park(self, rid: int) -> None:
         """Serve through the compiled core until it hands back (``handoff``)."""
         chan = self.chan
-        with self.lock:
-            busy = self.active or self.procs or self.groups or self.ptys
-        why = "calls or commands still running" if busy else None
+        # A worker counts its call done just after sending the reply, and the
+        # host sends ``park`` as soon as it has that reply: give it a moment.
+        deadline = time.monotonic() + PARK_GRACE
+        while True:
+            with self.lock:
+                calls, running = self.active, bool(self.procs or self.groups or self.ptys)
+            if not calls or running or time.monotonic() >= deadline:
+                break
+            time.sleep(0.002)
+        why = "calls or commands still running" if calls or running else None
         if why is None and not handoff.available():
             why = "no compiled core in this image"
         parked = None
