@@ -365,6 +365,33 @@ def test_exec_env_matches_the_python_agent(core: Core) -> None:
     assert b"".join(chunks) == out
 
 
+IGNORED = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
+
+
+def _ignored(status: bytes) -> int:
+    """The SigIgn mask of a /proc/PID/status text."""
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(b"SigIgn:")), 16)
+
+
+def _python_spawn(cwd: str | None) -> bytes:
+    child = execute.spawn(["cat", "/proc/self/status"], {}, cwd, None, False)
+    chunks: list[bytes] = []
+    execute.pump(child, lambda _k, data: chunks.append(data), None)
+    return b"".join(chunks)
+
+
+def test_commands_start_with_sigpipe_ignored_on_every_path(core: Core) -> None:
+    """docs/reference.md (exec): as the agent has them, so a background writer
+    an exec left behind outlives the agent's reading.  The Python agent's
+    subprocess path (a cwd or a user) used to give them back."""
+    assert signal.getsignal(signal.SIGPIPE) == signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
+    out, _, got, _ = core.run(2, {"argv": ["cat", "/proc/self/status"]})
+    assert got["rc"] == 0
+    assert _ignored(out) & IGNORED == IGNORED
+    assert _ignored(_python_spawn(None)) & IGNORED == IGNORED  # posix_spawn
+    assert _ignored(_python_spawn("/tmp")) & IGNORED == IGNORED  # subprocess
+
+
 def test_exec_runs_in_root_with_devnull_stdin_in_its_own_session(core: Core) -> None:
     out, _, _, _ = core.run(3, {"argv": ["sh", "-c", "pwd; cat; echo $$; cut -d' ' -f6 /proc/$$/stat"]})
     lines = out.decode().split()

@@ -59,3 +59,23 @@ def test_a_big_output_through_the_core_is_whole_and_in_order(bottle_factory) -> 
     out = b.exec("seq 1 2000000", timeout=300).stdout
     assert out.splitlines() == [str(i) for i in range(1, 2000001)]
     assert _server(b) == CORE
+
+
+def test_sigpipe_is_ignored_on_every_path_so_a_background_writer_lives_on(bottle_factory) -> None:  # type: ignore[no-untyped-def]
+    """docs/reference.md (exec): commands start with SIGPIPE ignored, whoever
+    serves them; a writer left in the background survives the agent closing
+    its pipe."""
+    b = bottle_factory()
+
+    def check(tag: str, **kw: str) -> None:
+        mask = int(b.check_output("grep SigIgn /proc/self/status", **kw).split()[-1], 16)
+        assert mask & (1 << 12), f"{tag}: SIGPIPE (13) not ignored: {mask:x}"
+        b.exec(f"(sleep 1; while :; do echo {tag}; sleep 0.2; done) & echo $! > /tmp/{tag}.pid", **kw)
+        time.sleep(3)  # it writes into the pipe the agent no longer reads
+        assert b.exec(f"kill -0 $(cat /tmp/{tag}.pid)").returncode == 0, f"{tag}: the writer died"
+
+    assert _server(b) == CORE
+    check("core")
+    check("subprocess", cwd="/tmp")  # the core hands back a call with a cwd
+    assert _server(b) == "python3"
+    check("spawn")  # the Python agent's posix_spawn

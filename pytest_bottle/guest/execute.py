@@ -147,6 +147,8 @@ def _popen(argv: list[str], env: dict[str, str], cwd: str, ids: dict[str, Any], 
         env=env,
         cwd=cwd,
         start_new_session=True,
+        # SIGPIPE stays ignored, as on the posix_spawn path (docs/reference.md, exec)
+        restore_signals=False,
         **ids,
     )
     assert proc.stdout is not None and proc.stderr is not None
