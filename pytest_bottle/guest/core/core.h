@@ -135,6 +135,7 @@ void py_repr(buf_t *b, const char *s); /* Python's repr() of an ASCII str */
 /* ------------------------------------------------------------ setup.c / nic.c */
 int setup_check(jdoc *d, jnode *call); /* 1 the core can run it, 0 hand back */
 void setup_preopen(void); /* before a snapshot: what every clone's setup opens */
+void exec_preopen(void);  /* and its first exec */
 void op_setup(uint32_t rid, jdoc *d, jnode *call);
 
 /* An error of a setup step, reported like the Python agent's Agent.run. */

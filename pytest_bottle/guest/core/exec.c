@@ -90,6 +90,10 @@ static char **make_env(jdoc *d, jnode *env) {
     return envp;
 }
 
+void exec_preopen(void) {
+    if (devnull < 0) devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
 static int spawn(char **argv, char **envp, pid_t *pid, int *out, int *err) {
     int o[2] = {-1, -1}, e[2] = {-1, -1}, rc;
     posix_spawn_file_actions_t fa;

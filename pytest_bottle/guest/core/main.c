@@ -258,6 +258,7 @@ static void start(int argc, char **argv) {
     if (setenv("PATH", DEFAULT_PATH, 1)) oom(); /* what posix_spawnp searches */
     port_init();
     setup_preopen();
+    exec_preopen();
     struct {
         uint32_t synced, nbytes, park_rid;
     } go;
