@@ -273,8 +273,9 @@ int nic_configure(jdoc *d, jnode *nic, bool by_mac, char name[32], struct err *e
         size_t n = strnlen(given->s, 31);
         memcpy(name, given->s, n);
         name[n] = 0;
+    } else if (iface_by_mac(match->s, name, er)) {
+        return -1;
     }
-    else if (iface_by_mac(match->s, name, er)) return -1;
     if (ioctl_sock < 0 && (ioctl_sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0)) < 0)
         return set_oserr(er, errno, NULL);
     parse_mac(mac->s, hw);

@@ -1,4 +1,5 @@
-/* Output buffers, JSON string output exactly as Python's json.dumps writes it. */
+/* Output buffers, JSON string output exactly as Python's json.dumps writes it,
+ * and the few parsers and printers a clone's setup needs (no libc's: see core.h). */
 #include "core.h"
 
 #include <limits.h>
