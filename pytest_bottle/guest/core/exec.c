@@ -98,7 +98,8 @@ static int spawn(char **argv, char **envp, pid_t *pid, int *out, int *err) {
     int o[2] = {-1, -1}, e[2] = {-1, -1}, rc;
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t at;
-    if (devnull < 0 && (devnull = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) return errno;
+    exec_preopen(); /* done before the snapshot; again only if that failed */
+    if (devnull < 0) return errno;
     if (pipe2(o, O_CLOEXEC)) return errno;
     if (pipe2(e, O_CLOEXEC)) {
         rc = errno;

@@ -276,8 +276,8 @@ int nic_configure(jdoc *d, jnode *nic, bool by_mac, char name[32], struct err *e
     } else if (iface_by_mac(match->s, name, er)) {
         return -1;
     }
-    if (ioctl_sock < 0 && (ioctl_sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0)) < 0)
-        return set_oserr(er, errno, NULL);
+    nic_preopen(); /* done before the snapshot; again only if that failed */
+    if (ioctl_sock < 0) return set_oserr(er, errno, NULL);
     parse_mac(mac->s, hw);
     if (strcasecmp(mac->s, match->s)) {
         ifreq_for(&ifr, name);

@@ -169,11 +169,16 @@ static int write_if_changed(const char *path, jnode *text, mode_t mode, struct e
     return same ? 0 : write_file(path, text->s, text->n, "", mode, er);
 }
 
-/* Opened before the snapshot, so that no clone opens it again. */
+/* Opened before the snapshot, so that no clone opens it again; kept open. */
 static int urandom_fd = -1;
 
+static void urandom_preopen(void) {
+    while (urandom_fd < 0 && (urandom_fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC)) < 0 && errno == EINTR) {
+    }
+}
+
 void setup_preopen(void) {
-    urandom_fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    urandom_preopen();
     nic_preopen();
 }
 
@@ -186,18 +191,14 @@ static int add_entropy(jnode *hex, struct err *er) {
         p[i] = (unsigned char)(hexval((unsigned char)hex->s[2 * i]) << 4 | hexval((unsigned char)hex->s[2 * i + 1]));
     info->entropy_count = (int)n * 8;
     info->buf_size = (int)n;
-    int fd = urandom_fd, rc = 0;
-    if (fd < 0) {
-        do fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
-        while (fd < 0 && errno == EINTR);
-        if (fd < 0) {
-            free(info);
-            return set_oserr(er, errno, "/dev/urandom");
-        }
+    int rc = 0;
+    urandom_preopen(); /* done before the snapshot; again only if that failed */
+    if (urandom_fd < 0) {
+        free(info);
+        return set_oserr(er, errno, "/dev/urandom");
     }
     /* reseed now, not at the CRNG's next scheduled reseed */
-    if (ioctl(fd, RNDADDENTROPY, info) || ioctl(fd, RNDRESEEDCRNG, 0)) rc = set_oserr(er, errno, NULL);
-    if (fd != urandom_fd) close(fd);
+    if (ioctl(urandom_fd, RNDADDENTROPY, info) || ioctl(urandom_fd, RNDRESEEDCRNG, 0)) rc = set_oserr(er, errno, NULL);
     free(info);
     return rc;
 }
