@@ -150,8 +150,7 @@ def alternate(args: argparse.Namespace, old: Path, extra: dict[str, Any]) -> dic
         if n > 1:
             default_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
             for name, (tree, env) in sides.items():
-                roots = seed_caches(name, Path(env.get("XDG_CACHE_HOME") or default_root), n)
-                caches += roots
+                roots = seed_caches(name, Path(env.get("XDG_CACHE_HOME") or default_root), n, caches)
                 per_seed[name] = [(tree, {"XDG_CACHE_HOME": str(r)}) for r in roots]
                 for k, side in enumerate(per_seed[name]):
                     started = time.perf_counter()
@@ -168,13 +167,15 @@ def alternate(args: argparse.Namespace, old: Path, extra: dict[str, Any]) -> dic
     return runs
 
 
-def seed_caches(side: str, root: Path, n: int) -> list[Path]:
+def seed_caches(side: str, root: Path, n: int, made: list[Path]) -> list[Path]:
     """``n`` new cache roots (for XDG_CACHE_HOME) holding ``root``'s images as
-    hard links, so that each makes a seed of its own; removed after the run."""
+    hard links, so that each makes a seed of its own.  Each is added to
+    ``made`` as soon as it exists, for the caller to remove (also after a failure)."""
     src = root / "pytest-bottle" / "images"
     out = []
     for k in range(n):
         new = Path(tempfile.mkdtemp(prefix=f"bottle-bench-{side}-seed{k}-", dir=root))
+        made.append(new)
         out.append(new)
         images = new / "pytest-bottle" / "images"
         images.mkdir(parents=True)
