@@ -83,15 +83,19 @@ def start_machine(
     """Start the machine ``cfg`` describes in ``run_dir`` and wait until its
     agent answers; clean up on any failure.
 
+    ``timeout`` bounds the whole start (overlay, QEMU, state load, agent
+    answer), not only the wait for the agent: a restore's agent can answer
+    within milliseconds of the handshake.
     ``on_fail`` sees the machine after a failed wait, before it is stopped.
     """
+    deadline = time.monotonic() + timeout
     prepare_run_dir(cfg, run_dir, name)
     machine = backend.start(cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds)
     try:
         if on_spawn is not None:  # e.g. record the pid before a boot that may outlive us
             on_spawn(machine)
         channel = AgentChannel(machine.agent_sock, name)
-        wait_ready(machine, channel, timeout, name)
+        wait_ready(machine, channel, timeout, name, deadline)
     except BaseException:
         try:
             if on_fail is not None:
@@ -124,9 +128,20 @@ class _NotReady(Exception):
     pass
 
 
-def wait_ready(machine: Machine, channel: AgentChannel, timeout: float, name: str = "") -> float:
-    """Poll (with backoff) until the agent answers the sync handshake."""
+def wait_ready(
+    machine: Machine, channel: AgentChannel, timeout: float, name: str = "", deadline: float | None = None
+) -> float:
+    """Poll (with backoff) until the agent answers the sync handshake, by
+    ``deadline`` (default: ``timeout`` seconds from now)."""
     started = time.monotonic()
+    if deadline is None:
+        deadline = started + timeout
+
+    def late() -> BootTimeout:
+        return BootTimeout(f"the agent did not answer within {timeout:g} s", console_tail(machine.console_log), name)
+
+    if started >= deadline:  # the time went before the machine could be asked
+        raise late()
     channel.send_sync()
 
     def nap(seconds: float) -> None:
@@ -147,7 +162,7 @@ def wait_ready(machine: Machine, channel: AgentChannel, timeout: float, name: st
         for attempt in Retrying(
             retry=retry_if_exception_type(_NotReady),
             wait=wait_exponential(multiplier=0.001, max=0.1),
-            stop=stop_after_delay(timeout),
+            stop=stop_after_delay(deadline - started),
             # Sleeping on the event wakes us the moment the agent answers.
             sleep=nap,
         ):
@@ -156,7 +171,5 @@ def wait_ready(machine: Machine, channel: AgentChannel, timeout: float, name: st
     except RetryError:
         if channel.synced.is_set():
             return time.monotonic() - started
-        raise BootTimeout(
-            f"the agent did not answer within {timeout:g} s", console_tail(machine.console_log), name
-        ) from None
+        raise late() from None
     return time.monotonic() - started
