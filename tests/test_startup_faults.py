@@ -258,6 +258,10 @@ def test_probe_timeout_classification() -> None:
     assert (busy.ok, busy.definite, idle.ok, idle.definite) == (False, False, False, True)
     assert accel.timed_out("x", 20, waited=None, load=5, cpus=2).definite is False
     assert accel.timed_out("x", 20, waited=None, load=1, cpus=2).definite is True
+    # The wait counts against the time QEMU lived; a QEMU that started late proves nothing.
+    assert accel.timed_out("x", 20, waited=3.0, load=0, cpus=2, lived=11).definite is False
+    assert accel.timed_out("x", 20, waited=0.0, load=0, cpus=2, lived=9).definite is False
+    assert accel.timed_out("x", 20, waited=0.5, load=0, cpus=2, lived=19).definite is True
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +58,22 @@ def run_probe(cfg: MachineConfig, run_dir: Path, timeout: float) -> ProbeResult:
     """Boot ``cfg`` once, time-boxed, and say what that proves (see ``vmm.accel``)."""
     seen: dict[str, Any] = {}
 
+    def spawned(machine: Machine) -> None:
+        seen["spawned"] = time.monotonic()
+
     def measure(machine: Machine) -> None:  # after a failed wait, before the stop
         seen.update(waited=accel.runqueue_wait(machine.pid), returncode=machine.poll())
+        seen["lived"] = time.monotonic() - seen["spawned"]
         try:
             seen["log"] = (run_dir / "qemu.log").read_text(errors="replace")
         except OSError:
             seen["log"] = ""
 
     try:
-        machine, channel = start_machine(cfg, run_dir, "probe", timeout, on_fail=measure)
+        machine, channel = start_machine(cfg, run_dir, "probe", timeout, on_spawn=spawned, on_fail=measure)
     except BootTimeout as e:
-        return accel.timed_out(e.reason, timeout, seen.get("waited"), os.getloadavg()[0], os.cpu_count() or 1)
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+        return accel.timed_out(e.reason, timeout, seen.get("waited"), load, cpus, seen.get("lived"))
     except BootError as e:
         if not seen:  # no QEMU got that far: the overlay or saved state (a host-side fault)
             return accel.inconclusive(e.reason, "a host-side fault")

@@ -40,8 +40,10 @@ PROBE_TIMEOUT = 20.0
 
 
 # A timed-out probe is inconclusive when QEMU's threads spent at least this
-# share of the window runnable but waiting for a CPU.
+# share of their life runnable but waiting for a CPU, or when QEMU lived less
+# than this share of the timeout (the host was too slow to even start it).
 STARVED_SHARE = 0.25
+LIVED_SHARE = 0.5
 # QEMU's own words for KVM failing under it: "failed to initialize kvm",
 # "KVM internal error", "kvm run failed", or an assertion before its abort().
 KVM_FAULT = re.compile(r"\bkvm\b|failed to set MSR|Assertion .* failed", re.IGNORECASE)
@@ -79,15 +81,22 @@ def runqueue_wait(pid: int) -> float | None:
     return total / 1e9
 
 
-def timed_out(reason: str, window: float, waited: float | None, load: float, cpus: int) -> ProbeResult:
+def timed_out(
+    reason: str, window: float, waited: float | None, load: float, cpus: int, lived: float | None = None
+) -> ProbeResult:
     """Classify a probe that timed out (pure).
 
-    ``waited``: QEMU's run-queue wait over the window (None where schedstat is
-    missing: then the 1-minute load average against the CPU count decides).
+    ``window``: the timeout, which also covers the start before QEMU runs;
+    ``lived``: how long QEMU ran of it (default: all of it); ``waited``: QEMU's
+    run-queue wait while it lived (None where schedstat is missing: then the
+    1-minute load average against the CPU count decides).
     """
-    if waited is not None:
-        starved = waited >= STARVED_SHARE * window
-        why = f"QEMU waited {waited:.1f}s of {window:g}s for a CPU"
+    lived = window if lived is None else lived
+    if lived < LIVED_SHARE * window:
+        starved, why = True, f"QEMU ran only {lived:.1f}s of the {window:g}s"
+    elif waited is not None:
+        starved = waited >= STARVED_SHARE * lived
+        why = f"QEMU waited {waited:.1f}s of {lived:.1f}s for a CPU"
     else:
         starved = load > cpus
         why = f"load average {load:.1f} on {cpus} CPU(s)"
