@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT = 20.0
 
 
-# A timed-out probe is inconclusive when QEMU's threads spent at least this
-# share of their life runnable but waiting for a CPU, or when QEMU lived less
-# than this share of the timeout (the host was too slow to even start it).
+# A timed-out probe is inconclusive when QEMU's threads spent at least
+# STARVED_SHARE of their life runnable but waiting for a CPU, or when QEMU
+# lived less than LIVED_SHARE of the timeout (the host was too slow to even
+# start it: the timeout also counts the start).
 STARVED_SHARE = 0.25
 LIVED_SHARE = 0.5
 # QEMU's own words for KVM failing under it: "failed to initialize kvm",
