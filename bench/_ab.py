@@ -143,7 +143,7 @@ def alternate(args: argparse.Namespace, old: Path, extra: dict[str, Any]) -> dic
         ready = measure(tree, env, quiet=False, images=extra.get("images", ()))
         print(f"  {name}: ready in {time.perf_counter() - started:.0f} s, imports {ready['module']}", flush=True)
     runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
-    n = max(1, getattr(args, "seeds", 1))
+    n = max(1, args.seeds)
     caches: list[Path] = []
     try:
         per_seed = {name: [side] for name, side in sides.items()}

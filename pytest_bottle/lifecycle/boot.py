@@ -128,14 +128,10 @@ class _NotReady(Exception):
     pass
 
 
-def wait_ready(
-    machine: Machine, channel: AgentChannel, timeout: float, name: str = "", deadline: float | None = None
-) -> float:
+def wait_ready(machine: Machine, channel: AgentChannel, timeout: float, name: str, deadline: float) -> float:
     """Poll (with backoff) until the agent answers the sync handshake, by
-    ``deadline`` (default: ``timeout`` seconds from now)."""
+    ``deadline`` (the end of the boot ``timeout``, which began before QEMU)."""
     started = time.monotonic()
-    if deadline is None:
-        deadline = started + timeout
 
     def late() -> BootTimeout:
         return BootTimeout(f"the agent did not answer within {timeout:g} s", console_tail(machine.console_log), name)
