@@ -25,6 +25,8 @@ from .ssh import SshAccess
 from .vmm.backend import Machine
 
 if TYPE_CHECKING:  # the launch pipeline makes bottles, and imports this module
+    from _typeshed import ReadableBuffer
+
     from .lifecycle.resources import Resources
     from .snapshot import Snapshot
 
@@ -217,7 +219,7 @@ class Bottle:
     # -- files --------------------------------------------------------------
 
     def write_bytes(
-        self, path: str, data: bytes, mode: int | None = None, *, timeout: float | None = FILE_TIMEOUT
+        self, path: str, data: ReadableBuffer, mode: int | None = None, *, timeout: float | None = FILE_TIMEOUT
     ) -> None:
         """Write ``data`` to guest ``path`` (parents created, replaced atomically).
 

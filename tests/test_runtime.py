@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -375,7 +376,7 @@ def test_a_failing_local_sink_fails_only_that_call(tmp_path: Path, warm_cache: P
 
 
 def test_an_aborted_upload_leaves_nothing_and_the_bottle_works(module_bottle: Bottle) -> None:
-    def chunks():  # type: ignore[no-untyped-def]
+    def chunks() -> Iterator[bytes]:
         yield b"first part\n"
         raise RuntimeError("the source broke")
 

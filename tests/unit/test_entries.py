@@ -253,7 +253,12 @@ def test_a_link_count_change_hashes_only_that_file_again(tmp_path: Path, monkeyp
     (tmp_path / "source-layer").unlink()  # the source closed: the disk's ctime changed
     hashed: list[str] = []
     real = saved.digest
-    monkeypatch.setattr(saved, "digest", lambda p: hashed.append(p.name) or real(p))
+
+    def digest(p: Path) -> str:
+        hashed.append(p.name)
+        return real(p)
+
+    monkeypatch.setattr(saved, "digest", digest)
     saved.verify(state)
     assert hashed == ["disk.qcow2"]
     with open(state.disk, "r+b") as f:  # a real change is still found

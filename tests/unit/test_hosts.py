@@ -10,6 +10,7 @@ import pytest
 
 from pytest_bottle.host import hosts
 from pytest_bottle.host.hosts import HostIdentity, WorkerHost, host_identity, start_run_on_host, summary_line
+from pytest_bottle.host.sweep import SweepReport
 
 
 @pytest.fixture
@@ -28,7 +29,12 @@ def test_host_id_is_made_once_and_kept(state: Path) -> None:
 
 def test_a_host_is_swept_once_per_run(state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[list[Path]] = []
-    monkeypatch.setattr(hosts, "sweep", lambda dirs: calls.append(dirs) or hosts.SweepReport())
+
+    def sweep(dirs: list[Path]) -> SweepReport:
+        calls.append(dirs)
+        return SweepReport()
+
+    monkeypatch.setattr(hosts, "sweep", sweep)
     cache = tmp_path / "cache"
     by_controller = start_run_on_host("run1", cache, "controller", start=100.0)
     again = start_run_on_host("run1", cache, "gw3")  # a worker on the controller's host
@@ -41,7 +47,7 @@ def test_a_host_is_swept_once_per_run(state: Path, tmp_path: Path, monkeypatch: 
 
 
 def test_old_runs_are_forgotten(state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hosts, "sweep", lambda dirs: hosts.SweepReport())
+    monkeypatch.setattr(hosts, "sweep", lambda dirs: SweepReport())
     monkeypatch.setattr(hosts, "KEEP_RUNS", 3)
     for i in range(5):
         start_run_on_host(f"run{i}", tmp_path, "controller")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from pytest_bottle import ImageImportError
+from pytest_bottle.host.locks import reporting_lock
 from pytest_bottle.images import archive, pull, transfer
 from pytest_bottle.images.archive import ImageRef, Member
 from pytest_bottle.images.image import check_pull_template
@@ -38,7 +40,7 @@ FILES = {
 def _members(files: dict[str, bytes] = FILES) -> list[tuple[Member, bytes]]:
     out = []
     for name, data in files.items():
-        m = Member(f"images/{REF.entry}/{name}", len(data), archive.hashlib.sha256(data).hexdigest())
+        m = Member(f"images/{REF.entry}/{name}", len(data), hashlib.sha256(data).hexdigest())
         out.append((m, data))
     return out
 
@@ -331,7 +333,7 @@ def test_sha256_is_checked_on_the_bytes_unpacked(tmp_path: Path, monkeypatch: py
     other = tmp_path / "other.tar.gz"
     (tmp_path / "o").mkdir()
     write_export(other, tmp_path / "o", dict(FILES, vmlinuz=b"another kernel"))
-    real = pull.import_file
+    real = import_file
 
     def swapped(path: Path, *args: Any, **kw: Any) -> Any:
         os.replace(other, path)  # after any check of the old bytes, before the import opens it
@@ -354,7 +356,7 @@ def test_no_replace_rechecks_under_the_entry_lock(tmp_path: Path, monkeypatch: p
     cache = tmp_path / "cache"
     final = cache / "images" / REF.entry
     theirs = json.dumps({"name": REF.name, "key": KEY, "created": 9.5})
-    real = transfer.reporting_lock
+    real = reporting_lock
 
     @contextlib.contextmanager
     def racing(lock: Path, what: str) -> Iterator[None]:

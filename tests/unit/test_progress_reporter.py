@@ -23,7 +23,7 @@ class Clock:
 
 
 def make(stages: bool = True) -> tuple[Reporter, Clock, list[Event]]:
-    clock, seen = Clock(), []
+    clock, seen = Clock(), list[Event]()
     reporter = Reporter(seen.append, interval=10.0, stages=stages, clock=clock)
     reporter._ensure_thread = lambda: None  # type: ignore[method-assign]  # ticks are driven by hand
     return reporter, clock, seen

@@ -311,7 +311,14 @@ def test_a_saved_snapshot_of_a_derived_image_opens_by_its_key(tmp_path: Path) ->
         m = {"name": f"debian-bookworm+{key}", "key": key, "parent": parent[0], "parent_key": parent[1]}
         (d / "manifest.json").write_text(json.dumps({**m, "parent_created": parent[2], "created": 4.0}))
         parent = (m["name"], key, 4.0)
-    spec = {"image": None, "memory_mb": 512, "cpus": 1, "network": "none", "forward": [], "timeout": 60}
+    spec: dict[str, object] = {
+        "image": None,
+        "memory_mb": 512,
+        "cpus": 1,
+        "network": "none",
+        "forward": [],
+        "timeout": 60,
+    }
     seed = entry(tmp_path / "seeds" / "s")
     snapshot_on(tmp_path, "saved", seed, spec=spec, image_name="debian-bookworm+k2", image_key="k2")
     snap = resolve_saved_snapshot(tmp_path, "saved")
