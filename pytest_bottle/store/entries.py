@@ -11,6 +11,11 @@ Images (``images/cache``) and saved machine states (``store/saved``) both
 keep their entries this way; neither knows the names used here.  Who may
 build, replace or remove an entry is decided by the caller's lock: these
 functions expect the entry's lock to be held where they say so.
+
+A durable commit flushes the entry's files and directories to disk before
+the rename, and the rename after it: an entry that survives a host crash is
+whole, since later uses trust a file whose size and times did not change
+without hashing it again.
 """
 
 from __future__ import annotations
@@ -81,21 +86,51 @@ def building(final: Path) -> Iterator[Path]:
         remove_tree(tmp)  # a no-op once committed
 
 
-def commit(tmp: Path, final: Path) -> None:
+def commit(tmp: Path, final: Path, *, durable: bool = True) -> None:
     """Publish ``tmp`` as ``final`` in one rename, replacing what was there.
 
     Readers see the old entry or the new one, never a mix.  Should ``final``
     reappear between putting it aside and the rename (someone committing
     without the lock), it is put aside again: the last commit wins.
+    ``durable``: on disk first (see the module doc); a session's own entry,
+    gone with the session, need not wait for the disk.
     """
+    if durable:
+        sync_tree(tmp)
     while True:
         try:
             os.rename(tmp, final)
-            return
+            break
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
         remove(final, "old")
+    if durable:
+        _sync(final.parent, directory=True)
+
+
+def sync_tree(root: Path) -> None:
+    """Flush every regular file under ``root``, and its directories, to disk."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            _sync(Path(dirpath, name), directory=False)
+        _sync(Path(dirpath), directory=True)
+
+
+def _sync(path: Path, *, directory: bool) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symlink: nothing of ours to flush
+            return
+        raise
+    try:
+        if directory:
+            os.fsync(fd)
+        else:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove(final: Path, tag: str) -> bool:

@@ -180,14 +180,20 @@ def signature(path: Path) -> list[Any]:
 
 
 def create(
-    final: Path, capture: Callable[[Path], Mapping[str, Any]], key_parts: Mapping[str, Any], rests_on: RestsOn
+    final: Path,
+    capture: Callable[[Path], Mapping[str, Any]],
+    key_parts: Mapping[str, Any],
+    rests_on: RestsOn,
+    *,
+    durable: bool = True,
 ) -> SavedState:
     """Capture a machine's state into a new entry ``final`` and publish it
     whole (replacing what was there); hold ``lock_path(final)``.
 
     ``capture(tmp)`` leaves the three state files in ``tmp`` (the directory
     that becomes ``final``, at the same depth, so relative backing paths
-    stay right) and returns manifest fields of its own.
+    stay right) and returns manifest fields of its own.  ``durable``: see
+    ``entries.commit``.
     """
     with entries.building(final) as tmp:
         started = time.monotonic()
@@ -206,7 +212,7 @@ def create(
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         write_stamp(tmp, signature(tmp))
-        entries.commit(tmp, final)
+        entries.commit(tmp, final, durable=durable)
     log.debug("saved state %s created in %.1fs", final.name, manifest["creation_seconds"])
     state = load(final)
     assert state is not None

@@ -161,7 +161,9 @@ def take(src: Source, final: Path, *, kept: bool) -> SavedState:
         with in_use(seed), entry_lock(final):
             if final.exists():  # never replaced: its forks and its owner would lose it
                 raise SnapshotError(final.name, "a snapshot of that name exists")
-            return create(final, capture, src.restored.manifest["key_parts"], RestsOn.on_state(seed, final))
+            # Only a kept snapshot outlives its session: only it waits for the disk.
+            key_parts = src.restored.manifest["key_parts"]
+            return create(final, capture, key_parts, RestsOn.on_state(seed, final), durable=kept)
     except (BootError, OSError, subprocess.SubprocessError, QMPError, TimeoutError, EOFError) as e:
         reason = e.reason if isinstance(e, BootError) else f"{type(e).__name__}: {e}"
         raise SnapshotError(final.name, f"taking it from bottle {src.name} failed: {reason}") from None

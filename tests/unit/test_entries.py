@@ -4,8 +4,11 @@ crashed builders, concurrent committers, removal, locks (no VM)."""
 from __future__ import annotations
 
 import json
+import mmap
 import multiprocessing
 import os
+import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -56,6 +59,54 @@ def test_an_entry_appears_only_when_committed(tmp_path: Path) -> None:
         entries.commit(tmp, final)
     assert entries.list_entries(final.parent) == [final] and _complete(final)
     assert sorted(p.name for p in final.parent.iterdir()) == ["deb-abc"]
+
+
+def _dirty_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache that are not on disk yet (the
+    kernel's own flag, read through our mapping: /proc/self/pagemap gives
+    each page's frame, /proc/kpageflags its flags)."""
+    page = mmap.PAGESIZE
+    size = path.stat().st_size
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
+        for at in range(0, size, page):
+            m[at]  # mapped, so that pagemap knows its frame
+        ino = os.stat(path).st_ino
+        with open("/proc/self/maps") as maps:
+            starts = [
+                int(ln.split("-")[0], 16) for ln in maps if ln.split()[4] == str(ino) and ln.split()[3] != "00:00"
+            ]
+        assert len(starts) == 1, "our mapping of the file"
+        n = (size + page - 1) // page
+        with open("/proc/self/pagemap", "rb") as pm:
+            pm.seek(starts[0] // page * 8)
+            frames = [e & ((1 << 55) - 1) for e in struct.unpack(f"{n}Q", pm.read(n * 8)) if e >> 63]
+        assert len(frames) == n, "every page of the file is in memory"
+        dirty = 0
+        with open("/proc/kpageflags", "rb") as kf:
+            for pfn in frames:
+                kf.seek(pfn * 8)
+                dirty += struct.unpack("Q", kf.read(8))[0] >> 4 & 1  # KPF_DIRTY
+        return dirty
+
+
+def _page_flags_readable(where: Path) -> bool:
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(where)], capture_output=True, text=True).stdout.strip()
+    return os.geteuid() == 0 and os.access("/proc/kpageflags", os.R_OK) and fs not in ("tmpfs", "ramfs")
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_durable_commit_is_on_disk_before_it_is_published(tmp_path: Path, durable: bool) -> None:
+    if not _page_flags_readable(tmp_path):
+        pytest.skip("page flags need root and a disk-backed file system")
+    final = tmp_path / "seeds" / "deb-abc"
+    final.parent.mkdir()
+    with entries.building(final) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "memory.ram").write_bytes(os.urandom(4 << 20))
+        assert _dirty_pages(tmp / "sub" / "memory.ram") > 0  # written, in the page cache only
+        entries.commit(tmp, final, durable=durable)
+    left = _dirty_pages(final / "sub" / "memory.ram")
+    assert (left == 0) if durable else (left > 0)  # a session's own entry does not wait for the disk
 
 
 def test_a_failed_build_leaves_the_old_entry_and_no_tmp(tmp_path: Path) -> None:
