@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import posixpath
 import stat
 import threading
 import time
@@ -17,7 +16,8 @@ from .agent.channel import AgentChannel
 from .agent.client import AgentClient
 from .agent.streams import OnOutput
 from .agent.transfer import fetch, read_all, send_tree
-from .errors import BottleError, ExecTimeout, SpecError, WaitTimeout
+from .arguments import GuestPath, check_env, check_mode, check_port, check_timeout, guest_path, raw_path
+from .errors import BottleError, ExecTimeout, WaitTimeout
 from .process import CommandHistory, GuestProcess, ProcessEntry
 from .results import Command, ExecResult, to_argv
 from .retry import poll
@@ -42,17 +42,6 @@ FILE_TIMEOUT = 300.0
 EXEC_OUTPUT_CAP = 64 * 1024 * 1024
 # The most read_bytes/read_text hold in memory (use get() for more).
 READ_CAP = 1024 * 1024 * 1024
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not 0 < timeout < 1e9:  # also rejects inf and nan
-        raise SpecError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
-
-
-def _guest_path(path: str, what: str = "guest path") -> str:
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise SpecError(f"{what} must be absolute, not {path!r}")
-    return posixpath.normpath(path)
 
 
 class Bottle:
@@ -133,7 +122,7 @@ class Bottle:
         input: str | bytes | None = None,
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
+        cwd: GuestPath | None = None,
         user: str | int | None = None,
         on_output: OnOutput | None = None,
     ) -> ExecResult:
@@ -146,13 +135,13 @@ class Bottle:
         (see ``agent.streams``); an exception from it kills the command and propagates.
         """
         argv = to_argv(cmd)
-        _check_timeout(timeout)
-        if cwd is not None:
-            cwd = _guest_path(cwd, "cwd")
+        check_timeout(timeout)
+        env = check_env(env)
+        cwd = None if cwd is None else guest_path(cwd, "cwd")
         stdin = input.encode() if isinstance(input, str) else input
         started = time.monotonic()
         run = self._agent.exec(  # raises before anything is sent: no history then
-            argv, env=env or {}, cwd=cwd, user=user, timeout=timeout, stdin=stdin, cap=EXEC_OUTPUT_CAP,
+            argv, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin, cap=EXEC_OUTPUT_CAP,
             on_output=on_output,
         )  # fmt: skip
         try:
@@ -174,12 +163,13 @@ class Bottle:
         cmd: Command,
         *,
         env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
+        cwd: GuestPath | None = None,
         user: str | int | None = None,
         input: str | bytes | None = None,
     ) -> GuestProcess:
         """Start ``cmd`` and return as soon as it runs (see ``process.GuestProcess``)."""
-        cwd = None if cwd is None else _guest_path(cwd, "cwd")
+        env = check_env(env)
+        cwd = None if cwd is None else guest_path(cwd, "cwd")
         stdin = input.encode() if isinstance(input, str) else input
         proc = GuestProcess.start(self._agent, cmd, env=env, cwd=cwd, user=user, input=stdin)
         self.history.append(ProcessEntry(_show(cmd), proc))
@@ -212,6 +202,7 @@ class Bottle:
 
     def wait_for_port(self, port: int, timeout: float = 60.0) -> None:
         """Wait until something in the guest listens on TCP ``port``."""
+        check_port(port)
         if poll(lambda: port in self._agent.listening(timeout=30).ports, timeout):
             return
         raise WaitTimeout(f"a listener on TCP port {port} in {self.name}", timeout)
@@ -219,20 +210,21 @@ class Bottle:
     # -- files --------------------------------------------------------------
 
     def write_bytes(
-        self, path: str, data: ReadableBuffer, mode: int | None = None, *, timeout: float | None = FILE_TIMEOUT
+        self, path: GuestPath, data: ReadableBuffer, mode: int | None = None, *, timeout: float | None = FILE_TIMEOUT
     ) -> None:
         """Write ``data`` to guest ``path`` (parents created, replaced atomically).
 
         ``timeout`` (seconds, default ``FILE_TIMEOUT``; None: no deadline) bounds
         the whole call; past it ``AgentTimeout`` is raised and nothing is written."""
-        path = _guest_path(path)
-        _check_timeout(timeout)
+        path = guest_path(path)
+        check_timeout(timeout)
+        check_mode(mode)
         # memoryview: a non-buffer is refused here, before a call is sent; any buffer is taken
         self._agent.write(path, memoryview(data), mode=mode, timeout=timeout)
 
     def write_text(
         self,
-        path: str,
+        path: GuestPath,
         text: str,
         mode: int | None = None,
         encoding: str = "utf-8",
@@ -241,26 +233,27 @@ class Bottle:
     ) -> None:
         self.write_bytes(path, text.encode(encoding), mode, timeout=timeout)
 
-    def read_bytes(self, path: str, *, timeout: float | None = FILE_TIMEOUT) -> bytes:
+    def read_bytes(self, path: GuestPath, *, timeout: float | None = FILE_TIMEOUT) -> bytes:
         """The contents of guest ``path``; at most ``READ_CAP`` bytes (``OutputLimit``
         past it: use ``get`` for more); ``AgentTimeout`` after ``timeout`` s."""
-        path = _guest_path(path)
-        _check_timeout(timeout)
+        path = guest_path(path)
+        check_timeout(timeout)
         return read_all(self._agent, path, READ_CAP, timeout)
 
-    def read_text(self, path: str, encoding: str = "utf-8", *, timeout: float | None = FILE_TIMEOUT) -> str:
+    def read_text(self, path: GuestPath, encoding: str = "utf-8", *, timeout: float | None = FILE_TIMEOUT) -> str:
         return self.read_bytes(path, timeout=timeout).decode(encoding)
 
-    def put(self, src: PathLike, dst: str, *, timeout: float | None = FILE_TIMEOUT) -> None:
+    def put(self, src: PathLike, dst: GuestPath, *, timeout: float | None = FILE_TIMEOUT) -> None:
         """Copy a local file or directory to guest ``dst``, keeping modes.
 
         A directory's contents land in ``dst``; a file becomes ``dst`` (or
         goes inside it when ``dst`` ends with ``/``).  ``AgentTimeout`` after
         ``timeout`` seconds.
         """
-        _check_timeout(timeout)
+        check_timeout(timeout)
         src_path = Path(src)
-        dst = _guest_path(dst) + ("/" if dst.endswith("/") and dst != "/" else "")
+        raw = raw_path(dst)
+        dst = guest_path(dst) + ("/" if isinstance(raw, str) and raw.endswith("/") and raw != "/" else "")
         st = src_path.stat()  # FileNotFoundError for a missing source, before anything is sent
         if stat.S_ISDIR(st.st_mode):
             with self._agent.deadline(timeout):
@@ -272,16 +265,16 @@ class Bottle:
             # Like cp: onto an existing directory, the file goes inside it.
             self._agent.write(dst, f, mode=stat.S_IMODE(st.st_mode), into_dir=src_path.name, timeout=timeout)
 
-    def get(self, src: str, dst: PathLike, *, timeout: float | None = FILE_TIMEOUT) -> None:
+    def get(self, src: GuestPath, dst: PathLike, *, timeout: float | None = FILE_TIMEOUT) -> None:
         """Copy a guest file or directory to local ``dst``: files, directories and
         symlinks staying inside ``dst`` only, modes masked with 0o755, never
         chowned (see ``transfer``). Links leading out, devices and fifos are
         skipped and the rest copied, then ``UnsafeTransfer`` names them
         (``skipped``); anything else refused stops at once with ``UnsafeTransfer``.
         Streams to disk (a window at a time); ``AgentTimeout`` after ``timeout`` s."""
-        _check_timeout(timeout)
+        check_timeout(timeout)
         with self._agent.deadline(timeout):
-            fetch(self._agent, _guest_path(src), Path(dst))
+            fetch(self._agent, guest_path(src), Path(dst))
 
     # -- network ------------------------------------------------------------
 

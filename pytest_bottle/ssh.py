@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BottleError, ExecTimeout
+from .arguments import check_env
+from .errors import BottleError, ExecTimeout, SpecError
 from .host.deps import require, which
 from .host.locks import reporting_lock
 from .host.paths import write_private
@@ -146,10 +147,14 @@ def _text(data: bytes | str | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
+SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def remote_command(cmd: Command, env: Mapping[str, str] | None = None) -> str:
     """The line the remote shell runs: a string as it is, a list quoted word
     by word.  The first word is quoted even where it need not be: bare,
-    ``A=b`` would be an assignment and ``if`` a keyword, not a program."""
+    ``A=b`` would be an assignment and ``if`` a keyword, not a program.
+    ``env`` is exported first, so that the whole line sees it, as with ``exec``."""
     if isinstance(cmd, str):
         remote = cmd
     else:
@@ -157,6 +162,10 @@ def remote_command(cmd: Command, env: Mapping[str, str] | None = None) -> str:
         if words and words[0] == str(cmd[0]):
             words[0] = f"'{words[0]}'"  # shlex left it bare, so it holds no quote
         remote = " ".join(words)
+    env = check_env(env)
+    for name in env:
+        if not SHELL_NAME.fullmatch(name):
+            raise SpecError(f"ssh env: {name!r} is not a shell variable name (letters, digits, _)")
     if env:
-        remote = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + remote
+        remote = "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + "; " + remote
     return remote

@@ -12,7 +12,7 @@ import pickle
 import re
 import time
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import psutil
 import pytest
@@ -90,6 +90,44 @@ def test_empty_argv_and_bad_timeouts_are_refused_before_anything_runs(module_bot
     with pytest.raises(SpecError, match="cwd must be absolute"):
         module_bottle.exec("pwd", cwd="tmp")
     assert (len(module_bottle.history), list(module_bottle.history)[-1:]) == before  # nothing was sent
+
+
+def test_bad_env_mode_and_port_are_refused_before_anything_is_sent(module_bottle: Bottle) -> None:
+    b = module_bottle
+    d = _scratch(b)
+    before = len(b.history), list(b.history)[-1:]
+    for env in ({"N": 1}, {"HOME": None}, {"A=B": "x"}, {"": "x"}, {"K": "a\0b"}):
+        with pytest.raises(SpecError, match="env"):
+            b.exec("true", env=env)  # type: ignore[dict-item]
+        with pytest.raises(SpecError, match="env"):
+            b.spawn("true", env=env)  # type: ignore[dict-item]
+    for mode in ("644", -1, 0o17777, 1.5, True):
+        with pytest.raises(SpecError, match="mode"):
+            b.write_text(f"{d}/f", "x", mode=mode)  # type: ignore[arg-type]
+    for port in (0, 70000, -1, "22", True):
+        with pytest.raises(SpecError, match="port"):
+            b.wait_for_port(port, timeout=1)  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="absolute"):
+        b.read_text(PurePosixPath("etc/hostname"))
+    assert (len(b.history), list(b.history)[-1:]) == before  # no command was sent
+    assert b.exec(["ls", "-A", d]).stdout == ""  # nor a file written
+    assert b.exec("echo $N", env={"N": "1"}).stdout == "1\n"  # and the bottle is fine
+
+
+def test_guest_paths_may_be_path_objects(module_bottle: Bottle, tmp_path: Path) -> None:
+    b = module_bottle
+    d = PurePosixPath(_scratch(b))
+    b.write_text(d / "a.txt", "one\n", mode=0o600)
+    assert b.read_text(d / "a.txt") == "one\n" and b.read_bytes(d / "a.txt") == b"one\n"
+    assert b.check_output(["stat", "-c", "%a", d / "a.txt"]) == "600\n"
+    assert b.exec("pwd", cwd=d).stdout == f"{d}\n"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "b.txt").write_text("two\n")
+    b.put(tmp_path / "src", d / "tree")
+    b.get(d / "tree", tmp_path / "back")
+    assert (tmp_path / "back" / "b.txt").read_text() == "two\n"
+    with b.spawn(["cat", "b.txt"], cwd=d / "tree") as p:
+        assert p.wait(timeout=30).stdout == "two\n"
 
 
 def test_missing_cwd_is_exit_code_2_with_a_message(module_bottle: Bottle) -> None:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from pytest_bottle.errors import SpecError
 from pytest_bottle.host.mounts import below, parse_mount_points, unescape_mount_field
 from pytest_bottle.reports import keep_message
 from pytest_bottle.ssh import remote_command
@@ -41,6 +42,17 @@ def test_the_first_word_is_always_a_program_name(first: str) -> None:
 def test_a_string_is_the_remote_command_as_it_is() -> None:
     assert remote_command("echo $HOME | wc -c") == "echo $HOME | wc -c"
     assert _sh(remote_command("printenv K", env={"K": "a b"})).stdout == "a b\n"
+
+
+def test_env_reaches_the_whole_line_as_exec_env_does() -> None:
+    line = remote_command('echo "$K"; cd /tmp && printenv K', env={"K": "it's $x"})
+    assert _sh(line).stdout == "it's $x\nit's $x\n"
+
+
+@pytest.mark.parametrize("env", [{"A B": "x"}, {"1A": "x"}, {"A=B": "x"}, {"": "x"}, {"A": 1}, {"A": "x\0y"}])
+def test_env_that_a_shell_cannot_take_is_refused_before_ssh_runs(env: dict[str, object]) -> None:
+    with pytest.raises(SpecError):
+        remote_command("true", env=env)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

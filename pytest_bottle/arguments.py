@@ -1,0 +1,60 @@
+"""Checks of what users pass to a bottle's methods, made before anything is
+sent: a bad argument is a ``SpecError`` saying which, never a guest error."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Mapping
+from typing import Union
+
+from .errors import SpecError
+
+# A guest path: a str, or a path object whose fspath is one (PurePosixPath).
+GuestPath = Union[str, "os.PathLike[str]"]
+
+
+def check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not 0 < timeout < 1e9:  # also rejects inf and nan
+        raise SpecError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+
+
+def raw_path(path: object) -> object:
+    """``path`` as its str when it is a path object; anything else as it is."""
+    return os.fspath(path) if isinstance(path, os.PathLike) else path
+
+
+def guest_path(path: GuestPath, what: str = "guest path") -> str:
+    """An absolute guest path, normalized (``//`` and ``..`` as the guest would)."""
+    raw = raw_path(path)
+    if not isinstance(raw, str) or not raw.startswith("/") or "\0" in raw:
+        raise SpecError(f"{what} must be absolute (a str or a path object, no NUL), not {path!r}")
+    return posixpath.normpath(raw)
+
+
+def check_mode(mode: object) -> int | None:
+    """A file's permission bits: None (keep or default) or an int from 0 to 0o7777."""
+    if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777):
+        raise SpecError(f"mode must be an int from 0 to 0o7777 (like 0o644), not {mode!r}")
+    return mode
+
+
+def check_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """Variables to add: str names (not empty, no ``=``) and str values, no NUL."""
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise SpecError(f"env must be a mapping of str to str, not {type(env).__name__}")
+    for key, value in env.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise SpecError(f"env: {key!r} is not a variable name (a non-empty str without '=' or NUL)")
+        if not isinstance(value, str) or "\0" in value:
+            raise SpecError(f"env: the value of {key} must be a str without NUL, not {value!r}")
+    return dict(env)
+
+
+def check_port(port: object, what: str = "port") -> int:
+    """A TCP port number, 1-65535."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise SpecError(f"{what} must be a TCP port number from 1 to 65535, not {port!r}")
+    return port
