@@ -39,6 +39,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+from ..arguments import GuestPath, raw_path
 from ..errors import ImageNotFound, SpecError
 from .recipes import RECIPES
 
@@ -139,7 +140,7 @@ class Image:
                 raise SpecError(f"install(): {p!r} is not a Debian package name")
         return self._then(Install(tuple(packages)))
 
-    def copy(self, src: str | os.PathLike[str], dst: str) -> Image:
+    def copy(self, src: str | os.PathLike[str], dst: GuestPath) -> Image:
         """Copy a host file or directory (its contents) to guest ``dst``, modes
         kept.  A relative ``src`` is relative to the calling file's directory."""
         path = Path(src)
@@ -149,7 +150,7 @@ class Image:
             raise SpecError(f"copy(): the source {str(path)!r} does not exist")
         return self._then(Copy(path, _guest_path(dst, "copy"), tree_digest(path)))
 
-    def write(self, path: str, content: str | bytes, mode: int | None = None) -> Image:
+    def write(self, path: GuestPath, content: str | bytes, mode: int | None = None) -> Image:
         """Write ``content`` (str as UTF-8, or bytes) to guest ``path``."""
         if isinstance(content, str):
             data = content.encode()
@@ -276,9 +277,10 @@ def lookup(name: str) -> str | Image:
 
 
 def _guest_path(path: object, what: str) -> str:
-    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
-        raise SpecError(f"{what}(): the guest path must be an absolute str path, not {path!r}")
-    return path
+    raw = raw_path(path)  # a PurePosixPath as its str
+    if not isinstance(raw, str) or not raw.startswith("/") or "\0" in raw:
+        raise SpecError(f"{what}(): the guest path must be absolute (a str or a path object), not {path!r}")
+    return raw
 
 
 def _caller_dir() -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -136,6 +136,8 @@ def test_unnamed_images_show_parent_and_key() -> None:
         lambda: BASE.copy("/nonexistent/pytest-bottle-src", "/x"),
         lambda: BASE.copy(__file__, "relative/dst"),
         lambda: BASE.write("etc/a", "x"),
+        lambda: BASE.write(PurePosixPath("etc/a"), "x"),
+        lambda: BASE.write(b"/etc/a", "x"),  # type: ignore[arg-type]
         lambda: BASE.write("/etc/a", "x", mode=0o10000),
         lambda: BASE.write("/etc/a", "x", mode=True),
         lambda: BASE.write("/etc/a", "x", mode="644"),  # type: ignore[arg-type]
@@ -150,6 +152,11 @@ def test_unnamed_images_show_parent_and_key() -> None:
 def test_bad_steps_raise_spec_error_at_construction(make: object) -> None:
     with pytest.raises(SpecError):
         make()  # type: ignore[operator]
+
+
+def test_a_guest_path_object_is_its_str() -> None:
+    assert BASE.write(PurePosixPath("/etc") / "a", "x").key == BASE.write("/etc/a", "x").key
+    assert BASE.copy(__file__, PurePosixPath("/opt/t.py")).key == BASE.copy(__file__, "/opt/t.py").key
 
 
 def test_a_name_clash_with_other_steps_is_an_error() -> None:
