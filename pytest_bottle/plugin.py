@@ -102,6 +102,7 @@ class _State:
     rebuild: bool
     keep: bool
     manager: BottleManager
+    reports: BottleReports
 
     def spec(self, *first: Layer, image: str | None = None) -> BottleSpec:
         """Marker / factory layers (``first``, restricted to per-bottle keys), then CLI and ini;
@@ -218,19 +219,13 @@ def pytest_configure(config: pytest.Config) -> None:
         raise UnsafeBottleDirectory(**e._args()) from None
     except LockTimeout as e:
         raise BottleLockTimeout(**e._args()) from None
-    state = _State(
-        config,
-        cli,
-        ini,
-        run_start,
-        flag("rebuild"),
-        flag("keep"),
-        BottleManager(
-            rebuild_before=run_start if flag("rebuild") else None, keep_failed=flag("keep"), prestart=prestart
-        ),
+    manager = BottleManager(
+        rebuild_before=run_start if flag("rebuild") else None, keep_failed=flag("keep"), prestart=prestart
     )
+    reports = BottleReports(manager, flag("keep"))
+    state = _State(config, cli, ini, run_start, flag("rebuild"), flag("keep"), manager, reports)
     config.stash[STATE] = state
-    config.pluginmanager.register(BottleReports(state.manager, state.keep), "bottle-reports")
+    config.pluginmanager.register(reports, "bottle-reports")
     if flag("save_failed"):
         config.pluginmanager.register(SaveFailed(state.manager), "bottle-save-failed")
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
@@ -375,10 +370,13 @@ def session_bottle_factory(
 
     def factory(**kwargs: Any) -> Bottle:
         if kwargs.get("snapshot") is not None:
-            return _fork(state, kwargs, "session_bottle_factory() arguments", key)
-        kwargs.pop("snapshot", None)
-        spec = state.spec(("session_bottle_factory() arguments", kwargs), image=_bottle_matrix_image)
-        return state.manager.start(spec, key, spare=False)
+            made = _fork(state, kwargs, "session_bottle_factory() arguments", key)
+        else:
+            kwargs.pop("snapshot", None)
+            spec = state.spec(("session_bottle_factory() arguments", kwargs), image=_bottle_matrix_image)
+            made = state.manager.start(spec, key, spare=False)
+        state.reports.made_now(made)  # a failure of the test that made it shows its console
+        return made
 
     yield factory
     state.manager.close_group(key)

@@ -29,6 +29,24 @@ class BottleReports:
         self.manager = manager
         self.keep = keep
         self.kept: list[str] = []
+        self.running: str | None = None  # the test whose protocol runs now
+        self.made: dict[str, list[Bottle]] = {}  # bottles of longer-lived groups, by the test that made them
+
+    def made_now(self, bottle: Bottle) -> None:
+        """``bottle`` (of a session factory) was made by the running test: its report shows it."""
+        if self.running is not None:
+            self.made.setdefault(self.running, []).append(bottle)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> Generator[None, object, object]:
+        self.running = item.nodeid
+        try:
+            return (yield)
+        finally:
+            self.running = None
+            self.made.pop(item.nodeid, None)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
@@ -49,7 +67,7 @@ class BottleReports:
         for value in getattr(item, "funcargs", {}).values():
             if isinstance(value, Bottle):
                 found[id(value)] = value
-        for b in self.manager.bottles(item.nodeid):
+        for b in [*self.manager.bottles(item.nodeid), *self.made.get(item.nodeid, [])]:
             found[id(b)] = b
         return list(found.values())
 

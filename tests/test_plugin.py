@@ -134,6 +134,30 @@ def test_failure_report_has_console_and_commands(pytester: pytest.Pytester) -> N
     )
 
 
+def test_a_session_factory_bottle_is_in_the_report_of_the_test_that_made_it(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest("""
+        def pytest_runtest_logreport(report):
+            if report.when == "call":
+                names = [t for t, _ in report.sections if t.startswith("bottle ")]
+                print(f"SECTIONS {report.nodeid.split('::')[-1]} {len(names)}")
+    """)
+    pytester.makepyfile("""
+        def test_a_makes_one_and_fails(session_bottle_factory):
+            b = session_bottle_factory()
+            b.exec("echo from-the-session-factory")
+            assert False
+
+        def test_b_fails_without_making_one(session_bottle_factory):
+            assert False
+    """)
+    result = run(pytester, "-p", "no:randomly", "-s")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        ["*SECTIONS test_a_makes_one_and_fails 2*", "*SECTIONS test_b_fails_without_making_one 0*"]
+    )
+    result.stdout.fnmatch_lines(["*bottle btl-* last commands*", "*[[]0] *echo from-the-session-factory*"])
+
+
 def test_deselect_and_disable(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         def test_plain():
