@@ -212,10 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     spec = resolve([("bottle run", values)])
     with start_bottle(spec) as b:
-        r = b.exec(command[0] if len(command) == 1 else command, timeout=args.timeout)
-    sys.stdout.buffer.write(r.stdout_bytes)
-    sys.stderr.buffer.write(r.stderr_bytes)
-    return r.returncode
+        return snapshot_cli.run_and_print(b, command, args.timeout)
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
@@ -340,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `bottle image list | head`: the reader has had enough
+        # Python's own flush at exit would fail again and say so.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 if __name__ == "__main__":

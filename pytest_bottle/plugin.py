@@ -192,7 +192,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(live, "bottle-progress")
     keys = {name.replace("-", "_"): "bottle_" + name.replace("-", "_") for name in OPTIONS}
     cli = {k: config.getoption(dest) for k, dest in keys.items()}
-    ini = {k: (config.getini(dest) or None) for k, dest in keys.items()}
+    ini = {k: (_getini(config, dest) or None) for k, dest in keys.items()}
     if ini["cache_dir"] and config.inipath and not Path(str(ini["cache_dir"])).expanduser().is_absolute():
         ini["cache_dir"] = str(config.inipath.parent / str(ini["cache_dir"]))  # relative to the ini file
     pull = ini["image_pull"]
@@ -209,7 +209,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     def flag(name: str) -> bool:
         value = config.getoption(f"bottle_{name}")
-        return bool(config.getini(f"bottle_{name}")) if value is None else bool(value)
+        return bool(_getini(config, f"bottle_{name}")) if value is None else bool(value)
 
     prestart = _prestart(config)
 
@@ -232,10 +232,17 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, os.getpid()))
 
 
+def _getini(config: pytest.Config, name: str) -> Any:
+    try:
+        return config.getini(name)
+    except pytest.UsageError as e:  # a bad bool: pytest's words name neither the setting nor the file
+        raise InvalidBottleArgument(f"bad {name}: {e}", "ini file") from None
+
+
 def _prestart(config: pytest.Config) -> int:
     for source, value in (
         ("command line", config.getoption("bottle_prestart")),
-        ("ini file", config.getini("bottle_prestart") or None),
+        ("ini file", _getini(config, "bottle_prestart") or None),
     ):
         if value is None:
             continue

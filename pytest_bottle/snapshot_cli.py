@@ -6,7 +6,8 @@ import argparse
 import sys
 import time
 
-from .errors import SnapshotError, SpecError
+from .bottle import Bottle
+from .errors import ExecTimeout, SnapshotError, SpecError
 from .host.paths import tree_size
 from .host.runstate import MARKER, run_dir_owner
 from .snapshot import resolve_saved_snapshot
@@ -25,10 +26,26 @@ def run_snapshot(args: argparse.Namespace, command: list[str]) -> int:
         raise SpecError(f"{', '.join(given)} cannot be given with --snapshot: the snapshot decides", "bottle run")
     snap = resolve_saved_snapshot(args.cache_dir, args.snapshot)
     with snap.start() as b:
-        r = b.exec(command[0] if len(command) == 1 else command, timeout=args.timeout)
+        return run_and_print(b, command, args.timeout)
+
+
+TIMED_OUT = 124  # as coreutils' timeout exits
+
+
+def run_and_print(b: Bottle, command: list[str], timeout: float | None) -> int:
+    """``bottle run``: the command's output, and an exit status as a shell
+    gives it (128 + N for a command killed by signal N; 124 timed out)."""
+    try:
+        r = b.exec(command[0] if len(command) == 1 else command, timeout=timeout)
+    except ExecTimeout as e:  # what it printed before the kill still goes out
+        sys.stdout.write(e.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(f"{e.stderr}bottle: ExecTimeout: {e}\n")
+        return TIMED_OUT
     sys.stdout.buffer.write(r.stdout_bytes)
+    sys.stdout.flush()
     sys.stderr.buffer.write(r.stderr_bytes)
-    return r.returncode
+    return 128 - r.returncode if r.returncode < 0 else r.returncode
 
 
 def _state_of(s: SavedState) -> str:

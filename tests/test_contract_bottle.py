@@ -98,9 +98,9 @@ def test_bad_env_mode_and_port_are_refused_before_anything_is_sent(module_bottle
     before = len(b.history), list(b.history)[-1:]
     for env in ({"N": 1}, {"HOME": None}, {"A=B": "x"}, {"": "x"}, {"K": "a\0b"}):
         with pytest.raises(SpecError, match="env"):
-            b.exec("true", env=env)  # type: ignore[dict-item]
+            b.exec("true", env=env)  # type: ignore[arg-type]
         with pytest.raises(SpecError, match="env"):
-            b.spawn("true", env=env)  # type: ignore[dict-item]
+            b.spawn("true", env=env)  # type: ignore[arg-type]
     for mode in ("644", -1, 0o17777, 1.5, True):
         with pytest.raises(SpecError, match="mode"):
             b.write_text(f"{d}/f", "x", mode=mode)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -152,6 +153,13 @@ WITH_RECIPE = (
 )
 
 
+def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    # `true` has gone before the CLI writes: its first write meets a closed pipe.
+    line = f"{shlex.quote(sys.executable)} -m pytest_bottle.cli --cache-dir={shlex.quote(str(CACHE))} image list"
+    r = subprocess.run(["bash", "-c", f"{line} | true; echo rc=${{PIPESTATUS[0]}} >&2"], capture_output=True, text=True)
+    assert r.stderr.strip().splitlines() == ["rc=141"], r.stderr  # 128 + SIGPIPE, and nothing else said
+
+
 def test_image_build_rebuild_builds_again(private_cache: Path) -> None:
     recipe: Recipe = eval(OFFLINE)
     entry = private_cache / "images" / f"{recipe.name}-{recipe.key()}"
@@ -224,9 +232,12 @@ def test_run_command_forms_exit_codes_and_verbose(seed: SavedState) -> None:
         r = cli(*args)
         assert r.returncode == 2 and "no command given" in r.stderr
     started = time.monotonic()
-    r = cli("run", "--accel", "tcg", "--timeout", "1", "--", "sleep", "60")
-    assert r.returncode == 1 and r.stderr.startswith("bottle: ExecTimeout: "), r.stderr
+    r = cli("run", "--accel", "tcg", "--timeout", "2", "--", "echo so far; echo err >&2; sleep 60")
+    assert r.returncode == 124 and r.stdout == "so far\n", r  # as coreutils' timeout, with the output so far
+    assert r.stderr.startswith("err\nbottle: ExecTimeout: "), r.stderr
     assert time.monotonic() - started < 60
+    r = cli("run", "--accel", "tcg", "--", "echo before; kill -9 $$")
+    assert (r.returncode, r.stdout) == (128 + 9, "before\n")  # killed by a signal: as a shell says it
     r = cli("run", "--image", "no-such-image", "--", "true")
     assert r.returncode == 1 and r.stderr.startswith("bottle: ImageNotFound: unknown image 'no-such-image'")
     r = cli("run", "--memory", "lots", "--", "true")

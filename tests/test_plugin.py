@@ -73,6 +73,15 @@ def test_bad_ini_value_names_the_ini(pytester: pytest.Pytester) -> None:
     assert "ini file: bad memory" in result.stderr.str()
 
 
+@pytest.mark.parametrize("name", ["keep", "rebuild", "save_failed"])
+def test_a_bad_bool_in_the_ini_names_the_setting(pytester: pytest.Pytester, name: str) -> None:
+    pytester.makeini(f"[pytest]\nbottle_{name} = maybe\n")
+    pytester.makepyfile("def test_x(): pass")
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert f"ini file: bad bottle_{name}: invalid truth value 'maybe'" in result.stderr.str()
+
+
 def test_factory_bad_argument_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import pytest
