@@ -119,7 +119,7 @@ def test_guest_paths_may_be_path_objects(module_bottle: Bottle, tmp_path: Path) 
     d = PurePosixPath(_scratch(b))
     b.write_text(d / "a.txt", "one\n", mode=0o600)
     assert b.read_text(d / "a.txt") == "one\n" and b.read_bytes(d / "a.txt") == b"one\n"
-    assert b.check_output(["stat", "-c", "%a", d / "a.txt"]) == "600\n"
+    assert b.check_output(["stat", "-c", "%a", str(d / "a.txt")]) == "600\n"
     assert b.exec("pwd", cwd=d).stdout == f"{d}\n"
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "b.txt").write_text("two\n")
