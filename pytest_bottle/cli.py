@@ -49,11 +49,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         path = hostdeps.which(program)
         ok &= path is not None or program not in REQUIRED
         print(f"  {'ok ' if path else 'MISSING'} {program:20} {path or f'apt-get install {package}'}")
-    print(f"qemu: {accel_mod.qemu_version() if hostdeps.which('qemu-system-x86_64') else 'not installed'}")
+    have_qemu = hostdeps.which("qemu-system-x86_64") is not None
+    print(f"qemu: {accel_mod.qemu_version() if have_qemu else 'not installed'}")
     why = accel_mod.kvm_usable()
-    stored = accel_mod.stored_verdict(args.cache_dir)
+    stored = accel_mod.stored_verdict(args.cache_dir) if have_qemu else None  # verdicts are per QEMU version
     verdict = stored[0] if stored else None
-    if why:
+    if not have_qemu:
+        print("accelerator: none until QEMU is installed (apt-get install qemu-system-x86)")
+    elif why:
         print(f"accelerator: tcg ({why})")
     elif verdict and not verdict.definite:
         print(f"accelerator: tcg for the last run ({verdict.reason}); the next run probes KVM again")

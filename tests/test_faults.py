@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -92,6 +93,19 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_run_prints_and_exits_with_the_code(warm_cache: Path) -> None:
     r = _cli("run", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (r.returncode, r.stdout, r.stderr.splitlines()[-1]) == (7, "out\n", "err")
+
+
+def test_cli_doctor_without_qemu_still_reports_the_rest(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()  # no program on PATH: QEMU and every other tool are missing
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={tmp_path / 'cache'}", "doctor"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": str(empty)},
+    )  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "MISSING qemu-system-x86_64" in r.stdout and "qemu: not installed" in r.stdout
+    assert "accelerator: none until QEMU is installed" in r.stdout
+    assert f"cache: {tmp_path / 'cache'}" in r.stdout and "run state: " in r.stdout
 
 
 def test_cli_doctor_image_list_sweep(warm_cache: Path) -> None:
