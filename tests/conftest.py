@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,56 @@ import pytest_bottle
 from pytest_bottle import matrix
 from pytest_bottle.host.paths import default_cache_dir
 from pytest_bottle.images import BuiltImage, ensure_image
+
+# -- the suite runs in a random order: no test may lean on another ------------
+# (Our own shuffle, not pytest-randomly: that would shuffle every suite run
+# with this virtualenv, users' included, and pytest-bottle must not.)
+SEED = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--suite-seed", type=int, default=None, help="replay the order of a run (its header shows it)")
+    parser.addoption("--suite-in-order", action="store_true", help="run the tests in file order")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    given = getattr(config, "workerinput", {}).get("suite_seed")  # an xdist worker: the controller's
+    config.stash[SEED] = given or config.getoption("suite_seed") or random.randrange(1, 1_000_000)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist: every worker shuffles alike, so their collections match."""
+    node.workerinput["suite_seed"] = node.config.stash[SEED]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if config.getoption("suite_in_order"):
+        return "suite order: as in the files"
+    return f"suite order: shuffled, --suite-seed={config.stash[SEED]} replays it"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules in a random order, and in each the classes and the tests; a
+    module's (or class's) tests stay together, so its fixtures are set up once."""
+    if config.getoption("suite_in_order"):
+        return
+    rng = random.Random(config.stash[SEED])
+    modules: dict[str, dict[str, list[pytest.Item]]] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        parent = item.parent.nodeid if item.parent is not None else module
+        modules.setdefault(module, {}).setdefault(parent, []).append(item)
+    order = list(modules.values())
+    rng.shuffle(order)
+    shuffled: list[pytest.Item] = []
+    for groups in order:
+        parents = list(groups.values())
+        rng.shuffle(parents)
+        for tests in parents:
+            rng.shuffle(tests)
+            shuffled += tests
+    items[:] = shuffled
 
 
 @pytest.fixture(scope="session")
