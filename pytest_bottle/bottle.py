@@ -44,6 +44,11 @@ EXEC_OUTPUT_CAP = 64 * 1024 * 1024
 READ_CAP = 1024 * 1024 * 1024
 
 
+# Output watched as it comes (spawn, on_output): Python block-buffers a pipe,
+# so a server's "Serving HTTP on ..." would wait in its buffer.  The caller's env wins.
+STREAMED_ENV = {"PYTHONUNBUFFERED": "1"}
+
+
 class Bottle:
     """A running VM.  Close it (or use it as a context manager) to release everything."""
 
@@ -136,7 +141,7 @@ class Bottle:
         """
         argv = to_argv(cmd)
         check_timeout(timeout)
-        env = check_env(env)
+        env = check_env(env) if on_output is None else {**STREAMED_ENV, **check_env(env)}
         cwd = None if cwd is None else guest_path(cwd, "cwd")
         stdin = input.encode() if isinstance(input, str) else input
         started = time.monotonic()
@@ -168,7 +173,7 @@ class Bottle:
         input: str | bytes | None = None,
     ) -> GuestProcess:
         """Start ``cmd`` and return as soon as it runs (see ``process.GuestProcess``)."""
-        env = check_env(env)
+        env = {**STREAMED_ENV, **check_env(env)}
         cwd = None if cwd is None else guest_path(cwd, "cwd")
         stdin = input.encode() if isinstance(input, str) else input
         proc = GuestProcess.start(self._agent, cmd, env=env, cwd=cwd, user=user, input=stdin)

@@ -74,6 +74,27 @@ def test_exec_on_output_streams_as_it_comes(module_bottle: Bottle) -> None:
     assert first[2] == "caf" and first[0] < r.duration - 1.5  # it came before the end, the split é held back
 
 
+def test_python_output_is_watched_as_it_comes_without_u(module_bottle: Bottle) -> None:
+    """DESIGN's own example: no ``-u``, and Python's stdout is a pipe."""
+    p = module_bottle.spawn(["python3", "-m", "http.server", "8123", "--bind", "127.0.0.1"])
+    try:
+        p.wait_for_output("Serving HTTP", timeout=30)
+    finally:
+        p.kill()
+    got: list[tuple[float, str]] = []
+    started = time.monotonic()
+    r = module_bottle.exec(
+        ["python3", "-c", "import time; print('first'); time.sleep(2); print('last')"],
+        on_output=lambda stream, text: got.append((time.monotonic() - started, text)),
+    )
+    early = "".join(text for at, text in got if at < r.duration - 1.5)  # before the sleep ended
+    assert r.stdout == "first\nlast\n" and early == "first\n", got
+    # The caller's env wins; exec without on_output leaves Python as it is.
+    show = ["python3", "-c", "import os; print(os.environ.get('PYTHONUNBUFFERED'))"]
+    assert module_bottle.spawn(show, env={"PYTHONUNBUFFERED": ""}).wait(timeout=30).stdout == "\n"
+    assert module_bottle.exec(show).stdout == "None\n"
+
+
 def test_an_exception_in_on_output_kills_the_command(module_bottle: Bottle) -> None:
     def stop(stream: str, text: str) -> None:
         if "ready" in text:
