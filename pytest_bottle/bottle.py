@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .agent.channel import AgentChannel
 from .agent.client import AgentClient
 from .agent.streams import OnOutput
-from .agent.transfer import fetch, read_all, send_tree
+from .agent.transfer import fetch, put, read_all
 from .arguments import GuestPath, check_env, check_mode, check_port, check_timeout, guest_path, raw_path
 from .errors import BottleError, ExecTimeout, WaitTimeout
 from .process import CommandHistory, GuestProcess, ProcessEntry
@@ -256,19 +255,9 @@ class Bottle:
         ``timeout`` seconds.
         """
         check_timeout(timeout)
-        src_path = Path(src)
         raw = raw_path(dst)
-        dst = guest_path(dst) + ("/" if isinstance(raw, str) and raw.endswith("/") and raw != "/" else "")
-        st = src_path.stat()  # FileNotFoundError for a missing source, before anything is sent
-        if stat.S_ISDIR(st.st_mode):
-            with self._agent.deadline(timeout):
-                send_tree(self._agent, src_path, dst.rstrip("/") or "/")
-            return
-        if dst.endswith("/"):
-            dst += src_path.name
-        with open(src_path, "rb") as f:
-            # Like cp: onto an existing directory, the file goes inside it.
-            self._agent.write(dst, f, mode=stat.S_IMODE(st.st_mode), into_dir=src_path.name, timeout=timeout)
+        into = isinstance(raw, str) and raw.endswith("/") and raw != "/"
+        put(self._agent, Path(src), guest_path(dst) + ("/" if into else ""), timeout)
 
     def get(self, src: GuestPath, dst: PathLike, *, timeout: float | None = FILE_TIMEOUT) -> None:
         """Copy a guest file or directory to local ``dst``: files, directories and

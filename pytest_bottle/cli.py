@@ -164,12 +164,15 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+# "What nothing used lately" (DESIGN): a derived image rebuilds on its next use.
+DERIVED_UNUSED_DAYS = 7.0
+
+
 def cmd_image_prune(args: argparse.Namespace) -> int:
     cache = args.cache_dir
     sizes = {i.path: tree_size(i.path) for i in list_images(cache)}
     rows = [(p, sizes.get(p, 0), "image of an old recipe") for p in prune_images(cache)]
-    if args.older_than is not None:
-        rows += prune_derived(cache, args.older_than)
+    rows += prune_derived(cache, args.older_than)
     current = {i.name: i for i in list_images(cache)}  # what is left is current
     layers = {d.key: d for d in list_derived(cache)}
     for seed in list_seeds(cache):  # seeds of derived images still cached are current too
@@ -284,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune_help = "remove old images, stale seeds and old failed-build logs; print what was freed"
     pr = image.add_parser("prune", help=prune_help)
     pr.add_argument(
-        "--older-than", type=float, metavar="DAYS", help="also remove derived images (and their seeds) unused for DAYS"
+        "--older-than",
+        type=float,
+        metavar="DAYS",
+        default=DERIVED_UNUSED_DAYS,
+        help=f"remove derived images (and their seeds) unused for DAYS (default {DERIVED_UNUSED_DAYS:g})",
     )
     pr.set_defaults(fn=cmd_image_prune)
     r = image.add_parser("rm", help="remove an image and its seeds from the cache")

@@ -208,7 +208,7 @@ def test_guest_permission_errors(module_bottle: Bottle) -> None:
     try:
         with pytest.raises(GuestPermissionError) as info:
             module_bottle.write_text(f"{d}/new.txt", "x")
-        assert info.value.errno == errno.EPERM
+        assert info.value.errno == errno.EPERM and info.value.filename == f"{d}/new.txt"  # not our temporary
     finally:
         module_bottle.exec(["chattr", "-i", d], check=True)
     assert module_bottle.check_output(["ls", "-A", d]) == ""  # no half-written file

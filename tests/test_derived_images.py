@@ -50,8 +50,17 @@ def web_built(web: Image, warm_cache: Path) -> BuiltImage:
 
 
 @pytest.fixture(scope="module")
-def child(web: Image) -> Image:
-    return Image(web).write("/etc/child", b"child\n").run("echo derived > /etc/derived-marker")  # a layer on web
+def child(web: Image, site: Path, tmp_path_factory: pytest.TempPathFactory) -> Image:
+    private = tmp_path_factory.mktemp("private")
+    (private / "key").write_text("k\n")
+    private.chmod(0o700)
+    return (  # a layer on web; its copies follow put()'s rules
+        Image(web)
+        .write("/etc/child", b"child\n")
+        .run("echo derived > /etc/derived-marker")
+        .copy(site / "index.html", "/opt/drop/")  # a trailing /: inside that directory, made for it
+        .copy(private, "/opt/private")  # a directory the copy makes takes the source's mode
+    )
 
 
 def test_a_bottle_of_a_derived_image_has_its_package_running(
@@ -81,6 +90,7 @@ def test_write_and_copy_land_with_their_modes(web: Image, web_built: BuiltImage)
 def test_the_layer_rests_on_the_parent_and_is_small(web_built: BuiltImage) -> None:
     assert web_built.disk_format == "qcow2" and web_built.disk.name == "disk.qcow2"
     assert web_built.root is not None and web_built.kernel == web_built.root.kernel
+    assert web_built.rootfs == web_built.root.rootfs and web_built.rootfs.is_file()  # the base's, under the layer
     assert web_built.manifest["parent"] == "debian-bookworm"
     assert web_built.manifest["steps"][0] == "apt-get install nginx-light"
     assert web_built.disk.stat().st_blocks * 512 < web_built.root.rootfs.stat().st_blocks * 512 / 2
@@ -92,6 +102,8 @@ def test_a_derived_image_of_a_derived_image(child: Image, web_built: BuiltImage,
     assert built.manifest["chain"][:2] == [child.key, web_built.key]
     with pytest_bottle.launch(image=child) as b:
         assert b.check_output("cat /etc/child /etc/derived-marker") == "child\nderived\n"
+        assert "hello from a derived image" in b.read_text("/opt/drop/index.html")
+        assert b.check_output("stat -c %a /opt/drop /opt/private; cat /opt/private/key") == "755\n700\nk\n"
         assert b.check_output("systemctl is-active nginx").strip() == "active"
 
 

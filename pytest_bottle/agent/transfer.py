@@ -38,6 +38,21 @@ REFUSAL_GRACE = 10.0
 Agent = AgentClient | AgentChannel  # tools and tests may hold a bare channel
 
 
+def put(agent: AgentClient, src: Path, dst: str, timeout: float | None) -> None:
+    """``Bottle.put`` and ``Image.copy``: local file or directory ``src`` to
+    guest ``dst`` (absolute; a trailing ``/`` means inside that directory)."""
+    st = src.stat()  # FileNotFoundError for a missing source, before anything is sent
+    if stat.S_ISDIR(st.st_mode):
+        with agent.deadline(timeout):  # dst and its parents are made as the tar stream says
+            send_tree(agent, src, dst.rstrip("/") or "/")
+        return
+    if dst.endswith("/"):
+        dst += src.name
+    with open(src, "rb") as f:
+        # Like cp: onto an existing directory, the file goes inside it.
+        agent.write(dst, f, mode=stat.S_IMODE(st.st_mode), into_dir=src.name, timeout=timeout)
+
+
 def send_tree(agent: Agent, src: Path, dst: str) -> None:
     """Copy the contents of local directory ``src`` into guest directory ``dst``."""
     client = AgentClient.of(agent)

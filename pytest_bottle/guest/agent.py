@@ -294,9 +294,11 @@ class Agent(terminal.ProcessOps, system.SystemOps):
                 if old is not None:
                     os.fchown(f.fileno(), old.st_uid, old.st_gid)
             os.replace(tmp, path)
-        except BaseException:  # data still coming stops at the reply
+        except BaseException as e:  # data still coming stops at the reply
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(e, OSError) and e.filename == tmp:
+                e.filename = call["path"]  # the caller's path, not our temporary beside it
             raise
         return {"size": os.path.getsize(path), "path": path}
 

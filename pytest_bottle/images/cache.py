@@ -59,12 +59,13 @@ class BuiltImage:
 
     @property
     def rootfs(self) -> Path:
-        return self.path / "rootfs.ext4"
+        """The raw root file system: a derived image's is its base's, under its layers (``disk``)."""
+        return self.root.rootfs if self.root is not None else self.path / "rootfs.ext4"
 
     @property
     def disk(self) -> Path:
         """What a machine of this image boots on (under its own overlay)."""
-        return self.path / "disk.qcow2" if self.root is not None else self.rootfs
+        return self.path / "disk.qcow2" if self.root is not None else self.path / "rootfs.ext4"
 
     @property
     def disk_format(self) -> DiskFormat:

@@ -44,7 +44,8 @@ from ..errors import ImageNotFound, SpecError
 from .recipes import RECIPES
 
 # Bump when the derived builder's output changes for the same steps.
-DERIVED_VERSION = 1
+# 2: .copy as Bottle.put does it (a trailing / means inside; a directory it makes takes src's mode)
+DERIVED_VERSION = 2
 
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")

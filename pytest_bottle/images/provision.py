@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import shlex
-import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from typing import IO
 
 from ..agent.client import AgentClient
 from ..agent.handshake import Handshake, NicSetup
-from ..agent.transfer import send_tree
+from ..agent.transfer import put
 from ..errors import BottleError, ImageBuildError
 from ..host.deps import which
 from ..lifecycle.boot import start_machine
@@ -172,15 +171,9 @@ def _step(agent: AgentClient, step: Step, logf: IO[str]) -> None:
 
 
 def _copy(agent: AgentClient, step: Copy, logf: IO[str]) -> None:
-    st = step.src.stat()
-    if stat.S_ISDIR(st.st_mode):
-        _shell(agent, f"mkdir -p {shlex.quote(step.dst)}", logf, "mkdir", 60)
-        with agent.deadline(STEP_TIMEOUT):
-            send_tree(agent, step.src, step.dst)
-        return
-    _mkdir_parent(agent, step.dst, logf)
-    with open(step.src, "rb") as f:
-        agent.write(step.dst, f, mode=stat.S_IMODE(st.st_mode), into_dir=step.src.name, timeout=STEP_TIMEOUT)
+    """As ``Bottle.put`` does it, trailing ``/`` and the mode of a directory it makes included."""
+    logf.write(f"copy {step.src} -> {step.dst}\n")
+    put(agent, step.src, step.dst, STEP_TIMEOUT)
 
 
 def _mkdir_parent(agent: AgentClient, path: str, logf: IO[str]) -> None:

@@ -48,6 +48,12 @@ def test_the_cli_lists_and_prunes_derived_images(tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "images" / "derived-dddd").exists()
 
 
+def test_prune_alone_removes_what_nothing_used_for_a_week(tmp_path: Path) -> None:
+    recent, old = _entry(tmp_path, "1111", ["1111", "base"], 6), _entry(tmp_path, "2222", ["2222", "base"], 8)
+    assert main(["--cache-dir", str(tmp_path), "image", "prune"]) == 0
+    assert recent.is_dir() and not old.exists()
+
+
 def test_rm_takes_a_derived_name_or_key_and_removes_what_rests_on_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
