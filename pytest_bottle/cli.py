@@ -341,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fn is not cmd_run:  # progress goes with the stage lines on stdout; run's stdout is the guest's
         progress.install(progress.Reporter(progress.cli_sink))
     try:
-        return int(args.fn(args))
+        rc = int(args.fn(args))
+        sys.stdout.flush()  # a short listing sits in the buffer: a closed pipe shows here, not at exit
+        return rc
     except BottleError as e:
         print(f"bottle: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -235,7 +235,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def _getini(config: pytest.Config, name: str) -> Any:
     try:
         return config.getini(name)
-    except pytest.UsageError as e:  # a bad bool: pytest's words name neither the setting nor the file
+    # A bad bool (a ValueError before pytest 9.2): pytest's words name neither the setting nor the file.
+    except (pytest.UsageError, ValueError) as e:
         raise InvalidBottleArgument(f"bad {name}: {e}", "ini file") from None
 
 

@@ -40,7 +40,8 @@ def run_and_print(b: Bottle, command: list[str], timeout: float | None) -> int:
     except ExecTimeout as e:  # what it printed before the kill still goes out
         sys.stdout.write(e.stdout)
         sys.stdout.flush()
-        sys.stderr.write(f"{e.stderr}bottle: ExecTimeout: {e}\n")
+        gap = "" if not e.stderr or e.stderr.endswith("\n") else "\n"
+        sys.stderr.write(f"{e.stderr}{gap}bottle: ExecTimeout: {e}\n")
         return TIMED_OUT
     sys.stdout.buffer.write(r.stdout_bytes)
     sys.stdout.flush()

@@ -31,7 +31,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     given = getattr(config, "workerinput", {}).get("suite_seed")  # an xdist worker: the controller's
-    config.stash[SEED] = given or config.getoption("suite_seed") or random.randrange(1, 1_000_000)
+    seed = given if given is not None else config.getoption("suite_seed")
+    config.stash[SEED] = seed if seed is not None else random.randrange(1, 1_000_000)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -46,6 +47,7 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"suite order: shuffled, --suite-seed={config.stash[SEED]} replays it"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest groups the tests by their session fixture's parameter (the image)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules in a random order, and in each the classes and the tests; a
     module's (or class's) tests stay together, so its fixtures are set up once."""

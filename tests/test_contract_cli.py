@@ -156,7 +156,10 @@ WITH_RECIPE = (
 def test_a_reader_that_stops_early_gets_no_traceback() -> None:
     # `true` has gone before the CLI writes: its first write meets a closed pipe.
     line = f"{shlex.quote(sys.executable)} -m pytest_bottle.cli --cache-dir={shlex.quote(str(CACHE))} image list"
-    r = subprocess.run(["bash", "-c", f"{line} | true; echo rc=${{PIPESTATUS[0]}} >&2"], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered: the write comes at the end
+    r = subprocess.run(
+        ["bash", "-c", f"{line} | true; echo rc=${{PIPESTATUS[0]}} >&2"], capture_output=True, text=True, env=env
+    )
     assert r.stderr.strip().splitlines() == ["rc=141"], r.stderr  # 128 + SIGPIPE, and nothing else said
 
 

@@ -59,7 +59,7 @@ def child(web: Image, site: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         .write("/etc/child", b"child\n")
         .run("echo derived > /etc/derived-marker")
         .copy(site / "index.html", "/opt/drop/")  # a trailing /: inside that directory, made for it
-        .copy(private, "/opt/private")  # a directory the copy makes takes the source's mode
+        .copy(private, "/opt/private")  # a directory the copy makes is 0755, whatever the source's mode
     )
 
 
@@ -103,7 +103,7 @@ def test_a_derived_image_of_a_derived_image(child: Image, web_built: BuiltImage,
     with pytest_bottle.launch(image=child) as b:
         assert b.check_output("cat /etc/child /etc/derived-marker") == "child\nderived\n"
         assert "hello from a derived image" in b.read_text("/opt/drop/index.html")
-        assert b.check_output("stat -c %a /opt/drop /opt/private; cat /opt/private/key") == "755\n700\nk\n"
+        assert b.check_output("stat -c %a /opt/drop /opt/private; cat /opt/private/key") == "755\n755\nk\n"
         assert b.check_output("systemctl is-active nginx").strip() == "active"
 
 

@@ -277,8 +277,10 @@ class Agent(terminal.ProcessOps, system.SystemOps):
         """Write a file atomically; a file it replaces keeps its mode and owner
         unless a mode is given; ``into_dir`` names the file if ``path`` is a directory."""
         path = os.path.realpath(call["path"])  # through a symlink, like a shell redirect
+        shown = call["path"]  # what an error names: the caller's path, not our temporary
         if call.get("into_dir") and os.path.isdir(path):
             path = os.path.join(path, call["into_dir"])
+            shown = os.path.join(shown, call["into_dir"])
         tmp = f"{path}.bottle-{rid}.tmp"
         try:
             os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
@@ -298,7 +300,7 @@ class Agent(terminal.ProcessOps, system.SystemOps):
             if os.path.exists(tmp):
                 os.unlink(tmp)
             if isinstance(e, OSError) and e.filename == tmp:
-                e.filename = call["path"]  # the caller's path, not our temporary beside it
+                e.filename = shown
             raise
         return {"size": os.path.getsize(path), "path": path}
 

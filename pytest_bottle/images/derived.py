@@ -25,7 +25,7 @@ from ..host.locks import reporting_lock
 from ..host.paths import cache_root, tree_size
 from ..host.progress import task
 from ..store import entries
-from ..store.gc import remove_seeds
+from ..store.gc import remove_seeds, seeds_under_snapshots
 from ..store.saved import list_seeds
 from . import builder
 from .cache import BuiltImage, ensure_image, images_dir, keep_failed_log, lock_path
@@ -186,10 +186,13 @@ def list_derived(cache_dir: Path) -> list[DerivedEntry]:
 
 def prune_derived(cache_dir: Path, older_than_days: float = 0.0) -> list[tuple[Path, int, str]]:
     """Remove derived images not used for ``older_than_days`` (with their
-    seeds), unless a kept derived image rests on them; returns what went."""
+    seeds), unless a kept derived image or a snapshot in the cache rests on
+    them; returns what went."""
     found = list_derived(cache_dir)
     cutoff = time.time() - older_than_days * 86400
     keep = {e.key for e in found if e.last_used >= cutoff}
+    held = set(seeds_under_snapshots(cache_dir))  # a snapshot's fork needs its seed, and that its image
+    keep |= {str(s.manifest["key_parts"].get("image_key")) for s in list_seeds(cache_dir) if s.path in held}
     for e in found:  # what a kept layer rests on stays too
         if e.key in keep:
             keep.update(str(k) for k in e.manifest.get("chain", []))

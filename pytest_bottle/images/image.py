@@ -44,7 +44,7 @@ from ..errors import ImageNotFound, SpecError
 from .recipes import RECIPES
 
 # Bump when the derived builder's output changes for the same steps.
-# 2: .copy as Bottle.put does it (a trailing / means inside; a directory it makes takes src's mode)
+# 2: .copy of a file to a dst ending in / puts it inside that directory, as Bottle.put does
 DERIVED_VERSION = 2
 
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")

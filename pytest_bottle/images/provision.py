@@ -171,7 +171,11 @@ def _step(agent: AgentClient, step: Step, logf: IO[str]) -> None:
 
 
 def _copy(agent: AgentClient, step: Copy, logf: IO[str]) -> None:
-    """As ``Bottle.put`` does it, trailing ``/`` and the mode of a directory it makes included."""
+    """As ``Bottle.put`` does it (a trailing ``/`` means inside), except that a
+    directory ``dst`` it makes is 0755: a source in a 0700 temporary
+    directory must not make ``/srv/site`` unreadable to a service's user."""
+    if step.src.is_dir():
+        _shell(agent, f"mkdir -p {shlex.quote(step.dst)}", logf, "mkdir", 60)
     logf.write(f"copy {step.src} -> {step.dst}\n")
     put(agent, step.src, step.dst, STEP_TIMEOUT)
 

@@ -54,6 +54,27 @@ def test_prune_alone_removes_what_nothing_used_for_a_week(tmp_path: Path) -> Non
     assert recent.is_dir() and not old.exists()
 
 
+def test_prune_keeps_a_derived_image_that_a_saved_snapshot_rests_on(tmp_path: Path) -> None:
+    held = _entry(tmp_path, "3333", ["3333", "aaaa", "base"], 30)
+    under = _entry(tmp_path, "aaaa", ["aaaa", "base"], 30)  # what the held one rests on
+    free = _entry(tmp_path, "4444", ["4444", "base"], 30)
+    seeds = {}
+    for key in ("3333", "4444"):
+        seeds[key] = seed = tmp_path / "seeds" / f"debian-bookworm+{key}-512m1c1n-x"
+        seed.mkdir(parents=True)
+        parts = {"image": f"debian-bookworm+{key}", "image_key": key, "seed_version": 0}
+        (seed / "manifest.json").write_text(json.dumps({"files": {}, "key_parts": parts, "created": 1.0}))
+    snap = tmp_path / "snapshots" / "kept"
+    snap.mkdir(parents=True)
+    rests = {"parent": os.path.relpath(seeds["3333"], snap), "parent_created": 1.0}
+    (snap / "manifest.json").write_text(
+        json.dumps({"kind": "snapshot", "files": {}, "key_parts": {}, "rests_on": rests, "created": 1.0})
+    )
+    assert main(["--cache-dir", str(tmp_path), "image", "prune"]) == 0
+    assert held.is_dir() and under.is_dir() and seeds["3333"].is_dir()  # the snapshot still forks
+    assert not free.exists() and not seeds["4444"].exists()
+
+
 def test_rm_takes_a_derived_name_or_key_and_removes_what_rests_on_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

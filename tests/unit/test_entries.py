@@ -94,8 +94,7 @@ def _page_flags_readable(where: Path) -> bool:
     return os.geteuid() == 0 and os.access("/proc/kpageflags", os.R_OK) and fs not in ("tmpfs", "ramfs")
 
 
-@pytest.mark.parametrize("durable", [True, False])
-def test_a_durable_commit_is_on_disk_before_it_is_published(tmp_path: Path, durable: bool) -> None:
+def test_a_durable_commit_is_on_disk_before_it_is_published(tmp_path: Path) -> None:
     if not _page_flags_readable(tmp_path):
         pytest.skip("page flags need root and a disk-backed file system")
     final = tmp_path / "seeds" / "deb-abc"
@@ -103,10 +102,10 @@ def test_a_durable_commit_is_on_disk_before_it_is_published(tmp_path: Path, dura
     with entries.building(final) as tmp:
         (tmp / "sub").mkdir()
         (tmp / "sub" / "memory.ram").write_bytes(os.urandom(4 << 20))
-        assert _dirty_pages(tmp / "sub" / "memory.ram") > 0  # written, in the page cache only
-        entries.commit(tmp, final, durable=durable)
-    left = _dirty_pages(final / "sub" / "memory.ram")
-    assert (left == 0) if durable else (left > 0)  # a session's own entry does not wait for the disk
+        if _dirty_pages(tmp / "sub" / "memory.ram") == 0:  # the kernel wrote it back by itself already
+            pytest.skip("nothing left to flush: the test would prove nothing")
+        entries.commit(tmp, final)
+    assert _dirty_pages(final / "sub" / "memory.ram") == 0
 
 
 def test_a_failed_build_leaves_the_old_entry_and_no_tmp(tmp_path: Path) -> None:
