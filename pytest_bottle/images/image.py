@@ -39,7 +39,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from ..arguments import GuestPath, raw_path
+from ..arguments import GuestPath, guest_path, raw_path
 from ..errors import ImageNotFound, SpecError
 from .recipes import RECIPES
 
@@ -277,11 +277,10 @@ def lookup(name: str) -> str | Image:
     raise ImageNotFound(name, known_names())
 
 
-def _guest_path(path: object, what: str) -> str:
-    raw = raw_path(path)  # a PurePosixPath as its str
-    if not isinstance(raw, str) or not raw.startswith("/") or "\0" in raw:
-        raise SpecError(f"{what}(): the guest path must be absolute (a str or a path object), not {path!r}")
-    return raw
+def _guest_path(path: GuestPath, what: str) -> str:
+    """``arguments.guest_path``'s check, but as given: ``.copy``'s trailing ``/`` means inside."""
+    guest_path(path, f"{what}(): the guest path")
+    return str(raw_path(path))
 
 
 def _caller_dir() -> Path:
