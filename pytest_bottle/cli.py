@@ -316,10 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--snapshot", metavar="NAME", default=None, help="run in a fork of this snapshot (bottle snapshot list)"
     )
-    run.add_argument("command", nargs=argparse.REMAINDER)
+    run.add_argument("command", nargs=argparse.REMAINDER, help="[--] CMD ...: the command and its arguments")
     run.set_defaults(fn=cmd_run)
 
-    sh = sub.add_parser("shell", help="an interactive shell (a terminal in the guest) in a kept bottle or a snapshot")
+    sh = sub.add_parser(
+        "shell",
+        help="an interactive shell (a terminal in the guest) in a kept bottle or a snapshot",
+        usage="%(prog)s [-h] name [-- CMD ...]",  # argparse would show the optional command as a required "..."
+    )
     sh.add_argument("name", help="a kept bottle (bottle ps) or a saved snapshot (bottle snapshot list)")
     sh.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... instead of root's login shell")
     sh.set_defaults(fn=cmd_shell)

@@ -163,6 +163,15 @@ def test_a_reader_that_stops_early_gets_no_traceback() -> None:
     assert r.stderr.strip().splitlines() == ["rc=141"], r.stderr  # 128 + SIGPIPE, and nothing else said
 
 
+def test_shell_usage_shows_the_command_as_optional() -> None:
+    r = cli("shell", "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "usage: bottle shell [-h] name [-- CMD ...]"
+    missing = cli("shell")  # the name is what is required
+    assert missing.returncode == 2
+    assert "the following arguments are required: name" in missing.stderr, missing.stderr
+
+
 def test_image_build_rebuild_builds_again(private_cache: Path) -> None:
     recipe: Recipe = eval(OFFLINE)
     entry = private_cache / "images" / f"{recipe.name}-{recipe.key()}"
