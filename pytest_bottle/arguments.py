@@ -15,7 +15,8 @@ GuestPath = Union[str, "os.PathLike[str]"]
 
 
 def check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not 0 < timeout < 1e9:  # also rejects inf and nan
+    number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+    if timeout is not None and not (number and 0 < timeout < 1e9):  # also rejects inf and nan
         raise SpecError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
 
 

@@ -82,6 +82,7 @@ class Bottle:
         self._announce_lock = threading.Lock()
         self.kept = False
         self._closed = False
+        self._console_at_close: str | None = None
         self._close_lock = threading.Lock()
         self.history: collections.deque[tuple[str, int | None, float]] = CommandHistory()
 
@@ -106,7 +107,9 @@ class Bottle:
 
     @property
     def console_log(self) -> str:
-        """The serial console output so far."""
+        """The serial console output so far (after ``close()``: as it was then)."""
+        if self._console_at_close is not None:
+            return self._console_at_close
         try:
             return self._machine.console_log.read_text(errors="replace").replace("\r", "")
         except OSError:
@@ -235,6 +238,8 @@ class Bottle:
         *,
         timeout: float | None = FILE_TIMEOUT,
     ) -> None:
+        if not isinstance(text, str):
+            raise TypeError(f"write_text takes a str, not {type(text).__name__} (write_bytes takes bytes)")
         self.write_bytes(path, text.encode(encoding), mode, timeout=timeout)
 
     def read_bytes(self, path: GuestPath, *, timeout: float | None = FILE_TIMEOUT) -> bytes:
@@ -328,6 +333,8 @@ class Bottle:
             if self._closed:
                 return
             self._closed = True
+        self._console_at_close = self.console_log  # the run dir, and the log in it, go now
+        self._channel.closing = f"bottle {self.name} was closed"
         self._resources.close()
 
     def keep(self) -> None:
@@ -384,4 +391,5 @@ class Bottle:
 
 
 def _show(cmd: Command) -> str:
-    return cmd if isinstance(cmd, str) else " ".join(map(str, cmd))
+    argv = to_argv(cmd)  # bytes as the command runs them
+    return argv[2] if isinstance(cmd, (str, bytes, bytearray)) else " ".join(argv)

@@ -13,12 +13,21 @@ Command = Union[str, Sequence[str]]
 
 def to_argv(cmd: Command) -> list[str]:
     """A str runs through ``/bin/sh -c``; a sequence is the argv itself."""
+    if isinstance(cmd, (bytes, bytearray)):  # as subprocess takes them, not a sequence of ints
+        cmd = _text(cmd)
     if isinstance(cmd, str):
         return ["/bin/sh", "-c", cmd]
-    argv = [str(a) for a in cmd]
+    argv = [_text(a) if isinstance(a, (bytes, bytearray)) else str(a) for a in cmd]
     if not argv:
         raise ValueError("empty command")
     return argv
+
+
+def _text(raw: bytes | bytearray) -> str:
+    try:
+        return bytes(raw).decode()
+    except UnicodeDecodeError:
+        raise TypeError(f"a command given as bytes must be UTF-8: {bytes(raw)!r}") from None
 
 
 @dataclass(frozen=True)

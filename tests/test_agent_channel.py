@@ -13,10 +13,11 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from pytest_bottle import AgentError, AgentTimeout, Bottle, SpecError, UnsafeTransfer
+from pytest_bottle import AgentError, AgentTimeout, Bottle, OutputLimit, SpecError, UnsafeTransfer
 from pytest_bottle import bottle as bottle_mod
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.guest.frames import (
@@ -397,6 +398,28 @@ def test_file_calls_time_out_and_the_bottle_goes_on(bottle: Bottle, tmp_path: ob
     bottle.write_bytes("/tmp/x", b"1", timeout=30)
     bottle.write_text("/tmp/y", "2", timeout=None)
     assert bottle.read_text("/tmp/x", timeout=30) + bottle.read_text("/tmp/y") == "12"
+
+
+def test_a_timed_out_upload_leaves_no_partial_file_in_the_guest(bottle: Bottle, tmp_path: Path) -> None:
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "big.bin").write_bytes(os.urandom(48 << 20))  # far more than 0.5 s of upload
+    with pytest.raises(AgentTimeout):
+        bottle.put(tmp_path / "tree", "/tmp/pd", timeout=0.5)
+    # The guest drops what it wrote once it hears the call is over (the temporary big.bin's part).
+    bottle.wait_until_succeeds('test -z "$(find /tmp/pd -type f)"', 15)
+    with pytest.raises(AgentTimeout):
+        bottle.put(tmp_path / "tree" / "big.bin", "/tmp/pf", timeout=0.5)
+    bottle.wait_until_succeeds("test -z \"$(ls -A /tmp | grep '^pf')\"", 15)
+    assert bottle.exec("echo still").stdout == "still\n"
+
+
+def test_a_file_over_the_read_cap_is_refused_before_it_is_sent(bottle: Bottle) -> None:
+    bottle.exec(f"truncate -s {bottle_mod.READ_CAP + 1} /tmp/over-cap", check=True)
+    started = time.monotonic()
+    with pytest.raises(OutputLimit, match="larger than .* use get"):
+        bottle.read_bytes("/tmp/over-cap")
+    assert time.monotonic() - started < 10  # streaming 1 GiB would take a minute here
+    assert bottle.exec("echo still").stdout == "still\n"
 
 
 def test_concurrent_calls_share_the_channel_fairly(bottle: Bottle) -> None:

@@ -12,6 +12,7 @@ import pickle
 import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import psutil
@@ -137,6 +138,36 @@ def test_missing_cwd_is_exit_code_2_with_a_message(module_bottle: Bottle) -> Non
     assert r.returncode == 2 and "/no/such/dir" in r.stderr
 
 
+def test_a_user_enters_cwd_with_its_own_rights(module_bottle: Bottle) -> None:
+    b = module_bottle
+    d = _scratch(b)
+    b.exec(f"mkdir {d}/closed {d}/open && chmod 700 {d}/closed && chmod 755 {d}/open", check=True)
+    for run in (b.exec, lambda *a, **kw: b.spawn(*a, **kw).wait(timeout=30)):
+        r = run(["pwd"], cwd=f"{d}/closed", user="nobody")
+        assert (r.returncode, r.stdout) == (2, "")
+        assert f"cannot change directory to {d}/closed: Permission denied" in r.stderr
+        assert run(["pwd"], cwd=f"{d}/open", user="nobody").stdout == f"{d}/open\n"
+    assert b.check_output(["pwd"], cwd=f"{d}/closed") == f"{d}/closed\n"  # root may
+    # A home the user may not enter is skipped, as login does: the command starts in /.
+    b.exec(
+        "id shut >/dev/null 2>&1 || useradd --create-home shut; chmod 700 /home/shut; chown root /home/shut", check=True
+    )
+    assert b.check_output('pwd; echo "$HOME"', user="shut").splitlines() == ["/", "/home/shut"]
+
+
+def test_commands_given_as_bytes_run_as_their_text(module_bottle: Bottle) -> None:
+    b = module_bottle
+    assert b.check_output(b"echo hi | tr h H") == "Hi\n"  # type: ignore[arg-type]
+    assert b.check_output([b"printf", "%s-%s", bytearray(b"\xc3\xa9"), 3]) == "\u00e9-3"  # type: ignore[list-item]
+    assert b.history[-1][0] == "printf %s-%s \u00e9 3"
+    with pytest.raises(TypeError, match="UTF-8"):
+        b.exec([b"echo", b"\xff"])  # type: ignore[list-item]
+    with pytest.raises(SpecError, match="timeout"):
+        b.exec("true", timeout="5")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="write_bytes"):
+        b.write_text(f"{_scratch(b)}/f", b"x")  # type: ignore[arg-type]
+
+
 def test_not_executable_is_126(module_bottle: Bottle) -> None:
     d = _scratch(module_bottle)
     module_bottle.write_text(f"{d}/script", "#!/bin/sh\necho ran\n", mode=0o644)
@@ -226,6 +257,38 @@ def test_guest_is_a_directory_errors(module_bottle: Bottle) -> None:
     assert module_bottle.exec(["test", "-d", d]).ok
     parent, base = d.rsplit("/", 1)
     assert base + "\n" == module_bottle.check_output(f"ls -A {parent} | grep -F {base}")  # no temp file beside it
+
+
+def test_kernel_files_and_devices_are_written_in_place(module_bottle: Bottle) -> None:
+    b = module_bottle
+    old = b.read_text("/proc/sys/vm/swappiness")
+    try:
+        b.write_text("/proc/sys/vm/swappiness", "17\n")
+        assert b.read_text("/proc/sys/vm/swappiness") == "17\n"
+    finally:
+        b.write_text("/proc/sys/vm/swappiness", old)
+    b.write_bytes("/dev/null", b"x" * 300_000)  # a device, not replaced by a file
+    assert b.check_output(["stat", "-c", "%F", "/dev/null"]) == "character special file\n"
+    with pytest.raises(GuestOSError) as info:  # no such kernel file: nothing is created
+        b.write_text("/proc/sys/vm/no_such_knob", "1")
+    assert info.value.errno == errno.ENOENT
+
+
+def test_a_file_where_a_parent_directory_must_be_is_enotdir(module_bottle: Bottle, tmp_path: Path) -> None:
+    d = _scratch(module_bottle)
+    module_bottle.write_text(f"{d}/file", "x")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "src").write_text("y")
+    writes: list[Callable[[], object]] = [
+        lambda: module_bottle.write_text(f"{d}/file/inner", "x"),
+        lambda: module_bottle.put(tmp_path / "tree" / "src", f"{d}/file/inner"),
+        lambda: module_bottle.put(tmp_path / "tree", f"{d}/file/dir"),
+    ]
+    for write in writes:
+        with pytest.raises(GuestOSError) as info:
+            write()
+        assert info.value.errno == errno.ENOTDIR and str(info.value.filename).startswith(f"{d}/file"), info.value
+    assert module_bottle.read_text(f"{d}/file") == "x"
 
 
 def test_write_bytes_takes_any_buffer_and_refuses_text_before_sending(module_bottle: Bottle) -> None:

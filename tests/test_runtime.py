@@ -229,11 +229,15 @@ def test_close_is_idempotent_and_leaves_nothing(bottle: Bottle) -> None:
     pid = bottle.pid
     run_dir = bottle.console_log_path.parent
     assert run_dir.is_dir() and psutil.pid_exists(pid)
+    bottle.exec("echo console-mark >/dev/console", check=True)
     bottle.close()
     bottle.close()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not run_dir.exists()
     assert bottle.closed
+    assert "Linux version" in bottle.console_log and "console-mark" in bottle.console_log  # kept as it was
+    with pytest.raises(AgentError, match=f"bottle {bottle.name} was closed"):
+        bottle.exec("true")
 
 
 def test_invalid_arguments_fail_before_anything_boots(tmp_path: Path) -> None:

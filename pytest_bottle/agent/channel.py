@@ -62,6 +62,7 @@ class AgentChannel:
         self.synced = threading.Event()
         self.closed = threading.Event()
         self.death = ""
+        self.closing = ""  # why the host is closing it, set before it does: the death users read
         self.broken = ""
         self.instance: bytes | None = None
         self.restarts = 0
@@ -122,7 +123,7 @@ class AgentChannel:
                 else:
                     self._dispatch(kind, rid, payload)
         except (EOFError, OSError) as e:
-            self.death = "the VM closed the agent channel" if isinstance(e, EOFError) else str(e)
+            self.death = self.closing or ("the VM closed the agent channel" if isinstance(e, EOFError) else str(e))
         except Exception as e:  # a broken frame: the channel cannot be trusted any more
             self.death = f"protocol error: {type(e).__name__}: {e}"
             log.debug("agent channel %s: %s", self.name, self.death)
@@ -312,6 +313,10 @@ class AgentChannel:
                     self.send_data_frame(rid, chunk, deadline)
         except CallOver:
             return
+        except AgentTimeout:
+            if not self.broken:  # the agent is alive and waits for more: it must drop what it wrote
+                self.cancel(rid)
+            raise
         except AgentError:
             raise
         except BaseException:

@@ -11,6 +11,7 @@ notice (its liveness pings and the caller's deadline), as for any call.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import posixpath
@@ -21,7 +22,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import AgentError, BottleError, OutputLimit, UnsafeTransfer
+from ..errors import AgentError, BottleError, GuestOSError, OutputLimit, UnsafeTransfer
 from ..guest import untar
 from ..guest.frames import DATA, EOF, FrameWriter
 from .calls import Call
@@ -307,5 +308,10 @@ def read_all(agent: Agent, path: str, cap: int, timeout: float | None) -> bytes:
                 raise OutputLimit(f"{path} in {client.name} is larger than {cap} bytes: use get()")
             parts.append(data)
 
-    client.read(path, sink, timeout=timeout)
+    try:
+        client.read(path, sink, timeout=timeout, limit=cap)
+    except GuestOSError as e:
+        if e.errno == errno.EFBIG:  # its size said so before a byte was sent
+            raise OutputLimit(f"{path} in {client.name} is larger than {cap} bytes: use get()") from None
+        raise
     return b"".join(parts)

@@ -281,9 +281,14 @@ class Agent(terminal.ProcessOps, system.SystemOps):
         if call.get("into_dir") and os.path.isdir(path):
             path = os.path.join(path, call["into_dir"])
             shown = os.path.join(shown, call["into_dir"])
+        if _in_place(path):
+            with open(path, "wb", buffering=0) as f:
+                for chunk in inbox.chunks():
+                    f.write(chunk)
+            return {"size": os.path.getsize(path), "path": path}
         tmp = f"{path}.bottle-{rid}.tmp"
         try:
-            os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+            _makedirs(os.path.dirname(path) or "/")
             old = os.stat(path) if os.path.isfile(path) else None
             with open(tmp, "wb") as f:
                 for chunk in inbox.chunks():
@@ -307,6 +312,9 @@ class Agent(terminal.ProcessOps, system.SystemOps):
     def op_read(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         size = 0
         with open(call["path"], "rb") as f:
+            limit = call.get("limit")  # a file known to be larger is refused before it is sent
+            if isinstance(limit, int) and os.fstat(f.fileno()).st_size > limit:
+                raise OSError(errno.EFBIG, "File too large", call["path"])
             while chunk := f.read(frames.CHUNK):
                 size += len(chunk)
                 self.emit(rid, frames.DATA, chunk)
@@ -329,7 +337,7 @@ class Agent(terminal.ProcessOps, system.SystemOps):
 
         dst = call["path"]
         made = not os.path.isdir(dst)  # only a directory made here takes the archive root's mode
-        os.makedirs(dst, exist_ok=True)
+        _makedirs(dst)
         stream = frames.InboxReader(inbox)
         try:
             untar.extract(stream.read, dst, untar.PUT, own_root=made)
@@ -356,6 +364,24 @@ class Agent(terminal.ProcessOps, system.SystemOps):
         out.flush()
         self.chan.send(frames.frame(frames.EOF, rid))
         return {}
+
+
+def _in_place(path: str) -> bool:
+    """Kernel files (/proc, /sys) and devices are written as a shell redirect
+    writes them: a temporary file beside them cannot be made, or means nothing."""
+    if path.startswith(("/proc/", "/sys/")):
+        return True
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path)
+    except OSError:
+        return False
+
+
+def _makedirs(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:  # a file where a directory must be: say that, not "exists"
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
 
 
 def _cancelled(inbox: frames.Inbox) -> bool:

@@ -88,7 +88,10 @@ def spawn(argv: list[str], env_add: dict[str, str], cwd: str | None, user: str |
         pw = _getpw(user)
         ids = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid)}
         env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
-        cwd = cwd or (pw.pw_dir if os.path.isdir(pw.pw_dir) else "/")  # nobody's home does not exist
+        if cwd is None:  # nobody's home does not exist; one the user may not enter is skipped like login(1) does
+            cwd = pw.pw_dir if os.path.isdir(pw.pw_dir) and _may_enter(pw.pw_dir, ids) else "/"
+        elif os.path.isdir(cwd) and not _may_enter(cwd, ids):
+            raise SpawnFailed(2, f"cannot change directory to {cwd}: Permission denied\n")
     env.update(env_add)
     try:
         if ids or (cwd not in (None, HOME)):
@@ -101,6 +104,23 @@ def spawn(argv: list[str], env_add: dict[str, str], cwd: str | None, user: str |
         if isinstance(e, FileNotFoundError):
             raise SpawnFailed(127, f"{argv[0]}: not found\n") from None
         raise SpawnFailed(126, f"{argv[0]}: {e.strerror}\n") from None
+
+
+def _may_enter(path: str, ids: dict[str, Any]) -> bool:
+    """Whether the user of ``ids`` may enter ``path``: Popen's child changes
+    directory before it drops root, so that alone would let anyone in."""
+    if path == "/":
+        return True
+    done = subprocess.run(
+        ["/bin/sh", "-c", 'cd -- "$1"', "sh", path],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={"PATH": DEFAULT_PATH},
+        cwd="/",
+        **ids,
+    )
+    return done.returncode == 0
 
 
 def _getpw(user: str | int) -> pwd.struct_passwd:
