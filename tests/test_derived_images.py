@@ -115,18 +115,53 @@ def test_a_cache_hit_does_not_rebuild(web: Image, web_built: BuiltImage, warm_ca
     assert elapsed < 5  # no boot happened (a build is a minute or more)
 
 
+FAILING = """
+import sys
+from pytest_bottle import Image, ImageBuildError
+from pytest_bottle.images import ensure_image
+try:
+    ensure_image(Image("debian-bookworm-minimal").write("/etc/x", "x").run(sys.argv[2]), sys.argv[1])
+except ImageBuildError as e:
+    print(e.log_path)
+    print(e.reason)
+"""
+
+
 def test_a_failing_step_names_it_and_caches_nothing(warm_cache: Path) -> None:
-    bad = Image("debian-bookworm-minimal").write("/etc/x", "x").run("echo failing-output; exit 3")
+    run = f"echo failing-output; exit 3 # {uuid.uuid4().hex[:8]}"
+    bad = Image("debian-bookworm-minimal").write("/etc/x", "x").run(run)
     final = entry_dir(warm_cache, bad)
-    for attempt in range(2):  # the second attempt builds again: nothing was kept
-        with pytest.raises(ImageBuildError) as e:
-            ensure_image(bad, warm_cache)
-        err = e.value
-        assert "step 2/2 (run echo failing-output; exit 3) exited with 3" in str(err), attempt
-        assert "failing-output" in err.log_tail
-        assert err.log_path is not None and Path(err.log_path).is_file()
-        assert not final.exists()
-        assert not list(final.parent.glob(f".tmp-{final.name}-*"))
+    with pytest.raises(ImageBuildError) as e:
+        ensure_image(bad, warm_cache)
+    err = e.value
+    assert f"step 2/2 (run {run}) exited with 3" in str(err)
+    assert "failing-output" in err.log_tail
+    assert err.log_path is not None and Path(err.log_path).is_file()
+    assert not final.exists()
+    assert not list(final.parent.glob(f".tmp-{final.name}-*"))
+    # This process does not try again (a run's later tests get the error at once) ...
+    started = time.monotonic()
+    with pytest.raises(ImageBuildError, match="it failed earlier in this process") as again:
+        ensure_image(bad, warm_cache)
+    assert time.monotonic() - started < 5 and again.value.log_path == err.log_path
+    assert "failing-output" in again.value.log_tail
+    # ... but nothing was kept: a new process builds again.
+    out = subprocess.run([sys.executable, "-c", FAILING, str(warm_cache), run], capture_output=True, text=True)
+    log_path, reason = out.stdout.splitlines()[:2]
+    assert log_path != err.log_path and Path(log_path).is_file() and "exited with 3" in reason, out
+
+
+def test_two_processes_wanting_a_failing_image_try_it_once(warm_cache: Path) -> None:
+    run = f"echo failing-once; exit 4 # {uuid.uuid4().hex[:8]}"
+    racers = [
+        subprocess.Popen([sys.executable, "-c", FAILING, str(warm_cache), run], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = sorted(r.communicate(timeout=600)[0].splitlines()[:2] for r in racers)
+    assert outs[0][0] == outs[1][0] and Path(outs[0][0]).is_file(), outs  # one build, one log
+    assert all("exited with 4" in reason for _, reason in outs), outs
+    assert sum("while this one waited" in reason for _, reason in outs) == 1, outs
+    assert Path(outs[0][0]).read_text().rstrip().endswith("exited with 4")  # its reason, for the waiter
 
 
 def test_a_copy_source_changed_after_the_image_was_made_is_refused_before_any_boot(

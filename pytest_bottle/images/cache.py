@@ -24,7 +24,7 @@ from ..host.paths import cache_root, remove_tree
 from ..host.progress import task
 from ..store import entries
 from ..vmm.qemu import DiskFormat
-from . import builder
+from . import builder, failures
 from .image import Image, lookup
 from .recipes import RECIPES, Recipe, get_recipe
 
@@ -157,10 +157,13 @@ def ensure_image(
             return built
     lock = lock_path(cache_dir, final.name)
     lock.parent.mkdir(parents=True, exist_ok=True)
+    waiting = failures.now_ns()
     with reporting_lock(lock, f"the build of image {name}"):
         built = _load(final)
         if built and (rebuild_before is None or built.created >= rebuild_before):
             return built  # another process built it while we waited
+        if (failed := failures.since(final, cache_dir, waiting, name)) is not None:
+            raise failed
         why = _why_build(name, final, built) + (f" ({pulled})" if pulled else "")
         with entries.building(final) as tmp:  # stale ones of dead builds go first: we hold the lock
             try:
@@ -171,11 +174,15 @@ def ensure_image(
                 entries.commit(tmp, final)
             except BaseException as e:
                 kept_log = keep_failed_log(cache_dir, tmp, final.name)
-                if isinstance(e, ImageBuildError):  # point at the log where it now lives
-                    raise ImageBuildError(e.name, e.reason, e.log_tail, kept_log) from None
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
                     raise
-                raise ImageBuildError(name, f"{type(e).__name__}: {e}", "", kept_log) from e
+                failed = (  # pointing at the log where it now lives
+                    ImageBuildError(e.name, e.reason, e.log_tail, kept_log)
+                    if isinstance(e, ImageBuildError)
+                    else ImageBuildError(name, f"{type(e).__name__}: {e}", "", kept_log)
+                )
+                failures.record(final, failed)
+                raise failed from (None if isinstance(e, ImageBuildError) else e)
         log.debug("built %s in %.1fs", final.name, manifest["build_seconds"])
         loaded = _load(final)
         assert loaded is not None

@@ -27,7 +27,7 @@ from ..host.progress import task
 from ..store import entries
 from ..store.gc import remove_seeds, seeds_under_snapshots
 from ..store.saved import list_seeds
-from . import builder
+from . import builder, failures
 from .cache import BuiltImage, ensure_image, images_dir, keep_failed_log, lock_path
 from .image import Image
 from .provision import provision
@@ -83,18 +83,25 @@ def ensure_derived(
         return _used(built)
     lock = lock_path(cache_dir, final.name)
     lock.parent.mkdir(parents=True, exist_ok=True)
+    waiting = failures.now_ns()
     with reporting_lock(lock, f"the build of image {image.display_name}"):
         found = load(final, image, parent)
         if usable(found):
             assert found is not None
             return found  # another process built it while we waited
+        if (failed := failures.since(final, cache_dir, waiting, image.display_name)) is not None:
+            raise failed
         why = (
             "rebuild requested"
             if found is not None
             else "not cached yet (about a minute per step that installs packages)"
         ) + (f" ({pulled})" if pulled else "")
         with task(f"building image {image.display_name} on {parent.name} ({len(image.steps)} steps)", why) as t:
-            _build(image, parent, cache_dir, final, t.relay(progress))
+            try:
+                _build(image, parent, cache_dir, final, t.relay(progress))
+            except ImageBuildError as e:
+                failures.record(final, e)
+                raise
         built = load(final, image, parent)  # under the lock: no rm or prune in between
     if built is None:
         raise ImageBuildError(image.display_name, "the built entry did not load (removed or unreadable)")

@@ -144,6 +144,8 @@ class Image:
     def copy(self, src: str | os.PathLike[str], dst: GuestPath) -> Image:
         """Copy a host file or directory (its contents) to guest ``dst``, modes
         kept.  A relative ``src`` is relative to the calling file's directory."""
+        if not isinstance(src, (str, os.PathLike)):
+            raise SpecError(f"copy(): the source must be a str or a path object, not {src!r}")
         path = Path(src)
         if not path.is_absolute():
             path = _caller_dir() / path
@@ -161,7 +163,10 @@ class Image:
             raise SpecError(f"write(): content must be str or bytes, not {type(content).__name__}")
         if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777):
             raise SpecError(f"write(): mode must be an int from 0 to 0o7777, not {mode!r}")
-        return self._then(Write(_guest_path(path, "write"), data, mode))
+        where = _guest_path(path, "write")
+        if not where.strip("/"):  # the root is never a file
+            raise SpecError(f"write(): the guest path must name a file, not the root directory: {path!r}")
+        return self._then(Write(where, data, mode))
 
     def run(self, command: str, *, env: Mapping[str, str] | None = None, timeout: float | None = None) -> Image:
         """Run ``command`` with ``/bin/sh -c`` as root; a non-zero exit fails the build."""

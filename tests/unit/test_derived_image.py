@@ -135,6 +135,9 @@ def test_unnamed_images_show_parent_and_key() -> None:
         lambda: BASE.install(""),
         lambda: BASE.copy("/nonexistent/pytest-bottle-src", "/x"),
         lambda: BASE.copy(__file__, "relative/dst"),
+        lambda: BASE.copy(5, "/x"),  # type: ignore[arg-type]
+        lambda: BASE.write("/", "x"),
+        lambda: BASE.write("//", "x"),
         lambda: BASE.write("etc/a", "x"),
         lambda: BASE.write(PurePosixPath("etc/a"), "x"),
         lambda: BASE.write(b"/etc/a", "x"),  # type: ignore[arg-type]
