@@ -91,12 +91,15 @@ def ensure_derived(
             return found  # another process built it while we waited
         if (failed := failures.since(final, cache_dir, waiting, image.display_name)) is not None:
             raise failed
-        why = (
-            "rebuild requested"
-            if found is not None
-            else "not cached yet (about a minute per step that installs packages)"
-        ) + (f" ({pulled})" if pulled else "")
-        with task(f"building image {image.display_name} on {parent.name} ({len(image.steps)} steps)", why) as t:
+        if rebuild_before is not None:
+            why = "rebuild requested"
+        elif (final / "manifest.json").is_file():  # there, but made on a parent that has been rebuilt since
+            why = "outdated: its parent image was rebuilt (about a minute per step that installs packages)"
+        else:
+            why = "not cached yet (about a minute per step that installs packages)"
+        why += f" ({pulled})" if pulled else ""
+        steps = f"{len(image.steps)} step{'' if len(image.steps) == 1 else 's'}"
+        with task(f"building image {image.display_name} on {parent.name} ({steps})", why) as t:
             try:
                 _build(image, parent, cache_dir, final, t.relay(progress))
             except ImageBuildError as e:
