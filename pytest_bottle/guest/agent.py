@@ -368,13 +368,15 @@ class Agent(terminal.ProcessOps, system.SystemOps):
 
 def _in_place(path: str) -> bool:
     """Kernel files (/proc, /sys) and devices are written as a shell redirect
-    writes them: a temporary file beside them cannot be made, or means nothing."""
+    writes them: a temporary file beside them cannot be made, or means nothing.
+    A FIFO is not: opening it would wait for a reader, past any cancel."""
     if path.startswith(("/proc/", "/sys/")):
         return True
     try:
-        return not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path)
+        mode = os.stat(path).st_mode
     except OSError:
         return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
 
 
 def _makedirs(path: str) -> None:
