@@ -107,8 +107,9 @@ def lean_cache(work: Path, image_dir: Path, bz: Path) -> Path:
 
 
 CHILD = """
-import json, os, re, sys, time
+import json, os, sys, time
 import pytest_bottle, pytest_bottle.vmm.qemu as q
+from _ab import tb_count
 q.KERNEL_ARGS += tuple(os.environ.get("LEAN_ARGS", "").split())
 out = []
 for i in range(int(sys.argv[1]) + 1):  # the first makes the seed if there is none, untimed
@@ -116,15 +117,16 @@ for i in range(int(sys.argv[1]) + 1):  # the first makes the seed if there is no
     with pytest_bottle.launch() as b:
         b.exec(["true"])
         took = time.perf_counter() - t
-        jit = b._machine.qmp.cmd("human-monitor-command", **{"command-line": "info jit"})
         if i:
-            out.append((int(re.search(r"TB count\\s+(\\d+)", jit).group(1)), took))
+            out.append((tb_count(b), took))
 print(json.dumps(out))
 """
 
 
 def side(restores: int, env: dict[str, str]) -> list[tuple[int, float]]:
-    r = subprocess.run([sys.executable, "-c", CHILD, str(restores)], capture_output=True, text=True, env=env)
+    r = subprocess.run(  # in bench/, for _ab
+        [sys.executable, "-c", CHILD, str(restores)], capture_output=True, text=True, env=env, cwd=Path(__file__).parent
+    )
     if r.returncode:
         raise SystemExit(f"a restore failed:\n{r.stderr[-3000:]}")
     return [tuple(x) for x in json.loads(r.stdout.splitlines()[-1])]

@@ -391,5 +391,7 @@ class Bottle:
 
 
 def _show(cmd: Command) -> str:
+    if isinstance(cmd, str):
+        return cmd
     argv = to_argv(cmd)  # bytes as the command runs them
-    return argv[2] if isinstance(cmd, (str, bytes, bytearray)) else " ".join(argv)
+    return argv[2] if isinstance(cmd, (bytes, bytearray)) else " ".join(argv)

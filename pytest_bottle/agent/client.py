@@ -164,8 +164,8 @@ class AgentClient:
     def read(self, path: str, sink: Sink, *, timeout: float | None, limit: int | None = None) -> ReadReply:
         """Stream ``path`` into ``sink`` (DATA frames, then EOF); a file whose
         size is over ``limit`` is refused at once (``GuestOSError``, EFBIG)."""
-        extra: dict[str, Any] = {} if limit is None else {"limit": limit}
-        return ReadReply.parse(self.channel.call("read", path=path, sink=sink, timeout=timeout, **extra), self.name)
+        reply = self.channel.call("read", path=path, sink=sink, timeout=timeout, limit=limit)
+        return ReadReply.parse(reply, self.name)
 
     def stat(self, path: str) -> StatReply:
         """A malformed reply is ``UnsafeTransfer``: nothing is copied on its word."""

@@ -157,7 +157,7 @@ def ensure_image(
             return built
     lock = lock_path(cache_dir, final.name)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    waiting = failures.now_ns()
+    waiting = time.time_ns()
     with reporting_lock(lock, f"the build of image {name}"):
         built = _load(final)
         if built and (rebuild_before is None or built.created >= rebuild_before):

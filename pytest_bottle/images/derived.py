@@ -83,7 +83,7 @@ def ensure_derived(
         return _used(built)
     lock = lock_path(cache_dir, final.name)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    waiting = failures.now_ns()
+    waiting = time.time_ns()
     with reporting_lock(lock, f"the build of image {image.display_name}"):
         found = load(final, image, parent)
         if usable(found):

@@ -8,13 +8,12 @@ the failed build's kept log ends with its reason, and is newer than the wait.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from ..errors import ImageBuildError
+from .builder import TAIL_LINES
 
 REASON = "pytest-bottle: the build failed: "
-TAIL_LINES = 40
 
 _failed: dict[str, ImageBuildError] = {}
 
@@ -32,7 +31,8 @@ def record(final: Path, error: ImageBuildError) -> None:
 
 def since(final: Path, cache_dir: Path, waiting_since_ns: int, name: str) -> ImageBuildError | None:
     """The failure of a build of ``final`` (image ``name``) in this process, or in
-    another one that ended after ``waiting_since_ns`` (``now_ns()`` when we began to wait)."""
+    another one that ended after ``waiting_since_ns`` (``time.time_ns()``, the clock
+    of a kept log's name, when we began to wait)."""
     mine = _failed.get(str(final))
     if mine is not None:
         return ImageBuildError(
@@ -61,7 +61,3 @@ def since(final: Path, cache_dir: Path, waiting_since_ns: int, name: str) -> Ima
         "\n".join(body[-TAIL_LINES:]),
         str(newest[1]),
     )
-
-
-def now_ns() -> int:
-    return time.time_ns()
