@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import threading
@@ -16,7 +17,7 @@ from .agent.client import AgentClient
 from .agent.streams import OnOutput
 from .agent.transfer import fetch, put, read_all
 from .arguments import GuestPath, check_env, check_mode, check_port, check_timeout, guest_path, raw_path
-from .errors import BottleError, ExecTimeout, WaitTimeout
+from .errors import AgentError, BottleError, ExecTimeout, WaitTimeout, guest_os_error
 from .process import CommandHistory, GuestProcess, ProcessEntry
 from .results import Command, ExecResult, to_argv
 from .retry import poll
@@ -223,9 +224,12 @@ class Bottle:
 
         ``timeout`` (seconds, default ``FILE_TIMEOUT``; None: no deadline) bounds
         the whole call; past it ``AgentTimeout`` is raised and nothing is written."""
+        raw = raw_path(path)
         path = guest_path(path)
         check_timeout(timeout)
         check_mode(mode)
+        if isinstance(raw, str) and raw.endswith("/"):  # as open(2) refuses "f/": never a file named f
+            raise guest_os_error(f"{raw}: a file path cannot end with '/'", errno.EISDIR, raw)
         # memoryview: a non-buffer is refused here, before a call is sent; any buffer is taken
         self._agent.write(path, memoryview(data), mode=mode, timeout=timeout)
 
@@ -270,15 +274,19 @@ class Bottle:
         chowned (see ``transfer``). Links leading out, devices and fifos are
         skipped and the rest copied, then ``UnsafeTransfer`` names them
         (``skipped``); anything else refused stops at once with ``UnsafeTransfer``.
-        Streams to disk (a window at a time); ``AgentTimeout`` after ``timeout`` s."""
+        Streams to disk (a window at a time); ``AgentTimeout`` after ``timeout`` s.
+        A file goes inside ``dst`` when it is a directory or ends with ``/``."""
         check_timeout(timeout)
+        into = isinstance(dst, str) and dst.endswith(("/", os.sep))
         with self._agent.deadline(timeout):
-            fetch(self._agent, guest_path(src), Path(dst))
+            fetch(self._agent, guest_path(src), Path(dst), into=into)
 
     # -- network ------------------------------------------------------------
 
     def address(self, guest_port: int) -> tuple[str, int]:
         """Host-side (address, port) of a forwarded guest TCP port."""
+        if self._closed:  # its port is released: another bottle may hold it now
+            raise AgentError(f"bottle {self.name} was closed")
         try:
             where = self._forwards[int(guest_port)]
         except KeyError:

@@ -254,6 +254,9 @@ def test_guest_is_a_directory_errors(module_bottle: Bottle) -> None:
         module_bottle.read_text(d)
     with pytest.raises(GuestIsADirectoryError):
         module_bottle.write_bytes(d, b"not over a directory")
+    with pytest.raises(GuestIsADirectoryError, match="cannot end with '/'"):  # as open(2) says
+        module_bottle.write_text(f"{d}/file/", "never a file named 'file'")
+    assert module_bottle.exec(["test", "-e", f"{d}/file"]).returncode == 1
     assert module_bottle.exec(["test", "-d", d]).ok
     parent, base = d.rsplit("/", 1)
     assert base + "\n" == module_bottle.check_output(f"ls -A {parent} | grep -F {base}")  # no temp file beside it
@@ -321,6 +324,8 @@ def test_get_into_an_existing_local_directory(module_bottle: Bottle, tmp_path: P
     got = tmp_path / "out" / "report.txt"
     assert got.read_text() == "content\n" and got.stat().st_mode & 0o777 == 0o640
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.txt"]  # no temporary file left
+    module_bottle.get(f"{d}/report.txt", f"{tmp_path}/new/dir/")  # a trailing '/': inside, made as put() does
+    assert (tmp_path / "new" / "dir" / "report.txt").read_text() == "content\n"
 
 
 # -- errors -------------------------------------------------------------------

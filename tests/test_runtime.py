@@ -238,6 +238,8 @@ def test_close_is_idempotent_and_leaves_nothing(bottle: Bottle) -> None:
     assert "Linux version" in bottle.console_log and "console-mark" in bottle.console_log  # kept as it was
     with pytest.raises(AgentError, match=f"bottle {bottle.name} was closed"):
         bottle.exec("true")
+    with pytest.raises(AgentError, match=f"bottle {bottle.name} was closed"):  # its port may be another's now
+        bottle.address(22)
 
 
 def test_invalid_arguments_fail_before_anything_boots(tmp_path: Path) -> None:

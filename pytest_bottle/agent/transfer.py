@@ -74,14 +74,15 @@ def send_tree(agent: Agent, src: Path, dst: str) -> None:
         raise UnsafeTransfer(*refused, "put")
 
 
-def fetch(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar.GET) -> None:
-    """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``."""
+def fetch(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar.GET, *, into: bool = False) -> None:
+    """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``
+    (a file goes inside ``dst`` when ``into`` or when ``dst`` is a directory)."""
     client = AgentClient.of(agent)
     info = client.stat(src)
     if info.is_dir:
         receive_tree(client, src, dst, policy)
     elif stat.S_ISREG(info.mode):
-        receive_file(client, src, dst, info.mode, policy)
+        receive_file(client, src, dst / posixpath.basename(src) if into else dst, info.mode, policy)
     else:
         raise UnsafeTransfer(src, "not a regular file or a directory: only those are copied")
 
