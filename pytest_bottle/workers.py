@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from .host.hosts import HostIdentity, WorkerHost, host_identity, new_run_id, start_run_on_host, summary_line
+from .images import failures
 
 
 class RunHosts:
@@ -72,5 +73,6 @@ def start(config: pytest.Config, cache_dir: Path, handed_out: Callable[[], int])
     else:  # a worker of a controller without this plugin's hooks sweeps as if alone
         run_id, by, begun = str(worker.get("bottle_run_id") or new_run_id()), str(worker["workerid"]), None
     found = start_run_on_host(run_id, cache_dir, by, begun)
+    failures.join_run(run_id)  # a build that failed in one worker fails at once in the others
     config.pluginmanager.register(RunHosts(config, run_id, host_identity(), handed_out), "bottle-hosts")
     return found.start

@@ -118,7 +118,9 @@ def test_a_cache_hit_does_not_rebuild(web: Image, web_built: BuiltImage, warm_ca
 FAILING = """
 import sys
 from pytest_bottle import Image, ImageBuildError
-from pytest_bottle.images import ensure_image
+from pytest_bottle.images import ensure_image, failures
+if len(sys.argv) > 3:
+    failures.join_run(sys.argv[3])
 try:
     ensure_image(Image("debian-bookworm-minimal").write("/etc/x", "x").run(sys.argv[2]), sys.argv[1])
 except ImageBuildError as e:
@@ -145,10 +147,19 @@ def test_a_failing_step_names_it_and_caches_nothing(warm_cache: Path) -> None:
         ensure_image(bad, warm_cache)
     assert time.monotonic() - started < 5 and again.value.log_path == err.log_path
     assert "failing-output" in again.value.log_tail
-    # ... but nothing was kept: a new process builds again.
-    out = subprocess.run([sys.executable, "-c", FAILING, str(warm_cache), run], capture_output=True, text=True)
+    # ... but nothing was kept: a new process builds again,
+    run_id = uuid.uuid4().hex
+    out = subprocess.run([sys.executable, "-c", FAILING, str(warm_cache), run, run_id], capture_output=True, text=True)
     log_path, reason = out.stdout.splitlines()[:2]
     assert log_path != err.log_path and Path(log_path).is_file() and "exited with 3" in reason, out
+    assert "failed earlier" not in reason
+    # ... and a later process of the same pytest run (an xdist worker) takes its failure, not a build.
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", FAILING, str(warm_cache), run, run_id], capture_output=True, text=True)
+    assert time.monotonic() - started < 20, "it built again"
+    later_log, later_reason = out.stdout.splitlines()[:2]
+    assert later_log == log_path and "exited with 3" in later_reason, out
+    assert later_reason.endswith("(it failed earlier in another process of this run)"), later_reason
 
 
 def test_two_processes_wanting_a_failing_image_try_it_once(warm_cache: Path) -> None:
