@@ -207,6 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .snapshot_cli import run_snapshot
 
         return run_snapshot(args, command)
+    if args.source:
+        _load_images(args.source)
     values = {
         "image": args.image,
         "memory": args.memory,
@@ -264,6 +266,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+FROM_HELP = "a Python file or module defining images (Image(...).named(NAME), or pytest_bottle_images())"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bottle", description="pytest-bottle: real Linux microVMs for tests")
     p.add_argument("--cache-dir", type=Path, default=None, help="default: $XDG_CACHE_HOME/pytest-bottle")
@@ -274,12 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     image = sub.add_parser("image", help="build, list or remove images").add_subparsers(dest="sub", required=True)
     b = image.add_parser("build", help="build an image (cached)")
     b.add_argument("name", help="a built-in image, or one named in --from")
-    b.add_argument(
-        "--from",
-        dest="source",
-        metavar="FILE|MODULE",
-        help="a Python file or module defining images (Image(...).named(NAME), or pytest_bottle_images())",
-    )
+    b.add_argument("--from", dest="source", metavar="FILE|MODULE", help=FROM_HELP)
     b.add_argument("--rebuild", action="store_true", help="build again even if cached (and drop its seeds)")
     b.add_argument("--pull", metavar="URL", type=_pull_url, help="pull it from this URL ({name}, {key}) if not cached")
     b.set_defaults(fn=cmd_image_build)
@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.set_defaults(fn=cmd_seed_rm)
 
     run = sub.add_parser("run", help="boot a bottle, run a command, print its output, exit with its code")
-    run.add_argument("--image", default=None)
+    run.add_argument("--image", default=None, help="a built-in image, or one named in --from")
+    run.add_argument("--from", dest="source", metavar="FILE|MODULE", help=FROM_HELP)
     run.add_argument("--memory", default=None)
     run.add_argument("--cpus", default=None)
     run.add_argument("--network", default=None, choices=["none", "nat"])

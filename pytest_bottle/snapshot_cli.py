@@ -22,6 +22,7 @@ _FIXED = ("image", "memory", "cpus", "network", "boot", "accel")
 def run_snapshot(args: argparse.Namespace, command: list[str]) -> int:
     """``bottle run --snapshot NAME -- CMD``: CMD in a fresh fork of a saved snapshot."""
     given = [f"--{k}" for k in _FIXED if getattr(args, k, None) is not None]
+    given += ["--from"] if getattr(args, "source", None) else []
     if given:
         raise SpecError(f"{', '.join(given)} cannot be given with --snapshot: the snapshot decides", "bottle run")
     snap = resolve_saved_snapshot(args.cache_dir, args.snapshot)

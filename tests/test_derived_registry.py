@@ -1,5 +1,6 @@
 """Named derived images reach ``--bottle-image`` and the ini setting, from a
-root conftest.py or the ``pytest_bottle_images`` hook (child pytest runs; no VM)."""
+root conftest.py or the ``pytest_bottle_images`` hook (child pytest runs; no VM),
+and the CLI's ``--from`` (one bottle)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,14 @@ def test_bottle_image_build_takes_images_from_a_file(
         assert main(["image", "build", "cli-alias", "--from", str(defs)]) == 0
         assert NAMED["cli-alias"].resolved() == "debian-bookworm"
         assert default_image.key in capsys.readouterr().out  # an alias builds as what it names
+        NAMED.pop("cli-alias")
+        # bottle run takes the same --from: the name runs what it names
+        assert (
+            main(["run", "--from", str(defs), "--image", "cli-alias", "--", ". /etc/os-release; echo $VERSION_ID"]) == 0
+        )
+        assert capsys.readouterr().out == "12\n"
+        assert main(["run", "--from", str(defs), "--snapshot", "any", "--", "true"]) == 1
+        assert "SpecError: bottle run: --from cannot be given with --snapshot" in capsys.readouterr().err
     finally:
         NAMED.clear()
         NAMED.update(saved)
