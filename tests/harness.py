@@ -9,12 +9,15 @@ polls instead of sleeping, and makes process-wide changes (``PATH``,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,6 +25,9 @@ import psutil
 import pytest
 
 from pytest_bottle import Bottle, matrix
+from pytest_bottle.agent.channel import AgentChannel
+from pytest_bottle.guest import agent
+from pytest_bottle.guest.frames import Channel
 
 T = TypeVar("T")
 TESTS_DIR = Path(__file__).resolve().parent
@@ -116,3 +122,27 @@ def check_release(b: Bottle, request: pytest.FixtureRequest) -> None:
     image = getattr(getattr(request.node, "callspec", None), "params", {}).get(matrix.FIXTURE)
     if image in VERSION_IDS:
         assert version_id(b) == VERSION_IDS[image], f"{b.name} is not {image}"
+
+
+def serve_in_thread(sock: socket.socket) -> None:
+    """Serve ``sock`` with the real guest agent in a daemon thread of this process.
+
+    The agent reads its port for good (a port without a host reads as EOF), so
+    the fd stays open to the end of the process, owned by no socket object: no
+    ResourceWarning, and no fd pulled from under the thread."""
+    fd = sock.detach()
+    threading.Thread(target=agent.Agent(Channel(fd)).serve, daemon=True).start()
+
+
+@contextlib.contextmanager
+def in_process_agent(name: str = "local-agent") -> Iterator[AgentChannel]:
+    """A host channel, synced, to the real guest agent served in this process."""
+    host, peer = socket.socketpair()
+    serve_in_thread(peer)
+    channel = AgentChannel(host, name)
+    try:
+        channel.send_sync()
+        assert channel.synced.wait(10), "the in-process agent did not answer SYNC"
+        yield channel
+    finally:
+        channel.close()

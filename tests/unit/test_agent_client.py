@@ -5,16 +5,14 @@ agent serving in this process (no VM)."""
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import in_process_agent
 
 from pytest_bottle.agent.calls import guest_error
-from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.agent.handshake import Handshake, NicSetup
 from pytest_bottle.agent.replies import (
@@ -28,8 +26,7 @@ from pytest_bottle.agent.replies import (
     WriteReply,
 )
 from pytest_bottle.errors import AgentError, GuestFileNotFoundError, GuestOSError, SpecError, UnsafeTransfer
-from pytest_bottle.guest import agent
-from pytest_bottle.guest.frames import VERSION, Channel
+from pytest_bottle.guest.frames import VERSION
 
 
 class FakeChannel:
@@ -207,16 +204,8 @@ def test_setup_sends_the_handshake() -> None:
 
 @pytest.fixture(scope="module")
 def local() -> Iterator[AgentClient]:
-    host, peer = socket.socketpair()
-    threading.Thread(target=agent.Agent(Channel(peer.fileno())).serve, daemon=True).start()
-    channel = AgentChannel(host, "local-agent")
-    channel.send_sync()
-    assert channel.synced.wait(10), "the in-process agent did not answer SYNC"
-    yield AgentClient(channel)
-    _keep.extend([host, peer])  # the agent thread keeps reading its fd
-
-
-_keep: list[object] = []
+    with in_process_agent() as channel:
+        yield AgentClient(channel)
 
 
 def test_write_stat_and_read(local: AgentClient, tmp_path: Path) -> None:

@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 from harness import gone as _gone
+from harness import in_process_agent
 
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient, ExecRun
 from pytest_bottle.agent.streams import PART, OutputFeed, OutputTail
 from pytest_bottle.errors import AgentError, ExecTimeout, OutputTimeout, ProcessTimeout, WaitTimeout
-from pytest_bottle.guest import agent
 from pytest_bottle.guest.frames import (
     CANCEL,
     CHUNK,
@@ -37,28 +37,27 @@ from pytest_bottle.guest.frames import (
     STARTED,
     STDOUT,
     SYNC_MAGIC,
-    Channel,
     frame,
     jframe,
 )
 from pytest_bottle.process import HISTORY_LEN, CommandHistory, GuestProcess, ProcessEntry, describe_history
 
-_keep: list[object] = []
+_open = contextlib.ExitStack()  # closed when the module's tests are done
 
 
-def serve() -> tuple[AgentClient, socket.socket]:
-    host, peer = socket.socketpair()
-    threading.Thread(target=agent.Agent(Channel(peer.fileno())).serve, daemon=True).start()
-    channel = AgentChannel(host, "local-agent")
-    channel.send_sync()
-    assert channel.synced.wait(10), "the in-process agent did not answer SYNC"
-    _keep.extend([host, peer])  # the agent thread keeps reading its fd
-    return AgentClient(channel), host
+@pytest.fixture(autouse=True, scope="module")
+def _close_at_the_end() -> Iterator[None]:
+    with _open:
+        yield
+
+
+def serve() -> AgentClient:
+    return AgentClient(_open.enter_context(in_process_agent()))
 
 
 @pytest.fixture(scope="module")
 def local() -> Iterator[AgentClient]:
-    yield serve()[0]
+    yield serve()
 
 
 def run(local: AgentClient, cmd: str, **kw: object) -> tuple[int, bytes, bytes]:
@@ -108,7 +107,7 @@ def test_leaving_the_with_block_kills_the_group_of_an_ended_process(local: Agent
 
 
 def test_end_processes_kills_what_the_session_started(local: AgentClient) -> None:
-    client, _host = serve()
+    client = serve()
     p = GuestProcess.start(client, "sleep 30")
     q = GuestProcess.start(client, "sleep 30 & echo $!; exit 0")
     q.wait(10)
@@ -131,7 +130,7 @@ def test_a_new_host_session_detaches_spawned_processes_and_ends_execs_and_shells
     """What a fork's new host (or `bottle shell`) finds: the spawned commands
     of the last session run on, their output drained and dropped, their stdin
     closed, no frame of theirs sent; its execs in flight and its shells end."""
-    client, _host = serve()
+    client = serve()
     count, closed = tmp_path / "count", tmp_path / "stdin-closed"
     chatty = f"n=0; while :; do n=$((n+1)); echo $n > {count}.t; mv {count}.t {count}; head -c 65536 /dev/zero; done"
     got: list[tuple[int, bytes]] = []
@@ -243,7 +242,7 @@ def test_many_processes_at_once(local: AgentClient) -> None:
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the agent's end breaks
 def test_a_closed_channel_ends_its_processes_and_nothing_hangs() -> None:
-    client, _host = serve()
+    client = serve()
     p = GuestProcess.start(client, "sleep 30")
     q = GuestProcess.start(client, "sleep 30")
     client.channel.close()
@@ -424,6 +423,8 @@ class Fake:
         host, self.sock = socket.socketpair()
         self.sock.settimeout(10)
         self.chan = AgentChannel(host, "hostile", idle=0.2, dead_after=1.0)
+        _open.callback(self.sock.close)
+        _open.callback(self.chan.close)
         self.sock.sendall(frame(HELLO, 0, SYNC_MAGIC + b"A" * 16))
         assert self.chan.synced.wait(5)
 

@@ -9,8 +9,8 @@ import socket
 import threading
 
 import pytest
+from harness import serve_in_thread
 
-from pytest_bottle.guest import agent
 from pytest_bottle.guest.frames import (
     CALL,
     CHUNK,
@@ -160,8 +160,7 @@ def test_agent_exec_over_a_socketpair() -> None:
     """The real agent loop, run in-process against a socketpair, answers an exec."""
     host, guest = socket.socketpair()
     host.settimeout(20)
-    a = agent.Agent(Channel(guest.fileno()))
-    threading.Thread(target=a.serve, daemon=True).start()
+    serve_in_thread(guest)
     host.sendall(SYNC_FRAME + jframe(CALL, 1, {"op": "exec", "argv": ["sh", "-c", "printf 'a\\377b'"], "timeout": 10}))
     got = _frames(host, REPLY)
     assert got[0][0] == HELLO and got[0][2].startswith(SYNC_MAGIC)  # unsolicited, at start
@@ -169,7 +168,7 @@ def test_agent_exec_over_a_socketpair() -> None:
     assert b"".join(p for k, _, p in got if k == STDOUT) == b"a\xffb"
     reply = json.loads(next(p for k, _, p in got if k == REPLY))
     assert reply["ok"] and reply["rc"] == 0
-    _alive.extend([host, guest])  # the agent thread keeps serving; do not pull its fd away
+    host.close()
 
 
 def test_agent_waits_for_credit_before_sending_more() -> None:
@@ -177,8 +176,7 @@ def test_agent_waits_for_credit_before_sending_more() -> None:
     host, guest = socket.socketpair()
     host.settimeout(20)
     r, w = os.pipe()
-    a = agent.Agent(Channel(guest.fileno()))
-    threading.Thread(target=a.serve, daemon=True).start()
+    serve_in_thread(guest)
 
     def fill() -> None:
         os.write(w, b"q" * (3 * HOST_WINDOW))
@@ -208,7 +206,5 @@ def test_agent_waits_for_credit_before_sending_more() -> None:
     rest = _frames(host, REPLY)
     assert sent + sum(len(p) for k, _, p in rest if k == DATA) == 3 * HOST_WINDOW
     assert json.loads(next(p for k, _, p in rest if k == REPLY))["ok"]
-    _alive.extend([host, guest, r])
-
-
-_alive: list[object] = []
+    host.close()
+    os.close(r)

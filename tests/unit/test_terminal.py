@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from harness import gone as _gone
+from harness import in_process_agent
 
 from pytest_bottle import cli
 from pytest_bottle.agent import resync
@@ -24,24 +25,17 @@ from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.errors import BottleError
 from pytest_bottle.guest import agent
-from pytest_bottle.guest.frames import CHUNK, HELLO, REPLY, STDOUT, SYNC_MAGIC, Channel, frame, jframe
+from pytest_bottle.guest.frames import CHUNK, HELLO, REPLY, STDOUT, SYNC_MAGIC, frame, jframe
 from pytest_bottle.guest.terminal import set_size
 from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.process import GuestProcess
 from pytest_bottle.shell import _attach, run_shell
 
-_keep: list[object] = []
-
 
 @pytest.fixture(scope="module")
 def local() -> Iterator[AgentClient]:
-    host, peer = socket.socketpair()
-    threading.Thread(target=agent.Agent(Channel(peer.fileno())).serve, daemon=True).start()
-    channel = AgentChannel(host, "local-agent")
-    channel.send_sync()
-    assert channel.synced.wait(10), "the in-process agent did not answer SYNC"
-    _keep.extend([host, peer])  # the agent thread keeps reading its fd
-    yield AgentClient(channel)
+    with in_process_agent() as channel:
+        yield AgentClient(channel)
 
 
 def run(client: AgentClient, cmd: str, **kw: object) -> tuple[int, bytes, bytes]:
