@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 from .agent.calls import Call
 from .agent.channel import AgentChannel
 from .agent.client import AgentClient
-from .errors import BottleError, SnapshotGone
-from .guest.frames import STDOUT
+from .errors import AgentError, BottleError, SnapshotGone
+from .guest.frames import CHUNK, STDERR, STDOUT
 from .host.runstate import RunRecord
 
 if TYPE_CHECKING:
@@ -46,6 +46,12 @@ if TYPE_CHECKING:
 
 Target = Callable[[str, Path], "AbstractContextManager[AgentClient] | None"]
 CONNECT_TIMEOUT = 10.0  # for the agent of a kept bottle to answer
+# Root's login shell, for input that is not a terminal (no pty: the exec call)
+LOGIN_SHELL = [
+    "/bin/sh",
+    "-c",
+    'shell=$(getent passwd 0 | cut -d: -f7); [ -x "$shell" ] || shell=/bin/sh; exec "$shell" -l',
+]
 
 
 def kept_bottle(name: str, cache_dir: Path) -> AbstractContextManager[AgentClient] | None:
@@ -147,14 +153,28 @@ def _hang_up(signum: int, frame: object) -> None:
     raise _HungUp(signum)
 
 
-def run_shell(agent: AgentClient, argv: list[str] | None = None, stdin: int = 0, stdout: int = 1) -> int:
+def run_shell(
+    agent: AgentClient, argv: list[str] | None = None, stdin: int = 0, stdout: int = 1, stderr: int = 2
+) -> int:
     """Run the shell until it exits; returns its exit code (128 + N if this
-    side got SIGHUP or SIGTERM: the guest's shell is killed then, not left behind)."""
+    side got SIGHUP or SIGTERM: the guest's shell is killed then, not left behind).
+
+    A terminal gets a pseudo-terminal in the guest; other input (a pipe, a
+    file) does not, as with ``ssh`` without ``-t``: the command reads it as
+    its stdin, and its stdout and stderr stay apart."""
     channel = agent.channel
-    rows, cols = window_size(stdin if os.isatty(stdin) else stdout)
-    rid, call = agent.start_pty(
-        argv, term=os.environ.get("TERM", "vt100"), rows=rows, cols=cols, sink=lambda k, d: _show(stdout, k, d)
-    )
+    if os.isatty(stdin):
+        rows, cols = window_size(stdin)
+        rid, call = agent.start_pty(
+            argv, term=os.environ.get("TERM", "vt100"), rows=rows, cols=cols, sink=lambda k, d: _show(stdout, k, d)
+        )
+    else:
+        rid, call = channel.start(
+            "exec", lambda k, d: _show(stdout if k == STDOUT else stderr, k, d), argv=argv or LOGIN_SHELL, env={},
+            cwd=None, user=None, timeout=None, stdin=True,
+        )  # fmt: skip
+        feeder = threading.Thread(target=_feed, args=(channel, rid, stdin), daemon=True)
+        feeder.start()
     resized: queue.SimpleQueue[int] = queue.SimpleQueue()
     main = threading.current_thread() is threading.main_thread()  # only it may handle signals
     handlers = {signal.SIGWINCH: lambda *_: resized.put(1), signal.SIGHUP: _hang_up, signal.SIGTERM: _hang_up}
@@ -163,7 +183,10 @@ def run_shell(agent: AgentClient, argv: list[str] | None = None, stdin: int = 0,
     try:
         if saved is not None:
             tty.setraw(stdin)
-        _relay(agent, rid, call, stdin, stdout, saved is not None, resized)
+            _relay(agent, rid, call, stdin, resized)
+        else:
+            while not call.done.wait(0.1):  # in steps: a signal handler runs between them
+                channel.check(call, "shell")
         reply = channel.wait(call, 0, "shell") or {}
     except _HungUp as e:
         return 128 + e.signum
@@ -179,37 +202,34 @@ def run_shell(agent: AgentClient, argv: list[str] | None = None, stdin: int = 0,
     return rc if type(rc) is int and 0 <= rc < 256 else 128 + abs(rc) if type(rc) is int else 1
 
 
-def _relay(
-    agent: AgentClient, rid: int, call: Call, stdin: int, stdout: int, tty_in: bool, resized: queue.SimpleQueue[int]
-) -> None:
+def _relay(agent: AgentClient, rid: int, call: Call, stdin: int, resized: queue.SimpleQueue[int]) -> None:
     """Keystrokes to the guest, window sizes on SIGWINCH, until the call ends."""
     channel = agent.channel
-    typing, last = True, b"\n"
+    typing = True
     while not call.done.is_set():
         ready, _, _ = select.select([stdin] if typing else [], [], [], 0.1)
         if ready:
             data = os.read(stdin, 4096)
             if data:
                 channel.send_data_frame(rid, data)
-                last = data[-1:]
             else:
-                typing = False  # our input ended: the shell goes on until it exits
-                if not tty_in:  # piped input: the guest's reader sees its end too
-                    channel.send_data_frame(rid, _eof_keys(last))
+                typing = False  # our terminal hung up: the shell goes on until it exits
         while not resized.empty():
             resized.get()
-            agent.resize(rid, *window_size(stdin if tty_in else stdout))
+            agent.resize(rid, *window_size(stdin))
         channel.check(call, "shell")
 
 
-def _eof_keys(last: bytes) -> bytes:
-    """What a terminal user types for end of input: VEOF (Ctrl-D) at the start
-    of a line; a half-typed line takes one more (the first only sends the line)."""
-    return b"\x04" if last == b"\n" else b"\x04\x04"
+def _feed(channel: AgentChannel, rid: int, stdin: int) -> None:
+    """Local input that is not a terminal, as the command's stdin, then its end."""
+    try:
+        channel.send_data(rid, iter(lambda: os.read(stdin, CHUNK), b""))
+    except (AgentError, OSError):  # the channel broke (the call reports it), or our input did
+        channel.forget(rid)
 
 
 def _show(fd: int, kind: int, data: bytes) -> None:
-    if kind == STDOUT:
+    if kind in (STDOUT, STDERR):
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

@@ -266,6 +266,14 @@ def test_bottle_shell_in_a_kept_bottle(stop_kept: list[str]) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert again.returncode == 0 and again.stdout.strip() == b.name
+    # Input that is not a terminal gets no pty (as ssh without -t): root's login
+    # shell (bash) reads it as a script, and its streams stay apart.
+    script = "echo from-a-pipe; echo to-stderr >&2; exit 4\n"
+    cli_shell = [sys.executable, "-m", "pytest_bottle.cli", "shell", b.name]
+    piped = subprocess.run(cli_shell, input=script, capture_output=True, text=True, timeout=60)
+    assert (piped.returncode, piped.stdout, piped.stderr) == (4, "from-a-pipe\n", "to-stderr\n"), piped
+    empty = subprocess.run(cli_shell, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert (empty.returncode, empty.stdout, empty.stderr) == (0, "", ""), empty
 
 
 def test_keep_ends_the_tests_processes(stop_kept: list[str]) -> None:
