@@ -3,6 +3,7 @@ sent: a bad argument is a ``SpecError`` saying which, never a guest error."""
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 from collections.abc import Mapping
@@ -18,6 +19,12 @@ def check_timeout(timeout: float | None) -> None:
     number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
     if timeout is not None and not (number and 0 < timeout < 1e9):  # also rejects inf and nan
         raise SpecError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+
+
+def check_days(days: float, where: str) -> None:
+    """An age option (``--older-than DAYS``): nan would match nothing, a negative one everything."""
+    if not (math.isfinite(days) and days >= 0):
+        raise SpecError(f"--older-than must be a finite number of days >= 0, not {days!r}", where)
 
 
 def raw_path(path: object) -> object:

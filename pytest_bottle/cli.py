@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from . import snapshot_cli, transfer_cli
+from .arguments import check_days, check_timeout
 from .errors import BottleError, SpecError
 from .host import deps as hostdeps
 from .host import progress
@@ -169,6 +170,7 @@ DERIVED_UNUSED_DAYS = 7.0
 
 
 def cmd_image_prune(args: argparse.Namespace) -> int:
+    check_days(args.older_than, "bottle image prune")
     cache = args.cache_dir
     sizes = {i.path: tree_size(i.path) for i in list_images(cache)}
     rows = [(p, sizes.get(p, 0), "image of an old recipe") for p in prune_images(cache)]
@@ -203,6 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         print("bottle run: no command given (bottle run -- CMD...)", file=sys.stderr)
         return 2
+    check_timeout(args.timeout)  # before a bottle starts
     if args.snapshot:
         from .snapshot_cli import run_snapshot
 

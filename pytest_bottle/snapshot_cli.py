@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from .arguments import check_days
 from .bottle import Bottle
 from .errors import ExecTimeout, SnapshotError, SpecError
 from .host.paths import tree_size
@@ -99,6 +100,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Kept snapshots older than --older-than days (default: all of them), those
     of dead sessions and those whose seed is gone; a live session's stay."""
+    if args.older_than is not None:
+        check_days(args.older_than, "bottle snapshot prune")
     limit = time.time() - (args.older_than or 0.0) * 86400
     freed = 0
     count = 0

@@ -163,6 +163,18 @@ def test_a_reader_that_stops_early_gets_no_traceback() -> None:
     assert r.stderr.strip().splitlines() == ["rc=141"], r.stderr  # 128 + SIGPIPE, and nothing else said
 
 
+def test_bad_run_timeouts_and_prune_ages_are_refused_before_any_work(tmp_path: Path) -> None:
+    empty = tmp_path / "cache"  # a bottle started here would build an image first: minutes
+    for args in (("--timeout", "nan"), ("--timeout", "0"), ("--timeout", "-1"), ("--timeout", "-1", "--snapshot", "s")):
+        r = cli("run", *args, "--", "true", cache=empty, timeout=60)
+        assert r.returncode == 1 and "timeout must be a positive, finite number" in r.stderr, r
+    for days in ("nan", "-1", "inf"):  # nan kept nothing: every derived image went
+        for kind in ("image", "snapshot"):
+            r = cli(kind, "prune", "--older-than", days, cache=empty, timeout=60)
+            assert r.returncode == 1 and "--older-than must be a finite number of days >= 0" in r.stderr, r
+    assert not (empty / "images").exists() and not (empty / "seeds").exists()
+
+
 def test_shell_usage_shows_the_command_as_optional() -> None:
     r = cli("shell", "--help")
     assert r.returncode == 0, r.stderr
