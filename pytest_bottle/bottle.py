@@ -359,6 +359,9 @@ class Bottle:
                 f"bottle {self.name} cannot be kept: its QEMU ends with this process "
                 "(start it with launch(detached=True) to keep it)"
             )
+        if not self._closed and not self.alive():  # nothing to hand over: say so, and let go of it
+            self.close()
+            raise BottleError(f"bottle {self.name} cannot be kept: it has stopped (its QEMU or its agent is gone)")
         if not self._closed:  # whoever reaches it next (ssh -F ...) must not stall
             self._announce_nic()
             try:  # the test's processes end as with close(): unread, a chatty one would hang on its full pipe

@@ -236,7 +236,8 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     for rec in RunRecord.load_all():
-        state = "kept" if rec.extra.get("kept") else ("live" if rec.owner_alive() else "orphaned")
+        # A kept bottle's owner is its QEMU: once that is gone, so is the bottle.
+        state = ("kept" if rec.extra.get("kept") else "live") if rec.owner_alive() else "orphaned"
         print(f"{rec.name:14} {state:9} qemu pid {rec.qemu_pid}  owner pid {rec.owner_pid}  {rec.run_dir}")
     return 0
 

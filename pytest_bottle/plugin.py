@@ -305,8 +305,7 @@ def _bottle_group(request: pytest.FixtureRequest, _bottle_matrix_image: str | No
     state = _state(request.config)
     key = request.node.nodeid
     yield key
-    kept = state.manager.close_group(key, keep=state.keep and failed(request.node))
-    for b in kept:
+    for b in state.manager.close_group(key, keep=state.keep and failed(request.node)):
         request.node.user_properties.append(("bottle_kept", keep_message(b)))
 
 

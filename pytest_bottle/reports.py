@@ -84,6 +84,8 @@ class BottleReports:
 
 
 def keep_message(b: Bottle) -> str:
+    if not b.kept:
+        return f"{b.name}: not kept: it had stopped before the test ended (its console is in the test's report)"
     lines = [f"{b.name}: QEMU pid {b.pid}, console log {b.console_log_path}"]
     try:
         lines.append(f"  reach it:  ssh -F {b.ssh_config} {b.name}")

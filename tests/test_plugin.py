@@ -221,11 +221,23 @@ def test_keep_leaves_a_failed_vm_running(pytester: pytest.Pytester, stop_kept: l
         def test_fails(bottle):
             open("failed.txt", "w").write(bottle.name)
             assert False
+
+        def test_stops_then_fails(bottle):
+            import time
+            open("stopped.txt", "w").write(bottle.name)
+            bottle.exec("systemctl poweroff --no-block")
+            deadline = time.monotonic() + 120
+            while bottle.alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert False
     """)
     result = run(pytester, "--bottle-keep")
     passed, failed = (pytester.path / "passed.txt").read_text(), (pytester.path / "failed.txt").read_text()
-    stop_kept.extend([failed, passed])  # stopped whatever happens below
-    result.assert_outcomes(passed=1, failed=1)
+    stopped = (pytester.path / "stopped.txt").read_text()
+    stop_kept.extend([failed, passed, stopped])  # stopped whatever happens below
+    result.assert_outcomes(passed=1, failed=2)
+    # a VM that stopped in its failing test is not reported as running, nor listed
+    result.stdout.fnmatch_lines([f"{stopped}: not kept: it had stopped before the test ended*"])
     result.stdout.fnmatch_lines(
         ["*bottles kept running (--bottle-keep)*", "*reach it:  ssh -F * btl-*", "*stop it:   bottle stop btl-*"]
     )
@@ -233,6 +245,7 @@ def test_keep_leaves_a_failed_vm_running(pytester: pytest.Pytester, stop_kept: l
     ps = subprocess.run([sys.executable, "-m", "pytest_bottle.cli", "ps"], capture_output=True, text=True)
     assert re.search(rf"{failed}\s+kept", ps.stdout), ps.stdout
     assert passed not in ps.stdout, "the passing test's VM was kept too"
+    assert stopped not in ps.stdout, ps.stdout
     config = re.search(r"ssh -F (\S+) " + failed, result.stdout.str()).group(1)  # type: ignore[union-attr]
     ssh = subprocess.run(["ssh", "-F", config, failed, "hostname"], capture_output=True, text=True, timeout=60)
     assert ssh.stdout.strip() == failed, ssh.stderr

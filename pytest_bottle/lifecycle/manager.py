@@ -139,7 +139,8 @@ class BottleManager:
         return list(g.bottles) if g else []
 
     def close_group(self, group_key: str, keep: bool = False) -> list[Bottle]:
-        """Close every bottle of the group (or keep them running); return those kept."""
+        """Close every bottle of the group, or keep those still running; return
+        those it was asked to keep (``kept`` is false on one that had stopped: closed)."""
         with self._lock:
             group = self._groups.pop(group_key, None)
         if group is None:
@@ -149,13 +150,14 @@ class BottleManager:
         for bottle in reversed(group.bottles):
             try:
                 if keep and not bottle.closed:
-                    bottle.keep()
                     kept.append(bottle)
-                else:
+                if keep and bottle.alive():
+                    bottle.keep()
+                else:  # a VM that stopped in the test is not reported as running
                     bottle.close()
             except Exception as e:  # close the others anyway, then report
                 errors.append(e)
-        if not kept:
+        if not any(b.kept for b in kept):
             group.lans.close()
         if errors:
             raise errors[0]
