@@ -101,6 +101,35 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         parametrize(metafunc, names)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A case whose own marker names an image (``pytest.param(..., marks=
+    pytest.mark.bottle(image=...))``, which ``parametrize`` cannot see) runs
+    once, on that image: the matrix's other copies of it are deselected. The
+    copy kept is the one with that image in its id, else the first."""
+    groups: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        image = _matrix_image(item)
+        marker = item.get_closest_marker("bottle")
+        if image is not None and marker is not None and marker.kwargs.get("image") is not None:
+            case = item.nodeid.removesuffix(f"{image}]")[:-1]  # the image ends the id
+            groups.setdefault(case, []).append(item)
+    drop: set[int] = set()
+    for group in groups.values():
+        marker = group[0].get_closest_marker("bottle")
+        wanted = marker.kwargs.get("image") if marker is not None else None
+        chosen = next((i for i in group if _matrix_image(i) == wanted), group[0])
+        drop.update(id(i) for i in group if i is not chosen)
+    if drop:
+        config.hook.pytest_deselected(items=[i for i in items if id(i) in drop])
+        items[:] = [i for i in items if id(i) not in drop]
+
+
+def _matrix_image(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    image = callspec.params.get(FIXTURE) if callspec is not None else None
+    return image if isinstance(image, str) else None
+
+
 @pytest.fixture(scope="session")
 def _bottle_matrix_image(request: pytest.FixtureRequest) -> str | None:
     """This test's image in the matrix; None outside one (the fixtures then use the first image)."""

@@ -64,6 +64,33 @@ def test_a_list_runs_each_bottle_test_once_per_image(pytester: pytest.Pytester) 
     assert firsts == list(range(firsts[0], len(order))), order
 
 
+def test_a_case_whose_own_marker_names_an_image_runs_once(pytester: pytest.Pytester) -> None:
+    """``pytest.param(..., marks=pytest.mark.bottle(image=...))``: the marker wins
+    over the matrix, so its other copies would run on the same image under
+    another image's id; they are deselected."""
+    pytester.makepyfile(
+        test_m="""
+        import pytest
+
+        @pytest.mark.parametrize("v", [
+            1,
+            pytest.param(2, marks=pytest.mark.bottle(image="debian-trixie")),
+            pytest.param(3, marks=pytest.mark.bottle(image="debian-trixie-minimal")),
+        ])
+        def test_p(bottle, v):
+            pass
+        """
+    )
+    result = run(pytester, "--collect-only", "-q", "-p", "no:randomly", BOTH)
+    assert collected(result) == [
+        "test_p[1-debian-bookworm]",
+        "test_p[1-debian-trixie]",
+        "test_p[2-debian-trixie]",  # its own image's copy
+        "test_p[3-debian-bookworm]",  # an image not in the list: the first copy (it runs on trixie-minimal)
+    ], result.stdout.str()
+    result.stdout.fnmatch_lines(["4/6 tests collected (2 deselected)*"])
+
+
 def test_one_image_keeps_the_ids(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_m=TESTS)
     result = run(pytester, "--collect-only", "-q", "--bottle-image=debian-trixie")
