@@ -144,7 +144,8 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         m = d.manifest
         label = f"{m.get('name')} ({d.key[:12]})" if not str(m.get("name", "")).endswith(d.key[:12]) else m.get("name")
         steps = len(m.get("steps", []))
-        print(f"{label!s:40} {m.get('parent')!s:28} {_mb(d.size):>9} {_age(d.last_used):>6}  {steps}")
+        stale = f" (stale: {d.stale}; bottle image prune)" if d.stale else ""
+        print(f"{label!s:40} {m.get('parent')!s:28} {_mb(d.size):>9} {_age(d.last_used):>6}  {steps}{stale}")
     for seed in list_seeds(args.cache_dir):
         kp = seed.manifest["key_parts"]
         print(
@@ -158,6 +159,8 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
     removed = remove_derived(args.cache_dir, args.name)  # a derived image's name or key, then a recipe's
     if not removed:
         removed = remove_image(args.name, args.cache_dir) + remove_seeds(args.cache_dir, args.name)
+        if removed:  # what was built on it rests on nothing now
+            removed += remove_derived(args.cache_dir, args.name, root=True)
     for p in removed:
         print(f"removed {p}")
     if not removed:

@@ -172,6 +172,8 @@ class DerivedEntry:
     size: int
     last_used: float
 
+    stale: str = ""  # why it can no longer be used (its parent gone or rebuilt), or ""
+
     @property
     def key(self) -> str:
         return str(self.manifest.get("key", ""))
@@ -190,17 +192,31 @@ def list_derived(cache_dir: Path) -> list[DerivedEntry]:
             used = (path / USED_STAMP).stat().st_mtime
         except OSError:
             used = float(manifest.get("created", 0.0))
-        found.append(DerivedEntry(path, manifest, tree_size(path), used))
+        found.append(DerivedEntry(path, manifest, tree_size(path), used, _stale(cache_dir, manifest)))
     return found
 
 
+def _stale(cache_dir: Path, manifest: dict[str, Any]) -> str:
+    """Why a layer rests on nothing usable any more (``load`` would refuse it), or ""."""
+    parent, key = str(manifest.get("parent")), manifest.get("parent_key")
+    if not key:
+        return ""
+    for d in (images_dir(cache_dir) / f"derived-{key}", images_dir(cache_dir) / f"{parent}-{key}"):
+        try:
+            created = json.loads((d / "manifest.json").read_text()).get("created")
+        except (OSError, ValueError):
+            continue
+        return "" if created == manifest.get("parent_created") else f"its parent {parent} was rebuilt"
+    return f"its parent {parent} is gone"
+
+
 def prune_derived(cache_dir: Path, older_than_days: float = 0.0) -> list[tuple[Path, int, str]]:
-    """Remove derived images not used for ``older_than_days`` (with their
-    seeds), unless a kept derived image or a snapshot in the cache rests on
-    them; returns what went."""
+    """Remove derived images not used for ``older_than_days``, or whose parent
+    is gone or was rebuilt (with their seeds), unless a kept derived image or a
+    snapshot in the cache rests on them; returns what went."""
     found = list_derived(cache_dir)
     cutoff = time.time() - older_than_days * 86400
-    keep = {e.key for e in found if e.last_used >= cutoff}
+    keep = {e.key for e in found if e.last_used >= cutoff and not e.stale}
     held = set(seeds_under_snapshots(cache_dir))  # a snapshot's fork needs its seed, and that its image
     keep |= {str(s.manifest["key_parts"].get("image_key")) for s in list_seeds(cache_dir) if s.path in held}
     for e in found:  # what a kept layer rests on stays too
@@ -212,20 +228,24 @@ def prune_derived(cache_dir: Path, older_than_days: float = 0.0) -> list[tuple[P
             continue
         with FileLock(str(lock_path(cache_dir, e.path.name))):
             entries.remove(e.path, "prune")
-        why = f"derived image {e.manifest.get('name')} not used for {(time.time() - e.last_used) / 86400:.1f} days"
+        unused = f"not used for {(time.time() - e.last_used) / 86400:.1f} days"
+        why = f"derived image {e.manifest.get('name')} {e.stale or unused}"
         removed.append((e.path, e.size, why))
         sizes = {s.path: tree_size(s.path) for s in list_seeds(cache_dir)}
         removed += [(p, sizes.get(p, 0), f"seed of {why}") for p in remove_seeds(cache_dir, image_key=e.key)]
     return removed
 
 
-def remove_derived(cache_dir: Path, name: str) -> list[Path]:
+def remove_derived(cache_dir: Path, name: str, *, root: bool = False) -> list[Path]:
     """Remove the derived images called ``name`` (their ``.named()`` or shown
-    name, ``derived-KEY`` or a key prefix of 8+ characters), the layers that
-    rest on them and the seeds of all of those; returns what went."""
+    name, ``derived-KEY`` or a key prefix of 8+ characters; with ``root``,
+    those built on the recipe image ``name``), the layers that rest on them
+    and the seeds of all of those; returns what went."""
     found = list_derived(cache_dir)
 
     def matches(e: DerivedEntry) -> bool:
+        if root:
+            return e.manifest.get("root") == name
         return name in (e.manifest.get("name"), e.path.name) or (len(name) >= 8 and e.key.startswith(name))
 
     gone = {e.key for e in found if matches(e)}

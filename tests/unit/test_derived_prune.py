@@ -113,3 +113,50 @@ def test_rm_removes_a_derived_image_and_the_layers_on_it(tmp_path: Path, capsys:
     assert f"removed {parent}" in out and f"removed {child}" in out
     assert not parent.exists() and not child.exists() and other.is_dir()
     assert main(["--cache-dir", str(tmp_path), "image", "rm", "debian-bookworm+eeee"]) == 1  # unknown now
+
+
+def _parent(cache: Path, name: str, key: str, created: float) -> Path:
+    path = cache / "images" / f"{name}-{key}"
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps({"name": name, "key": key, "created": created}))
+    for f in ("rootfs.ext4", "vmlinuz", "initrd.img"):  # a whole entry, as the cache loads one
+        (path / f).write_bytes(b"")
+    return path
+
+
+def _on(entry: Path, root: str, parent: str, parent_key: str, parent_created: float) -> Path:
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest.update(root=root, parent=parent, parent_key=parent_key, parent_created=parent_created)
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    return entry
+
+
+def test_layers_whose_parent_is_gone_or_rebuilt_are_stale_and_pruned_even_if_used_today(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _parent(tmp_path, "debian-bookworm", "k1", created=100.0)
+    fine = _on(_entry(tmp_path, "5555", ["5555", "k1"], 0), "debian-bookworm", "debian-bookworm", "k1", 100.0)
+    rebuilt = _on(_entry(tmp_path, "6666", ["6666", "k1"], 0), "debian-bookworm", "debian-bookworm", "k1", 99.0)
+    gone = _on(_entry(tmp_path, "7777", ["7777", "k0"], 0), "debian-bookworm", "debian-bookworm", "k0", 100.0)
+    on_layer = _on(_entry(tmp_path, "8888", ["8888", "5555", "k1"], 0), "debian-bookworm", "web", "5555", 0.0)
+    stale = {e.key: e.stale for e in list_derived(tmp_path)}
+    assert stale == {
+        "5555": "",
+        "6666": "its parent debian-bookworm was rebuilt",
+        "7777": "its parent debian-bookworm is gone",
+        "8888": "",  # a derived parent, found as derived-KEY
+    }
+    assert main(["--cache-dir", str(tmp_path), "image", "list"]) == 0
+    assert "(stale: its parent debian-bookworm is gone; bottle image prune)" in capsys.readouterr().out
+    removed = prune_derived(tmp_path, 7)
+    assert sorted(p for p, _, _ in removed) == [rebuilt, gone]
+    assert fine.is_dir() and on_layer.is_dir()
+    assert any("its parent debian-bookworm is gone" in why for _, _, why in removed)
+
+
+def test_image_rm_of_a_recipe_image_removes_what_was_built_on_it(tmp_path: Path) -> None:
+    base = _parent(tmp_path, "debian-bookworm", "k1", created=100.0)
+    on_it = _on(_entry(tmp_path, "9999", ["9999", "k1"], 0), "debian-bookworm", "debian-bookworm", "k1", 100.0)
+    other = _on(_entry(tmp_path, "aaaa", ["aaaa", "t1"], 0), "debian-trixie", "debian-trixie", "t1", 100.0)
+    assert main(["--cache-dir", str(tmp_path), "image", "rm", "debian-bookworm"]) == 0
+    assert not base.exists() and not on_it.exists() and other.is_dir()
