@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,15 @@ def test_memory_sizes(value: object, mb: int) -> None:
 def test_bad_memory(value: object) -> None:
     with pytest.raises(ValueError):
         parse_memory(value)
+
+
+def test_more_memory_than_the_host_has_is_refused() -> None:
+    host_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    assert parse_memory(f"{host_mb}M") == host_mb  # all of it is the user's call
+    with pytest.raises(ValueError, match=rf"'4T' is more memory than this host has \({host_mb}M\)"):
+        parse_memory("4T")
+    with pytest.raises(SpecError, match="more memory than this host has"):
+        resolve([("@pytest.mark.bottle on tests/test_x.py::test_y", {"memory": host_mb + 1})])
 
 
 def test_precedence_first_layer_wins() -> None:
