@@ -44,9 +44,9 @@ FORK_KEYS = ("forward", "timeout")
 
 def check_fork_args(kwargs: dict[str, Any], source: str) -> dict[str, Any]:
     """The fork arguments in ``kwargs`` (``forward``, ``timeout``), checked; any
-    other argument is a ``SpecError`` naming it."""
-    for key in kwargs:
-        if key not in FORK_KEYS:
+    other argument is a ``SpecError`` naming it (``None`` is "not set", as everywhere)."""
+    for key, value in kwargs.items():
+        if key not in FORK_KEYS and value is not None:
             raise SpecError(
                 f"{key}= cannot be given to a fork of a snapshot: it comes from the snapshot "
                 f"(a fork takes only {', '.join(k + '=' for k in FORK_KEYS)})",

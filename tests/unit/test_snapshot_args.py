@@ -19,6 +19,7 @@ def test_fork_takes_forward_and_timeout() -> None:
     assert check_fork_args({}, "s") == {}
     assert check_fork_args({"forward": "80, 22", "timeout": "30"}, "s") == {"forward": (22, 80), "timeout": 30.0}
     assert check_fork_args({"forward": None}, "s") == {}  # None: not given, as everywhere
+    assert check_fork_args({"lan": None, "memory": None, "timeout": 5}, "s") == {"timeout": 5.0}
 
 
 @pytest.mark.parametrize("key", ["image", "memory", "cpus", "network", "lan", "boot", "accel", "cache_dir", "colour"])
