@@ -7,12 +7,10 @@ package; in the guest they lie side by side in /usr/lib/pytest-bottle.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
 import queue
-import stat
 import sys
 import threading
 import time
@@ -20,9 +18,10 @@ from collections.abc import Callable
 from typing import IO, Any
 
 try:  # on the host, as part of the package
-    from . import execute, frames, handoff, identity, system, terminal
+    from . import execute, files, frames, handoff, identity, system, terminal
 except ImportError:  # in the guest, files side by side
     import execute  # type: ignore[import-not-found,no-redef]
+    import files  # type: ignore[import-not-found,no-redef]
     import frames  # type: ignore[import-not-found,no-redef]
     import handoff  # type: ignore[import-not-found,no-redef]
     import identity  # type: ignore[import-not-found,no-redef]
@@ -33,7 +32,7 @@ except ImportError:  # in the guest, files side by side
 PARK_GRACE = 1.0
 
 
-class Agent(terminal.ProcessOps, system.SystemOps):
+class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
     def __init__(self, chan: frames.Channel) -> None:
         self.chan = chan
         self.inboxes: dict[int, frames.Inbox] = {}
@@ -272,123 +271,6 @@ class Agent(terminal.ProcessOps, system.SystemOps):
             # the feeder thread must not wait for them.
             inbox.put(frames.EOF, b"")
         return {"rc": child.returncode, "timed_out": timed_out}
-
-    def op_write(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
-        """Write a file atomically; a file it replaces keeps its mode and owner
-        unless a mode is given; ``into_dir`` names the file if ``path`` is a directory."""
-        path = os.path.realpath(call["path"])  # through a symlink, like a shell redirect
-        shown = call["path"]  # what an error names: the caller's path, not our temporary
-        if call.get("into_dir") and os.path.isdir(path):
-            path = os.path.join(path, call["into_dir"])
-            shown = os.path.join(shown, call["into_dir"])
-        if _in_place(path):
-            with open(path, "wb", buffering=0) as f:
-                for chunk in inbox.chunks():
-                    f.write(chunk)
-            return {"size": os.path.getsize(path), "path": path}
-        tmp = f"{path}.bottle-{rid}.tmp"
-        try:
-            _makedirs(os.path.dirname(path) or "/")
-            old = os.stat(path) if os.path.isfile(path) else None
-            with open(tmp, "wb") as f:
-                for chunk in inbox.chunks():
-                    f.write(chunk)
-                mode = call.get("mode")
-                if mode is None and old is not None:
-                    mode = stat.S_IMODE(old.st_mode)
-                if mode is not None:
-                    os.fchmod(f.fileno(), int(mode))
-                if old is not None:
-                    os.fchown(f.fileno(), old.st_uid, old.st_gid)
-            os.replace(tmp, path)
-        except BaseException as e:  # data still coming stops at the reply
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if isinstance(e, OSError) and e.filename == tmp:
-                e.filename = shown
-            raise
-        return {"size": os.path.getsize(path), "path": path}
-
-    def op_read(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
-        size = 0
-        with open(call["path"], "rb") as f:
-            limit = call.get("limit")  # a file known to be larger is refused before it is sent
-            if isinstance(limit, int) and os.fstat(f.fileno()).st_size > limit:
-                raise OSError(errno.EFBIG, "File too large", call["path"])
-            while chunk := f.read(frames.CHUNK):
-                size += len(chunk)
-                self.emit(rid, frames.DATA, chunk)
-        self.chan.send(frames.frame(frames.EOF, rid))
-        return {"size": size}
-
-    def op_stat(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
-        st = os.stat(call["path"])
-        return {"mode": st.st_mode, "size": st.st_size, "is_dir": os.path.isdir(call["path"])}
-
-    def op_untar(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
-        """Extract the host's tar stream into ``path`` under the PUT policy: modes
-        as given (directories that were there keep theirs), owned by root (the
-        agent's own), the guest's own links to directories followed like cp and
-        tar do (merged /usr), never a link the stream itself made."""
-        try:  # only here: every import costs time in an emulated boot
-            from . import untar
-        except ImportError:
-            import untar  # type: ignore[import-not-found,no-redef]
-
-        dst = call["path"]
-        made = not os.path.isdir(dst)  # only a directory made here takes the archive root's mode
-        _makedirs(dst)
-        stream = frames.InboxReader(inbox)
-        try:
-            untar.extract(stream.read, dst, untar.PUT, own_root=made)
-        except untar.Refused as e:  # a reply, not an error: the host raises UnsafeTransfer
-            return {"refused": {"path": e.path, "reason": e.reason}}
-        finally:
-            stream.drain()
-        return {}
-
-    def op_tar(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
-        src = os.path.realpath(call["path"])  # a symlink to a directory copies the directory
-        if not os.path.isdir(src):
-            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", src)
-        import tarfile
-
-        def emit(data: bytes) -> None:
-            if _cancelled(inbox):  # the host refused what it got so far: stop
-                raise frames.Aborted("the host stopped reading the archive")
-            self.emit(rid, frames.DATA, data)
-
-        out = frames.FrameWriter(emit)
-        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-            tar.add(src, arcname=".")
-        out.flush()
-        self.chan.send(frames.frame(frames.EOF, rid))
-        return {}
-
-
-def _in_place(path: str) -> bool:
-    """Kernel files (/proc, /sys) and devices are written as a shell redirect
-    writes them: a temporary file beside them cannot be made, or means nothing.
-    A FIFO is not: opening it would wait for a reader, past any cancel."""
-    if path.startswith(("/proc/", "/sys/")):
-        return True
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-
-
-def _makedirs(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-    except FileExistsError:  # a file where a directory must be: say that, not "exists"
-        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
-
-
-def _cancelled(inbox: frames.Inbox) -> bool:
-    with inbox.cond:
-        return any(kind == frames.CANCEL for kind, _ in inbox.items)
 
 
 def _feed(stdin: IO[bytes], inbox: frames.Inbox) -> None:

@@ -17,6 +17,7 @@ GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 GUEST_FILES = (
     "agent.py",
     "frames.py",
+    "files.py",
     "identity.py",
     "execute.py",
     "tarstream.py",

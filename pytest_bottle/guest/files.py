@@ -1,0 +1,141 @@
+"""The agent's file calls: write, read, stat, and directory trees both ways
+(mixed into ``agent.Agent``)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from typing import Any
+
+try:  # on the host, as part of the package
+    from . import frames
+except ImportError:  # in the guest, files side by side
+    import frames  # type: ignore[import-not-found,no-redef]
+
+
+class FileOps:
+    """Mixed into ``agent.Agent``: uses its ``emit`` and ``chan``."""
+
+    emit: Callable[[int, int, bytes], None]
+    chan: frames.Channel
+
+    def op_write(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
+        """Write a file atomically; a file it replaces keeps its mode and owner
+        unless a mode is given; ``into_dir`` names the file if ``path`` is a directory."""
+        path = os.path.realpath(call["path"])  # through a symlink, like a shell redirect
+        shown = call["path"]  # what an error names: the caller's path, not our temporary
+        st = _stat(path)
+        if call.get("into_dir") and st is not None and stat.S_ISDIR(st.st_mode):
+            path = os.path.join(path, call["into_dir"])
+            shown = os.path.join(shown, call["into_dir"])
+            st = _stat(path)
+        if path.startswith(("/proc/", "/sys/")) or (
+            st is not None and (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode))
+        ):
+            # Written as a shell redirect writes them: a temporary file beside
+            # them cannot be made, or means nothing. A FIFO is not: opening it
+            # would wait for a reader, past any cancel.
+            with open(path, "wb", buffering=0) as f:
+                for chunk in inbox.chunks():
+                    f.write(chunk)
+            return {"size": os.path.getsize(path), "path": path}
+        old = st if st is not None and stat.S_ISREG(st.st_mode) else None
+        tmp = f"{path}.bottle-{rid}.tmp"
+        size = 0
+        try:
+            _makedirs(os.path.dirname(path) or "/")
+            with open(tmp, "wb") as f:
+                for chunk in inbox.chunks():
+                    size += f.write(chunk)
+                mode = call.get("mode")
+                if mode is None and old is not None:
+                    mode = stat.S_IMODE(old.st_mode)
+                if mode is not None:
+                    os.fchmod(f.fileno(), int(mode))
+                if old is not None:
+                    os.fchown(f.fileno(), old.st_uid, old.st_gid)
+            os.replace(tmp, path)
+        except BaseException as e:  # data still coming stops at the reply
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if isinstance(e, OSError) and e.filename == tmp:
+                e.filename = shown
+            raise
+        return {"size": size, "path": path}
+
+    def op_read(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
+        size = 0
+        with open(call["path"], "rb") as f:
+            limit = call.get("limit")  # a file known to be larger is refused before it is sent
+            if isinstance(limit, int) and os.fstat(f.fileno()).st_size > limit:
+                raise OSError(errno.EFBIG, "File too large", call["path"])
+            while chunk := f.read(frames.CHUNK):
+                size += len(chunk)
+                self.emit(rid, frames.DATA, chunk)
+        self.chan.send(frames.frame(frames.EOF, rid))
+        return {"size": size}
+
+    def op_stat(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
+        st = os.stat(call["path"])
+        return {"mode": st.st_mode, "size": st.st_size, "is_dir": os.path.isdir(call["path"])}
+
+    def op_untar(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
+        """Extract the host's tar stream into ``path`` under the PUT policy: modes
+        as given (directories that were there keep theirs), owned by root (the
+        agent's own), the guest's own links to directories followed like cp and
+        tar do (merged /usr), never a link the stream itself made."""
+        try:  # only here: every import costs time in an emulated boot
+            from . import untar
+        except ImportError:
+            import untar  # type: ignore[import-not-found,no-redef]
+
+        dst = call["path"]
+        made = not os.path.isdir(dst)  # only a directory made here takes the archive root's mode
+        _makedirs(dst)
+        stream = frames.InboxReader(inbox)
+        try:
+            untar.extract(stream.read, dst, untar.PUT, own_root=made)
+        except untar.Refused as e:  # a reply, not an error: the host raises UnsafeTransfer
+            return {"refused": {"path": e.path, "reason": e.reason}}
+        finally:
+            stream.drain()
+        return {}
+
+    def op_tar(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
+        src = os.path.realpath(call["path"])  # a symlink to a directory copies the directory
+        if not os.path.isdir(src):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", src)
+        import tarfile
+
+        def emit(data: bytes) -> None:
+            if _cancelled(inbox):  # the host refused what it got so far: stop
+                raise frames.Aborted("the host stopped reading the archive")
+            self.emit(rid, frames.DATA, data)
+
+        out = frames.FrameWriter(emit)
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            tar.add(src, arcname=".")
+        out.flush()
+        self.chan.send(frames.frame(frames.EOF, rid))
+        return {}
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _makedirs(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:  # a file where a directory must be: say that, not "exists"
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
+
+
+def _cancelled(inbox: frames.Inbox) -> bool:
+    with inbox.cond:
+        return any(kind == frames.CANCEL for kind, _ in inbox.items)
