@@ -122,6 +122,10 @@ def test_mounts_below_a_path_come_deepest_first_once_per_mount() -> None:
 
 @pytest.mark.parametrize("socket", ["/run/x/agent.sock", None])
 def test_the_keep_message_offers_a_shell_only_if_the_agent_is_served(socket: str | None) -> None:
-    kept = SimpleNamespace(name="btl-1", pid=7, console_log_path="c.log", ssh_config="ssh.cfg", agent_socket=socket)
+    kept = SimpleNamespace(
+        name="btl-1", pid=7, console_log_path="c.log", ssh_config="ssh.cfg", agent_socket=socket, kept=True
+    )
     text = keep_message(kept)  # type: ignore[arg-type]
     assert ("bottle shell btl-1" in text) == (socket is not None) and "bottle stop btl-1" in text
+    stopped = keep_message(SimpleNamespace(name="btl-2", kept=False))  # type: ignore[arg-type]
+    assert stopped.startswith("btl-2: not kept: it had stopped") and "bottle stop" not in stopped
