@@ -163,6 +163,7 @@ def run_shell(
     file) does not, as with ``ssh`` without ``-t``: the command reads it as
     its stdin, and its stdout and stderr stay apart."""
     channel = agent.channel
+    input_failed = threading.Event()
     if os.isatty(stdin):
         rows, cols = window_size(stdin)
         rid, call = agent.start_pty(
@@ -173,8 +174,7 @@ def run_shell(
             "exec", lambda k, d: _show(stdout if k == STDOUT else stderr, k, d), argv=argv or LOGIN_SHELL, env={},
             cwd=None, user=None, timeout=None, stdin=True,
         )  # fmt: skip
-        feeder = threading.Thread(target=_feed, args=(channel, rid, stdin), daemon=True)
-        feeder.start()
+        threading.Thread(target=_feed, args=(channel, rid, stdin, stderr, input_failed), daemon=True).start()
     resized: queue.SimpleQueue[int] = queue.SimpleQueue()
     main = threading.current_thread() is threading.main_thread()  # only it may handle signals
     handlers = {signal.SIGWINCH: lambda *_: resized.put(1), signal.SIGHUP: _hang_up, signal.SIGTERM: _hang_up}
@@ -198,7 +198,11 @@ def run_shell(
                 termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    if isinstance(reply.get("stderr_text"), str):  # a command that could not start says why
+        _show(stderr, STDERR, reply["stderr_text"].encode())
     rc = reply.get("rc")
+    if input_failed.is_set():
+        return 1
     return rc if type(rc) is int and 0 <= rc < 256 else 128 + abs(rc) if type(rc) is int else 1
 
 
@@ -220,12 +224,29 @@ def _relay(agent: AgentClient, rid: int, call: Call, stdin: int, resized: queue.
         channel.check(call, "shell")
 
 
-def _feed(channel: AgentChannel, rid: int, stdin: int) -> None:
-    """Local input that is not a terminal, as the command's stdin, then its end."""
+def _feed(channel: AgentChannel, rid: int, stdin: int, stderr: int, failed: threading.Event) -> None:
+    """Local input that is not a terminal, as the command's stdin, then its end.
+    If reading it fails, the command is cancelled (its reply still comes) and
+    ``failed`` set: the exit code is then 1, whatever the command's."""
     try:
-        channel.send_data(rid, iter(lambda: os.read(stdin, CHUNK), b""))
-    except (AgentError, OSError):  # the channel broke (the call reports it), or our input did
-        channel.forget(rid)
+        channel.send_data(rid, _input(stdin))
+    except AgentError:  # the channel broke: the call reports it
+        pass
+    except OSError as e:
+        failed.set()
+        _show(stderr, STDERR, f"bottle shell: reading the input failed: {e}\n".encode())
+
+
+def _input(fd: int) -> Iterator[bytes]:
+    while True:
+        select.select([fd], [], [])  # an input left non-blocking by whoever opened it works too
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        yield data
 
 
 def _show(fd: int, kind: int, data: bytes) -> None:

@@ -227,9 +227,13 @@ def prune_derived(cache_dir: Path, older_than_days: float = 0.0) -> list[tuple[P
         if e.key in keep:
             continue
         with FileLock(str(lock_path(cache_dir, e.path.name))):
+            # Judged again under its lock: a run may have just rebuilt or used it.
+            now = next((n for n in list_derived(cache_dir) if n.path == e.path), None)
+            if now is None or (now.last_used >= cutoff and not now.stale):
+                continue
             entries.remove(e.path, "prune")
-        unused = f"not used for {(time.time() - e.last_used) / 86400:.1f} days"
-        why = f"derived image {e.manifest.get('name')} {e.stale or unused}"
+        unused = f"not used for {(time.time() - now.last_used) / 86400:.1f} days"
+        why = f"derived image {now.manifest.get('name')} {now.stale or unused}"
         removed.append((e.path, e.size, why))
         sizes = {s.path: tree_size(s.path) for s in list_seeds(cache_dir)}
         removed += [(p, sizes.get(p, 0), f"seed of {why}") for p in remove_seeds(cache_dir, image_key=e.key)]

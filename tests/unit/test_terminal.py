@@ -143,6 +143,42 @@ def test_run_shell_with_piped_input_ends_when_the_input_does(local: AgentClient,
     assert text.strip() in seen
 
 
+def test_piped_input_failures_and_a_missing_command_end_with_a_message(local: AgentClient, tmp_path: Path) -> None:
+    """Input that is not a terminal: a missing command says so; input left
+    non-blocking still arrives; input that cannot be read ends the command."""
+    err_r, err_w = os.pipe()
+    out_r, out_w = os.pipe()
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        assert run_shell(local, ["no-such-command-x"], stdin=r, stdout=out_w, stderr=err_w) == 127
+        assert b"no-such-command-x: not found" in os.read(err_r, 65536)
+        slow_r, slow_w = os.pipe()
+        os.set_blocking(slow_r, False)  # as a parent process may leave it
+
+        def late() -> None:
+            os.write(slow_w, b"late\n")
+            os.close(slow_w)
+
+        threading.Timer(0.5, late).start()
+        assert run_shell(local, ["cat"], stdin=slow_r, stdout=out_w, stderr=err_w) == 0
+        assert os.read(out_r, 65536) == b"late\n"
+        os.close(slow_r)
+        directory = os.open(tmp_path, os.O_RDONLY)  # readable for select, EISDIR for read
+        got: list[int] = []
+        t = threading.Thread(
+            target=lambda: got.append(run_shell(local, ["cat"], stdin=directory, stdout=out_w, stderr=err_w))
+        )
+        t.start()
+        t.join(20)
+        os.close(directory)
+        assert got == [1], ("run_shell hung on input it could not read", got)
+        assert b"reading the input failed" in os.read(err_r, 65536)
+    finally:
+        for fd in (r, err_r, err_w, out_r, out_w):
+            os.close(fd)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
 def test_a_hung_up_shell_ends_its_guest_shell(local: AgentClient, sig: int) -> None:
     """The local terminal closed (SIGHUP) or `bottle shell` told to stop: the
