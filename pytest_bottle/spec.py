@@ -61,12 +61,17 @@ def parse_memory(value: Any) -> int:
         raise ValueError(f"not a size: {value!r} (use e.g. 512M or 1G)")
     if mb < MIN_MEMORY_MB:
         raise ValueError(f"{value!r} is too little memory: at least {MIN_MEMORY_MB}M is needed to boot")
-    # More than the host has: the guest kernel alone would map it (its page
-    # structures for 4T are 64G), and the boot crawls until the timeout.
-    host_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
-    if mb > host_mb:
-        raise ValueError(f"{value!r} is more memory than this host has ({host_mb}M)")
     return mb
+
+
+def check_host_memory(memory_mb: int) -> None:
+    """Refuse more memory than this host has, where the VM is to run (a spec
+    may be resolved on another host: an xdist controller). The guest kernel
+    alone would map it (its page structures for 4T are 64G): a boot that
+    crawls until its timeout."""
+    host_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    if memory_mb > host_mb:
+        raise SpecError(f"memory {memory_mb}M is more than this host has ({host_mb}M)", "bad memory")
 
 
 def _int_in(lo: int, hi: int, what: str) -> Callable[[Any], int]:

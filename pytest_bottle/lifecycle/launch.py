@@ -12,7 +12,7 @@ from ..bottle import Bottle
 from ..errors import BootError, SnapshotError, SnapshotGone, SpecError
 from ..images import BuiltImage, ensure_image
 from ..net.lan import LanRegistry
-from ..spec import BottleSpec, resolve
+from ..spec import BottleSpec, check_host_memory, resolve
 from ..store.saved import SavedState, StateCorrupt, discard, in_use, verify
 from ..store.seeds import ensure_seed
 from ..store.snapshots import seed_of
@@ -76,6 +76,7 @@ def start_bottle(
 ) -> Bottle:
     """Start a bottle for a resolved spec.  ``lans`` scopes LAN names (default: process-wide).
     ``fork_of``: the image and the snapshot to restore instead of a seed."""
+    check_host_memory(spec.memory_mb)
     if fork_of is None:
         image = ensure_image(spec.image, spec.cache_dir, rebuild_before=rebuild_before, pull=spec.image_pull)
         accel = accel_for(spec.accel, image, spec.cache_dir).accel
