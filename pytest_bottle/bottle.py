@@ -285,7 +285,7 @@ class Bottle:
 
     def address(self, guest_port: int) -> tuple[str, int]:
         """Host-side (address, port) of a forwarded guest TCP port."""
-        if self._closed:  # its port is released: another bottle may hold it now
+        if self._closed and not self.kept:  # its port is released: another bottle may hold it now
             raise AgentError(f"bottle {self.name} was closed")
         try:
             where = self._forwards[int(guest_port)]
@@ -294,7 +294,8 @@ class Bottle:
                 f"guest port {guest_port} of {self.name} is not forwarded; forwarded ports: "
                 f"{sorted(self._forwards) or 'none'} (use forward=[{guest_port}])"
             ) from None
-        self._announce_nic()
+        if not self._closed:
+            self._announce_nic()
         return where
 
     def _announce_nic(self) -> None:

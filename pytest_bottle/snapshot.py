@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import SnapshotError, SnapshotGone, SpecError
 from .images import BuiltImage
 from .images.cache import find_image, images_dir
-from .spec import BottleSpec, resolve
+from .spec import PARSERS, BottleSpec, resolve
 from .store import snapshots
 from .store.saved import SavedState, StateCorrupt, load, lock_path, verify
 from .vmm.machine import QemuMachine
@@ -46,7 +46,7 @@ def check_fork_args(kwargs: dict[str, Any], source: str) -> dict[str, Any]:
     """The fork arguments in ``kwargs`` (``forward``, ``timeout``), checked; any
     other argument is a ``SpecError`` naming it (``None`` is "not set", as everywhere)."""
     for key, value in kwargs.items():
-        if key not in FORK_KEYS and value is not None:
+        if key not in FORK_KEYS and (value is not None or key not in PARSERS):  # a misspelt name is named
             raise SpecError(
                 f"{key}= cannot be given to a fork of a snapshot: it comes from the snapshot "
                 f"(a fork takes only {', '.join(k + '=' for k in FORK_KEYS)})",

@@ -10,6 +10,7 @@ import pty
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -286,6 +287,8 @@ def test_keep_ends_the_tests_processes(stop_kept: list[str]) -> None:
     left.wait(30)
     b.wait_until_succeeds("test -s /tmp/ticker", timeout=30)
     b.keep()
+    host, port = b.address(22)  # still held, by its QEMU now: ssh reaches it there
+    socket.create_connection((host, port), timeout=10).close()
     time.sleep(4)
     r = subprocess.run(
         [sys.executable, "-m", "pytest_bottle.cli", "shell", b.name, "--",

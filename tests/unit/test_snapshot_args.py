@@ -20,6 +20,8 @@ def test_fork_takes_forward_and_timeout() -> None:
     assert check_fork_args({"forward": "80, 22", "timeout": "30"}, "s") == {"forward": (22, 80), "timeout": 30.0}
     assert check_fork_args({"forward": None}, "s") == {}  # None: not given, as everywhere
     assert check_fork_args({"lan": None, "memory": None, "timeout": 5}, "s") == {"timeout": 5.0}
+    with pytest.raises(SpecError, match="memroy= cannot be given"):  # a misspelt name, even as None
+        check_fork_args({"memroy": None}, "s")
 
 
 @pytest.mark.parametrize("key", ["image", "memory", "cpus", "network", "lan", "boot", "accel", "cache_dir", "colour"])
