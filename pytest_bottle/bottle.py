@@ -106,6 +106,10 @@ class Bottle:
         """True while the VM runs and its agent channel is open."""
         return not self._closed and self._machine.alive() and not self._channel.closed.is_set()
 
+    def vm_running(self) -> bool:
+        """True while its QEMU runs, whatever its agent does (``keep()`` keeps such a VM for SSH)."""
+        return not self._closed and self._machine.alive()
+
     @property
     def console_log(self) -> str:
         """The serial console output so far (after ``close()``: as it was then)."""
@@ -360,9 +364,9 @@ class Bottle:
                 f"bottle {self.name} cannot be kept: its QEMU ends with this process "
                 "(start it with launch(detached=True) to keep it)"
             )
-        if not self._closed and not self.alive():  # nothing to hand over: say so, and let go of it
+        if not self._closed and not self.vm_running():  # nothing to hand over: say so, and let go of it
             self.close()
-            raise BottleError(f"bottle {self.name} cannot be kept: it has stopped (its QEMU or its agent is gone)")
+            raise BottleError(f"bottle {self.name} cannot be kept: it has stopped (its QEMU is gone)")
         if not self._closed:  # whoever reaches it next (ssh -F ...) must not stall
             self._announce_nic()
             try:  # the test's processes end as with close(): unread, a chatty one would hang on its full pipe

@@ -29,6 +29,7 @@ class BottleReports:
         self.manager = manager
         self.keep = keep
         self.kept: list[str] = []
+        self.not_kept: list[str] = []
         self.running: str | None = None  # the test whose protocol runs now
         self.made: dict[str, list[Bottle]] = {}  # bottles of longer-lived groups, by the test that made them
 
@@ -73,14 +74,19 @@ class BottleReports:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for key, value in report.user_properties:
-            if key == "bottle_kept" and str(value) not in self.kept:
-                self.kept.append(str(value))
+            lines = {"bottle_kept": self.kept, "bottle_not_kept": self.not_kept}.get(key)
+            if lines is not None and str(value) not in lines:
+                lines.append(str(value))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self.kept:
-            terminalreporter.section("bottles kept running (--bottle-keep)")
-            for text in self.kept:
-                terminalreporter.write_line(text)
+        for title, lines in (
+            ("bottles kept running (--bottle-keep)", self.kept),
+            ("bottles not kept (--bottle-keep): they had stopped", self.not_kept),
+        ):
+            if lines:
+                terminalreporter.section(title)
+                for text in lines:
+                    terminalreporter.write_line(text)
 
 
 def keep_message(b: Bottle) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..bottle import Bottle
+from ..errors import BottleError
 from ..net.lan import LanRegistry
 from ..snapshot import Snapshot, close_snapshot_scope, open_snapshot_scope
 from ..spec import BottleSpec
@@ -151,8 +152,13 @@ class BottleManager:
             try:
                 if keep and not bottle.closed:
                     kept.append(bottle)
-                if keep and bottle.alive():
-                    bottle.keep()
+                if keep and bottle.vm_running():
+                    try:
+                        bottle.keep()
+                    except BottleError:
+                        if bottle.kept or not bottle.closed:
+                            raise
+                        # it stopped meanwhile: closed, and reported as not kept
                 else:  # a VM that stopped in the test is not reported as running
                     bottle.close()
             except Exception as e:  # close the others anyway, then report
