@@ -163,7 +163,8 @@ def run_shell(
     file) does not, as with ``ssh`` without ``-t``: the command reads it as
     its stdin, and its stdout and stderr stay apart."""
     channel = agent.channel
-    input_failed = threading.Event()
+    input_failed, input_done = threading.Event(), threading.Event()
+    feeder: threading.Thread | None = None
     if os.isatty(stdin):
         rows, cols = window_size(stdin)
         rid, call = agent.start_pty(
@@ -174,7 +175,8 @@ def run_shell(
             "exec", lambda k, d: _show(stdout if k == STDOUT else stderr, k, d), argv=argv or LOGIN_SHELL, env={},
             cwd=None, user=None, timeout=None, stdin=True,
         )  # fmt: skip
-        threading.Thread(target=_feed, args=(channel, rid, stdin, stderr, input_failed), daemon=True).start()
+        feeder = threading.Thread(target=_feed, args=(channel, rid, stdin, stderr, input_failed, input_done))
+        feeder.start()
     resized: queue.SimpleQueue[int] = queue.SimpleQueue()
     main = threading.current_thread() is threading.main_thread()  # only it may handle signals
     handlers = {signal.SIGWINCH: lambda *_: resized.put(1), signal.SIGHUP: _hang_up, signal.SIGTERM: _hang_up}
@@ -198,6 +200,9 @@ def run_shell(
                 termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        input_done.set()
+        if feeder is not None:  # gone before we return: the caller may close (and reuse) the input's fd
+            feeder.join(5)
     if isinstance(reply.get("stderr_text"), str):  # a command that could not start says why
         _show(stderr, STDERR, reply["stderr_text"].encode())
     rc = reply.get("rc")
@@ -224,12 +229,14 @@ def _relay(agent: AgentClient, rid: int, call: Call, stdin: int, resized: queue.
         channel.check(call, "shell")
 
 
-def _feed(channel: AgentChannel, rid: int, stdin: int, stderr: int, failed: threading.Event) -> None:
+def _feed(
+    channel: AgentChannel, rid: int, stdin: int, stderr: int, failed: threading.Event, done: threading.Event
+) -> None:
     """Local input that is not a terminal, as the command's stdin, then its end.
     If reading it fails, the command is cancelled (its reply still comes) and
     ``failed`` set: the exit code is then 1, whatever the command's."""
     try:
-        channel.send_data(rid, _input(stdin))
+        channel.send_data(rid, _input(stdin, done))
     except AgentError:  # the channel broke: the call reports it
         pass
     except OSError as e:
@@ -237,9 +244,11 @@ def _feed(channel: AgentChannel, rid: int, stdin: int, stderr: int, failed: thre
         _show(stderr, STDERR, f"bottle shell: reading the input failed: {e}\n".encode())
 
 
-def _input(fd: int) -> Iterator[bytes]:
-    while True:
-        select.select([fd], [], [])  # an input left non-blocking by whoever opened it works too
+def _input(fd: int, done: threading.Event) -> Iterator[bytes]:
+    while not done.is_set():  # the shell ended: stop reading its input
+        # select: an input left non-blocking by whoever opened it works too
+        if not select.select([fd], [], [], 0.1)[0]:
+            continue
         try:
             data = os.read(fd, CHUNK)
         except BlockingIOError:
