@@ -180,20 +180,21 @@ class DerivedEntry:
 
 
 def list_derived(cache_dir: Path) -> list[DerivedEntry]:
-    found = []
-    for path in entries.list_entries(images_dir(cache_dir)):
-        if not path.name.startswith("derived-"):
-            continue
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except (OSError, ValueError):
-            continue
-        try:
-            used = (path / USED_STAMP).stat().st_mtime
-        except OSError:
-            used = float(manifest.get("created", 0.0))
-        found.append(DerivedEntry(path, manifest, tree_size(path), used, _stale(cache_dir, manifest)))
-    return found
+    paths = entries.list_entries(images_dir(cache_dir))
+    found = [_entry(cache_dir, p) for p in paths if p.name.startswith("derived-")]
+    return [e for e in found if e is not None]
+
+
+def _entry(cache_dir: Path, path: Path) -> DerivedEntry | None:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        used = (path / USED_STAMP).stat().st_mtime
+    except OSError:
+        used = float(manifest.get("created", 0.0))
+    return DerivedEntry(path, manifest, tree_size(path), used, _stale(cache_dir, manifest))
 
 
 def _stale(cache_dir: Path, manifest: dict[str, Any]) -> str:
@@ -228,7 +229,7 @@ def prune_derived(cache_dir: Path, older_than_days: float = 0.0) -> list[tuple[P
             continue
         with FileLock(str(lock_path(cache_dir, e.path.name))):
             # Judged again under its lock: a run may have just rebuilt or used it.
-            now = next((n for n in list_derived(cache_dir) if n.path == e.path), None)
+            now = _entry(cache_dir, e.path)
             if now is None or (now.last_used >= cutoff and not now.stale):
                 continue
             entries.remove(e.path, "prune")
