@@ -165,7 +165,8 @@ def run_shell(
     channel = agent.channel
     input_failed, input_done = threading.Event(), threading.Event()
     feeder: threading.Thread | None = None
-    if os.isatty(stdin):
+    tty_in = os.isatty(stdin)
+    if tty_in:
         rows, cols = window_size(stdin)
         rid, call = agent.start_pty(
             argv, term=os.environ.get("TERM", "vt100"), rows=rows, cols=cols, sink=lambda k, d: _show(stdout, k, d)
@@ -181,7 +182,7 @@ def run_shell(
     main = threading.current_thread() is threading.main_thread()  # only it may handle signals
     handlers = {signal.SIGWINCH: lambda *_: resized.put(1), signal.SIGHUP: _hang_up, signal.SIGTERM: _hang_up}
     old = {sig: signal.signal(sig, fn) for sig, fn in handlers.items()} if main else {}
-    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    saved = termios.tcgetattr(stdin) if tty_in else None
     try:
         if saved is not None:
             tty.setraw(stdin)
@@ -205,9 +206,9 @@ def run_shell(
             feeder.join(5)
     if isinstance(reply.get("stderr_text"), str):  # a command that could not start says why
         _show(stderr, STDERR, reply["stderr_text"].encode())
-    rc = reply.get("rc")
     if input_failed.is_set():
         return 1
+    rc = reply.get("rc")
     return rc if type(rc) is int and 0 <= rc < 256 else 128 + abs(rc) if type(rc) is int else 1
 
 
