@@ -42,6 +42,8 @@ FILE_TIMEOUT = 300.0
 EXEC_OUTPUT_CAP = 64 * 1024 * 1024
 # The most read_bytes/read_text hold in memory (use get() for more).
 READ_CAP = 1024 * 1024 * 1024
+# How long keep() gives a VM whose agent is gone to finish powering off.
+STOPPING_GRACE = 10.0
 
 
 # Output watched as it comes (spawn, on_output): Python block-buffers a pipe,
@@ -372,6 +374,10 @@ class Bottle:
             try:  # the test's processes end as with close(): unread, a chatty one would hang on its full pipe
                 self._agent.end_processes(timeout=10)
             except BottleError as e:
+                # An agent gone with a poweroff under way: QEMU follows within seconds, nothing to keep.
+                if self._channel.closed.is_set() and self._machine.wait(STOPPING_GRACE) is not None:
+                    self.close()
+                    raise BottleError(f"bottle {self.name} cannot be kept: it has stopped (its QEMU is gone)") from e
                 log.warning("bottle %s: could not end its processes before keeping it: %s", self.name, e)
         with self._close_lock:
             if self._closed:

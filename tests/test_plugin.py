@@ -227,8 +227,9 @@ def test_keep_leaves_a_failed_vm_running(pytester: pytest.Pytester, stop_kept: l
             open("stopped.txt", "w").write(bottle.name)
             bottle.exec("systemctl poweroff --no-block")
             deadline = time.monotonic() + 120
-            while bottle.alive() and time.monotonic() < deadline:
+            while bottle.vm_running() and time.monotonic() < deadline:  # QEMU gone, not only the agent
                 time.sleep(0.2)
+            open("vm_running.txt", "w").write(str(bottle.vm_running()))
             assert False
     """)
     result = run(pytester, "--bottle-keep")
@@ -236,6 +237,7 @@ def test_keep_leaves_a_failed_vm_running(pytester: pytest.Pytester, stop_kept: l
     stopped = (pytester.path / "stopped.txt").read_text()
     stop_kept.extend([failed, passed, stopped])  # stopped whatever happens below
     result.assert_outcomes(passed=1, failed=2)
+    assert (pytester.path / "vm_running.txt").read_text() == "False", "its QEMU did not end within 120 s of poweroff"
     # a VM that stopped in its failing test is not reported as running, nor listed
     result.stdout.fnmatch_lines(
         ["*bottles not kept (--bottle-keep): they had stopped*", f"{stopped}: not kept: it had stopped before*"]

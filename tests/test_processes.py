@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
-from harness import check_release
+from harness import check_release, wait_until
 
 import pytest_bottle
-from pytest_bottle import Bottle, GuestProcess, OutputTimeout, ProcessTimeout
+from pytest_bottle import Bottle, BottleError, GuestProcess, OutputTimeout, ProcessTimeout
 from pytest_bottle.guest.terminal import set_size
 
 
@@ -298,6 +299,42 @@ def test_keep_ends_the_tests_processes(stop_kept: list[str]) -> None:
     assert r.returncode == 0 and "no-sleep" in r.stdout, r
     age = int(re.search(r"age=(\d+)", r.stdout).group(1))  # type: ignore[union-attr]
     assert age >= 3 and ticker.poll() == -9, r.stdout  # it stopped at keep(), seconds before the shell
+
+
+def test_keep_lets_go_of_a_bottle_that_stopped(stop_kept: list[str]) -> None:
+    b = pytest_bottle.launch(detached=True)
+    stop_kept.append(b.name)
+    b.exec("systemctl poweroff --no-block")
+    wait_until(lambda: not b.vm_running(), 120, "its QEMU ends after poweroff")
+    with pytest.raises(BottleError, match="cannot be kept: it has stopped"):
+        b.keep()
+    assert b.closed and not b.kept
+
+
+def test_keep_waits_for_a_qemu_on_its_way_out(stop_kept: list[str]) -> None:
+    """QEMU closes the agent's socket a moment before it exits: a VM caught in
+    that moment is not reported kept (and then found dead by `bottle ps`).
+    The channel is closed here by hand to hold that moment open."""
+    b = pytest_bottle.launch(detached=True)
+    stop_kept.append(b.name)
+    qemu = psutil.Process(b.pid)
+    b.exec(["systemd-run", "--no-block", "sh", "-c", "sleep 2; poweroff -ff"], check=True)
+    b._channel.close()
+    assert b.vm_running() and not b.alive()
+    with pytest.raises(BottleError, match="cannot be kept: it has stopped"):
+        b.keep()
+    assert b.closed and not b.kept and not qemu.is_running()
+
+
+def test_keep_keeps_a_running_vm_whose_agent_is_gone(stop_kept: list[str]) -> None:
+    """A guest whose agent died is still worth keeping: SSH reaches it."""
+    b = pytest_bottle.launch(detached=True)
+    stop_kept.append(b.name)
+    b.exec(["systemd-run", "--no-block", "systemctl", "stop", "bottle-agent"], check=True)
+    wait_until(lambda: b.ssh("systemctl is-active bottle-agent", timeout=60).stdout == "inactive\n", 60, "agent down")
+    b.keep()
+    assert b.kept and psutil.Process(b.pid).is_running()
+    assert b.ssh("hostname", timeout=60).stdout == f"{b.name}\n"
 
 
 def test_bottle_shell_refuses_a_bottle_that_is_not_kept(module_bottle: Bottle) -> None:

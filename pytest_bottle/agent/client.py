@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
-from ..errors import AgentError
+from ..errors import AgentError, BootTimeout
 from ..guest.frames import CHUNK, STDERR, STDOUT
 from ..results import CappedOutput
 from .calls import Call, Sink
@@ -130,8 +130,16 @@ class AgentClient:
         return ListeningReply.parse(self.channel.call("listening", timeout=timeout), self.name)
 
     def settle(self, *, timeout: float | None, quiet: float) -> SettleReply:
-        """Wait until boot is over and the machine has been idle ``quiet`` s."""
-        return SettleReply.parse(self.channel.call("settle", timeout=timeout, quiet=quiet), self.name)
+        """Wait until boot is over and the machine has been idle ``quiet`` s;
+        a boot still running after ``timeout`` s is ``BootTimeout``: a snapshot
+        or a build of a half-booted machine would look fine and fail later."""
+        # The guest gives up first, so that its answer says how far it got.
+        within = 3600.0 if timeout is None else max(1.0, timeout - min(10.0, timeout / 10))
+        reply = SettleReply.parse(self.channel.call("settle", timeout=timeout, quiet=quiet, within=within), self.name)
+        if not reply.booted:
+            why = f"its boot did not settle within {within:g} s (systemd: {reply.state})"
+            raise BootTimeout(why, name=self.name)
+        return reply
 
     def quiesce(self, *, warm: Iterable[str] = (), timeout: float | None) -> None:
         """Sync the disk for a snapshot, ``warm`` directories read into the cache first."""

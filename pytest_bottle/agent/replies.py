@@ -147,7 +147,12 @@ class ListeningReply:
 class SettleReply:
     state: str  # systemd's, "" without systemd
     quiet: float  # seconds the machine was idle at the end
+    booted: bool  # False: systemd (or udev) was still busy when the time was up
 
     @classmethod
     def parse(cls, reply: Mapping[str, Any], name: str) -> SettleReply:
-        return cls(field(reply, "state", str, "settle", name), float(field(reply, "quiet", float, "settle", name)))
+        return cls(
+            field(reply, "state", str, "settle", name),
+            float(field(reply, "quiet", float, "settle", name)),
+            field(reply, "booted", bool, "settle", name),
+        )

@@ -33,15 +33,17 @@ class SystemOps:
 
     def op_settle(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         """Wait until boot is over and the machine is idle: what a snapshot should capture."""
-        deadline = time.monotonic() + float(call.get("timeout", 60))
-        state = ""
+        deadline = time.monotonic() + float(call.get("within", 60))
+        state, booted = "", True
         for argv in (["systemctl", "is-system-running", "--wait"], ["udevadm", "settle"]):
             try:
                 left = max(1.0, deadline - time.monotonic())
                 r = subprocess.run(argv, capture_output=True, text=True, timeout=left, check=False)
                 state = state or r.stdout.strip()
-            except (OSError, subprocess.TimeoutExpired):
+            except OSError:  # no systemd or udev: nothing to wait for
                 pass
+            except subprocess.TimeoutExpired:  # the host says whether a half-booted machine will do
+                booted, state = False, state or "starting"
         quiet = 0.0
         while quiet < float(call.get("quiet", 1.0)) and time.monotonic() < deadline:
             before = _cpu_times()
@@ -50,7 +52,7 @@ class SystemOps:
             busy = sum(after) - sum(before)
             idle = (after[3] - before[3]) / busy if busy else 1.0
             quiet = quiet + 0.25 if idle > 0.9 and not _has_process("udev-worker") else 0.0
-        return {"state": state, "quiet": quiet}
+        return {"state": state, "quiet": quiet, "booted": booted}
 
     def op_quiesce(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         """Make the disk consistent before a snapshot.  Caches stay: guest RAM

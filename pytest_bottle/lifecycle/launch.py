@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from typing import Any
 
 from ..agent.channel import AgentChannel
@@ -86,11 +87,12 @@ def start_bottle(
     keys = handshake.Keys.start(plan)
     baked = keys.baked()
     res = Resources.take(plan, _library_lans if lans is None else lans)
+    boot_ends = time.monotonic() + spec.timeout  # a cold boot's settling is part of its boot
     try:
         boot = _Boot(plan, res, rebuild_before, detached, baked, fork_of[1] if fork_of else None)
         machine, channel, found = res.with_host_ports(plan.ports, boot.start)
         res.adopt(machine, channel)
-        done = handshake.clone_setup(AgentClient(channel), plan, res, found, keys, baked)
+        done = handshake.clone_setup(AgentClient(channel), plan, res, found, keys, baked, boot_ends)
         return Bottle(
             name=plan.name,
             image=image.name,

@@ -193,7 +193,7 @@ def _boot_and_save(
         # in the seed's page cache.
         shake = Handshake.fresh(SEED_HOSTNAME, nics, machine_id="0" * 32, ssh_host_key=key, baked=baked, list_nics=True)
         named = agent.setup(shake, timeout=60).nics
-        settle = agent.settle(timeout=120, quiet=1.0)
+        settle = agent.settle(timeout=SEED_BOOT_TIMEOUT, quiet=1.0)
         agent.quiesce(warm=WARM_DIRS, timeout=300)
         # Last: a clone's restore path then runs no Python (guest.handoff).
         try:
