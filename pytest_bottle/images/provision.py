@@ -23,7 +23,7 @@ from typing import IO
 from ..agent.client import AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..agent.transfer import put
-from ..errors import BottleError, ImageBuildError
+from ..errors import BootTimeout, BottleError, ImageBuildError
 from ..host.deps import which
 from ..lifecycle.boot import start_machine
 from ..vmm.backend import Machine, console_tail
@@ -97,7 +97,10 @@ def provision(
             _shell(agent, SAVE_IDENTITY, logf, "save identity", 60)
             nics = [NicSetup(MAC, MAC, ip=NET["ip"], gateway=NET["gateway"])]
             agent.setup(Handshake.fresh(name, nics, baked={"resolv_conf": RESOLV_BUILD}), timeout=60)
-            agent.settle(timeout=BOOT_TIMEOUT, quiet=0)
+            try:  # steps on a half-booted machine race its own units (apt's locks, for one)
+                agent.settle(timeout=BOOT_TIMEOUT, quiet=0)
+            except BootTimeout as e:
+                raise ImageBuildError("", f"the build machine: {e.reason}") from None
             _run_steps(image, agent, logf, note)
             _check_sources(image)  # again: a source edited while the steps ran would not match the key
             note("cleaning up: apt caches and lists, temporary files, fstrim")

@@ -15,6 +15,8 @@ from filelock import FileLock
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from ..agent.channel import AgentChannel
+from ..agent.client import AgentClient
+from ..agent.replies import SettleReply
 from ..errors import BootError, BootTimeout
 from ..host.deps import require
 from ..host.paths import write_private
@@ -104,6 +106,14 @@ def start_machine(
             machine.stop(grace=0.5)
         raise
     return machine, channel
+
+
+def settle(agent: AgentClient, machine: Machine, timeout: float, quiet: float) -> SettleReply:
+    """``agent.settle``, its ``BootTimeout`` with the console's tail (what was still starting)."""
+    try:
+        return agent.settle(timeout=timeout, quiet=quiet)
+    except BootTimeout as e:
+        raise BootTimeout(e.reason, console_tail(machine.console_log), e.name) from None
 
 
 def prepare_run_dir(cfg: MachineConfig, run_dir: Path, name: str) -> None:

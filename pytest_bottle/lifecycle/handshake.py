@@ -82,17 +82,9 @@ class Done:
 
 
 def clone_setup(
-    agent: AgentClient,
-    plan: Plan,
-    res: Resources,
-    found: tuple[Found, ...],
-    keys: Keys,
-    baked: dict[str, str | None],
-    boot_ends: float,
+    agent: AgentClient, plan: Plan, res: Resources, found: tuple[Found, ...], keys: Keys, baked: dict[str, str | None]
 ) -> Done:
-    """Give the started guest its identity, MACs and addresses; a cold boot
-    also waits until it has settled, as a snapshot clone has, by ``boot_ends``
-    (monotonic: the end of the spec's boot timeout)."""
+    """Give the started guest its identity, MACs and addresses."""
     spec, macs = plan.spec, res.macs
     key_pair = keys.host_key.result() if keys.host_key is not None else None
     per_boot = dict(baked) if spec.boot == "cold" else {}  # a clone has these from its seed
@@ -110,8 +102,6 @@ def clone_setup(
     done = agent.setup(Handshake.fresh(plan.name, nics, ssh_host_key=key_pair, baked=per_boot), timeout=60)
     announce = dict(name=done.nic_name(macs[0]), mac=macs[0], ip=USER_NET["ip"]) if lazy_arp else None
     log.debug("%s: clone handshake took %.1f ms", plan.name, (time.perf_counter() - started) * 1000)
-    if spec.boot == "cold":  # as settled as a snapshot clone: boot finished
-        agent.settle(timeout=max(1.0, boot_ends - time.monotonic()), quiet=0)
     return Done(key_pair, announce)
 
 

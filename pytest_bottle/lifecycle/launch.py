@@ -20,7 +20,7 @@ from ..store.snapshots import seed_of
 from ..vmm.backend import Machine
 from ..vmm.qemu import MachineConfig
 from . import handshake
-from .boot import start_machine
+from .boot import settle, start_machine
 from .handshake import Found
 from .plan import Forwards, Plan, make_plan, restore_from
 from .probe import accel_for
@@ -92,7 +92,10 @@ def start_bottle(
         boot = _Boot(plan, res, rebuild_before, detached, baked, fork_of[1] if fork_of else None)
         machine, channel, found = res.with_host_ports(plan.ports, boot.start)
         res.adopt(machine, channel)
-        done = handshake.clone_setup(AgentClient(channel), plan, res, found, keys, baked, boot_ends)
+        agent = AgentClient(channel)
+        done = handshake.clone_setup(agent, plan, res, found, keys, baked)
+        if spec.boot == "cold":  # as settled as a snapshot clone: its boot finished
+            settle(agent, machine, max(1.0, boot_ends - time.monotonic()), quiet=0)
         return Bottle(
             name=plan.name,
             image=image.name,

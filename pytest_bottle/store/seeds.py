@@ -26,6 +26,7 @@ from ..errors import AgentError, AgentTimeout
 from ..host.locks import reporting_lock
 from ..host.progress import task
 from ..images.cache import BuiltImage
+from ..lifecycle.boot import settle as settle_boot
 from ..lifecycle.boot import start_machine
 from ..ssh import new_host_key
 from ..vmm.accel import qemu_version
@@ -193,7 +194,7 @@ def _boot_and_save(
         # in the seed's page cache.
         shake = Handshake.fresh(SEED_HOSTNAME, nics, machine_id="0" * 32, ssh_host_key=key, baked=baked, list_nics=True)
         named = agent.setup(shake, timeout=60).nics
-        settle = agent.settle(timeout=SEED_BOOT_TIMEOUT, quiet=1.0)
+        settle = settle_boot(agent, machine, SEED_BOOT_TIMEOUT, quiet=1.0)  # never save a boot half done
         agent.quiesce(warm=WARM_DIRS, timeout=300)
         # Last: a clone's restore path then runs no Python (guest.handoff).
         try:
