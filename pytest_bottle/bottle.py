@@ -374,8 +374,8 @@ class Bottle:
             try:  # the test's processes end as with close(): unread, a chatty one would hang on its full pipe
                 self._agent.end_processes(timeout=10)
             except BottleError as e:
-                # An agent gone with a poweroff under way: QEMU follows within seconds, nothing to keep.
-                if self._channel.closed.is_set() and self._machine.wait(STOPPING_GRACE) is not None:
+                # The agent stops early in a poweroff: QEMU may follow within seconds, nothing to keep.
+                if self._machine.wait(STOPPING_GRACE) is not None:
                     self.close()
                     raise BottleError(f"bottle {self.name} cannot be kept: it has stopped (its QEMU is gone)") from e
                 log.warning("bottle %s: could not end its processes before keeping it: %s", self.name, e)

@@ -318,7 +318,7 @@ def test_keep_waits_for_a_qemu_on_its_way_out(stop_kept: list[str]) -> None:
     b = pytest_bottle.launch(detached=True)
     stop_kept.append(b.name)
     qemu = psutil.Process(b.pid)
-    b.exec(["systemd-run", "--no-block", "sh", "-c", "sleep 2; poweroff -ff"], check=True)
+    b.exec(["systemd-run", "--no-block", "sh", "-c", "sleep 4; poweroff -ff"], check=True)
     b._channel.close()
     assert b.vm_running() and not b.alive()
     with pytest.raises(BottleError, match="cannot be kept: it has stopped"):
@@ -330,6 +330,7 @@ def test_keep_keeps_a_running_vm_whose_agent_is_gone(stop_kept: list[str]) -> No
     """A guest whose agent died is still worth keeping: SSH reaches it."""
     b = pytest_bottle.launch(detached=True)
     stop_kept.append(b.name)
+    b.ssh("true", check=True)  # its NIC announced while the agent can still do it
     b.exec(["systemd-run", "--no-block", "systemctl", "stop", "bottle-agent"], check=True)
     wait_until(lambda: b.ssh("systemctl is-active bottle-agent", timeout=60).stdout == "inactive\n", 60, "agent down")
     b.keep()

@@ -35,6 +35,10 @@ from .replies import (
 )
 from .streams import OnOutput, OutputFeed
 
+# Seconds a settle's answer may take past the time it was given to wait.
+SETTLE_GRACE = 10.0
+BUSY = {"systemd": "systemd was still starting units", "udev": "udev was still handling devices"}
+
 
 class AgentClient:
     """The agent of one machine, over its channel (which it does not own)."""
@@ -133,13 +137,15 @@ class AgentClient:
         """Wait until boot is over and the machine has been idle ``quiet`` s;
         a boot still running after ``timeout`` s is ``BootTimeout``: a snapshot
         or a build of a half-booted machine would look fine and fail later."""
-        # The guest gives up first, so that its answer says how far it got.
-        within = 3600.0 if timeout is None else max(1.0, timeout - min(10.0, timeout / 10))
-        reply = SettleReply.parse(self.channel.call("settle", timeout=timeout, quiet=quiet, within=within), self.name)
-        if not reply.booted:
-            why = f"its boot did not settle within {within:g} s (systemd: {reply.state})"
-            raise BootTimeout(why, name=self.name)
-        return reply
+        within = 3600.0 if timeout is None else timeout
+        # The guest gives up at ``within`` and says what was still busy; the
+        # grace is for its answer, not for more waiting.
+        reply = self.channel.call("settle", timeout=within + SETTLE_GRACE, quiet=quiet, within=within)
+        settled = SettleReply.parse(reply, self.name)
+        if settled.busy:
+            what = BUSY[settled.busy]
+            raise BootTimeout(f"its boot did not settle within {within:.0f} s ({what})", name=self.name)
+        return settled
 
     def quiesce(self, *, warm: Iterable[str] = (), timeout: float | None) -> None:
         """Sync the disk for a snapshot, ``warm`` directories read into the cache first."""

@@ -145,14 +145,14 @@ class ListeningReply:
 
 @dataclass(frozen=True)
 class SettleReply:
-    state: str  # systemd's, "" without systemd
+    state: str  # systemd's, "" without systemd or when it did not finish
     quiet: float  # seconds the machine was idle at the end
-    booted: bool  # False: systemd (or udev) was still busy when the time was up
+    busy: str  # "systemd" or "udev" if still at work when the time was up, else ""
 
     @classmethod
     def parse(cls, reply: Mapping[str, Any], name: str) -> SettleReply:
-        return cls(
-            field(reply, "state", str, "settle", name),
-            float(field(reply, "quiet", float, "settle", name)),
-            field(reply, "booted", bool, "settle", name),
-        )
+        busy = field(reply, "busy", str, "settle", name)
+        if busy not in ("", "systemd", "udev"):
+            raise AgentError(f"bottle {name}: the agent's reply to settle has a bad 'busy' ({busy!r:.80})")
+        state, quiet = field(reply, "state", str, "settle", name), field(reply, "quiet", float, "settle", name)
+        return cls(state, float(quiet), busy)

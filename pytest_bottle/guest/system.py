@@ -32,27 +32,39 @@ class SystemOps:
         return {"ports": sorted(ports)}
 
     def op_settle(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
-        """Wait until boot is over and the machine is idle: what a snapshot should capture."""
+        """Wait until boot is over and the machine is idle: what a snapshot should
+        capture.  ``busy`` names what was still at work after ``within`` seconds
+        (the host decides whether a half-booted machine will do)."""
         deadline = time.monotonic() + float(call.get("within", 60))
-        state, booted = "", True
-        for argv in (["systemctl", "is-system-running", "--wait"], ["udevadm", "settle"]):
+        state, busy = "", ""
+        for step, argv in (("systemd", ["systemctl", "is-system-running", "--wait"]), ("udev", ["udevadm", "settle"])):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                busy = step
+                break
+            if step == "udev":  # its own default gives up after 120 s, and says so only by its exit code
+                argv.append(f"--timeout={int(left)}")
             try:
-                left = max(1.0, deadline - time.monotonic())
                 r = subprocess.run(argv, capture_output=True, text=True, timeout=left, check=False)
-                state = state or r.stdout.strip()
             except OSError:  # no systemd or udev: nothing to wait for
-                pass
-            except subprocess.TimeoutExpired:  # the host says whether a half-booted machine will do
-                booted, state = False, state or "starting"
+                continue
+            except subprocess.TimeoutExpired:
+                busy = step
+                break
+            if step == "systemd":
+                state = r.stdout.strip()  # degraded exits 1 too: a finished boot all the same
+            elif r.returncode != 0:
+                busy = step
+                break
         quiet = 0.0
         while quiet < float(call.get("quiet", 1.0)) and time.monotonic() < deadline:
             before = _cpu_times()
             time.sleep(0.25)
             after = _cpu_times()
-            busy = sum(after) - sum(before)
-            idle = (after[3] - before[3]) / busy if busy else 1.0
+            ticks = sum(after) - sum(before)
+            idle = (after[3] - before[3]) / ticks if ticks else 1.0
             quiet = quiet + 0.25 if idle > 0.9 and not _has_process("udev-worker") else 0.0
-        return {"state": state, "quiet": quiet, "booted": booted}
+        return {"state": state, "quiet": quiet, "busy": busy}
 
     def op_quiesce(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         """Make the disk consistent before a snapshot.  Caches stay: guest RAM

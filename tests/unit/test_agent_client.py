@@ -88,9 +88,9 @@ def test_listening_ports() -> None:
         ({"version": "1", "boot_id": "b", "uptime": 1.0}, lambda r: HelloReply.parse(r, "x")),
         ({"version": 1, "boot_id": "b"}, lambda r: HelloReply.parse(r, "x")),
         ({"state": None, "quiet": 1.0}, lambda r: SettleReply.parse(r, "x")),
-        ({"state": "running", "quiet": "1", "booted": True}, lambda r: SettleReply.parse(r, "x")),
+        ({"state": "running", "quiet": "1", "busy": ""}, lambda r: SettleReply.parse(r, "x")),
         ({"state": "running", "quiet": 1}, lambda r: SettleReply.parse(r, "x")),
-        ({"state": "running", "quiet": 1, "booted": 1}, lambda r: SettleReply.parse(r, "x")),
+        ({"state": "running", "quiet": 1, "busy": "the kernel"}, lambda r: SettleReply.parse(r, "x")),
         ({"size": "3", "path": "/x"}, lambda r: WriteReply.parse(r, "x")),
         ({"size": 3}, lambda r: WriteReply.parse(r, "x")),
         ({"size": True}, lambda r: ReadReply.parse(r, "x")),
@@ -104,8 +104,8 @@ def test_bad_fields_are_agent_errors(reply: dict[str, Any], parse: Any) -> None:
 
 def test_good_replies_parse() -> None:
     assert HelloReply.parse({"version": 1, "boot_id": "b", "uptime": 3}, "x") == HelloReply(1, "b", 3.0)
-    good = {"state": "running", "quiet": 1, "booted": True}
-    assert SettleReply.parse(good, "x") == SettleReply("running", 1.0, True)
+    good = {"state": "running", "quiet": 1, "busy": ""}
+    assert SettleReply.parse(good, "x") == SettleReply("running", 1.0, "")
     assert WriteReply.parse({"size": 3, "path": "/x"}, "x") == WriteReply(3, "/x")
     assert SetupReply.parse({"nics": {}}, "x").nics == {}
 
