@@ -143,7 +143,7 @@ class AgentClient:
         reply = self.channel.call("settle", timeout=within + SETTLE_GRACE, quiet=quiet, within=within)
         settled = SettleReply.parse(reply, self.name)
         if settled.busy:
-            what = BUSY[settled.busy]
+            what = BUSY[settled.busy] + (f": {', '.join(settled.running)}" if settled.running else "")
             raise BootTimeout(f"its boot did not settle within {within:.0f} s ({what})", name=self.name)
         return settled
 

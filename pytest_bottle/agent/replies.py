@@ -148,6 +148,7 @@ class SettleReply:
     state: str  # systemd's, "" without systemd or when it did not finish
     quiet: float  # seconds the machine was idle at the end
     busy: str  # "systemd" or "udev" if still at work when the time was up, else ""
+    running: tuple[str, ...] = ()  # units systemd was still starting then (the guest's words)
 
     @classmethod
     def parse(cls, reply: Mapping[str, Any], name: str) -> SettleReply:
@@ -155,4 +156,7 @@ class SettleReply:
         if busy not in ("", "systemd", "udev"):
             raise AgentError(f"bottle {name}: the agent's reply to settle has a bad 'busy' ({busy!r:.80})")
         state, quiet = field(reply, "state", str, "settle", name), field(reply, "quiet", float, "settle", name)
-        return cls(state, float(quiet), busy)
+        running = field(reply, "running", list, "settle", name)
+        if len(running) > 5 or not all(type(u) is str and 0 < len(u) <= 256 and u.isprintable() for u in running):
+            raise AgentError(f"bottle {name}: the agent's reply to settle has a bad 'running' ({running!r:.200})")
+        return cls(state, float(quiet), busy, tuple(running))

@@ -22,7 +22,7 @@ from typing import Any
 from ..agent.client import AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..agent.replies import SettleReply
-from ..errors import AgentError, AgentTimeout
+from ..errors import AgentError, AgentTimeout, BootTimeout
 from ..host.locks import reporting_lock
 from ..host.progress import task
 from ..images.cache import BuiltImage
@@ -39,6 +39,8 @@ from .saved import list_seeds as list_seeds
 log = logging.getLogger(__name__)
 
 SEED_BOOT_TIMEOUT = 300.0
+# How long a seed's boot may take to settle after its agent answered.
+SEED_SETTLE_TIMEOUT = 300.0
 # The seed's NICs: clones restore with the same devices and then take their
 # own MACs through the handshake, matching these.
 SEED_MACS = ("52:54:00:b0:77:01", "52:54:00:b0:77:02")
@@ -98,6 +100,10 @@ def seed_dir(cache_dir: Path, parts: dict[str, Any]) -> Path:
     return seeds_dir(cache_dir) / f"{parts['image']}-{parts['memory_mb']}m{parts['cpus']}c{parts['nics']}n-{digest}"
 
 
+# Seeds whose boot did not finish in time, in this process (as failed builds are).
+_too_slow: dict[str, BootTimeout] = {}
+
+
 def ensure_seed(
     image: BuiltImage,
     accel: str,
@@ -130,8 +136,15 @@ def ensure_seed(
             seed = load(final)
             if seed is None or (rebuild_before is not None and seed.created < rebuild_before):
                 what = f"making the work seed of image {image.name} ({memory_mb}M, {cpus} cpu, {nics} nic)"
+                if (failed := _too_slow.get(str(final))) is not None:
+                    again = f"{failed.reason} (earlier in this process: not tried again)"
+                    raise BootTimeout(again, failed.console_tail, failed.name)
                 with task(what, why or _why_seed(final, seed)):
-                    _create(image, accel, parts, final, baked or {})
+                    try:
+                        _create(image, accel, parts, final, baked or {})
+                    except BootTimeout as e:  # a boot that never ends costs minutes a try: one try per process
+                        _too_slow[str(final)] = BootTimeout(e.reason, e.console_tail, f"seed of {image.name}")
+                        raise _too_slow[str(final)] from None
                 prune_seeds(cache_dir, {image.name: image}, only=image.name)
     seed = load(final)
     assert seed is not None
@@ -194,7 +207,7 @@ def _boot_and_save(
         # in the seed's page cache.
         shake = Handshake.fresh(SEED_HOSTNAME, nics, machine_id="0" * 32, ssh_host_key=key, baked=baked, list_nics=True)
         named = agent.setup(shake, timeout=60).nics
-        settle = settle_boot(agent, machine, SEED_BOOT_TIMEOUT, quiet=1.0)  # never save a boot half done
+        settle = settle_boot(agent, machine, SEED_SETTLE_TIMEOUT, quiet=1.0)  # never save a boot half done
         agent.quiesce(warm=WARM_DIRS, timeout=300)
         # Last: a clone's restore path then runs no Python (guest.handoff).
         try:

@@ -88,9 +88,13 @@ def test_listening_ports() -> None:
         ({"version": "1", "boot_id": "b", "uptime": 1.0}, lambda r: HelloReply.parse(r, "x")),
         ({"version": 1, "boot_id": "b"}, lambda r: HelloReply.parse(r, "x")),
         ({"state": None, "quiet": 1.0}, lambda r: SettleReply.parse(r, "x")),
-        ({"state": "running", "quiet": "1", "busy": ""}, lambda r: SettleReply.parse(r, "x")),
-        ({"state": "running", "quiet": 1}, lambda r: SettleReply.parse(r, "x")),
-        ({"state": "running", "quiet": 1, "busy": "the kernel"}, lambda r: SettleReply.parse(r, "x")),
+        ({"state": "running", "quiet": "1", "busy": "", "running": []}, lambda r: SettleReply.parse(r, "x")),
+        ({"state": "running", "quiet": 1, "running": []}, lambda r: SettleReply.parse(r, "x")),
+        ({"state": "running", "quiet": 1, "busy": "the kernel", "running": []}, lambda r: SettleReply.parse(r, "x")),
+        ({"state": "", "quiet": 1, "busy": "systemd"}, lambda r: SettleReply.parse(r, "x")),
+        ({"state": "", "quiet": 1, "busy": "systemd", "running": ["a"] * 6}, lambda r: SettleReply.parse(r, "x")),
+        ({"state": "", "quiet": 1, "busy": "systemd", "running": ["a\x1b[2J"]}, lambda r: SettleReply.parse(r, "x")),
+        ({"state": "", "quiet": 1, "busy": "systemd", "running": [3]}, lambda r: SettleReply.parse(r, "x")),
         ({"size": "3", "path": "/x"}, lambda r: WriteReply.parse(r, "x")),
         ({"size": 3}, lambda r: WriteReply.parse(r, "x")),
         ({"size": True}, lambda r: ReadReply.parse(r, "x")),
@@ -104,8 +108,10 @@ def test_bad_fields_are_agent_errors(reply: dict[str, Any], parse: Any) -> None:
 
 def test_good_replies_parse() -> None:
     assert HelloReply.parse({"version": 1, "boot_id": "b", "uptime": 3}, "x") == HelloReply(1, "b", 3.0)
-    good = {"state": "running", "quiet": 1, "busy": ""}
+    good = {"state": "running", "quiet": 1, "busy": "", "running": []}
     assert SettleReply.parse(good, "x") == SettleReply("running", 1.0, "")
+    busy = {"state": "", "quiet": 0, "busy": "systemd", "running": ["hang.service"]}
+    assert SettleReply.parse(busy, "x") == SettleReply("", 0.0, "systemd", ("hang.service",))
     assert WriteReply.parse({"size": 3, "path": "/x"}, "x") == WriteReply(3, "/x")
     assert SetupReply.parse({"nics": {}}, "x").nics == {}
 

@@ -1,0 +1,68 @@
+"""An image whose boot never finishes (a oneshot unit that hangs: systemd
+gives Type=oneshot no start timeout) is refused with ``BootTimeout``, with
+its console, instead of saved half-booted; a seed of it is tried once per
+process, a cold bottle of it within its own timeout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import processes_mentioning
+
+HANG_UNIT = """\
+[Unit]
+Description=never finishes starting
+[Service]
+Type=oneshot
+ExecStart=/bin/sleep infinity
+[Install]
+WantedBy=multi-user.target
+"""
+
+SCRIPT = f"""
+import sys, time
+import pytest_bottle
+from pytest_bottle import BootTimeout, Image
+from pytest_bottle.store import seeds
+
+seeds.SEED_SETTLE_TIMEOUT = 20.0  # the real budget is 300 s: the same code, sooner
+image = Image("debian-bookworm").write("/etc/systemd/system/hang.service", {HANG_UNIT!r}).run(
+    "systemctl enable hang.service"
+)
+for kind in ("seed", "seed again", "cold"):
+    started = time.monotonic()
+    try:
+        extra = dict(boot="cold", timeout=120) if kind == "cold" else {{}}
+        with pytest_bottle.launch(image=image, cache_dir=sys.argv[1], **extra):
+            print(kind, "started")
+    except BootTimeout as e:
+        print(kind, round(time.monotonic() - started), str(e).replace("\\n", " | ")[:4000], flush=True)
+from pytest_bottle.images import ensure_image
+print("key", ensure_image(image, sys.argv[1]).key)
+"""
+
+
+@pytest.mark.slow
+def test_a_boot_that_never_finishes_is_a_boot_timeout(warm_cache: Path, tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(warm_cache)], capture_output=True, text=True, timeout=1200, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = {" ".join(line.split()[:2]) if line.startswith("seed again") else line.split()[0]: line
+             for line in r.stdout.splitlines()}  # fmt: skip
+    seed, again, cold = lines.get("seed", ""), lines.get("seed again", ""), lines.get("cold", "")
+    # the unit that holds the boot up is named
+    assert "did not settle within 20 s (systemd was still starting units: hang.service" in seed, r.stdout
+    assert "seed of debian-bookworm+" in seed and "--- console tail ---" in seed, seed
+    # tried once in a process: the second start fails at once, saying so
+    assert "not tried again" in again and int(again.split()[2]) < 10, again
+    assert "did not settle within" in cold and "(systemd was still starting units: hang.service" in cold, cold
+    assert int(cold.split()[1]) <= 120 + 15, cold  # within its boot timeout (and the answer's grace)
+    # nothing was saved or left of it: no seed, no working directory, no QEMU
+    key = lines["key"].split()[1][:12]
+    left = [p.name for p in (warm_cache / "seeds").iterdir() if key in p.name and not p.name.endswith(".lock")]
+    assert not left, left
+    assert not processes_mentioning(key)
