@@ -37,6 +37,7 @@ from .streams import OnOutput, OutputFeed
 
 # Seconds a settle's answer may take past the time it was given to wait.
 SETTLE_GRACE = 10.0
+NOT_SETTLED = "its boot did not settle within"
 BUSY = {"systemd": "systemd was still starting units", "udev": "udev was still handling devices"}
 
 
@@ -144,7 +145,7 @@ class AgentClient:
         settled = SettleReply.parse(reply, self.name)
         if settled.busy:
             what = BUSY[settled.busy] + (f": {', '.join(settled.running)}" if settled.running else "")
-            raise BootTimeout(f"its boot did not settle within {within:.0f} s ({what})", name=self.name)
+            raise BootTimeout(f"{NOT_SETTLED} {within:.0f} s ({what})", name=self.name)
         return settled
 
     def quiesce(self, *, warm: Iterable[str] = (), timeout: float | None) -> None:

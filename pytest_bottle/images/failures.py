@@ -29,6 +29,11 @@ def join_run(run_id: str) -> None:
     _run = run_id
 
 
+def run_id() -> str:
+    """The pytest run this process belongs to ("" outside one)."""
+    return _run
+
+
 def record(final: Path, error: ImageBuildError) -> None:
     """Remember ``error`` for the entry ``final``, and end its kept log with the reason."""
     _failed[str(final)] = error

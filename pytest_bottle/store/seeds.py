@@ -31,6 +31,7 @@ from ..lifecycle.boot import start_machine
 from ..ssh import new_host_key
 from ..vmm.accel import qemu_version
 from ..vmm.qemu import MachineConfig, Nic, cpu_model, kernel_args
+from . import unsettled
 from .gc import prune_seeds
 from .saved import SEED_VERSION as SEED_VERSION  # re-exported: the public names of seeds
 from .saved import RestsOn, SavedState, StateCorrupt, create, discard, load, lock_path, seeds_dir, verify
@@ -100,10 +101,6 @@ def seed_dir(cache_dir: Path, parts: dict[str, Any]) -> Path:
     return seeds_dir(cache_dir) / f"{parts['image']}-{parts['memory_mb']}m{parts['cpus']}c{parts['nics']}n-{digest}"
 
 
-# Seeds whose boot did not finish in time, in this process (as failed builds are).
-_too_slow: dict[str, BootTimeout] = {}
-
-
 def ensure_seed(
     image: BuiltImage,
     accel: str,
@@ -132,19 +129,19 @@ def ensure_seed(
                 discard(seed, str(e))
                 why = f"the last one was corrupt ({e.reason})"
         final.parent.mkdir(parents=True, exist_ok=True)
+        waiting_since = time.time_ns()
         with reporting_lock(lock_path(final), f"the seed {final.name}"):
             seed = load(final)
             if seed is None or (rebuild_before is not None and seed.created < rebuild_before):
                 what = f"making the work seed of image {image.name} ({memory_mb}M, {cpus} cpu, {nics} nic)"
-                if (failed := _too_slow.get(str(final))) is not None:
-                    again = f"{failed.reason} (earlier in this process: not tried again)"
-                    raise BootTimeout(again, failed.console_tail, failed.name)
+                if (failed := unsettled.earlier(final, waiting_since)) is not None:
+                    raise failed
                 with task(what, why or _why_seed(final, seed)):
                     try:
                         _create(image, accel, parts, final, baked or {})
-                    except BootTimeout as e:  # a boot that never ends costs minutes a try: one try per process
-                        _too_slow[str(final)] = BootTimeout(e.reason, e.console_tail, f"seed of {image.name}")
-                        raise _too_slow[str(final)] from None
+                    except BootTimeout as e:
+                        raise unsettled.record(final, e, f"seed of {image.name}") from None
+                unsettled.forget(final)
                 prune_seeds(cache_dir, {image.name: image}, only=image.name)
     seed = load(final)
     assert seed is not None

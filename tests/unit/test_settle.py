@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from harness import in_process_agent
 
-from pytest_bottle.agent.client import AgentClient
+from pytest_bottle.agent.client import NOT_SETTLED, AgentClient
 from pytest_bottle.errors import BootTimeout
+from pytest_bottle.images import failures
+from pytest_bottle.store import unsettled
 
 
 @pytest.fixture
@@ -71,3 +73,49 @@ def test_a_boot_still_running_at_the_timeout_is_a_boot_timeout(
         # the guest answered (no AgentTimeout), and no later than the time it was given
         assert took < 3 + 1.0, took
         assert AgentClient(chan).listening(timeout=5).ports is not None  # its channel still serves
+
+
+# -- a seed that did not settle is tried once (store/unsettled.py) ------------------
+
+
+def unsettled_error() -> BootTimeout:
+    return BootTimeout(f"{NOT_SETTLED} 300 s (systemd was still starting units: hang.service)", "console", "seed")
+
+
+def test_a_seed_that_did_not_settle_is_not_tried_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(failures, "_run", "run-1")
+    final = tmp_path / "seed-a"
+    before = time.time_ns()
+    named = unsettled.record(final, unsettled_error(), "seed of img")
+    assert (named.name, named.console_tail) == ("seed of img", "console")
+    assert unsettled.marker(final).stat().st_mode & 0o777 == 0o600
+    again = unsettled.earlier(final, time.time_ns())
+    assert again is not None and "earlier in this process: not tried again" in again.reason
+    unsettled._mine.clear()  # as another process of the same run sees it
+    other = unsettled.earlier(final, time.time_ns())
+    assert other is not None and "in another process of this run" in other.reason and other.name == "seed of img"
+    monkeypatch.setattr(failures, "_run", "run-2")  # a later run tries again...
+    assert unsettled.earlier(final, time.time_ns()) is None
+    # ...unless the failure came while it waited for the seed's lock
+    waited = unsettled.earlier(final, before)
+    assert waited is not None and "while this one waited" in waited.reason
+    unsettled.forget(final)
+    assert not unsettled.marker(final).exists() and unsettled.earlier(final, before) is None
+
+
+def test_only_a_boot_that_did_not_settle_is_remembered(tmp_path: Path) -> None:
+    final = tmp_path / "seed-b"
+    slow_agent = BootTimeout("the agent did not answer within 300 s", "console", "seed")
+    assert unsettled.record(final, slow_agent, "seed of img").name == "seed of img"
+    assert unsettled.earlier(final, 0) is None and not unsettled.marker(final).exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("not json", None), ("[1, 2]", None), ('{"reason": 3}', "3 (in another process while this one waited")],
+)
+def test_a_garbled_marker_is_ignored_or_read_as_text(tmp_path: Path, text: str, reason: str | None) -> None:
+    final = tmp_path / "seed-c"
+    unsettled.marker(final).write_text(text)
+    found = unsettled.earlier(final, 0)
+    assert (found.reason[: len(reason)] if found else None) == reason
