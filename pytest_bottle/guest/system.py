@@ -94,7 +94,7 @@ def _running_jobs() -> list[str]:
     """The units systemd is still starting (what holds a boot up), a few of them."""
     try:
         argv = ["systemctl", "list-jobs", "--no-legend", "--no-pager", "--plain"]
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=3, check=False).stdout
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=5, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
     rows = [line.split() for line in out.splitlines()]  # JOB UNIT TYPE STATE

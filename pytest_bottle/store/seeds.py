@@ -140,7 +140,7 @@ def ensure_seed(
                     try:
                         _create(image, accel, parts, final, baked or {})
                     except BootTimeout as e:
-                        raise unsettled.record(final, e, f"seed of {image.name}") from None
+                        raise unsettled.record(final, e, f"seed of {image.name}", image) from None
                 unsettled.forget(final)
                 prune_seeds(cache_dir, {image.name: image}, only=image.name)
     seed = load(final)

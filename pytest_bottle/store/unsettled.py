@@ -6,25 +6,39 @@ try, minutes under TCG.  As with failed image builds (``images.failures``),
 the failure is remembered for this process, and a marker beside the seed's
 lock passes it to the other processes of the same pytest run and to any
 process that waited on the lock while it happened.  A seed made later
-removes the marker.
+removes the marker; ``prune_seeds`` removes those of image builds that are
+no longer current.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..agent.client import NOT_SETTLED
 from ..errors import BootTimeout
 from ..host.paths import write_private
 from ..images import failures
+from ..images.cache import BuiltImage
+
+SUFFIX = ".unsettled"
 
 # reason, console tail, name: no traceback kept alive with its frames
 _mine: dict[str, tuple[str, str, str]] = {}
 
 
 def marker(final: Path) -> Path:
-    return final.parent / f"{final.name}.unsettled"
+    return final.parent / f"{final.name}{SUFFIX}"
+
+
+def _read(path: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def earlier(final: Path, waiting_since_ns: int) -> BootTimeout | None:
@@ -33,29 +47,36 @@ def earlier(final: Path, waiting_since_ns: int) -> BootTimeout | None:
     mine = _mine.get(str(final))
     if mine is not None:
         return BootTimeout(f"{mine[0]} (earlier in this process: not tried again)", mine[1], mine[2])
-    path = marker(final)
-    try:
-        made = path.stat().st_mtime_ns
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
+    data = _read(marker(final))
+    if data is None:
         return None
     run = failures.run_id()
     ours = bool(run) and data.get("run") == run
-    if not ours and made < waiting_since_ns:  # an older run's: this one may fare better
+    # The writer's clock, not the file's mtime: that comes from a coarser
+    # clock, behind time.time_ns() by up to a tick on many kernels.
+    at = data.get("at")
+    if not ours and not (isinstance(at, int) and at >= waiting_since_ns):  # an older run's: may fare better
         return None
     how = "in another process of this run" if ours else "in another process while this one waited"
     reason, tail, name = (str(data.get(k, "")) for k in ("reason", "tail", "name"))
     return BootTimeout(f"{reason[:2000]} ({how}: not tried again)", tail[-8000:], name[:200])
 
 
-def record(final: Path, error: BootTimeout, name: str) -> BootTimeout:
+def record(final: Path, error: BootTimeout, name: str, image: BuiltImage) -> BootTimeout:
     """``error`` named for the seed; remembered if the seed's boot did not settle."""
     named = BootTimeout(error.reason, error.console_tail, name)
     if error.reason.startswith(NOT_SETTLED):
         _mine[str(final)] = (error.reason, error.console_tail, name)
-        record = {"run": failures.run_id(), "reason": error.reason, "tail": error.console_tail, "name": name}
+        record = {
+            "run": failures.run_id(),
+            "at": time.time_ns(),
+            "reason": error.reason,
+            "tail": error.console_tail,
+            "name": name,
+            "image": image.name,  # for pruning: a marker of an older build is litter
+            "image_key": image.key,
+            "image_built": image.manifest.get("created"),
+        }
         try:
             write_private(marker(final), json.dumps(record))
         except OSError:  # a read-only cache: this process still remembers
@@ -66,4 +87,30 @@ def record(final: Path, error: BootTimeout, name: str) -> BootTimeout:
 def forget(final: Path) -> None:
     """A seed was made: whatever failed before is history."""
     _mine.pop(str(final), None)
-    marker(final).unlink(missing_ok=True)
+    try:
+        marker(final).unlink(missing_ok=True)
+    except OSError:  # a read-only cache: the seed is there all the same
+        pass
+
+
+def prune(seeds: Path, images: Mapping[str, BuiltImage], only: str | None = None) -> list[Path]:
+    """Remove the markers (of image ``only``, all if None) that the current
+    build of their image cannot meet again: their seeds' keys are gone."""
+    gone = []
+    for path in seeds.glob(f"*{SUFFIX}"):
+        data = _read(path) or {}
+        name = data.get("image")
+        if only is not None and name != only:
+            continue
+        current = images.get(name) if isinstance(name, str) else None
+        if current is not None and (data.get("image_key"), data.get("image_built")) == (
+            current.key,
+            current.manifest.get("created"),
+        ):
+            continue
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            continue
+        gone.append(path)
+    return gone

@@ -16,7 +16,16 @@ from harness import in_process_agent
 from pytest_bottle.agent.client import NOT_SETTLED, AgentClient
 from pytest_bottle.errors import BootTimeout
 from pytest_bottle.images import failures
-from pytest_bottle.store import unsettled
+from pytest_bottle.images.cache import BuiltImage
+from pytest_bottle.store import seeds, unsettled
+
+IMAGE = BuiltImage("img", "key-1", Path("/nonexistent/images/img"), {"created": 1.0})
+
+
+@pytest.fixture(autouse=True)
+def no_memo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with this process remembering no unsettled seed."""
+    monkeypatch.setattr(unsettled, "_mine", {})
 
 
 @pytest.fixture
@@ -61,18 +70,21 @@ exec sleep 60"""
     ],
 )
 def test_a_boot_still_running_at_the_timeout_is_a_boot_timeout(
-    tools: Path, systemctl: str, udevadm: str, what: str
+    tools: Path, systemctl: str, udevadm: str, what: str, tmp_path: Path
 ) -> None:
     script(tools, "systemctl", systemctl)
     script(tools, "udevadm", udevadm)
     with in_process_agent() as chan:
         started = time.monotonic()
-        with pytest.raises(BootTimeout, match=rf"boot did not settle within 3 s \({what}\)"):
+        with pytest.raises(BootTimeout, match=rf"boot did not settle within 3 s \({what}\)") as raised:
             AgentClient(chan).settle(timeout=3, quiet=0)
         took = time.monotonic() - started
         # the guest answered (no AgentTimeout), and no later than the time it was given
         assert took < 3 + 1.0, took
         assert AgentClient(chan).listening(timeout=5).ports is not None  # its channel still serves
+    # the client's own words are what a seed remembers
+    unsettled.record(tmp_path / "seed", raised.value, "seed of img", IMAGE)
+    assert unsettled.marker(tmp_path / "seed").exists()
 
 
 # -- a seed that did not settle is tried once (store/unsettled.py) ------------------
@@ -86,7 +98,7 @@ def test_a_seed_that_did_not_settle_is_not_tried_again(tmp_path: Path, monkeypat
     monkeypatch.setattr(failures, "_run", "run-1")
     final = tmp_path / "seed-a"
     before = time.time_ns()
-    named = unsettled.record(final, unsettled_error(), "seed of img")
+    named = unsettled.record(final, unsettled_error(), "seed of img", IMAGE)
     assert (named.name, named.console_tail) == ("seed of img", "console")
     assert unsettled.marker(final).stat().st_mode & 0o777 == 0o600
     again = unsettled.earlier(final, time.time_ns())
@@ -106,16 +118,65 @@ def test_a_seed_that_did_not_settle_is_not_tried_again(tmp_path: Path, monkeypat
 def test_only_a_boot_that_did_not_settle_is_remembered(tmp_path: Path) -> None:
     final = tmp_path / "seed-b"
     slow_agent = BootTimeout("the agent did not answer within 300 s", "console", "seed")
-    assert unsettled.record(final, slow_agent, "seed of img").name == "seed of img"
+    assert unsettled.record(final, slow_agent, "seed of img", IMAGE).name == "seed of img"
     assert unsettled.earlier(final, 0) is None and not unsettled.marker(final).exists()
 
 
 @pytest.mark.parametrize(
     ("text", "reason"),
-    [("not json", None), ("[1, 2]", None), ('{"reason": 3}', "3 (in another process while this one waited")],
+    [("not json", None), ("[1, 2]", None), ('{"reason": 3}', "3 (in another process of this run")],
 )
-def test_a_garbled_marker_is_ignored_or_read_as_text(tmp_path: Path, text: str, reason: str | None) -> None:
+def test_a_garbled_marker_is_ignored_or_read_as_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, reason: str | None
+) -> None:
     final = tmp_path / "seed-c"
     unsettled.marker(final).write_text(text)
     found = unsettled.earlier(final, 0)
+    assert found is None  # no time of its own: an older run's, this one tries again
+    monkeypatch.setattr(failures, "_run", "run-1")
+    unsettled.marker(final).write_text(text.replace("{", '{"run": "run-1", ', 1))
+    found = unsettled.earlier(final, 0)
     assert (found.reason[: len(reason)] if found else None) == reason
+
+
+def test_a_marker_of_an_image_built_again_is_pruned(tmp_path: Path) -> None:
+    for name in ("seed-d", "seed-e"):
+        unsettled.record(tmp_path / name, unsettled_error(), "seed of img", IMAGE)
+    (tmp_path / "other.unsettled").write_text('{"image": "other", "image_key": "x"}')
+    assert unsettled.prune(tmp_path, {"img": IMAGE}) == [tmp_path / "other.unsettled"]  # "other" is not cached
+    rebuilt = BuiltImage("img", "key-1", IMAGE.path, {"created": 2.0})
+    assert unsettled.prune(tmp_path, {"img": rebuilt}, only="elsewhere") == []
+    assert sorted(p.name for p in unsettled.prune(tmp_path, {"img": rebuilt}, only="img")) == [
+        "seed-d.unsettled",
+        "seed-e.unsettled",
+    ]
+
+
+class Made(Exception):
+    """Stands in for the seed's boot after the test has seen what it needs."""
+
+
+def test_ensure_seed_tries_an_unsettled_seed_once_per_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The call site: checked under the seed's lock, recorded on failure, forgotten once made."""
+    made: list[Path] = []
+
+    def create(image: BuiltImage, accel: str, parts: dict[str, object], final: Path, baked: object) -> None:
+        made.append(final)
+        if len(made) == 1:
+            raise unsettled_error()
+        if len(made) == 3:  # the loop looks for the seed it "made" and makes it again: enough
+            raise Made
+
+    monkeypatch.setattr(seeds, "_create", create)
+    monkeypatch.setattr(failures, "_run", "run-1")
+    with pytest.raises(BootTimeout, match="did not settle") as first:
+        seeds.ensure_seed(IMAGE, "tcg", 512, 1, 1, tmp_path)
+    assert first.value.name == "seed of img" and unsettled.marker(made[0]).exists()
+    unsettled._mine.clear()  # another worker of the same run
+    with pytest.raises(BootTimeout, match="in another process of this run: not tried again"):
+        seeds.ensure_seed(IMAGE, "tcg", 512, 1, 1, tmp_path)
+    assert len(made) == 1
+    monkeypatch.setattr(failures, "_run", "run-2")  # the next run tries again, and makes it
+    with pytest.raises(Made):
+        seeds.ensure_seed(IMAGE, "tcg", 512, 1, 1, tmp_path)
+    assert made == [made[0]] * 3 and not unsettled.marker(made[0]).exists()
