@@ -25,7 +25,9 @@ from .images.cache import prune_logs
 from .images.derived import list_derived, prune_derived, remove_derived
 from .images.image import check_pull_template
 from .spec import resolve
+from .store import unsettled
 from .store.gc import prune_seeds, remove_seeds
+from .store.saved import seeds_dir
 from .store.seeds import list_seeds
 from .vmm import accel as accel_mod
 
@@ -185,6 +187,9 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
         if (layer := layers.get(kp.get("image_key"))) is not None:
             current[kp["image"]] = BuiltImage(kp["image"], layer.key, layer.path, layer.manifest)
     rows += [(r.path, r.size, r.why) for r in prune_seeds(cache, current)]
+    builds = {unsettled.build(i) for i in list_images(cache)} | {unsettled.build(d) for d in list_derived(cache)}
+    gone = unsettled.prune(seeds_dir(cache), builds)
+    rows += [(p, 0, "a seed that did not settle, of an image build no longer cached") for p in gone]
     rows += [(p, size, "old failed-build log") for p, size in prune_logs(cache)]
     for path, size, why in rows:
         print(f"removed {path} ({_mb(size)}): {why}")

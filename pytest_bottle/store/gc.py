@@ -30,8 +30,8 @@ from ..host.paths import tree_size
 from ..images.cache import BuiltImage
 from ..vmm.accel import qemu_version
 from ..vmm.qemu import kernel_args
-from . import entries, unsettled
-from .saved import SEED_VERSION, SavedState, entry_lock, list_seeds, load, remove_entry, seeds_dir
+from . import entries
+from .saved import SEED_VERSION, SavedState, entry_lock, list_seeds, load, remove_entry
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,6 @@ def prune_seeds(cache_dir: Path, images: Mapping[str, BuiltImage], only: str | N
             removed.append(Removed(seed.path, size, why))
         else:
             log.debug("seed %s is stale (%s) but in use: left for later", seed.path.name, why)
-    for marker in unsettled.prune(seeds_dir(cache_dir), images, only):
-        log.debug("removed %s: its image was built again or is gone", marker.name)
     return removed
 
 

@@ -142,6 +142,7 @@ def ensure_seed(
                     except BootTimeout as e:
                         raise unsettled.record(final, e, f"seed of {image.name}", image) from None
                 unsettled.forget(final)
+                unsettled.prune(final.parent, {unsettled.build(image)}, key=image.key)
                 prune_seeds(cache_dir, {image.name: image}, only=image.name)
     seed = load(final)
     assert seed is not None

@@ -6,16 +6,17 @@ try, minutes under TCG.  As with failed image builds (``images.failures``),
 the failure is remembered for this process, and a marker beside the seed's
 lock passes it to the other processes of the same pytest run and to any
 process that waited on the lock while it happened.  A seed made later
-removes the marker; ``prune_seeds`` removes those of image builds that are
-no longer current.
+removes the marker, and any of another build of its image; ``bottle image
+prune`` removes those of builds no longer cached.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any, Protocol
 
 from ..agent.client import NOT_SETTLED
 from ..errors import BootTimeout
@@ -73,7 +74,8 @@ def record(final: Path, error: BootTimeout, name: str, image: BuiltImage) -> Boo
             "reason": error.reason,
             "tail": error.console_tail,
             "name": name,
-            "image": image.name,  # for pruning: a marker of an older build is litter
+            "image": image.name,
+            # for pruning: a marker of another build is litter
             "image_key": image.key,
             "image_built": image.manifest.get("created"),
         }
@@ -93,20 +95,29 @@ def forget(final: Path) -> None:
         pass
 
 
-def prune(seeds: Path, images: Mapping[str, BuiltImage], only: str | None = None) -> list[Path]:
-    """Remove the markers (of image ``only``, all if None) that the current
-    build of their image cannot meet again: their seeds' keys are gone."""
+class Build(Protocol):
+    """A cached image build: ``BuiltImage`` or a derived image's entry."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def manifest(self) -> dict[str, Any]: ...
+
+
+def build(image: Build) -> tuple[str, object]:
+    """What identifies one build of an image: a marker of another build is litter."""
+    return image.key, image.manifest.get("created")
+
+
+def prune(seeds: Path, current: Collection[tuple[str, object]], key: str | None = None) -> list[Path]:
+    """Remove the markers (of image key ``key``, all if None) whose image
+    build is not among ``current`` (``build``): their seeds' keys are gone."""
     gone = []
     for path in seeds.glob(f"*{SUFFIX}"):
         data = _read(path) or {}
-        name = data.get("image")
-        if only is not None and name != only:
+        if key is not None and data.get("image_key") != key:
             continue
-        current = images.get(name) if isinstance(name, str) else None
-        if current is not None and (data.get("image_key"), data.get("image_built")) == (
-            current.key,
-            current.manifest.get("created"),
-        ):
+        if (data.get("image_key"), data.get("image_built")) in current:
             continue
         try:
             path.unlink(missing_ok=True)

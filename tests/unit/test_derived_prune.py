@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from pytest_bottle.agent.client import NOT_SETTLED
 from pytest_bottle.cli import main
+from pytest_bottle.errors import BootTimeout
+from pytest_bottle.images.cache import BuiltImage
 from pytest_bottle.images.derived import USED_STAMP, list_derived, prune_derived, remove_derived
+from pytest_bottle.store import unsettled
 
 
 def _entry(cache: Path, key: str, chain: list[str], used_days_ago: float) -> Path:
@@ -46,6 +50,25 @@ def test_the_cli_lists_and_prunes_derived_images(tmp_path: Path, capsys: pytest.
     assert (tmp_path / "images" / "derived-dddd").is_dir()
     assert main(["--cache-dir", str(tmp_path), "image", "prune", "--older-than", "2"]) == 0
     assert not (tmp_path / "images" / "derived-dddd").exists()
+
+
+def test_prune_keeps_the_unsettled_marker_of_a_cached_derived_image_without_a_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its boot never settled, so it has no seed: the marker is all that says so."""
+    monkeypatch.setattr(unsettled, "_mine", {})
+    layer = _entry(tmp_path, "eeee", ["eeee", "base"], 0)
+    manifest = json.loads((layer / "manifest.json").read_text())
+    error = BootTimeout(f"{NOT_SETTLED} 300 s (systemd was still starting units: x.service)")
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    current = BuiltImage("debian-bookworm+eeee", "eeee", layer, manifest)
+    gone = BuiltImage("debian-bookworm+ffff", "ffff", tmp_path / "images" / "derived-ffff", manifest)
+    unsettled.record(seeds / "of-eeee", error, "seed", current)
+    unsettled.record(seeds / "of-ffff", error, "seed", gone)
+    assert main(["--cache-dir", str(tmp_path), "image", "prune"]) == 0
+    assert unsettled.marker(seeds / "of-eeee").exists() and not unsettled.marker(seeds / "of-ffff").exists()
+    assert f"removed {unsettled.marker(seeds / 'of-ffff')}" in capsys.readouterr().out
 
 
 def test_prune_alone_removes_what_nothing_used_for_a_week(tmp_path: Path) -> None:

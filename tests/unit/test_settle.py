@@ -143,10 +143,12 @@ def test_a_marker_of_an_image_built_again_is_pruned(tmp_path: Path) -> None:
     for name in ("seed-d", "seed-e"):
         unsettled.record(tmp_path / name, unsettled_error(), "seed of img", IMAGE)
     (tmp_path / "other.unsettled").write_text('{"image": "other", "image_key": "x"}')
-    assert unsettled.prune(tmp_path, {"img": IMAGE}) == [tmp_path / "other.unsettled"]  # "other" is not cached
+    (tmp_path / "garbled.unsettled").write_text("not json")
+    current = {unsettled.build(IMAGE)}
+    assert sorted(p.name for p in unsettled.prune(tmp_path, current)) == ["garbled.unsettled", "other.unsettled"]
     rebuilt = BuiltImage("img", "key-1", IMAGE.path, {"created": 2.0})
-    assert unsettled.prune(tmp_path, {"img": rebuilt}, only="elsewhere") == []
-    assert sorted(p.name for p in unsettled.prune(tmp_path, {"img": rebuilt}, only="img")) == [
+    assert unsettled.prune(tmp_path, {unsettled.build(rebuilt)}, key="key-2") == []  # another image's
+    assert sorted(p.name for p in unsettled.prune(tmp_path, {unsettled.build(rebuilt)}, key="key-1")) == [
         "seed-d.unsettled",
         "seed-e.unsettled",
     ]
@@ -176,7 +178,10 @@ def test_ensure_seed_tries_an_unsettled_seed_once_per_run(tmp_path: Path, monkey
     with pytest.raises(BootTimeout, match="in another process of this run: not tried again"):
         seeds.ensure_seed(IMAGE, "tcg", 512, 1, 1, tmp_path)
     assert len(made) == 1
+    older = BuiltImage("img", "key-1", IMAGE.path, {"created": 0.5})  # the same image, built before
+    unsettled.record(made[0].parent / "of-older", unsettled_error(), "seed of img", older)
     monkeypatch.setattr(failures, "_run", "run-2")  # the next run tries again, and makes it
     with pytest.raises(Made):
         seeds.ensure_seed(IMAGE, "tcg", 512, 1, 1, tmp_path)
     assert made == [made[0]] * 3 and not unsettled.marker(made[0]).exists()
+    assert not unsettled.marker(made[0].parent / "of-older").exists()  # its build is gone: litter
