@@ -117,8 +117,11 @@ def prune(seeds: Path, current: Collection[tuple[str, object]], key: str | None 
         data = _read(path) or {}
         if key is not None and data.get("image_key") != key:
             continue
-        if (data.get("image_key"), data.get("image_built")) in current:
-            continue
+        try:
+            if (data.get("image_key"), data.get("image_built")) in current:
+                continue
+        except TypeError:  # garbled: a list is no build of ours
+            pass
         try:
             path.unlink(missing_ok=True)
         except OSError:

@@ -144,8 +144,13 @@ def test_a_marker_of_an_image_built_again_is_pruned(tmp_path: Path) -> None:
         unsettled.record(tmp_path / name, unsettled_error(), "seed of img", IMAGE)
     (tmp_path / "other.unsettled").write_text('{"image": "other", "image_key": "x"}')
     (tmp_path / "garbled.unsettled").write_text("not json")
+    (tmp_path / "listed.unsettled").write_text('{"image_key": ["key-1"], "image_built": [1.0]}')
     current = {unsettled.build(IMAGE)}
-    assert sorted(p.name for p in unsettled.prune(tmp_path, current)) == ["garbled.unsettled", "other.unsettled"]
+    assert sorted(p.name for p in unsettled.prune(tmp_path, current)) == [
+        "garbled.unsettled",
+        "listed.unsettled",
+        "other.unsettled",
+    ]
     rebuilt = BuiltImage("img", "key-1", IMAGE.path, {"created": 2.0})
     assert unsettled.prune(tmp_path, {unsettled.build(rebuilt)}, key="key-2") == []  # another image's
     assert sorted(p.name for p in unsettled.prune(tmp_path, {unsettled.build(rebuilt)}, key="key-1")) == [
