@@ -74,7 +74,6 @@ def record(final: Path, error: BootTimeout, name: str, image: BuiltImage) -> Boo
             "reason": error.reason,
             "tail": error.console_tail,
             "name": name,
-            "image": image.name,
             # for pruning: a marker of another build is litter
             "image_key": image.key,
             "image_built": image.manifest.get("created"),
