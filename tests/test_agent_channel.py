@@ -19,7 +19,9 @@ import pytest
 
 from pytest_bottle import AgentError, AgentTimeout, Bottle, OutputLimit, SpecError, UnsafeTransfer
 from pytest_bottle import bottle as bottle_mod
+from pytest_bottle.agent import streams
 from pytest_bottle.agent.channel import AgentChannel
+from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.guest.frames import (
     CALL,
     CANCEL,
@@ -220,6 +222,54 @@ def test_the_host_grants_credit_for_output_as_it_takes_it(guest: Guest) -> None:
     guest.reply(rid, rc=0, timed_out=False)
     t.join(10)
     assert "value" in out and sum(map(len, got)) == 4 * HOST_WINDOW, out
+
+
+class Enough(Exception):
+    pass
+
+
+def _stopping_exec(guest: Guest) -> tuple[threading.Thread, dict[str, object], int]:
+    """An ``exec`` whose ``on_output`` raises at its first output: cancelled."""
+
+    def stop(stream: str, text: str) -> None:
+        raise Enough(text)
+
+    client = AgentClient(guest.chan)
+
+    def run() -> object:
+        started = client.exec(["x"], env={}, cwd=None, user=None, timeout=None, stdin=None, cap=1 << 20, on_output=stop)
+        return started.finish(5, "x")
+
+    t, out = _in_thread(run)
+    rid, _ = guest.expect(CALL)
+    guest.send(frame(STDOUT, rid, b"first"))
+    assert guest.expect(CANCEL)[0] == rid
+    return t, out, rid
+
+
+def test_an_on_output_exception_waits_for_the_commands_end(guest: Guest) -> None:
+    t, out, rid = _stopping_exec(guest)
+    for _ in range(3):  # what the dying command still writes is taken (and credited)
+        guest.send(frame(STDOUT, rid, b"o" * CHUNK))
+    time.sleep(0.5)
+    assert t.is_alive()  # no reply yet: the group is not gone
+    guest.reply(rid, rc=-9, timed_out=False)
+    t.join(10)
+    assert isinstance(out.get("error"), Enough) and str(out["error"]) == "first"
+    assert 0.5 <= out["seconds"] < 5  # type: ignore[operator]
+
+
+def test_an_on_output_exception_waits_a_silent_agent_boundedly(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "STOP_WAIT", 1.0)
+    t, out, rid = _stopping_exec(guest)
+    t.join(10)  # no reply ever: the exception comes after STOP_WAIT all the same
+    assert isinstance(out.get("error"), Enough) and 1.0 <= out["seconds"] < 5  # type: ignore[operator]
+    guest.send(frame(STDOUT, rid, b"late"))  # a call given up on: dropped
+    t, out = _in_thread(lambda: guest.chan.call("hello", timeout=10))
+    rid2, _ = guest.expect(CALL)
+    guest.reply(rid2, hi=1)
+    t.join(10)
+    assert out.get("value") == {"hi": 1, "ok": True}, out
 
 
 def test_a_guest_ignoring_the_window_fails_its_call_not_the_channel(guest: Guest) -> None:

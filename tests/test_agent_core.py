@@ -451,6 +451,23 @@ def test_cancel_kills_and_still_replies(core: Core) -> None:
     assert core.recv() == (REPLY, 6, reply(6, {"rc": -9, "timed_out": False, "ok": True}))
 
 
+def test_a_killed_groups_reply_waits_until_every_member_is_gone(core: Core) -> None:
+    # Zombies too: a ``pgrep`` right after the reply must not see the group
+    # dying or waiting for init (this host's, here) to reap it.
+    for rid, call in ((7, {"timeout": 60}), (8, {"timeout": 0.5})):
+        cmd = "sleep 30 & sleep 30 & echo $!; exec sleep 30"
+        core.call(rid, {"op": "exec", "argv": ["sh", "-c", cmd], **call})
+        kind, _, payload = core.recv()
+        assert kind == STDOUT
+        member, t0 = int(payload), time.monotonic()
+        if rid == 7:
+            core.send(frames.frame(CANCEL, rid))
+        got = core.recv()
+        assert got == (REPLY, rid, reply(rid, {"rc": -9, "timed_out": rid == 8, "ok": True}))
+        assert not os.path.exists(f"/proc/{member}")
+        assert time.monotonic() - t0 < 3  # not the bound (execute.GROUP_GONE_WAIT)
+
+
 def test_output_waits_for_credit(core: Core) -> None:
     expected = subprocess.run(["seq", "1", "1000000"], capture_output=True, check=True).stdout
     assert len(expected) > HOST_WINDOW + 1024 * 1024
@@ -553,6 +570,7 @@ def test_handback_passes_execs_in_flight(core: Core) -> None:
             "err": True,
             "credit": HOST_WINDOW - len(payload),
             "timed_out": False,
+            "killed": False,
             "stale": False,
         }
         assert len(fds) == 2
@@ -584,6 +602,7 @@ def test_handback_counts_syncs_and_stale_execs(core: Core) -> None:
             "left": None,
             "credit": HOST_WINDOW - len(f"{pid}\n"),
             "timed_out": False,
+            "killed": True,
             "stale": True,
         }
     ]

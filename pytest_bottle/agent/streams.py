@@ -27,6 +27,9 @@ STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
 
 
 PART = 64 * 1024  # small chunks are gathered into parts of up to this size
+# How long an ``exec`` whose ``on_output`` raised waits for the agent to say
+# the command is gone (its group killed and reaped; the agent bounds that at 5 s).
+STOP_WAIT = 10.0
 
 
 class OutputTail:
@@ -151,12 +154,40 @@ class OutputFeed:
             kind, data = item
             try:
                 self._deliver(kind, self.decoders[kind].decode(data))
-            except BaseException:
+            except Exception:
+                self._stop(channel, rid, call, deadline)
+                raise
+            except BaseException:  # Ctrl-C: no wait
                 channel.forget(rid)
                 raise
             channel.grant(rid, len(data))
         for kind, decoder in self.decoders.items():
             self._deliver(kind, decoder.decode(b"", final=True))
+
+    def _stop(self, channel: AgentChannel, rid: int, call: Call, deadline: float | None) -> None:
+        """Cancel the call and wait (``STOP_WAIT`` s at most) for its reply: the
+        agent replies once the command's whole group is gone, so the caller's
+        next command sees none of it.  What still comes is credited, unread."""
+        try:
+            channel.cancel(rid)
+        except AgentError:  # the channel broke: nothing to wait for
+            channel.forget(rid)
+            return
+        end = time.monotonic() + STOP_WAIT
+        if deadline is not None:
+            end = min(end, deadline)
+        while not (call.done.is_set() or self.before.is_set()):
+            wait = min(channel.idle, end - time.monotonic())
+            if wait <= 0:
+                break
+            try:
+                item = self.items.get(timeout=wait)
+            except queue.Empty:
+                continue
+            if item is not None:
+                channel.grant(rid, len(item[1]))
+        if not (call.done.is_set() or self.before.is_set()):
+            channel.forget(rid)
 
     def _deliver(self, kind: int, text: str) -> None:
         if text:

@@ -257,6 +257,7 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
             if child.stdin is not None:
                 threading.Thread(target=_feed, args=(child.stdin, inbox), daemon=True).start()
             timed_out = execute.pump(child, out, call.get("timeout")) or bool(call.get("_timed_out"))
+            child.gone()
         except BaseException:  # the host left or gave up: nobody reads this command any more
             child.kill()
             child.reap()

@@ -27,6 +27,10 @@ PIPE_CHUNK = 64 * 1024  # a pipe holds 64 KiB: no read returns more
 # after the last of it, and this long after the exit at most.
 BACKGROUND_GRACE = 0.05
 BACKGROUND_CAP = 1.0
+# A group we SIGKILLed is gone before the reply (a ``pgrep`` right after must
+# not see its members dying or waiting for init to reap them); a member stuck
+# in the kernel (D state) holds the reply this long at most.
+GROUP_GONE_WAIT = 5.0
 
 
 class Child:
@@ -42,6 +46,7 @@ class Child:
         self.stdout = stdout
         self.stderr = stderr
         self.returncode: int | None = None
+        self.killed = False  # its group got a SIGKILL: the reply waits for ``gone``
         self.lock = threading.Lock()
 
     def reap(self, block: bool = True) -> int | None:
@@ -66,10 +71,25 @@ class Child:
                 (os.killpg if group else os.kill)(self.pid, sig)
             except ProcessLookupError:
                 return False
+            if group and sig == signal.SIGKILL:
+                self.killed = True
         return True
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL, group=True)
+
+    def gone(self, wait: float = GROUP_GONE_WAIT) -> None:
+        """Once reaped, wait until no member of its killed group is left, not
+        even a zombie (``killpg(pid, 0)`` fails only then)."""
+        if not self.killed or self.returncode is None:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.002)
 
 
 class SpawnFailed(Exception):

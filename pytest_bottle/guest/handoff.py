@@ -140,6 +140,7 @@ class Handback:
             stdout = fds.pop(0) if rec.get("out") else -1
             stderr = fds.pop(0) if rec.get("err") else -1
             child = execute.Child(int(rec["pid"]), None, stdout, stderr)
+            child.killed = bool(rec.get("killed"))
             if rec.get("stale"):
                 threading.Thread(target=_discard, args=(child,), daemon=True).start()
                 continue

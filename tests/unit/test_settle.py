@@ -136,7 +136,7 @@ def test_a_garbled_marker_is_ignored_or_read_as_text(
     monkeypatch.setattr(failures, "_run", "run-1")
     unsettled.marker(final).write_text(text.replace("{", '{"run": "run-1", ', 1))
     found = unsettled.earlier(final, 0)
-    assert (found.reason[: len(reason)] if found else None) == reason
+    assert (found.reason[: len(reason or "")] if found else None) == reason
 
 
 def test_a_marker_of_an_image_built_again_is_pruned(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ enum { CALL = 1, DATA, FEOF, STDOUT_K, STDERR_K, REPLY, CANCEL, SYNC, HELLO, PIN
 #define HOME "/root"
 #define BACKGROUND_GRACE 0.05
 #define BACKGROUND_CAP 1.0
+#define GROUP_GONE_WAIT 5.0 /* execute.GROUP_GONE_WAIT */
 
 /* ------------------------------------------------------------ util.c */
 typedef struct {
@@ -112,6 +113,10 @@ struct exec {
     double deadline; /* < 0: none */
     double exit_time, last_out;
     bool exited, timed_out, stale;
+    bool killed;    /* its group got a SIGKILL: the reply waits until it is gone */
+    bool reaped;    /* the leader is reaped; the reply waits for the group */
+    int status;     /* the leader's wait status, once reaped */
+    double gone_by; /* reply by then even if a member is left (stuck in D state) */
     int pi_out, pi_err, pi_pid; /* indexes into this round's pollfds */
 };
 extern struct exec *execs;
@@ -124,6 +129,7 @@ void exec_kill(struct exec *e);
 /* Whether the exec ended (then it is gone from the table). */
 bool exec_step(size_t i, const void *pfds, double now);
 int exec_timeout_ms(struct exec *e, double now, int timeout);
+void exec_reply_reaped(void); /* before a hand-back */
 
 /* ------------------------------------------------------------ ops.c */
 int op_hello(uint32_t rid);

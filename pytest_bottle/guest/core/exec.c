@@ -204,8 +204,13 @@ struct exec *exec_find(uint32_t rid) {
 /* The group: a command's own children die with it.  Not reaped before the
  * end, the pid cannot have been given to anybody else. */
 void exec_kill(struct exec *e) {
-    if (kill(-e->pid, SIGKILL) && errno != ESRCH) say("bottle-agent-core: killpg failed");
+    if (e->reaped) return; /* killed already, and its pid may be another's */
+    if (kill(-e->pid, SIGKILL) == 0) e->killed = true;
+    else if (errno != ESRCH) say("bottle-agent-core: killpg failed");
 }
+
+/* Whether a killed group is gone, zombies included (execute.Child.gone). */
+static bool group_gone(struct exec *e) { return !e->killed || (kill(-e->pid, 0) && errno == ESRCH); }
 
 static int ms(double secs) {
     if (secs <= 0) return 0;
@@ -219,7 +224,8 @@ static double grace_end(struct exec *e) {
 
 int exec_timeout_ms(struct exec *e, double now, int timeout) {
     int t = -1;
-    if (!e->exited && e->deadline >= 0) t = ms(e->deadline - now);
+    if (e->reaped) t = 2; /* a poll for the group's end: nothing to wait on */
+    else if (!e->exited && e->deadline >= 0) t = ms(e->deadline - now);
     else if (e->exited && (e->out >= 0 || e->err >= 0) && (e->stale || e->window > 0)) t = ms(grace_end(e) - now);
     if (t < 0) return timeout;
     return timeout < 0 || t < timeout ? t : timeout;
@@ -245,10 +251,48 @@ static void pump(struct exec *e, int *fd, int kind) {
     *fd = -1;
 }
 
+static void reply_end(struct exec *e, pid_t w, int werr) {
+    if (e->stale) return;
+    if (w < 0) {
+        send_oserror(e->rid, werr, NULL);
+        return;
+    }
+    buf_t b = {0};
+    b_str(&b, "\"rc\":");
+    b_int(&b, WIFEXITED(e->status) ? WEXITSTATUS(e->status) : -WTERMSIG(e->status));
+    b_str(&b, e->timed_out ? ",\"timed_out\":true" : ",\"timed_out\":false");
+    send_reply(e->rid, &b);
+    b_free(&b);
+}
+
+static void drop(size_t i) {
+    memmove(&execs[i], &execs[i + 1], (nexec - i - 1) * sizeof *execs);
+    nexec--;
+}
+
+/* Before a hand-back: the Python agent cannot wait on a group whose leader
+ * it never had, so those waiting for their group's end reply now. */
+void exec_reply_reaped(void) {
+    for (size_t i = 0; i < nexec;) {
+        if (!execs[i].reaped) {
+            i++;
+            continue;
+        }
+        reply_end(&execs[i], execs[i].pid, 0);
+        drop(i);
+    }
+}
+
 bool exec_step(size_t i, const void *pfds, double now) {
     const struct pollfd *p = pfds;
     struct exec *e = &execs[i];
     bool ready = false;
+    if (e->reaped) {
+        if (!group_gone(e) && now < e->gone_by) return false;
+        reply_end(e, e->pid, 0);
+        drop(i);
+        return true;
+    }
     if (e->pi_pid >= 0 && p[e->pi_pid].revents) {
         e->exited = true; /* not reaped yet: a handed-back exec must still be our child */
         e->exit_time = e->last_out = now;
@@ -265,25 +309,20 @@ bool exec_step(size_t i, const void *pfds, double now) {
      * wait for it 50 ms after the last of it, 1 s after the exit at most. */
     if ((e->out >= 0 || e->err >= 0) && !(!ready && (e->stale || e->window > 0) && now >= grace_end(e)))
         return false;
-    int st;
     pid_t w;
-    do w = waitpid(e->pid, &st, 0);
+    do w = waitpid(e->pid, &e->status, 0);
     while (w < 0 && errno == EINTR);
     int werr = errno;
     close(e->pidfd);
     if (e->out >= 0) close(e->out);
     if (e->err >= 0) close(e->err);
-    if (!e->stale && w < 0) {
-        send_oserror(e->rid, werr, NULL);
-    } else if (!e->stale) {
-        buf_t b = {0};
-        b_str(&b, "\"rc\":");
-        b_int(&b, WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st));
-        b_str(&b, e->timed_out ? ",\"timed_out\":true" : ",\"timed_out\":false");
-        send_reply(e->rid, &b);
-        b_free(&b);
+    e->out = e->err = -1;
+    if (w >= 0 && !e->stale && !group_gone(e)) {
+        e->reaped = true;
+        e->gone_by = now + GROUP_GONE_WAIT;
+        return false;
     }
-    memmove(&execs[i], &execs[i + 1], (nexec - i - 1) * sizeof *execs);
-    nexec--;
+    reply_end(e, w, werr);
+    drop(i);
     return true;
 }

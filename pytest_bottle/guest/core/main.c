@@ -51,6 +51,7 @@ static void gone(void) {
  * ib[ih], with every exec still in flight.  Children are not reaped here:
  * they are re-parented to the Python agent when we exit. */
 static void __attribute__((noreturn)) handback(void) {
+    exec_reply_reaped();
     buf_t j = {0};
     double now = mono();
     int *fds = malloc((2 * nexec + 1) * sizeof *fds);
@@ -79,6 +80,7 @@ static void __attribute__((noreturn)) handback(void) {
         b_str(&j, ",\"credit\":");
         b_int(&j, e->window);
         b_str(&j, e->timed_out ? ",\"timed_out\":true" : ",\"timed_out\":false");
+        b_str(&j, e->killed ? ",\"killed\":true" : ",\"killed\":false");
         b_str(&j, e->stale ? ",\"stale\":true}" : ",\"stale\":false}");
         if (e->out >= 0) fds[nfds++] = e->out;
         if (e->err >= 0) fds[nfds++] = e->err;
