@@ -33,8 +33,9 @@ if TYPE_CHECKING:  # the launch pipeline makes bottles, and imports this module
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
-# An agent that has not answered this long after a command's own timeout is gone.
-TIMEOUT_GRACE = 10.0
+# An agent that has not answered this long after a command's own timeout is
+# gone (it drains the pipes 1 s at most, waits 5 s at most for a killed group).
+TIMEOUT_GRACE = 15.0
 # Default timeout of each file call (read/write/put/get), seconds; None waits as
 # long as the agent answers (a dead agent still fails the call, see channel.py).
 FILE_TIMEOUT = 300.0

@@ -228,11 +228,13 @@ class Enough(Exception):
     pass
 
 
-def _stopping_exec(guest: Guest) -> tuple[threading.Thread, dict[str, object], int]:
+def _stopping_exec(
+    guest: Guest, error: type[BaseException] = Enough
+) -> tuple[threading.Thread, dict[str, object], int]:
     """An ``exec`` whose ``on_output`` raises at its first output: cancelled."""
 
     def stop(stream: str, text: str) -> None:
-        raise Enough(text)
+        raise error(text)
 
     client = AgentClient(guest.chan)
 
@@ -247,15 +249,16 @@ def _stopping_exec(guest: Guest) -> tuple[threading.Thread, dict[str, object], i
     return t, out, rid
 
 
-def test_an_on_output_exception_waits_for_the_commands_end(guest: Guest) -> None:
-    t, out, rid = _stopping_exec(guest)
+@pytest.mark.parametrize("error", [Enough, pytest.fail.Exception], ids=["an-exception", "pytest.fail"])
+def test_an_on_output_exception_waits_for_the_commands_end(guest: Guest, error: type[BaseException]) -> None:
+    t, out, rid = _stopping_exec(guest, error)
     for _ in range(3):  # what the dying command still writes is taken (and credited)
         guest.send(frame(STDOUT, rid, b"o" * CHUNK))
     time.sleep(0.5)
     assert t.is_alive()  # no reply yet: the group is not gone
     guest.reply(rid, rc=-9, timed_out=False)
     t.join(10)
-    assert isinstance(out.get("error"), Enough) and str(out["error"]) == "first"
+    assert type(out.get("error")) is error and str(out["error"]) == "first"
     assert 0.5 <= out["seconds"] < 5  # type: ignore[operator]
 
 

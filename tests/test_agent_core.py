@@ -11,6 +11,7 @@ set this machine's hostname, clock and NICs (it is tested in real VMs).
 from __future__ import annotations
 
 import array
+import ctypes
 import fcntl
 import json
 import os
@@ -20,6 +21,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +45,7 @@ from pytest_bottle.guest.frames import (
 )
 
 SOURCES = Path(frames.__file__).parent / "core"
+PR_SET_CHILD_SUBREAPER = 36
 INSTANCE = bytes(range(16))
 GO = struct.Struct("=III")  # synced, leftover bytes, the park request id (0: none)
 FIRST = 100  # the core's ends go here before they move to 3 and 4: never 3 or 4 themselves
@@ -466,6 +469,47 @@ def test_a_killed_groups_reply_waits_until_every_member_is_gone(core: Core) -> N
         assert got == (REPLY, rid, reply(rid, {"rc": -9, "timed_out": rid == 8, "ok": True}))
         assert not os.path.exists(f"/proc/{member}")
         assert time.monotonic() - t0 < 3  # not the bound (execute.GROUP_GONE_WAIT)
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """This process takes the core's orphans and leaves them unreaped, as a
+    busy init might: a killed group's member stays, a zombie, until we reap it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("handback", [False, True])
+def test_a_killed_groups_reply_waits_for_its_zombies_across_a_handback(
+    core: Core, subreaper: None, handback: bool
+) -> None:
+    core.call(7, {"op": "exec", "argv": ["sh", "-c", "sleep 30 & echo $!; exec sleep 30"], "timeout": 60})
+    kind, _, payload = core.recv()
+    assert kind == STDOUT
+    member = int(payload)
+    core.send(frames.frame(CANCEL, 7))
+    deadline = time.monotonic() + 5
+    while not dead(member) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dead(member) and os.path.exists(f"/proc/{member}")  # a zombie, ours to reap
+    later = frames.jframe(CALL, 8, {"op": "stat", "path": "/"})  # the core hands it back
+    if handback:
+        core.send(later)
+    core.quiet(0.5)  # no reply while the zombie is there
+    reaper = threading.Timer(0.5, os.waitpid, (member, 0))
+    reaper.start()
+    try:
+        assert core.recv() == (REPLY, 7, reply(7, {"rc": -9, "timed_out": False, "ok": True}))
+        assert not os.path.exists(f"/proc/{member}")
+        if handback:
+            info, left, _fds = core.handback()
+            assert (info["execs"], left) == ([], later)
+    finally:
+        reaper.join()
 
 
 def test_output_waits_for_credit(core: Core) -> None:

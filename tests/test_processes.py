@@ -58,6 +58,10 @@ def test_many_processes_kill_takes_the_group_and_input_arrives(
     assert b.check_output(f"pgrep -g {pgid} | wc -l").strip() == "3"
     assert group.kill().wait(30).returncode == -signal.SIGKILL
     assert b.exec(f"pgrep -g {pgid}").returncode == 1  # the whole group is gone, reaped too, before the end
+    left = b.spawn("sleep 300 & exit 0")  # it ends at once, its group lives on
+    assert left.wait(30).returncode == 0 and b.exec(f"pgrep -g {left.pid}").returncode == 0
+    left.kill()
+    assert b.exec(f"pgrep -g {left.pid}").returncode == 1  # gone, reaped too, when kill() returned
     with pytest.raises(OutputTimeout, match="ended"):
         b.spawn("exit 2").wait_for_output("never", 30)
 

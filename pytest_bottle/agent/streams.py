@@ -154,11 +154,11 @@ class OutputFeed:
             kind, data = item
             try:
                 self._deliver(kind, self.decoders[kind].decode(data))
-            except Exception:
-                self._stop(channel, rid, call, deadline)
-                raise
-            except BaseException:  # Ctrl-C: no wait
+            except (KeyboardInterrupt, SystemExit):  # no wait
                 channel.forget(rid)
+                raise
+            except BaseException:  # pytest.fail() and pytest.skip() too
+                self._stop(channel, rid, call, deadline)
                 raise
             channel.grant(rid, len(data))
         for kind, decoder in self.decoders.items():

@@ -104,6 +104,8 @@ class ProcessOps:
         if child is None:
             return {"sent": False}
         sent = child.signal(int(call["signal"]), group)  # under the lock that reaps it
+        if sent and child.returncode is not None:  # no exec reply will wait for the group: this one does
+            child.gone()
         if not sent and child.returncode is not None:
             with self.lock:
                 self.groups.pop(target, None)

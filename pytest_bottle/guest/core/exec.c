@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -270,15 +271,17 @@ static void drop(size_t i) {
     nexec--;
 }
 
-/* Before a hand-back: the Python agent cannot wait on a group whose leader
- * it never had, so those waiting for their group's end reply now. */
+/* Before a hand-back: those waiting for their group's end wait here (it is
+ * ms as a rule, GROUP_GONE_WAIT at most), then reply. */
 void exec_reply_reaped(void) {
     for (size_t i = 0; i < nexec;) {
-        if (!execs[i].reaped) {
+        struct exec *e = &execs[i];
+        if (!e->reaped) {
             i++;
             continue;
         }
-        reply_end(&execs[i], execs[i].pid, 0);
+        while (!e->stale && !group_gone(e) && mono() < e->gone_by) nanosleep(&(struct timespec){0, 2000000}, NULL);
+        reply_end(e, e->pid, 0);
         drop(i);
     }
 }
@@ -287,8 +290,8 @@ bool exec_step(size_t i, const void *pfds, double now) {
     const struct pollfd *p = pfds;
     struct exec *e = &execs[i];
     bool ready = false;
-    if (e->reaped) {
-        if (!group_gone(e) && now < e->gone_by) return false;
+    if (e->reaped) { /* stale: nobody waits for its reply */
+        if (!e->stale && !group_gone(e) && now < e->gone_by) return false;
         reply_end(e, e->pid, 0);
         drop(i);
         return true;
