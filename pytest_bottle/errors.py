@@ -112,6 +112,11 @@ class ExecError(BottleError):
             msg += "\n--- stdout ---\n" + stdout[-2000:]
         super().__init__(msg)
 
+    @property
+    def rc(self) -> int:
+        """``returncode`` (DESIGN's name)."""
+        return self.returncode
+
     def _args(self) -> dict[str, Any]:
         return {"args": self.cmd, "returncode": self.returncode, "stdout": self.stdout, "stderr": self.stderr}
 

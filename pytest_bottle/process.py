@@ -281,13 +281,14 @@ class GuestProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """Kill its whole group, even when the process itself already ended."""
-        self.kill()
-        if self.poll() is None:
-            try:
+        """Kill its whole group, even when the process itself already ended.
+        A hung agent is logged, not raised: the block's own error is the one to see."""
+        try:
+            self.kill()
+            if self.poll() is None:
                 self.wait(KILL_WAIT)
-            except (ExecTimeout, AgentError) as e:
-                log.debug("%r did not end after SIGKILL: %s", self, e)
+        except (ExecTimeout, AgentError) as e:
+            log.debug("%r did not end after SIGKILL: %s", self, e)
 
 
 def _unsearched(parts: list[bytes], start: int, searched: int) -> str:

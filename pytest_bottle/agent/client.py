@@ -249,7 +249,10 @@ class ExecRun:
         reply = channel.wait(call, 0, "exec")
         if reply is None:  # cannot be: the feed ran until the call was done
             raise AgentError(f"bottle {self.client.name}: exec of {label!r} ended without a reply")
-        return ExecReply.parse(reply, self.out.value(), self.err.value(), self.client.name)
+        err = self.err.value()
+        result = ExecReply.parse(reply, self.out.value(), err, self.client.name)
+        feed.deliver("stderr", result.stderr[len(err) :].decode("utf-8", "replace"))  # why it could not start
+        return result
 
 
 def _send_quietly(channel: AgentChannel, rid: int, data: bytes) -> None:

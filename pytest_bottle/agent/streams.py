@@ -164,6 +164,11 @@ class OutputFeed:
         for kind, decoder in self.decoders.items():
             self._deliver(kind, decoder.decode(b"", final=True))
 
+    def deliver(self, stream: str, text: str) -> None:
+        """Text of the agent's own, after the output (a spawn failure's note)."""
+        if text:
+            self.fn(stream, text)
+
     def _stop(self, channel: AgentChannel, rid: int, call: Call, deadline: float | None) -> None:
         """Cancel the call and wait (``STOP_WAIT`` s at most) for its reply: the
         agent replies once the command's whole group is gone, so the caller's

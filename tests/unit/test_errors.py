@@ -65,4 +65,4 @@ def test_messages_carry_the_facts() -> None:
     assert "Kernel panic" in str(E.BootError("QEMU exited", "Kernel panic - not syncing"))
     assert "E: worse" in str(E.ImageBuildError("x", "failed", "E: worse"))
     e = E.ExecError(["ls", "/nope"], 2, "", "No such file")
-    assert e.returncode == 2 and "No such file" in str(e)
+    assert e.returncode == e.rc == 2 and "No such file" in str(e)

@@ -360,6 +360,22 @@ def test_on_output_gets_text_in_order_without_splitting_a_character(local: Agent
     assert not any("\ufffd" in t for s, t in got[:2])  # the split character was held back, not replaced
 
 
+@pytest.mark.parametrize(
+    ("argv", "cwd", "rc", "why"),
+    [(["no-such-program-xyz"], None, 127, "not found"), (["true"], "/no/such/dir", 2, "cannot change directory")],
+)
+def test_on_output_gets_why_a_command_could_not_start(
+    local: AgentClient, argv: list[str], cwd: str | None, rc: int, why: str
+) -> None:
+    got: list[tuple[str, str]] = []
+    run_ = local.exec(
+        argv, env={}, cwd=cwd, user=None, timeout=30, stdin=None, cap=1 << 20, on_output=lambda s, t: got.append((s, t))
+    )
+    r = run_.finish(5, argv)
+    assert r.rc == rc and why in r.stderr.decode()
+    assert got == [("stderr", r.stderr.decode())]  # what the result holds, the callback saw
+
+
 def test_an_exception_in_on_output_kills_the_command_and_propagates(local: AgentClient, tmp_path: object) -> None:
     def boom(stream: str, text: str) -> None:
         raise KeyError("stop")
