@@ -29,7 +29,7 @@ from .live_progress import LiveProgress
 from .reports import BottleReports, failed, keep_message
 from .save_failed import SaveFailed
 from .snapshot import Snapshot, check_fork_args
-from .spec import BottleSpec, Layer, resolve
+from .spec import BottleSpec, Layer, check_host_memory, resolve
 from .vmm import accel as accel_mod
 
 log = logging.getLogger(__name__)
@@ -104,11 +104,19 @@ class _State:
     manager: BottleManager
     reports: BottleReports
 
-    def spec(self, *first: Layer, image: str | None = None) -> BottleSpec:
+    def spec(self, *first: Layer, image: str | None = None, here: bool = True) -> BottleSpec:
         """Marker / factory layers (``first``, restricted to per-bottle keys), then CLI and ini;
-        ``image``: the test's image in the matrix, in place of the command line's list."""
+        ``image``: the test's image in the matrix, in place of the command line's list.
+        ``here``: its VMs run on this host (a worker's), which must have the memory."""
         cli = self.cli if image is None else {**self.cli, "image": image}
-        return _resolve([*first, ("command line", cli), ("ini file", self.ini)], restricted=len(first))
+        layers = [*first, ("command line", cli), ("ini file", self.ini)]
+        spec = _resolve(layers, restricted=len(first))
+        if here:
+            try:
+                check_host_memory(spec.memory_mb)
+            except SpecError as e:
+                raise InvalidBottleArgument(e.message, _source(layers, "memory") or "the default") from None
+        return spec
 
     @property
     def rebuild_before(self) -> float | None:
@@ -125,13 +133,13 @@ def _resolve(layers: list[Layer], restricted: int = 0) -> BottleSpec:
     except SpecError as e:
         raise InvalidBottleArgument(e.message, e.source) from None
     if isinstance(spec.image, str) and spec.image not in known_names():
-        raise UnknownBottleImage(spec.image, known_names(), _image_source(layers))
+        raise UnknownBottleImage(spec.image, known_names(), _source(layers, "image"))
     return spec
 
 
-def _image_source(layers: list[Layer]) -> str:
-    """Where the image came from: the first layer that sets one (as ``resolve`` reads them)."""
-    return next((where for where, layer in layers if layer.get("image") is not None), "")
+def _source(layers: list[Layer], key: str) -> str:
+    """Where ``key`` came from: the first layer that sets it (as ``resolve`` reads them)."""
+    return next((where for where, layer in layers if layer.get(key) is not None), "")
 
 
 def _state(config: pytest.Config) -> _State:
@@ -201,7 +209,9 @@ def pytest_configure(config: pytest.Config) -> None:
     try:  # an image list: kept for the matrix, its first image stays in cli/ini
         matrix.configure(config, cli, ini)
     except ImageNotFound as e:  # cli/ini are unchanged when it fails
-        raise UnknownBottleImage(e.name, e.known, _image_source([("command line", cli), ("ini file", ini)])) from None
+        raise UnknownBottleImage(
+            e.name, e.known, _source([("command line", cli), ("ini file", ini)], "image")
+        ) from None
     except SpecError as e:
         raise InvalidBottleArgument(e.message, e.source) from None
     config.pluginmanager.register(matrix, "bottle-matrix")
@@ -272,7 +282,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     state = _state(config)
-    spec = state.spec()
+    spec = state.spec(here=False)  # the controller's: workers may run elsewhere
     verdict = accel_mod.cached_verdict(spec.cache_dir) if spec.accel == "auto" else None
     if spec.accel != "auto":
         accel = f"{spec.accel} (requested)"

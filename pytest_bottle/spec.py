@@ -64,14 +64,14 @@ def parse_memory(value: Any) -> int:
     return mb
 
 
-def check_host_memory(memory_mb: int) -> None:
+def check_host_memory(memory_mb: int, source: str = "") -> None:
     """Refuse more memory than this host has, where the VM is to run (a spec
     may be resolved on another host: an xdist controller). The guest kernel
     alone would map it (its page structures for 4T are 64G): a boot that
     crawls until its timeout."""
     host_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
     if memory_mb > host_mb:
-        raise SpecError(f"memory {memory_mb}M is more than this host has ({host_mb}M)", "bad memory")
+        raise SpecError(f"bad memory: {memory_mb}M is more than this host has ({host_mb}M)", source)
 
 
 def _int_in(lo: int, hi: int, what: str) -> Callable[[Any], int]:

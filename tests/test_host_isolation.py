@@ -283,6 +283,20 @@ def test_state_dir_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert stat.S_IMODE(made.stat().st_mode) == 0o700
 
 
+def test_relative_xdg_directories_are_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As the XDG spec says: a relative one would name another cache after a chdir.
+    from pytest_bottle.host.paths import default_cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relcache")
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "pytest-bottle"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "abs"))
+    assert default_cache_dir() == tmp_path / "abs" / "pytest-bottle"
+    monkeypatch.setenv("BOTTLE_STATE_DIR", "relstate")  # the user's own choice: taken, made absolute
+    assert state_dir() == tmp_path / "relstate"
+
+
 @needs_root
 def test_cache_root_checks(tmp_path: Path) -> None:
     from pytest_bottle.errors import UnsafeDirectory

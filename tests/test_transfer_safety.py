@@ -17,6 +17,7 @@ import stat
 import tarfile
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -358,6 +359,23 @@ def test_single_file_mode_is_masked(guest: HostileGuest, tmp_path: Path) -> None
     assert stat.S_IMODE((tmp_path / "x").stat().st_mode) == 0o755
 
 
+@pytest.mark.parametrize(
+    ("mtime", "kept"),
+    [(1e9, True), (1234567890.5, True), (1000000000, True), ("1e9", False), (-5, False), (1e300, False),
+     (float("nan"), False), (True, False), (None, False)],
+)  # fmt: skip
+def test_single_file_keeps_a_sane_mtime(guest: HostileGuest, tmp_path: Path, mtime: object, kept: bool) -> None:
+    guest.answers["stat"] = lambda rid, call: reply(rid, mode=0o100644, size=1, is_dir=False, mtime=mtime)
+    guest.answers["read"] = lambda rid, call: stream(rid, b"x")
+    before = time.time()
+    fetch(guest.channel, "/f", tmp_path / "f")
+    got = (tmp_path / "f").stat().st_mtime
+    if kept:
+        assert got == mtime
+    else:  # none a file could hold: the time it arrived
+        assert before - 1 <= got <= time.time() + 1
+
+
 def test_single_file_replaces_a_link_at_dst(guest: HostileGuest, tmp_path: Path, host_file: Path) -> None:
     (tmp_path / "dst").symlink_to(host_file)
     os.link(host_file, tmp_path / "hard")
@@ -607,6 +625,14 @@ _keep: list[object] = []
 
 def untar_call(channel: AgentChannel, dst: Path, tar: bytes) -> dict[str, object]:
     return channel.call("untar", path=str(dst), data=[tar], timeout=30)
+
+
+def test_the_agent_gives_a_files_mtime_and_get_keeps_it(local_agent: AgentChannel, tmp_path: Path) -> None:
+    src = tmp_path / "guest-file"
+    src.write_text("data\n")
+    os.utime(src, (1e9, 1e9 + 0.25))
+    fetch(local_agent, str(src), tmp_path / "got")
+    assert (tmp_path / "got").read_text() == "data\n" and (tmp_path / "got").stat().st_mtime == 1e9 + 0.25
 
 
 def test_agent_untar_never_writes_through_a_symlink(local_agent: AgentChannel, tmp_path: Path) -> None:

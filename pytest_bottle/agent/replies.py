@@ -107,14 +107,17 @@ class ReadReply:
 class StatReply:
     mode: int
     is_dir: bool
+    mtime: float | None = None  # None: none given, or none a file could hold
 
     @classmethod
     def parse(cls, reply: Mapping[str, Any], path: str) -> StatReply:
         """A malformed reply refuses the transfer it was asked for (``UnsafeTransfer``)."""
-        mode, is_dir = reply.get("mode"), reply.get("is_dir")
+        mode, is_dir, mtime = reply.get("mode"), reply.get("is_dir"), reply.get("mtime")
         if type(mode) is not int or type(is_dir) is not bool:
             raise UnsafeTransfer(path, f"a malformed stat reply from the guest: {str(reply)[:200]}")
-        return cls(mode, is_dir)
+        if not (isinstance(mtime, (int, float)) and type(mtime) is not bool and 0 <= mtime < 1 << 40):
+            mtime = None  # not a time a file could hold: nan, inf, a bool, a str...
+        return cls(mode, is_dir, None if mtime is None else float(mtime))
 
 
 @dataclass(frozen=True)

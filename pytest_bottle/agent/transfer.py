@@ -82,7 +82,7 @@ def fetch(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar.GET, *
     if info.is_dir:
         receive_tree(client, src, dst, policy)
     elif stat.S_ISREG(info.mode):
-        receive_file(client, src, dst / posixpath.basename(src) if into else dst, info.mode, policy)
+        receive_file(client, src, dst / posixpath.basename(src) if into else dst, info.mode, policy, info.mtime)
     else:
         raise UnsafeTransfer(src, "not a regular file or a directory: only those are copied")
 
@@ -128,10 +128,11 @@ def receive_file(
     dst: Path,
     mode: int,
     policy: untar.Policy = untar.GET,
+    mtime: float | None = None,
 ) -> None:
     """Copy guest file ``src`` to ``dst`` (inside it if it is a directory), its
-    mode masked by the policy; never written through a link, never more than
-    the policy's byte limit."""
+    mode masked by the policy and its ``mtime`` kept; never written through a
+    link, never more than the policy's byte limit."""
     client = AgentClient.of(agent)
     channel = client.channel
     if dst.is_dir():
@@ -153,6 +154,8 @@ def receive_file(
             raise
         channel.wait(call, 0, "get")
         os.fchmod(fd, mode & policy.mode_mask)
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
         sink.shut()
         os.replace(tmp, dst)
     finally:

@@ -79,7 +79,7 @@ class FileOps:
 
     def op_stat(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         st = os.stat(call["path"])
-        return {"mode": st.st_mode, "size": st.st_size, "is_dir": os.path.isdir(call["path"])}
+        return {"mode": st.st_mode, "size": st.st_size, "is_dir": os.path.isdir(call["path"]), "mtime": st.st_mtime}
 
     def op_untar(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         """Extract the host's tar stream into ``path`` under the PUT policy: modes

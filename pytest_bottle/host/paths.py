@@ -18,9 +18,16 @@ _OTHERS = stat.S_IRWXG | stat.S_IRWXO
 _warned: set[Path] = set()
 
 
+def _xdg(name: str) -> str | None:
+    """An XDG base directory variable; a relative one is ignored, as the XDG
+    spec says (it would name another cache after a ``chdir``)."""
+    value = os.environ.get(name)
+    return value if value and os.path.isabs(value) else None
+
+
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pytest-bottle"
+    base = _xdg("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.path.abspath(base)) / "pytest-bottle"
 
 
 def state_dir() -> Path:
@@ -35,10 +42,10 @@ def state_dir() -> Path:
     given up for a directory under the user's home when someone else has it.
     """
     if env := os.environ.get("BOTTLE_STATE_DIR"):
-        path, source = Path(env), "BOTTLE_STATE_DIR"
+        path, source = Path(os.path.abspath(env)), "BOTTLE_STATE_DIR"
     elif os.geteuid() == 0:
         path, source = Path("/run/pytest-bottle"), "the state directory of root"
-    elif xdg := os.environ.get("XDG_RUNTIME_DIR"):
+    elif xdg := _xdg("XDG_RUNTIME_DIR"):
         path, source = Path(xdg) / "pytest-bottle", "$XDG_RUNTIME_DIR/pytest-bottle"
     else:
         return _fallback_state_dir()
@@ -62,7 +69,7 @@ def _fallback_state_dir() -> Path:
         raise UnsafeDirectory(str(tmp), f"it cannot be inspected ({e.strerror})", hint) from None
     if st is None or st.st_uid == os.geteuid():
         return private_dir(tmp, hint=hint)  # ours (or free): a mode to fix is the user's to fix
-    state_home = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    state_home = _xdg("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     home = Path(state_home) / "pytest-bottle"
     if tmp not in _warned:  # say it once per process, whatever asks again
         _warned.add(tmp)

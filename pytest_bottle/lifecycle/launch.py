@@ -60,7 +60,9 @@ def launch(*, detached: bool = False, snapshot: Any = None, **kwargs: Any) -> Bo
         if not isinstance(snapshot, Snapshot):
             raise SpecError(f"snapshot must be a Snapshot (from Bottle.snapshot()), not {snapshot!r}", "launch()")
         return snapshot.fork(check_fork_args(kwargs, "launch()"), detached=detached)
-    return start_bottle(resolve([("launch()", kwargs)]), detached=detached)
+    spec = resolve([("launch()", kwargs)])
+    check_host_memory(spec.memory_mb, "launch()" if kwargs.get("memory") is not None else "")
+    return start_bottle(spec, detached=detached)
 
 
 def new_name() -> str:

@@ -39,8 +39,10 @@ def test_more_memory_than_the_host_has_is_refused_where_the_vm_runs() -> None:
     host_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
     assert parse_memory("4T") == 4 << 20  # a spec may be resolved on another host (an xdist controller)
     check_host_memory(host_mb)  # all of it is the user's call
-    with pytest.raises(SpecError, match=rf"memory {4 << 20}M is more than this host has \({host_mb}M\)"):
+    with pytest.raises(SpecError, match=rf"^bad memory: {4 << 20}M is more than this host has \({host_mb}M\)$"):
         check_host_memory(4 << 20)
+    with pytest.raises(SpecError, match=r"^launch\(\): bad memory: "):
+        check_host_memory(4 << 20, "launch()")
 
 
 def test_precedence_first_layer_wins() -> None:
