@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
-from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_exponential
+FIRST_WAIT = 0.05
+MAX_WAIT = 1.0
 
 
 def poll(attempt: Callable[[], bool], timeout: float) -> bool:
     """Call ``attempt`` until it returns True (backoff from 50 ms up to 1 s);
-    False once ``timeout`` seconds have passed.  Its exceptions propagate."""
-    try:
-        for a in Retrying(
-            retry=retry_if_result(lambda ok: not ok),
-            stop=stop_after_delay(timeout),
-            wait=wait_exponential(multiplier=0.05, max=1.0),
-        ):
-            with a:
-                ok = attempt()
-            if a.retry_state.outcome is not None and not a.retry_state.outcome.failed:
-                a.retry_state.set_result(ok)
-    except RetryError:
-        return False
+    False once ``timeout`` seconds have passed.  The last wait is cut short so
+    that the last attempt starts at the deadline, not up to a backoff after
+    it.  Its exceptions propagate."""
+    deadline = time.monotonic() + timeout
+    wait = FIRST_WAIT
+    while not attempt():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(wait, left))
+        wait = min(2 * wait, MAX_WAIT)
     return True
