@@ -233,10 +233,23 @@ os.kill(b.pid, signal.SIGKILL)  # QEMU gone under a live QMP session, as at a te
 """
 
 
+NEVER_CLOSED_ALIVE = """
+import sys, pytest_bottle
+b = pytest_bottle.launch(detached=sys.argv[1] == "detached")
+print(b.pid, b.console_log_path.parent, b.exec("echo hi").stdout, flush=True)
+"""
+
+
 def test_a_bottle_never_closed_ends_quietly_with_its_process(warm_cache: Path) -> None:
     got = run_isolated(NEVER_CLOSED)
     assert got.stdout == "hi\n"
     assert "never retrieved" not in got.stderr and "Traceback" not in got.stderr, got.stderr
+    for how in ("attached", "detached"):  # closed at exit: nothing is left for a sweep
+        got = run_isolated(NEVER_CLOSED_ALIVE, how)
+        pid, run_dir, hi = got.stdout.split()
+        assert hi == "hi" and "Traceback" not in got.stderr and "pending" not in got.stderr, got.stderr
+        assert not Path(run_dir).exists(), how
+        assert not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE, how
 
 
 def test_close_is_idempotent_and_leaves_nothing(bottle: Bottle) -> None:

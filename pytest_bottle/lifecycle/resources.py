@@ -10,6 +10,7 @@ exactly what it took, and ``close`` releases the rest in reverse order.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -61,6 +62,8 @@ class Resources:
         name, lan = plan.name, plan.spec.lan
         res = cls(name, plan)
         stack = res._stack
+        _held.add(res)
+        stack.callback(_held.discard, res)
         try:
             res.run_dir = create_run_dir(plan.spec.cache_dir / "run" / name)
             stack.callback(remove_tree, res.run_dir)
@@ -141,6 +144,22 @@ class Resources:
             self.record.extra["agent_socket"] = _expose_agent(machine, self.run_dir)
             self.record.save()
         self._stack.pop_all()
+        _held.discard(self)
+
+
+# Taken and neither closed nor handed over.  A bottle never closed (a
+# ``launch()`` without ``with``) is closed at exit, not left to the next sweep:
+# registered after qmp's own exit handler (imported above), this one runs first.
+_held: set[Resources] = set()
+
+
+@atexit.register
+def _close_held() -> None:
+    for res in list(_held):
+        try:
+            res.close()
+        except Exception as e:  # the others still go
+            log.warning("bottle %s: could not be released at exit: %s", res.name, e)
 
 
 # Where a kept machine serves its agent (``bottle shell``), in its run

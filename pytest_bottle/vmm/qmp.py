@@ -8,9 +8,11 @@ wedged QEMU never blocks a caller forever.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import socket
 import threading
+import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -34,13 +36,27 @@ def _get_loop() -> asyncio.AbstractEventLoop:
 
 
 def _unretrieved(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """A QEMU gone without a ``disconnect`` (a bottle never closed, ended at
-    exit) leaves qemu.qmp's reader task with an EOFError nobody awaits:
-    expected, so not printed as asyncio's "exception was never retrieved"."""
+    """A QEMU gone without a ``disconnect`` leaves qemu.qmp's reader task with
+    an EOFError nobody awaits: expected, so not printed as asyncio's
+    "exception was never retrieved"."""
     if isinstance(context.get("exception"), (EOFError, ConnectionError)):
         log.debug("qmp: %s", context.get("message"))
         return
     loop.default_exception_handler(context)
+
+
+_open: weakref.WeakSet[QMP] = weakref.WeakSet()
+
+
+@atexit.register
+def _disconnect_all() -> None:
+    """At exit, end the sessions of bottles never closed: left to the
+    interpreter's teardown, their tasks die with the loop's daemon thread and
+    each prints a traceback ("Task was destroyed but it is pending!")."""
+    for qmp in list(_open):
+        qmp.close(timeout=1.0)
+    if _loop is not None:
+        _loop.call_soon_threadsafe(_loop.stop)
 
 
 # qemu.qmp logs every message at DEBUG, and our users' -p logging would drown in it.
@@ -69,16 +85,18 @@ class QMP:
         if not self._connected:
             self._run(self._client.connect(self._sock), timeout)
             self._connected = True
+            _open.add(self)
 
     def cmd(self, command: str, timeout: float | None = None, **args: Any) -> Any:
         self.connect(timeout)
         return self._run(self._client.execute(command, args or None), timeout)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
         if self._connected:
+            self._connected = False
+            _open.discard(self)
             try:
-                self._run(self._client.disconnect(), 2.0)
+                self._run(self._client.disconnect(), timeout)
             except Exception as e:  # QEMU may be gone already; nothing to release
                 log.debug("qmp %s disconnect: %s", self.name, e)
-            self._connected = False
         self._sock.close()
