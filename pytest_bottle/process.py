@@ -282,12 +282,15 @@ class GuestProcess:
 
     def __exit__(self, *exc: object) -> None:
         """Kill its whole group, even when the process itself already ended.
-        A hung agent is logged, not raised: the block's own error is the one to see."""
+        A hung agent is raised only when the block ended well: else the block's
+        own error is the one to see."""
         try:
             self.kill()
             if self.poll() is None:
                 self.wait(KILL_WAIT)
         except (ExecTimeout, AgentError) as e:
+            if exc[0] is None and isinstance(e, AgentError):
+                raise
             log.debug("%r did not end after SIGKILL: %s", self, e)
 
 

@@ -113,9 +113,9 @@ def test_more_memory_than_the_host_has_is_a_usage_error_naming_its_source(pytest
                 bottle_factory(memory="4T")
         """,
     )
-    result = run(pytester, "test_marked.py")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR  # at collection: nothing boots
-    assert "@pytest.mark.bottle on test_marked.py::test_it: bad memory: 4194304M is more" in result.stderr.str()
+    result = run(pytester, "test_marked.py")  # at setup, nothing booted (it may be skipped or deselected)
+    result.assert_outcomes(errors=1)
+    assert "@pytest.mark.bottle on test_marked.py::test_it: bad memory: 4194304M is more" in result.stdout.str()
     run(pytester, "test_factory.py").assert_outcomes(passed=1)
     pytester.makepyfile(test_plain="def test_it(bottle): pass")
     result = run(pytester, "test_plain.py", "--bottle-memory", "4T")  # checked where the VM is to run

@@ -240,7 +240,20 @@ print(b.pid, b.console_log_path.parent, b.exec("echo hi").stdout, flush=True)
 """
 
 
+FORKED = """
+import os, pytest_bottle
+b = pytest_bottle.launch()
+child = os.fork()
+if child == 0:
+    raise SystemExit(0)  # a normal exit of a forked child: its exit handlers must leave b alone
+os.waitpid(child, 0)
+print(b.exec("echo still").stdout, b.console_log_path.parent.exists(), flush=True)
+b.close()
+"""
+
+
 def test_a_bottle_never_closed_ends_quietly_with_its_process(warm_cache: Path) -> None:
+    assert run_isolated(FORKED).stdout == "still\n True\n"
     got = run_isolated(NEVER_CLOSED)
     assert got.stdout == "hi\n"
     assert "never retrieved" not in got.stderr and "Traceback" not in got.stderr, got.stderr

@@ -11,6 +11,7 @@ notice (its liveness pings and the caller's deadline), as for any call.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
@@ -155,7 +156,8 @@ def receive_file(
         channel.wait(call, 0, "get")
         os.fchmod(fd, mode & policy.mode_mask)
         if mtime is not None:
-            os.utime(fd, (mtime, mtime))
+            with contextlib.suppress(OSError):  # a file system that cannot hold it: the data matters
+                os.utime(fd, (mtime, mtime))
         sink.shut()
         os.replace(tmp, dst)
     finally:

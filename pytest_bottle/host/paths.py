@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,6 +26,13 @@ def _xdg(name: str) -> str | None:
     return value if value and os.path.isabs(value) else None
 
 
+@functools.lru_cache(maxsize=8)
+def _absolute(path: str) -> str:
+    """``path`` against the working directory of its first use: a later chdir
+    (pytester, monkeypatch.chdir) must not move the state elsewhere."""
+    return os.path.abspath(path)
+
+
 def default_cache_dir() -> Path:
     base = _xdg("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(os.path.abspath(base)) / "pytest-bottle"
@@ -42,7 +50,7 @@ def state_dir() -> Path:
     given up for a directory under the user's home when someone else has it.
     """
     if env := os.environ.get("BOTTLE_STATE_DIR"):
-        path, source = Path(os.path.abspath(env)), "BOTTLE_STATE_DIR"
+        path, source = Path(_absolute(env)), "BOTTLE_STATE_DIR"
     elif os.geteuid() == 0:
         path, source = Path("/run/pytest-bottle"), "the state directory of root"
     elif xdg := _xdg("XDG_RUNTIME_DIR"):

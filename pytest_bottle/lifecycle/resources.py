@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -54,6 +55,7 @@ class Resources:
         self.lan_ip: str | None = None  # "address/prefix" on the LAN
         self._tap = _Fd(-1)
         self._stack = ExitStack()
+        self._closing = threading.RLock()
 
     @classmethod
     def take(cls, plan: Plan, lans: LanRegistry) -> Resources:
@@ -130,13 +132,19 @@ class Resources:
             (self.run_dir / f).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Release everything, in reverse order.  Idempotent."""
-        self._stack.close()
+        """Release everything, in reverse order.  Idempotent; a second caller
+        (the exit handler, while a thread closes) waits for the first."""
+        with self._closing:
+            self._stack.close()
 
     def hand_over(self, machine: Machine) -> None:
         """Pass the leases and the run-state record to ``machine``'s process,
         which outlives us: sweeps leave them alone while it runs, and nothing
         is released here any more."""
+        with self._closing:
+            self._hand_over(machine)
+
+    def _hand_over(self, machine: Machine) -> None:
         pools.transfer(self.name, machine.pid, machine.started)
         if self.record is not None:
             self.record.owner_pid, self.record.owner_start = machine.pid, machine.started
@@ -155,11 +163,14 @@ _held: set[Resources] = set()
 
 @atexit.register
 def _close_held() -> None:
-    for res in list(_held):
+    for res in list(_held):  # a forked child's set is empty (below)
         try:
             res.close()
         except Exception as e:  # the others still go
             log.warning("bottle %s: could not be released at exit: %s", res.name, e)
+
+
+os.register_at_fork(after_in_child=_held.clear)  # the parent's bottles are not the child's to release
 
 
 # Where a kept machine serves its agent (``bottle shell``), in its run

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import os
 import socket
 import threading
 import weakref
@@ -45,7 +46,7 @@ def _unretrieved(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> No
     loop.default_exception_handler(context)
 
 
-_open: weakref.WeakSet[QMP] = weakref.WeakSet()
+_open: weakref.WeakSet[QMP] = weakref.WeakSet()  # under _loop_lock
 
 
 @atexit.register
@@ -53,10 +54,21 @@ def _disconnect_all() -> None:
     """At exit, end the sessions of bottles never closed: left to the
     interpreter's teardown, their tasks die with the loop's daemon thread and
     each prints a traceback ("Task was destroyed but it is pending!")."""
-    for qmp in list(_open):
+    with _loop_lock:
+        sessions = list(_open)
+    for qmp in sessions:
         qmp.close(timeout=1.0)
     if _loop is not None:
         _loop.call_soon_threadsafe(_loop.stop)
+
+
+def _forked() -> None:
+    """A forked child has no loop thread, and the sessions are its parent's."""
+    global _loop, _loop_lock, _open
+    _loop, _loop_lock, _open = None, threading.Lock(), weakref.WeakSet()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 # qemu.qmp logs every message at DEBUG, and our users' -p logging would drown in it.
@@ -85,16 +97,18 @@ class QMP:
         if not self._connected:
             self._run(self._client.connect(self._sock), timeout)
             self._connected = True
-            _open.add(self)
+            with _loop_lock:
+                _open.add(self)
 
     def cmd(self, command: str, timeout: float | None = None, **args: Any) -> Any:
         self.connect(timeout)
         return self._run(self._client.execute(command, args or None), timeout)
 
     def close(self, timeout: float = 2.0) -> None:
-        if self._connected:
-            self._connected = False
+        with _loop_lock:  # one closer disconnects
+            connected, self._connected = self._connected, False
             _open.discard(self)
+        if connected:
             try:
                 self._run(self._client.disconnect(), timeout)
             except Exception as e:  # QEMU may be gone already; nothing to release
