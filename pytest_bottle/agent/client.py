@@ -251,7 +251,7 @@ class ExecRun:
             raise AgentError(f"bottle {self.client.name}: exec of {label!r} ended without a reply")
         err = self.err.value()
         result = ExecReply.parse(reply, self.out.value(), err, self.client.name)
-        feed.deliver("stderr", result.stderr[len(err) :].decode("utf-8", "replace"))  # why it could not start
+        feed.deliver(STDERR, result.stderr[len(err) :].decode("utf-8", "replace"))  # why it could not start
         return result
 
 

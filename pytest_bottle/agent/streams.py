@@ -153,7 +153,7 @@ class OutputFeed:
                 break
             kind, data = item
             try:
-                self._deliver(kind, self.decoders[kind].decode(data))
+                self.deliver(kind, self.decoders[kind].decode(data))
             except (KeyboardInterrupt, SystemExit):  # no wait
                 channel.forget(rid)
                 raise
@@ -162,12 +162,7 @@ class OutputFeed:
                 raise
             channel.grant(rid, len(data))
         for kind, decoder in self.decoders.items():
-            self._deliver(kind, decoder.decode(b"", final=True))
-
-    def deliver(self, stream: str, text: str) -> None:
-        """Text of the agent's own, after the output (a spawn failure's note)."""
-        if text:
-            self.fn(stream, text)
+            self.deliver(kind, decoder.decode(b"", final=True))
 
     def _stop(self, channel: AgentChannel, rid: int, call: Call, deadline: float | None) -> None:
         """Cancel the call and wait (``STOP_WAIT`` s at most) for its reply: the
@@ -194,6 +189,8 @@ class OutputFeed:
         if not (call.done.is_set() or self.before.is_set()):
             channel.forget(rid)
 
-    def _deliver(self, kind: int, text: str) -> None:
+    def deliver(self, kind: int, text: str) -> None:
+        """``text`` to ``fn``, if any: the output's, and after it the agent's
+        own note when the command could not start (``ExecRun``)."""
         if text:
             self.fn(STREAM_NAMES[kind], text)
