@@ -6,6 +6,7 @@ import collections
 import errno
 import logging
 import os
+import posixpath
 import threading
 import time
 from collections.abc import Mapping
@@ -235,8 +236,8 @@ class Bottle:
         path = guest_path(path)
         check_timeout(timeout)
         check_mode(mode)
-        if isinstance(raw, str) and raw.endswith("/"):  # as open(2) refuses "f/": never a file named f
-            raise guest_os_error(f"{raw}: a file path cannot end with '/'", errno.EISDIR, raw)
+        if isinstance(raw, str) and posixpath.basename(raw) in ("", ".", ".."):  # as open(2) refuses "f/", "f/."
+            raise guest_os_error(f"{raw}: a file path cannot end with '/', '.' or '..'", errno.EISDIR, raw)
         # memoryview: a non-buffer is refused here, before a call is sent; any buffer is taken
         self._agent.write(path, memoryview(data), mode=mode, timeout=timeout)
 

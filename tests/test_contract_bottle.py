@@ -256,6 +256,9 @@ def test_guest_is_a_directory_errors(module_bottle: Bottle) -> None:
         module_bottle.write_bytes(d, b"not over a directory")
     with pytest.raises(GuestIsADirectoryError, match="cannot end with '/'"):  # as open(2) says
         module_bottle.write_text(f"{d}/file/", "never a file named 'file'")
+    for name in (f"{d}/file/.", f"{d}/file/.."):  # nor "file", nor d itself
+        with pytest.raises(GuestIsADirectoryError, match="cannot end with '/', '.' or '..'"):
+            module_bottle.write_bytes(name, b"x")
     assert module_bottle.exec(["test", "-e", f"{d}/file"]).returncode == 1
     assert module_bottle.exec(["test", "-d", d]).ok
     parent, base = d.rsplit("/", 1)

@@ -635,6 +635,27 @@ def test_the_agent_gives_a_files_mtime_and_get_keeps_it(local_agent: AgentChanne
     assert (tmp_path / "got").read_text() == "data\n" and (tmp_path / "got").stat().st_mtime == 1e9 + 0.25
 
 
+def test_a_file_get_lands_inside_a_directory_once_and_never_replaces_one(
+    local_agent: AgentChannel, tmp_path: Path
+) -> None:
+    src = tmp_path / "guest" / "hosts"
+    src.parent.mkdir()
+    src.write_text("127.0.0.1 localhost\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    fetch(local_agent, str(src), out)  # an existing directory: inside it
+    fetch(local_agent, str(src), tmp_path / "new", into=True)  # "new/": made, and inside it
+    assert (out / "hosts").read_text() == (tmp_path / "new" / "hosts").read_text() == src.read_text()
+    for dst, into in ((out, False), (tmp_path / "new", True)):  # now its path there is a directory
+        (dst / "hosts").unlink()
+        (dst / "hosts").mkdir()
+        with pytest.raises(IsADirectoryError):
+            fetch(local_agent, str(src), dst, into=into)
+        assert not list((dst / "hosts").iterdir())  # not nested inside it
+        assert [p.name for p in dst.iterdir()] == ["hosts"]  # no temporary file left
+    assert local_agent.call("hello", timeout=10)["version"]
+
+
 def test_agent_untar_never_writes_through_a_symlink(local_agent: AgentChannel, tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.mkdir()

@@ -83,7 +83,8 @@ def fetch(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar.GET, *
     if info.is_dir:
         receive_tree(client, src, dst, policy)
     elif stat.S_ISREG(info.mode):
-        receive_file(client, src, dst / posixpath.basename(src) if into else dst, info.mode, policy, info.mtime)
+        target = dst / posixpath.basename(src) if into or dst.is_dir() else dst
+        receive_file(client, src, target, info.mode, policy, info.mtime)
     else:
         raise UnsafeTransfer(src, "not a regular file or a directory: only those are copied")
 
@@ -131,13 +132,14 @@ def receive_file(
     policy: untar.Policy = untar.GET,
     mtime: float | None = None,
 ) -> None:
-    """Copy guest file ``src`` to ``dst`` (inside it if it is a directory), its
-    mode masked by the policy and its ``mtime`` kept; never written through a
-    link, never more than the policy's byte limit."""
+    """Copy guest file ``src`` to the file ``dst``, its mode masked by the
+    policy and its ``mtime`` kept; never written through a link, never more
+    than the policy's byte limit.  A directory at ``dst`` is refused, as
+    ``cp`` refuses to overwrite one with a file."""
     client = AgentClient.of(agent)
     channel = client.channel
     if dst.is_dir():
-        dst = dst / posixpath.basename(src)
+        raise IsADirectoryError(errno.EISDIR, "a directory is there: a file does not replace it", str(dst))
     dst.parent.mkdir(parents=True, exist_ok=True)
     # mkstemp: O_EXCL | O_NOFOLLOW under a fresh name, so no planted link is followed
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name[:200]}.", suffix=".bottle-part", dir=dst.parent)

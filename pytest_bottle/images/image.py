@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
 import stat
 import sys
@@ -164,8 +165,8 @@ class Image:
         if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777):
             raise SpecError(f"write(): mode must be an int from 0 to 0o7777, not {mode!r}")
         where = _guest_path(path, "write")
-        if not where.strip("/"):  # the root is never a file
-            raise SpecError(f"write(): the guest path must name a file, not the root directory: {path!r}")
+        if posixpath.basename(where) in ("", ".", ".."):  # as Bottle.write_bytes: "/", "f/", "f/." are no files
+            raise SpecError(f"write(): the guest path must name a file, not end with '/', '.' or '..': {path!r}")
         return self._then(Write(where, data, mode))
 
     def run(self, command: str, *, env: Mapping[str, str] | None = None, timeout: float | None = None) -> Image:

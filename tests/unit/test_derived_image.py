@@ -108,6 +108,9 @@ def test_write_takes_str_or_bytes_and_a_mode() -> None:
     w = BASE.write("/etc/a", "x=1\n").steps[0]
     assert isinstance(w, image_mod.Write) and w.data == b"x=1\n" and w.mode is None
     assert BASE.write("/etc/a", b"\x00", mode=0o600).key != BASE.write("/etc/a", b"\x00", mode=0o644).key
+    for path in ("/", "/etc/a/", "/etc/a/.", "/etc/a/.."):  # a directory's path, as open(2) takes it
+        with pytest.raises(SpecError, match="must name a file"):
+            BASE.write(path, "x")
 
 
 def test_named_registers_and_names_resolve_as_a_start() -> None:
