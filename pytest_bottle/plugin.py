@@ -164,13 +164,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for name, (metavar, text) in OPTIONS.items():
         dest = "bottle_" + name.replace("-", "_")
         group.addoption(f"--bottle-{name}", dest=dest, metavar=metavar, default=None, help=text)
-        parser.addini(dest, text, default=None)
+        parser.addini(dest, text, type=_ini_type(name), default=None)
     for name, text in FLAGS.items():
         dest = "bottle_" + name.replace("-", "_")
         group.addoption(f"--bottle-{name}", dest=dest, action="store_true", default=None, help=text)
         parser.addini(dest, text, type="bool", default=False)
     group.addoption("--bottle-prestart", dest="bottle_prestart", metavar="N", default=None, help=PRESTART_HELP)
-    parser.addini("bottle_prestart", PRESTART_HELP, default=None)
+    parser.addini("bottle_prestart", PRESTART_HELP, type=_ini_type("prestart"), default=None)
+
+
+def _ini_type(name: str) -> Any:
+    """A number may be a TOML number in pytest 9's ``[tool.pytest]`` table, which
+    checks types (9.2 takes a union); elsewhere every ini value is a string."""
+    if name not in ("memory", "cpus", "timeout", "prestart") or pytest.version_tuple[:2] < (9, 2):
+        return None
+    return str | int | float if name == "timeout" else str | int
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -200,7 +208,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(live, "bottle-progress")
     keys = {name.replace("-", "_"): "bottle_" + name.replace("-", "_") for name in OPTIONS}
     cli = {k: config.getoption(dest) for k, dest in keys.items()}
-    ini = {k: (_getini(config, dest) or None) for k, dest in keys.items()}
+    ini = {k: _set(_getini(config, dest)) for k, dest in keys.items()}
     if ini["cache_dir"] and config.inipath and not Path(str(ini["cache_dir"])).expanduser().is_absolute():
         ini["cache_dir"] = str(config.inipath.parent / str(ini["cache_dir"]))  # relative to the ini file
     pull = ini["image_pull"]
@@ -250,10 +258,15 @@ def _getini(config: pytest.Config, name: str) -> Any:
         raise InvalidBottleArgument(f"bad {name}: {e}", "ini file") from None
 
 
+def _set(value: Any) -> Any:
+    """An ini value, or None where the file leaves it unset or empty (a TOML 0 is set)."""
+    return None if value is None or value == "" or value == [] else value
+
+
 def _prestart(config: pytest.Config) -> int:
     for source, value in (
         ("command line", config.getoption("bottle_prestart")),
-        ("ini file", _getini(config, "bottle_prestart") or None),
+        ("ini file", _set(_getini(config, "bottle_prestart"))),
     ):
         if value is None:
             continue

@@ -330,3 +330,27 @@ def test_prestart_hands_out_fresh_bottles_and_leaves_none(pytester: pytest.Pytes
     assert after["stats"] == {"spare_used": 3}, after["stats"]
     result = run(pytester, "--bottle-prestart=many")
     assert result.ret == pytest.ExitCode.USAGE_ERROR and "command line: bad prestart" in result.stderr.str()
+
+
+@pytest.mark.skipif(pytest.version_tuple[:2] < (9, 2), reason="[tool.pytest] with typed unions is pytest 9.2's")
+def test_numbers_and_lists_in_a_pyproject_are_taken_as_toml_writes_them(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        from pytest_bottle.plugin import STATE
+        from pytest_bottle.matrix import IMAGES
+
+        def test_spec(request):
+            spec = request.config.stash[STATE].spec()
+            assert (spec.cpus, spec.memory_mb, spec.timeout) == (2, 640, 600.5)
+            assert request.config.stash[STATE].manager.prestart == 0
+            assert request.config.stash[IMAGES] == ("debian-bookworm", "debian-trixie")
+    """)
+    native = "[tool.pytest]\nbottle_cpus = 2\nbottle_memory = 640\nbottle_timeout = 600.5\nbottle_prestart = 0\n"
+    pytester.makepyprojecttoml(native + 'bottle_image = "debian-bookworm,debian-trixie"\n')
+    run(pytester).assert_outcomes(passed=1)
+    # The older table: numbers reach pytest as strings, a list stays a list.
+    pytester.makepyprojecttoml(native.replace("[tool.pytest]", "[tool.pytest.ini_options]").replace("600.5", '"600.5"')
+                               + 'bottle_image = ["debian-bookworm", "debian-trixie"]\n')  # fmt: skip
+    run(pytester, "-W", "ignore::pytest.PytestRemovedIn10Warning").assert_outcomes(passed=1)
+    pytester.makepyprojecttoml("[tool.pytest]\nbottle_cpus = 0\n")  # set, and refused: not read as unset
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "ini file: bad cpus" in result.stderr.str()
