@@ -343,8 +343,10 @@ def test_the_history_never_grows_past_its_length(local: AgentClient) -> None:
         # full of running processes: the oldest of them went, the newest stay
         assert [c for c, _, _ in history][-2:] == [f"sleep {HISTORY_LEN + 1}", "true"]
     finally:
+        for p in procs:  # all killed first: each wait may last until this host's init reaps a zombie
+            p.kill()
         for p in procs:
-            p.kill().wait(10)
+            p.wait(10)
 
 
 # -- exec(on_output=...) ------------------------------------------------------------
