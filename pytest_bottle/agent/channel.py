@@ -55,7 +55,9 @@ class AgentChannel:
     def __init__(
         self, sock: socket.socket, name: str = "bottle", idle: float = IDLE, dead_after: float = DEAD_AFTER
     ) -> None:
-        self.sock = sock
+        # Our own descriptor: whoever passed ``sock`` may close theirs at any
+        # time, and ours is closed only once the reader is done with it (close).
+        self.sock = sock.dup()
         self.name = name
         self.idle = idle
         self.dead_after = dead_after
@@ -74,7 +76,8 @@ class AgentChannel:
         self._last_rx = time.monotonic()
         self._ping_at = 0.0
         self._tls = threading.local()
-        sock.settimeout(SEND_TIMEOUT)  # bounds sendall; the reader just reads on
+        self._shut = self._read_done = False  # under _wlock: close() was called; the reader ended
+        self.sock.settimeout(SEND_TIMEOUT)  # bounds sendall; the reader just reads on
         self._reader = threading.Thread(target=self._read_loop, name=f"bottle-agent-{name}", daemon=True)
         self._reader.start()
 
@@ -82,6 +85,8 @@ class AgentChannel:
 
     def _send(self, data: bytes) -> None:
         with self._wlock:
+            if self._shut:
+                raise AgentError(f"agent channel of {self.name} is closed")
             if self.broken:
                 raise AgentError(f"agent channel of {self.name} is unusable: {self.broken}")
             try:
@@ -134,6 +139,10 @@ class AgentChannel:
                 self._credit.notify_all()
             for call in calls:
                 call.done.set()
+            with self._wlock:
+                self._read_done = True
+                if self._shut:  # close() left the descriptor to us
+                    self.sock.close()
 
     def _hello(self, payload: bytes) -> None:
         if len(payload) != frames.HELLO_SIZE or not payload.startswith(frames.SYNC_MAGIC):
@@ -389,9 +398,15 @@ class AgentChannel:
         return reply
 
     def close(self) -> None:
-        try:
+        try:  # wakes the reader with an EOF
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.sock.close()
         self._reader.join(timeout=2)
+        with self._wlock:
+            self._shut = True
+            # Closed under a read, the descriptor's number may belong to another
+            # file by the time the reader polls it again: it would hang there,
+            # or read what is not ours.  A reader still busy closes it as it ends.
+            if self._read_done:
+                self.sock.close()

@@ -256,6 +256,20 @@ def test_a_closed_channel_ends_its_processes_and_nothing_hangs() -> None:
     assert time.monotonic() - started < 5
 
 
+def test_closing_a_busy_channel_never_leaves_its_reader_on_a_closed_descriptor() -> None:
+    # The descriptor used to be closed under the reader's read: while the agent's
+    # threads opened files, its number was soon another's, and the reader polled
+    # that one on, so close() waited out its 2 s join (about 1 time in 4 here).
+    for _ in range(40):
+        client = serve()
+        procs = [GuestProcess.start(client, "sleep 30") for _ in range(2)]
+        started = time.monotonic()
+        client.channel.close()
+        assert time.monotonic() - started < 1.5 and client.channel.closed.is_set()
+        assert client.channel.sock.fileno() == -1  # ours, closed once the reader was done
+        assert [p.wait(5).returncode for p in procs] == [-9, -9]
+
+
 def test_output_kept_is_the_tail_with_a_note() -> None:
     tail = OutputTail(10)
     for piece in (b"abcd", b"efgh", b"ijkl", b"mn"):
