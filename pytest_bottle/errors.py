@@ -14,8 +14,9 @@ class BottleError(Exception):
         self.message = message
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Rebuild from the constructor's own arguments (see ``_args``).
-        return (_rebuild, (type(self), self._args()))
+        # Rebuild from the constructor's own arguments (see ``_args``), then
+        # restore what was set since: notes (``add_note``) and other attributes.
+        return (_rebuild, (type(self), self._args()), dict(vars(self)))
 
     def _args(self) -> dict[str, Any]:
         return {"message": self.message}

@@ -39,6 +39,10 @@ def test_errors_pickle_roundtrip(err: E.BottleError) -> None:
     assert type(back) is type(err)
     assert str(back) == str(err)
     assert vars(back) == vars(err)
+    err.add_note("while starting bottle btl-1")  # what a caller adds on the way up crosses too
+    setattr(err, "step", 3)  # noqa: B010 (an attribute the class does not declare)
+    back = pickle.loads(pickle.dumps(err))
+    assert back.__notes__ == ["while starting bottle btl-1"] and getattr(back, "step") == 3  # noqa: B009
 
 
 def test_hierarchy() -> None:

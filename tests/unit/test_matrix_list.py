@@ -47,9 +47,11 @@ def test_an_unknown_entry_is_named_and_the_known_listed() -> None:
     assert info.value.name == "debian-sid" and "debian-trixie" in info.value.known
 
 
-def test_not_a_string_is_refused() -> None:
-    with pytest.raises(SpecError, match="a name or a list of names"):
-        parse_images(["debian-trixie"], "command line")
+def test_a_toml_list_is_taken_and_anything_else_not_a_string_is_refused() -> None:
+    assert parse_images(["debian-trixie", "debian-bookworm"], "ini file") == ("debian-trixie", "debian-bookworm")
+    for bad in ([], [3], 3, None):
+        with pytest.raises(SpecError, match="a name or a list of names"):
+            parse_images(bad, "ini file")
 
 
 def test_the_usage_error_names_the_layer_and_survives_pickling() -> None:
