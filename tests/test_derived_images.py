@@ -53,14 +53,20 @@ def web_built(web: Image, warm_cache: Path) -> BuiltImage:
 def child(web: Image, site: Path, tmp_path_factory: pytest.TempPathFactory) -> Image:
     private = tmp_path_factory.mktemp("private")
     (private / "key").write_text("k\n")
+    (private / "__pycache__").mkdir()
+    (private / "__pycache__" / "key.cpython-311.pyc").write_bytes(b"host bytecode")
     private.chmod(0o700)
-    return (  # a layer on web; its copies follow put()'s rules
+    image = (  # a layer on web; its copies follow put()'s rules
         Image(web)
         .write("/etc/child", b"child\n")
         .run("echo derived > /etc/derived-marker")
         .copy(site / "index.html", "/opt/drop/")  # a trailing /: inside that directory, made for it
         .copy(private, "/opt/private")  # a directory the copy makes is 0755, whatever the source's mode
     )
+    # Python and pytest write these on the host as the run goes on: neither copied nor in the key.
+    (private / "__pycache__" / "other.cpython-311.pyc").write_bytes(b"written after the Image was made")
+    (private / ".pytest_cache").mkdir()
+    return image
 
 
 def test_a_bottle_of_a_derived_image_has_its_package_running(
@@ -104,6 +110,7 @@ def test_a_derived_image_of_a_derived_image(child: Image, web_built: BuiltImage,
         assert b.check_output("cat /etc/child /etc/derived-marker") == "child\nderived\n"
         assert "hello from a derived image" in b.read_text("/opt/drop/index.html")
         assert b.check_output("stat -c %a /opt/drop /opt/private; cat /opt/private/key") == "755\n755\nk\n"
+        assert b.check_output("ls -A /opt/private") == "key\n"
         assert b.check_output("systemctl is-active nginx").strip() == "active"
 
 

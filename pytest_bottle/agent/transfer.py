@@ -40,13 +40,14 @@ REFUSAL_GRACE = 10.0
 Agent = AgentClient | AgentChannel  # tools and tests may hold a bare channel
 
 
-def put(agent: AgentClient, src: Path, dst: str, timeout: float | None) -> None:
+def put(agent: AgentClient, src: Path, dst: str, timeout: float | None, skip: frozenset[str] = frozenset()) -> None:
     """``Bottle.put`` and ``Image.copy``: local file or directory ``src`` to
-    guest ``dst`` (absolute; a trailing ``/`` means inside that directory)."""
+    guest ``dst`` (absolute; a trailing ``/`` means inside that directory).
+    Entries of a directory named in ``skip`` are left out, with their contents."""
     st = src.stat()  # FileNotFoundError for a missing source, before anything is sent
     if stat.S_ISDIR(st.st_mode):
         with agent.deadline(timeout):  # dst and its parents are made as the tar stream says
-            send_tree(agent, src, dst.rstrip("/") or "/")
+            send_tree(agent, src, dst.rstrip("/") or "/", skip)
         return
     if dst.endswith("/"):
         dst += src.name
@@ -55,17 +56,21 @@ def put(agent: AgentClient, src: Path, dst: str, timeout: float | None) -> None:
         agent.write(dst, f, mode=stat.S_IMODE(st.st_mode), into_dir=src.name, timeout=timeout)
 
 
-def send_tree(agent: Agent, src: Path, dst: str) -> None:
-    """Copy the contents of local directory ``src`` into guest directory ``dst``."""
+def send_tree(agent: Agent, src: Path, dst: str, skip: frozenset[str] = frozenset()) -> None:
+    """Copy the contents of local directory ``src`` into guest directory ``dst``
+    (but for entries named in ``skip``)."""
     client = AgentClient.of(agent)
     channel = client.channel
     rid, call = client.start_untar(dst)
     writer = FrameWriter(lambda data: channel.send_data_frame(rid, data))
 
+    def member(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        return None if info.name != "." and posixpath.basename(info.name) in skip else _root_owned(info)
+
     def stream() -> Iterator[bytes]:
         # A symlink to a directory copies the directory, like cp -r src/. dst
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-            tar.add(os.path.realpath(src), arcname=".", filter=_root_owned)
+            tar.add(os.path.realpath(src), arcname=".", filter=member)
         writer.flush()
         yield b""
 

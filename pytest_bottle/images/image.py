@@ -47,6 +47,10 @@ from .recipes import RECIPES
 # Bump when the derived builder's output changes for the same steps.
 # 2: .copy of a file to a dst ending in / puts it inside that directory, as Bottle.put does
 DERIVED_VERSION = 2
+# What Python and pytest write into a source tree on the host while the run
+# goes on (importing, collecting): left out of a copied directory and its key,
+# or the tree would change under its Image and fail the build.
+COPY_SKIP = frozenset({"__pycache__", ".pytest_cache"})
 
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -332,7 +336,8 @@ def _walk(path: Path, rel: str) -> Iterable[tuple[str, os.stat_result, bytes | P
         elif stat.S_ISDIR(st.st_mode):
             yield rel, st, b""
             for child in sorted(os.listdir(path)):
-                yield from _walk(path / child, f"{rel}/{child}")
+                if child not in COPY_SKIP:
+                    yield from _walk(path / child, f"{rel}/{child}")
         elif stat.S_ISREG(st.st_mode):
             yield rel, st, path
         else:

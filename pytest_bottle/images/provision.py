@@ -30,7 +30,7 @@ from ..vmm.backend import Machine, console_tail
 from ..vmm.qemu import MachineConfig, Nic
 from . import builder
 from .cache import BuiltImage
-from .image import Copy, Image, Install, Run, Step, Write, tree_digest
+from .image import COPY_SKIP, Copy, Image, Install, Run, Step, Write, tree_digest
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def _copy(agent: AgentClient, step: Copy, logf: IO[str]) -> None:
     if step.src.is_dir():
         _shell(agent, f"mkdir -p {shlex.quote(step.dst)}", logf, "mkdir", 60)
     logf.write(f"copy {step.src} -> {step.dst}\n")
-    put(agent, step.src, step.dst, STEP_TIMEOUT)
+    put(agent, step.src, step.dst, STEP_TIMEOUT, COPY_SKIP)
 
 
 def _mkdir_parent(agent: AgentClient, path: str, logf: IO[str]) -> None:

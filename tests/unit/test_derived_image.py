@@ -68,6 +68,21 @@ def test_key_follows_copied_bytes_and_modes_and_not_the_host_path(tmp_path: Path
     assert BASE.copy(other, "/srv/site").key == after_mode.key
 
 
+def test_what_python_and_pytest_write_into_a_copied_tree_is_not_in_the_key(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("x = 1\n")
+    key = BASE.copy(tmp_path / "pkg", "/opt/pkg").key
+    for junk in ("pkg/__pycache__/mod.cpython-311.pyc", "pkg/.pytest_cache/v/cache/nodeids", "pkg/sub/__pycache__/x"):
+        (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / junk).write_bytes(b"written by the host's run")
+    assert BASE.copy(tmp_path / "pkg", "/opt/pkg").key != key  # pkg/sub: a new directory
+    (tmp_path / "pkg" / "sub" / "__pycache__" / "x").unlink()
+    (tmp_path / "pkg" / "sub" / "__pycache__").rmdir()
+    (tmp_path / "pkg" / "sub").rmdir()
+    assert BASE.copy(tmp_path / "pkg", "/opt/pkg").key == key
+    assert BASE.copy(tmp_path / "pkg" / "__pycache__", "/opt/c").key != BASE.copy(tmp_path / "pkg", "/opt/c").key
+
+
 def test_a_single_files_name_is_in_the_key_it_names_the_file_in_a_directory_dst(tmp_path: Path) -> None:
     (tmp_path / "a.conf").write_text("same\n")
     (tmp_path / "b.conf").write_text("same\n")
