@@ -46,7 +46,9 @@ def check_fork_args(kwargs: dict[str, Any], source: str) -> dict[str, Any]:
     """The fork arguments in ``kwargs`` (``forward``, ``timeout``), checked; any
     other argument is a ``SpecError`` naming it (``None`` is "not set", as everywhere)."""
     for key, value in kwargs.items():
-        if key not in FORK_KEYS and (value is not None or key not in PARSERS):  # a misspelt name is named
+        if key not in PARSERS:  # a misspelt name: not something the snapshot could have given
+            raise SpecError(f"unknown argument {key!r}; a fork takes only {', '.join(FORK_KEYS)}", source)
+        if key not in FORK_KEYS and value is not None:
             raise SpecError(
                 f"{key}= cannot be given to a fork of a snapshot: it comes from the snapshot "
                 f"(a fork takes only {', '.join(k + '=' for k in FORK_KEYS)})",

@@ -308,13 +308,13 @@ def tree_digest(path: Path) -> str:
     h = hashlib.sha256()
     top = Path(os.path.realpath(path))
     if not top.is_dir():  # a file lands as dst/<its name> when dst is a directory
-        h.update(f"name\0{top.name}\0".encode())
+        h.update(os.fsencode(f"name\0{top.name}\0"))  # fsencode: a name need not be UTF-8
     for rel, st, entry in _walk(top, ""):
         if isinstance(entry, Path):  # a regular file: read in chunks, not whole
-            h.update(f"{rel}\0{st.st_mode:o}\0{st.st_size}\0".encode())
+            h.update(os.fsencode(f"{rel}\0{st.st_mode:o}\0{st.st_size}\0"))
             _hash_file(h, entry)
         else:
-            h.update(f"{rel}\0{st.st_mode:o}\0{len(entry)}\0".encode())
+            h.update(os.fsencode(f"{rel}\0{st.st_mode:o}\0{len(entry)}\0"))
             h.update(entry)
     return h.hexdigest()[:32]
 
@@ -332,7 +332,7 @@ def _walk(path: Path, rel: str) -> Iterable[tuple[str, os.stat_result, bytes | P
     try:
         st = path.lstat()
         if stat.S_ISLNK(st.st_mode):
-            yield rel, st, os.readlink(path).encode()
+            yield rel, st, os.fsencode(os.readlink(path))
         elif stat.S_ISDIR(st.st_mode):
             yield rel, st, b""
             for child in sorted(os.listdir(path)):

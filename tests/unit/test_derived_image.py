@@ -83,6 +83,15 @@ def test_what_python_and_pytest_write_into_a_copied_tree_is_not_in_the_key(tmp_p
     assert BASE.copy(tmp_path / "pkg" / "__pycache__", "/opt/c").key != BASE.copy(tmp_path / "pkg", "/opt/c").key
 
 
+def test_a_name_that_is_not_utf8_is_hashed_as_its_bytes(tmp_path: Path) -> None:
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "ok.txt").write_text("x")
+    key = BASE.copy(tmp_path / "t", "/srv").key  # a UTF-8 name: the bytes hashed are as before
+    (tmp_path / "t" / os.fsdecode(b"caf\xe9.txt")).write_text("x")
+    os.symlink(os.fsdecode(b"caf\xe9.txt"), tmp_path / "t" / "link")
+    assert BASE.copy(tmp_path / "t", "/srv").key not in (key, BASE.copy(tmp_path / "t", "/x").key)
+
+
 def test_a_single_files_name_is_in_the_key_it_names_the_file_in_a_directory_dst(tmp_path: Path) -> None:
     (tmp_path / "a.conf").write_text("same\n")
     (tmp_path / "b.conf").write_text("same\n")
