@@ -42,7 +42,9 @@ def parse_images(value: object, source: str) -> tuple[str, ...]:
     name no recipe or ``.named()`` image has; both name the entry, and the
     caller passes ``source`` on to the usage error it raises.
     """
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() for v in value):
+        if any(re.search(r"[,\s]", v.strip()) for v in value):
+            raise SpecError(f"bad image list {value!r}: one name per entry", source)
         value = ",".join(value)  # a TOML list (pyproject's ini_options)
     if not isinstance(value, str):
         raise SpecError(f"bad image: must be a name or a list of names, not {value!r}", source)

@@ -253,8 +253,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def _getini(config: pytest.Config, name: str) -> Any:
     try:
         return config.getini(name)
-    # A bad bool (a ValueError before pytest 9.2): pytest's words name neither the setting nor the file.
-    except (pytest.UsageError, ValueError) as e:
+    # A bad bool (a ValueError before pytest 9.2), a value of the wrong TOML type, or
+    # pytest's deprecation of one made an error (-W error): pytest's words name neither.
+    except (pytest.UsageError, ValueError, TypeError, pytest.PytestWarning) as e:
         raise InvalidBottleArgument(f"bad {name}: {e}", "ini file") from None
 
 

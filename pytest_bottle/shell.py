@@ -87,7 +87,10 @@ def _attach(record: RunRecord) -> Iterator[AgentClient]:
         except OSError as e:
             sock.close()
             raise BottleError(f"cannot reach the agent of {record.name} at {path}: {e.strerror or e}") from None
-        channel = AgentChannel(sock, record.name)
+        try:
+            channel = AgentChannel(sock, record.name)
+        finally:
+            sock.close()  # the channel has a descriptor of its own
         try:
             channel.send_sync()
             if not channel.synced.wait(CONNECT_TIMEOUT):

@@ -140,6 +140,7 @@ def in_process_agent(name: str = "local-agent") -> Iterator[AgentChannel]:
     host, peer = socket.socketpair()
     serve_in_thread(peer)
     channel = AgentChannel(host, name)
+    host.close()  # the channel has a descriptor of its own
     try:
         channel.send_sync()
         assert channel.synced.wait(10), "the in-process agent did not answer SYNC"

@@ -351,6 +351,9 @@ def test_numbers_and_lists_in_a_pyproject_are_taken_as_toml_writes_them(pytester
     pytester.makepyprojecttoml(native.replace("[tool.pytest]", "[tool.pytest.ini_options]").replace("600.5", '"600.5"')
                                + 'bottle_image = ["debian-bookworm", "debian-trixie"]\n')  # fmt: skip
     run(pytester, "-W", "ignore::pytest.PytestRemovedIn10Warning").assert_outcomes(passed=1)
+    # pytest deprecates that list: made an error, it is a usage error naming the setting, not a crash
+    result = run(pytester, "-W", "error::pytest.PytestRemovedIn10Warning")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "ini file: bad bottle_image" in result.stderr.str()
     pytester.makepyprojecttoml("[tool.pytest]\nbottle_cpus = 0\n")  # set, and refused: not read as unset
     result = run(pytester)
     assert result.ret == pytest.ExitCode.USAGE_ERROR and "ini file: bad cpus" in result.stderr.str()

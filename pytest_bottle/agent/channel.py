@@ -55,8 +55,12 @@ class AgentChannel:
     def __init__(
         self, sock: socket.socket, name: str = "bottle", idle: float = IDLE, dead_after: float = DEAD_AFTER
     ) -> None:
-        # Our own descriptor: whoever passed ``sock`` may close theirs at any
-        # time, and ours is closed only once the reader is done with it (close).
+        # Our own descriptor (whoever passed ``sock`` closes theirs when they
+        # like), closed by the reader as it ends: closed under its read, the
+        # number could be another file's by the time it polls again, and it
+        # would hang there or read what is not ours.  Sends stop first.
+        # (Non-blocking is the open file's, so the caller's end is too: it is
+        # the channel's to use from here on.)
         self.sock = sock.dup()
         self.name = name
         self.idle = idle
@@ -76,7 +80,8 @@ class AgentChannel:
         self._last_rx = time.monotonic()
         self._ping_at = 0.0
         self._tls = threading.local()
-        self._shut = self._read_done = False  # under _wlock: close() was called; the reader ended
+        self._shut = self._read_done = False  # close() was called; the reader ended (under _wlock)
+        self._fdlock = threading.Lock()  # close()'s shutdown against the reader's close of the descriptor
         self.sock.settimeout(SEND_TIMEOUT)  # bounds sendall; the reader just reads on
         self._reader = threading.Thread(target=self._read_loop, name=f"bottle-agent-{name}", daemon=True)
         self._reader.start()
@@ -85,8 +90,8 @@ class AgentChannel:
 
     def _send(self, data: bytes) -> None:
         with self._wlock:
-            if self._shut:
-                raise AgentError(f"agent channel of {self.name} is closed")
+            if self._shut or self._read_done:
+                raise AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
             if self.broken:
                 raise AgentError(f"agent channel of {self.name} is unusable: {self.broken}")
             try:
@@ -139,10 +144,11 @@ class AgentChannel:
                 self._credit.notify_all()
             for call in calls:
                 call.done.set()
-            with self._wlock:
+            # A sender blocked on a guest that reads nothing holds _wlock until
+            # close()'s shutdown or its own timeout wakes it.
+            with self._wlock, self._fdlock:
                 self._read_done = True
-                if self._shut:  # close() left the descriptor to us
-                    self.sock.close()
+                self.sock.close()
 
     def _hello(self, payload: bytes) -> None:
         if len(payload) != frames.HELLO_SIZE or not payload.startswith(frames.SYNC_MAGIC):
@@ -398,15 +404,14 @@ class AgentChannel:
         return reply
 
     def close(self) -> None:
-        try:  # wakes the reader with an EOF
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._reader.join(timeout=2)
-        with self._wlock:
-            self._shut = True
-            # Closed under a read, the descriptor's number may belong to another
-            # file by the time the reader polls it again: it would hang there,
-            # or read what is not ours.  A reader still busy closes it as it ends.
-            if self._read_done:
-                self.sock.close()
+        """Shut the channel: the reader wakes with an EOF, fails what is pending,
+        and closes the descriptor (see ``__init__``); sends raise from now on."""
+        self._shut = True
+        with self._fdlock:
+            if not self._read_done:
+                try:  # wakes the reader, and a sender blocked in sendall
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        if threading.current_thread() is not self._reader:  # a callback on the reader may close it
+            self._reader.join(timeout=2)

@@ -337,5 +337,7 @@ class QemuMachine:
         self.qmp.cmd("chardev-change", id="agent", backend=backend)
 
     def disconnect(self) -> None:
-        """Let go of the machine and leave it running (a kept bottle): our QMP end only."""
+        """Let go of the machine and leave it running (a kept bottle): our QMP
+        end, and our end of the agent's socketpair (its channel has its own)."""
         self.qmp.close()
+        self.agent_sock.close()

@@ -49,8 +49,8 @@ def test_an_unknown_entry_is_named_and_the_known_listed() -> None:
 
 def test_a_toml_list_is_taken_and_anything_else_not_a_string_is_refused() -> None:
     assert parse_images(["debian-trixie", "debian-bookworm"], "ini file") == ("debian-trixie", "debian-bookworm")
-    for bad in ([], [3], 3, None):
-        with pytest.raises(SpecError, match="a name or a list of names"):
+    for bad in ([], [3], [""], ["debian-trixie,debian-bookworm"], 3, None):
+        with pytest.raises(SpecError, match="a name or a list of names|one name per entry"):
             parse_images(bad, "ini file")
 
 

@@ -270,6 +270,23 @@ def test_closing_a_busy_channel_never_leaves_its_reader_on_a_closed_descriptor()
         assert [p.wait(5).returncode for p in procs] == [-9, -9]
 
 
+def test_a_channel_whose_peer_went_away_closes_its_descriptor_without_close() -> None:
+    # A failed boot stops QEMU and never closes the channel: nothing may stay open.
+    host, peer = socket.socketpair()
+    channel = AgentChannel(host, "gone")
+    host.close()  # the caller's end: the channel reads its own descriptor on
+    assert not channel.closed.wait(0.2)
+    peer.close()
+    assert channel.closed.wait(5)
+    deadline = time.monotonic() + 5
+    while channel.sock.fileno() != -1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert channel.sock.fileno() == -1
+    with pytest.raises(AgentError, match="agent channel of gone is closed: the VM closed the agent channel"):
+        channel.send_sync()
+    channel.close()  # and closing it after all is harmless
+
+
 def test_output_kept_is_the_tail_with_a_note() -> None:
     tail = OutputTail(10)
     for piece in (b"abcd", b"efgh", b"ijkl", b"mn"):
