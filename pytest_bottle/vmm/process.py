@@ -71,9 +71,7 @@ def spawn(
             # Python code between fork and exec (preexec_fn) forces a full fork
             # of this process: ~6 ms against ~0.2 ms for the vfork Popen does
             # otherwise.  setpriv (util-linux) sets the signal, then execs.
-            # (Unlike die_with_parent(), it cannot see a parent that died in
-            # the microseconds before; the run record's sweep covers that.)
-            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+            argv = leashed(setpriv, argv)
         else:
             preexec = _die_with_parent_kill
 
@@ -96,6 +94,18 @@ def spawn(
             )
 
     return _spawner.submit(start).result()
+
+
+# After setpriv's prctl: a parent that died before it (a kill -9 as the VM
+# started) sent no signal, and the child would run on, orphaned, until a sweep.
+_PARENT_CHECK = '[ "$PPID" = "$1" ] || exit 1; shift; exec "$@"'
+
+
+def leashed(setpriv: str, argv: Sequence[str], parent: int | None = None) -> list[str]:
+    """``argv`` run with SIGKILL on the death of ``parent`` (this process),
+    and not at all if it is already dead when the signal is set."""
+    check = ["/bin/sh", "-c", _PARENT_CHECK, "sh", str(os.getpid() if parent is None else parent)]
+    return [setpriv, "--pdeathsig", "KILL", "--", *check, *argv]
 
 
 @functools.cache

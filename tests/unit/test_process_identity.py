@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +57,36 @@ def test_new_errors_pickle(err: BottleError) -> None:
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is type(err) and str(back) == str(err) and vars(back) == vars(err)
     assert isinstance(LockTimeout("l", 1.0), TimeoutError)
+
+
+@pytest.mark.skipif(process._setpriv() is None, reason="no setpriv with --pdeathsig here")
+def test_a_leashed_command_does_not_run_once_its_parent_is_gone(tmp_path: Path) -> None:
+    # setpriv sets the death signal, then the check runs: a parent already gone
+    # (here: any pid but ours) sent no signal, so the command must not start.
+    setpriv = process._setpriv()
+    assert setpriv is not None
+    ran = tmp_path / "ran"
+    r = subprocess.run(process.leashed(setpriv, ["touch", str(ran)], parent=os.getpid() + 1_000_000), timeout=30)
+    assert r.returncode == 1 and not ran.exists()
+    r = subprocess.run(process.leashed(setpriv, ["sh", "-c", 'touch "$1"; exit 7', "sh", str(ran)]), timeout=30)
+    assert r.returncode == 7 and ran.exists()  # our child: it runs, its argv and exit code as given
+    # Through the check's exec the death signal stays: a parent killed takes the command along.
+    code = "import subprocess as s; from pytest_bottle.vmm import process as p; "
+    code += "c = s.Popen(p.leashed(p._setpriv(), ['sleep', '60'])); print(c.pid, flush=True); c.wait()"
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
