@@ -6,6 +6,7 @@ service-like loop, so every fork checks that state came along.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -218,7 +219,14 @@ def test_kill_9_during_a_snapshot_leaves_nothing_after_a_sweep(warm_cache: Path)
     finally:
         proc.kill()
         proc.wait()
-    wait_until(lambda: not processes_mentioning(name), 10, "QEMU (source and receiver) die with their owner")
+    deadline = time.monotonic() + 10
+    while (alive := processes_mentioning(name)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shown = []
+    for p in alive:  # what stayed, for the report: which one, and in what state
+        with contextlib.suppress(psutil.Error):
+            shown.append((p.pid, p.status(), p.ppid(), p.cmdline()[-6:]))
+    assert not shown, f"QEMU (source and receiver) did not die with their owner: {shown}"
     report = sweep([warm_cache])
     left = [p for p in root.iterdir() if name in p.name]
     assert left == [], f"left after the sweep: {left} ({report.summary()})"
