@@ -40,6 +40,11 @@ def guest_path(path: GuestPath, what: str = "guest path") -> str:
     return posixpath.normpath(raw)
 
 
+def names_no_file(raw: str) -> bool:
+    """A path ``open(2)`` takes for a directory, never a file: ``/``, ``f/``, ``f/.``, ``f/..``."""
+    return posixpath.basename(raw) in ("", ".", "..")
+
+
 def check_mode(mode: object) -> int | None:
     """A file's permission bits: None (keep or default) or an int from 0 to 0o7777."""
     if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777):

@@ -6,7 +6,6 @@ import collections
 import errno
 import logging
 import os
-import posixpath
 import threading
 import time
 from collections.abc import Mapping
@@ -17,7 +16,16 @@ from .agent.channel import AgentChannel
 from .agent.client import AgentClient
 from .agent.streams import OnOutput
 from .agent.transfer import fetch, put, read_all
-from .arguments import GuestPath, check_env, check_mode, check_port, check_timeout, guest_path, raw_path
+from .arguments import (
+    GuestPath,
+    check_env,
+    check_mode,
+    check_port,
+    check_timeout,
+    guest_path,
+    names_no_file,
+    raw_path,
+)
 from .errors import AgentError, BottleError, ExecTimeout, WaitTimeout, guest_os_error
 from .process import CommandHistory, GuestProcess, ProcessEntry
 from .results import Command, ExecResult, to_argv
@@ -236,7 +244,7 @@ class Bottle:
         path = guest_path(path)
         check_timeout(timeout)
         check_mode(mode)
-        if isinstance(raw, str) and posixpath.basename(raw) in ("", ".", ".."):  # as open(2) refuses "f/", "f/."
+        if isinstance(raw, str) and names_no_file(raw):  # as open(2) refuses it: never a file named f
             raise guest_os_error(f"{raw}: a file path cannot end with '/', '.' or '..'", errno.EISDIR, raw)
         # memoryview: a non-buffer is refused here, before a call is sent; any buffer is taken
         self._agent.write(path, memoryview(data), mode=mode, timeout=timeout)

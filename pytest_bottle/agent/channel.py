@@ -80,7 +80,7 @@ class AgentChannel:
         self._last_rx = time.monotonic()
         self._ping_at = 0.0
         self._tls = threading.local()
-        self._shut = self._read_done = False  # close() was called; the reader ended (under _wlock)
+        self._shut = self._read_done = False  # close() was called; the reader ended (and closed the fd)
         self._fdlock = threading.Lock()  # close()'s shutdown against the reader's close of the descriptor
         self.sock.settimeout(SEND_TIMEOUT)  # bounds sendall; the reader just reads on
         self._reader = threading.Thread(target=self._read_loop, name=f"bottle-agent-{name}", daemon=True)

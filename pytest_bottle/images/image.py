@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import posixpath
 import re
 import stat
 import sys
@@ -40,7 +39,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from ..arguments import GuestPath, guest_path, raw_path
+from ..arguments import GuestPath, guest_path, names_no_file, raw_path
 from ..errors import ImageNotFound, SpecError
 from .recipes import RECIPES
 
@@ -169,7 +168,7 @@ class Image:
         if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777):
             raise SpecError(f"write(): mode must be an int from 0 to 0o7777, not {mode!r}")
         where = _guest_path(path, "write")
-        if posixpath.basename(where) in ("", ".", ".."):  # as Bottle.write_bytes: "/", "f/", "f/." are no files
+        if names_no_file(where):  # as Bottle.write_bytes refuses it
             raise SpecError(f"write(): the guest path must name a file, not end with '/', '.' or '..': {path!r}")
         return self._then(Write(where, data, mode))
 
