@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import ImageBuildError
 from ..host.deps import require
-from ..vmm.process import die_with_parent
+from ..vmm.process import die_with
 from .guest_files import write_early_files, write_guest_files
 from .recipes import BUILDER_VERSION, Recipe
 from .sources import host_sources
@@ -145,7 +145,7 @@ def _run_logged(argv: list[str], tmp: Path, log_path: Path, progress: Progress |
             env=env,
             text=True,
             # SIGTERM, not SIGKILL: mmdebstrap then unmounts what it mounted.
-            preexec_fn=functools.partial(die_with_parent, signal.SIGTERM),
+            preexec_fn=functools.partial(die_with, os.getpid(), signal.SIGTERM),
         )
         assert proc.stdout is not None
         try:

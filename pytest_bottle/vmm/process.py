@@ -32,16 +32,14 @@ _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """In a child between fork and exec: get ``sig`` when the forking thread dies."""
+def die_with(parent: int, sig: int) -> None:
+    """In a child between fork and exec: get ``sig`` when the forking thread of
+    ``parent`` (its pid, read before the fork) dies."""
     _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    # The parent may already be gone between fork and prctl.
-    if os.getppid() == 1:
+    # The parent may already be gone between fork and prctl; an orphan is
+    # re-parented to a subreaper as well as to init, so compare pids.
+    if os.getppid() != parent:
         os._exit(1)
-
-
-def _die_with_parent_kill() -> None:
-    die_with_parent(signal.SIGKILL)
 
 
 def spawn(
@@ -73,7 +71,7 @@ def spawn(
             # otherwise.  setpriv (util-linux) sets the signal, then execs.
             argv = leashed(setpriv, argv)
         else:
-            preexec = _die_with_parent_kill
+            preexec = functools.partial(die_with, os.getpid(), signal.SIGKILL)
 
     def start() -> subprocess.Popen[bytes]:
         # The child's files (memory state, console, overlays) are the user's

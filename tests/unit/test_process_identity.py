@@ -90,3 +90,15 @@ def _alive(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
     except FileNotFoundError:
         return False
+
+
+def test_the_fallback_leash_runs_nothing_for_a_parent_that_is_not_its_own(tmp_path: Path) -> None:
+    # Without setpriv, preexec_fn sets the signal and then compares pids: an
+    # orphan may be re-parented to a subreaper, not init, so "ppid == 1" is not enough.
+    ran = tmp_path / "ran"
+    gone = os.getpid() + 1_000_000
+    r = subprocess.run(["touch", str(ran)], preexec_fn=lambda: process.die_with(gone, 9), timeout=30)
+    assert r.returncode == 1 and not ran.exists()
+    me = os.getpid()
+    r = subprocess.run(["touch", str(ran)], preexec_fn=lambda: process.die_with(me, 9), timeout=30)
+    assert r.returncode == 0 and ran.exists()
