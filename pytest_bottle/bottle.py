@@ -16,16 +16,7 @@ from .agent.channel import AgentChannel
 from .agent.client import AgentClient
 from .agent.streams import OnOutput
 from .agent.transfer import fetch, put, read_all
-from .arguments import (
-    GuestPath,
-    check_env,
-    check_mode,
-    check_port,
-    check_timeout,
-    guest_path,
-    names_no_file,
-    raw_path,
-)
+from .arguments import GuestPath, check_env, check_mode, check_port, check_timeout, guest_path, names_no_file, raw_path
 from .errors import AgentError, BottleError, ExecTimeout, WaitTimeout, guest_os_error
 from .process import CommandHistory, GuestProcess, ProcessEntry
 from .results import Command, ExecResult, to_argv

@@ -1,4 +1,5 @@
-"""pytest glue: options, the ``bottle`` marker, fixtures, the startup sweep (report sections: ``reports``;
+"""pytest glue: options, the ``bottle`` marker, fixtures, the startup sweep (usage errors and
+reading the options: ``usage``; report sections: ``reports``;
 the sweep per host and the hosts that ran bottles: ``workers``).
 
 Everything else lives in the core (``manager``, ``launch``, ``spec``...),
@@ -12,7 +13,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,19 @@ from . import matrix, workers
 from .bottle import Bottle
 from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
 from .images import BuiltImage, Image, ensure_image
-from .images.image import known_names
 from .lifecycle.manager import BottleManager
 from .live_progress import LiveProgress
 from .reports import BottleReports, failed, keep_message
 from .save_failed import SaveFailed
 from .snapshot import Snapshot, check_fork_args
-from .spec import BottleSpec, Layer, check_host_memory, resolve
+from .spec import BottleSpec, Layer, check_host_memory
+
+# The usage errors are documented as pytest_bottle.plugin.<name>: re-exported.
+from .usage import BottleLockTimeout as BottleLockTimeout
+from .usage import InvalidBottleArgument as InvalidBottleArgument
+from .usage import UnknownBottleImage as UnknownBottleImage
+from .usage import UnsafeBottleDirectory as UnsafeBottleDirectory
+from .usage import getini, ini_type, marker_layer, prestart, resolve_layers, set_value, source_of
 from .vmm import accel as accel_mod
 
 log = logging.getLogger(__name__)
@@ -65,34 +72,6 @@ MARKER_DOC = (
 )
 
 
-class InvalidBottleArgument(SpecError, pytest.UsageError):  # type: ignore[misc]
-    """A bad marker, factory, CLI or ini value (both a SpecError and a UsageError)."""
-
-
-class UnsafeBottleDirectory(UnsafeDirectory, pytest.UsageError):  # type: ignore[misc]
-    """An unsafe state or cache directory met at start-up (both errors: a usage
-    error, not a traceback)."""
-
-
-class BottleLockTimeout(LockTimeout, pytest.UsageError):  # type: ignore[misc]
-    """A run-state lock that stayed held at start-up (both errors)."""
-
-
-class UnknownBottleImage(ImageNotFound, pytest.UsageError):  # type: ignore[misc]
-    """An unknown image name given to a marker, factory or option; ``source``
-    names where it came from (as ``SpecError`` does), e.g. ``ini file``."""
-
-    def __init__(self, name: str, known: Sequence[str], source: str = "") -> None:
-        super().__init__(name, known)
-        self.source = source
-        if source:
-            self.message = f"{source}: {self.message}"
-            self.args = (self.message,)
-
-    def _args(self) -> dict[str, Any]:
-        return {**super()._args(), "source": self.source}
-
-
 @dataclass
 class _State:
     config: pytest.Config
@@ -110,12 +89,12 @@ class _State:
         ``here``: its VMs run on this host (a worker's), which must have the memory."""
         cli = self.cli if image is None else {**self.cli, "image": image}
         layers = [*first, ("command line", cli), ("ini file", self.ini)]
-        spec = _resolve(layers, restricted=len(first))
+        spec = resolve_layers(layers, restricted=len(first))
         if here:
             try:
                 check_host_memory(spec.memory_mb)
             except SpecError as e:
-                raise InvalidBottleArgument(e.message, _source(layers, "memory") or "the default") from None
+                raise InvalidBottleArgument(e.message, source_of(layers, "memory") or "the default") from None
         return spec
 
     @property
@@ -127,33 +106,8 @@ STATE = pytest.StashKey[_State]()
 PROGRESS = pytest.StashKey[LiveProgress]()
 
 
-def _resolve(layers: list[Layer], restricted: int = 0) -> BottleSpec:
-    try:
-        spec = resolve(layers, restricted=restricted)
-    except SpecError as e:
-        raise InvalidBottleArgument(e.message, e.source) from None
-    if isinstance(spec.image, str) and spec.image not in known_names():
-        raise UnknownBottleImage(spec.image, known_names(), _source(layers, "image"))
-    return spec
-
-
-def _source(layers: list[Layer], key: str) -> str:
-    """Where ``key`` came from: the first layer that sets it (as ``resolve`` reads them)."""
-    return next((where for where, layer in layers if layer.get(key) is not None), "")
-
-
 def _state(config: pytest.Config) -> _State:
     return config.stash[STATE]
-
-
-def _marker_layer(node: pytest.Item | pytest.Collector) -> list[Layer]:
-    marker = node.get_closest_marker("bottle")
-    if marker is None:
-        return []
-    where = f"@pytest.mark.bottle on {node.nodeid or node.name}"
-    if marker.args:
-        raise InvalidBottleArgument(f"takes keyword arguments only, got {marker.args!r}", where)
-    return [(where, marker.kwargs)]
 
 
 # -- options and configuration ------------------------------------------------
@@ -164,21 +118,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for name, (metavar, text) in OPTIONS.items():
         dest = "bottle_" + name.replace("-", "_")
         group.addoption(f"--bottle-{name}", dest=dest, metavar=metavar, default=None, help=text)
-        parser.addini(dest, text, type=_ini_type(name), default=None)
+        parser.addini(dest, text, type=ini_type(name), default=None)
     for name, text in FLAGS.items():
         dest = "bottle_" + name.replace("-", "_")
         group.addoption(f"--bottle-{name}", dest=dest, action="store_true", default=None, help=text)
         parser.addini(dest, text, type="bool", default=False)
     group.addoption("--bottle-prestart", dest="bottle_prestart", metavar="N", default=None, help=PRESTART_HELP)
-    parser.addini("bottle_prestart", PRESTART_HELP, type=_ini_type("prestart"), default=None)
-
-
-def _ini_type(name: str) -> Any:
-    """A number may be a TOML number in pytest 9's ``[tool.pytest]`` table, which
-    checks types (9.2 takes a union); elsewhere every ini value is a string."""
-    if name not in ("memory", "cpus", "timeout", "prestart") or pytest.version_tuple[:2] < (9, 2):
-        return None
-    return str | int | float if name == "timeout" else str | int
+    parser.addini("bottle_prestart", PRESTART_HELP, type=ini_type("prestart"), default=None)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -208,7 +154,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(live, "bottle-progress")
     keys = {name.replace("-", "_"): "bottle_" + name.replace("-", "_") for name in OPTIONS}
     cli = {k: config.getoption(dest) for k, dest in keys.items()}
-    ini = {k: _set(_getini(config, dest)) for k, dest in keys.items()}
+    ini = {k: set_value(getini(config, dest)) for k, dest in keys.items()}
     if ini["cache_dir"] and config.inipath and not Path(str(ini["cache_dir"])).expanduser().is_absolute():
         ini["cache_dir"] = str(config.inipath.parent / str(ini["cache_dir"]))  # relative to the ini file
     pull = ini["image_pull"]
@@ -218,18 +164,18 @@ def pytest_configure(config: pytest.Config) -> None:
         matrix.configure(config, cli, ini)
     except ImageNotFound as e:  # cli/ini are unchanged when it fails
         raise UnknownBottleImage(
-            e.name, e.known, _source([("command line", cli), ("ini file", ini)], "image")
+            e.name, e.known, source_of([("command line", cli), ("ini file", ini)], "image")
         ) from None
     except SpecError as e:
         raise InvalidBottleArgument(e.message, e.source) from None
     config.pluginmanager.register(matrix, "bottle-matrix")
-    first = _resolve([("command line", cli), ("ini file", ini)])  # fail fast on a bad option
+    first = resolve_layers([("command line", cli), ("ini file", ini)])  # fail fast on a bad option
 
     def flag(name: str) -> bool:
         value = config.getoption(f"bottle_{name}")
-        return bool(_getini(config, f"bottle_{name}")) if value is None else bool(value)
+        return bool(getini(config, f"bottle_{name}")) if value is None else bool(value)
 
-    prestart = _prestart(config)
+    ahead = prestart(config)
 
     try:  # once per run and host, before the first bottle: sweep this host (see workers.py)
         run_start = workers.start(config, first.cache_dir, lambda: config.stash[STATE].manager.handed_out)
@@ -238,7 +184,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except LockTimeout as e:
         raise BottleLockTimeout(**e._args()) from None
     manager = BottleManager(
-        rebuild_before=run_start if flag("rebuild") else None, keep_failed=flag("keep"), prestart=prestart
+        rebuild_before=run_start if flag("rebuild") else None, keep_failed=flag("keep"), prestart=ahead
     )
     reports = BottleReports(manager, flag("keep"))
     state = _State(config, cli, ini, run_start, flag("rebuild"), flag("keep"), manager, reports)
@@ -248,33 +194,6 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(SaveFailed(state.manager), "bottle-save-failed")
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, os.getpid()))
-
-
-def _getini(config: pytest.Config, name: str) -> Any:
-    try:
-        return config.getini(name)
-    # A bad bool (a ValueError before pytest 9.2), a value of the wrong TOML type, or
-    # pytest's deprecation of one made an error (-W error): pytest's words name neither.
-    except (pytest.UsageError, ValueError, TypeError, pytest.PytestWarning) as e:
-        raise InvalidBottleArgument(f"bad {name}: {e}", "ini file") from None
-
-
-def _set(value: Any) -> Any:
-    """An ini value, or None where the file leaves it unset or empty (a TOML 0 is set)."""
-    return None if value is None or value == "" or value == [] else value
-
-
-def _prestart(config: pytest.Config) -> int:
-    for source, value in (
-        ("command line", config.getoption("bottle_prestart")),
-        ("ini file", _set(_getini(config, "bottle_prestart"))),
-    ):
-        if value is None:
-            continue
-        if not str(value).isdigit() or not 0 <= int(value) <= 8:
-            raise InvalidBottleArgument(f"bad prestart: must be an integer from 0 to 8, not {value!r}", source)
-        return int(value)
-    return 1
 
 
 def _on_sigterm(owner: int, signum: int, frame: object) -> None:
@@ -313,7 +232,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     state = _state(config)
     for item in items:
-        layers = _marker_layer(item)
+        layers = marker_layer(item)
         if layers:
             state.spec(*layers, here=False)  # a bad marker stops the run before anything boots
             # (memory the host lacks fails the test at setup: it may be skipped or deselected)
@@ -338,7 +257,7 @@ def _bottle_group(request: pytest.FixtureRequest, _bottle_matrix_image: str | No
 def bottle(request: pytest.FixtureRequest, _bottle_group: str, _bottle_matrix_image: str | None) -> Bottle:
     """A fresh VM configured by the test's ``bottle`` marker."""
     state = _state(request.config)
-    spec = state.spec(*_marker_layer(request.node), image=_bottle_matrix_image)
+    spec = state.spec(*marker_layer(request.node), image=_bottle_matrix_image)
     return state.manager.start(spec, _bottle_group)
 
 
@@ -348,7 +267,7 @@ def bottle_factory(
 ) -> Callable[..., Bottle]:
     """``bottle_factory(**kwargs) -> Bottle``; everything it made is torn down after the test."""
     state = _state(request.config)
-    marker = _marker_layer(request.node)
+    marker = marker_layer(request.node)
 
     def factory(**kwargs: Any) -> Bottle:
         if kwargs.get("snapshot") is not None:
@@ -378,7 +297,7 @@ def module_bottle(request: pytest.FixtureRequest, _bottle_matrix_image: str | No
     """One VM shared by the tests of a module (configured by the module's ``pytestmark``); one per image."""
     state = _state(request.config)
     key = f"module:{request.node.nodeid}" + (f"[{_bottle_matrix_image}]" if _bottle_matrix_image else "")
-    spec = state.spec(*_marker_layer(request.node), image=_bottle_matrix_image)
+    spec = state.spec(*marker_layer(request.node), image=_bottle_matrix_image)
     yield state.manager.start(spec, key, spare=False)
     state.manager.close_group(key)
 

@@ -1,0 +1,105 @@
+"""What pytest reports as a usage error: the plugin's ``pytest.UsageError``
+twins of core errors, and reading the marker, options and ini into specs.
+
+The core (``spec``, ``errors``) imports without pytest; this module is the
+thin layer where its errors become usage errors naming where a value came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
+from .images.image import known_names
+from .spec import BottleSpec, Layer, resolve
+
+
+class InvalidBottleArgument(SpecError, pytest.UsageError):  # type: ignore[misc]
+    """A bad marker, factory, CLI or ini value (both a SpecError and a UsageError)."""
+
+
+class UnsafeBottleDirectory(UnsafeDirectory, pytest.UsageError):  # type: ignore[misc]
+    """An unsafe state or cache directory met at start-up (both errors: a usage
+    error, not a traceback)."""
+
+
+class BottleLockTimeout(LockTimeout, pytest.UsageError):  # type: ignore[misc]
+    """A run-state lock that stayed held at start-up (both errors)."""
+
+
+class UnknownBottleImage(ImageNotFound, pytest.UsageError):  # type: ignore[misc]
+    """An unknown image name given to a marker, factory or option; ``source``
+    names where it came from (as ``SpecError`` does), e.g. ``ini file``."""
+
+    def __init__(self, name: str, known: Sequence[str], source: str = "") -> None:
+        super().__init__(name, known)
+        self.source = source
+        if source:
+            self.message = f"{source}: {self.message}"
+            self.args = (self.message,)
+
+    def _args(self) -> dict[str, Any]:
+        return {**super()._args(), "source": self.source}
+
+
+def resolve_layers(layers: list[Layer], restricted: int = 0) -> BottleSpec:
+    try:
+        spec = resolve(layers, restricted=restricted)
+    except SpecError as e:
+        raise InvalidBottleArgument(e.message, e.source) from None
+    if isinstance(spec.image, str) and spec.image not in known_names():
+        raise UnknownBottleImage(spec.image, known_names(), source_of(layers, "image"))
+    return spec
+
+
+def source_of(layers: list[Layer], key: str) -> str:
+    """Where ``key`` came from: the first layer that sets it (as ``resolve`` reads them)."""
+    return next((where for where, layer in layers if layer.get(key) is not None), "")
+
+
+def marker_layer(node: pytest.Item | pytest.Collector) -> list[Layer]:
+    marker = node.get_closest_marker("bottle")
+    if marker is None:
+        return []
+    where = f"@pytest.mark.bottle on {node.nodeid or node.name}"
+    if marker.args:
+        raise InvalidBottleArgument(f"takes keyword arguments only, got {marker.args!r}", where)
+    return [(where, marker.kwargs)]
+
+
+def ini_type(name: str) -> Any:
+    """A number may be a TOML number in pytest 9's ``[tool.pytest]`` table, which
+    checks types (9.2 takes a union); elsewhere every ini value is a string."""
+    if name not in ("memory", "cpus", "timeout", "prestart") or pytest.version_tuple[:2] < (9, 2):
+        return None
+    return str | int | float if name == "timeout" else str | int
+
+
+def getini(config: pytest.Config, name: str) -> Any:
+    try:
+        return config.getini(name)
+    # A bad bool (a ValueError before pytest 9.2), a value of the wrong TOML type, or
+    # pytest's deprecation of one made an error (-W error): pytest's words name neither.
+    except (pytest.UsageError, ValueError, TypeError, pytest.PytestWarning) as e:
+        raise InvalidBottleArgument(f"bad {name}: {e}", "ini file") from None
+
+
+def set_value(value: Any) -> Any:
+    """An ini value, or None where the file leaves it unset or empty (a TOML 0 is set)."""
+    return None if value is None or value == "" or value == [] else value
+
+
+def prestart(config: pytest.Config) -> int:
+    for source, value in (
+        ("command line", config.getoption("bottle_prestart")),
+        ("ini file", set_value(getini(config, "bottle_prestart"))),
+    ):
+        if value is None:
+            continue
+        if not str(value).isdigit() or not 0 <= int(value) <= 8:
+            raise InvalidBottleArgument(f"bad prestart: must be an integer from 0 to 8, not {value!r}", source)
+        return int(value)
+    return 1
