@@ -330,6 +330,43 @@ def _with_pax_path(name: str) -> bytes:
     return head.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512) + member("x")
 
 
+def _pax_header(records: bytes) -> bytes:
+    head = tarfile.TarInfo("././@PaxHeader")
+    head.type, head.size = tarfile.XHDTYPE, len(records)
+    return head.tobuf(tarfile.USTAR_FORMAT) + records + bytes(-len(records) % 512)
+
+
+def _pax_record(key: str, value: bytes) -> bytes:
+    body = key.encode() + b"=" + value + b"\n"
+    size = len(body) + 1
+    while len(b"%d " % size) + len(body) != size:
+        size = len(b"%d " % size) + len(body)
+    return b"%d " % size + body
+
+
+def test_a_run_of_extended_headers_is_bounded_as_one(guest: HostileGuest, tmp_path: Path, host_file: Path) -> None:
+    """Each header under 1 MiB, but a run of them before one member is held together: 1 MiB in all."""
+    big = _pax_header(b"".join(_pax_record(f"x.k{i}", bytes(1000)) for i in range(400)))  # ~400 KB each
+    refused(guest, tmp_path, host_file, archive(big, big, big, member("f")), "extended headers of .* for one member")
+    # Keys nobody reads are not kept: a run within the bound still names its member.
+    small = _pax_header(_pax_record("comment", b"x" * 100) + _pax_record("path", b"named"))
+    serve_tree(guest, archive(small, small, member("f", data=b"1")))
+    fetch(guest.channel, "/srv", tmp_path / "ok")
+    assert (tmp_path / "ok" / "named").read_bytes() == b"1"
+
+
+def test_parents_the_archive_does_not_list_count_as_members(guest: HostileGuest, tmp_path: Path) -> None:
+    """Each directory made for a member's path costs an inode: 10 members 4 levels deep are 50 entries."""
+    tar = archive(*(member(f"a{i}/b/c/d/f") for i in range(10)))
+    serve_tree(guest, tar)
+    with pytest.raises(UnsafeTransfer, match="more than the limit of 40 members"):
+        fetch(guest.channel, "/srv", tmp_path / "a", GET._replace(max_members=40))
+    serve_tree(guest, tar)
+    fetch(guest.channel, "/srv", tmp_path / "b", GET._replace(max_members=60))
+    assert len(list((tmp_path / "b").rglob("f"))) == 10
+    assert guest.still_answers()
+
+
 def test_member_and_byte_limits(guest: HostileGuest, tmp_path: Path) -> None:
     serve_tree(guest, archive(*(member(f"f{i}", data=b"x") for i in range(20))))
     with pytest.raises(UnsafeTransfer, match="more than the limit of 10 members"):

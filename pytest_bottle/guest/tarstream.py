@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 BLOCK = 512
 COPY_CHUNK = 256 * 1024
-MAX_PAX = 1 << 20  # bytes of one extended header
+MAX_PAX = 1 << 20  # bytes of the extended headers of one member
+PAX_KEYS = (b"path", b"linkpath", b"size", b"mtime")
 MAX_PATH = 4096  # bytes of a member name or link target (PATH_MAX)
 MAX_COMPONENT = 255  # bytes of one name component (NAME_MAX)
 MAX_DEPTH = 128  # components of a member name: each costs a directory walk step
@@ -100,11 +101,20 @@ class Stream:
         if self.total > self.policy.max_bytes:
             raise Refused(show(name), f"the archive holds more than the limit of {self.policy.max_bytes} bytes")
 
+    def count(self, name: bytes) -> None:
+        """One more entry: a header (they cost work too: an archive of empty members
+        is not free), or a parent directory a member needs that the archive did not list."""
+        self.members += 1
+        if self.members > self.policy.max_members:
+            raise Refused(show(name), f"the archive holds more than the limit of {self.policy.max_members} members")
+        self.budget(BLOCK, name)
+
     def next(self) -> Member | None:
         """The next member, or None at the end of the archive."""
         while self.skip:  # padding, in pieces: never held whole
             self.skip -= len(self.exact(min(self.skip, COPY_CHUNK)))
         pax: dict[bytes, bytes] = {}
+        pax_bytes = 0  # of all the extended headers before this member: each is small, a run of them is not
         while True:
             first = self.read(BLOCK)
             if not first:
@@ -112,20 +122,18 @@ class Stream:
             block = first + self.exact(BLOCK - len(first)) if len(first) < BLOCK else first
             if block == bytes(BLOCK):
                 return None
-            self.members += 1
-            if self.members > self.policy.max_members:
-                raise Refused("", f"the archive holds more than the limit of {self.policy.max_members} members")
-            self.budget(BLOCK, b"")  # headers cost work too: an archive of empty members is not free
+            self.count(b"")
             _check_header(block)
             kind, size = block[156:157], _number(block[124:136])
             if kind not in (b"x", b"g"):
                 break
-            if size > MAX_PAX:
-                raise Refused("", f"an extended header of {size} bytes (the limit is {MAX_PAX})")
+            pax_bytes += size
+            if pax_bytes > MAX_PAX:
+                raise Refused("", f"extended headers of {pax_bytes} bytes for one member (the limit is {MAX_PAX})")
             self.budget(size, b"")
             data = self.exact(_padded(size))[:size]
-            if kind == b"x":  # a global header ('g') sets nothing we keep
-                pax.update(_pax_records(data))
+            if kind == b"x":  # a global header ('g') sets nothing we keep; of 'x', only what we read
+                pax.update((k, v) for k, v in _pax_records(data).items() if k in PAX_KEYS or k.startswith(b"GNU.sparse"))
         name = pax.get(b"path") or _name(block)
         if b"size" in pax:
             size = _decimal(pax[b"size"])

@@ -52,6 +52,7 @@ class Extractor:
         self.tracked = 0
         self.chain: list[tuple[bytes, int]] = []  # the last parent walked: a descriptor per component
         self.skipped: list[ts.Refused] = []
+        self.stream: ts.Stream | None = None
         self.nskipped = 0
         self.serial = 0
         self.prefix = b".bottle-%d-%s-" % (os.getpid(), os.urandom(4).hex().encode())
@@ -82,6 +83,8 @@ class Extractor:
         except FileNotFoundError:
             if not create:
                 raise
+            if self.stream is not None:  # each costs an inode: counted as a member
+                self.stream.count(name)
             os.mkdir(part, 0o755, dir_fd=fd)  # a parent the archive did not list
             return os.open(part, DIR_FLAGS, dir_fd=fd)
         except OSError as e:
@@ -140,6 +143,7 @@ class Extractor:
             raise
 
     def extract(self, stream: ts.Stream) -> None:
+        self.stream = stream
         while (member := stream.next()) is not None:
             try:
                 self.member(member, stream)
