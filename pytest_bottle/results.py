@@ -71,26 +71,29 @@ def _clip(s: str, n: int = 200) -> str:
 
 
 class CappedOutput:
-    """One output stream kept up to ``cap`` bytes; the rest is counted and dropped."""
+    """One output stream kept up to ``cap`` bytes; the rest is counted and dropped.
+    One buffer, not a part per frame: a guest's tiny frames cost their bytes only."""
 
-    __slots__ = ("cap", "dropped", "parts", "size")
+    __slots__ = ("buf", "cap", "dropped")
 
     def __init__(self, cap: int) -> None:
-        self.parts: list[bytes] = []
-        self.size = 0
+        self.buf = bytearray()
         self.dropped = 0
         self.cap = cap
 
+    @property
+    def size(self) -> int:
+        return len(self.buf)
+
     def add(self, data: bytes) -> None:
-        room = self.cap - self.size
+        room = self.cap - len(self.buf)
         if len(data) > room:
             self.dropped += len(data) - max(room, 0)
             data = data[: max(room, 0)]
-        self.parts.append(data)
-        self.size += len(data)
+        self.buf += data
 
     def value(self) -> bytes:
-        out = b"".join(self.parts)
+        out = bytes(self.buf)
         if self.dropped:
             note = f"\n[pytest-bottle: output truncated: {self.dropped} bytes past the first {self.cap} dropped]\n"
             out += note.encode()

@@ -189,6 +189,8 @@ class AgentChannel:
             call = self._calls.get(rid)
         if call is None:  # a call we gave up on, or a guest making things up
             return
+        if not payload and kind in frames.STREAMS:  # carries nothing; a flood of them must cost nothing
+            return
         if kind == REPLY:
             reply = json.loads(payload)
             if not isinstance(reply, dict):

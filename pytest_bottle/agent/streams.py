@@ -27,6 +27,7 @@ STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
 
 
 PART = 64 * 1024  # small chunks are gathered into parts of up to this size
+SMALL = 4096  # a chunk under this is copied into a part; a larger one is kept as it came
 # How long an ``exec`` whose ``on_output`` raised waits for the agent to say
 # the command is gone (its group killed and reaped; the agent bounds that at 5 s).
 STOP_WAIT = 10.0
@@ -96,10 +97,43 @@ class OutputTail:
         return f"[pytest-bottle: {self.dropped} earlier bytes dropped, the last {self.cap} kept]\n{body}"
 
 
+Item = tuple[int, bytes | bytearray] | None
+
+
+class Inbox:
+    """What the reader thread hands a consumer: a queue in which small chunks
+    of one kind that follow each other are merged while they wait, so a flood
+    of tiny frames costs their bytes, not an object each (the window counts
+    bytes only).  ``None`` is a wake-up."""
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Item] = collections.deque()
+        self.cond = threading.Condition()
+
+    def put(self, item: Item) -> None:
+        with self.cond:
+            last = self.items[-1] if self.items else None
+            if item is not None and len(item[1]) < SMALL:
+                if last is not None and last[0] == item[0] and type(last[1]) is bytearray:
+                    if len(last[1]) + len(item[1]) <= PART:
+                        last[1].extend(item[1])
+                        return  # the consumer is already awake for ``last``
+                item = (item[0], bytearray(item[1]))
+            self.items.append(item)
+            self.cond.notify()
+
+    def get(self, timeout: float) -> Item:
+        """The next item; ``queue.Empty`` after ``timeout`` seconds without one."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.items, timeout):
+                raise queue.Empty
+            return self.items.popleft()
+
+
 class _Wake(threading.Event):
     """A call's ``done`` that also wakes the feed's queue."""
 
-    def __init__(self, wake: queue.SimpleQueue[tuple[int, bytes] | None]) -> None:
+    def __init__(self, wake: Inbox) -> None:
         super().__init__()
         self.wake = wake
 
@@ -115,7 +149,7 @@ class OutputFeed:
 
     def __init__(self, fn: OnOutput) -> None:
         self.fn = fn
-        self.items: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self.items = Inbox()
         self.decoders = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in STREAM_NAMES}
         self.before = threading.Event()  # the call's own ``done``, replaced by ``watch``
 

@@ -29,6 +29,7 @@ from ..guest.frames import DATA, EOF, FrameWriter
 from .calls import Call
 from .channel import AgentChannel
 from .client import AgentClient
+from .streams import PART, SMALL
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class _FrameSource:
         self.call: Call | None = None
         self.rid = 0
         self.cond = threading.Condition()
-        self.chunks: collections.deque[memoryview] = collections.deque()
+        self.chunks: collections.deque[memoryview | bytearray] = collections.deque()
         self.buffered = 0
         self.eof = False
         self.dropping = False
@@ -266,7 +267,13 @@ class _FrameSource:
         with self.cond:
             if kind == DATA:
                 if not self.dropping:
-                    self.chunks.append(memoryview(data))
+                    last = self.chunks[-1] if self.chunks else None
+                    if len(data) >= SMALL:
+                        self.chunks.append(memoryview(data))
+                    elif type(last) is bytearray and len(last) + len(data) <= PART:
+                        last += data  # a guest's tiny frames cost their bytes, not an object each
+                    else:
+                        self.chunks.append(bytearray(data))
                     self.buffered += len(data)
             elif kind == EOF:
                 self.eof = True
@@ -310,16 +317,13 @@ class _FrameSource:
 def read_all(agent: Agent, path: str, cap: int, timeout: float | None) -> bytes:
     """``Bottle.read_bytes``: the whole of guest file ``path``, at most ``cap`` bytes."""
     client = AgentClient.of(agent)
-    parts: list[bytes] = []
-    size = 0
+    buf = bytearray()  # not a part per frame: a guest's tiny frames cost their bytes only
 
     def sink(kind: int, data: bytes) -> None:
-        nonlocal size
         if kind == DATA:
-            size += len(data)
-            if size > cap:
+            if len(buf) + len(data) > cap:
                 raise OutputLimit(f"{path} in {client.name} is larger than {cap} bytes: use get()")
-            parts.append(data)
+            buf.extend(data)
 
     try:
         client.read(path, sink, timeout=timeout, limit=cap)
@@ -327,4 +331,4 @@ def read_all(agent: Agent, path: str, cap: int, timeout: float | None) -> bytes:
         if e.errno == errno.EFBIG:  # its size said so before a byte was sent
             raise OutputLimit(f"{path} in {client.name} is larger than {cap} bytes: use get()") from None
         raise
-    return b"".join(parts)
+    return bytes(buf)

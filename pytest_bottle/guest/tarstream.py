@@ -133,7 +133,9 @@ class Stream:
             self.budget(size, b"")
             data = self.exact(_padded(size))[:size]
             if kind == b"x":  # a global header ('g') sets nothing we keep; of 'x', only what we read
-                pax.update((k, v) for k, v in _pax_records(data).items() if k in PAX_KEYS or k.startswith(b"GNU.sparse"))
+                pax.update(
+                    (k, v) for k, v in _pax_records(data).items() if k in PAX_KEYS or k.startswith(b"GNU.sparse")
+                )
         name = pax.get(b"path") or _name(block)
         if b"size" in pax:
             size = _decimal(pax[b"size"])

@@ -1,0 +1,91 @@
+"""A hostile guest's floods of tiny frames cost the host their bytes, not an
+object per frame (the window counts bytes only): exec output, on_output, get()."""
+
+from __future__ import annotations
+
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from test_transfer_safety import HostileGuest, archive, member, reply, serve_tree
+
+from pytest_bottle.agent.client import AgentClient
+from pytest_bottle.agent.transfer import fetch
+from pytest_bottle.guest.frames import DATA, EOF, STDOUT, frame
+
+TINY = 100_000  # one-byte frames: as objects, ~40 bytes each
+
+
+@pytest.fixture
+def guest() -> Iterator[HostileGuest]:
+    g = HostileGuest()
+    yield g
+    g.close()
+
+
+def _flooder(guest: HostileGuest, empty: int, tiny: int) -> Callable[[int, dict[str, object]], bytes]:
+    """An answer sent in pieces, so that the guest's side holds little memory of its own."""
+
+    def answer(rid: int, call: dict[str, object]) -> bytes:
+        for n, one in ((empty, frame(STDOUT, rid)), (tiny, frame(STDOUT, rid, b"x"))):
+            for i in range(0, n, 10_000):
+                guest.peer.sendall(one * min(10_000, n - i))
+        return reply(rid, rc=0)
+
+    return answer
+
+
+def _exec(guest: HostileGuest, **kw: object) -> bytes:
+    client = AgentClient(guest.channel)
+    run = client.exec(["flood"], env={}, cwd=None, user=None, timeout=60, stdin=None, cap=1 << 20, **kw)  # type: ignore[arg-type]
+    return run.finish(10, "flood").stdout
+
+
+def test_empty_and_one_byte_stdout_frames_cost_their_bytes(guest: HostileGuest) -> None:
+    guest.answers["exec"] = _flooder(guest, 200_000, TINY)
+    tracemalloc.start()
+    try:
+        out = _exec(guest)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out == b"x" * TINY
+    # Kept as a part per frame, this was ~4 MB of objects for 100 KB of output (and 1.6 MB of list for the empty ones).
+    assert peak < 1 << 20, f"peak {peak} bytes for {TINY} bytes of output"
+    assert guest.still_answers()
+
+
+def test_on_output_gets_a_flood_of_tiny_frames_merged_while_it_is_behind(guest: HostileGuest) -> None:
+    calls: list[str] = []
+    first = threading.Event()
+
+    def slow_then_fast(stream: str, text: str) -> None:
+        calls.append(text)
+        if not first.is_set():
+            first.set()
+            # Behind until the reader has read it all: the reply, the last frame, ends the call.
+            deadline = time.monotonic() + 30
+            while guest.channel._calls and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    guest.answers["exec"] = _flooder(guest, 1000, TINY)
+    _exec(guest, on_output=slow_then_fast)
+    assert "".join(calls) == "x" * TINY
+    # Not one call (and one queued object) per frame: merged into parts of up to 64 KiB while waiting.
+    assert len(calls) < 100, len(calls)
+
+
+def test_get_of_a_tree_sent_in_one_byte_frames(guest: HostileGuest, tmp_path: Path) -> None:
+    tar = archive(member("d", b"5"), member("d/f", data=b"hello " * 1000))
+
+    def tiny_frames(rid: int, call: dict[str, object]) -> bytes:
+        return b"".join(frame(DATA, rid, tar[i : i + 1]) for i in range(len(tar))) + frame(EOF, rid) + reply(rid)
+
+    serve_tree(guest, tar)
+    guest.answers["tar"] = tiny_frames
+    fetch(guest.channel, "/srv", tmp_path / "out")
+    assert (tmp_path / "out" / "d" / "f").read_bytes() == b"hello " * 1000
+    assert guest.still_answers()
