@@ -66,6 +66,24 @@ def check_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return dict(env)
 
 
+def check_input(data: object) -> bytes | None:
+    """A command's stdin: a str (UTF-8), bytes or any bytes-like object, or None."""
+    if data is None:
+        return None
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise SpecError(f"input must be a str or bytes, not {type(data).__name__}")
+
+
+def check_signal(sig: object) -> int:
+    """A signal number (an int or ``signal.Signals``) the guest's kernel knows: 1 to 64."""
+    if isinstance(sig, bool) or not isinstance(sig, int) or not 1 <= sig <= 64:
+        raise SpecError(f"a signal is a number from 1 to 64 or a signal.Signals (signal.SIGTERM), not {sig!r}")
+    return int(sig)
+
+
 def check_port(port: object, what: str = "port") -> int:
     """A TCP port number, 1-65535."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:

@@ -10,13 +10,23 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .agent.channel import AgentChannel
 from .agent.client import AgentClient
 from .agent.streams import OnOutput
 from .agent.transfer import fetch, put, read_all
-from .arguments import GuestPath, check_env, check_mode, check_port, check_timeout, guest_path, names_no_file, raw_path
+from .arguments import (
+    GuestPath,
+    check_env,
+    check_input,
+    check_mode,
+    check_port,
+    check_timeout,
+    guest_path,
+    names_no_file,
+    raw_path,
+)
 from .errors import AgentError, BottleError, ExecTimeout, WaitTimeout, guest_os_error
 from .process import CommandHistory, GuestProcess, ProcessEntry
 from .results import Command, ExecResult, to_argv
@@ -153,7 +163,7 @@ class Bottle:
         check_timeout(timeout)
         env = check_env(env) if on_output is None else {**STREAMED_ENV, **check_env(env)}
         cwd = None if cwd is None else guest_path(cwd, "cwd")
-        stdin = input.encode() if isinstance(input, str) else input
+        stdin = check_input(input)
         started = time.monotonic()
         run = self._agent.exec(  # raises before anything is sent: no history then
             argv, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin, cap=EXEC_OUTPUT_CAP,
@@ -185,7 +195,7 @@ class Bottle:
         """Start ``cmd`` and return as soon as it runs (see ``process.GuestProcess``)."""
         env = {**STREAMED_ENV, **check_env(env)}
         cwd = None if cwd is None else guest_path(cwd, "cwd")
-        stdin = input.encode() if isinstance(input, str) else input
+        stdin = check_input(input)
         proc = GuestProcess.start(self._agent, cmd, env=env, cwd=cwd, user=user, input=stdin)
         self.history.append(ProcessEntry(_show(cmd), proc))
         return proc
@@ -196,8 +206,10 @@ class Bottle:
         return self.exec(cmd, **kw).stdout
 
     def wait_until_succeeds(self, cmd: Command, timeout: float = 60.0, **kw: Any) -> ExecResult:
-        """Run ``cmd`` until it exits 0 (with backoff); raise ``WaitTimeout`` after ``timeout`` s."""
-        last: list[ExecResult] = []
+        """Run ``cmd`` until it exits 0 (with backoff); raise ``WaitTimeout`` after ``timeout`` s,
+        naming the last try.  A failing try never raises (``check=`` is ignored)."""
+        kw.pop("check", None)
+        last: list[ExecResult | ExecTimeout] = []
         deadline = time.monotonic() + timeout
 
         def attempt() -> bool:
@@ -205,14 +217,19 @@ class Bottle:
             left = max(0.5, deadline - time.monotonic())
             try:
                 r = self.exec(cmd, timeout=left, **kw)
-            except ExecTimeout:
+            except ExecTimeout as e:
+                last[:] = [e]
                 return False
             last[:] = [r]
             return r.ok
 
         if poll(attempt, timeout):
-            return last[0]
-        detail = f"exit {last[0].returncode}: {(last[0].stderr or last[0].stdout).strip()[-300:]}" if last else ""
+            return cast(ExecResult, last[0])
+        detail, tried = "", last[0] if last else None
+        if isinstance(tried, ExecTimeout):
+            detail = f"the last try was still running after {tried.timeout:.1f} s (killed)"
+        elif tried is not None:
+            detail = f"exit {tried.returncode}: {(tried.stderr or tried.stdout).strip()[-300:]}"
         raise WaitTimeout(f"{cmd!r} succeeding in {self.name}", timeout, detail)
 
     def wait_for_port(self, port: int, timeout: float = 60.0) -> None:

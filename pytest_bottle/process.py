@@ -26,7 +26,8 @@ from .agent.calls import Call
 from .agent.client import AgentClient
 from .agent.replies import ExecReply
 from .agent.streams import OutputTail
-from .errors import AgentError, BottleError, ExecTimeout, OutputTimeout, ProcessTimeout
+from .arguments import check_signal
+from .errors import AgentError, AgentTimeout, BottleError, ExecTimeout, OutputTimeout, ProcessTimeout
 from .guest.frames import STARTED, STDERR, STDOUT
 from .results import Command, ExecResult, to_argv
 
@@ -39,6 +40,7 @@ LOST = -signal.SIGKILL  # the code of a process whose bottle ended under it
 SEARCH_RATE = 20  # wait_for_output looks at new output at most this often a second
 SEARCH_OVERLAP = 64 * 1024  # output searched again with the new: a match across two looks
 KILL_WAIT = 10.0  # how long leaving the ``with`` block waits for the killed process
+START_TIMEOUT = 120.0  # from spawn() to the agent saying the command runs (or that it could not)
 
 
 class GuestProcess:
@@ -79,9 +81,16 @@ class GuestProcess:
         if input is not None:
             threading.Thread(target=proc._feed, args=(input,), daemon=True, name=f"bottle-stdin-{proc._rid}").start()
         call, channel = proc._call, agent.channel
+        started = time.monotonic()
         try:
-            while not proc._started.wait(channel.idle / 4) and not call.done.is_set() and call.error is None:
+            # From 10 ms up: a command that cannot start ends the call at once, and
+            # nothing but STARTED wakes this wait (an agent that never sends it: bounded).
+            wait = 0.01
+            while not proc._started.wait(wait) and not call.done.is_set() and call.error is None:
+                if time.monotonic() - started > START_TIMEOUT:
+                    raise AgentTimeout(f"bottle {agent.name}: {cmd!r} did not start within {START_TIMEOUT:g} s")
                 channel.check(call, "spawn")
+                wait = min(wait * 2, channel.idle / 4)
             if call.error is not None:  # what the guest sent was refused
                 raise call.error
         except BaseException:  # nobody will hold this process: the agent kills it
@@ -252,7 +261,7 @@ class GuestProcess:
 
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the process itself (nothing once it ended)."""
-        self._signal(sig, group=False)
+        self._signal(check_signal(sig), group=False)
 
     def terminate(self) -> GuestProcess:
         """SIGTERM to its whole process group; returns self (``p.terminate().wait()``)."""

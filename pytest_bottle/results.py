@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -17,6 +17,8 @@ def to_argv(cmd: Command) -> list[str]:
         cmd = _text(cmd)
     if isinstance(cmd, str):
         return ["/bin/sh", "-c", cmd]
+    if not isinstance(cmd, Iterable):
+        raise TypeError(f"a command is a str, bytes or a list of arguments, not {type(cmd).__name__}")
     argv = [_text(a) if isinstance(a, (bytes, bytearray)) else str(a) for a in cmd]
     if not argv:
         raise ValueError("empty command")

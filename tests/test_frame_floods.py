@@ -1,5 +1,6 @@
 """A hostile guest's floods of tiny frames cost the host their bytes, not an
-object per frame (the window counts bytes only): exec output, on_output, get()."""
+object per frame (the window counts bytes only): exec output, on_output, get().
+And a guest that takes a call but never moves it on does not hold the host past its bounds."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from pathlib import Path
 import pytest
 from test_transfer_safety import HostileGuest, archive, member, reply, serve_tree
 
+from pytest_bottle import process
 from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.agent.transfer import fetch
+from pytest_bottle.errors import AgentTimeout
 from pytest_bottle.guest.frames import DATA, EOF, STDOUT, frame
+from pytest_bottle.process import GuestProcess
 
 TINY = 100_000  # one-byte frames: as objects, ~40 bytes each
 
@@ -88,4 +92,28 @@ def test_get_of_a_tree_sent_in_one_byte_frames(guest: HostileGuest, tmp_path: Pa
     guest.answers["tar"] = tiny_frames
     fetch(guest.channel, "/srv", tmp_path / "out")
     assert (tmp_path / "out" / "d" / "f").read_bytes() == b"hello " * 1000
+    assert guest.still_answers()
+
+
+def test_stdin_to_an_agent_that_never_takes_it_ends_at_the_timeout(guest: HostileGuest) -> None:
+    """Past the window (4 MiB) stdin waits for credit; a guest that gives none
+    must not hold exec past its timeout and grace (it answers pings, so only a deadline ends it)."""
+    guest.answers["exec"] = lambda rid, call: b""  # takes the call, never credits, never replies
+    client = AgentClient(guest.channel)
+    run = client.exec(["cat"], env={}, cwd=None, user=None, timeout=1, stdin=bytes(8 << 20), cap=1 << 20)
+    started = time.monotonic()
+    with pytest.raises(AgentTimeout):
+        run.finish(1, "cat")
+    assert time.monotonic() - started < 10
+
+
+def test_a_spawn_the_agent_never_confirms_is_an_agent_timeout(
+    guest: HostileGuest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "START_TIMEOUT", 1.0)
+    guest.answers["exec"] = lambda rid, call: b""  # no STARTED, no reply; pings are answered by the channel
+    started = time.monotonic()
+    with pytest.raises(AgentTimeout, match="did not start within 1 s"):
+        GuestProcess.start(AgentClient(guest.channel), ["server"], env={}, cwd=None, user=None, input=None)
+    assert time.monotonic() - started < 10
     assert guest.still_answers()

@@ -121,6 +121,59 @@ def test_an_exception_in_on_output_kills_the_command(module_bottle: Bottle) -> N
     assert module_bottle.history[-2][1] is None
 
 
+def test_a_slow_on_output_does_not_hold_back_the_timeout(module_bottle: Bottle) -> None:
+    """The agent kills the command at its timeout, and its reply follows the
+    output still queued for a slow callback: that output is credited unread
+    (the call took the timeout + 15 s, then an AgentError)."""
+    seen: list[str] = []
+
+    def slow(stream: str, text: str) -> None:
+        seen.append(text)
+        time.sleep(0.5)
+
+    started = time.monotonic()
+    with pytest.raises(pytest_bottle.ExecTimeout) as info:  # a window of output (4 MiB) waits for the callback
+        module_bottle.exec("yes", on_output=slow, timeout=2)
+    took = time.monotonic() - started
+    assert took < 8, f"ExecTimeout after {took:.1f} s"
+    assert seen and info.value.stdout.startswith("y\ny\n")  # the output up to the kill is in the error
+    # Past the timeout the callback is not called; a command that ended in time is still a success,
+    # and its result has all of its output.
+    got: list[str] = []
+
+    def slower(stream: str, text: str) -> None:
+        got.append(text)
+        time.sleep(2)
+
+    r = module_bottle.exec("echo a; sleep 0.3; echo b", on_output=slower, timeout=1)
+    assert r.ok and r.stdout == "a\nb\n" and "".join(got) in ("a\n", "a\nb\n")
+
+
+def test_wait_until_succeeds_names_a_last_try_that_hung_and_ignores_check(module_bottle: Bottle) -> None:
+    with pytest.raises(pytest_bottle.WaitTimeout, match="the last try was still running after"):
+        module_bottle.wait_until_succeeds("sleep 100", timeout=2)
+    with pytest.raises(pytest_bottle.WaitTimeout, match="exit 1"):  # not ExecError at the first try
+        module_bottle.wait_until_succeeds("false", timeout=1, check=True)
+
+
+def test_bad_inputs_and_signals_are_named_before_anything_runs(module_bottle: Bottle) -> None:
+    for bad in (123, ["a"]):
+        with pytest.raises(pytest_bottle.SpecError, match="input must be a str or bytes"):
+            module_bottle.exec("cat > /tmp/bad-input-ran", input=bad)  # type: ignore[arg-type]
+        with pytest.raises(pytest_bottle.SpecError, match="input must be a str or bytes"):
+            module_bottle.spawn("cat > /tmp/bad-input-ran", input=bad)  # type: ignore[arg-type]
+    assert module_bottle.exec("test -e /tmp/bad-input-ran").returncode == 1  # nothing ran
+    with pytest.raises(TypeError, match="a command is a str, bytes or a list of arguments, not NoneType"):
+        module_bottle.exec(None)  # type: ignore[arg-type]
+    with module_bottle.spawn(["sleep", "60"]) as p:
+        for sig in (999, 0, -1, "TERM", True, 1.5):
+            with pytest.raises(pytest_bottle.SpecError, match="a signal is a number from 1 to 64"):
+                p.send_signal(sig)  # type: ignore[arg-type]
+        assert p.poll() is None
+        p.send_signal(signal.SIGUSR1)
+        assert p.wait(timeout=30).returncode == -signal.SIGUSR1
+
+
 def test_a_flood_does_not_starve_other_calls(module_bottle: Bottle) -> None:
     """``yes`` writes as fast as it can into its bounded tail; exec calls to the
     same bottle are still answered promptly (TCG: generous bounds)."""

@@ -229,9 +229,10 @@ class ExecRun:
         assert self.call is not None
         if self.feed is not None:
             return self._finish_feeding(grace, label)
+        until = None if self.timeout is None else time.monotonic() + self.timeout + grace
         if self.stdin is not None:  # as fast as the command reads it (a window at a time); stops at its end
-            channel.send_data(self.rid, _chunks(self.stdin))
-        reply = channel.wait(self.call, None if self.timeout is None else self.timeout + grace, "exec")
+            channel.send_data(self.rid, _chunks(self.stdin), until)  # an agent that never takes it: AgentTimeout
+        reply = channel.wait(self.call, None if until is None else max(0.0, until - time.monotonic()), "exec")
         if reply is None:
             raise AgentError(f"bottle {name}: no answer {grace:g} s past the timeout of {label!r}")
         return ExecReply.parse(reply, self.out.value(), self.err.value(), name)
@@ -244,8 +245,8 @@ class ExecRun:
         if self.stdin is not None:
             feeder = threading.Thread(target=_send_quietly, args=(channel, self.rid, self.stdin), daemon=True)
             feeder.start()
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout + grace
-        feed.run(channel, self.rid, call, deadline, label)
+        ends = None if self.timeout is None else time.monotonic() + self.timeout
+        feed.run(channel, self.rid, call, None if ends is None else ends + grace, label, ends)
         reply = channel.wait(call, 0, "exec")
         if reply is None:  # cannot be: the feed ran until the call was done
             raise AgentError(f"bottle {self.client.name}: exec of {label!r} ended without a reply")

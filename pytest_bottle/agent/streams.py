@@ -164,10 +164,16 @@ class OutputFeed:
         if self.before.is_set():  # it ended before the swap
             call.done.set()
 
-    def run(self, channel: AgentChannel, rid: int, call: Call, deadline: float | None, label: object) -> None:
+    def run(
+        self, channel: AgentChannel, rid: int, call: Call, deadline: float | None, label: object, ends: float | None
+    ) -> None:
         """On the caller's thread, until the call ends.  An exception from ``fn``
         cancels the call (the agent kills the command's process group) and propagates.
-        ``deadline`` holds even while output keeps coming (a guest ignoring the timeout)."""
+        ``deadline`` holds even while output keeps coming (a guest ignoring the timeout).
+        ``ends``: the command's own timeout.  Past it ``fn`` is not called any more:
+        what is queued or still comes is credited unread, so the agent, whose reply
+        follows the output, answers at once (the result has all of the output)."""
+        late = False
         while True:
             wait = channel.idle
             if deadline is not None:
@@ -175,17 +181,22 @@ class OutputFeed:
                 if wait <= 0:
                     channel.forget(rid)
                     raise AgentError(f"bottle {channel.name}: no answer past the timeout of {label!r}")
+            late = late or (ends is not None and time.monotonic() >= ends)
             try:
-                item = self.items.get(timeout=wait)
+                item = self.items.get(timeout=wait if ends is None or late else min(wait, ends - time.monotonic()))
             except queue.Empty:
                 # The reader may have set the old event just as ``watch`` swapped it.
                 if call.done.is_set() or self.before.is_set():
                     break
-                channel.check(call, "exec")
+                if not late:
+                    channel.check(call, "exec")
                 continue
             if item is None:
                 break
             kind, data = item
+            if late:
+                channel.grant(rid, len(data))
+                continue
             try:
                 self.deliver(kind, self.decoders[kind].decode(data))
             except (KeyboardInterrupt, SystemExit):  # no wait
@@ -195,8 +206,9 @@ class OutputFeed:
                 self._stop(channel, rid, call, deadline)
                 raise
             channel.grant(rid, len(data))
-        for kind, decoder in self.decoders.items():
-            self.deliver(kind, decoder.decode(b"", final=True))
+        if not late:
+            for kind, decoder in self.decoders.items():
+                self.deliver(kind, decoder.decode(b"", final=True))
 
     def _stop(self, channel: AgentChannel, rid: int, call: Call, deadline: float | None) -> None:
         """Cancel the call and wait (``STOP_WAIT`` s at most) for its reply: the

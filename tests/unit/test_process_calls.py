@@ -606,5 +606,5 @@ def test_the_feed_ends_when_the_call_ended_just_as_it_was_watched() -> None:
     feed.watch(call)
     feed.before.set()  # what a reader holding the old event does
     started = time.monotonic()
-    feed.run(fake.chan, rid, call, None, "x")
+    feed.run(fake.chan, rid, call, None, "x", None)
     assert time.monotonic() - started < 1.0
