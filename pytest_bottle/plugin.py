@@ -36,7 +36,7 @@ from .usage import BottleLockTimeout as BottleLockTimeout
 from .usage import InvalidBottleArgument as InvalidBottleArgument
 from .usage import UnknownBottleImage as UnknownBottleImage
 from .usage import UnsafeBottleDirectory as UnsafeBottleDirectory
-from .usage import getini, ini_type, marker_layer, prestart, resolve_layers, set_value, source_of
+from .usage import getini, ini_type, marker_layer, marker_layers, prestart, resolve_layers, set_value, source_of
 from .vmm import accel as accel_mod
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class _State:
 
 STATE = pytest.StashKey[_State]()
 PROGRESS = pytest.StashKey[LiveProgress]()
+BAD_MARKER = pytest.StashKey[pytest.UsageError]()
 
 
 def _state(config: pytest.Config) -> _State:
@@ -231,13 +232,28 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     state = _state(config)
+    on_worker = hasattr(config, "workerinput")
     for item in items:
-        layers = marker_layer(item)
-        if layers:
-            state.spec(*layers, here=False)  # a bad marker stops the run before anything boots
-            # (memory the host lacks fails the test at setup: it may be skipped or deselected)
-        elif FIXTURES & set(getattr(item, "fixturenames", ())):
+        try:
+            layers = marker_layers(item)
+            for layer in layers:  # all of them: one stacked or inherited is not skipped unchecked
+                state.spec(layer, here=False)  # a bad marker stops the run before anything boots
+                # (memory the host lacks fails the test at setup: it may be skipped or deselected)
+        except pytest.UsageError as e:
+            if not on_worker:
+                raise
+            # xdist turns a worker's usage error at collection into an INTERNALERROR
+            # that hides it: the test fails at setup with it instead.
+            item.stash[BAD_MARKER] = e
+            continue
+        if not layers and FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker("bottle")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if BAD_MARKER in item.stash:
+        raise item.stash[BAD_MARKER]
 
 
 # -- fixtures -----------------------------------------------------------------

@@ -61,13 +61,22 @@ def source_of(layers: list[Layer], key: str) -> str:
 
 
 def marker_layer(node: pytest.Item | pytest.Collector) -> list[Layer]:
-    marker = node.get_closest_marker("bottle")
-    if marker is None:
-        return []
-    where = f"@pytest.mark.bottle on {node.nodeid or node.name}"
-    if marker.args:
-        raise InvalidBottleArgument(f"takes keyword arguments only, got {marker.args!r}", where)
-    return [(where, marker.kwargs)]
+    """The closest ``bottle`` marker as a layer: the one nearest the test (on the
+    function, the decorator nearest ``def``; then its class; then the module)."""
+    layers = marker_layers(node)
+    return layers[:1]
+
+
+def marker_layers(node: pytest.Item | pytest.Collector) -> list[Layer]:
+    """Every ``bottle`` marker that applies to ``node``, closest first, each named
+    by the node that holds it (an inherited ``pytestmark`` by its module or class)."""
+    layers: list[Layer] = []
+    for owner, marker in node.iter_markers_with_node("bottle"):
+        where = f"@pytest.mark.bottle on {owner.nodeid or owner.name}"
+        if marker.args:
+            raise InvalidBottleArgument(f"takes keyword arguments only, got {marker.args!r}", where)
+        layers.append((where, marker.kwargs))
+    return layers
 
 
 def ini_type(name: str) -> Any:

@@ -65,6 +65,56 @@ def test_bad_arguments_are_usage_errors(
     result.stdout.no_fnmatch_line("*passed*")
 
 
+def test_every_bottle_marker_is_checked_and_named_by_where_it_is(pytester: pytest.Pytester) -> None:
+    """A stacked marker and an inherited one are checked too, each named by the node that holds it."""
+    pytester.makepyfile(
+        test_stacked="""
+        import pytest
+
+        @pytest.mark.bottle(cpus=0)
+        @pytest.mark.bottle(memory="1G")
+        def test_two(bottle):
+            pass
+        """,
+        test_inherited="""
+        import pytest
+
+        pytestmark = pytest.mark.bottle(cpus=0)
+
+        class TestX:
+            @pytest.mark.bottle(memory="1G")
+            def test_a(self, bottle):
+                pass
+        """,
+    )
+    result = run(pytester, "test_stacked.py")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "@pytest.mark.bottle on test_stacked.py::test_two: bad cpus" in result.stderr.str()
+    result = run(pytester, "test_inherited.py")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "@pytest.mark.bottle on test_inherited.py: bad cpus" in result.stderr.str()  # the module's
+
+
+def test_a_bad_marker_under_xdist_fails_its_test_with_the_message(pytester: pytest.Pytester) -> None:
+    """xdist turns a worker's usage error at collection into an INTERNALERROR that hides it."""
+    pytester.makepyfile(
+        test_bad="""
+        import pytest
+
+        @pytest.mark.bottle(memory="lots")
+        def test_badmem(bottle):
+            pass
+
+        def test_fine():
+            pass
+        """
+    )
+    result = run(pytester, "-n", "2", "-p", "xdist")
+    result.assert_outcomes(passed=1, errors=1)
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    assert "@pytest.mark.bottle on test_bad.py::test_badmem: bad memory" in result.stdout.str()
+
+
 def test_bad_ini_value_names_the_ini(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\nbottle_memory = huge\n")
     pytester.makepyfile("def test_x(): pass")
