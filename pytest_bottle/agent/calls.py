@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import AgentError, SpecError, guest_os_error
 from ..guest.frames import WINDOW
+from .replies import TEXT_CAP
 
 Sink = Callable[[int, bytes], None]
 
@@ -41,7 +42,7 @@ class Call:
 
 def guest_error(reply: dict[str, Any], op: str) -> Exception:
     """The host error for a reply with ``ok`` false."""
-    msg = str(reply.get("error", "unknown error"))
+    msg = str(reply.get("error", "unknown error"))[:TEXT_CAP]  # a guest's words end up in reports
     if reply.get("type") == "OSError" or reply.get("errno") is not None:
         errno, path = reply.get("errno"), reply.get("path")  # a hostile guest may send anything
         return guest_os_error(

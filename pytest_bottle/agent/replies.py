@@ -22,7 +22,10 @@ TEXT_CAP = 4096
 def field(reply: Mapping[str, Any], key: str, kind: type[T], op: str, name: str) -> T:
     """``reply[key]`` if it is a ``kind`` (a bool is no int here); else AgentError."""
     value = reply.get(key)
-    if type(value) is not kind and not (kind is float and type(value) is int):
+    bad = type(value) is not kind and not (kind is float and type(value) is int)
+    if kind is float and not bad and not abs(value) < 1 << 53:  # type: ignore[arg-type]
+        bad = True  # nan, inf (JSON's NaN, Infinity), an int of 400 digits: no float a guest means
+    if bad:
         shown = "missing" if key not in reply else f"{type(value).__name__} {value!r:.80}"
         raise AgentError(f"bottle {name}: the agent's reply to {op} has a bad {key!r} ({shown})")
     return value  # type: ignore[return-value]
@@ -113,7 +116,7 @@ class StatReply:
     def parse(cls, reply: Mapping[str, Any], path: str) -> StatReply:
         """A malformed reply refuses the transfer it was asked for (``UnsafeTransfer``)."""
         mode, is_dir, mtime = reply.get("mode"), reply.get("is_dir"), reply.get("mtime")
-        if type(mode) is not int or type(is_dir) is not bool:
+        if type(mode) is not int or not 0 <= mode < 1 << 32 or type(is_dir) is not bool:
             raise UnsafeTransfer(path, f"a malformed stat reply from the guest: {str(reply)[:200]}")
         if not (isinstance(mtime, (int, float)) and type(mtime) is not bool and 0 <= mtime < 1 << 40):
             mtime = None  # not a time a file could hold: nan, inf, a bool, a str...

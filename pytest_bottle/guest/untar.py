@@ -270,8 +270,11 @@ class Extractor:
                 fd = os.open(parts[-1], DIR_FLAGS, dir_fd=self.parent(b"", parts))
             except (OSError, ts.Refused):
                 continue  # replaced by a later member: nothing of ours to set
+            # get(): a directory the host user could not enter or empty (0o000 from
+            # the guest) would outlive every plain rm -r; its owner keeps rwx.
+            keep = 0 if self.policy.trusted else 0o700
             try:
-                _set_mode(fd, mode & self.policy.mode_mask, mtime)
+                _set_mode(fd, (mode & self.policy.mode_mask) | keep, mtime)
             finally:
                 os.close(fd)
         if self.root_mode is not None:

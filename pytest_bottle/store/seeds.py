@@ -21,7 +21,7 @@ from typing import Any
 
 from ..agent.client import AgentClient
 from ..agent.handshake import Handshake, NicSetup
-from ..agent.replies import SettleReply
+from ..agent.replies import SettleReply, SetupReply
 from ..errors import AgentError, AgentTimeout, BootTimeout
 from ..host.locks import reporting_lock
 from ..host.progress import task
@@ -172,7 +172,7 @@ def _create(image: BuiltImage, accel: str, parts: dict[str, Any], final: Path, b
             "image_path": os.path.relpath(image.path, final),  # relative: the cache may move
             "boot_seconds": round(ready - started, 2),
             "guest_state": settle.state,
-            "nic_names": [named[n.mac.lower()] for n in seed_nics(parts["nics"])],
+            "nic_names": [named.nic_name(n.mac.lower()) for n in seed_nics(parts["nics"])],
         }
 
     create(final, capture, parts, RestsOn.image_layer(image.disk_chain, final))
@@ -180,7 +180,7 @@ def _create(image: BuiltImage, accel: str, parts: dict[str, Any], final: Path, b
 
 def _boot_and_save(
     image: BuiltImage, accel: str, parts: dict[str, Any], tmp: Path, baked: dict[str, str | None]
-) -> tuple[float, SettleReply, dict[str, str]]:
+) -> tuple[float, SettleReply, SetupReply]:
     """Boot the seed machine in ``tmp``, set it up as a clone would be and save
     its state; returns when it was ready (monotonic), the settle result and
     the guest's NIC names by MAC."""
@@ -204,7 +204,7 @@ def _boot_and_save(
         # Every step a clone's handshake takes, so that the code it runs is
         # in the seed's page cache.
         shake = Handshake.fresh(SEED_HOSTNAME, nics, machine_id="0" * 32, ssh_host_key=key, baked=baked, list_nics=True)
-        named = agent.setup(shake, timeout=60).nics
+        named = agent.setup(shake, timeout=60)
         settle = settle_boot(agent, machine, SEED_SETTLE_TIMEOUT, quiet=1.0)  # never save a boot half done
         agent.quiesce(warm=WARM_DIRS, timeout=300)
         # Last: a clone's restore path then runs no Python (guest.handoff).

@@ -99,6 +99,10 @@ def test_listening_ports() -> None:
         ({"size": 3}, lambda r: WriteReply.parse(r, "x")),
         ({"size": True}, lambda r: ReadReply.parse(r, "x")),
         ({}, lambda r: ReadReply.parse(r, "x")),
+        # Numbers no float holds, or that are no number at all (JSON's NaN and Infinity parse).
+        ({"version": 1, "boot_id": "b", "uptime": 10**400}, lambda r: HelloReply.parse(r, "x")),
+        ({"version": 1, "boot_id": "b", "uptime": float("nan")}, lambda r: HelloReply.parse(r, "x")),
+        ({"state": "", "quiet": float("inf"), "busy": "", "running": []}, lambda r: SettleReply.parse(r, "x")),
     ],
 )
 def test_bad_fields_are_agent_errors(reply: dict[str, Any], parse: Any) -> None:
@@ -149,6 +153,16 @@ def test_untar_refusals() -> None:
 def test_a_failure_reply_with_a_bad_errno_is_still_a_guest_os_error(errno: object) -> None:
     err = guest_error({"ok": False, "error": "boom", "errno": errno, "path": ["x"]}, "read")
     assert type(err) is GuestOSError and (err.errno, err.filename) == (None, None)
+
+
+@pytest.mark.parametrize("mode", [-1, 1 << 40])
+def test_a_stat_mode_out_of_range_refuses_the_transfer(mode: int) -> None:
+    with pytest.raises(UnsafeTransfer, match="malformed stat reply"):
+        StatReply.parse({"mode": mode, "is_dir": False}, "/x")
+
+
+def test_a_guests_error_text_is_cut() -> None:
+    assert len(str(guest_error({"error": "x" * (4 << 20)}, "tar"))) < 5000
 
 
 def test_failure_replies_map_to_host_errors() -> None:
