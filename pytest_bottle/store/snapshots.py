@@ -51,6 +51,7 @@ from ..errors import BootError, SnapshotError
 from ..host.deps import require
 from ..host.paths import remove_tree
 from ..host.runstate import MARKER, owner_identity, write_marker
+from ..vmm import console
 from ..vmm.machine import DISK, QemuMachine
 from ..vmm.qemu import MachineConfig
 from . import entries
@@ -144,7 +145,7 @@ def take(src: Source, final: Path, *, kept: bool) -> SavedState:
             paused = _capture_machine(src, tmp)
         _take_disk(src.machine, paused.frozen, seed, src.restored, tmp)
         with contextlib.suppress(OSError):
-            shutil.copyfile(src.machine.console_log, tmp / "console.log")
+            console.copy_tail(src.machine.console_log, tmp / "console.log")
         return {
             **src.extra,
             "kind": "snapshot",

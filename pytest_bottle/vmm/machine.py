@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import BootError, BootTimeout
 from ..host.deps import require
-from . import clock, process
+from . import clock, console, process
 from .qemu import IGNORE_SHARED, MachineConfig, Runtime, build_argv, deferred_incoming
 from .qmp import QMP
 
@@ -32,14 +32,8 @@ _MIGRATION_ENDED = (None, "none", "completed", "failed", "cancelled")
 
 def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
     """The last ``lines`` lines of a console log (empty if there is none)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+    text, _ = console.read_tail(path, 64 * 1024)
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def _open_state(cfg: MachineConfig, name: str) -> int | None:
@@ -158,6 +152,7 @@ class QemuMachine:
             if incoming_fd is not None:
                 os.close(incoming_fd)
         machine = cls(proc, agent_host, QMP(qmp_host, name), cfg, rt, run_dir, detached)
+        console.watch(machine, rt.console_log)  # a guest may flood it: kept bounded on disk
         if deferred_incoming(cfg, rt):
             machine._load_deferred(name)
         return machine
@@ -213,10 +208,8 @@ class QemuMachine:
         rc = self.proc.poll()
         if rc is None:
             return ""
-        try:
-            out = (self.run_dir / "qemu.log").read_text(errors="replace").strip()
-        except OSError:
-            out = ""
+        out, _ = console.read_tail(self.run_dir / "qemu.log", 64 * 1024)  # what QEMU said last
+        out = out.strip()
         return f"QEMU exited with {rc}" + (f": {out[-1500:]}" if out else "")
 
     def save_state(self, path: Path, timeout: float = 120.0) -> None:
@@ -324,6 +317,7 @@ class QemuMachine:
             except Exception as e:  # QMP gone or slow: signals will do
                 log.debug("qmp quit of %s failed: %s", self.pid, e)
         process.terminate(self.proc, grace)
+        console.forget(self)
         self.qmp.close()
         self.agent_sock.close()
 

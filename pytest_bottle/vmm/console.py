@@ -1,0 +1,124 @@
+"""A machine's serial console log: read a bounded tail, and keep the file
+bounded on disk while the machine runs.
+
+QEMU appends the guest's serial output to a file with no limit of its own,
+and a guest may write as fast as it likes (0.5 MB/s under TCG here, ~2 GB
+an hour).  So nothing here reads more than ``READ_CAP`` bytes of it, and a
+watcher cuts the head off a file past ``DISK_CAP`` (in place, as QEMU keeps
+appending to it), keeping the last ``KEEP`` bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import threading
+import weakref
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+READ_CAP = 8 << 20  # the most of a console any reader holds in memory
+DISK_CAP = 64 << 20  # a console file past this is cut ...
+KEEP = 16 << 20  # ... to about its last this many bytes
+CHECK_EVERY = 2.0  # seconds between looks (0.5 MB/s for 2 s: 1 MB past the cap at most, under TCG)
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_COLLAPSE_RANGE = 0x01, 0x02, 0x08
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def read_tail(path: Path, cap: int | None = None) -> tuple[str, int]:
+    """The last ``cap`` (``READ_CAP``) bytes of the log at ``path`` as text (CRs
+    dropped), and how many bytes of the file before them are not in it."""
+    cap = READ_CAP if cap is None else cap
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - cap))
+            data = f.read(cap)
+    except OSError:
+        return "", 0
+    kept = data.lstrip(b"\0")  # a punched head reads as zeros
+    return kept.decode("utf-8", "replace").replace("\r", ""), size - len(kept)
+
+
+def copy_tail(src: Path, dst: Path) -> None:
+    """``dst``: the last ``READ_CAP`` bytes of the log ``src`` (a snapshot's copy of its source's)."""
+    cap = READ_CAP
+    with open(src, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - cap))
+        data = f.read(cap).lstrip(b"\0")
+    dst.write_bytes(data)
+
+
+def trim(path: Path, keep: int = KEEP) -> int:
+    """Cut the head of the file at ``path`` so that about ``keep`` bytes stay,
+    while its writer appends (``O_APPEND``): the range is collapsed where the
+    file system can (ext4, xfs), else punched to a hole (btrfs, tmpfs), else
+    the file is emptied.  Returns the bytes cut."""
+    with open(path, "rb+") as f:
+        fd = f.fileno()
+        block = os.fstat(fd).st_blksize or 4096
+        cut = (os.fstat(fd).st_size - keep) // block * block
+        if cut <= 0:
+            return 0
+        for mode in (FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
+            if _libc.fallocate(fd, mode, 0, cut) == 0:
+                return cut
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise OSError(err, os.strerror(err), str(path))
+        os.ftruncate(fd, 0)
+        return cut
+
+
+class _Watcher:
+    """One daemon thread for every console of this process, started with the first."""
+
+    def __init__(self) -> None:
+        self.paths: weakref.WeakKeyDictionary[object, Path] = weakref.WeakKeyDictionary()
+        self.cut: dict[str, int] = {}  # bytes cut off each file so far (a file cut in place forgets)
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.wake = threading.Event()
+
+    def watch(self, owner: object, path: Path) -> None:
+        with self.lock:
+            self.paths[owner] = path
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="bottle-console-watch", daemon=True)
+                self.thread.start()
+
+    def forget(self, owner: object) -> None:
+        with self.lock:
+            path = self.paths.pop(owner, None)
+            if path is not None:
+                self.cut.pop(str(path), None)
+
+    def _run(self) -> None:
+        while not self.wake.wait(CHECK_EVERY):
+            with self.lock:
+                paths = list(self.paths.values())
+            for path in paths:
+                try:
+                    if os.stat(path).st_size > DISK_CAP:
+                        n = trim(path, KEEP)
+                        with self.lock:
+                            self.cut[str(path)] = self.cut.get(str(path), 0) + n
+                        log.debug("console %s: cut %d bytes off its head", path, n)
+                except OSError as e:  # gone with its run directory, or a file system's refusal
+                    log.debug("console %s: %s", path, e)
+
+
+_watcher = _Watcher()
+watch = _watcher.watch
+forget = _watcher.forget
+
+
+def cut_bytes(path: Path) -> int:
+    """How much the watcher cut off the head of ``path`` while its machine ran here."""
+    with _watcher.lock:
+        return _watcher.cut.get(str(path), 0)

@@ -1,0 +1,80 @@
+"""A console log stays bounded: its head is cut in place while a writer
+appends (as QEMU does, O_APPEND), and readers hold only its tail."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_bottle.vmm import console
+
+WRITER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+for i in range(int(sys.argv[2])):
+    os.write(fd, b"line %08d ".ljust(1023, b"x") % i + b"\\n")
+os.write(fd, b"THE END\\n")
+"""
+
+
+def test_a_log_cut_while_it_is_appended_to_keeps_its_tail(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(log), "40000"])  # 40 MB, 1 KiB lines
+    cut = 0
+    while writer.poll() is None:
+        if log.exists() and log.stat().st_size > 4 << 20:
+            cut += console.trim(log, keep=1 << 20)
+        time.sleep(0.01)
+    assert writer.wait() == 0
+    assert cut > 0
+    text, _ = console.read_tail(log, cap=2 << 20)
+    last = text.splitlines()[-2:]
+    assert last[0].startswith("line 00039999 xxx") and last[1] == "THE END"  # nothing lost at the end
+    assert cut > 30 << 20 and "\0" not in text
+    assert log.stat().st_blocks * 512 < 8 << 20  # on disk: the tail only (collapsed, or a hole)
+
+
+def test_a_short_log_is_read_whole_and_never_cut(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_bytes(b"boot\r\nok\r\n")
+    assert console.trim(log, keep=1 << 20) == 0
+    assert console.read_tail(log) == ("boot\nok\n", 0)
+    assert console.read_tail(tmp_path / "none") == ("", 0)
+
+
+def test_a_punched_head_reads_as_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_bytes(bytes(1 << 20) + b"tail\n")
+    text, gone = console.read_tail(log, cap=4 << 20)
+    assert (text, gone) == ("tail\n", 1 << 20)
+    console.copy_tail(log, tmp_path / "copy.log")
+    assert (tmp_path / "copy.log").read_bytes() == b"tail\n"
+
+
+def test_the_watcher_cuts_a_file_past_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(console, "DISK_CAP", 1 << 20)
+    monkeypatch.setattr(console, "KEEP", 256 << 10)
+    monkeypatch.setattr(console, "CHECK_EVERY", 0.05)
+    watcher = console._Watcher()
+    log = tmp_path / "console.log"
+    log.write_bytes(b"x" * (3 << 20) + b"end\n")
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    watcher.watch(owner, log)
+    try:
+        deadline = time.monotonic() + 10
+        while log.stat().st_blocks * 512 > 2 << 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert log.stat().st_blocks * 512 <= 2 << 20
+        assert console.read_tail(log)[0].endswith("end\n")
+        assert watcher.cut[str(log)] >= 2 << 20  # what was cut, for a reader's note
+    finally:
+        watcher.forget(owner)
+        watcher.wake.set()
