@@ -1,4 +1,4 @@
-"""A guest that floods its serial console fills neither the host's disk nor
+"""A guest that floods its serial console (or QEMU with events) fills neither the host's disk nor
 its memory: the log is cut on disk while the VM runs, and read as a tail."""
 
 from __future__ import annotations
@@ -29,3 +29,14 @@ def test_a_flooded_console_stays_bounded_on_disk_and_in_memory(
     assert len(text) < 600 << 10
     b.close()
     assert "FLOOD-END" in b.console_log and len(b.console_log) < 600 << 10  # kept at close: the tail only
+
+
+def test_qmp_events_are_not_kept(bottle_factory: Callable[..., Bottle]) -> None:
+    """A guest can make QEMU send events (RTC_CHANGE...); nothing reads them, so none piles up."""
+    b = bottle_factory()
+    qmp = b._machine.qmp  # type: ignore[attr-defined]
+    for _ in range(3):
+        qmp.cmd("stop")  # STOP and RESUME events, as a guest's RTC writes would send theirs
+        qmp.cmd("cont")
+    assert b.exec("true").ok
+    assert qmp._client.events.history == () and qmp._client.events.empty()

@@ -75,6 +75,10 @@ os.register_at_fork(after_in_child=_forked)
 logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 
 
+def _no_event(event: Any) -> bool:
+    return False
+
+
 class QMP:
     """A connected QMP session over an already connected socket."""
 
@@ -82,6 +86,10 @@ class QMP:
         self.name = name
         self.timeout = timeout
         self._client = QMPClient(name)
+        # Its default listener keeps every event (and a history of them) for the
+        # session's life, and nothing here reads events: a guest can make QEMU
+        # send them (RTC_CHANGE...), so none is kept.
+        self._client.events.event_filter = _no_event
         self._sock = sock
         self._connected = False
 
