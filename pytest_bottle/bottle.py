@@ -29,7 +29,7 @@ from .arguments import (
 )
 from .errors import AgentError, BottleError, ExecTimeout, WaitTimeout, guest_os_error
 from .process import CommandHistory, GuestProcess, ProcessEntry
-from .results import Command, ExecResult, to_argv
+from .results import OUTPUT_CAP, Command, ExecResult, to_argv
 from .retry import poll
 from .ssh import SshAccess
 from .vmm import console
@@ -50,8 +50,7 @@ TIMEOUT_GRACE = 15.0
 # Default timeout of each file call (read/write/put/get), seconds; None waits as
 # long as the agent answers (a dead agent still fails the call, see channel.py).
 FILE_TIMEOUT = 300.0
-# Bytes of each exec output stream kept in memory; the rest is read and dropped.
-EXEC_OUTPUT_CAP = 64 * 1024 * 1024
+EXEC_OUTPUT_CAP = OUTPUT_CAP  # bytes of each output stream kept in memory; the rest is read and dropped
 # The most read_bytes/read_text hold in memory (use get() for more).
 READ_CAP = 1024 * 1024 * 1024
 # How long keep() gives a VM whose agent is gone to finish powering off.

@@ -72,6 +72,10 @@ def _clip(s: str, n: int = 200) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+# Bytes of each output stream a command's result keeps (exec, ssh); the rest is read and dropped.
+OUTPUT_CAP = 64 * 1024 * 1024
+
+
 class CappedOutput:
     """One output stream kept up to ``cap`` bytes; the rest is counted and dropped.
     One buffer, not a part per frame: a guest's tiny frames cost their bytes only."""

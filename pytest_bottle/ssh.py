@@ -7,22 +7,25 @@ no ``StrictHostKeyChecking=no``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shlex
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from .arguments import check_env
+from .arguments import check_env, check_input
 from .errors import BottleError, ExecTimeout, SpecError
 from .host.deps import require, which
 from .host.locks import reporting_lock
 from .host.paths import write_private
-from .results import Command, ExecResult
+from .results import OUTPUT_CAP, CappedOutput, Command, ExecResult
 
 CONFIG_TEMPLATE = """\
 Host {name}
@@ -112,21 +115,61 @@ class SshAccess:
         if kw:
             raise TypeError(f"ssh() does not take {', '.join(kw)}")
         remote = remote_command(cmd, env)
-        data = input.encode() if isinstance(input, str) else input
+        data = check_input(input)
         started = time.monotonic()
-        try:
-            proc = subprocess.run(
-                self.argv("--", remote),
-                input=data,
-                capture_output=True,
-                timeout=timeout,
-                stdin=None if data is not None else subprocess.DEVNULL,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as e:
-            raise ExecTimeout(cmd, float(timeout or 0), _text(e.stdout), _text(e.stderr)) from None
-        result = ExecResult(cmd, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+        rc, out, err = _run_capped(self.argv("--", remote), data, timeout)
+        if rc is None:
+            raise ExecTimeout(cmd, float(timeout or 0), _text(out.value()), _text(err.value()))
+        result = ExecResult(cmd, rc, out.value(), err.value(), time.monotonic() - started)
         return result.check() if check else result
+
+
+def _run_capped(
+    argv: list[str], data: bytes | None, timeout: float | None
+) -> tuple[int | None, CappedOutput, CappedOutput]:
+    """``argv``'s exit code (None: killed at ``timeout``) and its output, each
+    stream kept up to ``OUTPUT_CAP`` (what comes is the guest sshd's to choose)."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = CappedOutput(OUTPUT_CAP), CappedOutput(OUTPUT_CAP)
+    threads = [
+        threading.Thread(target=_drain, args=(f, o), daemon=True) for f, o in ((proc.stdout, out), (proc.stderr, err))
+    ]
+    if data is not None:
+        threads.append(threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        rc: int | None = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = None
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        for t in threads:
+            t.join(5)
+    return rc, out, err
+
+
+def _drain(pipe: IO[bytes] | None, into: CappedOutput) -> None:
+    assert pipe is not None
+    with pipe:
+        while chunk := os.read(pipe.fileno(), 1 << 16):
+            into.add(chunk)
+
+
+def _feed(pipe: IO[bytes] | None, data: bytes) -> None:
+    assert pipe is not None
+    with contextlib.suppress(OSError), pipe:  # a command that does not read it all: its business
+        pipe.write(data)
 
 
 def config_path_value(path: Path) -> str:

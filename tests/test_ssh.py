@@ -22,6 +22,19 @@ def test_ssh_runs_through_openssh(bottle: Bottle) -> None:
     assert bottle.ssh("echo $SSH_CONNECTION").stdout.split()[2] == "10.0.2.15"
 
 
+def test_ssh_output_is_capped_and_a_timeout_keeps_what_came(bottle: Bottle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What comes back is the guest sshd's to choose: kept up to the cap, as exec's is."""
+    monkeypatch.setattr(pytest_bottle.ssh, "OUTPUT_CAP", 1 << 20)
+    r = bottle.ssh("head -c 3000000 /dev/zero | tr '\\0' x; echo done >&2")
+    assert r.ok and r.stdout.startswith("x" * (1 << 20) + "\n[pytest-bottle: output truncated: 1951424 bytes")
+    assert r.stderr == "done\n"
+    with pytest.raises(pytest_bottle.ExecTimeout) as info:
+        bottle.ssh("echo started; sleep 60", timeout=5)
+    assert info.value.stdout == "started\n"
+    with pytest.raises(pytest_bottle.SpecError, match="input must be a str or bytes"):
+        bottle.ssh("cat", input=3)
+
+
 def test_ssh_config_pins_the_bottles_own_host_key(bottle: Bottle) -> None:
     text = bottle.ssh_config.read_text()
     host, port = bottle.address(22)
