@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .agent.channel import AgentChannel
 from .agent.client import AgentClient
@@ -28,9 +28,10 @@ from .arguments import (
     raw_path,
 )
 from .errors import AgentError, BottleError, ExecTimeout, WaitTimeout, guest_os_error
-from .process import CommandHistory, GuestProcess, ProcessEntry
+from .history import CommandHistory, ProcessEntry
+from .process import GuestProcess
 from .results import OUTPUT_CAP, Command, ExecResult, to_argv
-from .retry import poll
+from .retry import poll, until_succeeds
 from .ssh import SshAccess
 from .vmm import console
 from .vmm.backend import Machine
@@ -208,28 +209,9 @@ class Bottle:
         """Run ``cmd`` until it exits 0 (with backoff); raise ``WaitTimeout`` after ``timeout`` s,
         naming the last try.  A failing try never raises (``check=`` is ignored)."""
         kw.pop("check", None)
-        last: list[ExecResult | ExecTimeout] = []
-        deadline = time.monotonic() + timeout
-
-        def attempt() -> bool:
-            # A hanging attempt must not outlive the wait itself.
-            left = max(0.5, deadline - time.monotonic())
-            try:
-                r = self.exec(cmd, timeout=left, **kw)
-            except ExecTimeout as e:
-                last[:] = [e]
-                return False
-            last[:] = [r]
-            return r.ok
-
-        if poll(attempt, timeout):
-            return cast(ExecResult, last[0])
-        detail, tried = "", last[0] if last else None
-        if isinstance(tried, ExecTimeout):
-            detail = f"the last try was still running after {tried.timeout:.1f} s (killed)"
-        elif tried is not None:
-            detail = f"exit {tried.returncode}: {(tried.stderr or tried.stdout).strip()[-300:]}"
-        raise WaitTimeout(f"{cmd!r} succeeding in {self.name}", timeout, detail)
+        return until_succeeds(
+            lambda left: self.exec(cmd, timeout=left, **kw), timeout, f"{cmd!r} succeeding in {self.name}"
+        )
 
     def wait_for_port(self, port: int, timeout: float = 60.0) -> None:
         """Wait until something in the guest listens on TCP ``port``."""

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from .bottle import Bottle
+from .history import describe_history
 from .lifecycle.manager import BottleManager
-from .process import describe_history
 
 CONSOLE_LINES = 50
 REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()

@@ -40,7 +40,8 @@ from pytest_bottle.guest.frames import (
     frame,
     jframe,
 )
-from pytest_bottle.process import HISTORY_LEN, CommandHistory, GuestProcess, ProcessEntry, describe_history
+from pytest_bottle.history import HISTORY_LEN, CommandHistory, ProcessEntry, describe_history
+from pytest_bottle.process import GuestProcess
 
 _open = contextlib.ExitStack()  # closed when the module's tests are done
 
