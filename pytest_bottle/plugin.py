@@ -233,12 +233,15 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     state = _state(config)
     on_worker = hasattr(config, "workerinput")
+    checked: dict[tuple[str, int], None] = {}  # a module's pytestmark: checked once, not per test
     for item in items:
         try:
             layers = marker_layers(item)
-            for layer in layers:  # all of them: one stacked or inherited is not skipped unchecked
-                state.spec(layer, here=False)  # a bad marker stops the run before anything boots
-                # (memory the host lacks fails the test at setup: it may be skipped or deselected)
+            for where, kwargs in layers:  # all of them: one stacked or inherited is not skipped unchecked
+                if (where, id(kwargs)) not in checked:  # the marks outlive the loop: ids stay theirs
+                    state.spec((where, kwargs), here=False)  # a bad marker stops the run before anything boots
+                    # (memory the host lacks fails the test at setup: it may be skipped or deselected)
+                    checked[where, id(kwargs)] = None
         except pytest.UsageError as e:
             if not on_worker:
                 raise

@@ -26,6 +26,9 @@ def test_a_flooded_console_stays_bounded_on_disk_and_in_memory(
     text = b.console_log
     assert "FLOOD-END" in text.splitlines()[-1]
     assert text.startswith("[pytest-bottle: ") and "earlier bytes of console output not kept]" in text
+    note, _, kept = text.partition("\n")
+    told = int(note.split()[1]) + len(kept)  # not kept + kept: all the console ever held
+    assert 6_000_000 < told < 6_000_000 + (1 << 20), told  # the flood and a boot log, each counted once
     assert len(text) < 600 << 10
     b.close()
     assert "FLOOD-END" in b.console_log and len(b.console_log) < 600 << 10  # kept at close: the tail only

@@ -15,7 +15,7 @@ from test_transfer_safety import HostileGuest, archive, member, reply, serve_tre
 
 from pytest_bottle import process
 from pytest_bottle.agent.client import AgentClient
-from pytest_bottle.agent.transfer import fetch
+from pytest_bottle.agent.transfer import _FrameSource, fetch
 from pytest_bottle.errors import AgentTimeout
 from pytest_bottle.guest.frames import DATA, EOF, STDOUT, frame
 from pytest_bottle.process import GuestProcess
@@ -82,16 +82,37 @@ def test_on_output_gets_a_flood_of_tiny_frames_merged_while_it_is_behind(guest: 
     assert len(calls) < 100, len(calls)
 
 
+def _one_byte_frames(guest: HostileGuest, data: bytes) -> Callable[[int, dict[str, object]], bytes]:
+    def answer(rid: int, call: dict[str, object]) -> bytes:
+        for i in range(0, len(data), 10_000):  # sent in pieces: the guest's side holds little
+            guest.peer.sendall(
+                b"".join(frame(DATA, rid, data[j : j + 1]) for j in range(i, min(i + 10_000, len(data))))
+            )
+        return frame(EOF, rid) + reply(rid)
+
+    return answer
+
+
 def test_get_of_a_tree_sent_in_one_byte_frames(guest: HostileGuest, tmp_path: Path) -> None:
-    tar = archive(member("d", b"5"), member("d/f", data=b"hello " * 1000))
-
-    def tiny_frames(rid: int, call: dict[str, object]) -> bytes:
-        return b"".join(frame(DATA, rid, tar[i : i + 1]) for i in range(len(tar))) + frame(EOF, rid) + reply(rid)
-
+    data = b"hello " * 2000
+    tar = archive(member("d", b"5"), member("d/f", data=data))
     serve_tree(guest, tar)
-    guest.answers["tar"] = tiny_frames
+    guest.answers["tar"] = _one_byte_frames(guest, tar)
     fetch(guest.channel, "/srv", tmp_path / "out")
-    assert (tmp_path / "out" / "d" / "f").read_bytes() == b"hello " * 1000
+    assert (tmp_path / "out" / "d" / "f").read_bytes() == data
+    assert guest.still_answers()
+
+
+def test_a_get_stream_waiting_for_its_reader_holds_parts_not_frames(guest: HostileGuest) -> None:
+    """While the extraction lags (a slow disk), what waits is gathered: 100,000
+    one-byte frames were 100,000 objects (~20 MB); now a couple of parts."""
+    data = bytes(range(256)) * 400
+    guest.answers["tar"] = _one_byte_frames(guest, data)
+    source = _FrameSource(AgentClient(guest.channel))
+    _, call = source.start("/srv")
+    assert call.done.wait(60)  # everything arrived, nothing read yet
+    assert source.buffered == len(data) and len(source.chunks) <= 4, len(source.chunks)
+    assert b"".join(iter(lambda: source.read(1 << 20), b"")) == data
     assert guest.still_answers()
 
 
@@ -105,6 +126,7 @@ def test_stdin_to_an_agent_that_never_takes_it_ends_at_the_timeout(guest: Hostil
     with pytest.raises(AgentTimeout):
         run.finish(1, "cat")
     assert time.monotonic() - started < 10
+    assert not guest.channel._calls  # given up on: nothing it sends later is kept
 
 
 def test_a_spawn_the_agent_never_confirms_is_an_agent_timeout(

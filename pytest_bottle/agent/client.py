@@ -39,6 +39,8 @@ from .streams import OnOutput, OutputFeed
 SETTLE_GRACE = 10.0
 NOT_SETTLED = "its boot did not settle within"
 BUSY = {"systemd": "systemd was still starting units", "udev": "udev was still handling devices"}
+# How long past its timeout an exec(on_output=) still calls the callback (see ``_finish_feeding``).
+LATE_MARGIN = 0.5
 
 
 class AgentClient:
@@ -230,11 +232,15 @@ class ExecRun:
         if self.feed is not None:
             return self._finish_feeding(grace, label)
         until = None if self.timeout is None else time.monotonic() + self.timeout + grace
-        if self.stdin is not None:  # as fast as the command reads it (a window at a time); stops at its end
-            channel.send_data(self.rid, _chunks(self.stdin), until)  # an agent that never takes it: AgentTimeout
-        reply = channel.wait(self.call, None if until is None else max(0.0, until - time.monotonic()), "exec")
-        if reply is None:
-            raise AgentError(f"bottle {name}: no answer {grace:g} s past the timeout of {label!r}")
+        try:
+            if self.stdin is not None:  # as fast as the command reads it (a window at a time); stops at its end
+                channel.send_data(self.rid, _chunks(self.stdin), until)  # an agent that never takes it: AgentTimeout
+            reply = channel.wait(self.call, None if until is None else max(0.0, until - time.monotonic()), "exec")
+            if reply is None:
+                raise AgentError(f"bottle {name}: no answer {grace:g} s past the timeout of {label!r}")
+        except AgentError:  # given up on: its output must not fill up here for the bottle's life
+            channel.forget(self.rid)
+            raise
         return ExecReply.parse(reply, self.out.value(), self.err.value(), name)
 
     def _finish_feeding(self, grace: float, label: object) -> ExecReply:
@@ -245,7 +251,9 @@ class ExecRun:
         if self.stdin is not None:
             feeder = threading.Thread(target=_send_quietly, args=(channel, self.rid, self.stdin), daemon=True)
             feeder.start()
-        ends = None if self.timeout is None else time.monotonic() + self.timeout
+        # The agent's clock starts when the call reaches it, a little after ours: a
+        # margin, so that a command ending in time has all its output delivered.
+        ends = None if self.timeout is None else time.monotonic() + self.timeout + LATE_MARGIN
         feed.run(channel, self.rid, call, None if ends is None else ends + grace, label, ends)
         reply = channel.wait(call, 0, "exec")
         if reply is None:  # cannot be: the feed ran until the call was done

@@ -58,21 +58,28 @@ def trim(path: Path, keep: int = KEEP) -> int:
     """Cut the head of the file at ``path`` so that about ``keep`` bytes stay,
     while its writer appends (``O_APPEND``): the range is collapsed where the
     file system can (ext4, xfs), else punched to a hole (btrfs, tmpfs), else
-    the file is emptied.  Returns the bytes cut."""
+    the file is emptied.  Returns the bytes the file no longer holds: a
+    punched hole is still part of it (``read_tail`` counts it), so 0 then."""
     with open(path, "rb+") as f:
         fd = f.fileno()
-        block = os.fstat(fd).st_blksize or 4096
-        cut = (os.fstat(fd).st_size - keep) // block * block
+        st = os.fstat(fd)
+        block = st.st_blksize or 4096
+        cut = (st.st_size - keep) // block * block
         if cut <= 0:
             return 0
-        for mode in (FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
-            if _libc.fallocate(fd, mode, 0, cut) == 0:
-                return cut
-            err = ctypes.get_errno()
-            if err not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise OSError(err, os.strerror(err), str(path))
+        if _libc.fallocate(fd, FALLOC_FL_COLLAPSE_RANGE, 0, cut) == 0:
+            return cut
+        _unsupported(ctypes.get_errno(), path)
+        if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, cut) == 0:
+            return 0
+        _unsupported(ctypes.get_errno(), path)
         os.ftruncate(fd, 0)
-        return cut
+        return st.st_size
+
+
+def _unsupported(err: int, path: Path) -> None:
+    if err not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+        raise OSError(err, os.strerror(err), str(path))
 
 
 class _Watcher:
@@ -104,10 +111,11 @@ class _Watcher:
                 paths = list(self.paths.values())
             for path in paths:
                 try:
-                    if os.stat(path).st_size > DISK_CAP:
+                    if os.stat(path).st_blocks * 512 > DISK_CAP:  # on disk: a punched head is not
                         n = trim(path, KEEP)
                         with self.lock:
-                            self.cut[str(path)] = self.cut.get(str(path), 0) + n
+                            if path in self.paths.values():  # not forgotten meanwhile
+                                self.cut[str(path)] = self.cut.get(str(path), 0) + n
                         log.debug("console %s: cut %d bytes off its head", path, n)
                 except OSError as e:  # gone with its run directory, or a file system's refusal
                     log.debug("console %s: %s", path, e)
