@@ -49,6 +49,9 @@ class FakeChannel:
     def wait(self, call: object, timeout: float | None, op: str) -> None:
         return None  # nothing came in time
 
+    def forget(self, rid: int) -> None:
+        self.calls.append(("forget", {"rid": rid}))
+
 
 def client(reply: dict[str, Any]) -> AgentClient:
     return AgentClient(FakeChannel(reply))  # type: ignore[arg-type]
@@ -133,8 +136,11 @@ def test_an_exec_reply_keeps_a_short_spawn_note() -> None:
 
 
 def test_an_exec_unanswered_past_its_timeout_is_an_agent_error() -> None:
+    fake = FakeChannel({})
+    agent = AgentClient(fake)  # type: ignore[arg-type]
     with pytest.raises(AgentError, match=r"^bottle fake: no answer 10 s past the timeout of 'sleep 9'$"):
-        client({}).exec(["sleep", "9"], env={}, cwd=None, user=None, timeout=1, stdin=None, cap=1).finish(10, "sleep 9")
+        agent.exec(["sleep", "9"], env={}, cwd=None, user=None, timeout=1, stdin=None, cap=1).finish(10, "sleep 9")
+    assert fake.calls[-1] == ("forget", {"rid": 1})  # given up on: nothing it sends later is kept
 
 
 @pytest.mark.parametrize("info", [{"mode": "0755", "is_dir": False}, {"mode": 0o644}, {"is_dir": 1, "mode": 1}])
