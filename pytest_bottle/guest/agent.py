@@ -243,6 +243,7 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
             stale = call.get("_session") != self.session
             if not stale:
                 self.procs[rid] = child
+                self.drop_groups(child.pid)
             if call.get("notify"):  # spawn(): its group can be signalled after the leader's end
                 link = terminal.Link(rid, detached=stale)
                 if not stale:

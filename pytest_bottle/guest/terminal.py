@@ -122,13 +122,19 @@ class ProcessOps:
             self.groups.clear()
         return sum(child.signal(signal.SIGKILL, group=True) for child in children)
 
+    def drop_groups(self, pid: int) -> None:
+        """Under ``lock``: ``pid`` was handed out again, so a group of that id
+        remembered from before is empty (the kernel reuses no pid a group still
+        holds); a late ``killpg`` must not reach the new command's group."""
+        if self.groups:
+            for stale in [r for r, c in self.groups.items() if c.pid == pid]:
+                del self.groups[stale]
+
     def keep_group(self, rid: int, child: execute.Child) -> None:
         """Under ``lock``: remember a spawned command's group.  Its pid handed
         out again means the old group is empty; past ``MAX_GROUPS``, empty
         groups are dropped."""
-        if self.groups:
-            for stale in [r for r, c in self.groups.items() if c.pid == child.pid]:
-                del self.groups[stale]
+        self.drop_groups(child.pid)
         if len(self.groups) >= MAX_GROUPS:
             for r, c in list(self.groups.items()):
                 if c.returncode is not None and not c.signal(0, group=True):
@@ -164,6 +170,7 @@ class ProcessOps:
             stale = call.get("_session") != self.session  # see agent.op_exec
             if not stale:
                 self.procs[rid], self.ptys[rid] = child, master
+                self.drop_groups(child.pid)
         if stale:
             child.kill()
         # Its own fd: the terminal may close here while it still writes.

@@ -24,8 +24,8 @@ from pytest_bottle.agent import resync
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.errors import BottleError
-from pytest_bottle.guest import agent
-from pytest_bottle.guest.frames import CHUNK, HELLO, REPLY, STDOUT, SYNC_MAGIC, frame, jframe
+from pytest_bottle.guest import agent, execute
+from pytest_bottle.guest.frames import CHUNK, HELLO, REPLY, STDOUT, SYNC_MAGIC, Channel, frame, jframe
 from pytest_bottle.guest.terminal import set_size
 from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.process import GuestProcess
@@ -299,3 +299,20 @@ def _python(version: str) -> str | None:
         if python and subprocess.run([python, "-c", ""], capture_output=True).returncode == 0:
             return python
     return None
+
+
+def test_a_group_whose_pid_is_handed_out_again_is_forgotten() -> None:
+    """A spawned group is remembered for a late kill(); once its id is a new
+    command's pid, the old group was empty, and a kill must not reach the new one."""
+    a, b = socket.socketpair()
+    try:
+        guest = agent.Agent(Channel(b.fileno()))  # not served: its bookkeeping only
+        old, other = execute.Child(4242, None, -1, -1), execute.Child(4343, None, -1, -1)
+        with guest.lock:
+            guest.keep_group(1, old)
+            guest.keep_group(2, other)
+            guest.drop_groups(4242)  # what starting any command with pid 4242 does
+        assert guest.groups == {2: other}
+    finally:
+        a.close()
+        b.close()
