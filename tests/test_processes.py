@@ -131,12 +131,14 @@ def test_a_slow_on_output_does_not_hold_back_the_timeout(module_bottle: Bottle) 
         seen.append(text)
         time.sleep(0.5)
 
-    started = time.monotonic()
-    with pytest.raises(pytest_bottle.ExecTimeout) as info:  # a window of output (4 MiB) waits for the callback
-        module_bottle.exec("yes", on_output=slow, timeout=2)
-    took = time.monotonic() - started
-    assert took < 8, f"ExecTimeout after {took:.1f} s"
-    assert seen and info.value.stdout.startswith("y\ny\n")  # the output up to the kill is in the error
+    for cwd in (None, "/tmp"):  # cwd=: the Python agent runs it, not the compiled core
+        seen.clear()
+        started = time.monotonic()
+        with pytest.raises(pytest_bottle.ExecTimeout) as info:  # a window of output (4 MiB) waits for the callback
+            module_bottle.exec("yes", on_output=slow, timeout=2, cwd=cwd)
+        took = time.monotonic() - started
+        assert took < 8, f"ExecTimeout after {took:.1f} s (cwd={cwd})"
+        assert seen and info.value.stdout.startswith("y\ny\n")  # the output up to the kill is in the error
     # Past the timeout the callback is not called; a command that ended in time is still a success,
     # and its result has all of its output.
     got: list[str] = []
@@ -147,6 +149,17 @@ def test_a_slow_on_output_does_not_hold_back_the_timeout(module_bottle: Bottle) 
 
     r = module_bottle.exec("echo a; sleep 0.3; echo b", on_output=slower, timeout=1)
     assert r.ok and r.stdout == "a\nb\n" and "".join(got) in ("a\n", "a\nb\n")
+
+
+def test_a_command_that_floods_its_output_is_still_killed_at_its_timeout(module_bottle: Bottle) -> None:
+    """The Python agent looked at the timeout only when the pipes were idle:
+    a ``yes`` the host kept up with ran on until the host gave up (AgentError at 17 s)."""
+    for cwd in (None, "/tmp"):  # the compiled core, then the Python agent
+        started = time.monotonic()
+        with pytest.raises(pytest_bottle.ExecTimeout):
+            module_bottle.exec("yes", timeout=2, cwd=cwd)
+        assert time.monotonic() - started < 8, cwd
+        assert module_bottle.exec("pgrep -x yes").returncode == 1  # killed, and gone
 
 
 def test_wait_until_succeeds_names_a_last_try_that_hung_and_ignores_check(module_bottle: Bottle) -> None:

@@ -215,6 +215,10 @@ def pump(child: Child, emit: Callable[[int, bytes], None], timeout: float | None
     try:
         while open_fds:
             now = time.monotonic()
+            if deadline is not None and now >= deadline:  # checked each round: a flood never lets select idle
+                timed_out = True
+                child.kill()
+                deadline = None
             if exited_at is not None:
                 wait: float | None = max(0.0, min(exited_at + BACKGROUND_GRACE, exit_time + BACKGROUND_CAP) - now)
             elif deadline is not None:
