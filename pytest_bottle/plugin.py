@@ -233,7 +233,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     state = _state(config)
     on_worker = hasattr(config, "workerinput")
-    checked: dict[tuple[str, int], None] = {}  # a module's pytestmark: checked once, not per test
+    checked: set[tuple[str, int]] = set()  # a module's pytestmark: checked once, not per test
     for item in items:
         try:
             layers = marker_layers(item)
@@ -241,7 +241,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 if (where, id(kwargs)) not in checked:  # the marks outlive the loop: ids stay theirs
                     state.spec((where, kwargs), here=False)  # a bad marker stops the run before anything boots
                     # (memory the host lacks fails the test at setup: it may be skipped or deselected)
-                    checked[where, id(kwargs)] = None
+                    checked.add((where, id(kwargs)))
         except pytest.UsageError as e:
             if not on_worker:
                 raise

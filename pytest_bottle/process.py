@@ -229,9 +229,7 @@ class GuestProcess:
         ``timeout`` s or at once when the process ends without it.  The match is
         made in the part of the output searched then: its groups are what
         counts, its ``span()`` is no offset in ``stdout``."""
-        if isinstance(pattern, (bytes, bytearray)) or (
-            isinstance(pattern, re.Pattern) and not isinstance(pattern.pattern, str)
-        ):
+        if not isinstance(pattern.pattern if isinstance(pattern, re.Pattern) else pattern, str):
             raise TypeError("wait_for_output matches text: give a str or a compiled str regex, not bytes")
         regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
         tails = {"stdout": self._out, "stderr": self._err}

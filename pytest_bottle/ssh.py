@@ -143,17 +143,15 @@ def _run_capped(
         threads.append(threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True))
     for t in threads:
         t.start()
+    rc: int | None = None
     try:
-        rc: int | None = proc.wait(timeout)
+        rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        rc = None
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
+        pass  # rc None: killed at its timeout
     finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         for t in threads:
             t.join(5)
     return rc, out, err

@@ -33,25 +33,24 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 def read_tail(path: Path, cap: int | None = None) -> tuple[str, int]:
     """The last ``cap`` (``READ_CAP``) bytes of the log at ``path`` as text (CRs
     dropped), and how many bytes of the file before them are not in it."""
-    cap = READ_CAP if cap is None else cap
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - cap))
-            data = f.read(cap)
+        data, size = _tail(path, READ_CAP if cap is None else cap)
     except OSError:
         return "", 0
-    kept = data.lstrip(b"\0")  # a punched head reads as zeros
-    return kept.decode("utf-8", "replace").replace("\r", ""), size - len(kept)
+    return data.decode("utf-8", "replace").replace("\r", ""), size - len(data)
 
 
 def copy_tail(src: Path, dst: Path) -> None:
     """``dst``: the last ``READ_CAP`` bytes of the log ``src`` (a snapshot's copy of its source's)."""
-    cap = READ_CAP
-    with open(src, "rb") as f:
-        f.seek(max(0, f.seek(0, os.SEEK_END) - cap))
-        data = f.read(cap).lstrip(b"\0")
-    dst.write_bytes(data)
+    dst.write_bytes(_tail(src, READ_CAP)[0])
+
+
+def _tail(path: Path, cap: int) -> tuple[bytes, int]:
+    """The file's last ``cap`` bytes, a punched head (zeros) left out, and its size."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - cap))
+        return f.read(cap).lstrip(b"\0"), size
 
 
 def trim(path: Path, keep: int = KEEP) -> int:
