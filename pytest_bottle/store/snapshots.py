@@ -331,5 +331,7 @@ def is_kept(state: SavedState) -> bool:
 
 def remove(path: Path) -> bool:
     """Remove a snapshot entry (waiting for forks that are opening its files)."""
+    if not path.exists() and not lock_path(path).exists():
+        return False  # already gone: taking its lock would leave a lock file
     with entry_lock(path):
         return remove_entry(path, "rm", forget=True)
