@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from .lifecycle.manager import BottleManager
 from .live_progress import LiveProgress
 from .reports import BottleReports, failed, keep_message
 from .save_failed import SaveFailed
-from .snapshot import Snapshot, check_fork_args
+from .snapshot import FORK_KEYS, Snapshot, check_fork_args
 from .spec import BottleSpec, Layer, check_host_memory
 
 # The usage errors are documented as pytest_bottle.plugin.<name>: re-exported.
@@ -290,7 +290,7 @@ def bottle_factory(
 
     def factory(**kwargs: Any) -> Bottle:
         if kwargs.get("snapshot") is not None:
-            return _fork(state, kwargs, "bottle_factory() arguments", _bottle_group)
+            return _fork(state, kwargs, "bottle_factory() arguments", _bottle_group, marker)
         kwargs.pop("snapshot", None)
         spec = state.spec(*marker, ("bottle_factory() arguments", kwargs), image=_bottle_matrix_image)
         return state.manager.start(spec, _bottle_group)
@@ -298,14 +298,17 @@ def bottle_factory(
     return factory
 
 
-def _fork(state: _State, kwargs: dict[str, Any], source: str, group: str) -> Bottle:
-    """A fork of ``kwargs["snapshot"]``: the other arguments may only be forward= and timeout=."""
+def _fork(state: _State, kwargs: dict[str, Any], source: str, group: str, marker: Sequence[Layer] = ()) -> Bottle:
+    """A fork of ``kwargs["snapshot"]``: the other arguments may only be forward= and timeout=.
+    The test's ``marker`` gives those two as well, first (its other keys come from the snapshot)."""
     rest = dict(kwargs)
     snap = rest.pop("snapshot")
     try:
         if not isinstance(snap, Snapshot):
             raise SpecError(f"snapshot must be a Snapshot (from bottle.snapshot()), not {snap!r}", source)
         overrides = check_fork_args(rest, source)
+        for where, values in marker:
+            overrides |= check_fork_args({k: v for k, v in values.items() if k in FORK_KEYS}, where)
     except SpecError as e:
         raise InvalidBottleArgument(e.message, e.source) from None
     return state.manager.fork(snap, overrides, group)

@@ -23,7 +23,7 @@ import pytest
 from harness import TESTS_DIR, check_release, processes_mentioning, wait_until
 
 import pytest_bottle
-from pytest_bottle import Bottle, Snapshot, SnapshotError, SnapshotGone, SpecError
+from pytest_bottle import Bottle, BottleError, Snapshot, SnapshotError, SnapshotGone, SpecError
 from pytest_bottle.host.paths import default_cache_dir
 from pytest_bottle.host.sweep import sweep
 
@@ -125,6 +125,19 @@ def test_fork_takes_forward_and_timeout_only(
         assert port > 0 and host.startswith("127.")
 
 
+@pytest.mark.bottle(forward=[8081], memory="1G")
+def test_a_tests_marker_gives_its_forks_forward_and_timeout_only(
+    prepared: Snapshot, bottle_factory: Callable[..., Bottle]
+) -> None:
+    fork = bottle_factory(snapshot=prepared)
+    assert fork.address(8081)[1] == 8081  # the marker's forward=, as for any bottle of the test
+    assert int(fork.check_output("awk '/MemTotal/ {print $2}' /proc/meminfo")) < 600 * 1024  # memory: the snapshot's
+    other = bottle_factory(snapshot=prepared, forward=[8082])  # the marker comes first
+    assert other.address(8081)[1] == 8081
+    with pytest.raises(BottleError, match="not forwarded"):
+        other.address(8082)
+
+
 def test_snapshot_outlives_its_source_and_remove_is_named(bottle_factory: Callable[..., Bottle]) -> None:
     source = bottle_factory()
     source.write_text("/root/mark", "kept")
@@ -133,7 +146,9 @@ def test_snapshot_outlives_its_source_and_remove_is_named(bottle_factory: Callab
     with snap.start() as fork:
         assert fork.read_text("/root/mark") == "kept"
     snap.remove()
+    snap.remove()  # idempotent, and the second call leaves no lock file behind
     assert snap.removed and not snap.path.exists()
+    assert not [p.name for p in snap.path.parent.iterdir() if p.name.startswith(snap.name)]
     with pytest.raises(SnapshotGone, match="removed"):
         snap.start()
     with pytest.raises(SnapshotGone):
