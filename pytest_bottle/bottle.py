@@ -290,10 +290,10 @@ class Bottle:
 
     def address(self, guest_port: int) -> tuple[str, int]:
         """Host-side (address, port) of a forwarded guest TCP port."""
-        if self._closed and not self.kept:  # its port is released: another bottle may hold it now
-            raise AgentError(f"bottle {self.name} was closed")
+        self._check_open()  # its port is released: another bottle may hold it now
+        check_port(guest_port, "guest_port")
         try:
-            where = self._forwards[int(guest_port)]
+            where = self._forwards[guest_port]
         except KeyError:
             raise BottleError(
                 f"guest port {guest_port} of {self.name} is not forwarded; forwarded ports: "
@@ -315,7 +315,12 @@ class Bottle:
 
     # -- ssh (see ssh.py) ---------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closed and not self.kept:
+            raise AgentError(f"bottle {self.name} was closed")
+
     def _ssh_access(self) -> SshAccess:
+        self._check_open()  # its config and forwarded port are gone
         if isinstance(self._ssh, BottleError):  # e.g. the host has no ssh-keygen
             raise self._ssh
         if self._ssh is None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_bottle import Bottle, BottleError
+from pytest_bottle import Bottle, BottleError, SpecError
 
 
 @pytest.fixture
@@ -51,6 +51,9 @@ def test_forward_publishes_a_guest_port_on_loopback(bottle_factory) -> None:  # 
         assert s.connect_ex(("127.0.0.1", guest_port)) != 0
     with pytest.raises(BottleError, match="not forwarded"):
         bottle.address(guest_port + 1 if guest_port < 65535 else guest_port - 1)
+    for bad in (str(guest_port), float(guest_port), True, None, 0, 70000):  # as wait_for_port checks its port
+        with pytest.raises(SpecError, match="guest_port must be a TCP port number"):
+            bottle.address(bad)
 
 
 CAPTURE_ARP = """

@@ -280,6 +280,9 @@ def test_close_is_idempotent_and_leaves_nothing(bottle: Bottle) -> None:
         bottle.exec("true")
     with pytest.raises(AgentError, match=f"bottle {bottle.name} was closed"):  # its port may be another's now
         bottle.address(22)
+    for reach in (lambda: bottle.ssh("true"), lambda: bottle.ssh_argv(), lambda: bottle.ssh_config):
+        with pytest.raises(AgentError, match=f"bottle {bottle.name} was closed"):  # its ssh_config is gone
+            reach()
 
 
 def test_invalid_arguments_fail_before_anything_boots(tmp_path: Path) -> None:
