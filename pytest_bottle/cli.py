@@ -14,16 +14,16 @@ from pathlib import Path
 
 from . import snapshot_cli, transfer_cli
 from .arguments import check_days, check_timeout
-from .errors import BottleError, SpecError
+from .errors import BottleError, ImageNotFound, SpecError
 from .host import deps as hostdeps
 from .host import progress
 from .host.paths import default_cache_dir, state_dir, tree_size
 from .host.runstate import RunRecord
 from .host.sweep import SweepReport, stop_vm, sweep
-from .images import RECIPES, BuiltImage, Image, ensure_image, list_images, prune_images, remove_image
+from .images import RECIPES, BuiltImage, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
 from .images.derived import list_derived, prune_derived, remove_derived
-from .images.image import check_pull_template
+from .images.image import check_pull_template, register_provided
 from .spec import resolve
 from .store import unsettled
 from .store.gc import prune_seeds, remove_seeds
@@ -87,15 +87,25 @@ def _load_images(source: str) -> None:
     that defines images: what it names with ``.named()``, and what its
     ``pytest_bottle_images()`` returns, become buildable by name."""
     if source.endswith(".py") or os.sep in source:
+        if not os.path.isfile(source):
+            raise SpecError(f"--from {source}: no such file")
+        # Its directory first, as `python FILE` and pytest's conftest import have it:
+        # a conftest may import a module beside it.
+        sys.path.insert(0, os.path.dirname(os.path.abspath(source)))
         namespace = runpy.run_path(source, run_name="__bottle_images__")
     else:
         sys.path.insert(0, os.getcwd())
-        namespace = vars(importlib.import_module(source))
+        try:
+            namespace = vars(importlib.import_module(source))
+        except ModuleNotFoundError as e:
+            if e.name is None or not (source == e.name or source.startswith(e.name + ".")):
+                raise  # the module itself imports something missing: its traceback says where
+            raise SpecError(
+                f"--from {source}: no module named {e.name!r} (give a .py file or an importable module)"
+            ) from None
     hook = namespace.get("pytest_bottle_images")
-    for image in (hook() or ()) if callable(hook) else ():
-        if not isinstance(image, Image) or image.name is None:
-            raise SpecError(f"pytest_bottle_images() in {source} must return named Images, got {image!r}")
-        image.named(image.name)
+    if callable(hook):
+        register_provided(hook(), f"pytest_bottle_images() in {source}")
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -160,7 +170,11 @@ def cmd_image_list(args: argparse.Namespace) -> int:
 def cmd_image_rm(args: argparse.Namespace) -> int:
     removed = remove_derived(args.cache_dir, args.name)  # a derived image's name or key, then a recipe's
     if not removed:
-        removed = remove_image(args.name, args.cache_dir) + remove_seeds(args.cache_dir, args.name)
+        try:
+            removed = remove_image(args.name, args.cache_dir) + remove_seeds(args.cache_dir, args.name)
+        except ImageNotFound as e:  # the cached derived images are names rm takes too
+            derived = sorted({str(d.manifest.get("name") or d.path.name) for d in list_derived(args.cache_dir)})
+            raise ImageNotFound(args.name, [*e.known, *derived]) from None
         if removed:  # what was built on it rests on nothing now
             removed += remove_derived(args.cache_dir, args.name, root=True)
     for p in removed:

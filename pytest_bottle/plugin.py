@@ -23,7 +23,8 @@ import pytest
 from . import matrix, workers
 from .bottle import Bottle
 from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
-from .images import BuiltImage, Image, ensure_image
+from .images import BuiltImage, ensure_image
+from .images.image import register_provided
 from .lifecycle.manager import BottleManager
 from .live_progress import LiveProgress
 from .reports import BottleReports, failed, keep_message
@@ -137,15 +138,10 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def _register_images(config: pytest.Config) -> None:
     """Images plugins and conftests return from ``pytest_bottle_images``: named, so options find them."""
     for provided in config.hook.pytest_bottle_images():
-        for image in provided or ():
-            if not isinstance(image, Image) or image.name is None:
-                raise InvalidBottleArgument(
-                    f"must return named Images (Image(...).named(NAME)), got {image!r}", "pytest_bottle_images()"
-                )
-            try:
-                image.named(image.name)  # registers it (again: the same steps are fine)
-            except SpecError as e:
-                raise InvalidBottleArgument(e.message, "pytest_bottle_images()") from None
+        try:
+            register_provided(provided)
+        except SpecError as e:
+            raise InvalidBottleArgument(e.message, "pytest_bottle_images()") from None
 
 
 def pytest_configure(config: pytest.Config) -> None:

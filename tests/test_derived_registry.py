@@ -4,6 +4,8 @@ and the CLI's ``--from`` (one bottle)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,16 +58,42 @@ def test_an_unknown_name_lists_the_named_images(pytester: pytest.Pytester) -> No
     result.stderr.fnmatch_lines(["*unknown image 'nope'*from-hook*"])
 
 
-def test_the_hook_must_return_named_images(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest(
-        "from pytest_bottle import Image\n"
-        "def pytest_bottle_images():\n"
-        "    return [Image('debian-bookworm').run('true')]\n"
-    )
+@pytest.mark.parametrize(
+    ("returned", "says"),
+    [
+        ("[Image('debian-bookworm').run('true')]", "must return named Images*got Image("),
+        ("'web'", "must return a list of named Images*got 'web'"),  # not a character at a time
+        ("Image('debian-bookworm').named('one')", "must return a list of named Images*got Image("),
+    ],
+)
+def test_the_hook_must_return_named_images(pytester: pytest.Pytester, returned: str, says: str) -> None:
+    pytester.makeconftest(f"from pytest_bottle import Image\ndef pytest_bottle_images():\n    return {returned}\n")
     pytester.makepyfile(test_it="def test_x(): pass\n")
     result = pytester.runpytest_subprocess()
     assert result.ret != 0
-    result.stderr.fnmatch_lines(["*pytest_bottle_images()*must return named Images*"])
+    result.stderr.fnmatch_lines([f"*pytest_bottle_images()*{says}*"])
+
+
+def test_from_runs_a_conftest_that_imports_its_neighbour_and_names_what_is_missing(tmp_path: Path) -> None:
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "images_def.py").write_text(
+        "from pytest_bottle import Image\nAPP = Image('debian-bookworm').named('app')\n"
+    )
+    (tests / "conftest.py").write_text("from images_def import APP\n")  # as pytest imports a conftest
+
+    def bottle(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "pytest_bottle.cli", "--cache-dir", str(tmp_path / "cache"), *args]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+
+    r = bottle("image", "key", "app", "--from", "tests/conftest.py")
+    assert r.returncode == 0 and len(r.stdout.split()[-1]) == 16, r.stderr
+    for source, says in [
+        ("tests/nope.py", "bottle: SpecError: --from tests/nope.py: no such file\n"),
+        ("no_such_module", "bottle: SpecError: --from no_such_module: no module named 'no_such_module'"),
+    ]:
+        r = bottle("image", "key", "app", "--from", source)
+        assert r.returncode == 1 and r.stderr.startswith(says) and "Traceback" not in r.stderr, r.stderr
 
 
 def test_bottle_image_build_takes_images_from_a_file(

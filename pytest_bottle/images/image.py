@@ -186,7 +186,10 @@ class Image:
     def named(self, name: str) -> Image:
         """This image under ``name``, registered so ``--bottle-image name`` finds it."""
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise SpecError(f"named(): {name!r} is not a valid image name (letters, digits, '.', '_', '+', '-')")
+            raise SpecError(
+                f"named(): {name!r} is not a valid image name "
+                "(1 to 64 letters, digits, '.', '_', '+', '-', starting with a letter or digit)"
+            )
         if name in RECIPES:
             raise SpecError(f"named(): {name!r} is the name of a built-in image")
         image = replace(self, name=name)
@@ -271,6 +274,19 @@ def check_pull_template(value: object) -> str:
     if unknown:
         raise ValueError(f"a pull URL knows the placeholders {{name}} and {{key}}, not {unknown}")
     return value
+
+
+def register_provided(provided: object, where: str = "") -> None:
+    """Register what a ``pytest_bottle_images()`` hook returned: named Images
+    (``SpecError`` for anything else, its message starting with ``where``)."""
+    items = () if provided is None else provided
+    must = f"{where} must" if where else "must"
+    if isinstance(items, (str, bytes, Image)) or not isinstance(items, Iterable):  # not a character at a time
+        raise SpecError(f"{must} return a list of named Images (Image(...).named(NAME)), got {provided!r}")
+    for image in items:
+        if not isinstance(image, Image) or image.name is None:
+            raise SpecError(f"{must} return named Images (Image(...).named(NAME)), got {image!r}")
+        image.named(image.name)  # registers it (again: the same steps are fine)
 
 
 def known_names() -> list[str]:
