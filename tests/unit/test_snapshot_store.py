@@ -328,3 +328,14 @@ def test_a_saved_snapshot_of_a_derived_image_opens_by_its_key(tmp_path: Path) ->
     (tmp_path / "images" / "derived-k1" / "manifest.json").write_text(json.dumps({**m1, "created": 5.0}))
     with pytest.raises(SnapshotError, match=r"saved: its image debian-bookworm\+k2 \(k2\) is no longer in the cache"):
         resolve_saved_snapshot(tmp_path, "saved")
+
+
+def test_removing_a_gone_snapshot_leaves_no_lock_file(tmp_path: Path) -> None:
+    from pytest_bottle.store import snapshots
+    from pytest_bottle.store.saved import lock_path
+
+    path = tmp_path / "snapshots" / "btl-1234-abcd"
+    path.parent.mkdir()
+    assert snapshots.remove(path) is False and not list(path.parent.iterdir())  # no lock made for nothing
+    lock_path(path).touch()  # remade by a fork that lost the race with an earlier remove()
+    assert snapshots.remove(path) is False and not list(path.parent.iterdir())
