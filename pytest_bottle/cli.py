@@ -89,10 +89,7 @@ def _load_images(source: str) -> None:
     if source.endswith(".py") or os.sep in source:
         if not os.path.isfile(source):
             raise SpecError(f"--from {source}: no such file")
-        # Its directory first, as `python FILE` and pytest's conftest import have it:
-        # a conftest may import a module beside it.
-        sys.path.insert(0, os.path.dirname(os.path.abspath(source)))
-        namespace = runpy.run_path(source, run_name="__bottle_images__")
+        namespace = _run_file(os.path.abspath(source))
     else:
         sys.path.insert(0, os.getcwd())
         try:
@@ -106,6 +103,22 @@ def _load_images(source: str) -> None:
     hook = namespace.get("pytest_bottle_images")
     if callable(hook):
         register_provided(hook(), f"pytest_bottle_images() in {source}")
+
+
+def _run_file(path: str) -> dict[str, object]:
+    """Run ``path`` as pytest imports a conftest (its default "prepend" mode):
+    the first directory above it without an ``__init__.py`` goes first on
+    ``sys.path``, and a file inside a package is imported by its dotted name,
+    so its imports (``from images_def import X``, ``from tests.images_def
+    import X``, ``from .images_def import X``) work as they do under pytest."""
+    base, parts = os.path.dirname(path), [os.path.splitext(os.path.basename(path))[0]]
+    while os.path.isfile(os.path.join(base, "__init__.py")):
+        base, package = os.path.split(base)
+        parts.insert(0, package)
+    sys.path.insert(0, base)
+    if len(parts) == 1:
+        return runpy.run_path(path, run_name="__bottle_images__")
+    return vars(importlib.import_module(".".join(parts)))
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:

@@ -64,6 +64,7 @@ def test_an_unknown_name_lists_the_named_images(pytester: pytest.Pytester) -> No
         ("[Image('debian-bookworm').run('true')]", "must return named Images*got Image("),
         ("'web'", "must return a list of named Images*got 'web'"),  # not a character at a time
         ("Image('debian-bookworm').named('one')", "must return a list of named Images*got Image("),
+        ("{'web': Image('debian-bookworm').named('web')}", "must return a list of named Images*got {'web'"),
     ],
 )
 def test_the_hook_must_return_named_images(pytester: pytest.Pytester, returned: str, says: str) -> None:
@@ -74,22 +75,36 @@ def test_the_hook_must_return_named_images(pytester: pytest.Pytester, returned: 
     result.stderr.fnmatch_lines([f"*pytest_bottle_images()*{says}*"])
 
 
-def test_from_runs_a_conftest_that_imports_its_neighbour_and_names_what_is_missing(tmp_path: Path) -> None:
-    tests = tmp_path / "tests"
-    tests.mkdir()
+@pytest.mark.parametrize(
+    ("package", "importing"),
+    [
+        (False, "from images_def import APP"),
+        (True, "from tests.images_def import APP"),
+        (True, "from .images_def import APP"),
+    ],
+)
+def test_from_imports_a_conftest_as_pytest_does_and_names_what_is_missing(
+    tmp_path: Path, package: bool, importing: str
+) -> None:
+    tests = tmp_path / "project" / "tests"
+    tests.mkdir(parents=True)
+    if package:
+        (tests / "__init__.py").write_text("")
     (tests / "images_def.py").write_text(
         "from pytest_bottle import Image\nAPP = Image('debian-bookworm').named('app')\n"
     )
-    (tests / "conftest.py").write_text("from images_def import APP\n")  # as pytest imports a conftest
+    (tests / "conftest.py").write_text(importing + "\n")
+    elsewhere = tmp_path / "elsewhere"  # the working directory does not help
+    elsewhere.mkdir()
 
-    def bottle(*args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "pytest_bottle.cli", "--cache-dir", str(tmp_path / "cache"), *args]
-        return subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    def bottle(*args: str) -> subprocess.CompletedProcess[str]:  # the installed command, as a user runs it
+        argv = [str(Path(sys.executable).with_name("bottle")), "--cache-dir", str(tmp_path / "cache"), *args]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=elsewhere, timeout=60)
 
-    r = bottle("image", "key", "app", "--from", "tests/conftest.py")
+    r = bottle("image", "key", "app", "--from", str(tests / "conftest.py"))
     assert r.returncode == 0 and len(r.stdout.split()[-1]) == 16, r.stderr
     for source, says in [
-        ("tests/nope.py", "bottle: SpecError: --from tests/nope.py: no such file\n"),
+        ("nope.py", "bottle: SpecError: --from nope.py: no such file\n"),
         ("no_such_module", "bottle: SpecError: --from no_such_module: no module named 'no_such_module'"),
     ]:
         r = bottle("image", "key", "app", "--from", source)
