@@ -290,8 +290,8 @@ class Bottle:
 
     def address(self, guest_port: int) -> tuple[str, int]:
         """Host-side (address, port) of a forwarded guest TCP port."""
-        self._check_open()  # its port is released: another bottle may hold it now
         check_port(guest_port, "guest_port")
+        self._check_open()  # its port is released: another bottle may hold it now
         try:
             where = self._forwards[guest_port]
         except KeyError:

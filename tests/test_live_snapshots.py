@@ -23,7 +23,7 @@ import pytest
 from harness import TESTS_DIR, check_release, processes_mentioning, wait_until
 
 import pytest_bottle
-from pytest_bottle import Bottle, BottleError, Snapshot, SnapshotError, SnapshotGone, SpecError
+from pytest_bottle import BootTimeout, Bottle, BottleError, Snapshot, SnapshotError, SnapshotGone, SpecError
 from pytest_bottle.host.paths import default_cache_dir
 from pytest_bottle.host.sweep import sweep
 
@@ -126,16 +126,25 @@ def test_fork_takes_forward_and_timeout_only(
 
 
 @pytest.mark.bottle(forward=[8081], memory="1G")
-def test_a_tests_marker_gives_its_forks_forward_and_timeout_only(
-    prepared: Snapshot, bottle_factory: Callable[..., Bottle]
+def test_a_tests_marker_gives_its_forks_forward_only_of_its_machine_keys(
+    prepared: Snapshot, module_bottle: Bottle, bottle_factory: Callable[..., Bottle]
 ) -> None:
     fork = bottle_factory(snapshot=prepared)
-    assert fork.address(8081)[1] == 8081  # the marker's forward=, as for any bottle of the test
-    assert int(fork.check_output("awk '/MemTotal/ {print $2}' /proc/meminfo")) < 600 * 1024  # memory: the snapshot's
-    other = bottle_factory(snapshot=prepared, forward=[8082])  # the marker comes first
-    assert other.address(8081)[1] == 8081
+    fork.address(8081)  # the marker's forward=, as for any bottle of the test (BottleError if not forwarded)
+    memory = "awk '/MemTotal/ {print $2}' /proc/meminfo"
+    assert fork.check_output(memory) == module_bottle.check_output(memory)  # memory: the snapshot's, not 1G
+    other = bottle_factory(snapshot=prepared, forward=[8082])  # the marker wins over the call
+    other.address(8081)
     with pytest.raises(BottleError, match="not forwarded"):
         other.address(8082)
+
+
+@pytest.mark.bottle(timeout=0.05)
+def test_a_tests_marker_gives_its_forks_its_timeout(prepared: Snapshot, bottle_factory: Callable[..., Bottle]) -> None:
+    for kwargs in ({}, {"timeout": 120}):  # the marker's, before the call's
+        with pytest.raises(BootTimeout):
+            bottle_factory(snapshot=prepared, **kwargs)
+    assert not processes_mentioning(prepared.name)
 
 
 def test_snapshot_outlives_its_source_and_remove_is_named(bottle_factory: Callable[..., Bottle]) -> None:

@@ -276,17 +276,20 @@ def check_pull_template(value: object) -> str:
     return value
 
 
-def register_provided(provided: object, where: str = "") -> None:
+def register_provided(provided: object, source: str = "") -> None:
     """Register what a ``pytest_bottle_images()`` hook returned: named Images
-    (``SpecError`` for anything else, its message starting with ``where``)."""
+    (``SpecError`` from ``source`` for anything else)."""
     items = () if provided is None else provided
-    must = f"{where} must" if where else "must"
-    if isinstance(items, (str, bytes, Image)) or not isinstance(items, Iterable):  # not a character at a time
-        raise SpecError(f"{must} return a list of named Images (Image(...).named(NAME)), got {provided!r}")
+    if isinstance(items, (str, bytes, bytearray, Mapping, Image)) or not isinstance(items, Iterable):
+        # not a character (or a key) at a time
+        raise SpecError(f"must return a list of named Images (Image(...).named(NAME)), got {provided!r}", source)
     for image in items:
         if not isinstance(image, Image) or image.name is None:
-            raise SpecError(f"{must} return named Images (Image(...).named(NAME)), got {image!r}")
-        image.named(image.name)  # registers it (again: the same steps are fine)
+            raise SpecError(f"must return named Images (Image(...).named(NAME)), got {image!r}", source)
+        try:
+            image.named(image.name)  # registers it (again: the same steps are fine)
+        except SpecError as e:
+            raise SpecError(e.message, source) from None
 
 
 def known_names() -> list[str]:

