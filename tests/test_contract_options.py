@@ -363,9 +363,11 @@ import json, os, time
 from pathlib import Path
 
 def test_hold(bottle):
-    Path(os.environ["CONTRACT_INFO"]).write_text(json.dumps(
+    info = Path(os.environ["CONTRACT_INFO"])
+    info.with_suffix(".tmp").write_text(json.dumps(
         {"pid": os.getpid(), "name": bottle.name, "qemu": bottle.pid, "run_dir": str(bottle.console_log_path.parent)}
     ))
+    info.with_suffix(".tmp").replace(info)  # whole: the test reads it as soon as it exists
     time.sleep(600)
 """
 

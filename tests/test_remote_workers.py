@@ -47,7 +47,8 @@ OUT = Path(__file__).resolve().parent.parent / "out"  # the filesystem is shared
 def record(name, bottle, worker_id):
     rec = {"worker": worker_id, "host": socket.gethostname(), "host_id": host_identity().id,
            "bottle": bottle.name, "qemu": bottle.pid, "pid": os.getpid()}
-    (OUT / name).write_text(json.dumps(rec))
+    (OUT / (name + ".tmp")).write_text(json.dumps(rec))
+    (OUT / (name + ".tmp")).replace(OUT / name)  # whole: the test reads it as soon as it exists
 
 
 @pytest.mark.parametrize("i", range(4))
