@@ -334,7 +334,7 @@ def remove(path: Path) -> bool:
     if not path.exists() and not lock_path(path).exists():
         return False  # already gone: taking its lock would leave a lock file
     with entry_lock(path):
-        gone = remove_entry(path, "rm", forget=True)
+        gone = remove_entry(path, "rm")
         # Also when it was gone already: a fork that lost the race, or another
         # remove(), may have made the lock file again.  No snapshot takes this name again.
         lock_path(path).unlink(missing_ok=True)
