@@ -13,7 +13,7 @@ import pytest_bottle
 from pytest_bottle import Bottle
 from pytest_bottle.host.paths import default_cache_dir
 from pytest_bottle.store.seeds import SEED_VERSION, list_seeds
-from pytest_bottle.vmm.qemu import kernel_args
+from pytest_bottle.vmm.qemu import cpu_model, kernel_args
 
 
 def _identity(b: Bottle) -> dict[str, str]:
@@ -86,6 +86,7 @@ def _default_seed_name(accel: str) -> str:
         "image_built": image.manifest.get("created"),
         "seed_version": SEED_VERSION,
         "kernel_args": " ".join(kernel_args(accel)),
+        "cpu": cpu_model(accel),
         "memory_mb": 512,
         "cpus": 1,
         "nics": 1,

@@ -29,7 +29,7 @@ from typing import Any
 from ..host.paths import tree_size
 from ..images.cache import BuiltImage
 from ..vmm.accel import qemu_version
-from ..vmm.qemu import kernel_args
+from ..vmm.qemu import cpu_model, kernel_args
 from . import entries
 from .saved import SEED_VERSION, SavedState, entry_lock, list_seeds, load, remove_entry
 
@@ -57,6 +57,8 @@ def outdated(state: SavedState, image: BuiltImage | None) -> str | None:
         return f"made by {parts.get('qemu')}"
     if parts.get("kernel_args") != " ".join(kernel_args(str(parts.get("accel")))):
         return "made with an older kernel command line"
+    if parts.get("cpu") != cpu_model(str(parts.get("accel"))):
+        return f"made for CPU model {parts.get('cpu')}"
     for backing in base.disk_chain:
         if not (state.path / backing).exists():
             return f"its disk rests on {backing}, which is gone"

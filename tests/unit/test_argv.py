@@ -106,3 +106,9 @@ def test_aslr_is_off_only_under_tcg() -> None:
     kvm = build(accel="kvm")
     assert opt(tcg, "-append")[0].split()[-2:] == ["norandmaps", "tsc=reliable"]
     assert "norandmaps" not in opt(kvm, "-append")[0] and "root=/dev/vda" in opt(kvm, "-append")[0]
+
+
+def test_tcg_cpu_model_drops_erms_and_kvm_uses_the_host() -> None:
+    tcg, kvm = build(accel="tcg"), build(accel="kvm")
+    assert "erms=off" in opt(tcg, "-cpu")[0].split(",") and opt(tcg, "-cpu")[0].startswith("max,")
+    assert opt(kvm, "-cpu") == ["host"]

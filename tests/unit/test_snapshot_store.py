@@ -339,3 +339,25 @@ def test_removing_a_gone_snapshot_leaves_no_lock_file(tmp_path: Path) -> None:
     assert snapshots.remove(path) is False and not list(path.parent.iterdir())  # no lock made for nothing
     lock_path(path).touch()  # remade by a fork that lost the race with an earlier remove()
     assert snapshots.remove(path) is False and not list(path.parent.iterdir())
+
+
+def test_a_seed_of_another_cpu_model_or_kernel_line_is_outdated(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pytest_bottle.store.gc import outdated
+    from pytest_bottle.store.seeds import SEED_VERSION
+    from pytest_bottle.vmm.qemu import cpu_model, kernel_args
+
+    image = SimpleNamespace(key="k", manifest={"created": 5.0})
+    current = {
+        "seed_version": SEED_VERSION, "image": "img", "image_key": "k", "image_built": 5.0, "qemu": qemu_version(),
+        "accel": "tcg", "cpu": cpu_model("tcg"), "kernel_args": " ".join(kernel_args("tcg")),
+    }  # fmt: skip
+    for name, parts, why in [
+        ("now", current, None),
+        ("cpu", {**current, "cpu": "max,la57=off,svm=off,vmx=off"}, "made for CPU model max,la57=off,svm=off,vmx=off"),
+        ("args", {**current, "kernel_args": "console=ttyS0"}, "made with an older kernel command line"),
+    ]:
+        state = load(entry(tmp_path / "seeds" / name, key_parts=parts))
+        assert state is not None
+        assert outdated(state, image) == why, name  # type: ignore[arg-type]
