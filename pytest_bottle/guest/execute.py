@@ -8,6 +8,7 @@ fork path under emulation; a ``user`` or ``cwd`` falls back to ``subprocess``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import select
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -101,6 +102,44 @@ class SpawnFailed(Exception):
         self.message = message
 
 
+# The agent runs out of the OOM killer's reach and at a raised priority
+# (bottle-agent.service).  Its commands must get neither: with the OOM score
+# inherited, a test's memory hog left the OOM killer nothing to kill (a
+# kernel panic instead of the hog's SIGKILL).
+_PLAIN = threading.Lock()
+_oom_fd: list[int] = []
+
+
+@contextlib.contextmanager
+def plain_child() -> Iterator[None]:
+    """Around a spawn: the calling thread's nice and the agent's OOM score at
+    their defaults, so the child starts with them; restored after."""
+    with _PLAIN:
+        if not _oom_fd:
+            try:
+                _oom_fd.append(os.open("/proc/self/oom_score_adj", os.O_RDWR | os.O_CLOEXEC))
+            except OSError:
+                _oom_fd.append(-1)
+        nice, adj = os.getpriority(os.PRIO_PROCESS, 0), b"0"
+        # Where they are not ours to change (the agent's tests on the host),
+        # children get what we have.
+        with contextlib.suppress(OSError):
+            adj = os.pread(_oom_fd[0], 16, 0).strip() if _oom_fd[0] >= 0 else b"0"
+            if adj != b"0":
+                os.pwrite(_oom_fd[0], b"0", 0)
+        with contextlib.suppress(OSError):
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, 0, 0)  # this thread only: the one that spawns
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                if adj != b"0":
+                    os.pwrite(_oom_fd[0], adj, 0)
+                if nice:
+                    os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def spawn(argv: list[str], env_add: dict[str, str], cwd: str | None, user: str | int | None, stdin: bool) -> Child:
     env = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "HOME": HOME, "USER": "root", "LOGNAME": "root"}
     ids: dict[str, Any] = {}
@@ -114,9 +153,10 @@ def spawn(argv: list[str], env_add: dict[str, str], cwd: str | None, user: str |
             raise SpawnFailed(2, f"cannot change directory to {cwd}: Permission denied\n")
     env.update(env_add)
     try:
-        if ids or (cwd not in (None, HOME)):
-            return _popen(argv, env, cwd or HOME, ids, stdin)
-        return _posix_spawn(argv, env, stdin)
+        with plain_child():
+            if ids or (cwd not in (None, HOME)):
+                return _popen(argv, env, cwd or HOME, ids, stdin)
+            return _posix_spawn(argv, env, stdin)
     except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
         where = e.filename if e.filename is not None else argv[0]
         if cwd and where == cwd:

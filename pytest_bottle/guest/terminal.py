@@ -157,9 +157,10 @@ class ProcessOps:
             set_size(master, int(call.get("rows") or 24), int(call.get("cols") or 80))
             actions = [(os.POSIX_SPAWN_DUP2, slave, fd) for fd in (0, 1, 2)]
             wrapped = ["/bin/sh", "-c", CTTY_WRAPPER, os.ttyname(slave), *argv]
-            pid = os.posix_spawn(
-                "/bin/sh", wrapped, env, file_actions=actions, setsid=True, setsigdef=DEFAULT_SIGNALS, setsigmask=()
-            )
+            with execute.plain_child():
+                pid = os.posix_spawn(
+                    "/bin/sh", wrapped, env, file_actions=actions, setsid=True, setsigdef=DEFAULT_SIGNALS, setsigmask=()
+                )
         except BaseException:
             os.close(master)
             raise

@@ -31,6 +31,9 @@ ExecStart=/usr/bin/python3 -u -S -m agent
 Restart=always
 RestartSec=0
 OOMScoreAdjust=-1000
+# Its commands run in its cgroup: the OOM killer ending a test's memory hog
+# must not make systemd stop (and restart) the agent, the default policy.
+OOMPolicy=continue
 # On one emulated CPU the rest of the boot would otherwise starve it.
 Nice=-15
 

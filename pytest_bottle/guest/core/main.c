@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -258,6 +259,14 @@ static void start(int argc, char **argv) {
     }
     if (chdir(HOME)) say("bottle-agent-core: cannot chdir to /root");
     if (setenv("PATH", DEFAULT_PATH, 1)) oom(); /* what posix_spawnp searches */
+    /* Commands must not inherit the agent's OOM protection and raised
+     * priority (bottle-agent.service): a test's memory hog would leave the OOM
+     * killer nothing to kill.  The core needs neither: the OOM killer picks by
+     * size, and it starts once the boot is over (a seed's last step). */
+    if (setpriority(PRIO_PROCESS, 0, 0)) say("bottle-agent-core: cannot reset its priority");
+    int adj = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+    if (adj < 0 || write(adj, "0", 1) != 1) say("bottle-agent-core: cannot reset its OOM score");
+    if (adj >= 0) close(adj);
     port_init();
     setup_preopen();
     exec_preopen();

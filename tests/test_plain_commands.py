@@ -1,0 +1,45 @@
+"""A test's commands run as ordinary processes: the agent is out of the OOM
+killer's reach and at a raised priority (bottle-agent.service), but what it
+starts gets neither, whichever side serves it (the compiled core after a
+restore, the Python agent after the handback, a cold boot, a terminal)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_bottle import Bottle
+
+SHOW = "echo $(nice) $(cat /proc/self/oom_score_adj)"
+# Memory until the OOM killer ends it: ~16 MiB a step, each page written.
+HOG = ["python3", "-c", "x = []\nwhile True: x.append(bytearray(16 << 20))"]
+
+
+def _agent(b: Bottle) -> str:
+    """The serving agent's comm, nice and OOM score (this command's parent)."""
+    return b.check_output("echo $(cat /proc/$PPID/comm) $(ps -o ni= -p $PPID) $(cat /proc/$PPID/oom_score_adj)")
+
+
+def test_commands_get_the_default_priority_and_oom_score_on_every_path(bottle_factory) -> None:  # type: ignore[no-untyped-def]
+    b = bottle_factory()
+    assert b.check_output(SHOW) == "0 0\n"  # a clone's first commands: the core (or the agent without one)
+    assert b.check_output(SHOW, user="nobody") == "0 0\n"  # the Python agent (Popen)
+    assert b.check_output(SHOW) == "0 0\n"  # the Python agent (posix_spawn)
+    with b.spawn(["sh", "-c", SHOW + "; sleep 60"]) as p:
+        p.wait_for_output("\n", timeout=60)
+        assert p.stdout == "0 0\n"
+    # ...while the Python agent itself keeps both, after all those spawns
+    assert _agent(b).split() == ["python3", "-15", "-1000"]
+    cold = bottle_factory(boot="cold")
+    assert cold.check_output(SHOW) == "0 0\n"
+    assert _agent(cold).split() == ["python3", "-15", "-1000"]
+
+
+@pytest.mark.parametrize("side", ["first command", "python agent"])
+def test_a_memory_hog_is_killed_by_the_oom_killer_and_the_bottle_lives_on(bottle_factory, side: str) -> None:  # type: ignore[no-untyped-def]
+    b = bottle_factory()
+    extra = {"cwd": "/tmp"} if side == "python agent" else {}  # cwd=: a call only the Python agent serves
+    r = b.exec(HOG, timeout=300, **extra)
+    assert r.returncode == -9, (r, b.console_log[-2000:])
+    assert "Kernel panic" not in b.console_log
+    assert b.check_output("echo alive") == "alive\n"
+    assert b.exec("journalctl -k --no-pager | grep -c 'Killed process'").stdout.strip() != "0"
