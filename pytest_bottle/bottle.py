@@ -208,6 +208,7 @@ class Bottle:
     def wait_until_succeeds(self, cmd: Command, timeout: float = 60.0, **kw: Any) -> ExecResult:
         """Run ``cmd`` until it exits 0 (with backoff); raise ``WaitTimeout`` after ``timeout`` s,
         naming the last try.  A failing try never raises (``check=`` is ignored)."""
+        check_timeout(timeout, optional=False)  # the total wait: a number, not None
         kw.pop("check", None)
         return until_succeeds(
             lambda left: self.exec(cmd, timeout=left, **kw), timeout, f"{cmd!r} succeeding in {self.name}"
@@ -216,6 +217,7 @@ class Bottle:
     def wait_for_port(self, port: int, timeout: float = 60.0) -> None:
         """Wait until something in the guest listens on TCP ``port``."""
         check_port(port)
+        check_timeout(timeout, optional=False)
         if poll(lambda: port in self._agent.listening(timeout=30).ports, timeout):
             return
         raise WaitTimeout(f"a listener on TCP port {port} in {self.name}", timeout)
