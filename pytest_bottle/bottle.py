@@ -121,8 +121,9 @@ class Bottle:
         return not self._closed and self._machine.alive() and not self._channel.closed.is_set()
 
     def vm_running(self) -> bool:
-        """True while its QEMU runs, whatever its agent does (``keep()`` keeps such a VM for SSH)."""
-        return not self._closed and self._machine.alive()
+        """True while its QEMU runs, whatever its agent does (``keep()`` keeps such a VM for SSH).
+        A kept bottle's QEMU runs on, still our child: ``alive()`` reaps it once it is gone."""
+        return (self.kept or not self._closed) and self._machine.alive()
 
     @property
     def console_log(self) -> str:
@@ -390,6 +391,8 @@ class Bottle:
                 return
             self._closed = True
             self.kept = True
+        # Before the hand-over: moving the agent to its socket shows our end an EOF.
+        self._channel.closing = f"bottle {self.name} was kept: reach it with `bottle shell {self.name}`"
         self._resources.hand_over(self._machine)
         self._channel.close()
         self._machine.disconnect()  # our end only: the VM runs on
