@@ -15,10 +15,15 @@ from .errors import SpecError
 GuestPath = Union[str, "os.PathLike[str]"]
 
 
-def check_timeout(timeout: float | None) -> None:
-    number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-    if timeout is not None and not (number and 0 < timeout < 1e9):  # also rejects inf and nan
-        raise SpecError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+def check_timeout(timeout: float | None, *, optional: bool = True) -> None:
+    """A timeout in seconds; None (no deadline) only where ``optional``: the
+    waiting helpers need one (``GuestProcess.wait`` excepted)."""
+    if timeout is None:
+        if optional:
+            return
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout < 1e9:
+        return  # (the comparison also rejects inf and nan)
+    raise SpecError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
 
 
 def check_days(days: float, where: str) -> None:

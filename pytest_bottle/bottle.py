@@ -121,8 +121,9 @@ class Bottle:
         return not self._closed and self._machine.alive() and not self._channel.closed.is_set()
 
     def vm_running(self) -> bool:
-        """True while its QEMU runs, whatever its agent does (``keep()`` keeps such a VM for SSH)."""
-        return not self._closed and self._machine.alive()
+        """True while its QEMU runs, whatever its agent does (``keep()`` keeps such a VM for SSH).
+        A kept bottle's QEMU runs on, still our child: ``alive()`` reaps it once it is gone."""
+        return (self.kept or not self._closed) and self._machine.alive()
 
     @property
     def console_log(self) -> str:
@@ -208,6 +209,7 @@ class Bottle:
     def wait_until_succeeds(self, cmd: Command, timeout: float = 60.0, **kw: Any) -> ExecResult:
         """Run ``cmd`` until it exits 0 (with backoff); raise ``WaitTimeout`` after ``timeout`` s,
         naming the last try.  A failing try never raises (``check=`` is ignored)."""
+        check_timeout(timeout, optional=False)  # the total wait: a number, not None
         kw.pop("check", None)
         return until_succeeds(
             lambda left: self.exec(cmd, timeout=left, **kw), timeout, f"{cmd!r} succeeding in {self.name}"
@@ -216,6 +218,7 @@ class Bottle:
     def wait_for_port(self, port: int, timeout: float = 60.0) -> None:
         """Wait until something in the guest listens on TCP ``port``."""
         check_port(port)
+        check_timeout(timeout, optional=False)
         if poll(lambda: port in self._agent.listening(timeout=30).ports, timeout):
             return
         raise WaitTimeout(f"a listener on TCP port {port} in {self.name}", timeout)
@@ -388,6 +391,8 @@ class Bottle:
                 return
             self._closed = True
             self.kept = True
+        # Before the hand-over: moving the agent to its socket shows our end an EOF.
+        self._channel.closing = f"bottle {self.name} was kept: reach it with `bottle shell {self.name}`"
         self._resources.hand_over(self._machine)
         self._channel.close()
         self._machine.disconnect()  # our end only: the VM runs on

@@ -25,7 +25,7 @@ from .agent.calls import Call
 from .agent.client import AgentClient
 from .agent.replies import ExecReply
 from .agent.streams import OutputTail
-from .arguments import check_signal
+from .arguments import check_signal, check_timeout
 from .errors import AgentError, AgentTimeout, BottleError, ExecTimeout, OutputTimeout, ProcessTimeout
 from .guest.frames import STARTED, STDERR, STDOUT
 from .results import Command, ExecResult, to_argv
@@ -205,6 +205,7 @@ class GuestProcess:
         """Wait for the end; ``ProcessTimeout`` (an ``ExecTimeout``) if it still
         runs after ``timeout`` seconds; it keeps running then."""
         assert self._call is not None
+        check_timeout(timeout)  # None: no deadline
         deadline = None if timeout is None else time.monotonic() + timeout
         channel = self._agent.channel
         while self.poll() is None:
@@ -236,6 +237,7 @@ class GuestProcess:
         if stream is not None and stream not in tails:
             raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
         chosen = [tails[stream]] if stream else list(tails.values())
+        check_timeout(timeout, optional=False)
         deadline = time.monotonic() + timeout
         searched = [0] * len(chosen)  # stream offsets searched up to
         while True:

@@ -93,6 +93,32 @@ def test_empty_argv_and_bad_timeouts_are_refused_before_anything_runs(module_bot
     assert (len(module_bottle.history), list(module_bottle.history)[-1:]) == before  # nothing was sent
 
 
+# A bad timeout must not wait: nan waited forever, None and "1" were a TypeError.
+BAD_WAITS: tuple[object, ...] = ("1", "3", float("nan"), float("inf"), -float("inf"), 0, -1, True)
+
+
+@pytest.mark.timeout(120)  # the old code waited forever for nan
+def test_the_waiting_helpers_refuse_a_bad_timeout_at_once(module_bottle: Bottle) -> None:
+    b = module_bottle
+    with b.spawn("sleep 600") as p:
+        before = list(b.history)
+        started = time.monotonic()
+        for bad in BAD_WAITS:
+            with pytest.raises(SpecError, match="timeout must be a positive, finite number of seconds"):
+                p.wait(bad)  # type: ignore[arg-type]
+        for bad in (*BAD_WAITS, None):
+            with pytest.raises(SpecError, match="timeout must be a positive, finite number of seconds"):
+                p.wait_for_output("never", bad)  # type: ignore[arg-type]
+            with pytest.raises(SpecError, match="timeout must be a positive, finite number of seconds"):
+                b.wait_for_port(22, bad)  # type: ignore[arg-type]
+            with pytest.raises(SpecError, match="timeout must be a positive, finite number of seconds"):
+                b.wait_until_succeeds("true", bad)  # type: ignore[arg-type]
+        assert time.monotonic() - started < 5  # at once: no try was made, nothing waited
+        assert list(b.history) == before  # no command ran
+        assert p.poll() is None  # wait() gave up on nothing: the process runs on
+        assert p.kill().wait(None).returncode == -9  # None: no deadline, as documented
+
+
 def test_bad_env_mode_and_port_are_refused_before_anything_is_sent(module_bottle: Bottle) -> None:
     b = module_bottle
     d = _scratch(b)

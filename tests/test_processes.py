@@ -22,7 +22,7 @@ import pytest
 from harness import check_release, wait_until
 
 import pytest_bottle
-from pytest_bottle import Bottle, BottleError, GuestProcess, OutputTimeout, ProcessTimeout
+from pytest_bottle import AgentError, Bottle, BottleError, GuestProcess, OutputTimeout, ProcessTimeout
 from pytest_bottle.guest.terminal import set_size
 
 
@@ -414,6 +414,24 @@ def test_keep_keeps_a_running_vm_whose_agent_is_gone(stop_kept: list[str]) -> No
     b.keep()
     assert b.kept and psutil.Process(b.pid).is_running()
     assert b.ssh("hostname", timeout=60).stdout == f"{b.name}\n"
+
+
+def test_a_kept_bottle_is_running_and_its_calls_say_it_was_kept(stop_kept: list[str]) -> None:
+    b = pytest_bottle.launch(detached=True)
+    stop_kept.append(b.name)
+    b.keep()
+    assert b.kept and b.closed and not b.alive()
+    assert b.vm_running() and psutil.Process(b.pid).is_running()  # its QEMU runs on, kept
+    said = rf"bottle {b.name} was kept: reach it with `bottle shell {b.name}`"
+    with pytest.raises(AgentError, match=said):
+        b.exec("true")
+    with pytest.raises(AgentError, match=said):
+        b.read_text("/etc/hostname")
+    stop = subprocess.run(
+        [sys.executable, "-m", "pytest_bottle.cli", "stop", b.name], capture_output=True, text=True, timeout=120
+    )
+    assert stop.returncode == 0, stop.stderr
+    wait_until(lambda: not b.vm_running(), 60, "vm_running() is False once its QEMU is gone")
 
 
 def test_bottle_shell_refuses_a_bottle_that_is_not_kept(module_bottle: Bottle) -> None:

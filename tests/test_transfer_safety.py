@@ -756,6 +756,19 @@ def test_put_of_a_fifo_is_refused_by_name(local_agent: AgentChannel, tmp_path: P
     assert local_agent.call("hello", timeout=10)["version"]
 
 
+def test_put_refuses_a_fifo_as_tar_meets_it_before_sending_anything(local_agent: AgentChannel, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "file").write_text("x")
+    os.mkfifo(src / "a" / "x-fifo")  # in tar's order, before ./b-fifo
+    os.mkfifo(src / "b-fifo")
+    with pytest.raises(UnsafeTransfer, match=r"put\(\) refused '\./a/x-fifo': a fifo"):
+        send_tree(local_agent, src, str(tmp_path / "dst"))
+    with pytest.raises(UnsafeTransfer, match=r"put\(\) refused '\./b-fifo': a fifo"):
+        send_tree(local_agent, src, str(tmp_path / "dst"), skip=frozenset({"a"}))  # skipped as tar skips it
+    assert not (tmp_path / "dst").exists()  # nor ./a/file
+
+
 # -- real bottle -----------------------------------------------------------------
 
 
@@ -788,6 +801,41 @@ def test_get_refuses_devices_and_links_out_from_a_real_guest(module_bottle: Bott
         module_bottle.get("/dev/zero", tmp_path / "zero")
     assert not (tmp_path / "zero").exists()
     assert module_bottle.check_output("echo still here") == "still here\n"
+
+
+def test_put_of_a_tree_with_a_fifo_or_socket_creates_nothing_in_a_real_guest(
+    module_bottle: Bottle, tmp_path: Path
+) -> None:
+    dst = f"/tmp/put-special-{os.urandom(6).hex()}"
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in "abcdefgh":  # sent, and written in the guest, before the fifo's turn came
+        (src / name).write_text(name)
+    os.mkfifo(src / "zz-fifo")
+    with pytest.raises(UnsafeTransfer) as info:
+        module_bottle.put(str(src), dst)
+    e = info.value
+    assert (e.path, e.reason, e.op, e.skipped) == (
+        "./zz-fifo", "a fifo: only files, directories and links are copied", "put", ()
+    )  # fmt: skip
+    assert str(e) == "put() refused './zz-fifo': a fifo: only files, directories and links are copied"
+    assert module_bottle.exec(["test", "-e", dst]).returncode == 1  # nothing was created, not a..h
+    os.unlink(src / "zz-fifo")
+    with socket.socket(socket.AF_UNIX) as sock:  # tarfile left a socket out: the rest was copied
+        sock.bind(str(tmp_path / "s"))  # a short path (sun_path), moved into the tree
+        (src / "sub").mkdir()
+        os.rename(tmp_path / "s", src / "sub" / "sock")
+        with pytest.raises(UnsafeTransfer, match=r"refused '\./sub/sock': a socket: only files") as info:
+            module_bottle.put(src, dst)
+    assert (info.value.path, info.value.op) == ("./sub/sock", "put")
+    assert module_bottle.exec(["test", "-e", dst]).returncode == 1  # nothing was created
+    os.unlink(src / "sub" / "sock")
+    os.mkfifo(tmp_path / "outside-fifo")
+    (src / "sub" / "link").symlink_to(tmp_path / "outside-fifo")  # a link is copied as a link, not followed
+    module_bottle.put(src, dst)
+    assert module_bottle.check_output(["readlink", f"{dst}/sub/link"]) == f"{tmp_path / 'outside-fifo'}\n"
+    assert module_bottle.read_text(f"{dst}/h") == "h"
+    module_bottle.check_output(["rm", "-r", dst])
 
 
 def test_put_into_a_real_guest_follows_merged_usr(module_bottle: Bottle, tmp_path: Path) -> None:

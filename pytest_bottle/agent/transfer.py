@@ -60,6 +60,10 @@ def put(agent: AgentClient, src: Path, dst: str, timeout: float | None, skip: fr
 def send_tree(agent: Agent, src: Path, dst: str, skip: frozenset[str] = frozenset()) -> None:
     """Copy the contents of local directory ``src`` into guest directory ``dst``
     (but for entries named in ``skip``)."""
+    top = os.path.realpath(src)  # a symlink to a directory copies the directory, like cp -r src/. dst
+    special = _special_member(top, ".", skip)
+    if special is not None:  # refused before the call: nothing is created in the guest
+        raise UnsafeTransfer(*special, "put")
     client = AgentClient.of(agent)
     channel = client.channel
     rid, call = client.start_untar(dst)
@@ -69,9 +73,8 @@ def send_tree(agent: Agent, src: Path, dst: str, skip: frozenset[str] = frozense
         return None if info.name != "." and posixpath.basename(info.name) in skip else _root_owned(info)
 
     def stream() -> Iterator[bytes]:
-        # A symlink to a directory copies the directory, like cp -r src/. dst
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-            tar.add(os.path.realpath(src), arcname=".", filter=member)
+            tar.add(top, arcname=".", filter=member)
         writer.flush()
         yield b""
 
@@ -79,6 +82,40 @@ def send_tree(agent: Agent, src: Path, dst: str, skip: frozenset[str] = frozense
     refused = client.untar_reply(call, "put").refused
     if refused is not None:
         raise UnsafeTransfer(*refused, "put")
+
+
+# What put() refuses, named as the guest names it (``guest.tarstream.REFUSED_KINDS``);
+# tarfile would leave a socket out silently.
+SPECIAL_KINDS = {
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a fifo",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _special_member(path: str, name: str, skip: frozenset[str]) -> tuple[str, str] | None:
+    """The first device, fifo or socket under ``path`` as ``tar.add`` would meet
+    it (sorted, links not followed, ``skip`` left out): its archive name and the
+    guest's reason.  One scandir a directory; its entry types cost no stat."""
+    try:
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return None  # unreadable: tar meets it too, and says so
+    for entry in entries:
+        if entry.name in skip:
+            continue
+        member = f"{name}/{entry.name}"
+        if entry.is_dir(follow_symlinks=False):
+            found = _special_member(entry.path, member, skip)
+            if found is not None:
+                return found
+        elif not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+            what = SPECIAL_KINDS.get(stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode), "not a file")
+            shown = os.fsencode(member).decode("utf-8", "backslashreplace")  # as the guest shows a name
+            return shown, f"{what}: only files, directories and links are copied"
+    return None
 
 
 def fetch(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar.GET, *, into: bool = False) -> None:
