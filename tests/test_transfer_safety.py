@@ -769,6 +769,37 @@ def test_put_refuses_a_fifo_as_tar_meets_it_before_sending_anything(local_agent:
     assert not (tmp_path / "dst").exists()  # nor ./a/file
 
 
+def test_put_of_a_fifo_itself_is_refused_without_waiting_for_a_writer(
+    local_agent: AgentChannel, tmp_path: Path
+) -> None:
+    from pytest_bottle.agent.client import AgentClient
+    from pytest_bottle.agent.transfer import put
+
+    os.mkfifo(tmp_path / "pipe")
+    done: list[BaseException] = []
+    t = threading.Thread(
+        target=lambda: _catch(
+            done, lambda: put(AgentClient.of(local_agent), tmp_path / "pipe", str(tmp_path / "dst"), 10)
+        )
+    )
+    t.start()
+    t.join(10)
+    if t.is_alive():  # it hangs in open(): give it its writer, then fail
+        with open(tmp_path / "pipe", "wb"):
+            pass
+        t.join(10)
+        pytest.fail("put() of a fifo waited for a writer")
+    assert isinstance(done[0], UnsafeTransfer) and "a fifo" in str(done[0]) and done[0].op == "put", done
+    assert not (tmp_path / "dst").exists()
+
+
+def _catch(into: list[BaseException], fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except BaseException as e:  # handed to the test thread
+        into.append(e)
+
+
 # -- real bottle -----------------------------------------------------------------
 
 

@@ -50,6 +50,9 @@ def put(agent: AgentClient, src: Path, dst: str, timeout: float | None, skip: fr
         with agent.deadline(timeout):  # dst and its parents are made as the tar stream says
             send_tree(agent, src, dst.rstrip("/") or "/", skip)
         return
+    if not stat.S_ISREG(st.st_mode):  # opening a fifo would wait for a writer forever
+        what = SPECIAL_KINDS.get(stat.S_IFMT(st.st_mode), "not a file")
+        raise UnsafeTransfer(str(src), f"{what}: only files, directories and links are copied", "put")
     if dst.endswith("/"):
         dst += src.name
     with open(src, "rb") as f:
