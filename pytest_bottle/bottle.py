@@ -232,6 +232,8 @@ class Bottle:
 
         ``timeout`` (seconds, default ``FILE_TIMEOUT``; None: no deadline) bounds
         the whole call; past it ``AgentTimeout`` is raised and nothing is written."""
+        if isinstance(data, str):  # the mirror of write_text's check (memoryview said less)
+            raise TypeError("write_bytes takes bytes, not str (write_text takes a str)")
         raw = raw_path(path)
         path = guest_path(path)
         check_timeout(timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,7 +107,7 @@ class ExecError(BottleError):
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
-        msg = f"command {args!r} exited with {returncode}"
+        msg = f"command {args!r} {_ended(returncode)}"
         if stderr.strip():
             msg += "\n--- stderr ---\n" + stderr[-2000:]
         elif stdout.strip():
@@ -120,6 +121,16 @@ class ExecError(BottleError):
 
     def _args(self) -> dict[str, Any]:
         return {"args": self.cmd, "returncode": self.returncode, "stdout": self.stdout, "stderr": self.stderr}
+
+
+def _ended(returncode: int) -> str:
+    """How a command ended, as a shell user reads it: a negative code is a signal."""
+    if returncode >= 0:
+        return f"exited with {returncode}"
+    try:
+        return f"was killed by {signal.Signals(-returncode).name} ({returncode})"
+    except ValueError:  # a real-time signal has no name
+        return f"was killed by signal {-returncode} ({returncode})"
 
 
 class ExecTimeout(BottleError, TimeoutError):
@@ -286,15 +297,23 @@ class OutputTimeout(WaitTimeout):
     and ``stderr`` hold what was seen."""
 
     def __init__(
-        self, pattern: str, timeout: float, stdout: str = "", stderr: str = "", returncode: int | None = None
+        self,
+        pattern: str,
+        timeout: float,
+        stdout: str = "",
+        stderr: str = "",
+        returncode: int | None = None,
+        lost: str = "",
     ) -> None:
         self.pattern = pattern
         self.stdout = stdout
         self.stderr = stderr
         self.returncode = returncode
+        self.lost = lost  # why it ended without an exit of its own (its bottle closed)
         ended = f"; the process ended ({returncode}) first" if returncode is not None else ""
+        ended = f"; the process was lost first ({lost})" if lost else ended
         seen = f"stdout: {stdout[-1000:]!r}; stderr: {stderr[-1000:]!r}"
-        super().__init__(f"output matching {pattern!r}", timeout, "")
+        super().__init__(f"output matching '{pattern}'", timeout, "")  # as given: repr doubles backslashes
         self.message += f"{ended}; {seen}"
 
     def _args(self) -> dict[str, Any]:
@@ -304,6 +323,7 @@ class OutputTimeout(WaitTimeout):
             "stdout": self.stdout,
             "stderr": self.stderr,
             "returncode": self.returncode,
+            "lost": self.lost,
         }
 
 

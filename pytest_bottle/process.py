@@ -255,7 +255,7 @@ class GuestProcess:
             if ended or left <= 0:
                 rc = self.poll() if ended else None
                 shown = pattern if isinstance(pattern, str) else pattern.pattern  # as given, not escaped
-                raise OutputTimeout(shown, timeout, self.stdout, self.stderr, rc)
+                raise OutputTimeout(shown, timeout, self.stdout, self.stderr, rc, self.lost if ended else "")
             # At most SEARCH_RATE looks a second: a chatty process wakes us per chunk.
             time.sleep(max(0.0, min(left, looked + 1 / SEARCH_RATE - time.monotonic())))
             with self._cond:

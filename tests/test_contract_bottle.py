@@ -192,6 +192,8 @@ def test_commands_given_as_bytes_run_as_their_text(module_bottle: Bottle) -> Non
         b.exec("true", timeout="5")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="write_bytes"):
         b.write_text(f"{_scratch(b)}/f", b"x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="write_text"):
+        b.write_bytes(f"{_scratch(b)}/f", "x")  # type: ignore[arg-type]
 
 
 def test_not_executable_is_126(module_bottle: Bottle) -> None:

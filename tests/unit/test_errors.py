@@ -70,3 +70,14 @@ def test_messages_carry_the_facts() -> None:
     assert "E: worse" in str(E.ImageBuildError("x", "failed", "E: worse"))
     e = E.ExecError(["ls", "/nope"], 2, "", "No such file")
     assert e.returncode == e.rc == 2 and "No such file" in str(e)
+
+
+def test_messages_name_a_signal_and_show_a_pattern_as_given() -> None:
+    assert "exited with 3" in str(E.ExecError("x", 3))
+    assert "was killed by SIGKILL (-9)" in str(E.ExecError("x", -9))
+    assert "was killed by signal 40 (-40)" in str(E.ExecError("x", -40))
+    e = E.OutputTimeout(r"listening on (\d+)", 5.0, returncode=-9, lost="the bottle was closed")
+    assert r"output matching 'listening on (\d+)'" in str(e)
+    assert "the process was lost first (the bottle was closed)" in str(e)
+    again = pickle.loads(pickle.dumps(e))
+    assert (again.lost, again.returncode, str(again)) == (e.lost, -9, str(e))
