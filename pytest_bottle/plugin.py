@@ -37,7 +37,17 @@ from .usage import BottleLockTimeout as BottleLockTimeout
 from .usage import InvalidBottleArgument as InvalidBottleArgument
 from .usage import UnknownBottleImage as UnknownBottleImage
 from .usage import UnsafeBottleDirectory as UnsafeBottleDirectory
-from .usage import getini, ini_type, marker_layer, marker_layers, prestart, resolve_layers, set_value, source_of
+from .usage import (
+    check_cache_dir,
+    getini,
+    ini_type,
+    marker_layer,
+    marker_layers,
+    prestart,
+    resolve_layers,
+    set_value,
+    source_of,
+)
 from .vmm import accel as accel_mod
 
 log = logging.getLogger(__name__)
@@ -167,6 +177,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise InvalidBottleArgument(e.message, e.source) from None
     config.pluginmanager.register(matrix, "bottle-matrix")
     first = resolve_layers([("command line", cli), ("ini file", ini)])  # fail fast on a bad option
+    check_cache_dir([("command line", cli), ("ini file", ini)], first.cache_dir)
 
     def flag(name: str) -> bool:
         value = config.getoption(f"bottle_{name}")

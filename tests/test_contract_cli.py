@@ -309,6 +309,25 @@ def test_ctrl_c_stops_the_bottle_and_gives_130(seed: SavedState) -> None:
     assert record.name not in {r.name for r in RunRecord.load_all()}
 
 
+def test_an_unusable_cache_dir_is_a_bottle_error(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    mine = {r.name for r in RunRecord.load_all() if r.owner_pid == os.getpid()}
+    for cache, reason in (
+        (Path("/proc/x"), "it cannot be made (No such file or directory)"),
+        (afile / "sub", f"{afile} on its path is not a directory"),
+    ):
+        message = f"refusing to use {cache}: {reason};"
+        r = cli("run", "--", "true", cache=cache)  # one line, not an OSError's traceback
+        assert (r.returncode, r.stdout) == (1, "") and r.stderr.startswith(f"bottle: UnsafeDirectory: {message}")
+        assert "Traceback" not in r.stderr, r.stderr
+        with pytest.raises(pytest_bottle.UnsafeDirectory) as e:
+            pytest_bottle.launch(cache_dir=cache)
+        assert isinstance(e.value, pytest_bottle.BottleError) and str(e.value).startswith(message), e.value
+    assert afile.read_text() == "" and list(tmp_path.iterdir()) == [afile]  # nothing made, nothing left
+    assert {r.name for r in RunRecord.load_all() if r.owner_pid == os.getpid()} == mine
+
+
 @pytest.fixture
 def isolated(seed: SavedState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A run-state directory and a cache of this test's own, so that `sweep --kept`
