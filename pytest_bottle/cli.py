@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import runpy
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from . import snapshot_cli, transfer_cli
 from .arguments import check_days, check_timeout
 from .errors import BottleError, ImageNotFound, SpecError
 from .host import deps as hostdeps
-from .host import progress
+from .host import progress, signals
 from .host.paths import default_cache_dir, state_dir, tree_size
 from .host.runstate import RunRecord
 from .host.sweep import SweepReport, stop_vm, sweep
@@ -384,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     if args.fn is not cmd_run:  # progress goes with the stage lines on stdout; run's stdout is the guest's
         progress.install(progress.Reporter(progress.cli_sink))
+    if args.fn in (cmd_run, cmd_shell):  # they hold a VM: `timeout`, `kill` or a closed terminal must stop it
+        signals.unwind_on(signal.SIGTERM, signal.SIGHUP)
     try:
         rc = int(args.fn(args))
         sys.stdout.flush()  # a short listing sits in the buffer: a closed pipe shows here, not at exit
@@ -391,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     except BottleError as e:
         print(f"bottle: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        return signals.exit_status(e)
     except BrokenPipeError:  # `bottle image list | head`: the reader has had enough
         # Python's own flush at exit would fail again and say so.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

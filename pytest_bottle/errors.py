@@ -247,7 +247,8 @@ class SpecError(BottleError, ValueError):
 
 
 class UnsafeDirectory(BottleError):
-    """A state or cache directory another user could control: wrong owner, a symlink, or open to others."""
+    """A state or cache directory another user could control (wrong owner, a symlink, open to others),
+    or one that cannot be made or is not a directory."""
 
     def __init__(self, path: str, reason: str, hint: str = "") -> None:
         self.path = path

@@ -8,11 +8,8 @@ which imports without pytest.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import signal
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +20,7 @@ import pytest
 from . import matrix, workers
 from .bottle import Bottle
 from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
+from .host import signals
 from .images import BuiltImage, ensure_image
 from .images.image import register_provided
 from .lifecycle.manager import BottleManager
@@ -37,7 +35,17 @@ from .usage import BottleLockTimeout as BottleLockTimeout
 from .usage import InvalidBottleArgument as InvalidBottleArgument
 from .usage import UnknownBottleImage as UnknownBottleImage
 from .usage import UnsafeBottleDirectory as UnsafeBottleDirectory
-from .usage import getini, ini_type, marker_layer, marker_layers, prestart, resolve_layers, set_value, source_of
+from .usage import (
+    check_cache_dir,
+    getini,
+    ini_type,
+    marker_layer,
+    marker_layers,
+    prestart,
+    resolve_layers,
+    set_value,
+    source_of,
+)
 from .vmm import accel as accel_mod
 
 log = logging.getLogger(__name__)
@@ -167,6 +175,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise InvalidBottleArgument(e.message, e.source) from None
     config.pluginmanager.register(matrix, "bottle-matrix")
     first = resolve_layers([("command line", cli), ("ini file", ini)])  # fail fast on a bad option
+    check_cache_dir([("command line", cli), ("ini file", ini)], first.cache_dir)
 
     def flag(name: str) -> bool:
         value = config.getoption(f"bottle_{name}")
@@ -189,18 +198,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(reports, "bottle-reports")
     if flag("save_failed"):
         config.pluginmanager.register(SaveFailed(state.manager), "bottle-save-failed")
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, os.getpid()))
-
-
-def _on_sigterm(owner: int, signum: int, frame: object) -> None:
-    if os.getpid() != owner:
-        # A forked child (pyroute2's netns helper, a user's multiprocessing)
-        # inherits this handler; unwinding there would run *our* finalizers
-        # on copies of our VMs. Die the default way instead.
-        os._exit(128 + signum)
-    # Unwind like Ctrl-C, so fixture finalizers stop every VM.
-    raise KeyboardInterrupt(f"signal {signum}")
+    signals.unwind_on(signal.SIGTERM)  # like Ctrl-C, so fixture finalizers stop every VM
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -8,11 +8,13 @@ thin layer where its errors become usage errors naming where a value came from.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
+from .host.paths import cache_root
 from .images.image import known_names
 from .spec import BottleSpec, Layer, resolve
 
@@ -22,8 +24,19 @@ class InvalidBottleArgument(SpecError, pytest.UsageError):  # type: ignore[misc]
 
 
 class UnsafeBottleDirectory(UnsafeDirectory, pytest.UsageError):  # type: ignore[misc]
-    """An unsafe state or cache directory met at start-up (both errors: a usage
-    error, not a traceback)."""
+    """An unsafe or unusable state or cache directory met at start-up (both
+    errors: a usage error, not a traceback); ``source`` names the option that
+    chose it, if one did."""
+
+    def __init__(self, path: str, reason: str, hint: str = "", source: str = "") -> None:
+        super().__init__(path, reason, hint)
+        self.source = source
+        if source:
+            self.message = f"{source}: {self.message}"
+            self.args = (self.message,)
+
+    def _args(self) -> dict[str, Any]:
+        return {**super()._args(), "source": self.source}
 
 
 class BottleLockTimeout(LockTimeout, pytest.UsageError):  # type: ignore[misc]
@@ -112,3 +125,14 @@ def prestart(config: pytest.Config) -> int:
             raise InvalidBottleArgument(f"bad prestart: must be an integer from 0 to 8, not {value!r}", source)
         return int(value)
     return 1
+
+
+def check_cache_dir(layers: list[Layer], path: Path) -> None:
+    """A cache dir the command line or ini file chose is made (or checked) now,
+    so a bad one stops the run at start-up naming its source; the default waits
+    for the first bottle (a run without bottles must not need one)."""
+    if source := source_of(layers, "cache_dir"):
+        try:
+            cache_root(path)
+        except UnsafeDirectory as e:
+            raise UnsafeBottleDirectory(**e._args(), source=source) from None

@@ -277,14 +277,11 @@ def test_run_command_forms_exit_codes_and_verbose(seed: SavedState) -> None:
         )
 
 
-def test_ctrl_c_stops_the_bottle_and_gives_130(seed: SavedState) -> None:
-    # As from a terminal: SIGINT raises KeyboardInterrupt.  A run started in the
-    # background of a shell without job control inherits SIGINT ignored, and so
-    # would the CLI (Python leaves an ignored SIGINT ignored).
-    at_a_terminal = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    at_a_terminal += "runpy.run_module('pytest_bottle.cli', run_name='__main__')"
+def _signal_a_run(argv: list[str], sig: int) -> tuple[int, str, RunRecord]:
+    """Start `bottle run -- sleep 120` (by ``argv``), send ``sig`` well into the
+    command; its exit status, stderr and the record its VM had."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", at_a_terminal, f"--cache-dir={CACHE}", "run", "--", "sleep", "120"],
+        [*argv, f"--cache-dir={CACHE}", "run", "--", "sleep", "120"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -296,17 +293,59 @@ def test_ctrl_c_stops_the_bottle_and_gives_130(seed: SavedState) -> None:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
         time.sleep(3)  # well into the command
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, (out, err)
+    assert proc.returncode == 128 + sig, (out, err)
     (record,) = mine
+    return proc.returncode, err, record
+
+
+def _nothing_left(record: RunRecord) -> None:
     assert record.qemu_pid is not None and _gone(record.qemu_pid)
     assert not Path(record.run_dir).exists()
     assert record.name not in {r.name for r in RunRecord.load_all()}
+
+
+def test_ctrl_c_stops_the_bottle_and_gives_130(seed: SavedState) -> None:
+    # As from a terminal: SIGINT raises KeyboardInterrupt.  A run started in the
+    # background of a shell without job control inherits SIGINT ignored, and so
+    # would the CLI (Python leaves an ignored SIGINT ignored).
+    at_a_terminal = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    at_a_terminal += "runpy.run_module('pytest_bottle.cli', run_name='__main__')"
+    rc, _, record = _signal_a_run([sys.executable, "-c", at_a_terminal], signal.SIGINT)
+    assert rc == 130
+    _nothing_left(record)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_the_bottle_like_ctrl_c(seed: SavedState, sig: signal.Signals) -> None:
+    # `timeout`, `kill`, a closed terminal: unwound like Ctrl-C, not killed with the VM left to a sweep.
+    rc, err, record = _signal_a_run([sys.executable, "-m", "pytest_bottle.cli"], sig)
+    assert rc == 128 + sig and "Traceback" not in err, err  # as a shell reports a death by the signal
+    _nothing_left(record)
+
+
+def test_an_unusable_cache_dir_is_a_bottle_error(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    mine = {r.name for r in RunRecord.load_all() if r.owner_pid == os.getpid()}
+    for cache, reason in (
+        (Path("/proc/x"), "it cannot be made (No such file or directory)"),
+        (afile / "sub", f"{afile} on its path is not a directory"),
+    ):
+        message = f"refusing to use {cache}: {reason};"
+        r = cli("run", "--", "true", cache=cache)  # one line, not an OSError's traceback
+        assert (r.returncode, r.stdout) == (1, "") and r.stderr.startswith(f"bottle: UnsafeDirectory: {message}")
+        assert "Traceback" not in r.stderr, r.stderr
+        with pytest.raises(pytest_bottle.UnsafeDirectory) as e:
+            pytest_bottle.launch(cache_dir=cache)
+        assert isinstance(e.value, pytest_bottle.BottleError) and str(e.value).startswith(message), e.value
+    assert afile.read_text() == "" and list(tmp_path.iterdir()) == [afile]  # nothing made, nothing left
+    assert {r.name for r in RunRecord.load_all() if r.owner_pid == os.getpid()} == mine
 
 
 @pytest.fixture

@@ -233,6 +233,28 @@ def test_cache_dir_tilde_and_relative_paths(pytester: pytest.Pytester, built: Pa
     assert not list(home.rglob("~*")) and not (sub / "inirel").exists()
 
 
+def test_an_unusable_cache_dir_stops_the_run_at_start_up_naming_its_source(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_two="def test_vm(bottle):\n    pass\n\ndef test_plain():\n    pass\n")
+    afile = pytester.path / "afile"
+    afile.write_text("")
+    below = f"{afile}/sub: {afile} on its path is not a directory"
+    cases = [
+        ("", "--bottle-cache-dir=/proc/x", "command line: refusing to use /proc/x: it cannot be made ("),
+        ("", f"--bottle-cache-dir={afile}/sub", f"command line: refusing to use {below};"),
+        ("", f"--bottle-cache-dir={afile}", f"command line: refusing to use {afile}: it is not a directory;"),
+        ("bottle_cache_dir = afile/sub", "", f"ini file: refusing to use {below};"),  # relative to the ini file
+    ]
+    for ini, cli, message in cases:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+        result = pytester.runpytest_subprocess(*QUIET, *filter(None, [cli]))
+        out = result.stdout.str() + result.stderr.str()
+        # Before any test: not an error at each bottle's setup with an OSError's traceback.
+        assert result.ret == pytest.ExitCode.USAGE_ERROR, out
+        assert f"ERROR: {message}" in result.stderr.str(), out
+        assert "Traceback" not in out and "passed" not in out, out
+    assert afile.read_text() == ""
+
+
 PRECEDENCE = """
 import pytest
 from pytest_bottle import BottleError

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -288,6 +289,10 @@ def test_startup_usage_errors_keep_their_type() -> None:
 
     e = UnsafeBottleDirectory(path="/x", reason="it is a symlink")
     assert isinstance(e, pytest_bottle.UnsafeDirectory) and isinstance(e, pytest.UsageError)
+    e = UnsafeBottleDirectory(path="/x", reason="it cannot be made (No such file or directory)", source="ini file")
+    back = pickle.loads(pickle.dumps(e))  # it crosses xdist workers as it reads: once named
+    assert str(back) == str(e) == "ini file: refusing to use /x: it cannot be made (No such file or directory)"
+    assert vars(back) == vars(e)
     assert isinstance(BottleLockTimeout("/l", 1.0), pytest_bottle.LockTimeout)
     assert {"UnsafeDirectory", "LockTimeout"} <= set(pytest_bottle.__all__)
 

@@ -105,18 +105,22 @@ def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool 
 
     Refuses (``UnsafeDirectory``) a symlink (unless ``follow_symlink``), a
     directory of another owner, one whose mode lets others in (unless
-    ``fix_readable`` and others may not write), and one under a directory
-    that someone else could rename it out of.
+    ``fix_readable`` and others may not write), one under a directory
+    that someone else could rename it out of, and one that cannot be made.
     """
     path = Path(os.path.abspath(path))
     _check_ancestors(path, hint)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.mkdir(path, 0o700)
-        os.chmod(path, 0o700)  # whatever the umask
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+            os.chmod(path, 0o700)  # whatever the umask
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+    except OSError as e:  # /proc/x, a read-only or full disk: say which and why, not a traceback
+        where = "" if e.filename in (None, str(path)) else f"{e.filename}: "
+        raise UnsafeDirectory(str(path), f"it cannot be made ({where}{e.strerror})", hint) from None
     if stat.S_ISLNK(st.st_mode) and follow_symlink:
         real = Path(os.path.realpath(path))
         _check_ancestors(real, hint)
@@ -150,6 +154,11 @@ def _check_ancestors(path: Path, hint: str) -> None:
             st = os.lstat(anc)
         except FileNotFoundError:
             continue  # created below, by us
+        except OSError as e:
+            reason = f"the directory above it, {anc}, cannot be inspected ({e.strerror})"
+            raise UnsafeDirectory(str(path), reason, hint) from None
+        if not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+            raise UnsafeDirectory(str(path), f"{anc} on its path is not a directory", hint)
         if st.st_uid not in (0, euid):
             raise UnsafeDirectory(str(path), f"the directory above it, {anc}, belongs to uid {st.st_uid}", hint)
         if stat.S_ISLNK(st.st_mode):

@@ -1,0 +1,39 @@
+"""SIGTERM and SIGHUP unwound like Ctrl-C, so that ``with`` blocks and
+finalizers stop their VMs instead of leaving them to the next sweep (the
+pytest plugin; ``bottle run`` and ``bottle shell``)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+
+
+def unwind_on(*signums: int) -> None:
+    """Make each of ``signums`` raise ``KeyboardInterrupt`` in this process.
+
+    Only a signal at its default is taken: one ignored (``nohup``) or handled
+    by someone else stays so.  Only the main thread may set handlers; from
+    another nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in signums:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, functools.partial(_unwind, os.getpid()))
+
+
+def exit_status(e: KeyboardInterrupt) -> int:
+    """128 + the signal that raised ``e`` (SIGINT for Ctrl-C), as a shell reports it."""
+    return 128 + int(getattr(e, "signum", signal.SIGINT))
+
+
+def _unwind(owner: int, signum: int, frame: object) -> None:
+    if os.getpid() != owner:
+        # A forked child (pyroute2's netns helper, a user's multiprocessing)
+        # inherits this handler; unwinding there would run *our* finalizers
+        # on copies of our VMs. Die the default way instead.
+        os._exit(128 + signum)
+    e = KeyboardInterrupt(f"signal {signum}")  # not a subclass: pytest reports it as Ctrl-C
+    e.signum = signum  # type: ignore[attr-defined]
+    raise e
