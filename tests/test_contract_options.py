@@ -394,6 +394,57 @@ def test_hold(bottle):
 """
 
 
+HOLD_EACH = HOLD.replace('Path(os.environ["CONTRACT_INFO"])', 'Path(os.environ["CONTRACT_INFO"] + os.environ["WHICH"])')
+HOLD_TWO = (
+    HOLD_EACH.replace("def test_hold(", "def _hold(")
+    + """
+import pytest
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_hold(which, bottle, monkeypatch):
+    monkeypatch.setenv("WHICH", which)
+    _hold(bottle)
+"""
+)
+
+
+def test_sigterm_to_an_xdist_controller_alone_unwinds_its_workers_too(tmp_path: Path, built: Path) -> None:
+    # Ctrl-C in a terminal reaches the whole process group; a SIGTERM (a CI
+    # runner's, `timeout`) may reach the controller only.  Its unwinding ends
+    # the workers through execnet, which interrupts their main thread: they
+    # unwind too (xdist kills them if that takes over 10 s).
+    (tmp_path / "test_hold.py").write_text(HOLD_TWO)
+    infos = [tmp_path / "info.jsona", tmp_path / "info.jsonb"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "test_hold.py", "-n", "2", f"--bottle-cache-dir={CACHE}", *QUIET],
+        cwd=tmp_path,
+        env=dict(os.environ, CONTRACT_INFO=str(tmp_path / "info.json")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not all(i.exists() for i in infos):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()  # type: ignore[union-attr]
+            time.sleep(0.1)
+        vms = [json.loads(i.read_text()) for i in infos]
+        assert vms[0]["pid"] != vms[1]["pid"] != proc.pid  # two workers, neither the controller
+        time.sleep(1.0)  # their pre-started spares are on their way too
+        proc.send_signal(signal.SIGTERM)  # the controller only
+        out = proc.communicate(timeout=120)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    for vm in vms:  # each worker's finalizers ran: nothing is left, without any sweep
+        assert not psutil.pid_exists(vm["qemu"]) or psutil.Process(vm["qemu"]).status() == psutil.STATUS_ZOMBIE
+        assert not Path(vm["run_dir"]).exists(), out
+        assert not [r.name for r in RunRecord.load_all() if r.owner_pid == vm["pid"]], out
+        assert vm["name"] not in json.dumps(pools.snapshot())
+
+
 def test_sigterm_unwinds_like_ctrl_c(tmp_path: Path, built: Path) -> None:
     (tmp_path / "test_hold.py").write_text(HOLD)
     info = tmp_path / "info.json"
