@@ -209,7 +209,7 @@ def decide(requested: str, cache_dir: Path, probe: Probe) -> Verdict:
     """
     if requested == "tcg":
         return Verdict("tcg", "requested")
-    why_not = kvm_usable()
+    why_not, probed_now = kvm_usable(), False
     if why_not is None:
         verdict = cached_verdict(cache_dir)
         if verdict is None:
@@ -217,13 +217,18 @@ def decide(requested: str, cache_dir: Path, probe: Probe) -> Verdict:
             with FileLock(str(cache_dir / "accel.lock")):
                 verdict = cached_verdict(cache_dir)
                 if verdict is None:
-                    verdict = _probe(cache_dir, probe)
+                    verdict, probed_now = _probe(cache_dir, probe), True
         if verdict.accel == "kvm":
             return Verdict("kvm", "requested" if requested == "kvm" else verdict.reason, verdict.probed)
         why_not = verdict.reason
     if requested == "kvm":
         raise HostDependencyError("a working KVM", None, why_not)
-    log.warning("pytest-bottle: using TCG (software emulation): %s", why_not)
+    # Said once, when found out: every process (each xdist worker, each
+    # `bottle run`, whose stderr is the command's) reading the stored verdict
+    # would repeat it.  The report header and `bottle doctor` always show it.
+    log.log(
+        logging.WARNING if probed_now else logging.INFO, "pytest-bottle: using TCG (software emulation): %s", why_not
+    )
     return Verdict("tcg", why_not)
 
 

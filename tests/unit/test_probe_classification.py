@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +53,23 @@ def test_inconclusive_names_the_fault() -> None:
     r = accel.inconclusive("cannot create the disk overlay: No space left on device", "a host-side fault")
     assert (r.ok, r.definite) == (False, False)
     assert r.reason == "inconclusive: cannot create the disk overlay: No space left on device (a host-side fault)"
+
+
+def test_falling_back_to_tcg_is_a_warning_once_then_info(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each xdist worker and each `bottle run` (its stderr is the command's) read
+    # the stored verdict: only the process that probed warns.
+    monkeypatch.setattr(accel, "kvm_usable", lambda: None)
+    probes: list[float] = []
+
+    def probe(timeout: float) -> str:
+        probes.append(timeout)
+        return "QEMU exited with 1: failed to initialize kvm: Permission denied"
+
+    caplog.set_level(logging.INFO, logger=accel.__name__)
+    first = accel.decide("auto", tmp_path, probe)
+    again = accel.decide("auto", tmp_path, probe)
+    assert (first.accel, again.accel, len(probes)) == ("tcg", "tcg", 1)
+    levels = [r.levelno for r in caplog.records if "using TCG" in r.getMessage()]
+    assert levels == [logging.WARNING, logging.INFO], caplog.text
