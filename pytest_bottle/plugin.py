@@ -77,7 +77,8 @@ PRESTART_HELP = (
 FIXTURES = {"bottle", "bottle_factory", "module_bottle", "session_bottle", "session_bottle_factory", "bottle_image"}
 MARKER_DOC = (
     "bottle(image=, memory=, cpus=, network=, lan=, forward=, boot=, timeout=): "
-    "run this test with a fresh VM (pytest-bottle); see docs/reference.md"
+    "configure the VMs of the bottle fixtures this test uses (pytest-bottle; the marker starts none); "
+    "see docs/reference.md"
 )
 
 
