@@ -313,3 +313,21 @@ def test_sweep_leaves_a_live_run_alone(tmp_path: Path, holders: list[subprocess.
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, out
     assert "1 passed" in out
+
+
+def test_sweep_removes_the_progress_files_of_dead_runs_only(tmp_path: Path) -> None:
+    _isolated("_progress_files", tmp_path / "state")
+
+
+def _progress_files() -> None:
+    # An xdist controller killed with -9 leaves its workers' progress file; only
+    # the next xdist run removed it.
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    progress = state_dir() / "progress"
+    progress.mkdir(mode=0o700, exist_ok=True)
+    dead, live = progress / f"{done.stdout.strip()}-0badcafe.jsonl", progress / f"{os.getpid()}-0badcafe.jsonl"
+    for f in (dead, live):
+        f.write_text('{"event": "x"}\n')
+    report = sweep()
+    assert not dead.exists() and live.exists()
+    assert report.paths == [str(dead)]

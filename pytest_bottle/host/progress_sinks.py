@@ -79,14 +79,23 @@ def progress_file(state: Path) -> Path:
     """A new file for this run's workers to report into; files of dead runs go."""
     d = state / "progress"
     d.mkdir(mode=0o700, exist_ok=True)
-    for old in d.glob("*.jsonl"):
-        pid = old.name.split("-", 1)[0]
-        if pid.isdigit() and not is_alive(int(pid), None):
-            old.unlink(missing_ok=True)
+    prune_dead(state)
     path = d / f"{os.getpid()}-{secrets.token_hex(4)}.jsonl"
     path.write_bytes(b"")
     path.chmod(0o600)
     return path
+
+
+def prune_dead(state: Path) -> list[Path]:
+    """Remove the progress files of controllers that are gone (a killed run's):
+    the next xdist run or ``bottle sweep`` does it; returns what went."""
+    gone = []
+    for old in (state / "progress").glob("*.jsonl"):
+        pid = old.name.split("-", 1)[0]
+        if pid.isdigit() and not is_alive(int(pid), None):
+            old.unlink(missing_ok=True)
+            gone.append(old)
+    return gone
 
 
 class Tail:

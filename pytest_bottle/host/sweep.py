@@ -10,6 +10,7 @@ remove, a lock that stays held) is left and reported, never raised.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -25,7 +26,8 @@ from ..store import entries
 from ..store.saved import lock_path as state_lock
 from ..store.saved import remove_entry
 from ..vmm.process import is_alive, is_same_process, kill_pid
-from .paths import cache_root, remove_tree
+from .paths import cache_root, remove_tree, state_dir
+from .progress_sinks import prune_dead
 from .runstate import RunRecord, run_dir_owner
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,8 @@ def sweep(cache_dirs: list[Path] | None = None, include_kept: bool = False) -> S
     for cache_dir in cache_dirs or []:
         if cache_dir.exists():
             _sweep_cache(cache_root(cache_dir), live_names, report)
+    with contextlib.suppress(OSError):  # no state dir yet, or not ours: nothing of ours to sweep
+        report.paths += [str(p) for p in prune_dead(state_dir())]
     return report
 
 
