@@ -150,6 +150,16 @@ def qemu_version(qemu: str = "qemu-system-x86_64") -> str:
     return out.splitlines()[0].strip() if out else "unknown"
 
 
+@functools.cache
+def qemu_release() -> tuple[int, int]:
+    """QEMU's (major, minor); (0, 0) when it cannot be told (no QEMU: it fails later, by name)."""
+    try:
+        m = re.search(r"version (\d+)\.(\d+)", qemu_version())
+    except HostDependencyError:
+        return (0, 0)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
 def host_id() -> str:
     return f"{platform.node()}|{platform.release()}|{qemu_version()}"
 

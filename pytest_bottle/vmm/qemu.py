@@ -129,15 +129,30 @@ def kernel_cmdline(cfg: MachineConfig, rt: Runtime) -> str:
     return " ".join(kernel_args(cfg.accel) + cfg.extra_kernel_args + rt.clock_args)
 
 
-def cpu_model(accel: str) -> str:
+# CPU flags that steer a guest to `rep movsb`/`rep stosb` for its memset and
+# memcpy, which TCG emulates a byte per step: ERMS (the kernel's page and user
+# copies, glibc above 2 KiB) and FSRM (Linux 6.x memcpy and user copies); from
+# QEMU 8.0 TCG also offers FZRM, FSRS and FSRC (memset, clear_user), which an
+# older QEMU does not know by name.  Without them the same work runs as
+# `rep stosq` and vector loops: reading /dev/zero in a guest 0.46 -> 2.5 GB/s,
+# `exec(["true"])` ~0.8x the time (docs/concepts.md, the guest CPU under TCG).
+BYTE_STRINGS = ("erms", "fsrm")
+BYTE_STRINGS_QEMU8 = ("fzrm", "fsrs", "fsrc")
+
+
+def cpu_model(accel: str, release: tuple[int, int] | None = None) -> str:
+    """``-cpu`` for ``accel``; ``release``: QEMU's (major, minor), found if None."""
     if accel == "kvm":
         return "host"
+    if release is None:
+        from .accel import qemu_release  # cached; accel imports this module
+
+        release = qemu_release()
+    slow = BYTE_STRINGS + (BYTE_STRINGS_QEMU8 if release >= (8, 0) else ())
     # Everything TCG emulates, minus 5-level paging (longer page walks, slower
     # boots), nested virtualisation (the guest would load kvm modules for
-    # nothing) and ERMS: TCG emulates `rep stosb`/`rep movsb` a byte per step,
-    # and with ERMS the guest kernel's and glibc's memset/memcpy use them
-    # (reading /dev/zero 0.46 -> 2.5 GB/s; `exec(["true"])` ~0.8x the time).
-    return "max,la57=off,svm=off,vmx=off,erms=off"
+    # nothing) and the byte-string flags above.
+    return "max,la57=off,svm=off,vmx=off," + ",".join(f"{flag}=off" for flag in slow)
 
 
 def build_argv(cfg: MachineConfig, rt: Runtime) -> list[str]:
