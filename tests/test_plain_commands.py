@@ -15,8 +15,10 @@ HOG = ["python3", "-c", "x = []\nwhile True: x.append(bytearray(16 << 20))"]
 
 
 def _agent(b: Bottle) -> str:
-    """The serving agent's comm, nice and OOM score (this command's parent)."""
-    return b.check_output("echo $(cat /proc/$PPID/comm) $(ps -o ni= -p $PPID) $(cat /proc/$PPID/oom_score_adj)")
+    """The serving agent's comm, the nice of each of its threads (a spawn
+    resets its own thread's for the moment) and its OOM score."""
+    nice = "$(awk '{print $19}' /proc/$PPID/task/*/stat | sort -u | tr '\\n' ' ')"
+    return b.check_output(f"echo $(cat /proc/$PPID/comm) {nice} $(cat /proc/$PPID/oom_score_adj)")
 
 
 def test_commands_get_the_default_priority_and_oom_score_on_every_path(bottle_factory) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -108,36 +109,51 @@ class SpawnFailed(Exception):
 # kernel panic instead of the hog's SIGKILL).
 _PLAIN = threading.Lock()
 _oom_fd: list[int] = []
+_said: list[str] = []
 
 
 @contextlib.contextmanager
 def plain_child() -> Iterator[None]:
-    """Around a spawn: the calling thread's nice and the agent's OOM score at
-    their defaults, so the child starts with them; restored after."""
+    """Around a spawn: a raised priority (this thread's nice) and OOM
+    protection (the agent's score) undone, so the child starts without them;
+    put back after.  Only what is raised is undone: the agent's tests on a
+    host run it as it comes."""
     with _PLAIN:
         if not _oom_fd:
             try:
                 _oom_fd.append(os.open("/proc/self/oom_score_adj", os.O_RDWR | os.O_CLOEXEC))
-            except OSError:
+            except OSError as e:
                 _oom_fd.append(-1)
+                _say(f"cannot read its OOM score ({e.strerror}): commands get the agent's")
         nice, adj = os.getpriority(os.PRIO_PROCESS, 0), b"0"
-        # Where they are not ours to change (the agent's tests on the host),
-        # children get what we have.
-        with contextlib.suppress(OSError):
-            adj = os.pread(_oom_fd[0], 16, 0).strip() if _oom_fd[0] >= 0 else b"0"
-            if adj != b"0":
+        try:
+            if _oom_fd[0] >= 0 and (adj := os.pread(_oom_fd[0], 16, 0).strip()).startswith(b"-"):
                 os.pwrite(_oom_fd[0], b"0", 0)
-        with contextlib.suppress(OSError):
-            if nice:
+        except OSError as e:
+            adj = b"0"
+            _say(f"cannot reset its OOM score for a command ({e.strerror})")
+        try:
+            if nice < 0:
                 os.setpriority(os.PRIO_PROCESS, 0, 0)  # this thread only: the one that spawns
+        except OSError as e:
+            nice = 0
+            _say(f"cannot reset its priority for a command ({e.strerror})")
         try:
             yield
         finally:
             with contextlib.suppress(OSError):
-                if adj != b"0":
+                if adj.startswith(b"-"):
                     os.pwrite(_oom_fd[0], adj, 0)
-                if nice:
+            with contextlib.suppress(OSError):
+                if nice < 0:
                     os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
+def _say(what: str) -> None:
+    """Once each, to the journal (the agent's stderr)."""
+    if what not in _said:
+        _said.append(what)
+        print(f"bottle-agent: {what}", file=sys.stderr, flush=True)
 
 
 def spawn(argv: list[str], env_add: dict[str, str], cwd: str | None, user: str | int | None, stdin: bool) -> Child:

@@ -261,11 +261,18 @@ static void start(int argc, char **argv) {
     if (setenv("PATH", DEFAULT_PATH, 1)) oom(); /* what posix_spawnp searches */
     /* Commands must not inherit the agent's OOM protection and raised
      * priority (bottle-agent.service): a test's memory hog would leave the OOM
-     * killer nothing to kill.  The core needs neither: the OOM killer picks by
-     * size, and it starts once the boot is over (a seed's last step). */
-    if (setpriority(PRIO_PROCESS, 0, 0)) say("bottle-agent-core: cannot reset its priority");
-    int adj = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
-    if (adj < 0 || write(adj, "0", 1) != 1) say("bottle-agent-core: cannot reset its OOM score");
+     * killer nothing to kill.  The core gives both up for good: it is small
+     * (the OOM killer picks by size; were it picked, systemd would restart
+     * the agent and its commands would end) and starts once the boot is over
+     * (a seed's last step), so a clone pays nothing for it. */
+    errno = 0;
+    if (getpriority(PRIO_PROCESS, 0) < 0 && !errno && setpriority(PRIO_PROCESS, 0, 0))
+        say("bottle-agent-core: cannot reset its priority");
+    int adj = open("/proc/self/oom_score_adj", O_RDWR | O_CLOEXEC);
+    char was[16] = "";
+    if (adj < 0 || read(adj, was, sizeof was - 1) < 0 ||
+        (was[0] == '-' && (lseek(adj, 0, SEEK_SET) || write(adj, "0", 1) != 1)))
+        say("bottle-agent-core: cannot reset its OOM score");
     if (adj >= 0) close(adj);
     port_init();
     setup_preopen();
