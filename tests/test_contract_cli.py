@@ -277,9 +277,10 @@ def test_run_command_forms_exit_codes_and_verbose(seed: SavedState) -> None:
         )
 
 
-def _signal_a_run(argv: list[str], sig: int) -> tuple[int, str, RunRecord]:
+def _signal_a_run(argv: list[str], sig: int, times: int = 1) -> tuple[int, str, RunRecord]:
     """Start `bottle run -- sleep 120` (by ``argv``), send ``sig`` well into the
-    command; its exit status, stderr and the record its VM had."""
+    command (``times`` times, 50 ms apart); its exit status, stderr and the
+    record its VM had."""
     proc = subprocess.Popen(
         [*argv, f"--cache-dir={CACHE}", "run", "--", "sleep", "120"],
         stdout=subprocess.PIPE,
@@ -293,7 +294,9 @@ def _signal_a_run(argv: list[str], sig: int) -> tuple[int, str, RunRecord]:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
         time.sleep(3)  # well into the command
-        proc.send_signal(sig)
+        for i in range(times):
+            time.sleep(0.05 * (i > 0))
+            proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -321,10 +324,15 @@ def test_ctrl_c_stops_the_bottle_and_gives_130(seed: SavedState) -> None:
     _nothing_left(record)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_sigterm_and_sighup_stop_the_bottle_like_ctrl_c(seed: SavedState, sig: signal.Signals) -> None:
-    # `timeout`, `kill`, a closed terminal: unwound like Ctrl-C, not killed with the VM left to a sweep.
-    rc, err, record = _signal_a_run([sys.executable, "-m", "pytest_bottle.cli"], sig)
+@pytest.mark.parametrize(("sig", "times"), [(signal.SIGTERM, 1), (signal.SIGHUP, 2)], ids=["SIGTERM", "SIGHUP twice"])
+def test_sigterm_and_sighup_stop_the_bottle_like_ctrl_c(seed: SavedState, sig: signal.Signals, times: int) -> None:
+    # `timeout`, `kill`, a closed terminal (which sends SIGHUP twice: the second
+    # must not cut the cleanup short): unwound like Ctrl-C, not killed with the
+    # VM left to a sweep.  Both at their default, even if this run inherited
+    # them ignored (nohup).
+    at_default = "import runpy, signal; [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGHUP, signal.SIGTERM)]; "
+    at_default += "runpy.run_module('pytest_bottle.cli', run_name='__main__')"
+    rc, err, record = _signal_a_run([sys.executable, "-c", at_default], sig, times)
     assert rc == 128 + sig and "Traceback" not in err, err  # as a shell reports a death by the signal
     _nothing_left(record)
 

@@ -14,13 +14,13 @@ def unwind_on(*signums: int) -> None:
     """Make each of ``signums`` raise ``KeyboardInterrupt`` in this process.
 
     Only a signal at its default is taken: one ignored (``nohup``) or handled
-    by someone else stays so.  Only the main thread may set handlers; from
+    by someone else stays so.  The first one taken ignores the others.  Only the main thread may set handlers; from
     another nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         return
-    for signum in signums:
-        if signal.getsignal(signum) == signal.SIG_DFL:
-            signal.signal(signum, functools.partial(_unwind, os.getpid()))
+    taken = tuple(s for s in signums if signal.getsignal(s) == signal.SIG_DFL)
+    for signum in taken:
+        signal.signal(signum, functools.partial(_unwind, os.getpid(), taken))
 
 
 def exit_status(e: KeyboardInterrupt) -> int:
@@ -28,12 +28,16 @@ def exit_status(e: KeyboardInterrupt) -> int:
     return 128 + int(getattr(e, "signum", signal.SIGINT))
 
 
-def _unwind(owner: int, signum: int, frame: object) -> None:
+def _unwind(owner: int, taken: tuple[int, ...], signum: int, frame: object) -> None:
     if os.getpid() != owner:
         # A forked child (pyroute2's netns helper, a user's multiprocessing)
         # inherits this handler; unwinding there would run *our* finalizers
         # on copies of our VMs. Die the default way instead.
         os._exit(128 + signum)
+    # Once: a second signal would cut short the cleanup it started (closing
+    # a terminal sends SIGHUP twice); SIGKILL still ends us.
+    for s in taken:
+        signal.signal(s, signal.SIG_IGN)
     e = KeyboardInterrupt(f"signal {signum}")  # not a subclass: pytest reports it as Ctrl-C
     e.signum = signum  # type: ignore[attr-defined]
     raise e
