@@ -115,7 +115,11 @@ def _special_member(path: str, name: str, skip: frozenset[str]) -> tuple[str, st
             if found is not None:
                 return found
         elif not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
-            what = SPECIAL_KINDS.get(stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode), "not a file")
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError:  # gone meanwhile: tar finds it gone too
+                continue
+            what = SPECIAL_KINDS.get(stat.S_IFMT(mode), "not a file")
             shown = os.fsencode(member).decode("utf-8", "backslashreplace")  # as the guest shows a name
             return shown, f"{what}: only files, directories and links are copied"
     return None

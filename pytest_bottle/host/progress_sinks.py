@@ -93,7 +93,10 @@ def prune_dead(state: Path) -> list[Path]:
     for old in (state / "progress").glob("*.jsonl"):
         pid = old.name.split("-", 1)[0]
         if pid.isdigit() and not is_alive(int(pid), None):
-            old.unlink(missing_ok=True)
+            try:
+                old.unlink(missing_ok=True)
+            except OSError:  # not ours to remove: left, as any file we may not touch
+                continue
             gone.append(old)
     return gone
 

@@ -10,7 +10,6 @@ remove, a lock that stays held) is left and reported, never raised.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -133,8 +132,7 @@ def sweep(cache_dirs: list[Path] | None = None, include_kept: bool = False) -> S
     for cache_dir in cache_dirs or []:
         if cache_dir.exists():
             _sweep_cache(cache_root(cache_dir), live_names, report)
-    with contextlib.suppress(OSError):  # no state dir yet, or not ours: nothing of ours to sweep
-        report.paths += [str(p) for p in prune_dead(state_dir())]
+    report.paths += [str(p) for p in prune_dead(state_dir())]
     return report
 
 
