@@ -16,6 +16,7 @@ summary, for distributed runs that started bottles only:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,9 @@ import pytest
 
 from .host.hosts import HostIdentity, WorkerHost, host_identity, new_run_id, start_run_on_host, summary_line
 from .images import failures
+
+# How execnet starts a local (popen) gateway: an xdist worker's command line.
+WORKER_BOOTSTRAP = b"import sys;exec(eval(sys.stdin.readline()))"
 
 
 class RunHosts:
@@ -76,3 +80,29 @@ def start(config: pytest.Config, cache_dir: Path, handed_out: Callable[[], int])
     failures.join_run(run_id)  # a build that failed in one worker fails at once in the others
     config.pluginmanager.register(RunHosts(config, run_id, host_identity(), handed_out), "bottle-hosts")
     return found.start
+
+
+def pass_on_to_workers(signum: int) -> None:
+    """Send ``signum`` to this controller's local xdist workers.
+
+    A SIGTERM to the controller alone (a CI runner's, ``timeout``) unwinds
+    it; xdist then tells each worker to exit, execnet interrupts a worker
+    only after 5 s, and xdist kills it 10 s after asking: a worker had 5 s to
+    stop its VMs, and on a loaded host it left them to the next sweep.  Told
+    at once (as Ctrl-C in a terminal tells the whole group), it has 10.
+    """
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if WORKER_BOOTSTRAP not in f.read():
+                    continue
+            os.kill(int(entry), signum)
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue

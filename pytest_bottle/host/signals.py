@@ -4,14 +4,17 @@ pytest plugin; ``bottle run`` and ``bottle shell``)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 
-def unwind_on(*signums: int) -> None:
-    """Make each of ``signums`` raise ``KeyboardInterrupt`` in this process.
+def unwind_on(*signums: int, pass_on: Callable[[int], None] | None = None) -> None:
+    """Make each of ``signums`` raise ``KeyboardInterrupt`` in this process,
+    after ``pass_on(signum)`` (an xdist controller hands it to its workers).
 
     Only a signal at its default is taken: one ignored (``nohup``) or handled
     by someone else stays so.  The first one taken ignores the others.  Only the main thread may set handlers; from
@@ -20,7 +23,7 @@ def unwind_on(*signums: int) -> None:
         return
     taken = tuple(s for s in signums if signal.getsignal(s) == signal.SIG_DFL)
     for signum in taken:
-        signal.signal(signum, functools.partial(_unwind, os.getpid(), taken))
+        signal.signal(signum, functools.partial(_unwind, os.getpid(), taken, pass_on))
 
 
 def exit_status(e: KeyboardInterrupt) -> int:
@@ -28,7 +31,9 @@ def exit_status(e: KeyboardInterrupt) -> int:
     return 128 + int(getattr(e, "signum", signal.SIGINT))
 
 
-def _unwind(owner: int, taken: tuple[int, ...], signum: int, frame: object) -> None:
+def _unwind(
+    owner: int, taken: tuple[int, ...], pass_on: Callable[[int], None] | None, signum: int, frame: object
+) -> None:
     if os.getpid() != owner:
         # A forked child (pyroute2's netns helper, a user's multiprocessing)
         # inherits this handler; unwinding there would run *our* finalizers
@@ -38,6 +43,9 @@ def _unwind(owner: int, taken: tuple[int, ...], signum: int, frame: object) -> N
     # a terminal sends SIGHUP twice); SIGKILL still ends us.
     for s in taken:
         signal.signal(s, signal.SIG_IGN)
+    if pass_on is not None:
+        with contextlib.suppress(Exception):  # our own unwinding comes first
+            pass_on(signum)
     e = KeyboardInterrupt(f"signal {signum}")  # not a subclass: pytest reports it as Ctrl-C
     e.signum = signum  # type: ignore[attr-defined]
     raise e
