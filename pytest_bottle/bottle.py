@@ -231,7 +231,8 @@ class Bottle:
         """Write ``data`` to guest ``path`` (parents created, replaced atomically).
 
         ``timeout`` (seconds, default ``FILE_TIMEOUT``; None: no deadline) bounds
-        the whole call; past it ``AgentTimeout`` is raised and nothing is written."""
+        the whole call; past it ``AgentTimeout`` is raised and nothing is written
+        (unless all of ``data`` had reached the guest: see docs/reference.md)."""
         if isinstance(data, str):  # the mirror of write_text's check (memoryview said less)
             raise TypeError("write_bytes takes bytes, not str (write_text takes a str)")
         raw = raw_path(path)

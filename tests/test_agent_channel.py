@@ -455,7 +455,9 @@ def test_file_calls_time_out_and_the_bottle_goes_on(bottle: Bottle, tmp_path: ob
 
 def test_a_timed_out_upload_leaves_no_partial_file_in_the_guest(bottle: Bottle, tmp_path: Path) -> None:
     (tmp_path / "tree").mkdir()
-    (tmp_path / "tree" / "big.bin").write_bytes(os.urandom(48 << 20))  # far more than 0.5 s of upload
+    # Far more than 0.5 s of upload: one that all reached the guest in time is
+    # finished there (48 MB did once a guest copied without rep movsb).
+    (tmp_path / "tree" / "big.bin").write_bytes(os.urandom(192 << 20))
     with pytest.raises(AgentTimeout):
         bottle.put(tmp_path / "tree", "/tmp/pd", timeout=0.5)
     # The guest drops what it wrote once it hears the call is over (the temporary big.bin's part).
