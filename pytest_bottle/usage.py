@@ -28,12 +28,11 @@ class UnsafeBottleDirectory(UnsafeDirectory, pytest.UsageError):  # type: ignore
     errors: a usage error, not a traceback); ``source`` names the option that
     chose it, if one did."""
 
+    source: str
+
     def __init__(self, path: str, reason: str, hint: str = "", source: str = "") -> None:
         super().__init__(path, reason, hint)
-        self.source = source
-        if source:
-            self.message = f"{source}: {self.message}"
-            self.args = (self.message,)
+        _name_source(self, source)
 
     def _args(self) -> dict[str, Any]:
         return {**super()._args(), "source": self.source}
@@ -47,15 +46,22 @@ class UnknownBottleImage(ImageNotFound, pytest.UsageError):  # type: ignore[misc
     """An unknown image name given to a marker, factory or option; ``source``
     names where it came from (as ``SpecError`` does), e.g. ``ini file``."""
 
+    source: str
+
     def __init__(self, name: str, known: Sequence[str], source: str = "") -> None:
         super().__init__(name, known)
-        self.source = source
-        if source:
-            self.message = f"{source}: {self.message}"
-            self.args = (self.message,)
+        _name_source(self, source)
 
     def _args(self) -> dict[str, Any]:
         return {**super()._args(), "source": self.source}
+
+
+def _name_source(e: UnsafeBottleDirectory | UnknownBottleImage, source: str) -> None:
+    """``source`` (where the value came from) first in the message, kept for pickling."""
+    e.source = source
+    if source:
+        e.message = f"{source}: {e.message}"
+        e.args = (e.message,)
 
 
 def resolve_layers(layers: list[Layer], restricted: int = 0) -> BottleSpec:
