@@ -26,6 +26,7 @@ import pytest
 
 from .host.hosts import HostIdentity, WorkerHost, host_identity, new_run_id, start_run_on_host, summary_line
 from .images import failures
+from .vmm.process import parent_pid
 
 # How execnet starts a local (popen) gateway: an xdist worker's command line.
 WORKER_BOOTSTRAP = b"import sys;exec(eval(sys.stdin.readline()))"
@@ -93,16 +94,12 @@ def pass_on_to_workers(signum: int) -> None:
     """
     me = os.getpid()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or parent_pid(int(entry)) != me:
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            if ppid != me:
-                continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if WORKER_BOOTSTRAP not in f.read():
+                if WORKER_BOOTSTRAP not in f.read(1 << 16):
                     continue
             os.kill(int(entry), signum)
-        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+        except OSError:  # gone meanwhile
             continue

@@ -51,8 +51,7 @@ def put(agent: AgentClient, src: Path, dst: str, timeout: float | None, skip: fr
             send_tree(agent, src, dst.rstrip("/") or "/", skip)
         return
     if not stat.S_ISREG(st.st_mode):  # opening a fifo would wait for a writer forever
-        what = SPECIAL_KINDS.get(stat.S_IFMT(st.st_mode), "not a file")
-        raise UnsafeTransfer(str(src), f"{what}: only files, directories and links are copied", "put")
+        raise UnsafeTransfer(str(src), _refusal(st.st_mode), "put")
     if dst.endswith("/"):
         dst += src.name
     with open(src, "rb") as f:
@@ -119,10 +118,14 @@ def _special_member(path: str, name: str, skip: frozenset[str]) -> tuple[str, st
                 mode = entry.stat(follow_symlinks=False).st_mode
             except OSError:  # gone meanwhile: tar finds it gone too
                 continue
-            what = SPECIAL_KINDS.get(stat.S_IFMT(mode), "not a file")
             shown = os.fsencode(member).decode("utf-8", "backslashreplace")  # as the guest shows a name
-            return shown, f"{what}: only files, directories and links are copied"
+            return shown, _refusal(mode)
     return None
+
+
+def _refusal(mode: int) -> str:
+    """Why put() refuses a file of ``mode``, in the guest's words."""
+    return f"{SPECIAL_KINDS.get(stat.S_IFMT(mode), 'not a file')}: only files, directories and links are copied"
 
 
 def fetch(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar.GET, *, into: bool = False) -> None:

@@ -17,8 +17,8 @@ def unwind_on(*signums: int, pass_on: Callable[[int], None] | None = None) -> No
     after ``pass_on(signum)`` (an xdist controller hands it to its workers).
 
     Only a signal at its default is taken: one ignored (``nohup``) or handled
-    by someone else stays so.  The first one taken ignores the others.  Only the main thread may set handlers; from
-    another nothing changes."""
+    by someone else stays so.  The first one taken ignores the others.  Only
+    the main thread may set handlers; from another nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         return
     taken = tuple(s for s in signums if signal.getsignal(s) == signal.SIG_DFL)

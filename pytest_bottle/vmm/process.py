@@ -183,8 +183,22 @@ def parse_stat(raw: bytes) -> tuple[str, int]:
     are not UTF-8 (a name cut mid-character), so the line stays bytes and the
     fields are counted from its last ')'; start time is field 22.
     """
-    rest = raw[raw.rindex(b")") + 2 :].split()
+    rest = _after_comm(raw)
     return rest[0].decode("ascii"), int(rest[19])
+
+
+def _after_comm(raw: bytes) -> list[bytes]:
+    """The fields of a /proc/PID/stat line after the command name: state first."""
+    return raw[raw.rindex(b")") + 2 :].split()
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of a running process, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(_after_comm(f.read())[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def start_time(pid: int) -> str | None:

@@ -102,3 +102,12 @@ def test_the_fallback_leash_runs_nothing_for_a_parent_that_is_not_its_own(tmp_pa
     me = os.getpid()
     r = subprocess.run(["touch", str(ran)], preexec_fn=lambda: process.die_with(me, 9), timeout=30)
     assert r.returncode == 0 and ran.exists()
+
+
+def test_parent_pid_reads_the_stat_line_and_says_none_for_no_process() -> None:
+    import subprocess
+    import sys
+
+    assert process.parent_pid(os.getpid()) == os.getppid()
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert process.parent_pid(int(done.stdout)) is None  # reaped: no such process
