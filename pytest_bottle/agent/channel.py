@@ -25,8 +25,6 @@ from ..errors import AgentError, AgentTimeout, SpecError
 from ..guest import frames
 from ..guest.frames import (
     CALL,
-    CANCEL,
-    CHUNK,
     CREDIT,
     DATA,
     EOF,
@@ -40,7 +38,8 @@ from ..guest.frames import (
     frame,
 )
 from . import resync
-from .calls import Call, CallOver, ProtocolError, Sink, guest_error
+from .calls import Call, ProtocolError, Sink, guest_error
+from .uploads import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ DEAD_AFTER = 30.0  # an agent that has not answered a ping this long is gone
 SEND_TIMEOUT = 60.0  # a guest that reads nothing of a frame this long is gone
 
 
-class AgentChannel:
+class AgentChannel(Uploads):
     def __init__(
         self, sock: socket.socket, name: str = "bottle", idle: float = IDLE, dead_after: float = DEAD_AFTER
     ) -> None:
@@ -294,56 +293,6 @@ class AgentChannel:
                 f"bottle {self.name}: the guest agent has not answered for {now - self._last_rx:.0f} s "
                 f"(during {op or 'a call'}); it is hung or gone"
             )
-
-    def send_data_frame(self, rid: int, chunk: bytes, deadline: float | None = None) -> None:
-        """Send ``chunk`` as DATA once the agent has room for it (raises CallOver
-        if the call ended meanwhile, AgentTimeout at ``deadline``)."""
-        deadline = deadline if deadline is not None else self._thread_deadline()
-        for i in range(0, len(chunk), CHUNK):
-            piece = chunk[i : i + CHUNK]
-            with self._lock:
-                while True:
-                    call = self._calls.get(rid)
-                    if call is None:
-                        raise CallOver
-                    if call.window >= len(piece):
-                        call.window -= len(piece)
-                        break
-                    wait = self.idle if deadline is None else min(self.idle, deadline - time.monotonic())
-                    if wait <= 0:
-                        raise AgentTimeout(f"bottle {self.name}: the agent took no more data before the deadline")
-                    if not self._credit.wait(wait):
-                        self._lock.release()
-                        try:
-                            self._check_alive("a transfer")
-                        finally:
-                            self._lock.acquire()
-            self._send(frame(DATA, rid, piece))
-
-    def send_data(self, rid: int, chunks: Iterable[bytes], deadline: float | None = None) -> None:
-        """Stream ``chunks`` then EOF, within the agent's window; stop quietly if
-        the call ended; if producing them fails, tell the agent to abort the call
-        (it drops what it wrote) and re-raise."""
-        try:
-            for chunk in chunks:
-                if chunk:
-                    self.send_data_frame(rid, chunk, deadline)
-        except CallOver:
-            return
-        except AgentTimeout:
-            if not self.broken:  # the agent is alive and waits for more: it must drop what it wrote
-                self.cancel(rid)
-            raise
-        except AgentError:
-            raise
-        except BaseException:
-            if not self.broken:
-                self.cancel(rid)
-            raise
-        self._send(frame(EOF, rid))
-
-    def cancel(self, rid: int) -> None:
-        self._send(frame(CANCEL, rid))
 
     def wait(self, call: Call, timeout: float | None = None, op: str = "") -> dict[str, Any] | None:
         """The call's reply, None on timeout; raises AgentError if the channel
