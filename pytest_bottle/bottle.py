@@ -203,8 +203,10 @@ class Bottle:
 
     def check_output(self, cmd: Command, **kw: Any) -> str:
         """Stdout of ``cmd``; raises ``ExecError`` if it exits non-zero."""
-        kw["check"] = True
-        return self.exec(cmd, **kw).stdout
+        check = kw.pop("check", True)
+        if not check:  # it was ignored: a TypeError, as subprocess.check_output makes it
+            raise TypeError(f"check_output() always checks: check={check!r} is refused (use exec(cmd, check=False))")
+        return self.exec(cmd, check=True, **kw).stdout
 
     def wait_until_succeeds(self, cmd: Command, timeout: float = 60.0, **kw: Any) -> ExecResult:
         """Run ``cmd`` until it exits 0 (with backoff); raise ``WaitTimeout`` after ``timeout`` s,
