@@ -104,7 +104,11 @@ class Bottle:
     # -- identity -----------------------------------------------------------
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"pid {self._machine.pid}"
+        state = f"pid {self._machine.pid}"
+        if self.kept:  # closed here, running on past this process
+            state = f"kept, {state}"
+        elif self._closed:
+            state = "closed"
         return f"<Bottle {self.name} image={self.image} accel={self.accel} {state}>"
 
     @property
