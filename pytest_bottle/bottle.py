@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import collections
-import errno
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -15,19 +13,11 @@ from typing import TYPE_CHECKING, Any
 from .agent.channel import AgentChannel
 from .agent.client import AgentClient
 from .agent.streams import OnOutput
-from .agent.transfer import fetch, put, read_all
-from .arguments import (
-    GuestPath,
-    check_env,
-    check_input,
-    check_mode,
-    check_port,
-    check_timeout,
-    guest_path,
-    names_no_file,
-    raw_path,
-)
-from .errors import AgentError, BottleError, ExecTimeout, WaitTimeout, guest_os_error
+from .arguments import GuestPath, check_env, check_input, check_port, check_timeout, guest_path
+from .bottle_files import FILE_TIMEOUT as FILE_TIMEOUT  # still importable from here, as before the split
+from .bottle_files import READ_CAP as READ_CAP
+from .bottle_files import BottleFiles
+from .errors import AgentError, BottleError, ExecTimeout, WaitTimeout
 from .history import CommandHistory, ProcessEntry
 from .process import GuestProcess
 from .results import OUTPUT_CAP, Command, ExecResult, to_argv
@@ -37,23 +27,15 @@ from .vmm import console
 from .vmm.backend import Machine
 
 if TYPE_CHECKING:  # the launch pipeline makes bottles, and imports this module
-    from _typeshed import ReadableBuffer
-
     from .lifecycle.resources import Resources
     from .snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 # An agent that has not answered this long after a command's own timeout is
 # gone (it drains the pipes 1 s at most, waits 5 s at most for a killed group).
 TIMEOUT_GRACE = 15.0
-# Default timeout of each file call (read/write/put/get), seconds; None waits as
-# long as the agent answers (a dead agent still fails the call, see channel.py).
-FILE_TIMEOUT = 300.0
 EXEC_OUTPUT_CAP = OUTPUT_CAP  # bytes of each output stream kept in memory; the rest is read and dropped
-# The most read_bytes/read_text hold in memory (use get() for more).
-READ_CAP = 1024 * 1024 * 1024
 # How long keep() gives a VM whose agent is gone to finish powering off.
 STOPPING_GRACE = 10.0
 
@@ -63,8 +45,10 @@ STOPPING_GRACE = 10.0
 STREAMED_ENV = {"PYTHONUNBUFFERED": "1"}
 
 
-class Bottle:
-    """A running VM.  Close it (or use it as a context manager) to release everything."""
+class Bottle(BottleFiles):
+    """A running VM.  Close it (or use it as a context manager) to release everything.
+
+    Its file calls (``read_*``, ``write_*``, ``put``, ``get``) are ``bottle_files.BottleFiles``'."""
 
     def __init__(
         self,
@@ -104,7 +88,11 @@ class Bottle:
     # -- identity -----------------------------------------------------------
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"pid {self._machine.pid}"
+        state = f"pid {self._machine.pid}"
+        if self.kept:  # closed here, running on past this process
+            state = f"kept, {state}"
+        elif self._closed:
+            state = "closed"
         return f"<Bottle {self.name} image={self.image} accel={self.accel} {state}>"
 
     @property
@@ -203,8 +191,10 @@ class Bottle:
 
     def check_output(self, cmd: Command, **kw: Any) -> str:
         """Stdout of ``cmd``; raises ``ExecError`` if it exits non-zero."""
-        kw["check"] = True
-        return self.exec(cmd, **kw).stdout
+        check = kw.pop("check", True)
+        if not check:  # it was ignored: a TypeError, as subprocess.check_output makes it
+            raise TypeError(f"check_output() always checks: check={check!r} is refused (use exec(cmd, check=False))")
+        return self.exec(cmd, check=True, **kw).stdout
 
     def wait_until_succeeds(self, cmd: Command, timeout: float = 60.0, **kw: Any) -> ExecResult:
         """Run ``cmd`` until it exits 0 (with backoff); raise ``WaitTimeout`` after ``timeout`` s,
@@ -222,75 +212,6 @@ class Bottle:
         if poll(lambda: port in self._agent.listening(timeout=30).ports, timeout):
             return
         raise WaitTimeout(f"a listener on TCP port {port} in {self.name}", timeout)
-
-    # -- files --------------------------------------------------------------
-
-    def write_bytes(
-        self, path: GuestPath, data: ReadableBuffer, mode: int | None = None, *, timeout: float | None = FILE_TIMEOUT
-    ) -> None:
-        """Write ``data`` to guest ``path`` (parents created, replaced atomically).
-
-        ``timeout`` (seconds, default ``FILE_TIMEOUT``; None: no deadline) bounds
-        the whole call; past it ``AgentTimeout`` is raised and nothing is written
-        (unless all of ``data`` had reached the guest: see docs/reference.md)."""
-        if isinstance(data, str):  # the mirror of write_text's check (memoryview said less)
-            raise TypeError("write_bytes takes bytes, not str (write_text takes a str)")
-        raw = raw_path(path)
-        path = guest_path(path)
-        check_timeout(timeout)
-        check_mode(mode)
-        if isinstance(raw, str) and names_no_file(raw):  # as open(2) refuses it: never a file named f
-            raise guest_os_error(f"{raw}: a file path cannot end with '/', '.' or '..'", errno.EISDIR, raw)
-        # memoryview: a non-buffer is refused here, before a call is sent; any buffer is taken
-        self._agent.write(path, memoryview(data), mode=mode, timeout=timeout)
-
-    def write_text(
-        self,
-        path: GuestPath,
-        text: str,
-        mode: int | None = None,
-        encoding: str = "utf-8",
-        *,
-        timeout: float | None = FILE_TIMEOUT,
-    ) -> None:
-        if not isinstance(text, str):
-            raise TypeError(f"write_text takes a str, not {type(text).__name__} (write_bytes takes bytes)")
-        self.write_bytes(path, text.encode(encoding), mode, timeout=timeout)
-
-    def read_bytes(self, path: GuestPath, *, timeout: float | None = FILE_TIMEOUT) -> bytes:
-        """The contents of guest ``path``; at most ``READ_CAP`` bytes (``OutputLimit``
-        past it: use ``get`` for more); ``AgentTimeout`` after ``timeout`` s."""
-        path = guest_path(path)
-        check_timeout(timeout)
-        return read_all(self._agent, path, READ_CAP, timeout)
-
-    def read_text(self, path: GuestPath, encoding: str = "utf-8", *, timeout: float | None = FILE_TIMEOUT) -> str:
-        return self.read_bytes(path, timeout=timeout).decode(encoding)
-
-    def put(self, src: PathLike, dst: GuestPath, *, timeout: float | None = FILE_TIMEOUT) -> None:
-        """Copy a local file or directory to guest ``dst``, keeping modes.
-
-        A directory's contents land in ``dst``; a file becomes ``dst`` (or
-        goes inside it when ``dst`` ends with ``/``).  ``AgentTimeout`` after
-        ``timeout`` seconds.
-        """
-        check_timeout(timeout)
-        raw = raw_path(dst)
-        into = isinstance(raw, str) and raw.endswith("/") and raw != "/"
-        put(self._agent, Path(src), guest_path(dst) + ("/" if into else ""), timeout)
-
-    def get(self, src: GuestPath, dst: PathLike, *, timeout: float | None = FILE_TIMEOUT) -> None:
-        """Copy a guest file or directory to local ``dst``: files, directories and
-        symlinks staying inside ``dst`` only, modes masked with 0o755, never
-        chowned (see ``transfer``). Links leading out, devices and fifos are
-        skipped and the rest copied, then ``UnsafeTransfer`` names them
-        (``skipped``); anything else refused stops at once with ``UnsafeTransfer``.
-        Streams to disk (a window at a time); ``AgentTimeout`` after ``timeout`` s.
-        A file goes inside ``dst`` when it is a directory or ends with ``/``."""
-        check_timeout(timeout)
-        into = isinstance(dst, str) and dst.endswith(("/", os.sep))
-        with self._agent.deadline(timeout):
-            fetch(self._agent, guest_path(src), Path(dst), into=into)
 
     # -- network ------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .arguments import check_env, check_input
+from .arguments import check_env, check_input, check_timeout
 from .errors import BottleError, ExecTimeout, SpecError
 from .host.deps import require, which
 from .host.locks import reporting_lock
@@ -112,8 +112,11 @@ class SshAccess:
         env: Mapping[str, str] | None = None,
         **kw: Any,
     ) -> ExecResult:
+        """``cmd`` through the ssh client; its arguments are checked as ``exec`` checks
+        them, before the client starts (``timeout=None``: as long as it runs)."""
         if kw:
             raise TypeError(f"ssh() does not take {', '.join(kw)}")
+        check_timeout(timeout)
         remote = remote_command(cmd, env)
         data = check_input(input)
         started = time.monotonic()

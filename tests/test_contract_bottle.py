@@ -119,6 +119,21 @@ def test_the_waiting_helpers_refuse_a_bad_timeout_at_once(module_bottle: Bottle)
         assert p.kill().wait(None).returncode == -9  # None: no deadline, as documented
 
 
+def test_check_output_refuses_check_false_before_anything_runs(module_bottle: Bottle) -> None:
+    """It was dropped, and the command checked anyway: subprocess.check_output makes it a TypeError too."""
+    b = module_bottle
+    before = list(b.history)
+    for unchecked in (False, 0, None):
+        with pytest.raises(
+            TypeError, match=r"check_output\(\) always checks: check=.* \(use exec\(cmd, check=False\)\)"
+        ):
+            b.check_output("exit 3", check=unchecked)
+    assert list(b.history) == before  # nothing ran
+    assert b.check_output("echo ok", check=True) == "ok\n"  # check=True says what it does anyway
+    with pytest.raises(ExecError):
+        b.check_output("exit 3", check=True)
+
+
 def test_bad_env_mode_and_port_are_refused_before_anything_is_sent(module_bottle: Bottle) -> None:
     b = module_bottle
     d = _scratch(b)

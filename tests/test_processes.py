@@ -386,7 +386,7 @@ def test_keep_lets_go_of_a_bottle_that_stopped(stop_kept: list[str]) -> None:
     wait_until(lambda: not b.vm_running(), 120, "its QEMU ends after poweroff")
     with pytest.raises(BottleError, match="cannot be kept: it has stopped"):
         b.keep()
-    assert b.closed and not b.kept
+    assert b.closed and not b.kept and repr(b).endswith(" closed>")
 
 
 def test_keep_waits_for_a_qemu_on_its_way_out(stop_kept: list[str]) -> None:
@@ -419,8 +419,10 @@ def test_keep_keeps_a_running_vm_whose_agent_is_gone(stop_kept: list[str]) -> No
 def test_a_kept_bottle_is_running_and_its_calls_say_it_was_kept(stop_kept: list[str]) -> None:
     b = pytest_bottle.launch(detached=True)
     stop_kept.append(b.name)
+    assert repr(b) == f"<Bottle {b.name} image={b.image} accel={b.accel} pid {b.pid}>"
     b.keep()
     assert b.kept and b.closed and not b.alive()
+    assert repr(b) == f"<Bottle {b.name} image={b.image} accel={b.accel} kept, pid {b.pid}>"  # not "closed"
     assert b.vm_running() and psutil.Process(b.pid).is_running()  # its QEMU runs on, kept
     said = rf"bottle {b.name} was kept: reach it with `bottle shell {b.name}`"
     with pytest.raises(AgentError, match=said):

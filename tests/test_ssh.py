@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from harness import run_isolated
 
 import pytest_bottle
-from pytest_bottle import Bottle, BottleError
+from pytest_bottle import Bottle, BottleError, SpecError
 
 
 def test_ssh_runs_through_openssh(bottle: Bottle) -> None:
@@ -33,6 +34,30 @@ def test_ssh_output_is_capped_and_a_timeout_keeps_what_came(bottle: Bottle, monk
     assert info.value.stdout == "started\n"
     with pytest.raises(pytest_bottle.SpecError, match="input must be a str or bytes"):
         bottle.ssh("cat", input=3)
+
+
+# "1" was a TypeError from subprocess once ssh had started, nan and inf no
+# deadline, True one second, 0 and -1 an ExecTimeout: exec refuses them all.
+BAD_TIMEOUTS: tuple[object, ...] = ("1", float("nan"), float("inf"), 0, 0.0, -1, True)
+
+
+def test_ssh_refuses_what_exec_refuses_before_the_client_starts(bottle: Bottle) -> None:
+    started = time.monotonic()
+    for bad in BAD_TIMEOUTS:
+        for run in (bottle.exec, bottle.ssh):
+            with pytest.raises(SpecError, match="timeout must be a positive, finite number of seconds"):
+                run("touch /tmp/ran", timeout=bad)  # type: ignore[arg-type]
+    for env in ({"N": 1}, {"HOME": None}, {"A=B": "x"}, {"": "x"}, {"K": "a\0b"}):
+        with pytest.raises(SpecError, match="env"):
+            bottle.ssh("touch /tmp/ran", env=env)
+    for data in (3, ["x"]):
+        with pytest.raises(SpecError, match="input must be a str or bytes"):
+            bottle.ssh("touch /tmp/ran", input=data)
+    for kw in ("cwd", "user", "on_output"):  # exec's, not ssh's: a TypeError naming it
+        with pytest.raises(TypeError, match=rf"ssh\(\) does not take {kw}"):
+            bottle.ssh("touch /tmp/ran", **{kw: "/"})
+    assert time.monotonic() - started < 5  # at once: no ssh client ran
+    assert bottle.ssh("test -e /tmp/ran; echo $?", timeout=None).stdout == "1\n"  # None: no deadline
 
 
 def test_ssh_config_pins_the_bottles_own_host_key(bottle: Bottle) -> None:
