@@ -25,7 +25,7 @@ from .errors import BottleError, ExecTimeout, SpecError
 from .host.deps import require, which
 from .host.locks import reporting_lock
 from .host.paths import write_private
-from .results import OUTPUT_CAP, CappedOutput, Command, ExecResult
+from .results import OUTPUT_CAP, CappedOutput, Command, ExecResult, to_argv
 
 CONFIG_TEMPLATE = """\
 Host {name}
@@ -199,11 +199,12 @@ def remote_command(cmd: Command, env: Mapping[str, str] | None = None) -> str:
     by word.  The first word is quoted even where it need not be: bare,
     ``A=b`` would be an assignment and ``if`` a keyword, not a program.
     ``env`` is exported first, so that the whole line sees it, as with ``exec``."""
-    if isinstance(cmd, str):
-        remote = cmd
+    argv = to_argv(cmd)  # exec's checks: bytes are UTF-8 text, an empty list is no command
+    if isinstance(cmd, (str, bytes, bytearray)):
+        remote = argv[-1]
     else:
-        words = [shlex.quote(str(a)) for a in cmd]
-        if words and words[0] == str(cmd[0]):
+        words = [shlex.quote(a) for a in argv]
+        if words[0] == argv[0]:
             words[0] = f"'{words[0]}'"  # shlex left it bare, so it holds no quote
         remote = " ".join(words)
     env = check_env(env)

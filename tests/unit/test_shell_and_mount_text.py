@@ -44,6 +44,21 @@ def test_a_string_is_the_remote_command_as_it_is() -> None:
     assert _sh(remote_command("printenv K", env={"K": "a b"})).stdout == "a b\n"
 
 
+def test_bytes_are_utf8_text_as_exec_takes_them() -> None:
+    """ssh(b"...") once sent the bytes' numbers as words ('101' 99 104...)."""
+    assert remote_command(b"echo hi") == "echo hi"  # type: ignore[arg-type]
+    r = _sh(remote_command([*SHOW_ARGV, b"a b", bytearray(b"\xc3\xa9")]))  # type: ignore[list-item]
+    assert r.stdout == repr((["a b", "\u00e9"], None)) + "\n", r.stderr
+
+
+@pytest.mark.parametrize(
+    ("cmd", "error"), [([], ValueError), ([b"\xff"], TypeError), (b"\xff", TypeError), (3, TypeError)]
+)
+def test_a_command_exec_refuses_ssh_refuses(cmd: object, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        remote_command(cmd)  # type: ignore[arg-type]
+
+
 def test_env_reaches_the_whole_line_as_exec_env_does() -> None:
     line = remote_command('echo "$K"; cd /tmp && printenv K', env={"K": "it's $x"})
     assert _sh(line).stdout == "it's $x\nit's $x\n"
