@@ -39,7 +39,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from ..arguments import GuestPath, guest_path, names_no_file, raw_path
+from ..arguments import GuestPath, check_timeout, guest_path, names_no_file, raw_path
 from ..errors import ImageNotFound, SpecError
 from .recipes import RECIPES
 
@@ -179,8 +179,10 @@ class Image:
         pairs = tuple(sorted((env or {}).items()))
         if not all(isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in pairs):
             raise SpecError(f"run(): env must map names to str values, not {env!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise SpecError(f"run(): timeout must be a positive number of seconds, not {timeout!r}")
+        try:
+            check_timeout(timeout)  # nan or inf once passed, to fail the build with an agent error
+        except SpecError as e:
+            raise SpecError(f"run(): {e}") from None
         return self._then(Run(command, pairs, None if timeout is None else float(timeout)))
 
     def named(self, name: str) -> Image:

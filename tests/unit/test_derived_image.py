@@ -174,6 +174,10 @@ def test_unnamed_images_show_parent_and_key() -> None:
         lambda: BASE.write("/etc/a", 3),  # type: ignore[arg-type]
         lambda: BASE.run(""),
         lambda: BASE.run("true", timeout=0),
+        lambda: BASE.run("true", timeout=float("nan")),
+        lambda: BASE.run("true", timeout=float("inf")),
+        lambda: BASE.run("true", timeout=True),
+        lambda: BASE.run("true", timeout="5"),  # type: ignore[arg-type]
         lambda: BASE.run("true", env={"A=B": "c"}),
         lambda: BASE.named("debian-bookworm"),
         lambda: BASE.named("bad name"),
