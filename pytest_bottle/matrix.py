@@ -70,7 +70,8 @@ def configure(config: pytest.Config, cli: dict[str, object], ini: dict[str, obje
         value = layer.get("image")
         if value is None:
             continue
-        if isinstance(value, str) and not re.search(r"[,\s]", value.strip()):
+        if isinstance(value, str) and value.strip() and not re.search(r"[,\s]", value.strip()):
+            layer["image"] = value.strip()  # whitespace separates names: around one, it is nothing
             break  # one name: the resolver checks it as before
         images = parse_images(value, source)
         layer["image"] = images[0]

@@ -139,6 +139,7 @@ def test_ini_list_whitespace_or_commas_and_the_header(pytester: pytest.Pytester)
         ("debian-tixie", r"command line: unknown image 'debian-tixie'; known images: .*debian-trixie"),
         ("debian-bookworm,,debian-trixie", r"command line: bad image list .*: entry 2 is empty"),
         ("debian-trixie,", r"command line: bad image list .*: entry 2 is empty"),
+        (" ", r"command line: bad image list .*: entry 1 is empty"),
         ("debian-trixie debian-bookworm,debian-trixie", r"'debian-trixie' is listed twice"),
     ],
 )
@@ -148,6 +149,15 @@ def test_bad_lists_are_usage_errors_naming_the_entry(pytester: pytest.Pytester, 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert re.search(expected, result.stderr.str()), result.stderr.str()
     assert "Traceback" not in result.stderr.str()
+
+
+def test_one_name_with_whitespace_around_it_is_that_name(pytester: pytest.Pytester) -> None:
+    """Whitespace separates names in a list; around a single name it is nothing."""
+    pytester.makepyfile(test_m="def test_plain(): pass\ndef test_vm(bottle): pass")
+    result = run(pytester, "-m", "not bottle", "--bottle-image= debian-trixie ")
+    assert result.ret == pytest.ExitCode.OK, result.stderr.str()
+    result.stdout.fnmatch_lines(["bottle: image debian-trixie,*"])
+    result.assert_outcomes(passed=1, deselected=1)
 
 
 @pytest.mark.parametrize(
