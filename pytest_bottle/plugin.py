@@ -358,4 +358,6 @@ def bottle_image(request: pytest.FixtureRequest, _bottle_matrix_image: str | Non
     in a matrix, the image of the test's parameter."""
     state = _state(request.config)
     spec = state.spec(image=_bottle_matrix_image)
-    return ensure_image(spec.image, spec.cache_dir, rebuild_before=state.rebuild_before, pull=spec.image_pull)
+    return ensure_image(
+        spec.image, spec.cache_dir, rebuild_before=state.rebuild_before, pull=spec.image_pull, accel=spec.accel
+    )

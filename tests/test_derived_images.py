@@ -4,6 +4,7 @@ failing step, and a cache hit."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -167,6 +168,19 @@ def test_a_failing_step_names_it_and_caches_nothing(warm_cache: Path) -> None:
     later_log, later_reason = out.stdout.splitlines()[:2]
     assert later_log == log_path and "exited with 3" in later_reason, out
     assert later_reason.endswith("(it failed earlier in another process of this run)"), later_reason
+
+
+def test_a_build_for_tcg_bottles_boots_with_tcg_and_probes_no_kvm(tmp_path: Path, warm_cache: Path) -> None:
+    """``accel="tcg"`` is what a derived image's build boots with too: it
+    probed KVM (and said KVM failed) whatever the bottles asked for."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.symlink(warm_cache / "images", cache / "images")  # and no accel.json: a probe would write one
+    bad = Image("debian-bookworm").run(f"exit 3 # {uuid.uuid4().hex[:8]}")
+    with pytest.raises(ImageBuildError, match="exited with 3"):
+        pytest_bottle.launch(image=bad, accel="tcg", cache_dir=cache)
+    assert not (cache / "accel.json").exists() and not (cache / "accel.lock").exists()
+    assert not list(cache.glob("run/kvm-probe-*"))
 
 
 def test_two_processes_wanting_a_failing_image_try_it_once(warm_cache: Path) -> None:

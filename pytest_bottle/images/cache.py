@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
@@ -27,6 +27,9 @@ from ..vmm.qemu import DiskFormat
 from . import builder, failures
 from .image import Image, lookup
 from .recipes import RECIPES, Recipe, get_recipe
+
+if TYPE_CHECKING:  # spec builds on images
+    from ..spec import AccelRequest
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,7 @@ def ensure_image(
     rebuild_before: float | None = None,
     progress: builder.Progress | None = None,
     pull: str | None = None,
+    accel: AccelRequest = "auto",
 ) -> BuiltImage:
     """Return the cached image (a registered name or an ``Image``), building
     it once across processes if needed; a derived image's parents first.
@@ -134,6 +138,9 @@ def ensure_image(
     ``rebuild_before``: an entry created before this time is rebuilt (how
     ``--rebuild`` works under xdist: the first worker rebuilds, the others
     then find an entry newer than the run's start and reuse it).
+
+    ``accel``: what a derived image's build boots with (as for the bottles
+    that asked for it: ``tcg`` does not probe KVM).
     """
     target = lookup(image) if isinstance(image, str) else image
     if isinstance(target, Image):
@@ -141,7 +148,9 @@ def ensure_image(
     if isinstance(target, Image):
         from .derived import ensure_derived  # derived builds on this module
 
-        return ensure_derived(target, cache_dir, rebuild_before=rebuild_before, progress=progress, pull=pull)
+        return ensure_derived(
+            target, cache_dir, rebuild_before=rebuild_before, progress=progress, pull=pull, accel=accel
+        )
     name = target
     recipe = get_recipe(name)
     final = entry_dir(cache_root(cache_dir), recipe)

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
@@ -29,8 +29,11 @@ from ..store.gc import remove_seeds, seeds_under_snapshots
 from ..store.saved import list_seeds
 from . import builder, failures
 from .cache import BuiltImage, ensure_image, images_dir, keep_failed_log, lock_path
-from .image import Image
+from .image import Image, count_steps
 from .provision import provision
+
+if TYPE_CHECKING:  # spec builds on images
+    from ..spec import AccelRequest
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ def ensure_derived(
     rebuild_before: float | None = None,
     progress: builder.Progress | None = None,
     pull: str | None = None,
+    accel: AccelRequest = "auto",
 ) -> BuiltImage:
     """The built ``image`` (an image with steps), its parents first; built
     once across processes if missing, stale or older than ``rebuild_before``.
@@ -72,7 +76,9 @@ def ensure_derived(
         from .pull import pull_missing
 
         pulled = pull_missing(template, image.display_name, image.key, cache_dir, (final / "manifest.json").is_file)
-    parent = ensure_image(image.parent, cache_dir, rebuild_before=rebuild_before, progress=progress, pull=pull)
+    parent = ensure_image(
+        image.parent, cache_dir, rebuild_before=rebuild_before, progress=progress, pull=pull, accel=accel
+    )
 
     def usable(found: BuiltImage | None) -> bool:
         return found is not None and (rebuild_before is None or found.created >= rebuild_before)
@@ -98,10 +104,9 @@ def ensure_derived(
         else:
             why = "not cached yet (about a minute per step that installs packages)"
         why += f" ({pulled})" if pulled else ""
-        steps = f"{len(image.steps)} step{'' if len(image.steps) == 1 else 's'}"
-        with task(f"building image {image.display_name} on {parent.name} ({steps})", why) as t:
+        with task(f"building image {image.display_name} on {parent.name} ({count_steps(image)})", why) as t:
             try:
-                _build(image, parent, cache_dir, final, t.relay(progress))
+                _build(image, parent, cache_dir, final, t.relay(progress), accel)
             except ImageBuildError as e:
                 failures.record(final, e)
                 raise
@@ -120,13 +125,20 @@ def _used(built: BuiltImage) -> BuiltImage:
     return built
 
 
-def _build(image: Image, parent: BuiltImage, cache_dir: Path, final: Path, progress: builder.Progress | None) -> None:
+def _build(
+    image: Image,
+    parent: BuiltImage,
+    cache_dir: Path,
+    final: Path,
+    progress: builder.Progress | None,
+    accel: AccelRequest,
+) -> None:
     """Build into a tmp entry and publish it (the caller holds the lock);
     on failure nothing is published and the build log is kept."""
     started = time.monotonic()
     with entries.building(final) as tmp:
         try:
-            provision(image, parent, cache_dir, tmp, progress)
+            provision(image, parent, cache_dir, tmp, progress, accel)
             manifest = _manifest(image, parent, tmp, started)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
             entries.commit(tmp, final)

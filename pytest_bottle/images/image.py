@@ -364,3 +364,8 @@ def _walk(path: Path, rel: str) -> Iterable[tuple[str, os.stat_result, bytes | P
             raise SpecError(f"copy(): {str(path)!r} is not a file, directory or symlink")
     except OSError as e:
         raise SpecError(f"copy(): cannot read {str(path)!r}: {e.strerror}") from None
+
+
+def count_steps(image: Image) -> str:
+    """``1 step``, ``3 steps``: how progress lines name a build's size."""
+    return f"{len(image.steps)} step{'' if len(image.steps) == 1 else 's'}"

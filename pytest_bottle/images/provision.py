@@ -18,7 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from ..agent.client import AgentClient
 from ..agent.handshake import Handshake, NicSetup
@@ -30,7 +30,10 @@ from ..vmm.backend import Machine, console_tail
 from ..vmm.qemu import MachineConfig, Nic
 from . import builder
 from .cache import BuiltImage
-from .image import COPY_SKIP, Copy, Image, Install, Run, Step, Write, tree_digest
+from .image import COPY_SKIP, Copy, Image, Install, Run, Step, Write, count_steps, tree_digest
+
+if TYPE_CHECKING:  # spec builds on images
+    from ..spec import AccelRequest
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +66,21 @@ Log = Callable[[str], None]
 
 
 def provision(
-    image: Image, parent: BuiltImage, cache_dir: Path, tmp: Path, progress: builder.Progress | None = None
+    image: Image,
+    parent: BuiltImage,
+    cache_dir: Path,
+    tmp: Path,
+    progress: builder.Progress | None = None,
+    requested: AccelRequest = "auto",
 ) -> None:
-    """Leave in ``tmp`` the layer ``disk.qcow2``: ``parent`` with ``image``'s steps applied."""
+    """Leave in ``tmp`` the layer ``disk.qcow2``: ``parent`` with ``image``'s steps applied,
+    booted with the accelerator the bottles asked for (``auto``: what a probe proved)."""
     from ..lifecycle.probe import accel_for  # probe imports images: not at module level
 
     _check_sources(image)
     started = time.monotonic()
     root = parent.root or parent
-    accel = accel_for("auto", root, cache_dir).accel
+    accel = accel_for(requested, root, cache_dir).accel
     cfg = MachineConfig(
         kernel=root.kernel,
         initrd=root.initrd,
@@ -90,7 +99,7 @@ def provision(
             if progress is not None:
                 progress(line, time.monotonic() - started)
 
-        note(f"building {image.display_name} on {parent.name} ({len(image.steps)} steps)")
+        note(f"building {image.display_name} on {parent.name} ({count_steps(image)})")
         machine, channel = start_machine(cfg, tmp, name, BOOT_TIMEOUT)
         try:
             agent = AgentClient(channel)

@@ -81,7 +81,9 @@ def start_bottle(
     ``fork_of``: the image and the snapshot to restore instead of a seed."""
     check_host_memory(spec.memory_mb)
     if fork_of is None:
-        image = ensure_image(spec.image, spec.cache_dir, rebuild_before=rebuild_before, pull=spec.image_pull)
+        image = ensure_image(
+            spec.image, spec.cache_dir, rebuild_before=rebuild_before, pull=spec.image_pull, accel=spec.accel
+        )
         accel = accel_for(spec.accel, image, spec.cache_dir).accel
     else:
         image, accel = fork_of[0], fork_of[1].manifest["key_parts"]["accel"]
