@@ -262,9 +262,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return snapshot_cli.run_and_print(b, command, args.timeout)
 
 
+SHELL_TARGET = "a kept bottle (`bottle ps`) or a saved snapshot (`bottle snapshot list`)"
+
+
 def cmd_shell(args: argparse.Namespace) -> int:
     from .shell import open_target, run_shell
 
+    if args.name is None:  # argparse would say the optional command is required too
+        args.usage_error(f"the following arguments are required: name: the name of {SHELL_TARGET}")
+    if not args.name:
+        args.usage_error(f"argument name: it is empty; give the name of {SHELL_TARGET}")
     command = list(args.command)[1:] if args.command[:1] == ["--"] else list(args.command)
     with open_target(args.name, args.cache_dir) as agent:
         return run_shell(agent, command or None)
@@ -365,9 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="an interactive shell (a terminal in the guest) in a kept bottle or a snapshot",
         usage="%(prog)s [-h] name [-- CMD ...]",  # argparse would show the optional command as a required "..."
     )
-    sh.add_argument("name", help="a kept bottle (bottle ps) or a saved snapshot (bottle snapshot list)")
+    sh.add_argument("name", nargs="?", help=SHELL_TARGET)  # missing or empty: cmd_shell says what it is
     sh.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... instead of root's login shell")
-    sh.set_defaults(fn=cmd_shell)
+    sh.set_defaults(fn=cmd_shell, usage_error=sh.error)
     snapshot_cli.add_parser(sub)
     sub.add_parser("ps", help="VMs with a run-state record on this host").set_defaults(fn=cmd_ps)
     stop = sub.add_parser("stop", help="stop VMs by name (e.g. ones kept by --bottle-keep)")

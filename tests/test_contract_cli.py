@@ -175,13 +175,22 @@ def test_bad_run_timeouts_and_prune_ages_are_refused_before_any_work(tmp_path: P
     assert not (empty / "images").exists() and not (empty / "seeds").exists()
 
 
-def test_shell_usage_shows_the_command_as_optional() -> None:
+def test_shell_usage_shows_the_command_as_optional_and_what_the_name_is() -> None:
     r = cli("shell", "--help")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == "usage: bottle shell [-h] name [-- CMD ...]"
-    missing = cli("shell")  # the name is what is required
+    missing = cli("shell")  # the name is what is required, and what it names
     assert missing.returncode == 2
-    assert "the following arguments are required: name" in missing.stderr, missing.stderr
+    assert missing.stderr.splitlines()[-1] == (
+        "bottle shell: error: the following arguments are required: name: "
+        "the name of a kept bottle (`bottle ps`) or a saved snapshot (`bottle snapshot list`)"
+    ), missing.stderr
+    empty = cli("shell", "")  # a usage error, not an invalid snapshot name
+    assert empty.returncode == 2
+    assert empty.stderr.splitlines()[-1] == (
+        "bottle shell: error: argument name: it is empty; "
+        "give the name of a kept bottle (`bottle ps`) or a saved snapshot (`bottle snapshot list`)"
+    ), empty.stderr
 
 
 def test_image_build_rebuild_builds_again(private_cache: Path) -> None:
