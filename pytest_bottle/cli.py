@@ -25,7 +25,7 @@ from .images import RECIPES, BuiltImage, ensure_image, list_images, prune_images
 from .images.cache import prune_logs
 from .images.derived import list_derived, prune_derived, remove_derived
 from .images.image import check_pull_template, register_provided
-from .spec import resolve
+from .spec import check_host_memory, resolve
 from .store import unsettled
 from .store.gc import prune_seeds, remove_seeds
 from .store.saved import seeds_dir
@@ -258,6 +258,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "cache_dir": args.cache_dir,
     }
     spec = resolve([("bottle run", values)])
+    check_host_memory(spec.memory_mb, "bottle run" if args.memory is not None else "", args.memory)
     with start_bottle(spec) as b:
         return snapshot_cli.run_and_print(b, command, args.timeout)
 

@@ -172,6 +172,10 @@ def test_bad_run_timeouts_and_prune_ages_are_refused_before_any_work(tmp_path: P
         for kind in ("image", "snapshot"):
             r = cli(kind, "prune", "--older-than", days, cache=empty, timeout=60)
             assert r.returncode == 1 and "--older-than must be a finite number of days >= 0" in r.stderr, r
+    r = cli("run", "--memory", "100T", "--", "true", cache=empty, timeout=60)  # as written, then in MiB
+    assert r.returncode == 1 and r.stderr.startswith(
+        "bottle: SpecError: bottle run: bad memory: '100T' (104857600M) is more than this host has ("
+    ), r.stderr
     assert not (empty / "images").exists() and not (empty / "seeds").exists()
 
 
