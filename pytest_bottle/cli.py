@@ -291,15 +291,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
     status = 0
     for name in args.names:
         rec = records.get(name)
-        if rec is None:
-            print(f"bottle stop: no VM named {name!r} (see bottle ps)", file=sys.stderr)
+        if rec is None:  # the other names are still stopped
+            show_error(BottleError(f"no VM named {name!r} (see bottle ps)"))
             status = 1
             continue
         report = SweepReport()
         if stop_vm(rec, report):
             print(f"stopped {name}")
         else:
-            print(f"bottle stop: {name}: {'; '.join(report.skipped)}", file=sys.stderr)
+            show_error(BottleError(f"{name} was not stopped: {'; '.join(report.skipped)}"))
             status = 1
     return status
 
@@ -387,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def show_error(e: BottleError) -> None:
+    """How every subcommand reports an error: ``bottle: ExecTimeout: ...``."""
+    print(f"bottle: {type(e).__name__}: {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.cache_dir = (args.cache_dir or default_cache_dir()).absolute()
@@ -400,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a short listing sits in the buffer: a closed pipe shows here, not at exit
         return rc
     except BottleError as e:
-        print(f"bottle: {type(e).__name__}: {e}", file=sys.stderr)
+        show_error(e)
         return 1
     except KeyboardInterrupt as e:
         return signals.exit_status(e)

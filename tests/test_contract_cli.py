@@ -392,7 +392,8 @@ def test_stop_unknown_name_and_sweep_kept(isolated: Path, seed: SavedState) -> N
         a.keep()
         assert a.kept and a.closed
         r = cli("stop", "btl-00000000", a.name, cache=isolated)
-        assert r.returncode == 1 and "no VM named 'btl-00000000'" in r.stderr
+        assert r.returncode == 1  # said as every subcommand says an error
+        assert r.stderr == "bottle: BottleError: no VM named 'btl-00000000' (see bottle ps)\n", r.stderr
         assert r.stdout == f"stopped {a.name}\n" and _gone(a.pid)  # the known one is stopped anyway
         b = pytest_bottle.launch(cache_dir=isolated, detached=True)
         names.append(b.name)
