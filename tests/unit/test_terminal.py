@@ -91,6 +91,15 @@ def _until(cond: object, timeout: float = 10) -> None:
 # -- bottle shell's terminal side --------------------------------------------------------
 
 
+def test_a_missing_command_on_a_pty_is_reported_as_a_shell_reports_it(local: AgentClient) -> None:
+    """Not in the name of the terminal (the wrapper that opens it had it as $0)."""
+    out = bytearray()
+    _, call = local.channel.start("pty", lambda k, d: out.extend(d), argv=["no-such-command-x", "arg"])
+    assert local.channel.wait(call, 10, "pty") == {"rc": 127, "ok": True}
+    assert out.startswith(b"sh: ") and b"no-such-command-x: not found" in out, bytes(out)
+    assert b"/dev/pts" not in out, bytes(out)
+
+
 def test_run_shell_drives_a_guest_terminal_from_a_local_one(local: AgentClient) -> None:
     """``run_shell`` between a local pty (the user's terminal) and the agent's:
     raw keystrokes go through, the window size is passed on at start and on SIGWINCH."""
