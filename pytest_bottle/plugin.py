@@ -45,6 +45,7 @@ from .usage import (
     resolve_layers,
     set_value,
     source_of,
+    value_of,
 )
 from .vmm import accel as accel_mod
 
@@ -102,7 +103,7 @@ class _State:
         spec = resolve_layers(layers, restricted=len(first))
         if here:
             try:
-                check_host_memory(spec.memory_mb)
+                check_host_memory(spec.memory_mb, given=value_of(layers, "memory"))
             except SpecError as e:
                 raise InvalidBottleArgument(e.message, source_of(layers, "memory") or "the default") from None
         return spec

@@ -65,6 +65,12 @@ def kept_bottle(name: str, cache_dir: Path) -> AbstractContextManager[AgentClien
 @contextlib.contextmanager
 def _attach(record: RunRecord) -> Iterator[AgentClient]:
     path = record.extra.get("agent_socket")
+    if not record.owner_alive():  # its socket may be left, with nobody listening
+        owner = "QEMU" if record.extra.get("kept") else "session"  # a kept bottle's owner is its QEMU
+        raise BottleError(
+            f"bottle {record.name} is not running: its {owner} (pid {record.owner_pid}) is gone; "
+            "`bottle ps` lists it as orphaned, `bottle sweep` removes what it left"
+        )
     if not record.extra.get("kept"):
         raise BottleError(
             f"bottle {record.name} belongs to a running session (pid {record.owner_pid}), which holds its agent; "

@@ -64,14 +64,16 @@ def parse_memory(value: Any) -> int:
     return mb
 
 
-def check_host_memory(memory_mb: int, source: str = "") -> None:
+def check_host_memory(memory_mb: int, source: str = "", given: object = None) -> None:
     """Refuse more memory than this host has, where the VM is to run (a spec
     may be resolved on another host: an xdist controller). The guest kernel
     alone would map it (its page structures for 4T are 64G): a boot that
-    crawls until its timeout."""
+    crawls until its timeout.  ``given``: the value as the user wrote it
+    (``"100T"``), which the error shows beside its MiB."""
     host_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
     if memory_mb > host_mb:
-        raise SpecError(f"bad memory: {memory_mb}M is more than this host has ({host_mb}M)", source)
+        asked = f"{given!r} ({memory_mb}M)" if isinstance(given, str) else f"{memory_mb}M"  # an int is MiB
+        raise SpecError(f"bad memory: {asked} is more than this host has ({host_mb}M)", source)
 
 
 def _int_in(lo: int, hi: int, what: str) -> Callable[[Any], int]:

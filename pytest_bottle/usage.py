@@ -79,6 +79,11 @@ def source_of(layers: list[Layer], key: str) -> str:
     return next((where for where, layer in layers if layer.get(key) is not None), "")
 
 
+def value_of(layers: list[Layer], key: str) -> object:
+    """``key`` as the user wrote it, in that layer (None: the default)."""
+    return next((layer[key] for _, layer in layers if layer.get(key) is not None), None)
+
+
 def marker_layer(node: pytest.Item | pytest.Collector) -> list[Layer]:
     """The closest ``bottle`` marker as a layer: the one nearest the test (on the
     function, the decorator nearest ``def``; then its class; then the module)."""

@@ -172,16 +172,29 @@ def test_bad_run_timeouts_and_prune_ages_are_refused_before_any_work(tmp_path: P
         for kind in ("image", "snapshot"):
             r = cli(kind, "prune", "--older-than", days, cache=empty, timeout=60)
             assert r.returncode == 1 and "--older-than must be a finite number of days >= 0" in r.stderr, r
+    r = cli("run", "--memory", "100T", "--", "true", cache=empty, timeout=60)  # as written, then in MiB
+    assert r.returncode == 1 and r.stderr.startswith(
+        "bottle: SpecError: bottle run: bad memory: '100T' (104857600M) is more than this host has ("
+    ), r.stderr
     assert not (empty / "images").exists() and not (empty / "seeds").exists()
 
 
-def test_shell_usage_shows_the_command_as_optional() -> None:
+def test_shell_usage_shows_the_command_as_optional_and_what_the_name_is() -> None:
     r = cli("shell", "--help")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == "usage: bottle shell [-h] name [-- CMD ...]"
-    missing = cli("shell")  # the name is what is required
+    missing = cli("shell")  # the name is what is required, and what it names
     assert missing.returncode == 2
-    assert "the following arguments are required: name" in missing.stderr, missing.stderr
+    assert missing.stderr.splitlines()[-1] == (
+        "bottle shell: error: the following arguments are required: name: "
+        "the name of a kept bottle (`bottle ps`) or a saved snapshot (`bottle snapshot list`)"
+    ), missing.stderr
+    empty = cli("shell", "")  # a usage error, not an invalid snapshot name
+    assert empty.returncode == 2
+    assert empty.stderr.splitlines()[-1] == (
+        "bottle shell: error: argument name: it is empty; "
+        "give the name of a kept bottle (`bottle ps`) or a saved snapshot (`bottle snapshot list`)"
+    ), empty.stderr
 
 
 def test_image_build_rebuild_builds_again(private_cache: Path) -> None:
@@ -379,7 +392,8 @@ def test_stop_unknown_name_and_sweep_kept(isolated: Path, seed: SavedState) -> N
         a.keep()
         assert a.kept and a.closed
         r = cli("stop", "btl-00000000", a.name, cache=isolated)
-        assert r.returncode == 1 and "no VM named 'btl-00000000'" in r.stderr
+        assert r.returncode == 1  # said as every subcommand says an error
+        assert r.stderr == "bottle: BottleError: no VM named 'btl-00000000' (see bottle ps)\n", r.stderr
         assert r.stdout == f"stopped {a.name}\n" and _gone(a.pid)  # the known one is stopped anyway
         b = pytest_bottle.launch(cache_dir=isolated, detached=True)
         names.append(b.name)

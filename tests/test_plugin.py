@@ -159,18 +159,18 @@ def test_more_memory_than_the_host_has_is_a_usage_error_naming_its_source(pytest
         import pytest
 
         def test_it(bottle_factory):
-            with pytest.raises(pytest.UsageError, match=r"^bottle_factory\\(\\) arguments: bad memory: 4194304M is more"):
+            with pytest.raises(pytest.UsageError, match=r"^bottle_factory\\(\\) arguments: bad memory: '4T' \\(4194304M\\) is more"):
                 bottle_factory(memory="4T")
         """,
     )
     result = run(pytester, "test_marked.py")  # at setup, nothing booted (it may be skipped or deselected)
     result.assert_outcomes(errors=1)
-    assert "@pytest.mark.bottle on test_marked.py::test_it: bad memory: 4194304M is more" in result.stdout.str()
+    assert "@pytest.mark.bottle on test_marked.py::test_it: bad memory: '4T' (4194304M) is more" in result.stdout.str()
     run(pytester, "test_factory.py").assert_outcomes(passed=1)
     pytester.makepyfile(test_plain="def test_it(bottle): pass")
     result = run(pytester, "test_plain.py", "--bottle-memory", "4T")  # checked where the VM is to run
     result.assert_outcomes(errors=1)
-    assert "InvalidBottleArgument: command line: bad memory: 4194304M is more" in result.stdout.str()
+    assert "InvalidBottleArgument: command line: bad memory: '4T' (4194304M) is more" in result.stdout.str()
 
 
 def test_scopes(pytester: pytest.Pytester) -> None:

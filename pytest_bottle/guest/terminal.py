@@ -48,7 +48,9 @@ DEFAULT_SIGNALS = (
     signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGHUP, signal.SIGTERM,
     signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
 )  # fmt: skip
-CTTY_WRAPPER = 'exec 0<>"$0" 1>&0 2>&0 && cd "$HOME" 2>/dev/null; exec "$@"'
+# The pty's name is $1: $0 is what the shell calls itself in its errors
+# ("sh: 1: exec: htpo: not found"), so it is "sh", as for any sh -c.
+CTTY_WRAPPER = 'exec 0<>"$1" 1>&0 2>&0 && cd "$HOME" 2>/dev/null; shift; exec "$@"'
 
 
 def login_shell() -> list[str]:
@@ -156,7 +158,7 @@ class ProcessOps:
         try:
             set_size(master, int(call.get("rows") or 24), int(call.get("cols") or 80))
             actions = [(os.POSIX_SPAWN_DUP2, slave, fd) for fd in (0, 1, 2)]
-            wrapped = ["/bin/sh", "-c", CTTY_WRAPPER, os.ttyname(slave), *argv]
+            wrapped = ["/bin/sh", "-c", CTTY_WRAPPER, "sh", os.ttyname(slave), *argv]
             with execute.plain_child():
                 pid = os.posix_spawn(
                     "/bin/sh", wrapped, env, file_actions=actions, setsid=True, setsigdef=DEFAULT_SIGNALS, setsigmask=()

@@ -43,6 +43,11 @@ def test_more_memory_than_the_host_has_is_refused_where_the_vm_runs() -> None:
         check_host_memory(4 << 20)
     with pytest.raises(SpecError, match=r"^launch\(\): bad memory: "):
         check_host_memory(4 << 20, "launch()")
+    as_given = rf"^bad memory: '4T' \({4 << 20}M\) is more than this host has \({host_mb}M\)$"
+    with pytest.raises(SpecError, match=as_given):  # as the user wrote it, and in MiB
+        check_host_memory(4 << 20, given="4T")
+    with pytest.raises(SpecError, match=rf"^bad memory: {4 << 20}M is more"):  # an int is MiB already
+        check_host_memory(4 << 20, given=4 << 20)
 
 
 def test_precedence_first_layer_wins() -> None:

@@ -30,6 +30,7 @@ from pytest_bottle.guest.terminal import set_size
 from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.process import GuestProcess
 from pytest_bottle.shell import _attach, run_shell
+from pytest_bottle.vmm.process import start_time
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,15 @@ def _until(cond: object, timeout: float = 10) -> None:
 
 
 # -- bottle shell's terminal side --------------------------------------------------------
+
+
+def test_a_missing_command_on_a_pty_is_reported_as_a_shell_reports_it(local: AgentClient) -> None:
+    """Not in the name of the terminal (the wrapper that opens it had it as $0)."""
+    out = bytearray()
+    _, call = local.channel.start("pty", lambda k, d: out.extend(d), argv=["no-such-command-x", "arg"])
+    assert local.channel.wait(call, 10, "pty") == {"rc": 127, "ok": True}
+    assert out.startswith(b"sh: ") and b"no-such-command-x: not found" in out, bytes(out)
+    assert b"/dev/pts" not in out, bytes(out)
 
 
 def test_run_shell_drives_a_guest_terminal_from_a_local_one(local: AgentClient) -> None:
@@ -247,6 +257,28 @@ def test_a_kept_bottle_whose_run_directory_vanished_is_a_named_error(tmp_path: P
     record = RunRecord("btl-gone", 1, None, str(gone), extra={"kept": True, "agent_socket": str(gone / "agent.sock")})
     with pytest.raises(BottleError, match="kept bottle btl-gone is gone"), _attach(record):
         pass
+
+
+def test_bottle_shell_of_a_kept_bottle_whose_qemu_is_gone_says_it_is_not_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An orphaned record (as `bottle ps` says): its QEMU died and left its
+    socket, which nobody listens on any more."""
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state"))
+    qemu = subprocess.Popen(["sleep", "60"])
+    started = start_time(qemu.pid)
+    qemu.kill()
+    qemu.wait()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with socket.socket(socket.AF_UNIX) as left:
+        left.bind(str(run_dir / "agent.sock"))
+    extra = {"kept": True, "agent_socket": str(run_dir / "agent.sock")}
+    RunRecord("btl-orphan", qemu.pid, started, str(run_dir), qemu.pid, started, extra=extra).save()
+    assert cli.main(["shell", "btl-orphan"]) == 1
+    err = capsys.readouterr().err
+    assert f"bottle btl-orphan is not running: its QEMU (pid {qemu.pid}) is gone" in err, err
+    assert "`bottle sweep` removes what it left" in err and "Connection refused" not in err
 
 
 def test_bottle_shell_of_an_unknown_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:

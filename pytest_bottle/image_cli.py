@@ -1,0 +1,217 @@
+"""The ``bottle image`` (build, list, rm, prune; export, import and key in
+``transfer_cli``) and ``bottle seed`` commands, and ``--from``, which loads the
+images a file or module defines."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import runpy
+import sys
+import time
+
+from . import transfer_cli
+from .arguments import check_days
+from .errors import ImageNotFound, SpecError
+from .host.paths import tree_size
+from .images import RECIPES, BuiltImage, ensure_image, list_images, prune_images, remove_image
+from .images.cache import prune_logs
+from .images.derived import list_derived, prune_derived, remove_derived
+from .images.image import check_pull_template, register_provided
+from .store import unsettled
+from .store.gc import prune_seeds, remove_seeds
+from .store.saved import seeds_dir
+from .store.seeds import list_seeds
+
+FROM_HELP = "a Python file or module defining images (Image(...).named(NAME), or pytest_bottle_images())"
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.0f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+def age(t: float) -> str:
+    s = time.time() - t
+    return f"{s / 86400:.1f}d" if s > 86400 else f"{s / 3600:.1f}h" if s > 3600 else f"{s / 60:.0f}m"
+
+
+def load_images(source: str) -> None:
+    """Run a Python file (``path.py``) or import a module (``pkg.images``)
+    that defines images: what it names with ``.named()``, and what its
+    ``pytest_bottle_images()`` returns, become buildable by name."""
+    if source.endswith(".py") or os.sep in source:
+        if not os.path.isfile(source):
+            raise SpecError(f"--from {source}: no such file")
+        namespace = _run_file(os.path.abspath(source))
+    else:
+        sys.path.insert(0, os.getcwd())
+        try:
+            namespace = vars(importlib.import_module(source))
+        except ModuleNotFoundError as e:
+            if e.name is None or not (source == e.name or source.startswith(e.name + ".")):
+                raise  # the module itself imports something missing: its traceback says where
+            raise SpecError(
+                f"--from {source}: no module named {e.name!r} (give a .py file or an importable module)"
+            ) from None
+    hook = namespace.get("pytest_bottle_images")
+    if callable(hook):
+        register_provided(hook(), f"pytest_bottle_images() in {source}")
+
+
+def _run_file(path: str) -> dict[str, object]:
+    """Run ``path`` as pytest imports a conftest (its default "prepend" mode):
+    the first directory above it without an ``__init__.py`` goes first on
+    ``sys.path``, and a file inside a package is imported by its dotted name,
+    so its imports (``from images_def import X``, ``from tests.images_def
+    import X``, ``from .images_def import X``) work as they do under pytest."""
+    base, parts = os.path.dirname(path), [os.path.splitext(os.path.basename(path))[0]]
+    while os.path.isfile(os.path.join(base, "__init__.py")):
+        base, package = os.path.split(base)
+        parts.insert(0, package)
+    sys.path.insert(0, base)
+    if len(parts) == 1:
+        return runpy.run_path(path, run_name="__bottle_images__")
+    return vars(importlib.import_module(".".join(parts)))
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    started = time.time()
+    if args.source:
+        load_images(args.source)
+
+    def progress(stage: str, elapsed: float) -> None:
+        print(f"[{elapsed:6.1f}s] {stage}", flush=True)
+
+    rebuild_before = started if args.rebuild else None
+    image = ensure_image(args.name, args.cache_dir, rebuild_before=rebuild_before, progress=progress, pull=args.pull)
+    if args.rebuild:
+        remove_seeds(args.cache_dir, args.name)
+    m = image.manifest
+    print(f"{image.name} {image.key}: {image.path} (built in {m['build_seconds']}s, log {image.path / 'build.log'})")
+    return 0
+
+
+def _pull_url(value: str) -> str:
+    try:
+        return check_pull_template(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_image_list(args: argparse.Namespace) -> int:
+    cached: dict[str, list[BuiltImage]] = {}
+    for i in list_images(args.cache_dir):
+        cached.setdefault(i.name, []).append(i)
+    print(f"{'NAME':28} {'KEY':18} {'SIZE':>9} {'AGE':>6}  DESCRIPTION")
+    for name, recipe in sorted(RECIPES.items()):
+        entries = cached.pop(name, [])
+        # The entry of the current key is the image; any other is a leftover for ``prune``.
+        current = next((i for i in entries if i.key == recipe.key()), None)
+        image = current or max(entries, key=lambda i: i.created, default=None)
+        size = mb(tree_size(image.path)) if image else "-"
+        built = age(image.created) if image else "-"
+        key = (image.key if image else recipe.key()) + ("" if current or not image else " (stale)")
+        print(f"{name:28} {key:18} {size:>9} {built:>6}  {recipe.description}{'' if image else ' (not built)'}")
+        for old in entries:
+            if old is not image:
+                print(f"  stale entry {old.key} {mb(tree_size(old.path))} {age(old.created)} (bottle image prune)")
+    derived = list_derived(args.cache_dir)
+    if derived:
+        print(f"\n{'DERIVED IMAGE':40} {'PARENT':28} {'SIZE':>9} {'USED':>6}  STEPS")
+    for d in derived:
+        m = d.manifest
+        label = f"{m.get('name')} ({d.key[:12]})" if not str(m.get("name", "")).endswith(d.key[:12]) else m.get("name")
+        steps = len(m.get("steps", []))
+        stale = f" (stale: {d.stale}; bottle image prune)" if d.stale else ""
+        print(f"{label!s:40} {m.get('parent')!s:28} {mb(d.size):>9} {age(d.last_used):>6}  {steps}{stale}")
+    for seed in list_seeds(args.cache_dir):
+        kp = seed.manifest["key_parts"]
+        print(
+            f"  seed of {kp['image']}: {kp['accel']} {kp['memory_mb']}M {kp['cpus']}cpu {kp['nics']}nic "
+            f"{mb(tree_size(seed.path))} {age(seed.manifest['created'])}"
+        )
+    return 0
+
+
+def cmd_image_rm(args: argparse.Namespace) -> int:
+    removed = remove_derived(args.cache_dir, args.name)  # a derived image's name or key, then a recipe's
+    if not removed:
+        try:
+            removed = remove_image(args.name, args.cache_dir) + remove_seeds(args.cache_dir, args.name)
+        except ImageNotFound as e:  # the cached derived images are names rm takes too
+            derived = sorted({str(d.manifest.get("name") or d.path.name) for d in list_derived(args.cache_dir)})
+            raise ImageNotFound(args.name, [*e.known, *derived]) from None
+        if removed:  # what was built on it rests on nothing now
+            removed += remove_derived(args.cache_dir, args.name, root=True)
+    for p in removed:
+        print(f"removed {p}")
+    if not removed:
+        print(f"{args.name}: nothing cached")
+    return 0
+
+
+# "What nothing used lately" (DESIGN): a derived image rebuilds on its next use.
+DERIVED_UNUSED_DAYS = 7.0
+
+
+def cmd_image_prune(args: argparse.Namespace) -> int:
+    check_days(args.older_than, "bottle image prune")
+    cache = args.cache_dir
+    sizes = {i.path: tree_size(i.path) for i in list_images(cache)}
+    rows = [(p, sizes.get(p, 0), "image of an old recipe") for p in prune_images(cache)]
+    rows += prune_derived(cache, args.older_than)
+    current = {i.name: i for i in list_images(cache)}  # what is left is current
+    layers = {d.key: d for d in list_derived(cache)}
+    for seed in list_seeds(cache):  # seeds of derived images still cached are current too
+        kp = seed.manifest["key_parts"]
+        if (layer := layers.get(kp.get("image_key"))) is not None:
+            current[kp["image"]] = BuiltImage(kp["image"], layer.key, layer.path, layer.manifest)
+    rows += [(r.path, r.size, r.why) for r in prune_seeds(cache, current)]
+    builds = {unsettled.build(i) for i in list_images(cache)} | {unsettled.build(d) for d in list_derived(cache)}
+    gone = unsettled.prune(seeds_dir(cache), builds)
+    rows += [(p, 0, "a seed that did not settle, of an image build no longer cached") for p in gone]
+    rows += [(p, size, "old failed-build log") for p, size in prune_logs(cache)]
+    for path, size, why in rows:
+        print(f"removed {path} ({mb(size)}): {why}")
+    freed = sum(size for _, size, _ in rows)
+    print(f"pruned {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}, freed {mb(freed)}")
+    return 0
+
+
+def cmd_seed_rm(args: argparse.Namespace) -> int:
+    for p in remove_seeds(args.cache_dir, args.image):
+        print(f"removed {p}")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``bottle image`` and ``bottle seed`` to the ``bottle`` command."""
+    image = sub.add_parser("image", help="build, list or remove images").add_subparsers(dest="sub", required=True)
+    b = image.add_parser("build", help="build an image (cached)")
+    b.add_argument("name", help="a built-in image, or one named in --from")
+    b.add_argument("--from", dest="source", metavar="FILE|MODULE", help=FROM_HELP)
+    b.add_argument("--rebuild", action="store_true", help="build again even if cached (and drop its seeds)")
+    b.add_argument("--pull", metavar="URL", type=_pull_url, help="pull it from this URL ({name}, {key}) if not cached")
+    b.set_defaults(fn=cmd_image_build)
+    image.add_parser("list", help="known images, what is built, and seeds").set_defaults(fn=cmd_image_list)
+    prune_help = "remove old images, stale seeds and old failed-build logs; print what was freed"
+    pr = image.add_parser("prune", help=prune_help)
+    pr.add_argument(
+        "--older-than",
+        type=float,
+        metavar="DAYS",
+        default=DERIVED_UNUSED_DAYS,
+        help=f"remove derived images (and their seeds) unused for DAYS (default {DERIVED_UNUSED_DAYS:g})",
+    )
+    pr.set_defaults(fn=cmd_image_prune)
+    r = image.add_parser("rm", help="remove an image and its seeds from the cache")
+    r.add_argument("name")
+    r.set_defaults(fn=cmd_image_rm)
+    transfer_cli.add_parsers(image, load_images)
+
+    seed = sub.add_parser("seed", help="list or remove work seeds").add_subparsers(dest="sub", required=True)
+    seed.add_parser("list", help="seeds in the cache").set_defaults(fn=cmd_image_list)
+    sr = seed.add_parser("rm", help="remove seeds (of one image, or all)")
+    sr.add_argument("image", nargs="?")
+    sr.set_defaults(fn=cmd_seed_rm)
