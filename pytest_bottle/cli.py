@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import image_cli, snapshot_cli
 from .arguments import check_timeout
-from .errors import BottleError
+from .errors import BottleError, error_line
 from .host import deps as hostdeps
 from .host import progress, signals
 from .host.paths import default_cache_dir, state_dir, tree_size
@@ -190,8 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def show_error(e: BottleError) -> None:
-    """How every subcommand reports an error: ``bottle: ExecTimeout: ...``."""
-    print(f"bottle: {type(e).__name__}: {e}", file=sys.stderr)
+    print(error_line(e), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -356,3 +356,8 @@ class ImageImportError(BottleError):
 
     def _args(self) -> dict[str, Any]:
         return {"source": self.source, "reason": self.reason}
+
+
+def error_line(e: BaseException) -> str:
+    """How every ``bottle`` subcommand reports an error: ``bottle: ExecTimeout: ...``."""
+    return f"bottle: {type(e).__name__}: {e}"

@@ -8,7 +8,7 @@ import time
 
 from .arguments import check_days
 from .bottle import Bottle
-from .errors import ExecTimeout, SnapshotError, SpecError
+from .errors import ExecTimeout, SnapshotError, SnapshotGone, SpecError, error_line
 from .host.paths import tree_size
 from .host.runstate import MARKER, run_dir_owner
 from .snapshot import resolve_saved_snapshot
@@ -85,14 +85,15 @@ def cmd_rm(args: argparse.Namespace) -> int:
         try:
             snapshots.check_name(name)
         except SnapshotError as e:  # the other names are still removed
-            print(f"bottle snapshot rm: {e}", file=sys.stderr)
+            print(error_line(e), file=sys.stderr)
             status = 1
             continue
         path = args.cache_dir / "snapshots" / name
         if path.is_dir() and snapshots.remove(path):
             print(f"removed {path}")
         else:
-            print(f"bottle snapshot rm: no snapshot named {name!r} (see bottle snapshot list)", file=sys.stderr)
+            gone = SnapshotGone(name, "there is no snapshot of that name (see bottle snapshot list)")
+            print(error_line(gone), file=sys.stderr)
             status = 1
     return status
 
