@@ -198,3 +198,31 @@ def test_a_moved_cache_keeps_working(default_image: BuiltImage, warm_cache: Path
     assert sorted(p.name for p in (moved / "seeds").iterdir() if p.is_dir()) == made  # no seed made again
     texts = [p.read_text(errors="replace") for p in moved.rglob("*.json")]
     assert not [t for t in texts if str(first) in t]
+
+
+def test_bad_export_and_import_arguments_are_refused_before_any_work(
+    default_image: BuiltImage, exported: Path, tmp_path: Path, empty_cache: Path
+) -> None:
+    """A directory as the export file was found after the whole export, as a
+    traceback; a missing directory was a traceback at once; a malformed
+    --sha256 was found after reading the whole file."""
+    cache = default_image.path.parent.parent
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (("image", "export", default_image.name, str(tmp_path / "adir")), cache,
+         f"bottle: SpecError: export: {tmp_path / 'adir'} is a directory; give the file to write"),
+        (("image", "export", default_image.name, str(tmp_path / "nodir" / "x.tar.gz")), cache,
+         f"bottle: SpecError: export: cannot write {tmp_path / 'nodir' / 'x.tar.gz'}: {tmp_path / 'nodir'} is not"),
+        (("image", "import", str(tmp_path / "adir")), empty_cache,
+         f"bottle: ImageImportError: cannot import {tmp_path / 'adir'}: it is a directory, not an export file"),
+        (("image", "import", str(exported), "--sha256", "00"), empty_cache,
+         "bottle: SpecError: import: --sha256 must be 64 hex digits (as export printed it), not '00'"),
+    ]  # fmt: skip
+    for args, where, expected in cases:
+        r = bottle_cli(*args, cache=where)
+        assert r.returncode == 1 and r.stderr.startswith(expected), (args, r.stderr)
+        assert "Traceback" not in r.stderr and "exporting" not in r.stdout + r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "new-cache"] and not list(
+        (tmp_path / "adir").iterdir()
+    )
+    assert leftovers(empty_cache) == []

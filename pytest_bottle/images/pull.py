@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import time
 import urllib.error
@@ -27,7 +28,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import BottleError, ImageImportError
+from ..errors import BottleError, ImageImportError, SpecError
 from ..host.locks import reporting_lock
 from ..host.paths import cache_root, remove_tree
 from ..host.progress import task
@@ -122,12 +123,14 @@ def import_source(
     """Import an export from a path or URL (see ``transfer.import_file``);
     ``sha256``: the whole file must have this checksum (checked on the bytes
     unpacked, from the same open file: a local file swapped meanwhile fails)."""
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):  # else known only after the read
+        raise SpecError(f"--sha256 must be 64 hex digits (as export printed it), not {sha256!r}", "import")
     cache_dir = cache_root(cache_dir)
     scheme = urllib.parse.urlsplit(source).scheme
     if scheme not in ("http", "https"):
         path = _local(source)
         if not path.is_file():
-            raise ImageImportError(source, "no such file")
+            raise ImageImportError(source, "it is a directory, not an export file" if path.is_dir() else "no such file")
         return import_file(path, cache_dir, source=source, want_key=want_key, replace=replace, sha256=sha256)
     with _scratch(cache_dir, "download") as work:
         path = work / "export.tar.gz"

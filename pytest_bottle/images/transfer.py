@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BottleError, ImageImportError, ImageNotFound
+from ..errors import BottleError, ImageImportError, ImageNotFound, SpecError
 from ..host.deps import require
 from ..host.locks import reporting_lock
 from ..host.paths import cache_root, remove_tree
@@ -110,6 +110,7 @@ def chain(entry: Path) -> list[ImageRef]:
 def export(name: str, out: Path, cache_dir: Path) -> tuple[list[ImageRef], str]:
     """Write the image ``name`` and what it rests on to ``out`` (replaced whole);
     returns the images and the file's sha256."""
+    _check_out(out)  # before the work: a directory was found at its end, as a traceback
     cache_dir = cache_root(cache_dir)
     refs = chain(find_entry(name, cache_dir))
     root = images_dir(cache_dir)
@@ -134,6 +135,13 @@ def export(name: str, out: Path, cache_dir: Path) -> tuple[list[ImageRef], str]:
     finally:
         tmp.unlink(missing_ok=True)
     return refs, sha
+
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise SpecError(f"{out} is a directory; give the file to write, e.g. {out / 'image.tar.gz'}", "export")
+    if not out.parent.is_dir():
+        raise SpecError(f"cannot write {out}: {out.parent} is not a directory", "export")
 
 
 def import_file(
