@@ -300,8 +300,10 @@ class Bottle(BottleFiles):
         if not self._closed and not self.vm_running():  # nothing to hand over: say so, and let go of it
             self.close()
             raise BottleError(f"bottle {self.name} cannot be kept: it has stopped (its QEMU is gone)")
+        kept = f"bottle {self.name} was kept: reach it with `bottle shell {self.name}`"
         if not self._closed:  # whoever reaches it next (ssh -F ...) must not stall
             self._announce_nic()
+            self._channel.abandon(kept)  # calls in flight in other threads: lost, not killed by SIGKILL
             try:  # the test's processes end as with close(): unread, a chatty one would hang on its full pipe
                 self._agent.end_processes(timeout=10)
             except BottleError as e:
@@ -316,7 +318,7 @@ class Bottle(BottleFiles):
             self._closed = True
             self.kept = True
         # Before the hand-over: moving the agent to its socket shows our end an EOF.
-        self._channel.closing = f"bottle {self.name} was kept: reach it with `bottle shell {self.name}`"
+        self._channel.closing = kept
         self._resources.hand_over(self._machine)
         self._channel.close()
         self._machine.disconnect()  # our end only: the VM runs on

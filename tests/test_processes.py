@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -437,6 +438,37 @@ def test_a_kept_bottle_is_running_and_its_calls_say_it_was_kept(stop_kept: list[
     )
     assert stop.returncode == 0, stop.stderr
     wait_until(lambda: not b.vm_running(), 60, "vm_running() is False once its QEMU is gone")
+
+
+def test_calls_in_flight_when_a_bottle_is_kept_are_lost_not_killed(stop_kept: list[str]) -> None:
+    """keep() ends the test's processes: an exec another thread was waiting on
+    could return ExecResult(returncode=-9), as if the guest's OOM killer had
+    struck, and a spawned process read "killed by SIGKILL", when the killed
+    command's reply beat the end call's (a race seen under load)."""
+    b = pytest_bottle.launch(detached=True)
+    stop_kept.append(b.name)
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(b.exec("echo started > /tmp/exec-started; sleep 60", timeout=120))
+        except AgentError as e:
+            outcome.append(e)
+
+    p = b.spawn("echo up; sleep 60")  # the Python agent serves the bottle from here on
+    p.wait_for_output("up", timeout=30)
+    waiter = threading.Thread(target=run)
+    waiter.start()
+    wait_until(lambda: b.exec("test -e /tmp/exec-started").ok, 30, "the other thread's exec runs")
+    b.keep()
+    waiter.join(timeout=30)
+    said = f"bottle {b.name} was kept: reach it with `bottle shell {b.name}`"
+    assert len(outcome) == 1 and isinstance(outcome[0], AgentError) and said in str(outcome[0]), outcome
+    assert p.poll() is not None and p.state() == f"lost ({said})", p.state()
+    stop = subprocess.run(
+        [sys.executable, "-m", "pytest_bottle.cli", "stop", b.name], capture_output=True, text=True, timeout=120
+    )
+    assert stop.returncode == 0, stop.stderr
 
 
 def test_bottle_shell_refuses_a_bottle_that_is_not_kept(module_bottle: Bottle) -> None:

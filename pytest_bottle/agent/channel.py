@@ -176,6 +176,17 @@ class AgentChannel(Uploads):
             call.lost = f"the guest agent restarted; {len(calls)} call(s) lost"
             call.done.set()
 
+    def abandon(self, reason: str) -> None:
+        """Fail every pending call at once as lost for ``reason``, and drop what
+        still comes for them (``Bottle.keep`` ends their processes next: a
+        killed command's reply would read as its own SIGKILL)."""
+        with self._lock:
+            calls, self._calls = list(self._calls.values()), {}
+            self._credit.notify_all()
+        for call in calls:
+            call.lost = reason
+            call.done.set()
+
     def _got_credit(self, rid: int, n: int) -> None:
         with self._lock:
             call = self._calls.get(rid)
