@@ -303,7 +303,9 @@ class Bottle(BottleFiles):
         kept = f"bottle {self.name} was kept: reach it with `bottle shell {self.name}`"
         if not self._closed:  # whoever reaches it next (ssh -F ...) must not stall
             self._announce_nic()
-            self._channel.abandon(kept)  # calls in flight in other threads: lost, not killed by SIGKILL
+            # Calls in flight in other threads, or started there until the channel
+            # closes, are lost: not answered with the SIGKILL keep deals them.
+            self._channel.abandon(f"bottle {self.name} is being kept; keep() ends its processes")
             try:  # the test's processes end as with close(): unread, a chatty one would hang on its full pipe
                 self._agent.end_processes(timeout=10)
             except BottleError as e:

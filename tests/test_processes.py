@@ -462,7 +462,7 @@ def test_calls_in_flight_when_a_bottle_is_kept_are_lost_not_killed(stop_kept: li
     wait_until(lambda: b.exec("test -e /tmp/exec-started").ok, 30, "the other thread's exec runs")
     b.keep()
     waiter.join(timeout=30)
-    said = f"bottle {b.name} was kept: reach it with `bottle shell {b.name}`"
+    said = f"bottle {b.name} is being kept; keep() ends its processes"
     assert len(outcome) == 1 and isinstance(outcome[0], AgentError) and said in str(outcome[0]), outcome
     assert p.poll() is not None and p.state() == f"lost ({said})", p.state()
     stop = subprocess.run(

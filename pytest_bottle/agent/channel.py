@@ -75,6 +75,7 @@ class AgentChannel(Uploads):
         self._lock = threading.Lock()
         self._credit = threading.Condition(self._lock)
         self._calls: dict[int, Call] = {}
+        self._abandoned: tuple[str, int] | None = None  # why, and the one thread still let in (abandon)
         self._next_id = 1
         self._last_rx = time.monotonic()
         self._ping_at = 0.0
@@ -139,10 +140,8 @@ class AgentChannel(Uploads):
         finally:
             with self._lock:
                 self.closed.set()
-                calls, self._calls = list(self._calls.values()), {}
-                self._credit.notify_all()
-            for call in calls:
-                call.done.set()
+                calls = self._take_calls()
+            _lose(calls, "")  # wait() names the channel's death
             # A sender blocked on a guest that reads nothing holds _wlock until
             # close()'s shutdown or its own timeout wakes it.
             with self._wlock, self._fdlock:
@@ -163,29 +162,33 @@ class AgentChannel(Uploads):
         and resync in one step, so no CALL slips between (the new agent drops
         all it reads before a SYNC)."""
         with self._wlock, self._lock:
-            calls, self._calls = list(self._calls.values()), {}
+            calls = self._take_calls()
             self.restarts += 1
-            self._credit.notify_all()
             if not self.broken:
                 try:
                     self.sock.sendall(frames.SYNC_FRAME)
                 except OSError as e:
                     self.broken = f"resync after an agent restart failed: {e}"
         log.debug("agent channel %s: the guest agent restarted, %d call(s) lost", self.name, len(calls))
-        for call in calls:
-            call.lost = f"the guest agent restarted; {len(calls)} call(s) lost"
-            call.done.set()
+        _lose(calls, f"the guest agent restarted; {len(calls)} call(s) lost")
 
     def abandon(self, reason: str) -> None:
-        """Fail every pending call at once as lost for ``reason``, and drop what
-        still comes for them (``Bottle.keep`` ends their processes next: a
-        killed command's reply would read as its own SIGKILL)."""
+        """Fail every pending call at once as lost for ``reason``, cancel it, and
+        refuse calls other threads start from now on (``Bottle.keep`` ends the
+        guest's processes next, from this thread: a killed command's reply
+        would read as its own SIGKILL)."""
         with self._lock:
-            calls, self._calls = list(self._calls.values()), {}
-            self._credit.notify_all()
+            self._abandoned = (reason, threading.get_ident())
+            calls = self._take_calls()
+        _lose(calls, reason)
         for call in calls:
-            call.lost = reason
-            call.done.set()
+            self._cancel_quietly(call.rid)
+
+    def _take_calls(self) -> list[Call]:
+        """Every pending call, now no longer ours (the caller holds ``_lock``)."""
+        calls, self._calls = list(self._calls.values()), {}
+        self._credit.notify_all()
+        return calls
 
     def _got_credit(self, rid: int, n: int) -> None:
         with self._lock:
@@ -261,6 +264,8 @@ class AgentChannel(Uploads):
         with self._lock:  # the reader closes under this lock: no call slips past its final sweep
             if self.closed.is_set():
                 raise AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
+            if self._abandoned is not None and self._abandoned[1] != threading.get_ident():
+                raise AgentError(f"bottle {self.name}: {self._abandoned[0]}")
             rid = self._next_id
             self._next_id += 1
             call = self._calls[rid] = Call(rid, sink, auto_credit)
@@ -377,3 +382,10 @@ class AgentChannel(Uploads):
                     pass
         if threading.current_thread() is not self._reader:  # a callback on the reader may close it
             self._reader.join(timeout=2)
+
+
+def _lose(calls: list[Call], reason: str) -> None:
+    for call in calls:
+        if reason:
+            call.lost = reason
+        call.done.set()

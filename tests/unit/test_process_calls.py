@@ -117,6 +117,38 @@ def test_end_processes_kills_what_the_session_started(local: AgentClient) -> Non
     assert run(client, "echo on")[1] == b"on\n"  # the session goes on
 
 
+def test_abandon_loses_calls_in_flight_cancels_them_and_refuses_other_threads(tmp_path: Path) -> None:
+    """What keep() relies on: once abandoned, a call waited on elsewhere is lost
+    (its command cancelled), one another thread starts is refused, and only the
+    abandoning thread's own calls (the end call) still go through: none of them
+    reads the SIGKILL that follows as its result."""
+    client = serve()
+    spawned = GuestProcess.start(client, "sleep 30")
+    pidfile = tmp_path / "pid"
+    outcome: list[object] = []
+
+    def in_other_thread(cmd: str) -> None:
+        try:
+            outcome.append(run(client, cmd))
+        except AgentError as e:
+            outcome.append(e)
+
+    waiter = threading.Thread(target=in_other_thread, args=(f"echo $$ > {pidfile}; exec sleep 30",))
+    waiter.start()
+    pid = int(_wait_for(pidfile))
+    client.channel.abandon("why it was abandoned")
+    waiter.join(10)
+    late = threading.Thread(target=in_other_thread, args=("sleep 30",))
+    late.start()
+    late.join(10)
+    assert len(outcome) == 2 and all(isinstance(o, AgentError) for o in outcome), outcome
+    assert all("why it was abandoned" in str(o) for o in outcome), outcome
+    assert _gone(pid), "an abandoned exec was not cancelled"
+    assert spawned.poll() is not None and spawned.state() == "lost (why it was abandoned)"
+    client.end_processes()  # the abandoning thread still gets through
+    assert run(client, "echo on")[1] == b"on\n"
+
+
 def _wait_for(path: Path, within: float = 10.0) -> str:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
