@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 import pytest_bottle
-from pytest_bottle import Image, ImageBuildError
+from pytest_bottle import HostDependencyError, Image, ImageBuildError
 from pytest_bottle.images import BuiltImage, ensure_image
 from pytest_bottle.images.derived import entry_dir
+from pytest_bottle.lifecycle.probe import accel_for
 from pytest_bottle.store.saved import list_seeds
 
 pytestmark = pytest.mark.slow
@@ -125,7 +126,7 @@ def test_a_cache_hit_does_not_rebuild(web: Image, web_built: BuiltImage, warm_ca
 
 FAILING = """
 import sys
-from pytest_bottle import Image, ImageBuildError
+from pytest_bottle import HostDependencyError, Image, ImageBuildError
 from pytest_bottle.images import ensure_image, failures
 if len(sys.argv) > 3:
     failures.join_run(sys.argv[3])
@@ -181,6 +182,21 @@ def test_a_build_for_tcg_bottles_boots_with_tcg_and_probes_no_kvm(tmp_path: Path
         pytest_bottle.launch(image=bad, accel="tcg", cache_dir=cache)
     assert not (cache / "accel.json").exists() and not (cache / "accel.lock").exists()
     assert not list(cache.glob("run/kvm-probe-*"))
+
+
+def test_a_build_for_kvm_bottles_on_a_host_without_kvm_is_no_build_failure(warm_cache: Path) -> None:
+    """``accel="kvm"`` where KVM does not work is a HostDependencyError before
+    the build, as for a bottle of a built image; it was an ImageBuildError,
+    recorded, so a TCG bottle of that image got "it failed earlier"."""
+    if accel_for("auto", ensure_image(Image("debian-bookworm"), warm_cache), warm_cache).accel == "kvm":
+        pytest.skip("KVM works on this host: a build under KVM is no error")
+    bad = Image("debian-bookworm").run(f"exit 3 # {uuid.uuid4().hex[:8]}")
+    with pytest.raises(HostDependencyError, match="KVM"):
+        ensure_image(bad, warm_cache, accel="kvm")
+    assert not entry_dir(warm_cache, bad).exists()
+    with pytest.raises(ImageBuildError, match="exited with 3") as failed:
+        ensure_image(bad, warm_cache, accel="tcg")
+    assert "failed earlier" not in failed.value.reason, failed.value
 
 
 def test_two_processes_wanting_a_failing_image_try_it_once(warm_cache: Path) -> None:

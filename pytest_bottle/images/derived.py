@@ -34,6 +34,7 @@ from .provision import provision
 
 if TYPE_CHECKING:  # spec builds on images
     from ..spec import AccelRequest
+    from ..vmm.qemu import Accel
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,11 @@ def ensure_derived(
     if usable(built):
         assert built is not None
         return _used(built)
+    from ..lifecycle.probe import accel_for  # probe imports images: not at module level
+
+    # The build boots as its bottles will.  Decided before the build: a host
+    # without the KVM asked for is no build failure to record for the others.
+    booted_with = accel_for(accel, parent.root or parent, cache_dir).accel
     lock = lock_path(cache_dir, final.name)
     lock.parent.mkdir(parents=True, exist_ok=True)
     waiting = time.time_ns()
@@ -106,7 +112,7 @@ def ensure_derived(
         why += f" ({pulled})" if pulled else ""
         with task(f"building image {image.display_name} on {parent.name} ({count_steps(image)})", why) as t:
             try:
-                _build(image, parent, cache_dir, final, t.relay(progress), accel)
+                _build(image, parent, cache_dir, final, t.relay(progress), booted_with)
             except ImageBuildError as e:
                 failures.record(final, e)
                 raise
@@ -131,7 +137,7 @@ def _build(
     cache_dir: Path,
     final: Path,
     progress: builder.Progress | None,
-    accel: AccelRequest,
+    accel: Accel,
 ) -> None:
     """Build into a tmp entry and publish it (the caller holds the lock);
     on failure nothing is published and the build log is kept."""

@@ -18,7 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from ..agent.client import AgentClient
 from ..agent.handshake import Handshake, NicSetup
@@ -27,13 +27,10 @@ from ..errors import BootTimeout, BottleError, ImageBuildError
 from ..host.deps import which
 from ..lifecycle.boot import start_machine
 from ..vmm.backend import Machine, console_tail
-from ..vmm.qemu import MachineConfig, Nic
+from ..vmm.qemu import Accel, MachineConfig, Nic
 from . import builder
 from .cache import BuiltImage
 from .image import COPY_SKIP, Copy, Image, Install, Run, Step, Write, count_steps, tree_digest
-
-if TYPE_CHECKING:  # spec builds on images
-    from ..spec import AccelRequest
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +68,20 @@ def provision(
     cache_dir: Path,
     tmp: Path,
     progress: builder.Progress | None = None,
-    requested: AccelRequest = "auto",
+    accel: Accel = "tcg",
 ) -> None:
     """Leave in ``tmp`` the layer ``disk.qcow2``: ``parent`` with ``image``'s steps applied,
-    booted with the accelerator the bottles asked for (``auto``: what a probe proved)."""
-    from ..lifecycle.probe import accel_for  # probe imports images: not at module level
-
+    booted with ``accel`` (the one its bottles use)."""
     _check_sources(image)
     started = time.monotonic()
     root = parent.root or parent
-    accel = accel_for(requested, root, cache_dir).accel
     cfg = MachineConfig(
         kernel=root.kernel,
         initrd=root.initrd,
         disk=parent.disk,
         disk_format=parent.disk_format,
         memory_mb=BUILD_MEMORY_MB,
-        accel="kvm" if accel == "kvm" else "tcg",
+        accel=accel,
         nics=(Nic("net0", MAC, "user", restrict=False),),
     )
     name = f"build-{image.key[:12]}"
