@@ -204,15 +204,22 @@ def test_bad_export_and_import_arguments_are_refused_before_any_work(
     default_image: BuiltImage, exported: Path, tmp_path: Path, empty_cache: Path
 ) -> None:
     """A directory as the export file was found after the whole export, as a
-    traceback; a missing directory was a traceback at once; a malformed
+    traceback; a missing directory was a traceback at once; a symlink (to
+    /dev/null here) or a FIFO was replaced by the export's file; a malformed
     --sha256 was found after reading the whole file."""
     cache = default_image.path.parent.parent
     (tmp_path / "adir").mkdir()
+    (tmp_path / "alink").symlink_to("/dev/null")
+    os.mkfifo(tmp_path / "afifo")
     cases = [
         (("image", "export", default_image.name, str(tmp_path / "adir")), cache,
          f"bottle: SpecError: export: {tmp_path / 'adir'} is a directory; give the file to write"),
         (("image", "export", default_image.name, str(tmp_path / "nodir" / "x.tar.gz")), cache,
          f"bottle: SpecError: export: cannot write {tmp_path / 'nodir' / 'x.tar.gz'}: {tmp_path / 'nodir'} is not"),
+        (("image", "export", default_image.name, str(tmp_path / "alink")), cache,
+         f"bottle: SpecError: export: {tmp_path / 'alink'} is a symlink; the export replaces it whole"),
+        (("image", "export", default_image.name, str(tmp_path / "afifo")), cache,
+         f"bottle: SpecError: export: {tmp_path / 'afifo'} is not a regular file; the export replaces it whole"),
         (("image", "import", str(tmp_path / "adir")), empty_cache,
          f"bottle: ImageImportError: cannot import {tmp_path / 'adir'}: it is a directory, not an export file"),
         (("image", "import", str(exported), "--sha256", "00"), empty_cache,
@@ -222,7 +229,7 @@ def test_bad_export_and_import_arguments_are_refused_before_any_work(
         r = bottle_cli(*args, cache=where)
         assert r.returncode == 1 and r.stderr.startswith(expected), (args, r.stderr)
         assert "Traceback" not in r.stderr and "exporting" not in r.stdout + r.stderr, r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "new-cache"] and not list(
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afifo", "alink", "new-cache"] and not list(
         (tmp_path / "adir").iterdir()
     )
     assert leftovers(empty_cache) == []

@@ -113,22 +113,26 @@ def export(name: str, out: Path, cache_dir: Path) -> tuple[list[ImageRef], str]:
     _check_out(out)  # before the work: a directory was found at its end, as a traceback
     cache_dir = cache_root(cache_dir)
     refs = chain(find_entry(name, cache_dir))
-    root = images_dir(cache_dir)
-    files: list[tuple[Member, Path]] = []
-    for ref in refs:
-        for f in archive.ALLOWED[ref.kind]:
-            path = root / ref.entry / f
-            if path.is_file():
-                size = path.stat().st_size
-                files.append((Member(f"images/{ref.entry}/{f}", size, archive.file_sha256(path)), path))
-    manifest = archive.make_manifest(
-        refs, [m for m, _ in files], {"image": refs[-1].to_dict(), "exported": time.time()}
-    )
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    tmp = Path(name)
+    # Made before the members are hashed: a directory we cannot write to fails now, not after that.
     try:
-        with task(f"exporting image {refs[-1].name}", f"{len(refs)} image(s) to {out}") as t:
-            with os.fdopen(fd, "wb") as stream:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise SpecError(f"cannot write {out}: {e.strerror or e}", "export") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            root = images_dir(cache_dir)
+            files: list[tuple[Member, Path]] = []
+            for ref in refs:
+                for f in archive.ALLOWED[ref.kind]:
+                    path = root / ref.entry / f
+                    if path.is_file():
+                        size = path.stat().st_size
+                        files.append((Member(f"images/{ref.entry}/{f}", size, archive.file_sha256(path)), path))
+            manifest = archive.make_manifest(
+                refs, [m for m, _ in files], {"image": refs[-1].to_dict(), "exported": time.time()}
+            )
+            with task(f"exporting image {refs[-1].name}", f"{len(refs)} image(s) to {out}") as t:
                 sha = archive.write_archive(stream, manifest, files, t.stage)
         tmp.chmod(0o644)  # as a plain open would have made it (mkstemp: 0o600)
         os.replace(tmp, out)
@@ -142,6 +146,11 @@ def _check_out(out: Path) -> None:
         raise SpecError(f"{out} is a directory; give the file to write, e.g. {out / 'image.tar.gz'}", "export")
     if not out.parent.is_dir():
         raise SpecError(f"cannot write {out}: {out.parent} is not a directory", "export")
+    # The export replaces the name whole: a symlink (to /dev/stdout, say) or a
+    # device would be replaced by a file, not written through.
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        what = "a symlink" if out.is_symlink() else "not a regular file"
+        raise SpecError(f"{out} is {what}; the export replaces it whole: give a new or regular file", "export")
 
 
 def import_file(
