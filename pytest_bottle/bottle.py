@@ -14,7 +14,7 @@ from .agent.channel import AgentChannel
 from .agent.client import AgentClient
 from .agent.streams import OnOutput
 from .arguments import GuestPath, check_env, check_input, check_port, check_timeout, guest_path
-from .bottle_files import FILE_TIMEOUT as FILE_TIMEOUT  # still importable from here, as before the split
+from .bottle_files import FILE_TIMEOUT as FILE_TIMEOUT  # importable here as before the split; patch bottle_files
 from .bottle_files import READ_CAP as READ_CAP
 from .bottle_files import BottleFiles
 from .errors import AgentError, BottleError, ExecTimeout, WaitTimeout
@@ -192,7 +192,7 @@ class Bottle(BottleFiles):
     def check_output(self, cmd: Command, **kw: Any) -> str:
         """Stdout of ``cmd``; raises ``ExecError`` if it exits non-zero."""
         check = kw.pop("check", True)
-        if not check:  # it was ignored: a TypeError, as subprocess.check_output makes it
+        if not check:  # it was ignored: a TypeError, as subprocess.check_output makes any check= (True is harmless)
             raise TypeError(f"check_output() always checks: check={check!r} is refused (use exec(cmd, check=False))")
         return self.exec(cmd, check=True, **kw).stdout
 
