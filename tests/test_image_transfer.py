@@ -222,6 +222,8 @@ def test_bad_export_and_import_arguments_are_refused_before_any_work(
          f"bottle: SpecError: export: {tmp_path / 'afifo'} is not a regular file; the export replaces it whole"),
         (("image", "import", str(tmp_path / "adir")), empty_cache,
          f"bottle: ImageImportError: cannot import {tmp_path / 'adir'}: it is a directory, not an export file"),
+        (("image", "import", str(tmp_path / "afifo")), empty_cache,
+         f"bottle: ImageImportError: cannot import {tmp_path / 'afifo'}: it is not a regular file (a FIFO, a device)"),
         (("image", "import", str(exported), "--sha256", "00"), empty_cache,
          "bottle: SpecError: import: --sha256 must be 64 hex digits (as export printed it), not '00'"),
     ]  # fmt: skip

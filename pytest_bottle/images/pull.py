@@ -130,12 +130,18 @@ def import_source(
     if scheme not in ("http", "https"):
         path = _local(source)
         if not path.is_file():
-            raise ImageImportError(source, "it is a directory, not an export file" if path.is_dir() else "no such file")
+            raise ImageImportError(source, _not_a_file(path))
         return import_file(path, cache_dir, source=source, want_key=want_key, replace=replace, sha256=sha256)
     with _scratch(cache_dir, "download") as work:
         path = work / "export.tar.gz"
         download(source, path, max_bytes=max_bytes)
         return import_file(path, cache_dir, source=source, want_key=want_key, replace=replace, sha256=sha256)
+
+
+def _not_a_file(path: Path) -> str:
+    if path.is_dir():
+        return "it is a directory, not an export file"
+    return "it is not a regular file (a FIFO, a device): give the export file itself" if path.exists() else "no such file"
 
 
 def pull_missing(template: str, name: str, key: str, cache_dir: Path, present: Callable[[], bool]) -> str:
