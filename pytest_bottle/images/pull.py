@@ -141,7 +141,9 @@ def import_source(
 def _not_a_file(path: Path) -> str:
     if path.is_dir():
         return "it is a directory, not an export file"
-    return "it is not a regular file (a FIFO, a device): give the export file itself" if path.exists() else "no such file"
+    if path.exists():
+        return "it is not a regular file (a FIFO, a device): give the export file itself"
+    return "no such file"
 
 
 def pull_missing(template: str, name: str, key: str, cache_dir: Path, present: Callable[[], bool]) -> str:
