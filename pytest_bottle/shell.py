@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from .agent.calls import Call
 from .agent.channel import AgentChannel
 from .agent.client import AgentClient
-from .errors import AgentError, BottleError, SnapshotGone
+from .errors import AgentError, BottleError, SnapshotError, SnapshotGone
 from .guest.frames import CHUNK, STDERR, STDOUT
 from .host.runstate import RunRecord
 
@@ -111,7 +111,12 @@ def saved_snapshot(name: str, cache_dir: Path) -> AbstractContextManager[AgentCl
     """A fresh fork of the snapshot ``name`` (``--bottle-save-failed``, ``bottle snapshot list``),
     closed when the shell ends; None if there is no snapshot of that name."""
     from .snapshot import resolve_saved_snapshot
+    from .store.snapshots import check_name
 
+    try:
+        check_name(name)  # a name no snapshot can have (``a/b``): none of that name, as for a bottle
+    except SnapshotError:
+        return None
     try:
         snapshot = resolve_saved_snapshot(cache_dir, name)
     except SnapshotGone:

@@ -281,9 +281,12 @@ def test_bottle_shell_of_a_kept_bottle_whose_qemu_is_gone_says_it_is_not_running
     assert "`bottle sweep` removes what it left" in err and "Connection refused" not in err
 
 
-def test_bottle_shell_of_an_unknown_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["shell", "btl-nosuchbottle"]) == 1
-    assert "no kept bottle or saved snapshot named 'btl-nosuchbottle'" in capsys.readouterr().err
+@pytest.mark.parametrize("name", ["btl-nosuchbottle", "a/b", "x.lock"])
+def test_bottle_shell_of_an_unknown_name_says_so(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Also a name no snapshot can have: it was told the rules of snapshot names."""
+    assert cli.main(["shell", name]) == 1
+    err = capsys.readouterr().err
+    assert f"no kept bottle or saved snapshot named {name!r}" in err and "SnapshotError" not in err, err
 
 
 # -- the guest side on the Pythons of the images ----------------------------------------------
