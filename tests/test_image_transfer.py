@@ -206,7 +206,7 @@ def test_bad_export_and_import_arguments_are_refused_before_any_work(
     """A directory as the export file was found after the whole export, as a
     traceback; a missing directory was a traceback at once; a symlink (to
     /dev/null here) or a FIFO was replaced by the export's file; a malformed
-    --sha256 was found after reading the whole file."""
+    --sha256 or --key was found after reading the whole file."""
     cache = default_image.path.parent.parent
     (tmp_path / "adir").mkdir()
     (tmp_path / "alink").symlink_to("/dev/null")
@@ -224,6 +224,8 @@ def test_bad_export_and_import_arguments_are_refused_before_any_work(
          f"bottle: ImageImportError: cannot import {tmp_path / 'adir'}: it is a directory, not an export file"),
         (("image", "import", str(tmp_path / "afifo")), empty_cache,
          f"bottle: ImageImportError: cannot import {tmp_path / 'afifo'}: it is not a regular file (a FIFO, a device)"),
+        (("image", "import", str(exported), "--key", "debian-bookworm"), empty_cache,
+         "bottle: SpecError: import: --key must be an image key, 16 hex digits (as image list shows it), not 'debian-"),
         (("image", "import", str(exported), "--sha256", "00"), empty_cache,
          "bottle: SpecError: import: --sha256 must be 64 hex digits (as export printed it), not '00'"),
     ]  # fmt: skip

@@ -125,6 +125,9 @@ def import_source(
     unpacked, from the same open file: a local file swapped meanwhile fails)."""
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):  # else known only after the read
         raise SpecError(f"--sha256 must be 64 hex digits (as export printed it), not {sha256!r}", "import")
+    if want_key is not None and not re.fullmatch(r"[0-9a-f]{16}", want_key):
+        why = f"--key must be an image key, 16 hex digits (as image list shows it), not {want_key!r}"
+        raise SpecError(why, "import")
     cache_dir = cache_root(cache_dir)
     scheme = urllib.parse.urlsplit(source).scheme
     if scheme not in ("http", "https"):
