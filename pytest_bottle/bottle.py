@@ -306,14 +306,11 @@ class Bottle(BottleFiles):
             # Calls in flight in other threads, or started there until the channel
             # closes, are lost: not answered with the SIGKILL keep deals them.
             self._channel.abandon(f"bottle {self.name} is being kept; keep() ends its processes")
-            try:  # the test's processes end as with close(): unread, a chatty one would hang on its full pipe
-                self._agent.end_processes(timeout=10)
-            except BottleError as e:
-                # The agent stops early in a poweroff: QEMU may follow within seconds, nothing to keep.
-                if self._machine.wait(STOPPING_GRACE) is not None:
-                    self.close()
-                    raise BottleError(f"bottle {self.name} cannot be kept: it has stopped (its QEMU is gone)") from e
-                log.warning("bottle %s: could not end its processes before keeping it: %s", self.name, e)
+            try:
+                self._end_before_keeping()
+            except BaseException:  # (Ctrl-C, a test timeout) not half kept: other threads' calls are refused
+                self.close()
+                raise
         with self._close_lock:
             if self._closed:
                 return
@@ -324,6 +321,15 @@ class Bottle(BottleFiles):
         self._resources.hand_over(self._machine)
         self._channel.close()
         self._machine.disconnect()  # our end only: the VM runs on
+
+    def _end_before_keeping(self) -> None:
+        try:  # the test's processes end as with close(): unread, a chatty one would hang on its full pipe
+            self._agent.end_processes(timeout=10)
+        except BottleError as e:
+            # The agent stops early in a poweroff: QEMU may follow within seconds, nothing to keep.
+            if self._machine.wait(STOPPING_GRACE) is not None:
+                raise BottleError(f"bottle {self.name} cannot be kept: it has stopped (its QEMU is gone)") from e
+            log.warning("bottle %s: could not end its processes before keeping it: %s", self.name, e)
 
     def snapshot(self) -> Snapshot:
         """Save this running bottle as a ``Snapshot`` to fork (``bottle_factory(snapshot=s)``, ``s.start()``);

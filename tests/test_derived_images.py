@@ -126,7 +126,7 @@ def test_a_cache_hit_does_not_rebuild(web: Image, web_built: BuiltImage, warm_ca
 
 FAILING = """
 import sys
-from pytest_bottle import HostDependencyError, Image, ImageBuildError
+from pytest_bottle import Image, ImageBuildError
 from pytest_bottle.images import ensure_image, failures
 if len(sys.argv) > 3:
     failures.join_run(sys.argv[3])

@@ -75,7 +75,7 @@ class AgentChannel(Uploads):
         self._lock = threading.Lock()
         self._credit = threading.Condition(self._lock)
         self._calls: dict[int, Call] = {}
-        self._abandoned: tuple[str, int] | None = None  # why, and the one thread still let in (abandon)
+        self._abandoned: tuple[str, threading.Thread] | None = None  # why, and the one thread let in (abandon)
         self._next_id = 1
         self._last_rx = time.monotonic()
         self._ping_at = 0.0
@@ -90,24 +90,27 @@ class AgentChannel(Uploads):
 
     def _send(self, data: bytes) -> None:
         with self._wlock:
-            if self._shut or self._read_done:
-                raise AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
-            if self.broken:
-                raise AgentError(f"agent channel of {self.name} is unusable: {self.broken}")
+            self._send_locked(data)
+
+    def _send_locked(self, data: bytes) -> None:  # the caller holds _wlock
+        if self._shut or self._read_done:
+            raise AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
+        if self.broken:
+            raise AgentError(f"agent channel of {self.name} is unusable: {self.broken}")
+        try:
+            self.sock.sendall(data)
+        except BaseException as e:
+            # Cut mid-frame (a signal, a test timeout, a guest that stopped
+            # reading): the agent would read the next frame from the middle
+            # of this one.  Give up on the channel rather than let later calls hang.
+            self.broken = f"a write failed or was interrupted ({type(e).__name__}: {e})"
             try:
-                self.sock.sendall(data)
-            except BaseException as e:
-                # Cut mid-frame (a signal, a test timeout, a guest that stopped
-                # reading): the agent would read the next frame from the middle
-                # of this one.  Give up on the channel rather than let later calls hang.
-                self.broken = f"a write failed or was interrupted ({type(e).__name__}: {e})"
-                try:
-                    self.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                if isinstance(e, OSError):
-                    raise AgentError(f"agent channel of {self.name} broke: {self.broken}") from None
-                raise
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise AgentError(f"agent channel of {self.name} broke: {self.broken}") from None
+            raise
 
     def send_sync(self) -> None:
         self._send(frames.SYNC_FRAME)
@@ -177,8 +180,8 @@ class AgentChannel(Uploads):
         refuse calls other threads start from now on (``Bottle.keep`` ends the
         guest's processes next, from this thread: a killed command's reply
         would read as its own SIGKILL)."""
-        with self._lock:
-            self._abandoned = (reason, threading.get_ident())
+        with self._wlock, self._lock:  # a call another thread registered is on the wire first, then cancelled
+            self._abandoned = (reason, threading.current_thread())
             calls = self._take_calls()
         _lose(calls, reason)
         for call in calls:
@@ -261,15 +264,18 @@ class AgentChannel(Uploads):
         payload = json.dumps(dict(args, op=op)).encode()
         if len(payload) > frames.MAX_PAYLOAD:
             raise SpecError(f"the arguments of {op} are {len(payload)} bytes; the limit is {frames.MAX_PAYLOAD}")
-        with self._lock:  # the reader closes under this lock: no call slips past its final sweep
-            if self.closed.is_set():
-                raise AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
-            if self._abandoned is not None and self._abandoned[1] != threading.get_ident():
-                raise AgentError(f"bottle {self.name}: {self._abandoned[0]}")
-            rid = self._next_id
-            self._next_id += 1
-            call = self._calls[rid] = Call(rid, sink, auto_credit)
-        self._send(frame(CALL, rid, payload))
+        # Registered and sent in one step under _wlock: abandon() cannot slip between
+        # and let keep()'s end call reach the agent before this CALL does.
+        with self._wlock:
+            with self._lock:  # the reader closes under this lock: no call slips past its final sweep
+                if self.closed.is_set():
+                    raise AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
+                if self._abandoned is not None and self._abandoned[1] is not threading.current_thread():
+                    raise AgentError(self._abandoned[0])  # it names the bottle
+                rid = self._next_id
+                self._next_id += 1
+                call = self._calls[rid] = Call(rid, sink, auto_credit)
+            self._send_locked(frame(CALL, rid, payload))
         return rid, call
 
     @contextlib.contextmanager

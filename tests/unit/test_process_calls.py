@@ -145,6 +145,7 @@ def test_abandon_loses_calls_in_flight_cancels_them_and_refuses_other_threads(tm
     assert all("why it was abandoned" in str(o) for o in outcome), outcome
     assert _gone(pid), "an abandoned exec was not cancelled"
     assert spawned.poll() is not None and spawned.state() == "lost (why it was abandoned)"
+    assert spawned.pid is not None and _gone(spawned.pid), "an abandoned spawn was not cancelled"
     client.end_processes()  # the abandoning thread still gets through
     assert run(client, "echo on")[1] == b"on\n"
 
