@@ -189,7 +189,12 @@ def take_snapshot(bottle: Bottle, machine: Machine, res: Resources, *, saved_for
     why_not = bottle._agent.park(timeout=30)
     if why_not is not None:
         log.debug("%s: the agent is not parked for snapshot %s: %s", bottle.name, name, why_not)
-    state = snapshots.take(src, snapshots.snapshots_dir(spec.cache_dir) / name, kept=kept)
+    try:
+        state = snapshots.take(src, snapshots.snapshots_dir(spec.cache_dir) / name, kept=kept)
+    except SnapshotError as e:
+        if bottle.closed:  # another thread closed it meanwhile: that is the reason, not QEMU's lost connection
+            raise SnapshotError(name, f"bottle {bottle.name} was closed while it was being snapshotted") from e
+        raise
     snap = Snapshot(state, spec, plan.image)
     if not kept:
         with _live_lock:

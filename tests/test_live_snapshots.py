@@ -223,6 +223,29 @@ def test_lan_bottle_snapshot_is_refused(bottle_factory: Callable[..., Bottle]) -
     assert not list(b.console_log_path.parent.glob("disk-*.qcow2")), "no overlay put on its disk"
 
 
+def test_a_bottle_closed_while_it_is_being_snapshotted_says_so(bottle_factory: Callable[..., Bottle]) -> None:
+    """Closed by another thread once the capture began, the snapshot failed with
+    whatever QEMU or qemu-img saw next (a ConnectError, a disk gone)."""
+    b = bottle_factory()
+    root = Path(default_cache_dir(), "snapshots")
+    outcome: list[object] = []
+
+    def snap() -> None:
+        try:
+            outcome.append(b.snapshot())
+        except (SnapshotError, BottleError) as e:
+            outcome.append(e)
+
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(snap)
+        wait_until(lambda: bool(list(root.glob(f"{b.name}-*.lock"))) or done.done(), 60, "the capture begins")
+        b.close()
+        done.result(timeout=60)
+    assert len(outcome) == 1 and isinstance(outcome[0], SnapshotError), outcome
+    assert f"bottle {b.name} was closed while it was being snapshotted" in str(outcome[0]), outcome
+    assert not list(root.glob(f"{b.name}-*")), "nothing of it left in the cache"
+
+
 KILLED = """
 import pytest_bottle
 b = pytest_bottle.launch()
