@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ from .arguments import GuestPath, check_env, check_input, check_port, check_time
 from .bottle_files import FILE_TIMEOUT as FILE_TIMEOUT  # importable here as before the split; patch bottle_files
 from .bottle_files import READ_CAP as READ_CAP
 from .bottle_files import BottleFiles
-from .errors import AgentError, BottleError, ExecTimeout, WaitTimeout
+from .errors import AgentError, BottleError, ExecError, ExecTimeout, WaitTimeout
 from .history import CommandHistory, ProcessEntry
 from .process import GuestProcess
 from .results import OUTPUT_CAP, Command, ExecResult, to_argv
@@ -263,13 +264,29 @@ class Bottle(BottleFiles):
         """An OpenSSH config file with a ``Host <name>`` entry for this bottle."""
         return Path(self._ssh_access().config_path)
 
-    def ssh_argv(self, *args: str) -> list[str]:
+    def ssh_argv(self, *args: str | os.PathLike[str]) -> list[str]:
         """``ssh -F <config> <name> args...`` as an argv list."""
         return list(self._ssh_access().argv(*args))
 
     def ssh(self, cmd: Command, **kw: Any) -> ExecResult:
         """Run ``cmd`` through real OpenSSH (not the agent)."""
-        return self._ssh_access().run(cmd, **kw)
+        access = self._ssh_access()
+        try:
+            result = access.run(cmd, **kw)
+        except ExecTimeout as e:
+            self._check_open_after_ssh(e)
+            raise
+        except ExecError as e:  # check=True
+            if e.returncode == 255:
+                self._check_open_after_ssh(e)
+            raise
+        if result.returncode == 255:  # ssh's own failure: a close by another thread is the reason
+            self._check_open_after_ssh(None)
+        return result
+
+    def _check_open_after_ssh(self, cause: BaseException | None) -> None:
+        if self._closed and not self.kept:
+            raise AgentError(f"bottle {self.name} was closed during ssh") from cause
 
     # -- lifetime -----------------------------------------------------------
 

@@ -99,8 +99,12 @@ class SshAccess:
         config.write_text(text)
         return cls(name, host, port, identity, config)
 
-    def argv(self, *args: str) -> list[str]:
-        return [require("ssh", "reach bottles over SSH"), "-F", str(self.config_path), self.name, *args]
+    def argv(self, *args: str | os.PathLike[str]) -> list[str]:
+        words = [os.fspath(a) if isinstance(a, os.PathLike) else a for a in args]
+        for a in words:
+            if not isinstance(a, str):  # else subprocess fails on it, far from here
+                raise TypeError(f"ssh_argv() arguments are str or path-like, not {type(a).__name__}: {a!r}")
+        return [require("ssh", "reach bottles over SSH"), "-F", str(self.config_path), self.name, *words]
 
     def run(
         self,
@@ -213,4 +217,4 @@ def remote_command(cmd: Command, env: Mapping[str, str] | None = None) -> str:
             raise SpecError(f"ssh env: {name!r} is not a shell variable name (letters, digits, _)")
     if env:
         remote = "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + "; " + remote
-    return remote
+    return remote or ":"  # no command at all would have ssh open a login shell; exec("") runs nothing

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import stat
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import run_isolated
+from harness import run_isolated, wait_until
 
 import pytest_bottle
-from pytest_bottle import Bottle, BottleError, SpecError
+from pytest_bottle import AgentError, Bottle, BottleError, ExecError, SpecError
 
 
 def test_ssh_runs_through_openssh(bottle: Bottle) -> None:
@@ -58,6 +60,39 @@ def test_ssh_refuses_what_exec_refuses_before_the_client_starts(bottle: Bottle) 
             bottle.ssh("touch /tmp/ran", **{kw: "/"})
     assert time.monotonic() - started < 5  # at once: no ssh client ran
     assert bottle.ssh("test -e /tmp/ran; echo $?", timeout=None).stdout == "1\n"  # None: no deadline
+
+
+def test_ssh_of_nothing_runs_nothing_and_ssh_argv_takes_only_text(bottle: Bottle, tmp_path: Path) -> None:
+    """ssh("") opened a login shell (its MOTD came back); exec("") runs nothing.
+    ssh_argv(1) handed the int on, for subprocess to fail on far from here."""
+    assert (bottle.ssh("").returncode, bottle.ssh("").stdout) == (0, "") == (0, bottle.exec("").stdout)
+    assert bottle.ssh_argv("ls", tmp_path)[-2:] == ["ls", str(tmp_path)]
+    with pytest.raises(TypeError, match="ssh_argv\\(\\) arguments are str or path-like, not int"):
+        bottle.ssh_argv("sleep", 1)  # type: ignore[arg-type]
+
+
+def test_a_bottle_closed_by_another_thread_during_ssh_says_so(bottle_factory: Callable[..., Bottle]) -> None:
+    """exec's AgentError, not exit 255 with whatever ssh saw ("Connection to ...
+    closed by remote host", "Connection refused" or nothing)."""
+    b = bottle_factory()
+    b.ssh("true")  # sshd is up: what follows is the close, not a slow start
+    outcome: list[object] = []
+
+    def run(**kw: object) -> None:
+        try:
+            outcome.append(b.ssh("sleep 60", **kw))
+        except (AgentError, ExecError) as e:
+            outcome.append(e)
+
+    waiters = [threading.Thread(target=run), threading.Thread(target=run, kwargs={"check": True})]
+    for t in waiters:
+        t.start()
+    wait_until(lambda: b.exec("pgrep -c -x sleep").stdout.strip() == "2", 30, "both ssh commands run")
+    b.close()
+    for t in waiters:
+        t.join(30)
+    said = f"bottle {b.name} was closed during ssh"
+    assert len(outcome) == 2 and all(type(o) is AgentError and str(o) == said for o in outcome), outcome
 
 
 def test_ssh_config_pins_the_bottles_own_host_key(bottle: Bottle) -> None:

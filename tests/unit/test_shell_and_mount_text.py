@@ -41,6 +41,7 @@ def test_the_first_word_is_always_a_program_name(first: str) -> None:
 
 def test_a_string_is_the_remote_command_as_it_is() -> None:
     assert remote_command("echo $HOME | wc -c") == "echo $HOME | wc -c"
+    assert remote_command("") == ":"  # no command: ssh would open a login shell
     assert _sh(remote_command("printenv K", env={"K": "a b"})).stdout == "a b\n"
 
 
