@@ -71,28 +71,40 @@ def test_ssh_of_nothing_runs_nothing_and_ssh_argv_takes_only_text(bottle: Bottle
         bottle.ssh_argv("sleep", 1)  # type: ignore[arg-type]
 
 
-def test_a_bottle_closed_by_another_thread_during_ssh_says_so(bottle_factory: Callable[..., Bottle]) -> None:
-    """exec's AgentError, not exit 255 with whatever ssh saw ("Connection to ...
-    closed by remote host", "Connection refused" or nothing)."""
+def test_a_bottle_closed_by_another_thread_during_ssh_exec_or_a_wait_says_so(
+    bottle_factory: Callable[..., Bottle],
+) -> None:
+    """ssh() gave exit 255 with whatever ssh saw ("Connection to ... closed by
+    remote host", "Connection refused" or nothing); exec and wait_for_port named
+    the bottle twice, or said "agent channel of NAME is closed: ..."."""
     b = bottle_factory()
     b.ssh("true")  # sshd is up: what follows is the close, not a slow start
-    outcome: list[object] = []
+    outcome: dict[str, object] = {}
 
-    def run(**kw: object) -> None:
+    def run(what: str, call: Callable[[], object]) -> None:
         try:
-            outcome.append(b.ssh("sleep 60", **kw))
+            outcome[what] = call()
         except (AgentError, ExecError) as e:
-            outcome.append(e)
+            outcome[what] = e
 
-    waiters = [threading.Thread(target=run), threading.Thread(target=run, kwargs={"check": True})]
+    calls: dict[str, Callable[[], object]] = {
+        "ssh": lambda: b.ssh("sleep 60"),
+        "ssh check": lambda: b.ssh("sleep 60", check=True),
+        "exec": lambda: b.exec("sleep 60"),
+        "wait_for_port": lambda: b.wait_for_port(9, timeout=60),
+    }
+    waiters = [threading.Thread(target=run, args=item) for item in calls.items()]
     for t in waiters:
         t.start()
-    wait_until(lambda: b.exec("pgrep -c -x sleep").stdout.strip() == "2", 30, "both ssh commands run")
+    wait_until(lambda: b.exec("pgrep -c -x sleep").stdout.strip() == "3", 30, "the commands run")
     b.close()
     for t in waiters:
         t.join(30)
-    said = f"bottle {b.name} was closed during ssh"
-    assert len(outcome) == 2 and all(type(o) is AgentError and str(o) == said for o in outcome), outcome
+    assert sorted(outcome) == sorted(calls) and all(type(o) is AgentError for o in outcome.values()), outcome
+    said = {what: str(e) for what, e in outcome.items()}
+    assert said["ssh"] == said["ssh check"] == f"bottle {b.name} was closed during ssh", said
+    assert said["exec"] == f"bottle {b.name} was closed during exec", said
+    assert said["wait_for_port"].startswith(f"bottle {b.name} was closed"), said
 
 
 def test_ssh_config_pins_the_bottles_own_host_key(bottle: Bottle) -> None:

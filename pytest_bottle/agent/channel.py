@@ -94,7 +94,7 @@ class AgentChannel(Uploads):
 
     def _send_locked(self, data: bytes) -> None:  # the caller holds _wlock
         if self._shut or self._read_done:
-            raise AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
+            raise self._closed_error()
         if self.broken:
             raise AgentError(f"agent channel of {self.name} is unusable: {self.broken}")
         try:
@@ -111,6 +111,15 @@ class AgentChannel(Uploads):
             if isinstance(e, OSError):
                 raise AgentError(f"agent channel of {self.name} broke: {self.broken}") from None
             raise
+
+    def _named(self, why: str) -> str:
+        """``why`` with the bottle's name first, once ("bottle NAME was closed" has it)."""
+        return why if why.startswith(f"bottle {self.name} ") else f"bottle {self.name}: {why}"
+
+    def _closed_error(self) -> AgentError:
+        if self.death.startswith(f"bottle {self.name} "):  # what closed it, in the user's words
+            return AgentError(self.death)
+        return AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
 
     def send_sync(self) -> None:
         self._send(frames.SYNC_FRAME)
@@ -269,7 +278,7 @@ class AgentChannel(Uploads):
         with self._wlock:
             with self._lock:  # the reader closes under this lock: no call slips past its final sweep
                 if self.closed.is_set():
-                    raise AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
+                    raise self._closed_error()
                 if self._abandoned is not None and self._abandoned[1] is not threading.current_thread():
                     raise AgentError(self._abandoned[0])  # it names the bottle
                 rid = self._next_id
@@ -330,9 +339,8 @@ class AgentChannel(Uploads):
         if call.error is not None:
             raise call.error
         if call.reply is None:
-            raise AgentError(
-                f"bottle {self.name}: {call.lost or self.death or 'agent channel closed'} during {op or 'a call'}"
-            )
+            why = self._named(call.lost or self.death or "agent channel closed")
+            raise AgentError(f"{why} during {op or 'a call'}")
         if not call.reply.get("ok"):
             raise guest_error(call.reply, op)
         return call.reply
