@@ -40,6 +40,8 @@ def raw_path(path: object) -> object:
 def guest_path(path: GuestPath, what: str = "guest path") -> str:
     """An absolute guest path, normalized (``//`` and ``..`` as the guest would)."""
     raw = raw_path(path)
+    if isinstance(raw, (bytes, bytearray)):  # "must be absolute" would puzzle: b"/x" is
+        raise SpecError(f"{what} must be a str or a path object, not bytes: {path!r}")
     if not isinstance(raw, str) or not raw.startswith("/") or "\0" in raw:
         raise SpecError(f"{what} must be absolute (a str or a path object, no NUL), not {path!r}")
     return posixpath.normpath(raw)

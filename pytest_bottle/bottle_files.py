@@ -67,8 +67,10 @@ class BottleFiles:
     def read_bytes(self, path: GuestPath, *, timeout: float | None = FILE_TIMEOUT) -> bytes:
         """The contents of guest ``path``; at most ``READ_CAP`` bytes (``OutputLimit``
         past it: use ``get`` for more); ``AgentTimeout`` after ``timeout`` s."""
-        path = guest_path(path)
+        raw, path = raw_path(path), guest_path(path)
         check_timeout(timeout)
+        if isinstance(raw, str) and names_no_file(raw) and path != "/":
+            path += "/"  # as open(2) takes "f/": ENOTDIR for a file, not the file
         return read_all(self._agent, path, READ_CAP, timeout)
 
     def read_text(self, path: GuestPath, encoding: str = "utf-8", *, timeout: float | None = FILE_TIMEOUT) -> str:

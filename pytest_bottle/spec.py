@@ -27,7 +27,7 @@ ACCELS: tuple[AccelRequest, ...] = ("auto", "kvm", "tcg")
 MIN_MEMORY_MB = 128
 MAX_CPUS = 64
 _LAN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE | re.ASCII)
 T = TypeVar("T")
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -80,10 +80,10 @@ def _int_in(lo: int, hi: int, what: str) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ValueError(f"{what} must be an integer, not {value!r}")
-        try:
-            n = int(value)
-        except ValueError:
-            raise ValueError(f"{what} must be an integer, not {value!r}") from None
+        # int() also takes "1_0" (10), "+2" and other scripts' digits ("٢"): a typo booted 10 CPUs.
+        if isinstance(value, str) and not re.fullmatch(r"\s*[0-9]+\s*", value):
+            raise ValueError(f"{what} must be an integer (digits 0-9), not {value!r}")
+        n = int(value)
         if not lo <= n <= hi:
             raise ValueError(f"{what} must be between {lo} and {hi}, not {n}")
         return n

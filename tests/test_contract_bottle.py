@@ -308,6 +308,26 @@ def test_guest_is_a_directory_errors(module_bottle: Bottle) -> None:
     assert base + "\n" == module_bottle.check_output(f"ls -A {parent} | grep -F {base}")  # no temp file beside it
 
 
+def test_reads_a_path_cannot_name_or_a_fifo_are_refused_at_once(module_bottle: Bottle) -> None:
+    """Reading "f/" read f (open(2) says ENOTDIR); a FIFO's read waited for a writer until
+    its timeout, left an agent thread behind and swallowed that writer's data;
+    a bytes path was "must be absolute"."""
+    d = _scratch(module_bottle)
+    module_bottle.write_text(f"{d}/file", "x")
+    for name in (f"{d}/file/", f"{d}/file/."):
+        with pytest.raises(GuestOSError) as info:
+            module_bottle.read_bytes(name)
+        assert info.value.errno == errno.ENOTDIR, info.value
+    module_bottle.exec(["mkfifo", f"{d}/fifo"], check=True)
+    started = time.monotonic()
+    with pytest.raises(GuestOSError, match="Is a FIFO") as fifo:
+        module_bottle.read_text(f"{d}/fifo", timeout=60)
+    assert time.monotonic() - started < 10 and fifo.value.errno == errno.EINVAL, fifo.value
+    assert module_bottle.exec(f"timeout 5 sh -c 'echo kept > {d}/fifo' & cat {d}/fifo").stdout == "kept\n"
+    with pytest.raises(SpecError, match="must be a str or a path object, not bytes"):
+        module_bottle.read_bytes(f"{d}/file".encode())  # type: ignore[arg-type]
+
+
 def test_kernel_files_and_devices_are_written_in_place(module_bottle: Bottle) -> None:
     b = module_bottle
     old = b.read_text("/proc/sys/vm/swappiness")

@@ -67,7 +67,17 @@ class FileOps:
 
     def op_read(self, rid: int, call: dict[str, Any], inbox: frames.Inbox) -> dict[str, Any]:
         size = 0
-        with open(call["path"], "rb") as f:
+        # Opened without blocking: a FIFO's open waits for a writer, forever, in
+        # a thread no cancel reaches, and would swallow that writer's data.
+        fd = os.open(call["path"], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "Is a FIFO (named pipe): read it with exec, e.g. cat", call["path"])
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        with open(fd, "rb") as f:
             limit = call.get("limit")  # a file known to be larger is refused before it is sent
             if isinstance(limit, int) and os.fstat(f.fileno()).st_size > limit:
                 raise OSError(errno.EFBIG, "File too large", call["path"])

@@ -5,6 +5,10 @@ agent serving in this process (no VM)."""
 
 from __future__ import annotations
 
+import errno
+import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -248,6 +252,23 @@ def test_write_stat_and_read(local: AgentClient, tmp_path: Path) -> None:
     assert b"".join(got) == b"x" * 300_000
     with open(target, "rb") as f:
         assert local.write(str(tmp_path), f, into_dir="copy", timeout=30).path == str(tmp_path / "copy")
+
+
+def test_reading_a_fifo_is_refused_at_once_and_leaves_no_thread_waiting(local: AgentClient, tmp_path: Path) -> None:
+    """Its open waited for a writer until the call's timeout, in an agent thread
+    no cancel reached (one more per try), and swallowed that writer's data."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    local.read("/proc/self/status", lambda kind, data: None, timeout=5)  # the agent's workers are up
+    threads = threading.active_count()
+    started = time.monotonic()
+    with pytest.raises(GuestOSError, match="Is a FIFO") as info:
+        local.read(str(fifo), lambda kind, data: None, timeout=5)
+    assert time.monotonic() - started < 2 and info.value.errno == errno.EINVAL, info.value
+    assert threading.active_count() == threads
+    got: list[bytes] = []  # /dev/zero-like devices and /proc still read as before
+    local.read("/proc/self/status", lambda kind, data: got.append(data), timeout=5)
+    assert b"Name:" in b"".join(got)
 
 
 def test_exec_collects_output(local: AgentClient) -> None:

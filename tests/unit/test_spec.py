@@ -29,7 +29,7 @@ def test_memory_sizes(value: object, mb: int) -> None:
     assert parse_memory(value) == mb
 
 
-@pytest.mark.parametrize("value", ["lots", "-1G", "0", 64, True, None, "12X"])
+@pytest.mark.parametrize("value", ["lots", "-1G", "0", 64, True, None, "12X", "\u0661\u0662\u0668", "5_12"])
 def test_bad_memory(value: object) -> None:
     with pytest.raises(ValueError):
         parse_memory(value)
@@ -75,6 +75,10 @@ def test_error_names_its_source() -> None:
     [
         ("cpus", 0),
         ("cpus", "two"),
+        ("cpus", "1_0"),  # int() reads 10
+        ("cpus", "+2"),
+        ("cpus", "\u0662"),  # an Arabic-Indic 2: int() reads it
+        ("forward", "\u0668\u0660"),
         ("network", "bridge"),
         ("boot", "warm"),
         ("timeout", -1),
