@@ -698,6 +698,22 @@ def test_a_file_get_lands_inside_a_directory_once_and_never_replaces_one(
     assert local_agent.call("hello", timeout=10)["version"]
 
 
+def test_a_get_whose_local_directory_is_a_file_is_not_a_directory_error(
+    local_agent: AgentChannel, tmp_path: Path
+) -> None:
+    """A file's get said FileExistsError (a directory's NotADirectoryError)."""
+    src = tmp_path / "guest"
+    src.mkdir()
+    (src / "f").write_text("x")
+    (tmp_path / "target").write_text("a file")
+    for what, dst in ((src / "f", tmp_path / "target" / "x"), (src, tmp_path / "target" / "d")):
+        with pytest.raises(NotADirectoryError) as info:
+            fetch(local_agent, str(what), dst)
+        assert str(info.value.filename).startswith(str(tmp_path / "target")), info.value
+    assert (tmp_path / "target").read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guest", "target"]
+
+
 def test_agent_untar_never_writes_through_a_symlink(local_agent: AgentChannel, tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.mkdir()

@@ -149,7 +149,7 @@ def receive_tree(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar
     copied, then ``UnsafeTransfer`` names what was skipped."""
     client = AgentClient.of(agent)
     channel = client.channel
-    dst.mkdir(parents=True, exist_ok=True)
+    _local_dirs(dst)
     source = _FrameSource(client)
     rid, call = source.start(src)
     try:
@@ -168,6 +168,15 @@ def receive_tree(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar
     channel.wait(call, None, "get")
     if count:
         raise _partial(count, skipped)
+
+
+def _local_dirs(path: Path) -> None:
+    """``mkdir -p``; a file in the way is ENOTDIR, as open(2) says it
+    (pathlib's FileExistsError names a path that is there, but no directory)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise NotADirectoryError(errno.ENOTDIR, "a file is where a directory must be", e.filename) from None
 
 
 def _partial(count: int, skipped: list[untar.Refused]) -> UnsafeTransfer:
@@ -193,7 +202,7 @@ def receive_file(
     channel = client.channel
     if dst.is_dir():
         raise IsADirectoryError(errno.EISDIR, "a directory is there: a file does not replace it", str(dst))
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _local_dirs(dst.parent)
     # mkstemp: O_EXCL | O_NOFOLLOW under a fresh name, so no planted link is followed
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name[:200]}.", suffix=".bottle-part", dir=dst.parent)
     sink = _FileSink(fd, src, policy.max_bytes)
