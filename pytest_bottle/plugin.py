@@ -29,13 +29,8 @@ from .reports import BottleReports, failed, keep_message
 from .save_failed import SaveFailed
 from .snapshot import FORK_KEYS, Snapshot, check_fork_args
 from .spec import BottleSpec, Layer, check_host_memory
-
-# The usage errors are documented as pytest_bottle.plugin.<name>: re-exported.
-from .usage import BottleLockTimeout as BottleLockTimeout
-from .usage import InvalidBottleArgument as InvalidBottleArgument
-from .usage import UnknownBottleImage as UnknownBottleImage
-from .usage import UnsafeBottleDirectory as UnsafeBottleDirectory
 from .usage import (
+    AUTO_MARK,
     check_cache_dir,
     getini,
     ini_type,
@@ -47,6 +42,12 @@ from .usage import (
     source_of,
     value_of,
 )
+
+# The usage errors are documented as pytest_bottle.plugin.<name>: re-exported.
+from .usage import BottleLockTimeout as BottleLockTimeout
+from .usage import InvalidBottleArgument as InvalidBottleArgument
+from .usage import UnknownBottleImage as UnknownBottleImage
+from .usage import UnsafeBottleDirectory as UnsafeBottleDirectory
 from .vmm import accel as accel_mod
 
 log = logging.getLogger(__name__)
@@ -249,6 +250,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         if not layers and FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker("bottle")
+            item.stash[AUTO_MARK] = item.own_markers[-1]
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -91,11 +91,18 @@ def marker_layer(node: pytest.Item | pytest.Collector) -> list[Layer]:
     return layers[:1]
 
 
+# The bare ``bottle`` mark the plugin puts on a test that uses a bottle fixture (``-m bottle``).
+AUTO_MARK = pytest.StashKey[object]()
+
+
 def marker_layers(node: pytest.Item | pytest.Collector) -> list[Layer]:
     """Every ``bottle`` marker that applies to ``node``, closest first, each named
     by the node that holds it (an inherited ``pytestmark`` by its module or class)."""
     layers: list[Layer] = []
+    auto = node.stash.get(AUTO_MARK, None)
     for owner, marker in node.iter_markers_with_node("bottle"):
+        if marker is auto:  # ours, not the user's: one added later (append=True) would be hidden by it
+            continue
         where = f"@pytest.mark.bottle on {owner.nodeid or owner.name}"
         if marker.args:
             raise InvalidBottleArgument(f"takes keyword arguments only, got {marker.args!r}", where)

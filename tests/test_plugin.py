@@ -95,6 +95,29 @@ def test_every_bottle_marker_is_checked_and_named_by_where_it_is(pytester: pytes
     assert "@pytest.mark.bottle on test_inherited.py: bad cpus" in result.stderr.str()  # the module's
 
 
+def test_a_marker_a_fixture_appends_at_setup_is_used(pytester: pytest.Pytester) -> None:
+    """The bare mark the plugin puts on a test that uses a bottle fixture counted
+    as the closest marker: one added after it (append=True) was never read."""
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture(autouse=True)
+        def sized(request):
+            request.node.add_marker(pytest.mark.bottle(memory="1.5X"), append=True)
+        """
+    )
+    pytester.makepyfile(
+        test_appended="""
+        def test_a(bottle):
+            pass
+        """
+    )
+    result = run(pytester, "test_appended.py")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+    assert "@pytest.mark.bottle on test_appended.py::test_a: bad memory" in result.stdout.str()
+
+
 def test_a_bad_marker_under_xdist_fails_its_test_with_the_message(pytester: pytest.Pytester) -> None:
     """xdist turns a worker's usage error at collection into an INTERNALERROR that hides it."""
     pytester.makepyfile(
