@@ -62,11 +62,11 @@ def parse_images(value: object, source: str) -> tuple[str, ...]:
     return tuple(images)
 
 
-def configure(config: pytest.Config, cli: dict[str, object], ini: dict[str, object]) -> None:
+def configure(config: pytest.Config, cli: dict[str, object], ini: dict[str, object], ini_label: str) -> None:
     """Read the list (command line first, then ini), keep it in the config's
     stash, and leave only its first image in ``cli``/``ini`` for everything
     that resolves one spec (report header, sweep, unparametrized fixtures)."""
-    for layer, source in ((cli, "command line"), (ini, "ini file")):
+    for layer, source in ((cli, "command line"), (ini, ini_label)):
         value = layer.get("image")
         if value is None:
             continue

@@ -33,6 +33,8 @@ from .usage import (
     AUTO_MARK,
     check_cache_dir,
     getini,
+    ini_layers,
+    ini_source,
     ini_type,
     marker_layer,
     marker_layers,
@@ -88,7 +90,7 @@ MARKER_DOC = (
 class _State:
     config: pytest.Config
     cli: dict[str, Any]
-    ini: dict[str, Any]
+    ini: list[Layer]  # the ini file, and -o on the command line (``ini_layers``)
     run_start: float
     rebuild: bool
     keep: bool
@@ -100,7 +102,7 @@ class _State:
         ``image``: the test's image in the matrix, in place of the command line's list.
         ``here``: its VMs run on this host (a worker's), which must have the memory."""
         cli = self.cli if image is None else {**self.cli, "image": image}
-        layers = [*first, ("command line", cli), ("ini file", self.ini)]
+        layers = [*first, ("command line", cli), *self.ini]
         spec = resolve_layers(layers, restricted=len(first))
         if here:
             try:
@@ -169,16 +171,16 @@ def pytest_configure(config: pytest.Config) -> None:
     if pull and config.inipath and "://" not in str(pull) and not Path(str(pull)).expanduser().is_absolute():
         ini["image_pull"] = str(config.inipath.parent / str(pull))  # a path: relative to the ini file too
     try:  # an image list: kept for the matrix, its first image stays in cli/ini
-        matrix.configure(config, cli, ini)
+        matrix.configure(config, cli, ini, ini_source(config, "bottle_image"))
     except ImageNotFound as e:  # cli/ini are unchanged when it fails
-        raise UnknownBottleImage(
-            e.name, e.known, source_of([("command line", cli), ("ini file", ini)], "image")
-        ) from None
+        where = source_of([("command line", cli), *ini_layers(config, ini)], "image")
+        raise UnknownBottleImage(e.name, e.known, where) from None
     except SpecError as e:
         raise InvalidBottleArgument(e.message, e.source) from None
     config.pluginmanager.register(matrix, "bottle-matrix")
-    first = resolve_layers([("command line", cli), ("ini file", ini)])  # fail fast on a bad option
-    check_cache_dir([("command line", cli), ("ini file", ini)], first.cache_dir)
+    options = [("command line", cli), *ini_layers(config, ini)]
+    first = resolve_layers(options)  # fail fast on a bad option
+    check_cache_dir(options, first.cache_dir)
 
     def flag(name: str) -> bool:
         value = config.getoption(f"bottle_{name}")
@@ -196,7 +198,7 @@ def pytest_configure(config: pytest.Config) -> None:
         rebuild_before=run_start if flag("rebuild") else None, keep_failed=flag("keep"), prestart=ahead
     )
     reports = BottleReports(manager, flag("keep"))
-    state = _State(config, cli, ini, run_start, flag("rebuild"), flag("keep"), manager, reports)
+    state = _State(config, cli, options[1:], run_start, flag("rebuild"), flag("keep"), manager, reports)
     config.stash[STATE] = state
     config.pluginmanager.register(reports, "bottle-reports")
     if flag("save_failed"):

@@ -118,13 +118,27 @@ def ini_type(name: str) -> Any:
     return str | int | float if name == "timeout" else str | int
 
 
+def ini_source(config: pytest.Config, name: str) -> str:
+    """Where the ini value ``name`` came from: ``-o name=...`` on the command line, or the file."""
+    given = {o.split("=", 1)[0].strip() for o in (config.getoption("override_ini", None) or [])}
+    return "-o on the command line" if name in given else "ini file"
+
+
+def ini_layers(config: pytest.Config, ini: dict[str, Any]) -> list[Layer]:
+    """The ini values (``bottle_<key>``) as layers, those given with ``-o`` named so."""
+    over = {k: v for k, v in ini.items() if v is not None and ini_source(config, f"bottle_{k}") != "ini file"}
+    if not over:
+        return [("ini file", ini)]
+    return [("-o on the command line", over), ("ini file", {k: v for k, v in ini.items() if k not in over})]
+
+
 def getini(config: pytest.Config, name: str) -> Any:
     try:
         return config.getini(name)
     # A bad bool (a ValueError before pytest 9.2), a value of the wrong TOML type, or
     # pytest's deprecation of one made an error (-W error): pytest's words name neither.
     except (pytest.UsageError, ValueError, TypeError, pytest.PytestWarning) as e:
-        raise InvalidBottleArgument(f"bad {name}: {e}", "ini file") from None
+        raise InvalidBottleArgument(f"bad {name}: {e}", ini_source(config, name)) from None
 
 
 def set_value(value: Any) -> Any:
@@ -135,7 +149,7 @@ def set_value(value: Any) -> Any:
 def prestart(config: pytest.Config) -> int:
     for source, value in (
         ("command line", config.getoption("bottle_prestart")),
-        ("ini file", set_value(getini(config, "bottle_prestart"))),
+        (ini_source(config, "bottle_prestart"), set_value(getini(config, "bottle_prestart"))),
     ):
         if value is None:
             continue

@@ -146,6 +146,25 @@ def test_bad_ini_value_names_the_ini(pytester: pytest.Pytester) -> None:
     assert "ini file: bad memory" in result.stderr.str()
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["-o", "bottle_memory=1.5X"], "-o on the command line: bad memory"),
+        (["-o", "bottle_keep=maybe"], "-o on the command line: bad bottle_keep: invalid truth value 'maybe'"),
+        (["-o", "bottle_prestart=9"], "-o on the command line: bad prestart"),
+        (["-o", "bottle_image=debian-trixie,"], "-o on the command line: bad image list"),
+        (["-o", "bottle_cpus=2", "-o", "bottle_memory=1.5X"], "-o on the command line: bad memory"),
+    ],
+)
+def test_a_bad_value_given_with_o_names_the_command_line(pytester: pytest.Pytester, args: list[str], said: str) -> None:
+    """-o overrides an ini value from the command line: it was reported as the ini file's."""
+    pytester.makeini("[pytest]\nbottle_cpus = 1\n")
+    pytester.makepyfile("def test_x(): pass")
+    result = run(pytester, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert said in result.stderr.str(), result.stderr.str()
+
+
 @pytest.mark.parametrize("name", ["keep", "rebuild", "save_failed"])
 def test_a_bad_bool_in_the_ini_names_the_setting(pytester: pytest.Pytester, name: str) -> None:
     pytester.makeini(f"[pytest]\nbottle_{name} = maybe\n")
