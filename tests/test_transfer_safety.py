@@ -714,6 +714,17 @@ def test_a_get_whose_local_directory_is_a_file_is_not_a_directory_error(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["guest", "target"]
 
 
+def test_a_member_that_reads_short_is_named(local_agent: AgentChannel, tmp_path: Path) -> None:
+    """A file that gives less than its size says (one that shrank while read, or
+    sysfs's 4096-byte files) failed the get as "unexpected end of data", naming none."""
+    src = Path("/sys/kernel/mm/transparent_hugepage")
+    if not (src / "enabled").is_file():
+        pytest.skip("no sysfs THP directory on this host")
+    with pytest.raises(GuestOSError) as info:
+        fetch(local_agent, str(src), tmp_path / "got")
+    assert "unexpected end of data" in str(info.value) and str(info.value.filename).startswith(f"{src}/"), info.value
+
+
 def test_agent_untar_never_writes_through_a_symlink(local_agent: AgentChannel, tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.mkdir()

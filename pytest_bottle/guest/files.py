@@ -125,8 +125,21 @@ class FileOps:
             self.emit(rid, frames.DATA, data)
 
         out = frames.FrameWriter(emit)
-        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-            tar.add(src, arcname=".")
+        current = ["."]  # the member being added: tarfile's errors do not name it
+
+        def note(info: tarfile.TarInfo) -> tarfile.TarInfo:
+            current[0] = info.name
+            return info
+
+        try:
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                tar.add(src, arcname=".", filter=note)
+        except OSError as e:
+            if e.filename is not None or isinstance(e, frames.Aborted):
+                raise
+            where = os.path.normpath(os.path.join(src, current[0]))
+            why = f"{e.strerror or e}: fewer bytes than its size (it shrank while read, or is a /sys file)"
+            raise OSError(e.errno or errno.EIO, why, where) from None
         out.flush()
         self.chan.send(frames.frame(frames.EOF, rid))
         return {}
