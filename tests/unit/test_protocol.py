@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 from harness import serve_in_thread
@@ -171,19 +172,14 @@ def test_agent_exec_over_a_socketpair() -> None:
     host.close()
 
 
-def test_agent_waits_for_credit_before_sending_more() -> None:
+def test_agent_waits_for_credit_before_sending_more(tmp_path: Path) -> None:
     """A read of 3 windows stops after one window until the host grants credit."""
     host, guest = socket.socketpair()
     host.settimeout(20)
-    r, w = os.pipe()
+    src = tmp_path / "three-windows"
+    src.write_bytes(b"q" * (3 * HOST_WINDOW))  # a file, not a pipe: read refuses FIFOs
     serve_in_thread(guest)
-
-    def fill() -> None:
-        os.write(w, b"q" * (3 * HOST_WINDOW))
-        os.close(w)
-
-    threading.Thread(target=fill, daemon=True).start()
-    host.sendall(SYNC_FRAME + jframe(CALL, 1, {"op": "read", "path": f"/proc/self/fd/{r}"}))
+    host.sendall(SYNC_FRAME + jframe(CALL, 1, {"op": "read", "path": str(src)}))
     got: list[tuple[int, int, bytes]] = []
     buf = b""
     host.settimeout(1.0)
@@ -207,4 +203,3 @@ def test_agent_waits_for_credit_before_sending_more() -> None:
     assert sent + sum(len(p) for k, _, p in rest if k == DATA) == 3 * HOST_WINDOW
     assert json.loads(next(p for k, _, p in rest if k == REPLY))["ok"]
     host.close()
-    os.close(r)
