@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_bottle import AgentError, AgentTimeout, Bottle, OutputLimit, SpecError, UnsafeTransfer
+from pytest_bottle import AgentError, AgentTimeout, Bottle, GuestOSError, OutputLimit, SpecError, UnsafeTransfer
 from pytest_bottle import bottle as bottle_mod
 from pytest_bottle.agent import streams
 from pytest_bottle.agent.channel import AgentChannel
@@ -429,11 +429,12 @@ def test_exec_output_past_the_cap_is_truncated_with_a_marker(bottle: Bottle, mon
 
 
 def test_file_calls_time_out_and_the_bottle_goes_on(bottle: Bottle, tmp_path: object) -> None:
-    bottle.exec("mkfifo /tmp/fifo", check=True)  # opening it for reading blocks: a call that never ends
+    bottle.exec("mkfifo /tmp/fifo", check=True)
     bottle.exec("truncate -s 4G /tmp/big", check=True)
     for call in (
-        lambda: bottle.read_bytes("/tmp/fifo", timeout=2),
-        lambda: bottle.read_text("/tmp/fifo", timeout=2),
+        # 1 GiB of zeros (the read cap) takes far longer than 2 s to stream
+        lambda: bottle.read_bytes("/dev/zero", timeout=2),
+        lambda: bottle.read_text("/dev/zero", timeout=2),
         # get() refuses a FIFO at once (only files and directories are copied):
         # a sparse 4 GiB file takes far longer than its timeout to stream.
         lambda: bottle.get("/tmp/big", os.path.join(str(tmp_path), "f"), timeout=2),
@@ -445,6 +446,8 @@ def test_file_calls_time_out_and_the_bottle_goes_on(bottle: Bottle, tmp_path: ob
     assert not os.listdir(str(tmp_path))  # no half-written file
     with pytest.raises(UnsafeTransfer, match="not a regular file"):
         bottle.get("/tmp/fifo", os.path.join(str(tmp_path), "f"), timeout=2)
+    with pytest.raises(GuestOSError, match="Is a FIFO"):  # its open waited for a writer until the timeout
+        bottle.read_bytes("/tmp/fifo", timeout=2)
     assert bottle.exec("echo still").stdout == "still\n"
     with pytest.raises(SpecError):
         bottle.write_bytes("/tmp/x", b"", timeout=0)
