@@ -71,13 +71,17 @@ class FileOps:
         # a thread no cancel reaches, and would swallow that writer's data.
         fd = os.open(call["path"], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISFIFO(mode):
                 raise OSError(errno.EINVAL, "Is a FIFO (named pipe): read it with exec, e.g. cat", call["path"])
+            if stat.S_ISDIR(mode):  # open(2) takes a directory; reading it is the error
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", call["path"])
             os.set_blocking(fd, True)
+            f = open(fd, "rb")
         except BaseException:
             os.close(fd)
             raise
-        with open(fd, "rb") as f:
+        with f:
             limit = call.get("limit")  # a file known to be larger is refused before it is sent
             if isinstance(limit, int) and os.fstat(f.fileno()).st_size > limit:
                 raise OSError(errno.EFBIG, "File too large", call["path"])
@@ -138,8 +142,10 @@ class FileOps:
             if e.filename is not None or isinstance(e, frames.Aborted):
                 raise
             where = os.path.normpath(os.path.join(src, current[0]))
-            why = f"{e.strerror or e}: fewer bytes than its size (it shrank while read, or is a /sys file)"
-            raise OSError(e.errno or errno.EIO, why, where) from None
+            if e.errno is not None:  # a real read error (EIO): as it is, with the file it came from
+                raise OSError(e.errno, e.strerror, where) from None
+            why = f"{e}: fewer bytes than its size (it shrank while read, or is a /sys file)"  # tarfile's own
+            raise OSError(errno.EIO, why, where) from None
         out.flush()
         self.chan.send(frames.frame(frames.EOF, rid))
         return {}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,14 @@ from pytest_bottle.agent.replies import (
     UntarReply,
     WriteReply,
 )
-from pytest_bottle.errors import AgentError, GuestFileNotFoundError, GuestOSError, SpecError, UnsafeTransfer
+from pytest_bottle.errors import (
+    AgentError,
+    GuestFileNotFoundError,
+    GuestIsADirectoryError,
+    GuestOSError,
+    SpecError,
+    UnsafeTransfer,
+)
 from pytest_bottle.guest.frames import VERSION
 
 
@@ -254,21 +260,32 @@ def test_write_stat_and_read(local: AgentClient, tmp_path: Path) -> None:
         assert local.write(str(tmp_path), f, into_dir="copy", timeout=30).path == str(tmp_path / "copy")
 
 
-def test_reading_a_fifo_is_refused_at_once_and_leaves_no_thread_waiting(local: AgentClient, tmp_path: Path) -> None:
+def test_reading_a_fifo_is_refused_at_once_and_leaves_it_unopened(local: AgentClient, tmp_path: Path) -> None:
     """Its open waited for a writer until the call's timeout, in an agent thread
     no cancel reached (one more per try), and swallowed that writer's data."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    local.read("/proc/self/status", lambda kind, data: None, timeout=5)  # the agent's workers are up
-    threads = threading.active_count()
     started = time.monotonic()
     with pytest.raises(GuestOSError, match="Is a FIFO") as info:
         local.read(str(fifo), lambda kind, data: None, timeout=5)
     assert time.monotonic() - started < 2 and info.value.errno == errno.EINVAL, info.value
-    assert threading.active_count() == threads
-    got: list[bytes] = []  # /dev/zero-like devices and /proc still read as before
+    with pytest.raises(OSError) as no_reader:  # nothing holds it open for reading
+        os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    assert no_reader.value.errno == errno.ENXIO
+    got: list[bytes] = []  # /proc still reads as before
     local.read("/proc/self/status", lambda kind, data: got.append(data), timeout=5)
     assert b"Name:" in b"".join(got)
+
+
+def test_reading_a_directory_names_it_and_leaks_no_descriptor(local: AgentClient, tmp_path: Path) -> None:
+    """Opened without blocking, a directory was handed to open() by its fd: the
+    error named the fd number, and the descriptor stayed open in the agent."""
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(GuestIsADirectoryError) as info:
+            local.read(str(tmp_path), lambda kind, data: None, timeout=5)
+        assert info.value.filename == str(tmp_path), info.value
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_exec_collects_output(local: AgentClient) -> None:
