@@ -69,7 +69,7 @@ class BottleFiles:
         past it: use ``get`` for more); ``AgentTimeout`` after ``timeout`` s."""
         raw, path = raw_path(path), guest_path(path)
         check_timeout(timeout)
-        if isinstance(raw, str) and names_no_file(raw) and path != "/":
+        if isinstance(raw, str) and raw.endswith(("/", "/.")) and path != "/":
             path += "/"  # as open(2) takes "f/": ENOTDIR for a file, not the file
         return read_all(self._agent, path, READ_CAP, timeout)
 

@@ -27,6 +27,7 @@ import pytest
 
 from .errors import ImageNotFound, SpecError
 from .images.image import known_names
+from .usage import closest_marker
 
 FIXTURE = "_bottle_matrix_image"
 IMAGES = pytest.StashKey[tuple[str, ...]]()
@@ -114,13 +115,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     groups: dict[str, list[pytest.Item]] = {}
     for item in items:
         image = _matrix_image(item)
-        marker = item.get_closest_marker("bottle")
+        marker = closest_marker(item)
         if image is not None and marker is not None and marker.kwargs.get("image") is not None:
             case = item.nodeid.removesuffix(f"{image}]")[:-1]  # the image ends the id
             groups.setdefault(case, []).append(item)
     drop: set[int] = set()
     for group in groups.values():
-        marker = group[0].get_closest_marker("bottle")
+        marker = closest_marker(group[0])
         wanted = marker.kwargs.get("image") if marker is not None else None
         chosen = next((i for i in group if _matrix_image(i) == wanted), group[0])
         drop.update(id(i) for i in group if i is not chosen)

@@ -192,8 +192,9 @@ def take_snapshot(bottle: Bottle, machine: Machine, res: Resources, *, saved_for
     try:
         state = snapshots.take(src, snapshots.snapshots_dir(spec.cache_dir) / name, kept=kept)
     except SnapshotError as e:
-        if bottle.closed:  # another thread closed it meanwhile: that is the reason, not QEMU's lost connection
-            raise SnapshotError(name, f"bottle {bottle.name} was closed while it was being snapshotted") from e
+        if bottle.closed:  # another thread closed (or kept) it meanwhile: the reason, not QEMU's lost connection
+            what = "kept" if bottle.kept else "closed"
+            raise SnapshotError(name, f"bottle {bottle.name} was {what} while it was being snapshotted") from e
         raise
     snap = Snapshot(state, spec, plan.image)
     if not kept:

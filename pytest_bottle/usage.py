@@ -95,6 +95,12 @@ def marker_layer(node: pytest.Item | pytest.Collector) -> list[Layer]:
 AUTO_MARK = pytest.StashKey[object]()
 
 
+def closest_marker(node: pytest.Item | pytest.Collector) -> pytest.Mark | None:
+    """The user's ``bottle`` marker nearest the test (not ``AUTO_MARK``'s)."""
+    auto = node.stash.get(AUTO_MARK, None)
+    return next((m for m in node.iter_markers("bottle") if m is not auto), None)
+
+
 def marker_layers(node: pytest.Item | pytest.Collector) -> list[Layer]:
     """Every ``bottle`` marker that applies to ``node``, closest first, each named
     by the node that holds it (an inherited ``pytestmark`` by its module or class)."""
