@@ -7,7 +7,7 @@ thin layer where its errors become usage errors naming where a value came from.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,21 +95,25 @@ def marker_layer(node: pytest.Item | pytest.Collector) -> list[Layer]:
 AUTO_MARK = pytest.StashKey[object]()
 
 
-def closest_marker(node: pytest.Item | pytest.Collector) -> pytest.Mark | None:
-    """The user's ``bottle`` marker nearest the test (not ``AUTO_MARK``'s)."""
+def _user_markers(node: pytest.Item | pytest.Collector) -> Iterator[tuple[str, pytest.Mark]]:
+    """The ``bottle`` markers on ``node``, closest first, each with where it is; never
+    ``AUTO_MARK``'s, which would hide one added later (``append=True``)."""
     auto = node.stash.get(AUTO_MARK, None)
-    return next((m for m in node.iter_markers("bottle") if m is not auto), None)
+    for owner, mark in node.iter_markers_with_node("bottle"):
+        if mark is not auto:
+            yield f"@pytest.mark.bottle on {owner.nodeid or owner.name}", mark
+
+
+def closest_marker(node: pytest.Item | pytest.Collector) -> pytest.Mark | None:
+    """The user's ``bottle`` marker nearest the test."""
+    return next((m for _, m in _user_markers(node)), None)
 
 
 def marker_layers(node: pytest.Item | pytest.Collector) -> list[Layer]:
     """Every ``bottle`` marker that applies to ``node``, closest first, each named
     by the node that holds it (an inherited ``pytestmark`` by its module or class)."""
     layers: list[Layer] = []
-    auto = node.stash.get(AUTO_MARK, None)
-    for owner, marker in node.iter_markers_with_node("bottle"):
-        if marker is auto:  # ours, not the user's: one added later (append=True) would be hidden by it
-            continue
-        where = f"@pytest.mark.bottle on {owner.nodeid or owner.name}"
+    for where, marker in _user_markers(node):
         if marker.args:
             raise InvalidBottleArgument(f"takes keyword arguments only, got {marker.args!r}", where)
         layers.append((where, marker.kwargs))
@@ -124,18 +128,26 @@ def ini_type(name: str) -> Any:
     return str | int | float if name == "timeout" else str | int
 
 
+OVERRIDE = "-o on the command line"
+
+
+def _overridden(config: pytest.Config) -> set[str]:
+    """The ini names given with ``-o NAME=...``."""
+    return {o.split("=", 1)[0].strip() for o in (config.getoption("override_ini", None) or [])}
+
+
 def ini_source(config: pytest.Config, name: str) -> str:
-    """Where the ini value ``name`` came from: ``-o name=...`` on the command line, or the file."""
-    given = {o.split("=", 1)[0].strip() for o in (config.getoption("override_ini", None) or [])}
-    return "-o on the command line" if name in given else "ini file"
+    """Where the ini value ``name`` came from: ``-o`` on the command line, or the file."""
+    return OVERRIDE if name in _overridden(config) else "ini file"
 
 
 def ini_layers(config: pytest.Config, ini: dict[str, Any]) -> list[Layer]:
     """The ini values (``bottle_<key>``) as layers, those given with ``-o`` named so."""
-    over = {k: v for k, v in ini.items() if v is not None and ini_source(config, f"bottle_{k}") != "ini file"}
+    given = _overridden(config)
+    over = {k: v for k, v in ini.items() if v is not None and f"bottle_{k}" in given}
     if not over:
         return [("ini file", ini)]
-    return [("-o on the command line", over), ("ini file", {k: v for k, v in ini.items() if k not in over})]
+    return [(OVERRIDE, over), ("ini file", {k: v for k, v in ini.items() if k not in over})]
 
 
 def getini(config: pytest.Config, name: str) -> Any:

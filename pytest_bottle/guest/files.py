@@ -71,7 +71,8 @@ class FileOps:
         # a thread no cancel reaches, and would swallow that writer's data.
         fd = os.open(call["path"], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            mode = os.fstat(fd).st_mode
+            st = os.fstat(fd)
+            mode = st.st_mode
             if stat.S_ISFIFO(mode):
                 raise OSError(errno.EINVAL, "Is a FIFO (named pipe): read it with exec, e.g. cat", call["path"])
             if stat.S_ISDIR(mode):  # open(2) takes a directory; reading it is the error
@@ -83,7 +84,7 @@ class FileOps:
             raise
         with f:
             limit = call.get("limit")  # a file known to be larger is refused before it is sent
-            if isinstance(limit, int) and os.fstat(f.fileno()).st_size > limit:
+            if isinstance(limit, int) and st.st_size > limit:
                 raise OSError(errno.EFBIG, "File too large", call["path"])
             while chunk := f.read(frames.CHUNK):
                 size += len(chunk)
