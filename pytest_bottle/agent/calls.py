@@ -40,6 +40,14 @@ class Call:
         self.window = WINDOW  # bytes we may still send the agent for this call
 
 
+def lose(calls: list[Call], reason: str) -> None:
+    """End calls that will get no reply; ``reason`` (if any) is what their waiters read."""
+    for call in calls:
+        if reason:
+            call.lost = reason
+        call.done.set()
+
+
 def guest_error(reply: dict[str, Any], op: str) -> Exception:
     """The host error for a reply with ``ok`` false."""
     msg = str(reply.get("error", "unknown error"))[:TEXT_CAP]  # a guest's words end up in reports

@@ -38,7 +38,7 @@ from ..guest.frames import (
     frame,
 )
 from . import resync
-from .calls import Call, ProtocolError, Sink, guest_error
+from .calls import Call, ProtocolError, Sink, guest_error, lose
 from .uploads import Uploads
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class AgentChannel(Uploads):
             with self._lock:
                 self.closed.set()
                 calls = self._take_calls()
-            _lose(calls, "")  # wait() names the channel's death
+            lose(calls, "")  # wait() names the channel's death
             # A sender blocked on a guest that reads nothing holds _wlock until
             # close()'s shutdown or its own timeout wakes it.
             with self._wlock, self._fdlock:
@@ -182,7 +182,7 @@ class AgentChannel(Uploads):
                 except OSError as e:
                     self.broken = f"resync after an agent restart failed: {e}"
         log.debug("agent channel %s: the guest agent restarted, %d call(s) lost", self.name, len(calls))
-        _lose(calls, f"the guest agent restarted; {len(calls)} call(s) lost")
+        lose(calls, f"the guest agent restarted; {len(calls)} call(s) lost")
 
     def abandon(self, reason: str) -> None:
         """Fail every pending call at once as lost for ``reason``, cancel it, and
@@ -192,7 +192,7 @@ class AgentChannel(Uploads):
         with self._wlock, self._lock:  # a call another thread registered is on the wire first, then cancelled
             self._abandoned = (reason, threading.current_thread())
             calls = self._take_calls()
-        _lose(calls, reason)
+        lose(calls, reason)
         for call in calls:
             self._cancel_quietly(call.rid)
 
@@ -396,10 +396,3 @@ class AgentChannel(Uploads):
                     pass
         if threading.current_thread() is not self._reader:  # a callback on the reader may close it
             self._reader.join(timeout=2)
-
-
-def _lose(calls: list[Call], reason: str) -> None:
-    for call in calls:
-        if reason:
-            call.lost = reason
-        call.done.set()
