@@ -51,7 +51,7 @@ def _current_seed() -> SavedState:
         for s in list_seeds(CACHE)
         if s.manifest["key_parts"].get("seed_version") == SEED_VERSION
         and s.manifest["key_parts"]["image_built"] == image.manifest["created"]
-        and (s.manifest["key_parts"]["memory_mb"], s.manifest["key_parts"]["nics"]) == (512, 1)
+        and tuple(s.manifest["key_parts"][k] for k in ("memory_mb", "cpus", "nics")) == (512, 1, 1)
     ]
     return max(seeds, key=lambda s: s.manifest["created"])
 
