@@ -17,6 +17,9 @@ from .builder import TAIL_LINES
 
 REASON = "pytest-bottle: the build failed: "
 RUN = "pytest-bottle: the build was for run "
+# A failed build machine's console follows its step output in the log; the
+# tail another process shows is that of the step output, as the failing one's.
+CONSOLE = "--- console ---"
 
 _failed: dict[str, ImageBuildError] = {}
 _run = ""
@@ -70,6 +73,8 @@ def since(final: Path, cache_dir: Path, waiting_since_ns: int, name: str) -> Ima
         if not reasons or not (waited or f"{RUN}{_run}" in lines):  # still being written, or not ours
             continue
         body = [line for line in lines if not line.startswith((REASON, RUN))]
+        if CONSOLE in body:
+            body = body[: len(body) - 1 - body[::-1].index(CONSOLE)]
         while body and not body[-1].strip():
             body.pop()
         how = "in another process while this one waited" if waited else "earlier in another process of this run"

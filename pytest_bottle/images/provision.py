@@ -28,7 +28,7 @@ from ..host.deps import which
 from ..lifecycle.boot import start_machine
 from ..vmm.backend import Machine, console_tail
 from ..vmm.qemu import Accel, MachineConfig, Nic
-from . import builder
+from . import builder, failures
 from .cache import BuiltImage
 from .image import COPY_SKIP, Copy, Image, Install, Run, Step, Write, count_steps, tree_digest
 
@@ -110,7 +110,7 @@ def provision(
             _shell(agent, CLEANUP, logf, "clean up", 600)
             _power_off(agent, machine, logf)
         except ImageBuildError as e:
-            logf.write("\n--- console ---\n" + console_tail(machine.console_log) + "\n")
+            logf.write(f"\n{failures.CONSOLE}\n" + console_tail(machine.console_log) + "\n")
             raise ImageBuildError(e.name if e.name else image.display_name, e.reason, e.log_tail) from None
         finally:
             machine.stop()

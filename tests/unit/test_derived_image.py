@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from pytest_bottle import Image, ImageNotFound, SpecError
+from pytest_bottle import Image, ImageBuildError, ImageNotFound, SpecError
 from pytest_bottle.images import get_recipe
 from pytest_bottle.images import image as image_mod
 
@@ -223,3 +223,24 @@ def test_pull_from_is_not_part_of_the_key_nor_inherited() -> None:
     assert get_recipe("debian-bookworm").pull_url is None
     with pytest.raises(SpecError, match="pull_from"):
         base.pull_from("gopher://h/x")
+
+
+def test_another_process_shows_the_failing_steps_output_not_the_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build machine's failed log ends with its console; a process of the
+    same run that takes the failure shows the step's tail, as the failing one did."""
+    from pytest_bottle.images import failures
+
+    monkeypatch.setattr(failures, "_run", "run-1")
+    final = tmp_path / "images" / "web-0123456789abcdef"
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / f"{final.name}-failed-{10**18}.log"
+    console = [f"[  {i}.0] systemd[1]: console line {i}" for i in range(60)]
+    step = ["== step 2/2: run make", "cc -c x.c", "x.c:1: error: expected ';'", "make: *** [x] Error 1"]
+    log.write_text("\n".join([*step, "", failures.CONSOLE, *console, ""]))
+    failures.record(final, ImageBuildError("web", "step 2/2 (run make) exited with 2", "", str(log)))
+    failures._failed.clear()  # as another process of the run sees it
+    taken = failures.since(final, tmp_path, 2 * 10**18, "web")  # it did not wait: the run names it
+    assert taken is not None and "exited with 2 (it failed earlier in another process of this run)" in taken.reason
+    assert taken.log_tail.splitlines() == step and taken.log_path == str(log)
