@@ -111,6 +111,14 @@ class _State:
                 raise InvalidBottleArgument(e.message, source_of(layers, "memory") or "the default") from None
         return spec
 
+    def marker(self, node: pytest.Item) -> list[Layer]:
+        """The test's closest marker as a layer, every other one on it checked
+        too: one a hook or fixture added after collection was not checked there."""
+        layers = marker_layers(node)
+        for layer in layers[1:]:
+            self.spec(layer, here=False)
+        return layers[:1]
+
     @property
     def rebuild_before(self) -> float | None:
         return self.run_start if self.rebuild else None
@@ -278,7 +286,7 @@ def _bottle_group(request: pytest.FixtureRequest, _bottle_matrix_image: str | No
 def bottle(request: pytest.FixtureRequest, _bottle_group: str, _bottle_matrix_image: str | None) -> Bottle:
     """A fresh VM configured by the test's ``bottle`` marker."""
     state = _state(request.config)
-    spec = state.spec(*marker_layer(request.node), image=_bottle_matrix_image)
+    spec = state.spec(*state.marker(request.node), image=_bottle_matrix_image)
     return state.manager.start(spec, _bottle_group)
 
 
@@ -288,7 +296,7 @@ def bottle_factory(
 ) -> Callable[..., Bottle]:
     """``bottle_factory(**kwargs) -> Bottle``; everything it made is torn down after the test."""
     state = _state(request.config)
-    marker = marker_layer(request.node)
+    marker = state.marker(request.node)
 
     def factory(**kwargs: Any) -> Bottle:
         if kwargs.get("snapshot") is not None:

@@ -170,7 +170,8 @@ Layer = tuple[str, Mapping[str, Any]]
 
 
 def resolve(layers: Sequence[Layer], restricted: int = 0) -> BottleSpec:
-    """Merge ``layers`` (highest precedence first) into a validated spec.
+    """Merge ``layers`` (highest precedence first) into a validated spec; the
+    values of every layer are checked, also those a higher layer overrides.
 
     Each layer is ``(where it came from, {key: value})``; a value of None in a
     layer means "not set here".  The first ``restricted`` layers (markers,
@@ -184,11 +185,11 @@ def resolve(layers: Sequence[Layer], restricted: int = 0) -> BottleSpec:
                 raise SpecError(f"unknown argument {key!r}; valid arguments: {', '.join(keys)}", source)
     kwargs: dict[str, Any] = {}
     for key, (attr, parse) in PARSERS.items():
-        for source, values in layers:
+        for source, values in layers:  # every layer: a bad value a higher one hides is still an error
             if values.get(key) is not None:
                 try:
-                    kwargs[attr] = parse(values[key])
+                    parsed = parse(values[key])
                 except ValueError as e:
                     raise SpecError(f"bad {key}: {e}", source) from None
-                break
+                kwargs.setdefault(attr, parsed)
     return BottleSpec(**kwargs)

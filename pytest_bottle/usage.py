@@ -69,8 +69,9 @@ def resolve_layers(layers: list[Layer], restricted: int = 0) -> BottleSpec:
         spec = resolve(layers, restricted=restricted)
     except SpecError as e:
         raise InvalidBottleArgument(e.message, e.source) from None
-    if isinstance(spec.image, str) and spec.image not in known_names():
-        raise UnknownBottleImage(spec.image, known_names(), source_of(layers, "image"))
+    for source, values in layers:
+        if isinstance(image := values.get("image"), str) and image not in known_names():
+            raise UnknownBottleImage(image, known_names(), source)
     return spec
 
 

@@ -109,13 +109,47 @@ def test_a_marker_a_fixture_appends_at_setup_is_used(pytester: pytest.Pytester) 
     )
     pytester.makepyfile(
         test_appended="""
+        import pytest
+
         def test_a(bottle):
             pass
+
+        @pytest.mark.bottle(cpus=1)  # closer than the appended one, which is still checked
+        def test_b(bottle_factory):
+            bottle_factory()
         """
     )
     result = run(pytester, "test_appended.py")
     assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
-    assert "@pytest.mark.bottle on test_appended.py::test_a: bad memory" in result.stdout.str()
+    result.assert_outcomes(errors=2)
+    for test in ("test_a", "test_b"):
+        assert f"@pytest.mark.bottle on test_appended.py::{test}: bad memory" in result.stdout.str()
+
+
+def test_a_bad_value_a_higher_layer_overrides_is_still_an_error(pytester: pytest.Pytester) -> None:
+    """Only the value that won was parsed: a bad factory argument under a marker,
+    or a bad ini value under the command line's, passed unseen."""
+    pytester.makepyfile(
+        test_hidden="""
+        import pytest
+
+        @pytest.mark.bottle(cpus=1, image="debian-bookworm")
+        def test_cpus(bottle_factory):
+            bottle_factory(cpus="lots")
+
+        @pytest.mark.bottle(cpus=1, image="debian-bookworm")
+        def test_image(bottle_factory):
+            bottle_factory(image="no-such-image")
+        """
+    )
+    result = run(pytester, "test_hidden.py")
+    result.assert_outcomes(failed=2)
+    assert "bottle_factory() arguments: bad cpus" in result.stdout.str()
+    assert "bottle_factory() arguments: unknown image 'no-such-image'" in result.stdout.str()
+    pytester.makeini("[pytest]\nbottle_memory = banana\n")
+    result = run(pytester, "--bottle-memory=1G", "test_hidden.py")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "ini file: bad memory" in result.stderr.str()
 
 
 def test_a_bad_marker_under_xdist_fails_its_test_with_the_message(pytester: pytest.Pytester) -> None:
@@ -260,6 +294,31 @@ def test_failure_report_has_console_and_commands(pytester: pytest.Pytester) -> N
             "*[[]3] *exit 3*",
         ]
     )
+
+
+def test_a_teardown_failure_reports_the_bottle_once(pytester: pytest.Pytester) -> None:
+    """A fixture failing in teardown got no bottle sections; after a failed
+    call, its teardown error must not repeat them."""
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.fixture
+        def broken_cleanup(bottle):
+            yield bottle
+            raise RuntimeError("cleanup failed")
+
+        def test_passes_then_cleanup_fails(broken_cleanup):
+            broken_cleanup.exec("echo in-teardown-test")
+
+        def test_fails_then_cleanup_fails(broken_cleanup):
+            broken_cleanup.exec("echo in-failed-test")
+            assert False
+    """)
+    result = run(pytester, "-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=1, errors=2)
+    out = result.stdout.str()
+    assert out.count("last commands") == 2, out
+    assert out.count("echo in-teardown-test") == 1 and out.count("echo in-failed-test") == 2, out
 
 
 def test_a_session_factory_bottle_is_in_the_report_of_the_test_that_made_it(pytester: pytest.Pytester) -> None:

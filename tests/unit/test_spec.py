@@ -127,3 +127,15 @@ def test_image_pull_is_run_wide_and_checked() -> None:
         resolve([("ini file", {"image_pull": "https://h/{version}"})])
     with pytest.raises(SpecError, match="unknown argument"):
         resolve([("@pytest.mark.bottle", {"image_pull": url})], restricted=1)
+
+
+def test_a_bad_value_under_a_higher_layer_is_still_an_error() -> None:
+    """Every layer is parsed: the one that wins, and those it overrides."""
+    layers: list[tuple[str, dict[str, object]]] = [("marker", {"cpus": 1}), ("factory", {"cpus": "lots"})]
+    with pytest.raises(SpecError) as info:
+        resolve(layers)
+    assert (info.value.source, info.value.message) == (
+        "factory",
+        "bad cpus: cpus must be an integer (digits 0-9), not 'lots'",
+    )
+    assert resolve([("marker", {"cpus": 2}), ("factory", {"cpus": 3})]).cpus == 2
