@@ -18,7 +18,7 @@ from .arguments import GuestPath, check_env, check_input, check_port, check_time
 from .bottle_files import FILE_TIMEOUT as FILE_TIMEOUT  # importable here as before the split; patch bottle_files
 from .bottle_files import READ_CAP as READ_CAP
 from .bottle_files import BottleFiles
-from .errors import AgentError, BottleError, ExecError, ExecTimeout, WaitTimeout
+from .errors import AgentError, BottleError, ExecError, ExecTimeout, SpecError, WaitTimeout
 from .history import CommandHistory, ProcessEntry
 from .process import GuestProcess
 from .results import OUTPUT_CAP, Command, ExecResult, to_argv
@@ -151,6 +151,8 @@ class Bottle(BottleFiles):
         """
         argv = to_argv(cmd)
         check_timeout(timeout)
+        if on_output is not None and not callable(on_output):
+            raise SpecError(f"must be a callable fn(stream, text), not {on_output!r}", "on_output")
         env = check_env(env) if on_output is None else {**STREAMED_ENV, **check_env(env)}
         cwd = None if cwd is None else guest_path(cwd, "cwd")
         stdin = check_input(input)

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
-from .errors import ExecError
+from .errors import ExecError, SpecError
 
 Command = Union[str, Sequence[str]]
 
@@ -21,7 +21,7 @@ def to_argv(cmd: Command) -> list[str]:
         raise TypeError(f"a command is a str, bytes or a list of arguments, not {type(cmd).__name__}")
     argv = [_text(a) if isinstance(a, (bytes, bytearray)) else str(a) for a in cmd]
     if not argv:
-        raise ValueError("empty command")
+        raise SpecError("an empty list is no command (give the program, then its arguments)", "cmd")
     return argv
 
 

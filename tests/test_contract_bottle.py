@@ -83,14 +83,20 @@ def test_empty_argv_and_bad_timeouts_are_refused_before_anything_runs(module_bot
     before = len(module_bottle.history), list(module_bottle.history)[-1:]
     empties: tuple[list[str], tuple[str, ...]] = ([], ())
     for empty in empties:
-        with pytest.raises(ValueError, match="empty"):
+        with pytest.raises(SpecError, match="^cmd: an empty list is no command"):
             module_bottle.exec(empty)
+        with pytest.raises(SpecError, match="^cmd: an empty list is no command"):
+            module_bottle.spawn(empty)
+    for not_callable in ("nope", 3):
+        with pytest.raises(SpecError, match="^on_output: must be a callable"):
+            module_bottle.exec("touch /tmp/ran-anyway", on_output=not_callable)  # type: ignore[arg-type]
     for bad in (0, -1, 0.0, float("nan")):
         with pytest.raises(SpecError, match="timeout"):
             module_bottle.exec("true", timeout=bad)
     with pytest.raises(SpecError, match="cwd must be absolute"):
         module_bottle.exec("pwd", cwd="tmp")
     assert (len(module_bottle.history), list(module_bottle.history)[-1:]) == before  # nothing was sent
+    assert module_bottle.exec("test -e /tmp/ran-anyway").returncode == 1
 
 
 # A bad timeout must not wait: nan waited forever, None and "1" were a TypeError.

@@ -53,7 +53,7 @@ def test_bytes_are_utf8_text_as_exec_takes_them() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cmd", "error"), [([], ValueError), ([b"\xff"], TypeError), (b"\xff", TypeError), (3, TypeError)]
+    ("cmd", "error"), [([], SpecError), ([b"\xff"], TypeError), (b"\xff", TypeError), (3, TypeError)]
 )
 def test_a_command_exec_refuses_ssh_refuses(cmd: object, error: type[Exception]) -> None:
     with pytest.raises(error):
