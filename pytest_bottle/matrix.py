@@ -89,15 +89,39 @@ def images(config: pytest.Config, default: str) -> tuple[str, ...]:
 def parametrize(metafunc: pytest.Metafunc, names: Sequence[str]) -> bool:
     """Run this test once per image of ``names`` (if it uses a bottle and its
     marker names no image); False if it was left alone.  A conftest may call
-    it from its own ``pytest_generate_tests`` to put chosen tests on a matrix."""
+    it from its own ``pytest_generate_tests`` to put chosen tests on a matrix;
+    ``names`` are checked first (``SpecError``, ``ImageNotFound``)."""
+    names = parse_images(list(names), "pytest_bottle.matrix.parametrize()")
     if FIXTURE not in metafunc.fixturenames or metafunc.definition.stash.get(DONE, False):
         return False
-    marker = metafunc.definition.get_closest_marker("bottle")
-    if marker is not None and marker.kwargs.get("image") is not None:
+    if pinned(metafunc.definition, metafunc.fixturenames):
         return False
     metafunc.parametrize(FIXTURE, list(names), ids=list(names), indirect=True, scope="session")
     metafunc.definition.stash[DONE] = True
     return True
+
+
+# The fixtures whose image a marker may choose: the test's closest marker, or
+# (module_bottle) the module's; the session-wide ones follow the matrix.
+_BY_TEST_MARKER = ("bottle", "bottle_factory")
+_BY_MODULE_MARKER = ("module_bottle",)
+
+
+def _marker_image(node: pytest.Item | pytest.Collector | None) -> object:
+    marker = closest_marker(node) if node is not None else None
+    return marker.kwargs.get("image") if marker is not None else None
+
+
+def pinned(node: pytest.Item, fixturenames: Sequence[str]) -> object:
+    """The image a marker gives every VM fixture the test uses that a marker can
+    pin (``bottle`` and ``bottle_factory``: the test's marker; ``module_bottle``:
+    the module's), or None when one of them follows the matrix.  A test with only
+    session-wide fixtures goes by its own marker."""
+    own = _marker_image(node)
+    deciders = [f for f in (*_BY_TEST_MARKER, *_BY_MODULE_MARKER) if f in fixturenames]
+    module = _marker_image(node.getparent(pytest.Module)) if any(f in _BY_MODULE_MARKER for f in deciders) else None
+    images = [module if f in _BY_MODULE_MARKER else own for f in deciders] or [own]
+    return images[0] if all(i is not None for i in images) else None
 
 
 @pytest.hookimpl(trylast=True)  # after the marks: the image ends the id
@@ -107,24 +131,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         parametrize(metafunc, names)
 
 
+@pytest.hookimpl(trylast=True)  # after a conftest's hook, which may add a marker too
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A case whose own marker names an image (``pytest.param(..., marks=
-    pytest.mark.bottle(image=...))``, which ``parametrize`` cannot see) runs
-    once, on that image: the matrix's other copies of it are deselected. The
-    copy kept is the one with that image in its id, else the first."""
-    groups: dict[str, list[pytest.Item]] = {}
+    pytest.mark.bottle(image=...))``, which ``parametrize`` cannot see, or one a
+    hook added) runs once, on that image: the matrix's other copies of it are
+    deselected. The copy kept is the one with that image in its id, else the first."""
+    groups: dict[str, list[tuple[pytest.Item, object]]] = {}
     for item in items:
         image = _matrix_image(item)
-        marker = closest_marker(item)
-        if image is not None and marker is not None and marker.kwargs.get("image") is not None:
+        wanted = pinned(item, getattr(item, "fixturenames", ())) if image is not None else None
+        if image is not None and wanted is not None:
             case = item.nodeid.removesuffix(f"{image}]")[:-1]  # the image ends the id
-            groups.setdefault(case, []).append(item)
+            groups.setdefault(case, []).append((item, wanted))
     drop: set[int] = set()
     for group in groups.values():
-        marker = closest_marker(group[0])
-        wanted = marker.kwargs.get("image") if marker is not None else None
-        chosen = next((i for i in group if _matrix_image(i) == wanted), group[0])
-        drop.update(id(i) for i in group if i is not chosen)
+        wanted = group[0][1]
+        chosen = next((i for i, _ in group if _matrix_image(i) == wanted), group[0][0])
+        drop.update(id(i) for i, _ in group if i is not chosen)
     if drop:
         config.hook.pytest_deselected(items=[i for i in items if id(i) in drop])
         items[:] = [i for i in items if id(i) not in drop]

@@ -91,6 +91,63 @@ def test_a_case_whose_own_marker_names_an_image_runs_once(pytester: pytest.Pytes
     result.stdout.fnmatch_lines(["4/6 tests collected (2 deselected)*"])
 
 
+def test_a_test_runs_once_when_markers_choose_the_image_of_each_of_its_bottles(pytester: pytest.Pytester) -> None:
+    """module_bottle follows the module's pytestmark, not the test's own marker:
+    a test of a pinned module with a marker of its own ran 2 identical VMs under
+    2 image ids. A marker a conftest hook adds is read too (its hook ran after the matrix's)."""
+    pytester.makepyfile(
+        test_pinned_module="""
+        import pytest
+        pytestmark = pytest.mark.bottle(image="debian-trixie-minimal")
+
+        @pytest.mark.bottle(cpus=1)
+        def test_shared(module_bottle):  # the module's image
+            pass
+
+        @pytest.mark.bottle(cpus=1)
+        def test_own(bottle):  # its own marker replaces the module's: the matrix decides
+            pass
+
+        @pytest.mark.bottle(cpus=1)
+        def test_both(bottle, module_bottle):
+            pass
+        """,
+        test_free_module="""
+        import pytest
+
+        @pytest.mark.bottle(image="debian-trixie-minimal")
+        def test_pinned_with_a_free_module_bottle(bottle, module_bottle):
+            pass
+
+        def test_hook_pins(bottle):
+            pass
+        """,
+    )
+    pytester.makeconftest(
+        """
+        import pytest
+
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                if "hook_pins" in item.name:
+                    item.add_marker(pytest.mark.bottle(image="debian-trixie"))
+        """
+    )
+    result = run(pytester, "--collect-only", "-q", "-p", "no:randomly", BOTH)
+    assert collected(result) == sorted(
+        [
+            "test_shared",
+            "test_own[debian-bookworm]",
+            "test_own[debian-trixie]",
+            "test_both[debian-bookworm]",
+            "test_both[debian-trixie]",
+            "test_pinned_with_a_free_module_bottle[debian-bookworm]",
+            "test_pinned_with_a_free_module_bottle[debian-trixie]",
+            "test_hook_pins[debian-trixie]",
+        ]
+    ), result.stdout.str()
+
+
 def test_one_image_keeps_the_ids(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_m=TESTS)
     result = run(pytester, "--collect-only", "-q", "--bottle-image=debian-trixie")
@@ -246,3 +303,27 @@ def test_matrix_under_xdist(pytester: pytest.Pytester) -> None:
     assert booted == sorted(
         [f"test_vm[{i}-debian-bookworm] 12" for i in range(3)] + [f"test_vm[{i}-debian-trixie] 13" for i in range(3)]
     ), result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        ('["debian-bookworm", "no-such-image"]', "unknown image 'no-such-image'"),
+        ('["debian-bookworm", "debian-bookworm"]', "'debian-bookworm' is listed twice"),
+        ("[]", "pytest_bottle.matrix.parametrize(): bad image"),
+    ],
+)
+def test_a_conftests_own_matrix_checks_its_names(pytester: pytest.Pytester, names: str, expected: str) -> None:
+    """An unknown name was taken, and its bottle's error blamed the command line."""
+    pytester.makeconftest(
+        f"""
+        from pytest_bottle import matrix
+
+        def pytest_generate_tests(metafunc):
+            matrix.parametrize(metafunc, {names})
+        """
+    )
+    pytester.makepyfile(test_m="def test_vm(bottle):\n    pass\n")
+    result = run(pytester, "--collect-only", "-q")
+    assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
+    assert expected in result.stdout.str()
