@@ -13,6 +13,7 @@ from .history import describe_history
 from .lifecycle.manager import BottleManager
 
 CONSOLE_LINES = 50
+LINE_CAP = 2000  # characters of one console line in a report
 REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
 
@@ -54,10 +55,11 @@ class BottleReports:
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
+        first_failure = report.failed and not failed(item)  # a teardown's after a failed call: shown once
         item.stash.setdefault(REPORTS, {})[report.when] = report
-        if report.failed and report.when in ("setup", "call"):
+        if first_failure:
             for b in self.item_bottles(item):
-                tail = "\n".join(b.console_log.splitlines()[-CONSOLE_LINES:])
+                tail = "\n".join(_capped(line) for line in b.console_log.splitlines()[-CONSOLE_LINES:])
                 report.sections.append((f"bottle {b.name} console (last {CONSOLE_LINES} lines)", tail or "(empty)"))
                 cmds = describe_history(list(b.history))  # a copy: commands may run on meanwhile
                 report.sections.append((f"bottle {b.name} last commands", cmds or "(none)"))
@@ -87,6 +89,11 @@ class BottleReports:
                 terminalreporter.section(title)
                 for text in lines:
                     terminalreporter.write_line(text)
+
+
+def _capped(line: str) -> str:
+    """A console line cut to ``LINE_CAP`` characters: a guest may print one without end."""
+    return line if len(line) <= LINE_CAP else f"{line[:LINE_CAP]} [... {len(line) - LINE_CAP} more characters]"
 
 
 def keep_message(b: Bottle) -> str:

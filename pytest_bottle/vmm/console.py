@@ -31,13 +31,18 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 
 
 def read_tail(path: Path, cap: int | None = None) -> tuple[str, int]:
-    """The last ``cap`` (``READ_CAP``) bytes of the log at ``path`` as text (CRs
-    dropped), and how many bytes of the file before them are not in it."""
+    """The last ``cap`` (``READ_CAP``) bytes of the log at ``path`` as text, and
+    how many bytes of the file before them are not in it.  Of a line that CRs
+    overwrote (a progress bar) only what came after the last one is kept, as
+    a terminal ends up showing it; a CR before a line's end is dropped."""
     try:
         data, size = _tail(path, READ_CAP if cap is None else cap)
     except OSError:
         return "", 0
-    return data.decode("utf-8", "replace").replace("\r", ""), size - len(data)
+    text = data.decode("utf-8", "replace")
+    if "\r" in text:
+        text = "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n"))
+    return text, size - len(data)
 
 
 def copy_tail(src: Path, dst: Path) -> None:

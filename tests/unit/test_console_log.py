@@ -101,3 +101,19 @@ def test_the_watcher_cuts_a_file_past_the_cap_and_counts_it_once(
     finally:
         watcher.forget(owner)
         watcher.wake.set()
+
+
+def test_a_line_crs_overwrote_reads_as_a_terminal_shows_it(tmp_path: Path) -> None:
+    """A progress bar (``\\r``, no newline) was one line of every update joined:
+    420,000 characters in a failed test's report for 20,000 updates."""
+    log = tmp_path / "console.log"
+    bar = "".join(f"\rprogress {i:6d}/20000" for i in range(1, 20001))
+    log.write_bytes(f"boot\r\n{bar}\r\nlogin: \r\r\nend".encode())
+    assert console.read_tail(log) == ("boot\nprogress  20000/20000\nlogin: \nend", 0)
+
+
+def test_a_report_cuts_an_endless_console_line() -> None:
+    from pytest_bottle.reports import LINE_CAP, _capped
+
+    assert _capped("x" * LINE_CAP) == "x" * LINE_CAP
+    assert _capped("x" * (LINE_CAP + 5)) == "x" * LINE_CAP + " [... 5 more characters]"
