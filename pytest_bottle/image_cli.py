@@ -10,6 +10,7 @@ import os
 import runpy
 import sys
 import time
+from pathlib import Path
 
 from . import transfer_cli
 from .arguments import check_days
@@ -18,7 +19,7 @@ from .host.paths import tree_size
 from .images import RECIPES, BuiltImage, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
 from .images.derived import list_derived, prune_derived, remove_derived
-from .images.image import check_pull_template, register_provided
+from .images.image import NAMED, check_pull_template, register_provided
 from .store import unsettled
 from .store.gc import prune_seeds, remove_seeds
 from .store.saved import seeds_dir
@@ -84,7 +85,14 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         print(f"[{elapsed:6.1f}s] {stage}", flush=True)
 
     rebuild_before = started if args.rebuild else None
-    image = ensure_image(args.name, args.cache_dir, rebuild_before=rebuild_before, progress=progress, pull=args.pull)
+    try:
+        image = ensure_image(
+            args.name, args.cache_dir, rebuild_before=rebuild_before, progress=progress, pull=args.pull
+        )
+    except ImageNotFound:
+        if not args.source:
+            print(_NEEDS_FROM.format(name=args.name, what="build it"), file=sys.stderr)
+        raise
     if args.rebuild:
         remove_seeds(args.cache_dir, args.name)
     m = image.manifest
@@ -134,14 +142,29 @@ def cmd_image_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# A derived image's recipe is in the user's code; its cache entry keeps only the name it was first built under.
+_NEEDS_FROM = (
+    "bottle: if {name!r} is an image your code names with .named(), give that file or module with "
+    "--from FILE|MODULE to {what} (a cached layer is listed under the name it was first built with)"
+)
+
+
+def _cached_derived_names(cache_dir: Path) -> set[str]:
+    return {str(d.manifest.get("name") or d.path.name) for d in list_derived(cache_dir)}
+
+
 def cmd_image_rm(args: argparse.Namespace) -> int:
-    removed = remove_derived(args.cache_dir, args.name)  # a derived image's name or key, then a recipe's
-    if not removed:
+    if args.source:
+        load_images(args.source)
+    named = NAMED.get(args.name) if args.source else None  # its key: an entry first built unnamed has no name
+    removed = remove_derived(args.cache_dir, named.key if named is not None else args.name)
+    if not removed and named is None:  # a derived image's name or key, then a recipe's
         try:
             removed = remove_image(args.name, args.cache_dir) + remove_seeds(args.cache_dir, args.name)
         except ImageNotFound as e:  # the cached derived images are names rm takes too
-            derived = sorted({str(d.manifest.get("name") or d.path.name) for d in list_derived(args.cache_dir)})
-            raise ImageNotFound(args.name, [*e.known, *derived]) from None
+            if not args.source:
+                print(_NEEDS_FROM.format(name=args.name, what="remove it"), file=sys.stderr)
+            raise ImageNotFound(args.name, [*e.known, *sorted(_cached_derived_names(args.cache_dir))]) from None
         if removed:  # what was built on it rests on nothing now
             removed += remove_derived(args.cache_dir, args.name, root=True)
     for p in removed:
@@ -206,7 +229,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     pr.set_defaults(fn=cmd_image_prune)
     r = image.add_parser("rm", help="remove an image and its seeds from the cache")
-    r.add_argument("name")
+    r.add_argument("name", help="a built-in image, a derived image's name or key, or one named in --from")
+    r.add_argument("--from", dest="source", metavar="FILE|MODULE", help=FROM_HELP)
     r.set_defaults(fn=cmd_image_rm)
     transfer_cli.add_parsers(image, load_images)
 

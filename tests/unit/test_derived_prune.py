@@ -187,3 +187,30 @@ def test_image_rm_of_a_recipe_image_removes_what_was_built_on_it(tmp_path: Path)
     other = _on(_entry(tmp_path, "aaaa", ["aaaa", "t1"], 0), "debian-trixie", "debian-trixie", "t1", 100.0)
     assert main(["--cache-dir", str(tmp_path), "image", "rm", "debian-bookworm"]) == 0
     assert not base.exists() and not on_it.exists() and other.is_dir()
+
+
+def test_rm_from_takes_a_named_image_whose_layer_was_first_built_unnamed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The layer keeps the name it was first built under: ``rm web`` found
+    nothing; with ``--from`` the name is the image's key."""
+    from pytest_bottle import Image
+    from pytest_bottle.images.image import NAMED
+
+    defs = tmp_path / "defs.py"
+    defs.write_text("from pytest_bottle import Image\nImage('debian-bookworm').write('/etc/n', 'n').named('web')\n")
+    key = Image("debian-bookworm").write("/etc/n", "n").key
+    layer = _entry(tmp_path, key, [key, "base"], 0)  # its manifest says debian-bookworm+KEY
+    saved = dict(NAMED)
+    try:
+        assert main(["--cache-dir", str(tmp_path), "image", "rm", "web"]) == 1
+        err = capsys.readouterr().err
+        assert "give that file or module with --from FILE|MODULE to remove it" in err and layer.is_dir(), err
+        assert main(["--cache-dir", str(tmp_path), "image", "rm", "web", "--from", str(defs)]) == 0
+        assert f"removed {layer}" in capsys.readouterr().out and not layer.exists()
+        NAMED.clear()
+        assert main(["--cache-dir", str(tmp_path), "image", "build", "web"]) == 1
+        assert "with --from FILE|MODULE to build it" in capsys.readouterr().err
+    finally:
+        NAMED.clear()
+        NAMED.update(saved)
