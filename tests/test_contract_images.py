@@ -69,7 +69,7 @@ def test_one_image_build_per_run_under_xdist_recipe_fields_and_cli_rebuild(pytes
     mirror = _host_mirror()
     if mirror is None:
         pytest.skip("the host's apt sources name no bookworm mirror")
-    cache = pytester.path / "cache"  # empty: the image must be built
+    cache = pytester.path / "a cache" / "with spaces"  # empty: the image must be built (its hooks run under it)
     pytester.makeconftest(TINY.format(mirror=mirror))
     pytester.makepyfile(test_build=WHICH_BUILD)
     started = time.time()

@@ -436,9 +436,11 @@ def test_a_kept_detached_launch_bottle_outlives_its_process(seeded: Path) -> Non
 
 
 @pytest.mark.slow
-def test_a_cache_dir_with_spaces_builds_boots_and_serves_ssh(tmp_path: Path) -> None:
+def test_a_cache_dir_with_spaces_seeds_boots_and_serves_ssh(tmp_path: Path) -> None:
+    """A seed made there (a cold boot, its state saved), a clone restored from it.
+    A build under such a path: test_contract_images' tiny image."""
     cache = tmp_path / "a cache dir" / "with spaces"
-    # A real build (its hooks run from under the cache), a seed, a clone.
+    _cp(ensure_image("debian-bookworm", CACHE).path, cache / "images")
     with pytest_bottle.launch(cache_dir=cache) as b:
         assert b.ssh("echo via-ssh", timeout=60).stdout == "via-ssh\n"
         r = subprocess.run(b.ssh_argv("cat", "/etc/hostname"), capture_output=True, text=True, timeout=60)
