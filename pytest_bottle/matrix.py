@@ -27,7 +27,7 @@ import pytest
 
 from .errors import ImageNotFound, SpecError
 from .images.image import known_names
-from .usage import closest_marker
+from .usage import UnknownBottleImage, closest_marker
 
 FIXTURE = "_bottle_matrix_image"
 IMAGES = pytest.StashKey[tuple[str, ...]]()
@@ -66,19 +66,25 @@ def parse_images(value: object, source: str) -> tuple[str, ...]:
 def configure(config: pytest.Config, cli: dict[str, object], ini: dict[str, object], ini_label: str) -> None:
     """Read the list (command line first, then ini), keep it in the config's
     stash, and leave only its first image in ``cli``/``ini`` for everything
-    that resolves one spec (report header, sweep, unparametrized fixtures)."""
+    that resolves one spec (report header, sweep, unparametrized fixtures).
+    An ini list the command line overrides is checked too, and left as its
+    first name: every layer's image is checked later, and must be one name."""
+    chosen: tuple[str, ...] | None = None
     for layer, source in ((cli, "command line"), (ini, ini_label)):
         value = layer.get("image")
         if value is None:
             continue
         if isinstance(value, str) and value.strip() and not re.search(r"[,\s]", value.strip()):
-            layer["image"] = value.strip()  # whitespace separates names: around one, it is nothing
-            break  # one name: the resolver checks it as before
-        images = parse_images(value, source)
-        layer["image"] = images[0]
-        config.stash[IMAGES] = images
-        return
-    config.stash[IMAGES] = ()
+            images: tuple[str, ...] = (value.strip(),)  # whitespace separates names: around one, it is nothing
+        else:
+            try:
+                images = parse_images(value, source)
+            except ImageNotFound as e:
+                raise UnknownBottleImage(e.name, e.known, source) from None
+        layer["image"] = images[0]  # one name: the resolver checks it as before
+        if chosen is None:
+            chosen = images
+    config.stash[IMAGES] = chosen if chosen is not None and len(chosen) > 1 else ()
 
 
 def images(config: pytest.Config, default: str) -> tuple[str, ...]:
@@ -145,9 +151,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             case = item.nodeid.removesuffix(f"{image}]")[:-1]  # the image ends the id
             groups.setdefault(case, []).append((item, wanted))
     drop: set[int] = set()
+    names = config.stash.get(IMAGES, ())
     for group in groups.values():
         wanted = group[0][1]
-        chosen = next((i for i, _ in group if _matrix_image(i) == wanted), group[0][0])
+        chosen = next((i for i, _ in group if _matrix_image(i) == wanted), None)
+        if chosen is None and wanted not in names:  # an image off the list: the first copy runs it
+            chosen = group[0][0]
+        # (its own image's copy deselected, by -k say: the case does not run under another id)
         drop.update(id(i) for i, _ in group if i is not chosen)
     if drop:
         config.hook.pytest_deselected(items=[i for i in items if id(i) in drop])

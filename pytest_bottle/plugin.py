@@ -19,13 +19,13 @@ import pytest
 
 from . import matrix, workers
 from .bottle import Bottle
-from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
+from .errors import LockTimeout, SpecError, UnsafeDirectory
 from .host import signals
 from .images import BuiltImage, ensure_image
 from .images.image import register_provided
 from .lifecycle.manager import BottleManager
 from .live_progress import LiveProgress
-from .reports import BottleReports, failed, keep_message
+from .reports import CLOSED, BottleReports, failed, keep_message
 from .save_failed import SaveFailed
 from .snapshot import FORK_KEYS, Snapshot, check_fork_args
 from .spec import BottleSpec, Layer, check_host_memory
@@ -115,7 +115,7 @@ class _State:
         """The test's closest marker as a layer, every other one on it checked
         too: one a hook or fixture added after collection was not checked there."""
         layers = marker_layers(node)
-        for layer in layers[1:]:
+        for layer in layers:  # the closest too: a fork reads only its forward= and timeout=
             self.spec(layer, here=False)
         return layers[:1]
 
@@ -180,10 +180,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ini["image_pull"] = str(config.inipath.parent / str(pull))  # a path: relative to the ini file too
     try:  # an image list: kept for the matrix, its first image stays in cli/ini
         matrix.configure(config, cli, ini, ini_source(config, "bottle_image"))
-    except ImageNotFound as e:  # cli/ini are unchanged when it fails
-        where = source_of([("command line", cli), *ini_layers(config, ini)], "image")
-        raise UnknownBottleImage(e.name, e.known, where) from None
-    except SpecError as e:
+    except SpecError as e:  # an unknown name is an UnknownBottleImage naming its layer
         raise InvalidBottleArgument(e.message, e.source) from None
     config.pluginmanager.register(matrix, "bottle-matrix")
     options = [("command line", cli), *ini_layers(config, ini)]
@@ -278,6 +275,7 @@ def _bottle_group(request: pytest.FixtureRequest, _bottle_matrix_image: str | No
     state = _state(request.config)
     key = request.node.nodeid
     yield key
+    request.node.stash[CLOSED] = state.manager.bottles(key)  # for a teardown failure's report
     for b in state.manager.close_group(key, keep=state.keep and failed(request.node)):
         request.node.user_properties.append(("bottle_kept" if b.kept else "bottle_not_kept", keep_message(b)))
 

@@ -89,6 +89,9 @@ def test_a_case_whose_own_marker_names_an_image_runs_once(pytester: pytest.Pytes
         "test_p[3-debian-bookworm]",  # an image not in the list: the first copy (it runs on trixie-minimal)
     ], result.stdout.str()
     result.stdout.fnmatch_lines(["4/6 tests collected (2 deselected)*"])
+    # A case whose own image's copy -k deselects does not run under the other image's id.
+    result = run(pytester, "--collect-only", "-q", "-p", "no:randomly", BOTH, "-k", "debian-bookworm]")
+    assert collected(result) == ["test_p[1-debian-bookworm]", "test_p[3-debian-bookworm]"], result.stdout.str()
 
 
 def test_a_test_runs_once_when_markers_choose_the_image_of_each_of_its_bottles(pytester: pytest.Pytester) -> None:
@@ -184,9 +187,16 @@ def test_ini_list_whitespace_or_commas_and_the_header(pytester: pytest.Pytester)
         ["bottle: images debian-trixie, debian-bookworm-minimal, debian-bookworm, accel *, cache *"]
     )
     result.assert_outcomes(passed=1, deselected=13)
-    # The command line's list (or name) replaces the ini's.
+    # The command line's list (or name) replaces the ini's, which is still checked.
     result = run(pytester, "--collect-only", "-q", "--bottle-image=debian-bookworm")
+    assert result.ret == pytest.ExitCode.OK and len(collected(result)) == 6, result.stdout.str() + result.stderr.str()
     assert "[debian" not in result.stdout.str()
+    result = run(pytester, "--collect-only", "-q", "--bottle-image=debian-bookworm,debian-trixie")
+    assert result.ret == pytest.ExitCode.OK and "test_vm[debian-trixie]" in collected(result)
+    pytester.makeini("[pytest]\nbottle_image = debian-trixie,debian-tixie\n")
+    result = run(pytester, "--collect-only", "-q", "--bottle-image=debian-bookworm")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "ini file: unknown image 'debian-tixie'" in result.stderr.str()
 
 
 @pytest.mark.parametrize(
