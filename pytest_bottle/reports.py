@@ -15,6 +15,8 @@ from .lifecycle.manager import BottleManager
 CONSOLE_LINES = 50
 LINE_CAP = 2000  # characters of one console line in a report
 REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+# The test's own bottles, put here as their group closes: a teardown report comes after that.
+CLOSED = pytest.StashKey[list[Bottle]]()
 
 
 def failed(item: pytest.Item) -> bool:
@@ -70,7 +72,7 @@ class BottleReports:
         for value in getattr(item, "funcargs", {}).values():
             if isinstance(value, Bottle):
                 found[id(value)] = value
-        for b in [*self.manager.bottles(item.nodeid), *self.made.get(item.nodeid, [])]:
+        for b in [*self.manager.bottles(item.nodeid), *item.stash.get(CLOSED, []), *self.made.get(item.nodeid, [])]:
             found[id(b)] = b
         return list(found.values())
 

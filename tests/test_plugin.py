@@ -313,11 +313,20 @@ def test_a_teardown_failure_reports_the_bottle_once(pytester: pytest.Pytester) -
         def test_fails_then_cleanup_fails(broken_cleanup):
             broken_cleanup.exec("echo in-failed-test")
             assert False
+
+        @pytest.fixture
+        def broken_factory(bottle_factory):
+            yield bottle_factory
+            raise RuntimeError("cleanup failed")
+
+        def test_factory_then_cleanup_fails(broken_factory):
+            broken_factory().exec("echo from-the-factory")
     """)
     result = run(pytester, "-p", "no:randomly")
-    result.assert_outcomes(passed=1, failed=1, errors=2)
+    result.assert_outcomes(passed=2, failed=1, errors=3)
     out = result.stdout.str()
-    assert out.count("last commands") == 2, out
+    assert out.count("last commands") == 3, out
+    assert out.count("echo from-the-factory") == 1, out  # its group was closed before the report
     assert out.count("echo in-teardown-test") == 1 and out.count("echo in-failed-test") == 2, out
 
 
