@@ -157,7 +157,8 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
     if args.source:
         load_images(args.source)
     named = NAMED.get(args.name) if args.source else None  # its key: an entry first built unnamed has no name
-    removed = remove_derived(args.cache_dir, named.key if named is not None else args.name)
+    removed = remove_derived(args.cache_dir, named.key) if named is not None else []
+    removed += remove_derived(args.cache_dir, args.name)  # older layers cached under the name too
     if not removed and named is None:  # a derived image's name or key, then a recipe's
         try:
             removed = remove_image(args.name, args.cache_dir) + remove_seeds(args.cache_dir, args.name)

@@ -206,8 +206,13 @@ def test_rm_from_takes_a_named_image_whose_layer_was_first_built_unnamed(
         assert main(["--cache-dir", str(tmp_path), "image", "rm", "web"]) == 1
         err = capsys.readouterr().err
         assert "give that file or module with --from FILE|MODULE to remove it" in err and layer.is_dir(), err
+        older = _entry(tmp_path, "0ld0ld0ld0ld", ["0ld0ld0ld0ld", "base"], 0)  # an older build, named then
+        manifest = json.loads((older / "manifest.json").read_text())
+        (older / "manifest.json").write_text(json.dumps({**manifest, "name": "web"}))
         assert main(["--cache-dir", str(tmp_path), "image", "rm", "web", "--from", str(defs)]) == 0
-        assert f"removed {layer}" in capsys.readouterr().out and not layer.exists()
+        out = capsys.readouterr().out
+        assert f"removed {layer}" in out and f"removed {older}" in out
+        assert not layer.exists() and not older.exists()
         NAMED.clear()
         assert main(["--cache-dir", str(tmp_path), "image", "build", "web"]) == 1
         assert "with --from FILE|MODULE to build it" in capsys.readouterr().err
