@@ -65,6 +65,8 @@ class BottleReports:
                 report.sections.append((f"bottle {b.name} console (last {CONSOLE_LINES} lines)", tail or "(empty)"))
                 cmds = describe_history(list(b.history))  # a copy: commands may run on meanwhile
                 report.sections.append((f"bottle {b.name} last commands", cmds or "(none)"))
+        if report.when == "teardown" and CLOSED in item.stash:  # items live all session: their consoles need not
+            del item.stash[CLOSED]
         return report
 
     def item_bottles(self, item: pytest.Item) -> list[Bottle]:
