@@ -93,8 +93,8 @@ def images(config: pytest.Config, default: str) -> tuple[str, ...]:
 
 
 def parametrize(metafunc: pytest.Metafunc, names: Sequence[str]) -> bool:
-    """Run this test once per image of ``names`` (if it uses a bottle and its
-    marker names no image); False if it was left alone.  A conftest may call
+    """Run this test once per image of ``names`` (if it uses a bottle and
+    markers do not choose the image of each, see ``pinned``); False if it was left alone.  A conftest may call
     it from its own ``pytest_generate_tests`` to put chosen tests on a matrix;
     ``names`` are checked first (``SpecError``, ``ImageNotFound``)."""
     names = parse_images(list(names), "pytest_bottle.matrix.parametrize()")
@@ -142,7 +142,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """A case whose own marker names an image (``pytest.param(..., marks=
     pytest.mark.bottle(image=...))``, which ``parametrize`` cannot see, or one a
     hook added) runs once, on that image: the matrix's other copies of it are
-    deselected. The copy kept is the one with that image in its id, else the first."""
+    deselected. The copy kept is the one with that image in its id, else (an
+    image off the list) the first copy left."""
     groups: dict[str, list[tuple[pytest.Item, object]]] = {}
     for item in items:
         image = _matrix_image(item)

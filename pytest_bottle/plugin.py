@@ -112,8 +112,8 @@ class _State:
         return spec
 
     def marker(self, node: pytest.Item) -> list[Layer]:
-        """The test's closest marker as a layer, every other one on it checked
-        too: one a hook or fixture added after collection was not checked there."""
+        """The test's closest marker as a layer, after checking every marker on
+        it: one a hook or fixture added after collection was not checked there."""
         layers = marker_layers(node)
         for layer in layers:  # the closest too: a fork reads only its forward= and timeout=
             self.spec(layer, here=False)
