@@ -26,7 +26,7 @@ from .agent.client import AgentClient
 from .agent.replies import ExecReply
 from .agent.streams import OutputTail
 from .arguments import check_signal, check_timeout
-from .errors import AgentError, AgentTimeout, BottleError, ExecTimeout, OutputTimeout, ProcessTimeout
+from .errors import AgentError, AgentTimeout, BottleError, ExecTimeout, OutputTimeout, ProcessTimeout, SpecError
 from .guest.frames import STARTED, STDERR, STDOUT
 from .results import Command, ExecResult, to_argv
 
@@ -224,18 +224,18 @@ class GuestProcess:
     def wait_for_output(
         self, pattern: str | re.Pattern[str], timeout: float = 60.0, *, stream: str | None = None
     ) -> re.Match[str]:
-        """Wait until ``pattern`` (a plain string, or a compiled regex) shows in
-        stdout or stderr (or only ``stream``); return the match.  Raises
-        ``OutputTimeout`` (a ``WaitTimeout``) with the output seen, after
-        ``timeout`` s or at once when the process ends without it.  The match is
-        made in the part of the output searched then: its groups are what
-        counts, its ``span()`` is no offset in ``stdout``."""
-        if not isinstance(pattern.pattern if isinstance(pattern, re.Pattern) else pattern, str):
-            raise TypeError("wait_for_output matches text: give a str or a compiled str regex, not bytes")
-        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        """Wait until ``pattern`` shows in stdout or stderr (or only ``stream``);
+        return the match.  A compiled regex is searched as it is; a str where
+        it shows as written or, when it is a valid regular expression (line
+        anchors per line), where that matches, whichever comes first in the
+        output.  Raises ``OutputTimeout`` (a ``WaitTimeout``) with the output
+        seen, after ``timeout`` s or at once when the process ends without it.
+        The match is made in the part of the output searched then: its groups
+        are what counts, its ``span()`` is no offset in ``stdout``."""
+        regexes = _patterns(pattern)
         tails = {"stdout": self._out, "stderr": self._err}
         if stream is not None and stream not in tails:
-            raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
+            raise SpecError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
         chosen = [tails[stream]] if stream else list(tails.values())
         check_timeout(timeout, optional=False)
         deadline = time.monotonic() + timeout
@@ -247,7 +247,7 @@ class GuestProcess:
                 snaps = [(t.snapshot(), t.dropped, t.total) for t in chosen]
             for i, (parts, start, total) in enumerate(snaps):
                 if total != searched[i]:
-                    m = regex.search(_unsearched(parts, start, searched[i]))
+                    m = _first(regexes, _unsearched(parts, start, searched[i]))
                     if m:
                         return m
                     searched[i] = total
@@ -306,6 +306,35 @@ class GuestProcess:
             if exc[0] is None and isinstance(e, AgentError):
                 raise
             log.debug("%r did not end after SIGKILL: %s", self, e)
+
+
+def _patterns(pattern: str | re.Pattern[str]) -> tuple[re.Pattern[str], ...]:
+    """What ``wait_for_output`` searches for: a compiled regex as it is; a
+    str as written, then as a regex if it is one (DESIGN's "text or regex"
+    reads either way, and a regex as a str is what ``re`` and pexpect take)."""
+    if isinstance(pattern, re.Pattern):
+        if not isinstance(pattern.pattern, str):
+            raise TypeError("wait_for_output matches text: give a str or a compiled str regex, not bytes")
+        return (pattern,)
+    if not isinstance(pattern, str):
+        kind = "bytes" if isinstance(pattern, bytes) else type(pattern).__name__
+        raise TypeError(f"wait_for_output matches text: give a str or a compiled str regex, not {kind}")
+    literal = re.compile(re.escape(pattern))
+    try:
+        regex = re.compile(pattern, re.MULTILINE)
+    except (re.error, RecursionError, OverflowError):  # plain text that is no regex: as written only
+        return (literal,)
+    return (literal,) if regex.pattern == literal.pattern else (literal, regex)
+
+
+def _first(regexes: tuple[re.Pattern[str], ...], text: str) -> re.Match[str] | None:
+    """The match starting first in ``text`` (the text as written wins a tie)."""
+    best: re.Match[str] | None = None
+    for regex in regexes:
+        m = regex.search(text)
+        if m and (best is None or m.start() < best.start()):
+            best = m
+    return best
 
 
 def _unsearched(parts: list[bytes], start: int, searched: int) -> str:

@@ -26,7 +26,7 @@ from harness import in_process_agent
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient, ExecRun
 from pytest_bottle.agent.streams import PART, OutputFeed, OutputTail
-from pytest_bottle.errors import AgentError, ExecTimeout, OutputTimeout, ProcessTimeout, WaitTimeout
+from pytest_bottle.errors import AgentError, ExecTimeout, OutputTimeout, ProcessTimeout, SpecError, WaitTimeout
 from pytest_bottle.guest.frames import (
     CANCEL,
     CHUNK,
@@ -227,9 +227,24 @@ def test_wait_for_output_on_either_stream_with_a_regex(local: AgentClient) -> No
         assert e.value.stdout == "starting\n" and e.value.returncode is None
         assert "listening on port" in e.value.stderr
         assert pickle.loads(pickle.dumps(e.value)).stderr == e.value.stderr
-        with pytest.raises(ValueError, match="stream must be"):
+        with pytest.raises(SpecError, match="stream must be"):
             p.wait_for_output("x", 1, stream="both")
     assert p.poll() == -9  # the with block killed it
+
+
+def test_wait_for_output_takes_a_str_as_written_or_as_a_regex(local: AgentClient) -> None:
+    script = "echo 'step [1/3] done'; echo 'Serving on 0.0.0.0 port 8123 (http://0.0.0.0:8123/)'; echo ready; sleep 30"
+    with GuestProcess.start(local, script) as p:
+        assert p.wait_for_output(r"port (\d+) \(http://", 10).group(1) == "8123"  # no such text: the regex
+        assert p.wait_for_output("[1/3]", 1).group(0) == "[1/3]"  # the text, before the class matches "1"
+        assert p.wait_for_output("(http://0.0.0.0:8123/)", 1).group(0) == "(http://0.0.0.0:8123/)"
+        assert p.wait_for_output("^ready$", 1).group(0) == "ready"  # anchors per line
+        assert p.wait_for_output("port 8123 (", 1).group(0) == "port 8123 ("  # no regex at all: the text
+        with pytest.raises(OutputTimeout) as e:
+            p.wait_for_output(r"port \d{5}", 0.3)
+        assert e.value.pattern == r"port \d{5}"
+        with pytest.raises(TypeError, match="not bytes"):
+            p.wait_for_output(b"ready", 1)  # type: ignore[arg-type]
 
 
 def test_wait_for_output_finds_a_match_that_spans_two_looks(local: AgentClient) -> None:
