@@ -194,7 +194,13 @@ def test_wait_helpers(module_bottle: Bottle) -> None:
 
 
 def test_console_log_has_the_boot(module_bottle: Bottle) -> None:
-    assert "Linux version" in module_bottle.console_log
+    log = module_bottle.console_log
+    assert "Linux version" in log
+    # The seed's boot is marked as such: a restore's boot error must not read as this bottle's own boot.
+    mark = f"[pytest-bottle: {module_bottle.name} restored from"
+    marks = [line for line in log.splitlines() if line.startswith(mark)]
+    assert len(marks) == 1 and log.index("Linux version") < log.index(marks[0]), marks
+    assert "seeds" not in marks[0] and f"{module_bottle.image}-512m1c1n-" in marks[0], marks
 
 
 # Each command waits until all five have started: serialised execs cannot pass.
