@@ -12,14 +12,15 @@ from pathlib import Path
 
 from . import image_cli, snapshot_cli
 from .arguments import check_timeout
-from .errors import BottleError, error_line
+from .errors import BottleError, UnsafeDirectory, error_line
 from .host import deps as hostdeps
 from .host import progress, signals
-from .host.paths import default_cache_dir, state_dir, tree_size
+from .host.paths import cache_root, default_cache_dir, state_dir, tree_size
 from .host.runstate import RunRecord
 from .host.sweep import SweepReport, stop_vm, sweep
 from .image_cli import age, load_images, mb
 from .images import list_images
+from .images.derived import list_derived
 from .spec import check_host_memory, resolve
 from .store.seeds import list_seeds
 from .vmm import accel as accel_mod
@@ -50,10 +51,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"accelerator: {verdict.accel} ({verdict.reason})")
     else:
         print("accelerator: /dev/kvm opens; not probed yet (the first bottle with accel=auto boots a KVM test VM)")
-    size = tree_size(args.cache_dir) if args.cache_dir.exists() else 0
-    print(f"cache: {args.cache_dir} ({mb(size)})")
+    try:
+        cache_root(args.cache_dir)
+    except UnsafeDirectory as e:
+        print(f"cache: {args.cache_dir}: cannot be used: {e.reason}")
+        return 1
+    print(f"cache: {args.cache_dir} ({mb(tree_size(args.cache_dir))})")
     for image in list_images(args.cache_dir):
         print(f"  image {image.name} {image.key} built {age(image.created)} ago")
+    for d in list_derived(args.cache_dir):
+        stale = f" (stale: {d.stale})" if d.stale else ""
+        print(
+            f"  image {d.manifest.get('name')} {d.key[:16]} derived from {d.manifest.get('parent')}, "
+            f"{mb(d.size)}, used {age(d.last_used)} ago{stale}"
+        )
     for seed in list_seeds(args.cache_dir):
         kp = seed.manifest["key_parts"]
         print(
@@ -160,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="source", metavar="FILE|MODULE", help=image_cli.FROM_HELP)
     run.add_argument("--memory", default=None)
     run.add_argument("--cpus", default=None)
-    run.add_argument("--network", default=None, choices=["none", "nat"])
-    run.add_argument("--boot", default=None, choices=["snapshot", "cold"])
-    run.add_argument("--accel", default=None, choices=["auto", "kvm", "tcg"])
+    run.add_argument("--network", default=None, metavar="{none,nat}")
+    run.add_argument("--boot", default=None, metavar="{snapshot,cold}")
+    run.add_argument("--accel", default=None, metavar="{auto,kvm,tcg}")
     run.add_argument("--timeout", type=float, default=None, help="command timeout in seconds")
     run.add_argument(
         "--snapshot", metavar="NAME", default=None, help="run in a fork of this snapshot (bottle snapshot list)"
@@ -202,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fn in (cmd_run, cmd_shell):  # they hold a VM: `timeout`, `kill` or a closed terminal must stop it
         signals.unwind_on(signal.SIGTERM, signal.SIGHUP)
     try:
+        if args.fn not in (cmd_doctor, cmd_ps, cmd_stop):  # doctor says it its own way; the others use no cache
+            cache_root(args.cache_dir)  # a typo'd or foreign cache is an error, not an empty listing
         rc = int(args.fn(args))
         sys.stdout.flush()  # a short listing sits in the buffer: a closed pipe shows here, not at exit
         return rc

@@ -369,6 +369,29 @@ def test_an_unusable_cache_dir_is_a_bottle_error(tmp_path: Path) -> None:
     assert {r.name for r in RunRecord.load_all() if r.owner_pid == os.getpid()} == mine
 
 
+def test_every_command_that_reads_the_cache_refuses_an_unusable_one(tmp_path: Path) -> None:
+    """Not an empty listing: a typo in a CI cache path must not read as "nothing built"."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    commands = (["image", "list"], ["image", "prune"], ["image", "rm", "debian-bookworm"], ["seed", "list"], ["sweep"])
+    for args in commands:
+        r = cli(*args, cache=afile, timeout=60)
+        assert r.returncode == 1, (args, r)
+        assert r.stderr.startswith(f"bottle: UnsafeDirectory: refusing to use {afile}: it is not"), (args, r)
+    r = cli("doctor", cache=afile, timeout=60)
+    assert r.returncode == 1 and f"cache: {afile}: cannot be used: it is not a directory" in r.stdout, r
+    assert afile.read_text() == "" and list(tmp_path.iterdir()) == [afile]
+
+
+def test_a_bad_run_option_value_exits_1_like_any_bad_value(tmp_path: Path) -> None:
+    for option, value in (("--network", "bogus"), ("--boot", "warm"), ("--accel", "fast")):
+        r = cli("run", option, value, "--", "true", cache=tmp_path / "cache", timeout=60)
+        name = option.removeprefix("--")
+        assert r.returncode == 1 and r.stderr.startswith(f"bottle: SpecError: bottle run: bad {name}: "), r
+        assert repr(value) in r.stderr
+    assert "--network {none,nat}" in cli("run", "--help", timeout=60).stdout
+
+
 @pytest.fixture
 def isolated(seed: SavedState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A run-state directory and a cache of this test's own, so that `sweep --kept`

@@ -46,6 +46,9 @@ def test_the_cli_lists_and_prunes_derived_images(tmp_path: Path, capsys: pytest.
     assert main(["--cache-dir", str(tmp_path), "image", "list"]) == 0
     out = capsys.readouterr().out
     assert "DERIVED IMAGE" in out and "debian-bookworm+dddd" in out and "3.0d" in out
+    main(["--cache-dir", str(tmp_path), "doctor"])  # its code says whether the host has what it needs
+    out = capsys.readouterr().out
+    assert "  image debian-bookworm+dddd dddd derived from debian-bookworm, " in out and "used 3.0d ago" in out
     assert main(["--cache-dir", str(tmp_path), "image", "prune", "--older-than", "5"]) == 0
     assert (tmp_path / "images" / "derived-dddd").is_dir()
     assert main(["--cache-dir", str(tmp_path), "image", "prune", "--older-than", "2"]) == 0
