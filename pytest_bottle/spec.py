@@ -101,11 +101,20 @@ def _choice(options: tuple[T, ...], what: str) -> Callable[[Any], T]:
 
 
 def _image(value: Any) -> str | Image:
+    from .images.cache import BuiltImage  # the cache's modules are not needed to check a spec otherwise
+
     if isinstance(value, Image):
         return value
+    if isinstance(value, BuiltImage):  # the ``bottle_image`` fixture's value: the image it was built for
+        return value.name
     if not isinstance(value, str) or not value:
-        raise ValueError(f"image must be a non-empty name or an Image, not {value!r}")
+        raise ValueError(f"image must be a non-empty name or an Image, not {_short(value)}")
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:200]}... (a {type(value).__name__})"
 
 
 def _lan(value: Any) -> str | None:

@@ -204,6 +204,7 @@ def test_ini_list_whitespace_or_commas_and_the_header(pytester: pytest.Pytester)
     [
         ("debian-bookworm,debian-tixie", r"command line: unknown image 'debian-tixie'; known images: .*debian-trixie"),
         ("debian-tixie", r"command line: unknown image 'debian-tixie'; known images: .*debian-trixie"),
+        ("debian-tixie", r"named\(\) name is known to options only from a root conftest.py, a conftest.py in a"),
         ("debian-bookworm,,debian-trixie", r"command line: bad image list .*: entry 2 is empty"),
         ("debian-trixie,", r"command line: bad image list .*: entry 2 is empty"),
         (" ", r"command line: bad image list .*: entry 1 is empty"),
@@ -260,8 +261,9 @@ def test_bottle(bottle, bottle_image, request):
     assert bottle.image == image_of(request) == bottle_image.name
     assert release(bottle) == image_of(request).split("-")[1]
 
-def test_factory_default_and_override(bottle_factory, request):
+def test_factory_default_and_override(bottle_factory, bottle_image, request):
     assert bottle_factory().image == image_of(request)
+    assert bottle_factory(image=bottle_image).image == image_of(request)  # the fixture's value is an image too
     assert bottle_factory(image="debian-bookworm-minimal").image == "debian-bookworm-minimal"
 
 def test_module_1(module_bottle, request):

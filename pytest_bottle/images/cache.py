@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +45,8 @@ class BuiltImage:
     name: str
     key: str
     path: Path
-    manifest: dict[str, Any]
-    parent: BuiltImage | None = None
+    manifest: dict[str, Any] = field(repr=False)  # every package's version: too long to show
+    parent: BuiltImage | None = field(default=None, repr=False)
 
     @property
     def root(self) -> BuiltImage | None:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pytest_bottle.errors import SpecError
+from pytest_bottle.images.cache import BuiltImage
 from pytest_bottle.spec import BottleSpec, check_host_memory, parse_memory, resolve
 
 
@@ -94,6 +95,15 @@ def test_error_names_its_source() -> None:
 def test_bad_values(key: str, value: object) -> None:
     with pytest.raises(SpecError, match=key):
         resolve([("somewhere", {key: value})])
+
+
+def test_a_built_image_is_its_name_and_a_long_bad_value_is_cut() -> None:
+    built = BuiltImage("debian-trixie", "k", Path("/c/images/x"), {"packages": {f"p{i}": "1.0" for i in range(500)}})
+    assert resolve([("factory", {"image": built})]).image == "debian-trixie"
+    assert "packages" not in repr(built)  # a message that shows one stays readable
+    with pytest.raises(SpecError) as e:
+        resolve([("factory", {"image": [built.manifest]})])
+    assert "(a list)" in str(e.value) and len(str(e.value)) < 400
 
 
 def test_forward_forms() -> None:
