@@ -50,6 +50,11 @@ class UnknownBottleImage(ImageNotFound, pytest.UsageError):  # type: ignore[misc
 
     def __init__(self, name: str, known: Sequence[str], source: str = "") -> None:
         super().__init__(name, known)
+        if source in OPTION_SOURCES:  # what a user who moved the Image into a subdirectory needs to know
+            self.message += (
+                "; an Image(...).named() name is known to options only from a root conftest.py, a conftest.py"
+                " in a directory named on the command line, or a plugin (others are read after the options)"
+            )
         _name_source(self, source)
 
     def _args(self) -> dict[str, Any]:
@@ -130,6 +135,7 @@ def ini_type(name: str) -> Any:
 
 
 OVERRIDE = "-o on the command line"
+OPTION_SOURCES = ("command line", "ini file", OVERRIDE)
 
 
 def _overridden(config: pytest.Config) -> set[str]:
