@@ -58,7 +58,10 @@ def test_the_usage_error_names_the_layer_and_survives_pickling() -> None:
     # What the plugin raises for an unknown entry: an ImageNotFound (name, known) and a usage error with its source.
     err = UnknownBottleImage("debian-sid", ["debian-trixie"], "ini file")
     assert isinstance(err, ImageNotFound) and isinstance(err, pytest.UsageError)
-    assert str(err) == "ini file: unknown image 'debian-sid'; known images: debian-trixie"
+    assert str(err).startswith(
+        "ini file: unknown image 'debian-sid'; known images: debian-trixie; an Image(...).named()"
+    )
+    assert str(UnknownBottleImage("x", ["a"], "@pytest.mark.bottle")).endswith("known images: a")  # a marker: no hint
     back = pickle.loads(pickle.dumps(err))
     assert (type(back), vars(back), str(back)) == (UnknownBottleImage, vars(err), str(err))
     assert str(UnknownBottleImage("x", [])) == "unknown image 'x'; known images: (none)"
