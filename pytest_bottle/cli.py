@@ -15,7 +15,7 @@ from .arguments import check_timeout
 from .errors import BottleError, UnsafeDirectory, error_line
 from .host import deps as hostdeps
 from .host import progress, signals
-from .host.paths import cache_root, default_cache_dir, state_dir, tree_size
+from .host.paths import check_cache, default_cache_dir, state_dir, tree_size
 from .host.runstate import RunRecord
 from .host.sweep import SweepReport, stop_vm, sweep
 from .image_cli import age, load_images, mb
@@ -52,28 +52,36 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         print("accelerator: /dev/kvm opens; not probed yet (the first bottle with accel=auto boots a KVM test VM)")
     try:
-        cache_root(args.cache_dir)
+        check_cache(args.cache_dir)
     except UnsafeDirectory as e:
         print(f"cache: {args.cache_dir}: cannot be used: {e.reason}")
-        return 1
-    print(f"cache: {args.cache_dir} ({mb(tree_size(args.cache_dir))})")
-    for image in list_images(args.cache_dir):
+        ok = False
+    else:
+        _show_cache(args.cache_dir)
+    records = RunRecord.load_all()
+    print(f"run state: {state_dir()} ({len(records)} VM record(s))")
+    return 0 if ok else 1
+
+
+def _show_cache(cache_dir: Path) -> None:
+    if not cache_dir.exists():
+        print(f"cache: {cache_dir} (none yet: the first bottle or build makes it)")
+        return
+    print(f"cache: {cache_dir} ({mb(tree_size(cache_dir))})")
+    for image in list_images(cache_dir):
         print(f"  image {image.name} {image.key} built {age(image.created)} ago")
-    for d in list_derived(args.cache_dir):
+    for d in list_derived(cache_dir):
         stale = f" (stale: {d.stale})" if d.stale else ""
         print(
             f"  image {d.manifest.get('name')} {d.key[:16]} derived from {d.manifest.get('parent')}, "
             f"{mb(d.size)}, used {age(d.last_used)} ago{stale}"
         )
-    for seed in list_seeds(args.cache_dir):
+    for seed in list_seeds(cache_dir):
         kp = seed.manifest["key_parts"]
         print(
             f"  seed  {seed.path.name} ({kp['accel']}, {kp['memory_mb']}M, {kp['cpus']} cpu) "
             f"{mb(tree_size(seed.path))}, made in {seed.manifest.get('creation_seconds')}s"
         )
-    records = RunRecord.load_all()
-    print(f"run state: {state_dir()} ({len(records)} VM record(s))")
-    return 0 if ok else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -85,6 +93,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         print("bottle run: no command given (bottle run -- CMD...)", file=sys.stderr)
         return 2
+    if args.timeout is not None:  # a str: "abc" is a bad value (exit 1), not a usage error (exit 2)
+        try:
+            args.timeout = float(args.timeout)
+        except ValueError:
+            pass  # check_timeout names it
     check_timeout(args.timeout)  # before a bottle starts
     if args.snapshot:
         from .snapshot_cli import run_snapshot
@@ -149,12 +162,20 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    report = sweep([args.cache_dir], include_kept=args.kept)
+    try:
+        check_cache(args.cache_dir)
+        refused = None
+    except UnsafeDirectory as e:  # the host-wide part (dead owners' VMs, leases, state) does not need it
+        refused = e
+    report = sweep([args.cache_dir] if refused is None else [], include_kept=args.kept)
     print(report.summary(details=False))
     for item in report.vms + [str(p) for p in report.processes] + report.leases + report.paths:
         print(f"  {item}")
     for item in report.skipped:
         print(f"  left {item}")
+    if refused is not None:
+        show_error(refused)
+        return 1
     return 0
 
 
@@ -174,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--network", default=None, metavar="{none,nat}")
     run.add_argument("--boot", default=None, metavar="{snapshot,cold}")
     run.add_argument("--accel", default=None, metavar="{auto,kvm,tcg}")
-    run.add_argument("--timeout", type=float, default=None, help="command timeout in seconds")
+    run.add_argument("--timeout", default=None, help="command timeout in seconds")
     run.add_argument(
         "--snapshot", metavar="NAME", default=None, help="run in a fork of this snapshot (bottle snapshot list)"
     )
@@ -200,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that check the cache themselves, or use none: ps, stop; shell's kept
+# bottles; sweep's host-wide part; run makes it (and says "no command" first).
+OWN_CACHE_CHECK = (cmd_doctor, cmd_ps, cmd_stop, cmd_shell, cmd_sweep, cmd_run)
+
+
 def show_error(e: BottleError) -> None:
     print(error_line(e), file=sys.stderr)
 
@@ -213,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fn in (cmd_run, cmd_shell):  # they hold a VM: `timeout`, `kill` or a closed terminal must stop it
         signals.unwind_on(signal.SIGTERM, signal.SIGHUP)
     try:
-        if args.fn not in (cmd_doctor, cmd_ps, cmd_stop):  # doctor says it its own way; the others use no cache
-            cache_root(args.cache_dir)  # a typo'd or foreign cache is an error, not an empty listing
+        if args.fn not in OWN_CACHE_CHECK:
+            check_cache(args.cache_dir)  # one there but unusable is an error, not an empty listing
         rc = int(args.fn(args))
         sys.stdout.flush()  # a short listing sits in the buffer: a closed pipe shows here, not at exit
         return rc

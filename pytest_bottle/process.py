@@ -18,6 +18,7 @@ import re
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -225,14 +226,16 @@ class GuestProcess:
         self, pattern: str | re.Pattern[str], timeout: float = 60.0, *, stream: str | None = None
     ) -> re.Match[str]:
         """Wait until ``pattern`` shows in stdout or stderr (or only ``stream``);
-        return the match.  A compiled regex is searched as it is; a str where
-        it shows as written or, when it is a valid regular expression (line
-        anchors per line), where that matches, whichever comes first in the
-        output.  Raises ``OutputTimeout`` (a ``WaitTimeout``) with the output
-        seen, after ``timeout`` s or at once when the process ends without it.
-        The match is made in the part of the output searched then: its groups
-        are what counts, its ``span()`` is no offset in ``stdout``."""
-        regexes = _patterns(pattern)
+        return the match.  A compiled regex is searched as it is; a str as
+        written, unless it holds syntax only a regex has (``\\d``, ``\\s``,
+        ``\\w``, ``\\b``, ``.*``, ``.+``, ``.?``, ``(?``, a leading ``^`` or a
+        trailing ``$``): then it is a regex (line anchors per line).  One that
+        matches an empty string is a ``SpecError``.  Raises ``OutputTimeout``
+        (a ``WaitTimeout``) with the output seen, after ``timeout`` s or at
+        once when the process ends without it.  The match is made in the part
+        of the output searched then: its groups are what counts, its
+        ``span()`` is no offset in ``stdout``."""
+        regex = _pattern(pattern)
         tails = {"stdout": self._out, "stderr": self._err}
         if stream is not None and stream not in tails:
             raise SpecError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
@@ -247,7 +250,7 @@ class GuestProcess:
                 snaps = [(t.snapshot(), t.dropped, t.total) for t in chosen]
             for i, (parts, start, total) in enumerate(snaps):
                 if total != searched[i]:
-                    m = _first(regexes, _unsearched(parts, start, searched[i]))
+                    m = regex.search(_unsearched(parts, start, searched[i]))
                     if m:
                         return m
                     searched[i] = total
@@ -308,33 +311,33 @@ class GuestProcess:
             log.debug("%r did not end after SIGKILL: %s", self, e)
 
 
-def _patterns(pattern: str | re.Pattern[str]) -> tuple[re.Pattern[str], ...]:
-    """What ``wait_for_output`` searches for: a compiled regex as it is; a
-    str as written, then as a regex if it is one (DESIGN's "text or regex"
-    reads either way, and a regex as a str is what ``re`` and pexpect take)."""
+# Syntax that only a regular expression has: a str holding any of it is one.
+_REGEX_ONLY = re.compile(r"\\[dDsSwWbBAZ]|\.[*+?]|\(\?|^\^|(?<!\\)\$$")
+
+
+def _pattern(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
+    """What ``wait_for_output`` searches for.  A compiled regex as it is; a
+    str as written, unless it holds syntax only a regex has (``\\d``, ``.*``,
+    ``(?``, a leading ``^``...), which makes it a regex (DESIGN's "text or
+    regex"): ``"[100%]"`` stays text, ``r"port (\\d+)"`` is a regex."""
     if isinstance(pattern, re.Pattern):
         if not isinstance(pattern.pattern, str):
             raise TypeError("wait_for_output matches text: give a str or a compiled str regex, not bytes")
-        return (pattern,)
+        return pattern
     if not isinstance(pattern, str):
         kind = "bytes" if isinstance(pattern, bytes) else type(pattern).__name__
         raise TypeError(f"wait_for_output matches text: give a str or a compiled str regex, not {kind}")
-    literal = re.compile(re.escape(pattern))
-    try:
-        regex = re.compile(pattern, re.MULTILINE)
-    except (re.error, RecursionError, OverflowError):  # plain text that is no regex: as written only
-        return (literal,)
-    return (literal,) if regex.pattern == literal.pattern else (literal, regex)
-
-
-def _first(regexes: tuple[re.Pattern[str], ...], text: str) -> re.Match[str] | None:
-    """The match starting first in ``text`` (the text as written wins a tie)."""
-    best: re.Match[str] | None = None
-    for regex in regexes:
-        m = regex.search(text)
-        if m and (best is None or m.start() < best.start()):
-            best = m
-    return best
+    regex = re.compile(re.escape(pattern))
+    if _REGEX_ONLY.search(pattern):
+        try:
+            with warnings.catch_warnings():  # "possible nested set": a user's -W error must not make it text
+                warnings.simplefilter("ignore")
+                regex = re.compile(pattern, re.MULTILINE)
+        except (re.error, RecursionError, OverflowError):
+            pass  # no valid regex after all: the text as written
+    if regex.fullmatch(""):
+        raise SpecError(f"wait_for_output: {pattern!r} matches an empty string, so it would match at once")
+    return regex
 
 
 def _unsearched(parts: list[bytes], start: int, searched: int) -> str:

@@ -39,6 +39,7 @@ from .agent.channel import AgentChannel
 from .agent.client import AgentClient
 from .errors import AgentError, BottleError, SnapshotError, SnapshotGone
 from .guest.frames import CHUNK, STDERR, STDOUT
+from .host.paths import check_cache
 from .host.runstate import RunRecord
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ def saved_snapshot(name: str, cache_dir: Path) -> AbstractContextManager[AgentCl
         check_name(name)  # a name no snapshot can have (``a/b``): none of that name, as for a bottle
     except SnapshotError:
         return None
+    check_cache(cache_dir)  # a kept bottle needs none; a snapshot is read from it
     try:
         snapshot = resolve_saved_snapshot(cache_dir, name)
     except SnapshotGone:

@@ -15,6 +15,7 @@ import pytest
 
 from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
 from .host.paths import cache_root
+from .images.cache import BuiltImage
 from .images.image import known_names
 from .spec import BottleSpec, Layer, resolve
 
@@ -52,8 +53,9 @@ class UnknownBottleImage(ImageNotFound, pytest.UsageError):  # type: ignore[misc
         super().__init__(name, known)
         if source in OPTION_SOURCES:  # what a user who moved the Image into a subdirectory needs to know
             self.message += (
-                "; an Image(...).named() name is known to options only from a root conftest.py, a conftest.py"
-                " in a directory named on the command line, or a plugin (others are read after the options)"
+                "; an Image(...).named() name is known to options only from a plugin or a conftest.py pytest"
+                " loads before it reads them: the root one, or one in or above a path given on the command line"
+                " or in testpaths"
             )
         _name_source(self, source)
 
@@ -75,8 +77,10 @@ def resolve_layers(layers: list[Layer], restricted: int = 0) -> BottleSpec:
     except SpecError as e:
         raise InvalidBottleArgument(e.message, e.source) from None
     for source, values in layers:
-        if isinstance(image := values.get("image"), str) and image not in known_names():
-            raise UnknownBottleImage(image, known_names(), source)
+        image = values.get("image")
+        name = image.name if isinstance(image, BuiltImage) else image  # the bottle_image fixture's value
+        if isinstance(name, str) and name not in known_names():
+            raise UnknownBottleImage(name, known_names(), source)
     return spec
 
 

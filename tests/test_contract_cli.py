@@ -369,26 +369,32 @@ def test_an_unusable_cache_dir_is_a_bottle_error(tmp_path: Path) -> None:
     assert {r.name for r in RunRecord.load_all() if r.owner_pid == os.getpid()} == mine
 
 
-def test_every_command_that_reads_the_cache_refuses_an_unusable_one(tmp_path: Path) -> None:
-    """Not an empty listing: a typo in a CI cache path must not read as "nothing built"."""
-    afile = tmp_path / "afile"
+def test_every_command_that_reads_the_cache_refuses_an_unusable_one_and_makes_none(tmp_path: Path) -> None:
+    """Not an empty listing for a cache that is there but unusable; nothing made for one not there yet."""
+    afile, missing = tmp_path / "afile", tmp_path / "no" / "cache"
     afile.write_text("")
     commands = (["image", "list"], ["image", "prune"], ["image", "rm", "debian-bookworm"], ["seed", "list"], ["sweep"])
     for args in commands:
         r = cli(*args, cache=afile, timeout=60)
         assert r.returncode == 1, (args, r)
-        assert r.stderr.startswith(f"bottle: UnsafeDirectory: refusing to use {afile}: it is not"), (args, r)
+        assert f"bottle: UnsafeDirectory: refusing to use {afile}: it is not" in r.stderr, (args, r)
+        assert cli(*args, cache=missing, timeout=60).returncode in (0, 1)  # rm: "nothing cached" is 1
+    assert "nothing to sweep" in cli("sweep", cache=afile, timeout=60).stdout  # the host-wide part still ran
     r = cli("doctor", cache=afile, timeout=60)
     assert r.returncode == 1 and f"cache: {afile}: cannot be used: it is not a directory" in r.stdout, r
-    assert afile.read_text() == "" and list(tmp_path.iterdir()) == [afile]
+    assert "run state: " in r.stdout  # it goes on after the cache
+    r = cli("doctor", cache=missing, timeout=60)
+    assert f"cache: {missing} (none yet" in r.stdout, r
+    r = cli("shell", "no-such-bottle", cache=afile, timeout=60)  # a snapshot would be read from it
+    assert r.returncode == 1 and "UnsafeDirectory" in r.stderr, r
+    assert afile.read_text() == "" and list(tmp_path.iterdir()) == [afile]  # and nothing was made
 
 
 def test_a_bad_run_option_value_exits_1_like_any_bad_value(tmp_path: Path) -> None:
-    for option, value in (("--network", "bogus"), ("--boot", "warm"), ("--accel", "fast")):
+    for option, value in (("--network", "bogus"), ("--boot", "warm"), ("--accel", "fast"), ("--timeout", "abc")):
         r = cli("run", option, value, "--", "true", cache=tmp_path / "cache", timeout=60)
-        name = option.removeprefix("--")
-        assert r.returncode == 1 and r.stderr.startswith(f"bottle: SpecError: bottle run: bad {name}: "), r
-        assert repr(value) in r.stderr
+        assert r.returncode == 1 and r.stderr.startswith("bottle: SpecError: "), r
+        assert option.removeprefix("--") in r.stderr and repr(value) in r.stderr, r
     assert "--network {none,nat}" in cli("run", "--help", timeout=60).stdout
 
 

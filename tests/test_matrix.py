@@ -204,7 +204,7 @@ def test_ini_list_whitespace_or_commas_and_the_header(pytester: pytest.Pytester)
     [
         ("debian-bookworm,debian-tixie", r"command line: unknown image 'debian-tixie'; known images: .*debian-trixie"),
         ("debian-tixie", r"command line: unknown image 'debian-tixie'; known images: .*debian-trixie"),
-        ("debian-tixie", r"named\(\) name is known to options only from a root conftest.py, a conftest.py in a"),
+        ("debian-tixie", r"named\(\) name is known to options only from a plugin or a conftest.py pytest loads before"),
         ("debian-bookworm,,debian-trixie", r"command line: bad image list .*: entry 2 is empty"),
         ("debian-trixie,", r"command line: bad image list .*: entry 2 is empty"),
         (" ", r"command line: bad image list .*: entry 1 is empty"),

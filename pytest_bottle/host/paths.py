@@ -100,6 +100,13 @@ def cache_root(path: Path) -> Path:
     return private_dir(path, follow_symlink=True, fix_readable=True, hint=f"pass a cache dir of your own or fix {path}")
 
 
+def check_cache(path: Path) -> None:
+    """Refuse (``UnsafeDirectory``) a cache that is there but not usable; make
+    none: reading a cache that is not there yet (a fresh machine) finds it empty."""
+    if os.path.lexists(path):
+        cache_root(path)
+
+
 def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool = False, hint: str = "") -> Path:
     """``path`` as a directory only this user can reach, created 0700 if missing.
 

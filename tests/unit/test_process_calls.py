@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import tracemalloc
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -232,17 +233,28 @@ def test_wait_for_output_on_either_stream_with_a_regex(local: AgentClient) -> No
     assert p.poll() == -9  # the with block killed it
 
 
-def test_wait_for_output_takes_a_str_as_written_or_as_a_regex(local: AgentClient) -> None:
-    script = "echo 'step [1/3] done'; echo 'Serving on 0.0.0.0 port 8123 (http://0.0.0.0:8123/)'; echo ready; sleep 30"
+def test_wait_for_output_takes_a_str_as_text_unless_it_holds_regex_only_syntax(local: AgentClient) -> None:
+    script = (
+        "echo 'Progress: [ 10%]'; echo 'not ready yet'; echo 'Serving on 0.0.0.0 port 8123 (http://0.0.0.0:8123/)'; "
+        "sleep 0.5; echo '[100%] (ready)'; sleep 30"
+    )
     with GuestProcess.start(local, script) as p:
-        assert p.wait_for_output(r"port (\d+) \(http://", 10).group(1) == "8123"  # no such text: the regex
-        assert p.wait_for_output("[1/3]", 1).group(0) == "[1/3]"  # the text, before the class matches "1"
-        assert p.wait_for_output("(http://0.0.0.0:8123/)", 1).group(0) == "(http://0.0.0.0:8123/)"
-        assert p.wait_for_output("^ready$", 1).group(0) == "ready"  # anchors per line
-        assert p.wait_for_output("port 8123 (", 1).group(0) == "port 8123 ("  # no regex at all: the text
+        assert p.wait_for_output(r"port (\d+) \(http://", 10).group(1) == "8123"  # \d: a regex
+        assert p.wait_for_output(r"Serving on .* port", 1).group(0) == "Serving on 0.0.0.0 port"  # .*: a regex
+        assert p.wait_for_output("^not ready yet$", 1).group(0) == "not ready yet"  # ^...$: a regex, per line
+        # Text: as a regex each would have matched at once ("1", "ready"), before the line came.
+        assert p.wait_for_output("[100%]", 10).group(0) == "[100%]"
+        assert p.wait_for_output("(ready)", 1).group(0) == "(ready)"
+        assert p.wait_for_output("port 8123 (", 1).group(0) == "port 8123 ("  # no regex at all: text
         with pytest.raises(OutputTimeout) as e:
             p.wait_for_output(r"port \d{5}", 0.3)
         assert e.value.pattern == r"port \d{5}"
+        for empty in ("", r"\d*", "^"):  # would match before anything was printed
+            with pytest.raises(SpecError, match="matches an empty string"):
+                p.wait_for_output(empty, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a user's -W error: "possible nested set" is no error here
+            assert p.wait_for_output(r"\d+%\] [[(]", 1).group(0) == "100%] ("
         with pytest.raises(TypeError, match="not bytes"):
             p.wait_for_output(b"ready", 1)  # type: ignore[arg-type]
 

@@ -8,6 +8,7 @@ import pytest
 from pytest_bottle.errors import SpecError
 from pytest_bottle.images.cache import BuiltImage
 from pytest_bottle.spec import BottleSpec, check_host_memory, parse_memory, resolve
+from pytest_bottle.usage import UnknownBottleImage, resolve_layers
 
 
 def test_defaults() -> None:
@@ -101,6 +102,9 @@ def test_a_built_image_is_its_name_and_a_long_bad_value_is_cut() -> None:
     built = BuiltImage("debian-trixie", "k", Path("/c/images/x"), {"packages": {f"p{i}": "1.0" for i in range(500)}})
     assert resolve([("factory", {"image": built})]).image == "debian-trixie"
     assert "packages" not in repr(built)  # a message that shows one stays readable
+    gone = BuiltImage("no-such-image", "k", Path("/c/images/y"), {})
+    with pytest.raises(UnknownBottleImage, match="^bottle_factory\\(\\) arguments: unknown image 'no-such-image'"):
+        resolve_layers([("bottle_factory() arguments", {"image": gone})])
     with pytest.raises(SpecError) as e:
         resolve([("factory", {"image": [built.manifest]})])
     assert "(a list)" in str(e.value) and len(str(e.value)) < 400
