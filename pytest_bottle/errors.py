@@ -25,6 +25,9 @@ class BottleError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __repr__(self) -> str:  # the whole message, also where a subclass added to it after __init__
+        return f"{type(self).__name__}({str(self)!r})"
+
 
 def _rebuild(cls: type[BottleError], kwargs: dict[str, Any]) -> BottleError:
     return cls(**kwargs)
@@ -290,6 +293,7 @@ class ProcessTimeout(ExecTimeout):
     def __init__(self, args: Any, timeout: float, stdout: str = "", stderr: str = "") -> None:
         super().__init__(args, timeout, stdout, stderr)
         self.message = f"process {args!r} still runs after {timeout:g} s"
+        self.args = (self.message,)
 
 
 class OutputTimeout(WaitTimeout):
@@ -316,6 +320,7 @@ class OutputTimeout(WaitTimeout):
         seen = f"stdout: {stdout[-1000:]!r}; stderr: {stderr[-1000:]!r}"
         super().__init__(f"output matching '{pattern}'", timeout, "")  # as given: repr doubles backslashes
         self.message += f"{ended}; {seen}"
+        self.args = (self.message,)
 
     def _args(self) -> dict[str, Any]:
         return {

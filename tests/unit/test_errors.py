@@ -30,6 +30,8 @@ CASES = [
     E.SnapshotError("btl-1-abc", "it is corrupt: memory.state does not match its checksum"),
     E.SnapshotGone("btl-1-abc", "it was removed"),
     E.ImageImportError("http://127.0.0.1:1/x.tar.gz", "member images/x/rootfs.ext4 does not match its sha256"),
+    E.OutputTimeout("ready", 60.0, "out", "", -9, "the bottle was closed"),
+    E.ProcessTimeout(["sleep", "30"], 0.2),
 ]
 
 
@@ -39,6 +41,7 @@ def test_errors_pickle_roundtrip(err: E.BottleError) -> None:
     assert type(back) is type(err)
     assert str(back) == str(err)
     assert vars(back) == vars(err)
+    assert repr(err) == f"{type(err).__name__}({str(err)!r})" and err.args == (str(err),)  # all of it, as str has it
     err.add_note("while starting bottle btl-1")  # what a caller adds on the way up crosses too
     setattr(err, "step", 3)  # noqa: B010 (an attribute the class does not declare)
     back = pickle.loads(pickle.dumps(err))
