@@ -5,6 +5,8 @@ restore, the Python agent after the handback, a cold boot, a terminal)."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from pytest_bottle import Bottle
@@ -45,3 +47,27 @@ def test_a_memory_hog_is_killed_by_the_oom_killer_and_the_bottle_lives_on(bottle
     assert "Kernel panic" not in b.console_log
     assert b.check_output("echo alive") == "alive\n"
     assert b.exec("journalctl -k --no-pager | grep -c 'Killed process'").stdout.strip() != "0"
+
+
+class _Interrupted(BaseException):
+    """What pytest-timeout's signal method raises in the test's thread (a ``Failed``)."""
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_exec_interrupted_from_outside_ends_its_command(bottle: Bottle, streamed: bool) -> None:
+    """A test timeout (or Ctrl-C) that lands in ``exec``: a shared bottle's next
+    test must not find the command still running."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.5)
+        with pytest.raises(_Interrupted):
+            bottle.exec("sleep 301; echo never", on_output=(lambda stream, text: None) if streamed else None)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert bottle.wait_until_succeeds("! pgrep -x sleep", timeout=15).ok
+    assert bottle.check_output("echo next") == "next\n"  # the channel is fine afterwards

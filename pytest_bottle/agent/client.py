@@ -226,21 +226,29 @@ class ExecRun:
 
     def finish(self, grace: float, label: object) -> ExecReply:
         """Feed stdin, wait for the end; an agent still silent ``grace`` s past
-        the timeout is given up on (``AgentError`` naming ``label``)."""
+        the timeout is given up on (``AgentError`` naming ``label``).  Given up
+        on, or interrupted from outside (Ctrl-C, a test timeout's exception),
+        the call is forgotten, which kills the command's group: a shared
+        bottle's next test must not find it still running."""
+        assert self.call is not None
+        try:
+            if self.feed is not None:
+                return self._finish_feeding(grace, label)
+            return self._finish(grace, label)
+        except BaseException as e:
+            if isinstance(e, AgentError) or not self.call.done.is_set():
+                self.client.channel.forget(self.rid)  # its output must not fill up here either
+            raise
+
+    def _finish(self, grace: float, label: object) -> ExecReply:
         channel, name = self.client.channel, self.client.name
         assert self.call is not None
-        if self.feed is not None:
-            return self._finish_feeding(grace, label)
         until = None if self.timeout is None else time.monotonic() + self.timeout + grace
-        try:
-            if self.stdin is not None:  # as fast as the command reads it (a window at a time); stops at its end
-                channel.send_data(self.rid, _chunks(self.stdin), until)  # an agent that never takes it: AgentTimeout
-            reply = channel.wait(self.call, None if until is None else max(0.0, until - time.monotonic()), "exec")
-            if reply is None:
-                raise AgentError(f"bottle {name}: no answer {grace:g} s past the timeout of {label!r}")
-        except AgentError:  # given up on: its output must not fill up here for the bottle's life
-            channel.forget(self.rid)
-            raise
+        if self.stdin is not None:  # as fast as the command reads it (a window at a time); stops at its end
+            channel.send_data(self.rid, _chunks(self.stdin), until)  # an agent that never takes it: AgentTimeout
+        reply = channel.wait(self.call, None if until is None else max(0.0, until - time.monotonic()), "exec")
+        if reply is None:
+            raise AgentError(f"bottle {name}: no answer {grace:g} s past the timeout of {label!r}")
         return ExecReply.parse(reply, self.out.value(), self.err.value(), name)
 
     def _finish_feeding(self, grace: float, label: object) -> ExecReply:
