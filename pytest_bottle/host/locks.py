@@ -11,28 +11,35 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from . import progress
+
 log = logging.getLogger(__name__)
 
 # A build legitimately holds its lock for minutes: report a long wait this often.
 REPORT_EVERY = 30.0
+# A wait on a holder whose progress does not show here is shown after this long.
+SHOW_AFTER = 3.0
 
 
 def lock_holder(lock_path: Path) -> str:
     """Who holds an flock on ``lock_path``, from /proc/locks: pid and command line."""
+    return ", ".join(f"pid {pid} ({_cmdline(pid)})" for pid in _holder_pids(lock_path))
+
+
+def _holder_pids(lock_path: Path) -> list[str]:
     try:
         st = os.stat(lock_path)
         with open("/proc/locks") as f:
             lines = f.read().splitlines()
     except OSError:
-        return ""
+        return []
     dev = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-    holders = []
+    pids = []
     for line in lines:
         fields = line.split()
         if "FLOCK" in fields and "->" not in fields and dev in fields:
-            pid = fields[fields.index(dev) - 1]
-            holders.append(f"pid {pid} ({_cmdline(pid)})")
-    return ", ".join(holders)
+            pids.append(fields[fields.index(dev) - 1])
+    return pids
 
 
 def _cmdline(pid: str) -> str:
@@ -42,19 +49,72 @@ def _cmdline(pid: str) -> str:
         owner = os.stat(f"/proc/{pid}").st_uid
     except OSError:
         return "not visible here"
+    worker = _xdist_worker(pid)  # its command line is execnet's bootstrap, which says nothing
+    if worker:
+        return f"uid {owner}: pytest-xdist worker {worker}"
     return f"uid {owner}: " + raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200]
 
 
+def _xdist_worker(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return ""
+    found = [v for v in env if v.startswith(b"PYTEST_XDIST_WORKER=")]
+    return found[0].split(b"=", 1)[1].decode(errors="replace")[:20] if found else ""
+
+
+def _reported_here(pids: list[str]) -> bool:
+    """Whether the holder's own progress shows where ours would: this process
+    (another thread's task), or a sibling xdist worker (its lines reach the
+    same controller).  Anything else, a ``bottle image build`` in another
+    terminal, another CI job on a shared cache, shows nothing here."""
+    me, parent = str(os.getpid()), os.getppid()
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if not (os.environ.get("PYTEST_XDIST_WORKER") and ppid == parent and _xdist_worker(pid)):
+            return False
+    return bool(pids)
+
+
 @contextmanager
-def reporting_lock(lock_path: Path, what: str, every: float = REPORT_EVERY) -> Iterator[None]:
+def reporting_lock(
+    lock_path: Path, what: str, every: float = REPORT_EVERY, show_after: float = SHOW_AFTER
+) -> Iterator[None]:
     """Hold ``lock_path`` (no time limit), logging every ``every`` seconds of
-    waiting who holds it, so a long wait names the build (or the stuck process)."""
+    waiting who holds it, so a long wait names the build (or the stuck process).
+    A wait past ``show_after`` on a holder whose progress does not show here is
+    a progress task of its own: the terminal says what it waits for."""
     lock = FileLock(str(lock_path))
     started = time.monotonic()
+    try:
+        lock.acquire(timeout=show_after)
+    except Timeout:
+        pids = _holder_pids(lock_path)
+        if _reported_here(pids):
+            _wait(lock, lock_path, what, every, started)
+        else:
+            holder = lock_holder(lock_path) or "a process not visible here"
+            with progress.task(f"waiting for {what}", f"held by {holder}"):
+                _wait(lock, lock_path, what, every, started)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _wait(lock: FileLock, lock_path: Path, what: str, every: float, started: float) -> None:
     while True:
         try:
             lock.acquire(timeout=every)
-            break
+            return
         except Timeout:
             log.warning(
                 "waiting %.0f s for %s (%s), held by %s",
@@ -63,7 +123,3 @@ def reporting_lock(lock_path: Path, what: str, every: float = REPORT_EVERY) -> I
                 lock_path,
                 lock_holder(lock_path) or "a process not visible here",
             )
-    try:
-        yield
-    finally:
-        lock.release()

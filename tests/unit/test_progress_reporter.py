@@ -129,3 +129,53 @@ def test_worker_events_cross_a_file_to_the_controller(tmp_path: Path) -> None:
     assert first == "[gw1] pytest-bottle [   0s] making the work seed of image x: none yet"
     assert [e.kind for e in shown] == ["start", "stage", "end"]
     json.dumps(shown[0].to_dict())  # plain values
+
+
+def test_a_lock_held_by_another_process_is_a_progress_task_while_waited_for(tmp_path: Path) -> None:
+    """A `bottle image build` in another terminal holds the build lock: the waiting
+    run says so on the terminal (progress), not only in a captured log record."""
+    import subprocess
+
+    from pytest_bottle.host.locks import reporting_lock
+
+    lock = tmp_path / "image-x.lock"
+    lock.touch()
+    seen: list[Event] = []
+    previous = progress.install(Reporter(seen.append, interval=60.0))
+    holder = subprocess.Popen(["flock", "-x", str(lock), "sleep", "1.5"])
+    try:
+        deadline = time.monotonic() + 10
+        while not (Path("/proc/locks").read_text().count("FLOCK") and _held(lock)):
+            assert time.monotonic() < deadline, "flock never took the lock"
+            time.sleep(0.02)
+        with reporting_lock(lock, "the build of image x", show_after=0.2):
+            assert holder.poll() is not None  # only once the holder let go
+        assert [e.kind for e in seen] == ["start", "end"], seen
+        assert seen[0].what == "waiting for the build of image x" and f"held by pid {holder.pid} (" in seen[0].why
+        seen.clear()
+        # Held by this process (another thread's task reports it): no second task.
+        from filelock import FileLock
+
+        taken = threading.Event()
+
+        def hold() -> None:  # a FileLock's state is per thread: taken and let go in one
+            with FileLock(str(lock)):
+                taken.set()
+                time.sleep(0.6)
+
+        other = threading.Thread(target=hold)
+        other.start()
+        assert taken.wait(10)
+        with reporting_lock(lock, "the build of image x", show_after=0.2):
+            pass
+        other.join()
+        assert seen == []
+    finally:
+        holder.wait(10)
+        progress.install(previous)
+
+
+def _held(lock: Path) -> bool:
+    from pytest_bottle.host.locks import lock_holder
+
+    return bool(lock_holder(lock))
