@@ -16,6 +16,7 @@ summary, for distributed runs that started bottles only:
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -24,17 +25,29 @@ from typing import Any
 
 import pytest
 
+from .errors import BottleError
 from .host.hosts import HostIdentity, WorkerHost, host_identity, new_run_id, start_run_on_host, summary_line
+from .host.sweep import sweep
 from .images import failures
 from .vmm.process import parent_pid
+
+log = logging.getLogger(__name__)
 
 # How execnet starts a local (popen) gateway: an xdist worker's command line.
 WORKER_BOOTSTRAP = b"import sys;exec(eval(sys.stdin.readline()))"
 
 
 class RunHosts:
-    def __init__(self, config: pytest.Config, run_id: str, host: HostIdentity, handed_out: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        config: pytest.Config,
+        run_id: str,
+        host: HostIdentity,
+        handed_out: Callable[[], int],
+        cache_dir: Path | None = None,
+    ) -> None:
         self.config = config
+        self.cache_dir = cache_dir
         self.run_id = run_id
         self.host = host
         self.handed_out = handed_out
@@ -53,6 +66,26 @@ class RunHosts:
         name = str(getattr(getattr(node, "gateway", None), "id", "?"))
         host = HostIdentity.from_dict(out.get("bottle_host"))
         self.workers.append(WorkerHost(name, host, int(out.get("bottle_count", 0)) if host else 0))
+        if error is not None:
+            self._sweep_after(name)
+
+    def _sweep_after(self, name: str) -> None:
+        """A worker that died (``kill -9``, the OOM killer, pytest-timeout's
+        thread method) left its records, run directories and snapshots; its
+        QEMUs died with it.  Sweep them now, not at the next run: the sweep
+        leaves whatever a live process (the other workers) owns."""
+        try:
+            report = sweep([self.cache_dir] if self.cache_dir is not None else [])
+        except BottleError as e:
+            log.warning("pytest-bottle: could not sweep after worker %s went down: %s", name, e)
+            return
+        if report:
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            line = f"pytest-bottle: worker {name} went down; {report.summary(details=False)} it left"
+            if reporter is not None:
+                reporter.write_line(line)
+            else:
+                log.warning("%s", line)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if line := summary_line(self.workers, self.host):
@@ -79,7 +112,7 @@ def start(config: pytest.Config, cache_dir: Path, handed_out: Callable[[], int])
         run_id, by, begun = str(worker.get("bottle_run_id") or new_run_id()), str(worker["workerid"]), None
     found = start_run_on_host(run_id, cache_dir, by, begun)
     failures.join_run(run_id)  # a build that failed in one worker fails at once in the others
-    config.pluginmanager.register(RunHosts(config, run_id, host_identity(), handed_out), "bottle-hosts")
+    config.pluginmanager.register(RunHosts(config, run_id, host_identity(), handed_out, cache_dir), "bottle-hosts")
     return found.start
 
 

@@ -331,3 +331,41 @@ def _progress_files() -> None:
     report = sweep()
     assert not dead.exists() and live.exists()
     assert report.paths == [str(dead)]
+
+
+DIES = """
+import os, signal
+from pathlib import Path
+
+def test_dies(bottle, tmp_path_factory):
+    snap = bottle.snapshot()  # a snapshot of its session too: swept with the rest
+    Path(os.environ["INFO"]).write_text(f"{os.getpid()} {bottle.name} {snap.name}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def test_other():
+    pass
+"""
+
+
+def test_a_worker_killed_with_its_bottle_is_swept_by_the_controller(tmp_path: Path) -> None:
+    """kill -9, the OOM killer or pytest-timeout's thread method end a worker:
+    its QEMU dies with it, and the controller sweeps the rest before the run
+    ends, not the next run."""
+    (tmp_path / "test_dies.py").write_text(DIES)
+    info = tmp_path / "info"
+    r = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "test_dies.py", f"--bottle-cache-dir={CACHE}", "-n", "2"),
+            *("--max-worker-restart=0", "-p", "no:cacheprovider"),
+        ],
+        cwd=tmp_path,
+        env=dict(os.environ, INFO=str(info)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    pid, name, snap = info.read_text().split()
+    assert r.returncode == 1 and "went down; swept " in r.stdout, r.stdout + r.stderr
+    assert not [rec.name for rec in RunRecord.load_all() if rec.owner_pid == int(pid)]
+    assert not [p.pid for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or ())]
+    assert not (Path(CACHE) / "snapshots" / snap).exists()
