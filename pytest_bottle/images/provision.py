@@ -93,7 +93,7 @@ def provision(
             if progress is not None:
                 progress(line, time.monotonic() - started)
 
-        note(f"building {image.display_name} on {parent.name} ({count_steps(image)})")
+        logf.write(f"building {image.display_name} on {parent.name} ({count_steps(image)})\n")  # the task says it
         machine, channel = start_machine(cfg, tmp, name, BOOT_TIMEOUT)
         try:
             agent = AgentClient(channel)
