@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,16 +26,15 @@ from typing import Any
 
 import pytest
 
-from .errors import BottleError
 from .host.hosts import HostIdentity, WorkerHost, host_identity, new_run_id, start_run_on_host, summary_line
+from .host.locks import WORKER_BOOTSTRAP
 from .host.sweep import sweep
 from .images import failures
 from .vmm.process import parent_pid
 
 log = logging.getLogger(__name__)
-
-# How execnet starts a local (popen) gateway: an xdist worker's command line.
-WORKER_BOOTSTRAP = b"import sys;exec(eval(sys.stdin.readline()))"
+# How long the terminal summary waits for the sweeps after dead workers.
+SWEEP_WAIT = 30.0
 
 
 class RunHosts:
@@ -48,6 +48,8 @@ class RunHosts:
     ) -> None:
         self.config = config
         self.cache_dir = cache_dir
+        self._sweeps: list[threading.Thread] = []
+        self._swept: list[str] = []
         self.run_id = run_id
         self.host = host
         self.handed_out = handed_out
@@ -66,28 +68,32 @@ class RunHosts:
         name = str(getattr(getattr(node, "gateway", None), "id", "?"))
         host = HostIdentity.from_dict(out.get("bottle_host"))
         self.workers.append(WorkerHost(name, host, int(out.get("bottle_count", 0)) if host else 0))
-        if error is not None:
-            self._sweep_after(name)
+        spec = getattr(getattr(node, "gateway", None), "spec", None)
+        local = bool(getattr(spec, "popen", False)) and not getattr(spec, "via", None)
+        if error is not None and error != "keyboard-interrupt" and local:  # a remote host sweeps its own
+            self._sweeps.append(threading.Thread(target=self._sweep_after, args=(name,), daemon=True))
+            self._sweeps[-1].start()  # not in xdist's loop: lock waits would stall the whole run
 
     def _sweep_after(self, name: str) -> None:
-        """A worker that died (``kill -9``, the OOM killer, pytest-timeout's
+        """A local worker that died (``kill -9``, the OOM killer, pytest-timeout's
         thread method) left its records, run directories and snapshots; its
         QEMUs died with it.  Sweep them now, not at the next run: the sweep
         leaves whatever a live process (the other workers) owns."""
+        time.sleep(0.5)  # xdist can see the pipe close a moment before the worker is gone (a zombie)
         try:
             report = sweep([self.cache_dir] if self.cache_dir is not None else [])
-        except BottleError as e:
+        except Exception as e:  # best effort: the next run's sweep is there too
             log.warning("pytest-bottle: could not sweep after worker %s went down: %s", name, e)
             return
-        if report:
-            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-            line = f"pytest-bottle: worker {name} went down; {report.summary(details=False)} it left"
-            if reporter is not None:
-                reporter.write_line(line)
-            else:
-                log.warning("%s", line)
+        if report.vms or report.processes or report.leases or report.paths:
+            counts = report.summary(details=False).split(";")[0]
+            self._swept.append(f"pytest-bottle: worker {name} went down; the sweep after it {counts}")
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        for thread in self._sweeps:
+            thread.join(SWEEP_WAIT)
+        for swept in self._swept:
+            terminalreporter.write_line(swept)
         if line := summary_line(self.workers, self.host):
             terminalreporter.write_line(line)
 

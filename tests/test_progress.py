@@ -98,3 +98,48 @@ def test_quiet_run_without_bottle_tests_shows_nothing(tmp_path: Path, seedless_c
     assert rc == 0, out  # the bottle test deselected
     assert "pytest-bottle [" not in out
     assert not (seedless_cache / "seeds").exists() or not any((seedless_cache / "seeds").iterdir())
+
+
+SIBLINGS = """
+import os, time
+from pathlib import Path
+from filelock import FileLock
+from pytest_bottle.host import progress
+from pytest_bottle.host.locks import reporting_lock
+
+LOCK = Path(os.environ["LOCK"])
+
+def test_role(worker_id):
+    held = LOCK.with_suffix(".held")
+    if worker_id == "gw0":  # the builder: its own progress is what the run shows
+        with FileLock(str(LOCK)):
+            held.write_text("")
+            time.sleep(1.5)
+        return
+    deadline = time.time() + 60
+    while not held.exists():
+        assert time.time() < deadline
+        time.sleep(0.02)
+    seen = []
+    previous = progress.install(progress.Reporter(seen.append))
+    try:
+        with reporting_lock(LOCK, "the build of image x", show_after=0.2):
+            pass
+    finally:
+        progress.install(previous)
+    assert seen == [], seen  # no second task for a sibling worker's build
+"""
+
+
+def test_a_sibling_workers_lock_is_waited_for_quietly(tmp_path: Path) -> None:
+    """Its own progress reaches the controller: the waiting worker adds no task."""
+    (tmp_path / "test_siblings.py").write_text(SIBLINGS)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "test_siblings.py", "-n", "2", "--dist", "each", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        env=dict(os.environ, LOCK=str(tmp_path / "image-x.lock")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout + r.stderr

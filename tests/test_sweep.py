@@ -365,7 +365,7 @@ def test_a_worker_killed_with_its_bottle_is_swept_by_the_controller(tmp_path: Pa
         timeout=300,
     )
     pid, name, snap = info.read_text().split()
-    assert r.returncode == 1 and "went down; swept " in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 1 and "went down; the sweep after it swept " in r.stdout, r.stdout + r.stderr
     assert not [rec.name for rec in RunRecord.load_all() if rec.owner_pid == int(pid)]
     assert not [p.pid for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or ())]
     assert not (Path(CACHE) / "snapshots" / snap).exists()

@@ -236,8 +236,11 @@ class ExecRun:
                 return self._finish_feeding(grace, label)
             return self._finish(grace, label)
         except BaseException as e:
-            if isinstance(e, AgentError) or not self.call.done.is_set():
-                self.client.channel.forget(self.rid)  # its output must not fill up here either
+            channel = self.client.channel
+            if isinstance(e, AgentError):
+                channel.forget(self.rid)  # its output must not fill up here either
+            elif not self.call.done.is_set():  # interrupted: the cancel may wait for another sender, not here
+                threading.Thread(target=channel.forget, args=(self.rid,), name="bottle-cancel", daemon=True).start()
             raise
 
     def _finish(self, grace: float, label: object) -> ExecReply:

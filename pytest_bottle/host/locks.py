@@ -11,6 +11,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ..vmm.process import parent_pid
 from . import progress
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 REPORT_EVERY = 30.0
 # A wait on a holder whose progress does not show here is shown after this long.
 SHOW_AFTER = 3.0
+# How execnet starts a local (popen) gateway: an xdist worker's command line.
+WORKER_BOOTSTRAP = b"import sys;exec(eval(sys.stdin.readline()))"
 
 
 def lock_holder(lock_path: Path) -> str:
@@ -49,20 +52,9 @@ def _cmdline(pid: str) -> str:
         owner = os.stat(f"/proc/{pid}").st_uid
     except OSError:
         return "not visible here"
-    worker = _xdist_worker(pid)  # its command line is execnet's bootstrap, which says nothing
-    if worker:
-        return f"uid {owner}: pytest-xdist worker {worker}"
+    if WORKER_BOOTSTRAP in raw:  # execnet's bootstrap says nothing of what it runs
+        return f"uid {owner}: a pytest-xdist worker"
     return f"uid {owner}: " + raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200]
-
-
-def _xdist_worker(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read().split(b"\0")
-    except OSError:
-        return ""
-    found = [v for v in env if v.startswith(b"PYTEST_XDIST_WORKER=")]
-    return found[0].split(b"=", 1)[1].decode(errors="replace")[:20] if found else ""
 
 
 def _reported_here(pids: list[str]) -> bool:
@@ -70,18 +62,22 @@ def _reported_here(pids: list[str]) -> bool:
     (another thread's task), or a sibling xdist worker (its lines reach the
     same controller).  Anything else, a ``bottle image build`` in another
     terminal, another CI job on a shared cache, shows nothing here."""
-    me, parent = str(os.getpid()), os.getppid()
+    me, parent, worker = str(os.getpid()), os.getppid(), bool(os.environ.get("PYTEST_XDIST_WORKER"))
     for pid in pids:
         if pid == me:
             continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-        if not (os.environ.get("PYTEST_XDIST_WORKER") and ppid == parent and _xdist_worker(pid)):
+        if not (worker and parent_pid(int(pid)) == parent and _is_worker(pid)):
             return False
     return bool(pids)
+
+
+def _is_worker(pid: str) -> bool:
+    # Its environment shows no PYTEST_XDIST_WORKER (set in Python after the start): its command line does.
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return WORKER_BOOTSTRAP in f.read(1 << 16)
+    except OSError:
+        return False
 
 
 @contextmanager
@@ -94,20 +90,30 @@ def reporting_lock(
     a progress task of its own: the terminal says what it waits for."""
     lock = FileLock(str(lock_path))
     started = time.monotonic()
-    try:
-        lock.acquire(timeout=show_after)
-    except Timeout:
-        pids = _holder_pids(lock_path)
-        if _reported_here(pids):
-            _wait(lock, lock_path, what, every, started)
-        else:
-            holder = lock_holder(lock_path) or "a process not visible here"
-            with progress.task(f"waiting for {what}", f"held by {holder}"):
+    try:  # one finally for the wait and the hold: an exception while waiting leaves nothing held
+        try:
+            lock.acquire(timeout=show_after)
+        except Timeout:
+            pids = _holder_pids(lock_path)
+            if not pids and _try(lock):  # it was let go meanwhile
+                pass
+            elif _reported_here(pids):
                 _wait(lock, lock_path, what, every, started)
-    try:
+            else:
+                holder = lock_holder(lock_path) or "a process not visible here"
+                with progress.task(f"waiting for {what}", f"held by {holder}"):
+                    _wait(lock, lock_path, what, every, started)
         yield
     finally:
         lock.release()
+
+
+def _try(lock: FileLock) -> bool:
+    try:
+        lock.acquire(blocking=False)
+        return True
+    except Timeout:
+        return False
 
 
 def _wait(lock: FileLock, lock_path: Path, what: str, every: float, started: float) -> None:
