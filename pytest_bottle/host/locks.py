@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -89,23 +90,45 @@ def reporting_lock(
     A wait past ``show_after`` on a holder whose progress does not show here is
     a progress task of its own: the terminal says what it waits for."""
     lock = FileLock(str(lock_path))
-    started = time.monotonic()
     try:  # one finally for the wait and the hold: an exception while waiting leaves nothing held
-        try:
-            lock.acquire(timeout=show_after)
-        except Timeout:
-            pids = _holder_pids(lock_path)
-            if not pids and _try(lock):  # it was let go meanwhile
-                pass
-            elif _reported_here(pids):
-                _wait(lock, lock_path, what, every, started)
-            else:
-                holder = lock_holder(lock_path) or "a process not visible here"
-                with progress.task(f"waiting for {what}", f"held by {holder}"):
-                    _wait(lock, lock_path, what, every, started)
+        with contextlib.ExitStack() as shown:
+            _wait(lock, lock_path, what, every, show_after, shown)
         yield
     finally:
         lock.release()
+
+
+def _wait(
+    lock: FileLock, lock_path: Path, what: str, every: float, show_after: float, shown: contextlib.ExitStack
+) -> None:
+    started = time.monotonic()
+    next_note = started + every
+    decide: float | None = started + show_after
+    while True:
+        until = next_note if decide is None else min(next_note, decide)
+        try:
+            lock.acquire(timeout=max(0.01, until - time.monotonic()))
+            return
+        except Timeout:
+            pass
+        now = time.monotonic()
+        if decide is not None and now >= decide:
+            decide = None  # once: a task, or none, for the whole wait
+            pids = _holder_pids(lock_path)
+            if not pids and _try(lock):  # let go meanwhile
+                return
+            if not _reported_here(pids):
+                holder = lock_holder(lock_path) or "a process not visible here"
+                shown.enter_context(progress.task(f"waiting for {what}", f"held by {holder}"))
+        if now >= next_note:
+            next_note = now + every
+            log.warning(
+                "waiting %.0f s for %s (%s), held by %s",
+                now - started,
+                what,
+                lock_path,
+                lock_holder(lock_path) or "a process not visible here",
+            )
 
 
 def _try(lock: FileLock) -> bool:
@@ -114,18 +137,3 @@ def _try(lock: FileLock) -> bool:
         return True
     except Timeout:
         return False
-
-
-def _wait(lock: FileLock, lock_path: Path, what: str, every: float, started: float) -> None:
-    while True:
-        try:
-            lock.acquire(timeout=every)
-            return
-        except Timeout:
-            log.warning(
-                "waiting %.0f s for %s (%s), held by %s",
-                time.monotonic() - started,
-                what,
-                lock_path,
-                lock_holder(lock_path) or "a process not visible here",
-            )
