@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from .host.hosts import HostIdentity, WorkerHost, host_identity, new_run_id, start_run_on_host, summary_line
-from .host.locks import WORKER_BOOTSTRAP
+from .host.locks import is_xdist_worker
 from .host.sweep import sweep
 from .images import failures
 from .vmm.process import parent_pid
@@ -135,10 +135,9 @@ def pass_on_to_workers(signum: int) -> None:
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or parent_pid(int(entry)) != me:
             continue
+        if not is_xdist_worker(entry):
+            continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if WORKER_BOOTSTRAP not in f.read(1 << 16):
-                    continue
             os.kill(int(entry), signum)
         except OSError:  # gone meanwhile
             continue

@@ -67,13 +67,14 @@ def _reported_here(pids: list[str]) -> bool:
     for pid in pids:
         if pid == me:
             continue
-        if not (worker and parent_pid(int(pid)) == parent and _is_worker(pid)):
+        if not (worker and parent_pid(int(pid)) == parent and is_xdist_worker(pid)):
             return False
     return bool(pids)
 
 
-def _is_worker(pid: str) -> bool:
-    # Its environment shows no PYTEST_XDIST_WORKER (set in Python after the start): its command line does.
+def is_xdist_worker(pid: str) -> bool:
+    """Whether ``pid`` is a local xdist worker.  Its environment shows no
+    PYTEST_XDIST_WORKER (set in Python after the start): its command line does."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return WORKER_BOOTSTRAP in f.read(1 << 16)
