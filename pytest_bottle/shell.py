@@ -234,15 +234,17 @@ def _relay(agent: AgentClient, rid: int, call: Call, stdin: int, resized: queue.
     typing = True
     while not call.done.is_set():
         ready, _, _ = select.select([stdin] if typing else [], [], [], 0.1)
+        # A resize first: its signal came before the keys now ready (typed in
+        # the new size), and the resize call returns once the guest applied it.
+        while not resized.empty():
+            resized.get()
+            agent.resize(rid, *window_size(stdin))
         if ready:
             data = os.read(stdin, 4096)
             if data:
                 channel.send_data_frame(rid, data)
             else:
                 typing = False  # our terminal hung up: the shell goes on until it exits
-        while not resized.empty():
-            resized.get()
-            agent.resize(rid, *window_size(stdin))
         channel.check(call, "shell")
 
 

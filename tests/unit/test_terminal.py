@@ -115,20 +115,28 @@ def test_run_shell_drives_a_guest_terminal_from_a_local_one(local: AgentClient) 
                     seen.extend(os.read(master, 4096))
             assert text in seen, (text, bytes(seen))
 
-        expect(b"# ")  # the prompt: typing before run_shell made the terminal raw is flushed
-        os.write(master, b"stty size\r")
-        expect(b"30 90")
-        set_size(master, 50, 132)
-        os.kill(os.getpid(), signal.SIGWINCH)  # what the kernel sends a terminal's foreground group
-        time.sleep(0.3)
-        os.write(master, b"stty size\r")
-        expect(b"50 132")
-        os.write(master, b"exit 7\r")
+        try:
+            expect(b"# ")  # the prompt: typing before run_shell made the terminal raw is flushed
+            os.write(master, b"stty size\r")
+            expect(b"30 90")
+            set_size(master, 50, 132)
+            os.kill(os.getpid(), signal.SIGWINCH)  # what the kernel sends a terminal's foreground group
+            os.write(master, b"stty size\r")  # at once: the resize must still go first
+            expect(b"50 132")
+            os.write(master, b"exit 7\r")
+        except BaseException as e:
+            failed.append(e)
+            os.kill(os.getpid(), signal.SIGHUP)  # ends run_shell (129), not a hang until the test's timeout
+            raise
 
+    failed: list[BaseException] = []
     helper = threading.Thread(target=user)
     helper.start()
     try:
-        assert run_shell(local, ["/bin/sh", "-i"], stdin=slave, stdout=slave) == 7
+        rc = run_shell(local, ["/bin/sh", "-i"], stdin=slave, stdout=slave)
+        helper.join(20)
+        assert not failed, failed
+        assert rc == 7
     finally:
         helper.join(20)
         os.close(master)
