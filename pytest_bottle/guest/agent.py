@@ -40,6 +40,7 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
         self.ptys: dict[int, int] = {}  # request id -> pty master (terminal.ProcessOps)
         self.groups: dict[int, execute.Child] = {}  # spawned (notify) commands, kept past their end
         self.links: dict[int, terminal.Link] = {}  # running spawned commands' ties to this session
+        self.cancelled: set[int] = set()  # calls cancelled before their command was registered
         self.session = 0  # one more per SYNC: a call of an older session sends nothing back
         self.windows = frames.Windows()
         self.lock = threading.Lock()
@@ -135,6 +136,8 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
         with self.lock:
             proc = self.procs.get(rid)
             box = self.inboxes.get(rid)
+            if proc is None and box is not None:  # a command still starting: ``started`` kills it
+                self.cancelled.add(rid)
         if proc is not None:  # its output still flows (the host grants it): the reply tells the code
             proc.kill()
             return
@@ -153,6 +156,7 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
             self.session += 1
             boxes = list(self.inboxes.values())
             self.inboxes.clear()
+            self.cancelled.clear()
             self.groups.clear()  # spawned groups live on, no longer the host's to signal
             links, self.links = list(self.links.values()), {}
             for link in links:
@@ -198,6 +202,7 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
             if current:
                 with self.lock:
                     self.inboxes.pop(rid, None)
+                    self.cancelled.discard(rid)
                 self.windows.close(rid)
         try:
             if current:
@@ -244,13 +249,14 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
             if not stale:
                 self.procs[rid] = child
                 self.drop_groups(child.pid)
+            cancelled = rid in self.cancelled and not stale
             if call.get("notify"):  # spawn(): its group can be signalled after the leader's end
                 link = terminal.Link(rid, detached=stale)
                 if not stale:
                     self.keep_group(rid, child)
                     self.links[rid] = link
                 out = functools.partial(self.forward, link, kinds)
-        if stale and link is None:
+        if (stale and link is None) or cancelled:  # cancelled: as a later cancel would, the reply still comes
             child.kill()
         try:
             if link is not None:  # spawn(): the host returns once it runs

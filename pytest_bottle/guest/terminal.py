@@ -78,6 +78,7 @@ class ProcessOps:
 
     lock: threading.Lock
     procs: dict[int, execute.Child]
+    cancelled: set[int]
     ptys: dict[int, int]
     groups: dict[int, execute.Child]
     emit: Callable[[int, int, bytes], None]
@@ -174,7 +175,8 @@ class ProcessOps:
             if not stale:
                 self.procs[rid], self.ptys[rid] = child, master
                 self.drop_groups(child.pid)
-        if stale:
+            cancelled = rid in self.cancelled and not stale  # see agent.Agent.cancel
+        if stale or cancelled:
             child.kill()
         # Its own fd: the terminal may close here while it still writes.
         threading.Thread(target=_type_in, args=(os.dup(master), inbox), daemon=True).start()

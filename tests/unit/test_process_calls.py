@@ -669,3 +669,17 @@ def test_the_feed_ends_when_the_call_ended_just_as_it_was_watched() -> None:
     started = time.monotonic()
     feed.run(fake.chan, rid, call, None, "x", None)
     assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("op", ["exec", "pty"])
+def test_a_cancel_that_comes_before_the_command_started_still_kills_it(local: AgentClient, op: str) -> None:
+    """The CANCEL right behind the CALL: the agent's reader takes it while a
+    worker still starts the command. A silent command was left running."""
+    for _ in range(5):  # the race is the point: several tries, each must end at once
+        args: dict[str, Any] = dict(argv=["sleep", "30"])
+        if op == "exec":
+            args.update(env={}, cwd=None, user=None, timeout=None, stdin=False)
+        rid, call = local.channel.start(op, lambda k, d: None, **args)
+        local.channel.cancel(rid)
+        reply = local.channel.wait(call, 10, op)
+        assert reply is not None and reply["rc"] == -signal.SIGKILL, reply
