@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["start", "stage", "heartbeat", "end", "failed"]
+Kind = Literal["start", "stage", "heartbeat", "end", "failed", "interrupted"]
 
 # Seconds of quiet after which a running task says it is still running.
 INTERVAL_ENV = "BOTTLE_PROGRESS_INTERVAL"
@@ -74,7 +74,8 @@ def _body(e: Event) -> str:
         return f"{e.what}: still running" + (f" ({e.stage})" if e.stage else "")
     if e.kind == "end":
         return f"{e.what}: done in {e.elapsed:.1f}s"
-    return f"{e.what}: failed after {e.elapsed:.1f}s" + (f" ({e.stage})" if e.stage else "")
+    ended = "interrupted" if e.kind == "interrupted" else "failed"
+    return f"{e.what}: {ended} after {e.elapsed:.1f}s" + (f" ({e.stage})" if e.stage else "")
 
 
 Sink = Callable[[Event], None]
@@ -157,6 +158,9 @@ class Reporter:
         self._ensure_thread()
         try:
             yield t
+        except KeyboardInterrupt:  # Ctrl-C: the work did not fail, it was stopped
+            self._finish(t, "interrupted")
+            raise
         except BaseException:
             self._finish(t, "failed")
             raise

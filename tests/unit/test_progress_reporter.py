@@ -74,6 +74,15 @@ def test_a_failure_is_reported_and_raised() -> None:
     assert format_event(seen[-1]) == "pytest-bottle [   2s] building image x: failed after 2.0s (E: broken)"
 
 
+def test_ctrl_c_is_reported_as_interrupted_not_failed() -> None:
+    reporter, clock, seen = make()
+    with pytest.raises(KeyboardInterrupt), reporter.task("making the work seed of image x"):
+        clock.now += 3
+        raise KeyboardInterrupt
+    assert format_event(seen[-1]) == "pytest-bottle [   3s] making the work seed of image x: interrupted after 3.0s"
+    assert Event.from_dict(seen[-1].to_dict()) == seen[-1]  # as it crosses from an xdist worker
+
+
 def test_relay_shows_stages_only_when_nobody_else_does() -> None:
     reporter, _, seen = make()
     got: list[tuple[str, float]] = []
