@@ -198,11 +198,12 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
         except Exception as e:  # reported to the host, never fatal to the agent
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "type": type(e).__name__}
         finally:
-            current = session == self.session  # else its id may be the new host's: touch nothing
-            if current:
-                with self.lock:
+            with self.lock:  # one with the reset's: else its id may be the new host's, touch nothing
+                current = session == self.session
+                if current:
                     self.inboxes.pop(rid, None)
                     self.cancelled.discard(rid)
+            if current:
                 self.windows.close(rid)
         try:
             if current:

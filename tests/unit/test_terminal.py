@@ -130,6 +130,8 @@ def test_run_shell_drives_a_guest_terminal_from_a_local_one(local: AgentClient) 
             raise
 
     failed: list[BaseException] = []
+    # A SIGHUP after run_shell returned (it restores what it found) must not end pytest.
+    old = signal.signal(signal.SIGHUP, lambda *_: None)
     helper = threading.Thread(target=user)
     helper.start()
     try:
@@ -139,6 +141,7 @@ def test_run_shell_drives_a_guest_terminal_from_a_local_one(local: AgentClient) 
         assert rc == 7
     finally:
         helper.join(20)
+        signal.signal(signal.SIGHUP, old)
         os.close(master)
         os.close(slave)
 
