@@ -24,16 +24,18 @@ from harness import processes_mentioning
 
 import pytest_bottle
 from pytest_bottle import BootError, BottleError
+from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.host.mounts import unescape_mount_field
 from pytest_bottle.host.paths import default_cache_dir, remove_tree, tree_size
 from pytest_bottle.images import ensure_image
 from pytest_bottle.images.cache import entry_dir
 from pytest_bottle.images.recipes import get_recipe
+from pytest_bottle.lifecycle.boot import prepare_run_dir, wait_ready
 from pytest_bottle.lifecycle.probe import run_probe
 from pytest_bottle.store import saved
 from pytest_bottle.store.saved import SavedState
 from pytest_bottle.store.seeds import SEED_VERSION, list_seeds
-from pytest_bottle.vmm import accel
+from pytest_bottle.vmm import accel, backend
 from pytest_bottle.vmm.qemu import MachineConfig, Nic
 
 CACHE = default_cache_dir()
@@ -356,6 +358,23 @@ def test_a_probe_where_qemu_exits_for_a_host_side_reason_is_retried_next_run(
     probes = _decide_twice(tmp_path, monkeypatch, kernel=tmp_path / "no-such-kernel")
     assert len(probes) == 2 and not any(p.definite for p in probes)
     assert "QEMU exited with 1" in probes[0].reason and "no-such-kernel" in probes[0].reason
+
+
+def test_a_qemu_gone_before_the_handshake_is_a_boot_error_with_its_reason(tmp_path: Path) -> None:
+    """QEMU exits (a bad kernel) after the agent's socket connected, before the
+    first write: the race CI hit, forced. Its reason, not a broken pipe."""
+    cfg = _plan(kernel=tmp_path / "no-such-kernel")
+    prepare_run_dir(cfg, tmp_path, "gone")
+    machine = backend.start(cfg, tmp_path, name="gone")
+    try:
+        assert machine.wait(30) == 1
+        channel = AgentChannel(machine.agent_sock, "gone")
+        with pytest.raises(BootError, match="QEMU exited with 1.*no-such-kernel"):
+            wait_ready(machine, channel, 10, "gone", time.monotonic() + 10)
+        channel.close()
+    finally:
+        machine.stop()
+    assert not processes_mentioning(str(tmp_path))
 
 
 def test_a_probe_that_cannot_make_its_disk_is_inconclusive(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_d
 from ..agent.channel import AgentChannel
 from ..agent.client import AgentClient
 from ..agent.replies import SettleReply
-from ..errors import BootError, BootTimeout
+from ..errors import AgentError, BootError, BootTimeout
 from ..host.deps import require
 from ..host.paths import write_private
 from ..vmm import backend
@@ -158,7 +158,11 @@ def wait_ready(machine: Machine, channel: AgentChannel, timeout: float, name: st
 
     if started >= deadline:  # the time went before the machine could be asked
         raise late()
-    channel.send_sync()
+    try:
+        channel.send_sync()
+    except AgentError as e:  # QEMU went (a bad kernel, say) between its start and this write: say why
+        machine.wait(1.0)
+        raise BootError(machine.exit_reason() or str(e), console_tail(machine.console_log), name) from None
 
     def nap(seconds: float) -> None:
         channel.synced.wait(seconds)
