@@ -136,7 +136,7 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
         with self.lock:
             proc = self.procs.get(rid)
             box = self.inboxes.get(rid)
-            if proc is None and box is not None:  # a command still starting: ``started`` kills it
+            if proc is None and box is not None:  # still starting: op_exec or op_pty kills it once registered
                 self.cancelled.add(rid)
         if proc is not None:  # its output still flows (the host grants it): the reply tells the code
             proc.kill()
