@@ -44,7 +44,7 @@ class RunHosts:
         run_id: str,
         host: HostIdentity,
         handed_out: Callable[[], int],
-        cache_dir: Path | None = None,
+        cache_dir: Path,
     ) -> None:
         self.config = config
         self.cache_dir = cache_dir
@@ -81,7 +81,7 @@ class RunHosts:
         leaves whatever a live process (the other workers) owns."""
         time.sleep(0.5)  # xdist can see the pipe close a moment before the worker is gone (a zombie)
         try:
-            report = sweep([self.cache_dir] if self.cache_dir is not None else [])
+            report = sweep([self.cache_dir])
         except Exception as e:  # best effort: the next run's sweep is there too
             log.warning("pytest-bottle: could not sweep after worker %s went down: %s", name, e)
             return

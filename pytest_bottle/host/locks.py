@@ -27,7 +27,11 @@ WORKER_BOOTSTRAP = b"import sys;exec(eval(sys.stdin.readline()))"
 
 def lock_holder(lock_path: Path) -> str:
     """Who holds an flock on ``lock_path``, from /proc/locks: pid and command line."""
-    return ", ".join(f"pid {pid} ({_cmdline(pid)})" for pid in _holder_pids(lock_path))
+    return _describe(_holder_pids(lock_path))
+
+
+def _describe(pids: list[str]) -> str:
+    return ", ".join(f"pid {pid} ({_cmdline(pid)})" for pid in pids)
 
 
 def _holder_pids(lock_path: Path) -> list[str]:
@@ -49,7 +53,7 @@ def _holder_pids(lock_path: Path) -> list[str]:
 def _cmdline(pid: str) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
+            raw = f.read(1 << 16)  # another user's process: its arguments can be megabytes
         owner = os.stat(f"/proc/{pid}").st_uid
     except OSError:
         return "not visible here"
@@ -119,7 +123,7 @@ def _wait(
             if not pids and _try(lock):  # let go meanwhile
                 return
             if not _reported_here(pids):
-                holder = lock_holder(lock_path) or "a process not visible here"
+                holder = _describe(pids) or "a process not visible here"
                 shown.enter_context(progress.task(f"waiting for {what}", f"held by {holder}"))
         if now >= next_note:
             next_note = now + every
