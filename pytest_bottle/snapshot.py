@@ -18,11 +18,12 @@ import os
 import re
 import secrets
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import SnapshotError, SnapshotGone, SpecError
+from .errors import BottleError, SnapshotError, SnapshotGone, SpecError
 from .images import BuiltImage
 from .images.cache import find_image, images_dir
 from .spec import PARSERS, BottleSpec, resolve
@@ -183,6 +184,7 @@ def take_snapshot(bottle: Bottle, machine: Machine, res: Resources, *, saved_for
         restored=res.restored,
         macs=res.macs,
         extra={"spec": _spec_fields(spec), "image_name": plan.image.name, "image_key": plan.image.key},
+        resumed=lambda: _catch_up_clock(bottle),
     )
     # Its forks wake with the agent's compiled core serving them, as clones of
     # a seed do, unless it runs commands now (then the Python agent serves).
@@ -202,6 +204,14 @@ def take_snapshot(bottle: Bottle, machine: Machine, res: Resources, *, saved_for
             _scopes[-1][snap.name] = snap
     log.debug("%s: snapshot %s taken (paused %.2fs)", bottle.name, snap.name, snap.pause_seconds)
     return snap
+
+
+def _catch_up_clock(bottle: Bottle) -> None:
+    """The source's clock stood still while it was paused: step it to the host's."""
+    try:
+        bottle._agent.set_clock(time.time_ns(), timeout=30)
+    except BottleError as e:  # the snapshot is whole; the bottle's next call reports a dead agent
+        log.warning("bottle %s: could not set its clock after the snapshot's pause: %s", bottle.name, e)
 
 
 def _refusal(bottle: Bottle, machine: Machine, res: Resources) -> str:

@@ -167,6 +167,22 @@ def test_snapshot_outlives_its_source_and_remove_is_named(bottle_factory: Callab
         bottle_factory(snapshot=snap)
 
 
+def test_the_source_runs_on_with_the_hosts_clock(bottle: Bottle) -> None:
+    with bottle.snapshot() as snap:
+        # Its clock stood still for the pause (0.2-0.5 s here). The median of 5
+        # readings: the first command after the pause is slower than the rest.
+        readings = []
+        for _ in range(5):
+            before = time.time()
+            guest = float(bottle.check_output("date +%s.%N"))
+            assert guest < time.time() + 0.05, "the guest's clock is ahead of the host's"
+            readings.append(guest - before)
+        offset = sorted(readings)[2]
+        assert offset > -snap.pause_seconds / 2, (
+            f"the source's clock is {offset:+.3f} s from the host's after a pause of {snap.pause_seconds} s"
+        )
+
+
 def test_corrupt_snapshot_is_named(prepared: Snapshot, bottle_factory: Callable[..., Bottle]) -> None:
     fork = bottle_factory(snapshot=prepared)
     fork.write_text("/root/second", "of the fork")

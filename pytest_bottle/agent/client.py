@@ -70,6 +70,10 @@ class AgentClient:
         """Give the machine its own identity and NICs (the clone handshake)."""
         return SetupReply.parse(self.channel.call("setup", timeout=timeout, **handshake.to_call()), self.name)
 
+    def set_clock(self, time_ns: int, *, timeout: float | None = 30) -> None:
+        """Step the guest's clock (a ``setup`` that sets nothing else)."""
+        self.channel.call("setup", timeout=timeout, time_ns=time_ns)
+
     def announce(self, name: str, mac: str, ip: str, *, timeout: float | None = 30) -> None:
         """The gratuitous ARP a handshake left for later (``NicSetup.announce``)."""
         self.channel.call("announce", timeout=timeout, name=name, mac=mac, ip=ip)

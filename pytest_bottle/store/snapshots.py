@@ -10,7 +10,8 @@ backing names resolve the same from each).  Its capture:
    (``blockdev-snapshot``: the old top is frozen, the source writes on the
    new one), writes its whole state (RAM included) to a file in the entry,
    and resumes it: the source pauses for as long as its RAM takes to write
-   (0.2-0.5 s for 512M under TCG);
+   (0.2-0.5 s for 512M under TCG), and its clock, which stood still as long,
+   is stepped to the host's (``Source.resumed``);
 3. has the receiver load that file (its RAM lands in ``memory.ram``) and
    save its device state, exactly as a seed's is saved, then ends it;
 4. takes the frozen disk as the entry's ``disk.qcow2``: a hard link when it
@@ -41,6 +42,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,9 @@ class Source:
     restored: SavedState  # the state it was restored from: a seed or a snapshot
     macs: tuple[str, ...]  # the guest's MACs now (the handshake set them)
     extra: dict[str, Any]  # manifest fields of the caller's (what a fork must know)
+    # Called as soon as the source runs on: its clock lost the pause, which the
+    # caller puts right (a failure is the caller's to report, not the snapshot's).
+    resumed: Callable[[], None] = lambda: None
 
 
 def seed_of(state: SavedState) -> SavedState:
@@ -204,6 +209,7 @@ def _capture_machine(src: Source, tmp: Path) -> _Paused:
         finally:
             _resume(machine, src.name)
             seconds = time.monotonic() - started
+        src.resumed()
         loading = time.monotonic()
         receiver.receive_state(stream)
         receiver.wait_received(SNAPSHOT_TIMEOUT)
