@@ -86,8 +86,7 @@ class RunHosts:
             log.warning("pytest-bottle: could not sweep after worker %s went down: %s", name, e)
             return
         if report.vms or report.processes or report.leases or report.paths:
-            counts = report.summary(details=False).split(";")[0]
-            self._swept.append(f"pytest-bottle: worker {name} went down; the sweep after it {counts}")
+            self._swept.append(f"pytest-bottle: worker {name} went down; the sweep after it {report.counts()}")
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         for thread in self._sweeps:

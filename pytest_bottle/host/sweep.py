@@ -51,14 +51,18 @@ class SweepReport:
         """Counts, and (with ``details``) what was left and why."""
         if not self:
             return "nothing to sweep"
-        text = (
-            f"swept {len(self.vms)} VM record(s), {len(self.processes)} process(es), "
-            f"{len(self.leases)} lease(s), {len(self.paths)} path(s)"
-        )
+        text = self.counts()
         if self.skipped:
             text += f"; left {len(self.skipped)} it may not touch"
             text += (": " + "; ".join(self.skipped)) if details else ""
         return text
+
+    def counts(self) -> str:
+        """What was swept, as counts."""
+        return (
+            f"swept {len(self.vms)} VM record(s), {len(self.processes)} process(es), "
+            f"{len(self.leases)} lease(s), {len(self.paths)} path(s)"
+        )
 
     def skip(self, what: str, why: str) -> None:
         self.skipped.append(f"{what}: {why}")
