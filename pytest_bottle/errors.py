@@ -309,17 +309,20 @@ class OutputTimeout(WaitTimeout):
         stderr: str = "",
         returncode: int | None = None,
         lost: str = "",
+        as_text: bool = False,
     ) -> None:
         self.pattern = pattern
         self.stdout = stdout
         self.stderr = stderr
         self.returncode = returncode
         self.lost = lost  # why it ended without an exit of its own (its bottle closed)
+        self.as_text = as_text  # a str with regex-like characters that was searched as text
         ended = f"; the process ended ({returncode}) first" if returncode is not None else ""
         ended = f"; the process was lost first ({lost})" if lost else ended
         seen = f"stdout: {stdout[-1000:]!r}; stderr: {stderr[-1000:]!r}"
         super().__init__(f"output matching '{pattern}'", timeout, "")  # as given: repr doubles backslashes
-        self.message += f"{ended}; {seen}"
+        hint = " (searched as text, as written: re.compile() makes it a regex)" if as_text else ""
+        self.message += f"{hint}{ended}; {seen}"
         self.args = (self.message,)
 
     def _args(self) -> dict[str, Any]:
@@ -330,6 +333,7 @@ class OutputTimeout(WaitTimeout):
             "stderr": self.stderr,
             "returncode": self.returncode,
             "lost": self.lost,
+            "as_text": self.as_text,
         }
 
 

@@ -258,7 +258,16 @@ class GuestProcess:
             if ended or left <= 0:
                 rc = self.poll() if ended else None
                 shown = pattern if isinstance(pattern, str) else pattern.pattern  # as given, not escaped
-                raise OutputTimeout(shown, timeout, self.stdout, self.stderr, rc, self.lost if ended else "")
+                as_text = isinstance(pattern, str) and regex.pattern == re.escape(pattern)
+                raise OutputTimeout(
+                    shown,
+                    timeout,
+                    self.stdout,
+                    self.stderr,
+                    rc,
+                    self.lost if ended else "",
+                    as_text=as_text and bool(_REGEX_LIKE.search(shown)),
+                )
             # At most SEARCH_RATE looks a second: a chatty process wakes us per chunk.
             time.sleep(max(0.0, min(left, looked + 1 / SEARCH_RATE - time.monotonic())))
             with self._cond:
@@ -312,7 +321,11 @@ class GuestProcess:
 
 
 # Syntax that only a regular expression has: a str holding any of it is one.
-_REGEX_ONLY = re.compile(r"\\[dDsSwWbBAZ]|\.[*+?]|\(\?|^\^|(?<!\\)\$$")
+# Syntax that plain text rarely holds: an escape class, ``.*``, ``(?``, anchors,
+# a bracket class with a quantifier (``[0-9]+``) and ``a|b`` between words.
+_REGEX_ONLY = re.compile(r"\\[dDsSwWbBAZ]|\.[*+?]|\(\?|^\^|(?<!\\)\$$|\][*+?{]|\w\|\w")
+# What makes a str read as text worth a hint when it is not found.
+_REGEX_LIKE = re.compile(r"[\[\]()|*+?{}\\]")
 
 
 def _pattern(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
