@@ -503,10 +503,14 @@ def test_numbers_and_lists_in_a_pyproject_are_taken_as_toml_writes_them(pytester
             assert (spec.cpus, spec.memory_mb, spec.timeout) == (2, 640, 600.5)
             assert request.config.stash[STATE].manager.prestart == 0
             assert request.config.stash[IMAGES] == ("debian-bookworm", "debian-trixie")
+            assert request.config.getini("bottle_rebuild") is False
     """)
     native = "[tool.pytest]\nbottle_cpus = 2\nbottle_memory = 640\nbottle_timeout = 600.5\nbottle_prestart = 0\n"
-    pytester.makepyprojecttoml(native + 'bottle_image = "debian-bookworm,debian-trixie"\n')
+    pytester.makepyprojecttoml(native + 'bottle_image = "debian-bookworm,debian-trixie"\nbottle_rebuild = false\n')
     run(pytester).assert_outcomes(passed=1)
+    pytester.makepyprojecttoml(native + 'bottle_rebuild = "false"\n')  # a flag takes a TOML boolean only
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "bad bottle_rebuild" in result.stderr.str()
     # The older table: numbers reach pytest as strings, a list stays a list.
     pytester.makepyprojecttoml(native.replace("[tool.pytest]", "[tool.pytest.ini_options]").replace("600.5", '"600.5"')
                                + 'bottle_image = ["debian-bookworm", "debian-trixie"]\n')  # fmt: skip

@@ -203,6 +203,9 @@ def test_an_unknown_start_lists_known_names() -> None:
     with pytest.raises(ImageNotFound) as e:
         Image("no-such-image")
     assert "debian-bookworm" in e.value.known
+    for start in (5, None, b"debian-bookworm"):  # the documented SpecError, as for a step's arguments
+        with pytest.raises(SpecError, match="an Image starts from an image name or another Image"):
+            Image(start)  # type: ignore[arg-type]
 
 
 def test_a_spec_takes_an_image_or_a_name() -> None:
