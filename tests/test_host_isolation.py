@@ -319,6 +319,46 @@ def test_cache_root_checks(tmp_path: Path) -> None:
     os.chown(theirs, OTHER, OTHER)
     with pytest.raises(UnsafeDirectory, match=f"uid {OTHER}"):
         cache_root(theirs)
+    # A link of another user's to a directory of ours: they could point it
+    # anywhere later, and the mode fix would follow it (a root 0755 dir made 0700).
+    target = tmp_path / "target"
+    target.mkdir(mode=0o755)
+    target.chmod(0o755)
+    planted = tmp_path / "planted"
+    planted.symlink_to(target)
+    os.lchown(planted, OTHER, OTHER)
+    with pytest.raises(UnsafeDirectory, match=f"it is a symlink that belongs to uid {OTHER}"):
+        cache_root(planted)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+
+
+def test_a_group_writable_directory_above_is_refused_unless_the_group_is_ours_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever may write in a directory may rename what is in it: Debian's
+    /var/local is root:staff 2775, so anyone in staff could swap a cache or
+    state dir there for one of theirs (and plant records the sweep acts on)."""
+    from pytest_bottle.errors import UnsafeDirectory
+    from pytest_bottle.host.paths import cache_root, group_others, state_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, OTHER)  # a group this user is not in (nor has as its own)
+    shared.chmod(0o2775)
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(shared / "state"))
+    with pytest.raises(UnsafeDirectory, match=f"{shared}, is writable by group .*{OTHER}"):
+        cache_root(shared / "cache")
+    with pytest.raises(UnsafeDirectory, match=f"{shared}, is writable by group .*{OTHER}"):
+        state_dir()
+    assert not (shared / "cache").exists() and not (shared / "state").exists()
+    shared.chmod(0o3775)  # sticky: only an entry's owner may rename it
+    assert cache_root(shared / "cache") == shared / "cache"
+    own = tmp_path / "own"
+    own.mkdir()
+    os.chown(own, os.geteuid(), os.getegid())
+    own.chmod(0o775)  # the user's own group, nobody else in it (a user private group)
+    assert not group_others(os.getegid()), group_others(os.getegid())
+    assert cache_root(own / "cache") == own / "cache"
 
 
 # --- 2. bounded lock waits ----------------------------------------------------------------------------------------

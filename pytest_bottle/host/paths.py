@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import grp
 import json
 import logging
 import os
+import pwd
 import stat
 import tempfile
 from pathlib import Path
@@ -129,6 +131,8 @@ def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool 
         where = "" if e.filename in (None, str(path)) else f"{e.filename}: "
         raise UnsafeDirectory(str(path), f"it cannot be made ({where}{e.strerror})", hint) from None
     if stat.S_ISLNK(st.st_mode) and follow_symlink:
+        if st.st_uid not in (0, os.geteuid()):  # its owner could point it elsewhere at any time
+            raise UnsafeDirectory(str(path), f"it is a symlink that belongs to uid {st.st_uid}", hint)
         real = Path(os.path.realpath(path))
         _check_ancestors(real, hint)
         try:
@@ -151,9 +155,11 @@ def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool 
 
 def _check_ancestors(path: Path, hint: str) -> None:
     """Every directory above ``path`` must be root's or ours, and not open to
-    everyone for writing unless sticky (like /tmp).  A symlink among them
-    must be root's or ours too (in a sticky dir anyone may plant one), and
-    what it leads to is checked the same way."""
+    everyone for writing unless sticky (like /tmp), nor to a group with
+    anyone else in it (Debian's /var/local is root:staff 2775): whoever may
+    write in a directory may rename what is in it and put their own in its
+    place.  A symlink among them must be root's or ours too (in a sticky dir
+    anyone may plant one), and what it leads to is checked the same way."""
     euid = os.geteuid()
     linked = False
     for anc in path.parents:
@@ -170,10 +176,33 @@ def _check_ancestors(path: Path, hint: str) -> None:
             raise UnsafeDirectory(str(path), f"the directory above it, {anc}, belongs to uid {st.st_uid}", hint)
         if stat.S_ISLNK(st.st_mode):
             linked = True  # a link's own mode means nothing
-        elif st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        elif st.st_mode & stat.S_ISVTX:
+            pass  # only an entry's owner may rename it
+        elif st.st_mode & stat.S_IWOTH:
             raise UnsafeDirectory(str(path), f"the directory above it, {anc}, is writable by everyone", hint)
+        elif st.st_mode & stat.S_IWGRP and (why := group_others(st.st_gid)):
+            raise UnsafeDirectory(str(path), f"the directory above it, {anc}, is {why}", hint)
     if linked:  # the resolved parent and everything above it, links gone
         _check_ancestors(Path(os.path.realpath(path.parent)) / path.name, hint)
+
+
+@functools.lru_cache(maxsize=16)
+def group_others(gid: int) -> str:
+    """Why a directory group ``gid`` may write in is not this user's alone ("" if
+    it is: the user's own group, nobody else found in it)."""
+    try:
+        group = grp.getgrgid(gid)
+        name, members = f"{group.gr_name} (gid {gid})", set(group.gr_mem)
+    except KeyError:
+        name, members = f"gid {gid}", set()
+    me = os.geteuid()
+    others = {u.pw_name for u in pwd.getpwall() if u.pw_uid != me and (u.pw_gid == gid or u.pw_name in members)}
+    if others:
+        listed = ", ".join(sorted(others)[:5]) + (", ..." if len(others) > 5 else "")
+        return f"writable by group {name}, which has {listed} in it"
+    if gid != os.getegid():  # users of other sources (LDAP) need not be listed: only our own group is ours
+        return f"writable by group {name}, which is not this user's own group"
+    return ""
 
 
 def write_private(path: Path, data: str | bytes) -> None:
