@@ -62,9 +62,10 @@ class BottleReports:
         if first_failure:
             for b in self.item_bottles(item):
                 tail = "\n".join(_capped(line) for line in b.console_log.splitlines()[-CONSOLE_LINES:])
-                report.sections.append((f"bottle {b.name} console (last {CONSOLE_LINES} lines)", tail or "(empty)"))
+                tail = printable(tail) or "(empty)"
+                report.sections.append((f"bottle {b.name} console (last {CONSOLE_LINES} lines)", tail))
                 cmds = describe_history(list(b.history))  # a copy: commands may run on meanwhile
-                report.sections.append((f"bottle {b.name} last commands", cmds or "(none)"))
+                report.sections.append((f"bottle {b.name} last commands", printable(cmds) or "(none)"))
         if report.when == "teardown" and CLOSED in item.stash:  # items live all session: their consoles need not
             del item.stash[CLOSED]
         return report
@@ -112,3 +113,13 @@ def keep_message(b: Bottle) -> str:
         lines.append(f"  a shell:   bottle shell {b.name}")
     lines.append(f"  stop it:   bottle stop {b.name}")
     return "\n".join(lines)
+
+
+# Control characters but tab and newline, C1 included (0x9b starts a CSI too).
+_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
+
+
+def printable(text: str) -> str:
+    """Guest text as the terminal should show it: its escape sequences (a title,
+    a cleared screen, a forged verdict) written out as ``\\x1b``, not obeyed."""
+    return text.translate(_ESCAPED)

@@ -8,7 +8,9 @@ real bottles and act inside them as root.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import socket
 import threading
 import time
@@ -22,6 +24,7 @@ from pytest_bottle import bottle as bottle_mod
 from pytest_bottle.agent import streams
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient
+from pytest_bottle.agent.send import STALL_FLOOR
 from pytest_bottle.guest.frames import (
     CALL,
     CANCEL,
@@ -490,6 +493,63 @@ def test_concurrent_calls_share_the_channel_fairly(bottle: Bottle) -> None:
     t.join(300)
     assert len(out["value"].stdout) == 20000000  # type: ignore[attr-defined]
     assert small < 5, f"a small exec took {small:.1f} s beside a flood"
+
+
+def test_a_lone_surrogate_in_a_reply_is_written_out_not_raised_later(guest: Guest) -> None:
+    """JSON may escape half a UTF-16 pair; as a str it fails every encode (a
+    report, a pickle to the xdist controller) far from the call."""
+    t, out = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
+    rid, _ = guest.expect(CALL)
+    guest.send(frame(REPLY, rid, b'{"ok": false, "error": "disk full \\ud800"}'))
+    t.join(10)
+    err = out.get("error")
+    assert isinstance(err, AgentError) and str(err).endswith("disk full \\ud800"), out
+    assert str(pickle.loads(pickle.dumps(err))).encode() == str(err).encode()
+    t, out = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
+    rid, _ = guest.expect(CALL)
+    guest.send(frame(REPLY, rid, b'{"ok": true, "\\udfff": ["a\\udfff", {"b": "\\ud83d\\ude00 pair"}]}'))
+    t.join(10)
+    assert out.get("value") == {"ok": True, "\\udfff": ["a\\udfff", {"b": "\U0001f600 pair"}]}, out
+
+
+def test_a_guest_that_reads_nothing_fails_a_send_at_the_calls_timeout() -> None:
+    """Not a minute later (the socket's own bound): the upload waits on the
+    socket, not on credit (a window is more than a socketpair holds)."""
+    g = Guest()
+    g.hello()  # and then it reads nothing
+    t, out = _in_thread(lambda: g.chan.call("write", path="/x", data=iter([b"d" * CHUNK] * 16), timeout=1))
+    t.join(60)
+    err = out.get("error")
+    assert isinstance(err, AgentTimeout) and "the agent read nothing for 2 s" in str(err), out
+    assert float(out["seconds"]) < 1 + STALL_FLOOR + 2, out  # type: ignore[arg-type]
+    assert g.chan.broken  # a frame was cut: the channel cannot go on
+    g.close()
+
+
+def test_a_guest_that_reads_slowly_gets_the_whole_frame_past_the_deadline(guest: Guest) -> None:
+    """A deadline that passes while a frame is on its way does not cut it (that
+    would end the channel): the call times out, and the next call works."""
+    t, out = _in_thread(lambda: guest.chan.call("write", path="/x", data=iter([b"d" * CHUNK] * 4), timeout=0.5))
+    guest.expect(CALL)
+    guest.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    got, give_up = 0, time.monotonic() + 60
+    while t.is_alive() and time.monotonic() < give_up:  # 1 MiB at ~200 KB/s, 8 KiB at a time
+        time.sleep(0.04)
+        with contextlib.suppress(TimeoutError):
+            piece = guest.sock.recv(8192)
+            guest.buf += piece  # parsed as frames below
+            got += len(piece)
+    assert isinstance(out.get("error"), AgentTimeout) and got > CHUNK, (got, out)
+    assert float(out["seconds"]) > 2 and not guest.chan.broken, out  # type: ignore[arg-type]
+    t2, out2 = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
+    while True:
+        kind, rid2, payload = guest.recv()
+        if kind == CALL and b'"stat"' in payload:
+            break
+    guest.reply(rid2, mode=0o755, size=0, is_dir=True)
+    t2.join(10)
+    value = out2.get("value")
+    assert isinstance(value, dict) and value["ok"], out2
 
 
 def test_a_reply_that_is_not_an_object_is_a_protocol_error(guest: Guest) -> None:

@@ -116,6 +116,22 @@ def test_a_get_stream_waiting_for_its_reader_holds_parts_not_frames(guest: Hosti
     assert guest.still_answers()
 
 
+def test_a_get_whose_data_keeps_coming_ends_at_its_deadline(guest: HostileGuest) -> None:
+    """The deadline is checked on every read, not only when the reader has to
+    wait: a guest that streams as fast as the host writes is no way past it."""
+    data = bytes(range(256)) * 400
+    guest.answers["tar"] = _one_byte_frames(guest, data)
+    source = _FrameSource(AgentClient(guest.channel))
+    _, call = source.start("/srv")
+    assert call.done.wait(60)  # all of it is here: no read has to wait
+    with guest.channel.deadline(0.05):
+        assert source.read(100) == data[:100]
+        time.sleep(0.1)
+        with pytest.raises(AgentTimeout, match="get did not finish in time"):
+            source.read(100)
+    assert guest.still_answers()
+
+
 def test_stdin_to_an_agent_that_never_takes_it_ends_at_the_timeout(guest: HostileGuest) -> None:
     """Past the window (4 MiB) stdin waits for credit; a guest that gives none
     must not hold exec past its timeout and grace (it answers pings, so only a deadline ends it)."""

@@ -282,6 +282,8 @@ def test_failure_report_has_console_and_commands(pytester: pytest.Pytester) -> N
     pytester.makepyfile("""
         def test_fails(bottle):
             bottle.exec("echo preparing")
+            # A guest's escape sequences (a title, a cleared screen) shown, not obeyed.
+            bottle.exec("printf '\\033]0;pwned\\007\\033[2J' | tee /dev/console")
             assert bottle.exec("exit 3").ok
     """)
     result = run(pytester)
@@ -289,11 +291,14 @@ def test_failure_report_has_console_and_commands(pytester: pytest.Pytester) -> N
     result.stdout.fnmatch_lines(
         [
             "*bottle btl-* console (last 50 lines)*",
+            "*\\x1b]0;pwned\\x07\\x1b[[]2J*",
             "*bottle btl-* last commands*",
             "*[[]0] *echo preparing*",
+            "*\\x1b]0;pwned\\x07\\x1b[[]2J*",
             "*[[]3] *exit 3*",
         ]
     )
+    assert "\x1b" not in result.stdout.str()
 
 
 def test_a_teardown_failure_reports_the_bottle_once(pytester: pytest.Pytester) -> None:

@@ -471,6 +471,27 @@ def test_deep_names_are_refused(guest: HostileGuest, tmp_path: Path, host_file: 
     refused(guest, tmp_path, host_file, tar, "deeper than 128")
 
 
+def _with_size_field(header: bytes, field: bytes) -> bytes:
+    """A ustar header whose size field reads ``field``, its checksum made right."""
+    block = bytearray(header[:512])
+    block[124:136] = field.ljust(11, b" ") + b"\0"
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block) + header[512:]
+
+
+@pytest.mark.parametrize("field", [b"-1", b"-7777777777", b"+10", b"0o10", b"1_0"])
+def test_a_size_field_of_anything_but_octal_digits_is_refused(
+    guest: HostileGuest, tmp_path: Path, host_file: Path, field: bytes
+) -> None:
+    """int(text, 8) also takes a sign, "0o" and "_": a size of -1 ran the copy
+    loop backwards and was refused later for the wrong reason."""
+    info = tarfile.TarInfo("f")
+    info.mode = 0o644
+    tar = archive(_with_size_field(info.tobuf(tarfile.USTAR_FORMAT), field) + b"A" * 5000)
+    refused(guest, tmp_path, host_file, tar, "a malformed number in a header")
+
+
 def test_headers_count_toward_the_byte_limit(guest: HostileGuest, tmp_path: Path) -> None:
     serve_tree(guest, archive(*(member(f"f{i}") for i in range(300))))  # no data, 150 KiB of headers
     with pytest.raises(UnsafeTransfer, match="more than the limit of 100000 bytes"):

@@ -3,6 +3,7 @@ a host error: the parts of the channel that know nothing of the socket."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -59,3 +60,27 @@ def guest_error(reply: dict[str, Any], op: str) -> Exception:
     if reply.get("type") == "ValueError":  # a bad argument the guest could not honour (e.g. user=)
         return SpecError(msg.removeprefix("ValueError: "), f"{op}()")
     return AgentError(f"agent error during {op}: {msg}")
+
+
+# A JSON escape of a UTF-16 surrogate: ``json.loads`` makes a lone one a str
+# that cannot be encoded (a pair becomes one character and is fine).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def encodable(payload: bytes, value: Any) -> Any:
+    """``value`` (``json.loads(payload)``) with every lone surrogate a guest put
+    in its strings written as ``\\udXXX``: such a str raises ``UnicodeEncodeError``
+    wherever it is printed, pickled to an xdist controller or encoded."""
+    if not _SURROGATE_ESCAPE.search(payload):
+        return value  # the usual reply: one scan, nothing rebuilt
+    return _fix(value)
+
+
+def _fix(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list):
+        return [_fix(v) for v in value]
+    if isinstance(value, dict):
+        return {_fix(k): _fix(v) for k, v in value.items()}
+    return value

@@ -38,7 +38,8 @@ from ..guest.frames import (
     frame,
 )
 from . import resync
-from .calls import Call, ProtocolError, Sink, guest_error, lose
+from .calls import Call, ProtocolError, Sink, encodable, guest_error, lose
+from .send import SEND_TIMEOUT, send_all
 from .uploads import Uploads
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 GUEST_KINDS = frozenset({DATA, EOF, frames.STDOUT, frames.STDERR, frames.STARTED, REPLY, HELLO, CREDIT})
 IDLE = 2.0  # silence after which a waiting call pings the agent
 DEAD_AFTER = 30.0  # an agent that has not answered a ping this long is gone
-SEND_TIMEOUT = 60.0  # a guest that reads nothing of a frame this long is gone
 
 
 class AgentChannel(Uploads):
@@ -82,7 +82,7 @@ class AgentChannel(Uploads):
         self._tls = threading.local()
         self._shut = self._read_done = False  # close() was called; the reader ended (and closed the fd)
         self._fdlock = threading.Lock()  # close()'s shutdown against the reader's close of the descriptor
-        self.sock.settimeout(SEND_TIMEOUT)  # bounds sendall; the reader just reads on
+        self.sock.settimeout(SEND_TIMEOUT)  # bounds a send (see send_all); the reader just reads on
         self._reader = threading.Thread(target=self._read_loop, name=f"bottle-agent-{name}", daemon=True)
         self._reader.start()
 
@@ -98,7 +98,7 @@ class AgentChannel(Uploads):
         if self.broken:
             raise AgentError(f"agent channel of {self.name} is unusable: {self.broken}")
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data, self._thread_deadline())
         except BaseException as e:
             # Cut mid-frame (a signal, a test timeout, a guest that stopped
             # reading): the agent would read the next frame from the middle
@@ -108,6 +108,8 @@ class AgentChannel(Uploads):
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            if isinstance(e, TimeoutError):  # the guest took nothing: a timeout, and an AgentError
+                raise AgentTimeout(f"agent channel of {self.name} broke: {self.broken}") from None
             if isinstance(e, OSError):
                 raise AgentError(f"agent channel of {self.name} broke: {self.broken}") from None
             raise
@@ -217,7 +219,7 @@ class AgentChannel(Uploads):
         if not payload and kind in frames.STREAMS:  # carries nothing; a flood of them must cost nothing
             return
         if kind == REPLY:
-            reply = json.loads(payload)
+            reply = encodable(payload, json.loads(payload))
             if not isinstance(reply, dict):
                 raise ProtocolError(f"a REPLY that is not a JSON object: {payload[:80]!r}")
             call.reply = reply
@@ -287,12 +289,18 @@ class AgentChannel(Uploads):
             self._send_locked(frame(CALL, rid, payload))
         return rid, call
 
-    @contextlib.contextmanager
-    def deadline(self, timeout: float | None) -> Iterator[None]:
+    def deadline(self, timeout: float | None) -> contextlib.AbstractContextManager[None]:
         """Calls this thread makes inside raise AgentTimeout after ``timeout`` s
         (for helpers that take no timeout themselves: tree transfers)."""
-        old = getattr(self._tls, "deadline", None)
-        self._tls.deadline = None if timeout is None else time.monotonic() + timeout
+        return self._within(None if timeout is None else time.monotonic() + timeout)
+
+    @contextlib.contextmanager
+    def _within(self, deadline: float | None) -> Iterator[None]:
+        """This thread's deadline is ``deadline`` inside, or the one it had if
+        sooner; sends wait for a guest that reads nothing until then (``send_all``)."""
+        old = self._thread_deadline()
+        if deadline is not None:
+            self._tls.deadline = deadline if old is None else min(old, deadline)
         try:
             yield
         finally:
@@ -371,14 +379,15 @@ class AgentChannel(Uploads):
         """One call, its data sent and its reply awaited within ``timeout`` seconds
         (AgentTimeout; the call is cancelled)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        rid, call = self.start(op, sink, **args)
-        try:
-            if data is not None:
-                self.send_data(rid, data, deadline)
-            reply = self.wait(call, None if deadline is None else max(0.0, deadline - time.monotonic()), op)
-        except AgentTimeout:
-            self.forget(rid)
-            raise
+        with self._within(deadline):
+            rid, call = self.start(op, sink, **args)
+            try:
+                if data is not None:
+                    self.send_data(rid, data, deadline)
+                reply = self.wait(call, None if deadline is None else max(0.0, deadline - time.monotonic()), op)
+            except AgentTimeout:
+                self.forget(rid)
+                raise
         if reply is None:
             self.forget(rid)
             raise AgentTimeout(f"bottle {self.name}: the agent did not finish {op!r} within {timeout:g} s")

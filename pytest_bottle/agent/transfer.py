@@ -338,6 +338,8 @@ class _FrameSource:
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; b"" once the stream has ended."""
         while True:
+            if self.call is not None:  # a deadline, a dead agent (never while holding cond); also
+                self.channel.check(self.call, "get")  # while a guest streams on past the deadline
             with self.cond:
                 if not self.chunks and not (self.eof or self.dropping or self._finished()):
                     self.cond.wait(0.2)
@@ -352,8 +354,6 @@ class _FrameSource:
                     break
                 if self.eof or self.dropping or self._finished():
                     return b""
-            if self.call is not None:  # a deadline, a dead agent (never while holding cond)
-                self.channel.check(self.call, "get")
         if self.call is not None:
             self.channel.grant(self.rid, len(out))
         return bytes(out)

@@ -199,10 +199,9 @@ def _number(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:
         raise Refused("", "a negative number in a header")
     text = _cstr(field).strip(b" ")
-    try:
-        return int(text or b"0", 8)
-    except ValueError:
-        raise Refused("", f"a malformed number in a header: {text!r}") from None
+    if text.strip(b"01234567"):  # int() would also take a sign, "0o" and "_"
+        raise Refused("", f"a malformed number in a header: {text!r}")
+    return int(text or b"0", 8)
 
 
 def _decimal(text: bytes) -> int:
