@@ -184,9 +184,18 @@ def run_shell(
     tty_in = os.isatty(stdin)
     if tty_in:
         rows, cols = window_size(stdin)
-        rid, call = agent.start_pty(
-            argv, term=os.environ.get("TERM", "vt100"), rows=rows, cols=cols, sink=lambda k, d: _show(stdout, k, d)
-        )
+        # Raw before the guest can answer: output written while ours is still
+        # cooked gets its "\r\n" turned into "\r\r\n" (a command that fails at once).
+        saved = termios.tcgetattr(stdin)
+        tty.setraw(stdin)
+        try:
+            rid, call = agent.start_pty(
+                argv, term=os.environ.get("TERM", "vt100"), rows=rows, cols=cols, sink=lambda k, d: _show(stdout, k, d)
+            )
+        except BaseException:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+            raise
     else:
         rid, call = channel.start(
             "exec", lambda k, d: _show(stdout if k == STDOUT else stderr, k, d), argv=argv or LOGIN_SHELL, env={},
@@ -198,10 +207,8 @@ def run_shell(
     main = threading.current_thread() is threading.main_thread()  # only it may handle signals
     handlers = {signal.SIGWINCH: lambda *_: resized.put(1), signal.SIGHUP: _hang_up, signal.SIGTERM: _hang_up}
     old = {sig: signal.signal(sig, fn) for sig, fn in handlers.items()} if main else {}
-    saved = termios.tcgetattr(stdin) if tty_in else None
     try:
-        if saved is not None:
-            tty.setraw(stdin)
+        if tty_in:
             _relay(agent, rid, call, stdin, resized)
         else:
             while not call.done.wait(0.1):  # in steps: a signal handler runs between them
@@ -212,7 +219,7 @@ def run_shell(
     finally:
         if not call.done.is_set():  # the agent kills the shell (its pty call) on the cancel
             channel.forget(rid)
-        if saved is not None:
+        if tty_in:
             with contextlib.suppress(termios.error):  # a terminal that hung up
                 termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         for sig, handler in old.items():

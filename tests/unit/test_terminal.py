@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import gone as _gone
@@ -142,6 +143,30 @@ def test_run_shell_drives_a_guest_terminal_from_a_local_one(local: AgentClient) 
     finally:
         helper.join(20)
         signal.signal(signal.SIGHUP, old)
+        os.close(master)
+        os.close(slave)
+
+
+def test_run_shell_is_raw_before_the_guest_can_answer(local: AgentClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that fails at once answers before ``start_pty`` returns on a
+    loaded host (here it returns late on purpose): written to a terminal still
+    cooked, its "\\r\\n" came out as "\\r\\r\\n"."""
+    real = AgentClient.start_pty
+
+    def late(self: AgentClient, *args: Any, **kw: Any) -> Any:
+        started = real(self, *args, **kw)
+        time.sleep(1)  # the guest's answer arrives meanwhile
+        return started
+
+    monkeypatch.setattr(AgentClient, "start_pty", late)
+    master, slave = os.openpty()
+    try:
+        assert run_shell(local, ["no-such-command-x"], stdin=slave, stdout=slave) == 127
+        seen = bytearray()
+        while select.select([master], [], [], 0.5)[0]:
+            seen.extend(os.read(master, 4096))
+        assert seen.endswith(b"no-such-command-x: not found\r\n") and b"\r\r" not in seen, bytes(seen)
+    finally:
         os.close(master)
         os.close(slave)
 
