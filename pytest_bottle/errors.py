@@ -309,19 +309,22 @@ class OutputTimeout(WaitTimeout):
         stderr: str = "",
         returncode: int | None = None,
         lost: str = "",
-        as_text: bool = False,
+        read_as: str = "",
     ) -> None:
         self.pattern = pattern
         self.stdout = stdout
         self.stderr = stderr
         self.returncode = returncode
         self.lost = lost  # why it ended without an exit of its own (its bottle closed)
-        self.as_text = as_text  # a str with regex-like characters that was searched as text
+        self.read_as = read_as  # how a str was read: "text" (with regex-like characters), "regex", or ""
         ended = f"; the process ended ({returncode}) first" if returncode is not None else ""
         ended = f"; the process was lost first ({lost})" if lost else ended
         seen = f"stdout: {stdout[-1000:]!r}; stderr: {stderr[-1000:]!r}"
         super().__init__(f"output matching '{pattern}'", timeout, "")  # as given: repr doubles backslashes
-        hint = " (searched as text, as written: re.compile() makes it a regex)" if as_text else ""
+        hint = {
+            "text": " (searched as text, as written: re.compile() makes it a regex)",
+            "regex": " (read as a regular expression: re.escape() makes it text)",
+        }.get(read_as, "")
         self.message += f"{hint}{ended}; {seen}"
         self.args = (self.message,)
 
@@ -333,7 +336,7 @@ class OutputTimeout(WaitTimeout):
             "stderr": self.stderr,
             "returncode": self.returncode,
             "lost": self.lost,
-            "as_text": self.as_text,
+            "read_as": self.read_as,
         }
 
 

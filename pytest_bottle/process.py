@@ -229,8 +229,9 @@ class GuestProcess:
         return the match.  A compiled regex is searched as it is; a str as
         written, unless it holds syntax only a regex has (``\\d``, ``\\s``,
         ``\\w``, ``\\b``, ``.*``, ``.+``, ``.?``, ``(?``, a leading ``^`` or a
-        trailing ``$``): then it is a regex (line anchors per line).  One that
-        matches an empty string is a ``SpecError``.  Raises ``OutputTimeout``
+        trailing ``$``) or that text rarely has (``[0-9]+``, ``ready|started``;
+        not if it would match an empty string): then it is a regex (line
+        anchors per line).  One that matches an empty string is a ``SpecError``.  Raises ``OutputTimeout``
         (a ``WaitTimeout``) with the output seen, after ``timeout`` s or at
         once when the process ends without it.  The match is made in the part
         of the output searched then: its groups are what counts, its
@@ -258,7 +259,9 @@ class GuestProcess:
             if ended or left <= 0:
                 rc = self.poll() if ended else None
                 shown = pattern if isinstance(pattern, str) else pattern.pattern  # as given, not escaped
-                as_text = isinstance(pattern, str) and regex.pattern == re.escape(pattern)
+                read_as = ""  # a compiled pattern: as the user made it
+                if isinstance(pattern, str):
+                    read_as = "text" if regex.pattern == re.escape(pattern) else "regex"
                 raise OutputTimeout(
                     shown,
                     timeout,
@@ -266,7 +269,7 @@ class GuestProcess:
                     self.stderr,
                     rc,
                     self.lost if ended else "",
-                    as_text=as_text and bool(_REGEX_LIKE.search(shown)),
+                    read_as="" if read_as == "text" and not _REGEX_LIKE.search(shown) else read_as,
                 )
             # At most SEARCH_RATE looks a second: a chatty process wakes us per chunk.
             time.sleep(max(0.0, min(left, looked + 1 / SEARCH_RATE - time.monotonic())))
@@ -320,10 +323,12 @@ class GuestProcess:
             log.debug("%r did not end after SIGKILL: %s", self, e)
 
 
-# Syntax that only a regular expression has: a str holding any of it is one.
-# Syntax that plain text rarely holds: an escape class, ``.*``, ``(?``, anchors,
-# a bracket class with a quantifier (``[0-9]+``) and ``a|b`` between words.
-_REGEX_ONLY = re.compile(r"\\[dDsSwWbBAZ]|\.[*+?]|\(\?|^\^|(?<!\\)\$$|\][*+?{]|\w\|\w")
+# Syntax only a regular expression has: a str holding any of it is one.
+_REGEX_ONLY = re.compile(r"\\[dDsSwWbBAZ]|\.[*+?]|\(\?|^\^|(?<!\\)\$$")
+# Syntax plain text rarely has (a bracket class with a quantifier, ``[0-9]+``;
+# a bar between words, ``ready|started``): a regex if it compiles to one that
+# cannot match an empty string (``"| a|b |"`` stays the table row it is).
+_REGEX_LIKELY = re.compile(r"\][*+?{]|\w\|\w")
 # What makes a str read as text worth a hint when it is not found.
 _REGEX_LIKE = re.compile(r"[\[\]()|*+?{}\\]")
 
@@ -331,8 +336,9 @@ _REGEX_LIKE = re.compile(r"[\[\]()|*+?{}\\]")
 def _pattern(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
     """What ``wait_for_output`` searches for.  A compiled regex as it is; a
     str as written, unless it holds syntax only a regex has (``\\d``, ``.*``,
-    ``(?``, a leading ``^``...), which makes it a regex (DESIGN's "text or
-    regex"): ``"[100%]"`` stays text, ``r"port (\\d+)"`` is a regex."""
+    ``(?``, a leading ``^``...) or one that text rarely has (``[0-9]+``,
+    ``a|b``), which makes it a regex (DESIGN's "text or regex"): ``"[100%]"``
+    stays text, ``r"port (\\d+)"`` is a regex."""
     if isinstance(pattern, re.Pattern):
         if not isinstance(pattern.pattern, str):
             raise TypeError("wait_for_output matches text: give a str or a compiled str regex, not bytes")
@@ -340,14 +346,18 @@ def _pattern(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
     if not isinstance(pattern, str):
         kind = "bytes" if isinstance(pattern, bytes) else type(pattern).__name__
         raise TypeError(f"wait_for_output matches text: give a str or a compiled str regex, not {kind}")
-    regex = re.compile(re.escape(pattern))
-    if _REGEX_ONLY.search(pattern):
+    text = re.compile(re.escape(pattern))
+    regex = text
+    surely = bool(_REGEX_ONLY.search(pattern))
+    if surely or _REGEX_LIKELY.search(pattern):
         try:
             with warnings.catch_warnings():  # "possible nested set": a user's -W error must not make it text
                 warnings.simplefilter("ignore")
                 regex = re.compile(pattern, re.MULTILINE)
         except (re.error, RecursionError, OverflowError):
             pass  # no valid regex after all: the text as written
+        if not surely and regex.fullmatch(""):
+            regex = text
     if regex.fullmatch(""):
         raise SpecError(f"wait_for_output: {pattern!r} matches an empty string, so it would match at once")
     return regex

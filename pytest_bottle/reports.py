@@ -3,6 +3,7 @@ bottles kept by ``--bottle-keep`` (registered by ``plugin.pytest_configure``).""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Generator
 from typing import Any
 
@@ -119,7 +120,11 @@ def keep_message(b: Bottle) -> str:
 _ESCAPED = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
 
 
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # systemd's [FAILED] and the like: readable without
+
+
 def printable(text: str) -> str:
-    """Guest text as the terminal should show it: its escape sequences (a title,
-    a cleared screen, a forged verdict) written out as ``\\x1b``, not obeyed."""
-    return text.translate(_ESCAPED)
+    """Guest text as the terminal should show it: colours dropped, the other
+    escape sequences (a title, a cleared screen, a forged verdict) written out
+    as ``\\x1b``, not obeyed."""
+    return _COLOUR.sub("", text).translate(_ESCAPED)

@@ -6,8 +6,10 @@ Another uid is reached with ``setpriv --reuid``: 65534 (``nobody``) and
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -332,6 +334,7 @@ def test_cache_root_checks(tmp_path: Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
 
 
+@needs_root
 def test_a_group_writable_directory_above_is_refused_unless_the_group_is_ours_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -353,12 +356,18 @@ def test_a_group_writable_directory_above_is_refused_unless_the_group_is_ours_al
     assert not (shared / "cache").exists() and not (shared / "state").exists()
     shared.chmod(0o3775)  # sticky: only an entry's owner may rename it
     assert cache_root(shared / "cache") == shared / "cache"
+    group_others.cache_clear()  # what this host's database said before
     own = tmp_path / "own"
     own.mkdir()
     os.chown(own, os.geteuid(), os.getegid())
     own.chmod(0o775)  # the user's own group, nobody else in it (a user private group)
-    assert not group_others(os.getegid()), group_others(os.getegid())
-    assert cache_root(own / "cache") == own / "cache"
+    monkeypatch.setattr(pwd, "getpwall", lambda: [pwd.getpwuid(os.geteuid())])  # whatever this host's users
+    monkeypatch.setattr(grp, "getgrgid", lambda gid: grp.struct_group(("mine", "x", gid, [])))
+    group_others.cache_clear()
+    try:
+        assert cache_root(own / "cache") == own / "cache"
+    finally:
+        group_others.cache_clear()
 
 
 # --- 2. bounded lock waits ----------------------------------------------------------------------------------------

@@ -12,13 +12,12 @@ When the socket closes (QEMU died) every waiting call fails at once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import AgentError, AgentTimeout, SpecError
@@ -39,7 +38,7 @@ from ..guest.frames import (
 )
 from . import resync
 from .calls import Call, ProtocolError, Sink, encodable, guest_error, lose
-from .send import SEND_TIMEOUT, send_all
+from .send import SEND_TIMEOUT, Deadlines, Stalled, send_all
 from .uploads import Uploads
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ IDLE = 2.0  # silence after which a waiting call pings the agent
 DEAD_AFTER = 30.0  # an agent that has not answered a ping this long is gone
 
 
-class AgentChannel(Uploads):
+class AgentChannel(Deadlines, Uploads):
     def __init__(
         self, sock: socket.socket, name: str = "bottle", idle: float = IDLE, dead_after: float = DEAD_AFTER
     ) -> None:
@@ -99,20 +98,27 @@ class AgentChannel(Uploads):
             raise AgentError(f"agent channel of {self.name} is unusable: {self.broken}")
         try:
             send_all(self.sock, data, self._thread_deadline())
+        except Stalled as e:
+            if not e.sent:  # none of it went: the stream is whole, only this call fails
+                raise AgentTimeout(f"bottle {self.name}: {e}") from None
+            self._break(e)
+            raise AgentTimeout(f"agent channel of {self.name} broke: {self.broken}") from None
         except BaseException as e:
-            # Cut mid-frame (a signal, a test timeout, a guest that stopped
-            # reading): the agent would read the next frame from the middle
-            # of this one.  Give up on the channel rather than let later calls hang.
-            self.broken = f"a write failed or was interrupted ({type(e).__name__}: {e})"
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            if isinstance(e, TimeoutError):  # the guest took nothing: a timeout, and an AgentError
-                raise AgentTimeout(f"agent channel of {self.name} broke: {self.broken}") from None
+            self._break(e)
             if isinstance(e, OSError):
                 raise AgentError(f"agent channel of {self.name} broke: {self.broken}") from None
             raise
+
+    def _break(self, e: BaseException) -> None:
+        """Cut mid-frame (a signal, a test timeout, a guest that stopped
+        reading): the agent would read the next frame from the middle of this
+        one.  Give up on the channel rather than let later calls hang."""
+        self.broken = f"a write failed or was interrupted ({type(e).__name__}: {e})"
+        self.closing = self.closing or self.broken  # what later calls read, not "the VM closed it"
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _named(self, why: str) -> str:
         """``why`` with the bottle's name first, once ("bottle NAME was closed" has it)."""
@@ -219,7 +225,9 @@ class AgentChannel(Uploads):
         if not payload and kind in frames.STREAMS:  # carries nothing; a flood of them must cost nothing
             return
         if kind == REPLY:
-            reply = encodable(payload, json.loads(payload))
+            # Strict UTF-8 first: json.loads of bytes would also take UTF-16 and
+            # surrogates encoded as UTF-8, which no escape check sees.
+            reply = encodable(payload, json.loads(payload.decode("utf-8")))
             if not isinstance(reply, dict):
                 raise ProtocolError(f"a REPLY that is not a JSON object: {payload[:80]!r}")
             call.reply = reply
@@ -286,28 +294,13 @@ class AgentChannel(Uploads):
                 rid = self._next_id
                 self._next_id += 1
                 call = self._calls[rid] = Call(rid, sink, auto_credit)
-            self._send_locked(frame(CALL, rid, payload))
+            try:
+                self._send_locked(frame(CALL, rid, payload))
+            except BaseException:  # not sent (or the channel is gone): nothing will answer it
+                with self._lock:
+                    self._calls.pop(rid, None)
+                raise
         return rid, call
-
-    def deadline(self, timeout: float | None) -> contextlib.AbstractContextManager[None]:
-        """Calls this thread makes inside raise AgentTimeout after ``timeout`` s
-        (for helpers that take no timeout themselves: tree transfers)."""
-        return self._within(None if timeout is None else time.monotonic() + timeout)
-
-    @contextlib.contextmanager
-    def _within(self, deadline: float | None) -> Iterator[None]:
-        """This thread's deadline is ``deadline`` inside, or the one it had if
-        sooner; sends wait for a guest that reads nothing until then (``send_all``)."""
-        old = self._thread_deadline()
-        if deadline is not None:
-            self._tls.deadline = deadline if old is None else min(old, deadline)
-        try:
-            yield
-        finally:
-            self._tls.deadline = old
-
-    def _thread_deadline(self) -> float | None:
-        return getattr(self._tls, "deadline", None)
 
     def check(self, call: Call, op: str = "") -> None:
         """For a thread waiting on a call's data: raise if the thread's deadline
@@ -399,7 +392,7 @@ class AgentChannel(Uploads):
         self._shut = True
         with self._fdlock:
             if not self._read_done:
-                try:  # wakes the reader, and a sender blocked in sendall
+                try:  # wakes the reader, and a sender waiting in send_all
                     self.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass

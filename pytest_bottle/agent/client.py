@@ -58,7 +58,8 @@ class AgentClient:
         return self.channel.name
 
     def deadline(self, timeout: float | None) -> contextlib.AbstractContextManager[None]:
-        """Calls this thread makes inside raise ``AgentTimeout`` after ``timeout`` s."""
+        """Calls this thread makes inside raise ``AgentTimeout`` after ``timeout`` s
+        (or at a sooner deadline the thread already has)."""
         return self.channel.deadline(timeout)
 
     # -- identity -----------------------------------------------------------

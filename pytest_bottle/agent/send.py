@@ -3,12 +3,26 @@ guest takes nothing, not by how long a big frame takes to go through."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import select
 import socket
+import threading
 import time
+from collections.abc import Iterator
 
-SEND_TIMEOUT = 60.0  # a guest that reads nothing of a frame this long is gone
-STALL_FLOOR = 2.0  # past a call's deadline, how long a guest may still read nothing
+SEND_TIMEOUT = 60.0  # a guest that takes nothing of a frame this long is gone
+STALL_FLOOR = 2.0  # past a call's deadline, how long a guest may still take nothing
+_LOOK = 100  # ms between tries: a Unix socket says POLLOUT only once it has drained a lot
+
+
+class Stalled(TimeoutError):
+    """The guest took nothing for the stall limit; ``sent`` bytes of the frame
+    went (none: the stream is still at a frame boundary)."""
+
+    def __init__(self, limit: float, sent: int) -> None:
+        super().__init__(f"the agent took nothing for {limit:.0f} s")
+        self.sent = sent
 
 
 def stall_limit(deadline: float | None) -> float:
@@ -22,14 +36,55 @@ def stall_limit(deadline: float | None) -> float:
 
 
 def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
-    """``sock.sendall(data)``, raising ``TimeoutError`` once the guest has taken
-    nothing for ``stall_limit(deadline)`` s; a guest that keeps reading, however
-    slowly, gets the whole frame (``sendall``'s own timeout is one total)."""
+    """``sock.sendall(data)`` (a socket with a timeout: its descriptor does not
+    block), raising ``Stalled`` once the guest has taken nothing for
+    ``stall_limit(deadline)`` s.  A guest that keeps reading, however slowly,
+    gets the whole frame (``sendall``'s own timeout is one for the whole)."""
     view = memoryview(data)
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLOUT)
+    fd = sock.fileno()
+    poller: select.poll | None = None
+    progress = time.monotonic()
     while view:
+        try:
+            sent = os.write(fd, view)
+        except BlockingIOError:
+            sent = 0
+        if sent:
+            view = view[sent:]
+            progress = time.monotonic()
+            continue
         limit = stall_limit(deadline)
-        if not poller.poll(limit * 1000):
-            raise TimeoutError(f"the agent read nothing for {limit:.0f} s")
-        view = view[sock.send(view) :]
+        if time.monotonic() - progress >= limit:
+            raise Stalled(limit, len(data) - len(view))
+        if poller is None:
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+        poller.poll(_LOOK)
+
+
+class Deadlines:
+    """A thread's deadline for the calls it makes (mixed into ``AgentChannel``):
+    waits raise ``AgentTimeout`` at it, and sends give up on a guest that takes
+    nothing by then (``send_all``)."""
+
+    _tls: threading.local
+
+    def deadline(self, timeout: float | None) -> contextlib.AbstractContextManager[None]:
+        """Calls this thread makes inside raise AgentTimeout after ``timeout`` s
+        (for helpers that take no timeout themselves: tree transfers); a sooner
+        deadline the thread already has stays, and ``None`` adds none."""
+        return self._within(None if timeout is None else time.monotonic() + timeout)
+
+    @contextlib.contextmanager
+    def _within(self, deadline: float | None) -> Iterator[None]:
+        """This thread's deadline is ``deadline`` inside, or the one it had if sooner."""
+        old = self._thread_deadline()
+        if deadline is not None:
+            self._tls.deadline = deadline if old is None else min(old, deadline)
+        try:
+            yield
+        finally:
+            self._tls.deadline = old
+
+    def _thread_deadline(self) -> float | None:
+        return getattr(self._tls, "deadline", None)

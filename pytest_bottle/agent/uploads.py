@@ -4,6 +4,7 @@ terminal's keys), sent only as fast as the agent's window allows: mixed into
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterable
@@ -30,12 +31,17 @@ class Uploads:
     def _thread_deadline(self) -> float | None:
         raise NotImplementedError
 
+    def _within(self, deadline: float | None) -> contextlib.AbstractContextManager[None]:
+        raise NotImplementedError
+
     def send_data_frame(self, rid: int, chunk: bytes, deadline: float | None = None) -> None:
         """Send ``chunk`` as DATA once the agent has room for it (raises CallOver
         if the call ended meanwhile, AgentTimeout at ``deadline``)."""
         deadline = deadline if deadline is not None else self._thread_deadline()
         for i in range(0, len(chunk), CHUNK):
             piece = chunk[i : i + CHUNK]
+            if deadline is not None and time.monotonic() >= deadline:  # credit to spare is no licence to go on
+                raise AgentTimeout(f"bottle {self.name}: the agent took no more data before the deadline")
             with self._lock:
                 while True:
                     call = self._calls.get(rid)
@@ -53,7 +59,8 @@ class Uploads:
                             self._check_alive("a transfer")
                         finally:
                             self._lock.acquire()
-            self._send(frame(DATA, rid, piece))
+            with self._within(deadline):  # a guest that takes nothing of it fails it then, not 60 s later
+                self._send(frame(DATA, rid, piece))
 
     def send_data(self, rid: int, chunks: Iterable[bytes], deadline: float | None = None) -> None:
         """Stream ``chunks`` then EOF, within the agent's window; stop quietly if

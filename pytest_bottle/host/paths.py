@@ -189,19 +189,25 @@ def _check_ancestors(path: Path, hint: str) -> None:
 @functools.lru_cache(maxsize=16)
 def group_others(gid: int) -> str:
     """Why a directory group ``gid`` may write in is not this user's alone ("" if
-    it is: the user's own group, nobody else found in it)."""
+    it is: the user's own group, nobody else found in it; root does not count)."""
     try:
         group = grp.getgrgid(gid)
         name, members = f"{group.gr_name} (gid {gid})", set(group.gr_mem)
     except KeyError:
         name, members = f"gid {gid}", set()
+    if gid != os.getegid():  # a directory service need not list its users: only our own group is ours
+        return f"writable by group {name}, which is not this user's own group"
     me = os.geteuid()
-    others = {u.pw_name for u in pwd.getpwall() if u.pw_uid != me and (u.pw_gid == gid or u.pw_name in members)}
+    try:
+        own = {pwd.getpwuid(me).pw_name, "root"}
+    except KeyError:
+        own = {"root"}
+    # Members as the group lists them (all of them, listed or not in passwd),
+    # and the users whose own group it is (asked only for this user's group).
+    others = (members - own) | {u.pw_name for u in pwd.getpwall() if u.pw_gid == gid and u.pw_uid not in (me, 0)}
     if others:
         listed = ", ".join(sorted(others)[:5]) + (", ..." if len(others) > 5 else "")
         return f"writable by group {name}, which has {listed} in it"
-    if gid != os.getegid():  # users of other sources (LDAP) need not be listed: only our own group is ours
-        return f"writable by group {name}, which is not this user's own group"
     return ""
 
 

@@ -65,3 +65,12 @@ def test_summary_names_the_hosts_that_ran_bottles() -> None:
     lost = summary_line([WorkerHost("gw0", a, 1), WorkerHost("gw1", None)], None)
     assert lost == "bottles ran on: alpha (gw0: 1), unknown (gw1: went down without a report)"
     assert summary_line([WorkerHost("gw0", a, 0)], a) is None
+
+
+def test_a_sweep_reports_counts_apart_from_what_it_left() -> None:
+    report = SweepReport()
+    report.vms.append("a")
+    report.paths.extend(["p; with a semicolon", "q"])
+    report.skip("/x; y", "owned by uid 5")
+    assert report.counts() == "swept 1 VM record(s), 0 process(es), 0 lease(s), 2 path(s)"
+    assert report.summary() == f"{report.counts()}; left 1 it may not touch: /x; y: owned by uid 5"

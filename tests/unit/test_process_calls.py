@@ -248,19 +248,21 @@ def test_wait_for_output_takes_a_str_as_text_unless_it_holds_regex_only_syntax(l
         assert p.wait_for_output("port 8123 (", 1).group(0) == "port 8123 ("  # no regex at all: text
         with pytest.raises(OutputTimeout) as e:
             p.wait_for_output(r"port \d{5}", 0.3)
-        assert e.value.pattern == r"port \d{5}" and not e.value.as_text
+        assert e.value.pattern == r"port \d{5}" and e.value.read_as == "regex"
+        assert "read as a regular expression: re.escape() makes it text" in str(e.value)
         # A bracket class with a quantifier, and words either side of a bar: regexes.
         assert p.wait_for_output("port [0-9]+ [(]", 1).group(0) == "port 8123 ("
         assert p.wait_for_output("nothing|ready", 1).group(0) == "ready"
         assert p.wait_for_output("yet|Serving", 1).group(0) == "yet"
-        for text in ("[2026-12-01]", "a | b", "file(s)", "[100%]"):  # what the docs name as text
+        # What the docs name as text; a bar or class that would match an empty string stays text too.
+        for text in ("[2026-12-01]", "a | b", "file(s)", "[100%]", "| col1|col2 |", "[WARN]*"):
             assert _pattern(text).pattern == re.escape(text), text
         with pytest.raises(OutputTimeout, match=r"searched as text, as written: re.compile\(\) makes it a regex") as e:
             p.wait_for_output("port [0-9]{6}(", 0.3)  # no valid regex: text, and the error says so
-        assert e.value.as_text and pickle.loads(pickle.dumps(e.value)).as_text
+        assert e.value.read_as == "text" and pickle.loads(pickle.dumps(e.value)).read_as == "text"
         with pytest.raises(OutputTimeout) as e:
             p.wait_for_output("no such line", 0.3)
-        assert not e.value.as_text and "searched as text" not in str(e.value)
+        assert not e.value.read_as and "searched as text" not in str(e.value)
         for empty in ("", r"\d*", "^"):  # would match before anything was printed
             with pytest.raises(SpecError, match="matches an empty string"):
                 p.wait_for_output(empty, 1)
