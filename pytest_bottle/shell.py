@@ -182,44 +182,39 @@ def run_shell(
     input_failed, input_done = threading.Event(), threading.Event()
     feeder: threading.Thread | None = None
     tty_in = os.isatty(stdin)
-    if tty_in:
-        rows, cols = window_size(stdin)
-        # Raw before the guest can answer: output written while ours is still
-        # cooked gets its "\r\n" turned into "\r\r\n" (a command that fails at once).
-        saved = termios.tcgetattr(stdin)
-        tty.setraw(stdin)
-        try:
-            rid, call = agent.start_pty(
-                argv, term=os.environ.get("TERM", "vt100"), rows=rows, cols=cols, sink=lambda k, d: _show(stdout, k, d)
-            )
-        except BaseException:
-            with contextlib.suppress(termios.error):
-                termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
-            raise
-    else:
-        rid, call = channel.start(
-            "exec", lambda k, d: _show(stdout if k == STDOUT else stderr, k, d), argv=argv or LOGIN_SHELL, env={},
-            cwd=None, user=None, timeout=None, stdin=True,
-        )  # fmt: skip
-        feeder = threading.Thread(target=_feed, args=(channel, rid, stdin, stderr, input_failed, input_done))
-        feeder.start()
+    saved = termios.tcgetattr(stdin) if tty_in else None
     resized: queue.SimpleQueue[int] = queue.SimpleQueue()
     main = threading.current_thread() is threading.main_thread()  # only it may handle signals
     handlers = {signal.SIGWINCH: lambda *_: resized.put(1), signal.SIGHUP: _hang_up, signal.SIGTERM: _hang_up}
+    # From here on a SIGHUP or SIGTERM ends this function, the terminal put back.
     old = {sig: signal.signal(sig, fn) for sig, fn in handlers.items()} if main else {}
+    call: Call | None = None
     try:
         if tty_in:
+            # Raw before the guest can answer: output written while ours is still
+            # cooked gets its "\r\n" turned into "\r\r\n" (a command that fails at once).
+            tty.setraw(stdin)
+            rows, cols = window_size(stdin)
+            rid, call = agent.start_pty(
+                argv, term=os.environ.get("TERM", "vt100"), rows=rows, cols=cols, sink=lambda k, d: _show(stdout, k, d)
+            )
             _relay(agent, rid, call, stdin, resized)
         else:
+            rid, call = channel.start(
+                "exec", lambda k, d: _show(stdout if k == STDOUT else stderr, k, d), argv=argv or LOGIN_SHELL,
+                env={}, cwd=None, user=None, timeout=None, stdin=True,
+            )  # fmt: skip
+            feeder = threading.Thread(target=_feed, args=(channel, rid, stdin, stderr, input_failed, input_done))
+            feeder.start()
             while not call.done.wait(0.1):  # in steps: a signal handler runs between them
                 channel.check(call, "shell")
         reply = channel.wait(call, 0, "shell") or {}
     except _HungUp as e:
         return 128 + e.signum
     finally:
-        if not call.done.is_set():  # the agent kills the shell (its pty call) on the cancel
+        if call is not None and not call.done.is_set():  # the agent kills the shell (its pty call) on the cancel
             channel.forget(rid)
-        if tty_in:
+        if saved is not None:
             with contextlib.suppress(termios.error):  # a terminal that hung up
                 termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         for sig, handler in old.items():

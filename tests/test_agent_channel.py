@@ -548,25 +548,43 @@ def test_a_frame_of_which_nothing_went_fails_its_call_not_the_channel() -> None:
     g.close()
 
 
+def test_a_cancel_that_cannot_go_breaks_the_channel_within_the_deadline() -> None:
+    """Data not taken fails its call; the cancel owed to the agent then cannot
+    go either, and a lost cancel would leave the guest's side running: the
+    channel breaks, at the stdin's deadline (exec's), not 60 s per frame later."""
+    g = Guest()
+    g.hello()
+    rid, _ = g.chan.start("exec", argv=["cat"], stdin=True)
+    g.expect(CALL)
+    with contextlib.suppress(BlockingIOError):  # then it takes nothing more
+        while True:
+            os.write(g.chan.sock.fileno(), bytes(1))
+    started = time.monotonic()
+    with pytest.raises(AgentTimeout, match="broke: .*took nothing for 2 s"):
+        g.chan.send_data(rid, [b"input"], deadline=time.monotonic() + 0.5)
+    assert time.monotonic() - started < 2 * STALL_FLOOR + 3
+    assert g.chan.broken
+    g.close()
+
+
 def test_a_guest_that_reads_slowly_gets_the_whole_frame_past_the_deadline(guest: Guest) -> None:
     """A deadline that passes while a frame is on its way does not cut it (that
     would end the channel): the call times out, and the next call works."""
-    t, out = _in_thread(lambda: guest.chan.call("write", path="/x", data=iter([b"d" * CHUNK] * 2), timeout=0.2))
+    t, out = _in_thread(lambda: guest.chan.call("write", path="/x", data=iter([b"d" * CHUNK] * 2), timeout=0.1))
     guest.expect(CALL)
     got, give_up = 0, time.monotonic() + 60
-    # ~80 KB/s, 4 KiB at a time.  (A Unix socket frees the writer's room a
-    # buffer of ~36 KB at a time, once read whole: much slower, and the writer
-    # sees no progress for seconds, as from a guest that reads nothing.)
+    # ~40 KB/s, 2 KiB at a time: the writer sees room freed a write (16 KiB)
+    # at a time, every ~0.4 s, well within the 2 s a guest taking nothing gets.
     while t.is_alive() and time.monotonic() < give_up:
         time.sleep(0.05)
         with contextlib.suppress(TimeoutError):
-            piece = guest.sock.recv(4096)
+            piece = guest.sock.recv(2048)
             guest.buf += piece  # parsed as frames below
             got += len(piece)
     # The frame in flight at the deadline went whole (~50 KB past what the
     # socket holds, well after the deadline), no later one began, the channel goes on.
     assert isinstance(out.get("error"), AgentTimeout), (got, out)
-    assert float(out["seconds"]) > 0.4 and not guest.chan.broken, out  # type: ignore[arg-type]
+    assert float(out["seconds"]) > 0.3 and not guest.chan.broken, out  # type: ignore[arg-type]
     assert got < 2 * CHUNK, got
     t2, out2 = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
     while True:

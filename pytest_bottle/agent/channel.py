@@ -87,11 +87,14 @@ class AgentChannel(Deadlines, Uploads):
 
     # -- plumbing -----------------------------------------------------------
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, *, confined: bool = False) -> None:
         with self._wlock:
-            self._send_locked(data)
+            self._send_locked(data, confined=confined)
 
-    def _send_locked(self, data: bytes) -> None:  # the caller holds _wlock
+    def _send_locked(self, data: bytes, *, confined: bool = False) -> None:  # the caller holds _wlock
+        """``confined``: only its call suffers its loss (a CALL; DATA, which a
+        CANCEL follows): if none of it went, that call alone fails.  Any other
+        (a CREDIT, CANCEL, EOF owed to the agent) breaks the channel."""
         if self._shut or self._read_done:
             raise self._closed_error()
         if self.broken:
@@ -99,7 +102,7 @@ class AgentChannel(Deadlines, Uploads):
         try:
             send_all(self.sock, data, self._thread_deadline())
         except Stalled as e:
-            if not e.sent:  # none of it went: the stream is whole, only this call fails
+            if confined and not e.sent:  # none of it went: the stream is whole
                 raise AgentTimeout(f"bottle {self.name}: {e}") from None
             self._break(e)
             raise AgentTimeout(f"agent channel of {self.name} broke: {self.broken}") from None
@@ -295,7 +298,7 @@ class AgentChannel(Deadlines, Uploads):
                 self._next_id += 1
                 call = self._calls[rid] = Call(rid, sink, auto_credit)
             try:
-                self._send_locked(frame(CALL, rid, payload))
+                self._send_locked(frame(CALL, rid, payload), confined=True)
             except BaseException:  # not sent (or the channel is gone): nothing will answer it
                 with self._lock:
                     self._calls.pop(rid, None)

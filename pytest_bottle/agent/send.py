@@ -14,6 +14,9 @@ from collections.abc import Iterator
 SEND_TIMEOUT = 60.0  # a guest that takes nothing of a frame this long is gone
 STALL_FLOOR = 2.0  # past a call's deadline, how long a guest may still take nothing
 _LOOK = 100  # ms between tries: a Unix socket says POLLOUT only once it has drained a lot
+# A write at a time: a Unix socket frees the writer's room a whole write at a
+# time, once the reader has taken all of it; smaller ones show progress sooner.
+_PIECE = 16 * 1024
 
 
 class Stalled(TimeoutError):
@@ -46,7 +49,7 @@ def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
     progress = time.monotonic()
     while view:
         try:
-            sent = os.write(fd, view)
+            sent = os.write(fd, view[:_PIECE])
         except BlockingIOError:
             sent = 0
         if sent:

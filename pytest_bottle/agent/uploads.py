@@ -22,7 +22,7 @@ class Uploads:
     _credit: threading.Condition
     _calls: dict[int, Call]
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, *, confined: bool = False) -> None:
         raise NotImplementedError
 
     def _check_alive(self, op: str) -> None:
@@ -60,29 +60,31 @@ class Uploads:
                         finally:
                             self._lock.acquire()
             with self._within(deadline):  # a guest that takes nothing of it fails it then, not 60 s later
-                self._send(frame(DATA, rid, piece))
+                self._send(frame(DATA, rid, piece), confined=True)
 
     def send_data(self, rid: int, chunks: Iterable[bytes], deadline: float | None = None) -> None:
         """Stream ``chunks`` then EOF, within the agent's window; stop quietly if
         the call ended; if producing them fails, tell the agent to abort the call
-        (it drops what it wrote) and re-raise."""
-        try:
-            for chunk in chunks:
-                if chunk:
-                    self.send_data_frame(rid, chunk, deadline)
-        except CallOver:
-            return
-        except AgentTimeout:
-            if not self.broken:  # the agent is alive and waits for more: it must drop what it wrote
-                self.cancel(rid)
-            raise
-        except AgentError:
-            raise
-        except BaseException:
-            if not self.broken:
-                self.cancel(rid)
-            raise
-        self._send(frame(EOF, rid))
+        (it drops what it wrote) and re-raise.  The cancel and the EOF keep to
+        ``deadline`` too."""
+        with self._within(deadline):
+            try:
+                for chunk in chunks:
+                    if chunk:
+                        self.send_data_frame(rid, chunk, deadline)
+            except CallOver:
+                return
+            except AgentTimeout:
+                if not self.broken:  # the agent is alive and waits for more: it must drop what it wrote
+                    self.cancel(rid)
+                raise
+            except AgentError:
+                raise
+            except BaseException:
+                if not self.broken:
+                    self.cancel(rid)
+                raise
+            self._send(frame(EOF, rid))
 
     def cancel(self, rid: int) -> None:
         self._send(frame(CANCEL, rid))
