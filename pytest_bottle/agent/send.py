@@ -41,8 +41,9 @@ def stall_limit(deadline: float | None) -> float:
 def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
     """``sock.sendall(data)`` (a socket with a timeout: its descriptor does not
     block), raising ``Stalled`` once the guest has taken nothing for
-    ``stall_limit(deadline)`` s.  A guest that keeps reading, however slowly,
-    gets the whole frame (``sendall``'s own timeout is one for the whole)."""
+    ``stall_limit(deadline)`` s.  A guest that takes a write's worth
+    (``_PIECE``) within that, however long the whole takes, gets the whole
+    frame (``sendall``'s own timeout is one for the whole)."""
     view = memoryview(data)
     fd = sock.fileno()
     poller: select.poll | None = None
