@@ -185,10 +185,24 @@ def run_shell(
     saved = termios.tcgetattr(stdin) if tty_in else None
     resized: queue.SimpleQueue[int] = queue.SimpleQueue()
     main = threading.current_thread() is threading.main_thread()  # only it may handle signals
-    handlers = {signal.SIGWINCH: lambda *_: resized.put(1), signal.SIGHUP: _hang_up, signal.SIGTERM: _hang_up}
+    starting, hung = [True], []  # a SIGHUP/SIGTERM while the call starts, acted on once it has
+
+    def hang_up(signum: int, frame: object) -> None:
+        if starting[0]:  # raised in the middle of sending the CALL, it would break the channel
+            hung.append(signum)
+            return
+        _hang_up(signum, frame)
+
+    handlers = {signal.SIGWINCH: lambda *_: resized.put(1), signal.SIGHUP: hang_up, signal.SIGTERM: hang_up}
     # From here on a SIGHUP or SIGTERM ends this function, the terminal put back.
     old = {sig: signal.signal(sig, fn) for sig, fn in handlers.items()} if main else {}
     call: Call | None = None
+
+    def started() -> None:
+        starting[0] = False
+        if hung:
+            raise _HungUp(hung[0])
+
     try:
         if tty_in:
             # Raw before the guest can answer: output written while ours is still
@@ -198,6 +212,7 @@ def run_shell(
             rid, call = agent.start_pty(
                 argv, term=os.environ.get("TERM", "vt100"), rows=rows, cols=cols, sink=lambda k, d: _show(stdout, k, d)
             )
+            started()
             _relay(agent, rid, call, stdin, resized)
         else:
             rid, call = channel.start(
@@ -206,6 +221,7 @@ def run_shell(
             )  # fmt: skip
             feeder = threading.Thread(target=_feed, args=(channel, rid, stdin, stderr, input_failed, input_done))
             feeder.start()
+            started()
             while not call.done.wait(0.1):  # in steps: a signal handler runs between them
                 channel.check(call, "shell")
         reply = channel.wait(call, 0, "shell") or {}
@@ -220,7 +236,7 @@ def run_shell(
         for sig, handler in old.items():
             signal.signal(sig, handler)
         input_done.set()
-        if feeder is not None:  # gone before we return: the caller may close (and reuse) the input's fd
+        if feeder is not None and feeder.ident is not None:  # gone before we return: the caller may reuse its fd
             feeder.join(5)
     if isinstance(reply.get("stderr_text"), str):  # a command that could not start says why
         _show(stderr, STDERR, reply["stderr_text"].encode())

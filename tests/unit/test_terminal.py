@@ -253,6 +253,35 @@ def test_a_hung_up_shell_ends_its_guest_shell(local: AgentClient, sig: int) -> N
     assert _gone(pids[0]), "the guest's shell outlived its terminal"
 
 
+def test_a_hang_up_while_the_shell_starts_ends_it_without_breaking_the_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM that lands while the CALL is being written is acted on once it
+    is out: raised in the middle of the write, it cut the frame and broke the
+    channel (a CI failure that took the next tests' agent with it)."""
+    from pytest_bottle.agent import channel as channel_mod
+
+    real = channel_mod.send_all  # type: ignore[attr-defined]
+    sent: list[int] = []
+
+    def signalled(*args: Any) -> None:
+        if not sent:  # the CALL: its handler runs here, inside the send
+            os.kill(os.getpid(), signal.SIGTERM)
+        sent.append(1)
+        real(*args)
+
+    r, w = os.pipe()  # input that never ends
+    with in_process_agent("hang-up-agent") as chan:
+        monkeypatch.setattr(channel_mod, "send_all", signalled)
+        try:
+            rc = run_shell(AgentClient(chan), ["sleep", "30"], stdin=r, stdout=w)
+        finally:
+            monkeypatch.setattr(channel_mod, "send_all", real)
+            os.close(r)
+            os.close(w)
+        assert rc == 128 + signal.SIGTERM
+        assert not chan.broken and not chan.closed.is_set(), chan.broken
+        assert chan.call("hello", timeout=10)["ok"]
+
+
 def test_a_fresh_connection_skips_a_former_sessions_half_frame() -> None:
     """What the agent was sending the last `bottle shell` may be cut mid-frame;
     the next connection starts at the agent's HELLO."""
