@@ -231,7 +231,8 @@ class GuestProcess:
         ``\\w``, ``\\b``, ``.*``, ``.+``, ``.?``, ``(?``, a leading ``^`` or a
         trailing ``$``) or that text rarely has (``[0-9]+``, ``ready|started``;
         not if it would match an empty string): then it is a regex (line
-        anchors per line).  One that matches an empty string is a ``SpecError``.  Raises ``OutputTimeout``
+        anchors per line).  One that matches an empty string is a
+        ``SpecError``.  Raises ``OutputTimeout``
         (a ``WaitTimeout``) with the output seen, after ``timeout`` s or at
         once when the process ends without it.  The match is made in the part
         of the output searched then: its groups are what counts, its
@@ -259,18 +260,13 @@ class GuestProcess:
             if ended or left <= 0:
                 rc = self.poll() if ended else None
                 shown = pattern if isinstance(pattern, str) else pattern.pattern  # as given, not escaped
-                read_as = ""  # a compiled pattern: as the user made it
-                if isinstance(pattern, str):
-                    read_as = "text" if regex.pattern == re.escape(pattern) else "regex"
-                raise OutputTimeout(
-                    shown,
-                    timeout,
-                    self.stdout,
-                    self.stderr,
-                    rc,
-                    self.lost if ended else "",
-                    read_as="" if read_as == "text" and not _REGEX_LIKE.search(shown) else read_as,
-                )
+                read_as = ""  # a compiled pattern, or plain text: nothing to say how it was read
+                if isinstance(pattern, str) and regex.pattern != re.escape(pattern):
+                    read_as = "regex"
+                elif isinstance(pattern, str) and _REGEX_LIKE.search(pattern):
+                    read_as = "text"
+                lost = self.lost if ended else ""
+                raise OutputTimeout(shown, timeout, self.stdout, self.stderr, rc, lost, read_as=read_as)
             # At most SEARCH_RATE looks a second: a chatty process wakes us per chunk.
             time.sleep(max(0.0, min(left, looked + 1 / SEARCH_RATE - time.monotonic())))
             with self._cond:

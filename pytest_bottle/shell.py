@@ -185,11 +185,12 @@ def run_shell(
     saved = termios.tcgetattr(stdin) if tty_in else None
     resized: queue.SimpleQueue[int] = queue.SimpleQueue()
     main = threading.current_thread() is threading.main_thread()  # only it may handle signals
-    starting, hung = [True], []  # a SIGHUP/SIGTERM while the call starts, acted on once it has
+    starting, hung = True, 0  # a SIGHUP/SIGTERM while the call starts, acted on once it has
 
     def hang_up(signum: int, frame: object) -> None:
-        if starting[0]:  # raised in the middle of sending the CALL, it would break the channel
-            hung.append(signum)
+        nonlocal hung
+        if starting:  # raised in the middle of sending the CALL, it would break the channel
+            hung = hung or signum
             return
         _hang_up(signum, frame)
 
@@ -199,9 +200,10 @@ def run_shell(
     call: Call | None = None
 
     def started() -> None:
-        starting[0] = False
+        nonlocal starting
+        starting = False
         if hung:
-            raise _HungUp(hung[0])
+            raise _HungUp(hung)
 
     try:
         if tty_in:
