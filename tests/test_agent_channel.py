@@ -312,6 +312,26 @@ def test_a_restarted_agent_fails_pending_calls_at_once_and_later_calls_work(gues
     assert "value" in out, out
 
 
+def test_a_restarted_agent_that_reads_nothing_breaks_the_channel_in_seconds(guest: Guest) -> None:
+    """The resync runs on the reader thread under the locks every call takes:
+    a guest that says HELLO again and then takes nothing must not hold them
+    for the minute a send may otherwise wait."""
+    fd = guest.chan.sock.fileno()
+    with contextlib.suppress(BlockingIOError):  # the host's side of the socket, full
+        while True:
+            os.write(fd, b"\0" * 65536)
+    guest.hello(B)
+    started = time.monotonic()
+    while guest.chan.restarts == 0 and time.monotonic() - started < 5:  # the reader is in the resync
+        time.sleep(0.01)
+    t, out = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=60))
+    t.join(20)
+    err = out.get("error")
+    assert isinstance(err, AgentError) and "Stalled: the agent took nothing for 5 s" in str(err), out
+    assert time.monotonic() - started < 10, "the resync held the channel's locks"
+    assert guest.chan.restarts == 1
+
+
 def test_a_silent_agent_fails_a_call_without_timeout() -> None:
     g = Guest(idle=0.2, dead_after=1.0)
     g.hello()
@@ -528,6 +548,21 @@ def test_a_guest_that_reads_nothing_fails_a_send_at_the_calls_timeout() -> None:
     ):
         g.chan.call("stat", path="/", timeout=5)  # says why, not "the VM closed the agent channel"
     g.close()
+
+
+def test_a_guest_that_pauses_within_the_timeout_gets_the_whole_send(guest: Guest) -> None:
+    """The send waits for a guest that takes nothing until the call's deadline,
+    not until half of what was left of it."""
+    t, out = _in_thread(lambda: guest.chan.call("write", path="/x", data=iter([b"d" * CHUNK] * 4), timeout=5))
+    guest.expect(CALL)
+    time.sleep(3.5)  # busy: takes nothing for most of the timeout
+    guest.expect(EOF)
+    assert guest.data == 4 * CHUNK
+    rid = next(iter(guest.chan._calls))
+    guest.reply(rid, size=4 * CHUNK)
+    t.join(10)
+    assert out.get("value") == {"ok": True, "size": 4 * CHUNK}, out
+    assert not guest.chan.broken
 
 
 def test_a_frame_of_which_nothing_went_fails_its_call_not_the_channel() -> None:

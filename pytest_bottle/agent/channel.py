@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 GUEST_KINDS = frozenset({DATA, EOF, frames.STDOUT, frames.STDERR, frames.STARTED, REPLY, HELLO, CREDIT})
 IDLE = 2.0  # silence after which a waiting call pings the agent
 DEAD_AFTER = 30.0  # an agent that has not answered a ping this long is gone
+RESYNC_WAIT = 5.0  # a new agent reads all before a SYNC: one that takes nothing this long is not one
 
 
 class AgentChannel(Deadlines, Uploads):
@@ -187,11 +188,11 @@ class AgentChannel(Deadlines, Uploads):
         with self._wlock, self._lock:
             calls = self._take_calls()
             self.restarts += 1
-            if not self.broken:
+            if not self.broken:  # bounded: every call waits on these locks, whatever its timeout
                 try:
-                    self.sock.sendall(frames.SYNC_FRAME)
-                except OSError as e:
-                    self.broken = f"resync after an agent restart failed: {e}"
+                    send_all(self.sock, frames.SYNC_FRAME, time.monotonic() + RESYNC_WAIT)
+                except OSError as e:  # Stalled too
+                    self._break(e)
         log.debug("agent channel %s: the guest agent restarted, %d call(s) lost", self.name, len(calls))
         lose(calls, f"the guest agent restarted; {len(calls)} call(s) lost")
 

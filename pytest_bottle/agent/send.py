@@ -28,20 +28,21 @@ class Stalled(TimeoutError):
         self.sent = sent
 
 
-def stall_limit(deadline: float | None) -> float:
-    """How long a send may wait for the guest to take a byte: ``SEND_TIMEOUT``,
-    or what is left of the calling thread's ``deadline`` (at least ``STALL_FLOOR``:
-    a frame half sent breaks the channel, so a guest that is slow, not gone,
-    gets a moment past a deadline that ran out on something else)."""
+def stall_limit(deadline: float | None, progress: float) -> float:
+    """How long after its last ``progress`` a send may wait for the guest to
+    take a byte: ``SEND_TIMEOUT``, or until the calling thread's ``deadline``
+    (at least ``STALL_FLOOR``: a frame half sent breaks the channel, so a guest
+    that is slow, not gone, gets a moment past a deadline that ran out on
+    something else)."""
     if deadline is None:
         return SEND_TIMEOUT
-    return min(SEND_TIMEOUT, max(deadline - time.monotonic(), STALL_FLOOR))
+    return min(SEND_TIMEOUT, max(deadline - progress, STALL_FLOOR))
 
 
 def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
     """``sock.sendall(data)`` (a socket with a timeout: its descriptor does not
     block), raising ``Stalled`` once the guest has taken nothing for
-    ``stall_limit(deadline)`` s.  A guest that takes a write's worth
+    ``stall_limit(deadline, progress)`` s.  A guest that takes a write's worth
     (``_PIECE``) within that, however long the whole takes, gets the whole
     frame (``sendall``'s own timeout is one for the whole)."""
     view = memoryview(data)
@@ -57,7 +58,7 @@ def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
             view = view[sent:]
             progress = time.monotonic()
             continue
-        limit = stall_limit(deadline)
+        limit = stall_limit(deadline, progress)
         if time.monotonic() - progress >= limit:
             raise Stalled(limit, len(data) - len(view))
         if poller is None:
