@@ -425,6 +425,33 @@ def test_a_stopped_agent_fails_calls_clearly_instead_of_hanging(bottle: Bottle) 
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        ("systemctl reboot", "the guest rebooted"),
+        ("echo o > /proc/sysrq-trigger", "the guest powered off"),
+        ("echo c > /proc/sysrq-trigger", "the guest kernel panicked"),
+    ],
+    ids=["reboot", "power-off", "panic"],
+)
+def test_a_guest_that_reboots_powers_off_or_panics_ends_its_bottle_and_calls_say_which(
+    bottle: Bottle, command: str, said: str
+) -> None:
+    """QEMU runs with -no-reboot: the VM exits, and calls name why, not the
+    socket's error ("Connection reset by peer")."""
+    bottle.spawn(["sh", "-c", f"sleep 0.5; {command}"])
+    started = time.monotonic()
+    with pytest.raises(AgentError) as info:
+        bottle.exec("sleep 60", timeout=60)
+    assert time.monotonic() - started < 30
+    assert f"the VM exited ({said}: '" in str(info.value), info.value
+    assert "on its console; a bottle's VM ends when its guest reboots, powers off or panics) during exec" in str(
+        info.value
+    )
+    with pytest.raises(AgentError, match=said):  # later calls too
+        bottle.exec("true")
+
+
 def test_a_large_input_to_a_slow_reader_is_not_held_by_the_agent(bottle: Bottle) -> None:
     pid = _agent_pid(bottle)
 

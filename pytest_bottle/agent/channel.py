@@ -17,7 +17,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import AgentError, AgentTimeout, SpecError
@@ -64,6 +64,7 @@ class AgentChannel(Deadlines, Uploads):
         self.name = name
         self.idle = idle
         self.dead_after = dead_after
+        self.explain: Callable[[], str] | None = None  # why the stream ended under us: the VM's exit
         self.synced = threading.Event()
         self.closed = threading.Event()
         self.death = ""
@@ -157,7 +158,8 @@ class AgentChannel(Deadlines, Uploads):
                 else:
                     self._dispatch(kind, rid, payload)
         except (EOFError, OSError) as e:
-            self.death = self.closing or ("the VM closed the agent channel" if isinstance(e, EOFError) else str(e))
+            why = "the VM closed the agent channel" if isinstance(e, EOFError) else str(e)
+            self.death = self.closing or (self.explain() if self.explain else "") or why  # it must not raise
         except Exception as e:  # a broken frame: the channel cannot be trusted any more
             self.death = f"protocol error: {type(e).__name__}: {e}"
             log.debug("agent channel %s: %s", self.name, self.death)

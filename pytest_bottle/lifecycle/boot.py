@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -97,6 +98,7 @@ def start_machine(
         if on_spawn is not None:  # e.g. record the pid before a boot that may outlive us
             on_spawn(machine)
         channel = AgentChannel(machine.agent_sock, name)
+        channel.explain = functools.partial(backend.gone, machine)
         wait_ready(machine, channel, timeout, name, deadline)
     except BaseException:
         try:

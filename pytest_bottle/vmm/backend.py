@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
+from .console import last_words
 from .machine import CONSOLE as CONSOLE  # the run directory's layout, the same for every backend
 from .machine import DISK as DISK
 from .machine import QemuMachine
@@ -87,3 +88,14 @@ def start(
     """Start the machine ``cfg`` describes, its files in ``run_dir`` (the overlay
     ``machine.DISK`` already made there); ``tap_fds``: an open TAP per "tap" NIC id."""
     return QemuMachine.start(cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds)
+
+
+def gone(machine: Machine, wait: float = 1.0) -> str:
+    """Why ``machine`` is gone, for calls its closed agent stream failed (its
+    stream ends a moment before it does): "" if it still runs after ``wait`` s."""
+    if machine.wait(wait) is None:
+        return ""
+    words = last_words(console_tail(machine.console_log))
+    if words:
+        return f"the VM exited ({words}; a bottle's VM ends when its guest reboots, powers off or panics)"
+    return f"the VM exited ({machine.exit_reason()})"

@@ -134,3 +134,24 @@ def cut_bytes(path: Path) -> int:
     """How much the watcher cut off the head of ``path`` while its machine ran here."""
     with _watcher.lock:
         return _watcher.cut.get(str(path), 0)
+
+
+# What Linux prints last as it ends, and what that means for a bottle's user.
+_ENDINGS = (
+    ("Kernel panic - not syncing", "the guest kernel panicked"),
+    ("reboot: Restarting system", "the guest rebooted"),
+    ("sysrq: Resetting", "the guest rebooted"),
+    ("reboot: Power down", "the guest powered off"),
+    ("reboot: System halted", "the guest halted"),
+)
+
+
+def last_words(tail: str) -> str:
+    """How the guest ended, from a console ``tail`` ("" if it does not say):
+    a hint for an error message only, as the guest writes its console."""
+    for line in reversed(tail.splitlines()[-40:]):
+        for mark, words in _ENDINGS:
+            if mark in line:
+                said = "".join(c if c.isprintable() else "?" for c in line[line.index(mark) :][:200])
+                return f"{words}: {said!r} on its console"
+    return ""

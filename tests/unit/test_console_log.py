@@ -124,3 +124,33 @@ def test_report_sections_drop_colours_and_show_other_escapes() -> None:
 
     text = "[\x1b[0;1;31mFAILED\x1b[0m] unit\tx\n\x1b]0;pwned\x07\x1b[2J\x1b[H=== 1 passed ===\r\x9b31m é"
     assert printable(text) == "[FAILED] unit\tx\n\\x1b]0;pwned\\x07\\x1b[2J\\x1b[H=== 1 passed ===\\x0d\\x9b31m é"
+
+
+@pytest.mark.parametrize(
+    ("tail", "said"),
+    [
+        (
+            "[  9.1] systemd-shutdown[1]: Rebooting.\n[  9.2] reboot: Restarting system\n",
+            "the guest rebooted: 'reboot:",
+        ),
+        ("[  9.2] reboot: Power down\n", "the guest powered off: 'reboot: Power down' on its console"),
+        (
+            "[  3.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009\n"
+            "[  3.0] ---[ end Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009 ]---\n",
+            "the guest kernel panicked: 'Kernel panic - not syncing: Attempted to kill init!",
+        ),
+        ("[  1.0] sysrq: Resetting\n", "the guest rebooted"),
+        ("login: \n", ""),
+        ("", ""),
+    ],
+)
+def test_last_words_say_how_the_guest_ended(tail: str, said: str) -> None:
+    assert console.last_words(tail).startswith(said) and (said or not console.last_words(tail))
+
+
+def test_last_words_are_bounded_and_printable() -> None:
+    """The guest writes its console: what reaches an error message is one short, printable line."""
+    words = console.last_words("reboot: Power down \x1b]0;owned\x07" + "x" * 10_000 + "\n")
+    assert words.startswith("the guest powered off: 'reboot: Power down ?]0;owned?xxx")
+    assert len(words) < 300 and "\x1b" not in words
+    assert console.last_words("reboot: Power down\n" + "ok\n" * 50) == ""  # only the end of the console counts
