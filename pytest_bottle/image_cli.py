@@ -124,15 +124,19 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         for old in entries:
             if old is not image:
                 print(f"  stale entry {old.key} {mb(tree_size(old.path))} {age(old.created)} (bottle image prune)")
-    derived = list_derived(args.cache_dir)
-    if derived:
-        print(f"\n{'DERIVED IMAGE':40} {'PARENT':28} {'SIZE':>9} {'USED':>6}  STEPS")
-    for d in derived:
+    rows = []
+    for d in list_derived(args.cache_dir):
         m = d.manifest
         label = f"{m.get('name')} ({d.key[:12]})" if not str(m.get("name", "")).endswith(d.key[:12]) else m.get("name")
-        steps = len(m.get("steps", []))
-        stale = f" (stale: {d.stale}; bottle image prune)" if d.stale else ""
-        print(f"{label!s:40} {m.get('parent')!s:28} {mb(d.size):>9} {age(d.last_used):>6}  {steps}{stale}")
+        steps = f"{len(m.get('steps', []))}" + (f" (stale: {d.stale}; bottle image prune)" if d.stale else "")
+        rows.append((str(label), str(m.get("parent")), mb(d.size), age(d.last_used), steps))
+    # Columns as wide as the longest name: a layer on a layer has a long one.
+    w1 = max([len("DERIVED IMAGE"), *(len(r[0]) for r in rows)])
+    w2 = max([len("PARENT"), *(len(r[1]) for r in rows)])
+    if rows:
+        print(f"\n{'DERIVED IMAGE':{w1}} {'PARENT':{w2}} {'SIZE':>9} {'USED':>6}  STEPS")
+    for label, parent, size, used, steps in rows:
+        print(f"{label:{w1}} {parent:{w2}} {size:>9} {used:>6}  {steps}")
     for seed in list_seeds(args.cache_dir):
         kp = seed.manifest["key_parts"]
         print(

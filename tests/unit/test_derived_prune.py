@@ -55,6 +55,23 @@ def test_the_cli_lists_and_prunes_derived_images(tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "images" / "derived-dddd").exists()
 
 
+def test_the_list_keeps_its_columns_for_a_layer_on_a_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A layer on a layer is named ``parent+key+key``: longer than the column was."""
+    _entry(tmp_path, "eeee", ["eeee", "base"], 1)
+    long = _entry(tmp_path, "ffff", ["ffff", "eeee", "base"], 1)
+    manifest = json.loads((long / "manifest.json").read_text())
+    manifest.update(name="debian-bookworm+8a9465ecaebc+35062977c732", parent="debian-bookworm+8a9465ecaebc")
+    (long / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["--cache-dir", str(tmp_path), "image", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("DERIVED IMAGE"))) :][:3]
+    assert len(table) == 3
+    parent_at = table[0].index("PARENT")
+    assert all(row[parent_at:].startswith("debian-bookworm") and row[parent_at - 1] == " " for row in table[1:]), table
+    size_at = table[0].index("SIZE") + len("SIZE")
+    assert all(row[size_at - 2 : size_at] == "MB" for row in table[1:]), table
+
+
 def test_prune_keeps_the_unsettled_marker_of_a_cached_derived_image_without_a_seed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
