@@ -18,7 +18,7 @@ import pytest
 from harness import processes_mentioning, run_isolated
 
 import pytest_bottle
-from pytest_bottle import AgentError, Bottle, ExecError, ExecTimeout, SpecError
+from pytest_bottle import AgentError, Bottle, ExecError, ExecTimeout, SpecError, UnsafeTransfer
 
 
 def test_exec_shell_string_and_argv(module_bottle: Bottle) -> None:
@@ -404,6 +404,21 @@ def test_put_and_get_follow_a_symlinked_directory(module_bottle: Bottle, tmp_pat
     module_bottle.exec("ln -sfn /opt/linked /opt/current")
     module_bottle.get("/opt/current", tmp_path / "back")
     assert (tmp_path / "back" / "app.txt").read_text() == "v1\n"
+
+
+def test_get_keeps_absolute_links_within_the_tree_as_relative_ones(module_bottle: Bottle, tmp_path: Path) -> None:
+    """As Debian's sites-enabled links are: to an absolute path inside the
+    directory fetched.  A link elsewhere in the guest is skipped, and named."""
+    module_bottle.exec(
+        "rm -rf /srv/app && mkdir -p /srv/app/available /srv/app/enabled && echo on > /srv/app/available/site"
+        " && ln -s /srv/app/available/site /srv/app/enabled/site && ln -s /etc/hostname /srv/app/enabled/host",
+        check=True,
+    )
+    with pytest.raises(UnsafeTransfer, match="a symlink to an absolute path") as info:
+        module_bottle.get("/srv/app", tmp_path / "app")
+    assert info.value.skipped == ("./enabled/host",)
+    assert os.readlink(tmp_path / "app" / "enabled" / "site") == "../available/site"
+    assert (tmp_path / "app" / "enabled" / "site").read_text() == "on\n"
 
 
 SINK = """

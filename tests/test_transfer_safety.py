@@ -268,6 +268,44 @@ def test_inside_symlinks_are_kept(guest: HostileGuest, tmp_path: Path) -> None:
     assert os.readlink(tmp_path / "dst" / "bin" / "x") == "../lib/libx.so"
 
 
+def test_absolute_symlinks_inside_the_copied_directory_are_kept_relative(guest: HostileGuest, tmp_path: Path) -> None:
+    """Debian's /etc/nginx/sites-enabled/default -> /etc/nginx/sites-available/default:
+    a link to an absolute path inside what get() copies leads to the same entry
+    of the copy; one elsewhere, or with a '..', is still skipped."""
+    tar = archive(
+        member("sites-available", tarfile.DIRTYPE),
+        member("sites-available/default", data=b"server {}\n"),
+        member("sites-enabled", tarfile.DIRTYPE),
+        member("sites-enabled/default", tarfile.SYMTYPE, linkname="/etc/nginx/sites-available/default"),
+        member("top", tarfile.SYMTYPE, linkname="/etc/nginx/"),
+        member("dotted", tarfile.SYMTYPE, linkname="/etc/nginx/./sites-available//default"),
+        member("sites-enabled/up", tarfile.SYMTYPE, linkname="/etc/nginx/../shadow"),
+        member("sites-enabled/near", tarfile.SYMTYPE, linkname="/etc/nginxother/x"),
+        member("sites-enabled/out", tarfile.SYMTYPE, linkname="/etc/shadow"),
+    )
+    serve_tree(guest, tar)
+    dst = tmp_path / "nginx"
+    with pytest.raises(UnsafeTransfer, match=r"3 member\(s\) not copied") as info:
+        fetch(guest.channel, "//etc/nginx/.", dst)  # as the user may write it
+    assert info.value.skipped == ("sites-enabled/up", "sites-enabled/near", "sites-enabled/out")
+    assert os.readlink(dst / "sites-enabled" / "default") == "../sites-available/default"
+    assert (dst / "sites-enabled" / "default").read_text() == "server {}\n"
+    assert os.readlink(dst / "top") == "." and os.readlink(dst / "dotted") == "sites-available/default"
+    assert guest.still_answers()
+
+
+def test_a_get_of_the_root_keeps_every_absolute_symlink_relative(guest: HostileGuest, tmp_path: Path) -> None:
+    tar = archive(
+        member("etc", tarfile.DIRTYPE),
+        member("etc/localtime", tarfile.SYMTYPE, linkname="/usr/share/zoneinfo/UTC"),
+        member("usr", tarfile.SYMTYPE, linkname="/"),
+    )
+    serve_tree(guest, tar)
+    fetch(guest.channel, "/", tmp_path / "root")
+    assert os.readlink(tmp_path / "root" / "etc" / "localtime") == "../usr/share/zoneinfo/UTC"
+    assert os.readlink(tmp_path / "root" / "usr") == "."
+
+
 # -- hostile guest: modes, owners, special files, sizes ---------------------
 
 

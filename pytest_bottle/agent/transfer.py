@@ -154,7 +154,8 @@ def receive_tree(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar
     rid, call = source.start(src)
     try:
         try:
-            count, skipped = untar.extract(source.read, os.fspath(dst), policy)
+            root = os.fsencode("/" + posixpath.normpath(src).lstrip("/"))  # normpath keeps a leading "//"
+            count, skipped = untar.extract(source.read, os.fspath(dst), policy, source=root)
         finally:
             source.discard()  # whatever else comes is dropped: the channel goes on
     except untar.Refused as e:

@@ -48,6 +48,7 @@ class Extractor:
         self.created: dict[bytes, tuple[int, float]] = {}  # directories made here: mode, mtime (set last)
         self.links: set[bytes] = set()  # symlinks made here (put): never followed
         self.own_root = False  # put() into a directory it just made: the root member's mode counts
+        self.source: bytes | None = None  # get(): the guest directory copied (absolute, normalised)
         self.root_mode: tuple[int, float] | None = None
         self.tracked = 0
         self.chain: list[tuple[bytes, int]] = []  # the last parent walked: a descriptor per component
@@ -223,6 +224,7 @@ class Extractor:
         if not target or len(target) > ts.MAX_PATH or b"\0" in target:
             raise ts.Refused(show(member.name), "an empty, overlong or malformed symlink target")
         if not self.policy.trusted:
+            target = self.relative(parts, target)
             ts.link_stays_inside(member.name, parts, target)
         tmp = self.temp()
         os.symlink(target, tmp, dir_fd=pfd)
@@ -232,6 +234,20 @@ class Extractor:
         if self.policy.trusted and key not in self.links:
             self.track(member.name, key)
             self.links.add(key)
+
+    def relative(self, parts: tuple[bytes, ...], target: bytes) -> bytes:
+        """An absolute ``target`` inside the directory the stream copies
+        (``source``, get()'s guest path) as the relative one that leads to the
+        same entry of the copy; any other target as it is."""
+        src = self.source
+        if src is None or not target.startswith(b"/"):
+            return target
+        if src != b"/" and target != src and not target.startswith(src + b"/"):
+            return target  # elsewhere in the guest: skipped
+        comps = [c for c in target[len(src) :].split(b"/") if c not in (b"", b".")]
+        if b".." in comps:
+            return target
+        return b"/".join([b".."] * (len(parts) - 1) + comps) or b"."
 
     def put_hardlink(self, member: ts.Member, stream: ts.Stream, parts: tuple[bytes, ...], pfd: int) -> None:
         """Only to a file this stream wrote (and that is still that file)."""
@@ -300,7 +316,9 @@ def _utime(fd: int, mtime: float) -> None:
         pass  # a time the file system cannot hold: the data matters, not the time
 
 
-def extract(read: ts.Read, dst: str | bytes, policy: ts.Policy, own_root: bool = False) -> tuple[int, list[ts.Refused]]:
+def extract(
+    read: ts.Read, dst: str | bytes, policy: ts.Policy, own_root: bool = False, source: bytes | None = None
+) -> tuple[int, list[ts.Refused]]:
     """Extract the tar stream ``read`` into the existing directory ``dst``.
 
     Raises ``Refused`` at the first member the policy does not allow; the
@@ -308,11 +326,14 @@ def extract(read: ts.Read, dst: str | bytes, policy: ts.Policy, own_root: bool =
     of the stream is left for the caller to drain.  Members that are merely
     not copied (``Skipped``: a link leading out, a device; ``get()`` only) are
     counted and returned, at most ``SHOWN_SKIPS`` of them.  ``own_root``: the caller just made ``dst``, so the archive's
-    root gives it its mode (``dst`` is never chmodded otherwise).
+    root gives it its mode (``dst`` is never chmodded otherwise).  ``source``:
+    the absolute, normalised guest path of the directory the stream copies;
+    a symlink to an absolute path inside it is made relative.
     """
     root = os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # dst itself may be a link
     extractor = Extractor(root, policy)
     extractor.own_root = own_root
+    extractor.source = source
     try:
         extractor.extract(ts.Stream(read, policy))
     finally:
