@@ -279,19 +279,34 @@ def test_absolute_symlinks_inside_the_copied_directory_are_kept_relative(guest: 
         member("sites-enabled/default", tarfile.SYMTYPE, linkname="/etc/nginx/sites-available/default"),
         member("top", tarfile.SYMTYPE, linkname="/etc/nginx/"),
         member("dotted", tarfile.SYMTYPE, linkname="/etc/nginx/./sites-available//default"),
+        member("slashes", tarfile.SYMTYPE, linkname="//etc/./nginx//sites-available/default"),
         member("sites-enabled/up", tarfile.SYMTYPE, linkname="/etc/nginx/../shadow"),
+        member("sites-enabled/around", tarfile.SYMTYPE, linkname="/etc/../etc/nginx/sites-available/default"),
         member("sites-enabled/near", tarfile.SYMTYPE, linkname="/etc/nginxother/x"),
         member("sites-enabled/out", tarfile.SYMTYPE, linkname="/etc/shadow"),
     )
     serve_tree(guest, tar)
     dst = tmp_path / "nginx"
-    with pytest.raises(UnsafeTransfer, match=r"3 member\(s\) not copied") as info:
+    with pytest.raises(UnsafeTransfer, match=r"4 member\(s\) not copied") as info:
         fetch(guest.channel, "//etc/nginx/.", dst)  # as the user may write it
-    assert info.value.skipped == ("sites-enabled/up", "sites-enabled/near", "sites-enabled/out")
+    assert info.value.skipped == ("sites-enabled/up", "sites-enabled/around", "sites-enabled/near", "sites-enabled/out")
+    assert os.readlink(dst / "slashes") == "sites-available/default"
     assert os.readlink(dst / "sites-enabled" / "default") == "../sites-available/default"
     assert (dst / "sites-enabled" / "default").read_text() == "server {}\n"
     assert os.readlink(dst / "top") == "." and os.readlink(dst / "dotted") == "sites-available/default"
     assert guest.still_answers()
+
+
+def test_a_link_too_long_once_relative_is_skipped_and_the_rest_copied(guest: HostileGuest, tmp_path: Path) -> None:
+    """A deep link to a long path inside what is fetched: relative, its '..'s
+    would pass what symlink(2) takes, so it is skipped like any absolute one."""
+    deep = "/".join(["d"] * 100)
+    target = "/srv/" + "/".join(["y" * 200] * 19) + "/" + "z" * 100  # < 4096 bytes as it is
+    serve_tree(guest, archive(member(f"{deep}/l", tarfile.SYMTYPE, linkname=target), member("after", data=b"1")))
+    with pytest.raises(UnsafeTransfer, match="a symlink to an absolute path") as info:
+        fetch(guest.channel, "/srv", tmp_path / "dst")
+    assert info.value.skipped == (f"{deep}/l",)
+    assert (tmp_path / "dst" / "after").read_bytes() == b"1"
 
 
 def test_a_get_of_the_root_keeps_every_absolute_symlink_relative(guest: HostileGuest, tmp_path: Path) -> None:

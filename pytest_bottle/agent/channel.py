@@ -114,11 +114,11 @@ class AgentChannel(Deadlines, Uploads):
                 raise AgentError(f"agent channel of {self.name} broke: {self.broken}") from None
             raise
 
-    def _break(self, e: BaseException) -> None:
+    def _break(self, e: BaseException, what: str = "a write failed or was interrupted") -> None:
         """Cut mid-frame (a signal, a test timeout, a guest that stopped
         reading): the agent would read the next frame from the middle of this
         one.  Give up on the channel rather than let later calls hang."""
-        self.broken = f"a write failed or was interrupted ({type(e).__name__}: {e})"
+        self.broken = f"{what} ({type(e).__name__}: {e})"
         self.closing = self.closing or self.broken  # what later calls read, not "the VM closed it"
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -194,7 +194,7 @@ class AgentChannel(Deadlines, Uploads):
                 try:
                     send_all(self.sock, frames.SYNC_FRAME, time.monotonic() + RESYNC_WAIT)
                 except OSError as e:  # Stalled too
-                    self._break(e)
+                    self._break(e, "the resync after an agent restart failed")
         log.debug("agent channel %s: the guest agent restarted, %d call(s) lost", self.name, len(calls))
         lose(calls, f"the guest agent restarted; {len(calls)} call(s) lost")
 

@@ -238,16 +238,16 @@ class Extractor:
     def relative(self, parts: tuple[bytes, ...], target: bytes) -> bytes:
         """An absolute ``target`` inside the directory the stream copies
         (``source``, get()'s guest path) as the relative one that leads to the
-        same entry of the copy; any other target as it is."""
-        src = self.source
-        if src is None or not target.startswith(b"/"):
+        same entry of the copy; any other target (one with a '..', or too long
+        once relative) as it is."""
+        if self.source is None or not target.startswith(b"/"):
             return target
-        if src != b"/" and target != src and not target.startswith(src + b"/"):
+        src = [c for c in self.source.split(b"/") if c not in (b"", b".")]
+        comps = [c for c in target.split(b"/") if c not in (b"", b".")]
+        if b".." in comps or comps[: len(src)] != src:
             return target  # elsewhere in the guest: skipped
-        comps = [c for c in target[len(src) :].split(b"/") if c not in (b"", b".")]
-        if b".." in comps:
-            return target
-        return b"/".join([b".."] * (len(parts) - 1) + comps) or b"."
+        rel = b"/".join([b".."] * (len(parts) - 1) + comps[len(src) :]) or b"."
+        return rel if len(rel) < ts.MAX_PATH else target  # symlink(2) takes less than PATH_MAX
 
     def put_hardlink(self, member: ts.Member, stream: ts.Stream, parts: tuple[bytes, ...], pfd: int) -> None:
         """Only to a file this stream wrote (and that is still that file)."""
