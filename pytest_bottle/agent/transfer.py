@@ -154,8 +154,7 @@ def receive_tree(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar
     rid, call = source.start(src)
     try:
         try:
-            root = os.fsencode("/" + posixpath.normpath(src).lstrip("/"))  # normpath keeps a leading "//"
-            count, skipped = untar.extract(source.read, os.fspath(dst), policy, source=root)
+            count, skipped = untar.extract(source.read, os.fspath(dst), policy, source=os.fsencode(src))
         finally:
             source.discard()  # whatever else comes is dropped: the channel goes on
     except untar.Refused as e:

@@ -48,7 +48,7 @@ class Extractor:
         self.created: dict[bytes, tuple[int, float]] = {}  # directories made here: mode, mtime (set last)
         self.links: set[bytes] = set()  # symlinks made here (put): never followed
         self.own_root = False  # put() into a directory it just made: the root member's mode counts
-        self.source: bytes | None = None  # get(): the guest directory copied (absolute, normalised)
+        self.source: list[bytes] | None = None  # get(): the guest directory copied, by component
         self.root_mode: tuple[int, float] | None = None
         self.tracked = 0
         self.chain: list[tuple[bytes, int]] = []  # the last parent walked: a descriptor per component
@@ -240,10 +240,10 @@ class Extractor:
         (``source``, get()'s guest path) as the relative one that leads to the
         same entry of the copy; any other target (one with a '..', or too long
         once relative) as it is."""
-        if self.source is None or not target.startswith(b"/"):
+        src = self.source
+        if src is None or not target.startswith(b"/"):
             return target
-        src = [c for c in self.source.split(b"/") if c not in (b"", b".")]
-        comps = [c for c in target.split(b"/") if c not in (b"", b".")]
+        comps = _components(target)
         if b".." in comps or comps[: len(src)] != src:
             return target  # elsewhere in the guest: skipped
         rel = b"/".join([b".."] * (len(parts) - 1) + comps[len(src) :]) or b"."
@@ -297,6 +297,11 @@ class Extractor:
             _set_mode(self.root, self.root_mode[0] & self.policy.mode_mask, self.root_mode[1])
 
 
+def _components(path: bytes) -> list[bytes]:
+    """``path``'s names, ``//`` and ``.`` left out (a ``..`` kept: it is never resolved here)."""
+    return [c for c in path.split(b"/") if c not in (b"", b".")]
+
+
 def _is_dir(name: bytes, dfd: int) -> bool:
     try:
         return stat.S_ISDIR(os.stat(name, dir_fd=dfd).st_mode)
@@ -327,13 +332,13 @@ def extract(
     not copied (``Skipped``: a link leading out, a device; ``get()`` only) are
     counted and returned, at most ``SHOWN_SKIPS`` of them.  ``own_root``: the caller just made ``dst``, so the archive's
     root gives it its mode (``dst`` is never chmodded otherwise).  ``source``:
-    the absolute, normalised guest path of the directory the stream copies;
-    a symlink to an absolute path inside it is made relative.
+    the absolute guest path of the directory the stream copies; a symlink to
+    an absolute path inside it is made relative.
     """
     root = os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # dst itself may be a link
     extractor = Extractor(root, policy)
     extractor.own_root = own_root
-    extractor.source = source
+    extractor.source = None if source is None else _components(source)
     try:
         extractor.extract(ts.Stream(read, policy))
     finally:
