@@ -31,7 +31,7 @@ from filelock import FileLock
 from ..errors import HostDependencyError
 from ..host.deps import require
 from ..host.paths import write_json
-from . import process
+from . import console, process
 from .qemu import Accel
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ LIVED_SHARE = 0.5
 # QEMU's own words for KVM failing under it: "failed to initialize kvm",
 # "KVM internal error", "kvm run failed", or an assertion before its abort().
 KVM_FAULT = re.compile(r"\bkvm\b|failed to set MSR|Assertion .* failed", re.IGNORECASE)
-GUEST_PANIC = re.compile(r"Kernel panic - not syncing")
+GUEST_PANIC = re.compile(re.escape(console.PANIC))
 
 
 @dataclass(frozen=True)

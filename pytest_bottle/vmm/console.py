@@ -136,9 +136,11 @@ def cut_bytes(path: Path) -> int:
         return _watcher.cut.get(str(path), 0)
 
 
+PANIC = "Kernel panic - not syncing"  # how Linux starts (and ends) its last words
+
 # What Linux prints last as it ends, and what that means for a bottle's user.
 _ENDINGS = (
-    ("Kernel panic - not syncing", "the guest kernel panicked"),
+    (PANIC, "the guest kernel panicked"),
     ("reboot: Restarting system", "the guest rebooted"),
     ("sysrq: Resetting", "the guest rebooted"),
     ("reboot: Power down", "the guest powered off"),
