@@ -69,7 +69,13 @@ def core_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Core:
     """One running core: ``port`` is the host's end, ``agent`` the Python agent's."""
 
-    def __init__(self, binary: Path, port_type: int = socket.SOCK_STREAM, instance: bytes = INSTANCE) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        port_type: int = socket.SOCK_STREAM,
+        instance: bytes = INSTANCE,
+        prefix: tuple[str, ...] = (),  # runs the wrapper: e.g. into a namespace of its own
+    ) -> None:
         self.port, core_port = socket.socketpair(socket.AF_UNIX, port_type)
         self.agent, core_agent = socket.socketpair()
         a, b = (
@@ -81,7 +87,7 @@ class Core:
         # The Python agent spawns it with its own signal dispositions (SIGPIPE
         # ignored): restore_signals=False keeps ours, as posix_spawn would.
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", WRAP, str(a), str(b), str(binary), instance.hex()],
+            [*prefix, sys.executable, "-c", WRAP, str(a), str(b), str(binary), instance.hex()],
             pass_fds=(a, b),
             restore_signals=False,
         )

@@ -131,6 +131,12 @@ bool exec_step(size_t i, const void *pfds, double now);
 int exec_timeout_ms(struct exec *e, double now, int timeout);
 void exec_reply_reaped(void); /* before a hand-back */
 
+/* ------------------------------------------------------------ spare.c */
+void spare_make(int devnull); /* before a snapshot: the first exec's process */
+void spare_drop(void);        /* before a hand-back or exit: ended and reaped */
+/* The spare execs argv: 0 it runs, >0 the exec's errno (reaped), -1 no spare. */
+int spare_spawn(char **argv, char **envp, pid_t *pid, int *pidfd, int *out, int *err);
+
 /* ------------------------------------------------------------ ops.c */
 int op_hello(uint32_t rid);
 void send_reply(uint32_t rid, buf_t *body); /* body: JSON members, no braces */

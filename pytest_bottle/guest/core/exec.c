@@ -91,15 +91,22 @@ static char **make_env(jdoc *d, jnode *env) {
     return envp;
 }
 
-void exec_preopen(void) {
+static void open_devnull(void) {
     if (devnull < 0) devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
-static int spawn(char **argv, char **envp, pid_t *pid, int *out, int *err) {
-    int o[2] = {-1, -1}, e[2] = {-1, -1}, rc;
+void exec_preopen(void) {
+    open_devnull();
+    spare_make(devnull);
+}
+
+static int spawn(char **argv, char **envp, pid_t *pid, int *pidfd, int *out, int *err) {
+    int o[2] = {-1, -1}, e[2] = {-1, -1}, rc = spare_spawn(argv, envp, pid, pidfd, out, err);
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t at;
-    exec_preopen(); /* done before the snapshot; again only if that failed */
+    if (rc >= 0) return rc;
+    *pidfd = -1;
+    open_devnull(); /* done before the snapshot; again only if that failed */
     if (devnull < 0) return errno;
     if (pipe2(o, O_CLOEXEC)) return errno;
     if (pipe2(e, O_CLOEXEC)) {
@@ -160,7 +167,7 @@ int op_exec(uint32_t rid, jdoc *d, jnode *call) {
     for (jnode *a = jkid(d, argvj); a; a = jnext(d, a)) argv[argc++] = (char *)a->s;
     argv[argc] = NULL;
     pid_t pid;
-    int out, err, rc = spawn(argv, envp, &pid, &out, &err);
+    int pidfd, out, err, rc = spawn(argv, envp, &pid, &pidfd, &out, &err);
     free(envp);
     if (rc) {
         /* as execute.spawn words it; other errors are the Python agent's to report */
@@ -170,7 +177,7 @@ int op_exec(uint32_t rid, jdoc *d, jnode *call) {
         return rc == ENOENT || rc == EACCES || rc == EPERM || rc == ENOTDIR;
     }
     free(argv);
-    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (pidfd < 0) pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     if (pidfd < 0) { /* pump() raised: the command is killed, reaped, the error replied */
         int e = errno, st;
         kill(-pid, SIGKILL);

@@ -41,6 +41,7 @@ static int send_full(int fd, const void *p, size_t n) {
 }
 
 static void gone(void) {
+    spare_drop();
     say("bottle-agent-core: the Python agent is gone");
     _exit(1);
 }
@@ -52,6 +53,7 @@ static void gone(void) {
  * ib[ih], with every exec still in flight.  Children are not reaped here:
  * they are re-parented to the Python agent when we exit. */
 static void __attribute__((noreturn)) handback(void) {
+    spare_drop(); /* the Python agent spawns its own */
     exec_reply_reaped();
     buf_t j = {0};
     double now = mono();
