@@ -79,3 +79,28 @@ def test_sigpipe_is_ignored_on_every_path_so_a_background_writer_lives_on(bottle
     check("subprocess", cwd="/tmp")  # the core hands back a call with a cwd
     assert _server(b) == "python3"
     check("spawn")  # the Python agent's posix_spawn
+
+
+def _stray(b: Bottle) -> list[str]:
+    """Cores beyond the one serving (if any), and zombies: what a spare left behind would be."""
+    rows = [line.split(None, 2) for line in b.check_output("ps -eo pid=,stat=,comm=").splitlines()]
+    own = b.check_output("cat /proc/$PPID/comm").strip() == CORE
+    cores = [r for r in rows if r[2] == CORE]
+    return [" ".join(r) for r in rows if r[1].startswith("Z")] + [" ".join(r) for r in cores[1 if own else 0 :]]
+
+
+@pytest.mark.parametrize("first", ["exec", "write"])
+def test_a_clones_spare_is_used_or_ended_by_its_first_call(bottle_factory, first: str) -> None:  # type: ignore[no-untyped-def]
+    """guest/core/spare.c: the seed's core made a process for a clone's first
+    plain exec; that exec runs in it, and a first call the core does not serve
+    ends it.  Either way a user sees no extra process."""
+    b = bottle_factory()
+    if first == "write":
+        b.write_text("/tmp/first", "yes")  # handed back: the core, and its spare, end
+        assert _server(b) == "python3"
+    else:
+        # the first command: in a session of its own, its stdin /dev/null, the core's child
+        out = b.check_output("echo $$; cut -d' ' -f6 /proc/$$/stat; readlink /proc/$$/fd/0; cat /proc/$PPID/comm")
+        pid, session, stdin, parent = out.split()
+        assert (session, stdin, parent) == (pid, "/dev/null", CORE)
+    assert _stray(b) == []
