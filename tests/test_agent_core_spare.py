@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,9 +40,9 @@ def test_the_first_exec_runs_in_the_spare_made_before_go(start: Callable[..., Co
     c = start()
     spare = _spare_of(c)
     assert len(spare) == 1, spare
-    assert _stat(spare[0])[3] == str(spare[0])  # already the leader of a session of its own
     c.go()
-    c.sync()
+    c.sync()  # the core read GO after the spare said it was ready
+    assert _stat(spare[0])[3] == str(spare[0])  # already the leader of a session of its own
     out, _, got, _ = c.run(1, {"argv": ["sh", "-c", "echo $$; cut -d' ' -f6 /proc/$$/stat; ls -l /proc/$$/fd"]})
     lines = out.decode().splitlines()
     assert got["rc"] == 0 and lines[:2] == [str(spare[0])] * 2, out
@@ -127,3 +128,23 @@ def test_the_spare_ends_with_the_core(start: Callable[..., Core]) -> None:
     c.agent.close()  # the Python agent gone: the core ends
     assert c.proc.wait(10) == 1
     assert dead(spare)
+
+
+def test_the_first_commands_signal_state_is_posix_spawns(core: Core) -> None:
+    """Blocked, ignored and caught signals: glibc's posix_spawn ignores its two
+    internal signals (32, 33) in the child, and so does the spare."""
+    state = [core.run(rid, {"argv": ["grep", "^Sig[BIC]", "/proc/self/status"]})[0] for rid in (1, 2)]
+    assert state[0] == state[1], state
+    assert b"SigIgn:\t0000000181001000" in state[0], state[0]  # SIGPIPE, SIGXFSZ, 32 and 33
+
+
+@pytest.mark.parametrize("how", ["SIGSTOP", "SIGKILL"])
+def test_a_spare_stopped_or_killed_from_outside_gives_way_to_posix_spawn(core: Core, how: str) -> None:
+    (spare,) = core.children()
+    os.kill(spare, getattr(signal, how))
+    started = time.monotonic()
+    out, _, got, _ = core.run(1, {"argv": ["sh", "-c", "echo $$"]})
+    assert got["rc"] == 0 and int(out) != spare
+    assert time.monotonic() - started < 5  # a stopped one is given up within seconds
+    assert dead(spare)  # ended and reaped: nothing the Python agent would ever see
+    assert core.children() == []

@@ -259,6 +259,9 @@ static void start(int argc, char **argv) {
         say("bottle-agent-core: fd 3 or 4 is not open");
         _exit(2);
     }
+    /* The Python agent gives us SIGPIPE ignored already (commands keep it:
+     * docs/reference.md, exec); the spare's pipe relies on it too. */
+    signal(SIGPIPE, SIG_IGN);
     if (chdir(HOME)) say("bottle-agent-core: cannot chdir to /root");
     if (setenv("PATH", DEFAULT_PATH, 1)) oom(); /* what posix_spawnp searches */
     /* Commands must not inherit the agent's OOM protection and raised

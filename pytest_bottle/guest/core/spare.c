@@ -18,8 +18,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -80,6 +82,17 @@ static int child(void *unused) {
     if (keep_lo > 3) syscall(SYS_close_range, 3, keep_lo - 1, 0);
     if (keep_hi > keep_lo + 1) syscall(SYS_close_range, keep_lo + 1, keep_hi - 1, 0);
     syscall(SYS_close_range, keep_hi + 1, ~0U, 0);
+    /* posix_spawn's child ignores glibc's internal signals (SIGCANCEL and
+     * SIGSETXID: 32 and 33), and exec keeps that; glibc's sigaction refuses
+     * to touch them, so the kernel is asked directly. */
+    struct {
+        void (*handler)(int);
+        unsigned long flags;
+        void (*restorer)(void);
+        uint64_t mask;
+    } ign = {SIG_IGN, 0, NULL, 0};
+    for (int sig = 32; sig <= 33; sig++)
+        if (syscall(SYS_rt_sigaction, sig, &ign, NULL, sizeof ign.mask)) _exit(127);
     sigprocmask(SIG_SETMASK, &sp.mask, NULL);
     if (write(sp.c_status, &c, 1) != 1) _exit(127);
     ssize_t n;
@@ -87,6 +100,18 @@ static int child(void *unused) {
     while (n < 0 && errno == EINTR);
     if (n != 1) _exit(0); /* we dropped it, or died */
     run();
+}
+
+static bool stopped(pid_t pid) {
+    char path[40], text[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd < 0 ? -1 : read(fd, text, sizeof text - 1);
+    if (fd >= 0) close(fd);
+    if (n <= 0) return false;
+    text[n] = 0;
+    const char *state = strrchr(text, ')'); /* after the command's name, which may hold anything */
+    return state && (state[2] == 'T' || state[2] == 't');
 }
 
 static void close_ours(void) {
@@ -152,19 +177,30 @@ int spare_spawn(char **argv, char **envp, pid_t *pid, int *pidfd, int *out, int 
     while (w < 0 && errno == EINTR);
     int no = 0;
     size_t got = 0;
+    bool execd = false; /* its close-on-exec end closed */
     while (w == 1 && got < sizeof no) {
+        /* A spare stopped (SIGSTOP, a tracer) before its exec would hold us
+         * for good; until its exec closes the status pipe, none of the
+         * command has run, so it can be ended and the exec made anew. */
+        struct pollfd p = {sp.status, POLLIN, 0};
+        int ready = poll(&p, 1, 1000);
+        if ((ready < 0 && errno != EINTR) || (ready == 0 && stopped(sp.pid))) break;
+        if (ready <= 0) continue;
         ssize_t r = read(sp.status, (char *)&no + got, sizeof no - got);
         if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) break;
+        if (r <= 0) {
+            execd = r == 0 && got == 0;
+            break;
+        }
         got += (size_t)r;
     }
     close(sp.go), close(sp.status);
     sp.go = sp.status = -1;
-    if (w == 1 && got == 0) { /* exec'd: its close-on-exec end closed */
+    if (execd) {
         *pid = sp.pid, *pidfd = sp.pidfd, *out = sp.out, *err = sp.err;
         sp = (typeof(sp)){.pidfd = -1, .out = -1, .err = -1, .go = -1, .status = -1};
         return 0;
     }
     spare_drop(); /* failed to exec (reaped as posix_spawn reaps), or died early */
-    return w == 1 && got == sizeof no && no ? no : -1;
+    return got == sizeof no && no ? no : -1;
 }
