@@ -2,7 +2,7 @@
  *
  * Every clone translates afresh all the kernel code it runs.  Its first exec
  * used to run fork (clone), pipe2 and setsid (an autogroup) for the first
- * time since the restore: ~1,400 of the ~23,000 blocks from restore to the
+ * time since the restore: ~1,600 of the ~23,200 blocks from restore to the
  * first answered `true`.  The spare runs them once, in the seed, and waits:
  * the first exec only hands it argv and envp and lets it exec.  Later execs,
  * and a first exec when the spare is gone, take exec.c's posix_spawn path.
