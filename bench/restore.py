@@ -153,15 +153,16 @@ def podman_image() -> str:
 
 
 @contextlib.contextmanager
-def containers_removed() -> Iterator[None]:
+def containers_removed(podman: bool) -> Iterator[None]:
     """On the way out, remove any container of ours that ``--rm`` did not (an interrupted run)."""
     try:
         yield
     finally:
-        ls = ["podman", "ps", "-a", "--filter", f"name=^{CONTAINER_PREFIX}{os.getpid()}-", "--format", "{{.ID}}"]
-        left = subprocess.run(ls, **CAPTURE).stdout.split()
-        if left:
-            subprocess.run(["podman", "rm", "--force", *left], capture_output=True)
+        if podman:  # without it nothing was started, and there is nobody to ask
+            ls = ["podman", "ps", "-a", "--filter", f"name=^{CONTAINER_PREFIX}{os.getpid()}-", "--format", "{{.ID}}"]
+            left = subprocess.run(ls, **CAPTURE).stdout.split()
+            if left:
+                subprocess.run(["podman", "rm", "--force", *left], capture_output=True)
 
 
 def podman_argv(image: str) -> list[str]:
@@ -222,7 +223,7 @@ def compare(n: int) -> Targets:
     columns: dict[str, Callable[[int], float]] = {"bottle": lambda _: bottle_true(), "floor": lambda _: qemu_floor()}
     if why_not:
         print(f"\npodman column skipped: {why_not}")
-    with containers_removed():
+    with containers_removed(podman=not why_not):
         if not why_not:
             image = podman_image()
             argv = podman_argv(image)
