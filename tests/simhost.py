@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 
 SSHD = "/usr/sbin/sshd"
+VETH_PREFIX = "bsim"  # its veth pair's names: the root namespace's end shows in `ip link`
 HOSTNAME = "bottle-sim"
 ALIAS = "simhost"
 
@@ -48,7 +49,7 @@ class SimHost:
         self.root = root
         self.cache_home = cache_home  # XDG_CACHE_HOME on the host
         self.netns = f"bottlesim{tag}"
-        self.veth = (f"bsim{tag}a", f"bsim{tag}b")
+        self.veth = (f"{VETH_PREFIX}{tag}a", f"{VETH_PREFIX}{tag}b")
         octet = os.getpid() % 250 + 1
         self.addr = (f"10.254.{octet}.1", f"10.254.{octet}.2")
         self.ssh_config = root / "ssh_config"
