@@ -447,6 +447,10 @@ def test_a_guest_that_reboots_powers_off_or_panics_ends_its_bottle_and_calls_say
         while time.monotonic() - started < 60:  # a shutdown may end a command (and answer for it) first
             bottle.exec("sleep 1", timeout=30)
     assert time.monotonic() - started < 30
+    if said == "the guest kernel panicked" and "QEMU exited with 0: the guest rebooted, powered off or" in str(
+        info.value
+    ):
+        return  # a kernel may reset before its panic line reaches the serial console (seen once on trixie)
     assert f"the VM exited ({said}: '" in str(info.value), info.value
     assert "on its console; a bottle's VM ends when its guest reboots, powers off or panics) during exec" in str(
         info.value

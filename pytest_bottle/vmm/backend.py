@@ -96,6 +96,9 @@ def gone(machine: Machine, wait: float = 1.0) -> str:
     if machine.wait(wait) is None:
         return ""
     words = last_words(console_tail(machine.console_log))
+    ends = "a bottle's VM ends when its guest reboots, powers off or panics"
     if words:
-        return f"the VM exited ({words}; a bottle's VM ends when its guest reboots, powers off or panics)"
+        return f"the VM exited ({words}; {ends})"
+    if machine.poll() == 0:  # -no-reboot: the guest ended it, before its console said how
+        return f"the VM exited (QEMU exited with 0: the guest rebooted, powered off or panicked; {ends})"
     return f"the VM exited ({machine.exit_reason()})"
