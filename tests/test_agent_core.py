@@ -408,21 +408,28 @@ def test_exec_runs_in_root_with_devnull_stdin_in_its_own_session(core: Core) -> 
     assert lines[1] == lines[2]  # the session leader is the command itself
 
 
-@pytest.mark.parametrize(
-    ("argv0", "rc", "text"),
-    [
-        ("no-such-command-xyz", 127, "no-such-command-xyz: not found\n"),
-        ("/no/such/path", 127, "/no/such/path: not found\n"),
-        ("{file}", 126, "{file}: Permission denied\n"),
-        ("{file}/x", 126, "{file}/x: Not a directory\n"),
-    ],
-)
+# (argv[0], rc, stderr_text): {file} is a script without the execute bit, {dir} a directory
+SPAWN_FAILURES = [
+    ("no-such-command-xyz", 127, "no-such-command-xyz: not found\n"),
+    ("/no/such/path", 127, "/no/such/path: not found\n"),
+    ("{file}", 126, "{file}: Permission denied\n"),
+    ("{file}/x", 126, "{file}/x: Not a directory\n"),
+]
+
+
+def spawn_failure(tmp_path: Path, argv0: str, text: str) -> tuple[str, str]:
+    """A SPAWN_FAILURES case made real in ``tmp_path``: its argv[0] and text."""
+    (tmp_path / "file").write_text("#!/bin/sh\n")
+    (tmp_path / "file").chmod(0o644)
+    argv0, text = (x.replace("{file}", str(tmp_path / "file")).replace("{dir}", str(tmp_path)) for x in (argv0, text))
+    return argv0, text
+
+
+@pytest.mark.parametrize(("argv0", "rc", "text"), SPAWN_FAILURES)
 def test_exec_spawn_failures_are_worded_like_a_shell(
     core: Core, tmp_path: Path, argv0: str, rc: int, text: str
 ) -> None:
-    (tmp_path / "file").write_text("#!/bin/sh\n")
-    (tmp_path / "file").chmod(0o644)
-    argv0, text = (x.replace("{file}", str(tmp_path / "file")) for x in (argv0, text))
+    argv0, text = spawn_failure(tmp_path, argv0, text)
     _out, _err, _got, raw = core.run(4, {"argv": [argv0, "arg"]})
     assert raw == reply(4, {"rc": rc, "stderr_text": text, "timed_out": False, "ok": True})
     with pytest.raises(execute.SpawnFailed) as failed:  # the Python agent's words
