@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import test_agent_core
-from test_agent_core import Core, dead, reply
+from test_agent_core import SPAWN_FAILURES, Core, dead, reply, spawn_failure
 
 from pytest_bottle.guest import frames
 from pytest_bottle.guest.frames import CALL
@@ -53,22 +53,11 @@ def test_the_first_exec_runs_in_the_spare_made_before_go(start: Callable[..., Co
     assert c.children() == []
 
 
-@pytest.mark.parametrize(
-    ("argv0", "rc", "text"),
-    [
-        ("no-such-command-xyz", 127, "no-such-command-xyz: not found\n"),
-        ("/no/such/path", 127, "/no/such/path: not found\n"),
-        ("{file}", 126, "{file}: Permission denied\n"),
-        ("{file}/x", 126, "{file}/x: Not a directory\n"),
-        ("{dir}", 126, "{dir}: Permission denied\n"),
-    ],
-)
+@pytest.mark.parametrize(("argv0", "rc", "text"), [*SPAWN_FAILURES, ("{dir}", 126, "{dir}: Permission denied\n")])
 def test_a_spawn_failure_reads_the_same_from_the_spare_and_from_posix_spawn(
     core: Core, tmp_path: Path, argv0: str, rc: int, text: str
 ) -> None:
-    (tmp_path / "file").write_text("#!/bin/sh\n")
-    (tmp_path / "file").chmod(0o644)
-    argv0, text = (x.replace("{file}", str(tmp_path / "file")).replace("{dir}", str(tmp_path)) for x in (argv0, text))
+    argv0, text = spawn_failure(tmp_path, argv0, text)
     for rid in (4, 5):  # the spare's exec, then posix_spawn's
         _out, _err, _got, raw = core.run(rid, {"argv": [argv0, "arg"]})
         assert raw == reply(rid, {"rc": rc, "stderr_text": text, "timed_out": False, "ok": True})
@@ -144,6 +133,10 @@ def test_the_first_commands_signal_state_is_posix_spawns(core: Core) -> None:
 def test_a_spare_stopped_or_killed_from_outside_gives_way_to_posix_spawn(core: Core, how: str) -> None:
     (spare,) = core.children()
     os.kill(spare, getattr(signal, how))
+    want = "Z" if how == "SIGKILL" else "T"  # the signal has landed before the exec is asked for
+    deadline = time.monotonic() + 10
+    while _stat(spare)[0] != want and time.monotonic() < deadline:
+        time.sleep(0.01)
     started = time.monotonic()
     out, _, got, _ = core.run(1, {"argv": ["sh", "-c", "echo $$"]})
     assert got["rc"] == 0 and int(out) != spare
