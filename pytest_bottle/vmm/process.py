@@ -7,6 +7,7 @@ a short-lived worker thread whose exit would kill the VM.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import psutil
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
 _libc = ctypes.CDLL(None, use_errno=True)
 _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
@@ -50,11 +52,14 @@ def spawn(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     die_with_parent: bool = True,
+    small_pages: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` with output to ``log_path``, killed if this process dies.
 
     ``die_with_parent=False`` (for ``--bottle-keep``) lets the child outlive
     us in its own session; the run-state record then is its only leash.
+    ``small_pages``: the child gets no transparent huge pages (see
+    :func:`no_huge_pages`).
     """
     global _spawner
     with _spawner_lock:
@@ -77,7 +82,7 @@ def spawn(
         # The child's files (memory state, console, overlays) are the user's
         # alone: a clone's disk holds its SSH host key.
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with open(fd, "ab") as out:
+        with open(fd, "ab") as out, no_huge_pages(small_pages):
             return subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -92,6 +97,28 @@ def spawn(
             )
 
     return _spawner.submit(start).result()
+
+
+@contextlib.contextmanager
+def no_huge_pages(wanted: bool = True) -> Iterator[None]:
+    """Children started meanwhile get no transparent huge pages.
+
+    The flag belongs to a process's memory and is copied to a child and kept
+    across exec; no other way reaches a child that Popen starts without
+    running Python in it (which costs a full fork, see spawn).  So it is set
+    on this process for the moment of the start and then put back: a page
+    this process faults in meanwhile is an ordinary one, nothing else.
+    """
+    if not wanted or _libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) != 0:
+        yield  # not asked, or already so (the user's choice, which stays)
+        return
+    if _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        yield  # a kernel without it (before 3.15): nothing to do
+        return
+    try:
+        yield
+    finally:
+        _libc.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0)
 
 
 # After setpriv's prctl: a parent that died before it (a kill -9 as the VM
