@@ -61,6 +61,21 @@ def test_the_guest_cpu_has_no_fast_string_flags_under_tcg(module_bottle: Bottle)
     assert "sse2" in flags and "lm" in flags  # the rest of the model is still there
 
 
+def _status_field(pid: int | str, name: str) -> str:
+    return re.findall(rf"^{name}:\s*(\S+)", Path(f"/proc/{pid}/status").read_text(), re.M)[0]
+
+
+def test_qemu_gets_no_huge_pages_under_tcg_and_this_process_keeps_its_own(module_bottle: Bottle) -> None:
+    # Huge pages would round an idle clone's translated code up to 2 MB steps.
+    assert module_bottle.pid is not None
+    expected = "0" if module_bottle.accel == "tcg" else "1"
+    assert _status_field(module_bottle.pid, "THP_enabled") == expected
+    if module_bottle.accel == "tcg":
+        rollup = Path(f"/proc/{module_bottle.pid}/smaps_rollup").read_text()
+        assert re.search(r"^AnonHugePages:\s+0 kB", rollup, re.M), rollup
+    assert _status_field("self", "THP_enabled") == "1"  # set only for the start, then put back
+
+
 def test_missing_program_is_a_result_not_an_exception(module_bottle: Bottle) -> None:
     r = module_bottle.exec(["/no/such/program", "x"])
     assert r.returncode == 127 and "not found" in r.stderr

@@ -111,3 +111,23 @@ def test_parent_pid_reads_the_stat_line_and_says_none_for_no_process() -> None:
     assert process.parent_pid(os.getpid()) == os.getppid()
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     assert process.parent_pid(int(done.stdout)) is None  # reaped: no such process
+
+
+_THP_PROBE = """
+import ctypes, subprocess, sys
+from pytest_bottle.vmm import process
+if sys.argv[1] == "set":
+    ctypes.CDLL(None).prctl(process.PR_SET_THP_DISABLE, 1, 0, 0, 0)
+grep = ["grep", "-h", "THP_enabled", "/proc/self/status"]
+with process.no_huge_pages():
+    inside = subprocess.run(grep, capture_output=True, text=True, check=True).stdout.split()[1]
+after = subprocess.run(grep, capture_output=True, text=True, check=True).stdout.split()[1]
+print(inside, after)
+"""
+
+
+@pytest.mark.parametrize(("before", "after"), [("unset", "1"), ("set", "0")])
+def test_no_huge_pages_reaches_the_child_and_puts_back_what_was(before: str, after: str) -> None:
+    # In a process of its own: the flag belongs to the whole process.
+    out = subprocess.run([sys.executable, "-c", _THP_PROBE, before], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", after]
