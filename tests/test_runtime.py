@@ -62,7 +62,9 @@ def test_the_guest_cpu_has_no_fast_string_flags_under_tcg(module_bottle: Bottle)
 
 
 def _status_field(pid: int | str, name: str) -> str:
-    return re.findall(rf"^{name}:\s*(\S+)", Path(f"/proc/{pid}/status").read_text(), re.M)[0]
+    found = re.search(rf"^{name}:\s*(\S+)", Path(f"/proc/{pid}/status").read_text(), re.M)
+    assert found, name
+    return found[1]
 
 
 def test_qemu_gets_no_huge_pages_under_tcg_and_this_process_keeps_its_own(module_bottle: Bottle) -> None:
