@@ -67,8 +67,9 @@ def _status_field(pid: int | str, name: str) -> str:
     return found[1]
 
 
-def test_qemu_gets_no_huge_pages_under_tcg_and_this_process_keeps_its_own(module_bottle: Bottle) -> None:
-    # Huge pages would round an idle clone's translated code up to 2 MB steps.
+def test_a_clone_gets_no_huge_pages_under_tcg_and_this_process_keeps_its_own(module_bottle: Bottle) -> None:
+    # Huge pages would round an idle clone's translated code up to 2 MB steps
+    # (module_bottle is a clone: restored from its seed).
     assert module_bottle.pid is not None
     expected = "0" if module_bottle.accel == "tcg" else "1"
     assert _status_field(module_bottle.pid, "THP_enabled") == expected

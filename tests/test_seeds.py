@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -62,6 +63,10 @@ def test_snapshot_and_cold_boot_give_the_same_machine(bottle_factory) -> None:  
     assert _boot_id(cold) != _boot_id(warm)
     booted = float(cold.check_output("cut -d' ' -f1 /proc/uptime"))
     assert booted < time.time() - warm_started + 5
+    # Only a clone (RAM in a file) starts without huge pages: a cold boot's
+    # anonymous RAM keeps them.
+    thp = [re.search(r"^THP_enabled:\s*(\d)", Path(f"/proc/{b.pid}/status").read_text(), re.M) for b in (warm, cold)]
+    assert [m and m[1] for m in thp] == (["0", "1"] if warm.accel == "tcg" else ["1", "1"])
 
 
 @pytest.fixture

@@ -107,7 +107,8 @@ def no_huge_pages(wanted: bool = True) -> Iterator[None]:
     across exec; no other way reaches a child that Popen starts without
     running Python in it (which costs a full fork, see spawn).  So it is set
     on this process for the moment of the start and then put back: a page
-    this process faults in meanwhile is an ordinary one, nothing else.
+    this process faults in meanwhile is an ordinary one, and a child another
+    thread starts meanwhile has no huge pages either; nothing else.
     """
     if not wanted or _libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) != 0:
         yield  # not asked, or already so (the user's choice, which stays)
