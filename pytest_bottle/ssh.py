@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .arguments import check_env, check_input, check_timeout
+from .arguments import GuestPath, check_env, check_input, check_timeout, guest_path
 from .errors import BottleError, ExecTimeout, SpecError
 from .host.deps import require, which
 from .host.locks import reporting_lock
@@ -114,6 +114,8 @@ class SshAccess:
         input: str | bytes | None = None,
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
+        cwd: GuestPath | None = None,
+        user: str | int | None = None,
         **kw: Any,
     ) -> ExecResult:
         """``cmd`` through the ssh client; its arguments are checked as ``exec`` checks
@@ -121,12 +123,14 @@ class SshAccess:
         if kw:
             raise TypeError(f"ssh() does not take {', '.join(kw)}")
         check_timeout(timeout)
-        remote = remote_command(cmd, env)
+        remote = remote_command(cmd, env, cwd=None if cwd is None else guest_path(cwd, "cwd"), user=check_user(user))
         data = check_input(input)
         started = time.monotonic()
         rc, out, err = _run_capped(self.argv("--", remote), data, timeout)
         if rc is None:
             raise ExecTimeout(cmd, float(timeout or 0), _text(out.value()), _text(err.value()))
+        if user is not None and rc == NO_USER_RC and _text(err.value()) == NO_USER + "\n":
+            raise SpecError(f"{NO_USER}: {user!r}", "ssh()")
         result = ExecResult(cmd, rc, out.value(), err.value(), time.monotonic() - started)
         return result.check() if check else result
 
@@ -198,11 +202,35 @@ def _text(data: bytes | str | None) -> str:
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def remote_command(cmd: Command, env: Mapping[str, str] | None = None) -> str:
+def check_user(user: object) -> str | None:
+    """``exec``'s ``user=``: a name or a uid; the guest says whether it exists."""
+    if user is None:
+        return None
+    if isinstance(user, int) and not isinstance(user, bool) and user >= 0:
+        return str(user)
+    if isinstance(user, str) and user and "\0" not in user:
+        return user
+    raise SpecError(f"user must be a user name or a uid (an int >= 0), not {user!r}", "ssh()")
+
+
+# What the line says, and its exit, when getent knows no such user; the
+# host then raises exec's SpecError, naming the user as it was given.
+NO_USER, NO_USER_RC = "no such user in the guest", 1
+
+
+def remote_command(
+    cmd: Command, env: Mapping[str, str] | None = None, *, cwd: str | None = None, user: str | None = None
+) -> str:
     """The line the remote shell runs: a string as it is, a list quoted word
     by word.  The first word is quoted even where it need not be: bare,
     ``A=b`` would be an assignment and ``if`` a keyword, not a program.
-    ``env`` is exported first, so that the whole line sees it, as with ``exec``."""
+    ``env`` is exported first, so that the whole line sees it, as with ``exec``.
+
+    ``cwd`` and ``user`` as ``exec`` has them: sshd logs in as root, so the line
+    changes directory (exit 2 if it cannot, as ``exec``), and for ``user`` runs
+    as that user through ``runuser`` (``HOME``, ``USER``, ``LOGNAME`` theirs), in
+    their home unless ``cwd`` says otherwise (``/`` if they have none they may
+    enter).  A name of digits is a uid, as with ``exec``."""
     argv = to_argv(cmd)  # exec's checks: bytes are UTF-8 text, an empty list is no command
     if isinstance(cmd, (str, bytes, bytearray)):
         remote = argv[-1]
@@ -217,4 +245,13 @@ def remote_command(cmd: Command, env: Mapping[str, str] | None = None) -> str:
             raise SpecError(f"ssh env: {name!r} is not a shell variable name (letters, digits, _)")
     if env:
         remote = "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + "; " + remote
-    return remote or ":"  # no command at all would have ssh open a login shell; exec("") runs nothing
+    remote = remote or ":"  # no command at all would have ssh open a login shell; exec("") runs nothing
+    if cwd is not None:
+        failed = shlex.quote(f"cannot change directory to {cwd}")
+        remote = f"cd -- {shlex.quote(cwd)} 2>/dev/null || {{ echo {failed} >&2; exit 2; }}; {remote}"
+    elif user is not None:
+        remote = f'cd -- "$HOME" 2>/dev/null || cd /; {remote}'
+    if user is None:
+        return remote
+    lookup = f"pw=$(getent passwd -- {shlex.quote(user)}) || {{ echo {shlex.quote(NO_USER)} >&2; exit {NO_USER_RC}; }}"
+    return f'{lookup}; exec runuser -u "${{pw%%:*}}" -- /bin/sh -c {shlex.quote(remote)}'

@@ -55,11 +55,32 @@ def test_ssh_refuses_what_exec_refuses_before_the_client_starts(bottle: Bottle) 
     for data in (3, ["x"]):
         with pytest.raises(SpecError, match="input must be a str or bytes"):
             bottle.ssh("touch /tmp/ran", input=data)
-    for kw in ("cwd", "user", "on_output"):  # exec's, not ssh's: a TypeError naming it
-        with pytest.raises(TypeError, match=rf"ssh\(\) does not take {kw}"):
-            bottle.ssh("touch /tmp/ran", **{kw: "/"})
+    with pytest.raises(TypeError, match=r"ssh\(\) does not take on_output"):  # exec's alone
+        bottle.ssh("touch /tmp/ran", on_output=print)
+    for run in (bottle.exec, bottle.ssh):
+        with pytest.raises(SpecError, match="cwd must be absolute"):
+            run("touch /tmp/ran", cwd="tmp")
+    for user in (True, -1, "", "a\0b", 1.5):
+        with pytest.raises(SpecError, match="user must be a user name or a uid"):
+            bottle.ssh("touch /tmp/ran", user=user)
     assert time.monotonic() - started < 5  # at once: no ssh client ran
     assert bottle.ssh("test -e /tmp/ran; echo $?", timeout=None).stdout == "1\n"  # None: no deadline
+
+
+def test_ssh_takes_cwd_and_user_as_exec_does(bottle: Bottle) -> None:
+    show = "id -un; id -G; pwd; echo $HOME"
+    for kw in ({"user": "nobody"}, {"user": 65534, "cwd": "/tmp"}, {"user": "0"}, {"cwd": "/etc"}, {}):
+        assert bottle.ssh(show, **kw).stdout == bottle.exec(show, **kw).stdout, kw
+    assert bottle.ssh("cat; echo $K", input="in ", user="nobody", env={"K": "v w"}).stdout == "in v w\n"
+    for cwd in ("/nonexistent", "/root"):  # missing; not the user's to enter
+        ssh, exec_ = bottle.ssh("true", cwd=cwd, user="nobody"), bottle.exec("true", cwd=cwd, user="nobody")
+        assert (ssh.returncode, exec_.returncode) == (2, 2)
+        assert ssh.stderr == f"cannot change directory to {cwd}\n" and exec_.stderr.startswith(ssh.stderr[:-1])
+    for user in ("nobody-here", 54321, "54321"):
+        with pytest.raises(SpecError, match=f"no such user in the guest: {user!r}"):
+            bottle.exec("true", user=user)
+        with pytest.raises(SpecError, match=f"no such user in the guest: {user!r}"):
+            bottle.ssh("true", user=user, check=True)
 
 
 def test_ssh_of_nothing_runs_nothing_and_ssh_argv_takes_only_text(bottle: Bottle, tmp_path: Path) -> None:

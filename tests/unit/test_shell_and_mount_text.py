@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -43,6 +44,22 @@ def test_a_string_is_the_remote_command_as_it_is() -> None:
     assert remote_command("echo $HOME | wc -c") == "echo $HOME | wc -c"
     assert remote_command("") == ":"  # no command: ssh would open a login shell
     assert _sh(remote_command("printenv K", env={"K": "a b"})).stdout == "a b\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runuser needs root, as sshd's root session has it")
+def test_cwd_and_user_lines_run_where_and_as_whom_they_say(tmp_path: Path) -> None:
+    # The host's own sh, users and runuser stand in for the guest's.
+    show = "id -un; pwd; echo $HOME; printenv K"
+    weird = str(tmp_path / "it's a $dir")
+    os.mkdir(weird)
+    r = _sh(remote_command(show, {"K": "v w"}, cwd=weird))
+    assert (r.returncode, r.stdout) == (0, f"root\n{weird}\n{os.environ.get('HOME', '')}\nv w\n"), r.stderr
+    r = _sh(remote_command(show, {"K": "v"}, user="65534"))  # digits: a uid; no home to enter: /
+    assert (r.returncode, r.stdout) == (0, "nobody\n/\n/nonexistent\nv\n"), r.stderr
+    r = _sh(remote_command(show, cwd="/root", user="nobody"))
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", "cannot change directory to /root\n")
+    r = _sh(remote_command("echo ran", user="nobody-here; echo injected"))
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", "no such user in the guest\n")
 
 
 def test_bytes_are_utf8_text_as_exec_takes_them() -> None:
