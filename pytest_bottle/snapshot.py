@@ -43,19 +43,20 @@ log = logging.getLogger(__name__)
 FORK_KEYS = ("forward", "timeout")
 
 
-def check_fork_args(kwargs: dict[str, Any], source: str) -> dict[str, Any]:
+def check_fork_args(kwargs: dict[str, Any], source: str, snapshot: BottleSpec | None = None) -> dict[str, Any]:
     """The fork arguments in ``kwargs`` (``forward``, ``timeout``), checked; any
-    other argument is a ``SpecError`` naming it (``None`` is "not set", as everywhere)."""
+    other argument is a ``SpecError`` naming it (``None`` is "not set", as everywhere),
+    unless it says what ``snapshot`` (the snapshot's spec) has anyway."""
     for key, value in kwargs.items():
         if key not in PARSERS:  # a misspelt name: not something the snapshot could have given
             raise SpecError(f"unknown argument {key!r}; a fork takes only {', '.join(FORK_KEYS)}", source)
-        if key not in FORK_KEYS and value is not None:
+        if key not in FORK_KEYS and value is not None and not _restates(snapshot, key, value):
             raise SpecError(
                 f"{key}= cannot be given to a fork of a snapshot: it comes from the snapshot "
                 f"(a fork takes only {', '.join(k + '=' for k in FORK_KEYS)})",
                 source,
             )
-    given = {k: v for k, v in kwargs.items() if v is not None}
+    given = {k: v for k, v in kwargs.items() if v is not None and k in FORK_KEYS}
     parsed = resolve([(source, given)], restricted=1)  # parses and names bad values
     out: dict[str, Any] = {}
     if "forward" in given:
@@ -63,6 +64,18 @@ def check_fork_args(kwargs: dict[str, Any], source: str) -> dict[str, Any]:
     if "timeout" in given:
         out["timeout"] = parsed.timeout
     return out
+
+
+def _restates(snapshot: BottleSpec | None, key: str, value: Any) -> bool:
+    """Whether ``key=value`` is what the snapshot has (``cache_dir=`` given
+    again to every launch, say): no change asked, so nothing to refuse."""
+    if snapshot is None:
+        return False
+    attr, parse = PARSERS[key]
+    try:
+        return bool(parse(value) == getattr(snapshot, attr))
+    except (ValueError, TypeError):
+        return False  # a bad value: refused as any other key is
 
 
 class Snapshot:
@@ -92,7 +105,7 @@ class Snapshot:
 
     def start(self, **kwargs: Any) -> Bottle:
         """A new fork; only ``forward=`` and ``timeout=`` may be given."""
-        return self.fork(check_fork_args(kwargs, "Snapshot.start()"))
+        return self.fork(check_fork_args(kwargs, "Snapshot.start()", self.spec))
 
     def fork(self, overrides: dict[str, Any], *, detached: bool = False, lans: LanRegistry | None = None) -> Bottle:
         """A fork with checked ``overrides`` (see ``check_fork_args``)."""

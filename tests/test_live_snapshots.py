@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -116,8 +117,17 @@ def test_fork_takes_forward_and_timeout_only(
     with pytest.raises(SpecError, match=r"session_bottle_factory\(\) arguments: network= cannot be given"):
         session_bottle_factory(snapshot=prepared, network="nat")
     assert session_bottle_factory(snapshot=prepared, timeout=120).read_text("/root/state") == "prepared\n"
+    other = "debian-bookworm" if prepared.spec.image == "debian-trixie" else "debian-trixie"
     with pytest.raises(SpecError, match=r"launch\(\): image= cannot be given"):
-        pytest_bottle.launch(snapshot=prepared, image="debian-bookworm")
+        pytest_bottle.launch(snapshot=prepared, image=other)
+    # What the snapshot has anyway may be said again (a cache_dir= on every launch).
+    same: dict[str, Any] = {
+        "image": prepared.spec.image,
+        "cache_dir": str(prepared.spec.cache_dir),
+        "accel": prepared.spec.accel,
+    }
+    with pytest_bottle.launch(snapshot=prepared, **same) as fork:
+        assert fork.read_text("/root/state") == "prepared\n"
     with prepared.start(forward=[8080], timeout=60) as fork:
         fork.check_output("nohup python3 -m http.server 8080 >/dev/null 2>&1 &")
         fork.wait_for_port(8080)

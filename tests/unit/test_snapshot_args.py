@@ -11,6 +11,7 @@ import pytest
 
 from pytest_bottle.errors import SnapshotError, SnapshotGone, SpecError
 from pytest_bottle.snapshot import check_fork_args, free_saved_name, saved_name
+from pytest_bottle.spec import resolve
 from pytest_bottle.store.saved import load
 from pytest_bottle.store.snapshots import check_name, seed_of
 
@@ -31,6 +32,15 @@ def test_fork_takes_forward_and_timeout() -> None:
 def test_any_other_fork_argument_is_named(key: str) -> None:
     with pytest.raises(SpecError, match=rf"^where: {key}= cannot be given to a fork of a snapshot"):
         check_fork_args({key: "x"}, "where")
+
+
+def test_a_fork_may_restate_what_its_snapshot_has(tmp_path: Path) -> None:
+    spec = resolve([("launch()", {"memory": "1G", "cache_dir": str(tmp_path), "image": "debian-trixie"})])
+    same = {"memory": 1024, "cache_dir": f"{tmp_path}/", "image": "debian-trixie", "accel": "auto", "cpus": 1}
+    assert check_fork_args({**same, "timeout": 9}, "s", spec) == {"timeout": 9.0}
+    for key, other in (("memory", "2G"), ("cache_dir", tmp_path / "x"), ("image", "debian-bookworm"), ("cpus", "x")):
+        with pytest.raises(SpecError, match=rf"^s: {key}= cannot be given to a fork of a snapshot"):
+            check_fork_args({key: other}, "s", spec)
 
 
 def test_bad_fork_values_are_named() -> None:
