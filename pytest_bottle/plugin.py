@@ -28,7 +28,7 @@ from .live_progress import LiveProgress
 from .reports import CLOSED, BottleReports, failed, keep_message
 from .save_failed import SaveFailed
 from .snapshot import FORK_KEYS, Snapshot, check_fork_args
-from .spec import BottleSpec, Layer, check_host_memory
+from .spec import BOTTLE_KEYS, BottleSpec, Layer, check_host_memory
 from .usage import (
     AUTO_MARK,
     check_cache_dir,
@@ -314,7 +314,7 @@ def _fork(state: _State, kwargs: dict[str, Any], source: str, group: str, marker
     try:
         if not isinstance(snap, Snapshot):
             raise SpecError(f"snapshot must be a Snapshot (from bottle.snapshot()), not {snap!r}", source)
-        overrides = check_fork_args(rest, source, snap.spec)
+        overrides = check_fork_args(rest, source, snap.spec, BOTTLE_KEYS)
         for where, values in marker:
             overrides |= check_fork_args({k: v for k, v in values.items() if k in FORK_KEYS}, where)
     except SpecError as e:

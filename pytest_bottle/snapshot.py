@@ -19,6 +19,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,14 +44,18 @@ log = logging.getLogger(__name__)
 FORK_KEYS = ("forward", "timeout")
 
 
-def check_fork_args(kwargs: dict[str, Any], source: str, snapshot: BottleSpec | None = None) -> dict[str, Any]:
+def check_fork_args(
+    kwargs: dict[str, Any], source: str, snapshot: BottleSpec | None = None, takes: Sequence[str] = tuple(PARSERS)
+) -> dict[str, Any]:
     """The fork arguments in ``kwargs`` (``forward``, ``timeout``), checked; any
     other argument is a ``SpecError`` naming it (``None`` is "not set", as everywhere),
-    unless it says what ``snapshot`` (the snapshot's spec) has anyway."""
+    unless it is one the caller ``takes`` and says what ``snapshot`` (the
+    snapshot's spec) has anyway."""
     for key, value in kwargs.items():
         if key not in PARSERS:  # a misspelt name: not something the snapshot could have given
             raise SpecError(f"unknown argument {key!r}; a fork takes only {', '.join(FORK_KEYS)}", source)
-        if key not in FORK_KEYS and value is not None and not _restates(snapshot, key, value):
+        restated = key in takes and _restates(snapshot, key, value)
+        if key not in FORK_KEYS and value is not None and not restated:
             raise SpecError(
                 f"{key}= cannot be given to a fork of a snapshot: it comes from the snapshot "
                 f"(a fork takes only {', '.join(k + '=' for k in FORK_KEYS)})",

@@ -209,7 +209,7 @@ def check_user(user: object) -> str | None:
     if isinstance(user, int) and not isinstance(user, bool) and user >= 0:
         return str(user)
     if isinstance(user, str) and user and "\0" not in user:
-        return user
+        return str(int(user)) if user.isdigit() else user  # digits are a uid, as exec reads them ("٢" too)
     raise SpecError(f"user must be a user name or a uid (an int >= 0), not {user!r}", "ssh()")
 
 
@@ -246,12 +246,17 @@ def remote_command(
     if env:
         remote = "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + "; " + remote
     remote = remote or ":"  # no command at all would have ssh open a login shell; exec("") runs nothing
+    # -P: the real directory, as exec's chdir gives it (/var/run is /run).
+    # printf, not echo: dash's echo would read backslashes in the path.
     if cwd is not None:
         failed = shlex.quote(f"cannot change directory to {cwd}")
-        remote = f"cd -- {shlex.quote(cwd)} 2>/dev/null || {{ echo {failed} >&2; exit 2; }}; {remote}"
+        remote = f"cd -P -- {shlex.quote(cwd)} 2>/dev/null || {{ printf '%s\\n' {failed} >&2; exit 2; }}; {remote}"
     elif user is not None:
-        remote = f'cd -- "$HOME" 2>/dev/null || cd /; {remote}'
+        remote = f'cd -P -- "$HOME" 2>/dev/null || cd /; {remote}'
     if user is None:
         return remote
-    lookup = f"pw=$(getent passwd -- {shlex.quote(user)}) || {{ echo {shlex.quote(NO_USER)} >&2; exit {NO_USER_RC}; }}"
+    # getent takes " 0" or "+0" for uid 0 too: a name must come back as itself.
+    key, unknown = shlex.quote(user), f"{{ printf '%s\\n' {shlex.quote(NO_USER)} >&2; exit {NO_USER_RC}; }}"
+    same = "" if user.isdigit() else f' && [ "${{pw%%:*}}" = {key} ]'
+    lookup = f"pw=$(getent passwd -- {key}){same} || {unknown}"
     return f'{lookup}; exec runuser -u "${{pw%%:*}}" -- /bin/sh -c {shlex.quote(remote)}'

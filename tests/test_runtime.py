@@ -67,16 +67,18 @@ def _status_field(pid: int | str, name: str) -> str:
     return found[1]
 
 
-def test_a_clone_gets_no_huge_pages_under_tcg_and_this_process_keeps_its_own(module_bottle: Bottle) -> None:
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no THP in this kernel")
+def test_a_clone_gets_no_huge_pages_under_tcg(module_bottle: Bottle) -> None:
     # Huge pages would round an idle clone's translated code up to 2 MB steps
-    # (module_bottle is a clone: restored from its seed).
+    # (module_bottle is a clone: restored from its seed).  That this process
+    # gets its own flag back is tests/unit/test_process_identity.py's: here a
+    # pre-start in another thread may hold it at any moment.
     assert module_bottle.pid is not None
     expected = "0" if module_bottle.accel == "tcg" else "1"
     assert _status_field(module_bottle.pid, "THP_enabled") == expected
     if module_bottle.accel == "tcg":
         rollup = Path(f"/proc/{module_bottle.pid}/smaps_rollup").read_text()
         assert re.search(r"^AnonHugePages:\s+0 kB", rollup, re.M), rollup
-    assert _status_field("self", "THP_enabled") == "1"  # set only for the start, then put back
 
 
 def test_missing_program_is_a_result_not_an_exception(module_bottle: Bottle) -> None:

@@ -116,8 +116,9 @@ def test_parent_pid_reads_the_stat_line_and_says_none_for_no_process() -> None:
 _THP_PROBE = """
 import ctypes, subprocess, sys
 from pytest_bottle.vmm import process
-if sys.argv[1] == "set":
-    ctypes.CDLL(None).prctl(process.PR_SET_THP_DISABLE, 1, 0, 0, 0)
+# Set or cleared first: a start in another thread of the parent could have
+# handed this process the flag.
+ctypes.CDLL(None).prctl(process.PR_SET_THP_DISABLE, int(sys.argv[1] == "set"), 0, 0, 0)
 grep = ["grep", "-h", "THP_enabled", "/proc/self/status"]
 with process.no_huge_pages():
     inside = subprocess.run(grep, capture_output=True, text=True, check=True).stdout.split()[1]

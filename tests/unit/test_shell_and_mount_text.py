@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,20 +48,24 @@ def test_a_string_is_the_remote_command_as_it_is() -> None:
     assert _sh(remote_command("printenv K", env={"K": "a b"})).stdout == "a b\n"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="runuser needs root, as sshd's root session has it")
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="runuser, as root (sshd's session is)")
 def test_cwd_and_user_lines_run_where_and_as_whom_they_say(tmp_path: Path) -> None:
     # The host's own sh, users and runuser stand in for the guest's.
     show = "id -un; pwd; echo $HOME; printenv K"
-    weird = str(tmp_path / "it's a $dir")
-    os.mkdir(weird)
-    r = _sh(remote_command(show, {"K": "v w"}, cwd=weird))
+    weird = tmp_path / "it's a $dir \\t"
+    weird.mkdir()
+    (tmp_path / "link").symlink_to(weird)
+    r = _sh(remote_command(show, {"K": "v w"}, cwd=str(tmp_path / "link")))  # the real directory, as exec's
     assert (r.returncode, r.stdout) == (0, f"root\n{weird}\n{os.environ.get('HOME', '')}\nv w\n"), r.stderr
-    r = _sh(remote_command(show, {"K": "v"}, user="65534"))  # digits: a uid; no home to enter: /
-    assert (r.returncode, r.stdout) == (0, "nobody\n/\n/nonexistent\nv\n"), r.stderr
-    r = _sh(remote_command(show, cwd="/root", user="nobody"))
-    assert (r.returncode, r.stdout, r.stderr) == (2, "", "cannot change directory to /root\n")
-    r = _sh(remote_command("echo ran", user="nobody-here; echo injected"))
-    assert (r.returncode, r.stdout, r.stderr) == (1, "", "no such user in the guest\n")
+    nobody = pwd.getpwuid(65534)
+    home = nobody.pw_dir if os.path.isdir(nobody.pw_dir) else "/"
+    r = _sh(remote_command(show, {"K": "v"}, user="65534"))  # digits: a uid
+    assert (r.returncode, r.stdout) == (0, f"{nobody.pw_name}\n{home}\n{nobody.pw_dir}\nv\n"), r.stderr
+    r = _sh(remote_command(show, cwd=str(weird), user=nobody.pw_name))  # 0700 under root's tmp_path
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"cannot change directory to {weird}\n")
+    for unknown in ("nobody-here; echo injected", " 0", "+0", "-0"):  # getent reads " 0" as uid 0
+        r = _sh(remote_command("echo ran", user=unknown))
+        assert (r.returncode, r.stdout, r.stderr) == (1, "", "no such user in the guest\n"), unknown
 
 
 def test_bytes_are_utf8_text_as_exec_takes_them() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from pytest_bottle.errors import SnapshotError, SnapshotGone, SpecError
 from pytest_bottle.snapshot import check_fork_args, free_saved_name, saved_name
-from pytest_bottle.spec import resolve
+from pytest_bottle.spec import BOTTLE_KEYS, resolve
 from pytest_bottle.store.saved import load
 from pytest_bottle.store.snapshots import check_name, seed_of
 
@@ -41,6 +41,10 @@ def test_a_fork_may_restate_what_its_snapshot_has(tmp_path: Path) -> None:
     for key, other in (("memory", "2G"), ("cache_dir", tmp_path / "x"), ("image", "debian-bookworm"), ("cpus", "x")):
         with pytest.raises(SpecError, match=rf"^s: {key}= cannot be given to a fork of a snapshot"):
             check_fork_args({key: other}, "s", spec)
+    # A factory takes no cache_dir at all: not even its snapshot's.
+    assert check_fork_args({"memory": "1G"}, "f", spec, BOTTLE_KEYS) == {}
+    with pytest.raises(SpecError, match=r"^f: cache_dir= cannot be given to a fork of a snapshot"):
+        check_fork_args({"cache_dir": str(tmp_path)}, "f", spec, BOTTLE_KEYS)
 
 
 def test_bad_fork_values_are_named() -> None:
