@@ -434,9 +434,10 @@ def test_ssh_options(module_bottle: Bottle) -> None:
     with pytest.raises(ExecTimeout) as timeout:
         b.ssh("sleep 60", timeout=2)
     assert isinstance(timeout.value, TimeoutError) and time.monotonic() - started < 15
-    for kw in ({"cwd": "/"}, {"user": "nobody"}, {"bogus": 1}):
+    for kw in ({"on_output": print}, {"bogus": 1}):  # exec's cwd= and user= it takes (test_ssh)
         with pytest.raises(TypeError):
             b.ssh("true", **kw)
+    assert b.ssh("pwd; id -un", cwd="/tmp", user="nobody").stdout == "/tmp\nnobody\n"
     assert list(b.history) == before  # ssh() goes around the agent and its history
     b.exec("pkill -x sleep || true")
 

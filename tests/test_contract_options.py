@@ -386,10 +386,11 @@ from pathlib import Path
 
 def test_hold(bottle):
     info = Path(os.environ["CONTRACT_INFO"])
-    info.with_suffix(".tmp").write_text(json.dumps(
+    tmp = info.with_name(info.name + ".tmp")  # its own: info.jsona and info.jsonb shared info.tmp (a CI race)
+    tmp.write_text(json.dumps(
         {"pid": os.getpid(), "name": bottle.name, "qemu": bottle.pid, "run_dir": str(bottle.console_log_path.parent)}
     ))
-    info.with_suffix(".tmp").replace(info)  # whole: the test reads it as soon as it exists
+    tmp.replace(info)  # whole: the test reads it as soon as it exists
     time.sleep(600)
 """
 
