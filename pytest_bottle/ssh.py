@@ -209,7 +209,11 @@ def check_user(user: object) -> str | None:
     if isinstance(user, int) and not isinstance(user, bool) and user >= 0:
         return str(user)
     if isinstance(user, str) and user and "\0" not in user:
-        return str(int(user)) if user.isdigit() else user  # digits are a uid, as exec reads them ("٢" too)
+        if not user.isdigit():
+            return user
+        if user.isdecimal():  # digits are a uid, as exec reads them ("٢" too)
+            return str(int(user))
+        raise SpecError(f"{NO_USER}: {user!r}", "ssh()")  # "²": a digit, but no number
     raise SpecError(f"user must be a user name or a uid (an int >= 0), not {user!r}", "ssh()")
 
 

@@ -16,7 +16,7 @@ import pytest
 from pytest_bottle.errors import SpecError
 from pytest_bottle.host.mounts import below, parse_mount_points, unescape_mount_field
 from pytest_bottle.reports import keep_message
-from pytest_bottle.ssh import remote_command
+from pytest_bottle.ssh import check_user, remote_command
 
 SHOW_ARGV = [sys.executable, "-c", "import os, sys; print(repr((sys.argv[1:], os.environ.get('K'))))"]
 
@@ -66,6 +66,15 @@ def test_cwd_and_user_lines_run_where_and_as_whom_they_say(tmp_path: Path) -> No
     for unknown in ("nobody-here; echo injected", " 0", "+0", "-0"):  # getent reads " 0" as uid 0
         r = _sh(remote_command("echo ran", user=unknown))
         assert (r.returncode, r.stdout, r.stderr) == (1, "", "no such user in the guest\n"), unknown
+
+
+def test_ssh_users_are_names_or_uids_as_exec_reads_them() -> None:
+    assert [check_user(u) for u in (None, "bob", 7, "12", "\u0662")] == [None, "bob", "7", "12", "2"]
+    with pytest.raises(SpecError, match="no such user in the guest: '\u00b2'"):  # a digit, no number
+        check_user("\u00b2")
+    for bad in (True, -1, "", "a\0b", 1.5, b"bob"):
+        with pytest.raises(SpecError, match="user must be a user name or a uid"):
+            check_user(bad)
 
 
 def test_bytes_are_utf8_text_as_exec_takes_them() -> None:
