@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -147,3 +148,14 @@ def in_process_agent(name: str = "local-agent") -> Iterator[AgentChannel]:
         yield channel
     finally:
         channel.close()
+
+
+# A kernel built with transparent huge pages (else THP_enabled always reads 0).
+HAS_THP = Path("/sys/kernel/mm/transparent_hugepage").is_dir()
+
+
+def thp_enabled(pid: int | str) -> str:
+    """A process's THP_enabled line in /proc/PID/status: "1", or "0" when its flag is set."""
+    found = re.search(r"^THP_enabled:\s*(\S+)", Path(f"/proc/{pid}/status").read_text(), re.M)
+    assert found, f"no THP_enabled in /proc/{pid}/status"
+    return found[1]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import processes_mentioning, run_isolated
+from harness import HAS_THP, processes_mentioning, run_isolated, thp_enabled
 
 import pytest_bottle
 from pytest_bottle import AgentError, Bottle, ExecError, ExecTimeout, SpecError, UnsafeTransfer
@@ -61,13 +61,7 @@ def test_the_guest_cpu_has_no_fast_string_flags_under_tcg(module_bottle: Bottle)
     assert "sse2" in flags and "lm" in flags  # the rest of the model is still there
 
 
-def _status_field(pid: int | str, name: str) -> str:
-    found = re.search(rf"^{name}:\s*(\S+)", Path(f"/proc/{pid}/status").read_text(), re.M)
-    assert found, name
-    return found[1]
-
-
-@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no THP in this kernel")
+@pytest.mark.skipif(not HAS_THP, reason="no THP in this kernel")
 def test_a_clone_gets_no_huge_pages_under_tcg(module_bottle: Bottle) -> None:
     # Huge pages would round an idle clone's translated code up to 2 MB steps
     # (module_bottle is a clone: restored from its seed).  That this process
@@ -75,7 +69,7 @@ def test_a_clone_gets_no_huge_pages_under_tcg(module_bottle: Bottle) -> None:
     # pre-start in another thread may hold it at any moment.
     assert module_bottle.pid is not None
     expected = "0" if module_bottle.accel == "tcg" else "1"
-    assert _status_field(module_bottle.pid, "THP_enabled") == expected
+    assert thp_enabled(module_bottle.pid) == expected
     if module_bottle.accel == "tcg":
         rollup = Path(f"/proc/{module_bottle.pid}/smaps_rollup").read_text()
         assert re.search(r"^AnonHugePages:\s+0 kB", rollup, re.M), rollup

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from harness import HAS_THP, thp_enabled
 
 import pytest_bottle
 from pytest_bottle import Bottle
@@ -65,11 +65,8 @@ def test_snapshot_and_cold_boot_give_the_same_machine(bottle_factory) -> None:  
     assert booted < time.time() - warm_started + 5
     # Only a clone (RAM in a file) starts without huge pages: a cold boot's
     # anonymous RAM keeps them.
-    if Path("/sys/kernel/mm/transparent_hugepage").is_dir():  # a kernel with THP
-        thp = [
-            re.search(r"^THP_enabled:\s*(\d)", Path(f"/proc/{b.pid}/status").read_text(), re.M) for b in (warm, cold)
-        ]
-        assert [m and m[1] for m in thp] == (["0", "1"] if warm.accel == "tcg" else ["1", "1"])
+    if HAS_THP:
+        assert [thp_enabled(b.pid) for b in (warm, cold)] == (["0", "1"] if warm.accel == "tcg" else ["1", "1"])
 
 
 @pytest.fixture
