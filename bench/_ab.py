@@ -236,9 +236,10 @@ def child(spec: dict[str, Any]) -> None:
 
     out: dict[str, Any] = {"module": pytest_bottle.__file__}
 
-    def first_exec(image: str = "", **kw: object) -> float:
+    def first_exec(image: str = "", **kw: Any) -> float:
         started = time.perf_counter()
-        with pytest_bottle.launch(**({"image": image} if image else {}), **kw) as b:
+        named: dict[str, Any] = {"image": image} if image else {}
+        with pytest_bottle.launch(**named, **kw) as b:
             b.exec(["true"])
             took = time.perf_counter() - started
             if spec["blocks"] and not kw:

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import _ab
 import psutil
@@ -37,7 +38,7 @@ def test_fresh(bottle, i):
 """
 
 
-def first_exec(**kw: object) -> float:
+def first_exec(**kw: Any) -> float:
     started = time.perf_counter()
     with pytest_bottle.launch(**kw) as b:
         b.exec(["true"])
