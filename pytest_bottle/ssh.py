@@ -251,10 +251,17 @@ def remote_command(
         remote = "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + "; " + remote
     remote = remote or ":"  # no command at all would have ssh open a login shell; exec("") runs nothing
     # -P: the real directory, as exec's chdir gives it (/var/run is /run).
-    # printf, not echo: dash's echo would read backslashes in the path.
+    # printf, not echo: dash's echo would read backslashes in the path.  sh's
+    # cd gives no errno; exec's message ends with chdir's strerror, and a stat
+    # that follows links as chdir does ends its own with the same one.
     if cwd is not None:
-        failed = shlex.quote(f"cannot change directory to {cwd}")
-        remote = f"cd -P -- {shlex.quote(cwd)} 2>/dev/null || {{ printf '%s\\n' {failed} >&2; exit 2; }}; {remote}"
+        failed, q = shlex.quote(f"cannot change directory to {cwd}"), shlex.quote(cwd)
+        why = (
+            f"if why=$(LC_ALL=C stat -L -- {q} 2>&1 >/dev/null); then "
+            f"if [ -d {q} ]; then why='Permission denied'; else why='Not a directory'; fi; "
+            "else why=${why##*: }; fi"
+        )
+        remote = f"cd -P -- {q} 2>/dev/null || {{ {why}; printf '%s: %s\\n' {failed} \"$why\" >&2; exit 2; }}; {remote}"
     elif user is not None:
         remote = f'cd -P -- "$HOME" 2>/dev/null || cd /; {remote}'
     if user is None:

@@ -72,10 +72,10 @@ def test_ssh_takes_cwd_and_user_as_exec_does(bottle: Bottle) -> None:
     for kw in ({"user": "nobody"}, {"user": 65534, "cwd": "/tmp"}, {"user": "0"}, {"cwd": "/etc"}, {}):
         assert bottle.ssh(show, **kw).stdout == bottle.exec(show, **kw).stdout, kw
     assert bottle.ssh("cat; echo $K", input="in ", user="nobody", env={"K": "v w"}).stdout == "in v w\n"
-    for cwd in ("/nonexistent", "/root"):  # missing; not the user's to enter
+    for cwd in ("/nonexistent", "/root", "/etc/hostname"):  # missing; not the user's to enter; a file
         ssh, exec_ = bottle.ssh("true", cwd=cwd, user="nobody"), bottle.exec("true", cwd=cwd, user="nobody")
         assert (ssh.returncode, exec_.returncode) == (2, 2)
-        assert ssh.stderr == f"cannot change directory to {cwd}\n" and exec_.stderr.startswith(ssh.stderr[:-1])
+        assert ssh.stderr == exec_.stderr and ssh.stderr.startswith(f"cannot change directory to {cwd}: "), ssh
     for user in ("nobody-here", 54321, "54321"):
         with pytest.raises(SpecError, match=f"no such user in the guest: {user!r}"):
             bottle.exec("true", user=user)
