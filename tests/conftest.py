@@ -109,6 +109,22 @@ def default_image(warm_cache: Path) -> BuiltImage:
 
 
 @pytest.fixture
+def no_spare_starting(request: pytest.FixtureRequest) -> None:
+    """Waits until the spares this worker is pre-starting (a background thread
+    after any ``bottle`` test) have started or failed.  For tests that change
+    the whole process (``BOTTLE_STATE_DIR``, an rlimit, its open descriptors)
+    and start no bottle through the plugin: a spare starting meanwhile would
+    write its run state into their directory, or inherit their limit."""
+    from concurrent.futures import wait
+
+    from pytest_bottle.plugin import STATE
+
+    state = request.config.stash.get(STATE, None)
+    if state is not None:
+        wait([future for _, future in list(state.manager._spares)])
+
+
+@pytest.fixture
 def private_cache(tmp_path: Path, warm_cache: Path) -> Path:
     """A cache dir of its own (seeds, keys, run dirs) that shares the built images.
 

@@ -350,7 +350,7 @@ def test_sigterm_and_sighup_stop_the_bottle_like_ctrl_c(seed: SavedState, sig: s
     _nothing_left(record)
 
 
-def test_an_unusable_cache_dir_is_a_bottle_error(tmp_path: Path) -> None:
+def test_an_unusable_cache_dir_is_a_bottle_error(tmp_path: Path, no_spare_starting: None) -> None:
     afile = tmp_path / "afile"
     afile.write_text("")
     mine = {r.name for r in RunRecord.load_all() if r.owner_pid == os.getpid()}
@@ -399,7 +399,7 @@ def test_a_bad_run_option_value_exits_1_like_any_bad_value(tmp_path: Path) -> No
 
 
 @pytest.fixture
-def isolated(seed: SavedState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated(seed: SavedState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_spare_starting: None) -> Path:
     """A run-state directory and a cache of this test's own, so that `sweep --kept`
     cannot touch another test's kept VM (or run directory). The seed is copied."""
     monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state"))

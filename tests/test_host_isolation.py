@@ -30,6 +30,9 @@ from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.host.sweep import sweep
 from pytest_bottle.vmm import process
 
+# BOTTLE_STATE_DIR is set for the whole process here: no spare may be starting.
+pytestmark = pytest.mark.usefixtures("no_spare_starting")
+
 NOBODY = 65534
 OTHER = 64999
 CACHE = default_cache_dir()

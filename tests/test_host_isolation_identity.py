@@ -30,6 +30,9 @@ from pytest_bottle.host.sweep import SweepReport, stop_vm, sweep
 from pytest_bottle.net import pools
 from pytest_bottle.vmm import process
 
+# BOTTLE_STATE_DIR is set for the whole process here: no spare may be starting.
+pytestmark = pytest.mark.usefixtures("no_spare_starting")
+
 OTHER_BOOT = "11111111-1111-1111-1111-111111111111"
 
 

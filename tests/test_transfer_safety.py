@@ -620,7 +620,9 @@ def test_a_replaced_file_is_no_hard_link_target(guest: HostileGuest, tmp_path: P
     assert (dst / "f").is_dir() and not (dst / "h").exists()
 
 
-def test_write_errors_are_refusals(guest: HostileGuest, tmp_path: Path, host_file: Path) -> None:
+def test_write_errors_are_refusals(
+    guest: HostileGuest, tmp_path: Path, host_file: Path, no_spare_starting: None
+) -> None:
     """A local failure while writing a member (here EFBIG) is an UnsafeTransfer
     naming the member, not a raw OSError."""
     import resource

@@ -277,7 +277,9 @@ def test_reading_a_fifo_is_refused_at_once_and_leaves_it_unopened(local: AgentCl
     assert b"Name:" in b"".join(got)
 
 
-def test_reading_a_directory_names_it_and_leaks_no_descriptor(local: AgentClient, tmp_path: Path) -> None:
+def test_reading_a_directory_names_it_and_leaks_no_descriptor(
+    local: AgentClient, tmp_path: Path, no_spare_starting: None
+) -> None:
     """Opened without blocking, a directory was handed to open() by its fd: the
     error named the fd number, and the descriptor stayed open in the agent."""
     before = len(os.listdir("/proc/self/fd"))
