@@ -639,25 +639,29 @@ def test_a_cancel_that_cannot_go_breaks_the_channel_within_the_deadline() -> Non
 def test_a_guest_that_reads_slowly_gets_the_whole_frame_past_the_deadline(guest: Guest) -> None:
     """A deadline that passes while a frame is on its way does not cut it (that
     would end the channel): the call times out, and the next call works."""
-    # 0.5 s: the calling thread must have begun the first data frame by the
-    # deadline, which a loaded host did not always manage within 0.1 s (then
-    # no frame is in flight and timing out on time is right).
-    t, out = _in_thread(lambda: guest.chan.call("write", path="/x", data=iter([b"d" * CHUNK] * 2), timeout=0.5))
+    # The guest takes nothing until the deadline has passed: the first data
+    # frame (more than the socket holds) is then in flight, whenever within
+    # the 1 s the calling thread began it, and cannot end before the guest reads.
+    t, out = _in_thread(lambda: guest.chan.call("write", path="/x", data=iter([b"d" * CHUNK] * 2), timeout=1.0))
     guest.expect(CALL)
+    time.sleep(1.1)  # the call began before its CALL came: its deadline has passed
     got, give_up = 0, time.monotonic() + 60
-    # ~40 KB/s, 2 KiB at a time: the writer sees room freed a write (16 KiB)
-    # at a time, every ~0.4 s, well within the 2 s a guest taking nothing gets.
+    # Then 32 KiB at once (the writer's progress, well within the 2 s a guest
+    # taking nothing gets), then ~40 KB/s, 2 KiB at a time: the writer sees
+    # room freed a write (16 KiB) at a time, every ~0.4 s.
+    size = 32 * 1024
     while t.is_alive() and time.monotonic() < give_up:
-        time.sleep(0.05)
         with contextlib.suppress(TimeoutError):
-            piece = guest.sock.recv(2048)
+            piece = guest.sock.recv(size)
             guest.buf += piece  # parsed as frames below
             got += len(piece)
+        size = 2048
+        time.sleep(0.05)
     # The frame in flight at the deadline went whole (~50 KB past what the
-    # socket holds, > 1.2 s at this pace: well after the deadline), no later
-    # one began, the channel goes on.
+    # socket holds, read only after the deadline), no later one began, the
+    # channel goes on.
     assert isinstance(out.get("error"), AgentTimeout), (got, out)
-    assert float(out["seconds"]) > 0.8 and not guest.chan.broken, out  # type: ignore[arg-type]
+    assert float(out["seconds"]) > 1.1 and not guest.chan.broken, out  # type: ignore[arg-type]
     assert got < 2 * CHUNK, got
     t2, out2 = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
     while True:

@@ -555,10 +555,13 @@ def test_output_waits_for_credit(core: Core) -> None:
     assert payload == reply(8, {"rc": 0, "timed_out": False, "ok": True})
 
 
-def test_two_execs_at_once(core: Core) -> None:
-    core.call(1, {"op": "exec", "argv": ["sh", "-c", "sleep 0.5; echo one"]})
+def test_two_execs_at_once(core: Core, tmp_path: Path) -> None:
+    go = tmp_path / "go"  # the first waits for it: a file, not a sleep, orders them
+    core.call(1, {"op": "exec", "argv": ["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done; echo one"]})
     core.call(2, {"op": "exec", "argv": ["sh", "-c", "echo two >&2"]})
-    seen = [core.recv() for _ in range(4)]
+    seen = [core.recv(), core.recv()]
+    go.touch()
+    seen += [core.recv(), core.recv()]
     assert seen == [
         (STDERR, 2, b"two\n"),
         (REPLY, 2, reply(2, {"rc": 0, "timed_out": False, "ok": True})),
@@ -604,12 +607,14 @@ def test_handback_unknown_op(core: Core) -> None:
     assert core.port.recv(100) == b""  # no HELLO: the PING after it was left for the Python agent
 
 
-def test_handback_passes_execs_in_flight(core: Core) -> None:
+def test_handback_passes_execs_in_flight(core: Core, tmp_path: Path) -> None:
+    go = tmp_path / "go"  # touched after the handback: what it writes then must come through our pipes
+    wait_go = f"while [ ! -e {go} ]; do sleep 0.01; done"
     core.call(
         1,
         {
             "op": "exec",
-            "argv": ["sh", "-c", "echo $$; sleep 0.5; echo second; echo more >&2; exec sleep 30"],
+            "argv": ["sh", "-c", f"echo $$; {wait_go}; echo second; echo more >&2; exec sleep 30"],
             "timeout": 60,
         },
     )
@@ -636,6 +641,7 @@ def test_handback_passes_execs_in_flight(core: Core) -> None:
         assert len(fds) == 2
         assert core.ack() == 0
         os.kill(pid, 0)  # alive after the core's exit
+        go.touch()
         # what it writes after the handback comes through the pipes we got
         with os.fdopen(fds[0], "rb") as out, os.fdopen(fds[1], "rb") as err:
             assert out.readline() == b"second\n"

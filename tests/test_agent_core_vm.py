@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from harness import wait_until
 
 from pytest_bottle import Bottle, ExecTimeout
 
@@ -37,19 +38,23 @@ def test_commands_running_at_the_handback_finish_under_the_python_agent(bottle_f
     b = bottle_factory()
     with ThreadPoolExecutor(2) as pool:
         # Its parent before and after: the core, then (the core gone) the agent.
+        # Files, not sleeps, order the steps: a loaded host may take seconds for each.
         slow = pool.submit(
             b.exec,
-            "cat /proc/$PPID/comm; sleep 4; cat /proc/$(cut -d' ' -f4 /proc/$$/stat)/comm; echo done >&2; exit 7",
+            "cat /proc/$PPID/comm; touch /tmp/s; while [ ! -e /tmp/go ]; do sleep 0.1; done; "
+            "cat /proc/$(cut -d' ' -f4 /proc/$$/stat)/comm; echo done >&2; exit 7",
         )
-        cut = pool.submit(b.exec, "sleep 60", timeout=6)
-        time.sleep(2)
+        cut_started = time.monotonic()
+        cut = pool.submit(b.exec, "touch /tmp/c; exec sleep 60", timeout=20)
+        wait_until(lambda: b.exec("test -e /tmp/s -a -e /tmp/c").ok, 60, "both commands running")
         b.write_text("/tmp/handed-back", "yes")  # while both run
+        assert not slow.done() and not cut.done()
+        b.exec("touch /tmp/go")
         result = slow.result(timeout=120)
         assert (result.returncode, result.stdout, result.stderr) == (7, f"{CORE}\npython3\n", "done\n")
-        started = time.monotonic()
         with pytest.raises(ExecTimeout):  # its deadline went along with it
             cut.result(timeout=120)
-        assert time.monotonic() - started < 10
+        assert 20 <= time.monotonic() - cut_started < 30
     assert _server(b) == "python3"
 
 

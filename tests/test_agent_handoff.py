@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from harness import wait_until
 
 from pytest_bottle import AgentError
 from pytest_bottle.agent.channel import AgentChannel
@@ -152,19 +153,23 @@ def test_a_timeout_and_a_cancel_through_the_core(parked: Agent) -> None:
 
 
 def test_the_handback_keeps_running_commands_and_their_deadlines(parked: Agent, tmp_path: Path) -> None:
+    s, c_, go = (tmp_path / n for n in ("s", "c", "go"))  # files order the steps, not sleeps
     with ThreadPoolExecutor(2) as pool:
         slow = pool.submit(
             parked.run,
-            ["sh", "-c", "cat /proc/$PPID/comm; sleep 2; cat /proc/$(cut -d' ' -f4 /proc/$$/stat)/comm; exit 5"],
-        )
-        cut = pool.submit(parked.run, ["sleep", "30"], 3)
-        time.sleep(1)
+            ["sh", "-c", f"cat /proc/$PPID/comm; touch {s}; while [ ! -e {go} ]; do sleep 0.02; done; "
+             "cat /proc/$(cut -d' ' -f4 /proc/$$/stat)/comm; exit 5"],
+        )  # fmt: skip
+        cut_started = time.monotonic()
+        cut = pool.submit(parked.run, ["sh", "-c", f"touch {c_}; exec sleep 30"], 10)
+        wait_until(lambda: s.exists() and c_.exists(), 30, "both commands running")
         parked.client.write(str(tmp_path / "f"), b"handed back", mode=None, timeout=30)  # the core cannot
+        assert not slow.done() and not cut.done()
+        go.touch()
         r = slow.result(60)
         assert (r.rc, r.stdout.decode()) == (5, f"{CORE_COMM}\n{PY_COMM}\n")
-        started = time.monotonic()
         c = cut.result(60)
-        assert c.timed_out and time.monotonic() - started < 4
+        assert c.timed_out and 10 <= time.monotonic() - cut_started < 15
     assert (tmp_path / "f").read_bytes() == b"handed back"
     assert parked.server() == PY_COMM
 
@@ -179,10 +184,10 @@ def test_a_dead_core_ends_the_agent_so_that_its_service_restarts(parked: Agent) 
         parked.run(["true"])
 
 
-def test_an_agent_with_calls_running_does_not_park(python_agent: Agent) -> None:
+def test_an_agent_with_calls_running_does_not_park(python_agent: Agent, tmp_path: Path) -> None:
     with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(python_agent.run, ["sleep", "2"])
-        time.sleep(0.5)
+        busy = pool.submit(python_agent.run, ["sh", "-c", f"touch {tmp_path}/s; sleep 2"])
+        wait_until((tmp_path / "s").exists, 30, "the command running")
         assert python_agent.client.park(timeout=30) == "calls or commands still running"
         assert busy.result(30).rc == 0
     assert python_agent.client.park(timeout=30) is None

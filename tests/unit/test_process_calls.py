@@ -208,8 +208,8 @@ def test_a_new_host_session_detaches_spawned_processes_and_ends_execs_and_shells
 
 
 def test_send_signal_reaches_the_process_only_and_kill_is_sigkill(local: AgentClient) -> None:
-    p = GuestProcess.start(local, ["sh", "-c", "trap 'echo got-usr1' USR1; while :; do sleep 0.05; done"])
-    time.sleep(0.2)  # the trap is set
+    p = GuestProcess.start(local, ["sh", "-c", "trap 'echo got-usr1' USR1; echo armed; while :; do sleep 0.05; done"])
+    p.wait_for_output("armed", 10)  # the trap is set
     p.send_signal(10)
     p.wait_for_output("got-usr1", 10)
     assert p.kill().wait(10).returncode == -9
@@ -522,21 +522,27 @@ def test_a_slow_on_output_pauses_its_command_and_nothing_else(local: AgentClient
 
 
 def test_a_flooding_process_does_not_starve_other_calls(local: AgentClient) -> None:
-    quiet = _latencies(local)
+    # Quiet (the flood stopped) and busy calls alternate, so that a load
+    # elsewhere on the host (the other xdist worker) falls on both alike.
+    quiet: list[float] = []
+    busy: list[float] = []
     with GuestProcess.start(local, ["yes"]) as p:
         p.wait_for_output("y", 10)
-        busy = _latencies(local)
+        for _ in range(10):
+            p.send_signal(signal.SIGSTOP)
+            quiet.append(_latency(local))
+            p.send_signal(signal.SIGCONT)
+            busy.append(_latency(local))
         assert p._out.total > 1_000_000  # it did flood meanwhile
+    quiet.sort()
+    busy.sort()
     assert busy[5] < 5 * quiet[5] + 0.1, (quiet, busy)
 
 
-def _latencies(local: AgentClient) -> list[float]:
-    lat = []
-    for _ in range(10):
-        started = time.monotonic()
-        assert run(local, "echo hi")[1] == b"hi\n"
-        lat.append(time.monotonic() - started)
-    return sorted(lat)
+def _latency(local: AgentClient) -> float:
+    started = time.monotonic()
+    assert run(local, "echo hi")[1] == b"hi\n"
+    return time.monotonic() - started
 
 
 # -- a hostile guest --------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import shutil
 import signal
@@ -70,9 +71,11 @@ def _pty_session(local: AgentClient) -> None:
     local.resize(rid, 40, 120)
     local.channel.send_data_frame(rid, b"stty size\n")
     _until(lambda: b"40 120" in out)
-    local.channel.send_data_frame(rid, b"echo sle''eping; sleep 30\n")
-    _until(lambda: b"sleeping\r\n" in out)  # the echo of what was typed does not match
-    time.sleep(0.5)  # a loaded host: sleep runs, the Ctrl-C is not the shell's
+    local.channel.send_data_frame(rid, b"echo sh=$$\n")
+    _until(lambda: re.search(rb"sh=(\d+)\r\n", out))  # the echo of what was typed does not match
+    shell = int(re.search(rb"sh=(\d+)\r\n", out).group(1))  # type: ignore[union-attr]
+    local.channel.send_data_frame(rid, b"sleep 30\n")
+    _until(lambda: _foreground_sleep(shell))  # so that the Ctrl-C is not the shell's
     local.channel.send_data_frame(rid, b"\x03")  # Ctrl-C: SIGINT to the foreground job, not the shell
     local.channel.send_data_frame(rid, b"echo after-$?\n")
     _until(lambda: b"after-130" in out)
@@ -80,6 +83,17 @@ def _pty_session(local: AgentClient) -> None:
     _until(lambda: b"yes-rc-141" in out)  # killed by SIGPIPE (128 + 13), not ignoring it
     local.channel.send_data_frame(rid, b"exit 5\n")
     assert local.channel.wait(call, 10, "pty") == {"rc": 5, "ok": True}
+
+
+def _foreground_sleep(shell: int) -> bool:
+    """The shell's child ``sleep`` is the terminal's foreground job."""
+    with contextlib.suppress(OSError):
+        for pid in Path(f"/proc/{shell}/task/{shell}/children").read_text().split():
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat.rpartition(")")[2].split()  # state ppid pgrp session tty_nr tpgid
+            if "(sleep)" in stat and fields[2] == fields[5]:
+                return True
+    return False
 
 
 def _until(cond: object, timeout: float = 10) -> None:
