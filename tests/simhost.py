@@ -50,7 +50,9 @@ class SimHost:
         self.cache_home = cache_home  # XDG_CACHE_HOME on the host
         self.netns = f"bottlesim{tag}"
         self.veth = (f"{VETH_PREFIX}{tag}a", f"{VETH_PREFIX}{tag}b")
-        octet = os.getpid() % 250 + 1
+        # Its own /30 per xdist worker (a pid modulo would let two collide).
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        octet = (int(worker[2:]) if worker[2:].isdigit() else os.getpid()) % 250 + 1
         self.addr = (f"10.254.{octet}.1", f"10.254.{octet}.2")
         self.ssh_config = root / "ssh_config"
         self.sshd: subprocess.Popen[bytes] | None = None
