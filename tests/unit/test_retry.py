@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from pytest_bottle import retry
 from pytest_bottle.retry import poll
 
 
@@ -22,18 +23,39 @@ def test_it_returns_at_the_first_success_with_a_growing_backoff() -> None:
     assert len(calls) == 5 and all(gap >= least for gap, least in zip(gaps, [0.05, 0.1, 0.2, 0.4], strict=True)), gaps
 
 
+class _Clock:
+    """The module's ``time`` with a clock that moves only by its sleeps: the
+    attempts' times are exact, whatever else the host is doing."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds > 0, seconds
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
 @pytest.mark.parametrize("timeout", [0.3, 2.6])  # 2.6: 1 s past it before (a full backoff)
-def test_the_last_attempt_is_at_the_deadline_not_a_backoff_past_it(timeout: float) -> None:
+def test_the_last_attempt_is_at_the_deadline_not_a_backoff_past_it(
+    timeout: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(retry, "time", clock)
     calls: list[float] = []
-    started = time.monotonic()
 
     def attempt() -> bool:
-        calls.append(time.monotonic() - started)
+        calls.append(clock.now - 100.0)
         return False
 
     assert not poll(attempt, timeout)
-    took = time.monotonic() - started
-    assert timeout <= calls[-1] < timeout + 0.25 and took < timeout + 0.25, (calls, took)
+    assert calls[-1] == pytest.approx(timeout) and clock.now - 100.0 == pytest.approx(timeout), calls
+    full = list(itertools.takewhile(lambda s: s < timeout, itertools.accumulate([0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0])))
+    assert calls[:-1] == pytest.approx([0.0, *full]), calls  # the backoff, then the cut last wait
 
 
 def test_its_exceptions_propagate() -> None:
