@@ -253,7 +253,10 @@ def remote_command(
     # -P: the real directory, as exec's chdir gives it (/var/run is /run).
     # printf, not echo: dash's echo would read backslashes in the path.  sh's
     # cd gives no errno; exec's message ends with chdir's strerror, and a stat
-    # that follows links as chdir does ends its own with the same one.
+    # that follows links as chdir does ends its own with the same one.  As exec
+    # does, root looks at the path first; then a user who cannot enter it is
+    # refused with "Permission denied".
+    check = ""
     if cwd is not None:
         failed, q = shlex.quote(f"cannot change directory to {cwd}"), shlex.quote(cwd)
         why = (
@@ -261,7 +264,12 @@ def remote_command(
             f"if [ -d {q} ]; then why='Permission denied'; else why='Not a directory'; fi; "
             "else why=${why##*: }; fi"
         )
-        remote = f"cd -P -- {q} 2>/dev/null || {{ {why}; printf '%s: %s\\n' {failed} \"$why\" >&2; exit 2; }}; {remote}"
+        check = f"cd -P -- {q} 2>/dev/null || {{ {why}; printf '%s: %s\\n' {failed} \"$why\" >&2; exit 2; }}"
+        if user is None:
+            return f"{check}; {remote}"
+        denied = shlex.quote(f"cannot change directory to {cwd}: Permission denied")
+        remote = f"cd -P -- {q} 2>/dev/null || {{ printf '%s\\n' {denied} >&2; exit 2; }}; {remote}"
+        check += "; "
     elif user is not None:
         remote = f'cd -P -- "$HOME" 2>/dev/null || cd /; {remote}'
     if user is None:
@@ -270,4 +278,4 @@ def remote_command(
     key, unknown = shlex.quote(user), f"{{ printf '%s\\n' {shlex.quote(NO_USER)} >&2; exit {NO_USER_RC}; }}"
     same = "" if user.isdigit() else f' && [ "${{pw%%:*}}" = {key} ]'
     lookup = f"pw=$(getent passwd -- {key}){same} || {unknown}"
-    return f'{lookup}; exec runuser -u "${{pw%%:*}}" -- /bin/sh -c {shlex.quote(remote)}'
+    return f'{lookup}; {check}exec runuser -u "${{pw%%:*}}" -- /bin/sh -c {shlex.quote(remote)}'

@@ -72,7 +72,8 @@ def test_ssh_takes_cwd_and_user_as_exec_does(bottle: Bottle) -> None:
     for kw in ({"user": "nobody"}, {"user": 65534, "cwd": "/tmp"}, {"user": "0"}, {"cwd": "/etc"}, {}):
         assert bottle.ssh(show, **kw).stdout == bottle.exec(show, **kw).stdout, kw
     assert bottle.ssh("cat; echo $K", input="in ", user="nobody", env={"K": "v w"}).stdout == "in v w\n"
-    for cwd in ("/nonexistent", "/root", "/etc/hostname"):  # missing; not the user's to enter; a file
+    # missing; not the user's to enter; a file; missing below one the user may not enter (root's view, as exec)
+    for cwd in ("/nonexistent", "/root", "/etc/hostname", "/root/nonexistent"):
         ssh, exec_ = bottle.ssh("true", cwd=cwd, user="nobody"), bottle.exec("true", cwd=cwd, user="nobody")
         assert (ssh.returncode, exec_.returncode) == (2, 2)
         assert ssh.stderr == exec_.stderr and ssh.stderr.startswith(f"cannot change directory to {cwd}: "), ssh

@@ -173,10 +173,12 @@ def spawn(argv: list[str], env_add: dict[str, str], cwd: str | None, user: str |
             if ids or (cwd not in (None, HOME)):
                 return _popen(argv, env, cwd or HOME, ids, stdin)
             return _posix_spawn(argv, env, stdin)
-    except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+    except OSError as e:
         where = e.filename if e.filename is not None else argv[0]
-        if cwd and where == cwd:
+        if cwd and where == cwd:  # any chdir error (a link loop, a name too long too)
             raise SpawnFailed(2, f"cannot change directory to {cwd}: {e.strerror}\n") from None
+        if not isinstance(e, (FileNotFoundError, PermissionError, NotADirectoryError)):
+            raise
         if isinstance(e, FileNotFoundError):
             raise SpawnFailed(127, f"{argv[0]}: not found\n") from None
         raise SpawnFailed(126, f"{argv[0]}: {e.strerror}\n") from None

@@ -468,6 +468,18 @@ def test_on_output_gets_text_in_order_without_splitting_a_character(local: Agent
     assert not any("\ufffd" in t for s, t in got[:2])  # the split character was held back, not replaced
 
 
+def test_any_directory_exec_cannot_enter_is_exit_2_with_chdirs_reason(local: AgentClient, tmp_path: Path) -> None:
+    """A link loop or a name too long was an OSError raised out of the agent,
+    not the exit 2 with a reason that a missing directory gets."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for cwd, why in (
+        (tmp_path / "loop", "Too many levels of symbolic links"),
+        (tmp_path / ("n" * 300), "File name too long"),
+    ):
+        r = local.exec(["true"], env={}, cwd=str(cwd), user=None, timeout=30, stdin=None, cap=1 << 20).finish(5, "true")
+        assert (r.rc, r.stderr.decode()) == (2, f"cannot change directory to {cwd}: {why}\n")
+
+
 @pytest.mark.parametrize(
     ("argv", "cwd", "rc", "why"),
     [(["no-such-program-xyz"], None, 127, "not found"), (["true"], "/no/such/dir", 2, "cannot change directory")],

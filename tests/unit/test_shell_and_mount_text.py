@@ -66,8 +66,9 @@ def test_cwd_and_user_lines_run_where_and_as_whom_they_say(tmp_path: Path) -> No
     (tmp_path / "file").touch()
     reasons = {"none": "No such file or directory", "file": "Not a directory", "file/x": "Not a directory"}
     for cwd, why in ((tmp_path / name, reason) for name, reason in reasons.items()):
-        r = _sh(remote_command(show, cwd=str(cwd)))  # the reason exec's chdir would give
-        assert (r.returncode, r.stdout, r.stderr) == (2, "", f"cannot change directory to {cwd}: {why}\n")
+        for user in (None, nobody.pw_name):  # as exec: root's view of the path (nobody may not search tmp_path)
+            r = _sh(remote_command(show, cwd=str(cwd), user=user))  # the reason exec's chdir would give
+            assert (r.returncode, r.stdout, r.stderr) == (2, "", f"cannot change directory to {cwd}: {why}\n"), user
     for unknown in ("nobody-here; echo injected", " 0", "+0", "-0"):  # getent reads " 0" as uid 0
         r = _sh(remote_command("echo ran", user=unknown))
         assert (r.returncode, r.stdout, r.stderr) == (1, "", "no such user in the guest\n"), unknown
