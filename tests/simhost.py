@@ -50,9 +50,15 @@ class SimHost:
         self.cache_home = cache_home  # XDG_CACHE_HOME on the host
         self.netns = f"bottlesim{tag}"
         self.veth = (f"{VETH_PREFIX}{tag}a", f"{VETH_PREFIX}{tag}b")
-        # Its own /30 per xdist worker (a pid modulo would let two collide).
+        # Its own /30 per xdist worker of a run (the controller's pid tells
+        # runs apart), skipping one a killed run may have left on a link.
         worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-        octet = (int(worker[2:]) if worker[2:].isdigit() else os.getpid()) % 250 + 1
+        base = os.getppid() * 16 + int(worker[2:]) if worker[2:].isdigit() else os.getpid()
+        octet = next(
+            o for o in (((base + i) % 250) + 1 for i in range(250))
+            if not subprocess.run(["ip", "-o", "addr", "show", "to", f"10.254.{o}.0/30"],
+                                  capture_output=True, text=True, check=False).stdout.strip()
+        )  # fmt: skip
         self.addr = (f"10.254.{octet}.1", f"10.254.{octet}.2")
         self.ssh_config = root / "ssh_config"
         self.sshd: subprocess.Popen[bytes] | None = None

@@ -641,10 +641,12 @@ def test_a_guest_that_reads_slowly_gets_the_whole_frame_past_the_deadline(guest:
     would end the channel): the call times out, and the next call works."""
     # The guest takes nothing until the deadline has passed: the first data
     # frame (more than the socket holds) is then in flight, whenever within
-    # the 1 s the calling thread began it, and cannot end before the guest reads.
-    t, out = _in_thread(lambda: guest.chan.call("write", path="/x", data=iter([b"d" * CHUNK] * 2), timeout=1.0))
+    # the 0.8 s the calling thread began it, and cannot end before the guest reads.
+    t, out = _in_thread(lambda: guest.chan.call("write", path="/x", data=iter([b"d" * CHUNK] * 2), timeout=0.8))
     guest.expect(CALL)
-    time.sleep(1.1)  # the call began before its CALL came: its deadline has passed
+    # The call began before its CALL came: its deadline has passed then, and
+    # the writer, stuck since the socket filled, is still within its 2 s.
+    time.sleep(0.9)
     got, give_up = 0, time.monotonic() + 60
     # Then 32 KiB at once (the writer's progress, well within the 2 s a guest
     # taking nothing gets), then ~40 KB/s, 2 KiB at a time: the writer sees
@@ -658,10 +660,10 @@ def test_a_guest_that_reads_slowly_gets_the_whole_frame_past_the_deadline(guest:
         size = 2048
         time.sleep(0.05)
     # The frame in flight at the deadline went whole (~50 KB past what the
-    # socket holds, read only after the deadline), no later one began, the
-    # channel goes on.
+    # socket holds, read only after the deadline: at least 0.9 s + 0.3 s at
+    # this pace), no later one began, the channel goes on.
     assert isinstance(out.get("error"), AgentTimeout), (got, out)
-    assert float(out["seconds"]) > 1.1 and not guest.chan.broken, out  # type: ignore[arg-type]
+    assert float(out["seconds"]) > 1.2 and not guest.chan.broken, out  # type: ignore[arg-type]
     assert got < 2 * CHUNK, got
     t2, out2 = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
     while True:

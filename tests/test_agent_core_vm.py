@@ -43,13 +43,16 @@ def test_commands_running_at_the_handback_finish_under_the_python_agent(bottle_f
             b.exec,
             "cat /proc/$PPID/comm; touch /tmp/s; while [ ! -e /tmp/go ]; do sleep 0.1; done; "
             "cat /proc/$(cut -d' ' -f4 /proc/$$/stat)/comm; echo done >&2; exit 7",
+            timeout=300,
         )
         cut_started = time.monotonic()
         cut = pool.submit(b.exec, "touch /tmp/c; exec sleep 60", timeout=20)
-        wait_until(lambda: b.exec("test -e /tmp/s -a -e /tmp/c").ok, 60, "both commands running")
-        b.write_text("/tmp/handed-back", "yes")  # while both run
-        assert not slow.done() and not cut.done()
-        b.exec("touch /tmp/go")
+        try:
+            wait_until(lambda: b.exec("test -e /tmp/s -a -e /tmp/c").ok, 60, "both commands running")
+            b.write_text("/tmp/handed-back", "yes")  # while both run
+            assert not slow.done() and not cut.done()
+        finally:  # the pool waits for slow, and slow for this
+            b.exec("touch /tmp/go")
         result = slow.result(timeout=120)
         assert (result.returncode, result.stdout, result.stderr) == (7, f"{CORE}\npython3\n", "done\n")
         with pytest.raises(ExecTimeout):  # its deadline went along with it

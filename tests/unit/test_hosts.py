@@ -14,7 +14,7 @@ from pytest_bottle.host.sweep import SweepReport
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_spare_starting: None) -> Path:
     d = tmp_path / "state"
     monkeypatch.setenv("BOTTLE_STATE_DIR", str(d))
     return d

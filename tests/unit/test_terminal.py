@@ -339,7 +339,7 @@ def test_a_kept_bottle_whose_run_directory_vanished_is_a_named_error(tmp_path: P
 
 
 def test_bottle_shell_of_a_kept_bottle_whose_qemu_is_gone_says_it_is_not_running(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], no_spare_starting: None
 ) -> None:
     """An orphaned record (as `bottle ps` says): its QEMU died and left its
     socket, which nobody listens on any more."""
