@@ -20,7 +20,7 @@ def test_a_flooded_console_stays_bounded_on_disk_and_in_memory(
     monkeypatch.setattr(console, "READ_CAP", 512 << 10)
     b = bottle_factory()
     # 6 MB through the 16550 (~0.5 MB/s under TCG), then a last line to find.
-    b.exec("head -c 6000000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo; echo FLOOD-END > /dev/ttyS0", timeout=120)
+    b.exec("head -c 6000000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo; echo FLOOD-END > /dev/ttyS0", timeout=600)
     path = b.console_log_path
     assert path.stat().st_blocks * 512 < 4 << 20, "the log was not cut on disk"
     text = b.console_log

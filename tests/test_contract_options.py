@@ -28,8 +28,8 @@ QUIET = ("-p", "no:cacheprovider", "-p", "no:randomly")
 
 
 @pytest.fixture(scope="module")
-def built() -> Path:
-    """The default image, built before any inner run (which then finds it cached)."""
+def built(warm_cache: Path) -> Path:
+    """The default image and its seed, made before any inner run (which then finds them cached)."""
     return ensure_image("debian-bookworm", CACHE).path
 
 

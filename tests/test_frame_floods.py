@@ -48,7 +48,7 @@ def _exec(guest: HostileGuest, **kw: object) -> bytes:
     return run.finish(10, "flood").stdout
 
 
-def test_empty_and_one_byte_stdout_frames_cost_their_bytes(guest: HostileGuest) -> None:
+def test_empty_and_one_byte_stdout_frames_cost_their_bytes(guest: HostileGuest, no_spare_starting: None) -> None:
     guest.answers["exec"] = _flooder(guest, 200_000, TINY)
     tracemalloc.start()
     try:

@@ -216,8 +216,15 @@ FAILING_START = textwrap.dedent("""
     import logging, sys
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
     import pytest_bottle
+    from pytest_bottle.lifecycle import handshake
     from pytest_bottle.net import pools
     pools.LOCK_TIMEOUT = 1.0
+    real = handshake.clone_setup
+    def gated(*args, **kwargs):  # QEMU runs; the test kills it before the handshake can finish
+        print("spawned", flush=True)
+        sys.stdin.readline()
+        return real(*args, **kwargs)
+    handshake.clone_setup = gated
     try:
         with pytest_bottle.launch(cache_dir=sys.argv[1]):
             print("booted", flush=True)
@@ -240,22 +247,20 @@ def test_a_held_lease_lock_does_not_hide_why_a_start_failed(tmp_path: Path, monk
     env = dict(os.environ, BOTTLE_STATE_DIR=str(state))
     starter = subprocess.Popen(
         [sys.executable, "-c", FAILING_START, str(cache)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
     try:
-        deadline = time.monotonic() + 120
-        qemu = None
-        while qemu is None and time.monotonic() < deadline and starter.poll() is None:
-            for p in (state / "vms").glob("*.json") if (state / "vms").is_dir() else ():
-                qemu = json.loads(p.read_text()).get("qemu_pid") or None
-            time.sleep(0.005)
-        assert qemu, "the start never spawned QEMU"
+        assert starter.stdout is not None
+        assert starter.stdout.readline() == "spawned\n", "the start never spawned QEMU"  # it waits for us now
+        (record,) = (state / "vms").glob("*.json")
+        qemu = json.loads(record.read_text())["qemu_pid"]
         with FileLock(str(state / "leases.lock")):
             os.kill(qemu, signal.SIGKILL)
-            out, err = starter.communicate(timeout=120)
+            out, err = starter.communicate("\n", timeout=120)
     finally:
         if starter.poll() is None:
             _stop(starter)

@@ -82,7 +82,8 @@ def _own_cache(root: Path, with_image: bool) -> Path:
 
 
 @pytest.fixture
-def seeded(tmp_path: Path) -> Path:
+def seeded(tmp_path: Path, no_spare_starting: None) -> Path:
+    # (Its tests patch module globals that a spare still starting would call.)
     return _own_cache(tmp_path / "cache", with_image=False)
 
 
@@ -163,7 +164,7 @@ def test_seed_removed_after_its_check_is_rebuilt_once(
 
 
 def test_image_removed_under_a_seed_is_a_boot_error_with_qemus_reason(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_spare_starting: None
 ) -> None:
     cache = _own_cache(tmp_path / "cache", with_image=True)
     real = launch_mod.ensure_seed
@@ -267,7 +268,7 @@ def test_probe_timeout_classification() -> None:
 
 
 @pytest.fixture
-def one_busy_cpu() -> Iterator[None]:
+def one_busy_cpu(no_spare_starting: None) -> Iterator[None]:
     """Pin this process (so the QEMU it starts) to CPU 0 next to real
     busy loops of higher priority: a host too busy for a boot."""
     cpu = min(os.sched_getaffinity(0))

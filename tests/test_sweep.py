@@ -347,7 +347,7 @@ def test_other():
 """
 
 
-def test_a_worker_killed_with_its_bottle_is_swept_by_the_controller(tmp_path: Path) -> None:
+def test_a_worker_killed_with_its_bottle_is_swept_by_the_controller(tmp_path: Path, warm_cache: Path) -> None:
     """kill -9, the OOM killer or pytest-timeout's thread method end a worker:
     its QEMU dies with it, and the controller sweeps the rest before the run
     ends, not the next run."""
