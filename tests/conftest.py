@@ -112,9 +112,10 @@ def default_image(warm_cache: Path) -> BuiltImage:
 def no_spare_starting(request: pytest.FixtureRequest) -> None:
     """Waits until the spares this worker is pre-starting (a background thread
     after any ``bottle`` test) have started or failed.  For tests that change
-    the whole process (``BOTTLE_STATE_DIR``, an rlimit, its open descriptors)
-    and start no bottle through the plugin: a spare starting meanwhile would
-    write its run state into their directory, or inherit their limit."""
+    the whole process (``BOTTLE_STATE_DIR``, an rlimit, its open descriptors,
+    module globals) and take no bottle that would start another spare (a
+    ``lan=`` bottle does not): a spare starting meanwhile would write its run
+    state into their directory, or inherit their limit."""
     from concurrent.futures import wait
 
     from pytest_bottle.plugin import STATE
