@@ -15,15 +15,18 @@ from .errors import SpecError
 GuestPath = Union[str, "os.PathLike[str]"]
 
 
-def check_timeout(timeout: float | None, *, optional: bool = True) -> None:
+def check_timeout(timeout: float | None, *, optional: bool = True, zero: bool = False) -> None:
     """A timeout in seconds; None (no deadline) only where ``optional``: the
-    waiting helpers need one (``GuestProcess.wait`` excepted)."""
+    waiting helpers need one (``GuestProcess.wait`` excepted).  0 only where
+    ``zero``: a wait on what is already there (``GuestProcess.wait(0)``)."""
     if timeout is None:
         if optional:
             return
-    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout < 1e9:
-        return  # (the comparison also rejects inf and nan)
-    raise SpecError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 <= timeout < 1e9:
+        if timeout > 0 or zero:
+            return  # (the comparisons also reject inf and nan)
+    least = "0 or a positive" if zero else "a positive"
+    raise SpecError(f"timeout must be {least}, finite number of seconds, not {timeout!r}")
 
 
 def check_days(days: float, where: str) -> None:

@@ -21,7 +21,7 @@ from .bottle_files import BottleFiles
 from .errors import AgentError, BottleError, ExecError, ExecTimeout, SpecError, WaitTimeout
 from .history import CommandHistory, ProcessEntry
 from .process import GuestProcess
-from .results import OUTPUT_CAP, Command, ExecResult, to_argv
+from .results import OUTPUT_CAP, Command, ExecResult, as_command, to_argv
 from .retry import poll, until_succeeds
 from .ssh import SshAccess
 from .vmm import console
@@ -149,6 +149,7 @@ class Bottle(BottleFiles):
         ``on_output(stream, text)`` sees the output as it comes, on this thread
         (see ``agent.streams``); an exception from it kills the command and propagates.
         """
+        cmd = as_command(cmd)
         argv = to_argv(cmd)
         check_timeout(timeout)
         if on_output is not None and not callable(on_output):
@@ -185,6 +186,7 @@ class Bottle(BottleFiles):
         input: str | bytes | None = None,
     ) -> GuestProcess:
         """Start ``cmd`` and return as soon as it runs (see ``process.GuestProcess``)."""
+        cmd = as_command(cmd)
         env = {**STREAMED_ENV, **check_env(env)}
         cwd = None if cwd is None else guest_path(cwd, "cwd")
         stdin = check_input(input)
@@ -204,6 +206,7 @@ class Bottle(BottleFiles):
         naming the last try.  A failing try never raises (``check=`` is ignored)."""
         check_timeout(timeout, optional=False)  # the total wait: a number, not None
         kw.pop("check", None)
+        cmd = as_command(cmd)
         return until_succeeds(
             lambda left: self.exec(cmd, timeout=left, **kw), timeout, f"{cmd!r} succeeding in {self.name}"
         )

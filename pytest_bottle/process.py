@@ -184,8 +184,12 @@ class GuestProcess:
         return copy.note(b"".join(parts).decode("utf-8", "replace"))
 
     def state(self) -> str:
-        """``running``, ``exited N``, ``killed by SIGX`` or ``lost (...)``: for reports."""
-        rc = self.poll()
+        """``running``, ``exited N``, ``killed by SIGX`` or ``lost (...)``: for
+        reports and ``repr``, so it never raises (``poll`` does, for a bad reply)."""
+        try:
+            rc = self.poll()
+        except AgentError as e:
+            return f"lost ({str(e)[:200]})"
         if rc is None:
             return "running"
         if self.lost:
@@ -206,7 +210,7 @@ class GuestProcess:
         """Wait for the end; ``ProcessTimeout`` (an ``ExecTimeout``) if it still
         runs after ``timeout`` seconds; it keeps running then."""
         assert self._call is not None
-        check_timeout(timeout)  # None: no deadline
+        check_timeout(timeout, zero=True)  # None: no deadline; 0: only a look, as Popen.wait(0)
         deadline = None if timeout is None else time.monotonic() + timeout
         channel = self._agent.channel
         while self.poll() is None:
@@ -231,8 +235,9 @@ class GuestProcess:
         ``\\w``, ``\\b``, ``.*``, ``.+``, ``.?``, ``(?``, a leading ``^`` or a
         trailing ``$``) or that text rarely has (``[0-9]+``, ``ready|started``;
         not if it would match an empty string): then it is a regex (line
-        anchors per line).  One that matches an empty string is a
-        ``SpecError``.  Raises ``OutputTimeout``
+        anchors per line) that also matches the str as written.  One that
+        matches an empty string is a ``SpecError``.  ``timeout=0`` searches
+        what came so far, once.  Raises ``OutputTimeout``
         (a ``WaitTimeout``) with the output seen, after ``timeout`` s or at
         once when the process ends without it.  The match is made in the part
         of the output searched then: its groups are what counts, its
@@ -242,7 +247,7 @@ class GuestProcess:
         if stream is not None and stream not in tails:
             raise SpecError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
         chosen = [tails[stream]] if stream else list(tails.values())
-        check_timeout(timeout, optional=False)
+        check_timeout(timeout, optional=False, zero=True)  # 0: one search of what came so far
         deadline = time.monotonic() + timeout
         searched = [0] * len(chosen)  # stream offsets searched up to
         while True:
@@ -356,6 +361,13 @@ def _pattern(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
             regex = text
     if regex.fullmatch(""):
         raise SpecError(f"wait_for_output: {pattern!r} matches an empty string, so it would match at once")
+    if regex is not text:  # read as a regex, it still matches where it shows as written (a "user@host:~$" prompt)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                regex = re.compile(f"(?:{pattern})|{text.pattern}", re.MULTILINE)
+        except re.error:
+            pass  # global flags ("(?i)...") must lead: the regex alone
     return regex
 
 

@@ -8,7 +8,16 @@ from typing import Union
 
 from .errors import ExecError, SpecError
 
-Command = Union[str, Sequence[str]]
+Command = Union[str, Iterable[str]]  # any other iterable is read once (as_command)
+
+
+def as_command(cmd: Command) -> Command:
+    """``cmd`` once for all its uses: an iterator (``map``, a generator) is
+    read into a list here, not used up by the first look at it (the command
+    would run, then its history or result see an empty one)."""
+    if isinstance(cmd, (str, bytes, bytearray, Sequence)) or not isinstance(cmd, Iterable):
+        return cmd  # a non-iterable gets to_argv's TypeError
+    return list(cmd)
 
 
 def to_argv(cmd: Command) -> list[str]:

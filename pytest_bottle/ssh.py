@@ -25,7 +25,7 @@ from .errors import BottleError, ExecTimeout, SpecError
 from .host.deps import require, which
 from .host.locks import reporting_lock
 from .host.paths import write_private
-from .results import OUTPUT_CAP, CappedOutput, Command, ExecResult, to_argv
+from .results import OUTPUT_CAP, CappedOutput, Command, ExecResult, as_command, to_argv
 
 CONFIG_TEMPLATE = """\
 Host {name}
@@ -122,6 +122,7 @@ class SshAccess:
         them, before the client starts (``timeout=None``: as long as it runs)."""
         if kw:
             raise TypeError(f"ssh() does not take {', '.join(kw)}")
+        cmd = as_command(cmd)
         check_timeout(timeout)
         remote = remote_command(cmd, env, cwd=None if cwd is None else guest_path(cwd, "cwd"), user=check_user(user))
         data = check_input(input)

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import psutil
 import pytest
 
-from pytest_bottle import Bottle, ExecError, ExecTimeout, SpecError
+from pytest_bottle import Bottle, ExecError, ExecTimeout, OutputTimeout, ProcessTimeout, SpecError
 from pytest_bottle.errors import GuestIsADirectoryError, GuestOSError, GuestPermissionError
 from pytest_bottle.images import get_recipe
 
@@ -100,7 +100,8 @@ def test_empty_argv_and_bad_timeouts_are_refused_before_anything_runs(module_bot
 
 
 # A bad timeout must not wait: nan waited forever, None and "1" were a TypeError.
-BAD_WAITS: tuple[object, ...] = ("1", "3", float("nan"), float("inf"), -float("inf"), 0, -1, True)
+# 0 is one look for a GuestProcess (as Popen.wait(0)), and refused by the polling helpers.
+BAD_WAITS: tuple[object, ...] = ("1", "3", float("nan"), float("inf"), -float("inf"), -1, True)
 
 
 @pytest.mark.timeout(120)  # the old code waited forever for nan
@@ -110,11 +111,12 @@ def test_the_waiting_helpers_refuse_a_bad_timeout_at_once(module_bottle: Bottle)
         before = list(b.history)
         started = time.monotonic()
         for bad in BAD_WAITS:
-            with pytest.raises(SpecError, match="timeout must be a positive, finite number of seconds"):
+            with pytest.raises(SpecError, match="timeout must be 0 or a positive, finite number of seconds"):
                 p.wait(bad)  # type: ignore[arg-type]
         for bad in (*BAD_WAITS, None):
-            with pytest.raises(SpecError, match="timeout must be a positive, finite number of seconds"):
+            with pytest.raises(SpecError, match="timeout must be 0 or a positive, finite number of seconds"):
                 p.wait_for_output("never", bad)  # type: ignore[arg-type]
+        for bad in (*BAD_WAITS, 0, None):
             with pytest.raises(SpecError, match="timeout must be a positive, finite number of seconds"):
                 b.wait_for_port(22, bad)  # type: ignore[arg-type]
             with pytest.raises(SpecError, match="timeout must be a positive, finite number of seconds"):
@@ -122,7 +124,35 @@ def test_the_waiting_helpers_refuse_a_bad_timeout_at_once(module_bottle: Bottle)
         assert time.monotonic() - started < 5  # at once: no try was made, nothing waited
         assert list(b.history) == before  # no command ran
         assert p.poll() is None  # wait() gave up on nothing: the process runs on
+        with pytest.raises(ProcessTimeout):
+            p.wait(0)  # one look: still running
+        with pytest.raises(OutputTimeout):
+            p.wait_for_output("never", 0)
+        assert time.monotonic() - started < 5
+        assert p.poll() is None  # and it runs on
         assert p.kill().wait(None).returncode == -9  # None: no deadline, as documented
+        assert p.wait(0).returncode == -9  # ended: the result, at once
+    with b.spawn(["echo", "ready"]) as q:
+        q.wait(30)
+        assert q.wait_for_output("ready", 0).group() == "ready"  # what came, searched once
+
+
+def test_a_command_given_as_an_iterator_is_read_once(module_bottle: Bottle) -> None:
+    """A map or generator was used up by the first look: the command ran, then
+    its history (or a retry) saw an empty one and the call raised SpecError."""
+    b = module_bottle
+    r = b.exec(map(str, ["echo", "one", 1]))
+    assert (r.stdout, r.args) == ("one 1\n", ["echo", "one", "1"])
+    assert b.history[-1][:2] == ("echo one 1", 0)
+    with b.spawn(iter(["sleep", "600"])) as p:
+        assert p.args == ["sleep", "600"] and p.poll() is None
+        assert b.history[-1][:2] == ("sleep 600", None)
+    assert p.poll() == -9
+    tries = b.exec("rm -f /tmp/iter-try")
+    assert tries.ok
+    flaky = (w for w in ["sh", "-c", "test -e /tmp/iter-try || { touch /tmp/iter-try; exit 1; }"])
+    assert b.wait_until_succeeds(flaky, timeout=60).returncode == 0  # its second try had the command too
+    assert b.ssh(iter(["echo", "via", "ssh"])).stdout == "via ssh\n"
 
 
 def test_check_output_refuses_check_false_before_anything_runs(module_bottle: Bottle) -> None:

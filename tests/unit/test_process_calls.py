@@ -236,7 +236,7 @@ def test_wait_for_output_on_either_stream_with_a_regex(local: AgentClient) -> No
 def test_wait_for_output_takes_a_str_as_text_unless_it_holds_regex_only_syntax(local: AgentClient) -> None:
     script = (
         "echo 'Progress: [ 10%]'; echo 'not ready yet'; echo 'Serving on 0.0.0.0 port 8123 (http://0.0.0.0:8123/)'; "
-        "sleep 0.5; echo '[100%] (ready)'; sleep 30"
+        "sleep 0.5; echo '[100%] (ready)'; printf 'root@box:~$ '; sleep 30"
     )
     with GuestProcess.start(local, script) as p:
         assert p.wait_for_output(r"port (\d+) \(http://", 10).group(1) == "8123"  # \d: a regex
@@ -246,6 +246,9 @@ def test_wait_for_output_takes_a_str_as_text_unless_it_holds_regex_only_syntax(l
         assert p.wait_for_output("[100%]", 10).group(0) == "[100%]"
         assert p.wait_for_output("(ready)", 1).group(0) == "(ready)"
         assert p.wait_for_output("port 8123 (", 1).group(0) == "port 8123 ("  # no regex at all: text
+        # A trailing $ makes a regex (a line's end), which also matches where it shows as written.
+        assert p.wait_for_output("root@box:~$", 10).group(0) == "root@box:~$"
+        assert p.wait_for_output("[(]ready[)]$", 1).group(0) == "(ready)"
         with pytest.raises(OutputTimeout) as e:
             p.wait_for_output(r"port \d{5}", 0.3)
         assert e.value.pattern == r"port \d{5}" and e.value.read_as == "regex"
@@ -627,6 +630,13 @@ def test_a_bad_exit_reply_is_an_agent_error() -> None:
     assert p.pid == 42
     with pytest.raises(AgentError, match="no exit code"):
         p.wait(5)
+    with pytest.raises(AgentError, match="no exit code"):
+        p.poll()  # as often as it is asked
+    # ...but what reports and assertion messages show never raises
+    assert p.state().startswith("lost (") and "no exit code" in p.state()
+    assert repr(p).startswith("<GuestProcess pid=42 lost (")
+    entries = [ProcessEntry("x", p)]
+    assert "pid 42, lost (" in describe_history(entries)
 
 
 def test_a_guest_ignoring_the_window_fails_an_on_output_exec() -> None:
