@@ -18,7 +18,7 @@ from .arguments import GuestPath, check_env, check_input, check_port, check_time
 from .bottle_files import FILE_TIMEOUT as FILE_TIMEOUT  # importable here as before the split; patch bottle_files
 from .bottle_files import READ_CAP as READ_CAP
 from .bottle_files import BottleFiles
-from .errors import AgentError, BottleError, ExecError, ExecTimeout, SpecError, WaitTimeout
+from .errors import AgentError, AgentTimeout, BottleError, ExecError, ExecTimeout, SpecError, WaitTimeout
 from .history import CommandHistory, ProcessEntry
 from .process import GuestProcess
 from .results import OUTPUT_CAP, Command, ExecResult, as_command, to_argv
@@ -215,9 +215,22 @@ class Bottle(BottleFiles):
         """Wait until something in the guest listens on TCP ``port``."""
         check_port(port)
         check_timeout(timeout, optional=False)
-        if poll(lambda: port in self._agent.listening(timeout=30).ports, timeout):
+        deadline = time.monotonic() + timeout
+        unanswered = ""
+
+        def listens() -> bool:
+            nonlocal unanswered
+            try:  # each look gets what is left of the wait: a stalled guest must not hold it 30 s
+                ports = self._agent.listening(timeout=max(0.5, min(30.0, deadline - time.monotonic()))).ports
+            except AgentTimeout as e:  # cancelled; the wait's deadline decides
+                unanswered = f"the agent did not answer ({e})"
+                return False
+            unanswered = ""
+            return port in ports
+
+        if poll(listens, timeout):
             return
-        raise WaitTimeout(f"a listener on TCP port {port} in {self.name}", timeout)
+        raise WaitTimeout(f"a listener on TCP port {port} in {self.name}", timeout, unanswered)
 
     # -- network ------------------------------------------------------------
 

@@ -56,13 +56,22 @@ class BottleFiles:
         path: GuestPath,
         text: str,
         mode: int | None = None,
-        encoding: str = "utf-8",
+        encoding: str | None = "utf-8",
         *,
+        errors: str | None = None,
+        newline: str | None = None,
         timeout: float | None = FILE_TIMEOUT,
     ) -> None:
+        """``text`` as ``pathlib.Path.write_text`` writes it on Linux: ``errors``
+        and ``newline`` as ``open()`` takes them (``"\r\n"``: each ``\n``
+        written as CRLF), ``None`` for UTF-8 and strict errors."""
         if not isinstance(text, str):
             raise TypeError(f"write_text takes a str, not {type(text).__name__} (write_bytes takes bytes)")
-        self.write_bytes(path, text.encode(encoding), mode, timeout=timeout)
+        if newline not in (None, "", "\n", "\r", "\r\n"):
+            raise ValueError(f"illegal newline value: {newline!r}")  # open()'s words
+        if newline in ("\r", "\r\n"):
+            text = text.replace("\n", newline)
+        self.write_bytes(path, text.encode(encoding or "utf-8", errors or "strict"), mode, timeout=timeout)
 
     def read_bytes(self, path: GuestPath, *, timeout: float | None = FILE_TIMEOUT) -> bytes:
         """The contents of guest ``path``; at most ``READ_CAP`` bytes (``OutputLimit``
@@ -73,8 +82,18 @@ class BottleFiles:
             path += "/"  # as open(2) takes "f/": ENOTDIR for a file, not the file
         return read_all(self._agent, path, READ_CAP, timeout)
 
-    def read_text(self, path: GuestPath, encoding: str = "utf-8", *, timeout: float | None = FILE_TIMEOUT) -> str:
-        return self.read_bytes(path, timeout=timeout).decode(encoding)
+    def read_text(
+        self,
+        path: GuestPath,
+        encoding: str | None = "utf-8",
+        errors: str | None = None,
+        *,
+        timeout: float | None = FILE_TIMEOUT,
+    ) -> str:
+        """The file as text, exactly (no newline translation); ``encoding`` and
+        ``errors`` as ``pathlib.Path.read_text`` takes them, ``None`` for UTF-8
+        and strict errors."""
+        return self.read_bytes(path, timeout=timeout).decode(encoding or "utf-8", errors or "strict")
 
     def put(self, src: PathLike, dst: GuestPath, *, timeout: float | None = FILE_TIMEOUT) -> None:
         """Copy a local file or directory to guest ``dst``, keeping modes.

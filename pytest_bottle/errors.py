@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -110,12 +111,7 @@ class ExecError(BottleError):
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
-        msg = f"command {args!r} {_ended(returncode)}"
-        if stderr.strip():
-            msg += "\n--- stderr ---\n" + stderr[-2000:]
-        elif stdout.strip():
-            msg += "\n--- stdout ---\n" + stdout[-2000:]
-        super().__init__(msg)
+        super().__init__(f"command {args!r} {_ended(returncode)}" + _output_tail(stdout, stderr))
 
     @property
     def rc(self) -> int:
@@ -124,6 +120,15 @@ class ExecError(BottleError):
 
     def _args(self) -> dict[str, Any]:
         return {"args": self.cmd, "returncode": self.returncode, "stdout": self.stdout, "stderr": self.stderr}
+
+
+def _output_tail(stdout: str, stderr: str) -> str:
+    """What a report shows of a command's output: stderr's last 2000 characters, else stdout's."""
+    if stderr.strip():
+        return "\n--- stderr ---\n" + stderr[-2000:]
+    if stdout.strip():
+        return "\n--- stdout ---\n" + stdout[-2000:]
+    return ""
 
 
 def _ended(returncode: int) -> str:
@@ -144,7 +149,8 @@ class ExecTimeout(BottleError, TimeoutError):
         self.timeout = timeout
         self.stdout = stdout
         self.stderr = stderr
-        super().__init__(f"command {args!r} timed out after {timeout:g} s and was killed")
+        tail = _output_tail(stdout, stderr)  # what it printed before it was killed
+        super().__init__(f"command {args!r} timed out after {timeout:g} s and was killed" + tail)
 
     def _args(self) -> dict[str, Any]:
         return {"args": self.cmd, "timeout": self.timeout, "stdout": self.stdout, "stderr": self.stderr}
@@ -160,6 +166,7 @@ class GuestOSError(BottleError, OSError):
     def __init__(self, message: str, errno: int | None = None, path: str | None = None) -> None:
         BottleError.__init__(self, message)
         self.errno = errno
+        self.strerror = _strerror(errno)  # as an OSError of the host's has it
         self.filename = path
 
     def _args(self) -> dict[str, Any]:
@@ -176,6 +183,13 @@ class GuestPermissionError(GuestOSError, PermissionError):
 
 class GuestIsADirectoryError(GuestOSError, IsADirectoryError):
     """A guest path that is a directory where a file was expected."""
+
+
+def _strerror(errno: int | None) -> str | None:
+    try:
+        return os.strerror(errno) if errno else None
+    except (OverflowError, ValueError):  # a guest's number far out of range
+        return None
 
 
 def guest_os_error(message: str, errno: int | None, path: str | None = None) -> GuestOSError:
@@ -292,7 +306,7 @@ class ProcessTimeout(ExecTimeout):
 
     def __init__(self, args: Any, timeout: float, stdout: str = "", stderr: str = "") -> None:
         super().__init__(args, timeout, stdout, stderr)
-        self.message = f"process {args!r} still runs after {timeout:g} s"
+        self.message = f"process {args!r} still runs after {timeout:g} s" + _output_tail(stdout, stderr)
         self.args = (self.message,)
 
 

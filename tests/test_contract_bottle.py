@@ -305,6 +305,25 @@ def test_text_encoding(module_bottle: Bottle) -> None:
     assert module_bottle.read_bytes(f"{d}/utf8") == "café\n".encode()
 
 
+def test_text_takes_pathlibs_errors_and_newline(module_bottle: Bottle) -> None:
+    """read_text(errors=) and write_text(errors=, newline=) were a TypeError, encoding=None too."""
+    b, d = module_bottle, _scratch(module_bottle)
+    b.write_bytes(f"{d}/raw", b"caf\xe9\r\n")
+    assert b.read_text(f"{d}/raw", errors="replace") == "caf\ufffd\r\n"  # exact: CRLF stays
+    assert b.read_text(f"{d}/raw", None, "surrogateescape") == "caf\udce9\r\n"
+    b.write_text(f"{d}/crlf", "a\nb\n", newline="\r\n")
+    assert b.read_bytes(f"{d}/crlf") == b"a\r\nb\r\n"
+    b.write_text(f"{d}/kept", "a\r\nb\n", newline="")
+    assert b.read_bytes(f"{d}/kept") == b"a\r\nb\n"
+    b.write_text(f"{d}/ascii", "café", encoding="ascii", errors="replace")
+    assert b.read_bytes(f"{d}/ascii") == b"caf?"
+    b.write_text(f"{d}/none", "é", encoding=None)
+    assert b.read_text(f"{d}/none", encoding=None) == "é"
+    with pytest.raises(ValueError, match="illegal newline value"):
+        b.write_text(f"{d}/bad", "x", newline="\t")
+    assert not b.exec(f"test -e {d}/bad").ok  # refused before anything was written
+
+
 def test_guest_permission_errors(module_bottle: Bottle) -> None:
     # Write-only for everyone, root included: procfs checks the mode bits itself.
     with pytest.raises(GuestPermissionError) as info:

@@ -208,6 +208,24 @@ def test_wait_helpers(module_bottle: Bottle) -> None:
         module_bottle.wait_for_port(8766, timeout=1)
 
 
+def test_wait_for_port_keeps_its_timeout_while_the_guest_does_not_answer(bottle: Bottle) -> None:
+    """Each look asked the agent with 30 s of its own: a stalled guest held a
+    2 s wait 30 s and ended it with AgentTimeout, not WaitTimeout."""
+    qemu = psutil.Process(bottle.pid)
+    qemu.suspend()  # SIGSTOP: the guest stands still, its channel stays open
+    try:
+        started = time.monotonic()
+        with pytest.raises(pytest_bottle.WaitTimeout, match="the agent did not answer") as info:
+            bottle.wait_for_port(8765, timeout=2)
+        took = time.monotonic() - started
+    finally:
+        qemu.resume()
+    assert 2 <= took < 4, (took, info.value)
+    bottle.exec("nohup python3 -m http.server 8765 --bind 127.0.0.1 >/dev/null 2>&1 &")
+    bottle.wait_for_port(8765, timeout=60)  # the looks it gave up on did not break the channel
+    assert bottle.check_output("echo still here") == "still here\n"
+
+
 def test_console_log_has_the_boot(module_bottle: Bottle) -> None:
     log = module_bottle.console_log
     assert "Linux version" in log

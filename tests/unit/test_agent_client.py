@@ -184,6 +184,15 @@ def test_a_guests_error_text_is_cut() -> None:
 def test_failure_replies_map_to_host_errors() -> None:
     err = guest_error({"ok": False, "error": "gone", "errno": 2, "type": "OSError", "path": "/x"}, "read")
     assert isinstance(err, GuestFileNotFoundError) and err.filename == "/x"
+    assert err.strerror == "No such file or directory"  # as the host's own OSError has it
+    # A rename's error names the path twice once the guest shows its temporary file as the path.
+    said = "[Errno 21] Is a directory: '/opt/d' -> '/opt/d'"
+    err = guest_error({"ok": False, "error": said, "errno": 21, "type": "OSError", "path": "/opt/d"}, "write")
+    assert isinstance(err, GuestOSError) and err.strerror == "Is a directory"
+    assert str(err) == "in the guest: [Errno 21] Is a directory: '/opt/d'"
+    for far in (1 << 70, -(1 << 70)):  # a hostile guest's errno: no OverflowError out of the error itself
+        err = guest_error({"ok": False, "error": "x", "errno": far, "type": "OSError"}, "read")
+        assert isinstance(err, GuestOSError) and err.strerror is None
     assert isinstance(guest_error({"error": "ValueError: no user", "type": "ValueError"}, "exec"), SpecError)
     assert str(guest_error({"error": "RuntimeError: x"}, "tar")) == "agent error during tar: RuntimeError: x"
 

@@ -73,6 +73,17 @@ def test_messages_carry_the_facts() -> None:
     assert "E: worse" in str(E.ImageBuildError("x", "failed", "E: worse"))
     e = E.ExecError(["ls", "/nope"], 2, "", "No such file")
     assert e.returncode == e.rc == 2 and "No such file" in str(e)
+    # A timeout shows what the command printed before it was killed (or, for wait(), so far).
+    for timeout in (
+        E.ExecTimeout("make", 1.0, "step 1\n" + "x" * 3000 + "partial\n"),
+        E.ProcessTimeout("make", 1.0, "", "warn\n"),
+    ):
+        told = str(timeout)
+        assert ("--- stdout ---\n" in told and told.endswith("xpartial\n") and len(told) < 2200) or told.endswith(
+            "--- stderr ---\nwarn\n"
+        ), told
+        assert str(pickle.loads(pickle.dumps(timeout))) == told
+    assert str(E.ExecTimeout("sleep 9", 1.0)) == "command 'sleep 9' timed out after 1 s and was killed"
 
 
 def test_messages_name_a_signal_and_show_a_pattern_as_given() -> None:
