@@ -93,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         print("bottle run: no command given (bottle run -- CMD...)", file=sys.stderr)
         return 2
-    if args.timeout is not None:  # a str: "abc" is a bad value (exit 1), not a usage error (exit 2)
+    if args.timeout is not None:  # a str: "abc" is a bad value (exit 125), not a usage error (exit 2)
         try:
             args.timeout = float(args.timeout)
         except ValueError:
@@ -119,6 +119,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     with start_bottle(spec) as b:
         return snapshot_cli.run_and_print(b, command, args.timeout)
 
+
+# `bottle run` exits with its command's code: its own failures (an unknown
+# image, a bad value, a VM that does not start) take 125, as `docker run`'s
+# do, so that a script can tell them from the command's 1.
+OWN_ERROR = 125
 
 SHELL_TARGET = "a kept bottle (`bottle ps`) or a saved snapshot (`bottle snapshot list`)"
 
@@ -179,9 +184,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+CACHE_HELP = "default: $XDG_CACHE_HOME/pytest-bottle"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bottle", description="pytest-bottle: real Linux microVMs for tests")
-    p.add_argument("--cache-dir", type=Path, default=None, help="default: $XDG_CACHE_HOME/pytest-bottle")
+    p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="host dependencies, accelerator verdict, cache").set_defaults(fn=cmd_doctor)
@@ -218,7 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="remove leaked state of dead sessions")
     sw.add_argument("--kept", action="store_true", help="also stop VMs kept by --bottle-keep")
     sw.set_defaults(fn=cmd_sweep)
+    _after_the_subcommand_too(p)
     return p
+
+
+def _after_the_subcommand_too(parser: argparse.ArgumentParser) -> None:
+    """``--cache-dir`` and ``-v`` after a subcommand as well (``bottle image list
+    --cache-dir X``); SUPPRESS leaves the value given before it when not given again.
+    (A command's own arguments, as ``run -- CMD...``, are never read as them.)"""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in {id(c): c for c in action.choices.values()}.values():
+                sub.add_argument("--cache-dir", type=Path, default=argparse.SUPPRESS, help=CACHE_HELP)
+                sub.add_argument(
+                    "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+                )
+                _after_the_subcommand_too(sub)
 
 
 # Commands that check the cache themselves, or use none: ps, stop; shell's kept
@@ -246,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     except BottleError as e:
         show_error(e)
-        return 1
+        return OWN_ERROR if args.fn is cmd_run else 1
     except KeyboardInterrupt as e:
         return signals.exit_status(e)
     except BrokenPipeError:  # `bottle image list | head`: the reader has had enough

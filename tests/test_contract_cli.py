@@ -167,13 +167,13 @@ def test_bad_run_timeouts_and_prune_ages_are_refused_before_any_work(tmp_path: P
     empty = tmp_path / "cache"  # a bottle started here would build an image first: minutes
     for args in (("--timeout", "nan"), ("--timeout", "0"), ("--timeout", "-1"), ("--timeout", "-1", "--snapshot", "s")):
         r = cli("run", *args, "--", "true", cache=empty, timeout=60)
-        assert r.returncode == 1 and "timeout must be a positive, finite number" in r.stderr, r
+        assert r.returncode == 125 and "timeout must be a positive, finite number" in r.stderr, r
     for days in ("nan", "-1", "inf"):  # nan kept nothing: every derived image went
         for kind in ("image", "snapshot"):
             r = cli(kind, "prune", "--older-than", days, cache=empty, timeout=60)
             assert r.returncode == 1 and "--older-than must be a finite number of days >= 0" in r.stderr, r
     r = cli("run", "--memory", "100T", "--", "true", cache=empty, timeout=60)  # as written, then in MiB
-    assert r.returncode == 1 and r.stderr.startswith(
+    assert r.returncode == 125 and r.stderr.startswith(
         "bottle: SpecError: bottle run: bad memory: '100T' (104857600M) is more than this host has ("
     ), r.stderr
     assert not (empty / "images").exists() and not (empty / "seeds").exists()
@@ -276,16 +276,16 @@ def test_run_command_forms_exit_codes_and_verbose(seed: SavedState) -> None:
     r = cli("run", "--accel", "tcg", "--", "echo before; kill -9 $$")
     assert (r.returncode, r.stdout) == (128 + 9, "before\n")  # killed by a signal: as a shell says it
     r = cli("run", "--image", "no-such-image", "--", "true")
-    assert r.returncode == 1 and r.stderr.startswith("bottle: ImageNotFound: unknown image 'no-such-image'")
+    assert r.returncode == 125 and r.stderr.startswith("bottle: ImageNotFound: unknown image 'no-such-image'")
     r = cli("run", "--memory", "lots", "--", "true")
-    assert r.returncode == 1 and r.stderr.startswith("bottle: SpecError: bottle run: bad memory"), r.stderr
+    assert r.returncode == 125 and r.stderr.startswith("bottle: SpecError: bottle run: bad memory"), r.stderr
     verdict = accel.cached_verdict(CACHE)
     kvm_works = accel.kvm_usable() is None and verdict is not None and verdict.accel == "kvm"
     r = cli("run", "--accel", "kvm", "--", "true")
     if kvm_works:
         assert r.returncode == 0
     else:
-        assert r.returncode == 1 and r.stderr.startswith(
+        assert r.returncode == 125 and r.stderr.startswith(
             "bottle: HostDependencyError: missing on this host: a working KVM"
         )
 
@@ -360,7 +360,7 @@ def test_an_unusable_cache_dir_is_a_bottle_error(tmp_path: Path, no_spare_starti
     ):
         message = f"refusing to use {cache}: {reason};"
         r = cli("run", "--", "true", cache=cache)  # one line, not an OSError's traceback
-        assert (r.returncode, r.stdout) == (1, "") and r.stderr.startswith(f"bottle: UnsafeDirectory: {message}")
+        assert (r.returncode, r.stdout) == (125, "") and r.stderr.startswith(f"bottle: UnsafeDirectory: {message}")
         assert "Traceback" not in r.stderr, r.stderr
         with pytest.raises(pytest_bottle.UnsafeDirectory) as e:
             pytest_bottle.launch(cache_dir=cache)
@@ -390,10 +390,23 @@ def test_every_command_that_reads_the_cache_refuses_an_unusable_one_and_makes_no
     assert afile.read_text() == "" and list(tmp_path.iterdir()) == [afile]  # and nothing was made
 
 
-def test_a_bad_run_option_value_exits_1_like_any_bad_value(tmp_path: Path) -> None:
+def test_cache_dir_and_verbose_may_follow_the_subcommand(tmp_path: Path) -> None:
+    """`bottle image list --cache-dir X` was "unrecognized arguments" (exit 2)."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for args in (["image", "list"], ["image", "rm", "x"], ["snapshot", "list"], ["seed", "list"]):
+        r = cli(*args, f"--cache-dir={afile}", "-v", cache=tmp_path / "other", timeout=60)  # the later one wins
+        assert r.returncode == 1 and f"bottle: UnsafeDirectory: refusing to use {afile}: it is not" in r.stderr, r
+    r = cli("run", "--cache-dir", str(afile), "--", "true", cache=tmp_path / "other", timeout=60)
+    assert r.returncode == 125 and f"refusing to use {afile}" in r.stderr, r
+    assert list(tmp_path.iterdir()) == [afile]  # the other cache was never made
+
+
+def test_a_bad_run_option_value_exits_125_as_its_other_own_errors(tmp_path: Path) -> None:
+    """Not 1: a script must tell run's own failure from its command's exit 1 (docker run's 125)."""
     for option, value in (("--network", "bogus"), ("--boot", "warm"), ("--accel", "fast"), ("--timeout", "abc")):
         r = cli("run", option, value, "--", "true", cache=tmp_path / "cache", timeout=60)
-        assert r.returncode == 1 and r.stderr.startswith("bottle: SpecError: "), r
+        assert r.returncode == 125 and r.stderr.startswith("bottle: SpecError: "), r
         assert option.removeprefix("--") in r.stderr and repr(value) in r.stderr, r
     assert "--network {none,nat}" in cli("run", "--help", timeout=60).stdout
 

@@ -131,7 +131,7 @@ def test_bottle_image_build_takes_images_from_a_file(
             main(["run", "--from", str(defs), "--image", "cli-alias", "--", ". /etc/os-release; echo $VERSION_ID"]) == 0
         )
         assert capsys.readouterr().out == "12\n"
-        assert main(["run", "--from", str(defs), "--snapshot", "any", "--", "true"]) == 1
+        assert main(["run", "--from", str(defs), "--snapshot", "any", "--", "true"]) == 125
         assert "SpecError: bottle run: --from cannot be given with --snapshot" in capsys.readouterr().err
     finally:
         NAMED.clear()

@@ -368,7 +368,7 @@ def test_save_failed_under_xdist_prints_how_to_open_it(pytester: pytest.Pytester
     finally:
         assert bottle_cli(warm_cache, "snapshot", "rm", name).returncode == 0
     gone = bottle_cli(warm_cache, "run", "--snapshot", name, "--", "true")
-    assert gone.returncode == 1 and f"SnapshotGone: snapshot {name}: no such snapshot" in gone.stderr
+    assert gone.returncode == 125 and f"SnapshotGone: snapshot {name}: no such snapshot" in gone.stderr
 
 
 def test_a_nat_bottle_forks_with_egress(bottle_factory: Callable[..., Bottle]) -> None:
