@@ -568,6 +568,7 @@ class Fake:
         host, self.sock = socket.socketpair()
         self.sock.settimeout(10)
         self.chan = AgentChannel(host, "hostile", idle=0.2, dead_after=1.0)
+        host.close()  # the channel has its own descriptor
         _open.callback(self.sock.close)
         _open.callback(self.chan.close)
         self.sock.sendall(frame(HELLO, 0, SYNC_MAGIC + b"A" * 16))

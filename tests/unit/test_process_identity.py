@@ -73,11 +73,10 @@ def test_a_leashed_command_does_not_run_once_its_parent_is_gone(tmp_path: Path) 
     # Through the check's exec the death signal stays: a parent killed takes the command along.
     code = "import subprocess as s; from pytest_bottle.vmm import process as p; "
     code += "c = s.Popen(p.leashed(p._setpriv(), ['sleep', '60'])); print(c.pid, flush=True); c.wait()"
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert parent.stdout is not None
-    child = int(parent.stdout.readline())
-    parent.kill()
-    parent.wait()
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        parent.kill()
     deadline = time.monotonic() + 10
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.02)

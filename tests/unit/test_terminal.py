@@ -311,6 +311,7 @@ def test_a_fresh_connection_skips_a_former_sessions_half_frame() -> None:
     finally:
         channel.close()
         guest.close()
+        host.close()  # the channel had its own descriptor
 
 
 def test_a_connection_without_a_hello_gives_up_with_a_named_error() -> None:
@@ -329,6 +330,7 @@ def test_a_connection_without_a_hello_gives_up_with_a_named_error() -> None:
     assert channel.closed.wait(10) and "no HELLO" in channel.death
     channel.close()
     guest.close()
+    host.close()
 
 
 def test_a_kept_bottle_whose_run_directory_vanished_is_a_named_error(tmp_path: Path) -> None:
@@ -404,6 +406,7 @@ def test_the_guest_side_runs_on_the_images_pythons(version: str) -> None:
         child.kill()
         child.wait()
         peer.close()
+        host.close()  # the channel had its own descriptor
 
 
 def _python(version: str) -> str | None:
