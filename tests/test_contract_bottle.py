@@ -70,10 +70,10 @@ def test_a_timed_out_command_is_recorded_with_the_kill_status(module_bottle: Bot
 
 def test_the_recipes_masked_units_are_masked(module_bottle: Bottle) -> None:
     units = get_recipe(module_bottle.image).masked_units
-    assert "getty@tty1.service" in units and "ssh.service" in units
+    assert "getty@tty1.service" in units and "ssh.service" not in units  # it stands for the socket
     state = module_bottle.exec(["systemctl", "is-enabled", *units]).stdout.split()
     assert state == ["masked"] * len(units)
-    assert module_bottle.check_output(["systemctl", "is-enabled", "ssh.socket"]) == "enabled\n"
+    assert module_bottle.check_output(["systemctl", "is-enabled", "ssh.socket", "ssh"]) == "enabled\nenabled\n"
 
 
 # -- exec edge cases ----------------------------------------------------------

@@ -42,6 +42,7 @@ def web(site: Path) -> Image:
         .install("nginx-light")
         .copy(site, "/var/www/html")
         .write("/etc/app.conf", "x=1\n", mode=0o640)
+        .write("/var/tmp/web-cache", "kept\n")  # /var/tmp outlives boots on Debian: the build keeps it too
         .run("systemctl enable nginx")
     )
 
@@ -92,6 +93,7 @@ def test_write_and_copy_land_with_their_modes(web: Image, web_built: BuiltImage)
             :3
         ] == ["640 root", "750 root", "600 root"]
         assert b.read_text("/etc/app.conf") == "x=1\n"
+        assert b.read_text("/var/tmp/web-cache") == "kept\n"
         assert b.check_output("/var/www/html/bin/tool") == "tool ran\n"
 
 

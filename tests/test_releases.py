@@ -47,7 +47,10 @@ def test_trixie_ssh_is_one_sshd_per_connection_and_nothing_else_listens(module_b
     assert r.stdout.splitlines()[0].split()[2] == "10.0.2.15"
     assert b.check_output("systemctl is-active ssh.socket") == "active\n"
     assert b.check_output("systemctl show -p Accept --value ssh.socket") == "yes\n"
-    assert b.exec("systemctl is-active ssh.service").stdout.strip() != "active"  # no resident daemon
+    # ssh.service stands for the socket (active, for tools that ask), with no resident daemon
+    assert b.check_output("systemctl is-active ssh.service sshd.service") == "active\nactive\n"
+    assert b.check_output("systemctl show -p MainPID --value ssh.service") == "0\n"
+    assert b.check_output("systemctl show -p Type --value ssh.service") == "oneshot\n"
     # systemd's ssh generator (AF_VSOCK / AF_UNIX sockets) is masked: no units, no failure at boot.
     assert b.check_output("systemctl list-units --all --no-legend 'sshd-unix-local*' 'sshd-vsock*' | wc -l") == "0\n"
     assert "systemd-ssh-generator" not in b.console_log

@@ -50,6 +50,8 @@ def test_clones_on_a_lan_have_their_own_lan_address(bottle_factory) -> None:  # 
     assert a.lan_ip in a.check_output("ip -4 -o addr show eth1")
     mac_a = a.check_output("cat /sys/class/net/eth1/address")
     assert mac_a != b.check_output("cat /sys/class/net/eth1/address")
+    r = a.exec(["ping", "-c", "1", "-W", "10", b.lan_ip])  # the image has ping: peers reach each other
+    assert r.ok and "1 received" in r.stdout, r
 
 
 def test_snapshot_and_cold_boot_give_the_same_machine(bottle_factory) -> None:  # type: ignore[no-untyped-def]

@@ -25,6 +25,26 @@ def test_ssh_runs_through_openssh(bottle: Bottle) -> None:
     assert bottle.ssh("echo $SSH_CONNECTION").stdout.split()[2] == "10.0.2.15"
 
 
+def test_the_ssh_service_restarts_reloads_stops_and_starts_as_on_a_stock_machine(bottle: Bottle) -> None:
+    """ssh.service was masked (sshd runs per connection): an Ansible handler's
+    `systemctl restart ssh` failed, and `systemctl stop ssh` left SSH up."""
+    b = bottle
+    assert b.check_output("systemctl is-active ssh sshd") == "active\nactive\n"  # testinfra's is_running
+    # a restart from inside an SSH session: the session survives it, later ones get in
+    r = b.ssh("systemctl restart ssh && systemctl reload sshd && echo survived")
+    assert (r.returncode, r.stdout) == (0, "survived\n"), r
+    assert b.ssh("true").returncode == 0
+    b.check_output("echo 'NoSuchOption yes' > /etc/ssh/sshd_config.d/broken.conf")
+    assert not b.exec("systemctl reload ssh").ok  # the configuration is checked, as the stock unit does
+    assert not b.exec("systemctl restart ssh").ok
+    b.check_output("rm /etc/ssh/sshd_config.d/broken.conf")
+    b.check_output("systemctl stop ssh")
+    assert b.check_output("systemctl is-active ssh.socket; true") == "inactive\n"
+    assert b.ssh("true").returncode == 255  # down, as a stopped sshd is
+    b.check_output("systemctl start ssh")
+    assert b.ssh("echo back").stdout == "back\n"
+
+
 def test_ssh_output_is_capped_and_a_timeout_keeps_what_came(bottle: Bottle, monkeypatch: pytest.MonkeyPatch) -> None:
     """What comes back is the guest sshd's to choose: kept up to the cap, as exec's is."""
     monkeypatch.setattr(pytest_bottle.ssh, "OUTPUT_CAP", 1 << 20)

@@ -63,6 +63,35 @@ RuntimeDirectoryMode=0755
 RuntimeDirectoryPreserve=yes
 """
 
+# ssh.service itself: sshd runs per connection (above), so there is no daemon
+# to start or reload, but what users and their tools do to "ssh" must work as
+# on a stock machine (`systemctl restart ssh` in an Ansible handler, testinfra's
+# `service("ssh").is_running`): it stands for the socket, checks the
+# configuration as the stock unit does, and a stop takes the socket down too.
+SSH_SERVICE_UNIT = """\
+[Unit]
+Description=OpenBSD Secure Shell server (one sshd -i per connection, through ssh.socket)
+Documentation=man:sshd(8) man:sshd_config(5)
+ConditionPathExists=!/etc/ssh/sshd_not_to_be_run
+Requires=ssh.socket
+After=ssh.socket
+PropagatesStopTo=ssh.socket
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+RuntimeDirectory=sshd
+RuntimeDirectoryMode=0755
+RuntimeDirectoryPreserve=yes
+# Before a bottle has its host key (an image's build) there is nothing to check.
+ExecStart=/bin/sh -c 'ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || exit 0; exec /usr/sbin/sshd -t'
+ExecReload=/usr/sbin/sshd -t
+
+[Install]
+WantedBy=multi-user.target
+Alias=sshd.service
+"""
+
 SSHD_CONF = """\
 HostKey /etc/ssh/ssh_host_ed25519_key
 PermitRootLogin prohibit-password
@@ -95,6 +124,9 @@ def write_guest_files(recipe: Recipe, root: Path) -> None:
         _link(units / "sockets.target.wants/ssh.socket", "/lib/systemd/system/ssh.socket")
         _text(units / "ssh.socket.d/bottle.conf", "[Socket]\nAccept=yes\n")
         _text(units / "ssh@.service", SSHD_AT_UNIT)
+        _text(units / "ssh.service", SSH_SERVICE_UNIT)  # in place of the package's: enabled, and its alias
+        _link(units / "multi-user.target.wants/ssh.service", "/etc/systemd/system/ssh.service")
+        _link(units / "sshd.service", "/etc/systemd/system/ssh.service")
         _text(root / "etc/ssh/sshd_config.d/bottle.conf", SSHD_CONF)
     _text(root / "etc/systemd/journald.conf.d/bottle.conf", JOURNALD_CONF)
     _text(root / "etc/hostname", "bottle\n")
@@ -142,4 +174,6 @@ def _text(path: Path, content: str) -> None:
 
 def _link(path: Path, target: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():  # a package's own (openssh-server's enablement): ours replaces it
+        path.unlink()
     os.symlink(target, path)

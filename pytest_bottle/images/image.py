@@ -39,19 +39,21 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from ..arguments import GuestPath, check_timeout, guest_path, names_no_file, raw_path
+from ..arguments import GuestPath, check_env, check_timeout, guest_path, names_no_file, raw_path
 from ..errors import ImageNotFound, SpecError
 from .recipes import RECIPES
 
 # Bump when the derived builder's output changes for the same steps.
 # 2: .copy of a file to a dst ending in / puts it inside that directory, as Bottle.put does
-DERIVED_VERSION = 2
+# 3: what the steps leave in /var/tmp is kept
+DERIVED_VERSION = 3
 # What Python and pytest write into a source tree on the host while the run
 # goes on (importing, collecting): left out of a copied directory and its key,
 # or the tree would change under its Image and fail the build.
 COPY_SKIP = frozenset({"__pycache__", ".pytest_cache"})
 
-_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
+# apt-get install's forms: name, name:arch, then =version or /release.
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?(=[A-Za-z0-9.+~:-]+|/[A-Za-z0-9.+~_-]+)?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 # Images named by ``Image.named`` (recipes live in ``recipes.RECIPES``).
@@ -136,14 +138,20 @@ class Image:
 
     # -- steps --------------------------------------------------------------
 
-    def install(self, *packages: str) -> Image:
-        """Install Debian packages of the image's suite (apt-get, no recommends)."""
-        if not packages:
+    def install(self, *packages: str | Iterable[str]) -> Image:
+        """Install Debian packages of the image's suite (apt-get, no recommends):
+        names as arguments or in a list (``install("curl", "jq")``,
+        ``install(["curl", "jq"])``), each as apt-get takes it (``pkg``,
+        ``pkg:arch``, ``pkg=version``, ``pkg/release``)."""
+        names: list[object] = [n for p in packages for n in ((p,) if isinstance(p, str) else _names(p))]
+        if not names:
             raise SpecError("install() needs at least one package name")
-        for p in packages:
+        for p in names:
             if not isinstance(p, str) or not _PACKAGE_RE.match(p):
-                raise SpecError(f"install(): {p!r} is not a Debian package name")
-        return self._then(Install(tuple(packages)))
+                raise SpecError(
+                    f"install(): {p!r} is not a Debian package name (pkg, pkg:arch, pkg=version or pkg/release)"
+                )
+        return self._then(Install(tuple(str(n) for n in names)))
 
     def copy(self, src: str | os.PathLike[str], dst: GuestPath) -> Image:
         """Copy a host file or directory (its contents) to guest ``dst``, modes
@@ -174,12 +182,10 @@ class Image:
 
     def run(self, command: str, *, env: Mapping[str, str] | None = None, timeout: float | None = None) -> Image:
         """Run ``command`` with ``/bin/sh -c`` as root; a non-zero exit fails the build."""
-        if not isinstance(command, str) or not command.strip():
-            raise SpecError(f"run(): the command must be a non-empty str, not {command!r}")
-        pairs = tuple(sorted((env or {}).items()))
-        if not all(isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in pairs):
-            raise SpecError(f"run(): env must map names to str values, not {env!r}")
+        if not isinstance(command, str) or not command.strip() or "\0" in command:
+            raise SpecError(f"run(): the command must be a non-empty str without NUL, not {command!r}")
         try:
+            pairs = tuple(sorted(check_env(env).items()))  # exec's rules: no NUL, no '=' in a name
             check_timeout(timeout)  # nan or inf once passed, to fail the build with an agent error
         except SpecError as e:
             raise SpecError(f"run(): {e}") from None
@@ -298,6 +304,13 @@ def known_names() -> list[str]:
     return sorted(set(RECIPES) | set(NAMED))
 
 
+def _names(packages: object) -> list[object]:
+    """A list (or other iterable) given to ``install()`` in place of names."""
+    if isinstance(packages, (bytes, Mapping)) or not isinstance(packages, Iterable):
+        return [packages]  # refused by name below
+    return list(packages)
+
+
 def lookup(name: str) -> str | Image:
     """A registered name: the recipe's name, or the named image."""
     if name in RECIPES:
@@ -327,8 +340,9 @@ def tree_digest(path: Path) -> str:
     bytes (or link target), directories walked in sorted order."""
     h = hashlib.sha256()
     top = Path(os.path.realpath(path))
-    if not top.is_dir():  # a file lands as dst/<its name> when dst is a directory
-        h.update(os.fsencode(f"name\0{top.name}\0"))  # fsencode: a name need not be UTF-8
+    if not top.is_dir():  # a file lands as dst/<its name> when dst is a directory:
+        # the name given (a link's own, as put() names it), not its target's
+        h.update(os.fsencode(f"name\0{path.name}\0"))  # fsencode: a name need not be UTF-8
     for rel, st, entry in _walk(top, ""):
         if isinstance(entry, Path):  # a regular file: read in chunks, not whole
             h.update(os.fsencode(f"{rel}\0{st.st_mode:o}\0{st.st_size}\0"))

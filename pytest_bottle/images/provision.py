@@ -47,9 +47,12 @@ SAVED = "/run/bottle-build"
 
 # Saved before the handshake writes the build machine's identity, put back after the steps.
 SAVE_IDENTITY = f"mkdir -p {SAVED} && for f in {' '.join(IDENTITY)}; do cp -a /etc/$f {SAVED}/ 2>/dev/null || :; done"
+# /tmp is emptied at every boot anyway (Debian's tmpfiles `D /tmp`); /var/tmp
+# outlives boots on Debian, so what the steps left there stays (only the build
+# boot's own PrivateTmp directories go).
 CLEANUP = f"""set -u
 apt-get clean
-rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /tmp/* /var/tmp/*
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /tmp/* /var/tmp/systemd-private-*
 rm -f /etc/ssh/ssh_host_*
 for f in {" ".join(IDENTITY)}; do
   if [ -e {SAVED}/$f ] || [ -L {SAVED}/$f ]; then rm -f /etc/$f; cp -a {SAVED}/$f /etc/$f; fi

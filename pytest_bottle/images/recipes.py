@@ -49,7 +49,6 @@ TRIMMED_UNITS = (
     "serial-getty@ttyS0.service",
     "systemd-timesyncd.service",
     "systemd-update-utmp-runlevel.service",
-    "ssh.service",
     # Modules these load on boot autoload on first use anyway (kmod-static-nodes
     # stays, so /dev/loop-control, /dev/fuse... exist to trigger that).
     "modprobe@configfs.service",
@@ -108,6 +107,7 @@ BASE_PACKAGES = (
     "python3",
     "iproute2",
     "ca-certificates",
+    "iputils-ping",  # bottles on a LAN ping each other
     # Resolves the machine's own hostname without /etc/hosts: clones rename
     # themselves without rewriting it.
     "libnss-myhostname",

@@ -12,6 +12,7 @@ import pytest
 from pytest_bottle import Image, ImageBuildError, ImageNotFound, SpecError
 from pytest_bottle.images import get_recipe
 from pytest_bottle.images import image as image_mod
+from pytest_bottle.images.image import Install
 
 BASE = Image("debian-bookworm")
 
@@ -99,6 +100,21 @@ def test_a_single_files_name_is_in_the_key_it_names_the_file_in_a_directory_dst(
     assert a.key != b.key and a != b
     (tmp_path / "big").write_bytes(bytes(3 << 20))  # hashed in chunks, same as whole
     assert BASE.copy(tmp_path / "big", "/x").key == BASE.copy(tmp_path / "big", "/x").key
+    # A link to a file lands under the link's own name (as put() names it): its key says that name.
+    (tmp_path / "c.conf").symlink_to("a.conf")
+    c = BASE.copy(tmp_path / "c.conf", "/etc/app/")
+    assert c.key != a.key and c != a
+
+
+def test_install_takes_a_list_and_apts_other_forms() -> None:
+    """A list was "['curl', 'jq'] is not a Debian package name"; pkg:arch and pkg/release were refused."""
+    assert BASE.install(["curl", "jq"]) == BASE.install("curl", "jq") == BASE.install(("curl",), "jq")
+    assert BASE.install("curl", "jq").key == BASE.install(["curl", "jq"]).key
+    forms = ("libc6:i386", "nginx/bookworm-backports", "jq=1.6-2.1", "g++-12:amd64=12.2.0-14")
+    step = BASE.install(*forms).steps[-1]
+    assert isinstance(step, Install) and step.packages == forms
+    with pytest.raises(SpecError, match=r"'curl jq' is not a Debian package name \(pkg, pkg:arch"):
+        BASE.install("curl jq")
 
 
 def test_a_child_key_follows_its_parent_and_a_sibling_does_not(tmp_path: Path) -> None:
@@ -179,6 +195,15 @@ def test_unnamed_images_show_parent_and_key() -> None:
         lambda: BASE.run("true", timeout=True),
         lambda: BASE.run("true", timeout="5"),  # type: ignore[arg-type]
         lambda: BASE.run("true", env={"A=B": "c"}),
+        lambda: BASE.run("true", env={"A": "c\0d"}),  # as exec refuses it, before a build boots
+        lambda: BASE.run("true\0false"),
+        lambda: BASE.run("true", env=["A"]),  # type: ignore[arg-type]
+        lambda: BASE.install(["ok", "no;rm"]),
+        lambda: BASE.install([]),
+        lambda: BASE.install(b"curl"),  # type: ignore[arg-type]
+        lambda: BASE.install({"curl": 1}),
+        lambda: BASE.install("curl:"),
+        lambda: BASE.install("curl/"),
         lambda: BASE.named("debian-bookworm"),
         lambda: BASE.named("bad name"),
     ],
