@@ -102,14 +102,17 @@ def test_two_bottles_on_a_lan_exchange_tcp(bottle_factory) -> None:  # type: ign
         [
             "python3",
             "-c",
-            f"import urllib.request; print(urllib.request.urlopen('http://{server.lan_ip}:7000/hi.txt', "
+            f"import urllib.request; print(urllib.request.urlopen('http://{server.name}:7000/hi.txt', "
             "timeout=10).read().decode(), end='')",
         ],
         timeout=60,
     )
-    assert out == "from-server\n"
-    # A bottle on another LAN of the same test is on another segment.
+    assert out == "from-server\n"  # by name: peers are in each other's /etc/hosts
+    assert server.check_output(["getent", "hosts", client.name]).split() == [client.lan_ip, client.name]
+    assert client.check_output(["getent", "hosts", server.name]).split() == [server.lan_ip, server.name]
+    # A bottle on another LAN of the same test is on another segment, and knows no names on this one.
     assert _fetch(outsider, f"http://{server.lan_ip}:7000/hi.txt") != 0
+    assert outsider.exec(["getent", "hosts", server.name]).returncode == 2
 
 
 def _host_links() -> set[str]:

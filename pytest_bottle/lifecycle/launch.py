@@ -19,7 +19,7 @@ from ..store.seeds import ensure_seed
 from ..store.snapshots import seed_of
 from ..vmm.backend import Machine
 from ..vmm.qemu import MachineConfig
-from . import handshake
+from . import handshake, lan_names
 from .boot import settle, start_machine
 from .handshake import Found
 from .plan import Forwards, Plan, make_plan, restore_from
@@ -100,6 +100,8 @@ def start_bottle(
         done = handshake.clone_setup(agent, plan, res, found, keys, baked)
         if spec.boot == "cold":  # as settled as a snapshot clone: its boot finished
             settle(agent, machine, max(1.0, boot_ends - time.monotonic()), quiet=0)
+        if res.lan is not None and res.lan_ip:
+            lan_names.join(res.lan, plan.name, res.lan_ip.split("/")[0], agent)
         return Bottle(
             name=plan.name,
             image=image.name,

@@ -26,7 +26,7 @@ from ..errors import BootError, LockTimeout
 from ..host.paths import remove_tree
 from ..host.runstate import RunRecord, create_run_dir
 from ..net import pools
-from ..net.lan import LanRegistry
+from ..net.lan import Lan, LanRegistry
 from ..store.saved import SavedState
 from ..vmm.backend import CONSOLE, DISK, Machine
 from .plan import LAN_NIC, Forwards, Plan
@@ -53,6 +53,7 @@ class Resources:
         self.alias = ""  # the loopback address forwards are published on
         self.forwards: dict[int, tuple[str, int]] = {}
         self.lan_ip: str | None = None  # "address/prefix" on the LAN
+        self.lan: Lan | None = None
         self._tap = _Fd(-1)
         self._stack = ExitStack()
         self._closing = threading.RLock()
@@ -76,8 +77,9 @@ class Resources:
             if plan.ports:
                 res.alias = pools.lease("loopback", name)[0]
             if lan:
-                net = lans.acquire(lan)
+                res.lan = net = lans.acquire(lan)
                 stack.callback(lans.release, lan)
+                stack.callback(net.leave, name)
                 fd, tap, res.lan_ip = net.attach(name)
                 res._tap = _Fd(fd)
                 stack.callback(res._tap.close)

@@ -85,6 +85,9 @@ class Lan:
         self.id = secrets.token_hex(3)
         self._lock = threading.Lock()
         self._warm: list[tuple[int, str]] = []  # TAPs on the bridge, ready to hand out
+        # Who is on the segment, by name: their address and how to tell them of a
+        # newcomer (see lifecycle.lan_names).
+        self.members: dict[str, tuple[str, Callable[[str, str], None]]] = {}
         self._ns_fd = _new_netns()
         self.inode = os.fstat(self._ns_fd).st_ino
         ipr = None
@@ -102,6 +105,21 @@ class Lan:
                 raise BottleError(f"setting up LAN {name!r} failed: {type(e).__name__}: {e}") from e
             raise
         self._ipr = ipr
+
+    def join(
+        self, name: str, ip: str, tell: Callable[[str, str], None]
+    ) -> tuple[list[tuple[str, str]], list[Callable[[str, str], None]]]:
+        """Adds ``name`` (at ``ip``; ``tell(ip, name)`` tells it of a later one):
+        the members already there, (ip, name), and how to tell each of it."""
+        with self._lock:
+            there = [(addr, member) for member, (addr, _) in self.members.items()]
+            tells = [t for _, t in self.members.values()]
+            self.members[name] = (ip, tell)
+        return there, tells
+
+    def leave(self, name: str) -> None:
+        with self._lock:
+            self.members.pop(name, None)
 
     def attach(self, holder: str) -> tuple[int, str, str]:
         """A TAP on the bridge for ``holder``: (fd for QEMU, TAP name, LAN IP with prefix).
