@@ -235,7 +235,7 @@ class GuestProcess:
         ``\\w``, ``\\b``, ``.*``, ``.+``, ``.?``, ``(?``, a leading ``^`` or a
         trailing ``$``) or that text rarely has (``[0-9]+``, ``ready|started``;
         not if it would match an empty string): then it is a regex (line
-        anchors per line) that also matches the str as written.  One that
+        anchors per line), and where it finds nothing the str as written.  One that
         matches an empty string is a ``SpecError``.  ``timeout=0`` searches
         what came so far, once.  Raises ``OutputTimeout``
         (a ``WaitTimeout``) with the output seen, after ``timeout`` s or at
@@ -243,6 +243,10 @@ class GuestProcess:
         of the output searched then: its groups are what counts, its
         ``span()`` is no offset in ``stdout``."""
         regex = _pattern(pattern)
+        # A str read as a regex also matches where it shows as written (a
+        # "user@host:~$" prompt), where the regex itself finds nothing.
+        as_written = re.escape(pattern) if isinstance(pattern, str) else ""
+        written = re.compile(as_written) if as_written and regex.pattern != as_written else None
         tails = {"stdout": self._out, "stderr": self._err}
         if stream is not None and stream not in tails:
             raise SpecError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
@@ -257,7 +261,8 @@ class GuestProcess:
                 snaps = [(t.snapshot(), t.dropped, t.total) for t in chosen]
             for i, (parts, start, total) in enumerate(snaps):
                 if total != searched[i]:
-                    m = regex.search(_unsearched(parts, start, searched[i]))
+                    chunk = _unsearched(parts, start, searched[i])
+                    m = regex.search(chunk) or (written.search(chunk) if written is not None else None)
                     if m:
                         return m
                     searched[i] = total
@@ -361,13 +366,6 @@ def _pattern(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
             regex = text
     if regex.fullmatch(""):
         raise SpecError(f"wait_for_output: {pattern!r} matches an empty string, so it would match at once")
-    if regex is not text:  # read as a regex, it still matches where it shows as written (a "user@host:~$" prompt)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                regex = re.compile(f"(?:{pattern})|{text.pattern}", re.MULTILINE)
-        except re.error:
-            pass  # global flags ("(?i)...") must lead: the regex alone
     return regex
 
 

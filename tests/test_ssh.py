@@ -38,11 +38,16 @@ def test_the_ssh_service_restarts_reloads_stops_and_starts_as_on_a_stock_machine
     assert not b.exec("systemctl reload ssh").ok  # the configuration is checked, as the stock unit does
     assert not b.exec("systemctl restart ssh").ok
     b.check_output("rm /etc/ssh/sshd_config.d/broken.conf")
+    b.check_output("systemctl start ssh")
+    assert b.check_output("systemctl is-active ssh ssh.socket") == "active\nactive\n"
+    assert b.ssh("true").returncode == 0
     b.check_output("systemctl stop ssh")
     assert b.check_output("systemctl is-active ssh.socket; true") == "inactive\n"
     assert b.ssh("true").returncode == 255  # down, as a stopped sshd is
     b.check_output("systemctl start ssh")
     assert b.ssh("echo back").stdout == "back\n"
+    b.check_output("systemctl mask ssh")  # as on a stock machine (a hardening role does it)
+    assert b.check_output("systemctl is-enabled ssh; true") == "masked\n"
 
 
 def test_ssh_output_is_capped_and_a_timeout_keeps_what_came(bottle: Bottle, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -124,9 +124,12 @@ def write_guest_files(recipe: Recipe, root: Path) -> None:
         _link(units / "sockets.target.wants/ssh.socket", "/lib/systemd/system/ssh.socket")
         _text(units / "ssh.socket.d/bottle.conf", "[Socket]\nAccept=yes\n")
         _text(units / "ssh@.service", SSHD_AT_UNIT)
-        _text(units / "ssh.service", SSH_SERVICE_UNIT)  # in place of the package's: enabled, and its alias
-        _link(units / "multi-user.target.wants/ssh.service", "/etc/systemd/system/ssh.service")
-        _link(units / "sshd.service", "/etc/systemd/system/ssh.service")
+        if not {"ssh.service", "sshd.service"} & set(recipe.masked_units):  # a recipe's mask stands
+            # Below /etc: it overrides the package's, and `systemctl mask ssh` still works.
+            ours = "/usr/local/lib/systemd/system/ssh.service"
+            _text(root / ours.lstrip("/"), SSH_SERVICE_UNIT)
+            _link(units / "multi-user.target.wants/ssh.service", ours)  # in place of the package's links
+            _link(units / "sshd.service", ours)
         _text(root / "etc/ssh/sshd_config.d/bottle.conf", SSHD_CONF)
     _text(root / "etc/systemd/journald.conf.d/bottle.conf", JOURNALD_CONF)
     _text(root / "etc/hostname", "bottle\n")
@@ -168,12 +171,14 @@ def write_early_files(recipe: Recipe, root: Path) -> None:
 
 def _text(path: Path, content: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():  # never write through a link (a masked unit's points at /dev/null)
+        path.unlink()
     path.write_text(content)
     path.chmod(0o644)
 
 
 def _link(path: Path, target: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_symlink():  # a package's own (openssh-server's enablement): ours replaces it
+    if path.is_symlink():  # laid in earlier (a mask): ours replaces it
         path.unlink()
     os.symlink(target, path)

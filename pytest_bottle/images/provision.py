@@ -47,7 +47,7 @@ SAVED = "/run/bottle-build"
 
 # Saved before the handshake writes the build machine's identity, put back after the steps.
 SAVE_IDENTITY = f"mkdir -p {SAVED} && for f in {' '.join(IDENTITY)}; do cp -a /etc/$f {SAVED}/ 2>/dev/null || :; done"
-# /tmp is emptied at every boot anyway (Debian's tmpfiles `D /tmp`); /var/tmp
+# /tmp is emptied at every boot anyway (bookworm's tmpfiles `D /tmp`, trixie's tmpfs); /var/tmp
 # outlives boots on Debian, so what the steps left there stays (only the build
 # boot's own PrivateTmp directories go).
 CLEANUP = f"""set -u

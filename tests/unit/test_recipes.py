@@ -116,3 +116,25 @@ def test_a_suite_the_host_does_not_list_leaves_the_mirror_to_mmdebstrap(
     argv = builder._mmdebstrap_argv("mmdebstrap", get_recipe("debian-trixie"), tmp_path)
     assert " ".join(argv).endswith(tail), argv
     assert argv[argv.index("trixie") : argv.index("trixie") + 2] == ["trixie", "/dev/null"]
+
+
+@pytest.mark.parametrize("masked", [(), ("ssh.service",), ("sshd.service",)])
+def test_ssh_service_stands_for_the_socket_unless_a_recipe_masks_it(tmp_path: Path, masked: tuple[str, ...]) -> None:
+    """A recipe's mask of ssh.service stood as a link to /dev/null in the staging
+    tree, and the ssh unit was written through it: into the host's /dev/null."""
+    from pytest_bottle.images import guest_files
+
+    null_before = Path("/dev/null").stat()
+    recipe = dataclasses.replace(get_recipe("debian-bookworm"), masked_units=masked)
+    assert recipe.has_sshd
+    guest_files.write_guest_files(recipe, tmp_path)
+    units, ours = tmp_path / "etc/systemd/system", tmp_path / "usr/local/lib/systemd/system/ssh.service"
+    if masked:
+        assert not ours.exists() and Path(f"{units}/{masked[0]}").readlink() == Path("/dev/null")
+    else:
+        assert "PropagatesStopTo=ssh.socket" in ours.read_text()
+        assert (units / "sshd.service").readlink() == (units / "multi-user.target.wants/ssh.service").readlink()
+        assert str((units / "sshd.service").readlink()) == "/usr/local/lib/systemd/system/ssh.service"
+        assert not (units / "ssh.service").exists()  # /etc is left free: `systemctl mask ssh` works
+    after = Path("/dev/null").stat()
+    assert (after.st_mode, after.st_size) == (null_before.st_mode, 0)
