@@ -271,7 +271,7 @@ class GuestProcess:
                 rc = self.poll() if ended else None
                 shown = pattern if isinstance(pattern, str) else pattern.pattern  # as given, not escaped
                 read_as = ""  # a compiled pattern, or plain text: nothing to say how it was read
-                if isinstance(pattern, str) and regex.pattern != re.escape(pattern):
+                if written is not None:  # a str read as a regex
                     read_as = "regex"
                 elif isinstance(pattern, str) and _REGEX_LIKE.search(pattern):
                     read_as = "text"

@@ -43,7 +43,7 @@ def run_and_print(b: Bottle, command: list[str], timeout: float | None) -> int:
         sys.stdout.write(e.stdout)
         sys.stdout.flush()
         gap = "" if not e.stderr or e.stderr.endswith("\n") else "\n"
-        said = f"command {e.cmd!r} timed out after {e.timeout:g} s and was killed"  # its output is above
+        said = ExecTimeout(e.cmd, e.timeout)  # its message without the output, printed above
         sys.stderr.write(f"{e.stderr}{gap}bottle: ExecTimeout: {said}\n")
         return TIMED_OUT
     sys.stdout.buffer.write(r.stdout_bytes)

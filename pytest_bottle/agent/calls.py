@@ -54,8 +54,6 @@ def guest_error(reply: dict[str, Any], op: str) -> Exception:
     msg = str(reply.get("error", "unknown error"))[:TEXT_CAP]  # a guest's words end up in reports
     if reply.get("type") == "OSError" or reply.get("errno") is not None:
         errno, path = reply.get("errno"), reply.get("path")  # a hostile guest may send anything
-        if isinstance(path, str):  # a rename's error names its temporary file, shown as the path: once is enough
-            msg = msg.replace(f"{path!r} -> {path!r}", repr(path))
         return guest_os_error(
             f"in the guest: {msg}", errno if type(errno) is int else None, path if isinstance(path, str) else None
         )

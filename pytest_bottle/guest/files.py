@@ -60,8 +60,8 @@ class FileOps:
         except BaseException as e:  # data still coming stops at the reply
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            if isinstance(e, OSError) and e.filename == tmp:
-                e.filename = shown
+            if isinstance(e, OSError) and e.filename == tmp:  # the rename's: one path, the one asked for
+                raise OSError(e.errno, e.strerror, shown) from None  # (errno picks the subclass)
             raise
         return {"size": size, "path": path}
 

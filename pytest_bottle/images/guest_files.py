@@ -179,6 +179,4 @@ def _text(path: Path, content: str) -> None:
 
 def _link(path: Path, target: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_symlink():  # laid in earlier (a mask): ours replaces it
-        path.unlink()
     os.symlink(target, path)

@@ -143,13 +143,15 @@ class Image:
         names as arguments or in a list (``install("curl", "jq")``,
         ``install(["curl", "jq"])``), each as apt-get takes it (``pkg``,
         ``pkg:arch``, ``pkg=version``, ``pkg/release``)."""
-        names: list[object] = [n for p in packages for n in ((p,) if isinstance(p, str) else _names(p))]
+        names: list[object] = []
+        for p in packages:
+            names.extend([p] if isinstance(p, str) else _names(p))
         if not names:
             raise SpecError("install() needs at least one package name")
-        for p in names:
-            if not isinstance(p, str) or not _PACKAGE_RE.match(p):
+        for name in names:
+            if not isinstance(name, str) or not _PACKAGE_RE.match(name):
                 raise SpecError(
-                    f"install(): {p!r} is not a Debian package name (pkg, pkg:arch, pkg=version or pkg/release)"
+                    f"install(): {name!r} is not a Debian package name (pkg, pkg:arch, pkg=version or pkg/release)"
                 )
         return self._then(Install(tuple(str(n) for n in names)))
 
