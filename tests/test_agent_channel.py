@@ -59,6 +59,7 @@ class Guest:
         host, self.sock = socket.socketpair()
         self.sock.settimeout(10)
         self.chan = AgentChannel(host, "hostile", idle=idle, dead_after=dead_after)
+        host.close()  # the channel keeps its own dup
         self.buf = b""
         self.data = 0  # DATA payload bytes received
         self.pings = 0
@@ -92,6 +93,14 @@ class Guest:
             if not chunk:
                 raise EOFError
             self.buf += chunk
+
+    def recv_exactly_one(self) -> tuple[int, int, bytes]:
+        """The next frame, read to its last byte and not beyond: what follows it
+        stays in the socket (``recv`` takes all there is)."""
+        assert not self.buf
+        head = self.sock.recv(HEADER.size, socket.MSG_WAITALL)
+        kind, rid, size = HEADER.unpack(head)
+        return kind, rid, self.sock.recv(size, socket.MSG_WAITALL) if size else b""
 
     def expect(self, kind: int, timeout: float = 10) -> tuple[int, bytes]:
         deadline = time.monotonic() + timeout
@@ -656,11 +665,18 @@ def test_a_guest_that_reads_slowly_gets_the_whole_frame_past_the_deadline(guest:
     # The guest takes nothing until the deadline has passed: the first data
     # frame (more than the socket holds) is then in flight, whenever within
     # the 0.8 s the calling thread began it, and cannot end before the guest reads.
+    # The socket holds what its send buffer says (the host's default could hold
+    # the whole frame), and the guest reads the CALL and not a byte beyond it,
+    # however soon the writer followed it (that freed room for the rest of the
+    # frame before the deadline).
+    guest.chan.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    assert guest.chan.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < CHUNK - 64 * 1024
     t, out = _in_thread(lambda: guest.chan.call("write", path="/x", data=iter([b"d" * CHUNK] * 2), timeout=0.8))
-    guest.expect(CALL)
+    assert guest.recv_exactly_one()[0] == CALL
     # The call began before its CALL came: its deadline has passed then, and
     # the writer, stuck since the socket filled, is still within its 2 s.
     time.sleep(0.9)
+    assert t.is_alive(), out  # past its deadline, mid-frame
     got, give_up = 0, time.monotonic() + 60
     # Then 32 KiB at once (the writer's progress, well within the 2 s a guest
     # taking nothing gets), then ~40 KB/s, 2 KiB at a time: the writer sees
@@ -673,8 +689,8 @@ def test_a_guest_that_reads_slowly_gets_the_whole_frame_past_the_deadline(guest:
             got += len(piece)
         size = 2048
         time.sleep(0.05)
-    # The frame in flight at the deadline went whole (~50 KB past what the
-    # socket holds, read only after the deadline: at least 0.9 s + 0.3 s at
+    # The frame in flight at the deadline went whole (~130 KB past what the
+    # socket holds, read only after the deadline: at least 0.9 s + 2 s at
     # this pace), no later one began, the channel goes on.
     assert isinstance(out.get("error"), AgentTimeout), (got, out)
     assert float(out["seconds"]) > 1.2 and not guest.chan.broken, out  # type: ignore[arg-type]

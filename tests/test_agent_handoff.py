@@ -78,6 +78,7 @@ class Agent:
         )
         port.close()
         self.channel = AgentChannel(host, "local-agent")
+        host.close()  # the channel keeps its own dup
         self.channel.send_sync()
         assert self.channel.synced.wait(20), "the agent did not answer SYNC"
         self.client = AgentClient(self.channel)
