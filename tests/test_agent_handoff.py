@@ -187,9 +187,11 @@ def test_a_dead_core_ends_the_agent_so_that_its_service_restarts(parked: Agent) 
 
 def test_an_agent_with_calls_running_does_not_park(python_agent: Agent, tmp_path: Path) -> None:
     with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(python_agent.run, ["sh", "-c", f"touch {tmp_path}/s; sleep 2"])
+        gate = f"touch {tmp_path}/s; while [ ! -e {tmp_path}/go ]; do sleep 0.02; done"  # runs until told
+        busy = pool.submit(python_agent.run, ["sh", "-c", gate])
         wait_until((tmp_path / "s").exists, 30, "the command running")
         assert python_agent.client.park(timeout=30) == "calls or commands still running"
+        (tmp_path / "go").touch()
         assert busy.result(30).rc == 0
     assert python_agent.client.park(timeout=30) is None
     assert python_agent.server() == CORE_COMM

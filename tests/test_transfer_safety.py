@@ -55,6 +55,7 @@ class HostileGuest:
     def __init__(self, **liveness: float) -> None:
         host, self.peer = socket.socketpair()
         self.channel = AgentChannel(host, "hostile", **liveness)  # it never answers a PING
+        host.close()  # the channel keeps its own dup
         self.answers: dict[str, Answer] = {"hello": lambda rid, call: reply(rid, version=1)}
         self.cancelled: list[int] = []
         self.peer.sendall(frame(HELLO, 0, SYNC_MAGIC + os.urandom(INSTANCE_SIZE)))  # what a starting agent says first
@@ -650,8 +651,9 @@ def _stall(guest: HostileGuest, op: str, data: bytes, rids: list[int]) -> None:
 
 @pytest.fixture
 def quick_guest() -> Iterator[HostileGuest]:
-    """A guest the channel gives up on after about 0.5 s of silence."""
-    g = HostileGuest(idle=0.2, dead_after=0.3)
+    """A guest the channel gives up on after about 2 s of silence (a loaded
+    machine may hold the serving thread up for a few tenths of a second)."""
+    g = HostileGuest(idle=0.5, dead_after=1.5)
     yield g
     g.close()
 

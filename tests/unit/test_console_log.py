@@ -18,6 +18,8 @@ WRITER = """
 import os, sys
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 for i in range(int(sys.argv[2])):
+    if i == int(sys.argv[3]):
+        sys.stdin.read(1)  # until the watcher has cut once
     os.write(fd, b"line %08d ".ljust(1023, b"x") % i + b"\\n")
 os.write(fd, b"THE END\\n")
 """
@@ -25,12 +27,19 @@ os.write(fd, b"THE END\\n")
 
 def test_a_log_cut_while_it_is_appended_to_keeps_its_tail(tmp_path: Path) -> None:
     log = tmp_path / "console.log"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(log), "40000"])  # 40 MB, 1 KiB lines
+    # 40 MB of 1 KiB lines; halfway it waits for the first cut, so that one is
+    # made while the log is open for appending, however loaded the host.
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(log), "40000", "20000"], stdin=subprocess.PIPE)
+    assert writer.stdin is not None
     cut = 0
-    while writer.poll() is None:
-        if log.exists() and log.stat().st_size > 4 << 20:
-            cut += console.trim(log, keep=1 << 20)
-        time.sleep(0.01)
+    with writer.stdin:
+        while writer.poll() is None:
+            if log.exists() and log.stat().st_size > 4 << 20:
+                cut += console.trim(log, keep=1 << 20)
+                if not writer.stdin.closed:
+                    writer.stdin.write(b"g")
+                    writer.stdin.close()
+            time.sleep(0.01)
     assert writer.wait() == 0
     assert cut > 0  # cut while it was appended to
     # A loaded host can let the writer outrun the last cut (8.5 MB written

@@ -212,22 +212,25 @@ def test_remove_takes_it_away_once(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def _hold(lock: Path, shared: bool, ready: multiprocessing.synchronize.Event, done: float) -> None:
+def _hold(
+    lock: Path, shared: bool, ready: multiprocessing.synchronize.Event, done: multiprocessing.synchronize.Event
+) -> None:
     with entries.flock(lock, shared=shared):
         ready.set()
-        time.sleep(done)
+        done.wait(60)
 
 
 def test_flock_between_processes(tmp_path: Path) -> None:
     lock = tmp_path / "e.lock"
-    ready = FORK.Event()
-    p = FORK.Process(target=_hold, args=(lock, True, ready, 2.0))
+    ready, done = FORK.Event(), FORK.Event()
+    p = FORK.Process(target=_hold, args=(lock, True, ready, done))
     p.start()
     assert ready.wait(10)
     with entries.flock(lock, shared=True, wait=False) as held:
         assert held  # shared locks coexist (clones starting from one seed)
     with entries.flock(lock, wait=False) as held:
         assert not held  # a pruner gives up at once
+    done.set()
     p.join()
     with entries.flock(lock, wait=False) as held:
         assert held

@@ -71,11 +71,12 @@ def run(local: AgentClient, cmd: str, **kw: object) -> tuple[int, bytes, bytes]:
 # -- GuestProcess ------------------------------------------------------------------
 
 
-def test_spawn_returns_once_it_runs_and_wait_gives_the_result(local: AgentClient) -> None:
-    started = time.monotonic()
-    p = GuestProcess.start(local, "sleep 1.5; echo out; echo err >&2; exit 4")
-    assert time.monotonic() - started < 1.5 and p.poll() is None and p.returncode is None
+def test_spawn_returns_once_it_runs_and_wait_gives_the_result(local: AgentClient, tmp_path: Path) -> None:
+    gate = tmp_path / "go"  # the command ends only once the test has looked
+    p = GuestProcess.start(local, f"while [ ! -e {gate} ]; do sleep 0.02; done; echo out; echo err >&2; exit 4")
+    assert p.poll() is None and p.returncode is None
     assert isinstance(p.pid, int) and p.pid > 0
+    gate.touch()
     r = p.wait(timeout=10)
     assert (r.returncode, r.stdout, r.stderr) == (4, "out\n", "err\n")
     assert p.poll() == 4 and p.state() == "exited 4" and p.stdout == "out\n"
@@ -341,9 +342,9 @@ def test_closing_a_busy_channel_never_leaves_its_reader_on_a_closed_descriptor()
     for _ in range(40):
         client = serve()
         procs = [GuestProcess.start(client, "sleep 30") for _ in range(2)]
-        started = time.monotonic()
         client.channel.close()
-        assert time.monotonic() - started < 1.5 and client.channel.closed.is_set()
+        # close() gives the reader 2 s: one still polling another's descriptor outlives that
+        assert not client.channel._reader.is_alive() and client.channel.closed.is_set()
         assert client.channel.sock.fileno() == -1  # ours, closed once the reader was done
         assert [p.wait(5).returncode for p in procs] == [-9, -9]
 
@@ -511,15 +512,14 @@ def test_an_exception_in_on_output_kills_the_command_and_propagates(local: Agent
 
 
 def test_a_slow_on_output_pauses_its_command_and_nothing_else(local: AgentClient) -> None:
-    """Flow control: the callback sleeps; the command's output stops at the
-    window, other calls to the agent are answered at once meanwhile."""
+    """Flow control: the callback blocks; the command's output stops at the
+    window, other calls to the agent are answered meanwhile."""
     seen = [0]
     done = threading.Event()
 
     def slow(stream: str, text: str) -> None:
         seen[0] += len(text)
-        if not done.is_set():
-            time.sleep(0.05)
+        done.wait(120)  # held until the other calls are through
 
     t = threading.Thread(target=run, args=(local, "head -c 20000000 /dev/zero"), kwargs={"on_output": slow})
     t.start()
@@ -527,10 +527,10 @@ def test_a_slow_on_output_pauses_its_command_and_nothing_else(local: AgentClient
     lat = []
     for _ in range(10):
         started = time.monotonic()
-        assert run(local, "echo hi")[1] == b"hi\n"
+        assert run(local, "echo hi")[1] == b"hi\n"  # a call that waited on the callback would wait for good
         lat.append(time.monotonic() - started)
-    assert max(lat) < 1.0, lat
-    assert seen[0] < 12_000_000  # still paused by its window: far from all of it
+    assert max(lat) < 5.0, lat
+    assert 0 < seen[0] <= 1 << 20, seen  # one piece taken, then paused by its window
     done.set()
     t.join(120)
     assert seen[0] == 20_000_000
@@ -672,7 +672,7 @@ def test_an_on_output_exec_gives_up_at_its_timeout_while_output_keeps_coming() -
     stop = threading.Event()
 
     def guest() -> None:
-        for _ in range(100):  # 10 s at most
+        for _ in range(600):  # 60 s at most
             if stop.wait(0.1):
                 return
             fake.sock.sendall(frame(STDOUT, 1, b"tick\n"))
@@ -687,7 +687,7 @@ def test_an_on_output_exec_gives_up_at_its_timeout_while_output_keeps_coming() -
             run.finish(0.5, "x")
     finally:
         stop.set()
-    assert time.monotonic() - started < 2.5 and got
+    assert time.monotonic() - started < 6.5 and got  # about 1.5 s; the guest talks for 60
 
 
 def test_a_guest_silent_after_started_fails_wait_instead_of_hanging() -> None:

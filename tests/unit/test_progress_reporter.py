@@ -150,8 +150,16 @@ def test_a_lock_held_by_another_process_is_a_progress_task_while_waited_for(tmp_
     lock = tmp_path / "image-x.lock"
     lock.touch()
     seen: list[Event] = []
-    previous = progress.install(Reporter(seen.append, interval=60.0))
-    holder = subprocess.Popen(["flock", "-x", str(lock), "sleep", "1.5"])
+    gate = tmp_path / "go"
+
+    def show(e: Event) -> None:
+        seen.append(e)
+        if e.kind == "start":
+            gate.touch()  # the holder lets go only once the wait was shown
+
+    previous = progress.install(Reporter(show, interval=60.0))
+    wait_for_gate = f"while [ ! -e {gate} ]; do sleep 0.02; done"
+    holder = subprocess.Popen(["flock", "-x", str(lock), "sh", "-c", wait_for_gate])
     try:
         deadline = time.monotonic() + 10
         while not (Path("/proc/locks").read_text().count("FLOCK") and _held(lock)):
@@ -180,6 +188,7 @@ def test_a_lock_held_by_another_process_is_a_progress_task_while_waited_for(tmp_
         other.join()
         assert seen == []
     finally:
+        gate.touch()
         holder.wait(10)
         progress.install(previous)
 
