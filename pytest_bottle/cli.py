@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import image_cli, snapshot_cli
 from .arguments import check_timeout
-from .errors import BottleError, UnsafeDirectory, error_line
+from .errors import BottleError, SpecError, UnsafeDirectory, error_line
 from .host import deps as hostdeps
 from .host import progress, signals
 from .host.paths import check_cache, default_cache_dir, state_dir, tree_size
@@ -93,12 +93,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         print("bottle run: no command given (bottle run -- CMD...)", file=sys.stderr)
         return 2
-    if args.timeout is not None:  # a str: "abc" is a bad value (exit 125), not a usage error (exit 2)
+    written = args.timeout
+    if written is not None:  # a str: "abc" is a bad value (exit 125), not a usage error (exit 2)
         try:
-            args.timeout = float(args.timeout)
+            args.timeout = float(written)
         except ValueError:
             pass  # check_timeout names it
-    check_timeout(args.timeout)  # before a bottle starts
+    try:
+        check_timeout(args.timeout)  # before a bottle starts
+    except SpecError:
+        raise SpecError(
+            f"bad timeout: the command's timeout must be a positive, finite number of seconds, not {written!r}",
+            "bottle run",
+        ) from None
     if args.snapshot:
         from .snapshot_cli import run_snapshot
 
@@ -192,18 +199,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("doctor", help="host dependencies, accelerator verdict, cache").set_defaults(fn=cmd_doctor)
+    doctor_help = "host dependencies, accelerator verdict, cache"
+    sub.add_parser("doctor", help=doctor_help, description=doctor_help).set_defaults(fn=cmd_doctor)
     image_cli.add_parsers(sub)
 
     run = sub.add_parser("run", help="boot a bottle, run a command, print its output, exit with its code")
     run.add_argument("--image", default=None, help="a built-in image, or one named in --from")
     run.add_argument("--from", dest="source", metavar="FILE|MODULE", help=image_cli.FROM_HELP)
-    run.add_argument("--memory", default=None)
-    run.add_argument("--cpus", default=None)
-    run.add_argument("--network", default=None, metavar="{none,nat}")
-    run.add_argument("--boot", default=None, metavar="{snapshot,cold}")
-    run.add_argument("--accel", default=None, metavar="{auto,kvm,tcg}")
-    run.add_argument("--timeout", default=None, help="command timeout in seconds")
+    run.add_argument("--memory", default=None, help="guest memory, e.g. 512M or 1G (default 512M)")
+    run.add_argument("--cpus", default=None, help="virtual CPUs, 1 to 64 (default 1)")
+    run.add_argument(
+        "--network", default=None, metavar="{none,nat}", help="none: no way out (default); nat: the guest may reach out"
+    )
+    run.add_argument(
+        "--boot",
+        default=None,
+        metavar="{snapshot,cold}",
+        help="snapshot: restore a seed (default); cold: a full boot of the image",
+    )
+    run.add_argument(
+        "--accel", default=None, metavar="{auto,kvm,tcg}", help="auto (default) uses KVM where a test boot works"
+    )
+    run.add_argument("--timeout", default=None, help="the command's timeout in seconds (none by default)")
     run.add_argument(
         "--snapshot", metavar="NAME", default=None, help="run in a fork of this snapshot (bottle snapshot list)"
     )
@@ -213,17 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser(
         "shell",
         help="an interactive shell (a terminal in the guest) in a kept bottle or a snapshot",
-        usage="%(prog)s [-h] name [-- CMD ...]",  # argparse would show the optional command as a required "..."
+        # argparse would show the optional command as a required "..."
+        usage="%(prog)s [-h] [--cache-dir CACHE_DIR] [-v] name [-- CMD ...]",
     )
     sh.add_argument("name", nargs="?", help=SHELL_TARGET)  # missing or empty: cmd_shell says what it is
     sh.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... instead of root's login shell")
     sh.set_defaults(fn=cmd_shell, usage_error=sh.error)
     snapshot_cli.add_parser(sub)
-    sub.add_parser("ps", help="VMs with a run-state record on this host").set_defaults(fn=cmd_ps)
-    stop = sub.add_parser("stop", help="stop VMs by name (e.g. ones kept by --bottle-keep)")
-    stop.add_argument("names", nargs="+")
+    ps_help = "VMs with a run-state record on this host"
+    sub.add_parser("ps", help=ps_help, description=ps_help).set_defaults(fn=cmd_ps)
+    stop_help = "stop VMs by name (e.g. ones kept by --bottle-keep)"
+    stop = sub.add_parser("stop", help=stop_help, description=stop_help)
+    stop.add_argument("names", nargs="+", metavar="name", help="a VM's name, as bottle ps shows it")
     stop.set_defaults(fn=cmd_stop)
-    sw = sub.add_parser("sweep", help="remove leaked state of dead sessions")
+    sweep_help = "remove leaked state of dead sessions"
+    sw = sub.add_parser("sweep", help=sweep_help, description=sweep_help)
     sw.add_argument("--kept", action="store_true", help="also stop VMs kept by --bottle-keep")
     sw.set_defaults(fn=cmd_sweep)
     _after_the_subcommand_too(p)

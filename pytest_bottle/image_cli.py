@@ -215,7 +215,9 @@ def cmd_seed_rm(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``bottle image`` and ``bottle seed`` to the ``bottle`` command."""
-    image = sub.add_parser("image", help="build, list or remove images").add_subparsers(dest="sub", required=True)
+    image = sub.add_parser("image", help="build, list or remove images").add_subparsers(
+        dest="subcommand", required=True
+    )
     b = image.add_parser("build", help="build an image (cached)")
     b.add_argument("name", help="a built-in image, or one named in --from")
     b.add_argument("--from", dest="source", metavar="FILE|MODULE", help=FROM_HELP)
@@ -239,7 +241,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     r.set_defaults(fn=cmd_image_rm)
     transfer_cli.add_parsers(image, load_images)
 
-    seed = sub.add_parser("seed", help="list or remove work seeds").add_subparsers(dest="sub", required=True)
+    seed = sub.add_parser("seed", help="list or remove work seeds").add_subparsers(dest="subcommand", required=True)
     seed.add_parser("list", help="seeds in the cache").set_defaults(fn=cmd_image_list)
     sr = seed.add_parser("rm", help="remove seeds (of one image, or all)")
     sr.add_argument("image", nargs="?")

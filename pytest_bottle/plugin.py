@@ -314,7 +314,7 @@ def _fork(state: _State, kwargs: dict[str, Any], source: str, group: str, marker
     try:
         if not isinstance(snap, Snapshot):
             raise SpecError(f"snapshot must be a Snapshot (from bottle.snapshot()), not {snap!r}", source)
-        overrides = check_fork_args(rest, source, snap.spec, BOTTLE_KEYS)
+        overrides = check_fork_args(rest, source, snap, BOTTLE_KEYS)
         for where, values in marker:
             overrides |= check_fork_args({k: v for k, v in values.items() if k in FORK_KEYS}, where)
     except SpecError as e:

@@ -45,12 +45,11 @@ FORK_KEYS = ("forward", "timeout")
 
 
 def check_fork_args(
-    kwargs: dict[str, Any], source: str, snapshot: BottleSpec | None = None, takes: Sequence[str] = tuple(PARSERS)
+    kwargs: dict[str, Any], source: str, snapshot: Snapshot | None = None, takes: Sequence[str] = tuple(PARSERS)
 ) -> dict[str, Any]:
     """The fork arguments in ``kwargs`` (``forward``, ``timeout``), checked; any
     other argument is a ``SpecError`` naming it (``None`` is "not set", as everywhere),
-    unless it is one the caller ``takes`` and says what ``snapshot`` (the
-    snapshot's spec) has anyway."""
+    unless it is one the caller ``takes`` and says what ``snapshot`` has anyway."""
     for key, value in kwargs.items():
         if key not in PARSERS:  # a misspelt name: not something the snapshot could have given
             raise SpecError(f"unknown argument {key!r}; a fork takes only {', '.join(FORK_KEYS)}", source)
@@ -71,16 +70,18 @@ def check_fork_args(
     return out
 
 
-def _restates(snapshot: BottleSpec | None, key: str, value: Any) -> bool:
+def _restates(snapshot: Snapshot | None, key: str, value: Any) -> bool:
     """Whether ``key=value`` is what the snapshot has (``cache_dir=`` given
-    again to every launch, say): no change asked, so nothing to refuse."""
+    again to every launch, say): no change asked, so nothing to refuse.  For
+    ``accel``, what its source asked for (``auto``) or what it ran on."""
     if snapshot is None:
         return False
     attr, parse = PARSERS[key]
     try:
-        return bool(parse(value) == getattr(snapshot, attr))
+        wanted = parse(value)
     except (ValueError, TypeError):
         return False  # a bad value: refused as any other key is
+    return bool(wanted == getattr(snapshot.spec, attr) or (key == "accel" and wanted == snapshot.accel))
 
 
 class Snapshot:
@@ -92,6 +93,7 @@ class Snapshot:
         self.name = state.path.name
         self.path = state.path
         self.spec = spec  # the source's; a fork may change forward and timeout
+        self.accel = str(state.manifest.get("key_parts", {}).get("accel", spec.accel))  # what it ran on
         self.image = image
         self.kept = bool(state.manifest.get("kept"))
         self.source = str(state.manifest.get("source", ""))
@@ -110,7 +112,7 @@ class Snapshot:
 
     def start(self, **kwargs: Any) -> Bottle:
         """A new fork; only ``forward=`` and ``timeout=`` may be given."""
-        return self.fork(check_fork_args(kwargs, "Snapshot.start()", self.spec))
+        return self.fork(check_fork_args(kwargs, "Snapshot.start()", self))
 
     def fork(self, overrides: dict[str, Any], *, detached: bool = False, lans: LanRegistry | None = None) -> Bottle:
         """A fork with checked ``overrides`` (see ``check_fork_args``)."""

@@ -121,7 +121,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     snap = sub.add_parser("snapshot", help="list or remove snapshots (kept by --bottle-save-failed)")
-    cmds = snap.add_subparsers(dest="sub", required=True)
+    cmds = snap.add_subparsers(dest="subcommand", required=True)
     cmds.add_parser("list", help="snapshots in the cache").set_defaults(fn=cmd_list)
     rm = cmds.add_parser("rm", help="remove snapshots by name")
     rm.add_argument("names", nargs="+")

@@ -168,6 +168,7 @@ def test_bad_run_timeouts_and_prune_ages_are_refused_before_any_work(tmp_path: P
     for args in (("--timeout", "nan"), ("--timeout", "0"), ("--timeout", "-1"), ("--timeout", "-1", "--snapshot", "s")):
         r = cli("run", *args, "--", "true", cache=empty, timeout=60)
         assert r.returncode == 125 and "timeout must be a positive, finite number" in r.stderr, r
+        assert r.stderr.startswith("bottle: SpecError: bottle run: bad timeout: ") and repr(args[1]) in r.stderr, r
     for days in ("nan", "-1", "inf"):  # nan kept nothing: every derived image went
         for kind in ("image", "snapshot"):
             r = cli(kind, "prune", "--older-than", days, cache=empty, timeout=60)
@@ -410,7 +411,12 @@ def test_a_bad_run_option_value_exits_125_as_its_other_own_errors(tmp_path: Path
         r = cli("run", option, value, "--", "true", cache=tmp_path / "cache", timeout=60)
         assert r.returncode == 125 and r.stderr.startswith("bottle: SpecError: "), r
         assert option.removeprefix("--") in r.stderr and repr(value) in r.stderr, r
-    assert "--network {none,nat}" in cli("run", "--help", timeout=60).stdout
+    helped = " ".join(cli("run", "--help", timeout=60).stdout.split())
+    assert "--network {none,nat} none: no way out (default)" in helped, helped
+    for option in ("--memory MEMORY guest memory", "--cpus CPUS virtual CPUs", "--boot {snapshot,cold} snapshot:"):
+        assert option in helped, helped
+    r = cli("image", timeout=60)  # a group without its subcommand: the error names what is missing
+    assert r.returncode == 2 and "the following arguments are required: subcommand" in r.stderr, r
 
 
 @pytest.fixture

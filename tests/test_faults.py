@@ -53,6 +53,14 @@ def test_not_ready_in_time_is_a_boot_timeout(tmp_path: Path, default_image: Buil
     assert not processes_mentioning(str(tmp_path))
 
 
+def test_a_boot_timeout_before_any_console_output_says_so(tmp_path: Path, default_image: BuiltImage) -> None:
+    """An empty console tail is the guest's silence, not a lost log."""
+    with pytest.raises(BootTimeout, match=r"within 0.01 s \(the console printed nothing in that time\)") as info:
+        start_machine(_plan(default_image), tmp_path, "quiet", timeout=0.01)
+    assert info.value.console_tail == ""
+    assert not processes_mentioning(str(tmp_path))
+
+
 def test_kvm_requested_after_a_failed_probe_is_refused_at_once(private_cache: Path) -> None:
     # The verdict a failed probe leaves (for this host and QEMU): any host can take this path.
     (private_cache / "accel.json").write_text(

@@ -156,7 +156,9 @@ def wait_ready(machine: Machine, channel: AgentChannel, timeout: float, name: st
     started = time.monotonic()
 
     def late() -> BootTimeout:
-        return BootTimeout(f"the agent did not answer within {timeout:g} s", console_tail(machine.console_log), name)
+        tail = console_tail(machine.console_log)
+        quiet = "" if tail.strip() else " (the console printed nothing in that time)"
+        return BootTimeout(f"the agent did not answer within {timeout:g} s{quiet}", tail, name)
 
     if started >= deadline:  # the time went before the machine could be asked
         raise late()

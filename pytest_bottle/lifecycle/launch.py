@@ -59,7 +59,7 @@ def launch(*, detached: bool = False, snapshot: Any = None, **kwargs: Any) -> Bo
 
         if not isinstance(snapshot, Snapshot):
             raise SpecError(f"snapshot must be a Snapshot (from Bottle.snapshot()), not {snapshot!r}", "launch()")
-        return snapshot.fork(check_fork_args(kwargs, "launch()", snapshot.spec), detached=detached)
+        return snapshot.fork(check_fork_args(kwargs, "launch()", snapshot), detached=detached)
     spec = resolve([("launch()", kwargs)])
     check_host_memory(spec.memory_mb, "launch()" if kwargs.get("memory") is not None else "", kwargs.get("memory"))
     return start_bottle(spec, detached=detached)

@@ -6,12 +6,14 @@ import json
 import pickle
 import re
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
 from pytest_bottle.errors import SnapshotError, SnapshotGone, SpecError
-from pytest_bottle.snapshot import check_fork_args, free_saved_name, saved_name
-from pytest_bottle.spec import BOTTLE_KEYS, resolve
+from pytest_bottle.snapshot import Snapshot, check_fork_args, free_saved_name, saved_name
+from pytest_bottle.spec import BOTTLE_KEYS, BottleSpec, resolve
 from pytest_bottle.store.saved import load
 from pytest_bottle.store.snapshots import check_name, seed_of
 
@@ -34,8 +36,15 @@ def test_any_other_fork_argument_is_named(key: str) -> None:
         check_fork_args({key: "x"}, "where")
 
 
+def _snapshot(spec: BottleSpec, ran_on: str) -> Snapshot:
+    """What check_fork_args reads of a Snapshot: its source's spec, what it ran on."""
+    return cast(Snapshot, SimpleNamespace(spec=spec, accel=ran_on))
+
+
 def test_a_fork_may_restate_what_its_snapshot_has(tmp_path: Path) -> None:
-    spec = resolve([("launch()", {"memory": "1G", "cache_dir": str(tmp_path), "image": "debian-trixie"})])
+    spec = _snapshot(
+        resolve([("launch()", {"memory": "1G", "cache_dir": str(tmp_path), "image": "debian-trixie"})]), "tcg"
+    )
     same = {"memory": 1024, "cache_dir": f"{tmp_path}/", "image": "debian-trixie", "accel": "auto", "cpus": 1}
     assert check_fork_args({**same, "timeout": 9}, "s", spec) == {"timeout": 9.0}
     for key, other in (("memory", "2G"), ("cache_dir", tmp_path / "x"), ("image", "debian-bookworm"), ("cpus", "x")):
@@ -45,6 +54,10 @@ def test_a_fork_may_restate_what_its_snapshot_has(tmp_path: Path) -> None:
     assert check_fork_args({"memory": "1G"}, "f", spec, BOTTLE_KEYS) == {}
     with pytest.raises(SpecError, match=r"^f: cache_dir= cannot be given to a fork of a snapshot"):
         check_fork_args({"cache_dir": str(tmp_path)}, "f", spec, BOTTLE_KEYS)
+    # accel: what the source asked for (auto) or what it ran on (tcg), not another
+    assert check_fork_args({"accel": "auto"}, "s", spec) == check_fork_args({"accel": "tcg"}, "s", spec) == {}
+    with pytest.raises(SpecError, match=r"^s: accel= cannot be given to a fork of a snapshot"):
+        check_fork_args({"accel": "kvm"}, "s", spec)
 
 
 def test_bad_fork_values_are_named() -> None:
