@@ -220,10 +220,12 @@ class Bottle(BottleFiles):
 
         def listens() -> bool:
             nonlocal unanswered
+            left = max(0.5, min(30.0, deadline - time.monotonic()))
             try:  # each look gets what is left of the wait: a stalled guest must not hold it 30 s
-                ports = self._agent.listening(timeout=max(0.5, min(30.0, deadline - time.monotonic()))).ports
+                ports = self._agent.listening(timeout=left).ports
             except AgentTimeout as e:  # cancelled; the wait's deadline decides
-                unanswered = f"the agent did not answer ({e})"
+                busy = " (a busy guest or host can take that long)" if left < 5 else ""
+                unanswered = f"the agent did not answer in the {left:.1f} s left of the wait{busy} ({e})"
                 return False
             unanswered = ""
             return port in ports

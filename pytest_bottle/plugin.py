@@ -277,7 +277,7 @@ def _bottle_group(request: pytest.FixtureRequest, _bottle_matrix_image: str | No
     yield key
     request.node.stash[CLOSED] = state.manager.bottles(key)  # for a teardown failure's report
     for b in state.manager.close_group(key, keep=state.keep and failed(request.node)):
-        request.node.user_properties.append(("bottle_kept" if b.kept else "bottle_not_kept", keep_message(b)))
+        request.node.user_properties.append(("bottle_kept" if b.kept else "bottle_not_kept", keep_message(b, key)))
 
 
 @pytest.fixture

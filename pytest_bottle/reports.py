@@ -11,9 +11,11 @@ import pytest
 
 from .bottle import Bottle
 from .history import describe_history
+from .lifecycle.boot import RESTORED
 from .lifecycle.manager import BottleManager
 
 CONSOLE_LINES = 50
+SEED_LINES = 5  # of the seed's boot, before a restored bottle's own lines
 LINE_CAP = 2000  # characters of one console line in a report
 REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 # The test's own bottles, put here as their group closes: a teardown report comes after that.
@@ -62,8 +64,7 @@ class BottleReports:
         item.stash.setdefault(REPORTS, {})[report.when] = report
         if first_failure:
             for b in self.item_bottles(item):
-                tail = "\n".join(_capped(line) for line in b.console_log.splitlines()[-CONSOLE_LINES:])
-                tail = printable(tail) or "(empty)"
+                tail = printable("\n".join(_capped(line) for line in console_tail(b))) or "(empty)"
                 report.sections.append((f"bottle {b.name} console (last {CONSOLE_LINES} lines)", tail))
                 cmds = describe_history(list(b.history))  # a copy: commands may run on meanwhile
                 report.sections.append((f"bottle {b.name} last commands", printable(cmds) or "(none)"))
@@ -97,15 +98,34 @@ class BottleReports:
                     terminalreporter.write_line(text)
 
 
+def console_tail(b: Bottle) -> list[str]:
+    """The console's last ``CONSOLE_LINES`` lines; of a restored bottle that
+    printed fewer since its restore, those and only ``SEED_LINES`` of the boot
+    its seed (or snapshot) made long before, which would fill the section."""
+    lines = b.console_log.splitlines()
+    tail = lines[-CONSOLE_LINES:]
+    marker = RESTORED.format(name=b.name, source="\0").partition("\0")[0]
+    for i in range(len(lines) - 1, max(len(lines) - CONSOLE_LINES, 0) - 1, -1):
+        if lines[i].startswith(marker):
+            first = max(i - SEED_LINES, 0)
+            note = [f"[pytest-bottle: {first} earlier lines, from before the restore, not shown]"] if first else []
+            return note + lines[first:]
+    return tail
+
+
 def _capped(line: str) -> str:
     """A console line cut to ``LINE_CAP`` characters: a guest may print one without end."""
     return line if len(line) <= LINE_CAP else f"{line[:LINE_CAP]} [... {len(line) - LINE_CAP} more characters]"
 
 
-def keep_message(b: Bottle) -> str:
+def keep_message(b: Bottle, test: str = "") -> str:
+    """What ``--bottle-keep``'s summary says of ``b``, made by ``test`` (a node id)."""
     if not b.kept:
-        return f"{b.name}: not kept: it had stopped before the test ended (its console is in the test's report)"
+        report = f"the report of {test}" if test else "the test's report"
+        return f"{b.name}: not kept: it had stopped before the test ended (its console is in {report})"
     lines = [f"{b.name}: QEMU pid {b.pid}, console log {b.console_log_path}"]
+    if test:  # under xdist several failing tests' bottles are listed together
+        lines.append(f"  kept for:  {test}")
     try:
         lines.append(f"  reach it:  ssh -F {b.ssh_config} {b.name}")
     except Exception as e:

@@ -437,6 +437,20 @@ def test_put_into_a_trailing_slash_directory(module_bottle: Bottle, tmp_path: Pa
     assert module_bottle.read_text(f"{d}/plain") == "echo tool\n"
 
 
+def test_a_missing_relative_put_source_names_its_absolute_path(
+    module_bottle: Bottle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative to the working directory, as open(): the error says where it looked."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").write_text("x")
+    d = _scratch(module_bottle)
+    module_bottle.put("here", f"{d}/here")
+    assert module_bottle.read_text(f"{d}/here") == "x"
+    with pytest.raises(FileNotFoundError) as info:
+        module_bottle.put("payload", f"{d}/p")
+    assert info.value.filename == str(tmp_path / "payload") and str(tmp_path / "payload") in str(info.value)
+
+
 def test_get_into_an_existing_local_directory(module_bottle: Bottle, tmp_path: Path) -> None:
     d = _scratch(module_bottle)
     module_bottle.write_text(f"{d}/report.txt", "content\n", mode=0o640)

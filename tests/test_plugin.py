@@ -291,6 +291,9 @@ def test_failure_report_has_console_and_commands(pytester: pytest.Pytester) -> N
     result.stdout.fnmatch_lines(
         [
             "*bottle btl-* console (last 50 lines)*",
+            # the seed's boot, long before: a few lines of it, then the bottle's own
+            "[[]pytest-bottle: * earlier lines, from before the restore, not shown]",
+            "[[]pytest-bottle: btl-* restored from *",
             "*\\x1b]0;pwned\\x07\\x1b[[]2J*",
             "*bottle btl-* last commands*",
             "*[[]0] *echo preparing*",
@@ -299,6 +302,8 @@ def test_failure_report_has_console_and_commands(pytester: pytest.Pytester) -> N
         ]
     )
     assert "\x1b" not in result.stdout.str()
+    section = result.stdout.str().partition(" console (last 50 lines) ")[2].partition("restored from")[0]
+    assert section.count("\n") == 1 + 1 + 5, section  # the title's end, the note, five lines of the seed's boot
 
 
 def test_a_teardown_failure_reports_the_bottle_once(pytester: pytest.Pytester) -> None:
@@ -432,10 +437,19 @@ def test_keep_leaves_a_failed_vm_running(pytester: pytest.Pytester, stop_kept: l
     assert (pytester.path / "vm_running.txt").read_text() == "False", "its QEMU did not end within 120 s of poweroff"
     # a VM that stopped in its failing test is not reported as running, nor listed
     result.stdout.fnmatch_lines(
-        ["*bottles not kept (--bottle-keep): they had stopped*", f"{stopped}: not kept: it had stopped before*"]
+        [
+            "*bottles not kept (--bottle-keep): they had stopped*",
+            f"{stopped}: not kept: it had stopped before*report of test_*.py::test_stops_then_fails)",
+        ]
     )
     result.stdout.fnmatch_lines(
-        ["*bottles kept running (--bottle-keep)*", "*reach it:  ssh -F * btl-*", "*stop it:   bottle stop btl-*"]
+        [
+            "*bottles kept running (--bottle-keep)*",
+            f"{failed}: QEMU pid *",
+            "  kept for:  test_*.py::test_fails",
+            "*reach it:  ssh -F * btl-*",
+            "*stop it:   bottle stop btl-*",
+        ]
     )
     assert re.findall(r"stop it:\s+bottle stop (btl-\w+)", result.stdout.str()) == [failed]
     ps = subprocess.run([sys.executable, "-m", "pytest_bottle.cli", "ps"], capture_output=True, text=True)

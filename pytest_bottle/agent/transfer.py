@@ -45,7 +45,10 @@ def put(agent: AgentClient, src: Path, dst: str, timeout: float | None, skip: fr
     """``Bottle.put`` and ``Image.copy``: local file or directory ``src`` to
     guest ``dst`` (absolute; a trailing ``/`` means inside that directory).
     Entries of a directory named in ``skip`` are left out, with their contents."""
-    st = src.stat()  # FileNotFoundError for a missing source, before anything is sent
+    try:
+        st = src.stat()  # FileNotFoundError for a missing source, before anything is sent
+    except FileNotFoundError as e:  # a relative one is the working directory's: say which
+        raise FileNotFoundError(e.errno, e.strerror, str(src.absolute())) from None
     if stat.S_ISDIR(st.st_mode):
         with agent.deadline(timeout):  # dst and its parents are made as the tar stream says
             send_tree(agent, src, dst.rstrip("/") or "/", skip)

@@ -8,6 +8,8 @@ import time
 import pytest
 
 from pytest_bottle import retry
+from pytest_bottle.errors import WaitTimeout
+from pytest_bottle.results import ExecResult
 from pytest_bottle.retry import poll
 
 
@@ -64,3 +66,14 @@ def test_its_exceptions_propagate() -> None:
 
     with pytest.raises(KeyError):
         poll(attempt, 5)
+
+
+def test_a_try_that_said_nothing_is_named_without_an_empty_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retry, "time", _Clock())
+    silent = ExecResult(["false"], 1)
+    with pytest.raises(WaitTimeout) as info:
+        retry.until_succeeds(lambda left: silent, 1.0, "'false' succeeding")
+    assert info.value.last == "exit 1, no output", info.value
+    said = ExecResult(["x"], 2, b"out\n", b"why\n")
+    with pytest.raises(WaitTimeout, match=r"last attempt: exit 2: why$"):
+        retry.until_succeeds(lambda left: said, 1.0, "'x' succeeding")
