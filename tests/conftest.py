@@ -68,7 +68,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for tests in parents:
             rng.shuffle(tests)
             shuffled += tests
-    items[:] = shuffled
+    # xdist's worksteal hands each of two workers half of the list at first:
+    # the second half opens with the tests that start no VM (tests/unit, in
+    # their shuffled order), so that one worker runs them while the other
+    # builds the default image and seed, instead of waiting for its lock.
+    unit = [item for item in shuffled if item.path.parent.name == "unit"]
+    rest = [item for item in shuffled if item.path.parent.name != "unit"]
+    half = len(shuffled) // 2
+    items[:] = rest[:half] + unit + rest[half:]
 
 
 @pytest.fixture(scope="session")
