@@ -334,13 +334,14 @@ class OutputTimeout(WaitTimeout):
         ended = f"; the process ended ({returncode}) first" if returncode is not None else ""
         seen = f"stdout: {stdout[-1000:]!r}; stderr: {stderr[-1000:]!r}"
         super().__init__(f"output matching '{pattern}'", timeout, "")  # as given: repr doubles backslashes
-        if lost:  # not a wait that ran out: it ended at once (its bottle closed, say)
-            self.message = f"output matching '{pattern}' cannot come: the process was lost ({lost})"
         hint = {
             "text": " (searched as text, as written: re.compile() makes it a regex)",
             "regex": " (read as a regular expression: re.escape() makes it text)",
         }.get(read_as, "")
-        self.message += f"{hint}{'' if lost else ended}; {seen}"
+        if lost:  # not a wait that ran out: it ended at once (its bottle closed, say)
+            self.message = f"output matching '{pattern}'{hint} cannot come: the process was lost ({lost}); {seen}"
+        else:
+            self.message += f"{hint}{ended}; {seen}"
         self.args = (self.message,)
 
     def _args(self) -> dict[str, Any]:

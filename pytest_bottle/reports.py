@@ -106,8 +106,8 @@ def console_tail(b: Bottle) -> list[str]:
     tail = lines[-CONSOLE_LINES:]
     marker = RESTORED.format(name=b.name, source="\0").partition("\0")[0]
     for i in range(len(lines) - 1, max(len(lines) - CONSOLE_LINES, 0) - 1, -1):
-        if lines[i].startswith(marker):
-            first = max(i - SEED_LINES, 0)
+        if lines[i].startswith(marker):  # at most CONSOLE_LINES in all, as the title says
+            first = max(i - SEED_LINES, len(lines) - CONSOLE_LINES, 0)
             note = [f"[pytest-bottle: {first} earlier lines, from before the restore, not shown]"] if first else []
             return note + lines[first:]
     return tail

@@ -51,6 +51,6 @@ def until_succeeds(run: Callable[[float], ExecResult], timeout: float, what: str
     if isinstance(tried, ExecTimeout):
         detail = f"the last try was still running after {tried.timeout:.1f} s (killed)"
     elif tried is not None:
-        said = (tried.stderr or tried.stdout).strip()[-300:]
+        said = (tried.stderr.strip() or tried.stdout.strip())[-300:]
         detail = f"exit {tried.returncode}: {said}" if said else f"exit {tried.returncode}, no output"
     raise WaitTimeout(what, timeout, detail)

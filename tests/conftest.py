@@ -30,6 +30,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_NoVmHalf(), "suite-no-vm-half")
     given = getattr(config, "workerinput", {}).get("suite_seed")  # an xdist worker: the controller's
     seed = given if given is not None else config.getoption("suite_seed")
     config.stash[SEED] = seed if seed is not None else random.randrange(1, 1_000_000)
@@ -68,14 +69,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for tests in parents:
             rng.shuffle(tests)
             shuffled += tests
-    # xdist's worksteal hands each of two workers half of the list at first:
-    # the second half opens with the tests that start no VM (tests/unit, in
-    # their shuffled order), so that one worker runs them while the other
-    # builds the default image and seed, instead of waiting for its lock.
-    unit = [item for item in shuffled if item.path.parent.name == "unit"]
-    rest = [item for item in shuffled if item.path.parent.name != "unit"]
-    half = len(shuffled) // 2
-    items[:] = rest[:half] + unit + rest[half:]
+    items[:] = shuffled
+
+
+class _NoVmHalf:
+    """xdist's worksteal hands each of two workers half of the list at first:
+    the second half opens with the tests that start no VM (tests/unit, in their
+    shuffled order), so that one worker runs them while the other builds the
+    default image and seed instead of waiting for their locks.  After pytest's
+    own reordering (tests of one image parameter pulled together), which would
+    move VM tests ahead of them; at a module's start, keeping modules whole."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if config.getoption("suite_in_order"):
+            return
+        unit = [item for item in items if item.path.parent.name == "unit"]
+        rest = [item for item in items if item.path.parent.name != "unit"]
+        cut = min(len(items) // 2, len(rest))
+        while 0 < cut < len(rest) and rest[cut - 1].path == rest[cut].path:
+            cut -= 1
+        items[:] = rest[:cut] + unit + rest[cut:]
 
 
 @pytest.fixture(scope="session")

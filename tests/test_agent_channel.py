@@ -697,7 +697,7 @@ def test_a_guest_that_reads_slowly_gets_the_whole_frame_past_the_deadline(
     time.sleep(1.6)
     assert t.is_alive(), out  # past its deadline, mid-frame
     got, give_up = 0, time.monotonic() + 60
-    # Then 32 KiB at once (the writer's progress, well within the 2 s a guest
+    # Then 32 KiB at once (the writer's progress, well within the 10 s a guest
     # taking nothing gets), then ~40 KB/s, 2 KiB at a time: the writer sees
     # room freed a write (16 KiB) at a time, every ~0.4 s.
     size = 32 * 1024

@@ -128,6 +128,10 @@ def test_fork_takes_forward_and_timeout_only(
     }
     with pytest_bottle.launch(snapshot=prepared, **same) as fork:
         assert fork.read_text("/root/state") == "prepared\n"
+        # and the accelerator it ran on, where the source asked for "auto"
+        assert prepared.accel == fork.accel in ("kvm", "tcg")
+        with prepared.start(accel=fork.accel) as again:
+            assert again.accel == fork.accel
     with prepared.start(forward=[8080], timeout=60) as fork:
         fork.check_output("nohup python3 -m http.server 8080 >/dev/null 2>&1 &")
         fork.wait_for_port(8080)

@@ -515,22 +515,24 @@ def test_a_slow_on_output_pauses_its_command_and_nothing_else(local: AgentClient
     """Flow control: the callback blocks; the command's output stops at the
     window, other calls to the agent are answered meanwhile."""
     seen = [0]
-    done = threading.Event()
+    held, done = threading.Event(), threading.Event()
 
     def slow(stream: str, text: str) -> None:
         seen[0] += len(text)
+        held.set()
         done.wait(120)  # held until the other calls are through
 
     t = threading.Thread(target=run, args=(local, "head -c 20000000 /dev/zero"), kwargs={"on_output": slow})
     t.start()
-    time.sleep(0.5)
+    assert held.wait(30)  # its output came, and its callback now holds it
+    # The agent sends at most a window more (the channel refuses output past
+    # it, which would fail the calls below); the command waits meanwhile.
     lat = []
     for _ in range(10):
         started = time.monotonic()
         assert run(local, "echo hi")[1] == b"hi\n"  # a call that waited on the callback would wait for good
         lat.append(time.monotonic() - started)
     assert max(lat) < 5.0, lat
-    assert 0 < seen[0] <= 1 << 20, seen  # one piece taken, then paused by its window
     done.set()
     t.join(120)
     assert seen[0] == 20_000_000

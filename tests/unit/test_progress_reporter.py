@@ -158,7 +158,7 @@ def test_a_lock_held_by_another_process_is_a_progress_task_while_waited_for(tmp_
             gate.touch()  # the holder lets go only once the wait was shown
 
     previous = progress.install(Reporter(show, interval=60.0))
-    wait_for_gate = f"while [ ! -e {gate} ]; do sleep 0.02; done"
+    wait_for_gate = f"i=0; while [ ! -e {gate} ] && [ $i -lt 1500 ]; do sleep 0.02; i=$((i+1)); done"  # 30 s at most
     holder = subprocess.Popen(["flock", "-x", str(lock), "sh", "-c", wait_for_gate])
     try:
         deadline = time.monotonic() + 10

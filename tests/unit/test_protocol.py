@@ -7,11 +7,13 @@ import json
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from harness import serve_in_thread
 
+from pytest_bottle.agent.send import STALL_FLOOR, send_all
 from pytest_bottle.guest.frames import (
     CALL,
     CHUNK,
@@ -203,3 +205,30 @@ def test_agent_waits_for_credit_before_sending_more(tmp_path: Path) -> None:
     assert sent + sum(len(p) for k, _, p in rest if k == DATA) == 3 * HOST_WINDOW
     assert json.loads(next(p for k, _, p in rest if k == REPLY))["ok"]
     host.close()
+
+
+def test_a_send_to_a_slow_reader_goes_on_past_the_stall_floor() -> None:
+    """Each write the guest takes restarts the stall limit: a frame that takes
+    longer than ``STALL_FLOOR`` in all, taken a piece at a time well within it,
+    goes whole (a limit counted from the start cuts it: a broken channel)."""
+    host, guest = socket.socketpair()
+    host.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)  # holds 32 KiB
+    host.settimeout(30)  # its descriptor does not block: send_all polls
+    data = os.urandom(192 * 1024)  # 160 KiB past what the socket holds: 10 pieces
+    got = bytearray()
+
+    def reader() -> None:
+        guest.settimeout(30)
+        while len(got) < len(data):
+            time.sleep(0.4)  # a piece every 0.4 s: 4 s in all, gaps far within the 2 s floor
+            got.extend(guest.recv(16 * 1024))
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    started = time.monotonic()
+    send_all(host, data, time.monotonic())  # the call's deadline has passed: the floor is the limit
+    took = time.monotonic() - started
+    t.join(30)
+    assert bytes(got) == data and took > STALL_FLOOR, took
+    host.close()
+    guest.close()

@@ -77,3 +77,6 @@ def test_a_try_that_said_nothing_is_named_without_an_empty_tail(monkeypatch: pyt
     said = ExecResult(["x"], 2, b"out\n", b"why\n")
     with pytest.raises(WaitTimeout, match=r"last attempt: exit 2: why$"):
         retry.until_succeeds(lambda left: said, 1.0, "'x' succeeding")
+    blank = ExecResult(["x"], 2, b"out\n", b"  \n")  # stderr of blanks only: stdout says more
+    with pytest.raises(WaitTimeout, match=r"last attempt: exit 2: out$"):
+        retry.until_succeeds(lambda left: blank, 1.0, "'x' succeeding")
