@@ -183,7 +183,7 @@ def test_bad_run_timeouts_and_prune_ages_are_refused_before_any_work(tmp_path: P
 def test_shell_usage_shows_the_command_as_optional_and_what_the_name_is() -> None:
     r = cli("shell", "--help")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0] == "usage: bottle shell [-h] name [-- CMD ...]"
+    assert r.stdout.splitlines()[0] == "usage: bottle shell [-h] [--cache-dir CACHE_DIR] [-v] name [-- CMD ...]"
     missing = cli("shell")  # the name is what is required, and what it names
     assert missing.returncode == 2
     assert missing.stderr.splitlines()[-1] == (

@@ -215,20 +215,26 @@ def test_bad_inputs_and_signals_are_named_before_anything_runs(module_bottle: Bo
 
 def test_a_flood_does_not_starve_other_calls(module_bottle: Bottle) -> None:
     """``yes`` writes as fast as it can into its bounded tail; exec calls to the
-    same bottle are still answered promptly (TCG: generous bounds)."""
+    same bottle are still answered promptly (TCG: generous bounds).  Against
+    the same ``yes`` writing to /dev/null: on one vCPU any busy process slows
+    a command down (7-9x here, the guest's scheduler), which is not what is
+    measured; the flood's output on the channel is."""
     b = module_bottle
-    quiet: list[float] = []
-    busy: list[float] = []
-    with b.spawn(["yes", "flood"]) as flood:
+    hogged: list[float] = []
+    flooded: list[float] = []
+    with b.spawn(["yes", "flood"]) as flood, b.spawn("exec yes > /dev/null") as hog:
         flood.wait_for_output("flood", 30)
         for _ in range(10):  # alternating: a load elsewhere on the host falls on both alike
             flood.send_signal(signal.SIGSTOP)
-            quiet.append(_exec_time(b))
+            hog.send_signal(signal.SIGCONT)
+            hogged.append(_exec_time(b))
+            hog.send_signal(signal.SIGSTOP)
             flood.send_signal(signal.SIGCONT)
-            busy.append(_exec_time(b))
-        assert flood.poll() is None and len(flood.stdout) > 0
-    # Measured here (2 loaded cores, TCG): busy p50 1.2-3.1x quiet (13-44 ms).
-    assert _p50(busy) < 5 * _p50(quiet) + 0.1, (quiet, busy)
+            flooded.append(_exec_time(b))
+        assert flood.poll() is None and hog.poll() is None and len(flood.stdout) > 0
+    # Measured here (TCG, idle and with both host cores loaded): flooded p50
+    # 3.2-3.4x hogged (28-46 ms).
+    assert _p50(flooded) < 5 * _p50(hogged) + 0.1, (hogged, flooded)
 
 
 def _exec_time(b: Bottle) -> float:
