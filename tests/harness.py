@@ -125,6 +125,18 @@ def check_release(b: Bottle, request: pytest.FixtureRequest) -> None:
         assert version_id(b) == VERSION_IDS[image], f"{b.name} is not {image}"
 
 
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes and not one more (what follows stays in the socket); EOFError
+    if it closes first.  ``MSG_WAITALL`` does not wait on a socket with a timeout."""
+    got = b""
+    while len(got) < n:
+        piece = sock.recv(n - len(got))
+        if not piece:
+            raise EOFError
+        got += piece
+    return got
+
+
 def serve_in_thread(sock: socket.socket) -> None:
     """Serve ``sock`` with the real guest agent in a daemon thread of this process.
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from harness import recv_exactly
 
 from pytest_bottle import AgentError, AgentTimeout, Bottle, GuestOSError, OutputLimit, SpecError, UnsafeTransfer
 from pytest_bottle import bottle as bottle_mod
@@ -99,17 +100,8 @@ class Guest:
         """The next frame, read to its last byte and not beyond: what follows it
         stays in the socket (``recv`` takes all there is)."""
         assert not self.buf
-        kind, rid, size = HEADER.unpack(self._recv_exactly(HEADER.size))
-        return kind, rid, self._recv_exactly(size)
-
-    def _recv_exactly(self, n: int) -> bytes:
-        got = b""
-        while len(got) < n:  # MSG_WAITALL does not wait on a socket with a timeout
-            piece = self.sock.recv(n - len(got))
-            if not piece:
-                raise EOFError
-            got += piece
-        return got
+        kind, rid, size = HEADER.unpack(recv_exactly(self.sock, HEADER.size))
+        return kind, rid, recv_exactly(self.sock, size)
 
     def expect(self, kind: int, timeout: float = 10) -> tuple[int, bytes]:
         deadline = time.monotonic() + timeout

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import recv_exactly
 
 from pytest_bottle import Bottle
 from pytest_bottle.agent.channel import AgentChannel
@@ -61,20 +62,11 @@ class HostileGuest:
         self.peer.sendall(frame(HELLO, 0, SYNC_MAGIC + os.urandom(INSTANCE_SIZE)))  # what a starting agent says first
         threading.Thread(target=self._serve, daemon=True).start()
 
-    def _recv(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = self.peer.recv(n - len(buf))
-            if not chunk:
-                raise EOFError
-            buf += chunk
-        return buf
-
     def _serve(self) -> None:
         try:
             while True:
-                kind, rid, size = HEADER.unpack(self._recv(HEADER.size))
-                payload = self._recv(size) if size else b""
+                kind, rid, size = HEADER.unpack(recv_exactly(self.peer, HEADER.size))
+                payload = recv_exactly(self.peer, size) if size else b""
                 if kind == CALL:
                     call = json.loads(payload)
                     self.peer.sendall(self.answers[call["op"]](rid, call))
