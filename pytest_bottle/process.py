@@ -242,11 +242,7 @@ class GuestProcess:
         once when the process ends without it.  The match is made in the part
         of the output searched then: its groups are what counts, its
         ``span()`` is no offset in ``stdout``."""
-        regex = _pattern(pattern)
-        # A str read as a regex also matches where it shows as written (a
-        # "user@host:~$" prompt), where the regex itself finds nothing.
-        as_written = re.escape(pattern) if isinstance(pattern, str) else ""
-        written = re.compile(as_written) if as_written and regex.pattern != as_written else None
+        regex, written = _pattern(pattern)
         tails = {"stdout": self._out, "stderr": self._err}
         if stream is not None and stream not in tails:
             raise SpecError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
@@ -339,16 +335,18 @@ _REGEX_LIKELY = re.compile(r"\][*+?{]|\w\|\w")
 _REGEX_LIKE = re.compile(r"[\[\]()|*+?{}\\]")
 
 
-def _pattern(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
-    """What ``wait_for_output`` searches for.  A compiled regex as it is; a
-    str as written, unless it holds syntax only a regex has (``\\d``, ``.*``,
-    ``(?``, a leading ``^``...) or one that text rarely has (``[0-9]+``,
-    ``a|b``), which makes it a regex (DESIGN's "text or regex"): ``"[100%]"``
-    stays text, ``r"port (\\d+)"`` is a regex."""
+def _pattern(pattern: str | re.Pattern[str]) -> tuple[re.Pattern[str], re.Pattern[str] | None]:
+    """What ``wait_for_output`` searches for, and for a str read as a regex the
+    str as written (searched where the regex finds nothing: a "user@host:~$"
+    prompt).  A compiled regex as it is; a str as written, unless it holds
+    syntax only a regex has (``\\d``, ``.*``, ``(?``, a leading ``^``...) or
+    one that text rarely has (``[0-9]+``, ``a|b``), which makes it a regex
+    (DESIGN's "text or regex"): ``"[100%]"`` stays text, ``r"port (\\d+)"`` is
+    a regex."""
     if isinstance(pattern, re.Pattern):
         if not isinstance(pattern.pattern, str):
             raise TypeError("wait_for_output matches text: give a str or a compiled str regex, not bytes")
-        return pattern
+        return pattern, None
     if not isinstance(pattern, str):
         kind = "bytes" if isinstance(pattern, bytes) else type(pattern).__name__
         raise TypeError(f"wait_for_output matches text: give a str or a compiled str regex, not {kind}")
@@ -366,7 +364,7 @@ def _pattern(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
             regex = text
     if regex.fullmatch(""):
         raise SpecError(f"wait_for_output: {pattern!r} matches an empty string, so it would match at once")
-    return regex
+    return regex, (None if regex is text else text)
 
 
 def _unsearched(parts: list[bytes], start: int, searched: int) -> str:

@@ -260,7 +260,7 @@ def test_wait_for_output_takes_a_str_as_text_unless_it_holds_regex_only_syntax(l
         assert p.wait_for_output("yet|Serving", 1).group(0) == "yet"
         # What the docs name as text; a bar or class that would match an empty string stays text too.
         for text in ("[2026-12-01]", "a | b", "file(s)", "[100%]", "| col1|col2 |", "[WARN]*"):
-            assert _pattern(text).pattern == re.escape(text), text
+            assert _pattern(text) == (re.compile(re.escape(text)), None), text
         with pytest.raises(OutputTimeout, match=r"searched as text, as written: re.compile\(\) makes it a regex") as e:
             p.wait_for_output("port [0-9]{6}(", 0.3)  # no valid regex: text, and the error says so
         assert e.value.read_as == "text" and pickle.loads(pickle.dumps(e.value)).read_as == "text"
