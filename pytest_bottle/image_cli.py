@@ -10,11 +10,13 @@ import os
 import runpy
 import sys
 import time
+import traceback
 from pathlib import Path
+from types import TracebackType
 
 from . import transfer_cli
 from .arguments import check_days
-from .errors import ImageNotFound, SpecError
+from .errors import BottleError, ImageNotFound, SpecError
 from .host.paths import tree_size
 from .images import RECIPES, BuiltImage, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
@@ -41,23 +43,42 @@ def load_images(source: str) -> None:
     """Run a Python file (``path.py``) or import a module (``pkg.images``)
     that defines images: what it names with ``.named()``, and what its
     ``pytest_bottle_images()`` returns, become buildable by name."""
-    if source.endswith(".py") or os.sep in source:
-        if not os.path.isfile(source):
-            raise SpecError(f"--from {source}: no such file")
-        namespace = _run_file(os.path.abspath(source))
-    else:
-        sys.path.insert(0, os.getcwd())
-        try:
-            namespace = vars(importlib.import_module(source))
-        except ModuleNotFoundError as e:
-            if e.name is None or not (source == e.name or source.startswith(e.name + ".")):
-                raise  # the module itself imports something missing: its traceback says where
-            raise SpecError(
-                f"--from {source}: no module named {e.name!r} (give a .py file or an importable module)"
-            ) from None
-    hook = namespace.get("pytest_bottle_images")
-    if callable(hook):
-        register_provided(hook(), f"pytest_bottle_images() in {source}")
+    try:
+        if source.endswith(".py") or os.sep in source:
+            if not os.path.isfile(source):
+                raise SpecError(f"--from {source}: no such file")
+            namespace = _run_file(os.path.abspath(source))
+        else:
+            sys.path.insert(0, os.getcwd())
+            try:
+                namespace = vars(importlib.import_module(source))
+            except ModuleNotFoundError as e:
+                if e.name is None or not (source == e.name or source.startswith(e.name + ".")):
+                    raise  # the module itself imports something missing: its traceback says where
+                raise SpecError(
+                    f"--from {source}: no module named {e.name!r} (give a .py file or an importable module)"
+                ) from None
+        hook = namespace.get("pytest_bottle_images")
+        if callable(hook):
+            register_provided(hook(), f"pytest_bottle_images() in {source}")
+    except BottleError:
+        raise
+    except Exception as e:
+        # The user's code failed: its own frames say where; ours would only
+        # bury them (and a bare traceback would exit 1, like `bottle run`'s command).
+        sys.stderr.write("".join(traceback.format_exception(type(e), e, _their_frames(e.__traceback__))))
+        raise SpecError(f"--from {source}: loading it raised {type(e).__name__} (its traceback is above)") from None
+
+
+def _their_frames(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` from the first frame that is neither ours nor the import system's."""
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if not (name.startswith(ours) or name.startswith("<frozen ")):
+            break
+        tb = tb.tb_next
+    return tb
 
 
 def _run_file(path: str) -> dict[str, object]:

@@ -109,6 +109,25 @@ def test_from_imports_a_conftest_as_pytest_does_and_names_what_is_missing(
     ]:
         r = bottle("image", "key", "app", "--from", source)
         assert r.returncode == 1 and r.stderr.startswith(says) and "Traceback" not in r.stderr, r.stderr
+    # The user's code fails: its own frames, none of ours, and bottle's own error (run: 125, not 1)
+    for name, text, where, kind, raised in [
+        ("raises.py", "import os\nraise RuntimeError('boom')\n", 'raises.py", line 2', "RuntimeError", "boom"),
+        ("syntax.py", "x = (\n", 'syntax.py", line 1', "SyntaxError", "never closed"),
+        ("imports.py", "import no_such_xyz\n", 'imports.py", line 1', "ModuleNotFoundError", "'no_such_xyz'"),
+        (
+            "hook.py",
+            "def pytest_bottle_images():\n    return 1 / 0\n",
+            "pytest_bottle_images",
+            "ZeroDivisionError",
+            "zero",
+        ),
+    ]:
+        (elsewhere / name).write_text(text)
+        for argv, code in [(["image", "key", "app"], 1), (["run", "--image", "app"], 125)]:
+            r = bottle(*argv, "--from", name, *(["--", "true"] if code == 125 else []))
+            said = f"bottle: SpecError: --from {name}: loading it raised {kind} (its traceback is above)"
+            assert r.returncode == code and r.stderr.rstrip().endswith(said), r.stderr
+            assert where in r.stderr and raised in r.stderr and "pytest_bottle/" not in r.stderr, r.stderr
 
 
 def test_bottle_image_build_takes_images_from_a_file(
