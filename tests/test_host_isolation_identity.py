@@ -334,3 +334,38 @@ def test_a_long_wait_for_a_build_lock_names_the_holder(tmp_path: Path, caplog: p
     notes = [r.getMessage() for r in caplog.records]
     assert len(notes) >= 2, notes
     assert all(f"the build of image x ({lock}), held by pid {holder.pid} (uid {os.getuid()}: " in n for n in notes)
+
+
+def test_a_lock_let_go_just_before_a_note_is_taken_not_blamed_on_an_unseen_holder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_bottle.host import locks
+
+    lock = tmp_path / "image-x.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock), "60"], stdout=subprocess.PIPE, text=True)
+    real, looks = locks.lock_holder, []
+
+    def holder_gone_by_the_note(path: Path) -> str:  # it exits between our wait's timeout and the note
+        looks.append(path)
+        _stop(holder)
+        return real(path)
+
+    try:
+        assert _wait_line(holder) == "held\n"
+        monkeypatch.setattr(locks, "lock_holder", holder_gone_by_the_note)
+        caplog.set_level(logging.WARNING, logger="pytest_bottle.host.locks")
+        with locks.reporting_lock(lock, "the build of image x", every=0.3, show_after=600):
+            assert not _lock_free_elsewhere(lock)  # ours now
+    finally:
+        _stop(holder)
+    assert looks == [lock]
+    assert not [r.getMessage() for r in caplog.records]  # not "held by a process not visible here"
+
+
+def _lock_free_elsewhere(lock: Path) -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, filelock; filelock.FileLock(sys.argv[1]).acquire(timeout=0)", str(lock)],
+        capture_output=True,
+        timeout=30,
+    )
+    return probe.returncode == 0

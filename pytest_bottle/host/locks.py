@@ -127,12 +127,15 @@ def _wait(
                 shown.enter_context(progress.task(f"waiting for {what}", f"held by {holder}"))
         if now >= next_note:
             next_note = now + every
+            holder = lock_holder(lock_path)
+            if not holder and _try(lock):  # let go since the timeout: no one to name
+                return
             log.warning(
                 "waiting %.0f s for %s (%s), held by %s",
                 now - started,
                 what,
                 lock_path,
-                lock_holder(lock_path) or "a process not visible here",
+                holder or "a process not visible here",
             )
 
 
