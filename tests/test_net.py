@@ -115,6 +115,22 @@ def test_two_bottles_on_a_lan_exchange_tcp(bottle_factory) -> None:  # type: ign
     assert outsider.exec(["getent", "hosts", server.name]).returncode == 2
 
 
+def test_lan_peers_reach_each_other_over_ipv6_link_local_at_once(bottle_factory) -> None:  # type: ignore[no-untyped-def]
+    a, b = bottle_factory(lan="v6"), bottle_factory(lan="v6")
+
+    def link_local(x: Bottle) -> tuple[str, str]:
+        nic = x.check_output(f"ip -o -4 addr show to {x.lan_ip} | cut -d' ' -f2").strip()
+        line = x.check_output(["ip", "-6", "-o", "addr", "show", "dev", nic, "scope", "link"])
+        assert "tentative" not in line, line  # usable now, not after a second of duplicate detection
+        return nic, line.split()[3].split("/")[0]
+
+    nic_b, ll_b = link_local(b)  # the newest first
+    nic_a, ll_a = link_local(a)
+    assert ll_a != ll_b  # each from its bottle's own MAC
+    assert a.exec(["ping", "-6", "-c1", "-W5", f"{ll_b}%{nic_a}"]).returncode == 0
+    assert b.exec(["ping", "-6", "-c1", "-W5", f"{ll_a}%{nic_b}"]).returncode == 0
+
+
 def _host_links() -> set[str]:
     """The root namespace's links, but for a simulated host's veth
     (tests/simhost.py), which a test on another xdist worker may add or

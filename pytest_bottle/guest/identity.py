@@ -145,12 +145,23 @@ def _configure_nic(nic: dict[str, Any]) -> str:
         fcntl.ioctl(s, SIOCSIFNETMASK, _ifreq(name, _sockaddr_in(mask)))
     flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(name)), 16)[0]
     if not flags & IFF_UP:
+        _no_dad(name)
         fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq(name, struct.pack("H", flags | IFF_UP)))
     if nic.get("ip") and nic.get("announce", True):
         _gratuitous_arp(name, nic["mac"], nic["ip"].partition("/")[0])
     if nic.get("gateway") and not _has_default_route():
         subprocess.run(["ip", "route", "replace", "default", "via", nic["gateway"], "dev", name], check=True)
     return name
+
+
+def _no_dad(name: str) -> None:
+    """The IPv6 link-local of a NIC brought up here is usable at once, not
+    after a second of duplicate address detection (the MAC is the bottle's own)."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/accept_dad", "w") as f:
+            f.write("0")
+    except OSError:  # no IPv6: nothing to detect
+        pass
 
 
 _sock: list[socket.socket] = []

@@ -259,6 +259,23 @@ static int ip_route(const char *gw, const char *name, struct err *er) {
     return -1;
 }
 
+/* identity._no_dad: the IPv6 link-local of a NIC brought up here is usable at
+ * once, not after a second of duplicate address detection (the MAC is the
+ * bottle's own).  Without IPv6 there is nothing to do. */
+static void no_dad(const char *name) {
+    static const char head[] = "/proc/sys/net/ipv6/conf/", tail[] = "/accept_dad";
+    char path[sizeof head + IFNAMSIZ + sizeof tail];
+    size_t n = strnlen(name, IFNAMSIZ - 1);
+    memcpy(path, head, sizeof head - 1);
+    memcpy(path + sizeof head - 1, name, n);
+    memcpy(path + sizeof head - 1 + n, tail, sizeof tail);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    while (write(fd, "0", 1) < 0 && errno == EINTR) {
+    }
+    close(fd);
+}
+
 int nic_configure(jdoc *d, jnode *nic, bool by_mac, char name[32], struct err *er) {
     jnode *mac = jget(d, nic, "mac"), *match = jget(d, nic, "match"), *given = jget(d, nic, "name");
     jnode *ip = jget(d, nic, "ip"), *gw = jget(d, nic, "gateway"), *ann = jget(d, nic, "announce");
@@ -306,6 +323,7 @@ int nic_configure(jdoc *d, jnode *nic, bool by_mac, char name[32], struct err *e
     if (ioctl(ioctl_sock, SIOCGIFFLAGS, &ifr)) return set_oserr(er, errno, NULL);
     if (!(ifr.ifr_flags & IFF_UP)) {
         short flags = (short)(ifr.ifr_flags | IFF_UP);
+        no_dad(name);
         ifreq_for(&ifr, name);
         ifr.ifr_flags = flags;
         if (ioctl(ioctl_sock, SIOCSIFFLAGS, &ifr)) return set_oserr(er, errno, NULL);
