@@ -259,6 +259,8 @@ def test_probe_timeout_classification() -> None:
     busy = accel.timed_out("no answer", 20, waited=9.0, load=0, cpus=2)
     idle = accel.timed_out("no answer", 20, waited=0.5, load=9, cpus=2)
     assert (busy.ok, busy.definite, idle.ok, idle.definite) == (False, False, False, True)
+    assert idle.reason == "no answer; QEMU waited 0.5s of 20.0s for a CPU"
+    assert busy.reason == "inconclusive: no answer while the host was busy (QEMU waited 9.0s of 20.0s for a CPU)"
     assert accel.timed_out("x", 20, waited=None, load=5, cpus=2).definite is False
     assert accel.timed_out("x", 20, waited=None, load=1, cpus=2).definite is True
     # The wait counts against the time QEMU lived; a QEMU that started late proves nothing.

@@ -103,7 +103,7 @@ def timed_out(
         why = f"load average {load:.1f} on {cpus} CPU(s)"
     if starved:
         return ProbeResult(False, f"inconclusive: {reason} while the host was busy ({why})", definite=False)
-    return ProbeResult(False, f"{reason} ({why})", definite=True)
+    return ProbeResult(False, f"{reason}; {why}", definite=True)  # the reason may end in parentheses
 
 
 def exited(reason: str, returncode: int | None, qemu_log: str, console: str) -> ProbeResult:
