@@ -201,6 +201,28 @@ def test_a_build_for_kvm_bottles_on_a_host_without_kvm_is_no_build_failure(warm_
     assert "failed earlier" not in failed.value.reason, failed.value
 
 
+def test_a_derived_build_on_a_host_without_qemu_is_a_host_dependency_error(warm_cache: Path) -> None:
+    # Its parent is cached; the build machine cannot start. In a process of its own (PATH is process-wide).
+    code = (
+        "import sys; from pathlib import Path; from pytest_bottle import HostDependencyError, Image\n"
+        "from pytest_bottle.images import ensure_image\n"
+        "image = Image('debian-bookworm').write('/etc/x', sys.argv[2])\n"
+        "for _ in range(2):\n"
+        "    try:\n"
+        "        ensure_image(image, Path(sys.argv[1]), accel='tcg')\n"
+        "    except HostDependencyError as e:\n"
+        "        print(type(e).__name__, e.missing)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(warm_cache), uuid.uuid4().hex],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PATH="/nonexistent"),
+        timeout=120,
+    )
+    assert r.stdout.splitlines() == ["HostDependencyError qemu-system-x86_64"] * 2, r.stdout + r.stderr
+
+
 def test_two_processes_wanting_a_failing_image_try_it_once(warm_cache: Path) -> None:
     run = f"echo failing-once; exit 4 # {uuid.uuid4().hex[:8]}"
     racers = [

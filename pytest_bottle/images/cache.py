@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from ..errors import ImageBuildError
+from ..errors import HostDependencyError, ImageBuildError
 from ..host.locks import reporting_lock
 from ..host.paths import cache_root, remove_tree
 from ..host.progress import task
@@ -183,8 +183,8 @@ def ensure_image(
                 entries.commit(tmp, final)
             except BaseException as e:
                 kept_log = keep_failed_log(cache_dir, tmp, final.name)
-                if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    raise
+                if isinstance(e, (KeyboardInterrupt, SystemExit, HostDependencyError)):
+                    raise  # a missing host program is the host's to fix, not the image's failure
                 failed = (  # pointing at the log where it now lives
                     ImageBuildError(e.name, e.reason, e.log_tail, kept_log)
                     if isinstance(e, ImageBuildError)

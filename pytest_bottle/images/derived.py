@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from ..errors import ImageBuildError
+from ..errors import HostDependencyError, ImageBuildError
 from ..host.locks import reporting_lock
 from ..host.paths import cache_root, tree_size
 from ..host.progress import task
@@ -152,8 +152,8 @@ def _build(
             kept = keep_failed_log(cache_dir, tmp, final.name)
             if isinstance(e, ImageBuildError):
                 raise ImageBuildError(e.name, e.reason, e.log_tail, kept) from None
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
+            if isinstance(e, (KeyboardInterrupt, SystemExit, HostDependencyError)):
+                raise  # a missing host program is the host's to fix, not the image's failure
             raise ImageBuildError(image.display_name, f"{type(e).__name__}: {e}", "", kept) from e
     log.debug("built %s (%s) in %.1fs", image.display_name, final.name, time.monotonic() - started)
 
