@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 KEEP_FAILED_LOGS = 5
 USED_STAMP = "last-used"
+MAX_CHAIN = 64  # layers looked through for staleness: the manifests are ours, but a loop must end
 
 
 def entry_dir(cache_dir: Path, image: Image) -> Path:
@@ -215,17 +216,21 @@ def _entry(cache_dir: Path, path: Path) -> DerivedEntry | None:
     return DerivedEntry(path, manifest, tree_size(path), used, _stale(cache_dir, manifest))
 
 
-def _stale(cache_dir: Path, manifest: dict[str, Any]) -> str:
-    """Why a layer rests on nothing usable any more (``load`` would refuse it), or ""."""
+def _stale(cache_dir: Path, manifest: dict[str, Any], depth: int = 0) -> str:
+    """Why a layer rests on nothing usable any more (``load`` would refuse it,
+    or its parent, so it is built again), or ""."""
     parent, key = str(manifest.get("parent")), manifest.get("parent_key")
     if not key:
         return ""
     for d in (images_dir(cache_dir) / f"derived-{key}", images_dir(cache_dir) / f"{parent}-{key}"):
         try:
-            created = json.loads((d / "manifest.json").read_text()).get("created")
+            found = json.loads((d / "manifest.json").read_text())
         except (OSError, ValueError):
             continue
-        return "" if created == manifest.get("parent_created") else f"its parent {parent} was rebuilt"
+        if found.get("created") != manifest.get("parent_created"):
+            return f"its parent {parent} was rebuilt"
+        under = _stale(cache_dir, found, depth + 1) if depth < MAX_CHAIN else ""  # a recipe's: no parent_key
+        return f"the layer it rests on, {parent}, is stale ({under})" if under else ""
     return f"its parent {parent} is gone"
 
 

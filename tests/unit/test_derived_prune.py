@@ -239,3 +239,27 @@ def test_rm_from_takes_a_named_image_whose_layer_was_first_built_unnamed(
     finally:
         NAMED.clear()
         NAMED.update(saved)
+
+
+def test_a_layer_on_a_stale_layer_is_stale_too_and_prune_takes_both(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The child of a layer whose parent is gone cannot be used either (its
+    parent is built again first): it must not keep that layer from prune."""
+    _parent(tmp_path, "debian-bookworm", "k1", created=100.0)
+    under = _on(_entry(tmp_path, "aaaa", ["aaaa", "k0"], 0), "debian-bookworm", "debian-bookworm", "k0", 100.0)
+    child = _on(_entry(tmp_path, "bbbb", ["bbbb", "aaaa", "k0"], 0), "debian-bookworm", "web", "aaaa", 0.0)
+    grandchild = _on(
+        _entry(tmp_path, "cccc", ["cccc", "bbbb", "aaaa", "k0"], 0), "debian-bookworm", "web2", "bbbb", 0.0
+    )
+    stale = {e.key: e.stale for e in list_derived(tmp_path)}
+    assert stale == {
+        "aaaa": "its parent debian-bookworm is gone",
+        "bbbb": "the layer it rests on, web, is stale (its parent debian-bookworm is gone)",
+        "cccc": "the layer it rests on, web2, is stale "
+        "(the layer it rests on, web, is stale (its parent debian-bookworm is gone))",
+    }
+    assert main(["--cache-dir", str(tmp_path), "image", "list"]) == 0
+    assert "(stale: the layer it rests on, web, is stale" in capsys.readouterr().out
+    removed = prune_derived(tmp_path, 7)
+    assert sorted(p for p, _, _ in removed) == [under, child, grandchild]
