@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Sequence
 from typing import Any
+
+# Control characters but tab and newline, C1 included (0x9b starts a CSI too).
+_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # systemd's [FAILED] and the like: readable without
+
+
+def printable(text: str) -> str:
+    """Guest text as the terminal should show it: colours dropped, the other
+    escape sequences (a title, a cleared screen, a forged verdict) written out
+    as ``\\x1b``, not obeyed."""
+    return _COLOUR.sub("", text).translate(_ESCAPED)
 
 
 class BottleError(Exception):
@@ -23,8 +35,8 @@ class BottleError(Exception):
     def _args(self) -> dict[str, Any]:
         return {"message": self.message}
 
-    def __str__(self) -> str:
-        return self.message
+    def __str__(self) -> str:  # it carries guest text (output, console lines, the guest's own errors)
+        return printable(self.message)
 
     def __repr__(self) -> str:  # the whole message, also where a subclass added to it after __init__
         return f"{type(self).__name__}({str(self)!r})"
@@ -257,7 +269,7 @@ class SpecError(BottleError, ValueError):
         self.message = message
 
     def __str__(self) -> str:
-        return f"{self.source}: {self.message}" if self.source else self.message
+        return printable(f"{self.source}: {self.message}" if self.source else self.message)
 
     def _args(self) -> dict[str, Any]:
         return {"message": self.message, "source": self.source}

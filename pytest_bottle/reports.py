@@ -3,13 +3,13 @@ bottles kept by ``--bottle-keep`` (registered by ``plugin.pytest_configure``).""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Generator
 from typing import Any
 
 import pytest
 
 from .bottle import Bottle
+from .errors import printable
 from .history import describe_history
 from .lifecycle.boot import RESTORED
 from .lifecycle.manager import BottleManager
@@ -134,17 +134,3 @@ def keep_message(b: Bottle, test: str = "") -> str:
         lines.append(f"  a shell:   bottle shell {b.name}")
     lines.append(f"  stop it:   bottle stop {b.name}")
     return "\n".join(lines)
-
-
-# Control characters but tab and newline, C1 included (0x9b starts a CSI too).
-_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
-
-
-_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # systemd's [FAILED] and the like: readable without
-
-
-def printable(text: str) -> str:
-    """Guest text as the terminal should show it: colours dropped, the other
-    escape sequences (a title, a cleared screen, a forged verdict) written out
-    as ``\\x1b``, not obeyed."""
-    return _COLOUR.sub("", text).translate(_ESCAPED)

@@ -96,3 +96,30 @@ def test_messages_name_a_signal_and_show_a_pattern_as_given() -> None:
     assert "did not happen within 5 s; the process ended (-9) first" in str(E.OutputTimeout("x", 5.0, returncode=-9))
     again = pickle.loads(pickle.dumps(e))
     assert (again.lost, again.returncode, str(again)) == (e.lost, -9, str(e))
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x1b[H=== 999 passed ===\r\x9b31m"
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        E.ExecError(["sh"], 3, "", HOSTILE),
+        E.ExecTimeout("sh", 1.0, HOSTILE, ""),
+        E.ProcessTimeout(["sh"], 0.2, HOSTILE, ""),
+        E.BootError("QEMU exited", HOSTILE, "btl-1"),
+        E.ImageBuildError("x", "step 1/1 failed", HOSTILE, None),
+        E.guest_os_error(f"in the guest: {HOSTILE}", 2, "/y"),
+        E.SpecError(HOSTILE, "the guest"),
+        E.WaitTimeout("cmd", 5.0, HOSTILE),
+        E.UnsafeTransfer("./x", HOSTILE, "put"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_guest_text_in_a_message_is_shown_not_obeyed(err: E.BottleError) -> None:
+    """A terminal shows ``str(e)`` (pytest's E lines and summary): a guest must
+    not set its title, clear it or forge a verdict there."""
+    for shown in (str(err), repr(err), str(pickle.loads(pickle.dumps(err)))):
+        assert not any(c in shown for c in "\x1b\x07\r\x9b"), shown
+        assert "\\x1b]0;pwned\\x07\\x1b[2J" in shown or "\\\\x1b]0;pwned" in shown, shown
+    assert HOSTILE in vars(err).values() or any(HOSTILE in str(v) for v in vars(err).values())  # kept as it came
