@@ -291,8 +291,10 @@ def unpack(
                 got = _unpack(tar, dest, progress)
             while raw.read(CHUNK):
                 pass
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise ImageImportError("the export", f"damaged or truncated ({type(e).__name__}: {e})") from None
+    # tarfile reads a chain of extension headers by recursion, and may trip on
+    # a forged number or name: an export from a URL is anyone's.
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, RecursionError, ValueError, OverflowError) as e:
+        raise ImageImportError("the export", f"damaged, truncated or forged ({type(e).__name__}: {e})") from None
     if sha256 is not None and raw.h.hexdigest() != sha256.lower():
         raise ImageImportError("the export", f"its sha256 is {raw.h.hexdigest()}, not {sha256}")
     return got

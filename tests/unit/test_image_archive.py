@@ -324,6 +324,21 @@ def test_a_huge_tar_header_is_refused_without_reading_it(tmp_path: Path, kind: b
     _nothing_left(tmp_path / "cache")
 
 
+def test_a_chain_of_thousands_of_tar_extension_headers_is_refused(tmp_path: Path) -> None:
+    """tarfile follows such a chain by recursion: 10 KB of gzip that would
+    end every run pulling from its URL with a RecursionError."""
+    link = tarfile.TarInfo("././@LongLink")
+    link.type, link.size = tarfile.GNUTYPE_LONGNAME, 10
+    body = (link.tobuf(tarfile.USTAR_FORMAT) + b"aaaaaaaaa\0".ljust(512, b"\0")) * 5000
+    last = tarfile.TarInfo("bottle-export.json")
+    forged = tmp_path / "chain.tar.gz"
+    forged.write_bytes(gzip.compress(body + last.tobuf(tarfile.USTAR_FORMAT) + bytes(1024)))
+    with pytest.raises(ImageImportError) as e:
+        import_file(forged, tmp_path / "cache")
+    assert "damaged, truncated or forged (RecursionError" in e.value.reason
+    _nothing_left(tmp_path / "cache")
+
+
 def test_sha256_is_checked_on_the_bytes_unpacked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A local file swapped for another valid export after it was opened for
     the checksum: the import must still be refused."""
