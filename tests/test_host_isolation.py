@@ -338,6 +338,34 @@ def test_cache_root_checks(tmp_path: Path) -> None:
 
 
 @needs_root
+def test_a_missing_directory_above_made_by_someone_else_meanwhile_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first look skips what is not there yet; another user may make it
+    (in a sticky /tmp) before our mkdir, and own what we then make in it."""
+    from pytest_bottle.errors import UnsafeDirectory
+    from pytest_bottle.host import paths
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    theirs = shared / "ci"  # missing when the cache is asked for
+    first_look, looks = paths._check_ancestors, []
+
+    def then_they_make_it(path: Path, hint: str) -> None:
+        first_look(path, hint)
+        looks.append(path)
+        if len(looks) == 1:  # between our look and our mkdir
+            theirs.mkdir(mode=0o777)
+            os.chown(theirs, OTHER, OTHER)
+
+    monkeypatch.setattr(paths, "_check_ancestors", then_they_make_it)
+    with pytest.raises(UnsafeDirectory, match=f"{theirs}"):
+        paths.cache_root(theirs / "pytest-bottle")
+    assert len(looks) == 1  # the second look refused it
+
+
+@needs_root
 def test_a_group_writable_directory_above_is_refused_unless_the_group_is_ours_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

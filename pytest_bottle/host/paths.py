@@ -120,7 +120,7 @@ def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool 
     path = Path(os.path.abspath(path))
     _check_ancestors(path, hint)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parents(path)
         try:
             os.mkdir(path, 0o700)
             os.chmod(path, 0o700)  # whatever the umask
@@ -130,6 +130,9 @@ def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool 
     except OSError as e:  # /proc/x, a read-only or full disk: say which and why, not a traceback
         where = "" if e.filename in (None, str(path)) else f"{e.filename}: "
         raise UnsafeDirectory(str(path), f"it cannot be made ({where}{e.strerror})", hint) from None
+    # Again, now that every directory above exists: one that was missing at the
+    # first look may have been made meanwhile by someone else (in /tmp, say).
+    _check_ancestors(path, hint)
     if stat.S_ISLNK(st.st_mode) and follow_symlink:
         if st.st_uid not in (0, os.geteuid()):  # its owner could point it elsewhere at any time
             raise UnsafeDirectory(str(path), f"it is a symlink that belongs to uid {st.st_uid}", hint)
@@ -151,6 +154,22 @@ def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool 
         log.info("making %s private (mode %04o -> 0700)", path, mode)
         os.chmod(path, 0o700)
     return path
+
+
+def _make_parents(path: Path) -> None:
+    """The missing directories above ``path``, 0700 whatever the umask (0777
+    less a umask of 0 would be refused by the next look at them)."""
+    missing = []
+    for anc in path.parents:
+        if os.path.lexists(anc):
+            break
+        missing.append(anc)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+            os.chmod(d, 0o700)
+        except FileExistsError:  # made meanwhile: the second look at the ancestors judges it
+            pass
 
 
 def _check_ancestors(path: Path, hint: str) -> None:
