@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import io
 import logging
 import os
 import posixpath
@@ -376,13 +377,15 @@ class _FrameSource:
 def read_all(agent: Agent, path: str, cap: int, timeout: float | None) -> bytes:
     """``Bottle.read_bytes``: the whole of guest file ``path``, at most ``cap`` bytes."""
     client = AgentClient.of(agent)
-    buf = bytearray()  # not a part per frame: a guest's tiny frames cost their bytes only
+    # Not a part per frame (a guest's tiny frames cost their bytes only), and
+    # handed out without a copy: a file near the cap is held once, not twice.
+    buf = io.BytesIO()
 
     def sink(kind: int, data: bytes) -> None:
         if kind == DATA:
-            if len(buf) + len(data) > cap:
+            if buf.tell() + len(data) > cap:
                 raise OutputLimit(f"{path} in {client.name} is larger than {cap} bytes: use get()")
-            buf.extend(data)
+            buf.write(data)
 
     try:
         client.read(path, sink, timeout=timeout, limit=cap)
@@ -390,4 +393,4 @@ def read_all(agent: Agent, path: str, cap: int, timeout: float | None) -> bytes:
         if e.errno == errno.EFBIG:  # its size said so before a byte was sent
             raise OutputLimit(f"{path} in {client.name} is larger than {cap} bytes: use get()") from None
         raise
-    return bytes(buf)
+    return buf.getvalue()
