@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from ..errors import printable
+
 log = logging.getLogger(__name__)
 
 Kind = Literal["start", "stage", "heartbeat", "end", "failed", "interrupted"]
@@ -104,7 +106,7 @@ class Task:
     def stage(self, line: str, *, show: bool = True) -> None:
         """A new stage of the work (``Callable[[str], None]``: one line per step).
         ``show=False`` only remembers it for the heartbeats (the caller shows it)."""
-        line = line.strip()
+        line = printable(line.strip())  # a derived build's step output is the guest's
         if not line:
             return
         self.last_stage = line
@@ -118,7 +120,7 @@ class Task:
         def relay(line: str, elapsed: float) -> None:
             self.stage(line, show=also is None)
             if also is not None:
-                also(line, elapsed)
+                also(printable(line), elapsed)
 
         return relay
 

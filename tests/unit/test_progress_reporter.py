@@ -94,6 +94,19 @@ def test_relay_shows_stages_only_when_nobody_else_does() -> None:
     assert got == [("I: two", 2.0)]
 
 
+def test_a_stage_line_from_the_guest_is_shown_not_obeyed() -> None:
+    """A derived build's step output reaches the terminal as stage lines."""
+    reporter, _, seen = make()
+    got: list[str] = []
+    hostile = "\x1b]0;pwned\x07\x1b[2J\x1b[32mok\x1b[0m\r=== 9 passed ==="
+    with reporter.task("a") as t:
+        t.relay()(hostile, 1.0)
+        t.relay(lambda s, e: got.append(s))(hostile, 2.0)
+    shown = [format_event(e) for e in seen] + got + [e.stage for e in seen]
+    assert not any(c in line for line in shown for c in "\x1b\x07\r"), shown
+    assert got == ["\\x1b]0;pwned\\x07\\x1b[2Jok\\x0d=== 9 passed ==="]
+
+
 def test_a_failing_sink_does_not_break_the_work() -> None:
     def sink(e: Event) -> None:
         raise OSError("terminal gone")
