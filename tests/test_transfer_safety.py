@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import recv_exactly
+from harness import in_process_agent, recv_exactly
 
 from pytest_bottle import Bottle
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.transfer import fetch, send_tree
 from pytest_bottle.errors import AgentError, GuestOSError, UnsafeTransfer
-from pytest_bottle.guest import agent
 from pytest_bottle.guest.frames import (
     CALL,
     CANCEL,
@@ -41,7 +40,6 @@ from pytest_bottle.guest.frames import (
     INSTANCE_SIZE,
     REPLY,
     SYNC_MAGIC,
-    Channel,
     frame,
     jframe,
 )
@@ -723,16 +721,8 @@ def test_an_interrupted_file_get_never_writes_to_a_reused_fd(
 @pytest.fixture(scope="module")
 def local_agent() -> Iterator[AgentChannel]:
     """The real guest agent serving on a socketpair in this process."""
-    host, peer = socket.socketpair()
-    threading.Thread(target=agent.Agent(Channel(peer.fileno())).serve, daemon=True).start()
-    channel = AgentChannel(host, "local-agent")
-    channel.send_sync()  # a fresh agent ignores everything before the host's SYNC
-    assert channel.synced.wait(10), "the in-process agent did not answer SYNC"
-    yield channel
-    _keep.extend([host, peer])  # the agent thread keeps reading its fd: do not close it under it
-
-
-_keep: list[object] = []
+    with in_process_agent() as channel:
+        yield channel
 
 
 def untar_call(channel: AgentChannel, dst: Path, tar: bytes) -> dict[str, object]:
