@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 from collections.abc import Sequence
 from typing import Any
 
-# Control characters but tab and newline, C1 included (0x9b starts a CSI too).
-_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
-_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # systemd's [FAILED] and the like: readable without
-
-
-def printable(text: str) -> str:
-    """Guest text as the terminal should show it: colours dropped, the other
-    escape sequences (a title, a cleared screen, a forged verdict) written out
-    as ``\\x1b``, not obeyed."""
-    return _COLOUR.sub("", text).translate(_ESCAPED)
+from .terminal_text import printable
 
 
 class BottleError(Exception):
     """Base class of all pytest-bottle errors."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message)
+        super().__init__(printable(message))  # pytest prints a UsageError's args
         self.message = message
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -319,7 +309,7 @@ class ProcessTimeout(ExecTimeout):
     def __init__(self, args: Any, timeout: float, stdout: str = "", stderr: str = "") -> None:
         super().__init__(args, timeout, stdout, stderr)
         self.message = f"process {args!r} still runs after {timeout:g} s" + _output_tail(stdout, stderr)
-        self.args = (self.message,)
+        self.args = (printable(self.message),)
 
 
 class OutputTimeout(WaitTimeout):
@@ -354,7 +344,7 @@ class OutputTimeout(WaitTimeout):
             self.message = f"output matching '{pattern}'{hint} cannot come: the process was lost ({lost}); {seen}"
         else:
             self.message += f"{hint}{ended}; {seen}"
-        self.args = (self.message,)
+        self.args = (printable(self.message),)
 
     def _args(self) -> dict[str, Any]:
         return {

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from .bottle import Bottle
-from .errors import printable
 from .history import describe_history
 from .lifecycle.boot import RESTORED
 from .lifecycle.manager import BottleManager
+from .terminal_text import printable
 
 CONSOLE_LINES = 50
 SEED_LINES = 5  # of the seed's boot, before a restored bottle's own lines

@@ -18,6 +18,7 @@ from .host.paths import cache_root
 from .images.cache import BuiltImage
 from .images.image import known_names
 from .spec import BottleSpec, Layer, resolve
+from .terminal_text import printable
 
 
 class InvalidBottleArgument(SpecError, pytest.UsageError):  # type: ignore[misc]
@@ -68,7 +69,7 @@ def _name_source(e: UnsafeBottleDirectory | UnknownBottleImage, source: str) -> 
     e.source = source
     if source:
         e.message = f"{source}: {e.message}"
-        e.args = (e.message,)
+        e.args = (printable(e.message),)
 
 
 def resolve_layers(layers: list[Layer], restricted: int = 0) -> BottleSpec:

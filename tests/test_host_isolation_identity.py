@@ -364,8 +364,33 @@ def test_a_lock_let_go_just_before_a_note_is_taken_not_blamed_on_an_unseen_holde
 
 def _lock_free_elsewhere(lock: Path) -> bool:
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, filelock; filelock.FileLock(sys.argv[1]).acquire(timeout=0)", str(lock)],
+        [sys.executable, "-c", LOCK_PROBE, str(lock)],
         capture_output=True,
         timeout=30,
     )
+    assert probe.returncode in (0, 3), probe.stderr  # free, or held: nothing else proves either
     return probe.returncode == 0
+
+
+LOCK_PROBE = textwrap.dedent("""
+    import sys, filelock
+    try:
+        filelock.FileLock(sys.argv[1]).acquire(timeout=0)
+    except filelock.Timeout:
+        sys.exit(3)
+""")
+
+
+def test_a_holders_command_line_is_shown_not_obeyed(tmp_path: Path) -> None:
+    """Another user's process names itself: its escapes must not reach our terminal."""
+    from pytest_bottle.host.locks import lock_holder
+
+    lock = tmp_path / "image-x.lock"
+    argv = [sys.executable, "-c", "#\x1b]0;pwned\x07\x1b[2J" + HOLD, str(lock), "60"]
+    holder = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert _wait_line(holder) == "held\n"
+        shown = lock_holder(lock)
+    finally:
+        _stop(holder)
+    assert f"pid {holder.pid} " in shown and "\\x1b]0;pwned\\x07\\x1b[2J" in shown and "\x1b" not in shown, shown

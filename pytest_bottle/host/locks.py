@@ -12,6 +12,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ..terminal_text import printable
 from ..vmm.process import parent_pid
 from . import progress
 
@@ -59,7 +60,8 @@ def _cmdline(pid: str) -> str:
         return "not visible here"
     if WORKER_BOOTSTRAP in raw:  # execnet's bootstrap says nothing of what it runs
         return f"uid {owner}: a pytest-xdist worker"
-    return f"uid {owner}: " + raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    # Another user's process names itself: shown, not obeyed, on the terminal.
+    return f"uid {owner}: " + printable(raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200])
 
 
 def _reported_here(pids: list[str]) -> bool:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from ..errors import printable
+from ..terminal_text import printable
 
 log = logging.getLogger(__name__)
 

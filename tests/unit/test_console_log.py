@@ -133,7 +133,7 @@ def test_a_report_cuts_an_endless_console_line() -> None:
 
 
 def test_report_sections_drop_colours_and_show_other_escapes() -> None:
-    from pytest_bottle.errors import printable
+    from pytest_bottle.terminal_text import printable
 
     text = "[\x1b[0;1;31mFAILED\x1b[0m] unit\tx\n\x1b]0;pwned\x07\x1b[2J\x1b[H=== 1 passed ===\r\x9b31m é"
     assert printable(text) == "[FAILED] unit\tx\n\\x1b]0;pwned\\x07\\x1b[2J\\x1b[H=== 1 passed ===\\x0d\\x9b31m é"

@@ -5,6 +5,7 @@ import pickle
 import pytest
 
 from pytest_bottle import errors as E
+from pytest_bottle import usage
 
 CASES = [
     E.BottleError("boom"),
@@ -113,13 +114,19 @@ HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x1b[H=== 999 passed ===\r\x9b31m"
         E.SpecError(HOSTILE, "the guest"),
         E.WaitTimeout("cmd", 5.0, HOSTILE),
         E.UnsafeTransfer("./x", HOSTILE, "put"),
+        E.OutputTimeout("ready", 1.0, HOSTILE, "", -9, "the bottle was closed"),
+        E.LockTimeout("/run/x.lock", 60.0, f"pid 42 (uid 1001: {HOSTILE})"),
+        usage.BottleLockTimeout("/run/x.lock", 60.0, f"pid 42 (uid 1001: {HOSTILE})"),
+        usage.UnsafeBottleDirectory("/x", HOSTILE, "", "--bottle-cache-dir"),
+        usage.InvalidBottleArgument(HOSTILE, "marker"),
     ],
     ids=lambda e: type(e).__name__,
 )
 def test_guest_text_in_a_message_is_shown_not_obeyed(err: E.BottleError) -> None:
     """A terminal shows ``str(e)`` (pytest's E lines and summary): a guest must
     not set its title, clear it or forge a verdict there."""
-    for shown in (str(err), repr(err), str(pickle.loads(pickle.dumps(err)))):
+    back = pickle.loads(pickle.dumps(err))
+    for shown in (str(err), repr(err), str(back), *err.args, *back.args):  # pytest prints a UsageError's args
         assert not any(c in shown for c in "\x1b\x07\r\x9b"), shown
         assert "\\x1b]0;pwned\\x07\\x1b[2J" in shown or "\\\\x1b]0;pwned" in shown, shown
     assert HOSTILE in vars(err).values() or any(HOSTILE in str(v) for v in vars(err).values())  # kept as it came
