@@ -363,6 +363,35 @@ def test_a_missing_directory_above_made_by_someone_else_meanwhile_is_refused(
     with pytest.raises(UnsafeDirectory, match=f"{theirs}"):
         paths.cache_root(theirs / "pytest-bottle")
     assert len(looks) == 1  # the second look refused it
+    assert not (theirs / "pytest-bottle").exists()  # before anything of ours went in
+
+
+@needs_root
+def test_a_directory_above_made_by_someone_else_just_before_our_mkdir_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several levels missing: the first one is taken between our look and our
+    mkdir (which then finds it there); nothing of ours may go into it."""
+    from pytest_bottle.errors import UnsafeDirectory
+    from pytest_bottle.host import paths
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    theirs = shared / "ci"
+    real_mkdir = os.mkdir
+
+    def beaten_to_it(path: str | os.PathLike[str], mode: int = 0o777, **kw: object) -> None:
+        if Path(path) == theirs and not theirs.exists():
+            real_mkdir(theirs, 0o777)
+            os.chown(theirs, OTHER, OTHER)
+        real_mkdir(path, mode)
+
+    monkeypatch.setattr(os, "mkdir", beaten_to_it)
+    with pytest.raises(UnsafeDirectory, match=f"{theirs} above it was made by uid {OTHER} meanwhile"):
+        paths.cache_root(theirs / "deeper" / "pytest-bottle")
+    monkeypatch.undo()
+    assert list(theirs.iterdir()) == []
 
 
 @needs_root

@@ -120,19 +120,20 @@ def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool 
     path = Path(os.path.abspath(path))
     _check_ancestors(path, hint)
     try:
-        _make_parents(path)
+        _make_parents(path, hint)
+        # Again, now that every directory above exists, before anything of ours
+        # goes in: one missing at the first look may have been made meanwhile
+        # by someone else (in a sticky /tmp/ci, say).
+        _check_ancestors(path, hint)
         try:
             os.mkdir(path, 0o700)
-            os.chmod(path, 0o700)  # whatever the umask
+            os.chmod(path, 0o700)  # whatever the umask; its parent is safe now, so it is still ours
         except FileExistsError:
             pass
         st = os.lstat(path)
     except OSError as e:  # /proc/x, a read-only or full disk: say which and why, not a traceback
         where = "" if e.filename in (None, str(path)) else f"{e.filename}: "
         raise UnsafeDirectory(str(path), f"it cannot be made ({where}{e.strerror})", hint) from None
-    # Again, now that every directory above exists: one that was missing at the
-    # first look may have been made meanwhile by someone else (in /tmp, say).
-    _check_ancestors(path, hint)
     if stat.S_ISLNK(st.st_mode) and follow_symlink:
         if st.st_uid not in (0, os.geteuid()):  # its owner could point it elsewhere at any time
             raise UnsafeDirectory(str(path), f"it is a symlink that belongs to uid {st.st_uid}", hint)
@@ -156,9 +157,10 @@ def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool 
     return path
 
 
-def _make_parents(path: Path) -> None:
+def _make_parents(path: Path, hint: str) -> None:
     """The missing directories above ``path``, 0700 whatever the umask (0777
-    less a umask of 0 would be refused by the next look at them)."""
+    less a umask of 0 would be refused by the next look at them).  Each must
+    be a directory of ours once made, before the next goes into it."""
     missing = []
     for anc in path.parents:
         if os.path.lexists(anc):
@@ -167,9 +169,16 @@ def _make_parents(path: Path) -> None:
     for d in reversed(missing):
         try:
             os.mkdir(d, 0o700)
-            os.chmod(d, 0o700)
-        except FileExistsError:  # made meanwhile: the second look at the ancestors judges it
+        except FileExistsError:  # made meanwhile: judged as one of ours would be
             pass
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)  # not through a link
+        try:
+            owner = os.fstat(fd).st_uid
+            if owner != os.geteuid():
+                raise UnsafeDirectory(str(path), f"{d} above it was made by uid {owner} meanwhile", hint)
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
 
 
 def _check_ancestors(path: Path, hint: str) -> None:
