@@ -16,7 +16,7 @@ from types import TracebackType
 
 from . import transfer_cli
 from .arguments import check_days
-from .errors import BottleError, ImageNotFound, SpecError
+from .errors import ImageNotFound, SpecError
 from .host.paths import tree_size
 from .images import RECIPES, BuiltImage, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
@@ -43,31 +43,43 @@ def load_images(source: str) -> None:
     """Run a Python file (``path.py``) or import a module (``pkg.images``)
     that defines images: what it names with ``.named()``, and what its
     ``pytest_bottle_images()`` returns, become buildable by name."""
-    try:
-        if source.endswith(".py") or os.sep in source:
-            if not os.path.isfile(source):
-                raise SpecError(f"--from {source}: no such file")
-            namespace = _run_file(os.path.abspath(source))
-        else:
-            sys.path.insert(0, os.getcwd())
+    if source.endswith(".py") or os.sep in source:
+        if not os.path.isfile(source):
+            raise SpecError(f"--from {source}: no such file")
+        path = os.path.abspath(source)
+
+        def run() -> dict[str, object]:
+            return _run_file(path)
+    else:
+        sys.path.insert(0, os.getcwd())
+
+        def run() -> dict[str, object]:
             try:
-                namespace = vars(importlib.import_module(source))
+                return vars(importlib.import_module(source))
             except ModuleNotFoundError as e:
                 if e.name is None or not (source == e.name or source.startswith(e.name + ".")):
                     raise  # the module itself imports something missing: its traceback says where
-                raise SpecError(
-                    f"--from {source}: no module named {e.name!r} (give a .py file or an importable module)"
-                ) from None
+                raise _NoModule(e.name) from None
+
+    try:
+        namespace = run()
         hook = namespace.get("pytest_bottle_images")
-        if callable(hook):
-            register_provided(hook(), f"pytest_bottle_images() in {source}")
-    except BottleError:
-        raise
+        provided = hook() if callable(hook) else None
+    except _NoModule as e:
+        no = e.args[0]
+        raise SpecError(f"--from {source}: no module named {no!r} (give a .py file or an importable module)") from None
     except Exception as e:
-        # The user's code failed: its own frames say where; ours would only
-        # bury them (and a bare traceback would exit 1, like `bottle run`'s command).
+        # The user's code failed (a BottleError of an Image step it makes too):
+        # its own frames say where; ours would only bury them, and a bare
+        # traceback would exit 1, like `bottle run`'s command.
         sys.stderr.write("".join(traceback.format_exception(type(e), e, _their_frames(e.__traceback__))))
         raise SpecError(f"--from {source}: loading it raised {type(e).__name__} (its traceback is above)") from None
+    if callable(hook):  # what it returned is checked as under pytest
+        register_provided(provided, f"pytest_bottle_images() in {source}")
+
+
+class _NoModule(Exception):
+    """The module ``--from`` names is not there (not one it imports)."""
 
 
 def _their_frames(tb: TracebackType | None) -> TracebackType | None:

@@ -203,6 +203,7 @@ def test_a_build_for_kvm_bottles_on_a_host_without_kvm_is_no_build_failure(warm_
 
 def test_a_derived_build_on_a_host_without_qemu_is_a_host_dependency_error(warm_cache: Path) -> None:
     # Its parent is cached; the build machine cannot start. In a process of its own (PATH is process-wide).
+    # Twice the same: no failure recorded for the image, and no failed-build log kept.
     code = (
         "import sys; from pathlib import Path; from pytest_bottle import HostDependencyError, Image\n"
         "from pytest_bottle.images import ensure_image\n"
@@ -213,14 +214,20 @@ def test_a_derived_build_on_a_host_without_qemu_is_a_host_dependency_error(warm_
         "    except HostDependencyError as e:\n"
         "        print(type(e).__name__, e.missing)\n"
     )
+    token = uuid.uuid4().hex
     r = subprocess.run(
-        [sys.executable, "-c", code, str(warm_cache), uuid.uuid4().hex],
+        [sys.executable, "-c", code, str(warm_cache), token],
         capture_output=True,
         text=True,
         env=dict(os.environ, PATH="/nonexistent"),
         timeout=120,
     )
-    assert r.stdout.splitlines() == ["HostDependencyError qemu-system-x86_64"] * 2, r.stdout + r.stderr
+    final = entry_dir(warm_cache, Image("debian-bookworm").write("/etc/x", token))
+    assert not final.exists() and not list((warm_cache / "logs").glob(f"{final.name}-failed-*.log"))
+    # qemu-img first, unless an overlay template of the parent is cached already
+    said = r.stdout.splitlines()
+    assert len(said) == 2 and said[0] == said[1], r.stdout + r.stderr
+    assert said[0] in ("HostDependencyError qemu-img", "HostDependencyError qemu-system-x86_64"), r.stderr
 
 
 def test_two_processes_wanting_a_failing_image_try_it_once(warm_cache: Path) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import ImageImportError
+from ..errors import BottleError, ImageImportError
 
 FORMAT = "pytest-bottle-image-export"
 VERSION = 1
@@ -291,6 +291,8 @@ def unpack(
                 got = _unpack(tar, dest, progress)
             while raw.read(CHUNK):
                 pass
+    except BottleError:  # our own refusals (and a SpecError is a ValueError)
+        raise
     # tarfile reads a chain of extension headers by recursion, and may trip on
     # a forged number or name: an export from a URL is anyone's.
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, RecursionError, ValueError, OverflowError) as e:

@@ -181,10 +181,12 @@ def ensure_image(
                 remove_tree(tmp / ".work")
                 (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
                 entries.commit(tmp, final)
+            except HostDependencyError:
+                raise  # the host's to fix, not the image's failure: no failed-build log (tmp goes, with its log)
             except BaseException as e:
                 kept_log = keep_failed_log(cache_dir, tmp, final.name)
-                if isinstance(e, (KeyboardInterrupt, SystemExit, HostDependencyError)):
-                    raise  # a missing host program is the host's to fix, not the image's failure
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
                 failed = (  # pointing at the log where it now lives
                     ImageBuildError(e.name, e.reason, e.log_tail, kept_log)
                     if isinstance(e, ImageBuildError)
