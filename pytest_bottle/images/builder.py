@@ -137,7 +137,7 @@ def _run_logged(argv: list[str], tmp: Path, log_path: Path, progress: Progress |
     with open(log_path, "w") as logf:
         logf.write("$ " + " ".join(argv) + "\n")
         logf.flush()
-        proc = subprocess.Popen(
+        with subprocess.Popen(  # closes its pipe on the way out, whichever way that is
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -146,22 +146,22 @@ def _run_logged(argv: list[str], tmp: Path, log_path: Path, progress: Progress |
             text=True,
             # SIGTERM, not SIGKILL: mmdebstrap then unmounts what it mounted.
             preexec_fn=functools.partial(die_with, os.getpid(), signal.SIGTERM),
-        )
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                logf.write(line)
-                if progress and line.startswith("I: "):
-                    progress(line[3:].strip(), time.monotonic() - started)
-        except BaseException:  # interrupted: stop the build before its directory goes
-            proc.terminate()
+        ) as proc:
+            assert proc.stdout is not None
             try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            raise
-        return proc.wait()
+                for line in proc.stdout:
+                    logf.write(line)
+                    if progress and line.startswith("I: "):
+                        progress(line[3:].strip(), time.monotonic() - started)
+            except BaseException:  # interrupted: stop the build before its directory goes
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                raise
+            return proc.wait()
 
 
 def _manifest(recipe: Recipe, out: Path, started: float) -> dict[str, object]:
