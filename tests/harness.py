@@ -93,6 +93,14 @@ def kill_group(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
         except ProcessLookupError:
             pass
     proc.wait()
+    close_pipes(proc)
+
+
+def close_pipes(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    """A reaped child's pipes, closed now rather than by the collector (a ResourceWarning)."""
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def gone(pid: int, within: float = 5.0) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 from filelock import FileLock
+from harness import close_pipes
 
 import pytest_bottle
 from pytest_bottle.host.paths import default_cache_dir, remove_tree, state_dir
@@ -82,6 +83,7 @@ def home() -> Iterator[Path]:
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.kill()
     proc.wait()
+    close_pipes(proc)
 
 
 TRIVIAL = "def test_nothing():\n    pass\n"
@@ -467,6 +469,7 @@ def test_lease_lock_wait_is_bounded_and_names_the_holder(tmp_path: Path, monkeyp
     finally:
         holder.kill()
         holder.wait()
+        close_pipes(holder)
     from pytest_bottle.net import pools
 
     assert pools.lease("mac", "after")  # free again once the holder is gone

@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 from filelock import FileLock
+from harness import close_pipes
 
 import pytest_bottle
 from pytest_bottle.host.paths import state_dir
@@ -52,6 +53,7 @@ def _wait_line(proc: subprocess.Popen[str]) -> str:
 def _stop(proc: subprocess.Popen[str]) -> None:
     proc.kill()
     proc.wait()
+    close_pipes(proc)
 
 
 # --- an owner whose name is not UTF-8 -----------------------------------------------------------------------------
