@@ -655,9 +655,18 @@ def test_sweep_skips_another_users_process(home: Path, entry: str) -> None:
 
 @needs_root
 def test_cache_is_private_to_its_user(warm_cache: Path) -> None:
-    # warm_cache: run first from an empty cache, ~/.cache did not exist yet to stat
-    if os.stat(CACHE.parent).st_mode & stat.S_IXOTH == 0:
-        pytest.skip(f"{CACHE.parent} is closed to others anyway")
+    # warm_cache: run first from an empty cache, ~/.cache did not exist yet to stat.
+    # Others may pass through the directory above (as through a 0755 ~/.cache),
+    # so only the cache's own modes keep them out: made 0700, ~/.cache would hide that.
+    above = stat.S_IMODE(os.stat(CACHE.parent).st_mode)
+    CACHE.parent.chmod(above | 0o011)
+    try:
+        _the_cache_is_private()
+    finally:
+        CACHE.parent.chmod(above)
+
+
+def _the_cache_is_private() -> None:
     if CACHE.is_dir():
         CACHE.chmod(0o755)  # the mode older versions left
     with pytest_bottle.launch(cache_dir=CACHE) as b:
