@@ -43,32 +43,21 @@ def load_images(source: str) -> None:
     """Run a Python file (``path.py``) or import a module (``pkg.images``)
     that defines images: what it names with ``.named()``, and what its
     ``pytest_bottle_images()`` returns, become buildable by name."""
-    if source.endswith(".py") or os.sep in source:
-        if not os.path.isfile(source):
-            raise SpecError(f"--from {source}: no such file")
-        path = os.path.abspath(source)
-
-        def run() -> dict[str, object]:
-            return _run_file(path)
-    else:
+    is_file = source.endswith(".py") or os.sep in source
+    if is_file and not os.path.isfile(source):
+        raise SpecError(f"--from {source}: no such file")
+    if not is_file:
         sys.path.insert(0, os.getcwd())
-
-        def run() -> dict[str, object]:
-            try:
-                return vars(importlib.import_module(source))
-            except ModuleNotFoundError as e:
-                if e.name is None or not (source == e.name or source.startswith(e.name + ".")):
-                    raise  # the module itself imports something missing: its traceback says where
-                raise _NoModule(e.name) from None
-
     try:
-        namespace = run()
+        namespace = _run_file(os.path.abspath(source)) if is_file else vars(importlib.import_module(source))
         hook = namespace.get("pytest_bottle_images")
         provided = hook() if callable(hook) else None
-    except _NoModule as e:
-        no = e.args[0]
-        raise SpecError(f"--from {source}: no module named {no!r} (give a .py file or an importable module)") from None
     except Exception as e:
+        no = e.name if isinstance(e, ModuleNotFoundError) and not is_file else None
+        if no is not None and (source == no or source.startswith(no + ".")):  # not one it imports
+            raise SpecError(
+                f"--from {source}: no module named {no!r} (give a .py file or an importable module)"
+            ) from None
         # The user's code failed (a BottleError of an Image step it makes too):
         # its own frames say where; ours would only bury them, and a bare
         # traceback would exit 1, like `bottle run`'s command.
@@ -76,10 +65,6 @@ def load_images(source: str) -> None:
         raise SpecError(f"--from {source}: loading it raised {type(e).__name__} (its traceback is above)") from None
     if callable(hook):  # what it returned is checked as under pytest
         register_provided(provided, f"pytest_bottle_images() in {source}")
-
-
-class _NoModule(Exception):
-    """The module ``--from`` names is not there (not one it imports)."""
 
 
 def _their_frames(tb: TracebackType | None) -> TracebackType | None:
