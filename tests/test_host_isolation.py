@@ -339,19 +339,26 @@ def test_cache_root_checks(tmp_path: Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
 
 
+@pytest.fixture
+def theirs_later(tmp_path: Path) -> Path:
+    """A name in a sticky shared directory (like /tmp) that another user can
+    take at any moment: missing when the cache is asked for."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    return shared / "ci"
+
+
 @needs_root
 def test_a_missing_directory_above_made_by_someone_else_meanwhile_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    theirs_later: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first look skips what is not there yet; another user may make it
     (in a sticky /tmp) before our mkdir, and own what we then make in it."""
     from pytest_bottle.errors import UnsafeDirectory
     from pytest_bottle.host import paths
 
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o1777)
-    theirs = shared / "ci"  # missing when the cache is asked for
+    theirs = theirs_later
     first_look, looks = paths._check_ancestors, []
 
     def then_they_make_it(path: Path, hint: str) -> None:
@@ -370,17 +377,14 @@ def test_a_missing_directory_above_made_by_someone_else_meanwhile_is_refused(
 
 @needs_root
 def test_a_directory_above_made_by_someone_else_just_before_our_mkdir_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    theirs_later: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Several levels missing: the first one is taken between our look and our
     mkdir (which then finds it there); nothing of ours may go into it."""
     from pytest_bottle.errors import UnsafeDirectory
     from pytest_bottle.host import paths
 
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o1777)
-    theirs = shared / "ci"
+    theirs = theirs_later
     real_mkdir = os.mkdir
 
     def beaten_to_it(path: str | os.PathLike[str], mode: int = 0o777, **kw: object) -> None:
