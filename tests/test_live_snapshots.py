@@ -456,7 +456,12 @@ def test_a_spawned_process_runs_on_detached_in_a_fork_and_attached_in_the_source
     """A fork's new host detaches the source's spawned processes: they run on,
     their output (far more than a pipe and the window) read and dropped."""
     src = bottle_factory()
-    loop = "n=0; while :; do n=$((n+1)); echo $n > /root/n; head -c 131072 /dev/zero; echo tick $n; sleep 0.2; done"
+    # /root/n is replaced by a rename, never rewritten in place: a read between
+    # the shell's truncate and its write would see an empty file.
+    loop = (
+        "n=0; while :; do n=$((n+1)); echo $n > /root/n.new; mv /root/n.new /root/n;"
+        " head -c 131072 /dev/zero; echo tick $n; sleep 0.2; done"
+    )
     p = src.spawn(["sh", "-c", loop])
     p.wait_for_output("tick 2\n", 60)
     fork = bottle_factory(snapshot=src.snapshot())
