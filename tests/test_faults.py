@@ -37,7 +37,7 @@ def test_kernel_panic_is_a_boot_error_with_the_console_tail(tmp_path: Path, defa
     started = time.monotonic()
     with pytest.raises(BootError) as info:
         start_machine(plan, tmp_path, "panics", timeout=120)
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 110  # the panic ended it, not the start's timeout
     assert "Kernel panic" in info.value.console_tail
     assert "QEMU exited" in info.value.reason and "Kernel panic" in str(info.value)
     assert not processes_mentioning(str(tmp_path))
