@@ -382,7 +382,8 @@ def test_every_command_that_reads_the_cache_refuses_an_unusable_one_and_makes_no
         assert r.returncode == 1, (args, r)
         assert f"bottle: UnsafeDirectory: refusing to use {afile}: it is not" in r.stderr, (args, r)
         assert cli(*args, cache=missing, timeout=60).returncode in (0, 1)  # rm: "nothing cached" is 1
-    assert "nothing to sweep" in cli("sweep", cache=afile, timeout=60).stdout  # the host-wide part still ran
+    # the host-wide part still ran (it may sweep what the other worker's kill tests left for a moment)
+    assert re.match(r"(nothing to sweep|swept \d+ VM record)", cli("sweep", cache=afile, timeout=60).stdout)
     r = cli("doctor", cache=afile, timeout=60)
     assert r.returncode == 1 and f"cache: {afile}: cannot be used: it is not a directory" in r.stdout, r
     assert "run state: " in r.stdout  # it goes on after the cache

@@ -542,6 +542,8 @@ def test_stdin_left_unread_does_not_leak_agent_threads(module_bottle: Bottle) ->
 
     module_bottle.exec("head -c1", input=b"x" * 2_000_000)
     before = agent_threads()
-    for _ in range(5):
+    for _ in range(8):
         assert module_bottle.exec("head -c1", input=b"x" * 2_000_000).stdout == "x"
-    assert agent_threads() <= before + 1
+    # A leak is a thread per call; a worker that has sent its reply but not yet
+    # counted itself idle when the next call comes makes one more, once in a while.
+    assert agent_threads() <= before + 2
