@@ -66,9 +66,12 @@ def test_client_fetches_from_server_over_the_lan(bottle_factory: Callable[..., B
     )
     assert client.check_output(["python3", "-c", script], timeout=60) == f"hello from {server.name}\n"
 
-    # The server saw the request come from the client's LAN address.
-    log = server.check_output(["journalctl", "-u", "web", "--no-pager", "-o", "cat"], timeout=60)
-    assert any(line.startswith(f"{client.lan_ip} - - ") and '"GET / HTTP/1.1" 200' in line for line in log.splitlines())
+    # The server saw the request come from the client's LAN address
+    # (journald files the service's log line a moment after it is written).
+    server.wait_until_succeeds(
+        f"journalctl -u web --no-pager -o cat | grep -F '{client.lan_ip} - - ' | grep -qF '\"GET / HTTP/1.1\" 200'",
+        timeout=30,
+    )
 
 
 def test_bottles_on_different_lans_are_isolated(bottle_factory: Callable[..., Bottle]) -> None:

@@ -46,7 +46,8 @@ def test_a_memory_hog_is_killed_by_the_oom_killer_and_the_bottle_lives_on(bottle
     assert r.returncode == -9, (r, b.console_log[-2000:])
     assert "Kernel panic" not in b.console_log
     assert b.check_output("echo alive") == "alive\n"
-    assert b.exec("journalctl -k --no-pager | grep -c 'Killed process'").stdout.strip() != "0"
+    # the kernel's own log (the journal reads it a moment later): the OOM killer did it
+    assert "Killed process" in b.check_output("dmesg")
 
 
 class _Interrupted(BaseException):
