@@ -294,6 +294,27 @@ b.snapshot()
 """
 
 
+def test_a_pause_qemu_confirms_too_late_still_runs_the_source_on(
+    bottle: Bottle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``stop`` the host gave up waiting for is still carried out by QEMU:
+    the snapshot fails, and the source runs on (it stayed paused, and its
+    next call died as "has not answered")."""
+    from pytest_bottle.vmm.machine import QemuMachine
+
+    real = QemuMachine.pause
+
+    def late(self: QemuMachine) -> None:
+        real(self)
+        raise TimeoutError(f"QEMU of {bottle.name} did not answer 'stop' within 60 s")
+
+    monkeypatch.setattr(QemuMachine, "pause", late)
+    with pytest.raises(SnapshotError, match="did not answer 'stop' within 60 s"):
+        bottle.snapshot()
+    assert bottle.check_output("echo alive", timeout=20) == "alive\n"
+    assert not list(default_cache_dir().glob(f"snapshots/*{bottle.name}*"))  # nothing half-made kept
+
+
 def test_kill_9_during_a_snapshot_leaves_nothing_after_a_sweep(warm_cache: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(TESTS_DIR))
     proc = subprocess.Popen([sys.executable, "-c", KILLED], stdout=subprocess.PIPE, text=True, env=env)

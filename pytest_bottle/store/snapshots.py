@@ -202,8 +202,8 @@ def _capture_machine(src: Source, tmp: Path) -> _Paused:
     receiver = QemuMachine.start(_receiver_config(machine.cfg, tmp), helper_dir, name=f"{src.name}-receiver")
     try:
         started = time.monotonic()
-        machine.pause()
-        try:
+        try:  # also a stop QEMU did not answer in time: it may still happen, and the source must run on
+            machine.pause()
             frozen = machine.freeze_disk(overlay)
             machine.stream_state(stream, SNAPSHOT_TIMEOUT)
         finally:

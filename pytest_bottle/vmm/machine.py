@@ -219,13 +219,17 @@ class QemuMachine:
         return f"QEMU exited with {rc}" + (f": {out[-1500:]}" if out else "")
 
     def save_state(self, path: Path, timeout: float = 120.0) -> None:
-        """Stop the guest and write its whole state (devices and RAM) to ``path``."""
-        self.qmp.cmd("stop")
-        self.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-        if self.cfg.ram_file is not None:  # RAM stays in its file; save the devices
-            self.qmp.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
-        self.qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(path)))
-        self._wait_migration("saving the VM state", timeout)
+        """Stop the guest and write its whole state (devices and RAM) to ``path``;
+        ``BootError`` if QEMU fails at it or does not answer."""
+        try:
+            self.qmp.cmd("stop")
+            self.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+            if self.cfg.ram_file is not None:  # RAM stays in its file; save the devices
+                self.qmp.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+            self.qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(path)))
+            self._wait_migration("saving the VM state", timeout)
+        except TimeoutError as e:
+            raise BootError(f"saving the VM state failed: {e}", name=self.qmp.name) from None
 
     # -- live snapshots (see store/snapshots.py) ----------------------------
 

@@ -79,10 +79,15 @@ def _no_event(event: Any) -> bool:
     return False
 
 
+# A command's answer waits for QEMU's main loop, which a state load or a
+# flush of guest writes can hold for seconds on a loaded host.
+TIMEOUT = 60.0
+
+
 class QMP:
     """A connected QMP session over an already connected socket."""
 
-    def __init__(self, sock: socket.socket, name: str, timeout: float = 10.0) -> None:
+    def __init__(self, sock: socket.socket, name: str, timeout: float = TIMEOUT) -> None:
         self.name = name
         self.timeout = timeout
         self._client = QMPClient(name)
@@ -93,24 +98,28 @@ class QMP:
         self._sock = sock
         self._connected = False
 
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None, what: str) -> T:
         fut = asyncio.run_coroutine_threadsafe(coro, _get_loop())
+        limit = self.timeout if timeout is None else timeout
         try:
-            return fut.result(self.timeout if timeout is None else timeout)
+            return fut.result(limit)
+        except TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"QEMU of {self.name} did not answer {what} within {limit:g} s") from None
         except BaseException:
             fut.cancel()
             raise
 
     def connect(self, timeout: float | None = None) -> None:
         if not self._connected:
-            self._run(self._client.connect(self._sock), timeout)
+            self._run(self._client.connect(self._sock), timeout, "QMP's greeting")
             self._connected = True
             with _loop_lock:
                 _open.add(self)
 
     def cmd(self, command: str, timeout: float | None = None, **args: Any) -> Any:
         self.connect(timeout)
-        return self._run(self._client.execute(command, args or None), timeout)
+        return self._run(self._client.execute(command, args or None), timeout, repr(command))
 
     def close(self, timeout: float = 2.0) -> None:
         with _loop_lock:  # one closer disconnects
@@ -118,7 +127,7 @@ class QMP:
             _open.discard(self)
         if connected:
             try:
-                self._run(self._client.disconnect(), timeout)
+                self._run(self._client.disconnect(), timeout, "a disconnect")
             except Exception as e:  # QEMU may be gone already; nothing to release
                 log.debug("qmp %s disconnect: %s", self.name, e)
         self._sock.close()

@@ -365,3 +365,12 @@ def test_a_seed_of_another_cpu_model_or_kernel_line_is_outdated(tmp_path: Path) 
         state = load(entry(tmp_path / "seeds" / name, key_parts=parts))
         assert state is not None
         assert outdated(state, image) == why, name  # type: ignore[arg-type]
+
+
+def test_a_save_qemu_does_not_answer_in_time_is_a_boot_error() -> None:
+    """Not a bare TimeoutError out of a seed's making (it is not a BottleError)."""
+    qmp = FakeQMP(stop=[TimeoutError("QEMU of btl-fake did not answer 'stop' within 60 s")])
+    with pytest.raises(
+        BootError, match=r"^bottle btl-fake failed to boot: saving the VM state failed: QEMU of btl-fake did not"
+    ):
+        fake_machine(qmp).save_state(Path("/nonexistent/memory.state"))
