@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from .snapshot import Snapshot
 
 Target = Callable[[str, Path], "AbstractContextManager[AgentClient] | None"]
-CONNECT_TIMEOUT = 10.0  # for the agent of a kept bottle to answer
+CONNECT_TIMEOUT = 30.0  # for the agent of a kept bottle to answer (seconds on a loaded host)
 # Root's login shell, for input that is not a terminal (no pty: the exec call)
 LOGIN_SHELL = [
     "/bin/sh",

@@ -208,7 +208,7 @@ def take_snapshot(bottle: Bottle, machine: Machine, res: Resources, *, saved_for
     )
     # Its forks wake with the agent's compiled core serving them, as clones of
     # a seed do, unless it runs commands now (then the Python agent serves).
-    why_not = bottle._agent.park(timeout=30)
+    why_not = bottle._agent.park(timeout=60)  # a clone parks from cold code: seconds on a loaded host
     if why_not is not None:
         log.debug("%s: the agent is not parked for snapshot %s: %s", bottle.name, name, why_not)
     try:

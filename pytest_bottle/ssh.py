@@ -41,7 +41,7 @@ Host {name}
     CheckHostIP no
     BatchMode yes
     PasswordAuthentication no
-    ConnectTimeout 30
+    ConnectTimeout 60
     LogLevel ERROR
 """
 

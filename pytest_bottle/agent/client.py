@@ -36,7 +36,7 @@ from .replies import (
 from .streams import OnOutput, OutputFeed
 
 # Seconds a settle's answer may take past the time it was given to wait.
-SETTLE_GRACE = 10.0
+SETTLE_GRACE = 30.0
 NOT_SETTLED = "its boot did not settle within"
 BUSY = {"systemd": "systemd was still starting units", "udev": "udev was still handling devices"}
 # How long past its timeout an exec(on_output=) still calls the callback (see ``_finish_feeding``).

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 BUILD_MEMORY_MB = 1024
 BOOT_TIMEOUT = 300.0
 STEP_TIMEOUT = 3600.0  # a step with no timeout of its own
+REPLY_GRACE = 15.0  # past a step's timeout, for the guest to kill it and answer (a loaded host is slow)
 OUTPUT_CAP = 1 << 20
 TAIL_LINES = 40
 MAC = "52:54:00:b0:77:10"
@@ -203,7 +204,7 @@ def _shell(
     run = agent.exec(
         ["/bin/sh", "-c", command], env=run_env, cwd="/", user=None, timeout=timeout, stdin=None, cap=OUTPUT_CAP
     )
-    reply = run.finish(5.0, what)
+    reply = run.finish(REPLY_GRACE, what)
     output = reply.stdout.decode(errors="replace") + reply.stderr.decode(errors="replace")
     logf.write(output + ("" if output.endswith("\n") or not output else "\n"))
     rc = -1 if reply.timed_out else reply.rc
@@ -224,7 +225,7 @@ def _power_off(agent: AgentClient, machine: Machine, logf: IO[str]) -> None:
         timeout=30,
         stdin=None,
         cap=OUTPUT_CAP,
-    ).finish(5.0, "poweroff")
+    ).finish(REPLY_GRACE, "poweroff")
     if machine.wait(BOOT_TIMEOUT) is None:
         raise ImageBuildError("", "the build machine did not power off", console_tail(machine.console_log))
 

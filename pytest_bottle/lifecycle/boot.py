@@ -165,7 +165,7 @@ def wait_ready(machine: Machine, channel: AgentChannel, timeout: float, name: st
     try:
         channel.send_sync()
     except AgentError as e:  # QEMU went (a bad kernel, say) between its start and this write: say why
-        machine.wait(1.0)
+        machine.wait(3.0)
         raise BootError(machine.exit_reason() or str(e), console_tail(machine.console_log), name) from None
 
     def nap(seconds: float) -> None:
@@ -177,7 +177,7 @@ def wait_ready(machine: Machine, channel: AgentChannel, timeout: float, name: st
         if not machine.alive():
             raise BootError(machine.exit_reason() or "QEMU exited", console_tail(machine.console_log), name)
         if channel.closed.is_set():
-            machine.wait(1.0)  # EOF usually means QEMU is exiting: report why
+            machine.wait(3.0)  # EOF usually means QEMU is exiting: report why
             reason = machine.exit_reason() or f"agent channel closed: {channel.death}"
             raise BootError(reason, console_tail(machine.console_log), name)
         raise _NotReady

@@ -90,7 +90,7 @@ def start(
     return QemuMachine.start(cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds)
 
 
-def gone(machine: Machine, wait: float = 1.0) -> str:
+def gone(machine: Machine, wait: float = 3.0) -> str:
     """Why ``machine`` is gone, for calls its closed agent stream failed (its
     stream ends a moment before it does): "" if it still runs after ``wait`` s."""
     if machine.wait(wait) is None:
