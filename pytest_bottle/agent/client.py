@@ -35,6 +35,8 @@ from .replies import (
 )
 from .streams import OnOutput, OutputFeed
 
+# The handshake: milliseconds on a restore, seconds mid-boot on a loaded host.
+SETUP_TIMEOUT = 120.0
 # Seconds a settle's answer may take past the time it was given to wait.
 SETTLE_GRACE = 30.0
 NOT_SETTLED = "its boot did not settle within"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from ..agent.client import AgentClient
+from ..agent.client import SETUP_TIMEOUT, AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..agent.transfer import put
 from ..errors import BootTimeout, BottleError, ImageBuildError
@@ -103,7 +103,7 @@ def provision(
             agent = AgentClient(channel)
             _shell(agent, SAVE_IDENTITY, logf, "save identity", 60)
             nics = [NicSetup(MAC, MAC, ip=NET["ip"], gateway=NET["gateway"])]
-            agent.setup(Handshake.fresh(name, nics, baked={"resolv_conf": RESOLV_BUILD}), timeout=60)
+            agent.setup(Handshake.fresh(name, nics, baked={"resolv_conf": RESOLV_BUILD}), timeout=SETUP_TIMEOUT)
             try:  # steps on a half-booted machine race its own units (apt's locks, for one)
                 agent.settle(timeout=BOOT_TIMEOUT, quiet=0)
             except BootTimeout as e:

@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..agent.client import AgentClient
+from ..agent.client import SETUP_TIMEOUT, AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..errors import BottleError, HostDependencyError
 from ..host.deps import which
@@ -99,7 +99,7 @@ def clone_setup(
     if res.lan_ip:
         nics.append(_nic(found[1], macs[1], res.lan_ip))
     started = time.perf_counter()
-    done = agent.setup(Handshake.fresh(plan.name, nics, ssh_host_key=key_pair, baked=per_boot), timeout=60)
+    done = agent.setup(Handshake.fresh(plan.name, nics, ssh_host_key=key_pair, baked=per_boot), timeout=SETUP_TIMEOUT)
     announce = dict(name=done.nic_name(macs[0]), mac=macs[0], ip=USER_NET["ip"]) if lazy_arp else None
     log.debug("%s: clone handshake took %.1f ms", plan.name, (time.perf_counter() - started) * 1000)
     return Done(key_pair, announce)

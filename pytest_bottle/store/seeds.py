@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..agent.client import AgentClient
+from ..agent.client import SETUP_TIMEOUT, AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..agent.replies import SettleReply, SetupReply
 from ..errors import AgentError, AgentTimeout, BootTimeout
@@ -204,7 +204,7 @@ def _boot_and_save(
         # Every step a clone's handshake takes, so that the code it runs is
         # in the seed's page cache.
         shake = Handshake.fresh(SEED_HOSTNAME, nics, machine_id="0" * 32, ssh_host_key=key, baked=baked, list_nics=True)
-        named = agent.setup(shake, timeout=60)
+        named = agent.setup(shake, timeout=SETUP_TIMEOUT)
         settle = settle_boot(agent, machine, SEED_SETTLE_TIMEOUT, quiet=1.0)  # never save a boot half done
         agent.quiesce(warm=WARM_DIRS, timeout=300)
         # Last: a clone's restore path then runs no Python (guest.handoff).
