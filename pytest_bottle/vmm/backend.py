@@ -90,9 +90,10 @@ def start(
     return QemuMachine.start(cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds)
 
 
-def gone(machine: Machine, wait: float = 3.0) -> str:
+def gone(machine: Machine, wait: float = 1.0) -> str:
     """Why ``machine`` is gone, for calls its closed agent stream failed (its
-    stream ends a moment before it does): "" if it still runs after ``wait`` s."""
+    stream ends a moment before it does): "" if it still runs after ``wait`` s.
+    It runs on the channel's reader, which ``close()`` waits 2 s for: keep ``wait`` under that."""
     if machine.wait(wait) is None:
         return ""
     words = last_words(console_tail(machine.console_log))
