@@ -286,33 +286,36 @@ def test_a_bottle_closed_while_it_is_being_snapshotted_says_so(bottle_factory: C
     assert not list(root.glob(f"{b.name}-*")), "nothing of it left in the cache"
 
 
-KILLED = """
-import pytest_bottle
-b = pytest_bottle.launch()
-print(b.name, b.snapshot().path, flush=True)
-b.snapshot()
-"""
-
-
 def test_a_pause_qemu_confirms_too_late_still_runs_the_source_on(
     bottle: Bottle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A ``stop`` the host gave up waiting for is still carried out by QEMU:
     the snapshot fails, and the source runs on (it stayed paused, and its
-    next call died as "has not answered")."""
+    next call died as "has not answered"), its clock caught up."""
     from pytest_bottle.vmm.machine import QemuMachine
 
     real = QemuMachine.pause
 
     def late(self: QemuMachine) -> None:
         real(self)
+        time.sleep(3)  # paused, its clock standing still
         raise TimeoutError(f"QEMU of {bottle.name} did not answer 'stop' within 60 s")
 
     monkeypatch.setattr(QemuMachine, "pause", late)
     with pytest.raises(SnapshotError, match="did not answer 'stop' within 60 s"):
         bottle.snapshot()
     assert bottle.check_output("echo alive", timeout=20) == "alive\n"
+    before = time.time()
+    assert float(bottle.check_output("date +%s.%N")) > before - 1.5, "its clock was not caught up after the pause"
     assert not list(default_cache_dir().glob(f"snapshots/*{bottle.name}*"))  # nothing half-made kept
+
+
+KILLED = """
+import pytest_bottle
+b = pytest_bottle.launch()
+print(b.name, b.snapshot().path, flush=True)
+b.snapshot()
+"""
 
 
 def test_kill_9_during_a_snapshot_leaves_nothing_after_a_sweep(warm_cache: Path) -> None:
@@ -338,11 +341,10 @@ def test_kill_9_during_a_snapshot_leaves_nothing_after_a_sweep(warm_cache: Path)
     assert not shown, f"QEMU (source and receiver) did not die with their owner: {shown}"
     report = sweep([warm_cache])
     # Another run's startup sweep may hold an entry this one skips while it removes it: wait for it.
-    wait_until(
-        lambda: not [p for p in root.iterdir() if name in p.name],
-        30,
-        f"nothing left after the sweep ({report.summary()}): {[p.name for p in root.iterdir() if name in p.name]}",
-    )
+    deadline = time.monotonic() + 30
+    while (left := [p for p in root.iterdir() if name in p.name]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == [], f"left after the sweep: {left} ({report.summary()})"
     assert not Path(first).exists()
     assert not (warm_cache / "run" / name).exists()
     assert not [p for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or ())]

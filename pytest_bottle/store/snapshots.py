@@ -209,7 +209,7 @@ def _capture_machine(src: Source, tmp: Path) -> _Paused:
         finally:
             _resume(machine, src.name)
             seconds = time.monotonic() - started
-        src.resumed()
+            src.resumed()  # its clock caught up, also when the capture failed
         loading = time.monotonic()
         receiver.receive_state(stream)
         receiver.wait_received(SNAPSHOT_TIMEOUT)

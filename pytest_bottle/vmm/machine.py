@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import QMPError
+
 from ..errors import BootError, BootTimeout
 from ..host.deps import require
 from . import clock, console, process
@@ -190,7 +192,7 @@ class QemuMachine:
         self.stop(grace=0.5)
         tail = console_tail(self.console_log)
         if alive and isinstance(error, TimeoutError):
-            return BootTimeout(f"QEMU did not answer QMP in time ({type(error).__name__})", tail, name)
+            return BootTimeout(f"QEMU did not answer QMP in time ({error})", tail, name)
         return BootError(reason or f"QMP failed during start-up: {type(error).__name__}: {error}", tail, name)
 
     @property
@@ -228,8 +230,9 @@ class QemuMachine:
                 self.qmp.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
             self.qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(path)))
             self._wait_migration("saving the VM state", timeout)
-        except TimeoutError as e:
-            raise BootError(f"saving the VM state failed: {e}", name=self.qmp.name) from None
+        except (TimeoutError, QMPError, OSError, EOFError) as e:  # QEMU stuck, or gone mid-save
+            why = self.exit_reason() or (str(e) if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}")
+            raise BootError(f"saving the VM state failed: {why}", name=self.qmp.name) from None
 
     # -- live snapshots (see store/snapshots.py) ----------------------------
 

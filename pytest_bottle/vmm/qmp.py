@@ -71,8 +71,9 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
-# qemu.qmp logs every message at DEBUG, and our users' -p logging would drown in it.
-logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+# qemu.qmp logs every message at DEBUG, and our users' -p logging would drown in it;
+# its warnings are about answers that come after we stopped waiting ("Unknown ID").
+logging.getLogger("qemu.qmp").setLevel(logging.ERROR)
 
 
 def _no_event(event: Any) -> bool:
@@ -104,6 +105,8 @@ class QMP:
         try:
             return fut.result(limit)
         except TimeoutError:
+            if fut.done():  # the command's own error, not our wait
+                raise
             fut.cancel()
             raise TimeoutError(f"QEMU of {self.name} did not answer {what} within {limit:g} s") from None
         except BaseException:

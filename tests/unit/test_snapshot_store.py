@@ -367,10 +367,16 @@ def test_a_seed_of_another_cpu_model_or_kernel_line_is_outdated(tmp_path: Path) 
         assert outdated(state, image) == why, name  # type: ignore[arg-type]
 
 
-def test_a_save_qemu_does_not_answer_in_time_is_a_boot_error() -> None:
-    """Not a bare TimeoutError out of a seed's making (it is not a BottleError)."""
-    qmp = FakeQMP(stop=[TimeoutError("QEMU of btl-fake did not answer 'stop' within 60 s")])
-    with pytest.raises(
-        BootError, match=r"^bottle btl-fake failed to boot: saving the VM state failed: QEMU of btl-fake did not"
-    ):
-        fake_machine(qmp).save_state(Path("/nonexistent/memory.state"))
+@pytest.mark.parametrize(
+    ("error", "exited", "why"),
+    [
+        (TimeoutError("QEMU of btl-fake did not answer 'stop' within 60 s"), "", "QEMU of btl-fake did not answer"),
+        (QMPError("Disconnected"), "QEMU exited with -9", "QEMU exited with -9"),  # gone mid-save: why it went
+    ],
+)
+def test_a_save_qemu_fails_at_or_does_not_answer_is_a_boot_error(error: Exception, exited: str, why: str) -> None:
+    """Not a bare TimeoutError or QMPError out of a seed's making (neither is a BottleError)."""
+    m = fake_machine(FakeQMP(stop=[error]))
+    m.exit_reason = lambda: exited  # type: ignore[method-assign]
+    with pytest.raises(BootError, match=rf"^bottle btl-fake failed to boot: saving the VM state failed: {why}"):
+        m.save_state(Path("/nonexistent/memory.state"))
