@@ -11,6 +11,7 @@ Segments, like bottles, are torn down after the test.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 from pytest_bottle import Bottle
@@ -68,10 +69,8 @@ def test_client_fetches_from_server_over_the_lan(bottle_factory: Callable[..., B
 
     # The server saw the request come from the client's LAN address
     # (journald files the service's log line a moment after it is written).
-    server.wait_until_succeeds(
-        f"journalctl -u web --no-pager -o cat | grep -F '{client.lan_ip} - - ' | grep -qF '\"GET / HTTP/1.1\" 200'",
-        timeout=30,
-    )
+    from_client = f"grep '^{re.escape(client.lan_ip)} - - ' | grep -qF '\"GET / HTTP/1.1\" 200'"
+    server.wait_until_succeeds(f"journalctl -u web --no-pager -o cat | {from_client}", timeout=30)
 
 
 def test_bottles_on_different_lans_are_isolated(bottle_factory: Callable[..., Bottle]) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from harness import in_process_agent
 
-from pytest_bottle.agent.client import NOT_SETTLED, SETTLE_GRACE, AgentClient
+from pytest_bottle.agent.client import NOT_SETTLED, AgentClient
 from pytest_bottle.errors import BootTimeout
 from pytest_bottle.images import failures
 from pytest_bottle.images.cache import BuiltImage
@@ -80,7 +80,7 @@ def test_a_boot_still_running_at_the_timeout_is_a_boot_timeout(
             AgentClient(chan).settle(timeout=3, quiet=0)
         took = time.monotonic() - started
         # the guest answered (no AgentTimeout), and no later than the time it was given
-        assert took < 3 + 5 < 3 + SETTLE_GRACE, took  # at its 3 s, well before the grace the host adds ran out
+        assert took < 8, took  # at its 3 s, well before the grace the host adds (SETTLE_GRACE, 30 s) ran out
         assert AgentClient(chan).listening(timeout=5).ports is not None  # its channel still serves
     # the client's own words are what a seed remembers
     unsettled.record(tmp_path / "seed", raised.value, "seed of img", IMAGE)
