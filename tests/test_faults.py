@@ -18,7 +18,7 @@ from pytest_bottle.host.paths import default_cache_dir
 from pytest_bottle.images import BuiltImage, ensure_image
 from pytest_bottle.lifecycle.boot import start_machine
 from pytest_bottle.vmm import accel
-from pytest_bottle.vmm.qemu import MachineConfig, Nic
+from pytest_bottle.vmm.qemu import MachineConfig, Nic, Restore
 
 CACHE = default_cache_dir()
 
@@ -27,6 +27,32 @@ def _plan(image: BuiltImage, initrd: Path | None = None) -> MachineConfig:
     return MachineConfig(
         image.kernel, initrd or image.initrd, image.rootfs, 512, 1, "tcg", (Nic("net0", "52:54:00:b0:77:01"),)
     )
+
+
+def test_a_restore_qemu_does_not_answer_is_a_boot_timeout_within_the_bottles_timeout(
+    tmp_path: Path, default_image: BuiltImage
+) -> None:
+    """QEMU's commands wait 60 s each; a bottle's shorter start timeout bounds a restore's."""
+    stuck = tmp_path / "qemu-that-never-answers"
+    stuck.write_text('#!/bin/sh\nexec tail -f /dev/null "$0"\n')  # runs, says nothing; its path names it
+    stuck.chmod(0o755)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(saved / "disk.qcow2"), "1G"], check=True)
+    for name in ("memory.state", "memory.ram"):
+        (saved / name).write_bytes(b"")
+    restore = Restore(saved / "memory.state", saved / "disk.qcow2", ram=saved / "memory.ram")
+    cfg = MachineConfig(
+        default_image.kernel, default_image.initrd, default_image.rootfs, 512, 1, "tcg",
+        (Nic("net0", "52:54:00:b0:77:02"),), restore=restore, qemu=str(stuck),
+    )  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    started = time.monotonic()
+    with pytest.raises(BootTimeout, match=r"did not answer QMP in time \(QEMU of stuck did not answer"):
+        start_machine(cfg, run, "stuck", timeout=3)
+    assert time.monotonic() - started < 15  # not QMP's own 60 s
+    assert not processes_mentioning(str(stuck), name="tail")  # stopped, not left running
 
 
 # The plans are made before the clock starts: the image is built by then (warm_cache).

@@ -93,7 +93,7 @@ def start_machine(
     """
     deadline = time.monotonic() + timeout
     prepare_run_dir(cfg, run_dir, name)
-    machine = backend.start(cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds)
+    machine = backend.start(cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds, deadline=deadline)
     try:
         if on_spawn is not None:  # e.g. record the pid before a boot that may outlive us
             on_spawn(machine)

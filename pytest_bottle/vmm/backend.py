@@ -84,10 +84,12 @@ def start(
     name: str = "bottle",
     detached: bool = False,
     tap_fds: Mapping[str, int] | None = None,
+    deadline: float | None = None,
 ) -> Machine:
     """Start the machine ``cfg`` describes, its files in ``run_dir`` (the overlay
-    ``machine.DISK`` already made there); ``tap_fds``: an open TAP per "tap" NIC id."""
-    return QemuMachine.start(cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds)
+    ``machine.DISK`` already made there); ``tap_fds``: an open TAP per "tap" NIC id;
+    ``deadline``: see ``QemuMachine.start``."""
+    return QemuMachine.start(cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds, deadline=deadline)
 
 
 def gone(machine: Machine, wait: float = 1.0) -> str:

@@ -109,10 +109,12 @@ class QemuMachine:
         name: str = "bottle",
         detached: bool = False,
         tap_fds: Mapping[str, int] | None = None,
+        deadline: float | None = None,
     ) -> QemuMachine:
         """Start QEMU for ``cfg`` on the overlay ``run_dir/disk.qcow2`` (made by the caller).
 
         ``tap_fds``: an open TAP per "tap" NIC id, passed to QEMU (it may live in another netns).
+        ``deadline`` (``time.monotonic()``): when a state load QEMU does not answer is given up on.
         """
         qemu = require(cfg.qemu, "run virtual machines")
         agent_host, agent_qemu = socket.socketpair()
@@ -162,14 +164,18 @@ class QemuMachine:
         machine = cls(proc, agent_host, QMP(qmp_host, name), cfg, rt, run_dir, detached)
         console.watch(machine, rt.console_log)  # a guest may flood it: kept bounded on disk
         if deferred_incoming(cfg, rt):
-            machine._load_deferred(name)
+            machine._load_deferred(name, deadline)
         return machine
 
-    def _load_deferred(self, name: str) -> None:
+    def _load_deferred(self, name: str, deadline: float | None) -> None:
         """Load a saved state whose RAM stays in its file (see ``build_argv``)."""
         try:
-            self.qmp.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
-            self.qmp.cmd("migrate-incoming", uri=f"fd:{self.runtime.incoming_fd}")
+            for command, args in (
+                ("migrate-set-capabilities", {"capabilities": IGNORE_SHARED}),
+                ("migrate-incoming", {"uri": f"fd:{self.runtime.incoming_fd}"}),
+            ):  # within the bottle's own timeout when it is shorter than QMP's
+                left = None if deadline is None else max(0.5, min(self.qmp.timeout, deadline - time.monotonic()))
+                self.qmp.cmd(command, timeout=left, **args)
         except Exception as e:
             raise self.start_failed(e, name) from None
         except BaseException:
