@@ -47,8 +47,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPError
-
 from ..errors import BootError, SnapshotError
 from ..host.deps import require
 from ..host.paths import remove_tree
@@ -56,6 +54,7 @@ from ..host.runstate import MARKER, owner_identity, write_marker
 from ..vmm import console
 from ..vmm.machine import DISK, QemuMachine
 from ..vmm.qemu import MachineConfig
+from ..vmm.qmp import FAILED as QMP_FAILED
 from . import entries
 from .saved import RestsOn, SavedState, create, entry_lock, in_use, load, lock_path, remove_entry
 
@@ -170,7 +169,7 @@ def take(src: Source, final: Path, *, kept: bool) -> SavedState:
             # Only a kept snapshot outlives its session: only it waits for the disk.
             key_parts = src.restored.manifest["key_parts"]
             return create(final, capture, key_parts, RestsOn.on_state(seed, final), durable=kept)
-    except (BootError, OSError, subprocess.SubprocessError, QMPError, TimeoutError, EOFError) as e:
+    except (BootError, subprocess.SubprocessError, *QMP_FAILED) as e:
         reason = e.reason if isinstance(e, BootError) else f"{type(e).__name__}: {e}"
         raise SnapshotError(final.name, f"taking it from bottle {src.name} failed: {reason}") from None
     finally:
@@ -227,7 +226,7 @@ def _resume(machine: QemuMachine, name: str) -> None:
     cannot run on is stopped (a bottle left paused would only time out later)."""
     try:
         machine.resume()
-    except (BootError, QMPError, OSError, TimeoutError, EOFError) as e:
+    except (BootError, *QMP_FAILED) as e:
         reason = e.reason if isinstance(e, BootError) else f"{type(e).__name__}: {e}"
         machine.stop(grace=0.5)
         raise BootError(f"bottle {name} could not run on after the pause ({reason}); it was stopped") from None

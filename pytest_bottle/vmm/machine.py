@@ -13,13 +13,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPError
-
 from ..errors import BootError, BootTimeout
 from ..host.deps import require
 from . import clock, console, process
 from .qemu import IGNORE_SHARED, MachineConfig, Runtime, build_argv, deferred_incoming
-from .qmp import QMP
+from .qmp import FAILED, QMP
 
 log = logging.getLogger(__name__)
 
@@ -170,17 +168,17 @@ class QemuMachine:
     def _load_deferred(self, name: str, deadline: float | None) -> None:
         """Load a saved state whose RAM stays in its file (see ``build_argv``)."""
         try:
-            for command, args in (
-                ("migrate-set-capabilities", {"capabilities": IGNORE_SHARED}),
-                ("migrate-incoming", {"uri": f"fd:{self.runtime.incoming_fd}"}),
-            ):  # within the bottle's own timeout when it is shorter than QMP's
-                left = None if deadline is None else max(0.5, min(self.qmp.timeout, deadline - time.monotonic()))
-                self.qmp.cmd(command, timeout=left, **args)
+            self.qmp.cmd("migrate-set-capabilities", timeout=self._left(deadline), capabilities=IGNORE_SHARED)
+            self.qmp.cmd("migrate-incoming", timeout=self._left(deadline), uri=f"fd:{self.runtime.incoming_fd}")
         except Exception as e:
             raise self.start_failed(e, name) from None
         except BaseException:
             self.stop(grace=0.5)
             raise
+
+    def _left(self, deadline: float | None) -> float | None:
+        """A command's wait: QMP's own, or less when the bottle's start ends sooner."""
+        return None if deadline is None else max(0.5, min(self.qmp.timeout, deadline - time.monotonic()))
 
     def start_failed(self, error: Exception, name: str) -> BootError:
         """Stop the machine and say why it did not start, in QEMU's words.
@@ -236,7 +234,7 @@ class QemuMachine:
                 self.qmp.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
             self.qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(path)))
             self._wait_migration("saving the VM state", timeout)
-        except (TimeoutError, QMPError, OSError, EOFError) as e:  # QEMU stuck, or gone mid-save
+        except FAILED as e:  # QEMU stuck, or gone mid-save
             why = self.exit_reason() or (str(e) if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}")
             raise BootError(f"saving the VM state failed: {why}", name=self.qmp.name) from None
 

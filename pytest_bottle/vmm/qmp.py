@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from qemu.qmp import QMPClient
+from qemu.qmp import QMPClient, QMPError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,6 +83,8 @@ def _no_event(event: Any) -> bool:
 # A command's answer waits for QEMU's main loop, which a state load or a
 # flush of guest writes can hold for seconds on a loaded host.
 TIMEOUT = 60.0
+# What a command raises when QEMU fails at it, is gone, or does not answer.
+FAILED = (QMPError, OSError, EOFError, TimeoutError)
 
 
 class QMP:
