@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shlex
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -24,7 +24,8 @@ from .arguments import GuestPath, check_env, check_input, check_timeout, guest_p
 from .errors import BottleError, ExecTimeout, SpecError
 from .host.deps import require, which
 from .host.locks import reporting_lock
-from .host.paths import write_private
+from .host.paths import remove_tree, write_private
+from .host.runstate import create_run_dir
 from .results import OUTPUT_CAP, CappedOutput, Command, ExecResult, as_command, to_argv
 
 CONFIG_TEMPLATE = """\
@@ -55,29 +56,39 @@ def client_key(cache_dir: Path) -> Path:
     keys.mkdir(parents=True, exist_ok=True, mode=0o700)
     with reporting_lock(keys / ".lock", "the client key"):
         if not key.is_file():
-            private, public = _key_pair("pytest-bottle")
+            private, public = _key_pair("pytest-bottle", cache_dir / "run")
             write_private(key.with_suffix(".pub"), public)
             write_private(key, private)
     key.chmod(0o600)
     return key
 
 
-def new_host_key(comment: str) -> tuple[str, str] | None:
-    """A fresh ed25519 host key pair (private, public); None without ssh-keygen."""
+def new_host_key(comment: str, scratch: Path) -> tuple[str, str] | None:
+    """A fresh ed25519 host key pair (private, public); None without ssh-keygen.
+    ``scratch``: see ``_key_pair``."""
     if which("ssh-keygen") is None:
         return None
-    return _key_pair(comment)
+    return _key_pair(comment, scratch)
 
 
-def _key_pair(comment: str) -> tuple[str, str]:
-    """A fresh ed25519 key pair (private, public) from ssh-keygen."""
-    with tempfile.TemporaryDirectory(prefix="bottle-key-") as d:
-        path = Path(d) / "key"
+def _key_pair(comment: str, scratch: Path) -> tuple[str, str]:
+    """A fresh ed25519 key pair (private, public) from ssh-keygen.
+
+    ssh-keygen writes the pair to files.  They are made in a run directory of
+    their own under ``scratch`` (the cache's ``run``, or a seed's build
+    directory), marked with this process as its owner: one killed meanwhile
+    leaves the private key where the sweep removes it, not in ``/tmp``.
+    """
+    d = create_run_dir(scratch / f"keygen-{secrets.token_hex(6)}")
+    try:
+        path = d / "key"
         argv = [require("ssh-keygen", "make SSH keys"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
         r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise BottleError(f"ssh-keygen failed ({r.returncode}): {r.stderr.strip()}")
         return path.read_text(), path.with_suffix(".pub").read_text()
+    finally:
+        remove_tree(d)
 
 
 @dataclass(frozen=True)

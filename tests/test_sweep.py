@@ -20,6 +20,7 @@ import pytest
 from harness import VERSION_IDS, kill_group, run_isolated, wait_until
 
 from pytest_bottle.errors import PoolExhausted
+from pytest_bottle.host.deps import which
 from pytest_bottle.host.paths import default_cache_dir, state_dir
 from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.host.sweep import sweep
@@ -331,6 +332,39 @@ def _progress_files() -> None:
     report = sweep()
     assert not dead.exists() and live.exists()
     assert report.paths == [str(dead)]
+
+
+def test_a_process_killed_while_it_makes_an_ssh_key_leaves_it_to_the_sweep(tmp_path: Path) -> None:
+    _isolated("_killed_keygen", tmp_path / "state")
+
+
+KEYGEN = "import sys; from pathlib import Path; from pytest_bottle.ssh import new_host_key; new_host_key('x', Path(sys.argv[1]))"
+
+
+def _killed_keygen() -> None:
+    # ssh-keygen writes a bottle's host key to files; a run killed meanwhile
+    # left them, private key and all, in a "bottle-key-*" directory in /tmp.
+    base = state_dir().parent
+    cache, tmp, bindir, mark = base / "cache", base / "tmp", base / "bin", base / "written"
+    for d in (tmp, bindir):
+        d.mkdir()
+    real = which("ssh-keygen")
+    assert real is not None
+    wrapper = bindir / "ssh-keygen"  # the real one, then a pause: the moment the kill comes
+    wrapper.write_text(f'#!/bin/sh\n{real} "$@" || exit\n: > "{mark}"\nexec sleep 300\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", TMPDIR=str(tmp))
+    proc = subprocess.Popen([sys.executable, "-c", KEYGEN, str(cache / "run")], env=env, start_new_session=True)
+    try:
+        wait_until(mark.exists, 60, "ssh-keygen wrote the key pair")
+    finally:
+        kill_group(proc)
+    (left,) = (cache / "run").glob("keygen-*/key")
+    assert "PRIVATE KEY" in left.read_text()
+    assert not list(tmp.iterdir()), "nothing of it in TMPDIR"
+    report = sweep([cache])
+    assert not list((cache / "run").iterdir()), "the sweep removes the dead process's key"
+    assert report.paths == [str(left.parent)]
 
 
 DIES = """

@@ -45,7 +45,8 @@ class Keys:
     def start(cls, plan: Plan) -> Keys:
         if not plan.ssh:
             return cls(None, None)
-        host_key = _helpers.submit(new_host_key, plan.name)  # ssh-keygen runs while the VM boots
+        # ssh-keygen runs while the VM boots
+        host_key = _helpers.submit(new_host_key, plan.name, plan.spec.cache_dir / "run")
         return cls(host_key, client_key(plan.spec.cache_dir) if which("ssh-keygen") else None)
 
     def baked(self) -> dict[str, str | None]:
