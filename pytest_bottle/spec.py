@@ -129,7 +129,10 @@ def _forward(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        items: list[Any] = [v for v in re.split(r"[,\s]+", value) if v]
+        parts = value.split(",")
+        if len(parts) > 1 and not all(p.strip() for p in parts):  # "80,,443": a port left out?
+            raise ValueError(f"forward has an empty item between commas: {value!r}")
+        items: list[Any] = value.replace(",", " ").split()
     elif isinstance(value, int) and not isinstance(value, bool):
         items = [value]
     elif isinstance(value, (list, tuple, set, frozenset)):

@@ -88,6 +88,9 @@ def test_error_names_its_source() -> None:
         ("timeout", "nan"),
         ("forward", [0]),
         ("forward", "http"),
+        ("forward", "80,,443"),
+        ("forward", "80,"),
+        ("forward", ", 80"),
         ("lan", "bad name!"),
         ("accel", "hvf"),
         ("image", ""),
@@ -114,6 +117,8 @@ def test_forward_forms() -> None:
     assert resolve([("x", {"forward": 8080})]).forward == (8080,)
     assert resolve([("x", {"forward": [8080, 22, 22]})]).forward == (22, 8080)
     assert resolve([("x", {"forward": "22, 80"})]).forward == (22, 80)
+    assert resolve([("x", {"forward": " 443 80\t22 "})]).forward == (22, 80, 443)
+    assert resolve([("x", {"forward": ""})]).forward == ()
 
 
 def test_restricted_layers_reject_run_wide_keys() -> None:
