@@ -31,18 +31,20 @@ from pytest_bottle.images.transfer import import_file
 from pytest_bottle.store.seeds import list_seeds
 
 
-def bottle_cli(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
+def bottle_cli(*args: str, cache: Path, umask: int = -1) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "pytest_bottle.cli", "--cache-dir", str(cache), *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, umask=umask)
 
 
 @pytest.fixture(scope="module")
 def exported(default_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default image as an export file, named as a pull template would: ``<name>-<key>.tar.gz``."""
     out = tmp_path_factory.mktemp("exports") / f"{default_image.name}-{default_image.key}.tar.gz"
-    r = bottle_cli("image", "export", default_image.name, str(out), cache=default_image.path.parent.parent)
+    r = bottle_cli("image", "export", default_image.name, str(out), cache=default_image.path.parent.parent, umask=0o027)
     assert r.returncode == 0, r.stderr
     assert "sha256 " in r.stdout
+    # What a plain open would make under the user's umask: a layer may hold secrets its steps wrote.
+    assert out.stat().st_mode & 0o777 == 0o640, oct(out.stat().st_mode)
     return out
 
 

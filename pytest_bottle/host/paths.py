@@ -1,4 +1,4 @@
-"""Where things live: the cache (images, seeds, keys) and host-wide run state."""
+"""Where things live: the cache (images, seeds, keys) and the per-user run state."""
 
 from __future__ import annotations
 
@@ -41,10 +41,14 @@ def default_cache_dir() -> Path:
 
 
 def state_dir() -> Path:
-    """Run state shared by every pytest run on this host (leases, VM records).
+    """Run state shared by every pytest run of this user on this host (leases,
+    VM records).
 
-    Host-wide, not per cache: loopback aliases and TAP names are host-wide
-    resources, whichever cache a run uses.  Whatever its source, it must be
+    Per user, not per cache: a run's loopback aliases and TAP names must not
+    collide with its other runs', whichever cache they use.  Other users'
+    runs lease from their own pools; a clash with them on an address is
+    harmless (ports are probed, and QEMU's bind decides), and TAPs live in
+    network namespaces of their own.  Whatever its source, it must be
     a real directory of this user with mode 0700 (``UnsafeDirectory`` if not):
     another user who could write into it could make our sweep kill our VMs.
     A place the user chose (``BOTTLE_STATE_DIR``, ``XDG_RUNTIME_DIR``) is
