@@ -15,7 +15,7 @@ import shlex
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -24,7 +24,7 @@ from .arguments import GuestPath, check_env, check_input, check_timeout, guest_p
 from .errors import BottleError, ExecTimeout, SpecError
 from .host.deps import require, which
 from .host.locks import reporting_lock
-from .host.paths import remove_tree, write_private
+from .host.paths import remove_tree
 from .host.runstate import create_run_dir
 from .results import OUTPUT_CAP, CappedOutput, Command, ExecResult, as_command, to_argv
 
@@ -56,9 +56,9 @@ def client_key(cache_dir: Path) -> Path:
     keys.mkdir(parents=True, exist_ok=True, mode=0o700)
     with reporting_lock(keys / ".lock", "the client key"):
         if not key.is_file():
-            private, public = _key_pair("pytest-bottle", cache_dir / "run")
-            write_private(key.with_suffix(".pub"), public)
-            write_private(key, private)
+            with _keygen("pytest-bottle", cache_dir / "run") as made:  # moved, not copied: see _keygen
+                os.replace(made.with_suffix(".pub"), key.with_suffix(".pub"))
+                os.replace(made, key)
     key.chmod(0o600)
     return key
 
@@ -72,12 +72,20 @@ def new_host_key(comment: str, scratch: Path) -> tuple[str, str] | None:
 
 
 def _key_pair(comment: str, scratch: Path) -> tuple[str, str]:
-    """A fresh ed25519 key pair (private, public) from ssh-keygen.
+    """A fresh ed25519 key pair (private, public) from ssh-keygen."""
+    with _keygen(comment, scratch) as path:
+        return path.read_text(), path.with_suffix(".pub").read_text()
+
+
+@contextlib.contextmanager
+def _keygen(comment: str, scratch: Path) -> Iterator[Path]:
+    """The path of a fresh ed25519 private key (the public one beside it, ``.pub``).
 
     ssh-keygen writes the pair to files.  They are made in a run directory of
     their own under ``scratch`` (the cache's ``run``, or a seed's build
-    directory), marked with this process as its owner: one killed meanwhile
-    leaves the private key where the sweep removes it, not in ``/tmp``.
+    directory), marked with this process as its owner and removed on the way
+    out: one killed meanwhile leaves the private key where the sweep removes
+    it, not in ``/tmp``.
     """
     d = create_run_dir(scratch / f"keygen-{secrets.token_hex(6)}")
     try:
@@ -86,7 +94,7 @@ def _key_pair(comment: str, scratch: Path) -> tuple[str, str]:
         r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise BottleError(f"ssh-keygen failed ({r.returncode}): {r.stderr.strip()}")
-        return path.read_text(), path.with_suffix(".pub").read_text()
+        yield path
     finally:
         remove_tree(d)
 
