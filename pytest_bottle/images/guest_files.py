@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from .recipes import CORE_NAME, GUEST_DIR, GUEST_FILES, Recipe, core_sources
@@ -151,7 +152,10 @@ def build_core(dest: Path) -> bool:
         log.warning("no C compiler (cc): images get no compiled agent core, and restores are slower")
         return False
     argv = [cc, "-O2", "-static", "-o", str(dest), *(str(p) for p in core_sources() if p.suffix == ".c")]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    # Its object files go beside ``dest`` (a build's own directory, swept with
+    # it), not in the user's /tmp, where a killed build would leave them.
+    with tempfile.TemporaryDirectory(prefix=".cc-", dir=dest.parent) as tmp:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, env=dict(os.environ, TMPDIR=tmp))
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-5:]
         log.warning("the agent's core did not compile (a static libc: libc6-dev): %s", " | ".join(tail))
