@@ -41,9 +41,12 @@ class LiveProgress:
         sink: progress.Sink = progress.stderr_sink
         if worker is not None:
             try:  # a worker on another host cannot reach the controller's file: stderr then
-                if worker.get(WORKER_KEY):
-                    sink = self.file = FileSink(Path(worker[WORKER_KEY]), str(worker.get("workerid", "worker")))
-            except OSError:
+                path = Path(worker.get(WORKER_KEY) or "")
+                # Only a file in this host's own progress directory: on another
+                # host the same path may be a place someone else prepared.
+                if worker.get(WORKER_KEY) and path.parent == state_dir() / "progress":
+                    sink = self.file = FileSink(path, str(worker.get("workerid", "worker")))
+            except (OSError, BottleError):  # no such file here, or no usable state dir
                 pass
         else:
             try:  # capture is suspended during configure: this is the terminal

@@ -58,7 +58,8 @@ class FileSink:
     """An xdist worker's sink: one JSON line per event, appended (one write each)."""
 
     def __init__(self, path: Path, origin: str) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # The controller made it (``progress_file``): nothing is created, and no link followed.
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._origin = origin
         self._lock = threading.Lock()
 

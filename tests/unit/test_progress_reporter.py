@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -210,3 +211,42 @@ def _held(lock: Path) -> bool:
     from pytest_bottle.host.locks import lock_holder
 
     return bool(lock_holder(lock))
+
+
+def _worker_progress(path: Path) -> FileSink | None:
+    """The file sink an xdist worker handed ``path`` reports into (None: stderr)."""
+    from types import SimpleNamespace
+
+    from pytest_bottle.live_progress import WORKER_KEY, LiveProgress
+
+    config = SimpleNamespace(workerinput={WORKER_KEY: str(path), "workerid": "gw9"}, get_verbosity=lambda: 0)
+    live = LiveProgress(config)  # type: ignore[arg-type]
+    live.close()
+    return live.file
+
+
+def test_a_worker_reports_only_into_a_file_of_its_own_hosts_progress_directory(tmp_path: Path) -> None:
+    # On another host (an xdist --tx ssh= worker) the controller's path may be
+    # a directory someone else prepared: nothing is created or followed there.
+    from pytest_bottle.host.paths import state_dir
+
+    elsewhere = tmp_path / "progress" / "1-cafe.jsonl"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"")
+    assert _worker_progress(elsewhere) is None
+    missing = state_dir() / "progress" / f"{os.getpid()}-test-missing.jsonl"
+    assert _worker_progress(missing) is None and not missing.exists()
+    link = state_dir() / "progress" / f"{os.getpid()}-test-link.jsonl"
+    link.parent.mkdir(mode=0o700, exist_ok=True)
+    link.symlink_to(elsewhere)
+    try:
+        assert _worker_progress(link) is None
+    finally:
+        link.unlink()
+    ours = state_dir() / "progress" / f"{os.getpid()}-test-ours.jsonl"
+    ours.write_bytes(b"")
+    try:
+        assert _worker_progress(ours) is not None  # the controller's file on this host: used
+    finally:
+        ours.unlink()
+    assert elsewhere.read_bytes() == b""
