@@ -29,12 +29,10 @@ def _plan(image: BuiltImage, initrd: Path | None = None) -> MachineConfig:
     )
 
 
-def test_a_restore_qemu_does_not_answer_is_a_boot_timeout_within_the_bottles_timeout(
-    tmp_path: Path, default_image: BuiltImage
-) -> None:
-    """QEMU's commands wait 60 s each; a bottle's shorter start timeout bounds a restore's."""
+def _stuck_restore(tmp_path: Path, image: BuiltImage, mac: str) -> tuple[MachineConfig, Path, Path]:
+    """A restore whose QEMU runs and never answers (its path names it); and a run dir."""
     stuck = tmp_path / "qemu-that-never-answers"
-    stuck.write_text('#!/bin/sh\nexec tail -f /dev/null "$0"\n')  # runs, says nothing; its path names it
+    stuck.write_text('#!/bin/sh\nexec tail -f /dev/null "$0"\n')
     stuck.chmod(0o755)
     saved = tmp_path / "saved"
     saved.mkdir()
@@ -43,16 +41,37 @@ def test_a_restore_qemu_does_not_answer_is_a_boot_timeout_within_the_bottles_tim
         (saved / name).write_bytes(b"")
     restore = Restore(saved / "memory.state", saved / "disk.qcow2", ram=saved / "memory.ram")
     cfg = MachineConfig(
-        default_image.kernel, default_image.initrd, default_image.rootfs, 512, 1, "tcg",
-        (Nic("net0", "52:54:00:b0:77:02"),), restore=restore, qemu=str(stuck),
-    )  # fmt: skip
+        image.kernel, image.initrd, image.rootfs, 512, 1, "tcg", (Nic("net0", mac),), restore=restore, qemu=str(stuck)
+    )
     run = tmp_path / "run"
     run.mkdir()
+    return cfg, stuck, run
+
+
+def test_a_restore_qemu_does_not_answer_is_a_boot_timeout_within_the_bottles_timeout(
+    tmp_path: Path, default_image: BuiltImage
+) -> None:
+    """QEMU's commands wait 60 s each; a bottle's shorter start timeout bounds a restore's."""
+    cfg, stuck, run = _stuck_restore(tmp_path, default_image, "52:54:00:b0:77:02")
     started = time.monotonic()
     with pytest.raises(BootTimeout, match=r"did not answer QMP in time \(QEMU of stuck did not answer"):
         start_machine(cfg, run, "stuck", timeout=3)
     assert time.monotonic() - started < 15  # not QMP's own 60 s
     assert not processes_mentioning(str(stuck), name="tail")  # stopped, not left running
+
+
+def test_a_detached_qemus_pid_is_on_record_before_its_state_load_is_waited_for(
+    tmp_path: Path, default_image: BuiltImage
+) -> None:
+    """A kept bottle's QEMU (--bottle-keep) has no parent-death signal: a run
+    killed while the state loaded left a QEMU that no record named, so no sweep
+    could end it."""
+    cfg, stuck, run = _stuck_restore(tmp_path, default_image, "52:54:00:b0:77:03")
+    seen: list[tuple[int, bool]] = []
+    with pytest.raises(BootTimeout):
+        start_machine(cfg, run, "stuck", timeout=3, detached=True, on_spawn=lambda m: seen.append((m.pid, m.alive())))
+    assert len(seen) == 1 and seen[0][1], seen  # told while it ran, before the wait that failed
+    assert not processes_mentioning(str(stuck), name="tail")
 
 
 # The plans are made before the clock starts: the image is built by then (warm_cache).

@@ -93,10 +93,11 @@ def start_machine(
     """
     deadline = time.monotonic() + timeout
     prepare_run_dir(cfg, run_dir, name)
-    machine = backend.start(cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds, deadline=deadline)
+    # on_spawn: e.g. record the pid before a boot (or a state load) that may outlive us
+    machine = backend.start(
+        cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds, deadline=deadline, on_spawn=on_spawn
+    )
     try:
-        if on_spawn is not None:  # e.g. record the pid before a boot that may outlive us
-            on_spawn(machine)
         channel = AgentChannel(machine.agent_sock, name)
         channel.explain = functools.partial(backend.gone, machine)
         wait_ready(machine, channel, timeout, name, deadline)

@@ -9,7 +9,7 @@ these members.
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -85,11 +85,14 @@ def start(
     detached: bool = False,
     tap_fds: Mapping[str, int] | None = None,
     deadline: float | None = None,
+    on_spawn: Callable[[Machine], None] | None = None,
 ) -> Machine:
     """Start the machine ``cfg`` describes, its files in ``run_dir`` (the overlay
     ``machine.DISK`` already made there); ``tap_fds``: an open TAP per "tap" NIC id;
-    ``deadline``: see ``QemuMachine.start``."""
-    return QemuMachine.start(cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds, deadline=deadline)
+    ``deadline``, ``on_spawn``: see ``QemuMachine.start``."""
+    return QemuMachine.start(
+        cfg, run_dir, name=name, detached=detached, tap_fds=tap_fds, deadline=deadline, on_spawn=on_spawn
+    )
 
 
 def gone(machine: Machine, wait: float = 1.0) -> str:

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +108,15 @@ class QemuMachine:
         detached: bool = False,
         tap_fds: Mapping[str, int] | None = None,
         deadline: float | None = None,
+        on_spawn: Callable[[QemuMachine], None] | None = None,
     ) -> QemuMachine:
         """Start QEMU for ``cfg`` on the overlay ``run_dir/disk.qcow2`` (made by the caller).
 
         ``tap_fds``: an open TAP per "tap" NIC id, passed to QEMU (it may live in another netns).
         ``deadline`` (``time.monotonic()``): when a state load QEMU does not answer is given up on.
+        ``on_spawn`` sees the machine as soon as QEMU runs, before anything waits on
+        it: a detached QEMU (no parent-death signal) outlives a kill -9 of ours
+        from then on, so its pid must be on record by then.
         """
         qemu = require(cfg.qemu, "run virtual machines")
         agent_host, agent_qemu = socket.socketpair()
@@ -160,6 +164,12 @@ class QemuMachine:
             if incoming_fd is not None:
                 os.close(incoming_fd)
         machine = cls(proc, agent_host, QMP(qmp_host, name), cfg, rt, run_dir, detached)
+        try:
+            if on_spawn is not None:
+                on_spawn(machine)
+        except BaseException:
+            machine.stop(grace=0.5)
+            raise
         console.watch(machine, rt.console_log)  # a guest may flood it: kept bounded on disk
         if deferred_incoming(cfg, rt):
             machine._load_deferred(name, deadline)
