@@ -109,6 +109,9 @@ class BottleManager:
             log.debug("pre-started bottle failed, starting one now: %s", e)
             self.stats["spare_failed"] += 1
             return None
+        except BaseException:  # a test timeout or Ctrl-C in the wait: the spare is no one's now
+            future.add_done_callback(_close_result)
+            raise
         if not bottle.alive():  # died while it waited (OOM killer, someone's kill)
             self.stats["spare_dead"] += 1
             bottle.close()
