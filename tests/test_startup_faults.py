@@ -454,6 +454,37 @@ def test_a_kept_detached_launch_bottle_outlives_its_process(seeded: Path) -> Non
             qemu.kill()
 
 
+SLOW_KEYGEN = """
+import sys, time
+import pytest_bottle
+from pytest_bottle import BootTimeout
+started = time.monotonic()
+try:
+    with pytest_bottle.launch(timeout=5, cache_dir=sys.argv[1]):
+        print("started", round(time.monotonic() - started, 1))
+except BootTimeout as e:
+    print("timeout", round(time.monotonic() - started, 1), str(e).replace(chr(10), " | ")[:3000])
+"""
+
+
+def test_a_start_waits_for_its_handshake_no_longer_than_its_timeout(seeded: Path, tmp_path: Path) -> None:
+    """The clone handshake waited for the bottle's SSH host key as long as
+    ssh-keygen took, and for the guest's answer up to 120 s, whatever the
+    bottle's ``timeout``: a start of ``timeout=5`` took 14 s here."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    slow = bindir / "ssh-keygen"  # the real one, after a pause (a host under heavy load)
+    slow.write_text(f'#!/bin/sh\nsleep 14\nexec {shutil.which("ssh-keygen")} "$@"\n')
+    slow.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    r = subprocess.run([sys.executable, "-c", SLOW_KEYGEN, str(seeded)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    word, took, *why = r.stdout.split(maxsplit=2)
+    assert word == "timeout" and float(took) < 11, r.stdout
+    assert "the clone handshake did not finish within the bottle's timeout (5 s)" in why[0], r.stdout
+    assert not processes_mentioning(str(seeded))
+
+
 # -- paths with spaces ----------------------------------------------------------
 
 

@@ -83,11 +83,23 @@ class Done:
 
 
 def clone_setup(
-    agent: AgentClient, plan: Plan, res: Resources, found: tuple[Found, ...], keys: Keys, baked: dict[str, str | None]
+    agent: AgentClient,
+    plan: Plan,
+    res: Resources,
+    found: tuple[Found, ...],
+    keys: Keys,
+    baked: dict[str, str | None],
+    deadline: float,
 ) -> Done:
-    """Give the started guest its identity, MACs and addresses."""
+    """Give the started guest its identity, MACs and addresses, by ``deadline``
+    (``time.monotonic()``: the end of the bottle's start ``timeout``; a
+    ``TimeoutError`` then)."""
     spec, macs = plan.spec, res.macs
-    key_pair = keys.host_key.result() if keys.host_key is not None else None
+
+    def left() -> float:
+        return max(0.5, deadline - time.monotonic())
+
+    key_pair = keys.host_key.result(timeout=left()) if keys.host_key is not None else None
     per_boot = dict(baked) if spec.boot == "cold" else {}  # a clone has these from its seed
     if spec.network == "nat":
         per_boot["resolv_conf"] = RESOLV_NAT
@@ -100,7 +112,8 @@ def clone_setup(
     if res.lan_ip:
         nics.append(_nic(found[1], macs[1], res.lan_ip))
     started = time.perf_counter()
-    done = agent.setup(Handshake.fresh(plan.name, nics, ssh_host_key=key_pair, baked=per_boot), timeout=SETUP_TIMEOUT)
+    shake = Handshake.fresh(plan.name, nics, ssh_host_key=key_pair, baked=per_boot)
+    done = agent.setup(shake, timeout=min(SETUP_TIMEOUT, left()))
     announce = dict(name=done.nic_name(macs[0]), mac=macs[0], ip=USER_NET["ip"]) if lazy_arp else None
     log.debug("%s: clone handshake took %.1f ms", plan.name, (time.perf_counter() - started) * 1000)
     return Done(key_pair, announce)

@@ -10,14 +10,14 @@ from typing import Any
 from ..agent.channel import AgentChannel
 from ..agent.client import AgentClient
 from ..bottle import Bottle
-from ..errors import BootError, SnapshotError, SnapshotGone, SpecError
+from ..errors import BootError, BootTimeout, SnapshotError, SnapshotGone, SpecError
 from ..images import BuiltImage, ensure_image
 from ..net.lan import LanRegistry
 from ..spec import BottleSpec, check_host_memory, resolve
 from ..store.saved import SavedState, StateCorrupt, discard, in_use, verify
 from ..store.seeds import ensure_seed
 from ..store.snapshots import seed_of
-from ..vmm.backend import Machine
+from ..vmm.backend import Machine, console_tail
 from ..vmm.qemu import MachineConfig
 from . import handshake, lan_names
 from .boot import settle, start_machine
@@ -97,7 +97,11 @@ def start_bottle(
         machine, channel, found = res.with_host_ports(plan.ports, boot.start)
         res.adopt(machine, channel)
         agent = AgentClient(channel)
-        done = handshake.clone_setup(agent, plan, res, found, keys, baked)
+        try:
+            done = handshake.clone_setup(agent, plan, res, found, keys, baked, boot_ends)
+        except TimeoutError as e:  # the agent's AgentTimeout, or the host key not made in time
+            reason = f"the clone handshake did not finish within the bottle's timeout ({spec.timeout:g} s): {e}"
+            raise BootTimeout(reason, console_tail(machine.console_log), plan.name) from None
         if spec.boot == "cold":  # as settled as a snapshot clone: its boot finished
             settle(agent, machine, max(1.0, boot_ends - time.monotonic()), quiet=0)
         if res.lan is not None and res.lan_ip:
