@@ -179,6 +179,20 @@ def test_garbage_closes_the_channel_with_a_clear_reason(guest: Guest) -> None:
     assert isinstance(out.get("error"), AgentError) and "unknown frame kind" in str(out["error"])
 
 
+def test_a_deeply_nested_reply_is_a_protocol_error_not_a_recursion_error(guest: Guest) -> None:
+    # ~1,000 levels decode on the reader's short stack; printed where a test
+    # runs (100+ frames deep under pytest) they were a RecursionError.
+    def deep(n: int) -> object:
+        return deep(n - 1) if n else AgentClient(guest.chan).listening(timeout=30)
+
+    t, out = _in_thread(lambda: deep(150))
+    rid, _ = guest.expect(CALL)
+    guest.send(frame(REPLY, rid, b'{"ok": false, "error": ' + b"[" * 980 + b"]" * 980 + b"}"))
+    t.join(10)
+    err = out.get("error")
+    assert isinstance(err, AgentError) and "nested deeper than 32 levels" in str(err), repr(err)[:300]
+
+
 def test_a_flood_for_unknown_requests_does_not_stop_a_real_call(guest: Guest) -> None:
     t, out = _in_thread(lambda: guest.chan.call("stat", path="/", timeout=30))
     rid, _ = guest.expect(CALL)

@@ -3,6 +3,7 @@ a host error: the parts of the channel that know nothing of the socket."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections.abc import Callable
@@ -65,6 +66,36 @@ def guest_error(reply: dict[str, Any], op: str) -> Exception:
 # A JSON escape of a UTF-16 surrogate: ``json.loads`` makes a lone one a str
 # that cannot be encoded (a pair becomes one character and is fine).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+# The agent's replies nest a few levels (a list of NICs, each a dict).  A guest
+# may send ~1,000 that decode fine on the reader's short stack and then make a
+# RecursionError wherever a test prints them, 100 frames deep under pytest.
+MAX_REPLY_DEPTH = 32
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether lists and dicts in ``value`` nest deeper than ``limit`` (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        inner = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        stack.extend((v, depth + 1) for v in inner if isinstance(v, (dict, list)))
+    return False
+
+
+def decode_reply(payload: bytes) -> dict[str, Any]:
+    """A REPLY frame's JSON object, or ``ProtocolError``."""
+    # Strict UTF-8 first: json.loads of bytes would also take UTF-16 and
+    # surrogates encoded as UTF-8, which no escape check sees.
+    reply = encodable(payload, json.loads(payload.decode("utf-8")))
+    if not isinstance(reply, dict):
+        raise ProtocolError(f"a REPLY that is not a JSON object: {payload[:80]!r}")
+    if too_deep(reply, MAX_REPLY_DEPTH):
+        raise ProtocolError(f"a REPLY nested deeper than {MAX_REPLY_DEPTH} levels: {payload[:80]!r}")
+    return reply
 
 
 def encodable(payload: bytes, value: Any) -> Any:

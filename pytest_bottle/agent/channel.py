@@ -37,7 +37,7 @@ from ..guest.frames import (
     frame,
 )
 from . import resync
-from .calls import Call, ProtocolError, Sink, encodable, guest_error, lose
+from .calls import Call, ProtocolError, Sink, decode_reply, guest_error, lose
 from .send import SEND_TIMEOUT, Deadlines, Stalled, send_all
 from .uploads import Uploads
 
@@ -231,12 +231,7 @@ class AgentChannel(Deadlines, Uploads):
         if not payload and kind in frames.STREAMS:  # carries nothing; a flood of them must cost nothing
             return
         if kind == REPLY:
-            # Strict UTF-8 first: json.loads of bytes would also take UTF-16 and
-            # surrogates encoded as UTF-8, which no escape check sees.
-            reply = encodable(payload, json.loads(payload.decode("utf-8")))
-            if not isinstance(reply, dict):
-                raise ProtocolError(f"a REPLY that is not a JSON object: {payload[:80]!r}")
-            call.reply = reply
+            call.reply = decode_reply(payload)
             with self._lock:
                 self._calls.pop(rid, None)
                 self._credit.notify_all()
