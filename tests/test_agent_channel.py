@@ -13,6 +13,7 @@ import hashlib
 import os
 import pickle
 import socket
+import tarfile
 import threading
 import time
 import tracemalloc
@@ -30,6 +31,7 @@ from pytest_bottle.agent import streams
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.agent.send import STALL_FLOOR
+from pytest_bottle.agent.transfer import fetch
 from pytest_bottle.guest.frames import (
     CALL,
     CANCEL,
@@ -338,6 +340,29 @@ def test_a_restarted_agent_fails_pending_calls_at_once_and_later_calls_work(gues
     guest.reply(rid, is_dir=True, mode=0, size=0)
     t.join(10)
     assert "value" in out, out
+
+
+@pytest.mark.parametrize("how", ["the agent restarts", "the VM dies"])
+def test_a_directory_get_cut_short_by_the_agent_or_vm_says_so(guest: Guest, tmp_path: Path, how: str) -> None:
+    # The tar stream then ends early: that read as the guest sending a truncated
+    # archive (UnsafeTransfer), not as the loss it was.
+    t, out = _in_thread(lambda: fetch(guest.chan, "/srv", tmp_path / "out"))
+    rid, _ = guest.expect(CALL)
+    guest.reply(rid, mode=0o40755, size=0, is_dir=True, mtime=0)
+    rid, _ = guest.expect(CALL)
+    member = tarfile.TarInfo("big")
+    member.size = 100_000
+    guest.send(frame(DATA, rid, member.tobuf(format=tarfile.PAX_FORMAT) + b"z" * 10_000))
+    time.sleep(0.3)  # the host is reading the member
+    if how == "the agent restarts":
+        guest.hello(B)
+    else:
+        guest.sock.close()
+    t.join(15)
+    err = out.get("error")
+    # (a closed socket reads as closed or as reset, by what was still unread in it)
+    expected = "restarted; 1 call(s) lost during get" if how == "the agent restarts" else " during get"
+    assert isinstance(err, AgentError) and str(err).endswith(expected), repr(err)
 
 
 def test_a_restarted_agent_that_reads_nothing_breaks_the_channel_in_seconds(guest: Guest) -> None:

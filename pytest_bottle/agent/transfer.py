@@ -163,8 +163,10 @@ def receive_tree(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar
             source.discard()  # whatever else comes is dropped: the channel goes on
     except untar.Refused as e:
         _give_up(channel, rid, call.done)
-        if e.reason == untar.TRUNCATED and call.reply is not None and not call.reply.get("ok"):
-            channel.wait(call, 0, "get")  # the guest failed mid-way: its reason, not ours
+        ended = call.done.is_set() and (call.reply is None or call.error is not None or not call.reply.get("ok"))
+        if e.reason == untar.TRUNCATED and ended:
+            # The guest failed mid-way, the VM died or the agent restarted: that, not our "ends early".
+            channel.wait(call, 0, "get")
         raise UnsafeTransfer(e.path, e.reason) from None
     except BaseException as e:
         _give_up(channel, rid, call.done, _grace(e))
