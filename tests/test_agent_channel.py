@@ -365,6 +365,19 @@ def test_a_directory_get_cut_short_by_the_agent_or_vm_says_so(guest: Guest, tmp_
     assert isinstance(err, AgentError) and str(err).endswith(expected), repr(err)
 
 
+def test_a_call_is_not_held_past_its_timeout_by_another_threads_stuck_send(guest: Guest) -> None:
+    # An upload to an agent that reads nothing blocks in its send, holding the
+    # channel's write lock up to SEND_TIMEOUT (60 s): a call of 1 s waited that long.
+    _in_thread(lambda: guest.chan.call("write", path="/x", data=[b"x" * (1 << 20)] * 4, timeout=300))
+    guest.expect(CALL)  # and nothing more: the socket fills
+    time.sleep(0.5)
+    t, out = _in_thread(lambda: guest.chan.call("listening", timeout=1))
+    t.join(30)
+    err = out.get("error")
+    assert isinstance(err, AgentTimeout) and "was not sent in time" in str(err), repr(err)
+    assert float(out["seconds"]) < 5  # type: ignore[arg-type]
+
+
 def test_a_restarted_agent_that_reads_nothing_breaks_the_channel_in_seconds(guest: Guest) -> None:
     """The resync runs on the reader thread under the locks every call takes:
     a guest that says HELLO again and then takes nothing must not hold them

@@ -22,23 +22,10 @@ from typing import Any
 
 from ..errors import AgentError, AgentTimeout, SpecError
 from ..guest import frames
-from ..guest.frames import (
-    CALL,
-    CREDIT,
-    DATA,
-    EOF,
-    HEADER,
-    HELLO,
-    HOST_CREDIT_STEP,
-    HOST_WINDOW,
-    PING,
-    REPLY,
-    WINDOW,
-    frame,
-)
+from ..guest.frames import CALL, CREDIT, DATA, EOF, HEADER, HELLO, PING, REPLY, frame
 from . import resync
 from .calls import Call, ProtocolError, Sink, decode_reply, guest_error, lose
-from .send import SEND_TIMEOUT, Deadlines, Stalled, send_all
+from .send import SEND_TIMEOUT, Deadlines, Stalled, locked_by, send_all
 from .uploads import Uploads
 
 log = logging.getLogger(__name__)
@@ -220,7 +207,7 @@ class AgentChannel(Deadlines, Uploads):
         with self._lock:
             call = self._calls.get(rid)
             if call is not None:
-                call.window = min(call.window + n, WINDOW)  # a guest cannot talk us past the window
+                call.window = min(call.window + n, frames.WINDOW)  # a guest cannot talk us past the window
                 self._credit.notify_all()
 
     def _dispatch(self, kind: int, rid: int, payload: bytes) -> None:
@@ -239,7 +226,7 @@ class AgentChannel(Deadlines, Uploads):
             return
         with self._lock:  # a consumer thread may be crediting (``grant``)
             call.unacked += len(payload)
-            over = call.unacked > HOST_WINDOW
+            over = call.unacked > frames.HOST_WINDOW
         if over:  # the guest ignores flow control: this call cannot be trusted
             self._fail(rid, call, AgentError(f"bottle {self.name}: the agent sent beyond its window"))
             return
@@ -260,7 +247,7 @@ class AgentChannel(Deadlines, Uploads):
     def _owe(self, rid: int, call: Call, n: int) -> None:
         with self._lock:
             call.owed += n
-            if call.owed < HOST_CREDIT_STEP or call.done.is_set():
+            if call.owed < frames.HOST_CREDIT_STEP or call.done.is_set():
                 return
             owed, call.owed = call.owed, 0
             call.unacked -= owed
@@ -285,8 +272,12 @@ class AgentChannel(Deadlines, Uploads):
         if len(payload) > frames.MAX_PAYLOAD:
             raise SpecError(f"the arguments of {op} are {len(payload)} bytes; the limit is {frames.MAX_PAYLOAD}")
         # Registered and sent in one step under _wlock: abandon() cannot slip between
-        # and let keep()'s end call reach the agent before this CALL does.
-        with self._wlock:
+        # and let keep()'s end call reach the agent before this CALL does.  Another
+        # send stuck on a guest that reads nothing holds it up to SEND_TIMEOUT: this
+        # call's own deadline comes first.
+        if not locked_by(self._wlock, self._thread_deadline()):
+            raise AgentTimeout(f"bottle {self.name}: {op} was not sent in time (another send held the channel)")
+        try:
             with self._lock:  # the reader closes under this lock: no call slips past its final sweep
                 if self.closed.is_set():
                     raise self._closed_error()
@@ -301,6 +292,8 @@ class AgentChannel(Deadlines, Uploads):
                 with self._lock:
                     self._calls.pop(rid, None)
                 raise
+        finally:
+            self._wlock.release()
         return rid, call
 
     def check(self, call: Call, op: str = "") -> None:
@@ -319,8 +312,13 @@ class AgentChannel(Deadlines, Uploads):
         if now - self._last_rx < self.idle:
             return
         if self._ping_at <= self._last_rx:
-            self._ping_at = now
-            self._send(frame(PING, 0))
+            if not self._wlock.acquire(blocking=False):  # a send under way: the guest has to read it first
+                return
+            try:
+                self._ping_at = now
+                self._send_locked(frame(PING, 0))
+            finally:
+                self._wlock.release()
         elif now - self._ping_at > self.dead_after:
             raise AgentError(
                 f"bottle {self.name}: the guest agent has not answered for {now - self._last_rx:.0f} s "

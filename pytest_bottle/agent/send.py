@@ -93,3 +93,8 @@ class Deadlines:
 
     def _thread_deadline(self) -> float | None:
         return getattr(self._tls, "deadline", None)
+
+
+def locked_by(lock: threading.Lock, deadline: float | None) -> bool:
+    """Acquire ``lock``, waiting until ``deadline`` (``time.monotonic()``; None: as long as it takes)."""
+    return lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic()))
