@@ -12,6 +12,7 @@ When the socket closes (QEMU died) every waiting call fails at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -25,7 +26,7 @@ from ..guest import frames
 from ..guest.frames import CALL, CREDIT, DATA, EOF, HEADER, HELLO, PING, REPLY, frame
 from . import resync
 from .calls import Call, ProtocolError, Sink, decode_reply, guest_error, lose
-from .send import SEND_TIMEOUT, Deadlines, Stalled, locked_by, send_all
+from .send import SEND_TIMEOUT, STALL_FLOOR, Deadlines, Stalled, locked_by, send_all
 from .uploads import Uploads
 
 log = logging.getLogger(__name__)
@@ -275,9 +276,10 @@ class AgentChannel(Deadlines, Uploads):
         # and let keep()'s end call reach the agent before this CALL does.  Another
         # send stuck on a guest that reads nothing holds it up to SEND_TIMEOUT: this
         # call's own deadline comes first.
-        if not locked_by(self._wlock, self._thread_deadline()):
-            raise AgentTimeout(f"bottle {self.name}: {op} was not sent in time (another send held the channel)")
+        got = locked_by(self._wlock, self._thread_deadline())
         try:
+            if not got:
+                raise AgentTimeout(f"bottle {self.name}: {op} was not sent in time (another send held the channel)")
             with self._lock:  # the reader closes under this lock: no call slips past its final sweep
                 if self.closed.is_set():
                     raise self._closed_error()
@@ -293,7 +295,8 @@ class AgentChannel(Deadlines, Uploads):
                     self._calls.pop(rid, None)
                 raise
         finally:
-            self._wlock.release()
+            if got:
+                self._wlock.release()
         return rid, call
 
     def check(self, call: Call, op: str = "") -> None:
@@ -354,10 +357,8 @@ class AgentChannel(Deadlines, Uploads):
 
     def _cancel_quietly(self, rid: int) -> None:
         if not self.broken and not self.closed.is_set():
-            try:
-                self.cancel(rid)
-            except AgentError:
-                pass
+            with contextlib.suppress(AgentError):
+                self.cancel(rid, within=STALL_FLOOR)  # not held up behind a send on a guest reading nothing
 
     def call(
         self,

@@ -99,10 +99,11 @@ class AgentClient:
         kills it at ``timeout``.  Raises before anything is sent if it cannot start.
         ``on_output`` gets the text as it comes (``streams.OutputFeed``)."""
         run = ExecRun(self, stdin, timeout, cap, on_output)
-        run.rid, run.call = self.channel.start(
-            "exec", run.sink, auto_credit=on_output is None, argv=argv, env=dict(env), cwd=cwd, user=user,
-            timeout=timeout, stdin=stdin is not None,
-        )  # fmt: skip
+        with self.channel.deadline(timeout):  # its CALL waits behind another send no longer than that
+            run.rid, run.call = self.channel.start(
+                "exec", run.sink, auto_credit=on_output is None, argv=argv, env=dict(env), cwd=cwd, user=user,
+                timeout=timeout, stdin=stdin is not None,
+            )  # fmt: skip
         if run.feed is not None:
             run.feed.watch(run.call)
         return run

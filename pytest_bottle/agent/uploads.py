@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from ..errors import AgentError, AgentTimeout
 from ..guest.frames import CANCEL, CHUNK, DATA, EOF, frame
 from .calls import Call, CallOver
+from .send import locked_by
 
 
 class Uploads:
@@ -22,7 +23,12 @@ class Uploads:
     _credit: threading.Condition
     _calls: dict[int, Call]
 
+    _wlock: threading.Lock
+
     def _send(self, data: bytes, *, confined: bool = False) -> None:
+        raise NotImplementedError
+
+    def _send_locked(self, data: bytes, *, confined: bool = False) -> None:
         raise NotImplementedError
 
     def _check_alive(self, op: str) -> None:
@@ -86,5 +92,14 @@ class Uploads:
                 raise
             self._send(frame(EOF, rid))
 
-    def cancel(self, rid: int) -> None:
-        self._send(frame(CANCEL, rid))
+    def cancel(self, rid: int, within: float | None = None) -> None:
+        """Tell the agent to drop call ``rid``.  ``within``: seconds to wait for
+        the channel (another send may hold it on a guest that reads nothing);
+        past them nothing is sent (the call is forgotten anyway)."""
+        got = locked_by(self._wlock, None if within is None else time.monotonic() + within)
+        try:
+            if got:
+                self._send_locked(frame(CANCEL, rid))
+        finally:
+            if got:
+                self._wlock.release()

@@ -28,7 +28,7 @@ except ImportError:  # in the guest, files side by side
     import system  # type: ignore[import-not-found,no-redef]
     import terminal  # type: ignore[import-not-found,no-redef]
 
-# How long ``park`` waits for calls whose replies have gone out to be counted
+# How long ``park`` waits for calls whose replies are going out to be counted
 # done.  Only a worker descheduled between its reply and its count (a loaded
 # host) takes more than milliseconds; a refused park costs every clone of the
 # seed the Python agent.
@@ -50,6 +50,7 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
         self.jobs: queue.SimpleQueue[tuple[int, dict[str, Any], frames.Inbox, int]] = queue.SimpleQueue()
         self.idle = 0
         self.active = 0  # calls submitted and not answered yet (``park`` waits for none)
+        self.replying = 0  # of those, the ones whose reply is going out now
         # A new id per start: the host tells a restarted agent from a live one.
         self.instance = os.urandom(frames.INSTANCE_SIZE)
         self.hello = frames.frame(frames.HELLO, 0, frames.SYNC_MAGIC + self.instance)
@@ -102,11 +103,14 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
         chan = self.chan
         # A worker counts its call done just after sending the reply, and the
         # host sends ``park`` as soon as it has that reply: give it a moment.
+        # Only for calls whose reply is going out: one still at work may need
+        # frames from the host, and this (the reading thread) reads none meanwhile.
         deadline = time.monotonic() + PARK_GRACE
         while True:
             with self.lock:
-                calls, running = self.active, bool(self.procs or self.groups or self.ptys)
-            if not calls or running or time.monotonic() >= deadline:
+                calls, replying = self.active, self.replying
+                running = bool(self.procs or self.groups or self.ptys)
+            if not calls or running or calls > replying or time.monotonic() >= deadline:
                 break
             time.sleep(0.002)
         why = "calls or commands still running" if calls or running else None
@@ -208,6 +212,8 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
                     self.cancelled.discard(rid)
             if current:
                 self.windows.close(rid)
+        with self.lock:
+            self.replying += 1
         try:
             if current:
                 self.chan.send(frames.jframe(frames.REPLY, rid, reply))
@@ -216,6 +222,7 @@ class Agent(terminal.ProcessOps, files.FileOps, system.SystemOps):
         finally:
             with self.lock:
                 self.active -= 1
+                self.replying -= 1
 
     # -- operations ---------------------------------------------------------
 

@@ -5,6 +5,7 @@ agent serving in this process (no VM)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -58,6 +59,9 @@ class FakeChannel:
 
     def wait(self, call: object, timeout: float | None, op: str) -> None:
         return None  # nothing came in time
+
+    def deadline(self, timeout: float | None) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def forget(self, rid: int) -> None:
         self.calls.append(("forget", {"rid": rid}))
