@@ -41,11 +41,10 @@ class LiveProgress:
         sink: progress.Sink = progress.stderr_sink
         if worker is not None:
             try:  # a worker on another host cannot reach the controller's file: stderr then
-                path = Path(worker.get(WORKER_KEY) or "")
                 # Only a file in this host's own progress directory: on another
                 # host the same path may be a place someone else prepared.
-                if worker.get(WORKER_KEY) and path.parent == state_dir() / "progress":
-                    sink = self.file = FileSink(path, str(worker.get("workerid", "worker")))
+                if (given := worker.get(WORKER_KEY)) and Path(given).parent == state_dir() / "progress":
+                    sink = self.file = FileSink(Path(given), str(worker.get("workerid", "worker")))
             except (OSError, BottleError):  # no such file here, or no usable state dir
                 pass
         else:

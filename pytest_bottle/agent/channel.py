@@ -26,7 +26,7 @@ from ..guest import frames
 from ..guest.frames import CALL, CREDIT, DATA, EOF, HEADER, HELLO, PING, REPLY, frame
 from . import resync
 from .calls import Call, ProtocolError, Sink, decode_reply, guest_error, lose
-from .send import SEND_TIMEOUT, STALL_FLOOR, Deadlines, Stalled, locked_by, send_all
+from .send import SEND_TIMEOUT, STALL_FLOOR, Deadlines, Stalled, held_by, send_all
 from .uploads import Uploads
 
 log = logging.getLogger(__name__)
@@ -276,8 +276,7 @@ class AgentChannel(Deadlines, Uploads):
         # and let keep()'s end call reach the agent before this CALL does.  Another
         # send stuck on a guest that reads nothing holds it up to SEND_TIMEOUT: this
         # call's own deadline comes first.
-        got = locked_by(self._wlock, self._thread_deadline())
-        try:
+        with held_by(self._wlock, self._thread_deadline()) as got:
             if not got:
                 raise AgentTimeout(f"bottle {self.name}: {op} was not sent in time (another send held the channel)")
             with self._lock:  # the reader closes under this lock: no call slips past its final sweep
@@ -294,9 +293,6 @@ class AgentChannel(Deadlines, Uploads):
                 with self._lock:
                     self._calls.pop(rid, None)
                 raise
-        finally:
-            if got:
-                self._wlock.release()
         return rid, call
 
     def check(self, call: Call, op: str = "") -> None:
@@ -315,13 +311,10 @@ class AgentChannel(Deadlines, Uploads):
         if now - self._last_rx < self.idle:
             return
         if self._ping_at <= self._last_rx:
-            if not self._wlock.acquire(blocking=False):  # a send under way: the guest has to read it first
-                return
-            try:
-                self._ping_at = now
-                self._send_locked(frame(PING, 0))
-            finally:
-                self._wlock.release()
+            with held_by(self._wlock, now) as got:  # only if free: a send under way must be read first
+                if got:
+                    self._ping_at = now
+                    self._send_locked(frame(PING, 0))
         elif now - self._ping_at > self.dead_after:
             raise AgentError(
                 f"bottle {self.name}: the guest agent has not answered for {now - self._last_rx:.0f} s "

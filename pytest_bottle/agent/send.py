@@ -95,6 +95,14 @@ class Deadlines:
         return getattr(self._tls, "deadline", None)
 
 
-def locked_by(lock: threading.Lock, deadline: float | None) -> bool:
-    """Acquire ``lock``, waiting until ``deadline`` (``time.monotonic()``; None: as long as it takes)."""
-    return lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic()))
+@contextlib.contextmanager
+def held_by(lock: threading.Lock, deadline: float | None) -> Iterator[bool]:
+    """``lock`` held inside if it could be had by ``deadline`` (``time.monotonic()``;
+    None: however long it takes; now: only if free); whether it was."""
+    got = False
+    try:
+        got = lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic()))
+        yield got
+    finally:
+        if got:
+            lock.release()

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from ..errors import AgentError, AgentTimeout
 from ..guest.frames import CANCEL, CHUNK, DATA, EOF, frame
 from .calls import Call, CallOver
-from .send import locked_by
+from .send import held_by
 
 
 class Uploads:
@@ -96,10 +96,6 @@ class Uploads:
         """Tell the agent to drop call ``rid``.  ``within``: seconds to wait for
         the channel (another send may hold it on a guest that reads nothing);
         past them nothing is sent (the call is forgotten anyway)."""
-        got = locked_by(self._wlock, None if within is None else time.monotonic() + within)
-        try:
+        with held_by(self._wlock, None if within is None else time.monotonic() + within) as got:
             if got:
                 self._send_locked(frame(CANCEL, rid))
-        finally:
-            if got:
-                self._wlock.release()
