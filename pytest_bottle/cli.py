@@ -106,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"bad timeout: the command's timeout must be a positive, finite number of seconds, not {written!r}",
             "bottle run",
         ) from None
-    if args.snapshot:
+    if args.snapshot is not None:  # "" too: an empty $SNAP is no snapshot, not "no --snapshot"
         from .snapshot_cli import run_snapshot
 
         return run_snapshot(args, command)

@@ -177,6 +177,11 @@ def test_bad_run_timeouts_and_prune_ages_are_refused_before_any_work(tmp_path: P
     assert r.returncode == 125 and r.stderr.startswith(
         "bottle: SpecError: bottle run: bad memory: '100T' (104857600M) is more than this host has ("
     ), r.stderr
+    # An empty $SNAP in `bottle run --snapshot "$SNAP"` names no snapshot: it does not boot a default bottle.
+    r = cli("run", "--snapshot", "", "--", "true", cache=empty, timeout=60)
+    assert (
+        r.returncode == 125 and r.stderr.startswith("bottle: SnapshotError: ") and "a snapshot name is" in r.stderr
+    ), r
     assert not (empty / "images").exists() and not (empty / "seeds").exists()
 
 

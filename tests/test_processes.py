@@ -393,6 +393,41 @@ def test_bottle_shell_in_a_kept_bottle(stop_kept: list[str]) -> None:
     assert (empty.returncode, empty.stdout, empty.stderr) == (0, "", ""), empty
 
 
+def test_bottle_shell_output_nobody_reads_for_a_while_is_not_taken_for_a_dead_agent(stop_kept: list[str]) -> None:
+    """`bottle shell ... | less` left on one page: the channel's reader waits on
+    our stdout, and the agent's silence meanwhile is ours, not a hung agent's."""
+    from pytest_bottle.shell import kept_bottle, run_shell
+
+    b = pytest_bottle.launch(detached=True)
+    stop_kept.append(b.name)
+    b.keep()
+    attached = kept_bottle(b.name, Path("."))
+    assert attached is not None
+    r, w = os.pipe()
+    got: dict[str, object] = {}
+    with attached as agent, open(os.devnull, "rb") as nothing:
+        agent.channel.idle, agent.channel.dead_after = 0.3, 2.0  # gives up after ~2.5 s of a silent agent
+
+        def shell() -> None:
+            try:
+                got["rc"] = run_shell(agent, ["seq", "1", "300000"], stdin=nothing.fileno(), stdout=w, stderr=w)
+            except BaseException as e:
+                got["error"] = e
+            finally:
+                os.close(w)
+
+        t = threading.Thread(target=shell)
+        t.start()
+        time.sleep(6)  # the pipe is full; nothing reads it
+        out = bytearray()
+        with os.fdopen(r, "rb") as reader:
+            while chunk := reader.read(65536):
+                out += chunk
+        t.join(60)
+    assert got == {"rc": 0}, got
+    assert out.count(b"\n") == 300000 and out.endswith(b"\n300000\n")
+
+
 def test_keep_ends_the_tests_processes(stop_kept: list[str]) -> None:
     """A kept bottle's processes end at keep(), as the reference says, not when
     a `bottle shell` connects later (nobody reads their output meanwhile)."""

@@ -189,21 +189,29 @@ class OutputFeed:
         ``ends``: the command's own timeout.  Past it ``fn`` is not called any more:
         what is queued or still comes is credited unread, so the agent, whose reply
         follows the output, answers at once (the result has all of the output)."""
-        late = False
+        late = draining = False
         while True:
             wait = channel.idle
-            if deadline is not None:
+            if deadline is not None and not draining:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     channel.forget(rid)
                     raise AgentError(f"bottle {channel.name}: no answer past the timeout of {label!r}")
             late = late or (ends is not None and time.monotonic() >= ends)
             try:
-                item = self.items.get(timeout=wait if ends is None or late else min(wait, ends - time.monotonic()))
+                if draining:  # what is there now, no wait
+                    wait = 0.0
+                elif ends is not None and not late:
+                    wait = min(wait, ends - time.monotonic())
+                item = self.items.get(timeout=wait)
             except queue.Empty:
-                # The reader may have set the old event just as ``watch`` swapped it.
-                if call.done.is_set() or self.before.is_set():
+                if draining:
                     break
+                # The reader may have set the old event just as ``watch`` swapped it.
+                # What it queued before the reply may have come in since the wait ended.
+                if call.done.is_set() or self.before.is_set():
+                    draining = True
+                    continue
                 if not late:
                     channel.check(call, "exec")
                 continue

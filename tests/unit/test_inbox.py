@@ -6,7 +6,10 @@ from __future__ import annotations
 import queue
 import tracemalloc
 
-from pytest_bottle.agent.streams import MERGE_ANY, PART, Inbox
+import pytest
+
+from pytest_bottle.agent.calls import Call
+from pytest_bottle.agent.streams import MERGE_ANY, PART, Inbox, Item, OutputFeed
 from pytest_bottle.guest.frames import STDERR, STDOUT
 
 
@@ -58,3 +61,46 @@ def test_a_large_chunk_is_not_overtaken_by_the_small_ones_after_it() -> None:
     box.put((STDOUT, b"y"))
     out = b"".join(d for k, d in drain(box) if k == STDOUT)
     assert out.endswith(b"L" * 5000 + b"y"), out[-10:]
+
+
+class _Channel:
+    """What ``OutputFeed.run`` asks of a channel, with a short idle wait."""
+
+    idle = 0.05
+    name = "b"
+
+    def check(self, call: object, op: str) -> None:
+        pass
+
+    def grant(self, rid: int, n: int) -> None:
+        pass
+
+    def forget(self, rid: int) -> None:
+        pass
+
+
+def test_output_queued_with_the_reply_after_a_quiet_wait_still_reaches_on_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reader thread queues the last output and then the reply just as the
+    # consumer's wait times out: the consumer saw ``done`` and left them queued.
+    seen: list[tuple[str, str]] = []
+    feed = OutputFeed(lambda stream, text: seen.append((stream, text)))
+    call = Call(1, None, False)
+    feed.watch(call)
+    real_get = Inbox.get
+    raced: list[bool] = []
+
+    def get(box: Inbox, timeout: float) -> Item:
+        try:
+            return real_get(box, timeout)
+        except queue.Empty:
+            if not raced:
+                raced.append(True)
+                feed.sink(STDOUT, b"last line\n")
+                call.done.set()
+            raise
+
+    monkeypatch.setattr(Inbox, "get", get)
+    feed.run(_Channel(), 1, call, None, "cmd", None)  # type: ignore[arg-type]
+    assert raced and seen == [("stdout", "last line\n")]
