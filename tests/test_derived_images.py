@@ -141,15 +141,18 @@ except ImageBuildError as e:
 
 
 def test_a_failing_step_names_it_and_caches_nothing(warm_cache: Path) -> None:
-    run = f"echo failing-output; exit 3 # {uuid.uuid4().hex[:8]}"
+    # A verbose step (1.6 MB, past the 1 MiB kept of a stream) says why it failed at its end.
+    run = f"seq -f 'line %g' 150000; echo failing-output; exit 3 # {uuid.uuid4().hex[:8]}"
     bad = Image("debian-bookworm-minimal").write("/etc/x", "x").run(run)
     final = entry_dir(warm_cache, bad)
     with pytest.raises(ImageBuildError) as e:
         ensure_image(bad, warm_cache)
     err = e.value
     assert f"step 2/2 (run {run}) exited with 3" in str(err)
-    assert "failing-output" in err.log_tail
+    assert err.log_tail.endswith("line 150000\nfailing-output"), err.log_tail[-300:]
     assert err.log_path is not None and Path(err.log_path).is_file()
+    log = Path(err.log_path).read_text()  # all of it
+    assert "\nline 1\nline 2\n" in log and "\nline 150000\nfailing-output\n[exit 3]\n" in log
     assert not final.exists()
     assert not list(final.parent.glob(f".tmp-{final.name}-*"))
     # This process does not try again (a run's later tests get the error at once) ...

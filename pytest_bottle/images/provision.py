@@ -22,6 +22,7 @@ from typing import IO
 
 from ..agent.client import SETUP_TIMEOUT, AgentClient
 from ..agent.handshake import Handshake, NicSetup
+from ..agent.streams import OutputTail
 from ..agent.transfer import put
 from ..errors import BootTimeout, BottleError, ImageBuildError
 from ..host.deps import which
@@ -198,15 +199,23 @@ def _mkdir_parent(agent: AgentClient, path: str, logf: IO[str]) -> None:
 def _shell(
     agent: AgentClient, command: str, logf: IO[str], what: str, timeout: float, env: dict[str, str] | None = None
 ) -> None:
-    """Run ``command`` as root with ``/bin/sh -c``; its output goes to the log; ``_StepFailed`` if it fails."""
+    """Run ``command`` as root with ``/bin/sh -c``; its output goes to the log
+    as it comes, all of it, stdout and stderr as they came; ``_StepFailed`` if it fails."""
     logf.write(f"$ {command}\n")
     run_env = {"DEBIAN_FRONTEND": "noninteractive", **(env or {})}
+    tail = OutputTail(OUTPUT_CAP)  # a verbose step says why it failed at its end, past any first MiB
+
+    def seen(stream: str, text: str) -> None:
+        logf.write(text)
+        tail.add(text.encode())
+
     run = agent.exec(
-        ["/bin/sh", "-c", command], env=run_env, cwd="/", user=None, timeout=timeout, stdin=None, cap=OUTPUT_CAP
-    )
+        ["/bin/sh", "-c", command], env=run_env, cwd="/", user=None, timeout=timeout, stdin=None, cap=OUTPUT_CAP,
+        on_output=seen,
+    )  # fmt: skip
     reply = run.finish(REPLY_GRACE, what)
-    output = reply.stdout.decode(errors="replace") + reply.stderr.decode(errors="replace")
-    logf.write(output + ("" if output.endswith("\n") or not output else "\n"))
+    output = tail.text()
+    logf.write("" if output.endswith("\n") or not output else "\n")
     rc = -1 if reply.timed_out else reply.rc
     logf.write(f"[exit {rc}{' (timed out)' if reply.timed_out else ''}]\n")
     logf.flush()
