@@ -126,6 +126,8 @@ def _pull_url(value: str) -> str:
 
 
 def cmd_image_list(args: argparse.Namespace) -> int:
+    if args.source:
+        load_images(args.source)
     cached: dict[str, list[BuiltImage]] = {}
     for i in list_images(args.cache_dir):
         cached.setdefault(i.name, []).append(i)
@@ -142,6 +144,9 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         for old in entries:
             if old is not image:
                 print(f"  stale entry {old.key} {mb(tree_size(old.path))} {age(old.created)} (bottle image prune)")
+    for name, entries in sorted(cached.items()):  # recipes registered in the user's code (conftest.py)
+        for i in sorted(entries, key=lambda i: i.created, reverse=True):
+            print(f"{name:28} {i.key:18} {mb(tree_size(i.path)):>9} {age(i.created):>6}  (not registered here; --from)")
     rows = []
     for d in list_derived(args.cache_dir):
         m = d.manifest
@@ -203,6 +208,8 @@ DERIVED_UNUSED_DAYS = 7.0
 
 def cmd_image_prune(args: argparse.Namespace) -> int:
     check_days(args.older_than, "bottle image prune")
+    if args.source:  # its recipes' old keys are pruned too; unknown names never are
+        load_images(args.source)
     cache = args.cache_dir
     sizes = {i.path: tree_size(i.path) for i in list_images(cache)}
     rows = [(p, sizes.get(p, 0), "image of an old recipe") for p in prune_images(cache)]
@@ -242,7 +249,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     b.add_argument("--rebuild", action="store_true", help="build again even if cached (and drop its seeds)")
     b.add_argument("--pull", metavar="URL", type=_pull_url, help="pull it from this URL ({name}, {key}) if not cached")
     b.set_defaults(fn=cmd_image_build)
-    image.add_parser("list", help="known images, what is built, and seeds").set_defaults(fn=cmd_image_list)
+    ls = image.add_parser("list", help="known images, what is built, and seeds")
+    ls.add_argument("--from", dest="source", metavar="FILE|MODULE", help=FROM_HELP)
+    ls.set_defaults(fn=cmd_image_list)
     prune_help = "remove old images, stale seeds and old failed-build logs; print what was freed"
     pr = image.add_parser("prune", help=prune_help)
     pr.add_argument(
@@ -252,6 +261,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         default=DERIVED_UNUSED_DAYS,
         help=f"remove derived images (and their seeds) unused for DAYS (default {DERIVED_UNUSED_DAYS:g})",
     )
+    pr.add_argument("--from", dest="source", metavar="FILE|MODULE", help=FROM_HELP)
     pr.set_defaults(fn=cmd_image_prune)
     r = image.add_parser("rm", help="remove an image and its seeds from the cache")
     r.add_argument("name", help="a built-in image, a derived image's name or key, or one named in --from")

@@ -246,8 +246,10 @@ def prune_logs(cache_dir: Path, entry: str | None = None, keep: int = KEEP_FAILE
     removed = []
     for name, found in groups.items():
         found.sort(reverse=True)
-        # A derived image's key is not known here: its failed builds keep their newest logs too.
-        kept = keep if name in current or name.startswith("derived-") else 0
+        # A derived image's key is not known here, nor a recipe this process did not
+        # register (the `bottle` command does not read conftest.py): their newest are kept too.
+        known = name.rsplit("-", 1)[0] in RECIPES
+        kept = keep if name in current or name.startswith("derived-") or not known else 0
         for _, path, size in found[kept:]:
             path.unlink(missing_ok=True)
             removed.append((path, size))
@@ -260,11 +262,13 @@ def list_images(cache_dir: Path) -> list[BuiltImage]:
 
 
 def prune_images(cache_dir: Path) -> list[Path]:
-    """Remove cached entries that no current recipe would build (old keys, unknown names)."""
+    """Remove cached entries of registered recipes that are not their current key.
+    Entries of names not registered here are kept: a recipe ``register()``-ed in a
+    conftest.py is unknown to the `bottle` command unless given with ``--from``."""
     current = {f"{r.name}-{r.key()}" for r in RECIPES.values()}
     removed = []
     for image in list_images(cache_dir):
-        if image.path.name not in current:
+        if image.name in RECIPES and image.path.name not in current:
             with FileLock(str(lock_path(cache_dir, image.path.name))):
                 entries.remove(image.path, "rm")
             removed.append(image.path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +245,9 @@ def prune_derived(cache_dir: Path, older_than_days: float = 0.0) -> list[tuple[P
     cutoff = time.time() - older_than_days * 86400
     keep = {e.key for e in found if e.last_used >= cutoff and not e.stale}
     held = set(seeds_under_snapshots(cache_dir))  # a snapshot's fork needs its seed, and that its image
-    keep |= {str(s.manifest["key_parts"].get("image_key")) for s in list_seeds(cache_dir) if s.path in held}
+    # held's paths are normalised: a --cache-dir given as "proj/../cache" must match too
+    ours = [s for s in list_seeds(cache_dir) if Path(os.path.normpath(s.path)) in held]
+    keep |= {str(s.manifest["key_parts"].get("image_key")) for s in ours}
     for e in found:  # what a kept layer rests on stays too
         if e.key in keep:
             keep.update(str(k) for k in e.manifest.get("chain", []))

@@ -19,6 +19,7 @@ state's lock, as everywhere else.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -84,16 +85,36 @@ def stale_seeds(
         parts = seed.manifest["key_parts"]
         if only is not None and parts.get("image") != only:
             continue
-        why = outdated(seed, images.get(str(parts.get("image"))))
+        image = images.get(str(parts.get("image")))
+        if image is None or image.key != parts.get("image_key"):
+            # Another key of the name, still cached: another checkout's or plugin
+            # version's image in a shared cache, not an older build to clear away.
+            image = _cached_build(cache_dir, parts) or image
+        why = outdated(seed, image)
         if why is not None:
             stale.append((seed, why))
             continue
-        shape = tuple(parts.get(k) for k in ("image", "accel", "memory_mb", "cpus", "nics"))
+        shape = tuple(parts.get(k) for k in ("image", "image_key", "accel", "memory_mb", "cpus", "nics"))
         shapes.setdefault(shape, []).append(seed)
     for group in shapes.values():
         group.sort(key=lambda s: s.created, reverse=True)
         stale += [(seed, f"superseded by {group[0].path.name}") for seed in group[1:]]
     return stale
+
+
+def _cached_build(cache_dir: Path, parts: Mapping[str, Any]) -> BuiltImage | None:
+    """The cache's entry of the image key a seed was made from (a recipe's or a
+    derived layer), whether or not this process knows the image by that name."""
+    name, key = str(parts.get("image")), str(parts.get("image_key"))
+    for entry in (f"{name}-{key}", f"derived-{key}"):
+        path = cache_dir / "images" / entry
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("key") == key:
+            return BuiltImage(name, key, path, manifest)
+    return None
 
 
 def prune_seeds(cache_dir: Path, images: Mapping[str, BuiltImage], only: str | None = None) -> list[Removed]:

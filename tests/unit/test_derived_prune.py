@@ -14,6 +14,7 @@ from pytest_bottle.cli import main
 from pytest_bottle.errors import BootTimeout
 from pytest_bottle.images.cache import BuiltImage
 from pytest_bottle.images.derived import USED_STAMP, list_derived, prune_derived, remove_derived
+from pytest_bottle.images.recipes import BASE_PACKAGES, RECIPES, Recipe
 from pytest_bottle.store import unsettled
 
 
@@ -263,3 +264,60 @@ def test_a_layer_on_a_stale_layer_is_stale_too_and_prune_takes_both(
     assert "(stale: the layer it rests on, web, is stale" in capsys.readouterr().out
     removed = prune_derived(tmp_path, 7)
     assert sorted(p for p, _, _ in removed) == [under, child, grandchild]
+
+
+def _recipe_entry(cache: Path, name: str, key: str) -> Path:
+    path = cache / "images" / f"{name}-{key}"
+    path.mkdir(parents=True)
+    for f in ("rootfs.ext4", "vmlinuz", "initrd.img"):
+        (path / f).write_bytes(b"x")
+    (path / "manifest.json").write_text(json.dumps({"name": name, "key": key, "created": time.time()}))
+    return path
+
+
+def test_prune_keeps_recipes_it_does_not_know_and_what_is_built_on_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe a conftest.py registers is unknown to the `bottle` command: its
+    image, and a layer used a minute ago on it, are not "of an old recipe"."""
+    custom = Recipe(name="bookworm-extra", packages=(*BASE_PACKAGES, "nginx"))
+    entry = _recipe_entry(tmp_path, custom.name, custom.key())
+    layer = _entry(tmp_path, "ffff", ["ffff", custom.key()], 0)
+    manifest = json.loads((layer / "manifest.json").read_text())
+    created = json.loads((entry / "manifest.json").read_text())["created"]
+    manifest.update(parent=custom.name, parent_key=custom.key(), parent_created=created)
+    (layer / "manifest.json").write_text(json.dumps(manifest))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / f"{entry.name}-failed-1.log").write_text("why it failed\n")
+    assert main(["--cache-dir", str(tmp_path), "image", "prune"]) == 0
+    assert entry.is_dir() and layer.is_dir() and (logs / f"{entry.name}-failed-1.log").is_file()
+    assert "pruned 0 entries" in capsys.readouterr().out
+    assert main(["--cache-dir", str(tmp_path), "image", "list"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(custom.name)]
+    assert len(listed) == 1 and custom.key() in listed[0] and "(not registered here; --from)" in listed[0]
+    # Registered (as --from does), its old keys go, its current one stays.
+    old = _recipe_entry(tmp_path, custom.name, "0123456789abcdef")
+    monkeypatch.setitem(RECIPES, custom.name, custom)
+    assert main(["--cache-dir", str(tmp_path), "image", "prune"]) == 0
+    assert entry.is_dir() and layer.is_dir() and not old.exists()
+
+
+def test_prune_keeps_the_layer_a_snapshot_rests_on_whatever_the_cache_path_looks_like(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    (tmp_path / "proj").mkdir()
+    layer = _entry(cache, "abab", ["abab", "base"], 30)
+    seed = cache / "seeds" / "web-512m1c1n-abc"
+    seed.mkdir(parents=True)
+    (seed / "manifest.json").write_text(
+        json.dumps({"key_parts": {"image": "web", "image_key": "abab"}, "created": 1.0, "files": {}})
+    )
+    snap = cache / "snapshots" / "kept-failure"
+    snap.mkdir(parents=True)
+    rests_on = {"disk_chain": ["../../seeds/web-512m1c1n-abc/disk.qcow2"], "parent": "../../seeds/web-512m1c1n-abc"}
+    (snap / "manifest.json").write_text(
+        json.dumps({"key_parts": {}, "created": 2.0, "files": {}, "rests_on": {**rests_on, "parent_created": 1.0}})
+    )
+    assert prune_derived(tmp_path / "proj" / ".." / "cache", 7.0) == []  # `bottle --cache-dir proj/../cache`
+    assert layer.is_dir()
+    assert [p for p, _, _ in prune_derived(cache, 7.0)] == []

@@ -380,3 +380,32 @@ def test_a_save_qemu_fails_at_or_does_not_answer_is_a_boot_error(error: Exceptio
     m.exit_reason = lambda: exited  # type: ignore[method-assign]
     with pytest.raises(BootError, match=rf"^bottle btl-fake failed to boot: saving the VM state failed: {why}"):
         m.save_state(Path("/nonexistent/memory.state"))
+
+
+def test_seeds_of_another_cached_key_of_the_same_name_are_not_pruned(tmp_path: Path) -> None:
+    """Two checkouts (or plugin versions) share a cache, each with its own "web":
+    making one's seed must not remove the other's while its image is cached."""
+    from pytest_bottle.images.cache import BuiltImage
+    from pytest_bottle.store.seeds import key_parts, seed_dir
+
+    def layer(key: str, created: float) -> BuiltImage:
+        path = tmp_path / "images" / f"derived-{key}"
+        path.mkdir(parents=True)
+        manifest = {"kind": "derived", "name": "web", "key": key, "created": created}
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        return BuiltImage("web", key, path, manifest)
+
+    def seed(image: BuiltImage, created: float) -> Path:
+        parts = key_parts(image, "tcg", 512, 1, 1, {})
+        path = seed_dir(tmp_path, parts)
+        path.mkdir(parents=True)
+        (path / "manifest.json").write_text(json.dumps({"key_parts": parts, "created": created, "files": {}}))
+        return path
+
+    a, b = layer("a" * 16, 1.0), layer("b" * 16, 2.0)
+    seed_a, seed_b = seed(a, 10.0), seed(b, 11.0)
+    assert prune_seeds(tmp_path, {"web": b}, only="web") == []  # what making b's seed prunes
+    assert prune_seeds(tmp_path, {"web": a}, only="web") == []  # ... and a's
+    shutil.rmtree(a.path)  # a's image pruned: its seed goes with it
+    assert [r.path for r in prune_seeds(tmp_path, {"web": b}, only="web")] == [seed_a]
+    assert seed_b.is_dir()
