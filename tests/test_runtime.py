@@ -99,6 +99,16 @@ def test_bytes_that_are_not_utf8_survive(module_bottle: Bottle) -> None:
     assert module_bottle.read_bytes("/tmp/bin.dat") == bytes(range(256))
 
 
+def test_a_file_name_of_the_longest_length_is_written_and_put(module_bottle: Bottle, tmp_path: Path) -> None:
+    name = "n" * 255  # NAME_MAX: the temporary name beside it must not be longer
+    module_bottle.write_text(f"/tmp/{name}", "long\n")
+    assert module_bottle.read_text(f"/tmp/{name}") == "long\n"
+    (tmp_path / name).write_text("put\n")
+    module_bottle.put(tmp_path / name, "/tmp/")
+    assert module_bottle.read_text(f"/tmp/{name}") == "put\n"
+    assert module_bottle.check_output(f"ls -A /tmp | grep -c {name[:20]}") == "1\n"  # no temporary left
+
+
 COUNT = """
 import os, sys
 n = 0
@@ -500,7 +510,7 @@ def test_an_aborted_upload_leaves_nothing_and_the_bottle_works(module_bottle: Bo
     with pytest.raises(RuntimeError, match="the source broke"):
         module_bottle._channel.call("write", path="/tmp/aborted.txt", data=chunks())
     module_bottle.wait_until_succeeds(
-        "test ! -e /tmp/aborted.txt && ! ls /tmp/aborted.txt.bottle-* 2>/dev/null", timeout=10
+        "test ! -e /tmp/aborted.txt && ! ls /tmp/.aborted.txt.bottle-* 2>/dev/null", timeout=10
     )
     assert module_bottle.check_output("echo ok") == "ok\n"
 

@@ -42,7 +42,9 @@ class FileOps:
                     f.write(chunk)
             return {"size": os.path.getsize(path), "path": path}
         old = st if st is not None and stat.S_ISREG(st.st_mode) else None
-        tmp = f"{path}.bottle-{rid}.tmp"
+        # Hidden, and a name of 255 bytes still leaves room for ours.
+        head, base = os.path.split(path)
+        tmp = os.path.join(head, f".{base[:200]}.bottle-{rid}.tmp")
         size = 0
         try:
             _makedirs(os.path.dirname(path) or "/")
