@@ -126,7 +126,7 @@ def _pull_url(value: str) -> str:
 
 
 def cmd_image_list(args: argparse.Namespace) -> int:
-    if args.source:
+    if getattr(args, "source", None):  # `bottle seed list` has no --from
         load_images(args.source)
     cached: dict[str, list[BuiltImage]] = {}
     for i in list_images(args.cache_dir):

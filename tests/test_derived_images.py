@@ -5,8 +5,11 @@ failing step, and a cache hit."""
 from __future__ import annotations
 
 import os
+import shlex
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -310,3 +313,47 @@ def test_a_named_image_in_a_marker_and_by_option(pytester: pytest.Pytester, warm
         "-p", "no:randomly", "--bottle-image=marked", f"--bottle-cache-dir={warm_cache}"
     )
     result.assert_outcomes(passed=2)
+
+
+REBUILD = """
+import sys, time
+from pytest_bottle import Image
+from pytest_bottle.images import ensure_image
+ensure_image(Image("debian-bookworm-minimal").run(sys.argv[2]), sys.argv[1], rebuild_before=time.time())
+"""
+
+
+def test_a_parent_rebuilt_while_a_layer_is_built_on_it_leaves_no_layer_on_the_wrong_disk(warm_cache: Path) -> None:
+    """The layer is a diff of the parent's disk as it was: published on a parent
+    rebuilt meanwhile (same path), the process that built it would boot it on
+    the new disk."""
+    step = f"echo parent > /etc/parent-step # {uuid.uuid4().hex[:8]}"
+    parent = Image("debian-bookworm-minimal").run(step)
+    go = socket.socket()  # listens once the parent is rebuilt: the child's step waits for it (NAT: 10.0.2.2)
+    go.bind(("127.0.0.1", 0))
+    wait = f"import socket,time\nwhile True:\n try: socket.create_connection(('10.0.2.2', {go.getsockname()[1]}), 2); break\n except OSError: time.sleep(0.3)"
+    child = parent.run(f"timeout 300 python3 -c {shlex.quote(wait)}; echo child > /etc/child-step")
+    ensure_image(parent, warm_cache)
+    final = entry_dir(warm_cache, child)
+    got: dict[str, BaseException] = {}
+
+    def build_child() -> None:
+        try:
+            ensure_image(child, warm_cache)
+        except BaseException as e:
+            got["error"] = e
+
+    builder = threading.Thread(target=build_child)
+    builder.start()
+    deadline = time.monotonic() + 120
+    while not list(final.parent.glob(f".tmp-{final.name}-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the child's build has begun
+    rebuilt = subprocess.run([sys.executable, "-c", REBUILD, str(warm_cache), step], capture_output=True, text=True)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    go.listen()
+    builder.join(300)
+    go.close()
+    error = got.get("error")
+    assert isinstance(error, ImageBuildError), got
+    assert "was rebuilt (by another process) while this image was built on it" in str(error)
+    assert not final.exists() and not list(final.parent.glob(f".tmp-{final.name}-*"))

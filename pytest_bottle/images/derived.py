@@ -118,10 +118,25 @@ def ensure_derived(
             except ImageBuildError as e:
                 failures.record(final, e)
                 raise
+            if _rebuilt_since(parent):  # by another process meanwhile: the new layer is a diff of its old disk
+                entries.remove(final, "stale")
+                raise ImageBuildError(
+                    image.display_name,
+                    f"its parent image {parent.name} was rebuilt (by another process) while this image was built "
+                    "on it: its next use builds it again",
+                )
         built = load(final, image, parent)  # under the lock: no rm or prune in between
     if built is None:
         raise ImageBuildError(image.display_name, "the built entry did not load (removed or unreadable)")
     return _used(built)
+
+
+def _rebuilt_since(image: BuiltImage) -> bool:
+    """Whether ``image``'s cache entry is no longer the build ``image`` was loaded from."""
+    try:
+        return float(json.loads((image.path / "manifest.json").read_text()).get("created", 0.0)) != image.created
+    except (OSError, ValueError, TypeError, AttributeError):
+        return True
 
 
 def _used(built: BuiltImage) -> BuiltImage:
