@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import os
 import threading
@@ -270,11 +271,11 @@ class Bottle(BottleFiles):
     def _ssh_access(self) -> SshAccess:
         self._check_open()  # its config and forwarded port are gone
         if isinstance(self._ssh, BottleError):  # e.g. the host has no ssh-keygen
-            raise self._ssh
+            raise copy.copy(self._ssh)  # a fresh one: raising the same object grows its traceback each time
         if self._ssh is None:
             raise BottleError(
-                f"bottle {self.name} has no SSH access: image {self.image!r} has no SSH server "
-                "(use an image with openssh-server, e.g. debian-bookworm)"
+                f"bottle {self.name} has no SSH access: image {self.image!r} rests on an image without an SSH "
+                "server (a -minimal one; sshd comes with the root image, e.g. debian-bookworm, not with a step)"
             )
         self._announce_nic()
         return self._ssh

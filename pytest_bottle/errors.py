@@ -113,7 +113,7 @@ class ExecError(BottleError):
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
-        super().__init__(f"command {args!r} {_ended(returncode)}" + _output_tail(stdout, stderr))
+        super().__init__(f"command {_command(args)} {_ended(returncode)}" + _output_tail(stdout, stderr))
 
     @property
     def rc(self) -> int:
@@ -122,6 +122,16 @@ class ExecError(BottleError):
 
     def _args(self) -> dict[str, Any]:
         return {"args": self.cmd, "returncode": self.returncode, "stdout": self.stdout, "stderr": self.stderr}
+
+
+COMMAND_SHOWN = 500  # characters of a command's repr in a message: a `python3 -c SCRIPT` can be long
+
+
+def _command(args: Any) -> str:
+    text = repr(args)
+    if len(text) <= COMMAND_SHOWN:
+        return text
+    return f"{text[:COMMAND_SHOWN]}... ({len(text) - COMMAND_SHOWN} more characters)"
 
 
 def _output_tail(stdout: str, stderr: str) -> str:
@@ -152,7 +162,7 @@ class ExecTimeout(BottleError, TimeoutError):
         self.stdout = stdout
         self.stderr = stderr
         tail = _output_tail(stdout, stderr)  # what it printed before it was killed
-        super().__init__(f"command {args!r} timed out after {timeout:g} s and was killed" + tail)
+        super().__init__(f"command {_command(args)} timed out after {timeout:g} s and was killed" + tail)
 
     def _args(self) -> dict[str, Any]:
         return {"args": self.cmd, "timeout": self.timeout, "stdout": self.stdout, "stderr": self.stderr}
@@ -308,7 +318,7 @@ class ProcessTimeout(ExecTimeout):
 
     def __init__(self, args: Any, timeout: float, stdout: str = "", stderr: str = "") -> None:
         super().__init__(args, timeout, stdout, stderr)
-        self.message = f"process {args!r} still runs after {timeout:g} s" + _output_tail(stdout, stderr)
+        self.message = f"process {_command(args)} still runs after {timeout:g} s" + _output_tail(stdout, stderr)
         self.args = (printable(self.message),)
 
 

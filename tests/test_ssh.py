@@ -225,3 +225,15 @@ def test_ssh_on_an_image_without_sshd_names_the_image() -> None:
                 use()
         with pytest.raises(BottleError, match="not forwarded"):
             b.address(22)
+
+
+def test_what_a_command_leaves_running_over_ssh_outlives_the_connection(bottle: Bottle) -> None:
+    """Each connection is a unit of its own (ssh.socket, Accept=yes): when it
+    ended, systemd killed what the session had started in the background."""
+    bottle.ssh("setsid sleep 600 </dev/null >/dev/null 2>&1 &", check=True)
+    bottle.ssh("nohup sleep 601 >/dev/null 2>&1 &", check=True)
+    bottle.wait_until_succeeds(  # the connections' units have stopped
+        "test -z \"$(systemctl list-units --no-legend --state=active,activating,deactivating 'ssh@*')\"", timeout=30
+    )
+    running = bottle.exec("pgrep -ax sleep").stdout
+    assert "sleep 600" in running and "sleep 601" in running, running

@@ -59,6 +59,10 @@ After=auditd.service
 [Service]
 ExecStart=-/usr/sbin/sshd -i
 StandardInput=socket
+# What a session starts in the background (nohup, setsid, a daemon, Ansible's
+# async) outlives the connection, as on a stock machine, where pam_systemd
+# moves it to a session scope (the images have no libpam-systemd).
+KillMode=process
 RuntimeDirectory=sshd
 RuntimeDirectoryMode=0755
 RuntimeDirectoryPreserve=yes

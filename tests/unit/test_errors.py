@@ -130,3 +130,13 @@ def test_guest_text_in_a_message_is_shown_not_obeyed(err: E.BottleError) -> None
         assert not any(c in shown for c in "\x1b\x07\r\x9b"), shown
         assert "\\x1b]0;pwned\\x07\\x1b[2J" in shown or "\\\\x1b]0;pwned" in shown, shown
     assert HOSTILE in vars(err).values() or any(HOSTILE in str(v) for v in vars(err).values())  # kept as it came
+
+
+def test_a_long_command_is_shortened_in_messages_and_kept_whole_in_the_error() -> None:
+    script = "x = 1\n" * 40_000  # a `python3 -c SCRIPT` of 240 kB
+    for error in (E.ExecError(["python3", "-c", script], 1, "", "boom"), E.ExecTimeout(["python3", "-c", script], 5)):
+        assert len(str(error)) < 1_000 and "more characters)" in str(error), str(error)[:200]
+        assert error.cmd == ["python3", "-c", script]
+        assert pickle.loads(pickle.dumps(error)).cmd == error.cmd
+    short = E.ExecError(["true"], 1)
+    assert str(short) == "command ['true'] exited with 1"
