@@ -19,7 +19,7 @@ import pytest
 
 from . import matrix, workers
 from .bottle import Bottle
-from .errors import LockTimeout, SpecError, UnsafeDirectory
+from .errors import BottleError, LockTimeout, SpecError, UnsafeDirectory
 from .host import signals
 from .images import BuiltImage, ensure_image
 from .images.image import register_provided
@@ -158,7 +158,11 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 def _register_images(config: pytest.Config) -> None:
     """Images plugins and conftests return from ``pytest_bottle_images``: named, so options find them."""
-    for provided in config.hook.pytest_bottle_images():
+    try:
+        provided_all = config.hook.pytest_bottle_images()  # its Image(...) steps are checked as they are made
+    except BottleError as e:  # SpecError, ImageNotFound: a usage error, not an INTERNALERROR
+        raise InvalidBottleArgument(str(e), "pytest_bottle_images()") from None
+    for provided in provided_all:
         try:
             register_provided(provided)
         except SpecError as e:
@@ -167,6 +171,8 @@ def _register_images(config: pytest.Config) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_DOC)
+    if config.option.help:  # the help must show, even with a bad bottle_* setting to mend; no sweep either
+        return
     _register_images(config)
     config.stash[PROGRESS] = live = LiveProgress(config)
     config.pluginmanager.register(live, "bottle-progress")
@@ -236,6 +242,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"bottle: image{'s' * (len(images) > 1)} {', '.join(images)}, accel {accel}, cache {spec.cache_dir}"]
 
 
+@pytest.hookimpl(tryfirst=True)  # before conftests' own: they may look for the bottle mark
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     state = _state(config)
     on_worker = hasattr(config, "workerinput")

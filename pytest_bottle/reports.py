@@ -60,6 +60,8 @@ class BottleReports:
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
+        if report.when == "setup":  # a new run of the test (pytest-rerunfailures runs one again)
+            item.stash[REPORTS] = {}
         first_failure = report.failed and not failed(item)  # a teardown's after a failed call: shown once
         item.stash.setdefault(REPORTS, {})[report.when] = report
         if first_failure:

@@ -56,7 +56,10 @@ def parse_memory(value: Any) -> int:
     if isinstance(value, int):
         mb = value
     elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
-        mb = int(float(m.group(1)) * _UNITS[m.group(2).upper()]) // (1 << 20)
+        try:
+            mb = int(float(m.group(1)) * _UNITS[m.group(2).upper()]) // (1 << 20)
+        except OverflowError:  # "1000...0G": infinite as a float
+            raise ValueError(f"not a size: {value!r} is more than any host has") from None
     else:
         raise ValueError(f"not a size: {value!r} (use e.g. 512M or 1G)")
     if mb < MIN_MEMORY_MB:
@@ -147,6 +150,8 @@ def _forward(value: Any) -> tuple[int, ...]:
 def _timeout(value: Any) -> float:
     try:
         t = float(value)
+    except OverflowError:  # an int past float's range: not finite either
+        t = float("inf")
     except (TypeError, ValueError):
         raise ValueError(f"timeout must be a number of seconds, not {value!r}") from None
     if isinstance(value, bool) or not 0 < t < 1e9:  # also rejects inf and nan

@@ -98,7 +98,7 @@ def value_of(layers: list[Layer], key: str) -> object:
 def marker_layer(node: pytest.Item | pytest.Collector) -> list[Layer]:
     """The closest ``bottle`` marker as a layer: the one nearest the test (on the
     function, the decorator nearest ``def``; then its class; then the module)."""
-    layers = marker_layers(node)
+    layers = [layer for layer in marker_layers(node) if layer[1]]  # a bare mark sets nothing (closest_marker)
     return layers[:1]
 
 
@@ -110,14 +110,20 @@ def _user_markers(node: pytest.Item | pytest.Collector) -> Iterator[tuple[str, p
     """The ``bottle`` markers on ``node``, closest first, each with where it is; never
     ``AUTO_MARK``'s, which would hide one added later (``append=True``)."""
     auto = node.stash.get(AUTO_MARK, None)
+    # A case's own marks (pytest.param(..., marks=...)) are the closest: pytest
+    # lists them after the function's decorators.
+    cases = [m for m in getattr(getattr(node, "callspec", None), "marks", ()) if m.name == "bottle"]
+    for mark in cases:
+        yield f"pytest.param marks of {node.nodeid}", mark
     for owner, mark in node.iter_markers_with_node("bottle"):
-        if mark is not auto:
+        if mark is not auto and mark not in cases:
             yield f"@pytest.mark.bottle on {owner.nodeid or owner.name}", mark
 
 
 def closest_marker(node: pytest.Item | pytest.Collector) -> pytest.Mark | None:
-    """The user's ``bottle`` marker nearest the test."""
-    return next((m for _, m in _user_markers(node)), None)
+    """The user's ``bottle`` marker nearest the test that sets something: a bare
+    ``@pytest.mark.bottle`` only marks a test (``-m bottle``), as the plugin's own does."""
+    return next((m for _, m in _user_markers(node) if m.args or m.kwargs), None)
 
 
 def marker_layers(node: pytest.Item | pytest.Collector) -> list[Layer]:

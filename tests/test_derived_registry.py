@@ -65,13 +65,16 @@ def test_an_unknown_name_lists_the_named_images(pytester: pytest.Pytester) -> No
         ("'web'", "must return a list of named Images*got 'web'"),  # not a character at a time
         ("Image('debian-bookworm').named('one')", "must return a list of named Images*got Image("),
         ("{'web': Image('debian-bookworm').named('web')}", "must return a list of named Images*got {'web'"),
+        # raised while the hook makes them: a usage error naming the hook, not an INTERNALERROR
+        ("[Image('nope').named('w')]", "unknown image 'nope'; known images: debian-bookworm"),
+        ("[Image('debian-bookworm').install('x').named('w')]", "install(): 'x' is not a Debian package name"),
     ],
 )
 def test_the_hook_must_return_named_images(pytester: pytest.Pytester, returned: str, says: str) -> None:
     pytester.makeconftest(f"from pytest_bottle import Image\ndef pytest_bottle_images():\n    return {returned}\n")
     pytester.makepyfile(test_it="def test_x(): pass\n")
     result = pytester.runpytest_subprocess()
-    assert result.ret != 0
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "INTERNALERROR" not in result.stderr.str()
     result.stderr.fnmatch_lines([f"*pytest_bottle_images()*{says}*"])
 
 

@@ -364,6 +364,39 @@ def test_a_session_factory_bottle_is_in_the_report_of_the_test_that_made_it(pyte
     result.stdout.fnmatch_lines(["*bottle btl-* last commands*", "*[[]0] *echo from-the-session-factory*"])
 
 
+def test_a_test_run_again_after_a_failure_reports_its_bottle_again(pytester: pytest.Pytester) -> None:
+    """What pytest-rerunfailures does: the item's protocol runs twice; the
+    failure reported at the end had no console section."""
+    pytester.makeconftest("""
+        import pytest
+        from _pytest.runner import runtestprotocol
+
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_runtest_protocol(item, nextitem):
+            item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+            for attempt in (1, 2):
+                reports = runtestprotocol(item, nextitem=nextitem, log=False)
+                if attempt == 2:
+                    for r in reports:
+                        item.ihook.pytest_runtest_logreport(report=r)
+            item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+            return True
+
+        def pytest_runtest_logreport(report):
+            if report.when == "call":
+                names = [t for t, _ in report.sections if t.startswith("bottle ")]
+                print(f"SECTIONS {len(names)}")
+    """)
+    pytester.makepyfile("""
+        def test_fails(bottle):
+            bottle.exec("echo in-the-failing-test")
+            assert False
+    """)
+    result = run(pytester, "-p", "no:randomly", "-s")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*SECTIONS 2*"])
+
+
 def test_deselect_and_disable(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         def test_plain():
@@ -380,6 +413,46 @@ def test_deselect_and_disable(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:bottle", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, errors=2)
     result.stdout.fnmatch_lines(["*fixture 'bottle' not found*"])
+
+
+def test_a_conftests_collection_hook_sees_the_bottle_mark_of_tests_that_only_use_fixtures(
+    pytester: pytest.Pytester,
+) -> None:
+    """ "Skip every VM test here" in a conftest (get_closest_marker("bottle")) ran
+    before the plugin had marked them: a test that only used a fixture booted."""
+    pytester.makeconftest("""
+        import pytest
+
+        def pytest_collection_modifyitems(config, items):
+            for item in items:
+                if item.get_closest_marker("bottle") is not None:
+                    item.add_marker(pytest.mark.skip(reason="no VMs on this runner"))
+    """)
+    pytester.makepyfile("""
+        import pytest
+
+        def test_plain():
+            pass
+
+        def test_vm(bottle):
+            raise AssertionError("booted")
+
+        def test_factory(bottle_factory):
+            raise AssertionError("booted")
+
+        @pytest.mark.bottle(memory="1G")
+        def test_marked(bottle):
+            raise AssertionError("booted")
+    """)
+    run(pytester).assert_outcomes(passed=1, skipped=3)
+
+
+def test_help_shows_with_a_bad_setting_to_mend(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("-o", "bottle_memory=banana", "--help", "-p", "no:cacheprovider")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*--bottle-memory*"])
+    result = run(pytester, "-o", "bottle_memory=banana")  # a run still refuses it
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
 
 
 def test_report_header(pytester: pytest.Pytester) -> None:

@@ -99,7 +99,8 @@ class BottleManager:
                 stale = []
             future = self._spares.popleft()[1] if self._spares else None
         for _, old in stale:
-            old.add_done_callback(_close_result)
+            if not old.cancel():  # one not started yet is not booted just to be closed
+                old.add_done_callback(_close_result)
             self.stats["spare_discarded"] += 1
         if future is None:
             return None
@@ -176,6 +177,8 @@ class BottleManager:
         with self._lock:
             spares, self._spares = list(self._spares), collections.deque()
         for _, future in spares:
+            if future.cancel():  # queued behind another: never booted
+                continue
             try:
                 future.result().close()
             except Exception as e:

@@ -56,3 +56,21 @@ def test_an_interrupted_wait_for_a_spare_closes_the_spare_when_it_is_ready(manag
     spare = Spare()
     pending.set_result(spare)  # it finishes starting after the test gave up on it
     assert spare.closed.wait(5), "the spare of an interrupted wait was left running"
+
+
+def test_spares_not_started_yet_are_cancelled_not_booted_to_be_closed(manager: BottleManager) -> None:
+    # A spec change, and the session's end: queued spares were booted one by one only to be closed.
+    old, new = resolve([("marker", {"memory": "1G"})]), resolve([])
+    started: Future[Spare] = Future()
+    started.set_running_or_notify_cancel()  # booting now: closed when it is ready
+    queued: Future[Spare] = Future()  # behind it
+    manager._spares.extend([(old, started), (old, queued)])  # type: ignore[list-item]
+    assert manager._take_spare(new) is None
+    assert queued.cancelled() and not started.cancelled()
+    spare = Spare()
+    started.set_result(spare)
+    assert spare.closed.is_set()
+    later: Future[Spare] = Future()
+    manager._spares.append((new, later))  # type: ignore[arg-type]
+    manager.close_all()
+    assert later.cancelled()

@@ -94,6 +94,8 @@ def test_error_names_its_source() -> None:
         ("lan", "bad name!"),
         ("accel", "hvf"),
         ("image", ""),
+        ("timeout", 10**400),  # past float's range: OverflowError, an INTERNALERROR at collection
+        ("memory", "1" + "0" * 310 + "G"),
     ],
 )
 def test_bad_values(key: str, value: object) -> None:
