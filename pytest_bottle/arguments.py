@@ -41,7 +41,9 @@ def raw_path(path: object) -> object:
 
 
 def guest_path(path: GuestPath, what: str = "guest path") -> str:
-    """An absolute guest path, normalized (``//`` and ``..`` as the guest would)."""
+    """An absolute guest path, normalized by its text (``//``, ``.``, and ``..``
+    without following links: ``/var/run/..`` is ``/var``, where the guest's
+    ``chdir`` would reach ``/`` through the ``/var/run -> /run`` link)."""
     raw = raw_path(path)
     if isinstance(raw, (bytes, bytearray)):  # "must be absolute" would puzzle: b"/x" is
         raise SpecError(f"{what} must be a str or a path object, not bytes: {path!r}")

@@ -43,6 +43,8 @@ Host {name}
     BatchMode yes
     PasswordAuthentication no
     ConnectTimeout 60
+    ServerAliveInterval 15
+    ServerAliveCountMax 4
     LogLevel ERROR
 """
 
