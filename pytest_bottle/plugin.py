@@ -32,6 +32,7 @@ from .spec import BOTTLE_KEYS, BottleSpec, Layer, check_host_memory
 from .usage import (
     AUTO_MARK,
     check_cache_dir,
+    closest,
     getini,
     ini_layers,
     ini_source,
@@ -117,7 +118,7 @@ class _State:
         layers = marker_layers(node)
         for layer in layers:  # the closest too: a fork reads only its forward= and timeout=
             self.spec(layer, here=False)
-        return layers[:1]
+        return closest(layers)
 
     @property
     def rebuild_before(self) -> float | None:

@@ -98,8 +98,12 @@ def value_of(layers: list[Layer], key: str) -> object:
 def marker_layer(node: pytest.Item | pytest.Collector) -> list[Layer]:
     """The closest ``bottle`` marker as a layer: the one nearest the test (on the
     function, the decorator nearest ``def``; then its class; then the module)."""
-    layers = [layer for layer in marker_layers(node) if layer[1]]  # a bare mark sets nothing (closest_marker)
-    return layers[:1]
+    return closest(marker_layers(node))
+
+
+def closest(layers: list[Layer]) -> list[Layer]:
+    """Of ``marker_layers``, the closest that sets something: a bare mark only marks (``closest_marker``)."""
+    return [layer for layer in layers if layer[1]][:1]
 
 
 # The bare ``bottle`` mark the plugin puts on a test that uses a bottle fixture (``-m bottle``).
