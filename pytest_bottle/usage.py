@@ -114,13 +114,8 @@ def _user_markers(node: pytest.Item | pytest.Collector) -> Iterator[tuple[str, p
     """The ``bottle`` markers on ``node``, closest first, each with where it is; never
     ``AUTO_MARK``'s, which would hide one added later (``append=True``)."""
     auto = node.stash.get(AUTO_MARK, None)
-    # A case's own marks (pytest.param(..., marks=...)) are the closest: pytest
-    # lists them after the function's decorators.
-    cases = [m for m in getattr(getattr(node, "callspec", None), "marks", ()) if m.name == "bottle"]
-    for mark in cases:
-        yield f"pytest.param marks of {node.nodeid}", mark
     for owner, mark in node.iter_markers_with_node("bottle"):
-        if mark is not auto and mark not in cases:
+        if mark is not auto:
             yield f"@pytest.mark.bottle on {owner.nodeid or owner.name}", mark
 
 

@@ -294,9 +294,9 @@ class TestClosest:
         assert forwarded(bottle) == [7003]
 
 @pytest.mark.bottle(forward=[7002])
-@pytest.mark.parametrize("case", [pytest.param(1, marks=pytest.mark.bottle(forward=[7004]))])
-def test_a_cases_marker_is_closer_than_the_functions(bottle, case):
-    assert forwarded(bottle) == [7004]
+@pytest.mark.parametrize("case", [pytest.param(1, marks=pytest.mark.bottle(forward=[7004])), 2])
+def test_a_functions_marker_is_closer_than_a_cases(bottle, case):
+    assert forwarded(bottle) == [7002]  # pytest's order: the function's decorators come first
 
 def test_factory_without_marker_arguments_gets_the_closest_marker(bottle_factory):
     assert forwarded(bottle_factory()) == [7001]
@@ -329,7 +329,7 @@ def test_session_factory_bottles_outlive_the_test():
 
 def test_marker_precedence_and_fixture_scopes(pytester: pytest.Pytester, built: Path) -> None:
     pytester.makepyfile(test_precedence=PRECEDENCE)
-    run(pytester, "--bottle-prestart=0").assert_outcomes(passed=12)
+    run(pytester, "--bottle-prestart=0").assert_outcomes(passed=13)
     owner, name, qemu = eval((pytester.path / "session.json").read_text())
     # The session's end stopped the session factory's bottle, and every other.
     assert not psutil.pid_exists(qemu) or psutil.Process(qemu).status() == psutil.STATUS_ZOMBIE

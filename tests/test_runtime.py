@@ -99,14 +99,21 @@ def test_bytes_that_are_not_utf8_survive(module_bottle: Bottle) -> None:
     assert module_bottle.read_bytes("/tmp/bin.dat") == bytes(range(256))
 
 
-def test_a_file_name_of_the_longest_length_is_written_and_put(module_bottle: Bottle, tmp_path: Path) -> None:
-    name = "n" * 255  # NAME_MAX: the temporary name beside it must not be longer
+@pytest.mark.parametrize("name", ["n" * 255, "\u65e5" * 85], ids=["ascii", "multibyte"])
+def test_a_file_name_of_the_longest_length_is_written_put_and_got(
+    module_bottle: Bottle, tmp_path: Path, name: str
+) -> None:
+    # NAME_MAX is 255 bytes: the temporary names beside it must not be longer
     module_bottle.write_text(f"/tmp/{name}", "long\n")
     assert module_bottle.read_text(f"/tmp/{name}") == "long\n"
     (tmp_path / name).write_text("put\n")
     module_bottle.put(tmp_path / name, "/tmp/")
     assert module_bottle.read_text(f"/tmp/{name}") == "put\n"
     assert module_bottle.check_output(f"ls -A /tmp | grep -c {name[:20]}") == "1\n"  # no temporary left
+    (tmp_path / name).unlink()
+    module_bottle.get(f"/tmp/{name}", tmp_path / name)
+    assert (tmp_path / name).read_text() == "put\n" and [p.name for p in tmp_path.iterdir()] == [name]
+    module_bottle.exec(f"rm /tmp/{name}").check()
 
 
 COUNT = """

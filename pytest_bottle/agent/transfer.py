@@ -210,7 +210,8 @@ def receive_file(
         raise IsADirectoryError(errno.EISDIR, "a directory is there: a file does not replace it", str(dst))
     _local_dirs(dst.parent)
     # mkstemp: O_EXCL | O_NOFOLLOW under a fresh name, so no planted link is followed
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name[:200]}.", suffix=".bottle-part", dir=dst.parent)
+    short = os.fsdecode(os.fsencode(dst.name)[:200])  # bytes: a name of 255 bytes may be 85 characters
+    fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=".bottle-part", dir=dst.parent)
     sink = _FileSink(fd, src, policy.max_bytes)
     try:
         rid, call = client.start_read(src, sink.write)

@@ -44,7 +44,7 @@ class FileOps:
         old = st if st is not None and stat.S_ISREG(st.st_mode) else None
         # Hidden, and a name of 255 bytes still leaves room for ours.
         head, base = os.path.split(path)
-        tmp = os.path.join(head, f".{base[:200]}.bottle-{rid}.tmp")
+        tmp = os.path.join(head, f".{os.fsdecode(os.fsencode(base)[:200])}.bottle-{rid}.tmp")  # bytes count
         size = 0
         try:
             _makedirs(os.path.dirname(path) or "/")

@@ -31,6 +31,8 @@ from .recipes import RECIPES, Recipe, get_recipe
 if TYPE_CHECKING:  # spec builds on images
     from ..spec import AccelRequest
 
+USED_STAMP = "last-used"  # in a derived layer's entry: touched at each use
+
 log = logging.getLogger(__name__)
 
 KEEP_FAILED_LOGS = 5  # per image entry: enough to compare, not a pile

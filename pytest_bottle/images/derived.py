@@ -29,6 +29,7 @@ from ..store import entries
 from ..store.gc import remove_seeds, seeds_under_snapshots
 from ..store.saved import list_seeds
 from . import builder, failures
+from .cache import USED_STAMP as USED_STAMP  # a derived layer's last use (prune --older-than)
 from .cache import BuiltImage, ensure_image, images_dir, keep_failed_log, lock_path
 from .image import Image, count_steps
 from .provision import provision
@@ -40,7 +41,6 @@ if TYPE_CHECKING:  # spec builds on images
 log = logging.getLogger(__name__)
 
 KEEP_FAILED_LOGS = 5
-USED_STAMP = "last-used"
 MAX_CHAIN = 64  # layers looked through for staleness: the manifests are ours, but a loop must end
 
 
@@ -122,8 +122,8 @@ def ensure_derived(
                 entries.remove(final, "stale")
                 raise ImageBuildError(
                     image.display_name,
-                    f"its parent image {parent.name} was rebuilt (by another process) while this image was built "
-                    "on it: its next use builds it again",
+                    f"its parent image {parent.name} was rebuilt or removed (by another process) while this image "
+                    "was built on it: its next use builds it again",
                 )
         built = load(final, image, parent)  # under the lock: no rm or prune in between
     if built is None:

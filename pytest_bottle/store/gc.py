@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..host.paths import tree_size
-from ..images.cache import BuiltImage
+from ..images.cache import USED_STAMP, BuiltImage
 from ..vmm.accel import qemu_version
 from ..vmm.qemu import cpu_model, kernel_args
 from . import entries
@@ -87,8 +88,8 @@ def stale_seeds(
             continue
         image = images.get(str(parts.get("image")))
         if image is None or image.key != parts.get("image_key"):
-            # Another key of the name, still cached: another checkout's or plugin
-            # version's image in a shared cache, not an older build to clear away.
+            # Another key of the name, in use: another checkout's image in a
+            # shared cache, not an older build to clear away.
             image = _cached_build(cache_dir, parts) or image
         why = outdated(seed, image)
         if why is not None:
@@ -102,19 +103,25 @@ def stale_seeds(
     return stale
 
 
+OTHER_KEY_USED_DAYS = 1.0  # a seed of another key of a name stays while its layer is in use
+
+
 def _cached_build(cache_dir: Path, parts: Mapping[str, Any]) -> BuiltImage | None:
-    """The cache's entry of the image key a seed was made from (a recipe's or a
-    derived layer), whether or not this process knows the image by that name."""
-    name, key = str(parts.get("image")), str(parts.get("image_key"))
-    for entry in (f"{name}-{key}", f"derived-{key}"):
-        path = cache_dir / "images" / entry
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest, dict) and manifest.get("key") == key:
-            return BuiltImage(name, key, path, manifest)
-    return None
+    """The derived layer a seed was made from, if it is cached and was used
+    lately: another checkout's or branch's image of the same name in a shared
+    cache.  An edited image's old layer is not used any more: its seed goes."""
+    key = str(parts.get("image_key"))
+    path = cache_dir / "images" / f"derived-{key}"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        used = (path / USED_STAMP).stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("key") != key:
+        return None
+    if time.time() - used > OTHER_KEY_USED_DAYS * 86400:
+        return None
+    return BuiltImage(str(parts.get("image")), key, path, manifest)
 
 
 def prune_seeds(cache_dir: Path, images: Mapping[str, BuiltImage], only: str | None = None) -> list[Removed]:

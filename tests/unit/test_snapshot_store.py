@@ -393,6 +393,7 @@ def test_seeds_of_another_cached_key_of_the_same_name_are_not_pruned(tmp_path: P
         path.mkdir(parents=True)
         manifest = {"kind": "derived", "name": "web", "key": key, "created": created}
         (path / "manifest.json").write_text(json.dumps(manifest))
+        (path / "last-used").touch()
         return BuiltImage("web", key, path, manifest)
 
     def seed(image: BuiltImage, created: float) -> Path:
@@ -409,3 +410,18 @@ def test_seeds_of_another_cached_key_of_the_same_name_are_not_pruned(tmp_path: P
     shutil.rmtree(a.path)  # a's image pruned: its seed goes with it
     assert [r.path for r in prune_seeds(tmp_path, {"web": b}, only="web")] == [seed_a]
     assert seed_b.is_dir()
+    # An edited image: the old layer is cached still, but not used for a day. Its seed goes.
+    c = layer("c" * 16, 3.0)
+    seed_c = seed(c, 12.0)
+    day_ago = time.time() - 86400 - 60
+    os.utime(b.path / "last-used", (day_ago, day_ago))
+    assert [r.path for r in prune_seeds(tmp_path, {"web": c}, only="web")] == [seed_b]
+    assert seed_c.is_dir()
+    # Two seeds of one key and shape: the older is superseded, as before.
+    again = seed_dir(tmp_path, {**json.loads((seed_c / "manifest.json").read_text())["key_parts"], "baked": "other"})
+    shutil.copytree(seed_c, again)
+    manifest = json.loads((again / "manifest.json").read_text())
+    (again / "manifest.json").write_text(json.dumps({**manifest, "created": 13.0}))
+    assert [(r.path, r.why) for r in prune_seeds(tmp_path, {"web": c}, only="web")] == [
+        (seed_c, f"superseded by {again.name}")
+    ]
