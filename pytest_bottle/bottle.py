@@ -19,7 +19,7 @@ from .arguments import GuestPath, check_env, check_input, check_port, check_time
 from .bottle_files import FILE_TIMEOUT as FILE_TIMEOUT  # importable here as before the split; patch bottle_files
 from .bottle_files import READ_CAP as READ_CAP
 from .bottle_files import BottleFiles
-from .errors import AgentError, AgentTimeout, BottleError, ExecError, ExecTimeout, SpecError, WaitTimeout
+from .errors import AgentError, AgentTimeout, BottleError, ExecError, ExecTimeout, SpecError, WaitTimeout, shown_command
 from .history import CommandHistory, ProcessEntry
 from .process import GuestProcess
 from .results import OUTPUT_CAP, Command, ExecResult, as_command, to_argv
@@ -209,7 +209,7 @@ class Bottle(BottleFiles):
         kw.pop("check", None)
         cmd = as_command(cmd)
         return until_succeeds(
-            lambda left: self.exec(cmd, timeout=left, **kw), timeout, f"{cmd!r} succeeding in {self.name}"
+            lambda left: self.exec(cmd, timeout=left, **kw), timeout, f"{shown_command(cmd)} succeeding in {self.name}"
         )
 
     def wait_for_port(self, port: int, timeout: float = 60.0) -> None:

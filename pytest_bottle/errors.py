@@ -113,7 +113,7 @@ class ExecError(BottleError):
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
-        super().__init__(f"command {_command(args)} {_ended(returncode)}" + _output_tail(stdout, stderr))
+        super().__init__(f"command {shown_command(args)} {_ended(returncode)}" + _output_tail(stdout, stderr))
 
     @property
     def rc(self) -> int:
@@ -127,7 +127,8 @@ class ExecError(BottleError):
 COMMAND_SHOWN = 500  # characters of a command's repr in a message: a `python3 -c SCRIPT` can be long
 
 
-def _command(args: Any) -> str:
+def shown_command(args: Any) -> str:
+    """A command's repr for a message, cut to ``COMMAND_SHOWN`` characters."""
     text = repr(args)
     if len(text) <= COMMAND_SHOWN:
         return text
@@ -162,7 +163,7 @@ class ExecTimeout(BottleError, TimeoutError):
         self.stdout = stdout
         self.stderr = stderr
         tail = _output_tail(stdout, stderr)  # what it printed before it was killed
-        super().__init__(f"command {_command(args)} timed out after {timeout:g} s and was killed" + tail)
+        super().__init__(f"command {shown_command(args)} timed out after {timeout:g} s and was killed" + tail)
 
     def _args(self) -> dict[str, Any]:
         return {"args": self.cmd, "timeout": self.timeout, "stdout": self.stdout, "stderr": self.stderr}
@@ -318,7 +319,7 @@ class ProcessTimeout(ExecTimeout):
 
     def __init__(self, args: Any, timeout: float, stdout: str = "", stderr: str = "") -> None:
         super().__init__(args, timeout, stdout, stderr)
-        self.message = f"process {_command(args)} still runs after {timeout:g} s" + _output_tail(stdout, stderr)
+        self.message = f"process {shown_command(args)} still runs after {timeout:g} s" + _output_tail(stdout, stderr)
         self.args = (printable(self.message),)
 
 

@@ -212,7 +212,7 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
         load_images(args.source)
     cache = args.cache_dir
     sizes = {i.path: tree_size(i.path) for i in list_images(cache)}
-    rows = [(p, sizes.get(p, 0), "image of an old recipe") for p in prune_images(cache)]
+    rows = [(p, sizes.get(p, 0), "image of an old recipe") for p in prune_images(cache, args.older_than)]
     rows += prune_derived(cache, args.older_than)
     current = {i.name: i for i in list_images(cache)}  # what is left is current
     layers = {d.key: d for d in list_derived(cache)}

@@ -198,6 +198,7 @@ def run_shell(
     # From here on a SIGHUP or SIGTERM ends this function, the terminal put back.
     old = {sig: signal.signal(sig, fn) for sig, fn in handlers.items()} if main else {}
     call: Call | None = None
+    out = _Output(channel, stdout, stderr)
 
     def started() -> None:
         nonlocal starting
@@ -212,24 +213,28 @@ def run_shell(
             tty.setraw(stdin)
             rows, cols = window_size(stdin)
             rid, call = agent.start_pty(
-                argv, term=os.environ.get("TERM", "vt100"), rows=rows, cols=cols, sink=lambda k, d: _show(stdout, k, d)
+                argv, term=os.environ.get("TERM", "vt100"), rows=rows, cols=cols, sink=out.put, auto_credit=False
             )
+            out.begin(rid)
             started()
             _relay(agent, rid, call, stdin, resized)
         else:
             rid, call = channel.start(
-                "exec", lambda k, d: _show(stdout if k == STDOUT else stderr, k, d), argv=argv or LOGIN_SHELL,
+                "exec", out.put, auto_credit=False, argv=argv or LOGIN_SHELL,
                 env={}, cwd=None, user=None, timeout=None, stdin=True,
             )  # fmt: skip
+            out.begin(rid)
             feeder = threading.Thread(target=_feed, args=(channel, rid, stdin, stderr, input_failed, input_done))
             feeder.start()
             started()
             while not call.done.wait(0.1):  # in steps: a signal handler runs between them
                 channel.check(call, "shell")
+        out.finish()  # all of it written before the exit code (or the error of a write) is ours
         reply = channel.wait(call, 0, "shell") or {}
     except _HungUp as e:
         return 128 + e.signum
     finally:
+        out.stop()
         if call is not None and not call.done.is_set():  # the agent kills the shell (its pty call) on the cancel
             channel.forget(rid)
         if saved is not None:
@@ -295,6 +300,51 @@ def _input(fd: int, done: threading.Event) -> Iterator[bytes]:
         if not data:
             return
         yield data
+
+
+class _Output:
+    """The shell's output, written by a thread of its own: the channel's reader
+    never waits on our stdout (`| less` left on a page), so pings are answered
+    and a dead agent is seen meanwhile.  Credit goes back as it is written: the
+    agent holds the rest (flow control), and the queue holds one window at most."""
+
+    def __init__(self, channel: AgentChannel, stdout: int, stderr: int) -> None:
+        self.channel, self.fds = channel, {STDOUT: stdout, STDERR: stderr}
+        self.items: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self.error: OSError | None = None
+        self.rid = 0
+        self.thread = threading.Thread(target=self._run, name="bottle-shell-output", daemon=True)
+
+    def put(self, kind: int, data: bytes) -> None:  # on the reader thread: never blocks
+        self.items.put((kind, data))
+
+    def begin(self, rid: int) -> None:
+        self.rid = rid
+        self.thread.start()
+
+    def finish(self) -> None:
+        """Wait until everything that came is written; raise the error of a write that failed."""
+        if self.thread.ident is not None:
+            self.items.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        if self.thread.ident is not None and self.thread.is_alive():
+            self.items.put(None)  # a write blocked forever keeps a daemon thread: the process may still exit
+
+    def _run(self) -> None:
+        while (item := self.items.get()) is not None:
+            kind, data = item
+            if self.error is None and kind in self.fds:
+                try:
+                    _show(self.fds[kind], kind, data)
+                except OSError as e:  # the reader of our stdout left (EPIPE): the command is ended
+                    self.error = e
+                    with contextlib.suppress(AgentError):
+                        self.channel.cancel(self.rid)
+            self.channel.grant(self.rid, len(data))  # also after an error: the reply follows the output
 
 
 def _show(fd: int, kind: int, data: bytes) -> None:

@@ -67,7 +67,6 @@ class AgentChannel(Deadlines, Uploads):
         self._abandoned: tuple[str, threading.Thread] | None = None  # why, and the one thread let in (abandon)
         self._next_id = 1
         self._last_rx = time.monotonic()
-        self._in_sink = False  # the reader waits on a call's sink (the host's consumer), not the agent
         self._ping_at = 0.0
         self._tls = threading.local()
         self._shut = self._read_done = False  # close() was called; the reader ended (and closed the fd)
@@ -233,15 +232,11 @@ class AgentChannel(Deadlines, Uploads):
             self._fail(rid, call, AgentError(f"bottle {self.name}: the agent sent beyond its window"))
             return
         if call.sink is not None and call.error is None:
-            self._in_sink = True
             try:
                 call.sink(kind, payload)
             except Exception as e:  # the call fails, the channel goes on
                 call.error = e
                 self._cancel_quietly(rid)
-            finally:
-                self._in_sink = False
-                self._last_rx = time.monotonic()  # the agent's frames queued meanwhile are not yet read
         if call.auto:
             self._owe(rid, call, len(payload))
 
@@ -313,7 +308,7 @@ class AgentChannel(Deadlines, Uploads):
         """Called by a waiting thread: ping an agent that has been silent a while,
         raise AgentError if it has not answered in ``dead_after`` seconds."""
         now = time.monotonic()
-        if now - self._last_rx < self.idle or self._in_sink:  # e.g. `bottle shell` output piped to a pager
+        if now - self._last_rx < self.idle:
             return
         if self._ping_at <= self._last_rx:
             with held_by(self._wlock, now) as got:  # only if free: a send under way must be read first

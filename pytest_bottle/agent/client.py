@@ -131,11 +131,19 @@ class AgentClient:
         return killed if type(killed) is int else 0
 
     def start_pty(
-        self, argv: list[str] | None, *, term: str, rows: int, cols: int, sink: Sink | None = None
+        self,
+        argv: list[str] | None,
+        *,
+        term: str,
+        rows: int,
+        cols: int,
+        sink: Sink | None = None,
+        auto_credit: bool = True,
     ) -> tuple[int, Call]:
         """Start ``argv`` (the login shell if None) on a new pseudo-terminal; send
-        its keystrokes with ``send_data_frame``; ``sink`` gets its output as STDOUT."""
-        return self.channel.start("pty", sink, argv=argv, term=term, rows=rows, cols=cols)
+        its keystrokes with ``send_data_frame``; ``sink`` gets its output as STDOUT
+        (without ``auto_credit``, its consumer calls ``channel.grant``)."""
+        return self.channel.start("pty", sink, auto_credit=auto_credit, argv=argv, term=term, rows=rows, cols=cols)
 
     def resize(self, rid: int, rows: int, cols: int, *, timeout: float | None = 30) -> None:
         self.channel.call("resize", target=rid, rows=rows, cols=cols, timeout=timeout)
@@ -221,6 +229,7 @@ class ExecRun:
         self.client, self.stdin, self.timeout = client, stdin, timeout
         self.out, self.err = CappedOutput(cap), CappedOutput(cap)
         self.feed = OutputFeed(on_output) if on_output is not None else None
+        self.all_output = False  # on_output past the timeout too (see _finish_feeding)
         self.rid = 0
         self.call: Call | None = None
 
@@ -273,7 +282,9 @@ class ExecRun:
         # The agent's clock starts when the call reaches it, a little after ours: a
         # margin, so that a command ending in time has all its output delivered.
         ends = None if self.timeout is None else time.monotonic() + self.timeout + LATE_MARGIN
-        feed.run(channel, self.rid, call, None if ends is None else ends + grace, label, ends)
+        # A quick consumer of its own (a build's log) takes what comes after the timeout too.
+        late = None if self.all_output else ends
+        feed.run(channel, self.rid, call, None if ends is None else ends + grace, label, late)
         reply = channel.wait(call, 0, "exec")
         if reply is None:  # cannot be: the feed ran until the call was done
             raise AgentError(f"bottle {self.client.name}: exec of {label!r} ended without a reply")

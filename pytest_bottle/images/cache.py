@@ -263,14 +263,24 @@ def list_images(cache_dir: Path) -> list[BuiltImage]:
     return [i for i in found if i is not None]
 
 
-def prune_images(cache_dir: Path) -> list[Path]:
+def prune_images(cache_dir: Path, older_than_days: float = 0.0) -> list[Path]:
     """Remove cached entries of registered recipes that are not their current key.
-    Entries of names not registered here are kept: a recipe ``register()``-ed in a
-    conftest.py is unknown to the `bottle` command unless given with ``--from``."""
+    A name not registered here (a recipe ``register()``-ed in a conftest.py is
+    unknown to the `bottle` command unless given with ``--from``) keeps its newest
+    entry; its others go once built ``older_than_days`` ago."""
     current = {f"{r.name}-{r.key()}" for r in RECIPES.values()}
+    found = list_images(cache_dir)
+    newest: dict[str, float] = {}
+    for image in found:
+        newest[image.name] = max(newest.get(image.name, image.created), image.created)
+    cutoff = time.time() - older_than_days * 86400
     removed = []
-    for image in list_images(cache_dir):
-        if image.name in RECIPES and image.path.name not in current:
+    for image in found:
+        if image.name in RECIPES:
+            old = image.path.name not in current
+        else:
+            old = image.created < newest[image.name] and image.created < cutoff
+        if old:
             with FileLock(str(lock_path(cache_dir, image.path.name))):
                 entries.remove(image.path, "rm")
             removed.append(image.path)

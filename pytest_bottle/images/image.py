@@ -108,8 +108,11 @@ class Run:
     timeout: float | None = None
     kind: Literal["run"] = "run"
 
-    def describe(self) -> str:
-        return f"run {self.command}"
+    def describe(self) -> str:  # in progress lines and errors: a long script is cut
+        shown = (
+            self.command if len(self.command) <= 200 else f"{self.command[:200]}... ({len(self.command)} characters)"
+        )
+        return f"run {shown}"
 
     def key_data(self) -> object:
         # The timeout changes nothing in the result: not part of the key.

@@ -213,6 +213,7 @@ def _shell(
         ["/bin/sh", "-c", command], env=run_env, cwd="/", user=None, timeout=timeout, stdin=None, cap=OUTPUT_CAP,
         on_output=seen,
     )  # fmt: skip
+    run.all_output = True  # a step killed at its timeout: its last words are in the log too
     reply = run.finish(REPLY_GRACE, what)
     output = tail.text()
     logf.write("" if output.endswith("\n") or not output else "\n")

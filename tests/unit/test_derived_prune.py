@@ -266,12 +266,13 @@ def test_a_layer_on_a_stale_layer_is_stale_too_and_prune_takes_both(
     assert sorted(p for p, _, _ in removed) == [under, child, grandchild]
 
 
-def _recipe_entry(cache: Path, name: str, key: str) -> Path:
+def _recipe_entry(cache: Path, name: str, key: str, days_ago: float = 0.0) -> Path:
     path = cache / "images" / f"{name}-{key}"
     path.mkdir(parents=True)
     for f in ("rootfs.ext4", "vmlinuz", "initrd.img"):
         (path / f).write_bytes(b"x")
-    (path / "manifest.json").write_text(json.dumps({"name": name, "key": key, "created": time.time()}))
+    created = time.time() - days_ago * 86400
+    (path / "manifest.json").write_text(json.dumps({"name": name, "key": key, "created": created}))
     return path
 
 
@@ -296,6 +297,12 @@ def test_prune_keeps_recipes_it_does_not_know_and_what_is_built_on_them(
     assert main(["--cache-dir", str(tmp_path), "image", "list"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(custom.name)]
     assert len(listed) == 1 and custom.key() in listed[0] and "(not registered here; --from)" in listed[0]
+    # Not registered: its newest entry stays; another goes once built more than --older-than days ago.
+    older = _recipe_entry(tmp_path, custom.name, "1111111111111111", days_ago=3)
+    assert main(["--cache-dir", str(tmp_path), "image", "prune"]) == 0
+    assert older.is_dir()
+    assert main(["--cache-dir", str(tmp_path), "image", "prune", "--older-than", "2"]) == 0
+    assert not older.exists() and entry.is_dir() and layer.is_dir()
     # Registered (as --from does), its old keys go, its current one stays.
     old = _recipe_entry(tmp_path, custom.name, "0123456789abcdef")
     monkeypatch.setitem(RECIPES, custom.name, custom)
