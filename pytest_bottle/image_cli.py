@@ -26,6 +26,7 @@ from .store import unsettled
 from .store.gc import prune_seeds, remove_seeds
 from .store.saved import seeds_dir
 from .store.seeds import list_seeds
+from .transfer_cli import NEEDS_FROM as _NEEDS_FROM
 
 FROM_HELP = "a Python file or module defining images (Image(...).named(NAME), or pytest_bottle_images())"
 
@@ -167,13 +168,6 @@ def cmd_image_list(args: argparse.Namespace) -> int:
             f"{mb(tree_size(seed.path))} {age(seed.manifest['created'])}"
         )
     return 0
-
-
-# A derived image's recipe is in the user's code; its cache entry keeps only the name it was first built under.
-_NEEDS_FROM = (
-    "bottle: if {name!r} is an image your code names with .named(), give that file or module with "
-    "--from FILE|MODULE to {what} (a cached layer is listed under the name it was first built with)"
-)
 
 
 def _cached_derived_names(cache_dir: Path) -> set[str]:

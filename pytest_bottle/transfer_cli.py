@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import ImageNotFound
 from .images.pull import MAX_DOWNLOAD, import_source
 from .images.transfer import export, image_key
 
@@ -27,6 +29,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# A derived image's recipe is in the user's code; its cache entry keeps only the name it was first built under.
+NEEDS_FROM = (
+    "bottle: if {name!r} is an image your code names with .named(), give that file or module with "
+    "--from FILE|MODULE to {what} (a cached layer is listed under the name it was first built with)"
+)
+
+
 def cmd_key(args: argparse.Namespace) -> int:
     print(image_key(args.name))
     return 0
@@ -41,7 +50,12 @@ def add_parsers(image: argparse._SubParsersAction, load_images: Callable[[str], 
         def run(args: argparse.Namespace) -> int:
             if args.source_file:
                 load_images(args.source_file)
-            return fn(args)
+            try:
+                return fn(args)
+            except ImageNotFound:
+                if not args.source_file and getattr(args, "name", None):
+                    print(NEEDS_FROM.format(name=args.name, what="find it"), file=sys.stderr)
+                raise
 
         p.set_defaults(fn=run)
 

@@ -106,6 +106,9 @@ def test_from_imports_a_conftest_as_pytest_does_and_names_what_is_missing(
 
     r = bottle("image", "key", "app", "--from", str(tests / "conftest.py"))
     assert r.returncode == 0 and len(r.stdout.split()[-1]) == 16, r.stderr
+    r = bottle("image", "key", "app")  # as `image build`: without --from, what to give is said
+    assert r.returncode == 1 and "give that file or module with --from FILE|MODULE to find it" in r.stderr, r.stderr
+    assert r.stderr.rstrip().splitlines()[-1].startswith("bottle: ImageNotFound: unknown image 'app'"), r.stderr
     for source, says in [
         ("nope.py", "bottle: SpecError: --from nope.py: no such file\n"),
         ("no_such_module", "bottle: SpecError: --from no_such_module: no module named 'no_such_module'"),
