@@ -337,7 +337,9 @@ def test_a_parent_rebuilt_while_a_layer_is_built_on_it_leaves_no_layer_on_the_wr
     go = socket.socket()  # listens once the parent is rebuilt: the child's step waits for it (NAT: 10.0.2.2)
     go.bind(("127.0.0.1", 0))
     wait = f"import socket,time\nwhile True:\n try: socket.create_connection(('10.0.2.2', {go.getsockname()[1]}), 2); break\n except OSError: time.sleep(0.3)"
-    child = parent.run(f"timeout 300 python3 -c {shlex.quote(wait)}; echo child > /etc/child-step")
+    child = Image(parent).run(
+        f"timeout 300 python3 -c {shlex.quote(wait)}; echo child > /etc/child-step"
+    )  # a layer on it
     ensure_image(parent, warm_cache)
     final = entry_dir(warm_cache, child)
     got: dict[str, BaseException] = {}

@@ -235,6 +235,7 @@ def prune_logs(cache_dir: Path, entry: str | None = None, keep: int = KEEP_FAILE
     if not logs.is_dir():
         return []
     current = {f"{r.name}-{r.key()}" for r in RECIPES.values()}
+    cached = {i.name for i in list_images(cache_dir)}
     groups: dict[str, list[tuple[float, Path, int]]] = {}
     for path in logs.glob("*-failed-*.log"):
         name = path.name.rsplit("-failed-", 1)[0]
@@ -248,10 +249,12 @@ def prune_logs(cache_dir: Path, entry: str | None = None, keep: int = KEEP_FAILE
     removed = []
     for name, found in groups.items():
         found.sort(reverse=True)
-        # A derived image's key is not known here, nor a recipe this process did not
-        # register (the `bottle` command does not read conftest.py): their newest are kept too.
-        known = name.rsplit("-", 1)[0] in RECIPES
-        kept = keep if name in current or name.startswith("derived-") or not known else 0
+        # A derived image's key is not known here, nor that of a recipe this process did
+        # not register (the `bottle` command does not read conftest.py) while it has an
+        # image cached: their newest are kept too.
+        recipe = name.rsplit("-", 1)[0]
+        theirs = recipe not in RECIPES and recipe in cached
+        kept = keep if name in current or name.startswith("derived-") or theirs else 0
         for _, path, size in found[kept:]:
             path.unlink(missing_ok=True)
             removed.append((path, size))
