@@ -227,8 +227,11 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_seed_rm(args: argparse.Namespace) -> int:
-    for p in remove_seeds(args.cache_dir, args.image):
+    removed = remove_seeds(args.cache_dir, args.image)
+    for p in removed:
         print(f"removed {p}")
+    if not removed:  # as `image rm` says it: silence would look like success at something
+        print(f"{args.image or 'seeds'}: nothing cached")
     return 0
 
 
