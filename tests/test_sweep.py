@@ -403,3 +403,31 @@ def test_a_worker_killed_with_its_bottle_is_swept_by_the_controller(tmp_path: Pa
     assert not [rec.name for rec in RunRecord.load_all() if rec.owner_pid == int(pid)]
     assert not [p.pid for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or ())]
     assert not (Path(CACHE) / "snapshots" / snap).exists()
+
+
+KILLED_WRITER = """
+import os, sys, time
+from pathlib import Path
+os.replace = lambda *a: time.sleep(600)  # held between the write and the rename
+from pytest_bottle.host.paths import write_json
+write_json(Path(sys.argv[1]) / "leases.json", {"x": 1})
+"""
+
+
+def test_a_temporary_of_a_state_file_whose_writer_was_killed_is_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(state))
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(state)])
+    try:
+        wait_until(lambda: list(state.glob(f".leases.json.{writer.pid}.*.tmp")), 30, "the writer's temporary")
+    finally:
+        writer.kill()
+        writer.wait()
+    live = state / f".leases.json.{os.getpid()}.abcdefgh.tmp"  # a writer still at work: not touched
+    live.write_text("{}")
+    report = sweep()
+    assert sorted(p.name for p in state.glob(".*.tmp")) == [live.name]
+    assert [p for p in report.paths if f".leases.json.{writer.pid}." in p], report.paths

@@ -25,7 +25,7 @@ from ..store import entries
 from ..store.saved import lock_path as state_lock
 from ..store.saved import remove_entry
 from ..vmm.process import is_alive, is_same_process, kill_pid
-from .paths import cache_root, remove_tree, state_dir
+from .paths import cache_root, remove_tree, state_dir, temporary_owner
 from .progress_sinks import prune_dead
 from .runstate import RunRecord, run_dir_owner
 
@@ -137,7 +137,21 @@ def sweep(cache_dirs: list[Path] | None = None, include_kept: bool = False) -> S
         if cache_dir.exists():
             _sweep_cache(cache_root(cache_dir), live_names, report)
     report.paths += [str(p) for p in prune_dead(state_dir())]
+    _sweep_temporaries([state_dir()], report)
     return report
+
+
+def _sweep_temporaries(dirs: list[Path], report: SweepReport) -> None:
+    """The temporaries of ``write_private`` (state files, markers, stamps) whose writer was killed."""
+    for d in dirs:
+        try:
+            names = [e.name for e in os.scandir(d) if e.is_file(follow_symlinks=False)]
+        except OSError:
+            continue
+        for name in names:
+            pid = temporary_owner(name)
+            if pid is not None and not _pid_alive(pid):
+                _remove(d / name, report)
 
 
 def _sweep_cache(cache_dir: Path, live: set[str], report: SweepReport) -> None:
@@ -157,6 +171,8 @@ def _sweep_cache(cache_dir: Path, live: set[str], report: SweepReport) -> None:
             if pid is not None and not _pid_alive(pid) and not _lock_held(cache_dir, sub, d.name):
                 _remove(d, report)
     _sweep_snapshot_locks(cache_dir / "snapshots", report)
+    seeds = cache_dir / "seeds"
+    _sweep_temporaries([cache_dir, seeds, *(d for d in seeds.glob("*") if d.is_dir())], report)
 
 
 def _sweep_snapshots(root: Path, report: SweepReport) -> None:
