@@ -62,8 +62,8 @@ def add_parsers(image: argparse._SubParsersAction, load_images: Callable[[str], 
                 load_images(args.source_file)
             try:
                 return fn(args)
-            except ImageNotFound:
-                if not args.source_file and getattr(args, "name", None):
+            except ImageNotFound as e:
+                if not args.source_file and e.name == getattr(args, "name", None):  # not a broken parent's
                     print(NEEDS_FROM.format(name=args.name, what="find it"), file=sys.stderr)
                 raise
 

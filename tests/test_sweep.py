@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -426,8 +427,15 @@ def test_a_temporary_of_a_state_file_whose_writer_was_killed_is_swept(
     finally:
         writer.kill()
         writer.wait()
+    (left,) = state.glob(f".leases.json.{writer.pid}.*.tmp")
+    assert sweep().paths == []  # just written: its pid may be another host's (a shared directory)
     live = state / f".leases.json.{os.getpid()}.abcdefgh.tmp"  # a writer still at work: not touched
-    live.write_text("{}")
+    odd = state / ".x.99999999999999999999.y.tmp"  # not a pid: never one of ours, and no crash
+    for path in (live, odd):
+        path.write_text("{}")
+    long_ago = time.time() - 3600
+    for path in (left, live, odd):
+        os.utime(path, (long_ago, long_ago))
     report = sweep()
-    assert sorted(p.name for p in state.glob(".*.tmp")) == [live.name]
-    assert [p for p in report.paths if f".leases.json.{writer.pid}." in p], report.paths
+    assert sorted(p.name for p in state.glob(".*.tmp")) == sorted([live.name, odd.name])
+    assert report.paths == [str(left)], report.paths

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -265,7 +266,7 @@ def temporary_owner(name: str) -> int | None:
     if not (name.startswith(".") and name.endswith(".tmp")):
         return None
     parts = name[: -len(".tmp")].rsplit(".", 2)
-    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+    return int(parts[1]) if len(parts) == 3 and re.fullmatch(r"[0-9]{1,9}", parts[1]) else None
 
 
 def write_json(path: Path, obj: object) -> None:
