@@ -214,7 +214,7 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
         kp = seed.manifest["key_parts"]
         if (layer := layers.get(kp.get("image_key"))) is not None:
             current[kp["image"]] = BuiltImage(kp["image"], layer.key, layer.path, layer.manifest)
-    rows += [(r.path, r.size, r.why) for r in prune_seeds(cache, current)]
+    rows += [(r.path, r.size, r.why) for r in prune_seeds(cache, current, any_cached=True)]
     builds = {unsettled.build(i) for i in list_images(cache)} | {unsettled.build(d) for d in list_derived(cache)}
     gone = unsettled.prune(seeds_dir(cache), builds)
     rows += [(p, 0, "a seed that did not settle, of an image build no longer cached") for p in gone]
@@ -227,8 +227,11 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_seed_rm(args: argparse.Namespace) -> int:
-    for p in remove_seeds(args.cache_dir, args.image):
+    removed = remove_seeds(args.cache_dir, args.image)
+    for p in removed:
         print(f"removed {p}")
+    if not removed:  # as `image rm` says it: silence would look like success at something
+        print(f"{args.image or 'seeds'}: nothing cached")
     return 0
 
 
@@ -253,7 +256,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         type=float,
         metavar="DAYS",
         default=DERIVED_UNUSED_DAYS,
-        help=f"remove derived images (and their seeds) unused for DAYS (default {DERIVED_UNUSED_DAYS:g})",
+        help=f"remove derived images, and other entries of images not registered here, unused for DAYS "
+        f"(default {DERIVED_UNUSED_DAYS:g})",
     )
     pr.add_argument("--from", dest="source", metavar="FILE|MODULE", help=FROM_HELP)
     pr.set_defaults(fn=cmd_image_prune)

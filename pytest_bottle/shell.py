@@ -312,6 +312,7 @@ class _Output:
         self.channel, self.fds = channel, {STDOUT: stdout, STDERR: stderr}
         self.items: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
         self.error: OSError | None = None
+        self.stopped = False
         self.rid = 0
         self.thread = threading.Thread(target=self._run, name="bottle-shell-output", daemon=True)
 
@@ -331,13 +332,16 @@ class _Output:
             raise self.error
 
     def stop(self) -> None:
+        """Nothing more is written (the shell ended otherwise: our fds may be reused next)."""
+        self.stopped = True
         if self.thread.ident is not None and self.thread.is_alive():
-            self.items.put(None)  # a write blocked forever keeps a daemon thread: the process may still exit
+            self.items.put(None)
+            self.thread.join(1)  # one write under way; one blocked forever keeps a daemon thread only
 
     def _run(self) -> None:
         while (item := self.items.get()) is not None:
             kind, data = item
-            if self.error is None and kind in self.fds:
+            if self.error is None and not self.stopped and kind in self.fds:
                 try:
                     _show(self.fds[kind], kind, data)
                 except OSError as e:  # the reader of our stdout left (EPIPE): the command is ended

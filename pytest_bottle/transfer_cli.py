@@ -36,6 +36,16 @@ NEEDS_FROM = (
 )
 
 
+def _megabytes(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of MB, at least 1, not {value!r}")
+    return n
+
+
 def cmd_key(args: argparse.Namespace) -> int:
     print(image_key(args.name))
     return 0
@@ -52,8 +62,8 @@ def add_parsers(image: argparse._SubParsersAction, load_images: Callable[[str], 
                 load_images(args.source_file)
             try:
                 return fn(args)
-            except ImageNotFound:
-                if not args.source_file and getattr(args, "name", None):
+            except ImageNotFound as e:
+                if not args.source_file and e.name == getattr(args, "name", None):  # not a broken parent's
                     print(NEEDS_FROM.format(name=args.name, what="find it"), file=sys.stderr)
                 raise
 
@@ -67,7 +77,7 @@ def add_parsers(image: argparse._SubParsersAction, load_images: Callable[[str], 
     im.add_argument("source", metavar="FILE|URL")
     im.add_argument("--sha256", default=None, help="the whole file must have this sha256 (as export printed)")
     im.add_argument("--key", default=None, help="the exported image must have this key")
-    im.add_argument("--max-size", type=int, default=MAX_DOWNLOAD >> 20, metavar="MB", help="largest download")
+    im.add_argument("--max-size", type=_megabytes, default=MAX_DOWNLOAD >> 20, metavar="MB", help="largest download")
     im.set_defaults(fn=cmd_import)
     k = image.add_parser("key", help="print an image's cache key (e.g. for a CI cache key)")
     k.add_argument("name")

@@ -113,6 +113,8 @@ def test_seed_list_and_rm(seed: SavedState, private_cache: Path) -> None:
     assert "seed of debian-bookworm:" in cli("seed", "list", cache=private_cache).stdout
     assert cli("seed", "rm", cache=private_cache).stdout == f"removed {mine}\n"
     assert "seed of" not in cli("seed", "list", cache=private_cache).stdout
+    again = cli("seed", "rm", "debian-bookworm", cache=private_cache)  # said, as image rm says it
+    assert (again.returncode, again.stdout) == (0, "debian-bookworm: nothing cached\n"), again
     assert seed.path in [s.path for s in list_seeds(CACHE)]  # the real one is untouched
 
 

@@ -394,8 +394,9 @@ def test_bottle_shell_in_a_kept_bottle(stop_kept: list[str]) -> None:
 
 
 def test_bottle_shell_output_nobody_reads_for_a_while_is_not_taken_for_a_dead_agent(stop_kept: list[str]) -> None:
-    """`bottle shell ... | less` left on one page: the channel's reader waits on
-    our stdout, and the agent's silence meanwhile is ours, not a hung agent's."""
+    """`bottle shell ... | less` left on one page: the channel's reader waited on
+    our stdout, so the agent's answers to pings went unread and it was taken
+    for hung; now a thread of the shell's own waits there."""
     from pytest_bottle.shell import kept_bottle, run_shell
 
     b = pytest_bottle.launch(detached=True)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -403,3 +404,38 @@ def test_a_worker_killed_with_its_bottle_is_swept_by_the_controller(tmp_path: Pa
     assert not [rec.name for rec in RunRecord.load_all() if rec.owner_pid == int(pid)]
     assert not [p.pid for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or ())]
     assert not (Path(CACHE) / "snapshots" / snap).exists()
+
+
+KILLED_WRITER = """
+import os, sys, time
+from pathlib import Path
+os.replace = lambda *a: time.sleep(600)  # held between the write and the rename
+from pytest_bottle.host.paths import write_json
+write_json(Path(sys.argv[1]) / "leases.json", {"x": 1})
+"""
+
+
+def test_a_temporary_of_a_state_file_whose_writer_was_killed_is_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(state))
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(state)])
+    try:
+        wait_until(lambda: list(state.glob(f".leases.json.{writer.pid}.*.tmp")), 30, "the writer's temporary")
+    finally:
+        writer.kill()
+        writer.wait()
+    (left,) = state.glob(f".leases.json.{writer.pid}.*.tmp")
+    assert sweep().paths == []  # just written: its pid may be another host's (a shared directory)
+    live = state / f".leases.json.{os.getpid()}.abcdefgh.tmp"  # a writer still at work: not touched
+    odd = state / ".x.99999999999999999999.y.tmp"  # not a pid: never one of ours, and no crash
+    for path in (live, odd):
+        path.write_text("{}")
+    long_ago = time.time() - 3600
+    for path in (left, live, odd):
+        os.utime(path, (long_ago, long_ago))
+    report = sweep()
+    assert sorted(p.name for p in state.glob(".*.tmp")) == sorted([live.name, odd.name])
+    assert report.paths == [str(left)], report.paths

@@ -94,11 +94,13 @@ class AgentClient:
         stdin: bytes | None,
         cap: int,
         on_output: OnOutput | None = None,
+        all_output: bool = False,
     ) -> ExecRun:
         """Start ``argv``, keeping ``cap`` bytes of each output stream; the agent
         kills it at ``timeout``.  Raises before anything is sent if it cannot start.
         ``on_output`` gets the text as it comes (``streams.OutputFeed``)."""
         run = ExecRun(self, stdin, timeout, cap, on_output)
+        run.all_output = all_output  # on_output past the timeout too: a quick consumer of ours
         with self.channel.deadline(timeout):  # its CALL waits behind another send no longer than that
             run.rid, run.call = self.channel.start(
                 "exec", run.sink, auto_credit=on_output is None, argv=argv, env=dict(env), cwd=cwd, user=user,

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -249,7 +250,8 @@ def write_private(path: Path, data: str | bytes) -> None:
     The temporary file gets a fresh unpredictable name (O_EXCL), so a symlink
     planted at a fixed name cannot redirect the write.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The pid in the name: what a writer killed here leaves, the sweep knows for a dead one's.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with open(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
@@ -257,6 +259,14 @@ def write_private(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temporary_owner(name: str) -> int | None:
+    """The pid in the name of a ``write_private`` temporary (``.NAME.PID.XXXXXXXX.tmp``), or None."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    parts = name[: -len(".tmp")].rsplit(".", 2)
+    return int(parts[1]) if len(parts) == 3 and re.fullmatch(r"[0-9]{1,9}", parts[1]) else None
 
 
 def write_json(path: Path, obj: object) -> None:

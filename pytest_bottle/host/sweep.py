@@ -25,7 +25,7 @@ from ..store import entries
 from ..store.saved import lock_path as state_lock
 from ..store.saved import remove_entry
 from ..vmm.process import is_alive, is_same_process, kill_pid
-from .paths import cache_root, remove_tree, state_dir
+from .paths import cache_root, remove_tree, state_dir, temporary_owner
 from .progress_sinks import prune_dead
 from .runstate import RunRecord, run_dir_owner
 
@@ -137,7 +137,27 @@ def sweep(cache_dirs: list[Path] | None = None, include_kept: bool = False) -> S
         if cache_dir.exists():
             _sweep_cache(cache_root(cache_dir), live_names, report)
     report.paths += [str(p) for p in prune_dead(state_dir())]
+    _sweep_temporaries([state_dir(), state_dir() / "vms"], report)
     return report
+
+
+TEMPORARY_AGE = 600.0  # s: a write_private takes milliseconds; a pid alone may be another host's
+
+
+def _sweep_temporaries(dirs: list[Path], report: SweepReport) -> None:
+    """The temporaries of ``write_private`` (state files, records, markers, stamps)
+    whose writer was killed: its pid gone here, and the file long untouched (a
+    cache or state directory shared with another host or pid namespace)."""
+    now = time.time()
+    for d in dirs:
+        try:
+            found = [(e.name, e.stat(follow_symlinks=False)) for e in os.scandir(d) if e.is_file(follow_symlinks=False)]
+        except OSError:
+            continue
+        for name, st in found:
+            pid = temporary_owner(name)
+            if pid is not None and now - st.st_mtime > TEMPORARY_AGE and not _pid_alive(pid):
+                _remove(d / name, report)
 
 
 def _sweep_cache(cache_dir: Path, live: set[str], report: SweepReport) -> None:
@@ -157,6 +177,8 @@ def _sweep_cache(cache_dir: Path, live: set[str], report: SweepReport) -> None:
             if pid is not None and not _pid_alive(pid) and not _lock_held(cache_dir, sub, d.name):
                 _remove(d, report)
     _sweep_snapshot_locks(cache_dir / "snapshots", report)
+    seeds = cache_dir / "seeds"
+    _sweep_temporaries([cache_dir, seeds, *(d for d in seeds.glob("*") if d.is_dir() and not d.is_symlink())], report)
 
 
 def _sweep_snapshots(root: Path, report: SweepReport) -> None:
@@ -279,6 +301,8 @@ def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):  # no such pid could be running
         return False
     except PermissionError:
         return True

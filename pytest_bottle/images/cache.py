@@ -153,7 +153,29 @@ def ensure_image(
         return ensure_derived(
             target, cache_dir, rebuild_before=rebuild_before, progress=progress, pull=pull, accel=accel
         )
-    name = target
+    return mark_used(_ensure_recipe(target, cache_dir, rebuild_before, progress, pull))
+
+
+def mark_used(built: BuiltImage) -> BuiltImage:
+    """Stamp the entry as used now (what prune and the seeds of another key go by)."""
+    try:
+        (built.path / USED_STAMP).touch()
+    except OSError:  # a read-only cache: the stamp is only housekeeping
+        pass
+    return built
+
+
+def last_used(path: Path, manifest: dict[str, Any]) -> float:
+    """When the entry at ``path`` was last used: its stamp, else its build."""
+    try:
+        return (path / USED_STAMP).stat().st_mtime
+    except OSError:  # built before stamps were kept, or being removed
+        return float(manifest.get("created", 0.0))
+
+
+def _ensure_recipe(
+    name: str, cache_dir: Path, rebuild_before: float | None, progress: builder.Progress | None, pull: str | None
+) -> BuiltImage:
     recipe = get_recipe(name)
     final = entry_dir(cache_root(cache_dir), recipe)
     built = _load(final)
@@ -266,23 +288,24 @@ def list_images(cache_dir: Path) -> list[BuiltImage]:
     return [i for i in found if i is not None]
 
 
-def prune_images(cache_dir: Path, older_than_days: float = 0.0) -> list[Path]:
+def prune_images(cache_dir: Path, older_than_days: float) -> list[Path]:
     """Remove cached entries of registered recipes that are not their current key.
     A name not registered here (a recipe ``register()``-ed in a conftest.py is
-    unknown to the `bottle` command unless given with ``--from``) keeps its newest
-    entry; its others go once built ``older_than_days`` ago."""
+    unknown to the `bottle` command unless given with ``--from``) keeps the entry
+    used last; its others go once not used for ``older_than_days``."""
     current = {f"{r.name}-{r.key()}" for r in RECIPES.values()}
     found = list_images(cache_dir)
+    used = {image.path: last_used(image.path, image.manifest) for image in found}
     newest: dict[str, float] = {}
     for image in found:
-        newest[image.name] = max(newest.get(image.name, image.created), image.created)
+        newest[image.name] = max(newest.get(image.name, used[image.path]), used[image.path])
     cutoff = time.time() - older_than_days * 86400
     removed = []
     for image in found:
         if image.name in RECIPES:
             old = image.path.name not in current
         else:
-            old = image.created < newest[image.name] and image.created < cutoff
+            old = used[image.path] < newest[image.name] and used[image.path] < cutoff
         if old:
             with FileLock(str(lock_path(cache_dir, image.path.name))):
                 entries.remove(image.path, "rm")

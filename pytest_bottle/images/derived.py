@@ -30,7 +30,7 @@ from ..store.gc import remove_seeds, seeds_under_snapshots
 from ..store.saved import list_seeds
 from . import builder, failures
 from .cache import USED_STAMP as USED_STAMP  # a derived layer's last use (prune --older-than)
-from .cache import BuiltImage, ensure_image, images_dir, keep_failed_log, lock_path
+from .cache import BuiltImage, ensure_image, images_dir, keep_failed_log, lock_path, mark_used
 from .image import Image, count_steps
 from .provision import provision
 
@@ -89,7 +89,7 @@ def ensure_derived(
     built = load(final, image, parent)
     if usable(built):
         assert built is not None
-        return _used(built)
+        return mark_used(built)
     from ..lifecycle.probe import accel_for  # probe imports images: not at module level
 
     # The build boots as its bottles will.  Decided before the build: a host
@@ -128,7 +128,7 @@ def ensure_derived(
         built = load(final, image, parent)  # under the lock: no rm or prune in between
     if built is None:
         raise ImageBuildError(image.display_name, "the built entry did not load (removed or unreadable)")
-    return _used(built)
+    return mark_used(built)
 
 
 def _rebuilt_since(image: BuiltImage) -> bool:
@@ -137,15 +137,6 @@ def _rebuilt_since(image: BuiltImage) -> bool:
         return float(json.loads((image.path / "manifest.json").read_text()).get("created", 0.0)) != image.created
     except (OSError, ValueError, TypeError, AttributeError):
         return True
-
-
-def _used(built: BuiltImage) -> BuiltImage:
-    """Stamp the entry as used now (what ``prune --older-than`` goes by)."""
-    try:
-        (built.path / USED_STAMP).touch()
-    except OSError:  # a read-only cache: the stamp is only housekeeping
-        pass
-    return built
 
 
 def _build(

@@ -211,9 +211,8 @@ def _shell(
 
     run = agent.exec(
         ["/bin/sh", "-c", command], env=run_env, cwd="/", user=None, timeout=timeout, stdin=None, cap=OUTPUT_CAP,
-        on_output=seen,
+        on_output=seen, all_output=True,  # a step killed at its timeout: its last words are in the log too
     )  # fmt: skip
-    run.all_output = True  # a step killed at its timeout: its last words are in the log too
     reply = run.finish(REPLY_GRACE, what)
     output = tail.text()
     logf.write("" if output.endswith("\n") or not output else "\n")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..host.paths import tree_size
-from ..images.cache import USED_STAMP, BuiltImage
+from ..images.cache import BuiltImage, last_used
 from ..vmm.accel import qemu_version
 from ..vmm.qemu import cpu_model, kernel_args
 from . import entries
@@ -72,7 +72,7 @@ def outdated(state: SavedState, image: BuiltImage | None) -> str | None:
 
 
 def stale_seeds(
-    cache_dir: Path, images: Mapping[str, BuiltImage], only: str | None = None
+    cache_dir: Path, images: Mapping[str, BuiltImage], only: str | None = None, any_cached: bool = False
 ) -> list[tuple[SavedState, str]]:
     """Seeds of image ``only`` (all if None) that no current key produces.
 
@@ -90,7 +90,7 @@ def stale_seeds(
         if image is None or image.key != parts.get("image_key"):
             # Another key of the name, in use: another checkout's image in a
             # shared cache, not an older build to clear away.
-            image = _cached_build(cache_dir, parts) or image
+            image = _cached_build(cache_dir, parts, None if any_cached else OTHER_KEY_USED_DAYS) or image
         why = outdated(seed, image)
         if why is not None:
             stale.append((seed, why))
@@ -103,32 +103,38 @@ def stale_seeds(
     return stale
 
 
-OTHER_KEY_USED_DAYS = 1.0  # a seed of another key of a name stays while its layer is in use
+OTHER_KEY_USED_DAYS = 1.0  # a seed of another key of a name stays while its image is in use
 
 
-def _cached_build(cache_dir: Path, parts: Mapping[str, Any]) -> BuiltImage | None:
-    """The derived layer a seed was made from, if it is cached and was used
-    lately: another checkout's or branch's image of the same name in a shared
-    cache.  An edited image's old layer is not used any more: its seed goes."""
-    key = str(parts.get("image_key"))
-    path = cache_dir / "images" / f"derived-{key}"
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-        used = (path / USED_STAMP).stat().st_mtime
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("key") != key:
-        return None
-    if time.time() - used > OTHER_KEY_USED_DAYS * 86400:
-        return None
-    return BuiltImage(str(parts.get("image")), key, path, manifest)
+def _cached_build(cache_dir: Path, parts: Mapping[str, Any], used_within: float | None) -> BuiltImage | None:
+    """The cached image (a recipe's entry or a derived layer) of the key a seed
+    was made from, if used within ``used_within`` days (None: at all): another
+    checkout's or plugin version's image of the same name in a shared cache.
+    An edited image's old key is not used any more: its seed goes."""
+    name, key = str(parts.get("image")), str(parts.get("image_key"))
+    for entry in (f"{name}-{key}", f"derived-{key}"):
+        path = cache_dir / "images" / entry
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(manifest, dict) or manifest.get("key") != key:
+            continue
+        if used_within is not None and time.time() - last_used(path, manifest) > used_within * 86400:
+            return None
+        return BuiltImage(name, key, path, manifest)
+    return None
 
 
-def prune_seeds(cache_dir: Path, images: Mapping[str, BuiltImage], only: str | None = None) -> list[Removed]:
-    """Remove stale seeds (see ``stale_seeds``), skipping any in use or under a snapshot."""
+def prune_seeds(
+    cache_dir: Path, images: Mapping[str, BuiltImage], only: str | None = None, any_cached: bool = False
+) -> list[Removed]:
+    """Remove stale seeds (see ``stale_seeds``), skipping any in use or under a snapshot.
+    ``any_cached``: a seed of any image key still cached is current (``bottle image
+    prune`` has just judged the images themselves)."""
     removed = []
     held = seeds_under_snapshots(cache_dir)
-    for seed, why in stale_seeds(cache_dir, images, only):
+    for seed, why in stale_seeds(cache_dir, images, only, any_cached):
         holder = held.get(Path(os.path.normpath(seed.path)))
         if holder is not None:
             log.debug("seed %s is stale (%s) but snapshot %s rests on it: kept", seed.path.name, why, holder)

@@ -444,3 +444,12 @@ def test_export_does_not_follow_a_planted_temp_name(tmp_path: Path) -> None:
     export("web", out, tmp_path / "a")
     assert victim.read_text() == "precious"
     assert [d.ref.entry for d in import_file(out, tmp_path / "b")][-1].startswith("derived-")
+
+
+@pytest.mark.parametrize("size", ["-1", "0", "lots"])
+def test_import_refuses_a_max_size_below_one_mb(size: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_bottle.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["image", "import", "/nonexistent.bottle", "--max-size", size])
+    assert e.value.code == 2 and "a whole number of MB, at least 1" in capsys.readouterr().err

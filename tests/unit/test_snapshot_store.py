@@ -425,3 +425,34 @@ def test_seeds_of_another_cached_key_of_the_same_name_are_not_pruned(tmp_path: P
     assert [(r.path, r.why) for r in prune_seeds(tmp_path, {"web": c}, only="web")] == [
         (seed_c, f"superseded by {again.name}")
     ]
+
+
+def test_seeds_of_another_recipe_key_in_use_stay_and_prune_keeps_the_seeds_of_what_it_keeps(tmp_path: Path) -> None:
+    """Two plugin versions (two recipe keys of one name) share a cache; and
+    `bottle image prune` keeps the seeds of every entry it keeps."""
+    from pytest_bottle.images.cache import BuiltImage
+    from pytest_bottle.store.seeds import key_parts, seed_dir
+
+    def entry(key: str, created: float) -> BuiltImage:
+        path = tmp_path / "images" / f"custom-{key}"
+        path.mkdir(parents=True)
+        manifest = {"name": "custom", "key": key, "created": created}
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        (path / "last-used").touch()
+        return BuiltImage("custom", key, path, manifest)
+
+    def seed(image: BuiltImage) -> Path:
+        parts = key_parts(image, "tcg", 512, 1, 1, {})
+        path = seed_dir(tmp_path, parts)
+        path.mkdir(parents=True)
+        (path / "manifest.json").write_text(json.dumps({"key_parts": parts, "created": 5.0, "files": {}}))
+        return path
+
+    old, new = entry("1" * 16, 1.0), entry("2" * 16, 2.0)
+    seed_old, seed_new = seed(old), seed(new)
+    assert prune_seeds(tmp_path, {"custom": new}, only="custom") == []
+    assert main(["--cache-dir", str(tmp_path), "image", "prune"]) == 0
+    assert old.path.is_dir() and new.path.is_dir() and seed_old.is_dir() and seed_new.is_dir()
+    day_ago = time.time() - 2 * 86400
+    os.utime(old.path / "last-used", (day_ago, day_ago))
+    assert [r.path for r in prune_seeds(tmp_path, {"custom": new}, only="custom")] == [seed_old]
