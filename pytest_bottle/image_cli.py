@@ -202,7 +202,7 @@ DERIVED_UNUSED_DAYS = 7.0
 
 def cmd_image_prune(args: argparse.Namespace) -> int:
     check_days(args.older_than, "bottle image prune")
-    if args.source:  # its recipes' old keys are pruned too; unknown names never are
+    if args.source:  # its recipes are judged by their keys too, not by their last use
         load_images(args.source)
     cache = args.cache_dir
     sizes = {i.path: tree_size(i.path) for i in list_images(cache)}

@@ -31,7 +31,7 @@ from .recipes import RECIPES, Recipe, get_recipe
 if TYPE_CHECKING:  # spec builds on images
     from ..spec import AccelRequest
 
-USED_STAMP = "last-used"  # in a derived layer's entry: touched at each use
+USED_STAMP = "last-used"  # in an image's cache entry: touched at each use
 
 log = logging.getLogger(__name__)
 
