@@ -340,13 +340,17 @@ def test_a_teardown_failure_reports_the_bottle_once(pytester: pytest.Pytester) -
     assert out.count("echo in-teardown-test") == 1 and out.count("echo in-failed-test") == 2, out
 
 
-def test_a_session_factory_bottle_is_in_the_report_of_the_test_that_made_it(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest("""
+# A conftest hook that prints how many bottle sections a test's call report has.
+SECTIONS_HOOK = """
         def pytest_runtest_logreport(report):
             if report.when == "call":
                 names = [t for t, _ in report.sections if t.startswith("bottle ")]
                 print(f"SECTIONS {report.nodeid.split('::')[-1]} {len(names)}")
-    """)
+"""
+
+
+def test_a_session_factory_bottle_is_in_the_report_of_the_test_that_made_it(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(SECTIONS_HOOK)
     pytester.makepyfile("""
         def test_a_makes_one_and_fails(session_bottle_factory):
             b = session_bottle_factory()
@@ -367,7 +371,8 @@ def test_a_session_factory_bottle_is_in_the_report_of_the_test_that_made_it(pyte
 def test_a_test_run_again_after_a_failure_reports_its_bottle_again(pytester: pytest.Pytester) -> None:
     """What pytest-rerunfailures does: the item's protocol runs twice; the
     failure reported at the end had no console section."""
-    pytester.makeconftest("""
+    pytester.makeconftest(
+        """
         import pytest
         from _pytest.runner import runtestprotocol
 
@@ -381,12 +386,9 @@ def test_a_test_run_again_after_a_failure_reports_its_bottle_again(pytester: pyt
                         item.ihook.pytest_runtest_logreport(report=r)
             item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
             return True
-
-        def pytest_runtest_logreport(report):
-            if report.when == "call":
-                names = [t for t, _ in report.sections if t.startswith("bottle ")]
-                print(f"SECTIONS {len(names)}")
-    """)
+    """
+        + SECTIONS_HOOK
+    )
     pytester.makepyfile("""
         def test_fails(bottle):
             bottle.exec("echo in-the-failing-test")
@@ -394,7 +396,7 @@ def test_a_test_run_again_after_a_failure_reports_its_bottle_again(pytester: pyt
     """)
     result = run(pytester, "-p", "no:randomly", "-s")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*SECTIONS 2*"])
+    result.stdout.fnmatch_lines(["*SECTIONS test_fails 2*"])
 
 
 def test_deselect_and_disable(pytester: pytest.Pytester) -> None:
