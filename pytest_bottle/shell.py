@@ -346,8 +346,7 @@ class _Output:
                     _show(self.fds[kind], kind, data)
                 except OSError as e:  # the reader of our stdout left (EPIPE): the command is ended
                     self.error = e
-                    with contextlib.suppress(AgentError):
-                        self.channel.cancel(self.rid)
+                    self.channel.cancel_quietly(self.rid)
             self.channel.grant(self.rid, len(data))  # also after an error: the reply follows the output
 
 

@@ -196,7 +196,7 @@ class AgentChannel(Deadlines, Uploads):
             calls = self._take_calls()
         lose(calls, reason)
         for call in calls:
-            self._cancel_quietly(call.rid)
+            self.cancel_quietly(call.rid)
 
     def _take_calls(self) -> list[Call]:
         """Every pending call, now no longer ours (the caller holds ``_lock``)."""
@@ -236,7 +236,7 @@ class AgentChannel(Deadlines, Uploads):
                 call.sink(kind, payload)
             except Exception as e:  # the call fails, the channel goes on
                 call.error = e
-                self._cancel_quietly(rid)
+                self.cancel_quietly(rid)
         if call.auto:
             self._owe(rid, call, len(payload))
 
@@ -346,9 +346,10 @@ class AgentChannel(Deadlines, Uploads):
         with self._lock:
             self._calls.pop(rid, None)
             self._credit.notify_all()
-        self._cancel_quietly(rid)
+        self.cancel_quietly(rid)
 
-    def _cancel_quietly(self, rid: int) -> None:
+    def cancel_quietly(self, rid: int) -> None:
+        """Cancel call ``rid`` if the channel works, within ``STALL_FLOOR`` s; its reply still comes."""
         if not self.broken and not self.closed.is_set():
             with contextlib.suppress(AgentError):
                 self.cancel(rid, within=STALL_FLOOR)  # not held up behind a send on a guest reading nothing

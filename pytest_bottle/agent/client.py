@@ -99,8 +99,7 @@ class AgentClient:
         """Start ``argv``, keeping ``cap`` bytes of each output stream; the agent
         kills it at ``timeout``.  Raises before anything is sent if it cannot start.
         ``on_output`` gets the text as it comes (``streams.OutputFeed``)."""
-        run = ExecRun(self, stdin, timeout, cap, on_output)
-        run.all_output = all_output  # on_output past the timeout too: a quick consumer of ours
+        run = ExecRun(self, stdin, timeout, cap, on_output, all_output)
         with self.channel.deadline(timeout):  # its CALL waits behind another send no longer than that
             run.rid, run.call = self.channel.start(
                 "exec", run.sink, auto_credit=on_output is None, argv=argv, env=dict(env), cwd=cwd, user=user,
@@ -226,12 +225,18 @@ class ExecRun:
     """A command started by ``AgentClient.exec``: its output as it comes, then its end."""
 
     def __init__(
-        self, client: AgentClient, stdin: bytes | None, timeout: float | None, cap: int, on_output: OnOutput | None
+        self,
+        client: AgentClient,
+        stdin: bytes | None,
+        timeout: float | None,
+        cap: int,
+        on_output: OnOutput | None,
+        all_output: bool = False,
     ) -> None:
         self.client, self.stdin, self.timeout = client, stdin, timeout
         self.out, self.err = CappedOutput(cap), CappedOutput(cap)
         self.feed = OutputFeed(on_output) if on_output is not None else None
-        self.all_output = False  # on_output past the timeout too (see _finish_feeding)
+        self.all_output = all_output  # on_output past the timeout too: a quick consumer of ours (_finish_feeding)
         self.rid = 0
         self.call: Call | None = None
 

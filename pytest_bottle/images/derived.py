@@ -29,8 +29,8 @@ from ..store import entries
 from ..store.gc import remove_seeds, seeds_under_snapshots
 from ..store.saved import list_seeds
 from . import builder, failures
-from .cache import USED_STAMP as USED_STAMP  # a derived layer's last use (prune --older-than)
-from .cache import BuiltImage, ensure_image, images_dir, keep_failed_log, lock_path, mark_used
+from .cache import USED_STAMP as USED_STAMP  # importable here as before (an entry's last use)
+from .cache import BuiltImage, ensure_image, images_dir, keep_failed_log, last_used, lock_path, mark_used
 from .image import Image, count_steps
 from .provision import provision
 
@@ -218,11 +218,7 @@ def _entry(cache_dir: Path, path: Path) -> DerivedEntry | None:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    try:
-        used = (path / USED_STAMP).stat().st_mtime
-    except OSError:
-        used = float(manifest.get("created", 0.0))
-    return DerivedEntry(path, manifest, tree_size(path), used, _stale(cache_dir, manifest))
+    return DerivedEntry(path, manifest, tree_size(path), last_used(path, manifest), _stale(cache_dir, manifest))
 
 
 def _stale(cache_dir: Path, manifest: dict[str, Any], depth: int = 0) -> str:
