@@ -29,7 +29,7 @@ def test_microvm_direct_kernel_boot() -> None:
     argv = build()
     assert opt(argv, "-M") == ["microvm,rtc=on"]
     assert opt(argv, "-kernel") == ["/i/vmlinuz"] and opt(argv, "-initrd") == ["/i/initrd.img"]
-    assert "root=/dev/vda" in opt(argv, "-append")[0] and "panic=-1" in opt(argv, "-append")[0]
+    assert "root=/dev/vda" in opt(argv, "-append")[0] and "panic=-1 reboot=t" in opt(argv, "-append")[0]
     assert "-no-reboot" in argv and "-nodefaults" in argv
     assert "socket,id=agent,fd=5" in opt(argv, "-chardev")
     assert "virtserialport,chardev=agent,name=bottle.agent" in opt(argv, "-device")
