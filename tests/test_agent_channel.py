@@ -342,6 +342,34 @@ def test_a_restarted_agent_fails_pending_calls_at_once_and_later_calls_work(gues
     assert "value" in out, out
 
 
+def test_a_call_sent_as_the_vm_exits_says_why_it_ended_not_that_a_write_failed() -> None:
+    """A CALL written as QEMU exits (a reboot) meets a broken pipe while the
+    reader is still finding out why (QEMU's exit status, its console): the call
+    waits for that, instead of reporting a failed write (a CI failure)."""
+    g = Guest()
+    g.hello()
+    released = threading.Event()
+    said = "the VM exited (the guest rebooted: 'reboot: Restarting system' on its console)"
+
+    def explain() -> str:  # what boot.py's backend.gone does: waits for QEMU's exit
+        released.wait(10)
+        return said
+
+    g.chan.explain = explain
+    try:
+        g.sock.close()  # QEMU's end is gone; the reader is in explain()
+        t, out = _in_thread(lambda: g.chan.call("stat", path="/", timeout=30))
+        wait_until(lambda: g.chan.broken, 10, "the CALL's send to meet the broken pipe")
+        released.set()
+        t.join(10)
+        assert isinstance(out.get("error"), AgentError) and str(out["error"]) == f"bottle hostile: {said} during stat", out
+        with pytest.raises(AgentError, match="the guest rebooted"):  # later calls too
+            g.chan.call("stat", path="/", timeout=5)
+    finally:
+        released.set()
+        g.close()
+
+
 @pytest.mark.parametrize("how", ["the agent restarts", "the VM dies"])
 def test_a_directory_get_cut_short_by_the_agent_or_vm_says_so(guest: Guest, tmp_path: Path, how: str) -> None:
     # The tar stream then ends early: that read as the guest sending a truncated

@@ -36,6 +36,7 @@ GUEST_KINDS = frozenset({DATA, EOF, frames.STDOUT, frames.STDERR, frames.STARTED
 IDLE = 2.0  # silence after which a waiting call pings the agent
 DEAD_AFTER = 30.0  # an agent that has not answered a ping this long is gone
 RESYNC_WAIT = 5.0  # a new agent reads all before a SYNC: one that takes nothing this long is not one
+GONE_WAIT = 5.0  # a send that found the VM gone waits this long for the reader to say why
 
 
 class AgentChannel(Deadlines, Uploads):
@@ -81,10 +82,11 @@ class AgentChannel(Deadlines, Uploads):
         with self._wlock:
             self._send_locked(data, confined=confined)
 
-    def _send_locked(self, data: bytes, *, confined: bool = False) -> None:  # the caller holds _wlock
+    def _send_locked(self, data: bytes, *, confined: bool = False, op: str = "") -> None:  # the caller holds _wlock
         """``confined``: only its call suffers its loss (a CALL; DATA, which a
         CANCEL follows): if none of it went, that call alone fails.  Any other
-        (a CREDIT, CANCEL, EOF owed to the agent) breaks the channel."""
+        (a CREDIT, CANCEL, EOF owed to the agent) breaks the channel.  ``op``
+        names the call a send for it failed in."""
         if self._shut or self._read_done:
             raise self._closed_error()
         if self.broken:
@@ -96,6 +98,12 @@ class AgentChannel(Deadlines, Uploads):
                 raise AgentTimeout(f"bottle {self.name}: {e}") from None
             self._break(e)
             raise AgentTimeout(f"agent channel of {self.name} broke: {self.broken}") from None
+        except (BrokenPipeError, ConnectionResetError) as e:  # QEMU's end is gone: the VM exited
+            # The reader meets the same end and names it (a reboot, a panic: QEMU's
+            # exit, read within a second); that, not a failed write, is what happened.
+            self.broken = self.broken or f"the VM's end of the channel is gone ({type(e).__name__}: {e})"
+            why = self.death if self.closed.wait(GONE_WAIT) and self.death else f"agent channel broke: {self.broken}"
+            raise AgentError(self._named(why) + (f" during {op}" if op else "")) from None
         except BaseException as e:
             self._break(e)
             if isinstance(e, OSError):
@@ -288,7 +296,7 @@ class AgentChannel(Deadlines, Uploads):
                 self._next_id += 1
                 call = self._calls[rid] = Call(rid, sink, auto_credit)
             try:
-                self._send_locked(frame(CALL, rid, payload), confined=True)
+                self._send_locked(frame(CALL, rid, payload), confined=True, op=op)
             except BaseException:  # not sent (or the channel is gone): nothing will answer it
                 with self._lock:
                     self._calls.pop(rid, None)
