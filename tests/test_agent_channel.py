@@ -362,7 +362,9 @@ def test_a_call_sent_as_the_vm_exits_says_why_it_ended_not_that_a_write_failed()
         wait_until(lambda: g.chan.broken, 10, "the CALL's send to meet the broken pipe")
         released.set()
         t.join(10)
-        assert isinstance(out.get("error"), AgentError) and str(out["error"]) == f"bottle hostile: {said} during stat", out
+        assert (
+            isinstance(out.get("error"), AgentError) and str(out["error"]) == f"bottle hostile: {said} during stat"
+        ), out
         with pytest.raises(AgentError, match="the guest rebooted"):  # later calls too
             g.chan.call("stat", path="/", timeout=5)
     finally:
