@@ -372,6 +372,36 @@ def test_a_call_sent_as_the_vm_exits_says_why_it_ended_not_that_a_write_failed()
         g.close()
 
 
+def test_credit_the_reader_owes_a_vm_that_exited_does_not_hold_up_the_calls() -> None:
+    """The reader's own sends (credit for output) that meet QEMU's end gone do
+    not wait for the reader to say why: pending calls fail at once."""
+    g = Guest()
+    g.hello()
+    closed_guest = threading.Event()
+    got = [0]
+
+    def sink(kind: int, payload: bytes) -> None:  # runs on the reader: the last piece waits for the guest's end
+        got[0] += len(payload)
+        if got[0] >= HOST_WINDOW // 4:
+            closed_guest.wait(10)
+
+    try:
+        rid, call = g.chan.start("exec", sink, argv=["yes"])
+        assert g.expect(CALL)[0] == rid
+        for _ in range(HOST_WINDOW // 4 // CHUNK):  # one credit step of output
+            g.send(frame(STDOUT, rid, b"y" * CHUNK))
+        wait_until(lambda: got[0] >= HOST_WINDOW // 4, 10, "the reader to take the output")
+        g.sock.close()  # QEMU exits; the reader's credit for that output meets a broken pipe
+        closed_guest.set()
+        started = time.monotonic()
+        with pytest.raises(AgentError, match="the VM closed the agent channel during exec"):
+            g.chan.wait(call, timeout=10, op="exec")
+        assert time.monotonic() - started < 2
+    finally:
+        closed_guest.set()
+        g.close()
+
+
 @pytest.mark.parametrize("how", ["the agent restarts", "the VM dies"])
 def test_a_directory_get_cut_short_by_the_agent_or_vm_says_so(guest: Guest, tmp_path: Path, how: str) -> None:
     # The tar stream then ends early: that read as the guest sending a truncated

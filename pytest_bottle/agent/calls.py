@@ -24,6 +24,10 @@ class ProtocolError(Exception):
     """A frame no agent of ours sends: the channel cannot be trusted any more."""
 
 
+class Gone(AgentError):
+    """A send found QEMU's end of the socket gone: the VM exited."""
+
+
 class Call:
     """A call in flight: its reply (or why it has none) and its flow-control state."""
 

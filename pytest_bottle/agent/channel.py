@@ -25,11 +25,12 @@ from ..errors import AgentError, AgentTimeout, SpecError
 from ..guest import frames
 from ..guest.frames import CALL, CREDIT, DATA, EOF, HEADER, HELLO, PING, REPLY, frame
 from . import resync
-from .calls import Call, ProtocolError, Sink, decode_reply, guest_error, lose
+from .calls import Call, Gone, ProtocolError, Sink, decode_reply, guest_error, lose
 from .send import SEND_TIMEOUT, STALL_FLOOR, Deadlines, Stalled, held_by, send_all
 from .uploads import Uploads
 
 log = logging.getLogger(__name__)
+
 
 # Kinds a guest may send; anything else is a protocol error.
 GUEST_KINDS = frozenset({DATA, EOF, frames.STDOUT, frames.STDERR, frames.STARTED, REPLY, HELLO, CREDIT})
@@ -82,11 +83,10 @@ class AgentChannel(Deadlines, Uploads):
         with self._wlock:
             self._send_locked(data, confined=confined)
 
-    def _send_locked(self, data: bytes, *, confined: bool = False, op: str = "") -> None:  # the caller holds _wlock
+    def _send_locked(self, data: bytes, *, confined: bool = False) -> None:  # the caller holds _wlock
         """``confined``: only its call suffers its loss (a CALL; DATA, which a
         CANCEL follows): if none of it went, that call alone fails.  Any other
-        (a CREDIT, CANCEL, EOF owed to the agent) breaks the channel.  ``op``
-        names the call a send for it failed in."""
+        (a CREDIT, CANCEL, EOF owed to the agent) breaks the channel."""
         if self._shut or self._read_done:
             raise self._closed_error()
         if self.broken:
@@ -98,17 +98,26 @@ class AgentChannel(Deadlines, Uploads):
                 raise AgentTimeout(f"bottle {self.name}: {e}") from None
             self._break(e)
             raise AgentTimeout(f"agent channel of {self.name} broke: {self.broken}") from None
-        except (BrokenPipeError, ConnectionResetError) as e:  # QEMU's end is gone: the VM exited
-            # The reader meets the same end and names it (a reboot, a panic: QEMU's
-            # exit, read within a second); that, not a failed write, is what happened.
-            self.broken = self.broken or f"the VM's end of the channel is gone ({type(e).__name__}: {e})"
-            why = self.death if self.closed.wait(GONE_WAIT) and self.death else f"agent channel broke: {self.broken}"
-            raise AgentError(self._named(why) + (f" during {op}" if op else "")) from None
         except BaseException as e:
+            if isinstance(e, (BrokenPipeError, ConnectionResetError)) and not self._shut:  # the VM exited
+                self.broken = self.broken or f"the VM's end of the channel is gone ({type(e).__name__}: {e})"
+                raise Gone(f"agent channel of {self.name} broke: {self.broken}") from None
             self._break(e)
             if isinstance(e, OSError):
                 raise AgentError(f"agent channel of {self.name} broke: {self.broken}") from None
             raise
+
+    def _gone(self, e: Gone, op: str) -> AgentError:
+        """A send met QEMU's end gone.  The reader meets it too and names it (a
+        reboot, a panic: QEMU's exit, read within a second); wait for that, out
+        of ``_wlock`` (the reader takes it to end) and never on the reader."""
+        if threading.current_thread() is self._reader:
+            return e
+        deadline = self._thread_deadline()
+        within = GONE_WAIT if deadline is None else min(GONE_WAIT, max(0.5, deadline - time.monotonic()))
+        if self.closed.wait(within) and self.death:
+            return AgentError(self._named(self.death) + (f" during {op}" if op else ""))
+        return e
 
     def _break(self, e: BaseException, what: str = "a write failed or was interrupted") -> None:
         """Cut mid-frame (a signal, a test timeout, a guest that stopped
@@ -280,6 +289,12 @@ class AgentChannel(Deadlines, Uploads):
         payload = json.dumps(dict(args, op=op)).encode()
         if len(payload) > frames.MAX_PAYLOAD:
             raise SpecError(f"the arguments of {op} are {len(payload)} bytes; the limit is {frames.MAX_PAYLOAD}")
+        try:
+            return self._register_and_send(op, payload, sink, auto_credit)
+        except Gone as e:
+            raise self._gone(e, op) from None
+
+    def _register_and_send(self, op: str, payload: bytes, sink: Sink | None, auto_credit: bool) -> tuple[int, Call]:
         # Registered and sent in one step under _wlock: abandon() cannot slip between
         # and let keep()'s end call reach the agent before this CALL does.  Another
         # send stuck on a guest that reads nothing holds it up to SEND_TIMEOUT: this
@@ -296,7 +311,7 @@ class AgentChannel(Deadlines, Uploads):
                 self._next_id += 1
                 call = self._calls[rid] = Call(rid, sink, auto_credit)
             try:
-                self._send_locked(frame(CALL, rid, payload), confined=True, op=op)
+                self._send_locked(frame(CALL, rid, payload), confined=True)
             except BaseException:  # not sent (or the channel is gone): nothing will answer it
                 with self._lock:
                     self._calls.pop(rid, None)
@@ -319,10 +334,13 @@ class AgentChannel(Deadlines, Uploads):
         if now - self._last_rx < self.idle:
             return
         if self._ping_at <= self._last_rx:
-            with held_by(self._wlock, now) as got:  # only if free: a send under way must be read first
-                if got:
-                    self._ping_at = now
-                    self._send_locked(frame(PING, 0))
+            try:
+                with held_by(self._wlock, now) as got:  # only if free: a send under way must be read first
+                    if got:
+                        self._ping_at = now
+                        self._send_locked(frame(PING, 0))
+            except Gone as e:
+                raise self._gone(e, op) from None
         elif now - self._ping_at > self.dead_after:
             raise AgentError(
                 f"bottle {self.name}: the guest agent has not answered for {now - self._last_rx:.0f} s "

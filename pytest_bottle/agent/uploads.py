@@ -28,7 +28,7 @@ class Uploads:
     def _send(self, data: bytes, *, confined: bool = False) -> None:
         raise NotImplementedError
 
-    def _send_locked(self, data: bytes, *, confined: bool = False, op: str = "") -> None:
+    def _send_locked(self, data: bytes, *, confined: bool = False) -> None:
         raise NotImplementedError
 
     def _check_alive(self, op: str) -> None:
