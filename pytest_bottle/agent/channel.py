@@ -31,7 +31,6 @@ from .uploads import Uploads
 
 log = logging.getLogger(__name__)
 
-
 # Kinds a guest may send; anything else is a protocol error.
 GUEST_KINDS = frozenset({DATA, EOF, frames.STDOUT, frames.STDERR, frames.STARTED, REPLY, HELLO, CREDIT})
 IDLE = 2.0  # silence after which a waiting call pings the agent
