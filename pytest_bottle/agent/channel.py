@@ -26,6 +26,7 @@ from ..guest import frames
 from ..guest.frames import CALL, CREDIT, DATA, EOF, HEADER, HELLO, PING, REPLY, frame
 from . import resync
 from .calls import Call, Gone, ProtocolError, Sink, decode_reply, guest_error, lose
+from .ends import Ends
 from .send import SEND_TIMEOUT, STALL_FLOOR, Deadlines, Stalled, held_by, send_all
 from .uploads import Uploads
 
@@ -36,10 +37,9 @@ GUEST_KINDS = frozenset({DATA, EOF, frames.STDOUT, frames.STDERR, frames.STARTED
 IDLE = 2.0  # silence after which a waiting call pings the agent
 DEAD_AFTER = 30.0  # an agent that has not answered a ping this long is gone
 RESYNC_WAIT = 5.0  # a new agent reads all before a SYNC: one that takes nothing this long is not one
-GONE_WAIT = 5.0  # a send that found the VM gone waits this long for the reader to say why
 
 
-class AgentChannel(Deadlines, Uploads):
+class AgentChannel(Deadlines, Uploads, Ends):
     def __init__(
         self, sock: socket.socket, name: str = "bottle", idle: float = IDLE, dead_after: float = DEAD_AFTER
     ) -> None:
@@ -105,38 +105,6 @@ class AgentChannel(Deadlines, Uploads):
             if isinstance(e, OSError):
                 raise AgentError(f"agent channel of {self.name} broke: {self.broken}") from None
             raise
-
-    def _gone(self, e: Gone, op: str) -> AgentError:
-        """A send met QEMU's end gone.  The reader meets it too and names it (a
-        reboot, a panic: QEMU's exit, read within a second); wait for that, out
-        of ``_wlock`` (the reader takes it to end) and never on the reader."""
-        if threading.current_thread() is self._reader:
-            return e
-        deadline = self._thread_deadline()
-        within = GONE_WAIT if deadline is None else min(GONE_WAIT, max(0.5, deadline - time.monotonic()))
-        if self.closed.wait(within) and self.death:
-            return AgentError(self._named(self.death) + (f" during {op}" if op else ""))
-        return e
-
-    def _break(self, e: BaseException, what: str = "a write failed or was interrupted") -> None:
-        """Cut mid-frame (a signal, a test timeout, a guest that stopped
-        reading): the agent would read the next frame from the middle of this
-        one.  Give up on the channel rather than let later calls hang."""
-        self.broken = f"{what} ({type(e).__name__}: {e})"
-        self.closing = self.closing or self.broken  # what later calls read, not "the VM closed it"
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def _named(self, why: str) -> str:
-        """``why`` with the bottle's name first, once ("bottle NAME was closed" has it)."""
-        return why if why.startswith(f"bottle {self.name} ") else f"bottle {self.name}: {why}"
-
-    def _closed_error(self) -> AgentError:
-        if self.death.startswith(f"bottle {self.name} "):  # what closed it, in the user's words
-            return AgentError(self.death)
-        return AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
 
     def send_sync(self) -> None:
         self._send(frames.SYNC_FRAME)

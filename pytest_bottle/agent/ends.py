@@ -1,0 +1,59 @@
+"""How the host's end of the agent channel names the channel's end: a write
+cut mid-frame, the VM gone under a send, a closed channel.  Mixed into
+``channel.AgentChannel``, whose state it reads."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from ..errors import AgentError
+from .calls import Gone
+
+GONE_WAIT = 5.0  # a send that found the VM gone waits this long for the reader to say why
+
+
+class Ends:
+    name: str
+    sock: socket.socket
+    death: str
+    closing: str
+    broken: str
+    closed: threading.Event
+    _reader: threading.Thread
+
+    def _thread_deadline(self) -> float | None:
+        raise NotImplementedError
+
+    def _gone(self, e: Gone, op: str) -> AgentError:
+        """A send met QEMU's end gone.  The reader meets it too and names it (a
+        reboot, a panic: QEMU's exit, read within a second); wait for that, out
+        of ``_wlock`` (the reader takes it to end) and never on the reader."""
+        if threading.current_thread() is self._reader:
+            return e
+        deadline = self._thread_deadline()
+        within = GONE_WAIT if deadline is None else min(GONE_WAIT, max(0.5, deadline - time.monotonic()))
+        if self.closed.wait(within) and self.death:
+            return AgentError(self._named(self.death) + (f" during {op}" if op else ""))
+        return e
+
+    def _break(self, e: BaseException, what: str = "a write failed or was interrupted") -> None:
+        """Cut mid-frame (a signal, a test timeout, a guest that stopped
+        reading): the agent would read the next frame from the middle of this
+        one.  Give up on the channel rather than let later calls hang."""
+        self.broken = f"{what} ({type(e).__name__}: {e})"
+        self.closing = self.closing or self.broken  # what later calls read, not "the VM closed it"
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _named(self, why: str) -> str:
+        """``why`` with the bottle's name first, once ("bottle NAME was closed" has it)."""
+        return why if why.startswith(f"bottle {self.name} ") else f"bottle {self.name}: {why}"
+
+    def _closed_error(self) -> AgentError:
+        if self.death.startswith(f"bottle {self.name} "):  # what closed it, in the user's words
+            return AgentError(self.death)
+        return AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
