@@ -29,7 +29,6 @@ from ..store import entries
 from ..store.gc import remove_seeds, seeds_under_snapshots
 from ..store.saved import list_seeds
 from . import builder, failures
-from .cache import USED_STAMP as USED_STAMP  # importable here as before (an entry's last use)
 from .cache import BuiltImage, ensure_image, images_dir, keep_failed_log, last_used, lock_path, mark_used
 from .image import Image, count_steps
 from .provision import provision

@@ -12,8 +12,8 @@ import pytest
 from pytest_bottle.agent.client import NOT_SETTLED
 from pytest_bottle.cli import main
 from pytest_bottle.errors import BootTimeout
-from pytest_bottle.images.cache import BuiltImage
-from pytest_bottle.images.derived import USED_STAMP, list_derived, prune_derived, remove_derived
+from pytest_bottle.images.cache import USED_STAMP, BuiltImage
+from pytest_bottle.images.derived import list_derived, prune_derived, remove_derived
 from pytest_bottle.images.recipes import BASE_PACKAGES, RECIPES, Recipe
 from pytest_bottle.store import unsettled
 
