@@ -312,13 +312,16 @@ class Bottle(BottleFiles):
     # -- lifetime -----------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the VM and release everything it held.  Idempotent."""
+        """Stop the VM and release everything it held.  Idempotent; a caller
+        in another thread while it closes returns once it has (the VM gone)."""
         with self._close_lock:
-            if self._closed:
+            if self.kept:  # handed over, or being handed over: the VM is not ours to stop
                 return
-            self._closed = True
-        self._console_at_close = self.console_log  # the run dir, and the log in it, go now
-        self._channel.closing = f"bottle {self.name} was closed"
+            if not self._closed:
+                self._closed = True
+                self._console_at_close = self.console_log  # the run dir, and the log in it, go now
+                self._channel.closing = f"bottle {self.name} was closed"
+        # Every caller: the resources' lock makes a second one wait for the release in progress.
         self._resources.close()
 
     def keep(self) -> None:

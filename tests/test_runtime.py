@@ -12,10 +12,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
-from harness import HAS_THP, processes_mentioning, run_isolated, thp_enabled
+from harness import HAS_THP, gone, processes_mentioning, run_isolated, thp_enabled
 
 import pytest_bottle
 from pytest_bottle import AgentError, Bottle, ExecError, ExecTimeout, SpecError, UnsafeTransfer
@@ -333,6 +334,28 @@ def test_a_bottle_never_closed_ends_quietly_with_its_process(warm_cache: Path) -
         assert hi == "hi" and "Traceback" not in got.stderr and "pending" not in got.stderr, got.stderr
         assert not Path(run_dir).exists(), how
         assert not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE, how
+
+
+def test_two_threads_closing_at_once_each_return_only_once_the_vm_is_gone(bottle_factory: Any) -> None:
+    """The second caller of close() waits for the first one's release instead of
+    returning at once (a test's watchdog thread and its finalizer, say)."""
+    for _ in range(3):
+        b = bottle_factory()
+        together = threading.Barrier(2)
+        seen: list[tuple[bool, bool]] = []  # (QEMU running, run dir there) as each close() returned
+        threads = [threading.Thread(target=_close_and_look, args=(b, together, seen)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert seen == [(False, False), (False, False)], seen
+
+
+def _close_and_look(b: Bottle, together: threading.Barrier, seen: list[tuple[bool, bool]]) -> None:
+    pid, run_dir = b.pid, b.console_log_path.parent
+    together.wait()
+    b.close()
+    seen.append((not gone(pid, within=0.05), run_dir.exists()))
 
 
 def test_close_is_idempotent_and_leaves_nothing(bottle: Bottle) -> None:
