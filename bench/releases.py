@@ -1,6 +1,6 @@
 """Debian 12 and Debian 13 side by side: image build, seed, restore, exec.
 
-    .venv/bin/python bench/releases.py [--builds 2] [--restores 20] [--execs 200]
+    .venv/bin/python bench/releases.py [--builds 2] [--restores 20] [--execs 200] [--ssh 10]
 
 Everything runs in one fresh temporary cache (the accelerator verdict is
 copied from the default cache, so no probe boot falls inside a timing), and
@@ -14,13 +14,17 @@ the absolute numbers drift (DESIGN §3).
   ``creation_seconds``: cold boot, settle, save) and, of that, the cold boot
   to an answering agent;
 - restore -> first exec: ``launch()`` to the first answered ``true``;
-- exec: ``exec(["true"])`` in a running bottle.
+- exec: ``exec(["true"])`` in a running bottle;
+- ssh: the first ``ssh true`` into a fresh bottle through its ``ssh_config``, and
+  through it with the client's default key exchange (the config leaves out the
+  post-quantum hybrids).
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -92,6 +96,30 @@ def execs(cache: Path, n: int) -> dict[str, list[float]]:
             b.close()
 
 
+def first_ssh(cache: Path, n: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """The first ``ssh true`` into a fresh bottle (what a test pays: QEMU translates
+    the guest's sshd and key exchange anew in every bottle), through its ssh_config
+    and through it with the client's default key exchange (post-quantum hybrid first)."""
+    stock_kex = ("-o", f"KexAlgorithms={_client_default_kex()}")
+    kinds: tuple[tuple[str, tuple[str, ...]], ...] = (("ours", ()), ("stock", stock_kex))
+    out: dict[str, dict[str, list[float]]] = {k: {r: [] for r in RELEASES} for k, _ in kinds}
+    for i in range(n):  # both configs and both releases alternate, the order flipped every round
+        for kind, kex in kinds if i % 2 == 0 else kinds[::-1]:
+            for release in RELEASES if i % 2 == 0 else RELEASES[::-1]:
+                with pytest_bottle.launch(image=release, cache_dir=cache) as b:
+                    ssh, *rest = b.ssh_argv("true")
+                    started = time.perf_counter()
+                    subprocess.run([ssh, *kex, *rest], check=True, capture_output=True, timeout=120)
+                    out[kind][release].append(time.perf_counter() - started)
+    return out["ours"], out["stock"]
+
+
+def _client_default_kex() -> str:
+    """The ssh client's own KexAlgorithms list (no config file read)."""
+    out = subprocess.run(["ssh", "-F", "/dev/null", "-G", "localhost"], capture_output=True, text=True, check=True)
+    return next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("kexalgorithms "))
+
+
 def row(what: str, unit: str, values: dict[str, list[float]], scale: float = 1.0) -> list[object]:
     a, b = (p50(values[r]) * scale for r in RELEASES)
     cells: list[object] = [f"{what} ({unit})", len(values[RELEASES[0]])]
@@ -105,6 +133,7 @@ def main() -> None:
     ap.add_argument("--builds", type=int, default=2, help="builds (and first seeds) per release, each about a minute")
     ap.add_argument("--restores", type=int, default=20)
     ap.add_argument("--execs", type=int, default=200)
+    ap.add_argument("--ssh", type=int, default=10, help="fresh bottles per release and key exchange, one ssh true each")
     args = ap.parse_args()
     cache = Path(tempfile.mkdtemp(prefix="bottle-bench-releases-"))
     try:
@@ -113,6 +142,7 @@ def main() -> None:
         builds, seeds, seed_boot = builds_and_seeds(cache, args.builds)
         restores = alternate(args.restores, lambda r, _: first_exec(r, cache))
         exec_times = execs(cache, args.execs)
+        ssh_ours, ssh_stock = first_ssh(cache, args.ssh)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     a, b = RELEASES
@@ -125,6 +155,8 @@ def main() -> None:
             row("  the seed's cold boot to agent", "s", seed_boot),
             row("restore -> first exec", "s", restores),
             row("exec true", "ms", exec_times, 1000),
+            row("first ssh true in a bottle, its ssh_config", "s", ssh_ours),
+            row("  the same, the client's default key exchange", "s", ssh_stock),
         ],
     )
 

@@ -49,9 +49,9 @@ Host {name}
     KexAlgorithms -sntrup*,mlkem*
 """
 # KexAlgorithms: OpenSSH's default list without its post-quantum hybrids (a
-# removal list: names this client does not know are no error).  A guest under
-# emulation spends 0.3 s (bookworm) to 1.2 s (trixie) per connection on
-# sntrup761, and the connection never leaves this host.  A user's
+# removal list: names this client does not know are no error).  sntrup761 cost the
+# first connection into a bottle under emulation 0.3 s (bookworm) to 0.5 s (trixie)
+# more (bench/releases.py), and the connection never leaves this host.  A user's
 # -o KexAlgorithms=... comes first and wins.
 
 
