@@ -10,9 +10,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -336,7 +335,9 @@ def test_a_bottle_never_closed_ends_quietly_with_its_process(warm_cache: Path) -
         assert not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE, how
 
 
-def test_two_threads_closing_at_once_each_return_only_once_the_vm_is_gone(bottle_factory: Any) -> None:
+def test_two_threads_closing_at_once_each_return_only_once_the_vm_is_gone(
+    bottle_factory: Callable[..., Bottle],
+) -> None:
     """The second caller of close() waits for the first one's release instead of
     returning at once (a test's watchdog thread and its finalizer, say)."""
     for _ in range(2):
