@@ -423,6 +423,7 @@ write_json(Path(sys.argv[1]) / "leases.json", {"x": 1})
 """
 
 
+@pytest.mark.usefixtures("no_spare_starting")  # a spare's lease would write its own temporary here
 def test_a_temporary_of_a_state_file_whose_writer_was_killed_is_swept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
