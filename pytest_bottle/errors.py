@@ -57,7 +57,7 @@ class HostDependencyError(BottleError):
 class ImageNotFound(BottleError, LookupError):
     """No recipe by that name; ``known`` lists the names there are."""
 
-    def __init__(self, name: str, known: Sequence[str]) -> None:
+    def __init__(self, name: str, known: Sequence[str] = ()) -> None:
         self.name = name
         self.known = list(known)
         super().__init__(f"unknown image {name!r}; known images: {', '.join(self.known) or '(none)'}")
@@ -69,12 +69,12 @@ class ImageNotFound(BottleError, LookupError):
 class ImageBuildError(BottleError):
     """An image build failed; ``log_tail`` holds the end of its log."""
 
-    def __init__(self, name: str, reason: str, log_tail: str = "", log_path: str | None = None) -> None:
+    def __init__(self, name: str, reason: str = "", log_tail: str = "", log_path: str | None = None) -> None:
         self.name = name
         self.reason = reason
         self.log_tail = log_tail
         self.log_path = log_path
-        msg = f"building image {name!r} failed: {reason}"
+        msg = f"building image {name!r} failed" + (f": {reason}" if reason else "")
         if log_path:
             msg += f" (full log: {log_path})"
         if log_tail:
@@ -108,7 +108,7 @@ class BootTimeout(BootError, TimeoutError):
 class ExecError(BottleError):
     """A command in the guest exited non-zero (from ``check=True`` / ``check_output``)."""
 
-    def __init__(self, args: Any, returncode: int, stdout: str = "", stderr: str = "") -> None:
+    def __init__(self, args: Any, returncode: int = 1, stdout: str = "", stderr: str = "") -> None:
         self.cmd = args
         self.returncode = returncode
         self.stdout = stdout
@@ -157,13 +157,14 @@ def _ended(returncode: int) -> str:
 class ExecTimeout(BottleError, TimeoutError):
     """A command outlived its timeout; its process group was killed."""
 
-    def __init__(self, args: Any, timeout: float, stdout: str = "", stderr: str = "") -> None:
+    def __init__(self, args: Any, timeout: float | None = None, stdout: str = "", stderr: str = "") -> None:
         self.cmd = args
         self.timeout = timeout
         self.stdout = stdout
         self.stderr = stderr
         tail = _output_tail(stdout, stderr)  # what it printed before it was killed
-        super().__init__(f"command {shown_command(args)} timed out after {timeout:g} s and was killed" + tail)
+        after = f" after {timeout:g} s" if timeout is not None else ""
+        super().__init__(f"command {shown_command(args)} timed out{after} and was killed" + tail)
 
     def _args(self) -> dict[str, Any]:
         return {"args": self.cmd, "timeout": self.timeout, "stdout": self.stdout, "stderr": self.stderr}
@@ -252,10 +253,11 @@ class WaitTimeout(BottleError, TimeoutError):
 class PoolExhausted(BottleError):
     """Every address, TAP name or MAC of a pool is leased to a live owner."""
 
-    def __init__(self, pool: str, size: int) -> None:
+    def __init__(self, pool: str, size: int | None = None) -> None:
         self.pool = pool
         self.size = size
-        super().__init__(f"pool {pool!r} is exhausted: all {size} entries are leased to live owners")
+        every = f"all {size} entries are" if size is not None else "every entry is"
+        super().__init__(f"pool {pool!r} is exhausted: {every} leased to live owners")
 
     def _args(self) -> dict[str, Any]:
         return {"pool": self.pool, "size": self.size}

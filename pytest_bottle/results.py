@@ -44,13 +44,35 @@ def _text(raw: bytes | bytearray) -> str:
 @dataclass(frozen=True)
 class ExecResult:
     """Exit code and output of one command.  ``stdout``/``stderr`` are decoded
-    as UTF-8 with replacement; the ``*_bytes`` fields keep the exact bytes."""
+    as UTF-8 with replacement; the ``*_bytes`` fields keep the exact bytes.
+
+    Made by hand (a fake in a unit test), the output may be given as ``str``,
+    positionally or as ``stdout=``/``stderr=``; it is kept UTF-8 encoded."""
 
     args: Command
     returncode: int
     stdout_bytes: bytes = field(repr=False, default=b"")
     stderr_bytes: bytes = field(repr=False, default=b"")
     duration: float = 0.0
+
+    def __init__(
+        self,
+        args: Command,
+        returncode: int,
+        stdout_bytes: bytes | str = b"",
+        stderr_bytes: bytes | str = b"",
+        duration: float = 0.0,
+        *,
+        stdout: str | None = None,
+        stderr: str | None = None,
+    ) -> None:
+        out = stdout if stdout is not None else stdout_bytes
+        err = stderr if stderr is not None else stderr_bytes
+        object.__setattr__(self, "args", args)
+        object.__setattr__(self, "returncode", returncode)
+        object.__setattr__(self, "stdout_bytes", out.encode() if isinstance(out, str) else out)
+        object.__setattr__(self, "stderr_bytes", err.encode() if isinstance(err, str) else err)
+        object.__setattr__(self, "duration", duration)
 
     @property
     def stdout(self) -> str:

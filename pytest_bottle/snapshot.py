@@ -112,7 +112,13 @@ class Snapshot:
 
     def start(self, **kwargs: Any) -> Bottle:
         """A new fork; only ``forward=`` and ``timeout=`` may be given."""
-        return self.fork(check_fork_args(kwargs, "Snapshot.start()", self))
+        from .lifecycle.launch import as_usage_error
+
+        try:
+            overrides = check_fork_args(kwargs, "Snapshot.start()", self)
+        except SpecError as e:
+            raise as_usage_error(e) from None
+        return self.fork(overrides)
 
     def fork(self, overrides: dict[str, Any], *, detached: bool = False, lans: LanRegistry | None = None) -> Bottle:
         """A fork with checked ``overrides`` (see ``check_fork_args``)."""

@@ -118,8 +118,12 @@ def test_fork_takes_forward_and_timeout_only(
         session_bottle_factory(snapshot=prepared, network="nat")
     assert session_bottle_factory(snapshot=prepared, timeout=120).read_text("/root/state") == "prepared\n"
     other = "debian-bookworm" if prepared.spec.image == "debian-trixie" else "debian-trixie"
-    with pytest.raises(SpecError, match=r"launch\(\): image= cannot be given"):
+    # The same error as a marker's or factory's: a SpecError and, under pytest, a UsageError.
+    with pytest.raises(pytest.UsageError, match=r"launch\(\): image= cannot be given") as refused:
         pytest_bottle.launch(snapshot=prepared, image=other)
+    assert isinstance(refused.value, SpecError)
+    with pytest.raises(pytest.UsageError, match=r"Snapshot.start\(\): unknown argument 'cpu'"):
+        prepared.start(cpu=2)
     # What the snapshot has anyway may be said again (a cache_dir= on every launch).
     same: dict[str, Any] = {
         "image": prepared.spec.image,

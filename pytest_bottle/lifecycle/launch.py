@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sys
 import time
 from typing import Any
 
@@ -52,17 +53,35 @@ def launch(*, detached: bool = False, snapshot: Any = None, **kwargs: Any) -> Bo
     ``snapshot=s`` starts a fork of the ``Snapshot`` s (then only ``forward``
     and ``timeout`` may be given).
     """
-    if not isinstance(detached, bool):
-        raise SpecError(f"detached must be True or False, not {detached!r}", "launch()")
-    if snapshot is not None:
-        from ..snapshot import Snapshot, check_fork_args
+    from ..snapshot import Snapshot, check_fork_args
 
-        if not isinstance(snapshot, Snapshot):
-            raise SpecError(f"snapshot must be a Snapshot (from Bottle.snapshot()), not {snapshot!r}", "launch()")
-        return snapshot.fork(check_fork_args(kwargs, "launch()", snapshot), detached=detached)
-    spec = resolve([("launch()", kwargs)])
-    check_host_memory(spec.memory_mb, "launch()" if kwargs.get("memory") is not None else "", kwargs.get("memory"))
+    try:
+        if not isinstance(detached, bool):
+            raise SpecError(f"detached must be True or False, not {detached!r}", "launch()")
+        if snapshot is not None:
+            if not isinstance(snapshot, Snapshot):
+                raise SpecError(f"snapshot must be a Snapshot (from Bottle.snapshot()), not {snapshot!r}", "launch()")
+            overrides, source = check_fork_args(kwargs, "launch()", snapshot), snapshot
+        else:
+            spec = resolve([("launch()", kwargs)])
+            memory = kwargs.get("memory")
+            check_host_memory(spec.memory_mb, "launch()" if memory is not None else "", memory)
+    except SpecError as e:
+        raise as_usage_error(e) from None
+    if snapshot is not None:
+        return source.fork(overrides, detached=detached)
     return start_bottle(spec, detached=detached)
+
+
+def as_usage_error(e: SpecError) -> SpecError:
+    """Under pytest, the error a marker or factory gives for the same value
+    (``InvalidBottleArgument``: also a ``pytest.UsageError``), so that a test
+    expects one error wherever it wrote the value; without pytest, ``e``."""
+    if "pytest" not in sys.modules or type(e) is not SpecError:
+        return e
+    from ..usage import InvalidBottleArgument
+
+    return InvalidBottleArgument(e.message, e.source)
 
 
 def new_name() -> str:

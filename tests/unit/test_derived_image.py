@@ -12,7 +12,7 @@ import pytest
 from pytest_bottle import Image, ImageBuildError, ImageNotFound, SpecError
 from pytest_bottle.images import get_recipe
 from pytest_bottle.images import image as image_mod
-from pytest_bottle.images.image import Install
+from pytest_bottle.images.image import Install, Run
 
 BASE = Image("debian-bookworm")
 
@@ -272,3 +272,17 @@ def test_another_process_shows_the_failing_steps_output_not_the_console(
     taken = failures.since(final, tmp_path, 2 * 10**18, "web")  # it did not wait: the run names it
     assert taken is not None and "exited with 2 (it failed earlier in another process of this run)" in taken.reason
     assert taken.log_tail.splitlines() == step and taken.log_path == str(log)
+
+
+def test_run_takes_an_argv_as_exec_does() -> None:
+    step = BASE.run(["touch", "/etc/a file", "$HOME"]).steps[-1]
+    assert isinstance(step, Run) and step.command == "touch '/etc/a file' '$HOME'"  # quoted: no shell reading
+    assert step.describe() == "run touch '/etc/a file' '$HOME'"
+    assert BASE.run(["true"]).key == BASE.run("true").key  # the same command line, the same image
+    assert BASE.run(("echo", 3)).steps[-1] == BASE.run("echo 3").steps[-1]  # type: ignore[arg-type]  # str(), as exec
+    with pytest.raises(SpecError, match=r"^run\(\): an empty list is no command"):
+        BASE.run([])
+    with pytest.raises(SpecError, match=r"^run\(\): the command must be a non-empty str without NUL"):
+        BASE.run(["a\0b"])
+    with pytest.raises(SpecError, match=r"^run\(\): the command must be a non-empty str"):
+        BASE.run(b"true")  # type: ignore[arg-type]

@@ -140,3 +140,36 @@ def test_a_long_command_is_shortened_in_messages_and_kept_whole_in_the_error() -
         assert pickle.loads(pickle.dumps(error)).cmd == error.cmd
     short = E.ExecError(["true"], 1)
     assert str(short) == "command ['true'] exited with 1"
+
+
+# The errors DESIGN §1 lists, as a user may make one (a fake in a unit test, a
+# generic check that errors cross xdist): from one string, as Exception is.
+LISTED = (
+    E.BottleError,
+    E.HostDependencyError,
+    E.ImageNotFound,
+    E.ImageBuildError,
+    E.BootError,
+    E.BootTimeout,
+    E.ExecError,
+    E.ExecTimeout,
+    E.AgentError,
+    E.PoolExhausted,
+)
+
+
+@pytest.mark.parametrize("cls", LISTED, ids=lambda c: c.__name__)
+def test_each_listed_error_is_made_from_one_message_and_pickles(cls: type[E.BottleError]) -> None:
+    err = cls("wrong-thing")
+    assert "wrong-thing" in str(err) and isinstance(err, E.BottleError)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is cls and str(back) == str(err) and vars(back) == vars(err)
+
+
+def test_what_a_one_argument_error_says() -> None:
+    assert str(E.ImageNotFound("web")) == "unknown image 'web'; known images: (none)"
+    assert str(E.ImageBuildError("web")) == "building image 'web' failed"
+    assert str(E.ExecError("make")) == "command 'make' exited with 1" and E.ExecError("make").rc == 1
+    assert str(E.ExecTimeout("make")) == "command 'make' timed out and was killed"
+    assert str(E.PoolExhausted("tap")) == "pool 'tap' is exhausted: every entry is leased to live owners"
+    assert str(E.PoolExhausted("tap", 4096)) == "pool 'tap' is exhausted: all 4096 entries are leased to live owners"

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import pytest_bottle
 from pytest_bottle.errors import SpecError
 from pytest_bottle.images.cache import BuiltImage
 from pytest_bottle.spec import BottleSpec, check_host_memory, parse_memory, resolve
@@ -160,3 +163,25 @@ def test_a_bad_value_under_a_higher_layer_is_still_an_error() -> None:
         "bad cpus: cpus must be an integer (digits 0-9), not 'lots'",
     )
     assert resolve([("marker", {"cpus": 2}), ("factory", {"cpus": 3})]).cpus == 2
+
+
+WITHOUT_PYTEST = """
+import sys, pytest_bottle
+try:
+    pytest_bottle.launch(cpus=0)
+except pytest_bottle.SpecError as e:
+    print(type(e).__name__, "pytest" in sys.modules, e)
+"""
+
+
+def test_a_bad_launch_argument_is_a_usage_error_under_pytest_and_a_spec_error_without() -> None:
+    # As a marker's or factory's: nothing starts, and a test expects one error wherever it wrote the value.
+    with pytest.raises(pytest.UsageError, match=r"^launch\(\): bad cpus: ") as refused:
+        pytest_bottle.launch(cpus=0)
+    assert isinstance(refused.value, SpecError)
+    with pytest.raises(pytest.UsageError, match=r"^launch\(\): detached must be True or False"):
+        pytest_bottle.launch(detached="yes")
+    with pytest.raises(pytest.UsageError, match=r"^launch\(\): snapshot must be a Snapshot"):
+        pytest_bottle.launch(snapshot="prepared")
+    out = subprocess.run([sys.executable, "-c", WITHOUT_PYTEST], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("SpecError False launch(): bad cpus: "), out
