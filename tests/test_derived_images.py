@@ -66,6 +66,7 @@ def child(web: Image, site: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         Image(web)
         .write("/etc/child", b"child\n")
         .run("echo derived > /etc/derived-marker")
+        .run(["touch", "/etc/made from a list"])  # an argv, as exec takes one: the space is no separator
         .copy(site / "index.html", "/opt/drop/")  # a trailing /: inside that directory, made for it
         .copy(private, "/opt/private")  # a directory the copy makes is 0755, whatever the source's mode
     )
@@ -106,6 +107,8 @@ def test_the_layer_rests_on_the_parent_and_is_small(web_built: BuiltImage) -> No
     assert web_built.rootfs == web_built.root.rootfs and web_built.rootfs.is_file()  # the base's, under the layer
     assert web_built.manifest["parent"] == "debian-bookworm"
     assert web_built.manifest["steps"][0] == "apt-get install nginx-light"
+    log = (web_built.path / "build.log").read_text()  # the update fetched the package lists, no translations
+    assert " Packages " in log and "Translation-" not in log, log[:3000]
     assert web_built.disk.stat().st_blocks * 512 < web_built.root.rootfs.stat().st_blocks * 512 / 2
 
 
@@ -115,6 +118,7 @@ def test_a_derived_image_of_a_derived_image(child: Image, web_built: BuiltImage,
     assert built.manifest["chain"][:2] == [child.key, web_built.key]
     with pytest_bottle.launch(image=child) as b:
         assert b.check_output("cat /etc/child /etc/derived-marker") == "child\nderived\n"
+        assert b.check_output(["ls", "/etc/made from a list"]) == "/etc/made from a list\n"
         assert "hello from a derived image" in b.read_text("/opt/drop/index.html")
         assert b.check_output("stat -c %a /opt/drop /opt/private; cat /opt/private/key") == "755\n755\nk\n"
         assert b.check_output("ls -A /opt/private") == "key\n"

@@ -73,6 +73,8 @@ def test_a_derived_image_of_trixie_minimal_installs_trixie_packages(warm_cache: 
     image = Image("debian-trixie-minimal").install("jq").write("/etc/app.json", '{"release": 13}\n')
     built = ensure_image(image, warm_cache)
     assert built.manifest["parent"] == "debian-trixie-minimal"
+    log = (built.path / "build.log").read_text()  # the update fetched the package lists, no translations
+    assert " Packages " in log and "Translation-" not in log, log[:3000]
     with pytest_bottle.launch(image=image) as b:
         assert b.check_output("jq --version").startswith("jq-1.7"), b.check_output("jq --version")
         assert b.check_output("jq .release /etc/app.json") == "13\n"

@@ -115,6 +115,9 @@ def write_guest_files(recipe: Recipe, root: Path) -> None:
         (agent_dir / name).chmod(0o755 if name == "agent.py" else 0o644)
     build_core(agent_dir / CORE_NAME)
 
+    # As container images do: apt fetches no translated descriptions, 6 of the
+    # 16 MB of bookworm's lists, 7-8 s of a derived build's update under TCG.
+    _text(root / "etc/apt/apt.conf.d/90bottle-no-languages", 'Acquire::Languages "none";\n')
     units = root / "etc/systemd/system"
     _text(units / "bottle-agent.service", AGENT_UNIT)
     _link(units / "sysinit.target.wants/bottle-agent.service", "/etc/systemd/system/bottle-agent.service")

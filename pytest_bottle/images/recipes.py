@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import ImageNotFound
 
 # Bump when the builder's output changes for the same recipe.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 GUEST_FILES = (
