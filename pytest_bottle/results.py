@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -32,6 +33,22 @@ def to_argv(cmd: Command) -> list[str]:
     if not argv:
         raise SpecError("an empty list is no command (give the program, then its arguments)", "cmd")
     return argv
+
+
+# A first word the shell reads as syntax, not as the program to run.
+_SHELL_WORDS = frozenset(
+    "! { } [[ ]] case do done elif else esac fi for function if in select then time until while".split()
+)
+
+
+def shell_line(argv: list[str]) -> str:
+    """``argv`` as ``/bin/sh -c`` runs it as that argv: quoted, and the program
+    quoted even where shlex would not (``A=b`` would be an assignment, ``if`` syntax)."""
+    line = shlex.join(argv)
+    first = argv[0]
+    if ("=" in first or first in _SHELL_WORDS) and shlex.quote(first) == first:
+        line = f"'{first}'" + line[len(first) :]
+    return line
 
 
 def _text(raw: bytes | bytearray) -> str:
@@ -66,12 +83,10 @@ class ExecResult:
         stdout: str | None = None,
         stderr: str | None = None,
     ) -> None:
-        out = stdout if stdout is not None else stdout_bytes
-        err = stderr if stderr is not None else stderr_bytes
         object.__setattr__(self, "args", args)
         object.__setattr__(self, "returncode", returncode)
-        object.__setattr__(self, "stdout_bytes", out.encode() if isinstance(out, str) else out)
-        object.__setattr__(self, "stderr_bytes", err.encode() if isinstance(err, str) else err)
+        object.__setattr__(self, "stdout_bytes", _output("stdout", stdout_bytes, stdout))
+        object.__setattr__(self, "stderr_bytes", _output("stderr", stderr_bytes, stderr))
         object.__setattr__(self, "duration", duration)
 
     @property
@@ -97,6 +112,19 @@ class ExecResult:
             f"ExecResult(args={self.args!r}, returncode={self.returncode}, "
             f"stdout={_clip(self.stdout)!r}, stderr={_clip(self.stderr)!r}, duration={self.duration:.3f})"
         )
+
+
+def _output(name: str, raw: object, text: object) -> bytes:
+    """One output stream of a hand-made result, as bytes (``TypeError`` for anything else)."""
+    if text is not None:
+        if raw != b"":
+            raise TypeError(f"ExecResult: give {name}= or {name}_bytes, not both")
+        raw = text
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "surrogateescape")
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        return bytes(raw)
+    raise TypeError(f"ExecResult: {name} must be str or bytes, not {type(raw).__name__}")
 
 
 def _clip(s: str, n: int = 200) -> str:

@@ -386,8 +386,12 @@ def test_invalid_arguments_fail_before_anything_boots(tmp_path: Path) -> None:
     for kwargs in ({"memory": -1}, {"cpus": 0}, {"memory": "lots"}, {"network": "wifi"}, {"bogus": 1}):
         with pytest.raises(SpecError):
             pytest_bottle.launch(cache_dir=cache, **kwargs).close()
-    with pytest.raises(pytest_bottle.ImageNotFound):
+    # Under pytest, the errors a marker gives for the same values: both also pytest.UsageErrors.
+    with pytest.raises(pytest.UsageError, match=r"^launch\(\): bad cpus"):
+        pytest_bottle.launch(cache_dir=cache, cpus=0).close()
+    with pytest.raises(pytest.UsageError, match=r"^launch\(\): unknown image 'no-such-image'; known images: ") as e:
         pytest_bottle.launch(image="no-such-image", cache_dir=cache).close()
+    assert isinstance(e.value, pytest_bottle.ImageNotFound) and e.value.name == "no-such-image"
     assert time.monotonic() - started < 2
     assert not processes_mentioning(str(cache)) and not processes_mentioning(str(cache), "mmdebstrap")
     assert not (cache / "run").exists() and not (cache / "images").exists()

@@ -408,7 +408,7 @@ def test_a_worker_killed_with_its_bottle_is_swept_by_the_controller(tmp_path: Pa
     assert r.returncode == 1 and swept and int(swept[1]) >= 1, r.stdout + r.stderr
     assert not list((state / "vms").iterdir()), "no VM record left, the dead worker's or any other"
     leases = json.loads((state / "leases.json").read_text())
-    assert leases["cursor"]["loopback"], "the run leased loopback addresses here"
+    assert leases["cursor"]["mac"], "the run leased here (every bottle's NIC has a MAC of the pool)"
     assert not {pool: held for pool, held in leases.items() if pool != "cursor" and held}, "and none is left"
     assert not [p.pid for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or ())]
     assert not (Path(CACHE) / "snapshots" / snap).exists()

@@ -31,10 +31,9 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import stat
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Literal
 
 from ..arguments import GuestPath, check_env, check_timeout, guest_path, names_no_file, raw_path
 from ..errors import ImageNotFound, SpecError
-from ..results import to_argv
+from ..results import shell_line, to_argv
 from .recipes import RECIPES
 
 # Bump when the derived builder's output changes for the same steps.
@@ -188,13 +187,13 @@ class Image:
         return self._then(Write(where, data, mode))
 
     def run(
-        self, command: str | Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float | None = None
+        self, command: str | Iterable[str], *, env: Mapping[str, str] | None = None, timeout: float | None = None
     ) -> Image:
         """Run ``command`` as root, a str with ``/bin/sh -c``, a list as that argv
         (as ``exec`` takes them); a non-zero exit fails the build."""
-        if isinstance(command, Sequence) and not isinstance(command, (str, bytes, bytearray)):
+        if isinstance(command, Iterable) and not isinstance(command, (str, bytes, bytearray)):
             try:  # the same shell command line: the key of `run("a b")` and `run(["a", "b"])` is one
-                command = shlex.join(to_argv(command))
+                command = shell_line(to_argv(list(command)))
             except (SpecError, TypeError) as e:
                 raise SpecError(f"run(): {e.message if isinstance(e, SpecError) else e}") from None
         if not isinstance(command, str) or not command.strip() or "\0" in command:

@@ -11,7 +11,7 @@ from typing import Any
 from ..agent.channel import AgentChannel
 from ..agent.client import AgentClient
 from ..bottle import Bottle
-from ..errors import BootError, BootTimeout, SnapshotError, SnapshotGone, SpecError
+from ..errors import BootError, BootTimeout, ImageNotFound, SnapshotError, SnapshotGone, SpecError
 from ..images import BuiltImage, ensure_image
 from ..net.lan import LanRegistry
 from ..spec import BottleSpec, check_host_memory, resolve
@@ -70,14 +70,22 @@ def launch(*, detached: bool = False, snapshot: Any = None, **kwargs: Any) -> Bo
         raise as_usage_error(e) from None
     if snapshot is not None:
         return source.fork(overrides, detached=detached)
-    return start_bottle(spec, detached=detached)
+    try:
+        return start_bottle(spec, detached=detached)
+    except ImageNotFound as e:
+        if e.name != kwargs.get("image") or "pytest" not in sys.modules or type(e) is not ImageNotFound:
+            raise
+        from ..usage import UnknownBottleImage  # a marker's error for it (also a pytest.UsageError)
+
+        raise UnknownBottleImage(e.name, e.known, "launch()") from None
 
 
 def as_usage_error(e: SpecError) -> SpecError:
     """Under pytest, the error a marker or factory gives for the same value
     (``InvalidBottleArgument``: also a ``pytest.UsageError``), so that a test
     expects one error wherever it wrote the value; without pytest, ``e``."""
-    if "pytest" not in sys.modules or type(e) is not SpecError:
+    pytest = sys.modules.get("pytest")
+    if pytest is None or isinstance(e, pytest.UsageError):
         return e
     from ..usage import InvalidBottleArgument
 

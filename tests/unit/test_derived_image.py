@@ -280,6 +280,10 @@ def test_run_takes_an_argv_as_exec_does() -> None:
     assert step.describe() == "run touch '/etc/a file' '$HOME'"
     assert BASE.run(["true"]).key == BASE.run("true").key  # the same command line, the same image
     assert BASE.run(("echo", 3)).steps[-1] == BASE.run("echo 3").steps[-1]  # type: ignore[arg-type]  # str(), as exec
+    # What the shell would read as an assignment or as syntax is the program's name, as with exec.
+    assert BASE.run(["FOO=bar", "x"]).steps[-1] == BASE.run("'FOO=bar' x").steps[-1]
+    assert BASE.run(["if", "true"]).steps[-1] == BASE.run("'if' true").steps[-1]
+    assert BASE.run(iter(["echo", "a b"])).steps[-1] == BASE.run("echo 'a b'").steps[-1]  # any iterable, once
     with pytest.raises(SpecError, match=r"^run\(\): an empty list is no command"):
         BASE.run([])
     with pytest.raises(SpecError, match=r"^run\(\): the command must be a non-empty str without NUL"):

@@ -29,3 +29,13 @@ def test_a_result_made_by_hand_copies_and_pickles_as_a_real_one() -> None:
     assert pickle.loads(pickle.dumps(r)) == r
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.returncode = 0  # type: ignore[misc]
+
+
+def test_output_of_another_type_or_given_twice_is_a_type_error_at_once() -> None:
+    with pytest.raises(TypeError, match="stdout must be str or bytes, not int"):
+        ExecResult("x", 0, stdout=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="stderr must be str or bytes, not NoneType"):
+        ExecResult("x", 0, b"", None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="give stdout= or stdout_bytes, not both"):
+        ExecResult("x", 0, b"a", stdout="b")
+    assert ExecResult("x", 0, "\udcff").stdout_bytes == b"\xff"  # a str from undecodable bytes goes back to them
