@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import HAS_THP, thp_enabled
@@ -69,6 +71,19 @@ def test_snapshot_and_cold_boot_give_the_same_machine(bottle_factory) -> None:  
     # anonymous RAM keeps them.
     if HAS_THP:
         assert [thp_enabled(b.pid) for b in (warm, cold)] == (["0", "1"] if warm.accel == "tcg" else ["1", "1"])
+    if warm.accel == "tcg":  # a boot's translated code fit its cache: nothing was flushed to be translated again
+        (cold_used, cold_size, cold_flushes), (_, warm_size, _) = _jit(cold), _jit(warm)
+        assert cold_flushes == 0 and cold_used > 64 << 20, (cold_used, cold_size, cold_flushes)
+        assert warm_size <= 64 << 20 < cold_size  # a clone's is smaller: it bounds a busy clone's host memory
+
+
+def _jit(b: Bottle) -> tuple[int, int, int]:
+    """QEMU's translation cache: bytes of translated code, the cache's size, and how often it was flushed."""
+    machine: Any = b._machine  # a QEMU machine: its monitor answers human commands
+    text = machine.qmp.cmd("human-monitor-command", **{"command-line": "info jit"})
+    used, size = re.search(r"gen code size\s+(\d+)/(\d+)", text).groups()  # type: ignore[union-attr]
+    flushes = re.search(r"TB flush count\s+(\d+)", text).group(1)  # type: ignore[union-attr]
+    return int(used), int(size), int(flushes)
 
 
 @pytest.fixture

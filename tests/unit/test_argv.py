@@ -7,7 +7,16 @@ import pytest
 
 from pytest_bottle.errors import BootError
 from pytest_bottle.vmm.machine import boot_header_of
-from pytest_bottle.vmm.qemu import Forward, MachineConfig, Nic, Runtime, build_argv, cpu_model
+from pytest_bottle.vmm.qemu import (
+    TB_SIZE_BOOT,
+    TB_SIZE_RESTORE,
+    Forward,
+    MachineConfig,
+    Nic,
+    Runtime,
+    build_argv,
+    cpu_model,
+)
 
 RUNTIME = {f.name for f in fields(Runtime)}
 
@@ -44,6 +53,12 @@ def test_accelerators() -> None:
     assert opt(build(accel="kvm"), "-cpu") == ["host"]
     tcg = build(accel="tcg")
     assert opt(tcg, "-accel")[0].startswith("tcg") and opt(tcg, "-cpu") == [cpu_model("tcg")]
+
+
+def test_a_boot_gets_a_larger_translation_cache_than_a_restore() -> None:
+    boot, restore = (opt(build(accel="tcg", **kw), "-accel") for kw in ({}, {"incoming_fd": 7}))
+    assert boot == [f"tcg,tb-size={TB_SIZE_BOOT}"] and restore == [f"tcg,tb-size={TB_SIZE_RESTORE}"]
+    assert TB_SIZE_BOOT > TB_SIZE_RESTORE
 
 
 def test_user_nic_with_forwards() -> None:
