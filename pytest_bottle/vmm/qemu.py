@@ -41,10 +41,11 @@ TCG_KERNEL_ARGS = ("norandmaps",)
 
 
 # TCG's translation cache, in MiB.  A boot runs far more distinct code than a
-# clone: ~157 MB of translated code for bookworm's, so a 64 MiB cache flushed
-# 4 times and translated much of it again (cold boots 0.71-1.01x the time in
-# pairs with 256).  A clone translates ~10 MB to its first command, and the
-# smaller cache bounds a busy one's host RSS; only touched pages count either way.
+# restore: bookworm's makes ~157 MB of translated code, which a 64 MiB cache
+# flushed 4 times, translating much of it again (cold boot -> first exec 0.76x
+# per pair with 256, bench/boot.py).  A clone translates a few MB before its
+# first command; the smaller cache bounds a busy one's host memory.  Only the
+# pages in use count in RSS either way.
 TB_SIZE_BOOT = 256
 TB_SIZE_RESTORE = 64
 
