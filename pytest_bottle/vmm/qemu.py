@@ -43,9 +43,9 @@ TCG_KERNEL_ARGS = ("norandmaps",)
 # TCG's translation cache, in MiB.  A boot runs far more distinct code than a
 # restore: bookworm's makes ~157 MB of translated code, which a 64 MiB cache
 # flushed 4 times, translating much of it again (cold boot -> first exec 0.76x
-# per pair with 256, bench/boot.py).  A clone translates a few MB before its
-# first command; the smaller cache bounds a busy one's host memory.  Only the
-# pages in use count in RSS either way.
+# per pair with 256, bench/boot.py).  A clone has ~13 MB by the end of its
+# first command; a bigger cache did not speed a busy one (concepts.md) and
+# would let it hold more host memory.  Only pages in use count in RSS.
 TB_SIZE_BOOT = 256
 TB_SIZE_RESTORE = 64
 
