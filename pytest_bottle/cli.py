@@ -18,11 +18,12 @@ from .host import progress, signals
 from .host.paths import check_cache, default_cache_dir, state_dir, tree_size
 from .host.runstate import RunRecord
 from .host.sweep import SweepReport, stop_vm, sweep
-from .image_cli import age, load_images, mb
+from .image_cli import age, mb
 from .images import list_images
 from .images.derived import list_derived
 from .spec import check_host_memory, resolve
 from .store.seeds import list_seeds
+from .user_images import from_conftests, load_images
 from .vmm import accel as accel_mod
 
 # Without these nothing works; the rest only matters for SSH, LANs or disk space.
@@ -112,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_snapshot(args, command)
     if args.source:
         load_images(args.source)
+    from_conftests(args.image, args.source)  # its stderr is the command's: no hint there
     values = {
         "image": args.image,
         "memory": args.memory,

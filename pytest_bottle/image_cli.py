@@ -5,28 +5,23 @@ images a file or module defines."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
-import runpy
 import sys
 import time
-import traceback
 from pathlib import Path
-from types import TracebackType
 
 from . import transfer_cli
 from .arguments import check_days
-from .errors import ImageNotFound, SpecError
+from .errors import ImageNotFound
 from .host.paths import tree_size
 from .images import RECIPES, BuiltImage, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
 from .images.derived import list_derived, prune_derived, remove_derived
-from .images.image import NAMED, check_pull_template, register_provided
+from .images.image import NAMED, check_pull_template
 from .store import unsettled
 from .store.gc import prune_seeds, remove_seeds
 from .store.saved import seeds_dir
 from .store.seeds import list_seeds
-from .transfer_cli import NEEDS_FROM as _NEEDS_FROM
+from .user_images import from_conftests, load_images, needs_from
 
 FROM_HELP = "a Python file or module defining images (Image(...).named(NAME), or pytest_bottle_images())"
 
@@ -40,65 +35,11 @@ def age(t: float) -> str:
     return f"{s / 86400:.1f}d" if s > 86400 else f"{s / 3600:.1f}h" if s > 3600 else f"{s / 60:.0f}m"
 
 
-def load_images(source: str) -> None:
-    """Run a Python file (``path.py``) or import a module (``pkg.images``)
-    that defines images: what it names with ``.named()``, and what its
-    ``pytest_bottle_images()`` returns, become buildable by name."""
-    is_file = source.endswith(".py") or os.sep in source
-    if is_file and not os.path.isfile(source):
-        raise SpecError(f"--from {source}: no such file")
-    if not is_file:
-        sys.path.insert(0, os.getcwd())
-    try:
-        namespace = _run_file(os.path.abspath(source)) if is_file else vars(importlib.import_module(source))
-        hook = namespace.get("pytest_bottle_images")
-        provided = hook() if callable(hook) else None
-    except Exception as e:
-        no = e.name if isinstance(e, ModuleNotFoundError) and not is_file else None
-        if no is not None and (source == no or source.startswith(no + ".")):  # not one it imports
-            raise SpecError(
-                f"--from {source}: no module named {no!r} (give a .py file or an importable module)"
-            ) from None
-        # The user's code failed (a BottleError of an Image step it makes too):
-        # its own frames say where; ours would only bury them, and a bare
-        # traceback would exit 1, like `bottle run`'s command.
-        sys.stderr.write("".join(traceback.format_exception(type(e), e, _their_frames(e.__traceback__))))
-        raise SpecError(f"--from {source}: loading it raised {type(e).__name__} (its traceback is above)") from None
-    if callable(hook):  # what it returned is checked as under pytest
-        register_provided(provided, f"pytest_bottle_images() in {source}")
-
-
-def _their_frames(tb: TracebackType | None) -> TracebackType | None:
-    """``tb`` from the first frame that is neither ours nor the import system's."""
-    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    while tb is not None:
-        name = tb.tb_frame.f_code.co_filename
-        if not (name.startswith(ours) or name.startswith("<frozen ")):
-            break
-        tb = tb.tb_next
-    return tb
-
-
-def _run_file(path: str) -> dict[str, object]:
-    """Run ``path`` as pytest imports a conftest (its default "prepend" mode):
-    the first directory above it without an ``__init__.py`` goes first on
-    ``sys.path``, and a file inside a package is imported by its dotted name,
-    so its imports (``from images_def import X``, ``from tests.images_def
-    import X``, ``from .images_def import X``) work as they do under pytest."""
-    base, parts = os.path.dirname(path), [os.path.splitext(os.path.basename(path))[0]]
-    while os.path.isfile(os.path.join(base, "__init__.py")):
-        base, package = os.path.split(base)
-        parts.insert(0, package)
-    sys.path.insert(0, base)
-    if len(parts) == 1:
-        return runpy.run_path(path, run_name="__bottle_images__")
-    return vars(importlib.import_module(".".join(parts)))
-
-
 def cmd_image_build(args: argparse.Namespace) -> int:
     started = time.time()
     if args.source:
         load_images(args.source)
+    read = from_conftests(args.name, args.source)
 
     def progress(stage: str, elapsed: float) -> None:
         print(f"[{elapsed:6.1f}s] {stage}", flush=True)
@@ -110,7 +51,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         )
     except ImageNotFound:
         if not args.source:
-            print(_NEEDS_FROM.format(name=args.name, what="build it"), file=sys.stderr)
+            print(needs_from(args.name, "build it", read), file=sys.stderr)
         raise
     if args.rebuild:
         remove_seeds(args.cache_dir, args.name)
@@ -177,7 +118,9 @@ def _cached_derived_names(cache_dir: Path) -> set[str]:
 def cmd_image_rm(args: argparse.Namespace) -> int:
     if args.source:
         load_images(args.source)
-    named = NAMED.get(args.name) if args.source else None  # its key: an entry first built unnamed has no name
+    read = from_conftests(args.name, args.source)
+    # its key: an entry first built unnamed has no name
+    named = NAMED.get(args.name) if args.source or read else None
     removed = remove_derived(args.cache_dir, named.key) if named is not None else []
     removed += remove_derived(args.cache_dir, args.name)  # older layers cached under the name too
     if not removed and named is None:  # a derived image's name or key, then a recipe's
@@ -185,7 +128,7 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
             removed = remove_image(args.name, args.cache_dir) + remove_seeds(args.cache_dir, args.name)
         except ImageNotFound as e:  # the cached derived images are names rm takes too
             if not args.source:
-                print(_NEEDS_FROM.format(name=args.name, what="remove it"), file=sys.stderr)
+                print(needs_from(args.name, "remove it", read), file=sys.stderr)
             raise ImageNotFound(args.name, [*e.known, *sorted(_cached_derived_names(args.cache_dir))]) from None
         if removed:  # what was built on it rests on nothing now
             removed += remove_derived(args.cache_dir, args.name, root=True)
@@ -265,7 +208,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     r.add_argument("name", help="a built-in image, a derived image's name or key, or one named in --from")
     r.add_argument("--from", dest="source", metavar="FILE|MODULE", help=FROM_HELP)
     r.set_defaults(fn=cmd_image_rm)
-    transfer_cli.add_parsers(image, load_images)
+    transfer_cli.add_parsers(image)
 
     seed = sub.add_parser("seed", help="list or remove work seeds").add_subparsers(dest="subcommand", required=True)
     seed.add_parser("list", help="seeds in the cache").set_defaults(fn=cmd_image_list)

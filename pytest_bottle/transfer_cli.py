@@ -10,6 +10,7 @@ from pathlib import Path
 from .errors import ImageNotFound
 from .images.pull import MAX_DOWNLOAD, import_source
 from .images.transfer import export, image_key
+from .user_images import from_conftests, load_images, needs_from
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -29,13 +30,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-# A derived image's recipe is in the user's code; its cache entry keeps only the name it was first built under.
-NEEDS_FROM = (
-    "bottle: if {name!r} is an image your code names with .named(), give that file or module with "
-    "--from FILE|MODULE to {what} (a cached layer is listed under the name it was first built with)"
-)
-
-
 def _megabytes(value: str) -> int:
     try:
         n = int(value)
@@ -51,7 +45,7 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(image: argparse._SubParsersAction, load_images: Callable[[str], None]) -> None:  # type: ignore[type-arg]
+def add_parsers(image: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the commands to ``bottle image``; ``--from`` runs ``load_images`` first."""
 
     def from_option(p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace], int]) -> None:
@@ -60,11 +54,12 @@ def add_parsers(image: argparse._SubParsersAction, load_images: Callable[[str], 
         def run(args: argparse.Namespace) -> int:
             if args.source_file:
                 load_images(args.source_file)
+            read = from_conftests(args.name, args.source_file)
             try:
                 return fn(args)
             except ImageNotFound as e:
-                if not args.source_file and e.name == getattr(args, "name", None):  # not a broken parent's
-                    print(NEEDS_FROM.format(name=args.name, what="find it"), file=sys.stderr)
+                if not args.source_file and e.name == args.name:  # not a broken parent's
+                    print(needs_from(args.name, "find it", read), file=sys.stderr)
                 raise
 
         p.set_defaults(fn=run)

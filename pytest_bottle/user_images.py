@@ -1,0 +1,180 @@
+"""Where the ``bottle`` command finds the images a user's code names:
+``--from FILE|MODULE``, or else the ``conftest.py`` files a ``pytest`` run
+started in the current directory reads before it collects anything (so
+``bottle image build web`` finds a ``.named("web")`` where pytest does)."""
+
+from __future__ import annotations
+
+import configparser
+import importlib
+import importlib.util
+import os
+import runpy
+import sys
+import tomllib
+import traceback
+from pathlib import Path
+from types import TracebackType
+
+from .errors import BottleError, SpecError, error_line
+from .images import RECIPES
+from .images.image import NAMED, register_provided
+
+
+def load_images(source: str, label: str = "") -> None:
+    """Run a Python file (``path.py``) or import a module (``pkg.images``)
+    that defines images: what it names with ``.named()``, and what its
+    ``pytest_bottle_images()`` returns, become buildable by name.  The
+    modules its ``pytest_plugins`` names are imported too, as pytest does
+    (those it can find: pytest's own plugins are names only pytest knows).
+    ``label`` is how errors name it (``--from SOURCE`` by default)."""
+    label = label or f"--from {source}"
+    is_file = source.endswith(".py") or os.sep in source
+    if is_file and not os.path.isfile(source):
+        raise SpecError(f"{label}: no such file")
+    if not is_file:
+        sys.path.insert(0, os.getcwd())
+    try:
+        namespace = _run_file(os.path.abspath(source)) if is_file else vars(importlib.import_module(source))
+        hook = namespace.get("pytest_bottle_images")
+        provided = hook() if callable(hook) else None
+        plugins = namespace.get("pytest_plugins", ())
+    except Exception as e:
+        no = e.name if isinstance(e, ModuleNotFoundError) and not is_file else None
+        if no is not None and (source == no or source.startswith(no + ".")):  # not one it imports
+            raise SpecError(f"{label}: no module named {no!r} (give a .py file or an importable module)") from None
+        # The user's code failed (a BottleError of an Image step it makes too):
+        # its own frames say where; ours would only bury them, and a bare
+        # traceback would exit 1, like `bottle run`'s command.
+        sys.stderr.write("".join(traceback.format_exception(type(e), e, _their_frames(e.__traceback__))))
+        raise SpecError(f"{label}: loading it raised {type(e).__name__} (its traceback is above)") from None
+    if callable(hook):  # what it returned is checked as under pytest
+        register_provided(provided, f"pytest_bottle_images() in {source}")
+    for plugin in [plugins] if isinstance(plugins, str) else plugins if isinstance(plugins, (list, tuple)) else ():
+        if isinstance(plugin, str) and plugin not in sys.modules and _findable(plugin):
+            load_images(plugin, f"{label}: pytest_plugins {plugin!r}")
+
+
+def _findable(module: str) -> bool:
+    """Whether ``module`` can be imported as named: pytest's own plugins
+    (``pytester``) are names only pytest resolves, and hold no images."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def from_conftests(name: str | None, source: str | None, cwd: Path | None = None) -> list[Path]:
+    """Without ``--from``, for a ``name`` not known yet: load the
+    ``conftest.py`` files a ``pytest`` started here would (``initial_conftests``),
+    in pytest's order until one names it; returns those it read.  One that
+    fails to load is reported on stderr and skipped: a name only it held is
+    then unknown, which the caller reports."""
+    if source or name is None or name in RECIPES or name in NAMED:
+        return []
+    read = []
+    for path in initial_conftests(cwd or Path.cwd()):
+        read.append(path)
+        try:
+            load_images(str(path), str(path))
+        except BottleError as e:
+            print(f"{error_line(e)} (skipped it, looking for {name!r})", file=sys.stderr)
+        if name in RECIPES or name in NAMED:  # a conftest may register() a Recipe too
+            break
+    return read
+
+
+# A derived image's recipe is in the user's code; its cache entry keeps only the name it was first built under.
+NEEDS_FROM = (
+    "bottle: if {name!r} is an image your code names with .named(){where}, give that file or module with "
+    "--from FILE|MODULE to {what} (a cached layer is listed under the name it was first built with)"
+)
+
+
+def needs_from(name: str, what: str, read: list[Path]) -> str:
+    """The hint printed before an ``ImageNotFound`` of a name given without ``--from``."""
+    where = f" outside {', '.join(os.path.relpath(p) for p in read)}" if read else ""
+    return NEEDS_FROM.format(name=name, where=where, what=what)
+
+
+def _their_frames(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` from the first frame that is neither ours nor the import system's."""
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if not (name.startswith(ours) or name.startswith("<frozen ")):
+            break
+        tb = tb.tb_next
+    return tb
+
+
+def _run_file(path: str) -> dict[str, object]:
+    """Run ``path`` as pytest imports a conftest (its default "prepend" mode):
+    the first directory above it without an ``__init__.py`` goes first on
+    ``sys.path``, and a file inside a package is imported by its dotted name,
+    so its imports (``from images_def import X``, ``from tests.images_def
+    import X``, ``from .images_def import X``) work as they do under pytest."""
+    base, parts = os.path.dirname(path), [os.path.splitext(os.path.basename(path))[0]]
+    while os.path.isfile(os.path.join(base, "__init__.py")):
+        base, package = os.path.split(base)
+        parts.insert(0, package)
+    sys.path.insert(0, base)
+    if len(parts) == 1:
+        return runpy.run_path(path, run_name="__bottle_images__")
+    return vars(importlib.import_module(".".join(parts)))
+
+
+# pytest's config files, in the order it tries them in each directory, and
+# the section that makes one count (None: the file alone does).
+CONFIG_FILES = (
+    ("pytest.ini", None),
+    (".pytest.ini", None),
+    ("pyproject.toml", "tool.pytest"),
+    ("tox.ini", "pytest"),
+    ("setup.cfg", "tool:pytest"),
+)
+
+
+def _is_config(path: Path, section: str | None) -> bool:
+    if not path.is_file():
+        return False
+    if section is None:
+        return True
+    try:
+        if path.suffix == ".toml":
+            tool = tomllib.loads(path.read_text(errors="replace")).get("tool", {})
+            return isinstance(tool, dict) and "pytest" in tool
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string(path.read_text(errors="replace"))
+        return parser.has_section(section)
+    except (OSError, ValueError, configparser.Error):  # pytest would stop on it; here it only does not count
+        return False
+
+
+def rootdir(start: Path) -> Path:
+    """pytest's rootdir for a run with no arguments in ``start``: the first
+    directory (``start`` or above) with a pytest config file; else the first
+    with a ``setup.py``, then with any ``pyproject.toml``; else ``start``."""
+    ancestors = (start, *start.parents)
+    for d in ancestors:
+        if any(_is_config(d / name, section) for name, section in CONFIG_FILES):
+            return d
+    for marker in ("setup.py", "pyproject.toml"):
+        for d in ancestors:
+            if (d / marker).is_file():
+                return d
+    return start
+
+
+def initial_conftests(start: Path) -> list[Path]:
+    """The ``conftest.py`` files pytest imports at its start in ``start``
+    (without arguments or ``testpaths``): from the rootdir down to ``start``,
+    then in ``start``'s ``test*`` subdirectories; outermost first."""
+    start = start.absolute()
+    top = rootdir(start)
+    chain = [start, *start.parents]
+    if top in chain:
+        chain = chain[: chain.index(top) + 1]
+    found = [d / "conftest.py" for d in reversed(chain)]
+    found += [d / "conftest.py" for d in sorted(start.glob("test*")) if d.is_dir()]
+    return [p for p in found if p.is_file()]
