@@ -39,7 +39,9 @@ def load_images(source: str, label: str = "") -> None:
         hook = namespace.get("pytest_bottle_images")
         provided = hook() if callable(hook) else None
         plugins = namespace.get("pytest_plugins", ())
-    except Exception as e:
+    except BaseException as e:  # pytest.skip() at module level or sys.exit() too: its code stopped
+        if isinstance(e, KeyboardInterrupt):
+            raise
         no = e.name if isinstance(e, ModuleNotFoundError) and not is_file else None
         if no is not None and (source == no or source.startswith(no + ".")):  # not one it imports
             raise SpecError(f"{label}: no module named {no!r} (give a .py file or an importable module)") from None

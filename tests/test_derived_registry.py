@@ -128,6 +128,13 @@ def test_from_imports_a_conftest_as_pytest_does_and_names_what_is_missing(
             "run",
         ),
         (
+            "skips.py",
+            "import pytest\npytest.skip('not here', allow_module_level=True)\n",
+            'skips.py", line 2',
+            "Skipped",
+            "not here",
+        ),
+        (
             "hook.py",
             "def pytest_bottle_images():\n    return 1 / 0\n",
             "pytest_bottle_images",
