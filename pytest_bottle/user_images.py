@@ -9,6 +9,7 @@ import configparser
 import importlib
 import importlib.util
 import os
+import re
 import runpy
 import sys
 import tomllib
@@ -21,18 +22,21 @@ from .images import RECIPES
 from .images.image import NAMED, register_provided
 
 
-def load_images(source: str, label: str = "") -> None:
+def load_images(source: str, label: str = "", *, plugin: bool = False) -> None:
     """Run a Python file (``path.py``) or import a module (``pkg.images``)
     that defines images: what it names with ``.named()``, and what its
     ``pytest_bottle_images()`` returns, become buildable by name.  The
     modules its ``pytest_plugins`` names are imported too, as pytest does
     (those it can find: pytest's own plugins are names only pytest knows).
-    ``label`` is how errors name it (``--from SOURCE`` by default)."""
+    ``label`` is how errors name it (``--from SOURCE`` by default); a
+    ``plugin`` module is imported from ``sys.path`` as it is."""
     label = label or f"--from {source}"
     is_file = source.endswith(".py") or os.sep in source
     if is_file and not os.path.isfile(source):
         raise SpecError(f"{label}: no such file")
-    if not is_file:
+    if not plugin:
+        _pythonpath()
+    if not is_file and not plugin:
         sys.path.insert(0, os.getcwd())
     try:
         namespace = _run_file(os.path.abspath(source)) if is_file else vars(importlib.import_module(source))
@@ -52,9 +56,9 @@ def load_images(source: str, label: str = "") -> None:
         raise SpecError(f"{label}: loading it raised {type(e).__name__} (its traceback is above)") from None
     if callable(hook):  # what it returned is checked as under pytest
         register_provided(provided, f"pytest_bottle_images() in {source}")
-    for plugin in [plugins] if isinstance(plugins, str) else plugins if isinstance(plugins, (list, tuple)) else ():
-        if isinstance(plugin, str) and plugin not in sys.modules and _findable(plugin):
-            load_images(plugin, f"{label}: pytest_plugins {plugin!r}")
+    for module in [plugins] if isinstance(plugins, str) else plugins if isinstance(plugins, (list, tuple)) else ():
+        if isinstance(module, str) and module not in sys.modules and _findable(module):
+            load_images(module, f"{label}: pytest_plugins {module!r}", plugin=True)
 
 
 def _findable(module: str) -> bool:
@@ -64,23 +68,46 @@ def _findable(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
+    except Exception:  # its package's __init__ raised: importing it says so, with its traceback
+        return True
+
+
+def _pythonpath() -> None:
+    """The ``pythonpath`` of the pytest config that a run here would use, on
+    ``sys.path`` first, as pytest puts it before it imports a conftest."""
+    try:
+        entries = find_setup(Path.cwd())[1]
+    except OSError:  # the working directory was removed
+        return
+    for entry in reversed(entries):
+        if str(entry) not in sys.path:
+            sys.path.insert(0, str(entry))
+
+
+# How commands also name a cached derived image: its entry, or a key prefix.
+CACHE_REFERENCE = re.compile(r"derived-.*|[0-9a-f]{8,16}")
 
 
 def from_conftests(name: str | None, source: str | None, cwd: Path | None = None) -> list[Path]:
     """Without ``--from``, for a ``name`` not known yet: load the
-    ``conftest.py`` files a ``pytest`` started here would (``initial_conftests``),
-    in pytest's order until one names it; returns those it read.  One that
-    fails to load is reported on stderr and skipped: a name only it held is
+    ``conftest.py`` files a ``pytest`` started here would (``initial_conftests``;
+    each as ``load_images`` loads a file), in pytest's order until one names it; returns those that loaded.
+    One that fails is reported on stderr and skipped: a name only it held is
     then unknown, which the caller reports."""
-    if source or name is None or name in RECIPES or name in NAMED:
+    if source or name is None or name in RECIPES or name in NAMED or CACHE_REFERENCE.fullmatch(name):
+        return []
+    try:
+        here = cwd or Path.cwd()
+    except OSError:  # the working directory was removed: nothing to read
         return []
     read = []
-    for path in initial_conftests(cwd or Path.cwd()):
-        read.append(path)
+    for path in initial_conftests(here):
         try:
-            load_images(str(path), str(path))
+            load_images(str(path), os.path.relpath(path, here))
         except BottleError as e:
             print(f"{error_line(e)} (skipped it, looking for {name!r})", file=sys.stderr)
+            continue
+        read.append(path)
         if name in RECIPES or name in NAMED:  # a conftest may register() a Recipe too
             break
     return read
@@ -126,9 +153,12 @@ def _run_file(path: str) -> dict[str, object]:
     return vars(importlib.import_module(".".join(parts)))
 
 
-# pytest's config files, in the order it tries them in each directory, and
-# the section that makes one count (None: the file alone does).
+# pytest's config files, in the order it tries them in each directory (the
+# .toml ones from pytest 9), and the table or section that makes one count
+# (None: the file alone does, even empty).
 CONFIG_FILES = (
+    ("pytest.toml", None),
+    (".pytest.toml", None),
     ("pytest.ini", None),
     (".pytest.ini", None),
     ("pyproject.toml", "tool.pytest"),
@@ -137,43 +167,56 @@ CONFIG_FILES = (
 )
 
 
-def _is_config(path: Path, section: str | None) -> bool:
+def _config(path: Path, section: str | None) -> dict[str, object] | None:
+    """The pytest settings in ``path``, or None if it holds no pytest config."""
     if not path.is_file():
-        return False
-    if section is None:
-        return True
+        return None
     try:
+        text = path.read_text(errors="replace")
         if path.suffix == ".toml":
-            tool = tomllib.loads(path.read_text(errors="replace")).get("tool", {})
-            return isinstance(tool, dict) and "pytest" in tool
-        parser = configparser.ConfigParser(interpolation=None)
-        parser.read_string(path.read_text(errors="replace"))
-        return parser.has_section(section)
-    except (OSError, ValueError, configparser.Error):  # pytest would stop on it; here it only does not count
-        return False
+            doc = tomllib.loads(text)
+            tool = doc.get("tool", {})
+            table = doc.get("pytest", {}) if section is None else tool.get("pytest") if isinstance(tool, dict) else None
+            if not isinstance(table, dict) or (section is not None and not table):
+                return {} if section is None else None
+            ini = table.get("ini_options")
+            return ini if isinstance(ini, dict) else table
+        parser = configparser.ConfigParser(interpolation=None, strict=False)
+        parser.read_string(text)
+        name = section or "pytest"
+        return dict(parser[name]) if parser.has_section(name) else {} if section is None else None
+    except (OSError, ValueError, configparser.Error):  # pytest would stop on it; here it is only unread
+        return {} if section is None else None
 
 
-def rootdir(start: Path) -> Path:
-    """pytest's rootdir for a run with no arguments in ``start``: the first
-    directory (``start`` or above) with a pytest config file; else the first
-    with a ``setup.py``, then with any ``pyproject.toml``; else ``start``."""
+def find_setup(start: Path) -> tuple[Path, list[Path]]:
+    """pytest's rootdir for a run with no arguments in ``start``, and the
+    ``pythonpath`` entries of its config file: the first directory (``start``
+    or above) with a pytest config file; else the first with a
+    ``pyproject.toml``, then with a ``setup.py``; else ``start``."""
     ancestors = (start, *start.parents)
+    pyproject = None
     for d in ancestors:
-        if any(_is_config(d / name, section) for name, section in CONFIG_FILES):
-            return d
-    for marker in ("setup.py", "pyproject.toml"):
-        for d in ancestors:
-            if (d / marker).is_file():
-                return d
-    return start
+        for name, section in CONFIG_FILES:
+            cfg = _config(d / name, section)
+            if cfg is not None:
+                value = cfg.get("pythonpath", [])
+                entries = value.split() if isinstance(value, str) else value if isinstance(value, list) else []
+                return d, [d / e for e in entries if isinstance(e, str)]
+        if pyproject is None and (d / "pyproject.toml").is_file():
+            pyproject = d
+    if pyproject is not None:
+        return pyproject, []
+    return next((d for d in ancestors if (d / "setup.py").is_file()), start), []
 
 
 def initial_conftests(start: Path) -> list[Path]:
     """The ``conftest.py`` files pytest imports at its start in ``start``
     (without arguments or ``testpaths``): from the rootdir down to ``start``,
-    then in ``start``'s ``test*`` subdirectories; outermost first."""
+    then in ``start``'s ``test*`` subdirectories (in name order; pytest takes
+    them in directory order); outermost first."""
     start = start.absolute()
-    top = rootdir(start)
+    top = find_setup(start)[0]
     chain = [start, *start.parents]
     if top in chain:
         chain = chain[: chain.index(top) + 1]
