@@ -1,6 +1,6 @@
 """The ``bottle image`` (build, list, rm, prune; export, import and key in
-``transfer_cli``) and ``bottle seed`` commands, and ``--from``, which loads the
-images a file or module defines."""
+``transfer_cli``) and ``bottle seed`` commands; ``--from`` and the
+``conftest.py`` files read without it are ``user_images``'."""
 
 from __future__ import annotations
 

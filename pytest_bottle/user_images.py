@@ -88,16 +88,17 @@ def _pythonpath() -> None:
 CACHE_REFERENCE = re.compile(r"derived-.*|[0-9a-f]{8,16}")
 
 
-def from_conftests(name: str | None, source: str | None, cwd: Path | None = None) -> list[Path]:
+def from_conftests(name: str | None, source: str | None) -> list[Path]:
     """Without ``--from``, for a ``name`` not known yet: load the
-    ``conftest.py`` files a ``pytest`` started here would (``initial_conftests``;
-    each as ``load_images`` loads a file), in pytest's order until one names it; returns those that loaded.
-    One that fails is reported on stderr and skipped: a name only it held is
+    ``conftest.py`` files a ``pytest`` started here would
+    (``initial_conftests``; each as ``load_images`` loads a file), in
+    pytest's order until one names it; returns those that loaded.  One
+    that fails is reported on stderr and skipped: a name only it held is
     then unknown, which the caller reports."""
     if source or name is None or name in RECIPES or name in NAMED or CACHE_REFERENCE.fullmatch(name):
         return []
     try:
-        here = cwd or Path.cwd()
+        here = Path.cwd()
     except OSError:  # the working directory was removed: nothing to read
         return []
     read = []
