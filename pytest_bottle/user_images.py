@@ -6,6 +6,7 @@ started in the current directory reads before it collects anything (so
 from __future__ import annotations
 
 import configparser
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -38,10 +39,11 @@ def load_images(source: str, label: str = "", *, plugin: bool = False) -> None:
         _pythonpath()
     if not is_file and not plugin:
         sys.path.insert(0, os.getcwd())
-    try:
-        namespace = _run_file(os.path.abspath(source)) if is_file else vars(importlib.import_module(source))
-        hook = namespace.get("pytest_bottle_images")
-        provided = hook() if callable(hook) else None
+    try:  # what it prints goes to stderr: stdout is a key, a path or a command's output
+        with contextlib.redirect_stdout(sys.stderr):
+            namespace = _run_file(os.path.abspath(source)) if is_file else vars(importlib.import_module(source))
+            hook = namespace.get("pytest_bottle_images")
+            provided = hook() if callable(hook) else None
         plugins = namespace.get("pytest_plugins", ())
     except BaseException as e:  # pytest.skip() at module level or sys.exit() too: its code stopped
         if isinstance(e, KeyboardInterrupt):

@@ -192,4 +192,15 @@ def test_a_plugin_package_that_raises_and_a_removed_directory_are_reported(tmp_p
     assert proc.returncode == 1 and proc.stderr.rstrip().endswith("known images: " + KNOWN), proc.stderr
 
 
+def test_what_a_conftest_prints_goes_to_stderr(tmp_path: Path) -> None:
+    # `$(bottle image key app)` in a CI step, `bottle run`'s output: stdout is the command's alone
+    named = "print('hello from conftest')\nfrom pytest_bottle import Image\nImage('debian-bookworm').named('app')\n"
+    hook = "def pytest_bottle_images():\n    print('hello from hook')\n    return []\n"
+    _tree(tmp_path, {"p/pytest.ini": "", "p/conftest.py": named, "p/hook.py": hook})
+    for name, more in [("app", ()), ("app", ("--from", "conftest.py")), ("debian-bookworm", ("--from", "hook.py"))]:
+        r = _bottle(tmp_path / "p", tmp_path / "cache", "image", "key", name, *more)
+        assert r.returncode == 0 and len(r.stdout.strip()) == 16 and r.stdout.count("\n") == 1, r.stdout
+        assert "hello from" in r.stderr, r.stderr
+
+
 KNOWN = "debian-bookworm, debian-bookworm-minimal, debian-trixie, debian-trixie-minimal"
