@@ -21,7 +21,7 @@ from .host.sweep import SweepReport, stop_vm, sweep
 from .image_cli import age, mb
 from .images import list_images
 from .images.derived import list_derived
-from .spec import check_host_memory, resolve
+from .spec import DEFAULT_IMAGE, check_host_memory, resolve
 from .store.seeds import list_seeds
 from .user_images import from_conftests, load_images
 from .vmm import accel as accel_mod
@@ -41,6 +41,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"qemu: {accel_mod.qemu_version() if have_qemu else 'not installed'}")
     why = accel_mod.kvm_usable()
     stored = accel_mod.stored_verdict(args.cache_dir) if have_qemu else None  # verdicts are per QEMU version
+    if args.probe and have_qemu and why is None and (stored is None or not stored[0].definite):
+        _probe_kvm(args.cache_dir)
+        stored = accel_mod.stored_verdict(args.cache_dir)
     verdict = stored[0] if stored else None
     if not have_qemu:
         print("accelerator: none until QEMU is installed (apt-get install qemu-system-x86)")
@@ -51,7 +54,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     elif verdict:
         print(f"accelerator: {verdict.accel} ({verdict.reason})")
     else:
-        print("accelerator: /dev/kvm opens; not probed yet (the first bottle with accel=auto boots a KVM test VM)")
+        print(
+            "accelerator: /dev/kvm opens; not probed yet (the first bottle with accel=auto boots a KVM test VM;"
+            " `bottle doctor --probe` does it now)"
+        )
     try:
         check_cache(args.cache_dir)
     except UnsafeDirectory as e:
@@ -62,6 +68,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     records = RunRecord.load_all()
     print(f"run state: {state_dir()} ({len(records)} VM record(s))")
     return 0 if ok else 1
+
+
+def _probe_kvm(cache_dir: Path) -> None:
+    """``doctor --probe``: boot the default image once under KVM, as the first
+    bottle with ``accel=auto`` would (building the image first if needed)."""
+    from .images import ensure_image
+    from .lifecycle.probe import accel_for
+
+    print(f"probing KVM: booting {DEFAULT_IMAGE} once under KVM (at most {accel_mod.PROBE_TIMEOUT:.0f} s)", flush=True)
+
+    def progress(stage: str, elapsed: float) -> None:
+        print(f"[{elapsed:6.1f}s] {stage}", flush=True)
+
+    accel_for("auto", ensure_image(DEFAULT_IMAGE, cache_dir, progress=progress), cache_dir)
 
 
 def _show_cache(cache_dir: Path) -> None:
@@ -202,7 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     doctor_help = "host dependencies, accelerator verdict, cache"
-    sub.add_parser("doctor", help=doctor_help, description=doctor_help).set_defaults(fn=cmd_doctor)
+    doctor = sub.add_parser("doctor", help=doctor_help, description=doctor_help)
+    doctor.add_argument(
+        "--probe",
+        action="store_true",
+        help="if KVM has no verdict yet, boot a test VM now (building the image if needed)",
+    )
+    doctor.set_defaults(fn=cmd_doctor)
     image_cli.add_parsers(sub)
 
     run = sub.add_parser("run", help="boot a bottle, run a command, print its output, exit with its code")

@@ -30,13 +30,14 @@ _LAN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE | re.ASCII)
 T = TypeVar("T")
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+DEFAULT_IMAGE = "debian-bookworm"
 
 
 @dataclass(frozen=True)
 class BottleSpec:
     """A fully resolved, validated description of one bottle."""
 
-    image: str | Image = "debian-bookworm"  # a registered name, or a derived image
+    image: str | Image = DEFAULT_IMAGE  # a registered name, or a derived image
     memory_mb: int = 512
     cpus: int = 1
     network: Network = "none"

@@ -161,6 +161,34 @@ def test_cli_doctor_without_qemu_still_reports_the_rest(tmp_path: Path) -> None:
     assert f"cache: {tmp_path / 'cache'}" in r.stdout and "run state: " in r.stdout
 
 
+def test_cli_doctor_probe_gives_a_cache_without_one_its_verdict(tmp_path: Path, default_image: BuiltImage) -> None:
+    cache = tmp_path / "cache"  # the default image, and no verdict yet: a fresh machine's first `bottle doctor`
+    (cache / "images").mkdir(parents=True, mode=0o700)
+    cache.chmod(0o700)
+    copy = ["cp", "-a", "--sparse=always", str(default_image.path), str(cache / "images")]
+    subprocess.run(copy, check=True, timeout=300)
+
+    def doctor(*more: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={cache}", "doctor", *more]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+    line = next(x for x in doctor().stdout.splitlines() if x.startswith("accelerator:"))
+    if accel.kvm_usable() is not None:  # no /dev/kvm: TCG is the verdict already, and nothing is probed
+        assert line.startswith("accelerator: tcg (") and "--probe" not in line, line
+        return
+    assert "not probed yet" in line and "`bottle doctor --probe` does it now" in line, line
+    r = doctor("--probe")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"probing KVM: booting {default_image.name} once under KVM" in r.stdout, r.stdout
+    line = next(x for x in r.stdout.splitlines() if x.startswith("accelerator:"))
+    assert line.startswith(("accelerator: kvm (", "accelerator: tcg (", "accelerator: tcg for the last run")), line
+    assert not list((cache / "run").glob("kvm-probe-*")) and not processes_mentioning(str(cache))
+    stored = accel.stored_verdict(cache)
+    if stored is not None and stored[0].definite:
+        again = doctor("--probe")  # a definite verdict stands: no second probe
+        assert "probing KVM" not in again.stdout and line in again.stdout, again.stdout
+
+
 def test_cli_doctor_image_list_sweep(warm_cache: Path) -> None:
     doctor = _cli("doctor")
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
