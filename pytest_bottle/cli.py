@@ -40,10 +40,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     have_qemu = hostdeps.which("qemu-system-x86_64") is not None
     print(f"qemu: {accel_mod.qemu_version() if have_qemu else 'not installed'}")
     why = accel_mod.kvm_usable()
+    # As a run decides: no verdict for this run (a definite one, or this xdist run's inconclusive one).
+    if args.probe and ok and have_qemu and why is None and accel_mod.cached_verdict(args.cache_dir) is None:
+        try:
+            check_cache(args.cache_dir)
+            _probe_kvm(args.cache_dir)
+        except (BottleError, OSError) as e:
+            text = error_line(e) if isinstance(e, BottleError) else f"{type(e).__name__}: {e}"
+            print(f"probing KVM failed: {text.removeprefix('bottle: ')}")
+            ok = False
     stored = accel_mod.stored_verdict(args.cache_dir) if have_qemu else None  # verdicts are per QEMU version
-    if args.probe and have_qemu and why is None and (stored is None or not stored[0].definite):
-        _probe_kvm(args.cache_dir)
-        stored = accel_mod.stored_verdict(args.cache_dir)
     verdict = stored[0] if stored else None
     if not have_qemu:
         print("accelerator: none until QEMU is installed (apt-get install qemu-system-x86)")
@@ -76,7 +82,8 @@ def _probe_kvm(cache_dir: Path) -> None:
     from .images import ensure_image
     from .lifecycle.probe import accel_for
 
-    print(f"probing KVM: booting {DEFAULT_IMAGE} once under KVM (at most {accel_mod.PROBE_TIMEOUT:.0f} s)", flush=True)
+    boot = f"at most {accel_mod.PROBE_TIMEOUT:.0f} s, after building it if needed"
+    print(f"probing KVM: booting {DEFAULT_IMAGE} once under KVM ({boot})", flush=True)
 
     def progress(stage: str, elapsed: float) -> None:
         print(f"[{elapsed:6.1f}s] {stage}", flush=True)
@@ -308,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     if args.fn is not cmd_run:  # progress goes with the stage lines on stdout; run's stdout is the guest's
         progress.install(progress.Reporter(progress.cli_sink))
-    if args.fn in (cmd_run, cmd_shell):  # they hold a VM: `timeout`, `kill` or a closed terminal must stop it
+    if args.fn in (cmd_run, cmd_shell) or getattr(args, "probe", False):
+        # they hold a VM: `timeout`, `kill` or a closed terminal must stop it
         signals.unwind_on(signal.SIGTERM, signal.SIGHUP)
     try:
         if args.fn not in OWN_CACHE_CHECK:

@@ -15,6 +15,7 @@ import runpy
 import sys
 import tomllib
 import traceback
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -39,11 +40,13 @@ def load_images(source: str, label: str = "", *, plugin: bool = False) -> None:
         _pythonpath()
     if not is_file and not plugin:
         sys.path.insert(0, os.getcwd())
-    try:  # what it prints goes to stderr: stdout is a key, a path or a command's output
-        with contextlib.redirect_stdout(sys.stderr):
+    try:
+        with stdout_to_stderr():
             namespace = _run_file(os.path.abspath(source)) if is_file else vars(importlib.import_module(source))
             hook = namespace.get("pytest_bottle_images")
             provided = hook() if callable(hook) else None
+            if isinstance(provided, Iterator):  # a generator's body runs as it is read: here
+                provided = list(provided)
         plugins = namespace.get("pytest_plugins", ())
     except BaseException as e:  # pytest.skip() at module level or sys.exit() too: its code stopped
         if isinstance(e, KeyboardInterrupt):
@@ -63,11 +66,28 @@ def load_images(source: str, label: str = "", *, plugin: bool = False) -> None:
             load_images(module, f"{label}: pytest_plugins {module!r}", plugin=True)
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Generator[None, None, None]:
+    """What the user's code prints, from Python or a child process, goes to
+    stderr: the command's stdout is a key, a path or a guest command's output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _findable(module: str) -> bool:
     """Whether ``module`` can be imported as named: pytest's own plugins
     (``pytester``) are names only pytest resolves, and hold no images."""
     try:
-        return importlib.util.find_spec(module) is not None
+        with stdout_to_stderr():  # a parent package's __init__ runs
+            return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
     except Exception:  # its package's __init__ raised: importing it says so, with its traceback

@@ -194,13 +194,30 @@ def test_a_plugin_package_that_raises_and_a_removed_directory_are_reported(tmp_p
 
 def test_what_a_conftest_prints_goes_to_stderr(tmp_path: Path) -> None:
     # `$(bottle image key app)` in a CI step, `bottle run`'s output: stdout is the command's alone
-    named = "print('hello from conftest')\nfrom pytest_bottle import Image\nImage('debian-bookworm').named('app')\n"
-    hook = "def pytest_bottle_images():\n    print('hello from hook')\n    return []\n"
-    _tree(tmp_path, {"p/pytest.ini": "", "p/conftest.py": named, "p/hook.py": hook})
+    named = (
+        "import os\nprint('hello from conftest')\nos.system('echo hello from a child')\n"
+        "from pytest_bottle import Image\nImage('debian-bookworm').named('app')\n"
+        "pytest_plugins = ['pkgq.images']\n"
+    )
+    hook = "def pytest_bottle_images():\n    print('hello from a generator')\n    yield from ()\n"
+    _tree(
+        tmp_path,
+        {
+            "p/pytest.ini": "",
+            "p/conftest.py": named,
+            "p/hook.py": hook,
+            "p/pkgq/__init__.py": "print('hello from a package')\n",
+            "p/pkgq/images.py": "print('hello from a plugin')\n",
+        },
+    )
+    says = {
+        "app": ["hello from conftest", "hello from a child", "hello from a package", "hello from a plugin"],
+        "debian-bookworm": ["hello from a generator"],
+    }
     for name, more in [("app", ()), ("app", ("--from", "conftest.py")), ("debian-bookworm", ("--from", "hook.py"))]:
         r = _bottle(tmp_path / "p", tmp_path / "cache", "image", "key", name, *more)
         assert r.returncode == 0 and len(r.stdout.strip()) == 16 and r.stdout.count("\n") == 1, r.stdout
-        assert "hello from" in r.stderr, r.stderr
+        assert r.stderr.splitlines() == says[name], r.stderr
 
 
 KNOWN = "debian-bookworm, debian-bookworm-minimal, debian-trixie, debian-trixie-minimal"
