@@ -23,7 +23,7 @@ from .images import list_images
 from .images.derived import list_derived
 from .spec import DEFAULT_IMAGE, check_host_memory, resolve
 from .store.seeds import list_seeds
-from .user_images import from_conftests, load_images
+from .user_images import find_images
 from .vmm import accel as accel_mod
 
 # Without these nothing works; the rest only matters for SSH, LANs or disk space.
@@ -46,8 +46,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             check_cache(args.cache_dir)
             _probe_kvm(args.cache_dir)
         except (BottleError, OSError) as e:
-            text = error_line(e) if isinstance(e, BottleError) else f"{type(e).__name__}: {e}"
-            print(f"probing KVM failed: {text.removeprefix('bottle: ')}")
+            print(f"probing KVM failed: {type(e).__name__}: {e}")
             ok = False
     stored = accel_mod.stored_verdict(args.cache_dir) if have_qemu else None  # verdicts are per QEMU version
     verdict = stored[0] if stored else None
@@ -138,9 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .snapshot_cli import run_snapshot
 
         return run_snapshot(args, command)
-    if args.source:
-        load_images(args.source)
-    from_conftests(args.image, args.source)  # its stderr is the command's: no hint there
+    find_images(args.image, args.source)  # its stderr is the command's: no hint there
     values = {
         "image": args.image,
         "memory": args.memory,

@@ -21,7 +21,7 @@ from .store import unsettled
 from .store.gc import prune_seeds, remove_seeds
 from .store.saved import seeds_dir
 from .store.seeds import list_seeds
-from .user_images import from_conftests, load_images, needs_from
+from .user_images import find_images, load_images, needs_from
 
 FROM_HELP = "a Python file or module defining images (Image(...).named(NAME), or pytest_bottle_images())"
 
@@ -37,9 +37,7 @@ def age(t: float) -> str:
 
 def cmd_image_build(args: argparse.Namespace) -> int:
     started = time.time()
-    if args.source:
-        load_images(args.source)
-    read = from_conftests(args.name, args.source)
+    read = find_images(args.name, args.source)
 
     def progress(stage: str, elapsed: float) -> None:
         print(f"[{elapsed:6.1f}s] {stage}", flush=True)
@@ -116,9 +114,7 @@ def _cached_derived_names(cache_dir: Path) -> set[str]:
 
 
 def cmd_image_rm(args: argparse.Namespace) -> int:
-    if args.source:
-        load_images(args.source)
-    read = from_conftests(args.name, args.source)
+    read = find_images(args.name, args.source)
     # its key: an entry first built unnamed has no name
     named = NAMED.get(args.name) if args.source or read else None
     removed = remove_derived(args.cache_dir, named.key) if named is not None else []

@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import ImageNotFound
 from .images.pull import MAX_DOWNLOAD, import_source
 from .images.transfer import export, image_key
-from .user_images import from_conftests, load_images, needs_from
+from .user_images import find_images, needs_from
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -46,15 +46,13 @@ def cmd_key(args: argparse.Namespace) -> int:
 
 
 def add_parsers(image: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add the commands to ``bottle image``; ``--from`` runs ``load_images`` first."""
+    """Add the commands to ``bottle image``; ``find_images`` loads what ``--from`` (or a conftest) names first."""
 
     def from_option(p: argparse.ArgumentParser, fn: Callable[[argparse.Namespace], int]) -> None:
         p.add_argument("--from", dest="source_file", metavar="FILE|MODULE", help="a file or module defining images")
 
         def run(args: argparse.Namespace) -> int:
-            if args.source_file:
-                load_images(args.source_file)
-            read = from_conftests(args.name, args.source_file)
+            read = find_images(args.name, args.source_file)
             try:
                 return fn(args)
             except ImageNotFound as e:

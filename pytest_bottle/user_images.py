@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import functools
 import importlib
 import importlib.util
 import io
@@ -112,10 +113,15 @@ def _pythonpath() -> None:
     """The ``pythonpath`` of the pytest config that a run here would use, on
     ``sys.path`` first, as pytest puts it before it imports a conftest."""
     try:
-        entries = find_setup(Path.cwd())[1]
+        here = Path.cwd()
     except OSError:  # the working directory was removed
         return
-    for entry in reversed(entries):
+    _add_pythonpath(here)
+
+
+@functools.cache  # once per directory, not once per file loaded
+def _add_pythonpath(here: Path) -> None:
+    for entry in reversed(find_setup(here)[1]):
         if str(entry) not in sys.path:
             sys.path.insert(0, str(entry))
 
@@ -124,14 +130,18 @@ def _pythonpath() -> None:
 CACHE_REFERENCE = re.compile(r"derived-.*|[0-9a-f]{8,16}")
 
 
-def from_conftests(name: str | None, source: str | None) -> list[Path]:
-    """Without ``--from``, for a ``name`` not known yet: load the
-    ``conftest.py`` files a ``pytest`` started here would
-    (``initial_conftests``; each as ``load_images`` loads a file), in
-    pytest's order until one names it; returns those that loaded.  One
-    that fails is reported on stderr and skipped: a name only it held is
-    then unknown, which the caller reports."""
-    if source or name is None or name in RECIPES or name in NAMED or CACHE_REFERENCE.fullmatch(name):
+def find_images(name: str | None, source: str | None) -> list[Path]:
+    """Load the images a command's ``name`` may be: the ``--from`` ``source``;
+    without one, for a ``name`` not known yet, the ``conftest.py`` files a
+    ``pytest`` started here would (``initial_conftests``; each as
+    ``load_images`` loads a file), in pytest's order until one names it.
+    Returns the conftest files that loaded.  One that fails is reported on
+    stderr and skipped: a name only it held is then unknown, which the
+    caller reports."""
+    if source:
+        load_images(source)
+        return []
+    if name is None or name in RECIPES or name in NAMED or CACHE_REFERENCE.fullmatch(name):
         return []
     try:
         here = Path.cwd()
