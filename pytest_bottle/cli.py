@@ -306,7 +306,25 @@ def show_error(e: BottleError) -> None:
     print(error_line(e), file=sys.stderr)
 
 
+def _open_standard_fds() -> None:
+    """``bottle ... >&-``: a closed stdin, stdout or stderr becomes /dev/null.  Left closed,
+    the next file opened here would take its number, and every child (QEMU, mmdebstrap,
+    ssh-keygen) would write its output into that file; and Python has no ``sys.stdout``."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "w", closefd=False))  # lives as long as the process
+
+
 def main(argv: list[str] | None = None) -> int:
+    _open_standard_fds()
     args = build_parser().parse_args(argv)
     args.cache_dir = (args.cache_dir or default_cache_dir()).absolute()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")

@@ -165,6 +165,22 @@ def test_a_reader_that_stops_early_gets_no_traceback() -> None:
     assert r.stderr.strip().splitlines() == ["rc=141"], r.stderr  # 128 + SIGPIPE, and nothing else said
 
 
+def _closed(args: str, streams: str, cache: Path = CACHE) -> subprocess.CompletedProcess[str]:
+    """The CLI run by a shell with ``streams`` closed (``>&-``, ``2>&-``, ``<&-``)."""
+    line = f"{shlex.quote(sys.executable)} -m pytest_bottle.cli --cache-dir={shlex.quote(str(cache))} {args}"
+    return subprocess.run(["bash", "-c", f"{line} {streams}"], capture_output=True, text=True, timeout=300)
+
+
+def test_closed_standard_streams_are_like_dev_null(private_cache: Path) -> None:
+    for streams in (">&-", "<&- >&-", ">&- 2>&-"):  # was a traceback: sys.stdout is None
+        r = _closed("image list", streams, private_cache)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), (streams, r)
+    r = _closed("image rm no-such-image", ">&-", private_cache)
+    assert r.returncode == 1 and "bottle: ImageNotFound: unknown image 'no-such-image'" in r.stderr, r
+    r = _closed("image rm no-such-image", "2>&-", private_cache)
+    assert (r.returncode, r.stderr) == (1, ""), r
+
+
 def test_bad_run_timeouts_and_prune_ages_are_refused_before_any_work(tmp_path: Path) -> None:
     empty = tmp_path / "cache"  # a bottle started here would build an image first: minutes
     for args in (("--timeout", "nan"), ("--timeout", "0"), ("--timeout", "-1"), ("--timeout", "-1", "--snapshot", "s")):
@@ -283,6 +299,8 @@ def test_run_command_forms_exit_codes_and_verbose(seed: SavedState) -> None:
     said = "command 'echo so far; echo err >&2; sleep 60' timed out after 2 s and was killed"
     assert r.stderr == f"err\nbottle: ExecTimeout: {said}\n", r.stderr
     assert time.monotonic() - started < 60
+    r = _closed("run --accel tcg -- 'echo out; echo err >&2; exit 3'", ">&-")  # stdout closed: as /dev/null
+    assert (r.returncode, r.stderr) == (3, "err\n"), r
     r = cli("run", "--accel", "tcg", "--", "echo before; kill -9 $$")
     assert (r.returncode, r.stdout) == (128 + 9, "before\n")  # killed by a signal: as a shell says it
     r = cli("run", "--image", "no-such-image", "--", "true")
