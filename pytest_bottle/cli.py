@@ -87,7 +87,15 @@ def _probe_kvm(cache_dir: Path) -> None:
     def progress(stage: str, elapsed: float) -> None:
         print(f"[{elapsed:6.1f}s] {stage}", flush=True)
 
-    accel_for("auto", ensure_image(DEFAULT_IMAGE, cache_dir, progress=progress), cache_dir)
+    image = ensure_image(DEFAULT_IMAGE, cache_dir, progress=progress)
+    quiet = logging.getLogger(accel_mod.__name__)  # its "using TCG" warning is the report's accelerator line
+    level = quiet.level
+    if not quiet.isEnabledFor(logging.DEBUG):
+        quiet.setLevel(logging.ERROR)
+    try:
+        accel_for("auto", image, cache_dir)
+    finally:
+        quiet.setLevel(level)
 
 
 def _show_cache(cache_dir: Path) -> None:
