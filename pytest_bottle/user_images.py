@@ -10,7 +10,6 @@ import contextlib
 import functools
 import importlib
 import importlib.util
-import io
 import os
 import re
 import runpy
@@ -71,30 +70,18 @@ def load_images(source: str, label: str = "", *, plugin: bool = False) -> None:
 @contextlib.contextmanager
 def stdout_to_stderr() -> Generator[None, None, None]:
     """What the user's code prints, from Python or a child process, goes to
-    stderr (nowhere if there is none): the command's stdout is a key, a
-    path or a guest command's output."""
-    if sys.stdout is not None:
-        sys.stdout.flush()
+    stderr: the command's stdout is a key, a path or a guest command's output.
+    (``cli.main`` has made sure fds 1 and 2 and ``sys.stdout``/``sys.stderr`` exist.)"""
+    sys.stdout.flush()
+    saved = os.dup(1)
     try:
-        saved = os.dup(1)
-    except OSError:  # no stdout at all: nothing to keep clean
-        saved = -1
-    try:
-        if saved >= 0:
-            try:
-                os.dup2(2, 1)
-            except OSError:  # no stderr either
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, 1)
-                os.close(null)
-        with contextlib.redirect_stdout(sys.stderr if sys.stderr is not None else io.StringIO()):
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
             yield
     finally:
-        if saved >= 0:
-            if sys.stderr is not None:
-                sys.stderr.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _findable(module: str) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from harness import gone as _gone
-from harness import in_process_agent
+from harness import in_process_agent, wait_until
 
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient, ExecRun
@@ -549,20 +549,14 @@ def test_a_flooding_process_does_not_starve_other_calls(local: AgentClient) -> N
             p.send_signal(signal.SIGSTOP)
             quiet.append(_latency(local))
             p.send_signal(signal.SIGCONT)
-            _more_output(p, 128 << 10)  # flooding again before the busy call (a loaded host may not run it at once)
+            # flooding again before the busy call (a loaded host may not run it at once)
+            goal = p._out.total + (128 << 10)
+            wait_until(lambda: p._out.total >= goal, 30, f"{p} sending 128 KiB more")  # noqa: B023 (called here)
             busy.append(_latency(local))
         assert p._out.total > 1_000_000  # it did flood meanwhile
     quiet.sort()
     busy.sort()
     assert busy[5] < 5 * quiet[5] + 0.1, (quiet, busy)
-
-
-def _more_output(p: GuestProcess, size: int, timeout: float = 30) -> None:
-    """Wait until ``p`` has sent ``size`` more bytes."""
-    goal, deadline = p._out.total + size, time.monotonic() + timeout
-    while p._out.total < goal:
-        assert time.monotonic() < deadline, f"{p} sent {p._out.total} bytes, not {goal}, in {timeout} s"
-        time.sleep(0.002)
 
 
 def _latency(local: AgentClient) -> float:
