@@ -26,7 +26,7 @@ from ..agent.streams import OutputTail
 from ..agent.transfer import put
 from ..errors import BootTimeout, BottleError, ImageBuildError
 from ..host.deps import which
-from ..lifecycle.boot import start_machine
+from ..lifecycle.boot import boot_twice
 from ..vmm.backend import Machine, console_tail
 from ..vmm.qemu import Accel, MachineConfig, Nic
 from . import builder, failures
@@ -99,7 +99,13 @@ def provision(
                 progress(line, time.monotonic() - started)
 
         logf.write(f"building {image.display_name} on {parent.name} ({count_steps(image)})\n")  # the task says it
-        machine, channel = start_machine(cfg, tmp, name, BOOT_TIMEOUT)
+
+        def again(first: BootTimeout) -> None:
+            note(f"the build machine: {first.reason}; booting it once more")
+            if first.console_tail:
+                logf.write(f"{failures.CONSOLE}\n{first.console_tail}\n")
+
+        machine, channel = boot_twice(cfg, tmp, name, BOOT_TIMEOUT, again)
         try:
             agent = AgentClient(channel)
             _shell(agent, SAVE_IDENTITY, logf, "save identity", 60)

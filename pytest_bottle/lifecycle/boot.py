@@ -111,6 +111,44 @@ def start_machine(
     return machine, channel
 
 
+AGAIN = "[pytest-bottle: {name} did not answer within {timeout:g} s; booting it again: the lines above are that boot's]"
+
+
+def boot_twice(
+    cfg: MachineConfig,
+    run_dir: Path,
+    name: str,
+    timeout: float,
+    on_retry: Callable[[BootTimeout], None] | None = None,
+    keep_console: bool = True,
+) -> tuple[Machine, AgentChannel]:
+    """``start_machine`` for a cold boot no test asked for (an image build's,
+    a seed's): one whose agent never answers is booted once more.
+
+    Under TCG on a loaded host a cold boot once came up with no timer tick:
+    its console stopped and it waited for ever (docs/concepts.md, "A boot
+    that hangs").  A fresh QEMU boots; an image that never boots fails
+    twice, after twice the timeout.  ``on_retry`` sees the first failure;
+    without ``keep_console`` the second boot's console starts empty (a seed's
+    console begins every clone's), else it follows the first's.
+    """
+    try:
+        return start_machine(cfg, run_dir, name, timeout)
+    except BootTimeout as first:
+        log.warning("%s: booting it once more: %s", name, first)
+        console = run_dir / CONSOLE
+        if keep_console:
+            with open(console, "ab") as f:
+                f.write(b"\n" + AGAIN.format(name=name, timeout=timeout).encode() + b"\n")
+        else:
+            console.unlink(missing_ok=True)
+        if cfg.save_ram is not None:  # a cold boot's RAM file starts empty, not with the last boot's pages
+            cfg.save_ram.unlink(missing_ok=True)
+        if on_retry is not None:
+            on_retry(first)
+    return start_machine(cfg, run_dir, name, timeout)
+
+
 def settle(agent: AgentClient, machine: Machine, timeout: float, quiet: float) -> SettleReply:
     """``agent.settle``, its ``BootTimeout`` with the console's tail (what was still starting)."""
     try:

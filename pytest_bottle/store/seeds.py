@@ -26,8 +26,8 @@ from ..errors import AgentError, AgentTimeout, BootTimeout
 from ..host.locks import reporting_lock
 from ..host.progress import task
 from ..images.cache import BuiltImage
+from ..lifecycle.boot import boot_twice
 from ..lifecycle.boot import settle as settle_boot
-from ..lifecycle.boot import start_machine
 from ..ssh import new_host_key
 from ..vmm.accel import qemu_version
 from ..vmm.qemu import MachineConfig, Nic, cpu_model, kernel_args
@@ -195,7 +195,7 @@ def _boot_and_save(
         nics=seed_nics(parts["nics"]),
         save_ram=tmp / "memory.ram",
     )
-    machine, channel = start_machine(cfg, tmp, "seed", SEED_BOOT_TIMEOUT)
+    machine, channel = boot_twice(cfg, tmp, "seed", SEED_BOOT_TIMEOUT, keep_console=False)
     try:
         ready = time.monotonic()
         agent = AgentClient(channel)
