@@ -24,10 +24,10 @@ from ..agent.client import SETUP_TIMEOUT, AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..agent.streams import OutputTail
 from ..agent.transfer import put
-from ..errors import BootTimeout, BottleError, ImageBuildError
+from ..errors import BootError, BootTimeout, BottleError, ImageBuildError
 from ..host.deps import which
 from ..lifecycle.boot import boot_twice
-from ..vmm.backend import Machine, console_tail
+from ..vmm.backend import CONSOLE, Machine, console_tail
 from ..vmm.qemu import Accel, MachineConfig, Nic
 from . import builder, failures
 from .cache import BuiltImage
@@ -36,6 +36,7 @@ from .image import COPY_SKIP, Copy, Image, Install, Run, Step, Write, count_step
 log = logging.getLogger(__name__)
 
 BUILD_MEMORY_MB = 1024
+BUILD_CONSOLE_LINES = 2000  # a failed build's log has the whole boot, not the error's 60-line tail
 BOOT_TIMEOUT = 300.0
 STEP_TIMEOUT = 3600.0  # a step with no timeout of its own
 REPLY_GRACE = 15.0  # past a step's timeout, for the guest to kill it and answer (a loaded host is slow)
@@ -100,12 +101,15 @@ def provision(
 
         logf.write(f"building {image.display_name} on {parent.name} ({count_steps(image)})\n")  # the task says it
 
-        def again(first: BootTimeout) -> None:
+        def again(first: BootError) -> None:
             note(f"the build machine: {first.reason}; booting it once more")
-            if first.console_tail:
-                logf.write(f"{failures.CONSOLE}\n{first.console_tail}\n")
+            _log_console(logf, tmp / CONSOLE)
 
-        machine, channel = boot_twice(cfg, tmp, name, BOOT_TIMEOUT, again)
+        try:
+            machine, channel = boot_twice(cfg, tmp, name, BOOT_TIMEOUT, again)
+        except BootError:
+            _log_console(logf, tmp / CONSOLE)
+            raise
         try:
             agent = AgentClient(channel)
             _shell(agent, SAVE_IDENTITY, logf, "save identity", 60)
@@ -121,7 +125,7 @@ def provision(
             _shell(agent, CLEANUP, logf, "clean up", 600)
             _power_off(agent, machine, logf)
         except ImageBuildError as e:
-            logf.write(f"\n{failures.CONSOLE}\n" + console_tail(machine.console_log) + "\n")
+            _log_console(logf, machine.console_log)
             raise ImageBuildError(e.name if e.name else image.display_name, e.reason, e.log_tail) from None
         finally:
             machine.stop()
@@ -129,6 +133,11 @@ def provision(
     for leftover in tmp.iterdir():  # the machine's run files: only the layer and the log stay
         if leftover.name not in ("disk.qcow2", "build.log") and (leftover.is_file() or leftover.is_socket()):
             leftover.unlink()
+
+
+def _log_console(logf: IO[str], path: Path) -> None:
+    """The machine's whole console (up to 64 KiB, a boot's is ~30 KB) into the build log."""
+    logf.write(f"\n{failures.CONSOLE}\n" + console_tail(path, BUILD_CONSOLE_LINES) + "\n")
 
 
 def _check_sources(image: Image) -> None:

@@ -100,7 +100,8 @@ def start_machine(
     try:
         channel = AgentChannel(machine.agent_sock, name)
         channel.explain = functools.partial(backend.gone, machine)
-        wait_ready(machine, channel, timeout, name, deadline)
+        early = EarlyKernel(machine.console_log) if cfg.restore is None else None
+        wait_ready(machine, channel, timeout, name, deadline, early)
     except BaseException:
         try:
             if on_fail is not None:
@@ -111,7 +112,41 @@ def start_machine(
     return machine, channel
 
 
-AGAIN = "[pytest-bottle: {name} did not answer within {timeout:g} s; booting it again: the lines above are that boot's]"
+# What the guest's kernel says when it turns its local APIC timer off: under
+# TCG, a host stall of QEMU in the first few ms of the timer's calibration
+# (a polling loop on the TSC) makes the timer look far too slow.  microvm has
+# no other clock event device, so no tick ever comes and the boot never
+# finishes (docs/concepts.md, "A boot that hangs").
+NO_TIMER = b"APIC frequency too slow, disabling apic timer"
+NO_TIMER_REASON = (
+    "the guest's kernel turned its only timer off (QEMU was held up while the kernel measured its APIC timer, "
+    "which then looked too slow), so this boot could never finish"
+)
+EARLY = 64 << 10  # the kernel's early lines: the first ~15 KB of a console
+
+
+class EarlyKernel:
+    """Looks at a cold boot's first console bytes for a kernel that cannot finish booting."""
+
+    def __init__(self, console: Path) -> None:
+        self.console, self.done, self.next = console, False, 0.0
+
+    def doomed(self) -> bool:
+        if self.done or time.monotonic() < self.next:
+            return False
+        self.next = time.monotonic() + 0.25
+        try:
+            with open(self.console, "rb") as f:
+                head = f.read(EARLY)
+        except OSError:
+            return False
+        self.done = len(head) >= EARLY  # past the kernel's early lines: nothing more to find
+        return NO_TIMER in head
+
+
+def never_boots(error: BootError) -> bool:
+    """Whether ``error`` is a boot that could not finish, through no fault of its image."""
+    return isinstance(error, BootTimeout) or error.reason == NO_TIMER_REASON
 
 
 def boot_twice(
@@ -119,33 +154,28 @@ def boot_twice(
     run_dir: Path,
     name: str,
     timeout: float,
-    on_retry: Callable[[BootTimeout], None] | None = None,
-    keep_console: bool = True,
+    on_retry: Callable[[BootError], None] | None = None,
 ) -> tuple[Machine, AgentChannel]:
     """``start_machine`` for a cold boot no test asked for (an image build's,
-    a seed's): one whose agent never answers is booted once more.
+    a seed's): one whose agent never answers, or whose kernel turned its
+    timer off, is booted once more.
 
-    Under TCG on a loaded host a cold boot once came up with no timer tick:
-    its console stopped and it waited for ever (docs/concepts.md, "A boot
-    that hangs").  A fresh QEMU boots; an image that never boots fails
-    twice, after twice the timeout.  ``on_retry`` sees the first failure;
-    without ``keep_console`` the second boot's console starts empty (a seed's
-    console begins every clone's), else it follows the first's.
+    A fresh QEMU boots; an image that never boots fails twice, after twice
+    the timeout.  ``on_retry`` sees the first failure while its console is
+    still in ``run_dir``; the second boot starts with an empty console (a
+    seed's begins every clone's) and an empty RAM file.
     """
     try:
         return start_machine(cfg, run_dir, name, timeout)
-    except BootTimeout as first:
+    except BootError as first:
+        if not never_boots(first):
+            raise
         log.warning("%s: booting it once more: %s", name, first)
-        console = run_dir / CONSOLE
-        if keep_console:
-            with open(console, "ab") as f:
-                f.write(b"\n" + AGAIN.format(name=name, timeout=timeout).encode() + b"\n")
-        else:
-            console.unlink(missing_ok=True)
-        if cfg.save_ram is not None:  # a cold boot's RAM file starts empty, not with the last boot's pages
-            cfg.save_ram.unlink(missing_ok=True)
         if on_retry is not None:
             on_retry(first)
+        (run_dir / CONSOLE).unlink(missing_ok=True)
+        if cfg.save_ram is not None:
+            cfg.save_ram.unlink(missing_ok=True)
     return start_machine(cfg, run_dir, name, timeout)
 
 
@@ -189,9 +219,17 @@ class _NotReady(Exception):
     pass
 
 
-def wait_ready(machine: Machine, channel: AgentChannel, timeout: float, name: str, deadline: float) -> float:
+def wait_ready(
+    machine: Machine,
+    channel: AgentChannel,
+    timeout: float,
+    name: str,
+    deadline: float,
+    early: EarlyKernel | None = None,
+) -> float:
     """Poll (with backoff) until the agent answers the sync handshake, by
-    ``deadline`` (the end of the boot ``timeout``, which began before QEMU)."""
+    ``deadline`` (the end of the boot ``timeout``, which began before QEMU);
+    a cold boot's kernel that cannot finish (``early``) is a ``BootError`` at once."""
     started = time.monotonic()
 
     def late() -> BootTimeout:
@@ -219,6 +257,8 @@ def wait_ready(machine: Machine, channel: AgentChannel, timeout: float, name: st
             machine.wait(3.0)  # EOF usually means QEMU is exiting: report why
             reason = machine.exit_reason() or f"agent channel closed: {channel.death}"
             raise BootError(reason, console_tail(machine.console_log), name)
+        if early is not None and early.doomed():
+            raise BootError(NO_TIMER_REASON, console_tail(machine.console_log), name)
         raise _NotReady
 
     try:

@@ -21,7 +21,7 @@ from ..store.snapshots import seed_of
 from ..vmm.backend import Machine, console_tail
 from ..vmm.qemu import MachineConfig
 from . import handshake, lan_names
-from .boot import settle, start_machine
+from .boot import NO_TIMER_REASON, settle, start_machine
 from .handshake import Found
 from .plan import Forwards, Plan, make_plan, restore_from
 from .probe import accel_for
@@ -120,7 +120,7 @@ def start_bottle(
     res = Resources.take(plan, _library_lans if lans is None else lans)
     boot_ends = time.monotonic() + spec.timeout  # a cold boot's settling is part of its boot
     try:
-        boot = _Boot(plan, res, rebuild_before, detached, baked, fork_of[1] if fork_of else None)
+        boot = _Boot(plan, res, rebuild_before, detached, baked, fork_of[1] if fork_of else None, boot_ends)
         machine, channel, found = res.with_host_ports(plan.ports, boot.start)
         res.adopt(machine, channel)
         agent = AgentClient(channel)
@@ -160,16 +160,26 @@ class _Boot:
         detached: bool,
         baked: dict[str, str | None],
         snapshot: SavedState | None = None,
+        ends: float | None = None,
     ) -> None:
         self.plan, self.res = plan, res
         self.rebuild_before, self.detached, self.baked = rebuild_before, detached, baked
         self.snapshot = snapshot
+        self.ends = time.monotonic() + plan.spec.timeout if ends is None else ends
 
     def start(self, forwards: Forwards) -> Started:
         """Returns the machine, its channel and how the guest's NICs are found now."""
         cfg = self.plan.machine(self.res.macs, forwards)
         if not self.plan.restores:
-            machine, channel = self._run(cfg)
+            try:
+                machine, channel = self._run(cfg)
+            except BootError as e:
+                if e.reason != NO_TIMER_REASON:
+                    raise
+                # Seconds into the boot, and no fault of the image: booted again within the same timeout.
+                log.warning("%s: booting it once more: %s", self.plan.name, e.reason)
+                self.res.reset_run_dir()
+                machine, channel = self._run(cfg, self.ends - time.monotonic())
             return machine, channel, handshake.found_cold(self.res.macs)
         if self.snapshot is not None:
             return self._fork(cfg, self.snapshot)
@@ -214,11 +224,10 @@ class _Boot:
             plan.image, plan.accel, spec.memory_mb, spec.cpus, nics, spec.cache_dir, self.rebuild_before, self.baked
         )
 
-    def _run(self, cfg: MachineConfig) -> tuple[Machine, AgentChannel]:
+    def _run(self, cfg: MachineConfig, timeout: float | None = None) -> tuple[Machine, AgentChannel]:
         spec, res = self.plan.spec, self.res
-        return start_machine(
-            cfg, res.run_dir, self.plan.name, spec.timeout, self.detached, res.spawned, tap_fds=res.tap_fds
-        )
+        timeout = spec.timeout if timeout is None else max(timeout, 0.0)
+        return start_machine(cfg, res.run_dir, self.plan.name, timeout, self.detached, res.spawned, tap_fds=res.tap_fds)
 
 
 def _seed_fault(state: SavedState, error: BootError) -> str | None:

@@ -195,7 +195,7 @@ def _boot_and_save(
         nics=seed_nics(parts["nics"]),
         save_ram=tmp / "memory.ram",
     )
-    machine, channel = boot_twice(cfg, tmp, "seed", SEED_BOOT_TIMEOUT, keep_console=False)
+    machine, channel = boot_twice(cfg, tmp, "seed", SEED_BOOT_TIMEOUT)
     try:
         ready = time.monotonic()
         agent = AgentClient(channel)
