@@ -36,6 +36,8 @@ from .image import COPY_SKIP, Copy, Image, Install, Run, Step, Write, count_step
 log = logging.getLogger(__name__)
 
 BUILD_MEMORY_MB = 1024
+# Not failures.CONSOLE, which ends the part of a log an error quotes.
+FIRST_CONSOLE = "--- console of the boot before ---"
 BUILD_CONSOLE_LINES = 2000  # a failed build's log has the whole boot, not the error's 60-line tail
 BOOT_TIMEOUT = 300.0
 STEP_TIMEOUT = 3600.0  # a step with no timeout of its own
@@ -103,7 +105,7 @@ def provision(
 
         def again(first: BootError) -> None:
             note(f"the build machine: {first.reason}; booting it once more")
-            _log_console(logf, tmp / CONSOLE)
+            _log_console(logf, tmp / CONSOLE, FIRST_CONSOLE)
 
         try:
             machine, channel = boot_twice(cfg, tmp, name, BOOT_TIMEOUT, again)
@@ -135,9 +137,9 @@ def provision(
             leftover.unlink()
 
 
-def _log_console(logf: IO[str], path: Path) -> None:
+def _log_console(logf: IO[str], path: Path, header: str = failures.CONSOLE) -> None:
     """The machine's whole console (up to 64 KiB, a boot's is ~30 KB) into the build log."""
-    logf.write(f"\n{failures.CONSOLE}\n" + console_tail(path, BUILD_CONSOLE_LINES) + "\n")
+    logf.write(f"\n{header}\n" + console_tail(path, BUILD_CONSOLE_LINES) + "\n")
 
 
 def _check_sources(image: Image) -> None:

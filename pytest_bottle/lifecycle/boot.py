@@ -115,7 +115,8 @@ def start_machine(
 # What the guest's kernel says when it turns its local APIC timer off: under
 # TCG, a host stall of QEMU in the first few ms of the timer's calibration
 # (a polling loop on the TSC) makes the timer look far too slow.  microvm has
-# no other clock event device, so no tick ever comes and the boot never
+# no other clock event device the kernel uses (with its hardware-reduced ACPI
+# the kernel leaves the PIT alone), so no tick ever comes and the boot never
 # finishes (docs/concepts.md, "A boot that hangs").
 NO_TIMER = b"APIC frequency too slow, disabling apic timer"
 NO_TIMER_REASON = (
@@ -145,7 +146,7 @@ class EarlyKernel:
 
 
 def never_boots(error: BootError) -> bool:
-    """Whether ``error`` is a boot that could not finish, through no fault of its image."""
+    """Whether ``error`` is a boot that may come up if tried again (a hang, a timer turned off)."""
     return isinstance(error, BootTimeout) or error.reason == NO_TIMER_REASON
 
 
@@ -170,12 +171,14 @@ def boot_twice(
     except BootError as first:
         if not never_boots(first):
             raise
-        log.warning("%s: booting it once more: %s", name, first)
+        # The whole error (with the console's tail) unless the caller keeps the console itself.
+        log.warning("%s: booting it once more: %s", name, first.reason if on_retry else first)
         if on_retry is not None:
             on_retry(first)
-        (run_dir / CONSOLE).unlink(missing_ok=True)
-        if cfg.save_ram is not None:
-            cfg.save_ram.unlink(missing_ok=True)
+        # Else the second boot's errors would quote the first's console or QEMU log.
+        for leftover in (run_dir / CONSOLE, run_dir / "qemu.log", cfg.save_ram):
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
     return start_machine(cfg, run_dir, name, timeout)
 
 

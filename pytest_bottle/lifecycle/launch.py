@@ -29,6 +29,8 @@ from .resources import Resources
 
 log = logging.getLogger(__name__)
 
+RETRY_FLOOR = 5.0  # seconds of a cold bottle's timeout below which a second boot is not worth starting
+
 # QEMU's complaint when a memory state does not load: the seed is bad, not the request.
 _RESTORE_FAILURES = (
     "load of migration failed",
@@ -174,7 +176,7 @@ class _Boot:
             try:
                 machine, channel = self._run(cfg)
             except BootError as e:
-                if e.reason != NO_TIMER_REASON:
+                if e.reason != NO_TIMER_REASON or self.ends - time.monotonic() < RETRY_FLOOR:
                     raise
                 # Seconds into the boot, and no fault of the image: booted again within the same timeout.
                 log.warning("%s: booting it once more: %s", self.plan.name, e.reason)
