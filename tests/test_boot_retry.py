@@ -46,7 +46,7 @@ def _first_boot_fails(
     def start(cfg: Any, run_dir: Path, name: str, timeout: float, *args: Any, **kwargs: Any) -> Any:
         if hung or cfg.restore is not None or not run_dir.resolve().is_relative_to(under.resolve()):
             return real(cfg, run_dir, name, timeout, *args, **kwargs)
-        spawned = kwargs.get("on_spawn") if "on_spawn" in kwargs else (args[1] if len(args) > 1 else None)
+        spawned = kwargs.get("on_spawn")  # by keyword wherever start_machine is called with one
 
         def stop(machine: Machine) -> None:
             hung.append((machine.pid, time.time()))
@@ -54,10 +54,7 @@ def _first_boot_fails(
             if spawned is not None:
                 spawned(machine)
 
-        if len(args) > 1:
-            args = (args[0], stop, *args[2:])
-        else:
-            kwargs["on_spawn"] = stop
+        kwargs["on_spawn"] = stop
         return real(cfg, run_dir, name, timeout if wait is None else wait, *args, **kwargs)
 
     monkeypatch.setattr(module, "start_machine", start)

@@ -175,11 +175,16 @@ def boot_twice(
         log.warning("%s: booting it once more: %s", name, first.reason if on_retry else first)
         if on_retry is not None:
             on_retry(first)
-        # Else the second boot's errors would quote the first's console or QEMU log.
-        for leftover in (run_dir / CONSOLE, run_dir / "qemu.log", cfg.save_ram):
-            if leftover is not None:
-                leftover.unlink(missing_ok=True)
+        forget_attempt(run_dir)
+        if cfg.save_ram is not None:
+            cfg.save_ram.unlink(missing_ok=True)
     return start_machine(cfg, run_dir, name, timeout)
+
+
+def forget_attempt(run_dir: Path) -> None:
+    """Remove a failed start's files: the next one's errors would quote its log and console."""
+    for f in ("qemu.log", "qemu.argv", CONSOLE, DISK):
+        (run_dir / f).unlink(missing_ok=True)
 
 
 def settle(agent: AgentClient, machine: Machine, timeout: float, quiet: float) -> SettleReply:

@@ -161,13 +161,12 @@ class _Boot:
         rebuild_before: float | None,
         detached: bool,
         baked: dict[str, str | None],
-        snapshot: SavedState | None = None,
-        ends: float | None = None,
+        snapshot: SavedState | None,
+        ends: float,
     ) -> None:
         self.plan, self.res = plan, res
         self.rebuild_before, self.detached, self.baked = rebuild_before, detached, baked
-        self.snapshot = snapshot
-        self.ends = time.monotonic() + plan.spec.timeout if ends is None else ends
+        self.snapshot, self.ends = snapshot, ends
 
     def start(self, forwards: Forwards) -> Started:
         """Returns the machine, its channel and how the guest's NICs are found now."""
@@ -229,7 +228,9 @@ class _Boot:
     def _run(self, cfg: MachineConfig, timeout: float | None = None) -> tuple[Machine, AgentChannel]:
         spec, res = self.plan.spec, self.res
         timeout = spec.timeout if timeout is None else max(timeout, 0.0)
-        return start_machine(cfg, res.run_dir, self.plan.name, timeout, self.detached, res.spawned, tap_fds=res.tap_fds)
+        return start_machine(
+            cfg, res.run_dir, self.plan.name, timeout, detached=self.detached, on_spawn=res.spawned, tap_fds=res.tap_fds
+        )
 
 
 def _seed_fault(state: SavedState, error: BootError) -> str | None:

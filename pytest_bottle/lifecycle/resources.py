@@ -28,7 +28,8 @@ from ..host.runstate import RunRecord, create_run_dir
 from ..net import pools
 from ..net.lan import Lan, LanRegistry
 from ..store.saved import SavedState
-from ..vmm.backend import CONSOLE, DISK, Machine
+from ..vmm.backend import Machine
+from .boot import forget_attempt
 from .plan import LAN_NIC, Forwards, Plan
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,7 @@ class Resources:
 
     def reset_run_dir(self) -> None:
         """Forget a failed attempt: its log would be read as the next one's."""
-        for f in ("qemu.log", "qemu.argv", CONSOLE, DISK):
-            (self.run_dir / f).unlink(missing_ok=True)
+        forget_attempt(self.run_dir)
 
     def close(self) -> None:
         """Release everything, in reverse order.  Idempotent; a second caller
