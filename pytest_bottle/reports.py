@@ -1,14 +1,18 @@
-"""pytest glue for reports: a failed test's bottle sections, and the list of
-bottles kept by ``--bottle-keep`` (registered by ``plugin.pytest_configure``)."""
+"""pytest glue for reports: a failed test's bottle sections, tracebacks of
+pytest-bottle's errors without its own frames, and the list of bottles kept by
+``--bottle-keep`` (registered by ``plugin.pytest_configure``)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
+from types import TracebackType
 from typing import Any
 
 import pytest
 
 from .bottle import Bottle
+from .errors import BottleError
 from .history import describe_history
 from .lifecycle.boot import RESTORED
 from .lifecycle.manager import BottleManager
@@ -20,6 +24,8 @@ LINE_CAP = 2000  # characters of one console line in a report
 REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 # The test's own bottles, put here as their group closes: a teardown report comes after that.
 CLOSED = pytest.StashKey[list[Bottle]]()
+PACKAGE = os.path.dirname(os.path.realpath(__file__))
+FIXTURES = os.path.join(PACKAGE, "plugin.py")  # kept: a setup error points at the fixture that started the bottle
 
 
 def failed(item: pytest.Item) -> bool:
@@ -59,6 +65,8 @@ class BottleReports:
     def pytest_runtest_makereport(
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        if call.excinfo is not None and not item.config.getoption("fulltrace", False):
+            _hide_own_frames(call.excinfo)
         report = yield
         if report.when == "setup":  # a new run of the test (pytest-rerunfailures runs one again)
             item.stash[REPORTS] = {}
@@ -98,6 +106,35 @@ class BottleReports:
                 terminalreporter.section(title)
                 for text in lines:
                     terminalreporter.write_line(text)
+
+
+def _hide_own_frames(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+    """A ``BottleError`` says what went wrong in its message: its report shows
+    the test's (or fixture's) line that raised it, not the plugin's code under
+    it (a boot timeout's was 60 lines of it).  Any other exception keeps every
+    frame (it may be our bug), and so does ``--full-trace``."""
+    if not excinfo.errisinstance(BottleError):
+        return
+    frames: list[TracebackType] = []
+    tb: TracebackType | None = excinfo.tb
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    kept = [tb for tb in frames if _outside(tb.tb_frame.f_code.co_filename)]
+    if not kept or len(kept) == len(frames):  # (nothing outside the package: keep what there is)
+        return
+    # pytest walks the raw chain from the test's frame on (Traceback.cut), so
+    # the chain itself is made anew: the exception's own __traceback__ is untouched.
+    *above, last = kept
+    chain = TracebackType(None, last.tb_frame, last.tb_lasti, last.tb_lineno)
+    for tb in reversed(above):
+        chain = TracebackType(chain, tb.tb_frame, tb.tb_lasti, tb.tb_lineno)
+    excinfo.traceback = pytest.ExceptionInfo.from_exc_info((excinfo.type, excinfo.value, chain)).traceback
+
+
+def _outside(filename: str) -> bool:
+    path = os.path.realpath(filename)
+    return path == FIXTURES or not path.startswith(PACKAGE + os.sep)
 
 
 def console_tail(b: Bottle) -> list[str]:
