@@ -25,7 +25,7 @@ REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 # The test's own bottles, put here as their group closes: a teardown report comes after that.
 CLOSED = pytest.StashKey[list[Bottle]]()
 PACKAGE = os.path.dirname(os.path.realpath(__file__))
-FIXTURES = os.path.join(PACKAGE, "plugin.py")  # kept: a setup error points at the fixture that started the bottle
+FIXTURES = os.path.join(PACKAGE, "plugin.py")
 
 
 def failed(item: pytest.Item) -> bool:
@@ -120,7 +120,14 @@ def _hide_own_frames(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     while tb is not None:
         frames.append(tb)
         tb = tb.tb_next
-    kept = [tb for tb in frames if _outside(tb.tb_frame.f_code.co_filename)]
+    kept: list[TracebackType] = []
+    caller = ""  # the module of the frame before
+    for tb in frames:
+        path = os.path.realpath(tb.tb_frame.f_code.co_filename)
+        # A fixture's frame stays when pytest called it; a factory's called by a test or fixture does not.
+        if not path.startswith(PACKAGE + os.sep) or (path == FIXTURES and caller.startswith(("_pytest.", "pluggy."))):
+            kept.append(tb)
+        caller = str(tb.tb_frame.f_globals.get("__name__", ""))
     if not kept or len(kept) == len(frames):  # (nothing outside the package: keep what there is)
         return
     # pytest walks the raw chain from the test's frame on (Traceback.cut), so
@@ -130,11 +137,6 @@ def _hide_own_frames(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     for tb in reversed(above):
         chain = TracebackType(chain, tb.tb_frame, tb.tb_lasti, tb.tb_lineno)
     excinfo.traceback = pytest.ExceptionInfo.from_exc_info((excinfo.type, excinfo.value, chain)).traceback
-
-
-def _outside(filename: str) -> bool:
-    path = os.path.realpath(filename)
-    return path == FIXTURES or not path.startswith(PACKAGE + os.sep)
 
 
 def console_tail(b: Bottle) -> list[str]:

@@ -21,6 +21,9 @@ def test_boot_timeout(bottle):
 
 def test_not_ours(bottle):
     bottle.exec(None)
+
+def test_factory(bottle_factory):
+    bottle_factory(boot="cold", timeout=2)
 """
 OWN_FRAME = re.compile(r"pytest_bottle/[\w/]+\.py:\d+")
 
@@ -45,7 +48,7 @@ def test_a_bottle_error_shows_the_users_line_and_not_the_plugins_frames(
     pytester: pytest.Pytester, warm_cache: Path
 ) -> None:
     shown = run(pytester, warm_cache)
-    assert set(shown) == {"test_exec_error", "test_boot_timeout", "test_not_ours"}, shown
+    assert set(shown) == {"test_exec_error", "test_boot_timeout", "test_not_ours", "test_factory"}, shown
 
     called = shown["test_exec_error"]
     assert '>       bottle.check_output("echo said-this >&2; exit 3")' in called, called
@@ -60,6 +63,11 @@ def test_a_bottle_error_shows_the_users_line_and_not_the_plugins_frames(
     assert OWN_FRAME.findall(setup) and {f.split(":")[0] for f in OWN_FRAME.findall(setup)} == {
         "pytest_bottle/plugin.py"
     }, setup
+
+    # A factory called by the test: its line, not the factory's.
+    made = shown["test_factory"]
+    assert '>       bottle_factory(boot="cold", timeout=2)' in made and "BootTimeout: bottle btl-" in made, made
+    assert re.search(r"^test_errors\.py:14: BootTimeout$", made, re.M) and not OWN_FRAME.search(made), made
 
     # Not a BottleError (a TypeError here; it could be a bug of ours): every frame stays.
     other = shown["test_not_ours"]
