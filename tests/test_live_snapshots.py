@@ -267,6 +267,13 @@ def test_lan_bottle_snapshot_is_refused(bottle_factory: Callable[..., Bottle], n
     assert not list(b.console_log_path.parent.glob("disk-*.qcow2")), "no overlay put on its disk"
 
 
+def test_a_closed_bottle_cannot_be_snapshotted_and_says_so(bottle_factory: Callable[..., Bottle]) -> None:
+    b = bottle_factory()
+    b.close()
+    with pytest.raises(SnapshotError, match=f"bottle {b.name} cannot be snapshotted: it was closed$"):
+        b.snapshot()
+
+
 def test_a_bottle_closed_while_it_is_being_snapshotted_says_so(bottle_factory: Callable[..., Bottle]) -> None:
     """Closed by another thread once the capture began, the snapshot failed with
     whatever QEMU or qemu-img saw next (a ConnectError, a disk gone)."""

@@ -23,7 +23,15 @@ import pytest
 from harness import check_release, wait_until
 
 import pytest_bottle
-from pytest_bottle import AgentError, Bottle, BottleError, GuestProcess, OutputTimeout, ProcessTimeout
+from pytest_bottle import (
+    AgentError,
+    Bottle,
+    BottleError,
+    GuestProcess,
+    OutputTimeout,
+    ProcessTimeout,
+    SnapshotError,
+)
 from pytest_bottle import bottle as bottle_mod
 from pytest_bottle.guest.terminal import set_size
 
@@ -351,6 +359,10 @@ def test_bottle_shell_in_a_kept_bottle(stop_kept: list[str]) -> None:
     stop_kept.append(b.name)
     b.exec("echo 'PS1=\"shell-prompt\\$ \"' >> /root/.bashrc").check()
     b.keep()
+    with pytest.raises(
+        SnapshotError, match=f"cannot be snapshotted: it was kept: reach it with `bottle shell {b.name}`"
+    ):
+        b.snapshot()  # it runs on, but not through this handle
     term = Terminal(b.name)
     term.expect(r"shell-prompt[#$] ")
     term.type("stty size; echo $TERM; hostname\r")
