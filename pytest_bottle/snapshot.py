@@ -244,7 +244,7 @@ def _refusal(bottle: Bottle, machine: Machine, res: Resources) -> str:
     if bottle.kept:  # it runs on, but no longer through this handle
         return f"it was kept: reach it with `bottle shell {bottle.name}`"
     if not bottle.alive():
-        return "it was closed" if bottle._closed else "it is not running (its QEMU or its agent is gone)"
+        return "it was closed" if bottle.closed else "it is not running (its QEMU or its agent is gone)"
     if res.plan is not None and res.plan.spec.lan:
         return (
             f"it is on lan={res.plan.spec.lan!r}, and a fork would have to join that LAN with "
