@@ -65,7 +65,8 @@ class BottleReports:
     def pytest_runtest_makereport(
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-        if call.excinfo is not None and not item.config.getoption("fulltrace", False):
+        whole = item.config.getoption("fulltrace", False) or item.config.getoption("tbstyle", "auto") == "native"
+        if call.excinfo is not None and not whole:
             _hide_own_frames(call.excinfo)
         report = yield
         if report.when == "setup":  # a new run of the test (pytest-rerunfailures runs one again)
@@ -112,7 +113,8 @@ def _hide_own_frames(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     """A ``BottleError`` says what went wrong in its message: its report shows
     the test's (or fixture's) line that raised it, not the plugin's code under
     it (a boot timeout's was 60 lines of it).  Any other exception keeps every
-    frame (it may be our bug), and so does ``--full-trace``."""
+    frame (it may be our bug), and so does every one with ``--full-trace`` or
+    ``--tb=native`` (Python's own traceback, whole)."""
     if not excinfo.errisinstance(BottleError):
         return
     frames: list[TracebackType] = []

@@ -74,6 +74,9 @@ def test_a_bottle_error_shows_the_users_line_and_not_the_plugins_frames(
     assert "TypeError" in other and len(OWN_FRAME.findall(other)) >= 1, other
 
 
-def test_full_trace_keeps_the_plugins_frames(pytester: pytest.Pytester, warm_cache: Path) -> None:
-    called = run(pytester, warm_cache, "--full-trace", "-k", "exec_error")["test_exec_error"]
+@pytest.mark.parametrize("option", ["--full-trace", "--tb=native"])
+def test_full_and_native_tracebacks_keep_the_plugins_frames(
+    pytester: pytest.Pytester, warm_cache: Path, option: str
+) -> None:
+    called = run(pytester, warm_cache, option, "-k", "exec_error")["test_exec_error"]
     assert "pytest_bottle/results.py" in called and "pytest_bottle/bottle.py" in called, called
