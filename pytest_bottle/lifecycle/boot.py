@@ -145,9 +145,14 @@ class EarlyKernel:
         return NO_TIMER in head
 
 
-def never_boots(error: BootError) -> bool:
-    """Whether ``error`` is a boot that may come up if tried again (a hang, a timer turned off)."""
-    return isinstance(error, BootTimeout) or error.reason == NO_TIMER_REASON
+def timer_off(error: BootError) -> bool:
+    """Whether ``error`` is ``EarlyKernel``'s: the kernel turned its only timer off."""
+    return error.reason == NO_TIMER_REASON
+
+
+def worth_another_boot(error: BootError) -> bool:
+    """Whether a build's or seed's boot may come up if tried again (a hang, a timer turned off)."""
+    return isinstance(error, BootTimeout) or timer_off(error)
 
 
 def boot_twice(
@@ -169,7 +174,7 @@ def boot_twice(
     try:
         return start_machine(cfg, run_dir, name, timeout)
     except BootError as first:
-        if not never_boots(first):
+        if not worth_another_boot(first):
             raise
         # The whole error (with the console's tail) unless the caller keeps the console itself.
         log.warning("%s: booting it once more: %s", name, first.reason if on_retry else first)

@@ -21,7 +21,7 @@ from ..store.snapshots import seed_of
 from ..vmm.backend import Machine, console_tail
 from ..vmm.qemu import MachineConfig
 from . import handshake, lan_names
-from .boot import NO_TIMER_REASON, settle, start_machine
+from .boot import settle, start_machine, timer_off
 from .handshake import Found
 from .plan import Forwards, Plan, make_plan, restore_from
 from .probe import accel_for
@@ -175,7 +175,7 @@ class _Boot:
             try:
                 machine, channel = self._run(cfg)
             except BootError as e:
-                if e.reason != NO_TIMER_REASON or self.ends - time.monotonic() < RETRY_FLOOR:
+                if not timer_off(e) or self.ends - time.monotonic() < RETRY_FLOOR:
                     raise
                 # Seconds into the boot, and no fault of the image: booted again within the same timeout.
                 log.warning("%s: booting it once more: %s", self.plan.name, e.reason)
