@@ -274,8 +274,8 @@ class Bottle(BottleFiles):
             raise copy.copy(self._ssh)  # a fresh one: raising the same object grows its traceback each time
         if self._ssh is None:
             raise BottleError(
-                f"bottle {self.name} has no SSH access: image {self.image!r} has no SSH server (it comes with "
-                "the root image, e.g. debian-bookworm, not with a -minimal one or a step that installs it)"
+                f"bottle {self.name} has no SSH access: image {self.image!r} has no SSH server (debian-bookworm "
+                "and debian-trixie have one, their -minimal twins do not: add .install('openssh-server'))"
             )
         self._announce_nic()
         return self._ssh

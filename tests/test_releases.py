@@ -70,9 +70,11 @@ def test_the_image_uses_trixie_sources_not_the_hosts_older_suite(module_bottle: 
 def test_a_derived_image_of_trixie_minimal_installs_trixie_packages(warm_cache: Path) -> None:
     # jq is 1.6 in bookworm and 1.7 in trixie: the version says which suite apt used.
     # On the minimal twin: its own seed is not needed, the derived image's is.
-    image = Image("debian-trixie-minimal").install("jq").write("/etc/app.json", '{"release": 13}\n')
+    image = Image("debian-trixie-minimal").install("jq", "openssh-server").write("/etc/app.json", '{"release": 13}\n')
     built = ensure_image(image, warm_cache)
     assert built.manifest["parent"] == "debian-trixie-minimal"
+    assert built.parent is not None and not built.parent.has_sshd
+    assert built.manifest["sshd"] is True and built.has_sshd
     log = (built.path / "build.log").read_text()  # the update fetched the package lists, no translations
     assert " Packages " in log and "Translation-" not in log, log[:3000]
     with pytest_bottle.launch(image=image) as b:
@@ -80,6 +82,11 @@ def test_a_derived_image_of_trixie_minimal_installs_trixie_packages(warm_cache: 
         assert b.check_output("jq .release /etc/app.json") == "13\n"
         assert os_release(b)["VERSION_CODENAME"] == "trixie"
         assert b.check_output("dpkg-query -W -f '${Version}' libc6").startswith("2.41")
-        # The minimal twin has no SSH server.
-        assert b.exec("test -e /usr/sbin/sshd").returncode == 1
         assert b.check_output("hostname").strip() == b.name
+        # The step installed openssh-server: SSH as on the root images, the bottle's own host key only.
+        assert b.ssh("hostname", check=True).stdout == f"{b.name}\n"
+        assert b.check_output("systemctl is-active ssh.socket ssh.service") == "active\nactive\n"
+        assert b.check_output("ls /etc/ssh | grep ^ssh_host_ | sort").split() == [
+            "ssh_host_ed25519_key",
+            "ssh_host_ed25519_key.pub",
+        ]

@@ -89,6 +89,14 @@ class BuiltImage:
         return float(self.manifest.get("created", 0.0))
 
     @property
+    def has_sshd(self) -> bool:
+        """Whether its bottles get SSH: the recipe's openssh-server, or one a derived image's steps installed."""
+        if self.parent is None:
+            return self.recipe.has_sshd
+        found = self.manifest.get("sshd")  # None: a layer built before it was recorded
+        return self.parent.has_sshd if found is None else bool(found)
+
+    @property
     def recipe(self) -> Recipe:
         """The recipe at the bottom of the chain (what sshd and the suite come from)."""
         return self.root.recipe if self.root is not None else get_recipe(self.name)

@@ -151,8 +151,8 @@ def _build(
     started = time.monotonic()
     with entries.building(final) as tmp:
         try:
-            provision(image, parent, cache_dir, tmp, progress, accel)
-            manifest = _manifest(image, parent, tmp, started)
+            has_sshd = provision(image, parent, cache_dir, tmp, progress, accel)
+            manifest = {**_manifest(image, parent, tmp, started), "sshd": has_sshd}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
             entries.commit(tmp, final)
         except HostDependencyError:

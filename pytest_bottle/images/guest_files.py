@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -127,18 +128,11 @@ def write_guest_files(recipe: Recipe, root: Path) -> None:
     # a bottle has no vsock) and AF_UNIX; SSH goes through the forwarded port.
     _link(root / "etc/systemd/system-generators/systemd-ssh-generator", "/dev/null")
     if recipe.has_sshd:
-        # One "sshd -i" per connection (ssh@.service): no daemon resident in
-        # every snapshot, and each connection reads the bottle's own host key.
-        _link(units / "sockets.target.wants/ssh.socket", "/lib/systemd/system/ssh.socket")
-        _text(units / "ssh.socket.d/bottle.conf", "[Socket]\nAccept=yes\n")
-        _text(units / "ssh@.service", SSHD_AT_UNIT)
-        if not {"ssh.service", "sshd.service"} & set(recipe.masked_units):  # a recipe's mask stands
-            # Below /etc: it overrides the package's, and `systemctl mask ssh` still works.
-            ours = "/usr/local/lib/systemd/system/ssh.service"
-            _text(root / ours.lstrip("/"), SSH_SERVICE_UNIT)
-            _link(units / "multi-user.target.wants/ssh.service", ours)  # in place of the package's links
-            _link(units / "sshd.service", ours)
-        _text(root / "etc/ssh/sshd_config.d/bottle.conf", SSHD_CONF)
+        files, links = sshd_files(recipe)
+        for path, target in links.items():
+            _link(root / path.lstrip("/"), target)
+        for path, content in files.items():
+            _text(root / path.lstrip("/"), content)
     _text(root / "etc/systemd/journald.conf.d/bottle.conf", JOURNALD_CONF)
     _text(root / "etc/hostname", "bottle\n")
     _text(root / "etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\tbottle\n::1\tlocalhost ip6-localhost\n")
@@ -146,6 +140,40 @@ def write_guest_files(recipe: Recipe, root: Path) -> None:
     _text(root / "etc/fstab", "# root is mounted read-write by the kernel command line\n")
     for guest_path, content in recipe.extra_files:
         _text(root / guest_path.lstrip("/"), content)
+
+
+def sshd_files(recipe: Recipe) -> tuple[dict[str, str], dict[str, str]]:
+    """How a bottle runs sshd: files (guest path: text) and links (guest path:
+    target).  One ``sshd -i`` per connection (ssh@.service): no daemon resident
+    in every snapshot, and each connection reads the bottle's own host key."""
+    units = "/etc/systemd/system"
+    files = {
+        f"{units}/ssh.socket.d/bottle.conf": "[Socket]\nAccept=yes\n",
+        f"{units}/ssh@.service": SSHD_AT_UNIT,
+        "/etc/ssh/sshd_config.d/bottle.conf": SSHD_CONF,
+    }
+    links = {f"{units}/sockets.target.wants/ssh.socket": "/lib/systemd/system/ssh.socket"}
+    if not {"ssh.service", "sshd.service"} & set(recipe.masked_units):  # a recipe's mask stands
+        # Below /etc: it overrides the package's, and `systemctl mask ssh` still works.
+        ours = "/usr/local/lib/systemd/system/ssh.service"
+        files[ours] = SSH_SERVICE_UNIT
+        links[f"{units}/multi-user.target.wants/ssh.service"] = ours  # in place of the package's links
+        links[f"{units}/sshd.service"] = ours
+    return files, links
+
+
+def sshd_script(recipe: Recipe) -> str:
+    """Shell that lays ``sshd_files`` over a running guest (a derived image
+    whose steps installed openssh-server), replacing the package's links."""
+    files, links = sshd_files(recipe)
+    q = shlex.quote
+    lines = ["set -eu"]
+    for path, content in files.items():
+        # rm first: never write through a link (a masked unit's points at /dev/null)
+        lines.append(f"mkdir -p {q(os.path.dirname(path))}; rm -f {q(path)}; printf %s {q(content)} > {q(path)}")
+    for path, target in links.items():
+        lines.append(f"mkdir -p {q(os.path.dirname(path))}; ln -sfn {q(target)} {q(path)}")
+    return "\n".join(lines) + "\n"
 
 
 def build_core(dest: Path) -> bool:

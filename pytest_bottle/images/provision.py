@@ -31,6 +31,7 @@ from ..vmm.backend import CONSOLE, Machine, console_tail
 from ..vmm.qemu import Accel, MachineConfig, Nic
 from . import builder, failures
 from .cache import BuiltImage
+from .guest_files import sshd_script
 from .image import COPY_SKIP, Copy, Image, Install, Run, Step, Write, count_steps, tree_digest
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ NET = {"ip": "10.0.2.15/24", "gateway": "10.0.2.2"}
 RESOLV_BUILD = "nameserver 10.0.2.3\n"
 IDENTITY = ("hostname", "resolv.conf", "machine-id")
 SAVED = "/run/bottle-build"
+SSHD_FOUND = "pytest-bottle: sshd found"
 
 # Saved before the handshake writes the build machine's identity, put back after the steps.
 SAVE_IDENTITY = f"mkdir -p {SAVED} && for f in {' '.join(IDENTITY)}; do cp -a /etc/$f {SAVED}/ 2>/dev/null || :; done"
@@ -77,9 +79,9 @@ def provision(
     tmp: Path,
     progress: builder.Progress | None = None,
     accel: Accel = "tcg",
-) -> None:
+) -> bool:
     """Leave in ``tmp`` the layer ``disk.qcow2``: ``parent`` with ``image``'s steps applied,
-    booted with ``accel`` (the one its bottles use)."""
+    booted with ``accel`` (the one its bottles use).  Returns whether the layer has sshd."""
     _check_sources(image)
     started = time.monotonic()
     root = parent.root or parent
@@ -123,6 +125,7 @@ def provision(
                 raise ImageBuildError("", f"the build machine: {e.reason}") from None
             _run_steps(image, agent, logf, note)
             _check_sources(image)  # again: a source edited while the steps ran would not match the key
+            has_sshd = _set_up_sshd(agent, parent, logf, note)
             note("cleaning up: apt caches and lists, temporary files, fstrim")
             _shell(agent, CLEANUP, logf, "clean up", 600)
             _power_off(agent, machine, logf)
@@ -135,6 +138,7 @@ def provision(
     for leftover in tmp.iterdir():  # the machine's run files: only the layer and the log stay
         if leftover.name not in ("disk.qcow2", "build.log") and (leftover.is_file() or leftover.is_socket()):
             leftover.unlink()
+    return has_sshd
 
 
 def _log_console(logf: IO[str], path: Path, header: str = failures.CONSOLE) -> None:
@@ -178,6 +182,17 @@ def _run_steps(image: Image, agent: AgentClient, logf: IO[str], note: Log) -> No
             ) from None
 
 
+def _set_up_sshd(agent: AgentClient, parent: BuiltImage, logf: IO[str], note: Log) -> bool:
+    """Whether the layer has sshd.  One the steps installed on a parent without
+    it runs as the root images' does, each bottle with its own host key."""
+    setup = "" if parent.has_sshd else sshd_script(parent.recipe)
+    found = _shell(agent, f"[ -x /usr/sbin/sshd ] || exit 0\n{setup}echo {SSHD_FOUND}", logf, "set up sshd", 120)
+    has_sshd = SSHD_FOUND in found.splitlines()
+    if has_sshd and setup:
+        note("sshd: one per connection, as in the root images (the bottles get SSH access)")
+    return has_sshd
+
+
 class _StepFailed(Exception):
     def __init__(self, rc: int, output: str) -> None:
         super().__init__(rc, output)
@@ -215,9 +230,10 @@ def _mkdir_parent(agent: AgentClient, path: str, logf: IO[str]) -> None:
 
 def _shell(
     agent: AgentClient, command: str, logf: IO[str], what: str, timeout: float, env: dict[str, str] | None = None
-) -> None:
+) -> str:
     """Run ``command`` as root with ``/bin/sh -c``; its output goes to the log
-    as it comes, all of it, stdout and stderr as they came; ``_StepFailed`` if it fails."""
+    as it comes, all of it, stdout and stderr as they came; ``_StepFailed`` if it
+    fails.  Returns the output (its last ``OUTPUT_CAP`` bytes)."""
     logf.write(f"$ {command}\n")
     run_env = {"DEBIAN_FRONTEND": "noninteractive", **(env or {})}
     tail = OutputTail(OUTPUT_CAP)  # a verbose step says why it failed at its end, past any first MiB
@@ -238,6 +254,7 @@ def _shell(
     logf.flush()
     if rc != 0:
         raise _StepFailed(rc, output + (f"\n(killed after {timeout:g} s)" if reply.timed_out else ""))
+    return output
 
 
 def _power_off(agent: AgentClient, machine: Machine, logf: IO[str]) -> None:

@@ -85,7 +85,7 @@ class Plan:
 
 
 def make_plan(spec: BottleSpec, image: BuiltImage, accel: Accel, name: str) -> Plan:
-    ssh = image.recipe.has_sshd
+    ssh = image.has_sshd
     ports = tuple(sorted(set(spec.forward) | ({SSH_PORT} if ssh else set())))
     return Plan(name=name, spec=spec, image=image, accel=accel, ssh=ssh, ports=ports)
 

@@ -200,7 +200,7 @@ def _boot_and_save(
         ready = time.monotonic()
         agent = AgentClient(channel)
         nics = [NicSetup(SEED_MACS[0], SEED_MACS[0], ip=USER_NET["ip"], gateway=USER_NET["gateway"])]
-        key = new_host_key(SEED_HOSTNAME, tmp) if image.recipe.has_sshd else None
+        key = new_host_key(SEED_HOSTNAME, tmp) if image.has_sshd else None
         # Every step a clone's handshake takes, so that the code it runs is
         # in the seed's page cache.
         shake = Handshake.fresh(SEED_HOSTNAME, nics, machine_id="0" * 32, ssh_host_key=key, baked=baked, list_nics=True)
