@@ -55,15 +55,16 @@ class HostDependencyError(BottleError):
 
 
 class ImageNotFound(BottleError, LookupError):
-    """No recipe by that name; ``known`` lists the names there are."""
+    """No recipe by that name; ``known`` lists the names there are; ``source``
+    says where the name came from (e.g. ``launch()``), when known."""
 
-    def __init__(self, name: str, known: Sequence[str] = ()) -> None:
-        self.name = name
-        self.known = list(known)
-        super().__init__(f"unknown image {name!r}; known images: {', '.join(self.known) or '(none)'}")
+    def __init__(self, name: str, known: Sequence[str] = (), source: str = "") -> None:
+        self.name, self.known, self.source = name, list(known), source
+        msg = f"unknown image {name!r}; known images: {', '.join(self.known) or '(none)'}"
+        super().__init__(f"{source}: {msg}" if source else msg)
 
     def _args(self) -> dict[str, Any]:
-        return {"name": self.name, "known": self.known}
+        return {"name": self.name, "known": self.known, "source": self.source}
 
 
 class ImageBuildError(BottleError):

@@ -48,23 +48,18 @@ class UnknownBottleImage(ImageNotFound, pytest.UsageError):  # type: ignore[misc
     """An unknown image name given to a marker, factory or option; ``source``
     names where it came from (as ``SpecError`` does), e.g. ``ini file``."""
 
-    source: str
-
     def __init__(self, name: str, known: Sequence[str], source: str = "") -> None:
-        super().__init__(name, known)
+        super().__init__(name, known, source)
         if source in OPTION_SOURCES:  # what a user who moved the Image into a subdirectory needs to know
             self.message += (
                 "; an Image(...).named() name is known to options only from a plugin or a conftest.py pytest"
                 " loads before it reads them: the root one, or one in or above a path given on the command line"
                 " or in testpaths"
             )
-        _name_source(self, source)
-
-    def _args(self) -> dict[str, Any]:
-        return {**super()._args(), "source": self.source}
+            self.args = (printable(self.message),)
 
 
-def _name_source(e: UnsafeBottleDirectory | UnknownBottleImage, source: str) -> None:
+def _name_source(e: UnsafeBottleDirectory, source: str) -> None:
     """``source`` (where the value came from) first in the message, kept for pickling."""
     e.source = source
     if source:

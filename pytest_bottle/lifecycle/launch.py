@@ -75,8 +75,10 @@ def launch(*, detached: bool = False, snapshot: Any = None, **kwargs: Any) -> Bo
     try:
         return start_bottle(spec, detached=detached)
     except ImageNotFound as e:
-        if e.name != kwargs.get("image") or "pytest" not in sys.modules or type(e) is not ImageNotFound:
+        if e.name != kwargs.get("image") or type(e) is not ImageNotFound or e.source:
             raise
+        if "pytest" not in sys.modules:
+            raise ImageNotFound(e.name, e.known, "launch()") from None
         from ..usage import UnknownBottleImage  # a marker's error for it (also a pytest.UsageError)
 
         raise UnknownBottleImage(e.name, e.known, "launch()") from None

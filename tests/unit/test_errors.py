@@ -168,6 +168,8 @@ def test_each_listed_error_is_made_from_one_message_and_pickles(cls: type[E.Bott
 
 def test_what_a_one_argument_error_says() -> None:
     assert str(E.ImageNotFound("web")) == "unknown image 'web'; known images: (none)"
+    named = pickle.loads(pickle.dumps(E.ImageNotFound("web", ["a"], "launch()")))
+    assert str(named) == "launch(): unknown image 'web'; known images: a" and named.source == "launch()"
     assert str(E.ImageBuildError("web")) == "building image 'web' failed"
     assert str(E.ExecError("make")) == "command 'make' exited with 1" and E.ExecError("make").rc == 1
     assert str(E.ExecTimeout("make")) == "command 'make' timed out and was killed"

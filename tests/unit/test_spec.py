@@ -171,10 +171,14 @@ try:
     pytest_bottle.launch(cpus=0)
 except pytest_bottle.SpecError as e:
     print(type(e).__name__, "pytest" in sys.modules, e)
+try:
+    pytest_bottle.launch(image="no-such-image", cache_dir=sys.argv[1])
+except pytest_bottle.ImageNotFound as e:
+    print(type(e).__name__, "pytest" in sys.modules, e)
 """
 
 
-def test_a_bad_launch_argument_is_a_usage_error_under_pytest_and_a_spec_error_without() -> None:
+def test_a_bad_launch_argument_is_a_usage_error_under_pytest_and_a_spec_error_without(tmp_path: Path) -> None:
     # As a marker's or factory's: nothing starts, and a test expects one error wherever it wrote the value.
     with pytest.raises(pytest.UsageError, match=r"^launch\(\): bad cpus: ") as refused:
         pytest_bottle.launch(cpus=0)
@@ -183,5 +187,8 @@ def test_a_bad_launch_argument_is_a_usage_error_under_pytest_and_a_spec_error_wi
         pytest_bottle.launch(detached="yes")
     with pytest.raises(pytest.UsageError, match=r"^launch\(\): snapshot must be a Snapshot"):
         pytest_bottle.launch(snapshot="prepared")
-    out = subprocess.run([sys.executable, "-c", WITHOUT_PYTEST], capture_output=True, text=True, check=True).stdout
-    assert out.startswith("SpecError False launch(): bad cpus: "), out
+    script = [sys.executable, "-c", WITHOUT_PYTEST, str(tmp_path)]
+    out = subprocess.run(script, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("SpecError False launch(): bad cpus: "), out
+    # An unknown image says where the name came from, as a bad value does.
+    assert out[1].startswith("ImageNotFound False launch(): unknown image 'no-such-image'; known images: "), out
