@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -82,9 +83,22 @@ def _builders(cache: Path) -> list[psutil.Process]:
     return found
 
 
+def _group(pgid: int) -> list[psutil.Process]:
+    """Live processes of process group ``pgid``."""
+    found = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                found.append(p)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return found
+
+
 def _kill_build_once_mounted(cache: Path) -> list[str]:
-    """Start a build into ``cache``, SIGKILL its whole process group as soon
-    as mmdebstrap has mounted something, and return what stayed mounted."""
+    """Start a build into ``cache``, SIGKILL the process that runs it (only that
+    one) once mmdebstrap has mounted its root and installs packages, and return
+    what stayed mounted.  Everything the build started dies with it, at once."""
     proc = subprocess.Popen(
         [sys.executable, "-c", BUILD, IMAGE, str(cache)],
         stdout=subprocess.PIPE,
@@ -94,14 +108,23 @@ def _kill_build_once_mounted(cache: Path) -> list[str]:
     )
     try:
 
-        def mounted() -> list[str]:
+        def started() -> list[psutil.Process]:
             assert proc.poll() is None, proc.communicate()
-            return _mounts_under(cache)
+            builders = [p for p in _builders(cache) if p.name() == "mmdebstrap"] if _mounts_under(cache) else []
+            try:
+                group = _group(os.getpgid(builders[0].pid)) if builders else []
+            except ProcessLookupError:
+                return []
+            # dpkg: it and the packages' scripts write nothing to mmdebstrap's pipe for
+            # seconds, so only a kill stops them (apt's downloads die on the broken pipe).
+            return [p for p in group if p.pid not in (proc.pid, builders[0].pid) and p.name() == "dpkg"]
 
-        wait_until(mounted, 600, "mmdebstrap mounting in the build root", interval=0.02)
+        children = wait_until(started, 600, "mmdebstrap installing packages with dpkg", interval=0.02)
+        group = os.getpgid(children[0].pid)
+        os.kill(proc.pid, signal.SIGKILL)  # as a kill -9 of pytest: not its process group
+        wait_until(lambda: not _group(group) and not _builders(cache), 5, "every process of the killed build gone")
     finally:
         kill_group(proc)
-    wait_until(lambda: not _builders(cache), 30, "every process of the killed build gone")
     return _mounts_under(cache)
 
 

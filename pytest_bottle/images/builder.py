@@ -7,6 +7,7 @@ root and, through ``--mode=unshare``, as an ordinary user.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from ..errors import ImageBuildError
 from ..host.deps import require
+from ..host.groups import killed_with_owner
 from ..vmm.process import die_with
 from .guest_files import write_early_files, write_guest_files
 from .recipes import BUILDER_VERSION, Recipe
@@ -146,16 +148,21 @@ def _run_logged(argv: list[str], tmp: Path, log_path: Path, progress: Progress |
     with open(log_path, "w") as logf:
         logf.write("$ " + " ".join(argv) + "\n")
         logf.flush()
-        with subprocess.Popen(  # closes its pipe on the way out, whichever way that is
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            text=True,
-            # SIGTERM, not SIGKILL: mmdebstrap then unmounts what it mounted.
-            preexec_fn=functools.partial(die_with, os.getpid(), signal.SIGTERM),
-        ) as proc:
+        with (
+            subprocess.Popen(  # closes its pipe on the way out, whichever way that is
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                text=True,
+                # A group of its own, killed with us (host.groups): apt, dpkg and the packages'
+                # scripts too.  What it mounted stays, for the sweep, as after any kill -9.
+                process_group=0,
+                preexec_fn=functools.partial(die_with, os.getpid(), signal.SIGKILL),
+            ) as proc,
+            killed_with_owner(proc.pid),
+        ):
             assert proc.stdout is not None
             try:
                 for line in proc.stdout:
@@ -163,14 +170,23 @@ def _run_logged(argv: list[str], tmp: Path, log_path: Path, progress: Progress |
                     if progress and line.startswith("I: "):
                         progress(line[3:].strip(), time.monotonic() - started)
             except BaseException:  # interrupted: stop the build before its directory goes
-                proc.terminate()
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                _end_group(proc)
                 raise
             return proc.wait()
+
+
+def _end_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to the build's group (mmdebstrap then unmounts what it mounted; a
+    terminal's Ctrl-C no longer reaches the group), SIGKILL to what is left after 60 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):  # its children, or itself if it did not stop
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _manifest(recipe: Recipe, out: Path, started: float) -> dict[str, object]:
