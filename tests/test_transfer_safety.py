@@ -918,6 +918,13 @@ def test_get_refuses_devices_and_links_out_from_a_real_guest(module_bottle: Bott
     with pytest.raises(UnsafeTransfer, match="not a regular file"):
         module_bottle.get("/dev/zero", tmp_path / "zero")
     assert not (tmp_path / "zero").exists()
+    # A regular file whose size is past the limit (128 TiB) is refused before a byte
+    # comes: it used to stream gigabytes to disk until the timeout.
+    started = time.monotonic()
+    with pytest.raises(UnsafeTransfer, match=f"larger than the limit of {GET.max_bytes} bytes"):
+        module_bottle.get("/proc/kcore", tmp_path / "kcore", timeout=30)
+    assert time.monotonic() - started < 10
+    assert not [p for p in os.listdir(tmp_path) if "kcore" in p]  # no temporary left
     assert module_bottle.check_output("echo still here") == "still here\n"
 
 

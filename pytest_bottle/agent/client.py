@@ -205,9 +205,10 @@ class AgentClient:
         """A malformed reply is ``UnsafeTransfer``: nothing is copied on its word."""
         return StatReply.parse(self.channel.call("stat", path=path), path)
 
-    def start_read(self, path: str, sink: Sink) -> tuple[int, Call]:
-        """Start streaming ``path`` into ``sink``; credit goes back as it returns."""
-        return self.channel.start("read", sink, path=path)
+    def start_read(self, path: str, sink: Sink, limit: int | None = None) -> tuple[int, Call]:
+        """Start streaming ``path`` into ``sink``; credit goes back as it returns.
+        A file whose size is over ``limit`` is refused at once (EFBIG)."""
+        return self.channel.start("read", sink, path=path, limit=limit)
 
     def start_tar(self, path: str, sink: Sink) -> tuple[int, Call]:
         """Start a tar stream of directory ``path``; the consumer grants the credit."""

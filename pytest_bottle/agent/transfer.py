@@ -214,7 +214,8 @@ def receive_file(
     fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=".bottle-part", dir=dst.parent)
     sink = _FileSink(fd, src, policy.max_bytes)
     try:
-        rid, call = client.start_read(src, sink.write)
+        # Its size refused at once (a 128 TiB /proc/kcore); a file that grows is cut by the sink.
+        rid, call = client.start_read(src, sink.write, policy.max_bytes)
         try:
             while not call.done.wait(0.2) and not sink.failed.is_set():
                 channel.check(call, "get")  # a deadline, a dead agent
@@ -224,7 +225,12 @@ def receive_file(
             sink.shut()
             _give_up(channel, rid, call.done, _grace(e))
             raise
-        channel.wait(call, 0, "get")
+        try:
+            channel.wait(call, 0, "get")
+        except GuestOSError as e:
+            if e.errno != errno.EFBIG:
+                raise
+            raise UnsafeTransfer(src, f"it is larger than the limit of {policy.max_bytes} bytes") from None
         os.fchmod(fd, mode & policy.mode_mask)
         if mtime is not None:
             with contextlib.suppress(OSError):  # a file system that cannot hold it: the data matters
