@@ -49,7 +49,7 @@ class RunHosts:
         self.config = config
         self.cache_dir = cache_dir
         self._sweeps: list[threading.Thread] = []
-        self._swept: list[str] = []
+        self._swept: list[str] = []  # lines for the terminal summary: what the sweeps removed
         self.run_id = run_id
         self.host = host
         self.handed_out = handed_out
@@ -86,15 +86,22 @@ class RunHosts:
             log.warning("pytest-bottle: could not sweep after worker %s went down: %s", name, e)
             return
         if report.vms or report.processes or report.leases or report.paths:
-            self._swept.append(f"pytest-bottle: worker {name} went down; the sweep after it {report.counts()}")
+            self.note(f"pytest-bottle: worker {name} went down; the sweep after it {report.counts()}")
+
+    def note(self, line: str) -> None:
+        """A line for the terminal summary's pytest-bottle section."""
+        self._swept.append(line)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         for thread in self._sweeps:
             thread.join(SWEEP_WAIT)
-        for swept in self._swept:
-            terminalreporter.write_line(swept)
+        lines = list(self._swept)
         if line := summary_line(self.workers, self.host):
-            terminalreporter.write_line(line)
+            lines.append(line)
+        if lines:
+            terminalreporter.section("pytest-bottle", sep="-")
+            for line in lines:
+                terminalreporter.write_line(line)
 
     # -- worker ---------------------------------------------------------------
 
@@ -117,7 +124,11 @@ def start(config: pytest.Config, cache_dir: Path, handed_out: Callable[[], int])
         run_id, by, begun = str(worker.get("bottle_run_id") or new_run_id()), str(worker["workerid"]), None
     found = start_run_on_host(run_id, cache_dir, by, begun)
     failures.join_run(run_id)  # a build that failed in one worker fails at once in the others
-    config.pluginmanager.register(RunHosts(config, run_id, host_identity(), handed_out, cache_dir), "bottle-hosts")
+    hosts = RunHosts(config, run_id, host_identity(), handed_out, cache_dir)
+    if found.report and worker is None:  # a worker's summary is not shown: the controller swept anyway
+        # Killed VMs of a run killed before: say so (pytest's logging is not set up yet).
+        hosts.note(f"pytest-bottle: the startup sweep removed what dead runs left: {found.report.summary()}")
+    config.pluginmanager.register(hosts, "bottle-hosts")
     return found.start
 
 

@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -92,7 +93,7 @@ def test_release_and_dead_owner_reclaim(tmp_path: Path) -> None:
 def _release_and_reclaim() -> None:
     mine = pools.lease("mac", "vm-a", 2)
     assert len(set(mine)) == 2
-    pools.release("vm-a")
+    assert sorted(pools.release("vm-a")) == sorted(("mac", m) for m in mine)
     assert "vm-a" not in json.dumps(pools.snapshot())
     (p,) = _leasers(1, 3, 100)
     assert p.stdout.readline()  # type: ignore[union-attr]
@@ -119,6 +120,24 @@ def _pid_reuse() -> None:
     report = sweep()
     assert "btl-reused" in report.vms and not run_dir.exists()
     assert live_dir.exists() and {r.name for r in RunRecord.load_all()} == {"btl-live"}
+
+
+def test_the_startup_sweep_says_what_it_removed(tmp_path: Path) -> None:
+    _isolated("_startup_sweep_says", tmp_path / "state")
+
+
+def _startup_sweep_says() -> None:
+    # It ran before pytest's logging was set up: a run after a kill -9 cleaned up in silence.
+    run_dir = state_dir() / "btl-dead"
+    run_dir.mkdir()
+    RunRecord(name="btl-dead", owner_pid=os.getpid(), owner_start=f"12345@{boot_id()}", run_dir=str(run_dir)).save()
+    assert len(pools.lease("mac", "btl-dead", 2)) == 2  # a VM's leases count with it
+    with tempfile.TemporaryDirectory() as tmp:
+        out = _trivial_run(Path(tmp))
+    said = (
+        "pytest-bottle: the startup sweep removed what dead runs left: swept 1 VM record(s), 0 process(es), 2 lease(s)"
+    )
+    assert said in out and not run_dir.exists(), out
 
 
 HOLDER = """
@@ -192,7 +211,7 @@ def _start_holder(
     return proc, info
 
 
-def _trivial_run(tmp_path: Path) -> None:
+def _trivial_run(tmp_path: Path) -> str:
     (tmp_path / "test_trivial.py").write_text("def test_nothing():\n    pass\n")
     r = subprocess.run(
         [
@@ -210,6 +229,7 @@ def _trivial_run(tmp_path: Path) -> None:
         text=True,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
 
 
 def _netns_refs() -> dict[str, list[str]]:

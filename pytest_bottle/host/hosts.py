@@ -169,7 +169,10 @@ def summary_line(workers: list[WorkerHost], controller: HostIdentity | None) -> 
             parts.append(f"unknown ({', '.join(w.worker for w in ws)}: went down without a report)")
             continue
         label = host.label if names.count(host.name) > 1 else host.name
-        counts = ", ".join(f"{w.worker}: {w.bottles}" for w in ws)
+        per_worker: dict[str, int] = {}  # a worker xdist replaced after it went down has its name
+        for w in ws:
+            per_worker[w.worker] = per_worker.get(w.worker, 0) + w.bottles
+        counts = ", ".join(f"{worker}: {n}" for worker, n in per_worker.items())
         mine = "; the controller's host" if controller is not None and host.id == controller.id else ""
         parts.append(f"{label} ({counts}{mine})")
     return "bottles ran on: " + ", ".join(parts)

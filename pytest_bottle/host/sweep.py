@@ -86,7 +86,7 @@ def stop_vm(record: RunRecord, report: SweepReport) -> bool:
     if run_dir.exists() and not _remove(run_dir, report):
         return False
     try:
-        pools.release(record.name)
+        report.leases += [f"{pool} {value} ({record.name})" for pool, value in pools.release(record.name)]
     except LockTimeout as e:
         report.skip(f"leases of {record.name}", str(e))
         return False

@@ -110,14 +110,17 @@ def lease(pool: str, holder: str, count: int = 1, size: int | None = None) -> li
         raise PoolExhausted(pool, size)
 
 
-def release(holder: str) -> None:
-    """Release every lease held by ``holder``."""
+def release(holder: str) -> list[tuple[str, str]]:
+    """Release every lease held by ``holder``; return (pool, value) of each."""
+    released = []
     with _locked() as state:
         for pool, leases in state.items():
             if pool == "cursor":
                 continue
             for value in [v for v, o in leases.items() if o.get("holder") == holder]:
                 del leases[value]
+                released.append((pool, value))
+    return released
 
 
 def reassign(pool: str, value: str, holder: str) -> None:

@@ -65,6 +65,9 @@ def test_summary_names_the_hosts_that_ran_bottles() -> None:
     lost = summary_line([WorkerHost("gw0", a, 1), WorkerHost("gw1", None)], None)
     assert lost == "bottles ran on: alpha (gw0: 1), unknown (gw1: went down without a report)"
     assert summary_line([WorkerHost("gw0", a, 0)], a) is None
+    # xdist names a worker that replaces one that went down as it: one entry, both counts.
+    replaced = summary_line([WorkerHost("gw0", a, 1), WorkerHost("gw1", a, 2), WorkerHost("gw0", a, 1)], a)
+    assert replaced == "bottles ran on: alpha (gw0: 2, gw1: 2; the controller's host)"
 
 
 def test_a_sweep_reports_counts_apart_from_what_it_left() -> None:
