@@ -24,7 +24,16 @@ import psutil
 import pytest
 from harness import recv_exactly, wait_until
 
-from pytest_bottle import AgentError, AgentTimeout, Bottle, GuestOSError, OutputLimit, SpecError, UnsafeTransfer
+from pytest_bottle import (
+    AgentError,
+    AgentTimeout,
+    Bottle,
+    GuestOSError,
+    OutputLimit,
+    SpecError,
+    UnsafeTransfer,
+    bottle_files,
+)
 from pytest_bottle import bottle as bottle_mod
 from pytest_bottle.agent import send as send_mod
 from pytest_bottle.agent import streams
@@ -684,6 +693,16 @@ def test_a_file_over_the_read_cap_is_refused_before_it_is_sent(bottle: Bottle) -
         bottle.read_bytes("/tmp/over-cap")
     assert time.monotonic() - started < 10  # streaming 1 GiB would take a minute here
     assert bottle.exec("echo still").stdout == "still\n"
+
+
+def test_a_device_past_the_read_cap_is_not_sent_to_get(bottle: Bottle, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A device has no size to refuse it by, and get() refuses devices: the error says what works.
+    monkeypatch.setattr(bottle_files, "READ_CAP", 1 << 20)
+    with pytest.raises(OutputLimit, match=r"larger than 1048576 bytes: it is not a regular file .*'head', '-c'"):
+        bottle.read_bytes("/dev/zero", timeout=60)
+    with pytest.raises(OutputLimit, match="larger than 1048576 bytes: use get"):  # a file of size 0, as /proc's
+        bottle.read_bytes("/proc/kallsyms", timeout=60)
+    assert bottle.read_bytes("/dev/null") == b""
 
 
 def test_read_bytes_holds_a_big_file_once_not_twice(bottle: Bottle) -> None:

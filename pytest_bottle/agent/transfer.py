@@ -393,7 +393,7 @@ def read_all(agent: Agent, path: str, cap: int, timeout: float | None) -> bytes:
     def sink(kind: int, data: bytes) -> None:
         if kind == DATA:
             if buf.tell() + len(data) > cap:
-                raise OutputLimit(f"{path} in {client.name} is larger than {cap} bytes: use get()")
+                raise OutputLimit(f"{path} in {client.name} is larger than {cap} bytes")
             buf.write(data)
 
     try:
@@ -402,4 +402,15 @@ def read_all(agent: Agent, path: str, cap: int, timeout: float | None) -> bytes:
         if e.errno == errno.EFBIG:  # its size said so before a byte was sent
             raise OutputLimit(f"{path} in {client.name} is larger than {cap} bytes: use get()") from None
         raise
+    except OutputLimit as e:
+        raise OutputLimit(f"{e}: {_instead(client, path)}") from None
     return buf.getvalue()
+
+
+def _instead(client: AgentClient, path: str) -> str:
+    """What to do about a file too large for memory: get() copies a regular one to disk,
+    but refuses a device or a pipe, which may never end."""
+    with contextlib.suppress(BottleError):
+        if not stat.S_ISREG(client.stat(path).mode):
+            return f"it is not a regular file (get() refuses it); read a part: exec(['head', '-c', 'N', {path!r}])"
+    return "use get()"
