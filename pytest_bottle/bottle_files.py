@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .agent.client import AgentClient
-from .agent.transfer import fetch, put, read_all
+from .agent.reads import read_all
+from .agent.transfer import fetch, put
 from .arguments import GuestPath, check_mode, check_timeout, guest_path, names_no_file, raw_path
 from .errors import guest_os_error
 

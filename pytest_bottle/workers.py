@@ -125,9 +125,12 @@ def start(config: pytest.Config, cache_dir: Path, handed_out: Callable[[], int])
     found = start_run_on_host(run_id, cache_dir, by, begun)
     failures.join_run(run_id)  # a build that failed in one worker fails at once in the others
     hosts = RunHosts(config, run_id, host_identity(), handed_out, cache_dir)
-    if found.report and worker is None:  # a worker's summary is not shown: the controller swept anyway
-        # Killed VMs of a run killed before: say so (pytest's logging is not set up yet).
-        hosts.note(f"pytest-bottle: the startup sweep removed what dead runs left: {found.report.summary()}")
+    swept = found.report
+    if swept and (swept.vms or swept.processes or swept.leases or swept.paths) and worker is None:
+        # Say what a run killed before left (pytest's logging is not set up yet); what it
+        # may not touch is logged as a warning.  A worker's summary is not shown: the
+        # startup sweep of another host is shown nowhere.
+        hosts.note(f"pytest-bottle: the startup sweep removed what dead runs left: {swept.summary()}")
     config.pluginmanager.register(hosts, "bottle-hosts")
     return found.start
 

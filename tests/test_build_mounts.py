@@ -74,7 +74,7 @@ def shm_canary() -> Iterator[Path]:
 def _builders(cache: Path) -> list[psutil.Process]:
     """Live processes (any name) whose command line names ``cache``."""
     found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
+    for p in psutil.process_iter(["cmdline", "status", "name"]):  # names read now: a process may end at once
         try:
             if p.info["status"] != psutil.STATUS_ZOMBIE and any(str(cache) in a for a in p.info["cmdline"] or ()):
                 found.append(p)
@@ -84,9 +84,9 @@ def _builders(cache: Path) -> list[psutil.Process]:
 
 
 def _group(pgid: int) -> list[psutil.Process]:
-    """Live processes of process group ``pgid``."""
+    """Live processes of process group ``pgid`` (their names read as they were listed)."""
     found = []
-    for p in psutil.process_iter(["status"]):
+    for p in psutil.process_iter(["status", "name"]):
         try:
             if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
                 found.append(p)
@@ -108,19 +108,16 @@ def _kill_build_once_mounted(cache: Path) -> list[str]:
     )
     try:
 
-        def started() -> list[psutil.Process]:
+        def started() -> int:
             assert proc.poll() is None, proc.communicate()
-            builders = [p for p in _builders(cache) if p.name() == "mmdebstrap"] if _mounts_under(cache) else []
-            try:
-                group = _group(os.getpgid(builders[0].pid)) if builders else []
-            except ProcessLookupError:
-                return []
-            # dpkg: it and the packages' scripts write nothing to mmdebstrap's pipe for
-            # seconds, so only a kill stops them (apt's downloads die on the broken pipe).
-            return [p for p in group if p.pid not in (proc.pid, builders[0].pid) and p.name() == "dpkg"]
+            builders = [p for p in _builders(cache) if p.info["name"] == "mmdebstrap"] if _mounts_under(cache) else []
+            # mmdebstrap leads its own group.  dpkg: it and the packages' scripts write nothing
+            # to mmdebstrap's pipe for seconds, so only a kill stops them (apt's downloads
+            # die on the broken pipe).
+            group = _group(builders[0].pid) if builders else []
+            return builders[0].pid if any(p.info["name"] == "dpkg" for p in group) else 0
 
-        children = wait_until(started, 600, "mmdebstrap installing packages with dpkg", interval=0.02)
-        group = os.getpgid(children[0].pid)
+        group = wait_until(started, 600, "mmdebstrap installing packages with dpkg", interval=0.02)
         os.kill(proc.pid, signal.SIGKILL)  # as a kill -9 of pytest: not its process group
         wait_until(lambda: not _group(group) and not _builders(cache), 5, "every process of the killed build gone")
     finally:

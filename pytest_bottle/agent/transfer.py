@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import io
 import logging
 import os
 import posixpath
@@ -24,7 +23,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import AgentError, BottleError, GuestOSError, OutputLimit, UnsafeTransfer
+from ..errors import AgentError, BottleError, GuestOSError, UnsafeTransfer
 from ..guest import untar
 from ..guest.frames import DATA, EOF, FrameWriter
 from .calls import Call
@@ -381,36 +380,3 @@ class _FrameSource:
     def _finished(self) -> bool:
         # The reply (or the channel's death) comes after the last data frame.
         return self.channel.closed.is_set() or (self.done is not None and self.done.is_set())
-
-
-def read_all(agent: Agent, path: str, cap: int, timeout: float | None) -> bytes:
-    """``Bottle.read_bytes``: the whole of guest file ``path``, at most ``cap`` bytes."""
-    client = AgentClient.of(agent)
-    # Not a part per frame (a guest's tiny frames cost their bytes only), and
-    # handed out without a copy: a file near the cap is held once, not twice.
-    buf = io.BytesIO()
-
-    def sink(kind: int, data: bytes) -> None:
-        if kind == DATA:
-            if buf.tell() + len(data) > cap:
-                raise OutputLimit(f"{path} in {client.name} is larger than {cap} bytes")
-            buf.write(data)
-
-    try:
-        client.read(path, sink, timeout=timeout, limit=cap)
-    except GuestOSError as e:
-        if e.errno == errno.EFBIG:  # its size said so before a byte was sent
-            raise OutputLimit(f"{path} in {client.name} is larger than {cap} bytes: use get()") from None
-        raise
-    except OutputLimit as e:
-        raise OutputLimit(f"{e}: {_instead(client, path)}") from None
-    return buf.getvalue()
-
-
-def _instead(client: AgentClient, path: str) -> str:
-    """What to do about a file too large for memory: get() copies a regular one to disk,
-    but refuses a device or a pipe, which may never end."""
-    with contextlib.suppress(BottleError):
-        if not stat.S_ISREG(client.stat(path).mode):
-            return f"it is not a regular file (get() refuses it); read a part: exec(['head', '-c', 'N', {path!r}])"
-    return "use get()"

@@ -148,44 +148,55 @@ def _run_logged(argv: list[str], tmp: Path, log_path: Path, progress: Progress |
     with open(log_path, "w") as logf:
         logf.write("$ " + " ".join(argv) + "\n")
         logf.flush()
-        with (
-            subprocess.Popen(  # closes its pipe on the way out, whichever way that is
-                argv,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                text=True,
-                # A group of its own, killed with us (host.groups): apt, dpkg and the packages'
-                # scripts too.  What it mounted stays, for the sweep, as after any kill -9.
-                process_group=0,
-                preexec_fn=functools.partial(die_with, os.getpid(), signal.SIGKILL),
-            ) as proc,
-            killed_with_owner(proc.pid),
-        ):
+        with subprocess.Popen(  # closes its pipe on the way out, whichever way that is
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            text=True,
+            # A group of its own, killed with us (host.groups): apt, dpkg and the packages'
+            # scripts too.  What it mounted stays, for the sweep, as after any kill -9.
+            process_group=0,
+            preexec_fn=functools.partial(die_with, os.getpid(), signal.SIGKILL),
+        ) as proc:
             assert proc.stdout is not None
             try:
-                for line in proc.stdout:
-                    logf.write(line)
-                    if progress and line.startswith("I: "):
-                        progress(line[3:].strip(), time.monotonic() - started)
+                with killed_with_owner(proc.pid):
+                    for line in proc.stdout:
+                        logf.write(line)
+                        if progress and line.startswith("I: "):
+                            progress(line[3:].strip(), time.monotonic() - started)
+                    _exited(proc, None)  # not reaped yet: its group id is not free while the watcher is armed
             except BaseException:  # interrupted: stop the build before its directory goes
                 _end_group(proc)
                 raise
             return proc.wait()
 
 
+def _exited(proc: subprocess.Popen[str], timeout: float | None) -> bool:
+    """Whether ``proc`` has exited (within ``timeout``, None: wait), without reaping it."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    flags = os.WEXITED | os.WNOWAIT
+    if deadline is None:
+        os.waitid(os.P_PID, proc.pid, flags)
+        return True
+    while os.waitid(os.P_PID, proc.pid, flags | os.WNOHANG) is None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _end_group(proc: subprocess.Popen[str]) -> None:
     """SIGTERM to the build's group (mmdebstrap then unmounts what it mounted; a
-    terminal's Ctrl-C no longer reaches the group), SIGKILL to what is left after 60 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):  # its children, or itself if it did not stop
-        os.killpg(proc.pid, signal.SIGKILL)
+    terminal's Ctrl-C does not reach the group), SIGKILL to what is left after 60 s."""
+    if proc.returncode is None:  # not reaped: the group id is still its own
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        _exited(proc, 60)
+        with contextlib.suppress(ProcessLookupError):  # its children, or itself if it did not stop
+            os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 

@@ -98,7 +98,7 @@ class BuiltImage:
 
     @property
     def recipe(self) -> Recipe:
-        """The recipe at the bottom of the chain (what sshd and the suite come from)."""
+        """The recipe at the bottom of the chain (what the kernel and the suite come from)."""
         return self.root.recipe if self.root is not None else get_recipe(self.name)
 
 

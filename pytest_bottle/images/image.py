@@ -47,7 +47,8 @@ from .recipes import RECIPES
 # Bump when the derived builder's output changes for the same steps.
 # 2: .copy of a file to a dst ending in / puts it inside that directory, as Bottle.put does
 # 3: what the steps leave in /var/tmp is kept
-DERIVED_VERSION = 3
+# 4: an sshd the steps installed is set up as the root images' (manifest "sshd")
+DERIVED_VERSION = 4
 # What Python and pytest write into a source tree on the host while the run
 # goes on (importing, collecting): left out of a copied directory and its key,
 # or the tree would change under its Image and fail the build.

@@ -186,7 +186,12 @@ def _set_up_sshd(agent: AgentClient, parent: BuiltImage, logf: IO[str], note: Lo
     """Whether the layer has sshd.  One the steps installed on a parent without
     it runs as the root images' does, each bottle with its own host key."""
     setup = "" if parent.has_sshd else sshd_script(parent.recipe)
-    found = _shell(agent, f"[ -x /usr/sbin/sshd ] || exit 0\n{setup}echo {SSHD_FOUND}", logf, "set up sshd", 120)
+    try:
+        found = _shell(agent, f"[ -x /usr/sbin/sshd ] || exit 0\n{setup}echo {SSHD_FOUND}", logf, "set up sshd", 120)
+    except _StepFailed as e:
+        raise ImageBuildError(
+            "", f"setting up the sshd the steps installed exited with {e.rc}", _tail(e.output)
+        ) from None
     has_sshd = SSHD_FOUND in found.splitlines()
     if has_sshd and setup:
         note("sshd: one per connection, as in the root images (the bottles get SSH access)")
