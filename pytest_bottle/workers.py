@@ -49,7 +49,7 @@ class RunHosts:
         self.config = config
         self.cache_dir = cache_dir
         self._sweeps: list[threading.Thread] = []
-        self._swept: list[str] = []  # lines for the terminal summary: what the sweeps removed
+        self._lines: list[str] = []  # for the terminal summary: what the sweeps removed
         self.run_id = run_id
         self.host = host
         self.handed_out = handed_out
@@ -90,12 +90,12 @@ class RunHosts:
 
     def note(self, line: str) -> None:
         """A line for the terminal summary's pytest-bottle section."""
-        self._swept.append(line)
+        self._lines.append(line)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         for thread in self._sweeps:
             thread.join(SWEEP_WAIT)
-        lines = list(self._swept)
+        lines = list(self._lines)
         if line := summary_line(self.workers, self.host):
             lines.append(line)
         if lines:

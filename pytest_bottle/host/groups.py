@@ -5,10 +5,10 @@ mmdebstrap gets it, but not the apt, dpkg and maintainer scripts it runs:
 after a ``kill -9`` of pytest they went on installing, as root, for 15 s.
 So the build runs in a process group of its own, and a watcher in a session
 of its own (a kill of the owner's group does not reach it) holds the read end
-of a pipe whose only write end is the owner's.  When the owner dies, the
-kernel closes that end; the watcher reads EOF and kills the group, at once,
-as the owner died.  An owner that is done writes a byte first: then the
-watcher just exits.
+of a pipe whose write end is the owner's, and a pidfd of the owner.  When the
+owner dies, the kernel closes that end and the pidfd turns readable; the
+watcher kills the group, at once, as the owner died.  An owner that is done
+writes a byte first: then the watcher just exits.
 """
 
 from __future__ import annotations
