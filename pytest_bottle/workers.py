@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +69,8 @@ class RunHosts:
         name = str(getattr(getattr(node, "gateway", None), "id", "?"))
         host = HostIdentity.from_dict(out.get("bottle_host"))
         self.workers.append(WorkerHost(name, host, int(out.get("bottle_count", 0)) if host else 0))
+        if isinstance(swept := out.get("bottle_swept"), str):  # a remote host's startup sweep
+            self.note(swept[:2000])
         spec = getattr(getattr(node, "gateway", None), "spec", None)
         local = bool(getattr(spec, "popen", False)) and not getattr(spec, "via", None)
         if error is not None and error != "keyboard-interrupt" and local:  # a remote host sweeps its own
@@ -110,6 +113,8 @@ class RunHosts:
         if out is not None:
             out["bottle_host"] = self.host.as_dict()
             out["bottle_count"] = self.handed_out()
+            if self._lines:
+                out["bottle_swept"] = "\n".join(self._lines)
 
 
 def start(config: pytest.Config, cache_dir: Path, handed_out: Callable[[], int]) -> float:
@@ -126,11 +131,12 @@ def start(config: pytest.Config, cache_dir: Path, handed_out: Callable[[], int])
     failures.join_run(run_id)  # a build that failed in one worker fails at once in the others
     hosts = RunHosts(config, run_id, host_identity(), handed_out, cache_dir)
     swept = found.report
-    if swept and (swept.vms or swept.processes or swept.leases or swept.paths) and worker is None:
+    if swept and (swept.vms or swept.processes or swept.leases or swept.paths):
         # Say what a run killed before left (pytest's logging is not set up yet); what it
-        # may not touch is logged as a warning.  A worker's summary is not shown: the
-        # startup sweep of another host is shown nowhere.
-        hosts.note(f"pytest-bottle: the startup sweep removed what dead runs left: {swept.summary()}")
+        # may not touch is logged as a warning.  A worker's line (on a host of its own: the
+        # controller sweeps its own host first) goes to the controller's summary.
+        where = "" if worker is None else f" of {socket.gethostname()} (by {by})"
+        hosts.note(f"pytest-bottle: the startup sweep{where} removed what dead runs left: {swept.summary()}")
     config.pluginmanager.register(hosts, "bottle-hosts")
     return found.start
 

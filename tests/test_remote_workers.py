@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -196,6 +197,9 @@ def test_a_second_host_runs_bottles_is_swept_after_kill_9_and_left_clean(
     assert record.exists(), "only a sweep may remove a killed worker's record"
     rc, out = child.run("-k", "where and 0", local=False)  # the next run on that host sweeps it
     assert rc == 0, out
+    # ...and the controller's summary says so, for that host.
+    said = re.search(rf"the startup sweep of {HOSTNAME} \(by gw0\) removed what dead runs left: swept (\d+) VM", out)
+    assert said is not None and int(said[1]) >= 1, out
     assert not _alive(qemu, name)
     assert not record.exists() and not run_dir.exists() and name not in _leases(sim)
     swept = json.loads(sim.path("/run/pytest-bottle/host-runs.json").read_text())
