@@ -47,6 +47,19 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, interval: floa
         time.sleep(interval)
 
 
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live processes of process group ``pgid``, their names read as they were
+    listed (``p.info["name"]``: a process may end at once)."""
+    found = []
+    for p in psutil.process_iter(["status", "name"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                found.append(p)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return found
+
+
 def processes_mentioning(marker: str, name: str = QEMU) -> list[psutil.Process]:
     """Live processes called ``name`` whose command line mentions ``marker``
     (a test's own tmp_path or cache): what *this test* started, whoever the parent."""

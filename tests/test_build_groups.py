@@ -13,7 +13,7 @@ import time
 
 import psutil
 import pytest
-from harness import kill_group, wait_until
+from harness import group_members, kill_group, wait_until
 
 OWNER = """
 import os, subprocess, sys, time
@@ -57,28 +57,17 @@ def _armed(owner: int) -> bool:
     return False
 
 
-def _members(pgid: int) -> list[int]:
-    found = []
-    for p in psutil.process_iter(["status"]):
-        try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
-                found.append(p.pid)
-        except (psutil.Error, ProcessLookupError):
-            continue
-    return found
-
-
 @pytest.mark.parametrize("how", ["kill", "fork"])
 def test_the_group_dies_with_its_owner_killed_alone(how: str) -> None:
     owner = _owner(how)
     assert owner.stdout is not None
     pgid = int(owner.stdout.readline())
     try:
-        wait_until(lambda: len(_members(pgid)) == 2, 10, "the leader and its child")
+        wait_until(lambda: len(group_members(pgid)) == 2, 10, "the leader and its child")
         wait_until(lambda: _armed(owner.pid), 10, "the watcher armed")
         os.kill(owner.pid, signal.SIGKILL)  # the owner only: its own group does not include this one
         killed = time.monotonic()
-        wait_until(lambda: not _members(pgid), 5, "the group gone after the owner's kill -9")
+        wait_until(lambda: not group_members(pgid), 5, "the group gone after the owner's kill -9")
         assert time.monotonic() - killed < 5
     finally:
         kill_group(owner)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import kill_group, run_isolated, wait_until
+from harness import group_members, kill_group, run_isolated, wait_until
 
 from pytest_bottle.host import mounts
 from pytest_bottle.host.paths import remove_tree
@@ -83,18 +83,6 @@ def _builders(cache: Path) -> list[psutil.Process]:
     return found
 
 
-def _group(pgid: int) -> list[psutil.Process]:
-    """Live processes of process group ``pgid`` (their names read as they were listed)."""
-    found = []
-    for p in psutil.process_iter(["status", "name"]):
-        try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
-                found.append(p)
-        except (psutil.Error, ProcessLookupError):
-            continue
-    return found
-
-
 def _kill_build_once_mounted(cache: Path) -> list[str]:
     """Start a build into ``cache``, SIGKILL the process that runs it (only that
     one) once mmdebstrap has mounted its root and installs packages, and return
@@ -114,12 +102,14 @@ def _kill_build_once_mounted(cache: Path) -> list[str]:
             # mmdebstrap leads its own group.  dpkg: it and the packages' scripts write nothing
             # to mmdebstrap's pipe for seconds, so only a kill stops them (apt's downloads
             # die on the broken pipe).
-            group = _group(builders[0].pid) if builders else []
+            group = group_members(builders[0].pid) if builders else []
             return builders[0].pid if any(p.info["name"] == "dpkg" for p in group) else 0
 
         group = wait_until(started, 600, "mmdebstrap installing packages with dpkg", interval=0.02)
         os.kill(proc.pid, signal.SIGKILL)  # as a kill -9 of pytest: not its process group
-        wait_until(lambda: not _group(group) and not _builders(cache), 5, "every process of the killed build gone")
+        wait_until(
+            lambda: not group_members(group) and not _builders(cache), 5, "every process of the killed build gone"
+        )
     finally:
         kill_group(proc)
     return _mounts_under(cache)

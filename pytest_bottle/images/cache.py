@@ -91,10 +91,7 @@ class BuiltImage:
     @property
     def has_sshd(self) -> bool:
         """Whether its bottles get SSH: the recipe's openssh-server, or one a derived image's steps installed."""
-        if self.parent is None:
-            return self.recipe.has_sshd
-        found = self.manifest.get("sshd")  # None: a layer built before it was recorded
-        return self.parent.has_sshd if found is None else bool(found)
+        return self.recipe.has_sshd if self.parent is None else bool(self.manifest.get("sshd"))
 
     @property
     def recipe(self) -> Recipe:

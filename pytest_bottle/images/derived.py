@@ -152,7 +152,7 @@ def _build(
     with entries.building(final) as tmp:
         try:
             has_sshd = provision(image, parent, cache_dir, tmp, progress, accel)
-            manifest = {**_manifest(image, parent, tmp, started), "sshd": has_sshd}
+            manifest = _manifest(image, parent, tmp, started, has_sshd)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
             entries.commit(tmp, final)
         except HostDependencyError:
@@ -167,7 +167,7 @@ def _build(
     log.debug("built %s (%s) in %.1fs", image.display_name, final.name, time.monotonic() - started)
 
 
-def _manifest(image: Image, parent: BuiltImage, tmp: Path, started: float) -> dict[str, Any]:
+def _manifest(image: Image, parent: BuiltImage, tmp: Path, started: float, has_sshd: bool) -> dict[str, Any]:
     chain = [image.key]
     node: BuiltImage | None = parent
     while node is not None:
@@ -183,6 +183,7 @@ def _manifest(image: Image, parent: BuiltImage, tmp: Path, started: float) -> di
         "parent_created": parent.created,
         "root": (parent.root or parent).name,
         "steps": [s.describe() for s in image.steps],
+        "sshd": has_sshd,
         "chain": chain,
         "allocated_bytes": disk.stat().st_blocks * 512,
         "build_seconds": round(time.monotonic() - started, 2),
