@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import BottleError, SnapshotError, SnapshotGone, SpecError
-from .images import BuiltImage
+from .images import BuiltImage, Image
 from .images.cache import find_image, images_dir
 from .spec import PARSERS, BottleSpec, resolve
 from .store import snapshots
@@ -81,6 +81,11 @@ def _restates(snapshot: Snapshot | None, key: str, value: Any) -> bool:
         wanted = parse(value)
     except (ValueError, TypeError):
         return False  # a bad value: refused as any other key is
+    if key == "image":  # by what it is, not how it is written: "web", WEB and a BuiltImage are one
+        try:
+            return Image(wanted).key == snapshot.image.key
+        except BottleError:  # an unknown name
+            return False
     return bool(wanted == getattr(snapshot.spec, attr) or (key == "accel" and wanted == snapshot.accel))
 
 

@@ -12,6 +12,7 @@ from typing import cast
 import pytest
 
 from pytest_bottle.errors import SnapshotError, SnapshotGone, SpecError
+from pytest_bottle.images import Image
 from pytest_bottle.snapshot import Snapshot, check_fork_args, free_saved_name, saved_name
 from pytest_bottle.spec import BOTTLE_KEYS, BottleSpec, resolve
 from pytest_bottle.store.saved import load
@@ -37,8 +38,8 @@ def test_any_other_fork_argument_is_named(key: str) -> None:
 
 
 def _snapshot(spec: BottleSpec, ran_on: str) -> Snapshot:
-    """What check_fork_args reads of a Snapshot: its source's spec, what it ran on."""
-    return cast(Snapshot, SimpleNamespace(spec=spec, accel=ran_on))
+    """What check_fork_args reads of a Snapshot: its source's spec, what it ran on, its image's key."""
+    return cast(Snapshot, SimpleNamespace(spec=spec, accel=ran_on, image=SimpleNamespace(key=Image(spec.image).key)))
 
 
 def test_a_fork_may_restate_what_its_snapshot_has(tmp_path: Path) -> None:
@@ -58,6 +59,22 @@ def test_a_fork_may_restate_what_its_snapshot_has(tmp_path: Path) -> None:
     assert check_fork_args({"accel": "auto"}, "s", spec) == check_fork_args({"accel": "tcg"}, "s", spec) == {}
     with pytest.raises(SpecError, match=r"^s: accel= cannot be given to a fork of a snapshot"):
         check_fork_args({"accel": "kvm"}, "s", spec)
+
+
+def test_a_fork_may_restate_its_image_however_it_is_written() -> None:
+    web = Image("debian-bookworm").write("/etc/restated", "1\n").named("restated-web")
+    for source, restated in (
+        ("restated-web", [web, "restated-web", Image("restated-web")]),
+        (web, ["restated-web", Image(web)]),
+        ("debian-bookworm", [Image("debian-bookworm")]),
+        (Image("debian-bookworm"), ["debian-bookworm"]),
+    ):
+        snap = _snapshot(resolve([("launch()", {"image": source})]), "tcg")
+        for value in restated:
+            assert check_fork_args({"image": value}, "s", snap) == {}, (source, value)
+        for other in ("debian-trixie", web.write("/etc/more", "2\n"), "no-such-image"):
+            with pytest.raises(SpecError, match=r"^s: image= cannot be given to a fork of a snapshot"):
+                check_fork_args({"image": other}, "s", snap)
 
 
 def test_bad_fork_values_are_named() -> None:
