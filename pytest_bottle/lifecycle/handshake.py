@@ -97,7 +97,10 @@ def clone_setup(
     spec, macs = plan.spec, res.macs
 
     def left() -> float:
-        return max(0.5, deadline - time.monotonic())
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:  # the agent answered at the very end: the start is late all the same
+            raise TimeoutError("no time was left for it")
+        return remaining
 
     key_pair = keys.host_key.result(timeout=left()) if keys.host_key is not None else None
     per_boot = dict(baked) if spec.boot == "cold" else {}  # a clone has these from its seed

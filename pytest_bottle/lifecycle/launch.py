@@ -134,7 +134,11 @@ def start_bottle(
             reason = f"the clone handshake did not finish within the bottle's timeout ({spec.timeout:g} s): {e}"
             raise BootTimeout(reason, console_tail(machine.console_log), plan.name) from None
         if spec.boot == "cold":  # as settled as a snapshot clone: its boot finished
-            settle(agent, machine, max(1.0, boot_ends - time.monotonic()), quiet=0)
+            left = boot_ends - time.monotonic()
+            if left <= 0:
+                reason = f"no time was left within the bottle's timeout ({spec.timeout:g} s) for its boot to settle"
+                raise BootTimeout(reason, console_tail(machine.console_log), plan.name)
+            settle(agent, machine, left, quiet=0)
         if res.lan is not None and res.lan_ip:
             lan_names.join(res.lan, plan.name, res.lan_ip.split("/")[0], agent)
         return Bottle(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from pytest_bottle.images import BuiltImage
+from pytest_bottle.lifecycle import handshake
 from pytest_bottle.lifecycle.plan import LAN_NIC, USER_NIC, make_plan, restore_from
 from pytest_bottle.spec import BottleSpec
 from pytest_bottle.store.saved import SavedState
@@ -91,3 +94,24 @@ def test_a_planned_restore_becomes_argv_with_the_starts_fds() -> None:
     assert f"tap,id={LAN_NIC},fd=9" in opt(argv, "-netdev")
     assert any("mem-path=/c/seeds/s/memory.ram,share=off" in o for o in opt(argv, "-object"))
     assert opt(argv, "-M") == ["microvm,rtc=on,memory-backend=ram"]
+
+
+def test_the_clone_handshake_gets_what_is_left_of_the_start_timeout_and_no_more() -> None:
+    """A start whose agent answered at the very end of its ``timeout`` is late:
+    the handshake got at least 0.5 s whatever was left."""
+    plan = make_plan(BottleSpec(), MINIMAL, "tcg", "btl-1")
+    res = SimpleNamespace(macs=MACS, lan_ip=None)
+    found = ({"match": MACS[0]},)
+    asked: list[float] = []
+
+    def setup(shake: object, *, timeout: float) -> SimpleNamespace:
+        asked.append(timeout)
+        return SimpleNamespace(nic_name=lambda mac: "eth0")
+
+    agent = SimpleNamespace(setup=setup)
+    args: tuple[object, ...] = (agent, plan, res, found, handshake.Keys(None, None), {})
+    done = handshake.clone_setup(*args, time.monotonic() + 0.2)  # type: ignore[arg-type, call-arg]
+    assert done.announce is not None and len(asked) == 1 and 0 < asked[0] <= 0.2
+    with pytest.raises(TimeoutError, match="no time was left"):
+        handshake.clone_setup(*args, time.monotonic() - 0.01)  # type: ignore[arg-type, call-arg]
+    assert len(asked) == 1  # not asked at all
