@@ -437,6 +437,60 @@ def test_put_into_a_trailing_slash_directory(module_bottle: Bottle, tmp_path: Pa
     assert module_bottle.read_text(f"{d}/plain") == "echo tool\n"
 
 
+def test_a_dst_ending_in_dot_means_inside_that_directory_both_ways(module_bottle: Bottle, tmp_path: Path) -> None:
+    """'d/.' and 'd/..' name a directory, as 'd/' does: put and get made a file named 'd'."""
+    src = tmp_path / "tool.sh"
+    src.write_text("echo tool\n")
+    d = _scratch(module_bottle)
+    module_bottle.put(src, f"{d}/new/.")
+    module_bottle.put(src, f"{d}/up/sub/..")
+    for where in ("new", "up"):
+        assert module_bottle.check_output(["stat", "-c", "%F", f"{d}/{where}/tool.sh"]) == "regular file\n"
+    module_bottle.get(f"{d}/new/tool.sh", f"{tmp_path}/out/.")
+    assert (tmp_path / "out").is_dir() and (tmp_path / "out" / "tool.sh").read_text() == "echo tool\n"
+
+
+def test_a_file_put_never_lands_in_a_directory_of_its_own_name(module_bottle: Bottle, tmp_path: Path) -> None:
+    """As cp refuses it: put("h1", "d/") with a directory d/h1 wrote d/h1/h1."""
+    src = tmp_path / "h1"
+    src.write_text("x")
+    d = _scratch(module_bottle)
+    module_bottle.exec(["mkdir", "-p", f"{d}/h1"], check=True)
+    for dst in (f"{d}/", d):
+        with pytest.raises(GuestIsADirectoryError) as info:
+            module_bottle.put(src, dst)
+        assert info.value.filename == f"{d}/h1", info.value
+    assert module_bottle.check_output(["find", d]).split() == [d, f"{d}/h1"]
+
+
+def test_guest_write_errors_name_the_file(module_bottle: Bottle, tmp_path: Path) -> None:
+    """A full disk's ENOSPC and a /proc file's EIO named no file."""
+    d = _scratch(module_bottle)
+    module_bottle.exec(f"mkdir {d}/small && mount -t tmpfs -o size=64k tmpfs {d}/small", check=True)
+    try:
+        big = b"x" * 300_000
+        (tmp_path / "tree").mkdir()
+        (tmp_path / "tree" / "big").write_bytes(big)
+        (tmp_path / "big").write_bytes(big)
+        writes: list[tuple[Callable[[], None], str]] = [
+            (lambda: module_bottle.write_bytes(f"{d}/small/one", big), f"{d}/small/one"),
+            (lambda: module_bottle.put(tmp_path / "big", f"{d}/small/two"), f"{d}/small/two"),
+            (lambda: module_bottle.put(tmp_path / "tree", f"{d}/small/tree"), f"{d}/small/tree/big"),
+        ]
+        for write, named in writes:
+            with pytest.raises(GuestOSError) as info:
+                write()
+            assert info.value.errno == errno.ENOSPC and info.value.filename == named, info.value
+        with pytest.raises(GuestOSError) as info:
+            module_bottle.write_bytes("/proc/version", b"x")
+        assert info.value.filename == "/proc/version", info.value
+    finally:
+        module_bottle.exec(f"umount {d}/small", check=True)
+    with pytest.raises(FileNotFoundError) as got:  # the local side: the file asked for, not our temporary
+        module_bottle.get("/etc/hostname", "/proc/no-such-file")
+    assert got.value.filename == "/proc/no-such-file", got.value
+
+
 def test_a_missing_relative_put_source_names_its_absolute_path(
     module_bottle: Bottle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

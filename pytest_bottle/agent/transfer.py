@@ -55,11 +55,11 @@ def put(agent: AgentClient, src: Path, dst: str, timeout: float | None, skip: fr
         return
     if not stat.S_ISREG(st.st_mode):  # opening a fifo would wait for a writer forever
         raise UnsafeTransfer(str(src), _refusal(st.st_mode), "put")
+    into_dir: str | None = src.name  # like cp: onto an existing directory, the file goes inside it
     if dst.endswith("/"):
-        dst += src.name
+        dst, into_dir = dst + src.name, None  # inside already: a directory there is in the way, as for cp
     with open(src, "rb") as f:
-        # Like cp: onto an existing directory, the file goes inside it.
-        agent.write(dst, f, mode=stat.S_IMODE(st.st_mode), into_dir=src.name, timeout=timeout)
+        agent.write(dst, f, mode=stat.S_IMODE(st.st_mode), into_dir=into_dir, timeout=timeout)
 
 
 def send_tree(agent: Agent, src: Path, dst: str, skip: frozenset[str] = frozenset()) -> None:
@@ -210,8 +210,11 @@ def receive_file(
     _local_dirs(dst.parent)
     # mkstemp: O_EXCL | O_NOFOLLOW under a fresh name, so no planted link is followed
     short = os.fsdecode(os.fsencode(dst.name)[:200])  # bytes: a name of 255 bytes may be 85 characters
-    fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=".bottle-part", dir=dst.parent)
-    sink = _FileSink(fd, src, policy.max_bytes)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=".bottle-part", dir=dst.parent)
+    except OSError as e:  # named as the file asked for, not our temporary name
+        raise OSError(e.errno, e.strerror, str(dst)) from None
+    sink = _FileSink(fd, src, policy.max_bytes, str(dst))
     try:
         # Its size refused at once (a 128 TiB /proc/kcore); a file that grows is cut by the sink.
         rid, call = client.start_read(src, sink.write, policy.max_bytes)
@@ -246,8 +249,8 @@ class _FileSink:
     ``write`` until the guest's reply, even after we gave up: once ``shut``
     it never touches the fd again, whose number a later open() may reuse."""
 
-    def __init__(self, fd: int, src: str, limit: int) -> None:
-        self.fd, self.src, self.limit = fd, src, limit
+    def __init__(self, fd: int, src: str, limit: int, dst: str) -> None:
+        self.fd, self.src, self.limit, self.dst = fd, src, limit, dst
         self.lock = threading.Lock()
         self.closed = False
         self.received = 0
@@ -268,6 +271,8 @@ class _FileSink:
                 while view:
                     view = view[os.write(self.fd, view) :]
             except BaseException as e:
+                if isinstance(e, OSError) and e.errno and not e.filename:  # a full disk's: name the file
+                    e = OSError(e.errno, e.strerror, self.dst)
                 self.errors.append(e)
                 self.failed.set()  # a full disk, or too much: no need to hear the rest
                 raise

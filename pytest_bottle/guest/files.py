@@ -37,9 +37,12 @@ class FileOps:
             # Written as a shell redirect writes them: a temporary file beside
             # them cannot be made, or means nothing. A FIFO is not: opening it
             # would wait for a reader, past any cancel.
-            with open(path, "wb", buffering=0) as f:
-                for chunk in inbox.chunks():
-                    f.write(chunk)
+            try:
+                with open(path, "wb", buffering=0) as f:
+                    for chunk in inbox.chunks():
+                        f.write(chunk)
+            except OSError as e:  # EIO from a /proc file's write: name it
+                raise _naming(e, shown) from None
             return {"size": os.path.getsize(path), "path": path}
         old = st if st is not None and stat.S_ISREG(st.st_mode) else None
         # Hidden, and a name of 255 bytes still leaves room for ours.
@@ -62,8 +65,8 @@ class FileOps:
         except BaseException as e:  # data still coming stops at the reply
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            if isinstance(e, OSError) and e.filename == tmp:  # the rename's: one path, the one asked for
-                raise OSError(e.errno, e.strerror, shown) from None  # (errno picks the subclass)
+            if isinstance(e, OSError) and e.filename in (tmp, None):  # the rename's, a full disk's: the path asked for
+                raise _naming(e, shown) from None
             raise
         return {"size": size, "path": path}
 
@@ -152,6 +155,13 @@ class FileOps:
         out.flush()
         self.chan.send(frames.frame(frames.EOF, rid))
         return {}
+
+
+def _naming(e: OSError, path: str) -> OSError:
+    """``e`` naming ``path`` (errno picks the subclass), unless it is a cancel."""
+    if isinstance(e, frames.Aborted) or e.errno is None:
+        return e
+    return OSError(e.errno, e.strerror, path)
 
 
 def _stat(path: str) -> os.stat_result | None:

@@ -49,6 +49,7 @@ class Extractor:
         self.links: set[bytes] = set()  # symlinks made here (put): never followed
         self.own_root = False  # put() into a directory it just made: the root member's mode counts
         self.source: list[bytes] | None = None  # get(): the guest directory copied, by component
+        self.dst = ""  # what an error names the member under
         self.root_mode: tuple[int, float] | None = None
         self.tracked = 0
         self.chain: list[tuple[bytes, int]] = []  # the last parent walked: a descriptor per component
@@ -155,8 +156,11 @@ class Extractor:
                 if len(self.skipped) < SHOWN_SKIPS:
                     self.skipped.append(e)
             except OSError as e:
-                if self.policy.trusted:
-                    raise  # put(): the guest's own failure (a full disk) is a GuestOSError
+                if self.policy.trusted:  # put(): the guest's own failure (a full disk) is a GuestOSError
+                    if e.errno is None or isinstance(e, ConnectionAbortedError):  # a cancel
+                        raise
+                    where = os.path.join(self.dst, *(ts.show(p) for p in ts.parts(member.name)))
+                    raise OSError(e.errno, e.strerror, where) from None  # the file, not a temporary name
                 raise ts.Refused(show(member.name), f"could not be written: {e.strerror or e}") from None
 
     def member(self, member: ts.Member, stream: ts.Stream) -> None:
@@ -339,6 +343,7 @@ def extract(
     extractor = Extractor(root, policy)
     extractor.own_root = own_root
     extractor.source = None if source is None else _components(source)
+    extractor.dst = ts.show(os.fsencode(dst))
     try:
         extractor.extract(ts.Stream(read, policy))
     finally:
