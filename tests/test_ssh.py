@@ -225,6 +225,10 @@ def test_ssh_is_refused_without_an_ssh_client(warm_cache: Path) -> None:
 def test_ssh_on_an_image_without_sshd_names_the_image() -> None:
     with pytest_bottle.launch(image="debian-bookworm-minimal") as b:
         assert b.check_output("echo up") == "up\n"
+        # The full image without its SSH server: procps came with openssh-server only.
+        assert b.check_output(["ps", "-p", "1", "-o", "comm="]) == "systemd\n"
+        assert b.exec(["pgrep", "-x", "systemd-journal"]).ok and b.exec(["free", "-m"]).ok
+        assert b.exec(["test", "-e", "/usr/sbin/sshd"]).returncode == 1
         for use in (lambda: b.ssh("true"), lambda: b.ssh_argv(), lambda: b.ssh_config):
             with pytest.raises(BottleError, match="debian-bookworm-minimal.*no SSH server"):
                 use()

@@ -108,6 +108,9 @@ BASE_PACKAGES = (
     "iproute2",
     "ca-certificates",
     "iputils-ping",  # bottles on a LAN ping each other
+    # ps, pgrep, pkill, free, sysctl: openssh-server pulls it in, and a -minimal
+    # image is the same system without the SSH server, not one without them.
+    "procps",
     # Resolves the machine's own hostname without /etc/hosts: clones rename
     # themselves without rewriting it.
     "libnss-myhostname",
