@@ -169,9 +169,3 @@ def _matrix_image(item: pytest.Item) -> str | None:
     callspec = getattr(item, "callspec", None)
     image = callspec.params.get(FIXTURE) if callspec is not None else None
     return image if isinstance(image, str) else None
-
-
-@pytest.fixture(scope="session")
-def _bottle_matrix_image(request: pytest.FixtureRequest) -> str | None:
-    """This test's image in the matrix; None outside one (the fixtures then use the first image)."""
-    return getattr(request, "param", None)

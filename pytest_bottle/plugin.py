@@ -277,6 +277,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 # -- fixtures -----------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def _bottle_matrix_image(request: pytest.FixtureRequest) -> str | None:
+    """This test's image in the matrix (``matrix`` parametrizes it); None outside one."""
+    return getattr(request, "param", None)
+
+
 @pytest.fixture
 def _bottle_group(request: pytest.FixtureRequest, _bottle_matrix_image: str | None) -> Iterator[str]:
     """The test's bottles (fixture and factory) share a group: one teardown, one LAN scope."""

@@ -615,3 +615,19 @@ def test_numbers_and_lists_in_a_pyproject_are_taken_as_toml_writes_them(pytester
     pytester.makepyprojecttoml("[tool.pytest]\nbottle_cpus = 0\n")  # set, and refused: not read as unset
     result = run(pytester)
     assert result.ret == pytest.ExitCode.USAGE_ERROR and "ini file: bad cpus" in result.stderr.str()
+
+
+def test_fixtures_lists_the_public_fixtures_with_their_docs_and_no_empty_section(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = run(pytester, "--fixtures")
+    assert result.ret == 0
+    sections = re.split(r"^-+ fixtures defined from (\S+) -+$", result.stdout.str(), flags=re.M)
+    ours = {
+        name: body
+        for name, body in zip(sections[1::2], sections[2::2], strict=True)
+        if name.startswith("pytest_bottle")
+    }
+    assert list(ours) == ["pytest_bottle.plugin"], list(ours)  # the matrix's private fixture made an empty one
+    listed = re.findall(r"^(\w+)(?: \[\w+ scope\])? -- .+\n +\S", ours["pytest_bottle.plugin"], flags=re.M)
+    public = ["bottle", "bottle_factory", "module_bottle", "session_bottle", "session_bottle_factory", "bottle_image"]
+    assert sorted(listed) == sorted(public), listed
