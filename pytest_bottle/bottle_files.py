@@ -26,7 +26,6 @@ PathLike = str | os.PathLike[str]
 FILE_TIMEOUT = 300.0
 # The most read_bytes/read_text hold in memory (use get() for more).
 READ_CAP = 1024 * 1024 * 1024
-DIR_ENDS = ("/", "/.", "/..")  # a str path ending so names a directory, as for open(2)
 
 
 class BottleFiles:
@@ -105,10 +104,7 @@ class BottleFiles:
         ``timeout`` seconds.
         """
         check_timeout(timeout)
-        raw, path = raw_path(dst), guest_path(dst)
-        # "d/", "d/." and "d/..": the directory they name (a path object has none of these)
-        into = isinstance(raw, str) and raw.endswith(DIR_ENDS) and path != "/"
-        put(self._agent, Path(src), path + ("/" if into else ""), timeout)
+        put(self._agent, Path(src), dst, timeout)
 
     def get(self, src: GuestPath, dst: PathLike, *, timeout: float | None = FILE_TIMEOUT) -> None:
         """Copy a guest file or directory to local ``dst``: files, directories and
@@ -119,6 +115,6 @@ class BottleFiles:
         Streams to disk (a window at a time); ``AgentTimeout`` after ``timeout`` s.
         A file goes inside ``dst`` when it is a directory or ends with ``/``."""
         check_timeout(timeout)
-        into = isinstance(dst, str) and dst.endswith((*DIR_ENDS, os.sep))
+        into = isinstance(dst, (str, os.PathLike)) and names_no_file(str(os.fspath(dst)))  # "d/", "d/.", "d/.."
         with self._agent.deadline(timeout):
             fetch(self._agent, guest_path(src), Path(dst), into=into)

@@ -448,6 +448,8 @@ def test_a_dst_ending_in_dot_means_inside_that_directory_both_ways(module_bottle
         assert module_bottle.check_output(["stat", "-c", "%F", f"{d}/{where}/tool.sh"]) == "regular file\n"
     module_bottle.get(f"{d}/new/tool.sh", f"{tmp_path}/out/.")
     assert (tmp_path / "out").is_dir() and (tmp_path / "out" / "tool.sh").read_text() == "echo tool\n"
+    module_bottle.get(f"{d}/new/tool.sh", tmp_path / "made" / "..")  # a path object keeps its '..'
+    assert (tmp_path / "made").is_dir() and (tmp_path / "tool.sh").read_text() == "echo tool\n"
 
 
 def test_a_file_put_never_lands_in_a_directory_of_its_own_name(module_bottle: Bottle, tmp_path: Path) -> None:

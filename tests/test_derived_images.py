@@ -68,6 +68,7 @@ def child(web: Image, site: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         .run("echo derived > /etc/derived-marker")
         .run(["touch", "/etc/made from a list"])  # an argv, as exec takes one: the space is no separator
         .copy(site / "index.html", "/opt/drop/")  # a trailing /: inside that directory, made for it
+        .copy(site / "index.html", "/opt/dot/.")  # as put() takes it: inside too, not a file /opt/dot
         .copy(private, "/opt/private")  # a directory the copy makes is 0755, whatever the source's mode
     )
     # Python and pytest write these on the host as the run goes on: neither copied nor in the key.
@@ -120,6 +121,7 @@ def test_a_derived_image_of_a_derived_image(child: Image, web_built: BuiltImage,
         assert b.check_output("cat /etc/child /etc/derived-marker") == "child\nderived\n"
         assert b.check_output(["ls", "/etc/made from a list"]) == "/etc/made from a list\n"
         assert "hello from a derived image" in b.read_text("/opt/drop/index.html")
+        assert "hello from a derived image" in b.read_text("/opt/dot/index.html")
         assert b.check_output("stat -c %a /opt/drop /opt/private; cat /opt/private/key") == "755\n755\nk\n"
         assert b.check_output("ls -A /opt/private") == "key\n"
         assert b.check_output("systemctl is-active nginx").strip() == "active"

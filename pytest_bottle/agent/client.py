@@ -164,7 +164,7 @@ class AgentClient:
         settled = SettleReply.parse(reply, self.name)
         if settled.busy:
             what = BUSY[settled.busy] + (f": {', '.join(settled.running)}" if settled.running else "")
-            raise BootTimeout(f"{NOT_SETTLED} {within:.0f} s ({what})", name=self.name)
+            raise BootTimeout(f"{NOT_SETTLED} {round(within, 1):g} s ({what})", name=self.name)
         return settled
 
     def quiesce(self, *, warm: Iterable[str] = (), timeout: float | None) -> None:

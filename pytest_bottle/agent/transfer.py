@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..arguments import GuestPath, guest_path, names_no_file, raw_path
 from ..errors import AgentError, BottleError, GuestOSError, UnsafeTransfer
 from ..guest import untar
 from ..guest.frames import DATA, EOF, FrameWriter
@@ -41,25 +42,29 @@ REFUSAL_GRACE = 10.0
 Agent = AgentClient | AgentChannel  # tools and tests may hold a bare channel
 
 
-def put(agent: AgentClient, src: Path, dst: str, timeout: float | None, skip: frozenset[str] = frozenset()) -> None:
+def put(
+    agent: AgentClient, src: Path, dst: GuestPath, timeout: float | None, skip: frozenset[str] = frozenset()
+) -> None:
     """``Bottle.put`` and ``Image.copy``: local file or directory ``src`` to
-    guest ``dst`` (absolute; a trailing ``/`` means inside that directory).
-    Entries of a directory named in ``skip`` are left out, with their contents."""
+    guest ``dst`` (absolute; a str ending in ``/``, ``/.`` or ``/..`` means
+    inside the directory it names).  Entries of a directory named in ``skip``
+    are left out, with their contents."""
+    raw, path = raw_path(dst), guest_path(dst)
     try:
         st = src.stat()  # FileNotFoundError for a missing source, before anything is sent
     except FileNotFoundError as e:  # a relative one is the working directory's: say which
         raise FileNotFoundError(e.errno, e.strerror, str(src.absolute())) from None
     if stat.S_ISDIR(st.st_mode):
         with agent.deadline(timeout):  # dst and its parents are made as the tar stream says
-            send_tree(agent, src, dst.rstrip("/") or "/", skip)
+            send_tree(agent, src, path, skip)
         return
     if not stat.S_ISREG(st.st_mode):  # opening a fifo would wait for a writer forever
         raise UnsafeTransfer(str(src), _refusal(st.st_mode), "put")
     into_dir: str | None = src.name  # like cp: onto an existing directory, the file goes inside it
-    if dst.endswith("/"):
-        dst, into_dir = dst + src.name, None  # inside already: a directory there is in the way, as for cp
+    if isinstance(raw, str) and names_no_file(raw):
+        path, into_dir = posixpath.join(path, src.name), None  # inside already: a directory there is in the way
     with open(src, "rb") as f:
-        agent.write(dst, f, mode=stat.S_IMODE(st.st_mode), into_dir=into_dir, timeout=timeout)
+        agent.write(path, f, mode=stat.S_IMODE(st.st_mode), into_dir=into_dir, timeout=timeout)
 
 
 def send_tree(agent: Agent, src: Path, dst: str, skip: frozenset[str] = frozenset()) -> None:
@@ -238,7 +243,10 @@ def receive_file(
             with contextlib.suppress(OSError):  # a file system that cannot hold it: the data matters
                 os.utime(fd, (mtime, mtime))
         sink.shut()
-        os.replace(tmp, dst)
+        try:
+            os.replace(tmp, dst)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(dst)) from None
     finally:
         sink.shut()
         Path(tmp).unlink(missing_ok=True)

@@ -122,19 +122,18 @@ def start_bottle(
     keys = handshake.Keys.start(plan)
     baked = keys.baked()
     res = Resources.take(plan, _library_lans if lans is None else lans)
-    boot_ends = time.monotonic() + spec.timeout  # a cold boot's settling is part of its boot
     try:
-        boot = _Boot(plan, res, rebuild_before, detached, baked, fork_of[1] if fork_of else None, boot_ends)
+        boot = _Boot(plan, res, rebuild_before, detached, baked, fork_of[1] if fork_of else None)
         machine, channel, found = res.with_host_ports(plan.ports, boot.start)
         res.adopt(machine, channel)
         agent = AgentClient(channel)
         try:
-            done = handshake.clone_setup(agent, plan, res, found, keys, baked, boot_ends)
+            done = handshake.clone_setup(agent, plan, res, found, keys, baked, boot.ends)
         except TimeoutError as e:  # the agent's AgentTimeout, or the host key not made in time
             reason = f"the clone handshake did not finish within the bottle's timeout ({spec.timeout:g} s): {e}"
             raise BootTimeout(reason, console_tail(machine.console_log), plan.name) from None
         if spec.boot == "cold":  # as settled as a snapshot clone: its boot finished
-            left = boot_ends - time.monotonic()
+            left = boot.ends - time.monotonic()  # a cold boot's settling is part of its boot
             if left <= 0:
                 reason = f"no time was left within the bottle's timeout ({spec.timeout:g} s) for its boot to settle"
                 raise BootTimeout(reason, console_tail(machine.console_log), plan.name)
@@ -168,11 +167,13 @@ class _Boot:
         detached: bool,
         baked: dict[str, str | None],
         snapshot: SavedState | None,
-        ends: float,
     ) -> None:
         self.plan, self.res = plan, res
         self.rebuild_before, self.detached, self.baked = rebuild_before, detached, baked
-        self.snapshot, self.ends = snapshot, ends
+        self.snapshot = snapshot
+        # The end of the start's timeout, from the machine's start on: a seed
+        # built or waited for before it is not counted, nor a bad seed's restore.
+        self.ends = time.monotonic() + plan.spec.timeout
 
     def start(self, forwards: Forwards) -> Started:
         """Returns the machine, its channel and how the guest's NICs are found now."""
@@ -234,6 +235,7 @@ class _Boot:
     def _run(self, cfg: MachineConfig, timeout: float | None = None) -> tuple[Machine, AgentChannel]:
         spec, res = self.plan.spec, self.res
         timeout = spec.timeout if timeout is None else max(timeout, 0.0)
+        self.ends = time.monotonic() + timeout  # the handshake's deadline too
         return start_machine(
             cfg, res.run_dir, self.plan.name, timeout, detached=self.detached, on_spawn=res.spawned, tap_fds=res.tap_fds
         )
