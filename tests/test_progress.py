@@ -48,10 +48,10 @@ def seedless_cache(tmp_path: Path) -> Path:
     return cache
 
 
-def run_child(tmp_path: Path, cache: Path, *args: str) -> tuple[int, str, int]:
-    """Run pytest on TEST_FILE; returns its exit code, its output (stdout and
+def run_child(tmp_path: Path, cache: Path, *args: str, test_file: str = TEST_FILE) -> tuple[int, str, int]:
+    """Run pytest on ``test_file``; returns its exit code, its output (stdout and
     stderr interleaved, as a terminal shows them) and its pid."""
-    (tmp_path / "test_first.py").write_text(TEST_FILE)
+    (tmp_path / "test_first.py").write_text(test_file)
     env = dict(os.environ, **{INTERVAL_ENV: str(HEARTBEAT)})
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly"]
     argv += [f"--bottle-cache-dir={cache}", "--rootdir", str(tmp_path), *args, "test_first.py"]
@@ -143,3 +143,25 @@ def test_a_sibling_workers_lock_is_waited_for_quietly(tmp_path: Path) -> None:
         timeout=120,
     )
     assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout + r.stderr
+
+
+TIMED_FILE = """
+import time
+import pytest
+
+@pytest.mark.timeout(5)
+def test_timed(bottle):
+    print("bottle ready")
+    time.sleep(60)
+"""
+
+
+def test_a_seed_made_while_a_test_waits_is_not_in_its_pytest_timeout(tmp_path: Path, seedless_cache: Path) -> None:
+    """The seed's cold boot (15 s or more under TCG) ran into the test's 5 s and
+    failed it; now its timer stops for the seed and runs on after it, so the
+    test gets its bottle and times out in its own sleep."""
+    rc, out, _ = run_child(tmp_path, seedless_cache, "--timeout-method=signal", test_file=TIMED_FILE)
+    took = re.search(rf"^{SEED_LINE}: done in (\d+\.\d)s$", out, re.M)
+    assert took is not None and float(took[1]) > 5, out  # the seed alone outlasted the test's timeout
+    assert rc != 0 and "bottle ready" in out and "Timeout" in out, out
+    assert "time.sleep(60)" in out, out  # where the timer struck

@@ -1,0 +1,84 @@
+"""pytest-timeout and first-use work: an image build, a seed or a wait for
+another process's build, made while a test waits, is not counted against
+that test's timeout.
+
+pytest-timeout arms a timer per test through its public hooks
+(``pytest_timeout_set_timer``/``pytest_timeout_cancel_timer``); this plugin
+watches them to know the running test's timer, and the progress reporter's
+tasks (``host.progress``: every such piece of work runs in one) to know when
+first-use work runs in the test's thread.  The timer is cancelled when the
+first task starts and armed again, with what was left of it, when the last
+one ends.  Work in another thread (a pre-started spare's) does not pause it:
+the signal method's timer can only be handled from the main thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from .host import progress
+
+ENDS = ("end", "failed", "interrupted")
+
+
+class TimeoutPause:
+    """Registered at configure when pytest-timeout is there; wraps the reporter's sink."""
+
+    def __init__(self, config: pytest.Config, reporter: progress.Reporter) -> None:
+        self.config = config
+        self.item: pytest.Item | None = None
+        self.settings: Any = None  # pytest_timeout.Settings
+        self.armed_at = 0.0
+        self.left: float | None = None  # seconds of the timer left while paused
+        self.depth = 0
+        self._ours = False  # the hook calls below are ours, not pytest-timeout's
+        self.sink = reporter.sink
+        reporter.sink = self
+
+    @pytest.hookimpl(tryfirst=True, optionalhook=True)
+    def pytest_timeout_set_timer(self, item: pytest.Item, settings: Any) -> None:
+        if not self._ours:
+            self.item, self.settings, self.left = item, settings, None
+        self.armed_at = time.monotonic()
+
+    @pytest.hookimpl(tryfirst=True, optionalhook=True)
+    def pytest_timeout_cancel_timer(self, item: pytest.Item) -> None:
+        if not self._ours:
+            self.item = self.settings = self.left = None
+
+    def __call__(self, e: progress.Event) -> None:
+        if not e.origin and threading.current_thread() is threading.main_thread():
+            if e.kind == "start":
+                self.depth += 1
+                if self.depth == 1:
+                    self._pause()
+            elif e.kind in ENDS and self.depth:
+                self.depth -= 1
+                if not self.depth:
+                    self._resume()
+        self.sink(e)
+
+    def _pause(self) -> None:
+        if self.item is None or self.left is not None:
+            return
+        self.left = max(0.0, float(self.settings.timeout) - (time.monotonic() - self.armed_at))
+        self._hook("pytest_timeout_cancel_timer", item=self.item)
+
+    def _resume(self) -> None:
+        if self.item is None or self.left is None:
+            return
+        # At least a moment: a timer of 0 would be no timer at all.
+        settings = self.settings._replace(timeout=max(self.left, 0.01))
+        self.left = None
+        self._hook("pytest_timeout_set_timer", item=self.item, settings=settings)
+
+    def _hook(self, name: str, **kwargs: Any) -> None:
+        self._ours = True
+        try:
+            getattr(self.config.hook, name)(**kwargs)
+        finally:
+            self._ours = False
