@@ -8,7 +8,8 @@ watches them to know the running test's timer, and the progress reporter's
 tasks (``host.progress``: every such piece of work runs in one) to know when
 first-use work runs in the test's thread.  The timer is cancelled when the
 first task starts and armed again, with what was left of it, when the last
-one ends.  Work in another thread (a pre-started spare's) does not pause it:
+one ends; meanwhile it runs with an hour more than was left, so a build that
+hangs is still ended.  Work in another thread (a pre-started spare's) does not pause it:
 the signal method's timer can only be handled from the main thread.
 """
 
@@ -23,6 +24,7 @@ import pytest
 from .host import progress
 
 ENDS = ("end", "failed", "interrupted")
+ALLOWANCE = 3600.0  # seconds the timer gets for first-use work (a step without a timeout of its own has as much)
 
 
 class TimeoutPause:
@@ -32,7 +34,7 @@ class TimeoutPause:
         self.config = config
         self.item: pytest.Item | None = None
         self.settings: Any = None  # pytest_timeout.Settings
-        self.armed_at = 0.0
+        self.armed = (0.0, 0.0)  # when the running timer was armed, and for how long
         self.left: float | None = None  # seconds of the timer left while paused
         self.depth = 0
         self._ours = False  # the hook calls below are ours, not pytest-timeout's
@@ -43,7 +45,7 @@ class TimeoutPause:
     def pytest_timeout_set_timer(self, item: pytest.Item, settings: Any) -> None:
         if not self._ours:
             self.item, self.settings, self.left = item, settings, None
-        self.armed_at = time.monotonic()
+        self.armed = (time.monotonic(), float(settings.timeout))
 
     @pytest.hookimpl(tryfirst=True, optionalhook=True)
     def pytest_timeout_cancel_timer(self, item: pytest.Item) -> None:
@@ -65,16 +67,23 @@ class TimeoutPause:
     def _pause(self) -> None:
         if self.item is None or self.left is not None:
             return
-        self.left = max(0.0, float(self.settings.timeout) - (time.monotonic() - self.armed_at))
+        since, length = self.armed
+        left = max(0.0, length - (time.monotonic() - since))
         self._hook("pytest_timeout_cancel_timer", item=self.item)
+        self._hook("pytest_timeout_set_timer", item=self.item, settings=self._lasting(left + ALLOWANCE))
+        self.left = left
 
     def _resume(self) -> None:
         if self.item is None or self.left is None:
             return
         # At least a moment: a timer of 0 would be no timer at all.
-        settings = self.settings._replace(timeout=max(self.left, 0.01))
+        settings = self._lasting(max(self.left, 0.01))
         self.left = None
+        self._hook("pytest_timeout_cancel_timer", item=self.item)
         self._hook("pytest_timeout_set_timer", item=self.item, settings=settings)
+
+    def _lasting(self, seconds: float) -> Any:
+        return self.settings._replace(timeout=seconds)
 
     def _hook(self, name: str, **kwargs: Any) -> None:
         self._ours = True
