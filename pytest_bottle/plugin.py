@@ -178,8 +178,8 @@ def pytest_configure(config: pytest.Config) -> None:
     _register_images(config)
     config.stash[PROGRESS] = live = LiveProgress(config)
     config.pluginmanager.register(live, "bottle-progress")
-    if config.pluginmanager.hasplugin("timeout"):  # pytest-timeout: first-use work is not a test's time
-        config.pluginmanager.register(TimeoutPause(config, live.reporter), "bottle-timeout-pause")
+    # pytest-timeout (loaded under any name, or not at all): first-use work is not a test's time
+    config.pluginmanager.register(TimeoutPause(config, live.reporter), "bottle-timeout-pause")
     keys = {name.replace("-", "_"): "bottle_" + name.replace("-", "_") for name in OPTIONS}
     cli = {k: config.getoption(dest) for k, dest in keys.items()}
     ini = {k: set_value(getini(config, dest)) for k, dest in keys.items()}

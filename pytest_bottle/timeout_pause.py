@@ -5,8 +5,9 @@ that test's timeout.
 pytest-timeout arms a timer per test through its public hooks
 (``pytest_timeout_set_timer``/``pytest_timeout_cancel_timer``); this plugin
 watches them to know the running test's timer, and the progress reporter's
-tasks (``host.progress``: every such piece of work runs in one) to know when
-first-use work runs in the test's thread.  The timer is cancelled when the
+work (``host.progress``: every build, seed and download runs in a task, and a
+wait for a build lock is work too, shown or not) to know when first-use work
+runs in the test's thread.  The timer is cancelled when the
 first task starts and armed again, with what was left of it, when the last
 one ends; meanwhile it runs with an hour more than was left, so a build that
 hangs is still ended.  Work in another thread (a pre-started spare's) does not pause it:
@@ -23,12 +24,11 @@ import pytest
 
 from .host import progress
 
-ENDS = ("end", "failed", "interrupted")
 ALLOWANCE = 3600.0  # seconds the timer gets for first-use work (a step without a timeout of its own has as much)
 
 
 class TimeoutPause:
-    """Registered at configure when pytest-timeout is there; wraps the reporter's sink."""
+    """Registered at configure (it does nothing unless pytest-timeout arms timers); watches the reporter."""
 
     def __init__(self, config: pytest.Config, reporter: progress.Reporter) -> None:
         self.config = config
@@ -38,13 +38,12 @@ class TimeoutPause:
         self.left: float | None = None  # seconds of the timer left while paused
         self.depth = 0
         self._ours = False  # the hook calls below are ours, not pytest-timeout's
-        self.sink = reporter.sink
-        reporter.sink = self
+        reporter.watchers.append(self.working)
 
     @pytest.hookimpl(tryfirst=True, optionalhook=True)
     def pytest_timeout_set_timer(self, item: pytest.Item, settings: Any) -> None:
-        if not self._ours:
-            self.item, self.settings, self.left = item, settings, None
+        if not self._ours:  # a test's timer: no work of the test before it can still be running
+            self.item, self.settings, self.left, self.depth = item, settings, None, 0
         self.armed = (time.monotonic(), float(settings.timeout))
 
     @pytest.hookimpl(tryfirst=True, optionalhook=True)
@@ -52,17 +51,17 @@ class TimeoutPause:
         if not self._ours:
             self.item = self.settings = self.left = None
 
-    def __call__(self, e: progress.Event) -> None:
-        if not e.origin and threading.current_thread() is threading.main_thread():
-            if e.kind == "start":
-                self.depth += 1
-                if self.depth == 1:
-                    self._pause()
-            elif e.kind in ENDS and self.depth:
-                self.depth -= 1
-                if not self.depth:
-                    self._resume()
-        self.sink(e)
+    def working(self, busy: bool) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if busy:
+            self.depth += 1
+            if self.depth == 1:
+                self._pause()
+        elif self.depth:
+            self.depth -= 1
+            if not self.depth:
+                self._resume()
 
     def _pause(self) -> None:
         if self.item is None or self.left is not None:

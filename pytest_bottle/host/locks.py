@@ -108,6 +108,9 @@ def reporting_lock(
 def _wait(
     lock: FileLock, lock_path: Path, what: str, every: float, show_after: float, shown: contextlib.ExitStack
 ) -> None:
+    if _try(lock):
+        return
+    shown.enter_context(progress.work())  # from the first moment: pytest-timeout does not count it
     started = time.monotonic()
     next_note = started + every
     decide: float | None = started + show_after

@@ -11,6 +11,7 @@ xdist controller tails under a worker.  No pytest here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -146,27 +147,47 @@ class Reporter:
         self.sink, self.stages, self.clock = sink, stages, clock
         self.interval = default_interval() if interval is None else interval
         self._tasks: list[Task] = []
+        # Told True and False, in the working thread, as its first-use work begins
+        # and ends (tasks, and waits that show nothing): pytest-timeout's pause.
+        self.watchers: list[Callable[[bool], None]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     @contextmanager
+    def work(self) -> Iterator[None]:
+        """First-use work in this thread, shown or not (a wait on a sibling worker's build)."""
+        self._tell(True)
+        try:
+            yield
+        finally:
+            self._tell(False)
+
+    def _tell(self, busy: bool) -> None:
+        for watcher in list(self.watchers):
+            try:
+                watcher(busy)
+            except Exception as e:  # as a sink's: never the work's failure
+                log.debug("progress watcher failed: %s", e)
+
+    @contextmanager
     def task(self, what: str, why: str = "") -> Iterator[Task]:
         """Report ``what`` (and ``why``) from start to end, heartbeats between."""
-        t = Task(self, what, why, self.clock())
-        with self._lock:
-            self._tasks.append(t)
-        self.emit(t, "start")
-        self._ensure_thread()
-        try:
-            yield t
-        except KeyboardInterrupt:  # Ctrl-C: the work did not fail, it was stopped
-            self._finish(t, "interrupted")
-            raise
-        except BaseException:
-            self._finish(t, "failed")
-            raise
-        self._finish(t, "end")
+        with self.work():
+            t = Task(self, what, why, self.clock())
+            with self._lock:
+                self._tasks.append(t)
+            try:  # the start's sink may be interrupted too: the task goes all the same
+                self.emit(t, "start")
+                self._ensure_thread()
+                yield t
+            except KeyboardInterrupt:  # Ctrl-C: the work did not fail, it was stopped
+                self._finish(t, "interrupted")
+                raise
+            except BaseException:
+                self._finish(t, "failed")
+                raise
+            self._finish(t, "end")
 
     def _finish(self, t: Task, kind: Kind) -> None:
         with self._lock:
@@ -222,6 +243,11 @@ def install(reporter: Reporter) -> Reporter:
 
 def current() -> Reporter:
     return _current
+
+
+def work() -> contextlib.AbstractContextManager[None]:
+    """``Reporter.work`` of the process's reporter."""
+    return _current.work()
 
 
 @contextmanager

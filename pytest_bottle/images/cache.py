@@ -21,7 +21,7 @@ from filelock import FileLock
 from ..errors import HostDependencyError, ImageBuildError
 from ..host.locks import reporting_lock
 from ..host.paths import cache_root, remove_tree
-from ..host.progress import task
+from ..host.progress import task, work
 from ..store import entries
 from ..vmm.qemu import DiskFormat
 from . import builder, failures
@@ -205,16 +205,17 @@ def _ensure_recipe(
         why = _why_build(name, final, built) + (f" ({pulled})" if pulled else "")
         with entries.building(final) as tmp:  # stale ones of dead builds go first: we hold the lock
             try:
-                with task(f"building image {name} (key {recipe.key()})", why) as t:
-                    manifest = builder.build(recipe, tmp, t.relay(progress))
-                remove_tree(tmp / ".work")
-                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-                entries.commit(tmp, final)
+                with work():  # until it is committed (pytest-timeout's pause)
+                    with task(f"building image {name} (key {recipe.key()})", why) as t:
+                        manifest = builder.build(recipe, tmp, t.relay(progress))
+                    remove_tree(tmp / ".work")
+                    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+                    entries.commit(tmp, final)
             except HostDependencyError:
                 raise  # the host's to fix, not the image's failure: no failed-build log (tmp goes, with its log)
             except BaseException as e:
                 kept_log = keep_failed_log(cache_dir, tmp, final.name)
-                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                if not isinstance(e, Exception):  # Ctrl-C, a test's timeout: stopped, not the image's failure
                     raise
                 failed = (  # pointing at the log where it now lives
                     ImageBuildError(e.name, e.reason, e.log_tail, kept_log)

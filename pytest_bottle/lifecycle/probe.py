@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BootError, BootTimeout
+from ..host import progress
 from ..host.paths import remove_tree
 from ..images import BuiltImage
 from ..spec import AccelRequest
@@ -49,7 +50,8 @@ def probe_kvm(image: BuiltImage, cache_dir: Path, timeout: float) -> ProbeResult
     run_dir = cache_dir / "run" / f"kvm-probe-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return run_probe(probe_machine(image), run_dir, timeout)
+        with progress.work():  # first-use work, as a build is: not a test's pytest-timeout
+            return run_probe(probe_machine(image), run_dir, timeout)
     finally:
         remove_tree(run_dir)
 

@@ -10,7 +10,7 @@ import pytest
 from pytest_timeout import Settings  # type: ignore[import-untyped]
 
 from pytest_bottle import timeout_pause
-from pytest_bottle.host.progress import Event, Kind, Reporter
+from pytest_bottle.host.progress import Reporter
 from pytest_bottle.timeout_pause import ALLOWANCE, TimeoutPause
 
 
@@ -32,31 +32,25 @@ class Timeouts:
         self.calls.append(("cancel", None))
 
 
-def _event(kind: Kind, origin: str = "") -> Event:
-    return Event(kind, "building image x", "", 0.0, origin=origin)
-
-
 def test_first_use_work_stops_the_timer_and_it_goes_on_with_what_was_left(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [0.0]
     monkeypatch.setattr(timeout_pause, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    hooks, seen = Timeouts(), list[Event]()
-    reporter = Reporter(seen.append)
+    hooks = Timeouts()
+    reporter = Reporter(lambda e: None)
     pause = hooks.pause = TimeoutPause(cast(pytest.Config, SimpleNamespace(hook=hooks)), reporter)
-    sink = reporter.sink
     item = object()
 
-    def at(t: float, kind: Kind, origin: str = "") -> None:
+    def at(t: float, busy: bool) -> None:
         now[0] = t
-        sink(_event(kind, origin))
+        reporter._tell(busy)
 
     hooks.pytest_timeout_set_timer(item, Settings(10.0, "signal", False, False))  # pytest-timeout arms it
-    at(3, "start")  # 7 s left: stopped, with an hour for the work
-    at(4, "start")  # nested (a lock wait in a build): nothing more
-    at(50, "end")
-    at(60, "end")  # the last one: 7 s again
-    at(62, "start")  # 5 s left
-    at(62.5, "start", origin="gw1")  # a worker's line on the controller: not this thread's work
-    at(70, "failed")
+    at(3, True)  # 7 s left: stopped, with an hour for the work
+    at(4, True)  # nested (a task in a lock wait): nothing more
+    at(50, False)
+    at(60, False)  # the last one: 7 s again
+    at(62, True)  # 5 s left
+    at(70, False)
     assert hooks.calls == [
         ("set", 10.0),
         ("cancel", None),
@@ -68,12 +62,15 @@ def test_first_use_work_stops_the_timer_and_it_goes_on_with_what_was_left(monkey
         ("cancel", None),
         ("set", 5.0),
     ]
-    assert len(seen) == 7  # every event reaches the terminal all the same
     hooks.pytest_timeout_cancel_timer(item)  # the test ended
     del hooks.calls[:]
-    at(80, "start")  # work between tests (a spare's, say): no timer to stop
-    at(90, "end")
+    at(80, True)  # work between tests: no timer to stop
+    at(90, False)
     assert hooks.calls == [] and pause.item is None
+    at(95, True)  # work a test left unfinished (interrupted in its start): the next test starts afresh
+    hooks.pytest_timeout_set_timer(item, Settings(10.0, "signal", False, False))
+    at(96, True)
+    assert hooks.calls[-2:] == [("cancel", None), ("set", 9 + ALLOWANCE)]
 
 
 def test_work_in_another_thread_leaves_the_timer_alone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,8 +78,12 @@ def test_work_in_another_thread_leaves_the_timer_alone(monkeypatch: pytest.Monke
     reporter = Reporter(lambda e: None)
     hooks.pause = TimeoutPause(cast(pytest.Config, SimpleNamespace(hook=hooks)), reporter)
     hooks.pytest_timeout_set_timer(object(), Settings(10.0, "signal", False, False))
-    sink = reporter.sink
-    spare = threading.Thread(target=lambda: (sink(_event("start")), sink(_event("end"))))
+
+    def spare_work() -> None:
+        with reporter.work():
+            pass
+
+    spare = threading.Thread(target=spare_work)
     spare.start()
     spare.join()
     assert hooks.calls == [("set", 10.0)]
