@@ -7,11 +7,11 @@ pytest-timeout arms a timer per test through its public hooks
 watches them to know the running test's timer, and the progress reporter's
 work (``host.progress``: every build, seed and download runs in a task, and a
 wait for a build lock is work too, shown or not) to know when first-use work
-runs in the test's thread.  The timer is cancelled when the
-first task starts and armed again, with what was left of it, when the last
-one ends; meanwhile it runs with an hour more than was left, so a build that
-hangs is still ended.  Work in another thread (a pre-started spare's) does not pause it:
-the signal method's timer can only be handled from the main thread.
+runs in the test's thread.  When that work begins, the timer is replaced by
+one of an hour more than was left, so a build that hangs is still ended;
+when it ends (the outermost of nested work), the timer runs on with what was
+left.  Work in another thread (a pre-started spare's) does not pause it: the
+signal method's timer can only be handled from the main thread.
 """
 
 from __future__ import annotations
