@@ -80,7 +80,6 @@ PRESTART_HELP = (
     "bottles of the current spec to restore ahead in the background, so the next test gets one at once "
     "(default: 1; 0 turns it off)"
 )
-FIXTURES = {"bottle", "bottle_factory", "module_bottle", "session_bottle", "session_bottle_factory", "bottle_image"}
 MARKER_DOC = (
     "bottle(image=, memory=, cpus=, network=, lan=, forward=, boot=, timeout=): "
     "configure the VMs of the bottle fixtures this test uses (pytest-bottle; the marker starts none); "
@@ -266,7 +265,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             # that hides it: the test fails at setup with it instead.
             item.stash[BAD_MARKER] = e
             continue
-        if not layers and FIXTURES & set(getattr(item, "fixturenames", ())):
+        # Every bottle fixture of ours requests the matrix's: a "bottle" argument that
+        # parametrize gives, or a user's own fixture of one of our names, does not.
+        if not layers and matrix.FIXTURE in getattr(item, "fixturenames", ()):
             item.add_marker("bottle")
             item.stash[AUTO_MARK] = item.own_markers[-1]
 

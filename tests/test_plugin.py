@@ -417,6 +417,37 @@ def test_deselect_and_disable(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*fixture 'bottle' not found*"])
 
 
+def test_only_our_fixtures_mark_a_test(pytester: pytest.Pytester) -> None:
+    """A ``bottle`` argument that parametrize gives, or a fixture of the user's
+    own of one of our names, is no VM: ``-m "not bottle"`` keeps such tests."""
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.fixture
+        def bottle_factory():
+            return "mine"
+
+        @pytest.fixture
+        def session_bottle(session_bottle):  # wraps ours: still a VM
+            return session_bottle
+
+        @pytest.mark.parametrize("bottle", [1, 2])
+        def test_direct(bottle):
+            assert bottle in (1, 2)
+
+        def test_own(bottle_factory):
+            assert bottle_factory == "mine"
+
+        def test_wrapped(session_bottle):
+            pass
+
+        def test_image(bottle_image):
+            pass
+    """)
+    result = run(pytester, "-m", "not bottle", "--strict-markers")
+    result.assert_outcomes(passed=3, deselected=2)
+
+
 def test_a_conftests_collection_hook_sees_the_bottle_mark_of_tests_that_only_use_fixtures(
     pytester: pytest.Pytester,
 ) -> None:
