@@ -3,10 +3,11 @@ sent: a bad argument is a ``SpecError`` saying which, never a guest error."""
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Union
 
 from .errors import SpecError
@@ -50,6 +51,11 @@ def guest_path(path: GuestPath, what: str = "guest path") -> str:
     if not isinstance(raw, str) or not raw.startswith("/") or "\0" in raw:
         raise SpecError(f"{what} must be absolute (a str or a path object, no NUL), not {path!r}")
     return posixpath.normpath(raw)
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """Whether the entry name ``name`` is one of ``patterns`` (names or glob patterns)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def names_no_file(raw: str) -> bool:

@@ -61,6 +61,7 @@ def child(web: Image, site: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     (private / "key").write_text("k\n")
     (private / "__pycache__").mkdir()
     (private / "__pycache__" / "key.cpython-311.pyc").write_bytes(b"host bytecode")
+    (private / "scratch.tmp").write_text("left out by exclude\n")
     private.chmod(0o700)
     image = (  # a layer on web; its copies follow put()'s rules
         Image(web)
@@ -69,7 +70,9 @@ def child(web: Image, site: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         .run(["touch", "/etc/made from a list"])  # an argv, as exec takes one: the space is no separator
         .copy(site / "index.html", "/opt/drop/")  # a trailing /: inside that directory, made for it
         .copy(site / "index.html", "/opt/dot/.")  # as put() takes it: inside too, not a file /opt/dot
-        .copy(private, "/opt/private")  # a directory the copy makes is 0755, whatever the source's mode
+        .copy(
+            private, "/opt/private", exclude=["*.tmp"]
+        )  # a directory the copy makes is 0755, whatever the source's mode
     )
     # Python and pytest write these on the host as the run goes on: neither copied nor in the key.
     (private / "__pycache__" / "other.cpython-311.pyc").write_bytes(b"written after the Image was made")

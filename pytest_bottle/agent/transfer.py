@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..arguments import GuestPath, guest_path, names_no_file, raw_path
+from ..arguments import GuestPath, guest_path, matches_any, names_no_file, raw_path
 from ..errors import AgentError, BottleError, GuestOSError, UnsafeTransfer
 from ..guest import untar
 from ..guest.frames import DATA, EOF, FrameWriter
@@ -42,13 +42,11 @@ REFUSAL_GRACE = 10.0
 Agent = AgentClient | AgentChannel  # tools and tests may hold a bare channel
 
 
-def put(
-    agent: AgentClient, src: Path, dst: GuestPath, timeout: float | None, skip: frozenset[str] = frozenset()
-) -> None:
+def put(agent: AgentClient, src: Path, dst: GuestPath, timeout: float | None, skip: tuple[str, ...] = ()) -> None:
     """``Bottle.put`` and ``Image.copy``: local file or directory ``src`` to
     guest ``dst`` (absolute; a str ending in ``/``, ``/.`` or ``/..`` means
-    inside the directory it names).  Entries of a directory named in ``skip``
-    are left out, with their contents."""
+    inside the directory it names).  Entries of a directory whose names match
+    ``skip`` (names or glob patterns) are left out, with their contents."""
     raw, path = raw_path(dst), guest_path(dst)
     try:
         st = src.stat()  # FileNotFoundError for a missing source, before anything is sent
@@ -67,7 +65,7 @@ def put(
         agent.write(path, f, mode=stat.S_IMODE(st.st_mode), into_dir=into_dir, timeout=timeout)
 
 
-def send_tree(agent: Agent, src: Path, dst: str, skip: frozenset[str] = frozenset()) -> None:
+def send_tree(agent: Agent, src: Path, dst: str, skip: tuple[str, ...] = ()) -> None:
     """Copy the contents of local directory ``src`` into guest directory ``dst``
     (but for entries named in ``skip``)."""
     top = os.path.realpath(src)  # a symlink to a directory copies the directory, like cp -r src/. dst
@@ -80,7 +78,7 @@ def send_tree(agent: Agent, src: Path, dst: str, skip: frozenset[str] = frozense
     writer = FrameWriter(lambda data: channel.send_data_frame(rid, data))
 
     def member(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        return None if info.name != "." and posixpath.basename(info.name) in skip else _root_owned(info)
+        return None if info.name != "." and matches_any(posixpath.basename(info.name), skip) else _root_owned(info)
 
     def stream() -> Iterator[bytes]:
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
@@ -104,7 +102,7 @@ SPECIAL_KINDS = {
 }
 
 
-def _special_member(path: str, name: str, skip: frozenset[str]) -> tuple[str, str] | None:
+def _special_member(path: str, name: str, skip: tuple[str, ...]) -> tuple[str, str] | None:
     """The first device, fifo or socket under ``path`` as ``tar.add`` would meet
     it (sorted, links not followed, ``skip`` left out): its archive name and the
     guest's reason.  One scandir a directory; its entry types cost no stat."""
@@ -114,7 +112,7 @@ def _special_member(path: str, name: str, skip: frozenset[str]) -> tuple[str, st
     except OSError:
         return None  # unreadable: tar meets it too, and says so
     for entry in entries:
-        if entry.name in skip:
+        if matches_any(entry.name, skip):
             continue
         member = f"{name}/{entry.name}"
         if entry.is_dir(follow_symlinks=False):

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -42,6 +41,7 @@ from typing import Literal
 from ..arguments import GuestPath, check_env, check_timeout, guest_path, names_no_file, raw_path
 from ..errors import ImageNotFound, SpecError
 from ..results import shell_line, to_argv
+from .copied import check_exclude, tree_digest
 from .recipes import RECIPES
 
 # Bump when the derived builder's output changes for the same steps.
@@ -49,10 +49,6 @@ from .recipes import RECIPES
 # 3: what the steps leave in /var/tmp is kept
 # 4: an sshd the steps installed is set up as the root images' (manifest "sshd")
 DERIVED_VERSION = 4
-# What Python and pytest write into a source tree on the host while the run
-# goes on (importing, collecting): left out of a copied directory and its key,
-# or the tree would change under its Image and fail the build.
-COPY_SKIP = frozenset({"__pycache__", ".pytest_cache"})
 
 # apt-get install's forms: name, name:arch, then =version or /release.
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?(=[A-Za-z0-9.+~:-]+|/[A-Za-z0-9.+~_-]+)?$")
@@ -79,13 +75,18 @@ class Copy:
     src: Path = field(compare=False)  # where it was read: not part of what the image is
     dst: str
     digest: str  # of the bytes, modes and link targets under src
+    exclude: tuple[str, ...] = ()  # names or glob patterns of entries left out
     kind: Literal["copy"] = "copy"
 
     def describe(self) -> str:
-        return f"copy {self.src} -> {self.dst}"
+        left_out = f" (excluding {', '.join(self.exclude)})" if self.exclude else ""
+        return f"copy {self.src} -> {self.dst}{left_out}"
 
     def key_data(self) -> object:
-        return {"copy": self.dst, "digest": self.digest}
+        data: dict[str, object] = {"copy": self.dst, "digest": self.digest}
+        if self.exclude:  # only then: the keys of copies without it stay what they were
+            data["exclude"] = list(self.exclude)
+        return data
 
 
 @dataclass(frozen=True)
@@ -160,17 +161,20 @@ class Image:
                 )
         return self._then(Install(tuple(str(n) for n in names)))
 
-    def copy(self, src: str | os.PathLike[str], dst: GuestPath) -> Image:
+    def copy(self, src: str | os.PathLike[str], dst: GuestPath, *, exclude: Iterable[str] = ()) -> Image:
         """Copy a host file or directory (its contents) to guest ``dst``, modes
-        kept.  A relative ``src`` is relative to the calling file's directory."""
+        kept.  A relative ``src`` is relative to the calling file's directory.
+        ``exclude``: names or glob patterns (``".git"``, ``"*.log"``) of entries
+        of the directory left out, at any depth, with their contents."""
         if not isinstance(src, (str, os.PathLike)):
             raise SpecError(f"copy(): the source must be a str or a path object, not {src!r}")
+        patterns = check_exclude(exclude)
         path = Path(src)
         if not path.is_absolute():
             path = _caller_dir() / path
         if not path.exists():
             raise SpecError(f"copy(): the source {str(path)!r} does not exist")
-        return self._then(Copy(path, _guest_path(dst, "copy"), tree_digest(path)))
+        return self._then(Copy(path, _guest_path(dst, "copy"), tree_digest(path, patterns), patterns))
 
     def write(self, path: GuestPath, content: str | bytes, mode: int | None = None) -> Image:
         """Write ``content`` (str as UTF-8, or bytes) to guest ``path``."""
@@ -348,51 +352,6 @@ def _caller_dir() -> Path:
     if filename.startswith("<") or not os.path.isfile(filename):
         return Path.cwd()
     return Path(filename).resolve().parent
-
-
-def tree_digest(path: Path) -> str:
-    """Hash of what ``.copy`` sends: each entry's relative path, mode and
-    bytes (or link target), directories walked in sorted order."""
-    h = hashlib.sha256()
-    top = Path(os.path.realpath(path))
-    if not top.is_dir():  # a file lands as dst/<its name> when dst is a directory:
-        # the name given (a link's own, as put() names it), not its target's
-        h.update(os.fsencode(f"name\0{path.name}\0"))  # fsencode: a name need not be UTF-8
-    for rel, st, entry in _walk(top, ""):
-        if isinstance(entry, Path):  # a regular file: read in chunks, not whole
-            h.update(os.fsencode(f"{rel}\0{st.st_mode:o}\0{st.st_size}\0"))
-            _hash_file(h, entry)
-        else:
-            h.update(os.fsencode(f"{rel}\0{st.st_mode:o}\0{len(entry)}\0"))
-            h.update(entry)
-    return h.hexdigest()[:32]
-
-
-def _hash_file(h: hashlib._Hash, path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    except OSError as e:
-        raise SpecError(f"copy(): cannot read {str(path)!r}: {e.strerror}") from None
-
-
-def _walk(path: Path, rel: str) -> Iterable[tuple[str, os.stat_result, bytes | Path]]:
-    try:
-        st = path.lstat()
-        if stat.S_ISLNK(st.st_mode):
-            yield rel, st, os.fsencode(os.readlink(path))
-        elif stat.S_ISDIR(st.st_mode):
-            yield rel, st, b""
-            for child in sorted(os.listdir(path)):
-                if child not in COPY_SKIP:
-                    yield from _walk(path / child, f"{rel}/{child}")
-        elif stat.S_ISREG(st.st_mode):
-            yield rel, st, path
-        else:
-            raise SpecError(f"copy(): {str(path)!r} is not a file, directory or symlink")
-    except OSError as e:
-        raise SpecError(f"copy(): cannot read {str(path)!r}: {e.strerror}") from None
 
 
 def count_steps(image: Image) -> str:

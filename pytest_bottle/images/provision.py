@@ -31,8 +31,9 @@ from ..vmm.backend import CONSOLE, Machine, console_tail
 from ..vmm.qemu import Accel, MachineConfig, Nic
 from . import builder, failures
 from .cache import BuiltImage
+from .copied import COPY_SKIP, tree_digest
 from .guest_files import sshd_script
-from .image import COPY_SKIP, Copy, Image, Install, Run, Step, Write, count_steps, tree_digest
+from .image import Copy, Image, Install, Run, Step, Write, count_steps
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def _check_sources(image: Image) -> None:
     """What a ``.copy`` sends must be what its key hashed when the Image was
     made: else the layer would be cached under a key that does not describe it."""
     for index, step in enumerate(image.steps, 1):
-        if isinstance(step, Copy) and tree_digest(step.src) != step.digest:
+        if isinstance(step, Copy) and tree_digest(step.src, step.exclude) != step.digest:
             raise ImageBuildError(
                 image.display_name,
                 f"step {index}/{len(image.steps)} ({step.describe()}): the source changed after the Image was made; "
@@ -225,7 +226,7 @@ def _copy(agent: AgentClient, step: Copy, logf: IO[str]) -> None:
     if step.src.is_dir():
         _shell(agent, f"mkdir -p {shlex.quote(step.dst)}", logf, "mkdir", 60)
     logf.write(f"copy {step.src} -> {step.dst}\n")
-    put(agent, step.src, step.dst, STEP_TIMEOUT, COPY_SKIP)
+    put(agent, step.src, step.dst, STEP_TIMEOUT, COPY_SKIP + step.exclude)
 
 
 def _mkdir_parent(agent: AgentClient, path: str, logf: IO[str]) -> None:

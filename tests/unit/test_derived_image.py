@@ -84,6 +84,27 @@ def test_what_python_and_pytest_write_into_a_copied_tree_is_not_in_the_key(tmp_p
     assert BASE.copy(tmp_path / "pkg" / "__pycache__", "/opt/c").key != BASE.copy(tmp_path / "pkg", "/opt/c").key
 
 
+def test_exclude_leaves_entries_out_at_any_depth_and_out_of_the_key(tmp_path: Path) -> None:
+    src = _tree(tmp_path / "site")
+    (src / "a.log").write_text("1")
+    (src / "sub" / ".git").mkdir()
+    (src / "sub" / ".git" / "HEAD").write_text("x")
+    image = BASE.copy(src, "/srv", exclude=["*.log", ".git"])
+    (src / "a.log").write_text("2")
+    (src / "sub" / ".git" / "HEAD").write_text("y")
+    assert BASE.copy(src, "/srv", exclude=(".git", "*.log", "*.log")).key == image.key  # order, repeats: the same
+    assert BASE.copy(src, "/srv").key != image.key
+    (src / "a.txt").write_text("changed")
+    assert BASE.copy(src, "/srv", exclude=["*.log", ".git"]).key != image.key
+    # A copy without exclude keys as it did before there was one.
+    without = BASE.copy(src, "/srv").steps[0]
+    assert without.key_data() == {"copy": "/srv", "digest": without.digest}  # type: ignore[union-attr]
+    assert "excluding *.log, .git" in image.steps[0].describe()
+    for bad in ("*.log", ["a/b"], [""], [1], 5):
+        with pytest.raises(SpecError, match=r"^copy\(\): (exclude must be a list|an exclude pattern)"):
+            BASE.copy(src, "/srv", exclude=bad)  # type: ignore[arg-type]
+
+
 def test_a_name_that_is_not_utf8_is_hashed_as_its_bytes(tmp_path: Path) -> None:
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "ok.txt").write_text("x")
