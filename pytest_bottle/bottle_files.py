@@ -100,7 +100,7 @@ class BottleFiles:
         """Copy a local file or directory to guest ``dst``, keeping modes.
 
         A directory's contents land in ``dst``; a file becomes ``dst`` (or
-        goes inside it when ``dst`` ends with ``/``).  ``AgentTimeout`` after
+        goes inside it when ``dst`` ends with ``/``, ``/.`` or ``/..``).  ``AgentTimeout`` after
         ``timeout`` seconds.
         """
         check_timeout(timeout)
@@ -113,7 +113,7 @@ class BottleFiles:
         skipped and the rest copied, then ``UnsafeTransfer`` names them
         (``skipped``); anything else refused stops at once with ``UnsafeTransfer``.
         Streams to disk (a window at a time); ``AgentTimeout`` after ``timeout`` s.
-        A file goes inside ``dst`` when it is a directory or ends with ``/``."""
+        A file goes inside ``dst`` when it is a directory or ends with ``/``, ``/.`` or ``/..``."""
         check_timeout(timeout)
         into = isinstance(dst, (str, os.PathLike)) and names_no_file(str(os.fspath(dst)))  # "d/", "d/.", "d/.."
         with self._agent.deadline(timeout):
