@@ -143,11 +143,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     pytest.mark.bottle(image=...))``, which ``parametrize`` cannot see, or one a
     hook added) runs once, on that image: the matrix's other copies of it are
     deselected. The copy kept is the one with that image in its id, else (an
-    image off the list) the first copy left."""
+    image off the list) the first copy left.  So is a case whose hook
+    parametrized its ``bottle`` argument directly: no bottle of ours is left in
+    it, so it is not auto-marked and runs once (its id keeps the first image)."""
     groups: dict[str, list[tuple[pytest.Item, object]]] = {}
     for item in items:
         image = _matrix_image(item)
-        wanted = pinned(item, getattr(item, "fixturenames", ())) if image is not None else None
+        fixturenames = getattr(item, "fixturenames", ())
+        if image is not None and FIXTURE not in fixturenames:
+            # A hook parametrized its bottle directly, after the matrix copied it: no VM
+            # of ours left in it, so it runs once, as the first image's copy.
+            wanted: object = _NO_VM
+        else:
+            wanted = pinned(item, fixturenames) if image is not None else None
         if image is not None and wanted is not None:
             case = item.nodeid.removesuffix(f"{image}]")[:-1]  # the image ends the id
             groups.setdefault(case, []).append((item, wanted))
@@ -156,13 +164,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for group in groups.values():
         wanted = group[0][1]
         chosen = next((i for i, _ in group if _matrix_image(i) == wanted), None)
-        if chosen is None and wanted not in names:  # an image off the list: the first copy runs it
+        if chosen is None and (wanted is _NO_VM or wanted not in names):  # the first copy runs it
             chosen = group[0][0]
         # (its own image's copy deselected, by -k say: the case does not run under another id)
         drop.update(id(i) for i, _ in group if i is not chosen)
     if drop:
         config.hook.pytest_deselected(items=[i for i in items if id(i) in drop])
         items[:] = [i for i in items if id(i) not in drop]
+
+
+_NO_VM = object()
 
 
 def _matrix_image(item: pytest.Item) -> str | None:

@@ -94,6 +94,29 @@ def test_a_case_whose_own_marker_names_an_image_runs_once(pytester: pytest.Pytes
     assert collected(result) == ["test_p[1-debian-bookworm]", "test_p[3-debian-bookworm]"], result.stdout.str()
 
 
+def test_a_bottle_argument_a_hook_parametrizes_runs_once_unmarked(pytester: pytest.Pytester) -> None:
+    """A conftest's ``pytest_generate_tests`` that gives ``bottle`` values of its own
+    leaves no VM in the test: it was still copied per image, and ``-m "not bottle"``
+    ran each copy of a test that no image changes."""
+    pytester.makeconftest(
+        """
+        def pytest_generate_tests(metafunc):
+            if metafunc.function.__name__ == "test_direct":
+                metafunc.parametrize("bottle", ["a", "b"])
+        """
+    )
+    pytester.makepyfile(test_m="def test_direct(bottle):\n    assert bottle in 'ab'\ndef test_vm(bottle):\n    pass\n")
+    result = run(pytester, "-q", "-p", "no:randomly", BOTH, "-m", "not bottle")
+    result.assert_outcomes(passed=2, deselected=4)  # test_vm's 2 copies by -m, test_direct's by image
+    result = run(pytester, "--collect-only", "-q", "-p", "no:randomly", BOTH)
+    assert collected(result) == [
+        "test_direct[a-debian-bookworm]",
+        "test_direct[b-debian-bookworm]",
+        "test_vm[debian-bookworm]",
+        "test_vm[debian-trixie]",
+    ], result.stdout.str()
+
+
 def test_a_test_runs_once_when_markers_choose_the_image_of_each_of_its_bottles(pytester: pytest.Pytester) -> None:
     """module_bottle follows the module's pytestmark, not the test's own marker:
     a test of a pinned module with a marker of its own ran 2 identical VMs under
