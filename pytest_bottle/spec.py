@@ -124,7 +124,7 @@ def _short(value: Any) -> str:
 def _lan(value: Any) -> str | None:
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or not _LAN_RE.match(value):
+    if not isinstance(value, str) or not _LAN_RE.fullmatch(value):
         raise ValueError(f"lan must be a name of letters, digits, '.', '_' or '-' (max 32), not {value!r}")
     return value
 

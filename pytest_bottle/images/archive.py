@@ -88,7 +88,7 @@ def check_member_name(name: object, images: dict[str, ImageRef]) -> str:
     if not isinstance(name, str) or not name.isascii():
         raise ImageImportError("the export", f"a member name is not a plain ASCII path: {name!r}")
     parts = name.split("/")
-    if len(parts) != 3 or parts[0] != "images" or not _ENTRY_RE.match(parts[1]):
+    if len(parts) != 3 or parts[0] != "images" or not _ENTRY_RE.fullmatch(parts[1]):
         raise ImageImportError("the export", f"member {name!r} is not images/<entry>/<file>")
     ref = images.get(parts[1])
     if ref is None:
@@ -126,7 +126,7 @@ def parse_manifest(raw: bytes) -> tuple[list[ImageRef], list[Member]]:
         size, sha = d.get("size"), d.get("sha256")
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_MEMBER_BYTES:
             raise ImageImportError(bad, f"member {name}: bad size {size!r}")
-        if not isinstance(sha, str) or not _SHA_RE.match(sha):
+        if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
             raise ImageImportError(bad, f"member {name}: bad sha256 {sha!r}")
         members.append(Member(name, size, sha))
     names = [x.name for x in members]
@@ -155,7 +155,7 @@ def _image(d: Any, below: str | None) -> ImageRef:
     kind, name, key = d.get("kind"), d.get("name"), d.get("key")
     if kind not in ("recipe", "derived") or (kind == "recipe") != (below is None):
         raise ImageImportError(bad, f"image {name!r}: a chain is one recipe image, then derived ones ({kind!r})")
-    if not isinstance(name, str) or not _ENTRY_RE.match(name) or not isinstance(key, str) or not _KEY_RE.match(key):
+    if not (isinstance(name, str) and _ENTRY_RE.fullmatch(name) and isinstance(key, str) and _KEY_RE.fullmatch(key)):
         raise ImageImportError(bad, f"image entry with a bad name or key: {name!r} {key!r}")
     if kind == "recipe" and name.startswith("derived"):
         raise ImageImportError(bad, f"a recipe image may not be named {name!r} (derived images' entries are)")

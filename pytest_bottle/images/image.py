@@ -155,7 +155,7 @@ class Image:
         if not names:
             raise SpecError("install() needs at least one package name")
         for name in names:
-            if not isinstance(name, str) or not _PACKAGE_RE.match(name):
+            if not isinstance(name, str) or not _PACKAGE_RE.fullmatch(name):
                 raise SpecError(
                     f"install(): {name!r} is not a Debian package name (pkg, pkg:arch, pkg=version or pkg/release)"
                 )
@@ -212,7 +212,7 @@ class Image:
 
     def named(self, name: str) -> Image:
         """This image under ``name``, registered so ``--bottle-image name`` finds it."""
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise SpecError(
                 f"named(): {name!r} is not a valid image name "
                 "(1 to 64 letters, digits, '.', '_', '+', '-', starting with a letter or digit)"

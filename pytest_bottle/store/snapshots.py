@@ -77,7 +77,7 @@ _RESERVED_ENDINGS = (".lock", "-rm", "-old", "-prune", "-discard")
 def check_name(name: str) -> str:
     if (
         not isinstance(name, str)
-        or not _NAME_RE.match(name)
+        or not _NAME_RE.fullmatch(name)
         or name.startswith(".")
         or name.endswith(_RESERVED_ENDINGS)
     ):

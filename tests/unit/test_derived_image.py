@@ -227,6 +227,8 @@ def test_unnamed_images_show_parent_and_key() -> None:
         lambda: BASE.install("curl/"),
         lambda: BASE.named("debian-bookworm"),
         lambda: BASE.named("bad name"),
+        lambda: BASE.named("web\n"),  # `$` matched before a last newline
+        lambda: BASE.install("curl\n"),
     ],
 )
 def test_bad_steps_raise_spec_error_at_construction(make: object) -> None:

@@ -103,6 +103,7 @@ def test_roundtrip_keeps_bytes_and_holes(tmp_path: Path) -> None:
         f"images/{REF.entry}//rootfs.ext4",
         "images/.tmp-x/rootfs.ext4",
         "images/ünïcode/rootfs.ext4",
+        f"images/{REF.entry}\n/rootfs.ext4",
     ],
 )
 def test_member_names_must_be_plain_and_known(name: str) -> None:

@@ -89,7 +89,7 @@ def test_saved_names_are_valid_snapshot_names() -> None:
     assert re.fullmatch(r"test_it_a_b_c-[0-9a-f]{6}-btl-0123abcd", name)
     assert check_name(name) == name
     assert re.fullmatch(r"test-[0-9a-f]{6}-btl-1", check_name(saved_name("x::[[[", "btl-1")))
-    for bad in ("", ".tmp-x", "../x", "a/b", "x" * 101, "x.lock", "x-rm", "x-old", "x-prune", "x-discard"):
+    for bad in ("", ".tmp-x", "../x", "a/b", "x" * 101, "x.lock", "x-rm", "x-old", "x-prune", "x-discard", "x\n"):
         with pytest.raises(SnapshotError):
             check_name(bad)
 

@@ -95,6 +95,7 @@ def test_error_names_its_source() -> None:
         ("forward", "80,"),
         ("forward", ", 80"),
         ("lan", "bad name!"),
+        ("lan", "a\n"),  # `$` matched before a last newline: a segment of its own
         ("accel", "hvf"),
         ("image", ""),
         ("timeout", 10**400),  # past float's range: OverflowError, an INTERNALERROR at collection
