@@ -339,6 +339,53 @@ def test_cache_root_checks(tmp_path: Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
 
 
+READ_ONLY_CACHE = """
+set -e
+mount -t tmpfs -o size=1m,mode=0700 tmpfs "$1" && mkdir -m 0700 "$1/c" && mount -o remount,ro "$1"
+"$2" -c 'import sys
+import pytest_bottle
+try:
+    pytest_bottle.launch(cache_dir=sys.argv[1])
+except pytest_bottle.BottleError as e:
+    print("launch:", type(e).__name__, e)' "$1/c"
+"$3" image build debian-bookworm --cache-dir "$1/c" 2>&1 || echo "build exit $?"
+"$3" run --cache-dir "$1/c" -- true 2>&1 || echo "run exit $?"
+"$3" image list --cache-dir "$1/c" >/dev/null && echo "list ok"
+"""
+
+
+@needs_root
+def test_a_cache_on_a_read_only_file_system_is_refused_by_name(tmp_path: Path) -> None:
+    """One there already (0700, ours) was taken, and its first lock raised a bare
+    ``OSError`` (EROFS): a traceback from the CLI, exit 1 from ``bottle run``.
+    Listing it still works. In a mount namespace of its own: nothing stays mounted."""
+    (tmp_path / "ro").mkdir()
+    cli = str(Path(sys.executable).with_name("bottle"))
+    r = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            READ_ONLY_CACHE,
+            "sh",
+            str(tmp_path / "ro"),
+            sys.executable,
+            cli,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = r.stdout + r.stderr
+    refused = f"refusing to use {tmp_path}/ro/c: it is on a read-only file system"
+    assert r.returncode == 0 and f"launch: UnsafeDirectory {refused}" in out, out
+    assert f"bottle: UnsafeDirectory: {refused}" in out and "build exit 1" in out, out
+    assert "run exit 125" in out and "list ok" in out and "Traceback" not in out, out
+
+
 @pytest.fixture
 def theirs_later(tmp_path: Path) -> Path:
     """A name in a sticky shared directory (like /tmp) that another user can

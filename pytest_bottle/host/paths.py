@@ -96,22 +96,34 @@ def _fallback_state_dir() -> Path:
         raise UnsafeDirectory(str(home), f"it cannot be made ({e.strerror})", hint) from None
 
 
-def cache_root(path: Path) -> Path:
+def cache_root(path: Path, *, writable: bool = True) -> Path:
     """Make sure the cache root is this user's alone, creating it if needed.
 
     The cache holds memory states, disks with SSH host keys and the client
     key.  A symlink is followed (a cache moved to a bigger disk); a root that
     others may only read and enter (the mode older versions made) is set to
-    0700; one others may write into, or of another owner, is refused.
+    0700; one others may write into, or of another owner, is refused; so is
+    one this process cannot write (a read-only mount), unless not ``writable``
+    (a sweep, which removes only what is there).
     """
-    return private_dir(path, follow_symlink=True, fix_readable=True, hint=f"pass a cache dir of your own or fix {path}")
+    hint = f"pass a cache dir of your own or fix {path}"
+    root = private_dir(path, follow_symlink=True, fix_readable=True, hint=hint)
+    if writable and not os.access(root, os.W_OK | os.X_OK):  # else a bare OSError at its first lock
+        try:
+            read_only = bool(os.statvfs(root).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "it is on a read-only file system" if read_only else "it cannot be written"
+        raise UnsafeDirectory(str(path), why, hint)
+    return root
 
 
 def check_cache(path: Path) -> None:
     """Refuse (``UnsafeDirectory``) a cache that is there but not usable; make
-    none: reading a cache that is not there yet (a fresh machine) finds it empty."""
+    none: reading a cache that is not there yet (a fresh machine) finds it empty.
+    A read-only one can be read: what writes to it checks that (``cache_root``)."""
     if os.path.lexists(path):
-        cache_root(path)
+        cache_root(path, writable=False)
 
 
 def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool = False, hint: str = "") -> Path:

@@ -135,7 +135,7 @@ def sweep(cache_dirs: list[Path] | None = None, include_kept: bool = False) -> S
         report.skip("leases of dead owners", str(e))
     for cache_dir in cache_dirs or []:
         if cache_dir.exists():
-            _sweep_cache(cache_root(cache_dir), live_names, report)
+            _sweep_cache(cache_root(cache_dir, writable=False), live_names, report)
     report.paths += [str(p) for p in prune_dead(state_dir())]
     _sweep_temporaries([state_dir(), state_dir() / "vms"], report)
     return report
