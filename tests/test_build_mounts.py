@@ -1,10 +1,12 @@
 """Mounts a killed image build leaves, with real builds and real mounts
 (issue: leaked build mounts).
 
-As root, mmdebstrap mounts in the host's mount namespace for its hooks (on
-this host: a fresh proc, sysfs and devpts, and a bind of the host's
-/dev/shm).  SIGKILLed, it leaves them under the cache's build directory;
-removing that directory must detach them, and never delete through one.
+As root, mmdebstrap mounts for its hooks (on this host: a fresh proc, sysfs
+and devpts, and a bind of the host's /dev/shm).  It runs in a mount namespace
+of its own, so SIGKILLed it leaves none of them in the host's: an `rm -rf` of
+the cache cannot delete the host's /dev/shm through one.  Mounts that are
+there all the same (an older version's build) are detached by whatever removes
+a build directory, which never deletes through one.
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ SWEEP = textwrap.dedent("""
 """)
 
 
-def _mounts_under(path: Path) -> list[str]:
-    """Mount points below ``path``, read here without the code under test:
-    lines end at \\n only (a \\r in a name is kept), fields at a space."""
-    with open("/proc/self/mountinfo", "rb") as f:
+def _mounts_under(path: Path, pid: int | str = "self") -> list[str]:
+    """Mount points below ``path`` in the mount namespace of ``pid``, read here
+    without the code under test: lines end at \\n only (a \\r in a name is
+    kept), fields at a space."""
+    with open(f"/proc/{pid}/mountinfo", "rb") as f:
         fields = [line.split(b" ")[4] for line in f.read().split(b"\n") if line]
     points = [os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), p)) for p in fields]
     return [p for p in points if p.startswith(f"{path}/")]
@@ -83,10 +86,11 @@ def _builders(cache: Path) -> list[psutil.Process]:
     return found
 
 
-def _kill_build_once_mounted(cache: Path) -> list[str]:
+def _kill_build_once_mounted(cache: Path) -> tuple[list[str], list[str]]:
     """Start a build into ``cache``, SIGKILL the process that runs it (only that
     one) once mmdebstrap has mounted its root and installs packages, and return
-    what stayed mounted.  Everything the build started dies with it, at once."""
+    what mmdebstrap had mounted then (in its namespace) and what stayed mounted
+    here.  Everything the build started dies with it, at once."""
     proc = subprocess.Popen(
         [sys.executable, "-c", BUILD, IMAGE, str(cache)],
         stdout=subprocess.PIPE,
@@ -98,7 +102,12 @@ def _kill_build_once_mounted(cache: Path) -> list[str]:
 
         def started() -> int:
             assert proc.poll() is None, proc.communicate()
-            builders = [p for p in _builders(cache) if p.info["name"] == "mmdebstrap"] if _mounts_under(cache) else []
+            try:  # mounted, in its namespace (it may also have ended meanwhile)
+                builders = [
+                    b for b in _builders(cache) if b.info["name"] == "mmdebstrap" and _mounts_under(cache, b.pid)
+                ]
+            except OSError:
+                builders = []
             # mmdebstrap leads its own group.  dpkg: it and the packages' scripts write nothing
             # to mmdebstrap's pipe for seconds, so only a kill stops them (apt's downloads
             # die on the broken pipe).
@@ -106,13 +115,14 @@ def _kill_build_once_mounted(cache: Path) -> list[str]:
             return builders[0].pid if any(p.info["name"] == "dpkg" for p in group) else 0
 
         group = wait_until(started, 600, "mmdebstrap installing packages with dpkg", interval=0.02)
+        theirs = _mounts_under(cache, group)
         os.kill(proc.pid, signal.SIGKILL)  # as a kill -9 of pytest: not its process group
         wait_until(
             lambda: not group_members(group) and not _builders(cache), 5, "every process of the killed build gone"
         )
     finally:
         kill_group(proc)
-    return _mounts_under(cache)
+    return theirs, _mounts_under(cache)
 
 
 @pytest.mark.parametrize("cleanup", ["sweep", pytest.param("next-build", marks=pytest.mark.slow)])
@@ -120,8 +130,10 @@ def test_a_killed_builds_mounts_are_detached(unmount_after: Path, shm_canary: Pa
     """The sweep (default run) or the next build (slow: a whole build) removes
     what a killed build left, mounts and all, through neither of them."""
     cache = unmount_after / "a cache"  # a space: /proc/self/mountinfo writes it as \040
-    left = _kill_build_once_mounted(cache)
-    assert left and all("/.tmp-" in p and "/.work/tmp/mmdebstrap." in p for p in left), left
+    theirs, left = _kill_build_once_mounted(cache)
+    assert theirs and all("/.tmp-" in p and "/.work/tmp/mmdebstrap." in p for p in theirs), theirs
+    assert any(p.endswith("/dev/shm") for p in theirs), theirs
+    assert left == [], left  # they were in the build's mount namespace, gone with it
     stale = {p for p in (cache / "images").iterdir() if p.name.startswith(".tmp-")}
     assert len(stale) == 1
     if cleanup == "sweep":

@@ -87,9 +87,15 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> dict[s
     """Build ``recipe`` into the empty directory ``out``; return its manifest."""
     mmdebstrap = require("mmdebstrap", "build images")
     require("mkfs.ext4", "build images")
-    require("unshare", "build images")
+    unshare = require("unshare", "build images")
     started = time.monotonic()
     argv = _mmdebstrap_argv(mmdebstrap, recipe, _prepare_work(recipe, out))
+    if os.geteuid() == 0:
+        # As root mmdebstrap mounts proc, sysfs, devpts and a bind of the host's
+        # /dev/shm under its root: in a mount namespace of its own they end with its
+        # last process, so a build killed with -9 leaves none for an `rm -rf` of the
+        # cache to delete through.  (As a user, --mode=unshare has its own already.)
+        argv = [unshare, "--mount", "--propagation", "private", *argv]  # it execs: the pid stays mmdebstrap's
     log_path = out / "build.log"
     log.debug("building %s: %s", recipe.name, argv)
     rc = _run_logged(argv, out / ".work" / "tmp", log_path, progress, started)
@@ -156,7 +162,7 @@ def _run_logged(argv: list[str], tmp: Path, log_path: Path, progress: Progress |
             env=env,
             text=True,
             # A group of its own, killed with us (host.groups): apt, dpkg and the packages'
-            # scripts too.  What it mounted stays, for the sweep, as after any kill -9.
+            # scripts too.  What it mounted goes with its mount namespace (above).
             process_group=0,
             preexec_fn=functools.partial(die_with, os.getpid(), signal.SIGKILL),
         ) as proc:
