@@ -122,6 +122,45 @@ def _pid_reuse() -> None:
     assert live_dir.exists() and {r.name for r in RunRecord.load_all()} == {"btl-live"}
 
 
+def test_a_qemu_its_dead_owner_had_not_recorded_is_ended(tmp_path: Path) -> None:
+    """A detached QEMU (``--bottle-keep``) has no parent-death signal, and its pid
+    goes into the record only once it runs: an owner killed in between left it
+    running past every sweep, which removed its record and run directory."""
+    _isolated("_unrecorded_qemu", tmp_path / "state")
+
+
+def _unrecorded_qemu() -> None:
+    run_dir = state_dir() / "btl-gap"
+    run_dir.mkdir()
+    qemu = subprocess.Popen(  # holds its pid file in the run directory open, as a bottle's QEMU holds its files
+        [
+            "qemu-system-x86_64",
+            "-M",
+            "microvm",
+            "-S",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-pidfile",
+            str(run_dir / "qemu.pid"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: (run_dir / "qemu.pid").exists(), 30, "QEMU's pid file")
+        dead_owner = f"12345@{boot_id()}"
+        RunRecord(name="btl-gap", owner_pid=os.getpid(), owner_start=dead_owner, run_dir=str(run_dir)).save()
+        report = sweep()
+        assert report.processes == [qemu.pid] and report.vms == ["btl-gap"], report
+        qemu.wait(timeout=10)  # ended by the sweep (SIGTERM first: it exits at once)
+        assert not run_dir.exists() and RunRecord.load_all() == []
+    finally:
+        kill_group(qemu)
+
+
 def test_the_startup_sweep_says_what_it_removed(tmp_path: Path) -> None:
     _isolated("_startup_sweep_says", tmp_path / "state")
 

@@ -24,7 +24,7 @@ from ..net import pools
 from ..store import entries
 from ..store.saved import lock_path as state_lock
 from ..store.saved import remove_entry
-from ..vmm.process import is_alive, is_same_process, kill_pid
+from ..vmm.process import Identity, is_alive, is_same_process, kill_pid, start_time
 from .paths import cache_root, remove_tree, state_dir, temporary_owner
 from .progress_sinks import prune_dead
 from .runstate import RunRecord, run_dir_owner
@@ -80,9 +80,15 @@ def stop_vm(record: RunRecord, report: SweepReport) -> bool:
     if why := record.foreign():
         report.skip(f"VM {record.name}", f"{why}: its pids cannot be judged from here")
         return False
-    if record.qemu_pid and not _end_qemu(record, report):
-        return False
     run_dir = Path(record.run_dir)
+    if record.qemu_pid:
+        if not _end_qemu(f"VM {record.name} (QEMU pid {record.qemu_pid})", record.qemu_pid, record.qemu_start, report):
+            return False
+    elif not all(
+        _end_qemu(f"VM {record.name} (QEMU pid {pid}, not in its record)", pid, start, report)
+        for pid, start in _unrecorded_qemus(run_dir)
+    ):
+        return False
     if run_dir.exists() and not _remove(run_dir, report):
         return False
     try:
@@ -95,21 +101,36 @@ def stop_vm(record: RunRecord, report: SweepReport) -> bool:
     return True
 
 
-def _end_qemu(record: RunRecord, report: SweepReport) -> bool:
-    """Whether the record's QEMU is dead now (ended here, or gone already)."""
-    assert record.qemu_pid is not None
-    what = f"VM {record.name} (QEMU pid {record.qemu_pid})"
-    if not is_same_process(record.qemu_pid, record.qemu_start) and is_alive(record.qemu_pid, record.qemu_start):
+def _unrecorded_qemus(run_dir: Path) -> list[tuple[int, str]]:
+    """QEMUs holding files of ``run_dir`` open, with their identities: one its
+    owner started but had not recorded yet when it was killed (a detached one,
+    ``--bottle-keep``, has no parent-death signal and would run on)."""
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for pid in _pids_using(run_dir):
+        try:
+            program = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+        except OSError:  # gone meanwhile
+            continue
+        if program.startswith("qemu-system") and (started := start_time(pid)) is not None:
+            found.append((pid, started))
+    return found
+
+
+def _end_qemu(what: str, pid: int, started: Identity, report: SweepReport) -> bool:
+    """Whether the QEMU ``pid`` (identified by ``started``) is dead now (ended here, or gone already)."""
+    if not is_same_process(pid, started) and is_alive(pid, started):
         report.skip(what, "its pid is in use and the record (of an older version) cannot prove it is that QEMU")
         return False
     try:
-        if kill_pid(record.qemu_pid, record.qemu_start):
-            report.processes.append(record.qemu_pid)
+        if kill_pid(pid, started):
+            report.processes.append(pid)
     except PermissionError as e:
         report.skip(what, f"may not signal it: {e.strerror}")
         return False
     deadline = time.monotonic() + QEMU_EXIT_WAIT  # SIGKILL is not instant (a process in D state)
-    while is_alive(record.qemu_pid, record.qemu_start):
+    while is_alive(pid, started):
         if time.monotonic() > deadline:
             report.skip(what, f"still alive {QEMU_EXIT_WAIT:.0f} s after SIGKILL")
             return False
