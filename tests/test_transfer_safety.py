@@ -39,6 +39,7 @@ from pytest_bottle.guest.frames import (
     HELLO,
     INSTANCE_SIZE,
     REPLY,
+    SYNC,
     SYNC_MAGIC,
     frame,
     jframe,
@@ -57,15 +58,29 @@ class HostileGuest:
         host.close()  # the channel keeps its own dup
         self.answers: dict[str, Answer] = {"hello": lambda rid, call: reply(rid, version=1)}
         self.cancelled: list[int] = []
-        self.peer.sendall(frame(HELLO, 0, SYNC_MAGIC + os.urandom(INSTANCE_SIZE)))  # what a starting agent says first
+        self.instance = os.urandom(INSTANCE_SIZE)
+        self.before_sync = False  # it takes calls without the SYNC a real agent waits for
+        self.peer.sendall(frame(HELLO, 0, SYNC_MAGIC + self.instance))  # what a starting agent says first
         threading.Thread(target=self._serve, daemon=True).start()
+
+    def restart(self) -> bytes:
+        """Be a new agent (a new instance id) that drops every frame until a SYNC,
+        as a real one does; its HELLO, for the caller to send."""
+        self.instance = os.urandom(INSTANCE_SIZE)
+        self.before_sync = True
+        return frame(HELLO, 0, SYNC_MAGIC + self.instance)
 
     def _serve(self) -> None:
         try:
             while True:
                 kind, rid, size = HEADER.unpack(recv_exactly(self.peer, HEADER.size))
                 payload = recv_exactly(self.peer, size) if size else b""
-                if kind == CALL:
+                if kind == SYNC:  # as the agent: a HELLO, and calls are taken again
+                    self.before_sync = False
+                    self.peer.sendall(frame(HELLO, 0, SYNC_MAGIC + self.instance))
+                elif self.before_sync:
+                    continue
+                elif kind == CALL:
                     call = json.loads(payload)
                     self.peer.sendall(self.answers[call["op"]](rid, call))
                 elif kind == CANCEL:

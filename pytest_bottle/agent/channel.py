@@ -6,7 +6,9 @@ checked before it is believed (``frames.limit``, the windows): the guest is
 not trusted.  The reader never waits for a consumer, and calls never wait
 for a dead agent: a HELLO with a new instance id (the agent restarted) fails
 every pending call at once, and a call that has heard nothing for
-``idle`` seconds pings the agent and gives up ``dead_after`` seconds later.
+``idle`` seconds pings the agent and gives up ``dead_after`` seconds later;
+a frame left unfinished that long (its agent was killed writing it) fails
+every call, and a SYNC finds the agent, or its successor, again.
 When the socket closes (QEMU died) every waiting call fails at once.
 """
 
@@ -112,23 +114,12 @@ class AgentChannel(Deadlines, Uploads, Ends):
     def _read_loop(self) -> None:
         try:
             hello, rest = resync.skip_to_hello(resync.receiver(self.sock))  # past a former session's half frame
-            read_exact = resync.exact_reader(self.sock, rest)
-            self._last_rx = time.monotonic()
-            self._hello(hello)
             while True:
-                kind, rid, size = HEADER.unpack(read_exact(HEADER.size))
-                if kind not in GUEST_KINDS:
-                    raise ProtocolError(f"unknown frame kind {kind}")
-                if size > frames.limit(kind):
-                    raise ProtocolError(f"a {frames.NAMES[kind]} frame of {size} bytes (limit {frames.limit(kind)})")
-                payload = read_exact(size) if size else b""
-                self._last_rx = time.monotonic()
-                if kind == HELLO:
-                    self._hello(payload)
-                elif kind == CREDIT:
-                    self._got_credit(rid, frames.COUNT.unpack(payload)[0] if size == frames.COUNT.size else 0)
-                else:
-                    self._dispatch(kind, rid, payload)
+                try:
+                    self._read_frames(hello, rest)
+                except resync.MidFrame as e:  # the agent stopped in a frame: find it, or its successor, again
+                    self._resync(e)
+                    hello, rest = resync.skip_to_hello(resync.receiver(self.sock), start=e.partial)
         except (EOFError, OSError) as e:
             why = "the VM closed the agent channel" if isinstance(e, EOFError) else str(e)
             self.death = self.closing or (self.explain() if self.explain else "") or why  # it must not raise
@@ -146,6 +137,36 @@ class AgentChannel(Deadlines, Uploads, Ends):
                 self._read_done = True
                 self.sock.close()
 
+    def _read_frames(self, hello: bytes, rest: bytes) -> None:
+        """Frames from a HELLO on, until the stream ends or stops in a frame (``MidFrame``)."""
+        read_exact = resync.exact_reader(self.sock, rest, stall=self.dead_after)
+        self._last_rx = time.monotonic()
+        self._hello(hello)
+        while True:
+            kind, rid, size = HEADER.unpack(read_exact(HEADER.size, False))
+            if kind not in GUEST_KINDS:
+                raise ProtocolError(f"unknown frame kind {kind}")
+            if size > frames.limit(kind):
+                raise ProtocolError(f"a {frames.NAMES[kind]} frame of {size} bytes (limit {frames.limit(kind)})")
+            payload = read_exact(size, True) if size else b""
+            self._last_rx = time.monotonic()
+            if kind == HELLO:
+                self._hello(payload)
+            elif kind == CREDIT:
+                self._got_credit(rid, frames.COUNT.unpack(payload)[0] if size == frames.COUNT.size else 0)
+            else:
+                self._dispatch(kind, rid, payload)
+
+    def _resync(self, stop: resync.MidFrame) -> None:
+        """Nothing came for ``dead_after`` seconds in the middle of a frame: the agent
+        that wrote it died there (systemd starts another, whose HELLO went into that
+        frame's payload and which drops all it reads before a SYNC) or hangs.  Every
+        call is lost either way; a SYNC asks for a HELLO to start again from."""
+        calls = self._start_over("the resync after the agent stopped in a frame failed")
+        why = f"the guest agent stopped in the middle of a frame ({stop}) for {self.dead_after:g} s"
+        log.debug("agent channel %s: %s; %d call(s) lost", self.name, why, len(calls))
+        lose(calls, f"{why}; {len(calls)} call(s) lost")
+
     def _hello(self, payload: bytes) -> None:
         if len(payload) != frames.HELLO_SIZE or not payload.startswith(frames.SYNC_MAGIC):
             raise ProtocolError("a HELLO frame without the agent's magic (a different protocol version?)")
@@ -156,19 +177,23 @@ class AgentChannel(Deadlines, Uploads, Ends):
         self.synced.set()
 
     def _restarted(self) -> None:
-        """The agent restarted: whatever it was doing is gone.  Fail every call
-        and resync in one step, so no CALL slips between (the new agent drops
-        all it reads before a SYNC)."""
+        """The agent restarted: whatever it was doing is gone."""
+        self.restarts += 1
+        calls = self._start_over("the resync after an agent restart failed")
+        log.debug("agent channel %s: the guest agent restarted, %d call(s) lost", self.name, len(calls))
+        lose(calls, f"the guest agent restarted; {len(calls)} call(s) lost")
+
+    def _start_over(self, failure: str) -> list[Call]:
+        """Take every call and send a SYNC in one step, so no CALL slips between
+        (a new agent drops all it reads before a SYNC); the calls, to be lost."""
         with self._wlock, self._lock:
             calls = self._take_calls()
-            self.restarts += 1
             if not self.broken:  # bounded: every call waits on these locks, whatever its timeout
                 try:
                     send_all(self.sock, frames.SYNC_FRAME, time.monotonic() + RESYNC_WAIT)
                 except OSError as e:  # Stalled too
-                    self._break(e, "the resync after an agent restart failed")
-        log.debug("agent channel %s: the guest agent restarted, %d call(s) lost", self.name, len(calls))
-        lose(calls, f"the guest agent restarted; {len(calls)} call(s) lost")
+                    self._break(e, failure)
+        return calls
 
     def abandon(self, reason: str) -> None:
         """Fail every pending call at once as lost for ``reason``, cancel it, and

@@ -9,7 +9,9 @@ comes before it belongs to the last session and is dropped, up to a bound.
 
 from __future__ import annotations
 
+import select
 import socket
+import time
 from collections.abc import Callable
 
 from ..guest import frames
@@ -25,6 +27,16 @@ class NoHello(ProtocolError):
     """No HELLO within ``RESYNC_LIMIT`` bytes of a fresh connection."""
 
 
+class MidFrame(Exception):
+    """Nothing came for ``stall`` seconds in the middle of a frame: its sender
+    stopped there (an agent killed while it wrote, whose successor's HELLO is
+    then read as that frame's payload).  ``partial``: what came of it."""
+
+    def __init__(self, partial: bytes) -> None:
+        super().__init__(f"{len(partial)} bytes into a frame")
+        self.partial = partial
+
+
 def receiver(sock: socket.socket) -> Callable[[], bytes]:
     def recv() -> bytes:
         while True:
@@ -36,10 +48,11 @@ def receiver(sock: socket.socket) -> Callable[[], bytes]:
     return recv
 
 
-def skip_to_hello(recv: Callable[[], bytes], limit: int = RESYNC_LIMIT) -> tuple[bytes, bytes]:
+def skip_to_hello(recv: Callable[[], bytes], limit: int = RESYNC_LIMIT, start: bytes = b"") -> tuple[bytes, bytes]:
     """Read with ``recv`` (b"" at the end raises EOFError) until the first
-    HELLO frame; return its payload and the bytes read past it."""
-    buf = b""
+    HELLO frame, looking in ``start`` first; return its payload and the bytes
+    read past it."""
+    buf = start
     skipped = 0
     while True:
         at = buf.find(MARKER)
@@ -64,17 +77,28 @@ def skip_to_hello(recv: Callable[[], bytes], limit: int = RESYNC_LIMIT) -> tuple
     return buf[at + frames.HEADER.size : end], buf[end:]
 
 
-def exact_reader(sock: socket.socket, pending: bytes) -> Callable[[int], bytes]:
-    """``read(n)``: exactly ``n`` bytes, first from ``pending`` (read past the
-    HELLO), then from ``sock``; EOFError at the end."""
+def exact_reader(sock: socket.socket, pending: bytes, stall: float | None = None) -> Callable[[int, bool], bytes]:
+    """``read(n, within_frame)``: exactly ``n`` bytes, first from ``pending``
+    (read past the HELLO), then from ``sock``; EOFError at the end.  With
+    ``stall``, ``MidFrame`` when nothing comes for that long while a frame is
+    under way (``within_frame``: its payload; or some of its header came)."""
     rest = bytearray(pending)
+    waiting = select.poll()
+    waiting.register(sock, select.POLLIN)
 
-    def read(n: int) -> bytes:
+    def read(n: int, within_frame: bool = False) -> bytes:
         buf = bytearray()
         if rest:
             buf += rest[:n]
             del rest[:n]
+        last = time.monotonic()
         while len(buf) < n:
+            if stall is not None and (within_frame or buf):
+                left = last + stall - time.monotonic()
+                if left <= 0:
+                    raise MidFrame(bytes(buf))
+                if not waiting.poll(left * 1000 + 1):
+                    continue
             try:
                 chunk = sock.recv(min(n - len(buf), frames.CHUNK))  # never reserve what a header claims
             except TimeoutError:  # the socket's timeout bounds sends; reads wait on
@@ -82,6 +106,7 @@ def exact_reader(sock: socket.socket, pending: bytes) -> Callable[[int], bytes]:
             if not chunk:
                 raise EOFError
             buf += chunk
+            last = time.monotonic()
         return bytes(buf)
 
     return read
