@@ -156,9 +156,9 @@ class Extractor:
                 if len(self.skipped) < SHOWN_SKIPS:
                     self.skipped.append(e)
             except OSError as e:
+                if e.errno is None or isinstance(e, ConnectionAbortedError):  # the stream's: a cancel, a timeout
+                    raise
                 if self.policy.trusted:  # put(): the guest's own failure (a full disk) is a GuestOSError
-                    if e.errno is None or isinstance(e, ConnectionAbortedError):  # a cancel
-                        raise
                     where = os.path.join(self.dst, *(ts.show(p) for p in ts.parts(member.name)))
                     raise OSError(e.errno, e.strerror, where) from None  # the file, not a temporary name
                 raise ts.Refused(show(member.name), f"could not be written: {e.strerror or e}") from None
