@@ -218,13 +218,19 @@ class GuestProcess:
             if left <= 0:
                 raise ProcessTimeout(self.args, float(timeout or 0), self.stdout, self.stderr)
             if not self._call.done.wait(left):
-                try:
-                    channel.check(self._call, "wait")
-                except AgentError:
-                    if not channel.closed.is_set():
-                        raise  # a hung agent: nothing will come
+                self._alive("wait")
         assert self._result is not None
         return self._result
+
+    def _alive(self, op: str) -> None:
+        """``AgentError`` when the agent stopped answering (the channel pings it)."""
+        assert self._call is not None
+        channel = self._agent.channel
+        try:
+            channel.check(self._call, op)
+        except AgentError:
+            if not channel.closed.is_set():
+                raise  # a hung agent: nothing will come
 
     def wait_for_output(
         self, pattern: str | re.Pattern[str], timeout: float = 60.0, *, stream: str | None = None
@@ -273,6 +279,8 @@ class GuestProcess:
                     read_as = "text"
                 lost = self.lost if ended else ""
                 raise OutputTimeout(shown, timeout, self.stdout, self.stderr, rc, lost, read_as=read_as)
+            if self._call is not None:
+                self._alive("wait_for_output")  # a hung agent sends nothing more: not a wait to its end
             # At most SEARCH_RATE looks a second: a chatty process wakes us per chunk.
             time.sleep(max(0.0, min(left, looked + 1 / SEARCH_RATE - time.monotonic())))
             with self._cond:
