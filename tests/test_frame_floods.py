@@ -16,8 +16,8 @@ from test_transfer_safety import HostileGuest, archive, member, reply, serve_tre
 from pytest_bottle import process
 from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.agent.transfer import _FrameSource, fetch
-from pytest_bottle.errors import AgentTimeout
-from pytest_bottle.guest.frames import DATA, EOF, STDOUT, frame
+from pytest_bottle.errors import AgentError, AgentTimeout
+from pytest_bottle.guest.frames import CHUNK, DATA, EOF, HEADER, STARTED, STDOUT, frame, jframe
 from pytest_bottle.process import GuestProcess
 
 TINY = 100_000  # one-byte frames: as objects, ~40 bytes each
@@ -155,3 +155,54 @@ def test_a_spawn_the_agent_never_confirms_is_an_agent_timeout(
         GuestProcess.start(AgentClient(guest.channel), ["server"], env={}, cwd=None, user=None, input=None)
     assert time.monotonic() - started < 10
     assert guest.still_answers()
+
+
+def test_an_agent_killed_in_the_middle_of_a_frame_is_found_again(tmp_path: Path) -> None:
+    """Killed while it wrote a get()'s data, the agent's successor's HELLO was read
+    as the rest of that frame, and the host waited for the rest for good: every
+    call after it failed as "hung or gone", while a working agent ran."""
+    guest = HostileGuest(idle=0.2, dead_after=1.0)
+    try:
+        serve_tree(guest, b"")
+        guest.answers["tar"] = lambda rid, call: HEADER.pack(DATA, rid, 1000) + b"x" * 10 + guest.restart()
+        started = time.monotonic()
+        with pytest.raises(AgentError, match="stopped in the middle of a frame|hung or gone"):
+            fetch(guest.channel, "/srv", tmp_path / "out")
+        assert time.monotonic() - started < 10
+        assert guest.still_answers() and guest.channel.restarts == 1
+    finally:
+        guest.close()
+
+
+def test_a_get_of_a_directory_past_its_timeout_is_an_agent_timeout(guest: HostileGuest, tmp_path: Path) -> None:
+    """A timeout in the middle of a file (a guest that streams slowly) is an
+    ``AgentTimeout``, at once; the extraction took it for the host's own write error
+    (an ``OSError``): ``UnsafeTransfer`` "could not be written", 10 s late."""
+    big = member("./f", data=bytes(1 << 20))
+    serve_tree(guest, b"")
+    tar = archive(big)[: 256 * 1024]  # whole frames of it, then nothing more
+    guest.answers["tar"] = lambda rid, call: b"".join(
+        frame(DATA, rid, tar[i : i + CHUNK]) for i in range(0, len(tar), CHUNK)
+    )
+    started = time.monotonic()
+    with guest.channel.deadline(1.0), pytest.raises(AgentTimeout):
+        fetch(guest.channel, "/srv", tmp_path / "out")
+    assert time.monotonic() - started < 5
+    assert not [p for p in tmp_path.rglob("*") if ".bottle-" in p.name]  # its temporary file removed
+    assert guest.still_answers()
+
+
+def test_wait_for_output_from_an_agent_that_stopped_answering_is_an_agent_error() -> None:
+    """``wait()`` gave up on an agent that answers no ping; ``wait_for_output()``
+    waited out its whole timeout and raised ``OutputTimeout``, as if the process
+    had only been quiet."""
+    guest = HostileGuest(idle=0.2, dead_after=1.0)
+    try:
+        guest.answers["exec"] = lambda rid, call: jframe(STARTED, rid, {"pid": 42})  # then nothing, pings unanswered
+        p = GuestProcess.start(AgentClient(guest.channel), ["server"], env={}, cwd=None, user=None, input=None)
+        started = time.monotonic()
+        with pytest.raises(AgentError, match="has not answered .* hung or gone"):
+            p.wait_for_output("ready", timeout=30)
+        assert time.monotonic() - started < 10
+    finally:
+        guest.close()
