@@ -118,8 +118,15 @@ class AgentChannel(Deadlines, Uploads, Ends):
                 try:
                     self._read_frames(hello, rest)
                 except resync.MidFrame as e:  # the agent stopped in a frame: find it, or its successor, again
-                    self._resync(e)
+                    self._resync(f"stopped in the middle of a frame ({e}) for {self.dead_after:g} s")
                     hello, rest = resync.skip_to_hello(resync.receiver(self.sock), start=e.partial)
+                except resync.BadHeader as e:  # garbage, or a successor's HELLO where a frame goes on
+                    self._resync(f"sent a frame no agent sends (protocol error: {e})")
+                    try:  # a guest that does not answer the SYNC with a HELLO at once has no agent: closed
+                        deadline = time.monotonic() + RESYNC_WAIT
+                        hello, rest = resync.skip_to_hello(resync.receiver(self.sock, deadline), start=e.seen)
+                    except TimeoutError:
+                        raise e from None
         except (EOFError, OSError) as e:
             why = "the VM closed the agent channel" if isinstance(e, EOFError) else str(e)
             self.death = self.closing or (self.explain() if self.explain else "") or why  # it must not raise
@@ -139,15 +146,17 @@ class AgentChannel(Deadlines, Uploads, Ends):
 
     def _read_frames(self, hello: bytes, rest: bytes) -> None:
         """Frames from a HELLO on, until the stream ends or stops in a frame (``MidFrame``)."""
-        read_exact = resync.exact_reader(self.sock, rest, stall=self.dead_after)
+        read_exact = resync.exact_reader(self.sock, rest, stall=lambda: self.dead_after)
         self._last_rx = time.monotonic()
         self._hello(hello)
         while True:
-            kind, rid, size = HEADER.unpack(read_exact(HEADER.size, False))
+            header = read_exact(HEADER.size, False)
+            kind, rid, size = HEADER.unpack(header)
             if kind not in GUEST_KINDS:
-                raise ProtocolError(f"unknown frame kind {kind}")
+                raise resync.BadHeader(f"unknown frame kind {kind}", header)
             if size > frames.limit(kind):
-                raise ProtocolError(f"a {frames.NAMES[kind]} frame of {size} bytes (limit {frames.limit(kind)})")
+                limit = frames.limit(kind)
+                raise resync.BadHeader(f"a {frames.NAMES[kind]} frame of {size} bytes (limit {limit})", header)
             payload = read_exact(size, True) if size else b""
             self._last_rx = time.monotonic()
             if kind == HELLO:
@@ -157,13 +166,13 @@ class AgentChannel(Deadlines, Uploads, Ends):
             else:
                 self._dispatch(kind, rid, payload)
 
-    def _resync(self, stop: resync.MidFrame) -> None:
-        """Nothing came for ``dead_after`` seconds in the middle of a frame: the agent
-        that wrote it died there (systemd starts another, whose HELLO went into that
-        frame's payload and which drops all it reads before a SYNC) or hangs.  Every
-        call is lost either way; a SYNC asks for a HELLO to start again from."""
-        calls = self._start_over("the resync after the agent stopped in a frame failed")
-        why = f"the guest agent stopped in the middle of a frame ({stop}) for {self.dead_after:g} s"
+    def _resync(self, what: str) -> None:
+        """The stream lost its frames: an agent killed while it sent one left it
+        unfinished (systemd starts another, whose HELLO goes where the frame goes
+        on, and which drops all it reads before a SYNC), or a guest sends garbage.
+        Every call is lost either way; a SYNC asks for a HELLO to start again from."""
+        calls = self._start_over("the resync after the agent " + what.split(" (")[0] + " failed")
+        why = f"the guest agent {what}"
         log.debug("agent channel %s: %s; %d call(s) lost", self.name, why, len(calls))
         lose(calls, f"{why}; {len(calls)} call(s) lost")
 

@@ -27,6 +27,17 @@ class NoHello(ProtocolError):
     """No HELLO within ``RESYNC_LIMIT`` bytes of a fresh connection."""
 
 
+class BadHeader(ProtocolError):
+    """A frame header no agent sends (an unknown kind, an oversized length):
+    garbage, or an agent's successor's HELLO read from where its predecessor's
+    unfinished frame would have gone on.  ``seen``: the header's bytes, after
+    the end of the payload before it."""
+
+    def __init__(self, message: str, seen: bytes) -> None:
+        super().__init__(message)
+        self.seen = seen
+
+
 class MidFrame(Exception):
     """Nothing came for ``stall`` seconds in the middle of a frame: its sender
     stopped there (an agent killed while it wrote, whose successor's HELLO is
@@ -37,12 +48,21 @@ class MidFrame(Exception):
         self.partial = partial
 
 
-def receiver(sock: socket.socket) -> Callable[[], bytes]:
+def receiver(sock: socket.socket, deadline: float | None = None) -> Callable[[], bytes]:
+    """``recv()`` of what comes; with a ``deadline`` (``time.monotonic()``),
+    ``TimeoutError`` once it passed."""
+    waiting = select.poll()
+    waiting.register(sock, select.POLLIN)
+
     def recv() -> bytes:
         while True:
+            if deadline is not None and not waiting.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                raise TimeoutError("no HELLO in time")
             try:
                 return sock.recv(frames.CHUNK)
             except TimeoutError:  # the socket's timeout bounds sends; reads wait on
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
                 continue
 
     return recv
@@ -77,10 +97,12 @@ def skip_to_hello(recv: Callable[[], bytes], limit: int = RESYNC_LIMIT, start: b
     return buf[at + frames.HEADER.size : end], buf[end:]
 
 
-def exact_reader(sock: socket.socket, pending: bytes, stall: float | None = None) -> Callable[[int, bool], bytes]:
+def exact_reader(
+    sock: socket.socket, pending: bytes, stall: Callable[[], float] | None = None
+) -> Callable[[int, bool], bytes]:
     """``read(n, within_frame)``: exactly ``n`` bytes, first from ``pending``
     (read past the HELLO), then from ``sock``; EOFError at the end.  With
-    ``stall``, ``MidFrame`` when nothing comes for that long while a frame is
+    ``stall()`` seconds, ``MidFrame`` when nothing comes for that long while a frame is
     under way (``within_frame``: its payload; or some of its header came)."""
     rest = bytearray(pending)
     waiting = select.poll()
@@ -94,7 +116,7 @@ def exact_reader(sock: socket.socket, pending: bytes, stall: float | None = None
         last = time.monotonic()
         while len(buf) < n:
             if stall is not None and (within_frame or buf):
-                left = last + stall - time.monotonic()
+                left = last + stall() - time.monotonic()
                 if left <= 0:
                     raise MidFrame(bytes(buf))
                 if not waiting.poll(left * 1000 + 1):
