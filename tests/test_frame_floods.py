@@ -157,8 +157,12 @@ def test_a_spawn_the_agent_never_confirms_is_an_agent_timeout(
     assert guest.still_answers()
 
 
-@pytest.mark.parametrize("missing", [990, 9], ids=["more than a HELLO", "a HELLO's header"])
-def test_an_agent_killed_in_the_middle_of_a_frame_is_found_again(tmp_path: Path, missing: int) -> None:
+@pytest.mark.parametrize(
+    ("missing", "said"),
+    [(990, "stopped in the middle of a frame|hung or gone"), (9, "sent a frame no agent sends")],
+    ids=["more than a HELLO", "a HELLO's header"],
+)
+def test_an_agent_killed_in_the_middle_of_a_frame_is_found_again(tmp_path: Path, missing: int, said: str) -> None:
     """Killed while it wrote a get()'s data, the agent's successor's HELLO was read
     as the rest of that frame, and the host waited for the rest for good: every
     call after it failed as "hung or gone", while a working agent ran.  Or, with
@@ -169,7 +173,7 @@ def test_an_agent_killed_in_the_middle_of_a_frame_is_found_again(tmp_path: Path,
         serve_tree(guest, b"")
         guest.answers["tar"] = lambda rid, call: HEADER.pack(DATA, rid, 10 + missing) + b"x" * 10 + guest.restart()
         started = time.monotonic()
-        with pytest.raises(AgentError, match="in the middle of a frame|hung or gone|no agent sends"):
+        with pytest.raises(AgentError, match=said):
             fetch(guest.channel, "/srv", tmp_path / "out")
         assert time.monotonic() - started < 10
         assert guest.still_answers() and guest.channel.restarts == 1
@@ -207,5 +211,23 @@ def test_wait_for_output_from_an_agent_that_stopped_answering_is_an_agent_error(
         with pytest.raises(AgentError, match="has not answered .* hung or gone"):
             p.wait_for_output("ready", timeout=30)
         assert time.monotonic() - started < 10
+    finally:
+        guest.close()
+
+
+def test_garbage_after_each_resync_closes_the_channel() -> None:
+    """A guest that answers every SYNC with a HELLO and then a header no agent
+    sends kept the host resyncing (tens of thousands a second): the second such
+    header before any frame closes the channel, as garbage did before."""
+    guest = HostileGuest()
+    try:
+        guest.answers["stat"] = lambda rid, call: HEADER.pack(0xEE, 0, 0)  # garbage where its reply goes
+        with pytest.raises(AgentError, match="no agent sends"):
+            guest.channel.call("stat", path="/", timeout=10)
+        garbage = guest.restart() + HEADER.pack(0xEE, 0, 0)
+        guest.before_sync = False
+        guest.peer.sendall(garbage)  # and again, as it would answer each SYNC
+        assert guest.channel.closed.wait(10)
+        assert "protocol error" in guest.channel.death, guest.channel.death
     finally:
         guest.close()

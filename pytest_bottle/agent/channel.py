@@ -29,6 +29,7 @@ from ..guest.frames import CALL, CREDIT, DATA, EOF, HEADER, HELLO, PING, REPLY, 
 from . import resync
 from .calls import Call, Gone, ProtocolError, Sink, decode_reply, guest_error, lose
 from .ends import Ends
+from .restarts import RESYNC_WAIT, Restarts
 from .send import SEND_TIMEOUT, STALL_FLOOR, Deadlines, Stalled, held_by, send_all
 from .uploads import Uploads
 
@@ -38,10 +39,9 @@ log = logging.getLogger(__name__)
 GUEST_KINDS = frozenset({DATA, EOF, frames.STDOUT, frames.STDERR, frames.STARTED, REPLY, HELLO, CREDIT})
 IDLE = 2.0  # silence after which a waiting call pings the agent
 DEAD_AFTER = 30.0  # an agent that has not answered a ping this long is gone
-RESYNC_WAIT = 5.0  # a new agent reads all before a SYNC: one that takes nothing this long is not one
 
 
-class AgentChannel(Deadlines, Uploads, Ends):
+class AgentChannel(Deadlines, Uploads, Ends, Restarts):
     def __init__(
         self, sock: socket.socket, name: str = "bottle", idle: float = IDLE, dead_after: float = DEAD_AFTER
     ) -> None:
@@ -57,6 +57,10 @@ class AgentChannel(Deadlines, Uploads, Ends):
         self.dead_after = dead_after
         self.explain: Callable[[], str] | None = None  # why the stream ended under us: the VM's exit
         self.synced = threading.Event()
+        self._settled = threading.Event()  # cleared from a resync's SYNC to its HELLO: calls wait
+        self._settled.set()
+        self._frames = 0  # frames but HELLOs read since the last resync
+        self._resynced = False
         self.closed = threading.Event()
         self.death = ""
         self.closing = ""  # why the host is closing it, set before it does: the death users read
@@ -119,8 +123,12 @@ class AgentChannel(Deadlines, Uploads, Ends):
                     self._read_frames(hello, rest)
                 except resync.MidFrame as e:  # the agent stopped in a frame: find it, or its successor, again
                     self._resync(f"stopped in the middle of a frame ({e}) for {self.dead_after:g} s")
-                    hello, rest = resync.skip_to_hello(resync.receiver(self.sock), start=e.partial)
+                    at = e.partial.rfind(resync.MARKER)  # the successor's HELLO is the last thing it sent
+                    start = e.partial[at:] if at >= 0 else e.partial[-len(resync.MARKER) :]
+                    hello, rest = resync.skip_to_hello(resync.receiver(self.sock), start=start)
                 except resync.BadHeader as e:  # garbage, or a successor's HELLO where a frame goes on
+                    if self._resynced and self._frames == 0:
+                        raise  # again before any frame since the last: garbage, not a restart
                     self._resync(f"sent a frame no agent sends (protocol error: {e})")
                     try:  # a guest that does not answer the SYNC with a HELLO at once has no agent: closed
                         deadline = time.monotonic() + RESYNC_WAIT
@@ -159,22 +167,13 @@ class AgentChannel(Deadlines, Uploads, Ends):
                 raise resync.BadHeader(f"a {frames.NAMES[kind]} frame of {size} bytes (limit {limit})", header)
             payload = read_exact(size, True) if size else b""
             self._last_rx = time.monotonic()
+            self._frames += kind != HELLO
             if kind == HELLO:
                 self._hello(payload)
             elif kind == CREDIT:
                 self._got_credit(rid, frames.COUNT.unpack(payload)[0] if size == frames.COUNT.size else 0)
             else:
                 self._dispatch(kind, rid, payload)
-
-    def _resync(self, what: str) -> None:
-        """The stream lost its frames: an agent killed while it sent one left it
-        unfinished (systemd starts another, whose HELLO goes where the frame goes
-        on, and which drops all it reads before a SYNC), or a guest sends garbage.
-        Every call is lost either way; a SYNC asks for a HELLO to start again from."""
-        calls = self._start_over("the resync after the agent " + what.split(" (")[0] + " failed")
-        why = f"the guest agent {what}"
-        log.debug("agent channel %s: %s; %d call(s) lost", self.name, why, len(calls))
-        lose(calls, f"{why}; {len(calls)} call(s) lost")
 
     def _hello(self, payload: bytes) -> None:
         if len(payload) != frames.HELLO_SIZE or not payload.startswith(frames.SYNC_MAGIC):
@@ -184,25 +183,7 @@ class AgentChannel(Deadlines, Uploads, Ends):
             self._restarted()
         self.instance = instance
         self.synced.set()
-
-    def _restarted(self) -> None:
-        """The agent restarted: whatever it was doing is gone."""
-        self.restarts += 1
-        calls = self._start_over("the resync after an agent restart failed")
-        log.debug("agent channel %s: the guest agent restarted, %d call(s) lost", self.name, len(calls))
-        lose(calls, f"the guest agent restarted; {len(calls)} call(s) lost")
-
-    def _start_over(self, failure: str) -> list[Call]:
-        """Take every call and send a SYNC in one step, so no CALL slips between
-        (a new agent drops all it reads before a SYNC); the calls, to be lost."""
-        with self._wlock, self._lock:
-            calls = self._take_calls()
-            if not self.broken:  # bounded: every call waits on these locks, whatever its timeout
-                try:
-                    send_all(self.sock, frames.SYNC_FRAME, time.monotonic() + RESYNC_WAIT)
-                except OSError as e:  # Stalled too
-                    self._break(e, failure)
-        return calls
+        self._settled.set()
 
     def abandon(self, reason: str) -> None:
         """Fail every pending call at once as lost for ``reason``, cancel it, and
@@ -296,6 +277,7 @@ class AgentChannel(Deadlines, Uploads, Ends):
             raise self._gone(e, op) from None
 
     def _register_and_send(self, op: str, payload: bytes, sink: Sink | None, auto_credit: bool) -> tuple[int, Call]:
+        self._settle()
         # Registered and sent in one step under _wlock: abandon() cannot slip between
         # and let keep()'s end call reach the agent before this CALL does.  Another
         # send stuck on a guest that reads nothing holds it up to SEND_TIMEOUT: this

@@ -44,7 +44,7 @@ class MidFrame(Exception):
     then read as that frame's payload).  ``partial``: what came of it."""
 
     def __init__(self, partial: bytes) -> None:
-        super().__init__(f"{len(partial)} bytes into a frame")
+        super().__init__(f"after {len(partial)} bytes of it")
         self.partial = partial
 
 

@@ -1,0 +1,84 @@
+"""How the host's end of the agent channel starts over with the agent: after
+a restart (a HELLO with a new instance id), or when the stream lost its
+frames (an agent killed while it sent one).  Mixed into
+``channel.AgentChannel``, whose state it uses."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from ..guest import frames
+from .calls import Call, lose
+from .send import send_all
+
+log = logging.getLogger(__name__)
+
+RESYNC_WAIT = 5.0  # a new agent reads all before a SYNC: one that takes nothing this long is not one
+
+
+class Restarts:
+    name: str
+    sock: socket.socket
+    broken: str
+    dead_after: float
+    restarts: int
+    closed: threading.Event
+    _settled: threading.Event
+    _frames: int
+    _resynced: bool
+    _wlock: threading.Lock
+    _lock: threading.Lock
+
+    def _thread_deadline(self) -> float | None:
+        raise NotImplementedError
+
+    def _take_calls(self) -> list[Call]:
+        raise NotImplementedError
+
+    def _break(self, e: BaseException, what: str = "") -> None:
+        raise NotImplementedError
+
+    def _resync(self, what: str) -> None:
+        """The stream lost its frames: an agent killed while it sent one left it
+        unfinished (systemd starts another, whose HELLO goes where the frame goes
+        on, and which drops all it reads before a SYNC), or a guest sends garbage.
+        Every call is lost either way; a SYNC asks for a HELLO to start again from."""
+        self._settled.clear()  # until its HELLO: a call sent now would be lost in the next SYNC
+        self._frames, self._resynced = 0, True
+        calls = self._start_over("the resync after the agent " + what.split(" (")[0] + " failed")
+        why = f"the guest agent {what}"
+        log.debug("agent channel %s: %s; %d call(s) lost", self.name, why, len(calls))
+        lose(calls, f"{why}; {len(calls)} call(s) lost")
+
+    def _restarted(self) -> None:
+        """The agent restarted: whatever it was doing is gone."""
+        self.restarts += 1
+        calls = self._start_over("the resync after an agent restart failed")
+        log.debug("agent channel %s: the guest agent restarted, %d call(s) lost", self.name, len(calls))
+        lose(calls, f"the guest agent restarted; {len(calls)} call(s) lost")
+
+    def _start_over(self, failure: str) -> list[Call]:
+        """Take every call and send a SYNC in one step, so no CALL slips between
+        (a new agent drops all it reads before a SYNC); the calls, to be lost."""
+        with self._wlock, self._lock:
+            calls = self._take_calls()
+            if not self.broken:  # bounded: every call waits on these locks, whatever its timeout
+                try:
+                    send_all(self.sock, frames.SYNC_FRAME, time.monotonic() + RESYNC_WAIT)
+                except OSError as e:  # Stalled too
+                    self._break(e, failure)
+        return calls
+
+    def _settle(self) -> None:
+        """A call waits for the HELLO a resync asked for (else the SYNC of a restart
+        found then ends it), within its deadline or ``dead_after``; then, or when
+        the channel closes, it goes on."""
+        if self._settled.is_set():
+            return
+        deadline = self._thread_deadline()
+        wait = self.dead_after if deadline is None else max(0.0, deadline - time.monotonic())
+        while not (self._settled.wait(min(wait, 0.1)) or self.closed.is_set()) and wait > 0:
+            wait -= 0.1
