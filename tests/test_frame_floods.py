@@ -17,7 +17,7 @@ from pytest_bottle import process
 from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.agent.transfer import _FrameSource, fetch
 from pytest_bottle.errors import AgentError, AgentTimeout
-from pytest_bottle.guest.frames import CHUNK, DATA, EOF, HEADER, STARTED, STDOUT, frame, jframe
+from pytest_bottle.guest.frames import CHUNK, DATA, EOF, HEADER, REPLY, STARTED, STDOUT, frame, jframe
 from pytest_bottle.process import GuestProcess
 
 TINY = 100_000  # one-byte frames: as objects, ~40 bytes each
@@ -211,6 +211,20 @@ def test_wait_for_output_from_an_agent_that_stopped_answering_is_an_agent_error(
         with pytest.raises(AgentError, match="has not answered .* hung or gone"):
             p.wait_for_output("ready", timeout=30)
         assert time.monotonic() - started < 10
+    finally:
+        guest.close()
+
+
+def test_an_agent_killed_in_the_middle_of_a_reply_is_found_again() -> None:
+    """The successor's HELLO completed a REPLY the agent was writing: its JSON
+    did not decode, and the channel closed for good."""
+    guest = HostileGuest()
+    try:
+        text = b'{"ok": true, "mode": 16877}'
+        guest.answers["stat"] = lambda rid, call: HEADER.pack(REPLY, rid, len(text)) + text[:-20] + guest.restart()
+        with pytest.raises(AgentError, match=r"sent a frame no agent sends \(protocol error: \w+DecodeError"):
+            guest.channel.call("stat", path="/", timeout=10)
+        assert guest.still_answers() and guest.channel.restarts == 1
     finally:
         guest.close()
 

@@ -126,7 +126,7 @@ class AgentChannel(Deadlines, Uploads, Ends, Restarts):
                     at = e.partial.rfind(resync.MARKER)  # the successor's HELLO is the last thing it sent
                     start = e.partial[at:] if at >= 0 else e.partial[-len(resync.MARKER) :]
                     hello, rest = resync.skip_to_hello(resync.receiver(self.sock), start=start)
-                except resync.BadHeader as e:  # garbage, or a successor's HELLO where a frame goes on
+                except resync.BadFrame as e:  # garbage, or a successor's HELLO where a frame went on
                     if self._resynced and self._frames == 0:
                         raise  # again before any frame since the last: garbage, not a restart
                     self._resync(f"sent a frame no agent sends (protocol error: {e})")
@@ -161,10 +161,10 @@ class AgentChannel(Deadlines, Uploads, Ends, Restarts):
             header = read_exact(HEADER.size, False)
             kind, rid, size = HEADER.unpack(header)
             if kind not in GUEST_KINDS:
-                raise resync.BadHeader(f"unknown frame kind {kind}", header)
+                raise resync.BadFrame(f"unknown frame kind {kind}", header)
             if size > frames.limit(kind):
                 limit = frames.limit(kind)
-                raise resync.BadHeader(f"a {frames.NAMES[kind]} frame of {size} bytes (limit {limit})", header)
+                raise resync.BadFrame(f"a {frames.NAMES[kind]} frame of {size} bytes (limit {limit})", header)
             payload = read_exact(size, True) if size else b""
             self._last_rx = time.monotonic()
             self._frames += kind != HELLO
@@ -173,7 +173,10 @@ class AgentChannel(Deadlines, Uploads, Ends, Restarts):
             elif kind == CREDIT:
                 self._got_credit(rid, frames.COUNT.unpack(payload)[0] if size == frames.COUNT.size else 0)
             else:
-                self._dispatch(kind, rid, payload)
+                try:
+                    self._dispatch(kind, rid, payload)
+                except (ProtocolError, ValueError) as e:  # a reply that does not decode: the same
+                    raise resync.BadFrame(f"{type(e).__name__}: {e}", payload[-64:]) from None
 
     def _hello(self, payload: bytes) -> None:
         if len(payload) != frames.HELLO_SIZE or not payload.startswith(frames.SYNC_MAGIC):

@@ -27,11 +27,10 @@ class NoHello(ProtocolError):
     """No HELLO within ``RESYNC_LIMIT`` bytes of a fresh connection."""
 
 
-class BadHeader(ProtocolError):
-    """A frame header no agent sends (an unknown kind, an oversized length):
-    garbage, or an agent's successor's HELLO read from where its predecessor's
-    unfinished frame would have gone on.  ``seen``: the header's bytes, after
-    the end of the payload before it."""
+class BadFrame(ProtocolError):
+    """A frame no agent sends (an unknown kind, an oversized length, a reply
+    that does not decode): garbage, or an agent's successor's HELLO read where
+    its predecessor's unfinished frame went on.  ``seen``: its last bytes."""
 
     def __init__(self, message: str, seen: bytes) -> None:
         super().__init__(message)
