@@ -272,7 +272,10 @@ def test_probe_timeout_classification() -> None:
 @pytest.fixture
 def one_busy_cpu(no_spare_starting: None) -> Iterator[None]:
     """Pin this process (so the QEMU it starts) to CPU 0 next to real
-    busy loops of higher priority: a host too busy for a boot."""
+    busy loops of higher priority: a host too busy for a boot.  The image is
+    built first: from an empty cache its build ran under the loops (0.3% of a
+    CPU: decompressing apt's lists alone took minutes) and held up the run."""
+    ensure_image("debian-bookworm", CACHE)
     cpu = min(os.sched_getaffinity(0))
     before = {int(t): os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
     hogs = [
