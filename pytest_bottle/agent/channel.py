@@ -28,7 +28,6 @@ from ..guest import frames
 from ..guest.frames import CALL, CREDIT, DATA, EOF, HEADER, HELLO, PING, REPLY, frame
 from . import resync
 from .calls import Call, Gone, ProtocolError, Sink, decode_reply, guest_error, lose
-from .ends import Ends
 from .restarts import RESYNC_WAIT, Restarts
 from .send import SEND_TIMEOUT, STALL_FLOOR, Deadlines, Stalled, held_by, send_all
 from .uploads import Uploads
@@ -41,7 +40,7 @@ IDLE = 2.0  # silence after which a waiting call pings the agent
 DEAD_AFTER = 30.0  # an agent that has not answered a ping this long is gone
 
 
-class AgentChannel(Deadlines, Uploads, Ends, Restarts):
+class AgentChannel(Deadlines, Uploads, Restarts):
     def __init__(
         self, sock: socket.socket, name: str = "bottle", idle: float = IDLE, dead_after: float = DEAD_AFTER
     ) -> None:
@@ -144,6 +143,7 @@ class AgentChannel(Deadlines, Uploads, Ends, Restarts):
         finally:
             with self._lock:
                 self.closed.set()
+                self._settled.set()  # a call waiting out a resync goes on, and finds it closed
                 calls = self._take_calls()
             lose(calls, "")  # wait() names the channel's death
             # A sender blocked on a guest that reads nothing holds _wlock until

@@ -6,12 +6,12 @@ frames (an agent killed while it sent one).  Mixed into
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 
 from ..guest import frames
 from .calls import Call, lose
+from .ends import Ends
 from .send import send_all
 
 log = logging.getLogger(__name__)
@@ -19,26 +19,16 @@ log = logging.getLogger(__name__)
 RESYNC_WAIT = 5.0  # a new agent reads all before a SYNC: one that takes nothing this long is not one
 
 
-class Restarts:
-    name: str
-    sock: socket.socket
-    broken: str
+class Restarts(Ends):  # from Ends: the channel's attributes and ``_break``
     dead_after: float
     restarts: int
-    closed: threading.Event
     _settled: threading.Event
     _frames: int
     _resynced: bool
     _wlock: threading.Lock
     _lock: threading.Lock
 
-    def _thread_deadline(self) -> float | None:
-        raise NotImplementedError
-
     def _take_calls(self) -> list[Call]:
-        raise NotImplementedError
-
-    def _break(self, e: BaseException, what: str = "") -> None:
         raise NotImplementedError
 
     def _resync(self, what: str) -> None:
@@ -75,10 +65,8 @@ class Restarts:
     def _settle(self) -> None:
         """A call waits for the HELLO a resync asked for (else the SYNC of a restart
         found then ends it), within its deadline or ``dead_after``; then, or when
-        the channel closes, it goes on."""
+        the channel closes (the reader sets ``_settled`` as it ends), it goes on."""
         if self._settled.is_set():
             return
         deadline = self._thread_deadline()
-        wait = self.dead_after if deadline is None else max(0.0, deadline - time.monotonic())
-        while not (self._settled.wait(min(wait, 0.1)) or self.closed.is_set()) and wait > 0:
-            wait -= 0.1
+        self._settled.wait(self.dead_after if deadline is None else max(0.0, deadline - time.monotonic()))
