@@ -649,6 +649,22 @@ def test_a_guest_that_reboots_powers_off_or_panics_ends_its_bottle_and_calls_say
         bottle.exec("true")
 
 
+@pytest.mark.parametrize("command", ["systemctl halt", "halt -ff"], ids=["systemd", "at-once"])
+def test_a_guest_that_halts_ends_its_bottle_and_calls_say_so(bottle: Bottle, command: str) -> None:
+    """A halted guest's QEMU runs on with its CPUs stopped (no reset for
+    -no-reboot to end): calls waited 32 s for an agent that could not answer,
+    then said it was hung or gone."""
+    bottle.spawn(["sh", "-c", f"sleep 0.5; {command}"])
+    started = time.monotonic()
+    with pytest.raises(AgentError) as info:
+        while time.monotonic() - started < 180:  # the shutdown may end a command first
+            bottle.exec("sleep 1", timeout=30)
+    said = "the VM stopped (the guest halted: 'reboot: System halted' on its console; a bottle's VM ends when"
+    assert said in str(info.value) and str(info.value).endswith("during exec"), info.value
+    with pytest.raises(AgentError, match="the guest halted"):  # later calls too
+        bottle.exec("true")
+
+
 def test_a_large_input_to_a_slow_reader_is_not_held_by_the_agent(bottle: Bottle) -> None:
     pid = _agent_pid(bottle)
 

@@ -55,6 +55,8 @@ class AgentChannel(Deadlines, Uploads, Restarts):
         self.idle = idle
         self.dead_after = dead_after
         self.explain: Callable[[], str] | None = None  # why the stream ended under us: the VM's exit
+        self.stopped: Callable[[], str] | None = None  # why a VM that runs will never answer (it halted)
+        self._looked = 0.0
         self.synced = threading.Event()
         self._settled = threading.Event()  # cleared from a resync's SYNC to its HELLO: calls wait
         self._settled.set()
@@ -327,6 +329,9 @@ class AgentChannel(Deadlines, Uploads, Restarts):
                         self._send_locked(frame(PING, 0))
             except Gone as e:
                 raise self._gone(e, op) from None
+        elif now - self._ping_at > self.idle and (why := self._stopped(now)):
+            self.end(why)
+            raise AgentError(f"{self._named(why)} during {op or 'a call'}")
         elif now - self._ping_at > self.dead_after:
             raise AgentError(
                 f"bottle {self.name}: the guest agent has not answered for {now - self._last_rx:.0f} s "

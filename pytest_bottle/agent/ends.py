@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from ..errors import AgentError
 from .calls import Gone
@@ -22,6 +23,12 @@ class Ends:
     broken: str
     closed: threading.Event
     _reader: threading.Thread
+    _fdlock: threading.Lock
+    idle: float
+    stopped: Callable[[], str] | None
+    _looked: float
+    _read_done: bool
+    _shut: bool
 
     def _thread_deadline(self) -> float | None:
         raise NotImplementedError
@@ -49,11 +56,32 @@ class Ends:
         except OSError:
             pass
 
+    def end(self, why: str) -> None:
+        """End the channel for ``why`` (the VM stopped under it): what is pending
+        and every later call fail with it.  Never blocks: QMP's loop calls it."""
+        self.closing = self.closing or why
+        self._shut = True  # later sends say ``closing``, not the broken pipe they would meet
+        with self._fdlock:
+            if not self._read_done:
+                try:  # the reader wakes with an EOF and reads ``closing``
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _stopped(self, now: float) -> str:
+        """Why a VM whose agent is silent will never answer (a guest that halted:
+        QEMU runs on with its CPUs stopped), asked at most once per ``idle`` s."""
+        if self.stopped is None or now - self._looked < self.idle:
+            return ""
+        self._looked = now
+        return self.stopped()
+
     def _named(self, why: str) -> str:
         """``why`` with the bottle's name first, once ("bottle NAME was closed" has it)."""
         return why if why.startswith(f"bottle {self.name} ") else f"bottle {self.name}: {why}"
 
     def _closed_error(self) -> AgentError:
-        if self.death.startswith(f"bottle {self.name} "):  # what closed it, in the user's words
-            return AgentError(self.death)
-        return AgentError(f"agent channel of {self.name} is closed: {self.death or 'closed'}")
+        death = self.death or self.closing  # the reader may not have ended yet
+        if death.startswith(f"bottle {self.name} "):  # what closed it, in the user's words
+            return AgentError(death)
+        return AgentError(f"agent channel of {self.name} is closed: {death or 'closed'}")

@@ -12,6 +12,7 @@ only remove a run directory whose marker proves it dead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -108,7 +109,12 @@ def create_run_dir(run_dir: Path) -> Path:
     """A new run directory (mode 0700), marked with this process as its owner."""
     run_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.mkdir(run_dir, 0o700)
-    write_marker(run_dir, *owner_identity())
+    try:
+        write_marker(run_dir, *owner_identity())
+    except BaseException:  # a full disk: no unmarked directory left for the sweep to guess at
+        with contextlib.suppress(OSError):
+            os.rmdir(run_dir)
+        raise
     return run_dir
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import logging
@@ -100,6 +101,8 @@ def start_machine(
     try:
         channel = AgentChannel(machine.agent_sock, name)
         channel.explain = functools.partial(backend.gone, machine)
+        channel.stopped = functools.partial(backend.halted, machine)
+        machine.on_disk_stop(channel.end)
         early = EarlyKernel(machine.console_log) if cfg.restore is None else None
         wait_ready(machine, channel, timeout, name, deadline, early)
     except BaseException:
@@ -206,10 +209,13 @@ def prepare_run_dir(cfg: MachineConfig, run_dir: Path, name: str) -> None:
     try:
         make_overlay(backing, fmt, run_dir / DISK)
     except subprocess.CalledProcessError as e:
-        raise BootError(
-            f"qemu-img could not create the disk overlay: {e.stderr.decode(errors='replace').strip()}", name=name
-        ) from None
-    except OSError as e:  # the backing file (a seed's or image's disk) is gone
+        said = e.stderr.decode(errors="replace").strip()
+        if os.strerror(errno.ENOSPC) in said:  # named by start_bottle as a copy's would be
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / DISK)) from None
+        raise BootError(f"qemu-img could not create the disk overlay: {said}", name=name) from None
+    except OSError as e:  # the backing file (a seed's or image's disk) is gone, or no room for the overlay
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, e.strerror, str(run_dir / DISK)) from None
         raise BootError(f"cannot create the disk overlay on {backing}: {e.strerror}", name=name) from None
     if cfg.restore is not None and cfg.restore.console is not None:
         try:

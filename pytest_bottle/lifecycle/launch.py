@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import secrets
 import sys
@@ -11,7 +12,7 @@ from typing import Any
 from ..agent.channel import AgentChannel
 from ..agent.client import AgentClient
 from ..bottle import Bottle
-from ..errors import BootError, BootTimeout, ImageNotFound, SnapshotError, SnapshotGone, SpecError
+from ..errors import BootError, BootTimeout, BottleError, ImageNotFound, SnapshotError, SnapshotGone, SpecError
 from ..images import BuiltImage, ensure_image
 from ..net.lan import LanRegistry
 from ..spec import BottleSpec, check_host_memory, resolve
@@ -111,6 +112,25 @@ def start_bottle(
     """Start a bottle for a resolved spec.  ``lans`` scopes LAN names (default: process-wide).
     ``fork_of``: the image and the snapshot to restore instead of a seed."""
     check_host_memory(spec.memory_mb)
+    try:
+        return _start(spec, rebuild_before, detached, lans, fork_of)
+    except OSError as e:
+        # The host's own files (run directory, overlay, console, record, keys) on a full
+        # file system: a named error, not a traceback; nothing is left (Resources saw to it).
+        if isinstance(e, BottleError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        path = e.filename2 or e.filename  # a copy's error names its source first
+        where = path or f"under {spec.cache_dir}"
+        raise BootError(f"the host's file system is full ({where}): {e.strerror}; nothing was started") from e
+
+
+def _start(
+    spec: BottleSpec,
+    rebuild_before: float | None,
+    detached: bool,
+    lans: LanRegistry | None,
+    fork_of: tuple[BuiltImage, SavedState] | None,
+) -> Bottle:
     if fork_of is None:
         image = ensure_image(
             spec.image, spec.cache_dir, rebuild_before=rebuild_before, pull=spec.image_pull, accel=spec.accel

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from .console import last_words
+from .console import HALTED, last_words
 from .machine import CONSOLE as CONSOLE  # the run directory's layout, the same for every backend
 from .machine import DISK as DISK
 from .machine import QemuMachine
@@ -76,6 +76,12 @@ class Machine(Protocol):
         """Release our control connection and leave it running (a kept bottle)."""
         ...
 
+    def on_disk_stop(self, callback: Callable[[str], None]) -> None:
+        """From now on, ``callback(why)`` (on another thread; it must not block)
+        when the VM stops because its disk cannot be written (the host's file
+        system is full): nothing in the guest runs after that."""
+        ...
+
 
 def start(
     cfg: MachineConfig,
@@ -108,3 +114,15 @@ def gone(machine: Machine, wait: float = 1.0) -> str:
     if machine.poll() == 0:  # -no-reboot: the guest ended it, before its console said how
         return f"the VM exited (QEMU exited with 0: the guest rebooted, powered off or panicked; {ends})"
     return f"the VM exited ({machine.exit_reason()})"
+
+
+def halted(machine: Machine) -> str:
+    """Why ``machine``, still running, will never answer: its guest halted
+    (``systemctl halt``, ``halt -f``: no reset, QEMU keeps the stopped CPUs), from
+    the kernel's last words on its console; "" otherwise (a gone one: ``gone`` says)."""
+    if machine.poll() is not None:
+        return ""
+    words = last_words(console_tail(machine.console_log))
+    if not words.startswith(HALTED):
+        return ""
+    return f"the VM stopped ({words}; a bottle's VM ends when its guest halts, reboots, powers off or panics)"

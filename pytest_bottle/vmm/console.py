@@ -137,6 +137,7 @@ def cut_bytes(path: Path) -> int:
 
 
 PANIC = "Kernel panic - not syncing"  # how Linux starts (and ends) its last words
+HALTED = "the guest halted"
 
 # What Linux prints last as it ends, and what that means for a bottle's user.
 _ENDINGS = (
@@ -144,7 +145,7 @@ _ENDINGS = (
     ("reboot: Restarting system", "the guest rebooted"),
     ("sysrq: Resetting", "the guest rebooted"),
     ("reboot: Power down", "the guest powered off"),
-    ("reboot: System halted", "the guest halted"),
+    ("reboot: System halted", HALTED),
 )
 
 

@@ -186,6 +186,14 @@ class QemuMachine:
             self.stop(grace=0.5)
             raise
 
+    def on_disk_stop(self, callback: Callable[[str], None]) -> None:
+        disk = self.run_dir / DISK
+        self.qmp.on_stop = lambda why: callback(f"QEMU stopped the VM: its disk {disk} could not be written ({why})")
+        try:  # a restore's session is connected already; its events are read while it is
+            self.qmp.connect()
+        except FAILED as e:  # QEMU is gone: the agent's wait says why
+            log.debug("qmp %s: %s", self.qmp.name, e)
+
     def _left(self, deadline: float | None) -> float | None:
         """A command's wait: QMP's own, or less when the bottle's start ends sooner."""
         return None if deadline is None else max(0.5, min(self.qmp.timeout, deadline - time.monotonic()))

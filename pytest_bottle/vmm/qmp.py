@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient, QMPError
@@ -76,8 +76,15 @@ os.register_at_fork(after_in_child=_forked)
 logging.getLogger("qemu.qmp").setLevel(logging.ERROR)
 
 
-def _no_event(event: Any) -> bool:
-    return False
+def io_stop(event: Any) -> str:
+    """Why QEMU stopped the VM's disk, from a ``BLOCK_IO_ERROR`` event whose action
+    was to stop it (a full host file system under ``werror=enospc``: the
+    guest would otherwise wait for its disk forever), else ""."""
+    data = event.get("data") if event.get("event") == "BLOCK_IO_ERROR" else None
+    if not isinstance(data, dict) or data.get("action") != "stop":
+        return ""
+    reason = str(data.get("reason", "an I/O error"))[:200]
+    return f"the host's file system under it is full: {reason}" if data.get("nospace") else reason
 
 
 # A command's answer waits for QEMU's main loop, which a state load or a
@@ -95,11 +102,17 @@ class QMP:
         self.timeout = timeout
         self._client = QMPClient(name)
         # Its default listener keeps every event (and a history of them) for the
-        # session's life, and nothing here reads events: a guest can make QEMU
-        # send them (RTC_CHANGE...), so none is kept.
-        self._client.events.event_filter = _no_event
+        # session's life: a guest can make QEMU send them (RTC_CHANGE...), so
+        # none is kept; a stop on a disk error is told to ``on_stop`` (on the loop: it must not block).
+        self._client.events.event_filter = self._event
+        self.on_stop: Callable[[str], None] | None = None
         self._sock = sock
         self._connected = False
+
+    def _event(self, event: Any) -> bool:
+        if (why := io_stop(event)) and self.on_stop is not None:
+            self.on_stop(why)
+        return False
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None, what: str) -> T:
         fut = asyncio.run_coroutine_threadsafe(coro, _get_loop())

@@ -1,0 +1,104 @@
+"""A host file system that fills up: at a bottle's start, and under a running one.
+
+Each test runs in a mount namespace of its own: a small tmpfs is the cache,
+with the warm cache's images, seeds and keys bound into it, so a bottle
+restores as usual while its own files (run directory, overlay, console) have
+no room.  Nothing stays mounted after the namespace's last process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+
+FULL_CACHE = """
+set -e
+C=$1/c; REAL=$2
+mkdir "$C"
+mount -t tmpfs -o size=4m,mode=0700 tmpfs "$C"
+for d in images seeds keys; do mkdir "$C/$d"; [ ! -d "$REAL/$d" ] || mount --bind "$REAL/$d" "$C/$d"; done
+[ ! -e "$REAL/accel.json" ] || cp "$REAL/accel.json" "$C/"
+head -c "$4" /dev/zero > "$C/reserve"
+cat /dev/zero > "$C/filler" 2>/dev/null || true
+rm "$C/reserve"
+"$3" -c "$5" "$C"
+echo "left in run: [$(ls -A "$C/run" 2>/dev/null | tr '\\n' ' ')]"
+"""
+
+START = """
+import sys, pytest_bottle
+try:
+    with pytest_bottle.launch(cache_dir=sys.argv[1]) as b:
+        print("started", b.name)
+except pytest_bottle.BottleError as e:
+    print("launch:", type(e).__name__, e)
+"""
+
+FILL = """
+import sys, time, pytest_bottle
+with pytest_bottle.launch(cache_dir=sys.argv[1]) as b:
+    b.check_output(["true"])
+    t = time.monotonic()
+    try:
+        b.exec("dd if=/dev/urandom of=/big bs=1M count=24 conv=fsync")
+    except pytest_bottle.AgentError as e:
+        print("exec:", type(e).__name__, e)
+    print(f"after {time.monotonic() - t:.1f} s")
+    try:
+        b.exec("true")
+    except pytest_bottle.AgentError as e:
+        print("next:", type(e).__name__, e)
+print("closed")
+"""
+
+
+def _in_a_full_cache(tmp_path: Path, cache: Path, reserve: int, code: str) -> str:
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", FULL_CACHE, "sh"]
+        + [str(tmp_path), str(cache), sys.executable, str(reserve), code],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    ours = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or ())]
+    assert ours == [], f"processes left: {ours}\n{out}"
+    return out
+
+
+@needs_root
+@pytest.mark.parametrize("reserve", [0, 8192, 40960], ids=["marker", "overlay", "console"])
+def test_a_start_on_a_full_file_system_is_a_boot_error_that_leaves_nothing(
+    warm_cache: Path, tmp_path: Path, reserve: int
+) -> None:
+    """It was a bare ``OSError`` (ENOSPC) from wherever the start wrote first, a
+    run directory (and an SSH key's) left behind when that was its marker, and
+    an overlay's said its seed's disk was the file it could not write."""
+    out = _in_a_full_cache(tmp_path, warm_cache, reserve, START)
+    assert "launch: BootError bottle failed to boot: the host's file system is full (" in out, out
+    assert "No space left on device; nothing was started" in out and "/seeds/" not in out, out
+    assert "left in run: []" in out and "Traceback" not in out, out
+
+
+@needs_root
+def test_a_guest_that_fills_the_host_file_system_ends_its_bottle_at_once_with_why(
+    warm_cache: Path, tmp_path: Path
+) -> None:
+    """QEMU stops a VM whose disk write finds no room (``werror=enospc``), and
+    every call waited 32 s for an agent that could not answer, then said it was
+    "hung or gone"."""
+    out = _in_a_full_cache(tmp_path, warm_cache, 1536 << 10, FILL)
+    full = "could not be written (the host's file system under it is full: No space left on device)"
+    assert "exec: AgentError bottle btl-" in out and f"QEMU stopped the VM: its disk {tmp_path}/c/run/" in out, out
+    assert f"{full} during exec\n" in out, out
+    assert "next: AgentError agent channel of btl-" in out and "is closed: QEMU stopped the VM" in out, out
+    assert "has not answered" not in out and "closed\nleft in run: []" in out, out
