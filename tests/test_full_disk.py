@@ -9,6 +9,7 @@ no room.  Nothing stays mounted after the namespace's last process.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,14 +24,16 @@ FULL_CACHE = """
 set -e
 C=$1/c; REAL=$2
 mkdir "$C"
-mount -t tmpfs -o size=4m,mode=0700 tmpfs "$C"
-for d in images seeds keys; do mkdir "$C/$d"; [ ! -d "$REAL/$d" ] || mount --bind "$REAL/$d" "$C/$d"; done
+mount -t tmpfs -o size="$7",mode=0700 tmpfs "$C"
+for d in images seeds keys; do mkdir "$C/$d"; done
+for d in $6; do [ ! -d "$REAL/$d" ] || mount --bind "$REAL/$d" "$C/$d"; done
 [ ! -e "$REAL/accel.json" ] || cp "$REAL/accel.json" "$C/"
 head -c "$4" /dev/zero > "$C/reserve"
 cat /dev/zero > "$C/filler" 2>/dev/null || true
 rm "$C/reserve"
 "$3" -c "$5" "$C"
 echo "left in run: [$(ls -A "$C/run" 2>/dev/null | tr '\\n' ' ')]"
+echo "left in seeds: [$(ls -A "$C/seeds" | grep -v '[.]lock$' | tr '\\n' ' ')]"
 """
 
 START = """
@@ -60,10 +63,12 @@ print("closed")
 """
 
 
-def _in_a_full_cache(tmp_path: Path, cache: Path, reserve: int, code: str) -> str:
+def _in_a_full_cache(
+    tmp_path: Path, cache: Path, reserve: int, code: str, bound: str = "images seeds keys", size: str = "4m"
+) -> str:
     r = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", FULL_CACHE, "sh"]
-        + [str(tmp_path), str(cache), sys.executable, str(reserve), code],
+        + [str(tmp_path), str(cache), sys.executable, str(reserve), code, bound, size],
         capture_output=True,
         text=True,
         timeout=240,
@@ -102,3 +107,13 @@ def test_a_guest_that_fills_the_host_file_system_ends_its_bottle_at_once_with_wh
     assert f"{full} during exec\n" in out, out
     assert "next: AgentError agent channel of btl-" in out and "is closed: QEMU stopped the VM" in out, out
     assert "has not answered" not in out and "closed\nleft in run: []" in out, out
+
+
+@needs_root
+def test_a_seed_whose_memory_file_finds_no_room_says_so(warm_cache: Path, tmp_path: Path) -> None:
+    """A seed's guest RAM is written through to a file in the cache: on a full
+    file system QEMU dies of SIGBUS, and the error said only "QEMU exited with -7"."""
+    out = _in_a_full_cache(tmp_path, warm_cache, 24 << 20, START, bound="images keys", size="48m")
+    assert "launch: BootError bottle seed failed to boot: QEMU exited with -7 (SIGBUS: its guest RAM is the file" in out
+    assert re.search(r"and the host's file system under it is full: [0-9]+ MiB free, for a machine of 512 MiB\)", out)
+    assert "left in run: []" in out and "left in seeds: []" in out, out

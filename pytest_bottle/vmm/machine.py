@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import threading
@@ -240,7 +241,24 @@ class QemuMachine:
             return ""
         out, _ = console.read_tail(self.run_dir / "qemu.log", 64 * 1024)  # what QEMU said last
         out = out.strip()
-        return f"QEMU exited with {rc}" + (f": {out[-1500:]}" if out else "")
+        return f"QEMU exited with {rc}{self._no_room(rc)}" + (f": {out[-1500:]}" if out else "")
+
+    def _no_room(self, rc: int) -> str:
+        """Why a SIGBUS, when guest RAM written through to a file (a seed's) found its file system full."""
+        ram = self.cfg.ram_file
+        if rc != -signal.SIGBUS or ram is None or not ram[1]:
+            return ""
+        try:
+            st = os.statvfs(ram[0].parent)
+        except OSError:
+            return ""
+        free = st.f_bavail * st.f_frsize >> 20
+        if free >= self.cfg.memory_mb:
+            return ""
+        return (
+            f" (SIGBUS: its guest RAM is the file {ram[0]}, and the host's file system under it is full: "
+            f"{free} MiB free, for a machine of {self.cfg.memory_mb} MiB)"
+        )
 
     def save_state(self, path: Path, timeout: float = 120.0) -> None:
         """Stop the guest and write its whole state (devices and RAM) to ``path``;
