@@ -245,3 +245,28 @@ def test_garbage_after_each_resync_closes_the_channel() -> None:
         assert "protocol error" in guest.channel.death, guest.channel.death
     finally:
         guest.close()
+
+
+def test_calls_after_a_resync_no_agent_answers_fail_at_once() -> None:
+    """A guest that hangs in the middle of a frame: the first call fails when the
+    frame stalls, the host asks for a HELLO, and none comes.  Each later call
+    waited ``dead_after`` for that HELLO, was sent, and waited as long again for
+    an answer: a minute per call with the defaults."""
+    guest = HostileGuest(idle=0.2, dead_after=1.0)
+    try:
+
+        def hang(rid: int, call: dict[str, object]) -> bytes:
+            guest.hung = True
+            return HEADER.pack(REPLY, rid, 100) + b"x" * 10
+
+        guest.answers["stat"] = hang
+        with pytest.raises(AgentError, match="stopped in the middle of a frame"):
+            guest.channel.call("stat", path="/")
+        with pytest.raises(AgentError, match="has not answered for 1 s since the host asked it to start over"):
+            guest.channel.call("stat", path="/")
+        started = time.monotonic()
+        with pytest.raises(AgentError, match="has not answered for 1 s since the host asked it to start over"):
+            guest.channel.call("stat", path="/")
+        assert time.monotonic() - started < 0.5  # it waited dead_after, and then as long again
+    finally:
+        guest.close()

@@ -60,6 +60,7 @@ class HostileGuest:
         self.cancelled: list[int] = []
         self.instance = os.urandom(INSTANCE_SIZE)
         self.before_sync = False  # it takes calls without the SYNC a real agent waits for
+        self.hung = False  # reads and answers nothing (not even a SYNC)
         self.peer.sendall(frame(HELLO, 0, SYNC_MAGIC + self.instance))  # what a starting agent says first
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -75,6 +76,8 @@ class HostileGuest:
             while True:
                 kind, rid, size = HEADER.unpack(recv_exactly(self.peer, HEADER.size))
                 payload = recv_exactly(self.peer, size) if size else b""
+                if self.hung:
+                    continue
                 if kind == SYNC:  # as the agent: a HELLO, and calls are taken again
                     self.before_sync = False
                     self.peer.sendall(frame(HELLO, 0, SYNC_MAGIC + self.instance))

@@ -62,6 +62,7 @@ class AgentChannel(Deadlines, Uploads, Restarts):
         self._settled.set()
         self._frames = 0  # frames but HELLOs read since the last resync
         self._resynced = False
+        self._resync_at = 0.0
         self.closed = threading.Event()
         self.death = ""
         self.closing = ""  # why the host is closing it, set before it does: the death users read

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 
+from ..errors import AgentError
 from ..guest import frames
 from .calls import Call, lose
 from .ends import Ends
@@ -25,6 +26,7 @@ class Restarts(Ends):  # from Ends: the channel's attributes and ``_break``
     _settled: threading.Event
     _frames: int
     _resynced: bool
+    _resync_at: float
     _wlock: threading.Lock
     _lock: threading.Lock
 
@@ -37,6 +39,7 @@ class Restarts(Ends):  # from Ends: the channel's attributes and ``_break``
         on, and which drops all it reads before a SYNC), or a guest sends garbage.
         Every call is lost either way; a SYNC asks for a HELLO to start again from."""
         self._settled.clear()  # until its HELLO: a call sent now would be lost in the next SYNC
+        self._resync_at = time.monotonic()
         self._frames, self._resynced = 0, True
         calls = self._start_over("the resync after the agent " + what.split(" (")[0] + " failed")
         why = f"the guest agent {what}"
@@ -64,9 +67,17 @@ class Restarts(Ends):  # from Ends: the channel's attributes and ``_break``
 
     def _settle(self) -> None:
         """A call waits for the HELLO a resync asked for (else the SYNC of a restart
-        found then ends it), within its deadline or ``dead_after``; then, or when
-        the channel closes (the reader sets ``_settled`` as it ends), it goes on."""
+        found then ends it), within its deadline; or it goes on when the channel
+        closes (the reader sets ``_settled`` as it ends).  No HELLO ``dead_after`` s
+        after the SYNC: no agent answers, and every call fails at once from then on."""
         if self._settled.is_set():
             return
+        until = self._resync_at + self.dead_after
         deadline = self._thread_deadline()
-        self._settled.wait(self.dead_after if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._settled.wait(max(0.0, (until if deadline is None else min(until, deadline)) - time.monotonic())):
+            return
+        if time.monotonic() >= until:
+            raise AgentError(
+                f"bottle {self.name}: the guest agent has not answered for {self.dead_after:g} s since the host "
+                "asked it to start over (after a broken frame); it is hung or gone"
+            )
