@@ -110,8 +110,11 @@ class QMP:
         self._connected = False
 
     def _event(self, event: Any) -> bool:
-        if (why := io_stop(event)) and self.on_stop is not None:
-            self.on_stop(why)
+        try:  # on qemu.qmp's reader: an exception here would end the session
+            if (why := io_stop(event)) and self.on_stop is not None:
+                self.on_stop(why)
+        except Exception as e:
+            log.warning("qmp %s: handling %s failed: %s", self.name, event.get("event"), e)
         return False
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None, what: str) -> T:
