@@ -347,7 +347,6 @@ class OutputTimeout(WaitTimeout):
         self.returncode = returncode
         self.lost = lost  # why it ended without an exit of its own (its bottle closed)
         self.read_as = read_as  # how a str was read: "text" (with regex-like characters), "regex", or ""
-        ended = f"; the process ended ({returncode}) first" if returncode is not None else ""
         seen = f"stdout: {stdout[-1000:]!r}; stderr: {stderr[-1000:]!r}"
         super().__init__(f"output matching '{pattern}'", timeout, "")  # as given: repr doubles backslashes
         hint = {
@@ -356,8 +355,11 @@ class OutputTimeout(WaitTimeout):
         }.get(read_as, "")
         if lost:  # not a wait that ran out: it ended at once (its bottle closed, say)
             self.message = f"output matching '{pattern}'{hint} cannot come: the process was lost ({lost}); {seen}"
+        elif returncode is not None:  # it may have ended long before the timeout
+            ended = f"did not show before the process ended ({returncode}), within the {timeout:g} s allowed"
+            self.message = f"output matching '{pattern}'{hint} {ended}; {seen}"
         else:
-            self.message += f"{hint}{ended}; {seen}"
+            self.message += f"{hint}; {seen}"
         self.args = (printable(self.message),)
 
     def _args(self) -> dict[str, Any]:

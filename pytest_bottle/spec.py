@@ -186,6 +186,14 @@ BOTTLE_KEYS = ("image", "memory", "cpus", "network", "lan", "forward", "boot", "
 
 Layer = tuple[str, Mapping[str, Any]]
 
+# What an entry point takes besides a spec's keys (taken off before its layer
+# is resolved), for the list an unknown argument's error gives.
+TAKEN_BESIDES = {
+    "launch()": ("snapshot", "detached"),
+    "bottle_factory() arguments": ("snapshot",),
+    "session_bottle_factory() arguments": ("snapshot",),
+}
+
 
 def resolve(layers: Sequence[Layer], restricted: int = 0) -> BottleSpec:
     """Merge ``layers`` (highest precedence first) into a validated spec; the
@@ -200,7 +208,8 @@ def resolve(layers: Sequence[Layer], restricted: int = 0) -> BottleSpec:
         keys = BOTTLE_KEYS if i < restricted else tuple(PARSERS)
         for key in values:
             if key not in keys:
-                raise SpecError(f"unknown argument {key!r}; valid arguments: {', '.join(keys)}", source)
+                valid = ", ".join((*keys, *TAKEN_BESIDES.get(source, ())))
+                raise SpecError(f"unknown argument {key!r}; valid arguments: {valid}", source)
     kwargs: dict[str, Any] = {}
     for key, (attr, parse) in PARSERS.items():
         for source, values in layers:  # every layer: a bad value a higher one hides is still an error

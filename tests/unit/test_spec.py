@@ -193,3 +193,15 @@ def test_a_bad_launch_argument_is_a_usage_error_under_pytest_and_a_spec_error_wi
     assert out[0].startswith("SpecError False launch(): bad cpus: "), out
     # An unknown image says where the name came from, as a bad value does.
     assert out[1].startswith("ImageNotFound False launch(): unknown image 'no-such-image'; known images: "), out
+
+
+def test_an_unknown_argument_lists_all_its_entry_point_takes() -> None:
+    """``launch()`` takes ``snapshot`` and ``detached`` too, and the factories
+    ``snapshot``: the list left them out."""
+    with pytest.raises(SpecError, match=r"'bogus'; valid arguments: image, .*, image_pull, snapshot, detached$"):
+        pytest_bottle.launch(bogus=1)
+    for factory in ("bottle_factory() arguments", "session_bottle_factory() arguments"):
+        with pytest.raises(SpecError, match=r"'bogus'; valid arguments: image, .*, timeout, snapshot$"):
+            resolve([(factory, {"bogus": 1})], restricted=1)
+    with pytest.raises(SpecError, match=r"'bogus'; valid arguments: image, .*, timeout$"):
+        resolve([("@pytest.mark.bottle", {"bogus": 1})], restricted=1)
