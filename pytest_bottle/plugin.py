@@ -235,8 +235,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     verdict = accel_mod.cached_verdict(spec.cache_dir) if spec.accel == "auto" else None
     if spec.accel != "auto":
         accel = f"{spec.accel} (requested)"
-    elif verdict is not None:
-        accel = f"{verdict.accel} ({verdict.reason})"
+    elif verdict is not None:  # one line: a failed probe's reason may quote all of QEMU's assertion
+        reason = verdict.reason if len(verdict.reason) <= 100 else f"{verdict.reason[:100]}…; bottle doctor says all"
+        accel = f"{verdict.accel} ({reason})"
     elif (why := accel_mod.kvm_usable()) is not None:
         accel = f"tcg ({why})"
     else:

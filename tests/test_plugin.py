@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from pytest_bottle.host.paths import default_cache_dir
+from pytest_bottle.vmm.accel import host_id
 
 CACHE = str(default_cache_dir())
 
@@ -492,6 +493,21 @@ def test_report_header(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_x(): pass")
     result = run(pytester, "--bottle-image=debian-bookworm-minimal")
     result.stdout.fnmatch_lines([f"bottle: image debian-bookworm-minimal, accel *, cache {CACHE}"])
+
+
+def test_report_header_keeps_a_failed_probes_reason_short(pytester: pytest.Pytester) -> None:
+    """A failed KVM probe's reason can quote all of a QEMU assertion (~250
+    characters here): the header, one line, cuts it and says where the rest is."""
+    cache = pytester.path / "cache"
+    cache.mkdir(mode=0o700)
+    reason = "KVM is present but a test boot failed: QEMU exited with -6: " + "assertion text " * 15
+    verdict = {"host": host_id(), "accel": "tcg", "reason": reason, "definite": True, "run": "x"}
+    (cache / "accel.json").write_text(json.dumps(verdict))
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess(f"--bottle-cache-dir={cache}", "-p", "no:cacheprovider")
+    header = [line for line in result.outlines if line.startswith("bottle: image")]
+    assert len(header) == 1 and f"accel tcg ({reason[:100]}…; bottle doctor says all), cache {cache}" in header[0]
+    assert len(header[0]) <= 180 + len(str(cache)), header
 
 
 def test_bottle_image_fixture(pytester: pytest.Pytester) -> None:
