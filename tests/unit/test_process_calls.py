@@ -301,7 +301,9 @@ def test_wait_for_output_on_a_chatty_process_costs_little_cpu(local: AgentClient
 def test_wait_for_output_gives_up_at_once_when_the_process_ends_without_it(local: AgentClient) -> None:
     p = GuestProcess.start(local, "echo nope; exit 3")
     started = time.monotonic()
-    with pytest.raises(OutputTimeout, match=r"ended \(3\) first") as e:
+    with pytest.raises(
+        OutputTimeout, match=r"did not show before the process ended \(3\), within the 30 s allowed"
+    ) as e:
         p.wait_for_output("ready now", 30)
     assert e.value.pattern == "ready now" and "'ready now'" in e.value.message  # as given, not re.escape'd
     assert time.monotonic() - started < 5 and e.value.returncode == 3 and e.value.stdout == "nope\n"
