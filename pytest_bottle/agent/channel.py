@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import AgentError, AgentTimeout, SpecError
 from ..guest import frames
-from ..guest.frames import CALL, CREDIT, DATA, EOF, HEADER, HELLO, PING, REPLY, frame
+from ..guest.frames import CALL, CREDIT, DATA, EOF, HEADER, HELLO, REPLY, frame
 from . import resync
 from .calls import Call, Gone, ProtocolError, Sink, decode_reply, guest_error, lose
 from .restarts import RESYNC_WAIT, Restarts
@@ -315,29 +315,6 @@ class AgentChannel(Deadlines, Uploads, Restarts):
             self.forget(call.rid)
             raise AgentTimeout(f"bottle {self.name}: {op or 'a call'} did not finish in time")
         self._check_alive(op)
-
-    def _check_alive(self, op: str) -> None:
-        """Called by a waiting thread: ping an agent that has been silent a while,
-        raise AgentError if it has not answered in ``dead_after`` seconds."""
-        now = time.monotonic()
-        if now - self._last_rx < self.idle:
-            return
-        if self._ping_at <= self._last_rx:
-            try:
-                with held_by(self._wlock, now) as got:  # only if free: a send under way must be read first
-                    if got:
-                        self._ping_at = now
-                        self._send_locked(frame(PING, 0))
-            except Gone as e:
-                raise self._gone(e, op) from None
-        elif now - self._ping_at > self.idle and (why := self._stopped(now)):
-            self.end(why)
-            raise AgentError(f"{self._named(why)} during {op or 'a call'}")
-        elif now - self._ping_at > self.dead_after:
-            raise AgentError(
-                f"bottle {self.name}: the guest agent has not answered for {now - self._last_rx:.0f} s "
-                f"(during {op or 'a call'}); it is hung or gone"
-            )
 
     def wait(self, call: Call, timeout: float | None = None, op: str = "") -> dict[str, Any] | None:
         """The call's reply, None on timeout; raises AgentError if the channel

@@ -1,5 +1,6 @@
-"""How the host's end of the agent channel names the channel's end: a write
-cut mid-frame, the VM gone under a send, a closed channel.  Mixed into
+"""How the host's end of the agent channel finds and names the channel's end:
+an agent that answers no ping, a halted guest, a write cut mid-frame, the VM
+gone under a send, a closed channel.  Mixed into
 ``channel.AgentChannel``, whose state it reads."""
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import time
 from collections.abc import Callable
 
 from ..errors import AgentError
+from ..guest.frames import PING, frame
 from .calls import Gone
+from .send import held_by
 
 GONE_WAIT = 5.0  # a send that found the VM gone waits this long for the reader to say why
 
@@ -27,10 +30,17 @@ class Ends:
     idle: float
     stopped: Callable[[], str] | None
     _looked: float
+    dead_after: float
+    _last_rx: float
+    _ping_at: float
+    _wlock: threading.Lock
     _read_done: bool
     _shut: bool
 
     def _thread_deadline(self) -> float | None:
+        raise NotImplementedError
+
+    def _send_locked(self, data: bytes, *, confined: bool = False) -> None:
         raise NotImplementedError
 
     def _gone(self, e: Gone, op: str) -> AgentError:
@@ -67,6 +77,29 @@ class Ends:
                     self.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def _check_alive(self, op: str) -> None:
+        """Called by a waiting thread: ping an agent that has been silent a while,
+        raise AgentError if it has not answered in ``dead_after`` seconds."""
+        now = time.monotonic()
+        if now - self._last_rx < self.idle:
+            return
+        if self._ping_at <= self._last_rx:
+            try:
+                with held_by(self._wlock, now) as got:  # only if free: a send under way must be read first
+                    if got:
+                        self._ping_at = now
+                        self._send_locked(frame(PING, 0))
+            except Gone as e:
+                raise self._gone(e, op) from None
+        elif now - self._ping_at > self.idle and (why := self._stopped(now)):
+            self.end(why)
+            raise AgentError(f"{self._named(why)} during {op or 'a call'}")
+        elif now - self._ping_at > self.dead_after:
+            raise AgentError(
+                f"bottle {self.name}: the guest agent has not answered for {now - self._last_rx:.0f} s "
+                f"(during {op or 'a call'}); it is hung or gone"
+            )
 
     def _stopped(self, now: float) -> str:
         """Why a VM whose agent is silent will never answer (a guest that halted:

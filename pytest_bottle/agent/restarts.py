@@ -21,13 +21,11 @@ RESYNC_WAIT = 5.0  # a new agent reads all before a SYNC: one that takes nothing
 
 
 class Restarts(Ends):  # from Ends: the channel's attributes and ``_break``
-    dead_after: float
     restarts: int
     _settled: threading.Event
     _frames: int
     _resynced: bool
     _resync_at: float
-    _wlock: threading.Lock
     _lock: threading.Lock
 
     def _take_calls(self) -> list[Call]:

@@ -12,29 +12,16 @@ from collections.abc import Iterable
 from ..errors import AgentError, AgentTimeout
 from ..guest.frames import CANCEL, CHUNK, DATA, EOF, frame
 from .calls import Call, CallOver
+from .ends import Ends
 from .send import held_by
 
 
-class Uploads:
-    name: str
-    idle: float
-    broken: str
+class Uploads(Ends):  # from Ends: the channel's attributes, its liveness check and ``_send_locked``
     _lock: threading.Lock
     _credit: threading.Condition
     _calls: dict[int, Call]
 
-    _wlock: threading.Lock
-
     def _send(self, data: bytes, *, confined: bool = False) -> None:
-        raise NotImplementedError
-
-    def _send_locked(self, data: bytes, *, confined: bool = False) -> None:
-        raise NotImplementedError
-
-    def _check_alive(self, op: str) -> None:
-        raise NotImplementedError
-
-    def _thread_deadline(self) -> float | None:
         raise NotImplementedError
 
     def _within(self, deadline: float | None) -> contextlib.AbstractContextManager[None]:
