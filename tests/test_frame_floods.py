@@ -4,6 +4,8 @@ And a guest that takes a call but never moves it on does not hold the host past 
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import tracemalloc
@@ -14,10 +16,24 @@ import pytest
 from test_transfer_safety import HostileGuest, archive, member, reply, serve_tree
 
 from pytest_bottle import process
+from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.agent.transfer import _FrameSource, fetch
 from pytest_bottle.errors import AgentError, AgentTimeout
-from pytest_bottle.guest.frames import CHUNK, DATA, EOF, HEADER, REPLY, STARTED, STDOUT, frame, jframe
+from pytest_bottle.guest.frames import (
+    CHUNK,
+    DATA,
+    EOF,
+    HEADER,
+    HELLO,
+    INSTANCE_SIZE,
+    REPLY,
+    STARTED,
+    STDOUT,
+    SYNC_MAGIC,
+    frame,
+    jframe,
+)
 from pytest_bottle.process import GuestProcess
 
 TINY = 100_000  # one-byte frames: as objects, ~40 bytes each
@@ -269,4 +285,36 @@ def test_calls_after_a_resync_no_agent_answers_fail_at_once() -> None:
             guest.channel.call("stat", path="/")
         assert time.monotonic() - started < 0.5  # it waited dead_after, and then as long again
     finally:
+        guest.close()
+
+
+def test_a_send_cut_by_the_vm_stopping_says_why() -> None:
+    """A guest that fills the host's disk while the host sends it a large input:
+    QEMU stops the VM, the channel ends, and the send under way (blocked on a
+    guest that reads nothing) failed as a broken write, without the reason."""
+    host, guest = socket.socketpair()
+    try:
+        guest.sendall(frame(HELLO, 0, SYNC_MAGIC + os.urandom(INSTANCE_SIZE)))
+        channel = AgentChannel(host, "full")
+        assert channel.synced.wait(10)
+        failed: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                channel._send(frame(DATA, 1, b"x" * 60_000) * 100)  # more than the socket buffers: it blocks
+            except BaseException as e:
+                failed.append(e)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(0.5)
+        assert sender.is_alive() and not failed
+        channel.end("QEMU stopped the VM: its disk D could not be written (full)")
+        sender.join(10)
+        assert failed and "is closed: QEMU stopped the VM: its disk D could not be written" in str(failed[0]), failed
+        with pytest.raises(AgentError, match="is closed: QEMU stopped the VM"):
+            channel.call("stat", path="/", timeout=5)
+        channel.close()
+    finally:
+        host.close()
         guest.close()

@@ -89,7 +89,8 @@ def test_a_start_on_a_full_file_system_is_a_boot_error_that_leaves_nothing(
     run directory (and an SSH key's) left behind when that was its marker, and
     an overlay's said its seed's disk was the file it could not write."""
     out = _in_a_full_cache(tmp_path, warm_cache, reserve, START)
-    assert "launch: BootError bottle failed to boot: the host's file system is full (" in out, out
+    full = re.search(r"launch: BootError bottle failed to boot: the host's file system is full \((/[^)]+)\)", out)
+    assert full and full.group(1).startswith(f"{tmp_path}/c/run/"), out  # the file that found no room
     assert "No space left on device; nothing was started" in out and "/seeds/" not in out, out
     assert "left in run: []" in out and "Traceback" not in out, out
 

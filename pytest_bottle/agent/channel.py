@@ -106,7 +106,10 @@ class AgentChannel(Deadlines, Uploads, Restarts):
             self._break(e)
             raise AgentTimeout(f"agent channel of {self.name} broke: {self.broken}") from None
         except BaseException as e:
-            if isinstance(e, (BrokenPipeError, ConnectionResetError)) and not self._shut:  # the VM exited
+            if isinstance(e, OSError) and self._shut:  # end() or close() cut it: say why they did
+                self._break(e)
+                raise self._closed_error() from None
+            if isinstance(e, (BrokenPipeError, ConnectionResetError)):  # the VM exited
                 self.broken = self.broken or f"the VM's end of the channel is gone ({type(e).__name__}: {e})"
                 raise Gone(f"agent channel of {self.name} broke: {self.broken}") from None
             self._break(e)

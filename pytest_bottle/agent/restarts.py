@@ -36,10 +36,11 @@ class Restarts(Ends):  # from Ends: the channel's attributes and ``_break``
         unfinished (systemd starts another, whose HELLO goes where the frame goes
         on, and which drops all it reads before a SYNC), or a guest sends garbage.
         Every call is lost either way; a SYNC asks for a HELLO to start again from."""
+        self._resync_at = time.monotonic()  # first: a call that sees the flag cleared reads this
         self._settled.clear()  # until its HELLO: a call sent now would be lost in the next SYNC
-        self._resync_at = time.monotonic()
         self._frames, self._resynced = 0, True
         calls = self._start_over("the resync after the agent " + what.split(" (")[0] + " failed")
+        self._resync_at = time.monotonic()  # the agent's dead_after counts from its SYNC
         why = f"the guest agent {what}"
         log.debug("agent channel %s: %s; %d call(s) lost", self.name, why, len(calls))
         lose(calls, f"{why}; {len(calls)} call(s) lost")

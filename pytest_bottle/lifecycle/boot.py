@@ -102,7 +102,7 @@ def start_machine(
         channel = AgentChannel(machine.agent_sock, name)
         channel.explain = functools.partial(backend.gone, machine)
         channel.stopped = functools.partial(backend.halted, machine)
-        machine.on_disk_stop(channel.end)
+        machine.on_disk_stop(channel.end, deadline)
         early = EarlyKernel(machine.console_log) if cfg.restore is None else None
         wait_ready(machine, channel, timeout, name, deadline, early)
     except BaseException:

@@ -117,11 +117,17 @@ def start_bottle(
     except OSError as e:
         # The host's own files (run directory, overlay, console, record, keys) on a full
         # file system: a named error, not a traceback; nothing is left (Resources saw to it).
-        if isinstance(e, BottleError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if (full := no_room(e)) is None:
             raise
-        path = e.filename2 or e.filename  # a copy's error names its source first
-        where = path or f"under {spec.cache_dir}"
-        raise BootError(f"the host's file system is full ({where}): {e.strerror}; nothing was started") from e
+        raise full from e
+
+
+def no_room(e: OSError) -> BootError | None:
+    """The ``BootError`` for a file of a start that found its file system full, else None."""
+    path = e.filename2 or e.filename  # a copy's error names its source first
+    if isinstance(e, BottleError) or e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path:
+        return None  # ENOSPC without a file is not a disk's (too many network namespaces, say)
+    return BootError(f"the host's file system is full ({path}): {e.strerror}; nothing was started")
 
 
 def _start(

@@ -76,10 +76,11 @@ class Machine(Protocol):
         """Release our control connection and leave it running (a kept bottle)."""
         ...
 
-    def on_disk_stop(self, callback: Callable[[str], None]) -> None:
+    def on_disk_stop(self, callback: Callable[[str], None], deadline: float | None = None) -> None:
         """From now on, ``callback(why)`` (on another thread; it must not block)
         when the VM stops because its disk cannot be written (the host's file
-        system is full): nothing in the guest runs after that."""
+        system is full): nothing in the guest runs after that.  ``deadline``
+        (``time.monotonic()``) bounds what setting that up may wait for."""
         ...
 
 

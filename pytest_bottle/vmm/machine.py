@@ -187,11 +187,12 @@ class QemuMachine:
             self.stop(grace=0.5)
             raise
 
-    def on_disk_stop(self, callback: Callable[[str], None]) -> None:
-        disk = self.run_dir / DISK
-        self.qmp.on_stop = lambda why: callback(f"QEMU stopped the VM: its disk {disk} could not be written ({why})")
+    def on_disk_stop(self, callback: Callable[[str], None], deadline: float | None = None) -> None:
+        self.qmp.on_stop = lambda why: callback(  # the disk it writes then: a snapshot puts one on top
+            f"QEMU stopped the VM: its disk {self.top_disk} could not be written ({why})"
+        )
         try:  # a restore's session is connected already; its events are read while it is
-            self.qmp.connect()
+            self.qmp.connect(self._left(deadline))
         except FAILED as e:  # QEMU is gone: the agent's wait says why
             log.debug("qmp %s: %s", self.qmp.name, e)
 

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import errno
 import pickle
 
 import pytest
 
 from pytest_bottle import errors as E
 from pytest_bottle import usage
+from pytest_bottle.lifecycle.launch import no_room
 
 CASES = [
     E.BottleError("boom"),
@@ -177,3 +179,17 @@ def test_what_a_one_argument_error_says() -> None:
     assert str(E.ExecTimeout("make")) == "command 'make' timed out and was killed"
     assert str(E.PoolExhausted("tap")) == "pool 'tap' is exhausted: every entry is leased to live owners"
     assert str(E.PoolExhausted("tap", 4096)) == "pool 'tap' is exhausted: all 4096 entries are leased to live owners"
+
+
+def test_only_a_file_that_found_no_room_is_a_full_file_system() -> None:
+    full = no_room(OSError(errno.ENOSPC, "No space left on device", "/c/run/b/disk.qcow2"))
+    assert isinstance(full, E.BootError) and full.reason == (
+        "the host's file system is full (/c/run/b/disk.qcow2): No space left on device; nothing was started"
+    )
+    copy = no_room(OSError(errno.ENOSPC, "No space left on device", "/seed/console.log", None, "/run/b/console.log"))
+    assert copy is not None and "(/run/b/console.log)" in copy.reason  # the copy's target, not its source
+    assert no_room(OSError(errno.EDQUOT, "Disk quota exceeded", "/c/x")) is not None
+    # unshare(CLONE_NEWNET) says ENOSPC at the namespace limit: not a disk
+    assert no_room(OSError(errno.ENOSPC, "unshare(CLONE_NEWNET): No space left on device")) is None
+    assert no_room(OSError(errno.EACCES, "Permission denied", "/c/x")) is None
+    assert no_room(E.GuestOSError("the guest disk is full", errno.ENOSPC, "/in/the/guest")) is None
