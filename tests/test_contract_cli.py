@@ -419,6 +419,23 @@ def test_every_command_that_reads_the_cache_refuses_an_unusable_one_and_makes_no
     assert afile.read_text() == "" and list(tmp_path.iterdir()) == [afile]  # and nothing was made
 
 
+def test_doctor_names_the_optional_compiler_of_the_agents_core(tmp_path: Path) -> None:
+    """Without gcc and a static libc, images get no compiled core and restores are
+    slower; doctor did not say so (it lists what the host needs)."""
+    bare = subprocess.run(  # a PATH without cc: every program is missing, the compiler only "absent"
+        [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={tmp_path}", "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": str(tmp_path)},
+    )
+    assert bare.returncode == 1 and "MISSING qemu-img" in bare.stdout, bare
+    assert "absent  cc (optional)        no C compiler: apt-get install gcc libc6-dev (then images get" in bare.stdout
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is not None and os.path.exists("/usr/lib/x86_64-linux-gnu/libc.a"):  # as scripts/bootstrap installs
+        assert f"ok  cc (optional)        {cc}\n" in cli("doctor", cache=tmp_path, timeout=60).stdout
+
+
 def test_cache_dir_and_verbose_may_follow_the_subcommand(tmp_path: Path) -> None:
     """`bottle image list --cache-dir X` was "unrecognized arguments" (exit 2)."""
     afile = tmp_path / "afile"
