@@ -21,7 +21,6 @@ from .host.sweep import SweepReport, stop_vm, sweep
 from .image_cli import age, mb
 from .images import list_images
 from .images.derived import list_derived
-from .images.guest_files import core_toolchain
 from .spec import DEFAULT_IMAGE, check_host_memory, resolve
 from .store.seeds import list_seeds
 from .user_images import find_images
@@ -38,7 +37,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         path = hostdeps.which(program)
         ok &= path is not None or program not in REQUIRED
         print(f"  {'ok ' if path else 'MISSING'} {program:20} {path or f'apt-get install {package}'}")
-    cc, missing = core_toolchain()  # optional: without it the Python agent serves every restore
+    cc, missing = hostdeps.core_toolchain()  # optional: without it the Python agent serves every restore
     where = (
         cc or f"{missing}: apt-get install gcc libc6-dev (then images get the agent's compiled core: faster restores)"
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import shutil
+import subprocess
 
 from ..errors import HostDependencyError
 
@@ -31,3 +34,17 @@ def require(program: str, purpose: str = "") -> str:
     if path is None:
         raise HostDependencyError(program, PROVIDERS.get(program), f"needed to {purpose}" if purpose else "")
     return path
+
+
+def core_toolchain() -> tuple[str | None, str]:
+    """The C compiler that can build the agent's core (with a static libc), or
+    None and what is missing, for ``bottle doctor`` (``images.guest_files.build_core`` looks for the same)."""
+    if platform.machine() != "x86_64":
+        return None, "not an x86_64 host"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None, "no C compiler"
+    found = subprocess.run([cc, "-print-file-name=libc.a"], capture_output=True, text=True, check=False).stdout
+    if not os.path.isabs(found.strip()):
+        return None, "no static libc"
+    return cc, ""

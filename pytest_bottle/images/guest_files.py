@@ -176,20 +176,6 @@ def sshd_script(recipe: Recipe) -> str:
     return "\n".join(lines) + "\n"
 
 
-def core_toolchain() -> tuple[str | None, str]:
-    """The C compiler that can build the agent's core (with a static libc), or
-    None and what is missing (for ``bottle doctor``)."""
-    if platform.machine() != "x86_64":
-        return None, "not an x86_64 host"
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None, "no C compiler"
-    found = subprocess.run([cc, "-print-file-name=libc.a"], capture_output=True, text=True, check=False).stdout
-    if not os.path.isabs(found.strip()):
-        return None, "no static libc"
-    return cc, ""
-
-
 def build_core(dest: Path) -> bool:
     """Compile the agent's core, static (any guest libc); without a C compiler
     and a static libc the image has none, and its clones wake the Python agent."""
