@@ -118,3 +118,26 @@ def test_a_seed_whose_memory_file_finds_no_room_says_so(warm_cache: Path, tmp_pa
     assert "launch: BootError bottle seed failed to boot: QEMU exited with -7 (SIGBUS: its guest RAM is the file" in out
     assert re.search(r"and the host's file system under it is full: [0-9]+ MiB free, for a machine of 512 MiB\)", out)
     assert "left in run: []" in out and "left in seeds: []" in out, out
+
+
+SNAPSHOT = """
+import sys, pathlib, pytest_bottle
+with pytest_bottle.launch(cache_dir=sys.argv[1]) as b:
+    b.check_output(["true"])
+    try:
+        print("snapshot:", b.snapshot())
+    except pytest_bottle.BottleError as e:
+        print("snapshot:", type(e).__name__, e)
+    print("then:", b.check_output(["echo", "alive"]).strip())
+    print("entries:", sorted(p.name for p in pathlib.Path(sys.argv[1], "snapshots").iterdir()))
+"""
+
+
+@needs_root
+def test_a_snapshot_that_finds_no_room_says_so_and_its_bottle_runs_on(warm_cache: Path, tmp_path: Path) -> None:
+    """The state streamed to the cache found no room, and the error said only
+    "sending the VM state failed (failed): " (QEMU's ``exec:cat`` says no more)."""
+    out = _in_a_full_cache(tmp_path, warm_cache, 2 << 20, SNAPSHOT)
+    assert "snapshot: SnapshotError snapshot btl-" in out and "sending the VM state failed (failed)" in out, out
+    assert re.search(rf"the host's file system under {tmp_path}/c/snapshots/\S+ is full \([0-9]+ KiB free\)", out), out
+    assert "then: alive" in out and "entries: []" in out, out

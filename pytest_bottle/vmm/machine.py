@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import threading
@@ -16,7 +15,7 @@ from typing import Any
 
 from ..errors import BootError, BootTimeout
 from ..host.deps import require
-from . import clock, console, process
+from . import clock, console, process, room
 from .qemu import IGNORE_SHARED, MachineConfig, Runtime, build_argv, deferred_incoming
 from .qmp import FAILED, QMP
 
@@ -242,24 +241,7 @@ class QemuMachine:
             return ""
         out, _ = console.read_tail(self.run_dir / "qemu.log", 64 * 1024)  # what QEMU said last
         out = out.strip()
-        return f"QEMU exited with {rc}{self._no_room(rc)}" + (f": {out[-1500:]}" if out else "")
-
-    def _no_room(self, rc: int) -> str:
-        """Why a SIGBUS, when guest RAM written through to a file (a seed's) found its file system full."""
-        ram = self.cfg.ram_file
-        if rc != -signal.SIGBUS or ram is None or not ram[1]:
-            return ""
-        try:
-            st = os.statvfs(ram[0].parent)
-        except OSError:
-            return ""
-        free = st.f_bavail * st.f_frsize >> 20
-        if free >= self.cfg.memory_mb:
-            return ""
-        return (
-            f" (SIGBUS: its guest RAM is the file {ram[0]}, and the host's file system under it is full: "
-            f"{free} MiB free, for a machine of {self.cfg.memory_mb} MiB)"
-        )
+        return f"QEMU exited with {rc}{room.ram_bus_error(self.cfg, rc)}" + (f": {out[-1500:]}" if out else "")
 
     def save_state(self, path: Path, timeout: float = 120.0) -> None:
         """Stop the guest and write its whole state (devices and RAM) to ``path``;
@@ -270,7 +252,7 @@ class QemuMachine:
             if self.cfg.ram_file is not None:  # RAM stays in its file; save the devices
                 self.qmp.cmd("migrate-set-capabilities", capabilities=IGNORE_SHARED)
             self.qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(path)))
-            self._wait_migration("saving the VM state", timeout)
+            self._wait_migration("saving the VM state", timeout, path)
         except FAILED as e:  # QEMU stuck, or gone mid-save
             why = self.exit_reason() or (str(e) if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}")
             raise BootError(f"saving the VM state failed: {why}", name=self.qmp.name) from None
@@ -331,7 +313,7 @@ class QemuMachine:
         self.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}])
         self.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
         self.qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(path)))
-        self._wait_migration("sending the VM state", timeout)
+        self._wait_migration("sending the VM state", timeout, path)
 
     def receive_state(self, path: Path) -> None:
         """Start loading a state from ``path`` (started with ``-incoming defer -S``)."""
@@ -346,14 +328,16 @@ class QemuMachine:
                 raise BootError(f"loading the VM state took longer than {timeout} s")
             time.sleep(0.02)
 
-    def _wait_migration(self, what: str, timeout: float) -> None:
+    def _wait_migration(self, what: str, timeout: float, target: Path) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            status = self.qmp.cmd("query-migrate").get("status")
+            info = self.qmp.cmd("query-migrate")
+            status = info.get("status")
             if status == "completed":
                 return
             if status in ("failed", "cancelled") or not self.alive():
-                raise BootError(f"{what} failed ({status}): {self.exit_reason()}")
+                why = str(info.get("error-desc") or "")[:500] or self.exit_reason()
+                raise BootError(f"{what} failed ({status}){': ' * bool(why)}{why}{room.write_failed(target)}")
             if time.monotonic() > deadline:
                 try:
                     self.qmp.cmd("migrate_cancel")
