@@ -38,9 +38,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ok &= path is not None or program not in REQUIRED
         print(f"  {'ok ' if path else 'MISSING'} {program:20} {path or f'apt-get install {package}'}")
     cc, missing = hostdeps.core_toolchain()  # optional: without it the Python agent serves every restore
-    where = (
-        cc or f"{missing}: apt-get install gcc libc6-dev (then images get the agent's compiled core: faster restores)"
-    )
+    fix = "" if missing.startswith("not an") else ": apt-get install gcc libc6-dev (then images get the agent's core)"
+    where = cc or f"{missing}{fix}"
     print(f"  {'ok ' if cc else 'absent '} {'cc (optional)':20} {where}")
     have_qemu = hostdeps.which("qemu-system-x86_64") is not None
     print(f"qemu: {accel_mod.qemu_version() if have_qemu else 'not installed'}")

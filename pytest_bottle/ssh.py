@@ -8,6 +8,7 @@ no ``StrictHostKeyChecking=no``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -24,7 +25,7 @@ from .arguments import GuestPath, check_env, check_input, check_timeout, guest_p
 from .errors import BottleError, ExecTimeout, SpecError
 from .host.deps import require, which
 from .host.locks import reporting_lock
-from .host.paths import remove_tree
+from .host.paths import remove_tree, write_private
 from .host.runstate import create_run_dir
 from .results import OUTPUT_CAP, CappedOutput, Command, ExecResult, as_command, to_argv
 
@@ -101,6 +102,8 @@ def _keygen(comment: str, scratch: Path) -> Iterator[Path]:
         argv = [require("ssh-keygen", "make SSH keys"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
         r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
         if r.returncode != 0:
+            if os.strerror(errno.ENOSPC) in r.stderr:  # named by the start as any write without room
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             raise BottleError(f"ssh-keygen failed ({r.returncode}): {r.stderr.strip()}")
         yield path
     finally:
@@ -119,11 +122,11 @@ class SshAccess:
     def create(cls, name: str, host: str, port: int, identity: Path, host_public_key: str, run_dir: Path) -> SshAccess:
         known = run_dir / "known_hosts"
         keytype, keydata = host_public_key.split()[:2]
-        known.write_text(f"{name} {keytype} {keydata}\n")
+        write_private(known, f"{name} {keytype} {keydata}\n")  # its error names the file (a full disk)
         config = run_dir / "ssh_config"
         identity_value, known_value = config_path_value(identity), config_path_value(known)
         text = CONFIG_TEMPLATE.format(name=name, host=host, port=port, identity=identity_value, known_hosts=known_value)
-        config.write_text(text)
+        write_private(config, text)
         return cls(name, host, port, identity, config)
 
     def argv(self, *args: str | os.PathLike[str]) -> list[str]:

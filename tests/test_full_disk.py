@@ -95,6 +95,43 @@ def test_a_start_on_a_full_file_system_is_a_boot_error_that_leaves_nothing(
     assert "left in run: []" in out and "Traceback" not in out, out
 
 
+EVERY_ROOM = """
+import pathlib, subprocess, sys, pytest_bottle
+c = pathlib.Path(sys.argv[1])
+started = 0
+for reserve in range(0, 512 << 10, 4 << 10):  # a page more each time: each write of a start in turn
+    if started == 3:
+        break
+    (c / "filler").unlink()
+    (c / "reserve").write_bytes(bytes(reserve))
+    subprocess.run(["sh", "-c", "cat /dev/zero > filler 2>/dev/null"], cwd=c)
+    (c / "reserve").unlink()
+    try:
+        with pytest_bottle.launch(cache_dir=c) as b:
+            print(reserve, "started", b.exec("true").returncode)
+            started += 1
+    except pytest_bottle.BootError as e:
+        print(reserve, "full" if "the host's file system is full (" in e.reason else "other", e.reason)
+    except Exception as e:
+        print(reserve, "other", type(e).__name__, e)
+    print(reserve, "left:", sorted(p.name for p in (c / "run").iterdir()))
+"""
+
+
+@needs_root
+def test_a_start_meets_a_full_file_system_at_every_write_and_names_it(warm_cache: Path, tmp_path: Path) -> None:
+    """Each write of a start in turn finds no room (4 KiB more each time, until it
+    starts): every one is the named ``BootError``. Some were a bare ``OSError``
+    (writes name no file), a ``BootError`` that blamed the kernel it read (the
+    boot header's copy), a ``BottleError`` from ssh-keygen; and an SSH key's run
+    directory was left until its thread ended."""
+    out = _in_a_full_cache(tmp_path, warm_cache, 0, EVERY_ROOM)
+    results = [line.split(" ", 2) for line in out.splitlines() if re.match(r"[0-9]+ (started|full|other)", line)]
+    assert not [r for r in results if r[1] == "other"] and "(under " not in out, out  # each names its file
+    assert results[0][1] == "full" and [r[1] for r in results[-3:]] == ["started"] * 3, out  # it spans a start
+    assert all(line.endswith("left: []") for line in out.splitlines() if " left: " in line), out
+
+
 @needs_root
 def test_a_guest_that_fills_the_host_file_system_ends_its_bottle_at_once_with_why(
     warm_cache: Path, tmp_path: Path

@@ -38,7 +38,8 @@ def require(program: str, purpose: str = "") -> str:
 
 def core_toolchain() -> tuple[str | None, str]:
     """The C compiler that can build the agent's core (with a static libc), or
-    None and what is missing, for ``bottle doctor`` (``images.guest_files.build_core`` looks for the same)."""
+    None and what is missing, for ``bottle doctor`` (``images.guest_files.build_core``
+    compiles with the same ``cc``, and fails without ``libc.a``)."""
     if platform.machine() != "x86_64":
         return None, "not an x86_64 host"
     cc = shutil.which("cc") or shutil.which("gcc")

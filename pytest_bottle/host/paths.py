@@ -270,7 +270,7 @@ def write_private(path: Path, data: str | bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        if e.filename is None:  # a write's error (a full disk) names no file: this one
+        if e.filename is None and e.errno is not None:  # a write's error (a full disk) names no file: this one
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     except BaseException:

@@ -7,6 +7,7 @@ own identity and MACs.  Every agent call of a start is in this module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +26,7 @@ from .resources import Resources
 
 log = logging.getLogger(__name__)
 
+KEYGEN_WAIT = 10.0  # ssh-keygen takes milliseconds; a failed start waits this long at most for it
 RESOLV_NAT = "nameserver 10.0.2.3\n"
 RESOLV_NONE = '# network="none": no DNS (lookups fail at once instead of timing out)\n'
 
@@ -48,6 +50,13 @@ class Keys:
         # ssh-keygen runs while the VM boots
         host_key = _helpers.submit(new_host_key, plan.name, plan.spec.cache_dir / "run")
         return cls(host_key, client_key(plan.spec.cache_dir) if which("ssh-keygen") else None)
+
+    def discard(self) -> None:
+        """After a failed start: wait for the host key being made, whose run
+        directory goes with it, so that none is left when the start's error is raised."""
+        if self.host_key is not None:
+            with contextlib.suppress(Exception):  # its own failure is no news: the start failed already
+                self.host_key.result(timeout=KEYGEN_WAIT)
 
     def baked(self) -> dict[str, str | None]:
         """What every clone of this cache shares: it goes into the seed, not the handshake."""

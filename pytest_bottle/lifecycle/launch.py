@@ -7,6 +7,7 @@ import logging
 import secrets
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ..agent.channel import AgentChannel
@@ -117,17 +118,17 @@ def start_bottle(
     except OSError as e:
         # The host's own files (run directory, overlay, console, record, keys) on a full
         # file system: a named error, not a traceback; nothing is left (Resources saw to it).
-        if (full := no_room(e)) is None:
+        if (full := no_room(e, spec.cache_dir)) is None:
             raise
         raise full from e
 
 
-def no_room(e: OSError) -> BootError | None:
-    """The ``BootError`` for a file of a start that found its file system full, else None."""
-    path = e.filename2 or e.filename  # a copy's error names its source first
-    if isinstance(e, BottleError) or e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path:
-        return None  # ENOSPC without a file is not a disk's (too many network namespaces, say)
-    return BootError(f"the host's file system is full ({path}): {e.strerror}; nothing was started")
+def no_room(e: OSError, cache_dir: Path) -> BootError | None:
+    """The ``BootError`` for a write of a start that found its file system full, else None."""
+    if isinstance(e, BottleError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None  # a guest's own (GuestOSError), or a namespace limit (HostDependencyError)
+    where = e.filename2 or e.filename or f"under {cache_dir}"  # a copy names its source first; a write none
+    return BootError(f"the host's file system is full ({where}): {e.strerror}; nothing was started")
 
 
 def _start(
@@ -146,8 +147,12 @@ def _start(
         image, accel = fork_of[0], fork_of[1].manifest["key_parts"]["accel"]
     plan = make_plan(spec, image, accel, new_name())
     keys = handshake.Keys.start(plan)
-    baked = keys.baked()
-    res = Resources.take(plan, _library_lans if lans is None else lans)
+    try:
+        baked = keys.baked()
+        res = Resources.take(plan, _library_lans if lans is None else lans)
+    except BaseException:
+        keys.discard()
+        raise
     try:
         boot = _Boot(plan, res, rebuild_before, detached, baked, fork_of[1] if fork_of else None)
         machine, channel, found = res.with_host_ports(plan.ports, boot.start)
@@ -178,6 +183,7 @@ def _start(
         )
     except BaseException:
         res.close()
+        keys.discard()
         raise
 
 

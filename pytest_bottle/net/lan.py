@@ -64,6 +64,12 @@ def _check(rc: int, what: str) -> None:
                 None,
                 f'{what} failed; lan= needs it, network="none"/"nat" and forward= do not',
             )
+        if err == errno.ENOSPC:  # not a disk's: the host's limit of namespaces
+            raise HostDependencyError(
+                "room for another network namespace",
+                None,
+                f"{what} failed (ENOSPC): the limit (sysctl user.max_net_namespaces) is reached; lan= needs one",
+            )
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import BootError, BootTimeout
 from ..host.deps import require
+from ..host.paths import write_private
 from . import clock, console, process, room
 from .qemu import IGNORE_SHARED, MachineConfig, Runtime, build_argv, deferred_incoming
 from .qmp import FAILED, QMP
@@ -62,9 +63,12 @@ def boot_header_of(kernel: Path, out: Path) -> Path:
                 raise BootError(f"{kernel} is not a bzImage (no boot header)")
             sectors = head[0x1F1] or 4
             data = head + f.read((sectors + 1) * 512 - len(head))
-        out.write_bytes(data)
     except OSError as e:  # the image went (removed, pruned) or cannot be read
         raise BootError(f"cannot read the kernel {kernel}: {e.strerror}") from None
+    try:
+        out.write_bytes(data)
+    except OSError as e:  # the run directory's: a full disk, named by the start
+        raise OSError(e.errno, e.strerror, str(out)) from None
     return out
 
 
@@ -140,7 +144,7 @@ class QemuMachine:
             )
             argv = build_argv(cfg, rt)
             argv[0] = qemu  # as found on PATH
-            (run_dir / "qemu.argv").write_text(shlex.join(argv) + "\n")
+            write_private(run_dir / "qemu.argv", shlex.join(argv) + "\n")  # its error names the file
             proc = process.spawn(
                 argv,
                 log_path=run_dir / "qemu.log",
@@ -308,8 +312,8 @@ class QemuMachine:
         raise BootError("QEMU has no disk named root", name=self.qmp.name)
 
     def stream_state(self, path: Path, timeout: float = 120.0) -> None:
-        """Write the paused guest's whole state, RAM included, to ``path`` (a FIFO
-        another QEMU reads: see ``receive_state``)."""
+        """Write the paused guest's whole state, RAM included, to the file ``path``,
+        which another QEMU reads next (see ``receive_state``)."""
         self.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}])
         self.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
         self.qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(path)))

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import ctypes
 import errno
 import pickle
+from pathlib import Path
 
 import pytest
 
 from pytest_bottle import errors as E
 from pytest_bottle import usage
 from pytest_bottle.lifecycle.launch import no_room
+from pytest_bottle.net import lan
 
 CASES = [
     E.BottleError("boom"),
@@ -181,15 +184,20 @@ def test_what_a_one_argument_error_says() -> None:
     assert str(E.PoolExhausted("tap", 4096)) == "pool 'tap' is exhausted: all 4096 entries are leased to live owners"
 
 
-def test_only_a_file_that_found_no_room_is_a_full_file_system() -> None:
-    full = no_room(OSError(errno.ENOSPC, "No space left on device", "/c/run/b/disk.qcow2"))
+def test_a_write_that_found_no_room_is_a_full_file_system() -> None:
+    cache = Path("/c")
+    full = no_room(OSError(errno.ENOSPC, "No space left on device", "/c/run/b/disk.qcow2"), cache)
     assert isinstance(full, E.BootError) and full.reason == (
         "the host's file system is full (/c/run/b/disk.qcow2): No space left on device; nothing was started"
     )
-    copy = no_room(OSError(errno.ENOSPC, "No space left on device", "/seed/console.log", None, "/run/b/console.log"))
-    assert copy is not None and "(/run/b/console.log)" in copy.reason  # the copy's target, not its source
-    assert no_room(OSError(errno.EDQUOT, "Disk quota exceeded", "/c/x")) is not None
-    # unshare(CLONE_NEWNET) says ENOSPC at the namespace limit: not a disk
-    assert no_room(OSError(errno.ENOSPC, "unshare(CLONE_NEWNET): No space left on device")) is None
-    assert no_room(OSError(errno.EACCES, "Permission denied", "/c/x")) is None
-    assert no_room(E.GuestOSError("the guest disk is full", errno.ENOSPC, "/in/the/guest")) is None
+    copy = OSError(errno.ENOSPC, "No space left on device", "/seed/console.log", None, "/run/b/console.log")
+    assert "(/run/b/console.log)" in no_room(copy, cache).reason  # type: ignore[union-attr]  # the target
+    unnamed = no_room(OSError(errno.ENOSPC, "No space left on device"), cache)  # a write or close names none
+    assert unnamed is not None and "full (under /c): No space left on device" in unnamed.reason
+    assert no_room(OSError(errno.EDQUOT, "Disk quota exceeded", "/c/x"), cache) is not None
+    assert no_room(OSError(errno.EACCES, "Permission denied", "/c/x"), cache) is None
+    assert no_room(E.GuestOSError("the guest disk is full", errno.ENOSPC, "/in/the/guest"), cache) is None
+    # unshare(CLONE_NEWNET) says ENOSPC at the namespace limit: not a disk's, and named as what it is
+    ctypes.set_errno(errno.ENOSPC)
+    with pytest.raises(E.HostDependencyError, match=r"room for another network namespace; .*max_net_namespaces"):
+        lan._check(-1, "unshare(CLONE_NEWNET)")
