@@ -26,7 +26,9 @@ from .resources import Resources
 
 log = logging.getLogger(__name__)
 
-KEYGEN_WAIT = 10.0  # ssh-keygen takes milliseconds; a failed start waits this long at most for it
+# ssh-keygen takes milliseconds; a failed start waits this long at most for it (its error
+# is not held up: a slow one removes its run directory itself when it ends).
+KEYGEN_WAIT = 1.0
 RESOLV_NAT = "nameserver 10.0.2.3\n"
 RESOLV_NONE = '# network="none": no DNS (lookups fail at once instead of timing out)\n'
 
@@ -52,7 +54,7 @@ class Keys:
         return cls(host_key, client_key(plan.spec.cache_dir) if which("ssh-keygen") else None)
 
     def discard(self) -> None:
-        """After a failed start: wait for the host key being made, whose run
+        """After a failed start: wait briefly for the host key being made, whose run
         directory goes with it, so that none is left when the start's error is raised."""
         if self.host_key is not None:
             with contextlib.suppress(Exception):  # its own failure is no news: the start failed already
