@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import grp
 import json
@@ -11,6 +12,7 @@ import pwd
 import re
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import UnsafeDirectory
@@ -265,16 +267,23 @@ def write_private(path: Path, data: str | bytes) -> None:
     # The pid in the name: what a writer killed here leaves, the sweep knows for a dead one's.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
-        with open(fd, "wb" if isinstance(data, bytes) else "w") as f:
+        with naming(path), open(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
         os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        if e.filename is None and e.errno is not None:  # a write's error (a full disk) names no file: this one
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` that names no file (a write's or a close's: a full disk) as one
+    naming ``path``, so that a start can say which file found no room."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 

@@ -21,7 +21,7 @@ from ..agent.client import AgentClient
 from ..agent.replies import SettleReply
 from ..errors import AgentError, BootError, BootTimeout
 from ..host.deps import require
-from ..host.paths import write_private
+from ..host.paths import naming, write_private
 from ..vmm import backend
 from ..vmm.backend import CONSOLE, DISK, Machine, console_tail
 from ..vmm.qemu import DiskFormat, MachineConfig
@@ -223,15 +223,12 @@ def prepare_run_dir(cfg: MachineConfig, run_dir: Path, name: str) -> None:
         except FileNotFoundError:  # an older seed has none, or it went: QEMU will say
             return
         # A boot error's console tail would otherwise read as this bottle's own boot.
-        try:
-            with open(run_dir / CONSOLE, "r+b") as f:
-                lead = b""
-                if f.seek(0, os.SEEK_END):
-                    f.seek(-1, os.SEEK_END)
-                    lead = b"" if f.read(1) == b"\n" else b"\n"
-                f.write(lead + RESTORED.format(name=name, source=cfg.restore.state.parent.name).encode() + b"\n")
-        except OSError as e:  # a full disk: named by the start
-            raise OSError(e.errno, e.strerror, str(run_dir / CONSOLE)) from None
+        with naming(run_dir / CONSOLE), open(run_dir / CONSOLE, "r+b") as f:  # a full disk: named by the start
+            lead = b""
+            if f.seek(0, os.SEEK_END):
+                f.seek(-1, os.SEEK_END)
+                lead = b"" if f.read(1) == b"\n" else b"\n"
+            f.write(lead + RESTORED.format(name=name, source=cfg.restore.state.parent.name).encode() + b"\n")
 
 
 RESTORED = "[pytest-bottle: {name} restored from {source}; the lines above are from before the restore]"

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import BootError, BootTimeout
 from ..host.deps import require
-from ..host.paths import write_private
+from ..host.paths import naming, write_private
 from . import clock, console, process, room
 from .qemu import IGNORE_SHARED, MachineConfig, Runtime, build_argv, deferred_incoming
 from .qmp import FAILED, QMP
@@ -65,10 +65,8 @@ def boot_header_of(kernel: Path, out: Path) -> Path:
             data = head + f.read((sectors + 1) * 512 - len(head))
     except OSError as e:  # the image went (removed, pruned) or cannot be read
         raise BootError(f"cannot read the kernel {kernel}: {e.strerror}") from None
-    try:
+    with naming(out):  # the run directory's: a full disk, named by the start
         out.write_bytes(data)
-    except OSError as e:  # the run directory's: a full disk, named by the start
-        raise OSError(e.errno, e.strerror, str(out)) from None
     return out
 
 
