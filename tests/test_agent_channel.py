@@ -665,6 +665,24 @@ def test_a_guest_that_halts_ends_its_bottle_and_calls_say_so(bottle: Bottle, com
         bottle.exec("true")
 
 
+def test_a_send_to_a_halted_guest_says_so_within_seconds(bottle: Bottle) -> None:
+    """A halted guest reads nothing: a call whose input filled the channel
+    waited out the send's stall limit (60 s), then blamed the agent
+    (AgentTimeout "the agent took nothing for 60 s")."""
+    bottle.spawn(["sh", "-c", "sleep 0.5; halt -ff"])
+    deadline = time.monotonic() + 60
+    while "reboot: System halted" not in bottle.console_log:
+        assert time.monotonic() < deadline, bottle.console_log[-2000:]
+        time.sleep(0.2)
+    started = time.monotonic()
+    with pytest.raises(AgentError) as info:  # 8 MiB: past what the socket and the guest's buffers hold
+        bottle.exec("cat > /dev/null", input=b"x" * (8 << 20), timeout=120)
+    assert time.monotonic() - started < 20, info.value
+    assert "the guest halted: 'reboot: System halted' on its console" in str(info.value), info.value
+    with pytest.raises(AgentError, match="the guest halted"):  # later calls too
+        bottle.exec("true")
+
+
 def test_a_large_input_to_a_slow_reader_is_not_held_by_the_agent(bottle: Bottle) -> None:
     pid = _agent_pid(bottle)
 

@@ -99,7 +99,7 @@ class AgentChannel(Deadlines, Uploads, Restarts):
         if self.broken:
             raise AgentError(f"agent channel of {self.name} is unusable: {self.broken}")
         try:
-            send_all(self.sock, data, self._thread_deadline())
+            send_all(self.sock, data, self._thread_deadline(), self._stuck)
         except Stalled as e:
             if confined and not e.sent:  # none of it went: the stream is whole
                 raise AgentTimeout(f"bottle {self.name}: {e}") from None

@@ -101,6 +101,14 @@ class Ends:
                 f"(during {op or 'a call'}); it is hung or gone"
             )
 
+    def _stuck(self, silent: float) -> None:
+        """A send the guest has taken nothing of for ``silent`` s: a halted guest
+        never will: end the channel and say why, rather than wait out the
+        stall limit (a minute) and blame the agent."""
+        if silent > self.idle and (why := self._stopped(time.monotonic())):
+            self.end(why)
+            raise AgentError(f"{self._named(why)} while sending to the agent")
+
     def _stopped(self, now: float) -> str:
         """Why a VM whose agent is silent will never answer (a guest that halted:
         QEMU runs on with its CPUs stopped), asked at most once per ``idle`` s."""

@@ -9,7 +9,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 SEND_TIMEOUT = 60.0  # a guest that takes nothing of a frame this long is gone
 STALL_FLOOR = 2.0  # past a call's deadline, how long a guest may still take nothing
@@ -39,12 +39,16 @@ def stall_limit(deadline: float | None, progress: float) -> float:
     return min(SEND_TIMEOUT, max(deadline - progress, STALL_FLOOR))
 
 
-def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
+def send_all(
+    sock: socket.socket, data: bytes, deadline: float | None, stuck: Callable[[float], None] | None = None
+) -> None:
     """``sock.sendall(data)`` (a socket with a timeout: its descriptor does not
     block), raising ``Stalled`` once the guest has taken nothing for
     ``stall_limit(deadline, progress)`` s.  A guest that takes a write's worth
     (``_PIECE``) within that, however long the whole takes, gets the whole
-    frame (``sendall``'s own timeout is one for the whole)."""
+    frame (``sendall``'s own timeout is one for the whole).  ``stuck`` is
+    called with the time since the guest last took something while it takes
+    nothing (it may raise: a guest that will never read again)."""
     view = memoryview(data)
     fd = sock.fileno()
     poller: select.poll | None = None
@@ -61,6 +65,8 @@ def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
         limit = stall_limit(deadline, progress)
         if time.monotonic() - progress >= limit:
             raise Stalled(limit, len(data) - len(view))
+        if stuck is not None:
+            stuck(time.monotonic() - progress)
         if poller is None:
             poller = select.poll()
             poller.register(fd, select.POLLOUT)
