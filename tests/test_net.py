@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
+import logging
+import os
+import signal
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -113,6 +117,28 @@ def test_two_bottles_on_a_lan_exchange_tcp(bottle_factory) -> None:  # type: ign
     # A bottle on another LAN of the same test is on another segment, and knows no names on this one.
     assert _fetch(outsider, f"http://{server.lan_ip}:7000/hi.txt") != 0
     assert outsider.exec(["getent", "hosts", server.name]).returncode == 2
+
+
+def test_a_hung_lan_peer_costs_a_newcomer_a_warning_within_its_timeout(  # type: ignore[no-untyped-def]
+    bottle_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Telling the peers of a newcomer's name took up to 45 s for each peer
+    that did not answer, whatever the newcomer's timeout."""
+    peer = bottle_factory(lan="hung")
+    os.kill(peer.pid, signal.SIGSTOP)  # QEMU itself: its agent reads nothing
+    try:
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="pytest_bottle"):
+            newcomer = bottle_factory(lan="hung", timeout=15)
+        took = time.monotonic() - started
+    finally:
+        os.kill(peer.pid, signal.SIGCONT)
+    assert took < 15 + 3, took
+    said = [r.getMessage() for r in caplog.records if "does not know its LAN peer" in r.getMessage()]
+    assert said and said[0].startswith(f"pytest-bottle: {peer.name} does not know its LAN peer {newcomer.name}"), said
+    # The newcomer wrote its own lines: it knows the peer by name, and the peer runs on.
+    assert newcomer.check_output(["getent", "hosts", peer.name]).split() == [peer.lan_ip, peer.name]
+    assert peer.exec("true", timeout=60).ok
 
 
 def test_lan_peers_reach_each_other_over_ipv6_link_local_at_once(bottle_factory) -> None:  # type: ignore[no-untyped-def]

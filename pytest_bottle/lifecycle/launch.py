@@ -170,7 +170,13 @@ def _start(
                 raise BootTimeout(reason, console_tail(machine.console_log), plan.name)
             settle(agent, machine, left, quiet=0)
         if res.lan is not None and res.lan_ip:
-            lan_names.join(res.lan, plan.name, res.lan_ip.split("/")[0], agent)
+            try:
+                lan_names.join(res.lan, plan.name, res.lan_ip.split("/")[0], agent, boot.ends)
+            except BottleError as e:
+                if time.monotonic() < boot.ends:
+                    raise
+                reason = f"its LAN peers' names were not written within the bottle's timeout ({spec.timeout:g} s): {e}"
+                raise BootTimeout(reason, console_tail(machine.console_log), plan.name) from None
         return Bottle(
             name=plan.name,
             image=image.name,

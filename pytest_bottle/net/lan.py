@@ -93,7 +93,7 @@ class Lan:
         self._warm: list[tuple[int, str]] = []  # TAPs on the bridge, ready to hand out
         # Who is on the segment, by name: their address and how to tell them of a
         # newcomer (see lifecycle.lan_names).
-        self.members: dict[str, tuple[str, Callable[[str, str], None]]] = {}
+        self.members: dict[str, tuple[str, Callable[[str, str, float], None]]] = {}
         self._ns_fd = _new_netns()
         self.inode = os.fstat(self._ns_fd).st_ino
         ipr = None
@@ -113,9 +113,9 @@ class Lan:
         self._ipr = ipr
 
     def join(
-        self, name: str, ip: str, tell: Callable[[str, str], None]
-    ) -> tuple[list[tuple[str, str]], list[Callable[[str, str], None]]]:
-        """Adds ``name`` (at ``ip``; ``tell(ip, name)`` tells it of a later one):
+        self, name: str, ip: str, tell: Callable[[str, str, float], None]
+    ) -> tuple[list[tuple[str, str]], list[Callable[[str, str, float], None]]]:
+        """Adds ``name`` (at ``ip``; ``tell(ip, name, deadline)`` tells it of a later one):
         the members already there, (ip, name), and how to tell each of it."""
         with self._lock:
             there = [(addr, member) for member, (addr, _) in self.members.items()]
