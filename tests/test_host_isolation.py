@@ -311,8 +311,20 @@ def test_cache_root_checks(tmp_path: Path) -> None:
 
     legacy = tmp_path / "legacy"
     legacy.mkdir()
+    (legacy / "images").mkdir()
+    (legacy / "accel.json").write_text("{}")
     legacy.chmod(0o755)  # what older versions made: fixed, not refused
     assert cache_root(legacy) == legacy and stat.S_IMODE(legacy.stat().st_mode) == 0o700
+    # A directory of other things (/dev, a home) given by mistake: its mode was
+    # set to 0700 too, and the cache's entries made in it.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    (other / "images").mkdir()
+    other.chmod(0o755)
+    with pytest.raises(UnsafeDirectory, match=r"lets other users in \(want 0700\), and it holds what no cache does "):
+        cache_root(other)
+    assert stat.S_IMODE(other.stat().st_mode) == 0o755 and sorted(os.listdir(other)) == ["images", "notes.txt"]
     moved = tmp_path / "link"
     moved.symlink_to(legacy)  # a cache moved to another disk
     assert cache_root(moved) == moved
@@ -341,7 +353,7 @@ def test_cache_root_checks(tmp_path: Path) -> None:
 
 READ_ONLY_CACHE = """
 set -e
-mount -t tmpfs -o size=1m,mode=0700 tmpfs "$1" && mkdir -m 0700 "$1/c" && mount -o remount,ro "$1"
+mount -t tmpfs -o size=1m,mode=0700 tmpfs "$1" && mkdir -m "$4" "$1/c" && mount -o remount,ro "$1"
 "$2" -c 'import sys
 import pytest_bottle
 try:
@@ -350,15 +362,17 @@ except pytest_bottle.BottleError as e:
     print("launch:", type(e).__name__, e)' "$1/c"
 "$3" image build debian-bookworm --cache-dir "$1/c" 2>&1 || echo "build exit $?"
 "$3" run --cache-dir "$1/c" -- true 2>&1 || echo "run exit $?"
-"$3" image list --cache-dir "$1/c" >/dev/null && echo "list ok"
+"$3" image list --cache-dir "$1/c" >/dev/null && echo "list ok" || echo "list exit $?"
 """
 
 
 @needs_root
-def test_a_cache_on_a_read_only_file_system_is_refused_by_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["0700", "0755"])
+def test_a_cache_on_a_read_only_file_system_is_refused_by_name(tmp_path: Path, mode: str) -> None:
     """One there already (0700, ours) was taken, and its first lock raised a bare
-    ``OSError`` (EROFS): a traceback from the CLI, exit 1 from ``bottle run``.
-    Listing it still works. In a mount namespace of its own: nothing stays mounted."""
+    ``OSError`` (EROFS): a traceback from the CLI, exit 1 from ``bottle run``;
+    one others may read (0755) was a bare ``OSError`` from making it 0700.
+    Listing a 0700 one still works. In a mount namespace of its own: nothing stays mounted."""
     (tmp_path / "ro").mkdir()
     cli = str(Path(sys.executable).with_name("bottle"))
     r = subprocess.run(
@@ -374,16 +388,23 @@ def test_a_cache_on_a_read_only_file_system_is_refused_by_name(tmp_path: Path) -
             str(tmp_path / "ro"),
             sys.executable,
             cli,
+            mode,
         ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     out = r.stdout + r.stderr
-    refused = f"refusing to use {tmp_path}/ro/c: it is on a read-only file system"
+    why = (
+        "it is on a read-only file system"
+        if mode == "0700"
+        else "its mode 0755 lets other users in (want 0700), and it cannot be changed (Read-only file system)"
+    )
+    refused = f"refusing to use {tmp_path}/ro/c: {why}"
     assert r.returncode == 0 and f"launch: UnsafeDirectory {refused}" in out, out
     assert f"bottle: UnsafeDirectory: {refused}" in out and "build exit 1" in out, out
-    assert "run exit 125" in out and "list ok" in out and "Traceback" not in out, out
+    listed = "list ok" if mode == "0700" else "list exit 1"
+    assert "run exit 125" in out and listed in out and "Traceback" not in out, out
 
 
 @pytest.fixture

@@ -98,18 +98,24 @@ def _fallback_state_dir() -> Path:
         raise UnsafeDirectory(str(home), f"it cannot be made ({e.strerror})", hint) from None
 
 
+# What a cache root holds: the only names a root others may read may hold to be made 0700.
+CACHE_ENTRIES = frozenset(
+    {"images", "seeds", "snapshots", "run", "logs", "locks", "keys", "accel.json", "accel.lock", "lost+found"}
+)
+
+
 def cache_root(path: Path, *, writable: bool = True) -> Path:
     """Make sure the cache root is this user's alone, creating it if needed.
 
     The cache holds memory states, disks with SSH host keys and the client
     key.  A symlink is followed (a cache moved to a bigger disk); a root that
     others may only read and enter (the mode older versions made) is set to
-    0700; one others may write into, or of another owner, is refused; so is
+    0700 if it holds nothing but a cache's entries; one others may write into, or of another owner, is refused; so is
     one this process cannot write (a read-only mount), unless not ``writable``
     (a sweep, which removes only what is there).
     """
     hint = f"pass a cache dir of your own or fix {path}"
-    root = private_dir(path, follow_symlink=True, fix_readable=True, hint=hint)
+    root = private_dir(path, follow_symlink=True, fix_readable=CACHE_ENTRIES, hint=hint)
     if writable and not os.access(root, os.W_OK | os.X_OK):  # else a bare OSError at its first lock
         try:
             read_only = bool(os.statvfs(root).f_flag & os.ST_RDONLY)
@@ -128,13 +134,16 @@ def check_cache(path: Path) -> None:
         cache_root(path, writable=False)
 
 
-def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool = False, hint: str = "") -> Path:
+def private_dir(
+    path: Path, *, follow_symlink: bool = False, fix_readable: frozenset[str] | None = None, hint: str = ""
+) -> Path:
     """``path`` as a directory only this user can reach, created 0700 if missing.
 
     Refuses (``UnsafeDirectory``) a symlink (unless ``follow_symlink``), a
     directory of another owner, one whose mode lets others in (unless
-    ``fix_readable`` and others may not write), one under a directory
-    that someone else could rename it out of, and one that cannot be made.
+    others may not write and it holds only names in ``fix_readable``: then it
+    is made 0700), one under a directory that someone else could rename it
+    out of, and one that cannot be made.
     """
     path = Path(os.path.abspath(path))
     _check_ancestors(path, hint)
@@ -169,11 +178,27 @@ def private_dir(path: Path, *, follow_symlink: bool = False, fix_readable: bool 
         raise UnsafeDirectory(str(path), f"it belongs to uid {st.st_uid}, not to uid {os.geteuid()}", hint)
     if st.st_mode & _OTHERS:
         mode = stat.S_IMODE(st.st_mode)
-        if not fix_readable or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if fix_readable is None or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise UnsafeDirectory(str(path), f"its mode {mode:04o} lets other users in (want 0700)", hint)
+        _make_private(path, mode, fix_readable, hint)
+    return path
+
+
+def _make_private(path: Path, mode: int, names: frozenset[str], hint: str) -> None:
+    """0700 for a directory others may read that holds only ``names`` (what an
+    older version left), never for one of other things a user pointed us at
+    by mistake (``/dev``, a home directory): its mode is not ours to change."""
+    lets_in = f"its mode {mode:04o} lets other users in (want 0700)"
+    try:
+        others = sorted(set(os.listdir(path)) - names)
+        if others:
+            shown = ", ".join(repr(n) for n in others[:3]) + (", ..." if len(others) > 3 else "")
+            why = f"{lets_in}, and it holds what no cache does ({shown}): left as it is"
+            raise UnsafeDirectory(str(path), why, hint)
         log.info("making %s private (mode %04o -> 0700)", path, mode)
         os.chmod(path, 0o700)
-    return path
+    except OSError as e:  # a read-only mount, /proc
+        raise UnsafeDirectory(str(path), f"{lets_in}, and it cannot be changed ({e.strerror})", hint) from None
 
 
 def _make_parents(path: Path, hint: str) -> None:
