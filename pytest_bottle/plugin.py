@@ -313,9 +313,10 @@ def bottle_factory(
 ) -> Callable[..., Bottle]:
     """``bottle_factory(**kwargs) -> Bottle``; everything it made is torn down after the test."""
     state = _state(request.config)
-    marker = state.marker(request.node)
+    state.marker(request.node)  # checked now: a bad one is an error of the test's setup
 
     def factory(**kwargs: Any) -> Bottle:
+        marker = state.marker(request.node)  # again: a later fixture or the test itself may add one
         if kwargs.get("snapshot") is not None:
             return _fork(state, kwargs, "bottle_factory() arguments", _bottle_group, marker)
         kwargs.pop("snapshot", None)

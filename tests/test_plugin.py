@@ -127,6 +127,37 @@ def test_a_marker_a_fixture_appends_at_setup_is_used(pytester: pytest.Pytester) 
         assert f"@pytest.mark.bottle on test_appended.py::{test}: bad memory" in result.stdout.str()
 
 
+def test_a_marker_added_after_the_factory_is_set_up_is_used(pytester: pytest.Pytester) -> None:
+    """``bottle_factory`` read the test's marker once, at its setup: one that a
+    later fixture or the test itself added was neither used nor checked."""
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture
+        def bad_later(bottle_factory, request):
+            request.node.add_marker(pytest.mark.bottle(cpus="zz"))
+        """
+    )
+    pytester.makepyfile(
+        test_later="""
+        import pytest
+
+        def test_bad(bad_later, bottle_factory):
+            bottle_factory()
+
+        def test_forward(request, bottle_factory):
+            request.node.add_marker(pytest.mark.bottle(forward=[8080]), append=False)
+            b = bottle_factory()
+            host, port = b.address(8080)
+            assert host.startswith("127.") and port > 0
+        """
+    )
+    result = run(pytester, "test_later.py")
+    result.assert_outcomes(passed=1, failed=1)
+    assert "@pytest.mark.bottle on test_later.py::test_bad: bad cpus" in result.stdout.str()
+
+
 def test_a_bad_value_a_higher_layer_overrides_is_still_an_error(pytester: pytest.Pytester) -> None:
     """Only the value that won was parsed: a bad factory argument under a marker,
     or a bad ini value under the command line's, passed unseen."""
