@@ -136,7 +136,8 @@ class Snapshot:
     def _state(self) -> SavedState:
         state = None if self._removed else load(self.path)
         if state is None:
-            raise SnapshotGone(self.name, "it was removed (remove(), the end of its session, or bottle snapshot rm)")
+            why = "it was removed (remove(), the end of its session, or bottle snapshot rm)"
+            raise _gone(self.name, self.path, why)
         snapshots.seed_of(state)  # SnapshotError if its seed was pruned: the disk would have no base
         try:
             verify(state)
@@ -317,12 +318,20 @@ def free_saved_name(cache_dir: Path, nodeid: str, bottle_name: str) -> str:
     return name
 
 
+def _gone(name: str, path: Path, why: str) -> SnapshotError:
+    """``SnapshotGone`` for ``why``, unless its manifest is there but does not
+    read as one: then it is corrupt, not gone (``bottle snapshot rm`` removes it)."""
+    if (path / "manifest.json").is_file():
+        return SnapshotError(name, f"it is corrupt: {path / 'manifest.json'} does not read as a snapshot's manifest")
+    return SnapshotGone(name, why)
+
+
 def resolve_saved_snapshot(cache_dir: Path, name: str) -> Snapshot:
     """The snapshot ``name`` in ``cache_dir`` (kept or live), ready to fork, or ``SnapshotGone``."""
     snapshots.check_name(name)
     state = load(cache_dir / "snapshots" / name)
     if state is None or state.kind != "snapshot":
-        raise SnapshotGone(name, f"no such snapshot in {cache_dir} (see bottle snapshot list)")
+        raise _gone(name, cache_dir / "snapshots" / name, f"no such snapshot in {cache_dir} (see bottle snapshot list)")
     m = state.manifest
     f = m.get("spec", {})
     image = _image_of(cache_dir, f.get("image"), str(m.get("image_name")), str(m.get("image_key")))

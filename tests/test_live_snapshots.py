@@ -219,6 +219,11 @@ def test_corrupt_snapshot_is_named(prepared: Snapshot, bottle_factory: Callable[
             f.write(bytes([byte[0] ^ 0xFF]))
         with pytest.raises(SnapshotError, match="corrupt: memory.state does not match its checksum"):
             snap.start()
+        # A manifest that does not parse said the snapshot "was removed".
+        (snap.path / "manifest.json").write_bytes(b'{"files": ')
+        with pytest.raises(SnapshotError, match="it is corrupt: .*manifest.json does not read as") as info:
+            snap.start()
+        assert not isinstance(info.value, SnapshotGone) and not snap.removed, info.value
     assert not snap.path.exists(), "leaving the with block removes it"
 
 
