@@ -16,6 +16,7 @@ import pytest
 from test_transfer_safety import HostileGuest, archive, member, reply, serve_tree
 
 from pytest_bottle import process
+from pytest_bottle.agent.calls import Gone
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.agent.transfer import _FrameSource, fetch
@@ -314,6 +315,38 @@ def test_a_send_cut_by_the_vm_stopping_says_why() -> None:
         assert failed and "is closed: QEMU stopped the VM: its disk D could not be written" in str(failed[0]), failed
         with pytest.raises(AgentError, match="is closed: QEMU stopped the VM"):
             channel.call("stat", path="/", timeout=5)
+        channel.close()
+    finally:
+        host.close()
+        guest.close()
+
+
+def test_a_send_cut_by_a_close_says_the_bottle_was_closed() -> None:
+    """A large put() while another thread closes the bottle: the send met QEMU's
+    end gone and said "broke: the VM's end of the channel is gone
+    (BrokenPipeError)" (``Gone``) instead of why it went."""
+    host, guest = socket.socketpair()
+    try:
+        guest.sendall(frame(HELLO, 0, SYNC_MAGIC + os.urandom(INSTANCE_SIZE)))
+        channel = AgentChannel(host, "full")
+        assert channel.synced.wait(10)
+        failed: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                channel._send(frame(DATA, 1, b"x" * 60_000) * 100)  # more than the socket buffers: it blocks
+            except BaseException as e:
+                failed.append(e)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(0.5)
+        assert sender.is_alive() and not failed
+        channel.closing = "bottle full was closed"  # what Bottle.close() says first; then QEMU goes
+        guest.close()
+        sender.join(10)
+        assert failed and str(failed[0]) == "bottle full was closed", failed
+        assert not isinstance(failed[0], Gone), failed
         channel.close()
     finally:
         host.close()

@@ -106,7 +106,7 @@ class AgentChannel(Deadlines, Uploads, Restarts):
             self._break(e)
             raise AgentTimeout(f"agent channel of {self.name} broke: {self.broken}") from None
         except BaseException as e:
-            if isinstance(e, OSError) and self._shut:  # end() or close() cut it: say why they did
+            if isinstance(e, OSError) and (self._shut or self.closing):  # cut by end(), close() or a closing bottle
                 self._break(e)
                 raise self._closed_error() from None
             if isinstance(e, (BrokenPipeError, ConnectionResetError)):  # the VM exited
