@@ -333,6 +333,8 @@ class Bottle(BottleFiles):
         can be kept: any other QEMU dies with this process, so keeping it
         raises ``BottleError`` and leaves the bottle as it was.
         """
+        if self._closed and not self.kept:
+            raise BottleError(f"bottle {self.name} cannot be kept: it was closed")
         if not self._closed and not self._machine.detached:
             raise BottleError(
                 f"bottle {self.name} cannot be kept: its QEMU ends with this process "
@@ -353,8 +355,10 @@ class Bottle(BottleFiles):
                 self.close()
                 raise
         with self._close_lock:
-            if self._closed:
-                return
+            if self._closed:  # kept already (a second keep() changes nothing), or closed meanwhile
+                if self.kept:
+                    return
+                raise BottleError(f"bottle {self.name} cannot be kept: it was closed")
             self._closed = True
             self.kept = True
         # Before the hand-over: moving the agent to its socket shows our end an EOF.

@@ -474,6 +474,25 @@ def test_keep_lets_go_of_a_bottle_that_stopped(stop_kept: list[str]) -> None:
     assert b.closed and not b.kept and repr(b).endswith(" closed>")
 
 
+@pytest.mark.parametrize("detached", [True, False], ids=["detached", "attached"])
+def test_keep_of_a_closed_bottle_says_so_and_a_second_keep_changes_nothing(
+    stop_kept: list[str], detached: bool
+) -> None:
+    """keep() after close() returned None, as if it had kept the bottle."""
+    b = pytest_bottle.launch(detached=detached)
+    stop_kept.append(b.name)
+    b.close()
+    with pytest.raises(BottleError, match="cannot be kept: it was closed"):
+        b.keep()
+    assert b.closed and not b.kept
+    if detached:
+        kept = pytest_bottle.launch(detached=True)
+        stop_kept.append(kept.name)
+        kept.keep()
+        kept.keep()
+        assert kept.kept and kept.vm_running()
+
+
 def test_keep_waits_for_a_qemu_on_its_way_out(stop_kept: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """QEMU closes the agent's socket a moment before it exits: a VM caught in
     that moment is not reported kept (and then found dead by `bottle ps`).
