@@ -3,11 +3,13 @@ sent: a bad argument is a ``SpecError`` saying which, never a guest error."""
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import math
 import os
 import posixpath
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Union
 
 from .errors import SpecError
@@ -39,6 +41,14 @@ def check_days(days: float, where: str) -> None:
 def raw_path(path: object) -> object:
     """``path`` as its str when it is a path object; anything else as it is."""
     return os.fspath(path) if isinstance(path, os.PathLike) else path
+
+
+def local_path(path: str | os.PathLike[str]) -> Path:
+    """A host path given to ``put``/``get``; an empty str names no file, as for
+    ``open("")`` (``Path("")`` would be the current directory: its copy)."""
+    if raw_path(path) == "":
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "")
+    return Path(path)
 
 
 def guest_path(path: GuestPath, what: str = "guest path") -> str:

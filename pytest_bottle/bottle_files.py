@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .agent.client import AgentClient
 from .agent.reads import read_all
 from .agent.transfer import fetch, put
-from .arguments import GuestPath, check_mode, check_timeout, guest_path, names_no_file, raw_path
+from .arguments import GuestPath, check_mode, check_timeout, guest_path, local_path, names_no_file, raw_path
 from .errors import guest_os_error
 
 if TYPE_CHECKING:
@@ -104,7 +103,7 @@ class BottleFiles:
         ``timeout`` seconds.
         """
         check_timeout(timeout)
-        put(self._agent, Path(src), dst, timeout)
+        put(self._agent, local_path(src), dst, timeout)
 
     def get(self, src: GuestPath, dst: PathLike, *, timeout: float | None = FILE_TIMEOUT) -> None:
         """Copy a guest file or directory to local ``dst``: files, directories and
@@ -117,4 +116,4 @@ class BottleFiles:
         check_timeout(timeout)
         into = isinstance(dst, (str, os.PathLike)) and names_no_file(str(os.fspath(dst)))  # "d/", "d/.", "d/.."
         with self._agent.deadline(timeout):
-            fetch(self._agent, guest_path(src), Path(dst), into=into)
+            fetch(self._agent, guest_path(src), local_path(dst), into=into)

@@ -507,6 +507,22 @@ def test_a_missing_relative_put_source_names_its_absolute_path(
     assert info.value.filename == str(tmp_path / "payload") and str(tmp_path / "payload") in str(info.value)
 
 
+def test_an_empty_local_path_names_no_file(
+    module_bottle: Bottle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As ``open("")``: ``put("", d)`` copied the working directory, ``get(f, "")`` wrote into it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").write_text("x")
+    d = _scratch(module_bottle)
+    with pytest.raises(FileNotFoundError) as info:
+        module_bottle.put("", f"{d}/p")
+    assert info.value.filename == "" and module_bottle.exec(["test", "-e", f"{d}/p"]).returncode == 1
+    module_bottle.write_text(f"{d}/f", "y")
+    with pytest.raises(FileNotFoundError):
+        module_bottle.get(f"{d}/f", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
 def test_get_into_an_existing_local_directory(module_bottle: Bottle, tmp_path: Path) -> None:
     d = _scratch(module_bottle)
     module_bottle.write_text(f"{d}/report.txt", "content\n", mode=0o640)

@@ -168,6 +168,8 @@ class Image:
         of the directory left out, at any depth, with their contents."""
         if not isinstance(src, (str, os.PathLike)):
             raise SpecError(f"copy(): the source must be a str or a path object, not {src!r}")
+        if os.fspath(src) == "":  # Path("") is the current directory
+            raise SpecError("copy(): the source is an empty path")
         patterns = check_exclude(exclude)
         path = Path(src)
         if not path.is_absolute():

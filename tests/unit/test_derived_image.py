@@ -103,6 +103,8 @@ def test_exclude_leaves_entries_out_at_any_depth_and_out_of_the_key(tmp_path: Pa
     for bad in ("*.log", ["a/b"], [""], [1], 5):
         with pytest.raises(SpecError, match=r"^copy\(\): (exclude must be a list|an exclude pattern)"):
             BASE.copy(src, "/srv", exclude=bad)  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match=r"^copy\(\): the source is an empty path"):  # not the caller's directory
+        BASE.copy("", "/srv")
 
 
 def test_a_name_that_is_not_utf8_is_hashed_as_its_bytes(tmp_path: Path) -> None:
