@@ -73,6 +73,16 @@ def names_no_file(raw: str) -> bool:
     return posixpath.basename(raw) in ("", ".", "..")
 
 
+def check_user(user: object, source: str) -> str | int | None:
+    """``user=``: None, a user name or a uid (an int >= 0); the guest says
+    whether it exists."""
+    if user is None or (isinstance(user, int) and not isinstance(user, bool) and user >= 0):
+        return user
+    if isinstance(user, str) and user and "\0" not in user:
+        return user
+    raise SpecError(f"user must be a user name or a uid (an int >= 0), not {user!r}", source)
+
+
 def check_mode(mode: object) -> int | None:
     """A file's permission bits: None (keep or default) or an int from 0 to 0o7777."""
     if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777):

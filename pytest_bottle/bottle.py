@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .agent.channel import AgentChannel
 from .agent.client import AgentClient
 from .agent.streams import OnOutput
-from .arguments import GuestPath, check_env, check_input, check_port, check_timeout, guest_path
+from .arguments import GuestPath, check_env, check_input, check_port, check_timeout, check_user, guest_path
 from .bottle_files import FILE_TIMEOUT as FILE_TIMEOUT  # importable here as before the split; patch bottle_files
 from .bottle_files import READ_CAP as READ_CAP
 from .bottle_files import BottleFiles
@@ -157,6 +157,7 @@ class Bottle(BottleFiles):
             raise SpecError(f"must be a callable fn(stream, text), not {on_output!r}", "on_output")
         env = check_env(env) if on_output is None else {**STREAMED_ENV, **check_env(env)}
         cwd = None if cwd is None else guest_path(cwd, "cwd")
+        user = check_user(user, "exec()")
         stdin = check_input(input)
         started = time.monotonic()
         run = self._agent.exec(  # raises before anything is sent: no history then
@@ -190,6 +191,7 @@ class Bottle(BottleFiles):
         cmd = as_command(cmd)
         env = {**STREAMED_ENV, **check_env(env)}
         cwd = None if cwd is None else guest_path(cwd, "cwd")
+        user = check_user(user, "spawn()")
         stdin = check_input(input)
         proc = GuestProcess.start(self._agent, cmd, env=env, cwd=cwd, user=user, input=stdin)
         self.history.append(ProcessEntry(_show(cmd), proc))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from . import arguments
 from .arguments import GuestPath, check_env, check_input, check_timeout, guest_path
 from .errors import BottleError, ExecTimeout, SpecError
 from .host.deps import require, which
@@ -235,17 +236,14 @@ SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 def check_user(user: object) -> str | None:
     """``exec``'s ``user=``: a name or a uid; the guest says whether it exists."""
-    if user is None:
-        return None
-    if isinstance(user, int) and not isinstance(user, bool) and user >= 0:
-        return str(user)
-    if isinstance(user, str) and user and "\0" not in user:
-        if not user.isdigit():
-            return user
-        if user.isdecimal():  # digits are a uid, as exec reads them ("٢" too)
-            return str(int(user))
-        raise SpecError(f"{NO_USER}: {user!r}", "ssh()")  # "²": a digit, but no number
-    raise SpecError(f"user must be a user name or a uid (an int >= 0), not {user!r}", "ssh()")
+    user = arguments.check_user(user, "ssh()")
+    if user is None or isinstance(user, int):
+        return None if user is None else str(user)
+    if not user.isdigit():
+        return user
+    if user.isdecimal():  # digits are a uid, as exec reads them ("٢" too)
+        return str(int(user))
+    raise SpecError(f"{NO_USER}: {user!r}", "ssh()")  # "²": a digit, but no number
 
 
 # What the line says, and its exit, when getent knows no such user; the

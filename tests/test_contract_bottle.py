@@ -179,6 +179,11 @@ def test_bad_env_mode_and_port_are_refused_before_anything_is_sent(module_bottle
             b.exec("true", env=env)  # type: ignore[arg-type]
         with pytest.raises(SpecError, match="env"):
             b.spawn("true", env=env)  # type: ignore[arg-type]
+    for user in (1.5, True, -1, "", "a\0b", ["root"]):  # were "no such user in the guest", or ran
+        with pytest.raises(SpecError, match=r"user must be a user name or a uid \(an int >= 0\), not"):
+            b.exec("true", user=user)  # type: ignore[arg-type]
+        with pytest.raises(SpecError, match="user must be"):
+            b.spawn("true", user=user)  # type: ignore[arg-type]
     for mode in ("644", -1, 0o17777, 1.5, True):
         with pytest.raises(SpecError, match="mode"):
             b.write_text(f"{d}/f", "x", mode=mode)  # type: ignore[arg-type]
