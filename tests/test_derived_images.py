@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import pytest_bottle
-from pytest_bottle import HostDependencyError, Image, ImageBuildError
+from pytest_bottle import HostDependencyError, Image, ImageBuildError, SpecError
 from pytest_bottle.images import BuiltImage, ensure_image
 from pytest_bottle.images.derived import entry_dir
 from pytest_bottle.lifecycle.probe import accel_for
@@ -158,7 +158,7 @@ def test_a_failing_step_names_it_and_caches_nothing(warm_cache: Path) -> None:
     bad = Image("debian-bookworm-minimal").write("/etc/x", "x").run(run)
     final = entry_dir(warm_cache, bad)
     with pytest.raises(ImageBuildError) as e:
-        ensure_image(bad, warm_cache)
+        ensure_image(bad, str(warm_cache))  # a str as well: it failed on its lock's path (str / str)
     err = e.value
     assert f"step 2/2 (run {run}) exited with 3" in str(err)
     assert err.log_tail.endswith("line 150000\nfailing-output"), err.log_tail[-300:]
@@ -186,6 +186,12 @@ def test_a_failing_step_names_it_and_caches_nothing(warm_cache: Path) -> None:
     later_log, later_reason = out.stdout.splitlines()[:2]
     assert later_log == log_path and "exited with 3" in later_reason, out
     assert later_reason.endswith("(it failed earlier in another process of this run)"), later_reason
+
+
+def test_ensure_image_refuses_what_is_not_an_image(warm_cache: Path) -> None:
+    for bad in (5, None, ["debian-bookworm"]):  # 5 was "unknown image 5", as if a name
+        with pytest.raises(SpecError, match=r"ensure_image\(\): image must be an image name or an Image, not"):
+            ensure_image(bad, warm_cache)  # type: ignore[arg-type]
 
 
 def test_a_build_for_tcg_bottles_boots_with_tcg_and_probes_no_kvm(tmp_path: Path, warm_cache: Path) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from ..errors import HostDependencyError, ImageBuildError
+from ..errors import HostDependencyError, ImageBuildError, SpecError
 from ..host.locks import reporting_lock
 from ..host.paths import cache_root, remove_tree
 from ..host.progress import task, work
@@ -129,7 +129,7 @@ def find_image(name: str, cache_dir: Path) -> BuiltImage | None:
 
 def ensure_image(
     image: str | Image,
-    cache_dir: Path,
+    cache_dir: str | os.PathLike[str],
     *,
     rebuild_before: float | None = None,
     progress: builder.Progress | None = None,
@@ -149,6 +149,9 @@ def ensure_image(
     ``accel``: what a derived image's build boots with (as for the bottles
     that asked for it: ``tcg`` does not probe KVM).
     """
+    if not isinstance(image, (str, Image)):
+        raise SpecError(f"image must be an image name or an Image, not {image!r}", "ensure_image()")
+    cache_dir = Path(cache_dir)
     target = lookup(image) if isinstance(image, str) else image
     if isinstance(target, Image):
         target = target.resolved()
