@@ -310,12 +310,18 @@ def bottle(request: pytest.FixtureRequest, _bottle_group: str, _bottle_matrix_im
 @pytest.fixture
 def bottle_factory(
     request: pytest.FixtureRequest, _bottle_group: str, _bottle_matrix_image: str | None
-) -> Callable[..., Bottle]:
+) -> Iterator[Callable[..., Bottle]]:
     """``bottle_factory(**kwargs) -> Bottle``; everything it made is torn down after the test."""
     state = _state(request.config)
     state.marker(request.node)  # checked now: a bad one is an error of the test's setup
+    ended = False
 
     def factory(**kwargs: Any) -> Bottle:
+        if ended:  # kept past its test: what it made would live on, in no test's teardown
+            raise BottleError(
+                f"bottle_factory of {_bottle_group} was called after that test ended "
+                "(session_bottle_factory makes bottles that outlive a test)"
+            )
         marker = state.marker(request.node)  # again: a later fixture or the test itself may add one
         if kwargs.get("snapshot") is not None:
             return _fork(state, kwargs, "bottle_factory() arguments", _bottle_group, marker)
@@ -323,7 +329,8 @@ def bottle_factory(
         spec = state.spec(*marker, ("bottle_factory() arguments", kwargs), image=_bottle_matrix_image)
         return state.manager.start(spec, _bottle_group)
 
-    return factory
+    yield factory
+    ended = True
 
 
 def _fork(state: _State, kwargs: dict[str, Any], source: str, group: str, marker: Sequence[Layer] = ()) -> Bottle:

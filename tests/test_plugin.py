@@ -158,6 +158,27 @@ def test_a_marker_added_after_the_factory_is_set_up_is_used(pytester: pytest.Pyt
     assert "@pytest.mark.bottle on test_later.py::test_bad: bad cpus" in result.stdout.str()
 
 
+def test_a_factory_kept_past_its_test_refuses_to_start_a_bottle(pytester: pytest.Pytester) -> None:
+    """It started one, which lived on in no test's teardown until the session ended."""
+    pytester.makepyfile(
+        test_stale="""
+        import pytest
+        from pytest_bottle import BottleError
+
+        kept = []
+
+        def test_a(bottle_factory):
+            kept.append(bottle_factory)
+
+        def test_b():
+            with pytest.raises(BottleError, match="bottle_factory of test_stale.py::test_a was called after that test ended"):
+                kept[0]()
+        """
+    )
+    result = run(pytester, "test_stale.py")
+    result.assert_outcomes(passed=2)
+
+
 def test_a_bad_value_a_higher_layer_overrides_is_still_an_error(pytester: pytest.Pytester) -> None:
     """Only the value that won was parsed: a bad factory argument under a marker,
     or a bad ini value under the command line's, passed unseen."""
