@@ -188,6 +188,15 @@ def test_a_failing_step_names_it_and_caches_nothing(warm_cache: Path) -> None:
     assert later_reason.endswith("(it failed earlier in another process of this run)"), later_reason
 
 
+def test_a_step_past_its_timeout_says_it_was_killed(warm_cache: Path) -> None:
+    """The reason said "exited with -1"; only the log said it was killed."""
+    run = f"echo started; sleep 60 # {uuid.uuid4().hex[:8]}"
+    with pytest.raises(ImageBuildError) as e:
+        ensure_image(Image("debian-bookworm-minimal").run(run, timeout=2), warm_cache)
+    assert e.value.reason == f"step 1/1 (run {run}) was killed after its timeout of 2 s", e.value.reason
+    assert e.value.log_tail.endswith("started\n(killed after 2 s)"), e.value.log_tail
+
+
 def test_ensure_image_refuses_what_is_not_an_image(warm_cache: Path) -> None:
     for bad in (5, None, ["debian-bookworm"]):  # 5 was "unknown image 5", as if a name
         with pytest.raises(SpecError, match=r"ensure_image\(\): image must be an image name or an Image, not"):

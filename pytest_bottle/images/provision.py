@@ -172,7 +172,7 @@ def _run_steps(image: Image, agent: AgentClient, logf: IO[str], note: Log) -> No
         except _StepFailed as e:
             raise ImageBuildError(
                 image.display_name,
-                f"step {index}/{count} ({step.describe()}) exited with {e.rc}",
+                f"step {index}/{count} ({step.describe()}) {e.how()}",
                 _tail(e.output),
             ) from None
         except ImageBuildError:
@@ -190,9 +190,7 @@ def _set_up_sshd(agent: AgentClient, parent: BuiltImage, logf: IO[str], note: Lo
     try:
         found = _shell(agent, f"[ -x /usr/sbin/sshd ] || exit 0\n{setup}echo {SSHD_FOUND}", logf, "set up sshd", 120)
     except _StepFailed as e:
-        raise ImageBuildError(
-            "", f"setting up the sshd the steps installed exited with {e.rc}", _tail(e.output)
-        ) from None
+        raise ImageBuildError("", f"setting up the sshd the steps installed {e.how()}", _tail(e.output)) from None
     has_sshd = SSHD_FOUND in found.splitlines()
     if has_sshd and setup:
         note("sshd: one per connection, as in the root images (the bottles get SSH access)")
@@ -200,9 +198,15 @@ def _set_up_sshd(agent: AgentClient, parent: BuiltImage, logf: IO[str], note: Lo
 
 
 class _StepFailed(Exception):
-    def __init__(self, rc: int, output: str) -> None:
+    def __init__(self, rc: int, output: str, killed_after: float | None = None) -> None:
         super().__init__(rc, output)
-        self.rc, self.output = rc, output
+        self.rc, self.output, self.killed_after = rc, output, killed_after
+
+    def how(self) -> str:
+        """How it ended, for the error's reason."""
+        if self.killed_after is not None:
+            return f"was killed after its timeout of {self.killed_after:g} s"
+        return f"exited with {self.rc}"
 
 
 def _step(agent: AgentClient, step: Step, logf: IO[str]) -> None:
@@ -259,7 +263,10 @@ def _shell(
     logf.write(f"[exit {rc}{' (timed out)' if reply.timed_out else ''}]\n")
     logf.flush()
     if rc != 0:
-        raise _StepFailed(rc, output + (f"\n(killed after {timeout:g} s)" if reply.timed_out else ""))
+        killed = timeout if reply.timed_out else None
+        if killed:  # its last words, then why they were the last
+            output += ("\n" if output and not output.endswith("\n") else "") + f"(killed after {timeout:g} s)"
+        raise _StepFailed(rc, output, killed)
     return output
 
 
