@@ -27,9 +27,10 @@ ACCELS: tuple[AccelRequest, ...] = ("auto", "kvm", "tcg")
 MIN_MEMORY_MB = 128
 MAX_CPUS = 64
 _LAN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE | re.ASCII)
+# K, M, G, T (KB, KiB: all binary), B for bytes; a bare number is MiB (as QEMU's -m reads it).
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:i?B)?|(B))?\s*$", re.IGNORECASE | re.ASCII)
 T = TypeVar("T")
-_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_UNITS = {"": 1 << 20, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 DEFAULT_IMAGE = "debian-bookworm"
 
 
@@ -58,7 +59,7 @@ def parse_memory(value: Any) -> int:
         mb = value
     elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
         try:
-            mb = int(float(m.group(1)) * _UNITS[m.group(2).upper()]) // (1 << 20)
+            mb = int(float(m.group(1)) * _UNITS[(m.group(2) or m.group(3) or "").upper()]) // (1 << 20)
         except OverflowError:  # "1000...0G": infinite as a float
             raise ValueError(f"not a size: {value!r} is more than any host has") from None
     else:

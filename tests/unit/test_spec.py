@@ -28,13 +28,26 @@ def test_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("value", "mb"),
-    [("512M", 512), ("1G", 1024), ("1g", 1024), ("2GiB", 2048), (768, 768), ("1.5G", 1536), ("262144K", 256)],
+    [
+        ("512M", 512),
+        ("1G", 1024),
+        ("1g", 1024),
+        ("2GiB", 2048),
+        (768, 768),
+        ("1.5G", 1536),
+        ("262144K", 256),
+        ("512", 512),
+        ("536870912B", 512),
+        ("1GB", 1024),  # B alone is bytes (it was read as MiB: 512 TiB)
+    ],
 )
 def test_memory_sizes(value: object, mb: int) -> None:
     assert parse_memory(value) == mb
 
 
-@pytest.mark.parametrize("value", ["lots", "-1G", "0", 64, True, None, "12X", "\u0661\u0662\u0668", "5_12"])
+@pytest.mark.parametrize(
+    "value", ["lots", "-1G", "0", 64, True, None, "12X", "\u0661\u0662\u0668", "5_12", "134217727B", "512iB"]
+)
 def test_bad_memory(value: object) -> None:
     with pytest.raises(ValueError):
         parse_memory(value)
