@@ -333,8 +333,9 @@ class GuestProcess:
             log.debug("%r did not end after SIGKILL: %s", self, e)
 
 
-# Syntax only a regular expression has: a str holding any of it is one.
-_REGEX_ONLY = re.compile(r"\\[dDsSwWbBAZ]|\.[*+?]|\(\?|^\^|(?<!\\)\$$")
+# Syntax only a regular expression has: a str holding any of it is one (an
+# escape such as \d, \n or \. that text does not write; .*, (?, ^ first, $ last).
+_REGEX_ONLY = re.compile(r"\\[dDsSwWbBAZntr.()[\]{}*+?|^$]|\.[*+?]|\(\?|^\^|(?<!\\)\$$")
 # Syntax plain text rarely has (a bracket class with a quantifier, ``[0-9]+``;
 # a bar between words, ``ready|started``): a regex if it compiles to one that
 # cannot match an empty string (``"| a|b |"`` stays the table row it is).

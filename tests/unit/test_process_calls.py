@@ -257,6 +257,10 @@ def test_wait_for_output_takes_a_str_as_text_unless_it_holds_regex_only_syntax(l
         # A bracket class with a quantifier, and words either side of a bar: regexes.
         assert p.wait_for_output("port [0-9]+ [(]", 1).group(0) == "port 8123 ("
         assert p.wait_for_output("nothing|ready", 1).group(0) == "ready"
+        # An escape only a regex has (a newline, a metacharacter): a class needs no quantifier then.
+        assert p.wait_for_output(r"port (812[34]) \(http", 1).group(1) == "8123"
+        assert p.wait_for_output(r"not ready (yet)\n", 1).group(1) == "yet"
+        assert p.wait_for_output(r"0\.0\.0\.0:(\d+)", 1).group(1) == "8123"
         assert p.wait_for_output("yet|Serving", 1).group(0) == "yet"
         # What the docs name as text; a bar or class that would match an empty string stays text too.
         for text in ("[2026-12-01]", "a | b", "file(s)", "[100%]", "| col1|col2 |", "[WARN]*"):
