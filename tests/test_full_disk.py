@@ -178,3 +178,29 @@ def test_a_snapshot_that_finds_no_room_says_so_and_its_bottle_runs_on(warm_cache
     assert "snapshot: SnapshotError snapshot btl-" in out and "sending the VM state failed (failed)" in out, out
     assert re.search(rf"the host's file system under {tmp_path}/c/snapshots/\S+ is full \([0-9]+ KiB free\)", out), out
     assert "then: alive" in out and "entries: []" in out, out
+
+
+GET_INTO = """
+import sys, pathlib, pytest_bottle
+c = pathlib.Path(sys.argv[1])
+with pytest_bottle.launch(cache_dir=c) as b:  # the source on the guest's tmpfs: its disk stays as it is
+    b.exec("mkdir -p /dev/shm/d/sub && echo hi > /dev/shm/d/a && head -c 4M /dev/zero > /dev/shm/d/sub/big", check=True)
+    for src, dst in (("/dev/shm/d", c / "dir"), ("/dev/shm/d/sub/big", c / "file")):
+        try:
+            b.get(src, dst)
+            print("get:", src, "copied")
+        except Exception as e:
+            print("get:", src, type(e).__name__, getattr(e, "errno", None), getattr(e, "filename", None))
+    print("then:", b.check_output(["echo", "alive"]).strip())
+    print("parts:", sorted(p.name for p in c.rglob("*bottle-part*")))
+"""
+
+
+@needs_root
+def test_a_get_into_a_full_host_directory_is_the_hosts_oserror(warm_cache: Path, tmp_path: Path) -> None:
+    """A file's get() said ``OSError`` (ENOSPC) naming the file; a directory's
+    said the guest's archive was unsafe: ``UnsafeTransfer`` "could not be written"."""
+    out = _in_a_full_cache(tmp_path, warm_cache, 1536 << 10, GET_INTO)
+    assert f"get: /dev/shm/d OSError 28 {tmp_path}/c/dir/sub/big\n" in out, out
+    assert f"get: /dev/shm/d/sub/big OSError 28 {tmp_path}/c/file\n" in out, out
+    assert "then: alive" in out and "parts: []" in out and "UnsafeTransfer" not in out, out

@@ -34,6 +34,11 @@ show = ts.show
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# get(): what the host's own side says (its disk, its permissions, its limits),
+# not the archive: an OSError naming the host file, as a file's get() raises.
+HOST_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE}
+)
 SHOWN_SKIPS = 20  # skipped members kept for the error; the rest are counted
 ENTRY_COST = 256  # bytes one tracked name costs besides its own (dict entry, objects)
 
@@ -158,7 +163,7 @@ class Extractor:
             except OSError as e:
                 if e.errno is None or isinstance(e, ConnectionAbortedError):  # the stream's: a cancel, a timeout
                     raise
-                if self.policy.trusted:  # put(): the guest's own failure (a full disk) is a GuestOSError
+                if self.policy.trusted or e.errno in HOST_ERRNOS:  # put(): the guest's own (a GuestOSError)
                     where = os.path.join(self.dst, *(ts.show(p) for p in ts.parts(member.name)))
                     raise OSError(e.errno, e.strerror, where) from None  # the file, not a temporary name
                 raise ts.Refused(show(member.name), f"could not be written: {e.strerror or e}") from None
