@@ -420,6 +420,20 @@ def test_a_file_where_a_parent_directory_must_be_is_enotdir(module_bottle: Bottl
     assert module_bottle.read_text(f"{d}/file") == "x"
 
 
+def test_deep_missing_parents_are_made_as_mkdir_p_makes_them(module_bottle: Bottle, tmp_path: Path) -> None:
+    """1,500 missing levels were an AgentError (the agent's RecursionError)."""
+    d = _scratch(module_bottle)
+    deep = f"{d}/" + "a/" * 1500
+    (tmp_path / "src").write_text("y")
+    module_bottle.write_text(f"{deep}x", "x")
+    module_bottle.put(tmp_path / "src", f"{deep}b/c/src")
+    assert module_bottle.read_text(f"{deep}x") + module_bottle.read_text(f"{deep}b/c/src") == "xy"
+    with pytest.raises(GuestOSError) as info:  # past PATH_MAX, as mkdir -p says
+        module_bottle.write_text(f"{d}/" + "b/" * 2100 + "x", "x")
+    assert info.value.errno == errno.ENAMETOOLONG, info.value
+    module_bottle.exec(["rm", "-rf", f"{d}/a", f"{d}/b"], check=True)
+
+
 def test_write_bytes_takes_any_buffer_and_refuses_text_before_sending(module_bottle: Bottle) -> None:
     module_bottle.write_bytes("/tmp/buffer", array.array("B", b"abc"))
     assert module_bottle.read_bytes("/tmp/buffer") == b"abc"

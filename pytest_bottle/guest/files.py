@@ -172,10 +172,22 @@ def _stat(path: str) -> os.stat_result | None:
 
 
 def _makedirs(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-    except FileExistsError:  # a file where a directory must be: say that, not "exists"
-        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
+    """``mkdir -p`` in a loop: ``os.makedirs`` recurses once per missing
+    directory, and a deep path (1,500 levels) was a RecursionError."""
+    missing = []
+    head = path
+    while head and not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head.rstrip("/"))
+        if parent in (head, ""):
+            break
+        head = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:  # a file where a directory must be: say that, not "exists"
+            if not os.path.isdir(d):  # (one made meanwhile is fine)
+                raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
 
 
 def _cancelled(inbox: frames.Inbox) -> bool:
