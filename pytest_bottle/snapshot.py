@@ -134,9 +134,11 @@ class Snapshot:
         return start_bottle(spec, detached=detached, lans=lans, fork_of=(self.image, state))
 
     def _state(self) -> SavedState:
-        state = None if self._removed else load(self.path)
+        why = "it was removed (remove(), the end of its session, or bottle snapshot rm)"
+        if self._removed:  # its files may still be there a moment: removed, not corrupt
+            raise SnapshotGone(self.name, why)
+        state = load(self.path)
         if state is None:
-            why = "it was removed (remove(), the end of its session, or bottle snapshot rm)"
             raise _gone(self.name, self.path, why)
         snapshots.seed_of(state)  # SnapshotError if its seed was pruned: the disk would have no base
         try:

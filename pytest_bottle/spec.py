@@ -65,7 +65,8 @@ def parse_memory(value: Any) -> int:
     else:
         raise ValueError(f"not a size: {value!r} (use e.g. 512M or 1G)")
     if mb < MIN_MEMORY_MB:
-        raise ValueError(f"{value!r} is too little memory: at least {MIN_MEMORY_MB}M is needed to boot")
+        unit = " (B alone is bytes)" if isinstance(value, str) and value.strip()[-1:] in "bB" and mb < 1 else ""
+        raise ValueError(f"{value!r} is too little memory{unit}: at least {MIN_MEMORY_MB}M is needed to boot")
     return mb
 
 

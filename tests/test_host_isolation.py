@@ -313,6 +313,7 @@ def test_cache_root_checks(tmp_path: Path) -> None:
     legacy.mkdir()
     (legacy / "images").mkdir()
     (legacy / "accel.json").write_text("{}")
+    (legacy / ".accel.json.4242.abcd1234.tmp").write_text("{")  # a killed writer's: the sweep's to remove
     legacy.chmod(0o755)  # what older versions made: fixed, not refused
     assert cache_root(legacy) == legacy and stat.S_IMODE(legacy.stat().st_mode) == 0o700
     # A directory of other things (/dev, a home) given by mistake: its mode was

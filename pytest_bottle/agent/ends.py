@@ -102,10 +102,11 @@ class Ends:
             )
 
     def _stuck(self, silent: float) -> None:
-        """A send the guest has taken nothing of for ``silent`` s: a halted guest
-        never will: end the channel and say why, rather than wait out the
+        """A send the guest has taken nothing of for ``silent`` s, from an agent
+        that says nothing either: a halted guest never will: end the channel and say why, rather than wait out the
         stall limit (a minute) and blame the agent."""
-        if silent > self.idle and (why := self._stopped(time.monotonic())):
+        now = time.monotonic()
+        if silent > self.idle and now - self._last_rx > self.idle and (why := self._stopped(now)):
             self.end(why)
             raise AgentError(f"{self._named(why)} while sending to the agent")
 

@@ -190,7 +190,7 @@ def _make_private(path: Path, mode: int, names: frozenset[str], hint: str) -> No
     by mistake (``/dev``, a home directory): its mode is not ours to change."""
     lets_in = f"its mode {mode:04o} lets other users in (want 0700)"
     try:
-        others = sorted(set(os.listdir(path)) - names)
+        others = sorted(n for n in set(os.listdir(path)) - names if temporary_owner(n) is None)  # ours: swept
         if others:
             shown = ", ".join(repr(n) for n in others[:3]) + (", ..." if len(others) > 3 else "")
             why = f"{lets_in}, and it holds what no cache does ({shown}): left as it is"

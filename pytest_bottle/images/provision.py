@@ -264,7 +264,7 @@ def _shell(
     logf.flush()
     if rc != 0:
         killed = timeout if reply.timed_out else None
-        if killed:  # its last words, then why they were the last
+        if killed is not None:  # its last words, then why they were the last
             output += ("\n" if output and not output.endswith("\n") else "") + f"(killed after {timeout:g} s)"
         raise _StepFailed(rc, output, killed)
     return output

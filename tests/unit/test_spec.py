@@ -53,6 +53,13 @@ def test_bad_memory(value: object) -> None:
         parse_memory(value)
 
 
+def test_a_size_in_bytes_too_small_says_b_alone_is_bytes() -> None:
+    with pytest.raises(ValueError, match=r"'512B' is too little memory \(B alone is bytes\): at least 128M"):
+        parse_memory("512B")
+    with pytest.raises(ValueError, match=r"'100MB' is too little memory: at least"):
+        parse_memory("100MB")
+
+
 def test_more_memory_than_the_host_has_is_refused_where_the_vm_runs() -> None:
     host_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
     assert parse_memory("4T") == 4 << 20  # a spec may be resolved on another host (an xdist controller)
