@@ -65,7 +65,8 @@ def parse_memory(value: Any) -> int:
     else:
         raise ValueError(f"not a size: {value!r} (use e.g. 512M or 1G)")
     if mb < MIN_MEMORY_MB:
-        unit = " (B alone is bytes)" if isinstance(value, str) and value.strip()[-1:] in "bB" and mb < 1 else ""
+        bytes_ = isinstance(value, str) and (m := _SIZE_RE.match(value)) is not None and m.group(3)
+        unit = " (B alone is bytes)" if bytes_ else ""
         raise ValueError(f"{value!r} is too little memory{unit}: at least {MIN_MEMORY_MB}M is needed to boot")
     return mb
 

@@ -56,8 +56,9 @@ def test_bad_memory(value: object) -> None:
 def test_a_size_in_bytes_too_small_says_b_alone_is_bytes() -> None:
     with pytest.raises(ValueError, match=r"'512B' is too little memory \(B alone is bytes\): at least 128M"):
         parse_memory("512B")
-    with pytest.raises(ValueError, match=r"'100MB' is too little memory: at least"):
-        parse_memory("100MB")
+    for kilo in ("100MB", "100KB"):
+        with pytest.raises(ValueError, match=rf"'{kilo}' is too little memory: at least"):
+            parse_memory(kilo)
 
 
 def test_more_memory_than_the_host_has_is_refused_where_the_vm_runs() -> None:
