@@ -128,7 +128,10 @@ def test_a_start_meets_a_full_file_system_at_every_write_and_names_it(warm_cache
     out = _in_a_full_cache(tmp_path, warm_cache, 0, EVERY_ROOM)
     results = [line.split(" ", 2) for line in out.splitlines() if re.match(r"[0-9]+ (started|full|other)", line)]
     assert not [r for r in results if r[1] == "other"] and "(under " not in out, out  # each names its file
-    assert results[0][1] == "full" and [r[1] for r in results[-3:]] == ["started"] * 3, out  # it spans a start
+    # It spans a start: full at first, then started three times. What a start writes varies by a
+    # page (the console's lines), so one near the edge may still find no room after one that did.
+    kinds = [r[1] for r in results]
+    assert kinds[0] == "full" and kinds.count("started") == 3 and kinds[-1] == "started", out
     assert all(line.endswith("left: []") for line in out.splitlines() if " left: " in line), out
 
 
