@@ -102,9 +102,9 @@ class Ends:
             )
 
     def _stuck(self, silent: float) -> None:
-        """A send the guest has taken nothing of for ``silent`` s, from an agent
-        that says nothing either: a halted guest never will: end the channel and say why, rather than wait out the
-        stall limit (a minute) and blame the agent."""
+        """A send the guest has taken nothing of for ``silent`` s, its agent
+        silent too: if the guest halted, it never will; end the channel and say
+        why, rather than wait out the stall limit (a minute) and blame the agent."""
         now = time.monotonic()
         if silent > self.idle and now - self._last_rx > self.idle and (why := self._stopped(now)):
             self.end(why)

@@ -110,9 +110,10 @@ def cache_root(path: Path, *, writable: bool = True) -> Path:
     The cache holds memory states, disks with SSH host keys and the client
     key.  A symlink is followed (a cache moved to a bigger disk); a root that
     others may only read and enter (the mode older versions made) is set to
-    0700 if it holds nothing but a cache's entries; one others may write into, or of another owner, is refused; so is
-    one this process cannot write (a read-only mount), unless not ``writable``
-    (a sweep, which removes only what is there).
+    0700 if it holds nothing but a cache's entries; one others may write
+    into, or of another owner, is refused; so is one this process cannot
+    write (a read-only mount), unless not ``writable`` (a sweep, which
+    removes only what is there).
     """
     hint = f"pass a cache dir of your own or fix {path}"
     root = private_dir(path, follow_symlink=True, fix_readable=CACHE_ENTRIES, hint=hint)

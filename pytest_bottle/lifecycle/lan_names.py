@@ -38,7 +38,7 @@ def join(lan: Lan, name: str, ip: str, agent: AgentClient, deadline: float) -> N
     there, tells = lan.join(name, ip, tell)
     if there:
         _append(agent, name, there, deadline, "")
-    threads = [threading.Thread(target=told, args=(ip, name, deadline), name="bottle-lan-names") for told in tells]
+    threads = [threading.Thread(target=told, args=(ip, name, deadline), daemon=True) for told in tells]
     for t in threads:
         t.start()
     for t in threads:
