@@ -19,11 +19,11 @@ from .arguments import GuestPath, check_env, check_input, check_port, check_time
 from .bottle_files import FILE_TIMEOUT as FILE_TIMEOUT  # importable here as before the split; patch bottle_files
 from .bottle_files import READ_CAP as READ_CAP
 from .bottle_files import BottleFiles
-from .errors import AgentError, AgentTimeout, BottleError, ExecError, ExecTimeout, SpecError, WaitTimeout, shown_command
+from .errors import AgentError, BottleError, ExecError, ExecTimeout, SpecError
 from .history import CommandHistory, ProcessEntry
 from .process import GuestProcess
 from .results import OUTPUT_CAP, Command, ExecResult, as_command, to_argv
-from .retry import poll, until_succeeds
+from .retry import Waits
 from .ssh import SshAccess
 from .vmm import console
 from .vmm.backend import Machine
@@ -47,7 +47,7 @@ STOPPING_GRACE = 10.0
 STREAMED_ENV = {"PYTHONUNBUFFERED": "1"}
 
 
-class Bottle(BottleFiles):
+class Bottle(BottleFiles, Waits):
     """A running VM.  Close it (or use it as a context manager) to release everything.
 
     Its file calls (``read_*``, ``write_*``, ``put``, ``get``) are ``bottle_files.BottleFiles``'."""
@@ -150,6 +150,14 @@ class Bottle(BottleFiles):
         ``on_output(stream, text)`` sees the output as it comes, on this thread
         (see ``agent.streams``); an exception from it kills the command and propagates.
         """
+        return self._exec(cmd, check, input, timeout, env, cwd, user, on_output, TIMEOUT_GRACE)
+
+    def _exec(
+        self, cmd: Command, check: bool, input: str | bytes | None, timeout: float | None,
+        env: Mapping[str, str] | None, cwd: GuestPath | None, user: str | int | None, on_output: OnOutput | None,
+        grace: float,
+    ) -> ExecResult:  # fmt: skip
+        """``exec``; an agent still silent ``grace`` s past ``timeout`` is ``AgentTimeout``."""
         cmd = as_command(cmd)
         argv = to_argv(cmd)
         check_timeout(timeout)
@@ -165,7 +173,7 @@ class Bottle(BottleFiles):
             on_output=on_output,
         )  # fmt: skip
         try:
-            reply = run.finish(TIMEOUT_GRACE, cmd)
+            reply = run.finish(grace, cmd)
         except BaseException:
             self.history.append((_show(cmd), None, time.monotonic() - started))
             raise
@@ -203,39 +211,6 @@ class Bottle(BottleFiles):
         if not check:  # it was ignored: a TypeError, as subprocess.check_output makes any check= (True is harmless)
             raise TypeError(f"check_output() always checks: check={check!r} is refused (use exec(cmd, check=False))")
         return self.exec(cmd, check=True, **kw).stdout
-
-    def wait_until_succeeds(self, cmd: Command, timeout: float = 60.0, **kw: Any) -> ExecResult:
-        """Run ``cmd`` until it exits 0 (with backoff); raise ``WaitTimeout`` after ``timeout`` s,
-        naming the last try.  A failing try never raises (``check=`` is ignored)."""
-        check_timeout(timeout, optional=False)  # the total wait: a number, not None
-        kw.pop("check", None)
-        cmd = as_command(cmd)
-        return until_succeeds(
-            lambda left: self.exec(cmd, timeout=left, **kw), timeout, f"{shown_command(cmd)} succeeding in {self.name}"
-        )
-
-    def wait_for_port(self, port: int, timeout: float = 60.0) -> None:
-        """Wait until something in the guest listens on TCP ``port``."""
-        check_port(port)
-        check_timeout(timeout, optional=False)
-        deadline = time.monotonic() + timeout
-        unanswered = ""
-
-        def listens() -> bool:
-            nonlocal unanswered
-            left = max(0.5, min(30.0, deadline - time.monotonic()))
-            try:  # each look gets what is left of the wait: a stalled guest must not hold it 30 s
-                ports = self._agent.listening(timeout=left).ports
-            except AgentTimeout as e:  # cancelled; the wait's deadline decides
-                busy = " (a busy guest or host can take that long)" if left < 5 else ""
-                unanswered = f"the agent did not answer in the {left:.1f} s left of the wait{busy} ({e})"
-                return False
-            unanswered = ""
-            return port in ports
-
-        if poll(listens, timeout):
-            return
-        raise WaitTimeout(f"a listener on TCP port {port} in {self.name}", timeout, unanswered)
 
     # -- network ------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from pytest_bottle import (
     OutputLimit,
     SpecError,
     UnsafeTransfer,
+    WaitTimeout,
     bottle_files,
 )
 from pytest_bottle import bottle as bottle_mod
@@ -599,6 +600,19 @@ def test_a_stopped_agent_fails_calls_clearly_instead_of_hanging(bottle: Bottle) 
     with pytest.raises(AgentError):  # later calls say so too, in bounded time
         bottle.read_bytes("/etc/hostname", timeout=3)
     assert time.monotonic() - started < 10
+
+
+def test_wait_until_succeeds_on_a_stopped_agent_keeps_to_its_timeout(bottle: Bottle) -> None:
+    """Each try got the 15 s past its timeout that exec gives a silent agent:
+    ``timeout=5`` took 20 s and raised ``AgentError``, not ``WaitTimeout``."""
+    bottle.spawn(["sh", "-c", "sleep 0.5; kill -STOP $(systemctl show -p MainPID --value bottle-agent)"])
+    time.sleep(3)
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout) as info:
+        bottle.wait_until_succeeds("true", timeout=5)
+    took = time.monotonic() - started
+    assert took < 5 + 4, took
+    assert "the agent did not answer the last try within the wait" in str(info.value), info.value
 
 
 @pytest.mark.parametrize(

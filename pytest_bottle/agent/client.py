@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
-from ..errors import AgentError, BootTimeout
+from ..errors import AgentError, AgentTimeout, BootTimeout
 from ..guest.frames import CHUNK, STDERR, STDOUT
 from ..results import CappedOutput
 from .calls import Call, Sink
@@ -276,7 +276,7 @@ class ExecRun:
             channel.send_data(self.rid, _chunks(self.stdin), until)  # an agent that never takes it: AgentTimeout
         reply = channel.wait(self.call, None if until is None else max(0.0, until - time.monotonic()), "exec")
         if reply is None:
-            raise AgentError(f"bottle {name}: no answer {grace:g} s past the timeout of {label!r}")
+            raise AgentTimeout(f"bottle {name}: no answer {grace:g} s past the timeout of {label!r}")
         return ExecReply.parse(reply, self.out.value(), self.err.value(), name)
 
     def _finish_feeding(self, grace: float, label: object) -> ExecReply:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import AgentError
+from ..errors import AgentError, AgentTimeout
 from ..guest.frames import STDERR, STDOUT
 from .calls import Call
 from .channel import AgentChannel
@@ -196,7 +196,7 @@ class OutputFeed:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     channel.forget(rid)
-                    raise AgentError(f"bottle {channel.name}: no answer past the timeout of {label!r}")
+                    raise AgentTimeout(f"bottle {channel.name}: no answer past the timeout of {label!r}")
             late = late or (ends is not None and time.monotonic() >= ends)
             try:
                 if draining:  # what is there now, no wait
