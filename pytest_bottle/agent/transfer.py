@@ -22,6 +22,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..arguments import GuestPath, guest_path, matches_any, names_no_file, raw_path
 from ..errors import AgentError, BottleError, GuestOSError, UnsafeTransfer
@@ -173,9 +174,23 @@ def receive_tree(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar
     except BaseException as e:
         _give_up(channel, rid, call.done, _grace(e))
         raise
-    channel.wait(call, None, "get")
-    if count:
-        raise _partial(count, skipped)
+    reply = channel.wait(call, None, "get") or {}
+    sockets, more = _sockets(reply, untar.SHOWN_SKIPS - len(skipped))
+    if count or more:
+        raise _partial(count + more, skipped + sockets)
+
+
+def _sockets(reply: dict[str, Any], room: int) -> tuple[list[untar.Refused], int]:
+    """The sockets the guest's tar has no member for (a reply of the guest's:
+    what is not a list of names counts them only), as skipped members."""
+    names, n = reply.get("sockets"), reply.get("nsockets")
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 < n < 1 << 40:
+        return [], 0
+    shown = [x for x in names if isinstance(x, str) and len(x) < 4096] if isinstance(names, list) else []
+    if not shown:  # none named: nothing to say which
+        return [], 0
+    why = "a socket: only files, directories and links are copied"
+    return [untar.Refused(name, why) for name in shown[: max(0, room)]], n
 
 
 def _local_dirs(path: Path) -> None:

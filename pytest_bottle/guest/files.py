@@ -14,6 +14,8 @@ try:  # on the host, as part of the package
 except ImportError:  # in the guest, files side by side
     import frames  # type: ignore[import-not-found,no-redef]
 
+SHOWN_UNSENT = 20  # sockets named in a tree's reply; the rest are counted
+
 
 class FileOps:
     """Mixed into ``agent.Agent``: uses its ``emit`` and ``chan``."""
@@ -136,13 +138,21 @@ class FileOps:
 
         out = frames.FrameWriter(emit)
         current = ["."]  # the member being added: tarfile's errors do not name it
+        unsent: list[str] = []  # what tar has no member for (a socket): the host names it with the skipped
+
+        class Tar(tarfile.TarFile):
+            def gettarinfo(self, *args: Any, **kwargs: Any) -> tarfile.TarInfo:
+                info = super().gettarinfo(*args, **kwargs)
+                if info is None:  # a socket (typeshed says it cannot be None: it is)
+                    unsent.append(kwargs.get("arcname") or (args[1] if len(args) > 1 else "?"))
+                return info
 
         def note(info: tarfile.TarInfo) -> tarfile.TarInfo:
             current[0] = info.name
             return info
 
         try:
-            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            with Tar.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 tar.add(src, arcname=".", filter=note)
         except OSError as e:
             if e.filename is not None or isinstance(e, frames.Aborted):
@@ -154,7 +164,7 @@ class FileOps:
             raise OSError(errno.EIO, why, where) from None
         out.flush()
         self.chan.send(frames.frame(frames.EOF, rid))
-        return {}
+        return {"sockets": unsent[:SHOWN_UNSENT], "nsockets": len(unsent)} if unsent else {}
 
 
 def _naming(e: OSError, path: str) -> OSError:
