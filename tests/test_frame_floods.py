@@ -4,6 +4,7 @@ And a guest that takes a call but never moves it on does not hold the host past 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -289,10 +290,10 @@ def test_calls_after_a_resync_no_agent_answers_fail_at_once() -> None:
         guest.close()
 
 
-def test_a_send_cut_by_the_vm_stopping_says_why() -> None:
-    """A guest that fills the host's disk while the host sends it a large input:
-    QEMU stops the VM, the channel ends, and the send under way (blocked on a
-    guest that reads nothing) failed as a broken write, without the reason."""
+@contextlib.contextmanager
+def _blocked_send() -> Iterator[tuple[AgentChannel, socket.socket, list[BaseException], threading.Thread]]:
+    """A channel whose guest reads nothing, and a thread blocked sending it more
+    than the socket buffers hold: what the send raises lands in the list."""
     host, guest = socket.socketpair()
     try:
         guest.sendall(frame(HELLO, 0, SYNC_MAGIC + os.urandom(INSTANCE_SIZE)))
@@ -302,7 +303,7 @@ def test_a_send_cut_by_the_vm_stopping_says_why() -> None:
 
         def send() -> None:
             try:
-                channel._send(frame(DATA, 1, b"x" * 60_000) * 100)  # more than the socket buffers: it blocks
+                channel._send(frame(DATA, 1, b"x" * 60_000) * 100)
             except BaseException as e:
                 failed.append(e)
 
@@ -310,44 +311,32 @@ def test_a_send_cut_by_the_vm_stopping_says_why() -> None:
         sender.start()
         time.sleep(0.5)
         assert sender.is_alive() and not failed
+        yield channel, guest, failed, sender
+        channel.close()
+    finally:
+        host.close()
+        guest.close()
+
+
+def test_a_send_cut_by_the_vm_stopping_says_why() -> None:
+    """A guest that fills the host's disk while the host sends it a large input:
+    QEMU stops the VM, the channel ends, and the send under way (blocked on a
+    guest that reads nothing) failed as a broken write, without the reason."""
+    with _blocked_send() as (channel, _, failed, sender):
         channel.end("QEMU stopped the VM: its disk D could not be written (full)")
         sender.join(10)
         assert failed and "is closed: QEMU stopped the VM: its disk D could not be written" in str(failed[0]), failed
         with pytest.raises(AgentError, match="is closed: QEMU stopped the VM"):
             channel.call("stat", path="/", timeout=5)
-        channel.close()
-    finally:
-        host.close()
-        guest.close()
 
 
 def test_a_send_cut_by_a_close_says_the_bottle_was_closed() -> None:
     """A large put() while another thread closes the bottle: the send met QEMU's
     end gone and said "broke: the VM's end of the channel is gone
     (BrokenPipeError)" (``Gone``) instead of why it went."""
-    host, guest = socket.socketpair()
-    try:
-        guest.sendall(frame(HELLO, 0, SYNC_MAGIC + os.urandom(INSTANCE_SIZE)))
-        channel = AgentChannel(host, "full")
-        assert channel.synced.wait(10)
-        failed: list[BaseException] = []
-
-        def send() -> None:
-            try:
-                channel._send(frame(DATA, 1, b"x" * 60_000) * 100)  # more than the socket buffers: it blocks
-            except BaseException as e:
-                failed.append(e)
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        time.sleep(0.5)
-        assert sender.is_alive() and not failed
+    with _blocked_send() as (channel, guest, failed, sender):
         channel.closing = "bottle full was closed"  # what Bottle.close() says first; then QEMU goes
         guest.close()
         sender.join(10)
         assert failed and str(failed[0]) == "bottle full was closed", failed
         assert not isinstance(failed[0], Gone), failed
-        channel.close()
-    finally:
-        host.close()
-        guest.close()
