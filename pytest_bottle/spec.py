@@ -55,9 +55,11 @@ def parse_memory(value: Any) -> int:
     """A size in MiB: an int is MiB; a string may say K, M, G or T (``"1G"``, ``"512MiB"``)."""
     if isinstance(value, bool):
         raise ValueError(f"not a size: {value!r}")
+    in_bytes = False
     if isinstance(value, int):
         mb = value
     elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        in_bytes = m.group(3) is not None
         try:
             mb = int(float(m.group(1)) * _UNITS[(m.group(2) or m.group(3) or "").upper()]) // (1 << 20)
         except OverflowError:  # "1000...0G": infinite as a float
@@ -65,8 +67,7 @@ def parse_memory(value: Any) -> int:
     else:
         raise ValueError(f"not a size: {value!r} (use e.g. 512M or 1G)")
     if mb < MIN_MEMORY_MB:
-        bytes_ = isinstance(value, str) and (m := _SIZE_RE.match(value)) is not None and m.group(3)
-        unit = " (B alone is bytes)" if bytes_ else ""
+        unit = " (B alone is bytes)" if in_bytes else ""
         raise ValueError(f"{value!r} is too little memory{unit}: at least {MIN_MEMORY_MB}M is needed to boot")
     return mb
 
