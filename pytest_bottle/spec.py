@@ -133,6 +133,9 @@ def _lan(value: Any) -> str | None:
     return value
 
 
+MAX_FORWARDS = 1024
+
+
 def _forward(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -143,12 +146,14 @@ def _forward(value: Any) -> tuple[int, ...]:
         items: list[Any] = value.replace(",", " ").split()
     elif isinstance(value, int) and not isinstance(value, bool):
         items = [value]
-    elif isinstance(value, (list, tuple, set, frozenset)):
+    elif isinstance(value, (list, tuple, set, frozenset, range)):
         items = list(value)
     else:
         raise ValueError(f"forward must be a port or a list of ports, not {value!r}")
     port = _int_in(1, 65535, "a forwarded port")
     ports = sorted({port(v) for v in items})
+    if len(ports) > MAX_FORWARDS:  # all go in one QEMU argument, which the kernel caps at 128 KiB
+        raise ValueError(f"forward names {len(ports)} ports; a bottle forwards at most {MAX_FORWARDS}")
     return tuple(ports)
 
 

@@ -10,7 +10,7 @@ import pytest
 import pytest_bottle
 from pytest_bottle.errors import SpecError
 from pytest_bottle.images.cache import BuiltImage
-from pytest_bottle.spec import BottleSpec, check_host_memory, parse_memory, resolve
+from pytest_bottle.spec import MAX_FORWARDS, BottleSpec, check_host_memory, parse_memory, resolve
 from pytest_bottle.usage import UnknownBottleImage, resolve_layers
 
 
@@ -146,6 +146,14 @@ def test_forward_forms() -> None:
     assert resolve([("x", {"forward": "22, 80"})]).forward == (22, 80)
     assert resolve([("x", {"forward": " 443 80\t22 "})]).forward == (22, 80, 443)
     assert resolve([("x", {"forward": ""})]).forward == ()
+    assert resolve([("x", {"forward": range(8000, 8003)})]).forward == (8000, 8001, 8002)
+
+
+def test_too_many_forwards_is_a_spec_error_not_an_oserror_at_start() -> None:
+    # 5,000 ports made QEMU's netdev argument too long for execve: a bare E2BIG OSError
+    assert len(resolve([("x", {"forward": range(1, 1 + MAX_FORWARDS)})]).forward) == MAX_FORWARDS
+    with pytest.raises(SpecError, match=f"forward names {MAX_FORWARDS + 1} ports; a bottle forwards at most"):
+        resolve([("x", {"forward": range(1, 2 + MAX_FORWARDS)})])
 
 
 def test_restricted_layers_reject_run_wide_keys() -> None:
