@@ -41,6 +41,7 @@ from .usage import (
     marker_layer,
     marker_layers,
     prestart,
+    refuse_param,
     resolve_layers,
     set_value,
     source_of,
@@ -128,6 +129,11 @@ class _State:
 STATE = pytest.StashKey[_State]()
 PROGRESS = pytest.StashKey[LiveProgress]()
 BAD_MARKER = pytest.StashKey[pytest.UsageError]()
+
+
+def _fixture_state(request: pytest.FixtureRequest) -> _State:
+    refuse_param(request)
+    return _state(request.config)
 
 
 def _state(config: pytest.Config) -> _State:
@@ -302,7 +308,7 @@ def _bottle_group(request: pytest.FixtureRequest, _bottle_matrix_image: str | No
 @pytest.fixture
 def bottle(request: pytest.FixtureRequest, _bottle_group: str, _bottle_matrix_image: str | None) -> Bottle:
     """A fresh VM configured by the test's ``bottle`` marker."""
-    state = _state(request.config)
+    state = _fixture_state(request)
     spec = state.spec(*state.marker(request.node), image=_bottle_matrix_image)
     return state.manager.start(spec, _bottle_group)
 
@@ -312,7 +318,7 @@ def bottle_factory(
     request: pytest.FixtureRequest, _bottle_group: str, _bottle_matrix_image: str | None
 ) -> Iterator[Callable[..., Bottle]]:
     """``bottle_factory(**kwargs) -> Bottle``; everything it made is torn down after the test."""
-    state = _state(request.config)
+    state = _fixture_state(request)
     state.marker(request.node)  # checked now: a bad one is an error of the test's setup
     ended = False
 
@@ -352,7 +358,7 @@ def _fork(state: _State, kwargs: dict[str, Any], source: str, group: str, marker
 @pytest.fixture(scope="module")
 def module_bottle(request: pytest.FixtureRequest, _bottle_matrix_image: str | None) -> Iterator[Bottle]:
     """One VM shared by the tests of a module (configured by the module's ``pytestmark``); one per image."""
-    state = _state(request.config)
+    state = _fixture_state(request)
     key = f"module:{request.node.nodeid}" + (f"[{_bottle_matrix_image}]" if _bottle_matrix_image else "")
     spec = state.spec(*marker_layer(request.node), image=_bottle_matrix_image)
     yield state.manager.start(spec, key, spare=False)
@@ -362,7 +368,7 @@ def module_bottle(request: pytest.FixtureRequest, _bottle_matrix_image: str | No
 @pytest.fixture(scope="session")
 def session_bottle(request: pytest.FixtureRequest, _bottle_matrix_image: str | None) -> Iterator[Bottle]:
     """One VM shared by the whole session (configured by options and ini); one per image."""
-    state = _state(request.config)
+    state = _fixture_state(request)
     key = "session:bottle" + (f"[{_bottle_matrix_image}]" if _bottle_matrix_image else "")
     yield state.manager.start(state.spec(image=_bottle_matrix_image), key, spare=False)
     state.manager.close_group(key)
@@ -373,7 +379,7 @@ def session_bottle_factory(
     request: pytest.FixtureRequest, _bottle_matrix_image: str | None
 ) -> Iterator[Callable[..., Bottle]]:
     """A factory whose VMs (and LANs) live until the end of the session (one factory per image)."""
-    state = _state(request.config)
+    state = _fixture_state(request)
     key = "session:factory" + (f"[{_bottle_matrix_image}]" if _bottle_matrix_image else "")
 
     def factory(**kwargs: Any) -> Bottle:
@@ -394,7 +400,7 @@ def session_bottle_factory(
 def bottle_image(request: pytest.FixtureRequest, _bottle_matrix_image: str | None) -> BuiltImage:
     """The built, cached image for ``--bottle-image`` (built once per run, even under xdist);
     in a matrix, the image of the test's parameter."""
-    state = _state(request.config)
+    state = _fixture_state(request)
     spec = state.spec(image=_bottle_matrix_image)
     return ensure_image(
         spec.image, spec.cache_dir, rebuild_before=state.rebuild_before, pull=spec.image_pull, accel=spec.accel

@@ -198,3 +198,14 @@ def check_cache_dir(layers: list[Layer], path: Path) -> None:
             cache_root(path)
         except UnsafeDirectory as e:
             raise UnsafeBottleDirectory(**e._args(), source=source) from None
+
+
+def refuse_param(request: pytest.FixtureRequest) -> None:
+    """A bottle fixture parametrized indirectly would ignore its parameter: say how to configure it."""
+    if hasattr(request, "param"):
+        raise InvalidBottleArgument(
+            f"the {request.fixturename} fixture takes no parameter (indirect parametrization gave it "
+            f"{printable(repr(request.param))[:200]}); give each case a marker instead: "
+            'pytest.param(..., marks=pytest.mark.bottle(memory="1G"))',
+            f"@pytest.mark.parametrize on {request.node.nodeid}",
+        )

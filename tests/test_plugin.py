@@ -275,6 +275,32 @@ def test_factory_bad_argument_is_a_usage_error(pytester: pytest.Pytester) -> Non
     run(pytester).assert_outcomes(passed=1)
 
 
+def test_an_indirect_parameter_of_a_bottle_fixture_is_refused_not_ignored(pytester: pytest.Pytester) -> None:
+    # it was ignored: {"memory": "300M"} gave a 512M bottle, and "junk" passed
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.parametrize("bottle", [{"memory": "300M"}], indirect=True)
+        def test_fresh(bottle):
+            pass
+
+        @pytest.mark.parametrize("module_bottle", ["junk"], indirect=True)
+        def test_module(module_bottle):
+            pass
+
+        @pytest.mark.parametrize("bottle_factory", [1], indirect=True)
+        def test_factory(bottle_factory):
+            pass
+    """)
+    result = run(pytester)
+    result.assert_outcomes(errors=3)
+    said = result.stdout.str()
+    assert said.count("InvalidBottleArgument: @pytest.mark.parametrize on test_an_indirect_parameter") == 3
+    for fixture, param in (("bottle", "{'memory': '300M'}"), ("module_bottle", "'junk'"), ("bottle_factory", "1")):
+        assert f"the {fixture} fixture takes no parameter (indirect parametrization gave it {param})" in said
+    assert "marks=pytest.mark.bottle(" in said and "console" not in said  # refused before any VM started
+
+
 def test_more_memory_than_the_host_has_is_a_usage_error_naming_its_source(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         test_marked="""
