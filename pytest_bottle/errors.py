@@ -137,12 +137,11 @@ def shown_command(args: Any) -> str:
 
 
 def _output_tail(stdout: str, stderr: str) -> str:
-    """What a report shows of a command's output: stderr's last 2000 characters, else stdout's."""
-    if stderr.strip():
-        return "\n--- stderr ---\n" + stderr[-2000:]
-    if stdout.strip():
-        return "\n--- stdout ---\n" + stdout[-2000:]
-    return ""
+    """What a report shows of a command's output: each stream's last 2000 characters, stderr last."""
+    shown = [
+        f"\n--- {name} ---\n{text[-2000:]}" for name, text in (("stdout", stdout), ("stderr", stderr)) if text.strip()
+    ]
+    return "".join(shown)
 
 
 def _ended(returncode: int) -> str:

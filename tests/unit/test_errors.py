@@ -90,6 +90,9 @@ def test_messages_carry_the_facts() -> None:
         ), told
         assert str(pickle.loads(pickle.dumps(timeout))) == told
     assert str(E.ExecTimeout("sleep 9", 1.0)) == "command 'sleep 9' timed out after 1 s and was killed"
+    # Both streams: a CI log showed only stderr, and stdout was in the attributes alone.
+    both = str(E.ExecError("make", 2, "OUT-MARK\n", "ERR-MARK\n"))
+    assert both.endswith("--- stdout ---\nOUT-MARK\n\n--- stderr ---\nERR-MARK\n"), both
 
 
 def test_messages_name_a_signal_and_show_a_pattern_as_given() -> None:
