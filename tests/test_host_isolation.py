@@ -26,6 +26,7 @@ from filelock import FileLock
 from harness import close_pipes
 
 import pytest_bottle
+from pytest_bottle.errors import UnsafeDirectory
 from pytest_bottle.host.paths import default_cache_dir, remove_tree, state_dir
 from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.host.sweep import sweep
@@ -300,8 +301,11 @@ def test_relative_xdg_directories_are_ignored(tmp_path: Path, monkeypatch: pytes
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "pytest-bottle"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "abs"))
     assert default_cache_dir() == tmp_path / "abs" / "pytest-bottle"
-    monkeypatch.setenv("BOTTLE_STATE_DIR", "relstate")  # the user's own choice: taken, made absolute
-    assert state_dir() == tmp_path / "relstate"
+    # Runs started in other directories would lease from other pools: refused, nothing made.
+    monkeypatch.setenv("BOTTLE_STATE_DIR", "relstate")
+    with pytest.raises(UnsafeDirectory, match="^refusing to use relstate: it is a relative path; set BOTTLE_STATE_DIR to an absolute"):
+        state_dir()
+    assert not (tmp_path / "relstate").exists()
 
 
 @needs_root

@@ -31,13 +31,6 @@ def _xdg(name: str) -> str | None:
     return value if value and os.path.isabs(value) else None
 
 
-@functools.lru_cache(maxsize=8)
-def _absolute(path: str) -> str:
-    """``path`` against the working directory of its first use: a later chdir
-    (pytester, monkeypatch.chdir) must not move the state elsewhere."""
-    return os.path.abspath(path)
-
-
 def default_cache_dir() -> Path:
     base = _xdg("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(os.path.abspath(base)) / "pytest-bottle"
@@ -58,17 +51,21 @@ def state_dir() -> Path:
     refused loudly; the fixed name in /tmp, which anyone may take first, is
     given up for a directory under the user's home when someone else has it.
     """
+    settable = "BOTTLE_STATE_DIR"  # root's ignores XDG_RUNTIME_DIR
     if env := os.environ.get("BOTTLE_STATE_DIR"):
-        path, source = Path(_absolute(env)), "BOTTLE_STATE_DIR"
+        if not os.path.isabs(env):  # runs started in other directories would lease from other pools
+            raise UnsafeDirectory(env, "it is a relative path", "set BOTTLE_STATE_DIR to an absolute path")
+        path, source = Path(os.path.abspath(env)), "BOTTLE_STATE_DIR"
     elif os.geteuid() == 0:
         path, source = Path("/run/pytest-bottle"), "the state directory of root"
     elif xdg := _xdg("XDG_RUNTIME_DIR"):
         path, source = Path(xdg) / "pytest-bottle", "$XDG_RUNTIME_DIR/pytest-bottle"
+        settable = "XDG_RUNTIME_DIR or BOTTLE_STATE_DIR"
     else:
         return _fallback_state_dir()
     hint = (
-        f"this is {source}; if you made it, `chmod 700 {path}`, otherwise remove it (as its owner or root) "
-        "or point XDG_RUNTIME_DIR or BOTTLE_STATE_DIR at a directory of your own"
+        f"this is {source}; if you made this directory, `chmod 700 {path}`, otherwise remove it "
+        f"(as its owner or root) or point {settable} at a directory of your own"
     )
     return private_dir(path, hint=hint)
 

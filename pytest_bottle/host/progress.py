@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -35,10 +36,15 @@ PREFIX = "pytest-bottle"
 
 
 def default_interval() -> float:
+    value = os.environ.get(INTERVAL_ENV, "")
     try:
-        return max(0.1, float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL)))
+        seconds = float(value) if value else DEFAULT_INTERVAL
     except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:  # a typo must not make a long build silent
+        log.warning("%s=%r is not a number of seconds: using %g", INTERVAL_ENV, value, DEFAULT_INTERVAL)
         return DEFAULT_INTERVAL
+    return max(0.1, seconds)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pytest_bottle.host import progress
-from pytest_bottle.host.progress import Event, Reporter, format_event
+from pytest_bottle.host.progress import DEFAULT_INTERVAL, INTERVAL_ENV, Event, Reporter, default_interval, format_event
 from pytest_bottle.host.progress_sinks import FileSink, Tail
 
 
@@ -250,3 +250,15 @@ def test_a_worker_reports_only_into_a_file_of_its_own_hosts_progress_directory(t
     finally:
         ours.unlink()
     assert elsewhere.read_bytes() == b""
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "inf", "nan"])
+def test_a_progress_interval_that_is_no_number_of_seconds_is_named_and_not_used(
+    value: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # "abc" was ignored without a word, and "inf" made every long build silent
+    monkeypatch.setenv(INTERVAL_ENV, value)
+    assert default_interval() == DEFAULT_INTERVAL
+    assert f"BOTTLE_PROGRESS_INTERVAL='{value}' is not a number of seconds: using 15" in caplog.text
+    monkeypatch.setenv(INTERVAL_ENV, "2.5")
+    assert default_interval() == 2.5
