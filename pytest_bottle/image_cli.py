@@ -54,7 +54,9 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     if args.rebuild:
         remove_seeds(args.cache_dir, args.name)
     m = image.manifest
-    print(f"{image.name} {image.key}: {image.path} (built in {m['build_seconds']}s, log {image.path / 'build.log'})")
+    created = float(m.get("created", 0))
+    when = "built" if created >= started else f"found in the cache: built {age(created)} ago"  # not by this command
+    print(f"{image.name} {image.key}: {image.path} ({when} in {m['build_seconds']}s, log {image.path / 'build.log'})")
     return 0
 
 

@@ -237,7 +237,9 @@ def test_image_build_rebuild_builds_again(private_cache: Path) -> None:
 
     cached = build("contract-offline")
     assert cached.returncode == 0, cached.stderr
-    assert cached.stdout == f"contract-offline {recipe.key()}: {entry} (built in 1.0s, log {entry / 'build.log'})\n"
+    # Found, not built: it says so (it said "built in 1.0s" as if it had just built it).
+    told = f"contract-offline {recipe.key()}: {entry} (found in the cache: built 1.0h ago in 1.0s, log {entry / 'build.log'})\n"
+    assert cached.stdout == told
     again = build("contract-offline", "--rebuild")
     # It ran mmdebstrap (progress as "[seconds] stage") against the recipe's mirror, which fails.
     assert again.returncode == 1

@@ -303,7 +303,9 @@ def test_relative_xdg_directories_are_ignored(tmp_path: Path, monkeypatch: pytes
     assert default_cache_dir() == tmp_path / "abs" / "pytest-bottle"
     # Runs started in other directories would lease from other pools: refused, nothing made.
     monkeypatch.setenv("BOTTLE_STATE_DIR", "relstate")
-    with pytest.raises(UnsafeDirectory, match="^refusing to use relstate: it is a relative path; set BOTTLE_STATE_DIR to an absolute"):
+    with pytest.raises(
+        UnsafeDirectory, match="^refusing to use relstate: it is a relative path; set BOTTLE_STATE_DIR to an absolute"
+    ):
         state_dir()
     assert not (tmp_path / "relstate").exists()
 

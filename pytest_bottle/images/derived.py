@@ -263,12 +263,19 @@ def prune_derived(cache_dir: Path, older_than_days: float = 0.0) -> list[tuple[P
             if now is None or (now.last_used >= cutoff and not now.stale):
                 continue
             entries.remove(e.path, "prune")
-        unused = f"not used for {(time.time() - now.last_used) / 86400:.1f} days"
-        why = f"derived image {now.manifest.get('name')} {now.stale or unused}"
+        unused = f"not used for {_duration(time.time() - now.last_used)}"
+        why = f"derived image {now.manifest.get('name')}: {now.stale or unused}"
         removed.append((e.path, e.size, why))
         sizes = {s.path: tree_size(s.path) for s in list_seeds(cache_dir)}
         removed += [(p, sizes.get(p, 0), f"seed of {why}") for p in remove_seeds(cache_dir, image_key=e.key)]
     return removed
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} seconds"
 
 
 def remove_derived(cache_dir: Path, name: str, *, root: bool = False) -> list[Path]:

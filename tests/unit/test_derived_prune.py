@@ -39,7 +39,13 @@ def test_prune_removes_unused_layers_but_keeps_what_a_used_one_rests_on(tmp_path
     removed = prune_derived(tmp_path, 1)
     assert [p for p, _, _ in removed] == [unused]
     assert old_parent.is_dir() and child.is_dir() and not unused.exists()
-    assert "not used for 10.0 days" in removed[0][2]
+    assert ": not used for 10.0 days" in removed[0][2]
+    # A short unused time in a unit that shows it (3 minutes read "0.0 days").
+    recent = _entry(tmp_path, "dddd", ["dddd", "base"], 180 / 86400)
+    removed = prune_derived(tmp_path, 0.0001)
+    assert [(p, why) for p, _, why in removed] == [
+        (recent, "derived image debian-bookworm+dddd: not used for 3.0 minutes")
+    ]
 
 
 def test_the_cli_lists_and_prunes_derived_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
