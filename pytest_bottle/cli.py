@@ -229,12 +229,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-CACHE_HELP = "default: $XDG_CACHE_HOME/pytest-bottle"
+CACHE_HELP = "default: $XDG_CACHE_HOME/pytest-bottle; ~ is expanded"
+
+
+def _cache_path(value: str) -> Path:
+    """As pytest's --bottle-cache-dir: a shell leaves ``--cache-dir=~/x`` as it is."""
+    return Path(os.path.expanduser(value))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bottle", description="pytest-bottle: real Linux microVMs for tests")
-    p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_HELP)
+    p.add_argument("--cache-dir", type=_cache_path, default=None, help=CACHE_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     doctor_help = "host dependencies, accelerator verdict, cache"
@@ -302,7 +307,7 @@ def _after_the_subcommand_too(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in {id(c): c for c in action.choices.values()}.values():
-                sub.add_argument("--cache-dir", type=Path, default=argparse.SUPPRESS, help=CACHE_HELP)
+                sub.add_argument("--cache-dir", type=_cache_path, default=argparse.SUPPRESS, help=CACHE_HELP)
                 sub.add_argument(
                     "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
                 )

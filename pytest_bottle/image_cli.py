@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import transfer_cli
 from .arguments import check_days
-from .errors import ImageNotFound
+from .errors import ImageNotFound, SpecError
 from .host.paths import tree_size
 from .images import RECIPES, BuiltImage, ensure_image, list_images, prune_images, remove_image
 from .images.cache import prune_logs
@@ -168,6 +168,8 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_seed_rm(args: argparse.Namespace) -> int:
+    if args.image is not None and not args.image.strip():  # not "all seeds", and no image is called that
+        raise SpecError(f"bottle seed rm: {args.image!r} is no image name (leave it out to remove every seed)")
     removed = remove_seeds(args.cache_dir, args.image)
     for p in removed:
         print(f"removed {p}")

@@ -106,6 +106,13 @@ def test_seed_list_and_rm(seed: SavedState, private_cache: Path) -> None:
     other = _seed_entry(seed, seeds / "debian-bookworm-minimal-copy", image="debian-bookworm-minimal")
     listing = cli("seed", "list", cache=private_cache)
     assert listing.returncode == 0, listing.stderr
+    # An empty name is no "all seeds": it said "seeds: nothing cached" and exited 0 with both cached.
+    empty = cli("seed", "rm", "", cache=private_cache)
+    assert (empty.returncode, empty.stdout) == (1, ""), empty
+    assert (
+        empty.stderr == "bottle: SpecError: bottle seed rm: '' is no image name (leave it out to remove every seed)\n"
+    )
+    assert mine.is_dir() and other.is_dir()
     assert _strip_ages(listing.stdout) == _strip_ages(cli("image", "list", cache=private_cache).stdout)
     assert "seed of debian-bookworm:" in listing.stdout and "seed of debian-bookworm-minimal:" in listing.stdout
     removed = cli("seed", "rm", "debian-bookworm-minimal", cache=private_cache)
@@ -453,6 +460,10 @@ def test_cache_dir_and_verbose_may_follow_the_subcommand(tmp_path: Path) -> None
         assert r.returncode == 1 and f"bottle: UnsafeDirectory: refusing to use {afile}: it is not" in r.stderr, r
     r = cli("run", "--cache-dir", str(afile), "--", "true", cache=tmp_path / "other", timeout=60)
     assert r.returncode == 125 and f"refusing to use {afile}" in r.stderr, r
+    # `~` is expanded as pytest's --bottle-cache-dir expands it (it named ./~/afile, and `run` would make it).
+    argv = [sys.executable, "-m", "pytest_bottle.cli", "image", "list", "--cache-dir=~/afile"]
+    home = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)})
+    assert f"refusing to use {afile}: it is not" in home.stderr, home
     assert list(tmp_path.iterdir()) == [afile]  # the other cache was never made
 
 
