@@ -50,7 +50,7 @@ class UnknownBottleImage(ImageNotFound, pytest.UsageError):  # type: ignore[misc
 
     def __init__(self, name: str, known: Sequence[str], source: str = "") -> None:
         super().__init__(name, known, source)
-        if source in OPTION_SOURCES:  # what a user who moved the Image into a subdirectory needs to know
+        if source.startswith(OPTION_SOURCES):  # what a user who moved the Image into a subdirectory needs to know
             self.message += (
                 "; an Image(...).named() name is known to options only from a plugin or a conftest.py pytest"
                 " loads before it reads them: the root one, or one in or above a path given on the command line"
@@ -148,9 +148,17 @@ def _overridden(config: pytest.Config) -> set[str]:
     return {o.split("=", 1)[0].strip() for o in (config.getoption("override_ini", None) or [])}
 
 
+def ini_file(config: pytest.Config) -> str:
+    """``ini file pyproject.toml``: pytest reads one of several files, and a user may not know which."""
+    path = config.inipath
+    if path is None:
+        return "ini file"
+    return f"ini file {path.name if path.parent == config.rootpath else path}"
+
+
 def ini_source(config: pytest.Config, name: str) -> str:
     """Where the ini value ``name`` came from: ``-o`` on the command line, or the file."""
-    return OVERRIDE if name in _overridden(config) else "ini file"
+    return OVERRIDE if name in _overridden(config) else ini_file(config)
 
 
 def ini_layers(config: pytest.Config, ini: dict[str, Any]) -> list[Layer]:
@@ -158,8 +166,8 @@ def ini_layers(config: pytest.Config, ini: dict[str, Any]) -> list[Layer]:
     given = _overridden(config)
     over = {k: v for k, v in ini.items() if v is not None and f"bottle_{k}" in given}
     if not over:
-        return [("ini file", ini)]
-    return [(OVERRIDE, over), ("ini file", {k: v for k, v in ini.items() if k not in over})]
+        return [(ini_file(config), ini)]
+    return [(OVERRIDE, over), (ini_file(config), {k: v for k, v in ini.items() if k not in over})]
 
 
 def getini(config: pytest.Config, name: str) -> Any:

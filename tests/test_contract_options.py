@@ -74,7 +74,7 @@ def test_cli_beats_ini(bottle):
     run(pytester, "test_cli.py", "--bottle-boot=snapshot", "--bottle-prestart=0").assert_outcomes(passed=1)
     pytester.makeini("[pytest]\nbottle_boot = warm\n")
     result = run(pytester, "test_cli.py")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR and "ini file: bad boot" in result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "ini file tox.ini: bad boot" in result.stderr.str()
 
 
 PID = """
@@ -242,7 +242,7 @@ def test_an_unusable_cache_dir_stops_the_run_at_start_up_naming_its_source(pytes
         ("", "--bottle-cache-dir=/proc/x", "command line: refusing to use /proc/x: it cannot be made ("),
         ("", f"--bottle-cache-dir={afile}/sub", f"command line: refusing to use {below};"),
         ("", f"--bottle-cache-dir={afile}", f"command line: refusing to use {afile}: it is not a directory;"),
-        ("bottle_cache_dir = afile/sub", "", f"ini file: refusing to use {below};"),  # relative to the ini file
+        ("bottle_cache_dir = afile/sub", "", f"ini file tox.ini: refusing to use {below};"),  # relative to the ini file
     ]
     for ini, cli, message in cases:
         pytester.makeini(f"[pytest]\n{ini}\n")

@@ -219,7 +219,7 @@ def test_ini_list_whitespace_or_commas_and_the_header(pytester: pytest.Pytester)
     pytester.makeini("[pytest]\nbottle_image = debian-trixie,debian-tixie\n")
     result = run(pytester, "--collect-only", "-q", "--bottle-image=debian-bookworm")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "ini file: unknown image 'debian-tixie'" in result.stderr.str()
+    assert "ini file tox.ini: unknown image 'debian-tixie'" in result.stderr.str()
 
 
 @pytest.mark.parametrize(
@@ -254,10 +254,10 @@ def test_one_name_with_whitespace_around_it_is_that_name(pytester: pytest.Pytest
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("debian-trixie,", "ini file: bad image list 'debian-trixie,': entry 2 is empty"),
-        ("debian-trixie,debian-tixie", "ini file: unknown image 'debian-tixie'; known images: "),
-        ("debian-bookworm debian-tixie", "ini file: unknown image 'debian-tixie'; known images: "),
-        ("debian-tixie", "ini file: unknown image 'debian-tixie'; known images: "),
+        ("debian-trixie,", "ini file tox.ini: bad image list 'debian-trixie,': entry 2 is empty"),
+        ("debian-trixie,debian-tixie", "ini file tox.ini: unknown image 'debian-tixie'; known images: "),
+        ("debian-bookworm debian-tixie", "ini file tox.ini: unknown image 'debian-tixie'; known images: "),
+        ("debian-tixie", "ini file tox.ini: unknown image 'debian-tixie'; known images: "),
     ],
 )
 def test_bad_ini_list_names_the_ini(pytester: pytest.Pytester, value: str, expected: str) -> None:

@@ -202,7 +202,19 @@ def test_a_bad_value_a_higher_layer_overrides_is_still_an_error(pytester: pytest
     pytester.makeini("[pytest]\nbottle_memory = banana\n")
     result = run(pytester, "--bottle-memory=1G", "test_hidden.py")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "ini file: bad memory" in result.stderr.str()
+    assert "ini file tox.ini: bad memory" in result.stderr.str()
+    # It names the file pytest read: "ini file" alone left a user with several guessing.
+    (pytester.path / "tox.ini").unlink()
+    pytester.makepyprojecttoml('[tool.pytest.ini_options]\nbottle_cpus = "two"\n')
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "ERROR: ini file pyproject.toml: bad cpus" in result.stderr.str(), result.stderr.str()
+    sub = pytester.mkdir("sub")
+    (sub / "pytest.ini").write_text("[pytest]\nbottle_memory = huge\n")
+    result = pytester.runpytest_subprocess(
+        f"--bottle-cache-dir={CACHE}", "-p", "no:cacheprovider", "--rootdir=.", "sub"
+    )
+    assert f"ERROR: ini file {sub / 'pytest.ini'}: bad memory" in result.stderr.str(), result.stderr.str()
 
 
 def test_a_bad_marker_under_xdist_fails_its_test_with_the_message(pytester: pytest.Pytester) -> None:
@@ -230,7 +242,19 @@ def test_bad_ini_value_names_the_ini(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_x(): pass")
     result = run(pytester)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "ini file: bad memory" in result.stderr.str()
+    assert "ini file tox.ini: bad memory" in result.stderr.str()
+    # It names the file pytest read: "ini file" alone left a user with several guessing.
+    (pytester.path / "tox.ini").unlink()
+    pytester.makepyprojecttoml('[tool.pytest.ini_options]\nbottle_cpus = "two"\n')
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "ERROR: ini file pyproject.toml: bad cpus" in result.stderr.str(), result.stderr.str()
+    sub = pytester.mkdir("sub")
+    (sub / "pytest.ini").write_text("[pytest]\nbottle_memory = huge\n")
+    result = pytester.runpytest_subprocess(
+        f"--bottle-cache-dir={CACHE}", "-p", "no:cacheprovider", "--rootdir=.", "sub"
+    )
+    assert f"ERROR: ini file {sub / 'pytest.ini'}: bad memory" in result.stderr.str(), result.stderr.str()
 
 
 @pytest.mark.parametrize(
@@ -258,7 +282,7 @@ def test_a_bad_bool_in_the_ini_names_the_setting(pytester: pytest.Pytester, name
     pytester.makepyfile("def test_x(): pass")
     result = run(pytester)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert f"ini file: bad bottle_{name}: invalid truth value 'maybe'" in result.stderr.str()
+    assert f"ini file tox.ini: bad bottle_{name}: invalid truth value 'maybe'" in result.stderr.str()
 
 
 def test_factory_bad_argument_is_a_usage_error(pytester: pytest.Pytester) -> None:
