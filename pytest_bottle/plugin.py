@@ -223,9 +223,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(reports, "bottle-reports")
     if flag("save_failed"):
         config.pluginmanager.register(SaveFailed(state.manager), "bottle-save-failed")
-    # Like Ctrl-C, so fixture finalizers stop every VM (an xdist controller's workers' too).
+    # Like Ctrl-C, so fixture finalizers stop every VM (an xdist controller's workers' too);
+    # SIGHUP: a closed terminal or ssh session. One ignored (nohup) stays ignored.
     controller = not hasattr(config, "workerinput")
-    signals.unwind_on(signal.SIGTERM, pass_on=workers.pass_on_to_workers if controller else None)
+    signals.unwind_on(signal.SIGTERM, signal.SIGHUP, pass_on=workers.pass_on_to_workers if controller else None)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

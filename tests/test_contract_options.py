@@ -461,7 +461,8 @@ def test_sigterm_to_an_xdist_controller_alone_unwinds_its_workers_too(tmp_path: 
         assert vm["name"] not in json.dumps(pools.snapshot())
 
 
-def test_sigterm_unwinds_like_ctrl_c(tmp_path: Path, built: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: a closed terminal or ssh session
+def test_sigterm_and_sighup_unwind_like_ctrl_c(tmp_path: Path, built: Path, sig: signal.Signals) -> None:
     (tmp_path / "test_hold.py").write_text(HOLD)
     info = tmp_path / "info.json"
     proc = subprocess.Popen(
@@ -479,15 +480,15 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path: Path, built: Path) -> None:
             time.sleep(0.1)
         vm = json.loads(info.read_text())
         time.sleep(1.0)  # the pre-started spare is on its way too
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out = proc.communicate(timeout=120)[0].decode()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    # Unwound (KeyboardInterrupt: exit 2), not killed by the signal (-15).
+    # Unwound (KeyboardInterrupt: exit 2), not killed by the signal (-15, -1: the record and leases were left).
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
-    assert "KeyboardInterrupt" in out and "signal 15" in out, out
+    assert "KeyboardInterrupt" in out and f"signal {int(sig)}" in out, out
     # Finalizers ran: no QEMU, run directory, record or lease is left, without any sweep.
     assert not psutil.pid_exists(vm["qemu"]) or psutil.Process(vm["qemu"]).status() == psutil.STATUS_ZOMBIE
     assert not Path(vm["run_dir"]).exists()
