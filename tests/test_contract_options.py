@@ -255,6 +255,31 @@ def test_an_unusable_cache_dir_stops_the_run_at_start_up_naming_its_source(pytes
     assert afile.read_text() == ""
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to give a directory to another user")
+def test_a_default_cache_that_could_never_be_made_stops_the_run_at_start_up(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It failed each bottle test at its setup with the same UnsafeDirectory (exit 1),
+    # and `bottle doctor` said "none yet: the first bottle or build makes it".
+    pytester.makepyfile(test_two="def test_vm(bottle):\n    pass\n\ndef test_plain():\n    pass\n")
+    theirs = pytester.path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(theirs))
+    result = pytester.runpytest_subprocess(*QUIET)
+    out = result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, out
+    assert (
+        f"ERROR: refusing to use {theirs}/pytest-bottle: the directory above it, {theirs}, belongs to uid 65534" in out
+    )
+    doctor = subprocess.run([sys.executable, "-m", "pytest_bottle.cli", "doctor"], capture_output=True, text=True)
+    assert (
+        doctor.returncode == 1
+        and f"cache: {theirs}/pytest-bottle: cannot be used: the directory above" in doctor.stdout
+    )
+    assert list(theirs.iterdir()) == []
+
+
 PRECEDENCE = """
 import pytest
 from pytest_bottle import BottleError

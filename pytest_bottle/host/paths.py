@@ -125,11 +125,14 @@ def cache_root(path: Path, *, writable: bool = True) -> Path:
 
 
 def check_cache(path: Path) -> None:
-    """Refuse (``UnsafeDirectory``) a cache that is there but not usable; make
+    """Refuse (``UnsafeDirectory``) a cache that is there but not usable, or
+    one that could never be made safely (under another user's directory); make
     none: reading a cache that is not there yet (a fresh machine) finds it empty.
     A read-only one can be read: what writes to it checks that (``cache_root``)."""
     if os.path.lexists(path):
         cache_root(path, writable=False)
+    else:
+        _check_ancestors(Path(os.path.abspath(path)), f"pass a cache dir of your own or fix {path}")
 
 
 def private_dir(
