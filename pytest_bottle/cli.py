@@ -15,7 +15,7 @@ from .arguments import check_timeout
 from .errors import BottleError, SpecError, UnsafeDirectory, error_line
 from .host import deps as hostdeps
 from .host import progress, signals
-from .host.paths import check_cache, default_cache_dir, state_dir, tree_size
+from .host.paths import check_cache, check_cache_place, default_cache_dir, state_dir, tree_size
 from .host.runstate import RunRecord
 from .host.sweep import SweepReport, stop_vm, sweep
 from .image_cli import age, mb
@@ -69,6 +69,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         )
     try:
         check_cache(args.cache_dir)
+        check_cache_place(args.cache_dir)  # "none yet" must not promise one that can never be made
     except UnsafeDirectory as e:
         print(f"cache: {args.cache_dir}: cannot be used: {e.reason}")
         ok = False

@@ -125,13 +125,18 @@ def cache_root(path: Path, *, writable: bool = True) -> Path:
 
 
 def check_cache(path: Path) -> None:
-    """Refuse (``UnsafeDirectory``) a cache that is there but not usable, or
-    one that could never be made safely (under another user's directory); make
+    """Refuse (``UnsafeDirectory``) a cache that is there but not usable; make
     none: reading a cache that is not there yet (a fresh machine) finds it empty.
     A read-only one can be read: what writes to it checks that (``cache_root``)."""
     if os.path.lexists(path):
         cache_root(path, writable=False)
-    else:
+
+
+def check_cache_place(path: Path) -> None:
+    """Refuse a cache that is not there yet and could never be made safely
+    (under another user's directory, or one open to others); makes nothing.
+    For ``bottle doctor``: reading such a cache finds it empty all the same."""
+    if not os.path.lexists(path):
         _check_ancestors(Path(os.path.abspath(path)), f"pass a cache dir of your own or fix {path}")
 
 

@@ -25,7 +25,7 @@ from ..store import entries
 from ..store.saved import lock_path as state_lock
 from ..store.saved import remove_entry
 from ..vmm.process import Identity, is_alive, is_same_process, kill_pid, start_time
-from .paths import cache_root, check_cache, remove_tree, state_dir, temporary_owner
+from .paths import cache_root, remove_tree, state_dir, temporary_owner
 from .progress_sinks import prune_dead
 from .runstate import RunRecord, run_dir_owner
 
@@ -157,8 +157,6 @@ def sweep(cache_dirs: list[Path] | None = None, include_kept: bool = False) -> S
     for cache_dir in cache_dirs or []:
         if cache_dir.exists():
             _sweep_cache(cache_root(cache_dir, writable=False), live_names, report)
-        else:  # one that could never be made: said at start-up, not at each bottle's setup
-            check_cache(cache_dir)
     report.paths += [str(p) for p in prune_dead(state_dir())]
     _sweep_temporaries([state_dir(), state_dir() / "vms"], report)
     return report
