@@ -209,11 +209,21 @@ def check_cache_dir(layers: list[Layer], path: Path) -> None:
 
 
 def refuse_param(request: pytest.FixtureRequest) -> None:
-    """A bottle fixture parametrized indirectly would ignore its parameter: say how to configure it."""
-    if hasattr(request, "param"):
-        raise InvalidBottleArgument(
-            f"the {request.fixturename} fixture takes no parameter (indirect parametrization gave it "
-            f"{printable(repr(request.param))[:200]}); give each case a marker instead: "
-            'pytest.param(..., marks=pytest.mark.bottle(memory="1G"))',
-            f"@pytest.mark.parametrize on {request.node.nodeid}",
-        )
+    """A bottle fixture parametrized indirectly would ignore its parameter: say how to configure it.
+    A param a user's fixture of the same name (``params=``) passes down to ours is theirs: left alone."""
+    if not hasattr(request, "param"):
+        return
+    item = getattr(request, "_pyfuncitem", request.node)  # a module_bottle's request.node is the module
+    name = request.fixturename
+    for mark in item.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        indirect = mark.kwargs.get("indirect", False)
+        if name in names and (indirect is True or (isinstance(indirect, (list, tuple)) and name in indirect)):
+            raise InvalidBottleArgument(
+                f"the {name} fixture takes no parameter (indirect parametrization gave it "
+                f"{printable(repr(request.param))[:200]}); give each case a marker instead: "
+                'pytest.param(..., marks=pytest.mark.bottle(memory="1G"))',
+                f"@pytest.mark.parametrize on {item.nodeid}",
+            )

@@ -300,12 +300,25 @@ def test_an_indirect_parameter_of_a_bottle_fixture_is_refused_not_ignored(pytest
         def test_module(module_bottle):
             pass
 
-        @pytest.mark.parametrize("bottle_factory", [1], indirect=True)
+        @pytest.mark.parametrize("bottle_factory", [1], indirect=["bottle_factory"])
         def test_factory(bottle_factory):
             pass
     """)
+    # A user's fixture of the same name with params= passes its param down to ours: theirs, not refused.
+    pytester.makepyfile(
+        test_override="""
+        import pytest
+
+        @pytest.fixture(params=["a", "b"])
+        def bottle_factory(request, bottle_factory):
+            return request.param, bottle_factory
+
+        def test_own_params(bottle_factory):
+            assert bottle_factory[0] in ("a", "b") and callable(bottle_factory[1])
+    """
+    )
     result = run(pytester)
-    result.assert_outcomes(errors=3)
+    result.assert_outcomes(errors=3, passed=2)
     said = result.stdout.str()
     assert said.count("InvalidBottleArgument: @pytest.mark.parametrize on test_an_indirect_parameter") == 3
     for fixture, param in (("bottle", "{'memory': '300M'}"), ("module_bottle", "'junk'"), ("bottle_factory", "1")):
