@@ -39,7 +39,10 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     started = time.time()
     read = find_images(args.name, args.source)
 
+    worked: list[str] = []  # a build or a pull reports stages; a cached image none
+
     def progress(stage: str, elapsed: float) -> None:
+        worked.append(stage)
         print(f"[{elapsed:6.1f}s] {stage}", flush=True)
 
     rebuild_before = started if args.rebuild else None
@@ -54,8 +57,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     if args.rebuild:
         remove_seeds(args.cache_dir, args.name)
     m = image.manifest
-    created = float(m.get("created", 0))
-    when = "built" if created >= started else f"found in the cache: built {age(created)} ago"  # not by this command
+    when = "built" if worked else f"found in the cache: built {age(float(m.get('created', 0)))} ago"
     print(f"{image.name} {image.key}: {image.path} ({when} in {m['build_seconds']}s, log {image.path / 'build.log'})")
     return 0
 
