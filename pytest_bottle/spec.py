@@ -147,6 +147,10 @@ def _forward(value: Any) -> tuple[int, ...]:
     elif isinstance(value, int) and not isinstance(value, bool):
         items = [value]
     elif isinstance(value, (list, tuple, set, frozenset, range)):
+        if isinstance(value, range) and value[MAX_FORWARDS:]:  # before a list of 10**12 (its len may overflow)
+            raise ValueError(
+                f"forward names {value!r}: more than {MAX_FORWARDS} ports, which is the most a bottle forwards"
+            )
         items = list(value)
     else:
         raise ValueError(f"forward must be a port or a list of ports, not {value!r}")

@@ -500,6 +500,8 @@ def test_sigterm_and_sighup_unwind_like_ctrl_c(tmp_path: Path, built: Path, sig:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # Under nohup (a CI runner may ignore SIGHUP) pytest would inherit it ignored, and keep it so.
+        preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 300

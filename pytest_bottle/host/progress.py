@@ -42,9 +42,14 @@ def default_interval() -> float:
     except ValueError:
         seconds = math.nan
     if not 0 < seconds < math.inf:  # a typo must not make a long build silent
-        log.warning("%s=%r is not a number of seconds: using %g", INTERVAL_ENV, value, DEFAULT_INTERVAL)
+        if value not in _warned:  # once: each reporter (one per process, and the CLI's) reads it
+            _warned.add(value)
+            log.warning("%s=%r is not a positive number of seconds: using %g", INTERVAL_ENV, value, DEFAULT_INTERVAL)
         return DEFAULT_INTERVAL
     return max(0.1, seconds)
+
+
+_warned: set[str] = set()
 
 
 @dataclass(frozen=True)

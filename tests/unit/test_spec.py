@@ -153,7 +153,10 @@ def test_too_many_forwards_is_a_spec_error_not_an_oserror_at_start() -> None:
     # 5,000 ports made QEMU's netdev argument too long for execve: a bare E2BIG OSError
     assert len(resolve([("x", {"forward": range(1, 1 + MAX_FORWARDS)})]).forward) == MAX_FORWARDS
     with pytest.raises(SpecError, match=f"forward names {MAX_FORWARDS + 1} ports; a bottle forwards at most"):
-        resolve([("x", {"forward": range(1, 2 + MAX_FORWARDS)})])
+        resolve([("x", {"forward": list(range(1, 2 + MAX_FORWARDS))})])
+    for huge in (range(1, 2 + MAX_FORWARDS), range(1, 10**12), range(10**30)):  # said at once, no list made
+        with pytest.raises(SpecError, match=r"forward names range\(.*\): more than 1024 ports, which is the most"):
+            resolve([("x", {"forward": huge})])
 
 
 def test_restricted_layers_reject_run_wide_keys() -> None:
