@@ -129,6 +129,7 @@ class _State:
 STATE = pytest.StashKey[_State]()
 PROGRESS = pytest.StashKey[LiveProgress]()
 BAD_MARKER = pytest.StashKey[pytest.UsageError]()
+SIGNALS = pytest.StashKey[Callable[[], None]]()  # puts back the handlers of SIGTERM and SIGHUP
 
 
 def _fixture_state(request: pytest.FixtureRequest) -> _State:
@@ -226,7 +227,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # Like Ctrl-C, so fixture finalizers stop every VM (an xdist controller's workers' too);
     # SIGHUP: a closed terminal or ssh session. One ignored (nohup) stays ignored.
     controller = not hasattr(config, "workerinput")
-    signals.unwind_on(signal.SIGTERM, signal.SIGHUP, pass_on=workers.pass_on_to_workers if controller else None)
+    config.stash[SIGNALS] = signals.unwind_on(
+        signal.SIGTERM, signal.SIGHUP, pass_on=workers.pass_on_to_workers if controller else None
+    )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -234,6 +237,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         config.stash[STATE].manager.close_all()
     if PROGRESS in config.stash:
         config.stash[PROGRESS].close()
+    if SIGNALS in config.stash:
+        config.stash[SIGNALS]()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -783,3 +783,14 @@ def test_fixtures_lists_the_public_fixtures_with_their_docs_and_no_empty_section
     listed = re.findall(r"^(\w+)(?: \[\w+ scope\])? -- .+\n +\S", ours["pytest_bottle.plugin"], flags=re.M)
     public = ["bottle", "bottle_factory", "module_bottle", "session_bottle", "session_bottle_factory", "bottle_image"]
     assert sorted(listed) == sorted(public), listed
+
+
+def test_pytest_main_in_a_process_that_lives_on_puts_the_signal_defaults_back(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_plain="def test_x():\n    pass\n")
+    script = (
+        "import signal, pytest\n"
+        f"rc = pytest.main(['-q', '-p', 'no:cacheprovider', '--bottle-cache-dir={CACHE}', 'test_plain.py'])\n"
+        "print('rc', int(rc), signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGHUP) == signal.SIG_DFL)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=pytester.path, capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines()[-1] == "rc 0 True", out.stdout + out.stderr

@@ -12,18 +12,29 @@ import threading
 from collections.abc import Callable
 
 
-def unwind_on(*signums: int, pass_on: Callable[[int], None] | None = None) -> None:
+def unwind_on(*signums: int, pass_on: Callable[[int], None] | None = None) -> Callable[[], None]:
     """Make each of ``signums`` raise ``KeyboardInterrupt`` in this process,
     after ``pass_on(signum)`` (an xdist controller hands it to its workers).
 
     Only a signal at its default is taken: one ignored (``nohup``) or handled
     by someone else stays so.  The first one taken ignores the others.  Only
-    the main thread may set handlers; from another nothing changes."""
+    the main thread may set handlers; from another nothing changes.  Returns
+    what puts the defaults back (a process that runs ``pytest.main()`` lives on)."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return lambda: None
     taken = tuple(s for s in signums if signal.getsignal(s) == signal.SIG_DFL)
+    handler = functools.partial(_unwind, os.getpid(), taken, pass_on)
     for signum in taken:
-        signal.signal(signum, functools.partial(_unwind, os.getpid(), taken, pass_on))
+        signal.signal(signum, handler)
+
+    def restore() -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in taken:
+            if signal.getsignal(signum) in (handler, signal.SIG_IGN):  # ours (ignored once taken), not a later one's
+                signal.signal(signum, signal.SIG_DFL)
+
+    return restore
 
 
 def exit_status(e: KeyboardInterrupt) -> int:

@@ -38,3 +38,20 @@ def test_unwind_once_exit_status_and_what_it_leaves_alone() -> None:
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["status 129", "after True True", "usr2 ignored True", f"child {128 + 3}"]
+
+
+RESTORE = textwrap.dedent("""
+    import signal
+    from pytest_bottle.host import signals
+    restore = signals.unwind_on(signal.SIGHUP, signal.SIGTERM)
+    mine = lambda *a: None
+    signal.signal(signal.SIGTERM, mine)  # set after ours: not ours to put back
+    restore()
+    print(signal.getsignal(signal.SIGHUP) == signal.SIG_DFL, signal.getsignal(signal.SIGTERM) is mine)
+""")
+
+
+def test_the_defaults_come_back_for_a_process_that_lives_on_after_pytest_main() -> None:
+    # a pytest.main() in a long-lived process left its handler (or SIG_IGN, after one signal) behind
+    out = subprocess.run([sys.executable, "-c", RESTORE], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (0, "True True\n"), out.stderr
