@@ -32,6 +32,10 @@ from .spec import BOTTLE_KEYS, BottleSpec, Layer, check_host_memory
 from .timeout_pause import TimeoutPause
 from .usage import (
     AUTO_MARK,
+    FLAGS,
+    MARKER_DOC,
+    OPTIONS,
+    PRESTART_HELP,
     check_cache_dir,
     closest,
     getini,
@@ -56,36 +60,6 @@ from .usage import UnsafeBottleDirectory as UnsafeBottleDirectory
 from .vmm import accel as accel_mod
 
 log = logging.getLogger(__name__)
-
-# option name → (metavar, help); each is --bottle-<name> and ini bottle_<name>.
-OPTIONS: dict[str, tuple[str, str]] = {
-    "image": ("NAME[,...]", "image for bottle fixtures; a list: each test once per image (default: debian-bookworm)"),
-    "accel": ("auto|kvm|tcg", "accelerator; auto proves KVM with a real boot, else TCG (default: auto)"),
-    "cache-dir": ("PATH", "images, seeds and keys (default: $XDG_CACHE_HOME/pytest-bottle)"),
-    "memory": ("SIZE", "VM memory, e.g. 512M or 1G (default: 512M)"),
-    "cpus": ("N", "VM CPUs (default: 1)"),
-    "boot": ("snapshot|cold", "restore from a work seed, or boot from scratch (default: snapshot)"),
-    "timeout": ("SECONDS", "boot timeout of each VM (default: 300)"),
-    "image-pull": (
-        "URL",
-        "where to pull a missing image from before building it: a URL or path with {name} and {key}, "
-        "of a 'bottle image export' file (default: none, build)",
-    ),
-}
-FLAGS: dict[str, str] = {
-    "rebuild": "rebuild images and seeds once at the start of this run",
-    "keep": "on failure keep the test's VMs running and print how to reach and stop them",
-    "save-failed": "on failure save a snapshot of each of the test's VMs in the cache and print how to open it",
-}
-PRESTART_HELP = (
-    "bottles of the current spec to restore ahead in the background, so the next test gets one at once "
-    "(default: 1; 0 turns it off)"
-)
-MARKER_DOC = (
-    "bottle(image=, memory=, cpus=, network=, lan=, forward=, boot=, timeout=): "
-    "configure the VMs of the bottle fixtures this test uses (pytest-bottle; the marker starts none); "
-    "see docs/reference.md"
-)
 
 
 @dataclass

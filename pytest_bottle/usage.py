@@ -1,5 +1,5 @@
 """What pytest reports as a usage error: the plugin's ``pytest.UsageError``
-twins of core errors, and reading the marker, options and ini into specs.
+twins of core errors, the options' names and help, and reading the marker, options and ini into specs.
 
 The core (``spec``, ``errors``) imports without pytest; this module is the
 thin layer where its errors become usage errors naming where a value came from.
@@ -19,6 +19,36 @@ from .images.cache import BuiltImage
 from .images.image import known_names
 from .spec import BottleSpec, Layer, resolve
 from .terminal_text import printable
+
+# option name → (metavar, help); each is --bottle-<name> and ini bottle_<name>.
+OPTIONS: dict[str, tuple[str, str]] = {
+    "image": ("NAME[,...]", "image for bottle fixtures; a list: each test once per image (default: debian-bookworm)"),
+    "accel": ("auto|kvm|tcg", "accelerator; auto proves KVM with a real boot, else TCG (default: auto)"),
+    "cache-dir": ("PATH", "images, seeds and keys (default: $XDG_CACHE_HOME/pytest-bottle)"),
+    "memory": ("SIZE", "VM memory, e.g. 512M or 1G (default: 512M)"),
+    "cpus": ("N", "VM CPUs (default: 1)"),
+    "boot": ("snapshot|cold", "restore from a work seed, or boot from scratch (default: snapshot)"),
+    "timeout": ("SECONDS", "boot timeout of each VM (default: 300)"),
+    "image-pull": (
+        "URL",
+        "where to pull a missing image from before building it: a URL or path with {name} and {key}, "
+        "of a 'bottle image export' file (default: none, build)",
+    ),
+}
+FLAGS: dict[str, str] = {
+    "rebuild": "rebuild images and seeds once at the start of this run",
+    "keep": "on failure keep the test's VMs running and print how to reach and stop them",
+    "save-failed": "on failure save a snapshot of each of the test's VMs in the cache and print how to open it",
+}
+PRESTART_HELP = (
+    "bottles of the current spec to restore ahead in the background, so the next test gets one at once "
+    "(default: 1; 0 turns it off)"
+)
+MARKER_DOC = (
+    "bottle(image=, memory=, cpus=, network=, lan=, forward=, boot=, timeout=): "
+    "configure the VMs of the bottle fixtures this test uses (pytest-bottle; the marker starts none); "
+    "see docs/reference.md"
+)
 
 
 class InvalidBottleArgument(SpecError, pytest.UsageError):  # type: ignore[misc]
