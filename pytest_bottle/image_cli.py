@@ -102,7 +102,7 @@ def cmd_image_list(args: argparse.Namespace) -> int:
     w2 = max([len("PARENT"), *(len(r[1]) for r in rows)])
     if rows:
         print(f"\n{'DERIVED IMAGE':{w1}} {'PARENT':{w2}} {'SIZE':>9} {'USED':>6}  STEPS")
-    for label, parent, size, used, steps in rows:
+    for label, parent, size, used, steps in sorted(rows):  # by name: a chain's layers follow their base
         print(f"{label:{w1}} {parent:{w2}} {size:>9} {used:>6}  {steps}")
     for seed in list_seeds(args.cache_dir):
         kp = seed.manifest["key_parts"]

@@ -181,7 +181,10 @@ class Image:
     def write(self, path: GuestPath, content: str | bytes, mode: int | None = None) -> Image:
         """Write ``content`` (str as UTF-8, or bytes) to guest ``path``."""
         if isinstance(content, str):
-            data = content.encode()
+            try:
+                data = content.encode()
+            except UnicodeEncodeError as e:  # a lone surrogate (os.fsdecode's of a byte): bytes say which
+                raise SpecError(f"write(): content is not UTF-8 text ({e.reason} at {e.start}); pass bytes") from None
         elif isinstance(content, (bytes, bytearray, memoryview)):
             data = bytes(content)
         else:

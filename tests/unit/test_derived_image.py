@@ -174,6 +174,9 @@ def test_write_takes_str_or_bytes_and_a_mode() -> None:
     for path in ("/", "/etc/a/", "/etc/a/.", "/etc/a/.."):  # a directory's path, as open(2) takes it
         with pytest.raises(SpecError, match="must name a file"):
             BASE.write(path, "x")
+    # A lone surrogate was a bare UnicodeEncodeError; every other bad step argument is a SpecError.
+    with pytest.raises(SpecError, match=r"write\(\): content is not UTF-8 text \(surrogates not allowed at 2\)"):
+        BASE.write("/etc/a", "ab\udcff")
 
 
 def test_named_registers_and_names_resolve_as_a_start() -> None:

@@ -73,6 +73,8 @@ def test_the_list_keeps_its_columns_for_a_layer_on_a_layer(tmp_path: Path, capsy
     lines = capsys.readouterr().out.splitlines()
     table = lines[lines.index(next(line for line in lines if line.startswith("DERIVED IMAGE"))) :][:3]
     assert len(table) == 3
+    # Sorted by name, whatever order the directory lists them in: a layer follows its base.
+    assert [row.split()[0] for row in table[1:]] == sorted(row.split()[0] for row in table[1:])
     parent_at = table[0].index("PARENT")
     assert all(row[parent_at:].startswith("debian-bookworm") and row[parent_at - 1] == " " for row in table[1:]), table
     size_at = table[0].index("SIZE") + len("SIZE")
