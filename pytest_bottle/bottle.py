@@ -40,6 +40,7 @@ TIMEOUT_GRACE = 15.0
 EXEC_OUTPUT_CAP = OUTPUT_CAP  # bytes of each output stream kept in memory; the rest is read and dropped
 # How long keep() gives a VM whose agent is gone to finish powering off.
 STOPPING_GRACE = 10.0
+SSH_DEATH_WAIT = 2.0  # s an ssh that failed (255) waits to learn whether its VM died
 
 
 # Output watched as it comes (spawn, on_output): Python block-buffers a pipe,
@@ -285,6 +286,10 @@ class Bottle(BottleFiles, Waits):
     def _check_open_after_ssh(self, cause: BaseException | None) -> None:
         if self._closed and not self.kept:
             raise AgentError(f"bottle {self.name} was closed during ssh") from cause
+        # A VM that died under ssh: said as exec says it, not as ssh's "connection refused" (255).
+        # Its QEMU's exit reaches the channel a moment after the connection broke.
+        if (died := self._channel.ended(SSH_DEATH_WAIT, "ssh")) is not None:
+            raise died from cause
 
     # -- lifetime -----------------------------------------------------------
 

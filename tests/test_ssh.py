@@ -159,6 +159,33 @@ def test_a_bottle_closed_by_another_thread_during_ssh_exec_or_a_wait_says_so(
     assert said["wait_for_port"].startswith(f"bottle {b.name} was closed"), said
 
 
+def test_ssh_on_a_vm_that_died_raises_agent_error_as_exec_does(bottle: Bottle) -> None:
+    """A guest that powered off: ssh() gave exit 255 ("Connection refused", or
+    "closed by remote host" for one under way) where exec raises AgentError."""
+    b = bottle
+    b.ssh("true")
+    outcome: list[object] = []
+
+    def long_ssh() -> None:
+        try:
+            outcome.append(b.ssh("sleep 60", timeout=120))
+        except AgentError as e:
+            outcome.append(e)
+
+    waiter = threading.Thread(target=long_ssh)
+    waiter.start()
+    wait_until(lambda: b.exec("pgrep -c -x sleep").stdout.strip() == "1", 30, "the ssh command runs")
+    b.exec("systemctl poweroff")
+    waiter.join(90)
+    assert len(outcome) == 1 and type(outcome[0]) is AgentError, outcome
+    assert str(outcome[0]).startswith(f"bottle {b.name}: ") and str(outcome[0]).endswith(" during ssh"), outcome
+    assert "powered off" in str(outcome[0]), outcome
+    with pytest.raises(AgentError, match="powered off.* during ssh$"):
+        b.ssh("true")
+    with pytest.raises(AgentError, match="powered off"):
+        b.exec("true")
+
+
 def test_ssh_config_pins_the_bottles_own_host_key(bottle: Bottle) -> None:
     text = bottle.ssh_config.read_text()
     host, port = bottle.address(22)

@@ -51,9 +51,14 @@ class Ends:
             return e
         deadline = self._thread_deadline()
         within = GONE_WAIT if deadline is None else min(GONE_WAIT, max(0.5, deadline - time.monotonic()))
+        return self.ended(within, op) or e
+
+    def ended(self, within: float, op: str) -> AgentError | None:
+        """The channel's end as ``AgentError`` if it ends within ``within`` s (its
+        VM died under a call made elsewhere: ``ssh()``), else None."""
         if self.closed.wait(within) and self.death:
             return AgentError(self._named(self.death) + (f" during {op}" if op else ""))
-        return e
+        return None
 
     def _break(self, e: BaseException, what: str = "a write failed or was interrupted") -> None:
         """Cut mid-frame (a signal, a test timeout, a guest that stopped
