@@ -112,4 +112,4 @@ class Waits:
 
         if poll(listens, timeout):
             return
-        raise WaitTimeout(f"a listener on TCP port {port} in {self.name}", timeout, unanswered)
+        raise WaitTimeout(f"a listen on TCP port {port} in {self.name}", timeout, unanswered)

@@ -221,7 +221,9 @@ def test_wait_helpers(module_bottle: Bottle) -> None:
         module_bottle.wait_until_succeeds("false", timeout=1)
     module_bottle.exec("nohup python3 -m http.server 8765 --bind 127.0.0.1 >/dev/null 2>&1 &")
     module_bottle.wait_for_port(8765, timeout=60)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(
+        TimeoutError, match=f"^a listen on TCP port 8766 in {module_bottle.name} did not happen within 1 s$"
+    ):
         module_bottle.wait_for_port(8766, timeout=1)
 
 
