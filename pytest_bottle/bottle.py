@@ -273,7 +273,7 @@ class Bottle(BottleFiles, Waits):
         try:
             result = access.run(cmd, **kw)
         except ExecTimeout as e:
-            self._check_open_after_ssh(e)
+            self._check_open_after_ssh(e, died_within=0.0)  # its timeout is the user's: no wait past it
             raise
         except ExecError as e:  # check=True
             if e.returncode == 255:
@@ -283,12 +283,12 @@ class Bottle(BottleFiles, Waits):
             self._check_open_after_ssh(None)
         return result
 
-    def _check_open_after_ssh(self, cause: BaseException | None) -> None:
+    def _check_open_after_ssh(self, cause: BaseException | None, died_within: float = SSH_DEATH_WAIT) -> None:
         if self._closed and not self.kept:
             raise AgentError(f"bottle {self.name} was closed during ssh") from cause
         # A VM that died under ssh: said as exec says it, not as ssh's "connection refused" (255).
         # Its QEMU's exit reaches the channel a moment after the connection broke.
-        if (died := self._channel.ended(SSH_DEATH_WAIT, "ssh")) is not None:
+        if (died := self._channel.ended(died_within, "ssh")) is not None:
             raise died from cause
 
     # -- lifetime -----------------------------------------------------------
