@@ -47,6 +47,24 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, interval: floa
         time.sleep(interval)
 
 
+def outcome_in_thread(
+    call: Callable[[], object], *expected: type[BaseException]
+) -> tuple[threading.Thread, list[object]]:
+    """Start ``call`` in a thread of its own: what it returns, or the ``expected``
+    error it raises, lands in the list (one item) when the thread ends."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except expected as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
 def group_members(pgid: int) -> list[psutil.Process]:
     """Live processes of process group ``pgid``, their names read as they were
     listed (``p.info["name"]``: a process may end at once)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import check_release, wait_until
+from harness import check_release, outcome_in_thread, wait_until
 
 import pytest_bottle
 from pytest_bottle import (
@@ -550,18 +550,11 @@ def test_calls_in_flight_when_a_bottle_is_kept_are_lost_not_killed(stop_kept: li
     command's reply beat the end call's (a race seen under load)."""
     b = pytest_bottle.launch(detached=True)
     stop_kept.append(b.name)
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(b.exec("echo started > /tmp/exec-started; sleep 60", timeout=120))
-        except AgentError as e:
-            outcome.append(e)
-
     p = b.spawn("echo up; sleep 60")  # the Python agent serves the bottle from here on
     p.wait_for_output("up", timeout=30)
-    waiter = threading.Thread(target=run)
-    waiter.start()
+    waiter, outcome = outcome_in_thread(
+        lambda: b.exec("echo started > /tmp/exec-started; sleep 60", timeout=120), AgentError
+    )
     wait_until(lambda: b.exec("test -e /tmp/exec-started").ok, 30, "the other thread's exec runs")
     b.keep()
     waiter.join(timeout=30)

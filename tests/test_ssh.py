@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import run_isolated, wait_until
+from harness import outcome_in_thread, run_isolated, wait_until
 
 import pytest_bottle
 from pytest_bottle import AgentError, Bottle, BottleError, ExecError, SpecError
@@ -165,16 +165,7 @@ def test_ssh_on_a_vm_that_died_raises_agent_error_as_exec_does(bottle: Bottle) -
     "closed by remote host" for one under way) where exec raises AgentError."""
     b = bottle
     b.ssh("true")
-    outcome: list[object] = []
-
-    def long_ssh() -> None:
-        try:
-            outcome.append(b.ssh("sleep 60", timeout=120))
-        except AgentError as e:
-            outcome.append(e)
-
-    waiter = threading.Thread(target=long_ssh)
-    waiter.start()
+    waiter, outcome = outcome_in_thread(lambda: b.ssh("sleep 60", timeout=120), AgentError)
     wait_until(lambda: b.exec("pgrep -c -x sleep").stdout.strip() == "1", 30, "the ssh command runs")
     with contextlib.suppress(AgentError):  # at once: the VM may be gone before exec's answer
         b.exec("poweroff -f")
