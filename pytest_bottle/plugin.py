@@ -218,11 +218,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     state = _state(config)
     spec = state.spec(here=False)  # the controller's: workers may run elsewhere
-    verdict = accel_mod.cached_verdict(spec.cache_dir) if spec.accel == "auto" else None
-    if spec.accel != "auto":
-        accel = f"{spec.accel} (requested)"
-    elif verdict is not None:  # one line: a failed probe's reason may quote all of QEMU's assertion
-        reason = verdict.reason if len(verdict.reason) <= 100 else f"{verdict.reason[:100]}…; bottle doctor says all"
+    verdict = accel_mod.cached_verdict(spec.cache_dir) if spec.accel != "tcg" else None
+    # one line: a failed probe's reason may quote all of QEMU's assertion
+    reason = "" if verdict is None else verdict.reason
+    reason = reason if len(reason) <= 100 else f"{reason[:100]}…; bottle doctor says all"
+    if spec.accel == "kvm":
+        why = reason if verdict is not None and verdict.accel != "kvm" else accel_mod.kvm_usable()
+        accel = "kvm (requested)" if why is None else f"kvm (requested, but {why}: each bottle fails to start)"
+    elif spec.accel == "tcg":
+        accel = "tcg (requested)"
+    elif verdict is not None:
         accel = f"{verdict.accel} ({reason})"
     elif (why := accel_mod.kvm_usable()) is not None:
         accel = f"tcg ({why})"

@@ -613,6 +613,13 @@ def test_report_header_keeps_a_failed_probes_reason_short(pytester: pytest.Pytes
     header = [line for line in result.outlines if line.startswith("bottle: image")]
     assert len(header) == 1 and f"accel tcg ({reason[:100]}…; bottle doctor says all), cache {cache}" in header[0]
     assert len(header[0]) <= 180 + len(str(cache)), header
+    # asking for kvm where the stored probe failed: each bottle will fail, and the header says so up front
+    result = pytester.runpytest_subprocess(
+        f"--bottle-cache-dir={cache}", "--bottle-accel=kvm", "-p", "no:cacheprovider"
+    )
+    header = [line for line in result.outlines if line.startswith("bottle: image")]
+    expected = f"accel kvm (requested, but {reason[:100]}…; bottle doctor says all: each bottle fails to start)"
+    assert len(header) == 1 and expected in header[0], header
 
 
 def test_bottle_image_fixture(pytester: pytest.Pytester) -> None:
