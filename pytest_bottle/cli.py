@@ -190,7 +190,10 @@ def cmd_ps(args: argparse.Namespace) -> int:
     for rec in RunRecord.load_all():
         # A kept bottle's owner is its QEMU: once that is gone, so is the bottle.
         state = ("kept" if rec.extra.get("kept") else "live") if rec.owner_alive() else "orphaned"
-        print(f"{rec.name:14} {state:9} qemu pid {rec.qemu_pid}  owner pid {rec.owner_pid}  {rec.run_dir}")
+        if state == "live" and rec.qemu_pid is None:  # its QEMU is not started yet
+            state = "starting"
+        qemu = "-" if rec.qemu_pid is None else rec.qemu_pid
+        print(f"{rec.name:14} {state:9} qemu pid {qemu}  owner pid {rec.owner_pid}  {rec.run_dir}")
     return 0
 
 

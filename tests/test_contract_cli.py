@@ -496,6 +496,19 @@ def isolated(seed: SavedState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     return cache
 
 
+def test_ps_shows_a_vm_whose_qemu_is_not_started_yet_as_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # it said "live ... qemu pid None"
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state"))
+    rec = RunRecord.create("btl-starting1", tmp_path / "run")  # owned by this live process, as a start is
+    out = cli("ps").stdout
+    assert re.search(rf"^btl-starting1\s+starting\s+qemu pid -  owner pid {os.getpid()}  ", out, re.M), out
+    rec.qemu_pid = os.getpid()  # any live pid: ps only reads the record
+    rec.save()
+    assert re.search(rf"^btl-starting1\s+live\s+qemu pid {os.getpid()}  ", cli("ps").stdout, re.M)
+
+
 def test_stop_unknown_name_and_sweep_kept(isolated: Path, seed: SavedState) -> None:
     names: list[str] = []
     try:
