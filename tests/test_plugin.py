@@ -412,6 +412,29 @@ def test_failure_report_has_console_and_commands(pytester: pytest.Pytester) -> N
     assert section.count("\n") == 1 + 1 + 5, section  # the title's end, the note, five lines of the seed's boot
 
 
+def test_a_failure_whose_command_has_a_name_that_is_not_utf8_is_reported_under_xdist(
+    pytester: pytest.Pytester,
+) -> None:
+    # the "last commands" section kept the lone surrogate: xdist's channel refused the
+    # report, the worker crashed, and the run said "1 passed" with exit code 0
+    pytester.makepyfile("""
+        import os
+
+        def test_fails(bottle):
+            bottle.exec(["touch", os.fsdecode(b"/tmp/caf\\xe9.txt")])
+            bottle.exec("echo " + os.fsdecode(b"\\xff"))
+            assert False
+
+        def test_after():
+            pass
+    """)
+    result = run(pytester, "-n", "1", "-p", "xdist")
+    result.assert_outcomes(failed=1, passed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*bottle btl-* last commands*", "*[[]0] *touch /tmp/caf\\xe9.txt*", "*echo \\xff*"])
+    assert "INTERNALERROR" not in result.stdout.str()
+
+
 def test_a_teardown_failure_reports_the_bottle_once(pytester: pytest.Pytester) -> None:
     """A fixture failing in teardown got no bottle sections; after a failed
     call, its teardown error must not repeat them."""
