@@ -136,8 +136,17 @@ def check_cache_place(path: Path) -> None:
     """Refuse a cache that is not there yet and could never be made safely
     (under another user's directory, or one open to others); makes nothing.
     For ``bottle doctor``: reading such a cache finds it empty all the same."""
-    if not os.path.lexists(path):
-        _check_ancestors(Path(os.path.abspath(path)), f"pass a cache dir of your own or fix {path}")
+    if os.path.lexists(path):
+        return
+    path = Path(os.path.abspath(path))
+    hint = f"pass a cache dir of your own or fix {path}"
+    _check_ancestors(path, hint)
+    existing = next(p for p in path.parents if os.path.lexists(p))  # "/" at least
+    # access(2) also says EROFS: a read-only home in a container, a read-only mount
+    if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        ro = os.statvfs(existing).f_flag & os.ST_RDONLY
+        why = "is on a read-only file system" if ro else "is not writable by this user"
+        raise UnsafeDirectory(str(path), f"it cannot be made: {existing} {why}", hint)
 
 
 def private_dir(
