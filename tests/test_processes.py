@@ -543,6 +543,20 @@ def test_a_kept_bottle_is_running_and_its_calls_say_it_was_kept(stop_kept: list[
     wait_until(lambda: not b.vm_running(), 60, "vm_running() is False once its QEMU is gone")
 
 
+def test_a_bottle_stopped_from_outside_says_so_not_that_its_guest_ended() -> None:
+    # it said "QEMU exited with 0: the guest rebooted, powered off or panicked"
+    with pytest_bottle.launch() as b:
+        stop = subprocess.run(
+            [sys.executable, "-m", "pytest_bottle.cli", "stop", b.name], capture_output=True, text=True, timeout=120
+        )
+        assert stop.returncode == 0, stop.stderr
+        with pytest.raises(AgentError) as e:
+            b.exec("true")
+        said = str(e.value)
+        assert "the VM was ended from outside (QEMU exited with 0: " in said, said
+        assert "terminating on signal 15 from pid " in said and "panicked" not in said, said
+
+
 def test_calls_in_flight_when_a_bottle_is_kept_are_lost_not_killed(stop_kept: list[str]) -> None:
     """keep() ends the test's processes: an exec another thread was waiting on
     could return ExecResult(returncode=-9), as if the guest's OOM killer had
