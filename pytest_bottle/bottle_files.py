@@ -103,6 +103,8 @@ class BottleFiles:
         ``timeout`` seconds.
         """
         check_timeout(timeout)
+        if isinstance(raw := raw_path(src), str) and raw.endswith(("/", "/.")):
+            os.stat(raw)  # as open() takes "f/": NotADirectoryError for a file (Path drops the "/")
         put(self._agent, local_path(src), dst, timeout)
 
     def get(self, src: GuestPath, dst: PathLike, *, timeout: float | None = FILE_TIMEOUT) -> None:
@@ -115,5 +117,7 @@ class BottleFiles:
         A file goes inside ``dst`` when it is a directory or ends with ``/``, ``/.`` or ``/..``."""
         check_timeout(timeout)
         into = isinstance(dst, (str, os.PathLike)) and names_no_file(str(os.fspath(dst)))  # "d/", "d/.", "d/.."
+        raw, path = raw_path(src), guest_path(src)
+        only_dir = isinstance(raw, str) and raw.endswith(("/", "/.")) and path != "/"  # "f/": ENOTDIR, as for open(2)
         with self._agent.deadline(timeout):
-            fetch(self._agent, guest_path(src), local_path(dst), into=into)
+            fetch(self._agent, path, local_path(dst), into=into, only_dir=only_dir)

@@ -368,8 +368,8 @@ def test_guest_is_a_directory_errors(module_bottle: Bottle) -> None:
     assert base + "\n" == module_bottle.check_output(f"ls -A {parent} | grep -F {base}")  # no temp file beside it
 
 
-def test_reads_a_path_cannot_name_or_a_fifo_are_refused_at_once(module_bottle: Bottle) -> None:
-    """Reading "f/" read f (open(2) says ENOTDIR); a FIFO's read waited for a writer until
+def test_reads_a_path_cannot_name_or_a_fifo_are_refused_at_once(module_bottle: Bottle, tmp_path: Path) -> None:
+    """Reading (or get, or put) "f/" read f (open(2) says ENOTDIR); a FIFO's read waited for a writer until
     its timeout, left an agent thread behind and swallowed that writer's data;
     a bytes path was "must be absolute"."""
     d = _scratch(module_bottle)
@@ -378,6 +378,18 @@ def test_reads_a_path_cannot_name_or_a_fifo_are_refused_at_once(module_bottle: B
         with pytest.raises(GuestOSError) as info:
             module_bottle.read_bytes(name)
         assert info.value.errno == errno.ENOTDIR, info.value
+        with pytest.raises(GuestOSError) as info:  # get() copied the file, as `cp f/ x` would not
+            module_bottle.get(name, tmp_path / "got")
+        assert info.value.errno == errno.ENOTDIR and info.value.filename == f"{d}/file/", info.value
+    assert not (tmp_path / "got").exists()
+    (tmp_path / "local").write_text("x")
+    for local in (f"{tmp_path}/local/", f"{tmp_path}/local/."):
+        with pytest.raises(NotADirectoryError):  # as open() takes it; put() sent the file
+            module_bottle.put(local, f"{d}/put")
+    assert module_bottle.exec(["test", "-e", f"{d}/put"]).returncode == 1
+    module_bottle.get(f"{d}/", tmp_path / "dir")  # a directory with its "/" is copied as ever
+    module_bottle.put(f"{tmp_path}/dir/", f"{d}/back")
+    assert module_bottle.read_text(f"{d}/back/file") == "x" and (tmp_path / "dir" / "file").read_text() == "x"
     module_bottle.exec(["mkfifo", f"{d}/fifo"], check=True)
     started = time.monotonic()
     with pytest.raises(GuestOSError, match="Is a FIFO") as fifo:
