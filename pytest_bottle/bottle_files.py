@@ -118,6 +118,8 @@ class BottleFiles:
         check_timeout(timeout)
         into = isinstance(dst, (str, os.PathLike)) and names_no_file(str(os.fspath(dst)))  # "d/", "d/.", "d/.."
         raw, path = raw_path(src), guest_path(src)
-        only_dir = isinstance(raw, str) and raw.endswith(("/", "/.")) and path != "/"  # "f/": ENOTDIR, as for open(2)
         with self._agent.deadline(timeout):
-            fetch(self._agent, path, local_path(dst), into=into, only_dir=only_dir)
+            # "f/" names a directory, as for open(2): a file there is ENOTDIR (a rare form: one more stat)
+            if isinstance(raw, str) and raw.endswith(("/", "/.")) and not AgentClient.of(self._agent).stat(path).is_dir:
+                raise guest_os_error(f"in the guest: [Errno 20] Not a directory: '{path}/'", errno.ENOTDIR, path + "/")
+            fetch(self._agent, path, local_path(dst), into=into)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arguments import GuestPath, guest_path, matches_any, names_no_file, raw_path
-from ..errors import AgentError, BottleError, GuestOSError, UnsafeTransfer, guest_os_error
+from ..errors import AgentError, BottleError, GuestOSError, UnsafeTransfer
 from ..guest import untar
 from ..guest.frames import DATA, EOF, FrameWriter
 from .calls import Call
@@ -135,16 +135,11 @@ def _refusal(mode: int) -> str:
     return f"{SPECIAL_KINDS.get(stat.S_IFMT(mode), 'not a file')}: only files, directories and links are copied"
 
 
-def fetch(
-    agent: Agent, src: str, dst: Path, policy: untar.Policy = untar.GET, *, into: bool = False, only_dir: bool = False
-) -> None:
+def fetch(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar.GET, *, into: bool = False) -> None:
     """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``
-    (a file goes inside ``dst`` when ``into`` or when ``dst`` is a directory;
-    ``only_dir``: ``src`` was written with a trailing ``/``)."""
+    (a file goes inside ``dst`` when ``into`` or when ``dst`` is a directory)."""
     client = AgentClient.of(agent)
     info = client.stat(src)
-    if only_dir and not info.is_dir:
-        raise guest_os_error(f"in the guest: [Errno 20] Not a directory: '{src}/'", errno.ENOTDIR, src + "/")
     if info.is_dir:
         receive_tree(client, src, dst, policy)
     elif stat.S_ISREG(info.mode):
