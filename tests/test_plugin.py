@@ -223,6 +223,8 @@ def test_a_bad_marker_under_xdist_fails_its_test_with_the_message(pytester: pyte
     result.assert_outcomes(passed=1, errors=1)
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
     assert "@pytest.mark.bottle on test_bad.py::test_badmem: bad memory" in result.stdout.str()
+    result.stdout.fnmatch_lines(["InvalidBottleArgument: @pytest.mark.bottle on test_bad.py::test_badmem: bad memory*"])
+    assert "pytest_bottle" not in result.stdout.str()  # the message alone: no line of the plugin's code
 
 
 def test_bad_ini_value_names_the_ini(pytester: pytest.Pytester) -> None:
