@@ -10,7 +10,6 @@ ones, which stay in the cache until ``bottle snapshot rm`` or ``prune``.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from .images.cache import find_image, images_dir
 from .spec import PARSERS, BottleSpec, resolve
 from .store import snapshots
 from .store.saved import SavedState, StateCorrupt, load, lock_path, verify
+from .vmm.forks import at_exit
 from .vmm.machine import QemuMachine
 
 if TYPE_CHECKING:
@@ -295,7 +295,7 @@ def _remove_own(live: list[Snapshot]) -> None:
             log.warning("removing snapshot %s failed: %s", snap.name, e)
 
 
-atexit.register(remove_session_snapshots)
+at_exit(remove_session_snapshots, priority=10)
 
 
 # -- kept snapshots (--bottle-save-failed, the CLI) ----------------------------

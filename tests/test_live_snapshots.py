@@ -26,6 +26,7 @@ from harness import TESTS_DIR, check_release, processes_mentioning, wait_until
 import pytest_bottle
 from pytest_bottle import BootTimeout, Bottle, BottleError, Snapshot, SnapshotError, SnapshotGone, SpecError
 from pytest_bottle.host.paths import default_cache_dir
+from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.host.sweep import sweep
 
 TICKER = "while true; do date +%s%N >> /root/ticks; sleep 0.2; done"
@@ -364,6 +365,45 @@ def test_kill_9_during_a_snapshot_leaves_nothing_after_a_sweep(warm_cache: Path)
     assert not Path(first).exists()
     assert not (warm_cache / "run" / name).exists()
     assert not [p for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or ())]
+
+
+FORKED = """
+import multiprocessing as mp, sys
+import pytest_bottle
+
+def child(snap, q):
+    with snap.start() as fork:
+        q.put(fork.check_output("hostname").strip())
+    b = pytest_bottle.launch()  # neither closed nor removed: the child's exit does both
+    q.put((b.name, str(b.snapshot().path)))
+
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    with pytest_bottle.launch() as src:  # the parent has started a bottle before the fork
+        snap = src.snapshot()
+    q = mp.Queue()
+    p = mp.Process(target=child, args=(snap, q))
+    p.start()
+    p.join(300)
+    if p.exitcode is None:
+        p.kill()
+        sys.exit("the child hung")
+    print(p.exitcode, q.get(), *q.get(), src.name)
+"""
+
+
+def test_a_multiprocessing_child_forks_and_cleans_up_after_itself(tmp_path: Path) -> None:
+    # The child's start waited for ever on the parent's thread pools (not in a
+    # forked child), and a child that returned left its bottle and snapshot to the sweep.
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr
+    exitcode, forked, name, snapshot, parent = r.stdout.split()
+    assert exitcode == "0" and forked.startswith("btl-") and forked not in (name, parent), r.stdout
+    assert not Path(snapshot).exists(), "the child's snapshot outlived it"
+    assert not (RunRecord.records_dir() / f"{name}.json").exists(), "the child's bottle was left to the sweep"
+    assert not processes_mentioning(name)
 
 
 FAILING = """

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from ..host.deps import which
 from ..ssh import SshAccess, client_key, new_host_key
 from ..store.saved import SavedState
 from ..store.seeds import SEED_MACS, USER_NET
+from ..vmm.forks import ForkSafePool
 from .plan import SSH_PORT, Plan
 from .resources import Resources
 
@@ -32,7 +33,7 @@ KEYGEN_WAIT = 1.0
 RESOLV_NAT = "nameserver 10.0.2.3\n"
 RESOLV_NONE = '# network="none": no DNS (lookups fail at once instead of timing out)\n'
 
-_helpers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bottle-launch")
+_helpers = ForkSafePool(4, "bottle-launch")
 
 # How the host finds a guest NIC: by "match" (its MAC now) and "name" (when known).
 Found = dict[str, str]

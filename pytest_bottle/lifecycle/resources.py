@@ -10,7 +10,6 @@ exactly what it took, and ``close`` releases the rest in reverse order.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from ..net import pools
 from ..net.lan import Lan, LanRegistry
 from ..store.saved import SavedState
 from ..vmm.backend import Machine
+from ..vmm.forks import at_exit
 from .boot import forget_attempt
 from .plan import LAN_NIC, Forwards, Plan
 
@@ -163,7 +163,6 @@ class Resources:
 _held: set[Resources] = set()
 
 
-@atexit.register
 def _close_held() -> None:
     for res in list(_held):  # a forked child's set is empty (below)
         try:
@@ -172,6 +171,7 @@ def _close_held() -> None:
             log.warning("bottle %s: could not be released at exit: %s", res.name, e)
 
 
+at_exit(_close_held, priority=20)  # before the snapshots' removal (10)
 os.register_at_fork(after_in_child=_held.clear)  # the parent's bottles are not the child's to release
 
 

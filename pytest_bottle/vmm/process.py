@@ -16,22 +16,21 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from .forks import ForkSafePool
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
 _libc = ctypes.CDLL(None, use_errno=True)
-_spawner: ThreadPoolExecutor | None = None
-_spawner_lock = threading.Lock()
+_spawner = ForkSafePool(1, "bottle-spawner")
 
 
 def die_with(parent: int, sig: int) -> None:
@@ -61,11 +60,6 @@ def spawn(
     ``small_pages``: the child gets no transparent huge pages (see
     :func:`no_huge_pages`).
     """
-    global _spawner
-    with _spawner_lock:
-        if _spawner is None:
-            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bottle-spawner")
-
     argv = list(argv)
     preexec: Callable[[], None] | None = None
     if die_with_parent:
