@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import psutil
 import pytest
 
-from pytest_bottle import Bottle, ExecError, ExecTimeout, OutputTimeout, ProcessTimeout, SpecError
+from pytest_bottle import Bottle, ExecError, ExecTimeout, OutputTimeout, ProcessTimeout, SpecError, WaitTimeout
 from pytest_bottle.errors import GuestIsADirectoryError, GuestOSError, GuestPermissionError
 from pytest_bottle.images import get_recipe
 
@@ -263,6 +263,24 @@ def test_not_executable_is_126(module_bottle: Bottle) -> None:
     assert module_bottle.check_output([f"{d}/script"]) == "ran\n"
 
 
+def test_a_program_that_cannot_run_for_another_reason_is_126_too(bottle: Bottle) -> None:
+    """An executable with no #! line (ENOEXEC) or an argument list too long
+    (E2BIG) raised GuestOSError, from wait_until_succeeds too, as a shell gives 126."""
+    b, d = bottle, "/root"
+    b.write_text(f"{d}/bare", "echo ran\n", mode=0o755)
+    cases = (([f"{d}/bare"], "Exec format error"), (["echo", "x" * 200_000], "Argument list too long"))  # > 128 KiB
+    # A fresh bottle's plain commands are the compiled core's; with a cwd, or after a spawn, the agent's.
+    results = [("the core", b.exec(argv), argv[0], said) for argv, said in cases]
+    results += [("the agent", b.exec(argv, cwd="/tmp"), argv[0], said) for argv, said in cases]
+    results += [("a process", b.spawn(argv).wait(timeout=60), argv[0], said) for argv, said in cases]
+    for how, r, program, said in results:
+        assert (r.returncode, r.stdout) == (126, "") and r.stderr == f"{program}: {said}\n", (how, r)
+    for argv, _ in cases:
+        with pytest.raises(WaitTimeout):
+            b.wait_until_succeeds(argv, timeout=1)
+    assert b.exec(["true"]).ok
+
+
 ENV = 'echo "$HOME|$USER|$LOGNAME|$LANG|$PATH"; pwd'
 
 
@@ -444,6 +462,21 @@ def test_deep_missing_parents_are_made_as_mkdir_p_makes_them(module_bottle: Bott
         module_bottle.write_text(f"{d}/" + "b/" * 2100 + "x", "x")
     assert info.value.errno == errno.ENAMETOOLONG, info.value
     module_bottle.exec(["rm", "-rf", f"{d}/a", f"{d}/b"], check=True)
+
+
+def test_a_write_through_a_dangling_link_makes_no_directory_for_its_target(module_bottle: Bottle) -> None:
+    """It made the link target's missing parents; a shell redirect says ENOENT."""
+    b, d = module_bottle, _scratch(module_bottle)
+    b.exec(["ln", "-s", f"{d}/nodir/target", f"{d}/link"], check=True)
+    with pytest.raises(GuestOSError) as info:
+        b.write_text(f"{d}/link", "t")
+    assert info.value.errno == errno.ENOENT and info.value.filename == f"{d}/link", info.value
+    assert b.exec(["test", "-e", f"{d}/nodir"]).returncode == 1
+    b.exec(["ln", "-s", f"{d}/there", f"{d}/link2"], check=True)  # a missing file in a directory that is there
+    b.write_text(f"{d}/link2", "t")
+    assert b.read_text(f"{d}/there") == "t" and b.exec(["test", "-L", f"{d}/link2"]).ok
+    b.write_text(f"{d}/new/parents/x", "x")  # a path's own missing parents are still made
+    assert b.read_text(f"{d}/new/parents/x") == "x"
 
 
 def test_write_bytes_takes_any_buffer_and_refuses_text_before_sending(module_bottle: Bottle) -> None:

@@ -9,6 +9,7 @@ fork path under emulation; a ``user`` or ``cwd`` falls back to ``subprocess``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pwd
 import select
@@ -22,6 +23,12 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# A program that is there but cannot be run gives 126, as a shell's does (a
+# missing one 127); the core's exec.c keeps the same list.
+CANNOT_RUN = frozenset(
+    {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENOEXEC, errno.E2BIG, errno.ELOOP, errno.ENAMETOOLONG}
+    | {errno.ETXTBSY, errno.ELIBBAD, errno.EISDIR}
+)
 HOME = "/root"
 PIPE_CHUNK = 64 * 1024  # a pipe holds 64 KiB: no read returns more
 # Output still trickling in after the command exited comes from processes it
@@ -177,10 +184,10 @@ def spawn(argv: list[str], env_add: dict[str, str], cwd: str | None, user: str |
         where = e.filename if e.filename is not None else argv[0]
         if cwd and where == cwd:  # any chdir error (a link loop, a name too long too)
             raise SpawnFailed(2, f"cannot change directory to {cwd}: {e.strerror}\n") from None
-        if not isinstance(e, (FileNotFoundError, PermissionError, NotADirectoryError)):
-            raise
-        if isinstance(e, FileNotFoundError):
+        if e.errno == errno.ENOENT:
             raise SpawnFailed(127, f"{argv[0]}: not found\n") from None
+        if e.errno not in CANNOT_RUN:  # the agent's own trouble (no memory, no descriptors): an error
+            raise
         raise SpawnFailed(126, f"{argv[0]}: {e.strerror}\n") from None
 
 

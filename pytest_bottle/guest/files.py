@@ -52,7 +52,8 @@ class FileOps:
         tmp = os.path.join(head, f".{os.fsdecode(os.fsencode(base)[:200])}.bottle-{rid}.tmp")  # bytes count
         size = 0
         try:
-            _makedirs(os.path.dirname(path) or "/")
+            if not os.path.islink(call["path"]):  # a link's target's directories are not ours to make (a redirect's)
+                _makedirs(os.path.dirname(path) or "/")
             with open(tmp, "wb") as f:
                 for chunk in inbox.chunks():
                     size += f.write(chunk)

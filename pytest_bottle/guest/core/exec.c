@@ -157,6 +157,11 @@ static void reply_failed(uint32_t rid, int rc, const char *argv0, const char *wh
     b_free(&msg);
 }
 
+static bool cannot_run(int e) {
+    return e == EACCES || e == EPERM || e == ENOTDIR || e == ENOEXEC || e == E2BIG || e == ELOOP ||
+           e == ENAMETOOLONG || e == ETXTBSY || e == ELIBBAD || e == EISDIR;
+}
+
 int op_exec(uint32_t rid, jdoc *d, jnode *call) {
     if (!simple(d, call)) return 0;
     double started = mono();
@@ -170,11 +175,12 @@ int op_exec(uint32_t rid, jdoc *d, jnode *call) {
     int pidfd, out, err, rc = spawn(argv, envp, &pid, &pidfd, &out, &err);
     free(envp);
     if (rc) {
-        /* as execute.spawn words it; other errors are the Python agent's to report */
+        /* as execute.spawn words it (its CANNOT_RUN); other errors are the Python agent's to report */
+        bool answered = rc == ENOENT || cannot_run(rc);
         if (rc == ENOENT) reply_failed(rid, 127, argv[0], "not found");
-        else if (rc == EACCES || rc == EPERM || rc == ENOTDIR) reply_failed(rid, 126, argv[0], strerror(rc));
+        else if (answered) reply_failed(rid, 126, argv[0], strerror(rc));
         free(argv);
-        return rc == ENOENT || rc == EACCES || rc == EPERM || rc == ENOTDIR;
+        return answered;
     }
     free(argv);
     if (pidfd < 0) pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
