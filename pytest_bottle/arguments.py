@@ -29,7 +29,7 @@ def check_timeout(timeout: float | None, *, optional: bool = True, zero: bool = 
         if timeout > 0 or zero:
             return  # (the comparisons also reject inf and nan)
     least = "0 or a positive" if zero else "a positive"
-    raise SpecError(f"timeout must be {least}, finite number of seconds, not {timeout!r}")
+    raise SpecError(f"timeout must be {least}, finite number of seconds (below 1e9), not {timeout!r}")
 
 
 def check_days(days: float, where: str) -> None:

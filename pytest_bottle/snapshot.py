@@ -256,7 +256,7 @@ def _refusal(bottle: Bottle, machine: Machine, res: Resources) -> str:
     if res.plan is not None and res.plan.spec.lan:
         return (
             f"it is on lan={res.plan.spec.lan!r}, and a fork would have to join that LAN with "
-            "the same addresses (take the snapshot before joining, or start forks without a LAN)"
+            "the same addresses (snapshot a bottle without lan=; its forks have no LAN either)"
         )
     if res.restored is None:
         return "it was booted cold (boot='cold'); snapshots are of bottles restored from a seed (the default)"
@@ -328,9 +328,10 @@ def _gone(name: str, path: Path, why: str) -> SnapshotError:
     return SnapshotGone(name, why)
 
 
-def resolve_saved_snapshot(cache_dir: Path, name: str) -> Snapshot:
+def resolve_saved_snapshot(cache_dir: Path | str, name: str) -> Snapshot:
     """The snapshot ``name`` in ``cache_dir`` (kept or live), ready to fork, or ``SnapshotGone``."""
     snapshots.check_name(name)
+    cache_dir = Path(cache_dir)  # a str too, as launch(cache_dir=) takes it
     state = load(cache_dir / "snapshots" / name)
     if state is None or state.kind != "snapshot":
         raise _gone(name, cache_dir / "snapshots" / name, f"no such snapshot in {cache_dir} (see bottle snapshot list)")

@@ -169,7 +169,7 @@ def _timeout(value: Any) -> float:
     except (TypeError, ValueError):
         raise ValueError(f"timeout must be a number of seconds, not {value!r}") from None
     if isinstance(value, bool) or not 0 < t < 1e9:  # also rejects inf and nan
-        raise ValueError(f"timeout must be a positive, finite number of seconds, not {value!r}")
+        raise ValueError(f"timeout must be a positive, finite number of seconds (below 1e9), not {value!r}")
     return t
 
 

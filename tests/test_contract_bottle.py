@@ -121,6 +121,8 @@ def test_the_waiting_helpers_refuse_a_bad_timeout_at_once(module_bottle: Bottle)
                 b.wait_for_port(22, bad)  # type: ignore[arg-type]
             with pytest.raises(SpecError, match="timeout must be a positive, finite number of seconds"):
                 b.wait_until_succeeds("true", bad)  # type: ignore[arg-type]
+        with pytest.raises(SpecError, match=r"finite number of seconds \(below 1e9\), not 1000000000.0"):
+            b.wait_until_succeeds("true", 1e9)  # the bound was not said
         assert time.monotonic() - started < 5  # at once: no try was made, nothing waited
         assert list(b.history) == before  # no command ran
         assert p.poll() is None  # wait() gave up on nothing: the process runs on

@@ -265,8 +265,9 @@ def test_lan_bottle_snapshot_is_refused(bottle_factory: Callable[..., Bottle], n
         return [p.name for p in root.iterdir() if b.name in p.name] if root.is_dir() else []
 
     children = {p.pid for p in psutil.Process().children(recursive=True)}  # no spare is starting
-    with pytest.raises(SnapshotError, match="lan='snapnet'"):
+    with pytest.raises(SnapshotError, match="lan='snapnet'") as refused:
         b.snapshot()
+    assert "snapshot a bottle without lan=" in str(refused.value)  # not "before joining": it joins at launch
     assert b.exec("true").ok, "the bottle runs on"
     assert mine() == [], "nothing written"
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= children, "no receiver QEMU started"

@@ -84,7 +84,7 @@ def check_name(name: str) -> str:
         raise SnapshotError(
             str(name),
             "a snapshot name is letters, digits, '.', '_' or '-' (at most 100), "
-            f"not ending in {', '.join(_RESERVED_ENDINGS)}",
+            f"starting with a letter or digit, not ending in {', '.join(_RESERVED_ENDINGS)}",
         )
     return name
 

@@ -80,6 +80,8 @@ def test_a_fork_may_restate_its_image_however_it_is_written() -> None:
 def test_bad_fork_values_are_named() -> None:
     with pytest.raises(SpecError, match="where: bad timeout"):
         check_fork_args({"timeout": -1}, "where")
+    with pytest.raises(SpecError, match=r"finite number of seconds \(below 1e9\), not 1000000000.0"):
+        check_fork_args({"timeout": 1e9}, "where")  # the bound was not said
     with pytest.raises(SpecError, match="where: bad forward"):
         check_fork_args({"forward": [70000]}, "where")
 
@@ -91,6 +93,9 @@ def test_saved_names_are_valid_snapshot_names() -> None:
     assert re.fullmatch(r"test-[0-9a-f]{6}-btl-1", check_name(saved_name("x::[[[", "btl-1")))
     for bad in ("", ".tmp-x", "../x", "a/b", "x" * 101, "x.lock", "x-rm", "x-old", "x-prune", "x-discard", "x\n"):
         with pytest.raises(SnapshotError):
+            check_name(bad)
+    for bad in (".", "..", "-x"):  # the message said nothing of the first character
+        with pytest.raises(SnapshotError, match="starting with a letter or digit"):
             check_name(bad)
 
 

@@ -327,6 +327,7 @@ def test_a_saved_snapshot_of_a_derived_image_opens_by_its_key(tmp_path: Path) ->
     snapshot_on(tmp_path, "saved", seed, spec=spec, image_name="debian-bookworm+k2", image_key="k2")
     snap = resolve_saved_snapshot(tmp_path, "saved")
     assert snap.image.key == "k2" and snap.image.root is not None and snap.image.root.key == base_key
+    assert resolve_saved_snapshot(str(tmp_path), "saved").image.key == "k2"  # a str: it was a TypeError
     assert snap.spec.image == "debian-bookworm+k2" and snap.image.kernel == base / "vmlinuz"
     m1 = json.loads((tmp_path / "images" / "derived-k1" / "manifest.json").read_text())
     (tmp_path / "images" / "derived-k1" / "manifest.json").write_text(json.dumps({**m1, "created": 5.0}))
