@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -173,6 +174,7 @@ def test_snapshot_outlives_its_source_and_remove_is_named(bottle_factory: Callab
     source = bottle_factory()
     source.write_text("/root/mark", "kept")
     snap = source.snapshot()
+    assert stat.S_IMODE(snap.path.stat().st_mode) == 0o700, "its disk holds the source's SSH host key"  # was 0755
     source.close()
     with snap.start() as fork:
         assert fork.read_text("/root/mark") == "kept"

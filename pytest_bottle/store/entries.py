@@ -73,13 +73,14 @@ def clean_stale(final: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def building(final: Path) -> Iterator[Path]:
-    """A fresh tmp directory to build ``final`` in (stale ones of dead builds
-    removed first; hold the entry's lock).  Call ``commit`` inside to publish
-    it; whatever is left of it when the block ends, normally or not, goes."""
+def building(final: Path, mode: int = 0o777) -> Iterator[Path]:
+    """A fresh tmp directory (``mode``, less the umask) to build ``final`` in
+    (stale ones of dead builds removed first; hold the entry's lock).  Call
+    ``commit`` inside to publish it; whatever is left of it when the block
+    ends, normally or not, goes."""
     clean_stale(final)
     tmp = tmp_path(final)
-    tmp.mkdir(parents=True)
+    tmp.mkdir(mode=mode, parents=True)
     try:
         yield tmp
     finally:

@@ -195,7 +195,8 @@ def create(
     stay right) and returns manifest fields of its own.  ``durable``: see
     ``entries.commit``.
     """
-    with entries.building(final) as tmp:
+    # The user's alone, as the clone's own files are: a snapshot's disk holds its SSH host key.
+    with entries.building(final, 0o700) as tmp:
         started = time.monotonic()
         learned = capture(tmp)
         _dig_holes(tmp / "memory.ram")
