@@ -69,12 +69,16 @@ def _state_of(s: SavedState) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     found = snapshots.list_snapshots(args.cache_dir)
-    print(f"{'NAME':50} {'STATE':9} {'IMAGE':20} {'SIZE':>8} {'AGE':>6}")
-    for s in found:
-        m = s.manifest
-        size = f"{tree_size(s.path) / 1e6:.0f} MB"
-        age = f"{(time.time() - s.created) / 3600:.1f}h"
-        print(f"{s.path.name:50} {_state_of(s):9} {m.get('image_name')!s:20} {size:>8} {age:>6}")
+    rows = [
+        (s.path.name, _state_of(s), str(s.manifest.get("image_name")), f"{tree_size(s.path) / 1e6:.0f} MB")
+        + (f"{(time.time() - s.created) / 3600:.1f}h",)
+        for s in found
+    ]
+    # Columns as wide as their longest entry: saved names run to ~80 characters, derived images past 24.
+    name_w, image_w = (max([len(h), *(len(r[i]) for r in rows)]) for i, h in ((0, "NAME"), (2, "IMAGE")))
+    print(f"{'NAME':{name_w}} {'STATE':9} {'IMAGE':{image_w}} {'SIZE':>8} {'AGE':>6}")
+    for name, state, image, size, age in rows:
+        print(f"{name:{name_w}} {state:9} {image:{image_w}} {size:>8} {age:>6}")
     if not found:
         print("(no snapshots)")
     return 0

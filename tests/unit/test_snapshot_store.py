@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -457,3 +458,18 @@ def test_seeds_of_another_recipe_key_in_use_stay_and_prune_keeps_the_seeds_of_wh
     day_ago = time.time() - 2 * 86400
     os.utime(old.path / "last-used", (day_ago, day_ago))
     assert [r.path for r in prune_seeds(tmp_path, {"custom": new}, only="custom")] == [seed_old]
+
+
+def test_snapshot_list_columns_fit_long_names(tmp_path: Path) -> None:
+    """Saved names run to ~80 characters and derived images past 24: both pushed the columns out of line."""
+    seed = entry(tmp_path / "seeds" / "s")
+    long = "test_a_rather_long_test_name_of_a_parametrized_case_x-0a1b2c-btl-0123abcd"
+    snapshot_on(tmp_path, long, seed, image_name="debian-trixie-minimal+62a6a1b2c3d4", kept=True)
+    snapshot_on(tmp_path, "short", seed, image_name="debian-bookworm", kept=True)
+    argv = [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={tmp_path}", "snapshot", "list"]
+    lines = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    header, *rows = lines
+    assert len(rows) == 2, lines
+    for i, column in ((1, "STATE"), (2, "IMAGE")):  # each cell starts under its header
+        starts = {header.index(column), *(row.index(row.split()[i], len(row.split()[0])) for row in rows)}
+        assert len(starts) == 1, (column, lines)
