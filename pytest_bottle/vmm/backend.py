@@ -108,9 +108,11 @@ def gone(machine: Machine, wait: float = 1.0) -> str:
     It runs on the channel's reader, which ``close()`` waits 2 s for: keep ``wait`` under that."""
     if machine.wait(wait) is None:
         return ""
-    if machine.poll() == 0 and "terminating on signal" in (said := machine.exit_reason()):
-        # `bottle stop`, a sweep, anyone's kill: QEMU says whose (pid and name)
-        return f"the VM was ended from outside ({said})"
+    if machine.poll() == 0:  # SIGTERM, SIGINT or SIGHUP from outside: QEMU says whose (pid and name)
+        if "terminating on signal" in (said := machine.exit_reason()):
+            return f"the VM was ended from outside ({said})"
+        if not machine.console_log.exists():  # ours goes only at close: `bottle stop` (or a sweep) took it
+            return "the VM was ended from outside (its run directory was removed: `bottle stop`, or a sweep)"
     words = last_words(console_tail(machine.console_log))
     ends = "a bottle's VM ends when its guest reboots, powers off or panics"
     if words:
