@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import secrets
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -29,7 +28,7 @@ from .images.cache import find_image, images_dir
 from .spec import PARSERS, BottleSpec, resolve
 from .store import snapshots
 from .store.saved import SavedState, StateCorrupt, load, lock_path, verify
-from .vmm.forks import at_exit
+from .vmm.forks import ForkSafeLock, at_exit
 from .vmm.machine import QemuMachine
 
 if TYPE_CHECKING:
@@ -172,7 +171,7 @@ class Snapshot:
 # for snapshots made outside any session).  Each snapshot is removed at the end
 # of its scope by the process that made it (``owner_pid``).
 _scopes: list[dict[str, Snapshot]] = [{}]
-_live_lock = threading.Lock()
+_live_lock = ForkSafeLock()
 
 
 def open_snapshot_scope() -> dict[str, Snapshot]:

@@ -391,7 +391,7 @@ if __name__ == "__main__":
     if p.exitcode is None:
         p.kill()
         sys.exit("the child hung")
-    print(p.exitcode, q.get(), *q.get(), src.name)
+    print(p.exitcode, q.get(timeout=10), *q.get(timeout=10), src.name)
 """
 
 

@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import subprocess
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -51,6 +50,7 @@ from typing import Any
 
 from ..errors import BootError
 from ..host.paths import write_json
+from ..vmm.forks import ForkSafeLock
 from . import entries
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ ZERO_CHUNK = hashlib.sha256(bytes(CHUNK)).digest()
 STAMP = "verified.json"
 
 _verified: set[tuple[Any, ...]] = set()
-_verified_lock = threading.Lock()
+_verified_lock = ForkSafeLock()
 
 
 class StateCorrupt(BootError):

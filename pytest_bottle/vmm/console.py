@@ -90,6 +90,10 @@ class _Watcher:
     """One daemon thread for every console of this process, started with the first."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Anew (a forked child: it has no watcher thread, and may have a lock held at the fork)."""
         self.paths: weakref.WeakKeyDictionary[object, Path] = weakref.WeakKeyDictionary()
         self.cut: dict[str, int] = {}  # bytes cut off each file so far (a file cut in place forgets)
         self.lock = threading.Lock()
@@ -126,6 +130,7 @@ class _Watcher:
 
 
 _watcher = _Watcher()
+os.register_at_fork(after_in_child=_watcher.reset)
 watch = _watcher.watch
 forget = _watcher.forget
 
