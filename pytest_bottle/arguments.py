@@ -10,7 +10,7 @@ import os
 import posixpath
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Union
+from typing import TypeGuard, Union
 
 from .errors import SpecError
 
@@ -71,6 +71,12 @@ def matches_any(name: str, patterns: Iterable[str]) -> bool:
 def names_no_file(raw: str) -> bool:
     """A path ``open(2)`` takes for a directory, never a file: ``/``, ``f/``, ``f/.``, ``f/..``."""
     return posixpath.basename(raw) in ("", ".", "..")
+
+
+def names_a_dir(raw: object) -> TypeGuard[str]:
+    """A source given as a str ending with ``/`` or ``/.``: only a directory, as
+    ``open(2)`` and ``cp`` take it (a path object has lost the ``/``)."""
+    return isinstance(raw, str) and raw.endswith(("/", "/."))
 
 
 def check_user(user: object, source: str) -> str | int | None:

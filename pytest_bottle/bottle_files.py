@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING
 from .agent.client import AgentClient
 from .agent.reads import read_all
 from .agent.transfer import fetch, put
-from .arguments import GuestPath, check_mode, check_timeout, guest_path, local_path, names_no_file, raw_path
+from .arguments import (
+    GuestPath,
+    check_mode,
+    check_timeout,
+    guest_path,
+    local_path,
+    names_a_dir,
+    names_no_file,
+    raw_path,
+)
 from .errors import guest_os_error
 
 if TYPE_CHECKING:
@@ -78,7 +87,7 @@ class BottleFiles:
         past it: use ``get`` for more); ``AgentTimeout`` after ``timeout`` s."""
         raw, path = raw_path(path), guest_path(path)
         check_timeout(timeout)
-        if isinstance(raw, str) and raw.endswith(("/", "/.")) and path != "/":
+        if names_a_dir(raw) and path != "/":
             path += "/"  # as open(2) takes "f/": ENOTDIR for a file, not the file
         return read_all(self._agent, path, READ_CAP, timeout)
 
@@ -103,8 +112,11 @@ class BottleFiles:
         ``timeout`` seconds.
         """
         check_timeout(timeout)
-        if isinstance(raw := raw_path(src), str) and raw.endswith(("/", "/.")):
-            os.stat(raw)  # as open() takes "f/": NotADirectoryError for a file (Path drops the "/")
+        if names_a_dir(raw := raw_path(src)):
+            try:
+                os.stat(raw)  # as open() takes "f/": NotADirectoryError for a file (Path drops the "/")
+            except FileNotFoundError:
+                pass  # put() names a missing source by its absolute path
         put(self._agent, local_path(src), dst, timeout)
 
     def get(self, src: GuestPath, dst: PathLike, *, timeout: float | None = FILE_TIMEOUT) -> None:
@@ -120,6 +132,6 @@ class BottleFiles:
         raw, path = raw_path(src), guest_path(src)
         with self._agent.deadline(timeout):
             # "f/" names a directory, as for open(2): a file there is ENOTDIR (a rare form: one more stat)
-            if isinstance(raw, str) and raw.endswith(("/", "/.")) and not AgentClient.of(self._agent).stat(path).is_dir:
+            if names_a_dir(raw) and not AgentClient.of(self._agent).stat(path).is_dir:
                 raise guest_os_error(f"in the guest: [Errno 20] Not a directory: '{path}/'", errno.ENOTDIR, path + "/")
             fetch(self._agent, path, local_path(dst), into=into)

@@ -38,7 +38,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from ..arguments import GuestPath, check_env, check_timeout, guest_path, names_no_file, raw_path
+from ..arguments import GuestPath, check_env, check_timeout, guest_path, names_a_dir, names_no_file, raw_path
 from ..errors import ImageNotFound, SpecError
 from ..results import shell_line, to_argv
 from .copied import check_exclude, tree_digest
@@ -176,6 +176,8 @@ class Image:
             path = _caller_dir() / path
         if not path.exists():
             raise SpecError(f"copy(): the source {str(path)!r} does not exist")
+        if names_a_dir(os.fspath(src)) and not path.is_dir():  # as put() and cp take "f/"
+            raise SpecError(f"copy(): the source {os.fspath(src)!r} ends with '/' but is not a directory")
         return self._then(Copy(path, _guest_path(dst, "copy"), tree_digest(path, patterns), patterns))
 
     def write(self, path: GuestPath, content: str | bytes, mode: int | None = None) -> Image:

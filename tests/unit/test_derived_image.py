@@ -167,6 +167,14 @@ def test_a_relative_copy_source_is_relative_to_the_calling_file(tmp_path: Path) 
     assert isinstance(step, image_mod.Copy) and step.src == here / "test_derived_image.py"
 
 
+def test_a_copy_source_written_with_a_trailing_slash_must_be_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "app.conf").write_text("x")
+    for src in (f"{tmp_path}/app.conf/", f"{tmp_path}/app.conf/."):  # it copied the file, as put() did
+        with pytest.raises(SpecError, match="ends with '/' but is not a directory"):
+            BASE.copy(src, "/etc/app.conf")
+    assert BASE.copy(f"{tmp_path}/", "/x").key == BASE.copy(tmp_path, "/x").key  # a directory, as ever
+
+
 def test_write_takes_str_or_bytes_and_a_mode() -> None:
     w = BASE.write("/etc/a", "x=1\n").steps[0]
     assert isinstance(w, image_mod.Write) and w.data == b"x=1\n" and w.mode is None
