@@ -223,7 +223,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     reason = "" if verdict is None else verdict.reason
     reason = reason if len(reason) <= 100 else f"{reason[:100]}…; bottle doctor says all"
     if spec.accel == "kvm":
-        why = reason if verdict is not None and verdict.accel != "kvm" else accel_mod.kvm_usable()
+        # as accel.decide judges it: the device first, then the stored probe
+        why = accel_mod.kvm_usable() or (reason if verdict is not None and verdict.accel != "kvm" else None)
         accel = "kvm (requested)" if why is None else f"kvm (requested, but {why}: each bottle fails to start)"
     elif spec.accel == "tcg":
         accel = "tcg (requested)"

@@ -75,10 +75,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         for s in found
     ]
     # Columns as wide as their longest entry: saved names run to ~80 characters, derived images past 24.
-    name_w, image_w = (max([len(h), *(len(r[i]) for r in rows)]) for i, h in ((0, "NAME"), (2, "IMAGE")))
-    print(f"{'NAME':{name_w}} {'STATE':9} {'IMAGE':{image_w}} {'SIZE':>8} {'AGE':>6}")
-    for name, state, image, size, age in rows:
-        print(f"{name:{name_w}} {state:9} {image:{image_w}} {size:>8} {age:>6}")
+    header = ("NAME", "STATE", "IMAGE", "SIZE", "AGE")
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    for row in (header, *rows):
+        left = " ".join(f"{cell:{w}}" for cell, w in zip(row[:3], widths[:3], strict=True))
+        print(f"{left} {row[3]:>{widths[3]}} {row[4]:>{widths[4]}}")
     if not found:
         print("(no snapshots)")
     return 0

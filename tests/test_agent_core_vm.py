@@ -27,6 +27,11 @@ def test_a_clone_is_served_by_the_core_until_a_call_it_does_not_serve(bottle_fac
     assert _server(b) == CORE
     assert b.exec("echo out; echo err >&2; exit 3").stdout == "out\n"
     assert b.exec(["no-such-command"]).returncode == 127
+    b.exec("printf 'echo ran\\n' > /root/bare; chmod 755 /root/bare", check=True)
+    r = b.exec(["/root/bare"])  # no #! line: as a shell says, not the agent's error
+    assert (r.returncode, r.stderr) == (126, "/root/bare: Exec format error\n"), r
+    r = b.exec(["echo", "x" * 200_000])  # one argument past the kernel's 128 KiB
+    assert (r.returncode, r.stderr) == (126, "echo: Argument list too long\n"), r
     assert _server(b) == CORE  # none of those woke the Python agent
     b.write_text("/tmp/handed-back", "yes")  # a call only the Python agent serves
     assert _server(b) == "python3"
