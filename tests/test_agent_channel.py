@@ -584,7 +584,12 @@ def test_an_agent_killed_while_it_sends_a_get_leaves_a_usable_bottle(bottle: Bot
     assert isinstance(error, AgentError), got
     assert re.search("restarted|in the middle of a frame|has not answered|no agent sends", str(error)), got
     assert time.monotonic() - started < 60
-    assert bottle.exec(["true"], timeout=30).ok  # the new agent answers
+    while True:  # the new agent answers; a call sent while the channel still waited out the killed
+        try:  # agent's frame is lost with it (seen under load in CI: "2 call(s) lost during exec")
+            assert bottle.exec(["true"], timeout=30).ok
+            break
+        except AgentError as e:
+            assert "lost" in str(e) and time.monotonic() - started < 90, e
     assert bottle._channel.restarts == 1
     assert bottle.read_text("/etc/hostname") == f"{bottle.name}\n"
 

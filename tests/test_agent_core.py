@@ -414,6 +414,7 @@ SPAWN_FAILURES = [
     ("/no/such/path", 127, "/no/such/path: not found\n"),
     ("{file}", 126, "{file}: Permission denied\n"),
     ("{file}/x", 126, "{file}/x: Not a directory\n"),
+    ("{garbage}", 126, "{garbage}: Exec format error\n"),  # no #!, no ELF: a shell says 126 too
 ]
 
 
@@ -421,7 +422,10 @@ def spawn_failure(tmp_path: Path, argv0: str, text: str) -> tuple[str, str]:
     """A SPAWN_FAILURES case made real in ``tmp_path``: its argv[0] and text."""
     (tmp_path / "file").write_text("#!/bin/sh\n")
     (tmp_path / "file").chmod(0o644)
-    argv0, text = (x.replace("{file}", str(tmp_path / "file")).replace("{dir}", str(tmp_path)) for x in (argv0, text))
+    (tmp_path / "garbage").write_bytes(b"\x00\x01\x02\x03")
+    (tmp_path / "garbage").chmod(0o755)
+    for name, path in (("{file}", tmp_path / "file"), ("{garbage}", tmp_path / "garbage"), ("{dir}", tmp_path)):
+        argv0, text = argv0.replace(name, str(path)), text.replace(name, str(path))
     return argv0, text
 
 
@@ -437,10 +441,12 @@ def test_exec_spawn_failures_are_worded_like_a_shell(
     assert (failed.value.rc, failed.value.message) == (rc, text)
 
 
-def test_exec_other_spawn_errors_are_handed_back(core: Core, tmp_path: Path) -> None:
-    (tmp_path / "garbage").write_bytes(b"\x00\x01\x02\x03")
-    (tmp_path / "garbage").chmod(0o755)  # ENOEXEC: the Python agent reports it its own way
-    data = frames.jframe(CALL, 3, {"op": "exec", "argv": [str(tmp_path / "garbage")]})
+def test_exec_other_spawn_errors_are_handed_back(start: Callable[..., Core]) -> None:
+    # Out of descriptors (EMFILE): the agent's own trouble, not the program's: the Python agent reports it.
+    core = start(prefix=("prlimit", "--nofile=8:8"))
+    core.go()
+    core.sync()
+    data = frames.jframe(CALL, 3, {"op": "exec", "argv": ["true"]})
     core.send(data)
     info, left, _ = core.handback()
     assert (info["execs"], left) == ([], data)

@@ -30,7 +30,7 @@ from pytest_bottle.errors import UnsafeDirectory
 from pytest_bottle.host.paths import default_cache_dir, remove_tree, state_dir
 from pytest_bottle.host.runstate import RunRecord
 from pytest_bottle.host.sweep import sweep
-from pytest_bottle.vmm import process
+from pytest_bottle.vmm import forks, process
 
 # BOTTLE_STATE_DIR is set for the whole process here: no spare may be starting.
 pytestmark = pytest.mark.usefixtures("no_spare_starting")
@@ -559,7 +559,7 @@ def test_lease_lock_wait_is_bounded_and_names_the_holder(tmp_path: Path, monkeyp
 CHECK_ID = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, "/root/idt")
-    import process_mod as p
+    from vmm import process as p
     pid = int(sys.argv[2])
     if sys.argv[1] == "record":
         print(json.dumps(p.start_time(pid)))
@@ -571,7 +571,9 @@ CHECK_ID = textwrap.dedent("""
 def test_identity_survives_a_clock_step(bottle: pytest_bottle.Bottle) -> None:
     """Inside a bottle, where the clock may be stepped: one process records a
     live process's identity, the clock jumps an hour, a fresh process checks it."""
-    bottle.put(Path(process.__file__), "/root/idt/process_mod.py")
+    for module in (process, forks):  # process.py and what it imports of ours
+        bottle.put(Path(module.__file__ or ""), f"/root/idt/vmm/{Path(module.__file__ or '').name}")
+    bottle.write_text("/root/idt/vmm/__init__.py", "")
     bottle.put(Path(psutil.__file__).parent, "/root/idt/psutil")  # the previous identity used psutil
     bottle.write_text("/root/idt/check.py", CHECK_ID)
     pid = bottle.check_output("setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!").strip()
