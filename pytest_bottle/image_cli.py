@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import transfer_cli
@@ -24,6 +25,11 @@ from .store.seeds import list_seeds
 from .user_images import find_images, load_images, needs_from
 
 FROM_HELP = "a Python file or module defining images (Image(...).named(NAME), or pytest_bottle_images())"
+
+
+def column_widths(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
+    """Each of ``header``'s columns as wide as its longest entry, its title included."""
+    return [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
 
 
 def mb(n: float) -> str:
@@ -98,8 +104,7 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         steps = f"{len(m.get('steps', []))}" + (f" (stale: {d.stale}; bottle image prune)" if d.stale else "")
         rows.append((str(label), str(m.get("parent")), mb(d.size), age(d.last_used), steps))
     # Columns as wide as the longest name: a layer on a layer has a long one.
-    w1 = max([len("DERIVED IMAGE"), *(len(r[0]) for r in rows)])
-    w2 = max([len("PARENT"), *(len(r[1]) for r in rows)])
+    w1, w2 = column_widths(("DERIVED IMAGE", "PARENT"), rows)
     if rows:
         print(f"\n{'DERIVED IMAGE':{w1}} {'PARENT':{w2}} {'SIZE':>9} {'USED':>6}  STEPS")
     for label, parent, size, used, steps in sorted(rows):  # by name: a chain's layers follow their base

@@ -11,6 +11,7 @@ from .bottle import Bottle
 from .errors import ExecTimeout, SnapshotError, SnapshotGone, SpecError, error_line
 from .host.paths import tree_size
 from .host.runstate import MARKER, run_dir_owner
+from .image_cli import column_widths
 from .snapshot import resolve_saved_snapshot
 from .store import snapshots
 from .store.saved import SavedState
@@ -76,7 +77,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     ]
     # Columns as wide as their longest entry: saved names run to ~80 characters, derived images past 24.
     header = ("NAME", "STATE", "IMAGE", "SIZE", "AGE")
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    widths = column_widths(header, rows)
     for row in (header, *rows):
         left = " ".join(f"{cell:{w}}" for cell, w in zip(row[:3], widths[:3], strict=True))
         print(f"{left} {row[3]:>{widths[3]}} {row[4]:>{widths[4]}}")
