@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from .agent.calls import Call
 from .agent.channel import AgentChannel
 from .agent.client import AgentClient
+from .agent.replies import shell_status
 from .errors import AgentError, BottleError, SnapshotError, SnapshotGone
 from .guest.frames import CHUNK, STDERR, STDOUT
 from .host.paths import check_cache
@@ -249,8 +250,7 @@ def run_shell(
         _show(stderr, STDERR, reply["stderr_text"].encode())
     if input_failed.is_set():
         return 1
-    rc = reply.get("rc")
-    return rc if type(rc) is int and 0 <= rc < 256 else 128 + abs(rc) if type(rc) is int else 1
+    return shell_status(reply.get("rc"))
 
 
 def _relay(agent: AgentClient, rid: int, call: Call, stdin: int, resized: queue.SimpleQueue[int]) -> None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from .agent.replies import shell_status
 from .arguments import check_days
 from .bottle import Bottle
 from .errors import ExecTimeout, SnapshotError, SnapshotGone, SpecError, error_line
@@ -50,7 +51,7 @@ def run_and_print(b: Bottle, command: list[str], timeout: float | None) -> int:
     sys.stdout.buffer.write(r.stdout_bytes)
     sys.stdout.flush()
     sys.stderr.buffer.write(r.stderr_bytes)
-    return 128 - r.returncode if r.returncode < 0 else r.returncode
+    return shell_status(r.returncode)
 
 
 def _state_of(s: SavedState) -> str:

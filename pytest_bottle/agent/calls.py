@@ -94,7 +94,10 @@ def decode_reply(payload: bytes) -> dict[str, Any]:
     """A REPLY frame's JSON object, or ``ProtocolError``."""
     # Strict UTF-8 first: json.loads of bytes would also take UTF-16 and
     # surrogates encoded as UTF-8, which no escape check sees.
-    reply = encodable(payload, json.loads(payload.decode("utf-8")))
+    try:
+        reply = encodable(payload, json.loads(payload.decode("utf-8")))
+    except RecursionError:  # deeper than the parser goes: too_deep's refusal, before it could look
+        raise ProtocolError(f"a REPLY nested deeper than {MAX_REPLY_DEPTH} levels: {payload[:80]!r}") from None
     if not isinstance(reply, dict):
         raise ProtocolError(f"a REPLY that is not a JSON object: {payload[:80]!r}")
     if too_deep(reply, MAX_REPLY_DEPTH):

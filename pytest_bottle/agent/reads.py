@@ -13,6 +13,8 @@ from ..guest.untar import GET
 from .client import AgentClient
 from .transfer import Agent
 
+# The stat behind the hint of a read too large: a guest that never answers costs this, not a hang.
+INSTEAD_TIMEOUT = 10.0
 USE_GET = f"use get(), which copies a regular file of up to {GET.max_bytes} bytes to disk"
 
 
@@ -43,7 +45,7 @@ def read_all(agent: Agent, path: str, cap: int, timeout: float | None) -> bytes:
 def _instead(client: AgentClient, path: str) -> str:
     """What to do about a file too large for memory: get() copies a regular one to disk,
     but refuses a device or a pipe, which may never end."""
-    with contextlib.suppress(BottleError):
+    with contextlib.suppress(BottleError), client.deadline(INSTEAD_TIMEOUT):  # a hint: never a hang
         if not stat.S_ISREG(client.stat(path).mode):
             return f"it is not a regular file (get() refuses it); read a part: exec(['head', '-c', 'N', {path!r}])"
     return USE_GET

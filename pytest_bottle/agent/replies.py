@@ -17,6 +17,17 @@ from ..errors import AgentError, UnsafeTransfer
 T = TypeVar("T")
 # The most of a guest-sent text kept (a spawn failure's stderr, a refusal).
 TEXT_CAP = 4096
+# An exit code as waitpid gives it: 0..255, or -N for signal N (Linux has 64).  Past
+# these, a shell's `exit $?` (mod 256) could make a failure read as success.
+EXIT_MIN, EXIT_MAX = -64, 255
+
+
+def shell_status(rc: object) -> int:
+    """The status a shell's ``$?`` shows for exit code ``rc``: 128 + N for signal
+    N, and 1 for what no real agent sends (never 0 for a failure mod 256)."""
+    if type(rc) is not int or not EXIT_MIN <= rc <= EXIT_MAX:
+        return 1
+    return 128 - rc if rc < 0 else rc
 
 
 def field(reply: Mapping[str, Any], key: str, kind: type[T], op: str, name: str) -> T:
@@ -81,7 +92,7 @@ class ExecReply:
     @classmethod
     def parse(cls, reply: Mapping[str, Any], stdout: bytes, stderr: bytes, name: str) -> ExecReply:
         rc = reply.get("rc")
-        if type(rc) is not int:  # a bool is no exit code either
+        if type(rc) is not int or not EXIT_MIN <= rc <= EXIT_MAX:  # a bool is no exit code either
             raise AgentError(f"bottle {name}: the agent's reply to exec has no exit code: {reply!r:.200}")
         note = str(reply.get("stderr_text", ""))[:TEXT_CAP].encode()
         return cls(rc, bool(reply.get("timed_out")), stdout, stderr + note)

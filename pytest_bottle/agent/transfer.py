@@ -28,6 +28,7 @@ from ..arguments import GuestPath, guest_path, matches_any, names_no_file, raw_p
 from ..errors import AgentError, BottleError, GuestOSError, UnsafeTransfer
 from ..guest import untar
 from ..guest.frames import DATA, EOF, FrameWriter
+from ..host.paths import current_umask
 from .calls import Call
 from .channel import AgentChannel
 from .client import AgentClient
@@ -139,6 +140,7 @@ def fetch(agent: Agent, src: str, dst: Path, policy: untar.Policy = untar.GET, *
     """``Bottle.get``: copy guest file or directory ``src`` to local ``dst``
     (a file goes inside ``dst`` when ``into`` or when ``dst`` is a directory)."""
     client = AgentClient.of(agent)
+    policy = policy._replace(mode_mask=policy.mode_mask & ~current_umask())  # as any file the user makes
     info = client.stat(src)
     if info.is_dir:
         receive_tree(client, src, dst, policy)

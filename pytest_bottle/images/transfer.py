@@ -29,7 +29,7 @@ from typing import Any
 from ..errors import BottleError, ImageImportError, ImageNotFound, SpecError
 from ..host.deps import require
 from ..host.locks import reporting_lock
-from ..host.paths import cache_root, remove_tree
+from ..host.paths import cache_root, current_umask, remove_tree
 from ..host.progress import task
 from ..store import entries
 from . import archive
@@ -134,21 +134,11 @@ def export(name: str, out: Path, cache_dir: Path) -> tuple[list[ImageRef], str]:
             )
             with task(f"exporting image {refs[-1].name}", f"{len(refs)} image(s) to {out}") as t:
                 sha = archive.write_archive(stream, manifest, files, t.stage)
-        tmp.chmod(0o666 & ~_umask())  # as a plain open would have made it (mkstemp: 0o600)
+        tmp.chmod(0o666 & ~current_umask())  # as a plain open would have made it (mkstemp: 0o600)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return refs, sha
-
-
-def _umask() -> int:
-    """The process's umask, from /proc: ``os.umask`` reads it only by setting
-    it, for every thread of the process at once."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    return 0o022  # a kernel before 4.7
 
 
 def _check_out(out: Path) -> None:

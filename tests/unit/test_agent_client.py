@@ -285,6 +285,25 @@ def test_a_trees_sockets_are_named_with_what_get_skipped(local: AgentClient, tmp
     assert [p.name for p in (tmp_path / "dst").iterdir()] == ["a"]
 
 
+def test_get_takes_the_users_umask_too(local: AgentClient, tmp_path: Path, no_spare_starting: None) -> None:
+    """Modes were masked with 0o755 alone: under a umask of 077 a guest's 0o755
+    file still arrived readable by every user of the host."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "tool").write_text("t")
+    (src / "d" / "tool").chmod(0o4777)
+    (src / "one").write_text("o")
+    (src / "one").chmod(0o664)
+    old = os.umask(0o077)
+    try:
+        fetch(local, str(src), tmp_path / "dst")
+        fetch(local, str(src / "one"), tmp_path / "got")
+    finally:
+        os.umask(old)
+    modes = [(tmp_path / p).stat().st_mode & 0o7777 for p in ("dst/d", "dst/d/tool", "dst/one", "got")]
+    assert modes == [0o700, 0o700, 0o600, 0o600], [oct(m) for m in modes]
+
+
 def test_write_stat_and_read(local: AgentClient, tmp_path: Path) -> None:
     target = tmp_path / "d" / "f"
     done = local.write(str(target), b"x" * 300_000, mode=0o640, timeout=30)
