@@ -30,7 +30,7 @@ from pytest_bottle.lifecycle import boot, launch
 from pytest_bottle.store.saved import list_seeds
 from pytest_bottle.vmm.backend import Machine
 
-HUNG_WAIT = 40.0  # how long a stopped first boot is waited for, where the test shortens it
+HUNG_WAIT = 25.0  # how long a stopped first boot is waited for, where the test shortens it (its kernel prints in ~1 s)
 NO_TIMER = b"[    0.458883] APIC frequency too slow, disabling apic timer\n"
 
 
