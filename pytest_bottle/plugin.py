@@ -50,6 +50,7 @@ from .usage import (
     set_value,
     source_of,
     value_of,
+    warn_overridden,
 )
 
 # The usage errors are documented as pytest_bottle.plugin.<name>: re-exported.
@@ -316,7 +317,9 @@ def bottle_factory(
                 "(session_bottle_factory makes bottles that outlive a test)"
             )
         marker = state.marker(request.node)  # again: a later fixture or the test itself may add one
-        if kwargs.get("snapshot") is not None:
+        fork = kwargs.get("snapshot") is not None  # a fork takes only forward= and timeout= from a marker
+        warn_overridden(marker, {k: v for k, v in kwargs.items() if k in FORK_KEYS or not fork}, "bottle_factory()")
+        if fork:
             return _fork(state, kwargs, "bottle_factory() arguments", _bottle_group, marker)
         kwargs.pop("snapshot", None)
         spec = state.spec(*marker, ("bottle_factory() arguments", kwargs), image=_bottle_matrix_image)

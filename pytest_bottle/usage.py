@@ -7,7 +7,8 @@ thin layer where its errors become usage errors naming where a value came from.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,25 @@ def marker_layer(node: pytest.Item | pytest.Collector) -> list[Layer]:
 def closest(layers: list[Layer]) -> list[Layer]:
     """Of ``marker_layers``, the closest that sets something: a bare mark only marks (``closest_marker``)."""
     return [layer for layer in layers if layer[1]][:1]
+
+
+def warn_overridden(marker: Sequence[Layer], kwargs: Mapping[str, Any], source: str) -> None:
+    """A factory argument that the test's marker sets otherwise is not used (the
+    marker comes first): say so, rather than leave a bottle that silently lacks it."""
+    for where, values in marker:
+        for key in sorted(kwargs.keys() & values.keys()):
+            if _plain(kwargs[key]) != _plain(values[key]):
+                warnings.warn(
+                    f"{source}: {key}={kwargs[key]!r} is not used: {where} sets {key}={values[key]!r}, "
+                    "and a marker comes before factory arguments",
+                    UserWarning,
+                    stacklevel=3,  # the test's call of the factory
+                )
+
+
+def _plain(value: object) -> object:
+    """A list, tuple or range of ports as one kind of value: ``forward=(80,)`` is ``[80]``."""
+    return list(value) if isinstance(value, (list, tuple, range)) else value
 
 
 # The bare ``bottle`` mark the plugin puts on a test that uses a bottle fixture (``-m bottle``).

@@ -284,6 +284,8 @@ def test_a_default_cache_that_could_never_be_made_fails_only_the_bottle_tests_an
 
 
 PRECEDENCE = """
+import warnings
+
 import pytest
 from pytest_bottle import BottleError
 
@@ -302,7 +304,14 @@ def forwarded(b):
 
 @pytest.mark.bottle(forward=[7002])
 def test_marker_beats_factory_arguments(bottle_factory):
-    assert forwarded(bottle_factory(forward=[7003])) == [7002]
+    said = "bottle_factory.*: forward=.7003. is not used: @pytest.mark.bottle on .*::test_marker_beats.* sets forward=.7002."
+    with pytest.warns(UserWarning, match=said) as got:
+        b = bottle_factory(forward=[7003])
+    assert [w.filename for w in got] == [__file__]  # where the test called it
+    assert forwarded(b) == [7002]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the marker's own value, as a tuple: nothing to say
+        assert forwarded(bottle_factory(forward=(7002,))) == [7002]
 
 def test_module_marker_applies(bottle):
     assert forwarded(bottle) == [7001]
