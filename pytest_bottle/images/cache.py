@@ -216,10 +216,8 @@ def _ensure_recipe(
                     entries.commit(tmp, final)
             except HostDependencyError:
                 raise  # the host's to fix, not the image's failure: no failed-build log (tmp goes, with its log)
-            except BaseException as e:
+            except Exception as e:  # not Ctrl-C or a test's timeout: stopped, not failed (no log; tmp goes)
                 kept_log = keep_failed_log(cache_dir, tmp, final.name)
-                if not isinstance(e, Exception):  # Ctrl-C, a test's timeout: stopped, not the image's failure
-                    raise
                 failed = (  # pointing at the log where it now lives
                     ImageBuildError(e.name, e.reason, e.log_tail, kept_log)
                     if isinstance(e, ImageBuildError)

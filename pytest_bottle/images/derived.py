@@ -157,12 +157,10 @@ def _build(
             entries.commit(tmp, final)
         except HostDependencyError:
             raise  # the host's to fix, not the image's failure: no failed-build log (tmp goes, with its log)
-        except BaseException as e:
+        except Exception as e:  # not Ctrl-C or a test's timeout: stopped, not failed (no log; tmp goes)
             kept = keep_failed_log(cache_dir, tmp, final.name)
             if isinstance(e, ImageBuildError):
                 raise ImageBuildError(e.name, e.reason, e.log_tail, kept) from None
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
             raise ImageBuildError(image.display_name, f"{type(e).__name__}: {e}", "", kept) from e
     log.debug("built %s (%s) in %.1fs", image.display_name, final.name, time.monotonic() - started)
 

@@ -125,7 +125,6 @@ def provision(
             except BootTimeout as e:
                 raise ImageBuildError("", f"the build machine: {e.reason}") from None
             _run_steps(image, agent, logf, note)
-            _check_sources(image)  # again: a source edited while the steps ran would not match the key
             has_sshd = _set_up_sshd(agent, parent, logf, note)
             note("cleaning up: apt caches and lists, temporary files, fstrim")
             _shell(agent, CLEANUP, logf, "clean up", 600)
@@ -151,12 +150,16 @@ def _check_sources(image: Image) -> None:
     """What a ``.copy`` sends must be what its key hashed when the Image was
     made: else the layer would be cached under a key that does not describe it."""
     for index, step in enumerate(image.steps, 1):
-        if isinstance(step, Copy) and tree_digest(step.src, step.exclude) != step.digest:
-            raise ImageBuildError(
-                image.display_name,
-                f"step {index}/{len(image.steps)} ({step.describe()}): the source changed after the Image was made; "
-                "make the Image again (its key then covers what is copied)",
-            )
+        _check_source(image, index, step)
+
+
+def _check_source(image: Image, index: int, step: Step) -> None:
+    if isinstance(step, Copy) and tree_digest(step.src, step.exclude) != step.digest:
+        raise ImageBuildError(
+            image.display_name,
+            f"step {index}/{len(image.steps)} ({step.describe()}): the source changed after the Image was made; "
+            "make the Image again (its key then covers what is copied)",
+        )
 
 
 def _run_steps(image: Image, agent: AgentClient, logf: IO[str], note: Log) -> None:
@@ -169,6 +172,7 @@ def _run_steps(image: Image, agent: AgentClient, logf: IO[str], note: Log) -> No
                 _shell(agent, f"apt-get {_apt_options()} update", logf, "apt-get update", 900)
                 updated = True
             _step(agent, step, logf)
+            _check_source(image, index, step)  # after its copy: what went in is what the key hashed
         except _StepFailed as e:
             raise ImageBuildError(
                 image.display_name,

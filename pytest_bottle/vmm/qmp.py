@@ -72,8 +72,11 @@ os.register_at_fork(after_in_child=_forked)
 
 
 # qemu.qmp logs every message at DEBUG, and our users' -p logging would drown in it;
-# its warnings are about answers that come after we stopped waiting ("Unknown ID").
-logging.getLogger("qemu.qmp").setLevel(logging.ERROR)
+# its warnings are about answers that come after we stopped waiting ("Unknown ID"), and
+# its errors about a QEMU that exited while we connected ("Negotiation failed: EOFError",
+# on `bottle run`'s stderr when the KVM probe's QEMU fails): each is also raised to us,
+# and we say what happened.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 def io_stop(event: Any) -> str:

@@ -326,3 +326,53 @@ def test_run_takes_an_argv_as_exec_does() -> None:
         BASE.run(["a\0b"])
     with pytest.raises(SpecError, match=r"^run\(\): the command must be a non-empty str"):
         BASE.run(b"true")  # type: ignore[arg-type]
+
+
+def test_a_copy_source_changed_while_the_steps_run_stops_the_build_at_that_copy(tmp_path: Path) -> None:
+    """It was found after the last step: the build went on with the changed
+    bytes, and its progress named the last step, not the copy."""
+    from harness import in_process_agent  # the real agent, serving in this process: steps run on this host
+
+    from pytest_bottle.agent.client import AgentClient
+    from pytest_bottle.images.provision import _run_steps
+
+    src = _tree(tmp_path / "src")
+    image = (
+        Image("debian-bookworm-minimal")
+        .run(f"echo changed > {src}/a.txt")  # a source edited while the build runs
+        .copy(src, str(tmp_path / "dst"))
+        .run(f"touch {tmp_path}/third-step-ran")
+    )
+    notes: list[str] = []
+    with in_process_agent() as channel, open(tmp_path / "build.log", "w") as log:
+        with pytest.raises(ImageBuildError, match=r"^.*step 2/3 \(copy .*\): the source changed after the Image"):
+            _run_steps(image, AgentClient(channel), log, notes.append)
+    assert not (tmp_path / "third-step-ran").exists()
+    assert notes[-1].startswith("step 2/3: copy ")
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_build_stopped_keeps_no_failed_build_log_and_a_failed_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: type[BaseException]
+) -> None:
+    """A stopped build did not fail (the next request builds again), yet its
+    log was kept as ``logs/derived-KEY-failed-NS.log``."""
+    from pytest_bottle.images import derived
+
+    outcome: list[BaseException] = [stop()]
+
+    def provision(image: Image, parent: object, cache_dir: Path, tmp: Path, *rest: object) -> bool:
+        (tmp / "build.log").write_text("building ...\n")
+        raise outcome[0]
+
+    monkeypatch.setattr(derived, "provision", provision)
+    image = Image("debian-bookworm-minimal").write("/etc/x", "x")
+    final = tmp_path / "images" / f"derived-{image.key}"
+    final.parent.mkdir(parents=True)
+    with pytest.raises(stop):
+        derived._build(image, None, tmp_path, final, None, "tcg")  # type: ignore[arg-type]
+    assert not list(tmp_path.glob("logs/*")) and [p.name for p in final.parent.iterdir()] == []
+    outcome[0] = ImageBuildError(image.display_name, "step 1/1 (write /etc/x) failed")
+    with pytest.raises(ImageBuildError) as failed:
+        derived._build(image, None, tmp_path, final, None, "tcg")  # type: ignore[arg-type]
+    assert failed.value.log_path is not None and Path(failed.value.log_path).read_text() == "building ...\n"
