@@ -156,6 +156,11 @@ NEEDS_FROM = (
 
 def needs_from(name: str, what: str, read: list[Path]) -> str:
     """The hint printed before an ``ImageNotFound`` of a name given without ``--from``."""
+    if what == "build it" and re.fullmatch(r"derived-[0-9a-f]{8,}", name):  # never looked for in conftest.py
+        return (
+            f"bottle: {name!r} is a cached derived image's entry name; its steps are in your code, so it is "
+            "built by the name your code gives it with .named(), with --from FILE|MODULE if needed"
+        )
     where = f" outside {', '.join(os.path.relpath(p) for p in read)}" if read else ""
     return NEEDS_FROM.format(name=name, where=where, what=what)
 

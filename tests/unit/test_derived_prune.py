@@ -245,6 +245,10 @@ def test_rm_from_takes_a_named_image_whose_layer_was_first_built_unnamed(
         NAMED.clear()
         assert main(["--cache-dir", str(tmp_path), "image", "build", "web"]) == 1
         assert "with --from FILE|MODULE to build it" in capsys.readouterr().err
+        # an entry name is never looked for in code: the hint said to give the file that names it so
+        assert main(["--cache-dir", str(tmp_path), "image", "build", f"derived-{key}"]) == 1
+        err = capsys.readouterr().err
+        assert f"'derived-{key}' is a cached derived image's entry name; its steps are in your code" in err, err
     finally:
         NAMED.clear()
         NAMED.update(saved)
