@@ -18,7 +18,7 @@ from .errors import ImageNotFound, LockTimeout, SpecError, UnsafeDirectory
 from .host.paths import cache_root
 from .images.cache import BuiltImage
 from .images.image import known_names
-from .spec import BottleSpec, Layer, resolve
+from .spec import PARSERS, BottleSpec, Layer, resolve
 from .terminal_text import printable
 
 # option name → (metavar, help); each is --bottle-<name> and ini bottle_<name>.
@@ -137,7 +137,8 @@ def warn_overridden(marker: Sequence[Layer], kwargs: Mapping[str, Any], source: 
     marker comes first): say so, rather than leave a bottle that silently lacks it."""
     for where, values in marker:
         for key in sorted(kwargs.keys() & values.keys()):
-            if _plain(kwargs[key]) != _plain(values[key]):
+            mine, theirs = _meaning(key, kwargs[key]), _meaning(key, values[key])
+            if mine is not None and theirs is not None and mine != theirs:
                 warnings.warn(
                     f"{source}: {key}={kwargs[key]!r} is not used: {where} sets {key}={values[key]!r}, "
                     "and a marker comes before factory arguments",
@@ -146,9 +147,17 @@ def warn_overridden(marker: Sequence[Layer], kwargs: Mapping[str, Any], source: 
                 )
 
 
-def _plain(value: object) -> object:
-    """A list, tuple or range of ports as one kind of value: ``forward=(80,)`` is ``[80]``."""
-    return list(value) if isinstance(value, (list, tuple, range)) else value
+def _meaning(key: str, value: object) -> object:
+    """What ``value`` sets ``key`` to (``"1G"`` is ``1024``; ports in any order), None
+    for "not set" or a bad value (the spec's own error says what is wrong with it)."""
+    parse = PARSERS.get(key)
+    if value is None or parse is None:
+        return None
+    try:
+        meant = parse[1](value)
+    except ValueError:
+        return None
+    return tuple(sorted(meant)) if isinstance(meant, (list, tuple)) else meant
 
 
 # The bare ``bottle`` mark the plugin puts on a test that uses a bottle fixture (``-m bottle``).

@@ -188,7 +188,7 @@ def test_cli_doctor_probe_gives_a_cache_without_one_its_verdict(tmp_path: Path, 
     line = next(x for x in r.stdout.splitlines() if x.startswith("accelerator:"))
     assert line.startswith(("accelerator: kvm (", "accelerator: tcg (", "accelerator: tcg for the last run")), line
     assert "using TCG" not in r.stderr, r.stderr  # said once, by that line
-    assert "Negotiation failed" not in r.stderr and "session" not in r.stderr, r.stderr  # qemu.qmp's own logging
+    assert "Negotiation failed" not in r.stderr and "establish session" not in r.stderr, r.stderr  # qemu.qmp's logging
     assert not list((cache / "run").glob("kvm-probe-*")) and not processes_mentioning(str(cache))
     stored = accel.stored_verdict(cache)
     if stored is not None and stored[0].definite:

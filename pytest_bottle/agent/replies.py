@@ -92,8 +92,10 @@ class ExecReply:
     @classmethod
     def parse(cls, reply: Mapping[str, Any], stdout: bytes, stderr: bytes, name: str) -> ExecReply:
         rc = reply.get("rc")
-        if type(rc) is not int or not EXIT_MIN <= rc <= EXIT_MAX:  # a bool is no exit code either
+        if type(rc) is not int:  # a bool is no exit code either
             raise AgentError(f"bottle {name}: the agent's reply to exec has no exit code: {reply!r:.200}")
+        if not EXIT_MIN <= rc <= EXIT_MAX:
+            raise AgentError(f"bottle {name}: the agent's reply to exec has an exit code no process can have: {rc}")
         note = str(reply.get("stderr_text", ""))[:TEXT_CAP].encode()
         return cls(rc, bool(reply.get("timed_out")), stdout, stderr + note)
 

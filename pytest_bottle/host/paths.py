@@ -387,8 +387,8 @@ def tree_size(path: Path) -> int:
 def current_umask() -> int:
     """The process's umask, from /proc: ``os.umask`` reads it only by setting
     it, for every thread of the process at once."""
-    with open("/proc/self/status") as f:
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
         for line in f:
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    return 0o022  # a kernel before 4.7
+    return 0o022  # a kernel before 4.7, or no /proc

@@ -351,7 +351,7 @@ def test_a_copy_source_changed_while_the_steps_run_stops_the_build_at_that_copy(
     assert notes[-1].startswith("step 2/3: copy ")
 
 
-@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit, pytest.fail.Exception])  # the last: pytest-timeout
 def test_a_build_stopped_keeps_no_failed_build_log_and_a_failed_one_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: type[BaseException]
 ) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,38 @@ def test_an_unknown_argument_lists_all_its_entry_point_takes() -> None:
             resolve([(factory, {"bogus": 1})], restricted=1)
     with pytest.raises(SpecError, match=r"'bogus'; valid arguments: image, .*, timeout$"):
         resolve([("@pytest.mark.bottle", {"bogus": 1})], restricted=1)
+
+
+MARKER = [("@pytest.mark.bottle on t.py::test_x", {"forward": [443, 80], "memory": "1G", "timeout": None, "lan": ""})]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"forward": [80, 443], "memory": 1024},  # the same meaning, another form
+        {"forward": "80,443", "memory": "1024M"},
+        {"timeout": 60},  # the marker's None sets nothing: 60 is used
+        {"memory": None, "forward": None},  # None: not set here either
+        {"lan": None, "cpus": 2},  # "" and None are both no LAN; cpus is the factory's alone
+        {"memory": "lots"},  # a bad value: its spec error says so, not this warning
+    ],
+)
+def test_a_factory_argument_the_marker_does_not_override_says_nothing(given: dict[str, object]) -> None:
+    from pytest_bottle.usage import warn_overridden
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_overridden(MARKER, given, "bottle_factory()")
+
+
+def test_a_factory_argument_the_marker_overrides_is_named() -> None:
+    from pytest_bottle.usage import warn_overridden
+
+    with pytest.warns(UserWarning) as got:
+        warn_overridden(MARKER, {"forward": 80, "memory": "2G", "cpus": 2}, "bottle_factory()")
+    assert [str(w.message) for w in got] == [
+        f"bottle_factory(): forward=80 is not used: {MARKER[0][0]} sets forward=[443, 80], "
+        "and a marker comes before factory arguments",
+        f"bottle_factory(): memory='2G' is not used: {MARKER[0][0]} sets memory='1G', "
+        "and a marker comes before factory arguments",
+    ]
