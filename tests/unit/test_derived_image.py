@@ -376,3 +376,20 @@ def test_a_build_stopped_keeps_no_failed_build_log_and_a_failed_one_does(
     with pytest.raises(ImageBuildError) as failed:
         derived._build(image, None, tmp_path, final, None, "tcg")  # type: ignore[arg-type]
     assert failed.value.log_path is not None and Path(failed.value.log_path).read_text() == "building ...\n"
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, pytest.fail.Exception])
+def test_a_recipe_build_stopped_keeps_no_failed_build_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: type[BaseException]
+) -> None:
+    """The root-image half of the rule above: mmdebstrap's build stopped."""
+    from pytest_bottle.images import builder, cache
+
+    def build(recipe: object, tmp: Path, progress: object) -> dict[str, object]:
+        (tmp / "build.log").write_text("mmdebstrap ...\n")
+        raise stop()
+
+    monkeypatch.setattr(builder, "build", build)
+    with pytest.raises(stop):
+        cache._ensure_recipe("debian-bookworm-minimal", tmp_path, None, None, None)
+    assert not list(tmp_path.glob("logs/*")) and not list(tmp_path.glob("images/*"))
