@@ -153,7 +153,8 @@ def test_a_tests_marker_gives_its_forks_forward_only_of_its_machine_keys(
     fork.address(8081)  # the marker's forward=, as for any bottle of the test (BottleError if not forwarded)
     memory = "awk '/MemTotal/ {print $2}' /proc/meminfo"
     assert fork.check_output(memory) == module_bottle.check_output(memory)  # memory: the snapshot's, not 1G
-    other = bottle_factory(snapshot=prepared, forward=[8082])  # the marker wins over the call
+    with pytest.warns(UserWarning, match=r"forward=\[8082\] is not used: .* sets forward=\[8081\]"):
+        other = bottle_factory(snapshot=prepared, forward=[8082])  # the marker wins over the call, and says so
     other.address(8081)
     with pytest.raises(BottleError, match="not forwarded"):
         other.address(8082)
@@ -164,9 +165,10 @@ def test_a_tests_marker_gives_its_forks_forward_only_of_its_machine_keys(
 @pytest.mark.bottle(timeout=0.001)
 def test_a_tests_marker_gives_its_forks_its_timeout(prepared: Snapshot, bottle_factory: Callable[..., Bottle]) -> None:
     before = {p.pid for p in processes_mentioning(prepared.name)}  # forks of other tests (a session factory's)
-    for kwargs in ({}, {"timeout": 120}):  # the marker's, before the call's
-        with pytest.raises(BootTimeout):
-            bottle_factory(snapshot=prepared, **kwargs)
+    with pytest.raises(BootTimeout):
+        bottle_factory(snapshot=prepared)
+    with pytest.warns(UserWarning, match="timeout=120 is not used"), pytest.raises(BootTimeout):
+        bottle_factory(snapshot=prepared, timeout=120)  # the marker's, before the call's
     assert {p.pid for p in processes_mentioning(prepared.name)} <= before  # the timed-out forks' QEMUs are gone
 
 
