@@ -28,7 +28,7 @@ import pytest
 from pytest_bottle import Bottle, matrix
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.guest import agent
-from pytest_bottle.guest.frames import Channel
+from pytest_bottle.guest.frames import HELLO, SYNC_MAGIC, Channel, frame
 
 T = TypeVar("T")
 TESTS_DIR = Path(__file__).resolve().parent
@@ -184,6 +184,17 @@ def serve_in_thread(sock: socket.socket) -> None:
     ResourceWarning, and no fd pulled from under the thread."""
     fd = sock.detach()
     threading.Thread(target=agent.Agent(Channel(fd)).serve, daemon=True).start()
+
+
+def fake_agent_channel(name: str, instance: bytes = b"A" * 16) -> tuple[AgentChannel, socket.socket]:
+    """A host channel, synced, and the guest's end of it, where a test writes a
+    fake agent's frames by hand; a silent guest is taken for dead within ~1 s."""
+    host, guest = socket.socketpair()
+    channel = AgentChannel(host, name, idle=0.2, dead_after=1.0)
+    host.close()  # the channel has its own descriptor
+    guest.sendall(frame(HELLO, 0, SYNC_MAGIC + instance))
+    assert channel.synced.wait(5), "the channel took no fake HELLO"
+    return channel, guest
 
 
 @contextlib.contextmanager

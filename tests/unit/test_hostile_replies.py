@@ -11,17 +11,16 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from harness import recv_exactly
+from harness import fake_agent_channel, recv_exactly
 
 from pytest_bottle.agent import reads
 from pytest_bottle.agent.calls import ProtocolError, decode_reply
-from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient
 from pytest_bottle.agent.replies import ExecReply, shell_status
 from pytest_bottle.errors import AgentError, OutputLimit
 from pytest_bottle.guest.frames import CALL, DATA, HEADER, HELLO, PING, REPLY, SYNC, SYNC_MAGIC, frame
 
-INSTANCE = SYNC_MAGIC + b"B" * 16
+INSTANCE = b"B" * 16
 Answer = Callable[[socket.socket, int, dict[str, object]], None]
 
 
@@ -29,24 +28,20 @@ Answer = Callable[[socket.socket, int, dict[str, object]], None]
 def live_guest(answer: Answer) -> Iterator[AgentClient]:
     """A fake agent that answers every PING and SYNC (so it is never taken for
     dead) and each CALL with ``answer(sock, rid, call)``."""
-    host, guest = socket.socketpair()
-    channel = AgentChannel(host, "odd", idle=0.2, dead_after=1.0)
-    host.close()
+    channel, guest = fake_agent_channel("odd", INSTANCE)
 
     def serve() -> None:
         with contextlib.suppress(OSError, EOFError):
-            guest.sendall(frame(HELLO, 0, INSTANCE))
             while True:
                 kind, rid, size = HEADER.unpack(recv_exactly(guest, HEADER.size))
                 payload = recv_exactly(guest, size)
                 if kind in (PING, SYNC):
-                    guest.sendall(frame(HELLO, 0, INSTANCE))
+                    guest.sendall(frame(HELLO, 0, SYNC_MAGIC + INSTANCE))
                 elif kind == CALL:
                     answer(guest, rid, json.loads(payload))
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        assert channel.synced.wait(5)
         yield AgentClient(channel)
     finally:
         channel.close()

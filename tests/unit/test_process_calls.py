@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import fake_agent_channel, in_process_agent, wait_until
 from harness import gone as _gone
-from harness import in_process_agent, wait_until
 
 from pytest_bottle.agent.channel import AgentChannel
 from pytest_bottle.agent.client import AgentClient, ExecRun
@@ -32,12 +32,10 @@ from pytest_bottle.guest.frames import (
     CANCEL,
     CHUNK,
     HEADER,
-    HELLO,
     HOST_WINDOW,
     REPLY,
     STARTED,
     STDOUT,
-    SYNC_MAGIC,
     frame,
     jframe,
 )
@@ -576,14 +574,10 @@ def _latency(local: AgentClient) -> float:
 
 class Fake:
     def __init__(self) -> None:
-        host, self.sock = socket.socketpair()
+        self.chan, self.sock = fake_agent_channel("hostile")
         self.sock.settimeout(10)
-        self.chan = AgentChannel(host, "hostile", idle=0.2, dead_after=1.0)
-        host.close()  # the channel has its own descriptor
         _open.callback(self.sock.close)
         _open.callback(self.chan.close)
-        self.sock.sendall(frame(HELLO, 0, SYNC_MAGIC + b"A" * 16))
-        assert self.chan.synced.wait(5)
 
     def client(self) -> AgentClient:
         return AgentClient(self.chan)
