@@ -122,7 +122,11 @@ def _sync(path: Path, *, directory: bool) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0))
     except OSError as e:
-        if e.errno == errno.ELOOP:  # a symlink: nothing of ours to flush
+        # A symlink (ENOTDIR where a directory was asked for): a linked directory,
+        # such as a cache whose images are on another disk, is flushed where it is.
+        if e.errno == errno.ELOOP or (directory and e.errno == errno.ENOTDIR and path.is_symlink()):
+            if directory and path.is_dir():
+                _sync(Path(os.path.realpath(path)), directory=True)
             return
         raise
     try:
