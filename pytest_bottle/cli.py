@@ -22,7 +22,7 @@ from .image_cli import age, mb
 from .images import list_images
 from .images.derived import list_derived
 from .spec import DEFAULT_IMAGE, check_host_memory, resolve
-from .store.seeds import list_seeds
+from .store.seeds import BUILD, list_seeds
 from .user_images import find_images
 from .vmm import accel as accel_mod
 
@@ -119,7 +119,8 @@ def _show_cache(cache_dir: Path) -> None:
     for seed in list_seeds(cache_dir):
         kp = seed.manifest["key_parts"]
         print(
-            f"  seed  {seed.path.name} ({kp['accel']}, {kp['memory_mb']}M, {kp['cpus']} cpu) "
+            f"  seed  {seed.path.name} ({kp['accel']}, {kp['memory_mb']}M, {kp['cpus']} cpu"
+            f"{', for builds of derived images' if kp.get('purpose') == BUILD else ''}) "
             f"{mb(tree_size(seed.path))}, made in {seed.manifest.get('creation_seconds')}s"
         )
 

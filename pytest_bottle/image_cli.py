@@ -21,7 +21,7 @@ from .images.image import NAMED, check_pull_template
 from .store import unsettled
 from .store.gc import prune_seeds, remove_seeds
 from .store.saved import seeds_dir
-from .store.seeds import list_seeds
+from .store.seeds import BUILD, list_seeds
 from .user_images import find_images, load_images, needs_from
 
 FROM_HELP = "a Python file or module defining images (Image(...).named(NAME), or pytest_bottle_images())"
@@ -113,9 +113,13 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         kp = seed.manifest["key_parts"]
         print(
             f"  seed of {kp['image']}: {kp['accel']} {kp['memory_mb']}M {kp['cpus']}cpu {kp['nics']}nic "
-            f"{mb(tree_size(seed.path))} {age(seed.manifest['created'])}"
+            f"{mb(tree_size(seed.path))} {age(seed.manifest['created'])}{_purpose(kp)}"
         )
     return 0
+
+
+def _purpose(key_parts: dict[str, object]) -> str:
+    return " (builds derived images)" if key_parts.get("purpose") == BUILD else ""
 
 
 def _cached_derived_names(cache_dir: Path) -> set[str]:

@@ -87,15 +87,16 @@ def _gone(pid: int) -> bool:
 
 
 def test_a_build_whose_boot_hangs_boots_again_and_says_so(
-    warm_cache: Path, monkeypatch: pytest.MonkeyPatch, no_spare_starting: None
+    private_cache: Path, monkeypatch: pytest.MonkeyPatch, no_spare_starting: None
 ) -> None:
+    # The build's boot is its parent's build seed's, made by the first build in a cache.
     mark = uuid.uuid4().hex
     image = Image("debian-bookworm").write("/etc/retried", mark)
-    hung = _first_boot_fails(monkeypatch, boot, warm_cache, wait=HUNG_WAIT)
-    ensure_image(image, warm_cache)
+    hung = _first_boot_fails(monkeypatch, boot, private_cache, wait=HUNG_WAIT)
+    ensure_image(image, private_cache)
     ((pid, _),) = hung
     assert _gone(pid)
-    log = (entry_dir(warm_cache, image) / "build.log").read_text()
+    log = (entry_dir(private_cache, image) / "build.log").read_text()
     note = f"the build machine: the agent did not answer within {HUNG_WAIT:g} s; booting it once more\n"
     assert note in log
     # The first boot's console follows the note (not under the header that ends what an error quotes);

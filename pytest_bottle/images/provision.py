@@ -1,12 +1,15 @@
-"""Running a derived image's steps: boot the parent's disk with egress, run
-each step through the agent, clean up, power off.
+"""Running a derived image's steps: restore the parent's build seed (its boot,
+made once per parent) with egress, run each step through the agent, clean
+up, power off.
 
-The machine runs inside the tmp entry directory, so the overlay it writes
-(``disk.qcow2``) is the new layer and names its backing by a relative path.
-During the build the guest has egress (user networking, not restricted)
-and a nameserver; what the build machine's identity left on the disk
-(hostname, machine-id, resolv.conf, SSH host keys) is put back or removed
-before it powers off, since every bottle gets its own at its handshake.
+The machine runs inside the tmp entry directory on a copy of the seed's disk
+(the parent plus what its boot wrote), so the overlay it writes is rebased
+onto the parent's disk at the end: ``disk.qcow2`` is then the new layer and
+names its backing by a relative path, as a layer booted from the parent
+would.  During the build the guest has egress (user networking, not
+restricted) and a nameserver; what the build machine's identity left on the
+disk (hostname, machine-id, resolv.conf, SSH host keys) is put back or
+removed before it powers off, since every bottle gets its own at its handshake.
 """
 
 from __future__ import annotations
@@ -14,21 +17,25 @@ from __future__ import annotations
 import functools
 import logging
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from ..agent.channel import AgentChannel
 from ..agent.client import SETUP_TIMEOUT, AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..agent.streams import OutputTail
 from ..agent.transfer import put
 from ..errors import BootError, BootTimeout, BottleError, ImageBuildError
-from ..host.deps import which
-from ..lifecycle.boot import boot_twice
-from ..vmm.backend import CONSOLE, Machine, console_tail
-from ..vmm.qemu import Accel, MachineConfig, Nic
+from ..host.deps import require, which
+from ..lifecycle.boot import backing_name, seed_fault, start_machine
+from ..store.saved import SavedState, discard, in_use
+from ..store.seeds import BUILD, BUILD_MAC, ensure_seed
+from ..vmm.backend import CONSOLE, DISK, Machine, console_tail
+from ..vmm.qemu import Accel, MachineConfig, Nic, Restore
 from . import builder, failures
 from .cache import BuiltImage
 from .copied import COPY_SKIP, tree_digest
@@ -46,7 +53,8 @@ STEP_TIMEOUT = 3600.0  # a step with no timeout of its own
 REPLY_GRACE = 15.0  # past a step's timeout, for the guest to kill it and answer (a loaded host is slow)
 OUTPUT_CAP = 1 << 20
 TAIL_LINES = 40
-MAC = "52:54:00:b0:77:10"
+MAC = BUILD_MAC  # the build seed's NIC already has it
+BASE = "seed-disk.qcow2"  # the build seed's disk, copied: the machine's overlay sits on it until the rebase
 NET = {"ip": "10.0.2.15/24", "gateway": "10.0.2.2"}
 RESOLV_BUILD = "nameserver 10.0.2.3\n"
 IDENTITY = ("hostname", "resolv.conf", "machine-id")
@@ -85,16 +93,6 @@ def provision(
     booted with ``accel`` (the one its bottles use).  Returns whether the layer has sshd."""
     _check_sources(image)
     started = time.monotonic()
-    root = parent.root or parent
-    cfg = MachineConfig(
-        kernel=root.kernel,
-        initrd=root.initrd,
-        disk=parent.disk,
-        disk_format=parent.disk_format,
-        memory_mb=BUILD_MEMORY_MB,
-        accel=accel,
-        nics=(Nic("net0", MAC, "user", restrict=False),),
-    )
     name = f"build-{image.key[:12]}"
     with open(tmp / "build.log", "w") as logf:
 
@@ -106,15 +104,18 @@ def provision(
 
         logf.write(f"building {image.display_name} on {parent.name} ({count_steps(image)})\n")  # the task says it
 
-        def again(first: BootError) -> None:
+        def again(first: BootError, run_dir: Path) -> None:
             note(f"the build machine: {first.reason}; booting it once more")
-            _log_console(logf, tmp / CONSOLE, FIRST_CONSOLE)
+            _log_console(logf, run_dir / CONSOLE, FIRST_CONSOLE)
 
         try:
-            machine, channel = boot_twice(cfg, tmp, name, BOOT_TIMEOUT, again)
-        except BootError:
-            _log_console(logf, tmp / CONSOLE)
-            raise
+            machine, channel = _restore(parent, cache_dir, tmp, name, accel, again)
+        except BootError as e:
+            if (tmp / CONSOLE).exists():  # the restore's
+                _log_console(logf, tmp / CONSOLE)
+            else:  # the seed's boot: its console went with its tmp entry
+                logf.write(f"\n{failures.CONSOLE}\n{e.console_tail}\n")
+            raise ImageBuildError(image.display_name, f"the build machine: {e.reason}", _tail(e.console_tail)) from None
         try:
             agent = AgentClient(channel)
             _shell(agent, SAVE_IDENTITY, logf, "save identity", 60)
@@ -135,10 +136,70 @@ def provision(
         finally:
             machine.stop()
             channel.close()
+        _rebase(tmp / DISK, parent, tmp)
     for leftover in tmp.iterdir():  # the machine's run files: only the layer and the log stay
         if leftover.name not in ("disk.qcow2", "build.log") and (leftover.is_file() or leftover.is_socket()):
             leftover.unlink()
     return has_sshd
+
+
+def _restore(
+    parent: BuiltImage,
+    cache_dir: Path,
+    tmp: Path,
+    name: str,
+    accel: Accel,
+    again: Callable[[BootError, Path], None],
+) -> tuple[Machine, AgentChannel]:
+    """The build machine: the parent's build seed restored in ``tmp`` (made
+    first if need be), its disk a copy of the seed's.  A seed that does not
+    restore is made again once, as for a bottle."""
+    root = parent.root or parent
+    for attempt in (1, 2):
+        state = ensure_seed(parent, accel, BUILD_MEMORY_MB, 1, 1, cache_dir, purpose=BUILD, on_retry=again)
+        try:
+            with in_use(state):  # no pruner removes it before the copy and QEMU have its files
+                _copy_disk(state, parent, tmp)
+                cfg = MachineConfig(
+                    kernel=root.kernel,
+                    initrd=root.initrd,
+                    disk=parent.disk,
+                    disk_format=parent.disk_format,
+                    memory_mb=BUILD_MEMORY_MB,
+                    accel=accel,
+                    nics=(Nic("net0", MAC, "user", restrict=False),),
+                    restore=Restore(state.memory, tmp / BASE, state.ram, state.console),
+                )
+                return start_machine(cfg, tmp, name, BOOT_TIMEOUT)
+        except BootError as e:
+            fault = seed_fault(state, e)
+            if attempt == 2 or fault is None:
+                raise
+            discard(state, fault)
+            for f in (BASE, DISK, CONSOLE, "qemu.log", "qemu.argv"):
+                (tmp / f).unlink(missing_ok=True)
+    raise AssertionError("unreachable")
+
+
+def _copy_disk(state: SavedState, parent: BuiltImage, tmp: Path) -> None:
+    """The seed's disk in ``tmp``, naming the parent's disk from there (a
+    rename of the same backing file: its contents do not change)."""
+    shutil.copyfile(state.disk, tmp / BASE)
+    _qemu_img(
+        ["rebase", "-u", "-f", "qcow2", "-F", parent.disk_format, "-b", backing_name(parent.disk, tmp), str(tmp / BASE)]
+    )
+
+
+def _rebase(layer: Path, parent: BuiltImage, tmp: Path) -> None:
+    """Fold what the seed's boot wrote into ``layer`` and put it on the parent's disk."""
+    _qemu_img(["rebase", "-f", "qcow2", "-F", parent.disk_format, "-b", backing_name(parent.disk, tmp), str(layer)])
+    (tmp / BASE).unlink()
+
+
+def _qemu_img(args: list[str]) -> None:
+    r = subprocess.run([require("qemu-img", "build derived images"), *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ImageBuildError("", f"qemu-img {args[0]} failed: {r.stderr.strip()[-500:]}")
 
 
 def _log_console(logf: IO[str], path: Path, header: str = failures.CONSOLE) -> None:

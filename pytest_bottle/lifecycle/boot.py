@@ -22,6 +22,7 @@ from ..agent.replies import SettleReply
 from ..errors import AgentError, BootError, BootTimeout
 from ..host.deps import require
 from ..host.paths import naming, write_private
+from ..store.saved import SavedState, StateCorrupt, verify
 from ..vmm import backend
 from ..vmm.backend import CONSOLE, DISK, Machine, console_tail
 from ..vmm.qemu import DiskFormat, MachineConfig
@@ -295,3 +296,25 @@ def wait_ready(
             return time.monotonic() - started
         raise late() from None
     return time.monotonic() - started
+
+
+# QEMU's complaint when a memory state does not load: the seed is bad, not the request.
+RESTORE_FAILURES = (
+    "load of migration failed",
+    "error while loading state",
+    "Unknown savevm section",
+    "Missing section footer",
+    "Failed to load",
+    "not a migration stream",
+)
+
+
+def seed_fault(state: SavedState, error: BootError) -> str | None:
+    """Why a failed restore is the seed's fault (its files went or do not load), or None."""
+    if any(s in error.reason for s in RESTORE_FAILURES):
+        return f"restoring it failed: {error.reason.strip()[-300:]}"
+    try:
+        verify(state)
+    except StateCorrupt as e:  # removed or changed since it was verified
+        return f"{e.reason} (while a clone started from it)"
+    return None

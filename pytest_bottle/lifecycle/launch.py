@@ -17,13 +17,13 @@ from ..errors import BootError, BootTimeout, BottleError, ImageNotFound, Snapsho
 from ..images import BuiltImage, ensure_image
 from ..net.lan import LanRegistry
 from ..spec import BottleSpec, check_host_memory, resolve
-from ..store.saved import SavedState, StateCorrupt, discard, in_use, verify
+from ..store.saved import SavedState, StateCorrupt, discard, in_use
 from ..store.seeds import ensure_seed
 from ..store.snapshots import seed_of
 from ..vmm.backend import Machine, console_tail
 from ..vmm.qemu import MachineConfig
 from . import handshake, lan_names
-from .boot import settle, start_machine, timer_off
+from .boot import seed_fault, settle, start_machine, timer_off
 from .handshake import Found
 from .plan import Forwards, Plan, make_plan, restore_from
 from .probe import accel_for
@@ -32,16 +32,6 @@ from .resources import Resources
 log = logging.getLogger(__name__)
 
 RETRY_FLOOR = 5.0  # seconds of a cold bottle's timeout below which a second boot is not worth starting
-
-# QEMU's complaint when a memory state does not load: the seed is bad, not the request.
-_RESTORE_FAILURES = (
-    "load of migration failed",
-    "error while loading state",
-    "Unknown savevm section",
-    "Missing section footer",
-    "Failed to load",
-    "not a migration stream",
-)
 
 _library_lans = LanRegistry()
 
@@ -237,7 +227,7 @@ class _Boot:
                 self.res.restored = state
                 return machine, channel, handshake.found_restored(state, len(cfg.nics))
             except BootError as e:
-                fault = _seed_fault(state, e)
+                fault = seed_fault(state, e)
                 if attempt == 2 or fault is None:
                     raise
                 discard(state, fault)
@@ -255,7 +245,7 @@ class _Boot:
                 raise SnapshotGone(state.path.name, f"it was removed while a fork started ({e.reason})") from None
             raise SnapshotError(state.path.name, e.reason) from None
         except BootError as e:
-            fault = _seed_fault(state, e)
+            fault = seed_fault(state, e)
             if fault is None:
                 raise
             raise SnapshotError(state.path.name, fault) from None
@@ -277,14 +267,3 @@ class _Boot:
         return start_machine(
             cfg, res.run_dir, self.plan.name, timeout, detached=self.detached, on_spawn=res.spawned, tap_fds=res.tap_fds
         )
-
-
-def _seed_fault(state: SavedState, error: BootError) -> str | None:
-    """Why a failed restore is the seed's fault (its files went or do not load), or None."""
-    if any(s in error.reason for s in _RESTORE_FAILURES):
-        return f"restoring it failed: {error.reason.strip()[-300:]}"
-    try:
-        verify(state)
-    except StateCorrupt as e:  # removed or changed since it was verified
-        return f"{e.reason} (while a clone started from it)"
-    return None

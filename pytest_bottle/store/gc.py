@@ -95,7 +95,7 @@ def stale_seeds(
         if why is not None:
             stale.append((seed, why))
             continue
-        shape = tuple(parts.get(k) for k in ("image", "image_key", "accel", "memory_mb", "cpus", "nics"))
+        shape = tuple(parts.get(k) for k in ("image", "image_key", "accel", "memory_mb", "cpus", "nics", "purpose"))
         shapes.setdefault(shape, []).append(seed)
     for group in shapes.values():
         group.sort(key=lambda s: s.created, reverse=True)

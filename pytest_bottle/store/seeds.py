@@ -10,19 +10,21 @@ its manifest before use: a corrupt one is discarded and rebuilt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..agent.client import SETUP_TIMEOUT, AgentClient
 from ..agent.handshake import Handshake, NicSetup
 from ..agent.replies import SettleReply, SetupReply
-from ..errors import AgentError, AgentTimeout, BootTimeout
+from ..errors import AgentError, AgentTimeout, BootError, BootTimeout
 from ..host.locks import reporting_lock
 from ..host.progress import task
 from ..images.cache import BuiltImage
@@ -54,6 +56,14 @@ SEED_HOSTNAME = "btl-00000000"
 WARM_DIRS = ["/usr/bin", "/usr/sbin"]
 
 
+# A seed that derived images' builds restore (images/provision.py) instead of
+# booting their parent: the parent booted and settled with the build's machine
+# (memory, its NIC with egress), nothing of a clone's set up, so the files a
+# build puts back (hostname, machine-id, resolv.conf) are still the parent's.
+BUILD = "build"
+BUILD_MAC = "52:54:00:b0:77:10"
+
+
 def seed_nics(count: int) -> tuple[Nic, ...]:
     """The user-mode NIC every bottle has, then LAN NICs on a stateless hub port:
     a clone puts a TAP there, and a second slirp would leave saved state
@@ -62,7 +72,13 @@ def seed_nics(count: int) -> tuple[Nic, ...]:
 
 
 def key_parts(
-    image: BuiltImage, accel: str, memory_mb: int, cpus: int, nics: int, baked: dict[str, str | None] | None = None
+    image: BuiltImage,
+    accel: str,
+    memory_mb: int,
+    cpus: int,
+    nics: int,
+    baked: dict[str, str | None] | None = None,
+    purpose: str | None = None,
 ) -> dict[str, Any]:
     parts: dict[str, Any] = {
         "seed_version": SEED_VERSION,
@@ -82,6 +98,8 @@ def key_parts(
     }
     if accel == "kvm":  # "-cpu host" state only restores on the same kind of CPU
         parts["host_cpu"] = _host_cpu()
+    if purpose is not None:  # only then: a bottle seed's key stays what it was
+        parts["purpose"] = purpose
     return parts
 
 
@@ -98,7 +116,11 @@ def _host_cpu() -> str:
 
 def seed_dir(cache_dir: Path, parts: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-    return seeds_dir(cache_dir) / f"{parts['image']}-{parts['memory_mb']}m{parts['cpus']}c{parts['nics']}n-{digest}"
+    purpose = f"-{parts['purpose']}" if parts.get("purpose") else ""
+    return (
+        seeds_dir(cache_dir)
+        / f"{parts['image']}-{parts['memory_mb']}m{parts['cpus']}c{parts['nics']}n{purpose}-{digest}"
+    )
 
 
 def ensure_seed(
@@ -110,13 +132,17 @@ def ensure_seed(
     cache_dir: Path,
     rebuild_before: float | None = None,
     baked: dict[str, str | None] | None = None,
+    purpose: str | None = None,
+    on_retry: Callable[[BootError, Path], None] | None = None,
 ) -> SavedState:
     """The verified seed for these parts, created (once, under a lock) if needed.
 
     ``baked`` are setup values written into the seed itself, so that clones
-    need not write them again on the restore path.
+    need not write them again on the restore path.  ``purpose=BUILD``: the
+    seed derived images build on (see ``BUILD``).  ``on_retry`` sees the
+    first boot's failure and its run directory if this process boots twice.
     """
-    parts = key_parts(image, accel, memory_mb, cpus, nics, baked)
+    parts = key_parts(image, accel, memory_mb, cpus, nics, baked, purpose)
     final = seed_dir(cache_dir, parts)
     why = ""
     for _ in range(2):
@@ -134,11 +160,13 @@ def ensure_seed(
             seed = load(final)
             if seed is None or (rebuild_before is not None and seed.created < rebuild_before):
                 what = f"making the work seed of image {image.name} ({memory_mb}M, {cpus} cpu, {nics} nic)"
+                if purpose == BUILD:
+                    what = f"making the build seed of image {image.name} ({memory_mb}M)"
                 if (failed := unsettled.earlier(final, waiting_since)) is not None:
                     raise failed
-                with task(what, why or _why_seed(final, seed)):
+                with task(what, why or _why_seed(final, seed, purpose)):
                     try:
-                        _create(image, accel, parts, final, baked or {})
+                        _create(image, accel, parts, final, baked or {}, on_retry)
                     except BootTimeout as e:
                         raise unsettled.record(final, e, f"seed of {image.name}", image) from None
                 unsettled.forget(final)
@@ -150,41 +178,53 @@ def ensure_seed(
     return seed
 
 
-def _why_seed(final: Path, found: SavedState | None) -> str:
+def _why_seed(final: Path, found: SavedState | None, purpose: str | None = None) -> str:
     """Why the seed ``final`` is being made, for the progress line."""
     if found is not None:
         return "rebuild requested"
     if any(p != final and p.is_dir() for p in final.parent.glob(final.name.rsplit("-", 1)[0] + "-*")):
         return "outdated: the image, QEMU or the machine changed; booting it once (about a minute)"
+    if purpose == BUILD:
+        return "none yet; booting the image once so that the images derived from it build without a boot of their own"
     return "none yet; booting the image once so every bottle restores in a fraction of a second (about a minute)"
 
 
-def _create(image: BuiltImage, accel: str, parts: dict[str, Any], final: Path, baked: dict[str, str | None]) -> None:
+def _create(
+    image: BuiltImage,
+    accel: str,
+    parts: dict[str, Any],
+    final: Path,
+    baked: dict[str, str | None],
+    on_retry: Callable[[BootError, Path], None] | None = None,
+) -> None:
     """Make the seed (``ensure_seed`` holds its lock).  The machine runs in
     the seed's own tmp directory, so its disk names the image relative to
     where it stays."""
 
     def capture(tmp: Path) -> dict[str, Any]:
         started = time.monotonic()
-        ready, settle, named = _boot_and_save(image, accel, parts, tmp, baked)
+        retry = None if on_retry is None else functools.partial(_retried, on_retry, tmp)
+        if parts.get("purpose") == BUILD:
+            ready, settle = _boot_and_save_build(image, accel, parts, tmp, retry)
+            names: list[str] = []  # nothing set up: a build finds its NIC by MAC
+        else:
+            ready, settle, named = _boot_and_save(image, accel, parts, tmp, baked, retry)
+            names = [named.nic_name(n.mac.lower()) for n in seed_nics(parts["nics"])]
         return {
             "kind": "seed",
             "image_path": os.path.relpath(image.path, final),  # relative: the cache may move
             "boot_seconds": round(ready - started, 2),
             "guest_state": settle.state,
-            "nic_names": [named.nic_name(n.mac.lower()) for n in seed_nics(parts["nics"])],
+            "nic_names": names,
         }
 
     create(final, capture, parts, RestsOn.image_layer(image.disk_chain, final))
 
 
-def _boot_and_save(
-    image: BuiltImage, accel: str, parts: dict[str, Any], tmp: Path, baked: dict[str, str | None]
-) -> tuple[float, SettleReply, SetupReply]:
-    """Boot the seed machine in ``tmp``, set it up as a clone would be and save
-    its state; returns when it was ready (monotonic), the settle result and
-    the guest's NIC names by MAC."""
-    cfg = MachineConfig(
+def _seed_machine(
+    image: BuiltImage, accel: str, parts: dict[str, Any], tmp: Path, nics: tuple[Nic, ...]
+) -> MachineConfig:
+    return MachineConfig(
         kernel=image.kernel,
         initrd=image.initrd,
         disk=image.disk,
@@ -192,10 +232,47 @@ def _boot_and_save(
         memory_mb=parts["memory_mb"],
         cpus=parts["cpus"],
         accel="kvm" if accel == "kvm" else "tcg",
-        nics=seed_nics(parts["nics"]),
+        nics=nics,
         save_ram=tmp / "memory.ram",
     )
-    machine, channel = boot_twice(cfg, tmp, "seed", SEED_BOOT_TIMEOUT)
+
+
+def _retried(on_retry: Callable[[BootError, Path], None], tmp: Path, error: BootError) -> None:
+    on_retry(error, tmp)
+
+
+def _boot_and_save_build(
+    image: BuiltImage, accel: str, parts: dict[str, Any], tmp: Path, on_retry: Callable[[BootError], None] | None
+) -> tuple[float, SettleReply]:
+    """A build seed: boot, settle, save; the build sets up the rest."""
+    nic = Nic("net0", BUILD_MAC, "user", restrict=False)
+    machine, channel = boot_twice(
+        _seed_machine(image, accel, parts, tmp, (nic,)), tmp, "seed", SEED_BOOT_TIMEOUT, on_retry
+    )
+    try:
+        ready = time.monotonic()
+        agent = AgentClient(channel)
+        settle = settle_boot(agent, machine, SEED_SETTLE_TIMEOUT, quiet=0)
+        machine.save_state(tmp / "memory.state")
+    finally:
+        machine.stop()
+        channel.close()
+    return ready, settle
+
+
+def _boot_and_save(
+    image: BuiltImage,
+    accel: str,
+    parts: dict[str, Any],
+    tmp: Path,
+    baked: dict[str, str | None],
+    on_retry: Callable[[BootError], None] | None = None,
+) -> tuple[float, SettleReply, SetupReply]:
+    """Boot the seed machine in ``tmp``, set it up as a clone would be and save
+    its state; returns when it was ready (monotonic), the settle result and
+    the guest's NIC names by MAC."""
+    cfg = _seed_machine(image, accel, parts, tmp, seed_nics(parts["nics"]))
+    machine, channel = boot_twice(cfg, tmp, "seed", SEED_BOOT_TIMEOUT, on_retry)
     try:
         ready = time.monotonic()
         agent = AgentClient(channel)

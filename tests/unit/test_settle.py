@@ -167,7 +167,9 @@ def test_ensure_seed_tries_an_unsettled_seed_once_per_run(tmp_path: Path, monkey
     """The call site: checked under the seed's lock, recorded on failure, forgotten once made."""
     made: list[Path] = []
 
-    def create(image: BuiltImage, accel: str, parts: dict[str, object], final: Path, baked: object) -> None:
+    def create(
+        image: BuiltImage, accel: str, parts: dict[str, object], final: Path, baked: object, on_retry: object
+    ) -> None:
         made.append(final)
         if len(made) == 1:
             raise unsettled_error()
