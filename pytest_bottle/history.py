@@ -44,8 +44,9 @@ class ProcessEntry(tuple[str, int | None, float]):
         return self._ref()
 
     def running(self) -> bool:
-        """Not ended as far as the host has seen (a running one is referenced by its call)."""
-        return self.final is None and self._ref() is not None
+        """Not ended (a running one is referenced by its call), whether or not the test polled it."""
+        p = self._ref()
+        return self.final is None and p is not None and not p.ended()
 
 
 HISTORY_LEN = 20

@@ -142,6 +142,10 @@ class GuestProcess:
         """Whether its end has been seen (by ``poll``, ``wait``...)."""
         return self._result is not None
 
+    def ended(self) -> bool:
+        """Whether it ended, seen or not (its call is done: no reply parsed, nothing raised)."""
+        return self._result is not None or (self._call is not None and self._call.done.is_set())
+
     def _finish(self) -> None:
         call = self._call
         assert call is not None

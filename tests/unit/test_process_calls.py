@@ -446,6 +446,22 @@ def test_a_running_process_stays_in_the_history_past_its_length(local: AgentClie
     assert len(shown) == HISTORY_LEN and shown[0] == "[0] 0.01s  cmd 6" and shown[-1] == "[0] 0.01s  next"
 
 
+def test_processes_that_ended_unpolled_make_room_in_the_history(local: AgentClient) -> None:
+    history = CommandHistory()
+    done = [GuestProcess.start(local, "true") for _ in range(HISTORY_LEN)]
+    for i, p in enumerate(done):
+        history.append(ProcessEntry(f"true {i}", p))
+    deadline = time.monotonic() + 10
+    while not all(p._call is not None and p._call.done.is_set() for p in done) and time.monotonic() < deadline:
+        time.sleep(0.01)  # their ends have come back; nobody polled them
+    assert not any(p.ended_seen() for p in done)
+    for i in range(5):
+        history.append((f"cmd {i}", 0, 0.01))
+    # the five newest commands are all there: ended processes, polled or not, are not servers to keep
+    assert [c for c, _, _ in history][-5:] == [f"cmd {i}" for i in range(5)]
+    assert [c for c, _, _ in history][:1] == ["true 5"]
+
+
 def test_the_history_never_grows_past_its_length(local: AgentClient) -> None:
     history = CommandHistory()
     procs = [GuestProcess.start(local, "sleep 30") for _ in range(HISTORY_LEN + 2)]
