@@ -143,6 +143,9 @@ class Snapshot:
         try:
             verify(state)
         except StateCorrupt as e:
+            current = load(self.path)
+            if self._removed or current is None or current.created != state.created:  # removed meanwhile
+                raise _gone(self.name, self.path, why) from None
             raise SnapshotError(
                 self.name, "it is corrupt: " + e.reason.removeprefix(f"snapshot {self.name}: ")
             ) from None

@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
 import pytest
 
+from pytest_bottle import snapshot
 from pytest_bottle.errors import SnapshotError, SnapshotGone, SpecError
 from pytest_bottle.images import Image
+from pytest_bottle.images.cache import BuiltImage
 from pytest_bottle.snapshot import Snapshot, check_fork_args, free_saved_name, saved_name
 from pytest_bottle.spec import BOTTLE_KEYS, BottleSpec, resolve
-from pytest_bottle.store.saved import load
+from pytest_bottle.store.saved import SavedState, StateCorrupt, load
 from pytest_bottle.store.snapshots import check_name, seed_of
 
 
@@ -116,6 +119,40 @@ def test_a_snapshot_finds_its_seed_by_a_relative_path(tmp_path: Path) -> None:
     (seed_dir / "manifest.json").unlink()  # pruned
     with pytest.raises(SnapshotError, match="x: the seed it was taken from is gone"):
         seed_of(snap)
+
+
+def test_a_snapshot_removed_while_it_is_checked_is_gone_not_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_dir, snap_dir = tmp_path / "seeds" / "s1", tmp_path / "snapshots" / "x"
+    for d, extra in ((seed_dir, {}), (snap_dir, {"kind": "snapshot", "rests_on": {"parent": "../../seeds/s1"}})):
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"files": {}, "key_parts": {}, "created": 1.0, **extra}))
+    state = load(snap_dir)
+    assert state is not None
+    snap = Snapshot(state, resolve([]), cast(BuiltImage, SimpleNamespace(name="img")))
+
+    def removed_meanwhile(s: SavedState) -> None:  # bottle snapshot rm, between the manifest and the files
+        shutil.rmtree(snap_dir)
+        raise StateCorrupt("snapshot x: disk.qcow2 is missing (No such file or directory)")
+
+    monkeypatch.setattr(snapshot, "verify", removed_meanwhile)
+    with pytest.raises(SnapshotGone, match="x: it was removed"):
+        snap._state()
+
+    def damaged(s: SavedState) -> None:  # there, and its files are not what they were
+        raise StateCorrupt("snapshot x: memory.ram changed")
+
+    snap_dir.mkdir()
+    (snap_dir / "manifest.json").write_text(
+        json.dumps(
+            {"files": {}, "key_parts": {}, "created": 1.0, "kind": "snapshot", "rests_on": {"parent": "../../seeds/s1"}}
+        )
+    )
+    monkeypatch.setattr(snapshot, "verify", damaged)
+    with pytest.raises(SnapshotError, match="x: it is corrupt: memory.ram changed") as e:
+        snap._state()
+    assert type(e.value) is SnapshotError
 
 
 def test_saved_names_of_two_tests_of_one_name_differ_and_never_replace_one(tmp_path: Path) -> None:
