@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -52,6 +53,7 @@ class AgentChannel(Deadlines, Uploads, Restarts):
         # the channel's to use from here on.)
         self.sock = sock.dup()
         self.name = name
+        self._pid = os.getpid()  # a forked child has no reader thread: its calls would wait for ever
         self.idle = idle
         self.dead_after = dead_after
         self.explain: Callable[[], str] | None = None  # why the stream ended under us: the VM's exit
@@ -277,6 +279,11 @@ class AgentChannel(Deadlines, Uploads, Restarts):
     def start(self, op: str, sink: Sink | None = None, *, auto_credit: bool = True, **args: Any) -> tuple[int, Call]:
         """Send a CALL.  With ``auto_credit`` the agent may send more as soon as
         ``sink`` returned; otherwise the consumer calls ``grant`` as it reads."""
+        if os.getpid() != self._pid:
+            raise AgentError(
+                f"bottle {self.name} belongs to process {self._pid}: a forked child cannot use its parent's "
+                "bottles (it may start its own)"
+            )
         payload = json.dumps(dict(args, op=op)).encode()
         if len(payload) > frames.MAX_PAYLOAD:
             raise SpecError(f"the arguments of {op} are {len(payload)} bytes; the limit is {frames.MAX_PAYLOAD}")

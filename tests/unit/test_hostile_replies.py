@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -98,3 +99,35 @@ def test_a_reply_deeper_than_the_parser_goes_is_a_protocol_error_not_a_dead_chan
             client.stat("/f")
         assert not client.channel.closed.is_set()  # ... and the channel goes on
         assert client.channel.call("x", timeout=5) == {"ok": True, "rc": 0}
+
+
+def test_a_forked_child_is_refused_its_parents_bottle_at_once() -> None:
+    """Its reader thread did not survive the fork: a call would wait for a reply never read."""
+    channel, guest = fake_agent_channel("parents")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what the call did, and leave without any exit handler
+        started = time.monotonic()
+        try:
+            channel.call("ping", timeout=20)
+            said = "answered"
+        except BaseException as e:
+            said = f"{type(e).__name__} {time.monotonic() - started:.1f} {e}"
+        os.write(write, said.encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        said = b""
+        while chunk := os.read(read, 4096):
+            said += chunk
+        os.waitpid(pid, 0)
+    finally:
+        os.close(read)
+        channel.close()
+        guest.close()
+    kind, seconds, message = said.decode().split(" ", 2)
+    assert kind == "AgentError" and float(seconds) < 1.0, said
+    assert message == (
+        f"bottle parents belongs to process {os.getpid()}: a forked child cannot use its parent's bottles "
+        "(it may start its own)"
+    )
