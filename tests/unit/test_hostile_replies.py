@@ -110,10 +110,10 @@ def test_a_forked_child_is_refused_its_parents_bottle_at_once() -> None:
         started = time.monotonic()
         try:
             channel.call("ping", timeout=20)
-            said = "answered"
-        except BaseException as e:
-            said = f"{type(e).__name__} {time.monotonic() - started:.1f} {e}"
-        os.write(write, said.encode())
+            what = "answered"
+        except BaseException as e:  # reported to the parent, whatever it is
+            what = f"{type(e).__name__} {time.monotonic() - started:.1f} {e}"
+        os.write(write, what.encode())
         os._exit(0)
     os.close(write)
     try:
