@@ -92,12 +92,16 @@ def images(config: pytest.Config, default: str) -> tuple[str, ...]:
     return config.stash.get(IMAGES, ()) or (default,)
 
 
-def parametrize(metafunc: pytest.Metafunc, names: Sequence[str]) -> bool:
+def parametrize(metafunc: pytest.Metafunc, names: str | Sequence[str]) -> bool:
     """Run this test once per image of ``names`` (if it uses a bottle and
     markers do not choose the image of each, see ``pinned``); False if it was left alone.  A conftest may call
     it from its own ``pytest_generate_tests`` to put chosen tests on a matrix;
     ``names`` are checked first (``SpecError``, ``ImageNotFound``)."""
-    names = parse_images(list(names), "pytest_bottle.matrix.parametrize()")
+    source = "pytest_bottle.matrix.parametrize()"
+    try:  # one string is a list as --bottle-image takes it ("a,b"), not its letters
+        names = parse_images(names if isinstance(names, str) else list(names), source)
+    except ImageNotFound as e:
+        raise ImageNotFound(e.name, e.known, source) from None
     if FIXTURE not in metafunc.fixturenames or metafunc.definition.stash.get(DONE, False):
         return False
     if pinned(metafunc.definition, metafunc.fixturenames):

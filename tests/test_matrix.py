@@ -343,7 +343,7 @@ def test_matrix_under_xdist(pytester: pytest.Pytester) -> None:
 @pytest.mark.parametrize(
     ("names", "expected"),
     [
-        ('["debian-bookworm", "no-such-image"]', "unknown image 'no-such-image'"),
+        ('["debian-bookworm", "no-such-image"]', "pytest_bottle.matrix.parametrize(): unknown image 'no-such-image'"),
         ('["debian-bookworm", "debian-bookworm"]', "'debian-bookworm' is listed twice"),
         ("[]", "pytest_bottle.matrix.parametrize(): bad image"),
     ],
@@ -362,3 +362,29 @@ def test_a_conftests_own_matrix_checks_its_names(pytester: pytest.Pytester, name
     result = run(pytester, "--collect-only", "-q")
     assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
     assert expected in result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("names", "ids"),
+    [
+        ('"debian-trixie"', ["debian-trixie"]),
+        ('"debian-bookworm,debian-trixie"', ["debian-bookworm", "debian-trixie"]),
+        ('("debian-trixie", "debian-bookworm")', ["debian-trixie", "debian-bookworm"]),
+    ],
+)
+def test_a_conftests_own_matrix_takes_one_string_as_the_command_line_does(
+    pytester: pytest.Pytester, names: str, ids: list[str]
+) -> None:
+    """A single name was split into its letters ("unknown image 'd'")."""
+    pytester.makeconftest(
+        f"""
+        from pytest_bottle import matrix
+
+        def pytest_generate_tests(metafunc):
+            matrix.parametrize(metafunc, {names})
+        """
+    )
+    pytester.makepyfile(test_m="def test_vm(bottle):\n    pass\n")
+    result = run(pytester, "--collect-only", "-q")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    assert [line for line in result.outlines if "::" in line] == [f"test_m.py::test_vm[{i}]" for i in ids]
