@@ -239,6 +239,8 @@ CACHE_HELP = "default: $XDG_CACHE_HOME/pytest-bottle; ~ is expanded"
 
 def _cache_path(value: str) -> Path:
     """As pytest's --bottle-cache-dir: a shell leaves ``--cache-dir=~/x`` as it is."""
+    if not value.strip():  # not the working directory, as Path("") would be
+        raise argparse.ArgumentTypeError(f"must be a path, not {value!r}")
     return Path(os.path.expanduser(value))
 
 
@@ -352,9 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     if args.fn is not cmd_run:  # progress goes with the stage lines on stdout; run's stdout is the guest's
         progress.install(progress.Reporter(progress.cli_sink))
-    if args.fn in (cmd_run, cmd_shell) or getattr(args, "probe", False):
-        # they hold a VM: `timeout`, `kill` or a closed terminal must stop it
-        signals.unwind_on(signal.SIGTERM, signal.SIGHUP)
+    # `timeout`, `kill`, a cancelled CI job or a closed terminal unwind as Ctrl-C does:
+    # a VM stops, a build or an export removes its temporary files
+    signals.unwind_on(signal.SIGTERM, signal.SIGHUP)
     try:
         if args.fn not in OWN_CACHE_CHECK:
             check_cache(args.cache_dir)  # one there but unusable is an error, not an empty listing

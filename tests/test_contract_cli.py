@@ -388,6 +388,50 @@ def test_sigterm_and_sighup_stop_the_bottle_like_ctrl_c(seed: SavedState, sig: s
     _nothing_left(record)
 
 
+def test_sigterm_during_an_image_build_removes_what_the_build_made(tmp_path: Path, warm_cache: Path) -> None:
+    # A cancelled CI job sends SIGTERM: the build's tmp entry and its QEMU went only at the next sweep.
+    name = f"sigterm-{os.getpid()}-{time.monotonic_ns()}"
+    (tmp_path / "imgs.py").write_text(
+        f"from pytest_bottle import Image\nSLOW = Image('debian-bookworm').run('sleep 300').named({name!r})\n"
+    )
+    at_default = "import runpy, signal; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+    at_default += "runpy.run_module('pytest_bottle.cli', run_name='__main__')"
+    argv = [sys.executable, "-c", at_default, f"--cache-dir={CACHE}", "image", "build", name, "--from", "imgs.py"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    qemus: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not any(
+            "step 1/1" in (log.read_text(errors="replace") if log.is_file() else "")
+            for log in (CACHE / "images").glob(f".tmp-derived-*-{proc.pid}*/build.log")
+        ):  # its machine is running the step
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        qemus = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name().startswith("qemu")]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, (out, err)
+    assert qemus and all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in qemus)
+    assert not list((CACHE / "images").glob(f".tmp-derived-*-{proc.pid}*"))
+
+
+def test_an_empty_cache_dir_is_a_usage_error_not_the_working_directory(tmp_path: Path) -> None:
+    for value in ("", " "):
+        r = subprocess.run(
+            [sys.executable, "-m", "pytest_bottle.cli", f"--cache-dir={value}", "doctor"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 2 and f"argument --cache-dir: must be a path, not {value!r}" in r.stderr, r
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unusable_cache_dir_is_a_bottle_error(tmp_path: Path, no_spare_starting: None) -> None:
     afile = tmp_path / "afile"
     afile.write_text("")
