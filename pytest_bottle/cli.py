@@ -183,6 +183,8 @@ def cmd_shell(args: argparse.Namespace) -> int:
     if not args.name:
         args.usage_error(f"argument name: it is empty; give the name of {SHELL_TARGET}")
     command = list(args.command)[1:] if args.command[:1] == ["--"] else list(args.command)
+    if len(command) == 1:  # one CMD through the shell, as `bottle run` and ssh do: 'a; b', 'x | y'
+        command = ["/bin/sh", "-c", command[0]]
     with open_target(args.name, args.cache_dir) as agent:
         return run_shell(agent, command or None)
 

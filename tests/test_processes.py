@@ -393,8 +393,11 @@ def test_bottle_shell_in_a_kept_bottle(stop_kept: list[str]) -> None:
     )  # fmt: skip
     assert again.returncode == 0 and again.stdout.strip() == b.name
     missing = Terminal(b.name, "--", "no-such-command-x")  # said as sh says it, not by the pty's name
-    missing.expect(r"^sh: 1: exec: no-such-command-x: not found\r\n")
+    missing.expect(r"^/bin/sh: 1: no-such-command-x: not found\r\n")
     assert missing.exit_code() == 127
+    both = Terminal(b.name, "--", "echo one; echo two")  # one CMD runs through the shell, as `bottle run`'s
+    both.expect(r"^one\r\ntwo\r\n")
+    assert both.exit_code() == 0
     # Input that is not a terminal gets no pty (as ssh without -t): root's login
     # shell (bash) reads it as a script, and its streams stay apart.
     script = "echo from-a-pipe; echo to-stderr >&2; exit 4\n"
