@@ -32,6 +32,8 @@ def to_argv(cmd: Command) -> list[str]:
     argv = [_text(a) if isinstance(a, (bytes, bytearray)) else str(a) for a in cmd]
     if not argv:
         raise SpecError("an empty list is no command (give the program, then its arguments)", "cmd")
+    if not argv[0]:  # no program to run: said here, not in the guest's posix_spawnp words
+        raise SpecError(f"the program (the first argument) is empty: {argv!r}", "cmd")
     return argv
 
 

@@ -87,6 +87,9 @@ def test_empty_argv_and_bad_timeouts_are_refused_before_anything_runs(module_bot
             module_bottle.exec(empty)
         with pytest.raises(SpecError, match="^cmd: an empty list is no command"):
             module_bottle.spawn(empty)
+    for call in (module_bottle.exec, module_bottle.spawn):  # said as a bad cmd, not in posix_spawnp's words
+        with pytest.raises(SpecError, match=r"^cmd: the program \(the first argument\) is empty: \['', 'x'\]$"):
+            call(["", "x"])
     for not_callable in ("nope", 3):
         with pytest.raises(SpecError, match="^on_output: must be a callable"):
             module_bottle.exec("touch /tmp/ran-anyway", on_output=not_callable)  # type: ignore[arg-type]
