@@ -69,12 +69,16 @@ def find_entry(name: str, cache_dir: Path) -> Path:
         if (entry / "manifest.json").is_file():
             return entry
         raise BottleError(f"image {name} is not built in {cache_dir} (bottle image build {name})")
+    shown: set[str] = set()  # the cached derived images' names, which it takes too, as `image rm` lists them
     for path in entries.list_entries(root):
         m = _manifest(path)
         key = str(m.get("key", ""))
         if name in (path.name, m.get("name")) or (len(name) >= 8 and key.startswith(name)):
             return path
-    raise ImageNotFound(name, known_names() + [i.path.name for i in list_images(cache_dir)])
+        if path.name.startswith("derived-") and isinstance(m.get("name"), str):
+            shown.add(m["name"])
+    known = known_names()
+    raise ImageNotFound(name, known + sorted(shown - set(known)) + [i.path.name for i in list_images(cache_dir)])
 
 
 def _manifest(path: Path) -> dict[str, Any]:

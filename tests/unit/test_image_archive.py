@@ -454,3 +454,15 @@ def test_import_refuses_a_max_size_below_one_mb(size: str, capsys: pytest.Captur
     with pytest.raises(SystemExit) as e:
         main(["image", "import", "/nonexistent.bottle", "--max-size", size])
     assert e.value.code == 2 and "a whole number of MB, at least 1" in capsys.readouterr().err
+
+
+def test_an_unknown_image_to_export_lists_the_derived_names_it_takes(tmp_path: Path) -> None:
+    from pytest_bottle.errors import ImageNotFound
+
+    layer = tmp_path / "images" / "derived-0123456789abcdef"
+    layer.mkdir(parents=True)
+    (layer / "manifest.json").write_text(json.dumps({"name": "web-for-export", "key": "0123456789abcdef"}))
+    assert transfer.find_entry("web-for-export", tmp_path) == layer  # taken by its shown name...
+    with pytest.raises(ImageNotFound) as e:
+        transfer.find_entry("web-for-exprot", tmp_path)
+    assert "web-for-export" in e.value.known and "debian-bookworm" in e.value.known  # ...so listed as one
