@@ -84,6 +84,7 @@ class Bottle(BottleFiles, Waits):
         self._announce_lock = threading.Lock()
         self.kept = False
         self._closed = False
+        self._owner = os.getpid()  # a forked child's copy of the bottle closes nothing of its parent's
         self._console_at_close: str | None = None
         self._close_lock = threading.Lock()
         self.history: collections.deque[tuple[str, int | None, float]] = CommandHistory()
@@ -296,6 +297,8 @@ class Bottle(BottleFiles, Waits):
     def close(self) -> None:
         """Stop the VM and release everything it held.  Idempotent; a caller
         in another thread while it closes returns once it has (the VM gone)."""
+        if os.getpid() != self._owner:  # a forked child: the VM, its channel and files are the parent's
+            return
         with self._close_lock:
             if self.kept:  # handed over, or being handed over: the VM is not ours to stop
                 return

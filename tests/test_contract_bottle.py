@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import errno
+import os
 import pickle
 import re
 import time
@@ -18,7 +19,17 @@ from pathlib import Path, PurePosixPath
 import psutil
 import pytest
 
-from pytest_bottle import Bottle, ExecError, ExecTimeout, OutputTimeout, ProcessTimeout, SpecError, WaitTimeout
+import pytest_bottle
+from pytest_bottle import (
+    AgentError,
+    Bottle,
+    ExecError,
+    ExecTimeout,
+    OutputTimeout,
+    ProcessTimeout,
+    SpecError,
+    WaitTimeout,
+)
 from pytest_bottle.errors import GuestIsADirectoryError, GuestOSError, GuestPermissionError
 from pytest_bottle.images import get_recipe
 
@@ -655,3 +666,26 @@ def test_ssh_failure_of_ssh_itself_is_255(module_bottle: Bottle) -> None:
     finally:
         b.exec(["systemctl", "start", "ssh.socket"], check=True)
     assert b.ssh("echo back").stdout == "back\n"
+
+
+def test_a_forked_child_neither_uses_nor_closes_its_parents_bottle(no_spare_starting: None) -> None:
+    with pytest_bottle.launch() as b:
+        pid = os.fork()
+        if pid == 0:  # the child: a call is refused at once, a close lets go of nothing
+            code = 1
+            try:
+                b.exec("true")
+            except AgentError as e:
+                code = 0 if f"belongs to process {os.getppid()}" in str(e) else 2
+            except BaseException:
+                code = 3
+            try:
+                b.close()
+            except BaseException:
+                code = 4
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # the parent's bottle: its VM, channel and files untouched by the child's close()
+        assert b.check_output(["echo", "still", "mine"]).strip() == "still mine"
+        assert b.alive() and b.console_log_path.exists()

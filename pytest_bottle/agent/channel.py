@@ -388,6 +388,8 @@ class AgentChannel(Deadlines, Uploads, Restarts):
     def close(self) -> None:
         """Shut the channel: the reader wakes with an EOF, fails what is pending,
         and closes the descriptor (see ``__init__``); sends raise from now on."""
+        if os.getpid() != self._pid:  # a forked child's copy: a shutdown would cut its parent's channel
+            return
         self._shut = True
         with self._fdlock:
             if not self._read_done:
