@@ -51,8 +51,9 @@ def test_builds_restore_one_build_seed_and_their_layers_rest_on_the_parent_alone
     built_second = ensure_image(second, private_cache)
     (again,) = _build_seeds(private_cache)
     assert again.path == seed.path and again.created == seed.created  # used again, not made again
-    log = (built_second.path / "build.log").read_text()
-    assert "Linux version" not in log and "booting it once more" not in log  # the build booted nothing itself
+    for built in (built_first, built_second):  # each build restored it, and booted nothing itself
+        log = (built.path / "build.log").read_text()
+        assert f"restored the build seed {seed.path.name}\n" in log and "booting it once more" not in log
 
     for built in (built_first, built_second):
         info = json.loads(
@@ -78,14 +79,22 @@ def test_builds_restore_one_build_seed_and_their_layers_rest_on_the_parent_alone
     scratch.mkdir()
     layer = {
         p: _guest_file(built_second.disk, "qcow2", p, scratch)
-        for p in ("/etc/second-layer", "/etc/first-layer", "/etc/hostname", "/etc/ssh/ssh_host_ed25519_key")
+        for p in (
+            "/etc/second-layer",
+            "/etc/first-layer",
+            "/etc/hostname",
+            "/etc/resolv.conf",
+            "/etc/ssh/ssh_host_ed25519_key",
+        )
     }
     layer["/root/.ssh/authorized_keys"] = _guest_file(built_second.disk, "qcow2", "/root/.ssh/authorized_keys", scratch)
     parent_hostname = _guest_file(default_image.disk, default_image.disk_format, "/etc/hostname", scratch)
+    parent_resolv = _guest_file(default_image.disk, default_image.disk_format, "/etc/resolv.conf", scratch)
     assert layer == {
         "/etc/second-layer": f"{token}\n",
         "/etc/first-layer": None,
         "/etc/hostname": parent_hostname,
+        "/etc/resolv.conf": parent_resolv,
         "/etc/ssh/ssh_host_ed25519_key": None,
         "/root/.ssh/authorized_keys": _guest_file(
             default_image.disk, default_image.disk_format, "/root/.ssh/authorized_keys", scratch

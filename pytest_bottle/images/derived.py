@@ -115,8 +115,9 @@ def ensure_derived(
             try:
                 _build(image, parent, cache_dir, final, t.relay(progress), booted_with)
             except ImageBuildError as e:
-                failures.record(final, e)
-                raise
+                if not _rebuilt_since(parent):  # else the build could not end well (its last step reads the parent)
+                    failures.record(final, e)
+                    raise
             if _rebuilt_since(parent):  # by another process meanwhile: the new layer is a diff of its old disk
                 entries.remove(final, "stale")
                 raise ImageBuildError(

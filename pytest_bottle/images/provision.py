@@ -33,9 +33,9 @@ from ..errors import BootError, BootTimeout, BottleError, ImageBuildError
 from ..host.deps import require, which
 from ..lifecycle.boot import backing_name, seed_fault, start_machine
 from ..store.saved import SavedState, discard, in_use
-from ..store.seeds import BUILD, BUILD_MAC, ensure_seed
+from ..store.seeds import BUILD, BUILD_MAC, BUILD_NIC, USER_NET, ensure_seed
 from ..vmm.backend import CONSOLE, DISK, Machine, console_tail
-from ..vmm.qemu import Accel, MachineConfig, Nic, Restore
+from ..vmm.qemu import Accel, MachineConfig, Restore
 from . import builder, failures
 from .cache import BuiltImage
 from .copied import COPY_SKIP, tree_digest
@@ -55,14 +55,19 @@ OUTPUT_CAP = 1 << 20
 TAIL_LINES = 40
 MAC = BUILD_MAC  # the build seed's NIC already has it
 BASE = "seed-disk.qcow2"  # the build seed's disk, copied: the machine's overlay sits on it until the rebase
-NET = {"ip": "10.0.2.15/24", "gateway": "10.0.2.2"}
+NET = USER_NET
 RESOLV_BUILD = "nameserver 10.0.2.3\n"
 IDENTITY = ("hostname", "resolv.conf", "machine-id")
 SAVED = "/run/bottle-build"
 SSHD_FOUND = "pytest-bottle: sshd found"
 
 # Saved before the handshake writes the build machine's identity, put back after the steps.
-SAVE_IDENTITY = f"mkdir -p {SAVED} && for f in {' '.join(IDENTITY)}; do cp -a /etc/$f {SAVED}/ 2>/dev/null || :; done"
+# Timers stop first: the handshake moves the restored clock from the build seed's boot to now,
+# and a timer whose time passed meanwhile would run during the build (a cold boot runs none).
+SAVE_IDENTITY = (
+    "systemctl stop '*.timer' >/dev/null 2>&1 || :; "
+    f"mkdir -p {SAVED} && for f in {' '.join(IDENTITY)}; do cp -a /etc/$f {SAVED}/ 2>/dev/null || :; done"
+)
 # /tmp is emptied at every boot anyway (bookworm's tmpfiles `D /tmp`, trixie's tmpfs); /var/tmp
 # outlives boots on Debian, so what the steps left there stays (only the build
 # boot's own PrivateTmp directories go).
@@ -109,13 +114,14 @@ def provision(
             _log_console(logf, run_dir / CONSOLE, FIRST_CONSOLE)
 
         try:
-            machine, channel = _restore(parent, cache_dir, tmp, name, accel, again)
+            machine, channel, seed = _restore(parent, cache_dir, tmp, name, accel, again, image.display_name)
         except BootError as e:
             if (tmp / CONSOLE).exists():  # the restore's
                 _log_console(logf, tmp / CONSOLE)
             else:  # the seed's boot: its console went with its tmp entry
                 logf.write(f"\n{failures.CONSOLE}\n{e.console_tail}\n")
             raise ImageBuildError(image.display_name, f"the build machine: {e.reason}", _tail(e.console_tail)) from None
+        logf.write(f"restored the build seed {seed.path.name}\n")
         try:
             agent = AgentClient(channel)
             _shell(agent, SAVE_IDENTITY, logf, "save identity", 60)
@@ -136,7 +142,12 @@ def provision(
         finally:
             machine.stop()
             channel.close()
-        _rebase(tmp / DISK, parent, tmp)
+        note("folding the seed's boot into the layer")
+        try:
+            _rebase(tmp / DISK, parent, tmp, image.display_name)
+        except ImageBuildError as e:
+            note(e.reason)
+            raise
     for leftover in tmp.iterdir():  # the machine's run files: only the layer and the log stay
         if leftover.name not in ("disk.qcow2", "build.log") and (leftover.is_file() or leftover.is_socket()):
             leftover.unlink()
@@ -150,7 +161,8 @@ def _restore(
     name: str,
     accel: Accel,
     again: Callable[[BootError, Path], None],
-) -> tuple[Machine, AgentChannel]:
+    image_name: str,
+) -> tuple[Machine, AgentChannel, SavedState]:
     """The build machine: the parent's build seed restored in ``tmp`` (made
     first if need be), its disk a copy of the seed's.  A seed that does not
     restore is made again once, as for a bottle."""
@@ -159,7 +171,7 @@ def _restore(
         state = ensure_seed(parent, accel, BUILD_MEMORY_MB, 1, 1, cache_dir, purpose=BUILD, on_retry=again)
         try:
             with in_use(state):  # no pruner removes it before the copy and QEMU have its files
-                _copy_disk(state, parent, tmp)
+                _copy_disk(state, parent, tmp, image_name)
                 cfg = MachineConfig(
                     kernel=root.kernel,
                     initrd=root.initrd,
@@ -167,10 +179,10 @@ def _restore(
                     disk_format=parent.disk_format,
                     memory_mb=BUILD_MEMORY_MB,
                     accel=accel,
-                    nics=(Nic("net0", MAC, "user", restrict=False),),
+                    nics=(BUILD_NIC,),
                     restore=Restore(state.memory, tmp / BASE, state.ram, state.console),
                 )
-                return start_machine(cfg, tmp, name, BOOT_TIMEOUT)
+                return (*start_machine(cfg, tmp, name, BOOT_TIMEOUT), state)
         except BootError as e:
             fault = seed_fault(state, e)
             if attempt == 2 or fault is None:
@@ -181,25 +193,27 @@ def _restore(
     raise AssertionError("unreachable")
 
 
-def _copy_disk(state: SavedState, parent: BuiltImage, tmp: Path) -> None:
+def _copy_disk(state: SavedState, parent: BuiltImage, tmp: Path, image_name: str) -> None:
     """The seed's disk in ``tmp``, naming the parent's disk from there (a
     rename of the same backing file: its contents do not change)."""
     shutil.copyfile(state.disk, tmp / BASE)
-    _qemu_img(
-        ["rebase", "-u", "-f", "qcow2", "-F", parent.disk_format, "-b", backing_name(parent.disk, tmp), str(tmp / BASE)]
-    )
+    rename = ["rebase", "-u", "-f", "qcow2", "-F", parent.disk_format, "-b", backing_name(parent.disk, tmp)]
+    _qemu_img([*rename, str(tmp / BASE)], image_name)
 
 
-def _rebase(layer: Path, parent: BuiltImage, tmp: Path) -> None:
+def _rebase(layer: Path, parent: BuiltImage, tmp: Path, image_name: str) -> None:
     """Fold what the seed's boot wrote into ``layer`` and put it on the parent's disk."""
-    _qemu_img(["rebase", "-f", "qcow2", "-F", parent.disk_format, "-b", backing_name(parent.disk, tmp), str(layer)])
+    if not parent.disk.is_file():  # removed meanwhile: ensure_derived says so, and records nothing
+        raise ImageBuildError(image_name, f"its parent's disk {parent.disk} is gone")
+    fold = ["rebase", "-f", "qcow2", "-F", parent.disk_format, "-b", backing_name(parent.disk, tmp)]
+    _qemu_img([*fold, str(layer)], image_name)
     (tmp / BASE).unlink()
 
 
-def _qemu_img(args: list[str]) -> None:
+def _qemu_img(args: list[str], image_name: str) -> None:
     r = subprocess.run([require("qemu-img", "build derived images"), *args], capture_output=True, text=True)
     if r.returncode != 0:
-        raise ImageBuildError("", f"qemu-img {args[0]} failed: {r.stderr.strip()[-500:]}")
+        raise ImageBuildError(image_name, f"qemu-img {args[0]} failed: {r.stderr.strip()[-500:]}")
 
 
 def _log_console(logf: IO[str], path: Path, header: str = failures.CONSOLE) -> None:

@@ -77,7 +77,7 @@ def stale_seeds(
     """Seeds of image ``only`` (all if None) that no current key produces.
 
     ``images`` maps names to the current cached build.  Of the seeds left
-    with the same shape (image, accelerator, memory, cpus, NICs), only the
+    with the same shape (image, accelerator, memory, cpus, NICs, build seed or not), only the
     newest is current: the others were made with other shared files.
     """
     stale: list[tuple[SavedState, str]] = []

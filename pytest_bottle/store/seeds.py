@@ -62,6 +62,8 @@ WARM_DIRS = ["/usr/bin", "/usr/sbin"]
 # build puts back (hostname, machine-id, resolv.conf) are still the parent's.
 BUILD = "build"
 BUILD_MAC = "52:54:00:b0:77:10"
+# Its one NIC, egress allowed: the build that restores it has the same device.
+BUILD_NIC = Nic("net0", BUILD_MAC, "user", restrict=False)
 
 
 def seed_nics(count: int) -> tuple[Nic, ...]:
@@ -182,7 +184,8 @@ def _why_seed(final: Path, found: SavedState | None, purpose: str | None = None)
     """Why the seed ``final`` is being made, for the progress line."""
     if found is not None:
         return "rebuild requested"
-    if any(p != final and p.is_dir() for p in final.parent.glob(final.name.rsplit("-", 1)[0] + "-*")):
+    shape = final.name.rsplit("-", 1)[0]  # a build seed's name has one more part: not of this shape
+    if any(p != final and p.is_dir() and p.name.rsplit("-", 1)[0] == shape for p in final.parent.glob(shape + "-*")):
         return "outdated: the image, QEMU or the machine changed; booting it once (about a minute)"
     if purpose == BUILD:
         return "none yet; booting the image once so that the images derived from it build without a boot of their own"
@@ -244,14 +247,17 @@ def _retried(on_retry: Callable[[BootError, Path], None], tmp: Path, error: Boot
 def _boot_and_save_build(
     image: BuiltImage, accel: str, parts: dict[str, Any], tmp: Path, on_retry: Callable[[BootError], None] | None
 ) -> tuple[float, SettleReply]:
-    """A build seed: boot, settle, save; the build sets up the rest."""
-    nic = Nic("net0", BUILD_MAC, "user", restrict=False)
-    machine, channel = boot_twice(
-        _seed_machine(image, accel, parts, tmp, (nic,)), tmp, "seed", SEED_BOOT_TIMEOUT, on_retry
-    )
+    """A build seed: boot, an address, settle, save; the build sets up the rest."""
+    cfg = _seed_machine(image, accel, parts, tmp, (BUILD_NIC,))
+    machine, channel = boot_twice(cfg, tmp, "seed", SEED_BOOT_TIMEOUT, on_retry)
     try:
         ready = time.monotonic()
         agent = AgentClient(channel)
+        # Its NIC up before the boot settles, as for a bottle's seed (a unit may wait for a route);
+        # no hostname or machine-id (empty: left as they are) nor any other file written.
+        net = NicSetup(BUILD_MAC, BUILD_MAC, ip=USER_NET["ip"], gateway=USER_NET["gateway"])
+        shake = Handshake(hostname="", machine_id="", entropy=os.urandom(64), time_ns=time.time_ns(), nics=(net,))
+        agent.setup(shake, timeout=SETUP_TIMEOUT)
         settle = settle_boot(agent, machine, SEED_SETTLE_TIMEOUT, quiet=0)
         machine.save_state(tmp / "memory.state")
     finally:
