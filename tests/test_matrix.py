@@ -340,6 +340,20 @@ def test_matrix_under_xdist(pytester: pytest.Pytester) -> None:
     ), result.stdout.str()
 
 
+def _collect_with_a_conftest_matrix(pytester: pytest.Pytester, names: str) -> pytest.RunResult:
+    """Collect a bottle test that a conftest puts on ``matrix.parametrize(metafunc, NAMES)``."""
+    pytester.makeconftest(
+        f"""
+        from pytest_bottle import matrix
+
+        def pytest_generate_tests(metafunc):
+            matrix.parametrize(metafunc, {names})
+        """
+    )
+    pytester.makepyfile(test_m="def test_vm(bottle):\n    pass\n")
+    return run(pytester, "--collect-only", "-q")
+
+
 @pytest.mark.parametrize(
     ("names", "expected"),
     [
@@ -350,16 +364,7 @@ def test_matrix_under_xdist(pytester: pytest.Pytester) -> None:
 )
 def test_a_conftests_own_matrix_checks_its_names(pytester: pytest.Pytester, names: str, expected: str) -> None:
     """An unknown name was taken, and its bottle's error blamed the command line."""
-    pytester.makeconftest(
-        f"""
-        from pytest_bottle import matrix
-
-        def pytest_generate_tests(metafunc):
-            matrix.parametrize(metafunc, {names})
-        """
-    )
-    pytester.makepyfile(test_m="def test_vm(bottle):\n    pass\n")
-    result = run(pytester, "--collect-only", "-q")
+    result = _collect_with_a_conftest_matrix(pytester, names)
     assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
     assert expected in result.stdout.str()
 
@@ -376,15 +381,6 @@ def test_a_conftests_own_matrix_takes_one_string_as_the_command_line_does(
     pytester: pytest.Pytester, names: str, ids: list[str]
 ) -> None:
     """A single name was split into its letters ("unknown image 'd'")."""
-    pytester.makeconftest(
-        f"""
-        from pytest_bottle import matrix
-
-        def pytest_generate_tests(metafunc):
-            matrix.parametrize(metafunc, {names})
-        """
-    )
-    pytester.makepyfile(test_m="def test_vm(bottle):\n    pass\n")
-    result = run(pytester, "--collect-only", "-q")
+    result = _collect_with_a_conftest_matrix(pytester, names)
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()
     assert [line for line in result.outlines if "::" in line] == [f"test_m.py::test_vm[{i}]" for i in ids]
