@@ -31,7 +31,7 @@ from ..agent.streams import OutputTail
 from ..agent.transfer import put
 from ..errors import BootError, BootTimeout, BottleError, ImageBuildError
 from ..host.deps import require, which
-from ..lifecycle.boot import backing_name, seed_fault, start_machine
+from ..lifecycle.boot import backing_name, forget_attempt, seed_fault, start_machine
 from ..store.saved import SavedState, discard, in_use
 from ..store.seeds import BUILD, BUILD_MAC, BUILD_NIC, USER_NET, ensure_seed
 from ..vmm.backend import CONSOLE, DISK, Machine, console_tail
@@ -188,8 +188,8 @@ def _restore(
             if attempt == 2 or fault is None:
                 raise
             discard(state, fault)
-            for f in (BASE, DISK, CONSOLE, "qemu.log", "qemu.argv"):
-                (tmp / f).unlink(missing_ok=True)
+            forget_attempt(tmp)
+            (tmp / BASE).unlink(missing_ok=True)
     raise AssertionError("unreachable")
 
 
